@@ -1,0 +1,56 @@
+"""The reference backend: masked scaled dot-product attention, written to be read.
+
+It is the definition every other backend is tested against, and the source of attention pictures.
+
+Shape legend: B batch, H query heads, Hkv key/value heads (H % Hkv == 0), Lq queries, Lk keys,
+D head dim, Dv value head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from maskattn.masks import Mask
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Mask | None,
+    *,
+    scale: float,
+    dropout_p: float = 0.0,
+    q_offset: int = 0,
+    return_weights: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """softmax(q k^T * scale, masked) @ v, with masked scores at -inf and empty rows at zero."""
+    dtype = q.dtype
+    # Low-precision inputs are computed in float32: this is the oracle, not the fast path.
+    q, k, v = (x.to(torch.promote_types(dtype, torch.float32)) for x in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)  # (B, H, Lk, D): query head h reads kv head h // group
+    v = v.repeat_interleave(group, dim=1)  # (B, H, Lk, Dv)
+
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Lq, Lk)
+    if mask is not None:
+        allowed = mask.to_dense(q.shape[2], k.shape[2], q_offset=q_offset, device=q.device)
+        # Hide scores by setting them to -inf before the softmax. Multiplying scores by the mask
+        # (the seed article's bug) leaves exp(0) = 1 on every hidden key, which masks nothing.
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        # A row with nothing to attend would be softmax(-inf, ..., -inf) = NaN. Give it finite
+        # scores, then zero its weights: zero output, and no gradient flows into it.
+        empty = ~allowed.any(dim=-1, keepdim=True)  # (B|1, H|1, Lq, 1)
+        scores = scores.masked_fill(empty, 0.0)
+        weights = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
+    else:
+        weights = torch.softmax(scores, dim=-1)  # (B, H, Lq, Lk)
+
+    attended = weights
+    if dropout_p > 0.0:
+        keep = torch.rand(weights.shape, generator=generator, device=q.device) >= dropout_p
+        attended = weights * keep / (1.0 - dropout_p)
+    out = attended @ v  # (B, H, Lq, Dv)
+    return out.to(dtype), (weights.to(dtype) if return_weights else None)

@@ -1,0 +1,136 @@
+"""``maskattn.attention``: the one entry point to masked attention, and the one dispatch point.
+
+It validates the inputs once, picks a backend, and calls it. Every backend has the signature of
+:func:`maskattn.backends.reference.attention`.
+
+Shape legend: B batch, H query heads, Hkv key/value heads, Lq queries, Lk keys, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from maskattn.backends import reference
+from maskattn.masks import Mask, from_tensor
+
+Backend = Callable[..., tuple[Tensor, Tensor | None]]
+
+BACKENDS: dict[str, Backend] = {"reference": reference.attention}
+
+
+def choose_backend(
+    q: Tensor, k: Tensor, mask: Mask | None, *, dropout_p: float, return_weights: bool
+) -> str:
+    """The backend ``backend="auto"`` runs for these inputs."""
+    return "reference"
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Mask | Tensor | None = None,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+    return_weights: bool = False,
+    q_offset: int = 0,
+    generator: torch.Generator | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Masked scaled dot-product attention.
+
+    ``softmax(q @ k^T * scale + hidden) @ v`` where ``hidden`` is -inf wherever ``mask`` says the
+    query may not attend the key. A query row that may attend nothing gives a zero output row and
+    zero gradients, never NaN.
+
+    Args:
+        q: queries, (B, H, Lq, D).
+        k: keys, (B, Hkv, Lk, D); H must be a multiple of Hkv (grouped-query attention: query head
+            h reads key/value head ``h // (H // Hkv)``).
+        v: values, (B, Hkv, Lk, Dv).
+        mask: a :class:`maskattn.masks.Mask` (True = may attend), a bool tensor broadcastable to
+            (B, H, Lq, Lk) (wrapped with ``masks.from_tensor``), or None for full attention.
+        scale: multiplier of the scores; default ``1 / sqrt(D)``.
+        dropout_p: dropout probability on the attention weights. Pass 0 in evaluation.
+        backend: ``"auto"`` or a name in :data:`BACKENDS`.
+        return_weights: also return the (B, H, Lq, Lk) attention weights (before dropout).
+        q_offset: absolute position of the first query (e.g. the KV-cache length when decoding).
+        generator: random generator for dropout.
+
+    Returns:
+        The (B, H, Lq, Dv) output, or ``(output, weights)`` when ``return_weights`` is True.
+
+    Raises:
+        ValueError: on shapes that do not fit together, a mask that does not fit the inputs, or an
+            unknown backend.
+        TypeError: on non-floating or mismatched dtypes, or a mask of the wrong type.
+    """
+    _check_inputs(q, k, v)
+    mask = _as_mask(mask)
+    if mask is not None:
+        mask.check(q.shape[2], k.shape[2], q_offset=q_offset, batch=q.shape[0], heads=q.shape[1])
+    elif isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0:
+        raise ValueError(f"q_offset must be an int >= 0, got {q_offset!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if backend == "auto":
+        backend = choose_backend(q, k, mask, dropout_p=dropout_p, return_weights=return_weights)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+    out, weights = BACKENDS[backend](
+        q,
+        k,
+        v,
+        mask,
+        scale=scale,
+        dropout_p=dropout_p,
+        q_offset=q_offset,
+        return_weights=return_weights,
+        generator=generator,
+    )
+    return (out, weights) if return_weights else out
+
+
+def _as_mask(mask: Mask | Tensor | None) -> Mask | None:
+    if mask is None or isinstance(mask, Mask):
+        return mask
+    if isinstance(mask, Tensor):
+        return from_tensor(mask)
+    raise TypeError(
+        f"mask must be a maskattn Mask, a bool tensor or None, got {type(mask).__name__}"
+    )
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            layout = "(B, H, Lq, D)" if name == "q" else "(B, Hkv, Lk, D)"
+            raise ValueError(f"{name} must be 4-D {layout}, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    (b, h, _, d), (bk, hk, lk, dk), (bv, hv, lv, _) = q.shape, k.shape, v.shape
+    if not b == bk == bv:
+        raise ValueError(f"batch sizes differ: q has B={b}, k has B={bk}, v has B={bv}")
+    if dk != d:
+        raise ValueError(f"head dims differ: q has D={d}, k has D={dk}; expected equal")
+    if hk != hv or lk != lv:
+        raise ValueError(
+            f"k (B, Hkv, Lk, D)={tuple(k.shape)} and v={tuple(v.shape)} must agree on Hkv and Lk"
+        )
+    if hk == 0 or h % hk:
+        raise ValueError(
+            f"query heads H={h} must be a multiple of key/value heads Hkv={hk} (grouped-query)"
+        )

@@ -1,0 +1,122 @@
+"""Multi-head attention: project, split into heads, attend under a mask, merge, project.
+
+Shape legend: B batch, L / Lq / Lk sequence lengths, E d_model, H heads, Hkv key/value heads,
+D head dim (E // H).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from maskattn.dispatch import attention
+from maskattn.masks import Mask
+
+
+class MultiHeadAttention(nn.Module):
+    """Batch-first multi-head attention with grouped-query support.
+
+    Args:
+        d_model: model width E (the query input's last dim and the output's).
+        num_heads: number of query heads H; E must be divisible by H.
+        num_kv_heads: number of key/value heads Hkv (default H; 1 = multi-query attention).
+        dropout: dropout on the attention weights, active in training mode only.
+        bias: whether the four projections have biases.
+        kdim: last dim of the key input (default E).
+        vdim: last dim of the value input (default E).
+        backend: attention backend passed to :func:`maskattn.attention`.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        for name, value in (("d_model", d_model), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if d_model % num_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
+        self.head_dim = d_model // num_heads
+        self.dropout, self.backend = dropout, backend
+        kv_width = num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(kdim or d_model, kv_width, bias=bias)
+        self.v_proj = nn.Linear(vdim or d_model, kv_width, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        *,
+        mask: Mask | Tensor | None = None,
+        return_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Attend from ``query`` to ``key``/``value`` (self-attention when they are omitted).
+
+        Args:
+            query: (B, Lq, E).
+            key: (B, Lk, kdim); default ``query``.
+            value: (B, Lk, vdim); default ``key``.
+            mask: True = may attend; see :func:`maskattn.attention`.
+            return_weights: also return the per-head (B, H, Lq, Lk) attention weights.
+
+        Returns:
+            (B, Lq, E), or ``(output, weights)`` when ``return_weights`` is True.
+        """
+        key = query if key is None else key
+        value = key if value is None else value
+        self._check(query, key, value)
+        b, lq, _ = query.shape
+        lk = key.shape[1]
+        q = self.q_proj(query).view(b, lq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Lq, D)
+        k = self.k_proj(key).view(b, lk, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Lk, D)
+        v = self.v_proj(value).view(b, lk, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Lk, D)
+        result = attention(
+            q,
+            k,
+            v,
+            mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            backend=self.backend,
+            return_weights=return_weights,
+        )
+        out, weights = result if return_weights else (result, None)
+        out = out.transpose(1, 2).reshape(b, lq, self.d_model)  # (B, Lq, E)
+        out = self.out_proj(out)
+        return (out, weights) if return_weights else out
+
+    def _check(self, query: Tensor, key: Tensor, value: Tensor) -> None:
+        expected = (("query", query, self.q_proj.in_features), ("key", key, self.k_proj.in_features),
+                    ("value", value, self.v_proj.in_features))
+        for name, x, width in expected:
+            if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != width:
+                got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                raise ValueError(f"{name} must be (B, L, {width}) batch-first, got {got}")
+        if not query.shape[0] == key.shape[0] == value.shape[0]:
+            raise ValueError(
+                f"batch sizes differ: query {query.shape[0]}, key {key.shape[0]}, value {value.shape[0]}"
+            )
+        if key.shape[1] != value.shape[1]:
+            raise ValueError(f"key and value lengths differ: {key.shape[1]} vs {value.shape[1]}")
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, num_heads={self.num_heads}, "
+                f"num_kv_heads={self.num_kv_heads}, dropout={self.dropout}")
