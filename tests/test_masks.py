@@ -1,0 +1,157 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import mask_cases
+
+from maskattn import masks
+from maskattn.masks import EMPTY, FULL, PARTIAL
+
+
+@given(mask_cases())
+def test_to_dense_agrees_with_brute_force(case):
+    dense = case.mask.to_dense(case.q_len, case.k_len, q_offset=case.q_offset)
+    assert dense.dtype == torch.bool
+    assert dense.shape[2:] == (case.q_len, case.k_len)
+    assert dense.shape[0] in (1, case.batch) and dense.shape[1] in (1, case.heads)
+    expanded = dense.expand(case.batch, case.heads, case.q_len, case.k_len)
+    assert torch.equal(expanded, case.brute_dense())
+
+
+def _exact_tile_kinds(dense: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
+    """Classify tiles by looking at every position (the oracle for block_map)."""
+    B, H, Lq, Lk = dense.shape
+    nq, nk = -(-Lq // block_q), -(-Lk // block_k)
+    kinds = torch.empty(B, H, nq, nk, dtype=torch.int8)
+    for i in range(nq):
+        for j in range(nk):
+            tile = dense[:, :, i * block_q:(i + 1) * block_q, j * block_k:(j + 1) * block_k]
+            any_, all_ = tile.flatten(2).any(-1), tile.flatten(2).all(-1)
+            kinds[:, :, i, j] = torch.where(all_, FULL, torch.where(any_, PARTIAL, EMPTY))
+    return kinds
+
+
+@given(mask_cases(), st.integers(1, 5), st.integers(1, 5))
+def test_block_map_is_sound(case, block_q, block_k):
+    shape = (case.batch, case.heads)
+    got = case.mask.block_map(case.q_len, case.k_len, block_q, block_k, q_offset=case.q_offset)
+    exact = _exact_tile_kinds(case.brute_dense(), block_q, block_k)
+    got = got.expand(*shape, *exact.shape[2:])
+    # never EMPTY where something is allowed, never FULL where something is hidden
+    assert not ((got == EMPTY) & (exact != EMPTY)).any()
+    assert not ((got == FULL) & (exact != FULL)).any()
+
+
+LEAVES = [
+    ("causal", lambda B, L: masks.causal()),
+    ("window", lambda B, L: masks.sliding_window(3)),
+    ("causal window", lambda B, L: masks.causal() & masks.sliding_window(4)),
+    ("lengths", lambda B, L: masks.padding(torch.tensor([L, 1, 0, L // 2])[:B])),
+    ("valid", lambda B, L: masks.padding(torch.rand(B, L) > 0.3)),
+    ("sorted documents", lambda B, L: masks.document(torch.sort(torch.randint(0, 4, (B, L)))[0])),
+    ("prefix", lambda B, L: masks.prefix_lm(5)),
+    ("tensor", lambda B, L: masks.from_tensor(torch.rand(B, 2, L, L) > 0.5)),
+]
+
+
+@pytest.mark.parametrize("name,make", LEAVES, ids=[n for n, _ in LEAVES])
+@pytest.mark.parametrize("q_offset", [0, 3])
+def test_block_map_is_exact_for_structured_leaves(name, make, q_offset):
+    # Soundness alone would allow "everything PARTIAL"; single masks must classify exactly so that
+    # a backend really skips the tiles it can.
+    B, L, Lq = 3, 23, 20 - q_offset
+    mask = make(B, L)
+    for block_q, block_k in [(4, 4), (3, 5), (8, 2)]:
+        got = mask.block_map(Lq, L, block_q, block_k, q_offset=q_offset)
+        exact = _exact_tile_kinds(mask.to_dense(Lq, L, q_offset=q_offset), block_q, block_k)
+        assert torch.equal(got.expand_as(exact), exact), (name, block_q, block_k)
+
+
+def test_block_map_never_materialises_structured_masks():
+    # 2**20 x 2**20 booleans would need a terabyte; the block map is 256 x 256.
+    n, t = 2**20, 4096
+    # Window 4096, tiles 4096: tile (i, i-1) spans q - k in [1, 8191], so it is only partly seen.
+    kinds = (masks.causal() & masks.sliding_window(t) & masks.padding([n - 5])).block_map(n, n, t, t)[0, 0]
+    assert kinds.shape == (256, 256)
+    assert (kinds.diagonal() == PARTIAL).all() and (kinds.diagonal(-1) == PARTIAL).all()
+    assert (kinds == PARTIAL).sum() == 256 + 255 and (kinds == FULL).sum() == 0
+    # Window 8192: q - k <= 8191 holds on the whole tile below the diagonal.
+    kinds = (masks.causal() & masks.sliding_window(2 * t) & masks.padding([n - 5])).block_map(n, n, t, t)[0, 0]
+    assert (kinds.diagonal(-1) == FULL).all() and (kinds.diagonal(-2) == PARTIAL).all()
+    assert (kinds == FULL).sum() == 255 and (kinds == PARTIAL).sum() == 256 + 254
+
+
+def test_hand_drawn_pictures():
+    def grid(mask, n, **kw):
+        return ["".join("x" if v else "." for v in row) for row in mask.to_dense(n, n, **kw)[0, 0].tolist()]
+
+    assert grid(masks.causal() & masks.sliding_window(2), 4) == ["x...", "xx..", ".xx.", "..xx"]
+    assert grid(masks.sliding_window(2), 3) == ["xxx", "xxx", ".xx"]
+    assert grid(masks.prefix_lm(2), 4) == ["xx..", "xx..", "xxx.", "xxxx"]
+    assert grid(masks.document(torch.tensor([[0, 0, 1, 1]])), 4) == ["xx..", "xx..", "..xx", "..xx"]
+    assert grid(masks.padding([3]), 4) == ["xxx.", "xxx.", "xxx.", "xxx."]
+    assert grid(~masks.causal() | masks.full(), 2) == ["xx", "xx"]
+    # q_offset: the second half of a causal 4x4, as seen while decoding with a cache
+    dense = masks.causal().to_dense(2, 4, q_offset=2)[0, 0]
+    assert dense.tolist() == [[True, True, True, False], [True, True, True, True]]
+
+
+def test_padding_accepts_lengths_or_valid_keys():
+    by_length = masks.padding(torch.tensor([2, 4])).to_dense(3, 4)
+    by_valid = masks.padding(torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)).to_dense(3, 4)
+    assert torch.equal(by_length, by_valid)
+    assert by_length.shape == (2, 1, 3, 4)
+
+
+def test_repr_and_render():
+    mask = masks.causal() & (masks.sliding_window(3) | ~masks.prefix_lm(2))
+    assert repr(mask) == "causal() & (sliding_window(3) | ~prefix_lm(2))"
+    assert repr(masks.causal() & masks.full() & masks.causal()) == "causal() & full() & causal()"
+    text = masks.causal().render(3)
+    assert text.splitlines()[1:] == ["     k 0 1 2", "  q 0  ■ · ·", "  q 1  ■ ■ ·", "  q 2  ■ ■ ■"]
+    assert masks.document(torch.zeros(1, 5, dtype=torch.long)).render().count("■") == 25
+
+
+def test_combining_with_non_masks_and_bool_is_an_error():
+    with pytest.raises(TypeError, match="from_tensor"):
+        masks.causal() & torch.ones(2, 2, dtype=torch.bool)
+    with pytest.raises(TypeError, match="truth value"):
+        bool(masks.causal())
+
+
+@pytest.mark.parametrize(
+    "make,error,words",
+    [
+        (lambda: masks.sliding_window(0), ValueError, "size must be >= 1, got 0"),
+        (lambda: masks.sliding_window(2.5), TypeError, "size must be an int"),
+        (lambda: masks.padding(torch.tensor([[1, 2]])), ValueError, "lengths must be 1-D"),
+        (lambda: masks.padding(torch.tensor([1.0])), TypeError, "float32"),
+        (lambda: masks.padding([3, -1]), ValueError, ">= 0"),
+        (lambda: masks.document(torch.zeros(4, dtype=torch.long)), ValueError, "(B, L)"),
+        (lambda: masks.document(torch.zeros(1, 4)), TypeError, "integer"),
+        (lambda: masks.prefix_lm(-1), ValueError, ">= 0"),
+        (lambda: masks.from_tensor(torch.ones(2, 2)), TypeError, "bool tensor"),
+        (lambda: masks.from_tensor(torch.ones(1, 1, 1, 2, 2, dtype=torch.bool)), ValueError, "1 to 4 dims"),
+        (lambda: masks.padding([2, 3]) & masks.document(torch.zeros(3, 4, dtype=torch.long)),
+         ValueError, "different batch sizes"),
+    ],
+)
+def test_bad_constructor_arguments(make, error, words):
+    with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
+        make()
+
+
+@pytest.mark.parametrize(
+    "mask,q_len,k_len,q_offset,words",
+    [
+        (masks.padding([3, 9]), 4, 8, 0, "longest length is 9, more than the key length Lk=8"),
+        (masks.padding(torch.ones(1, 3, dtype=torch.bool)), 4, 4, 0, "covers 3 key positions"),
+        (masks.document(torch.zeros(1, 6, dtype=torch.long)), 4, 4, 3, "needs 7"),
+        (masks.from_tensor(torch.ones(4, 4, dtype=torch.bool)), 2, 4, 3, "has 4 query rows"),
+        (masks.from_tensor(torch.ones(4, 4, dtype=torch.bool)), 4, 5, 0, "has 4 key columns"),
+        (masks.causal(), 4, 4, -1, "q_offset must be an int >= 0"),
+    ],
+)
+def test_mask_that_does_not_fit_the_call(mask, q_len, k_len, q_offset, words):
+    with pytest.raises(ValueError, match=words):
+        mask.to_dense(q_len, k_len, q_offset=q_offset)
