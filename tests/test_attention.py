@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import mask_cases
 
 import maskattn
 from maskattn import masks
+from strategies import mask_cases
 
 
 def test_hand_computed_example():
@@ -174,14 +174,14 @@ def _t(*shape, dtype=torch.float32):
 @pytest.mark.parametrize(
     "args,kwargs,error,words",
     [
-        ((_t(2, 3, 4), _t(2, 1, 4, 4), _t(2, 1, 4, 4)), {}, ValueError, r"q must be 4-D \(B, H, Lq, D\), got shape \(2, 3, 4\)"),
+        ((_t(2, 3, 4), _t(2, 1, 4, 4), _t(2, 1, 4, 4)), {}, ValueError, r"q must be 4-D \(B, H, Lq, D\), got shape \(2, 3, 4"),
         ((_t(2, 2, 4, 8), _t(3, 2, 4, 8), _t(3, 2, 4, 8)), {}, ValueError, "batch sizes differ: q has B=2, k has B=3"),
         ((_t(1, 2, 4, 8), _t(1, 2, 4, 6), _t(1, 2, 4, 8)), {}, ValueError, "q has D=8, k has D=6"),
-        ((_t(1, 3, 4, 8), _t(1, 2, 4, 8), _t(1, 2, 4, 8)), {}, ValueError, "H=3 must be a multiple of key/value heads Hkv=2"),
+        ((_t(1, 3, 4, 8), _t(1, 2, 4, 8), _t(1, 2, 4, 8)), {}, ValueError, "H=3 must be a multiple of .* Hkv=2"),
         ((_t(1, 2, 4, 8), _t(1, 2, 5, 8), _t(1, 2, 4, 8)), {}, ValueError, "must agree on Hkv and Lk"),
         ((_t(1, 2, 4, 8), _t(1, 2, 4, 8), _t(1, 2, 4, 8, dtype=torch.float64)), {}, TypeError, "share a dtype"),
         ((_t(1, 2, 4, 8, dtype=torch.long),) * 3, {}, TypeError, "floating-point"),
-        ((_t(1, 2, 4, 8),) * 3, {"mask": masks.padding([4, 4])}, ValueError, "batch size 2, which does not match the batch size B=1"),
+        ((_t(1, 2, 4, 8),) * 3, {"mask": masks.padding([4, 4])}, ValueError, "batch size 2, .* B=1"),
         ((_t(1, 2, 4, 8),) * 3, {"mask": masks.from_tensor(_t(3, 4, 4, dtype=torch.bool))}, ValueError, "3 heads"),
         ((_t(1, 2, 4, 8),) * 3, {"mask": masks.padding([5])}, ValueError, "Lk=4"),
         ((_t(1, 2, 4, 8),) * 3, {"mask": _t(4, 4)}, TypeError, "bool tensor"),

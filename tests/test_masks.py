@@ -2,10 +2,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import mask_cases
 
 from maskattn import masks
 from maskattn.masks import EMPTY, FULL, PARTIAL
+from strategies import mask_cases
 
 
 @given(mask_cases())

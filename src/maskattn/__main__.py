@@ -1,0 +1,5 @@
+import sys
+
+from maskattn.cli import main
+
+sys.exit(main())

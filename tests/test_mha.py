@@ -1,0 +1,137 @@
+import pytest
+import torch
+from torch import nn
+
+from maskattn import MultiHeadAttention, masks
+
+
+def _copy_from_torch(theirs: nn.MultiheadAttention, ours: MultiHeadAttention) -> None:
+    E = theirs.embed_dim
+    with torch.no_grad():
+        if theirs.in_proj_weight is not None:
+            wq, wk, wv = theirs.in_proj_weight.split(E)
+        else:
+            wq, wk, wv = theirs.q_proj_weight, theirs.k_proj_weight, theirs.v_proj_weight
+        bq, bk, bv = theirs.in_proj_bias.split(E)
+        for proj, w, b in ((ours.q_proj, wq, bq), (ours.k_proj, wk, bk), (ours.v_proj, wv, bv)):
+            proj.weight.copy_(w)
+            proj.bias.copy_(b)
+        ours.out_proj.weight.copy_(theirs.out_proj.weight)
+        ours.out_proj.bias.copy_(theirs.out_proj.bias)
+
+
+def _pair(E=16, H=4, kdim=None, vdim=None):
+    theirs = nn.MultiheadAttention(E, H, batch_first=True, kdim=kdim, vdim=vdim)
+    ours = MultiHeadAttention(E, H, kdim=kdim, vdim=vdim)
+    _copy_from_torch(theirs, ours)
+    return theirs, ours
+
+
+def _assert_grads_close(a: nn.Module, b: MultiHeadAttention, atol=1e-5):
+    E = a.embed_dim
+    if a.in_proj_weight is not None:
+        torch.testing.assert_close(
+            torch.cat([b.q_proj.weight.grad, b.k_proj.weight.grad, b.v_proj.weight.grad]),
+            a.in_proj_weight.grad, atol=atol, rtol=1e-4)
+    else:
+        for name in "qkv":
+            torch.testing.assert_close(getattr(b, f"{name}_proj").weight.grad,
+                                       getattr(a, f"{name}_proj_weight").grad, atol=atol, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.cat([b.q_proj.bias.grad, b.k_proj.bias.grad, b.v_proj.bias.grad]), a.in_proj_bias.grad,
+        atol=atol, rtol=1e-4)
+    torch.testing.assert_close(b.out_proj.weight.grad, a.out_proj.weight.grad, atol=atol, rtol=1e-4)
+    assert b.d_model == E
+
+
+def test_self_attention_with_causal_and_key_padding_matches_torch():
+    theirs, ours = _pair()
+    B, L = 3, 7
+    lengths = torch.tensor([7, 4, 2])
+    x = torch.randn(B, L, 16, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    mask = masks.causal() & masks.padding(lengths)
+    # torch's convention is the opposite: True = masked
+    attn_mask = torch.ones(L, L, dtype=torch.bool).triu(1)
+    pad = torch.arange(L)[None] >= lengths[:, None]
+    expected, expected_w = theirs(x, x, x, attn_mask=attn_mask, key_padding_mask=pad,
+                                  need_weights=True, average_attn_weights=True)
+    out, weights = ours(x2, mask=mask, return_weights=True)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(weights.mean(1), expected_w, atol=1e-5, rtol=1e-4)
+
+    grad = torch.randn_like(out)
+    expected.backward(grad)
+    out.backward(grad)
+    torch.testing.assert_close(x2.grad, x.grad, atol=1e-5, rtol=1e-4)
+    _assert_grads_close(theirs, ours)
+
+
+@pytest.mark.parametrize("kdim,vdim", [(None, None), (12, 10)])
+def test_cross_attention_with_key_padding_matches_torch(kdim, vdim):
+    theirs, ours = _pair(kdim=kdim, vdim=vdim)
+    B, Lq, Lk = 2, 5, 6
+    query = torch.randn(B, Lq, 16)
+    key = torch.randn(B, Lk, kdim or 16)
+    value = torch.randn(B, Lk, vdim or 16)
+    lengths = torch.tensor([6, 3])
+    pad = torch.arange(Lk)[None] >= lengths[:, None]
+    expected, expected_w = theirs(query, key, value, key_padding_mask=pad)
+    out, weights = ours(query, key, value, mask=masks.padding(lengths), return_weights=True)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(weights.mean(1), expected_w, atol=1e-5, rtol=1e-4)
+    expected.sum().backward()
+    out.sum().backward()
+    _assert_grads_close(theirs, ours)
+
+
+def test_grouped_query_attention_equals_repeated_key_value_heads():
+    gqa = MultiHeadAttention(24, 6, num_kv_heads=2)
+    mha = MultiHeadAttention(24, 6)
+    D = 4
+    with torch.no_grad():
+        mha.q_proj.load_state_dict(gqa.q_proj.state_dict())
+        mha.out_proj.load_state_dict(gqa.out_proj.state_dict())
+        for name in ("k_proj", "v_proj"):
+            src, dst = getattr(gqa, name), getattr(mha, name)
+            # kv head j serves query heads 3j..3j+2: repeat each head's rows 3 times
+            dst.weight.copy_(src.weight.view(2, D, 24).repeat_interleave(3, 0).reshape(24, 24))
+            dst.bias.copy_(src.bias.view(2, D).repeat_interleave(3, 0).reshape(24))
+    x = torch.randn(2, 5, 24)
+    torch.testing.assert_close(gqa(x, mask=masks.causal()), mha(x, mask=masks.causal()))
+    assert gqa.k_proj.out_features == 8
+
+
+def test_dropout_only_in_training():
+    layer = MultiHeadAttention(8, 2, dropout=0.5)
+    x = torch.randn(1, 6, 8)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+
+
+@pytest.mark.parametrize(
+    "make,words",
+    [
+        (lambda: MultiHeadAttention(10, 4), r"d_model \(10\) must be divisible by num_heads \(4\)"),
+        (lambda: MultiHeadAttention(12, 6, num_kv_heads=4), r"num_heads \(6\) must be divisible by num_kv_heads \(4\)"),
+        (lambda: MultiHeadAttention(8, 0), "num_heads must be a positive int"),
+        (lambda: MultiHeadAttention(8, 2, dropout=1.5), "dropout"),
+    ],
+)
+def test_bad_config(make, words):
+    with pytest.raises(ValueError, match=words):
+        make()
+
+
+def test_bad_inputs():
+    layer = MultiHeadAttention(8, 2)
+    with pytest.raises(ValueError, match=r"query must be \(B, L, 8\) batch-first, got \(4, 8\)"):
+        layer(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        layer(torch.randn(2, 4, 8), torch.randn(3, 4, 8))
+    with pytest.raises(ValueError, match="key and value lengths differ"):
+        layer(torch.randn(2, 4, 8), torch.randn(2, 4, 8), torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match="B=2"):
+        layer(torch.randn(2, 4, 8), mask=masks.padding([4, 4, 4]))
