@@ -1,0 +1,166 @@
+"""Training checkpoints: atomic, verified, and free of pickle.
+
+A checkpoint is a directory ``<root>/step-000000123/`` holding
+
+* ``tensors.safetensors``: every tensor of the training state (model, optimizer, RNG), flat;
+* ``state.json``: everything else (step, schedule, data order, hyper-parameters), with tensors
+  replaced by references into the safetensors file, and the SHA-256 of that file.
+
+It is written into a temporary directory, fsynced and renamed into place, so a crash leaves either
+the whole checkpoint or none of it; older checkpoints are pruned only after the new one is in place.
+Loading verifies the hash first, so a truncated or modified checkpoint is refused with a clear error
+instead of failing deep inside PyTorch; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+TENSORS, STATE = "tensors.safetensors", "state.json"
+FORMAT = "maskattn-checkpoint-1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, modified or does not fit what loads it."""
+
+
+# --- nested state <-> (flat tensors, JSON) ---------------------------------------------------------
+def flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "") -> Any:
+    """Turn nested dicts/lists of tensors and plain values into JSON, moving tensors to ``tensors``.
+
+    Dict keys keep their type (optimizer states are keyed by int), so dicts become tagged pair lists.
+    """
+    if isinstance(obj, torch.Tensor):
+        key = prefix or "tensor"
+        tensors[key] = obj.detach().cpu().clone()  # a copy: safetensors refuses shared storage (tied weights)
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, flatten(v, tensors, f"{prefix}.{k}" if prefix else str(k))] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        items = [flatten(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} at '{prefix}' in a checkpoint (tensors and plain values only)")
+
+
+def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten`."""
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__tuple__" in obj:
+            return tuple(unflatten(v, tensors) for v in obj["__tuple__"])
+        return {k: unflatten(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [unflatten(v, tensors) for v in obj]
+    return obj
+
+
+# --- files -----------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step-{step:09d}"
+
+
+def save(root: str | Path, step: int, state: dict[str, Any], *, keep: int | None = 3) -> Path:
+    """Atomically write ``state`` as the checkpoint of ``step`` under ``root``; return its directory.
+
+    Args:
+        root: the run's checkpoint directory (created if needed).
+        step: the optimizer step the state belongs to.
+        state: nested dicts/lists of tensors and plain values (state_dicts, RNG states, counters).
+        keep: keep this many newest step checkpoints (plus any listed in ``state.json`` as best);
+            None keeps all.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = step_dir(root, step)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = flatten(state, tensors)
+        save_file(tensors, tmp / TENSORS)
+        meta = {"format": FORMAT, "step": step, "sha256": _sha256(tmp / TENSORS), "state": skeleton}
+        (tmp / STATE).write_text(json.dumps(meta))
+        for name in (TENSORS, STATE):
+            _fsync(tmp / name)
+        if final.exists():  # re-saving the same step (e.g. a final save after a periodic one)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep is not None:
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Step checkpoint directories under ``root``, oldest first (temporary ones excluded)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read and verify one checkpoint directory; return its state (``step`` included).
+
+    Raises:
+        CheckpointError: when a file is missing, the hash does not match (truncated or modified
+            file), or the format is unknown.
+    """
+    path = Path(path)
+    meta_path, tensor_path = path / STATE, path / TENSORS
+    for p in (meta_path, tensor_path):
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {p.name} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path}: {STATE} is not valid JSON ({e}); the file is corrupt") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    actual = _sha256(tensor_path)
+    if actual != meta.get("sha256"):
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: {TENSORS} has SHA-256 {actual[:12]}..., expected "
+            f"{str(meta.get('sha256'))[:12]}... (truncated or modified). Earlier checkpoints: "
+            f"{[p.name for p in list_checkpoints(path.parent) if p != path] or 'none'}"
+        )
+    state = unflatten(meta["state"], load_file(tensor_path))
+    state["step"] = meta["step"]
+    return state
+
+
+def latest(root: str | Path) -> Path | None:
+    """The newest checkpoint directory under ``root``, or None."""
+    found = list_checkpoints(root)
+    return found[-1] if found else None

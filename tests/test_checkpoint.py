@@ -1,0 +1,92 @@
+import json
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from maskattn import checkpoint
+from maskattn.checkpoint import CheckpointError
+
+
+def _training_state():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight  # tied weights share storage
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    sched.step()
+    return {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        "data": {"epoch": 3, "batch": 17},
+    }
+
+
+def _assert_same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _assert_same(x, y)
+    else:
+        assert a == b
+
+
+def test_round_trip_keeps_types_and_values(tmp_path):
+    state = _training_state()
+    path = checkpoint.save(tmp_path, 5, state)
+    loaded = checkpoint.load(path)
+    assert loaded.pop("step") == 5
+    _assert_same(state, loaded)
+    # optimizer state is keyed by int and must load straight back into an optimizer
+    assert all(isinstance(k, int) for k in loaded["optimizer"]["state"])
+    random.setstate(loaded["rng"]["python"])
+
+
+def test_no_pickle_is_written(tmp_path):
+    path = checkpoint.save(tmp_path, 1, _training_state())
+    assert sorted(p.name for p in path.iterdir()) == ["state.json", "tensors.safetensors"]
+    json.loads((path / "state.json").read_text())
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_damaged_checkpoint_is_refused_and_the_previous_survives(tmp_path, damage):
+    state = _training_state()
+    good = checkpoint.save(tmp_path, 10, state)
+    bad = checkpoint.save(tmp_path, 20, state)
+    target = bad / "tensors.safetensors"
+    data = target.read_bytes()
+    if damage == "truncate":
+        target.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        target.write_bytes(data[:-5] + bytes([data[-5] ^ 1]) + data[-4:])
+    else:
+        target.unlink()
+    with pytest.raises(CheckpointError, match="corrupt|incomplete") as info:
+        checkpoint.load(bad)
+    assert str(bad) in str(info.value)
+    assert checkpoint.load(good)["step"] == 10
+
+
+def test_a_failed_save_leaves_no_partial_checkpoint(tmp_path):
+    checkpoint.save(tmp_path, 1, {"w": torch.ones(2)})
+    with pytest.raises(TypeError, match="cannot store object"):
+        checkpoint.save(tmp_path, 2, {"w": torch.ones(2), "bad": object()})
+    assert [p.name for p in tmp_path.iterdir()] == ["step-000000001"]
+
+
+def test_keep_prunes_oldest(tmp_path):
+    for step in range(1, 6):
+        checkpoint.save(tmp_path, step, {"w": torch.full((1,), float(step))}, keep=2)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-000000004", "step-000000005"]
+    assert checkpoint.latest(tmp_path).name == "step-000000005"
