@@ -72,7 +72,7 @@ def test_damaged_checkpoint_is_refused_and_the_previous_survives(tmp_path, damag
         target.write_bytes(data[:-5] + bytes([data[-5] ^ 1]) + data[-4:])
     else:
         target.unlink()
-    with pytest.raises(CheckpointError, match="corrupt|incomplete") as info:
+    with pytest.raises(CheckpointError, match=r"corrupt|incomplete") as info:
         checkpoint.load(bad)
     assert str(bad) in str(info.value)
     assert checkpoint.load(good)["step"] == 10

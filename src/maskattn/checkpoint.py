@@ -147,7 +147,8 @@ def load(path: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint {path}: {STATE} is not valid JSON ({e}); the file is corrupt") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path}: unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"checkpoint {path}: unknown format {found!r}, expected {FORMAT!r}")
     actual = _sha256(tensor_path)
     if actual != meta.get("sha256"):
         raise CheckpointError(
