@@ -1,0 +1,231 @@
+"""Reading datasets and cutting them into batches.
+
+Readers load a whole file before anything else happens and stop at the first malformed record with
+a :class:`DataError` naming the file and line, so a bad file never yields a half-trained model.
+
+Batching: length-bucketed batches of padded token ids with their lengths (from which models build
+key-padding masks), and sequence packing with document ids (for ``masks.document``).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+class DataError(ValueError):
+    """A malformed input file; the message names the file and line."""
+
+
+def open_text(path: str | Path) -> io.TextIOBase:
+    """Open a UTF-8 text file, gzip-compressed when its name ends in ``.gz``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such data file: {path}")
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _lines(path: str | Path) -> list[str]:
+    with open_text(path) as f:
+        return [line.rstrip("\r\n") for line in f]
+
+
+# --- readers ---------------------------------------------------------------------------------------
+def read_parallel(src: str | Path, tgt: str | Path | None = None) -> list[tuple[str, str]]:
+    """Sentence pairs from two aligned files (one sentence per line) or from one TSV of ``src<TAB>tgt``."""
+    if tgt is not None:
+        left, right = _lines(src), _lines(tgt)
+        if len(left) != len(right):
+            raise DataError(f"{src} has {len(left)} lines but {tgt} has {len(right)}: the files are not aligned")
+        pairs = list(zip(left, right, strict=True))
+        for n, (a, b) in enumerate(pairs, 1):
+            if not a.strip() or not b.strip():
+                raise DataError(f"{src if not a.strip() else tgt}:{n}: empty sentence in a parallel file")
+        return pairs
+    pairs = []
+    for n, line in enumerate(_lines(src), 1):
+        cells = line.split("\t")
+        if len(cells) != 2 or not cells[0].strip() or not cells[1].strip():
+            raise DataError(f"{src}:{n}: expected 'source<TAB>target', got {len(cells)} field(s): {line[:60]!r}")
+        pairs.append((cells[0], cells[1]))
+    return pairs
+
+
+def read_labelled(
+    path: str | Path, *, text_field: str = "sentence", label_field: str = "label"
+) -> list[tuple[str, str]]:
+    """(text, label) records from a TSV or CSV with a header row, or from JSONL; labels kept as strings."""
+    path = Path(path)
+    name = path.name.removesuffix(".gz")
+    if name.endswith(".jsonl"):
+        return _read_jsonl_labelled(path, text_field, label_field)
+    delimiter = "," if name.endswith(".csv") else "\t"
+    with open_text(path) as f:
+        rows = list(csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE))
+    if not rows:
+        raise DataError(f"{path}:1: empty file, expected a header row with '{text_field}' and '{label_field}'")
+    header = [h.strip() for h in rows[0]]
+    for field in (text_field, label_field):
+        if field not in header:
+            raise DataError(f"{path}:1: no column '{field}' in the header {header}")
+    ti, li = header.index(text_field), header.index(label_field)
+    records = []
+    for n, row in enumerate(rows[1:], 2):
+        if len(row) != len(header):
+            raise DataError(f"{path}:{n}: expected {len(header)} fields like the header, got {len(row)}")
+        text, label = row[ti].strip(), row[li].strip()
+        if not label:
+            raise DataError(f"{path}:{n}: empty label")
+        records.append((text, label))
+    return records
+
+
+def _read_jsonl_labelled(path: Path, text_field: str, label_field: str) -> list[tuple[str, str]]:
+    records = []
+    for n, line in enumerate(_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+        if not isinstance(obj, dict) or text_field not in obj or label_field not in obj:
+            raise DataError(f"{path}:{n}: expected an object with '{text_field}' and '{label_field}'")
+        if not isinstance(obj[label_field], (str, int)) or isinstance(obj[label_field], bool):
+            raise DataError(f"{path}:{n}: label must be a string or an integer, got {obj[label_field]!r}")
+        records.append((str(obj[text_field]), str(obj[label_field])))
+    return records
+
+
+@dataclass(frozen=True)
+class QAExample:
+    """One SQuAD question. ``answers`` are (text, character start) pairs; the first is the training target."""
+
+    id: str
+    question: str
+    context: str
+    answers: tuple[tuple[str, int], ...]
+    title: str = ""
+
+
+def read_squad(path: str | Path, *, check_spans: bool = True) -> list[QAExample]:
+    """SQuAD v1.1 JSON (data -> paragraphs -> qas -> answers with ``answer_start``)."""
+    with open_text(path) as f:
+        raw = f.read()
+    try:
+        doc = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+        raise DataError(f"{path}:1: expected SQuAD JSON with a top-level 'data' list")
+
+    def where(qid: str) -> str:  # the line of a question id, for error messages
+        at = raw.find(json.dumps(qid))
+        return f"{path}:{raw.count(chr(10), 0, at) + 1 if at >= 0 else 1}"
+
+    examples = []
+    for article in doc["data"]:
+        for paragraph in article.get("paragraphs", []):
+            context = paragraph["context"]
+            for qa in paragraph["qas"]:
+                answers = []
+                for ans in qa.get("answers", []):
+                    text, start = ans["text"], ans["answer_start"]
+                    if check_spans and context[start : start + len(text)] != text:
+                        raise DataError(
+                            f"{where(qa['id'])}: question {qa['id']}: answer {text!r} is not at character "
+                            f"{start} of its context (found {context[start:start + len(text)]!r})"
+                        )
+                    answers.append((text, start))
+                examples.append(QAExample(qa["id"], qa["question"], context, tuple(answers), article.get("title", "")))
+    return examples
+
+
+def read_text(path: str | Path) -> str:
+    """A whole plain-text file (for language modelling)."""
+    with open_text(path) as f:
+        return f.read()
+
+
+# --- batching --------------------------------------------------------------------------------------
+def pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-pad token id lists into (B, L) ids and (B,) lengths."""
+    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+    ids = torch.full((len(sequences), int(lengths.max()) if len(sequences) else 0), pad_id, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return ids, lengths
+
+
+def bucket_batches(
+    lengths: Sequence[int], max_tokens: int, *, seed: int, epoch: int, shuffle: bool = True, pool: int = 100
+) -> list[list[int]]:
+    """Group example indices into batches of similar length, each at most ``max_tokens`` padded tokens.
+
+    Deterministic in (seed, epoch): the order of a resumed run is the order of the original run.
+    Examples are shuffled, sorted by length within pools of ``pool`` batches' worth, cut into batches,
+    and the batches shuffled again, so every batch has little padding but the order stays random.
+    """
+    order = list(range(len(lengths)))
+    rng = random.Random(seed * 1_000_003 + epoch)
+    if shuffle:
+        rng.shuffle(order)
+    batches: list[list[int]] = []
+    mean = max(1, sum(lengths) // max(1, len(lengths)))
+    pool_size = max(1, pool * max_tokens // mean)
+    for start in range(0, len(order), pool_size):
+        chunk = sorted(order[start : start + pool_size], key=lambda i: lengths[i])
+        batch: list[int] = []
+        longest = 0
+        for i in chunk:
+            longest_if_added = max(longest, lengths[i])
+            if batch and longest_if_added * (len(batch) + 1) > max_tokens:
+                batches.append(batch)
+                batch, longest_if_added = [], lengths[i]
+            batch.append(i)
+            longest = longest_if_added
+        if batch:
+            batches.append(batch)
+    if shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+def shard(batches: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
+    """Split every batch between ranks (a distributed sampler over batches): rank r takes items r::world_size.
+
+    Batches with fewer items than ranks are dropped so that every rank runs the same number of steps.
+    """
+    return [b[rank::world_size] for b in batches if len(b) >= world_size]
+
+
+def pack(sequences: Sequence[Sequence[int]], block: int) -> tuple[Tensor, Tensor]:
+    """Concatenate token sequences and cut them into rows of ``block`` tokens.
+
+    Returns:
+        (N, block) token ids and (N, block) document ids (the index of the sequence each token came
+        from, for ``masks.document``). The tail that does not fill a row is dropped.
+    """
+    flat = [t for s in sequences for t in s]
+    docs = [d for d, s in enumerate(sequences) for _ in s]
+    rows = len(flat) // block
+    ids = torch.tensor(flat[: rows * block], dtype=torch.long).view(rows, block)
+    doc_ids = torch.tensor(docs[: rows * block], dtype=torch.long).view(rows, block)
+    return ids, doc_ids
+
+
+def iterate(batches: list[list[int]], start: int = 0) -> Iterator[tuple[int, list[int]]]:
+    """(position, batch) from ``start`` on: the position is what a checkpoint stores to resume."""
+    for position in range(start, len(batches)):
+        yield position, batches[position]

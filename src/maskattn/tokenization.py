@@ -1,0 +1,108 @@
+"""Tokenisers, built on Hugging Face ``tokenizers``: BPE and character-level, trained here, or loaded.
+
+Every tokenizer is saved as one ``tokenizer.json`` (the ``tokenizers`` format), so a checkpoint
+carries it and any tool that reads that format can use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
+# Special-token names by convention: ours first, then BERT's (for pretrained tokenizer.json files).
+CONVENTIONS = (
+    {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>"},
+    {"pad": "[PAD]", "unk": "[UNK]", "bos": "[CLS]", "eos": "[SEP]"},
+)
+
+
+class Tokenizer:
+    """Text <-> ids, with the pad / unk / bos / eos ids that models and batching need.
+
+    Args:
+        backend: a ``tokenizers.Tokenizer``.
+    """
+
+    def __init__(self, backend: HFTokenizer) -> None:
+        self.backend = backend
+        vocab = backend.get_vocab()
+        names = next((c for c in CONVENTIONS if all(t in vocab for t in c.values())), None)
+        if names is None:
+            raise ValueError(
+                "tokenizer has no complete set of special tokens; expected one of "
+                f"{[list(c.values()) for c in CONVENTIONS]}"
+            )
+        self.specials = names
+        self.pad_id, self.unk_id = vocab[names["pad"]], vocab[names["unk"]]
+        self.bos_id, self.eos_id = vocab[names["bos"]], vocab[names["eos"]]
+
+    # --- building ----------------------------------------------------------------------------------
+    @classmethod
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 2) -> Tokenizer:
+        """Train a byte-pair-encoding tokenizer (NFKC, SentencePiece-style word boundaries)."""
+        backend = HFTokenizer(models.BPE(unk_token="<unk>"))
+        backend.normalizer = normalizers.NFKC()
+        backend.pre_tokenizer = pre_tokenizers.Metaspace()
+        backend.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIALS), show_progress=False
+        )
+        backend.train_from_iterator(texts, trainer)
+        return cls(backend)
+
+    @classmethod
+    def train_chars(cls, texts: Iterable[str]) -> Tokenizer:
+        """One token per character seen in ``texts`` (sorted, so the ids are deterministic)."""
+        chars = sorted({c for text in texts for c in text})
+        vocab = {tok: i for i, tok in enumerate([*SPECIALS, *chars])}
+        backend = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        backend.decoder = decoders.Fuse()
+        backend.add_special_tokens(list(SPECIALS))
+        return cls(backend)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load a ``tokenizer.json`` file, or the one inside a directory."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer at {path}")
+        return cls(HFTokenizer.from_file(str(path)))
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``tokenizer.json`` (``path`` may be a directory); return the file written."""
+        path = Path(path)
+        if path.is_dir() or not path.suffix:
+            path.mkdir(parents=True, exist_ok=True)
+            path = path / "tokenizer.json"
+        self.backend.save(str(path))
+        return path
+
+    # --- using -------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size()
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def encode_batch(self, texts: Sequence[str], *, bos: bool = False, eos: bool = False) -> list[list[int]]:
+        encoded = self.backend.encode_batch(list(texts), add_special_tokens=False)
+        return [[self.bos_id] * bos + e.ids + [self.eos_id] * eos for e in encoded]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids back to text, dropping special tokens and stopping at the first eos."""
+        ids = list(ids)
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self.backend.decode(ids, skip_special_tokens=True)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({type(self.backend.model).__name__}, vocab_size={self.vocab_size})"

@@ -1,0 +1,92 @@
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from maskattn import data, masks
+from maskattn.data import DataError
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared datasets not found at {SHARED}")
+
+
+@needs_shared
+def test_real_files():
+    pairs = data.read_parallel(SHARED / "multi30k/val.de.gz", SHARED / "multi30k/val.en.gz")
+    assert len(pairs) == 1014 and all(a and b for a, b in pairs)
+    sst = data.read_labelled(SHARED / "sst2/test.tsv")
+    assert len(sst) == 872 and {label for _, label in sst} == {"0", "1"}
+    squad = data.read_squad(SHARED / "squad/dev-v1.1.json")
+    assert len(squad) == 795
+    ex = squad[0]
+    text, start = ex.answers[0]
+    assert ex.context[start : start + len(text)] == text
+    assert len(data.read_text(SHARED / "tinyshakespeare/input.txt")) == 1115394
+
+
+def test_parallel_misaligned_and_tsv(tmp_path):
+    src, tgt = tmp_path / "a.de.gz", tmp_path / "a.en"
+    with gzip.open(src, "wt", encoding="utf-8") as f:
+        f.write("eins\nzwei\ndrei\n")
+    tgt.write_text("one\ntwo\n")
+    with pytest.raises(DataError, match=r"a.de.gz has 3 lines but .*a.en has 2"):
+        data.read_parallel(src, tgt)
+    tsv = tmp_path / "p.tsv"
+    tsv.write_text("eins\tone\nzwei two\n")
+    with pytest.raises(DataError, match=r"p.tsv:2: expected 'source<TAB>target'"):
+        data.read_parallel(tsv)
+
+
+def test_labelled_errors_name_file_and_line(tmp_path):
+    bad = tmp_path / "x.tsv"
+    bad.write_text("text\tlabel\nfine\t1\n")
+    with pytest.raises(DataError, match=r"x.tsv:1: no column 'sentence'"):
+        data.read_labelled(bad)
+    bad.write_text("sentence\tlabel\nfine\t1\nbroken\t\n")
+    with pytest.raises(DataError, match=r"x.tsv:3: empty label"):
+        data.read_labelled(bad)
+    jl = tmp_path / "y.jsonl"
+    jl.write_text('{"sentence": "ok", "label": "pos"}\n{"sentence": "no label"}\n')
+    with pytest.raises(DataError, match=r"y.jsonl:2: expected an object"):
+        data.read_labelled(jl)
+    csv_file = tmp_path / "z.csv"
+    csv_file.write_text('sentence,label\n"a, quoted, text",neg\n')
+    assert data.read_labelled(csv_file) == [("a, quoted, text", "neg")]
+
+
+def test_squad_span_not_in_context(tmp_path):
+    doc = {"version": "1.1", "data": [{"title": "T", "paragraphs": [
+        {"context": "The cat sat.", "qas": [
+            {"id": "q1", "question": "Who?", "answers": [{"text": "cat", "answer_start": 4}]},
+            {"id": "q2", "question": "What?", "answers": [{"text": "dog", "answer_start": 4}]}]}]}]}
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(doc, indent=1))
+    with pytest.raises(DataError, match=r"s.json:\d+: question q2: answer 'dog' is not at character 4"):
+        data.read_squad(path)
+
+
+def test_bucket_batches_are_deterministic_complete_and_bounded():
+    lengths = [((i * 37) % 50) + 1 for i in range(500)]
+    a = data.bucket_batches(lengths, 200, seed=1, epoch=0)
+    assert a == data.bucket_batches(lengths, 200, seed=1, epoch=0)
+    assert a != data.bucket_batches(lengths, 200, seed=1, epoch=1)
+    assert sorted(i for b in a for i in b) == list(range(500))
+    assert all(max(lengths[i] for i in b) * len(b) <= 200 for b in a)
+
+
+def test_pack_gives_document_ids_for_document_masks():
+    ids, docs = data.pack([[1, 2, 3], [4, 5], [6, 7, 8, 9]], block=4)
+    assert ids.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert docs.tolist() == [[0, 0, 0, 1], [1, 2, 2, 2]]
+    dense = (masks.document(docs) & masks.causal()).to_dense(4, 4)
+    assert dense[1, 0].tolist() == [[True, False, False, False], [False, True, False, False],
+                                    [False, True, True, False], [False, True, True, True]]
+
+
+def test_pad_and_shard():
+    ids, lengths = data.pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and lengths.tolist() == [3, 1]
+    assert data.shard([[0, 1, 2, 3], [4], [5, 6]], rank=1, world_size=2) == [[1, 3], [6]]
+    assert torch.equal(ids, data.pad([[5, 6, 7], [8]], 0)[0])

@@ -1,0 +1,27 @@
+from maskattn.tokenization import Tokenizer
+
+TEXTS = ["Ein Mann fährt ein rotes Fahrrad.", "Zwei Hunde spielen im Schnee.", "Ein Kind lacht."] * 20
+
+
+def test_bpe_round_trip_and_save_load(tmp_path):
+    tok = Tokenizer.train_bpe(TEXTS, vocab_size=120, min_frequency=1)
+    ids = tok.encode("Ein Hund spielt.", bos=True, eos=True)
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+    assert tok.decode(ids) == "Ein Hund spielt."
+    again = Tokenizer.load(tok.save(tmp_path))
+    assert again.encode("Zwei Kinder lachen.") == tok.encode("Zwei Kinder lachen.")
+    assert (again.pad_id, again.eos_id) == (tok.pad_id, tok.eos_id) == (0, 3)
+
+
+def test_chars_are_one_token_each_and_deterministic():
+    tok = Tokenizer.train_chars(["hello\nworld", "o w"])
+    assert tok.vocab_size == 4 + len(set("hello\nworld "))
+    ids = tok.encode("hello world\n")
+    assert len(ids) == len("hello world\n") and tok.decode(ids) == "hello world\n"
+    assert tok.encode("z") == [tok.unk_id]
+    assert Tokenizer.train_chars([" dlrow\nolleh"]).encode("hold") == tok.encode("hold")
+
+
+def test_decode_stops_at_eos():
+    tok = Tokenizer.train_chars(["abc"])
+    assert tok.decode([*tok.encode("ab"), tok.eos_id, *tok.encode("c")]) == "ab"
