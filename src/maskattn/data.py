@@ -72,7 +72,8 @@ def read_labelled(
         return _read_jsonl_labelled(path, text_field, label_field)
     delimiter = "," if name.endswith(".csv") else "\t"
     with open_text(path) as f:
-        rows = list(csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE))
+        quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE  # SST-2 has bare quotes
+        rows = list(csv.reader(f, delimiter=delimiter, quoting=quoting))
     if not rows:
         raise DataError(f"{path}:1: empty file, expected a header row with '{text_field}' and '{label_field}'")
     header = [h.strip() for h in rows[0]]
