@@ -8,7 +8,7 @@ from torch import nn
 
 from maskattn import MultiHeadAttention, masks
 from maskattn.data import bucket_batches
-from maskattn.training import Trainer, TrainConfig
+from maskattn.training import TrainConfig, Trainer
 
 
 class TinyModel(nn.Module):
