@@ -1,0 +1,110 @@
+"""Run configuration: nested dataclasses read from TOML and overridden with ``--set a.b=value``."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML literal (``3e-4``, ``true``, ``[1, 2]``, ``"x"``), ``none``, or the bare text as a string."""
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check ``value`` against a field's type annotation, converting int -> float and list -> tuple."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except (TypeError, ValueError):
+                continue
+        raise TypeError(f"{where}: expected {annotation}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, t, where) for v, t in zip(value, typing.get_args(annotation), strict=False))
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError(f"{where}: expected a list, got {value!r}")
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (isinstance(annotation, type) and not isinstance(value, annotation)) or (
+        annotation is int and isinstance(value, bool)
+    ):
+        raise TypeError(f"{where}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def update(obj: Any, values: dict[str, Any], prefix: str = "") -> Any:
+    """Return a copy of dataclass ``obj`` with nested ``values`` applied; unknown keys are errors."""
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name for f in dataclasses.fields(obj)}
+    changes = {}
+    for key, value in values.items():
+        where = f"{prefix}{key}"
+        if key not in fields:
+            raise KeyError(f"unknown setting '{where}'; known here: {sorted(fields)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise TypeError(f"{where} is a section; set its fields, e.g. {where}.<name>=...")
+            changes[key] = update(current, value, f"{where}.")
+        else:
+            changes[key] = _coerce(value, hints[key], where)
+    return dataclasses.replace(obj, **changes)
+
+
+def overrides(assignments: list[str]) -> dict[str, Any]:
+    """``["train.lr=3e-4", "model.layers=2"]`` -> ``{"train": {"lr": 3e-4}, "model": {"layers": 2}}``."""
+    nested: dict[str, Any] = {}
+    for item in assignments:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        *path, last = key.strip().split(".")
+        node = nested
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = _parse_value(text.strip())
+    return nested
+
+
+def load(base: Any, path: str | Path | None = None, assignments: list[str] | None = None) -> Any:
+    """``base`` updated by a TOML file and then by ``--set`` assignments."""
+    if path is not None:
+        with open(path, "rb") as f:
+            base = update(base, tomllib.load(f))
+    return update(base, overrides(assignments or []))
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def describe(obj: Any, prefix: str = "") -> list[str]:
+    """``key = value  # comment`` lines for --help, from the dataclass fields."""
+    lines = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            lines += describe(value, f"{prefix}{f.name}.")
+        else:
+            lines.append(f"{prefix}{f.name} = {value!r}")
+    return lines

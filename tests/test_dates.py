@@ -1,0 +1,25 @@
+import datetime as dt
+
+from maskattn.tasks import dates
+
+
+def test_deterministic_and_correct():
+    a = dates.generate(500, seed=7)
+    assert a == dates.generate(500, seed=7) and a != dates.generate(500, seed=8)
+    for text, iso in a:
+        day = dt.date.fromisoformat(iso)
+        assert str(day.year) in text
+        assert str(day.day) in text  # every format spells the day with digits
+
+
+def test_every_format_is_used_and_hand_examples():
+    d = dt.date(1998, 3, 3)
+    rendered = [f(d) for f in dates.FORMATS]
+    assert "Tuesday, 3rd of March 1998" in rendered and "03/03/1998" in rendered and "3-MAR-1998" in rendered
+    assert dates._ordinal(11) == "11th" and dates._ordinal(22) == "22nd" and dates._ordinal(101) == "101st"
+
+
+def test_held_out_dates_never_seen_in_training():
+    train, held = dates.splits(train=3000, valid=200, seed=1)
+    assert len(train) == 3000 and len(held) == 200
+    assert not {iso for _, iso in held} & {iso for _, iso in train}
