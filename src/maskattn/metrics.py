@@ -1,0 +1,90 @@
+"""Task metrics: BLEU and chrF (sacrebleu), accuracy and macro-F1, SQuAD exact match and F1, perplexity."""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU of detokenised text with sacrebleu's defaults (13a tokenisation), 0-100."""
+    import sacrebleu
+
+    _same_length(hypotheses, references)
+    return sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score
+
+
+def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus chrF (sacrebleu defaults), 0-100."""
+    import sacrebleu
+
+    _same_length(hypotheses, references)
+    return sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score
+
+
+def accuracy(predicted: Sequence, gold: Sequence) -> float:
+    _same_length(predicted, gold)
+    return sum(p == g for p, g in zip(predicted, gold, strict=True)) / max(1, len(gold))
+
+
+def macro_f1(predicted: Sequence, gold: Sequence) -> float:
+    """Unweighted mean over the gold labels of per-label F1."""
+    _same_length(predicted, gold)
+    scores = []
+    for label in sorted(set(gold), key=str):
+        tp = sum(p == label and g == label for p, g in zip(predicted, gold, strict=True))
+        fp = sum(p == label and g != label for p, g in zip(predicted, gold, strict=True))
+        fn = sum(p != label and g == label for p, g in zip(predicted, gold, strict=True))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / max(1, len(scores))
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp of the mean negative log-likelihood per token (nats)."""
+    return math.exp(mean_nll)
+
+
+# --- SQuAD v1.1, with the official evaluation script's normalisation ---------------------------------
+def normalize_answer(text: str) -> str:
+    """Lower case, drop punctuation, drop the articles a/an/the, collapse whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def squad_exact(prediction: str, gold: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def squad_f1(prediction: str, gold: str) -> float:
+    """Token-overlap F1 of the normalised answers."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    common = Counter(pred) & Counter(ref)
+    overlap = sum(common.values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(pred), overlap / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad(predictions: dict[str, str], golds: dict[str, Sequence[str]]) -> dict[str, float]:
+    """Exact match and F1 (0-100), each the max over a question's gold answers, averaged over questions.
+
+    Questions without a prediction count as 0, as in the official script.
+    """
+    em = f1 = 0.0
+    for qid, answers in golds.items():
+        if qid in predictions:
+            em += max(squad_exact(predictions[qid], a) for a in answers)
+            f1 += max(squad_f1(predictions[qid], a) for a in answers)
+    n = max(1, len(golds))
+    return {"exact_match": 100 * em / n, "f1": 100 * f1 / n}
+
+
+def _same_length(a: Sequence, b: Sequence) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"predictions ({len(a)}) and references ({len(b)}) differ in number")

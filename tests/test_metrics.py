@@ -1,0 +1,39 @@
+import pytest
+
+from maskattn import metrics
+
+
+def test_squad_normalisation_follows_the_official_script():
+    assert metrics.normalize_answer("The  Eiffel Tower!") == "eiffel tower"
+    assert metrics.normalize_answer("an apple, a pear") == "apple pear"
+    assert metrics.normalize_answer("Theatre") == "theatre"  # 'the' only as a whole word
+
+
+def test_squad_hand_computed():
+    # prediction "the big red dog" vs gold "a red dog": tokens [big, red, dog] vs [red, dog]
+    assert metrics.squad_exact("the big red dog", "a red dog") == 0.0
+    assert metrics.squad_f1("the big red dog", "a red dog") == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
+    assert metrics.squad_exact("Denver Broncos.", "denver broncos") == 1.0
+    assert metrics.squad_f1("the", "a") == 0.0  # both normalise to nothing: no overlap
+    # max over gold answers, averaged over questions; a missing prediction counts as zero
+    golds = {"q1": ["Broncos", "Denver Broncos"], "q2": ["1990"], "q3": ["x"]}
+    scores = metrics.squad({"q1": "Denver Broncos", "q2": "in 1990"}, golds)
+    assert scores["exact_match"] == pytest.approx(100 / 3)
+    assert scores["f1"] == pytest.approx(100 * (1 + 2 / 3) / 3)
+
+
+def test_classification_metrics():
+    gold = ["a", "a", "b", "b", "c"]
+    pred = ["a", "b", "b", "b", "a"]
+    assert metrics.accuracy(pred, gold) == 0.6
+    # F1: a = 2*1/(2+1+1) = 0.5, b = 2*2/(4+1+0) = 0.8, c = 0
+    assert metrics.macro_f1(pred, gold) == pytest.approx((0.5 + 0.8 + 0) / 3)
+
+
+def test_bleu_and_chrf_use_sacrebleu():
+    refs = ["a man is riding a red bike .", "two dogs play in the snow ."]
+    assert metrics.bleu(refs, refs) == pytest.approx(100.0)
+    assert metrics.chrf(refs, refs) == pytest.approx(100.0)
+    assert 0 < metrics.bleu(["a man is riding a bike .", "two dogs in the snow ."], refs) < 100
+    with pytest.raises(ValueError, match=r"predictions \(1\) and references \(2\)"):
+        metrics.bleu(refs[:1], refs)
