@@ -1,0 +1,140 @@
+"""A small language for masks, for the command line: ``"causal & window(4) | ~padding(6)"``.
+
+Grammar (``|`` binds loosest, then ``&``, then ``~``)::
+
+    expr  := term ('|' term)*
+    term  := unary ('&' unary)*
+    unary := '~' unary | atom
+    atom  := NAME [ '(' INT (',' INT)* ')' ] | '(' expr ')'
+
+Names: ``causal``, ``full``, ``window(n)`` (= ``sliding_window``), ``padding(n, ...)`` (valid key
+lengths per batch item), ``prefix(n)`` (= ``prefix_lm``), ``document(len, len, ...)`` (packed
+documents given by their lengths).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from maskattn import masks
+
+TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_]\w*)|(?P<int>\d+)|(?P<op>[&|~(),]))")
+
+
+class MaskSyntaxError(ValueError):
+    """A mask expression that cannot be read; the message points at the offending token."""
+
+    def __init__(self, text: str, position: int, message: str) -> None:
+        super().__init__(f"{message} at position {position}:\n  {text}\n  {' ' * position}^")
+        self.position = position
+
+
+def _document(*lengths: int) -> masks.Mask:
+    ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+    return masks.document(ids[None])
+
+
+CONSTRUCTORS = {
+    "causal": (masks.causal, 0),
+    "full": (masks.full, 0),
+    "window": (masks.sliding_window, 1),
+    "sliding_window": (masks.sliding_window, 1),
+    "padding": (lambda *n: masks.padding(list(n)), -1),
+    "prefix": (masks.prefix_lm, 1),
+    "prefix_lm": (masks.prefix_lm, 1),
+    "document": (_document, -1),
+}
+
+
+def _tokens(text: str) -> list[tuple[str, str, int]]:
+    found, pos = [], 0
+    while pos < len(text):
+        if text[pos:].strip() == "":
+            break
+        m = TOKEN.match(text, pos)
+        if not m:
+            start = len(text) - len(text[pos:].lstrip())
+            raise MaskSyntaxError(text, start, f"unexpected character {text[start]!r}")
+        kind = m.lastgroup
+        found.append((kind, m.group(kind), m.start(kind)))
+        pos = m.end()
+    found.append(("end", "", len(text)))
+    return found
+
+
+def parse(text: str) -> masks.Mask:
+    """Read a mask expression; raise :class:`MaskSyntaxError` pointing at the offending token."""
+    tokens = _tokens(text)
+    i = 0
+
+    def peek() -> tuple[str, str, int]:
+        return tokens[i]
+
+    def take(expected: str | None = None) -> tuple[str, str, int]:
+        nonlocal i
+        kind, value, pos = tokens[i]
+        if expected is not None and value != expected:
+            shown = repr(value) if value else "the end"
+            raise MaskSyntaxError(text, pos, f"expected {expected!r}, found {shown}")
+        i += 1
+        return kind, value, pos
+
+    def expr() -> masks.Mask:
+        result = term()
+        while peek()[1] == "|":
+            take()
+            result = result | term()
+        return result
+
+    def term() -> masks.Mask:
+        result = unary()
+        while peek()[1] == "&":
+            take()
+            result = result & unary()
+        return result
+
+    def unary() -> masks.Mask:
+        if peek()[1] == "~":
+            take()
+            return ~unary()
+        return atom()
+
+    def atom() -> masks.Mask:
+        kind, value, pos = take()
+        if value == "(":
+            inner = expr()
+            take(")")
+            return inner
+        if kind != "name":
+            shown = repr(value) if value else "the end"
+            raise MaskSyntaxError(text, pos, f"expected a mask name or '(', found {shown}")
+        if value not in CONSTRUCTORS:
+            raise MaskSyntaxError(text, pos, f"unknown mask {value!r}; known: {', '.join(sorted(CONSTRUCTORS))}")
+        make, arity = CONSTRUCTORS[value]
+        args = []
+        if peek()[1] == "(":
+            take("(")
+            while True:
+                k, v, p = take()
+                if k != "int":
+                    raise MaskSyntaxError(text, p, f"expected an integer argument of {value}(), found {v!r}")
+                args.append(int(v))
+                if peek()[1] != ",":
+                    break
+                take(",")
+            take(")")
+        if (arity >= 0 and len(args) != arity) or (arity < 0 and not args):
+            wanted = f"{arity} argument(s)" if arity >= 0 else "at least one argument"
+            raise MaskSyntaxError(text, pos, f"{value} takes {wanted}, got {len(args)}")
+        try:
+            return make(*args)
+        except (TypeError, ValueError) as e:
+            raise MaskSyntaxError(text, pos, str(e)) from e
+
+    result = expr()
+    kind, value, pos = peek()
+    if kind != "end":
+        raise MaskSyntaxError(text, pos, f"unexpected {value!r}")
+    return result

@@ -1,0 +1,44 @@
+import re
+
+import pytest
+import torch
+
+from maskattn import masks
+from maskattn.mask_expr import MaskSyntaxError, parse
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("causal", masks.causal()),
+        ("causal & window(4)", masks.causal() & masks.sliding_window(4)),
+        ("causal | ~padding(5)", masks.causal() | ~masks.padding([5])),
+        ("~(causal & prefix(3))", ~(masks.causal() & masks.prefix_lm(3))),
+        ("full & ~ ~causal", masks.full() & ~~masks.causal()),
+        ("causal & window(3) | padding(2)", (masks.causal() & masks.sliding_window(3)) | masks.padding([2])),
+        ("document(3, 5) & causal", masks.document(torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])) & masks.causal()),
+    ],
+)
+def test_parse_matches_the_python_expression(text, expected):
+    got = parse(text)
+    assert torch.equal(got.to_dense(8, 8), expected.to_dense(8, 8))
+
+
+@pytest.mark.parametrize(
+    "text,position,words",
+    [
+        ("causal & windo(4)", 9, "unknown mask 'windo'"),
+        ("causal && window(4)", 8, "expected a mask name"),
+        ("causal & window(4", 17, "expected ')'"),
+        ("causal & window()", 16, "expected an integer"),
+        ("causal & window(0)", 9, "size must be >= 1"),
+        ("causal $ full", 7, "unexpected character '$'"),
+        ("causal full", 7, "unexpected 'full'"),
+        ("window", 0, "window takes 1 argument"),
+    ],
+)
+def test_errors_point_at_the_token(text, position, words):
+    with pytest.raises(MaskSyntaxError, match=re.escape(words)) as info:
+        parse(text)
+    assert info.value.position == position
+    assert str(info.value).endswith("\n  " + " " * position + "^")
