@@ -16,3 +16,17 @@ def test_demo_draws_masks_and_agrees_with_torch(capsys):
 def test_console_script_entry_point():
     result = subprocess.run([sys.executable, "-m", "maskattn", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "demo" in result.stdout
+
+
+def test_masks_show_text_and_png(capsys, tmp_path):
+    png = tmp_path / "m.png"
+    assert main(["masks", "show", "causal & window(2)", "--length", "3", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "  q 0  ■ · ·\n  q 1  ■ ■ ·\n  q 2  · ■ ■" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_masks_show_bad_expression_points_at_it(capsys):
+    assert main(["masks", "show", "causal & windw(2)"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown mask 'windw'" in err and err.rstrip().endswith(" " * 9 + "^")

@@ -235,6 +235,44 @@ class Mask:
         """Print :meth:`render`."""
         print(self.render(q_len, k_len, **kwargs))
 
+    def plot(
+        self,
+        q_len: int | None = None,
+        k_len: int | None = None,
+        *,
+        q_offset: int = 0,
+        batch: int = 0,
+        head: int = 0,
+        path: str | None = None,
+        ax=None,
+    ):
+        """Draw the mask of one (batch, head) with matplotlib: dark = may attend.
+
+        Returns the matplotlib Axes; writes a PNG when ``path`` is given.
+        """
+        import matplotlib
+
+        if ax is None and path is not None:
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        q_len = q_len if q_len is not None else (self._natural_length() or 16)
+        k_len = k_len if k_len is not None else q_offset + q_len
+        dense = self.to_dense(q_len, k_len, q_offset=q_offset)
+        grid = dense[min(batch, dense.shape[0] - 1), min(head, dense.shape[1] - 1)]
+        fig = None
+        if ax is None:
+            size = min(10.0, 2.0 + 0.25 * max(q_len, k_len))
+            fig, ax = plt.subplots(figsize=(size, size * q_len / k_len + 0.5))
+        ax.imshow(grid.float().cpu().numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest",
+                  extent=(-0.5, k_len - 0.5, q_offset + q_len - 0.5, q_offset - 0.5))
+        ax.set(xlabel="key position", ylabel="query position", title=repr(self))
+        if path is not None:
+            (fig or ax.figure).savefig(path, dpi=100, bbox_inches="tight")
+            if fig is not None:
+                plt.close(fig)
+        return ax
+
     def _natural_length(self) -> int | None:
         lengths = [leaf._own_length() for leaf in self._leaves()]
         known = [n for n in lengths if n is not None]
