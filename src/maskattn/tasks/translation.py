@@ -1,0 +1,225 @@
+"""Machine translation with the encoder-decoder :class:`~maskattn.models.Transformer`.
+
+Shape legend: B batch, Ls source length, Lt target length, V vocabulary.
+
+A trained model is a directory written by ``model.save`` (``config.json``, ``model.safetensors``,
+``tokenizer.json``) plus ``task.json`` naming the task and its decoding settings.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maskattn import checkpoint, decoding, metrics
+from maskattn.data import bucket_batches, pad, read_parallel
+from maskattn.models import Transformer, TransformerConfig
+from maskattn.tokenization import Tokenizer
+from maskattn.training import TrainConfig, Trainer
+
+Pairs = list[tuple[str, str]]
+
+
+@dataclass
+class DataConfig:
+    train_src: str = ""  # training source sentences, one per line (.gz ok), or a TSV of source<TAB>target
+    train_tgt: str = ""  # training target sentences (empty when train_src is a TSV)
+    valid_src: str = ""  # validation source (evaluated during training; never the test set)
+    valid_tgt: str = ""  # validation target
+    tokenizer: str = "bpe"  # bpe | chars: one joint vocabulary for both sides
+    vocab_size: int = 8000  # BPE vocabulary size
+    max_tokens: int = 4096  # padded tokens per batch (source or target, whichever is longer)
+    max_len: int = 128  # training pairs longer than this many tokens are dropped
+    valid_limit: int = 500  # validation pairs translated at each evaluation (0: all)
+
+
+@dataclass
+class DecodeConfig:
+    beam_size: int = 4  # 1 = greedy
+    length_penalty: float = 0.6  # Wu et al.'s alpha
+    max_len_ratio: float = 1.5  # at most ratio * source length + extra target tokens
+    max_len_extra: int = 10
+    batch_size: int = 64  # sentences decoded together
+
+
+@dataclass
+class TranslationConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: TransformerConfig = field(default_factory=lambda: TransformerConfig.preset("small"))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(metric="bleu", higher_is_better=True))
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    label_smoothing: float = 0.1  # cross-entropy label smoothing (the paper's 0.1)
+    out: str = "runs/translation"  # run directory: checkpoints, logs, curves, the final model
+
+
+# --- data ------------------------------------------------------------------------------------------
+def read_pairs(src: str, tgt: str = "") -> Pairs:
+    return read_parallel(src, tgt or None)
+
+
+def build_tokenizer(cfg: DataConfig, pairs: Pairs) -> Tokenizer:
+    texts = [s for pair in pairs for s in pair]
+    if cfg.tokenizer == "chars":
+        return Tokenizer.train_chars(texts)
+    if cfg.tokenizer == "bpe":
+        return Tokenizer.train_bpe(texts, vocab_size=cfg.vocab_size)
+    raise ValueError(f"data.tokenizer must be 'bpe' or 'chars', got {cfg.tokenizer!r}")
+
+
+@dataclass
+class Encoded:
+    src: list[list[int]]
+    tgt: list[list[int]]  # without bos/eos
+
+
+def encode_pairs(tok: Tokenizer, pairs: Pairs, max_len: int | None = None) -> Encoded:
+    src = tok.encode_batch([s for s, _ in pairs])
+    tgt = tok.encode_batch([t for _, t in pairs])
+    if max_len:
+        keep = [i for i in range(len(src)) if 0 < len(src[i]) <= max_len and len(tgt[i]) < max_len]
+        src, tgt = [src[i] for i in keep], [tgt[i] for i in keep]
+    return Encoded(src, tgt)
+
+
+def collate(tok: Tokenizer, data: Encoded, indices: list[int]) -> dict[str, Any]:
+    src, src_len = pad([data.src[i] for i in indices], tok.pad_id)
+    tgt_in, tgt_len = pad([[tok.bos_id, *data.tgt[i]] for i in indices], tok.pad_id)  # (B, Lt)
+    tgt_out, _ = pad([[*data.tgt[i], tok.eos_id] for i in indices], tok.pad_id)  # (B, Lt)
+    return {"src": src, "src_lengths": src_len, "tgt_in": tgt_in, "tgt_lengths": tgt_len, "tgt_out": tgt_out,
+            "num_targets": int(tgt_len.sum())}
+
+
+def sequence_loss(logits: Tensor, targets: Tensor, pad_id: int, label_smoothing: float) -> Tensor:
+    """Cross-entropy summed over the non-padding targets: (B, L, V), (B, L) -> scalar."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=pad_id,
+                           label_smoothing=label_smoothing, reduction="sum")
+
+
+# --- model -----------------------------------------------------------------------------------------
+def build_model(cfg: TranslationConfig, tok: Tokenizer) -> Transformer:
+    model_cfg = replace(cfg.model, vocab_size=tok.vocab_size, tgt_vocab_size=None, share_embeddings=True,
+                        pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    return Transformer(model_cfg)
+
+
+def translate(model: Transformer, tok: Tokenizer, sentences: Sequence[str], decode: DecodeConfig) -> list[str]:
+    """Translate sentences in length-sorted batches; one output line per input line."""
+    device = next(model.parameters()).device
+    encoded = [tok.encode(s)[: model.config.max_len] or [tok.unk_id] for s in sentences]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out: list[str] = [""] * len(encoded)
+    model.eval()
+    for start in range(0, len(order), decode.batch_size):
+        chunk = order[start : start + decode.batch_size]
+        src, lengths = pad([encoded[i] for i in chunk], tok.pad_id)
+        longest = int(lengths.max())
+        max_new = min(model.config.max_len - 1, int(longest * decode.max_len_ratio) + decode.max_len_extra)
+        src, lengths = src.to(device), lengths.to(device)
+        if decode.beam_size > 1:
+            ids, _ = decoding.beam_search(model, src, lengths, beam_size=decode.beam_size, max_new_tokens=max_new,
+                                          length_penalty=decode.length_penalty)
+        else:
+            ids = decoding.greedy(model, src, lengths, max_new_tokens=max_new)
+        for row, i in enumerate(chunk):
+            out[i] = tok.decode(ids[row].tolist())
+    return out
+
+
+def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    return {
+        "bleu": metrics.bleu(hypotheses, references),
+        "chrf": metrics.chrf(hypotheses, references),
+        "exact_match": 100 * metrics.accuracy([h.strip() for h in hypotheses], [r.strip() for r in references]),
+    }
+
+
+# --- training --------------------------------------------------------------------------------------
+def train(cfg: TranslationConfig, train_pairs: Pairs | None = None, valid_pairs: Pairs | None = None, *,
+          resume: bool = False, log=print) -> dict[str, Any]:
+    """Train a translation model; return the final validation metrics and where the model was saved.
+
+    Pairs may be passed directly (the demo does); otherwise they are read from ``cfg.data``.
+    """
+    out = Path(cfg.out)
+    if train_pairs is None:
+        if not cfg.data.train_src:
+            raise ValueError("data.train_src is required (a source file, or a TSV of source<TAB>target)")
+        train_pairs = read_pairs(cfg.data.train_src, cfg.data.train_tgt)
+    if valid_pairs is None and cfg.data.valid_src:
+        valid_pairs = read_pairs(cfg.data.valid_src, cfg.data.valid_tgt)
+    tok_path = out / "tokenizer.json"
+    if resume and tok_path.exists():
+        tok = Tokenizer.load(tok_path)
+    else:
+        tok = build_tokenizer(cfg.data, train_pairs)
+        out.mkdir(parents=True, exist_ok=True)
+        tok.save(tok_path)
+    data = encode_pairs(tok, train_pairs, cfg.data.max_len)
+    lengths = [max(len(s), len(t) + 1) for s, t in zip(data.src, data.tgt, strict=True)]
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, tok)
+    log(f"translation: {len(data.src)} training pairs, vocabulary {tok.vocab_size}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+
+    valid = valid_pairs[: cfg.data.valid_limit or None] if valid_pairs else None
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        hyps = translate(m, tok, [s for s, _ in valid], replace(cfg.decode, beam_size=1))
+        return score(hyps, [t for _, t in valid])
+
+    def loss(m: nn.Module, b: dict[str, Any]) -> Tensor:
+        logits = m(b["src"], b["tgt_in"], src_lengths=b["src_lengths"], tgt_lengths=b["tgt_lengths"])
+        return sequence_loss(logits, b["tgt_out"], tok.pad_id, cfg.label_smoothing)
+
+    trainer = Trainer(
+        model, cfg.train, out_dir=out, evaluate=evaluate if valid else None,
+        plan=lambda epoch: bucket_batches(lengths, cfg.data.max_tokens, seed=cfg.train.seed, epoch=epoch),
+        collate=lambda idx: collate(tok, data, idx), loss=loss, device="cpu" if not torch.cuda.is_available() else None,
+    )
+    if resume and trainer.resume():
+        log(f"resumed from step {trainer.step}")
+    start = time.perf_counter()
+    trainer.fit()
+    seconds = time.perf_counter() - start
+    best = checkpoint.latest(out / "best") if valid else None
+    if best is not None:  # export the best evaluated weights, not the last ones
+        model.load_state_dict(checkpoint.load(best)["model"])
+    if trainer.rank != 0:
+        return {}
+    export(model, tok, cfg, out / "model")
+    result = {"train_seconds": seconds, "model": str(out / "model")}
+    if valid:
+        result.update(evaluate(model))
+    return result
+
+
+def export(model: Transformer, tok: Tokenizer, cfg: TranslationConfig, directory: Path) -> Path:
+    model.save(directory, tokenizer=tok.backend)
+    task = {"task": "translation", "decode": asdict(cfg.decode)}
+    (directory / "task.json").write_text(json.dumps(task, indent=2) + "\n")
+    return directory
+
+
+def load(directory: str | Path) -> tuple[Transformer, Tokenizer, DecodeConfig]:
+    """A trained translation model, its tokenizer and its decoding settings."""
+    directory = Path(directory)
+    model = Transformer.load(directory)
+    task = json.loads((directory / "task.json").read_text()) if (directory / "task.json").exists() else {}
+    decode = DecodeConfig(**task.get("decode", {}))
+    return model, Tokenizer.load(directory), decode
+
+
+def evaluate_files(directory: str | Path, src: str, ref: str = "", **decode_overrides: Any) -> dict[str, float]:
+    """BLEU, chrF and exact match of a trained model on a source file and its reference translations."""
+    model, tok, decode = load(directory)
+    pairs = read_pairs(src, ref)
+    hyps = translate(model, tok, [s for s, _ in pairs], replace(decode, **decode_overrides))
+    return score(hyps, [t for _, t in pairs])
