@@ -1,5 +1,31 @@
 """Neural network layers built on :func:`maskattn.attention`."""
 
+from maskattn.layers.decoder_layer import DecoderLayer
+from maskattn.layers.embedding import TokenEmbedding
+from maskattn.layers.encoder_layer import EncoderLayer
+from maskattn.layers.feedforward import FeedForward
+from maskattn.layers.kv_cache import KVCache
 from maskattn.layers.mha import MultiHeadAttention
+from maskattn.layers.positions import (
+    LearnedPositions,
+    RotaryEmbedding,
+    SinusoidalPositions,
+    apply_rope,
+    sinusoidal_table,
+)
+from maskattn.layers.residual import Residual
 
-__all__ = ["MultiHeadAttention"]
+__all__ = [
+    "DecoderLayer",
+    "EncoderLayer",
+    "FeedForward",
+    "KVCache",
+    "LearnedPositions",
+    "MultiHeadAttention",
+    "Residual",
+    "RotaryEmbedding",
+    "SinusoidalPositions",
+    "TokenEmbedding",
+    "apply_rope",
+    "sinusoidal_table",
+]

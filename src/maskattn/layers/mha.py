@@ -2,6 +2,11 @@
 
 Shape legend: B batch, L / Lq / Lk sequence lengths, E d_model, H heads, Hkv key/value heads,
 D head dim (E // H).
+
+For incremental decoding, ``forward`` takes a :class:`KVCache` (self-attention: new keys are
+appended, all cached keys are attended) or precomputed ``kv`` from :meth:`project_kv`
+(cross-attention: the encoder's keys and values are projected once), and ``rope`` angles from
+:class:`RotaryEmbedding` for the new positions.
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from maskattn.dispatch import attention
+from maskattn.layers.kv_cache import KVCache
+from maskattn.layers.positions import apply_rope
 from maskattn.masks import Mask
 
 
@@ -68,6 +75,10 @@ class MultiHeadAttention(nn.Module):
         *,
         mask: Mask | Tensor | None = None,
         return_weights: bool = False,
+        kv: tuple[Tensor, Tensor] | None = None,
+        cache: KVCache | None = None,
+        rope: tuple[Tensor, Tensor] | None = None,
+        q_offset: int = 0,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Attend from ``query`` to ``key``/``value`` (self-attention when they are omitted).
 
@@ -77,43 +88,53 @@ class MultiHeadAttention(nn.Module):
             value: (B, Lk, vdim); default ``key``.
             mask: True = may attend; see :func:`maskattn.attention`.
             return_weights: also return the per-head (B, H, Lq, Lk) attention weights.
+            kv: keys and values already projected by :meth:`project_kv`, used instead of key/value.
+            cache: append this call's keys/values to it and attend to all of them.
+            rope: ``(cos, sin)`` of the query positions; rotates queries and the new keys.
+            q_offset: absolute position of the first query (the cache length when decoding).
 
         Returns:
             (B, Lq, E), or ``(output, weights)`` when ``return_weights`` is True.
         """
-        key = query if key is None else key
-        value = key if value is None else value
-        self._check(query, key, value)
-        b, lq, _ = query.shape
-        lk = key.shape[1]
+        b, lq = self._check_query(query)
         q = self.q_proj(query).view(b, lq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Lq, D)
-        k = self.k_proj(key).view(b, lk, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Lk, D)
-        v = self.v_proj(value).view(b, lk, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Lk, D)
-        result = attention(
-            q,
-            k,
-            v,
-            mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            backend=self.backend,
-            return_weights=return_weights,
-        )
+        k, v = self.project_kv(query if key is None else key, value) if kv is None else kv
+        if rope is not None:
+            q = apply_rope(q, rope)
+            k = k if kv is not None else apply_rope(k, rope)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, Hkv, Lk, D)
+        dropout_p = self.dropout if self.training else 0.0
+        result = attention(q, k, v, mask, dropout_p=dropout_p, backend=self.backend,
+                           return_weights=return_weights, q_offset=q_offset)
         out, weights = result if return_weights else (result, None)
-        out = out.transpose(1, 2).reshape(b, lq, self.d_model)  # (B, Lq, E)
-        out = self.out_proj(out)
+        out = self.out_proj(out.transpose(1, 2).reshape(b, lq, self.d_model))  # (B, Lq, E)
         return (out, weights) if return_weights else out
 
-    def _check(self, query: Tensor, key: Tensor, value: Tensor) -> None:
-        expected = (("query", query, self.q_proj.in_features), ("key", key, self.k_proj.in_features),
-                    ("value", value, self.v_proj.in_features))
+    def project_kv(self, key: Tensor, value: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Project (B, Lk, kdim) keys and values into heads: two (B, Hkv, Lk, D) tensors."""
+        value = key if value is None else value
+        self._check(key, value)
+        b, lk, _ = key.shape
+        k = self.k_proj(key).view(b, lk, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Lk, D)
+        v = self.v_proj(value).view(b, lk, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Lk, D)
+        return k, v
+
+    def _check_query(self, query: Tensor) -> tuple[int, int]:
+        width = self.q_proj.in_features
+        if not isinstance(query, Tensor) or query.dim() != 3 or query.shape[-1] != width:
+            got = tuple(query.shape) if isinstance(query, Tensor) else type(query).__name__
+            raise ValueError(f"query must be (B, L, {width}) batch-first, got {got}")
+        return query.shape[0], query.shape[1]
+
+    def _check(self, key: Tensor, value: Tensor) -> None:
+        expected = (("key", key, self.k_proj.in_features), ("value", value, self.v_proj.in_features))
         for name, x, width in expected:
             if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != width:
                 got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
                 raise ValueError(f"{name} must be (B, L, {width}) batch-first, got {got}")
-        if not query.shape[0] == key.shape[0] == value.shape[0]:
-            raise ValueError(
-                f"batch sizes differ: query {query.shape[0]}, key {key.shape[0]}, value {value.shape[0]}"
-            )
+        if key.shape[0] != value.shape[0]:
+            raise ValueError(f"batch sizes differ: key {key.shape[0]}, value {value.shape[0]}")
         if key.shape[1] != value.shape[1]:
             raise ValueError(f"key and value lengths differ: {key.shape[1]} vs {value.shape[1]}")
 

@@ -1,0 +1,227 @@
+"""Generation from :class:`~maskattn.models.Transformer` and :class:`~maskattn.models.DecoderLM`:
+greedy search, beam search and sampling (temperature, top-k, top-p), batched, with a KV cache.
+
+A model takes part through two methods: ``begin_decoding(inputs, lengths, max_new_tokens=)`` returns
+a :class:`~maskattn.models.DecodeState` and the (B, V) logits of the first new token (a Transformer
+encodes its source and feeds BOS; a DecoderLM runs its right-padded prompts), and
+``step(state, tokens)`` feeds (B, 1) tokens and returns (B, 1, V) logits. Rows of a batch may have
+different lengths.
+
+Every function returns the new tokens only, (B, T), with ``pad_id`` after a row's EOS.
+
+Shape legend: B batch, K beams, V vocabulary, T new tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+Lengths = Tensor | Sequence[int] | None
+
+
+def greedy(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new_tokens: int,
+           eos_id: int | None = None, pad_id: int | None = None) -> Tensor:
+    """The most likely next token at every step.
+
+    Args:
+        model: a Transformer (``inputs`` = source ids) or a DecoderLM (``inputs`` = prompts).
+        inputs: (B, L) right-padded token ids.
+        lengths: (B,) real lengths; default from the model's ``pad_id``.
+        max_new_tokens: at most this many new tokens per row.
+        eos_id: stops a row (default ``model.config.eos_id``; None = never stop early).
+        pad_id: fills a row after its EOS (default the model's pad id, else 0).
+
+    Returns:
+        (B, T) new tokens, T <= max_new_tokens.
+    """
+    return _generate(model, inputs, lengths, max_new_tokens, eos_id, pad_id, lambda logits: logits.argmax(-1))
+
+
+def sample(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new_tokens: int,
+           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           eos_id: int | None = None, pad_id: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Draw each next token from softmax(logits / temperature), restricted by top-k and top-p.
+
+    Args as in :func:`greedy`, and:
+        temperature: > 0; below 1 sharpens, above 1 flattens the distribution.
+        top_k: keep the k most likely tokens.
+        top_p: keep the smallest set of most likely tokens whose probability reaches p (nucleus).
+        generator: random generator, for reproducible samples.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+    def choose(logits: Tensor) -> Tensor:
+        probs = torch.softmax(filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p), dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    return _generate(model, inputs, lengths, max_new_tokens, eos_id, pad_id, choose)
+
+
+def filter_logits(logits: Tensor, *, top_k: int | None = None, top_p: float | None = None) -> Tensor:
+    """Set to -inf every logit outside the top k and outside the top-p nucleus: (B, V) -> (B, V)."""
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+        drop_sorted = before >= top_p  # the most likely token is always kept
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def beam_search(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, beam_size: int = 4,
+                max_new_tokens: int, length_penalty: float = 0.0, eos_id: int | None = None,
+                pad_id: int | None = None) -> tuple[Tensor, Tensor]:
+    """The best continuation found by beam search, per row.
+
+    A hypothesis ends at EOS or after ``max_new_tokens`` tokens. Hypotheses are ranked by
+    ``log p(y) / lp(|y|)`` with Wu et al.'s (2016) ``lp(n) = ((5 + n) / 6) ** length_penalty``
+    (0 = raw log-probability; larger values favour longer outputs). A row stops when it has
+    ``beam_size`` finished hypotheses none of its live beams can beat.
+
+    Args as in :func:`greedy`, and:
+        beam_size: beams K kept per row.
+        length_penalty: the exponent alpha of lp.
+
+    Returns:
+        ``(tokens, scores)``: (B, T) best new tokens (EOS included, then ``pad_id``) and their (B,)
+        length-normalised log-probabilities.
+    """
+    if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
+        raise ValueError(f"beam_size must be a positive int, got {beam_size!r}")
+    _check_max_new(max_new_tokens)
+    eos_id, pad_id = _ids(model, eos_id, pad_id)
+    with _inference(model):
+        state, logits = model.begin_decoding(inputs, lengths, max_new_tokens=max_new_tokens)
+        search = _Beams(inputs.shape[0], beam_size, max_new_tokens, length_penalty, eos_id)
+        device = logits.device
+        state.reorder(search.rows.repeat_interleave(beam_size).to(device))
+        logits = logits.repeat_interleave(beam_size, dim=0)  # (B*K, V)
+        for t in range(max_new_tokens):
+            rows = search.advance(torch.log_softmax(logits.float(), dim=-1), t)
+            if search.all_done() or t == max_new_tokens - 1:
+                break
+            state.reorder(rows.to(device))
+            logits = model.step(state, search.last_tokens().to(device))[:, -1]
+    return search.best(pad_id)
+
+
+class _Beams:
+    """The bookkeeping of batched beam search: live beams as tensors, finished ones as lists."""
+
+    def __init__(self, batch: int, beams: int, max_new: int, alpha: float, eos_id: int | None) -> None:
+        self.b, self.k, self.max_new, self.alpha, self.eos_id = batch, beams, max_new, alpha, eos_id
+        self.rows = torch.arange(batch)
+        self.scores = torch.full((batch, beams), float("-inf"))
+        self.scores[:, 0] = 0.0  # at first every beam is the same empty hypothesis: keep one
+        self.seqs = torch.zeros(batch * beams, 0, dtype=torch.long)  # (B*K, t)
+        self.finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+        self.done = [False] * batch
+
+    def lp(self, n: int) -> float:
+        return ((5.0 + n) / 6.0) ** self.alpha
+
+    def advance(self, logp: Tensor, t: int) -> Tensor:
+        """Extend the beams by one token from (B*K, V) log-probs; return the surviving rows (B*K,)."""
+        v = logp.shape[-1]
+        logp = logp.cpu()
+        cand = (self.scores.unsqueeze(-1) + logp.view(self.b, self.k, v)).view(self.b, -1)  # (B, K*V)
+        top, idx = cand.topk(min(2 * self.k, cand.shape[1]), dim=1)  # (B, 2K)
+        beam, tok = idx // v, idx % v
+        is_eos = (tok == self.eos_id) if self.eos_id is not None else torch.zeros_like(tok, dtype=torch.bool)
+        self._finish(top, beam, tok, is_eos & top.isfinite(), t + 1)
+        # The K best candidates that do not end at EOS live on.
+        order = torch.where(is_eos, 2 * self.k + torch.arange(top.shape[1]), torch.arange(top.shape[1]))
+        keep = order.argsort(dim=1)[:, : self.k]  # (B, K)
+        self.scores = top.gather(1, keep)
+        rows = (self.rows[:, None] * self.k + beam.gather(1, keep)).view(-1)  # (B*K,)
+        self.seqs = torch.cat([self.seqs[rows], tok.gather(1, keep).view(-1, 1)], dim=1)
+        if t == self.max_new - 1:  # out of length: live beams finish as they are
+            self._finish(self.scores, torch.arange(self.k).expand(self.b, -1), None, self.scores.isfinite(), t + 1)
+        self._update_done(t + 1)
+        return rows
+
+    def _finish(self, scores: Tensor, beam: Tensor, tok: Tensor | None, which: Tensor, n: int) -> None:
+        for b, j in which.nonzero().tolist():
+            if self.done[b]:
+                continue
+            seq = self.seqs[b * self.k + int(beam[b, j])].tolist() + ([int(tok[b, j])] if tok is not None else [])
+            self.finished[b].append((float(scores[b, j]) / self.lp(n), seq))
+            self.finished[b] = sorted(self.finished[b], key=lambda x: -x[0])[: self.k]
+
+    def _update_done(self, n: int) -> None:
+        for b in range(self.b):
+            if self.done[b] or len(self.finished[b]) < self.k:
+                continue
+            # Live scores only fall; with alpha > 0 dividing by the longest lp is their best case.
+            best_live = float(self.scores[b].max()) / self.lp(self.max_new if self.alpha > 0 else n)
+            self.done[b] = self.finished[b][-1][0] >= best_live
+
+    def all_done(self) -> bool:
+        return all(self.done)
+
+    def last_tokens(self) -> Tensor:
+        return self.seqs[:, -1:]  # (B*K, 1)
+
+    def best(self, pad_id: int) -> tuple[Tensor, Tensor]:
+        best = [max(f, key=lambda x: x[0]) for f in self.finished]
+        width = max(len(seq) for _, seq in best)
+        tokens = torch.full((self.b, width), pad_id, dtype=torch.long)
+        for b, (_, seq) in enumerate(best):
+            tokens[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        return tokens, torch.tensor([score for score, _ in best])
+
+
+def _generate(model: nn.Module, inputs: Tensor, lengths: Lengths, max_new: int, eos_id: int | None,
+              pad_id: int | None, choose: Callable[[Tensor], Tensor]) -> Tensor:
+    _check_max_new(max_new)
+    eos_id, pad_id = _ids(model, eos_id, pad_id)
+    out = []
+    with _inference(model):
+        state, logits = model.begin_decoding(inputs, lengths, max_new_tokens=max_new)  # (B, V)
+        done = torch.zeros(inputs.shape[0], dtype=torch.bool, device=logits.device)
+        for t in range(max_new):
+            tokens = choose(logits).masked_fill(done, pad_id)  # (B,)
+            out.append(tokens)
+            if eos_id is not None:
+                done = done | (tokens == eos_id)
+            if bool(done.all()) or t == max_new - 1:
+                break
+            logits = model.step(state, tokens[:, None])[:, -1]
+    return torch.stack(out, dim=1)  # (B, T)
+
+
+def _ids(model: nn.Module, eos_id: int | None, pad_id: int | None) -> tuple[int | None, int]:
+    config = getattr(model, "config", None)
+    eos_id = eos_id if eos_id is not None else getattr(config, "eos_id", None)
+    pad_id = pad_id if pad_id is not None else getattr(config, "pad_id", None)
+    return eos_id, pad_id if pad_id is not None else 0
+
+
+def _check_max_new(max_new: int) -> None:
+    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new!r}")
+
+
+@contextlib.contextmanager
+def _inference(model: nn.Module) -> Iterator[None]:
+    """Evaluation mode (no dropout) and no autograd, restoring the model's mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)

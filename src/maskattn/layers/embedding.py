@@ -1,0 +1,45 @@
+"""Token embedding: ids to vectors, optionally scaled by sqrt(d_model) as in Vaswani et al.
+
+Shape legend: B batch, L sequence length, E d_model, V vocabulary size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class TokenEmbedding(nn.Module):
+    """A lookup table of ``vocab_size`` vectors of width ``d_model``.
+
+    Args:
+        vocab_size: number of token ids V.
+        d_model: embedding width E.
+        scale: multiply by sqrt(E) (the Transformer paper does, BERT and GPT do not).
+        init_std: standard deviation of the normal initialisation (default E ** -0.5 when scaled,
+            so that scaled embeddings start near unit variance, else 0.02).
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, *, scale: bool = False, init_std: float | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
+        self.vocab_size, self.d_model, self.scale = vocab_size, d_model, scale
+        std = init_std if init_std is not None else (d_model**-0.5 if scale else 0.02)
+        nn.init.normal_(self.weight, std=std)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """(B, L) integer ids -> (B, L, E)."""
+        if not isinstance(ids, Tensor) or ids.dtype in (torch.bool, torch.float16, torch.float32, torch.float64):
+            got = ids.dtype if isinstance(ids, Tensor) else type(ids).__name__
+            raise TypeError(f"ids must be an integer tensor of token ids, got {got}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise ValueError(
+                f"ids must be in [0, {self.vocab_size}), got values in [{int(ids.min())}, {int(ids.max())}]"
+            )
+        x = nn.functional.embedding(ids, self.weight)  # (B, L, E)
+        return x * math.sqrt(self.d_model) if self.scale else x
+
+    def extra_repr(self) -> str:
+        return f"{self.vocab_size}, {self.d_model}, scale={self.scale}"

@@ -1,0 +1,57 @@
+"""Encoder layer: self-attention and feed-forward, each inside a residual connection with LayerNorm.
+
+Shape legend: B batch, L sequence length, E d_model.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from maskattn.layers.feedforward import FeedForward
+from maskattn.layers.kv_cache import KVCache
+from maskattn.layers.mha import MultiHeadAttention
+from maskattn.layers.residual import Residual
+from maskattn.masks import Mask
+
+
+class EncoderLayer(nn.Module):
+    """``x = block(x, self_attn)``, then ``x = block(x, ffn)``; with a causal mask it is a GPT block.
+
+    Args:
+        d_model: width E.
+        num_heads: attention heads.
+        d_ff: feed-forward hidden width.
+        num_kv_heads: key/value heads (grouped-query attention; default ``num_heads``).
+        dropout: residual dropout on each sublayer's output.
+        attention_dropout: dropout on the attention weights.
+        activation: feed-forward activation (see :class:`FeedForward`).
+        activation_dropout: dropout on the feed-forward hidden activations.
+        norm_first: pre-LN when True, post-LN (the paper's) when False.
+        norm_eps: LayerNorm epsilon.
+        bias: biases in the attention and feed-forward projections.
+        backend: attention backend (see :func:`maskattn.attention`).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, *, num_kv_heads: int | None = None,
+                 dropout: float = 0.0, attention_dropout: float = 0.0, activation: str = "relu",
+                 activation_dropout: float = 0.0, norm_first: bool = False, norm_eps: float = 1e-5,
+                 bias: bool = True, backend: str = "auto") -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(d_model, num_heads, num_kv_heads=num_kv_heads,
+                                            dropout=attention_dropout, bias=bias, backend=backend)
+        self.self_attn_block = Residual(d_model, norm_first=norm_first, dropout=dropout, eps=norm_eps)
+        self.ffn = FeedForward(d_model, d_ff, activation=activation, dropout=activation_dropout, bias=bias)
+        self.ffn_block = Residual(d_model, norm_first=norm_first, dropout=dropout, eps=norm_eps)
+
+    def forward(self, x: Tensor, *, mask: Mask | None = None, rope: tuple[Tensor, Tensor] | None = None,
+                cache: KVCache | None = None, q_offset: int = 0) -> Tensor:
+        """(B, L, E) -> (B, L, E); ``cache``/``q_offset`` for incremental decoding."""
+        x = self._self_attention(x, mask, rope, cache, q_offset)
+        return self.ffn_block(x, self.ffn)
+
+    def _self_attention(self, x: Tensor, mask: Mask | None, rope: tuple[Tensor, Tensor] | None,
+                        cache: KVCache | None, q_offset: int) -> Tensor:
+        def attend(h: Tensor) -> Tensor:
+            return self.self_attn(h, mask=mask, rope=rope, cache=cache, q_offset=q_offset)
+
+        return self.self_attn_block(x, attend)

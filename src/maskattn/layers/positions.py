@@ -1,0 +1,97 @@
+"""Positional information: sinusoidal and learned absolute encodings, and rotary embeddings (RoPE).
+
+Positions are absolute integer ids, (B, L): a full forward uses ``arange(L)``, incremental decoding
+passes the positions of the new tokens (``q_offset + arange(Lq)`` when every row is aligned).
+Absolute encodings are added to the token embeddings; RoPE instead rotates queries and keys inside
+attention, so the score of (i, j) depends only on i - j.
+
+Shape legend: B batch, L sequence length, E d_model, H heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def _check_positions(positions: Tensor, max_len: int) -> None:
+    if not isinstance(positions, Tensor) or positions.dim() != 2 or positions.is_floating_point():
+        got = tuple(positions.shape) if isinstance(positions, Tensor) else type(positions).__name__
+        raise ValueError(f"positions must be a (B, L) integer tensor, got {got}")
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= max_len):
+        raise ValueError(
+            f"positions must be in [0, max_len={max_len}), got values in "
+            f"[{int(positions.min())}, {int(positions.max())}]"
+        )
+
+
+def sinusoidal_table(max_len: int, d_model: int) -> Tensor:
+    """PE[pos, 2i] = sin(pos / 10000^(2i/E)), PE[pos, 2i+1] = cos(same), (max_len, E)."""
+    pos = torch.arange(max_len, dtype=torch.float64).unsqueeze(1)  # (max_len, 1)
+    freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / d_model))
+    table = torch.zeros(max_len, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: d_model // 2])
+    return table.float()
+
+
+class SinusoidalPositions(nn.Module):
+    """The fixed encodings of Vaswani et al.; no parameters."""
+
+    def __init__(self, max_len: int, d_model: int) -> None:
+        super().__init__()
+        self.max_len = max_len
+        self.register_buffer("table", sinusoidal_table(max_len, d_model), persistent=False)
+
+    def forward(self, positions: Tensor) -> Tensor:
+        """(B, L) positions -> (B, L, E) encodings, to add to the embeddings."""
+        _check_positions(positions, self.max_len)
+        return self.table[positions]  # (B, L, E)
+
+
+class LearnedPositions(nn.Module):
+    """One trained vector per absolute position (BERT, GPT-2)."""
+
+    def __init__(self, max_len: int, d_model: int) -> None:
+        super().__init__()
+        self.max_len = max_len
+        self.weight = nn.Parameter(torch.empty(max_len, d_model))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, positions: Tensor) -> Tensor:
+        """(B, L) positions -> (B, L, E)."""
+        _check_positions(positions, self.max_len)
+        return nn.functional.embedding(positions, self.weight)  # (B, L, E)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (Su et al.): the angles for given positions.
+
+    Channels are paired as (x[..., i], x[..., i + D/2]) (the GPT-NeoX layout) and pair i is rotated
+    by position * base^(-2i/D). Call it once per forward and pass the result to every attention
+    layer as ``rope=``; :func:`apply_rope` does the rotation.
+    """
+
+    def __init__(self, head_dim: int, max_len: int, *, base: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+        self.head_dim, self.max_len, self.base = head_dim, max_len, base
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, L) positions -> ``(cos, sin)``, each (B, 1, L, D/2), broadcasting over heads."""
+        _check_positions(positions, self.max_len)
+        angles = positions.unsqueeze(-1).float() * self.inv_freq  # (B, L, D/2)
+        return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
+
+
+def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate (B, H, L, D) queries or keys by the angles of :class:`RotaryEmbedding`."""
+    cos, sin = rope
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]  # (B, H, L, D/2) each
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)

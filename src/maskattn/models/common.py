@@ -1,0 +1,171 @@
+"""Parts shared by the models: input embedding, a stack of layers, masks from lengths or padding
+ids, and the state of incremental decoding.
+
+Shape legend: B batch, L sequence length, E d_model, T cache capacity, Ls source length, Hkv
+key/value heads, D head dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from maskattn.layers import KVCache, LearnedPositions, RotaryEmbedding, SinusoidalPositions, TokenEmbedding
+from maskattn.models.config import BlockConfig
+
+
+def key_valid(ids: Tensor, lengths: Tensor | Sequence[int] | None, pad_id: int | None, name: str) -> Tensor | None:
+    """Which positions of ``ids`` (B, L) are real tokens, (B, L) bool; None when all are.
+
+    From ``lengths`` (B,) when given (right padding), else from ``ids != pad_id``.
+    """
+    if not isinstance(ids, Tensor) or ids.dim() != 2:
+        got = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
+        raise ValueError(f"{name} must be a (B, L) tensor of token ids, got {got}")
+    b, length = ids.shape
+    if lengths is None:
+        return None if pad_id is None else ids != pad_id
+    lengths = torch.as_tensor(lengths, device=ids.device)
+    if lengths.shape != (b,) or lengths.is_floating_point() or lengths.dtype == torch.bool:
+        raise ValueError(f"{name}_lengths must be {b} integer lengths (B,), got {tuple(lengths.shape)} {lengths.dtype}")
+    if b and (int(lengths.min()) < 1 or int(lengths.max()) > length):
+        raise ValueError(f"{name}_lengths must be in [1, {length}], got {lengths.tolist()}")
+    return torch.arange(length, device=ids.device) < lengths[:, None]  # (B, L)
+
+
+def document_positions(doc_ids: Tensor) -> Tensor:
+    """Positions that restart at 0 where a new document starts in a packed row: (B, L) -> (B, L)."""
+    b, length = doc_ids.shape
+    idx = torch.arange(length, device=doc_ids.device).expand(b, length)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # start of each token's doc
+    return idx - first
+
+
+def default_positions(ids: Tensor, offset: int = 0) -> Tensor:
+    """``offset + arange(L)`` for every row: (B, L)."""
+    return torch.arange(offset, offset + ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+
+
+class Embedder(nn.Module):
+    """Token embedding + absolute positions (+ token types) (-> LayerNorm) -> dropout, and RoPE angles.
+
+    Args:
+        config: the model config (positions, dropout, widths).
+        tokens: the token table (passed in so that models can share it).
+        type_vocab_size: number of token type (segment) ids; 0 = none.
+        norm: LayerNorm the sum (BERT).
+    """
+
+    def __init__(self, config: BlockConfig, tokens: TokenEmbedding, *, type_vocab_size: int = 0,
+                 norm: bool = False) -> None:
+        super().__init__()
+        c = config
+        self.tokens = tokens
+        self.positions: nn.Module | None = None
+        if c.positions == "sinusoidal":
+            self.positions = SinusoidalPositions(c.max_len, c.d_model)
+        elif c.positions == "learned":
+            self.positions = LearnedPositions(c.max_len, c.d_model)
+        self.rope = RotaryEmbedding(c.d_model // c.num_heads, c.max_len, base=c.rope_base) \
+            if c.positions == "rope" else None
+        self.token_types = nn.Embedding(type_vocab_size, c.d_model) if type_vocab_size else None
+        self.norm = nn.LayerNorm(c.d_model, eps=c.norm_eps) if norm else None
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, ids: Tensor, positions: Tensor, token_types: Tensor | None = None,
+                ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """(B, L) ids and positions -> ((B, L, E) inputs, RoPE angles or None)."""
+        x = self.tokens(ids)  # (B, L, E)
+        if self.positions is not None:
+            x = x + self.positions(positions)
+        if self.token_types is not None:
+            x = x + self.token_types(torch.zeros_like(ids) if token_types is None else token_types)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.dropout(x), (self.rope(positions) if self.rope is not None else None)
+
+
+class Stack(nn.Module):
+    """Layers applied in order, then an optional final LayerNorm (pre-LN models need one)."""
+
+    def __init__(self, layers: Sequence[nn.Module], d_model: int, *, final_norm: bool, eps: float) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = nn.LayerNorm(d_model, eps=eps) if final_norm else None
+
+    def forward(self, x: Tensor, *, caches: Sequence[KVCache] | None = None,
+                memory_kv: Sequence[tuple[Tensor, Tensor]] | None = None, **kwargs) -> Tensor:
+        """(B, L, E) -> (B, L, E); ``kwargs`` go to every layer, ``caches``/``memory_kv`` one each."""
+        for i, layer in enumerate(self.layers):
+            per_layer = {}
+            if caches is not None:
+                per_layer["cache"] = caches[i]
+            if memory_kv is not None:
+                per_layer["memory_kv"] = memory_kv[i]
+            x = layer(x, **kwargs, **per_layer)
+        return self.norm(x) if self.norm is not None else x
+
+
+@dataclass
+class DecodeState:
+    """Everything incremental decoding carries from one step to the next.
+
+    Rows of a batch may hold padding in the middle (prompts of different lengths are right-padded
+    and generation continues after the padding): ``key_valid`` hides those slots, and ``next_pos``
+    keeps each row's own position count, so a row decodes exactly as it would alone.
+    """
+
+    caches: list[KVCache]  # one self-attention cache per decoder layer
+    key_valid: Tensor  # (B, T) bool, which cache slots hold real tokens
+    next_pos: Tensor  # (B,) position id of each row's next token
+    memory_kv: list[tuple[Tensor, Tensor]] | None = None  # encoder keys/values per layer, (B, Hkv, Ls, D)
+    memory_valid: Tensor | None = None  # (B, Ls) bool, real source tokens
+
+    @property
+    def length(self) -> int:
+        """Slots used so far = the q_offset of the next step."""
+        return self.caches[0].length
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep rows ``index`` (B',) of everything (beam search)."""
+        for cache in self.caches:
+            cache.reorder(index)
+        self.key_valid = self.key_valid.index_select(0, index)
+        self.next_pos = self.next_pos.index_select(0, index)
+        if self.memory_kv is not None:
+            self.memory_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.memory_kv]
+        if self.memory_valid is not None:
+            self.memory_valid = self.memory_valid.index_select(0, index)
+
+
+def new_state(stack: Stack, batch: int, max_len: int, like: Tensor) -> DecodeState:
+    """Empty caches for every layer of ``stack`` (decoder layers), on ``like``'s device and dtype."""
+    caches = []
+    for layer in stack.layers:
+        attn = layer.self_attn
+        caches.append(KVCache(batch, attn.num_kv_heads, attn.head_dim, max_len, dtype=like.dtype, device=like.device))
+    key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=like.device)
+    next_pos = torch.zeros(batch, dtype=torch.long, device=like.device)
+    return DecodeState(caches, key_valid, next_pos)
+
+
+def advance(state: DecodeState, tokens: Tensor, lengths: Tensor | None) -> tuple[Tensor, int]:
+    """Mark the slots of the new (B, L) ``tokens`` and return their positions (B, L) and q_offset.
+
+    With ``lengths``, only the first ``lengths[b]`` new tokens of row b are real.
+    """
+    length = tokens.shape[1]
+    start = state.length
+    if start + length > state.key_valid.shape[1]:
+        raise ValueError(f"decoding past capacity: {start} slots used + {length} new > {state.key_valid.shape[1]}")
+    real = key_valid(tokens, lengths, None, "tokens")
+    real = torch.ones_like(tokens, dtype=torch.bool) if real is None else real
+    state.key_valid[:, start : start + length] = real
+    positions = state.next_pos[:, None] + torch.arange(length, device=tokens.device)  # (B, L)
+    state.next_pos = state.next_pos + real.sum(dim=1)
+    return positions, start

@@ -1,0 +1,99 @@
+"""Decoder-only causal language model (GPT-style).
+
+Shape legend: B batch, L sequence length, E d_model, V vocabulary.
+
+Packed training rows pass ``doc_ids``: attention is then causal within each document only
+(``causal() & document(doc_ids)``) and positions restart at 0 in every document, so a packed row
+computes exactly what its documents would compute one by one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from maskattn import masks
+from maskattn.layers import EncoderLayer, TokenEmbedding
+from maskattn.models.common import (
+    DecodeState,
+    Embedder,
+    Stack,
+    advance,
+    default_positions,
+    document_positions,
+    key_valid,
+    new_state,
+)
+from maskattn.models.config import DecoderLMConfig
+from maskattn.models.persistence import Persistent
+
+
+class DecoderLM(Persistent, nn.Module):
+    """GPT-style language model. ``forward(input_ids)`` gives next-token logits (B, L, V)."""
+
+    config_class = DecoderLMConfig
+
+    def __init__(self, config: DecoderLMConfig) -> None:
+        super().__init__()
+        if not isinstance(config, DecoderLMConfig):
+            raise TypeError(f"config must be a DecoderLMConfig, got {type(config).__name__}")
+        self.config = c = config
+        tokens = TokenEmbedding(c.vocab_size, c.d_model, scale=c.scale_embeddings)
+        self.embed = Embedder(c, tokens)
+        self.decoder = Stack([EncoderLayer(**c.layer_kwargs()) for _ in range(c.num_layers)], c.d_model,
+                             final_norm=c.use_final_norm, eps=c.norm_eps)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        if c.tie_output:
+            self.lm_head.weight = tokens.weight
+
+    def forward(self, input_ids: Tensor, *, lengths: Tensor | Sequence[int] | None = None,
+                doc_ids: Tensor | None = None) -> Tensor:
+        """Next-token logits.
+
+        Args:
+            input_ids: (B, L) token ids, right-padded.
+            lengths: (B,) real lengths; default: tokens that are not ``pad_id`` (all, if it is None).
+            doc_ids: (B, L) document id of every token of packed rows.
+
+        Returns:
+            (B, L, V) logits.
+        """
+        valid = key_valid(input_ids, lengths, self.config.pad_id, "input_ids")
+        mask = masks.causal()
+        positions = default_positions(input_ids)
+        if valid is not None:
+            mask = mask & masks.padding(valid)
+        if doc_ids is not None:
+            if not isinstance(doc_ids, Tensor) or doc_ids.shape != input_ids.shape:
+                got = tuple(doc_ids.shape) if isinstance(doc_ids, Tensor) else type(doc_ids).__name__
+                raise ValueError(f"doc_ids must have the shape of input_ids {tuple(input_ids.shape)}, got {got}")
+            mask = mask & masks.document(doc_ids)
+            positions = document_positions(doc_ids)
+        x, rope = self.embed(input_ids, positions)  # (B, L, E)
+        return self.lm_head(self.decoder(x, mask=mask, rope=rope))  # (B, L, V)
+
+    # --- incremental decoding ---------------------------------------------------------------------
+    def start(self, batch: int, *, max_len: int) -> DecodeState:
+        """Empty caches for ``batch`` rows of up to ``max_len`` tokens."""
+        return new_state(self.decoder, batch, max_len, self.embed.tokens.weight)
+
+    def step(self, state: DecodeState, tokens: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """Feed (B, L) new tokens (the first ``lengths[b]`` real); return their logits (B, L, V)."""
+        positions, offset = advance(state, tokens, lengths)
+        x, rope = self.embed(tokens, positions)
+        mask = masks.causal() & masks.padding(state.key_valid[:, : offset + tokens.shape[1]])
+        h = self.decoder(x, mask=mask, rope=rope, caches=state.caches, q_offset=offset)
+        return self.lm_head(h)
+
+    def begin_decoding(self, prompt: Tensor, lengths: Tensor | Sequence[int] | None = None, *,
+                       max_new_tokens: int) -> tuple[DecodeState, Tensor]:
+        """Run the (B, P) right-padded prompts; return the state and each row's next-token logits (B, V)."""
+        valid = key_valid(prompt, lengths, self.config.pad_id, "prompt")
+        lengths = valid.sum(dim=1) if valid is not None else None
+        state = self.start(prompt.shape[0], max_len=prompt.shape[1] + max_new_tokens)
+        logits = self.step(state, prompt, lengths)  # (B, P, V)
+        last = (lengths - 1) if lengths is not None else prompt.new_full((prompt.shape[0],), prompt.shape[1] - 1)
+        return state, logits[torch.arange(prompt.shape[0], device=prompt.device), last]
+

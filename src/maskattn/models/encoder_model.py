@@ -1,0 +1,87 @@
+"""BERT-style encoder, with heads for sequence classification and extractive span QA.
+
+Shape legend: B batch, L sequence length, E d_model, C classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from maskattn import masks
+from maskattn.layers import EncoderLayer, TokenEmbedding
+from maskattn.models.common import Embedder, Stack, default_positions, key_valid
+from maskattn.models.config import EncoderConfig
+from maskattn.models.persistence import Persistent
+
+
+class EncoderModel(Persistent, nn.Module):
+    """Bidirectional encoder. ``forward`` gives the last hidden states (B, L, E).
+
+    ``classify`` gives (B, C) class logits from the pooled first token (``config.num_labels`` > 0);
+    ``span_logits`` gives start and end logits over the positions (``config.span_head``).
+    """
+
+    config_class = EncoderConfig
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        if not isinstance(config, EncoderConfig):
+            raise TypeError(f"config must be an EncoderConfig, got {type(config).__name__}")
+        self.config = c = config
+        tokens = TokenEmbedding(c.vocab_size, c.d_model, scale=c.scale_embeddings)
+        self.embed = Embedder(c, tokens, type_vocab_size=c.type_vocab_size, norm=c.embed_norm)
+        self.encoder = Stack([EncoderLayer(**c.layer_kwargs()) for _ in range(c.num_layers)], c.d_model,
+                             final_norm=c.use_final_norm, eps=c.norm_eps)
+        self.pooler = nn.Linear(c.d_model, c.d_model) if c.pooler else None
+        self.head_dropout = nn.Dropout(c.dropout)
+        self.classifier = nn.Linear(c.d_model, c.num_labels) if c.num_labels else None
+        self.span_head = nn.Linear(c.d_model, 2) if c.span_head else None
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                token_type_ids: Tensor | None = None, lengths: Tensor | Sequence[int] | None = None) -> Tensor:
+        """Last hidden states.
+
+        Args:
+            input_ids: (B, L) token ids.
+            attention_mask: (B, L) 1/True for real tokens, 0/False for padding (Hugging Face's
+                meaning); default from ``lengths``, else from ``pad_id``.
+            token_type_ids: (B, L) segment ids; default 0.
+            lengths: (B,) real lengths of right-padded rows.
+
+        Returns:
+            (B, L, E).
+        """
+        valid = self._valid(input_ids, attention_mask, lengths)
+        x, rope = self.embed(input_ids, default_positions(input_ids), token_type_ids)  # (B, L, E)
+        return self.encoder(x, mask=masks.padding(valid) if valid is not None else None, rope=rope)
+
+    def pool(self, hidden: Tensor) -> Tensor:
+        """(B, L, E) -> (B, E): the first token's state, through tanh(pooler) when there is one."""
+        first = hidden[:, 0]
+        return torch.tanh(self.pooler(first)) if self.pooler is not None else first
+
+    def classify(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+        """(B, C) class logits; ``kwargs`` as in :meth:`forward`."""
+        if self.classifier is None:
+            raise ValueError("this EncoderModel has no classification head; build it with config.num_labels > 0")
+        hidden = self(input_ids, attention_mask, **kwargs)
+        return self.classifier(self.head_dropout(self.pool(hidden)))  # (B, C)
+
+    def span_logits(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> tuple[Tensor, Tensor]:
+        """Start and end logits, each (B, L), for extractive QA; ``kwargs`` as in :meth:`forward`."""
+        if self.span_head is None:
+            raise ValueError("this EncoderModel has no span head; build it with config.span_head=True")
+        hidden = self(input_ids, attention_mask, **kwargs)
+        start, end = self.span_head(hidden).unbind(dim=-1)  # (B, L) each
+        return start, end
+
+    def _valid(self, ids: Tensor, attention_mask: Tensor | None, lengths) -> Tensor | None:
+        if attention_mask is None:
+            return key_valid(ids, lengths, self.config.pad_id, "input_ids")
+        if not isinstance(attention_mask, Tensor) or attention_mask.shape != ids.shape:
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(ids.shape)}, got {got}")
+        return attention_mask.bool()

@@ -1,0 +1,183 @@
+"""Saving and loading models: weights in safetensors, configuration in JSON, the tokenizer as
+``tokenizer.json`` when there is one. Nothing is ever unpickled.
+
+A checkpoint directory holds::
+
+    config.json        {"format": "maskattn-model", "version": 1, "model": "Transformer",
+                        "config": {...}, "weights": {"file": "model.safetensors", "sha256": ...},
+                        "aliases": {"tied.name": "stored.name"}}
+    model.safetensors  every distinct tensor once (tied weights are stored once, listed in aliases)
+    tokenizer.json     optional, a ``tokenizers.Tokenizer``
+
+Loading checks the format, the SHA-256 of the weights, the names, shapes and dtypes of all tensors,
+and raises ValueError naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+FORMAT, VERSION = "maskattn-model", 1
+CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+_MODELS: dict[str, type] = {}
+
+
+class Persistent:
+    """Mixin of the model classes: ``model.save(dir)``, ``Model.load(dir)``, and registration by name."""
+
+    config_class: ClassVar[type]
+    tokenizer: Any = None  # a tokenizers.Tokenizer loaded or saved with the model, if any
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _MODELS[cls.__name__] = cls
+
+    def save(self, directory: str | os.PathLike, *, tokenizer: Any = None) -> Path:
+        """Write this model (and ``tokenizer``, default ``self.tokenizer``) to ``directory``."""
+        return save(self, directory, tokenizer=tokenizer)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> Any:
+        """Load a model saved by :meth:`save`; TypeError if it is another kind of model."""
+        model = load(directory, device=device)
+        if not isinstance(model, cls):
+            raise TypeError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
+
+def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = None) -> Path:
+    """Save ``model`` (a maskattn model) to ``directory``, created if needed; return its path."""
+    if type(model).__name__ not in _MODELS:
+        raise TypeError(f"save() takes a maskattn model ({', '.join(sorted(_MODELS))}), got {type(model).__name__}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, aliases = _distinct_tensors(model)
+    weights = directory / WEIGHTS
+    _atomic(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    meta = {"format": FORMAT, "version": VERSION, "model": type(model).__name__, "config": model.config.to_dict(),
+            "weights": {"file": WEIGHTS, "sha256": _sha256(weights)}, "aliases": aliases}
+    _atomic(directory / CONFIG, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        _atomic(directory / TOKENIZER, lambda tmp: tokenizer.save(str(tmp)))
+    return directory
+
+
+def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Load the model saved in ``directory`` (with its tokenizer, as ``model.tokenizer``, if saved)."""
+    directory = Path(directory)
+    meta = read_json(directory / CONFIG)
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(f"{directory / CONFIG}: not a maskattn checkpoint (format {meta.get('format')!r} "
+                         f"version {meta.get('version')!r}; expected {FORMAT!r} version {VERSION})")
+    cls = _MODELS.get(meta.get("model"))
+    if cls is None:
+        raise ValueError(
+            f"{directory / CONFIG}: unknown model {meta.get('model')!r}; expected one of {sorted(_MODELS)}"
+        )
+    try:
+        config = cls.config_class.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{directory / CONFIG}: bad config: {e}") from e
+    weights = directory / WEIGHTS
+    expected_hash = meta.get("weights", {}).get("sha256")
+    if not weights.is_file():
+        raise ValueError(f"{directory}: missing weights file {WEIGHTS}")
+    if _sha256(weights) != expected_hash:
+        raise ValueError(f"{weights}: SHA-256 does not match config.json; the file is corrupt or was modified")
+    model = cls(config)
+    load_weights(model, read_safetensors(weights, device), meta.get("aliases", {}), source=str(weights))
+    model.tokenizer = load_tokenizer(directory / TOKENIZER) if (directory / TOKENIZER).is_file() else None
+    return model.to(device)
+
+
+def load_weights(model: nn.Module, tensors: dict[str, Tensor], aliases: dict[str, str], *, source: str) -> None:
+    """Copy ``tensors`` into ``model``, after checking names, shapes and dtypes; ValueError on any mismatch."""
+    expected, expected_aliases = _distinct_tensors(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source}: tensors do not match a {type(model).__name__} with this config: "
+                         f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+                         f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    if aliases != expected_aliases:
+        raise ValueError(f"{source}: tied weights {aliases} differ from the model's {expected_aliases}")
+    for name, t in tensors.items():
+        want = expected[name]
+        if t.shape != want.shape or t.dtype != want.dtype:
+            raise ValueError(f"{source}: tensor {name!r} is {tuple(t.shape)} {t.dtype}, "
+                             f"expected {tuple(want.shape)} {want.dtype}")
+    full = dict(tensors, **{alias: tensors[name] for alias, name in aliases.items()})
+    model.load_state_dict(full, strict=True)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Parse a JSON object from ``path``; ValueError naming the file when it is missing or bad."""
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found")
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """Read a safetensors file; ValueError naming the file when it is truncated or malformed."""
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file: {e}") from e
+
+
+def load_tokenizer(path: Path) -> Any:
+    """A ``tokenizers.Tokenizer`` from a tokenizer.json file."""
+    from tokenizers import Tokenizer  # optional dependency: only needed when a tokenizer is present
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust library raises its own exception type
+        raise ValueError(f"{path}: not a readable tokenizer: {e}") from e
+
+
+def _distinct_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The state dict with each storage once, and ``{alias: stored name}`` for the tied ones."""
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), tuple(t.shape), t.stride())
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            tensors[name] = t.detach().cpu().contiguous()
+    return tensors, aliases
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic(path: Path, write: Any) -> None:
+    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,105 @@
+"""The encoder-decoder Transformer of Vaswani et al. (2017), "Attention Is All You Need".
+
+Shape legend: B batch, Ls source length, Lt target length, E d_model, V target vocabulary.
+
+Masks are built inside from lengths or padding ids: source padding for encoder self-attention and
+cross-attention, causal & target padding for decoder self-attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from maskattn import masks
+from maskattn.layers import DecoderLayer, EncoderLayer, TokenEmbedding
+from maskattn.masks import Mask
+from maskattn.models.common import DecodeState, Embedder, Stack, advance, default_positions, key_valid, new_state
+from maskattn.models.config import TransformerConfig
+from maskattn.models.persistence import Persistent
+
+
+def padding_mask(valid: Tensor | None) -> Mask | None:
+    return masks.padding(valid) if valid is not None else None
+
+
+class Transformer(Persistent, nn.Module):
+    """Encoder-decoder Transformer. ``forward(src, tgt)`` gives next-token logits (B, Lt, V)."""
+
+    config_class = TransformerConfig
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        if not isinstance(config, TransformerConfig):
+            raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}")
+        self.config = c = config
+        src_tokens = TokenEmbedding(c.vocab_size, c.d_model, scale=c.scale_embeddings)
+        tgt_tokens = src_tokens if c.share_embeddings else TokenEmbedding(
+            c.target_vocab_size, c.d_model, scale=c.scale_embeddings)
+        self.src_embed = Embedder(c, src_tokens)
+        self.tgt_embed = Embedder(c, tgt_tokens)
+        kwargs = c.layer_kwargs()
+        self.encoder = Stack([EncoderLayer(**kwargs) for _ in range(c.num_encoder_layers)], c.d_model,
+                             final_norm=c.use_final_norm, eps=c.norm_eps)
+        self.decoder = Stack([DecoderLayer(**kwargs) for _ in range(c.num_decoder_layers)], c.d_model,
+                             final_norm=c.use_final_norm, eps=c.norm_eps)
+        self.out_proj = nn.Linear(c.d_model, c.target_vocab_size, bias=False)
+        if c.tie_output:
+            self.out_proj.weight = tgt_tokens.weight
+
+    def encode(self, src: Tensor, src_lengths: Tensor | Sequence[int] | None = None) -> tuple[Tensor, Tensor | None]:
+        """Encode (B, Ls) source ids; return the memory (B, Ls, E) and the (B, Ls) valid-token mask."""
+        valid = key_valid(src, src_lengths, self.config.pad_id, "src")
+        x, rope = self.src_embed(src, default_positions(src))  # (B, Ls, E)
+        return self.encoder(x, mask=padding_mask(valid), rope=rope), valid
+
+    def decode(self, tgt: Tensor, memory: Tensor, memory_valid: Tensor | None, *,
+               tgt_lengths: Tensor | Sequence[int] | None = None) -> Tensor:
+        """Logits (B, Lt, V) for (B, Lt) target inputs given the encoder memory (B, Ls, E)."""
+        valid = key_valid(tgt, tgt_lengths, self.config.pad_id, "tgt")
+        mask = masks.causal() if valid is None else masks.causal() & masks.padding(valid)
+        x, rope = self.tgt_embed(tgt, default_positions(tgt))  # (B, Lt, E)
+        h = self.decoder(x, memory=memory, mask=mask, memory_mask=padding_mask(memory_valid), rope=rope)
+        return self.out_proj(h)  # (B, Lt, V)
+
+    def forward(self, src: Tensor, tgt: Tensor, *, src_lengths: Tensor | Sequence[int] | None = None,
+                tgt_lengths: Tensor | Sequence[int] | None = None) -> Tensor:
+        """Teacher-forced logits.
+
+        Args:
+            src: (B, Ls) source ids, right-padded.
+            tgt: (B, Lt) decoder inputs (BOS y1 y2 ...), right-padded.
+            src_lengths, tgt_lengths: (B,) lengths; default: positions whose id is not ``pad_id``.
+
+        Returns:
+            (B, Lt, V) logits of the next target token at every position.
+        """
+        memory, memory_valid = self.encode(src, src_lengths)
+        return self.decode(tgt, memory, memory_valid, tgt_lengths=tgt_lengths)
+
+    # --- incremental decoding ---------------------------------------------------------------------
+    def start(self, src: Tensor, src_lengths: Tensor | Sequence[int] | None = None, *, max_len: int) -> DecodeState:
+        """Encode once, project the encoder keys/values of every layer, and allocate caches."""
+        memory, memory_valid = self.encode(src, src_lengths)
+        state = new_state(self.decoder, src.shape[0], max_len, memory)
+        state.memory_kv = [layer.cross_attn.project_kv(memory) for layer in self.decoder.layers]
+        state.memory_valid = memory_valid
+        return state
+
+    def step(self, state: DecodeState, tokens: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """Feed (B, L) new target tokens; return their logits (B, L, V). Updates ``state``."""
+        positions, offset = advance(state, tokens, lengths)
+        x, rope = self.tgt_embed(tokens, positions)
+        mask = masks.causal() & masks.padding(state.key_valid[:, : offset + tokens.shape[1]])
+        h = self.decoder(x, mask=mask, memory_mask=padding_mask(state.memory_valid), memory_kv=state.memory_kv,
+                         rope=rope, caches=state.caches, q_offset=offset)
+        return self.out_proj(h)
+
+    def begin_decoding(self, src: Tensor, src_lengths: Tensor | Sequence[int] | None = None, *,
+                       max_new_tokens: int) -> tuple[DecodeState, Tensor]:
+        """Start generation: the state after BOS and the (B, V) logits of the first target token."""
+        state = self.start(src, src_lengths, max_len=max_new_tokens + 1)
+        bos = torch.full((src.shape[0], 1), self.config.bos_id, dtype=torch.long, device=src.device)
+        return state, self.step(state, bos)[:, -1]
