@@ -4,8 +4,8 @@ import sys
 from maskattn.cli import main
 
 
-def test_demo_draws_masks_and_agrees_with_torch(capsys):
-    assert main(["demo", "--length", "6"]) == 0
+def test_showcase_draws_masks_and_agrees_with_torch(capsys):
+    assert main(["showcase", "--length", "6"]) == 0
     out = capsys.readouterr().out
     assert "causal()  [Lq=6, Lk=6]" in out
     assert "prefix_lm(3)" in out and "document(" in out and "from_tensor(" in out

@@ -20,6 +20,7 @@ def test_every_format_is_used_and_hand_examples():
 
 
 def test_held_out_dates_never_seen_in_training():
-    train, held = dates.splits(train=3000, valid=200, seed=1)
-    assert len(train) == 3000 and len(held) == 200
-    assert not {iso for _, iso in held} & {iso for _, iso in train}
+    train, valid, test = dates.splits(train=3000, valid=100, test=200, seed=1)
+    assert len(train) == 3000 and len(test) == 200 and 90 < len(valid) <= 100
+    iso = [{d for _, d in split} for split in (train, valid, test)]
+    assert not iso[0] & iso[1] and not iso[0] & iso[2] and not iso[1] & iso[2]

@@ -45,10 +45,12 @@ def generate(n: int, seed: int) -> list[tuple[str, str]]:
     return pairs
 
 
-def splits(train: int = 20000, valid: int = 1000, seed: int = 0) -> tuple[list[tuple[str, str]], ...]:
-    """Training and held-out pairs; the held-out dates never occur in training (as dates, in any format)."""
-    pool = generate(train + 3 * valid, seed)
-    held_dates = {iso for _, iso in pool[:valid]}
-    held = pool[:valid]
-    train_pairs = [p for p in pool[valid:] if p[1] not in held_dates][:train]
-    return train_pairs, held
+def splits(train: int = 30000, valid: int = 500, test: int = 1000, seed: int = 0) -> tuple[list[tuple[str, str]], ...]:
+    """(train, valid, test) pairs; no date of the validation or test split occurs in another split."""
+    pool = generate(train + 3 * (valid + test), seed)
+    test_pairs = pool[:test]
+    valid_pairs = pool[test : test + valid]
+    held = {iso for _, iso in pool[: test + valid]}
+    valid_pairs = [p for p in valid_pairs if p[1] not in {iso for _, iso in test_pairs}]
+    train_pairs = [p for p in pool[test + valid :] if p[1] not in held][:train]
+    return train_pairs, valid_pairs, test_pairs

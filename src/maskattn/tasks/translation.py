@@ -187,7 +187,7 @@ def train(cfg: TranslationConfig, train_pairs: Pairs | None = None, valid_pairs:
     if resume and trainer.resume():
         log(f"resumed from step {trainer.step}")
     start = time.perf_counter()
-    trainer.fit()
+    last = trainer.fit()
     seconds = time.perf_counter() - start
     best = checkpoint.latest(out / "best") if valid else None
     if best is not None:  # export the best evaluated weights, not the last ones
@@ -195,10 +195,7 @@ def train(cfg: TranslationConfig, train_pairs: Pairs | None = None, valid_pairs:
     if trainer.rank != 0:
         return {}
     export(model, tok, cfg, out / "model")
-    result = {"train_seconds": seconds, "model": str(out / "model")}
-    if valid:
-        result.update(evaluate(model))
-    return result
+    return {**last, "train_seconds": seconds, "model": str(out / "model")}
 
 
 def export(model: Transformer, tok: Tokenizer, cfg: TranslationConfig, directory: Path) -> Path:
