@@ -129,3 +129,19 @@ def test_bad_inputs_name_the_argument():
         model(src + 100, src)
     with pytest.raises(TypeError, match="TransformerConfig"):
         Transformer({"d_model": 8})
+
+
+def test_attention_weights_come_back_on_request_only():
+    model = Transformer(TransformerConfig.preset("tiny")).eval()
+    src = torch.randint(3, 64, (2, 7))
+    tgt = torch.randint(3, 64, (2, 5))
+    with torch.no_grad():
+        logits, weights = model(src, tgt, src_lengths=[7, 3], return_weights=True)
+        torch.testing.assert_close(logits, model(src, tgt, src_lengths=[7, 3]), atol=0, rtol=0)
+    assert len(weights["encoder"]) == 2 and len(weights["decoder"]) == 2
+    cross = weights["decoder"][-1]["cross"]
+    assert cross.shape == (2, 4, 5, 7)
+    torch.testing.assert_close(cross.sum(-1), torch.ones(2, 4, 5))
+    assert (cross[1, :, :, 3:] == 0).all()  # source padding gets no weight
+    assert (weights["decoder"][0]["self"][0].triu(1) == 0).all()  # causal
+    assert not any(isinstance(v, torch.Tensor) and v.dim() == 4 for v in vars(model.decoder.layers[0]).values())

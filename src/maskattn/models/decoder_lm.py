@@ -49,13 +49,15 @@ class DecoderLM(Persistent, nn.Module):
             self.lm_head.weight = tokens.weight
 
     def forward(self, input_ids: Tensor, *, lengths: Tensor | Sequence[int] | None = None,
-                doc_ids: Tensor | None = None) -> Tensor:
+                doc_ids: Tensor | None = None,
+                return_weights: bool = False) -> Tensor | tuple[Tensor, list[dict[str, Tensor]]]:
         """Next-token logits.
 
         Args:
             input_ids: (B, L) token ids, right-padded.
             lengths: (B,) real lengths; default: tokens that are not ``pad_id`` (all, if it is None).
             doc_ids: (B, L) document id of every token of packed rows.
+            return_weights: also return every layer's ``{"self": (B, H, L, L)}`` attention weights.
 
         Returns:
             (B, L, V) logits.
@@ -72,7 +74,8 @@ class DecoderLM(Persistent, nn.Module):
             mask = mask & masks.document(doc_ids)
             positions = document_positions(doc_ids)
         x, rope = self.embed(input_ids, positions)  # (B, L, E)
-        return self.lm_head(self.decoder(x, mask=mask, rope=rope))  # (B, L, V)
+        out = self.decoder(x, mask=mask, rope=rope, return_weights=return_weights)
+        return (self.lm_head(out[0]), out[1]) if return_weights else self.lm_head(out)  # (B, L, V)
 
     # --- incremental decoding ---------------------------------------------------------------------
     def start(self, batch: int, *, max_len: int) -> DecodeState:

@@ -41,7 +41,8 @@ class EncoderModel(Persistent, nn.Module):
         self.span_head = nn.Linear(c.d_model, 2) if c.span_head else None
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
-                token_type_ids: Tensor | None = None, lengths: Tensor | Sequence[int] | None = None) -> Tensor:
+                token_type_ids: Tensor | None = None, lengths: Tensor | Sequence[int] | None = None,
+                return_weights: bool = False) -> Tensor | tuple[Tensor, list[dict[str, Tensor]]]:
         """Last hidden states.
 
         Args:
@@ -50,13 +51,15 @@ class EncoderModel(Persistent, nn.Module):
                 meaning); default from ``lengths``, else from ``pad_id``.
             token_type_ids: (B, L) segment ids; default 0.
             lengths: (B,) real lengths of right-padded rows.
+            return_weights: also return every layer's ``{"self": (B, H, L, L)}`` attention weights.
 
         Returns:
             (B, L, E).
         """
         valid = self._valid(input_ids, attention_mask, lengths)
         x, rope = self.embed(input_ids, default_positions(input_ids), token_type_ids)  # (B, L, E)
-        return self.encoder(x, mask=masks.padding(valid) if valid is not None else None, rope=rope)
+        mask = masks.padding(valid) if valid is not None else None
+        return self.encoder(x, mask=mask, rope=rope, return_weights=return_weights)
 
     def pool(self, hidden: Tensor) -> Tensor:
         """(B, L, E) -> (B, E): the first token's state, through tanh(pooler) when there is one."""
