@@ -145,3 +145,14 @@ def test_attention_weights_come_back_on_request_only():
     assert (cross[1, :, :, 3:] == 0).all()  # source padding gets no weight
     assert (weights["decoder"][0]["self"][0].triu(1) == 0).all()  # causal
     assert not any(isinstance(v, torch.Tensor) and v.dim() == 4 for v in vars(model.decoder.layers[0]).values())
+
+
+def test_summary_lists_layers_shapes_and_counts():
+    model = Transformer(TransformerConfig.preset("tiny"))
+    table = model.summary(print_fn=None)
+    lines = table.splitlines()
+    assert any(line.startswith("src_embed (Embedder)") and "(1, 8, 32)" in line for line in lines)
+    assert any("layers.1 (DecoderLayer)" in line and "(1, 8, 32)" in line and "12,832" in line for line in lines)
+    assert any(line.startswith("out_proj (Linear)") and "(1, 8, 64)" in line for line in lines)
+    assert f"Total params: {sum(p.numel() for p in model.parameters()):,}" in table
+    assert model.training  # the summary's forward pass restores the mode

@@ -28,9 +28,10 @@ from maskattn.models.common import (
 )
 from maskattn.models.config import DecoderLMConfig
 from maskattn.models.persistence import Persistent
+from maskattn.models.summary import Summary
 
 
-class DecoderLM(Persistent, nn.Module):
+class DecoderLM(Persistent, Summary, nn.Module):
     """GPT-style language model. ``forward(input_ids)`` gives next-token logits (B, L, V)."""
 
     config_class = DecoderLMConfig

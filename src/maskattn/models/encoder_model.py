@@ -15,9 +15,10 @@ from maskattn.layers import EncoderLayer, TokenEmbedding
 from maskattn.models.common import Embedder, Stack, default_positions, key_valid
 from maskattn.models.config import EncoderConfig
 from maskattn.models.persistence import Persistent
+from maskattn.models.summary import Summary
 
 
-class EncoderModel(Persistent, nn.Module):
+class EncoderModel(Persistent, Summary, nn.Module):
     """Bidirectional encoder. ``forward`` gives the last hidden states (B, L, E).
 
     ``classify`` gives (B, C) class logits from the pooled first token (``config.num_labels`` > 0);

@@ -19,13 +19,14 @@ from maskattn.masks import Mask
 from maskattn.models.common import DecodeState, Embedder, Stack, advance, default_positions, key_valid, new_state
 from maskattn.models.config import TransformerConfig
 from maskattn.models.persistence import Persistent
+from maskattn.models.summary import Summary
 
 
 def padding_mask(valid: Tensor | None) -> Mask | None:
     return masks.padding(valid) if valid is not None else None
 
 
-class Transformer(Persistent, nn.Module):
+class Transformer(Persistent, Summary, nn.Module):
     """Encoder-decoder Transformer. ``forward(src, tgt)`` gives next-token logits (B, Lt, V)."""
 
     config_class = TransformerConfig
@@ -48,6 +49,11 @@ class Transformer(Persistent, nn.Module):
         self.out_proj = nn.Linear(c.d_model, c.target_vocab_size, bias=False)
         if c.tie_output:
             self.out_proj.weight = tgt_tokens.weight
+
+    def example_inputs(self) -> tuple[Tensor, ...]:
+        """A (1, 8) source and a (1, 8) target batch, for :meth:`summary`."""
+        (ids,) = super().example_inputs()
+        return ids, ids.clamp(max=self.config.target_vocab_size - 1)
 
     def encode(self, src: Tensor, src_lengths: Tensor | Sequence[int] | None = None, *,
                return_weights: bool = False) -> tuple:
