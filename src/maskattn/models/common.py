@@ -46,6 +46,19 @@ def document_positions(doc_ids: Tensor) -> Tensor:
     return idx - first
 
 
+def init_linears(module: nn.Module, std: float | None = None) -> None:
+    """Initialise every Linear inside ``module``: Xavier-uniform weights (``std`` None; Vaswani et al.
+    and ``nn.Transformer``) or normal(0, std) (GPT-2, BERT: 0.02); zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            if std is None:
+                nn.init.xavier_uniform_(m.weight)
+            else:
+                nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 def default_positions(ids: Tensor, offset: int = 0) -> Tensor:
     """``offset + arange(L)`` for every row: (B, L)."""
     return torch.arange(offset, offset + ids.shape[1], device=ids.device).expand(ids.shape[0], -1)

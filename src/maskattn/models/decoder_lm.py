@@ -23,6 +23,7 @@ from maskattn.models.common import (
     advance,
     default_positions,
     document_positions,
+    init_linears,
     key_valid,
     new_state,
 )
@@ -46,6 +47,10 @@ class DecoderLM(Persistent, Summary, nn.Module):
         self.decoder = Stack([EncoderLayer(**c.layer_kwargs()) for _ in range(c.num_layers)], c.d_model,
                              final_norm=c.use_final_norm, eps=c.norm_eps)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        init_linears(self, std=0.02)
+        for layer in self.decoder.layers:  # GPT-2: projections into the residual stream scaled by depth
+            for proj in (layer.self_attn.out_proj, layer.ffn.down):
+                nn.init.normal_(proj.weight, std=0.02 / (2 * c.num_layers) ** 0.5)
         if c.tie_output:
             self.lm_head.weight = tokens.weight
 

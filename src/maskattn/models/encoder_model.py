@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from maskattn import masks
 from maskattn.layers import EncoderLayer, TokenEmbedding
-from maskattn.models.common import Embedder, Stack, default_positions, key_valid
+from maskattn.models.common import Embedder, Stack, default_positions, init_linears, key_valid
 from maskattn.models.config import EncoderConfig
 from maskattn.models.persistence import Persistent
 from maskattn.models.summary import Summary
@@ -40,6 +40,9 @@ class EncoderModel(Persistent, Summary, nn.Module):
         self.head_dropout = nn.Dropout(c.dropout)
         self.classifier = nn.Linear(c.d_model, c.num_labels) if c.num_labels else None
         self.span_head = nn.Linear(c.d_model, 2) if c.span_head else None
+        init_linears(self, std=0.02)  # BERT's initialisation
+        if self.embed.token_types is not None:
+            nn.init.normal_(self.embed.token_types.weight, std=0.02)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                 token_type_ids: Tensor | None = None, lengths: Tensor | Sequence[int] | None = None,

@@ -16,7 +16,16 @@ from torch import Tensor, nn
 from maskattn import masks
 from maskattn.layers import DecoderLayer, EncoderLayer, TokenEmbedding
 from maskattn.masks import Mask
-from maskattn.models.common import DecodeState, Embedder, Stack, advance, default_positions, key_valid, new_state
+from maskattn.models.common import (
+    DecodeState,
+    Embedder,
+    Stack,
+    advance,
+    default_positions,
+    init_linears,
+    key_valid,
+    new_state,
+)
 from maskattn.models.config import TransformerConfig
 from maskattn.models.persistence import Persistent
 from maskattn.models.summary import Summary
@@ -47,6 +56,7 @@ class Transformer(Persistent, Summary, nn.Module):
         self.decoder = Stack([DecoderLayer(**kwargs) for _ in range(c.num_decoder_layers)], c.d_model,
                              final_norm=c.use_final_norm, eps=c.norm_eps)
         self.out_proj = nn.Linear(c.d_model, c.target_vocab_size, bias=False)
+        init_linears(self.encoder), init_linears(self.decoder)
         if c.tie_output:
             self.out_proj.weight = tgt_tokens.weight
 
