@@ -56,7 +56,8 @@ class Transformer(Persistent, Summary, nn.Module):
         self.decoder = Stack([DecoderLayer(**kwargs) for _ in range(c.num_decoder_layers)], c.d_model,
                              final_norm=c.use_final_norm, eps=c.norm_eps)
         self.out_proj = nn.Linear(c.d_model, c.target_vocab_size, bias=False)
-        init_linears(self.encoder), init_linears(self.decoder)
+        init_linears(self.encoder)
+        init_linears(self.decoder)
         if c.tie_output:
             self.out_proj.weight = tgt_tokens.weight
 
