@@ -143,7 +143,7 @@ def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str
 
 def load_tokenizer(path: Path) -> Any:
     """A ``tokenizers.Tokenizer`` from a tokenizer.json file."""
-    from tokenizers import Tokenizer  # optional dependency: only needed when a tokenizer is present
+    from tokenizers import Tokenizer  # imported only when a checkpoint has a tokenizer
 
     try:
         return Tokenizer.from_file(str(path))
