@@ -1,5 +1,6 @@
 """all-MiniLM-L6-v2 through from_pretrained against Hugging Face transformers' own BertModel."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -71,5 +72,24 @@ def test_not_a_bert_directory_is_a_clear_error(tmp_path):
         from_pretrained(tmp_path / "nowhere")
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"not a readable safetensors file|expected a BERT config"):
+    with pytest.raises(ValueError, match="expected a BERT config with absolute positions, got model_type 'gpt2'"):
+        from_pretrained(tmp_path)
+    config = dict(model_type="bert", vocab_size=10, hidden_size=8, num_attention_heads=2, intermediate_size=16,
+                  num_hidden_layers=1, max_position_embeddings=16)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file"):
+        from_pretrained(tmp_path)
+    del config["hidden_size"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="BERT config lacks the field 'hidden_size'"):
+        from_pretrained(tmp_path)
+
+
+def test_minilm_weights_under_a_wrong_config_are_rejected(tmp_path):
+    source = _minilm_dir()
+    config = json.loads((source / "config.json").read_text())
+    config["num_hidden_layers"] = 5
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").symlink_to(source / "model.safetensors")
+    with pytest.raises(ValueError, match=r"unexpected \['encoder\.layers\.5\."):
         from_pretrained(tmp_path)

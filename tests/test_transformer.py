@@ -156,3 +156,11 @@ def test_summary_lists_layers_shapes_and_counts():
     assert any(line.startswith("out_proj (Linear)") and "(1, 8, 64)" in line for line in lines)
     assert f"Total params: {sum(p.numel() for p in model.parameters()):,}" in table
     assert model.training  # the summary's forward pass restores the mode
+
+
+def test_dropout_acts_in_training_only():
+    model = Transformer(TransformerConfig.preset("tiny", dropout=0.1))
+    src = torch.randint(3, 64, (2, 7))
+    assert not torch.equal(model(src, src), model(src, src))
+    model.eval()
+    assert torch.equal(model(src, src), model(src, src))
