@@ -39,9 +39,7 @@ class DecoderLM(Persistent, Summary, nn.Module):
 
     def __init__(self, config: DecoderLMConfig) -> None:
         super().__init__()
-        if not isinstance(config, DecoderLMConfig):
-            raise TypeError(f"config must be a DecoderLMConfig, got {type(config).__name__}")
-        self.config = c = config
+        self.config = c = self.checked_config(config)
         tokens = TokenEmbedding(c.vocab_size, c.d_model, scale=c.scale_embeddings)
         self.embed = Embedder(c, tokens)
         self.decoder = Stack([EncoderLayer(**c.layer_kwargs()) for _ in range(c.num_layers)], c.d_model,

@@ -29,9 +29,7 @@ class EncoderModel(Persistent, Summary, nn.Module):
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
-        if not isinstance(config, EncoderConfig):
-            raise TypeError(f"config must be an EncoderConfig, got {type(config).__name__}")
-        self.config = c = config
+        self.config = c = self.checked_config(config)
         tokens = TokenEmbedding(c.vocab_size, c.d_model, scale=c.scale_embeddings)
         self.embed = Embedder(c, tokens, type_vocab_size=c.type_vocab_size, norm=c.embed_norm)
         self.encoder = Stack([EncoderLayer(**c.layer_kwargs()) for _ in range(c.num_layers)], c.d_model,

@@ -42,9 +42,7 @@ class Transformer(Persistent, Summary, nn.Module):
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
-        if not isinstance(config, TransformerConfig):
-            raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}")
-        self.config = c = config
+        self.config = c = self.checked_config(config)
         src_tokens = TokenEmbedding(c.vocab_size, c.d_model, scale=c.scale_embeddings)
         tgt_tokens = src_tokens if c.share_embeddings else TokenEmbedding(
             c.target_vocab_size, c.d_model, scale=c.scale_embeddings)
