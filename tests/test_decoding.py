@@ -178,3 +178,20 @@ def test_decoding_errors_name_the_argument():
         decoding.sample(model, prompt, max_new_tokens=2, top_p=1.5)
     with pytest.raises(ValueError, match="positions must be in"):
         decoding.greedy(model, prompt, max_new_tokens=100)
+
+
+def test_decoder_lm_beam_scores_are_the_full_forward_scores_of_its_outputs():
+    # Beam reordering with prompts of different lengths (padding in the middle of the cache).
+    model = DecoderLM(DecoderLMConfig.preset("tiny", eos_id=5)).eval()
+    prompt = torch.randint(6, 64, (3, 5))
+    lengths = torch.tensor([5, 2, 3])
+    alpha = 0.6
+    tokens, scores = decoding.beam_search(model, prompt, lengths, beam_size=3, max_new_tokens=6,
+                                          length_penalty=alpha, pad_id=0)
+    for b in range(3):
+        new = list(_until_eos(tokens[b].tolist(), 5))
+        row = torch.tensor([prompt[b, : lengths[b]].tolist() + new])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(row)[0, lengths[b] - 1 : -1], dim=-1)
+        total = logp.gather(1, torch.tensor(new)[:, None]).sum()
+        assert scores[b].item() == pytest.approx(total.item() / ((5 + len(new)) / 6) ** alpha, abs=1e-5)
