@@ -3,11 +3,39 @@
 Convention everywhere: a mask value of **True means "may attend"**.
 """
 
-from maskattn import masks
+from maskattn import decoding, masks
 from maskattn.dispatch import BACKENDS, attention, choose_backend
 from maskattn.layers import MultiHeadAttention
 from maskattn.masks import Mask
+from maskattn.models import (
+    DecoderLM,
+    DecoderLMConfig,
+    EncoderConfig,
+    EncoderModel,
+    Transformer,
+    TransformerConfig,
+    from_pretrained,
+    load,
+    save,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "Mask", "MultiHeadAttention", "attention", "choose_backend", "masks"]
+__all__ = [
+    "BACKENDS",
+    "DecoderLM",
+    "DecoderLMConfig",
+    "EncoderConfig",
+    "EncoderModel",
+    "Mask",
+    "MultiHeadAttention",
+    "Transformer",
+    "TransformerConfig",
+    "attention",
+    "choose_backend",
+    "decoding",
+    "from_pretrained",
+    "load",
+    "masks",
+    "save",
+]

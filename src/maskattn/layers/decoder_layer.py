@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor
 
-from maskattn.layers.encoder_layer import EncoderLayer
+from maskattn.layers.encoder_layer import EncoderLayer, attend
 from maskattn.layers.kv_cache import KVCache
 from maskattn.layers.mha import MultiHeadAttention
 from maskattn.layers.residual import Residual
@@ -36,7 +36,7 @@ class DecoderLayer(EncoderLayer):
     def forward(self, x: Tensor, memory: Tensor | None = None, *, mask: Mask | None = None,
                 memory_mask: Mask | None = None, memory_kv: tuple[Tensor, Tensor] | None = None,
                 rope: tuple[Tensor, Tensor] | None = None, cache: KVCache | None = None,
-                q_offset: int = 0) -> Tensor:
+                q_offset: int = 0, return_weights: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """Decode (B, Lq, E) against the encoder output ``memory`` (B, Ls, E).
 
         Args:
@@ -49,13 +49,13 @@ class DecoderLayer(EncoderLayer):
             rope: angles of the decoder positions (self-attention only).
             cache: self-attention KV cache.
             q_offset: absolute position of the first query.
+            return_weights: also return ``{"self": (B, H, Lq, Lk), "cross": (B, H, Lq, Ls)}``.
         """
         if memory is None and memory_kv is None:
             raise ValueError("DecoderLayer needs memory (B, Ls, E) or memory_kv, got neither")
-        x = self._self_attention(x, mask, rope, cache, q_offset)
-
-        def cross(h: Tensor) -> Tensor:
-            return self.cross_attn(h, memory, mask=memory_mask, kv=memory_kv)
-
-        x = self.cross_attn_block(x, cross)
-        return self.ffn_block(x, self.ffn)
+        x, self_w = attend(self.self_attn_block, self.self_attn, x, return_weights,
+                           mask=mask, rope=rope, cache=cache, q_offset=q_offset)
+        x, cross_w = attend(self.cross_attn_block, self.cross_attn, x, return_weights,
+                            key=memory, mask=memory_mask, kv=memory_kv)
+        x = self.ffn_block(x, self.ffn)
+        return (x, {"self": self_w, "cross": cross_w}) if return_weights else x

@@ -5,6 +5,8 @@ Shape legend: B batch, L sequence length, E d_model.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from maskattn.layers.feedforward import FeedForward
@@ -44,14 +46,28 @@ class EncoderLayer(nn.Module):
         self.ffn_block = Residual(d_model, norm_first=norm_first, dropout=dropout, eps=norm_eps)
 
     def forward(self, x: Tensor, *, mask: Mask | None = None, rope: tuple[Tensor, Tensor] | None = None,
-                cache: KVCache | None = None, q_offset: int = 0) -> Tensor:
-        """(B, L, E) -> (B, L, E); ``cache``/``q_offset`` for incremental decoding."""
-        x = self._self_attention(x, mask, rope, cache, q_offset)
-        return self.ffn_block(x, self.ffn)
+                cache: KVCache | None = None, q_offset: int = 0,
+                return_weights: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        """(B, L, E) -> (B, L, E); ``cache``/``q_offset`` for incremental decoding.
 
-    def _self_attention(self, x: Tensor, mask: Mask | None, rope: tuple[Tensor, Tensor] | None,
-                        cache: KVCache | None, q_offset: int) -> Tensor:
-        def attend(h: Tensor) -> Tensor:
-            return self.self_attn(h, mask=mask, rope=rope, cache=cache, q_offset=q_offset)
+        With ``return_weights``, also ``{"self": (B, H, L, Lk) attention weights}``.
+        """
+        x, weights = attend(self.self_attn_block, self.self_attn, x, return_weights,
+                            mask=mask, rope=rope, cache=cache, q_offset=q_offset)
+        x = self.ffn_block(x, self.ffn)
+        return (x, {"self": weights}) if return_weights else x
 
-        return self.self_attn_block(x, attend)
+
+def attend(block: Residual, attn: MultiHeadAttention, x: Tensor, return_weights: bool,
+           **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    """Run ``attn`` as the sublayer of ``block``; also return its weights when asked."""
+    seen = []
+
+    def sublayer(h: Tensor) -> Tensor:
+        out = attn(h, return_weights=return_weights, **kwargs)
+        if return_weights:
+            out, weights = out
+            seen.append(weights)
+        return out
+
+    return block(x, sublayer), (seen[0] if seen else None)

@@ -79,13 +79,13 @@ class RotaryEmbedding(nn.Module):
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
         self.head_dim, self.max_len, self.base = head_dim, max_len, base
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """(B, L) positions -> ``(cos, sin)``, each (B, 1, L, D/2), broadcasting over heads."""
         _check_positions(positions, self.max_len)
-        angles = positions.unsqueeze(-1).float() * self.inv_freq  # (B, L, D/2)
+        # Computed here in float32 rather than kept as a buffer, which model.half() would round.
+        exponents = torch.arange(0, self.head_dim, 2, device=positions.device, dtype=torch.float32) / self.head_dim
+        angles = positions.unsqueeze(-1).float() * self.base**-exponents  # (B, L, D/2)
         return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
 
 

@@ -46,6 +46,19 @@ def document_positions(doc_ids: Tensor) -> Tensor:
     return idx - first
 
 
+def init_linears(module: nn.Module, std: float | None = None) -> None:
+    """Initialise every Linear inside ``module``: Xavier-uniform weights (``std`` None; Vaswani et al.
+    and ``nn.Transformer``) or normal(0, std) (GPT-2, BERT: 0.02); zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            if std is None:
+                nn.init.xavier_uniform_(m.weight)
+            else:
+                nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 def default_positions(ids: Tensor, offset: int = 0) -> Tensor:
     """``offset + arange(L)`` for every row: (B, L)."""
     return torch.arange(offset, offset + ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
@@ -99,16 +112,25 @@ class Stack(nn.Module):
         self.norm = nn.LayerNorm(d_model, eps=eps) if final_norm else None
 
     def forward(self, x: Tensor, *, caches: Sequence[KVCache] | None = None,
-                memory_kv: Sequence[tuple[Tensor, Tensor]] | None = None, **kwargs) -> Tensor:
-        """(B, L, E) -> (B, L, E); ``kwargs`` go to every layer, ``caches``/``memory_kv`` one each."""
+                memory_kv: Sequence[tuple[Tensor, Tensor]] | None = None, return_weights: bool = False,
+                **kwargs) -> Tensor | tuple[Tensor, list[dict[str, Tensor]]]:
+        """(B, L, E) -> (B, L, E); ``kwargs`` go to every layer, ``caches``/``memory_kv`` one each.
+
+        With ``return_weights``, also each layer's attention weights, first layer first.
+        """
+        weights = []
         for i, layer in enumerate(self.layers):
             per_layer = {}
             if caches is not None:
                 per_layer["cache"] = caches[i]
             if memory_kv is not None:
                 per_layer["memory_kv"] = memory_kv[i]
-            x = layer(x, **kwargs, **per_layer)
-        return self.norm(x) if self.norm is not None else x
+            x = layer(x, return_weights=return_weights, **kwargs, **per_layer)
+            if return_weights:
+                x, w = x
+                weights.append(w)
+        x = self.norm(x) if self.norm is not None else x
+        return (x, weights) if return_weights else x
 
 
 @dataclass

@@ -23,39 +23,45 @@ from maskattn.models.common import (
     advance,
     default_positions,
     document_positions,
+    init_linears,
     key_valid,
     new_state,
 )
 from maskattn.models.config import DecoderLMConfig
 from maskattn.models.persistence import Persistent
+from maskattn.models.summary import Summary
 
 
-class DecoderLM(Persistent, nn.Module):
+class DecoderLM(Persistent, Summary, nn.Module):
     """GPT-style language model. ``forward(input_ids)`` gives next-token logits (B, L, V)."""
 
     config_class = DecoderLMConfig
 
     def __init__(self, config: DecoderLMConfig) -> None:
         super().__init__()
-        if not isinstance(config, DecoderLMConfig):
-            raise TypeError(f"config must be a DecoderLMConfig, got {type(config).__name__}")
-        self.config = c = config
+        self.config = c = self.checked_config(config)
         tokens = TokenEmbedding(c.vocab_size, c.d_model, scale=c.scale_embeddings)
         self.embed = Embedder(c, tokens)
         self.decoder = Stack([EncoderLayer(**c.layer_kwargs()) for _ in range(c.num_layers)], c.d_model,
                              final_norm=c.use_final_norm, eps=c.norm_eps)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        init_linears(self, std=0.02)
+        for layer in self.decoder.layers:  # GPT-2: projections into the residual stream scaled by depth
+            for proj in (layer.self_attn.out_proj, layer.ffn.down):
+                nn.init.normal_(proj.weight, std=0.02 / (2 * c.num_layers) ** 0.5)
         if c.tie_output:
             self.lm_head.weight = tokens.weight
 
     def forward(self, input_ids: Tensor, *, lengths: Tensor | Sequence[int] | None = None,
-                doc_ids: Tensor | None = None) -> Tensor:
+                doc_ids: Tensor | None = None,
+                return_weights: bool = False) -> Tensor | tuple[Tensor, list[dict[str, Tensor]]]:
         """Next-token logits.
 
         Args:
             input_ids: (B, L) token ids, right-padded.
             lengths: (B,) real lengths; default: tokens that are not ``pad_id`` (all, if it is None).
             doc_ids: (B, L) document id of every token of packed rows.
+            return_weights: also return every layer's ``{"self": (B, H, L, L)}`` attention weights.
 
         Returns:
             (B, L, V) logits.
@@ -72,7 +78,8 @@ class DecoderLM(Persistent, nn.Module):
             mask = mask & masks.document(doc_ids)
             positions = document_positions(doc_ids)
         x, rope = self.embed(input_ids, positions)  # (B, L, E)
-        return self.lm_head(self.decoder(x, mask=mask, rope=rope))  # (B, L, V)
+        out = self.decoder(x, mask=mask, rope=rope, return_weights=return_weights)
+        return (self.lm_head(out[0]), out[1]) if return_weights else self.lm_head(out)  # (B, L, V)
 
     # --- incremental decoding ---------------------------------------------------------------------
     def start(self, batch: int, *, max_len: int) -> DecodeState:

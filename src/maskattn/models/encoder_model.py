@@ -12,12 +12,13 @@ from torch import Tensor, nn
 
 from maskattn import masks
 from maskattn.layers import EncoderLayer, TokenEmbedding
-from maskattn.models.common import Embedder, Stack, default_positions, key_valid
+from maskattn.models.common import Embedder, Stack, default_positions, init_linears, key_valid
 from maskattn.models.config import EncoderConfig
 from maskattn.models.persistence import Persistent
+from maskattn.models.summary import Summary
 
 
-class EncoderModel(Persistent, nn.Module):
+class EncoderModel(Persistent, Summary, nn.Module):
     """Bidirectional encoder. ``forward`` gives the last hidden states (B, L, E).
 
     ``classify`` gives (B, C) class logits from the pooled first token (``config.num_labels`` > 0);
@@ -28,9 +29,7 @@ class EncoderModel(Persistent, nn.Module):
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
-        if not isinstance(config, EncoderConfig):
-            raise TypeError(f"config must be an EncoderConfig, got {type(config).__name__}")
-        self.config = c = config
+        self.config = c = self.checked_config(config)
         tokens = TokenEmbedding(c.vocab_size, c.d_model, scale=c.scale_embeddings)
         self.embed = Embedder(c, tokens, type_vocab_size=c.type_vocab_size, norm=c.embed_norm)
         self.encoder = Stack([EncoderLayer(**c.layer_kwargs()) for _ in range(c.num_layers)], c.d_model,
@@ -39,9 +38,13 @@ class EncoderModel(Persistent, nn.Module):
         self.head_dropout = nn.Dropout(c.dropout)
         self.classifier = nn.Linear(c.d_model, c.num_labels) if c.num_labels else None
         self.span_head = nn.Linear(c.d_model, 2) if c.span_head else None
+        init_linears(self, std=0.02)  # BERT's initialisation
+        if self.embed.token_types is not None:
+            nn.init.normal_(self.embed.token_types.weight, std=0.02)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
-                token_type_ids: Tensor | None = None, lengths: Tensor | Sequence[int] | None = None) -> Tensor:
+                token_type_ids: Tensor | None = None, lengths: Tensor | Sequence[int] | None = None,
+                return_weights: bool = False) -> Tensor | tuple[Tensor, list[dict[str, Tensor]]]:
         """Last hidden states.
 
         Args:
@@ -50,13 +53,15 @@ class EncoderModel(Persistent, nn.Module):
                 meaning); default from ``lengths``, else from ``pad_id``.
             token_type_ids: (B, L) segment ids; default 0.
             lengths: (B,) real lengths of right-padded rows.
+            return_weights: also return every layer's ``{"self": (B, H, L, L)}`` attention weights.
 
         Returns:
             (B, L, E).
         """
         valid = self._valid(input_ids, attention_mask, lengths)
         x, rope = self.embed(input_ids, default_positions(input_ids), token_type_ids)  # (B, L, E)
-        return self.encoder(x, mask=masks.padding(valid) if valid is not None else None, rope=rope)
+        mask = masks.padding(valid) if valid is not None else None
+        return self.encoder(x, mask=mask, rope=rope, return_weights=return_weights)
 
     def pool(self, hidden: Tensor) -> Tensor:
         """(B, L, E) -> (B, E): the first token's state, through tanh(pooler) when there is one."""

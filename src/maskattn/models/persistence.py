@@ -41,6 +41,13 @@ class Persistent:
         super().__init_subclass__(**kwargs)
         _MODELS[cls.__name__] = cls
 
+    @classmethod
+    def checked_config(cls, config: Any) -> Any:
+        """``config`` if it is a ``cls.config_class``, else TypeError."""
+        if not isinstance(config, cls.config_class):
+            raise TypeError(f"config must be a {cls.config_class.__name__}, got {type(config).__name__}")
+        return config
+
     def save(self, directory: str | os.PathLike, *, tokenizer: Any = None) -> Path:
         """Write this model (and ``tokenizer``, default ``self.tokenizer``) to ``directory``."""
         return save(self, directory, tokenizer=tokenizer)
@@ -143,7 +150,7 @@ def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str
 
 def load_tokenizer(path: Path) -> Any:
     """A ``tokenizers.Tokenizer`` from a tokenizer.json file."""
-    from tokenizers import Tokenizer  # optional dependency: only needed when a tokenizer is present
+    from tokenizers import Tokenizer  # imported only when a checkpoint has a tokenizer
 
     try:
         return Tokenizer.from_file(str(path))

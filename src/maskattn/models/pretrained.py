@@ -5,6 +5,7 @@ downloads.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -62,10 +63,10 @@ def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: 
     hf = read_json(directory / CONFIG)
     if hf.get("format") == FORMAT:
         return load(directory)
+    config = bert_config(hf, directory / CONFIG, num_labels=num_labels, span_head=span_head)
     tensors = read_safetensors(directory / WEIGHTS)
     tensors = {_our_name(name): t for name, t in tensors.items() if not _IGNORED.search(name)}
-    config = bert_config(hf, directory / CONFIG, pooler="pooler.weight" in tensors,
-                         num_labels=num_labels, span_head=span_head)
+    config = dataclasses.replace(config, pooler="pooler.weight" in tensors)
     model = EncoderModel(config)
     heads = {n: t for n, t in model.state_dict().items() if n.startswith(("classifier.", "span_head."))}
     load_weights(model, {**tensors, **heads}, {}, source=str(directory / WEIGHTS))
@@ -73,7 +74,8 @@ def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: 
     return model
 
 
-def bert_config(hf: dict, source: Path, *, pooler: bool, num_labels: int = 0, span_head: bool = False) -> EncoderConfig:
+def bert_config(hf: dict, source: Path, *, pooler: bool = True, num_labels: int = 0,
+                span_head: bool = False) -> EncoderConfig:
     """The :class:`EncoderConfig` of a Hugging Face BERT ``config.json``."""
     if hf.get("model_type") not in ("bert", None) or hf.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"{source}: expected a BERT config with absolute positions, got model_type "

@@ -16,25 +16,33 @@ from torch import Tensor, nn
 from maskattn import masks
 from maskattn.layers import DecoderLayer, EncoderLayer, TokenEmbedding
 from maskattn.masks import Mask
-from maskattn.models.common import DecodeState, Embedder, Stack, advance, default_positions, key_valid, new_state
+from maskattn.models.common import (
+    DecodeState,
+    Embedder,
+    Stack,
+    advance,
+    default_positions,
+    init_linears,
+    key_valid,
+    new_state,
+)
 from maskattn.models.config import TransformerConfig
 from maskattn.models.persistence import Persistent
+from maskattn.models.summary import Summary
 
 
 def padding_mask(valid: Tensor | None) -> Mask | None:
     return masks.padding(valid) if valid is not None else None
 
 
-class Transformer(Persistent, nn.Module):
+class Transformer(Persistent, Summary, nn.Module):
     """Encoder-decoder Transformer. ``forward(src, tgt)`` gives next-token logits (B, Lt, V)."""
 
     config_class = TransformerConfig
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
-        if not isinstance(config, TransformerConfig):
-            raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}")
-        self.config = c = config
+        self.config = c = self.checked_config(config)
         src_tokens = TokenEmbedding(c.vocab_size, c.d_model, scale=c.scale_embeddings)
         tgt_tokens = src_tokens if c.share_embeddings else TokenEmbedding(
             c.target_vocab_size, c.d_model, scale=c.scale_embeddings)
@@ -46,38 +54,63 @@ class Transformer(Persistent, nn.Module):
         self.decoder = Stack([DecoderLayer(**kwargs) for _ in range(c.num_decoder_layers)], c.d_model,
                              final_norm=c.use_final_norm, eps=c.norm_eps)
         self.out_proj = nn.Linear(c.d_model, c.target_vocab_size, bias=False)
+        init_linears(self.encoder)
+        init_linears(self.decoder)
         if c.tie_output:
             self.out_proj.weight = tgt_tokens.weight
 
-    def encode(self, src: Tensor, src_lengths: Tensor | Sequence[int] | None = None) -> tuple[Tensor, Tensor | None]:
-        """Encode (B, Ls) source ids; return the memory (B, Ls, E) and the (B, Ls) valid-token mask."""
+    def example_inputs(self) -> tuple[Tensor, ...]:
+        """A (1, 8) source and a (1, 8) target batch, for :meth:`summary`."""
+        (ids,) = super().example_inputs()
+        return ids, ids.clamp(max=self.config.target_vocab_size - 1)
+
+    def encode(self, src: Tensor, src_lengths: Tensor | Sequence[int] | None = None, *,
+               return_weights: bool = False) -> tuple:
+        """Encode (B, Ls) source ids.
+
+        Returns:
+            ``(memory, valid)``: the (B, Ls, E) encoder output and the (B, Ls) bool mask of real
+            source tokens (None when there is no padding); with ``return_weights``, also the list of
+            every layer's ``{"self": (B, H, Ls, Ls)}`` attention weights.
+        """
         valid = key_valid(src, src_lengths, self.config.pad_id, "src")
         x, rope = self.src_embed(src, default_positions(src))  # (B, Ls, E)
-        return self.encoder(x, mask=padding_mask(valid), rope=rope), valid
+        out = self.encoder(x, mask=padding_mask(valid), rope=rope, return_weights=return_weights)
+        return (out[0], valid, out[1]) if return_weights else (out, valid)
 
     def decode(self, tgt: Tensor, memory: Tensor, memory_valid: Tensor | None, *,
-               tgt_lengths: Tensor | Sequence[int] | None = None) -> Tensor:
-        """Logits (B, Lt, V) for (B, Lt) target inputs given the encoder memory (B, Ls, E)."""
+               tgt_lengths: Tensor | Sequence[int] | None = None,
+               return_weights: bool = False) -> Tensor | tuple[Tensor, list[dict[str, Tensor]]]:
+        """Logits (B, Lt, V) for (B, Lt) target inputs given the encoder memory (B, Ls, E); with
+        ``return_weights``, also every layer's ``{"self": ..., "cross": (B, H, Lt, Ls)}`` weights."""
         valid = key_valid(tgt, tgt_lengths, self.config.pad_id, "tgt")
         mask = masks.causal() if valid is None else masks.causal() & masks.padding(valid)
         x, rope = self.tgt_embed(tgt, default_positions(tgt))  # (B, Lt, E)
-        h = self.decoder(x, memory=memory, mask=mask, memory_mask=padding_mask(memory_valid), rope=rope)
-        return self.out_proj(h)  # (B, Lt, V)
+        out = self.decoder(x, memory=memory, mask=mask, memory_mask=padding_mask(memory_valid), rope=rope,
+                           return_weights=return_weights)
+        return (self.out_proj(out[0]), out[1]) if return_weights else self.out_proj(out)  # (B, Lt, V)
 
     def forward(self, src: Tensor, tgt: Tensor, *, src_lengths: Tensor | Sequence[int] | None = None,
-                tgt_lengths: Tensor | Sequence[int] | None = None) -> Tensor:
+                tgt_lengths: Tensor | Sequence[int] | None = None,
+                return_weights: bool = False) -> Tensor | tuple[Tensor, dict[str, list[dict[str, Tensor]]]]:
         """Teacher-forced logits.
 
         Args:
             src: (B, Ls) source ids, right-padded.
             tgt: (B, Lt) decoder inputs (BOS y1 y2 ...), right-padded.
             src_lengths, tgt_lengths: (B,) lengths; default: positions whose id is not ``pad_id``.
+            return_weights: also return ``{"encoder": [...], "decoder": [...]}``, per layer the
+                attention weights ``{"self": ...}`` / ``{"self": ..., "cross": ...}``, (B, H, Lq, Lk).
 
         Returns:
             (B, Lt, V) logits of the next target token at every position.
         """
-        memory, memory_valid = self.encode(src, src_lengths)
-        return self.decode(tgt, memory, memory_valid, tgt_lengths=tgt_lengths)
+        if not return_weights:
+            memory, memory_valid = self.encode(src, src_lengths)
+            return self.decode(tgt, memory, memory_valid, tgt_lengths=tgt_lengths)
+        memory, memory_valid, enc_w = self.encode(src, src_lengths, return_weights=True)
+        logits, dec_w = self.decode(tgt, memory, memory_valid, tgt_lengths=tgt_lengths, return_weights=True)
+        return logits, {"encoder": enc_w, "decoder": dec_w}
 
     # --- incremental decoding ---------------------------------------------------------------------
     def start(self, src: Tensor, src_lengths: Tensor | Sequence[int] | None = None, *, max_len: int) -> DecodeState:

@@ -1,0 +1,105 @@
+"""Building blocks: positions, RoPE, feed-forward, KV cache, residual blocks."""
+
+import math
+
+import pytest
+import torch
+
+from maskattn.layers import (
+    FeedForward,
+    KVCache,
+    LearnedPositions,
+    MultiHeadAttention,
+    Residual,
+    RotaryEmbedding,
+    SinusoidalPositions,
+    TokenEmbedding,
+    apply_rope,
+    sinusoidal_table,
+)
+
+
+def test_sinusoidal_table_is_the_papers_formula():
+    table = sinusoidal_table(50, 16)
+    for pos, i in [(0, 0), (7, 3), (49, 7)]:
+        angle = pos / 10000 ** (2 * i / 16)
+        assert table[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+        assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+    assert torch.equal(SinusoidalPositions(50, 16)(torch.tensor([[3, 4]]))[0], table[3:5])
+
+
+def test_rope_scores_depend_only_on_the_distance():
+    rope = RotaryEmbedding(8, 64)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(i, j):
+        qi = apply_rope(q, rope(torch.tensor([[i]])))
+        kj = apply_rope(k, rope(torch.tensor([[j]])))
+        return (qi * kj).sum().item()
+
+    assert score(5, 2) == pytest.approx(score(13, 10), abs=1e-5)
+    assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
+    assert score(0, 0) == pytest.approx((q * k).sum().item(), abs=1e-6)  # position 0 is the identity
+
+
+def test_positions_out_of_range_are_rejected():
+    with pytest.raises(ValueError, match=r"positions must be in \[0, max_len=4\)"):
+        LearnedPositions(4, 8)(torch.tensor([[3, 4]]))
+
+
+def test_token_embedding_scale_and_range():
+    emb = TokenEmbedding(10, 16, scale=True)
+    ids = torch.tensor([[1, 2]])
+    torch.testing.assert_close(emb(ids), emb.weight[ids] * 4.0)
+    with pytest.raises(ValueError, match=r"ids must be in \[0, 10\)"):
+        emb(torch.tensor([[10]]))
+    with pytest.raises(TypeError, match="integer tensor"):
+        emb(torch.zeros(1, 2))
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "swiglu"])
+def test_feedforward_matches_its_formula(activation):
+    ffn = FeedForward(8, 16, activation=activation)
+    x = torch.randn(2, 3, 8)
+    h, f = ffn.up(x), torch.nn.functional
+    if activation == "swiglu":
+        h = f.silu(ffn.gate(x)) * h
+    else:
+        h = {"relu": f.relu(h), "gelu": f.gelu(h), "gelu_tanh": f.gelu(h, approximate="tanh")}[activation]
+    torch.testing.assert_close(ffn(x), ffn.down(h))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        FeedForward(8, 16, activation="tanh")
+
+
+def test_kv_cache_appends_reorders_and_overflows():
+    cache = KVCache(2, 1, 4, 5)
+    k1, v1 = torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4)
+    k, v = cache.update(k1, v1)
+    assert torch.equal(k, k1) and cache.length == 3
+    k2, v2 = torch.randn(2, 1, 2, 4), torch.randn(2, 1, 2, 4)
+    k, v = cache.update(k2, v2)
+    assert torch.equal(k, torch.cat([k1, k2], dim=2)) and torch.equal(v, torch.cat([v1, v2], dim=2))
+    cache.reorder(torch.tensor([1, 1]))
+    assert torch.equal(cache.k[0], cache.k[1])
+    with pytest.raises(ValueError, match="KV cache overflow"):
+        cache.update(k2[:, :, :1], v2[:, :, :1])
+
+
+def test_mha_with_cache_equals_mha_over_the_whole_sequence():
+    from maskattn import masks
+
+    mha = MultiHeadAttention(16, 4, num_kv_heads=2).eval()
+    rope = RotaryEmbedding(4, 32)
+    x = torch.randn(2, 6, 16)
+    full = mha(x, mask=masks.causal(), rope=rope(torch.arange(6).expand(2, -1)))
+    cache = KVCache(2, 2, 4, 6)
+    steps = [mha(x[:, i : i + 1], mask=masks.causal(), rope=rope(torch.tensor([[i], [i]])), cache=cache, q_offset=i)
+             for i in range(6)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-6, rtol=0)
+
+
+def test_residual_pre_and_post_ln():
+    x = torch.randn(2, 3, 8)
+    post, pre = Residual(8, norm_first=False), Residual(8, norm_first=True)
+    torch.testing.assert_close(post(x, torch.sin), post.norm(x + torch.sin(x)))
+    torch.testing.assert_close(pre(x, torch.sin), x + torch.sin(pre.norm(x)))

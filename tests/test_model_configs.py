@@ -1,0 +1,36 @@
+"""Model configs: validation messages carry the values; presets; dict round trips."""
+
+import pytest
+
+from maskattn.models import DecoderLMConfig, EncoderConfig, TransformerConfig
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(d_model=30), r"d_model \(30\) must be divisible by num_heads \(8\)"),
+    (dict(num_kv_heads=3), r"num_heads \(8\) must be divisible by num_kv_heads \(3\)"),
+    (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
+    (dict(activation="tanh"), "activation must be one of"),
+    (dict(positions="alibi"), "positions must be one of"),
+    (dict(num_encoder_layers=0), "num_encoder_layers must be a positive int, got 0"),
+    (dict(pad_id=1), r"pad_id, bos_id and eos_id must differ"),
+    (dict(tgt_vocab_size=100), r"share_embeddings needs equal vocabularies"),
+    (dict(eos_id=40000), r"eos_id must be None or an id in \[0, 37000\), got 40000"),
+])
+def test_transformer_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TransformerConfig(**kwargs)
+
+
+def test_presets_and_overrides():
+    assert TransformerConfig.preset("base") == TransformerConfig()
+    assert DecoderLMConfig.preset("tiny", num_layers=3).num_layers == 3
+    assert EncoderConfig.preset("minilm-l6").d_model == 384
+    with pytest.raises(ValueError, match=r"unknown TransformerConfig preset 'huge'; expected one of"):
+        TransformerConfig.preset("huge")
+
+
+def test_dict_round_trip_and_unknown_fields():
+    config = DecoderLMConfig.preset("small", positions="rope")
+    assert DecoderLMConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match=r"unknown DecoderLMConfig fields \['layers'\]"):
+        DecoderLMConfig.from_dict({"layers": 2})

@@ -1,0 +1,131 @@
+"""save/load: exact round trips, and clear errors for tampered or mismatched checkpoints."""
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from maskattn.models import (
+    DecoderLM,
+    DecoderLMConfig,
+    EncoderConfig,
+    EncoderModel,
+    Transformer,
+    TransformerConfig,
+    load,
+    save,
+)
+
+MODELS = {
+    "transformer": lambda: Transformer(TransformerConfig.preset("tiny", share_embeddings=False, tgt_vocab_size=48)),
+    "decoder_lm": lambda: DecoderLM(DecoderLMConfig.preset("tiny", positions="rope")),
+    "encoder": lambda: EncoderModel(EncoderConfig.preset("tiny", num_labels=3, span_head=True)),
+}
+
+
+def _tokenizer():
+    vocab = {"[PAD]": 0, "[UNK]": 1, "hello": 2, "world": 3}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_round_trip_is_exact(kind, tmp_path):
+    model = MODELS[kind]()
+    save(model, tmp_path)
+    loaded = load(tmp_path)
+    assert type(loaded) is type(model) and loaded.config == model.config
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+    ids = torch.randint(3, 48, (2, 5))
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        a = model(ids, ids) if kind == "transformer" else model(ids)
+        b = loaded(ids, ids) if kind == "transformer" else loaded(ids)
+    assert torch.equal(a, b)
+
+
+def test_tied_weights_stay_tied_and_are_stored_once(tmp_path):
+    model = DecoderLM(DecoderLMConfig.preset("tiny"))
+    model.save(tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    assert meta["aliases"] == {"lm_head.weight": "embed.tokens.weight"}
+    loaded = DecoderLM.load(tmp_path)
+    assert loaded.lm_head.weight is loaded.embed.tokens.weight
+
+
+def test_tokenizer_is_saved_and_loaded(tmp_path):
+    model = EncoderModel(EncoderConfig.preset("tiny"))
+    model.save(tmp_path, tokenizer=_tokenizer())
+    loaded = EncoderModel.load(tmp_path)
+    assert loaded.tokenizer.encode("hello world").ids == [2, 3]
+
+
+def test_tampered_weights_are_rejected(tmp_path):
+    save(MODELS["decoder_lm"](), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x01  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="SHA-256 does not match"):
+        load(tmp_path)
+
+
+def test_truncated_weights_are_rejected_even_with_a_matching_hash(tmp_path):
+    import hashlib
+
+    save(MODELS["decoder_lm"](), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    meta = json.loads((tmp_path / "config.json").read_text())
+    meta["weights"]["sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load(tmp_path)
+
+
+def test_config_that_does_not_fit_the_weights_is_rejected(tmp_path):
+    save(MODELS["encoder"](), tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    meta["config"]["d_ff"] = 128
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"ffn\.(up|down)\.weight' is \((64, 32|32, 64)\).*expected"):
+        load(tmp_path)
+    meta["config"]["num_layers"] = 3
+    meta["config"]["d_ff"] = 64
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"missing \['encoder\.layers\.2"):
+        load(tmp_path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(format="something-else"), "not a maskattn checkpoint"),
+    (lambda m: m.update(model="Unknown"), "unknown model 'Unknown'"),
+    (lambda m: m["config"].update(bogus=1), r"unknown EncoderConfig fields \['bogus'\]"),
+    (lambda m: m["config"].update(num_heads=5), r"d_model \(32\) must be divisible by num_heads \(5\)"),
+])
+def test_bad_config_json_is_rejected(tmp_path, edit, message):
+    save(MODELS["encoder"](), tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    edit(meta)
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=message):
+        load(tmp_path)
+
+
+def test_missing_or_broken_files_are_reported_by_name(tmp_path):
+    with pytest.raises(ValueError, match=r"config\.json: file not found"):
+        load(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
+        load(tmp_path)
+
+
+def test_loading_the_wrong_class_is_a_type_error(tmp_path):
+    save(MODELS["encoder"](), tmp_path)
+    with pytest.raises(TypeError, match="holds a EncoderModel, not a DecoderLM"):
+        DecoderLM.load(tmp_path)
