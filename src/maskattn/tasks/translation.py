@@ -9,6 +9,7 @@ A trained model is a directory written by ``model.save`` (``config.json``, ``mod
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -141,9 +142,13 @@ def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, flo
     }
 
 
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 # --- training --------------------------------------------------------------------------------------
 def train(cfg: TranslationConfig, train_pairs: Pairs | None = None, valid_pairs: Pairs | None = None, *,
-          resume: bool = False, log=print) -> dict[str, Any]:
+          resume: bool = False, log=_stderr) -> dict[str, Any]:
     """Train a translation model; return the final validation metrics and where the model was saved.
 
     Pairs may be passed directly (the demo does); otherwise they are read from ``cfg.data``.
