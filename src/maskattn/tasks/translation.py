@@ -24,7 +24,7 @@ from maskattn import checkpoint, decoding, metrics
 from maskattn.data import bucket_batches, pad, read_parallel
 from maskattn.models import Transformer, TransformerConfig
 from maskattn.tokenization import Tokenizer
-from maskattn.training import TrainConfig, Trainer
+from maskattn.training import TrainConfig, Trainer, setup_distributed
 
 Pairs = list[tuple[str, str]]
 
@@ -160,13 +160,15 @@ def train(cfg: TranslationConfig, train_pairs: Pairs | None = None, valid_pairs:
         train_pairs = read_pairs(cfg.data.train_src, cfg.data.train_tgt)
     if valid_pairs is None and cfg.data.valid_src:
         valid_pairs = read_pairs(cfg.data.valid_src, cfg.data.valid_tgt)
+    rank, _ = setup_distributed()
     tok_path = out / "tokenizer.json"
     if resume and tok_path.exists():
         tok = Tokenizer.load(tok_path)
     else:
-        tok = build_tokenizer(cfg.data, train_pairs)
-        out.mkdir(parents=True, exist_ok=True)
-        tok.save(tok_path)
+        tok = build_tokenizer(cfg.data, train_pairs)  # deterministic: every rank builds the same one
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            tok.save(tok_path)
     data = encode_pairs(tok, train_pairs, cfg.data.max_len)
     lengths = [max(len(s), len(t) + 1) for s, t in zip(data.src, data.tgt, strict=True)]
     torch.manual_seed(cfg.train.seed)
@@ -194,11 +196,11 @@ def train(cfg: TranslationConfig, train_pairs: Pairs | None = None, valid_pairs:
     start = time.perf_counter()
     last = trainer.fit()
     seconds = time.perf_counter() - start
+    if trainer.rank != 0:
+        return {}
     best = checkpoint.latest(out / "best") if valid else None
     if best is not None:  # export the best evaluated weights, not the last ones
         model.load_state_dict(checkpoint.load(best)["model"])
-    if trainer.rank != 0:
-        return {}
     export(model, tok, cfg, out / "model")
     return {**last, "train_seconds": seconds, "model": str(out / "model")}
 
