@@ -28,6 +28,10 @@ class Tokenizer:
     """
 
     def __init__(self, backend: HFTokenizer) -> None:
+        # Lengths are maskattn's business: a pretrained tokenizer.json may carry truncation (all-MiniLM's
+        # cuts at 128 tokens) or padding settings that would silently clip contexts.
+        backend.no_truncation()
+        backend.no_padding()
         self.backend = backend
         vocab = backend.get_vocab()
         names = next((c for c in CONVENTIONS if all(t in vocab for t in c.values())), None)
