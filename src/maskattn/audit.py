@@ -1,0 +1,270 @@
+"""Leak audit: prove that no output depends on an input that the mask hides.
+
+For one attention call (a layer with its mask) two independent checks:
+
+* **perturbation**: for every query position, replace the inputs at every position the mask hides
+  from it and require its output to stay bit-identical;
+* **Jacobian**: the gradient of each output position with respect to each hidden input position
+  must be exactly zero.
+
+A query's own position is never counted as hidden input in self-attention (its input is also its
+query). For a whole model, every attention call of a forward pass is audited with the inputs and the
+mask it really received (captured with hooks), and decoders get an end-to-end check: the logits at
+step t must not change when the tokens after t change, nor when there are fewer of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from maskattn.layers import MultiHeadAttention
+from maskattn.masks import Mask, from_tensor
+
+
+@dataclass
+class Verdict:
+    """The result of auditing one attention call or one end-to-end property."""
+
+    name: str
+    ok: bool
+    checked_pairs: int  # hidden (batch, query, key) triples checked
+    leaks: list[tuple[int, int, int]] = field(default_factory=list)  # (batch, query, key), first few
+    how: str = ""  # which check found the leak
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"PASS  {self.name}  ({self.checked_pairs} hidden pairs checked)"
+        pairs = ", ".join(f"b{b} q{q}->k{k}" for b, q, k in self.leaks[:6])
+        return f"LEAK  {self.name}  ({self.how}): {pairs}"
+
+
+@dataclass
+class Report:
+    verdicts: list[Verdict]
+
+    @property
+    def ok(self) -> bool:
+        return all(v.ok for v in self.verdicts)
+
+    def __str__(self) -> str:
+        lines = [str(v) for v in self.verdicts]
+        lines.append("no leak found" if self.ok else f"{sum(not v.ok for v in self.verdicts)} leak(s) found")
+        return "\n".join(lines)
+
+
+# --- one attention call ------------------------------------------------------------------------------
+def _hidden(mask: Mask | Tensor | None, batch: int, q_len: int, k_len: int, q_offset: int, self_attn: bool) -> Tensor:
+    """(B, Lq, Lk) True where no head may attend; the diagonal of self-attention excluded."""
+    if mask is None:
+        return torch.zeros(batch, q_len, k_len, dtype=torch.bool)
+    mask = from_tensor(mask) if isinstance(mask, Tensor) else mask
+    allowed = mask.to_dense(q_len, k_len, q_offset=q_offset, device="cpu").any(dim=1)  # (B|1, Lq, Lk)
+    hidden = ~allowed.expand(batch, q_len, k_len)
+    if self_attn:
+        eye = torch.eye(q_len, k_len, dtype=torch.bool)
+        hidden = hidden & ~eye
+    return hidden
+
+
+def audit_call(layer: Callable[..., Tensor], query: Tensor, key: Tensor | None = None, value: Tensor | None = None,
+               *, mask: Mask | Tensor | None = None, name: str = "attention", q_offset: int = 0,
+               max_leaks: int = 10, **kwargs) -> Verdict:
+    """Audit one call ``layer(query, key, value, mask=mask, **kwargs)`` -> (B, Lq, E).
+
+    The inputs perturbed are ``query`` for self-attention (key and value omitted) and ``key`` and
+    ``value`` for cross-attention.
+    """
+    self_attn = key is None
+    source = query if self_attn else key
+    batch, q_len, k_len = query.shape[0], query.shape[1], source.shape[1]
+    hidden = _hidden(mask, batch, q_len, k_len, q_offset, self_attn)
+
+    def run(q_in: Tensor, k_in: Tensor | None, v_in: Tensor | None) -> Tensor:
+        extra = {"q_offset": q_offset} if q_offset else {}
+        return layer(q_in, k_in, v_in, mask=mask, **extra, **kwargs)
+
+    with torch.no_grad():
+        base = run(query, key, value)
+    gen = torch.Generator().manual_seed(1)
+    noise = (torch.randn(source.shape, generator=gen, dtype=source.dtype) * 3).to(source.device)
+
+    def moved(i: int, spot: Tensor) -> Tensor:
+        """(B,) whether query i's output changes when the inputs at ``spot`` (B, Lk) are replaced."""
+        spot = spot[..., None].to(source.device)
+        with torch.no_grad():
+            if self_attn:
+                out = run(torch.where(spot, noise, source), None, None)
+            else:
+                out = run(query, torch.where(spot, noise, source),
+                          None if value is None else torch.where(spot, noise.to(value.dtype), value))
+        return (out[:, i] != base[:, i]).any(-1).cpu()
+
+    leaks: list[tuple[int, int, int]] = []
+    for i in range(q_len):
+        hide = hidden[:, i, :]  # (B, Lk)
+        if not hide.any() or not moved(i, hide).any():
+            continue
+        for j in hide.any(0).nonzero().flatten().tolist():  # name the pairs: one hidden key at a time
+            one = torch.zeros_like(hide)
+            one[:, j] = hide[:, j]
+            leaks += [(b, i, j) for b in moved(i, one).nonzero().flatten().tolist()]
+        if len(leaks) >= max_leaks:
+            leaks = leaks[:max_leaks]
+            break
+    if leaks:
+        return Verdict(name, False, int(hidden.sum()), leaks, "perturbing hidden inputs changed the output")
+    leaks = _jacobian_leaks(run, query, key, value, hidden, self_attn, max_leaks)
+    if leaks:
+        return Verdict(name, False, int(hidden.sum()), leaks, "non-zero gradient through a hidden position")
+    return Verdict(name, True, int(hidden.sum()))
+
+
+def _jacobian_leaks(run, query, key, value, hidden, self_attn, max_leaks) -> list[tuple[int, int, int]]:
+    leaks: list[tuple[int, int, int]] = []
+    source = (query if self_attn else key).detach().clone().requires_grad_(True)
+    value_in = None if self_attn or value is None else value.detach().clone().requires_grad_(True)
+    out = run(source, None, None) if self_attn else run(query, source, value_in)
+    gen = torch.Generator().manual_seed(2)
+    for i in range(out.shape[1]):
+        if not hidden[:, i].any():
+            continue
+        cotangent = torch.randn(out[:, i].shape, generator=gen, dtype=out.dtype).to(out.device)
+        inputs = [source] if value_in is None else [source, value_in]
+        grads = torch.autograd.grad(out[:, i], inputs, cotangent, retain_graph=True, allow_unused=True)
+        touched = sum((g.abs().sum(-1) != 0) for g in grads if g is not None)  # (B, Lk)
+        bad = (hidden[:, i] & (touched > 0).cpu()).nonzero().tolist()
+        leaks += [(b, i, j) for b, j in bad][: max_leaks - len(leaks)]
+        if len(leaks) >= max_leaks:
+            break
+    return leaks
+
+
+def audit_layer(layer: nn.Module, mask: Mask | Tensor | None, *, length: int = 12, batch: int = 2,
+                d_model: int | None = None, seed: int = 0, cross_length: int | None = None) -> Report:
+    """Audit a stand-alone attention layer under ``mask`` on random inputs (self-attention, or
+    cross-attention to a random memory of ``cross_length`` positions)."""
+    width = d_model or getattr(layer, "d_model", None)
+    if width is None:
+        raise ValueError("d_model is required for a layer without a d_model attribute")
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, length, width, generator=gen)
+    layer.eval()
+    if cross_length is None:
+        return Report([audit_call(layer, x, mask=mask, name=f"{type(layer).__name__} self-attention")])
+    memory = torch.randn(batch, cross_length, width, generator=gen)
+    return Report([audit_call(layer, x, memory, memory, mask=mask, name=f"{type(layer).__name__} cross-attention")])
+
+
+# --- whole models ------------------------------------------------------------------------------------
+def _captured_calls(model: nn.Module, forward: Callable[[], Tensor]) -> list[tuple[str, nn.Module, tuple, dict]]:
+    calls: list[tuple[str, nn.Module, tuple, dict]] = []
+    handles = [
+        module.register_forward_pre_hook(
+            lambda m, args, kwargs, name=name: calls.append((name, m, args, dict(kwargs))), with_kwargs=True)
+        for name, module in model.named_modules() if isinstance(module, MultiHeadAttention)
+    ]
+    try:
+        with torch.no_grad():
+            forward()
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def audit_model_layers(model: nn.Module, forward: Callable[[], Tensor]) -> list[Verdict]:
+    """Audit every attention call made by ``forward()``, with the inputs and masks it received."""
+    verdicts = []
+    for name, module, args, kwargs in _captured_calls(model, forward):
+        query, key, value = (list(args) + [None, None, None])[:3]
+        key, value = kwargs.pop("key", key), kwargs.pop("value", value)
+        mask = kwargs.pop("mask", None)
+        q_offset = kwargs.pop("q_offset", 0)
+        if kwargs.get("cache") is not None or kwargs.get("kv") is not None:
+            continue  # incremental decoding calls are covered by the cache-equivalence tests
+        kwargs.pop("return_weights", None)
+        cross = key is not None and key is not query
+        verdicts.append(audit_call(module, query, key if cross else None, value if cross else None, mask=mask,
+                                   q_offset=q_offset, name=f"{name} ({'cross' if cross else 'self'}-attention)",
+                                   **kwargs))
+    return verdicts
+
+
+def audit_causal_logits(logits_of: Callable[[Tensor], Tensor], tokens: Tensor, *, vocab: int, name: str,
+                        atol: float = 1e-5) -> Verdict:
+    """Logits at step t must not change when later tokens change (bit-identical) or are absent (atol).
+
+    ``atol`` allows for floating-point differences between matrix products of different lengths;
+    a leak of the future (its tokens or its length) moves logits far more than that.
+    """
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        base = logits_of(tokens)
+        length = tokens.shape[1]
+        for t in range(length - 1):
+            changed = tokens.clone()
+            changed[:, t + 1:] = torch.randint(0, vocab, changed[:, t + 1:].shape, generator=gen)
+            moved = (logits_of(changed)[:, : t + 1] != base[:, : t + 1]).any(-1)  # (B, t+1)
+            if moved.any():
+                b, q = moved.nonzero()[0].tolist()
+                return Verdict(name, False, 0, [(b, q, t + 1)], "changing later tokens changed earlier logits")
+            prefix = logits_of(tokens[:, : t + 1])
+            if not torch.allclose(prefix, base[:, : t + 1], atol=atol, rtol=0):
+                worst = (prefix - base[:, : t + 1]).abs().amax(-1)  # (B, t+1)
+                b, q = divmod(int(worst.argmax()), t + 1)
+                return Verdict(name, False, 0, [(b, q, t + 1)], "the length of the future changed earlier logits")
+    return Verdict(name, True, length * (length - 1) // 2 * tokens.shape[0])
+
+
+def audit_padding(outputs_of: Callable[[Tensor], Tensor], tokens: Tensor, lengths: Tensor, *, vocab: int,
+                  name: str) -> Verdict:
+    """Outputs at real positions must be bit-identical whatever the padding tokens are."""
+    gen = torch.Generator().manual_seed(4)
+    pad = torch.arange(tokens.shape[1])[None] >= lengths[:, None]  # (B, L)
+    with torch.no_grad():
+        base = outputs_of(tokens)
+        changed = torch.where(pad, torch.randint(0, vocab, tokens.shape, generator=gen), tokens)
+        moved = (outputs_of(changed) != base).flatten(2).any(-1) & ~pad[:, : base.shape[1]]
+    if moved.any():
+        b, q = moved.nonzero()[0].tolist()
+        k = int(pad[b].nonzero()[0])
+        return Verdict(name, False, 0, [(b, q, k)], "changing padding tokens changed a real position")
+    return Verdict(name, True, int(pad.sum()) * tokens.shape[1])
+
+
+def audit_model(model: nn.Module, *, length: int = 10, batch: int = 2, seed: int = 0) -> Report:
+    """Audit a maskattn model with its standard masks: every attention layer, plus end-to-end checks
+    (decoders: no dependence on later tokens or on their number; encoders: none on padding)."""
+    from maskattn.models import DecoderLM, EncoderModel, Transformer
+
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    low = 4 if vocab > 8 else 0  # keep clear of special ids
+    tokens = torch.randint(low, vocab, (batch, length), generator=gen)
+    lengths = torch.tensor([length] + [max(1, length - 3 - i) for i in range(batch - 1)])
+    verdicts: list[Verdict] = []
+    if isinstance(model, DecoderLM):
+        verdicts += audit_model_layers(model, lambda: model(tokens))
+        verdicts.append(audit_causal_logits(model, tokens, vocab=vocab, name="DecoderLM logits vs later tokens"))
+        doc_ids = (torch.arange(length) >= length // 2).long().expand(batch, length)
+        verdicts += audit_model_layers(model, lambda: model(tokens, doc_ids=doc_ids))
+    elif isinstance(model, Transformer):
+        tgt = torch.randint(low, model.config.target_vocab_size, (batch, length - 2), generator=gen)
+        verdicts += audit_model_layers(model, lambda: model(tokens, tgt, src_lengths=lengths))
+        verdicts.append(audit_causal_logits(lambda t: model(tokens, t, src_lengths=lengths), tgt,
+                                            vocab=model.config.target_vocab_size,
+                                            name="Transformer decoder logits vs later target tokens"))
+        verdicts.append(audit_padding(lambda s: model(s, tgt, src_lengths=lengths), tokens, lengths, vocab=vocab,
+                                      name="Transformer logits vs source padding"))
+    elif isinstance(model, EncoderModel):
+        verdicts += audit_model_layers(model, lambda: model(tokens, lengths=lengths))
+        verdicts.append(audit_padding(lambda s: model(s, lengths=lengths), tokens, lengths, vocab=vocab,
+                                      name="EncoderModel hidden states vs padding"))
+    else:
+        raise TypeError(f"audit_model takes a maskattn model, got {type(model).__name__}; use audit_layer")
+    return Report(verdicts)

@@ -1,0 +1,118 @@
+"""The leak audit passes on every model and layer with its standard masks, and catches broken ones."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from maskattn import MultiHeadAttention, masks
+from maskattn.audit import audit_layer, audit_model
+from maskattn.models import DecoderLM, DecoderLMConfig, EncoderConfig, EncoderModel, Transformer, TransformerConfig
+
+
+class ArticleAttention(MultiHeadAttention):
+    """The seed article's layer: scores multiplied by a 0/1 mask, so hidden keys still get weight."""
+
+    def forward(self, query, key=None, value=None, *, mask=None, **kwargs):
+        key = query if key is None else key
+        value = key if value is None else value
+        b, lq, _ = query.shape
+        q = self.q_proj(query).view(b, lq, self.num_heads, -1).transpose(1, 2)
+        k = self.k_proj(key).view(b, key.shape[1], self.num_heads, -1).transpose(1, 2)
+        v = self.v_proj(value).view(b, key.shape[1], self.num_heads, -1).transpose(1, 2)
+        keep = mask.to_dense(lq, key.shape[1]).float()
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) * keep, dim=-1)
+        return self.out_proj((weights @ v).transpose(1, 2).reshape(b, lq, -1))
+
+
+class OffByOneCausal(MultiHeadAttention):
+    """Claims causal masking but builds tril(diagonal=1): every token sees its successor."""
+
+    def forward(self, query, key=None, value=None, *, mask=None, **kwargs):
+        n = query.shape[1]
+        wrong = masks.from_tensor(torch.ones(n, n, dtype=torch.bool).tril(1))
+        return super().forward(query, key, value, mask=wrong, **kwargs)
+
+
+class QueryPadding(MultiHeadAttention):
+    """Applies the key-padding mask to the queries (rows) instead of the keys (columns)."""
+
+    def forward(self, query, key=None, value=None, *, mask=None, **kwargs):
+        dense = mask.to_dense(query.shape[1], query.shape[1])  # (B, 1, L, L): column j valid
+        valid_rows = dense[:, :, :1, :].transpose(-1, -2)  # (B, 1, L, 1): row i valid
+        return super().forward(query, key, value, mask=masks.from_tensor(valid_rows), **kwargs)
+
+
+class LengthLeakingPositions(nn.Module):
+    """Positions counted from the end of the sequence: position t knows how long the future is."""
+
+    def forward(self, ids):
+        n = ids.shape[1]
+        return torch.arange(n - 1, -1, -1).expand_as(ids)
+
+
+@pytest.mark.parametrize("mask", [masks.causal(), masks.causal() & masks.sliding_window(3),
+                                  masks.padding([12, 7]), masks.prefix_lm(4)])
+def test_correct_layer_passes(mask):
+    report = audit_layer(MultiHeadAttention(16, 4), mask, length=12)
+    assert report.ok, str(report)
+    assert report.verdicts[0].checked_pairs > 0
+
+
+def test_correct_cross_attention_passes():
+    report = audit_layer(MultiHeadAttention(16, 4), masks.padding([5, 9]), length=6, cross_length=9)
+    assert report.ok, str(report)
+
+
+def test_article_layer_leaks_and_names_pairs():
+    report = audit_layer(ArticleAttention(16, 4), masks.causal(), length=8)
+    assert not report.ok
+    b, q, k = report.verdicts[0].leaks[0]
+    assert k > q  # a query saw a later key
+    assert "LEAK" in str(report) and f"q{q}->k{k}" in str(report)
+
+
+def test_off_by_one_causal_leaks_its_successor():
+    verdict = audit_layer(OffByOneCausal(16, 4), masks.causal(), length=8).verdicts[0]
+    assert not verdict.ok
+    assert all(k == q + 1 for _, q, k in verdict.leaks)
+
+
+def test_padding_on_queries_instead_of_keys_leaks_padded_keys():
+    verdict = audit_layer(QueryPadding(16, 4), masks.padding([8, 5]), length=8).verdicts[0]
+    assert not verdict.ok
+    assert all(b == 1 and k >= 5 for b, q, k in verdict.leaks)
+
+
+def _tiny(kind, **kw):
+    if kind == "transformer":
+        return Transformer(TransformerConfig.preset("tiny", **kw))
+    if kind == "decoder":
+        return DecoderLM(DecoderLMConfig.preset("tiny", **kw))
+    return EncoderModel(EncoderConfig.preset("tiny", **kw))
+
+
+@pytest.mark.parametrize("kind", ["transformer", "decoder", "encoder"])
+@pytest.mark.parametrize("positions", ["sinusoidal", "rope", "learned"])
+def test_every_model_passes(kind, positions):
+    torch.manual_seed(0)
+    report = audit_model(_tiny(kind, positions=positions), length=8)
+    assert report.ok, str(report)
+    assert len(report.verdicts) >= 3
+
+
+def test_decoder_whose_positions_leak_future_length_fails():
+    torch.manual_seed(0)
+    model = _tiny("decoder", positions="learned")
+    import maskattn.models.decoder_lm as decoder_lm
+
+    original = decoder_lm.default_positions
+    decoder_lm.default_positions = lambda ids, offset=0: LengthLeakingPositions()(ids) + offset
+    try:
+        report = audit_model(model, length=8)
+    finally:
+        decoder_lm.default_positions = original
+    assert not report.ok
+    failed = [v for v in report.verdicts if not v.ok]
+    assert any("length of the future" in v.how for v in failed), str(report)
