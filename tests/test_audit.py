@@ -68,7 +68,7 @@ def test_correct_cross_attention_passes():
 def test_article_layer_leaks_and_names_pairs():
     report = audit_layer(ArticleAttention(16, 4), masks.causal(), length=8)
     assert not report.ok
-    b, q, k = report.verdicts[0].leaks[0]
+    _b, q, k = report.verdicts[0].leaks[0]
     assert k > q  # a query saw a later key
     assert "LEAK" in str(report) and f"q{q}->k{k}" in str(report)
 

@@ -180,7 +180,7 @@ def audit_model_layers(model: nn.Module, forward: Callable[[], Tensor]) -> list[
     """Audit every attention call made by ``forward()``, with the inputs and masks it received."""
     verdicts = []
     for name, module, args, kwargs in _captured_calls(model, forward):
-        query, key, value = (list(args) + [None, None, None])[:3]
+        query, key, value = ([*list(args), None, None, None])[:3]
         key, value = kwargs.pop("key", key), kwargs.pop("value", value)
         mask = kwargs.pop("mask", None)
         q_offset = kwargs.pop("q_offset", 0)
