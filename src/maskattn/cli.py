@@ -44,6 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ref", default="", help="reference translations, aligned with --data")
     evaluate.add_argument("--beam", type=int, help="beam size (default: the model's setting)")
 
+    viz = sub.add_parser("viz", help="attention heatmaps and the explorer page for one input",
+                         description="Writes a PNG per layer and head, a grid per layer, and explorer.html "
+                         "(self-contained: pick layer, head and attention kind, hover a token).")
+    viz.add_argument("model", help="a trained model directory")
+    viz.add_argument("--input", required=True, help="the input text")
+    viz.add_argument("--target", help="decoder input for encoder-decoder models (default: the model's output)")
+    viz.add_argument("--out", default="viz", help="output directory (default: viz)")
+
+    audit = sub.add_parser("audit", help="prove that no output depends on what the mask hides",
+                           description="Audits a saved model (every attention call: perturbation and exact-zero "
+                           "Jacobian; decoders: logits at t vs later tokens), or, without MODEL, every model class "
+                           "of maskattn.models with its standard masks. Exits 1 on a leak.")
+    audit.add_argument("model", nargs="?", help="a model directory (default: every built-in model, tiny preset)")
+    audit.add_argument("--length", type=int, default=10, help="sequence length of the probe inputs")
+
     showcase = sub.add_parser("showcase", help="draw every kind of mask and check attention against PyTorch")
     showcase.add_argument("--length", type=int, default=8, help="sequence length of the pictures")
 
@@ -62,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"demo": _demo, "train": _train, "translate": _translate, "evaluate": _evaluate,
-               "showcase": _showcase, "masks": _masks_show}[args.command]
+    handler = {"demo": _demo, "train": _train, "translate": _translate, "evaluate": _evaluate, "viz": _viz,
+               "audit": _audit, "showcase": _showcase, "masks": _masks_show}[args.command]
     try:
         return handler(args)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
@@ -125,6 +140,47 @@ def _evaluate(args: argparse.Namespace) -> int:
     overrides = {"beam_size": args.beam} if args.beam else {}
     print(json.dumps(translation.evaluate_files(args.model, args.data, args.ref, **overrides), indent=2))
     return 0
+
+
+def _viz(args: argparse.Namespace) -> int:
+    from maskattn.models import load
+    from maskattn.tokenization import Tokenizer
+    from maskattn.viz import visualize
+
+    model = load(args.model)
+    written = visualize(model, Tokenizer.load(args.model), args.input, args.out, target=args.target)
+    print(f"wrote {len(written)} files to {args.out}; open {written[-1]}")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    import torch
+
+    from maskattn.audit import audit_model
+    from maskattn.models import (
+        DecoderLM,
+        DecoderLMConfig,
+        EncoderConfig,
+        EncoderModel,
+        Transformer,
+        TransformerConfig,
+        load,
+    )
+
+    if args.model:
+        targets = [(args.model, load(args.model))]
+    else:
+        torch.manual_seed(0)
+        targets = [(f"{cls.__name__} (tiny, {positions} positions)", cls(cfg.preset("tiny", positions=positions)))
+                   for cls, cfg in ((Transformer, TransformerConfig), (DecoderLM, DecoderLMConfig),
+                                    (EncoderModel, EncoderConfig))
+                   for positions in ("sinusoidal", "learned", "rope")]
+    ok = True
+    for title, model in targets:
+        report = audit_model(model, length=args.length)
+        print(f"== {title}\n{report}\n")
+        ok &= report.ok
+    return 0 if ok else 1
 
 
 def _showcase(args: argparse.Namespace) -> int:

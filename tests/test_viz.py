@@ -1,0 +1,116 @@
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import maskattn
+from maskattn import masks
+from maskattn.cli import main
+from maskattn.models import Transformer, TransformerConfig
+from maskattn.tasks import dates, translation
+from maskattn.training import TrainConfig
+from maskattn.viz import capture_attention
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_captured_weights_equal_return_weights_and_outputs_are_untouched():
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig.preset("tiny", positions="rope")).eval()
+    src = torch.randint(3, 64, (2, 7))
+    tgt = torch.randint(3, 64, (2, 5))
+    lengths = torch.tensor([7, 4])
+    with torch.no_grad():
+        plain = model(src, tgt, src_lengths=lengths)
+        with capture_attention(model) as captured:
+            hooked = model(src, tgt, src_lengths=lengths)
+    assert torch.equal(plain, hooked)
+    assert len(captured) == 6  # 2 encoder self, 2 decoder self, 2 cross
+
+    # independent recomputation of the last cross-attention: project, then attention(return_weights=True)
+    layer = model.decoder.layers[-1]
+    inputs = {}
+    handle = layer.cross_attn.register_forward_pre_hook(
+        lambda m, args, kwargs: inputs.update(query=args[0], memory=kwargs["key"]),
+        with_kwargs=True)
+    with torch.no_grad():
+        model(src, tgt, src_lengths=lengths)
+    handle.remove()
+    attn = layer.cross_attn
+    q = attn.q_proj(inputs["query"]).view(2, 5, attn.num_heads, -1).transpose(1, 2)
+    k = attn.k_proj(inputs["memory"]).view(2, 7, attn.num_kv_heads, -1).transpose(1, 2)
+    v = attn.v_proj(inputs["memory"]).view(2, 7, attn.num_kv_heads, -1).transpose(1, 2)
+    _, expected = maskattn.attention(q, k, v, masks.padding(lengths), return_weights=True, backend="reference")
+    torch.testing.assert_close(captured["decoder.layers.1.cross_attn"][0], expected)
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoint(tmp_path_factory):
+    """A demo-task model trained for a few steps: enough to have a real checkpoint to draw."""
+    out = tmp_path_factory.mktemp("demo")
+    train, valid, _ = dates.splits(train=400, valid=20, test=20, seed=0)
+    cfg = translation.TranslationConfig(
+        data=translation.DataConfig(tokenizer="chars", max_tokens=400, valid_limit=10),
+        model=TransformerConfig.preset("tiny", max_len=64),
+        train=TrainConfig(steps=5, warmup=2, progress=False, metric="exact_match", higher_is_better=True),
+        decode=translation.DecodeConfig(beam_size=1), out=str(out))
+    return Path(translation.train(cfg, train, valid)["model"])
+
+
+def test_viz_command_writes_heatmaps_grids_and_page(demo_checkpoint, tmp_path, capsys):
+    out = tmp_path / "viz"
+    assert main(["viz", str(demo_checkpoint), "--input", "3 May 1999", "--out", str(out)]) == 0
+    pngs = sorted(out.glob("*.png"))
+    # tiny preset: 2 encoder self + 2 decoder self + 2 cross layers, 4 heads each, plus a grid per layer
+    assert len(pngs) == 6 * 4 + 6
+    assert all(p.read_bytes()[:8] == PNG for p in pngs)
+    assert (out / "decoder_layers_1_cross_attn_grid.png").exists()
+    page = (out / "explorer.html").read_text()
+    assert "<script" in page and "http://" not in page and "https://" not in page  # self-contained
+    assert main(["masks", "show", "causal & window(3)", "--length", "6", "--png", str(tmp_path / "m.png")]) == 0
+    assert (tmp_path / "m.png").read_bytes()[:8] == PNG
+
+
+def test_audit_command(demo_checkpoint, capsys):
+    assert main(["audit", str(demo_checkpoint), "--length", "6"]) == 0
+    assert "no leak found" in capsys.readouterr().out
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_explorer_page_in_a_headless_browser(demo_checkpoint, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright (pip) is not installed")
+    out = tmp_path / "viz"
+    assert main(["viz", str(demo_checkpoint), "--input", "3 May 1999", "--out", str(out)]) == 0
+    import json
+    import re
+
+    page_text = (out / "explorer.html").read_text()
+    data = json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', page_text, re.S)
+                      .group(1).replace("<\\/", "</"))
+    cross = next(a for a in data["attentions"] if a["kind"] == "cross-attention" and a["layer"] == 1)
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+        page = browser.new_page()
+        page.goto((out / "explorer.html").as_uri())
+        assert page.inner_text("#title").startswith("encoder self-attention, layer 0")
+        page.select_option("#kind", "cross-attention")
+        page.select_option("#layer", "1")
+        page.select_option("#head", "2")
+        assert page.inner_text("#title") == "cross-attention, layer 1 \u2014 head 2"
+        weights = cross["weights"][2]
+        drawn = page.locator("line.link").count()
+        assert drawn == sum(v > 0 for row in weights for v in row)
+        page.hover("text.query[data-q='1']")
+        shades = [float(x) for x in page.locator("rect.keybox").evaluate_all("els => els.map(e => e.dataset.w)")]
+        assert shades == pytest.approx(weights[1], abs=1e-6)
+        shown = page.locator("line.link").evaluate_all("els => els.filter(e => e.style.display !== 'none').length")
+        assert shown == sum(v > 0 for v in weights[1])
+        page.select_option("#head", "mean")
+        assert "mean of 4 heads" in page.inner_text("#title")
+        browser.close()
