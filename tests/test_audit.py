@@ -116,3 +116,13 @@ def test_decoder_whose_positions_leak_future_length_fails():
     assert not report.ok
     failed = [v for v in report.verdicts if not v.ok]
     assert any("length of the future" in v.how for v in failed), str(report)
+
+
+def test_top_level_audit_function():
+    import maskattn
+
+    assert maskattn.audit(MultiHeadAttention(16, 4), masks.causal(), length=6).ok
+    assert not maskattn.audit(ArticleAttention(16, 4), masks.causal(), length=6).ok
+    assert maskattn.audit(_tiny("decoder"), length=6).ok
+    with pytest.raises(ValueError, match="models build their own masks"):
+        maskattn.audit(_tiny("decoder"), masks.causal())

@@ -4,6 +4,7 @@ Convention everywhere: a mask value of **True means "may attend"**.
 """
 
 from maskattn import decoding, masks
+from maskattn.audit import audit  # the function; the module stays importable as maskattn.audit
 from maskattn.dispatch import BACKENDS, attention, choose_backend
 from maskattn.layers import MultiHeadAttention
 from maskattn.masks import Mask
@@ -32,6 +33,7 @@ __all__ = [
     "Transformer",
     "TransformerConfig",
     "attention",
+    "audit",
     "choose_backend",
     "decoding",
     "from_pretrained",

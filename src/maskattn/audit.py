@@ -268,3 +268,18 @@ def audit_model(model: nn.Module, *, length: int = 10, batch: int = 2, seed: int
     else:
         raise TypeError(f"audit_model takes a maskattn model, got {type(model).__name__}; use audit_layer")
     return Report(verdicts)
+
+
+def audit(target: nn.Module, mask: Mask | Tensor | None = None, **kwargs) -> Report:
+    """Audit a model (its standard masks) or an attention layer (under ``mask``); see the module docstring.
+
+    ``maskattn.audit(model)`` or ``maskattn.audit(layer, masks.causal())``; ``report.ok`` is the verdict
+    and ``print(report)`` names the first offending (batch, query, key) triples.
+    """
+    from maskattn.models import DecoderLM, EncoderModel, Transformer
+
+    if isinstance(target, (DecoderLM, EncoderModel, Transformer)):
+        if mask is not None:
+            raise ValueError("models build their own masks; pass mask only when auditing a layer")
+        return audit_model(target, **kwargs)
+    return audit_layer(target, mask, **kwargs)
