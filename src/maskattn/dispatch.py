@@ -40,7 +40,7 @@ def can_run(
     if name == "sdpa":
         return dropout_p == 0.0
     if name == "flex":
-        return dropout_p == 0.0 and flex.available(q.device, needs_grad)
+        return dropout_p == 0.0 and flex.available(q.device, q.dtype, needs_grad)
     raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {name!r}")
 
 

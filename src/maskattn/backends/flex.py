@@ -28,9 +28,15 @@ except ImportError:  # torch without FlexAttention
     _flex = None
 
 
-def available(device: torch.device, needs_grad: bool) -> bool:
-    """Whether FlexAttention can run here: installed, and on CPU only without gradients."""
-    return _flex is not None and not (device.type == "cpu" and needs_grad)
+_CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def available(device: torch.device, dtype: torch.dtype, needs_grad: bool) -> bool:
+    """Whether FlexAttention can run here: installed, and on CPU only without gradients and in
+    float32, float16 or bfloat16 (what its compiled CPU kernel accepts)."""
+    if _flex is None:
+        return False
+    return device.type != "cpu" or (not needs_grad and dtype in _CPU_DTYPES)
 
 
 @functools.cache
@@ -58,7 +64,7 @@ def attention(
 
     Raises:
         ValueError: if ``return_weights`` is True or ``dropout_p`` > 0.
-        RuntimeError: where FlexAttention cannot run (not installed, or gradients on CPU).
+        RuntimeError: where FlexAttention cannot run (not installed; gradients or float64 on CPU).
     """
     if return_weights or dropout_p > 0.0:
         raise ValueError(
@@ -66,13 +72,13 @@ def attention(
             f"dropout_p={dropout_p}); use backend='reference' for weights, 'blocked' for dropout"
         )
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    if not available(q.device, needs_grad):
-        why = "is not in this torch" if _flex is None else "has no backward on CPU"
+    if not available(q.device, q.dtype, needs_grad):
+        why = "is not in this torch" if _flex is None else "has no backward on CPU, nor float64"
         raise RuntimeError(
             f"backend 'flex': FlexAttention {why} (device {q.device}, torch {torch.__version__}); "
             "use backend='blocked' or 'auto'"
         )
-    batch, heads, q_len, _ = q.shape
+    heads, q_len = q.shape[1], q.shape[2]
     block_mask = None
     if mask is not None:
 
