@@ -1,9 +1,10 @@
 """Every backend against the reference, on random mask expressions, shapes, offsets and GQA.
 
 Tolerances: float32 forward and gradients within atol = rtol = 1e-5 of the reference. bfloat16 runs
-are compared with the float32 reference on the same (rounded) inputs within atol = rtol = 3e-2: bf16
-keeps 8 bits of mantissa, so one rounding of an O(1) value is already ~4e-3, and outputs and
-gradients go through several.
+are compared with the float32 reference on the same (rounded) inputs and incoming gradient within
+rtol = 3e-2 and atol = 3e-2 times the largest magnitude of the compared tensor: bf16 keeps 8 bits
+of mantissa, so each rounding costs up to 2^-9 of the value, and a key's gradient sums the
+contributions of every query that sees it, so its error grows with its size, not with each element's.
 """
 
 import pytest
@@ -34,18 +35,23 @@ def _inputs(case, heads, data, dtype=torch.float32):
     return q, k, v
 
 
+def _close(a, b, tol, **kwargs):
+    atol = tol * max(1.0, b.abs().max().item()) if a.dtype == torch.bfloat16 else tol
+    torch.testing.assert_close(a.float(), b, atol=atol, rtol=tol, **kwargs)
+
+
 def _assert_agree(run, q, k, v, case, scale, tol):
-    """``run`` and the reference agree in output and in the gradients of q, k, v."""
+    """``run`` and the float32 reference agree in output and in the gradients of q, k, v."""
     ours, _ = run(q, k, v, case.mask, scale=scale, q_offset=case.q_offset)
     wide = [x.detach().float().requires_grad_() for x in (q, k, v)]
     theirs, _ = reference.attention(*wide, case.mask, scale=scale, q_offset=case.q_offset)
-    torch.testing.assert_close(ours.float(), theirs, atol=tol, rtol=tol)
-    grad = torch.randn_like(theirs)
+    _close(ours, theirs, tol)
+    grad = torch.randn_like(theirs).to(ours.dtype).float()  # the same (rounded) incoming gradient
     ours_grads = torch.autograd.grad(ours, (q, k, v), grad.to(ours.dtype))
     theirs_grads = torch.autograd.grad(theirs, wide, grad)
     for name, a, b in zip("qkv", ours_grads, theirs_grads, strict=True):
         assert torch.isfinite(a).all(), name
-        torch.testing.assert_close(a.float(), b, atol=tol, rtol=tol, msg=lambda m, name=name: f"d{name}: {m}")
+        _close(a, b, tol, msg=lambda m, name=name: f"d{name}: {m}")
 
 
 @given(mask_cases(max_len=20), st.sampled_from(HEADS), st.data())

@@ -36,6 +36,7 @@ block's range, B' = B * Hkv.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 from torch import Tensor
@@ -203,8 +204,9 @@ def _unrows_layout(x: Tensor, batch: int, heads: int, block: int, length: int) -
 
 
 def _pad_keys(x: Tensor, padded: int) -> Tensor:
+    """(B, Hkv, Lk, D) -> contiguous (B, Hkv, Lk', D), zero keys appended up to a whole tile."""
     length = x.shape[2]
-    return x if padded == length else torch.nn.functional.pad(x, (0, 0, 0, padded - length))
+    return x.contiguous() if padded == length else torch.nn.functional.pad(x, (0, 0, 0, padded - length))
 
 
 def _key_index(plan: Plan, group: Group, device: torch.device) -> Tensor:
@@ -213,24 +215,33 @@ def _key_index(plan: Plan, group: Group, device: torch.device) -> Tensor:
     return starts + torch.arange(group.width * plan.block_k, device=device)  # (g, W)
 
 
+def _step(group: Group) -> int | None:
+    """The distance, in key tiles, between consecutive blocks' ranges if it is constant, else None."""
+    starts = group.starts
+    step = starts[1] - starts[0] if len(starts) > 1 else 0
+    return step if all(b - a == step for a, b in pairwise(starts)) else None
+
+
 def _gather_keys(x: Tensor, plan: Plan, group: Group, index: Tensor) -> Tensor:
-    """(B, Hkv, Lk_padded, D) -> (B', g, W, D), a view when the group has one block."""
-    batch, kv_heads, _, dim = x.shape
-    if len(group.starts) == 1:
-        lo = group.starts[0] * plan.block_k
-        return x[:, :, lo : lo + index.shape[1]].reshape(batch * kv_heads, 1, -1, dim)
-    return x[:, :, index].reshape(batch * kv_heads, *index.shape, dim)  # (B', g, W, D)
+    """(B, Hkv, Lk', D) contiguous -> (B', g, W, D); a strided view (no copy) of overlapping windows
+    when the ranges are evenly spaced, as they are for band masks."""
+    batch, kv_heads, length, dim = x.shape
+    step = _step(group)
+    if step is None:
+        return x[:, :, index].reshape(batch * kv_heads, *index.shape, dim)  # (B', g, W, D)
+    size = (batch * kv_heads, len(group.starts), index.shape[1], dim)
+    stride = (length * dim, step * plan.block_k * dim, dim, 1)
+    return x.as_strided(size, stride, x.storage_offset() + group.starts[0] * plan.block_k * dim)
 
 
 def _scatter_keys(grad: Tensor, part: Tensor, plan: Plan, group: Group, index: Tensor) -> None:
-    """Add a group's (B', g, W, D) key gradient into the (B, Hkv, Lk_padded, D) gradient."""
+    """Add a group's (B', g, W, D) key gradient into the (B, Hkv, Lk', D) gradient."""
     batch, kv_heads, _, dim = grad.shape
-    part = part.reshape(batch, kv_heads, -1, dim)
-    if len(group.starts) == 1:
+    if _step(group) == 0:  # every block of the group read the same keys
         lo = group.starts[0] * plan.block_k
-        grad[:, :, lo : lo + part.shape[2]] += part
+        grad[:, :, lo : lo + part.shape[2]] += part.sum(1).view(batch, kv_heads, -1, dim)
     else:
-        grad.index_add_(2, index.flatten(), part)
+        grad.index_add_(2, index.flatten(), part.reshape(batch, kv_heads, -1, dim))
 
 
 def _allowed(plan: Plan, group: Group, index: Tensor, batch: int, heads: int, kv_heads: int) -> Tensor | None:
@@ -314,6 +325,16 @@ def _math_backward(grad, q, k, v, out, lse, allowed, scale, dropout_p, seed):
     return dscores @ k, dscores.transpose(-1, -2) @ q, dv
 
 
+def _idle_blocks(plan: Plan) -> list[slice]:
+    """The runs of query blocks that belong to no group."""
+    idle, start = [], 0
+    for group in (*plan.groups, Group(plan.padded_q // plan.block_q, 0, (), 0, False)):
+        if group.first > start:
+            idle.append(slice(start, group.first))
+        start = group.stop
+    return idle
+
+
 _KERNELS = {"fused": (_fused_forward, _fused_backward), "math": (_math_forward, _math_backward)}
 
 
@@ -325,8 +346,10 @@ class _BlockedAttention(torch.autograd.Function):
         forward_kernel = _KERNELS[kernel][0]
         q_rows = _rows_layout(q, kv_heads, plan.block_q, plan.padded_q)  # (B', nq, R, D)
         k_pad, v_pad = _pad_keys(k, plan.padded_k), _pad_keys(v, plan.padded_k)  # (B, Hkv, Lk', D)
-        out = q_rows.new_zeros(*q_rows.shape[:3], v.shape[-1])  # (B', nq, R, Dv)
-        lse = q_rows.new_zeros(q_rows.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))
+        out = q_rows.new_empty(*q_rows.shape[:3], v.shape[-1])  # (B', nq, R, Dv)
+        lse = q_rows.new_empty(q_rows.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))
+        for rows in _idle_blocks(plan):  # blocks that may attend nothing: zero output
+            out[:, rows], lse[:, rows] = 0.0, 0.0
         for n, group in enumerate(plan.groups):
             index = _key_index(plan, group, q.device)
             allowed = _allowed(plan, group, index, batch, heads, kv_heads)
@@ -352,7 +375,9 @@ class _BlockedAttention(torch.autograd.Function):
         q_rows = _rows_layout(q, kv_heads, plan.block_q, plan.padded_q)
         grad_rows = _rows_layout(grad.contiguous(), kv_heads, plan.block_q, plan.padded_q)  # (B', nq, R, Dv)
         k_pad, v_pad = _pad_keys(k, plan.padded_k), _pad_keys(v, plan.padded_k)
-        dq = torch.zeros_like(q_rows)
+        dq = torch.empty_like(q_rows)
+        for rows in _idle_blocks(plan):
+            dq[:, rows] = 0.0
         dk, dv = torch.zeros_like(k_pad), torch.zeros_like(v_pad)
         for n, group in enumerate(plan.groups):
             index = _key_index(plan, group, q.device)
