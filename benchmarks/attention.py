@@ -6,7 +6,8 @@ forward (under ``torch.no_grad``) and in forward+backward, the implementations i
 each repetition, the median taken after warm-up. Throughput counts only the *allowed* scores:
 4·D flops per allowed (query, key) pair per head for forward, 3.5 times that for forward+backward
 (the FlashAttention papers' convention), and is reported as a percentage of this machine's
-measured fp32 matmul throughput (4096 x 4096 x 4096).
+fp32 matmul throughput (4096 x 4096 x 4096), measured inside the same interleaved repetitions as
+the attention calls of each configuration, so that both see the same load on a shared machine.
 
 Peak memory of forward+backward is measured in a fresh subprocess per configuration: after the
 inputs exist, the process resets its peak-RSS counter (``/proc/self/clear_refs``), runs one
@@ -138,15 +139,14 @@ def _time_backward(run: Callable, qkv, grad) -> float:
     return time.perf_counter() - start
 
 
-def matmul_gflops(repeats: int = 5) -> float:
-    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+def _time_matmul(a: torch.Tensor, b: torch.Tensor) -> float:
+    start = time.perf_counter()
     a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * 4096**3 / statistics.median(times) / 1e9
+    return time.perf_counter() - start
+
+
+def matmul_gflops(seconds: float) -> float:
+    return 2 * 4096**3 / seconds / 1e9
 
 
 def time_config(kind: str, n: int, names: list[str], warmup: int, repeats: int, naive_max: int) -> dict:
@@ -158,14 +158,19 @@ def time_config(kind: str, n: int, names: list[str], warmup: int, repeats: int, 
     grad = torch.randn(B, H, n, D, generator=torch.Generator().manual_seed(1))
     forward = {name: [] for name in impls}
     backward = {name: [] for name in impls}
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    matmul = []
     for rep in range(warmup + repeats):
+        if rep >= warmup:
+            matmul.append(_time_matmul(a, b))
         for name, run in impls.items():
             fwd = _time_forward(run, qkv)
             bwd = math.nan if name == "flex" else _time_backward(run, qkv_grad, grad)  # no flex backward on CPU
             if rep >= warmup:
                 forward[name].append(fwd)
                 backward[name].append(bwd)
-    return {name: (statistics.median(forward[name]), statistics.median(backward[name])) for name in impls}
+    medians = {name: (statistics.median(forward[name]), statistics.median(backward[name])) for name in impls}
+    return medians, matmul_gflops(statistics.median(matmul))
 
 
 def _rss_kb(field: str) -> int:
@@ -239,20 +244,19 @@ def main(argv: list[str] | None = None) -> None:
         return
     names = args.impls.split(",")
     memory_sizes = {int(x) for x in args.memory_sizes.split(",") if x}
-    gflops = matmul_gflops()
-    info = machine() | {"matmul_gflops": gflops, "argv": sys.argv[1:]}
-    print(f"# {info['cpu']}, {info['cores']} cores, torch {info['torch']}, matmul {gflops:.0f} GFLOP/s")
-    header = (f"{'mask':9} {'N':>6} {'impl':10} {'fwd ms':>9} {'f+b ms':>9} {'fwd %mm':>8} {'f+b %mm':>8} "
-              f"{'x sdpa_mask':>11} {'x sdpa_best':>11} {'peak MB':>8}")
+    info = machine() | {"argv": sys.argv[1:]}
+    print(f"# {info['cpu']}, {info['cores']} cores, torch {info['torch']}")
+    header = (f"{'mask':9} {'N':>6} {'impl':10} {'mm GF/s':>7} {'fwd ms':>9} {'f+b ms':>9} {'fwd %mm':>8} "
+              f"{'f+b %mm':>8} {'x sdpa_mask':>11} {'x sdpa_best':>11} {'peak MB':>8}")
     print(header)
     rows = []
     for kind in args.masks.split(","):
         for n in map(int, args.sizes.split(",")):
             pairs = allowed_pairs(make_mask(kind, n), n) * B * H
             flops = 4 * D * pairs
-            times = time_config(kind, n, names, args.warmup, args.repeats, args.naive_max)
+            times, gflops = time_config(kind, n, names, args.warmup, args.repeats, args.naive_max)
             for name, (fwd, bwd) in times.items():
-                row = {"mask": kind, "n": n, "impl": name, "fwd_s": fwd, "fwd_bwd_s": bwd,
+                row = {"mask": kind, "n": n, "impl": name, "matmul_gflops": gflops, "fwd_s": fwd, "fwd_bwd_s": bwd,
                        "allowed_fraction": pairs / (B * H * n * n),
                        "fwd_pct_matmul": 100 * flops / fwd / 1e9 / gflops,
                        "fwd_bwd_pct_matmul": 100 * 3.5 * flops / bwd / 1e9 / gflops}
@@ -261,9 +265,10 @@ def main(argv: list[str] | None = None) -> None:
                 row["peak_extra_mb"] = (measure_memory(kind, n, name)
                                         if n in memory_sizes and name != "flex" else math.nan)
                 rows.append(row)
-                print(f"{kind:9} {n:6} {name:10} {1e3 * fwd:9.1f} {1e3 * bwd:9.1f} {row['fwd_pct_matmul']:7.1f}% "
-                      f"{row['fwd_bwd_pct_matmul']:7.1f}% {row['speedup_vs_sdpa_mask']:11.2f} "
-                      f"{row['speedup_vs_sdpa_best']:11.2f} {row['peak_extra_mb']:8.0f}", flush=True)
+                print(f"{kind:9} {n:6} {name:10} {gflops:7.0f} {1e3 * fwd:9.1f} {1e3 * bwd:9.1f} "
+                      f"{row['fwd_pct_matmul']:7.1f}% {row['fwd_bwd_pct_matmul']:7.1f}% "
+                      f"{row['speedup_vs_sdpa_mask']:11.2f} {row['speedup_vs_sdpa_best']:11.2f} "
+                      f"{row['peak_extra_mb']:8.0f}", flush=True)
     with open(args.json, "w") as f:
         json.dump({"machine": info, "protocol": {"B": B, "H": H, "D": D, "dtype": "float32", "warmup": args.warmup,
                                                  "repeats": args.repeats, "window": WINDOW}, "rows": rows}, f, indent=1)
