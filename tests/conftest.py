@@ -4,6 +4,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from maskattn import dispatch
+
 settings.register_profile(
     "default", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -19,3 +21,26 @@ def _seed():
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
+
+
+# MASKATTN_BACKEND=name runs the suite with every backend="auto" call sent to that backend wherever
+# it can run the call (dispatch.can_run); calls it cannot run (weights, dropout, ...) keep auto's choice.
+FORCED_BACKEND = os.environ.get("MASKATTN_BACKEND")
+if FORCED_BACKEND is not None and FORCED_BACKEND not in dispatch.BACKENDS:
+    raise ValueError(f"MASKATTN_BACKEND must be one of {sorted(dispatch.BACKENDS)}, got {FORCED_BACKEND!r}")
+
+
+@pytest.fixture(autouse=True)
+def _forced_backend(monkeypatch):
+    if FORCED_BACKEND is None:
+        return
+    choose = dispatch.choose_backend
+
+    def forced(q, k, mask, *, dropout_p, return_weights, q_offset=0):
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+        if dispatch.can_run(FORCED_BACKEND, q, dropout_p=dropout_p, return_weights=return_weights,
+                            needs_grad=needs_grad):
+            return FORCED_BACKEND
+        return choose(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset)
+
+    monkeypatch.setattr(dispatch, "choose_backend", forced)

@@ -14,19 +14,54 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from maskattn.backends import reference
+from maskattn.backends import blocked, flex, reference, sdpa
 from maskattn.masks import Mask, from_tensor
 
 Backend = Callable[..., tuple[Tensor, Tensor | None]]
 
-BACKENDS: dict[str, Backend] = {"reference": reference.attention}
+BACKENDS: dict[str, Backend] = {
+    "reference": reference.attention,
+    "blocked": blocked.attention,
+    "sdpa": sdpa.attention,
+    "flex": flex.attention,
+}
+
+
+def can_run(
+    name: str, q: Tensor, *, dropout_p: float, return_weights: bool, needs_grad: bool = False
+) -> bool:
+    """Whether backend ``name`` supports a call with these features (the others raise ValueError)."""
+    if name == "reference":
+        return True
+    if return_weights:
+        return False
+    if name == "blocked":
+        return True
+    if name == "sdpa":
+        return dropout_p == 0.0
+    if name == "flex":
+        return dropout_p == 0.0 and flex.available(q.device, q.dtype, needs_grad)
+    raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {name!r}")
 
 
 def choose_backend(
-    q: Tensor, k: Tensor, mask: Mask | None, *, dropout_p: float, return_weights: bool
+    q: Tensor, k: Tensor, mask: Mask | None, *, dropout_p: float, return_weights: bool, q_offset: int = 0
 ) -> str:
-    """The backend ``backend="auto"`` runs for these inputs."""
-    return "reference"
+    """The backend ``backend="auto"`` runs for these inputs; the rules are those of docs/performance.md.
+
+    * ``return_weights`` -> ``reference`` (the only backend that builds the weights);
+    * dropout -> ``blocked`` (seeded per-tile dropout that backward reproduces);
+    * no mask, pure causal (``q_offset == 0``, ``Lq == Lk``) or pure key padding -> ``sdpa``: PyTorch's
+      fused kernel takes these without an Lq x Lk mask and is fastest on them;
+    * any other mask -> ``blocked``, which skips the tiles the mask hides.
+    """
+    if return_weights:
+        return "reference"
+    if dropout_p > 0.0:
+        return "blocked"
+    if sdpa.cheap_mask(mask, q.shape[2], k.shape[2], q_offset):
+        return "sdpa"
+    return "blocked"
 
 
 def attention(
@@ -81,7 +116,9 @@ def attention(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if backend == "auto":
-        backend = choose_backend(q, k, mask, dropout_p=dropout_p, return_weights=return_weights)
+        backend = choose_backend(
+            q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset
+        )
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
     out, weights = BACKENDS[backend](

@@ -1,0 +1,279 @@
+"""Benchmark of masked attention: maskattn's backends against PyTorch's SDPA, a naive N x N
+implementation and FlexAttention, on the protocol of issue 4.
+
+fp32, B=1, H=8, D=64; for each mask kind and sequence length N every implementation is timed in
+forward (under ``torch.no_grad``) and in forward+backward, the implementations interleaved within
+each repetition, the median taken after warm-up. Throughput counts only the *allowed* scores:
+4·D flops per allowed (query, key) pair per head for forward, 3.5 times that for forward+backward
+(the FlashAttention papers' convention), and is reported as a percentage of this machine's
+fp32 matmul throughput (4096 x 4096 x 4096), measured inside the same interleaved repetitions as
+the attention calls of each configuration, so that both see the same load on a shared machine.
+
+Peak memory of forward+backward is measured in a fresh subprocess per configuration: after the
+inputs exist, the process resets its peak-RSS counter (``/proc/self/clear_refs``), runs one
+forward+backward, and reports ``VmHWM - VmRSS`` before the run, i.e. the extra resident memory
+the call needed at its peak (torch on CPU has no ``max_memory_allocated``).
+
+Run ``python -m benchmarks.attention --help``; results are printed as a table and written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import maskattn
+from maskattn import masks
+from maskattn.masks import Mask
+
+B, H, D = 1, 8, 64
+SIZES = [512, 1024, 2048, 4096, 8192, 16384]
+MASKS = ["none", "causal", "padding", "window", "document", "prefix"]
+IMPLS = ["auto", "blocked", "sdpa_best", "sdpa_mask", "naive", "flex"]
+WINDOW = 256
+
+
+def make_mask(kind: str, n: int) -> Mask | None:
+    """The mask kinds of the benchmark, at sequence length n."""
+    if kind == "none":
+        return None
+    if kind == "causal":
+        return masks.causal()
+    if kind == "padding":  # the last quarter of the keys is padding
+        return masks.padding([3 * n // 4])
+    if kind == "window":
+        return masks.causal() & masks.sliding_window(WINDOW)
+    if kind == "document":  # 4 packed documents of 10%, 20%, 30%, 40% of the sequence
+        bounds = [0, n // 10, 3 * n // 10, 6 * n // 10, n]
+        ids = torch.cat([torch.full((bounds[i + 1] - bounds[i],), i) for i in range(4)])
+        return masks.document(ids.view(1, n))
+    if kind == "prefix":
+        return masks.prefix_lm(n // 4)
+    raise ValueError(f"mask kind must be one of {MASKS}, got {kind!r}")
+
+
+def allowed_pairs(mask: Mask | None, n: int) -> int:
+    """Number of allowed (query, key) pairs of one head, counted in row chunks."""
+    if mask is None:
+        return n * n
+    chunk = max(1, (1 << 24) // n)
+    return sum(int(mask.to_dense(min(chunk, n - i), n, q_offset=i).sum()) for i in range(0, n, chunk))
+
+
+def _sdpa_best(mask: Mask | None, n: int) -> Callable | None:
+    """SDPA without a mask tensor, where the mask allows it (no mask, is_causal, key padding)."""
+    if mask is None:
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+    if isinstance(mask, masks._Causal):
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if isinstance(mask, masks._Padding):
+        keys = mask.to_dense(1, n)  # (1, 1, 1, Lk)
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=keys)
+    return None
+
+
+def _naive(dense: torch.Tensor | None) -> Callable:
+    def run(q, k, v):
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, N, N)
+        if dense is not None:
+            scores = scores.masked_fill(~dense, -math.inf)
+        return torch.softmax(scores, dim=-1) @ v
+
+    return run
+
+
+def _flex(mask: Mask | None) -> Callable:
+    def run(q, k, v):
+        return maskattn.attention(q, k, v, mask, backend="flex")
+
+    return run
+
+
+def make_impls(names: list[str], mask: Mask | None, n: int) -> dict[str, Callable]:
+    """Callables (q, k, v) -> out for the implementations that apply to this mask."""
+    impls: dict[str, Callable] = {}
+    for name in names:
+        if name in ("auto", "blocked"):
+            impls[name] = lambda q, k, v, name=name: maskattn.attention(q, k, v, mask, backend=name)
+        elif name == "sdpa_best" and _sdpa_best(mask, n) is not None:
+            impls[name] = _sdpa_best(mask, n)
+        elif name in ("sdpa_mask", "naive"):
+            dense = None if mask is None else mask.to_dense(n, n)  # built once, outside the timing
+            if name == "naive":
+                impls[name] = _naive(dense)
+            else:
+                impls[name] = lambda q, k, v, dense=dense: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+        elif name == "flex":
+            impls[name] = _flex(mask)
+    return impls
+
+
+def _inputs(n: int, requires_grad: bool) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(B, H, n, D, generator=gen).requires_grad_(requires_grad) for _ in range(3))
+
+
+def _time_forward(run: Callable, qkv) -> float:
+    with torch.no_grad():
+        start = time.perf_counter()
+        run(*qkv)
+        return time.perf_counter() - start
+
+
+def _time_backward(run: Callable, qkv, grad) -> float:
+    for x in qkv:
+        x.grad = None
+    start = time.perf_counter()
+    run(*qkv).backward(grad)
+    return time.perf_counter() - start
+
+
+def _time_matmul(a: torch.Tensor, b: torch.Tensor) -> float:
+    start = time.perf_counter()
+    a @ b
+    return time.perf_counter() - start
+
+
+def matmul_gflops(seconds: float) -> float:
+    return 2 * 4096**3 / seconds / 1e9
+
+
+def time_config(kind: str, n: int, names: list[str], warmup: int, repeats: int, naive_max: int) -> dict:
+    """Median forward and forward+backward seconds of every implementation, interleaved."""
+    mask = make_mask(kind, n)
+    names = [x for x in names if x != "naive" or n <= naive_max]
+    impls = make_impls(names, mask, n)
+    qkv, qkv_grad = _inputs(n, False), _inputs(n, True)
+    grad = torch.randn(B, H, n, D, generator=torch.Generator().manual_seed(1))
+    forward = {name: [] for name in impls}
+    backward = {name: [] for name in impls}
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    matmul = []
+    for rep in range(warmup + repeats):
+        if rep >= warmup:
+            matmul.append(_time_matmul(a, b))
+        for name, run in impls.items():
+            fwd = _time_forward(run, qkv)
+            bwd = math.nan if name == "flex" else _time_backward(run, qkv_grad, grad)  # no flex backward on CPU
+            if rep >= warmup:
+                forward[name].append(fwd)
+                backward[name].append(bwd)
+    medians = {name: (statistics.median(forward[name]), statistics.median(backward[name])) for name in impls}
+    return medians, matmul_gflops(statistics.median(matmul))
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_memory_here(kind: str, n: int, name: str) -> float:
+    """Extra peak RSS (MB) of one forward+backward, in this (fresh) process."""
+    mask = make_mask(kind, n)
+    run = make_impls([name], mask, n)[name]
+    qkv = _inputs(n, True)
+    grad = torch.randn(B, H, n, D)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    before = _rss_kb("VmRSS")
+    run(*qkv).backward(grad)
+    return (_rss_kb("VmHWM") - before) / 1024
+
+
+def measure_memory(kind: str, n: int, name: str) -> float:
+    """Run :func:`measure_memory_here` in a fresh subprocess."""
+    cmd = [sys.executable, "-m", "benchmarks.attention", "--memory-child", kind, str(n), name]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict:
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.attention", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma-separated N (default: %(default)s)")
+    p.add_argument("--masks", default=",".join(MASKS), help="comma-separated mask kinds (default: %(default)s)")
+    p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated implementations (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions (default: %(default)s)")
+    p.add_argument("--naive-max", type=int, default=8192,
+                   help="largest N for the naive N x N implementation (16384 needs > 24 GB; default: %(default)s)")
+    p.add_argument("--memory-sizes", default="",
+                   help="comma-separated N at which to measure peak memory, in subprocesses (default: none)")
+    p.add_argument("--quick", action="store_true", help="sizes 512,1024,2048, 3 repeats: a smoke run")
+    p.add_argument("--json", default="benchmarks/results.json", help="where to write the results")
+    p.add_argument("--memory-child", nargs=3, metavar=("MASK", "N", "IMPL"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.repeats = "512,1024,2048", 3
+    for name, allowed in (("masks", MASKS), ("impls", IMPLS)):
+        bad = set(getattr(args, name).split(",")) - set(allowed)
+        if bad:
+            p.error(f"--{name}: unknown {sorted(bad)}; expected some of {allowed}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse(argv)
+    if args.memory_child:
+        kind, n, name = args.memory_child
+        print(measure_memory_here(kind, int(n), name))
+        return
+    names = args.impls.split(",")
+    memory_sizes = {int(x) for x in args.memory_sizes.split(",") if x}
+    info = machine() | {"argv": sys.argv[1:]}
+    print(f"# {info['cpu']}, {info['cores']} cores, torch {info['torch']}")
+    header = (f"{'mask':9} {'N':>6} {'impl':10} {'mm GF/s':>7} {'fwd ms':>9} {'f+b ms':>9} {'fwd %mm':>8} "
+              f"{'f+b %mm':>8} {'x sdpa_mask':>11} {'x sdpa_best':>11} {'peak MB':>8}")
+    print(header)
+    rows = []
+    for kind in args.masks.split(","):
+        for n in map(int, args.sizes.split(",")):
+            pairs = allowed_pairs(make_mask(kind, n), n) * B * H
+            flops = 4 * D * pairs
+            times, gflops = time_config(kind, n, names, args.warmup, args.repeats, args.naive_max)
+            for name, (fwd, bwd) in times.items():
+                row = {"mask": kind, "n": n, "impl": name, "matmul_gflops": gflops, "fwd_s": fwd, "fwd_bwd_s": bwd,
+                       "allowed_fraction": pairs / (B * H * n * n),
+                       "fwd_pct_matmul": 100 * flops / fwd / 1e9 / gflops,
+                       "fwd_bwd_pct_matmul": 100 * 3.5 * flops / bwd / 1e9 / gflops}
+                for base in ("sdpa_mask", "sdpa_best"):
+                    row[f"speedup_vs_{base}"] = times[base][1] / bwd if base in times else math.nan
+                row["peak_extra_mb"] = (measure_memory(kind, n, name)
+                                        if n in memory_sizes and name != "flex" else math.nan)
+                rows.append(row)
+                print(f"{kind:9} {n:6} {name:10} {gflops:7.0f} {1e3 * fwd:9.1f} {1e3 * bwd:9.1f} "
+                      f"{row['fwd_pct_matmul']:7.1f}% {row['fwd_bwd_pct_matmul']:7.1f}% "
+                      f"{row['speedup_vs_sdpa_mask']:11.2f} {row['speedup_vs_sdpa_best']:11.2f} "
+                      f"{row['peak_extra_mb']:8.0f}", flush=True)
+    with open(args.json, "w") as f:
+        json.dump({"machine": info, "protocol": {"B": B, "H": H, "D": D, "dtype": "float32", "warmup": args.warmup,
+                                                 "repeats": args.repeats, "window": WINDOW}, "rows": rows}, f, indent=1)
+    print(f"# wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The flex backend: PyTorch's FlexAttention, with the mask's predicate as ``mask_mod``.
+
+``mask.allows`` is FlexAttention's ``mask_mod`` contract, shifted by ``q_offset`` (FlexAttention
+counts queries from 0); the ``BlockMask`` lets the kernel skip empty tiles. FlexAttention is meant
+for GPUs: on CPU, PyTorch (2.13) runs its forward only (no backward), and only where
+``torch.compile`` finds a C++ compiler. This backend raises a clear error where it cannot run; it
+is never required, and ``backend="auto"`` picks it only where :func:`available` says it runs.
+
+Not supported (ValueError): ``return_weights`` (use ``reference``) and dropout (use ``blocked``).
+
+Shape legend: B batch, H query heads, Hkv key/value heads, Lq queries, Lk keys, D head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from maskattn.masks import Mask
+
+__all__ = ["attention", "available"]
+
+try:
+    from torch.nn.attention import flex_attention as _flex
+except ImportError:  # torch without FlexAttention
+    _flex = None
+
+
+_CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def available(device: torch.device, dtype: torch.dtype, needs_grad: bool) -> bool:
+    """Whether FlexAttention can run here: installed, and on CPU only without gradients and in
+    float32, float16 or bfloat16 (what its compiled CPU kernel accepts)."""
+    if _flex is None:
+        return False
+    return device.type != "cpu" or (not needs_grad and dtype in _CPU_DTYPES)
+
+
+@functools.cache
+def _compiled():
+    return torch.compile(_flex.flex_attention, dynamic=False)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Mask | None,
+    *,
+    scale: float,
+    dropout_p: float = 0.0,
+    q_offset: int = 0,
+    return_weights: bool = False,
+    generator: torch.Generator | None = None,
+    compiled: bool = True,
+) -> tuple[Tensor, None]:
+    """Masked attention by ``torch.nn.attention.flex_attention``.
+
+    Takes the arguments of :func:`maskattn.backends.reference.attention`, plus ``compiled``: run
+    the ``torch.compile``-d kernel (the fast one), or FlexAttention's eager reference path.
+
+    Raises:
+        ValueError: if ``return_weights`` is True or ``dropout_p`` > 0.
+        RuntimeError: where FlexAttention cannot run (not installed; gradients or float64 on CPU).
+    """
+    if return_weights or dropout_p > 0.0:
+        raise ValueError(
+            f"backend 'flex' supports neither return_weights nor dropout (got return_weights={return_weights}, "
+            f"dropout_p={dropout_p}); use backend='reference' for weights, 'blocked' for dropout"
+        )
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if not available(q.device, q.dtype, needs_grad):
+        why = "is not in this torch" if _flex is None else "has no backward on CPU, nor float64"
+        raise RuntimeError(
+            f"backend 'flex': FlexAttention {why} (device {q.device}, torch {torch.__version__}); "
+            "use backend='blocked' or 'auto'"
+        )
+    heads, q_len = q.shape[1], q.shape[2]
+    block_mask = None
+    if mask is not None:
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return mask.allows(b, h, q_idx + q_offset, kv_idx)
+
+        block_mask = _flex.create_block_mask(
+            mask_mod,
+            mask.batch if mask.batch > 1 else None,
+            mask.heads if mask.heads > 1 else None,
+            q_len,
+            k.shape[2],
+            device=q.device,
+        )
+    run = _compiled() if compiled else _flex.flex_attention
+    out = run(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=heads != k.shape[1])
+    return out, None

@@ -1,0 +1,88 @@
+"""The sdpa backend: PyTorch's ``scaled_dot_product_attention``, with maskattn's semantics.
+
+Exact for every mask, but cheap only for the masks SDPA can take without an Lq x Lk tensor:
+
+* no mask (or ``full()``): plain SDPA;
+* pure ``causal()`` with ``q_offset == 0`` and ``Lq == Lk``: ``is_causal=True`` (SDPA's causal
+  mask is aligned top-left, which is ours only in that case);
+* pure key padding: a (B, 1, 1, Lk) bool mask.
+
+Any other mask is materialised with ``mask.to_dense`` and passed as an explicit bool tensor: exact,
+but it costs Lq x Lk memory and computes every score (this is what ``backend="auto"`` avoids, and
+the "SDPA with the mask tensor" baseline of the benchmark). Rows that may attend nothing come back
+as zeros with zero gradients, not NaN.
+
+Not supported (ValueError): ``return_weights`` (SDPA never builds the weights; use ``reference``) and
+dropout (SDPA draws its dropout from the global RNG and cannot honour ``generator``; use ``blocked``
+or ``reference``).
+
+Shape legend: B batch, H query heads, Hkv key/value heads, Lq queries, Lk keys, D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from maskattn.masks import Mask, _Causal, _Full, _Padding
+
+__all__ = ["attention", "cheap_mask"]
+
+
+def cheap_mask(mask: Mask | None, q_len: int, k_len: int, q_offset: int) -> bool:
+    """Whether SDPA takes this mask without an Lq x Lk tensor (see the module docstring)."""
+    if mask is None or isinstance(mask, _Full | _Padding):
+        return True
+    return isinstance(mask, _Causal) and q_offset == 0 and q_len == k_len
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Mask | None,
+    *,
+    scale: float,
+    dropout_p: float = 0.0,
+    q_offset: int = 0,
+    return_weights: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, None]:
+    """Masked attention by ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Takes the arguments of :func:`maskattn.backends.reference.attention`.
+
+    Raises:
+        ValueError: if ``return_weights`` is True or ``dropout_p`` > 0.
+    """
+    if return_weights:
+        raise ValueError(
+            "backend 'sdpa' does not return attention weights (return_weights=True); use "
+            "backend='reference' (backend='auto' picks it when return_weights=True)"
+        )
+    if dropout_p > 0.0:
+        raise ValueError(
+            f"backend 'sdpa' does not support dropout (got dropout_p={dropout_p}): SDPA cannot use the "
+            "given generator; use backend='blocked' or 'reference' (backend='auto' picks 'blocked')"
+        )
+    q_len, k_len = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None or isinstance(mask, _Full):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa), None
+    if isinstance(mask, _Causal) and q_offset == 0 and q_len == k_len:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa), None
+    if isinstance(mask, _Padding):
+        b = torch.arange(mask.batch, device=q.device).view(-1, 1, 1, 1)
+        zero = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=q.device)
+        keys = torch.arange(k_len, device=q.device).view(1, 1, 1, -1)
+        allowed = mask.allows(b, zero, zero, keys)  # (B, 1, 1, Lk): key padding ignores the query
+    else:
+        allowed = mask.to_dense(q_len, k_len, q_offset=q_offset, device=q.device)  # (B|1, H|1, Lq, Lk)
+    empty = ~allowed.any(-1, keepdim=True)  # (B|1, H|1, Lq|1, 1)
+    if not empty.any():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa), None
+    # SDPA's math kernel returns NaN on a row with nothing to attend: let such rows attend
+    # everything, then zero them, which also zeroes every gradient that flows through them.
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty, scale=scale, enable_gqa=gqa)
+    return out.masked_fill(empty, 0.0), None

@@ -1,0 +1,207 @@
+"""Every backend against the reference, on random mask expressions, shapes, offsets and GQA.
+
+Tolerances: float32 forward and gradients within atol = rtol = 1e-5 of the reference. bfloat16 runs
+are compared with the float32 reference on the same (rounded) inputs and incoming gradient within
+rtol = 3e-2 and atol = 3e-2 times the largest magnitude of the compared tensor: bf16 keeps 8 bits
+of mantissa, so each rounding costs up to 2^-9 of the value, and a key's gradient sums the
+contributions of every query that sees it, so its error grows with its size, not with each element's.
+"""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import maskattn
+from maskattn import masks
+from maskattn.backends import blocked, flex, reference, sdpa
+from maskattn.dispatch import choose_backend  # the real rules, even when conftest forces a backend
+from strategies import mask_cases
+
+FLEX_ON_CPU = flex.available(torch.device("cpu"), torch.float32, needs_grad=False)
+HEADS = [(1, 1), (2, 2), (4, 2), (3, 1)]  # (H, Hkv)
+
+
+def _inputs(case, heads, data, dtype=torch.float32):
+    H, Hkv = heads
+    if case.mask.heads not in (1, H):
+        H, Hkv = case.mask.heads, 1
+    B = case.mask.batch if case.mask.batch > 1 else data.draw(st.integers(1, 2))
+    D = data.draw(st.sampled_from([1, 4, 8]))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    q = torch.randn(B, H, case.q_len, D, generator=gen).to(dtype).requires_grad_()
+    k = torch.randn(B, Hkv, case.k_len, D, generator=gen).to(dtype).requires_grad_()
+    v = torch.randn(B, Hkv, case.k_len, D, generator=gen).to(dtype).requires_grad_()
+    return q, k, v
+
+
+def _close(a, b, tol, **kwargs):
+    atol = tol * max(1.0, b.abs().max().item()) if a.dtype == torch.bfloat16 else tol
+    torch.testing.assert_close(a.float(), b, atol=atol, rtol=tol, **kwargs)
+
+
+def _assert_agree(run, q, k, v, case, scale, tol):
+    """``run`` and the float32 reference agree in output and in the gradients of q, k, v."""
+    ours, _ = run(q, k, v, case.mask, scale=scale, q_offset=case.q_offset)
+    wide = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    theirs, _ = reference.attention(*wide, case.mask, scale=scale, q_offset=case.q_offset)
+    _close(ours, theirs, tol)
+    grad = torch.randn_like(theirs).to(ours.dtype).float()  # the same (rounded) incoming gradient
+    ours_grads = torch.autograd.grad(ours, (q, k, v), grad.to(ours.dtype))
+    theirs_grads = torch.autograd.grad(theirs, wide, grad)
+    for name, a, b in zip("qkv", ours_grads, theirs_grads, strict=True):
+        assert torch.isfinite(a).all(), name
+        _close(a, b, tol, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+@given(mask_cases(max_len=20), st.sampled_from(HEADS), st.data())
+def test_blocked_equals_reference(case, heads, data):
+    q, k, v = _inputs(case, heads, data)
+    block_q, block_k = data.draw(st.integers(1, 16)), data.draw(st.integers(1, 16))
+    kernel = data.draw(st.sampled_from(["fused", "math"]))
+
+    def run(*args, **kwargs):
+        return blocked.attention(*args, **kwargs, block_q=block_q, block_k=block_k, kernel=kernel)
+
+    _assert_agree(run, q, k, v, case, data.draw(st.sampled_from([1.0, 0.3])), 1e-5)
+
+
+@given(mask_cases(max_len=20), st.sampled_from(HEADS), st.data())
+def test_sdpa_equals_reference(case, heads, data):
+    q, k, v = _inputs(case, heads, data)
+    _assert_agree(sdpa.attention, q, k, v, case, data.draw(st.sampled_from([1.0, 0.3])), 1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["fused", "math"])
+@given(case=mask_cases(max_len=40), data=st.data())
+def test_blocked_bfloat16_is_close_to_float32(kernel, case, data):
+    q, k, v = _inputs(case, (4, 2), data, dtype=torch.bfloat16)
+
+    def run(*args, **kwargs):
+        return blocked.attention(*args, **kwargs, block_q=8, block_k=8, kernel=kernel)
+
+    _assert_agree(run, q, k, v, case, 0.5, 3e-2)
+
+
+@pytest.mark.skipif(not FLEX_ON_CPU, reason="no FlexAttention in this torch")
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@given(mask_cases(max_len=20), st.sampled_from(HEADS), st.data())
+def test_flex_forward_equals_reference(case, heads, data):
+    q, k, v = (x.detach() for x in _inputs(case, heads, data))
+    # FlexAttention's eager path: the compiled one recompiles per mask, too slow for 60 examples
+    ours, _ = flex.attention(q, k, v, case.mask, scale=0.3, q_offset=case.q_offset, compiled=False)
+    theirs, _ = reference.attention(q, k, v, case.mask, scale=0.3, q_offset=case.q_offset)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FLEX_ON_CPU, reason="no FlexAttention in this torch")
+def test_compiled_flex_equals_reference():
+    q, k, v = torch.randn(2, 4, 200, 16), torch.randn(2, 2, 300, 16), torch.randn(2, 2, 300, 16)
+    mask = masks.causal() & masks.sliding_window(37) & masks.padding([300, 120])
+    ours, _ = flex.attention(q, k, v, mask, scale=0.25, q_offset=100)
+    theirs, _ = reference.attention(q, k, v, mask, scale=0.25, q_offset=100)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_on_cpu_refuses_gradients_clearly():
+    q = torch.randn(1, 1, 4, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"backend 'flex'.*use backend='blocked'"):
+        flex.attention(q, q, q, masks.causal(), scale=1.0)
+
+
+@pytest.mark.parametrize("name", ["blocked", "sdpa", "flex"])
+def test_weights_only_from_the_reference(name):
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match=r"return_weights.*backend='reference'"):
+        maskattn.attention(q, q, q, masks.causal(), backend=name, return_weights=True)
+
+
+@pytest.mark.parametrize("name", ["reference", "blocked", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fully_masked_rows_are_zero_with_zero_gradients(name, dtype):
+    q, k, v = (torch.randn(2, 4, 9, 8, dtype=dtype, requires_grad=True) for _ in range(3))
+    k2, v2 = (x[:, :2].detach().requires_grad_() for x in (k, v))  # GQA
+    mask = masks.padding([9, 0]) & ~masks.causal()  # item 1 sees nothing; item 0's last query neither
+    out = maskattn.attention(q, k2, v2, mask, backend=name)
+    assert (out[1] == 0).all() and (out[0, :, 8] == 0).all() and (out[0, :, :8] != 0).all()
+    out.float().square().sum().backward()
+    for x in (q, k2, v2):
+        assert torch.isfinite(x.grad).all()
+    assert (q.grad[1] == 0).all() and (q.grad[0, :, 8] == 0).all()
+    assert (k2.grad[1] == 0).all() and (v2.grad[1] == 0).all()
+
+
+def test_blocked_dropout_is_reproducible_and_backward_matches_it():
+    q, k, v = (torch.randn(1, 4, 11, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = masks.causal() & masks.sliding_window(5)
+
+    def run(q, k, v, seed=3):
+        gen = torch.Generator().manual_seed(seed)
+        return blocked.attention(q, k, v, mask, scale=0.5, dropout_p=0.4, generator=gen, block_q=4, block_k=3)[0]
+
+    assert torch.equal(run(q, k, v), run(q, k, v))
+    assert not torch.equal(run(q, k, v), run(q, k, v, seed=4))
+    dropped = run(q, k, v) == 0
+    assert 0 < dropped.float().mean() < 1 or not dropped.any()
+    # the gradient is that of the function with this seed's dropout masks, checked numerically
+    assert torch.autograd.gradcheck(run, (q, k, v))
+
+
+def test_blocked_dropout_is_unbiased():
+    q, k, v = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4)
+    mask = masks.causal()
+    clean, _ = blocked.attention(q, k, v, mask, scale=0.5, block_q=2, block_k=2)
+    runs = [blocked.attention(q, k, v, mask, scale=0.5, dropout_p=0.5, block_q=2, block_k=2,
+                              generator=torch.Generator().manual_seed(s))[0] for s in range(3000)]
+    torch.testing.assert_close(torch.stack(runs).mean(0), clean, atol=0.08, rtol=0)
+
+
+def _computed_tiles(plan):
+    return sum((g.stop - g.first) * g.width for g in plan.groups)
+
+
+def test_blocked_computes_only_the_tiles_the_mask_may_reach():
+    q = k = torch.zeros(1, 1, 1024, 8)
+    window = blocked.make_plan(masks.causal() & masks.sliding_window(256), q, k, q_offset=0, block_q=128, block_k=128)
+    assert _computed_tiles(window) == 3 * 8 - 3  # the diagonal tile and the two before it
+    docs = torch.tensor([[0] * 256 + [1] * 768])
+    plan = blocked.make_plan(masks.document(docs), q, k, q_offset=0, block_q=128, block_k=128)
+    assert _computed_tiles(plan) == 2 * 2 + 6 * 6
+    assert not any(g.masked for g in plan.groups)  # whole tiles: no element mask at all
+    nothing = blocked.make_plan(masks.padding([0]), q, k, q_offset=0, block_q=128, block_k=128)
+    assert nothing.groups == ()
+
+
+def test_blocked_rejects_bad_arguments():
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="block_q must be a positive int, got 0"):
+        blocked.attention(q, q, q, None, scale=1.0, block_q=0)
+    with pytest.raises(ValueError, match="kernel must be 'auto', 'fused' or 'math', got 'x'"):
+        blocked.attention(q, q, q, None, scale=1.0, kernel="x")
+    with pytest.raises(ValueError, match=r"kernel='fused' needs .*dropout_p=0"):
+        blocked.attention(q, q, q, None, scale=1.0, kernel="fused", dropout_p=0.1)
+
+
+@pytest.mark.parametrize(
+    "mask,q_len,q_offset,kwargs,expected",
+    [
+        (None, 16, 0, {}, "sdpa"),
+        (masks.full(), 16, 0, {}, "sdpa"),
+        (masks.causal(), 16, 0, {}, "sdpa"),
+        (masks.causal(), 4, 12, {}, "blocked"),  # SDPA's is_causal is top-left aligned
+        (masks.padding([16, 9]), 16, 0, {}, "sdpa"),
+        (masks.causal() & masks.sliding_window(4), 16, 0, {}, "blocked"),
+        (masks.document(torch.zeros(2, 16, dtype=torch.long)), 16, 0, {}, "blocked"),
+        (masks.prefix_lm(3), 16, 0, {}, "blocked"),
+        (masks.causal() & masks.padding([16, 9]), 16, 0, {}, "blocked"),
+        (masks.from_tensor(torch.ones(16, 16, dtype=torch.bool)), 16, 0, {}, "blocked"),
+        (masks.causal(), 16, 0, {"dropout_p": 0.1}, "blocked"),
+        (None, 16, 0, {"dropout_p": 0.1}, "blocked"),
+        (masks.causal(), 16, 0, {"return_weights": True}, "reference"),
+    ],
+)
+def test_auto_choice(mask, q_len, q_offset, kwargs, expected):
+    q, k = torch.randn(2, 2, q_len, 8), torch.randn(2, 2, 16, 8)
+    options = {"dropout_p": 0.0, "return_weights": False} | kwargs
+    assert choose_backend(q, k, mask, q_offset=q_offset, **options) == expected
