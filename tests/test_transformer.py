@@ -137,7 +137,8 @@ def test_attention_weights_come_back_on_request_only():
     tgt = torch.randint(3, 64, (2, 5))
     with torch.no_grad():
         logits, weights = model(src, tgt, src_lengths=[7, 3], return_weights=True)
-        torch.testing.assert_close(logits, model(src, tgt, src_lengths=[7, 3]), atol=0, rtol=0)
+        # weights come from the reference backend, the plain call may run a fused one: equal to rounding
+        torch.testing.assert_close(logits, model(src, tgt, src_lengths=[7, 3]), atol=1e-5, rtol=0)
     assert len(weights["encoder"]) == 2 and len(weights["decoder"]) == 2
     cross = weights["decoder"][-1]["cross"]
     assert cross.shape == (2, 4, 5, 7)
