@@ -30,3 +30,11 @@ def test_masks_show_bad_expression_points_at_it(capsys):
     assert main(["masks", "show", "causal & windw(2)"]) == 2
     err = capsys.readouterr().err
     assert "unknown mask 'windw'" in err and err.rstrip().endswith(" " * 9 + "^")
+
+
+def test_masks_stats(capsys):
+    assert main(["masks", "stats", "causal & window(4)", "--length", "16", "--block", "4"]) == 0
+    out = capsys.readouterr().out
+    # 16 rows: rows 0-3 see 1..4 keys, the 12 others 4 keys each: 10 + 48 = 58 of 256
+    assert "58 of 256 scores" in out and "0 fully masked row(s)" in out
+    assert "4 full" not in out and "empty" in out

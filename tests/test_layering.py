@@ -10,7 +10,7 @@ SRC = Path(maskattn.__file__).parent
 # Lower rank = lower layer. A module may import only from modules of a lower or equal-rank group.
 RANKS = {
     "masks": 0,
-    "backends": 1, "mask_expr": 1,
+    "backends": 1,
     "dispatch": 2,
     "layers": 3,
     "models": 4,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from maskattn import masks
-from maskattn.mask_expr import MaskSyntaxError, parse
+from maskattn.masks.expr import MaskSyntaxError, parse
 
 
 @pytest.mark.parametrize(

@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--keys", type=int, default=None, help="key length (default: --length)")
     show.add_argument("--q-offset", type=int, default=0, help="absolute position of the first query")
     show.add_argument("--png", default=None, help="also write a PNG picture here")
+    stats = masks_cmd.add_parser("stats", help="what a mask costs: density, empty rows, tiles, skipped FLOPs")
+    stats.add_argument("expression", help='e.g. "causal & window(256)"')
+    stats.add_argument("--length", type=int, default=4096, help="query and key length (default: 4096)")
+    stats.add_argument("--block", type=int, default=128, help="tile size of the block map (default: 128)")
+    stats.add_argument("--head-dim", type=int, default=64, help="head dim D for the FLOP count (default: 64)")
     return parser
 
 
@@ -190,9 +195,13 @@ def _showcase(args: argparse.Namespace) -> int:
 
 
 def _masks_show(args: argparse.Namespace) -> int:
-    from maskattn.mask_expr import parse
+    from maskattn.masks.expr import parse
 
     mask = parse(args.expression)
+    if args.masks_command == "stats":
+        print(repr(mask))
+        print(mask.stats(args.length, args.length, block_q=args.block, block_k=args.block, head_dim=args.head_dim))
+        return 0
     print(mask.render(args.length, args.keys, q_offset=args.q_offset))
     if args.png:
         mask.plot(args.length, args.keys, q_offset=args.q_offset, path=args.png)

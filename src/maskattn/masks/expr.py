@@ -18,7 +18,7 @@ import re
 
 import torch
 
-from maskattn import masks
+from maskattn.masks import core as masks
 
 TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_]\w*)|(?P<int>\d+)|(?P<op>[&|~(),]))")
 

@@ -41,6 +41,7 @@ __all__ = [
     "FULL",
     "PARTIAL",
     "Mask",
+    "MaskStats",
     "Tiles",
     "causal",
     "document",
@@ -85,6 +86,32 @@ class Tiles:
         first = torch.arange(self.num_k, device=self.device) * self.block_k
         last = torch.clamp(first + self.block_k - 1, max=self.k_len - 1)
         return first.view(1, 1, 1, -1), last.view(1, 1, 1, -1)
+
+
+@dataclass(frozen=True)
+class MaskStats:
+    """What a mask costs on an (Lq, Lk) problem; see :meth:`Mask.stats`."""
+
+    q_len: int
+    k_len: int
+    block_q: int
+    block_k: int
+    allowed: int  # allowed (batch, head, query, key) entries, over the mask's own B|1 x H|1
+    total: int  # all entries
+    density: float  # allowed / total
+    empty_rows: int  # query rows that may attend nothing (they output zeros)
+    tiles_empty: int  # tiles a block-sparse backend never computes
+    tiles_partial: int  # tiles that need an element mask
+    tiles_full: int  # tiles computed without a mask
+    skipped_fraction: float  # share of all score entries inside EMPTY tiles
+    flops_skipped: int  # 4 * head_dim * skipped entries: forward FLOPs a block-sparse backend saves
+
+    def __str__(self) -> str:
+        return (f"Lq={self.q_len} Lk={self.k_len}: density {100 * self.density:.2f}% "
+                f"({self.allowed:,} of {self.total:,} scores), {self.empty_rows} fully masked row(s)\n"
+                f"tiles {self.block_q}x{self.block_k}: {self.tiles_empty:,} empty, {self.tiles_partial:,} partial, "
+                f"{self.tiles_full:,} full; a block-sparse backend skips {100 * self.skipped_fraction:.2f}% of the "
+                f"scores ({self.flops_skipped / 1e9:.3f} GFLOP forward per batch item and head)")
 
 
 class Mask:
@@ -206,6 +233,62 @@ class Mask:
         any_, all_ = self._tile_bounds(tiles)
         kinds = torch.where(all_, FULL, torch.where(any_, PARTIAL, EMPTY)).to(torch.int8)
         return kinds.expand(self.batch, self.heads, tiles.num_q, tiles.num_k)
+
+    def stats(
+        self,
+        q_len: int,
+        k_len: int,
+        *,
+        block_q: int = 128,
+        block_k: int = 128,
+        q_offset: int = 0,
+        head_dim: int = 64,
+    ) -> MaskStats:
+        """What the mask costs, from its structure: density, fully masked rows, tile counts and the
+        work a block-sparse backend skips.
+
+        Only PARTIAL tiles are evaluated element by element; EMPTY and FULL ones are counted whole, so
+        structured masks never build Lq x Lk. Counts cover the mask's own batch and head axes
+        (B|1, H|1).
+        """
+        kinds = self.block_map(q_len, k_len, block_q, block_k, q_offset=q_offset)  # (B, H, nq, nk)
+        b_, h_, nq, nk = kinds.shape
+        q_sizes = torch.clamp(q_len - torch.arange(nq) * block_q, max=block_q)  # rows per query tile
+        k_sizes = torch.clamp(k_len - torch.arange(nk) * block_k, max=block_k)  # keys per key tile
+        area = q_sizes[:, None] * k_sizes[None, :]  # (nq, nk)
+        kinds = kinds.cpu()
+        rows = ((kinds == FULL) * k_sizes).sum(-1)  # (B, H, nq) allowed keys per row from FULL tiles
+        rows = rows.repeat_interleave(block_q, dim=-1)[..., :q_len].clone()  # (B, H, Lq)
+        index, counts = self._partial_row_counts(kinds, q_len, k_len, block_q, block_k, q_offset)
+        rows.view(-1).index_add_(0, index, counts)
+        skipped = int(((kinds == EMPTY) * area).sum())
+        allowed = int(rows.sum())
+        total = b_ * h_ * q_len * k_len
+        return MaskStats(
+            q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k, allowed=allowed, total=total,
+            density=allowed / total if total else 0.0, empty_rows=int((rows == 0).sum()),
+            tiles_empty=int((kinds == EMPTY).sum()), tiles_partial=int((kinds == PARTIAL).sum()),
+            tiles_full=int((kinds == FULL).sum()), skipped_fraction=skipped / total if total else 0.0,
+            flops_skipped=4 * head_dim * skipped,
+        )
+
+    def _partial_row_counts(self, kinds, q_len, k_len, block_q, block_k, q_offset, chunk: int = 256):
+        """Flat (B*H*Lq) row indices and allowed-key counts contributed by the PARTIAL tiles."""
+        tiles = (kinds == PARTIAL).nonzero()  # (n, 4): b, h, i, j
+        dq, dk = torch.arange(block_q), torch.arange(block_k)
+        heads = kinds.shape[1]
+        indices, counts = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
+        for start in range(0, tiles.shape[0], chunk):
+            b, h, i, j = (tiles[start : start + chunk, n].view(-1, 1, 1) for n in range(4))
+            q = i * block_q + dq.view(1, -1, 1)  # (n, bq, 1), call-relative
+            k = j * block_k + dk.view(1, 1, -1)  # (n, 1, bk)
+            inside = (q < q_len) & (k < k_len)
+            allowed = self.allows(b, h, q.clamp(max=q_len - 1) + q_offset, k.clamp(max=k_len - 1)) & inside
+            row = q[..., 0].clamp(max=q_len - 1)  # (n, bq)
+            flat = (b[..., 0] * heads + h[..., 0]) * q_len + row
+            indices.append(flat[(q[..., 0] < q_len)])
+            counts.append(allowed.sum(-1)[(q[..., 0] < q_len)])
+        return torch.cat(indices), torch.cat(counts)
 
     def render(
         self,

@@ -1,0 +1,127 @@
+"""Converters between conventions, checked against brute-force evaluation and against torch/HF."""
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from maskattn import MultiHeadAttention, masks
+from strategies import mask_cases
+
+
+def _dense(mask, q_len, k_len, batch=1, heads=1, q_offset=0):
+    return mask.to_dense(q_len, k_len, q_offset=q_offset).expand(batch, heads, q_len, k_len)
+
+
+@given(mask_cases(max_len=8))
+def test_torch_mha_round_trip(case):
+    heads = case.mask.heads if case.mask.heads > 1 else 2
+    attn, kpm = masks.to_torch_mha(case.mask, case.q_len, case.k_len, num_heads=heads, q_offset=case.q_offset)
+    back = masks.from_torch_mha(attn, kpm, num_heads=heads)
+    want = case.brute_dense()[:case.mask.batch, :case.mask.heads]
+    got = back.to_dense(case.q_len, case.k_len)
+    assert torch.equal(got.expand(want.shape[0], heads, *got.shape[2:]),
+                       want.expand(want.shape[0], heads, *want.shape[2:]))
+    # the additive form says the same
+    attn_f, kpm_f = masks.to_torch_mha(case.mask, case.q_len, case.k_len, num_heads=heads, q_offset=case.q_offset,
+                                       additive=torch.float32)
+    again = masks.from_torch_mha(attn_f, kpm_f, num_heads=heads).to_dense(case.q_len, case.k_len)
+    assert torch.equal(again, got)
+
+
+@given(mask_cases(max_len=8))
+def test_additive_and_hf_4d_round_trip(case):
+    add = masks.to_additive(case.mask, case.q_len, case.k_len, q_offset=case.q_offset)
+    assert set(add.unique().tolist()) <= {0.0, float("-inf")}
+    back = masks.from_hf(add).to_dense(case.q_len, case.k_len)
+    assert torch.equal(back, case.mask.to_dense(case.q_len, case.k_len, q_offset=case.q_offset))
+    hf_min = masks.to_additive(case.mask, case.q_len, case.k_len, q_offset=case.q_offset,
+                               fill=torch.finfo(torch.float32).min)
+    assert torch.equal(masks.from_hf(hf_min).to_dense(case.q_len, case.k_len), back)
+
+
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=6))
+def test_cu_seqlens_is_a_document_mask(lengths):
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    if cu[-1] == 0:
+        return
+    dense = masks.from_cu_seqlens(cu).to_dense(cu[-1], cu[-1])[0, 0]
+    doc = [d for d, n in enumerate(lengths) for _ in range(n)]
+    expected = torch.tensor([[doc[i] == doc[j] for j in range(cu[-1])] for i in range(cu[-1])])
+    assert torch.equal(dense, expected)
+
+
+def test_nn_multihead_attention_agrees_given_to_torch_mha():
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(16, 4, batch_first=True)
+    ours = MultiHeadAttention(16, 4)
+    with torch.no_grad():
+        for proj, w, b in zip((ours.q_proj, ours.k_proj, ours.v_proj), theirs.in_proj_weight.split(16),
+                              theirs.in_proj_bias.split(16), strict=True):
+            proj.weight.copy_(w)
+            proj.bias.copy_(b)
+        ours.out_proj.load_state_dict(theirs.out_proj.state_dict())
+    x = torch.randn(2, 6, 16)
+    for mask in (masks.causal() & masks.sliding_window(3), masks.padding([6, 4]),
+                 masks.prefix_lm(2) & masks.padding([6, 5])):
+        attn, kpm = masks.to_torch_mha(mask, 6, 6, num_heads=4)
+        expected, _ = theirs(x, x, x, attn_mask=attn, key_padding_mask=kpm)
+        torch.testing.assert_close(ours(x, mask=mask), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_keras_is_batch_first():
+    m = torch.tensor([[[1, 0], [1, 1]], [[0, 1], [1, 1]]])  # (B=2, T=2, S=2), 1 = attend
+    dense = masks.from_keras(m).to_dense(2, 2)
+    assert dense.shape == (2, 1, 2, 2) and dense[1, 0, 0].tolist() == [False, True]
+    assert masks.from_keras(torch.tensor([[1, 1, 0]])).to_dense(1, 3)[0, 0, 0].tolist() == [True, True, False]
+
+
+def test_things_that_look_inverted_are_reported():
+    with pytest.raises(ValueError, match="not additive.*0/1 keep-mask"):
+        masks.from_hf(torch.tensor([[[[0.0, 1.0], [1.0, 1.0]]]]))
+    with pytest.raises(ValueError, match="hides every key"):
+        masks.from_torch_mha(key_padding_mask=torch.ones(2, 3, dtype=torch.bool))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # right-padded batch given in the HF convention to the torch converter: True = keep, read as masked
+        masks.from_torch_mha(key_padding_mask=torch.tensor([[True, True, False], [True, False, False]]))
+    assert any(issubclass(w.category, masks.InvertedMaskWarning) for w in caught)
+    with pytest.raises(ValueError, match="bias"):
+        masks.from_torch_mha(torch.tensor([[0.0, -0.5], [0.0, 0.0]]))
+
+
+@given(mask_cases(max_len=10), st.integers(1, 4), st.integers(1, 4))
+def test_stats_equal_dense_counts(case, block_q, block_k):
+    stats = case.mask.stats(case.q_len, case.k_len, block_q=block_q, block_k=block_k, q_offset=case.q_offset)
+    dense = case.mask.to_dense(case.q_len, case.k_len, q_offset=case.q_offset)
+    assert stats.allowed == int(dense.sum())
+    assert stats.empty_rows == int((~dense.any(-1)).sum())
+    kinds = case.mask.block_map(case.q_len, case.k_len, block_q, block_k, q_offset=case.q_offset)
+    assert stats.tiles_empty + stats.tiles_partial + stats.tiles_full == kinds.numel()
+    assert stats.flops_skipped == 4 * 64 * sum(
+        int(dense[b, h, i * block_q:(i + 1) * block_q, j * block_k:(j + 1) * block_k].numel())
+        for b, h, i, j in (kinds == masks.EMPTY).nonzero().tolist())
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_hf_masks_from_transformers_own_mask_preparation(window):
+    pytest.importorskip("transformers", reason="transformers is not installed (test extra)")
+    from transformers import masking_utils as hf
+
+    padding_2d = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]])  # right padding, 1 = real token
+    function = hf.causal_mask_function if window is None else hf.sliding_window_causal_mask_function(window)
+    ours = masks.causal() & masks.from_hf(padding_2d)
+    if window is not None:
+        ours = ours & masks.sliding_window(window)
+    expected = ours.to_dense(6, 6)
+    keep = hf.sdpa_mask(batch_size=2, q_length=6, kv_length=6, mask_function=function, attention_mask=padding_2d.bool(),
+                        allow_is_causal_skip=False)  # (B, 1, 6, 6) bool, True = keep
+    additive = hf.eager_mask(batch_size=2, q_length=6, kv_length=6, mask_function=function,
+                             attention_mask=padding_2d.bool(), dtype=torch.float32)  # 0 / finfo.min
+    for hf_mask in (keep, additive):
+        assert torch.equal(masks.from_hf(hf_mask).to_dense(6, 6), expected)
