@@ -82,7 +82,7 @@ def test_keras_is_batch_first():
 
 
 def test_things_that_look_inverted_are_reported():
-    with pytest.raises(ValueError, match="not additive.*0/1 keep-mask"):
+    with pytest.raises(ValueError, match=r"not additive.*0/1 keep-mask"):
         masks.from_hf(torch.tensor([[[[0.0, 1.0], [1.0, 1.0]]]]))
     with pytest.raises(ValueError, match="hides every key"):
         masks.from_torch_mha(key_padding_mask=torch.ones(2, 3, dtype=torch.bool))
