@@ -125,3 +125,23 @@ def test_hf_masks_from_transformers_own_mask_preparation(window):
                              attention_mask=padding_2d.bool(), dtype=torch.float32)  # 0 / finfo.min
     for hf_mask in (keep, additive):
         assert torch.equal(masks.from_hf(hf_mask).to_dense(6, 6), expected)
+
+
+@given(mask_cases(max_len=12), st.integers(1, 5), st.integers(1, 5))
+def test_stats_tiles_equal_the_exact_classification(case, block_q, block_k):
+    # interval-structured masks count tiles from their row bounds; the result must equal a count over
+    # the dense tiles wherever it claims exactness, and never call a non-empty tile empty
+    stats = case.mask.stats(case.q_len, case.k_len, block_q=block_q, block_k=block_k, q_offset=case.q_offset)
+    dense = case.mask.to_dense(case.q_len, case.k_len, q_offset=case.q_offset)
+    empty = full = 0
+    for i in range(0, case.q_len, block_q):
+        for j in range(0, case.k_len, block_k):
+            tile = dense[:, :, i:i + block_q, j:j + block_k].flatten(2)
+            empty += int((~tile.any(-1)).sum())
+            full += int(tile.all(-1).sum())
+    assert stats.tiles_empty <= empty and stats.tiles_full <= full
+    if case.mask._row_bounds(torch.arange(case.q_offset, case.q_offset + case.q_len), case.k_len) is None:
+        return
+    if stats.tiles_empty + stats.tiles_full != empty + full:  # fell back to the block map (a gap)
+        return
+    assert (stats.tiles_empty, stats.tiles_full) == (empty, full)

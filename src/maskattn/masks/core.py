@@ -145,6 +145,14 @@ class Mask:
     def _leaves(self) -> list[Mask]:
         return [self]
 
+    def _row_bounds(self, q: Tensor, k_len: int) -> tuple[Tensor, Tensor] | None:
+        """``(lo, hi)``, each broadcastable to (B, H, Lq), when every query row's allowed keys are exactly
+        the interval [lo, hi) (clipped to [0, k_len)); None for masks without that structure.
+
+        ``q`` holds the absolute query positions, (Lq,). Lets :meth:`stats` count without tiles.
+        """
+        return None
+
     def _check(self, q_len: int, k_len: int, q_offset: int) -> None:
         """Raise ValueError if this mask cannot describe an (Lq, Lk) problem at q_offset."""
 
@@ -251,26 +259,82 @@ class Mask:
         structured masks never build Lq x Lk. Counts cover the mask's own batch and head axes
         (B|1, H|1).
         """
-        kinds = self.block_map(q_len, k_len, block_q, block_k, q_offset=q_offset)  # (B, H, nq, nk)
-        b_, h_, nq, nk = kinds.shape
-        q_sizes = torch.clamp(q_len - torch.arange(nq) * block_q, max=block_q)  # rows per query tile
-        k_sizes = torch.clamp(k_len - torch.arange(nk) * block_k, max=block_k)  # keys per key tile
-        area = q_sizes[:, None] * k_sizes[None, :]  # (nq, nk)
-        kinds = kinds.cpu()
-        rows = ((kinds == FULL) * k_sizes).sum(-1)  # (B, H, nq) allowed keys per row from FULL tiles
-        rows = rows.repeat_interleave(block_q, dim=-1)[..., :q_len].clone()  # (B, H, Lq)
-        index, counts = self._partial_row_counts(kinds, q_len, k_len, block_q, block_k, q_offset)
-        rows.view(-1).index_add_(0, index, counts)
-        skipped = int(((kinds == EMPTY) * area).sum())
+        rows = self._rows_from_bounds(q_len, k_len, q_offset)  # (B, H, Lq) allowed keys per row, or None
+        tiles = self._tiles_from_bounds(q_len, k_len, q_offset, block_q, block_k) if rows is not None else None
+        if tiles is None:  # FULL tiles count whole, PARTIAL tiles are evaluated element by element
+            kinds = self.block_map(q_len, k_len, block_q, block_k, q_offset=q_offset).cpu()  # (B, H, nq, nk)
+            nq, nk = kinds.shape[2:]
+            k_sizes = torch.clamp(k_len - torch.arange(nk) * block_k, max=block_k)  # keys per key tile
+            q_sizes = torch.clamp(q_len - torch.arange(nq) * block_q, max=block_q)  # rows per query tile
+            if rows is None:
+                rows = ((kinds == FULL) * k_sizes).sum(-1).repeat_interleave(block_q, dim=-1)[..., :q_len].clone()
+                index, counts = self._partial_row_counts(kinds, q_len, k_len, block_q, block_k, q_offset)
+                rows.view(-1).index_add_(0, index, counts)
+            skipped = int(((kinds == EMPTY) * (q_sizes[:, None] * k_sizes[None, :])).sum())
+            tiles = (int((kinds == EMPTY).sum()), int((kinds == PARTIAL).sum()), int((kinds == FULL).sum()), skipped)
+        n_empty, n_partial, n_full, skipped = tiles
         allowed = int(rows.sum())
-        total = b_ * h_ * q_len * k_len
+        total = self.batch * self.heads * q_len * k_len
         return MaskStats(
             q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k, allowed=allowed, total=total,
             density=allowed / total if total else 0.0, empty_rows=int((rows == 0).sum()),
-            tiles_empty=int((kinds == EMPTY).sum()), tiles_partial=int((kinds == PARTIAL).sum()),
-            tiles_full=int((kinds == FULL).sum()), skipped_fraction=skipped / total if total else 0.0,
+            tiles_empty=n_empty, tiles_partial=n_partial, tiles_full=n_full,
+            skipped_fraction=skipped / total if total else 0.0,
             flops_skipped=4 * head_dim * skipped,
         )
+
+    def _rows_from_bounds(self, q_len: int, k_len: int, q_offset: int) -> Tensor | None:
+        q = torch.arange(q_offset, q_offset + q_len)
+        bounds = self._row_bounds(q, k_len)
+        if bounds is None:
+            return None
+        lo, hi = (torch.as_tensor(x).clamp(0, k_len) for x in bounds)
+        counts = (hi - lo).clamp(min=0)
+        counts = counts.view((1,) * (3 - counts.dim()) + tuple(counts.shape))
+        return counts.expand(self.batch, self.heads, q_len)
+
+    def _tiles_from_bounds(self, q_len: int, k_len: int, q_offset: int, block_q: int, block_k: int):
+        """(empty, partial, full, skipped entries) from row intervals, or None when a query tile's rows
+        do not form one gap-free band (then the block map decides)."""
+        q = torch.arange(q_offset, q_offset + q_len)
+        lo, hi = (torch.as_tensor(x).clamp(0, k_len) for x in self._row_bounds(q, k_len))
+        lo, hi = torch.broadcast_tensors(lo.view((1,) * (3 - lo.dim()) + tuple(lo.shape)),
+                                         hi.view((1,) * (3 - hi.dim()) + tuple(hi.shape)))
+        lo = lo.expand(self.batch, self.heads, q_len).double()
+        hi = hi.expand(self.batch, self.heads, q_len).double()
+        live = hi > lo
+        pad = -q_len % block_q
+        inf = torch.tensor(float("inf"), dtype=torch.float64)
+        live_lo = torch.nn.functional.pad(torch.where(live, lo, inf), (0, pad), value=float("inf"))
+        live_hi = torch.nn.functional.pad(torch.where(live, hi, -inf), (0, pad), value=float("-inf"))
+        all_lo = torch.nn.functional.pad(lo, (0, pad), value=float("-inf")).unflatten(-1, (-1, block_q))
+        all_hi = torch.nn.functional.pad(torch.where(live, hi, lo), (0, pad), value=float("inf")).unflatten(-1, (-1, block_q))
+        live_lo, live_hi = live_lo.unflatten(-1, (-1, block_q)), live_hi.unflatten(-1, (-1, block_q))  # (B, H, nq, bq)
+        # gap-free: with lo non-decreasing over the live rows, each row starts before the band so far ends
+        seen_lo = torch.cummax(torch.where(live_lo.isinf(), -inf, live_lo), dim=-1).values
+        reach = torch.cummax(live_hi, dim=-1).values
+        ordered = (live_lo.isinf() | (live_lo >= seen_lo)).all()
+        gapless = (live_lo[..., 1:].isinf() | (live_lo[..., 1:] <= reach[..., :-1])).all()
+        if not (ordered and gapless):
+            return None
+        band_lo, band_hi = live_lo.amin(-1), live_hi.amax(-1)  # (B, H, nq): the union of the rows
+        nk = -(-k_len // block_k)
+        touched = torch.where(band_hi > band_lo, torch.ceil(band_hi / block_k) - torch.floor(band_lo / block_k), 0)
+        core_lo, core_hi = all_lo.amax(-1), all_hi.amin(-1)  # the keys every row of the tile sees
+        ends = torch.where(core_hi >= k_len, float(nk), torch.floor(core_hi / block_k))  # tiles ending <= core_hi
+        full = (ends - torch.ceil(core_lo / block_k)).clamp(min=0)
+        full = torch.where(core_hi > core_lo, full, 0)
+        q_sizes = torch.clamp(q_len - torch.arange(touched.shape[-1]) * block_q, max=block_q).double()
+        k_sizes = torch.clamp(k_len - torch.arange(nk) * block_k, max=block_k).double()
+        # skipped entries: rows x (all keys - keys of the touched tiles)
+        first = torch.floor(band_lo / block_k).clamp(0, nk)
+        last = torch.ceil(band_hi / block_k).clamp(0, nk)
+        k_cum = torch.cat([torch.zeros(1, dtype=torch.float64), k_sizes.cumsum(0)])
+        covered = torch.where(band_hi > band_lo, k_cum[last.long()] - k_cum[first.long()], 0)
+        skipped = int(((k_len - covered) * q_sizes).sum())
+        n_touched, n_full = int(touched.sum()), int(full.sum())
+        n_tiles = self.batch * self.heads * touched.shape[-1] * nk
+        return n_tiles - n_touched, n_touched - n_full, n_full, skipped
 
     def _partial_row_counts(self, kinds, q_len, k_len, block_q, block_k, q_offset, chunk: int = 256):
         """Flat (B*H*Lq) row indices and allowed-key counts contributed by the PARTIAL tiles."""
@@ -389,6 +453,9 @@ class Mask:
 
 # --- structured masks ----------------------------------------------------------------------------
 class _Full(Mask):
+    def _row_bounds(self, q, k_len):
+        return torch.zeros_like(q), torch.full_like(q, k_len)
+
     def allows(self, b, h, q, k):
         return torch.ones_like(q, dtype=torch.bool) | torch.ones_like(k, dtype=torch.bool)
 
@@ -401,6 +468,9 @@ class _Full(Mask):
 
 
 class _Causal(Mask):
+    def _row_bounds(self, q, k_len):
+        return torch.zeros_like(q), q + 1
+
     def allows(self, b, h, q, k):
         return k <= q
 
@@ -415,6 +485,9 @@ class _Causal(Mask):
 class _SlidingWindow(Mask):
     def __init__(self, size: int):
         self.size = size
+
+    def _row_bounds(self, q, k_len):
+        return q - self.size + 1, torch.full_like(q, k_len)
 
     def allows(self, b, h, q, k):
         return q - k < self.size
@@ -459,6 +532,11 @@ class _Padding(Mask):
         self.lengths, self.valid = lengths, valid
         self.tensor = lengths if lengths is not None else valid
         self.batch = self.tensor.shape[0]
+
+    def _row_bounds(self, q, k_len):
+        if self.lengths is None:
+            return None
+        return torch.zeros_like(q), self.lengths.to(q.device).view(-1, 1, 1).expand(-1, 1, q.shape[0])
 
     def allows(self, b, h, q, k):
         b = _index(b, self.batch)
@@ -507,6 +585,9 @@ class _PrefixLM(Mask):
         self.batch = prefix.shape[0]
         self._as_or = _Or(_Causal(), _Padding(lengths=prefix))
 
+    def _row_bounds(self, q, k_len):
+        return torch.zeros_like(q), torch.maximum(q + 1, self.prefix.to(q.device).view(-1, 1, 1))
+
     def allows(self, b, h, q, k):
         return self._as_or.allows(b, h, q, k)
 
@@ -524,6 +605,16 @@ class _Document(Mask):
     def __init__(self, doc_ids: Tensor):
         self.doc_ids = self.tensor = doc_ids
         self.batch = doc_ids.shape[0]
+
+    def _row_bounds(self, q, k_len):
+        ids = self.doc_ids.to(q.device)
+        if bool((ids[:, 1:] < ids[:, :-1]).any()):
+            return None  # documents are intervals only when the ids are in order
+        keys = ids[:, :k_len].contiguous()  # (B, Lk)
+        own = ids[:, q].contiguous()  # (B, Lq): each query's document
+        lo = torch.searchsorted(keys, own, right=False)
+        hi = torch.searchsorted(keys, own, right=True)
+        return lo[:, None], hi[:, None]  # (B, 1, Lq)
 
     def allows(self, b, h, q, k):
         ids = self.doc_ids.to(q.device)
@@ -641,6 +732,15 @@ class _Combined(Mask):
 
 class _And(_Combined):
     symbol = "&"
+
+    def _row_bounds(self, q, k_len):
+        bounds = [p._row_bounds(q, k_len) for p in self.parts]
+        if any(b is None for b in bounds):
+            return None
+        lo, hi = bounds[0]
+        for a, b in bounds[1:]:
+            lo, hi = torch.maximum(lo, a), torch.minimum(hi, b)
+        return lo, hi
 
     def allows(self, b, h, q, k):
         result = self.parts[0].allows(b, h, q, k)
