@@ -20,7 +20,13 @@ def _dense(mask, q_len, k_len, batch=1, heads=1, q_offset=0):
 def test_torch_mha_round_trip(case):
     heads = case.mask.heads if case.mask.heads > 1 else 2
     attn, kpm = masks.to_torch_mha(case.mask, case.q_len, case.k_len, num_heads=heads, q_offset=case.q_offset)
-    back = masks.from_torch_mha(attn, kpm, num_heads=heads)
+    if kpm is not None and bool(kpm.all()):  # nothing visible at all: refused as probably inverted
+        with pytest.raises(ValueError, match="hides every key"):
+            masks.from_torch_mha(attn, kpm, num_heads=heads)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", masks.InvertedMaskWarning)  # random masks may look inverted
+        back = masks.from_torch_mha(attn, kpm, num_heads=heads)
     want = case.brute_dense()[:case.mask.batch, :case.mask.heads]
     got = back.to_dense(case.q_len, case.k_len)
     assert torch.equal(got.expand(want.shape[0], heads, *got.shape[2:]),
@@ -28,7 +34,9 @@ def test_torch_mha_round_trip(case):
     # the additive form says the same
     attn_f, kpm_f = masks.to_torch_mha(case.mask, case.q_len, case.k_len, num_heads=heads, q_offset=case.q_offset,
                                        additive=torch.float32)
-    again = masks.from_torch_mha(attn_f, kpm_f, num_heads=heads).to_dense(case.q_len, case.k_len)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", masks.InvertedMaskWarning)
+        again = masks.from_torch_mha(attn_f, kpm_f, num_heads=heads).to_dense(case.q_len, case.k_len)
     assert torch.equal(again, got)
 
 

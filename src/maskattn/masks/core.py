@@ -308,7 +308,8 @@ class Mask:
         live_lo = torch.nn.functional.pad(torch.where(live, lo, inf), (0, pad), value=float("inf"))
         live_hi = torch.nn.functional.pad(torch.where(live, hi, -inf), (0, pad), value=float("-inf"))
         all_lo = torch.nn.functional.pad(lo, (0, pad), value=float("-inf")).unflatten(-1, (-1, block_q))
-        all_hi = torch.nn.functional.pad(torch.where(live, hi, lo), (0, pad), value=float("inf")).unflatten(-1, (-1, block_q))
+        all_hi = torch.nn.functional.pad(torch.where(live, hi, lo), (0, pad), value=float("inf"))
+        all_hi = all_hi.unflatten(-1, (-1, block_q))
         live_lo, live_hi = live_lo.unflatten(-1, (-1, block_q)), live_hi.unflatten(-1, (-1, block_q))  # (B, H, nq, bq)
         # gap-free: with lo non-decreasing over the live rows, each row starts before the band so far ends
         seen_lo = torch.cummax(torch.where(live_lo.isinf(), -inf, live_lo), dim=-1).values
