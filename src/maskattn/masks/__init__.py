@@ -20,7 +20,6 @@ from maskattn.masks.core import (
     FULL,
     PARTIAL,
     Mask,
-    MaskStats,
     Tiles,
     _Causal,
     _Full,
@@ -34,6 +33,7 @@ from maskattn.masks.core import (
     sliding_window,
 )
 from maskattn.masks.expr import MaskSyntaxError, parse
+from maskattn.masks.stats import MaskStats
 
 __all__ = [
     "EMPTY",
