@@ -33,12 +33,12 @@ class MaskStats:
     skipped_fraction: float  # share of all score entries inside EMPTY tiles
     flops_skipped: int  # 4 * head_dim * skipped entries: forward FLOPs a block-sparse backend saves
 
-    def __str__(mask) -> str:
-        return (f"Lq={mask.q_len} Lk={mask.k_len}: density {100 * mask.density:.2f}% "
-                f"({mask.allowed:,} of {mask.total:,} scores), {mask.empty_rows} fully masked row(s)\n"
-                f"tiles {mask.block_q}x{mask.block_k}: {mask.tiles_empty:,} empty, {mask.tiles_partial:,} partial, "
-                f"{mask.tiles_full:,} full; a block-sparse backend skips {100 * mask.skipped_fraction:.2f}% of the "
-                f"scores ({mask.flops_skipped / 1e9:.3f} GFLOP forward per batch item and head)")
+    def __str__(self) -> str:
+        return (f"Lq={self.q_len} Lk={self.k_len}: density {100 * self.density:.2f}% "
+                f"({self.allowed:,} of {self.total:,} scores), {self.empty_rows} fully masked row(s)\n"
+                f"tiles {self.block_q}x{self.block_k}: {self.tiles_empty:,} empty, {self.tiles_partial:,} partial, "
+                f"{self.tiles_full:,} full; a block-sparse backend skips {100 * self.skipped_fraction:.2f}% of the "
+                f"scores ({self.flops_skipped / 1e9:.3f} GFLOP forward per batch item and head)")
 
 
 def mask_stats(mask: Mask, q_len: int, k_len: int, *, block_q: int = 128, block_k: int = 128, q_offset: int = 0,
