@@ -8,9 +8,6 @@ A trained model is a directory written by ``model.save`` (``config.json``, ``mod
 
 from __future__ import annotations
 
-import json
-import sys
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -20,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maskattn import checkpoint, decoding, metrics
+from maskattn import decoding, metrics
 from maskattn.data import bucket_batches, pad, read_parallel
 from maskattn.models import Transformer, TransformerConfig
+from maskattn.tasks.common import fit_and_export, log_stderr, read_task, run_tokenizer
 from maskattn.tokenization import Tokenizer
-from maskattn.training import TrainConfig, Trainer, setup_distributed
+from maskattn.training import TrainConfig
 
 Pairs = list[tuple[str, str]]
 
@@ -142,13 +140,9 @@ def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, flo
     }
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
 # --- training --------------------------------------------------------------------------------------
 def train(cfg: TranslationConfig, train_pairs: Pairs | None = None, valid_pairs: Pairs | None = None, *,
-          resume: bool = False, log=_stderr) -> dict[str, Any]:
+          resume: bool = False, log=log_stderr) -> dict[str, Any]:
     """Train a translation model; return the final validation metrics and where the model was saved.
 
     Pairs may be passed directly (the demo does); otherwise they are read from ``cfg.data``.
@@ -160,15 +154,7 @@ def train(cfg: TranslationConfig, train_pairs: Pairs | None = None, valid_pairs:
         train_pairs = read_pairs(cfg.data.train_src, cfg.data.train_tgt)
     if valid_pairs is None and cfg.data.valid_src:
         valid_pairs = read_pairs(cfg.data.valid_src, cfg.data.valid_tgt)
-    rank, _ = setup_distributed()
-    tok_path = out / "tokenizer.json"
-    if resume and tok_path.exists():
-        tok = Tokenizer.load(tok_path)
-    else:
-        tok = build_tokenizer(cfg.data, train_pairs)  # deterministic: every rank builds the same one
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            tok.save(tok_path)
+    tok = run_tokenizer(out, resume, lambda: build_tokenizer(cfg.data, train_pairs))
     data = encode_pairs(tok, train_pairs, cfg.data.max_len)
     lengths = [max(len(s), len(t) + 1) for s, t in zip(data.src, data.tgt, strict=True)]
     torch.manual_seed(cfg.train.seed)
@@ -186,38 +172,19 @@ def train(cfg: TranslationConfig, train_pairs: Pairs | None = None, valid_pairs:
         logits = m(b["src"], b["tgt_in"], src_lengths=b["src_lengths"], tgt_lengths=b["tgt_lengths"])
         return sequence_loss(logits, b["tgt_out"], tok.pad_id, cfg.label_smoothing)
 
-    trainer = Trainer(
-        model, cfg.train, out_dir=out, evaluate=evaluate if valid else None,
+    return fit_and_export(
+        model, tok, cfg.train, out, evaluate=evaluate if valid else None, resume=resume, log=log,
         plan=lambda epoch: bucket_batches(lengths, cfg.data.max_tokens, seed=cfg.train.seed, epoch=epoch),
-        collate=lambda idx: collate(tok, data, idx), loss=loss, device="cpu" if not torch.cuda.is_available() else None,
+        collate=lambda idx: collate(tok, data, idx), loss=loss,
+        task={"task": "translation", "decode": asdict(cfg.decode)},
     )
-    if resume and trainer.resume():
-        log(f"resumed from step {trainer.step}")
-    start = time.perf_counter()
-    last = trainer.fit()
-    seconds = time.perf_counter() - start
-    if trainer.rank != 0:
-        return {}
-    best = checkpoint.latest(out / "best") if valid else None
-    if best is not None:  # export the best evaluated weights, not the last ones
-        model.load_state_dict(checkpoint.load(best)["model"])
-    export(model, tok, cfg, out / "model")
-    return {**last, "train_seconds": seconds, "model": str(out / "model")}
-
-
-def export(model: Transformer, tok: Tokenizer, cfg: TranslationConfig, directory: Path) -> Path:
-    model.save(directory, tokenizer=tok.backend)
-    task = {"task": "translation", "decode": asdict(cfg.decode)}
-    (directory / "task.json").write_text(json.dumps(task, indent=2) + "\n")
-    return directory
 
 
 def load(directory: str | Path) -> tuple[Transformer, Tokenizer, DecodeConfig]:
     """A trained translation model, its tokenizer and its decoding settings."""
     directory = Path(directory)
     model = Transformer.load(directory)
-    task = json.loads((directory / "task.json").read_text()) if (directory / "task.json").exists() else {}
-    decode = DecodeConfig(**task.get("decode", {}))
+    decode = DecodeConfig(**read_task(directory).get("decode", {}))
     return model, Tokenizer.load(directory), decode
 
 

@@ -1,0 +1,74 @@
+"""What every task's training shares: the tokenizer of a run, the trainer, and the exported model.
+
+A trained model is a directory written by ``model.save`` (``config.json``, ``model.safetensors``,
+``tokenizer.json``) plus ``task.json``, which names the task and holds what prediction needs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from maskattn import checkpoint
+from maskattn.tokenization import Tokenizer
+from maskattn.training import TrainConfig, Trainer, setup_distributed
+
+TASK_FILE = "task.json"
+
+
+def log_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def run_tokenizer(out: Path, resume: bool, build: Callable[[], Tokenizer]) -> Tokenizer:
+    """The run's tokenizer: reloaded on resume, else built (the same on every rank) and saved by rank 0."""
+    path = out / "tokenizer.json"
+    if resume and path.exists():
+        return Tokenizer.load(path)
+    tok = build()
+    if setup_distributed()[0] == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        tok.save(path)
+    return tok
+
+
+def fit_and_export(model: nn.Module, tok: Tokenizer, cfg: TrainConfig, out: Path, *,
+                   plan: Callable[[int], list[list[int]]], collate: Callable[[list[int]], dict[str, Any]],
+                   loss: Callable[[nn.Module, dict[str, Any]], Tensor],
+                   evaluate: Callable[[nn.Module], dict[str, float]] | None, resume: bool,
+                   task: dict[str, Any], log: Callable[[str], None] = log_stderr) -> dict[str, Any]:
+    """Train, keep the best evaluated weights, and export the model to ``out/model``.
+
+    Returns the last evaluation (or training loss), the training wall time and the model directory;
+    an empty dict on ranks other than 0.
+    """
+    trainer = Trainer(model, cfg, out_dir=out, evaluate=evaluate, plan=plan, collate=collate, loss=loss,
+                      device=None if torch.cuda.is_available() else "cpu")
+    if resume and trainer.resume():
+        log(f"resumed from step {trainer.step}")
+    start = time.perf_counter()
+    last = trainer.fit()
+    seconds = time.perf_counter() - start
+    if trainer.rank != 0:
+        return {}
+    best = checkpoint.latest(out / "best") if evaluate is not None else None
+    if best is not None:  # export the best evaluated weights, not the last ones
+        model.load_state_dict(checkpoint.load(best)["model"])
+    directory = out / "model"
+    model.save(directory, tokenizer=tok.backend)
+    (directory / TASK_FILE).write_text(json.dumps(task, indent=2) + "\n")
+    return {**last, "train_seconds": seconds, "model": str(directory)}
+
+
+def read_task(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / TASK_FILE
+    if not path.is_file():
+        raise ValueError(f"{directory} has no {TASK_FILE}: not a model trained by `maskattn train`")
+    return json.loads(path.read_text())
