@@ -5,7 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
+
+SHORTCUTS = ("train_src", "train_tgt", "valid_src", "valid_tgt", "train", "valid", "pretrained")
+
+
+def _task(name: str):
+    """(module, default config) of a task."""
+    from maskattn.tasks import classification, translation
+
+    if name == "translation":
+        return translation, translation.TranslationConfig()
+    if name == "classification":
+        return classification, classification.ClassificationConfig()
+    raise ValueError(f"unknown task {name!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,25 +35,30 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a task model", formatter_class=argparse.RawDescriptionHelpFormatter,
                            description="Train TASK. Settings come from the task's defaults, then --config, then "
                            "--set; `maskattn train TASK --show-config` lists every setting and its default.")
-    train.add_argument("task", choices=["translation"], help="the task to train")
+    train.add_argument("task", choices=["translation", "classification"], help="the task to train")
     train.add_argument("--config", help="a TOML file of settings, sections as in --show-config")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one setting, e.g. --set train.lr=3e-4 --set model.d_model=256 (repeatable)")
     train.add_argument("--out", help="run directory (same as --set out=...)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run directory")
     train.add_argument("--show-config", action="store_true", help="print the resolved settings and exit")
-    for name in ("train-src", "train-tgt", "valid-src", "valid-tgt"):
-        train.add_argument(f"--{name}", help=f"shortcut for --set data.{name.replace('-', '_')}=PATH")
+    for name in SHORTCUTS:
+        train.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"shortcut for --set data.{name}=PATH")
 
     translate = sub.add_parser("translate", help="translate text with a trained model (arguments or stdin)")
     translate.add_argument("model", help="a model directory written by `maskattn train translation`")
     translate.add_argument("text", nargs="*", help="sentences; without any, one sentence per line from stdin")
     translate.add_argument("--beam", type=int, help="beam size (1 = greedy; default: the model's setting)")
 
+    classify = sub.add_parser("classify", help="label texts with a trained classifier (arguments or stdin)")
+    classify.add_argument("model", help="a model directory written by `maskattn train classification`")
+    classify.add_argument("text", nargs="*", help="texts; without any, one text per line from stdin")
+
     evaluate = sub.add_parser("evaluate", help="score a trained model on any data file")
     evaluate.add_argument("model", help="a trained model directory")
-    evaluate.add_argument("--data", required=True, help="source sentences (one per line, .gz ok) or a TSV of pairs")
-    evaluate.add_argument("--ref", default="", help="reference translations, aligned with --data")
+    evaluate.add_argument("--data", required=True, help="translation: source sentences (one per line, .gz ok) or "
+                          "a TSV of pairs; classification: a labelled TSV/CSV/JSONL")
+    evaluate.add_argument("--ref", default="", help="translation: reference translations, aligned with --data")
     evaluate.add_argument("--beam", type=int, help="beam size (default: the model's setting)")
 
     viz = sub.add_parser("viz", help="attention heatmaps and the explorer page for one input",
@@ -82,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"demo": _demo, "train": _train, "translate": _translate, "evaluate": _evaluate, "viz": _viz,
+    handler = {"demo": _demo, "train": _train, "translate": _translate, "classify": _classify,
+               "evaluate": _evaluate, "viz": _viz,
                "audit": _audit, "showcase": _showcase, "masks": _masks_show}[args.command]
     try:
         return handler(args)
@@ -101,20 +119,20 @@ def _demo(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from maskattn import config
     from maskattn.checkpoint import CheckpointError
-    from maskattn.tasks import translation
 
+    module, defaults = _task(args.task)
     assignments = list(args.set)
-    for name in ("train_src", "train_tgt", "valid_src", "valid_tgt"):
+    for name in SHORTCUTS:
         if getattr(args, name):
             assignments.append(f"data.{name}={json.dumps(getattr(args, name))}")
     if args.out:
         assignments.append(f"out={json.dumps(args.out)}")
-    cfg = config.load(translation.TranslationConfig(), args.config, assignments)
+    cfg = config.load(defaults, args.config, assignments)
     if args.show_config:
         print("\n".join(config.describe(cfg)))
         return 0
     try:
-        result = translation.train(cfg, resume=args.resume)
+        result = module.train(cfg, resume=args.resume)
     except CheckpointError as e:
         print(f"maskattn train: {e}", file=sys.stderr)
         return 2
@@ -136,14 +154,29 @@ def _translate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    from maskattn.tasks import translation
+def _classify(args: argparse.Namespace) -> int:
+    from maskattn.tasks import classification
 
-    task = json.loads((Path(args.model) / "task.json").read_text()).get("task")
-    if task != "translation":
-        raise ValueError(f"{args.model}: evaluate knows translation models, this one is {task!r}")
-    overrides = {"beam_size": args.beam} if args.beam else {}
-    print(json.dumps(translation.evaluate_files(args.model, args.data, args.ref, **overrides), indent=2))
+    model, tok, task = classification.load(args.model)
+    texts = args.text or [line.rstrip("\n") for line in sys.stdin]
+    for label in classification.predict(model, tok, task["labels"], texts):
+        print(label)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from maskattn.tasks import classification, translation
+    from maskattn.tasks.common import read_task
+
+    task = read_task(args.model).get("task")
+    if task == "translation":
+        overrides = {"beam_size": args.beam} if args.beam else {}
+        scores = translation.evaluate_files(args.model, args.data, args.ref, **overrides)
+    elif task == "classification":
+        scores = classification.evaluate_file(args.model, args.data)
+    else:
+        raise ValueError(f"{args.model}: no evaluation for task {task!r}")
+    print(json.dumps(scores, indent=2))
     return 0
 
 

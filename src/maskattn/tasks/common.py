@@ -43,8 +43,13 @@ def fit_and_export(model: nn.Module, tok: Tokenizer, cfg: TrainConfig, out: Path
                    plan: Callable[[int], list[list[int]]], collate: Callable[[list[int]], dict[str, Any]],
                    loss: Callable[[nn.Module, dict[str, Any]], Tensor],
                    evaluate: Callable[[nn.Module], dict[str, float]] | None, resume: bool,
-                   task: dict[str, Any], log: Callable[[str], None] = log_stderr) -> dict[str, Any]:
+                   task: dict[str, Any], log: Callable[[str], None] = log_stderr,
+                   saved: nn.Module | None = None) -> dict[str, Any]:
     """Train, keep the best evaluated weights, and export the model to ``out/model``.
+
+    ``model`` is what the trainer runs (a task may wrap the maskattn model so that its loss goes
+    through ``forward``, as DistributedDataParallel needs); ``saved`` is the model exported
+    (default ``model``).
 
     Returns the last evaluation (or training loss), the training wall time and the model directory;
     an empty dict on ranks other than 0.
@@ -62,7 +67,7 @@ def fit_and_export(model: nn.Module, tok: Tokenizer, cfg: TrainConfig, out: Path
     if best is not None:  # export the best evaluated weights, not the last ones
         model.load_state_dict(checkpoint.load(best)["model"])
     directory = out / "model"
-    model.save(directory, tokenizer=tok.backend)
+    (saved or model).save(directory, tokenizer=tok.backend)
     (directory / TASK_FILE).write_text(json.dumps(task, indent=2) + "\n")
     return {**last, "train_seconds": seconds, "model": str(directory)}
 

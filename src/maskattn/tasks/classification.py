@@ -1,0 +1,144 @@
+"""Text classification and sentiment with :class:`~maskattn.models.EncoderModel`: from scratch, or
+fine-tuned from a pretrained BERT-style encoder (``data.pretrained``, e.g. all-MiniLM-L6-v2).
+
+Inputs are ``[CLS] text [SEP]`` (``<s> text </s>`` with a tokenizer trained here); the label set is
+read from the training data and saved with the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maskattn import metrics
+from maskattn.data import bucket_batches, pad, read_labelled
+from maskattn.models import EncoderConfig, EncoderModel, from_pretrained
+from maskattn.tasks.common import fit_and_export, log_stderr, read_task, run_tokenizer
+from maskattn.tokenization import Tokenizer
+from maskattn.training import TrainConfig
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # training file: TSV/CSV with a header, or JSONL
+    valid: str = ""  # validation file (evaluated during training; never the test set)
+    text_field: str = "sentence"  # column (or key) of the text
+    label_field: str = "label"  # column (or key) of the label
+    pretrained: str = ""  # directory of a pretrained BERT-style encoder to fine-tune; empty = from scratch
+    tokenizer: str = "bpe"  # from scratch: bpe | chars
+    vocab_size: int = 8000  # from scratch: BPE vocabulary size
+    max_len: int = 128  # longer texts are cut
+    max_tokens: int = 4096  # padded tokens per batch
+
+
+@dataclass
+class ClassificationConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: EncoderConfig = field(default_factory=lambda: EncoderConfig.preset("small", dropout=0.1))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        lr=5e-4, schedule="cosine", metric="accuracy", higher_is_better=True, warmup=200))
+    out: str = "runs/classification"  # run directory
+
+
+def encode(tok: Tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
+    return [[tok.bos_id, *ids[: max_len - 2], tok.eos_id] for ids in tok.encode_batch(list(texts))]
+
+
+def build(cfg: ClassificationConfig, labels: list[str], texts: Sequence[str]) -> tuple[EncoderModel, Tokenizer]:
+    if cfg.data.pretrained:
+        model = from_pretrained(cfg.data.pretrained, num_labels=len(labels))
+        tok = Tokenizer.load(cfg.data.pretrained) if model.tokenizer is None else Tokenizer(model.tokenizer)
+        return model, tok
+    tok = (Tokenizer.train_chars(texts) if cfg.data.tokenizer == "chars"
+           else Tokenizer.train_bpe(texts, vocab_size=cfg.data.vocab_size))
+    model_cfg = replace(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id, num_labels=len(labels),
+                        max_len=max(cfg.model.max_len, cfg.data.max_len))
+    return EncoderModel(model_cfg), tok
+
+
+def predict(model: EncoderModel, tok: Tokenizer, labels: list[str], texts: Sequence[str], *,
+            batch_size: int = 64) -> list[str]:
+    """The label of each text."""
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[str] = []
+    ids = encode(tok, texts, model.config.max_len)
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            x, lengths = pad(ids[start : start + batch_size], tok.pad_id)
+            logits = model.classify(x.to(device), lengths=lengths.to(device))
+            out += [labels[i] for i in logits.argmax(-1).tolist()]
+    return out
+
+
+def score(predicted: Sequence[str], gold: Sequence[str]) -> dict[str, float]:
+    return {"accuracy": 100 * metrics.accuracy(predicted, gold), "macro_f1": 100 * metrics.macro_f1(predicted, gold)}
+
+
+class Classify(nn.Module):
+    """The model's classification logits as ``forward``, so the trainer (and DDP) can run them."""
+
+    def __init__(self, model: EncoderModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: Tensor, lengths: Tensor) -> Tensor:
+        return self.model.classify(ids, lengths=lengths)  # (B, C)
+
+
+def train(cfg: ClassificationConfig, *, resume: bool = False, log=log_stderr) -> dict[str, Any]:
+    if not cfg.data.train:
+        raise ValueError("data.train is required (a TSV/CSV with a header, or JSONL)")
+    fields = {"text_field": cfg.data.text_field, "label_field": cfg.data.label_field}
+    records = read_labelled(cfg.data.train, **fields)
+    valid = read_labelled(cfg.data.valid, **fields) if cfg.data.valid else None
+    labels = sorted({label for _, label in records})
+    if len(labels) < 2:
+        raise ValueError(f"{cfg.data.train}: found {len(labels)} label(s) {labels}; classification needs two or more")
+    out = Path(cfg.out)
+    texts = [t for t, _ in records]
+    torch.manual_seed(cfg.train.seed)
+    model, built_tok = build(cfg, labels, texts)
+    tok = run_tokenizer(out, resume, lambda: built_tok)
+    ids = encode(tok, texts, cfg.data.max_len)
+    targets = torch.tensor([labels.index(label) for _, label in records])
+    lengths = [len(x) for x in ids]
+    log(f"classification: {len(ids)} examples, labels {labels}, vocabulary {tok.vocab_size}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+
+    def collate(idx: list[int]) -> dict[str, Any]:
+        x, n = pad([ids[i] for i in idx], tok.pad_id)
+        return {"ids": x, "lengths": n, "labels": targets[idx], "num_targets": len(idx)}
+
+    def loss(m: nn.Module, b: dict[str, Any]) -> Tensor:
+        return F.cross_entropy(m(b["ids"], b["lengths"]).float(), b["labels"], reduction="sum")
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        return score(predict(model, tok, labels, [t for t, _ in valid]), [label for _, label in valid])
+
+    return fit_and_export(
+        Classify(model), tok, cfg.train, out, evaluate=evaluate if valid else None, resume=resume, log=log,
+        saved=model,
+        plan=lambda epoch: bucket_batches(lengths, cfg.data.max_tokens, seed=cfg.train.seed, epoch=epoch),
+        collate=collate, loss=loss, task={"task": "classification", "labels": labels, **fields},
+    )
+
+
+def load(directory: str | Path) -> tuple[EncoderModel, Tokenizer, dict[str, Any]]:
+    task = read_task(directory)
+    if task.get("task") != "classification":
+        raise ValueError(f"{directory} holds a {task.get('task')!r} model, not a classification one")
+    return EncoderModel.load(directory), Tokenizer.load(directory), task
+
+
+def evaluate_file(directory: str | Path, path: str) -> dict[str, float]:
+    """Accuracy and macro-F1 of a trained model on any labelled file."""
+    model, tok, task = load(directory)
+    records = read_labelled(path, text_field=task["text_field"], label_field=task["label_field"])
+    return score(predict(model, tok, task["labels"], [t for t, _ in records]), [label for _, label in records])
