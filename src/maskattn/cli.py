@@ -11,8 +11,10 @@ SHORTCUTS = ("train_src", "train_tgt", "valid_src", "valid_tgt", "train", "valid
 
 def _task(name: str):
     """(module, default config) of a task."""
-    from maskattn.tasks import classification, translation
+    from maskattn.tasks import classification, lm, translation
 
+    if name == "lm":
+        return lm, lm.LMConfig()
     if name == "translation":
         return translation, translation.TranslationConfig()
     if name == "classification":
@@ -35,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a task model", formatter_class=argparse.RawDescriptionHelpFormatter,
                            description="Train TASK. Settings come from the task's defaults, then --config, then "
                            "--set; `maskattn train TASK --show-config` lists every setting and its default.")
-    train.add_argument("task", choices=["translation", "classification"], help="the task to train")
+    train.add_argument("task", choices=["translation", "classification", "lm"], help="the task to train")
     train.add_argument("--config", help="a TOML file of settings, sections as in --show-config")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one setting, e.g. --set train.lr=3e-4 --set model.d_model=256 (repeatable)")
@@ -54,10 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("model", help="a model directory written by `maskattn train classification`")
     classify.add_argument("text", nargs="*", help="texts; without any, one text per line from stdin")
 
+    generate = sub.add_parser("generate", help="continue a prompt with a trained language model")
+    generate.add_argument("model", help="a model directory written by `maskattn train lm`")
+    generate.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    generate.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
+    generate.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    generate.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    generate.add_argument("--top-p", type=float, default=None, help="sample within the top-p probability mass")
+    generate.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
+
     evaluate = sub.add_parser("evaluate", help="score a trained model on any data file")
     evaluate.add_argument("model", help="a trained model directory")
     evaluate.add_argument("--data", required=True, help="translation: source sentences (one per line, .gz ok) or "
-                          "a TSV of pairs; classification: a labelled TSV/CSV/JSONL")
+                          "a TSV of pairs; classification: a labelled TSV/CSV/JSONL; lm: a text file")
     evaluate.add_argument("--ref", default="", help="translation: reference translations, aligned with --data")
     evaluate.add_argument("--beam", type=int, help="beam size (default: the model's setting)")
 
@@ -99,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"demo": _demo, "train": _train, "translate": _translate, "classify": _classify,
+    handler = {"demo": _demo, "train": _train, "translate": _translate, "classify": _classify, "generate": _generate,
                "evaluate": _evaluate, "viz": _viz,
                "audit": _audit, "showcase": _showcase, "masks": _masks_show}[args.command]
     try:
@@ -164,8 +175,17 @@ def _classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from maskattn.tasks import lm
+
+    model, tok, _ = lm.load(args.model)
+    print(lm.generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
-    from maskattn.tasks import classification, translation
+    from maskattn.tasks import classification, lm, translation
     from maskattn.tasks.common import read_task
 
     task = read_task(args.model).get("task")
@@ -174,6 +194,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         scores = translation.evaluate_files(args.model, args.data, args.ref, **overrides)
     elif task == "classification":
         scores = classification.evaluate_file(args.model, args.data)
+    elif task == "lm":
+        scores = lm.evaluate_file(args.model, args.data)
     else:
         raise ValueError(f"{args.model}: no evaluation for task {task!r}")
     print(json.dumps(scores, indent=2))

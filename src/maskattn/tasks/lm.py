@@ -1,0 +1,188 @@
+"""Language modelling with :class:`~maskattn.models.DecoderLM`: character-level or BPE, perplexity,
+and generation.
+
+Training text is cut into rows of ``block + 1`` tokens (inputs and shifted targets). With
+``data.documents = "paragraphs"`` the text is split at blank lines into documents that are packed
+into rows with ``document`` masks: a token never attends across a document boundary, and no loss is
+taken on predicting a document's first token from the previous one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maskattn import decoding
+from maskattn.data import read_text
+from maskattn.models import DecoderLM, DecoderLMConfig
+from maskattn.tasks.common import fit_and_export, log_stderr, read_task, run_tokenizer
+from maskattn.tokenization import Tokenizer
+from maskattn.training import TrainConfig
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # a plain text file
+    valid: str = ""  # validation text; empty = the last valid_fraction of the training file
+    valid_fraction: float = 0.1  # share of the training file held out when valid is empty
+    tokenizer: str = "chars"  # chars | bpe
+    vocab_size: int = 4000  # BPE vocabulary size
+    block: int = 64  # tokens of context per row
+    batch_size: int = 12  # rows per batch
+    documents: str = "none"  # none: one stream | paragraphs: blank-line documents, packed with document masks
+    valid_rows: int = 0  # validation rows evaluated (0: all)
+
+
+@dataclass
+class LMConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: DecoderLMConfig = field(default_factory=lambda: DecoderLMConfig.preset("small"))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=2000, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, schedule="cosine", warmup=100,
+        min_lr_ratio=0.1, eval_every=250, checkpoint_every=250))
+    out: str = "runs/lm"  # run directory
+
+
+@dataclass
+class Stream:
+    ids: Tensor  # (N,) token ids
+    docs: Tensor  # (N,) document id of every token
+
+
+def to_stream(tok: Tokenizer, text: str, documents: str) -> Stream:
+    if documents == "none":
+        ids = torch.tensor(tok.encode(text), dtype=torch.long)
+        return Stream(ids, torch.zeros_like(ids))
+    if documents != "paragraphs":
+        raise ValueError(f"data.documents must be 'none' or 'paragraphs', got {documents!r}")
+    parts = [p + "\n\n" for p in text.split("\n\n") if p.strip()]
+    encoded = tok.encode_batch(parts)
+    ids = torch.tensor([t for e in encoded for t in e], dtype=torch.long)
+    docs = torch.tensor([d for d, e in enumerate(encoded) for _ in e], dtype=torch.long)
+    return Stream(ids, docs)
+
+
+def rows(stream: Stream, block: int, shift: int = 0) -> tuple[Tensor, Tensor]:
+    """Cut the stream, from ``shift`` on, into (R, block + 1) ids and document ids."""
+    usable = (len(stream.ids) - shift) // (block + 1) * (block + 1)
+    ids = stream.ids[shift : shift + usable].view(-1, block + 1)
+    return ids, stream.docs[shift : shift + usable].view(-1, block + 1)
+
+
+def row_loss(model: nn.Module, ids: Tensor, docs: Tensor, packed: bool) -> tuple[Tensor, int]:
+    """Summed next-token loss of (R, block + 1) rows, and the number of targets."""
+    inputs, targets = ids[:, :-1], ids[:, 1:].clone()
+    if packed:
+        targets[docs[:, 1:] != docs[:, :-1]] = -100  # a document's first token is not predictable
+        logits = model(inputs, doc_ids=docs[:, :-1])
+    else:
+        logits = model(inputs)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+    return loss, int((targets != -100).sum())
+
+
+def evaluate_stream(model: nn.Module, stream: Stream, cfg: DataConfig) -> dict[str, float]:
+    ids, docs = rows(stream, cfg.block)
+    if cfg.valid_rows:
+        ids, docs = ids[: cfg.valid_rows], docs[: cfg.valid_rows]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids), 64):
+            loss, n = row_loss(model, ids[start : start + 64], docs[start : start + 64], cfg.documents != "none")
+            total, count = total + float(loss), count + n
+    mean = total / max(count, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+
+
+def train(cfg: LMConfig, *, resume: bool = False, log=log_stderr) -> dict[str, Any]:
+    if not cfg.data.train:
+        raise ValueError("data.train is required (a plain text file)")
+    text = read_text(cfg.data.train)
+    if cfg.data.valid:
+        train_text, valid_text = text, read_text(cfg.data.valid)
+    else:
+        cut = int(len(text) * (1 - cfg.data.valid_fraction))
+        train_text, valid_text = text[:cut], text[cut:]
+    out = Path(cfg.out)
+
+    def build() -> Tokenizer:
+        if cfg.data.tokenizer == "chars":
+            return Tokenizer.train_chars([train_text])
+        return Tokenizer.train_bpe([train_text], vocab_size=cfg.data.vocab_size)
+
+    tok = run_tokenizer(out, resume, build)
+    train_stream = to_stream(tok, train_text, cfg.data.documents)
+    valid_stream = to_stream(tok, valid_text, cfg.data.documents)
+    packed = cfg.data.documents != "none"
+    torch.manual_seed(cfg.train.seed)
+    model = DecoderLM(replace(cfg.model, vocab_size=tok.vocab_size, max_len=max(cfg.model.max_len, cfg.data.block),
+                              pad_id=None, eos_id=None))
+    log(f"lm: {len(train_stream.ids):,} training tokens, {len(valid_stream.ids):,} validation tokens, "
+        f"vocabulary {tok.vocab_size}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    span = cfg.data.block + 1
+    per_epoch = len(train_stream.ids) // span
+
+    def plan(epoch: int) -> list[list[int]]:
+        """Random row starts (nanoGPT samples windows anywhere), a stream's worth per epoch."""
+        rng = random.Random(cfg.train.seed * 1_000_003 + epoch)
+        starts = [rng.randrange(len(train_stream.ids) - span) for _ in range(per_epoch)]
+        size = cfg.data.batch_size
+        return [starts[i : i + size] for i in range(0, per_epoch - size + 1, size)]
+
+    def collate(starts: list[int]) -> dict[str, Any]:
+        ids = torch.stack([train_stream.ids[s : s + span] for s in starts])  # (B, block + 1)
+        docs = torch.stack([train_stream.docs[s : s + span] for s in starts])
+        targets = int((docs[:, 1:] == docs[:, :-1]).sum()) if packed else ids.shape[0] * cfg.data.block
+        return {"ids": ids, "docs": docs, "num_targets": targets}
+
+    def loss(m: nn.Module, b: dict[str, Any]) -> Tensor:
+        return row_loss(m, b["ids"], b["docs"], packed)[0]
+
+    return fit_and_export(
+        model, tok, cfg.train, out, evaluate=lambda m: evaluate_stream(m, valid_stream, cfg.data), resume=resume,
+        log=log, plan=plan, collate=collate, loss=loss,
+        task={"task": "lm", "documents": cfg.data.documents, "block": cfg.data.block},
+    )
+
+
+def load(directory: str | Path) -> tuple[DecoderLM, Tokenizer, dict[str, Any]]:
+    task = read_task(directory)
+    if task.get("task") != "lm":
+        raise ValueError(f"{directory} holds a {task.get('task')!r} model, not a language model")
+    return DecoderLM.load(directory), Tokenizer.load(directory), task
+
+
+def evaluate_file(directory: str | Path, path: str) -> dict[str, float]:
+    """Mean loss (nats per token) and perplexity of a trained model on any text file."""
+    model, tok, task = load(directory)
+    data = DataConfig(block=task["block"], documents=task["documents"])
+    model.eval()
+    return evaluate_stream(model, to_stream(tok, read_text(path), data.documents), data)
+
+
+def generate(model: DecoderLM, tok: Tokenizer, prompt: str, *, max_new_tokens: int = 200, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> str:
+    """The prompt followed by sampled text (greedy when temperature is 0). Beyond the model's context,
+    generation continues from the last half-context of text, as nanoGPT crops its context."""
+    ids = tok.encode(prompt) or [tok.unk_id]
+    limit = model.config.max_len
+    generator = torch.Generator().manual_seed(seed)
+    produced: list[int] = []
+    while len(produced) < max_new_tokens:
+        context = (ids + produced)[-(limit // 2):] if len(ids) + len(produced) >= limit else ids + produced
+        steps = min(max_new_tokens - len(produced), limit - len(context))
+        x = torch.tensor([context])
+        if temperature == 0:
+            new = decoding.greedy(model, x, max_new_tokens=steps)
+        else:
+            new = decoding.sample(model, x, max_new_tokens=steps, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  generator=generator)
+        produced += new[0].tolist()
+    return prompt + tok.backend.decode(produced, skip_special_tokens=True)  # no eos here: text goes on
