@@ -11,8 +11,10 @@ SHORTCUTS = ("train_src", "train_tgt", "valid_src", "valid_tgt", "train", "valid
 
 def _task(name: str):
     """(module, default config) of a task."""
-    from maskattn.tasks import classification, lm, translation
+    from maskattn.tasks import classification, lm, qa, translation
 
+    if name == "qa":
+        return qa, qa.QAConfig()
     if name == "lm":
         return lm, lm.LMConfig()
     if name == "translation":
@@ -37,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a task model", formatter_class=argparse.RawDescriptionHelpFormatter,
                            description="Train TASK. Settings come from the task's defaults, then --config, then "
                            "--set; `maskattn train TASK --show-config` lists every setting and its default.")
-    train.add_argument("task", choices=["translation", "classification", "lm"], help="the task to train")
+    train.add_argument("task", choices=["translation", "classification", "qa", "lm"], help="the task to train")
     train.add_argument("--config", help="a TOML file of settings, sections as in --show-config")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one setting, e.g. --set train.lr=3e-4 --set model.d_model=256 (repeatable)")
@@ -56,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("model", help="a model directory written by `maskattn train classification`")
     classify.add_argument("text", nargs="*", help="texts; without any, one text per line from stdin")
 
+    answer = sub.add_parser("answer", help="answer a question about a context with a trained QA model")
+    answer.add_argument("model", help="a model directory written by `maskattn train qa`")
+    answer.add_argument("--context", required=True, help="the text that holds the answer")
+    answer.add_argument("--question", required=True, help="the question")
+
     generate = sub.add_parser("generate", help="continue a prompt with a trained language model")
     generate.add_argument("model", help="a model directory written by `maskattn train lm`")
     generate.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
@@ -68,9 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="score a trained model on any data file")
     evaluate.add_argument("model", help="a trained model directory")
     evaluate.add_argument("--data", required=True, help="translation: source sentences (one per line, .gz ok) or "
-                          "a TSV of pairs; classification: a labelled TSV/CSV/JSONL; lm: a text file")
+                          "a TSV of pairs; classification: a labelled TSV/CSV/JSONL; lm: a text file; qa: SQuAD JSON")
     evaluate.add_argument("--ref", default="", help="translation: reference translations, aligned with --data")
-    evaluate.add_argument("--beam", type=int, help="beam size (default: the model's setting)")
+    evaluate.add_argument("--beam", type=int, help="translation: beam size (default: the model's setting)")
+    evaluate.add_argument("--predictions", help="qa: also write the official predictions.json here")
 
     viz = sub.add_parser("viz", help="attention heatmaps and the explorer page for one input",
                          description="Writes a PNG per layer and head, a grid per layer, and explorer.html "
@@ -111,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"demo": _demo, "train": _train, "translate": _translate, "classify": _classify, "generate": _generate,
+               "answer": _answer,
                "evaluate": _evaluate, "viz": _viz,
                "audit": _audit, "showcase": _showcase, "masks": _masks_show}[args.command]
     try:
@@ -175,6 +184,13 @@ def _classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _answer(args: argparse.Namespace) -> int:
+    from maskattn.tasks import qa
+
+    print(qa.answer(args.model, [(args.context, args.question)])[0])
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from maskattn.tasks import lm
 
@@ -185,7 +201,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from maskattn.tasks import classification, lm, translation
+    from maskattn.tasks import classification, lm, qa, translation
     from maskattn.tasks.common import read_task
 
     task = read_task(args.model).get("task")
@@ -196,6 +212,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         scores = classification.evaluate_file(args.model, args.data)
     elif task == "lm":
         scores = lm.evaluate_file(args.model, args.data)
+    elif task == "qa":
+        scores = qa.evaluate_file(args.model, args.data, args.predictions)
     else:
         raise ValueError(f"{args.model}: no evaluation for task {task!r}")
     print(json.dumps(scores, indent=2))

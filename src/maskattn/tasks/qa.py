@@ -1,0 +1,162 @@
+"""Extractive question answering (SQuAD v1.1) with :class:`~maskattn.models.EncoderModel` and a span head,
+fine-tuned from a pretrained encoder such as all-MiniLM-L6-v2.
+
+Contexts longer than a window are cut into overlapping windows (``data.squad_windows``); a question's
+answer is the best span over all its windows, scored start logit + end logit, at most
+``max_answer`` tokens long, inside the context.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maskattn import metrics
+from maskattn.data import QAExample, QAWindow, pad, read_squad, squad_windows
+from maskattn.models import EncoderModel, from_pretrained
+from maskattn.tasks.common import fit_and_export, log_stderr, read_task, run_tokenizer
+from maskattn.tokenization import Tokenizer
+from maskattn.training import TrainConfig
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # SQuAD v1.1 JSON
+    valid: str = ""  # SQuAD v1.1 JSON evaluated during training (never the test set)
+    pretrained: str = ""  # directory of the pretrained encoder to fine-tune (required)
+    max_len: int = 256  # tokens per window
+    stride: int = 128  # context tokens between window starts
+    max_answer: int = 30  # longest answer, in tokens
+    batch_size: int = 16  # windows per batch
+    valid_limit: int = 0  # validation questions evaluated during training (0: all)
+
+
+@dataclass
+class QAConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=1000, lr=5e-5, schedule="cosine", warmup=100, min_lr_ratio=0.0, metric="f1", higher_is_better=True,
+        eval_every=250, checkpoint_every=250))
+    out: str = "runs/qa"  # run directory
+
+
+class Spans(nn.Module):
+    """The model's start/end logits as ``forward``, so the trainer (and DDP) can run them."""
+
+    def __init__(self, model: EncoderModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: Tensor, types: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model.span_logits(ids, token_type_ids=types, lengths=lengths)  # (B, L) each
+
+
+def batch_of(windows: Sequence[QAWindow], pad_id: int) -> dict[str, Tensor]:
+    ids, lengths = pad([w.ids for w in windows], pad_id)
+    types, _ = pad([w.token_types for w in windows], 0)
+    return {"ids": ids, "types": types, "lengths": lengths,
+            "start": torch.tensor([w.start for w in windows]), "end": torch.tensor([w.end for w in windows])}
+
+
+def best_spans(model: EncoderModel, tok: Tokenizer, examples: Sequence[QAExample], windows: Sequence[QAWindow], *,
+               max_answer: int, batch_size: int = 32) -> dict[str, str]:
+    """The best answer text of every example: max start + end logit over windows, end >= start,
+    span length <= max_answer tokens, both ends inside the context."""
+    model.eval()
+    best: dict[int, tuple[float, str]] = {}
+    with torch.no_grad():
+        for at in range(0, len(windows), batch_size):
+            chunk = windows[at : at + batch_size]
+            b = batch_of(chunk, tok.pad_id)
+            start, end = model.span_logits(b["ids"], token_type_ids=b["types"], lengths=b["lengths"])
+            for row, w in enumerate(chunk):
+                context = torch.tensor([o is not None for o in w.offsets])
+                n = len(w.ids)
+                s, e = start[row, :n].float(), end[row, :n].float()
+                scores = s[:, None] + e[None, :]  # (n, n): start i, end j
+                i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+                ok = (j >= i) & (j - i < max_answer) & context[:, None] & context[None, :]
+                scores = scores.masked_fill(~ok, float("-inf"))
+                flat = int(scores.argmax())
+                value = float(scores.flatten()[flat])
+                if value == float("-inf"):
+                    continue
+                a, z = divmod(flat, n)
+                text = examples[w.example].context[w.offsets[a][0] : w.offsets[z][1]]
+                if w.example not in best or value > best[w.example][0]:
+                    best[w.example] = (value, text)
+    return {ex.id: best.get(n, (0.0, ""))[1] for n, ex in enumerate(examples)}
+
+
+def score(predictions: dict[str, str], examples: Sequence[QAExample]) -> dict[str, float]:
+    return metrics.squad(predictions, {ex.id: [a for a, _ in ex.answers] for ex in examples})
+
+
+def train(cfg: QAConfig, *, resume: bool = False, log=log_stderr) -> dict[str, Any]:
+    if not cfg.data.train or not cfg.data.pretrained:
+        raise ValueError("data.train (SQuAD JSON) and data.pretrained (an encoder directory) are required")
+    examples = read_squad(cfg.data.train)
+    valid = read_squad(cfg.data.valid)[: cfg.data.valid_limit or None] if cfg.data.valid else None
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.train.seed)
+    model = from_pretrained(cfg.data.pretrained, span_head=True)
+    tok = run_tokenizer(out, resume, lambda: Tokenizer.load(cfg.data.pretrained))
+    windows = squad_windows(tok, examples, max_len=cfg.data.max_len, stride=cfg.data.stride)
+    valid_windows = squad_windows(tok, valid, max_len=cfg.data.max_len, stride=cfg.data.stride) if valid else None
+    log(f"qa: {len(examples)} questions in {len(windows)} windows, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+
+    def plan(epoch: int) -> list[list[int]]:
+        order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(cfg.train.seed * 7919 + epoch))
+        size = cfg.data.batch_size
+        return [order[i : i + size].tolist() for i in range(0, len(order) - size + 1, size)]
+
+    def collate(idx: list[int]) -> dict[str, Any]:
+        return {**batch_of([windows[i] for i in idx], tok.pad_id), "num_targets": 2 * len(idx)}
+
+    def loss(m: nn.Module, b: dict[str, Any]) -> Tensor:
+        start, end = m(b["ids"], b["types"], b["lengths"])
+        return (F.cross_entropy(start.float(), b["start"], reduction="sum")
+                + F.cross_entropy(end.float(), b["end"], reduction="sum"))
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        return score(best_spans(model, tok, valid, valid_windows, max_answer=cfg.data.max_answer), valid)
+
+    task = {"task": "qa", "max_len": cfg.data.max_len, "stride": cfg.data.stride, "max_answer": cfg.data.max_answer}
+    return fit_and_export(Spans(model), tok, cfg.train, out, evaluate=evaluate if valid else None, resume=resume,
+                          log=log, plan=plan, collate=collate, loss=loss, task=task, saved=model)
+
+
+def load(directory: str | Path) -> tuple[EncoderModel, Tokenizer, dict[str, Any]]:
+    task = read_task(directory)
+    if task.get("task") != "qa":
+        raise ValueError(f"{directory} holds a {task.get('task')!r} model, not a QA one")
+    return EncoderModel.load(directory), Tokenizer.load(directory), task
+
+
+def answer(directory_or_model, questions: Sequence[tuple[str, str]]) -> list[str]:
+    """Answers to (context, question) pairs."""
+    model, tok, task = load(directory_or_model) if isinstance(directory_or_model, (str, Path)) else directory_or_model
+    examples = [QAExample(str(i), q, c, ()) for i, (c, q) in enumerate(questions)]
+    windows = squad_windows(tok, examples, max_len=task["max_len"], stride=task["stride"])
+    found = best_spans(model, tok, examples, windows, max_answer=task["max_answer"])
+    return [found[ex.id] for ex in examples]
+
+
+def evaluate_file(directory: str | Path, path: str, predictions: str | None = None) -> dict[str, float]:
+    """Exact match and F1 on a SQuAD v1.1 file; optionally write ``predictions.json`` (official format:
+    ``{question id: answer text}``)."""
+    model, tok, task = load(directory)
+    examples = read_squad(path)
+    windows = squad_windows(tok, examples, max_len=task["max_len"], stride=task["stride"])
+    found = best_spans(model, tok, examples, windows, max_answer=task["max_answer"])
+    if predictions:
+        Path(predictions).write_text(json.dumps(found, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return score(found, examples)
