@@ -6,6 +6,7 @@ Convention everywhere: a mask value of **True means "may attend"**.
 from maskattn import decoding, masks
 from maskattn.audit import audit  # the function; the module stays importable as maskattn.audit
 from maskattn.dispatch import BACKENDS, attention, choose_backend
+from maskattn.explanation import explain
 from maskattn.layers import MultiHeadAttention
 from maskattn.masks import Mask
 from maskattn.models import (
@@ -36,6 +37,7 @@ __all__ = [
     "audit",
     "choose_backend",
     "decoding",
+    "explain",
     "from_pretrained",
     "load",
     "masks",

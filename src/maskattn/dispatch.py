@@ -8,6 +8,7 @@ Shape legend: B batch, H query heads, Hkv key/value heads, Lq queries, Lk keys, 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
@@ -16,6 +17,8 @@ from torch import Tensor
 
 from maskattn.backends import blocked, flex, reference, sdpa
 from maskattn.masks import Mask, from_tensor
+
+logger = logging.getLogger("maskattn.attention")
 
 Backend = Callable[..., tuple[Tensor, Tensor | None]]
 
@@ -55,13 +58,21 @@ def choose_backend(
       fused kernel takes these without an Lq x Lk mask and is fastest on them;
     * any other mask -> ``blocked``, which skips the tiles the mask hides.
     """
+    return decide(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset)[0]
+
+
+def decide(
+    q: Tensor, k: Tensor, mask: Mask | None, *, dropout_p: float, return_weights: bool, q_offset: int = 0
+) -> tuple[str, str]:
+    """``(backend, why)``: the choice of :func:`choose_backend` and the rule that made it."""
     if return_weights:
-        return "reference"
+        return "reference", "return_weights=True: only the reference backend builds the (B, H, Lq, Lk) weights"
     if dropout_p > 0.0:
-        return "blocked"
+        return "blocked", f"dropout_p={dropout_p}: blocked applies seeded per-tile dropout that backward reproduces"
     if sdpa.cheap_mask(mask, q.shape[2], k.shape[2], q_offset):
-        return "sdpa"
-    return "blocked"
+        kind = "no mask" if mask is None else repr(mask)
+        return "sdpa", f"{kind}: PyTorch's fused kernel takes it without an Lq x Lk mask tensor"
+    return "blocked", f"{mask!r} needs an element mask: blocked skips the tiles it hides and masks only partial ones"
 
 
 def attention(
@@ -116,9 +127,9 @@ def attention(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if backend == "auto":
-        backend = choose_backend(
-            q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset
-        )
+        backend, why = decide(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("attention %s %s on %s: backend=%s (%s)", tuple(q.shape), q.dtype, q.device, backend, why)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
     out, weights = BACKENDS[backend](

@@ -1,0 +1,44 @@
+import logging
+
+import pytest
+import torch
+
+import maskattn
+from maskattn import masks
+
+
+def _qkv(n=512, heads=4):
+    return (torch.randn(1, heads, n, 16) for _ in range(3))
+
+
+@pytest.mark.parametrize("mask,expected", [
+    (None, "sdpa"), (masks.causal(), "sdpa"), (masks.padding([300]), "sdpa"),
+    (masks.causal() & masks.sliding_window(64), "blocked"),
+    (masks.document(torch.arange(4).repeat_interleave(128)[None]) & masks.causal(), "blocked"),
+])
+def test_explain_names_the_backend_auto_runs_and_why(mask, expected):
+    q, k, v = _qkv()
+    e = maskattn.explain(q, k, v, mask)
+    assert e.backend == expected == maskattn.choose_backend(q, k, mask, dropout_p=0.0, return_weights=False)
+    assert expected in str(e).splitlines()[0] and e.why
+    assert set(e.costs) == {"reference", "sdpa", "blocked", "flex"}
+
+
+def test_costs_follow_the_mask_structure():
+    q, k, v = _qkv(n=1024)
+    window = maskattn.explain(q, k, v, masks.causal() & masks.sliding_window(128), block=128)
+    flops = {name: float(text.split()[0]) for name, text in window.costs.items() if "GFLOP" in text}
+    # the window keeps 2 of 8 key tiles per query tile (plus the diagonal): blocked does a fraction of the work
+    assert flops["blocked"] < 0.3 * flops["reference"]
+    assert "mask tensor" in window.costs["sdpa"]
+    weights = maskattn.explain(q, k, v, masks.causal(), return_weights=True)
+    assert weights.backend == "reference" and "cannot run" in weights.costs["blocked"]
+    dropout = maskattn.explain(q, k, v, masks.causal(), dropout_p=0.1)
+    assert dropout.backend == "blocked" and "dropout" in dropout.why
+
+
+def test_auto_logs_its_choice_at_debug_level(caplog):
+    q, k, v = _qkv(n=64)
+    with caplog.at_level(logging.DEBUG, logger="maskattn.attention"):
+        maskattn.attention(q, k, v, masks.causal() & masks.sliding_window(8))
+    assert any("backend=blocked" in r.message for r in caplog.records)
