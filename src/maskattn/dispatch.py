@@ -20,6 +20,10 @@ from maskattn.masks import Mask, from_tensor
 
 logger = logging.getLogger("maskattn.attention")
 
+# Below this many scores per (batch, head), SDPA with a dense mask beats the block-sparse path on the
+# CPU (docs/performance.md, "small problems"): there are too few tiles to skip to pay for their bookkeeping.
+SMALL_SCORES = 512 * 512
+
 Backend = Callable[..., tuple[Tensor, Tensor | None]]
 
 BACKENDS: dict[str, Backend] = {
@@ -56,6 +60,7 @@ def choose_backend(
     * dropout -> ``blocked`` (seeded per-tile dropout that backward reproduces);
     * no mask, pure causal (``q_offset == 0``, ``Lq == Lk``) or pure key padding -> ``sdpa``: PyTorch's
       fused kernel takes these without an Lq x Lk mask and is fastest on them;
+    * any other mask on a small problem (Lq * Lk <= SMALL_SCORES) -> ``sdpa`` with the dense mask;
     * any other mask -> ``blocked``, which skips the tiles the mask hides.
     """
     return decide(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset)[0]
@@ -72,6 +77,9 @@ def decide(
     if sdpa.cheap_mask(mask, q.shape[2], k.shape[2], q_offset):
         kind = "no mask" if mask is None else repr(mask)
         return "sdpa", f"{kind}: PyTorch's fused kernel takes it without an Lq x Lk mask tensor"
+    if q.shape[2] * k.shape[2] <= SMALL_SCORES:
+        return "sdpa", (f"Lq x Lk = {q.shape[2]} x {k.shape[2]} is small: a dense mask is cheap and the fused "
+                        "kernel beats tile bookkeeping")
     return "blocked", f"{mask!r} needs an element mask: blocked skips the tiles it hides and masks only partial ones"
 
 
@@ -127,8 +135,9 @@ def attention(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if backend == "auto":
-        backend, why = decide(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset)
+        backend = choose_backend(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset)
         if logger.isEnabledFor(logging.DEBUG):
+            _, why = decide(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset)
             logger.debug("attention %s %s on %s: backend=%s (%s)", tuple(q.shape), q.dtype, q.device, backend, why)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
