@@ -95,3 +95,39 @@ def test_torchrun_two_processes_equals_one_with_the_same_global_batch(tmp_path):
     a, b = _final_weights(one), _final_weights(two)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
+
+
+def _tiny_trainer(tmp_path, **overrides):
+    from torch import nn
+
+    from maskattn.training import Trainer
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    y = x @ torch.randn(8, 1)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    cfg = TrainConfig(**{"steps": 20, "lr": 1e-2, "warmup": 2, "progress": False, "log_every": 1,
+                         "checkpoint_every": 0, **overrides})
+    evals = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1])
+    return Trainer(model, cfg, out_dir=tmp_path, device="cpu",
+                   plan=lambda epoch: [list(range(i, i + 16)) for i in range(0, 64, 16)],
+                   collate=lambda idx: {"x": x[idx], "y": y[idx], "num_targets": len(idx)},
+                   loss=lambda m, b: ((m(b["x"]) - b["y"]) ** 2).sum(),
+                   evaluate=lambda m: {"loss": next(evals)})
+
+
+def test_bf16_autocast_trains(tmp_path):
+    trainer = _tiny_trainer(tmp_path, bf16=True)
+    trainer.fit()
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert all(map(lambda v: v == v, losses)) and losses[-1] < 0.5 * losses[0]
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tmp_path):
+    trainer = _tiny_trainer(tmp_path, eval_every=2, patience=3)
+    trainer.fit()
+    # evaluations at steps 2, 4, 6, 8, 10 give 1.0, 0.5, 0.6, 0.7, 0.8: three without improvement after step 4
+    assert trainer.step == 10
+    best = checkpoint.latest(tmp_path / "best")
+    assert checkpoint.load(best)["step"] == 4 and trainer.best == 0.5
