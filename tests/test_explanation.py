@@ -7,14 +7,14 @@ import maskattn
 from maskattn import masks
 
 
-def _qkv(n=512, heads=4):
+def _qkv(n=1024, heads=2):
     return (torch.randn(1, heads, n, 16) for _ in range(3))
 
 
 @pytest.mark.parametrize("mask,expected", [
     (None, "sdpa"), (masks.causal(), "sdpa"), (masks.padding([300]), "sdpa"),
     (masks.causal() & masks.sliding_window(64), "blocked"),
-    (masks.document(torch.arange(4).repeat_interleave(128)[None]) & masks.causal(), "blocked"),
+    (masks.document(torch.arange(4).repeat_interleave(256)[None]) & masks.causal(), "blocked"),
 ])
 def test_explain_names_the_backend_auto_runs_and_why(mask, expected):
     q, k, v = _qkv()
@@ -37,8 +37,14 @@ def test_costs_follow_the_mask_structure():
     assert dropout.backend == "blocked" and "dropout" in dropout.why
 
 
+def test_small_problems_go_to_sdpa_with_the_reason():
+    q, k, v = _qkv(n=64)
+    e = maskattn.explain(q, k, v, masks.causal() & masks.sliding_window(8))
+    assert e.backend == "sdpa" and "small" in e.why
+
+
 def test_auto_logs_its_choice_at_debug_level(caplog):
     q, k, v = _qkv(n=64)
     with caplog.at_level(logging.DEBUG, logger="maskattn.attention"):
         maskattn.attention(q, k, v, masks.causal() & masks.sliding_window(8))
-    assert any("backend=blocked" in r.message for r in caplog.records)
+    assert any("backend=sdpa" in r.message and "is small" in r.message for r in caplog.records)
