@@ -132,6 +132,15 @@ def test_fully_masked_rows_are_zero_with_zero_gradients(name, dtype):
     assert (k2.grad[1] == 0).all() and (v2.grad[1] == 0).all()
 
 
+@pytest.mark.parametrize("name", ["blocked", "sdpa"])
+def test_value_head_dim_may_differ(name):
+    q, k, v = torch.randn(2, 4, 20, 8), torch.randn(2, 2, 30, 8), torch.randn(2, 2, 30, 5)
+    mask = masks.causal() & masks.padding([30, 17])
+    ours = maskattn.attention(q, k, v, mask, q_offset=10, backend=name)
+    torch.testing.assert_close(ours, maskattn.attention(q, k, v, mask, q_offset=10, backend="reference"),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_blocked_dropout_is_reproducible_and_backward_matches_it():
     q, k, v = (torch.randn(1, 4, 11, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
     mask = masks.causal() & masks.sliding_window(5)

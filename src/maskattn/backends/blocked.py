@@ -14,7 +14,10 @@ query block attends to the contiguous range of key tiles between its first and l
     query block 5   . . . . P P
 
 Consecutive query blocks whose ranges have the same width form a *group*: their key ranges are
-gathered side by side and the whole group is one batched attention call. Forward keeps only the
+laid side by side (a strided view when they are evenly spaced, a gather otherwise) and the whole
+group is one batched attention call. Blocks whose widths differ a little (a causal mask's ranges
+grow by one tile per block) also join a group, each computing the group's widest range, as long as
+that adds at most ``SLACK - 1`` (25%) to their tiles; the extra tiles are masked. Forward keeps only the
 output and the per-row log-sum-exp; backward (a custom ``autograd.Function``) recomputes the
 scores group by group (the FlashAttention scheme), so memory grows linearly with the sequence
 length for structured masks.
@@ -124,7 +127,7 @@ def attention(
     for name, value in (("block_q", block_q), ("block_k", block_k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    kernel = _pick_kernel(kernel, q, dropout_p)
+    kernel = _pick_kernel(kernel, q, v, dropout_p)
     budget = GROUP_ELEMENTS // (q.shape[0] * k.shape[1] if kernel == "math" else 1)
     plan = make_plan(mask, q, k, q_offset=q_offset, block_q=block_q, block_k=block_k, budget=budget)
     seed = 0
@@ -134,15 +137,20 @@ def attention(
     return out, None
 
 
-def _pick_kernel(kernel: str, q: Tensor, dropout_p: float) -> str:
-    fused_ok = _FUSED_FORWARD is not None and q.device.type == "cpu" and q.dtype in _FUSED_DTYPES
+def _pick_kernel(kernel: str, q: Tensor, v: Tensor, dropout_p: float) -> str:
+    fused_ok = (
+        _FUSED_FORWARD is not None
+        and q.device.type == "cpu"
+        and q.dtype in _FUSED_DTYPES
+        and v.shape[-1] == q.shape[-1]
+    )
     if kernel == "auto":
         return "fused" if fused_ok and dropout_p == 0.0 else "math"
     if kernel == "fused" and not (fused_ok and dropout_p == 0.0):
         raise ValueError(
-            f"kernel='fused' needs a CPU tensor of dtype float32/float64/bfloat16/float16, dropout_p=0 and "
-            f"a torch with aten._scaled_dot_product_flash_attention_for_cpu; got device {q.device}, "
-            f"dtype {q.dtype}, dropout_p={dropout_p}"
+            f"kernel='fused' needs CPU tensors of dtype float32/float64/bfloat16/float16, Dv == D, "
+            f"dropout_p=0 and a torch with aten._scaled_dot_product_flash_attention_for_cpu; got device "
+            f"{q.device}, dtype {q.dtype}, D={q.shape[-1]}, Dv={v.shape[-1]}, dropout_p={dropout_p}"
         )
     if kernel not in ("fused", "math"):
         raise ValueError(f"kernel must be 'auto', 'fused' or 'math', got {kernel!r}")
