@@ -201,6 +201,10 @@ def make_plan(
             tiles = (stop + 1 - i) * grown
             if tiles > SLACK * (own + last[stop] - first[stop] + 1) or tiles * rows * block_k > budget:
                 break
+            if not _evenly_spaced([min(first[j], nk - grown) for j in range(i, stop + 1)]) and _evenly_spaced(
+                [min(first[j], nk - width) for j in range(i, stop)]
+            ):
+                break  # keep the key windows a strided view rather than a gathered copy
             width, own, stop = grown, own + last[stop] - first[stop] + 1, stop + 1
         starts = tuple(min(first[j], nk - width) for j in range(i, stop))
         masked = any(not bool(full[j, s : s + width].all()) for j, s in zip(range(i, stop), starts, strict=True))
@@ -239,11 +243,16 @@ def _key_index(plan: Plan, group: Group, device: torch.device) -> Tensor:
     return starts + torch.arange(group.width * plan.block_k, device=device)  # (g, W)
 
 
+def _evenly_spaced(starts: list[int] | tuple[int, ...]) -> bool:
+    return len(starts) < 2 or all(b - a == starts[1] - starts[0] for a, b in pairwise(starts))
+
+
 def _step(group: Group) -> int | None:
     """The distance, in key tiles, between consecutive blocks' ranges if it is constant, else None."""
     starts = group.starts
-    step = starts[1] - starts[0] if len(starts) > 1 else 0
-    return step if all(b - a == step for a, b in pairwise(starts)) else None
+    if not _evenly_spaced(starts):
+        return None
+    return starts[1] - starts[0] if len(starts) > 1 else 0
 
 
 def _gather_keys(x: Tensor, plan: Plan, group: Group, index: Tensor) -> Tensor:
