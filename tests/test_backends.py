@@ -141,6 +141,20 @@ def test_value_head_dim_may_differ(name):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["blocked", "sdpa"])
+def test_non_contiguous_inputs(name):
+    # (B, L, H, D) projections transposed to (B, H, L, D), as a layer produces them
+    q, k, v = (torch.randn(2, 19, h, 8, requires_grad=True) for h in (4, 2, 2))
+    mask = masks.causal() & masks.sliding_window(5)
+    ours = maskattn.attention(*(x.transpose(1, 2) for x in (q, k, v)), mask, backend=name)
+    theirs = maskattn.attention(*(x.transpose(1, 2) for x in (q, k, v)), mask, backend="reference")
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(ours).transpose(2, 3).contiguous().transpose(2, 3)  # a non-contiguous gradient
+    for a, b in zip(torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(theirs, (q, k, v), grad),
+                    strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_blocked_dropout_is_reproducible_and_backward_matches_it():
     q, k, v = (torch.randn(1, 4, 11, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
     mask = masks.causal() & masks.sliding_window(5)
