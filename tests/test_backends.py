@@ -199,6 +199,20 @@ def test_blocked_computes_only_the_tiles_the_mask_may_reach():
     assert nothing.groups == ()
 
 
+def test_blocked_key_ranges_that_move_backwards():
+    # later query blocks attend earlier keys: the group's key windows cannot be a strided view
+    t = torch.zeros(13, 4, dtype=torch.bool)
+    t[5:9, 3], t[9:13, 0] = True, True
+    mask = masks.from_tensor(t)
+    q, k, v = (torch.randn(1, 1, n, 4, requires_grad=True) for n in (8, 4, 4))
+    ours, _ = blocked.attention(q, k, v, mask, scale=1.0, q_offset=5, block_q=1, block_k=1)
+    theirs, _ = reference.attention(q, k, v, mask, scale=1.0, q_offset=5)
+    torch.testing.assert_close(ours, theirs)
+    for a, b in zip(torch.autograd.grad(ours.sum(), (q, k, v)), torch.autograd.grad(theirs.sum(), (q, k, v)),
+                    strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_blocked_rejects_bad_arguments():
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match="block_q must be a positive int, got 0"):

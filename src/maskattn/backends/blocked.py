@@ -244,7 +244,11 @@ def _key_index(plan: Plan, group: Group, device: torch.device) -> Tensor:
 
 
 def _evenly_spaced(starts: list[int] | tuple[int, ...]) -> bool:
-    return len(starts) < 2 or all(b - a == starts[1] - starts[0] for a, b in pairwise(starts))
+    """Non-decreasing by a constant step (as_strided takes no negative strides)."""
+    if len(starts) < 2:
+        return True
+    step = starts[1] - starts[0]
+    return step >= 0 and all(b - a == step for a, b in pairwise(starts))
 
 
 def _step(group: Group) -> int | None:
