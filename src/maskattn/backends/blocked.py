@@ -14,7 +14,10 @@ query block attends to the contiguous range of key tiles between its first and l
     query block 5   . . . . P P
 
 Consecutive query blocks whose ranges have the same width form a *group*: their key ranges are
-gathered side by side and the whole group is one batched attention call. Forward keeps only the
+laid side by side (a strided view when they are evenly spaced, a gather otherwise) and the whole
+group is one batched attention call. Blocks whose widths differ a little (a causal mask's ranges
+grow by one tile per block) also join a group, each computing the group's widest range, as long as
+that adds at most ``SLACK - 1`` (25%) to their tiles; the extra tiles are masked. Forward keeps only the
 output and the per-row log-sum-exp; backward (a custom ``autograd.Function``) recomputes the
 scores group by group (the FlashAttention scheme), so memory grows linearly with the sequence
 length for structured masks.
@@ -47,7 +50,8 @@ __all__ = ["BLOCK_K", "BLOCK_Q", "attention"]
 
 BLOCK_Q = 128  # query rows per tile (chosen by benchmarks/attention.py on a 2-core CPU, fp32, D=64)
 BLOCK_K = 128  # keys per tile
-GROUP_ELEMENTS = 1 << 24  # cap on B * H * rows * keys of one group: bounds the working memory
+GROUP_ELEMENTS = 1 << 23  # cap on rows * keys of one group (x B * Hkv for the math kernel's scores)
+SLACK = 1.25  # a group may compute this many times the tiles its blocks' own ranges hold
 
 _FUSED_FORWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FUSED_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -123,8 +127,9 @@ def attention(
     for name, value in (("block_q", block_q), ("block_k", block_k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    kernel = _pick_kernel(kernel, q, dropout_p)
-    plan = make_plan(mask, q, k, q_offset=q_offset, block_q=block_q, block_k=block_k)
+    kernel = _pick_kernel(kernel, q, v, dropout_p)
+    budget = GROUP_ELEMENTS // (q.shape[0] * k.shape[1] if kernel == "math" else 1)
+    plan = make_plan(mask, q, k, q_offset=q_offset, block_q=block_q, block_k=block_k, budget=budget)
     seed = 0
     if dropout_p > 0.0:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device if generator else "cpu"))
@@ -132,15 +137,20 @@ def attention(
     return out, None
 
 
-def _pick_kernel(kernel: str, q: Tensor, dropout_p: float) -> str:
-    fused_ok = _FUSED_FORWARD is not None and q.device.type == "cpu" and q.dtype in _FUSED_DTYPES
+def _pick_kernel(kernel: str, q: Tensor, v: Tensor, dropout_p: float) -> str:
+    fused_ok = (
+        _FUSED_FORWARD is not None
+        and q.device.type == "cpu"
+        and q.dtype in _FUSED_DTYPES
+        and v.shape[-1] == q.shape[-1]
+    )
     if kernel == "auto":
         return "fused" if fused_ok and dropout_p == 0.0 else "math"
     if kernel == "fused" and not (fused_ok and dropout_p == 0.0):
         raise ValueError(
-            f"kernel='fused' needs a CPU tensor of dtype float32/float64/bfloat16/float16, dropout_p=0 and "
-            f"a torch with aten._scaled_dot_product_flash_attention_for_cpu; got device {q.device}, "
-            f"dtype {q.dtype}, dropout_p={dropout_p}"
+            f"kernel='fused' needs CPU tensors of dtype float32/float64/bfloat16/float16, Dv == D, "
+            f"dropout_p=0 and a torch with aten._scaled_dot_product_flash_attention_for_cpu; got device "
+            f"{q.device}, dtype {q.dtype}, D={q.shape[-1]}, Dv={v.shape[-1]}, dropout_p={dropout_p}"
         )
     if kernel not in ("fused", "math"):
         raise ValueError(f"kernel must be 'auto', 'fused' or 'math', got {kernel!r}")
@@ -149,11 +159,22 @@ def _pick_kernel(kernel: str, q: Tensor, dropout_p: float) -> str:
 
 # --- planning ------------------------------------------------------------------------------------
 def make_plan(
-    mask: Mask | None, q: Tensor, k: Tensor, *, q_offset: int, block_q: int, block_k: int
+    mask: Mask | None,
+    q: Tensor,
+    k: Tensor,
+    *,
+    q_offset: int,
+    block_q: int,
+    block_k: int,
+    budget: int = GROUP_ELEMENTS,
 ) -> Plan:
-    """Group the query blocks by the range of key tiles they must attend."""
-    batch, heads, q_len, _ = q.shape
-    k_len = k.shape[2]
+    """Group the query blocks by the range of key tiles they must attend.
+
+    Consecutive blocks join one group, all with the group's widest range, as long as that computes
+    at most ``SLACK`` times their own ranges' tiles and the group's rows x keys stay within ``budget``:
+    fewer, larger calls, at the price of a few extra (masked) tiles when the ranges grow (causal).
+    """
+    q_len, k_len = q.shape[2], k.shape[2]
     nq, nk = -(-q_len // block_q), -(-k_len // block_k)
     if mask is None:
         live = torch.ones(nq, nk, dtype=torch.bool)
@@ -167,20 +188,27 @@ def make_plan(
     cols = torch.arange(nk)
     first = torch.where(live, cols, nk).amin(1).tolist()
     last = torch.where(live, cols, -1).amax(1).tolist()
-    masked = [not bool(full[i, first[i] : last[i] + 1].all()) for i in range(nq)]
-    row_cost = batch * heads * block_q * block_k
+    rows = q.shape[1] // k.shape[1] * block_q
     groups: list[Group] = []
     i = 0
     while i < nq:
         if last[i] < 0:  # nothing to attend: the rows stay zero
             i += 1
             continue
-        width = last[i] - first[i] + 1
-        stop = i + 1
-        limit = max(1, GROUP_ELEMENTS // (row_cost * width))
-        while stop < nq and stop - i < limit and last[stop] - first[stop] + 1 == width and last[stop] >= 0:
-            stop += 1
-        groups.append(Group(i, stop, tuple(first[i:stop]), width, any(masked[i:stop])))
+        width, own, stop = last[i] - first[i] + 1, last[i] - first[i] + 1, i + 1
+        while stop < nq and last[stop] >= 0:
+            grown = max(width, last[stop] - first[stop] + 1)
+            tiles = (stop + 1 - i) * grown
+            if tiles > SLACK * (own + last[stop] - first[stop] + 1) or tiles * rows * block_k > budget:
+                break
+            if not _evenly_spaced([min(first[j], nk - grown) for j in range(i, stop + 1)]) and _evenly_spaced(
+                [min(first[j], nk - width) for j in range(i, stop)]
+            ):
+                break  # keep the key windows a strided view rather than a gathered copy
+            width, own, stop = grown, own + last[stop] - first[stop] + 1, stop + 1
+        starts = tuple(min(first[j], nk - width) for j in range(i, stop))
+        masked = any(not bool(full[j, s : s + width].all()) for j, s in zip(range(i, stop), starts, strict=True))
+        groups.append(Group(i, stop, starts, width, masked))
         i = stop
     return Plan(mask, q_len, k_len, q_offset, block_q, block_k, tuple(groups))
 
@@ -215,11 +243,20 @@ def _key_index(plan: Plan, group: Group, device: torch.device) -> Tensor:
     return starts + torch.arange(group.width * plan.block_k, device=device)  # (g, W)
 
 
+def _evenly_spaced(starts: list[int] | tuple[int, ...]) -> bool:
+    """Non-decreasing by a constant step (as_strided takes no negative strides)."""
+    if len(starts) < 2:
+        return True
+    step = starts[1] - starts[0]
+    return step >= 0 and all(b - a == step for a, b in pairwise(starts))
+
+
 def _step(group: Group) -> int | None:
     """The distance, in key tiles, between consecutive blocks' ranges if it is constant, else None."""
     starts = group.starts
-    step = starts[1] - starts[0] if len(starts) > 1 else 0
-    return step if all(b - a == step for a, b in pairwise(starts)) else None
+    if not _evenly_spaced(starts):
+        return None
+    return starts[1] - starts[0] if len(starts) > 1 else 0
 
 
 def _gather_keys(x: Tensor, plan: Plan, group: Group, index: Tensor) -> Tensor:
@@ -256,7 +293,8 @@ def _allowed(plan: Plan, group: Group, index: Tensor, batch: int, heads: int, kv
     if plan.mask is not None:
         b = torch.arange(plan.mask.batch, device=device).view(-1, 1, 1, 1, 1)
         h = torch.arange(plan.mask.heads, device=device).view(1, -1, 1, 1, 1)
-        ok = ok & plan.mask.allows(b, h, qpos, kpos)
+        allows = plan.mask.allows(b, h, qpos, kpos)
+        ok = allows & ok if plan.padded_k != plan.k_len else allows
     mb = plan.mask.batch if plan.mask is not None else 1
     mh = plan.mask.heads if plan.mask is not None else 1
     g, bq, width = group.stop - group.first, plan.block_q, index.shape[1]
@@ -272,15 +310,19 @@ def _allowed(plan: Plan, group: Group, index: Tensor, batch: int, heads: int, kv
 
 
 # --- kernels: one group, laid out as (B', g, R, D) queries against (B', g, W, D) keys -------------
+def _bias(allowed: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """The additive mask the fused kernel takes: 0 where allowed, -inf elsewhere."""
+    if allowed is None:
+        return None
+    return torch.where(allowed, torch.zeros((), dtype=dtype), torch.full((), -torch.inf, dtype=dtype))
+
+
 def _fused_forward(q, k, v, allowed, scale, dropout_p, seed):
-    bias = None if allowed is None else torch.zeros(allowed.shape, dtype=q.dtype).masked_fill_(~allowed, -torch.inf)
-    out, lse = _FUSED_FORWARD(q, k, v, attn_mask=bias, scale=scale)
-    return out, lse
+    return _FUSED_FORWARD(q, k, v, attn_mask=_bias(allowed, q.dtype), scale=scale)
 
 
 def _fused_backward(grad, q, k, v, out, lse, allowed, scale, dropout_p, seed):
-    bias = None if allowed is None else torch.zeros(allowed.shape, dtype=q.dtype).masked_fill_(~allowed, -torch.inf)
-    return _FUSED_BACKWARD(grad, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale)
+    return _FUSED_BACKWARD(grad, q, k, v, out, lse, 0.0, False, attn_mask=_bias(allowed, q.dtype), scale=scale)
 
 
 def _keep(shape, dropout_p: float, seed: int, device: torch.device) -> Tensor:
