@@ -36,11 +36,12 @@ def _forced_backend(monkeypatch):
         return
     choose = dispatch.choose_backend
 
-    def forced(q, k, mask, *, dropout_p, return_weights, q_offset=0):
+    def forced(q, k, mask, *, dropout_p, return_weights, q_offset=0, generator=None):
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
         if dispatch.can_run(FORCED_BACKEND, q, dropout_p=dropout_p, return_weights=return_weights,
-                            needs_grad=needs_grad):
+                            needs_grad=needs_grad, generator=generator):
             return FORCED_BACKEND
-        return choose(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset)
+        return choose(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset,
+                      generator=generator)
 
     monkeypatch.setattr(dispatch, "choose_backend", forced)

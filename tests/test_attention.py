@@ -194,3 +194,15 @@ def _t(*shape, dtype=torch.float32):
 def test_bad_inputs_are_named(args, kwargs, error, words):
     with pytest.raises(error, match=words):
         maskattn.attention(*args, **kwargs)
+
+
+def test_dropout_without_generator_follows_the_global_seed():
+    # auto sends it to SDPA's own dropout: reproducible under torch.manual_seed, as the trainer reseeds
+    q, k, v = torch.randn(2, 2, 8, 4), torch.randn(2, 2, 8, 4), torch.randn(2, 2, 8, 4)
+    mask = masks.causal() & masks.padding([8, 5])
+    torch.manual_seed(3)
+    a = maskattn.attention(q, k, v, mask, dropout_p=0.5)
+    torch.manual_seed(3)
+    b = maskattn.attention(q, k, v, mask, dropout_p=0.5)
+    assert torch.equal(a, b) and not torch.equal(a, maskattn.attention(q, k, v, mask))
+    assert torch.isfinite(a).all()

@@ -240,8 +240,12 @@ def test_blocked_rejects_bad_arguments():
         (lambda n: masks.causal() & masks.sliding_window(4), 16, 0, {}, "sdpa"),
         (lambda n: masks.causal() & masks.padding([n, 9]), 16, 0, {}, "sdpa"),
         (lambda n: masks.causal(), 4, 12, {}, "sdpa"),
-        (lambda n: masks.causal(), 16, 0, {"dropout_p": 0.1}, "blocked"),
-        (lambda n: None, 16, 0, {"dropout_p": 0.1}, "blocked"),
+        (lambda n: masks.causal(), 16, 0, {"dropout_p": 0.1, "generator": torch.Generator()}, "blocked"),
+        (lambda n: None, 16, 0, {"dropout_p": 0.1, "generator": torch.Generator()}, "blocked"),
+        # dropout without a generator: SDPA's own dropout wherever SDPA is the choice
+        (lambda n: masks.causal(), 16, 0, {"dropout_p": 0.1}, "sdpa"),
+        (lambda n: masks.causal() & masks.padding([n, 9]), 16, 0, {"dropout_p": 0.1}, "sdpa"),
+        (lambda n: masks.causal() & masks.sliding_window(4), 1024, 0, {"dropout_p": 0.1}, "blocked"),
         (lambda n: masks.causal(), 16, 0, {"return_weights": True}, "reference"),
     ],
 )

@@ -33,8 +33,9 @@ def test_costs_follow_the_mask_structure():
     assert "mask tensor" in window.costs["sdpa"]
     weights = maskattn.explain(q, k, v, masks.causal(), return_weights=True)
     assert weights.backend == "reference" and "cannot run" in weights.costs["blocked"]
-    dropout = maskattn.explain(q, k, v, masks.causal(), dropout_p=0.1)
-    assert dropout.backend == "blocked" and "dropout" in dropout.why
+    seeded = maskattn.explain(q, k, v, masks.causal(), dropout_p=0.1, generator=torch.Generator())
+    assert seeded.backend == "blocked" and "dropout" in seeded.why and "cannot run" in seeded.costs["sdpa"]
+    assert maskattn.explain(q, k, v, masks.causal(), dropout_p=0.1).backend == "sdpa"  # SDPA's own dropout
 
 
 def test_small_problems_go_to_sdpa_with_the_reason():

@@ -35,7 +35,8 @@ BACKENDS: dict[str, Backend] = {
 
 
 def can_run(
-    name: str, q: Tensor, *, dropout_p: float, return_weights: bool, needs_grad: bool = False
+    name: str, q: Tensor, *, dropout_p: float, return_weights: bool, needs_grad: bool = False,
+    generator: torch.Generator | None = None,
 ) -> bool:
     """Whether backend ``name`` supports a call with these features (the others raise ValueError)."""
     if name == "reference":
@@ -45,35 +46,39 @@ def can_run(
     if name == "blocked":
         return True
     if name == "sdpa":
-        return dropout_p == 0.0
+        return dropout_p == 0.0 or generator is None
     if name == "flex":
         return dropout_p == 0.0 and flex.available(q.device, q.dtype, needs_grad)
     raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {name!r}")
 
 
 def choose_backend(
-    q: Tensor, k: Tensor, mask: Mask | None, *, dropout_p: float, return_weights: bool, q_offset: int = 0
+    q: Tensor, k: Tensor, mask: Mask | None, *, dropout_p: float, return_weights: bool, q_offset: int = 0,
+    generator: torch.Generator | None = None,
 ) -> str:
     """The backend ``backend="auto"`` runs for these inputs; the rules are those of docs/performance.md.
 
     * ``return_weights`` -> ``reference`` (the only backend that builds the weights);
-    * dropout -> ``blocked`` (seeded per-tile dropout that backward reproduces);
+    * dropout with a ``generator`` -> ``blocked`` (seeded per-tile dropout that backward reproduces);
+      without one, dropout is SDPA's own (global RNG) wherever the rules below pick ``sdpa``;
     * no mask, pure causal (``q_offset == 0``, ``Lq == Lk``) or pure key padding -> ``sdpa``: PyTorch's
       fused kernel takes these without an Lq x Lk mask and is fastest on them;
     * any other mask on a small problem (Lq * Lk <= SMALL_SCORES) -> ``sdpa`` with the dense mask;
     * any other mask -> ``blocked``, which skips the tiles the mask hides.
     """
-    return decide(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset)[0]
+    return decide(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset,
+                  generator=generator)[0]
 
 
 def decide(
-    q: Tensor, k: Tensor, mask: Mask | None, *, dropout_p: float, return_weights: bool, q_offset: int = 0
+    q: Tensor, k: Tensor, mask: Mask | None, *, dropout_p: float, return_weights: bool, q_offset: int = 0,
+    generator: torch.Generator | None = None,
 ) -> tuple[str, str]:
     """``(backend, why)``: the choice of :func:`choose_backend` and the rule that made it."""
     if return_weights:
         return "reference", "return_weights=True: only the reference backend builds the (B, H, Lq, Lk) weights"
-    if dropout_p > 0.0:
-        return "blocked", f"dropout_p={dropout_p}: blocked applies seeded per-tile dropout that backward reproduces"
+    if dropout_p > 0.0 and generator is not None:
+        return "blocked", f"dropout_p={dropout_p} from a generator: blocked applies seeded per-tile dropout"
     if sdpa.cheap_mask(mask, q.shape[2], k.shape[2], q_offset):
         kind = "no mask" if mask is None else repr(mask)
         return "sdpa", f"{kind}: PyTorch's fused kernel takes it without an Lq x Lk mask tensor"
@@ -135,9 +140,10 @@ def attention(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if backend == "auto":
-        backend = choose_backend(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset)
+        options = {"dropout_p": dropout_p, "return_weights": return_weights, "q_offset": q_offset}
+        backend = choose_backend(q, k, mask, generator=generator, **options)
         if logger.isEnabledFor(logging.DEBUG):
-            _, why = decide(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset)
+            _, why = decide(q, k, mask, generator=generator, **options)
             logger.debug("attention %s %s on %s: backend=%s (%s)", tuple(q.shape), q.dtype, q.device, backend, why)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")

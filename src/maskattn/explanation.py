@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from maskattn.backends import flex, sdpa
@@ -30,7 +31,8 @@ class Explanation:
 
 
 def explain(q: Tensor, k: Tensor, v: Tensor, mask: Mask | Tensor | None = None, *, dropout_p: float = 0.0,
-            return_weights: bool = False, q_offset: int = 0, block: int = 128) -> Explanation:
+            return_weights: bool = False, q_offset: int = 0, block: int = 128,
+            generator: torch.Generator | None = None) -> Explanation:
     """Explain the backend choice of ``maskattn.attention`` for these arguments, without running it."""
     _check_inputs(q, k, v)
     mask = _as_mask(mask)
@@ -38,7 +40,8 @@ def explain(q: Tensor, k: Tensor, v: Tensor, mask: Mask | Tensor | None = None, 
     lk = k.shape[2]
     if mask is not None:
         mask.check(lq, lk, q_offset=q_offset, batch=b, heads=h)
-    backend, why = decide(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset)
+    backend, why = decide(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset,
+                          generator=generator)
     dense = b * h * lq * lk
     if mask is None:
         kept, described = dense, "none (full attention)"
@@ -54,7 +57,7 @@ def explain(q: Tensor, k: Tensor, v: Tensor, mask: Mask | Tensor | None = None, 
 
     costs: dict[str, str] = {}
     for name in ("reference", "sdpa", "blocked", "flex"):
-        if not can_run(name, q, dropout_p=dropout_p, return_weights=return_weights):
+        if not can_run(name, q, dropout_p=dropout_p, return_weights=return_weights, generator=generator):
             costs[name] = "cannot run this call" + (" (return_weights)" if return_weights else "") + \
                 (" (dropout)" if dropout_p else "") + ("" if name != "flex" or flex.available(q.device, q.dtype, False)
                                                        else " (FlexAttention unavailable here)")

@@ -13,8 +13,9 @@ the "SDPA with the mask tensor" baseline of the benchmark). Rows that may attend
 as zeros with zero gradients, not NaN.
 
 Not supported (ValueError): ``return_weights`` (SDPA never builds the weights; use ``reference``) and
-dropout (SDPA draws its dropout from the global RNG and cannot honour ``generator``; use ``blocked``
-or ``reference``).
+dropout with a ``generator`` (SDPA draws its dropout from the global RNG; use ``blocked`` or
+``reference``). Dropout without a generator is SDPA's own, from the global RNG (which the trainer
+reseeds every step).
 
 Shape legend: B batch, H query heads, Hkv key/value heads, Lq queries, Lk keys, D head dim.
 """
@@ -54,24 +55,25 @@ def attention(
     Takes the arguments of :func:`maskattn.backends.reference.attention`.
 
     Raises:
-        ValueError: if ``return_weights`` is True or ``dropout_p`` > 0.
+        ValueError: if ``return_weights`` is True, or ``dropout_p`` > 0 with a ``generator``.
     """
     if return_weights:
         raise ValueError(
             "backend 'sdpa' does not return attention weights (return_weights=True); use "
             "backend='reference' (backend='auto' picks it when return_weights=True)"
         )
-    if dropout_p > 0.0:
+    if dropout_p > 0.0 and generator is not None:
         raise ValueError(
-            f"backend 'sdpa' does not support dropout (got dropout_p={dropout_p}): SDPA cannot use the "
-            "given generator; use backend='blocked' or 'reference' (backend='auto' picks 'blocked')"
+            f"backend 'sdpa' cannot draw dropout (dropout_p={dropout_p}) from a generator: SDPA draws from the "
+            "global RNG; pass no generator, or use backend='blocked' or 'reference' (auto picks 'blocked')"
         )
     q_len, k_len = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if mask is None or isinstance(mask, _Full):
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa), None
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale, enable_gqa=gqa), None
     if isinstance(mask, _Causal) and q_offset == 0 and q_len == k_len:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa), None
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=gqa)
+        return out, None
     if isinstance(mask, _Padding):
         b = torch.arange(mask.batch, device=q.device).view(-1, 1, 1, 1)
         zero = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=q.device)
@@ -81,8 +83,10 @@ def attention(
         allowed = mask.to_dense(q_len, k_len, q_offset=q_offset, device=q.device)  # (B|1, H|1, Lq, Lk)
     empty = ~allowed.any(-1, keepdim=True)  # (B|1, H|1, Lq|1, 1)
     if not empty.any():
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa), None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale,
+                                              enable_gqa=gqa), None
     # SDPA's math kernel returns NaN on a row with nothing to attend: let such rows attend
     # everything, then zero them, which also zeroes every gradient that flows through them.
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty, scale=scale, enable_gqa=gqa)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty, dropout_p=dropout_p, scale=scale,
+                                         enable_gqa=gqa)
     return out.masked_fill(empty, 0.0), None
