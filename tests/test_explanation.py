@@ -48,4 +48,4 @@ def test_auto_logs_its_choice_at_debug_level(caplog):
     q, k, v = _qkv(n=64)
     with caplog.at_level(logging.DEBUG, logger="maskattn.attention"):
         maskattn.attention(q, k, v, masks.causal() & masks.sliding_window(8))
-    assert any("backend=sdpa" in r.message and "is small" in r.message for r in caplog.records)
+    assert any("backend=" in r.message and "is small" in r.message for r in caplog.records)  # (tests may force it)
