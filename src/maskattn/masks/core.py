@@ -251,10 +251,8 @@ class Mask:
         head: int = 0,
     ) -> str:
         """Render the mask of one (batch, head) as text: ■ may attend, · may not."""
-        q_len = q_len if q_len is not None else (self._natural_length() or 8)
-        k_len = k_len if k_len is not None else q_offset + q_len
-        dense = self.to_dense(q_len, k_len, q_offset=q_offset)
-        grid = dense[min(batch, dense.shape[0] - 1), min(head, dense.shape[1] - 1)]
+        grid = self._grid(q_len, k_len, q_offset, batch, head, default_len=8)  # (Lq, Lk)
+        q_len, k_len = grid.shape
         width = len(str(k_len - 1))
         qwidth = len(str(q_offset + q_len - 1))
         title = f"{self!r}  [Lq={q_len}, Lk={k_len}" + (f", q_offset={q_offset}" if q_offset else "")
@@ -264,6 +262,14 @@ class Mask:
             cells = " ".join(("■" if x else "·").rjust(width) for x in row)
             lines.append(f"  q {q_offset + i:>{qwidth}}  {cells}")
         return "\n".join(lines)
+
+    def _grid(self, q_len: int | None, k_len: int | None, q_offset: int, batch: int, head: int, *,
+              default_len: int) -> Tensor:
+        """The (Lq, Lk) mask of one batch item and head, lengths defaulting to the mask's own."""
+        q_len = q_len if q_len is not None else (self._natural_length() or default_len)
+        k_len = k_len if k_len is not None else q_offset + q_len
+        dense = self.to_dense(q_len, k_len, q_offset=q_offset)
+        return dense[min(batch, dense.shape[0] - 1), min(head, dense.shape[1] - 1)]
 
     def show(self, q_len: int | None = None, k_len: int | None = None, **kwargs) -> None:
         """Print :meth:`render`."""
@@ -290,10 +296,8 @@ class Mask:
             matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        q_len = q_len if q_len is not None else (self._natural_length() or 16)
-        k_len = k_len if k_len is not None else q_offset + q_len
-        dense = self.to_dense(q_len, k_len, q_offset=q_offset)
-        grid = dense[min(batch, dense.shape[0] - 1), min(head, dense.shape[1] - 1)]
+        grid = self._grid(q_len, k_len, q_offset, batch, head, default_len=16)  # (Lq, Lk)
+        q_len, k_len = grid.shape
         fig = None
         if ax is None:
             size = min(10.0, 2.0 + 0.25 * max(q_len, k_len))
