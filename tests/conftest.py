@@ -36,12 +36,12 @@ def _forced_backend(monkeypatch):
         return
     choose = dispatch.choose_backend
 
-    def forced(q, k, mask, *, dropout_p, return_weights, q_offset=0, generator=None):
+    def forced(q, k, mask, *, dropout_p, return_weights, q_offset=0, generator=None, return_lse=False):
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
         if dispatch.can_run(FORCED_BACKEND, q, dropout_p=dropout_p, return_weights=return_weights,
-                            needs_grad=needs_grad, generator=generator):
+                            needs_grad=needs_grad, generator=generator, return_lse=return_lse):
             return FORCED_BACKEND
         return choose(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset,
-                      generator=generator)
+                      generator=generator, return_lse=return_lse)
 
     monkeypatch.setattr(dispatch, "choose_backend", forced)

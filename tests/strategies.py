@@ -107,3 +107,18 @@ def mask_cases(draw, max_len: int = 12, max_leaves: int = 4) -> MaskCase:
 
     mask, oracle = build(max_leaves)
     return MaskCase(mask, oracle, batch, heads, q_len, k_len, q_offset)
+
+
+HEADS = [(1, 1), (2, 2), (4, 2), (3, 1)]  # (H, Hkv) pairs for attention_inputs
+
+
+def attention_inputs(case: MaskCase, heads: tuple[int, int], data, dtype=torch.float32, *, grad: bool = True):
+    """Random q, k, v for ``case``: (H, Hkv) from ``heads`` unless the mask fixes H; batch and D drawn."""
+    H, Hkv = heads
+    if case.mask.heads not in (1, H):
+        H, Hkv = case.mask.heads, 1
+    B = case.mask.batch if case.mask.batch > 1 else data.draw(st.integers(1, 2))
+    D = data.draw(st.sampled_from([1, 4, 8]))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    shapes = ((B, H, case.q_len, D), (B, Hkv, case.k_len, D), (B, Hkv, case.k_len, D))
+    return [torch.randn(shape, generator=gen).to(dtype).requires_grad_(grad) for shape in shapes]

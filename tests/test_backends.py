@@ -16,23 +16,10 @@ import maskattn
 from maskattn import masks
 from maskattn.backends import blocked, flex, reference, sdpa
 from maskattn.dispatch import choose_backend  # the real rules, even when conftest forces a backend
-from strategies import mask_cases
+from strategies import HEADS, mask_cases
+from strategies import attention_inputs as _inputs
 
 FLEX_ON_CPU = flex.available(torch.device("cpu"), torch.float32, needs_grad=False)
-HEADS = [(1, 1), (2, 2), (4, 2), (3, 1)]  # (H, Hkv)
-
-
-def _inputs(case, heads, data, dtype=torch.float32):
-    H, Hkv = heads
-    if case.mask.heads not in (1, H):
-        H, Hkv = case.mask.heads, 1
-    B = case.mask.batch if case.mask.batch > 1 else data.draw(st.integers(1, 2))
-    D = data.draw(st.sampled_from([1, 4, 8]))
-    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
-    q = torch.randn(B, H, case.q_len, D, generator=gen).to(dtype).requires_grad_()
-    k = torch.randn(B, Hkv, case.k_len, D, generator=gen).to(dtype).requires_grad_()
-    v = torch.randn(B, Hkv, case.k_len, D, generator=gen).to(dtype).requires_grad_()
-    return q, k, v
 
 
 def _close(a, b, tol, **kwargs):

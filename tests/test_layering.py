@@ -11,7 +11,7 @@ SRC = Path(maskattn.__file__).parent
 RANKS = {
     "masks": 0,
     "backends": 1,
-    "dispatch": 2, "explanation": 3,
+    "dispatch": 2, "weights": 2, "explanation": 3,
     "layers": 3,
     "models": 4,
     "decoding": 5, "data": 5, "tokenization": 5, "training": 5, "checkpoint": 5, "metrics": 5, "config": 5,

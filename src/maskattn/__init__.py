@@ -20,6 +20,7 @@ from maskattn.models import (
     load,
     save,
 )
+from maskattn.weights import attention_weights
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "Transformer",
     "TransformerConfig",
     "attention",
+    "attention_weights",
     "audit",
     "choose_backend",
     "decoding",

@@ -36,7 +36,7 @@ BACKENDS: dict[str, Backend] = {
 
 def can_run(
     name: str, q: Tensor, *, dropout_p: float, return_weights: bool, needs_grad: bool = False,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, return_lse: bool = False,
 ) -> bool:
     """Whether backend ``name`` supports a call with these features (the others raise ValueError)."""
     if name == "reference":
@@ -46,7 +46,7 @@ def can_run(
     if name == "blocked":
         return True
     if name == "sdpa":
-        return dropout_p == 0.0 or generator is None
+        return not return_lse and (dropout_p == 0.0 or generator is None)
     if name == "flex":
         return dropout_p == 0.0 and flex.available(q.device, q.dtype, needs_grad)
     raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {name!r}")
@@ -54,11 +54,12 @@ def can_run(
 
 def choose_backend(
     q: Tensor, k: Tensor, mask: Mask | None, *, dropout_p: float, return_weights: bool, q_offset: int = 0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, return_lse: bool = False,
 ) -> str:
     """The backend ``backend="auto"`` runs for these inputs; the rules are those of docs/performance.md.
 
     * ``return_weights`` -> ``reference`` (the only backend that builds the weights);
+    * ``return_lse`` -> ``blocked`` (it keeps the per-row log-sum-exp for its backward anyway);
     * dropout with a ``generator`` -> ``blocked`` (seeded per-tile dropout that backward reproduces);
       without one, dropout is SDPA's own (global RNG) wherever the rules below pick ``sdpa``;
     * no mask, pure causal (``q_offset == 0``, ``Lq == Lk``) or pure key padding -> ``sdpa``: PyTorch's
@@ -67,16 +68,18 @@ def choose_backend(
     * any other mask -> ``blocked``, which skips the tiles the mask hides.
     """
     return decide(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset,
-                  generator=generator)[0]
+                  generator=generator, return_lse=return_lse)[0]
 
 
 def decide(
     q: Tensor, k: Tensor, mask: Mask | None, *, dropout_p: float, return_weights: bool, q_offset: int = 0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, return_lse: bool = False,
 ) -> tuple[str, str]:
     """``(backend, why)``: the choice of :func:`choose_backend` and the rule that made it."""
     if return_weights:
         return "reference", "return_weights=True: only the reference backend builds the (B, H, Lq, Lk) weights"
+    if return_lse:
+        return "blocked", "return_lse=True: blocked keeps the per-row log-sum-exp (for its backward) and returns it"
     if dropout_p > 0.0 and generator is not None:
         return "blocked", f"dropout_p={dropout_p} from a generator: blocked applies seeded per-tile dropout"
     if sdpa.cheap_mask(mask, q.shape[2], k.shape[2], q_offset):
@@ -100,6 +103,7 @@ def attention(
     return_weights: bool = False,
     q_offset: int = 0,
     generator: torch.Generator | None = None,
+    return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Masked scaled dot-product attention.
 
@@ -120,9 +124,13 @@ def attention(
         return_weights: also return the (B, H, Lq, Lk) attention weights (before dropout).
         q_offset: absolute position of the first query (e.g. the KV-cache length when decoding).
         generator: random generator for dropout.
+        return_lse: also return the (B, H, Lq) log-sum-exp of each row's allowed scores (float32, or
+            float64 for float64 inputs; -inf on rows that may attend nothing). With it,
+            :func:`maskattn.attention_weights` recomputes the weights of chosen heads and rows cheaply.
 
     Returns:
-        The (B, H, Lq, Dv) output, or ``(output, weights)`` when ``return_weights`` is True.
+        The (B, H, Lq, Dv) output, or ``(output, weights)`` when ``return_weights`` is True, or
+        ``(output, lse)`` when ``return_lse`` is True.
 
     Raises:
         ValueError: on shapes that do not fit together, a mask that does not fit the inputs, or an
@@ -137,17 +145,21 @@ def attention(
         raise ValueError(f"q_offset must be an int >= 0, got {q_offset!r}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if return_weights and return_lse:
+        raise ValueError("return_weights and return_lse cannot both be True: ask for one")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if backend == "auto":
-        options = {"dropout_p": dropout_p, "return_weights": return_weights, "q_offset": q_offset}
+        options = {"dropout_p": dropout_p, "return_weights": return_weights, "q_offset": q_offset,
+                   "return_lse": return_lse}
         backend = choose_backend(q, k, mask, generator=generator, **options)
         if logger.isEnabledFor(logging.DEBUG):
             _, why = decide(q, k, mask, generator=generator, **options)
             logger.debug("attention %s %s on %s: backend=%s (%s)", tuple(q.shape), q.dtype, q.device, backend, why)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
-    out, weights = BACKENDS[backend](
+    extra = {"return_lse": True} if return_lse else {}
+    out, second = BACKENDS[backend](
         q,
         k,
         v,
@@ -157,8 +169,9 @@ def attention(
         q_offset=q_offset,
         return_weights=return_weights,
         generator=generator,
+        **extra,
     )
-    return (out, weights) if return_weights else out
+    return (out, second) if return_weights or return_lse else out
 
 
 def _as_mask(mask: Mask | Tensor | None) -> Mask | None:

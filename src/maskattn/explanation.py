@@ -32,7 +32,7 @@ class Explanation:
 
 def explain(q: Tensor, k: Tensor, v: Tensor, mask: Mask | Tensor | None = None, *, dropout_p: float = 0.0,
             return_weights: bool = False, q_offset: int = 0, block: int = 128,
-            generator: torch.Generator | None = None) -> Explanation:
+            generator: torch.Generator | None = None, return_lse: bool = False) -> Explanation:
     """Explain the backend choice of ``maskattn.attention`` for these arguments, without running it."""
     _check_inputs(q, k, v)
     mask = _as_mask(mask)
@@ -41,7 +41,7 @@ def explain(q: Tensor, k: Tensor, v: Tensor, mask: Mask | Tensor | None = None, 
     if mask is not None:
         mask.check(lq, lk, q_offset=q_offset, batch=b, heads=h)
     backend, why = decide(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset,
-                          generator=generator)
+                          generator=generator, return_lse=return_lse)
     dense = b * h * lq * lk
     if mask is None:
         kept, described = dense, "none (full attention)"
@@ -57,8 +57,10 @@ def explain(q: Tensor, k: Tensor, v: Tensor, mask: Mask | Tensor | None = None, 
 
     costs: dict[str, str] = {}
     for name in ("reference", "sdpa", "blocked", "flex"):
-        if not can_run(name, q, dropout_p=dropout_p, return_weights=return_weights, generator=generator):
+        if not can_run(name, q, dropout_p=dropout_p, return_weights=return_weights, generator=generator,
+                       return_lse=return_lse):
             costs[name] = "cannot run this call" + (" (return_weights)" if return_weights else "") + \
+                (" (return_lse)" if return_lse else "") + \
                 (" (dropout)" if dropout_p else "") + ("" if name != "flex" or flex.available(q.device, q.dtype, False)
                                                        else " (FlexAttention unavailable here)")
         elif name == "reference":

@@ -1,57 +1,101 @@
 """Pictures of attention: capture the weights of every attention layer, and draw heatmaps.
 
-Weights are captured with forward hooks that ask each :class:`~maskattn.layers.MultiHeadAttention`
-call again with ``return_weights=True``; the model's own outputs are untouched.
+Weights are captured cheaply by default: each chosen :class:`~maskattn.layers.MultiHeadAttention`
+runs a fast backend that returns its log-sum-exp, and only the chosen heads and query rows are
+recomputed from it (:func:`maskattn.attention_weights`). ``method="rerun"`` instead asks each call
+again with ``return_weights=True`` (the dense reference path). The model's own outputs are untouched
+either way, up to float rounding between backends.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from maskattn.layers import MultiHeadAttention
+from maskattn.weights import attention_weights
 
 
 @contextmanager
-def capture_attention(model: nn.Module) -> Iterator[dict[str, list[Tensor]]]:
-    """Record the (B, H, Lq, Lk) weights of every attention module call, keyed by module name.
+def capture_attention(
+    model: nn.Module,
+    *,
+    layers: Sequence[str] | None = None,
+    heads: Sequence[int] | None = None,
+    rows: Sequence[int] | None = None,
+    method: str = "lse",
+) -> Iterator[dict[str, list[Tensor]]]:
+    """Record the attention weights of every call of the chosen attention modules, keyed by module name.
 
-    Works for full forward passes; calls that append to a KV cache are refused (asking them again
-    would append twice).
+    Args:
+        model: any module holding :class:`~maskattn.layers.MultiHeadAttention` layers.
+        layers: module names or glob patterns (``"decoder.layers.1.*"``) to capture; default all.
+        heads: query heads to keep; default all.
+        rows: query rows (indices into each call's queries) to keep; default all.
+        method: ``"lse"`` recomputes the chosen heads and rows from a fast backend's log-sum-exp
+            (cheap: no dense weights, works with a KV cache); ``"rerun"`` asks each call again with
+            ``return_weights=True`` (the dense reference path; refuses KV-cache calls).
+
+    Each recorded tensor is (B, len(heads), len(rows), Lk), detached, on the CPU.
     """
+    if method not in ("lse", "rerun"):
+        raise ValueError(f"method must be 'lse' or 'rerun', got {method!r}")
+    chosen = {name: module for name, module in model.named_modules() if isinstance(module, MultiHeadAttention)
+              and (layers is None or any(fnmatchcase(name, pattern) for pattern in layers))}
+    if layers is not None and not chosen:
+        names = [n for n, m in model.named_modules() if isinstance(m, MultiHeadAttention)]
+        raise ValueError(f"layers={list(layers)} matches no attention module; the model has {names}")
     captured: dict[str, list[Tensor]] = {}
-    handles = []
-    active = {"inside": False}
-
-    def hook(name: str):
-        def record(module: nn.Module, args: tuple, kwargs: dict, output):
-            if active["inside"]:
-                return None
-            if kwargs.get("cache") is not None:
-                raise RuntimeError(f"capture_attention: {name} was called with a KV cache; capture a full forward")
-            active["inside"] = True
-            try:
-                with torch.no_grad():
-                    _, weights = module(*args, **{**kwargs, "return_weights": True})
-            finally:
-                active["inside"] = False
-            captured.setdefault(name, []).append(weights.detach().cpu())
-            return None
-
-        return record
-
-    for name, module in model.named_modules():
-        if isinstance(module, MultiHeadAttention):
-            handles.append(module.register_forward_hook(hook(name), with_kwargs=True))
+    undo = []
+    for name, module in chosen.items():
+        if method == "lse":
+            module.recorder = _lse_recorder(name, captured, heads, rows)
+            undo.append(lambda m=module: setattr(m, "recorder", None))
+        else:
+            handle = module.register_forward_hook(_rerun_hook(name, captured, heads, rows), with_kwargs=True)
+            undo.append(handle.remove)
     try:
         yield captured
     finally:
-        for handle in handles:
-            handle.remove()
+        for step in undo:
+            step()
+
+
+def _lse_recorder(name: str, captured: dict[str, list[Tensor]], heads, rows):
+    def record(q: Tensor, k: Tensor, lse: Tensor, mask, q_offset: int) -> None:
+        with torch.no_grad():
+            weights = attention_weights(q.detach(), k.detach(), lse, mask, q_offset=q_offset, heads=heads, rows=rows)
+        captured.setdefault(name, []).append(weights.cpu())
+
+    return record
+
+
+def _rerun_hook(name: str, captured: dict[str, list[Tensor]], heads, rows):
+    active = {"inside": False}
+
+    def record(module: nn.Module, args: tuple, kwargs: dict, output):
+        if active["inside"]:
+            return None
+        if kwargs.get("cache") is not None:
+            raise RuntimeError(f"capture_attention: {name} was called with a KV cache; use method='lse' "
+                               "or capture a full forward")
+        active["inside"] = True
+        try:
+            with torch.no_grad():
+                _, weights = module(*args, **{**kwargs, "return_weights": True})
+        finally:
+            active["inside"] = False
+        weights = weights if heads is None else weights[:, list(heads)]
+        weights = weights if rows is None else weights[:, :, list(rows)]
+        captured.setdefault(name, []).append(weights.detach().cpu())
+        return None
+
+    return record
 
 
 def _pyplot():

@@ -102,13 +102,15 @@ def attention(
     q_offset: int = 0,
     return_weights: bool = False,
     generator: torch.Generator | None = None,
+    return_lse: bool = False,
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
     kernel: str = "auto",
-) -> tuple[Tensor, None]:
+) -> tuple[Tensor, Tensor | None]:
     """Masked attention computed only on the tiles the mask does not hide.
 
-    Takes the arguments of :func:`maskattn.backends.reference.attention`, plus:
+    Takes the arguments of :func:`maskattn.backends.reference.attention` (``return_lse`` gives the
+    log-sum-exp this backend keeps for backward anyway, at no extra cost), plus:
 
     Args:
         block_q: query rows per tile.
@@ -133,8 +135,8 @@ def attention(
     seed = 0
     if dropout_p > 0.0:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device if generator else "cpu"))
-    out = _BlockedAttention.apply(q, k, v, plan, scale, dropout_p, seed, kernel)
-    return out, None
+    out, lse = _BlockedAttention.apply(q, k, v, plan, scale, dropout_p, seed, kernel, return_lse)
+    return out, (lse if return_lse else None)
 
 
 def _pick_kernel(kernel: str, q: Tensor, v: Tensor, dropout_p: float) -> str:
@@ -382,7 +384,7 @@ _KERNELS = {"fused": (_fused_forward, _fused_backward), "math": (_math_forward, 
 
 class _BlockedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan: Plan, scale: float, dropout_p: float, seed: int, kernel: str):
+    def forward(ctx, q, k, v, plan: Plan, scale: float, dropout_p: float, seed: int, kernel: str, want_lse: bool):
         batch, heads = q.shape[:2]
         kv_heads = k.shape[1]
         forward_kernel = _KERNELS[kernel][0]
@@ -390,8 +392,12 @@ class _BlockedAttention(torch.autograd.Function):
         k_pad, v_pad = _pad_keys(k, plan.padded_k), _pad_keys(v, plan.padded_k)  # (B, Hkv, Lk', D)
         out = q_rows.new_empty(*q_rows.shape[:3], v.shape[-1])  # (B', nq, R, Dv)
         lse = q_rows.new_empty(q_rows.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))
+        # Rows that may attend nothing: the kernels leave 0 or +inf in their lse; the caller gets -inf.
+        empty = torch.zeros(lse.shape, dtype=torch.bool, device=q.device) if want_lse else None
         for rows in _idle_blocks(plan):  # blocks that may attend nothing: zero output
             out[:, rows], lse[:, rows] = 0.0, 0.0
+            if empty is not None:
+                empty[:, rows] = True
         for n, group in enumerate(plan.groups):
             index = _key_index(plan, group, q.device)
             allowed = _allowed(plan, group, index, batch, heads, kv_heads)
@@ -403,12 +409,19 @@ class _BlockedAttention(torch.autograd.Function):
             )
             out[:, group.first : group.stop] = part
             lse[:, group.first : group.stop] = part_lse
+            if empty is not None and allowed is not None:
+                empty[:, group.first : group.stop] = ~allowed.any(-1)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale, ctx.dropout_p, ctx.seed, ctx.kernel = plan, scale, dropout_p, seed, kernel
-        return _unrows_layout(out, batch, heads, plan.block_q, plan.q_len)
+        exposed = q.new_empty(0)
+        if empty is not None:
+            exposed = lse.masked_fill(empty, -torch.inf).unsqueeze(-1)  # (B', nq, R, 1)
+            exposed = _unrows_layout(exposed, batch, heads, plan.block_q, plan.q_len).squeeze(-1)  # (B, H, Lq)
+        ctx.mark_non_differentiable(exposed)
+        return _unrows_layout(out, batch, heads, plan.block_q, plan.q_len), exposed
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
         plan: Plan = ctx.plan
         batch, heads = q.shape[:2]
@@ -434,4 +447,4 @@ class _BlockedAttention(torch.autograd.Function):
             _scatter_keys(dk, dk_part.to(dk.dtype), plan, group, index)
             _scatter_keys(dv, dv_part.to(dv.dtype), plan, group, index)
         dq = _unrows_layout(dq, batch, heads, plan.block_q, plan.q_len)
-        return dq, dk[:, :, : plan.k_len], dv[:, :, : plan.k_len], None, None, None, None, None
+        return dq, dk[:, :, : plan.k_len], dv[:, :, : plan.k_len], None, None, None, None, None, None

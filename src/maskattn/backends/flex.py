@@ -55,12 +55,14 @@ def attention(
     q_offset: int = 0,
     return_weights: bool = False,
     generator: torch.Generator | None = None,
+    return_lse: bool = False,
     compiled: bool = True,
-) -> tuple[Tensor, None]:
+) -> tuple[Tensor, Tensor | None]:
     """Masked attention by ``torch.nn.attention.flex_attention``.
 
     Takes the arguments of :func:`maskattn.backends.reference.attention`, plus ``compiled``: run
     the ``torch.compile``-d kernel (the fast one), or FlexAttention's eager reference path.
+    ``return_lse`` gives FlexAttention's own log-sum-exp (natural log; -inf on empty rows).
 
     Raises:
         ValueError: if ``return_weights`` is True or ``dropout_p`` > 0.
@@ -94,5 +96,13 @@ def attention(
             device=q.device,
         )
     run = _compiled() if compiled else _flex.flex_attention
-    out = run(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=heads != k.shape[1])
-    return out, None
+    gqa = heads != k.shape[1]
+    if not return_lse:
+        return run(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa), None
+    if hasattr(_flex, "AuxRequest"):  # torch >= 2.9; return_lse is deprecated there
+        out, aux = run(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+                       return_aux=_flex.AuxRequest(lse=True))
+        lse = aux.lse
+    else:
+        out, lse = run(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_lse=True)
+    return out, lse.float().detach()

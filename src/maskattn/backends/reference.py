@@ -25,8 +25,15 @@ def attention(
     q_offset: int = 0,
     return_weights: bool = False,
     generator: torch.Generator | None = None,
+    return_lse: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """softmax(q k^T * scale, masked) @ v, with masked scores at -inf and empty rows at zero."""
+    """softmax(q k^T * scale, masked) @ v, with masked scores at -inf and empty rows at zero.
+
+    The second result is the (B, H, Lq, Lk) weights if ``return_weights``, else the (B, H, Lq)
+    log-sum-exp of the allowed scores (-inf on rows that may attend nothing) if ``return_lse``, else None.
+    """
+    if return_weights and return_lse:
+        raise ValueError("return_weights and return_lse cannot both be True: ask for one")
     dtype = q.dtype
     # Low-precision inputs are computed in float32: this is the oracle, not the fast path.
     q, k, v = (x.to(torch.promote_types(dtype, torch.float32)) for x in (q, k, v))
@@ -40,12 +47,14 @@ def attention(
         # Hide scores by setting them to -inf before the softmax. Multiplying scores by the mask
         # (the seed article's bug) leaves exp(0) = 1 on every hidden key, which masks nothing.
         scores = scores.masked_fill(~allowed, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)  # (B, H, Lq); -inf where nothing is allowed
         # A row with nothing to attend would be softmax(-inf, ..., -inf) = NaN. Give it finite
         # scores, then zero its weights: zero output, and no gradient flows into it.
         empty = ~allowed.any(dim=-1, keepdim=True)  # (B|1, H|1, Lq, 1)
         scores = scores.masked_fill(empty, 0.0)
         weights = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
     else:
+        lse = torch.logsumexp(scores, dim=-1)  # (B, H, Lq)
         weights = torch.softmax(scores, dim=-1)  # (B, H, Lq, Lk)
 
     attended = weights
@@ -53,4 +62,6 @@ def attention(
         keep = torch.rand(weights.shape, generator=generator, device=q.device) >= dropout_p
         attended = weights * keep / (1.0 - dropout_p)
     out = attended @ v  # (B, H, Lq, Dv)
+    if return_lse:
+        return out.to(dtype), lse.detach()
     return out.to(dtype), (weights.to(dtype) if return_weights else None)

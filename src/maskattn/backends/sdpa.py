@@ -12,7 +12,8 @@ but it costs Lq x Lk memory and computes every score (this is what ``backend="au
 the "SDPA with the mask tensor" baseline of the benchmark). Rows that may attend nothing come back
 as zeros with zero gradients, not NaN.
 
-Not supported (ValueError): ``return_weights`` (SDPA never builds the weights; use ``reference``) and
+Not supported (ValueError): ``return_weights`` (SDPA never builds the weights; use ``reference``),
+``return_lse`` (SDPA's public function does not return it; use ``blocked``) and
 dropout with a ``generator`` (SDPA draws its dropout from the global RNG; use ``blocked`` or
 ``reference``). Dropout without a generator is SDPA's own, from the global RNG (which the trainer
 reseeds every step).
@@ -49,18 +50,24 @@ def attention(
     q_offset: int = 0,
     return_weights: bool = False,
     generator: torch.Generator | None = None,
+    return_lse: bool = False,
 ) -> tuple[Tensor, None]:
     """Masked attention by ``torch.nn.functional.scaled_dot_product_attention``.
 
     Takes the arguments of :func:`maskattn.backends.reference.attention`.
 
     Raises:
-        ValueError: if ``return_weights`` is True, or ``dropout_p`` > 0 with a ``generator``.
+        ValueError: if ``return_weights`` or ``return_lse`` is True, or ``dropout_p`` > 0 with a ``generator``.
     """
     if return_weights:
         raise ValueError(
             "backend 'sdpa' does not return attention weights (return_weights=True); use "
             "backend='reference' (backend='auto' picks it when return_weights=True)"
+        )
+    if return_lse:
+        raise ValueError(
+            "backend 'sdpa' does not return the log-sum-exp (return_lse=True): SDPA keeps it inside its kernel; "
+            "use backend='blocked' (backend='auto' picks it when return_lse=True)"
         )
     if dropout_p > 0.0 and generator is not None:
         raise ValueError(

@@ -11,12 +11,16 @@ appended, all cached keys are attended) or precomputed ``kv`` from :meth:`projec
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from torch import Tensor, nn
 
+from maskattn import dispatch
 from maskattn.dispatch import attention
 from maskattn.layers.kv_cache import KVCache
 from maskattn.layers.positions import apply_rope
-from maskattn.masks import Mask
+from maskattn.masks import Mask, from_tensor
 
 
 class MultiHeadAttention(nn.Module):
@@ -66,6 +70,9 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(kdim or d_model, kv_width, bias=bias)
         self.v_proj = nn.Linear(vdim or d_model, kv_width, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        # Set by maskattn.viz.capture_attention: called as recorder(q, k, lse, mask, q_offset) on every
+        # call, with the (B, H, Lq) log-sum-exp of a fast backend (see maskattn.attention_weights).
+        self.recorder: Callable[[Tensor, Tensor, Tensor, Mask | Tensor | None, int], None] | None = None
 
     def forward(
         self,
@@ -105,11 +112,34 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)  # (B, Hkv, Lk, D)
         dropout_p = self.dropout if self.training else 0.0
-        result = attention(q, k, v, mask, dropout_p=dropout_p, backend=self.backend,
-                           return_weights=return_weights, q_offset=q_offset)
-        out, weights = result if return_weights else (result, None)
+        if self.recorder is not None and not return_weights:
+            out = self._attend_and_record(q, k, v, mask, dropout_p, q_offset)
+            weights = None
+        else:
+            result = attention(q, k, v, mask, dropout_p=dropout_p, backend=self.backend,
+                               return_weights=return_weights, q_offset=q_offset)
+            out, weights = result if return_weights else (result, None)
         out = self.out_proj(out.transpose(1, 2).reshape(b, lq, self.d_model))  # (B, Lq, E)
         return (out, weights) if return_weights else out
+
+    def _attend_and_record(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask | Tensor | None, dropout_p: float,
+                           q_offset: int) -> Tensor:
+        """Attend with the backend this layer would use anyway, and hand the log-sum-exp to the recorder:
+        from the same call where that backend returns it, else from one more call without gradients."""
+        backend = self.backend
+        if backend == "auto":
+            as_mask = from_tensor(mask) if isinstance(mask, Tensor) else mask
+            backend = dispatch.choose_backend(q, k, as_mask, dropout_p=dropout_p, return_weights=False,
+                                              q_offset=q_offset)
+        if backend in ("reference", "blocked"):
+            out, lse = attention(q, k, v, mask, dropout_p=dropout_p, backend=backend, return_lse=True,
+                                 q_offset=q_offset)
+        else:
+            out = attention(q, k, v, mask, dropout_p=dropout_p, backend=backend, q_offset=q_offset)
+            with torch.no_grad():
+                _, lse = attention(q, k, v, mask, backend="blocked", return_lse=True, q_offset=q_offset)
+        self.recorder(q, k, lse, mask, q_offset)
+        return out
 
     def project_kv(self, key: Tensor, value: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Project (B, Lk, kdim) keys and values into heads: two (B, Hkv, Lk, D) tensors."""
