@@ -210,6 +210,38 @@ def test_blocked_rejects_bad_arguments():
         blocked.attention(q, q, q, None, scale=1.0, kernel="fused", dropout_p=0.1)
 
 
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=5), st.booleans(), st.booleans(), st.sampled_from(HEADS),
+       st.integers(0, 2**16))
+def test_sdpa_per_document_calls_equal_reference(sizes, causal, per_row, heads, seed):
+    """Packed documents: the per-document SDPA path against the reference, forward and gradients."""
+    n = sum(sizes)
+    ids = torch.cat([torch.full((size,), i) for i, size in enumerate(sizes)]).view(1, n)
+    if per_row:  # a second row with its own documents: one document for the whole row
+        ids = torch.cat([ids, torch.zeros(1, n, dtype=torch.long)])
+    mask = masks.document(ids) & masks.causal() if causal else masks.document(ids)
+    assert sdpa.segments(mask, n, n, 0, 2) is not None
+    gen = torch.Generator().manual_seed(seed)
+    H, Hkv = heads
+    q = torch.randn(2, H, n, 8, generator=gen, requires_grad=True)
+    k, v = (torch.randn(2, Hkv, n, 8, generator=gen, requires_grad=True) for _ in range(2))
+    ours, _ = sdpa.attention(q, k, v, mask, scale=0.3)
+    theirs, _ = reference.attention(q, k, v, mask, scale=0.3)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(theirs, (q, k, v), grad),
+                    strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_segments_refuses_what_it_cannot_split():
+    ids = torch.tensor([[0, 0, 1, 1, 0, 0]])  # document 0 occurs twice: its halves attend each other
+    assert sdpa.segments(masks.document(ids), 6, 6, 0, 1) is None
+    assert sdpa.segments(masks.document(ids.sort().values), 6, 6, 0, 1) is not None
+    assert sdpa.segments(masks.document(ids.sort().values), 3, 6, 3, 1) is None  # q_offset: not self-attention
+    many = torch.arange(sdpa.MAX_SEGMENTS + 1).view(1, -1)
+    assert sdpa.segments(masks.document(many), many.shape[1], many.shape[1], 0, 1) is None
+
+
 @pytest.mark.parametrize(
     "make,q_len,q_offset,kwargs,expected",
     [
@@ -219,7 +251,14 @@ def test_blocked_rejects_bad_arguments():
         (lambda n: masks.causal(), 512, 512, {}, "blocked"),  # SDPA's is_causal is top-left aligned
         (lambda n: masks.padding([n, 9]), 1024, 0, {}, "sdpa"),
         (lambda n: masks.causal() & masks.sliding_window(4), 1024, 0, {}, "blocked"),
-        (lambda n: masks.document(torch.zeros(2, n, dtype=torch.long)), 1024, 0, {}, "blocked"),
+        # a few contiguous documents: one SDPA call each; many, interleaved, or with another mask: blocked
+        (lambda n: masks.document(torch.zeros(2, n, dtype=torch.long)), 1024, 0, {}, "sdpa"),
+        (lambda n: masks.causal() & masks.document(torch.arange(n).view(1, n) * 4 // n), 1024, 0, {}, "sdpa"),
+        (lambda n: masks.document(torch.arange(n).view(1, n) // 8), 1024, 0, {}, "blocked"),
+        (lambda n: masks.document(torch.arange(n).view(1, n) % 2), 1024, 0, {}, "blocked"),
+        (lambda n: masks.sliding_window(9) & masks.document(torch.zeros(1, n, dtype=torch.long)), 1024, 0, {},
+         "blocked"),
+        (lambda n: masks.causal() & masks.document(torch.zeros(1, n, dtype=torch.long)), 512, 512, {}, "blocked"),
         (lambda n: masks.prefix_lm(3), 1024, 0, {}, "blocked"),
         (lambda n: masks.causal() & masks.padding([n, 9]), 1024, 0, {}, "blocked"),
         (lambda n: masks.from_tensor(torch.ones(n, n, dtype=torch.bool)), 1024, 0, {}, "blocked"),

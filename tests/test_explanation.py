@@ -14,7 +14,8 @@ def _qkv(n=1024, heads=2):
 @pytest.mark.parametrize("mask,expected", [
     (None, "sdpa"), (masks.causal(), "sdpa"), (masks.padding([300]), "sdpa"),
     (masks.causal() & masks.sliding_window(64), "blocked"),
-    (masks.document(torch.arange(4).repeat_interleave(256)[None]) & masks.causal(), "blocked"),
+    (masks.document(torch.arange(4).repeat_interleave(256)[None]) & masks.causal(), "sdpa"),  # one call per doc
+    (masks.document(torch.arange(128).repeat_interleave(8)[None]) & masks.causal(), "blocked"),
 ])
 def test_explain_names_the_backend_auto_runs_and_why(mask, expected):
     q, k, v = _qkv()

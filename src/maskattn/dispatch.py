@@ -65,6 +65,8 @@ def choose_backend(
     * no mask, pure causal (``q_offset == 0``, ``Lq == Lk``) or pure key padding -> ``sdpa``: PyTorch's
       fused kernel takes these without an Lq x Lk mask and is fastest on them;
     * any other mask on a small problem (Lq * Lk <= SMALL_SCORES) -> ``sdpa`` with the dense mask;
+    * ``document(ids)`` or ``causal() & document(ids)`` over a few contiguous documents -> ``sdpa``,
+      one call per document (``sdpa.segments``);
     * any other mask -> ``blocked``, which skips the tiles the mask hides.
     """
     return decide(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset,
@@ -88,6 +90,11 @@ def decide(
     if q.shape[2] * k.shape[2] <= SMALL_SCORES:
         return "sdpa", (f"Lq x Lk = {q.shape[2]} x {k.shape[2]} is small: a dense mask is cheap and the fused "
                         "kernel beats tile bookkeeping")
+    split = sdpa.segments(mask, q.shape[2], k.shape[2], q_offset, q.shape[0])
+    if split is not None:
+        count = sum(len(row) for row in split[0])
+        return "sdpa", (f"{mask!r} over {count} contiguous document(s): one SDPA call per document, "
+                        "without a mask tensor (at most sdpa.MAX_SEGMENTS calls)")
     return "blocked", f"{mask!r} needs an element mask: blocked skips the tiles it hides and masks only partial ones"
 
 

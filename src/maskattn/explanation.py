@@ -66,9 +66,10 @@ def explain(q: Tensor, k: Tensor, v: Tensor, mask: Mask | Tensor | None = None, 
         elif name == "reference":
             costs[name] = work(dense, f", builds {dense * size / 1e6:.1f} MB of weights")
         elif name == "sdpa":
-            cheap = sdpa.cheap_mask(mask, lq, lk, q_offset)
+            split = sdpa.segments(mask, lq, lk, q_offset, b) is not None  # one call per document
+            cheap = sdpa.cheap_mask(mask, lq, lk, q_offset) or split
             causal = isinstance(mask, _Causal)  # is_causal: the fused kernel skips the blocks above the diagonal
-            costs[name] = work(kept if causal else dense,
+            costs[name] = work(kept if causal or split else dense,
                                "" if cheap else f", needs a {b * lq * lk / 1e6:.1f} MB Lq x Lk mask tensor")
         else:
             costs[name] = work(kept, ", skips empty tiles")

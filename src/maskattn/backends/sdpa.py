@@ -5,7 +5,11 @@ Exact for every mask, but cheap only for the masks SDPA can take without an Lq x
 * no mask (or ``full()``): plain SDPA;
 * pure ``causal()`` with ``q_offset == 0`` and ``Lq == Lk``: ``is_causal=True`` (SDPA's causal
   mask is aligned top-left, which is ours only in that case);
-* pure key padding: a (B, 1, 1, Lk) bool mask.
+* pure key padding: a (B, 1, 1, Lk) bool mask;
+* ``document(ids)`` or ``causal() & document(ids)`` whose documents are contiguous runs of ids
+  (packed sequences), ``q_offset == 0``, ``Lq == Lk``: one SDPA call per document, without a mask
+  (with ``is_causal``), as FlashAttention's variable-length kernels do; at most
+  ``MAX_SEGMENTS`` calls, beyond which the per-call overhead outweighs the skipped work.
 
 Any other mask is materialised with ``mask.to_dense`` and passed as an explicit bool tensor: exact,
 but it costs Lq x Lk memory and computes every score (this is what ``backend="auto"`` avoids, and
@@ -23,13 +27,19 @@ Shape legend: B batch, H query heads, Hkv key/value heads, Lq queries, Lk keys, 
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from maskattn.masks import Mask, _Causal, _Full, _Padding
+from maskattn.masks import Mask, _And, _Causal, _Document, _Full, _Padding
 
-__all__ = ["attention", "cheap_mask"]
+__all__ = ["MAX_SEGMENTS", "attention", "cheap_mask", "segments"]
+
+MAX_SEGMENTS = 64  # per-document calls of one attention call (over the whole batch)
+
+Segments = list[list[tuple[int, int]]]  # per batch row, the (start, stop) of each document
 
 
 def cheap_mask(mask: Mask | None, q_len: int, k_len: int, q_offset: int) -> bool:
@@ -37,6 +47,41 @@ def cheap_mask(mask: Mask | None, q_len: int, k_len: int, q_offset: int) -> bool
     if mask is None or isinstance(mask, _Full | _Padding):
         return True
     return isinstance(mask, _Causal) and q_offset == 0 and q_len == k_len
+
+
+def segments(mask: Mask | None, q_len: int, k_len: int, q_offset: int, batch: int) -> tuple[Segments, bool] | None:
+    """``(runs, causal)`` if ``mask`` is ``document(ids)``, optionally ``& causal()``, over contiguous
+    documents that split the call into at most ``MAX_SEGMENTS`` self-attention calls; else None."""
+    if q_offset != 0 or q_len != k_len:
+        return None
+    parts = mask.parts if isinstance(mask, _And) else (mask,)
+    docs = [p for p in parts if isinstance(p, _Document)]
+    if len(docs) != 1 or any(not isinstance(p, _Document | _Causal) for p in parts):
+        return None
+    ids = docs[0].doc_ids[:, :q_len]  # (B|1, L)
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    count = int(starts.sum()) * (batch if ids.shape[0] == 1 else 1)
+    if count > MAX_SEGMENTS:
+        return None
+    runs: Segments = []
+    for row_ids, row_starts in zip(ids.tolist(), starts.tolist(), strict=True):
+        bounds = [i for i, first in enumerate(row_starts) if first] + [q_len]
+        if len({row_ids[i] for i in bounds[:-1]}) != len(bounds) - 1:
+            return None  # an id occurs in two runs: its documents attend across the gap
+        runs.append(list(pairwise(bounds)))
+    return runs, any(isinstance(p, _Causal) for p in parts)
+
+
+def _per_segment(q: Tensor, k: Tensor, v: Tensor, runs: Segments, causal: bool, **kwargs) -> Tensor:
+    """Self-attention within each document: (B, H, L, Dv), one SDPA call per (row, document)."""
+    rows = []
+    for b in range(q.shape[0]):
+        spans = runs[b if len(runs) > 1 else 0]
+        rows.append(torch.cat([F.scaled_dot_product_attention(
+            q[b : b + 1, :, lo:hi], k[b : b + 1, :, lo:hi], v[b : b + 1, :, lo:hi], is_causal=causal, **kwargs)
+            for lo, hi in spans], dim=2))  # (1, H, L, Dv)
+    return torch.cat(rows, dim=0)
 
 
 def attention(
@@ -81,6 +126,9 @@ def attention(
     if isinstance(mask, _Causal) and q_offset == 0 and q_len == k_len:
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=gqa)
         return out, None
+    split = segments(mask, q_len, k_len, q_offset, q.shape[0])
+    if split is not None:
+        return _per_segment(q, k, v, *split, dropout_p=dropout_p, scale=scale, enable_gqa=gqa), None
     if isinstance(mask, _Padding):
         b = torch.arange(mask.batch, device=q.device).view(-1, 1, 1, 1)
         zero = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=q.device)
