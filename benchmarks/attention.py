@@ -40,7 +40,7 @@ from maskattn.masks import Mask
 B, H, D = 1, 8, 64
 SIZES = [512, 1024, 2048, 4096, 8192, 16384]
 MASKS = ["none", "causal", "padding", "window", "document", "prefix"]
-IMPLS = ["auto", "blocked", "sdpa_best", "sdpa_mask", "naive", "flex"]
+IMPLS = ["auto", "blocked", "sdpa", "sdpa_best", "sdpa_mask", "naive", "flex"]
 WINDOW = 256
 
 
@@ -104,7 +104,7 @@ def make_impls(names: list[str], mask: Mask | None, n: int) -> dict[str, Callabl
     """Callables (q, k, v) -> out for the implementations that apply to this mask."""
     impls: dict[str, Callable] = {}
     for name in names:
-        if name in ("auto", "blocked"):
+        if name in ("auto", "blocked", "sdpa"):  # "sdpa": maskattn's sdpa backend (per-document / band calls)
             impls[name] = lambda q, k, v, name=name: maskattn.attention(q, k, v, mask, backend=name)
         elif name == "sdpa_best" and _sdpa_best(mask, n) is not None:
             impls[name] = _sdpa_best(mask, n)

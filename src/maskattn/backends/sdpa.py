@@ -9,7 +9,10 @@ Exact for every mask, but cheap only for the masks SDPA can take without an Lq x
 * ``document(ids)`` or ``causal() & document(ids)`` whose documents are contiguous runs of ids
   (packed sequences), ``q_offset == 0``, ``Lq == Lk``: one SDPA call per document, without a mask
   (with ``is_causal``), as FlashAttention's variable-length kernels do; at most
-  ``MAX_SEGMENTS`` calls, beyond which the per-call overhead outweighs the skipped work.
+  ``MAX_SEGMENTS`` calls, beyond which the per-call overhead outweighs the skipped work;
+* ``causal() & sliding_window(W)`` with ``q_offset == 0``, ``Lq == Lk > W``: the queries are cut
+  into chunks of W; chunk c attends the keys of chunks c - 1 and c under one (W, 2W) band mask
+  shared by every chunk, all chunks in one SDPA call (chunk 0: ``is_causal`` on its own keys).
 
 Any other mask is materialised with ``mask.to_dense`` and passed as an explicit bool tensor: exact,
 but it costs Lq x Lk memory and computes every score (this is what ``backend="auto"`` avoids, and
@@ -33,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from maskattn.masks import Mask, _And, _Causal, _Document, _Full, _Padding
+from maskattn.masks import Mask, _And, _Causal, _Document, _Full, _Padding, _SlidingWindow
 
-__all__ = ["MAX_SEGMENTS", "attention", "cheap_mask", "segments"]
+__all__ = ["MAX_SEGMENTS", "attention", "band", "cheap_mask", "segments"]
 
 MAX_SEGMENTS = 64  # per-document calls of one attention call (over the whole batch)
 
@@ -71,6 +74,45 @@ def segments(mask: Mask | None, q_len: int, k_len: int, q_offset: int, batch: in
             return None  # an id occurs in two runs: its documents attend across the gap
         runs.append(list(pairwise(bounds)))
     return runs, any(isinstance(p, _Causal) for p in parts)
+
+
+def band(mask: Mask | None, q_len: int, k_len: int, q_offset: int) -> int | None:
+    """The window W if ``mask`` is exactly ``causal() & sliding_window(W)`` on self-attention longer than W."""
+    if not isinstance(mask, _And) or q_offset != 0 or q_len != k_len or len(mask.parts) != 2:
+        return None
+    windows = [p for p in mask.parts if isinstance(p, _SlidingWindow)]
+    if len(windows) != 1 or not any(isinstance(p, _Causal) for p in mask.parts):
+        return None
+    return windows[0].size if q_len > windows[0].size else None
+
+
+def _banded(q: Tensor, k: Tensor, v: Tensor, window: int, **kwargs) -> Tensor:
+    """Causal sliding-window attention in chunks of ``window`` rows: (B, H, L, Dv)."""
+    batch, heads, length, _ = q.shape
+    size = window
+    chunks = -(-length // size)
+    padded = chunks * size
+    if k.shape[1] != heads:  # the chunks are folded into the head axis, which SDPA's GQA cannot follow
+        k, v = (x.repeat_interleave(heads // k.shape[1], dim=1) for x in (k, v))
+    if padded != length:  # zero rows at the end: causal, so no real query ever sees them
+        q, k, v = (F.pad(x, (0, 0, 0, padded - length)) for x in (q, k, v))
+    first = F.scaled_dot_product_attention(q[:, :, :size], k[:, :, :size], v[:, :, :size], is_causal=True,
+                                           **kwargs)  # (B, H, W, Dv)
+    if chunks == 1:
+        return first[:, :, :length]
+
+    def windows(x: Tensor) -> Tensor:  # (B, H, L', D) -> (B, H * (n - 1), 2W, D): chunks c - 1 and c side by side
+        prev = x[:, :, : padded - size].view(batch, heads, chunks - 1, size, -1)
+        cur = x[:, :, size:].view(batch, heads, chunks - 1, size, -1)
+        return torch.cat([prev, cur], dim=3).view(batch, heads * (chunks - 1), 2 * size, -1)
+
+    i = torch.arange(size, device=q.device).view(-1, 1)
+    j = torch.arange(2 * size, device=q.device).view(1, -1)
+    allowed = (j <= i + size) & (j > i + size - window)  # key j of the pair is at chunk start - W + j
+    rest = q[:, :, size:].reshape(batch, heads * (chunks - 1), size, -1)
+    out = F.scaled_dot_product_attention(rest, windows(k), windows(v), attn_mask=allowed, **kwargs)
+    out = out.view(batch, heads, padded - size, -1)
+    return torch.cat([first, out], dim=2)[:, :, :length]
 
 
 def _per_segment(q: Tensor, k: Tensor, v: Tensor, runs: Segments, causal: bool, **kwargs) -> Tensor:
@@ -126,6 +168,9 @@ def attention(
     if isinstance(mask, _Causal) and q_offset == 0 and q_len == k_len:
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=gqa)
         return out, None
+    window = band(mask, q_len, k_len, q_offset)
+    if window is not None:
+        return _banded(q, k, v, window, dropout_p=dropout_p, scale=scale), None
     split = segments(mask, q_len, k_len, q_offset, q.shape[0])
     if split is not None:
         return _per_segment(q, k, v, *split, dropout_p=dropout_p, scale=scale, enable_gqa=gqa), None
