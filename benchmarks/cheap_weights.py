@@ -1,0 +1,87 @@
+"""What looking at attention costs: weights recomputed from the log-sum-exp vs the dense rerun.
+
+A decoder-only model (4 layers, 8 heads, d_model 256) reads one sequence of N tokens (causal
+mask); we capture the weights of 2 heads x 4 query rows of one layer with
+``capture_attention(method="lse")`` (fast backends, weights recomputed from the log-sum-exp) and with
+``method="rerun"`` (every chosen call asked again with ``return_weights=True``: the dense reference
+path), against the plain forward. Each method runs in a fresh subprocess, which reports its wall
+time (median of 3 after a warm-up) and its peak resident memory above the model and inputs.
+
+    python -m benchmarks.cheap_weights [--sizes 2048,4096,8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from maskattn.models import DecoderLM, DecoderLMConfig
+from maskattn.viz import capture_attention
+
+METHODS = ["plain", "lse", "rerun"]
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def child(method: str, n: int) -> dict:
+    torch.manual_seed(0)
+    cfg = DecoderLMConfig(vocab_size=1000, d_model=256, num_heads=8, num_layers=4, d_ff=1024, max_len=n)
+    model = DecoderLM(cfg).eval()
+    x = torch.randint(0, 1000, (1, n))
+    rows = [0, n // 3, n // 2, n - 1]
+
+    def run():
+        with torch.no_grad():
+            if method == "plain":
+                return model(x)
+            with capture_attention(model, layers=["decoder.layers.2.*"], heads=[0, 5], rows=rows,
+                                   method=method) as got:
+                model(x)
+            return got
+
+    run()  # warm-up
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS counter
+    base = _rss_kb("VmRSS")
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return {"method": method, "n": n, "seconds": statistics.median(times),
+            "peak_extra_mb": (_rss_kb("VmHWM") - base) / 1024}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="2048,4096,8192")
+    p.add_argument("--json", default="benchmarks/results/cheap-weights.json")
+    p.add_argument("--child", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], int(args.child[1]))))
+        return
+    results = []
+    print(f"{'N':>6} {'method':>6} {'seconds':>8} {'peak extra MB':>14}")
+    for n in map(int, args.sizes.split(",")):
+        for method in METHODS:
+            out = subprocess.run([sys.executable, "-m", "benchmarks.cheap_weights", "--child", method, str(n)],
+                                 capture_output=True, text=True, check=True)
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            results.append(row)
+            print(f"{n:>6} {method:>6} {row['seconds']:8.3f} {row['peak_extra_mb']:14.1f}")
+    with open(args.json, "w") as f:
+        json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
