@@ -132,3 +132,13 @@ def test_cheap_capture_works_through_a_kv_cache():
     (whole,) = full["decoder.layers.0.self_attn"]
     for t, step in enumerate(steps["decoder.layers.0.self_attn"]):
         torch.testing.assert_close(step[:, :, 0], whole[:, :, t, : t + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_capture_refuses_unknown_layers_and_methods():
+    model = DecoderLM(DecoderLMConfig(vocab_size=20, d_model=16, num_heads=2, num_layers=1, d_ff=32, max_len=8))
+    unknown = r"layers=\['nope'\] matches no attention module; the model has \['decoder.layers.0.self_attn'\]"
+    with pytest.raises(ValueError, match=unknown), capture_attention(model, layers=["nope"]):
+        pass
+    with pytest.raises(ValueError, match="method must be 'lse' or 'rerun', got 'dense'"), \
+            capture_attention(model, method="dense"):
+        pass
