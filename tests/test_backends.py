@@ -281,3 +281,27 @@ def test_auto_choice(make, q_len, q_offset, kwargs, expected):
     mask = make(n)
     options = {"dropout_p": 0.0, "return_weights": False} | kwargs
     assert choose_backend(q, k, mask, q_offset=q_offset, **options) == expected
+
+
+@pytest.mark.parametrize("q_len,q_offset", [(40, 0), (37, 3)])  # 37: the last query block is padded
+@pytest.mark.parametrize("heads", [(2, 2), (4, 2)])
+def test_blocked_shares_one_element_mask_along_a_band(monkeypatch, q_len, q_offset, heads):
+    """A window's blocks sit at the same distance from their keys: one element mask serves the whole
+    group and key gradients are added tile by tile; both must still equal the reference."""
+    shared = []
+    original = blocked._shared_mask
+    monkeypatch.setattr(blocked, "_shared_mask", lambda plan, group: shared.append(original(plan, group))
+                        or shared[-1])
+    gen = torch.Generator().manual_seed(q_len)
+    H, Hkv = heads
+    q = torch.randn(2, H, q_len, 8, generator=gen, requires_grad=True)
+    k, v = (torch.randn(2, Hkv, 40, 8, generator=gen, requires_grad=True) for _ in range(2))
+    mask = masks.causal() & masks.sliding_window(7)
+    ours, _ = blocked.attention(q, k, v, mask, scale=0.3, q_offset=q_offset, block_q=4, block_k=4)
+    theirs, _ = reference.attention(q, k, v, mask, scale=0.3, q_offset=q_offset)
+    assert any(shared)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(theirs, (q, k, v), grad),
+                    strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -155,3 +155,23 @@ def test_bad_constructor_arguments(make, error, words):
 def test_mask_that_does_not_fit_the_call(mask, q_len, k_len, q_offset, words):
     with pytest.raises(ValueError, match=words):
         mask.to_dense(q_len, k_len, q_offset=q_offset)
+
+
+@given(mask_cases(max_len=12))
+def test_relative_masks_depend_only_on_the_distance_to_the_diagonal(case):
+    """``mask.relative`` promises that (b, h, i, j) and (b', h', i + d, j + d) agree: the blocked
+    backend then shares one element mask among tiles; checked on the brute-force oracle."""
+    if not case.mask.relative:
+        return
+    for b in range(case.batch):
+        for h in range(case.heads):
+            for i in range(12):
+                for j in range(12):
+                    assert case.oracle(b, h, i, j) == case.oracle(0, 0, i + 3, j + 3), (b, h, i, j)
+
+
+def test_relative_is_true_only_for_distance_masks():
+    doc = masks.document(torch.zeros(1, 4, dtype=torch.long))
+    assert masks.causal().relative and masks.full().relative and (~masks.sliding_window(3) | masks.causal()).relative
+    assert not any(m.relative for m in (masks.padding([2]), doc, masks.prefix_lm(2), masks.causal() & doc,
+                                        masks.from_tensor(torch.ones(4, 4, dtype=torch.bool))))

@@ -275,10 +275,18 @@ def _gather_keys(x: Tensor, plan: Plan, group: Group, index: Tensor) -> Tensor:
 
 def _scatter_keys(grad: Tensor, part: Tensor, plan: Plan, group: Group, index: Tensor) -> None:
     """Add a group's (B', g, W, D) key gradient into the (B, Hkv, Lk', D) gradient."""
-    batch, kv_heads, _, dim = grad.shape
-    if _step(group) == 0:  # every block of the group read the same keys
+    batch, kv_heads, length, dim = grad.shape
+    step = _step(group)
+    if step == 0:  # every block of the group read the same keys
         lo = group.starts[0] * plan.block_k
         grad[:, :, lo : lo + part.shape[2]] += part.sum(1).view(batch, kv_heads, -1, dim)
+    elif step is not None:  # evenly spaced windows: one strided add per key tile of the window
+        tiles = grad.view(batch, kv_heads, length // plan.block_k, plan.block_k, dim)
+        part = part.view(batch, kv_heads, len(group.starts), group.width, plan.block_k, dim)
+        span = (len(group.starts) - 1) * step + 1
+        for t in range(group.width):
+            first = group.starts[0] + t
+            tiles[:, :, first : first + span : step] += part[:, :, :, t]
     else:
         grad.index_add_(2, index.flatten(), part.reshape(batch, kv_heads, -1, dim))
 
@@ -287,6 +295,9 @@ def _allowed(plan: Plan, group: Group, index: Tensor, batch: int, heads: int, kv
     """The element mask of a group in the kernel layout, (B' or 1, g, R, W) bool; None if all allowed."""
     if not group.masked:
         return None
+    if _shared_mask(plan, group):  # every block sees the same pattern: build the first block's only
+        first = Group(group.first, group.first + 1, group.starts[:1], group.width, True)
+        return _allowed(plan, first, index[:1], batch, heads, kv_heads)  # (1, 1, R, W)
     device = index.device
     rows = torch.arange(group.first * plan.block_q, group.stop * plan.block_q, device=device)
     qpos = (plan.q_offset + rows.clamp(max=plan.q_len - 1)).view(1, 1, -1, plan.block_q, 1)  # (1, 1, g, bq, 1)
@@ -309,6 +320,17 @@ def _allowed(plan: Plan, group: Group, index: Tensor, batch: int, heads: int, kv
     if mb == 1 and ok.shape[1] == 1:
         return ok[0]  # (1, g, R, W): broadcast over B'
     return ok.expand(batch, kv_heads, *ok.shape[2:]).reshape(batch * kv_heads, g, -1, width)
+
+
+def _shared_mask(plan: Plan, group: Group) -> bool:
+    """Whether all blocks of the group have the same element mask: a mask of ``q - k`` only, blocks at
+    the same distance from their key windows, and no padded key inside any window."""
+    step = _step(group)
+    if len(group.starts) < 2 or step is None or step * plan.block_k != plan.block_q:
+        return False
+    if (group.starts[-1] + group.width) * plan.block_k > plan.k_len:
+        return False
+    return plan.mask is None or plan.mask.relative
 
 
 # --- kernels: one group, laid out as (B', g, R, D) queries against (B', g, W, D) keys -------------

@@ -122,6 +122,12 @@ class Mask:
     def _leaves(self) -> list[Mask]:
         return [self]
 
+    @property
+    def relative(self) -> bool:
+        """True if the mask depends only on ``q - k`` (not on b, h or absolute positions), so that
+        every tile at the same distance from the diagonal has the same element mask."""
+        return False
+
     def _row_bounds(self, q: Tensor, k_len: int) -> tuple[Tensor, Tensor] | None:
         """``(lo, hi)``, each broadcastable to (B, H, Lq), when every query row's allowed keys are exactly
         the interval [lo, hi) (clipped to [0, k_len)); None for masks without that structure.
@@ -344,6 +350,8 @@ class Mask:
 
 # --- structured masks ----------------------------------------------------------------------------
 class _Full(Mask):
+    relative = True  # a class attribute shadows the base property
+
     def _row_bounds(self, q, k_len):
         return torch.zeros_like(q), torch.full_like(q, k_len)
 
@@ -359,6 +367,8 @@ class _Full(Mask):
 
 
 class _Causal(Mask):
+    relative = True  # a class attribute shadows the base property
+
     def _row_bounds(self, q, k_len):
         return torch.zeros_like(q), q + 1
 
@@ -374,6 +384,8 @@ class _Causal(Mask):
 
 
 class _SlidingWindow(Mask):
+    relative = True  # a class attribute shadows the base property
+
     def __init__(self, size: int):
         self.size = size
 
@@ -616,6 +628,10 @@ class _Combined(Mask):
     def _leaves(self):
         return [leaf for part in self.parts for leaf in part._leaves()]
 
+    @property
+    def relative(self) -> bool:
+        return all(part.relative for part in self.parts)
+
     def __repr__(self) -> str:
         shown = [f"({p!r})" if isinstance(p, _Combined) else repr(p) for p in self.parts]
         return f" {self.symbol} ".join(shown)
@@ -668,6 +684,10 @@ class _Not(Mask):
     def __init__(self, part: Mask):
         self.part = part
         self.batch, self.heads = part.batch, part.heads
+
+    @property
+    def relative(self) -> bool:
+        return self.part.relative
 
     def allows(self, b, h, q, k):
         return ~self.part.allows(b, h, q, k)
