@@ -41,6 +41,23 @@ def _assert_agree(run, q, k, v, case, scale, tol):
         _close(a, b, tol, msg=lambda m, name=name: f"d{name}: {m}")
 
 
+def _self_attention_inputs(heads, length, seed):
+    """(2, H, L, 8) queries and (2, Hkv, L, 8) keys and values that require grad."""
+    gen = torch.Generator().manual_seed(seed)
+    H, Hkv = heads
+    q = torch.randn(2, H, length, 8, generator=gen, requires_grad=True)
+    k, v = (torch.randn(2, Hkv, length, 8, generator=gen, requires_grad=True) for _ in range(2))
+    return q, k, v
+
+
+def _same_output_and_grads(ours, theirs, inputs, tol=1e-5):
+    """Two outputs computed from the same inputs agree, and so do their gradients for one random grad."""
+    torch.testing.assert_close(ours, theirs, atol=tol, rtol=tol)
+    grad = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(theirs, inputs, grad), strict=True):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
 @given(mask_cases(max_len=20), st.sampled_from(HEADS), st.data())
 def test_blocked_equals_reference(case, heads, data):
     q, k, v = _inputs(case, heads, data)
@@ -213,28 +230,39 @@ def test_blocked_rejects_bad_arguments():
 @given(st.lists(st.integers(1, 9), min_size=1, max_size=5), st.booleans(), st.booleans(), st.sampled_from(HEADS),
        st.integers(0, 2**16))
 def test_sdpa_per_document_calls_equal_reference(sizes, causal, per_row, heads, seed):
-    """Packed documents: the per-document SDPA path against the reference, forward and gradients."""
+    """Packed documents: the per-document SDPA path (forced on small sizes) against the reference,
+    forward and gradients."""
     n = sum(sizes)
     ids = torch.cat([torch.full((size,), i) for i, size in enumerate(sizes)]).view(1, n)
     if per_row:  # a second row with its own documents: one document for the whole row
         ids = torch.cat([ids, torch.zeros(1, n, dtype=torch.long)])
     mask = masks.document(ids) & masks.causal() if causal else masks.document(ids)
-    assert sdpa.segments(mask, n, n, 0, 2) is not None
-    gen = torch.Generator().manual_seed(seed)
-    H, Hkv = heads
-    q = torch.randn(2, H, n, 8, generator=gen, requires_grad=True)
-    k, v = (torch.randn(2, Hkv, n, 8, generator=gen, requires_grad=True) for _ in range(2))
-    ours, _ = sdpa.attention(q, k, v, mask, scale=0.3)
+    q, k, v = _self_attention_inputs(heads, n, seed)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sdpa, "MIN_SPLIT_SCORES", 0)
+        assert sdpa.segments(mask, n, n, 0, 2) is not None
+        ours, _ = sdpa.attention(q, k, v, mask, scale=0.3)
     theirs, _ = reference.attention(q, k, v, mask, scale=0.3)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-    grad = torch.randn_like(ours)
-    for a, b in zip(torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(theirs, (q, k, v), grad),
-                    strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    _same_output_and_grads(ours, theirs, (q, k, v))
 
 
-def test_sdpa_segments_refuses_what_it_cannot_split():
-    ids = torch.tensor([[0, 0, 1, 1, 0, 0]])  # document 0 occurs twice: its halves attend each other
+@given(st.integers(1, 40), st.integers(1, 12), st.sampled_from(HEADS), st.integers(0, 2**16))
+def test_sdpa_banded_window_equals_reference(length, window, heads, seed):
+    """causal() & sliding_window(W) as chunks of W queries against 2W keys (forced on small sizes)."""
+    mask = masks.causal() & masks.sliding_window(window)
+    q, k, v = _self_attention_inputs(heads, length, seed)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sdpa, "MIN_SPLIT_SCORES", 0)
+        assert (sdpa.band(mask, length, length, 0) is not None) == (length > window)
+        ours, _ = sdpa.attention(q, k, v, mask, scale=0.3)
+    theirs, _ = reference.attention(q, k, v, mask, scale=0.3)
+    _same_output_and_grads(ours, theirs, (q, k, v))
+
+
+def test_sdpa_segments_refuses_what_it_cannot_split(monkeypatch):
+    ids = torch.tensor([[0, 0, 1, 1, 0, 0]])
+    assert sdpa.segments(masks.document(ids.sort().values), 6, 6, 0, 1) is None  # small: one dense call
+    monkeypatch.setattr(sdpa, "MIN_SPLIT_SCORES", 0)  # document 0 occurs twice: its halves attend each other
     assert sdpa.segments(masks.document(ids), 6, 6, 0, 1) is None
     assert sdpa.segments(masks.document(ids.sort().values), 6, 6, 0, 1) is not None
     assert sdpa.segments(masks.document(ids.sort().values), 3, 6, 3, 1) is None  # q_offset: not self-attention
@@ -300,8 +328,4 @@ def test_blocked_shares_one_element_mask_along_a_band(monkeypatch, q_len, q_offs
     ours, _ = blocked.attention(q, k, v, mask, scale=0.3, q_offset=q_offset, block_q=4, block_k=4)
     theirs, _ = reference.attention(q, k, v, mask, scale=0.3, q_offset=q_offset)
     assert any(shared)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-    grad = torch.randn_like(ours)
-    for a, b in zip(torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(theirs, (q, k, v), grad),
-                    strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    _same_output_and_grads(ours, theirs, (q, k, v))

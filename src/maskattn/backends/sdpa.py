@@ -12,7 +12,8 @@ Exact for every mask, but cheap only for the masks SDPA can take without an Lq x
   ``MAX_SEGMENTS`` calls, beyond which the per-call overhead outweighs the skipped work;
 * ``causal() & sliding_window(W)`` with ``q_offset == 0``, ``Lq == Lk > W``: the queries are cut
   into chunks of W; chunk c attends the keys of chunks c - 1 and c under one (W, 2W) band mask
-  shared by every chunk, all chunks in one SDPA call (chunk 0: ``is_causal`` on its own keys).
+  shared by every chunk, all chunks in one SDPA call (chunk 0: ``is_causal`` on its own keys); also
+  only above ``MIN_SPLIT_SCORES``.
 
 Any other mask is materialised with ``mask.to_dense`` and passed as an explicit bool tensor: exact,
 but it costs Lq x Lk memory and computes every score (this is what ``backend="auto"`` avoids, and
@@ -41,6 +42,9 @@ from maskattn.masks import Mask, _And, _Causal, _Document, _Full, _Padding, _Sli
 __all__ = ["MAX_SEGMENTS", "attention", "band", "cheap_mask", "segments"]
 
 MAX_SEGMENTS = 64  # per-document calls of one attention call (over the whole batch)
+# Below this many scores per (batch, head) one call with the dense mask is cheaper than splitting it into
+# documents or bands (the threshold of dispatch.SMALL_SCORES: packed training batches stay one call).
+MIN_SPLIT_SCORES = 512 * 512
 
 Segments = list[list[tuple[int, int]]]  # per batch row, the (start, stop) of each document
 
@@ -54,8 +58,9 @@ def cheap_mask(mask: Mask | None, q_len: int, k_len: int, q_offset: int) -> bool
 
 def segments(mask: Mask | None, q_len: int, k_len: int, q_offset: int, batch: int) -> tuple[Segments, bool] | None:
     """``(runs, causal)`` if ``mask`` is ``document(ids)``, optionally ``& causal()``, over contiguous
-    documents that split the call into at most ``MAX_SEGMENTS`` self-attention calls; else None."""
-    if q_offset != 0 or q_len != k_len:
+    documents that split a call of more than ``MIN_SPLIT_SCORES`` scores into at most
+    ``MAX_SEGMENTS`` self-attention calls; else None."""
+    if q_offset != 0 or q_len != k_len or q_len * k_len <= MIN_SPLIT_SCORES:
         return None
     parts = mask.parts if isinstance(mask, _And) else (mask,)
     docs = [p for p in parts if isinstance(p, _Document)]
@@ -77,8 +82,11 @@ def segments(mask: Mask | None, q_len: int, k_len: int, q_offset: int, batch: in
 
 
 def band(mask: Mask | None, q_len: int, k_len: int, q_offset: int) -> int | None:
-    """The window W if ``mask`` is exactly ``causal() & sliding_window(W)`` on self-attention longer than W."""
+    """The window W if ``mask`` is exactly ``causal() & sliding_window(W)`` on self-attention longer than W
+    and of more than ``MIN_SPLIT_SCORES`` scores; else None."""
     if not isinstance(mask, _And) or q_offset != 0 or q_len != k_len or len(mask.parts) != 2:
+        return None
+    if q_len * k_len <= MIN_SPLIT_SCORES:
         return None
     windows = [p for p in mask.parts if isinstance(p, _SlidingWindow)]
     if len(windows) != 1 or not any(isinstance(p, _Causal) for p in mask.parts):
