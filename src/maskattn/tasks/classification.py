@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from maskattn import metrics
 from maskattn.data import bucket_batches, pad, read_labelled
 from maskattn.models import EncoderConfig, EncoderModel, from_pretrained
-from maskattn.tasks.common import fit_and_export, log_stderr, read_task, run_tokenizer
+from maskattn.tasks.common import fit_and_export, load_task, log_stderr, run_tokenizer
 from maskattn.tokenization import Tokenizer
 from maskattn.training import TrainConfig
 
@@ -131,10 +131,7 @@ def train(cfg: ClassificationConfig, *, resume: bool = False, log=log_stderr) ->
 
 
 def load(directory: str | Path) -> tuple[EncoderModel, Tokenizer, dict[str, Any]]:
-    task = read_task(directory)
-    if task.get("task") != "classification":
-        raise ValueError(f"{directory} holds a {task.get('task')!r} model, not a classification one")
-    return EncoderModel.load(directory), Tokenizer.load(directory), task
+    return load_task(directory, "classification", EncoderModel)
 
 
 def evaluate_file(directory: str | Path, path: str) -> dict[str, float]:

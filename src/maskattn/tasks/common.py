@@ -77,3 +77,11 @@ def read_task(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"{directory} has no {TASK_FILE}: not a model trained by `maskattn train`")
     return json.loads(path.read_text())
+
+
+def load_task(directory: str | Path, task: str, model_class: type) -> tuple[Any, Tokenizer, dict[str, Any]]:
+    """``(model, tokenizer, task settings)`` of a model directory trained for ``task``."""
+    settings = read_task(directory)
+    if settings.get("task") != task:
+        raise ValueError(f"{directory} holds a {settings.get('task')!r} model, not a {task!r} one")
+    return model_class.load(directory), Tokenizer.load(directory), settings

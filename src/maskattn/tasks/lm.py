@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from maskattn import decoding
 from maskattn.data import read_text
 from maskattn.models import DecoderLM, DecoderLMConfig
-from maskattn.tasks.common import fit_and_export, log_stderr, read_task, run_tokenizer
+from maskattn.tasks.common import fit_and_export, load_task, log_stderr, run_tokenizer
 from maskattn.tokenization import Tokenizer
 from maskattn.training import TrainConfig
 
@@ -153,10 +153,7 @@ def train(cfg: LMConfig, *, resume: bool = False, log=log_stderr) -> dict[str, A
 
 
 def load(directory: str | Path) -> tuple[DecoderLM, Tokenizer, dict[str, Any]]:
-    task = read_task(directory)
-    if task.get("task") != "lm":
-        raise ValueError(f"{directory} holds a {task.get('task')!r} model, not a language model")
-    return DecoderLM.load(directory), Tokenizer.load(directory), task
+    return load_task(directory, "lm", DecoderLM)
 
 
 def evaluate_file(directory: str | Path, path: str) -> dict[str, float]:

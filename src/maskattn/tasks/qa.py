@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from maskattn import metrics
 from maskattn.data import QAExample, QAWindow, pad, read_squad, squad_windows
 from maskattn.models import EncoderModel, from_pretrained
-from maskattn.tasks.common import fit_and_export, log_stderr, read_task, run_tokenizer
+from maskattn.tasks.common import fit_and_export, load_task, log_stderr, run_tokenizer
 from maskattn.tokenization import Tokenizer
 from maskattn.training import TrainConfig
 
@@ -135,10 +135,7 @@ def train(cfg: QAConfig, *, resume: bool = False, log=log_stderr) -> dict[str, A
 
 
 def load(directory: str | Path) -> tuple[EncoderModel, Tokenizer, dict[str, Any]]:
-    task = read_task(directory)
-    if task.get("task") != "qa":
-        raise ValueError(f"{directory} holds a {task.get('task')!r} model, not a QA one")
-    return EncoderModel.load(directory), Tokenizer.load(directory), task
+    return load_task(directory, "qa", EncoderModel)
 
 
 def answer(directory_or_model, questions: Sequence[tuple[str, str]]) -> list[str]:
