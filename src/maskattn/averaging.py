@@ -1,0 +1,93 @@
+"""Checkpoint averaging: the element-wise mean of the weights of a run's last N step checkpoints.
+
+Averaging the last few checkpoints of a run (Vaswani et al. average the last 5 or 20) usually adds a
+little BLEU for free: the mean sits nearer the centre of the region the optimizer wanders in at the
+end of training. ``maskattn average RUN --last N --out DIR`` writes a model directory like
+``RUN/model`` (same config, tokenizer and ``task.json``) with the averaged weights.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from maskattn import checkpoint
+from maskattn.models import load, save
+from maskattn.tasks.common import TASK_FILE
+from maskattn.tokenization import Tokenizer
+
+
+def average_states(states: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """The element-wise mean of state dicts with the same keys and shapes (accumulated in float64).
+
+    Integer tensors (step counters, buffers of ids) must agree across states and are kept as they are.
+    """
+    if not states:
+        raise ValueError("average_states needs at least one state dict, got none")
+    keys = set(states[0])
+    for i, state in enumerate(states[1:], start=1):
+        if set(state) != keys:
+            raise ValueError(f"state {i} has different keys from state 0: "
+                             f"{sorted(keys ^ set(state))[:5]} differ")
+    out = {}
+    for key, first in states[0].items():
+        for i, state in enumerate(states[1:], start=1):
+            if state[key].shape != first.shape:
+                raise ValueError(f"{key}: state {i} has shape {tuple(state[key].shape)}, "
+                                 f"state 0 has {tuple(first.shape)}")
+        if first.is_floating_point():
+            total = torch.stack([s[key].double() for s in states]).sum(dim=0)
+            out[key] = (total / len(states)).to(first.dtype)
+        else:
+            if any(not torch.equal(s[key], first) for s in states[1:]):
+                raise ValueError(f"{key}: integer tensor differs between checkpoints; it cannot be averaged")
+            out[key] = first.clone()
+    return out
+
+
+def _match_keys(state: dict[str, Tensor], wanted: set[str], where: Path) -> dict[str, Tensor]:
+    """Map a trainer's state dict onto the exported model's keys (a task may wrap the model, adding a prefix)."""
+    if set(state) >= wanted:
+        return {k: state[k] for k in wanted}
+    for key in state:
+        for name in wanted:
+            if key.endswith("." + name):
+                prefix = key[: -len(name)]
+                renamed = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                if set(renamed) >= wanted:
+                    return {k: renamed[k] for k in wanted}
+                break
+    missing = sorted(wanted - set(state))[:5]
+    raise ValueError(f"checkpoint {where} does not hold the weights of the run's model (missing e.g. {missing})")
+
+
+def average_run(run: str | Path, last: int, out: str | Path) -> Path:
+    """Average the last ``last`` step checkpoints of training run ``run`` into model directory ``out``.
+
+    ``run`` is a ``maskattn train --out`` directory: its exported ``model/`` gives the architecture,
+    tokenizer and task settings, its ``step-*`` checkpoints the weights.
+    """
+    run, out = Path(run), Path(out)
+    if isinstance(last, bool) or not isinstance(last, int) or last < 1:
+        raise ValueError(f"last must be an int >= 1, got {last!r}")
+    model_dir = run / "model"
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"run {run} has no exported model ({model_dir}/config.json); train it to the end first")
+    found = checkpoint.list_checkpoints(run)
+    if len(found) < last:
+        raise ValueError(f"run {run} keeps {len(found)} step checkpoints, fewer than last={last} "
+                         f"(train with a larger train.keep to keep more)")
+    if out.resolve() == model_dir.resolve() or out.resolve() == run.resolve():
+        raise ValueError(f"out must be a new directory, not the run or its model ({out})")
+    model = load(model_dir)
+    wanted = set(model.state_dict())
+    chosen = found[-last:]
+    states = [_match_keys(checkpoint.load(p)["model"], wanted, p) for p in chosen]
+    model.load_state_dict(average_states(states))
+    save(model, out, tokenizer=Tokenizer.load(model_dir).backend)
+    shutil.copyfile(model_dir / TASK_FILE, out / TASK_FILE)
+    return out

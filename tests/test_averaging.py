@@ -1,0 +1,62 @@
+"""Checkpoint averaging against a hand-computed mean of the checkpoints' weights."""
+
+import json
+
+import pytest
+import torch
+
+import maskattn
+from maskattn import checkpoint
+from maskattn.averaging import average_run, average_states
+from maskattn.models import DecoderLM, DecoderLMConfig
+from maskattn.tokenization import Tokenizer
+
+
+def _run(tmp_path, prefix=""):
+    """A run directory: an exported model and three step checkpoints with known, different weights."""
+    torch.manual_seed(0)
+    tok = Tokenizer.train_chars(["abcdef ghij"])
+    model = DecoderLM(DecoderLMConfig.preset("tiny", vocab_size=tok.vocab_size))
+    model.save(tmp_path / "model", tokenizer=tok.backend)
+    (tmp_path / "model" / "task.json").write_text(json.dumps({"task": "lm", "documents": "none", "block": 8}))
+    states = []
+    for step in (10, 20, 30):
+        state = {k: v + step * torch.ones_like(v) if v.is_floating_point() else v
+                 for k, v in model.state_dict().items()}
+        states.append(state)
+        checkpoint.save(tmp_path, step, {"model": {prefix + k: v for k, v in state.items()}}, keep=None)
+    return model, states
+
+
+@pytest.mark.parametrize("prefix", ["", "model."])
+def test_average_run_is_the_mean_of_the_last_checkpoints(tmp_path, prefix):
+    model, states = _run(tmp_path, prefix)
+    out = average_run(tmp_path, 2, tmp_path / "avg")
+    averaged = maskattn.load(out)
+    for key, value in averaged.state_dict().items():
+        expected = (states[1][key] + states[2][key]) / 2  # steps 20 and 30: + 25 on every weight
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6, msg=key)
+    assert json.loads((out / "task.json").read_text())["task"] == "lm"
+    assert Tokenizer.load(out).vocab_size == Tokenizer.load(tmp_path / "model").vocab_size
+
+
+def test_average_run_refuses_too_few_checkpoints_and_overwriting_the_model(tmp_path):
+    _run(tmp_path)
+    with pytest.raises(ValueError, match="fewer than last=5"):
+        average_run(tmp_path, 5, tmp_path / "avg")
+    with pytest.raises(ValueError, match="out must be a new directory"):
+        average_run(tmp_path, 2, tmp_path / "model")
+    with pytest.raises(ValueError, match="last must be an int >= 1"):
+        average_run(tmp_path, 0, tmp_path / "avg")
+
+
+def test_average_states_checks_keys_shapes_and_integers():
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    torch.testing.assert_close(average_states([a, {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(3)}])["w"],
+                               torch.tensor([2.0, 4.0]))
+    with pytest.raises(ValueError, match="different keys"):
+        average_states([a, {"w": a["w"]}])
+    with pytest.raises(ValueError, match="shape"):
+        average_states([a, {"w": torch.zeros(3), "n": torch.tensor(3)}])
+    with pytest.raises(ValueError, match="integer tensor differs"):
+        average_states([a, {"w": a["w"], "n": torch.tensor(4)}])
