@@ -30,7 +30,7 @@ def _run(tmp_path, prefix=""):
 
 @pytest.mark.parametrize("prefix", ["", "model."])
 def test_average_run_is_the_mean_of_the_last_checkpoints(tmp_path, prefix):
-    model, states = _run(tmp_path, prefix)
+    _, states = _run(tmp_path, prefix)
     out = average_run(tmp_path, 2, tmp_path / "avg")
     averaged = maskattn.load(out)
     for key, value in averaged.state_dict().items():
