@@ -1,10 +1,10 @@
 """Pictures of attention: capture the weights of every attention layer, and draw heatmaps.
 
-Weights are captured cheaply by default: each chosen :class:`~maskattn.layers.MultiHeadAttention`
-runs a fast backend that returns its log-sum-exp, and only the chosen heads and query rows are
-recomputed from it (:func:`maskattn.attention_weights`). ``method="rerun"`` instead asks each call
-again with ``return_weights=True`` (the dense reference path). The model's own outputs are untouched
-either way, up to float rounding between backends.
+Weights are captured cheaply by default: forward hooks on the ``attend`` submodule of each chosen
+:class:`~maskattn.layers.MultiHeadAttention` ask its fast backend for the log-sum-exp, and only the
+chosen heads and query rows are recomputed from it (:func:`maskattn.attention_weights`).
+``method="rerun"`` instead asks each call again with ``return_weights=True`` (the dense reference
+path). The model's own outputs are untouched either way, up to float rounding between backends.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
+from maskattn.dispatch import attention
 from maskattn.layers import MultiHeadAttention
 from maskattn.weights import attention_weights
 
@@ -51,19 +53,41 @@ def capture_attention(
         names = [n for n, m in model.named_modules() if isinstance(m, MultiHeadAttention)]
         raise ValueError(f"layers={list(layers)} matches no attention module; the model has {names}")
     captured: dict[str, list[Tensor]] = {}
-    undo = []
+    handles = []
     for name, module in chosen.items():
         if method == "lse":
-            module.recorder = _lse_recorder(name, captured, heads, rows)
-            undo.append(lambda m=module: setattr(m, "recorder", None))
+            handles += _observe_lse(module.attend, _lse_recorder(name, captured, heads, rows))
         else:
-            handle = module.register_forward_hook(_rerun_hook(name, captured, heads, rows), with_kwargs=True)
-            undo.append(handle.remove)
+            handles.append(module.register_forward_hook(_rerun_hook(name, captured, heads, rows), with_kwargs=True))
     try:
         yield captured
     finally:
-        for step in undo:
-            step()
+        for handle in handles:
+            handle.remove()
+
+
+def _observe_lse(attend: nn.Module, record) -> list[RemovableHandle]:
+    """Hooks on one attention call (:class:`~maskattn.layers.mha.Attend`): the pre-hook asks it for its
+    log-sum-exp, the hook calls ``record(q, k, lse, mask, q_offset)`` and hands the caller the output
+    alone. Calls that ask for weights are left alone."""
+
+    def ask(module: nn.Module, args: tuple, kwargs: dict):
+        return None if kwargs.get("return_weights") else (args, {**kwargs, "return_lse": True})
+
+    def take(module: nn.Module, args: tuple, kwargs: dict, output):
+        if kwargs.get("return_weights"):
+            return None
+        q, k, v, mask = (*args, kwargs.get("mask"))[:4]
+        q_offset = kwargs.get("q_offset", 0)
+        if isinstance(output, Tensor):  # a capture opened earlier on this layer took the log-sum-exp
+            with torch.no_grad():
+                output = output, attention(q, k, v, mask, backend="blocked", return_lse=True, q_offset=q_offset)[1]
+        out, lse = output
+        record(q, k, lse, mask, q_offset)
+        return out
+
+    return [attend.register_forward_pre_hook(ask, with_kwargs=True),
+            attend.register_forward_hook(take, with_kwargs=True)]
 
 
 def _lse_recorder(name: str, captured: dict[str, list[Tensor]], heads, rows):
