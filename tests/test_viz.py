@@ -144,3 +144,24 @@ def test_nested_captures_of_one_layer_both_record_it():
     assert len(outer) == 6 and len(inner) == 2
     for name, calls in inner.items():
         torch.testing.assert_close(calls[0], outer[name][0][:, [1]], atol=1e-6, rtol=1e-6)
+
+
+def test_visualize_takes_kinds_and_layers_from_the_declarations(tmp_path):
+    """A model whose module names give nothing away (``body.encoder...``) is drawn as it declares."""
+    import json
+    import re
+
+    from maskattn.models import EncoderConfig, EncoderModel
+    from maskattn.tokenization import Tokenizer
+    from maskattn.viz import visualize
+    from test_audit import Wrapped
+
+    tok = Tokenizer.train_chars(["3 May 1999"])
+    model = Wrapped(EncoderModel(EncoderConfig.preset("tiny", vocab_size=tok.vocab_size, max_len=16)))
+    written = visualize(model, tok, "3 May", tmp_path)
+    assert (tmp_path / "body_encoder_layers_1_self_attn_grid.png").exists() and len(written) == 2 * (4 + 1) + 1
+    page = (tmp_path / "explorer.html").read_text()
+    data = json.loads(re.search(r'type="application/json">(.*?)</script>', page, re.S).group(1).replace("<\\/", "</"))
+    assert [(a["kind"], a["layer"]) for a in data["attentions"]] == [("encoder self-attention", 0),
+                                                                     ("encoder self-attention", 1)]
+    assert data["attentions"][0]["queries"] == data["attentions"][0]["keys"] == list("3 May")

@@ -181,51 +181,53 @@ def _label(ax, x_labels: Sequence[str], y_labels: Sequence[str], lq: int, lk: in
         ax.set_yticks(range(lq), [repr(t)[1:-1] for t in y_labels], fontsize=7)
 
 
-def _kind(name: str) -> tuple[str, int]:
-    layer = int(next((part for part in name.split(".") if part.isdigit()), 0))
-    if "cross" in name:
-        return "cross-attention", layer
-    if name.startswith("encoder"):
-        return "encoder self-attention", layer
-    return "decoder masked self-attention", layer
+# How the pictures show each declared attention kind (maskattn.models.AttentionSite.kind): the title
+# in the explorer, and whether the queries and the keys are the source (input) or the target tokens.
+VIEWS = {
+    "self-bidirectional": ("encoder self-attention", "source", "source"),
+    "self-causal": ("decoder masked self-attention", "target", "target"),
+    "cross": ("cross-attention", "target", "source"),
+}
 
 
 def visualize(model: nn.Module, tokenizer, text: str, out_dir: str | Path, *, target: str | None = None) -> list[Path]:
     """Heatmaps of every attention layer and head for one input, a grid per layer, and the explorer page.
 
-    For an encoder-decoder model the decoder input is ``target`` (default: the model's own greedy
-    translation), so the pictures show what the model attended to while producing its output.
+    ``model`` declares its attention sites (:class:`maskattn.models.Inspectable`). For an
+    encoder-decoder model (one with cross-attention) the decoder input is ``target`` (default: the
+    model's own greedy translation), so the pictures show what the model attended to while producing
+    its output.
     """
     from maskattn import decoding, explorer
     from maskattn.data import pad
-    from maskattn.models import Transformer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ids = tokenizer.encode(text)
-    tokens = [tokenizer.backend.id_to_token(i) for i in ids]
+    tokens = {"source": [tokenizer.backend.id_to_token(i) for i in ids]}
     src, _ = pad([ids], tokenizer.pad_id)
     model.eval()
-    if isinstance(model, Transformer):
+    sites = model.attention_sites()
+    if any(site.kind == "cross" for site in sites.values()):
         if target is None:
             new = decoding.greedy(model, src, max_new_tokens=min(model.config.max_len - 1, 2 * len(ids) + 10))
             target_ids = [i for i in new[0].tolist() if i not in (tokenizer.eos_id, tokenizer.pad_id)]
         else:
             target_ids = tokenizer.encode(target)
         tgt_ids = [tokenizer.bos_id, *target_ids]
-        tgt_tokens = [tokenizer.backend.id_to_token(i) for i in tgt_ids]
+        tokens["target"] = [tokenizer.backend.id_to_token(i) for i in tgt_ids]
         run = lambda: model(src, torch.tensor([tgt_ids]))  # noqa: E731
     else:
-        tgt_tokens = tokens  # decoder-only and encoder-only models attend within the input
+        tokens["target"] = tokens["source"]  # decoder-only and encoder-only models attend within the input
         run = lambda: model(src)  # noqa: E731
-    with torch.no_grad(), capture_attention(model) as captured:
+    with torch.no_grad(), capture_attention(model, layers=list(sites)) as captured:
         run()
     written, records = [], []
     for name, calls in captured.items():
-        kind, layer = _kind(name)
+        layer = sites[name].layer
+        kind, query_side, key_side = VIEWS[sites[name].kind]
+        queries, keys = tokens[query_side], tokens[key_side]
         weights = calls[0][0]  # (H, Lq, Lk)
-        queries = tgt_tokens if kind != "encoder self-attention" else tokens
-        keys = tokens if kind in ("cross-attention", "encoder self-attention") else tgt_tokens
         stem = name.replace(".", "_")
         for h in range(weights.shape[0]):
             written.append(heatmap(weights[h], out / f"{stem}_head{h}.png", x_labels=keys, y_labels=queries,
