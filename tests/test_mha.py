@@ -4,6 +4,7 @@ from torch import nn
 
 import maskattn
 from maskattn import MultiHeadAttention, masks
+from maskattn.layers import Attend
 
 
 def _copy_from_torch(theirs: nn.MultiheadAttention, ours: MultiHeadAttention) -> None:
@@ -143,8 +144,6 @@ def test_bad_inputs():
 def test_attend_returns_the_same_output_with_its_log_sum_exp(backend, mask):
     """The ``attend`` submodule is the layer's attention call; asking it for the log-sum-exp (what an
     observer's hook does) leaves the output bit-identical and gives the reference's log-sum-exp."""
-    from maskattn.layers.mha import Attend
-
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 6, 8, generator=gen) for _ in range(3))
     attend = Attend()
