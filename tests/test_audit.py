@@ -8,7 +8,19 @@ from torch import nn
 
 from maskattn import MultiHeadAttention, masks
 from maskattn.audit import audit_layer, audit_model
-from maskattn.models import DecoderLM, DecoderLMConfig, EncoderConfig, EncoderModel, Transformer, TransformerConfig
+from maskattn.models import (
+    AttentionSite,
+    AuditProbe,
+    DecoderLM,
+    DecoderLMConfig,
+    EncoderConfig,
+    EncoderModel,
+    Inspectable,
+    ProbeCheck,
+    ProbeInput,
+    Transformer,
+    TransformerConfig,
+)
 
 
 class ArticleAttention(MultiHeadAttention):
@@ -126,3 +138,64 @@ def test_top_level_audit_function():
     assert maskattn.audit(_tiny("decoder"), length=6).ok
     with pytest.raises(ValueError, match="models build their own masks"):
         maskattn.audit(_tiny("decoder"), masks.causal())
+
+
+class Wrapped(nn.Module):
+    """Not a maskattn model class, and its module names start with ``body.``: audited and drawn from
+    its declarations alone (as an adapter for another library's models would be)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.body, self.config = inner, inner.config
+
+    def forward(self, *args, **kwargs):
+        return self.body(*args, **kwargs)
+
+    def attention_sites(self):
+        return {f"body.{name}": site for name, site in self.body.attention_sites().items()}
+
+    def audit_probe(self):
+        return self.body.audit_probe()
+
+
+@pytest.mark.parametrize("kind", ["transformer", "decoder", "encoder"])
+def test_models_declare_every_attention_module_with_its_kind(kind):
+    model = _tiny(kind)
+    sites = model.attention_sites()
+    assert list(sites) == [n for n, m in model.named_modules() if isinstance(m, MultiHeadAttention)]
+    for name, site in sites.items():
+        expected = ("cross" if name.endswith("cross_attn") else "self-bidirectional" if name.startswith("encoder")
+                    else "self-causal")
+        assert site == AttentionSite(expected, int(name.split(".")[2]))
+    assert isinstance(model, Inspectable)
+
+
+@pytest.mark.parametrize("kind", ["transformer", "encoder"])
+def test_audit_reads_declarations_not_model_classes(kind):
+    torch.manual_seed(0)
+    model = _tiny(kind)
+    direct = str(audit_model(model, length=7))
+    wrapped = str(audit_model(Wrapped(model), length=7))
+    assert wrapped == direct.replace("PASS  encoder.", "PASS  body.encoder.").replace("PASS  decoder.",
+                                                                                      "PASS  body.decoder.")
+    assert "body.encoder.layers.0.self_attn (self-attention)" in wrapped
+
+
+def test_audit_of_an_undeclared_model_is_a_type_error():
+    with pytest.raises(TypeError, match="audit_model takes a maskattn model, got Linear; use audit_layer"):
+        audit_model(nn.Linear(2, 2))
+
+
+def test_declarations_are_validated():
+    with pytest.raises(ValueError, match=r"kind must be one of \['self-causal', 'self-bidirectional', 'cross'\], "
+                                         r"got 'causal'"):
+        AttentionSite("causal", 0)
+    with pytest.raises(ValueError, match="layer must be an int >= 0, got -1"):
+        AttentionSite("cross", -1)
+    with pytest.raises(ValueError, match="a 'padding' check needs lengths, got ''"):
+        ProbeCheck("padding", ("ids",), "padding", varies="ids")
+    with pytest.raises(ValueError, match=r"tokens input 'ids' needs vocab_size >= 1, got 0"):
+        ProbeInput("ids", "tokens")
+    unknown = r"check 'causal' names inputs \['tgt'\] that the probe does not draw \['ids'\]"
+    with pytest.raises(ValueError, match=unknown):
+        AuditProbe((ProbeInput("ids", "tokens", 9),), (ProbeCheck("causal", ("ids",), "c", varies="tgt"),))

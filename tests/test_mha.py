@@ -2,7 +2,9 @@ import pytest
 import torch
 from torch import nn
 
+import maskattn
 from maskattn import MultiHeadAttention, masks
+from maskattn.layers import Attend
 
 
 def _copy_from_torch(theirs: nn.MultiheadAttention, ours: MultiHeadAttention) -> None:
@@ -135,3 +137,19 @@ def test_bad_inputs():
         layer(torch.randn(2, 4, 8), torch.randn(2, 4, 8), torch.randn(2, 5, 8))
     with pytest.raises(ValueError, match="B=2"):
         layer(torch.randn(2, 4, 8), mask=masks.padding([4, 4, 4]))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "blocked", "sdpa"])
+@pytest.mark.parametrize("mask", [None, masks.causal(), masks.causal() & masks.padding([6, 4])])
+def test_attend_returns_the_same_output_with_its_log_sum_exp(backend, mask):
+    """The ``attend`` submodule is the layer's attention call; asking it for the log-sum-exp (what an
+    observer's hook does) leaves the output bit-identical and gives the reference's log-sum-exp."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 8, generator=gen) for _ in range(3))
+    attend = Attend()
+    plain = attend(q, k, v, mask, backend=backend)
+    out, lse = attend(q, k, v, mask, backend=backend, return_lse=True)
+    assert torch.equal(out, plain)
+    _, expected = maskattn.attention(q, k, v, mask, backend="reference", return_lse=True)
+    torch.testing.assert_close(lse, expected)
+    assert not list(attend.parameters()) and not list(attend.buffers())

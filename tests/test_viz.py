@@ -114,3 +114,54 @@ def test_explorer_page_in_a_headless_browser(demo_checkpoint, tmp_path):
         page.select_option("#head", "mean")
         assert "mean of 4 heads" in page.inner_text("#title")
         browser.close()
+
+
+def test_capture_observes_through_hooks_and_leaves_no_trace():
+    """Capture registers hooks on each layer's parameter-free ``attend`` submodule and removes them;
+    it sets no attribute, and the state_dict keys are the projections' alone."""
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig.preset("tiny")).eval()
+    attn = model.decoder.layers[0].cross_attn
+    assert not [k for k in model.state_dict() if "attend" in k]
+    before = dict(vars(attn))
+    with torch.no_grad(), capture_attention(model, layers=["decoder.layers.0.cross_attn"]) as captured:
+        assert attn.attend._forward_pre_hooks and attn.attend._forward_hooks
+        model(torch.randint(3, 64, (1, 6)), torch.randint(3, 64, (1, 4)))
+    assert not attn.attend._forward_pre_hooks and not attn.attend._forward_hooks
+    assert vars(attn).keys() == before.keys() and not hasattr(attn, "recorder")
+    assert captured["decoder.layers.0.cross_attn"][0].shape == (1, 4, 4, 6)
+
+
+def test_nested_captures_of_one_layer_both_record_it():
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig.preset("tiny")).eval()
+    src, tgt = torch.randint(3, 64, (2, 6)), torch.randint(3, 64, (2, 4))
+    with torch.no_grad():
+        plain = model(src, tgt)
+        with capture_attention(model) as outer, capture_attention(model, layers=["*.cross_attn"], heads=[1]) as inner:
+            hooked = model(src, tgt)
+    assert torch.equal(plain, hooked)
+    assert len(outer) == 6 and len(inner) == 2
+    for name, calls in inner.items():
+        torch.testing.assert_close(calls[0], outer[name][0][:, [1]], atol=1e-6, rtol=1e-6)
+
+
+def test_visualize_takes_kinds_and_layers_from_the_declarations(tmp_path):
+    """A model whose module names give nothing away (``body.encoder...``) is drawn as it declares."""
+    import json
+    import re
+
+    from maskattn.models import EncoderConfig, EncoderModel
+    from maskattn.tokenization import Tokenizer
+    from maskattn.viz import visualize
+    from test_audit import Wrapped
+
+    tok = Tokenizer.train_chars(["3 May 1999"])
+    model = Wrapped(EncoderModel(EncoderConfig.preset("tiny", vocab_size=tok.vocab_size, max_len=16)))
+    written = visualize(model, tok, "3 May", tmp_path)
+    assert (tmp_path / "body_encoder_layers_1_self_attn_grid.png").exists() and len(written) == 2 * (4 + 1) + 1
+    page = (tmp_path / "explorer.html").read_text()
+    data = json.loads(re.search(r'type="application/json">(.*?)</script>', page, re.S).group(1).replace("<\\/", "</"))
+    assert [(a["kind"], a["layer"]) for a in data["attentions"]] == [("encoder self-attention", 0),
+                                                                     ("encoder self-attention", 1)]
+    assert data["attentions"][0]["queries"] == data["attentions"][0]["keys"] == list("3 May")

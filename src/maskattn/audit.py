@@ -8,21 +8,24 @@ For one attention call (a layer with its mask) two independent checks:
   must be exactly zero.
 
 A query's own position is never counted as hidden input in self-attention (its input is also its
-query). For a whole model, every attention call of a forward pass is audited with the inputs and the
-mask it really received (captured with hooks), and decoders get an end-to-end check: the logits at
-step t must not change when the tokens after t change, nor when there are fewer of them.
+query). A whole model is audited as it declares (:class:`maskattn.models.Inspectable`): its
+``audit_probe()`` names the inputs to draw and the checks, its ``attention_sites()`` the attention
+modules and their kinds. Every attention call of a forward pass is audited with the inputs and the
+mask it really received (captured with hooks), and end-to-end checks test what the model promises:
+decoder logits at step t must not change when the tokens after t change, nor when there are fewer of
+them; encoder outputs must not change with the padding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from maskattn.layers import MultiHeadAttention
 from maskattn.masks import Mask, from_tensor
+from maskattn.models import AuditProbe, Inspectable, ProbeCheck, ProbeInput
 
 
 @dataclass
@@ -160,12 +163,13 @@ def audit_layer(layer: nn.Module, mask: Mask | Tensor | None, *, length: int = 1
 
 
 # --- whole models ------------------------------------------------------------------------------------
-def _captured_calls(model: nn.Module, forward: Callable[[], Tensor]) -> list[tuple[str, nn.Module, tuple, dict]]:
+def _captured_calls(model: nn.Module, names: Iterable[str],
+                    forward: Callable[[], Tensor]) -> list[tuple[str, nn.Module, tuple, dict]]:
     calls: list[tuple[str, nn.Module, tuple, dict]] = []
     handles = [
-        module.register_forward_pre_hook(
+        model.get_submodule(name).register_forward_pre_hook(
             lambda m, args, kwargs, name=name: calls.append((name, m, args, dict(kwargs))), with_kwargs=True)
-        for name, module in model.named_modules() if isinstance(module, MultiHeadAttention)
+        for name in names
     ]
     try:
         with torch.no_grad():
@@ -177,9 +181,11 @@ def _captured_calls(model: nn.Module, forward: Callable[[], Tensor]) -> list[tup
 
 
 def audit_model_layers(model: nn.Module, forward: Callable[[], Tensor]) -> list[Verdict]:
-    """Audit every attention call made by ``forward()``, with the inputs and masks it received."""
+    """Audit every call of the model's declared attention modules made by ``forward()``, with the
+    inputs and masks it received; cross-attention perturbs the keys and values, self-attention the queries."""
+    sites = _declared(model).attention_sites()
     verdicts = []
-    for name, module, args, kwargs in _captured_calls(model, forward):
+    for name, module, args, kwargs in _captured_calls(model, sites, forward):
         query, key, value = ([*list(args), None, None, None])[:3]
         key, value = kwargs.pop("key", key), kwargs.pop("value", value)
         mask = kwargs.pop("mask", None)
@@ -187,7 +193,7 @@ def audit_model_layers(model: nn.Module, forward: Callable[[], Tensor]) -> list[
         if kwargs.get("cache") is not None or kwargs.get("kv") is not None:
             continue  # incremental decoding calls are covered by the cache-equivalence tests
         kwargs.pop("return_weights", None)
-        cross = key is not None and key is not query
+        cross = sites[name].kind == "cross"
         verdicts.append(audit_call(module, query, key if cross else None, value if cross else None, mask=mask,
                                    q_offset=q_offset, name=f"{name} ({'cross' if cross else 'self'}-attention)",
                                    **kwargs))
@@ -237,37 +243,62 @@ def audit_padding(outputs_of: Callable[[Tensor], Tensor], tokens: Tensor, length
 
 
 def audit_model(model: nn.Module, *, length: int = 10, batch: int = 2, seed: int = 0) -> Report:
-    """Audit a maskattn model with its standard masks: every attention layer, plus end-to-end checks
-    (decoders: no dependence on later tokens or on their number; encoders: none on padding)."""
-    from maskattn.models import DecoderLM, EncoderModel, Transformer
-
+    """Audit a model as it declares (:class:`maskattn.models.Inspectable`): draw the inputs of its
+    ``audit_probe()`` and run its checks in order (every attention layer, plus end-to-end checks: decoders
+    depend on no later token nor on their number, encoders on no padding)."""
+    probe = _declared(model).audit_probe()
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    vocab = model.config.vocab_size
-    low = 4 if vocab > 8 else 0  # keep clear of special ids
-    tokens = torch.randint(low, vocab, (batch, length), generator=gen)
-    lengths = torch.tensor([length] + [max(1, length - 3 - i) for i in range(batch - 1)])
+    inputs = {spec.name: _draw(spec, batch, length, gen) for spec in probe.inputs}
     verdicts: list[Verdict] = []
-    if isinstance(model, DecoderLM):
-        verdicts += audit_model_layers(model, lambda: model(tokens))
-        verdicts.append(audit_causal_logits(model, tokens, vocab=vocab, name="DecoderLM logits vs later tokens"))
-        doc_ids = (torch.arange(length) >= length // 2).long().expand(batch, length)
-        verdicts += audit_model_layers(model, lambda: model(tokens, doc_ids=doc_ids))
-    elif isinstance(model, Transformer):
-        tgt = torch.randint(low, model.config.target_vocab_size, (batch, length - 2), generator=gen)
-        verdicts += audit_model_layers(model, lambda: model(tokens, tgt, src_lengths=lengths))
-        verdicts.append(audit_causal_logits(lambda t: model(tokens, t, src_lengths=lengths), tgt,
-                                            vocab=model.config.target_vocab_size,
-                                            name="Transformer decoder logits vs later target tokens"))
-        verdicts.append(audit_padding(lambda s: model(s, tgt, src_lengths=lengths), tokens, lengths, vocab=vocab,
-                                      name="Transformer logits vs source padding"))
-    elif isinstance(model, EncoderModel):
-        verdicts += audit_model_layers(model, lambda: model(tokens, lengths=lengths))
-        verdicts.append(audit_padding(lambda s: model(s, lengths=lengths), tokens, lengths, vocab=vocab,
-                                      name="EncoderModel hidden states vs padding"))
-    else:
-        raise TypeError(f"audit_model takes a maskattn model, got {type(model).__name__}; use audit_layer")
+    for check in probe.checks:
+        verdicts += CHECKS[check.kind](model, check, inputs, probe)
     return Report(verdicts)
+
+
+def _declared(model: nn.Module) -> Inspectable:
+    if not isinstance(model, Inspectable):
+        raise TypeError(f"audit_model takes a maskattn model, got {type(model).__name__}; use audit_layer")
+    return model
+
+
+def _draw(spec: ProbeInput, batch: int, length: int, gen: torch.Generator) -> Tensor:
+    """The (B, L) / (B,) tensor a :class:`ProbeInput` describes."""
+    if spec.kind == "tokens":
+        low = 4 if spec.vocab_size > 8 else 0  # keep clear of special ids
+        return torch.randint(low, spec.vocab_size, (batch, length - spec.shorten), generator=gen)
+    if spec.kind == "lengths":
+        return torch.tensor([length] + [max(1, length - 3 - i) for i in range(batch - 1)])
+    return (torch.arange(length) >= length // 2).long().expand(batch, length)  # documents
+
+
+def _check_layers(model: nn.Module, check: ProbeCheck, inputs: dict[str, Tensor], probe: AuditProbe) -> list[Verdict]:
+    return audit_model_layers(model, lambda: model(**{n: inputs[n] for n in check.uses}))
+
+
+def _varying(model: nn.Module, check: ProbeCheck, inputs: dict[str, Tensor]) -> Callable[[Tensor], Tensor]:
+    """The model's output as a function of input ``check.varies``, the other inputs held fixed."""
+    return lambda x: model(**{n: x if n == check.varies else inputs[n] for n in check.uses})
+
+
+def _vocab(probe: AuditProbe, name: str) -> int:
+    return next(spec.vocab_size for spec in probe.inputs if spec.name == name)
+
+
+def _check_causal(model: nn.Module, check: ProbeCheck, inputs: dict[str, Tensor], probe: AuditProbe) -> list[Verdict]:
+    return [audit_causal_logits(_varying(model, check, inputs), inputs[check.varies],
+                                vocab=_vocab(probe, check.varies), name=check.name)]
+
+
+def _check_padding(model: nn.Module, check: ProbeCheck, inputs: dict[str, Tensor], probe: AuditProbe) -> list[Verdict]:
+    return [audit_padding(_varying(model, check, inputs), inputs[check.varies], inputs[check.lengths],
+                          vocab=_vocab(probe, check.varies), name=check.name)]
+
+
+# One audit per kind of ProbeCheck (maskattn.models.inspection.PROBE_CHECKS).
+CHECKS: dict[str, Callable[[nn.Module, ProbeCheck, dict[str, Tensor], AuditProbe], list[Verdict]]] = {
+    "layers": _check_layers, "causal": _check_causal, "padding": _check_padding,
+}
 
 
 def audit(target: nn.Module, mask: Mask | Tensor | None = None, **kwargs) -> Report:
@@ -276,9 +307,7 @@ def audit(target: nn.Module, mask: Mask | Tensor | None = None, **kwargs) -> Rep
     ``maskattn.audit(model)`` or ``maskattn.audit(layer, masks.causal())``; ``report.ok`` is the verdict
     and ``print(report)`` names the first offending (batch, query, key) triples.
     """
-    from maskattn.models import DecoderLM, EncoderModel, Transformer
-
-    if isinstance(target, (DecoderLM, EncoderModel, Transformer)):
+    if isinstance(target, Inspectable):
         if mask is not None:
             raise ValueError("models build their own masks; pass mask only when auditing a layer")
         return audit_model(target, **kwargs)

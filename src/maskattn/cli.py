@@ -235,24 +235,15 @@ def _audit(args: argparse.Namespace) -> int:
     import torch
 
     from maskattn.audit import audit_model
-    from maskattn.models import (
-        DecoderLM,
-        DecoderLMConfig,
-        EncoderConfig,
-        EncoderModel,
-        Transformer,
-        TransformerConfig,
-        load,
-    )
+    from maskattn.models import BUILT_IN_MODELS, load
 
     if args.model:
         targets = [(args.model, load(args.model))]
     else:
         torch.manual_seed(0)
-        targets = [(f"{cls.__name__} (tiny, {positions} positions)", cls(cfg.preset("tiny", positions=positions)))
-                   for cls, cfg in ((Transformer, TransformerConfig), (DecoderLM, DecoderLMConfig),
-                                    (EncoderModel, EncoderConfig))
-                   for positions in ("sinusoidal", "learned", "rope")]
+        targets = [(f"{cls.__name__} (tiny, {positions} positions)",
+                    cls(cls.config_class.preset("tiny", positions=positions)))
+                   for cls in BUILT_IN_MODELS for positions in ("sinusoidal", "learned", "rope")]
     ok = True
     for title, model in targets:
         report = audit_model(model, length=args.length)

@@ -1,10 +1,10 @@
 """Pictures of attention: capture the weights of every attention layer, and draw heatmaps.
 
-Weights are captured cheaply by default: each chosen :class:`~maskattn.layers.MultiHeadAttention`
-runs a fast backend that returns its log-sum-exp, and only the chosen heads and query rows are
-recomputed from it (:func:`maskattn.attention_weights`). ``method="rerun"`` instead asks each call
-again with ``return_weights=True`` (the dense reference path). The model's own outputs are untouched
-either way, up to float rounding between backends.
+Weights are captured cheaply by default: forward hooks on the ``attend`` submodule of each chosen
+:class:`~maskattn.layers.MultiHeadAttention` ask its fast backend for the log-sum-exp, and only the
+chosen heads and query rows are recomputed from it (:func:`maskattn.attention_weights`).
+``method="rerun"`` instead asks each call again with ``return_weights=True`` (the dense reference
+path). The model's own outputs are untouched either way, up to float rounding between backends.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
+from maskattn.dispatch import attention
 from maskattn.layers import MultiHeadAttention
 from maskattn.weights import attention_weights
 
@@ -51,19 +53,41 @@ def capture_attention(
         names = [n for n, m in model.named_modules() if isinstance(m, MultiHeadAttention)]
         raise ValueError(f"layers={list(layers)} matches no attention module; the model has {names}")
     captured: dict[str, list[Tensor]] = {}
-    undo = []
+    handles = []
     for name, module in chosen.items():
         if method == "lse":
-            module.recorder = _lse_recorder(name, captured, heads, rows)
-            undo.append(lambda m=module: setattr(m, "recorder", None))
+            handles += _observe_lse(module.attend, _lse_recorder(name, captured, heads, rows))
         else:
-            handle = module.register_forward_hook(_rerun_hook(name, captured, heads, rows), with_kwargs=True)
-            undo.append(handle.remove)
+            handles.append(module.register_forward_hook(_rerun_hook(name, captured, heads, rows), with_kwargs=True))
     try:
         yield captured
     finally:
-        for step in undo:
-            step()
+        for handle in handles:
+            handle.remove()
+
+
+def _observe_lse(attend: nn.Module, record) -> list[RemovableHandle]:
+    """Hooks on one attention call (:class:`~maskattn.layers.mha.Attend`): the pre-hook asks it for its
+    log-sum-exp, the hook calls ``record(q, k, lse, mask, q_offset)`` and hands the caller the output
+    alone. Calls that ask for weights are left alone."""
+
+    def ask(module: nn.Module, args: tuple, kwargs: dict):
+        return None if kwargs.get("return_weights") else (args, {**kwargs, "return_lse": True})
+
+    def take(module: nn.Module, args: tuple, kwargs: dict, output):
+        if kwargs.get("return_weights"):
+            return None
+        q, k, v, mask = (*args, kwargs.get("mask"))[:4]
+        q_offset = kwargs.get("q_offset", 0)
+        if isinstance(output, Tensor):  # a capture opened earlier on this layer took the log-sum-exp
+            with torch.no_grad():
+                output = output, attention(q, k, v, mask, backend="blocked", return_lse=True, q_offset=q_offset)[1]
+        out, lse = output
+        record(q, k, lse, mask, q_offset)
+        return out
+
+    return [attend.register_forward_pre_hook(ask, with_kwargs=True),
+            attend.register_forward_hook(take, with_kwargs=True)]
 
 
 def _lse_recorder(name: str, captured: dict[str, list[Tensor]], heads, rows):
@@ -157,51 +181,53 @@ def _label(ax, x_labels: Sequence[str], y_labels: Sequence[str], lq: int, lk: in
         ax.set_yticks(range(lq), [repr(t)[1:-1] for t in y_labels], fontsize=7)
 
 
-def _kind(name: str) -> tuple[str, int]:
-    layer = int(next((part for part in name.split(".") if part.isdigit()), 0))
-    if "cross" in name:
-        return "cross-attention", layer
-    if name.startswith("encoder"):
-        return "encoder self-attention", layer
-    return "decoder masked self-attention", layer
+# How the pictures show each declared attention kind (maskattn.models.AttentionSite.kind): the title
+# in the explorer, and whether the queries and the keys are the source (input) or the target tokens.
+VIEWS = {
+    "self-bidirectional": ("encoder self-attention", "source", "source"),
+    "self-causal": ("decoder masked self-attention", "target", "target"),
+    "cross": ("cross-attention", "target", "source"),
+}
 
 
 def visualize(model: nn.Module, tokenizer, text: str, out_dir: str | Path, *, target: str | None = None) -> list[Path]:
     """Heatmaps of every attention layer and head for one input, a grid per layer, and the explorer page.
 
-    For an encoder-decoder model the decoder input is ``target`` (default: the model's own greedy
-    translation), so the pictures show what the model attended to while producing its output.
+    ``model`` declares its attention sites (:class:`maskattn.models.Inspectable`). For an
+    encoder-decoder model (one with cross-attention) the decoder input is ``target`` (default: the
+    model's own greedy translation), so the pictures show what the model attended to while producing
+    its output.
     """
     from maskattn import decoding, explorer
     from maskattn.data import pad
-    from maskattn.models import Transformer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ids = tokenizer.encode(text)
-    tokens = [tokenizer.backend.id_to_token(i) for i in ids]
+    tokens = {"source": [tokenizer.backend.id_to_token(i) for i in ids]}
     src, _ = pad([ids], tokenizer.pad_id)
     model.eval()
-    if isinstance(model, Transformer):
+    sites = model.attention_sites()
+    if any(site.kind == "cross" for site in sites.values()):
         if target is None:
             new = decoding.greedy(model, src, max_new_tokens=min(model.config.max_len - 1, 2 * len(ids) + 10))
             target_ids = [i for i in new[0].tolist() if i not in (tokenizer.eos_id, tokenizer.pad_id)]
         else:
             target_ids = tokenizer.encode(target)
         tgt_ids = [tokenizer.bos_id, *target_ids]
-        tgt_tokens = [tokenizer.backend.id_to_token(i) for i in tgt_ids]
+        tokens["target"] = [tokenizer.backend.id_to_token(i) for i in tgt_ids]
         run = lambda: model(src, torch.tensor([tgt_ids]))  # noqa: E731
     else:
-        tgt_tokens = tokens  # decoder-only and encoder-only models attend within the input
+        tokens["target"] = tokens["source"]  # decoder-only and encoder-only models attend within the input
         run = lambda: model(src)  # noqa: E731
-    with torch.no_grad(), capture_attention(model) as captured:
+    with torch.no_grad(), capture_attention(model, layers=list(sites)) as captured:
         run()
     written, records = [], []
     for name, calls in captured.items():
-        kind, layer = _kind(name)
+        layer = sites[name].layer
+        kind, query_side, key_side = VIEWS[sites[name].kind]
+        queries, keys = tokens[query_side], tokens[key_side]
         weights = calls[0][0]  # (H, Lq, Lk)
-        queries = tgt_tokens if kind != "encoder self-attention" else tokens
-        keys = tokens if kind in ("cross-attention", "encoder self-attention") else tgt_tokens
         stem = name.replace(".", "_")
         for h in range(weights.shape[0]):
             written.append(heatmap(weights[h], out / f"{stem}_head{h}.png", x_labels=keys, y_labels=queries,

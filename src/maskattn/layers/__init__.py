@@ -5,7 +5,7 @@ from maskattn.layers.embedding import TokenEmbedding
 from maskattn.layers.encoder_layer import EncoderLayer
 from maskattn.layers.feedforward import FeedForward
 from maskattn.layers.kv_cache import KVCache
-from maskattn.layers.mha import MultiHeadAttention
+from maskattn.layers.mha import Attend, MultiHeadAttention
 from maskattn.layers.positions import (
     LearnedPositions,
     RotaryEmbedding,
@@ -16,6 +16,7 @@ from maskattn.layers.positions import (
 from maskattn.layers.residual import Residual
 
 __all__ = [
+    "Attend",
     "DecoderLayer",
     "EncoderLayer",
     "FeedForward",

@@ -7,11 +7,12 @@ For incremental decoding, ``forward`` takes a :class:`KVCache` (self-attention: 
 appended, all cached keys are attended) or precomputed ``kv`` from :meth:`project_kv`
 (cross-attention: the encoder's keys and values are projected once), and ``rope`` angles from
 :class:`RotaryEmbedding` for the new positions.
+
+The attention call itself is the parameter-free submodule ``attend`` (:class:`Attend`), so that
+inspection observes it with PyTorch's own hooks (see :func:`maskattn.viz.capture_attention`).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -70,9 +71,7 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(kdim or d_model, kv_width, bias=bias)
         self.v_proj = nn.Linear(vdim or d_model, kv_width, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
-        # Set by maskattn.viz.capture_attention: called as recorder(q, k, lse, mask, q_offset) on every
-        # call, with the (B, H, Lq) log-sum-exp of a fast backend (see maskattn.attention_weights).
-        self.recorder: Callable[[Tensor, Tensor, Tensor, Mask | Tensor | None, int], None] | None = None
+        self.attend = Attend()  # no parameters: the state_dict keys are the four projections'
 
     def forward(
         self,
@@ -112,34 +111,11 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)  # (B, Hkv, Lk, D)
         dropout_p = self.dropout if self.training else 0.0
-        if self.recorder is not None and not return_weights:
-            out = self._attend_and_record(q, k, v, mask, dropout_p, q_offset)
-            weights = None
-        else:
-            result = attention(q, k, v, mask, dropout_p=dropout_p, backend=self.backend,
-                               return_weights=return_weights, q_offset=q_offset)
-            out, weights = result if return_weights else (result, None)
+        result = self.attend(q, k, v, mask, backend=self.backend, dropout_p=dropout_p, q_offset=q_offset,
+                             return_weights=return_weights)
+        out, weights = result if return_weights else (result, None)
         out = self.out_proj(out.transpose(1, 2).reshape(b, lq, self.d_model))  # (B, Lq, E)
         return (out, weights) if return_weights else out
-
-    def _attend_and_record(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask | Tensor | None, dropout_p: float,
-                           q_offset: int) -> Tensor:
-        """Attend with the backend this layer would use anyway, and hand the log-sum-exp to the recorder:
-        from the same call where that backend returns it, else from one more call without gradients."""
-        backend = self.backend
-        if backend == "auto":
-            as_mask = from_tensor(mask) if isinstance(mask, Tensor) else mask
-            backend = dispatch.choose_backend(q, k, as_mask, dropout_p=dropout_p, return_weights=False,
-                                              q_offset=q_offset)
-        if backend in ("reference", "blocked"):
-            out, lse = attention(q, k, v, mask, dropout_p=dropout_p, backend=backend, return_lse=True,
-                                 q_offset=q_offset)
-        else:
-            out = attention(q, k, v, mask, dropout_p=dropout_p, backend=backend, q_offset=q_offset)
-            with torch.no_grad():
-                _, lse = attention(q, k, v, mask, backend="blocked", return_lse=True, q_offset=q_offset)
-        self.recorder(q, k, lse, mask, q_offset)
-        return out
 
     def project_kv(self, key: Tensor, value: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Project (B, Lk, kdim) keys and values into heads: two (B, Hkv, Lk, D) tensors."""
@@ -171,3 +147,43 @@ class MultiHeadAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_heads={self.num_heads}, "
                 f"num_kv_heads={self.num_kv_heads}, dropout={self.dropout}")
+
+
+class Attend(nn.Module):
+    """The attention call of :class:`MultiHeadAttention`: heads in, heads out, no parameters.
+
+    A submodule of its own so that inspection observes the call through PyTorch's hooks: a forward
+    pre-hook may ask for the log-sum-exp (``return_lse=True``), and a forward hook then receives
+    ``(output, lse)`` (:func:`maskattn.viz.capture_attention` does both). The output is the same
+    either way: the log-sum-exp comes from the same call where the backend returns it, else from one
+    more call without gradients.
+    """
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask | Tensor | None = None, *, backend: str = "auto",
+                dropout_p: float = 0.0, q_offset: int = 0, return_weights: bool = False,
+                return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """:func:`maskattn.attention` of (B, H, Lq, D) queries and (B, Hkv, Lk, D) keys and values.
+
+        Args:
+            q, k, v, mask, backend, dropout_p, q_offset, return_weights: as in :func:`maskattn.attention`.
+            return_lse: also return the (B, H, Lq) log-sum-exp, computed with the backend this call
+                would run anyway (``backend="auto"`` resolved as without it).
+
+        Returns:
+            (B, H, Lq, D); ``(output, weights)`` with ``return_weights``; ``(output, lse)`` with ``return_lse``.
+        """
+        if not return_lse or return_weights:  # both: maskattn.attention refuses, naming them
+            return attention(q, k, v, mask, dropout_p=dropout_p, backend=backend, return_weights=return_weights,
+                             return_lse=return_lse, q_offset=q_offset)
+        if backend == "auto":
+            as_mask = from_tensor(mask) if isinstance(mask, Tensor) else mask
+            backend = dispatch.choose_backend(q, k, as_mask, dropout_p=dropout_p, return_weights=False,
+                                              q_offset=q_offset)
+        if backend in ("reference", "blocked"):
+            out, lse = attention(q, k, v, mask, dropout_p=dropout_p, backend=backend, return_lse=True,
+                                 q_offset=q_offset)
+        else:
+            out = attention(q, k, v, mask, dropout_p=dropout_p, backend=backend, q_offset=q_offset)
+            with torch.no_grad():
+                _, lse = attention(q, k, v, mask, backend="blocked", return_lse=True, q_offset=q_offset)
+        return out, lse

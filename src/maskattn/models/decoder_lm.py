@@ -28,6 +28,7 @@ from maskattn.models.common import (
     new_state,
 )
 from maskattn.models.config import DecoderLMConfig
+from maskattn.models.inspection import AttentionSite, AuditProbe, ProbeCheck, ProbeInput, layer_sites
 from maskattn.models.persistence import Persistent
 from maskattn.models.summary import Summary
 
@@ -80,6 +81,20 @@ class DecoderLM(Persistent, Summary, nn.Module):
         x, rope = self.embed(input_ids, positions)  # (B, L, E)
         out = self.decoder(x, mask=mask, rope=rope, return_weights=return_weights)
         return (self.lm_head(out[0]), out[1]) if return_weights else self.lm_head(out)  # (B, L, V)
+
+    # --- inspection -------------------------------------------------------------------------------
+    def attention_sites(self) -> dict[str, AttentionSite]:
+        """Causal self-attention in every layer."""
+        return layer_sites("decoder.layers", len(self.decoder.layers), self_attn="self-causal")
+
+    def audit_probe(self) -> AuditProbe:
+        """Every attention call (plain and packed rows); no logit depends on a later token."""
+        tokens = ("input_ids",)
+        return AuditProbe(
+            inputs=(ProbeInput("input_ids", "tokens", self.config.vocab_size), ProbeInput("doc_ids", "documents")),
+            checks=(ProbeCheck("layers", tokens),
+                    ProbeCheck("causal", tokens, "DecoderLM logits vs later tokens", varies="input_ids"),
+                    ProbeCheck("layers", (*tokens, "doc_ids"))))
 
     # --- incremental decoding ---------------------------------------------------------------------
     def start(self, batch: int, *, max_len: int) -> DecodeState:

@@ -14,6 +14,7 @@ from maskattn import masks
 from maskattn.layers import EncoderLayer, TokenEmbedding
 from maskattn.models.common import Embedder, Stack, default_positions, init_linears, key_valid
 from maskattn.models.config import EncoderConfig
+from maskattn.models.inspection import AttentionSite, AuditProbe, ProbeCheck, ProbeInput, layer_sites
 from maskattn.models.persistence import Persistent
 from maskattn.models.summary import Summary
 
@@ -82,6 +83,19 @@ class EncoderModel(Persistent, Summary, nn.Module):
         hidden = self(input_ids, attention_mask, **kwargs)
         start, end = self.span_head(hidden).unbind(dim=-1)  # (B, L) each
         return start, end
+
+    def attention_sites(self) -> dict[str, AttentionSite]:
+        """Bidirectional self-attention in every layer."""
+        return layer_sites("encoder.layers", len(self.encoder.layers), self_attn="self-bidirectional")
+
+    def audit_probe(self) -> AuditProbe:
+        """Every attention call; no hidden state of a real token depends on padding."""
+        uses = ("input_ids", "lengths")
+        return AuditProbe(
+            inputs=(ProbeInput("input_ids", "tokens", self.config.vocab_size), ProbeInput("lengths", "lengths")),
+            checks=(ProbeCheck("layers", uses),
+                    ProbeCheck("padding", uses, "EncoderModel hidden states vs padding", varies="input_ids",
+                               lengths="lengths")))
 
     def _valid(self, ids: Tensor, attention_mask: Tensor | None, lengths) -> Tensor | None:
         if attention_mask is None:

@@ -27,6 +27,7 @@ from maskattn.models.common import (
     new_state,
 )
 from maskattn.models.config import TransformerConfig
+from maskattn.models.inspection import AttentionSite, AuditProbe, ProbeCheck, ProbeInput, layer_sites
 from maskattn.models.persistence import Persistent
 from maskattn.models.summary import Summary
 
@@ -111,6 +112,25 @@ class Transformer(Persistent, Summary, nn.Module):
         memory, memory_valid, enc_w = self.encode(src, src_lengths, return_weights=True)
         logits, dec_w = self.decode(tgt, memory, memory_valid, tgt_lengths=tgt_lengths, return_weights=True)
         return logits, {"encoder": enc_w, "decoder": dec_w}
+
+    # --- inspection -------------------------------------------------------------------------------
+    def attention_sites(self) -> dict[str, AttentionSite]:
+        """Bidirectional self-attention in the encoder; causal self- and cross-attention in the decoder."""
+        return {**layer_sites("encoder.layers", len(self.encoder.layers), self_attn="self-bidirectional"),
+                **layer_sites("decoder.layers", len(self.decoder.layers), self_attn="self-causal",
+                              cross_attn="cross")}
+
+    def audit_probe(self) -> AuditProbe:
+        """Every attention call; no logit depends on a later target token, nor on source padding."""
+        c, uses = self.config, ("src", "tgt", "src_lengths")
+        return AuditProbe(
+            inputs=(ProbeInput("src", "tokens", c.vocab_size),
+                    ProbeInput("tgt", "tokens", c.target_vocab_size, shorten=2),
+                    ProbeInput("src_lengths", "lengths")),
+            checks=(ProbeCheck("layers", uses),
+                    ProbeCheck("causal", uses, "Transformer decoder logits vs later target tokens", varies="tgt"),
+                    ProbeCheck("padding", uses, "Transformer logits vs source padding", varies="src",
+                               lengths="src_lengths")))
 
     # --- incremental decoding ---------------------------------------------------------------------
     def start(self, src: Tensor, src_lengths: Tensor | Sequence[int] | None = None, *, max_len: int) -> DecodeState:
