@@ -226,3 +226,18 @@ def test_minilm_parity_with_eager():
     ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102], [101, 7592, 102, 0, 0, 0, 0]])
     valid = ids != 0
     _assert_parity(model, {"input_ids": ids, "attention_mask": valid.long()}, valid)
+
+
+def _readme_blocks() -> list[str]:
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split("## Using maskattn with Hugging Face", 1)[1].split("\n## ", 1)[0]
+    return [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_readme_examples_run_as_written(index, capsys):
+    blocks = _readme_blocks()
+    assert len(blocks) == 3
+    exec(compile(blocks[index], f"README.md (Hugging Face block {index})", "exec"), {})
+    if index == 1:
+        assert "sliding_window(3) & causal() & padding(valid=<bool (2, 6)>) 0 True" in capsys.readouterr().out

@@ -78,6 +78,11 @@ def _masking_utils():
         from transformers import masking_utils
     except ImportError as err:  # pragma: no cover - exercised only without transformers
         raise ImportError("maskattn.hf needs Hugging Face transformers: pip install 'maskattn[hf]'") from err
+    if not hasattr(masking_utils, "AttentionMaskInterface"):  # pragma: no cover - old transformers only
+        import transformers
+
+        raise ImportError(f"maskattn.hf needs transformers >= 4.53 (AttentionMaskInterface), found "
+                          f"{transformers.__version__}: pip install -U 'maskattn[hf]'")
     return masking_utils
 
 
