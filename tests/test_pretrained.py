@@ -70,9 +70,15 @@ def test_saved_pretrained_model_reloads_exactly(tmp_path):
 def test_not_a_bert_directory_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="is not a local directory"):
         from_pretrained(tmp_path / "nowhere")
-    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    (tmp_path / "config.json").write_text('{"model_type": "t5"}')
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match="expected a BERT config with absolute positions, got model_type 'gpt2'"):
+    with pytest.raises(ValueError, match=r"model_type 't5' is not supported; expected one of \['bert', 'gpt2', 'llama"):
+        from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ValueError, match="config lacks the field 'n_embd'"):
+        from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "bert", "position_embedding_type": "relative_key"}')
+    with pytest.raises(ValueError, match="expected a BERT config with absolute positions"):
         from_pretrained(tmp_path)
     config = dict(model_type="bert", vocab_size=10, hidden_size=8, num_attention_heads=2, intermediate_size=16,
                   num_hidden_layers=1, max_position_embeddings=16)

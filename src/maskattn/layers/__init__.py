@@ -6,6 +6,7 @@ from maskattn.layers.encoder_layer import EncoderLayer
 from maskattn.layers.feedforward import FeedForward
 from maskattn.layers.kv_cache import KVCache
 from maskattn.layers.mha import Attend, MultiHeadAttention
+from maskattn.layers.norm import NORMS, RMSNorm, make_norm
 from maskattn.layers.positions import (
     LearnedPositions,
     RotaryEmbedding,
@@ -16,6 +17,7 @@ from maskattn.layers.positions import (
 from maskattn.layers.residual import Residual
 
 __all__ = [
+    "NORMS",
     "Attend",
     "DecoderLayer",
     "EncoderLayer",
@@ -23,10 +25,12 @@ __all__ = [
     "KVCache",
     "LearnedPositions",
     "MultiHeadAttention",
+    "RMSNorm",
     "Residual",
     "RotaryEmbedding",
     "SinusoidalPositions",
     "TokenEmbedding",
     "apply_rope",
+    "make_norm",
     "sinusoidal_table",
 ]

@@ -31,7 +31,7 @@ class DecoderLayer(EncoderLayer):
                                              dropout=attn.dropout, bias=attn.q_proj.bias is not None,
                                              backend=attn.backend)
         self.cross_attn_block = Residual(d_model, norm_first=block.norm_first, dropout=block.dropout.p,
-                                         eps=block.norm.eps)
+                                         eps=block.norm.eps, norm=kwargs.get("norm", "layer"))
 
     def forward(self, x: Tensor, memory: Tensor | None = None, *, mask: Mask | None = None,
                 memory_mask: Mask | None = None, memory_kv: tuple[Tensor, Tensor] | None = None,

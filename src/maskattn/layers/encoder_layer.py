@@ -29,7 +29,8 @@ class EncoderLayer(nn.Module):
         activation: feed-forward activation (see :class:`FeedForward`).
         activation_dropout: dropout on the feed-forward hidden activations.
         norm_first: pre-LN when True, post-LN (the paper's) when False.
-        norm_eps: LayerNorm epsilon.
+        norm_eps: normalisation epsilon.
+        norm: normalisation kind, ``layer`` (LayerNorm) or ``rms`` (RMSNorm, LLaMA).
         bias: biases in the attention and feed-forward projections.
         backend: attention backend (see :func:`maskattn.attention`).
     """
@@ -37,13 +38,13 @@ class EncoderLayer(nn.Module):
     def __init__(self, d_model: int, num_heads: int, d_ff: int, *, num_kv_heads: int | None = None,
                  dropout: float = 0.0, attention_dropout: float = 0.0, activation: str = "relu",
                  activation_dropout: float = 0.0, norm_first: bool = False, norm_eps: float = 1e-5,
-                 bias: bool = True, backend: str = "auto") -> None:
+                 bias: bool = True, backend: str = "auto", norm: str = "layer") -> None:
         super().__init__()
         self.self_attn = MultiHeadAttention(d_model, num_heads, num_kv_heads=num_kv_heads,
                                             dropout=attention_dropout, bias=bias, backend=backend)
-        self.self_attn_block = Residual(d_model, norm_first=norm_first, dropout=dropout, eps=norm_eps)
+        self.self_attn_block = Residual(d_model, norm_first=norm_first, dropout=dropout, eps=norm_eps, norm=norm)
         self.ffn = FeedForward(d_model, d_ff, activation=activation, dropout=activation_dropout, bias=bias)
-        self.ffn_block = Residual(d_model, norm_first=norm_first, dropout=dropout, eps=norm_eps)
+        self.ffn_block = Residual(d_model, norm_first=norm_first, dropout=dropout, eps=norm_eps, norm=norm)
 
     def forward(self, x: Tensor, *, mask: Mask | None = None, rope: tuple[Tensor, Tensor] | None = None,
                 cache: KVCache | None = None, q_offset: int = 0,

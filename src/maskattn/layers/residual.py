@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from maskattn.layers.norm import make_norm
+
 
 class Residual(nn.Module):
     """post-LN (Vaswani et al., BERT): ``norm(x + dropout(f(x)))``; pre-LN (GPT-2): ``x + dropout(f(norm(x)))``.
@@ -17,13 +19,15 @@ class Residual(nn.Module):
         d_model: width E.
         norm_first: pre-LN when True.
         dropout: dropout on the sublayer output, before the addition (the paper's residual dropout).
-        eps: LayerNorm epsilon.
+        eps: normalisation epsilon.
+        norm: normalisation kind, ``layer`` (LayerNorm) or ``rms`` (RMSNorm).
     """
 
-    def __init__(self, d_model: int, *, norm_first: bool, dropout: float = 0.0, eps: float = 1e-5) -> None:
+    def __init__(self, d_model: int, *, norm_first: bool, dropout: float = 0.0, eps: float = 1e-5,
+                 norm: str = "layer") -> None:
         super().__init__()
         self.norm_first = norm_first
-        self.norm = nn.LayerNorm(d_model, eps=eps)
+        self.norm = make_norm(norm, d_model, eps)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, sublayer: Callable[[Tensor], Tensor]) -> Tensor:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from maskattn.layers import KVCache, LearnedPositions, RotaryEmbedding, SinusoidalPositions, TokenEmbedding
+from maskattn.layers import KVCache, LearnedPositions, RotaryEmbedding, SinusoidalPositions, TokenEmbedding, make_norm
 from maskattn.models.config import BlockConfig
 
 
@@ -87,7 +87,7 @@ class Embedder(nn.Module):
         self.rope = RotaryEmbedding(c.d_model // c.num_heads, c.max_len, base=c.rope_base) \
             if c.positions == "rope" else None
         self.token_types = nn.Embedding(type_vocab_size, c.d_model) if type_vocab_size else None
-        self.norm = nn.LayerNorm(c.d_model, eps=c.norm_eps) if norm else None
+        self.norm = make_norm(c.norm, c.d_model, c.norm_eps) if norm else None
         self.dropout = nn.Dropout(c.dropout)
 
     def forward(self, ids: Tensor, positions: Tensor, token_types: Tensor | None = None,
@@ -104,12 +104,13 @@ class Embedder(nn.Module):
 
 
 class Stack(nn.Module):
-    """Layers applied in order, then an optional final LayerNorm (pre-LN models need one)."""
+    """Layers applied in order, then an optional final norm (pre-LN models need one)."""
 
-    def __init__(self, layers: Sequence[nn.Module], d_model: int, *, final_norm: bool, eps: float) -> None:
+    def __init__(self, layers: Sequence[nn.Module], d_model: int, *, final_norm: bool, eps: float,
+                 norm: str = "layer") -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
-        self.norm = nn.LayerNorm(d_model, eps=eps) if final_norm else None
+        self.norm = make_norm(norm, d_model, eps) if final_norm else None
 
     def forward(self, x: Tensor, *, caches: Sequence[KVCache] | None = None,
                 memory_kv: Sequence[tuple[Tensor, Tensor]] | None = None, return_weights: bool = False,

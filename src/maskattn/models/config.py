@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 from maskattn.layers.feedforward import ACTIVATIONS
+from maskattn.layers.norm import NORMS
 
 POSITIONS = ("sinusoidal", "learned", "rope")
 
@@ -30,7 +31,8 @@ class BlockConfig:
     activation_dropout: float = 0.0  # on the feed-forward hidden activations
     norm_first: bool = False  # pre-LN (True) or post-LN as in the paper (False)
     final_norm: bool | None = None  # LayerNorm after the last layer; None = same as norm_first
-    norm_eps: float = 1e-5  # LayerNorm epsilon
+    norm_eps: float = 1e-5  # normalisation epsilon
+    norm: str = "layer"  # layer (LayerNorm) | rms (RMSNorm, LLaMA), in every block and the final norm
     bias: bool = True  # biases in attention and feed-forward projections
     positions: str = "sinusoidal"  # sinusoidal | learned (added to embeddings) | rope (in attention)
     rope_base: float = 10000.0  # RoPE frequency base
@@ -59,6 +61,8 @@ class BlockConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {sorted(NORMS)}, got {self.norm!r}")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.positions == "rope" and (self.d_model // self.num_heads) % 2:
@@ -80,7 +84,7 @@ class BlockConfig:
     def layer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`maskattn.layers.EncoderLayer` / ``DecoderLayer``."""
         names = ("num_kv_heads", "dropout", "attention_dropout", "activation", "activation_dropout",
-                 "norm_first", "norm_eps", "bias", "backend")
+                 "norm_first", "norm_eps", "bias", "backend", "norm")
         return {"d_model": self.d_model, "num_heads": self.num_heads, "d_ff": self.d_ff,
                 **{n: getattr(self, n) for n in names}}
 

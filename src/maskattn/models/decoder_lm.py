@@ -44,7 +44,7 @@ class DecoderLM(Persistent, Summary, nn.Module):
         tokens = TokenEmbedding(c.vocab_size, c.d_model, scale=c.scale_embeddings)
         self.embed = Embedder(c, tokens)
         self.decoder = Stack([EncoderLayer(**c.layer_kwargs()) for _ in range(c.num_layers)], c.d_model,
-                             final_norm=c.use_final_norm, eps=c.norm_eps)
+                             final_norm=c.use_final_norm, eps=c.norm_eps, norm=c.norm)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         init_linears(self, std=0.02)
         for layer in self.decoder.layers:  # GPT-2: projections into the residual stream scaled by depth

@@ -34,7 +34,7 @@ class EncoderModel(Persistent, Summary, nn.Module):
         tokens = TokenEmbedding(c.vocab_size, c.d_model, scale=c.scale_embeddings)
         self.embed = Embedder(c, tokens, type_vocab_size=c.type_vocab_size, norm=c.embed_norm)
         self.encoder = Stack([EncoderLayer(**c.layer_kwargs()) for _ in range(c.num_layers)], c.d_model,
-                             final_norm=c.use_final_norm, eps=c.norm_eps)
+                             final_norm=c.use_final_norm, eps=c.norm_eps, norm=c.norm)
         self.pooler = nn.Linear(c.d_model, c.d_model) if c.pooler else None
         self.head_dropout = nn.Dropout(c.dropout)
         self.classifier = nn.Linear(c.d_model, c.num_labels) if c.num_labels else None

@@ -1,6 +1,9 @@
-"""Load Hugging Face BERT-family checkpoints (config.json + model.safetensors + tokenizer.json)
-into :class:`EncoderModel`, built from maskattn's own layers. Reads a local directory only; never
-downloads.
+"""Load Hugging Face checkpoints (config.json + model.safetensors + tokenizer.json) into maskattn's
+own models: BERT into :class:`EncoderModel`, GPT-2 and Llama into :class:`DecoderLM`. Reads a local
+directory only; never downloads.
+
+Each supported ``model_type`` registers one :class:`Family` record in :data:`FAMILIES`: how to read
+its config, which prefix to strip, how to reshape its tensors, and a table of renames.
 """
 
 from __future__ import annotations
@@ -8,9 +11,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from maskattn.models.config import EncoderConfig
+from torch import Tensor, nn
+
+from maskattn.models.config import BlockConfig, DecoderLMConfig, EncoderConfig
+from maskattn.models.decoder_lm import DecoderLM
 from maskattn.models.encoder_model import EncoderModel
 from maskattn.models.persistence import (
     CONFIG,
@@ -26,7 +35,7 @@ from maskattn.models.persistence import (
 
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
-# Hugging Face BERT parameter names -> ours ("{i}" is the layer index).
+# Hugging Face BERT parameter names (after the prefix "bert.") -> ours ("{i}" is the layer index).
 _RENAMES = [
     (r"embeddings\.word_embeddings\.", "embed.tokens."),
     (r"embeddings\.position_embeddings\.", "embed.positions."),
@@ -42,20 +51,73 @@ _RENAMES = [
     (r"encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"encoder.layers.\1.ffn_block.norm."),
     (r"pooler\.dense\.", "pooler."),
 ]
-_IGNORED = re.compile(r"embeddings\.position_ids$")  # a constant buffer, not a weight
+
+# GPT-2 (after the prefix "transformer."; c_attn already split into c_attn_q/k/v by _gpt2_tensors).
+_GPT2_RENAMES = [
+    (r"wte\.", "embed.tokens."),
+    (r"wpe\.", "embed.positions."),
+    (r"h\.(\d+)\.ln_1\.", r"decoder.layers.\1.self_attn_block.norm."),
+    *[(rf"h\.(\d+)\.attn\.c_attn_{p}\.", rf"decoder.layers.\1.self_attn.{p}_proj.") for p in "qkv"],
+    (r"h\.(\d+)\.attn\.c_proj\.", r"decoder.layers.\1.self_attn.out_proj."),
+    (r"h\.(\d+)\.ln_2\.", r"decoder.layers.\1.ffn_block.norm."),
+    (r"h\.(\d+)\.mlp\.c_fc\.", r"decoder.layers.\1.ffn.up."),
+    (r"h\.(\d+)\.mlp\.c_proj\.", r"decoder.layers.\1.ffn.down."),
+    (r"ln_f\.", "decoder.norm."),
+]
+
+# Llama (after the prefix "model.").
+_LLAMA_RENAMES = [
+    (r"embed_tokens\.", "embed.tokens."),
+    *[(rf"layers\.(\d+)\.self_attn\.{p}_proj\.", rf"decoder.layers.\1.self_attn.{p}_proj.") for p in "qkv"],
+    (r"layers\.(\d+)\.self_attn\.o_proj\.", r"decoder.layers.\1.self_attn.out_proj."),
+    (r"layers\.(\d+)\.input_layernorm\.", r"decoder.layers.\1.self_attn_block.norm."),
+    (r"layers\.(\d+)\.post_attention_layernorm\.", r"decoder.layers.\1.ffn_block.norm."),
+    (r"layers\.(\d+)\.mlp\.gate_proj\.", r"decoder.layers.\1.ffn.gate."),
+    (r"layers\.(\d+)\.mlp\.up_proj\.", r"decoder.layers.\1.ffn.up."),
+    (r"layers\.(\d+)\.mlp\.down_proj\.", r"decoder.layers.\1.ffn.down."),
+    (r"norm\.", "decoder.norm."),
+]
 
 
-def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: bool = False) -> EncoderModel:
-    """An :class:`EncoderModel` from a local checkpoint directory, with ``model.tokenizer`` set.
+@dataclass(frozen=True)
+class Family:
+    """How one Hugging Face ``model_type`` maps onto a maskattn model.
+
+    Attributes:
+        config: ``(hf config dict, its path, options)`` -> our config; ``options`` are from_pretrained's
+            keyword arguments (``num_labels``, ``span_head``), refused by families without heads.
+        model: the maskattn model class built from that config.
+        renames: ``(regex, replacement)`` pairs, HF name (prefix stripped) -> ours; the first match wins.
+        prefix: stripped from every HF name first (the base model's attribute, e.g. ``"bert."``).
+        ignored: HF tensors that are buffers, not weights.
+        tensors: reshapes HF tensors before renaming (GPT-2's Conv1D and fused q/k/v).
+        finish: adjusts the config to the tensors present (BERT: whether there is a pooler).
+        fresh: prefixes of our parameters that stay freshly initialised (task heads).
+    """
+
+    config: Callable[[dict, Path, dict[str, Any]], BlockConfig]
+    model: type[nn.Module]
+    renames: list[tuple[str, str]]
+    prefix: str = ""
+    ignored: re.Pattern | None = None
+    tensors: Callable[[dict[str, Tensor]], dict[str, Tensor]] = lambda tensors: tensors
+    finish: Callable[[BlockConfig, dict[str, Tensor]], BlockConfig] = lambda config, tensors: config
+    fresh: tuple[str, ...] = field(default=())
+
+
+def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: bool = False) -> nn.Module:
+    """A maskattn model from a local checkpoint directory, with ``model.tokenizer`` set.
 
     Args:
-        path: a directory with a Hugging Face BERT ``config.json`` and ``model.safetensors``
-            (``tokenizer.json`` optional), or a directory written by ``model.save``.
-        num_labels: add a freshly initialised classification head with this many classes.
-        span_head: add a freshly initialised span (start/end) head for extractive QA.
+        path: a directory with a Hugging Face ``config.json`` and ``model.safetensors`` of a family in
+            :data:`FAMILIES` (BERT -> :class:`EncoderModel`; GPT-2, Llama -> :class:`DecoderLM`),
+            ``tokenizer.json`` optional; or a directory written by ``model.save``.
+        num_labels: (BERT) add a freshly initialised classification head with this many classes.
+        span_head: (BERT) add a freshly initialised span (start/end) head for extractive QA.
 
     Raises:
-        ValueError: when the directory is not a BERT checkpoint, or its tensors do not fit it.
+        ValueError: when the directory is not a checkpoint of a supported family, or its tensors do
+            not fit it.
     """
     directory = Path(path)
     if not directory.is_dir():
@@ -63,13 +125,22 @@ def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: 
     hf = read_json(directory / CONFIG)
     if hf.get("format") == FORMAT:
         return load(directory)
-    config = bert_config(hf, directory / CONFIG, num_labels=num_labels, span_head=span_head)
-    tensors = read_safetensors(directory / WEIGHTS)
-    tensors = {_our_name(name): t for name, t in tensors.items() if not _IGNORED.search(name)}
-    config = dataclasses.replace(config, pooler="pooler.weight" in tensors)
-    model = EncoderModel(config)
-    heads = {n: t for n, t in model.state_dict().items() if n.startswith(("classifier.", "span_head."))}
-    load_weights(model, {**tensors, **heads}, {}, source=str(directory / WEIGHTS))
+    model_type = hf.get("model_type") or "bert"
+    if model_type not in FAMILIES:
+        raise ValueError(f"{directory / CONFIG}: model_type {model_type!r} is not supported; expected one of "
+                         f"{sorted(FAMILIES)}")
+    family = FAMILIES[model_type]
+    options = {k: v for k, v in {"num_labels": num_labels, "span_head": span_head}.items() if v}
+    config = family.config(hf, directory / CONFIG, options)
+    tensors = family.tensors(read_safetensors(directory / WEIGHTS))
+    tensors = {_our_name(name, family): t for name, t in tensors.items()
+               if family.ignored is None or not family.ignored.search(name)}
+    config = family.finish(config, tensors)
+    model = family.model(config)
+    aliases = {"lm_head.weight": "embed.tokens.weight"} if getattr(config, "tie_output", False) else {}
+    tensors = {n: t for n, t in tensors.items() if n not in aliases}
+    fresh = {n: t for n, t in model.state_dict().items() if family.fresh and n.startswith(family.fresh)}
+    load_weights(model, {**tensors, **fresh}, aliases, source=str(directory / WEIGHTS))
     model.tokenizer = load_tokenizer(directory / TOKENIZER) if (directory / TOKENIZER).is_file() else None
     return model
 
@@ -96,10 +167,108 @@ def bert_config(hf: dict, source: Path, *, pooler: bool = True, num_labels: int 
         raise ValueError(f"{source}: BERT config lacks the field {e}") from e
 
 
-def _our_name(name: str) -> str:
-    name = re.sub(r"^bert\.", "", name)
+def gpt2_config(hf: dict, source: Path, options: dict[str, Any] | None = None) -> DecoderLMConfig:
+    """The :class:`DecoderLMConfig` of a Hugging Face GPT-2 ``config.json``."""
+    _no_options("GPT-2", source, options)
+    act = hf.get("activation_function", "gelu_new")
+    refused = {"activation_function": act not in _ACTIVATIONS, "add_cross_attention": hf.get("add_cross_attention"),
+               "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx"),
+               "scale_attn_weights": not hf.get("scale_attn_weights", True)}
+    _refuse(source, refused, hf)
+    d_model = _field(hf, "n_embd", source)
+    return DecoderLMConfig(
+        vocab_size=_field(hf, "vocab_size", source), d_model=d_model, num_heads=_field(hf, "n_head", source),
+        d_ff=hf.get("n_inner") or 4 * d_model, num_layers=_field(hf, "n_layer", source),
+        max_len=_field(hf, "n_positions", source), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        dropout=hf.get("resid_pdrop", 0.1), attention_dropout=hf.get("attn_pdrop", 0.1),
+        activation=_ACTIVATIONS[act], positions="learned", norm_first=True, bias=True,
+        tie_output=hf.get("tie_word_embeddings", True), eos_id=_token(hf, "eos_token_id"),
+    )
+
+
+def llama_config(hf: dict, source: Path, options: dict[str, Any] | None = None) -> DecoderLMConfig:
+    """The :class:`DecoderLMConfig` of a Hugging Face Llama ``config.json`` (RMSNorm, RoPE, SwiGLU)."""
+    _no_options("Llama", source, options)
+    d_model, heads = _field(hf, "hidden_size", source), _field(hf, "num_attention_heads", source)
+    rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0),
+                                         **(hf.get("rope_scaling") or {})}
+    refused = {"hidden_act": hf.get("hidden_act", "silu") != "silu", "attention_bias": hf.get("attention_bias"),
+               "mlp_bias": hf.get("mlp_bias"), "rope_parameters": rope.get("rope_type", "default") != "default",
+               "head_dim": hf.get("head_dim", d_model // heads) != d_model // heads}
+    _refuse(source, refused, {**hf, "rope_parameters": rope})
+    bos, eos = _token(hf, "bos_token_id"), _token(hf, "eos_token_id")
+    return DecoderLMConfig(
+        vocab_size=_field(hf, "vocab_size", source), d_model=d_model, num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads, d_ff=_field(hf, "intermediate_size", source),
+        num_layers=_field(hf, "num_hidden_layers", source), max_len=_field(hf, "max_position_embeddings", source),
+        norm="rms", norm_eps=hf.get("rms_norm_eps", 1e-6), dropout=0.0,
+        attention_dropout=hf.get("attention_dropout", 0.0), activation="swiglu", positions="rope",
+        rope_base=float(rope["rope_theta"]), norm_first=True, bias=False,
+        tie_output=hf.get("tie_word_embeddings", False), bos_id=bos if bos != eos else None, eos_id=eos,
+    )
+
+
+def _gpt2_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """GPT-2's Conv1D stores (in, out) weights: transpose them to Linear's (out, in); split the fused
+    (E, 3E) query/key/value projection ``c_attn`` into three."""
+    out = {}
+    for name, t in tensors.items():
+        if re.search(r"\.(c_attn|c_proj|c_fc)\.weight$", name):
+            t = t.t()
+        if ".c_attn." in name:
+            for part, piece in zip("qkv", t.chunk(3, dim=0), strict=True):
+                out[name.replace(".c_attn.", f".c_attn_{part}.")] = piece.contiguous()
+        else:
+            out[name] = t.contiguous()
+    return out
+
+
+def _bert_config(hf: dict, source: Path, options: dict[str, Any]) -> EncoderConfig:
+    return bert_config(hf, source, **options)
+
+
+def _no_options(family: str, source: Path, options: dict[str, Any] | None) -> None:
+    if options:
+        raise ValueError(f"{source}: {sorted(options)} add heads to BERT encoders; a {family} checkpoint "
+                         "loads as a DecoderLM, which has none")
+
+
+def _refuse(source: Path, refused: dict[str, Any], hf: dict) -> None:
+    bad = [name for name, is_bad in refused.items() if is_bad]
+    if bad:
+        raise ValueError(f"{source}: unsupported settings {', '.join(f'{n}={hf.get(n)!r}' for n in bad)}")
+
+
+def _field(hf: dict, name: str, source: Path) -> Any:
+    if name not in hf:
+        raise ValueError(f"{source}: config lacks the field {name!r}")
+    return hf[name]
+
+
+def _token(hf: dict, name: str) -> int | None:
+    """A special token id when it is a single id inside the vocabulary, else None."""
+    value = hf.get(name)
+    return value if isinstance(value, int) and 0 <= value < hf.get("vocab_size", 0) else None
+
+
+FAMILIES: dict[str, Family] = {
+    "bert": Family(config=_bert_config, model=EncoderModel, renames=_RENAMES, prefix="bert.",
+                   ignored=re.compile(r"embeddings\.position_ids$"),  # a constant buffer, not a weight
+                   finish=lambda config, tensors: dataclasses.replace(config, pooler="pooler.weight" in tensors),
+                   fresh=("classifier.", "span_head.")),
+    "gpt2": Family(config=gpt2_config, model=DecoderLM, renames=_GPT2_RENAMES, prefix="transformer.",
+                   ignored=re.compile(r"\.attn\.(masked_)?bias$"), tensors=_gpt2_tensors),
+    "llama": Family(config=llama_config, model=DecoderLM, renames=_LLAMA_RENAMES, prefix="model.",
+                    ignored=re.compile(r"rotary_emb\.inv_freq$")),
+}
+"""Hugging Face ``model_type`` -> how to load it. Add a family by adding a record."""
+
+
+def _our_name(name: str, family: Family) -> str:
+    if family.prefix and name.startswith(family.prefix):
+        name = name[len(family.prefix):]
     name = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", name))
-    for pattern, replacement in _RENAMES:
+    for pattern, replacement in family.renames:
         renamed, n = re.subn("^" + pattern, replacement, name)
         if n:
             return renamed

@@ -51,9 +51,9 @@ class Transformer(Persistent, Summary, nn.Module):
         self.tgt_embed = Embedder(c, tgt_tokens)
         kwargs = c.layer_kwargs()
         self.encoder = Stack([EncoderLayer(**kwargs) for _ in range(c.num_encoder_layers)], c.d_model,
-                             final_norm=c.use_final_norm, eps=c.norm_eps)
+                             final_norm=c.use_final_norm, eps=c.norm_eps, norm=c.norm)
         self.decoder = Stack([DecoderLayer(**kwargs) for _ in range(c.num_decoder_layers)], c.d_model,
-                             final_norm=c.use_final_norm, eps=c.norm_eps)
+                             final_norm=c.use_final_norm, eps=c.norm_eps, norm=c.norm)
         self.out_proj = nn.Linear(c.d_model, c.target_vocab_size, bias=False)
         init_linears(self.encoder)
         init_linears(self.decoder)

