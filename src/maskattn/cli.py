@@ -137,7 +137,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from maskattn import config
+    from maskattn import config, distributed
     from maskattn.checkpoint import CheckpointError
 
     module, defaults = _task(args.task)
@@ -151,6 +151,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.show_config:
         print("\n".join(config.describe(cfg)))
         return 0
+    distributed.init()  # the one place a run joins torchrun's process group; the tasks read it from there
     try:
         result = module.train(cfg, resume=args.resume)
     except CheckpointError as e:
