@@ -151,3 +151,23 @@ def test_setup_distributed_is_a_deprecated_alias_of_distributed_init():
 
     with pytest.warns(DeprecationWarning, match=r"distributed\.init\(\)"):
         assert setup_distributed() == (0, 1)
+
+
+def test_curves_are_drawn_from_the_log_by_the_caller_not_by_the_trainer(tmp_path):
+    from maskattn.plotting import plot_curves
+
+    trainer = _tiny_trainer(tmp_path, eval_every=5)
+    trainer.fit()
+    assert not (tmp_path / "curves.png").exists()  # training (rank 5) draws nothing: the viz layer does
+    assert plot_curves(tmp_path / "metrics.jsonl") == tmp_path / "curves.png"
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_curves(tmp_path / "missing.jsonl") is None
+
+
+def test_training_plot_curves_is_a_deprecated_alias():
+    from maskattn import plotting, training
+
+    with pytest.warns(DeprecationWarning, match="moved to maskattn.plotting.plot_curves"):
+        assert training.plot_curves is plotting.plot_curves
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        training.nothing  # noqa: B018

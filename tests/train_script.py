@@ -8,6 +8,7 @@ from torch import nn
 
 from maskattn import MultiHeadAttention, distributed, masks
 from maskattn.data import bucket_batches
+from maskattn.plotting import plot_curves
 from maskattn.training import TrainConfig, Trainer
 
 
@@ -66,6 +67,8 @@ def main(argv=None):
     if args.resume:
         trainer.resume()
     trainer.fit()
+    if context.is_main:
+        plot_curves(trainer.out_dir / "metrics.jsonl")  # as `maskattn train` does: curves.png beside it
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ and data position, a run killed at any point and resumed ends with the same weig
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import time
@@ -78,6 +79,16 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
         progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
         return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
     return cfg.lr * warm
+
+
+def __getattr__(name: str) -> Any:
+    """Deprecated names: ``plot_curves`` moved to the viz layer, :func:`maskattn.plotting.plot_curves`."""
+    if name == "plot_curves":
+        warnings.warn("maskattn.training.plot_curves moved to maskattn.plotting.plot_curves", DeprecationWarning,
+                      stacklevel=2)
+        # imported by name at call time: a compatibility shim, not a dependency of training on the viz layer
+        return importlib.import_module("maskattn.plotting").plot_curves
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def setup_distributed() -> tuple[int, int]:
@@ -205,8 +216,6 @@ class Trainer:
         if self.evaluate and not (cfg.eval_every and self.step % cfg.eval_every == 0):
             last, _ = self._evaluate()
         self.save()
-        if self.rank == 0:
-            plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
         return last
 
     def _next_micro_batches(self) -> list[Batch]:
@@ -282,30 +291,3 @@ class Trainer:
             lines = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
             log.write_text("".join(ln + "\n" for ln in lines))
 
-
-def plot_curves(log: Path, out: Path) -> Path | None:
-    """Plot training loss and evaluation metrics from a ``metrics.jsonl`` into a PNG."""
-    if not log.exists():
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in log.read_text().splitlines() if line]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = sorted({k for r in records for k in r if k.startswith("eval_")})
-    fig, axes = plt.subplots(1, 1 + bool(evals), figsize=(6 + 5 * bool(evals), 4), squeeze=False)
-    if train:
-        axes[0, 0].plot(*zip(*train, strict=True), label="train loss")
-    axes[0, 0].set(xlabel="step", ylabel="loss", title="training loss")
-    for key in evals:
-        points = [(r["step"], r[key]) for r in records if key in r]
-        axes[0, -1].plot(*zip(*points, strict=True), marker="o", label=key)
-    if evals:
-        axes[0, -1].set(xlabel="step", title="evaluation")
-        axes[0, -1].legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
