@@ -18,11 +18,6 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture
-def rng():
-    return torch.Generator().manual_seed(1234)
-
-
 # MASKATTN_BACKEND=name runs the suite with every backend="auto" call sent to that backend wherever
 # it can run the call (dispatch.can_run); calls it cannot run (weights, dropout, ...) keep auto's choice.
 FORCED_BACKEND = os.environ.get("MASKATTN_BACKEND")

@@ -1,5 +1,6 @@
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +91,23 @@ def test_keep_prunes_oldest(tmp_path):
         checkpoint.save(tmp_path, step, {"w": torch.full((1,), float(step))}, keep=2)
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-000000004", "step-000000005"]
     assert checkpoint.latest(tmp_path).name == "step-000000005"
+
+
+LEGACY = Path(__file__).with_name("data") / "legacy" / "checkpoints" / "step-000000007"
+
+
+def test_a_checkpoint_written_before_maskattn_io_loads_and_saves_back_byte_for_byte(tmp_path):
+    # tests/data/legacy was written by maskattn at commit 0b6c34e (checkpoint.py with its own file code)
+    state = checkpoint.load(LEGACY)
+    assert state.pop("step") == 7 and state["pair"] == (1, "a") and state["best"] is None
+    assert isinstance(state["optimizer"]["state"][0]["exp_avg"], torch.Tensor)
+    again = checkpoint.save(tmp_path, 7, state)
+    for name in ("state.json", "tensors.safetensors"):
+        assert (again / name).read_bytes() == (LEGACY / name).read_bytes(), name
+
+
+def test_corrupt_state_json_is_a_checkpoint_error_naming_the_file(tmp_path):
+    path = checkpoint.save(tmp_path, 1, {"w": torch.ones(2)})
+    (path / "state.json").write_text("[1]")
+    with pytest.raises(CheckpointError, match=r"is corrupt: .*state\.json: expected a JSON object, got list"):
+        checkpoint.load(path)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 from maskattn.models import EncoderConfig, EncoderModel
 
@@ -17,16 +18,62 @@ def test_padding_does_not_change_real_positions():
         torch.testing.assert_close(model(padded, mask), model(padded, lengths=[5]), atol=0, rtol=0)
 
 
-def test_heads_shapes_and_gradients():
-    model = EncoderModel(EncoderConfig.preset("tiny", num_labels=4, span_head=True))
+def _torch_layer(ours, c: EncoderConfig) -> tuple[nn.TransformerEncoderLayer, list]:
+    """nn.TransformerEncoderLayer (post-LN, GELU: BERT's layer) holding a copy of our layer's weights, and
+    ``(our parameter, its torch parameter, rows)`` for each of our parameters."""
+    ref = nn.TransformerEncoderLayer(c.d_model, c.num_heads, c.d_ff, dropout=0.0, activation="gelu",
+                                     layer_norm_eps=c.norm_eps, batch_first=True).double()
+    a, t, d = ours.self_attn, ref.self_attn, c.d_model
+    pairs = [(getattr(a, f"{n}_proj").weight, t.in_proj_weight, slice(i * d, (i + 1) * d)) for i, n in enumerate("qkv")]
+    pairs += [(getattr(a, f"{n}_proj").bias, t.in_proj_bias, slice(i * d, (i + 1) * d)) for i, n in enumerate("qkv")]
+    for mine, theirs in ((a.out_proj, t.out_proj), (ours.ffn.up, ref.linear1), (ours.ffn.down, ref.linear2),
+                         (ours.self_attn_block.norm, ref.norm1), (ours.ffn_block.norm, ref.norm2)):
+        pairs += [(mine.weight, theirs.weight, slice(None)), (mine.bias, theirs.bias, slice(None))]
+    with torch.no_grad():
+        for mine, theirs, rows in pairs:
+            theirs[rows] = mine
+    return ref, pairs
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor")
+def test_heads_equal_a_bert_built_from_torch_layers_forward_and_gradients():
+    # Oracle: BERT written with torch's own modules (embedding sum and LayerNorm, nn.TransformerEncoderLayer,
+    # tanh pooler on the first token, linear heads) and copies of our weights, on a right-padded batch.
+    c = EncoderConfig.preset("tiny", num_labels=4, span_head=True, dropout=0.0, attention_dropout=0.0)
+    model = EncoderModel(c).double()
+    refs, pairs = zip(*(_torch_layer(layer, c) for layer in model.encoder.layers), strict=True)
+    pairs = [pair for layer in pairs for pair in layer]
     ids = torch.randint(1, 64, (3, 7))
-    types = torch.zeros_like(ids)
-    types[:, 4:] = 1
-    logits = model.classify(ids, token_type_ids=types)
-    start, end = model.span_logits(ids, token_type_ids=types)
-    assert logits.shape == (3, 4) and start.shape == end.shape == (3, 7)
-    (logits.sum() + start.sum() + end.sum()).backward()
-    assert model.classifier.weight.grad is not None and model.span_head.weight.grad is not None
+    pad = torch.arange(7) >= torch.tensor([7, 4, 2])[:, None]  # (B, L) torch's convention: True = masked
+    ids[pad] = 0
+    types = (torch.arange(7) >= 3).long().expand(3, -1)
+    got = [model.classify(ids, token_type_ids=types), *model.span_logits(ids, token_type_ids=types)]
+
+    e, m = model.embed, model
+    x = e.tokens.weight[ids] + e.positions.weight[:7] + e.token_types.weight[types]  # (B, L, E)
+    x = nn.functional.layer_norm(x, (c.d_model,), e.norm.weight, e.norm.bias, c.norm_eps)
+    for ref in refs:
+        x = ref.train()(x, src_key_padding_mask=pad)  # train mode: torch's eval fast path zeroes padded rows
+    pooled = torch.tanh(x[:, 0] @ m.pooler.weight.T + m.pooler.bias)  # (B, E)
+    spans = x @ m.span_head.weight.T + m.span_head.bias  # (B, L, 2)
+    want = [pooled @ m.classifier.weight.T + m.classifier.bias, spans[..., 0], spans[..., 1]]
+    for ours, theirs in zip(got, want, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=0)
+
+    # Gradients of one random weighting of the three outputs: embeddings and heads (shared by both
+    # computations) and every layer parameter against its torch counterpart.
+    weights = [torch.randn_like(t) for t in got]
+    shared = [e.tokens.weight, e.positions.weight, e.token_types.weight, e.norm.weight, e.norm.bias,
+              *m.pooler.parameters(), *m.classifier.parameters(), *m.span_head.parameters()]
+    ref_params = [p for ref in refs for p in ref.parameters()]
+    ours = torch.autograd.grad(sum((a * w).sum() for a, w in zip(got, weights, strict=True)),
+                               shared + [p for p, _, _ in pairs])
+    theirs = torch.autograd.grad(sum((a * w).sum() for a, w in zip(want, weights, strict=True)), shared + ref_params)
+    for a, b in zip(ours[:len(shared)], theirs[:len(shared)], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+    by_param = {id(p): g for p, g in zip(ref_params, theirs[len(shared):], strict=True)}
+    for (_, theirs_param, rows), grad in zip(pairs, ours[len(shared):], strict=True):
+        torch.testing.assert_close(grad, by_param[id(theirs_param)][rows], atol=1e-10, rtol=1e-8)
 
 
 def test_missing_heads_and_bad_masks_are_clear_errors():

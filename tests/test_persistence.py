@@ -1,11 +1,13 @@
 """save/load: exact round trips, and clear errors for tampered or mismatched checkpoints."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from maskattn.io import FormatError
 from maskattn.models import (
     DecoderLM,
     DecoderLMConfig,
@@ -129,3 +131,30 @@ def test_loading_the_wrong_class_is_a_type_error(tmp_path):
     save(MODELS["encoder"](), tmp_path)
     with pytest.raises(TypeError, match="holds a EncoderModel, not a DecoderLM"):
         DecoderLM.load(tmp_path)
+
+
+LEGACY = Path(__file__).with_name("data") / "legacy" / "model"
+
+
+def test_a_model_saved_before_maskattn_io_loads_and_saves_back_byte_for_byte(tmp_path):
+    # tests/data/legacy was written by maskattn at commit 0b6c34e (persistence.py with its own file code)
+    model = load(LEGACY)
+    assert type(model) is DecoderLM and model.config.d_model == 8 and model.lm_head.weight is model.embed.tokens.weight
+    assert model.tokenizer.encode("hello world").ids == [2, 3]
+    model.save(tmp_path)
+    for name in ("model.safetensors", "tokenizer.json"):
+        assert (tmp_path / name).read_bytes() == (LEGACY / name).read_bytes(), name
+    # config.json: the same text, except config fields added since (each at its default, the value
+    # the legacy model was built with)
+    old, new = json.loads((LEGACY / "config.json").read_text()), json.loads((tmp_path / "config.json").read_text())
+    added = {k: new["config"].pop(k) for k in set(new["config"]) - set(old["config"])}
+    assert added == {"norm": "layer"}
+    assert new == old
+    assert (tmp_path / "config.json").read_text() == json.dumps(json.loads((tmp_path / "config.json").read_text()),
+                                                                indent=2) + "\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+def test_load_errors_are_the_one_format_error(tmp_path):
+    with pytest.raises(FormatError, match=r"config\.json: file not found"):
+        load(tmp_path)

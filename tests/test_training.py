@@ -97,7 +97,7 @@ def test_torchrun_two_processes_equals_one_with_the_same_global_batch(tmp_path):
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
 
 
-def _tiny_trainer(tmp_path, **overrides):
+def _tiny_trainer(tmp_path, rank=0, world_size=1, **overrides):
     from torch import nn
 
     from maskattn.training import Trainer
@@ -109,7 +109,7 @@ def _tiny_trainer(tmp_path, **overrides):
     cfg = TrainConfig(**{"steps": 20, "lr": 1e-2, "warmup": 2, "progress": False, "log_every": 1,
                          "checkpoint_every": 0, **overrides})
     evals = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1])
-    return Trainer(model, cfg, out_dir=tmp_path, device="cpu",
+    return Trainer(model, cfg, out_dir=tmp_path, device="cpu", rank=rank, world_size=world_size,
                    plan=lambda epoch: [list(range(i, i + 16)) for i in range(0, 64, 16)],
                    collate=lambda idx: {"x": x[idx], "y": y[idx], "num_targets": len(idx)},
                    loss=lambda m, b: ((m(b["x"]) - b["y"]) ** 2).sum(),
@@ -131,3 +131,43 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path):
     assert trainer.step == 10
     best = checkpoint.latest(tmp_path / "best")
     assert checkpoint.load(best)["step"] == 4 and trainer.best == 0.5
+
+
+def test_the_trainer_takes_rank_and_world_size_from_its_caller_and_checks_them(tmp_path, monkeypatch):
+    from maskattn import distributed
+
+    with pytest.raises(ValueError, match=r"rank=1, world_size=2 do not match the process group \(rank 0 of 1\)"):
+        _tiny_trainer(tmp_path, rank=1, world_size=2)
+    with pytest.raises(ValueError, match=r"rank \(2\) must be in \[0, world_size \(2\)\)"):
+        distributed.Context(2, 2)
+    # launched by torchrun but nobody joined the group: refused, instead of two runs side by side
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="launched by torchrun with WORLD_SIZE=2 but no process group was joined"):
+        _tiny_trainer(tmp_path)
+
+
+def test_setup_distributed_is_a_deprecated_alias_of_distributed_init():
+    from maskattn.training import setup_distributed
+
+    with pytest.warns(DeprecationWarning, match=r"distributed\.init\(\)"):
+        assert setup_distributed() == (0, 1)
+
+
+def test_curves_are_drawn_from_the_log_by_the_caller_not_by_the_trainer(tmp_path):
+    from maskattn.plotting import plot_curves
+
+    trainer = _tiny_trainer(tmp_path, eval_every=5)
+    trainer.fit()
+    assert not (tmp_path / "curves.png").exists()  # training (rank 5) draws nothing: the viz layer does
+    assert plot_curves(tmp_path / "metrics.jsonl") == tmp_path / "curves.png"
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_curves(tmp_path / "missing.jsonl") is None
+
+
+def test_training_plot_curves_is_a_deprecated_alias():
+    from maskattn import plotting, training
+
+    with pytest.warns(DeprecationWarning, match="moved to maskattn.plotting.plot_curves"):
+        assert training.plot_curves is plotting.plot_curves
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        training.nothing  # noqa: B018

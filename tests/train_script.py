@@ -6,8 +6,9 @@ import time
 import torch
 from torch import nn
 
-from maskattn import MultiHeadAttention, masks
+from maskattn import MultiHeadAttention, distributed, masks
 from maskattn.data import bucket_batches
+from maskattn.plotting import plot_curves
 from maskattn.training import TrainConfig, Trainer
 
 
@@ -41,6 +42,7 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true")
     p.add_argument("--double", action="store_true", help="float64, to compare runs that sum in different orders")
     args = p.parse_args(argv)
+    context = distributed.init()  # joins the process group under torchrun
     torch.manual_seed(0)
     model = TinyModel()
     model.attn.dropout = args.dropout
@@ -60,10 +62,13 @@ def main(argv=None):
     cfg = TrainConfig(steps=args.steps, lr=1e-2, warmup=3, checkpoint_every=args.checkpoint_every,
                       accumulate=args.accumulate, progress=False, log_every=1, seed=3)
     trainer = Trainer(model, cfg, plan=lambda e: bucket_batches(lengths.tolist(), args.max_tokens, seed=3, epoch=e),
-                      collate=collate, loss=loss, out_dir=args.out, device="cpu")
+                      collate=collate, loss=loss, out_dir=args.out, device="cpu",
+                      rank=context.rank, world_size=context.world_size)
     if args.resume:
         trainer.resume()
     trainer.fit()
+    if context.is_main:
+        plot_curves(trainer.out_dir / "metrics.jsonl")  # as `maskattn train` does: curves.png beside it
 
 
 if __name__ == "__main__":

@@ -14,23 +14,25 @@ instead of failing deep inside PyTorch; nothing is ever unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from maskattn.io import FormatError, atomic_directory, read_json_object, sha256
+
 TENSORS, STATE = "tensors.safetensors", "state.json"
 FORMAT = "maskattn-checkpoint-1"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated, modified or does not fit what loads it."""
+class CheckpointError(FormatError, RuntimeError):
+    """A checkpoint is missing, truncated, modified or does not fit what loads it.
+
+    The :class:`maskattn.io.FormatError` of checkpoints; still a ``RuntimeError``, as it was before.
+    """
 
 
 # --- nested state <-> (flat tensors, JSON) ---------------------------------------------------------
@@ -67,22 +69,6 @@ def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 # --- files -----------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def step_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"step-{step:09d}"
 
@@ -100,22 +86,12 @@ def save(root: str | Path, step: int, state: dict[str, Any], *, keep: int | None
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
+    with atomic_directory(final) as tmp:  # re-saving a step (a final save after a periodic one) replaces it
         tensors: dict[str, torch.Tensor] = {}
         skeleton = flatten(state, tensors)
         save_file(tensors, tmp / TENSORS)
-        meta = {"format": FORMAT, "step": step, "sha256": _sha256(tmp / TENSORS), "state": skeleton}
+        meta = {"format": FORMAT, "step": step, "sha256": sha256(tmp / TENSORS), "state": skeleton}
         (tmp / STATE).write_text(json.dumps(meta))
-        for name in (TENSORS, STATE):
-            _fsync(tmp / name)
-        if final.exists():  # re-saving the same step (e.g. a final save after a periodic one)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep is not None:
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -143,13 +119,12 @@ def load(path: str | Path) -> dict[str, Any]:
         if not p.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {p.name} is missing")
     try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"checkpoint {path}: {STATE} is not valid JSON ({e}); the file is corrupt") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise CheckpointError(f"checkpoint {path}: unknown format {found!r}, expected {FORMAT!r}")
-    actual = _sha256(tensor_path)
+        meta = read_json_object(meta_path)
+    except FormatError as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {e}") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
+    actual = sha256(tensor_path)
     if actual != meta.get("sha256"):
         raise CheckpointError(
             f"checkpoint {path} is corrupt: {TENSORS} has SHA-256 {actual[:12]}..., expected "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 SHORTCUTS = ("train_src", "train_tgt", "valid_src", "valid_tgt", "train", "valid", "pretrained")
 
@@ -137,8 +138,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from maskattn import config
+    from maskattn import config, distributed
     from maskattn.checkpoint import CheckpointError
+    from maskattn.plotting import plot_curves
 
     module, defaults = _task(args.task)
     assignments = list(args.set)
@@ -151,11 +153,14 @@ def _train(args: argparse.Namespace) -> int:
     if args.show_config:
         print("\n".join(config.describe(cfg)))
         return 0
+    context = distributed.init()  # the one place a run joins torchrun's process group; the tasks read it from there
     try:
         result = module.train(cfg, resume=args.resume)
     except CheckpointError as e:
         print(f"maskattn train: {e}", file=sys.stderr)
         return 2
+    if context.is_main:
+        plot_curves(Path(cfg.out) / "metrics.jsonl")  # curves.png beside it
     print(json.dumps(result, indent=2))
     return 0
 

@@ -15,6 +15,7 @@ import torch
 from maskattn import metrics
 from maskattn.data import pad
 from maskattn.models import TransformerConfig
+from maskattn.plotting import plot_curves
 from maskattn.tasks import dates, translation
 from maskattn.training import TrainConfig
 from maskattn.viz import capture_attention, head_grid, heatmap
@@ -42,6 +43,7 @@ def run(out: str = "runs/demo", steps: int = 2000, seed: int = 0, resume: bool =
           f"{train_pairs[0][0]!r} -> {train_pairs[0][1]!r}")
     cfg = demo_config(out, steps, seed)
     trained = translation.train(cfg, train_pairs, valid_pairs, resume=resume)
+    plot_curves(Path(out) / "metrics.jsonl")  # curves.png beside it
     model, tok, decode = translation.load(trained["model"])
     sources = [s for s, _ in test_pairs]
     hypotheses = translation.translate(model, tok, sources, decode)

@@ -9,7 +9,9 @@ A task hands the :class:`Trainer` three things:
 * ``loss(model, batch) -> Tensor``: the *summed* loss of the batch.
 
 The trainer divides by the number of targets of the whole optimizer step (all micro-batches, all
-ranks), so gradient accumulation and ``torchrun`` give the same update as one big batch.
+ranks), so gradient accumulation and ``torchrun`` give the same update as one big batch. The trainer
+does not join a process group: its caller does, once, with :func:`maskattn.distributed.init`, and
+passes ``rank`` and ``world_size``.
 
 Reproducibility: the random generator is reseeded from (seed, step, rank) before every step, so
 dropout does not depend on where a run was resumed; with the checkpointed model, optimizer, step
@@ -18,10 +20,11 @@ and data position, a run killed at any point and resumed ends with the same weig
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
-import os
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -29,11 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from maskattn import checkpoint
+from maskattn import checkpoint, distributed
 from maskattn.data import shard
 
 
@@ -79,23 +81,22 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * warm
 
 
-# --- distributed -----------------------------------------------------------------------------------
+def __getattr__(name: str) -> Any:
+    """Deprecated names: ``plot_curves`` moved to the viz layer, :func:`maskattn.plotting.plot_curves`."""
+    if name == "plot_curves":
+        warnings.warn("maskattn.training.plot_curves moved to maskattn.plotting.plot_curves", DeprecationWarning,
+                      stacklevel=2)
+        # imported by name at call time: a compatibility shim, not a dependency of training on the viz layer
+        return importlib.import_module("maskattn.plotting").plot_curves
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def setup_distributed() -> tuple[int, int]:
-    """Join the process group when launched by ``torchrun``; return (rank, world_size)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_sum(x: float) -> float:
-    if not dist.is_initialized():
-        return x
-    t = torch.tensor([x], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item())
+    """Deprecated: call :func:`maskattn.distributed.init` at the entry point; returns (rank, world_size)."""
+    warnings.warn("maskattn.training.setup_distributed is deprecated; call maskattn.distributed.init() at the "
+                  "entry point and pass its rank and world_size to the Trainer", DeprecationWarning, stacklevel=2)
+    context = distributed.init()
+    return context.rank, context.world_size
 
 
 # --- the trainer -----------------------------------------------------------------------------------
@@ -109,9 +110,14 @@ class Trainer:
         model: the model (moved to ``device``; wrapped in DistributedDataParallel under torchrun).
         cfg: hyper-parameters.
         plan, collate, loss: the task's data and loss (module docstring).
-        out_dir: where checkpoints, ``metrics.jsonl`` and ``curves.png`` go.
+        out_dir: where checkpoints and ``metrics.jsonl`` go.
         evaluate: optional ``evaluate(model) -> dict[str, float]``; must contain ``cfg.metric``.
         device: where to train (default: CUDA if available, else CPU).
+        rank, world_size: this process and the number of processes, as :func:`maskattn.distributed.init`
+            returns them (default: a single process).
+
+    Raises:
+        ValueError: when ``rank`` / ``world_size`` do not match the process group this process joined.
     """
 
     def __init__(
@@ -125,10 +131,13 @@ class Trainer:
         out_dir: str | Path,
         evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
         device: str | torch.device | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.cfg, self.plan, self.collate, self.loss_fn, self.evaluate = cfg, plan, collate, loss, evaluate
         self.out_dir = Path(out_dir)
-        self.rank, self.world = setup_distributed()
+        distributed.check(distributed.Context(rank, world_size))
+        self.rank, self.world = rank, world_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device)
         self.ddp = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else None
@@ -207,8 +216,6 @@ class Trainer:
         if self.evaluate and not (cfg.eval_every and self.step % cfg.eval_every == 0):
             last, _ = self._evaluate()
         self.save()
-        if self.rank == 0:
-            plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
         return last
 
     def _next_micro_batches(self) -> list[Batch]:
@@ -232,7 +239,7 @@ class Trainer:
         torch.manual_seed(cfg.seed * 1_000_003 + self.step * 7919 + self.rank)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, self.step)
-        total_targets = _all_sum(float(sum(b["num_targets"] for b in micro)))
+        total_targets = distributed.all_sum(float(sum(b["num_targets"] for b in micro)))
         module = self.ddp or self.model
         self.model.train()
         loss_sum = 0.0
@@ -247,7 +254,7 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return _all_sum(loss_sum), total_targets
+        return distributed.all_sum(loss_sum), total_targets
 
     def _autocast(self):
         if not self.cfg.bf16:
@@ -284,30 +291,3 @@ class Trainer:
             lines = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
             log.write_text("".join(ln + "\n" for ln in lines))
 
-
-def plot_curves(log: Path, out: Path) -> Path | None:
-    """Plot training loss and evaluation metrics from a ``metrics.jsonl`` into a PNG."""
-    if not log.exists():
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in log.read_text().splitlines() if line]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = sorted({k for r in records for k in r if k.startswith("eval_")})
-    fig, axes = plt.subplots(1, 1 + bool(evals), figsize=(6 + 5 * bool(evals), 4), squeeze=False)
-    if train:
-        axes[0, 0].plot(*zip(*train, strict=True), label="train loss")
-    axes[0, 0].set(xlabel="step", ylabel="loss", title="training loss")
-    for key in evals:
-        points = [(r["step"], r[key]) for r in records if key in r]
-        axes[0, -1].plot(*zip(*points, strict=True), marker="o", label=key)
-    if evals:
-        axes[0, -1].set(xlabel="step", title="evaluation")
-        axes[0, -1].legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out

@@ -9,13 +9,13 @@ A checkpoint directory holds::
     model.safetensors  every distinct tensor once (tied weights are stored once, listed in aliases)
     tokenizer.json     optional, a ``tokenizers.Tokenizer``
 
-Loading checks the format, the SHA-256 of the weights, the names, shapes and dtypes of all tensors,
-and raises ValueError naming the file and what is wrong.
+Files are written atomically and verified through :mod:`maskattn.io`. Loading checks the format, the
+SHA-256 of the weights, the names, shapes and dtypes of all tensors, and raises
+:class:`maskattn.io.FormatError` (a ValueError) naming the file and what is wrong.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -25,6 +25,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from maskattn.io import FormatError, atomic_write, atomic_write_text, read_json_object, sha256
 
 FORMAT, VERSION = "maskattn-model", 1
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
@@ -69,38 +71,42 @@ def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = Non
     directory.mkdir(parents=True, exist_ok=True)
     tensors, aliases = _distinct_tensors(model)
     weights = directory / WEIGHTS
-    _atomic(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     meta = {"format": FORMAT, "version": VERSION, "model": type(model).__name__, "config": model.config.to_dict(),
-            "weights": {"file": WEIGHTS, "sha256": _sha256(weights)}, "aliases": aliases}
-    _atomic(directory / CONFIG, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+            "weights": {"file": WEIGHTS, "sha256": sha256(weights)}, "aliases": aliases}
+    atomic_write_text(directory / CONFIG, json.dumps(meta, indent=2) + "\n")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is not None:
-        _atomic(directory / TOKENIZER, lambda tmp: tokenizer.save(str(tmp)))
+        atomic_write(directory / TOKENIZER, lambda tmp: tokenizer.save(str(tmp)))
     return directory
 
 
 def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
-    """Load the model saved in ``directory`` (with its tokenizer, as ``model.tokenizer``, if saved)."""
+    """Load the model saved in ``directory`` (with its tokenizer, as ``model.tokenizer``, if saved).
+
+    Raises:
+        FormatError: naming the file, when one is missing, corrupt, or does not fit the model it describes.
+    """
     directory = Path(directory)
     meta = read_json(directory / CONFIG)
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(f"{directory / CONFIG}: not a maskattn checkpoint (format {meta.get('format')!r} "
+        raise FormatError(f"{directory / CONFIG}: not a maskattn checkpoint (format {meta.get('format')!r} "
                          f"version {meta.get('version')!r}; expected {FORMAT!r} version {VERSION})")
     cls = _MODELS.get(meta.get("model"))
     if cls is None:
-        raise ValueError(
+        raise FormatError(
             f"{directory / CONFIG}: unknown model {meta.get('model')!r}; expected one of {sorted(_MODELS)}"
         )
     try:
         config = cls.config_class.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{directory / CONFIG}: bad config: {e}") from e
+        raise FormatError(f"{directory / CONFIG}: bad config: {e}") from e
     weights = directory / WEIGHTS
     expected_hash = meta.get("weights", {}).get("sha256")
     if not weights.is_file():
-        raise ValueError(f"{directory}: missing weights file {WEIGHTS}")
-    if _sha256(weights) != expected_hash:
-        raise ValueError(f"{weights}: SHA-256 does not match config.json; the file is corrupt or was modified")
+        raise FormatError(f"{directory}: missing weights file {WEIGHTS}")
+    if sha256(weights) != expected_hash:
+        raise FormatError(f"{weights}: SHA-256 does not match config.json; the file is corrupt or was modified")
     model = cls(config)
     load_weights(model, read_safetensors(weights, device), meta.get("aliases", {}), source=str(weights))
     model.tokenizer = load_tokenizer(directory / TOKENIZER) if (directory / TOKENIZER).is_file() else None
@@ -108,44 +114,34 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") ->
 
 
 def load_weights(model: nn.Module, tensors: dict[str, Tensor], aliases: dict[str, str], *, source: str) -> None:
-    """Copy ``tensors`` into ``model``, after checking names, shapes and dtypes; ValueError on any mismatch."""
+    """Copy ``tensors`` into ``model``, after checking names, shapes and dtypes; FormatError on any mismatch."""
     expected, expected_aliases = _distinct_tensors(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{source}: tensors do not match a {type(model).__name__} with this config: "
+        raise FormatError(f"{source}: tensors do not match a {type(model).__name__} with this config: "
                          f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
                          f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
     if aliases != expected_aliases:
-        raise ValueError(f"{source}: tied weights {aliases} differ from the model's {expected_aliases}")
+        raise FormatError(f"{source}: tied weights {aliases} differ from the model's {expected_aliases}")
     for name, t in tensors.items():
         want = expected[name]
         if t.shape != want.shape or t.dtype != want.dtype:
-            raise ValueError(f"{source}: tensor {name!r} is {tuple(t.shape)} {t.dtype}, "
+            raise FormatError(f"{source}: tensor {name!r} is {tuple(t.shape)} {t.dtype}, "
                              f"expected {tuple(want.shape)} {want.dtype}")
     full = dict(tensors, **{alias: tensors[name] for alias, name in aliases.items()})
     model.load_state_dict(full, strict=True)
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """Parse a JSON object from ``path``; ValueError naming the file when it is missing or bad."""
-    if not path.is_file():
-        raise ValueError(f"{path}: file not found")
-    try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
+read_json = read_json_object  # the name pretrained.py and older callers import
 
 
 def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """Read a safetensors file; ValueError naming the file when it is truncated or malformed."""
+    """Read a safetensors file; FormatError naming the file when it is truncated or malformed."""
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file: {e}") from e
+        raise FormatError(f"{path}: not a readable safetensors file: {e}") from e
 
 
 def load_tokenizer(path: Path) -> Any:
@@ -155,7 +151,7 @@ def load_tokenizer(path: Path) -> Any:
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the Rust library raises its own exception type
-        raise ValueError(f"{path}: not a readable tokenizer: {e}") from e
+        raise FormatError(f"{path}: not a readable tokenizer: {e}") from e
 
 
 def _distinct_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -171,20 +167,3 @@ def _distinct_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, st
             seen[key] = name
             tensors[name] = t.detach().cpu().contiguous()
     return tensors, aliases
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _atomic(path: Path, write: Any) -> None:
-    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from maskattn import checkpoint
+from maskattn import checkpoint, distributed
 from maskattn.tokenization import Tokenizer
-from maskattn.training import TrainConfig, Trainer, setup_distributed
+from maskattn.training import TrainConfig, Trainer
 
 TASK_FILE = "task.json"
 
@@ -27,13 +27,17 @@ def log_stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def run_tokenizer(out: Path, resume: bool, build: Callable[[], Tokenizer]) -> Tokenizer:
-    """The run's tokenizer: reloaded on resume, else built (the same on every rank) and saved by rank 0."""
+def run_tokenizer(out: Path, resume: bool, build: Callable[[], Tokenizer], *, rank: int | None = None) -> Tokenizer:
+    """The run's tokenizer: reloaded on resume, else built (the same on every rank) and saved by rank 0.
+
+    ``rank``: this process (default: that of the process group joined by the entry point, see
+    :func:`maskattn.distributed.current`).
+    """
     path = out / "tokenizer.json"
     if resume and path.exists():
         return Tokenizer.load(path)
     tok = build()
-    if setup_distributed()[0] == 0:
+    if (distributed.current().rank if rank is None else rank) == 0:
         out.mkdir(parents=True, exist_ok=True)
         tok.save(path)
     return tok
@@ -44,18 +48,21 @@ def fit_and_export(model: nn.Module, tok: Tokenizer, cfg: TrainConfig, out: Path
                    loss: Callable[[nn.Module, dict[str, Any]], Tensor],
                    evaluate: Callable[[nn.Module], dict[str, float]] | None, resume: bool,
                    task: dict[str, Any], log: Callable[[str], None] = log_stderr,
-                   saved: nn.Module | None = None) -> dict[str, Any]:
+                   saved: nn.Module | None = None, context: distributed.Context | None = None) -> dict[str, Any]:
     """Train, keep the best evaluated weights, and export the model to ``out/model``.
 
     ``model`` is what the trainer runs (a task may wrap the maskattn model so that its loss goes
     through ``forward``, as DistributedDataParallel needs); ``saved`` is the model exported
-    (default ``model``).
+    (default ``model``). ``context``: this process's rank and world size (default: those of the
+    process group joined by the entry point, see :func:`maskattn.distributed.current`).
 
     Returns the last evaluation (or training loss), the training wall time and the model directory;
     an empty dict on ranks other than 0.
     """
+    context = context or distributed.current()
     trainer = Trainer(model, cfg, out_dir=out, evaluate=evaluate, plan=plan, collate=collate, loss=loss,
-                      device=None if torch.cuda.is_available() else "cpu")
+                      device=None if torch.cuda.is_available() else "cpu",
+                      rank=context.rank, world_size=context.world_size)
     if resume and trainer.resume():
         log(f"resumed from step {trainer.step}")
     start = time.perf_counter()

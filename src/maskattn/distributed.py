@@ -1,0 +1,79 @@
+"""The process group of a run, set up once at the top and handed down as a value.
+
+A program launched by ``torchrun`` calls :func:`init` once, at its entry point (``maskattn train``
+does), and passes the returned :class:`Context` (its ``rank`` and ``world_size``) to what runs below
+it: the :class:`~maskattn.training.Trainer`, the tokenizer of a run. Nothing below the entry point
+joins a process group itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Context:
+    """Which process of how many this is; ``Context()`` is a single process."""
+
+    rank: int = 0  # this process, 0 <= rank < world_size
+    world_size: int = 1  # processes training together
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank ({self.rank}) must be in [0, world_size ({self.world_size}))")
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes checkpoints, logs and the exported model."""
+        return self.rank == 0
+
+
+def _launched_world_size() -> int:
+    """WORLD_SIZE as set by ``torchrun`` (1 when not launched by it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init() -> Context:
+    """Join the process group when launched by ``torchrun`` (NCCL on CUDA, else gloo); return the context.
+
+    Call once at the program's entry point; calling it again returns the same context.
+    """
+    if _launched_world_size() > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return current()
+
+
+def current() -> Context:
+    """The context of the process group already joined (a single process when there is none).
+
+    Raises:
+        ValueError: when launched by ``torchrun`` with several processes but no group was joined, so
+            that the processes do not silently train the same model side by side.
+    """
+    if dist.is_initialized():
+        return Context(dist.get_rank(), dist.get_world_size())
+    if _launched_world_size() > 1:
+        raise ValueError(f"launched by torchrun with WORLD_SIZE={_launched_world_size()} but no process group "
+                         "was joined: call maskattn.distributed.init() at the entry point and pass its context down")
+    return Context()
+
+
+def check(context: Context) -> None:
+    """ValueError when ``context`` is not the process group this process has joined (see :func:`current`)."""
+    actual = current()
+    if context != actual:
+        raise ValueError(f"rank={context.rank}, world_size={context.world_size} do not match the process group "
+                         f"(rank {actual.rank} of {actual.world_size}); pass what maskattn.distributed.init() returns")
+
+
+def all_sum(x: float) -> float:
+    """The sum of ``x`` over all processes (``x`` itself in a single process)."""
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())

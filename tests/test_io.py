@@ -1,0 +1,76 @@
+"""maskattn.io: atomic writes leave the old file or the new one, hashes match hashlib, one format error."""
+
+import hashlib
+import json
+
+import pytest
+
+from maskattn import io
+from maskattn.checkpoint import CheckpointError
+
+
+def test_sha256_equals_hashlib_over_the_whole_file(tmp_path):
+    data = bytes(range(256)) * 9000  # > 2 MiB: several 1 MiB chunks
+    (tmp_path / "f").write_bytes(data)
+    assert io.sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+
+
+def test_atomic_write_replaces_the_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text("old")
+    io.atomic_write_text(path, "new")
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_a_failed_atomic_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text("old")
+
+    def half_then_crash(tmp):
+        tmp.write_text("ne")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        io.atomic_write(path, half_then_crash)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_atomic_directory_appears_whole_or_not_at_all(tmp_path):
+    with io.atomic_directory(tmp_path / "d") as tmp:
+        (tmp / "x").write_text("1")
+        assert not (tmp_path / "d").exists()
+    assert (tmp_path / "d" / "x").read_text() == "1"
+    with pytest.raises(KeyError), io.atomic_directory(tmp_path / "e") as tmp:
+        (tmp / "x").write_text("1")
+        raise KeyError("crash")
+    with io.atomic_directory(tmp_path / "d") as tmp:  # an existing directory is replaced
+        (tmp / "y").write_text("2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["y"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "file not found"),
+    ("{not json", "not valid JSON"),
+    (b"\xff\xfe{}", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object, got list"),
+])
+def test_read_json_object_names_the_file_and_the_fault(tmp_path, content, message):
+    path = tmp_path / "meta.json"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(io.FormatError, match=message) as info:
+        io.read_json_object(path)
+    assert str(path) in str(info.value) and isinstance(info.value, ValueError)
+
+
+def test_read_json_object_round_trips(tmp_path):
+    io.atomic_write_text(tmp_path / "m.json", json.dumps({"a": [1, 2], "b": None}))
+    assert io.read_json_object(tmp_path / "m.json") == {"a": [1, 2], "b": None}
+
+
+def test_checkpoint_error_is_the_format_error_and_still_a_runtime_error():
+    assert issubclass(CheckpointError, io.FormatError)
+    assert issubclass(CheckpointError, RuntimeError) and issubclass(CheckpointError, ValueError)
