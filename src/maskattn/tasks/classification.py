@@ -7,6 +7,7 @@ read from the training data and saved with the model.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from maskattn import metrics
 from maskattn.data import bucket_batches, pad, read_labelled
 from maskattn.models import EncoderConfig, EncoderModel, from_pretrained
+from maskattn.tasks.base import Command, Task, input_lines, register
 from maskattn.tasks.common import fit_and_export, load_task, log_stderr, run_tokenizer
 from maskattn.tokenization import Tokenizer
 from maskattn.training import TrainConfig
@@ -139,3 +141,23 @@ def evaluate_file(directory: str | Path, path: str) -> dict[str, float]:
     model, tok, task = load(directory)
     records = read_labelled(path, text_field=task["text_field"], label_field=task["label_field"])
     return score(predict(model, tok, task["labels"], [t for t, _ in records]), [label for _, label in records])
+
+
+# --- command line ----------------------------------------------------------------------------------
+def _classify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("text", nargs="*", help="texts; without any, one text per line from stdin")
+
+
+def _classify_command(args: argparse.Namespace) -> int:
+    model, tok, task = load(args.model)
+    for label in predict(model, tok, task["labels"], input_lines(args.text)):
+        print(label)
+    return 0
+
+
+TASK = register(Task(
+    name="classification", config=ClassificationConfig, train=train, load=load, evaluate_file=evaluate_file,
+    predict=Command("classify", "label texts with a trained classifier (arguments or stdin)",
+                    _classify_arguments, _classify_command),
+    data_help="a labelled TSV/CSV/JSONL", paths=("train", "valid", "pretrained"),
+))

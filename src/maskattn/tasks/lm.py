@@ -9,6 +9,7 @@ taken on predicting a document's first token from the previous one.
 
 from __future__ import annotations
 
+import argparse
 import math
 import random
 from dataclasses import dataclass, field, replace
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from maskattn import decoding
 from maskattn.data import read_text
 from maskattn.models import DecoderLM, DecoderLMConfig
+from maskattn.tasks.base import Command, Task, register
 from maskattn.tasks.common import fit_and_export, load_task, log_stderr, run_tokenizer
 from maskattn.tokenization import Tokenizer
 from maskattn.training import TrainConfig
@@ -183,3 +185,28 @@ def generate(model: DecoderLM, tok: Tokenizer, prompt: str, *, max_new_tokens: i
                                   generator=generator)
         produced += new[0].tolist()
     return prompt + tok.backend.decode(produced, skip_special_tokens=True)  # no eos here: text goes on
+
+
+# --- command line ----------------------------------------------------------------------------------
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="sample within the top-p probability mass")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
+
+
+def _generate_command(args: argparse.Namespace) -> int:
+    model, tok, _ = load(args.model)
+    print(generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+    return 0
+
+
+TASK = register(Task(
+    name="lm", config=LMConfig, train=train, load=load, evaluate_file=evaluate_file,
+    predict=Command("generate", "continue a prompt with a trained language model",
+                    _generate_arguments, _generate_command),
+    data_help="a text file", paths=("train", "valid"),
+))

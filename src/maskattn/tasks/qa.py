@@ -8,6 +8,7 @@ answer is the best span over all its windows, scored start logit + end logit, at
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from maskattn import metrics
 from maskattn.data import QAExample, QAWindow, pad, read_squad, squad_windows
 from maskattn.models import EncoderModel, from_pretrained
+from maskattn.tasks.base import Command, Option, Task, register
 from maskattn.tasks.common import fit_and_export, load_task, log_stderr, run_tokenizer
 from maskattn.tokenization import Tokenizer
 from maskattn.training import TrainConfig
@@ -157,3 +159,23 @@ def evaluate_file(directory: str | Path, path: str, predictions: str | None = No
     if predictions:
         Path(predictions).write_text(json.dumps(found, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return score(found, examples)
+
+
+# --- command line ----------------------------------------------------------------------------------
+def _answer_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--context", required=True, help="the text that holds the answer")
+    parser.add_argument("--question", required=True, help="the question")
+
+
+def _answer_command(args: argparse.Namespace) -> int:
+    print(answer(args.model, [(args.context, args.question)])[0])
+    return 0
+
+
+TASK = register(Task(
+    name="qa", config=QAConfig, train=train, load=load, evaluate_file=evaluate_file,
+    predict=Command("answer", "answer a question about a context with a trained QA model",
+                    _answer_arguments, _answer_command),
+    data_help="SQuAD JSON", paths=("train", "valid", "pretrained"),
+    evaluate_options=(Option("--predictions", "predictions", "also write the official predictions.json here"),),
+))
