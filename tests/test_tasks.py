@@ -101,3 +101,28 @@ def test_a_model_of_another_task_is_refused_by_load(tmp_path):
     (tmp_path / TASK_FILE).write_text(json.dumps({"task": "lm"}))
     with pytest.raises(ValueError, match=r"holds a 'lm' model, not a 'translation' one"):
         translation.load(tmp_path)
+
+
+@pytest.mark.parametrize(("task", "data"), [("translation", "--train-src"), ("classification", "--train"),
+                                            ("lm", "--train")])
+def test_an_unknown_tokenizer_is_one_error_naming_the_setting_value_and_choices(task, data, tmp_path, capsys):
+    path = tmp_path / "data.tsv"
+    path.write_text("sentence\tlabel\nein\t0\nzwei\t1\n")  # a labelled file, a TSV of pairs and a text at once
+    assert main(["train", task, data, str(path), "--set", 'data.tokenizer="words"', "--out", str(tmp_path / "r")]) == 2
+    assert "data.tokenizer must be one of 'bpe', 'chars', got 'words'" in capsys.readouterr().err
+
+
+def test_head_runs_a_model_method_as_forward():
+    import torch
+
+    from maskattn.models import EncoderConfig, EncoderModel
+    from maskattn.tasks.common import Head
+
+    torch.manual_seed(0)
+    model = EncoderModel(EncoderConfig.preset("tiny", vocab_size=11, num_labels=3)).eval()
+    ids, lengths = torch.tensor([[1, 2, 3], [4, 5, 0]]), torch.tensor([3, 2])
+    head = Head(model, "classify")
+    assert torch.equal(head(ids, lengths=lengths), model.classify(ids, lengths=lengths))
+    assert list(head.state_dict()) == [f"model.{k}" for k in model.state_dict()]  # checkpoints keep their keys
+    with pytest.raises(ValueError, match="EncoderModel has no method 'clasify'"):
+        Head(model, "clasify")

@@ -24,7 +24,7 @@ from maskattn import decoding
 from maskattn.data import read_text
 from maskattn.models import DecoderLM, DecoderLMConfig
 from maskattn.tasks.base import Command, Task, register
-from maskattn.tasks.common import fit_and_export, load_task, log_stderr, run_tokenizer
+from maskattn.tasks.common import begin_run, fit_and_export, load_task, log_stderr, parameters, require, train_tokenizer
 from maskattn.tokenization import Tokenizer
 from maskattn.training import TrainConfig
 
@@ -104,30 +104,22 @@ def evaluate_stream(model: nn.Module, stream: Stream, cfg: DataConfig) -> dict[s
 
 
 def train(cfg: LMConfig, *, resume: bool = False, log=log_stderr) -> dict[str, Any]:
-    if not cfg.data.train:
-        raise ValueError("data.train is required (a plain text file)")
+    require(cfg.data, "data", train="a plain text file")
     text = read_text(cfg.data.train)
     if cfg.data.valid:
         train_text, valid_text = text, read_text(cfg.data.valid)
     else:
         cut = int(len(text) * (1 - cfg.data.valid_fraction))
         train_text, valid_text = text[:cut], text[cut:]
-    out = Path(cfg.out)
-
-    def build() -> Tokenizer:
-        if cfg.data.tokenizer == "chars":
-            return Tokenizer.train_chars([train_text])
-        return Tokenizer.train_bpe([train_text], vocab_size=cfg.data.vocab_size)
-
-    tok = run_tokenizer(out, resume, build)
+    out, tok = begin_run(cfg, resume=resume, tokenizer=lambda: train_tokenizer(
+        cfg.data.tokenizer, [train_text], vocab_size=cfg.data.vocab_size))
     train_stream = to_stream(tok, train_text, cfg.data.documents)
     valid_stream = to_stream(tok, valid_text, cfg.data.documents)
     packed = cfg.data.documents != "none"
-    torch.manual_seed(cfg.train.seed)
     model = DecoderLM(replace(cfg.model, vocab_size=tok.vocab_size, max_len=max(cfg.model.max_len, cfg.data.block),
                               pad_id=None, eos_id=None))
     log(f"lm: {len(train_stream.ids):,} training tokens, {len(valid_stream.ids):,} validation tokens, "
-        f"vocabulary {tok.vocab_size}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+        f"vocabulary {tok.vocab_size}, {parameters(model)}")
     span = cfg.data.block + 1
     per_epoch = len(train_stream.ids) // span
 

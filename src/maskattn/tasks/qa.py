@@ -12,6 +12,7 @@ import argparse
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from maskattn import metrics
 from maskattn.data import QAExample, QAWindow, pad, read_squad, squad_windows
 from maskattn.models import EncoderModel, from_pretrained
 from maskattn.tasks.base import Command, Option, Task, register
-from maskattn.tasks.common import fit_and_export, load_task, log_stderr, run_tokenizer
+from maskattn.tasks.common import Head, begin_run, fit_and_export, load_task, log_stderr, parameters, require
 from maskattn.tokenization import Tokenizer
 from maskattn.training import TrainConfig
 
@@ -49,15 +50,7 @@ class QAConfig:
     out: str = "runs/qa"  # run directory
 
 
-class Spans(nn.Module):
-    """The model's start/end logits as ``forward``, so the trainer (and DDP) can run them."""
-
-    def __init__(self, model: EncoderModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids: Tensor, types: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        return self.model.span_logits(ids, token_type_ids=types, lengths=lengths)  # (B, L) each
+Spans = partial(Head, method="span_logits")  # deprecated: Head(model, "span_logits")
 
 
 def batch_of(windows: Sequence[QAWindow], pad_id: int) -> dict[str, Tensor]:
@@ -102,18 +95,14 @@ def score(predictions: dict[str, str], examples: Sequence[QAExample]) -> dict[st
 
 
 def train(cfg: QAConfig, *, resume: bool = False, log=log_stderr) -> dict[str, Any]:
-    if not cfg.data.train or not cfg.data.pretrained:
-        raise ValueError("data.train (SQuAD JSON) and data.pretrained (an encoder directory) are required")
+    require(cfg.data, "data", train="SQuAD JSON", pretrained="an encoder directory")
     examples = read_squad(cfg.data.train)
     valid = read_squad(cfg.data.valid)[: cfg.data.valid_limit or None] if cfg.data.valid else None
-    out = Path(cfg.out)
-    torch.manual_seed(cfg.train.seed)
+    out, tok = begin_run(cfg, resume=resume, tokenizer=lambda: Tokenizer.load(cfg.data.pretrained))
     model = from_pretrained(cfg.data.pretrained, span_head=True)
-    tok = run_tokenizer(out, resume, lambda: Tokenizer.load(cfg.data.pretrained))
     windows = squad_windows(tok, examples, max_len=cfg.data.max_len, stride=cfg.data.stride)
     valid_windows = squad_windows(tok, valid, max_len=cfg.data.max_len, stride=cfg.data.stride) if valid else None
-    log(f"qa: {len(examples)} questions in {len(windows)} windows, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    log(f"qa: {len(examples)} questions in {len(windows)} windows, {parameters(model)}")
 
     def plan(epoch: int) -> list[list[int]]:
         order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(cfg.train.seed * 7919 + epoch))
@@ -124,7 +113,7 @@ def train(cfg: QAConfig, *, resume: bool = False, log=log_stderr) -> dict[str, A
         return {**batch_of([windows[i] for i in idx], tok.pad_id), "num_targets": 2 * len(idx)}
 
     def loss(m: nn.Module, b: dict[str, Any]) -> Tensor:
-        start, end = m(b["ids"], b["types"], b["lengths"])
+        start, end = m(b["ids"], token_type_ids=b["types"], lengths=b["lengths"])
         return (F.cross_entropy(start.float(), b["start"], reduction="sum")
                 + F.cross_entropy(end.float(), b["end"], reduction="sum"))
 
@@ -132,8 +121,8 @@ def train(cfg: QAConfig, *, resume: bool = False, log=log_stderr) -> dict[str, A
         return score(best_spans(model, tok, valid, valid_windows, max_answer=cfg.data.max_answer), valid)
 
     task = {"task": "qa", "max_len": cfg.data.max_len, "stride": cfg.data.stride, "max_answer": cfg.data.max_answer}
-    return fit_and_export(Spans(model), tok, cfg.train, out, evaluate=evaluate if valid else None, resume=resume,
-                          log=log, plan=plan, collate=collate, loss=loss, task=task, saved=model)
+    return fit_and_export(Head(model, "span_logits"), tok, cfg.train, out, evaluate=evaluate if valid else None,
+                          resume=resume, log=log, plan=plan, collate=collate, loss=loss, task=task, saved=model)
 
 
 def load(directory: str | Path) -> tuple[EncoderModel, Tokenizer, dict[str, Any]]:

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -22,7 +21,7 @@ from maskattn import decoding, metrics
 from maskattn.data import bucket_batches, pad, read_parallel
 from maskattn.models import Transformer, TransformerConfig
 from maskattn.tasks.base import Command, Option, Task, input_lines, register
-from maskattn.tasks.common import fit_and_export, load_task, log_stderr, run_tokenizer
+from maskattn.tasks.common import begin_run, fit_and_export, load_task, log_stderr, parameters, require, train_tokenizer
 from maskattn.tokenization import Tokenizer
 from maskattn.training import TrainConfig
 
@@ -67,12 +66,8 @@ def read_pairs(src: str, tgt: str = "") -> Pairs:
 
 
 def build_tokenizer(cfg: DataConfig, pairs: Pairs) -> Tokenizer:
-    texts = [s for pair in pairs for s in pair]
-    if cfg.tokenizer == "chars":
-        return Tokenizer.train_chars(texts)
-    if cfg.tokenizer == "bpe":
-        return Tokenizer.train_bpe(texts, vocab_size=cfg.vocab_size)
-    raise ValueError(f"data.tokenizer must be 'bpe' or 'chars', got {cfg.tokenizer!r}")
+    """One joint tokenizer of kind ``data.tokenizer`` for both sides of ``pairs``."""
+    return train_tokenizer(cfg.tokenizer, [s for pair in pairs for s in pair], vocab_size=cfg.vocab_size)
 
 
 @dataclass
@@ -149,20 +144,16 @@ def train(cfg: TranslationConfig, train_pairs: Pairs | None = None, valid_pairs:
 
     Pairs may be passed directly (the demo does); otherwise they are read from ``cfg.data``.
     """
-    out = Path(cfg.out)
     if train_pairs is None:
-        if not cfg.data.train_src:
-            raise ValueError("data.train_src is required (a source file, or a TSV of source<TAB>target)")
+        require(cfg.data, "data", train_src="a source file, or a TSV of source<TAB>target")
         train_pairs = read_pairs(cfg.data.train_src, cfg.data.train_tgt)
     if valid_pairs is None and cfg.data.valid_src:
         valid_pairs = read_pairs(cfg.data.valid_src, cfg.data.valid_tgt)
-    tok = run_tokenizer(out, resume, lambda: build_tokenizer(cfg.data, train_pairs))
+    out, tok = begin_run(cfg, resume=resume, tokenizer=lambda: build_tokenizer(cfg.data, train_pairs))
     data = encode_pairs(tok, train_pairs, cfg.data.max_len)
     lengths = [max(len(s), len(t) + 1) for s, t in zip(data.src, data.tgt, strict=True)]
-    torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, tok)
-    log(f"translation: {len(data.src)} training pairs, vocabulary {tok.vocab_size}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    log(f"translation: {len(data.src)} training pairs, vocabulary {tok.vocab_size}, {parameters(model)}")
 
     valid = valid_pairs[: cfg.data.valid_limit or None] if valid_pairs else None
 
