@@ -1,7 +1,7 @@
 """Extractive question answering (SQuAD v1.1) with :class:`~maskattn.models.EncoderModel` and a span head,
 fine-tuned from a pretrained encoder such as all-MiniLM-L6-v2.
 
-Contexts longer than a window are cut into overlapping windows (``data.squad_windows``); a question's
+Contexts longer than a window are cut into overlapping windows (:func:`squad_windows`); a question's
 answer is the best span over all its windows, scored start logit + end logit, at most
 ``max_answer`` tokens long, inside the context.
 """
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskattn import metrics
-from maskattn.data import QAExample, QAWindow, pad, read_squad, squad_windows
+from maskattn.data import QAExample, pad, read_squad
 from maskattn.models import EncoderModel, from_pretrained
 from maskattn.tasks.base import Command, Option, Task, register
 from maskattn.tasks.common import Head, begin_run, fit_and_export, load_task, log_stderr, parameters, require
@@ -50,6 +50,59 @@ class QAConfig:
     out: str = "runs/qa"  # run directory
 
 
+# --- windows ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QAWindow:
+    """One model input for extractive QA: ``[CLS] question [SEP] context slice [SEP]``.
+
+    ``start``/``end`` are the token positions of the answer, or 0/0 (the [CLS] token) when the
+    answer is not wholly inside this window. ``offsets[i]`` is the (start, end) character span in the
+    context of token i, or None for question and special tokens.
+    """
+
+    example: int  # index of the QAExample
+    ids: list[int]
+    token_types: list[int]
+    offsets: list[tuple[int, int] | None]
+    start: int
+    end: int
+
+
+def squad_windows(tokenizer: Tokenizer, examples: Sequence[QAExample], *, max_len: int = 384, stride: int = 128,
+                  max_question: int = 64) -> list[QAWindow]:
+    """Cut every example into windows of at most ``max_len`` tokens, ``stride`` context tokens apart.
+
+    Long contexts give several overlapping windows, so every answer lies whole in at least one of
+    them when it is shorter than the overlap.
+    """
+    windows = []
+    for n, ex in enumerate(examples):
+        question = tokenizer.encode(ex.question)[:max_question]
+        encoded = tokenizer.backend.encode(ex.context, add_special_tokens=False)
+        ctx_ids, ctx_offsets = encoded.ids, encoded.offsets
+        room = max_len - len(question) - 3
+        if room < 1:
+            raise ValueError(f"max_len={max_len} leaves no room for context after a {len(question)}-token question")
+        answer = ex.answers[0] if ex.answers else None
+        for first in range(0, max(1, len(ctx_ids)), stride):
+            last = min(first + room, len(ctx_ids))  # context tokens [first, last)
+            head = [tokenizer.bos_id, *question, tokenizer.eos_id]
+            ids = head + ctx_ids[first:last] + [tokenizer.eos_id]
+            types = [0] * len(head) + [1] * (last - first + 1)
+            offsets = [None] * len(head) + list(ctx_offsets[first:last]) + [None]
+            start = end = 0
+            if answer is not None:
+                a0, a1 = answer[1], answer[1] + len(answer[0])
+                inside = [i for i, o in enumerate(offsets) if o is not None and o[0] < a1 and o[1] > a0]
+                if inside and offsets[inside[0]][0] <= a0 and offsets[inside[-1]][1] >= a1:
+                    start, end = inside[0], inside[-1]
+            windows.append(QAWindow(n, ids, types, offsets, start, end))
+            if last == len(ctx_ids):
+                break
+    return windows
+
+
+# --- model and training ----------------------------------------------------------------------------
 Spans = partial(Head, method="span_logits")  # deprecated: Head(model, "span_logits")
 
 
