@@ -85,8 +85,15 @@ def test_pack_gives_document_ids_for_document_masks():
                                     [False, True, True, False], [False, True, True, True]]
 
 
-def test_pad_and_shard():
-    ids, lengths = data.pad([[5, 6, 7], [8]], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and lengths.tolist() == [3, 1]
-    assert data.shard([[0, 1, 2, 3], [4], [5, 6]], rank=1, world_size=2) == [[1, 3], [6]]
-    assert torch.equal(ids, data.pad([[5, 6, 7], [8]], 0)[0])
+def test_pad_right_pads_with_the_pad_id_and_reports_lengths():
+    ids, lengths = data.pad([[5, 6, 7], [8], []], pad_id=9)
+    assert ids.dtype == torch.long and ids.tolist() == [[5, 6, 7], [8, 9, 9], [9, 9, 9]]
+    assert lengths.tolist() == [3, 1, 0]
+    ids, lengths = data.pad([], pad_id=9)
+    assert ids.shape == (0, 0) and lengths.tolist() == []
+
+
+def test_shard_deals_every_batch_between_ranks():
+    batches = [[0, 1, 2, 3], [4], [5, 6]]
+    assert data.shard(batches, rank=0, world_size=2) == [[0, 2], [5]]
+    assert data.shard(batches, rank=1, world_size=2) == [[1, 3], [6]]  # [4] has fewer items than ranks: dropped
