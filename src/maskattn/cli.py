@@ -5,27 +5,51 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-SHORTCUTS = ("train_src", "train_tgt", "valid_src", "valid_tgt", "train", "valid", "pretrained")
+from maskattn.tasks.base import Task, tasks
 
 
-def _task(name: str):
-    """(module, default config) of a task."""
-    from maskattn.tasks import classification, lm, qa, translation
+def shortcuts() -> tuple[str, ...]:
+    """The data settings ``maskattn train`` takes as ``--NAME PATH``: every task's paths, each once, in order."""
+    return tuple(dict.fromkeys(path for task in tasks().values() for path in task.paths))
 
-    if name == "qa":
-        return qa, qa.QAConfig()
-    if name == "lm":
-        return lm, lm.LMConfig()
-    if name == "translation":
-        return translation, translation.TranslationConfig()
-    if name == "classification":
-        return classification, classification.ClassificationConfig()
-    raise ValueError(f"unknown task {name!r}")
+
+def __getattr__(name: str):  # SHORTCUTS: the constant this module had before tasks were registered
+    if name == "SHORTCUTS":
+        return shortcuts()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _add_task_commands(sub, registered: dict[str, Task]) -> None:
+    """One prediction subcommand per task (``maskattn translate`` ...), as the task defines it."""
+    for task in registered.values():
+        command = sub.add_parser(task.predict.name, help=task.predict.help)
+        command.add_argument("model", help=f"a model directory written by `maskattn train {task.name}`")
+        task.predict.arguments(command)
+        command.set_defaults(handler=task.predict.run)
+
+
+def _add_evaluate_options(evaluate: argparse.ArgumentParser, registered: dict[str, Task]) -> None:
+    """Every task's own ``maskattn evaluate`` flags, each flag once, its help prefixed by the tasks that read it."""
+    helps: dict[str, list[str]] = {}
+    kinds: dict[str, Callable[[str], Any]] = {}
+    for task in registered.values():
+        for option in task.evaluate_options:
+            helps.setdefault(option.flag, []).append(f"{task.name}: {option.help}")
+            kinds.setdefault(option.flag, option.type)
+    for flag, texts in helps.items():
+        evaluate.add_argument(flag, type=kinds[flag], help="; ".join(texts))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    registered = tasks()
     parser = argparse.ArgumentParser(prog="maskattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -40,46 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a task model", formatter_class=argparse.RawDescriptionHelpFormatter,
                            description="Train TASK. Settings come from the task's defaults, then --config, then "
                            "--set; `maskattn train TASK --show-config` lists every setting and its default.")
-    train.add_argument("task", choices=["translation", "classification", "qa", "lm"], help="the task to train")
+    train.add_argument("task", choices=list(registered), help="the task to train")
     train.add_argument("--config", help="a TOML file of settings, sections as in --show-config")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one setting, e.g. --set train.lr=3e-4 --set model.d_model=256 (repeatable)")
     train.add_argument("--out", help="run directory (same as --set out=...)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run directory")
     train.add_argument("--show-config", action="store_true", help="print the resolved settings and exit")
-    for name in SHORTCUTS:
+    for name in shortcuts():
         train.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"shortcut for --set data.{name}=PATH")
-
-    translate = sub.add_parser("translate", help="translate text with a trained model (arguments or stdin)")
-    translate.add_argument("model", help="a model directory written by `maskattn train translation`")
-    translate.add_argument("text", nargs="*", help="sentences; without any, one sentence per line from stdin")
-    translate.add_argument("--beam", type=int, help="beam size (1 = greedy; default: the model's setting)")
-
-    classify = sub.add_parser("classify", help="label texts with a trained classifier (arguments or stdin)")
-    classify.add_argument("model", help="a model directory written by `maskattn train classification`")
-    classify.add_argument("text", nargs="*", help="texts; without any, one text per line from stdin")
-
-    answer = sub.add_parser("answer", help="answer a question about a context with a trained QA model")
-    answer.add_argument("model", help="a model directory written by `maskattn train qa`")
-    answer.add_argument("--context", required=True, help="the text that holds the answer")
-    answer.add_argument("--question", required=True, help="the question")
-
-    generate = sub.add_parser("generate", help="continue a prompt with a trained language model")
-    generate.add_argument("model", help="a model directory written by `maskattn train lm`")
-    generate.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    generate.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
-    generate.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
-    generate.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    generate.add_argument("--top-p", type=float, default=None, help="sample within the top-p probability mass")
-    generate.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
+    _add_task_commands(sub, registered)
 
     evaluate = sub.add_parser("evaluate", help="score a trained model on any data file")
     evaluate.add_argument("model", help="a trained model directory")
-    evaluate.add_argument("--data", required=True, help="translation: source sentences (one per line, .gz ok) or "
-                          "a TSV of pairs; classification: a labelled TSV/CSV/JSONL; lm: a text file; qa: SQuAD JSON")
-    evaluate.add_argument("--ref", default="", help="translation: reference translations, aligned with --data")
-    evaluate.add_argument("--beam", type=int, help="translation: beam size (default: the model's setting)")
-    evaluate.add_argument("--predictions", help="qa: also write the official predictions.json here")
+    evaluate.add_argument("--data", required=True, help="; ".join(f"{t.name}: {t.data_help}"
+                                                                 for t in registered.values()))
+    _add_evaluate_options(evaluate, registered)
 
     viz = sub.add_parser("viz", help="attention heatmaps and the explorer page for one input",
                          description="Writes a PNG per layer and head, a grid per layer, and explorer.html "
@@ -119,10 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"demo": _demo, "train": _train, "translate": _translate, "classify": _classify, "generate": _generate,
-               "answer": _answer,
-               "evaluate": _evaluate, "viz": _viz,
-               "audit": _audit, "showcase": _showcase, "masks": _masks_show}[args.command]
+    handler = getattr(args, "handler", None) or {  # a task's prediction command sets its own handler
+        "demo": _demo, "train": _train, "evaluate": _evaluate, "viz": _viz, "audit": _audit, "showcase": _showcase,
+        "masks": _masks_show}[args.command]
     try:
         return handler(args)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
@@ -142,20 +141,20 @@ def _train(args: argparse.Namespace) -> int:
     from maskattn.checkpoint import CheckpointError
     from maskattn.plotting import plot_curves
 
-    module, defaults = _task(args.task)
+    task = tasks()[args.task]
     assignments = list(args.set)
-    for name in SHORTCUTS:
+    for name in shortcuts():
         if getattr(args, name):
             assignments.append(f"data.{name}={json.dumps(getattr(args, name))}")
     if args.out:
         assignments.append(f"out={json.dumps(args.out)}")
-    cfg = config.load(defaults, args.config, assignments)
+    cfg = config.load(task.config(), args.config, assignments)
     if args.show_config:
         print("\n".join(config.describe(cfg)))
         return 0
     context = distributed.init()  # the one place a run joins torchrun's process group; the tasks read it from there
     try:
-        result = module.train(cfg, resume=args.resume)
+        result = task.train(cfg, resume=args.resume)
     except CheckpointError as e:
         print(f"maskattn train: {e}", file=sys.stderr)
         return 2
@@ -165,63 +164,15 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _translate(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from maskattn.tasks import translation
-
-    model, tok, decode = translation.load(args.model)
-    if args.beam:
-        decode = replace(decode, beam_size=args.beam)
-    lines = args.text or [line.rstrip("\n") for line in sys.stdin]
-    for out in translation.translate(model, tok, lines, decode):
-        print(out)
-    return 0
-
-
-def _classify(args: argparse.Namespace) -> int:
-    from maskattn.tasks import classification
-
-    model, tok, task = classification.load(args.model)
-    texts = args.text or [line.rstrip("\n") for line in sys.stdin]
-    for label in classification.predict(model, tok, task["labels"], texts):
-        print(label)
-    return 0
-
-
-def _answer(args: argparse.Namespace) -> int:
-    from maskattn.tasks import qa
-
-    print(qa.answer(args.model, [(args.context, args.question)])[0])
-    return 0
-
-
-def _generate(args: argparse.Namespace) -> int:
-    from maskattn.tasks import lm
-
-    model, tok, _ = lm.load(args.model)
-    print(lm.generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p, seed=args.seed))
-    return 0
-
-
 def _evaluate(args: argparse.Namespace) -> int:
-    from maskattn.tasks import classification, lm, qa, translation
     from maskattn.tasks.common import read_task
 
-    task = read_task(args.model).get("task")
-    if task == "translation":
-        overrides = {"beam_size": args.beam} if args.beam else {}
-        scores = translation.evaluate_files(args.model, args.data, args.ref, **overrides)
-    elif task == "classification":
-        scores = classification.evaluate_file(args.model, args.data)
-    elif task == "lm":
-        scores = lm.evaluate_file(args.model, args.data)
-    elif task == "qa":
-        scores = qa.evaluate_file(args.model, args.data, args.predictions)
-    else:
-        raise ValueError(f"{args.model}: no evaluation for task {task!r}")
-    print(json.dumps(scores, indent=2))
+    name = read_task(args.model).get("task")
+    task = tasks().get(name)
+    if task is None:
+        raise ValueError(f"{args.model}: no evaluation for task {name!r}")
+    options = {o.keyword: getattr(args, _dest(o.flag)) for o in task.evaluate_options if getattr(args, _dest(o.flag))}
+    print(json.dumps(task.evaluate_file(args.model, args.data, **options), indent=2))
     return 0
 
 

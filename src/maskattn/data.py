@@ -14,7 +14,7 @@ import gzip
 import io
 import json
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,7 +111,10 @@ def _read_jsonl_labelled(path: Path, text_field: str, label_field: str) -> list[
 
 @dataclass(frozen=True)
 class QAExample:
-    """One SQuAD question. ``answers`` are (text, character start) pairs; the first is the training target."""
+    """One SQuAD question, as :func:`read_squad` reads it (``maskattn.tasks.qa`` cuts it into windows).
+
+    ``answers`` are (text, character start) pairs; the first is the training target.
+    """
 
     id: str
     question: str
@@ -151,57 +154,6 @@ def read_squad(path: str | Path, *, check_spans: bool = True) -> list[QAExample]
                     answers.append((text, start))
                 examples.append(QAExample(qa["id"], qa["question"], context, tuple(answers), article.get("title", "")))
     return examples
-
-
-@dataclass(frozen=True)
-class QAWindow:
-    """One model input for extractive QA: ``[CLS] question [SEP] context slice [SEP]``.
-
-    ``start``/``end`` are the token positions of the answer, or 0/0 (the [CLS] token) when the
-    answer is not wholly inside this window. ``offsets[i]`` is the (start, end) character span in the
-    context of token i, or None for question and special tokens.
-    """
-
-    example: int  # index of the QAExample
-    ids: list[int]
-    token_types: list[int]
-    offsets: list[tuple[int, int] | None]
-    start: int
-    end: int
-
-
-def squad_windows(tokenizer, examples: Sequence[QAExample], *, max_len: int = 384, stride: int = 128,
-                  max_question: int = 64) -> list[QAWindow]:
-    """Cut every example into windows of at most ``max_len`` tokens, ``stride`` context tokens apart.
-
-    Long contexts give several overlapping windows, so every answer lies whole in at least one of
-    them when it is shorter than the overlap.
-    """
-    windows = []
-    for n, ex in enumerate(examples):
-        question = tokenizer.encode(ex.question)[:max_question]
-        encoded = tokenizer.backend.encode(ex.context, add_special_tokens=False)
-        ctx_ids, ctx_offsets = encoded.ids, encoded.offsets
-        room = max_len - len(question) - 3
-        if room < 1:
-            raise ValueError(f"max_len={max_len} leaves no room for context after a {len(question)}-token question")
-        answer = ex.answers[0] if ex.answers else None
-        for first in range(0, max(1, len(ctx_ids)), stride):
-            last = min(first + room, len(ctx_ids))  # context tokens [first, last)
-            head = [tokenizer.bos_id, *question, tokenizer.eos_id]
-            ids = head + ctx_ids[first:last] + [tokenizer.eos_id]
-            types = [0] * len(head) + [1] * (last - first + 1)
-            offsets = [None] * len(head) + list(ctx_offsets[first:last]) + [None]
-            start = end = 0
-            if answer is not None:
-                a0, a1 = answer[1], answer[1] + len(answer[0])
-                inside = [i for i, o in enumerate(offsets) if o is not None and o[0] < a1 and o[1] > a0]
-                if inside and offsets[inside[0]][0] <= a0 and offsets[inside[-1]][1] >= a1:
-                    start, end = inside[0], inside[-1]
-            windows.append(QAWindow(n, ids, types, offsets, start, end))
-            if last == len(ctx_ids):
-                break
-    return windows
 
 
 def read_text(path: str | Path) -> str:
@@ -275,9 +227,3 @@ def pack(sequences: Sequence[Sequence[int]], block: int) -> tuple[Tensor, Tensor
     ids = torch.tensor(flat[: rows * block], dtype=torch.long).view(rows, block)
     doc_ids = torch.tensor(docs[: rows * block], dtype=torch.long).view(rows, block)
     return ids, doc_ids
-
-
-def iterate(batches: list[list[int]], start: int = 0) -> Iterator[tuple[int, list[int]]]:
-    """(position, batch) from ``start`` on: the position is what a checkpoint stores to resume."""
-    for position in range(start, len(batches)):
-        yield position, batches[position]

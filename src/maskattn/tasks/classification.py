@@ -7,8 +7,10 @@ read from the training data and saved with the model.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,17 @@ from torch import Tensor, nn
 from maskattn import metrics
 from maskattn.data import bucket_batches, pad, read_labelled
 from maskattn.models import EncoderConfig, EncoderModel, from_pretrained
-from maskattn.tasks.common import fit_and_export, load_task, log_stderr, run_tokenizer
+from maskattn.tasks.base import Command, Task, input_lines, register
+from maskattn.tasks.common import (
+    Head,
+    begin_run,
+    fit_and_export,
+    load_task,
+    log_stderr,
+    parameters,
+    require,
+    train_tokenizer,
+)
 from maskattn.tokenization import Tokenizer
 from maskattn.training import TrainConfig
 
@@ -50,16 +62,26 @@ def encode(tok: Tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]
     return [[tok.bos_id, *ids[: max_len - 2], tok.eos_id] for ids in tok.encode_batch(list(texts))]
 
 
-def build(cfg: ClassificationConfig, labels: list[str], texts: Sequence[str]) -> tuple[EncoderModel, Tokenizer]:
+def build_tokenizer(cfg: ClassificationConfig, texts: Sequence[str]) -> Tokenizer:
+    """The pretrained encoder's tokenizer, or one of kind ``data.tokenizer`` trained on ``texts``."""
     if cfg.data.pretrained:
-        model = from_pretrained(cfg.data.pretrained, num_labels=len(labels))
-        tok = Tokenizer.load(cfg.data.pretrained) if model.tokenizer is None else Tokenizer(model.tokenizer)
-        return model, tok
-    tok = (Tokenizer.train_chars(texts) if cfg.data.tokenizer == "chars"
-           else Tokenizer.train_bpe(texts, vocab_size=cfg.data.vocab_size))
+        return Tokenizer.load(cfg.data.pretrained)
+    return train_tokenizer(cfg.data.tokenizer, texts, vocab_size=cfg.data.vocab_size)
+
+
+def build_model(cfg: ClassificationConfig, labels: list[str], tok: Tokenizer) -> EncoderModel:
+    """The pretrained encoder with a new head of ``len(labels)`` classes, or a new model sized for ``tok``."""
+    if cfg.data.pretrained:
+        return from_pretrained(cfg.data.pretrained, num_labels=len(labels))
     model_cfg = replace(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id, num_labels=len(labels),
                         max_len=max(cfg.model.max_len, cfg.data.max_len))
-    return EncoderModel(model_cfg), tok
+    return EncoderModel(model_cfg)
+
+
+def build(cfg: ClassificationConfig, labels: list[str], texts: Sequence[str]) -> tuple[EncoderModel, Tokenizer]:
+    """The model and tokenizer of a new run."""
+    tok = build_tokenizer(cfg, texts)
+    return build_model(cfg, labels, tok), tok
 
 
 def predict(model: EncoderModel, tok: Tokenizer, labels: list[str], texts: Sequence[str], *,
@@ -81,49 +103,37 @@ def score(predicted: Sequence[str], gold: Sequence[str]) -> dict[str, float]:
     return {"accuracy": 100 * metrics.accuracy(predicted, gold), "macro_f1": 100 * metrics.macro_f1(predicted, gold)}
 
 
-class Classify(nn.Module):
-    """The model's classification logits as ``forward``, so the trainer (and DDP) can run them."""
-
-    def __init__(self, model: EncoderModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids: Tensor, lengths: Tensor) -> Tensor:
-        return self.model.classify(ids, lengths=lengths)  # (B, C)
+Classify = partial(Head, method="classify")  # deprecated: Head(model, "classify")
 
 
 def train(cfg: ClassificationConfig, *, resume: bool = False, log=log_stderr) -> dict[str, Any]:
-    if not cfg.data.train:
-        raise ValueError("data.train is required (a TSV/CSV with a header, or JSONL)")
+    require(cfg.data, "data", train="a TSV/CSV with a header, or JSONL")
     fields = {"text_field": cfg.data.text_field, "label_field": cfg.data.label_field}
     records = read_labelled(cfg.data.train, **fields)
     valid = read_labelled(cfg.data.valid, **fields) if cfg.data.valid else None
     labels = sorted({label for _, label in records})
     if len(labels) < 2:
         raise ValueError(f"{cfg.data.train}: found {len(labels)} label(s) {labels}; classification needs two or more")
-    out = Path(cfg.out)
     texts = [t for t, _ in records]
-    torch.manual_seed(cfg.train.seed)
-    model, built_tok = build(cfg, labels, texts)
-    tok = run_tokenizer(out, resume, lambda: built_tok)
+    out, tok = begin_run(cfg, resume=resume, tokenizer=lambda: build_tokenizer(cfg, texts))
+    model = build_model(cfg, labels, tok)
     ids = encode(tok, texts, cfg.data.max_len)
     targets = torch.tensor([labels.index(label) for _, label in records])
     lengths = [len(x) for x in ids]
-    log(f"classification: {len(ids)} examples, labels {labels}, vocabulary {tok.vocab_size}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    log(f"classification: {len(ids)} examples, labels {labels}, vocabulary {tok.vocab_size}, {parameters(model)}")
 
     def collate(idx: list[int]) -> dict[str, Any]:
         x, n = pad([ids[i] for i in idx], tok.pad_id)
         return {"ids": x, "lengths": n, "labels": targets[idx], "num_targets": len(idx)}
 
     def loss(m: nn.Module, b: dict[str, Any]) -> Tensor:
-        return F.cross_entropy(m(b["ids"], b["lengths"]).float(), b["labels"], reduction="sum")
+        return F.cross_entropy(m(b["ids"], lengths=b["lengths"]).float(), b["labels"], reduction="sum")
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         return score(predict(model, tok, labels, [t for t, _ in valid]), [label for _, label in valid])
 
     return fit_and_export(
-        Classify(model), tok, cfg.train, out, evaluate=evaluate if valid else None, resume=resume, log=log,
+        Head(model, "classify"), tok, cfg.train, out, evaluate=evaluate if valid else None, resume=resume, log=log,
         saved=model,
         plan=lambda epoch: bucket_batches(lengths, cfg.data.max_tokens, seed=cfg.train.seed, epoch=epoch),
         collate=collate, loss=loss, task={"task": "classification", "labels": labels, **fields},
@@ -139,3 +149,23 @@ def evaluate_file(directory: str | Path, path: str) -> dict[str, float]:
     model, tok, task = load(directory)
     records = read_labelled(path, text_field=task["text_field"], label_field=task["label_field"])
     return score(predict(model, tok, task["labels"], [t for t, _ in records]), [label for _, label in records])
+
+
+# --- command line ----------------------------------------------------------------------------------
+def _classify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("text", nargs="*", help="texts; without any, one text per line from stdin")
+
+
+def _classify_command(args: argparse.Namespace) -> int:
+    model, tok, task = load(args.model)
+    for label in predict(model, tok, task["labels"], input_lines(args.text)):
+        print(label)
+    return 0
+
+
+TASK = register(Task(
+    name="classification", config=ClassificationConfig, train=train, load=load, evaluate_file=evaluate_file,
+    predict=Command("classify", "label texts with a trained classifier (arguments or stdin)",
+                    _classify_arguments, _classify_command),
+    data_help="a labelled TSV/CSV/JSONL", paths=("train", "valid", "pretrained"),
+))

@@ -1,4 +1,5 @@
-"""What every task's training shares: the tokenizer of a run, the trainer, and the exported model.
+"""What every task's training shares: the prologue of ``train`` (required settings, seed, the run's
+tokenizer), the trainer, a head wrapper, and the exported model.
 
 A trained model is a directory written by ``model.save`` (``config.json``, ``model.safetensors``,
 ``tokenizer.json``) plus ``task.json``, which names the task and holds what prediction needs.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +93,62 @@ def load_task(directory: str | Path, task: str, model_class: type) -> tuple[Any,
     if settings.get("task") != task:
         raise ValueError(f"{directory} holds a {settings.get('task')!r} model, not a {task!r} one")
     return model_class.load(directory), Tokenizer.load(directory), settings
+
+
+# --- the prologue of every task's train() ------------------------------------------------------------
+TOKENIZERS: dict[str, Callable[[Sequence[str], int], Tokenizer]] = {  # data.tokenizer -> trainer(texts, vocab)
+    "bpe": lambda texts, vocab_size: Tokenizer.train_bpe(texts, vocab_size=vocab_size),
+    "chars": lambda texts, vocab_size: Tokenizer.train_chars(texts),
+}
+
+
+def train_tokenizer(kind: str, texts: Sequence[str], *, vocab_size: int) -> Tokenizer:
+    """A tokenizer of kind ``kind`` (the setting ``data.tokenizer``) trained on ``texts``.
+
+    Raises:
+        ValueError: for an unknown kind, naming ``data.tokenizer``, its value and the choices.
+    """
+    if kind not in TOKENIZERS:
+        raise ValueError(f"data.tokenizer must be one of {', '.join(map(repr, TOKENIZERS))}, got {kind!r}")
+    return TOKENIZERS[kind](texts, vocab_size)
+
+
+def require(settings: Any, section: str, **what: str) -> None:
+    """Raise unless every named setting of ``settings`` is set, naming each with what it should be:
+    ``require(cfg.data, "data", train="a plain text file")``."""
+    if all(getattr(settings, name) for name in what):
+        return
+    if len(what) == 1:
+        (name, description), = what.items()
+        raise ValueError(f"{section}.{name} is required ({description})")
+    raise ValueError(" and ".join(f"{section}.{name} ({description})" for name, description in what.items())
+                     + " are required")
+
+
+def begin_run(cfg: Any, *, resume: bool, tokenizer: Callable[[], Tokenizer]) -> tuple[Path, Tokenizer]:
+    """The run directory ``cfg.out`` and its tokenizer (built by ``tokenizer``, or reloaded on resume),
+    with torch seeded from ``cfg.train.seed`` so that the model built next is the same on every rank."""
+    torch.manual_seed(cfg.train.seed)
+    out = Path(cfg.out)
+    return out, run_tokenizer(out, resume, tokenizer)
+
+
+def parameters(model: nn.Module) -> str:
+    """``"1.23M parameters"``, for a task's opening log line."""
+    return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
+
+
+class Head(nn.Module):
+    """One of a model's output methods as ``forward``, e.g. ``Head(model, "classify")``, so that the
+    trainer and DistributedDataParallel (which run ``forward``) run it. Its weights are the model's,
+    under ``model.``."""
+
+    def __init__(self, model: nn.Module, method: str) -> None:
+        super().__init__()
+        if not callable(getattr(model, method, None)):
+            raise ValueError(f"Head(model, method): {type(model).__name__} has no method {method!r}")
+        self.model = model
+        self.method = method
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.model, self.method)(*args, **kwargs)

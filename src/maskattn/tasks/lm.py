@@ -9,6 +9,7 @@ taken on predicting a document's first token from the previous one.
 
 from __future__ import annotations
 
+import argparse
 import math
 import random
 from dataclasses import dataclass, field, replace
@@ -22,7 +23,8 @@ from torch import Tensor, nn
 from maskattn import decoding
 from maskattn.data import read_text
 from maskattn.models import DecoderLM, DecoderLMConfig
-from maskattn.tasks.common import fit_and_export, load_task, log_stderr, run_tokenizer
+from maskattn.tasks.base import Command, Task, register
+from maskattn.tasks.common import begin_run, fit_and_export, load_task, log_stderr, parameters, require, train_tokenizer
 from maskattn.tokenization import Tokenizer
 from maskattn.training import TrainConfig
 
@@ -102,30 +104,22 @@ def evaluate_stream(model: nn.Module, stream: Stream, cfg: DataConfig) -> dict[s
 
 
 def train(cfg: LMConfig, *, resume: bool = False, log=log_stderr) -> dict[str, Any]:
-    if not cfg.data.train:
-        raise ValueError("data.train is required (a plain text file)")
+    require(cfg.data, "data", train="a plain text file")
     text = read_text(cfg.data.train)
     if cfg.data.valid:
         train_text, valid_text = text, read_text(cfg.data.valid)
     else:
         cut = int(len(text) * (1 - cfg.data.valid_fraction))
         train_text, valid_text = text[:cut], text[cut:]
-    out = Path(cfg.out)
-
-    def build() -> Tokenizer:
-        if cfg.data.tokenizer == "chars":
-            return Tokenizer.train_chars([train_text])
-        return Tokenizer.train_bpe([train_text], vocab_size=cfg.data.vocab_size)
-
-    tok = run_tokenizer(out, resume, build)
+    out, tok = begin_run(cfg, resume=resume, tokenizer=lambda: train_tokenizer(
+        cfg.data.tokenizer, [train_text], vocab_size=cfg.data.vocab_size))
     train_stream = to_stream(tok, train_text, cfg.data.documents)
     valid_stream = to_stream(tok, valid_text, cfg.data.documents)
     packed = cfg.data.documents != "none"
-    torch.manual_seed(cfg.train.seed)
     model = DecoderLM(replace(cfg.model, vocab_size=tok.vocab_size, max_len=max(cfg.model.max_len, cfg.data.block),
                               pad_id=None, eos_id=None))
     log(f"lm: {len(train_stream.ids):,} training tokens, {len(valid_stream.ids):,} validation tokens, "
-        f"vocabulary {tok.vocab_size}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+        f"vocabulary {tok.vocab_size}, {parameters(model)}")
     span = cfg.data.block + 1
     per_epoch = len(train_stream.ids) // span
 
@@ -183,3 +177,28 @@ def generate(model: DecoderLM, tok: Tokenizer, prompt: str, *, max_new_tokens: i
                                   generator=generator)
         produced += new[0].tolist()
     return prompt + tok.backend.decode(produced, skip_special_tokens=True)  # no eos here: text goes on
+
+
+# --- command line ----------------------------------------------------------------------------------
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="sample within the top-p probability mass")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
+
+
+def _generate_command(args: argparse.Namespace) -> int:
+    model, tok, _ = load(args.model)
+    print(generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+    return 0
+
+
+TASK = register(Task(
+    name="lm", config=LMConfig, train=train, load=load, evaluate_file=evaluate_file,
+    predict=Command("generate", "continue a prompt with a trained language model",
+                    _generate_arguments, _generate_command),
+    data_help="a text file", paths=("train", "valid"),
+))

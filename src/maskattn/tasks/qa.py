@@ -1,16 +1,18 @@
 """Extractive question answering (SQuAD v1.1) with :class:`~maskattn.models.EncoderModel` and a span head,
 fine-tuned from a pretrained encoder such as all-MiniLM-L6-v2.
 
-Contexts longer than a window are cut into overlapping windows (``data.squad_windows``); a question's
+Contexts longer than a window are cut into overlapping windows (:func:`squad_windows`); a question's
 answer is the best span over all its windows, scored start logit + end logit, at most
 ``max_answer`` tokens long, inside the context.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskattn import metrics
-from maskattn.data import QAExample, QAWindow, pad, read_squad, squad_windows
+from maskattn.data import QAExample, pad, read_squad
 from maskattn.models import EncoderModel, from_pretrained
-from maskattn.tasks.common import fit_and_export, load_task, log_stderr, run_tokenizer
+from maskattn.tasks.base import Command, Option, Task, register
+from maskattn.tasks.common import Head, begin_run, fit_and_export, load_task, log_stderr, parameters, require
 from maskattn.tokenization import Tokenizer
 from maskattn.training import TrainConfig
 
@@ -47,15 +50,60 @@ class QAConfig:
     out: str = "runs/qa"  # run directory
 
 
-class Spans(nn.Module):
-    """The model's start/end logits as ``forward``, so the trainer (and DDP) can run them."""
+# --- windows ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QAWindow:
+    """One model input for extractive QA: ``[CLS] question [SEP] context slice [SEP]``.
 
-    def __init__(self, model: EncoderModel) -> None:
-        super().__init__()
-        self.model = model
+    ``start``/``end`` are the token positions of the answer, or 0/0 (the [CLS] token) when the
+    answer is not wholly inside this window. ``offsets[i]`` is the (start, end) character span in the
+    context of token i, or None for question and special tokens.
+    """
 
-    def forward(self, ids: Tensor, types: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        return self.model.span_logits(ids, token_type_ids=types, lengths=lengths)  # (B, L) each
+    example: int  # index of the QAExample
+    ids: list[int]
+    token_types: list[int]
+    offsets: list[tuple[int, int] | None]
+    start: int
+    end: int
+
+
+def squad_windows(tokenizer: Tokenizer, examples: Sequence[QAExample], *, max_len: int = 384, stride: int = 128,
+                  max_question: int = 64) -> list[QAWindow]:
+    """Cut every example into windows of at most ``max_len`` tokens, ``stride`` context tokens apart.
+
+    Long contexts give several overlapping windows, so every answer lies whole in at least one of
+    them when it is shorter than the overlap.
+    """
+    windows = []
+    for n, ex in enumerate(examples):
+        question = tokenizer.encode(ex.question)[:max_question]
+        encoded = tokenizer.backend.encode(ex.context, add_special_tokens=False)
+        ctx_ids, ctx_offsets = encoded.ids, encoded.offsets
+        room = max_len - len(question) - 3
+        if room < 1:
+            raise ValueError(f"max_len={max_len} leaves no room for context after a {len(question)}-token question")
+        answer = ex.answers[0] if ex.answers else None
+        for first in range(0, max(1, len(ctx_ids)), stride):
+            last = min(first + room, len(ctx_ids))  # context tokens [first, last)
+            head = [tokenizer.bos_id, *question, tokenizer.eos_id]
+            ids = head + ctx_ids[first:last] + [tokenizer.eos_id]
+            types = [0] * len(head) + [1] * (last - first + 1)
+            offsets = [None] * len(head) + list(ctx_offsets[first:last]) + [None]
+            start = end = 0
+            if answer is not None:
+                a0, a1 = answer[1], answer[1] + len(answer[0])
+                inside = [i for i, o in enumerate(offsets) if o is not None and o[0] < a1 and o[1] > a0]
+                if inside and offsets[inside[0]][0] <= a0 and offsets[inside[-1]][1] >= a1:
+                    start, end = inside[0], inside[-1]
+            windows.append(QAWindow(n, ids, types, offsets, start, end))
+            if last == len(ctx_ids):
+                break
+    return windows
+
+
+# --- model and training ----------------------------------------------------------------------------
+Spans = partial(Head, method="span_logits")  # deprecated: Head(model, "span_logits")
 
 
 def batch_of(windows: Sequence[QAWindow], pad_id: int) -> dict[str, Tensor]:
@@ -100,18 +148,14 @@ def score(predictions: dict[str, str], examples: Sequence[QAExample]) -> dict[st
 
 
 def train(cfg: QAConfig, *, resume: bool = False, log=log_stderr) -> dict[str, Any]:
-    if not cfg.data.train or not cfg.data.pretrained:
-        raise ValueError("data.train (SQuAD JSON) and data.pretrained (an encoder directory) are required")
+    require(cfg.data, "data", train="SQuAD JSON", pretrained="an encoder directory")
     examples = read_squad(cfg.data.train)
     valid = read_squad(cfg.data.valid)[: cfg.data.valid_limit or None] if cfg.data.valid else None
-    out = Path(cfg.out)
-    torch.manual_seed(cfg.train.seed)
+    out, tok = begin_run(cfg, resume=resume, tokenizer=lambda: Tokenizer.load(cfg.data.pretrained))
     model = from_pretrained(cfg.data.pretrained, span_head=True)
-    tok = run_tokenizer(out, resume, lambda: Tokenizer.load(cfg.data.pretrained))
     windows = squad_windows(tok, examples, max_len=cfg.data.max_len, stride=cfg.data.stride)
     valid_windows = squad_windows(tok, valid, max_len=cfg.data.max_len, stride=cfg.data.stride) if valid else None
-    log(f"qa: {len(examples)} questions in {len(windows)} windows, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    log(f"qa: {len(examples)} questions in {len(windows)} windows, {parameters(model)}")
 
     def plan(epoch: int) -> list[list[int]]:
         order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(cfg.train.seed * 7919 + epoch))
@@ -122,7 +166,7 @@ def train(cfg: QAConfig, *, resume: bool = False, log=log_stderr) -> dict[str, A
         return {**batch_of([windows[i] for i in idx], tok.pad_id), "num_targets": 2 * len(idx)}
 
     def loss(m: nn.Module, b: dict[str, Any]) -> Tensor:
-        start, end = m(b["ids"], b["types"], b["lengths"])
+        start, end = m(b["ids"], token_type_ids=b["types"], lengths=b["lengths"])
         return (F.cross_entropy(start.float(), b["start"], reduction="sum")
                 + F.cross_entropy(end.float(), b["end"], reduction="sum"))
 
@@ -130,8 +174,8 @@ def train(cfg: QAConfig, *, resume: bool = False, log=log_stderr) -> dict[str, A
         return score(best_spans(model, tok, valid, valid_windows, max_answer=cfg.data.max_answer), valid)
 
     task = {"task": "qa", "max_len": cfg.data.max_len, "stride": cfg.data.stride, "max_answer": cfg.data.max_answer}
-    return fit_and_export(Spans(model), tok, cfg.train, out, evaluate=evaluate if valid else None, resume=resume,
-                          log=log, plan=plan, collate=collate, loss=loss, task=task, saved=model)
+    return fit_and_export(Head(model, "span_logits"), tok, cfg.train, out, evaluate=evaluate if valid else None,
+                          resume=resume, log=log, plan=plan, collate=collate, loss=loss, task=task, saved=model)
 
 
 def load(directory: str | Path) -> tuple[EncoderModel, Tokenizer, dict[str, Any]]:
@@ -157,3 +201,23 @@ def evaluate_file(directory: str | Path, path: str, predictions: str | None = No
     if predictions:
         Path(predictions).write_text(json.dumps(found, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return score(found, examples)
+
+
+# --- command line ----------------------------------------------------------------------------------
+def _answer_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--context", required=True, help="the text that holds the answer")
+    parser.add_argument("--question", required=True, help="the question")
+
+
+def _answer_command(args: argparse.Namespace) -> int:
+    print(answer(args.model, [(args.context, args.question)])[0])
+    return 0
+
+
+TASK = register(Task(
+    name="qa", config=QAConfig, train=train, load=load, evaluate_file=evaluate_file,
+    predict=Command("answer", "answer a question about a context with a trained QA model",
+                    _answer_arguments, _answer_command),
+    data_help="SQuAD JSON", paths=("train", "valid", "pretrained"),
+    evaluate_options=(Option("--predictions", "predictions", "also write the official predictions.json here"),),
+))

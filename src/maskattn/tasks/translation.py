@@ -8,19 +8,20 @@ A trained model is a directory written by ``model.save`` (``config.json``, ``mod
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskattn import decoding, metrics
 from maskattn.data import bucket_batches, pad, read_parallel
 from maskattn.models import Transformer, TransformerConfig
-from maskattn.tasks.common import fit_and_export, log_stderr, read_task, run_tokenizer
+from maskattn.tasks.base import Command, Option, Task, input_lines, register
+from maskattn.tasks.common import begin_run, fit_and_export, load_task, log_stderr, parameters, require, train_tokenizer
 from maskattn.tokenization import Tokenizer
 from maskattn.training import TrainConfig
 
@@ -65,12 +66,8 @@ def read_pairs(src: str, tgt: str = "") -> Pairs:
 
 
 def build_tokenizer(cfg: DataConfig, pairs: Pairs) -> Tokenizer:
-    texts = [s for pair in pairs for s in pair]
-    if cfg.tokenizer == "chars":
-        return Tokenizer.train_chars(texts)
-    if cfg.tokenizer == "bpe":
-        return Tokenizer.train_bpe(texts, vocab_size=cfg.vocab_size)
-    raise ValueError(f"data.tokenizer must be 'bpe' or 'chars', got {cfg.tokenizer!r}")
+    """One joint tokenizer of kind ``data.tokenizer`` for both sides of ``pairs``."""
+    return train_tokenizer(cfg.tokenizer, [s for pair in pairs for s in pair], vocab_size=cfg.vocab_size)
 
 
 @dataclass
@@ -147,20 +144,16 @@ def train(cfg: TranslationConfig, train_pairs: Pairs | None = None, valid_pairs:
 
     Pairs may be passed directly (the demo does); otherwise they are read from ``cfg.data``.
     """
-    out = Path(cfg.out)
     if train_pairs is None:
-        if not cfg.data.train_src:
-            raise ValueError("data.train_src is required (a source file, or a TSV of source<TAB>target)")
+        require(cfg.data, "data", train_src="a source file, or a TSV of source<TAB>target")
         train_pairs = read_pairs(cfg.data.train_src, cfg.data.train_tgt)
     if valid_pairs is None and cfg.data.valid_src:
         valid_pairs = read_pairs(cfg.data.valid_src, cfg.data.valid_tgt)
-    tok = run_tokenizer(out, resume, lambda: build_tokenizer(cfg.data, train_pairs))
+    out, tok = begin_run(cfg, resume=resume, tokenizer=lambda: build_tokenizer(cfg.data, train_pairs))
     data = encode_pairs(tok, train_pairs, cfg.data.max_len)
     lengths = [max(len(s), len(t) + 1) for s, t in zip(data.src, data.tgt, strict=True)]
-    torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, tok)
-    log(f"translation: {len(data.src)} training pairs, vocabulary {tok.vocab_size}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    log(f"translation: {len(data.src)} training pairs, vocabulary {tok.vocab_size}, {parameters(model)}")
 
     valid = valid_pairs[: cfg.data.valid_limit or None] if valid_pairs else None
 
@@ -182,15 +175,45 @@ def train(cfg: TranslationConfig, train_pairs: Pairs | None = None, valid_pairs:
 
 def load(directory: str | Path) -> tuple[Transformer, Tokenizer, DecodeConfig]:
     """A trained translation model, its tokenizer and its decoding settings."""
-    directory = Path(directory)
-    model = Transformer.load(directory)
-    decode = DecodeConfig(**read_task(directory).get("decode", {}))
-    return model, Tokenizer.load(directory), decode
+    model, tok, settings = load_task(directory, "translation", Transformer)
+    return model, tok, DecodeConfig(**settings.get("decode", {}))
+
+
+def evaluate_file(directory: str | Path, path: str, ref: str = "", **decode_overrides: Any) -> dict[str, float]:
+    """BLEU, chrF and exact match of a trained model on a source file (``path``) and its reference
+    translations (``ref``; empty when ``path`` is a TSV of pairs)."""
+    model, tok, decode = load(directory)
+    pairs = read_pairs(path, ref)
+    hyps = translate(model, tok, [s for s, _ in pairs], replace(decode, **decode_overrides))
+    return score(hyps, [t for _, t in pairs])
 
 
 def evaluate_files(directory: str | Path, src: str, ref: str = "", **decode_overrides: Any) -> dict[str, float]:
-    """BLEU, chrF and exact match of a trained model on a source file and its reference translations."""
-    model, tok, decode = load(directory)
-    pairs = read_pairs(src, ref)
-    hyps = translate(model, tok, [s for s, _ in pairs], replace(decode, **decode_overrides))
-    return score(hyps, [t for _, t in pairs])
+    """Deprecated name of :func:`evaluate_file`."""
+    return evaluate_file(directory, src, ref, **decode_overrides)
+
+
+# --- command line ----------------------------------------------------------------------------------
+def _translate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("text", nargs="*", help="sentences; without any, one sentence per line from stdin")
+    parser.add_argument("--beam", type=int, help="beam size (1 = greedy; default: the model's setting)")
+
+
+def _translate_command(args: argparse.Namespace) -> int:
+    model, tok, decode = load(args.model)
+    if args.beam:
+        decode = replace(decode, beam_size=args.beam)
+    for out in translate(model, tok, input_lines(args.text), decode):
+        print(out)
+    return 0
+
+
+TASK = register(Task(
+    name="translation", config=TranslationConfig, train=train, load=load, evaluate_file=evaluate_file,
+    predict=Command("translate", "translate text with a trained model (arguments or stdin)",
+                    _translate_arguments, _translate_command),
+    data_help="source sentences (one per line, .gz ok) or a TSV of pairs",
+    paths=("train_src", "train_tgt", "valid_src", "valid_tgt"),
+    evaluate_options=(Option("--ref", "ref", "reference translations, aligned with --data"),
+                      Option("--beam", "beam_size", "beam size (default: the model's setting)", int)),
+))

@@ -1,0 +1,99 @@
+"""The task protocol: one :class:`Task` record per task, registered by the task's own file.
+
+Everything that names tasks iterates the registry: ``maskattn train TASK`` (its choices and its
+``--PATH`` shortcuts), ``maskattn evaluate`` (dispatched on the ``task`` of a model's ``task.json``,
+with each task's own flags) and the prediction subcommands (``maskattn translate``, ``classify`` ...).
+Adding a task is one new file that ends in ``register(Task(...))`` plus its name in
+:data:`maskattn.tasks.BUILTIN`; see CONTRIBUTING.md, "Adding a task".
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand of the ``maskattn`` CLI that a task owns: its prediction command.
+
+    Its first argument is always ``model``, a model directory trained for the task (the CLI adds it).
+    """
+
+    name: str  # the subcommand, e.g. "translate"
+    help: str  # one line for `maskattn --help`
+    arguments: Callable[[argparse.ArgumentParser], None]  # adds the arguments after `model` to its parser
+    run: Callable[[argparse.Namespace], int]  # runs it on the parsed arguments; returns the exit status
+
+
+@dataclass(frozen=True)
+class Option:
+    """A ``maskattn evaluate`` flag that one task reads, passed to its ``evaluate_file`` as a keyword."""
+
+    flag: str  # e.g. "--beam"
+    keyword: str  # the evaluate_file keyword it fills, e.g. "beam_size"; passed only when given (non-empty)
+    help: str  # shown after the task's name in `maskattn evaluate --help`
+    type: Callable[[str], Any] = str
+
+
+@dataclass(frozen=True)
+class Task:
+    """One trainable task: what the CLI and the library need to train, load, score and use it.
+
+    ``train``, ``load`` and ``evaluate_file`` are the task module's public functions, so a task is
+    used the same way from Python and from the command line.
+    """
+
+    name: str  # `maskattn train NAME`, and the "task" written to a trained model's task.json
+    config: Callable[[], Any]  # the default configuration: a dataclass with data / train sections and out
+    train: Callable[..., dict[str, Any]]  # train(cfg, *, resume=False, log=...) -> last scores and model dir
+    load: Callable[[str | Path], Any]  # load(model dir) -> (model, tokenizer, settings); checks the task kind
+    evaluate_file: Callable[..., dict[str, float]]  # evaluate_file(model dir, data file, **options) -> scores
+    predict: Command  # the prediction subcommand
+    data_help: str  # what `maskattn evaluate --data FILE` reads for this task
+    paths: tuple[str, ...] = ()  # data settings given as `maskattn train --NAME PATH` (data.NAME)
+    evaluate_options: tuple[Option, ...] = ()  # `maskattn evaluate` flags only this task reads
+
+
+def input_lines(texts: list[str]) -> list[str]:
+    """The texts given on the command line, or else one per line from stdin."""
+    return texts or [line.rstrip("\n") for line in sys.stdin]
+
+
+_REGISTRY: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    """Add ``task`` to the registry (once per name); returns it, so a task file can keep it as ``TASK``."""
+    if task.name in _REGISTRY and _REGISTRY[task.name] is not task:
+        raise ValueError(f"task {task.name!r} is already registered")
+    _REGISTRY[task.name] = task
+    return task
+
+
+def tasks() -> dict[str, Task]:
+    """Every registered task by name: the built-in ones in the order of :data:`maskattn.tasks.BUILTIN`
+    (importing a built-in task's module registers it), then any other, in the order registered."""
+    from maskattn.tasks import BUILTIN
+
+    for name in BUILTIN:
+        import_module(f"maskattn.tasks.{name}")
+    ordered = [name for name in BUILTIN if name in _REGISTRY]
+    return {name: _REGISTRY[name] for name in [*ordered, *(n for n in _REGISTRY if n not in ordered)]}
+
+
+def get(name: str) -> Task:
+    """The registered task called ``name``.
+
+    Raises:
+        ValueError: naming the unknown task and the registered ones.
+    """
+    known = tasks()
+    if name not in known:
+        raise ValueError(f"unknown task {name!r}; registered tasks: {', '.join(known)}")
+    return known[name]

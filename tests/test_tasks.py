@@ -1,0 +1,128 @@
+"""The task protocol: the CLI's train, evaluate and prediction commands come from the task registry."""
+
+import json
+from dataclasses import dataclass, field
+
+import pytest
+
+from maskattn import cli
+from maskattn.cli import main
+from maskattn.tasks import BUILTIN, base
+from maskattn.tasks.common import TASK_FILE
+
+
+def test_builtin_tasks_are_registered_in_order_with_their_cli_parts():
+    registered = base.tasks()
+    assert list(registered)[: len(BUILTIN)] == list(BUILTIN)
+    assert [t.predict.name for t in registered.values()] == ["translate", "classify", "answer", "generate"]
+    # the shortcuts of `maskattn train` (and the old constant) are every task's paths, each once
+    assert cli.SHORTCUTS == ("train_src", "train_tgt", "valid_src", "valid_tgt", "train", "valid", "pretrained")
+    with pytest.raises(ValueError, match=r"unknown task 'nope'; registered tasks: translation, classification"):
+        base.get("nope")
+    with pytest.raises(ValueError, match="task 'lm' is already registered"):
+        base.register(base.Task("lm", *[None] * 5, data_help=""))
+
+
+@dataclass
+class ToyData:
+    train: str = ""  # a file
+    words: int = 3  # a setting
+
+
+@dataclass
+class ToyConfig:
+    data: ToyData = field(default_factory=ToyData)
+    out: str = "runs/toy"
+
+
+@pytest.fixture
+def toy(monkeypatch, tmp_path):
+    """A task registered for one test only: it records what the CLI passed to it."""
+    calls = []
+
+    def train(cfg, *, resume=False, log=None):
+        calls.append(("train", cfg, resume))
+        directory = tmp_path / "model"
+        directory.mkdir()
+        (directory / TASK_FILE).write_text(json.dumps({"task": "toy"}))
+        return {"model": str(directory)}
+
+    def evaluate_file(directory, path, **options):
+        calls.append(("evaluate", directory, path, options))
+        return {"score": 42.0}
+
+    def arguments(parser):  # after `model`, which every prediction command takes first
+        parser.add_argument("--loud", action="store_true")
+
+    def run(args):
+        calls.append(("predict", args.model, args.loud))
+        return 0
+
+    task = base.Task(name="toy", config=ToyConfig, train=train, load=lambda d: None, evaluate_file=evaluate_file,
+                     predict=base.Command("toyify", "toy predictions", arguments, run), data_help="a toy file",
+                     paths=("train", "toy_words"), evaluate_options=(base.Option("--depth", "depth", "how deep", int),
+                                                                     base.Option("--beam", "beam_size", "beams", int)))
+    base.tasks()  # the built-in tasks first
+    monkeypatch.setitem(base._REGISTRY, "toy", task)
+    return calls
+
+
+def test_a_registered_task_gets_train_evaluate_and_predict_commands(toy, tmp_path, capsys):
+    assert main(["train", "toy", "--train", "t.txt", "--set", "data.words=5", "--out", str(tmp_path / "r")]) == 0
+    kind, cfg, resume = toy[-1]
+    assert (kind, cfg.data.train, cfg.data.words, cfg.out, resume) == ("train", "t.txt", 5, str(tmp_path / "r"), False)
+    model = json.loads(capsys.readouterr().out)["model"]
+
+    assert main(["train", "toy", "--show-config"]) == 0
+    assert "data.words = 3" in capsys.readouterr().out
+
+    assert main(["evaluate", model, "--data", "d.txt", "--depth", "2"]) == 0
+    assert toy[-1] == ("evaluate", model, "d.txt", {"depth": 2})  # only the flags given, only the task's own
+    assert json.loads(capsys.readouterr().out) == {"score": 42.0}
+
+    assert main(["toyify", model, "--loud"]) == 0
+    assert toy[-1] == ("predict", model, True)
+
+    evaluate_help = cli.build_parser()._subparsers._group_actions[0].choices["evaluate"].format_help()
+    evaluate_help = " ".join(evaluate_help.split())
+    assert "toy: a toy file" in evaluate_help and "toy: how deep" in evaluate_help
+    assert "translation: beam size (default: the model's setting); toy: beams" in evaluate_help
+
+
+def test_evaluate_names_an_unregistered_task(tmp_path, capsys):
+    (tmp_path / TASK_FILE).write_text(json.dumps({"task": "poetry"}))
+    assert main(["evaluate", str(tmp_path), "--data", "x"]) == 2
+    assert "no evaluation for task 'poetry'" in capsys.readouterr().err
+
+
+def test_a_model_of_another_task_is_refused_by_load(tmp_path):
+    from maskattn.tasks import translation
+
+    (tmp_path / TASK_FILE).write_text(json.dumps({"task": "lm"}))
+    with pytest.raises(ValueError, match=r"holds a 'lm' model, not a 'translation' one"):
+        translation.load(tmp_path)
+
+
+@pytest.mark.parametrize(("task", "data"), [("translation", "--train-src"), ("classification", "--train"),
+                                            ("lm", "--train")])
+def test_an_unknown_tokenizer_is_one_error_naming_the_setting_value_and_choices(task, data, tmp_path, capsys):
+    path = tmp_path / "data.tsv"
+    path.write_text("sentence\tlabel\nein\t0\nzwei\t1\n")  # a labelled file, a TSV of pairs and a text at once
+    assert main(["train", task, data, str(path), "--set", 'data.tokenizer="words"', "--out", str(tmp_path / "r")]) == 2
+    assert "data.tokenizer must be one of 'bpe', 'chars', got 'words'" in capsys.readouterr().err
+
+
+def test_head_runs_a_model_method_as_forward():
+    import torch
+
+    from maskattn.models import EncoderConfig, EncoderModel
+    from maskattn.tasks.common import Head
+
+    torch.manual_seed(0)
+    model = EncoderModel(EncoderConfig.preset("tiny", vocab_size=11, num_labels=3)).eval()
+    ids, lengths = torch.tensor([[1, 2, 3], [4, 5, 0]]), torch.tensor([3, 2])
+    head = Head(model, "classify")
+    assert torch.equal(head(ids, lengths=lengths), model.classify(ids, lengths=lengths))
+    assert list(head.state_dict()) == [f"model.{k}" for k in model.state_dict()]  # checkpoints keep their keys
+    with pytest.raises(ValueError, match="EncoderModel has no method 'clasify'"):
+        Head(model, "clasify")
