@@ -148,7 +148,7 @@ def test_stats_tiles_equal_the_exact_classification(case, block_q, block_k):
             empty += int((~tile.any(-1)).sum())
             full += int(tile.all(-1).sum())
     assert stats.tiles_empty <= empty and stats.tiles_full <= full
-    if case.mask._row_bounds(torch.arange(case.q_offset, case.q_offset + case.q_len), case.k_len) is None:
+    if case.mask.row_bounds(torch.arange(case.q_offset, case.q_offset + case.q_len), case.k_len) is None:
         return
     if stats.tiles_empty + stats.tiles_full != empty + full:  # fell back to the block map (a gap)
         return

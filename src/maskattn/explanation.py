@@ -13,7 +13,7 @@ from torch import Tensor
 
 from maskattn.backends import flex, sdpa
 from maskattn.dispatch import _as_mask, _check_inputs, can_run, decide
-from maskattn.masks import Mask, _Causal
+from maskattn.masks import Mask, structure
 
 
 @dataclass
@@ -68,7 +68,8 @@ def explain(q: Tensor, k: Tensor, v: Tensor, mask: Mask | Tensor | None = None, 
         elif name == "sdpa":
             split = sdpa.segments(mask, lq, lk, q_offset, b) is not None  # one call per document
             cheap = sdpa.cheap_mask(mask, lq, lk, q_offset) or split
-            causal = isinstance(mask, _Causal)  # is_causal: the fused kernel skips the blocks above the diagonal
+            # pure causal: is_causal, the fused kernel skips the blocks above the diagonal
+            causal = structure(mask).kinds == ("causal",)
             costs[name] = work(kept if causal or split else dense,
                                "" if cheap else f", needs a {b * lq * lk / 1e6:.1f} MB Lq x Lk mask tensor")
         else:
