@@ -37,9 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from maskattn.backends.registry import Backend, Call
 from maskattn.masks import Mask, structure
 
-__all__ = ["MAX_SEGMENTS", "attention", "band", "cheap_mask", "segments"]
+__all__ = ["BACKEND", "MAX_SEGMENTS", "attention", "band", "cheap_mask", "fast_path", "segments"]
 
 MAX_SEGMENTS = 64  # per-document calls of one attention call (over the whole batch)
 # Below this many scores per (batch, head) one call with the dense mask is cheaper than splitting it into
@@ -195,3 +196,39 @@ def attention(
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty, dropout_p=dropout_p, scale=scale,
                                          enable_gqa=gqa)
     return out.masked_fill(empty, 0.0), None
+
+
+def _refuses(call: Call) -> str | None:
+    if call.dropout_p > 0.0 and call.generator is not None:
+        return f"backend 'sdpa' cannot draw dropout (dropout_p={call.dropout_p}) from a generator"
+    return None
+
+
+def fast_path(call: Call) -> str | None:
+    """Why this backend runs ``call`` without an Lq x Lk mask tensor, as the ``auto`` rules prefer it:
+    no mask, aligned causal, key padding (:func:`cheap_mask`), or a few contiguous documents
+    (:func:`segments`); else None. The banded window is not offered: ``blocked`` beats it
+    (docs/performance.md)."""
+    q_len, k_len = call.q.shape[2], call.k.shape[2]
+    if cheap_mask(call.mask, q_len, k_len, call.q_offset):
+        kind = "no mask" if call.mask is None else repr(call.mask)
+        return f"{kind}: PyTorch's fused kernel takes it without an Lq x Lk mask tensor"
+    split = segments(call.mask, q_len, k_len, call.q_offset, call.q.shape[0])
+    if split is None:
+        return None
+    count = sum(len(row) for row in split[0])
+    return (f"{call.mask!r} over {count} contiguous document(s): one SDPA call per document, without a mask "
+            "tensor (at most sdpa.MAX_SEGMENTS calls)")
+
+
+def _cost(call: Call, kept: int) -> tuple[int, str]:
+    batch, _, q_len, _ = call.q.shape
+    k_len = call.k.shape[2]
+    split = segments(call.mask, q_len, k_len, call.q_offset, batch) is not None  # one call per document
+    cheap = split or cheap_mask(call.mask, q_len, k_len, call.q_offset)
+    causal = structure(call.mask).kinds == ("causal",)  # is_causal: the kernel skips blocks above the diagonal
+    entries = kept if causal or split else call.scores
+    return entries, "" if cheap else f"needs a {batch * q_len * k_len / 1e6:.1f} MB Lq x Lk mask tensor"
+
+
+BACKEND = Backend("sdpa", attention, refuses=_refuses, cost=_cost, fast_path=fast_path)

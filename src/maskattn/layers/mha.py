@@ -131,7 +131,7 @@ class MultiHeadAttention(nn.Module):
             as_mask = from_tensor(mask) if isinstance(mask, Tensor) else mask
             backend = dispatch.choose_backend(q, k, as_mask, dropout_p=dropout_p, return_weights=False,
                                               q_offset=q_offset)
-        if backend in ("reference", "blocked"):
+        if dispatch.get_backend(backend).returns_lse:
             out, lse = attention(q, k, v, mask, dropout_p=dropout_p, backend=backend, return_lse=True,
                                  q_offset=q_offset)
         else:
