@@ -173,8 +173,18 @@ def test_blocked_dropout_is_reproducible_and_backward_matches_it():
 
     assert torch.equal(run(q, k, v), run(q, k, v))
     assert not torch.equal(run(q, k, v), run(q, k, v, seed=4))
-    dropped = run(q, k, v) == 0
-    assert 0 < dropped.float().mean() < 1 or not dropped.any()
+    # with the identity as values, the output is the dropped-out weights themselves: (1, 4, 11, 11)
+    eye = torch.eye(11, dtype=torch.float64).expand(1, 4, 11, 11)
+    dropped = run(q, k, eye).detach()
+    _, clean = reference.attention(q.detach(), k.detach(), v.detach(), mask, scale=0.5, return_weights=True)
+    allowed = clean > 0
+    kept = allowed & (dropped != 0)
+    assert not (dropped[~allowed] != 0).any()  # nothing appears where the mask hides the key
+    torch.testing.assert_close(dropped[kept], clean[kept] / 0.6, rtol=1e-12, atol=0)  # inverted dropout
+    rate = 1 - kept.sum() / allowed.sum()
+    assert 0.25 < rate < 0.55, f"dropped {rate:.2f} of the weights with dropout_p=0.4"
+    # the same seed drops the same weights whatever the values: dropout acts on the weights, before @ v
+    torch.testing.assert_close(run(q, k, v), dropped @ v, rtol=1e-12, atol=1e-12)
     # the gradient is that of the function with this seed's dropout masks, checked numerically
     assert torch.autograd.gradcheck(run, (q, k, v))
 
