@@ -74,10 +74,11 @@ def test_blocked_equals_reference(case, heads, data):
     _assert_agree(run, q, k, v, case, data.draw(st.sampled_from([1.0, 0.3])), 1e-5)
 
 
-@given(mask_cases(max_len=20), st.sampled_from(HEADS), st.data())
-def test_sdpa_equals_reference(case, heads, data):
+@pytest.mark.parametrize("name", NOT_REFERENCE)  # every registered backend that trains here, as registered
+@given(case=mask_cases(max_len=20), heads=st.sampled_from(HEADS), data=st.data())
+def test_backend_equals_reference(name, case, heads, data):
     q, k, v = _inputs(case, heads, data)
-    _assert_agree(sdpa.attention, q, k, v, case, data.draw(st.sampled_from([1.0, 0.3])), 1e-5)
+    _assert_agree(REGISTRY[name].fn, q, k, v, case, data.draw(st.sampled_from([1.0, 0.3])), 1e-5)
 
 
 @pytest.mark.parametrize("kernel", ["fused", "math"])
