@@ -1,6 +1,7 @@
 """The auto rules of docs/performance.md, checked by the backend that actually ran, and the registry's
 records checked against what their backends do."""
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -84,6 +85,6 @@ def test_records_say_what_their_backends_refuse(name):
 
 def test_unknown_backends_are_named():
     q = torch.randn(1, 1, 4, 8)
-    with pytest.raises(ValueError, match=r"one of \['blocked', 'flex', 'reference', 'sdpa'\], got 'fast'"):
+    with pytest.raises(ValueError, match=re.escape(f"one of {sorted(REGISTRY)}, got 'fast'")):
         dispatch.can_run("fast", q, dropout_p=0.0, return_weights=False)
     assert sorted(dispatch.BACKENDS) == sorted(REGISTRY) and dispatch.BACKENDS["sdpa"] is REGISTRY["sdpa"].fn
