@@ -75,9 +75,10 @@ def _sdpa_best(mask: Mask | None, n: int) -> Callable | None:
     """SDPA without a mask tensor, where the mask allows it (no mask, is_causal, key padding)."""
     if mask is None:
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
-    if isinstance(mask, masks._Causal):
+    kinds = masks.structure(mask).kinds
+    if kinds == ("causal",):
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if isinstance(mask, masks._Padding):
+    if kinds in (("lengths",), ("valid",)):
         keys = mask.to_dense(1, n)  # (1, 1, 1, Lk)
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=keys)
     return None

@@ -14,12 +14,16 @@ from hypothesis import strategies as st
 
 import maskattn
 from maskattn import masks
-from maskattn.backends import blocked, flex, reference, sdpa
-from maskattn.dispatch import choose_backend  # the real rules, even when conftest forces a backend
+from maskattn.backends import REGISTRY, blocked, flex, reference, sdpa
+from maskattn.dispatch import can_run, choose_backend  # the real rules, even when conftest forces a backend
 from strategies import HEADS, mask_cases
 from strategies import attention_inputs as _inputs
 
 FLEX_ON_CPU = flex.available(torch.device("cpu"), torch.float32, needs_grad=False)
+# the registered backends that can run a training call (with gradients) here, and those other than the oracle
+TRAINABLE = [name for name in REGISTRY
+             if can_run(name, torch.zeros(1, 1, 1, 1), dropout_p=0.0, return_weights=False, needs_grad=True)]
+NOT_REFERENCE = [name for name in TRAINABLE if name != "reference"]
 
 
 def _close(a, b, tol, **kwargs):
@@ -70,10 +74,11 @@ def test_blocked_equals_reference(case, heads, data):
     _assert_agree(run, q, k, v, case, data.draw(st.sampled_from([1.0, 0.3])), 1e-5)
 
 
-@given(mask_cases(max_len=20), st.sampled_from(HEADS), st.data())
-def test_sdpa_equals_reference(case, heads, data):
+@pytest.mark.parametrize("name", NOT_REFERENCE)  # every registered backend that trains here, as registered
+@given(case=mask_cases(max_len=20), heads=st.sampled_from(HEADS), data=st.data())
+def test_backend_equals_reference(name, case, heads, data):
     q, k, v = _inputs(case, heads, data)
-    _assert_agree(sdpa.attention, q, k, v, case, data.draw(st.sampled_from([1.0, 0.3])), 1e-5)
+    _assert_agree(REGISTRY[name].fn, q, k, v, case, data.draw(st.sampled_from([1.0, 0.3])), 1e-5)
 
 
 @pytest.mark.parametrize("kernel", ["fused", "math"])
@@ -114,14 +119,14 @@ def test_flex_on_cpu_refuses_gradients_clearly():
         flex.attention(q, q, q, masks.causal(), scale=1.0)
 
 
-@pytest.mark.parametrize("name", ["blocked", "sdpa", "flex"])
+@pytest.mark.parametrize("name", [name for name, record in REGISTRY.items() if not record.returns_weights])
 def test_weights_only_from_the_reference(name):
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match=r"return_weights.*backend='reference'"):
         maskattn.attention(q, q, q, masks.causal(), backend=name, return_weights=True)
 
 
-@pytest.mark.parametrize("name", ["reference", "blocked", "sdpa"])
+@pytest.mark.parametrize("name", TRAINABLE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fully_masked_rows_are_zero_with_zero_gradients(name, dtype):
     q, k, v = (torch.randn(2, 4, 9, 8, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -136,7 +141,7 @@ def test_fully_masked_rows_are_zero_with_zero_gradients(name, dtype):
     assert (k2.grad[1] == 0).all() and (v2.grad[1] == 0).all()
 
 
-@pytest.mark.parametrize("name", ["blocked", "sdpa"])
+@pytest.mark.parametrize("name", NOT_REFERENCE)
 def test_value_head_dim_may_differ(name):
     q, k, v = torch.randn(2, 4, 20, 8), torch.randn(2, 2, 30, 8), torch.randn(2, 2, 30, 5)
     mask = masks.causal() & masks.padding([30, 17])
@@ -145,7 +150,7 @@ def test_value_head_dim_may_differ(name):
                                atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["blocked", "sdpa"])
+@pytest.mark.parametrize("name", NOT_REFERENCE)
 def test_non_contiguous_inputs(name):
     # (B, L, H, D) projections transposed to (B, H, L, D), as a layer produces them
     q, k, v = (torch.randn(2, 19, h, 8, requires_grad=True) for h in (4, 2, 2))
@@ -169,8 +174,18 @@ def test_blocked_dropout_is_reproducible_and_backward_matches_it():
 
     assert torch.equal(run(q, k, v), run(q, k, v))
     assert not torch.equal(run(q, k, v), run(q, k, v, seed=4))
-    dropped = run(q, k, v) == 0
-    assert 0 < dropped.float().mean() < 1 or not dropped.any()
+    # with the identity as values, the output is the dropped-out weights themselves: (1, 4, 11, 11)
+    eye = torch.eye(11, dtype=torch.float64).expand(1, 4, 11, 11)
+    dropped = run(q, k, eye).detach()
+    _, clean = reference.attention(q.detach(), k.detach(), v.detach(), mask, scale=0.5, return_weights=True)
+    allowed = clean > 0
+    kept = allowed & (dropped != 0)
+    assert not (dropped[~allowed] != 0).any()  # nothing appears where the mask hides the key
+    torch.testing.assert_close(dropped[kept], clean[kept] / 0.6, rtol=1e-12, atol=0)  # inverted dropout
+    rate = 1 - kept.sum() / allowed.sum()
+    assert 0.25 < rate < 0.55, f"dropped {rate:.2f} of the weights with dropout_p=0.4"
+    # the same seed drops the same weights whatever the values: dropout acts on the weights, before @ v
+    torch.testing.assert_close(run(q, k, v), dropped @ v, rtol=1e-12, atol=1e-12)
     # the gradient is that of the function with this seed's dropout masks, checked numerically
     assert torch.autograd.gradcheck(run, (q, k, v))
 

@@ -135,21 +135,65 @@ def test_hf_masks_from_transformers_own_mask_preparation(window):
         assert torch.equal(masks.from_hf(hf_mask).to_dense(6, 6), expected)
 
 
-@given(mask_cases(max_len=12), st.integers(1, 5), st.integers(1, 5))
-def test_stats_tiles_equal_the_exact_classification(case, block_q, block_k):
-    # interval-structured masks count tiles from their row bounds; the result must equal a count over
-    # the dense tiles wherever it claims exactness, and never call a non-empty tile empty
-    stats = case.mask.stats(case.q_len, case.k_len, block_q=block_q, block_k=block_k, q_offset=case.q_offset)
-    dense = case.mask.to_dense(case.q_len, case.k_len, q_offset=case.q_offset)
+def _exact_tile_counts(dense, block_q, block_k):
+    """(empty, full) tiles of a dense (B, H, Lq, Lk) mask, counted tile by tile."""
     empty = full = 0
-    for i in range(0, case.q_len, block_q):
-        for j in range(0, case.k_len, block_k):
+    for i in range(0, dense.shape[2], block_q):
+        for j in range(0, dense.shape[3], block_k):
             tile = dense[:, :, i:i + block_q, j:j + block_k].flatten(2)
             empty += int((~tile.any(-1)).sum())
             full += int(tile.all(-1).sum())
+    return empty, full
+
+
+def _interval_path_applies(dense, block_q):
+    """Whether stats counts tiles from row intervals (stats.py, _tiles_from_bounds): in every query tile the
+    rows that see something start in order and without a gap, and, as stats.py implements it, a tile whose
+    first row sees nothing sees nothing in any row. ``dense`` is (B, H, Lq, Lk), each row one interval."""
+    for rows in dense.flatten(0, 1):
+        for tile in rows.split(block_q):
+            live = [row.nonzero().flatten() for row in tile if row.any()]
+            if not live:
+                continue
+            if not tile[0].any():
+                return False
+            start, reach = int(live[0][0]), int(live[0][-1]) + 1
+            for keys in live[1:]:
+                lo, hi = int(keys[0]), int(keys[-1]) + 1
+                if lo < start or lo > reach:
+                    return False
+                start, reach = lo, max(reach, hi)
+    return True
+
+
+@given(mask_cases(max_len=12), st.integers(1, 5), st.integers(1, 5))
+def test_stats_tiles_equal_the_exact_classification(case, block_q, block_k):
+    # interval-structured masks count tiles from their row bounds: exactly, wherever that path applies; any
+    # other count comes from the block map, which must never call a non-empty tile empty nor a partial one full
+    stats = case.mask.stats(case.q_len, case.k_len, block_q=block_q, block_k=block_k, q_offset=case.q_offset)
+    dense = case.mask.to_dense(case.q_len, case.k_len, q_offset=case.q_offset)
+    empty, full = _exact_tile_counts(dense, block_q, block_k)
     assert stats.tiles_empty <= empty and stats.tiles_full <= full
-    if case.mask._row_bounds(torch.arange(case.q_offset, case.q_offset + case.q_len), case.k_len) is None:
+    assert stats.allowed == int(dense.sum())
+    bounds = case.mask.row_bounds(torch.arange(case.q_offset, case.q_offset + case.q_len), case.k_len)
+    if bounds is None:
         return
-    if stats.tiles_empty + stats.tiles_full != empty + full:  # fell back to the block map (a gap)
-        return
-    assert (stats.tiles_empty, stats.tiles_full) == (empty, full)
+    lo, hi = (torch.as_tensor(x).clamp(0, case.k_len)[..., None] for x in bounds)  # (B|1, H|1, Lq, 1)
+    keys = torch.arange(case.k_len)
+    assert torch.equal(((keys >= lo) & (keys < hi)).expand_as(dense), dense)  # the rows are those intervals
+    if _interval_path_applies(dense, block_q):
+        assert (stats.tiles_empty, stats.tiles_full) == (empty, full)
+
+
+@pytest.mark.parametrize("mask", [
+    masks.full(), masks.causal(), masks.causal() & masks.sliding_window(3), masks.prefix_lm(4),
+    masks.padding([12, 2]), masks.document(torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3]])) & masks.causal(),
+], ids=repr)
+@pytest.mark.parametrize("block_q,block_k", [(4, 3), (5, 5), (3, 7)])
+def test_stats_counts_interval_masks_exactly(mask, block_q, block_k):
+    """Masks that take the interval path for certain (short last tiles included), so the exactness above
+    is exercised on every run, not only when hypothesis draws such a mask."""
+    dense = mask.to_dense(12, 12)
+    assert _interval_path_applies(dense, block_q)
+    stats = mask.stats(12, 12, block_q=block_q, block_k=block_k)
+    assert (stats.tiles_empty, stats.tiles_full) == _exact_tile_counts(dense, block_q, block_k)

@@ -175,3 +175,97 @@ def test_relative_is_true_only_for_distance_masks():
     assert masks.causal().relative and masks.full().relative and (~masks.sliding_window(3) | masks.causal()).relative
     assert not any(m.relative for m in (masks.padding([2]), doc, masks.prefix_lm(2), masks.causal() & doc,
                                         masks.from_tensor(torch.ones(4, 4, dtype=torch.bool))))
+
+
+# --- the public structure view --------------------------------------------------------------------
+def _from_structure(s: masks.MaskStructure, q_len: int, k_len: int, q_offset: int) -> torch.Tensor:
+    """The (B|1, 1|H, Lq, Lk) mask the fields of ``s`` describe, from their documented meaning, & its rest."""
+    q = torch.arange(q_offset, q_offset + q_len).view(1, 1, -1, 1)
+    k = torch.arange(k_len).view(1, 1, 1, -1)
+    dense = torch.ones(1, 1, q_len, k_len, dtype=torch.bool)
+    if s.causal:
+        dense = dense & (k <= q)
+    if s.window is not None:
+        dense = dense & (q - k < s.window)
+    if s.lengths is not None:
+        dense = dense & (k < s.lengths.view(-1, 1, 1, 1))
+    if s.valid is not None:
+        dense = dense & s.valid[:, None, None, :k_len]
+    if s.doc_ids is not None:
+        ids = s.doc_ids[:, None]  # (B, 1, L)
+        dense = dense & (ids[..., q_offset:q_offset + q_len, None] == ids[..., None, :k_len])
+    if s.prefix is not None:
+        dense = dense & ((k <= q) | (k < s.prefix.view(-1, 1, 1, 1)))
+    for part in s.rest:
+        dense = dense & part.to_dense(q_len, k_len, q_offset=q_offset)
+    return dense
+
+
+@given(mask_cases(max_len=10))
+def test_structure_is_exactly_the_mask(case):
+    """The & of a structure's fields and rest is the mask itself, so no consumer can take it for less."""
+    s = masks.structure(case.mask)
+    rebuilt = _from_structure(s, case.q_len, case.k_len, case.q_offset)
+    assert torch.equal(rebuilt.expand(case.batch, case.heads, case.q_len, case.k_len), case.brute_dense())
+    assert s.relative == case.mask.relative
+
+
+def _doc():
+    return masks.document(torch.tensor([[0, 0, 1, 1, 1]]))
+
+
+@pytest.mark.parametrize("make,kinds", [
+    (lambda: None, ()),
+    (masks.full, ()),
+    (lambda: masks.full() & masks.full(), ()),
+    (masks.causal, ("causal",)),
+    (lambda: masks.causal() & masks.causal(), ("causal",)),
+    (lambda: masks.full() & masks.causal(), ("causal",)),
+    (lambda: masks.sliding_window(3), ("window",)),
+    (lambda: masks.causal() & masks.sliding_window(4) & masks.padding([5, 3]), ("causal", "window", "lengths")),
+    (lambda: masks.padding(torch.ones(2, 5, dtype=torch.bool)), ("valid",)),
+    (lambda: _doc() & masks.causal(), ("causal", "doc_ids")),
+    (lambda: masks.prefix_lm(2), ("prefix",)),
+    # what the fields cannot express goes to rest, whole
+    (lambda: masks.padding([3]) & masks.padding([2]), ("lengths", "rest")),
+    (lambda: _doc() & _doc(), ("doc_ids", "rest")),
+    (lambda: masks.causal() | masks.padding([2]), ("rest",)),
+    (lambda: ~masks.causal(), ("rest",)),
+    (lambda: ~masks.full(), ("rest",)),
+    (lambda: masks.from_tensor(torch.ones(5, 5, dtype=torch.bool)), ("rest",)),
+    (lambda: masks.causal() & (masks.sliding_window(2) | masks.padding([1])), ("causal", "rest")),
+])
+def test_structure_of_hand_built_masks(make, kinds):
+    mask = make()
+    s = masks.structure(mask)
+    assert s.kinds == kinds
+    assert s.is_full == (kinds == ())
+    if mask is not None:
+        shape = (mask.batch, mask.heads, 5, 5)
+        assert torch.equal(_from_structure(s, 5, 5, 0).expand(shape), mask.to_dense(5, 5).expand(shape))
+
+
+def test_structure_fields_hold_the_leaves_values():
+    lengths, ids = torch.tensor([5, 3]), torch.tensor([[0, 0, 1, 1, 1]])
+    s = masks.structure(masks.sliding_window(6) & masks.causal() & masks.padding(lengths) & masks.sliding_window(4))
+    assert (s.causal, s.window, s.rest, s.relative) == (True, 4, (), False)  # two windows: the narrower
+    assert torch.equal(s.lengths, lengths) and s.valid is None and s.doc_ids is None and s.prefix is None
+    assert torch.equal(masks.structure(masks.document(ids)).doc_ids, ids)
+    assert masks.structure(masks.prefix_lm(3)).prefix.tolist() == [3]
+    second = masks.padding([2])
+    assert masks.structure(masks.padding([4]) & second).rest == (second,)
+    union = masks.causal() | masks.sliding_window(2)
+    assert masks.structure(union).rest == (union,) and masks.structure(union).relative
+    assert masks.structure(None).relative and masks.structure(masks.causal()).relative
+
+
+def test_no_private_names_are_exported_and_old_private_classes_warn():
+    import maskattn
+    from maskattn.masks import base, convert, expr, kinds, stats, structure, tensor_kinds, tiles
+
+    for module in (maskattn, masks, base, convert, expr, kinds, stats, structure, tensor_kinds, tiles):
+        assert not [name for name in getattr(module, "__all__", []) if name.startswith("_")], module.__name__
+    with pytest.warns(DeprecationWarning, match="structure"):
+        assert masks._Causal is type(masks.causal())
+    with pytest.raises(AttributeError):
+        masks._NoSuchThing  # noqa: B018

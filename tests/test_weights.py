@@ -1,6 +1,8 @@
 """Cheap weights: the log-sum-exp every backend returns, and weights recomputed from it, against the
 reference backend's own ``return_weights`` and a brute-force log-sum-exp."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given
@@ -8,7 +10,7 @@ from hypothesis import strategies as st
 
 import maskattn
 from maskattn import masks
-from maskattn.backends import blocked, flex, reference
+from maskattn.backends import REGISTRY, blocked, flex, reference
 from maskattn.models import DecoderLM, DecoderLMConfig, Transformer, TransformerConfig
 from maskattn.viz import capture_attention
 from strategies import HEADS, attention_inputs, mask_cases
@@ -109,7 +111,7 @@ def test_cheap_capture_never_runs_the_dense_path_and_equals_it(monkeypatch):
         def refuse(*args, **kwargs):
             raise AssertionError("the cheap path ran the reference backend")
 
-        monkeypatch.setitem(maskattn.dispatch.BACKENDS, "reference", refuse)
+        monkeypatch.setitem(REGISTRY, "reference", replace(REGISTRY["reference"], fn=refuse))
         with capture_attention(model, layers=["*layers.1.*"], heads=[1, 3], rows=rows) as cheap:
             hooked = model(x)
     assert torch.equal(plain, hooked), "recording must not change the model's outputs"

@@ -224,7 +224,9 @@ def _masks_show(args: argparse.Namespace) -> int:
         return 0
     print(mask.render(args.length, args.keys, q_offset=args.q_offset))
     if args.png:
-        mask.plot(args.length, args.keys, q_offset=args.q_offset, path=args.png)
+        from maskattn.plotting import plot_mask
+
+        plot_mask(mask, args.length, args.keys, q_offset=args.q_offset, path=args.png)
         print(f"wrote {args.png}")
     return 0
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from maskattn.backends import blocked, flex, reference, sdpa
-from maskattn.masks import Mask, from_tensor
+from maskattn.backends import REGISTRY, AttentionFn, Call
+from maskattn.backends import get as get_backend
+from maskattn.masks import Mask, as_mask
 
 logger = logging.getLogger("maskattn.attention")
 
@@ -24,14 +26,21 @@ logger = logging.getLogger("maskattn.attention")
 # CPU (docs/performance.md, "small problems"): there are too few tiles to skip to pay for their bookkeeping.
 SMALL_SCORES = 512 * 512
 
-Backend = Callable[..., tuple[Tensor, Tensor | None]]
 
-BACKENDS: dict[str, Backend] = {
-    "reference": reference.attention,
-    "blocked": blocked.attention,
-    "sdpa": sdpa.attention,
-    "flex": flex.attention,
-}
+class _Functions(Mapping[str, AttentionFn]):
+    """``name -> backend function``, read live from the registry (the mapping maskattn had before it)."""
+
+    def __getitem__(self, name: str) -> AttentionFn:
+        return REGISTRY[name].fn
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(REGISTRY)
+
+    def __len__(self) -> int:
+        return len(REGISTRY)
+
+
+BACKENDS: Mapping[str, AttentionFn] = _Functions()
 
 
 def can_run(
@@ -39,17 +48,9 @@ def can_run(
     generator: torch.Generator | None = None, return_lse: bool = False,
 ) -> bool:
     """Whether backend ``name`` supports a call with these features (the others raise ValueError)."""
-    if name == "reference":
-        return True
-    if return_weights:
-        return False
-    if name == "blocked":
-        return True
-    if name == "sdpa":
-        return not return_lse and (dropout_p == 0.0 or generator is None)
-    if name == "flex":
-        return dropout_p == 0.0 and flex.available(q.device, q.dtype, needs_grad)
-    raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {name!r}")
+    call = Call(q, dropout_p=dropout_p, return_weights=return_weights, return_lse=return_lse, generator=generator,
+                needs_grad=needs_grad)
+    return get_backend(name).refusal(call) is None
 
 
 def choose_backend(
@@ -68,34 +69,67 @@ def choose_backend(
     * ``document(ids)`` or ``causal() & document(ids)`` over a few contiguous documents -> ``sdpa``,
       one call per document (``sdpa.segments``);
     * any other mask -> ``blocked``, which skips the tiles the mask hides.
+
+    The rules are the data :data:`RULES`.
     """
     return decide(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset,
                   generator=generator, return_lse=return_lse)[0]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row of the table in docs/performance.md: ``why(call)`` says why ``backend`` runs the call, or None."""
+
+    backend: str
+    why: Callable[[Call], str | None]
+
+
+def _fast_path(name: str) -> Callable[[Call], str | None]:
+    """The rule "backend ``name`` runs the call without an Lq x Lk mask tensor" (its record's fast_path)."""
+
+    def why(call: Call) -> str | None:
+        backend = get_backend(name)
+        return None if backend.fast_path is None or backend.refusal(call) else backend.fast_path(call)
+
+    return why
+
+
+def _small(call: Call) -> str | None:
+    q_len, k_len = call.q.shape[2], call.k.shape[2]
+    if q_len * k_len > SMALL_SCORES:
+        return None
+    return f"Lq x Lk = {q_len} x {k_len} is small: a dense mask is cheap and the fused kernel beats tile bookkeeping"
+
+
+# The auto rules, first match wins; backend names appear here as policy, each rule being a measurement. sdpa's
+# fast path includes the per-document split, which sdpa takes only above sdpa.MIN_SPLIT_SCORES == SMALL_SCORES,
+# so it never competes with the small-problem rule that docs/performance.md lists before it.
+RULES: tuple[Rule, ...] = (
+    Rule("reference", lambda c: "return_weights=True: only the reference backend builds the (B, H, Lq, Lk) weights"
+         if c.return_weights else None),
+    Rule("blocked", lambda c: "return_lse=True: blocked keeps the per-row log-sum-exp (for its backward) and "
+         "returns it" if c.return_lse else None),
+    Rule("blocked", lambda c: f"dropout_p={c.dropout_p} from a generator: blocked applies seeded per-tile dropout"
+         if c.dropout_p > 0.0 and c.generator is not None else None),
+    Rule("sdpa", _fast_path("sdpa")),  # no mask, aligned causal, key padding, a few contiguous documents
+    Rule("sdpa", _small),
+    Rule("blocked", lambda c: f"{c.mask!r} needs an element mask: blocked skips the tiles it hides and masks only "
+         "partial ones"),
+)
 
 
 def decide(
     q: Tensor, k: Tensor, mask: Mask | None, *, dropout_p: float, return_weights: bool, q_offset: int = 0,
     generator: torch.Generator | None = None, return_lse: bool = False,
 ) -> tuple[str, str]:
-    """``(backend, why)``: the choice of :func:`choose_backend` and the rule that made it."""
-    if return_weights:
-        return "reference", "return_weights=True: only the reference backend builds the (B, H, Lq, Lk) weights"
-    if return_lse:
-        return "blocked", "return_lse=True: blocked keeps the per-row log-sum-exp (for its backward) and returns it"
-    if dropout_p > 0.0 and generator is not None:
-        return "blocked", f"dropout_p={dropout_p} from a generator: blocked applies seeded per-tile dropout"
-    if sdpa.cheap_mask(mask, q.shape[2], k.shape[2], q_offset):
-        kind = "no mask" if mask is None else repr(mask)
-        return "sdpa", f"{kind}: PyTorch's fused kernel takes it without an Lq x Lk mask tensor"
-    if q.shape[2] * k.shape[2] <= SMALL_SCORES:
-        return "sdpa", (f"Lq x Lk = {q.shape[2]} x {k.shape[2]} is small: a dense mask is cheap and the fused "
-                        "kernel beats tile bookkeeping")
-    split = sdpa.segments(mask, q.shape[2], k.shape[2], q_offset, q.shape[0])
-    if split is not None:
-        count = sum(len(row) for row in split[0])
-        return "sdpa", (f"{mask!r} over {count} contiguous document(s): one SDPA call per document, "
-                        "without a mask tensor (at most sdpa.MAX_SEGMENTS calls)")
-    return "blocked", f"{mask!r} needs an element mask: blocked skips the tiles it hides and masks only partial ones"
+    """``(backend, why)``: the choice of :func:`choose_backend` and the rule that made it (:data:`RULES`)."""
+    call = Call(q, k, mask, q_offset=q_offset, dropout_p=dropout_p, return_weights=return_weights,
+                return_lse=return_lse, generator=generator)
+    for rule in RULES:
+        why = rule.why(call)
+        if why is not None:
+            return rule.backend, why
+    raise AssertionError("the last rule always applies")
 
 
 def attention(
@@ -127,7 +161,7 @@ def attention(
             (B, H, Lq, Lk) (wrapped with ``masks.from_tensor``), or None for full attention.
         scale: multiplier of the scores; default ``1 / sqrt(D)``.
         dropout_p: dropout probability on the attention weights. Pass 0 in evaluation.
-        backend: ``"auto"`` or a name in :data:`BACKENDS`.
+        backend: ``"auto"`` or the name of a registered backend (:data:`maskattn.backends.REGISTRY`).
         return_weights: also return the (B, H, Lq, Lk) attention weights (before dropout).
         q_offset: absolute position of the first query (e.g. the KV-cache length when decoding).
         generator: random generator for dropout.
@@ -144,8 +178,8 @@ def attention(
             unknown backend.
         TypeError: on non-floating or mismatched dtypes, or a mask of the wrong type.
     """
-    _check_inputs(q, k, v)
-    mask = _as_mask(mask)
+    check_inputs(q, k, v)
+    mask = as_mask(mask)
     if mask is not None:
         mask.check(q.shape[2], k.shape[2], q_offset=q_offset, batch=q.shape[0], heads=q.shape[1])
     elif isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0:
@@ -163,10 +197,9 @@ def attention(
         if logger.isEnabledFor(logging.DEBUG):
             _, why = decide(q, k, mask, generator=generator, **options)
             logger.debug("attention %s %s on %s: backend=%s (%s)", tuple(q.shape), q.dtype, q.device, backend, why)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+    run = get_backend(backend).fn
     extra = {"return_lse": True} if return_lse else {}
-    out, second = BACKENDS[backend](
+    out, second = run(
         q,
         k,
         v,
@@ -181,17 +214,9 @@ def attention(
     return (out, second) if return_weights or return_lse else out
 
 
-def _as_mask(mask: Mask | Tensor | None) -> Mask | None:
-    if mask is None or isinstance(mask, Mask):
-        return mask
-    if isinstance(mask, Tensor):
-        return from_tensor(mask)
-    raise TypeError(
-        f"mask must be a maskattn Mask, a bool tensor or None, got {type(mask).__name__}"
-    )
-
-
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
+def check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """Raise TypeError or ValueError, naming the argument and its value, unless q, k, v fit together
+    as (B, H, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv) floating tensors on one device, H a multiple of Hkv."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from maskattn.backends import flex, sdpa
-from maskattn.dispatch import _as_mask, _check_inputs, can_run, decide
-from maskattn.masks import Mask, _Causal
+from maskattn.backends import REGISTRY, Call
+from maskattn.dispatch import check_inputs, decide
+from maskattn.masks import Mask, as_mask
 
 
 @dataclass
@@ -34,8 +34,8 @@ def explain(q: Tensor, k: Tensor, v: Tensor, mask: Mask | Tensor | None = None, 
             return_weights: bool = False, q_offset: int = 0, block: int = 128,
             generator: torch.Generator | None = None, return_lse: bool = False) -> Explanation:
     """Explain the backend choice of ``maskattn.attention`` for these arguments, without running it."""
-    _check_inputs(q, k, v)
-    mask = _as_mask(mask)
+    check_inputs(q, k, v)
+    mask = as_mask(mask)
     b, h, lq, d = q.shape
     lk = k.shape[2]
     if mask is not None:
@@ -50,28 +50,15 @@ def explain(q: Tensor, k: Tensor, v: Tensor, mask: Mask | Tensor | None = None, 
         kept = round(dense * (1 - st.skipped_fraction))
         described = (f"{mask!r}: density {100 * st.density:.2f}%, {st.empty_rows} fully masked row(s), "
                      f"{100 * st.skipped_fraction:.1f}% of the scores in empty {block}x{block} tiles")
-    size = q.element_size()
-
-    def work(entries: int, extra: str = "") -> str:
-        return f"{4 * d * entries / 1e9:.3f} GFLOP forward ({entries:,} scores){extra}"
-
     costs: dict[str, str] = {}
-    for name in ("reference", "sdpa", "blocked", "flex"):
-        if not can_run(name, q, dropout_p=dropout_p, return_weights=return_weights, generator=generator,
-                       return_lse=return_lse):
-            costs[name] = "cannot run this call" + (" (return_weights)" if return_weights else "") + \
-                (" (return_lse)" if return_lse else "") + \
-                (" (dropout)" if dropout_p else "") + ("" if name != "flex" or flex.available(q.device, q.dtype, False)
-                                                       else " (FlexAttention unavailable here)")
-        elif name == "reference":
-            costs[name] = work(dense, f", builds {dense * size / 1e6:.1f} MB of weights")
-        elif name == "sdpa":
-            split = sdpa.segments(mask, lq, lk, q_offset, b) is not None  # one call per document
-            cheap = sdpa.cheap_mask(mask, lq, lk, q_offset) or split
-            causal = isinstance(mask, _Causal)  # is_causal: the fused kernel skips the blocks above the diagonal
-            costs[name] = work(kept if causal or split else dense,
-                               "" if cheap else f", needs a {b * lq * lk / 1e6:.1f} MB Lq x Lk mask tensor")
-        else:
-            costs[name] = work(kept, ", skips empty tiles")
+    request = Call(q, k, mask, q_offset=q_offset, dropout_p=dropout_p, return_weights=return_weights,
+                   return_lse=return_lse, generator=generator)
+    for name, record in REGISTRY.items():
+        refusal = record.refusal(request)
+        if refusal is not None:
+            costs[name] = f"cannot run this call: {refusal}"
+            continue
+        entries, note = record.cost(request, kept)
+        costs[name] = f"{4 * d * entries / 1e9:.3f} GFLOP forward ({entries:,} scores)" + (f", {note}" if note else "")
     call = f"q {tuple(q.shape)}, k {tuple(k.shape)}, {q.dtype}, {q.device}, q_offset={q_offset}"
     return Explanation(backend, why, call, described, costs)

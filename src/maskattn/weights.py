@@ -21,8 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from maskattn.dispatch import _as_mask
-from maskattn.masks import Mask
+from maskattn.masks import Mask, as_mask
 
 __all__ = ["attention_weights"]
 
@@ -63,7 +62,7 @@ def attention_weights(
         raise ValueError(f"lse must be (B, H, Lq) = {(b, h, lq)} like q, got shape {tuple(lse.shape)}")
     head_idx = _indices("heads", heads, h, q.device)
     row_idx = _indices("rows", rows, lq, q.device)
-    mask = _as_mask(mask)
+    mask = as_mask(mask)
     lk = k.shape[2]
     if mask is not None:
         mask.check(lq, lk, q_offset=q_offset, batch=b, heads=h)

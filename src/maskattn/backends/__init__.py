@@ -1,5 +1,14 @@
-"""Attention backends. Each is a function with the signature of :func:`reference.attention`.
+"""Attention backends. Each is a function with the signature of :class:`registry.AttentionFn`, described
+by one :class:`registry.Backend` record (its module's ``BACKEND``) registered below.
 
 Backends receive inputs that :func:`maskattn.attention` has already validated, and return
-``(output, weights)`` where ``weights`` is None unless requested.
+``(output, weights)`` where ``weights`` is None unless requested. To add one, see CONTRIBUTING.md.
 """
+
+from maskattn.backends import blocked, flex, reference, sdpa
+from maskattn.backends.registry import REGISTRY, AttentionFn, Backend, Call, get, register
+
+__all__ = ["REGISTRY", "AttentionFn", "Backend", "Call", "get", "register"]
+
+for _module in (reference, sdpa, blocked, flex):  # the order of preference, in which explain lists them
+    register(_module.BACKEND)

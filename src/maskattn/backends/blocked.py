@@ -44,9 +44,10 @@ from itertools import pairwise
 import torch
 from torch import Tensor
 
+from maskattn.backends.registry import Backend, Call
 from maskattn.masks import EMPTY, FULL, Mask
 
-__all__ = ["BLOCK_K", "BLOCK_Q", "attention"]
+__all__ = ["BACKEND", "BLOCK_K", "BLOCK_Q", "attention"]
 
 BLOCK_Q = 128  # query rows per tile (chosen by benchmarks/attention.py on a 2-core CPU, fp32, D=64)
 BLOCK_K = 128  # keys per tile
@@ -470,3 +471,10 @@ class _BlockedAttention(torch.autograd.Function):
             _scatter_keys(dv, dv_part.to(dv.dtype), plan, group, index)
         dq = _unrows_layout(dq, batch, heads, plan.block_q, plan.q_len)
         return dq, dk[:, :, : plan.k_len], dv[:, :, : plan.k_len], None, None, None, None, None, None
+
+
+def _cost(call: Call, kept: int) -> tuple[int, str]:
+    return kept, "skips empty tiles"
+
+
+BACKEND = Backend("blocked", attention, refuses=lambda call: None, cost=_cost, returns_lse=True)

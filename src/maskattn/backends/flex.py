@@ -18,9 +18,10 @@ import functools
 import torch
 from torch import Tensor
 
+from maskattn.backends.registry import Backend, Call
 from maskattn.masks import Mask
 
-__all__ = ["attention", "available"]
+__all__ = ["BACKEND", "attention", "available"]
 
 try:
     from torch.nn.attention import flex_attention as _flex
@@ -106,3 +107,18 @@ def attention(
     else:
         out, lse = run(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_lse=True)
     return out, lse.float().detach()
+
+
+def _refuses(call: Call) -> str | None:
+    if call.dropout_p > 0.0:
+        return f"backend 'flex' has no dropout (dropout_p={call.dropout_p})"
+    if not available(call.q.device, call.q.dtype, call.needs_grad):
+        return f"FlexAttention cannot run here ({call.q.device}, {call.q.dtype}, needs_grad={call.needs_grad})"
+    return None
+
+
+def _cost(call: Call, kept: int) -> tuple[int, str]:
+    return kept, "skips empty tiles"
+
+
+BACKEND = Backend("flex", attention, refuses=_refuses, cost=_cost, returns_lse=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from maskattn.backends.registry import Backend, Call
 from maskattn.masks import Mask
 
 
@@ -65,3 +66,11 @@ def attention(
     if return_lse:
         return out.to(dtype), lse.detach()
     return out.to(dtype), (weights.to(dtype) if return_weights else None)
+
+
+def _cost(call: Call, kept: int) -> tuple[int, str]:
+    return call.scores, f"builds {call.scores * call.q.element_size() / 1e6:.1f} MB of weights"
+
+
+BACKEND = Backend("reference", attention, refuses=lambda call: None, cost=_cost, returns_weights=True,
+                  returns_lse=True)

@@ -37,9 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from maskattn.masks import Mask, _And, _Causal, _Document, _Full, _Padding, _SlidingWindow
+from maskattn.backends.registry import Backend, Call
+from maskattn.masks import Mask, structure
 
-__all__ = ["MAX_SEGMENTS", "attention", "band", "cheap_mask", "segments"]
+__all__ = ["BACKEND", "MAX_SEGMENTS", "attention", "band", "cheap_mask", "fast_path", "segments"]
 
 MAX_SEGMENTS = 64  # per-document calls of one attention call (over the whole batch)
 # Below this many scores per (batch, head) one call with the dense mask is cheaper than splitting it into
@@ -51,9 +52,10 @@ Segments = list[list[tuple[int, int]]]  # per batch row, the (start, stop) of ea
 
 def cheap_mask(mask: Mask | None, q_len: int, k_len: int, q_offset: int) -> bool:
     """Whether SDPA takes this mask without an Lq x Lk tensor (see the module docstring)."""
-    if mask is None or isinstance(mask, _Full | _Padding):
+    kinds = structure(mask).kinds
+    if kinds in ((), ("lengths",), ("valid",)):
         return True
-    return isinstance(mask, _Causal) and q_offset == 0 and q_len == k_len
+    return kinds == ("causal",) and q_offset == 0 and q_len == k_len
 
 
 def segments(mask: Mask | None, q_len: int, k_len: int, q_offset: int, batch: int) -> tuple[Segments, bool] | None:
@@ -62,11 +64,10 @@ def segments(mask: Mask | None, q_len: int, k_len: int, q_offset: int, batch: in
     ``MAX_SEGMENTS`` self-attention calls; else None."""
     if q_offset != 0 or q_len != k_len or q_len * k_len <= MIN_SPLIT_SCORES:
         return None
-    parts = mask.parts if isinstance(mask, _And) else (mask,)
-    docs = [p for p in parts if isinstance(p, _Document)]
-    if len(docs) != 1 or any(not isinstance(p, _Document | _Causal) for p in parts):
+    parts = structure(mask)
+    if parts.kinds not in (("doc_ids",), ("causal", "doc_ids")):
         return None
-    ids = docs[0].doc_ids[:, :q_len]  # (B|1, L)
+    ids = parts.doc_ids[:, :q_len]  # (B|1, L)
     starts = torch.ones_like(ids, dtype=torch.bool)
     starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
     count = int(starts.sum()) * (batch if ids.shape[0] == 1 else 1)
@@ -78,20 +79,16 @@ def segments(mask: Mask | None, q_len: int, k_len: int, q_offset: int, batch: in
         if len({row_ids[i] for i in bounds[:-1]}) != len(bounds) - 1:
             return None  # an id occurs in two runs: its documents attend across the gap
         runs.append(list(pairwise(bounds)))
-    return runs, any(isinstance(p, _Causal) for p in parts)
+    return runs, parts.causal
 
 
 def band(mask: Mask | None, q_len: int, k_len: int, q_offset: int) -> int | None:
     """The window W if ``mask`` is exactly ``causal() & sliding_window(W)`` on self-attention longer than W
     and of more than ``MIN_SPLIT_SCORES`` scores; else None."""
-    if not isinstance(mask, _And) or q_offset != 0 or q_len != k_len or len(mask.parts) != 2:
+    parts = structure(mask)
+    if parts.kinds != ("causal", "window") or q_offset != 0 or q_len != k_len or q_len * k_len <= MIN_SPLIT_SCORES:
         return None
-    if q_len * k_len <= MIN_SPLIT_SCORES:
-        return None
-    windows = [p for p in mask.parts if isinstance(p, _SlidingWindow)]
-    if len(windows) != 1 or not any(isinstance(p, _Causal) for p in mask.parts):
-        return None
-    return windows[0].size if q_len > windows[0].size else None
+    return parts.window if q_len > parts.window else None
 
 
 def _banded(q: Tensor, k: Tensor, v: Tensor, window: int, **kwargs) -> Tensor:
@@ -171,9 +168,10 @@ def attention(
         )
     q_len, k_len = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
-    if mask is None or isinstance(mask, _Full):
+    kinds = structure(mask).kinds
+    if not kinds:  # no mask, or full()
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale, enable_gqa=gqa), None
-    if isinstance(mask, _Causal) and q_offset == 0 and q_len == k_len:
+    if kinds == ("causal",) and q_offset == 0 and q_len == k_len:
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=gqa)
         return out, None
     window = band(mask, q_len, k_len, q_offset)
@@ -182,7 +180,7 @@ def attention(
     split = segments(mask, q_len, k_len, q_offset, q.shape[0])
     if split is not None:
         return _per_segment(q, k, v, *split, dropout_p=dropout_p, scale=scale, enable_gqa=gqa), None
-    if isinstance(mask, _Padding):
+    if kinds in (("lengths",), ("valid",)):  # key padding ignores the query
         b = torch.arange(mask.batch, device=q.device).view(-1, 1, 1, 1)
         zero = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=q.device)
         keys = torch.arange(k_len, device=q.device).view(1, 1, 1, -1)
@@ -198,3 +196,39 @@ def attention(
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty, dropout_p=dropout_p, scale=scale,
                                          enable_gqa=gqa)
     return out.masked_fill(empty, 0.0), None
+
+
+def _refuses(call: Call) -> str | None:
+    if call.dropout_p > 0.0 and call.generator is not None:
+        return f"backend 'sdpa' cannot draw dropout (dropout_p={call.dropout_p}) from a generator"
+    return None
+
+
+def fast_path(call: Call) -> str | None:
+    """Why this backend runs ``call`` without an Lq x Lk mask tensor, as the ``auto`` rules prefer it:
+    no mask, aligned causal, key padding (:func:`cheap_mask`), or a few contiguous documents
+    (:func:`segments`); else None. The banded window is not offered: ``blocked`` beats it
+    (docs/performance.md)."""
+    q_len, k_len = call.q.shape[2], call.k.shape[2]
+    if cheap_mask(call.mask, q_len, k_len, call.q_offset):
+        kind = "no mask" if call.mask is None else repr(call.mask)
+        return f"{kind}: PyTorch's fused kernel takes it without an Lq x Lk mask tensor"
+    split = segments(call.mask, q_len, k_len, call.q_offset, call.q.shape[0])
+    if split is None:
+        return None
+    count = sum(len(row) for row in split[0])
+    return (f"{call.mask!r} over {count} contiguous document(s): one SDPA call per document, without a mask "
+            "tensor (at most sdpa.MAX_SEGMENTS calls)")
+
+
+def _cost(call: Call, kept: int) -> tuple[int, str]:
+    batch, _, q_len, _ = call.q.shape
+    k_len = call.k.shape[2]
+    split = segments(call.mask, q_len, k_len, call.q_offset, batch) is not None  # one call per document
+    cheap = split or cheap_mask(call.mask, q_len, k_len, call.q_offset)
+    causal = structure(call.mask).kinds == ("causal",)  # is_causal: the kernel skips blocks above the diagonal
+    entries = kept if causal or split else call.scores
+    return entries, "" if cheap else f"needs a {batch * q_len * k_len / 1e6:.1f} MB Lq x Lk mask tensor"
+
+
+BACKEND = Backend("sdpa", attention, refuses=_refuses, cost=_cost, fast_path=fast_path)

@@ -179,11 +179,11 @@ class Attend(nn.Module):
             as_mask = from_tensor(mask) if isinstance(mask, Tensor) else mask
             backend = dispatch.choose_backend(q, k, as_mask, dropout_p=dropout_p, return_weights=False,
                                               q_offset=q_offset)
-        if backend in ("reference", "blocked"):
+        if dispatch.get_backend(backend).returns_lse:
             out, lse = attention(q, k, v, mask, dropout_p=dropout_p, backend=backend, return_lse=True,
                                  q_offset=q_offset)
         else:
             out = attention(q, k, v, mask, dropout_p=dropout_p, backend=backend, q_offset=q_offset)
             with torch.no_grad():
-                _, lse = attention(q, k, v, mask, backend="blocked", return_lse=True, q_offset=q_offset)
+                _, lse = attention(q, k, v, mask, return_lse=True, q_offset=q_offset)  # auto: a backend that returns it
         return out, lse

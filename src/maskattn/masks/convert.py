@@ -22,7 +22,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from maskattn.masks.core import Mask, _Padding, document, from_tensor, padding
+from maskattn.masks.base import Mask, structure
+from maskattn.masks.tensor_kinds import document, from_tensor, padding
 
 NEG_THRESHOLD = -1e4  # additive values at or below this hide the key (HF uses finfo.min, torch -inf)
 
@@ -99,7 +100,7 @@ def to_torch_mha(mask: Mask, q_len: int, k_len: int, *, num_heads: int = 1, q_of
             return hidden
         return torch.zeros(hidden.shape, dtype=additive).masked_fill(hidden, float("-inf"))
 
-    if isinstance(mask, _Padding):
+    if structure(mask).kinds in (("lengths",), ("valid",)):  # pure key padding
         valid = mask.to_dense(1, k_len)[:, 0, 0, :]  # (N, S)
         return None, out(~valid)
     dense = mask.to_dense(q_len, k_len, q_offset=q_offset)  # (B|1, H|1, L, S)

@@ -18,7 +18,9 @@ import re
 
 import torch
 
-from maskattn.masks import core as masks
+from maskattn.masks.base import Mask
+from maskattn.masks.kinds import causal, full, sliding_window
+from maskattn.masks.tensor_kinds import document, padding, prefix_lm
 
 TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_]\w*)|(?P<int>\d+)|(?P<op>[&|~(),]))")
 
@@ -31,19 +33,19 @@ class MaskSyntaxError(ValueError):
         self.position = position
 
 
-def _document(*lengths: int) -> masks.Mask:
+def _document(*lengths: int) -> Mask:
     ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
-    return masks.document(ids[None])
+    return document(ids[None])
 
 
 CONSTRUCTORS = {
-    "causal": (masks.causal, 0),
-    "full": (masks.full, 0),
-    "window": (masks.sliding_window, 1),
-    "sliding_window": (masks.sliding_window, 1),
-    "padding": (lambda *n: masks.padding(list(n)), -1),
-    "prefix": (masks.prefix_lm, 1),
-    "prefix_lm": (masks.prefix_lm, 1),
+    "causal": (causal, 0),
+    "full": (full, 0),
+    "window": (sliding_window, 1),
+    "sliding_window": (sliding_window, 1),
+    "padding": (lambda *n: padding(list(n)), -1),
+    "prefix": (prefix_lm, 1),
+    "prefix_lm": (prefix_lm, 1),
     "document": (_document, -1),
 }
 
@@ -64,7 +66,7 @@ def _tokens(text: str) -> list[tuple[str, str, int]]:
     return found
 
 
-def parse(text: str) -> masks.Mask:
+def parse(text: str) -> Mask:
     """Read a mask expression; raise :class:`MaskSyntaxError` pointing at the offending token."""
     tokens = _tokens(text)
     i = 0
@@ -81,27 +83,27 @@ def parse(text: str) -> masks.Mask:
         i += 1
         return kind, value, pos
 
-    def expr() -> masks.Mask:
+    def expr() -> Mask:
         result = term()
         while peek()[1] == "|":
             take()
             result = result | term()
         return result
 
-    def term() -> masks.Mask:
+    def term() -> Mask:
         result = unary()
         while peek()[1] == "&":
             take()
             result = result & unary()
         return result
 
-    def unary() -> masks.Mask:
+    def unary() -> Mask:
         if peek()[1] == "~":
             take()
             return ~unary()
         return atom()
 
-    def atom() -> masks.Mask:
+    def atom() -> Mask:
         kind, value, pos = take()
         if value == "(":
             inner = expr()

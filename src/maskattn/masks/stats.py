@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from maskattn.masks.core import EMPTY, FULL, PARTIAL, Mask
+from maskattn.masks.tiles import EMPTY, FULL, PARTIAL, MaskLike
 
 
 @dataclass(frozen=True)
 class MaskStats:
-    """What a mask costs on an (Lq, Lk) problem; see :meth:`Mask.stats`."""
+    """What a mask costs on an (Lq, Lk) problem; see :meth:`maskattn.masks.Mask.stats`."""
 
     q_len: int
     k_len: int
@@ -41,7 +41,7 @@ class MaskStats:
                 f"scores ({self.flops_skipped / 1e9:.3f} GFLOP forward per batch item and head)")
 
 
-def mask_stats(mask: Mask, q_len: int, k_len: int, *, block_q: int = 128, block_k: int = 128, q_offset: int = 0,
+def mask_stats(mask: MaskLike, q_len: int, k_len: int, *, block_q: int = 128, block_k: int = 128, q_offset: int = 0,
                head_dim: int = 64) -> MaskStats:
     """See :meth:`Mask.stats`."""
     rows = _rows_from_bounds(mask, q_len, k_len, q_offset)  # (B, H, Lq) allowed keys per row, or None
@@ -68,9 +68,9 @@ def mask_stats(mask: Mask, q_len: int, k_len: int, *, block_q: int = 128, block_
         flops_skipped=4 * head_dim * skipped,
     )
 
-def _rows_from_bounds(mask: Mask, q_len: int, k_len: int, q_offset: int) -> Tensor | None:
+def _rows_from_bounds(mask: MaskLike, q_len: int, k_len: int, q_offset: int) -> Tensor | None:
     q = torch.arange(q_offset, q_offset + q_len)
-    bounds = mask._row_bounds(q, k_len)
+    bounds = mask.row_bounds(q, k_len)
     if bounds is None:
         return None
     lo, hi = (torch.as_tensor(x).clamp(0, k_len) for x in bounds)
@@ -78,11 +78,11 @@ def _rows_from_bounds(mask: Mask, q_len: int, k_len: int, q_offset: int) -> Tens
     counts = counts.view((1,) * (3 - counts.dim()) + tuple(counts.shape))
     return counts.expand(mask.batch, mask.heads, q_len)
 
-def _tiles_from_bounds(mask: Mask, q_len: int, k_len: int, q_offset: int, block_q: int, block_k: int):
+def _tiles_from_bounds(mask: MaskLike, q_len: int, k_len: int, q_offset: int, block_q: int, block_k: int):
     """(empty, partial, full, skipped entries) from row intervals, or None when a query tile's rows
     do not form one gap-free band (then the block map decides)."""
     q = torch.arange(q_offset, q_offset + q_len)
-    lo, hi = (torch.as_tensor(x).clamp(0, k_len) for x in mask._row_bounds(q, k_len))
+    lo, hi = (torch.as_tensor(x).clamp(0, k_len) for x in mask.row_bounds(q, k_len))
     lo, hi = torch.broadcast_tensors(lo.view((1,) * (3 - lo.dim()) + tuple(lo.shape)),
                                      hi.view((1,) * (3 - hi.dim()) + tuple(hi.shape)))
     lo = lo.expand(mask.batch, mask.heads, q_len).double()
@@ -122,7 +122,7 @@ def _tiles_from_bounds(mask: Mask, q_len: int, k_len: int, q_offset: int, block_
     n_tiles = mask.batch * mask.heads * touched.shape[-1] * nk
     return n_tiles - n_touched, n_touched - n_full, n_full, skipped
 
-def _partial_row_counts(mask: Mask, kinds, q_len, k_len, block_q, block_k, q_offset, chunk: int = 256):
+def _partial_row_counts(mask: MaskLike, kinds, q_len, k_len, block_q, block_k, q_offset, chunk: int = 256):
     """Flat (B*H*Lq) row indices and allowed-key counts contributed by the PARTIAL tiles."""
     tiles = (kinds == PARTIAL).nonzero()  # (n, 4): b, h, i, j
     dq, dk = torch.arange(block_q), torch.arange(block_k)

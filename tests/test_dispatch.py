@@ -1,0 +1,90 @@
+"""The auto rules of docs/performance.md, checked by the backend that actually ran, and the registry's
+records checked against what their backends do."""
+
+import re
+from dataclasses import replace
+
+import pytest
+import torch
+
+import maskattn
+from maskattn import dispatch, masks
+from maskattn.backends import REGISTRY, sdpa
+from maskattn.dispatch import choose_backend  # the real rules, even when conftest forces a backend
+
+
+def _docs(n, count):
+    return masks.document((torch.arange(n) * count // n).view(1, n))
+
+
+# (row of the table in docs/performance.md, mask(n), Lq, q_offset, options, the backend that must run)
+RULES = [
+    ("return_weights", lambda n: masks.causal(), 16, 0, {"return_weights": True}, "reference"),
+    ("return_lse", lambda n: masks.causal(), 16, 0, {"return_lse": True}, "blocked"),
+    ("dropout with a generator", lambda n: masks.causal(), 16, 0,
+     {"dropout_p": 0.1, "generator": torch.Generator()}, "blocked"),
+    ("dropout without one: small", lambda n: masks.causal() & masks.padding([n, 9]), 16, 0, {"dropout_p": 0.1},
+     "sdpa"),
+    ("dropout without one: window", lambda n: masks.causal() & masks.sliding_window(4), 1024, 0,
+     {"dropout_p": 0.1}, "blocked"),
+    ("no mask", lambda n: None, 1024, 0, {}, "sdpa"),
+    ("full()", lambda n: masks.full(), 1024, 0, {}, "sdpa"),
+    ("pure causal", lambda n: masks.causal(), 1024, 0, {}, "sdpa"),
+    ("pure key padding", lambda n: masks.padding([n, 9]), 1024, 0, {}, "sdpa"),
+    ("small problem", lambda n: masks.causal() & masks.sliding_window(4), 16, 0, {}, "sdpa"),
+    ("a few contiguous documents", lambda n: _docs(n, 4) & masks.causal(), 1024, 0, {}, "sdpa"),
+    ("other: window", lambda n: masks.causal() & masks.sliding_window(64), 1024, 0, {}, "blocked"),
+    ("other: many documents", lambda n: _docs(n, sdpa.MAX_SEGMENTS + 1), 1024, 0, {}, "blocked"),
+    ("other: interleaved documents", lambda n: masks.document(torch.arange(n).view(1, n) % 2), 1024, 0, {},
+     "blocked"),
+    ("other: prefix-LM", lambda n: masks.prefix_lm(3), 1024, 0, {}, "blocked"),
+    ("other: composition", lambda n: masks.causal() & masks.padding([n, 9]), 1024, 0, {}, "blocked"),
+    ("other: tensor", lambda n: masks.from_tensor(torch.ones(n, n, dtype=torch.bool)), 1024, 0, {}, "blocked"),
+    ("other: causal with q_offset", lambda n: masks.causal(), 512, 512, {}, "blocked"),
+]
+
+
+@pytest.fixture
+def ran(monkeypatch):
+    """Names of the backends that ran, in order: every registered function is wrapped to record its call."""
+    calls = []
+    monkeypatch.setattr(dispatch, "choose_backend", choose_backend)  # undo conftest's MASKATTN_BACKEND
+    for name, record in list(REGISTRY.items()):
+
+        def counted(*args, _name=name, _fn=record.fn, **kwargs):
+            calls.append(_name)
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setitem(REGISTRY, name, replace(record, fn=counted))
+    return calls
+
+
+@pytest.mark.parametrize("rule,make,q_len,q_offset,options,expected", RULES, ids=[r[0] for r in RULES])
+def test_auto_runs_the_backend_its_rule_names(ran, rule, make, q_len, q_offset, options, expected):
+    n = q_len + q_offset
+    q, k, v = torch.randn(2, 2, q_len, 8), torch.randn(2, 2, n, 8), torch.randn(2, 2, n, 8)
+    maskattn.attention(q, k, v, make(n), q_offset=q_offset, **options)
+    assert ran == [expected], rule
+
+
+def test_the_per_document_split_never_competes_with_the_small_problem_rule():
+    # dispatch.RULES checks sdpa's fast path (which includes the split) before the small-problem rule
+    assert sdpa.MIN_SPLIT_SCORES >= dispatch.SMALL_SCORES
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_records_say_what_their_backends_refuse(name):
+    record, q = REGISTRY[name], torch.randn(1, 1, 4, 8)
+    for flag, claimed in (("return_weights", record.returns_weights), ("return_lse", record.returns_lse)):
+        features = {"return_weights": False, flag: True}
+        assert dispatch.can_run(name, q, dropout_p=0.0, **features) == claimed
+        if not claimed:
+            with pytest.raises(ValueError, match=flag):
+                record.fn(q, q, q, masks.causal(), scale=1.0, **{flag: True})
+
+
+def test_unknown_backends_are_named():
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match=re.escape(f"one of {sorted(REGISTRY)}, got 'fast'")):
+        dispatch.can_run("fast", q, dropout_p=0.0, return_weights=False)
+    assert sorted(dispatch.BACKENDS) == sorted(REGISTRY) and dispatch.BACKENDS["sdpa"] is REGISTRY["sdpa"].fn
