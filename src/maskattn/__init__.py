@@ -3,7 +3,11 @@
 Convention everywhere: a mask value of **True means "may attend"**.
 """
 
-from maskattn import decoding, masks
+from maskattn import (
+    decoding,
+    hf_inspect,  # noqa: F401  registers the Hugging Face adapter (imports no transformers)
+    masks,
+)
 from maskattn.audit import audit  # the function; the module stays importable as maskattn.audit
 from maskattn.dispatch import BACKENDS, attention, choose_backend
 from maskattn.explanation import explain

@@ -13,7 +13,9 @@ query). A whole model is audited as it declares (:class:`maskattn.models.Inspect
 modules and their kinds. Every attention call of a forward pass is audited with the inputs and the
 mask it really received (captured with hooks), and end-to-end checks test what the model promises:
 decoder logits at step t must not change when the tokens after t change, nor when there are fewer of
-them; encoder outputs must not change with the padding.
+them; packed documents must not see each other; encoder outputs must not change with the padding.
+Models of other libraries are audited through a registered adapter
+(:func:`maskattn.models.inspectable`; ``maskattn.hf_inspect`` for Hugging Face models).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from maskattn.masks import Mask, from_tensor
-from maskattn.models import AuditProbe, Inspectable, ProbeCheck, ProbeInput
+from maskattn.models import AuditProbe, Inspectable, ProbeCheck, ProbeInput, inspectable
 
 
 @dataclass
@@ -246,7 +248,8 @@ def audit_model(model: nn.Module, *, length: int = 10, batch: int = 2, seed: int
     """Audit a model as it declares (:class:`maskattn.models.Inspectable`): draw the inputs of its
     ``audit_probe()`` and run its checks in order (every attention layer, plus end-to-end checks: decoders
     depend on no later token nor on their number, encoders on no padding)."""
-    probe = _declared(model).audit_probe()
+    model = _declared(model)  # a model of another library: its registered adapter's view
+    probe = model.audit_probe()
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     inputs = {spec.name: _draw(spec, batch, length, gen) for spec in probe.inputs}
@@ -257,9 +260,10 @@ def audit_model(model: nn.Module, *, length: int = 10, batch: int = 2, seed: int
 
 
 def _declared(model: nn.Module) -> Inspectable:
-    if not isinstance(model, Inspectable):
+    view = inspectable(model)
+    if view is None:
         raise TypeError(f"audit_model takes a maskattn model, got {type(model).__name__}; use audit_layer")
-    return model
+    return view
 
 
 def _draw(spec: ProbeInput, batch: int, length: int, gen: torch.Generator) -> Tensor:
@@ -295,9 +299,50 @@ def _check_padding(model: nn.Module, check: ProbeCheck, inputs: dict[str, Tensor
                           vocab=_vocab(probe, check.varies), name=check.name)]
 
 
+def audit_documents(outputs_of: Callable[[Tensor], Tensor], tokens: Tensor, documents: Tensor, *, vocab: int,
+                    name: str, max_leaks: int = 10) -> Verdict:
+    """No output position may depend on a token of another packed document (bit-identical outputs).
+
+    For each document, the tokens of every other document are redrawn; each position of the document
+    whose output moved is then tested against one foreign position at a time, to name the (batch,
+    query, key) triples.
+    """
+    gen = torch.Generator().manual_seed(5)
+    foreign_pairs = int((documents[:, :, None] != documents[:, None, :]).sum())
+    leaks: list[tuple[int, int, int]] = []
+    with torch.no_grad():
+        base = outputs_of(tokens)
+        for doc in documents.unique().tolist():
+            mine = documents == doc  # (B, L)
+            moved = (outputs_of(_redrawn(tokens, ~mine, vocab, gen)) != base).flatten(2).any(-1) & mine  # (B, L)
+            for b, q in moved.nonzero().tolist():
+                for k in (~mine[b]).nonzero().flatten().tolist():
+                    spot = torch.zeros_like(mine)
+                    spot[b, k] = True
+                    if (outputs_of(_redrawn(tokens, spot, vocab, gen))[b, q] != base[b, q]).any():
+                        leaks.append((b, q, k))
+                    if len(leaks) >= max_leaks:
+                        return Verdict(name, False, foreign_pairs, leaks, "changing another document changed an output")
+    if leaks:
+        return Verdict(name, False, foreign_pairs, leaks, "changing another document changed an output")
+    return Verdict(name, True, foreign_pairs)
+
+
+def _redrawn(tokens: Tensor, where: Tensor, vocab: int, gen: torch.Generator) -> Tensor:
+    """``tokens`` with the positions ``where`` (B, L) drawn anew, each different from before."""
+    shift = torch.randint(1, max(2, vocab), tokens.shape, generator=gen)
+    return torch.where(where, (tokens + shift) % vocab, tokens)
+
+
+def _check_documents(model: nn.Module, check: ProbeCheck, inputs: dict[str, Tensor],
+                     probe: AuditProbe) -> list[Verdict]:
+    return [audit_documents(_varying(model, check, inputs), inputs[check.varies], inputs[check.documents],
+                            vocab=_vocab(probe, check.varies), name=check.name)]
+
+
 # One audit per kind of ProbeCheck (maskattn.models.inspection.PROBE_CHECKS).
 CHECKS: dict[str, Callable[[nn.Module, ProbeCheck, dict[str, Tensor], AuditProbe], list[Verdict]]] = {
-    "layers": _check_layers, "causal": _check_causal, "padding": _check_padding,
+    "layers": _check_layers, "causal": _check_causal, "padding": _check_padding, "documents": _check_documents,
 }
 
 
@@ -307,7 +352,7 @@ def audit(target: nn.Module, mask: Mask | Tensor | None = None, **kwargs) -> Rep
     ``maskattn.audit(model)`` or ``maskattn.audit(layer, masks.causal())``; ``report.ok`` is the verdict
     and ``print(report)`` names the first offending (batch, query, key) triples.
     """
-    if isinstance(target, Inspectable):
+    if inspectable(target) is not None:
         if mask is not None:
             raise ValueError("models build their own masks; pass mask only when auditing a layer")
         return audit_model(target, **kwargs)

@@ -24,6 +24,9 @@ Positions: transformers gives keys the absolute positions ``kv_offset + j`` (a s
 keeps only the last keys); maskattn counts keys from 0, so every part is shifted by ``kv_offset`` and
 the queries start at ``q_offset - kv_offset``.
 
+Observers (:func:`observe`) see every call's queries, keys, mask and log-sum-exp: that is how
+:func:`maskattn.viz.capture_attention` draws cheap attention pictures of HF models.
+
 Shape legend: B batch, H query heads, Hkv key/value heads, Lq queries, Lk keys, D head dim.
 """
 
@@ -31,12 +34,14 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 from maskattn import masks
 from maskattn.dispatch import attention
@@ -195,6 +200,39 @@ def _once(reason: str) -> None:
         logger.warning("maskattn.hf: %s", reason)
 
 
+# --- observers of the attention calls ----------------------------------------------------------------
+@dataclass(frozen=True)
+class ObservedCall:
+    """One attention call seen by an observer (:func:`observe`).
+
+    Attributes:
+        module: the HF attention module that made the call.
+        query: (B, H, Lq, D); key: (B, Hkv, Lk, D).
+        lse: (B, H, Lq) log-sum-exp of the scores, for :func:`maskattn.attention_weights`.
+        mask: what :func:`build_mask` handed over (its ``mask`` and ``q_offset``).
+        scale: the score multiplier of the call (None: 1 / sqrt(D)).
+    """
+
+    module: torch.nn.Module
+    query: Tensor
+    key: Tensor
+    lse: Tensor
+    mask: HFMask
+    scale: float | None
+
+
+_OBSERVERS: OrderedDict[int, Callable[[ObservedCall], None]] = OrderedDict()  # RemovableHandle weakrefs it
+
+
+def observe(observer: Callable[[ObservedCall], None]) -> RemovableHandle:
+    """Call ``observer(ObservedCall)`` after every attention call through maskattn (soft-capped calls
+    excepted: they run a dense path with no log-sum-exp); ``handle.remove()`` stops it. The outputs of the
+    model are unchanged, up to the rounding of the backend that returns the log-sum-exp."""
+    handle = RemovableHandle(_OBSERVERS)
+    _OBSERVERS[handle.id] = observer
+    return handle
+
+
 # --- the two functions register() installs -------------------------------------------------------
 def build_mask(
     batch_size: int,
@@ -278,6 +316,12 @@ def attention_forward(
         _once(f"softcap={softcap}: maskattn's backends have no logit soft-capping; running a dense soft-capped "
               "attention over the same mask")
         out = _softcapped(query, key, value, spec, scaling, softcap, dropout)
+    elif _OBSERVERS:
+        out, lse = attention(query, key, value, spec.mask, q_offset=spec.q_offset, scale=scaling, dropout_p=dropout,
+                             return_lse=True)  # (B, H, Lq, D), (B, H, Lq)
+        call = ObservedCall(module, query.detach(), key.detach(), lse.detach(), spec, scaling)
+        for observer in list(_OBSERVERS.values()):
+            observer(call)
     else:
         out = attention(query, key, value, spec.mask, q_offset=spec.q_offset, scale=scaling,
                         dropout_p=dropout)  # (B, H, Lq, D)

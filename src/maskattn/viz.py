@@ -5,6 +5,8 @@ Weights are captured cheaply by default: forward hooks on the ``attend`` submodu
 chosen heads and query rows are recomputed from it (:func:`maskattn.attention_weights`).
 ``method="rerun"`` instead asks each call again with ``return_weights=True`` (the dense reference
 path). The model's own outputs are untouched either way, up to float rounding between backends.
+Models of other libraries are observed through their registered adapter
+(:class:`maskattn.models.AttentionObserver`; ``maskattn.hf_inspect`` for Hugging Face models).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch.utils.hooks import RemovableHandle
 
 from maskattn.dispatch import attention
 from maskattn.layers import MultiHeadAttention
+from maskattn.models import AttentionObserver, inspectable
 from maskattn.weights import attention_weights
 
 
@@ -35,7 +38,10 @@ def capture_attention(
     """Record the attention weights of every call of the chosen attention modules, keyed by module name.
 
     Args:
-        model: any module holding :class:`~maskattn.layers.MultiHeadAttention` layers.
+        model: any module holding :class:`~maskattn.layers.MultiHeadAttention` layers, or a model of
+            another library with a registered adapter (a Hugging Face model: its attention modules,
+            weights from the log-sum-exp under ``attn_implementation="maskattn"``, from the module's
+            output under ``"eager"``).
         layers: module names or glob patterns (``"decoder.layers.1.*"``) to capture; default all.
         heads: query heads to keep; default all.
         rows: query rows (indices into each call's queries) to keep; default all.
@@ -44,26 +50,53 @@ def capture_attention(
             ``return_weights=True`` (the dense reference path; refuses KV-cache calls).
 
     Each recorded tensor is (B, len(heads), len(rows), Lk), detached, on the CPU.
+
+    Raises:
+        ValueError: when nothing would be captured: the model has no attention module it can observe,
+            or ``layers`` matches none of them (the message lists them).
     """
     if method not in ("lse", "rerun"):
         raise ValueError(f"method must be 'lse' or 'rerun', got {method!r}")
-    chosen = {name: module for name, module in model.named_modules() if isinstance(module, MultiHeadAttention)
-              and (layers is None or any(fnmatchcase(name, pattern) for pattern in layers))}
-    if layers is not None and not chosen:
-        names = [n for n, m in model.named_modules() if isinstance(m, MultiHeadAttention)]
-        raise ValueError(f"layers={list(layers)} matches no attention module; the model has {names}")
+    view = inspectable(model)
+    observer = view if isinstance(view, AttentionObserver) else None
+    if observer is None:
+        available = {n: m for n, m in model.named_modules() if isinstance(m, MultiHeadAttention)}
+    else:
+        available = {name: model.get_submodule(name) for name in view.attention_sites()}
+    if not available:
+        raise ValueError(f"{type(model).__name__} has no attention module that capture_attention can observe "
+                         "(maskattn MultiHeadAttention layers, or a model with a registered adapter such as a "
+                         "Hugging Face transformers model)")
+    chosen = {name: module for name, module in available.items()
+              if layers is None or any(fnmatchcase(name, pattern) for pattern in layers)}
+    if not chosen:
+        raise ValueError(f"layers={list(layers)} matches no attention module; the model has {list(available)}")
     captured: dict[str, list[Tensor]] = {}
+    if observer is not None:
+        if method != "lse":
+            raise ValueError(f"method={method!r} needs maskattn layers; {type(model).__name__} is observed through "
+                             "its adapter (method='lse')")
+        handles = observer.observe_attention(
+            chosen, lambda name, weights: captured.setdefault(name, []).append(weights.cpu()), heads=heads, rows=rows)
+    else:
+        handles = _layer_hooks(chosen, captured, heads, rows, method)
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _layer_hooks(chosen: dict[str, nn.Module], captured: dict[str, list[Tensor]], heads, rows,
+                 method: str) -> list[RemovableHandle]:
+    """The hooks that record the chosen :class:`~maskattn.layers.MultiHeadAttention` layers."""
     handles = []
     for name, module in chosen.items():
         if method == "lse":
             handles += _observe_lse(module.attend, _lse_recorder(name, captured, heads, rows))
         else:
             handles.append(module.register_forward_hook(_rerun_hook(name, captured, heads, rows), with_kwargs=True))
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
+    return handles
 
 
 def _observe_lse(attend: nn.Module, record) -> list[RemovableHandle]:
@@ -193,7 +226,8 @@ VIEWS = {
 def visualize(model: nn.Module, tokenizer, text: str, out_dir: str | Path, *, target: str | None = None) -> list[Path]:
     """Heatmaps of every attention layer and head for one input, a grid per layer, and the explorer page.
 
-    ``model`` declares its attention sites (:class:`maskattn.models.Inspectable`). For an
+    ``model`` declares its attention sites (:class:`maskattn.models.Inspectable`, or through a registered
+    adapter: Hugging Face models). For an
     encoder-decoder model (one with cross-attention) the decoder input is ``target`` (default: the
     model's own greedy translation), so the pictures show what the model attended to while producing
     its output.
@@ -207,7 +241,7 @@ def visualize(model: nn.Module, tokenizer, text: str, out_dir: str | Path, *, ta
     tokens = {"source": [tokenizer.backend.id_to_token(i) for i in ids]}
     src, _ = pad([ids], tokenizer.pad_id)
     model.eval()
-    sites = model.attention_sites()
+    sites = inspectable(model).attention_sites()
     if any(site.kind == "cross" for site in sites.values()):
         if target is None:
             new = decoding.greedy(model, src, max_new_tokens=min(model.config.max_len - 1, 2 * len(ids) + 10))

@@ -5,11 +5,14 @@ from maskattn.models.config import BlockConfig, DecoderLMConfig, EncoderConfig, 
 from maskattn.models.decoder_lm import DecoderLM
 from maskattn.models.encoder_model import EncoderModel
 from maskattn.models.inspection import (
+    AttentionObserver,
     AttentionSite,
     AuditProbe,
     Inspectable,
     ProbeCheck,
     ProbeInput,
+    inspectable,
+    register_adapter,
 )
 from maskattn.models.persistence import load, save
 from maskattn.models.pretrained import from_pretrained
@@ -20,6 +23,7 @@ BUILT_IN_MODELS = (Transformer, DecoderLM, EncoderModel)
 
 __all__ = [
     "BUILT_IN_MODELS",
+    "AttentionObserver",
     "AttentionSite",
     "AuditProbe",
     "BlockConfig",
@@ -34,6 +38,8 @@ __all__ = [
     "Transformer",
     "TransformerConfig",
     "from_pretrained",
+    "inspectable",
     "load",
+    "register_adapter",
     "save",
 ]

@@ -5,18 +5,20 @@ audit it.
 model classes or guess from module names. Any model that provides ``attention_sites()`` and
 ``audit_probe()`` (:class:`Inspectable`) is inspected the same way, whatever its classes: the
 declarations are plain frozen dataclasses of strings and ints, so an adapter for another library's
-models can supply them too.
+models can supply them too: such an adapter registers a lookup with :func:`register_adapter`, and
+:func:`inspectable` finds it for any model of that library (``maskattn.hf_inspect`` does so for
+Hugging Face ``transformers`` models).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 ATTENTION_KINDS = ("self-causal", "self-bidirectional", "cross")
 PROBE_INPUTS = ("tokens", "lengths", "documents")
-PROBE_CHECKS = ("layers", "causal", "padding")
+PROBE_CHECKS = ("layers", "causal", "padding", "documents")
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -84,7 +86,9 @@ class ProbeCheck:
     * ``"causal"``: output position t depends on no later position of input ``varies``, nor on how
       many there are (logits of a decoder);
     * ``"padding"``: no real position of the output depends on the padding of input ``varies``,
-      whose real lengths are input ``lengths``.
+      whose real lengths are input ``lengths``;
+    * ``"documents"``: no position of the output depends on a position of input ``varies`` that
+      belongs to another packed document, the documents being input ``documents``.
     """
 
     kind: str  # one of PROBE_CHECKS
@@ -92,10 +96,12 @@ class ProbeCheck:
     name: str = ""  # causal / padding: the verdict's title
     varies: str = ""  # causal / padding: the tokens input that is changed
     lengths: str = ""  # padding: the lengths input of ``varies``
+    documents: str = ""  # documents: the document-ids input of ``varies``
 
     def __post_init__(self) -> None:
         _one_of("kind", self.kind, PROBE_CHECKS)
-        needed = {"layers": (), "causal": ("name", "varies"), "padding": ("name", "varies", "lengths")}[self.kind]
+        needed = {"layers": (), "causal": ("name", "varies"), "padding": ("name", "varies", "lengths"),
+                  "documents": ("name", "varies", "documents")}[self.kind]
         for field in needed:
             if not getattr(self, field):
                 raise ValueError(f"a {self.kind!r} check needs {field}, got {getattr(self, field)!r}")
@@ -112,7 +118,7 @@ class AuditProbe:
     def __post_init__(self) -> None:
         names = [i.name for i in self.inputs]
         for check in self.checks:
-            unknown = [n for n in (*check.uses, check.varies, check.lengths) if n and n not in names]
+            unknown = [n for n in (*check.uses, check.varies, check.lengths, check.documents) if n and n not in names]
             if unknown:
                 raise ValueError(f"check {check.kind!r} names inputs {unknown} that the probe does not draw {names}")
 
@@ -128,3 +134,40 @@ class Inspectable(Protocol):
     def audit_probe(self) -> AuditProbe:
         """What the leak audit feeds the model and what the model promises."""
         ...
+
+
+@runtime_checkable
+class AttentionObserver(Protocol):
+    """An adapted model whose attention weights are observed its own way (another library's modules)."""
+
+    def observe_attention(self, names: Mapping[str, Any], record: Callable[[str, Any], None], *,
+                          heads: Sequence[int] | None, rows: Sequence[int] | None) -> list[Any]:
+        """Hooks that call ``record(name, weights)`` for every call of the modules ``names`` (``named_modules``
+        name -> module), weights (B, len(heads), len(rows), Lk) of the chosen heads and query rows (default
+        all); returns their removable handles."""
+        ...
+
+
+Adapter = Callable[[Any], "Inspectable | None"]
+ADAPTERS: list[Adapter] = []
+"""Lookups for models of other libraries: each returns an :class:`Inspectable` view of a model it knows,
+None otherwise. Filled by :func:`register_adapter`."""
+
+
+def register_adapter(adapter: Adapter) -> Adapter:
+    """Add ``adapter`` to :data:`ADAPTERS` (once); usable as a decorator."""
+    if adapter not in ADAPTERS:
+        ADAPTERS.append(adapter)
+    return adapter
+
+
+def inspectable(model: Any) -> Inspectable | None:
+    """``model`` itself when it declares itself (:class:`Inspectable`), else the view of the first
+    registered adapter that knows it, else None."""
+    if isinstance(model, Inspectable):
+        return model
+    for adapter in ADAPTERS:
+        view = adapter(model)
+        if view is not None:
+            return view
+    return None

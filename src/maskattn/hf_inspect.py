@@ -1,0 +1,297 @@
+"""The leak audit, attention pictures and the command line for any Hugging Face ``transformers`` model.
+
+An HF ``PreTrainedModel`` declares nothing to maskattn, so :class:`HFAdapter` declares it: its attention
+modules (every module with an ``is_causal`` flag and a ``layer_idx``), and what its kind promises.
+
+* **causal language models** (``config.is_decoder``, a causal-LM class, or causal attention modules):
+  no logit depends on a later token, nor on how many there are; no token of one packed document
+  depends on another document. Packed documents reach the model as transformers reads them in
+  training (:func:`position_id_resets`: ``position_ids`` restarting at each document, no
+  ``attention_mask``, ``use_cache=False``); pass ``packing=`` to audit how your own pipeline feeds them.
+* **encoders**: no hidden state of a real token depends on the padding (2-D ``attention_mask``).
+
+The adapter is registered with :func:`maskattn.models.register_adapter`, so ``maskattn.audit(hf_model)``
+and :func:`maskattn.viz.capture_attention` take HF models as they are, whatever their
+``attn_implementation``. Pictures are cheap under ``"maskattn"`` (recomputed from the log-sum-exp that
+:func:`maskattn.hf.observe` hands over) and read from the attention modules' weights output under
+``"eager"``; other implementations return no weights, and capturing them raises an error saying so.
+
+:data:`COMMANDS` are ``maskattn viz`` / ``audit`` / ``evaluate`` / ``generate`` for a directory
+written by ``save_pretrained`` (loaded with transformers, local files only, under ``"maskattn"``).
+
+Shape legend: B batch, H query heads, Lq queries, Lk keys, L sequence length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.hooks import RemovableHandle
+
+from maskattn import hf
+from maskattn.models.inspection import AttentionSite, AuditProbe, ProbeCheck, ProbeInput, register_adapter
+from maskattn.weights import attention_weights
+
+Packing = Callable[[Tensor, Tensor], dict[str, Any]]
+
+
+def position_id_resets(input_ids: Tensor, documents: Tensor) -> dict[str, Any]:
+    """Packed documents as transformers reads them in training: ``position_ids`` that restart at 0 where
+    the (B, L) document ids change, no ``attention_mask``, no KV cache (transformers derives the
+    packed-document mask from the resets only then)."""
+    steps = torch.arange(documents.shape[1], device=documents.device).expand_as(documents)  # (B, L)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    first = torch.where(starts, steps, 0).cummax(dim=1).values  # (B, L) start of each token's document
+    return {"input_ids": input_ids, "position_ids": steps - first, "use_cache": False}
+
+
+def _causal_lm_classes() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return {name for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+            for name in ((names,) if isinstance(names, str) else names)}
+
+
+class HFAdapter:
+    """An HF ``PreTrainedModel`` as maskattn inspects it (:class:`maskattn.models.Inspectable` and
+    :class:`maskattn.models.AttentionObserver`).
+
+    Args:
+        model: the HF model (not an encoder-decoder one).
+        packing: how a packed batch reaches the model: ``(input_ids (B, L), document ids (B, L))`` ->
+            the keyword arguments of the model call (default :func:`position_id_resets`).
+
+    Raises:
+        TypeError: for an encoder-decoder model (its cross-attention is not declared here).
+    """
+
+    def __init__(self, model: nn.Module, *, packing: Packing = position_id_resets) -> None:
+        if getattr(model.config, "is_encoder_decoder", False):
+            raise TypeError(f"{type(model).__name__}: maskattn inspects HF decoder-only and encoder-only models; "
+                            "encoder-decoder models are not supported")
+        self.model = model
+        self.packing = packing
+        self.causal = bool(getattr(model.config, "is_decoder", False)) or type(model).__name__ in _causal_lm_classes() \
+            or any(site.kind == "self-causal" for site in self.attention_sites().values())
+
+    def attention_sites(self) -> dict[str, AttentionSite]:
+        """Every module with a bool ``is_causal`` and an int ``layer_idx`` (HF attention modules), by name."""
+        return {name: AttentionSite("self-causal" if module.is_causal else "self-bidirectional", module.layer_idx)
+                for name, module in self.model.named_modules()
+                if isinstance(getattr(module, "is_causal", None), bool)
+                and isinstance(getattr(module, "layer_idx", None), int)}
+
+    def audit_probe(self) -> AuditProbe:
+        """Causal LMs: logits vs later tokens, and packed documents; encoders: hidden states vs padding."""
+        title = type(self.model).__name__
+        tokens = ProbeInput("input_ids", "tokens", self.model.config.get_text_config().vocab_size)
+        if not self.causal:
+            uses = ("input_ids", "lengths")
+            return AuditProbe(inputs=(tokens, ProbeInput("lengths", "lengths")),
+                              checks=(ProbeCheck("padding", uses, f"{title} hidden states vs padding",
+                                                 varies="input_ids", lengths="lengths"),))
+        packing = getattr(self.packing, "__name__", type(self.packing).__name__)
+        return AuditProbe(
+            inputs=(tokens, ProbeInput("documents", "documents")),
+            checks=(ProbeCheck("causal", ("input_ids",), f"{title} logits vs later tokens", varies="input_ids"),
+                    ProbeCheck("documents", ("input_ids", "documents"), f"{title} packed documents ({packing})",
+                               varies="input_ids", documents="documents")))
+
+    def __call__(self, *, input_ids: Tensor, lengths: Tensor | None = None,
+                 documents: Tensor | None = None) -> Tensor:
+        """The model's ``.logits`` (or ``.last_hidden_state``) for the probe's inputs: ``lengths`` become a
+        right-padding ``attention_mask``, ``documents`` go through ``packing``."""
+        kwargs: dict[str, Any] = {"input_ids": input_ids}
+        if documents is not None:
+            kwargs = self.packing(input_ids, documents)
+        if lengths is not None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            kwargs["attention_mask"] = (positions < lengths[:, None].to(input_ids.device)).long()  # (B, L)
+        out = self.model(**kwargs)
+        logits = getattr(out, "logits", None)
+        return logits if logits is not None else out.last_hidden_state
+
+    def eval(self) -> HFAdapter:
+        self.model.eval()
+        return self
+
+    def get_submodule(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def observe_attention(self, names: Mapping[str, nn.Module], record: Callable[[str, Tensor], None], *,
+                          heads: Sequence[int] | None, rows: Sequence[int] | None) -> list[RemovableHandle]:
+        """Record the weights of every call of the modules ``names``: from the log-sum-exp where the call
+        ran through maskattn (:func:`maskattn.hf.observe`), else from the module's weights output (eager).
+
+        A call that gives neither raises RuntimeError, from the forward, naming the module and the fix.
+        """
+        by_module = {id(module): name for name, module in names.items()}
+        seen: set[str] = set()  # modules whose current call maskattn reported
+
+        def from_lse(call: hf.ObservedCall) -> None:
+            name = by_module.get(id(call.module))
+            if name is not None:
+                seen.add(name)
+                record(name, attention_weights(call.query, call.key, call.lse, call.mask.mask, scale=call.scale,
+                                               q_offset=call.mask.q_offset, heads=heads, rows=rows))
+
+        def from_output(name: str):
+            def hook(module: nn.Module, args: tuple, output: Any) -> None:
+                if name in seen:
+                    seen.discard(name)
+                    return
+                weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+                if not isinstance(weights, Tensor):
+                    raise RuntimeError(
+                        f"capture_attention: {name} ({type(module).__name__}) returned no attention weights under "
+                        f"attn_implementation={getattr(self.model.config, '_attn_implementation', None)!r}; use "
+                        "model.set_attn_implementation('maskattn') after maskattn.hf.register() (cheap), or 'eager'")
+                weights = weights.detach()  # (B, H, Lq, Lk)
+                weights = weights if heads is None else weights[:, list(heads)]
+                record(name, weights if rows is None else weights[:, :, list(rows)])
+            return hook
+
+        return [hf.observe(from_lse), *(module.register_forward_hook(from_output(name))
+                                        for name, module in names.items())]
+
+
+def _adapt(model: Any) -> HFAdapter | None:
+    modeling = sys.modules.get("transformers.modeling_utils")  # an HF model exists only once this is loaded
+    if modeling is None or not isinstance(model, modeling.PreTrainedModel):
+        return None
+    return HFAdapter(model)
+
+
+register_adapter(_adapt)
+
+
+# --- Hugging Face directories on the command line -----------------------------------------------------
+def is_hf_directory(path: str | Path | None) -> bool:
+    """Whether ``path`` is a directory written by transformers' ``save_pretrained`` (a ``config.json``
+    with a ``model_type``), not one written by maskattn."""
+    config = Path(path) / "config.json" if path else None
+    if config is None or not config.is_file():
+        return False
+    try:
+        meta = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "model_type" in meta and "format" not in meta
+
+
+def load(directory: str | Path, *, tokenizer: bool = True) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` from an HF directory, local files only, running ``attn_implementation="maskattn"``.
+
+    The class is ``AutoModelForCausalLM`` when ``config.json`` names a causal-LM architecture, else
+    ``AutoModel``. The tokenizer is None when ``tokenizer`` is False.
+
+    Raises:
+        ValueError: naming the directory, when it holds no tokenizer and one was asked for.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    causal = any(name in _causal_lm_classes() for name in (getattr(config, "architectures", None) or ()))
+    cls = AutoModelForCausalLM if causal else AutoModel
+    model = cls.from_pretrained(directory, local_files_only=True, attn_implementation=hf.register()).eval()
+    if not tokenizer:
+        return model, None
+    try:
+        return model, AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{directory}: no tokenizer that transformers can load locally ({err})") from err
+
+
+def evaluate_text(model: nn.Module, tokenizer: Any, path: str | Path) -> dict[str, float]:
+    """Mean next-token loss (nats per token) and perplexity of an HF causal LM on a text file, read in
+    blocks of the model's context (at most 1,024 tokens).
+
+    Raises:
+        ValueError: when the model is not a causal language model.
+    """
+    if not HFAdapter(model).causal or getattr(model, "get_output_embeddings", lambda: None)() is None:
+        raise ValueError(f"evaluate scores causal language models; {type(model).__name__} is not one")
+    ids = tokenizer(Path(path).read_text(encoding="utf-8"))["input_ids"]
+    block = min(1024, getattr(model.config.get_text_config(), "max_position_embeddings", None) or 1024)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids), block):
+            x = torch.tensor([ids[start : start + block]])  # (1, L)
+            if x.shape[1] < 2:
+                continue
+            logits = model(input_ids=x).logits  # (1, L, V)
+            total += float(F.cross_entropy(logits[0, :-1].float(), x[0, 1:], reduction="sum"))
+            count += x.shape[1] - 1
+    mean = total / max(count, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count}
+
+
+def generate_text(model: nn.Module, tokenizer: Any, prompt: str, *, max_new_tokens: int = 200,
+                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                  seed: int = 0) -> str:
+    """The prompt followed by text from ``model.generate`` (greedy when temperature is 0)."""
+    ids = tokenizer(prompt)["input_ids"]
+    fallback = next((i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id)
+                     if i is not None), 0)
+    x = torch.tensor([ids or [fallback]])  # (1, L)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fallback
+    options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0, "pad_token_id": pad}
+    if temperature > 0:
+        options.update(temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), **options)
+    return prompt + tokenizer.decode(out[0, x.shape[1]:].tolist(), skip_special_tokens=True)
+
+
+class _Tokens:
+    """What :func:`maskattn.viz.visualize` reads of a tokenizer, from an HF one."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.encode = lambda text: tokenizer(text)["input_ids"]
+        self.backend = tokenizer.backend_tokenizer  # a tokenizers.Tokenizer: id_to_token
+        self.pad_id = tokenizer.pad_token_id or 0
+
+
+def _viz(args: argparse.Namespace) -> int:
+    from maskattn.viz import visualize
+
+    model, tokenizer = load(args.model)
+    written = visualize(model, _Tokens(tokenizer), args.input, args.out)
+    print(f"wrote {len(written)} files to {args.out}; open {written[-1]}")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from maskattn.audit import audit_model
+
+    report = audit_model(load(args.model, tokenizer=False)[0], length=args.length)
+    print(f"== {args.model}\n{report}\n")
+    return 0 if report.ok else 1
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    print(json.dumps(evaluate_text(*load(args.model), args.data), indent=2))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    print(generate_text(*load(args.model), args.prompt, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "viz": _viz, "audit": _audit, "evaluate": _evaluate, "generate": _generate,
+}
+"""``maskattn COMMAND MODEL ...`` when MODEL is an HF directory (:func:`is_hf_directory`)."""
