@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_commands(sub, registered)
 
     evaluate = sub.add_parser("evaluate", help="score a trained model on any data file")
-    evaluate.add_argument("model", help="a trained model directory")
+    evaluate.add_argument("model", help="a trained model directory, or a Hugging Face causal LM directory")
     evaluate.add_argument("--data", required=True, help="; ".join(f"{t.name}: {t.data_help}"
                                                                  for t in registered.values()))
     _add_evaluate_options(evaluate, registered)
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     viz = sub.add_parser("viz", help="attention heatmaps and the explorer page for one input",
                          description="Writes a PNG per layer and head, a grid per layer, and explorer.html "
                          "(self-contained: pick layer, head and attention kind, hover a token).")
-    viz.add_argument("model", help="a trained model directory")
+    viz.add_argument("model", help="a trained model directory, or a Hugging Face directory")
     viz.add_argument("--input", required=True, help="the input text")
     viz.add_argument("--target", help="decoder input for encoder-decoder models (default: the model's output)")
     viz.add_argument("--out", default="viz", help="output directory (default: viz)")
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Audits a saved model (every attention call: perturbation and exact-zero "
                            "Jacobian; decoders: logits at t vs later tokens), or, without MODEL, every model class "
                            "of maskattn.models with its standard masks. Exits 1 on a leak.")
-    audit.add_argument("model", nargs="?", help="a model directory (default: every built-in model, tiny preset)")
+    audit.add_argument("model", nargs="?", help="a maskattn or Hugging Face model directory (default: built-ins)")
     audit.add_argument("--length", type=int, default=10, help="sequence length of the probe inputs")
 
     showcase = sub.add_parser("showcase", help="draw every kind of mask and check attention against PyTorch")
@@ -122,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     handler = getattr(args, "handler", None) or {  # a task's prediction command sets its own handler
         "demo": _demo, "train": _train, "evaluate": _evaluate, "viz": _viz, "audit": _audit, "showcase": _showcase,
         "masks": _masks_show}[args.command]
+    if getattr(args, "model", None):  # a Hugging Face directory: viz / audit / evaluate / generate run it
+        from maskattn import hf_inspect
+
+        if hf_inspect.is_hf_directory(args.model):
+            handler = hf_inspect.COMMANDS.get(args.command, handler)
     try:
         return handler(args)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:

@@ -1,0 +1,263 @@
+"""The audit, the attention pictures and the CLI on Hugging Face models (maskattn.hf_inspect).
+
+Honest tiny random models of each kind pass with and without attn_implementation="maskattn"; the two
+planted leaks of issue 14 (the packing bug, a mask function that lets each token see its successor)
+are caught and named. Everything is built locally: no downloads.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="Hugging Face transformers not installed: pip install "
+                                   "'maskattn[hf]'")
+
+import maskattn  # noqa: E402
+from maskattn import hf, hf_inspect  # noqa: E402
+from maskattn.cli import main  # noqa: E402
+from maskattn.models import inspectable  # noqa: E402
+from maskattn.viz import capture_attention  # noqa: E402
+
+NAME = hf.register()
+VOCAB, LENGTH = 61, 10
+IMPLEMENTATIONS = ["eager", "sdpa", NAME]
+
+MODELS = {
+    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=2, eos_token_id=3)),
+    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, bos_token_id=2, eos_token_id=3)),
+    "bert": lambda: transformers.BertModel(transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=64)),
+}
+
+
+def _model(name: str, implementation: str = NAME):
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    model.set_attn_implementation(implementation)
+    return model
+
+
+def _leaks(report, title: str) -> list[tuple[int, int, int]]:
+    return next(v.leaks for v in report.verdicts if title in v.name)
+
+
+# --- the audit ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_honest_models_pass(name, implementation):
+    report = maskattn.audit(_model(name, implementation), length=LENGTH)
+    assert report.ok, str(report)
+    titles = [v.name for v in report.verdicts]
+    if name == "bert":
+        assert titles == ["BertModel hidden states vs padding"]
+    else:
+        assert [t.split(" ", 1)[1] for t in titles] == ["logits vs later tokens",
+                                                       "packed documents (position_id_resets)"]
+    assert all(v.checked_pairs > 0 for v in report.verdicts)
+
+
+@pytest.mark.parametrize("implementation", ["eager", NAME])
+def test_packing_bug_is_caught_and_names_the_pairs(implementation):
+    """A packed batch fed with an all-ones attention_mask and no position_ids resets: the second document
+    sees the first."""
+
+    def all_ones(input_ids, documents):
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+    report = maskattn.audit(hf_inspect.HFAdapter(_model("llama", implementation), packing=all_ones), length=LENGTH)
+    assert not report.ok
+    leaks = _leaks(report, "packed documents (all_ones)")
+    half = LENGTH // 2  # the probe's second document starts here
+    assert leaks and all(q >= half > k for _, q, k in leaks)
+    assert leaks[0] == (0, half, 0) and "b0 q5->k0" in str(report)
+    assert _leaks(report, "logits vs later tokens") == []  # still causal: only the documents leak
+
+
+def _register_leaky(name: str = "maskattn-test-sees-next") -> str:
+    """An implementation whose mask function was swapped for one that also lets each token see its successor."""
+    mu = transformers.masking_utils
+
+    def sees_next(batch_idx, head_idx, q_idx, kv_idx):
+        return kv_idx == q_idx + 1
+
+    def leaky_mask(*args, mask_function=mu.causal_mask_function, **kwargs):
+        return mu.sdpa_mask(*args, mask_function=mu.or_masks(mask_function, sees_next),
+                            **{**kwargs, "allow_is_causal_skip": False})
+
+    transformers.AttentionInterface.register(name, transformers.AttentionInterface._global_mapping["sdpa"])
+    mu.AttentionMaskInterface.register(name, leaky_mask)
+    return name
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_mask_function_that_sees_the_successor_is_caught(name):
+    report = maskattn.audit(_model(name, _register_leaky()), length=LENGTH)
+    assert not report.ok
+    assert _leaks(report, "logits vs later tokens") == [(0, 0, 1)]  # query 0 saw key 1
+    assert "b0 q0->k1" in str(report)
+    documents = _leaks(report, "packed documents")
+    assert (0, LENGTH // 2 - 1, LENGTH // 2) in documents  # the last token of document 0 sees document 1
+
+
+def test_encoder_whose_padding_is_dropped_is_caught():
+    """The issue's first try: maskattn's attention function registered without its mask function, so
+    transformers builds no mask and the padding is silently dropped."""
+    transformers.AttentionInterface.register("maskattn-test-no-mask", hf.attention_forward)
+    report = maskattn.audit(_model("bert", "maskattn-test-no-mask"), length=LENGTH)
+    assert not report.ok
+    (b, q, k), *_ = _leaks(report, "hidden states vs padding")
+    assert b == 1 and q < LENGTH - 4 <= k  # row 1 has LENGTH - 4 real tokens
+
+
+def test_adapter_declares_sites_and_kind():
+    gpt2, bert = _model("gpt2"), _model("bert")
+    view = inspectable(gpt2)
+    assert isinstance(view, hf_inspect.HFAdapter) and view.causal
+    assert {n: (s.kind, s.layer) for n, s in view.attention_sites().items()} == {
+        "transformer.h.0.attn": ("self-causal", 0), "transformer.h.1.attn": ("self-causal", 1)}
+    assert not inspectable(bert).causal
+    assert {s.kind for s in inspectable(bert).attention_sites().values()} == {"self-bidirectional"}
+    assert inspectable(torch.nn.Linear(2, 2)) is None
+
+
+def test_position_id_resets():
+    docs = torch.tensor([[0, 0, 0, 1, 1, 2], [0, 1, 1, 1, 1, 1]])
+    got = hf_inspect.position_id_resets(torch.zeros_like(docs), docs)
+    assert got["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0], [0, 0, 1, 2, 3, 4]]
+    assert got["use_cache"] is False and "attention_mask" not in got
+
+
+def test_importing_maskattn_imports_no_transformers():
+    code = "import sys, maskattn, maskattn.audit, maskattn.viz; assert 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- attention pictures ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_capture_from_the_lse_equals_eager_weights(name):
+    ids = torch.tensor([[5, 9, 14, 3, 22, 7], [8, 4, 30, 11, 0, 0]])
+    inputs = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+    captured = {}
+    for implementation in ("eager", NAME):
+        model = _model(name, implementation)
+        with torch.no_grad(), capture_attention(model, heads=[0, 3], rows=[1, 4]) as weights:
+            model(**inputs)
+        captured[implementation] = weights
+    assert captured["eager"].keys() == captured[NAME].keys() == inspectable(model).attention_sites().keys()
+    for layer, (want,) in captured["eager"].items():
+        (got,) = captured[NAME][layer]
+        assert got.shape == (2, 2, 2, 6)
+        assert (got - want).abs().max() <= 1e-5, layer
+        assert got[1, :, :, 4:].abs().max() == 0  # row 1's padding keys get no weight
+
+
+def test_capture_without_weights_raises_naming_the_module_and_the_fix():
+    model = _model("llama", "sdpa")
+    with pytest.raises(RuntimeError, match=r"model\.layers\.0\.self_attn .*'sdpa'.*'maskattn'"), \
+            capture_attention(model):
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+
+
+def test_capture_that_matches_nothing_raises_listing_the_layers():
+    model = _model("gpt2")
+    with pytest.raises(ValueError, match=r"matches no attention module.*transformer\.h\.0\.attn"), \
+            capture_attention(model, layers=["decoder.*"]):
+        pass
+    with pytest.raises(ValueError, match="no attention module that capture_attention can observe"), \
+            capture_attention(torch.nn.Linear(2, 2)):
+        pass
+    with pytest.raises(ValueError, match="method='rerun' needs maskattn layers"), \
+            capture_attention(model, method="rerun"):
+        pass
+
+
+def test_observers_are_removed_after_a_capture():
+    model = _model("gpt2")
+    with capture_attention(model):
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+    assert not hf._OBSERVERS
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+# --- Hugging Face directories on the command line ----------------------------------------------------
+TEXT = "the cat sat on the mat\nthe dog sat on the log\n"
+
+
+def _saved(name: str, directory):
+    """A tiny random model saved with save_pretrained, with a character tokenizer built here."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    chars = sorted(set(TEXT))
+    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<s>", "</s>", *chars])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                                     bos_token="<s>", eos_token="</s>")
+    _model(name, "eager").save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {name: _saved(name, root / name) for name in ("gpt2", "bert")}
+
+
+def test_hf_directory_is_recognised(hf_dirs, tmp_path):
+    assert hf_inspect.is_hf_directory(hf_dirs["gpt2"])
+    assert not hf_inspect.is_hf_directory(tmp_path) and not hf_inspect.is_hf_directory(None)
+    (tmp_path / "config.json").write_text(json.dumps({"format": "maskattn", "model_type": "x"}))
+    assert not hf_inspect.is_hf_directory(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_audit_command_on_an_hf_directory(hf_dirs, name, capsys):
+    assert main(["audit", hf_dirs[name]]) == 0
+    out = capsys.readouterr().out
+    assert "no leak found" in out and ("packed documents" in out) == (name == "gpt2")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_viz_command_on_an_hf_directory(hf_dirs, name, tmp_path, capsys):
+    out = tmp_path / "viz"
+    assert main(["viz", hf_dirs[name], "--input", "the cat", "--out", str(out)]) == 0
+    assert (out / "explorer.html").is_file()
+    assert len(list(out.glob("*_grid.png"))) == 2 and len(list(out.glob("*_head*.png"))) == 8
+    assert "wrote 11 files" in capsys.readouterr().out
+
+
+def test_evaluate_command_on_an_hf_directory(hf_dirs, tmp_path, capsys):
+    data = tmp_path / "valid.txt"
+    data.write_text(TEXT)
+    assert main(["evaluate", hf_dirs["gpt2"], "--data", str(data)]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["tokens"] == len(TEXT) - 1 and abs(scores["perplexity"] - torch.tensor(scores["loss"]).exp()) < 1e-3
+    assert main(["evaluate", hf_dirs["bert"], "--data", str(data)]) == 2
+    assert "causal language models; BertModel is not one" in capsys.readouterr().err
+
+
+def test_generate_command_on_an_hf_directory(hf_dirs, capsys):
+    assert main(["generate", hf_dirs["gpt2"], "--prompt", "the ", "--max-new-tokens", "6", "--temperature", "0"]) == 0
+    greedy = capsys.readouterr().out
+    assert greedy.startswith("the ")
+    model, tokenizer = hf_inspect.load(hf_dirs["gpt2"])
+    assert greedy.rstrip("\n") == hf_inspect.generate_text(model, tokenizer, "the ", max_new_tokens=6, temperature=0)
+    assert main(["generate", hf_dirs["gpt2"], "--prompt", "the ", "--max-new-tokens", "4", "--seed", "1"]) == 0
+
+
+def test_loaded_directory_runs_maskattn_and_equals_the_saved_model(hf_dirs):
+    model, tokenizer = hf_inspect.load(hf_dirs["gpt2"])
+    assert isinstance(model, transformers.GPT2LMHeadModel) and model.config._attn_implementation == NAME
+    ids = torch.tensor([tokenizer("the cat")["input_ids"]])
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        want = _model("gpt2", "eager")(input_ids=ids).logits
+    assert (got - want).abs().max() <= 1e-5
