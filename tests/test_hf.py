@@ -234,10 +234,12 @@ def _readme_blocks() -> list[str]:
     return [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_readme_examples_run_as_written(index, capsys):
     blocks = _readme_blocks()
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     exec(compile(blocks[index], f"README.md (Hugging Face block {index})", "exec"), {})
     if index == 1:
         assert "sliding_window(3) & causal() & padding(valid=<bool (2, 6)>) 0 True" in capsys.readouterr().out
+    if index == 3:
+        assert "b0 q5->k0" in capsys.readouterr().out
