@@ -152,10 +152,13 @@ class HFAdapter:
                     return
                 weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
                 if not isinstance(weights, Tensor):
-                    raise RuntimeError(
-                        f"capture_attention: {name} ({type(module).__name__}) returned no attention weights under "
-                        f"attn_implementation={getattr(self.model.config, '_attn_implementation', None)!r}; use "
-                        "model.set_attn_implementation('maskattn') after maskattn.hf.register() (cheap), or 'eager'")
+                    implementation = getattr(self.model.config, "_attn_implementation", None)
+                    fix = ("its soft-capped calls run densely, without a log-sum-exp; use 'eager'"
+                           if implementation == hf.NAME else
+                           "use model.set_attn_implementation('maskattn') after maskattn.hf.register() (cheap), "
+                           "or 'eager'")
+                    raise RuntimeError(f"capture_attention: {name} ({type(module).__name__}) returned no attention "
+                                       f"weights under attn_implementation={implementation!r}; {fix}")
                 weights = weights.detach()  # (B, H, Lq, Lk)
                 weights = weights if heads is None else weights[:, list(heads)]
                 record(name, weights if rows is None else weights[:, :, list(rows)])
