@@ -24,7 +24,7 @@ def _run(tmp_path, prefix=""):
         state = {k: v + step * torch.ones_like(v) if v.is_floating_point() else v
                  for k, v in model.state_dict().items()}
         states.append(state)
-        checkpoint.save(tmp_path, step, {"model": {prefix + k: v for k, v in state.items()}}, keep=None)
+        checkpoint.save(tmp_path / "checkpoints", step, {"model": {prefix + k: v for k, v in state.items()}}, keep=None)
     return model, states
 
 

@@ -90,8 +90,8 @@ def _sequence_scores(model, src, lengths, candidates, alpha):
     return scores
 
 
-@pytest.mark.parametrize("alpha", [0.0, 1.0])
-def test_beam_search_finds_the_best_sequence_found_by_exhaustive_search(alpha):
+def _exhaustive(alpha):
+    """A tiny model, two sources, every candidate output up to 4 tokens and its (2, N) exact score."""
     vocab, eos, steps = 5, 2, 4
     model = Transformer(TransformerConfig.preset("tiny", vocab_size=vocab)).eval()
     with torch.no_grad():  # flatten the output distribution so that greedy is not already optimal
@@ -101,7 +101,12 @@ def test_beam_search_finds_the_best_sequence_found_by_exhaustive_search(alpha):
     others = [t for t in range(vocab) if t != eos]
     candidates = [(*p, eos) for n in range(steps) for p in itertools.product(others, repeat=n)]
     candidates += list(itertools.product(others, repeat=steps))  # out of length without EOS
-    scores = _sequence_scores(model, src, lengths, candidates, alpha)
+    return model, src, lengths, candidates, _sequence_scores(model, src, lengths, candidates, alpha), eos, steps
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_beam_search_finds_the_best_sequence_found_by_exhaustive_search(alpha):
+    model, src, lengths, candidates, scores, eos, steps = _exhaustive(alpha)
     best_score, best = scores.max(dim=1)
 
     # A beam wide enough never to prune is exhaustive, so it must find the same optimum.
@@ -114,6 +119,26 @@ def test_beam_search_finds_the_best_sequence_found_by_exhaustive_search(alpha):
     greedy = decoding.greedy(model, src, lengths, max_new_tokens=steps, eos_id=eos)
     greedy_rows = [_until_eos(row, eos) for row in greedy.tolist()]
     assert any(greedy_rows[b] != candidates[best[b]] for b in range(2))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_nbest_are_the_n_best_sequences_of_exhaustive_search(alpha):
+    model, src, lengths, candidates, scores, eos, steps = _exhaustive(alpha)
+    top_scores, top = scores.topk(5, dim=1)
+    found = decoding.beam_search_nbest(model, src, lengths, n=5, beam_size=256, max_new_tokens=steps,
+                                       length_penalty=alpha, eos_id=eos, pad_id=0)
+    for b in range(2):
+        assert [tuple(seq) for _, seq in found[b]] == [candidates[i] for i in top[b]]
+        torch.testing.assert_close(torch.tensor([score for score, _ in found[b]]), top_scores[b], atol=1e-5, rtol=0)
+    # the first of the n best is beam_search's answer, with a narrow beam too
+    tokens, best = decoding.beam_search(model, src, lengths, beam_size=3, max_new_tokens=steps, eos_id=eos, pad_id=0)
+    narrow = decoding.beam_search_nbest(model, src, lengths, n=3, beam_size=3, max_new_tokens=steps, eos_id=eos,
+                                        pad_id=0)
+    for b in range(2):
+        assert tuple(narrow[b][0][1]) == _until_eos(tokens[b].tolist(), eos) and narrow[b][0][0] == float(best[b])
+        assert [s for s, _ in narrow[b]] == sorted((s for s, _ in narrow[b]), reverse=True)
+    with pytest.raises(ValueError, match=r"n must be an int in \[1, beam_size=3\], got 4"):
+        decoding.beam_search_nbest(model, src, lengths, n=4, beam_size=3, max_new_tokens=steps)
 
 
 def _until_eos(row, eos):

@@ -52,6 +52,25 @@ def test_train_translate_evaluate_and_resume_from_the_cli(tmp_path, capsys):
     hyps, refs = capsys.readouterr().out.splitlines(), files["val.en"].read_text().splitlines()
     assert scores["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-9)
     assert scores["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score, abs=1e-9)
+    # the hypotheses file beside the run, and sacreBLEU's signatures
+    assert Path(scores["hypotheses"]) == (out / "hypotheses.val.de.txt").resolve()
+    assert Path(scores["hypotheses"]).read_text().splitlines() == hyps
+    assert "tok:13a" in scores["bleu_signature"] and "nrefs:1" in scores["bleu_signature"]
+    assert scores["chrf_signature"].startswith("nrefs:1|")
+
+    # n-best: N lines 'score<TAB>text' per sentence, best first, the first being the 1-best translation
+    assert main(["translate", str(out / "model"), sentence, sentence, "--nbest", "3", "--beam", "2"]) == 0
+    blocks = capsys.readouterr().out.rstrip("\n").split("\n\n")
+    assert len(blocks) == 2 and blocks[0] == blocks[1]
+    nbest = [line.split("\t") for line in blocks[0].splitlines()]
+    assert len(nbest) == 3 and [float(s) for s, _ in nbest] == sorted((float(s) for s, _ in nbest), reverse=True)
+    assert main(["translate", str(out / "model"), sentence, "--beam", "3"]) == 0
+    assert capsys.readouterr().out.strip() == nbest[0][1].strip()
+
+    # checkpoint averaging: the last two checkpoints (steps 3 and 6) of this run
+    assert main(["average", str(out), "--last", "2", "--out", str(tmp_path / "avg")]) == 0
+    assert Path(capsys.readouterr().out.strip()) == tmp_path / "avg"
+    assert main(["translate", str(tmp_path / "avg"), sentence]) == 0 and capsys.readouterr().out.count("\n") == 1
 
     # resuming a finished run to more steps continues from its last checkpoint
     assert main([*args[:-4], "--set", "train.steps=8", "--resume"]) == 0

@@ -20,6 +20,8 @@ from maskattn.models import load, save
 from maskattn.tasks.common import TASK_FILE
 from maskattn.tokenization import Tokenizer
 
+CHECKPOINTS = "checkpoints"  # where the Trainer writes a run's step checkpoints
+
 
 def average_states(states: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
     """The element-wise mean of state dicts with the same keys and shapes (accumulated in float64).
@@ -69,7 +71,7 @@ def average_run(run: str | Path, last: int, out: str | Path) -> Path:
     """Average the last ``last`` step checkpoints of training run ``run`` into model directory ``out``.
 
     ``run`` is a ``maskattn train --out`` directory: its exported ``model/`` gives the architecture,
-    tokenizer and task settings, its ``step-*`` checkpoints the weights.
+    tokenizer and task settings, its ``checkpoints/step-*`` the weights.
     """
     run, out = Path(run), Path(out)
     if isinstance(last, bool) or not isinstance(last, int) or last < 1:
@@ -77,7 +79,7 @@ def average_run(run: str | Path, last: int, out: str | Path) -> Path:
     model_dir = run / "model"
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"run {run} has no exported model ({model_dir}/config.json); train it to the end first")
-    found = checkpoint.list_checkpoints(run)
+    found = checkpoint.list_checkpoints(run / CHECKPOINTS)
     if len(found) < last:
         raise ValueError(f"run {run} keeps {len(found)} step checkpoints, fewer than last={last} "
                          f"(train with a larger train.keep to keep more)")

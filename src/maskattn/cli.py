@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  for t in registered.values()))
     _add_evaluate_options(evaluate, registered)
 
+    average = sub.add_parser("average", help="average the weights of a run's last N checkpoints into a model",
+                             description="Writes a model directory like RUN/model (same config, tokenizer and "
+                             "task) whose weights are the mean of the last N step checkpoints of RUN.")
+    average.add_argument("run", help="a run directory of `maskattn train` (with model/ and step-* checkpoints)")
+    average.add_argument("--last", type=int, required=True, help="how many of the newest checkpoints to average")
+    average.add_argument("--out", required=True, help="the new model directory")
+
     viz = sub.add_parser("viz", help="attention heatmaps and the explorer page for one input",
                          description="Writes a PNG per layer and head, a grid per layer, and explorer.html "
                          "(self-contained: pick layer, head and attention kind, hover a token).")
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = getattr(args, "handler", None) or {  # a task's prediction command sets its own handler
         "demo": _demo, "train": _train, "evaluate": _evaluate, "viz": _viz, "audit": _audit, "showcase": _showcase,
-        "masks": _masks_show}[args.command]
+        "masks": _masks_show, "average": _average}[args.command]
     if getattr(args, "model", None):  # a Hugging Face directory: viz / audit / evaluate / generate run it
         from maskattn import hf_inspect
 
@@ -132,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
         print(f"maskattn {args.command}: {e}", file=sys.stderr)
         return 2
+
+
+def _average(args: argparse.Namespace) -> int:
+    from maskattn.averaging import average_run
+
+    print(average_run(args.run, args.last, args.out))
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -99,6 +99,26 @@ def beam_search(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, be
         ``(tokens, scores)``: (B, T) best new tokens (EOS included, then ``pad_id``) and their (B,)
         length-normalised log-probabilities.
     """
+    search, pad_id = _run_beams(model, inputs, lengths, beam_size, max_new_tokens, length_penalty, eos_id, pad_id)
+    return search.best(pad_id)
+
+
+def beam_search_nbest(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, n: int, beam_size: int = 4,
+                      max_new_tokens: int, length_penalty: float = 0.0, eos_id: int | None = None,
+                      pad_id: int | None = None) -> list[list[tuple[float, list[int]]]]:
+    """The ``n`` best finished hypotheses of each row, best first, as ``(score, new tokens)`` pairs.
+
+    The same search as :func:`beam_search` (whose result is the first entry of each row); ``n`` may be
+    at most ``beam_size``, the number of finished hypotheses a row keeps.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= beam_size:
+        raise ValueError(f"n must be an int in [1, beam_size={beam_size}], got {n!r}")
+    search, _ = _run_beams(model, inputs, lengths, beam_size, max_new_tokens, length_penalty, eos_id, pad_id)
+    return [sorted(found, key=lambda x: -x[0])[:n] for found in search.finished]
+
+
+def _run_beams(model: nn.Module, inputs: Tensor, lengths: Lengths, beam_size: int, max_new_tokens: int,
+               length_penalty: float, eos_id: int | None, pad_id: int | None) -> tuple[_Beams, int]:
     if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
         raise ValueError(f"beam_size must be a positive int, got {beam_size!r}")
     _check_max_new(max_new_tokens)
@@ -115,7 +135,7 @@ def beam_search(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, be
                 break
             state.reorder(rows.to(device))
             logits = model.step(state, search.last_tokens().to(device))[:, -1]
-    return search.best(pad_id)
+    return search, pad_id
 
 
 class _Beams:

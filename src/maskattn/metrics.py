@@ -25,6 +25,19 @@ def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     return sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score
 
 
+def sacrebleu_signatures(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, str]:
+    """sacreBLEU's signatures of :func:`bleu` and :func:`chrf` (what to print beside the scores so that
+    others can reproduce them), e.g. ``nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.4.3``."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    _same_length(hypotheses, references)
+    signatures = {}
+    for name, metric in (("bleu_signature", BLEU()), ("chrf_signature", CHRF())):
+        metric.corpus_score(list(hypotheses), [list(references)])
+        signatures[name] = str(metric.get_signature())
+    return signatures
+
+
 def accuracy(predicted: Sequence, gold: Sequence) -> float:
     _same_length(predicted, gold)
     return sum(p == g for p, g in zip(predicted, gold, strict=True)) / max(1, len(gold))

@@ -9,7 +9,7 @@ A trained model is a directory written by ``model.save`` (``config.json``, ``mod
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -106,19 +106,25 @@ def build_model(cfg: TranslationConfig, tok: Tokenizer) -> Transformer:
     return Transformer(model_cfg)
 
 
-def translate(model: Transformer, tok: Tokenizer, sentences: Sequence[str], decode: DecodeConfig) -> list[str]:
-    """Translate sentences in length-sorted batches; one output line per input line."""
+def _decode_batches(model: Transformer, tok: Tokenizer, sentences: Sequence[str],
+                    decode: DecodeConfig) -> Iterator[tuple[list[int], Tensor, Tensor, int]]:
+    """Length-sorted batches: (indices into ``sentences``, (B, Ls) source ids, (B,) lengths, new-token limit)."""
     device = next(model.parameters()).device
     encoded = [tok.encode(s)[: model.config.max_len] or [tok.unk_id] for s in sentences]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    out: list[str] = [""] * len(encoded)
     model.eval()
     for start in range(0, len(order), decode.batch_size):
         chunk = order[start : start + decode.batch_size]
         src, lengths = pad([encoded[i] for i in chunk], tok.pad_id)
         longest = int(lengths.max())
         max_new = min(model.config.max_len - 1, int(longest * decode.max_len_ratio) + decode.max_len_extra)
-        src, lengths = src.to(device), lengths.to(device)
+        yield chunk, src.to(device), lengths.to(device), max_new
+
+
+def translate(model: Transformer, tok: Tokenizer, sentences: Sequence[str], decode: DecodeConfig) -> list[str]:
+    """Translate sentences in length-sorted batches; one output line per input line."""
+    out: list[str] = [""] * len(sentences)
+    for chunk, src, lengths, max_new in _decode_batches(model, tok, sentences, decode):
         if decode.beam_size > 1:
             ids, _ = decoding.beam_search(model, src, lengths, beam_size=decode.beam_size, max_new_tokens=max_new,
                                           length_penalty=decode.length_penalty)
@@ -126,6 +132,20 @@ def translate(model: Transformer, tok: Tokenizer, sentences: Sequence[str], deco
             ids = decoding.greedy(model, src, lengths, max_new_tokens=max_new)
         for row, i in enumerate(chunk):
             out[i] = tok.decode(ids[row].tolist())
+    return out
+
+
+def translate_nbest(model: Transformer, tok: Tokenizer, sentences: Sequence[str], decode: DecodeConfig,
+                    n: int) -> list[list[tuple[float, str]]]:
+    """The ``n`` best translations of each sentence, best first, with their length-normalised
+    log-probabilities (beam search with ``max(n, decode.beam_size)`` beams)."""
+    out: list[list[tuple[float, str]]] = [[] for _ in sentences]
+    beams = max(n, decode.beam_size)
+    for chunk, src, lengths, max_new in _decode_batches(model, tok, sentences, decode):
+        found = decoding.beam_search_nbest(model, src, lengths, n=n, beam_size=beams, max_new_tokens=max_new,
+                                           length_penalty=decode.length_penalty)
+        for row, i in enumerate(chunk):
+            out[i] = [(score, tok.decode(ids)) for score, ids in found[row]]
     return out
 
 
@@ -179,13 +199,23 @@ def load(directory: str | Path) -> tuple[Transformer, Tokenizer, DecodeConfig]:
     return model, tok, DecodeConfig(**settings.get("decode", {}))
 
 
-def evaluate_file(directory: str | Path, path: str, ref: str = "", **decode_overrides: Any) -> dict[str, float]:
+def evaluate_file(directory: str | Path, path: str, ref: str = "", hypotheses: str | None = None,
+                  **decode_overrides: Any) -> dict[str, Any]:
     """BLEU, chrF and exact match of a trained model on a source file (``path``) and its reference
-    translations (``ref``; empty when ``path`` is a TSV of pairs)."""
+    translations (``ref``; empty when ``path`` is a TSV of pairs), with sacreBLEU's signatures.
+
+    The translations are written one per line to ``hypotheses`` (default: ``hypotheses.<data name>.txt``
+    in the run directory, beside the model directory); the result names the file.
+    """
     model, tok, decode = load(directory)
     pairs = read_pairs(path, ref)
     hyps = translate(model, tok, [s for s, _ in pairs], replace(decode, **decode_overrides))
-    return score(hyps, [t for _, t in pairs])
+    refs = [t for _, t in pairs]
+    name = Path(path).name.removesuffix(".gz")
+    out = Path(hypotheses) if hypotheses else Path(directory).resolve().parent / f"hypotheses.{name}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    return {**score(hyps, refs), **metrics.sacrebleu_signatures(hyps, refs), "hypotheses": str(out)}
 
 
 def evaluate_files(directory: str | Path, src: str, ref: str = "", **decode_overrides: Any) -> dict[str, float]:
@@ -197,14 +227,27 @@ def evaluate_files(directory: str | Path, src: str, ref: str = "", **decode_over
 def _translate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("text", nargs="*", help="sentences; without any, one sentence per line from stdin")
     parser.add_argument("--beam", type=int, help="beam size (1 = greedy; default: the model's setting)")
+    parser.add_argument("--nbest", type=int, default=1,
+                        help="print the N best translations of each sentence, each as 'score<TAB>text', "
+                             "with a blank line between sentences (beam search with at least N beams)")
 
 
 def _translate_command(args: argparse.Namespace) -> int:
     model, tok, decode = load(args.model)
     if args.beam:
         decode = replace(decode, beam_size=args.beam)
-    for out in translate(model, tok, input_lines(args.text), decode):
-        print(out)
+    if args.nbest < 1:
+        raise ValueError(f"--nbest must be >= 1, got {args.nbest}")
+    sentences = input_lines(args.text)
+    if args.nbest == 1:
+        for out in translate(model, tok, sentences, decode):
+            print(out)
+        return 0
+    for i, found in enumerate(translate_nbest(model, tok, sentences, decode, args.nbest)):
+        if i:
+            print()
+        for score_, text in found:
+            print(f"{score_:.4f}\t{text}")
     return 0
 
 
@@ -215,5 +258,7 @@ TASK = register(Task(
     data_help="source sentences (one per line, .gz ok) or a TSV of pairs",
     paths=("train_src", "train_tgt", "valid_src", "valid_tgt"),
     evaluate_options=(Option("--ref", "ref", "reference translations, aligned with --data"),
-                      Option("--beam", "beam_size", "beam size (default: the model's setting)", int)),
+                      Option("--beam", "beam_size", "beam size (default: the model's setting)", int),
+                      Option("--hypotheses", "hypotheses", "file for the translations (default: "
+                             "hypotheses.<data name>.txt in the run directory)")),
 ))
