@@ -165,3 +165,10 @@ def test_visualize_takes_kinds_and_layers_from_the_declarations(tmp_path):
     assert [(a["kind"], a["layer"]) for a in data["attentions"]] == [("encoder self-attention", 0),
                                                                      ("encoder self-attention", 1)]
     assert data["attentions"][0]["queries"] == data["attentions"][0]["keys"] == list("3 May")
+
+
+def test_viz_of_an_empty_input(demo_checkpoint, tmp_path):
+    """An empty input has no token to attend: pictures of empty (or BOS-only) rows, not a crash (issue 16)."""
+    out = tmp_path / "viz"
+    assert main(["viz", str(demo_checkpoint), "--input", "", "--out", str(out)]) == 0
+    assert (out / "explorer.html").exists()
