@@ -150,7 +150,8 @@ def attention(
 
     ``softmax(q @ k^T * scale + hidden) @ v`` where ``hidden`` is -inf wherever ``mask`` says the
     query may not attend the key. A query row that may attend nothing gives a zero output row and
-    zero gradients, never NaN.
+    zero gradients, never NaN. A key or value the mask hides from a query never reaches its output, even
+    when it holds NaN or inf; a row that may attend such a key is NaN (``maskattn.backends.guards``).
 
     Args:
         q: queries, (B, H, Lq, D).
