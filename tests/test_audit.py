@@ -199,3 +199,22 @@ def test_declarations_are_validated():
     unknown = r"check 'causal' names inputs \['tgt'\] that the probe does not draw \['ids'\]"
     with pytest.raises(ValueError, match=unknown):
         AuditProbe((ProbeInput("ids", "tokens", 9),), (ProbeCheck("causal", ("ids",), "c", varies="tgt"),))
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "blocked"])
+@pytest.mark.parametrize("mask", [masks.causal(), masks.padding([8, 5]), masks.causal() & masks.sliding_window(3)],
+                         ids=["causal", "padding", "window"])
+def test_nan_in_hidden_inputs_reaches_no_output(backend, mask, monkeypatch):
+    """The audit's non-finite probe passes on every backend, and catches 0 x NaN where hidden inputs are not
+    guarded (issue 16 item 10: on main, NaN in a hidden value reached visible outputs on every backend)."""
+    from maskattn.audit import audit_nonfinite_call
+    from maskattn.backends import guards
+
+    layer = MultiHeadAttention(16, 4, backend=backend)
+    report = audit_layer(layer, mask, length=8)
+    assert report.ok, str(report)
+    assert any(v.name.endswith("NaN hidden") for v in report.verdicts)
+    monkeypatch.setattr(guards, "hide_nonfinite", lambda q, k, v, mask, q_offset=0: (k, v, None))
+    x = torch.randn(2, 8, 16)
+    verdict = audit_nonfinite_call(layer.eval(), x, mask=mask)
+    assert not verdict.ok and "NaN in hidden inputs" in verdict.how

@@ -1,5 +1,6 @@
 import gzip
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,8 @@ def test_squad_span_not_in_context(tmp_path):
             {"id": "q2", "question": "What?", "answers": [{"text": "dog", "answer_start": 4}]}]}]}]}
     path = tmp_path / "s.json"
     path.write_text(json.dumps(doc, indent=1))
-    with pytest.raises(DataError, match=r"s.json:\d+: question q2: answer 'dog' is not at character 4"):
+    with pytest.raises(DataError, match=r"s.json:\d+: data\[0\]\.paragraphs\[0\]\.qas\[1\] \(question 'q2'\), "
+                       r"answers\[0\]: field 'answer_start': answer 'dog' is not at character 4"):
         data.read_squad(path)
 
 
@@ -97,3 +99,53 @@ def test_shard_deals_every_batch_between_ranks():
     batches = [[0, 1, 2, 3], [4], [5, 6]]
     assert data.shard(batches, rank=0, world_size=2) == [[0, 2], [5]]
     assert data.shard(batches, rank=1, world_size=2) == [[1, 3], [6]]  # [4] has fewer items than ranks: dropped
+
+
+def _squad_file(tmp_path, answers=None, **qa_fields):
+    qa = {"id": "q1", "question": "Who?", "answers": [{"text": "Ann", "answer_start": 0}]
+          if answers is None else answers, **qa_fields}
+    doc = {"data": [{"title": "T", "paragraphs": [{"context": "Ann ran.", "qas": [qa]}]}]}
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.mark.parametrize("answers,qa_fields,field,says", [
+    ([{"text": "ran.", "answer_start": -4}], {}, "answer_start", "not at character -4"),  # Python's -4 would match
+    ([{"text": "Ann", "answer_start": "0"}], {}, "answer_start", "must be a JSON integer, got str"),
+    ([{"text": "Ann", "answer_start": True}], {}, "answer_start", "must be a JSON integer, got bool"),
+    ([{"answer_start": 0}], {}, "text", "is missing"),
+    ([{"text": 3, "answer_start": 0}], {}, "text", "must be a JSON string, got int"),
+    (["Ann"], {}, "answer", "must be a JSON object, got str"),
+    (None, {"question": None}, "question", "must be a JSON string, got NoneType"),
+    ({"text": "Ann"}, {}, "answers", "must be a JSON list, got dict"),
+])
+def test_malformed_squad_records_name_file_position_and_field(tmp_path, answers, qa_fields, field, says):
+    """Issue 16 item 4: on main a negative answer_start passed as "no answer", a missing field raised a bare
+    KeyError and wrong types raised Python-internal messages."""
+    path = _squad_file(tmp_path, answers, **qa_fields)
+    with pytest.raises(data.DataError) as info:
+        data.read_squad(path)
+    message = str(info.value)
+    assert str(path) in message and "data[0].paragraphs[0].qas[0]" in message
+    assert f"field {field!r}" in message and says in message
+
+
+@pytest.mark.parametrize("doc,where,field", [
+    ({"data": [{"paragraphs": [{"qas": []}]}]}, "data[0].paragraphs[0]", "context"),
+    ({"data": [{"paragraphs": [{"context": "x", "qas": [{"question": "Who?"}]}]}]}, "qas[0]", "id"),
+    ({"data": ["article"]}, "data[0]", "article"),
+    ({"data": [{"paragraphs": [{"context": 5, "qas": []}]}]}, "data[0].paragraphs[0]", "context"),
+])
+def test_malformed_squad_structure_names_the_record(tmp_path, doc, where, field):
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(data.DataError, match=rf"{re.escape(where)}.*field '{field}'"):
+        data.read_squad(path)
+
+
+def test_squad_without_answers_reads_but_cannot_be_scored(tmp_path):
+    path = _squad_file(tmp_path, answers=[])
+    assert data.read_squad(path)[0].answers == ()
+    with pytest.raises(data.DataError, match=r"qas\[0\] \(question 'q1'\): field 'answers': no answer to score"):
+        data.read_squad(path, require_answers=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import maskattn
-from maskattn import masks
+from maskattn import explorer, masks
 from maskattn.cli import main
 from maskattn.models import Transformer, TransformerConfig
 from maskattn.tasks import dates, translation
@@ -90,7 +90,7 @@ def test_explorer_page_in_a_headless_browser(demo_checkpoint, tmp_path):
 
     page_text = (out / "explorer.html").read_text()
     data = json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', page_text, re.S)
-                      .group(1).replace("<\\/", "</"))
+                      .group(1))
     cross = next(a for a in data["attentions"] if a["kind"] == "cross-attention" and a["layer"] == 1)
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -103,7 +103,7 @@ def test_explorer_page_in_a_headless_browser(demo_checkpoint, tmp_path):
         page.select_option("#layer", "1")
         page.select_option("#head", "2")
         assert page.inner_text("#title") == "cross-attention, layer 1 \u2014 head 2"
-        weights = cross["weights"][2]
+        weights = explorer.decode_weights(cross)[2]
         drawn = page.locator("line.link").count()
         assert drawn == sum(v > 0 for row in weights for v in row)
         page.hover("text.query[data-q='1']")
@@ -165,3 +165,79 @@ def test_visualize_takes_kinds_and_layers_from_the_declarations(tmp_path):
     assert [(a["kind"], a["layer"]) for a in data["attentions"]] == [("encoder self-attention", 0),
                                                                      ("encoder self-attention", 1)]
     assert data["attentions"][0]["queries"] == data["attentions"][0]["keys"] == list("3 May")
+
+
+def test_viz_of_an_empty_input(demo_checkpoint, tmp_path):
+    """An empty input has no token to attend: pictures of empty (or BOS-only) rows, not a crash (issue 16)."""
+    out = tmp_path / "viz"
+    assert main(["viz", str(demo_checkpoint), "--input", "", "--out", str(out)]) == 0
+    assert (out / "explorer.html").exists()
+
+
+def _launch(playwright):
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=args)
+
+
+def _page_of(length: int, path: Path) -> Path:
+    """An explorer page of 3 layers x 4 heads at ``length`` tokens, with tokens that would break a page
+    that embeds its JSON unescaped (a BPE vocabulary holds such tokens)."""
+    hostile = ["<!--<script>", "</script>", "a&b", "\u2028x\u2029", "verylongtoken" * 4]
+    tokens = [hostile[i] if i < len(hostile) else f"tok{i}" for i in range(length)]
+    gen = torch.Generator().manual_seed(length)
+    records = []
+    for layer in range(3):
+        scores = torch.randn(4, length, length, generator=gen) * 3
+        weights = scores.masked_fill(~masks.causal().to_dense(length, length)[0], float("-inf")).softmax(-1)
+        records.append(explorer.attention_record(f"decoder masked self-attention, layer {layer}",
+                                                 "decoder masked self-attention", layer, weights, tokens, tokens))
+    return explorer.write_page(records, path)
+
+
+def test_explorer_page_escapes_its_json_and_stays_small(tmp_path):
+    """Hostile tokens survive the round trip, and the page grows with the weights' bytes, not their digits
+    (issue 16: 8.9 MB at 128 tokens)."""
+    import json
+    import re
+
+    page = _page_of(256, tmp_path / "explorer.html").read_text()
+    block = re.search(r'<script id="data" type="application/json">(.*?)</script>', page, re.S).group(1)
+    assert "<" not in block and ">" not in block and "&" not in block
+    data = json.loads(block)
+    assert data["attentions"][0]["queries"][:2] == ["<!--<script>", "</script>"]
+    assert len(page) < 1.5 * 3 * 4 * 256 * 256 * 4 / 3 + 100_000  # base64 bytes: 1.33 characters a weight
+    weights = explorer.decode_weights(data["attentions"][0])
+    assert abs(sum(weights[0][5]) - 1) < 6 * 0.5 / explorer.LEVELS  # rounding of 6 allowed weights
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+@pytest.mark.parametrize("length", [8, 64, 256])
+def test_explorer_layout_at_8_64_and_256_tokens(length, tmp_path):
+    """The line view keeps a positive width and its key column inside it, beside or above the heatmap,
+    whatever the length (at 128 tokens it had zero width); hostile tokens break nothing."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright (pip) is not installed")
+    path = _page_of(length, tmp_path / "explorer.html")
+    with playwright.sync_playwright() as p:
+        browser = _launch(p)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(path.as_uri())
+        assert errors == []
+        assert page.inner_text("#title").startswith("decoder masked self-attention, layer 0")
+        svg = page.locator("#lines").bounding_box()
+        assert svg["width"] > 200
+        keys = page.locator("text.key").evaluate_all("els => els.map(e => e.getBBox().x + e.getBBox().width)")
+        assert len(keys) == length and max(keys) <= svg["width"]  # the key column is inside the view
+        assert page.locator("text.key").first.text_content() == "<!--<script>"
+        heat = page.locator("#heat").bounding_box()
+        assert heat["width"] > 0 and heat["width"] <= 1280
+        page.hover(f"text.query[data-q='{length - 1}']")
+        shown = page.locator("line.link").count()
+        assert 0 < shown <= length
+        page.screenshot(path=str(tmp_path / f"explorer_{length}.png"), full_page=length <= 64)
+        shots = Path("/tmp/explorer_shots")  # kept for a human to look at, where that directory exists
+        if shots.is_dir():
+            shutil.copy(tmp_path / f"explorer_{length}.png", shots / f"explorer_{length}.png")
+        browser.close()

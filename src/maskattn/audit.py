@@ -1,11 +1,13 @@
 """Leak audit: prove that no output depends on an input that the mask hides.
 
-For one attention call (a layer with its mask) two independent checks:
+For one attention call (a layer with its mask) three independent checks (:data:`CALL_CHECKS`):
 
 * **perturbation**: for every query position, replace the inputs at every position the mask hides
   from it and require its output to stay bit-identical;
 * **Jacobian**: the gradient of each output position with respect to each hidden input position
-  must be exactly zero.
+  must be exactly zero;
+* **non-finite**: NaN in every position hidden from a query must leave its output finite and
+  bit-identical (``audit_nonfinite_call``).
 
 A query's own position is never counted as hidden input in self-attention (its input is also its
 query). A whole model is audited as it declares (:class:`maskattn.models.Inspectable`): its
@@ -148,6 +150,39 @@ def _jacobian_leaks(run, query, key, value, hidden, self_attn, max_leaks) -> lis
     return leaks
 
 
+def audit_nonfinite_call(layer: Callable[..., Tensor], query: Tensor, key: Tensor | None = None,
+                         value: Tensor | None = None, *, mask: Mask | Tensor | None = None, name: str = "attention",
+                         q_offset: int = 0, max_leaks: int = 10, **kwargs) -> Verdict:
+    """Audit one call as :func:`audit_call` does, with NaN as the replacement: for every query, NaN in every
+    input position hidden from it must leave its output finite and bit-identical (0 x NaN is NaN, so a
+    hidden position that is multiplied by a zero weight, or masked by adding -inf, fails here)."""
+    self_attn = key is None
+    source = query if self_attn else key
+    hidden = _hidden(mask, query.shape[0], query.shape[1], source.shape[1], q_offset, self_attn)
+    extra = {"q_offset": q_offset} if q_offset else {}
+    leaks: list[tuple[int, int, int]] = []
+    with torch.no_grad():
+        base = layer(query, key, value, mask=mask, **extra, **kwargs)
+        for i in range(query.shape[1]):
+            spot = hidden[:, i, :, None].to(source.device)  # (B, Lk, 1)
+            if not spot.any():
+                continue
+            spoiled = torch.where(spot, torch.nan, source)
+            if self_attn:
+                out = layer(spoiled, None, None, mask=mask, **extra, **kwargs)
+            else:
+                out = layer(query, spoiled, None if value is None else torch.where(spot, torch.nan, value), mask=mask,
+                            **extra, **kwargs)
+            moved = (out[:, i] != base[:, i]).any(-1).cpu()  # (B,): NaN != NaN, so a NaN output counts
+            leaks += [(b, i, int(hidden[b, i].nonzero()[0])) for b in moved.nonzero().flatten().tolist()]
+            if len(leaks) >= max_leaks:
+                break
+    if leaks:
+        return Verdict(f"{name}, NaN hidden", False, int(hidden.sum()), leaks[:max_leaks],
+                       "NaN in hidden inputs reached the output")
+    return Verdict(f"{name}, NaN hidden", True, int(hidden.sum()))
+
+
 def audit_layer(layer: nn.Module, mask: Mask | Tensor | None, *, length: int = 12, batch: int = 2,
                 d_model: int | None = None, seed: int = 0, cross_length: int | None = None) -> Report:
     """Audit a stand-alone attention layer under ``mask`` on random inputs (self-attention, or
@@ -159,9 +194,15 @@ def audit_layer(layer: nn.Module, mask: Mask | Tensor | None, *, length: int = 1
     x = torch.randn(batch, length, width, generator=gen)
     layer.eval()
     if cross_length is None:
-        return Report([audit_call(layer, x, mask=mask, name=f"{type(layer).__name__} self-attention")])
+        name = f"{type(layer).__name__} self-attention"
+        return Report([check(layer, x, mask=mask, name=name) for check in CALL_CHECKS])
     memory = torch.randn(batch, cross_length, width, generator=gen)
-    return Report([audit_call(layer, x, memory, memory, mask=mask, name=f"{type(layer).__name__} cross-attention")])
+    name = f"{type(layer).__name__} cross-attention"
+    return Report([check(layer, x, memory, memory, mask=mask, name=name) for check in CALL_CHECKS])
+
+
+# The checks of one attention call, each (layer, query, key, value, *, mask, name, q_offset, **kwargs) -> Verdict.
+CALL_CHECKS: tuple[Callable[..., Verdict], ...] = (audit_call, audit_nonfinite_call)
 
 
 # --- whole models ------------------------------------------------------------------------------------
@@ -196,9 +237,9 @@ def audit_model_layers(model: nn.Module, forward: Callable[[], Tensor]) -> list[
             continue  # incremental decoding calls are covered by the cache-equivalence tests
         kwargs.pop("return_weights", None)
         cross = sites[name].kind == "cross"
-        verdicts.append(audit_call(module, query, key if cross else None, value if cross else None, mask=mask,
-                                   q_offset=q_offset, name=f"{name} ({'cross' if cross else 'self'}-attention)",
-                                   **kwargs))
+        verdicts += [check(module, query, key if cross else None, value if cross else None, mask=mask,
+                           q_offset=q_offset, name=f"{name} ({'cross' if cross else 'self'}-attention)", **kwargs)
+                     for check in CALL_CHECKS]
     return verdicts
 
 

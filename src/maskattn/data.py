@@ -123,8 +123,18 @@ class QAExample:
     title: str = ""
 
 
-def read_squad(path: str | Path, *, check_spans: bool = True) -> list[QAExample]:
-    """SQuAD v1.1 JSON (data -> paragraphs -> qas -> answers with ``answer_start``)."""
+def read_squad(path: str | Path, *, check_spans: bool = True, require_answers: bool = False) -> list[QAExample]:
+    """SQuAD v1.1 JSON (data -> paragraphs -> qas -> answers with ``answer_start``).
+
+    Args:
+        path: the file (``.gz`` allowed).
+        check_spans: require every answer's text at its ``answer_start`` in the context.
+        require_answers: require at least one answer per question (scoring needs one).
+
+    Raises:
+        DataError: on the first malformed record, naming the file and line, the article / paragraph /
+            question index and the field (missing, of the wrong type, or a span outside the context).
+    """
     with open_text(path) as f:
         raw = f.read()
     try:
@@ -134,26 +144,60 @@ def read_squad(path: str | Path, *, check_spans: bool = True) -> list[QAExample]
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
         raise DataError(f"{path}:1: expected SQuAD JSON with a top-level 'data' list")
 
-    def where(qid: str) -> str:  # the line of a question id, for error messages
-        at = raw.find(json.dumps(qid))
-        return f"{path}:{raw.count(chr(10), 0, at) + 1 if at >= 0 else 1}"
+    def where(qid: object, at: str) -> str:  # the line of a question id (if found) and the record's position
+        found = raw.find(json.dumps(qid)) if isinstance(qid, str) else -1
+        return f"{path}:{raw.count(chr(10), 0, found) + 1 if found >= 0 else 1}: {at}"
 
     examples = []
-    for article in doc["data"]:
-        for paragraph in article.get("paragraphs", []):
-            context = paragraph["context"]
-            for qa in paragraph["qas"]:
+    for a, article in enumerate(doc["data"]):
+        at = f"data[{a}]"
+        article = _squad_field({"article": article}, "article", dict, where(None, at))
+        title = _squad_field(article, "title", str, where(None, at), default="")
+        for p, paragraph in enumerate(_squad_field(article, "paragraphs", list, where(None, at), default=[])):
+            at = f"data[{a}].paragraphs[{p}]"
+            paragraph = _squad_field({"paragraph": paragraph}, "paragraph", dict, where(None, at))
+            context = _squad_field(paragraph, "context", str, where(None, at))
+            for q, qa in enumerate(_squad_field(paragraph, "qas", list, where(None, at))):
+                at = f"data[{a}].paragraphs[{p}].qas[{q}]"
+                qa = _squad_field({"question": qa}, "question", dict, where(None, at))
+                qid = _squad_field(qa, "id", str, where(None, at))
+                here = where(qid, f"{at} (question {qid!r})")
+                question = _squad_field(qa, "question", str, here)
                 answers = []
-                for ans in qa.get("answers", []):
-                    text, start = ans["text"], ans["answer_start"]
-                    if check_spans and context[start : start + len(text)] != text:
-                        raise DataError(
-                            f"{where(qa['id'])}: question {qa['id']}: answer {text!r} is not at character "
-                            f"{start} of its context (found {context[start:start + len(text)]!r})"
-                        )
+                for n, ans in enumerate(_squad_field(qa, "answers", list, here, default=[])):
+                    spot = f"{here}, answers[{n}]"
+                    ans = _squad_field({"answer": ans}, "answer", dict, spot)
+                    text, start = _squad_field(ans, "text", str, spot), _squad_field(ans, "answer_start", int, spot)
+                    if check_spans and not (0 <= start <= len(context) - len(text)
+                                            and context[start : start + len(text)] == text):
+                        found = context[max(0, start) : max(0, start) + len(text)]
+                        raise DataError(f"{spot}: field 'answer_start': answer {text!r} is not at character {start} "
+                                        f"of its context of {len(context)} characters (found {found!r})")
                     answers.append((text, start))
-                examples.append(QAExample(qa["id"], qa["question"], context, tuple(answers), article.get("title", "")))
+                if require_answers and not answers:
+                    raise DataError(f"{here}: field 'answers': no answer to score against (evaluation needs "
+                                    "SQuAD v1.1 answers)")
+                examples.append(QAExample(qid, question, context, tuple(answers), title))
     return examples
+
+
+_MISSING = object()
+
+
+def _squad_field(record: dict, name: str, kind: type, where: str, default: object = _MISSING):
+    """``record[name]`` if it is a ``kind`` (bool is not an int); else DataError naming ``where`` and the field."""
+    if name not in record:
+        if default is not _MISSING:
+            return default
+        raise DataError(f"{where}: field {name!r} is missing")
+    value = record[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise DataError(f"{where}: field {name!r} must be a JSON {_JSON_TYPES[kind]}, got "
+                        f"{type(value).__name__} {str(value)[:40]!r}")
+    return value
+
+
+_JSON_TYPES = {dict: "object", list: "list", str: "string", int: "integer"}
 
 
 def read_text(path: str | Path) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from maskattn.backends import REGISTRY, AttentionFn, Call
+from maskattn.backends import REGISTRY, AttentionFn, Call, guards
 from maskattn.backends import get as get_backend
 from maskattn.masks import Mask, as_mask
 
@@ -150,7 +150,8 @@ def attention(
 
     ``softmax(q @ k^T * scale + hidden) @ v`` where ``hidden`` is -inf wherever ``mask`` says the
     query may not attend the key. A query row that may attend nothing gives a zero output row and
-    zero gradients, never NaN.
+    zero gradients, never NaN. A key or value the mask hides from a query never reaches its output, even
+    when it holds NaN or inf; a row that may attend such a key is NaN (``maskattn.backends.guards``).
 
     Args:
         q: queries, (B, H, Lq, D).
@@ -198,6 +199,9 @@ def attention(
             _, why = decide(q, k, mask, generator=generator, **options)
             logger.debug("attention %s %s on %s: backend=%s (%s)", tuple(q.shape), q.dtype, q.device, backend, why)
     run = get_backend(backend).fn
+    # A NaN or inf in a hidden key or value must reach no output (0 x NaN is NaN): zero those rows, and
+    # after the call set to NaN the rows that may attend them (backends/guards.py).
+    k, v, seen = guards.hide_nonfinite(q, k, v, mask, q_offset)
     extra = {"return_lse": True} if return_lse else {}
     out, second = run(
         q,
@@ -211,6 +215,8 @@ def attention(
         generator=generator,
         **extra,
     )
+    if seen is not None:
+        out, second = guards.poison(out, second, seen)
     return (out, second) if return_weights or return_lse else out
 
 

@@ -7,10 +7,12 @@ weight, and the key tokens shaded by weight; a heatmap of the whole matrix sits 
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 PAGE = """<!doctype html>
@@ -20,11 +22,15 @@ body { font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; }
 header { display: flex; gap: 1.2em; align-items: center; flex-wrap: wrap; }
 select { font: inherit; }
 #title { font-weight: 600; margin: 0.8em 0; }
-#view { display: flex; gap: 2em; align-items: flex-start; }
+#view { display: flex; gap: 2em; align-items: flex-start; flex-wrap: wrap; }
+#lines { flex: none; }
+#heatbox { flex: none; max-width: 100%; overflow-x: auto; }
 svg text { font: 13px ui-monospace, monospace; cursor: default; }
 svg text.query:hover, svg text.query.active { fill: #c00; font-weight: 700; }
-#heat td { width: 14px; height: 14px; padding: 0; }
-#heat th { font: 10px ui-monospace, monospace; font-weight: normal; }
+#heat { border-collapse: collapse; }
+#heat td { padding: 0; }
+#heat th { font: 10px ui-monospace, monospace; font-weight: normal; padding: 0 2px; white-space: pre; }
+#heat th.col { writing-mode: vertical-rl; padding: 2px 0; max-width: 14px; overflow: hidden; }
 </style></head>
 <body>
 <h1>Attention explorer</h1>
@@ -35,12 +41,22 @@ svg text.query:hover, svg text.query.active { fill: #c00; font-weight: 700; }
   <span>hover a query token (left) to see what it attends to (right)</span>
 </header>
 <div id="title"></div>
-<div id="view"><svg id="lines" width="520" height="100"></svg><table id="heat"></table></div>
+<div id="view"><svg id="lines" width="520" height="100"></svg><div id="heatbox"><table id="heat"></table></div></div>
 <script id="data" type="application/json">__DATA__</script>
 <script>
 const DATA = JSON.parse(document.getElementById("data").textContent);
 const $ = (id) => document.getElementById(id);
 const kinds = [...new Set(DATA.attentions.map((a) => a.kind))];
+const LEVELS = DATA.levels;  // weights travel as bytes: round(w * LEVELS), base64
+function decode(att) {
+  // (H, Lq, Lk) nested arrays of weights, decoded once per attention.
+  if (att.decoded) return att.decoded;
+  const bytes = Uint8Array.from(atob(att.weights), (c) => c.charCodeAt(0));
+  const lq = att.queries.length, lk = att.keys.length;
+  att.decoded = Array.from({length: att.heads}, (_, h) => Array.from({length: lq}, (_, i) =>
+    Array.from(bytes.subarray((h * lq + i) * lk, (h * lq + i + 1) * lk), (b) => b / LEVELS)));
+  return att.decoded;
+}
 function fill(select, values, labels) {
   select.innerHTML = "";
   values.forEach((v, i) => { const o = document.createElement("option"); o.value = v;
@@ -50,37 +66,38 @@ function current() {
   return DATA.attentions.find((a) => a.kind === $("kind").value && String(a.layer) === $("layer").value);
 }
 function weights(att) {
-  const h = $("head").value;
-  if (h !== "mean") return att.weights[Number(h)];
-  return att.weights[0].map((row, i) => row.map((_, j) =>
-    att.weights.reduce((s, w) => s + w[i][j], 0) / att.weights.length));
+  const h = $("head").value, all = decode(att);
+  if (h !== "mean") return all[Number(h)];
+  return all[0].map((row, i) => row.map((_, j) => all.reduce((s, w) => s + w[i][j], 0) / all.length));
 }
 function onKind() {
   const layers = DATA.attentions.filter((a) => a.kind === $("kind").value).map((a) => a.layer);
   fill($("layer"), layers); onLayer();
 }
 function onLayer() {
-  const att = current(), heads = att.weights.map((_, i) => String(i));
+  const att = current(), heads = Array.from({length: att.heads}, (_, i) => String(i));
   fill($("head"), ["mean", ...heads], ["mean of heads", ...heads.map((h) => "head " + h)]); draw();
 }
+function textWidth(tokens) {  // px of the longest label in the 13px monospace font (about 8 px a character)
+  return 16 + 8 * Math.min(24, Math.max(1, ...tokens.map((t) => t.length)));
+}
+let layout = null;
 function draw() {
-  const att = current(), w = weights(att), svg = $("lines"), rowH = 22;
-  const n = Math.max(att.queries.length, att.keys.length);
+  const att = current(), w = weights(att), svg = $("lines");
+  const n = Math.max(att.queries.length, att.keys.length), rowH = n > 64 ? 16 : 22;
+  const qw = textWidth(att.queries), kw = textWidth(att.keys), gap = 220;
+  layout = {rowH, x1: qw, x2: qw + gap, width: qw + gap + kw + 12};
+  svg.setAttribute("width", layout.width);
   svg.setAttribute("height", n * rowH + 20);
   $("title").textContent = att.name + " \\u2014 " + ($("head").value === "mean" ? "mean of " +
-    att.weights.length + " heads" : "head " + $("head").value);
-  let out = "";
-  att.queries.forEach((_, i) => att.keys.forEach((_, j) => {
-    const v = w[i][j]; if (v <= 0) return;
-    out += `<line class="link" data-q="${i}" data-k="${j}" data-w="${v}" x1="150" y1="${i * rowH + 16}" ` +
-      `x2="370" y2="${j * rowH + 16}" stroke="#1565c0" stroke-opacity="${v}" stroke-width="${1 + 4 * v}"/>`;
-  }));
-  att.queries.forEach((t, i) => { out += `<text class="query" data-q="${i}" x="140" y="${i * rowH + 20}" ` +
-    `text-anchor="end">${esc(t)}</text>`; });
+    att.heads + " heads" : "head " + $("head").value);
+  let out = '<g id="links">' + links(w) + "</g>";
+  att.queries.forEach((t, i) => { out += `<text class="query" data-q="${i}" x="${qw - 10}" ` +
+    `y="${i * rowH + rowH - 2}" text-anchor="end">${esc(short(t))}</text>`; });
   att.keys.forEach((t, j) => {
-    out += `<rect class="keybox" data-k="${j}" data-w="0" x="378" y="${j * rowH + 4}" width="130" ` +
-      `height="${rowH - 4}" fill="#1565c0" fill-opacity="0"/>` +
-      `<text class="key" data-k="${j}" x="382" y="${j * rowH + 20}">${esc(t)}</text>`;
+    out += `<rect class="keybox" data-k="${j}" data-w="0" x="${layout.x2 + 8}" y="${j * rowH + 4}" ` +
+      `width="${kw}" height="${rowH - 4}" fill="#1565c0" fill-opacity="0"/>` +
+      `<text class="key" data-k="${j}" x="${layout.x2 + 12}" y="${j * rowH + rowH - 2}">${esc(short(t))}</text>`;
   });
   svg.innerHTML = out;
   svg.querySelectorAll("text.query").forEach((el) => {
@@ -89,11 +106,22 @@ function draw() {
   svg.onmouseleave = () => focus(w);
   heat(att, w);
 }
+function links(w, only) {
+  // Lines from queries to keys, as thick and opaque as the weight: every weight of the hovered query,
+  // and in the overview of a long input only those of at least 0.05 (thousands of faint lines hide all).
+  const floor = only === undefined && w.length > 64 ? 0.05 : 0;
+  let out = "";
+  w.forEach((row, i) => { if (only !== undefined && i !== only) return; row.forEach((v, j) => {
+    if (v <= floor) return;
+    out += `<line class="link" data-q="${i}" data-k="${j}" data-w="${v}" x1="${layout.x1}" ` +
+      `y1="${i * layout.rowH + layout.rowH / 2 + 4}" x2="${layout.x2}" y2="${j * layout.rowH + layout.rowH / 2 + 4}" ` +
+      `stroke="#1565c0" stroke-opacity="${v}" stroke-width="${1 + 4 * v}"/>`; }); });
+  return out;
+}
 function focus(w, active) {
   // Hovering query `active` keeps only its lines and shades every key by its weight.
   const svg = $("lines");
-  svg.querySelectorAll("line.link").forEach((el) => {
-    el.style.display = active === undefined || Number(el.dataset.q) === active ? "" : "none"; });
+  svg.querySelector("#links").innerHTML = links(w, active);
   svg.querySelectorAll("text.query").forEach((el) => {
     el.classList.toggle("active", Number(el.dataset.q) === active); });
   svg.querySelectorAll("rect.keybox").forEach((el) => {
@@ -101,11 +129,19 @@ function focus(w, active) {
     el.setAttribute("data-w", v); el.setAttribute("fill-opacity", v); });
 }
 function heat(att, w) {
-  let out = "<tr><th></th>" + att.keys.map((t) => `<th>${esc(t)}</th>`).join("") + "</tr>";
-  w.forEach((row, i) => { out += `<tr><th>${esc(att.queries[i])}</th>` + row.map((v) =>
-    `<td title="${v.toFixed(3)}" style="background: rgba(21,101,192,${v})"></td>`).join("") + "</tr>"; });
+  // The whole matrix; cells shrink with the length so that it stays about 600 px wide, and beyond 64 tokens
+  // the labels move into tooltips (they would stretch the cells).
+  const n = Math.max(att.queries.length, att.keys.length), cell = Math.max(3, Math.min(14, Math.floor(600 / n)));
+  const label = (t) => n > 64 ? "" : esc(short(t));
+  let out = "<tr><th></th>" + att.keys.map((t) => `<th class="col" title="${esc(t)}">${label(t)}</th>`).join("") +
+    "</tr>";
+  w.forEach((row, i) => { out += `<tr style="height:${cell}px"><th title="${esc(att.queries[i])}">` +
+    `${label(att.queries[i])}</th>` +
+    row.map((v) => `<td title="${v.toFixed(3)}" style="width:${cell}px;height:${cell}px;` +
+    `background:rgba(21,101,192,${v})"></td>`).join("") + "</tr>"; });
   $("heat").innerHTML = out;
 }
+function short(t) { return t.length > 24 ? t.slice(0, 23) + "\\u2026" : t; }
 function esc(t) { return t.replace(/[&<>"]/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c])); }
 fill($("kind"), kinds);
 $("kind").onchange = onKind; $("layer").onchange = onLayer; $("head").onchange = () => draw();
@@ -113,21 +149,38 @@ onKind();
 </script></body></html>
 """
 
+LEVELS = 255  # weights are embedded as round(w * LEVELS) bytes: 1.33 characters a weight in base64
+
+# JSON inside <script> must not contain "</script", "<!--" (which switches the HTML parser into a mode where
+# "<script>" nests) nor the line separators some parsers reject: escape them as JSON \\u escapes.
+_SCRIPT_SAFE = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028",
+                              "\u2029": "\\u2029"})
+
 
 def attention_record(name: str, kind: str, layer: int, weights: Tensor, queries: list[str],
                      keys: list[str]) -> dict[str, Any]:
-    """One attention matrix for the page: (H, Lq, Lk) weights and the tokens on both sides."""
+    """One attention matrix for the page: (H, Lq, Lk) weights, quantised to ``LEVELS`` steps and
+    base64-encoded bytes, and the tokens on both sides."""
     if weights.dim() != 3 or weights.shape[1:] != (len(queries), len(keys)):
         raise ValueError(f"weights must be (H, {len(queries)}, {len(keys)}) for these tokens, got "
                          f"{tuple(weights.shape)}")
+    levels = (weights.detach().float().clamp(0, 1) * LEVELS).round().to(torch.uint8)  # (H, Lq, Lk)
+    data = base64.b64encode(levels.cpu().numpy().tobytes()).decode("ascii")
     return {"name": name, "kind": kind, "layer": layer, "queries": queries, "keys": keys,
-            "weights": [[[round(float(v), 4) for v in row] for row in head] for head in weights.tolist()]}
+            "heads": int(weights.shape[0]), "weights": data}
+
+
+def decode_weights(record: dict[str, Any]) -> list[list[list[float]]]:
+    """The (H, Lq, Lk) weights of a record as the page shows them (multiples of 1 / LEVELS)."""
+    raw = base64.b64decode(record["weights"])
+    heads, lq, lk = record["heads"], len(record["queries"]), len(record["keys"])
+    return [[[raw[(h * lq + i) * lk + j] / LEVELS for j in range(lk)] for i in range(lq)] for h in range(heads)]
 
 
 def write_page(records: list[dict[str, Any]], path: str | Path) -> Path:
     """Write the explorer page for ``records`` (from :func:`attention_record`)."""
     if not records:
         raise ValueError("no attention to show")
-    data = json.dumps({"attentions": records}).replace("</", "<\\/")  # never close the script tag early
+    data = json.dumps({"levels": LEVELS, "attentions": records}).translate(_SCRIPT_SAFE)
     Path(path).write_text(PAGE.replace("__DATA__", data), encoding="utf-8")
     return Path(path)

@@ -44,6 +44,7 @@ from itertools import pairwise
 import torch
 from torch import Tensor
 
+from maskattn.backends.guards import empty_result
 from maskattn.backends.registry import Backend, Call
 from maskattn.masks import EMPTY, FULL, Mask
 
@@ -130,6 +131,8 @@ def attention(
     for name, value in (("block_q", block_q), ("block_k", block_k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if q.shape[2] == 0 or k.shape[2] == 0:  # no tile to plan: what the reference returns
+        return empty_result(q, k, v, return_lse)
     kernel = _pick_kernel(kernel, q, v, dropout_p)
     budget = GROUP_ELEMENTS // (q.shape[0] * k.shape[1] if kernel == "math" else 1)
     plan = make_plan(mask, q, k, q_offset=q_offset, block_q=block_q, block_k=block_k, budget=budget)

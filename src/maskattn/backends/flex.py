@@ -18,6 +18,7 @@ import functools
 import torch
 from torch import Tensor
 
+from maskattn.backends.guards import empty_result
 from maskattn.backends.registry import Backend, Call
 from maskattn.masks import Mask
 
@@ -74,6 +75,8 @@ def attention(
             f"backend 'flex' supports neither return_weights nor dropout (got return_weights={return_weights}, "
             f"dropout_p={dropout_p}); use backend='reference' for weights, 'blocked' for dropout"
         )
+    if q.shape[2] == 0 or k.shape[2] == 0:  # FlexAttention's compiled kernel divides by zero (SIGFPE) on these
+        return empty_result(q, k, v, return_lse)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     if not available(q.device, q.dtype, needs_grad):
         why = "is not in this torch" if _flex is None else "has no backward on CPU, nor float64"

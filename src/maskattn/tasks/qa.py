@@ -195,7 +195,7 @@ def evaluate_file(directory: str | Path, path: str, predictions: str | None = No
     """Exact match and F1 on a SQuAD v1.1 file; optionally write ``predictions.json`` (official format:
     ``{question id: answer text}``)."""
     model, tok, task = load(directory)
-    examples = read_squad(path)
+    examples = read_squad(path, require_answers=True)
     windows = squad_windows(tok, examples, max_len=task["max_len"], stride=task["stride"])
     found = best_spans(model, tok, examples, windows, max_answer=task["max_answer"])
     if predictions:
