@@ -86,7 +86,7 @@ def test_decoding_with_the_kv_cache_equals_the_full_forward():
     steps = [first] + [model.step(state, ids[:, t : t + 1])[:, -1] for t in range(5)]
     bos = torch.full((3, 1), model.config.bos_id)
     with torch.no_grad():
-        full = model(images, torch.cat([bos, ids[:, :5]], dim=1), sizes=sizes)  # (3, 6, V)
+        full = model(images, torch.cat([bos, ids[:, :5]], dim=1), sizes=sizes, tgt_lengths=[6, 6, 6])  # (3, 6, V)
     torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     assert torch.equal(full.argmax(-1), ids)  # greedy = argmax of the teacher-forced forward on its own output
 

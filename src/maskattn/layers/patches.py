@@ -15,6 +15,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from maskattn.layers.positions import sinusoidal_table
+
+PATCH_POSITIONS = ("learned", "sinusoidal")
+
 
 class PatchEmbedding(nn.Module):
     """(B, Hc, Wc) or (B, C, Hc, Wc) images -> (B, N, E) patch tokens with their 2-D positions.
@@ -24,16 +28,31 @@ class PatchEmbedding(nn.Module):
         d_model: width E of the tokens.
         channels: colour channels C.
         max_rows, max_cols: the largest patch grid the row and column embeddings cover.
+        positions: ``"learned"`` (a trained vector per row and per column, added) or ``"sinusoidal"``
+            (fixed: the first E/2 channels encode the row, the last E/2 the column, as in
+            Vaswani et al.'s table; E must be a multiple of 4).
     """
 
-    def __init__(self, patch_size: int, d_model: int, *, channels: int = 1, max_rows: int, max_cols: int) -> None:
+    def __init__(self, patch_size: int, d_model: int, *, channels: int = 1, max_rows: int, max_cols: int,
+                 positions: str = "learned") -> None:
         super().__init__()
+        if positions not in PATCH_POSITIONS:
+            raise ValueError(f"positions must be one of {PATCH_POSITIONS}, got {positions!r}")
+        if positions == "sinusoidal" and d_model % 4:
+            raise ValueError(f"sinusoidal 2-D positions need d_model divisible by 4, got {d_model}")
         self.patch_size, self.channels = patch_size, channels
         self.proj = nn.Linear(channels * patch_size * patch_size, d_model)
         self.rows = nn.Embedding(max_rows, d_model)
         self.cols = nn.Embedding(max_cols, d_model)
-        for table in (self.rows, self.cols):
-            nn.init.normal_(table.weight, std=0.02)
+        if positions == "learned":
+            for table in (self.rows, self.cols):
+                nn.init.normal_(table.weight, std=0.02)
+        else:  # fixed tables, in the same two places (so a model's state_dict has the same keys either way)
+            half = d_model // 2
+            for table, pad in ((self.rows, (0, d_model - half)), (self.cols, (half, 0))):
+                table.weight.requires_grad_(False)
+                with torch.no_grad():
+                    table.weight.copy_(nn.functional.pad(sinusoidal_table(table.num_embeddings, half), pad))
 
     def grid(self, images: Tensor) -> tuple[int, int]:
         """The (R, K) patch grid of a batch of images; ValueError naming the shape when it does not fit."""

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from maskattn import masks
 from maskattn.layers import DecoderLayer, EncoderLayer, TokenEmbedding
-from maskattn.layers.patches import PatchEmbedding, patch_valid
+from maskattn.layers.patches import PATCH_POSITIONS, PatchEmbedding, patch_valid
 from maskattn.models.common import Embedder, Stack, init_linears
 from maskattn.models.config import BlockConfig, _check_distinct
 from maskattn.models.inspection import AuditProbe
@@ -48,6 +48,7 @@ class CaptionerConfig(BlockConfig):
     channels: int = 1  # colour channels of the images
     max_rows: int = 8  # patch rows the 2-D positions cover: images up to max_rows * patch_size pixels high
     max_cols: int = 16  # patch columns they cover: up to max_cols * patch_size pixels wide
+    patch_positions: str = "sinusoidal"  # 2-D positions of the patches: sinusoidal (fixed, row | column) | learned
     num_encoder_layers: int = 2  # encoder layers over the patches
     num_decoder_layers: int = 2  # decoder layers (causal self-attention, cross-attention to the patches)
     tie_output: bool = True  # output projection = caption embedding matrix
@@ -62,6 +63,8 @@ class CaptionerConfig(BlockConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.patch_positions not in PATCH_POSITIONS:
+            raise ValueError(f"patch_positions must be one of {PATCH_POSITIONS}, got {self.patch_positions!r}")
         for name in ("patch_size", "channels", "max_rows", "max_cols"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -79,7 +82,7 @@ class Captioner(Persistent, Summary, nn.Module):
         super().__init__()
         self.config = c = self.checked_config(config)
         self.patches = PatchEmbedding(c.patch_size, c.d_model, channels=c.channels, max_rows=c.max_rows,
-                                      max_cols=c.max_cols)
+                                      max_cols=c.max_cols, positions=c.patch_positions)
         self.patch_dropout = nn.Dropout(c.dropout)
         tokens = TokenEmbedding(c.vocab_size, c.d_model, scale=c.scale_embeddings)
         self.tgt_embed = Embedder(c, tokens)
