@@ -41,7 +41,7 @@ class CaptionerConfig(BlockConfig):
     d_model: int = 64  # width E
     num_heads: int = 4  # attention heads H
     d_ff: int = 256  # feed-forward hidden width
-    dropout: float = 0.1  # on embeddings and every sublayer output
+    dropout: float = 0.0  # on embeddings and every sublayer output (the canvases are new at every step)
     norm_first: bool = True  # pre-LN
     max_len: int = 16  # longest caption (in tokens, BOS included) the decoder positions cover
     patch_size: int = 4  # side P of the square image patches, in pixels; canvases are multiples of it

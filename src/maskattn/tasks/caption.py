@@ -65,7 +65,7 @@ class CaptionConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: CaptionerConfig = field(default_factory=lambda: CaptionerConfig.preset("digits"))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=3000, lr=2e-3, schedule="cosine", warmup=200, eval_every=500, metric="exact_match",
+        steps=3000, lr=1e-3, schedule="cosine", warmup=100, eval_every=500, metric="exact_match",
         higher_is_better=True))
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     out: str = "runs/caption"  # run directory
