@@ -14,7 +14,7 @@ from maskattn.tasks.common import TASK_FILE
 def test_builtin_tasks_are_registered_in_order_with_their_cli_parts():
     registered = base.tasks()
     assert list(registered)[: len(BUILTIN)] == list(BUILTIN)
-    assert [t.predict.name for t in registered.values()] == ["translate", "classify", "answer", "generate"]
+    assert [t.predict.name for t in registered.values()] == ["translate", "classify", "answer", "generate", "caption"]
     # the shortcuts of `maskattn train` (and the old constant) are every task's paths, each once
     assert cli.SHORTCUTS == ("train_src", "train_tgt", "valid_src", "valid_tgt", "train", "valid", "pretrained")
     with pytest.raises(ValueError, match=r"unknown task 'nope'; registered tasks: translation, classification"):

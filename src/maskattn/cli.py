@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Writes a PNG per layer and head, a grid per layer, and explorer.html "
                          "(self-contained: pick layer, head and attention kind, hover a token).")
     viz.add_argument("model", help="a trained model directory, or a Hugging Face directory")
-    viz.add_argument("--input", required=True, help="the input text")
+    viz.add_argument("--input", required=True, help="the input text (caption models: a PNG image)")
     viz.add_argument("--target", help="decoder input for encoder-decoder models (default: the model's output)")
     viz.add_argument("--out", default="viz", help="output directory (default: viz)")
 
@@ -197,11 +197,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _viz(args: argparse.Namespace) -> int:
     from maskattn.models import load
+    from maskattn.tasks.common import TASK_FILE, read_task
     from maskattn.tokenization import Tokenizer
     from maskattn.viz import visualize
 
-    model = load(args.model)
-    written = visualize(model, Tokenizer.load(args.model), args.input, args.out, target=args.target)
+    trained = (Path(args.model) / TASK_FILE).is_file()
+    task = tasks().get(read_task(args.model).get("task")) if trained else None
+    if task is not None and task.visualize is not None:  # a task with pictures of its own (caption: overlays)
+        written = task.visualize(args.model, args.input, args.out)
+    else:
+        written = visualize(load(args.model), Tokenizer.load(args.model), args.input, args.out, target=args.target)
     print(f"wrote {len(written)} files to {args.out}; open {written[-1]}")
     return 0
 

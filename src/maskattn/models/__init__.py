@@ -1,5 +1,6 @@
 """The Transformer family built on maskattn's layers: encoder-decoder, decoder-only, encoder-only."""
 
+from maskattn.models.captioner import Captioner, CaptionerConfig
 from maskattn.models.common import DecodeState
 from maskattn.models.config import BlockConfig, DecoderLMConfig, EncoderConfig, TransformerConfig
 from maskattn.models.decoder_lm import DecoderLM
@@ -27,6 +28,8 @@ __all__ = [
     "AttentionSite",
     "AuditProbe",
     "BlockConfig",
+    "Captioner",
+    "CaptionerConfig",
     "DecodeState",
     "DecoderLM",
     "DecoderLMConfig",

@@ -6,4 +6,4 @@ the command line is built from that registry.
 
 # The built-in tasks, in the order the CLI lists them: each is the module maskattn.tasks.NAME, which
 # registers the task NAME when imported. A new task adds its name here.
-BUILTIN = ("translation", "classification", "qa", "lm")
+BUILTIN = ("translation", "classification", "qa", "lm", "caption")

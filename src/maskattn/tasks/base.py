@@ -58,6 +58,9 @@ class Task:
     data_help: str  # what `maskattn evaluate --data FILE` reads for this task
     paths: tuple[str, ...] = ()  # data settings given as `maskattn train --NAME PATH` (data.NAME)
     evaluate_options: tuple[Option, ...] = ()  # `maskattn evaluate` flags only this task reads
+    # `maskattn viz` on this task's models: visualize(model dir, input, out dir) -> files written; None = the
+    # attention heatmaps of a text input (maskattn.viz.visualize)
+    visualize: Callable[[str | Path, str, str | Path], list[Path]] | None = None
 
 
 def input_lines(texts: list[str]) -> list[str]:

@@ -1,0 +1,152 @@
+"""The caption task: digit canvases split by scan, the Captioner, its decoding, the alignment score, the CLI."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+import itertools
+
+from maskattn import decoding, load
+from maskattn.cli import main
+from maskattn.layers.patches import PatchEmbedding, patch_valid
+from maskattn.models import Captioner, CaptionerConfig
+from maskattn.tasks import caption as C
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    return Captioner(CaptionerConfig.preset("tiny", **overrides)).eval()
+
+
+def test_splits_share_no_scan_and_cover_every_digit():
+    images, labels = C.load_scans()
+    assert images.shape == (1797, 8, 8) and images.min() >= 0 and images.max() <= 1
+    splits = C.split_scans(labels, C.DataConfig())
+    seen = [set(s.tolist()) for s in splits.values()]
+    assert sum(len(s) for s in seen) == 1797 and len(set.union(*seen)) == 1797  # disjoint, complete
+    for name in ("valid", "test"):
+        assert set(labels[splits[name]].tolist()) == set(range(10))  # stratified: every digit in every split
+    assert all((a == b).all() for a, b in zip(splits.values(), C.split_scans(labels, C.DataConfig()).values(),
+                                               strict=True))  # deterministic
+    with pytest.raises(ValueError, match=r"data.valid_fraction \(0.6\)"):
+        C.split_scans(labels, C.DataConfig(valid_fraction=0.6, test_fraction=0.5))
+
+
+def test_canvases_use_only_their_split_and_are_deterministic():
+    d = C.DataConfig()
+    images, labels = C.load_scans()
+    pools = C.split_scans(labels, d)
+    for split in ("valid", "test"):
+        for c in C.canvases(split, 50, d, 4):
+            assert set(c.scans) <= set(pools[split].tolist())
+            assert 2 <= len(c.digits) <= 4 and c.image.shape[0] % 4 == 0 and c.image.shape[1] % 4 == 0
+            lefts = [left for _, left in c.boxes]
+            assert lefts == sorted(lefts) and all(b - a >= 8 for a, b in itertools.pairwise(lefts))
+            for scan, (top, left) in zip(c.scans, c.boxes, strict=True):  # each scan really is where it says
+                assert np.array_equal(c.image[top : top + 8, left : left + 8], images[scan])
+            assert c.caption == " ".join(C.NAMES[labels[s]] for s in c.scans)
+    a = C.canvas("train", 7, pools, d, 4, seed=0)
+    assert np.array_equal(a.image, C.canvas("train", 7, pools, d, 4, seed=0).image)
+    assert set(a.scans) <= set(pools["train"].tolist())
+
+
+def test_patch_embedding_and_padding_of_smaller_canvases():
+    embed = PatchEmbedding(2, 8, max_rows=3, max_cols=4)
+    images = torch.arange(2 * 4 * 6, dtype=torch.float).reshape(2, 4, 6)
+    tokens = embed(images)  # (2, 6, 8): a 2 x 3 grid
+    patch = images[1, 2:4, 4:6].reshape(-1)  # row 1, column 2 = token 5
+    expected = embed.proj(patch) + embed.rows.weight[1] + embed.cols.weight[2]
+    torch.testing.assert_close(tokens[1, 5], expected)
+    valid = patch_valid([[4, 6], [2, 4]], (2, 3), 2, batch=2)
+    assert valid.tolist() == [[True] * 6, [True, True, False, False, False, False]]
+    with pytest.raises(ValueError, match="multiples of patch_size"):
+        embed(torch.zeros(1, 3, 6))
+    with pytest.raises(ValueError, match=r"sizes must be multiples of patch_size \(2\)"):
+        patch_valid([[3, 6]], (2, 3), 2, batch=1)
+
+
+def test_padding_patches_change_nothing():
+    model = tiny_model()
+    image = torch.rand(1, 8, 16)
+    padded = torch.cat([image, torch.rand(1, 8, 16)], dim=2)  # noise where the canvas has ended
+    tgt = torch.tensor([[2, 5, 9]])
+    torch.testing.assert_close(model(image, tgt), model(padded, tgt, sizes=[[8, 16]]), atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_with_the_kv_cache_equals_the_full_forward():
+    model = tiny_model()
+    images, sizes = torch.rand(3, 12, 32), torch.tensor([[12, 32], [8, 16], [12, 24]])
+    ids = decoding.greedy(model, images, sizes, max_new_tokens=6, eos_id=-1)  # (3, 6), never stops
+    state, first = model.begin_decoding(images, sizes, max_new_tokens=6)
+    steps = [first] + [model.step(state, ids[:, t : t + 1])[:, -1] for t in range(5)]
+    bos = torch.full((3, 1), model.config.bos_id)
+    with torch.no_grad():
+        full = model(images, torch.cat([bos, ids[:, :5]], dim=1), sizes=sizes, tgt_lengths=[6, 6, 6])  # (3, 6, V)
+    torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert torch.equal(full.argmax(-1), ids)  # greedy = argmax of the teacher-forced forward on its own output
+
+
+def test_alignment_by_hand():
+    # Two digits on an 8 x 16 canvas with 4-pixel patches: grid 2 x 4; digit 0 covers columns 0-1,
+    # digit 1 (box at left 9) covers most of column 2 (pixels 9-11) and a part of column 3 (12-15).
+    owners = C.patch_owners([(0, 0), (0, 9)], (2, 4), 4)
+    assert owners.tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
+    cross = torch.tensor([
+        [0.30, 0.30, 0.10, 0.00, 0.10, 0.10, 0.05, 0.05],  # word 1: 0.8 on digit 0 -> aligned
+        [0.20, 0.10, 0.20, 0.10, 0.10, 0.10, 0.10, 0.10],  # word 2: 0.5 on digit 1 (not more than half) -> not
+        [0.00, 0.00, 1.00, 0.00, 0.00, 0.00, 0.00, 0.00],  # word 3: past the last digit -> not aligned
+    ])
+    assert C.aligned_words(cross, owners, 3) == [True, False, False]
+    assert C.aligned_words(cross, owners, 1) == [True]
+
+
+def test_a_tiny_model_learns_a_tiny_caption_set():
+    d = replace(C.DataConfig(), max_height=8, max_width=24, min_digits=2, max_digits=2)
+    data = C.canvases("train", 12, d, 4)
+    tok = C.build_tokenizer()
+    model = tiny_model(vocab_size=tok.vocab_size).train()
+    batch = C.collate(tok, data)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        logits = model(batch["images"], batch["tgt_in"], sizes=batch["sizes"], tgt_lengths=batch["tgt_lengths"])
+        loss = C.sequence_loss(logits, batch["tgt_out"], tok.pad_id, 0.0) / batch["num_targets"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    scores = C.score(model, tok, data)
+    assert scores["exact_match"] == 100.0  # 12 captions of 2 digits: chance is 1 in 100 per caption
+
+
+def test_train_evaluate_caption_and_viz_through_the_cli(tmp_path, capsys):
+    out = tmp_path / "run"
+    sets = ["model.d_model=32", "model.d_ff=64", "model.dropout=0.0", "train.steps=40", "train.warmup=5",
+            "train.eval_every=40", "train.progress=false", "data.valid_canvases=20", "data.test_canvases=20"]
+    assert main(["train", "caption", "--out", str(out), *[a for s in sets for a in ("--set", s)]]) == 0
+    model_dir = json.loads(capsys.readouterr().out)["model"]
+    assert isinstance(load(model_dir), Captioner)
+    assert main(["evaluate", model_dir, "--data", "test"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert set(scores) == {"exact_match", "word_accuracy", "alignment"}
+    png = tmp_path / "example.png"
+    assert main(["caption", model_dir, "--example", str(png)]) == 0
+    said = capsys.readouterr().out
+    assert said.startswith(f"{png}\t") and "true caption" in said
+    assert np.allclose(C.read_png(png, 4), C.canvases("test", 1, C.DataConfig(), 4)[0].image, atol=1 / 255)
+    (tmp_path / "set.tsv").write_text(f"example.png\t{C.canvases('test', 1, C.DataConfig(), 4)[0].caption}\n")
+    assert main(["evaluate", model_dir, "--data", str(tmp_path / "set.tsv")]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"exact_match", "word_accuracy"}
+    assert main(["viz", model_dir, "--input", str(png), "--out", str(tmp_path / "viz")]) == 0
+    written = sorted(p.name for p in (tmp_path / "viz").iterdir())
+    assert "explorer.html" in written and all(n.startswith("word") for n in written if n.endswith(".png"))
+    assert main(["translate", model_dir, "x"]) == 2  # a caption model is not a translation model
+
+
+def test_config_refuses_bad_values():
+    with pytest.raises(ValueError, match="patch_size must be a positive int, got 0"):
+        CaptionerConfig(patch_size=0)
+    assert C.CaptionConfig().train.metric == "exact_match"
