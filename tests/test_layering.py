@@ -9,7 +9,7 @@ SRC = Path(maskattn.__file__).parent
 
 # Lower rank = lower layer. A module may import only from modules of a lower or equal-rank group.
 RANKS = {
-    "io": 0, "masks": 0,
+    "io": 0, "errors": 0, "masks": 0,
     "backends": 1,
     "dispatch": 2, "weights": 2, "explanation": 3,
     "layers": 3,

@@ -171,3 +171,17 @@ def test_training_plot_curves_is_a_deprecated_alias():
         assert training.plot_curves is plotting.plot_curves
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         training.nothing  # noqa: B018
+
+
+def test_a_trainer_that_did_not_resume_refuses_another_runs_checkpoints_and_starts_a_new_log(tmp_path):
+    from maskattn.errors import RunDirectoryError
+
+    _tiny_trainer(tmp_path, steps=4, checkpoint_every=2).fit()
+    with pytest.raises(RunDirectoryError, match="holds checkpoints of another run"):
+        _tiny_trainer(tmp_path, steps=4).fit()
+    checkpoint.save(tmp_path / "unrelated", 1, {"w": torch.zeros(1)})
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "metrics.jsonl").write_text('{"step": 99, "loss": 1.0}\n')
+    _tiny_trainer(tmp_path / "new", steps=2).fit()
+    assert [json.loads(line)["step"] for line in (tmp_path / "new" / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)] == [1, 2]

@@ -80,9 +80,18 @@ def save(root: str | Path, step: int, state: dict[str, Any], *, keep: int | None
         root: the run's checkpoint directory (created if needed).
         step: the optimizer step the state belongs to.
         state: nested dicts/lists of tensors and plain values (state_dicts, RNG states, counters).
-        keep: keep this many newest step checkpoints (plus any listed in ``state.json`` as best);
-            None keeps all.
+        keep: keep this many newest step checkpoints, by step, among the steps up to ``step``;
+            None keeps all. Checkpoints of steps after ``step`` belong to a run that this one
+            replaced (one resumed from an earlier checkpoint), and are removed whatever ``keep``, so
+            that :func:`latest` is always this run's newest.
+
+    Raises:
+        ValueError: ``keep`` below 1, or ``step`` below 0.
     """
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"keep must be None or an int >= 1 (checkpoints kept), got {keep!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
@@ -92,10 +101,18 @@ def save(root: str | Path, step: int, state: dict[str, Any], *, keep: int | None
         save_file(tensors, tmp / TENSORS)
         meta = {"format": FORMAT, "step": step, "sha256": sha256(tmp / TENSORS), "state": skeleton}
         (tmp / STATE).write_text(json.dumps(meta))
-    if keep is not None:
-        for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    found = list_checkpoints(root)
+    later = [p for p in found if step_of(p) > step]
+    mine = [p for p in found if step_of(p) <= step]
+    for old in later + (mine[:-keep] if keep is not None else []):
+        shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def step_of(path: str | Path) -> int:
+    """The step of a checkpoint directory ``step-000000123`` (-1 for a name that holds no step)."""
+    digits = Path(path).name.removeprefix("step-")
+    return int(digits) if digits.isdigit() else -1
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -103,7 +120,8 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and step_of(p) >= 0),
+                  key=step_of)
 
 
 def load(path: str | Path) -> dict[str, Any]:

@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data and the training (default: 0)")
     demo.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    demo.add_argument("--overwrite", action="store_true", help="delete the run in --out first")
 
     train = sub.add_parser("train", help="train a task model", formatter_class=argparse.RawDescriptionHelpFormatter,
                            description="Train TASK. Settings come from the task's defaults, then --config, then "
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override one setting, e.g. --set train.lr=3e-4 --set model.d_model=256 (repeatable)")
     train.add_argument("--out", help="run directory (same as --set out=...)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run directory")
+    train.add_argument("--overwrite", action="store_true",
+                       help="delete the run in the run directory first (a directory holding anything a run does not "
+                       "write is refused); without --resume or --overwrite the run directory must be empty")
     train.add_argument("--show-config", action="store_true", help="print the resolved settings and exit")
     for name in shortcuts():
         train.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"shortcut for --set data.{name}=PATH")
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from maskattn.demo import run
 
-    result = run(out=args.out, steps=args.steps, seed=args.seed, resume=args.resume)
+    result = run(out=args.out, steps=args.steps, seed=args.seed, resume=args.resume, overwrite=args.overwrite)
     return 0 if result["exact_match"] >= 99.0 else 1
 
 
@@ -140,6 +144,7 @@ def _train(args: argparse.Namespace) -> int:
     from maskattn import config, distributed
     from maskattn.checkpoint import CheckpointError
     from maskattn.plotting import plot_curves
+    from maskattn.training import prepare_run_directory
 
     task = tasks()[args.task]
     assignments = list(args.set)
@@ -153,6 +158,8 @@ def _train(args: argparse.Namespace) -> int:
         print("\n".join(config.describe(cfg)))
         return 0
     context = distributed.init()  # the one place a run joins torchrun's process group; the tasks read it from there
+    if context.is_main:
+        prepare_run_directory(cfg.out, resume=args.resume, overwrite=args.overwrite)
     try:
         result = task.train(cfg, resume=args.resume)
     except CheckpointError as e:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -37,6 +39,7 @@ from tqdm import tqdm
 
 from maskattn import checkpoint, distributed
 from maskattn.data import shard
+from maskattn.errors import RunDirectoryError, UsageError
 
 
 @dataclass
@@ -99,6 +102,66 @@ def setup_distributed() -> tuple[int, int]:
     return context.rank, context.world_size
 
 
+# --- the run directory -----------------------------------------------------------------------------
+# What a run writes into its directory (the trainer, the tasks, the CLI and the demo): what
+# clear_run_directory may delete without asking.
+RUN_ENTRIES = ("checkpoints", "best", "model", "metrics.jsonl", "tokenizer.json", "curves.png",
+               "cross_attention.png", "cross_attention_heads.png", "events")
+
+
+def prepare_run_directory(out: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """The run directory ``out``, checked (and created) before a run writes anything into it.
+
+    The rule for every run: a directory that already holds something is used only to continue the
+    run in it (``resume``) or after :func:`clear_run_directory` (``overwrite``), so that a new run
+    never mixes its checkpoints, log or exported model with an older run's.
+
+    Raises:
+        RunDirectoryError: ``out`` is a file or lies under one, or it is not empty and neither
+            ``resume`` nor ``overwrite`` is given, or both are.
+    """
+    out = Path(out)
+    if resume and overwrite:
+        raise RunDirectoryError("resume and overwrite exclude each other: continue the run in "
+                                f"{out} or replace it, not both")
+    for parent in (out, *out.parents):
+        if parent.exists() and not parent.is_dir():
+            raise RunDirectoryError(f"run directory {out}: {parent} is a file, not a directory")
+    if overwrite:
+        clear_run_directory(out)
+    elif not resume and out.is_dir() and any(out.iterdir()):
+        held = sorted(p.name for p in out.iterdir())
+        raise RunDirectoryError(
+            f"run directory {out} is not empty (it holds {', '.join(held[:6])}{' ...' if len(held) > 6 else ''}): "
+            "resume the run in it (--resume), replace it (--overwrite), or choose another directory (--out)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def clear_run_directory(out: str | Path) -> None:
+    """Delete the run in ``out``: only a directory holding nothing but what runs write (:data:`RUN_ENTRIES`).
+
+    The directory is first renamed aside and then deleted, so that a crash half-way leaves no half
+    run behind under the name ``out``.
+
+    Raises:
+        RunDirectoryError: naming what in ``out`` a run does not write (then nothing is deleted).
+    """
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise RunDirectoryError(f"run directory {out} is a file, not a directory")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith("."))
+    if foreign:
+        raise RunDirectoryError(f"will not clear {out}: it holds {', '.join(foreign[:6])}, which no maskattn run "
+                                "writes (is it really a run directory?); remove them or choose another --out")
+    out = out.resolve()
+    aside = out.with_name(f".{out.name}.deleting.{os.getpid()}")
+    os.replace(out, aside)
+    shutil.rmtree(aside)
+
+
 # --- the trainer -----------------------------------------------------------------------------------
 Batch = dict[str, Any]
 
@@ -151,6 +214,7 @@ class Trainer:
         self._planned: tuple[int, list[list[int]]] | None = None
         self.best: float | None = None
         self.bad_evals = 0
+        self.resumed = False  # set by resume(): fit() then continues the run in out_dir
 
     # --- state -------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -177,6 +241,7 @@ class Trainer:
             raise checkpoint.CheckpointError(f"checkpoint {path} does not fit this model: {e}") from e
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.best, self.bad_evals = state["best"], state["bad_evals"]
+        self.resumed = True
         self._trim_log()
         return True
 
@@ -189,6 +254,8 @@ class Trainer:
         """Train to ``cfg.steps`` (or early stop); return the last evaluation (or the last loss)."""
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._check_fresh_run()
+        self._trim_log()  # a new run starts a new log; a resumed one drops the lines of steps it replays
         bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0 or not cfg.progress,
                    desc="train", unit="step", dynamic_ncols=True)
         last: dict[str, float] = {}
@@ -284,10 +351,40 @@ class Trainer:
             with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def _check_fresh_run(self) -> None:
+        """A run that was not resumed must not write into the checkpoints of another run."""
+        if self.resumed:
+            return
+        found = [p for sub in ("checkpoints", "best") for p in checkpoint.list_checkpoints(self.out_dir / sub)]
+        if found:
+            names = ", ".join(str(p.relative_to(self.out_dir)) for p in found[:4])
+            raise RunDirectoryError(
+                f"{self.out_dir} holds checkpoints of another run ({names}): "
+                "call resume() to continue it, or train into an empty directory "
+                "(maskattn.training.clear_run_directory clears a run directory)")
+
     def _trim_log(self) -> None:
-        """After a resume, drop log lines of steps that will be replayed."""
+        """Keep the log lines of steps up to the current one (none for a new run).
+
+        A last line cut short by a crash (kill -9 mid-write) is dropped; a bad line before the last
+        is an error naming the file and line.
+        """
         log = self.out_dir / "metrics.jsonl"
-        if self.rank == 0 and log.exists():
-            lines = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-            log.write_text("".join(ln + "\n" for ln in lines))
+        if self.rank != 0 or not log.exists():
+            return
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+        kept = []
+        for n, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line) if line.strip() else None
+                step = record["step"] if isinstance(record, dict) else None
+            except (json.JSONDecodeError, KeyError):
+                step = None
+            if step is None:
+                if n == len(lines) or not line.strip():
+                    continue  # a half-written last line, or a blank one
+                raise UsageError(f"{log}:{n}: not a metrics record (JSON with a step): {line[:60]!r}")
+            if step <= self.step:
+                kept.append(line)
+        log.write_text("".join(ln + "\n" for ln in kept))
 

@@ -18,8 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from maskattn import checkpoint, distributed
+from maskattn.errors import RunDirectoryError
 from maskattn.tokenization import Tokenizer
-from maskattn.training import TrainConfig, Trainer
+from maskattn.training import TrainConfig, Trainer, prepare_run_directory
 
 TASK_FILE = "task.json"
 
@@ -29,13 +30,23 @@ def log_stderr(message: str) -> None:
 
 
 def run_tokenizer(out: Path, resume: bool, build: Callable[[], Tokenizer], *, rank: int | None = None) -> Tokenizer:
-    """The run's tokenizer: reloaded on resume, else built (the same on every rank) and saved by rank 0.
+    """The run's tokenizer: reloaded when resuming a run that has a checkpoint, else built (the same on
+    every rank) and saved by rank 0.
+
+    A tokenizer.json without any checkpoint beside it (a run that failed before its first checkpoint)
+    is rebuilt, not reused: it may come from other data or settings.
 
     ``rank``: this process (default: that of the process group joined by the entry point, see
     :func:`maskattn.distributed.current`).
+
+    Raises:
+        RunDirectoryError: resuming a run that has checkpoints but no tokenizer.json.
+        FormatError: its tokenizer.json is not readable (naming the file).
     """
     path = out / "tokenizer.json"
-    if resume and path.exists():
+    if resume and checkpoint.latest(out / "checkpoints") is not None:
+        if not path.is_file():
+            raise RunDirectoryError(f"cannot resume the run in {out}: it has checkpoints but no tokenizer.json")
         return Tokenizer.load(path)
     tok = build()
     if (distributed.current().rank if rank is None else rank) == 0:
@@ -125,11 +136,18 @@ def require(settings: Any, section: str, **what: str) -> None:
                      + " are required")
 
 
-def begin_run(cfg: Any, *, resume: bool, tokenizer: Callable[[], Tokenizer]) -> tuple[Path, Tokenizer]:
+def begin_run(cfg: Any, *, resume: bool, tokenizer: Callable[[], Tokenizer],
+              overwrite: bool = False) -> tuple[Path, Tokenizer]:
     """The run directory ``cfg.out`` and its tokenizer (built by ``tokenizer``, or reloaded on resume),
-    with torch seeded from ``cfg.train.seed`` so that the model built next is the same on every rank."""
+    with torch seeded from ``cfg.train.seed`` so that the model built next is the same on every rank.
+
+    The run directory is checked first (:func:`maskattn.training.prepare_run_directory`): a directory
+    that is not empty is used only with ``resume`` (or cleared first with ``overwrite``).
+    """
     torch.manual_seed(cfg.train.seed)
     out = Path(cfg.out)
+    if distributed.current().is_main:
+        prepare_run_directory(out, resume=resume, overwrite=overwrite)
     return out, run_tokenizer(out, resume, tokenizer)
 
 
