@@ -9,6 +9,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from maskattn.errors import SettingError, SettingTypeError, UnknownSettingError
+
 
 def _parse_value(text: str) -> Any:
     """A TOML literal (``3e-4``, ``true``, ``[1, 2]``, ``"x"``), ``none``, or the bare text as a string."""
@@ -34,21 +36,21 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except (TypeError, ValueError):
                 continue
-        raise TypeError(f"{where}: expected {annotation}, got {value!r}")
+        raise SettingTypeError(f"{where}: expected {annotation}, got {value!r}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{where}: expected a list, got {value!r}")
+            raise SettingTypeError(f"{where}: expected a list, got {value!r}")
         return tuple(_coerce(v, t, where) for v, t in zip(value, typing.get_args(annotation), strict=False))
     if origin is list:
         if not isinstance(value, list):
-            raise TypeError(f"{where}: expected a list, got {value!r}")
+            raise SettingTypeError(f"{where}: expected a list, got {value!r}")
         return value
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if (isinstance(annotation, type) and not isinstance(value, annotation)) or (
         annotation is int and isinstance(value, bool)
     ):
-        raise TypeError(f"{where}: expected {annotation.__name__}, got {value!r}")
+        raise SettingTypeError(f"{where}: expected {annotation.__name__}, got {value!r}")
     return value
 
 
@@ -60,15 +62,20 @@ def update(obj: Any, values: dict[str, Any], prefix: str = "") -> Any:
     for key, value in values.items():
         where = f"{prefix}{key}"
         if key not in fields:
-            raise KeyError(f"unknown setting '{where}'; known here: {sorted(fields)}")
+            raise UnknownSettingError(f"unknown setting '{where}'; known here: {sorted(fields)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise TypeError(f"{where} is a section; set its fields, e.g. {where}.<name>=...")
+                raise SettingTypeError(f"{where} is a section; set its fields, e.g. {where}.<name>=...")
             changes[key] = update(current, value, f"{where}.")
         else:
             changes[key] = _coerce(value, hints[key], where)
-    return dataclasses.replace(obj, **changes)
+    try:
+        return dataclasses.replace(obj, **changes)
+    except SettingError as e:  # "keep must be ..." from the section's __post_init__ -> "train.keep must be ..."
+        raise type(e)(f"{prefix}{e}") from e
+    except ValueError as e:  # a section's own check (e.g. a model's shape), named after the section
+        raise SettingError(f"{prefix.rstrip('.')}: {e}" if prefix else str(e)) from e
 
 
 def overrides(assignments: list[str]) -> dict[str, Any]:
@@ -76,7 +83,7 @@ def overrides(assignments: list[str]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for item in assignments:
         if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
+            raise SettingError(f"--set expects key=value, got {item!r}")
         key, text = item.split("=", 1)
         *path, last = key.strip().split(".")
         node = nested
@@ -89,8 +96,15 @@ def overrides(assignments: list[str]) -> dict[str, Any]:
 def load(base: Any, path: str | Path | None = None, assignments: list[str] | None = None) -> Any:
     """``base`` updated by a TOML file and then by ``--set`` assignments."""
     if path is not None:
-        with open(path, "rb") as f:
-            base = update(base, tomllib.load(f))
+        path = Path(path)
+        if not path.is_file():
+            raise SettingError(f"--config {path}: {'a directory' if path.is_dir() else 'no such file'}, "
+                               "expected a TOML file of settings")
+        try:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise SettingError(f"--config {path}: not a valid TOML file: {e}") from e
+        base = update(base, values)
     return update(base, overrides(assignments or []))
 
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from maskattn import checkpoint, distributed
 from maskattn.data import shard
-from maskattn.errors import RunDirectoryError, UsageError
+from maskattn.errors import RunDirectoryError, SettingError, UsageError, check_settings
 
 
 @dataclass
@@ -56,7 +56,7 @@ class TrainConfig:
     bf16: bool = False  # bfloat16 autocast for the forward pass
     eval_every: int = 0  # evaluate every N steps (0: only at the end)
     checkpoint_every: int = 100  # checkpoint every N steps (0: only at the end)
-    keep: int = 2  # step checkpoints kept (the best one is kept apart)
+    keep: int = 2  # step checkpoints kept, newest by step (the best one is kept apart); >= 1
     metric: str = "loss"  # evaluation metric that picks the best checkpoint
     higher_is_better: bool = False  # direction of that metric
     patience: int = 0  # stop after this many evaluations without improvement (0: never)
@@ -65,12 +65,21 @@ class TrainConfig:
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("inverse_sqrt", "cosine", "constant"):
-            raise ValueError(f"schedule must be 'inverse_sqrt', 'cosine' or 'constant', got {self.schedule!r}")
-        for name in ("steps", "accumulate"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        self.betas = tuple(self.betas)
+        check_settings(self, {
+            "steps": ("int>=", 1), "lr": ("float>", 0), "weight_decay": ("float>=", 0),
+            "schedule": ("one of", ("inverse_sqrt", "cosine", "constant")), "warmup": ("int>=", 0),
+            "min_lr_ratio": ("in", (0, 1, "[]")), "accumulate": ("int>=", 1), "eval_every": ("int>=", 0),
+            "checkpoint_every": ("int>=", 0), "keep": ("int>=", 1), "patience": ("int>=", 0),
+            "seed": ("int>=", 0), "log_every": ("int>=", 1)})
+        if self.clip_norm is not None:
+            check_settings(self, {"clip_norm": ("float>", 0)})
+        if not isinstance(self.metric, str) or not self.metric:
+            raise SettingError(f"metric must be the name of an evaluation metric, got {self.metric!r}")
+        betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else None
+        if betas is None or len(betas) != 2 or not all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
+            raise SettingError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = betas
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:

@@ -20,9 +20,11 @@ from torch import Tensor, nn
 
 from maskattn import metrics
 from maskattn.data import bucket_batches, pad, read_labelled
+from maskattn.errors import check_settings
 from maskattn.models import EncoderConfig, EncoderModel, from_pretrained
 from maskattn.tasks.base import Command, Task, input_lines, register
 from maskattn.tasks.common import (
+    TOKENIZERS,
     Head,
     begin_run,
     fit_and_export,
@@ -47,6 +49,10 @@ class DataConfig:
     vocab_size: int = 8000  # from scratch: BPE vocabulary size
     max_len: int = 128  # longer texts are cut
     max_tokens: int = 4096  # padded tokens per batch
+
+    def __post_init__(self) -> None:
+        check_settings(self, {"tokenizer": ("one of", tuple(TOKENIZERS)), "vocab_size": ("int>=", 1),
+                              "max_len": ("int>=", 3), "max_tokens": ("int>=", 1)})
 
 
 @dataclass

@@ -22,9 +22,19 @@ from torch import Tensor, nn
 
 from maskattn import decoding
 from maskattn.data import read_text
+from maskattn.errors import check_settings
 from maskattn.models import DecoderLM, DecoderLMConfig
 from maskattn.tasks.base import Command, Task, register
-from maskattn.tasks.common import begin_run, fit_and_export, load_task, log_stderr, parameters, require, train_tokenizer
+from maskattn.tasks.common import (
+    TOKENIZERS,
+    begin_run,
+    fit_and_export,
+    load_task,
+    log_stderr,
+    parameters,
+    require,
+    train_tokenizer,
+)
 from maskattn.tokenization import Tokenizer
 from maskattn.training import TrainConfig
 
@@ -40,6 +50,12 @@ class DataConfig:
     batch_size: int = 12  # rows per batch
     documents: str = "none"  # none: one stream | paragraphs: blank-line documents, packed with document masks
     valid_rows: int = 0  # validation rows evaluated (0: all)
+
+    def __post_init__(self) -> None:
+        check_settings(self, {
+            "valid_fraction": ("in", (0, 1, "()")), "tokenizer": ("one of", tuple(TOKENIZERS)),
+            "vocab_size": ("int>=", 1), "block": ("int>=", 1), "batch_size": ("int>=", 1),
+            "documents": ("one of", ("none", "paragraphs")), "valid_rows": ("int>=", 0)})
 
 
 @dataclass

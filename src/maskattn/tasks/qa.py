@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from maskattn import metrics
 from maskattn.data import QAExample, pad, read_squad
+from maskattn.errors import check_settings
 from maskattn.models import EncoderModel, from_pretrained
 from maskattn.tasks.base import Command, Option, Task, register
 from maskattn.tasks.common import Head, begin_run, fit_and_export, load_task, log_stderr, parameters, require
@@ -39,6 +40,10 @@ class DataConfig:
     max_answer: int = 30  # longest answer, in tokens
     batch_size: int = 16  # windows per batch
     valid_limit: int = 0  # validation questions evaluated during training (0: all)
+
+    def __post_init__(self) -> None:
+        check_settings(self, {"max_len": ("int>=", 4), "stride": ("int>=", 1), "max_answer": ("int>=", 1),
+                              "batch_size": ("int>=", 1), "valid_limit": ("int>=", 0)})
 
 
 @dataclass

@@ -19,9 +19,19 @@ from torch import Tensor, nn
 
 from maskattn import decoding, metrics
 from maskattn.data import bucket_batches, pad, read_parallel
+from maskattn.errors import check_settings
 from maskattn.models import Transformer, TransformerConfig
 from maskattn.tasks.base import Command, Option, Task, input_lines, register
-from maskattn.tasks.common import begin_run, fit_and_export, load_task, log_stderr, parameters, require, train_tokenizer
+from maskattn.tasks.common import (
+    TOKENIZERS,
+    begin_run,
+    fit_and_export,
+    load_task,
+    log_stderr,
+    parameters,
+    require,
+    train_tokenizer,
+)
 from maskattn.tokenization import Tokenizer
 from maskattn.training import TrainConfig
 
@@ -40,6 +50,10 @@ class DataConfig:
     max_len: int = 128  # training pairs longer than this many tokens are dropped
     valid_limit: int = 500  # validation pairs translated at each evaluation (0: all)
 
+    def __post_init__(self) -> None:
+        check_settings(self, {"tokenizer": ("one of", tuple(TOKENIZERS)), "vocab_size": ("int>=", 1),
+                              "max_tokens": ("int>=", 1), "max_len": ("int>=", 1), "valid_limit": ("int>=", 0)})
+
 
 @dataclass
 class DecodeConfig:
@@ -48,6 +62,11 @@ class DecodeConfig:
     max_len_ratio: float = 1.5  # at most ratio * source length + extra target tokens
     max_len_extra: int = 10
     batch_size: int = 64  # sentences decoded together
+
+    def __post_init__(self) -> None:
+        check_settings(self, {"beam_size": ("int>=", 1), "length_penalty": ("float>=", 0),
+                              "max_len_ratio": ("float>=", 0), "max_len_extra": ("int>=", 0),
+                              "batch_size": ("int>=", 1)})
 
 
 @dataclass
@@ -58,6 +77,9 @@ class TranslationConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     label_smoothing: float = 0.1  # cross-entropy label smoothing (the paper's 0.1)
     out: str = "runs/translation"  # run directory: checkpoints, logs, curves, the final model
+
+    def __post_init__(self) -> None:
+        check_settings(self, {"label_smoothing": ("in", (0, 1, "[)"))})
 
 
 # --- data ------------------------------------------------------------------------------------------
