@@ -185,3 +185,16 @@ def test_a_trainer_that_did_not_resume_refuses_another_runs_checkpoints_and_star
     _tiny_trainer(tmp_path / "new", steps=2).fit()
     assert [json.loads(line)["step"] for line in (tmp_path / "new" / "metrics.jsonl").read_text().splitlines()
             if "loss" in json.loads(line)] == [1, 2]
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    from maskattn.errors import TrainingError
+
+    trainer = _tiny_trainer(tmp_path, steps=10, checkpoint_every=2)
+    loss = trainer.loss_fn
+    trainer.loss_fn = lambda m, b: loss(m, b) * (float("nan") if trainer.step >= 5 else 1.0)
+    with pytest.raises(TrainingError, match=r"^step 5: the training loss is nan; .*/step-000000004"):
+        trainer.fit()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert checkpoint.latest(tmp_path / "checkpoints").name == "step-000000004"
+    assert all(torch.isfinite(t).all() for t in _final_weights(tmp_path).values())

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from maskattn.errors import TrainingError
 from maskattn.tasks.base import Task, tasks
 
 
@@ -128,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         "masks": _masks_show}[args.command]
     try:
         return handler(args)
+    except TrainingError as e:  # training could not go on: not a usage error, but no traceback either
+        print(f"maskattn {args.command}: {e}", file=sys.stderr)
+        return 1
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
         print(f"maskattn {args.command}: {e}", file=sys.stderr)
         return 2

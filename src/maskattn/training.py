@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from maskattn import checkpoint, distributed
 from maskattn.data import shard
-from maskattn.errors import RunDirectoryError, SettingError, UsageError, check_settings
+from maskattn.errors import RunDirectoryError, SettingError, TrainingError, UsageError, check_settings
 
 
 @dataclass
@@ -326,11 +326,25 @@ class Trainer:
                 # DDP averages gradients over ranks: scale by world size to get the global sum.
                 (loss * self.world / max(total_targets, 1.0)).backward()
             loss_sum += float(loss.detach())
+        loss_sum = distributed.all_sum(loss_sum)  # every rank sees the same sum, so all stop together
+        if not math.isfinite(loss_sum):
+            self._stop(f"the training loss is {loss_sum}")
         if cfg.clip_norm:
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
+            norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm))
+            if not math.isfinite(norm):
+                self._stop(f"the gradient norm is {norm}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return distributed.all_sum(loss_sum), total_targets
+        return loss_sum, total_targets
+
+    def _stop(self, what: str) -> None:
+        """Stop training before a non-finite update reaches the weights; checkpoints on disk stay as they are."""
+        self.optimizer.zero_grad(set_to_none=True)
+        good = checkpoint.latest(self.out_dir / "checkpoints")
+        raise TrainingError(
+            f"step {self.step}: {what}; training stopped before updating the weights. The last good checkpoint is "
+            f"{good if good else 'none (no checkpoint was written yet)'}. Lower train.lr, or check the model settings "
+            "(e.g. model.norm_eps) and the data")
 
     def _autocast(self):
         if not self.cfg.bf16:
@@ -345,7 +359,8 @@ class Trainer:
             raise KeyError(f"evaluate() returned {sorted(metrics)}, without the metric {self.cfg.metric!r}")
         self._log({"step": self.step, **{f"eval_{k}": v for k, v in metrics.items()}})
         value = metrics[self.cfg.metric]
-        better = self.best is None or (value > self.best if self.cfg.higher_is_better else value < self.best)
+        better = math.isfinite(value) and (  # a NaN metric never picks the best checkpoint
+            self.best is None or (value > self.best if self.cfg.higher_is_better else value < self.best))
         if better:
             self.best, self.bad_evals = value, 0
             if self.rank == 0:
