@@ -4,7 +4,10 @@ A checkpoint is a directory ``<root>/step-000000123/`` holding
 
 * ``tensors.safetensors``: every tensor of the training state (model, optimizer, RNG), flat;
 * ``state.json``: everything else (step, schedule, data order, hyper-parameters), with tensors
-  replaced by references into the safetensors file, and the SHA-256 of that file.
+  replaced by references into the safetensors file, and the SHA-256 of that file;
+* ``manifest.json``: the SHA-256 of both (:func:`maskattn.io.write_manifest`), so that an edited
+  ``state.json`` (a step, a learning rate) is refused too. Checkpoints written before the manifest
+  have none and are loaded with the tensor file's hash alone, as then.
 
 It is written into a temporary directory, fsynced and renamed into place, so a crash leaves either
 the whole checkpoint or none of it; older checkpoints are pruned only after the new one is in place.
@@ -22,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from maskattn.io import FormatError, atomic_directory, read_json_object, sha256
+from maskattn.io import FormatError, atomic_directory, read_json_object, sha256, verify_manifest, write_manifest
 
 TENSORS, STATE = "tensors.safetensors", "state.json"
 FORMAT = "maskattn-checkpoint-1"
@@ -101,6 +104,7 @@ def save(root: str | Path, step: int, state: dict[str, Any], *, keep: int | None
         save_file(tensors, tmp / TENSORS)
         meta = {"format": FORMAT, "step": step, "sha256": sha256(tmp / TENSORS), "state": skeleton}
         (tmp / STATE).write_text(json.dumps(meta))
+        write_manifest(tmp, [TENSORS, STATE])
     found = list_checkpoints(root)
     later = [p for p in found if step_of(p) > step]
     mine = [p for p in found if step_of(p) <= step]
@@ -137,6 +141,7 @@ def load(path: str | Path) -> dict[str, Any]:
         if not p.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {p.name} is missing")
     try:
+        verify_manifest(path, [STATE, TENSORS])  # none in checkpoints written before manifests: the checks below
         meta = read_json_object(meta_path)
     except FormatError as e:
         raise CheckpointError(f"checkpoint {path} is corrupt: {e}") from e

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from maskattn import checkpoint, distributed
 from maskattn.errors import RunDirectoryError
+from maskattn.io import FormatError, add_to_manifest, atomic_write_text, read_json_object, verify_manifest
 from maskattn.tokenization import Tokenizer
 from maskattn.training import TrainConfig, Trainer, prepare_run_directory
 
@@ -87,15 +88,24 @@ def fit_and_export(model: nn.Module, tok: Tokenizer, cfg: TrainConfig, out: Path
         model.load_state_dict(checkpoint.load(best)["model"])
     directory = out / "model"
     (saved or model).save(directory, tokenizer=tok.backend)
-    (directory / TASK_FILE).write_text(json.dumps(task, indent=2) + "\n")
+    atomic_write_text(directory / TASK_FILE, json.dumps(task, indent=2) + "\n")
+    add_to_manifest(directory, TASK_FILE)
     return {**last, "train_seconds": seconds, "model": str(directory)}
 
 
 def read_task(directory: str | Path) -> dict[str, Any]:
+    """The settings in ``directory/task.json``, checked against the directory's manifest.
+
+    Raises:
+        FormatError: naming the file, when it is missing, modified or not a JSON object.
+    """
     path = Path(directory) / TASK_FILE
+    if not Path(directory).is_dir():
+        raise FormatError(f"{directory}: not a model directory")
     if not path.is_file():
-        raise ValueError(f"{directory} has no {TASK_FILE}: not a model trained by `maskattn train`")
-    return json.loads(path.read_text())
+        raise FormatError(f"{directory} has no {TASK_FILE}: not a model trained by `maskattn train`")
+    verify_manifest(directory, [TASK_FILE], every_file=False)
+    return read_json_object(path)
 
 
 def load_task(directory: str | Path, task: str, model_class: type) -> tuple[Any, Tokenizer, dict[str, Any]]:
