@@ -39,7 +39,14 @@ from tqdm import tqdm
 
 from maskattn import checkpoint, distributed
 from maskattn.data import shard
-from maskattn.errors import RunDirectoryError, SettingError, TrainingError, UsageError, check_settings
+from maskattn.errors import (
+    RunDirectoryError,
+    SettingError,
+    TrainingError,
+    UnknownSettingError,
+    UsageError,
+    check_settings,
+)
 
 
 @dataclass
@@ -356,7 +363,8 @@ class Trainer:
         with torch.no_grad():
             metrics = self.evaluate(self.model)
         if self.cfg.metric not in metrics:
-            raise KeyError(f"evaluate() returned {sorted(metrics)}, without the metric {self.cfg.metric!r}")
+            raise UnknownSettingError(f"train.metric {self.cfg.metric!r} is not one of the evaluation's metrics: "
+                                      f"{sorted(metrics)}")
         self._log({"step": self.step, **{f"eval_{k}": v for k, v in metrics.items()}})
         value = metrics[self.cfg.metric]
         better = math.isfinite(value) and (  # a NaN metric never picks the best checkpoint

@@ -41,6 +41,11 @@ from maskattn.io import (
 )
 
 FORMAT, VERSION = "maskattn-model", 1
+
+
+class ModelKindError(FormatError, TypeError):
+    """A model directory holds another kind of model than the one asked for (a TypeError, as before)."""
+
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 _MODELS: dict[str, type] = {}
 
@@ -71,7 +76,7 @@ class Persistent:
         """Load a model saved by :meth:`save`; TypeError if it is another kind of model."""
         model = load(directory, device=device)
         if not isinstance(model, cls):
-            raise TypeError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
+            raise ModelKindError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
         return model
 
 
