@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import io
+import re
+import tokenize
 import tomllib
 import types
 import typing
@@ -112,13 +116,38 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+def comments(cls: type) -> dict[str, str]:
+    """The comment written after each field of dataclass ``cls`` (and its bases) in its source:
+    ``lr: float = 5e-4  # peak learning rate`` -> ``{"lr": "peak learning rate"}``."""
+    found: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's comment on a redefined field wins
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):  # no source (e.g. built in a REPL): no comments
+            continue
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type == tokenize.COMMENT:
+                field = _FIELD.match(token.line)
+                if field and field.end(1) < token.start[1]:
+                    found[field.group(1)] = token.string.lstrip("#").strip()
+    return found
+
+
+_FIELD = re.compile(r"^\s+([A-Za-z_]\w*)\s*:")
+
+
 def describe(obj: Any, prefix: str = "") -> list[str]:
-    """``key = value  # comment`` lines for --help, from the dataclass fields."""
+    """``key = value  # comment`` lines for ``--show-config``, from the dataclass fields and the
+    comment after each field in its source."""
     lines = []
+    notes = comments(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             lines += describe(value, f"{prefix}{f.name}.")
         else:
-            lines.append(f"{prefix}{f.name} = {value!r}")
+            note = notes.get(f.name)
+            lines.append(f"{prefix}{f.name} = {value!r}" + (f"  # {note}" if note else ""))
     return lines

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -272,7 +273,8 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._check_fresh_run()
         self._trim_log()  # a new run starts a new log; a resumed one drops the lines of steps it replays
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0 or not cfg.progress,
+        quiet = not logging.getLogger("maskattn").isEnabledFor(logging.INFO)  # `maskattn -q`
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0 or not cfg.progress or quiet,
                    desc="train", unit="step", dynamic_ncols=True)
         last: dict[str, float] = {}
         window_loss, window_targets, window_start = 0.0, 0.0, time.perf_counter()

@@ -8,7 +8,7 @@ A trained model is a directory written by ``model.save`` (``config.json``, ``mod
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,8 +26,12 @@ from maskattn.training import TrainConfig, Trainer, prepare_run_directory
 TASK_FILE = "task.json"
 
 
+logger = logging.getLogger("maskattn")  # the CLI sets its level from -v / -q
+
+
 def log_stderr(message: str) -> None:
-    print(message, file=sys.stderr)
+    """A task's progress message, through the ``maskattn`` logger (its name kept from when it printed)."""
+    logger.info(message)
 
 
 def run_tokenizer(out: Path, resume: bool, build: Callable[[], Tokenizer], *, rank: int | None = None) -> Tokenizer:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from maskattn import decoding, metrics
 from maskattn.data import bucket_batches, pad, read_parallel
-from maskattn.errors import check_settings
+from maskattn.errors import UsageError, check_settings
 from maskattn.models import Transformer, TransformerConfig
 from maskattn.tasks.base import Command, Option, Task, input_lines, register
 from maskattn.tasks.common import (
@@ -28,6 +28,7 @@ from maskattn.tasks.common import (
     fit_and_export,
     load_task,
     log_stderr,
+    logger,
     parameters,
     require,
     train_tokenizer,
@@ -60,7 +61,7 @@ class DecodeConfig:
     beam_size: int = 4  # 1 = greedy
     length_penalty: float = 0.6  # Wu et al.'s alpha
     max_len_ratio: float = 1.5  # at most ratio * source length + extra target tokens
-    max_len_extra: int = 10
+    max_len_extra: int = 10  # ... plus this many
     batch_size: int = 64  # sentences decoded together
 
     def __post_init__(self) -> None:
@@ -128,10 +129,25 @@ def build_model(cfg: TranslationConfig, tok: Tokenizer) -> Transformer:
     return Transformer(model_cfg)
 
 
-def translate(model: Transformer, tok: Tokenizer, sentences: Sequence[str], decode: DecodeConfig) -> list[str]:
-    """Translate sentences in length-sorted batches; one output line per input line."""
+def translate(model: Transformer, tok: Tokenizer, sentences: Sequence[str], decode: DecodeConfig, *,
+              truncate: bool = False) -> list[str]:
+    """Translate sentences in length-sorted batches; one output line per input line.
+
+    Raises:
+        UsageError: naming the first sentence longer than the model's ``max_len`` tokens, unless
+            ``truncate`` (then it is cut to ``max_len`` tokens, with a warning).
+    """
     device = next(model.parameters()).device
-    encoded = [tok.encode(s)[: model.config.max_len] or [tok.unk_id] for s in sentences]
+    limit = model.config.max_len
+    encoded = [tok.encode(s) or [tok.unk_id] for s in sentences]
+    too_long = [i for i, ids in enumerate(encoded) if len(ids) > limit]
+    if too_long and not truncate:
+        i = too_long[0]
+        raise UsageError(f"sentence {i + 1} has {len(encoded[i])} tokens, more than the model's max_len ({limit}); "
+                         f"{len(too_long)} sentence(s) are too long: split them")
+    if too_long:
+        logger.warning(f"{len(too_long)} sentence(s) longer than max_len ({limit}) tokens were cut to {limit}")
+        encoded = [ids[:limit] for ids in encoded]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out: list[str] = [""] * len(encoded)
     model.eval()
@@ -180,7 +196,7 @@ def train(cfg: TranslationConfig, train_pairs: Pairs | None = None, valid_pairs:
     valid = valid_pairs[: cfg.data.valid_limit or None] if valid_pairs else None
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        hyps = translate(m, tok, [s for s, _ in valid], replace(cfg.decode, beam_size=1))
+        hyps = translate(m, tok, [s for s, _ in valid], replace(cfg.decode, beam_size=1), truncate=True)
         return score(hyps, [t for _, t in valid])
 
     def loss(m: nn.Module, b: dict[str, Any]) -> Tensor:
@@ -223,8 +239,8 @@ def _translate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _translate_command(args: argparse.Namespace) -> int:
     model, tok, decode = load(args.model)
-    if args.beam:
-        decode = replace(decode, beam_size=args.beam)
+    if args.beam is not None:
+        decode = replace(decode, beam_size=args.beam)  # DecodeConfig refuses beam_size < 1
     for out in translate(model, tok, input_lines(args.text), decode):
         print(out)
     return 0
