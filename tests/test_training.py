@@ -198,3 +198,44 @@ def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_goo
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert checkpoint.latest(tmp_path / "checkpoints").name == "step-000000004"
     assert all(torch.isfinite(t).all() for t in _final_weights(tmp_path).values())
+
+
+def test_callbacks_hear_every_step_evaluation_checkpoint_and_the_end(tmp_path):
+    from maskattn.training import Callback
+
+    heard = []
+
+    class Recorder(Callback):
+        def on_step(self, trainer, step, metrics):
+            heard.append(("step", step, sorted(metrics)))
+
+        def on_evaluate(self, trainer, step, metrics):
+            heard.append(("evaluate", step, sorted(metrics)))
+
+        def on_checkpoint(self, trainer, step, path):
+            heard.append(("checkpoint", step, path.name))
+
+        def on_end(self, trainer):
+            heard.append(("end",))
+
+    trainer = _tiny_trainer(tmp_path, steps=4, eval_every=2, checkpoint_every=2)
+    trainer.callbacks.append(Recorder())
+    trainer.fit()
+    assert heard == [("step", 1, ["loss", "lr"]), ("step", 2, ["loss", "lr"]), ("evaluate", 2, ["loss"]),
+                     ("checkpoint", 2, "step-000000002"), ("step", 3, ["loss", "lr"]), ("step", 4, ["loss", "lr"]),
+                     ("evaluate", 4, ["loss"]), ("checkpoint", 4, "step-000000004"),
+                     ("checkpoint", 4, "step-000000004"), ("end",)]
+
+
+def test_report_to_tensorboard_writes_scalars_with_tensorboards_own_writer(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install 'maskattn[tensorboard]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _tiny_trainer(tmp_path, steps=4, eval_every=2, report_to=["tensorboard"]).fit()
+    events = EventAccumulator(str(tmp_path / "events"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("eval/loss")] == [2, 4]
+    assert "train/lr" in events.Tags()["scalars"]
+    with pytest.raises(ValueError, match=r"report_to must be a list of 'tensorboard', got \['wandb'\]"):
+        TrainConfig(report_to=["wandb"])

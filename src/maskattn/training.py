@@ -30,7 +30,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,7 @@ class TrainConfig:
     seed: int = 0  # seeds data order and dropout
     log_every: int = 10  # steps between metric log lines
     progress: bool = True  # show a progress bar
+    report_to: list[str] = field(default_factory=list)  # also report metrics to: "tensorboard" (OUT/events)
 
     def __post_init__(self) -> None:
         check_settings(self, {
@@ -88,6 +89,9 @@ class TrainConfig:
                 isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
             raise SettingError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         self.betas = betas
+        if not isinstance(self.report_to, (list, tuple)) or any(name not in REPORTERS for name in self.report_to):
+            raise SettingError(f"report_to must be a list of {', '.join(map(repr, REPORTERS))}, got {self.report_to!r}")
+        self.report_to = list(self.report_to)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -117,6 +121,58 @@ def setup_distributed() -> tuple[int, int]:
                   "entry point and pass its rank and world_size to the Trainer", DeprecationWarning, stacklevel=2)
     context = distributed.init()
     return context.rank, context.world_size
+
+
+# --- callbacks -------------------------------------------------------------------------------------
+class Callback:
+    """What a run reports, as it happens: subclass and override any method, pass ``Trainer(callbacks=[...])``.
+
+    Called on rank 0 only (the process that writes the run directory), in the order given.
+    ``metrics`` are plain floats; the trainer is passed for its ``step``, ``out_dir`` and ``model``.
+    """
+
+    def on_step(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        """After every optimizer step: ``loss`` (mean over the step's targets) and ``lr``."""
+
+    def on_evaluate(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        """After every evaluation: what ``evaluate`` returned."""
+
+    def on_checkpoint(self, trainer: Trainer, step: int, path: Path) -> None:
+        """After a step checkpoint was written to ``path``."""
+
+    def on_end(self, trainer: Trainer) -> None:
+        """When ``fit`` returns or raises: release what the callback holds (files, writers)."""
+
+
+class TensorBoard(Callback):
+    """Metrics as TensorBoard scalars (``train/loss``, ``train/lr``, ``eval/<metric>``) in ``log_dir``,
+    written by TensorBoard's own ``SummaryWriter`` (``pip install maskattn[tensorboard]``)."""
+
+    def __init__(self, log_dir: str | Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise UsageError("train.report_to = ['tensorboard'] needs the tensorboard package: "
+                             "pip install 'maskattn[tensorboard]'") from e
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def on_step(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(f"train/{name}", value, step)
+
+    def on_evaluate(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(f"eval/{name}", value, step)
+
+    def on_checkpoint(self, trainer: Trainer, step: int, path: Path) -> None:
+        self.writer.flush()
+
+    def on_end(self, trainer: Trainer) -> None:
+        self.writer.close()
+
+
+# train.report_to names -> the callback, built with the run directory
+REPORTERS: dict[str, Callable[[Path], Callback]] = {"tensorboard": lambda out: TensorBoard(out / "events")}
 
 
 # --- the run directory -----------------------------------------------------------------------------
@@ -195,6 +251,8 @@ class Trainer:
         device: where to train (default: CUDA if available, else CPU).
         rank, world_size: this process and the number of processes, as :func:`maskattn.distributed.init`
             returns them (default: a single process).
+        callbacks: :class:`Callback` objects told of every step, evaluation and checkpoint (rank 0),
+            after those named by ``cfg.report_to``.
 
     Raises:
         ValueError: when ``rank`` / ``world_size`` do not match the process group this process joined.
@@ -213,6 +271,7 @@ class Trainer:
         device: str | torch.device | None = None,
         rank: int = 0,
         world_size: int = 1,
+        callbacks: list[Callback] | tuple[Callback, ...] = (),
     ) -> None:
         self.cfg, self.plan, self.collate, self.loss_fn, self.evaluate = cfg, plan, collate, loss, evaluate
         self.out_dir = Path(out_dir)
@@ -232,6 +291,7 @@ class Trainer:
         self.best: float | None = None
         self.bad_evals = 0
         self.resumed = False  # set by resume(): fit() then continues the run in out_dir
+        self.callbacks = list(callbacks)
 
     # --- state -------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -264,15 +324,30 @@ class Trainer:
 
     def save(self) -> None:
         if self.rank == 0:
-            checkpoint.save(self.out_dir / "checkpoints", self.step, self.state(), keep=self.cfg.keep)
+            path = checkpoint.save(self.out_dir / "checkpoints", self.step, self.state(), keep=self.cfg.keep)
+            for callback in self._listeners():
+                callback.on_checkpoint(self, self.step, path)
 
     # --- the loop ----------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         """Train to ``cfg.steps`` (or early stop); return the last evaluation (or the last loss)."""
-        cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._check_fresh_run()
         self._trim_log()  # a new run starts a new log; a resumed one drops the lines of steps it replays
+        reporters = [REPORTERS[name](self.out_dir) for name in self.cfg.report_to] if self.rank == 0 else []
+        callbacks, self.callbacks = self.callbacks, reporters + self.callbacks
+        try:
+            return self._fit()
+        finally:
+            for callback in self._listeners():
+                callback.on_end(self)
+            self.callbacks = callbacks
+
+    def _listeners(self) -> list[Callback]:
+        return self.callbacks if self.rank == 0 else []
+
+    def _fit(self) -> dict[str, float]:
+        cfg = self.cfg
         quiet = not logging.getLogger("maskattn").isEnabledFor(logging.INFO)  # `maskattn -q`
         bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0 or not cfg.progress or quiet,
                    desc="train", unit="step", dynamic_ncols=True)
@@ -282,6 +357,9 @@ class Trainer:
             micro = self._next_micro_batches()
             loss_sum, targets = self._optimizer_step(micro)
             window_loss, window_targets = window_loss + loss_sum, window_targets + targets
+            for callback in self._listeners():
+                callback.on_step(self, self.step, {"loss": loss_sum / max(targets, 1),
+                                                   "lr": learning_rate(cfg, self.step)})
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 elapsed = time.perf_counter() - window_start
@@ -368,6 +446,8 @@ class Trainer:
             raise UnknownSettingError(f"train.metric {self.cfg.metric!r} is not one of the evaluation's metrics: "
                                       f"{sorted(metrics)}")
         self._log({"step": self.step, **{f"eval_{k}": v for k, v in metrics.items()}})
+        for callback in self._listeners():
+            callback.on_evaluate(self, self.step, dict(metrics))
         value = metrics[self.cfg.metric]
         better = math.isfinite(value) and (  # a NaN metric never picks the best checkpoint
             self.best is None or (value > self.best if self.cfg.higher_is_better else value < self.best))
