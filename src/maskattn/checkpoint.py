@@ -144,19 +144,23 @@ def load(path: str | Path) -> dict[str, Any]:
         verify_manifest(path, [STATE, TENSORS])  # none in checkpoints written before manifests: the checks below
         meta = read_json_object(meta_path)
     except FormatError as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt: {e}") from e
+        raise CheckpointError(f"checkpoint {path} is corrupt: {e}. {_earlier(path)}") from e
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
     actual = sha256(tensor_path)
     if actual != meta.get("sha256"):
         raise CheckpointError(
             f"checkpoint {path} is corrupt: {TENSORS} has SHA-256 {actual[:12]}..., expected "
-            f"{str(meta.get('sha256'))[:12]}... (truncated or modified). Earlier checkpoints: "
-            f"{[p.name for p in list_checkpoints(path.parent) if p != path] or 'none'}"
+            f"{str(meta.get('sha256'))[:12]}... (truncated or modified). {_earlier(path)}"
         )
     state = unflatten(meta["state"], load_file(tensor_path))
     state["step"] = meta["step"]
     return state
+
+
+def _earlier(path: Path) -> str:
+    """The other checkpoints beside ``path``, for an error message: where a resume can go back to."""
+    return f"Earlier checkpoints: {[p.name for p in list_checkpoints(path.parent) if p != path] or 'none'}"
 
 
 def latest(root: str | Path) -> Path | None:
