@@ -181,8 +181,7 @@ def configure_logging(verbose: int = 0, quiet: bool = False, *, rank: int = 0) -
     if not any(isinstance(h, _Stderr) for h in logger.handlers):  # one handler however often main() runs
         handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
+        logger.addHandler(handler)  # propagation stays on: a program's or pytest's own handlers still see records
     quiet = quiet or rank != 0
     logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
 
