@@ -36,7 +36,7 @@ class Option:
     """A ``maskattn evaluate`` flag that one task reads, passed to its ``evaluate_file`` as a keyword."""
 
     flag: str  # e.g. "--beam"
-    keyword: str  # the evaluate_file keyword it fills, e.g. "beam_size"; passed only when given (non-empty)
+    keyword: str  # the evaluate_file keyword it fills, e.g. "beam_size"; passed only when given (not None)
     help: str  # shown after the task's name in `maskattn evaluate --help`
     type: Callable[[str], Any] = str
 
