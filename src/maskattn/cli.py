@@ -301,7 +301,10 @@ def _viz(args: argparse.Namespace) -> int:
     trained = (Path(args.model) / TASK_FILE).is_file()
     task = tasks().get(read_task(args.model).get("task")) if trained else None
     if task is not None and task.visualize is not None:  # a task with pictures of its own (caption: overlays)
-        written = task.visualize(args.model, args.input, args.out)
+        from maskattn.plotting import plot_overlays
+
+        overlays, files = task.visualize(args.model, args.input, args.out)
+        written = [*plot_overlays(overlays, args.out), *files]
     else:
         written = visualize(load(args.model), Tokenizer.load(args.model), args.input, args.out, target=args.target)
     print(f"wrote {len(written)} files to {args.out}; open {written[-1]}")
