@@ -70,7 +70,9 @@ def choose_backend(
       one call per document (``sdpa.segments``);
     * any other mask -> ``blocked``, which skips the tiles the mask hides.
 
-    The rules are the data :data:`RULES`.
+    The rules are the data :data:`RULES`. While ``torch.compile`` traces, each rule decides from shapes and
+    mask structure only (never tensor values): the per-document split is off, so such calls go to ``blocked``,
+    which then runs as one custom operator (``maskattn.backends.blocked_op``).
     """
     return decide(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset,
                   generator=generator, return_lse=return_lse)[0]
@@ -194,7 +196,7 @@ def attention(
         options = {"dropout_p": dropout_p, "return_weights": return_weights, "q_offset": q_offset,
                    "return_lse": return_lse}
         backend = choose_backend(q, k, mask, generator=generator, **options)
-        if logger.isEnabledFor(logging.DEBUG):
+        if not torch.compiler.is_compiling() and logger.isEnabledFor(logging.DEBUG):
             _, why = decide(q, k, mask, generator=generator, **options)
             logger.debug("attention %s %s on %s: backend=%s (%s)", tuple(q.shape), q.dtype, q.device, backend, why)
     run = get_backend(backend).fn

@@ -92,5 +92,5 @@ def tile_reduce(x: Tensor, dim: int, block: int, pad: bool | None, op: str) -> T
 def check_sizes(q_len: int, k_len: int, q_offset: int) -> None:
     """Raise ValueError unless the call sizes are ints >= 0."""
     for name, value, low in (("q_len", q_len, 0), ("k_len", k_len, 0), ("q_offset", q_offset, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if isinstance(value, bool) or not isinstance(value, int | torch.SymInt) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
