@@ -63,9 +63,9 @@ def segments(mask: Mask | None, q_len: int, k_len: int, q_offset: int, batch: in
     """``(runs, causal)`` if ``mask`` is ``document(ids)``, optionally ``& causal()``, over contiguous
     documents that split a call of more than ``MIN_SPLIT_SCORES`` scores into at most
     ``MAX_SEGMENTS`` self-attention calls; else None."""
-    if q_offset != 0 or q_len != k_len or q_len * k_len <= MIN_SPLIT_SCORES:
-        return None
     if torch.compiler.is_compiling():  # the runs are read from the ids: a traced graph cannot depend on them
+        return None
+    if q_offset != 0 or q_len != k_len or q_len * k_len <= MIN_SPLIT_SCORES:
         return None
     parts = structure(mask)
     if parts.kinds not in (("doc_ids",), ("causal", "doc_ids")):
@@ -89,6 +89,8 @@ def band(mask: Mask | None, q_len: int, k_len: int, q_offset: int) -> int | None
     """The window W if ``mask`` is exactly ``causal() & sliding_window(W)`` on self-attention longer than W
     and of more than ``MIN_SPLIT_SCORES`` scores; else None."""
     parts = structure(mask)
+    if torch.compiler.is_exporting():  # exported lengths are symbolic: no branch on their size
+        return None
     if parts.kinds != ("causal", "window") or q_offset != 0 or q_len != k_len or q_len * k_len <= MIN_SPLIT_SCORES:
         return None
     return parts.window if q_len > parts.window else None
