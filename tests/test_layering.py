@@ -15,7 +15,7 @@ RANKS = {
     "layers": 3,
     "models": 4,
     "decoding": 5, "data": 5, "tokenization": 5, "training": 5, "checkpoint": 5, "metrics": 5, "config": 5,
-    "distributed": 5,
+    "distributed": 5, "export": 5,
     "tasks": 6, "averaging": 6,
     "viz": 7, "plotting": 7, "audit": 7, "explorer": 6, "demo": 7, "showcase": 7, "hf": 7, "cli": 8,
     "__init__": 9, "__main__": 9,
