@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--length", type=positive_int, default=4096, help="query and key length (default: 4096)")
     stats.add_argument("--block", type=positive_int, default=128, help="tile size of the block map (default: 128)")
     stats.add_argument("--head-dim", type=positive_int, default=64, help="head dim D for the FLOP count (default: 64)")
+    _add_export_command(sub)
     return parser
 
 
@@ -191,6 +192,26 @@ def configure_logging(verbose: int = 0, quiet: bool = False, *, rank: int = 0) -
         logger.addHandler(handler)  # propagation stays on: a program's or pytest's own handlers still see records
     quiet = quiet or rank != 0
     logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+
+
+def _add_export_command(sub) -> None:
+    export = sub.add_parser("export", help="write a saved model as ONNX or a torch.export program (.pt2)",
+                            description="Dynamic batch and lengths. A Transformer writes two graphs beside OUT: "
+                            "<stem>.encoder<ext> and <stem>.decoder_step<ext> (signatures: maskattn.export). "
+                            "ONNX needs `pip install maskattn[onnx]`.")
+    export.add_argument("model", help="a model directory (a trained task model or models.save)")
+    export.add_argument("--format", choices=("onnx", "pt2"), default="onnx", help="file format (default: onnx)")
+    export.add_argument("--out", required=True, help="the file to write")
+    export.set_defaults(handler=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from maskattn.export import export
+    from maskattn.models import load
+
+    for path in export(load(args.model), args.out, format=args.format):
+        print(f"wrote {path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,6 +72,8 @@ class TrainConfig:
     log_every: int = 10  # steps between metric log lines
     progress: bool = True  # show a progress bar
     report_to: list[str] = field(default_factory=list)  # also report metrics to: "tensorboard" (OUT/events)
+    # torch.compile the model in place (nn.Module.compile) before training; maskattn's models compile to one graph
+    compile: bool = False
 
     def __post_init__(self) -> None:
         check_settings(self, {
@@ -279,6 +281,8 @@ class Trainer:
         self.rank, self.world = rank, world_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device)
+        if cfg.compile:
+            self.model.compile()  # in place: state_dict keys and the model's other methods stay as they are
         self.ddp = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else None
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]

@@ -58,6 +58,8 @@ class Persistent:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if cls.__module__.partition(".")[0] == "torch":  # torch.export's tracer subclasses the module it traces
+            return
         _MODELS[cls.__name__] = cls
 
     @classmethod
