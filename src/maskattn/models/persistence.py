@@ -5,7 +5,8 @@ A checkpoint directory holds::
 
     config.json        {"format": "maskattn-model", "version": 1, "model": "Transformer",
                         "config": {...}, "weights": {"file": "model.safetensors", "sha256": ...},
-                        "aliases": {"tied.name": "stored.name"}}
+                        "aliases": {"tied.name": "stored.name"},
+                        "compression": {...}}   # only for pruned / int8 models (models/compressed.py)
     model.safetensors  every distinct tensor once (tied weights are stored once, listed in aliases)
     tokenizer.json     optional, a ``tokenizers.Tokenizer``
 
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from maskattn.io import FormatError, atomic_write, atomic_write_text, read_json_object, sha256
+from maskattn.models import compressed
 
 FORMAT, VERSION = "maskattn-model", 1
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
@@ -74,6 +76,8 @@ def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = Non
     atomic_write(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     meta = {"format": FORMAT, "version": VERSION, "model": type(model).__name__, "config": model.config.to_dict(),
             "weights": {"file": WEIGHTS, "sha256": sha256(weights)}, "aliases": aliases}
+    if entry := compressed.describe(model):
+        meta["compression"] = entry
     atomic_write_text(directory / CONFIG, json.dumps(meta, indent=2) + "\n")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is not None:
@@ -107,7 +111,7 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") ->
         raise FormatError(f"{directory}: missing weights file {WEIGHTS}")
     if sha256(weights) != expected_hash:
         raise FormatError(f"{weights}: SHA-256 does not match config.json; the file is corrupt or was modified")
-    model = cls(config)
+    model = compressed.apply(cls(config), meta.get("compression"), source=str(directory / CONFIG))
     load_weights(model, read_safetensors(weights, device), meta.get("aliases", {}), source=str(weights))
     model.tokenizer = load_tokenizer(directory / TOKENIZER) if (directory / TOKENIZER).is_file() else None
     return model.to(device)
