@@ -23,23 +23,49 @@ from test_classification import _sentiment  # labelled sentences a tiny model le
 
 
 # --- int8 ------------------------------------------------------------------------------------------
-def test_int8_linear_is_close_to_float_and_equals_its_simulation():
+def test_int8_linear_is_its_int8_product_and_close_to_float():
     torch.manual_seed(0)
     linear = nn.Linear(48, 40)
     q = Int8Linear.from_float(linear)
     x = torch.randn(3, 7, 48)
     with torch.no_grad():
         y, ref = q(x), linear(x)
-        assert y.shape == (3, 7, 40)
-        torch.testing.assert_close(y, q.simulate(x), atol=1e-5, rtol=1e-5)  # the x86 kernel = the float model
-        assert (y - ref).abs().max() < 0.02 * ref.abs().max()
-        torch.testing.assert_close(q.dequantized_weight(), linear.weight, atol=linear.weight.abs().max() / 127,
-                                   rtol=0)
-    assert q.weight.dtype == torch.int8 and q.weight_scale.shape == (40,)
+    assert y.shape == (3, 7, 40) and q.weight.dtype == torch.int8 and q.weight_scale.shape == (40,)
+    # by hand: one symmetric scale per token and per output channel, integer sums
+    sx = x.abs().amax(-1, keepdim=True) / 127
+    sw = linear.weight.detach().abs().amax(-1) / 127
+    xq, wq = torch.round(x / sx), torch.round(linear.weight.detach() / sw[:, None])
+    torch.testing.assert_close(y, (xq.double() @ wq.double().T * sx * sw + linear.bias.detach()).float(),
+                               atol=1e-5, rtol=1e-5)
+    assert (y - ref).abs().max() < 0.02 * ref.abs().max()
+    x.requires_grad_(True)
+    with_grad = q(x)  # the float path, with the gradient straight through the rounding
+    torch.testing.assert_close(with_grad, y, atol=1e-5, rtol=1e-5)
+    with_grad.sum().backward()
+    torch.testing.assert_close(x.grad, q.dequantized_weight().sum(0).expand(3, 7, 48), atol=1e-5, rtol=1e-5)
     empty = Int8Linear(48, 40)
-    empty.load_state_dict(q.state_dict())  # plain tensors in, the packed operand rebuilt from them
+    empty.load_state_dict(q.state_dict())
     with torch.no_grad():
         assert torch.equal(empty(x), y)
+
+
+def test_an_int8_tokens_output_depends_on_that_token_alone():
+    """Per-token activation scales: no coupling through the batch or padding, unlike a per-tensor scale."""
+    torch.manual_seed(0)
+    q = Int8Linear.from_float(nn.Linear(16, 8))
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        alone = torch.cat([q(x[i : i + 1]) for i in range(4)])
+        spoiled = x.clone()
+        spoiled[3] = 1e4  # a huge "padding" row
+        assert torch.equal(q(x), alone) and torch.equal(q(spoiled)[:3], alone[:3])
+
+
+def test_an_int8_model_passes_the_mask_audit(tiny_transformer):
+    from maskattn.audit import audit_model
+
+    compressed.quantize_linears(tiny_transformer)
+    assert audit_model(tiny_transformer, length=6).ok
 
 
 @pytest.fixture
