@@ -9,6 +9,7 @@ import maskattn
 from maskattn import checkpoint
 from maskattn.averaging import average_run, average_states
 from maskattn.models import DecoderLM, DecoderLMConfig
+from maskattn.tasks.common import write_task
 from maskattn.tokenization import Tokenizer
 
 
@@ -18,7 +19,7 @@ def _run(tmp_path, prefix=""):
     tok = Tokenizer.train_chars(["abcdef ghij"])
     model = DecoderLM(DecoderLMConfig.preset("tiny", vocab_size=tok.vocab_size))
     model.save(tmp_path / "model", tokenizer=tok.backend)
-    (tmp_path / "model" / "task.json").write_text(json.dumps({"task": "lm", "documents": "none", "block": 8}))
+    write_task(tmp_path / "model", {"task": "lm", "documents": "none", "block": 8})
     states = []
     for step in (10, 20, 30):
         state = {k: v + step * torch.ones_like(v) if v.is_floating_point() else v

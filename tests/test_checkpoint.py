@@ -56,7 +56,7 @@ def test_round_trip_keeps_types_and_values(tmp_path):
 
 def test_no_pickle_is_written(tmp_path):
     path = checkpoint.save(tmp_path, 1, _training_state())
-    assert sorted(p.name for p in path.iterdir()) == ["state.json", "tensors.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "state.json", "tensors.safetensors"]
     json.loads((path / "state.json").read_text())
 
 
@@ -109,5 +109,16 @@ def test_a_checkpoint_written_before_maskattn_io_loads_and_saves_back_byte_for_b
 def test_corrupt_state_json_is_a_checkpoint_error_naming_the_file(tmp_path):
     path = checkpoint.save(tmp_path, 1, {"w": torch.ones(2)})
     (path / "state.json").write_text("[1]")
+    with pytest.raises(CheckpointError, match=r"is corrupt: .*state\.json: SHA-256 does not match manifest\.json"):
+        checkpoint.load(path)
+    (path / "manifest.json").unlink()  # a checkpoint written before manifests: its state.json is read as it is
     with pytest.raises(CheckpointError, match=r"is corrupt: .*state\.json: expected a JSON object, got list"):
+        checkpoint.load(path)
+
+
+def test_an_edited_state_json_is_refused(tmp_path):
+    # on main only tensors.safetensors was hashed: a checkpoint's step could be edited silently
+    path = checkpoint.save(tmp_path, 3, {"w": torch.ones(2)})
+    (path / "state.json").write_text((path / "state.json").read_text().replace('"step": 3', '"step": 30'))
+    with pytest.raises(CheckpointError, match=r"state\.json: SHA-256 does not match manifest\.json"):
         checkpoint.load(path)

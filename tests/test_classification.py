@@ -101,3 +101,20 @@ def test_one_label_is_an_error(tmp_path, capsys):
     data.write_text("sentence\tlabel\ngood\t1\nfine\t1\n")
     assert main(["train", "classification", "--train", str(data), "--out", str(tmp_path / "r")]) == 2
     assert "classification needs two or more" in capsys.readouterr().err
+
+
+def test_labels_the_model_never_saw_are_counted_and_named_at_evaluation(tmp_path, capsys):
+    # on main they were scored as wrong without a word
+    train = tmp_path / "train.tsv"
+    train.write_text("sentence\tlabel\n" + "".join(f"good film {i}\tpos\nbad film {i}\tneg\n" for i in range(10)))
+    test = tmp_path / "test.tsv"
+    test.write_text("sentence\tlabel\ngood\tpos\nmeh\tneutral\nfine\tneutral\n")
+    out = tmp_path / "run"
+    assert main(["train", "classification", "--train", str(train), "--out", str(out), "--set", 'data.tokenizer="chars"',
+                 "--set", "model.d_model=16", "--set", "model.d_ff=32", "--set", "model.num_layers=1",
+                 "--set", "train.steps=2", "--set", "train.progress=false"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "model"), "--data", str(test)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["unseen_labels"] == 2
+    assert "2 of 3 examples have labels the model was not trained on (['neutral']" in captured.err

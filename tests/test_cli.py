@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -45,3 +46,57 @@ def test_masks_stats(capsys):
     # causal: 16 * 17 / 2 = 136 scores; 4 diagonal tiles partial, the 6 below full, the 6 above empty
     assert "136 of 256 scores" in out
     assert "tiles 4x4: 6 empty, 4 partial, 6 full; a block-sparse backend skips 37.50% of the scores" in out
+
+
+# --- the first hour (issue 16) ------------------------------------------------------------------------
+def test_version(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("maskattn ")
+
+
+def test_show_config_gives_every_setting_its_comment(capsys):
+    # config.describe promised comments; on main --show-config printed bare `key = value` lines
+    from maskattn.tasks.base import tasks
+
+    for name in tasks():
+        assert main(["train", name, "--show-config"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines and all("  # " in line for line in lines), [line for line in lines if "  # " not in line]
+    assert main(["train", "lm", "--show-config"]) == 0
+    assert "train.keep = 2  # step checkpoints kept" in capsys.readouterr().out
+
+
+def test_masks_show_into_a_closed_pipe_stops_quietly():
+    # on main `maskattn masks show ... | head` ended in a BrokenPipeError traceback
+    proc = subprocess.Popen([sys.executable, "-m", "maskattn", "masks", "show", "causal", "--length", "3000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # what `head -1` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) in (0, 141) and "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_rank_other_than_zero_prints_nothing_and_quiet_silences_messages(monkeypatch, tmp_path, capsys):
+    import dataclasses
+
+    from maskattn import distributed
+    from maskattn.tasks import base
+    from maskattn.tasks.common import log_stderr
+
+    def fake_train(cfg, *, resume=False):
+        log_stderr("a progress message")
+        return {"loss": 1.0}
+
+    monkeypatch.setitem(base._REGISTRY, "lm", dataclasses.replace(base.get("lm"), train=fake_train))
+    assert main(["train", "lm", "--out", str(tmp_path / "a")]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {"loss": 1.0} and "a progress message" in captured.err
+    assert main(["-q", "train", "lm", "--out", str(tmp_path / "b")]) == 0
+    assert "a progress message" not in capsys.readouterr().err
+    monkeypatch.setattr(distributed, "init", lambda: distributed.Context(rank=1, world_size=2))
+    assert main(["train", "lm", "--out", str(tmp_path / "c")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and "a progress message" not in captured.err

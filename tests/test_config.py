@@ -1,3 +1,4 @@
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -40,3 +41,47 @@ def test_errors_name_the_setting():
 
 def test_describe_lists_every_field():
     assert "inner.lr = 0.001" in config.describe(Outer())
+
+
+# --- every setting's range, checked where the section is built (issue 16, item 2) ----------------------
+# On main each of these was accepted: keep=-1 then deleted every checkpoint right after writing it.
+BAD_SETTINGS = {
+    "lm": ["train.keep=-1", "train.keep=0", "data.batch_size=0", "train.log_every=0", "train.betas=[0.9]",
+           "train.betas=[0.9, 1.0]", "train.warmup=-1", "train.lr=0", "train.clip_norm=-1", "data.block=0",
+           "data.valid_fraction=0", "data.valid_fraction=1", "data.documents=\"pages\"", "train.accumulate=0"],
+    "translation": ["decode.beam_size=0", "data.max_tokens=0", "label_smoothing=1.0", "decode.batch_size=0"],
+    "classification": ["data.max_len=2", "train.eval_every=-1"],
+    "qa": ["data.stride=0", "data.max_answer=0"],
+}
+
+
+@pytest.mark.parametrize(("task", "assignment"), [(t, a) for t, items in BAD_SETTINGS.items() for a in items])
+def test_an_out_of_range_setting_is_one_error_naming_it_and_its_value(task, assignment, capsys):
+    from maskattn.cli import main
+    from maskattn.errors import SettingError
+    from maskattn.tasks.base import get
+
+    key = assignment.split("=", 1)[0]
+    with pytest.raises(SettingError, match=rf"^{re.escape(key)} must be .*, got "):
+        config.load(get(task).config(), None, [assignment])
+    assert main(["train", task, "--set", assignment, "--show-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"maskattn train: {key} must be ") and err.count("\n") == 1
+
+
+def test_a_model_setting_error_is_named_after_its_section():
+    from maskattn.tasks.base import get
+
+    with pytest.raises(ValueError, match=r"^model: d_model \(30\) must be divisible by num_heads"):
+        config.load(get("lm").config(), None, ["model.d_model=30"])
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    from maskattn.errors import SettingError
+    from maskattn.tasks.base import get
+
+    with pytest.raises(SettingError, match=r"--config .*: a directory, expected a TOML file"):
+        config.load(get("lm").config(), tmp_path)
+    (tmp_path / "bad.toml").write_bytes(b"[train\n")
+    with pytest.raises(SettingError, match=r"bad\.toml: not a valid TOML file"):
+        config.load(get("lm").config(), tmp_path / "bad.toml")

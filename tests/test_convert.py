@@ -197,3 +197,9 @@ def test_stats_counts_interval_masks_exactly(mask, block_q, block_k):
     assert _interval_path_applies(dense, block_q)
     stats = mask.stats(12, 12, block_q=block_q, block_k=block_k)
     assert (stats.tiles_empty, stats.tiles_full) == _exact_tile_counts(dense, block_q, block_k)
+
+
+def test_from_torch_mha_with_a_first_size_not_divisible_by_num_heads_is_a_clear_error():
+    # on main: a RuntimeError from view() (issue 16)
+    with pytest.raises(ValueError, match=r"first size 5 is not a multiple of num_heads \(2\)"):
+        masks.from_torch_mha(torch.zeros(5, 3, 3, dtype=torch.bool), num_heads=2)

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,43 @@ def test_packed_rows_never_see_across_documents():
     alone = model(ids[:1, :first_doc])
     torch.testing.assert_close(logits[0, :first_doc], alone[0], atol=1e-5, rtol=0)
     assert torch.isfinite(loss)
+
+
+# --- never a loss of 0.0 / perplexity 1.0 from no text (issue 16, item 3) ---------------------------
+# On main each of these trained and reported loss 0.0, perplexity 1.0, and picked the best checkpoint by it.
+def _tiny_lm_args(tmp_path, text, *extra):
+    path = tmp_path / "train.txt"
+    path.write_text(text)
+    return ["train", "lm", "--train", str(path), "--out", str(tmp_path / "run"), "--set", "train.steps=2",
+            "--set", "train.progress=false", "--set", "model.num_layers=1", "--set", "model.d_model=16",
+            "--set", "model.d_ff=32", "--set", "data.block=8", "--set", "data.batch_size=2", *extra]
+
+
+@pytest.mark.parametrize(("text", "extra", "message"), [
+    ("abcdefgh" * 10, ["--set", "data.valid_fraction=0.01"], r"the last data.valid_fraction \(0.01\) of data.train"),
+    ("ab", [], r"data.train \(.*train.txt\) is too short: 1 tokens"),
+])
+def test_too_little_text_is_an_error_naming_it_not_a_perplexity_of_one(tmp_path, capsys, text, extra, message):
+    assert main(_tiny_lm_args(tmp_path, text, *extra)) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "too short" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_evaluate_on_an_empty_file_is_an_error_naming_it(tmp_path, capsys):
+    assert main(_tiny_lm_args(tmp_path, "the quick brown fox jumps over the lazy dog " * 10)) == 0
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run" / "model"), "--data", str(empty)]) == 2
+    assert f"{empty} gives no token to score" in capsys.readouterr().err
+
+
+def test_a_diverging_run_exits_non_zero_naming_the_step_and_exports_nothing(tmp_path, capsys):
+    # norm_eps=-1 makes LayerNorm divide by sqrt(var - 1): NaN. On main this trained to the end, exited 0
+    # and exported NaN weights.
+    args = _tiny_lm_args(tmp_path, "the quick brown fox jumps over the lazy dog " * 10, "--set", "model.norm_eps=-1.0")
+    assert main(args) == 1
+    last = capsys.readouterr().err.splitlines()[-1]  # after the task's opening log line
+    assert last.startswith("maskattn train: step 1: the training loss is nan; training stopped")
+    assert not (tmp_path / "run" / "model").exists()

@@ -77,6 +77,12 @@ def test_tampered_weights_are_rejected(tmp_path):
         load(tmp_path)
 
 
+def _without_manifest(path, text):
+    """Write ``text`` to ``path`` in a directory without a manifest, as one written before manifests existed."""
+    path.write_text(text)
+    (path.parent / "manifest.json").unlink(missing_ok=True)
+
+
 def test_truncated_weights_are_rejected_even_with_a_matching_hash(tmp_path):
     import hashlib
 
@@ -85,7 +91,7 @@ def test_truncated_weights_are_rejected_even_with_a_matching_hash(tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     meta = json.loads((tmp_path / "config.json").read_text())
     meta["weights"]["sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
-    (tmp_path / "config.json").write_text(json.dumps(meta))
+    _without_manifest(tmp_path / "config.json", json.dumps(meta))
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load(tmp_path)
 
@@ -94,12 +100,14 @@ def test_config_that_does_not_fit_the_weights_is_rejected(tmp_path):
     save(MODELS["encoder"](), tmp_path)
     meta = json.loads((tmp_path / "config.json").read_text())
     meta["config"]["d_ff"] = 128
-    (tmp_path / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"ffn\.(up|down)\.weight' is \((64, 32|32, 64)\).*expected"):
+    _without_manifest(tmp_path / "config.json", json.dumps(meta))
+    # refused from the header, before the model is allocated
+    with pytest.raises(ValueError, match=r"d_ff=128 does not fit the weights: tensor 'encoder.layers.0.ffn.up.weight' "
+                                         r"would be \(128, 32\), model.safetensors holds \(64, 32\)"):
         load(tmp_path)
     meta["config"]["num_layers"] = 3
     meta["config"]["d_ff"] = 64
-    (tmp_path / "config.json").write_text(json.dumps(meta))
+    _without_manifest(tmp_path / "config.json", json.dumps(meta))
     with pytest.raises(ValueError, match=r"missing \['encoder\.layers\.2"):
         load(tmp_path)
 
@@ -115,6 +123,9 @@ def test_bad_config_json_is_rejected(tmp_path, edit, message):
     meta = json.loads((tmp_path / "config.json").read_text())
     edit(meta)
     (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"config\.json: SHA-256 does not match manifest\.json"):
+        load(tmp_path)  # any edit is refused by the manifest; without one (older directories), by what it says:
+    _without_manifest(tmp_path / "config.json", json.dumps(meta))
     with pytest.raises(ValueError, match=message):
         load(tmp_path)
 
@@ -152,9 +163,57 @@ def test_a_model_saved_before_maskattn_io_loads_and_saves_back_byte_for_byte(tmp
     assert new == old
     assert (tmp_path / "config.json").read_text() == json.dumps(json.loads((tmp_path / "config.json").read_text()),
                                                                 indent=2) + "\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    # saved again, it gains the manifest of every file (issue 16); the files themselves are unchanged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "manifest.json", "model.safetensors",
+                                                          "tokenizer.json"]
 
 
 def test_load_errors_are_the_one_format_error(tmp_path):
     with pytest.raises(FormatError, match=r"config\.json: file not found"):
+        load(tmp_path)
+
+
+# --- every file is in the manifest (issue 16, item 5) -------------------------------------------------
+# On main only the weights were hashed: each edit below loaded silently (a rope model from a sinusoidal
+# one's weights, another tokenizer, another task's settings).
+@pytest.mark.parametrize(("name", "edit"), [
+    ("config.json", lambda t: t.replace('"positions": "rope"', '"positions": "sinusoidal"')),
+    ("config.json", lambda t: t.replace('"norm_eps": 1e-05', '"norm_eps": 0.1')),
+    ("tokenizer.json", lambda t: t.replace('"w":', '"W":')),
+    ("task.json", lambda t: t.replace('"block": 8', '"block": 9')),
+])
+def test_an_edited_file_of_a_model_directory_is_refused_naming_it(tmp_path, name, edit):
+    from maskattn.io import add_to_manifest
+    from maskattn.tasks import lm
+    from maskattn.tokenization import Tokenizer as CharTokenizer
+
+    model = MODELS["decoder_lm"]()
+    save(model, tmp_path, tokenizer=CharTokenizer.train_chars(["hello world"]).backend)
+    (tmp_path / "task.json").write_text('{"task": "lm", "documents": "none", "block": 8}\n')
+    add_to_manifest(tmp_path, "task.json")
+    lm.load(tmp_path)  # as written: loads
+    path = tmp_path / name
+    changed = edit(path.read_text())
+    assert changed != path.read_text()
+    path.write_text(changed)
+    with pytest.raises(FormatError, match=rf"{name}: SHA-256 does not match manifest\.json"):
+        lm.load(tmp_path)
+
+
+def test_a_file_added_after_saving_is_refused(tmp_path):
+    save(MODELS["decoder_lm"](), tmp_path)  # without a tokenizer
+    _tokenizer().save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(FormatError, match=r"tokenizer\.json: not listed in manifest\.json"):
+        load(tmp_path)
+
+
+def test_a_huge_size_in_config_is_an_error_naming_it_before_allocating(tmp_path):
+    from maskattn.io import write_manifest
+
+    save(MODELS["decoder_lm"](), tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    meta["config"]["vocab_size"] = 10**12
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    write_manifest(tmp_path, ["config.json", "model.safetensors"])  # as a consistent hand-made directory
+    with pytest.raises(FormatError, match=r"config\.json: vocab_size=1000000000000 does not fit the weights"):
         load(tmp_path)

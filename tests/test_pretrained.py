@@ -99,3 +99,25 @@ def test_minilm_weights_under_a_wrong_config_are_rejected(tmp_path):
     (tmp_path / "model.safetensors").symlink_to(source / "model.safetensors")
     with pytest.raises(ValueError, match=r"unexpected \['encoder\.layers\.5\."):
         from_pretrained(tmp_path)
+
+
+# --- a maskattn model directory as --pretrained (issue 16, item 6) ---------------------------------------
+# On main the heads asked for were ignored: a 3-label model stayed 3-label (IndexError on 2 labels) and a
+# DecoderLM came back as is ('DecoderLM' object has no attribute 'classify').
+def test_a_saved_encoder_gets_the_heads_asked_for_and_keeps_its_encoder(tmp_path):
+    from maskattn.models import DecoderLM, DecoderLMConfig, EncoderConfig, EncoderModel, from_pretrained
+
+    source = EncoderModel(EncoderConfig.preset("tiny", num_labels=3))
+    source.save(tmp_path / "enc")
+    for options in ({"num_labels": 2}, {"span_head": True}):
+        model = from_pretrained(tmp_path / "enc", **options)
+        assert model.config.num_labels == options.get("num_labels", 0)
+        assert (model.span_head is not None) == options.get("span_head", False)
+        mine = model.state_dict()
+        for name, t in source.state_dict().items():
+            if not name.startswith(("classifier.", "span_head.")):
+                assert torch.equal(mine[name], t), name
+    assert from_pretrained(tmp_path / "enc").config.num_labels == 3  # no head asked for: as saved
+    DecoderLM(DecoderLMConfig.preset("tiny")).save(tmp_path / "lm")
+    with pytest.raises(ValueError, match=r"holds a DecoderLM; a classification or span head needs an encoder"):
+        from_pretrained(tmp_path / "lm", num_labels=2)

@@ -171,3 +171,71 @@ def test_training_plot_curves_is_a_deprecated_alias():
         assert training.plot_curves is plotting.plot_curves
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         training.nothing  # noqa: B018
+
+
+def test_a_trainer_that_did_not_resume_refuses_another_runs_checkpoints_and_starts_a_new_log(tmp_path):
+    from maskattn.errors import RunDirectoryError
+
+    _tiny_trainer(tmp_path, steps=4, checkpoint_every=2).fit()
+    with pytest.raises(RunDirectoryError, match="holds checkpoints of another run"):
+        _tiny_trainer(tmp_path, steps=4).fit()
+    checkpoint.save(tmp_path / "unrelated", 1, {"w": torch.zeros(1)})
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "metrics.jsonl").write_text('{"step": 99, "loss": 1.0}\n')
+    _tiny_trainer(tmp_path / "new", steps=2).fit()
+    assert [json.loads(line)["step"] for line in (tmp_path / "new" / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)] == [1, 2]
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    from maskattn.errors import TrainingError
+
+    trainer = _tiny_trainer(tmp_path, steps=10, checkpoint_every=2)
+    loss = trainer.loss_fn
+    trainer.loss_fn = lambda m, b: loss(m, b) * (float("nan") if trainer.step >= 5 else 1.0)
+    with pytest.raises(TrainingError, match=r"^step 5: the training loss is nan; .*/step-000000004"):
+        trainer.fit()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert checkpoint.latest(tmp_path / "checkpoints").name == "step-000000004"
+    assert all(torch.isfinite(t).all() for t in _final_weights(tmp_path).values())
+
+
+def test_callbacks_hear_every_step_evaluation_checkpoint_and_the_end(tmp_path):
+    from maskattn.training import Callback
+
+    heard = []
+
+    class Recorder(Callback):
+        def on_step(self, trainer, step, metrics):
+            heard.append(("step", step, sorted(metrics)))
+
+        def on_evaluate(self, trainer, step, metrics):
+            heard.append(("evaluate", step, sorted(metrics)))
+
+        def on_checkpoint(self, trainer, step, path):
+            heard.append(("checkpoint", step, path.name))
+
+        def on_end(self, trainer):
+            heard.append(("end",))
+
+    trainer = _tiny_trainer(tmp_path, steps=4, eval_every=2, checkpoint_every=2)
+    trainer.callbacks.append(Recorder())
+    trainer.fit()
+    assert heard == [("step", 1, ["loss", "lr"]), ("step", 2, ["loss", "lr"]), ("evaluate", 2, ["loss"]),
+                     ("checkpoint", 2, "step-000000002"), ("step", 3, ["loss", "lr"]), ("step", 4, ["loss", "lr"]),
+                     ("evaluate", 4, ["loss"]), ("checkpoint", 4, "step-000000004"),
+                     ("checkpoint", 4, "step-000000004"), ("end",)]
+
+
+def test_report_to_tensorboard_writes_scalars_with_tensorboards_own_writer(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install 'maskattn[tensorboard]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _tiny_trainer(tmp_path, steps=4, eval_every=2, report_to=["tensorboard"]).fit()
+    events = EventAccumulator(str(tmp_path / "events"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("eval/loss")] == [2, 4]
+    assert "train/lr" in events.Tags()["scalars"]
+    with pytest.raises(ValueError, match=r"report_to must be a list of 'tensorboard', got \['wandb'\]"):
+        TrainConfig(report_to=["wandb"])

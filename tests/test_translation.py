@@ -115,3 +115,30 @@ def test_show_config_lists_settings(capsys):
     assert main(["train", "translation", "--show-config", "--set", "train.lr=1e-3"]) == 0
     out = capsys.readouterr().out
     assert "train.lr = 0.001" in out and "model.d_model = 256" in out and "data.tokenizer = 'bpe'" in out
+
+
+@pytest.fixture
+def tiny_translator(tmp_path, capsys):
+    train = _reversals(tmp_path / "train.tsv", 40, random.Random(0))
+    out = tmp_path / "tiny"
+    settings = ['data.tokenizer="chars"', "model.d_model=16", "model.d_ff=32", "model.num_heads=2",
+                "model.num_encoder_layers=1", "model.num_decoder_layers=1", "model.max_len=16", "train.steps=2",
+                "train.progress=false"]
+    assert main(["train", "translation", "--train-src", str(train), "--out", str(out),
+                 *[arg for s in settings for arg in ("--set", s)]]) == 0
+    capsys.readouterr()
+    return out / "model"
+
+
+def test_translate_input_longer_than_max_len_is_an_error_not_a_silent_cut(tiny_translator, capsys):
+    # on main the input was cut to max_len tokens without a word (one case gave an empty output)
+    assert main(["translate", str(tiny_translator), "abc", "abcdef" * 5]) == 2
+    assert "sentence 2 has 30 tokens, more than the model's max_len (16)" in capsys.readouterr().err
+
+
+def test_beam_zero_is_an_error_and_options_may_follow_the_model(tiny_translator, capsys):
+    # on main --beam 0 silently meant greedy, and text after an option was refused by argparse
+    assert main(["translate", str(tiny_translator), "--beam", "0", "abc"]) == 2
+    assert "beam_size must be an int >= 1, got 0" in capsys.readouterr().err
+    assert main(["translate", str(tiny_translator), "--beam", "1", "abc", "cba"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2

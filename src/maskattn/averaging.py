@@ -8,7 +8,6 @@ end of training. ``maskattn average RUN --last N --out DIR`` writes a model dire
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from torch import Tensor
 
 from maskattn import checkpoint
 from maskattn.models import load, save
-from maskattn.tasks.common import TASK_FILE
+from maskattn.tasks.common import read_task, write_task
 from maskattn.tokenization import Tokenizer
 
 CHECKPOINTS = "checkpoints"  # where the Trainer writes a run's step checkpoints
@@ -91,5 +90,5 @@ def average_run(run: str | Path, last: int, out: str | Path) -> Path:
     states = [_match_keys(checkpoint.load(p)["model"], wanted, p) for p in chosen]
     model.load_state_dict(average_states(states))
     save(model, out, tokenizer=Tokenizer.load(model_dir).backend)
-    shutil.copyfile(model_dir / TASK_FILE, out / TASK_FILE)
+    write_task(out, read_task(model_dir))
     return out

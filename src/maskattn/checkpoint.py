@@ -4,7 +4,10 @@ A checkpoint is a directory ``<root>/step-000000123/`` holding
 
 * ``tensors.safetensors``: every tensor of the training state (model, optimizer, RNG), flat;
 * ``state.json``: everything else (step, schedule, data order, hyper-parameters), with tensors
-  replaced by references into the safetensors file, and the SHA-256 of that file.
+  replaced by references into the safetensors file, and the SHA-256 of that file;
+* ``manifest.json``: the SHA-256 of both (:func:`maskattn.io.write_manifest`), so that an edited
+  ``state.json`` (a step, a learning rate) is refused too. Checkpoints written before the manifest
+  have none and are loaded with the tensor file's hash alone, as then.
 
 It is written into a temporary directory, fsynced and renamed into place, so a crash leaves either
 the whole checkpoint or none of it; older checkpoints are pruned only after the new one is in place.
@@ -22,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from maskattn.io import FormatError, atomic_directory, read_json_object, sha256
+from maskattn.io import FormatError, atomic_directory, read_json_object, sha256, verify_manifest, write_manifest
 
 TENSORS, STATE = "tensors.safetensors", "state.json"
 FORMAT = "maskattn-checkpoint-1"
@@ -80,9 +83,18 @@ def save(root: str | Path, step: int, state: dict[str, Any], *, keep: int | None
         root: the run's checkpoint directory (created if needed).
         step: the optimizer step the state belongs to.
         state: nested dicts/lists of tensors and plain values (state_dicts, RNG states, counters).
-        keep: keep this many newest step checkpoints (plus any listed in ``state.json`` as best);
-            None keeps all.
+        keep: keep this many newest step checkpoints, by step, among the steps up to ``step``;
+            None keeps all. Checkpoints of steps after ``step`` belong to a run that this one
+            replaced (one resumed from an earlier checkpoint), and are removed whatever ``keep``, so
+            that :func:`latest` is always this run's newest.
+
+    Raises:
+        ValueError: ``keep`` below 1, or ``step`` below 0.
     """
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"keep must be None or an int >= 1 (checkpoints kept), got {keep!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
@@ -92,10 +104,19 @@ def save(root: str | Path, step: int, state: dict[str, Any], *, keep: int | None
         save_file(tensors, tmp / TENSORS)
         meta = {"format": FORMAT, "step": step, "sha256": sha256(tmp / TENSORS), "state": skeleton}
         (tmp / STATE).write_text(json.dumps(meta))
-    if keep is not None:
-        for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        write_manifest(tmp, [TENSORS, STATE])
+    found = list_checkpoints(root)
+    later = [p for p in found if step_of(p) > step]
+    mine = [p for p in found if step_of(p) <= step]
+    for old in later + (mine[:-keep] if keep is not None else []):
+        shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def step_of(path: str | Path) -> int:
+    """The step of a checkpoint directory ``step-000000123`` (-1 for a name that holds no step)."""
+    digits = Path(path).name.removeprefix("step-")
+    return int(digits) if digits.isdigit() else -1
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -103,7 +124,8 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and step_of(p) >= 0),
+                  key=step_of)
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -119,21 +141,26 @@ def load(path: str | Path) -> dict[str, Any]:
         if not p.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {p.name} is missing")
     try:
+        verify_manifest(path, [STATE, TENSORS])  # none in checkpoints written before manifests: the checks below
         meta = read_json_object(meta_path)
     except FormatError as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt: {e}") from e
+        raise CheckpointError(f"checkpoint {path} is corrupt: {e}. {_earlier(path)}") from e
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
     actual = sha256(tensor_path)
     if actual != meta.get("sha256"):
         raise CheckpointError(
             f"checkpoint {path} is corrupt: {TENSORS} has SHA-256 {actual[:12]}..., expected "
-            f"{str(meta.get('sha256'))[:12]}... (truncated or modified). Earlier checkpoints: "
-            f"{[p.name for p in list_checkpoints(path.parent) if p != path] or 'none'}"
+            f"{str(meta.get('sha256'))[:12]}... (truncated or modified). {_earlier(path)}"
         )
     state = unflatten(meta["state"], load_file(tensor_path))
     state["step"] = meta["step"]
     return state
+
+
+def _earlier(path: Path) -> str:
+    """The other checkpoints beside ``path``, for an error message: where a resume can go back to."""
+    return f"Earlier checkpoints: {[p.name for p in list_checkpoints(path.parent) if p != path] or 'none'}"
 
 
 def latest(root: str | Path) -> Path | None:

@@ -19,7 +19,6 @@ and loads with :func:`maskattn.load` and every prediction command.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 from maskattn.layers import Int8Linear, MultiHeadAttention
 from maskattn.models import compressed, load
 from maskattn.tasks.base import TrainingBatches, tasks
-from maskattn.tasks.common import TASK_FILE, log_stderr, read_task
+from maskattn.tasks.common import log_stderr, read_task, write_task
 
 
 def attention_modules(model: nn.Module) -> dict[str, MultiHeadAttention]:
@@ -235,7 +234,7 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
     if int8:
         result["int8"] = compressed.quantize_linears(model)
     model.save(out)
-    shutil.copyfile(directory / TASK_FILE, out / TASK_FILE)
+    write_task(out, settings)
     result.update(model=str(out), heads_after=heads(model), linear_weight_bytes_after=linear_weight_bytes(model),
                   file_bytes_after=(out / "model.safetensors").stat().st_size)
     return result

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import io
+import re
+import tokenize
 import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any
+
+from maskattn.errors import SettingError, SettingTypeError, UnknownSettingError
 
 
 def _parse_value(text: str) -> Any:
@@ -34,21 +40,21 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except (TypeError, ValueError):
                 continue
-        raise TypeError(f"{where}: expected {annotation}, got {value!r}")
+        raise SettingTypeError(f"{where}: expected {annotation}, got {value!r}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{where}: expected a list, got {value!r}")
+            raise SettingTypeError(f"{where}: expected a list, got {value!r}")
         return tuple(_coerce(v, t, where) for v, t in zip(value, typing.get_args(annotation), strict=False))
     if origin is list:
         if not isinstance(value, list):
-            raise TypeError(f"{where}: expected a list, got {value!r}")
+            raise SettingTypeError(f"{where}: expected a list, got {value!r}")
         return value
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if (isinstance(annotation, type) and not isinstance(value, annotation)) or (
         annotation is int and isinstance(value, bool)
     ):
-        raise TypeError(f"{where}: expected {annotation.__name__}, got {value!r}")
+        raise SettingTypeError(f"{where}: expected {annotation.__name__}, got {value!r}")
     return value
 
 
@@ -60,15 +66,20 @@ def update(obj: Any, values: dict[str, Any], prefix: str = "") -> Any:
     for key, value in values.items():
         where = f"{prefix}{key}"
         if key not in fields:
-            raise KeyError(f"unknown setting '{where}'; known here: {sorted(fields)}")
+            raise UnknownSettingError(f"unknown setting '{where}'; known here: {sorted(fields)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise TypeError(f"{where} is a section; set its fields, e.g. {where}.<name>=...")
+                raise SettingTypeError(f"{where} is a section; set its fields, e.g. {where}.<name>=...")
             changes[key] = update(current, value, f"{where}.")
         else:
             changes[key] = _coerce(value, hints[key], where)
-    return dataclasses.replace(obj, **changes)
+    try:
+        return dataclasses.replace(obj, **changes)
+    except SettingError as e:  # "keep must be ..." from the section's __post_init__ -> "train.keep must be ..."
+        raise type(e)(f"{prefix}{e}") from e
+    except ValueError as e:  # a section's own check (e.g. a model's shape), named after the section
+        raise SettingError(f"{prefix.rstrip('.')}: {e}" if prefix else str(e)) from e
 
 
 def overrides(assignments: list[str]) -> dict[str, Any]:
@@ -76,7 +87,7 @@ def overrides(assignments: list[str]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for item in assignments:
         if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
+            raise SettingError(f"--set expects key=value, got {item!r}")
         key, text = item.split("=", 1)
         *path, last = key.strip().split(".")
         node = nested
@@ -89,8 +100,15 @@ def overrides(assignments: list[str]) -> dict[str, Any]:
 def load(base: Any, path: str | Path | None = None, assignments: list[str] | None = None) -> Any:
     """``base`` updated by a TOML file and then by ``--set`` assignments."""
     if path is not None:
-        with open(path, "rb") as f:
-            base = update(base, tomllib.load(f))
+        path = Path(path)
+        if not path.is_file():
+            raise SettingError(f"--config {path}: {'a directory' if path.is_dir() else 'no such file'}, "
+                               "expected a TOML file of settings")
+        try:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise SettingError(f"--config {path}: not a valid TOML file: {e}") from e
+        base = update(base, values)
     return update(base, overrides(assignments or []))
 
 
@@ -98,13 +116,38 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+def comments(cls: type) -> dict[str, str]:
+    """The comment written after each field of dataclass ``cls`` (and its bases) in its source:
+    ``lr: float = 5e-4  # peak learning rate`` -> ``{"lr": "peak learning rate"}``."""
+    found: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's comment on a redefined field wins
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):  # no source (e.g. built in a REPL): no comments
+            continue
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type == tokenize.COMMENT:
+                field = _FIELD.match(token.line)
+                if field and field.end(1) < token.start[1]:
+                    found[field.group(1)] = token.string.lstrip("#").strip()
+    return found
+
+
+_FIELD = re.compile(r"^\s+([A-Za-z_]\w*)\s*:")
+
+
 def describe(obj: Any, prefix: str = "") -> list[str]:
-    """``key = value  # comment`` lines for --help, from the dataclass fields."""
+    """``key = value  # comment`` lines for ``--show-config``, from the dataclass fields and the
+    comment after each field in its source."""
     lines = []
+    notes = comments(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             lines += describe(value, f"{prefix}{f.name}.")
         else:
-            lines.append(f"{prefix}{f.name} = {value!r}")
+            note = notes.get(f.name)
+            lines.append(f"{prefix}{f.name} = {value!r}" + (f"  # {note}" if note else ""))
     return lines

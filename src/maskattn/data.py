@@ -14,6 +14,7 @@ import gzip
 import io
 import json
 import random
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +28,29 @@ class DataError(ValueError):
 
 
 def open_text(path: str | Path) -> io.TextIOBase:
-    """Open a UTF-8 text file, gzip-compressed when its name ends in ``.gz``."""
+    """Open a UTF-8 text file, gzip-compressed when its name ends in ``.gz``.
+
+    The whole file is read and decoded here (every reader reads it whole anyway), so that a file
+    that is not gzip or not UTF-8 is one :class:`DataError` naming it (and the line), not an error
+    from deep inside a reader.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no such data file: {path}")
+        raise FileNotFoundError(f"no such data file: {path}" if not path.is_dir() else f"{path} is a directory, "
+                                "expected a data file")
+    raw = path.read_bytes()
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: not a gzip file, though its name ends in .gz ({e})") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
+                        "convert the file to UTF-8") from e
+    return io.StringIO(text, newline=None)
 
 
 def _lines(path: str | Path) -> list[str]:
@@ -73,7 +90,11 @@ def read_labelled(
     delimiter = "," if name.endswith(".csv") else "\t"
     with open_text(path) as f:
         quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE  # SST-2 has bare quotes
-        rows = list(csv.reader(f, delimiter=delimiter, quoting=quoting))
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+        try:
+            rows = list(reader)
+        except csv.Error as e:  # e.g. a field longer than csv.field_size_limit()
+            raise DataError(f"{path}:{reader.line_num}: {e}") from e
     if not rows:
         raise DataError(f"{path}:1: empty file, expected a header row with '{text_field}' and '{label_field}'")
     header = [h.strip() for h in rows[0]]

@@ -17,7 +17,7 @@ from maskattn.data import pad
 from maskattn.models import TransformerConfig
 from maskattn.plotting import plot_curves
 from maskattn.tasks import dates, translation
-from maskattn.training import TrainConfig
+from maskattn.training import TrainConfig, prepare_run_directory
 from maskattn.viz import capture_attention, head_grid, heatmap
 
 
@@ -36,8 +36,12 @@ def demo_config(out: str, steps: int, seed: int) -> translation.TranslationConfi
     )
 
 
-def run(out: str = "runs/demo", steps: int = 2000, seed: int = 0, resume: bool = False) -> dict[str, Any]:
+def run(out: str = "runs/demo", steps: int = 2000, seed: int = 0, resume: bool = False,
+        overwrite: bool = False) -> dict[str, Any]:
+    """Train and report; ``resume`` continues the run in ``out``, ``overwrite`` deletes it first (a
+    directory that is not empty needs one of them, see :func:`maskattn.training.prepare_run_directory`)."""
     start = time.perf_counter()
+    prepare_run_directory(out, resume=resume, overwrite=overwrite)
     train_pairs, valid_pairs, test_pairs = dates.splits(seed=seed)
     print(f"dates -> ISO: {len(train_pairs)} training pairs, {len(test_pairs)} held-out test pairs, e.g. "
           f"{train_pairs[0][0]!r} -> {train_pairs[0][1]!r}")

@@ -70,7 +70,9 @@ def choose_backend(
       one call per document (``sdpa.segments``);
     * any other mask -> ``blocked``, which skips the tiles the mask hides.
 
-    The rules are the data :data:`RULES`.
+    The rules are the data :data:`RULES`. While ``torch.compile`` traces, each rule decides from shapes and
+    mask structure only (never tensor values): the per-document split is off, so such calls go to ``blocked``,
+    which then runs as one custom operator (``maskattn.backends.blocked_op``).
     """
     return decide(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset,
                   generator=generator, return_lse=return_lse)[0]
@@ -111,6 +113,8 @@ RULES: tuple[Rule, ...] = (
          "returns it" if c.return_lse else None),
     Rule("blocked", lambda c: f"dropout_p={c.dropout_p} from a generator: blocked applies seeded per-tile dropout"
          if c.dropout_p > 0.0 and c.generator is not None else None),
+    Rule("sdpa", lambda c: "exporting: SDPA (with a dense mask where needed) is what ONNX and torch.export "
+         "represent, and needs no branch on the symbolic lengths" if torch.compiler.is_exporting() else None),
     Rule("sdpa", _fast_path("sdpa")),  # no mask, aligned causal, key padding, a few contiguous documents
     Rule("sdpa", _small),
     Rule("blocked", lambda c: f"{c.mask!r} needs an element mask: blocked skips the tiles it hides and masks only "
@@ -183,7 +187,7 @@ def attention(
     mask = as_mask(mask)
     if mask is not None:
         mask.check(q.shape[2], k.shape[2], q_offset=q_offset, batch=q.shape[0], heads=q.shape[1])
-    elif isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0:
+    elif isinstance(q_offset, bool) or not isinstance(q_offset, int | torch.SymInt) or q_offset < 0:
         raise ValueError(f"q_offset must be an int >= 0, got {q_offset!r}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
@@ -195,7 +199,7 @@ def attention(
         options = {"dropout_p": dropout_p, "return_weights": return_weights, "q_offset": q_offset,
                    "return_lse": return_lse}
         backend = choose_backend(q, k, mask, generator=generator, **options)
-        if logger.isEnabledFor(logging.DEBUG):
+        if not torch.compiler.is_compiling() and logger.isEnabledFor(logging.DEBUG):
             _, why = decide(q, k, mask, generator=generator, **options)
             logger.debug("attention %s %s on %s: backend=%s (%s)", tuple(q.shape), q.dtype, q.device, backend, why)
     run = get_backend(backend).fn

@@ -5,7 +5,13 @@ both write and verify their files through here, so that
 
 * a crash never leaves a half-written file or directory (write to a temporary name in the same
   directory, fsync, rename over the final name, fsync the directory);
-* a missing, truncated or modified file is refused with a :class:`FormatError` naming the file.
+* a missing, truncated or modified file is refused with a :class:`FormatError` naming the file:
+  every file of a saved model or checkpoint is listed with its SHA-256 in one ``manifest.json``
+  (:func:`write_manifest`, :func:`verify_manifest`). Directories written before the manifest existed
+  have none and are loaded with the checks of their time (the weights' hash in config.json / state.json).
+
+The manifest guards against damage and silent edits (a changed setting, a swapped tokenizer); it is
+not a signature: whoever can rewrite the files can rewrite the manifest too.
 
 Standard library only; imports nothing from maskattn.
 """
@@ -18,9 +24,11 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+MANIFEST, MANIFEST_FORMAT = "manifest.json", "maskattn-manifest-1"
 
 
 class FormatError(ValueError):
@@ -113,3 +121,67 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise FormatError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def write_manifest(directory: str | os.PathLike, names: Iterable[str]) -> Path:
+    """Write ``directory/manifest.json``: the SHA-256 of each named file in ``directory``, atomically."""
+    directory = Path(directory)
+    files = {name: sha256(directory / name) for name in sorted(set(names))}
+    text = json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=2) + "\n"
+    return atomic_write_text(directory / MANIFEST, text)
+
+
+def manifest_files(directory: str | os.PathLike) -> dict[str, str] | None:
+    """``{file name: SHA-256}`` of ``directory``'s manifest, or None when it has none (an older directory).
+
+    Raises:
+        FormatError: naming the manifest, when it is not a manifest.
+    """
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        return None
+    meta = read_json_object(path)
+    files = meta.get("files")
+    if meta.get("format") != MANIFEST_FORMAT or not isinstance(files, dict) or not all(
+            isinstance(k, str) and "/" not in k and "\\" not in k and k not in ("", ".", "..") and isinstance(v, str)
+            for k, v in files.items()):
+        raise FormatError(f"{path}: not a {MANIFEST_FORMAT} manifest ({{'format', 'files': {{name: sha256}}}})")
+    return files
+
+
+def verify_manifest(directory: str | os.PathLike, reads: Iterable[str], *, every_file: bool = True) -> bool:
+    """Check ``directory`` against its manifest before anything in it is read; False when it has none.
+
+    Args:
+        directory: a saved model or checkpoint directory.
+        reads: the files the caller is about to read: each that exists must be listed (a file added
+            after the directory was written is refused, not read).
+        every_file: check the hash of every listed file (loading the whole directory); else only of
+            the files in ``reads``.
+
+    Raises:
+        FormatError: naming the first file that is missing, modified, or not listed.
+    """
+    directory = Path(directory)
+    files = manifest_files(directory)
+    if files is None:
+        return False
+    reads = list(reads)
+    for name in reads:
+        if (directory / name).is_file() and name not in files:
+            raise FormatError(f"{directory / name}: not listed in {MANIFEST}: added or replaced after the directory "
+                              "was written; refused")
+    for name in (sorted(files) if every_file else [n for n in reads if n in files]):
+        path = directory / name
+        if not path.is_file():
+            raise FormatError(f"{path}: listed in {MANIFEST} but missing")
+        if sha256(path) != files[name]:
+            raise FormatError(f"{path}: SHA-256 does not match {MANIFEST}: the file is corrupt or was modified")
+    return True
+
+
+def add_to_manifest(directory: str | os.PathLike, *names: str) -> Path:
+    """List ``names`` (files just written into ``directory``) in its manifest beside those already listed,
+    after checking those (so that adding a file never vouches for a modified one)."""
+    verify_manifest(directory, ())
+    return write_manifest(directory, [*(manifest_files(directory) or {}), *names])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from maskattn.masks import Mask
 
-__all__ = ["plot_curves", "plot_mask", "plot_tradeoff"]
+__all__ = ["plot_curves", "plot_mask", "plot_overlays", "plot_tradeoff"]
 
 
 def plot_mask(
@@ -102,6 +102,30 @@ def plot_curves(log: str | Path, out: str | Path | None = None) -> Path | None:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def plot_overlays(overlays, out_dir: str | Path) -> list[Path]:
+    """Draw each :class:`maskattn.tasks.base.Overlay` (a heat map over a grey image) as ``out_dir/<name>.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for o in overlays:
+        h, w = o.image.shape
+        fig, ax = plt.subplots(figsize=(max(3.0, w / 6), max(2.0, h / 6)))
+        ax.imshow(o.image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.imshow(o.heat, cmap="inferno", alpha=0.55, interpolation="nearest", extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+        ax.set_title(o.title)
+        ax.axis("off")
+        fig.tight_layout()
+        written.append(out / f"{o.name}.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    return written
 
 
 def plot_tradeoff(panels: Mapping[str, Sequence[tuple[str, float, float]]], out: str | Path, *,

@@ -12,6 +12,8 @@ from pathlib import Path
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from maskattn.io import FormatError, atomic_write
+
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
 # Special-token names by convention: ours first, then BERT's (for pretrained tokenizer.json files).
 CONVENTIONS = (
@@ -77,7 +79,11 @@ class Tokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer at {path}")
-        return cls(HFTokenizer.from_file(str(path)))
+        try:
+            backend = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the Rust library raises its own exception type
+            raise FormatError(f"{path}: not a readable tokenizer.json ({str(e).splitlines()[0][:200]})") from e
+        return cls(backend)
 
     def save(self, path: str | Path) -> Path:
         """Write ``tokenizer.json`` (``path`` may be a directory); return the file written."""
@@ -85,7 +91,7 @@ class Tokenizer:
         if path.is_dir() or not path.suffix:
             path.mkdir(parents=True, exist_ok=True)
             path = path / "tokenizer.json"
-        self.backend.save(str(path))
+        atomic_write(path, lambda tmp: self.backend.save(str(tmp)))
         return path
 
     # --- using -------------------------------------------------------------------------------------

@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
+import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,14 @@ from tqdm import tqdm
 
 from maskattn import checkpoint, distributed
 from maskattn.data import shard
+from maskattn.errors import (
+    RunDirectoryError,
+    SettingError,
+    TrainingError,
+    UnknownSettingError,
+    UsageError,
+    check_settings,
+)
 
 
 @dataclass
@@ -53,21 +64,36 @@ class TrainConfig:
     bf16: bool = False  # bfloat16 autocast for the forward pass
     eval_every: int = 0  # evaluate every N steps (0: only at the end)
     checkpoint_every: int = 100  # checkpoint every N steps (0: only at the end)
-    keep: int = 2  # step checkpoints kept (the best one is kept apart)
+    keep: int = 2  # step checkpoints kept, newest by step (the best one is kept apart); >= 1
     metric: str = "loss"  # evaluation metric that picks the best checkpoint
     higher_is_better: bool = False  # direction of that metric
     patience: int = 0  # stop after this many evaluations without improvement (0: never)
     seed: int = 0  # seeds data order and dropout
     log_every: int = 10  # steps between metric log lines
     progress: bool = True  # show a progress bar
+    report_to: list[str] = field(default_factory=list)  # also report metrics to: "tensorboard" (OUT/events)
+    # torch.compile the model in place (nn.Module.compile) before training; maskattn's models compile to one graph
+    compile: bool = False
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("inverse_sqrt", "cosine", "constant"):
-            raise ValueError(f"schedule must be 'inverse_sqrt', 'cosine' or 'constant', got {self.schedule!r}")
-        for name in ("steps", "accumulate"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        self.betas = tuple(self.betas)
+        check_settings(self, {
+            "steps": ("int>=", 1), "lr": ("float>", 0), "weight_decay": ("float>=", 0),
+            "schedule": ("one of", ("inverse_sqrt", "cosine", "constant")), "warmup": ("int>=", 0),
+            "min_lr_ratio": ("in", (0, 1, "[]")), "accumulate": ("int>=", 1), "eval_every": ("int>=", 0),
+            "checkpoint_every": ("int>=", 0), "keep": ("int>=", 1), "patience": ("int>=", 0),
+            "seed": ("int>=", 0), "log_every": ("int>=", 1)})
+        if self.clip_norm is not None:
+            check_settings(self, {"clip_norm": ("float>", 0)})
+        if not isinstance(self.metric, str) or not self.metric:
+            raise SettingError(f"metric must be the name of an evaluation metric, got {self.metric!r}")
+        betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else None
+        if betas is None or len(betas) != 2 or not all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
+            raise SettingError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = betas
+        if not isinstance(self.report_to, (list, tuple)) or any(name not in REPORTERS for name in self.report_to):
+            raise SettingError(f"report_to must be a list of {', '.join(map(repr, REPORTERS))}, got {self.report_to!r}")
+        self.report_to = list(self.report_to)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -99,6 +125,118 @@ def setup_distributed() -> tuple[int, int]:
     return context.rank, context.world_size
 
 
+# --- callbacks -------------------------------------------------------------------------------------
+class Callback:
+    """What a run reports, as it happens: subclass and override any method, pass ``Trainer(callbacks=[...])``.
+
+    Called on rank 0 only (the process that writes the run directory), in the order given.
+    ``metrics`` are plain floats; the trainer is passed for its ``step``, ``out_dir`` and ``model``.
+    """
+
+    def on_step(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        """After every optimizer step: ``loss`` (mean over the step's targets) and ``lr``."""
+
+    def on_evaluate(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        """After every evaluation: what ``evaluate`` returned."""
+
+    def on_checkpoint(self, trainer: Trainer, step: int, path: Path) -> None:
+        """After a step checkpoint was written to ``path``."""
+
+    def on_end(self, trainer: Trainer) -> None:
+        """When ``fit`` returns or raises: release what the callback holds (files, writers)."""
+
+
+class TensorBoard(Callback):
+    """Metrics as TensorBoard scalars (``train/loss``, ``train/lr``, ``eval/<metric>``) in ``log_dir``,
+    written by TensorBoard's own ``SummaryWriter`` (``pip install maskattn[tensorboard]``)."""
+
+    def __init__(self, log_dir: str | Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise UsageError("train.report_to = ['tensorboard'] needs the tensorboard package: "
+                             "pip install 'maskattn[tensorboard]'") from e
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def on_step(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(f"train/{name}", value, step)
+
+    def on_evaluate(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(f"eval/{name}", value, step)
+
+    def on_checkpoint(self, trainer: Trainer, step: int, path: Path) -> None:
+        self.writer.flush()
+
+    def on_end(self, trainer: Trainer) -> None:
+        self.writer.close()
+
+
+# train.report_to names -> the callback, built with the run directory
+REPORTERS: dict[str, Callable[[Path], Callback]] = {"tensorboard": lambda out: TensorBoard(out / "events")}
+
+
+# --- the run directory -----------------------------------------------------------------------------
+# What a run writes into its directory (the trainer, the tasks, the CLI and the demo): what
+# clear_run_directory may delete without asking.
+RUN_ENTRIES = ("checkpoints", "best", "model", "metrics.jsonl", "tokenizer.json", "curves.png",
+               "cross_attention.png", "cross_attention_heads.png", "events")
+
+
+def prepare_run_directory(out: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """The run directory ``out``, checked (and created) before a run writes anything into it.
+
+    The rule for every run: a directory that already holds something is used only to continue the
+    run in it (``resume``) or after :func:`clear_run_directory` (``overwrite``), so that a new run
+    never mixes its checkpoints, log or exported model with an older run's.
+
+    Raises:
+        RunDirectoryError: ``out`` is a file or lies under one, or it is not empty and neither
+            ``resume`` nor ``overwrite`` is given, or both are.
+    """
+    out = Path(out)
+    if resume and overwrite:
+        raise RunDirectoryError("resume and overwrite exclude each other: continue the run in "
+                                f"{out} or replace it, not both")
+    for parent in (out, *out.parents):
+        if parent.exists() and not parent.is_dir():
+            raise RunDirectoryError(f"run directory {out}: {parent} is a file, not a directory")
+    if overwrite:
+        clear_run_directory(out)
+    elif not resume and out.is_dir() and any(out.iterdir()):
+        held = sorted(p.name for p in out.iterdir())
+        raise RunDirectoryError(
+            f"run directory {out} is not empty (it holds {', '.join(held[:6])}{' ...' if len(held) > 6 else ''}): "
+            "resume the run in it (--resume), replace it (--overwrite), or choose another directory (--out)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def clear_run_directory(out: str | Path) -> None:
+    """Delete the run in ``out``: only a directory holding nothing but what runs write (:data:`RUN_ENTRIES`).
+
+    The directory is first renamed aside and then deleted, so that a crash half-way leaves no half
+    run behind under the name ``out``.
+
+    Raises:
+        RunDirectoryError: naming what in ``out`` a run does not write (then nothing is deleted).
+    """
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise RunDirectoryError(f"run directory {out} is a file, not a directory")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith("."))
+    if foreign:
+        raise RunDirectoryError(f"will not clear {out}: it holds {', '.join(foreign[:6])}, which no maskattn run "
+                                "writes (is it really a run directory?); remove them or choose another --out")
+    out = out.resolve()
+    aside = out.with_name(f".{out.name}.deleting.{os.getpid()}")
+    os.replace(out, aside)
+    shutil.rmtree(aside)
+
+
 # --- the trainer -----------------------------------------------------------------------------------
 Batch = dict[str, Any]
 
@@ -115,6 +253,8 @@ class Trainer:
         device: where to train (default: CUDA if available, else CPU).
         rank, world_size: this process and the number of processes, as :func:`maskattn.distributed.init`
             returns them (default: a single process).
+        callbacks: :class:`Callback` objects told of every step, evaluation and checkpoint (rank 0),
+            after those named by ``cfg.report_to``.
 
     Raises:
         ValueError: when ``rank`` / ``world_size`` do not match the process group this process joined.
@@ -133,6 +273,7 @@ class Trainer:
         device: str | torch.device | None = None,
         rank: int = 0,
         world_size: int = 1,
+        callbacks: list[Callback] | tuple[Callback, ...] = (),
     ) -> None:
         self.cfg, self.plan, self.collate, self.loss_fn, self.evaluate = cfg, plan, collate, loss, evaluate
         self.out_dir = Path(out_dir)
@@ -140,6 +281,8 @@ class Trainer:
         self.rank, self.world = rank, world_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device)
+        if cfg.compile:
+            self.model.compile()  # in place: state_dict keys and the model's other methods stay as they are
         self.ddp = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else None
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
@@ -151,6 +294,8 @@ class Trainer:
         self._planned: tuple[int, list[list[int]]] | None = None
         self.best: float | None = None
         self.bad_evals = 0
+        self.resumed = False  # set by resume(): fit() then continues the run in out_dir
+        self.callbacks = list(callbacks)
 
     # --- state -------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -177,19 +322,38 @@ class Trainer:
             raise checkpoint.CheckpointError(f"checkpoint {path} does not fit this model: {e}") from e
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.best, self.bad_evals = state["best"], state["bad_evals"]
+        self.resumed = True
         self._trim_log()
         return True
 
     def save(self) -> None:
         if self.rank == 0:
-            checkpoint.save(self.out_dir / "checkpoints", self.step, self.state(), keep=self.cfg.keep)
+            path = checkpoint.save(self.out_dir / "checkpoints", self.step, self.state(), keep=self.cfg.keep)
+            for callback in self._listeners():
+                callback.on_checkpoint(self, self.step, path)
 
     # --- the loop ----------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         """Train to ``cfg.steps`` (or early stop); return the last evaluation (or the last loss)."""
-        cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0 or not cfg.progress,
+        self._check_fresh_run()
+        self._trim_log()  # a new run starts a new log; a resumed one drops the lines of steps it replays
+        reporters = [REPORTERS[name](self.out_dir) for name in self.cfg.report_to] if self.rank == 0 else []
+        callbacks, self.callbacks = self.callbacks, reporters + self.callbacks
+        try:
+            return self._fit()
+        finally:
+            for callback in self._listeners():
+                callback.on_end(self)
+            self.callbacks = callbacks
+
+    def _listeners(self) -> list[Callback]:
+        return self.callbacks if self.rank == 0 else []
+
+    def _fit(self) -> dict[str, float]:
+        cfg = self.cfg
+        quiet = not logging.getLogger("maskattn").isEnabledFor(logging.INFO)  # `maskattn -q`
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0 or not cfg.progress or quiet,
                    desc="train", unit="step", dynamic_ncols=True)
         last: dict[str, float] = {}
         window_loss, window_targets, window_start = 0.0, 0.0, time.perf_counter()
@@ -197,6 +361,9 @@ class Trainer:
             micro = self._next_micro_batches()
             loss_sum, targets = self._optimizer_step(micro)
             window_loss, window_targets = window_loss + loss_sum, window_targets + targets
+            for callback in self._listeners():
+                callback.on_step(self, self.step, {"loss": loss_sum / max(targets, 1),
+                                                   "lr": learning_rate(cfg, self.step)})
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 elapsed = time.perf_counter() - window_start
@@ -250,11 +417,25 @@ class Trainer:
                 # DDP averages gradients over ranks: scale by world size to get the global sum.
                 (loss * self.world / max(total_targets, 1.0)).backward()
             loss_sum += float(loss.detach())
+        loss_sum = distributed.all_sum(loss_sum)  # every rank sees the same sum, so all stop together
+        if not math.isfinite(loss_sum):
+            self._stop(f"the training loss is {loss_sum}")
         if cfg.clip_norm:
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
+            norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm))
+            if not math.isfinite(norm):
+                self._stop(f"the gradient norm is {norm}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return distributed.all_sum(loss_sum), total_targets
+        return loss_sum, total_targets
+
+    def _stop(self, what: str) -> None:
+        """Stop training before a non-finite update reaches the weights; checkpoints on disk stay as they are."""
+        self.optimizer.zero_grad(set_to_none=True)
+        good = checkpoint.latest(self.out_dir / "checkpoints")
+        raise TrainingError(
+            f"step {self.step}: {what}; training stopped before updating the weights. The last good checkpoint is "
+            f"{good if good else 'none (no checkpoint was written yet)'}. Lower train.lr, or check the model settings "
+            "(e.g. model.norm_eps) and the data")
 
     def _autocast(self):
         if not self.cfg.bf16:
@@ -266,10 +447,14 @@ class Trainer:
         with torch.no_grad():
             metrics = self.evaluate(self.model)
         if self.cfg.metric not in metrics:
-            raise KeyError(f"evaluate() returned {sorted(metrics)}, without the metric {self.cfg.metric!r}")
+            raise UnknownSettingError(f"train.metric {self.cfg.metric!r} is not one of the evaluation's metrics: "
+                                      f"{sorted(metrics)}")
         self._log({"step": self.step, **{f"eval_{k}": v for k, v in metrics.items()}})
+        for callback in self._listeners():
+            callback.on_evaluate(self, self.step, dict(metrics))
         value = metrics[self.cfg.metric]
-        better = self.best is None or (value > self.best if self.cfg.higher_is_better else value < self.best)
+        better = math.isfinite(value) and (  # a NaN metric never picks the best checkpoint
+            self.best is None or (value > self.best if self.cfg.higher_is_better else value < self.best))
         if better:
             self.best, self.bad_evals = value, 0
             if self.rank == 0:
@@ -284,10 +469,40 @@ class Trainer:
             with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def _check_fresh_run(self) -> None:
+        """A run that was not resumed must not write into the checkpoints of another run."""
+        if self.resumed:
+            return
+        found = [p for sub in ("checkpoints", "best") for p in checkpoint.list_checkpoints(self.out_dir / sub)]
+        if found:
+            names = ", ".join(str(p.relative_to(self.out_dir)) for p in found[:4])
+            raise RunDirectoryError(
+                f"{self.out_dir} holds checkpoints of another run ({names}): "
+                "call resume() to continue it, or train into an empty directory "
+                "(maskattn.training.clear_run_directory clears a run directory)")
+
     def _trim_log(self) -> None:
-        """After a resume, drop log lines of steps that will be replayed."""
+        """Keep the log lines of steps up to the current one (none for a new run).
+
+        A last line cut short by a crash (kill -9 mid-write) is dropped; a bad line before the last
+        is an error naming the file and line.
+        """
         log = self.out_dir / "metrics.jsonl"
-        if self.rank == 0 and log.exists():
-            lines = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-            log.write_text("".join(ln + "\n" for ln in lines))
+        if self.rank != 0 or not log.exists():
+            return
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+        kept = []
+        for n, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line) if line.strip() else None
+                step = record["step"] if isinstance(record, dict) else None
+            except (json.JSONDecodeError, KeyError):
+                step = None
+            if step is None:
+                if n == len(lines) or not line.strip():
+                    continue  # a half-written last line, or a blank one
+                raise UsageError(f"{log}:{n}: not a metrics record (JSON with a step): {line[:60]!r}")
+            if step <= self.step:
+                kept.append(line)
+        log.write_text("".join(ln + "\n" for ln in kept))
 

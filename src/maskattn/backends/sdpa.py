@@ -9,7 +9,8 @@ Exact for every mask, but cheap only for the masks SDPA can take without an Lq x
 * ``document(ids)`` or ``causal() & document(ids)`` whose documents are contiguous runs of ids
   (packed sequences), ``q_offset == 0``, ``Lq == Lk``: one SDPA call per document, without a mask
   (with ``is_causal``), as FlashAttention's variable-length kernels do; at most
-  ``MAX_SEGMENTS`` calls, beyond which the per-call overhead outweighs the skipped work;
+  ``MAX_SEGMENTS`` calls, beyond which the per-call overhead outweighs the skipped work (eager only: the
+  runs are read from the ids, which a ``torch.compile`` graph cannot branch on);
 * ``causal() & sliding_window(W)`` with ``q_offset == 0``, ``Lq == Lk > W``: the queries are cut
   into chunks of W; chunk c attends the keys of chunks c - 1 and c under one (W, 2W) band mask
   shared by every chunk, all chunks in one SDPA call (chunk 0: ``is_causal`` on its own keys); also
@@ -62,6 +63,8 @@ def segments(mask: Mask | None, q_len: int, k_len: int, q_offset: int, batch: in
     """``(runs, causal)`` if ``mask`` is ``document(ids)``, optionally ``& causal()``, over contiguous
     documents that split a call of more than ``MIN_SPLIT_SCORES`` scores into at most
     ``MAX_SEGMENTS`` self-attention calls; else None."""
+    if torch.compiler.is_compiling():  # the runs are read from the ids: a traced graph cannot depend on them
+        return None
     if q_offset != 0 or q_len != k_len or q_len * k_len <= MIN_SPLIT_SCORES:
         return None
     parts = structure(mask)
@@ -86,6 +89,8 @@ def band(mask: Mask | None, q_len: int, k_len: int, q_offset: int) -> int | None
     """The window W if ``mask`` is exactly ``causal() & sliding_window(W)`` on self-attention longer than W
     and of more than ``MIN_SPLIT_SCORES`` scores; else None."""
     parts = structure(mask)
+    if torch.compiler.is_exporting():  # exported lengths are symbolic: no branch on their size
+        return None
     if parts.kinds != ("causal", "window") or q_offset != 0 or q_len != k_len or q_len * k_len <= MIN_SPLIT_SCORES:
         return None
     return parts.window if q_len > parts.window else None
@@ -188,7 +193,7 @@ def attention(
     else:
         allowed = mask.to_dense(q_len, k_len, q_offset=q_offset, device=q.device)  # (B|1, H|1, Lq, Lk)
     empty = ~allowed.any(-1, keepdim=True)  # (B|1, H|1, Lq|1, 1)
-    if not empty.any():
+    if not torch.compiler.is_compiling() and not empty.any():  # traced: always the path that is safe for both
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale,
                                               enable_gqa=gqa), None
     # SDPA's math kernel returns NaN on a row with nothing to attend: let such rows attend

@@ -34,7 +34,9 @@ class TokenEmbedding(nn.Module):
         if not isinstance(ids, Tensor) or ids.dtype in (torch.bool, torch.float16, torch.float32, torch.float64):
             got = ids.dtype if isinstance(ids, Tensor) else type(ids).__name__
             raise TypeError(f"ids must be an integer tensor of token ids, got {got}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+        # A host check (it reads the ids): eager only, a compiled graph cannot branch on tensor values.
+        checked = ids.numel() and not torch.compiler.is_compiling()
+        if checked and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
             raise ValueError(
                 f"ids must be in [0, {self.vocab_size}), got values in [{int(ids.min())}, {int(ids.max())}]"
             )

@@ -20,7 +20,9 @@ def _check_positions(positions: Tensor, max_len: int) -> None:
     if not isinstance(positions, Tensor) or positions.dim() != 2 or positions.is_floating_point():
         got = tuple(positions.shape) if isinstance(positions, Tensor) else type(positions).__name__
         raise ValueError(f"positions must be a (B, L) integer tensor, got {got}")
-    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= max_len):
+    # A host check (it reads the positions): eager only, a compiled graph cannot branch on tensor values.
+    if positions.numel() and not torch.compiler.is_compiling() and (
+            int(positions.min()) < 0 or int(positions.max()) >= max_len):
         raise ValueError(
             f"positions must be in [0, max_len={max_len}), got values in "
             f"[{int(positions.min())}, {int(positions.max())}]"

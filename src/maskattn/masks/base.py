@@ -37,7 +37,7 @@ from torch import Tensor
 
 from maskattn.masks.stats import MaskStats, mask_stats
 from maskattn.masks.structure import MaskStructure
-from maskattn.masks.tiles import EMPTY, FULL, PARTIAL, Tiles, check_sizes
+from maskattn.masks.tiles import EMPTY, FULL, PARTIAL, Tiles, check_positive, check_sizes
 
 __all__ = ["Mask", "structure"]
 
@@ -173,9 +173,7 @@ class Mask:
             int8 tensor of shape (B or 1, H or 1, nq, nk) with values EMPTY=0, PARTIAL=1, FULL=2.
         """
         self.check(q_len, k_len, q_offset=q_offset)
-        for name, value in (("block_q", block_q), ("block_k", block_k)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive(block_q=block_q, block_k=block_k)
         tiles = Tiles(q_len, k_len, q_offset, block_q, block_k, self._device(device))
         any_, all_ = self._tile_bounds(tiles)
         kinds = torch.where(all_, FULL, torch.where(any_, PARTIAL, EMPTY)).to(torch.int8)
@@ -198,6 +196,8 @@ class Mask:
         structured masks never build Lq x Lk. Counts cover the mask's own batch and head axes
         (B|1, H|1).
         """
+        self.check(q_len, k_len, q_offset=q_offset)
+        check_positive(block_q=block_q, block_k=block_k, head_dim=head_dim)
         return mask_stats(self, q_len, k_len, block_q=block_q, block_k=block_k, q_offset=q_offset,
                           head_dim=head_dim)
 

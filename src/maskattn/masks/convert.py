@@ -70,6 +70,10 @@ def from_torch_mha(attn_mask: Tensor | None = None, key_padding_mask: Tensor | N
         if keep.dim() == 3:
             if num_heads is None:
                 raise ValueError("a 3-D attn_mask is (N * num_heads, L, S): pass num_heads to split it")
+            if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 \
+                    or keep.shape[0] % num_heads:
+                raise ValueError(f"a 3-D attn_mask is (N * num_heads, L, S): its first size {keep.shape[0]} is not "
+                                 f"a multiple of num_heads ({num_heads!r})")
             keep = keep.view(-1, num_heads, *keep.shape[1:])
         elif keep.dim() != 2:
             raise ValueError(f"attn_mask must be (L, S) or (N * num_heads, L, S), got {tuple(attn_mask.shape)}")

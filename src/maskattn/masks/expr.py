@@ -21,6 +21,7 @@ import torch
 from maskattn.masks.base import Mask
 from maskattn.masks.kinds import causal, full, sliding_window
 from maskattn.masks.tensor_kinds import document, padding, prefix_lm
+from maskattn.masks.tiles import MAX_POSITION
 
 TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_]\w*)|(?P<int>\d+)|(?P<op>[&|~(),]))")
 
@@ -66,10 +67,20 @@ def _tokens(text: str) -> list[tuple[str, str, int]]:
     return found
 
 
+MAX_DEPTH = 100  # nested ~ and parentheses: deeper would exhaust Python's recursion in parsing and evaluation
+
+
 def parse(text: str) -> Mask:
     """Read a mask expression; raise :class:`MaskSyntaxError` pointing at the offending token."""
     tokens = _tokens(text)
     i = 0
+    depth = 0
+
+    def deeper(pos: int) -> None:
+        nonlocal depth
+        depth += 1
+        if depth > MAX_DEPTH:
+            raise MaskSyntaxError(text, pos, f"the expression nests ~ and parentheses more than {MAX_DEPTH} deep")
 
     def peek() -> tuple[str, str, int]:
         return tokens[i]
@@ -98,16 +109,22 @@ def parse(text: str) -> Mask:
         return result
 
     def unary() -> Mask:
+        nonlocal depth
         if peek()[1] == "~":
-            take()
-            return ~unary()
+            deeper(take()[2])
+            inner = unary()
+            depth -= 1
+            return ~inner
         return atom()
 
     def atom() -> Mask:
+        nonlocal depth
         kind, value, pos = take()
         if value == "(":
+            deeper(pos)
             inner = expr()
             take(")")
+            depth -= 1
             return inner
         if kind != "name":
             shown = repr(value) if value else "the end"
@@ -122,6 +139,8 @@ def parse(text: str) -> Mask:
                 k, v, p = take()
                 if k != "int":
                     raise MaskSyntaxError(text, p, f"expected an integer argument of {value}(), found {v!r}")
+                if int(v) > MAX_POSITION:
+                    raise MaskSyntaxError(text, p, f"{v} is too large for an argument of {value}() (at most 2**62)")
                 args.append(int(v))
                 if peek()[1] != ",":
                     break

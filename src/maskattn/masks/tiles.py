@@ -89,8 +89,21 @@ def tile_reduce(x: Tensor, dim: int, block: int, pad: bool | None, op: str) -> T
     return reduced.movedim(-1, dim)
 
 
+MAX_POSITION = 2**62  # positions are int64 tensors: larger ones would overflow in arange and index arithmetic
+
+
 def check_sizes(q_len: int, k_len: int, q_offset: int) -> None:
-    """Raise ValueError unless the call sizes are ints >= 0."""
+    """Raise ValueError unless the call sizes are ints >= 0 whose positions fit below :data:`MAX_POSITION`."""
     for name, value, low in (("q_len", q_len, 0), ("k_len", k_len, 0), ("q_offset", q_offset, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if isinstance(value, bool) or not isinstance(value, int | torch.SymInt) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if q_offset + q_len > MAX_POSITION or k_len > MAX_POSITION:
+        raise ValueError(f"positions must stay below 2**62: q_offset ({q_offset}) + q_len ({q_len}) and k_len "
+                         f"({k_len}) must be <= {MAX_POSITION}")
+
+
+def check_positive(**values: int) -> None:
+    """Raise ValueError naming the first value that is not an int >= 1 (tile sizes, head dims)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")

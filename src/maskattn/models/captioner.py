@@ -24,7 +24,7 @@ from maskattn import masks
 from maskattn.layers import DecoderLayer, EncoderLayer, TokenEmbedding
 from maskattn.layers.patches import PATCH_POSITIONS, PatchEmbedding, patch_valid
 from maskattn.models.common import Embedder, Stack, init_linears
-from maskattn.models.config import BlockConfig, _check_distinct
+from maskattn.models.config import BlockConfig, check_distinct
 from maskattn.models.inspection import AuditProbe
 from maskattn.models.persistence import Persistent
 from maskattn.models.summary import Summary
@@ -70,7 +70,7 @@ class CaptionerConfig(BlockConfig):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self._check_ids("bos_id", "eos_id", self.vocab_size)
-        _check_distinct(self)
+        check_distinct(self)
 
 
 class Captioner(Persistent, Summary, nn.Module):

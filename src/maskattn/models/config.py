@@ -142,7 +142,7 @@ class TransformerConfig(BlockConfig):
             raise ValueError(f"share_embeddings needs equal vocabularies, got vocab_size ({self.vocab_size}) "
                              f"and tgt_vocab_size ({self.tgt_vocab_size})")
         self._check_ids("bos_id", "eos_id", "pad_id", self.target_vocab_size)
-        _check_distinct(self)
+        check_distinct(self)
 
 
 @dataclass
@@ -170,7 +170,7 @@ class DecoderLMConfig(BlockConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_ids("bos_id", "eos_id", self.vocab_size)
-        _check_distinct(self)
+        check_distinct(self)
 
 
 @dataclass
@@ -203,7 +203,7 @@ class EncoderConfig(BlockConfig):
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
 
 
-def _check_distinct(config: BlockConfig) -> None:
+def check_distinct(config: BlockConfig) -> None:
     ids = {name: getattr(config, name) for name in ("pad_id", "bos_id", "eos_id")}
     ids = {k: v for k, v in ids.items() if v is not None}
     if len(set(ids.values())) < len(ids):

@@ -9,10 +9,14 @@ A checkpoint directory holds::
                         "compression": {...}}   # only for pruned / int8 models (models/compressed.py)
     model.safetensors  every distinct tensor once (tied weights are stored once, listed in aliases)
     tokenizer.json     optional, a ``tokenizers.Tokenizer``
+    manifest.json      the SHA-256 of every file above (and of files added later by their writer, such
+                       as a trained model's task.json, through ``maskattn.io.add_to_manifest``)
 
-Files are written atomically and verified through :mod:`maskattn.io`. Loading checks the format, the
-SHA-256 of the weights, the names, shapes and dtypes of all tensors, and raises
-:class:`maskattn.io.FormatError` (a ValueError) naming the file and what is wrong.
+Files are written atomically and verified through :mod:`maskattn.io`. Loading checks every file
+against the manifest, the format, the SHA-256 of the weights, the tensor shapes the config implies
+(before allocating anything), the names, shapes and dtypes of all tensors, and raises
+:class:`maskattn.io.FormatError` (a ValueError) naming the file and what is wrong. A directory written
+before manifests existed (no manifest.json) loads with the other checks, as it did then.
 """
 
 from __future__ import annotations
@@ -23,14 +27,27 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from maskattn.io import FormatError, atomic_write, atomic_write_text, read_json_object, sha256
+from maskattn.io import (
+    FormatError,
+    atomic_write,
+    atomic_write_text,
+    read_json_object,
+    sha256,
+    verify_manifest,
+    write_manifest,
+)
 from maskattn.models import compressed
 
 FORMAT, VERSION = "maskattn-model", 1
+
+
+class ModelKindError(FormatError, TypeError):
+    """A model directory holds another kind of model than the one asked for (a TypeError, as before)."""
+
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 _MODELS: dict[str, type] = {}
 
@@ -43,6 +60,8 @@ class Persistent:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if cls.__module__.partition(".")[0] == "torch":  # torch.export's tracer subclasses the module it traces
+            return
         _MODELS[cls.__name__] = cls
 
     @classmethod
@@ -61,7 +80,7 @@ class Persistent:
         """Load a model saved by :meth:`save`; TypeError if it is another kind of model."""
         model = load(directory, device=device)
         if not isinstance(model, cls):
-            raise TypeError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
+            raise ModelKindError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
         return model
 
 
@@ -82,6 +101,9 @@ def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = Non
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is not None:
         atomic_write(directory / TOKENIZER, lambda tmp: tokenizer.save(str(tmp)))
+    else:
+        (directory / TOKENIZER).unlink(missing_ok=True)  # an older save's tokenizer is not this model's
+    write_manifest(directory, [CONFIG, WEIGHTS, *([TOKENIZER] if tokenizer is not None else [])])
     return directory
 
 
@@ -92,6 +114,7 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") ->
         FormatError: naming the file, when one is missing, corrupt, or does not fit the model it describes.
     """
     directory = Path(directory)
+    verify_manifest(directory, [CONFIG, WEIGHTS, TOKENIZER])
     meta = read_json(directory / CONFIG)
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise FormatError(f"{directory / CONFIG}: not a maskattn checkpoint (format {meta.get('format')!r} "
@@ -111,7 +134,9 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") ->
         raise FormatError(f"{directory}: missing weights file {WEIGHTS}")
     if sha256(weights) != expected_hash:
         raise FormatError(f"{weights}: SHA-256 does not match config.json; the file is corrupt or was modified")
-    model = compressed.apply(cls(config), meta.get("compression"), source=str(directory / CONFIG))
+    compression = meta.get("compression")
+    check_sizes(cls, config, weights, meta.get("aliases", {}), source=directory / CONFIG, compression=compression)
+    model = compressed.apply(cls(config), compression, source=str(directory / CONFIG))
     load_weights(model, read_safetensors(weights, device), meta.get("aliases", {}), source=str(weights))
     model.tokenizer = load_tokenizer(directory / TOKENIZER) if (directory / TOKENIZER).is_file() else None
     return model.to(device)
@@ -135,6 +160,32 @@ def load_weights(model: nn.Module, tensors: dict[str, Tensor], aliases: dict[str
                              f"expected {tuple(want.shape)} {want.dtype}")
     full = dict(tensors, **{alias: tensors[name] for alias, name in aliases.items()})
     model.load_state_dict(full, strict=True)
+
+
+def check_sizes(cls: type, config: Any, weights: Path, aliases: dict[str, str], *, source: Path,
+                compression: dict[str, Any] | None = None) -> None:
+    """Refuse a config whose tensors differ in shape from those in ``weights``, before allocating the model.
+
+    The model is built on PyTorch's "meta" device (shapes only, no memory) and its tensor shapes are
+    compared with the safetensors header, so a config.json asking for e.g. ``vocab_size`` 10^12 is an
+    error naming that setting, not an out-of-memory crash. ``compression``: config.json's entry of a
+    pruned or int8 model (:mod:`maskattn.models.compressed`), applied to the skeleton too.
+    """
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FormatError(f"{weights}: not a readable safetensors file: {e}") from e
+    with torch.device("meta"):
+        skeleton = compressed.apply(cls(config), compression, source=str(source))
+    for name, t in skeleton.state_dict().items():
+        have = stored.get(aliases.get(name, name))
+        if have is not None and tuple(t.shape) != have:
+            values = config.to_dict()
+            suspects = [f"{k}={v}" for k, v in values.items() if isinstance(v, int) and not isinstance(v, bool)
+                        and v in t.shape and v not in have]
+            raise FormatError(f"{source}: {', '.join(suspects) or 'the config'} does not fit the weights: tensor "
+                              f"{name!r} would be {tuple(t.shape)}, {WEIGHTS} holds {have}")
 
 
 read_json = read_json_object  # the name pretrained.py and older callers import

@@ -112,8 +112,10 @@ def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: 
         path: a directory with a Hugging Face ``config.json`` and ``model.safetensors`` of a family in
             :data:`FAMILIES` (BERT -> :class:`EncoderModel`; GPT-2, Llama -> :class:`DecoderLM`),
             ``tokenizer.json`` optional; or a directory written by ``model.save``.
-        num_labels: (BERT) add a freshly initialised classification head with this many classes.
-        span_head: (BERT) add a freshly initialised span (start/end) head for extractive QA.
+        num_labels: (BERT, or a saved EncoderModel) a freshly initialised classification head with this
+            many classes (a saved model's own heads are replaced).
+        span_head: (BERT, or a saved EncoderModel) a freshly initialised span (start/end) head for
+            extractive QA.
 
     Raises:
         ValueError: when the directory is not a checkpoint of a supported family, or its tensors do
@@ -124,7 +126,7 @@ def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: 
         raise ValueError(f"from_pretrained(path): {str(path)!r} is not a local directory (nothing is downloaded)")
     hf = read_json(directory / CONFIG)
     if hf.get("format") == FORMAT:
-        return load(directory)
+        return _with_heads(load(directory), directory, num_labels=num_labels, span_head=span_head)
     model_type = hf.get("model_type") or "bert"
     if model_type not in FAMILIES:
         raise ValueError(f"{directory / CONFIG}: model_type {model_type!r} is not supported; expected one of "
@@ -143,6 +145,24 @@ def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: 
     load_weights(model, {**tensors, **fresh}, aliases, source=str(directory / WEIGHTS))
     model.tokenizer = load_tokenizer(directory / TOKENIZER) if (directory / TOKENIZER).is_file() else None
     return model
+
+
+def _with_heads(model: nn.Module, directory: Path, *, num_labels: int, span_head: bool) -> nn.Module:
+    """A saved maskattn model as the start of fine-tuning: unchanged when no head is asked for; else its
+    encoder with fresh heads (``num_labels`` classes, a span head), which needs an EncoderModel."""
+    if not (num_labels or span_head):
+        return model
+    if not isinstance(model, EncoderModel):
+        raise ValueError(f"{directory} holds a {type(model).__name__}; a classification or span head needs an "
+                         "encoder: an EncoderModel directory (e.g. one trained by `maskattn train classification`) "
+                         "or a BERT checkpoint")
+    heads = FAMILIES["bert"].fresh
+    fine_tuned = EncoderModel(dataclasses.replace(model.config, num_labels=num_labels, span_head=span_head))
+    encoder = {n: t for n, t in model.state_dict().items() if not n.startswith(heads)}
+    result = fine_tuned.load_state_dict(encoder, strict=False)
+    assert not result.unexpected_keys and all(n.startswith(heads) for n in result.missing_keys), result
+    fine_tuned.tokenizer = model.tokenizer
+    return fine_tuned
 
 
 def bert_config(hf: dict, source: Path, *, pooler: bool = True, num_labels: int = 0,

@@ -32,11 +32,22 @@ class Command:
 
 
 @dataclass(frozen=True)
+class Overlay:
+    """A picture a task asks ``maskattn viz`` to draw (matplotlib lives in the viz layer): a heat map
+    stretched over an image, e.g. one generated word's cross-attention over the image patches."""
+
+    name: str  # file name stem, e.g. "word1_seven"
+    title: str
+    image: Any  # (H, W) numpy array of grey levels in [0, 1]
+    heat: Any  # (rows, cols) numpy array, stretched over the image
+
+
+@dataclass(frozen=True)
 class Option:
     """A ``maskattn evaluate`` flag that one task reads, passed to its ``evaluate_file`` as a keyword."""
 
     flag: str  # e.g. "--beam"
-    keyword: str  # the evaluate_file keyword it fills, e.g. "beam_size"; passed only when given (non-empty)
+    keyword: str  # the evaluate_file keyword it fills, e.g. "beam_size"; passed only when given (not None)
     help: str  # shown after the task's name in `maskattn evaluate --help`
     type: Callable[[str], Any] = str
 
@@ -68,9 +79,9 @@ class Task:
     data_help: str  # what `maskattn evaluate --data FILE` reads for this task
     paths: tuple[str, ...] = ()  # data settings given as `maskattn train --NAME PATH` (data.NAME)
     evaluate_options: tuple[Option, ...] = ()  # `maskattn evaluate` flags only this task reads
-    # `maskattn viz` on this task's models: visualize(model dir, input, out dir) -> files written; None = the
-    # attention heatmaps of a text input (maskattn.viz.visualize)
-    visualize: Callable[[str | Path, str, str | Path], list[Path]] | None = None
+    # `maskattn viz` on this task's models: visualize(model dir, input, out dir) -> (overlays for the viz
+    # layer to draw, files the task wrote itself); None = the attention heatmaps of a text input (maskattn.viz)
+    visualize: Callable[[str | Path, str, str | Path], tuple[list[Overlay], list[Path]]] | None = None
     # `maskattn compress --data FILE ...` on this task's models: training_batches(model dir, data files,
     # max_tokens) -> TrainingBatches of the files (read as `maskattn train` reads its training data); None = the
     # task's models can be quantised but not pruned (pruning measures and fine-tunes on task data)

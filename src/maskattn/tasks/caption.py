@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from maskattn import decoding, explorer
 from maskattn.data import pad
 from maskattn.models import Captioner, CaptionerConfig
-from maskattn.tasks.base import Command, Task, register
+from maskattn.tasks.base import Command, Overlay, Task, register
 from maskattn.tasks.common import begin_run, fit_and_export, load_task, log_stderr, parameters
 from maskattn.tasks.translation import sequence_loss
 from maskattn.tokenization import SPECIALS, Tokenizer
@@ -310,14 +310,10 @@ def evaluate_file(directory: str | Path, path: str) -> dict[str, float]:
 
 
 # --- inspection ------------------------------------------------------------------------------------
-def visualize(directory: str | Path, image: str, out_dir: str | Path) -> list[Path]:
+def visualize(directory: str | Path, image: str, out_dir: str | Path) -> tuple[list[Overlay], list[Path]]:
     """For ``maskattn viz``: each generated word's cross-attention (last decoder layer, mean of the
-    heads) over the image, one PNG per word, and the explorer page of every decoder layer's heads."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    heads) over the image, one overlay per word (drawn by the viz layer), and the explorer page of every
+    decoder layer's heads (written here)."""
     model, tok, _ = load(directory)
     p = model.config.patch_size
     pixels = read_png(image, p)
@@ -327,25 +323,14 @@ def visualize(directory: str | Path, image: str, out_dir: str | Path) -> list[Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cross = weights[-1]["cross"][0].mean(dim=0)  # (Lt, N)
-    written = []
-    for t, word in enumerate(words):
-        fig, ax = plt.subplots(figsize=(max(3.0, pixels.shape[1] / 6), max(2.0, pixels.shape[0] / 6)))
-        ax.imshow(pixels, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        ax.imshow(cross[t].reshape(rows, cols).numpy(), cmap="inferno", alpha=0.55, interpolation="nearest",
-                  extent=(-0.5, pixels.shape[1] - 0.5, pixels.shape[0] - 0.5, -0.5))
-        ax.set_title(f"word {t + 1}: {word!r}")
-        ax.axis("off")
-        fig.tight_layout()
-        written.append(out / f"word{t + 1}_{word}.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
+    overlays = [Overlay(f"word{t + 1}_{word}", f"word {t + 1}: {word!r}", pixels,
+                        cross[t].reshape(rows, cols).numpy()) for t, word in enumerate(words)]
     queries = ["<s>", *words][: cross.shape[0]]
     keys = [f"r{r}c{c}" for r in range(rows) for c in range(cols)]
     records = [explorer.attention_record(f"cross-attention, layer {i}", "cross-attention", i,
                                          w["cross"][0, :, : len(queries)], queries, keys)
                for i, w in enumerate(weights)]
-    written.append(explorer.write_page(records, out / "explorer.html"))
-    return written
+    return overlays, [explorer.write_page(records, out / "explorer.html")]
 
 
 # --- command line ----------------------------------------------------------------------------------

@@ -20,15 +20,18 @@ from torch import Tensor, nn
 
 from maskattn import metrics
 from maskattn.data import bucket_batches, pad, read_labelled
+from maskattn.errors import check_settings
 from maskattn.io import read_json_object
 from maskattn.models import EncoderConfig, EncoderModel, from_pretrained
 from maskattn.tasks.base import Command, Task, TrainingBatches, input_lines, register
 from maskattn.tasks.common import (
+    TOKENIZERS,
     Head,
     begin_run,
     fit_and_export,
     load_task,
     log_stderr,
+    logger,
     parameters,
     read_task,
     require,
@@ -49,6 +52,10 @@ class DataConfig:
     vocab_size: int = 8000  # from scratch: BPE vocabulary size
     max_len: int = 128  # longer texts are cut
     max_tokens: int = 4096  # padded tokens per batch
+
+    def __post_init__(self) -> None:
+        check_settings(self, {"tokenizer": ("one of", tuple(TOKENIZERS)), "vocab_size": ("int>=", 1),
+                              "max_len": ("int>=", 3), "max_tokens": ("int>=", 1)})
 
 
 @dataclass
@@ -105,6 +112,15 @@ def score(predicted: Sequence[str], gold: Sequence[str]) -> dict[str, float]:
     return {"accuracy": 100 * metrics.accuracy(predicted, gold), "macro_f1": 100 * metrics.macro_f1(predicted, gold)}
 
 
+def unseen_labels(labels: Sequence[str], gold: Sequence[str], source: str) -> int:
+    """How many of ``gold`` are not among the model's ``labels`` (always scored wrong); warns naming them."""
+    unseen = [label for label in gold if label not in set(labels)]
+    if unseen:
+        logger.warning(f"{source}: {len(unseen)} of {len(gold)} examples have labels the model was not trained on "
+                       f"({sorted(set(unseen))[:8]}; it knows {list(labels)[:8]}): they are scored as wrong")
+    return len(unseen)
+
+
 Classify = partial(Head, method="classify")  # deprecated: Head(model, "classify")
 
 
@@ -117,6 +133,8 @@ def train(cfg: ClassificationConfig, *, resume: bool = False, log=log_stderr) ->
     if len(labels) < 2:
         raise ValueError(f"{cfg.data.train}: found {len(labels)} label(s) {labels}; classification needs two or more")
     texts = [t for t, _ in records]
+    if valid:
+        unseen_labels(labels, [label for _, label in valid], f"data.valid ({cfg.data.valid})")
     out, tok = begin_run(cfg, resume=resume, tokenizer=lambda: build_tokenizer(cfg, texts))
     model = build_model(cfg, labels, tok)
     ids = encode(tok, texts, cfg.data.max_len)
@@ -173,7 +191,9 @@ def evaluate_file(directory: str | Path, path: str) -> dict[str, float]:
     """Accuracy and macro-F1 of a trained model on any labelled file."""
     model, tok, task = load(directory)
     records = read_labelled(path, text_field=task["text_field"], label_field=task["label_field"])
-    return score(predict(model, tok, task["labels"], [t for t, _ in records]), [label for _, label in records])
+    gold = [label for _, label in records]
+    unseen = unseen_labels(task["labels"], gold, str(path))
+    return {**score(predict(model, tok, task["labels"], [t for t, _ in records]), gold), "unseen_labels": unseen}
 
 
 # --- command line ----------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ A trained model is a directory written by ``model.save`` (``config.json``, ``mod
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,24 +18,40 @@ import torch
 from torch import Tensor, nn
 
 from maskattn import checkpoint, distributed
+from maskattn.errors import RunDirectoryError
+from maskattn.io import FormatError, add_to_manifest, atomic_write_text, read_json_object, verify_manifest
 from maskattn.tokenization import Tokenizer
-from maskattn.training import TrainConfig, Trainer
+from maskattn.training import TrainConfig, Trainer, prepare_run_directory
 
 TASK_FILE = "task.json"
 
 
+logger = logging.getLogger("maskattn")  # the CLI sets its level from -v / -q
+
+
 def log_stderr(message: str) -> None:
-    print(message, file=sys.stderr)
+    """A task's progress message, through the ``maskattn`` logger (its name kept from when it printed)."""
+    logger.info(message)
 
 
 def run_tokenizer(out: Path, resume: bool, build: Callable[[], Tokenizer], *, rank: int | None = None) -> Tokenizer:
-    """The run's tokenizer: reloaded on resume, else built (the same on every rank) and saved by rank 0.
+    """The run's tokenizer: reloaded when resuming a run that has a checkpoint, else built (the same on
+    every rank) and saved by rank 0.
+
+    A tokenizer.json without any checkpoint beside it (a run that failed before its first checkpoint)
+    is rebuilt, not reused: it may come from other data or settings.
 
     ``rank``: this process (default: that of the process group joined by the entry point, see
     :func:`maskattn.distributed.current`).
+
+    Raises:
+        RunDirectoryError: resuming a run that has checkpoints but no tokenizer.json.
+        FormatError: its tokenizer.json is not readable (naming the file).
     """
     path = out / "tokenizer.json"
-    if resume and path.exists():
+    if resume and checkpoint.latest(out / "checkpoints") is not None:
+        if not path.is_file():
+            raise RunDirectoryError(f"cannot resume the run in {out}: it has checkpoints but no tokenizer.json")
         return Tokenizer.load(path)
     tok = build()
     if (distributed.current().rank if rank is None else rank) == 0:
@@ -76,15 +92,29 @@ def fit_and_export(model: nn.Module, tok: Tokenizer, cfg: TrainConfig, out: Path
         model.load_state_dict(checkpoint.load(best)["model"])
     directory = out / "model"
     (saved or model).save(directory, tokenizer=tok.backend)
-    (directory / TASK_FILE).write_text(json.dumps(task, indent=2) + "\n")
+    write_task(directory, task)
     return {**last, "train_seconds": seconds, "model": str(directory)}
 
 
+def write_task(directory: str | Path, task: dict[str, Any]) -> None:
+    """Write ``task.json`` into a saved model directory and add it to the directory's manifest."""
+    atomic_write_text(Path(directory) / TASK_FILE, json.dumps(task, indent=2) + "\n")
+    add_to_manifest(Path(directory), TASK_FILE)
+
+
 def read_task(directory: str | Path) -> dict[str, Any]:
+    """The settings in ``directory/task.json``, checked against the directory's manifest.
+
+    Raises:
+        FormatError: naming the file, when it is missing, modified or not a JSON object.
+    """
     path = Path(directory) / TASK_FILE
+    if not Path(directory).is_dir():
+        raise FormatError(f"{directory}: not a model directory")
     if not path.is_file():
-        raise ValueError(f"{directory} has no {TASK_FILE}: not a model trained by `maskattn train`")
-    return json.loads(path.read_text())
+        raise FormatError(f"{directory} has no {TASK_FILE}: not a model trained by `maskattn train`")
+    verify_manifest(directory, [TASK_FILE], every_file=False)
+    return read_json_object(path)
 
 
 def load_task(directory: str | Path, task: str, model_class: type) -> tuple[Any, Tokenizer, dict[str, Any]]:
@@ -125,11 +155,18 @@ def require(settings: Any, section: str, **what: str) -> None:
                      + " are required")
 
 
-def begin_run(cfg: Any, *, resume: bool, tokenizer: Callable[[], Tokenizer]) -> tuple[Path, Tokenizer]:
+def begin_run(cfg: Any, *, resume: bool, tokenizer: Callable[[], Tokenizer],
+              overwrite: bool = False) -> tuple[Path, Tokenizer]:
     """The run directory ``cfg.out`` and its tokenizer (built by ``tokenizer``, or reloaded on resume),
-    with torch seeded from ``cfg.train.seed`` so that the model built next is the same on every rank."""
+    with torch seeded from ``cfg.train.seed`` so that the model built next is the same on every rank.
+
+    The run directory is checked first (:func:`maskattn.training.prepare_run_directory`): a directory
+    that is not empty is used only with ``resume`` (or cleared first with ``overwrite``).
+    """
     torch.manual_seed(cfg.train.seed)
     out = Path(cfg.out)
+    if distributed.current().is_main:
+        prepare_run_directory(out, resume=resume, overwrite=overwrite)
     return out, run_tokenizer(out, resume, tokenizer)
 
 

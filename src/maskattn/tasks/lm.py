@@ -22,9 +22,19 @@ from torch import Tensor, nn
 
 from maskattn import decoding
 from maskattn.data import read_text
+from maskattn.errors import UsageError, check_settings
 from maskattn.models import DecoderLM, DecoderLMConfig
 from maskattn.tasks.base import Command, Task, register
-from maskattn.tasks.common import begin_run, fit_and_export, load_task, log_stderr, parameters, require, train_tokenizer
+from maskattn.tasks.common import (
+    TOKENIZERS,
+    begin_run,
+    fit_and_export,
+    load_task,
+    log_stderr,
+    parameters,
+    require,
+    train_tokenizer,
+)
 from maskattn.tokenization import Tokenizer
 from maskattn.training import TrainConfig
 
@@ -40,6 +50,12 @@ class DataConfig:
     batch_size: int = 12  # rows per batch
     documents: str = "none"  # none: one stream | paragraphs: blank-line documents, packed with document masks
     valid_rows: int = 0  # validation rows evaluated (0: all)
+
+    def __post_init__(self) -> None:
+        check_settings(self, {
+            "valid_fraction": ("in", (0, 1, "()")), "tokenizer": ("one of", tuple(TOKENIZERS)),
+            "vocab_size": ("int>=", 1), "block": ("int>=", 1), "batch_size": ("int>=", 1),
+            "documents": ("one of", ("none", "paragraphs")), "valid_rows": ("int>=", 0)})
 
 
 @dataclass
@@ -90,7 +106,14 @@ def row_loss(model: nn.Module, ids: Tensor, docs: Tensor, packed: bool) -> tuple
     return loss, int((targets != -100).sum())
 
 
-def evaluate_stream(model: nn.Module, stream: Stream, cfg: DataConfig) -> dict[str, float]:
+def evaluate_stream(model: nn.Module, stream: Stream, cfg: DataConfig, *,
+                    source: str = "the text") -> dict[str, float]:
+    """Mean loss and perplexity of ``model`` on ``stream`` cut into rows of ``cfg.block + 1`` tokens.
+
+    Raises:
+        UsageError: when ``stream`` is too short to give one row (``source`` names it), rather than a
+            meaningless loss of 0.0 (perplexity 1.0).
+    """
     ids, docs = rows(stream, cfg.block)
     if cfg.valid_rows:
         ids, docs = ids[: cfg.valid_rows], docs[: cfg.valid_rows]
@@ -99,8 +122,20 @@ def evaluate_stream(model: nn.Module, stream: Stream, cfg: DataConfig) -> dict[s
         for start in range(0, len(ids), 64):
             loss, n = row_loss(model, ids[start : start + 64], docs[start : start + 64], cfg.documents != "none")
             total, count = total + float(loss), count + n
-    mean = total / max(count, 1)
+    if count == 0:
+        raise UsageError(f"{source} gives no token to score: {len(stream.ids)} tokens, and a row needs "
+                         f"data.block + 1 = {cfg.block + 1}")
+    mean = total / count
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+
+
+def check_long_enough(stream: Stream, cfg: DataConfig, source: str, *, need: int, spare: int = 0) -> None:
+    """Raise a UsageError naming ``source`` unless ``stream`` holds ``need`` rows of ``cfg.block + 1``
+    tokens and ``spare`` tokens more."""
+    span = cfg.block + 1
+    if len(stream.ids) < need * span + spare:
+        raise UsageError(f"{source} is too short: {len(stream.ids)} tokens, and {need} row(s) of data.block + 1 = "
+                         f"{span} tokens{f' and {spare} more' if spare else ''} are needed")
 
 
 def train(cfg: LMConfig, *, resume: bool = False, log=log_stderr) -> dict[str, Any]:
@@ -115,6 +150,10 @@ def train(cfg: LMConfig, *, resume: bool = False, log=log_stderr) -> dict[str, A
         cfg.data.tokenizer, [train_text], vocab_size=cfg.data.vocab_size))
     train_stream = to_stream(tok, train_text, cfg.data.documents)
     valid_stream = to_stream(tok, valid_text, cfg.data.documents)
+    valid_source = (f"data.valid ({cfg.data.valid})" if cfg.data.valid else
+                    f"the last data.valid_fraction ({cfg.data.valid_fraction}) of data.train ({cfg.data.train})")
+    check_long_enough(train_stream, cfg.data, f"data.train ({cfg.data.train})", need=cfg.data.batch_size, spare=1)
+    check_long_enough(valid_stream, cfg.data, valid_source, need=1)
     packed = cfg.data.documents != "none"
     model = DecoderLM(replace(cfg.model, vocab_size=tok.vocab_size, max_len=max(cfg.model.max_len, cfg.data.block),
                               pad_id=None, eos_id=None))
@@ -155,7 +194,7 @@ def evaluate_file(directory: str | Path, path: str) -> dict[str, float]:
     model, tok, task = load(directory)
     data = DataConfig(block=task["block"], documents=task["documents"])
     model.eval()
-    return evaluate_stream(model, to_stream(tok, read_text(path), data.documents), data)
+    return evaluate_stream(model, to_stream(tok, read_text(path), data.documents), data, source=str(path))
 
 
 def generate(model: DecoderLM, tok: Tokenizer, prompt: str, *, max_new_tokens: int = 200, temperature: float = 1.0,

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from maskattn import metrics
 from maskattn.data import QAExample, pad, read_squad
+from maskattn.errors import UsageError, check_settings
 from maskattn.models import EncoderModel, from_pretrained
 from maskattn.tasks.base import Command, Option, Task, register
 from maskattn.tasks.common import Head, begin_run, fit_and_export, load_task, log_stderr, parameters, require
@@ -39,6 +40,10 @@ class DataConfig:
     max_answer: int = 30  # longest answer, in tokens
     batch_size: int = 16  # windows per batch
     valid_limit: int = 0  # validation questions evaluated during training (0: all)
+
+    def __post_init__(self) -> None:
+        check_settings(self, {"max_len": ("int>=", 4), "stride": ("int>=", 1), "max_answer": ("int>=", 1),
+                              "batch_size": ("int>=", 1), "valid_limit": ("int>=", 0)})
 
 
 @dataclass
@@ -194,6 +199,8 @@ def answer(directory_or_model, questions: Sequence[tuple[str, str]]) -> list[str
 def evaluate_file(directory: str | Path, path: str, predictions: str | None = None) -> dict[str, float]:
     """Exact match and F1 on a SQuAD v1.1 file; optionally write ``predictions.json`` (official format:
     ``{question id: answer text}``)."""
+    if predictions and Path(predictions).is_dir():
+        raise UsageError(f"--predictions {predictions}: a directory, expected the path of the JSON file to write")
     model, tok, task = load(directory)
     examples = read_squad(path, require_answers=True)
     windows = squad_windows(tok, examples, max_len=task["max_len"], stride=task["stride"])

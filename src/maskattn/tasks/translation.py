@@ -19,10 +19,21 @@ from torch import Tensor, nn
 
 from maskattn import decoding, metrics
 from maskattn.data import bucket_batches, pad, read_parallel
+from maskattn.errors import UsageError, check_settings
 from maskattn.io import read_json_object
 from maskattn.models import Transformer, TransformerConfig
 from maskattn.tasks.base import Command, Option, Task, TrainingBatches, input_lines, register
-from maskattn.tasks.common import begin_run, fit_and_export, load_task, log_stderr, parameters, require, train_tokenizer
+from maskattn.tasks.common import (
+    TOKENIZERS,
+    begin_run,
+    fit_and_export,
+    load_task,
+    log_stderr,
+    logger,
+    parameters,
+    require,
+    train_tokenizer,
+)
 from maskattn.tokenization import Tokenizer
 from maskattn.training import TrainConfig
 
@@ -41,14 +52,23 @@ class DataConfig:
     max_len: int = 128  # training pairs longer than this many tokens are dropped
     valid_limit: int = 500  # validation pairs translated at each evaluation (0: all)
 
+    def __post_init__(self) -> None:
+        check_settings(self, {"tokenizer": ("one of", tuple(TOKENIZERS)), "vocab_size": ("int>=", 1),
+                              "max_tokens": ("int>=", 1), "max_len": ("int>=", 1), "valid_limit": ("int>=", 0)})
+
 
 @dataclass
 class DecodeConfig:
     beam_size: int = 4  # 1 = greedy
     length_penalty: float = 0.6  # Wu et al.'s alpha
     max_len_ratio: float = 1.5  # at most ratio * source length + extra target tokens
-    max_len_extra: int = 10
+    max_len_extra: int = 10  # ... plus this many
     batch_size: int = 64  # sentences decoded together
+
+    def __post_init__(self) -> None:
+        check_settings(self, {"beam_size": ("int>=", 1), "length_penalty": ("float>=", 0),
+                              "max_len_ratio": ("float>=", 0), "max_len_extra": ("int>=", 0),
+                              "batch_size": ("int>=", 1)})
 
 
 @dataclass
@@ -59,6 +79,9 @@ class TranslationConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     label_smoothing: float = 0.1  # cross-entropy label smoothing (the paper's 0.1)
     out: str = "runs/translation"  # run directory: checkpoints, logs, curves, the final model
+
+    def __post_init__(self) -> None:
+        check_settings(self, {"label_smoothing": ("in", (0, 1, "[)"))})
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -107,11 +130,25 @@ def build_model(cfg: TranslationConfig, tok: Tokenizer) -> Transformer:
     return Transformer(model_cfg)
 
 
-def _decode_batches(model: Transformer, tok: Tokenizer, sentences: Sequence[str],
-                    decode: DecodeConfig) -> Iterator[tuple[list[int], Tensor, Tensor, int]]:
-    """Length-sorted batches: (indices into ``sentences``, (B, Ls) source ids, (B,) lengths, new-token limit)."""
+def _decode_batches(model: Transformer, tok: Tokenizer, sentences: Sequence[str], decode: DecodeConfig,
+                    truncate: bool) -> Iterator[tuple[list[int], Tensor, Tensor, int]]:
+    """Length-sorted batches: (indices into ``sentences``, (B, Ls) source ids, (B,) lengths, new-token limit).
+
+    Raises:
+        UsageError: naming the first sentence longer than the model's ``max_len`` tokens, unless
+            ``truncate`` (then it is cut to ``max_len`` tokens, with a warning).
+    """
     device = next(model.parameters()).device
-    encoded = [tok.encode(s)[: model.config.max_len] or [tok.unk_id] for s in sentences]
+    limit = model.config.max_len
+    encoded = [tok.encode(s) or [tok.unk_id] for s in sentences]
+    too_long = [i for i, ids in enumerate(encoded) if len(ids) > limit]
+    if too_long and not truncate:
+        i = too_long[0]
+        raise UsageError(f"sentence {i + 1} has {len(encoded[i])} tokens, more than the model's max_len ({limit}); "
+                         f"{len(too_long)} sentence(s) are too long: split them")
+    if too_long:
+        logger.warning(f"{len(too_long)} sentence(s) longer than max_len ({limit}) tokens were cut to {limit}")
+        encoded = [ids[:limit] for ids in encoded]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     model.eval()
     for start in range(0, len(order), decode.batch_size):
@@ -122,10 +159,12 @@ def _decode_batches(model: Transformer, tok: Tokenizer, sentences: Sequence[str]
         yield chunk, src.to(device), lengths.to(device), max_new
 
 
-def translate(model: Transformer, tok: Tokenizer, sentences: Sequence[str], decode: DecodeConfig) -> list[str]:
-    """Translate sentences in length-sorted batches; one output line per input line."""
+def translate(model: Transformer, tok: Tokenizer, sentences: Sequence[str], decode: DecodeConfig, *,
+              truncate: bool = False) -> list[str]:
+    """Translate sentences in length-sorted batches; one output line per input line (``truncate``: cut
+    sentences longer than the model's ``max_len`` tokens, with a warning, instead of refusing them)."""
     out: list[str] = [""] * len(sentences)
-    for chunk, src, lengths, max_new in _decode_batches(model, tok, sentences, decode):
+    for chunk, src, lengths, max_new in _decode_batches(model, tok, sentences, decode, truncate):
         if decode.beam_size > 1:
             ids, _ = decoding.beam_search(model, src, lengths, beam_size=decode.beam_size, max_new_tokens=max_new,
                                           length_penalty=decode.length_penalty)
@@ -137,12 +176,12 @@ def translate(model: Transformer, tok: Tokenizer, sentences: Sequence[str], deco
 
 
 def translate_nbest(model: Transformer, tok: Tokenizer, sentences: Sequence[str], decode: DecodeConfig,
-                    n: int) -> list[list[tuple[float, str]]]:
+                    n: int, *, truncate: bool = False) -> list[list[tuple[float, str]]]:
     """The ``n`` best translations of each sentence, best first, with their length-normalised
     log-probabilities (beam search with ``max(n, decode.beam_size)`` beams)."""
     out: list[list[tuple[float, str]]] = [[] for _ in sentences]
     beams = max(n, decode.beam_size)
-    for chunk, src, lengths, max_new in _decode_batches(model, tok, sentences, decode):
+    for chunk, src, lengths, max_new in _decode_batches(model, tok, sentences, decode, truncate):
         found = decoding.beam_search_nbest(model, src, lengths, n=n, beam_size=beams, max_new_tokens=max_new,
                                            length_penalty=decode.length_penalty)
         for row, i in enumerate(chunk):
@@ -179,7 +218,7 @@ def train(cfg: TranslationConfig, train_pairs: Pairs | None = None, valid_pairs:
     valid = valid_pairs[: cfg.data.valid_limit or None] if valid_pairs else None
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        hyps = translate(m, tok, [s for s, _ in valid], replace(cfg.decode, beam_size=1))
+        hyps = translate(m, tok, [s for s, _ in valid], replace(cfg.decode, beam_size=1), truncate=True)
         return score(hyps, [t for _, t in valid])
 
     return fit_and_export(
@@ -255,10 +294,10 @@ def _translate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _translate_command(args: argparse.Namespace) -> int:
     model, tok, decode = load(args.model)
-    if args.beam:
-        decode = replace(decode, beam_size=args.beam)
+    if args.beam is not None:
+        decode = replace(decode, beam_size=args.beam)  # DecodeConfig refuses beam_size < 1
     if args.nbest < 1:
-        raise ValueError(f"--nbest must be >= 1, got {args.nbest}")
+        raise UsageError(f"--nbest must be >= 1, got {args.nbest}")
     sentences = input_lines(args.text)
     if args.nbest == 1:
         for out in translate(model, tok, sentences, decode):

@@ -1,0 +1,221 @@
+"""Export the models as deployable graphs: ONNX (for onnxruntime) or a ``torch.export`` program (``.pt2``).
+
+Batch size and sequence lengths are dynamic. Every graph takes and returns tensors only; each model kind
+is one :class:`Exporter` record in :data:`EXPORTERS` (its graphs and their signature), so a new model kind
+adds a record, not a branch.
+
+* ``DecoderLM``: ``logits = graph(input_ids)``: (B, L) int64 -> (B, L, V); padding from ``pad_id``.
+* ``EncoderModel``: ``hidden = graph(input_ids, attention_mask)``: (B, L) int64 and (B, L) bool (True =
+  real token) -> (B, L, E).
+* ``Transformer``: two graphs, written as ``<stem>.encoder<suffix>`` and ``<stem>.decoder_step<suffix>``:
+
+  - encoder: ``memory = graph(src, src_valid)``: (B, Ls) int64, (B, Ls) bool -> (B, Ls, E);
+  - decoder step (one new target token for every row, rows aligned, the cache as explicit tensors):
+    ``logits, keys, values = graph(tokens, memory, src_valid, past_keys, past_values)`` with tokens (B, 1)
+    int64 (BOS first), past_keys / past_values (N, B, Hkv, T, D) for N decoder layers and T tokens fed so
+    far (T = 0 at the first step), returning the (B, V) logits of the next token and the caches grown to
+    T + 1. Cross-attention keys and values are projected from ``memory`` inside every step.
+
+While exporting, ``backend="auto"`` runs PyTorch's SDPA (with a dense mask where one is needed), which
+both formats represent; a model built with ``backend="blocked"`` exports to pt2 only (its custom operator).
+
+Shape legend: B batch, L / Ls sequence / source length, E d_model, V vocabulary, N decoder layers, Hkv
+key/value heads, T cached target tokens, D head dim.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.export import Dim
+
+from maskattn import masks
+from maskattn.models import DecoderLM, EncoderModel, Transformer
+from maskattn.models.common import default_positions
+
+__all__ = ["EXPORTERS", "FORMATS", "Exporter", "Graph", "export", "graphs"]
+
+FORMATS = ("onnx", "pt2")
+
+
+@dataclass(frozen=True)
+class Graph:
+    """One exported graph: a module whose ``forward`` takes and returns tensors, example inputs to trace
+    it with, and which of their dims are dynamic."""
+
+    module: nn.Module
+    inputs: tuple[Tensor, ...]
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    dynamic: dict[str, dict[int, Dim]]
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """How one model kind is exported: ``graphs(model) -> {suffix: Graph}`` ("" for a single graph)."""
+
+    model_class: type[nn.Module]
+    graphs: Callable[[Any], dict[str, Graph]]
+
+
+def _dims() -> tuple[Dim, Dim]:
+    return Dim("batch", min=1, max=1024), Dim("length", min=1, max=1 << 16)
+
+
+def _ids(model: nn.Module, batch: int = 2, length: int = 5) -> Tensor:
+    return torch.randint(1, model.config.vocab_size, (batch, length))  # (B, L), no padding id
+
+
+class _LMLogits(nn.Module):
+    def __init__(self, model: DecoderLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.model(input_ids)  # (B, L, V)
+
+
+class _EncoderHidden(nn.Module):
+    def __init__(self, model: EncoderModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model(input_ids, attention_mask)  # (B, L, E)
+
+
+class _Encode(nn.Module):
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, src: Tensor, src_valid: Tensor) -> Tensor:
+        memory, _ = self.model.encode(src, src_valid.sum(dim=1))
+        return memory  # (B, Ls, E)
+
+
+class _GrowingCache:
+    """The ``update(k, v)`` of :class:`maskattn.layers.KVCache`, over explicit tensors: returns and keeps
+    the past keys with the new ones appended (no preallocated capacity, no host-side position)."""
+
+    def __init__(self, keys: Tensor, values: Tensor) -> None:
+        self.keys, self.values = keys, values  # (B, Hkv, T, D)
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.keys, self.values = torch.cat([self.keys, k], dim=2), torch.cat([self.values, v], dim=2)
+        return self.keys, self.values  # (B, Hkv, T + 1, D)
+
+
+class _DecoderStep(nn.Module):
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor, memory: Tensor, src_valid: Tensor, past_keys: Tensor,
+                past_values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        m = self.model
+        caches = [_GrowingCache(k, v) for k, v in zip(past_keys.unbind(0), past_values.unbind(0), strict=True)]
+        x, rope = m.tgt_embed(tokens, default_positions(tokens, past_keys.shape[3]))  # (B, 1, E)
+        memory_kv = [layer.cross_attn.project_kv(memory) for layer in m.decoder.layers]
+        # the new token is the last position, and every earlier target token is real: self-attention sees all
+        h = m.decoder(x, mask=None, memory_mask=masks.padding(src_valid), memory_kv=memory_kv, rope=rope,
+                      caches=caches)
+        keys = torch.stack([c.keys for c in caches])  # (N, B, Hkv, T + 1, D)
+        values = torch.stack([c.values for c in caches])
+        return m.out_proj(h[:, -1]), keys, values  # (B, V)
+
+
+def _lm_graphs(model: DecoderLM) -> dict[str, Graph]:
+    batch, length = _dims()
+    return {"": Graph(_LMLogits(model), (_ids(model),), ("input_ids",), ("logits",),
+                      {"input_ids": {0: batch, 1: length}})}
+
+
+def _encoder_graphs(model: EncoderModel) -> dict[str, Graph]:
+    batch, length = _dims()
+    ids = _ids(model)
+    return {"": Graph(_EncoderHidden(model), (ids, torch.ones_like(ids, dtype=torch.bool)),
+                      ("input_ids", "attention_mask"), ("hidden",),
+                      {"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}})}
+
+
+def _transformer_graphs(model: Transformer) -> dict[str, Graph]:
+    batch, length = _dims()
+    past = Dim("past", min=0, max=1 << 16)
+    src = _ids(model)
+    valid = torch.ones_like(src, dtype=torch.bool)
+    attn = model.decoder.layers[0].self_attn
+    cache = torch.zeros(len(model.decoder.layers), src.shape[0], attn.num_kv_heads, 3, attn.head_dim)
+    tokens = torch.full((src.shape[0], 1), model.config.bos_id)
+    memory = torch.zeros(src.shape[0], src.shape[1], model.config.d_model)
+    cache_dims = {1: batch, 3: past}
+    return {
+        ".encoder": Graph(_Encode(model), (src, valid), ("src", "src_valid"), ("memory",),
+                          {"src": {0: batch, 1: length}, "src_valid": {0: batch, 1: length}}),
+        ".decoder_step": Graph(_DecoderStep(model), (tokens, memory, valid, cache, cache.clone()),
+                               ("tokens", "memory", "src_valid", "past_keys", "past_values"),
+                               ("logits", "keys", "values"),
+                               {"tokens": {0: batch}, "memory": {0: batch, 1: length},
+                                "src_valid": {0: batch, 1: length}, "past_keys": cache_dims,
+                                "past_values": cache_dims}),
+    }
+
+
+EXPORTERS: tuple[Exporter, ...] = (
+    Exporter(DecoderLM, _lm_graphs),
+    Exporter(EncoderModel, _encoder_graphs),
+    Exporter(Transformer, _transformer_graphs),
+)
+
+
+def graphs(model: nn.Module) -> dict[str, Graph]:
+    """The graphs ``model`` exports as, by the file suffix each is written under ("" = the path itself)."""
+    for exporter in EXPORTERS:
+        if isinstance(model, exporter.model_class):
+            return exporter.graphs(model.eval())
+    names = [e.model_class.__name__ for e in EXPORTERS]
+    raise ValueError(f"cannot export a {type(model).__name__}; exportable models: {names}")
+
+
+def _path(out: Path, suffix: str) -> Path:
+    return out if not suffix else out.with_name(out.stem + suffix + out.suffix)
+
+
+def export(model: nn.Module, out: str | os.PathLike, *, format: str = "onnx") -> list[Path]:
+    """Write ``model``'s graphs (see the module docstring) to ``out``; return the files written.
+
+    Args:
+        model: a DecoderLM, EncoderModel or Transformer.
+        out: the file to write; a Transformer writes ``<stem>.encoder<suffix>`` and
+            ``<stem>.decoder_step<suffix>`` beside it.
+        format: ``"onnx"`` (needs the ``onnx`` and ``onnxscript`` packages: ``pip install maskattn[onnx]``)
+            or ``"pt2"`` (``torch.export.save``; load with ``torch.export.load(path).module()``).
+
+    Raises:
+        ValueError: on an unknown format or a model kind that has no exporter.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    with torch.no_grad():
+        for suffix, graph in graphs(model).items():
+            path = _path(out, suffix)
+            graph.module.eval()
+            dynamic = {name: graph.dynamic.get(name) for name in graph.input_names}
+            if format == "pt2":
+                program = torch.export.export(graph.module, graph.inputs, dynamic_shapes=dynamic)
+                torch.export.save(program, path)
+            else:
+                torch.onnx.export(graph.module, graph.inputs, path, dynamo=True, dynamic_shapes=dynamic,
+                                  input_names=list(graph.input_names), output_names=list(graph.output_names),
+                                  external_data=False, verbose=False)
+            written.append(path)
+    return written

@@ -1,0 +1,89 @@
+"""Bad input at the command line is one line naming it and exit status 2, never a traceback (issue 16).
+
+Each case printed a Python traceback or an internal message on main.
+"""
+
+import gzip
+import re
+
+import pytest
+
+from maskattn import cli
+from maskattn.cli import main
+
+
+def _run(argv, capsys):
+    try:
+        status = main(argv)
+    except SystemExit as e:  # argparse's own errors: usage line + one error line
+        status = e.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return status, err
+
+
+def _files(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("Grüße aus Köln\n".encode("latin-1"))
+    (tmp_path / "huge.tsv").write_text("sentence\tlabel\nfine\t1\n" + "x" * 200_000 + "\t0\n")
+    (tmp_path / "fake.gz").write_text("ein\tone\n")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    qa = tmp_path / "qa_model"
+    qa.mkdir()
+    (qa / "task.json").write_text('{"task": "qa", "max_len": 32, "stride": 16, "max_answer": 5}')
+    return tmp_path
+
+
+CASES = {
+    "non-UTF-8 input": (["train", "lm", "--train", "{t}/latin1.txt"], r"latin1\.txt:1: not UTF-8 text"),
+    "200k-character TSV field": (["train", "classification", "--train", "{t}/huge.tsv"],
+                                 r"huge\.tsv:3: field larger than field limit"),
+    ".gz that is not gzip": (["train", "translation", "--train-src", "{t}/fake.gz"], r"fake\.gz: not a gzip file"),
+    "--config DIR": (["train", "lm", "--config", "{t}/dir"], r"--config .*dir: a directory"),
+    "--out FILE": (["train", "lm", "--train", "{t}/file", "--out", "{t}/file"], r"is a file, not a directory"),
+    "--out FILE/sub": (["train", "lm", "--train", "{t}/file", "--out", "{t}/file/sub"], r"file is a file"),
+    "viz --out FILE": (["viz", "{t}/dir", "--input", "x", "--out", "{t}/file"], r"viz --out .*: a file"),
+    "evaluate --predictions DIR": (["evaluate", "{t}/qa_model", "--data", "x.json", "--predictions", "{t}/dir"],
+                                   r"--predictions .*dir: a directory"),
+    "masks stats --block 0": (["masks", "stats", "causal", "--block", "0"], r"expected a positive integer, got 0"),
+    "masks stats document(3)": (["masks", "stats", "document(3)", "--length", "16"],
+                                r"doc_ids covers 3 positions but the call needs 16"),
+    "~ x 5000": (["masks", "show", "~" * 5000 + "causal"], r"nests ~ and parentheses more than 100 deep"),
+    "window(10^26)": (["masks", "show", f"window({10**26})"], r"too large for an argument of window\(\)"),
+    "q_offset 2**63": (["masks", "show", "causal", "--q-offset", str(2**63)], r"positions must stay below 2\*\*62"),
+    "audit --length -3": (["audit", "--length", "-3"], r"expected a positive integer, got -3"),
+    "showcase --length 0": (["showcase", "--length", "0"], r"expected a positive integer, got 0"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_error_naming_it(case, tmp_path, capsys):
+    argv, message = CASES[case]
+    t = _files(tmp_path)
+    status, err = _run([a.replace("{t}", str(t)) for a in argv], capsys)
+    assert status == 2
+    lines = err.strip().splitlines()
+    if lines[0].startswith("usage:"):  # argparse: its usage, then one error line
+        assert re.search(message, lines[-1]) and lines[-1].startswith("maskattn "), err
+    elif case.startswith(("~", "window")):  # a syntax error: one line, then the expression and a caret
+        assert re.search(message, lines[0]) and lines[-1].strip() == "^", err
+    else:
+        assert len(lines) == 1 and re.search(message, lines[0]), err
+
+
+def test_a_bug_shows_its_traceback_instead_of_posing_as_a_usage_error(monkeypatch):
+    # on main, cli.main turned every KeyError / TypeError into "exit 2" without a traceback
+    def broken(args):
+        return {}["missing"]
+
+    monkeypatch.setattr(cli, "_showcase", broken)
+    with pytest.raises(KeyError):
+        main(["showcase"])
+
+
+def test_gzip_data_still_reads(tmp_path):
+    from maskattn.data import read_parallel
+
+    with gzip.open(tmp_path / "pairs.tsv.gz", "wt", encoding="utf-8") as f:
+        f.write("ein\tone\nzwei\ttwo\n")
+    assert read_parallel(tmp_path / "pairs.tsv.gz") == [("ein", "one"), ("zwei", "two")]

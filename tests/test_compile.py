@@ -1,0 +1,186 @@
+"""torch.compile: the three models trace to one graph (fullgraph=True) with every mask kind they build,
+forward and a training step, and compute what eager computes."""
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+import torch.nn.functional as F
+
+from maskattn import attention, masks
+from maskattn.backends import blocked_op
+from maskattn.models import DecoderLM, EncoderModel, Transformer
+from maskattn.models.config import DecoderLMConfig, EncoderConfig, TransformerConfig
+from maskattn.training import TrainConfig, Trainer
+
+SMALL = {"vocab_size": 40, "d_model": 32, "num_heads": 4, "d_ff": 64, "dropout": 0.0, "attention_dropout": 0.0,
+         "max_len": 64}
+IDS = torch.tensor([[5, 9, 3, 7, 11, 2, 8, 4, 6, 10, 12, 13], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 0, 0]])
+DOCS = torch.tensor([[0] * 5 + [1] * 7, [0] * 3 + [1] * 4 + [2] * 5])
+
+
+def _lm(backend, **kw):
+    return DecoderLM(DecoderLMConfig(num_layers=2, backend=backend, **SMALL, **kw))
+
+
+def _transformer(backend):
+    return Transformer(TransformerConfig(num_encoder_layers=1, num_decoder_layers=2, backend=backend, **SMALL))
+
+
+def _encoder(backend):
+    return EncoderModel(EncoderConfig(num_layers=2, backend=backend, **SMALL))
+
+
+# (model, inputs -> output): causal; causal & padding (from lengths and from pad ids); causal & document;
+# encoder padding; decoder causal & padding with cross-attention padding.
+CASES = {
+    "lm-causal": (_lm, lambda m: m(IDS[:, :10])),
+    "lm-lengths-rope": (lambda b: _lm(b, positions="rope"), lambda m: m(IDS, lengths=torch.tensor([12, 7]))),
+    "lm-pad-ids": (_lm, lambda m: m(IDS)),
+    "lm-documents": (_lm, lambda m: m(IDS, doc_ids=DOCS)),
+    "encoder-padding": (_encoder, lambda m: m(IDS, lengths=torch.tensor([12, 5]))),
+    "transformer-padding": (_transformer, lambda m: m(IDS, IDS[:, :9], src_lengths=torch.tensor([12, 9]),
+                                                      tgt_lengths=torch.tensor([9, 4]))),
+}
+
+
+# Equality is checked through AOT autograd without Inductor's code generation (minutes of C++ compiling on a
+# small CPU); test_inductor_training_step runs one model through the default compiler end to end.
+COMPILER = "aot_eager"
+
+
+def _explain(fn, *args):
+    dynamo.reset()
+    return dynamo.explain(fn)(*args)
+
+
+# auto runs SDPA on these small problems; blocked runs the custom operator (blocked_op).
+FORWARD = [(case, "auto") for case in sorted(CASES)] + [(case, "blocked") for case in ("lm-lengths-rope",
+                                                                                       "transformer-padding")]
+TRAINING = [("lm-documents", "blocked"), ("lm-lengths-rope", "auto"), ("transformer-padding", "auto"),
+            ("encoder-padding", "blocked")]
+
+
+@pytest.mark.parametrize(("case", "backend"), FORWARD)
+def test_forward_is_one_graph_and_equals_eager(case, backend):
+    build, run = CASES[case]
+    model = build(backend).eval()
+    explained = _explain(lambda: run(model))
+    assert (explained.graph_count, explained.break_reasons) == (1, [])
+    compiled = copy.deepcopy(model)
+    compiled.compile(fullgraph=True, backend=COMPILER)
+    torch.testing.assert_close(run(compiled), run(model), atol=1e-5, rtol=1e-5)
+
+
+def _loss(model, run):
+    logits = run(model)
+    return F.cross_entropy(logits.flatten(0, 1), torch.arange(logits.shape[0] * logits.shape[1]) % 7)
+
+
+def _check_training_step(case, backend, compiler):
+    build, run = CASES[case]
+    eager = build(backend).train()
+    explained = _explain(lambda: _loss(eager, run))
+    assert (explained.graph_count, explained.break_reasons) == (1, [])
+    compiled = copy.deepcopy(eager)
+    compiled.compile(fullgraph=True, backend=compiler)
+    # SGD: Adam would divide gradients that are 0 in exact arithmetic (a key bias's) by their own rounding noise
+    for model in (eager, compiled):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            _loss(model, run).backward()
+            opt.step()
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(("case", "backend"), TRAINING)
+def test_training_step_is_one_graph_and_equals_eager(case, backend):
+    """Forward and loss in one graph; two SGD steps (backward through the compiled graph) equal eager."""
+    _check_training_step(case, backend, COMPILER)
+
+
+@pytest.mark.slow
+def test_inductor_training_step_equals_eager():
+    """The default compiler (Inductor) end to end, through the blocked operator and its backward."""
+    from torch._inductor import config
+
+    # Inductor's on-disk cache keys graphs, not the operator's fake implementation: never reuse a stale entry
+    with config.patch(force_disable_caches=True):
+        _check_training_step("lm-documents", "blocked", "inductor")
+
+
+def test_auto_rules_decide_from_structure_while_compiling():
+    """Packed documents above the small-problem size: eager splits them per document (it reads the ids),
+    a compiled graph cannot, and runs the blocked operator instead; both equal the reference."""
+    q, k, v = (torch.randn(1, 2, 640, 8) for _ in range(3))
+    mask = masks.causal() & masks.document(torch.arange(640)[None] // 200)
+    explained = _explain(lambda: attention(q, k, v, mask))
+    assert (explained.graph_count, explained.break_reasons) == (1, [])
+    expected = attention(q, k, v, mask, backend="reference")
+    compiled = torch.compile(lambda q, k, v: attention(q, k, v, mask), fullgraph=True, backend=COMPILER)
+    torch.testing.assert_close(compiled(q, k, v), expected, atol=1e-5, rtol=1e-5)
+
+
+MASKS = {
+    "none": None,
+    "causal-document": masks.causal() & masks.document(torch.tensor([[0] * 9 + [1] * 14, [0] * 23])),
+    "window-padding": masks.causal() & masks.sliding_window(5) & masks.padding(torch.tensor([23, 11])),
+    "prefix": masks.prefix_lm(4),
+    "rows-that-see-nothing": ~masks.causal(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MASKS))
+def test_blocked_operator_equals_blocked_eager_with_gradients(name):
+    mask = MASKS[name]
+    q = torch.randn(2, 4, 23, 8, requires_grad=True)
+    k, v = (torch.randn(2, 2, 23, 8, requires_grad=True) for _ in range(2))
+    spec, tensors = blocked_op.flatten_mask(mask)
+    assert repr(blocked_op.unflatten_mask(spec, tensors)) == repr(mask)
+    seed = torch.zeros(1, dtype=torch.long)
+    out, lse, _ = torch.ops.maskattn.blocked_attention(q, k, v, tensors, spec, seed, 0.3, 0.0, 0, 8, 8, "fused", True)
+    ref_out, ref_lse = blocked_op.blocked.attention(q, k, v, mask, scale=0.3, return_lse=True, block_q=8, block_k=8)
+    torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=0, rtol=0)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref_out.square().sum(), (q, k, v))
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_blocked_operator_passes_opcheck():
+    q, k, v = (torch.randn(1, 2, 20, 8, requires_grad=True) for _ in range(3))
+    spec, tensors = blocked_op.flatten_mask(MASKS["window-padding"].parts[1] & masks.causal())
+    args = (q, k, v, tensors, spec, torch.zeros(1, dtype=torch.long), 0.3, 0.0, 0, 8, 8, "math", True)
+    torch.library.opcheck(torch.ops.maskattn.blocked_attention.default, args)
+
+
+def test_a_mask_spec_names_only_maskattn_masks():
+    with pytest.raises(ValueError, match="not a maskattn mask class"):
+        blocked_op.unflatten_mask("('mask', 'os', 'system', ())", [])
+
+
+def test_eager_keeps_its_host_checks():
+    model = _lm("auto")
+    with pytest.raises(ValueError, match=r"ids must be in \[0, 40\)"):
+        model(torch.tensor([[1, 40]]))
+    with pytest.raises(ValueError, match="input_ids_lengths must be in"):
+        model(IDS, lengths=torch.tensor([13, 2]))
+
+
+def test_trainer_compiles_the_model_in_place(tmp_path):
+    model = _lm("auto")
+    cfg = TrainConfig(steps=1, compile=True, progress=False, checkpoint_every=0)
+
+    def loss(m, batch):
+        return _loss(m, lambda m: m(batch["ids"])) * batch["num_targets"]
+
+    trainer = Trainer(model, cfg, plan=lambda epoch: [[0]], collate=lambda idx: {"ids": IDS, "num_targets": 24},
+                      loss=loss, out_dir=tmp_path, device="cpu")
+    assert trainer.model is model and model._compiled_call_impl is not None
+    assert sorted(trainer.state()["model"]) == sorted(_lm("auto").state_dict())
+    trainer.fit()

@@ -1,0 +1,97 @@
+"""maskattn.export: ONNX (run in onnxruntime) and pt2 graphs equal eager at two (batch, length) shapes."""
+
+import pytest
+import torch
+
+from maskattn import export
+from maskattn.models import DecoderLM, EncoderModel, Transformer
+from maskattn.models.config import DecoderLMConfig, EncoderConfig, TransformerConfig
+
+SMALL = {"vocab_size": 40, "d_model": 32, "num_heads": 4, "d_ff": 64, "dropout": 0.0, "attention_dropout": 0.0,
+         "max_len": 64}
+SHAPES = [(2, 7), (3, 12)]  # (batch, length), neither the traced example's (2, 5)
+MODELS = {
+    "lm": lambda: DecoderLM(DecoderLMConfig(num_layers=2, positions="rope", **SMALL)),
+    "encoder": lambda: EncoderModel(EncoderConfig(num_layers=2, **SMALL)),
+    "transformer": lambda: Transformer(TransformerConfig(num_encoder_layers=1, num_decoder_layers=2, **SMALL)),
+}
+
+
+def _runner(path, fmt):
+    """A function of torch tensors that runs the exported file, returning a tuple of tensors."""
+    if fmt == "pt2":
+        module = torch.export.load(path).module()
+        return lambda *xs: tuple(torch.atleast_1d(y) for y in torch.utils._pytree.tree_leaves(module(*xs)))
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return lambda *xs: tuple(torch.from_numpy(y) for y in session.run(None, {
+        n: x.numpy() for n, x in zip(names, xs, strict=True)}))
+
+
+def _ids(batch, length, lengths):
+    ids = torch.randint(1, SMALL["vocab_size"], (batch, length))
+    return ids.masked_fill(torch.arange(length) >= torch.tensor(lengths)[:, None], 0)  # right padding, pad_id 0
+
+
+@pytest.fixture(scope="module", params=[(m, f) for m in MODELS for f in export.FORMATS], ids=lambda p: "-".join(p))
+def exported(request, tmp_path_factory):
+    name, fmt = request.param
+    if fmt == "onnx":
+        pytest.importorskip("onnxscript")
+        pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    files = export.export(model, tmp_path_factory.mktemp(name) / f"model.{fmt}", format=fmt)
+    return name, model, [_runner(path, fmt) for path in files]
+
+
+@pytest.mark.parametrize(("batch", "length"), SHAPES)
+def test_exported_graphs_equal_eager(exported, batch, length):
+    name, model, runners = exported
+    lengths = [length] + [max(1, length - 3 * i) for i in range(1, batch)]
+    ids = _ids(batch, length, lengths)
+    with torch.no_grad():
+        if name == "lm":
+            (logits,) = runners[0](ids)
+            torch.testing.assert_close(logits, model(ids), atol=1e-5, rtol=1e-5)
+        elif name == "encoder":
+            (hidden,) = runners[0](ids, ids != 0)
+            torch.testing.assert_close(hidden, model(ids, ids != 0), atol=1e-5, rtol=1e-5)
+        else:
+            _check_transformer(model, *runners, ids, torch.tensor(lengths))
+
+
+def _check_transformer(model, encoder, step, src, lengths):
+    """Encoder, then four cached steps from an empty cache, against Transformer.encode / start / step."""
+    (memory,) = encoder(src, src != 0)
+    torch.testing.assert_close(memory, model.encode(src, lengths)[0], atol=1e-5, rtol=1e-5)
+    attn = model.decoder.layers[0].self_attn
+    keys = torch.zeros(len(model.decoder.layers), src.shape[0], attn.num_kv_heads, 0, attn.head_dim)
+    values = keys.clone()
+    state = model.start(src, lengths, max_len=4)
+    tokens = torch.full((src.shape[0], 1), model.config.bos_id)
+    for _ in range(4):
+        logits, keys, values = step(tokens, memory, src != 0, keys, values)
+        torch.testing.assert_close(logits, model.step(state, tokens)[:, -1], atol=1e-5, rtol=1e-5)
+        tokens = logits.argmax(-1, keepdim=True)
+
+
+def test_unknown_format_and_model_are_named(tmp_path):
+    with pytest.raises(ValueError, match="format must be one of"):
+        export.export(MODELS["lm"](), tmp_path / "x", format="tflite")
+    with pytest.raises(ValueError, match="cannot export a Linear"):
+        export.export(torch.nn.Linear(2, 2), tmp_path / "x.pt2", format="pt2")
+
+
+def test_cli_exports_a_saved_model(tmp_path, capsys):
+    from maskattn.cli import main
+
+    torch.manual_seed(0)
+    model = MODELS["transformer"]().eval()
+    model.save(tmp_path / "model")
+    assert main(["export", str(tmp_path / "model"), "--format", "pt2", "--out", str(tmp_path / "mt.pt2")]) == 0
+    assert "mt.decoder_step.pt2" in capsys.readouterr().out
+    src = _ids(2, 6, [6, 4])
+    (memory,) = _runner(tmp_path / "mt.encoder.pt2", "pt2")(src, src != 0)
+    torch.testing.assert_close(memory, model.encode(src)[0], atol=1e-5, rtol=1e-5)

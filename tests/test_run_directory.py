@@ -1,0 +1,101 @@
+"""Run-directory safety (issue 16, item 1): a new run never mixes with an older run's files.
+
+Each test here failed on main before the rule: a second run into the same directory trained, its
+checkpoints were pruned by name as they were written, and export shipped the older run's model.
+"""
+
+import json
+
+import pytest
+import torch
+
+from maskattn import checkpoint
+from maskattn.cli import main
+from maskattn.errors import RunDirectoryError
+from maskattn.training import clear_run_directory, prepare_run_directory
+
+
+def lm_args(tmp_path, out, *extra):
+    text = tmp_path / "text.txt"
+    if not text.exists():
+        text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    return ["train", "lm", "--train", str(text), "--out", str(out), "--set", "train.steps=4",
+            "--set", "train.warmup=1", "--set", "train.progress=false", "--set", "train.log_every=1",
+            "--set", "train.eval_every=2", "--set", "train.checkpoint_every=2", "--set", "model.num_layers=1",
+            "--set", "model.d_model=16", "--set", "model.d_ff=32", "--set", "data.block=16", *extra]
+
+
+def test_a_second_run_into_a_used_directory_is_refused_unless_resume_or_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(lm_args(tmp_path, out)) == 0
+    first_model = (out / "model" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(lm_args(tmp_path, out, "--set", "model.d_model=32")) == 2
+    err = capsys.readouterr().err
+    assert "is not empty" in err and "--resume" in err and "--overwrite" in err and "Traceback" not in err
+    assert (out / "model" / "model.safetensors").read_bytes() == first_model  # nothing touched
+
+    # --overwrite replaces the run: the log holds only the new run's steps, the export is the new model
+    assert main(lm_args(tmp_path, out, "--set", "model.d_model=32", "--overwrite")) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4]
+    assert json.loads((out / "model" / "config.json").read_text())["config"]["d_model"] == 32
+    assert [p.name for p in checkpoint.list_checkpoints(out / "checkpoints")] == ["step-000000002", "step-000000004"]
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirectoryError, match=r"notes\.txt, which no maskattn run writes"):
+        clear_run_directory(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("kind", ["file", "under a file"])
+def test_a_run_directory_that_is_a_file_is_one_error(tmp_path, kind):
+    (tmp_path / "f").write_text("x")
+    out = tmp_path / "f" if kind == "file" else tmp_path / "f" / "sub"
+    with pytest.raises(RunDirectoryError, match="is a file, not a directory"):
+        prepare_run_directory(out)
+
+
+def test_retention_is_by_step_of_this_run(tmp_path):
+    # checkpoints of later steps belong to a replaced run: saving step 3 removes them, keeps this run's newest
+    for step in (8, 9):
+        checkpoint.save(tmp_path, step, {"w": torch.zeros(1)}, keep=None)
+    for step in (1, 2, 3):
+        checkpoint.save(tmp_path, step, {"w": torch.full((1,), float(step))}, keep=2)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-000000002", "step-000000003"]
+    assert checkpoint.load(checkpoint.latest(tmp_path))["step"] == 3
+    # ordered by step, not by name: a step past 10^9 sorts after the others
+    checkpoint.save(tmp_path, 10**9 + 1, {"w": torch.zeros(1)}, keep=None)
+    assert checkpoint.step_of(checkpoint.latest(tmp_path)) == 10**9 + 1
+
+
+def test_a_tokenizer_left_by_a_failed_run_is_not_reused_on_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("{ not a tokenizer")  # a run that died before its first checkpoint
+    assert main(lm_args(tmp_path, out, "--resume")) == 0
+    assert "not a tokenizer" not in (out / "tokenizer.json").read_text()
+
+
+def test_a_corrupt_tokenizer_on_resume_is_one_error_naming_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(lm_args(tmp_path, out)) == 0
+    (out / "tokenizer.json").write_text("{ not json")
+    capsys.readouterr()
+    assert main(lm_args(tmp_path, out, "--set", "train.steps=6", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer.json: not a readable tokenizer.json" in err and err.count("\n") == 1
+
+
+def test_a_half_written_last_log_line_does_not_block_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(lm_args(tmp_path, out)) == 0
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # what a kill -9 mid-write leaves
+    assert main(lm_args(tmp_path, out, "--set", "train.steps=6", "--resume")) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4, 5, 6]
