@@ -145,3 +145,32 @@ def test_nonfinite_hidden_inputs_reach_no_output(backend, mask_name, where, bad,
         for b, h, j, rows in ((0, 1, 6, seen[0, 2:]), (1, 0, 8, seen[1, :2])):
             if not rows.any():  # no row may attend the spoiled key: its gradients are zero
                 assert not grads[1][b, h, j].any() and not grads[2][b, h, j].any()
+
+
+UNORDERED_DOCS = torch.tensor([[1, 1, 0, 0, 0, 2, 2, 1, 1], [0, 0, 1, 1, 1, 1, 1, 1, 1]])  # row 0: not intervals
+
+
+@pytest.mark.parametrize("mask", [NONFINITE_MASKS["documents"], masks.causal() & masks.document(UNORDERED_DOCS),
+                                  NONFINITE_MASKS["valid"], NONFINITE_MASKS["window"]],
+                         ids=["ordered-documents", "unordered-documents", "valid", "window"])
+def test_the_guard_applies_in_one_compiled_graph(mask):
+    """Under torch.compile the guard reads no value on the host (one graph, dynamic lengths too) and poisons
+    exactly the rows eager does: ordered documents by intervals, unordered ones densely (torch.cond)."""
+    import torch._dynamo as dynamo
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 9, 8, generator=gen)
+    k, v = torch.randn(2, 2, 9, 8, generator=gen), torch.randn(2, 2, 9, 8, generator=gen)
+    k[0, 1, 6, 3] = float("nan")
+    v[1, 0, 4, 0] = float("inf")
+
+    def run(q, k, v):
+        return maskattn.attention(q, k, v, mask, backend="reference")
+
+    dynamo.reset()
+    explained = dynamo.explain(run)(q, k, v)
+    assert (explained.graph_count, explained.break_reasons) == (1, [])
+    for dynamic in (False, True):
+        dynamo.reset()
+        compiled = torch.compile(run, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+        torch.testing.assert_close(compiled(q, k, v), run(q, k, v), equal_nan=True, atol=1e-6, rtol=1e-6)

@@ -2,7 +2,8 @@
 
 The blocks of the "Using maskattn with Hugging Face" section run in tests/test_hf.py, which also checks
 their printed output; they are not run twice. A block that imports an optional package that is not
-installed (the pretrained MiniLM files) is skipped, naming the package.
+installed (the pretrained MiniLM files) is skipped, naming the package. Each block runs in a fresh
+temporary working directory.
 """
 
 import re
@@ -34,7 +35,8 @@ def test_the_readme_has_its_examples():
 
 
 @pytest.mark.parametrize("line,code", BLOCKS, ids=[f"line{line}" for line, _ in BLOCKS])
-def test_readme_block_runs_on_its_own(line, code, capsys):
+def test_readme_block_runs_on_its_own(line, code, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # files a block writes (the export example's lm.onnx) land here, not in the repo
     try:
         exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
     except ModuleNotFoundError as e:

@@ -76,17 +76,44 @@ def rows_seeing(mask: Mask, keys: Tensor, *, heads: int, q_len: int, q_offset: i
 
     Masks whose rows are key intervals (:meth:`Mask.row_bounds`: causal, windows, lengths, ordered
     documents and their conjunctions) are counted with a prefix sum, O(Lk + Lq); the others are evaluated
-    densely, ``DENSE_CHUNK`` entries at a time.
+    densely, ``DENSE_CHUNK`` entries at a time in eager, in one pass while compiling. A compiled graph
+    reads no mask value on the host: where the intervals depend on the mask's tensors
+    (:meth:`Mask.interval_condition`), ``torch.cond`` picks the path at run time.
     """
-    batch, k_len = keys.shape[0], keys.shape[2]
     keys = keys.repeat_interleave(heads // keys.shape[1], dim=1)  # (B, H, Lk)
+    k_len = keys.shape[2]
     positions = torch.arange(q_offset, q_offset + q_len, device=keys.device)  # (Lq,)
     bounds = mask.row_bounds(positions, k_len)
-    if bounds is not None:
-        count = F.pad(keys.to(torch.int32).cumsum(-1), (1, 0))  # (B, H, Lk + 1): flagged keys before each index
-        lo, hi = (x.to(keys.device).clamp(0, k_len).expand(batch, heads, q_len) for x in bounds)  # (B, H, Lq)
-        seen = (count.gather(-1, hi) - count.gather(-1, lo.minimum(hi))) > 0
-        return seen[..., None]  # (B, H, Lq, 1)
+    if bounds is None:
+        return _dense_rows_seeing(mask, keys, q_len, q_offset)
+    condition = mask.interval_condition() if torch.compiler.is_compiling() else None
+    if condition is None:
+        return _interval_rows_seeing(bounds, keys, q_len)
+
+    # both branches return the rows flattened: cond wants one plain layout from both
+    def by_intervals(keys: Tensor) -> Tensor:
+        return _interval_rows_seeing(bounds, keys, q_len).flatten()
+
+    def densely(keys: Tensor) -> Tensor:
+        return _dense_rows_seeing(mask, keys, q_len, q_offset).flatten()
+
+    seen = torch.cond(condition.to(keys.device), by_intervals, densely, (keys,))  # (B * H * Lq,)
+    return seen.view(*keys.shape[:2], q_len, 1)  # (B, H, Lq, 1)
+
+
+def _interval_rows_seeing(bounds: tuple[Tensor, Tensor], keys: Tensor, q_len: int) -> Tensor:
+    batch, heads, k_len = keys.shape  # keys: (B, H, Lk) bool
+    count = F.pad(keys.to(torch.int32).cumsum(-1), (1, 0))  # (B, H, Lk + 1): flagged keys before each index
+    lo, hi = (x.to(keys.device).clamp(0, k_len).expand(batch, heads, q_len) for x in bounds)  # (B, H, Lq)
+    seen = (count.gather(-1, hi) - count.gather(-1, lo.minimum(hi))) > 0
+    return seen[..., None]  # (B, H, Lq, 1)
+
+
+def _dense_rows_seeing(mask: Mask, keys: Tensor, q_len: int, q_offset: int) -> Tensor:
+    k_len = keys.shape[2]
+    if torch.compiler.is_compiling():  # one pass: a loop over a traced length would fix that length
+        allowed = mask.to_dense(q_len, k_len, q_offset=q_offset, device=keys.device)  # (B|1, H|1, Lq, Lk)
+        return (allowed & keys[:, :, None]).any(-1, keepdim=True)  # (B, H, Lq, 1)
     flags = keys.to(torch.float32)[..., None]  # (B, H, Lk, 1)
     step = max(1, DENSE_CHUNK // max(k_len, 1))
     parts = []
@@ -94,7 +121,9 @@ def rows_seeing(mask: Mask, keys: Tensor, *, heads: int, q_len: int, q_offset: i
         rows = min(step, q_len - start)
         allowed = mask.to_dense(rows, k_len, q_offset=q_offset + start, device=keys.device)  # (B|1, H|1, n, Lk)
         parts.append((allowed.to(torch.float32) @ flags) > 0)  # (B, H, n, 1)
-    return torch.cat(parts, dim=2) if parts else torch.zeros(batch, heads, 0, 1, dtype=torch.bool)
+    if not parts:
+        return torch.zeros(*keys.shape[:2], 0, 1, dtype=torch.bool, device=keys.device)
+    return torch.cat(parts, dim=2)
 
 
 def poison(out: Tensor, second: Tensor | None, seen: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -30,6 +30,7 @@ Masks compose with ``&``, ``|`` and ``~``::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -84,7 +85,16 @@ class Mask:
         the interval [lo, hi) (clipped to [0, k_len)); None for masks without that structure.
 
         ``q`` holds the absolute query positions, (Lq,). Lets :meth:`stats` count without tiles.
+        While compiling, a mask whose intervals depend on its tensors' values (documents: only when the ids
+        are in order) returns them without reading those values; :meth:`interval_condition` says in the
+        graph whether they hold.
         """
+        return None
+
+    def interval_condition(self) -> Tensor | None:
+        """A 0-d bool tensor, True when the intervals of :meth:`row_bounds` hold, for masks where that
+        depends on their tensors' values; None when it does not (the intervals hold, or there are none).
+        Lets a compiled graph choose the interval path without a host read (``torch.cond``)."""
         return None
 
     def structure(self) -> MaskStructure:
@@ -311,6 +321,10 @@ class _And(_Combined):
         for a, b in bounds[1:]:
             lo, hi = torch.maximum(lo, a), torch.minimum(hi, b)
         return lo, hi
+
+    def interval_condition(self):
+        conditions = [c for c in (p.interval_condition() for p in self.parts) if c is not None]
+        return functools.reduce(torch.logical_and, conditions) if conditions else None
 
     def structure(self):
         result = MaskStructure()
