@@ -113,8 +113,10 @@ class _Document(Mask):
 
     def row_bounds(self, q, k_len):
         ids = self.doc_ids.to(q.device)
-        if bool((ids[:, 1:] < ids[:, :-1]).any()):
-            return None  # documents are intervals only when the ids are in order
+        # Documents are intervals only when the ids are in order, a host check: a traced graph cannot
+        # branch on it and takes the answer that is right for any ids (no intervals).
+        if torch.compiler.is_compiling() or bool((ids[:, 1:] < ids[:, :-1]).any()):
+            return None
         keys = ids[:, :k_len].contiguous()  # (B, Lk)
         own = ids[:, q].contiguous()  # (B, Lq): each query's document
         lo = torch.searchsorted(keys, own, right=False)
