@@ -4,7 +4,7 @@ import sys
 import torch
 
 from maskattn import masks
-from maskattn.plotting import plot_mask
+from maskattn.plotting import plot_mask, plot_tradeoff
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -22,3 +22,9 @@ def test_masks_do_not_import_matplotlib():
     code = "import sys, maskattn.masks, maskattn.dispatch; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_plot_tradeoff_draws_one_panel_per_task(tmp_path):
+    panels = {"translation": [("base", 10.0, 35.0), ("int8", 4.0, 34.8)], "classification": [("base", 90.0, 91.0)]}
+    out = plot_tradeoff(panels, tmp_path / "t.png", xlabel="file MB", ylabels={"translation": "BLEU"})
+    assert out.read_bytes()[:8] == PNG

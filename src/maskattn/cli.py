@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     average.add_argument("--last", type=int, required=True, help="how many of the newest checkpoints to average")
     average.add_argument("--out", required=True, help="the new model directory")
 
+    _add_compress(sub)
+
     viz = sub.add_parser("viz", help="attention heatmaps and the explorer page for one input",
                          description="Writes a PNG per layer and head, a grid per layer, and explorer.html "
                          "(self-contained: pick layer, head and attention kind, hover a token).")
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose, args.quiet, rank=int(os.environ.get("RANK", "0")))
     handler = getattr(args, "handler", None) or {  # a task's prediction command sets its own handler
         "demo": _demo, "train": _train, "evaluate": _evaluate, "viz": _viz, "audit": _audit, "showcase": _showcase,
-        "masks": _masks_show, "average": _average}[args.command]
+        "masks": _masks_show, "average": _average, "compress": _compress}[args.command]
     if getattr(args, "model", None):  # a Hugging Face directory: viz / audit / evaluate / generate run it
         from maskattn import hf_inspect
 
@@ -247,6 +249,39 @@ def _average(args: argparse.Namespace) -> int:
     from maskattn.averaging import average_run
 
     print(average_run(args.run, args.last, args.out))
+    return 0
+
+
+# --- maskattn compress ------------------------------------------------------------------------------
+def _add_compress(sub) -> None:
+    compress = sub.add_parser(
+        "compress", help="int8 linear layers and/or pruned attention heads: a smaller model directory",
+        description="Writes a model directory like MODEL (same task and tokenizer) that loads with maskattn.load "
+        "and runs with every prediction command. --prune-heads removes the heads whose masking changes the "
+        "loss on --data least, then fine-tunes on --data; --int8 then quantises the linear layers.")
+    compress.add_argument("model", help="a model directory written by `maskattn train`")
+    compress.add_argument("--out", required=True, help="the new model directory")
+    compress.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of the linear layers")
+    compress.add_argument("--prune-heads", type=float, default=0.0, metavar="FRACTION",
+                          help="remove this fraction of all attention heads, least important first (default 0)")
+    compress.add_argument("--data", nargs="+", default=[], metavar="FILE",
+                          help="the task's training data, for --prune-heads (translation: a TSV, or source and "
+                          "target files; classification: a labelled file)")
+    compress.add_argument("--finetune-steps", type=int, default=100,
+                          help="fine-tuning steps after pruning (default 100)")
+    compress.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (default 1e-4)")
+    compress.add_argument("--importance-batches", type=int, default=8,
+                          help="batches of --data the head importance is measured on (default 8)")
+    compress.add_argument("--max-tokens", type=int, default=2048, help="padded tokens per batch (default 2048)")
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from maskattn.compression import compress
+
+    result = compress(args.model, args.out, int8=args.int8, prune_heads=args.prune_heads, data=args.data,
+                      finetune_steps=args.finetune_steps, lr=args.lr, importance_batches=args.importance_batches,
+                      max_tokens=args.max_tokens)
+    print(json.dumps(result, indent=2))
     return 0
 
 

@@ -3,17 +3,19 @@
 :func:`plot_mask` draws a mask's (query, key) grid (:meth:`maskattn.masks.Mask.render` draws the same
 grid as text); :func:`plot_curves` draws a training run's ``metrics.jsonl`` (written by
 :class:`maskattn.training.Trainer`) as ``curves.png``; ``maskattn train`` and the demo call it once
-training has finished.
+training has finished; :func:`plot_tradeoff` draws quality against size, one panel per task
+(``benchmarks/compression.py``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from maskattn.masks import Mask
 
-__all__ = ["plot_curves", "plot_mask", "plot_overlays"]
+__all__ = ["plot_curves", "plot_mask", "plot_overlays", "plot_tradeoff"]
 
 
 def plot_mask(
@@ -124,3 +126,28 @@ def plot_overlays(overlays, out_dir: str | Path) -> list[Path]:
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
     return written
+
+
+def plot_tradeoff(panels: Mapping[str, Sequence[tuple[str, float, float]]], out: str | Path, *,
+                  xlabel: str = "size", ylabels: Mapping[str, str] | None = None) -> Path:
+    """Labelled points ``(label, x, y)`` in one panel per key of ``panels`` (e.g. quality against size
+    per task), each point annotated with its label; written as a PNG to ``out``, which is returned."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not panels:
+        raise ValueError("plot_tradeoff: panels is empty; give at least one panel of points")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (title, points) in zip(axes[0], panels.items(), strict=True):
+        for label, x, y in points:
+            ax.scatter([x], [y])
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set(title=title, xlabel=xlabel, ylabel=(ylabels or {}).get(title, "quality"))
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -72,8 +72,7 @@ class TrainConfig:
     log_every: int = 10  # steps between metric log lines
     progress: bool = True  # show a progress bar
     report_to: list[str] = field(default_factory=list)  # also report metrics to: "tensorboard" (OUT/events)
-    # torch.compile the model in place (nn.Module.compile) before training; maskattn's models compile to one graph
-    compile: bool = False
+    compile: bool = False  # torch.compile the model in place before training (maskattn's models: one graph)
 
     def __post_init__(self) -> None:
         check_settings(self, {

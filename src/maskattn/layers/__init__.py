@@ -14,6 +14,7 @@ from maskattn.layers.positions import (
     apply_rope,
     sinusoidal_table,
 )
+from maskattn.layers.quantized import Int8Linear
 from maskattn.layers.residual import Residual
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "DecoderLayer",
     "EncoderLayer",
     "FeedForward",
+    "Int8Linear",
     "KVCache",
     "LearnedPositions",
     "MultiHeadAttention",

@@ -14,6 +14,8 @@ inspection observes it with PyTorch's own hooks (see :func:`maskattn.viz.capture
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -36,6 +38,8 @@ class MultiHeadAttention(nn.Module):
         kdim: last dim of the key input (default E).
         vdim: last dim of the value input (default E).
         backend: attention backend passed to :func:`maskattn.attention`.
+        head_dim: width D of each head (default E // H); given when fewer heads than E // D remain
+            after :meth:`prune_heads`, so the projections are E -> H * D -> E.
     """
 
     def __init__(
@@ -49,13 +53,15 @@ class MultiHeadAttention(nn.Module):
         kdim: int | None = None,
         vdim: int | None = None,
         backend: str = "auto",
+        head_dim: int | None = None,
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        for name, value in (("d_model", d_model), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+        checked = (("d_model", d_model), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads))
+        for name, value in checked + ((("head_dim", head_dim),) if head_dim is not None else ()):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if d_model % num_heads:
+        if head_dim is None and d_model % num_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
         if num_heads % num_kv_heads:
             raise ValueError(
@@ -64,13 +70,13 @@ class MultiHeadAttention(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
-        self.head_dim = d_model // num_heads
+        self.head_dim = d_model // num_heads if head_dim is None else head_dim
         self.dropout, self.backend = dropout, backend
         kv_width = num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.q_proj = nn.Linear(d_model, num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(kdim or d_model, kv_width, bias=bias)
         self.v_proj = nn.Linear(vdim or d_model, kv_width, bias=bias)
-        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.out_proj = nn.Linear(num_heads * self.head_dim, d_model, bias=bias)
         self.attend = Attend()  # no parameters: the state_dict keys are the four projections'
 
     def forward(
@@ -114,7 +120,7 @@ class MultiHeadAttention(nn.Module):
         result = self.attend(q, k, v, mask, backend=self.backend, dropout_p=dropout_p, q_offset=q_offset,
                              return_weights=return_weights)
         out, weights = result if return_weights else (result, None)
-        out = self.out_proj(out.transpose(1, 2).reshape(b, lq, self.d_model))  # (B, Lq, E)
+        out = self.out_proj(out.transpose(1, 2).reshape(b, lq, self.num_heads * self.head_dim))  # (B, Lq, E)
         return (out, weights) if return_weights else out
 
     def project_kv(self, key: Tensor, value: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -125,6 +131,34 @@ class MultiHeadAttention(nn.Module):
         k = self.k_proj(key).view(b, lk, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Lk, D)
         v = self.v_proj(value).view(b, lk, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Lk, D)
         return k, v
+
+    def prune_heads(self, keep: Sequence[int]) -> None:
+        """Keep only the query heads ``keep`` (indices; kept in increasing order), removing the others' rows of the
+        q/k/v projections and columns of the output projection; ``head_dim`` stays.
+
+        With grouped-query attention (Hkv < H), ``keep`` must consist of whole key/value groups
+        (heads ``g * H / Hkv`` to ``(g + 1) * H / Hkv - 1`` share key/value head g).
+
+        Raises:
+            ValueError: naming ``keep`` when it is empty, repeats or leaves a range, or splits a group.
+        """
+        keep = sorted(int(h) for h in keep)
+        if not keep or len(set(keep)) != len(keep) or not all(0 <= h < self.num_heads for h in keep):
+            raise ValueError(f"prune_heads(keep): keep must be distinct heads in [0, {self.num_heads}), "
+                             f"at least one, got {keep}")
+        group = self.num_heads // self.num_kv_heads
+        groups = list(dict.fromkeys(h // group for h in keep))
+        if keep != sorted(g * group + i for g in groups for i in range(group)):
+            raise ValueError(f"prune_heads(keep): with {self.num_kv_heads} key/value heads for {self.num_heads} "
+                             f"heads, keep must hold whole groups of {group} heads, got {keep}")
+        if any(not isinstance(p, nn.Linear) for p in (self.q_proj, self.k_proj, self.v_proj, self.out_proj)):
+            raise ValueError("prune_heads: the projections are no longer nn.Linear (quantized?); prune first")
+        d = self.head_dim
+        rows = torch.tensor([h * d + i for h in keep for i in range(d)])
+        kv_rows = torch.tensor([g * d + i for g in groups for i in range(d)])
+        self.q_proj, self.out_proj = _select(self.q_proj, rows, 0), _select(self.out_proj, rows, 1)
+        self.k_proj, self.v_proj = _select(self.k_proj, kv_rows, 0), _select(self.v_proj, kv_rows, 0)
+        self.num_heads, self.num_kv_heads = len(keep), len(groups)
 
     def _check_query(self, query: Tensor) -> tuple[int, int]:
         width = self.q_proj.in_features
@@ -147,6 +181,18 @@ class MultiHeadAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_heads={self.num_heads}, "
                 f"num_kv_heads={self.num_kv_heads}, dropout={self.dropout}")
+
+
+def _select(linear: nn.Linear, index: Tensor, dim: int) -> nn.Linear:
+    """A new Linear with the rows (``dim`` 0: outputs) or columns (1: inputs) ``index`` of ``linear``."""
+    weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device))
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None,
+                    device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias.detach().index_select(0, index.to(weight.device)) if dim == 0 else linear.bias)
+    return new
 
 
 class Attend(nn.Module):

@@ -5,7 +5,8 @@ A checkpoint directory holds::
 
     config.json        {"format": "maskattn-model", "version": 1, "model": "Transformer",
                         "config": {...}, "weights": {"file": "model.safetensors", "sha256": ...},
-                        "aliases": {"tied.name": "stored.name"}}
+                        "aliases": {"tied.name": "stored.name"},
+                        "compression": {...}}   # only for pruned / int8 models (models/compressed.py)
     model.safetensors  every distinct tensor once (tied weights are stored once, listed in aliases)
     tokenizer.json     optional, a ``tokenizers.Tokenizer``
     manifest.json      the SHA-256 of every file above (and of files added later by their writer, such
@@ -39,6 +40,7 @@ from maskattn.io import (
     verify_manifest,
     write_manifest,
 )
+from maskattn.models import compressed
 
 FORMAT, VERSION = "maskattn-model", 1
 
@@ -93,6 +95,8 @@ def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = Non
     atomic_write(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     meta = {"format": FORMAT, "version": VERSION, "model": type(model).__name__, "config": model.config.to_dict(),
             "weights": {"file": WEIGHTS, "sha256": sha256(weights)}, "aliases": aliases}
+    if entry := compressed.describe(model):
+        meta["compression"] = entry
     atomic_write_text(directory / CONFIG, json.dumps(meta, indent=2) + "\n")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is not None:
@@ -130,8 +134,9 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") ->
         raise FormatError(f"{directory}: missing weights file {WEIGHTS}")
     if sha256(weights) != expected_hash:
         raise FormatError(f"{weights}: SHA-256 does not match config.json; the file is corrupt or was modified")
-    check_sizes(cls, config, weights, meta.get("aliases", {}), source=directory / CONFIG)
-    model = cls(config)
+    compression = meta.get("compression")
+    check_sizes(cls, config, weights, meta.get("aliases", {}), source=directory / CONFIG, compression=compression)
+    model = compressed.apply(cls(config), compression, source=str(directory / CONFIG))
     load_weights(model, read_safetensors(weights, device), meta.get("aliases", {}), source=str(weights))
     model.tokenizer = load_tokenizer(directory / TOKENIZER) if (directory / TOKENIZER).is_file() else None
     return model.to(device)
@@ -157,12 +162,14 @@ def load_weights(model: nn.Module, tensors: dict[str, Tensor], aliases: dict[str
     model.load_state_dict(full, strict=True)
 
 
-def check_sizes(cls: type, config: Any, weights: Path, aliases: dict[str, str], *, source: Path) -> None:
+def check_sizes(cls: type, config: Any, weights: Path, aliases: dict[str, str], *, source: Path,
+                compression: dict[str, Any] | None = None) -> None:
     """Refuse a config whose tensors differ in shape from those in ``weights``, before allocating the model.
 
     The model is built on PyTorch's "meta" device (shapes only, no memory) and its tensor shapes are
     compared with the safetensors header, so a config.json asking for e.g. ``vocab_size`` 10^12 is an
-    error naming that setting, not an out-of-memory crash.
+    error naming that setting, not an out-of-memory crash. ``compression``: config.json's entry of a
+    pruned or int8 model (:mod:`maskattn.models.compressed`), applied to the skeleton too.
     """
     try:
         with safe_open(str(weights), framework="pt") as f:
@@ -170,7 +177,7 @@ def check_sizes(cls: type, config: Any, weights: Path, aliases: dict[str, str], 
     except (SafetensorError, OSError, ValueError) as e:
         raise FormatError(f"{weights}: not a readable safetensors file: {e}") from e
     with torch.device("meta"):
-        skeleton = cls(config)
+        skeleton = compressed.apply(cls(config), compression, source=str(source))
     for name, t in skeleton.state_dict().items():
         have = stored.get(aliases.get(name, name))
         if have is not None and tuple(t.shape) != have:

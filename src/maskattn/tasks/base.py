@@ -53,6 +53,16 @@ class Option:
 
 
 @dataclass(frozen=True)
+class TrainingBatches:
+    """A trained model's task data as the trainer takes it, for work after training (``maskattn compress``:
+    head importance and the fine-tune): batches of example indices, the batch of some indices, the loss."""
+
+    plan: Callable[[int], list[list[int]]]  # plan(epoch) -> the batches of that epoch, lists of example indices
+    collate: Callable[[list[int]], dict[str, Any]]  # a batch, with "num_targets" (what the loss is summed over)
+    loss: Callable[[Any, dict[str, Any]], Any]  # loss(maskattn model, batch) -> the summed loss, a scalar Tensor
+
+
+@dataclass(frozen=True)
 class Task:
     """One trainable task: what the CLI and the library need to train, load, score and use it.
 
@@ -72,6 +82,10 @@ class Task:
     # `maskattn viz` on this task's models: visualize(model dir, input, out dir) -> (overlays for the viz
     # layer to draw, files the task wrote itself); None = the attention heatmaps of a text input (maskattn.viz)
     visualize: Callable[[str | Path, str, str | Path], tuple[list[Overlay], list[Path]]] | None = None
+    # `maskattn compress --data FILE ...` on this task's models: training_batches(model dir, data files,
+    # max_tokens) -> TrainingBatches of the files (read as `maskattn train` reads its training data); None = the
+    # task's models can be quantised but not pruned (pruning measures and fine-tunes on task data)
+    training_batches: Callable[[str | Path, list[str], int], TrainingBatches] | None = None
 
 
 def input_lines(texts: list[str]) -> list[str]:

@@ -21,8 +21,9 @@ from torch import Tensor, nn
 from maskattn import metrics
 from maskattn.data import bucket_batches, pad, read_labelled
 from maskattn.errors import check_settings
+from maskattn.io import read_json_object
 from maskattn.models import EncoderConfig, EncoderModel, from_pretrained
-from maskattn.tasks.base import Command, Task, input_lines, register
+from maskattn.tasks.base import Command, Task, TrainingBatches, input_lines, register
 from maskattn.tasks.common import (
     TOKENIZERS,
     Head,
@@ -32,6 +33,7 @@ from maskattn.tasks.common import (
     log_stderr,
     logger,
     parameters,
+    read_task,
     require,
     train_tokenizer,
 )
@@ -140,9 +142,7 @@ def train(cfg: ClassificationConfig, *, resume: bool = False, log=log_stderr) ->
     lengths = [len(x) for x in ids]
     log(f"classification: {len(ids)} examples, labels {labels}, vocabulary {tok.vocab_size}, {parameters(model)}")
 
-    def collate(idx: list[int]) -> dict[str, Any]:
-        x, n = pad([ids[i] for i in idx], tok.pad_id)
-        return {"ids": x, "lengths": n, "labels": targets[idx], "num_targets": len(idx)}
+    collate = partial(_collate, tok, ids, targets)
 
     def loss(m: nn.Module, b: dict[str, Any]) -> Tensor:
         return F.cross_entropy(m(b["ids"], lengths=b["lengths"]).float(), b["labels"], reduction="sum")
@@ -156,6 +156,31 @@ def train(cfg: ClassificationConfig, *, resume: bool = False, log=log_stderr) ->
         plan=lambda epoch: bucket_batches(lengths, cfg.data.max_tokens, seed=cfg.train.seed, epoch=epoch),
         collate=collate, loss=loss, task={"task": "classification", "labels": labels, **fields},
     )
+
+
+def _collate(tok: Tokenizer, ids: list[list[int]], targets: Tensor, idx: list[int]) -> dict[str, Any]:
+    x, n = pad([ids[i] for i in idx], tok.pad_id)
+    return {"ids": x, "lengths": n, "labels": targets[idx], "num_targets": len(idx)}
+
+
+def training_batches(directory: str | Path, paths: list[str], max_tokens: int) -> TrainingBatches:
+    """Batches of the labelled file ``paths[0]`` for the model in ``directory`` (its tokenizer, fields and labels)."""
+    if len(paths) != 1:
+        raise ValueError(f"classification data: one labelled file, got {len(paths)} files")
+    tok, task = Tokenizer.load(directory), read_task(directory)
+    records = read_labelled(paths[0], text_field=task["text_field"], label_field=task["label_field"])
+    unknown = sorted({label for _, label in records} - set(task["labels"]))
+    if unknown:
+        raise ValueError(f"{paths[0]}: labels {unknown} are not the model's {task['labels']}")
+    max_len = read_json_object(Path(directory) / "config.json")["config"]["max_len"]
+    ids = encode(tok, [t for t, _ in records], max_len)
+    targets = torch.tensor([task["labels"].index(label) for _, label in records])
+
+    def loss(m: nn.Module, b: dict[str, Any]) -> Tensor:
+        return F.cross_entropy(m.classify(b["ids"], lengths=b["lengths"]).float(), b["labels"], reduction="sum")
+
+    return TrainingBatches(plan=lambda epoch: bucket_batches([len(x) for x in ids], max_tokens, seed=0, epoch=epoch),
+                           collate=partial(_collate, tok, ids, targets), loss=loss)
 
 
 def load(directory: str | Path) -> tuple[EncoderModel, Tokenizer, dict[str, Any]]:
@@ -187,5 +212,5 @@ TASK = register(Task(
     name="classification", config=ClassificationConfig, train=train, load=load, evaluate_file=evaluate_file,
     predict=Command("classify", "label texts with a trained classifier (arguments or stdin)",
                     _classify_arguments, _classify_command),
-    data_help="a labelled TSV/CSV/JSONL", paths=("train", "valid", "pretrained"),
+    data_help="a labelled TSV/CSV/JSONL", paths=("train", "valid", "pretrained"), training_batches=training_batches,
 ))

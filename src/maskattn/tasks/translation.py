@@ -9,7 +9,7 @@ A trained model is a directory written by ``model.save`` (``config.json``, ``mod
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,9 @@ from torch import Tensor, nn
 from maskattn import decoding, metrics
 from maskattn.data import bucket_batches, pad, read_parallel
 from maskattn.errors import UsageError, check_settings
+from maskattn.io import read_json_object
 from maskattn.models import Transformer, TransformerConfig
-from maskattn.tasks.base import Command, Option, Task, input_lines, register
+from maskattn.tasks.base import Command, Option, Task, TrainingBatches, input_lines, register
 from maskattn.tasks.common import (
     TOKENIZERS,
     begin_run,
@@ -220,16 +221,36 @@ def train(cfg: TranslationConfig, train_pairs: Pairs | None = None, valid_pairs:
         hyps = translate(m, tok, [s for s, _ in valid], replace(cfg.decode, beam_size=1), truncate=True)
         return score(hyps, [t for _, t in valid])
 
-    def loss(m: nn.Module, b: dict[str, Any]) -> Tensor:
-        logits = m(b["src"], b["tgt_in"], src_lengths=b["src_lengths"], tgt_lengths=b["tgt_lengths"])
-        return sequence_loss(logits, b["tgt_out"], tok.pad_id, cfg.label_smoothing)
-
     return fit_and_export(
         model, tok, cfg.train, out, evaluate=evaluate if valid else None, resume=resume, log=log,
         plan=lambda epoch: bucket_batches(lengths, cfg.data.max_tokens, seed=cfg.train.seed, epoch=epoch),
-        collate=lambda idx: collate(tok, data, idx), loss=loss,
+        collate=lambda idx: collate(tok, data, idx), loss=batch_loss(tok, cfg.label_smoothing),
         task={"task": "translation", "decode": asdict(cfg.decode)},
     )
+
+
+def batch_loss(tok: Tokenizer, label_smoothing: float) -> Callable[[nn.Module, dict[str, Any]], Tensor]:
+    """The summed loss of a batch of :func:`collate` under a model (a Transformer, or one that runs like it)."""
+    def loss(m: nn.Module, b: dict[str, Any]) -> Tensor:
+        logits = m(b["src"], b["tgt_in"], src_lengths=b["src_lengths"], tgt_lengths=b["tgt_lengths"])
+        return sequence_loss(logits, b["tgt_out"], tok.pad_id, label_smoothing)
+
+    return loss
+
+
+def training_batches(directory: str | Path, paths: list[str], max_tokens: int) -> TrainingBatches:
+    """Batches of the pairs in ``paths`` (a TSV of pairs, or source and target files) for the model in
+    ``directory``: its tokenizer, pairs longer than the model's positions dropped, no label smoothing."""
+    if len(paths) not in (1, 2):
+        raise ValueError(f"translation data: a TSV of pairs or a source and a target file, got {len(paths)} files")
+    tok = Tokenizer.load(directory)
+    max_len = read_json_object(Path(directory) / "config.json")["config"]["max_len"]  # the positions it covers
+    data = encode_pairs(tok, read_pairs(*paths), max_len)
+    if not data.src:
+        raise ValueError(f"translation data {paths}: no pair fits the model")
+    lengths = [max(len(s), len(t) + 1) for s, t in zip(data.src, data.tgt, strict=True)]
+    return TrainingBatches(plan=lambda epoch: bucket_batches(lengths, max_tokens, seed=0, epoch=epoch),
+                           collate=lambda idx: collate(tok, data, idx), loss=batch_loss(tok, 0.0))
 
 
 def load(directory: str | Path) -> tuple[Transformer, Tokenizer, DecodeConfig]:
@@ -295,7 +316,7 @@ TASK = register(Task(
     predict=Command("translate", "translate text with a trained model (arguments or stdin)",
                     _translate_arguments, _translate_command),
     data_help="source sentences (one per line, .gz ok) or a TSV of pairs",
-    paths=("train_src", "train_tgt", "valid_src", "valid_tgt"),
+    paths=("train_src", "train_tgt", "valid_src", "valid_tgt"), training_batches=training_batches,
     evaluate_options=(Option("--ref", "ref", "reference translations, aligned with --data"),
                       Option("--beam", "beam_size", "beam size (default: the model's setting)", int),
                       Option("--hypotheses", "hypotheses", "file for the translations (default: "

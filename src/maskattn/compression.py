@@ -1,0 +1,240 @@
+"""Compressing a trained model for deployment: int8 linear layers and pruned attention heads
+(``maskattn compress MODEL --out DIR --int8 --prune-heads 0.5 --data FILE``).
+
+Shape legend: H heads and Hkv key/value heads of one attention module, D head dim.
+
+* **int8**: every ``nn.Linear`` that owns its weight becomes an :class:`maskattn.layers.Int8Linear`
+  (int8 weights with per-channel scales, activations quantised per call, PyTorch's x86 int8 kernel).
+* **Head pruning** (Michel et al., 2019, "Are Sixteen Heads Really Better than One?"): the importance
+  of a head is the expected increase of the task's loss when its output is masked out, measured on a
+  few batches of the task's training data; the least important heads across the model are removed
+  from the q/k/v/out projections (:meth:`MultiHeadAttention.prune_heads`), then the model is fine-tuned
+  for a few steps on the same data. With grouped-query attention the unit is a key/value group (its
+  H / Hkv query heads and their shared key/value head). A head is masked by a gate on the output of its
+  module's ``attend`` call, applied by a forward hook (:func:`head_gates`).
+
+The compressed model is saved like any other (``"compression"`` in its config.json says what changed)
+and loads with :func:`maskattn.load` and every prediction command.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from maskattn.layers import Int8Linear, MultiHeadAttention
+from maskattn.models import compressed, load
+from maskattn.tasks.base import TrainingBatches, tasks
+from maskattn.tasks.common import log_stderr, read_task, write_task
+
+
+def attention_modules(model: nn.Module) -> dict[str, MultiHeadAttention]:
+    """The model's attention modules, by the names of its declared ``attention_sites()``."""
+    return {name: model.get_submodule(name) for name in model.attention_sites()}
+
+
+@contextmanager
+def head_gates(model: nn.Module, gates: Mapping[str, Tensor]) -> Iterator[None]:
+    """While inside, multiply the output of head h of attention module ``name`` by ``gates[name][h]``.
+
+    ``gates[name]`` is an (H,) tensor; 0 masks a head out, 1 keeps it. The gate acts on the output of
+    the module's ``attend`` call (through a forward hook), before the heads are merged and projected.
+    """
+    handles = []
+    for name, gate in gates.items():
+        attn = model.get_submodule(name)
+        if gate.shape != (attn.num_heads,):
+            raise ValueError(f"head_gates: gates[{name!r}] must be ({attn.num_heads},), got {tuple(gate.shape)}")
+
+        def hook(module: nn.Module, args: Any, output: Any, gate: Tensor = gate) -> Any:
+            out, extra = output if isinstance(output, tuple) else (output, None)
+            out = out * gate.to(out).view(1, -1, 1, 1)  # (B, H, Lq, D)
+            return out if extra is None else (out, extra)
+
+        handles.append(attn.attend.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def mean_loss(model: nn.Module, data: TrainingBatches, batches: list[dict[str, Any]]) -> float:
+    """The task loss per target over ``batches`` (summed losses / summed targets), without gradients."""
+    with torch.no_grad():
+        total = sum(float(data.loss(model, b)) for b in batches)
+    return total / max(1, sum(b["num_targets"] for b in batches))
+
+
+def first_batches(data: TrainingBatches, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` batches of ``data``'s epoch 0 (the batches head importance is measured on)."""
+    chosen = [data.collate(idx) for idx in data.plan(0)[:count]]
+    if not chosen:
+        raise ValueError("the task data has no batches")
+    return chosen
+
+
+def head_importance(model: nn.Module, data: TrainingBatches, batches: list[dict[str, Any]]) -> dict[str, Tensor]:
+    """Expected loss change when each head (key/value group) is masked out: ``{module: (Hkv,) tensor}``.
+
+    Measured in eval mode on ``batches`` (see :func:`first_batches`), one unit masked at a time.
+    """
+    model.eval()
+    chosen = batches
+    base = mean_loss(model, data, chosen)
+    importance = {}
+    for name, attn in attention_modules(model).items():
+        group = attn.num_heads // attn.num_kv_heads
+        scores = torch.zeros(attn.num_kv_heads)
+        for g in range(attn.num_kv_heads):
+            gate = torch.ones(attn.num_heads)
+            gate[g * group : (g + 1) * group] = 0.0
+            with head_gates(model, {name: gate}):
+                scores[g] = mean_loss(model, data, chosen) - base
+        importance[name] = scores
+    return importance
+
+
+def choose_heads(model: nn.Module, importance: Mapping[str, Tensor], fraction: float) -> dict[str, list[int]]:
+    """The heads to keep in each attention module when the least important ``fraction`` of all heads
+    goes, counted over the whole model, removing whole key/value groups and keeping one in every module.
+
+    Raises:
+        ValueError: naming ``fraction`` when it is not in [0, 1).
+    """
+    if isinstance(fraction, bool) or not 0.0 <= fraction < 1.0:
+        raise ValueError(f"prune fraction must be in [0, 1), got {fraction!r}")
+    modules = attention_modules(model)
+    total = sum(attn.num_heads for attn in modules.values())
+    target = round(fraction * total)
+    units = sorted((float(score), name, g) for name, scores in importance.items() for g, score in enumerate(scores))
+    kept = {name: set(range(attn.num_kv_heads)) for name, attn in modules.items()}
+    removed = 0
+    for _, name, g in units:
+        size = modules[name].num_heads // modules[name].num_kv_heads
+        if removed + size <= target and len(kept[name]) > 1:
+            kept[name].discard(g)
+            removed += size
+    return {name: [g * (modules[name].num_heads // modules[name].num_kv_heads) + i
+                   for g in sorted(groups) for i in range(modules[name].num_heads // modules[name].num_kv_heads)]
+            for name, groups in kept.items()}
+
+
+def prune(model: nn.Module, keep: Mapping[str, list[int]]) -> nn.Module:
+    """Remove every head not in ``keep[name]`` from attention module ``name`` (see :func:`choose_heads`)."""
+    for name, heads in keep.items():
+        model.get_submodule(name).prune_heads(heads)
+    return model
+
+
+def finetune(model: nn.Module, data: TrainingBatches, *, steps: int, lr: float = 1e-4, clip_norm: float = 1.0,
+             log: Callable[[str], None] = log_stderr) -> nn.Module:
+    """``steps`` AdamW steps (constant ``lr``, gradients clipped at ``clip_norm``) on ``data``'s batches in
+    order, epoch after epoch; each step's loss is per target. Returns the model in eval mode."""
+    if steps < 0:
+        raise ValueError(f"finetune steps must be >= 0, got {steps}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    step, epoch = 0, 0
+    while step < steps:
+        plan = data.plan(epoch)
+        if not plan:
+            raise ValueError("finetune: the data has no batches")
+        for idx in plan[: steps - step]:
+            batch = data.collate(idx)
+            loss = data.loss(model, batch) / batch["num_targets"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, clip_norm)
+            optimizer.step()
+            step += 1
+            if step % 10 == 0 or step == steps:
+                log(f"finetune step {step}/{steps}: loss {loss.item():.4f}")
+        epoch += 1
+    return model.eval()
+
+
+def linear_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the weights (and int8 scales) of the Linear layers that own their weight; tied output
+    projections are the embedding's and are not counted."""
+    owners: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        owners[id(param)] = owners.get(id(param), 0) + 1
+    total = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and owners.get(id(m.weight), 0) == 1:
+            total += m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, Int8Linear):
+            total += m.weight.numel() * m.weight.element_size() + m.weight_scale.numel() * m.weight_scale.element_size()
+    return total
+
+
+def heads(model: nn.Module) -> int:
+    """Attention heads in all of the model's attention modules."""
+    return sum(attn.num_heads for attn in attention_modules(model).values())
+
+
+def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prune_heads: float = 0.0,
+             data: list[str] | None = None, finetune_steps: int = 100, lr: float = 1e-4, importance_batches: int = 8,
+             max_tokens: int = 2048, log: Callable[[str], None] = log_stderr) -> dict[str, Any]:
+    """Compress the trained model in ``directory`` into ``out`` (a model directory with the same task).
+
+    Args:
+        directory: a model directory written by ``maskattn train``.
+        out: the new model directory (not ``directory``).
+        int8: quantise the linear layers to int8.
+        prune_heads: fraction of all attention heads to remove (0 = none), before quantising.
+        data: the task's training data files, read as its ``training_batches`` reads them (needed to prune).
+        finetune_steps: fine-tuning steps after pruning.
+        lr: fine-tuning learning rate.
+        importance_batches: batches the head importance is measured on.
+        max_tokens: padded tokens per batch.
+
+    Returns:
+        What changed: heads, linear-weight bytes and weight-file bytes before and after, the pruned
+        heads, and the loss on the importance batches before pruning, after it and after the fine-tune.
+
+    Raises:
+        ValueError: naming the argument when there is nothing to do, the data is missing, or the task
+            cannot be pruned.
+    """
+    directory, out = Path(directory), Path(out)
+    if not int8 and not prune_heads:
+        raise ValueError("compress: nothing to do; give --int8 and/or --prune-heads FRACTION")
+    if out.resolve() == directory.resolve():
+        raise ValueError(f"compress: --out ({out}) must differ from the model directory")
+    settings = read_task(directory)
+    model = load(directory).eval()
+    result: dict[str, Any] = {"heads_before": heads(model), "linear_weight_bytes_before": linear_weight_bytes(model),
+                              "file_bytes_before": (directory / "model.safetensors").stat().st_size}
+    if prune_heads:
+        task = tasks().get(settings.get("task"))
+        if task is None or task.training_batches is None:
+            raise ValueError(f"compress --prune-heads: task {settings.get('task')!r} has no training_batches; "
+                             "its models can be quantised (--int8) but not pruned")
+        if not data:
+            raise ValueError(f"compress --prune-heads needs the task's training data: --data ({task.data_help})")
+        batches = task.training_batches(directory, list(data), max_tokens)
+        sample = first_batches(batches, importance_batches)
+        keep = choose_heads(model, head_importance(model, batches, sample), prune_heads)
+        result["loss_before"] = mean_loss(model, batches, sample)
+        prune(model, keep)
+        result["loss_pruned"] = mean_loss(model.eval(), batches, sample)
+        finetune(model, batches, steps=finetune_steps, lr=lr, log=log)
+        result["loss_finetuned"] = mean_loss(model, batches, sample)
+        result["kept_heads"] = keep
+        log(f"pruned to {heads(model)} of {result['heads_before']} heads; loss {result['loss_before']:.4f} -> "
+            f"{result['loss_pruned']:.4f} -> {result['loss_finetuned']:.4f} after {finetune_steps} steps")
+    if int8:
+        result["int8"] = compressed.quantize_linears(model)
+    model.save(out)
+    write_task(out, settings)
+    result.update(model=str(out), heads_after=heads(model), linear_weight_bytes_after=linear_weight_bytes(model),
+                  file_bytes_after=(out / "model.safetensors").stat().st_size)
+    return result

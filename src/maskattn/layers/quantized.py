@@ -1,0 +1,83 @@
+"""Int8 linear layer with dynamic activation quantisation, stored as plain tensors.
+
+Shape legend: N tokens (all leading dims together), I in_features, O out_features.
+
+:class:`Int8Linear` holds its weight as int8 (O, I) with one float scale per output channel
+(symmetric: ``weight ~= int8 * scale[:, None]``) and quantises its input per call, one symmetric
+scale per token (row), as torchao's int8 dynamic scheme does. Per token, not per tensor: a token's
+output then depends on that token alone, never on its batch mates or on padding, so masks keep
+their promise (``maskattn audit`` holds) and a sentence translates the same in any batch. The
+product is PyTorch's integer matmul (``torch._int_mm``, int32 accumulation); every tensor is an
+ordinary buffer, so a quantised model's state dict goes into safetensors like any other.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+QMAX = 127  # int8 values in [-127, 127]: symmetric, no -128
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 with one scale per row: (N, I) float -> ((N, I) int8, (N, 1) float32 scales)."""
+    x = x.detach().float()
+    scale = (x.abs().amax(dim=1, keepdim=True) / QMAX).clamp(min=torch.finfo(torch.float32).tiny)  # (N, 1)
+    return torch.round(x / scale).clamp(-QMAX, QMAX).to(torch.int8), scale
+
+
+def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-output-channel symmetric int8: (O, I) float -> ((O, I) int8, (O,) float32 scales)."""
+    q, scale = quantize_rows(weight)
+    return q, scale.squeeze(1)
+
+
+class Int8Linear(nn.Module):
+    """``y = x @ W.T + b`` with W stored as int8 and per-channel scales; input quantised on the fly.
+
+    Build one with :meth:`from_float` (quantises an ``nn.Linear``) or ``Int8Linear(I, O, bias=...)``
+    (zeros, to be filled by ``load_state_dict``). State dict: ``weight`` (O, I) int8,
+    ``weight_scale`` (O,) float32, ``bias`` (O,) float32 when there is one. Not trainable; gradients
+    flow to the input (straight through the activation rounding).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> Int8Linear:
+        """The int8 version of ``linear`` (on its device)."""
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        q, scale = quantize_weight(linear.weight)
+        new.weight, new.weight_scale = q, scale
+        if linear.bias is not None:
+            new.bias = linear.bias.detach().float().clone()
+        return new
+
+    def dequantized_weight(self) -> Tensor:
+        """The float (O, I) weight the int8 values and scales stand for."""
+        return self.weight.float() * self.weight_scale[:, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., I) -> (..., O), in ``x``'s dtype."""
+        flat = x.reshape(-1, self.in_features)  # (N, I)
+        xq, x_scale = quantize_rows(flat)  # (N, I) int8, (N, 1)
+        if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+            acc = torch._int_mm(xq, self.weight.t()).float()  # (N, O), exact int32 sums
+        else:  # other devices, and gradients: the same sums in float (exact while |sum| < 2**24)
+            acc = xq.float() @ self.weight.float().t()  # (N, O)
+            acc = acc + (flat.float() / x_scale - (flat.float() / x_scale).detach()) @ self.weight.float().t()
+        y = acc * x_scale * self.weight_scale  # (N, O)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"

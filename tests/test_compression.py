@@ -1,0 +1,300 @@
+"""maskattn compress: int8 linear layers and pruned attention heads (issue 18, part 1).
+
+Oracles: the float Linear (int8 is close to it and equal to its own float simulation), the unpruned
+model with the pruned heads gated to zero (equal to the pruned model before fine-tuning), and the
+model before saving (equal to the one `maskattn.load` reads back).
+"""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import maskattn
+from maskattn import compression, decoding
+from maskattn.cli import main
+from maskattn.io import MANIFEST, FormatError
+from maskattn.layers import Int8Linear, MultiHeadAttention
+from maskattn.models import compressed
+from maskattn.tasks.common import write_task
+from test_classification import _sentiment  # labelled sentences a tiny model learns
+
+
+# --- int8 ------------------------------------------------------------------------------------------
+def test_int8_linear_is_its_int8_product_and_close_to_float():
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 40)
+    q = Int8Linear.from_float(linear)
+    x = torch.randn(3, 7, 48)
+    with torch.no_grad():
+        y, ref = q(x), linear(x)
+    assert y.shape == (3, 7, 40) and q.weight.dtype == torch.int8 and q.weight_scale.shape == (40,)
+    # by hand: one symmetric scale per token and per output channel, integer sums
+    sx = x.abs().amax(-1, keepdim=True) / 127
+    sw = linear.weight.detach().abs().amax(-1) / 127
+    xq, wq = torch.round(x / sx), torch.round(linear.weight.detach() / sw[:, None])
+    torch.testing.assert_close(y, (xq.double() @ wq.double().T * sx * sw + linear.bias.detach()).float(),
+                               atol=1e-5, rtol=1e-5)
+    assert (y - ref).abs().max() < 0.02 * ref.abs().max()
+    x.requires_grad_(True)
+    with_grad = q(x)  # the float path, with the gradient straight through the rounding
+    torch.testing.assert_close(with_grad, y, atol=1e-5, rtol=1e-5)
+    with_grad.sum().backward()
+    torch.testing.assert_close(x.grad, q.dequantized_weight().sum(0).expand(3, 7, 48), atol=1e-5, rtol=1e-5)
+    empty = Int8Linear(48, 40)
+    empty.load_state_dict(q.state_dict())
+    with torch.no_grad():
+        assert torch.equal(empty(x), y)
+
+
+def test_an_int8_tokens_output_depends_on_that_token_alone():
+    """Per-token activation scales: no coupling through the batch or padding, unlike a per-tensor scale."""
+    torch.manual_seed(0)
+    q = Int8Linear.from_float(nn.Linear(16, 8))
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        alone = torch.cat([q(x[i : i + 1]) for i in range(4)])
+        spoiled = x.clone()
+        spoiled[3] = 1e4  # a huge "padding" row
+        assert torch.equal(q(x), alone) and torch.equal(q(spoiled)[:3], alone[:3])
+
+
+def test_an_int8_model_passes_the_mask_audit(tiny_transformer):
+    from maskattn.audit import audit_model
+
+    compressed.quantize_linears(tiny_transformer)
+    assert audit_model(tiny_transformer, length=6).ok
+
+
+@pytest.fixture
+def tiny_transformer():
+    torch.manual_seed(0)
+    return maskattn.Transformer(maskattn.TransformerConfig.preset("tiny")).eval()
+
+
+def _io(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 64, (2, 7), generator=g), torch.randint(3, 64, (2, 5), generator=g)
+
+
+def test_a_pruned_int8_transformer_saves_and_loads_equal(tmp_path, tiny_transformer):
+    model = tiny_transformer
+    compression.prune(model, {"encoder.layers.0.self_attn": [1, 3], "decoder.layers.1.cross_attn": [2]})
+    names = compressed.quantize_linears(model)
+    assert "out_proj" not in names and "encoder.layers.0.self_attn.q_proj" in names
+    src, tgt = _io()
+    with torch.no_grad():
+        before = model(src, tgt)
+    model.save(tmp_path / "m")
+    entry = json.loads((tmp_path / "m" / "config.json").read_text())["compression"]
+    assert entry["heads"] == {"encoder.layers.0.self_attn": 2, "decoder.layers.1.cross_attn": 1}
+    assert set(entry["int8"]) == set(names)
+    loaded = maskattn.load(tmp_path / "m").eval()
+    assert isinstance(loaded.encoder.layers[0].self_attn.q_proj, Int8Linear)
+    with torch.no_grad():
+        assert torch.equal(loaded(src, tgt), before)
+        cached = decoding.beam_search(loaded, src, beam_size=2, max_new_tokens=6)[0]
+        assert torch.equal(cached, decoding.beam_search(model, src, beam_size=2, max_new_tokens=6)[0])
+
+
+def test_an_int8_decoder_lm_generates_with_the_cache_as_without(tmp_path):
+    torch.manual_seed(0)
+    model = maskattn.DecoderLM(maskattn.DecoderLMConfig.preset("tiny", tie_output=False)).eval()
+    compressed.quantize_linears(model)
+    model.save(tmp_path / "lm")
+    loaded = maskattn.load(tmp_path / "lm").eval()
+    assert isinstance(loaded.lm_head, Int8Linear)
+    prompt = torch.randint(0, 64, (2, 4))
+    with torch.no_grad():
+        out = decoding.greedy(loaded, prompt, max_new_tokens=5)
+        ids = prompt
+        for _ in range(5):  # no cache: the whole sequence at every step
+            ids = torch.cat([ids, loaded(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ids[:, 4:])
+
+
+def test_a_compression_entry_that_does_not_fit_is_a_format_error(tmp_path, tiny_transformer):
+    tiny_transformer.save(tmp_path / "m")
+    config = tmp_path / "m" / "config.json"
+    meta = json.loads(config.read_text())
+    (tmp_path / "m" / MANIFEST).unlink()  # as written before manifests: the entry's own checks answer
+    for entry, expected in (({"heads": {"encoder.nope": 1}}, "not an attention module"),
+                            ({"heads": {"encoder.layers.0.self_attn": 9}}, "does not fit"),
+                            ({"int8": ["encoder.layers.0.self_attn"]}, "not a Linear module"),
+                            ({"sparse": True}, "unknown compression entries")):
+        config.write_text(json.dumps({**meta, "compression": entry}))
+        with pytest.raises(FormatError, match=expected):
+            maskattn.load(tmp_path / "m")
+
+
+# --- pruning -----------------------------------------------------------------------------------------
+def test_pruned_projections_have_the_expected_shapes():
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(32, 4, bias=True)  # head dim 8
+    x = torch.randn(2, 5, 32)
+    attn.prune_heads([3, 1])
+    assert (attn.num_heads, attn.num_kv_heads, attn.head_dim) == (2, 2, 8)
+    assert attn.q_proj.weight.shape == (16, 32) and attn.k_proj.weight.shape == (16, 32)
+    assert attn.v_proj.weight.shape == (16, 32) and attn.out_proj.weight.shape == (32, 16)
+    assert attn.q_proj.bias.shape == (16,) and attn.out_proj.bias.shape == (32,)
+    assert attn(x).shape == (2, 5, 32)
+
+    gqa = MultiHeadAttention(48, 6, num_kv_heads=3)  # groups {0,1} {2,3} {4,5}, head dim 8
+    gqa.prune_heads([4, 5, 0, 1])
+    assert (gqa.num_heads, gqa.num_kv_heads) == (4, 2)
+    assert gqa.q_proj.weight.shape == (32, 48) and gqa.k_proj.weight.shape == (16, 48)
+    assert gqa.out_proj.weight.shape == (48, 32)
+    with pytest.raises(ValueError, match="whole groups of 2 heads"):
+        MultiHeadAttention(48, 6, num_kv_heads=3).prune_heads([0, 2])
+    with pytest.raises(ValueError, match="distinct heads in"):
+        MultiHeadAttention(32, 4).prune_heads([])
+    with pytest.raises(ValueError, match="prune first"):
+        quantized = MultiHeadAttention(32, 4)
+        quantized.q_proj = Int8Linear.from_float(quantized.q_proj)
+        quantized.prune_heads([0])
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2], ids=["mha", "gqa"])
+def test_the_pruned_model_equals_the_unpruned_one_with_those_heads_masked(kv_heads):
+    torch.manual_seed(0)
+    model = maskattn.Transformer(maskattn.TransformerConfig.preset("tiny", num_kv_heads=kv_heads)).eval()
+    model.double()  # float64: the two sums differ only in rounding, far below the 1e-6 asked
+    keep = {"encoder.layers.0.self_attn": [0, 1], "encoder.layers.1.self_attn": [2, 3],
+            "decoder.layers.0.self_attn": [0, 1, 2, 3], "decoder.layers.0.cross_attn": [2, 3],
+            "decoder.layers.1.cross_attn": [0, 1]}
+    if kv_heads is None:
+        keep["decoder.layers.1.self_attn"] = [1, 2, 3]
+    gates = {name: torch.zeros(4).index_fill_(0, torch.tensor(heads), 1.0) for name, heads in keep.items()}
+    src, tgt = _io()
+    with torch.no_grad(), compression.head_gates(model, gates):
+        masked = model(src, tgt)
+    compression.prune(model, keep)
+    with torch.no_grad():
+        torch.testing.assert_close(model(src, tgt), masked, atol=1e-6, rtol=0)
+    assert model.encoder.layers[0].self_attn.k_proj.weight.shape == (2 * 8 if kv_heads is None else 8, 32)
+
+
+def _batches(model, count=3, seed=0):
+    """TrainingBatches of random copy pairs for a tiny Transformer (the loss of translation)."""
+    from maskattn.tasks.base import TrainingBatches
+    from maskattn.tasks.translation import sequence_loss
+
+    g = torch.Generator().manual_seed(seed)
+    data = [(torch.randint(3, 64, (4, 6), generator=g)) for _ in range(count)]
+
+    def collate(idx):
+        src = data[idx[0]]
+        tgt_in = torch.cat([torch.full((4, 1), 1), src], dim=1)
+        tgt_out = torch.cat([src, torch.full((4, 1), 2)], dim=1)
+        return {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out, "num_targets": tgt_out.numel()}
+
+    def loss(m, b):
+        return sequence_loss(m(b["src"], b["tgt_in"]), b["tgt_out"], 0, 0.0)
+
+    return TrainingBatches(plan=lambda epoch: [[i] for i in range(count)], collate=collate, loss=loss)
+
+
+def test_head_importance_is_the_loss_change_when_the_head_is_masked(tiny_transformer):
+    model, data = tiny_transformer, _batches(tiny_transformer)
+    batches = compression.first_batches(data, 2)
+    importance = compression.head_importance(model, data, batches)
+    assert set(importance) == set(model.attention_sites()) and importance["encoder.layers.1.self_attn"].shape == (4,)
+    base = compression.mean_loss(model, data, batches)
+    with compression.head_gates(model, {"decoder.layers.1.cross_attn": torch.tensor([1.0, 1.0, 0.0, 1.0])}):
+        by_hand = compression.mean_loss(model, data, batches) - base
+    assert importance["decoder.layers.1.cross_attn"][2].item() == pytest.approx(by_hand, abs=1e-9)
+
+
+def test_choose_heads_removes_the_least_important_and_keeps_one_per_module(tiny_transformer):
+    model = tiny_transformer
+    sites = list(model.attention_sites())  # 6 modules x 4 heads
+    importance = {name: torch.arange(4.0) + 10 * i for i, name in enumerate(sites)}
+    keep = compression.choose_heads(model, importance, 0.25)  # 6 of 24 heads: 3 of the first module, then 3 more
+    assert keep[sites[0]] == [3] and keep[sites[1]] == [3] and keep[sites[2]] == [0, 1, 2, 3]
+    assert sum(len(h) for h in keep.values()) == 18
+    everything = compression.choose_heads(model, importance, 0.99)
+    assert all(len(h) == 1 for h in everything.values())
+    with pytest.raises(ValueError, match=r"prune fraction must be in \[0, 1\), got 1.5"):
+        compression.choose_heads(model, importance, 1.5)
+
+
+def test_choose_heads_removes_whole_key_value_groups():
+    torch.manual_seed(0)
+    model = maskattn.EncoderModel(maskattn.EncoderConfig.preset("tiny", num_kv_heads=2))
+    sites = list(model.attention_sites())
+    importance = {name: torch.tensor([1.0 + i, 0.0]) for i, name in enumerate(sites)}
+    keep = compression.choose_heads(model, importance, 0.5)
+    assert keep == {name: [0, 1] for name in sites}  # group 1 (heads 2 and 3) of each module
+    compression.prune(model, keep)
+    assert all(model.get_submodule(n).num_kv_heads == 1 for n in sites)
+
+
+def test_finetune_lowers_the_loss(tiny_transformer):
+    model, data = tiny_transformer, _batches(tiny_transformer)
+    batches = compression.first_batches(data, 3)
+    before = compression.mean_loss(model, data, batches)
+    compression.finetune(model, data, steps=20, lr=3e-3, log=lambda _: None)
+    assert compression.mean_loss(model, data, batches) < before
+
+
+# --- the command ---------------------------------------------------------------------------------
+def _pairs(path: Path, n: int, rng: random.Random) -> Path:
+    words = ["".join(rng.choice("abcdef") for _ in range(rng.randint(2, 4))) for _ in range(n)]
+    path.write_text("".join(f"{w}\t{w[::-1]}\n" for w in words))
+    return path
+
+
+def _train(task: str, data: Path, out: Path, *settings: str) -> Path:
+    common = ['data.tokenizer="chars"', "data.max_tokens=512", "model.d_model=32", "model.d_ff=64",
+              "model.num_heads=4", "train.warmup=5", "train.lr=3e-3", "train.progress=false", "train.steps=40"]
+    sets = [arg for setting in (*common, *settings) for arg in ("--set", setting)]
+    flag = "--train-src" if task == "translation" else "--train"
+    assert main(["train", task, flag, str(data), "--out", str(out), *sets]) == 0
+    return out / "model"
+
+
+@pytest.mark.parametrize("task", ["translation", "classification"])
+def test_compress_from_the_cli_then_predict(tmp_path, capsys, task):
+    rng = random.Random(0)
+    if task == "translation":
+        data = _pairs(tmp_path / "train.tsv", 200, rng)
+        model = _train(task, data, tmp_path / "run", "model.num_encoder_layers=1", "model.num_decoder_layers=1",
+                       "decode.beam_size=2")
+        predict, inputs = ["translate"], ["abc", "fed"]
+    else:
+        data = _sentiment(tmp_path / "train.tsv", 200, rng)
+        model = _train(task, data, tmp_path / "run", "model.num_layers=2")
+        predict, inputs = ["classify"], ["the film was great", "a plot was awful"]
+    capsys.readouterr()
+    out = tmp_path / "small"
+    assert main(["compress", str(model), "--out", str(out), "--int8", "--prune-heads", "0.5", "--data", str(data),
+                 "--finetune-steps", "3", "--importance-batches", "2", "--max-tokens", "256"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["heads_after"] == result["heads_before"] // 2
+    assert result["linear_weight_bytes_after"] < result["linear_weight_bytes_before"] / 3.5  # int8 goal
+    assert result["file_bytes_after"] < result["file_bytes_before"]
+    entry = json.loads((out / "config.json").read_text())["compression"]
+    assert sum(entry["heads"].values()) + 4 * (len(result["kept_heads"]) - len(entry["heads"])) == result["heads_after"]
+    loaded = maskattn.load(out)
+    assert compression.heads(loaded) == result["heads_after"]
+    assert any(isinstance(m, Int8Linear) for m in loaded.modules())
+
+    assert main([*predict, str(out), *inputs]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert main(["evaluate", str(out), "--data", str(data)]) == 0
+    assert json.loads(capsys.readouterr().out)
+
+
+def test_compress_refusals(tmp_path, capsys, tiny_transformer):
+    model = tmp_path / "m"
+    tiny_transformer.save(model)
+    write_task(model, {"task": "translation"})
+    cases = ((["--out", str(tmp_path / "o")], "nothing to do"),
+             (["--out", str(model), "--int8"], "must differ"),
+             (["--out", str(tmp_path / "o"), "--prune-heads", "0.5"], "needs the task's training data"))
+    for args, expected in cases:
+        assert main(["compress", str(model), *args]) == 2
+        assert expected in capsys.readouterr().err
