@@ -88,6 +88,9 @@ def rows_seeing(mask: Mask, keys: Tensor, *, heads: int, q_len: int, q_offset: i
         seen = (count.gather(-1, hi) - count.gather(-1, lo.minimum(hi))) > 0
         return seen[..., None]  # (B, H, Lq, 1)
     flags = keys.to(torch.float32)[..., None]  # (B, H, Lk, 1)
+    if torch.compiler.is_compiling():  # a traced graph cannot loop over a symbolic Lq (export would fix it)
+        allowed = mask.to_dense(q_len, k_len, q_offset=q_offset, device=keys.device)  # (B|1, H|1, Lq, Lk)
+        return ((allowed.to(torch.float32) @ flags) > 0).expand(batch, heads, q_len, 1)
     step = max(1, DENSE_CHUNK // max(k_len, 1))
     parts = []
     for start in range(0, q_len, step):
