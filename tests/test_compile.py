@@ -39,6 +39,7 @@ CASES = {
     "lm-lengths-rope": (lambda b: _lm(b, positions="rope"), lambda m: m(IDS, lengths=torch.tensor([12, 7]))),
     "lm-pad-ids": (_lm, lambda m: m(IDS)),
     "lm-documents": (_lm, lambda m: m(IDS, doc_ids=DOCS)),
+    "lm-window-documents": (lambda b: _lm(b, sliding_window=4), lambda m: m(IDS, doc_ids=DOCS)),
     "encoder-padding": (_encoder, lambda m: m(IDS, lengths=torch.tensor([12, 5]))),
     "transformer-padding": (_transformer, lambda m: m(IDS, IDS[:, :9], src_lengths=torch.tensor([12, 9]),
                                                       tgt_lengths=torch.tensor([9, 4]))),

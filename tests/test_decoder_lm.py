@@ -89,3 +89,109 @@ def test_bad_doc_ids_name_the_argument():
     model = DecoderLM(DecoderLMConfig.preset("tiny"))
     with pytest.raises(ValueError, match="doc_ids must have the shape of input_ids"):
         model(torch.zeros(2, 5, dtype=torch.long), doc_ids=torch.zeros(2, 4, dtype=torch.long))
+
+
+# --- sliding-window models and their KV cache ------------------------------------------------------
+def _window_lm(positions="learned", window=8):
+    torch.manual_seed(0)
+    return DecoderLM(DecoderLMConfig.preset("tiny", max_len=256, sliding_window=window, positions=positions)).eval()
+
+
+class _FullCache(torch.nn.Module):
+    """The same model decoding with the full KV cache (beam search cannot ask for it)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def begin_decoding(self, *args, **kw):
+        return self.model.begin_decoding(*args, **kw, full_cache=True)
+
+    def step(self, *args):
+        return self.model.step(*args)
+
+
+def test_sliding_window_forward_is_the_causal_window_mask():
+    from maskattn import masks
+
+    model = _window_lm(window=4)
+    ids = torch.randint(0, 64, (2, 20))
+    seen = []
+    hook = model.decoder.layers[0].self_attn.attend.register_forward_hook(lambda m, a, o: seen.append(a[3]))
+    model(ids)
+    hook.remove()
+    assert masks.structure(seen[0]).window == 4 and masks.structure(seen[0]).causal
+    # Each layer reaches W - 1 positions further back: token 0 changes no logit from 2 * 3 + 1 = 7 on.
+    changed = ids.clone()
+    changed[:, 0] = (ids[:, 0] + 1) % 64
+    diff = (model(ids) - model(changed)).abs().amax(dim=(0, 2))  # (L,)
+    assert diff[7:].max() == 0 and diff[6] > 0
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_window_cache_generation_equals_full_cache_and_full_forward(positions):
+    from maskattn import decoding
+
+    model, window, new = _window_lm(positions), 8, 150
+    prompt = torch.randint(1, 64, (3, 12))  # longer than the window: the prefill keeps its last W slots
+    state, logits = model.begin_decoding(prompt, max_new_tokens=new)
+    full_state, full_logits = model.begin_decoding(prompt, max_new_tokens=new, full_cache=True)
+    assert torch.allclose(logits, full_logits, atol=1e-6)
+    tokens = [logits.argmax(-1)]
+    for _ in range(new - 1):
+        step = model.step(state, tokens[-1][:, None])[:, -1]
+        assert torch.allclose(step, model.step(full_state, tokens[-1][:, None])[:, -1], atol=1e-6)
+        for cache in state.caches:
+            assert cache.k.shape[2] <= window and cache.v.shape[2] <= window
+        tokens.append(step.argmax(-1))
+    tokens = torch.stack(tokens, dim=1)
+    assert torch.equal(decoding.greedy(model, prompt, max_new_tokens=new), tokens)
+    forward = model(torch.cat([prompt, tokens], dim=1))[:, prompt.shape[1] - 1 : -1]  # (B, new, V)
+    assert torch.equal(forward.argmax(-1), tokens)
+    assert torch.allclose(forward[:, -1], step, atol=1e-5)
+
+
+def test_window_cache_with_padded_prompts_decodes_each_row_as_alone():
+    from maskattn import decoding
+
+    model = _window_lm()
+    prompt, lengths = torch.randint(1, 64, (3, 12)), torch.tensor([12, 3, 9])
+    batch = decoding.greedy(model, prompt, lengths, max_new_tokens=40)
+    for b in range(3):
+        alone = decoding.greedy(model, prompt[b : b + 1, : lengths[b]], max_new_tokens=40)
+        assert torch.equal(batch[b : b + 1], alone)
+    beams = decoding.beam_search(model, prompt, lengths, beam_size=3, max_new_tokens=30)
+    full = decoding.beam_search(_FullCache(model), prompt, lengths, beam_size=3, max_new_tokens=30)
+    assert torch.equal(beams[0], full[0]) and torch.allclose(beams[1], full[1], atol=1e-5)
+    gen = torch.Generator().manual_seed(3)
+    drawn = decoding.sample(model, prompt, lengths, max_new_tokens=30, generator=gen)
+    gen = torch.Generator().manual_seed(3)
+    assert torch.equal(drawn, decoding.sample(_FullCache(model), prompt, lengths, max_new_tokens=30, generator=gen))
+
+
+def test_window_cache_keeps_the_last_slots_only():
+    from maskattn.layers import SlidingWindowKVCache
+
+    cache = SlidingWindowKVCache(1, 1, 2, 3)
+    k = torch.arange(14.0).view(1, 1, 7, 2)
+    keys, _ = cache.update(k[:, :, :5], k[:, :, :5])
+    assert torch.equal(keys, k[:, :, :5]) and torch.equal(cache.k, k[:, :, 2:5]) and cache.first_key(1) == 3
+    keys, _ = cache.update(k[:, :, 5:6], k[:, :, 5:6])
+    assert torch.equal(keys, k[:, :, 3:6]) and cache.length == 6
+    with pytest.raises(ValueError, match="capacity"):
+        SlidingWindowKVCache(1, 1, 2, 0)
+
+
+def test_sliding_window_config_round_trips_and_names_bad_values(tmp_path):
+    from maskattn.models import load, save
+
+    model = _window_lm(window=5)
+    save(model, tmp_path)
+    loaded = load(tmp_path)
+    assert loaded.config.sliding_window == 5
+    ids = torch.randint(0, 64, (1, 30))
+    assert torch.equal(loaded(ids), model(ids))
+    with pytest.raises(ValueError, match=r"sliding_window must be None or a positive int, got 0"):
+        DecoderLMConfig.preset("tiny", sliding_window=0)
+    with pytest.raises(ValueError, match="window_slots"):
+        DecoderLM(DecoderLMConfig.preset("tiny")).start(1, max_len=8, window_slots=4)

@@ -4,7 +4,7 @@ from maskattn.layers.decoder_layer import DecoderLayer
 from maskattn.layers.embedding import TokenEmbedding
 from maskattn.layers.encoder_layer import EncoderLayer
 from maskattn.layers.feedforward import FeedForward
-from maskattn.layers.kv_cache import KVCache
+from maskattn.layers.kv_cache import KVCache, SlidingWindowKVCache
 from maskattn.layers.mha import Attend, MultiHeadAttention
 from maskattn.layers.norm import NORMS, RMSNorm, make_norm
 from maskattn.layers.positions import (
@@ -31,6 +31,7 @@ __all__ = [
     "Residual",
     "RotaryEmbedding",
     "SinusoidalPositions",
+    "SlidingWindowKVCache",
     "TokenEmbedding",
     "apply_rope",
     "make_norm",

@@ -1,6 +1,12 @@
 """Key/value cache for incremental decoding.
 
-Shape legend: B batch, Hkv key/value heads, T cache capacity, Lk keys so far, L new keys, D head dim.
+Shape legend: B batch, Hkv key/value heads, T cache capacity, Lk keys so far, L new keys, D head dim,
+C window capacity.
+
+Two caches with one interface (``update``, ``length``, ``first_key``, ``reorder``): :class:`KVCache`
+keeps every position; :class:`SlidingWindowKVCache` keeps only the last C slots, for models whose
+attention is ``causal() & sliding_window(W)`` (C >= W), so its memory stays O(C) however long the
+generation runs.
 """
 
 from __future__ import annotations
@@ -53,6 +59,10 @@ class KVCache(nn.Module):
         self.pos.fill_(end)
         return self.k[:, :, :end], self.v[:, :, :end]  # (B, Hkv, Lk, D)
 
+    def first_key(self, new: int) -> int:
+        """The slot of the first key ``update`` returns when ``new`` keys arrive: always 0 here."""
+        return 0
+
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (B',), e.g. the surviving beams of beam search."""
         self.k = self.k.index_select(0, index)
@@ -60,3 +70,46 @@ class KVCache(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.k.shape)}, length={self.length}"
+
+
+class SlidingWindowKVCache(KVCache):
+    """Keys and values of the last ``capacity`` slots only (a roll: the oldest slot drops out).
+
+    ``update(k, v)`` returns the keys a sliding-window query can still see: the last ``capacity - 1``
+    cached slots followed by the L new ones (all of them while fewer are cached), so a one-token step
+    attends to at most ``capacity`` keys; ``first_key(L)`` is the slot of the first returned key, and
+    ``length`` counts every slot seen, as :class:`KVCache`'s does. With a window of W positions and
+    prompts without padding, ``capacity = W`` suffices; right-padded prompts need W plus the longest
+    padding run, which slots hold but positions skip.
+
+    Args:
+        batch, num_kv_heads, head_dim, dtype, device: as for :class:`KVCache`.
+        capacity: slots kept, C.
+    """
+
+    def __init__(self, batch: int, num_kv_heads: int, head_dim: int, capacity: int, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+        super().__init__(batch, num_kv_heads, head_dim, capacity, dtype=dtype, device=device)
+
+    def first_key(self, new: int) -> int:
+        return max(0, self.length - self.max_len + 1)
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append (B, Hkv, L, D) keys and values; return the visible ones, each (B, Hkv, <= C - 1 + L, D)."""
+        if k.shape != v.shape or k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3]:
+            raise ValueError(
+                f"k and v must be (B, Hkv, L, D) = ({self.k.shape[0]}, {self.k.shape[1]}, L, {self.k.shape[3]}), "
+                f"got {tuple(k.shape)} and {tuple(v.shape)}"
+            )
+        seen, cap = self.length, self.max_len
+        kept = min(seen, cap)
+        visible = min(kept, cap - 1)
+        keys = torch.cat([self.k[:, :, kept - visible : kept], k], dim=2)  # (B, Hkv, visible + L, D)
+        values = torch.cat([self.v[:, :, kept - visible : kept], v], dim=2)
+        store = min(cap, kept + k.shape[2])  # <= visible + L: the newest ``store`` keys are all in ``keys``
+        self.k[:, :, :store] = keys[:, :, keys.shape[2] - store :]
+        self.v[:, :, :store] = values[:, :, values.shape[2] - store :]
+        self.pos.fill_(seen + k.shape[2])
+        return keys, values  # (B, Hkv, Lk, D)

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from maskattn.layers import KVCache, LearnedPositions, RotaryEmbedding, SinusoidalPositions, TokenEmbedding, make_norm
+from maskattn.layers import (
+    KVCache,
+    LearnedPositions,
+    RotaryEmbedding,
+    SinusoidalPositions,
+    SlidingWindowKVCache,
+    TokenEmbedding,
+    make_norm,
+)
 from maskattn.models.config import BlockConfig
 
 
@@ -149,6 +157,7 @@ class DecodeState:
     next_pos: Tensor  # (B,) position id of each row's next token
     memory_kv: list[tuple[Tensor, Tensor]] | None = None  # encoder keys/values per layer, (B, Hkv, Ls, D)
     memory_valid: Tensor | None = None  # (B, Ls) bool, real source tokens
+    key_pos: Tensor | None = None  # (B, T) position id of every slot (sliding-window masks read it)
 
     @property
     def length(self) -> int:
@@ -165,17 +174,25 @@ class DecodeState:
             self.memory_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.memory_kv]
         if self.memory_valid is not None:
             self.memory_valid = self.memory_valid.index_select(0, index)
+        if self.key_pos is not None:
+            self.key_pos = self.key_pos.index_select(0, index)
 
 
-def new_state(stack: Stack, batch: int, max_len: int, like: Tensor) -> DecodeState:
-    """Empty caches for every layer of ``stack`` (decoder layers), on ``like``'s device and dtype."""
+def new_state(stack: Stack, batch: int, max_len: int, like: Tensor, *, window: int | None = None) -> DecodeState:
+    """Empty caches for every layer of ``stack`` (decoder layers), on ``like``'s device and dtype.
+
+    With ``window``, each cache is a :class:`SlidingWindowKVCache` of ``window`` slots (capped at ``max_len``).
+    """
     caches = []
     for layer in stack.layers:
         attn = layer.self_attn
-        caches.append(KVCache(batch, attn.num_kv_heads, attn.head_dim, max_len, dtype=like.dtype, device=like.device))
+        shape = (batch, attn.num_kv_heads, attn.head_dim, max_len if window is None else min(window, max_len))
+        kind = KVCache if window is None else SlidingWindowKVCache
+        caches.append(kind(*shape, dtype=like.dtype, device=like.device))
     key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=like.device)
     next_pos = torch.zeros(batch, dtype=torch.long, device=like.device)
-    return DecodeState(caches, key_valid, next_pos)
+    key_pos = torch.zeros(batch, max_len, dtype=torch.long, device=like.device)
+    return DecodeState(caches, key_valid, next_pos, key_pos=key_pos)
 
 
 def advance(state: DecodeState, tokens: Tensor, lengths: Tensor | None) -> tuple[Tensor, int]:
@@ -191,5 +208,7 @@ def advance(state: DecodeState, tokens: Tensor, lengths: Tensor | None) -> tuple
     real = torch.ones_like(tokens, dtype=torch.bool) if real is None else real
     state.key_valid[:, start : start + length] = real
     positions = state.next_pos[:, None] + torch.arange(length, device=tokens.device)  # (B, L)
+    if state.key_pos is not None:
+        state.key_pos[:, start : start + length] = positions
     state.next_pos = state.next_pos + real.sum(dim=1)
     return positions, start

@@ -158,6 +158,7 @@ class DecoderLMConfig(BlockConfig):
     tie_output: bool = True  # output projection = token embedding matrix
     bos_id: int | None = None  # optional start token (decoding starts from the prompt)
     eos_id: int | None = None  # end of sequence, stops generation
+    sliding_window: int | None = None  # attend to the last W positions only (causal & sliding_window(W)); None = all
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(vocab_size=64, d_model=32, num_heads=4, d_ff=64, num_layers=2, max_len=64),
@@ -171,6 +172,9 @@ class DecoderLMConfig(BlockConfig):
         super().__post_init__()
         self._check_ids("bos_id", "eos_id", self.vocab_size)
         check_distinct(self)
+        w = self.sliding_window
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+            raise ValueError(f"sliding_window must be None or a positive int, got {w!r}")
 
 
 @dataclass

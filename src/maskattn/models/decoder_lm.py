@@ -5,6 +5,10 @@ Shape legend: B batch, L sequence length, E d_model, V vocabulary.
 Packed training rows pass ``doc_ids``: attention is then causal within each document only
 (``causal() & document(doc_ids)``) and positions restart at 0 in every document, so a packed row
 computes exactly what its documents would compute one by one.
+
+A model with ``config.sliding_window = W`` attends to the last W positions only
+(``causal() & sliding_window(W)``, in training, packed rows and decoding alike); decoding then keeps a
+:class:`~maskattn.layers.SlidingWindowKVCache` of about W slots per layer instead of the whole history.
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ class DecoderLM(Persistent, Summary, nn.Module):
             (B, L, V) logits.
         """
         valid = key_valid(input_ids, lengths, self.config.pad_id, "input_ids")
-        mask = masks.causal()
+        mask = self._causal()
         positions = default_positions(input_ids)
         if valid is not None:
             mask = mask & masks.padding(valid)
@@ -97,25 +101,65 @@ class DecoderLM(Persistent, Summary, nn.Module):
                     ProbeCheck("layers", (*tokens, "doc_ids"))))
 
     # --- incremental decoding ---------------------------------------------------------------------
-    def start(self, batch: int, *, max_len: int) -> DecodeState:
-        """Empty caches for ``batch`` rows of up to ``max_len`` tokens."""
-        return new_state(self.decoder, batch, max_len, self.embed.tokens.weight)
+    def _causal(self) -> masks.Mask:
+        w = self.config.sliding_window
+        return masks.causal() if w is None else masks.causal() & masks.sliding_window(w)
+
+    def start(self, batch: int, *, max_len: int, window_slots: int | None = None) -> DecodeState:
+        """Empty caches for ``batch`` rows of up to ``max_len`` tokens.
+
+        Args:
+            window_slots: keep only this many slots per cache (a sliding-window model needs at least
+                its window plus the longest padding run of the prompts); None = every slot.
+        """
+        w = self.config.sliding_window
+        if window_slots is not None and (w is None or window_slots < w):
+            raise ValueError(f"window_slots ({window_slots}) needs a sliding-window model with a window <= it, "
+                             f"got sliding_window={w}")
+        return new_state(self.decoder, batch, max_len, self.embed.tokens.weight, window=window_slots)
 
     def step(self, state: DecodeState, tokens: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Feed (B, L) new tokens (the first ``lengths[b]`` real); return their logits (B, L, V)."""
+        first = state.caches[0].first_key(tokens.shape[1])
         positions, offset = advance(state, tokens, lengths)
         x, rope = self.embed(tokens, positions)
-        mask = masks.causal() & masks.padding(state.key_valid[:, : offset + tokens.shape[1]])
-        h = self.decoder(x, mask=mask, rope=rope, caches=state.caches, q_offset=offset)
+        end = offset + tokens.shape[1]
+        if self.config.sliding_window is None or offset == 0:  # slots are positions: the training mask
+            mask = self._causal() & masks.padding(state.key_valid[:, first:end])
+        else:  # right-padded prompts leave gaps: the window counts positions, not slots
+            mask = window_mask(positions, state.key_pos[:, first:end], state.key_valid[:, first:end],
+                               self.config.sliding_window, offset - first)
+        h = self.decoder(x, mask=mask, rope=rope, caches=state.caches, q_offset=offset - first)
         return self.lm_head(h)
 
     def begin_decoding(self, prompt: Tensor, lengths: Tensor | Sequence[int] | None = None, *,
-                       max_new_tokens: int) -> tuple[DecodeState, Tensor]:
-        """Run the (B, P) right-padded prompts; return the state and each row's next-token logits (B, V)."""
+                       max_new_tokens: int, full_cache: bool = False) -> tuple[DecodeState, Tensor]:
+        """Run the (B, P) right-padded prompts; return the state and each row's next-token logits (B, V).
+
+        A sliding-window model decodes with a :class:`~maskattn.layers.SlidingWindowKVCache` unless
+        ``full_cache`` is True.
+        """
         valid = key_valid(prompt, lengths, self.config.pad_id, "prompt")
         lengths = valid.sum(dim=1) if valid is not None else None
-        state = self.start(prompt.shape[0], max_len=prompt.shape[1] + max_new_tokens)
+        slots = None
+        if self.config.sliding_window is not None and not full_cache:
+            gap = prompt.shape[1] - int(lengths.min()) if lengths is not None and lengths.numel() else 0
+            slots = self.config.sliding_window + gap
+        state = self.start(prompt.shape[0], max_len=prompt.shape[1] + max_new_tokens, window_slots=slots)
         logits = self.step(state, prompt, lengths)  # (B, P, V)
         last = (lengths - 1) if lengths is not None else prompt.new_full((prompt.shape[0],), prompt.shape[1] - 1)
         return state, logits[torch.arange(prompt.shape[0], device=prompt.device), last]
 
+
+def window_mask(q_pos: Tensor, k_pos: Tensor, k_valid: Tensor, window: int, q_offset: int) -> masks.Mask:
+    """``causal & sliding_window(window)`` over position ids rather than slots, as a tensor mask.
+
+    Args:
+        q_pos: (B, L) positions of the queries; k_pos, k_valid: (B, Lk) positions and validity of the keys.
+        window, q_offset: the window W and the slot of the first query among the keys.
+    """
+    diff = q_pos[:, :, None] - k_pos[:, None, :]  # (B, L, Lk)
+    allowed = k_valid[:, None, :] & (diff >= 0) & (diff < window)  # (B, L, Lk)
+    if q_pos.shape[1] > 1:  # a tensor mask's rows are absolute: rows before q_offset are never read
+        allowed = torch.cat([allowed.new_zeros(allowed.shape[0], q_offset, allowed.shape[2]), allowed], dim=1)
+    return masks.from_tensor(allowed[:, None])  # (B, 1, Lq, Lk)

@@ -1,0 +1,25 @@
+"""Smoke run of benchmarks/end_to_end.py at --tiny sizes: it runs and writes every figure (no timing checked)."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import end_to_end
+
+
+def test_tiny_run_writes_every_comparison(tmp_path):
+    out = tmp_path / "e2e.json"
+    end_to_end.main(["--tiny", "--modes", "eager", "--parts", "train,generate", "--json", str(out)])
+    results = json.loads(out.read_text())
+    assert max(results["logits"].values()) < 1e-5  # the same weights in both models
+    assert set(results["train"]) == {"plain", "packed"}
+    assert set(results["train"]["packed"]) == {"maskattn-eager", "hf-eager"}
+    assert set(results["generate"]) == {"1", "2"} and results["generate"]["1"]["same_tokens"] == 1.0
+
+
+def test_tiny_cache_child_keeps_the_window():
+    args = end_to_end.parse(["--tiny"])
+    row = json.loads(end_to_end.cache_memory_here("window", 64, 8, args))
+    assert row["slots"] == 8 and row["peak_mb"] >= 0
