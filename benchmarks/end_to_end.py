@@ -266,10 +266,11 @@ def report(results: dict) -> None:
     for row, speeds in results.get("train", {}).items():
         print(f"train {row:6s} " + "  ".join(f"{k} {v:9.0f} tok/s" for k, v in speeds.items()))
         for mode in ("eager", "compiled"):
-            if f"maskattn-{mode}" in speeds:
-                print(f"  maskattn-{mode} / hf-eager = {speeds[f'maskattn-{mode}'] / speeds['hf-eager']:.2f}x"
-                      + (f", / hf-{mode} = {speeds[f'maskattn-{mode}'] / speeds[f'hf-{mode}']:.2f}x"
-                         if mode != "eager" else ""))
+            ours = speeds.get(f"maskattn-{mode}")
+            ratios = [f"/ {ref} = {ours / speeds[ref]:.2f}x" for ref in dict.fromkeys(("hf-eager", f"hf-{mode}"))
+                      if ours is not None and ref in speeds]  # --modes compiled alone has no eager HF row
+            if ratios:
+                print(f"  maskattn-{mode} " + ", ".join(ratios))
     for batch, speeds in results.get("generate", {}).items():
         print(f"generate B={batch}: maskattn {speeds['maskattn']:.1f} tok/s, hf {speeds['hf']:.1f} tok/s, "
               f"{speeds['maskattn'] / speeds['hf']:.2f}x, same tokens {speeds['same_tokens']:.0%}")
