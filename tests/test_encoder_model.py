@@ -85,3 +85,25 @@ def test_missing_heads_and_bad_masks_are_clear_errors():
         model.span_logits(ids)
     with pytest.raises(ValueError, match="attention_mask must have the shape of input_ids"):
         model(ids, torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("pooler", [False, True])
+def test_mean_pooling_averages_the_real_tokens_only(pooler):
+    """Oracle: the mean of forward()'s hidden states over the real positions, computed row by row."""
+    torch.manual_seed(0)
+    cfg = EncoderConfig.preset("tiny", num_labels=3, pooling="mean", pooler=pooler, dropout=0.0, attention_dropout=0.0)
+    model = EncoderModel(cfg).eval()
+    ids = torch.randint(3, cfg.vocab_size, (3, 7))
+    lengths = torch.tensor([7, 4, 1])
+    hidden = model(ids, lengths=lengths)
+    pooled = torch.stack([hidden[i, :n].mean(0) for i, n in enumerate(lengths.tolist())])
+    if pooler:
+        pooled = torch.tanh(model.pooler(pooled))
+    torch.testing.assert_close(model.classify(ids, lengths=lengths), model.classifier(pooled))
+    # a padded row classifies like the same row alone
+    torch.testing.assert_close(model.classify(ids[1:2, :4]), model.classify(ids, lengths=lengths)[1:2])
+
+
+def test_unknown_pooling_is_a_clear_error():
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        EncoderConfig.preset("tiny", pooling="max")

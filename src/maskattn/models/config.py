@@ -177,6 +177,9 @@ class DecoderLMConfig(BlockConfig):
             raise ValueError(f"sliding_window must be None or a positive int, got {w!r}")
 
 
+POOLINGS = ("first", "mean")
+
+
 @dataclass
 class EncoderConfig(BlockConfig):
     """BERT-style encoder with optional sequence-classification and span-QA heads."""
@@ -188,7 +191,8 @@ class EncoderConfig(BlockConfig):
     norm_eps: float = 1e-12  # BERT's LayerNorm epsilon
     type_vocab_size: int = 2  # token type (segment) ids; 0 = no token type embeddings
     embed_norm: bool = True  # LayerNorm on the summed embeddings (BERT)
-    pooler: bool = True  # tanh(Linear(hidden of the first token)) as the sequence summary (BERT)
+    pooler: bool = True  # tanh(Linear(pooled hidden state)) as the sequence summary (BERT)
+    pooling: str = "first"  # summary: first (the [CLS] token, BERT) | mean (of real tokens, sentence-transformers)
     num_labels: int = 0  # classes of the classification head; 0 = no classification head
     span_head: bool = False  # start/end logits head for extractive QA
 
@@ -205,6 +209,8 @@ class EncoderConfig(BlockConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
 
 
 def check_distinct(config: BlockConfig) -> None:

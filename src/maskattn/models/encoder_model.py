@@ -22,7 +22,8 @@ from maskattn.models.summary import Summary
 class EncoderModel(Persistent, Summary, nn.Module):
     """Bidirectional encoder. ``forward`` gives the last hidden states (B, L, E).
 
-    ``classify`` gives (B, C) class logits from the pooled first token (``config.num_labels`` > 0);
+    ``classify`` gives (B, C) class logits from the pooled sequence, its first token or the mean of its
+    real tokens (``config.pooling``; ``config.num_labels`` > 0);
     ``span_logits`` gives start and end logits over the positions (``config.span_head``).
     """
 
@@ -64,17 +65,23 @@ class EncoderModel(Persistent, Summary, nn.Module):
         mask = masks.padding(valid) if valid is not None else None
         return self.encoder(x, mask=mask, rope=rope, return_weights=return_weights)
 
-    def pool(self, hidden: Tensor) -> Tensor:
-        """(B, L, E) -> (B, E): the first token's state, through tanh(pooler) when there is one."""
-        first = hidden[:, 0]
-        return torch.tanh(self.pooler(first)) if self.pooler is not None else first
+    def pool(self, hidden: Tensor, valid: Tensor | None = None) -> Tensor:
+        """(B, L, E) -> (B, E): the first token's state, or the mean over the real tokens (``valid``,
+        (B, L) bool; None = all) when ``config.pooling == "mean"``; through tanh(pooler) when there is one."""
+        if self.config.pooling == "mean":
+            weights = torch.ones_like(hidden[..., 0]) if valid is None else valid.to(hidden.dtype)  # (B, L)
+            summary = (hidden * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+        else:
+            summary = hidden[:, 0]
+        return torch.tanh(self.pooler(summary)) if self.pooler is not None else summary
 
     def classify(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
         """(B, C) class logits; ``kwargs`` as in :meth:`forward`."""
         if self.classifier is None:
             raise ValueError("this EncoderModel has no classification head; build it with config.num_labels > 0")
         hidden = self(input_ids, attention_mask, **kwargs)
-        return self.classifier(self.head_dropout(self.pool(hidden)))  # (B, C)
+        valid = self._valid(input_ids, attention_mask, kwargs.get("lengths"))  # (B, L) or None
+        return self.classifier(self.head_dropout(self.pool(hidden, valid)))  # (B, C)
 
     def span_logits(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> tuple[Tensor, Tensor]:
         """Start and end logits, each (B, L), for extractive QA; ``kwargs`` as in :meth:`forward`."""

@@ -52,10 +52,12 @@ class DataConfig:
     vocab_size: int = 8000  # from scratch: BPE vocabulary size
     max_len: int = 128  # longer texts are cut
     max_tokens: int = 4096  # padded tokens per batch
+    word_dropout: float = 0.0  # training only: each token (not [CLS]/[SEP]) is deleted with this probability
 
     def __post_init__(self) -> None:
         check_settings(self, {"tokenizer": ("one of", tuple(TOKENIZERS)), "vocab_size": ("int>=", 1),
-                              "max_len": ("int>=", 3), "max_tokens": ("int>=", 1)})
+                              "max_len": ("int>=", 3), "max_tokens": ("int>=", 1),
+                              "word_dropout": ("in", (0, 1, "[)"))})
 
 
 @dataclass
@@ -81,7 +83,9 @@ def build_tokenizer(cfg: ClassificationConfig, texts: Sequence[str]) -> Tokenize
 def build_model(cfg: ClassificationConfig, labels: list[str], tok: Tokenizer) -> EncoderModel:
     """The pretrained encoder with a new head of ``len(labels)`` classes, or a new model sized for ``tok``."""
     if cfg.data.pretrained:
-        return from_pretrained(cfg.data.pretrained, num_labels=len(labels))
+        model = from_pretrained(cfg.data.pretrained, num_labels=len(labels))
+        model.config = replace(model.config, pooling=cfg.model.pooling)  # the one model setting that applies
+        return model
     model_cfg = replace(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id, num_labels=len(labels),
                         max_len=max(cfg.model.max_len, cfg.data.max_len))
     return EncoderModel(model_cfg)
@@ -145,7 +149,10 @@ def train(cfg: ClassificationConfig, *, resume: bool = False, log=log_stderr) ->
     collate = partial(_collate, tok, ids, targets)
 
     def loss(m: nn.Module, b: dict[str, Any]) -> Tensor:
-        return F.cross_entropy(m(b["ids"], lengths=b["lengths"]).float(), b["labels"], reduction="sum")
+        x, n = b["ids"], b["lengths"]
+        if m.training and cfg.data.word_dropout:  # here, not in collate: the trainer seeds each step's RNG
+            x, n = drop_tokens(x, n, cfg.data.word_dropout, tok.pad_id)
+        return F.cross_entropy(m(x, lengths=n).float(), b["labels"], reduction="sum")
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         return score(predict(model, tok, labels, [t for t, _ in valid]), [label for _, label in valid])
@@ -156,6 +163,20 @@ def train(cfg: ClassificationConfig, *, resume: bool = False, log=log_stderr) ->
         plan=lambda epoch: bucket_batches(lengths, cfg.data.max_tokens, seed=cfg.train.seed, epoch=epoch),
         collate=collate, loss=loss, task={"task": "classification", "labels": labels, **fields},
     )
+
+
+def drop_tokens(ids: Tensor, lengths: Tensor, p: float, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Word dropout (Iyyer et al., 2015): each token between the first and the last of a row is deleted
+    with probability ``p``, keeping at least one; rows are re-padded. ids (B, L), lengths (B,)."""
+    rows = []
+    for row, n in zip(ids.tolist(), lengths.tolist(), strict=True):
+        inner = row[1 : n - 1]
+        keep = (torch.rand(len(inner)) >= p).tolist()
+        kept = [t for t, k in zip(inner, keep, strict=True) if k]
+        if inner and not kept:
+            kept = [inner[int(torch.randint(len(inner), ()))]]
+        rows.append([row[0], *kept, row[n - 1]] if n >= 2 else row[:n])
+    return pad(rows, pad_id)
 
 
 def _collate(tok: Tokenizer, ids: list[list[int]], targets: Tensor, idx: list[int]) -> dict[str, Any]:

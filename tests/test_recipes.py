@@ -1,0 +1,36 @@
+import torch
+from recipes import sst2_sentences
+
+from maskattn.tasks.classification import drop_tokens
+
+
+def test_sentence_split_holds_out_whole_sentences_and_their_phrases():
+    rows = [("a good film", "1"), ("good film", "1"), ("film", "1"), ("a bad plot", "0"), ("bad plot", "0"),
+            ("bad", "0"), ("good film", "1"), ("a good film .", "1"), ("plot", "0")]
+    # full sentences: rows inside no other row ("a good film" is inside "a good film .")
+    unique = list(dict.fromkeys(rows))
+    assert sorted(unique[i][0] for i in sst2_sentences.sentences(unique)) == ["a bad plot", "a good film ."]
+    for seed in range(4):
+        train, valid = sst2_sentences.split(rows, 1, seed=seed)
+        assert len(valid) == 1
+        held = f" {valid[0][0]} "
+        assert all(f" {t} " not in held for t, _ in train)  # nothing inside a held-out sentence trains
+        kept = {t for t, _ in rows if f" {t} " not in held}
+        assert {t for t, _ in train} == kept and len(train) == len(kept)  # the rest trains, duplicates once
+    # word-bounded: "art" is not inside "heart"
+    assert len(sst2_sentences.sentences([("art", "1"), ("heart", "1")])) == 2
+
+
+def test_word_dropout_keeps_the_ends_and_drops_at_its_rate():
+    torch.manual_seed(0)
+    ids = torch.tensor([[1, 5, 6, 7, 2, 0], [1, 8, 2, 0, 0, 0]])
+    lengths = torch.tensor([5, 3])
+    same, n = drop_tokens(ids, lengths, 0.0, 0)
+    assert torch.equal(same, ids[:, :5]) and torch.equal(n, lengths)
+    long = torch.tensor([[1, *range(10, 1010), 2]])
+    out, n = drop_tokens(long, torch.tensor([1002]), 0.3, 0)
+    kept = out[0, 1 : n[0] - 1]
+    assert out[0, 0] == 1 and out[0, n[0] - 1] == 2
+    assert 0.65 < len(kept) / 1000 < 0.75 and torch.all(kept[1:] > kept[:-1])  # order kept
+    out, n = drop_tokens(ids, lengths, 0.999, 0)
+    assert n.tolist() == [3, 3] and out[0, 1].item() in (5, 6, 7) and out[1].tolist() == [1, 8, 2]
