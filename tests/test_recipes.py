@@ -34,3 +34,17 @@ def test_word_dropout_keeps_the_ends_and_drops_at_its_rate():
     assert 0.65 < len(kept) / 1000 < 0.75 and torch.all(kept[1:] > kept[:-1])  # order kept
     out, n = drop_tokens(ids, lengths, 0.999, 0)
     assert n.tolist() == [3, 3] and out[0, 1].item() in (5, 6, 7) and out[1].tolist() == [1, 8, 2]
+
+
+def test_word_vectors_from_a_pretrained_encoder_start_a_new_model(tmp_path):
+    torch.manual_seed(0)
+    source = EncoderModel(EncoderConfig.preset("tiny"))
+    source.save(tmp_path / "enc")
+    model = EncoderModel(EncoderConfig.preset("tiny", num_layers=1, num_labels=2))
+    before = model.encoder.layers[0].self_attn.q_proj.weight.clone()
+    copy_word_vectors(model, str(tmp_path / "enc"))
+    assert torch.equal(model.embed.tokens.weight, source.embed.tokens.weight)
+    assert torch.equal(model.encoder.layers[0].self_attn.q_proj.weight, before)  # the rest stays new
+    wide = EncoderModel(EncoderConfig.preset("tiny", d_model=64, num_labels=2))
+    with pytest.raises(ValueError, match=r"set model.d_model=32"):
+        copy_word_vectors(wide, str(tmp_path / "enc"))

@@ -53,6 +53,7 @@ class DataConfig:
     max_len: int = 128  # longer texts are cut
     max_tokens: int = 4096  # padded tokens per batch
     word_dropout: float = 0.0  # training only: each token (not [CLS]/[SEP]) is deleted with this probability
+    embeddings: str = ""  # from scratch: a pretrained BERT directory whose tokenizer and word vectors start the model
 
     def __post_init__(self) -> None:
         check_settings(self, {"tokenizer": ("one of", tuple(TOKENIZERS)), "vocab_size": ("int>=", 1),
@@ -75,8 +76,8 @@ def encode(tok: Tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]
 
 def build_tokenizer(cfg: ClassificationConfig, texts: Sequence[str]) -> Tokenizer:
     """The pretrained encoder's tokenizer, or one of kind ``data.tokenizer`` trained on ``texts``."""
-    if cfg.data.pretrained:
-        return Tokenizer.load(cfg.data.pretrained)
+    if cfg.data.pretrained or cfg.data.embeddings:
+        return Tokenizer.load(cfg.data.pretrained or cfg.data.embeddings)
     return train_tokenizer(cfg.data.tokenizer, texts, vocab_size=cfg.data.vocab_size)
 
 
@@ -88,7 +89,22 @@ def build_model(cfg: ClassificationConfig, labels: list[str], tok: Tokenizer) ->
         return model
     model_cfg = replace(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id, num_labels=len(labels),
                         max_len=max(cfg.model.max_len, cfg.data.max_len))
-    return EncoderModel(model_cfg)
+    model = EncoderModel(model_cfg)
+    if cfg.data.embeddings:
+        copy_word_vectors(model, cfg.data.embeddings)
+    return model
+
+
+def copy_word_vectors(model: EncoderModel, directory: str) -> None:
+    """Start ``model``'s token embedding table from the one of the pretrained encoder in ``directory``
+    (the rest of ``model`` stays freshly initialised)."""
+    source = from_pretrained(directory).embed.tokens.weight  # (V, E')
+    target = model.embed.tokens.weight  # (V, E)
+    if source.shape != target.shape:
+        raise ValueError(f"data.embeddings ({directory}): word vectors of shape {tuple(source.shape)}, the model's "
+                         f"table is {tuple(target.shape)}; set model.d_model={source.shape[1]}")
+    with torch.no_grad():
+        target.copy_(source)
 
 
 def build(cfg: ClassificationConfig, labels: list[str], texts: Sequence[str]) -> tuple[EncoderModel, Tokenizer]:
@@ -233,5 +249,6 @@ TASK = register(Task(
     name="classification", config=ClassificationConfig, train=train, load=load, evaluate_file=evaluate_file,
     predict=Command("classify", "label texts with a trained classifier (arguments or stdin)",
                     _classify_arguments, _classify_command),
-    data_help="a labelled TSV/CSV/JSONL", paths=("train", "valid", "pretrained"), training_batches=training_batches,
+    data_help="a labelled TSV/CSV/JSONL", paths=("train", "valid", "pretrained", "embeddings"),
+    training_batches=training_batches,
 ))
