@@ -1,7 +1,9 @@
+import pytest
 import torch
 from recipes import sst2_sentences
 
-from maskattn.tasks.classification import drop_tokens
+from maskattn.models import EncoderConfig, EncoderModel
+from maskattn.tasks.classification import copy_word_vectors, drop_tokens
 
 
 def test_sentence_split_holds_out_whole_sentences_and_their_phrases():
