@@ -11,7 +11,8 @@ with ``transformers`` (``attn_implementation="sdpa"``), saved with ``save_pretra
   pack rows with SDPA), each model eager and ``torch.compile``'d (``--modes``).
 * ``generate``: tokens/s of greedy decoding, ``maskattn.decoding.greedy`` against HF ``generate(do_sample=False)``,
   batch sizes ``--gen-batches``, ``--prompt`` random prompt tokens, exactly ``--new`` new tokens (no early stop);
-  the share of equal tokens is printed beside the speed.
+  the share of equal tokens is printed beside the speed. With ``compiled`` in ``--modes``, also
+  ``greedy(..., compile=True)`` (a static KV cache and one ``torch.compile``'d step) as ``maskattn-compiled``.
 * ``long``: ``causal & sliding_window(--window)`` forward+backward on the blocked backend (benchmarks/attention.py's
   B=1, H=8, D=64) at each of ``--long-n``: seconds, T(largest) / T(smallest), and the extra peak RSS measured
   in a fresh subprocess as benchmarks/attention.py does.
@@ -145,7 +146,11 @@ def hf_greedy(hf, prompt: torch.Tensor, new: int) -> torch.Tensor:
 
 
 def bench_generate(ours, hf, args: argparse.Namespace) -> dict:
-    """Tokens/s of greedy decoding, per batch size, and the share of equal tokens."""
+    """Tokens/s of greedy decoding, per batch size, and the share of tokens equal to HF's.
+
+    ``maskattn`` is eager decoding; with ``compiled`` in ``--modes``, ``maskattn-compiled`` is
+    ``greedy(..., compile=True)`` (static KV cache, one compiled step; compiled during the warm-up).
+    """
     from maskattn import decoding
 
     ours.eval(), hf.eval()
@@ -154,11 +159,15 @@ def bench_generate(ours, hf, args: argparse.Namespace) -> dict:
         prompt = torch.randint(0, args.vocab, (batch, args.prompt), generator=torch.Generator().manual_seed(4))
         out: dict[str, torch.Tensor] = {}
         calls = {"maskattn": lambda p=prompt, o=out: o.update(
-                     maskattn=decoding.greedy(ours, p, max_new_tokens=args.new)),
-                 "hf": lambda p=prompt, o=out: o.update(hf=hf_greedy(hf, p, args.new))}
-        seconds = interleaved(calls, args.warmup, args.repeats)
-        same = (out["maskattn"] == out["hf"]).float().mean().item()
-        result[str(batch)] = {**{name: batch * args.new / s for name, s in seconds.items()}, "same_tokens": same}
+                     maskattn=decoding.greedy(ours, p, max_new_tokens=args.new))}
+        if "compiled" in args.modes:
+            calls["maskattn-compiled"] = lambda p=prompt, o=out: o.update(
+                {"maskattn-compiled": decoding.greedy(ours, p, max_new_tokens=args.new, compile=True)})
+        calls["hf"] = lambda p=prompt, o=out: o.update(hf=hf_greedy(hf, p, args.new))
+        seconds = interleaved(calls, max(args.warmup, 1) if "compiled" in args.modes else args.warmup, args.repeats)
+        same = {f"same_tokens{name[8:]}": (out[name] == out["hf"]).float().mean().item()
+                for name in calls if name != "hf"}  # same_tokens, same_tokens-compiled
+        result[str(batch)] = {**{name: batch * args.new / s for name, s in seconds.items()}, **same}
     return result
 
 
@@ -227,7 +236,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="small sizes for a smoke run (overrides the size flags)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
-    p.add_argument("--modes", default="eager,compiled", help="train: eager and/or compiled (torch.compile)")
+    p.add_argument("--modes", default="eager,compiled", help="train: eager and/or compiled (torch.compile); generate: "
+                   "compiled adds greedy(compile=True)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
@@ -272,8 +282,10 @@ def report(results: dict) -> None:
             if ratios:
                 print(f"  maskattn-{mode} " + ", ".join(ratios))
     for batch, speeds in results.get("generate", {}).items():
-        print(f"generate B={batch}: maskattn {speeds['maskattn']:.1f} tok/s, hf {speeds['hf']:.1f} tok/s, "
-              f"{speeds['maskattn'] / speeds['hf']:.2f}x, same tokens {speeds['same_tokens']:.0%}")
+        for name in ("maskattn", "maskattn-compiled"):
+            if name in speeds:
+                print(f"generate B={batch}: {name} {speeds[name]:.1f} tok/s, hf {speeds['hf']:.1f} tok/s, "
+                      f"{speeds[name] / speeds['hf']:.2f}x, same tokens {speeds['same_tokens' + name[8:]]:.0%}")
     long = results.get("long")
     if long:
         for n, row in long.items():

@@ -185,3 +185,50 @@ def test_trainer_compiles_the_model_in_place(tmp_path):
     assert trainer.model is model and model._compiled_call_impl is not None
     assert sorted(trainer.state()["model"]) == sorted(_lm("auto").state_dict())
     trainer.fit()
+
+
+# Greedy decoding on a static KV cache: one-token steps with fixed shapes, one graph for the whole generation.
+PROMPTS = {"one-row": (torch.tensor([[5, 9, 3, 7]]), torch.tensor([4])),
+           "padded-rows": (torch.tensor([[5, 9, 3, 7, 11, 2], [3, 4, 0, 0, 0, 0], [8, 6, 1, 9, 0, 0]]),
+                           torch.tensor([6, 2, 4]))}
+
+
+def _static_greedy(model, prompt, lengths, new, step):
+    with torch.no_grad():
+        state, logits = model.begin_decoding(prompt, lengths, max_new_tokens=new, static=True)
+        tokens = [logits.argmax(-1)]
+        for _ in range(new - 1):
+            tokens.append(step(model, state, tokens[-1][:, None]).argmax(-1))
+    return torch.stack(tokens, dim=1)  # (B, new)
+
+
+@pytest.mark.parametrize("case", sorted(PROMPTS))
+@pytest.mark.parametrize("kw", [{}, {"positions": "rope", "sliding_window": 3}], ids=["learned", "rope-window"])
+def test_static_decoding_step_is_one_graph_and_equals_eager(case, kw):
+    from maskattn import decoding
+
+    model = _lm("auto", **kw).eval()
+    prompt, lengths = PROMPTS[case]
+    with torch.no_grad():
+        state, logits = model.begin_decoding(prompt, lengths, max_new_tokens=4, static=True)
+        explained = _explain(decoding._last_logits, model, state, logits.argmax(-1)[:, None])
+    assert (explained.graph_count, explained.break_reasons) == (1, [])
+    dynamo.reset()
+    compiled = torch.compile(decoding._last_logits, fullgraph=True, backend=COMPILER)
+    eager = decoding.greedy(model, prompt, lengths, max_new_tokens=10)
+    assert torch.equal(_static_greedy(model, prompt, lengths, 10, compiled), eager)
+    assert torch.equal(_static_greedy(model, prompt, lengths, 7, compiled), eager[:, :7])  # the same graph
+
+
+@pytest.mark.slow
+def test_inductor_greedy_and_sample_equal_eager():
+    """``greedy``/``sample(compile=True)``: the default compiler end to end, batch 1 and padded rows."""
+    from maskattn import decoding
+
+    model = _lm("auto").eval()
+    for prompt, lengths in PROMPTS.values():
+        assert torch.equal(decoding.greedy(model, prompt, lengths, max_new_tokens=8, compile=True),
+                           decoding.greedy(model, prompt, lengths, max_new_tokens=8))
+        draws = [decoding.sample(model, prompt, lengths, max_new_tokens=8, top_k=5, compile=compile,
+                                 generator=torch.Generator().manual_seed(1)) for compile in (True, False)]
+        assert torch.equal(*draws)

@@ -220,3 +220,80 @@ def test_decoder_lm_beam_scores_are_the_full_forward_scores_of_its_outputs():
             logp = torch.log_softmax(model(row)[0, lengths[b] - 1 : -1], dim=-1)
         total = logp.gather(1, torch.tensor(new)[:, None]).sum()
         assert scores[b].item() == pytest.approx(total.item() / ((5 + len(new)) / 6) ** alpha, abs=1e-5)
+
+
+def _greedy_oracle(model, prompt, lengths, new):
+    """Greedy tokens of each row alone by full forwards without a cache: (B, new)."""
+    rows = []
+    with torch.no_grad():
+        for b in range(prompt.shape[0]):
+            seq = prompt[b, : lengths[b]].tolist()
+            for _ in range(new):
+                seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+            rows.append(seq[int(lengths[b]) :])
+    return torch.tensor(rows)
+
+
+LM_CASES = {  # batch 1; rows of one length (no padding); rows of different lengths (padding in the cache)
+    "one-row": (torch.tensor([[7, 3, 9, 4, 11]]), torch.tensor([5])),
+    "equal-rows": (torch.tensor([[7, 3, 9, 4, 11], [2, 8, 8, 5, 1]]), torch.tensor([5, 5])),
+    "padded-rows": (torch.tensor([[7, 3, 9, 4, 11, 6], [2, 8, 0, 0, 0, 0], [5, 1, 4, 9, 0, 0]]),
+                    torch.tensor([6, 2, 4])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LM_CASES))
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_greedy_equals_full_forward_argmax_eager_and_static(case, positions):
+    model = DecoderLM(DecoderLMConfig.preset("tiny", positions=positions, num_kv_heads=2)).eval()
+    prompt, lengths = LM_CASES[case]
+    expected = _greedy_oracle(model, prompt, lengths, 8)
+    assert torch.equal(decoding.greedy(model, prompt, lengths, max_new_tokens=8), expected)
+    # The static state (fixed shapes, what compile=True traces) run eagerly: same logits step by step.
+    with torch.no_grad():
+        state, logits = model.begin_decoding(prompt, lengths, max_new_tokens=8, static=True)
+        tokens = [logits.argmax(-1)]
+        for _ in range(7):
+            logits = model.step(state, tokens[-1][:, None])[:, -1]
+            assert state.caches[0].k.shape[2] == prompt.shape[1] + 8  # every slot, every step
+            tokens.append(logits.argmax(-1))
+    assert torch.equal(torch.stack(tokens, dim=1), expected)
+
+
+def test_static_window_model_decodes_as_the_full_forward():
+    # A sliding-window model on a static (full) cache: the window is masked over positions, not slots.
+    torch.manual_seed(0)
+    model = DecoderLM(DecoderLMConfig.preset("tiny", max_len=64, sliding_window=4)).eval()
+    prompt, lengths = torch.randint(1, 64, (3, 9)), torch.tensor([9, 3, 6])
+    expected = _greedy_oracle(model, prompt, lengths, 12)
+    with torch.no_grad():
+        state, logits = model.begin_decoding(prompt, lengths, max_new_tokens=12, static=True)
+        tokens = [logits.argmax(-1)]
+        for _ in range(11):
+            tokens.append(model.step(state, tokens[-1][:, None])[:, -1].argmax(-1))
+    assert torch.equal(torch.stack(tokens, dim=1), expected)
+    assert torch.equal(decoding.greedy(model, prompt, lengths, max_new_tokens=12), expected)
+
+
+def test_prefill_projects_only_each_rows_last_position():
+    # The (B, P, V) logits of a whole prompt are never built: the LM head sees one (B, E) row per step.
+    model = DecoderLM(DecoderLMConfig.preset("tiny")).eval()
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    decoding.greedy(model, torch.randint(1, 64, (2, 10)), torch.tensor([10, 4]), max_new_tokens=3)
+    hook.remove()
+    assert seen[0] == (2, model.config.d_model) and all(shape[-2] == 1 for shape in seen[1:])
+
+
+def test_static_decoding_refuses_what_it_cannot_do():
+    model = DecoderLM(DecoderLMConfig.preset("tiny")).eval()
+    with torch.no_grad():
+        state, logits = model.begin_decoding(torch.randint(1, 64, (1, 3)), max_new_tokens=1, static=True)
+        with pytest.raises(ValueError, match="past capacity"):
+            model.step(state, torch.ones(1, 1, dtype=torch.long))
+            model.step(state, torch.ones(1, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="window_slots"):
+        DecoderLM(DecoderLMConfig.preset("tiny", sliding_window=4)).start(1, max_len=8, window_slots=4, static=True)
+    transformer = Transformer(TransformerConfig.preset("tiny")).eval()
+    with pytest.raises(ValueError, match="compile=True needs"):
+        decoding.greedy(transformer, torch.randint(1, 64, (1, 3)), max_new_tokens=2, compile=True)

@@ -15,6 +15,8 @@ Shape legend: B batch, K beams, V vocabulary, T new tokens.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -24,7 +26,7 @@ Lengths = Tensor | Sequence[int] | None
 
 
 def greedy(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new_tokens: int,
-           eos_id: int | None = None, pad_id: int | None = None) -> Tensor:
+           eos_id: int | None = None, pad_id: int | None = None, compile: bool = False) -> Tensor:
     """The most likely next token at every step.
 
     Args:
@@ -34,16 +36,21 @@ def greedy(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new
         max_new_tokens: at most this many new tokens per row.
         eos_id: stops a row (default ``model.config.eos_id``; None = never stop early).
         pad_id: fills a row after its EOS (default the model's pad id, else 0).
+        compile: run each one-token step as one ``torch.compile``'d graph (``fullgraph=True``) over a
+            static KV cache, for a model whose ``begin_decoding`` takes ``static`` (DecoderLM). The first
+            call compiles (seconds); later ones reuse the graph whatever the lengths.
 
     Returns:
         (B, T) new tokens, T <= max_new_tokens.
     """
-    return _generate(model, inputs, lengths, max_new_tokens, eos_id, pad_id, lambda logits: logits.argmax(-1))
+    return _generate(model, inputs, lengths, max_new_tokens, eos_id, pad_id, lambda logits: logits.argmax(-1),
+                     compile)
 
 
 def sample(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new_tokens: int,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           eos_id: int | None = None, pad_id: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+           eos_id: int | None = None, pad_id: int | None = None, generator: torch.Generator | None = None,
+           compile: bool = False) -> Tensor:
     """Draw each next token from softmax(logits / temperature), restricted by top-k and top-p.
 
     Args as in :func:`greedy`, and:
@@ -59,7 +66,7 @@ def sample(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new
         probs = torch.softmax(filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p), dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
-    return _generate(model, inputs, lengths, max_new_tokens, eos_id, pad_id, choose)
+    return _generate(model, inputs, lengths, max_new_tokens, eos_id, pad_id, choose, compile)
 
 
 def filter_logits(logits: Tensor, *, top_k: int | None = None, top_p: float | None = None) -> Tensor:
@@ -205,12 +212,16 @@ class _Beams:
 
 
 def _generate(model: nn.Module, inputs: Tensor, lengths: Lengths, max_new: int, eos_id: int | None,
-              pad_id: int | None, choose: Callable[[Tensor], Tensor]) -> Tensor:
+              pad_id: int | None, choose: Callable[[Tensor], Tensor], compile: bool = False) -> Tensor:
     _check_max_new(max_new)
     eos_id, pad_id = _ids(model, eos_id, pad_id)
+    if compile and "static" not in inspect.signature(model.begin_decoding).parameters:
+        raise ValueError(f"compile=True needs a model whose begin_decoding takes static= (DecoderLM), "
+                         f"got {type(model).__name__}")
+    options, step = ({"static": True}, _compiled_step()) if compile else ({}, _last_logits)
     out = []
     with _inference(model):
-        state, logits = model.begin_decoding(inputs, lengths, max_new_tokens=max_new)  # (B, V)
+        state, logits = model.begin_decoding(inputs, lengths, max_new_tokens=max_new, **options)  # (B, V)
         done = torch.zeros(inputs.shape[0], dtype=torch.bool, device=logits.device)
         for t in range(max_new):
             tokens = choose(logits).masked_fill(done, pad_id)  # (B,)
@@ -219,8 +230,19 @@ def _generate(model: nn.Module, inputs: Tensor, lengths: Lengths, max_new: int, 
                 done = done | (tokens == eos_id)
             if bool(done.all()) or t == max_new - 1:
                 break
-            logits = model.step(state, tokens[:, None])[:, -1]
+            logits = step(model, state, tokens[:, None])
     return torch.stack(out, dim=1)  # (B, T)
+
+
+def _last_logits(model: nn.Module, state: object, tokens: Tensor) -> Tensor:
+    """One decoding step: (B, 1) tokens -> (B, V) logits."""
+    return model.step(state, tokens)[:, -1]
+
+
+@functools.cache
+def _compiled_step() -> Callable[[nn.Module, object, Tensor], Tensor]:
+    """:func:`_last_logits` compiled once per process (one graph per model and batch shape, reused)."""
+    return torch.compile(_last_logits, fullgraph=True)
 
 
 def _ids(model: nn.Module, eos_id: int | None, pad_id: int | None) -> tuple[int | None, int]:

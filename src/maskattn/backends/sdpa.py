@@ -174,7 +174,8 @@ def attention(
     q_len, k_len = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     kinds = structure(mask).kinds
-    if not kinds:  # no mask, or full()
+    # No mask, full(), or causal() whose queries all come after the last key (one decoding step on a KV cache).
+    if not kinds or (kinds == ("causal",) and q_offset + 1 >= k_len):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale, enable_gqa=gqa), None
     if kinds == ("causal",) and q_offset == 0 and q_len == k_len:
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=gqa)

@@ -28,16 +28,20 @@ class KVCache(nn.Module):
         head_dim: head dim D.
         max_len: capacity T.
         dtype, device: of the buffers.
+        static: a one-key ``update`` writes its slot in place without reading ``pos`` on the host and
+            returns all T slots, fixed shapes for a compiled decoding step; the slots not written yet
+            hold zeros, which the caller's mask must hide. Longer updates return the slots so far.
     """
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, max_len: int, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 static: bool = False) -> None:
         super().__init__()
         shape = (batch, num_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("pos", torch.zeros((), dtype=torch.long, device=device), persistent=False)
-        self.max_len = max_len
+        self.max_len, self.static = max_len, static
 
     @property
     def length(self) -> int:
@@ -50,6 +54,8 @@ class KVCache(nn.Module):
                 f"k and v must be (B, Hkv, L, D) = ({self.k.shape[0]}, {self.k.shape[1]}, L, {self.k.shape[3]}), "
                 f"got {tuple(k.shape)} and {tuple(v.shape)}"
             )
+        if self.static and k.shape[2] == 1:
+            return self._write_one(k, v)
         start = self.length
         end = start + k.shape[2]
         if end > self.max_len:
@@ -58,6 +64,14 @@ class KVCache(nn.Module):
         self.v[:, :, start:end] = v
         self.pos.fill_(end)
         return self.k[:, :, :end], self.v[:, :, :end]  # (B, Hkv, Lk, D)
+
+    def _write_one(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write (B, Hkv, 1, D) at slot ``pos`` (a tensor index: no host read); return all (B, Hkv, T, D) slots."""
+        slot = self.pos.view(1)  # (1,)
+        self.k.index_copy_(2, slot, k)
+        self.v.index_copy_(2, slot, v)
+        self.pos.add_(1)
+        return self.k, self.v  # (B, Hkv, T, D)
 
     def first_key(self, new: int) -> int:
         """The slot of the first key ``update`` returns when ``new`` keys arrive: always 0 here."""

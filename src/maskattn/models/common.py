@@ -158,6 +158,8 @@ class DecodeState:
     memory_kv: list[tuple[Tensor, Tensor]] | None = None  # encoder keys/values per layer, (B, Hkv, Ls, D)
     memory_valid: Tensor | None = None  # (B, Ls) bool, real source tokens
     key_pos: Tensor | None = None  # (B, T) position id of every slot (sliding-window masks read it)
+    gaps: bool = False  # whether some slot may hold padding (tokens fed with lengths): masks must read key_valid
+    static: bool = False  # one-token steps attend over all T slots with fixed shapes (KVCache static=True)
 
     @property
     def length(self) -> int:
@@ -178,21 +180,26 @@ class DecodeState:
             self.key_pos = self.key_pos.index_select(0, index)
 
 
-def new_state(stack: Stack, batch: int, max_len: int, like: Tensor, *, window: int | None = None) -> DecodeState:
+def new_state(stack: Stack, batch: int, max_len: int, like: Tensor, *, window: int | None = None,
+              static: bool = False) -> DecodeState:
     """Empty caches for every layer of ``stack`` (decoder layers), on ``like``'s device and dtype.
 
-    With ``window``, each cache is a :class:`SlidingWindowKVCache` of ``window`` slots (capped at ``max_len``).
+    With ``window``, each cache is a :class:`SlidingWindowKVCache` of ``window`` slots (capped at ``max_len``);
+    with ``static``, a :class:`KVCache` whose one-token updates return all ``max_len`` slots.
     """
+    if static and window is not None:
+        raise ValueError(f"a static state keeps every slot: window must be None, got {window}")
     caches = []
     for layer in stack.layers:
         attn = layer.self_attn
         shape = (batch, attn.num_kv_heads, attn.head_dim, max_len if window is None else min(window, max_len))
-        kind = KVCache if window is None else SlidingWindowKVCache
-        caches.append(kind(*shape, dtype=like.dtype, device=like.device))
+        options = {"dtype": like.dtype, "device": like.device}
+        caches.append(KVCache(*shape, **options, static=static) if window is None else
+                      SlidingWindowKVCache(*shape, **options))
     key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=like.device)
     next_pos = torch.zeros(batch, dtype=torch.long, device=like.device)
     key_pos = torch.zeros(batch, max_len, dtype=torch.long, device=like.device)
-    return DecodeState(caches, key_valid, next_pos, key_pos=key_pos)
+    return DecodeState(caches, key_valid, next_pos, key_pos=key_pos, static=static)
 
 
 def advance(state: DecodeState, tokens: Tensor, lengths: Tensor | None) -> tuple[Tensor, int]:
@@ -205,6 +212,7 @@ def advance(state: DecodeState, tokens: Tensor, lengths: Tensor | None) -> tuple
     if start + length > state.key_valid.shape[1]:
         raise ValueError(f"decoding past capacity: {start} slots used + {length} new > {state.key_valid.shape[1]}")
     real = key_valid(tokens, lengths, None, "tokens")
+    state.gaps = state.gaps or real is not None
     real = torch.ones_like(tokens, dtype=torch.bool) if real is None else real
     state.key_valid[:, start : start + length] = real
     positions = state.next_pos[:, None] + torch.arange(length, device=tokens.device)  # (B, L)

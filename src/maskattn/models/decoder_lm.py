@@ -105,50 +105,85 @@ class DecoderLM(Persistent, Summary, nn.Module):
         w = self.config.sliding_window
         return masks.causal() if w is None else masks.causal() & masks.sliding_window(w)
 
-    def start(self, batch: int, *, max_len: int, window_slots: int | None = None) -> DecodeState:
+    def start(self, batch: int, *, max_len: int, window_slots: int | None = None,
+              static: bool = False) -> DecodeState:
         """Empty caches for ``batch`` rows of up to ``max_len`` tokens.
 
         Args:
             window_slots: keep only this many slots per cache (a sliding-window model needs at least
                 its window plus the longest padding run of the prompts); None = every slot.
+            static: one-token steps with fixed shapes (see :meth:`begin_decoding`); needs every slot.
         """
         w = self.config.sliding_window
         if window_slots is not None and (w is None or window_slots < w):
             raise ValueError(f"window_slots ({window_slots}) needs a sliding-window model with a window <= it, "
                              f"got sliding_window={w}")
-        return new_state(self.decoder, batch, max_len, self.embed.tokens.weight, window=window_slots)
+        if static and window_slots is not None:
+            raise ValueError(f"static decoding keeps every slot: window_slots must be None, got {window_slots}")
+        return new_state(self.decoder, batch, max_len, self.embed.tokens.weight, window=window_slots, static=static)
 
     def step(self, state: DecodeState, tokens: Tensor, lengths: Tensor | None = None) -> Tensor:
-        """Feed (B, L) new tokens (the first ``lengths[b]`` real); return their logits (B, L, V)."""
+        """Feed (B, L) new tokens (the first ``lengths[b]`` real); return their logits (B, L, V).
+
+        On a ``static`` state (see :meth:`begin_decoding`), one-token steps keep fixed shapes.
+        """
+        return self.lm_head(self._hidden(state, tokens, lengths))  # (B, L, V)
+
+    def _hidden(self, state: DecodeState, tokens: Tensor, lengths: Tensor | None) -> Tensor:
+        """The last layer's (B, L, E) outputs of the new tokens, their keys and values cached."""
+        if state.static and tokens.shape[1] == 1:
+            return self._static_hidden(state, tokens)
         first = state.caches[0].first_key(tokens.shape[1])
         positions, offset = advance(state, tokens, lengths)
         x, rope = self.embed(tokens, positions)
         end = offset + tokens.shape[1]
         if self.config.sliding_window is None or offset == 0:  # slots are positions: the training mask
-            mask = self._causal() & masks.padding(state.key_valid[:, first:end])
+            # Without padding in the cache the causal mask is all: no mask tensor, nothing hidden to guard.
+            mask = self._causal() & masks.padding(state.key_valid[:, first:end]) if state.gaps else self._causal()
         else:  # right-padded prompts leave gaps: the window counts positions, not slots
             mask = window_mask(positions, state.key_pos[:, first:end], state.key_valid[:, first:end],
                                self.config.sliding_window, offset - first)
-        h = self.decoder(x, mask=mask, rope=rope, caches=state.caches, q_offset=offset - first)
-        return self.lm_head(h)
+        return self.decoder(x, mask=mask, rope=rope, caches=state.caches, q_offset=offset - first)  # (B, L, E)
+
+    def _static_hidden(self, state: DecodeState, tokens: Tensor) -> Tensor:
+        """One token per row with fixed shapes: attend over all T slots of the static caches, the slots not
+        written yet hidden by ``key_valid``. Reads no tensor value on the host (one graph for every step)."""
+        if not torch.compiler.is_compiling() and state.length >= state.key_valid.shape[1]:
+            raise ValueError(f"decoding past capacity: {state.length} slots used + 1 new > {state.key_valid.shape[1]}")
+        slot = state.caches[0].pos.view(1)  # (1,) the slot of the new token in every row
+        positions = state.next_pos[:, None].clone()  # (B, 1)
+        state.key_valid.index_fill_(1, slot, True)
+        state.key_pos.index_copy_(1, slot, positions)
+        state.next_pos.add_(1)
+        w = self.config.sliding_window
+        mask = masks.padding(state.key_valid) if w is None else \
+            window_mask(positions, state.key_pos, state.key_valid, w, 0)  # (B, T) keys
+        x, rope = self.embed(tokens, positions)  # (B, 1, E)
+        return self.decoder(x, mask=mask, rope=rope, caches=state.caches)  # (B, 1, E)
 
     def begin_decoding(self, prompt: Tensor, lengths: Tensor | Sequence[int] | None = None, *,
-                       max_new_tokens: int, full_cache: bool = False) -> tuple[DecodeState, Tensor]:
+                       max_new_tokens: int, full_cache: bool = False,
+                       static: bool = False) -> tuple[DecodeState, Tensor]:
         """Run the (B, P) right-padded prompts; return the state and each row's next-token logits (B, V).
 
         A sliding-window model decodes with a :class:`~maskattn.layers.SlidingWindowKVCache` unless
-        ``full_cache`` is True.
+        ``full_cache`` is True. With ``static``, the caches are full and one-token :meth:`step` calls attend
+        over every slot with fixed shapes, reading no tensor on the host: what ``torch.compile`` needs to
+        trace one graph for the whole generation (``maskattn.decoding.greedy(..., compile=True)``).
         """
         valid = key_valid(prompt, lengths, self.config.pad_id, "prompt")
         lengths = valid.sum(dim=1) if valid is not None else None
+        if lengths is not None and bool((lengths == prompt.shape[1]).all()):
+            lengths = None  # no padding: the cache has no gaps to mask
         slots = None
-        if self.config.sliding_window is not None and not full_cache:
+        if self.config.sliding_window is not None and not (full_cache or static):
             gap = prompt.shape[1] - int(lengths.min()) if lengths is not None and lengths.numel() else 0
             slots = self.config.sliding_window + gap
-        state = self.start(prompt.shape[0], max_len=prompt.shape[1] + max_new_tokens, window_slots=slots)
-        logits = self.step(state, prompt, lengths)  # (B, P, V)
+        state = self.start(prompt.shape[0], max_len=prompt.shape[1] + max_new_tokens, window_slots=slots,
+                           static=static)
+        h = self._hidden(state, prompt, lengths)  # (B, P, E)
         last = (lengths - 1) if lengths is not None else prompt.new_full((prompt.shape[0],), prompt.shape[1] - 1)
-        return state, logits[torch.arange(prompt.shape[0], device=prompt.device), last]
+        return state, self.lm_head(h[torch.arange(prompt.shape[0], device=prompt.device), last])  # (B, V)
 
 
 def window_mask(q_pos: Tensor, k_pos: Tensor, k_valid: Tensor, window: int, q_offset: int) -> masks.Mask:
