@@ -52,7 +52,9 @@ __all__ = ["BACKEND", "BLOCK_K", "BLOCK_Q", "attention"]
 
 BLOCK_Q = 128  # query rows per tile (chosen by benchmarks/attention.py on a 2-core CPU, fp32, D=64)
 BLOCK_K = 128  # keys per tile
-GROUP_ELEMENTS = 1 << 23  # cap on rows * keys of one group (x B * Hkv for the math kernel's scores)
+# Cap on B' * rows * keys of one group: the math kernel's scores, and GROUP_ELEMENTS * D / R elements for each of the
+# fused kernel's (B', g, W, D) key and value gradients (16 MB at fp32, D = 64, R = 128), whatever B and Hkv are.
+GROUP_ELEMENTS = 1 << 23
 SLACK = 1.25  # a group may compute this many times the tiles its blocks' own ranges hold
 
 _FUSED_FORWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -134,8 +136,7 @@ def attention(
     if q.shape[2] == 0 or k.shape[2] == 0:  # no tile to plan: what the reference returns
         return empty_result(q, k, v, return_lse)
     kernel = _pick_kernel(kernel, q, v, dropout_p)
-    budget = GROUP_ELEMENTS // (q.shape[0] * k.shape[1] if kernel == "math" else 1)
-    plan = make_plan(mask, q, k, q_offset=q_offset, block_q=block_q, block_k=block_k, budget=budget)
+    plan = make_plan(mask, q, k, q_offset=q_offset, block_q=block_q, block_k=block_k)
     seed = 0
     if dropout_p > 0.0:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device if generator else "cpu"))
@@ -172,14 +173,18 @@ def make_plan(
     q_offset: int,
     block_q: int,
     block_k: int,
-    budget: int = GROUP_ELEMENTS,
+    budget: int | None = None,
 ) -> Plan:
     """Group the query blocks by the range of key tiles they must attend.
 
     Consecutive blocks join one group, all with the group's widest range, as long as that computes
     at most ``SLACK`` times their own ranges' tiles and the group's rows x keys stay within ``budget``:
-    fewer, larger calls, at the price of a few extra (masked) tiles when the ranges grow (causal).
+    fewer, larger calls, at the price of a few extra (masked) tiles when the ranges grow (causal). The
+    default ``budget`` is ``GROUP_ELEMENTS // (B * Hkv)``, so that a group's temporaries do not grow with
+    the batch or the heads, whichever kernel runs it.
     """
+    if budget is None:
+        budget = GROUP_ELEMENTS // max(1, q.shape[0] * k.shape[1])  # max: B = 0 divides nothing
     q_len, k_len = q.shape[2], k.shape[2]
     nq, nk = -(-q_len // block_q), -(-k_len // block_k)
     if mask is None:
