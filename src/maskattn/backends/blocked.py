@@ -52,7 +52,9 @@ __all__ = ["BACKEND", "BLOCK_K", "BLOCK_Q", "attention"]
 
 BLOCK_Q = 128  # query rows per tile (chosen by benchmarks/attention.py on a 2-core CPU, fp32, D=64)
 BLOCK_K = 128  # keys per tile
-GROUP_ELEMENTS = 1 << 23  # cap on rows * keys of one group (x B * Hkv for the math kernel's scores)
+# Cap on B' * rows * keys of one group: the math kernel's scores, and GROUP_ELEMENTS * D / R elements for each of the
+# fused kernel's (B', g, W, D) key and value gradients (16 MB at fp32, D = 64, R = 128), whatever B and Hkv are.
+GROUP_ELEMENTS = 1 << 23
 SLACK = 1.25  # a group may compute this many times the tiles its blocks' own ranges hold
 
 _FUSED_FORWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -134,8 +136,7 @@ def attention(
     if q.shape[2] == 0 or k.shape[2] == 0:  # no tile to plan: what the reference returns
         return empty_result(q, k, v, return_lse)
     kernel = _pick_kernel(kernel, q, v, dropout_p)
-    budget = GROUP_ELEMENTS // (q.shape[0] * k.shape[1] if kernel == "math" else 1)
-    plan = make_plan(mask, q, k, q_offset=q_offset, block_q=block_q, block_k=block_k, budget=budget)
+    plan = make_plan(mask, q, k, q_offset=q_offset, block_q=block_q, block_k=block_k)
     seed = 0
     if dropout_p > 0.0:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device if generator else "cpu"))
@@ -172,14 +173,18 @@ def make_plan(
     q_offset: int,
     block_q: int,
     block_k: int,
-    budget: int = GROUP_ELEMENTS,
+    budget: int | None = None,
 ) -> Plan:
     """Group the query blocks by the range of key tiles they must attend.
 
     Consecutive blocks join one group, all with the group's widest range, as long as that computes
     at most ``SLACK`` times their own ranges' tiles and the group's rows x keys stay within ``budget``:
-    fewer, larger calls, at the price of a few extra (masked) tiles when the ranges grow (causal).
+    fewer, larger calls, at the price of a few extra (masked) tiles when the ranges grow (causal). The
+    default ``budget`` is ``GROUP_ELEMENTS // (B * Hkv)``, so that a group's temporaries do not grow with
+    the batch or the heads, whichever kernel runs it.
     """
+    if budget is None:
+        budget = GROUP_ELEMENTS // max(1, q.shape[0] * k.shape[1])  # max: B = 0 divides nothing
     q_len, k_len = q.shape[2], k.shape[2]
     nq, nk = -(-q_len // block_q), -(-k_len // block_k)
     if mask is None:
@@ -405,6 +410,44 @@ def _idle_blocks(plan: Plan) -> list[slice]:
     return idle
 
 
+def _forward_group(plan: Plan, group: Group, kernel, q_rows: Tensor, k_pad: Tensor, v_pad: Tensor,
+                   results: tuple[Tensor, Tensor, Tensor | None], heads: int, scale: float, dropout_p: float,
+                   seed: int) -> None:
+    """Write one group's rows of ``results`` = (out (B', nq, R, Dv), lse (B', nq, R), empty rows or None).
+
+    A function of its own so that the group's temporaries (the kernel's output, the element mask) are
+    freed before the next group allocates its own, not held across the loop."""
+    out, lse, empty = results
+    batch, kv_heads = k_pad.shape[:2]
+    index = _key_index(plan, group, q_rows.device)
+    allowed = _allowed(plan, group, index, batch, heads, kv_heads)
+    keys, values = _gather_keys(k_pad, plan, group, index), _gather_keys(v_pad, plan, group, index)
+    rows = slice(group.first, group.stop)
+    out[:, rows], lse[:, rows] = kernel(q_rows[:, rows], keys, values, allowed, scale, dropout_p, seed)
+    if empty is not None and allowed is not None:
+        empty[:, rows] = ~allowed.any(-1)
+
+
+def _backward_group(plan: Plan, group: Group, kernel, saved: tuple[Tensor, ...], grads: tuple[Tensor, Tensor, Tensor],
+                    heads: int, scale: float, dropout_p: float, seed: int) -> None:
+    """Add one group's part of ``grads`` = (dq (B', nq, R, D), dk, dv (B, Hkv, Lk', D)).
+
+    ``saved`` is (grad, q, out) in the rows layout with k, v padded, and the rows' lse:
+    (grad_rows, q_rows, k_pad, v_pad, out, lse). The kernel's (B', g, W, D) key gradients, three times
+    the size of the keys they cover for a band mask, are freed on return, before the next group's."""
+    grad_rows, q_rows, k_pad, v_pad, out, lse = saved
+    dq, dk, dv = grads
+    batch, kv_heads = k_pad.shape[:2]
+    index = _key_index(plan, group, q_rows.device)
+    allowed = _allowed(plan, group, index, batch, heads, kv_heads)
+    keys, values = _gather_keys(k_pad, plan, group, index), _gather_keys(v_pad, plan, group, index)
+    rows = slice(group.first, group.stop)
+    dq[:, rows], dk_part, dv_part = kernel(grad_rows[:, rows], q_rows[:, rows], keys, values, out[:, rows],
+                                           lse[:, rows], allowed, scale, dropout_p, seed)
+    _scatter_keys(dk, dk_part.to(dk.dtype), plan, group, index)
+    _scatter_keys(dv, dv_part.to(dv.dtype), plan, group, index)
+
+
 _KERNELS = {"fused": (_fused_forward, _fused_backward), "math": (_math_forward, _math_backward)}
 
 
@@ -424,19 +467,9 @@ class _BlockedAttention(torch.autograd.Function):
             out[:, rows], lse[:, rows] = 0.0, 0.0
             if empty is not None:
                 empty[:, rows] = True
-        for n, group in enumerate(plan.groups):
-            index = _key_index(plan, group, q.device)
-            allowed = _allowed(plan, group, index, batch, heads, kv_heads)
-            part, part_lse = forward_kernel(
-                q_rows[:, group.first : group.stop],
-                _gather_keys(k_pad, plan, group, index),
-                _gather_keys(v_pad, plan, group, index),
-                allowed, scale, dropout_p, seed + n,
-            )
-            out[:, group.first : group.stop] = part
-            lse[:, group.first : group.stop] = part_lse
-            if empty is not None and allowed is not None:
-                empty[:, group.first : group.stop] = ~allowed.any(-1)
+        for n, group in enumerate(plan.groups):  # one call per group, its temporaries freed on return
+            _forward_group(plan, group, forward_kernel, q_rows, k_pad, v_pad, (out, lse, empty), heads,
+                           scale, dropout_p, seed + n)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale, ctx.dropout_p, ctx.seed, ctx.kernel = plan, scale, dropout_p, seed, kernel
         exposed = q.new_empty(0)
@@ -460,18 +493,9 @@ class _BlockedAttention(torch.autograd.Function):
         for rows in _idle_blocks(plan):
             dq[:, rows] = 0.0
         dk, dv = torch.zeros_like(k_pad), torch.zeros_like(v_pad)
-        for n, group in enumerate(plan.groups):
-            index = _key_index(plan, group, q.device)
-            allowed = _allowed(plan, group, index, batch, heads, kv_heads)
-            rows = slice(group.first, group.stop)
-            dq_part, dk_part, dv_part = backward_kernel(
-                grad_rows[:, rows], q_rows[:, rows],
-                _gather_keys(k_pad, plan, group, index), _gather_keys(v_pad, plan, group, index),
-                out[:, rows], lse[:, rows], allowed, ctx.scale, ctx.dropout_p, ctx.seed + n,
-            )
-            dq[:, rows] = dq_part
-            _scatter_keys(dk, dk_part.to(dk.dtype), plan, group, index)
-            _scatter_keys(dv, dv_part.to(dv.dtype), plan, group, index)
+        for n, group in enumerate(plan.groups):  # one call per group, its temporaries freed on return
+            _backward_group(plan, group, backward_kernel, (grad_rows, q_rows, k_pad, v_pad, out, lse), (dq, dk, dv),
+                            heads, ctx.scale, ctx.dropout_p, ctx.seed + n)
         dq = _unrows_layout(dq, batch, heads, plan.block_q, plan.q_len)
         return dq, dk[:, :, : plan.k_len], dv[:, :, : plan.k_len], None, None, None, None, None, None
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from maskattn.backends import blocked
-from maskattn.backends.blocked import BLOCK_K, BLOCK_Q, GROUP_ELEMENTS
+from maskattn.backends.blocked import BLOCK_K, BLOCK_Q
 from maskattn.masks import Mask
 
 __all__ = ["BACKEND", "attention", "flatten_mask", "unflatten_mask"]
@@ -109,11 +109,10 @@ class _Context:
         pass
 
 
-def _plan(q: Tensor, k: Tensor, spec: str, mask_tensors: list[Tensor], q_offset: int, block_q: int, block_k: int,
-          kernel: str) -> blocked.Plan:
-    budget = GROUP_ELEMENTS // (q.shape[0] * k.shape[1] if kernel == "math" else 1)
+def _plan(q: Tensor, k: Tensor, spec: str, mask_tensors: list[Tensor], q_offset: int, block_q: int,
+          block_k: int) -> blocked.Plan:
     return blocked.make_plan(unflatten_mask(spec, mask_tensors), q, k, q_offset=q_offset, block_q=block_q,
-                             block_k=block_k, budget=budget)
+                             block_k=block_k)
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -125,7 +124,7 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, mask_tensors: list[Tensor], spe
                 dropout_p: float, q_offset: int, block_q: int, block_k: int, kernel: str,
                 want_lse: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(output (B, H, Lq, Dv), exposed lse (B, H, Lq) or (0,), lse kept for backward (B', nq, R))``."""
-    plan = _plan(q, k, spec, mask_tensors, q_offset, block_q, block_k, kernel)
+    plan = _plan(q, k, spec, mask_tensors, q_offset, block_q, block_k)
     ctx = _Context()
     out, exposed = blocked._BlockedAttention.forward(ctx, q, k, v, plan, scale, dropout_p, int(seed), kernel,
                                                      want_lse)
@@ -147,7 +146,7 @@ def _backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
                  mask_tensors: list[Tensor], spec: str, seed: Tensor, scale: float, dropout_p: float, q_offset: int,
                  block_q: int, block_k: int, kernel: str) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of :func:`_forward_op`, recomputed group by group as the eager backward does."""
-    plan = _plan(q, k, spec, mask_tensors, q_offset, block_q, block_k, kernel)
+    plan = _plan(q, k, spec, mask_tensors, q_offset, block_q, block_k)
     out_rows = blocked._rows_layout(out.contiguous(), k.shape[1], block_q, plan.padded_q)  # (B', nq, R, Dv)
     ctx = _Context((q, k, v, out_rows, lse_rows))
     ctx.plan, ctx.scale, ctx.dropout_p, ctx.seed, ctx.kernel = plan, scale, dropout_p, int(seed), kernel
