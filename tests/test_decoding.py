@@ -288,7 +288,7 @@ def test_prefill_projects_only_each_rows_last_position():
 def test_static_decoding_refuses_what_it_cannot_do():
     model = DecoderLM(DecoderLMConfig.preset("tiny")).eval()
     with torch.no_grad():
-        state, logits = model.begin_decoding(torch.randint(1, 64, (1, 3)), max_new_tokens=1, static=True)
+        state, _ = model.begin_decoding(torch.randint(1, 64, (1, 3)), max_new_tokens=1, static=True)
         with pytest.raises(ValueError, match="past capacity"):
             model.step(state, torch.ones(1, 1, dtype=torch.long))
             model.step(state, torch.ones(1, 1, dtype=torch.long))

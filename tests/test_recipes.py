@@ -50,3 +50,22 @@ def test_word_vectors_from_a_pretrained_encoder_start_a_new_model(tmp_path):
     wide = EncoderModel(EncoderConfig.preset("tiny", d_model=64, num_labels=2))
     with pytest.raises(ValueError, match=r"set model.d_model=32"):
         copy_word_vectors(wide, str(tmp_path / "enc"))
+
+
+def test_frozen_word_vectors_do_not_train(tmp_path):
+    from maskattn.tasks.classification import ClassificationConfig, DataConfig, build_model
+    from maskattn.tokenization import Tokenizer
+
+    torch.manual_seed(0)
+    tok = Tokenizer.train_chars(["abcdefghij klmnop"])
+    source = EncoderModel(EncoderConfig.preset("tiny", vocab_size=tok.vocab_size))
+    (tmp_path / "enc").mkdir()
+    tok.save(tmp_path / "enc")
+    source.save(tmp_path / "enc")
+    cfg = ClassificationConfig(data=DataConfig(embeddings=str(tmp_path / "enc"), freeze_embeddings=True),
+                               model=EncoderConfig.preset("tiny", num_layers=1))
+    model = build_model(cfg, ["0", "1"], tok)
+    assert not model.embed.tokens.weight.requires_grad
+    assert torch.equal(model.embed.tokens.weight, source.embed.tokens.weight)
+    with pytest.raises(ValueError, match="needs data.embeddings"):
+        build_model(ClassificationConfig(data=DataConfig(freeze_embeddings=True)), ["0", "1"], tok)

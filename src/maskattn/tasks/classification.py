@@ -54,6 +54,7 @@ class DataConfig:
     max_tokens: int = 4096  # padded tokens per batch
     word_dropout: float = 0.0  # training only: each token (not [CLS]/[SEP]) is deleted with this probability
     embeddings: str = ""  # from scratch: a pretrained BERT directory whose tokenizer and word vectors start the model
+    freeze_embeddings: bool = False  # with data.embeddings: keep those word vectors fixed (static vectors)
 
     def __post_init__(self) -> None:
         check_settings(self, {"tokenizer": ("one of", tuple(TOKENIZERS)), "vocab_size": ("int>=", 1),
@@ -92,6 +93,9 @@ def build_model(cfg: ClassificationConfig, labels: list[str], tok: Tokenizer) ->
     model = EncoderModel(model_cfg)
     if cfg.data.embeddings:
         copy_word_vectors(model, cfg.data.embeddings)
+        model.embed.tokens.weight.requires_grad_(not cfg.data.freeze_embeddings)
+    elif cfg.data.freeze_embeddings:
+        raise ValueError("data.freeze_embeddings needs data.embeddings (word vectors to keep fixed)")
     return model
 
 
