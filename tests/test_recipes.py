@@ -67,5 +67,5 @@ def test_frozen_word_vectors_do_not_train(tmp_path):
     model = build_model(cfg, ["0", "1"], tok)
     assert not model.embed.tokens.weight.requires_grad
     assert torch.equal(model.embed.tokens.weight, source.embed.tokens.weight)
-    with pytest.raises(ValueError, match="needs data.embeddings"):
+    with pytest.raises(ValueError, match=r"needs data\.embeddings"):
         build_model(ClassificationConfig(data=DataConfig(freeze_embeddings=True)), ["0", "1"], tok)
