@@ -16,7 +16,8 @@ def test_builtin_tasks_are_registered_in_order_with_their_cli_parts():
     assert list(registered)[: len(BUILTIN)] == list(BUILTIN)
     assert [t.predict.name for t in registered.values()] == ["translate", "classify", "answer", "generate", "caption"]
     # the shortcuts of `maskattn train` (and the old constant) are every task's paths, each once
-    assert cli.SHORTCUTS == ("train_src", "train_tgt", "valid_src", "valid_tgt", "train", "valid", "pretrained")
+    assert cli.SHORTCUTS == ("train_src", "train_tgt", "valid_src", "valid_tgt", "train", "valid", "pretrained",
+                             "embeddings")
     with pytest.raises(ValueError, match=r"unknown task 'nope'; registered tasks: translation, classification"):
         base.get("nope")
     with pytest.raises(ValueError, match="task 'lm' is already registered"):
