@@ -410,6 +410,15 @@ def _idle_blocks(plan: Plan) -> list[slice]:
     return idle
 
 
+def _group_keys(plan: Plan, group: Group, k_pad: Tensor, v_pad: Tensor,
+                heads: int) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """One group's key index, element mask (None when every pair is allowed) and gathered keys and values."""
+    batch, kv_heads = k_pad.shape[:2]
+    index = _key_index(plan, group, k_pad.device)
+    allowed = _allowed(plan, group, index, batch, heads, kv_heads)
+    return index, allowed, _gather_keys(k_pad, plan, group, index), _gather_keys(v_pad, plan, group, index)
+
+
 def _forward_group(plan: Plan, group: Group, kernel, q_rows: Tensor, k_pad: Tensor, v_pad: Tensor,
                    results: tuple[Tensor, Tensor, Tensor | None], heads: int, scale: float, dropout_p: float,
                    seed: int) -> None:
@@ -418,10 +427,7 @@ def _forward_group(plan: Plan, group: Group, kernel, q_rows: Tensor, k_pad: Tens
     A function of its own so that the group's temporaries (the kernel's output, the element mask) are
     freed before the next group allocates its own, not held across the loop."""
     out, lse, empty = results
-    batch, kv_heads = k_pad.shape[:2]
-    index = _key_index(plan, group, q_rows.device)
-    allowed = _allowed(plan, group, index, batch, heads, kv_heads)
-    keys, values = _gather_keys(k_pad, plan, group, index), _gather_keys(v_pad, plan, group, index)
+    _, allowed, keys, values = _group_keys(plan, group, k_pad, v_pad, heads)
     rows = slice(group.first, group.stop)
     out[:, rows], lse[:, rows] = kernel(q_rows[:, rows], keys, values, allowed, scale, dropout_p, seed)
     if empty is not None and allowed is not None:
@@ -437,10 +443,7 @@ def _backward_group(plan: Plan, group: Group, kernel, saved: tuple[Tensor, ...],
     the size of the keys they cover for a band mask, are freed on return, before the next group's."""
     grad_rows, q_rows, k_pad, v_pad, out, lse = saved
     dq, dk, dv = grads
-    batch, kv_heads = k_pad.shape[:2]
-    index = _key_index(plan, group, q_rows.device)
-    allowed = _allowed(plan, group, index, batch, heads, kv_heads)
-    keys, values = _gather_keys(k_pad, plan, group, index), _gather_keys(v_pad, plan, group, index)
+    index, allowed, keys, values = _group_keys(plan, group, k_pad, v_pad, heads)
     rows = slice(group.first, group.stop)
     dq[:, rows], dk_part, dv_part = kernel(grad_rows[:, rows], q_rows[:, rows], keys, values, out[:, rows],
                                            lse[:, rows], allowed, scale, dropout_p, seed)

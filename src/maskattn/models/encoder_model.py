@@ -80,7 +80,8 @@ class EncoderModel(Persistent, Summary, nn.Module):
         if self.classifier is None:
             raise ValueError("this EncoderModel has no classification head; build it with config.num_labels > 0")
         hidden = self(input_ids, attention_mask, **kwargs)
-        valid = self._valid(input_ids, attention_mask, kwargs.get("lengths"))  # (B, L) or None
+        mean = self.config.pooling == "mean"
+        valid = self._valid(input_ids, attention_mask, kwargs.get("lengths")) if mean else None  # (B, L)
         return self.classifier(self.head_dropout(self.pool(hidden, valid)))  # (B, C)
 
     def span_logits(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> tuple[Tensor, Tensor]:
