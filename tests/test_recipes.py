@@ -1,6 +1,6 @@
 import pytest
 import torch
-from recipes import sst2_sentences
+from recipes import squad_articles, sst2_sentences
 
 from maskattn.models import EncoderConfig, EncoderModel
 from maskattn.tasks.classification import copy_word_vectors, drop_tokens
@@ -69,3 +69,21 @@ def test_frozen_word_vectors_do_not_train(tmp_path):
     assert torch.equal(model.embed.tokens.weight, source.embed.tokens.weight)
     with pytest.raises(ValueError, match=r"needs data\.embeddings"):
         build_model(ClassificationConfig(data=DataConfig(freeze_embeddings=True)), ["0", "1"], tok)
+
+
+def test_squad_article_split_holds_out_the_last_articles_whole(tmp_path):
+    import json
+
+    def article(title, n):
+        return {"title": title, "paragraphs": [{"context": "c", "qas": [{"id": f"{title}{i}"} for i in range(n)]}]}
+
+    doc = {"version": "1.1", "data": [article("a", 2), article("b", 3), article("c", 1)]}
+    train, valid = squad_articles.split(doc, 1)
+    assert [a["title"] for a in train["data"]] == ["a", "b"] and [a["title"] for a in valid["data"]] == ["c"]
+    assert squad_articles.questions(train) == 5 and squad_articles.questions(valid) == 1
+    with pytest.raises(ValueError, match=r"--valid 3: expected 1 to 2 articles"):
+        squad_articles.split(doc, 3)
+    (tmp_path / "in.json").write_text(json.dumps(doc))
+    assert squad_articles.main([str(tmp_path / "in.json"), str(tmp_path / "out"), "--valid", "2"]) == 0
+    held = json.loads((tmp_path / "out" / "valid.json").read_text())
+    assert held["version"] == "1.1" and [a["title"] for a in held["data"]] == ["b", "c"]
