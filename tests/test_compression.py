@@ -194,7 +194,11 @@ def _batches(model, count=3, seed=0):
     def loss(m, b):
         return sequence_loss(m(b["src"], b["tgt_in"]), b["tgt_out"], 0, 0.0)
 
-    return TrainingBatches(plan=lambda epoch: [[i] for i in range(count)], collate=collate, loss=loss)
+    def outputs(m, b):
+        return m(b["src"], b["tgt_in"]).flatten(0, 1).float(), b["tgt_out"].flatten()
+
+    return TrainingBatches(plan=lambda epoch: [[i] for i in range(count)], collate=collate, loss=loss,
+                           outputs=outputs)
 
 
 def test_head_importance_is_the_loss_change_when_the_head_is_masked(tiny_transformer):
@@ -240,6 +244,62 @@ def test_finetune_lowers_the_loss(tiny_transformer):
     assert compression.mean_loss(model, data, batches) < before
 
 
+def test_distillation_loss_by_hand():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(5, 7), torch.randn(5, 7), torch.randint(0, 7, (5,))
+    ce = -s.log_softmax(-1)[torch.arange(5), y].sum()
+    p = (t / 2).softmax(-1)
+    kl = (p * (p.log() - (s / 2).log_softmax(-1))).sum()
+    torch.testing.assert_close(compression.distillation_loss(s, t, y, 0.0, 2.0), ce)
+    torch.testing.assert_close(compression.distillation_loss(s, t, y, 0.25, 2.0), 0.75 * ce + 0.25 * 4 * kl)
+    torch.testing.assert_close(compression.distillation_loss(s, s, y, 1.0), torch.tensor(0.0), atol=1e-6, rtol=0)
+
+
+def test_a_student_equal_to_its_teacher_gets_no_gradient_from_pure_distillation():
+    """KL(teacher || student) is at its minimum; the mixed loss's gradient is (1 - weight) times the
+    task loss's, and no gradient reaches the teacher."""
+    torch.manual_seed(0)
+    model = maskattn.Transformer(maskattn.TransformerConfig.preset("tiny", dropout=0.0))
+    teacher = maskattn.Transformer(model.config)
+    teacher.load_state_dict(model.state_dict())
+    data = _batches(model)
+    batch = data.collate([0])
+
+    def grads(**kwargs):
+        model.zero_grad()
+        loss = compression.finetune_loss(model, data, batch, teacher=teacher, **kwargs)
+        loss.backward()
+        return loss, torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    loss, pure = grads(distill=1.0)
+    assert abs(loss.item()) < 1e-6 and pure.abs().max() < 1e-6
+    task_loss, task = grads()
+    torch.testing.assert_close(task_loss, data.loss(model, batch) / batch["num_targets"])
+    mixed_loss, mixed = grads(distill=0.25, temperature=2.0)
+    torch.testing.assert_close(mixed_loss, 0.75 * task_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(mixed, 0.75 * task, atol=1e-6, rtol=1e-4)
+    assert all(p.grad is None for p in teacher.parameters())
+    with pytest.raises(ValueError, match="distill > 0 needs a teacher"):
+        compression.finetune(model, data, steps=1, distill=0.5, log=lambda _: None)
+
+
+def test_a_cosine_finetune_ends_at_zero_learning_rate(tiny_transformer):
+    seen = []
+    original = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = spy
+    try:
+        compression.finetune(tiny_transformer, _batches(tiny_transformer), steps=6, lr=1e-3, schedule="cosine",
+                             warmup=2, log=lambda _: None)
+    finally:
+        torch.optim.AdamW.step = original
+    assert seen[:2] == [5e-4, 1e-3] and seen[-1] == 0.0 and seen == sorted(seen[:2]) + sorted(seen[2:], reverse=True)
+
+
 # --- the command ---------------------------------------------------------------------------------
 def _pairs(path: Path, n: int, rng: random.Random) -> Path:
     words = ["".join(rng.choice("abcdef") for _ in range(rng.randint(2, 4))) for _ in range(n)]
@@ -271,7 +331,8 @@ def test_compress_from_the_cli_then_predict(tmp_path, capsys, task):
     capsys.readouterr()
     out = tmp_path / "small"
     assert main(["compress", str(model), "--out", str(out), "--int8", "--prune-heads", "0.5", "--data", str(data),
-                 "--finetune-steps", "3", "--importance-batches", "2", "--max-tokens", "256"]) == 0
+                 "--finetune-steps", "3", "--importance-batches", "2", "--max-tokens", "256", "--schedule", "cosine",
+                 "--distill", "0.5", "--bf16"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["heads_after"] == result["heads_before"] // 2
     assert result["linear_weight_bytes_after"] < result["linear_weight_bytes_before"] / 3.5  # int8 goal

@@ -273,6 +273,13 @@ def _add_compress(sub) -> None:
     compress.add_argument("--importance-batches", type=int, default=8,
                           help="batches of --data the head importance is measured on (default 8)")
     compress.add_argument("--max-tokens", type=int, default=2048, help="padded tokens per batch (default 2048)")
+    compress.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                          help="fine-tuning learning-rate schedule (default constant; cosine decays to zero)")
+    compress.add_argument("--warmup", type=int, default=0, help="fine-tuning warm-up steps (default 0)")
+    compress.add_argument("--distill", type=float, default=0.0, metavar="WEIGHT",
+                          help="weight of distillation from the unpruned model in the fine-tune loss (default 0)")
+    compress.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default 1)")
+    compress.add_argument("--bf16", action="store_true", help="fine-tune under bfloat16 autocast")
 
 
 def _compress(args: argparse.Namespace) -> int:
@@ -280,7 +287,8 @@ def _compress(args: argparse.Namespace) -> int:
 
     result = compress(args.model, args.out, int8=args.int8, prune_heads=args.prune_heads, data=args.data,
                       finetune_steps=args.finetune_steps, lr=args.lr, importance_batches=args.importance_batches,
-                      max_tokens=args.max_tokens)
+                      max_tokens=args.max_tokens, schedule=args.schedule, warmup=args.warmup, distill=args.distill,
+                      temperature=args.temperature, bf16=args.bf16)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskattn.layers import Int8Linear, MultiHeadAttention
 from maskattn.models import compressed, load
 from maskattn.tasks.base import TrainingBatches, tasks
 from maskattn.tasks.common import log_stderr, read_task, write_task
+from maskattn.training import TrainConfig, learning_rate
 
 
 def attention_modules(model: nn.Module) -> dict[str, MultiHeadAttention]:
@@ -132,12 +134,47 @@ def prune(model: nn.Module, keep: Mapping[str, list[int]]) -> nn.Module:
     return model
 
 
+def distillation_loss(logits: Tensor, teacher: Tensor, targets: Tensor, weight: float,
+                      temperature: float = 1.0) -> Tensor:
+    """Summed ``(1 - weight) * cross-entropy + weight * T^2 * KL(teacher_T || student_T)`` over N targets
+    (Hinton et al., 2015; word-level for translation, Kim and Rush, 2016): (N, C), (N, C), (N,) -> scalar."""
+    ce = F.cross_entropy(logits, targets, reduction="sum")
+    if not weight:
+        return ce
+    kl = F.kl_div(F.log_softmax(logits / temperature, -1), F.log_softmax(teacher / temperature, -1),
+                  log_target=True, reduction="sum")
+    return (1 - weight) * ce + weight * temperature**2 * kl
+
+
+def finetune_loss(model: nn.Module, data: TrainingBatches, batch: dict[str, Any], *, teacher: nn.Module | None = None,
+                  distill: float = 0.0, temperature: float = 1.0) -> Tensor:
+    """The fine-tune's loss of one batch, per target: the task loss, or with ``distill`` > 0 the
+    :func:`distillation_loss` against ``teacher`` (no gradient flows into the teacher)."""
+    if not distill:
+        return data.loss(model, batch) / batch["num_targets"]
+    logits, targets = data.outputs(model, batch)
+    with torch.no_grad():
+        reference, _ = data.outputs(teacher, batch)
+    return distillation_loss(logits.float(), reference.float(), targets, distill, temperature) / batch["num_targets"]
+
+
 def finetune(model: nn.Module, data: TrainingBatches, *, steps: int, lr: float = 1e-4, clip_norm: float = 1.0,
-             log: Callable[[str], None] = log_stderr) -> nn.Module:
-    """``steps`` AdamW steps (constant ``lr``, gradients clipped at ``clip_norm``) on ``data``'s batches in
-    order, epoch after epoch; each step's loss is per target. Returns the model in eval mode."""
+             schedule: str = "constant", warmup: int = 0, teacher: nn.Module | None = None, distill: float = 0.0,
+             temperature: float = 1.0, bf16: bool = False, log: Callable[[str], None] = log_stderr) -> nn.Module:
+    """``steps`` AdamW steps (gradients clipped at ``clip_norm``) on ``data``'s batches in order, epoch after
+    epoch; each step's loss is per target. Returns the model in eval mode.
+
+    ``schedule`` and ``warmup`` shape the learning rate as in :class:`~maskattn.training.TrainConfig`
+    ("constant" or "cosine" to zero). With a ``teacher`` (the unpruned model) and ``distill`` > 0 the loss
+    is :func:`distillation_loss`; ``bf16`` runs the forward passes under bfloat16 autocast.
+    """
     if steps < 0:
         raise ValueError(f"finetune steps must be >= 0, got {steps}")
+    if not 0.0 <= distill <= 1.0:
+        raise ValueError(f"finetune distill must be in [0, 1], got {distill!r}")
+    if distill and (teacher is None or data.outputs is None):
+        raise ValueError("finetune distill > 0 needs a teacher and task data with outputs")
+    sched = TrainConfig(steps=max(1, steps), lr=lr, schedule=schedule, warmup=warmup, min_lr_ratio=0.0)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
@@ -148,7 +185,10 @@ def finetune(model: nn.Module, data: TrainingBatches, *, steps: int, lr: float =
             raise ValueError("finetune: the data has no batches")
         for idx in plan[: steps - step]:
             batch = data.collate(idx)
-            loss = data.loss(model, batch) / batch["num_targets"]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = finetune_loss(model, data, batch, teacher=teacher, distill=distill, temperature=temperature)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(sched, step + 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(params, clip_norm)
@@ -182,7 +222,8 @@ def heads(model: nn.Module) -> int:
 
 def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prune_heads: float = 0.0,
              data: list[str] | None = None, finetune_steps: int = 100, lr: float = 1e-4, importance_batches: int = 8,
-             max_tokens: int = 2048, log: Callable[[str], None] = log_stderr) -> dict[str, Any]:
+             max_tokens: int = 2048, schedule: str = "constant", warmup: int = 0, distill: float = 0.0,
+             temperature: float = 1.0, bf16: bool = False, log: Callable[[str], None] = log_stderr) -> dict[str, Any]:
     """Compress the trained model in ``directory`` into ``out`` (a model directory with the same task).
 
     Args:
@@ -193,6 +234,9 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
         data: the task's training data files, read as its ``training_batches`` reads them (needed to prune).
         finetune_steps: fine-tuning steps after pruning.
         lr: fine-tuning learning rate.
+        schedule, warmup: the fine-tune's learning-rate schedule ("constant" or "cosine") and warm-up steps.
+        distill, temperature: weight and temperature of distillation from the unpruned model (0: plain loss).
+        bf16: fine-tune under bfloat16 autocast.
         importance_batches: batches the head importance is measured on.
         max_tokens: padded tokens per batch.
 
@@ -226,7 +270,9 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
         result["loss_before"] = mean_loss(model, batches, sample)
         prune(model, keep)
         result["loss_pruned"] = mean_loss(model.eval(), batches, sample)
-        finetune(model, batches, steps=finetune_steps, lr=lr, log=log)
+        teacher = load(directory).eval() if distill else None
+        finetune(model, batches, steps=finetune_steps, lr=lr, schedule=schedule, warmup=warmup, teacher=teacher,
+                 distill=distill, temperature=temperature, bf16=bf16, log=log)
         result["loss_finetuned"] = mean_loss(model, batches, sample)
         result["kept_heads"] = keep
         log(f"pruned to {heads(model)} of {result['heads_before']} heads; loss {result['loss_before']:.4f} -> "

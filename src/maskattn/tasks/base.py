@@ -60,6 +60,9 @@ class TrainingBatches:
     plan: Callable[[int], list[list[int]]]  # plan(epoch) -> the batches of that epoch, lists of example indices
     collate: Callable[[list[int]], dict[str, Any]]  # a batch, with "num_targets" (what the loss is summed over)
     loss: Callable[[Any, dict[str, Any]], Any]  # loss(maskattn model, batch) -> the summed loss, a scalar Tensor
+    # outputs(model, batch) -> ((N, C) float logits, (N,) class targets) of the N targets the loss counts
+    # (what distillation compares with a teacher's); None: the task cannot be distilled
+    outputs: Callable[[Any, dict[str, Any]], tuple[Any, Any]] | None = None
 
 
 @dataclass(frozen=True)

@@ -217,11 +217,14 @@ def training_batches(directory: str | Path, paths: list[str], max_tokens: int) -
     ids = encode(tok, [t for t, _ in records], max_len)
     targets = torch.tensor([task["labels"].index(label) for _, label in records])
 
+    def outputs(m: nn.Module, b: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        return m.classify(b["ids"], lengths=b["lengths"]).float(), b["labels"]
+
     def loss(m: nn.Module, b: dict[str, Any]) -> Tensor:
-        return F.cross_entropy(m.classify(b["ids"], lengths=b["lengths"]).float(), b["labels"], reduction="sum")
+        return F.cross_entropy(*outputs(m, b), reduction="sum")
 
     return TrainingBatches(plan=lambda epoch: bucket_batches([len(x) for x in ids], max_tokens, seed=0, epoch=epoch),
-                           collate=partial(_collate, tok, ids, targets), loss=loss)
+                           collate=partial(_collate, tok, ids, targets), loss=loss, outputs=outputs)
 
 
 def load(directory: str | Path) -> tuple[EncoderModel, Tokenizer, dict[str, Any]]:

@@ -232,10 +232,22 @@ def train(cfg: TranslationConfig, train_pairs: Pairs | None = None, valid_pairs:
 def batch_loss(tok: Tokenizer, label_smoothing: float) -> Callable[[nn.Module, dict[str, Any]], Tensor]:
     """The summed loss of a batch of :func:`collate` under a model (a Transformer, or one that runs like it)."""
     def loss(m: nn.Module, b: dict[str, Any]) -> Tensor:
-        logits = m(b["src"], b["tgt_in"], src_lengths=b["src_lengths"], tgt_lengths=b["tgt_lengths"])
-        return sequence_loss(logits, b["tgt_out"], tok.pad_id, label_smoothing)
+        return sequence_loss(_logits(m, b), b["tgt_out"], tok.pad_id, label_smoothing)
 
     return loss
+
+
+def _logits(m: nn.Module, b: dict[str, Any]) -> Tensor:
+    return m(b["src"], b["tgt_in"], src_lengths=b["src_lengths"], tgt_lengths=b["tgt_lengths"])  # (B, L, V)
+
+
+def batch_outputs(tok: Tokenizer) -> Callable[[nn.Module, dict[str, Any]], tuple[Tensor, Tensor]]:
+    """The (N, V) logits and (N,) targets of a batch's non-padding target tokens under a model."""
+    def outputs(m: nn.Module, b: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        keep = b["tgt_out"] != tok.pad_id  # (B, L)
+        return _logits(m, b)[keep].float(), b["tgt_out"][keep]
+
+    return outputs
 
 
 def training_batches(directory: str | Path, paths: list[str], max_tokens: int) -> TrainingBatches:
@@ -250,7 +262,8 @@ def training_batches(directory: str | Path, paths: list[str], max_tokens: int) -
         raise ValueError(f"translation data {paths}: no pair fits the model")
     lengths = [max(len(s), len(t) + 1) for s, t in zip(data.src, data.tgt, strict=True)]
     return TrainingBatches(plan=lambda epoch: bucket_batches(lengths, max_tokens, seed=0, epoch=epoch),
-                           collate=lambda idx: collate(tok, data, idx), loss=batch_loss(tok, 0.0))
+                           collate=lambda idx: collate(tok, data, idx), loss=batch_loss(tok, 0.0),
+                           outputs=batch_outputs(tok))
 
 
 def load(directory: str | Path) -> tuple[Transformer, Tokenizer, DecodeConfig]:
