@@ -100,10 +100,50 @@ def test_a_pruned_int8_transformer_saves_and_loads_equal(tmp_path, tiny_transfor
         assert torch.equal(cached, decoding.beam_search(model, src, beam_size=2, max_new_tokens=6)[0])
 
 
-def test_an_int8_decoder_lm_generates_with_the_cache_as_without(tmp_path):
+def test_an_int8_token_table_is_its_rows_times_their_scales():
+    from maskattn.layers import Int8TokenEmbedding, TokenEmbedding
+
     torch.manual_seed(0)
-    model = maskattn.DecoderLM(maskattn.DecoderLMConfig.preset("tiny", tie_output=False)).eval()
-    compressed.quantize_linears(model)
+    table = TokenEmbedding(10, 6, scale=True)
+    q = Int8TokenEmbedding.from_float(table)
+    ids = torch.tensor([[1, 9, 1], [0, 3, 4]])
+    w = table.weight.detach()
+    s = w.abs().amax(-1) / 127  # one scale per row, by hand
+    expected = torch.round(w / s[:, None])[ids] * s[ids][..., None] * 6**0.5
+    torch.testing.assert_close(q(ids), expected, atol=1e-6, rtol=1e-6)
+    assert (q(ids) - table(ids)).abs().max() < 0.01 * table(ids).abs().max()
+    with pytest.raises(ValueError, match=r"ids must be in \[0, 10\)"):
+        q(torch.tensor([[10]]))
+
+
+def test_a_tied_output_projection_shares_the_int8_table_and_saves_once(tmp_path, tiny_transformer):
+    model = tiny_transformer
+    src, tgt = _io()
+    with torch.no_grad():
+        float_out = model(src, tgt)
+    float_bytes = compression.linear_weight_bytes(model)
+    names = compressed.quantize_linears(model, tied=True)
+    assert {"out_proj", "src_embed.tokens", "tgt_embed.tokens"} <= set(names)
+    assert model.out_proj.weight is model.tgt_embed.tokens.weight is model.src_embed.tokens.weight
+    assert model.out_proj.weight.dtype == torch.int8
+    assert compression.linear_weight_bytes(model) < float_bytes / 3.5  # the shared table is not counted
+    with torch.no_grad():
+        out = model(src, tgt)
+    assert (out - float_out).abs().max() < 0.05 * float_out.abs().max()
+    model.save(tmp_path / "m")
+    loaded = maskattn.load(tmp_path / "m").eval()
+    assert loaded.out_proj.weight is loaded.tgt_embed.tokens.weight  # tied again after loading
+    with torch.no_grad():
+        assert torch.equal(loaded(src, tgt), out)
+        cached = decoding.beam_search(loaded, src, beam_size=2, max_new_tokens=6)[0]
+        assert torch.equal(cached, decoding.beam_search(model, src, beam_size=2, max_new_tokens=6)[0])
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_an_int8_decoder_lm_generates_with_the_cache_as_without(tmp_path, tie):
+    torch.manual_seed(0)
+    model = maskattn.DecoderLM(maskattn.DecoderLMConfig.preset("tiny", tie_output=tie)).eval()
+    compressed.quantize_linears(model, tied=tie)
     model.save(tmp_path / "lm")
     loaded = maskattn.load(tmp_path / "lm").eval()
     assert isinstance(loaded.lm_head, Int8Linear)
@@ -123,7 +163,7 @@ def test_a_compression_entry_that_does_not_fit_is_a_format_error(tmp_path, tiny_
     (tmp_path / "m" / MANIFEST).unlink()  # as written before manifests: the entry's own checks answer
     for entry, expected in (({"heads": {"encoder.nope": 1}}, "not an attention module"),
                             ({"heads": {"encoder.layers.0.self_attn": 9}}, "does not fit"),
-                            ({"int8": ["encoder.layers.0.self_attn"]}, "not a Linear module"),
+                            ({"int8": ["encoder.layers.0.self_attn"]}, "not a Linear or token embedding"),
                             ({"sparse": True}, "unknown compression entries")):
         config.write_text(json.dumps({**meta, "compression": entry}))
         with pytest.raises(FormatError, match=expected):

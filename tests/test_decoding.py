@@ -297,3 +297,14 @@ def test_static_decoding_refuses_what_it_cannot_do():
     transformer = Transformer(TransformerConfig.preset("tiny")).eval()
     with pytest.raises(ValueError, match="compile=True needs"):
         decoding.greedy(transformer, torch.randint(1, 64, (1, 3)), max_new_tokens=2, compile=True)
+
+
+def test_reorder_with_the_same_memory_must_keep_the_batch_size():
+    model = Transformer(TransformerConfig.preset("tiny")).eval()
+    with torch.no_grad():
+        state, _ = model.begin_decoding(torch.randint(3, 64, (2, 4)), torch.tensor([4, 2]), max_new_tokens=3)
+    memory = state.memory_kv
+    state.reorder(torch.tensor([1, 1]), same_memory=True)
+    assert state.memory_kv is memory  # kept as it was, not gathered
+    with pytest.raises(ValueError, match="same_memory keeps the batch size 2, got an index of 3 rows"):
+        state.reorder(torch.tensor([0, 0, 1]), same_memory=True)

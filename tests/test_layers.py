@@ -71,6 +71,23 @@ def test_feedforward_matches_its_formula(activation):
         FeedForward(8, 16, activation="tanh")
 
 
+def test_kv_cache_reorder_gathers_the_written_slots_and_keeps_the_rest():
+    """Oracle: index_select of the whole buffer (the written slots), zeros beyond them."""
+    torch.manual_seed(0)
+    cache = KVCache(3, 2, 4, 6)
+    k, v = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    cache.update(k, v)
+    index = torch.tensor([2, 0, 0])
+    cache.reorder(index)
+    assert torch.equal(cache.k[:, :, :4], k[index]) and torch.equal(cache.v[:, :, :4], v[index])
+    assert not cache.k[:, :, 4:].any() and cache.length == 4
+    cache.reorder(torch.tensor([1, 1, 0, 2, 2]))  # a new batch size: new buffers of all slots
+    assert cache.k.shape == (5, 2, 6, 4) and torch.equal(cache.k[:, :, :4], k[index][[1, 1, 0, 2, 2]])
+    k2 = torch.randn(5, 2, 1, 4)
+    out, _ = cache.update(k2, k2)
+    assert out.shape == (5, 2, 5, 4) and torch.equal(out[:, :, 4:], k2)
+
+
 def test_kv_cache_appends_reorders_and_overflows():
     cache = KVCache(2, 1, 4, 5)
     k1, v1 = torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4)

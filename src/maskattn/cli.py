@@ -280,6 +280,8 @@ def _add_compress(sub) -> None:
                           help="weight of distillation from the unpruned model in the fine-tune loss (default 0)")
     compress.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default 1)")
     compress.add_argument("--bf16", action="store_true", help="fine-tune under bfloat16 autocast")
+    compress.add_argument("--float-embeddings", action="store_true",
+                          help="with --int8: keep token tables and the output projections tied to them float")
 
 
 def _compress(args: argparse.Namespace) -> int:
@@ -288,7 +290,7 @@ def _compress(args: argparse.Namespace) -> int:
     result = compress(args.model, args.out, int8=args.int8, prune_heads=args.prune_heads, data=args.data,
                       finetune_steps=args.finetune_steps, lr=args.lr, importance_batches=args.importance_batches,
                       max_tokens=args.max_tokens, schedule=args.schedule, warmup=args.warmup, distill=args.distill,
-                      temperature=args.temperature, bf16=args.bf16)
+                      temperature=args.temperature, bf16=args.bf16, int8_embeddings=not args.float_embeddings)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -4,7 +4,9 @@
 Shape legend: H heads and Hkv key/value heads of one attention module, D head dim.
 
 * **int8**: every ``nn.Linear`` that owns its weight becomes an :class:`maskattn.layers.Int8Linear`
-  (int8 weights with per-channel scales, activations quantised per call, PyTorch's x86 int8 kernel).
+  (int8 weights with per-channel scales, activations quantised per call, PyTorch's x86 int8 kernel);
+  a token table tied to an output projection becomes one :class:`maskattn.layers.Int8TokenEmbedding`
+  that the projection shares (unless ``int8_embeddings=False``).
 * **Head pruning** (Michel et al., 2019, "Are Sixteen Heads Really Better than One?"): the importance
   of a head is the expected increase of the task's loss when its output is masked out, measured on a
   few batches of the task's training data; the least important heads across the model are removed
@@ -202,15 +204,15 @@ def finetune(model: nn.Module, data: TrainingBatches, *, steps: int, lr: float =
 
 def linear_weight_bytes(model: nn.Module) -> int:
     """Bytes of the weights (and int8 scales) of the Linear layers that own their weight; tied output
-    projections are the embedding's and are not counted."""
+    projections, float or int8, are the embedding's and are not counted."""
     owners: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        owners[id(param)] = owners.get(id(param), 0) + 1
+    for _, tensor in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
+        owners[id(tensor)] = owners.get(id(tensor), 0) + 1
     total = 0
     for m in model.modules():
         if isinstance(m, nn.Linear) and owners.get(id(m.weight), 0) == 1:
             total += m.weight.numel() * m.weight.element_size()
-        elif isinstance(m, Int8Linear):
+        elif isinstance(m, Int8Linear) and owners.get(id(m.weight), 0) == 1:
             total += m.weight.numel() * m.weight.element_size() + m.weight_scale.numel() * m.weight_scale.element_size()
     return total
 
@@ -223,13 +225,16 @@ def heads(model: nn.Module) -> int:
 def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prune_heads: float = 0.0,
              data: list[str] | None = None, finetune_steps: int = 100, lr: float = 1e-4, importance_batches: int = 8,
              max_tokens: int = 2048, schedule: str = "constant", warmup: int = 0, distill: float = 0.0,
-             temperature: float = 1.0, bf16: bool = False, log: Callable[[str], None] = log_stderr) -> dict[str, Any]:
+             temperature: float = 1.0, bf16: bool = False, int8_embeddings: bool = True,
+             log: Callable[[str], None] = log_stderr) -> dict[str, Any]:
     """Compress the trained model in ``directory`` into ``out`` (a model directory with the same task).
 
     Args:
         directory: a model directory written by ``maskattn train``.
         out: the new model directory (not ``directory``).
         int8: quantise the linear layers to int8.
+        int8_embeddings: with ``int8``, also the token tables that output projections are tied to (one
+            shared int8 table; the projection over the vocabulary then runs in int8 too).
         prune_heads: fraction of all attention heads to remove (0 = none), before quantising.
         data: the task's training data files, read as its ``training_batches`` reads them (needed to prune).
         finetune_steps: fine-tuning steps after pruning.
@@ -278,7 +283,7 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
         log(f"pruned to {heads(model)} of {result['heads_before']} heads; loss {result['loss_before']:.4f} -> "
             f"{result['loss_pruned']:.4f} -> {result['loss_finetuned']:.4f} after {finetune_steps} steps")
     if int8:
-        result["int8"] = compressed.quantize_linears(model)
+        result["int8"] = compressed.quantize_linears(model, tied=int8_embeddings)
     model.save(out)
     write_task(out, settings)
     result.update(model=str(out), heads_after=heads(model), linear_weight_bytes_after=linear_weight_bytes(model),

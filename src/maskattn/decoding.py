@@ -140,7 +140,7 @@ def _run_beams(model: nn.Module, inputs: Tensor, lengths: Lengths, beam_size: in
             rows = search.advance(torch.log_softmax(logits.float(), dim=-1), t)
             if search.all_done() or t == max_new_tokens - 1:
                 break
-            state.reorder(rows.to(device))
+            state.reorder(rows.to(device), same_memory=True)  # beams trade places within their row
             logits = model.step(state, search.last_tokens().to(device))[:, -1]
     return search, pad_id
 

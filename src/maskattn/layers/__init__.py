@@ -14,7 +14,7 @@ from maskattn.layers.positions import (
     apply_rope,
     sinusoidal_table,
 )
-from maskattn.layers.quantized import Int8Linear
+from maskattn.layers.quantized import Int8Linear, Int8TokenEmbedding
 from maskattn.layers.residual import Residual
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "EncoderLayer",
     "FeedForward",
     "Int8Linear",
+    "Int8TokenEmbedding",
     "KVCache",
     "LearnedPositions",
     "MultiHeadAttention",

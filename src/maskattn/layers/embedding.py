@@ -31,17 +31,20 @@ class TokenEmbedding(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         """(B, L) integer ids -> (B, L, E)."""
-        if not isinstance(ids, Tensor) or ids.dtype in (torch.bool, torch.float16, torch.float32, torch.float64):
-            got = ids.dtype if isinstance(ids, Tensor) else type(ids).__name__
-            raise TypeError(f"ids must be an integer tensor of token ids, got {got}")
-        # A host check (it reads the ids): eager only, a compiled graph cannot branch on tensor values.
-        checked = ids.numel() and not torch.compiler.is_compiling()
-        if checked and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            raise ValueError(
-                f"ids must be in [0, {self.vocab_size}), got values in [{int(ids.min())}, {int(ids.max())}]"
-            )
+        check_ids(ids, self.vocab_size)
         x = nn.functional.embedding(ids, self.weight)  # (B, L, E)
         return x * math.sqrt(self.d_model) if self.scale else x
 
     def extra_repr(self) -> str:
         return f"{self.vocab_size}, {self.d_model}, scale={self.scale}"
+
+
+def check_ids(ids: Tensor, vocab_size: int) -> None:
+    """Raise a TypeError unless ``ids`` is an integer tensor, a ValueError unless its values are in [0, V)."""
+    if not isinstance(ids, Tensor) or ids.dtype in (torch.bool, torch.float16, torch.float32, torch.float64):
+        got = ids.dtype if isinstance(ids, Tensor) else type(ids).__name__
+        raise TypeError(f"ids must be an integer tensor of token ids, got {got}")
+    # A host check (it reads the ids): eager only, a compiled graph cannot branch on tensor values.
+    checked = ids.numel() and not torch.compiler.is_compiling()
+    if checked and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"ids must be in [0, {vocab_size}), got values in [{int(ids.min())}, {int(ids.max())}]")

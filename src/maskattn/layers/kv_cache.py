@@ -78,9 +78,20 @@ class KVCache(nn.Module):
         return 0
 
     def reorder(self, index: Tensor) -> None:
-        """Keep batch rows ``index`` (B',), e.g. the surviving beams of beam search."""
-        self.k = self.k.index_select(0, index)
-        self.v = self.v.index_select(0, index)
+        """Keep batch rows ``index`` (B',), e.g. the surviving beams of beam search.
+
+        With the batch size unchanged, only the slots written so far are gathered, in place (a beam
+        step would otherwise copy every preallocated slot); a new batch size gets new buffers.
+        """
+        batch = self.k.shape[0]
+        if index.shape[0] == batch:
+            used = min(self.length, self.k.shape[2])
+            self.k[:, :, :used] = self.k[:, :, :used].index_select(0, index)
+            self.v[:, :, :used] = self.v[:, :, :used].index_select(0, index)
+            return
+        # rows of the flat (B, Hkv*T*D) view: a plain row gather, much faster on CPU than the 4-D one
+        self.k = self.k.reshape(batch, -1).index_select(0, index).view(-1, *self.k.shape[1:])
+        self.v = self.v.reshape(batch, -1).index_select(0, index).view(-1, *self.v.shape[1:])
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.k.shape)}, length={self.length}"

@@ -9,12 +9,20 @@ output then depends on that token alone, never on its batch mates or on padding,
 their promise (``maskattn audit`` holds) and a sentence translates the same in any batch. The
 product is PyTorch's integer matmul (``torch._int_mm``, int32 accumulation); every tensor is an
 ordinary buffer, so a quantised model's state dict goes into safetensors like any other.
+
+:class:`Int8TokenEmbedding` is a token table in the same layout (int8 rows, one scale per row). An
+output projection tied to the embedding has one scale per vocabulary row too, so the two share one
+int8 table (:meth:`Int8Linear.tied_to`), as the float model shares one float table.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
+
+from maskattn.layers.embedding import TokenEmbedding, check_ids
 
 QMAX = 127  # int8 values in [-127, 127]: symmetric, no -128
 
@@ -61,6 +69,13 @@ class Int8Linear(nn.Module):
             new.bias = linear.bias.detach().float().clone()
         return new
 
+    @classmethod
+    def tied_to(cls, embedding: Int8TokenEmbedding) -> Int8Linear:
+        """An E -> V projection without bias whose weight and scales are ``embedding``'s (shared, not copied)."""
+        new = cls(embedding.d_model, embedding.vocab_size, bias=False)
+        new.weight, new.weight_scale = embedding.weight, embedding.weight_scale
+        return new
+
     def dequantized_weight(self) -> Tensor:
         """The float (O, I) weight the int8 values and scales stand for."""
         return self.weight.float() * self.weight_scale[:, None]
@@ -81,3 +96,32 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+class Int8TokenEmbedding(nn.Module):
+    """A :class:`~maskattn.layers.TokenEmbedding` stored as int8 rows with one float scale per row.
+
+    Build one with :meth:`from_float` or ``Int8TokenEmbedding(V, E, scale=...)`` (zeros, to be filled by
+    ``load_state_dict``). State dict: ``weight`` (V, E) int8 and ``weight_scale`` (V,) float32.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, *, scale: bool = False) -> None:
+        super().__init__()
+        self.vocab_size, self.d_model, self.scale = vocab_size, d_model, scale
+        self.register_buffer("weight", torch.zeros(vocab_size, d_model, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(vocab_size))
+
+    @classmethod
+    def from_float(cls, embedding: TokenEmbedding) -> Int8TokenEmbedding:
+        new = cls(embedding.vocab_size, embedding.d_model, scale=embedding.scale)
+        new.weight, new.weight_scale = quantize_weight(embedding.weight)
+        return new
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """(B, L) integer ids -> (B, L, E) float32."""
+        check_ids(ids, self.vocab_size)
+        x = nn.functional.embedding(ids, self.weight).float() * self.weight_scale[ids].unsqueeze(-1)  # (B, L, E)
+        return x * math.sqrt(self.d_model) if self.scale else x
+
+    def extra_repr(self) -> str:
+        return f"{self.vocab_size}, {self.d_model}, scale={self.scale}, int8"

@@ -166,15 +166,22 @@ class DecodeState:
         """Slots used so far = the q_offset of the next step."""
         return self.caches[0].length
 
-    def reorder(self, index: Tensor) -> None:
-        """Keep rows ``index`` (B',) of everything (beam search)."""
+    def reorder(self, index: Tensor, *, same_memory: bool = False) -> None:
+        """Keep rows ``index`` (B',) of everything (beam search).
+
+        ``same_memory``: the caller promises that row ``index[i]`` has the same encoder memory as row i
+        (beams of one source sentence trade places), so ``memory_kv`` and ``memory_valid`` stay as they are.
+        """
+        if same_memory and index.shape[0] != self.next_pos.shape[0]:
+            raise ValueError(f"reorder: same_memory keeps the batch size {self.next_pos.shape[0]}, "
+                             f"got an index of {index.shape[0]} rows")
         for cache in self.caches:
             cache.reorder(index)
         self.key_valid = self.key_valid.index_select(0, index)
         self.next_pos = self.next_pos.index_select(0, index)
-        if self.memory_kv is not None:
+        if self.memory_kv is not None and not same_memory:
             self.memory_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.memory_kv]
-        if self.memory_valid is not None:
+        if self.memory_valid is not None and not same_memory:
             self.memory_valid = self.memory_valid.index_select(0, index)
         if self.key_pos is not None:
             self.key_pos = self.key_pos.index_select(0, index)

@@ -7,8 +7,8 @@ them on a freshly built model before its weights are loaded (``maskattn.load`` d
 
     "compression": {
       "heads": {"encoder.layers.0.self_attn": 2, ...},   # heads kept where some were pruned
-      "int8": ["encoder.layers.0.self_attn.q_proj", ...]  # Linear modules stored as Int8Linear
-    }
+      "int8": ["encoder.layers.0.self_attn.q_proj", ...]  # Linear modules stored as Int8Linear, token
+    }                                                     # tables as Int8TokenEmbedding
 """
 
 from __future__ import annotations
@@ -18,21 +18,24 @@ from typing import Any
 from torch import nn
 
 from maskattn.io import FormatError
-from maskattn.layers import Int8Linear, MultiHeadAttention
+from maskattn.layers import Int8Linear, MultiHeadAttention, TokenEmbedding
+from maskattn.layers.quantized import Int8TokenEmbedding
 
 
 def describe(model: nn.Module) -> dict[str, Any]:
-    """The compression entry of ``model``: pruned attention modules and int8 linears; {} when none."""
+    """The compression entry of ``model``: pruned attention modules and int8 modules; {} when none."""
     heads = {name: m.num_heads for name, m in model.named_modules()
              if isinstance(m, MultiHeadAttention) and m.num_heads * m.head_dim != m.d_model}
-    int8 = [name for name, m in model.named_modules() if isinstance(m, Int8Linear)]
+    int8 = [name for name, m in model.named_modules(remove_duplicate=False)
+            if isinstance(m, (Int8Linear, Int8TokenEmbedding))]
     return {key: value for key, value in (("heads", heads), ("int8", int8)) if value}
 
 
 def apply(model: nn.Module, entry: dict[str, Any] | None, *, source: str = "config.json") -> nn.Module:
     """Give a freshly built ``model`` the shapes that ``entry`` (from :func:`describe`) records.
 
-    The weights are not meaningful afterwards: load them next.
+    The weights are not meaningful afterwards: load them next. An int8 output projection that the
+    model ties to an int8 token table shares that table, as :func:`quantize_linears` left it.
 
     Raises:
         FormatError: naming ``source`` when the entry names a module the model lacks or does not fit it.
@@ -42,7 +45,7 @@ def apply(model: nn.Module, entry: dict[str, Any] | None, *, source: str = "conf
     unknown = sorted(set(entry) - {"heads", "int8"})
     if unknown:
         raise FormatError(f"{source}: unknown compression entries {unknown}; expected heads and int8")
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     for name, count in entry.get("heads", {}).items():
         attn = modules.get(name)
         if not isinstance(attn, MultiHeadAttention):
@@ -51,30 +54,58 @@ def apply(model: nn.Module, entry: dict[str, Any] | None, *, source: str = "conf
             attn.prune_heads(range(count))
         except (TypeError, ValueError) as e:
             raise FormatError(f"{source}: compression.heads[{name!r}] = {count!r} does not fit: {e}") from e
-    for name in entry.get("int8", []):
-        try:
-            linear = model.get_submodule(name)
-        except AttributeError:
-            linear = None
-        if not isinstance(linear, nn.Linear):
-            raise FormatError(f"{source}: compression.int8 names {name!r}, not a Linear module of the model")
-        _replace(model, name, Int8Linear(linear.in_features, linear.out_features, bias=linear.bias is not None))
+    modules = dict(model.named_modules(remove_duplicate=False))  # pruning made new projections
+    tables = {id(m.weight): m for m in modules.values() if isinstance(m, TokenEmbedding)}
+    new_tables: dict[int, Int8TokenEmbedding] = {}  # id of the float weight -> its int8 table
+    names = entry.get("int8", [])
+    for name in sorted(names, key=lambda n: not isinstance(modules.get(n), TokenEmbedding)):  # tables first
+        old = modules.get(name)
+        if isinstance(old, TokenEmbedding):
+            key = id(old.weight)
+            if key not in new_tables:
+                new_tables[key] = Int8TokenEmbedding(old.vocab_size, old.d_model, scale=old.scale)
+            _replace(model, name, new_tables[key])
+        elif isinstance(old, nn.Linear):
+            tied = new_tables.get(id(old.weight)) if id(old.weight) in tables else None
+            _replace(model, name, Int8Linear.tied_to(tied) if tied is not None else
+                     Int8Linear(old.in_features, old.out_features, bias=old.bias is not None))
+        else:
+            raise FormatError(f"{source}: compression.int8 names {name!r}, not a Linear or token embedding of the "
+                              "model")
     return model
 
 
-def quantize_linears(model: nn.Module) -> list[str]:
+def quantize_linears(model: nn.Module, *, tied: bool = False) -> list[str]:
     """Replace every ``nn.Linear`` of ``model`` whose weight it owns alone by an :class:`Int8Linear`.
 
-    Linears that share their weight (an output projection tied to the embedding) stay float: an int8
-    copy would add to the file, not shrink it. Returns the names replaced.
+    Linears that share their weight (an output projection tied to the embedding) stay float unless
+    ``tied``: then each token table shared with output projections becomes an
+    :class:`Int8TokenEmbedding` and the projections :class:`Int8Linear` on the same int8 table (the
+    file shrinks further and the projection over the vocabulary runs in int8). Returns the names replaced.
     """
     owners: dict[int, int] = {}
     for _, param in model.named_parameters(remove_duplicate=False):
         owners[id(param)] = owners.get(id(param), 0) + 1
-    names = [name for name, m in model.named_modules()
-             if isinstance(m, nn.Linear) and owners.get(id(m.weight), 0) == 1]
+    modules = dict(model.named_modules(remove_duplicate=False))
+    names = [name for name, m in modules.items() if isinstance(m, nn.Linear) and owners.get(id(m.weight), 0) == 1]
     for name in names:
-        _replace(model, name, Int8Linear.from_float(model.get_submodule(name)))
+        _replace(model, name, Int8Linear.from_float(modules[name]))
+    if not tied:
+        return names
+    projections = {id(m.weight): [] for m in modules.values() if isinstance(m, TokenEmbedding)}
+    for name, m in modules.items():
+        if isinstance(m, nn.Linear) and m.bias is None and id(m.weight) in projections:
+            projections[id(m.weight)].append(name)
+    tables: dict[int, Int8TokenEmbedding] = {}
+    for name, m in modules.items():
+        if isinstance(m, TokenEmbedding) and projections[id(m.weight)]:
+            tables.setdefault(id(m.weight), Int8TokenEmbedding.from_float(m))
+            _replace(model, name, tables[id(m.weight)])
+            names.append(name)
+    for key, linears in projections.items():
+        for name in linears if key in tables else []:
+            _replace(model, name, Int8Linear.tied_to(tables[key]))
+            names.append(name)
     return names
 
 

@@ -120,7 +120,9 @@ class DecoderLM(Persistent, Summary, nn.Module):
                              f"got sliding_window={w}")
         if static and window_slots is not None:
             raise ValueError(f"static decoding keeps every slot: window_slots must be None, got {window_slots}")
-        return new_state(self.decoder, batch, max_len, self.embed.tokens.weight, window=window_slots, static=static)
+        table = self.embed.tokens
+        like = table.weight if table.weight.is_floating_point() else table.weight_scale  # an int8 table: its scales
+        return new_state(self.decoder, batch, max_len, like, window=window_slots, static=static)
 
     def step(self, state: DecodeState, tokens: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Feed (B, L) new tokens (the first ``lengths[b]`` real); return their logits (B, L, V).
