@@ -7,7 +7,7 @@ import torch
 
 import maskattn
 from maskattn import checkpoint
-from maskattn.averaging import average_run, average_states
+from maskattn.averaging import average_models, average_run, average_states
 from maskattn.models import DecoderLM, DecoderLMConfig
 from maskattn.tasks.common import write_task
 from maskattn.tokenization import Tokenizer
@@ -61,3 +61,29 @@ def test_average_states_checks_keys_shapes_and_integers():
         average_states([a, {"w": torch.zeros(3), "n": torch.tensor(3)}])
     with pytest.raises(ValueError, match="integer tensor differs"):
         average_states([a, {"w": a["w"], "n": torch.tensor(4)}])
+
+
+def test_average_models_is_the_mean_of_finished_models_and_the_cli_runs_it(tmp_path, capsys):
+    from maskattn.cli import main
+
+    model, _ = _run(tmp_path / "a")
+    other = DecoderLM(model.config)  # same architecture, other weights
+    tok = Tokenizer.load(tmp_path / "a" / "model")
+    other.save(tmp_path / "b", tokenizer=tok.backend)
+    write_task(tmp_path / "b", {"task": "lm", "documents": "none", "block": 8})
+    assert main(["average", "--models", str(tmp_path / "a" / "model"), str(tmp_path / "b"),
+                 "--out", str(tmp_path / "soup")]) == 0
+    soup = maskattn.load(tmp_path / "soup")
+    for key, value in soup.state_dict().items():
+        expected = (model.state_dict()[key] + other.state_dict()[key]) / 2
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6, msg=key)
+    wide = DecoderLM(DecoderLMConfig.preset("tiny", vocab_size=tok.vocab_size, d_model=64))
+    wide.save(tmp_path / "c", tokenizer=tok.backend)
+    write_task(tmp_path / "c", {"task": "lm", "documents": "none", "block": 8})
+    with pytest.raises(ValueError, match=r"config\.json differs"):
+        average_models([tmp_path / "b", tmp_path / "c"], tmp_path / "bad")
+    with pytest.raises(ValueError, match="at least two"):
+        average_models([tmp_path / "b"], tmp_path / "bad")
+    capsys.readouterr()
+    assert main(["average", str(tmp_path / "a"), "--models", str(tmp_path / "b"), "--out", str(tmp_path / "x")]) == 2
+    assert "not both" in capsys.readouterr().err

@@ -4,17 +4,23 @@ Averaging the last few checkpoints of a run (Vaswani et al. average the last 5 o
 little BLEU for free: the mean sits nearer the centre of the region the optimizer wanders in at the
 end of training. ``maskattn average RUN --last N --out DIR`` writes a model directory like
 ``RUN/model`` (same config, tokenizer and ``task.json``) with the averaged weights.
+
+``maskattn average --models A B ... --out DIR`` averages finished models instead: a *uniform model soup*
+(Wortsman et al., 2022), models fine-tuned from one pretrained start with different settings, whose
+mean often scores better than each of them. They must share the config, tokenizer and task.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from maskattn import checkpoint
+from maskattn.io import read_json_object
 from maskattn.models import load, save
 from maskattn.tasks.common import read_task, write_task
 from maskattn.tokenization import Tokenizer
@@ -91,4 +97,32 @@ def average_run(run: str | Path, last: int, out: str | Path) -> Path:
     model.load_state_dict(average_states(states))
     save(model, out, tokenizer=Tokenizer.load(model_dir).backend)
     write_task(out, read_task(model_dir))
+    return out
+
+
+def average_models(directories: Sequence[str | Path], out: str | Path) -> Path:
+    """Average the weights of finished model directories (one config, tokenizer and task) into ``out``."""
+    dirs, out = [Path(d) for d in directories], Path(out)
+    if len(dirs) < 2:
+        raise ValueError(f"models: give at least two model directories to average, got {len(dirs)}")
+    if any(out.resolve() == d.resolve() for d in dirs):
+        raise ValueError(f"out must be a new directory, not one of the models ({out})")
+    first = dirs[0]
+
+    def identity(d: Path) -> dict[str, Any]:  # what must agree: everything but the weights' own hash
+        meta = read_json_object(d / "config.json")
+        tokenizer = d / "tokenizer.json"
+        return {"config.json": {k: v for k, v in meta.items() if k != "weights"}, "task.json": read_task(d),
+                "tokenizer.json": tokenizer.read_bytes() if tokenizer.is_file() else None}
+
+    expected = identity(first)
+    for d in dirs[1:]:
+        for name, value in identity(d).items():
+            if value != expected[name]:
+                raise ValueError(f"models: {d / name} differs from {first / name}; only models of one architecture, "
+                                 "tokenizer and task can be averaged")
+    model = load(first)
+    model.load_state_dict(average_states([model.state_dict(), *(load(d).state_dict() for d in dirs[1:])]))
+    save(model, out, tokenizer=Tokenizer.load(first).backend)
+    write_task(out, read_task(first))
     return out

@@ -106,11 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  for t in registered.values()))
     _add_evaluate_options(evaluate, registered)
 
-    average = sub.add_parser("average", help="average the weights of a run's last N checkpoints into a model",
+    average = sub.add_parser("average", help="average the weights of a run's last N checkpoints, or of models",
                              description="Writes a model directory like RUN/model (same config, tokenizer and "
-                             "task) whose weights are the mean of the last N step checkpoints of RUN.")
-    average.add_argument("run", help="a run directory of `maskattn train` (with model/ and step-* checkpoints)")
-    average.add_argument("--last", type=int, required=True, help="how many of the newest checkpoints to average")
+                             "task) whose weights are the mean of the last N step checkpoints of RUN; with "
+                             "--models, the mean of finished models of one architecture (a model soup).")
+    average.add_argument("run", nargs="?", help="a run directory of `maskattn train` (with model/ and step-* "
+                         "checkpoints)")
+    average.add_argument("--last", type=int, help="how many of the run's newest checkpoints to average")
+    average.add_argument("--models", nargs="+", metavar="MODEL", help="model directories to average instead of a run")
     average.add_argument("--out", required=True, help="the new model directory")
 
     _add_compress(sub)
@@ -246,8 +249,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _average(args: argparse.Namespace) -> int:
-    from maskattn.averaging import average_run
+    from maskattn.averaging import average_models, average_run
 
+    if args.models:
+        if args.run or args.last is not None:
+            raise UsageError("average: give either RUN --last N or --models MODEL ..., not both")
+        print(average_models(args.models, args.out))
+        return 0
+    if not args.run or args.last is None:
+        raise UsageError("average: give RUN --last N (a run's checkpoints) or --models MODEL ... (finished models)")
     print(average_run(args.run, args.last, args.out))
     return 0
 
