@@ -62,10 +62,11 @@ def test_an_int8_tokens_output_depends_on_that_token_alone():
         assert torch.equal(q(x), alone) and torch.equal(q(spoiled)[:3], alone[:3])
 
 
-def test_an_int8_model_passes_the_mask_audit(tiny_transformer):
+@pytest.mark.parametrize("tied", [False, True])
+def test_an_int8_model_passes_the_mask_audit(tiny_transformer, tied):
     from maskattn.audit import audit_model
 
-    compressed.quantize_linears(tiny_transformer)
+    compressed.quantize_linears(tiny_transformer, tied=tied)
     assert audit_model(tiny_transformer, length=6).ok
 
 
