@@ -67,7 +67,7 @@ def test_average_models_is_the_mean_of_finished_models_and_the_cli_runs_it(tmp_p
     from maskattn.cli import main
 
     model, _ = _run(tmp_path / "a")
-    other = DecoderLM(model.config)  # same architecture, other weights
+    other = DecoderLM(DecoderLMConfig(**{**model.config.to_dict(), "dropout": 0.3}))  # other weights and dropout
     tok = Tokenizer.load(tmp_path / "a" / "model")
     other.save(tmp_path / "b", tokenizer=tok.backend)
     write_task(tmp_path / "b", {"task": "lm", "documents": "none", "block": 8})

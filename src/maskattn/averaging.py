@@ -101,7 +101,10 @@ def average_run(run: str | Path, last: int, out: str | Path) -> Path:
 
 
 def average_models(directories: Sequence[str | Path], out: str | Path) -> Path:
-    """Average the weights of finished model directories (one config, tokenizer and task) into ``out``."""
+    """Average the weights of finished model directories (one config, tokenizer and task) into ``out``.
+
+    The configs may differ in their dropout rates only; ``out`` takes the first model's config.
+    """
     dirs, out = [Path(d) for d in directories], Path(out)
     if len(dirs) < 2:
         raise ValueError(f"models: give at least two model directories to average, got {len(dirs)}")
@@ -109,11 +112,13 @@ def average_models(directories: Sequence[str | Path], out: str | Path) -> Path:
         raise ValueError(f"out must be a new directory, not one of the models ({out})")
     first = dirs[0]
 
-    def identity(d: Path) -> dict[str, Any]:  # what must agree: everything but the weights' own hash
+    def identity(d: Path) -> dict[str, Any]:
+        """What must agree: all but the weights' own hash and the dropout rates (training-only settings)."""
         meta = read_json_object(d / "config.json")
+        config = {k: v for k, v in meta.get("config", {}).items() if not k.endswith("dropout")}
         tokenizer = d / "tokenizer.json"
-        return {"config.json": {k: v for k, v in meta.items() if k != "weights"}, "task.json": read_task(d),
-                "tokenizer.json": tokenizer.read_bytes() if tokenizer.is_file() else None}
+        return {"config.json": {**{k: v for k, v in meta.items() if k != "weights"}, "config": config},
+                "task.json": read_task(d), "tokenizer.json": tokenizer.read_bytes() if tokenizer.is_file() else None}
 
     expected = identity(first)
     for d in dirs[1:]:
