@@ -55,8 +55,7 @@ def apply(model: nn.Module, entry: dict[str, Any] | None, *, source: str = "conf
         except (TypeError, ValueError) as e:
             raise FormatError(f"{source}: compression.heads[{name!r}] = {count!r} does not fit: {e}") from e
     modules = dict(model.named_modules(remove_duplicate=False))  # pruning made new projections
-    tables = {id(m.weight): m for m in modules.values() if isinstance(m, TokenEmbedding)}
-    new_tables: dict[int, Int8TokenEmbedding] = {}  # id of the float weight -> its int8 table
+    new_tables: dict[int, Int8TokenEmbedding] = {}  # id of the float table's weight -> its int8 table
     names = entry.get("int8", [])
     for name in sorted(names, key=lambda n: not isinstance(modules.get(n), TokenEmbedding)):  # tables first
         old = modules.get(name)
@@ -66,7 +65,7 @@ def apply(model: nn.Module, entry: dict[str, Any] | None, *, source: str = "conf
                 new_tables[key] = Int8TokenEmbedding(old.vocab_size, old.d_model, scale=old.scale)
             _replace(model, name, new_tables[key])
         elif isinstance(old, nn.Linear):
-            tied = new_tables.get(id(old.weight)) if id(old.weight) in tables else None
+            tied = new_tables.get(id(old.weight))  # the projection shared a float table now int8
             _replace(model, name, Int8Linear.tied_to(tied) if tied is not None else
                      Int8Linear(old.in_features, old.out_features, bias=old.bias is not None))
         else:
@@ -99,7 +98,8 @@ def quantize_linears(model: nn.Module, *, tied: bool = False) -> list[str]:
     tables: dict[int, Int8TokenEmbedding] = {}
     for name, m in modules.items():
         if isinstance(m, TokenEmbedding) and projections[id(m.weight)]:
-            tables.setdefault(id(m.weight), Int8TokenEmbedding.from_float(m))
+            if id(m.weight) not in tables:
+                tables[id(m.weight)] = Int8TokenEmbedding.from_float(m)
             _replace(model, name, tables[id(m.weight)])
             names.append(name)
     for key, linears in projections.items():
