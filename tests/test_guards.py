@@ -174,3 +174,13 @@ def test_the_guard_applies_in_one_compiled_graph(mask):
         dynamo.reset()
         compiled = torch.compile(run, fullgraph=True, backend="aot_eager", dynamic=dynamic)
         torch.testing.assert_close(compiled(q, k, v), run(q, k, v), equal_nan=True, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["blocked", "sdpa"])
+def test_an_empty_batch_gives_what_the_reference_gives(backend):
+    q, k, v = (torch.randn(0, 2, 300, 8, requires_grad=True) for _ in range(3))
+    out = maskattn.attention(q, k, v, masks.causal() & masks.sliding_window(64), backend=backend)
+    ref = maskattn.attention(q, k, v, masks.causal() & masks.sliding_window(64), backend="reference")
+    assert out.shape == ref.shape == (0, 2, 300, 8)
+    grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
+    assert all(g is None or g.shape == (0, 2, 300, 8) for g in grads)

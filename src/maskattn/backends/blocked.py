@@ -133,7 +133,7 @@ def attention(
     for name, value in (("block_q", block_q), ("block_k", block_k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if q.shape[2] == 0 or k.shape[2] == 0:  # no tile to plan: what the reference returns
+    if 0 in (q.shape[0], q.shape[1], q.shape[2], k.shape[2]):  # no tile to plan: what the reference returns
         return empty_result(q, k, v, return_lse)
     kernel = _pick_kernel(kernel, q, v, dropout_p)
     plan = make_plan(mask, q, k, q_offset=q_offset, block_q=block_q, block_k=block_k)
