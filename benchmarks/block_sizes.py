@@ -1,0 +1,58 @@
+"""Tile sizes of the ``blocked`` backend: forward + backward at one N for each (block_q, block_k),
+against SDPA with the dense mask tensor and ``auto``, in the same run (the shapes of
+benchmarks/attention.py: B=1, H=8, D=64)::
+
+    OMP_NUM_THREADS=2 python -m benchmarks.block_sizes --masks window,document --n 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+from benchmarks.attention import B, D, H, make_impls, make_mask
+from maskattn.backends import blocked
+
+TILES = [(128, 128), (64, 64), (64, 128), (128, 64), (256, 128), (128, 256), (256, 256)]
+
+
+def seconds(run: Callable, n: int, repeats: int) -> float:
+    """Best time of ``repeats`` forward + backward passes after one warm-up."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, n, D, generator=g).requires_grad_() for _ in range(3))
+    best = float("inf")
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        run(q, k, v).sum().backward()
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--masks", default="window,document", help="mask kinds of benchmarks/attention.py")
+    p.add_argument("--n", type=int, default=8192, help="sequence length")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N={args.n}, best of {args.repeats}")
+    for kind in args.masks.split(","):
+        mask = make_mask(kind, args.n)
+        impls = make_impls(["sdpa_mask", "auto"], mask, args.n)
+        base = seconds(impls["sdpa_mask"], args.n, args.repeats)
+        print(f"{kind:9} sdpa_mask  {base * 1e3:8.1f} ms", flush=True)
+        auto = seconds(impls["auto"], args.n, args.repeats)
+        print(f"{kind:9} auto       {auto * 1e3:8.1f} ms  {base / auto:5.2f}x", flush=True)
+        for bq, bk in TILES:
+            def run(q, k, v, bq=bq, bk=bk, mask=mask):
+                return blocked.attention(q, k, v, mask, scale=D**-0.5, block_q=bq, block_k=bk)[0]
+
+            t = seconds(run, args.n, args.repeats)
+            print(f"{kind:9} {bq:4d} x {bk:<4d} {t * 1e3:8.1f} ms  {base / t:5.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
