@@ -322,6 +322,8 @@ def test_a_student_equal_to_its_teacher_gets_no_gradient_from_pure_distillation(
     assert all(p.grad is None for p in teacher.parameters())
     with pytest.raises(ValueError, match="distill > 0 needs a teacher"):
         compression.finetune(model, data, steps=1, distill=0.5, log=lambda _: None)
+    with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
+        compression.finetune(model, data, steps=1, distill=0.5, teacher=teacher, temperature=0, log=lambda _: None)
 
 
 def test_a_cosine_finetune_ends_at_zero_learning_rate(tiny_transformer):

@@ -174,6 +174,8 @@ def finetune(model: nn.Module, data: TrainingBatches, *, steps: int, lr: float =
         raise ValueError(f"finetune steps must be >= 0, got {steps}")
     if not 0.0 <= distill <= 1.0:
         raise ValueError(f"finetune distill must be in [0, 1], got {distill!r}")
+    if not temperature > 0:
+        raise ValueError(f"finetune temperature must be > 0, got {temperature!r}")
     if distill and (teacher is None or data.outputs is None):
         raise ValueError("finetune distill > 0 needs a teacher and task data with outputs")
     sched = TrainConfig(steps=max(1, steps), lr=lr, schedule=schedule, warmup=warmup, min_lr_ratio=0.0)
