@@ -326,7 +326,7 @@ def test_a_student_equal_to_its_teacher_gets_no_gradient_from_pure_distillation(
         compression.finetune(model, data, steps=1, distill=0.5, teacher=teacher, temperature=0, log=lambda _: None)
 
 
-def test_a_cosine_finetune_ends_at_zero_learning_rate(tiny_transformer):
+def test_a_cosine_finetune_ends_at_zero_learning_rate(tiny_transformer, monkeypatch):
     seen = []
     original = torch.optim.AdamW.step
 
@@ -334,12 +334,9 @@ def test_a_cosine_finetune_ends_at_zero_learning_rate(tiny_transformer):
         seen.append(self.param_groups[0]["lr"])
         return original(self, *args, **kwargs)
 
-    torch.optim.AdamW.step = spy
-    try:
-        compression.finetune(tiny_transformer, _batches(tiny_transformer), steps=6, lr=1e-3, schedule="cosine",
-                             warmup=2, log=lambda _: None)
-    finally:
-        torch.optim.AdamW.step = original
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    compression.finetune(tiny_transformer, _batches(tiny_transformer), steps=6, lr=1e-3, schedule="cosine",
+                         warmup=2, log=lambda _: None)
     assert seen[:2] == [5e-4, 1e-3] and seen[-1] == 0.0 and seen == sorted(seen[:2]) + sorted(seen[2:], reverse=True)
 
 

@@ -85,18 +85,16 @@ class Int8Linear(nn.Module):
         flat = x.reshape(-1, self.in_features)  # (N, I)
         xq, x_scale = quantize_rows(flat)  # (N, I) int8, (N, 1)
         if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
-            # (N, O) exact int32 sums; the epilogue works in place: fresh (N, O) temporaries, not the
-            # arithmetic, were most of the time for a wide output (8,000 rows: 3x the integer matmul)
-            y = torch._int_mm(xq, self.weight.t()) * x_scale  # (N, O) float32
-            y.mul_(self.weight_scale)
-            if self.bias is not None:
-                y.add_(self.bias)
+            acc = torch._int_mm(xq, self.weight.t())  # (N, O), exact int32 sums
         else:  # other devices, and gradients: the same sums in float (exact while |sum| < 2**24)
             acc = xq.float() @ self.weight.float().t()  # (N, O)
             acc = acc + (flat.float() / x_scale - (flat.float() / x_scale).detach()) @ self.weight.float().t()
-            y = acc * x_scale * self.weight_scale  # (N, O)
-            if self.bias is not None:
-                y = y + self.bias
+        # The epilogue works in place: fresh (N, O) temporaries, not the arithmetic, were most of the time
+        # for a wide output (8,000 rows: 3x the integer matmul).
+        y = acc * x_scale  # (N, O) float32
+        y.mul_(self.weight_scale)
+        if self.bias is not None:
+            y.add_(self.bias)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
