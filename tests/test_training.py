@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import random
@@ -144,6 +145,26 @@ def test_the_trainer_takes_rank_and_world_size_from_its_caller_and_checks_them(t
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="launched by torchrun with WORLD_SIZE=2 but no process group was joined"):
         _tiny_trainer(tmp_path)
+
+
+def test_each_torchrun_process_gets_its_own_gpu_and_nccl_reduces_on_it(monkeypatch):
+    # No GPU here: CUDA and the NCCL group are stood in for, so that what is checked is which device
+    # the code picks (all ranks on cuda:0 is what NCCL refuses) and where the reduced tensor lives.
+    from maskattn import distributed
+
+    assert distributed.local_device() == torch.device("cpu") or torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.local_device() == torch.device("cuda", 1)
+    seen = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda t: seen.append(t.device.type == "meta"))
+    monkeypatch.setattr(distributed, "local_device", lambda: torch.device("meta"))  # a device torch can build here
+    for backend, on_gpu in (("nccl", True), ("gloo", False)):
+        monkeypatch.setattr(distributed.dist, "get_backend", lambda b=backend: b)
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # .item() of a meta tensor, after the reduce
+            distributed.all_sum(2.0)
+        assert seen.pop() is on_gpu
 
 
 def test_setup_distributed_is_a_deprecated_alias_of_distributed_init():

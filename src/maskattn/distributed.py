@@ -43,8 +43,19 @@ def init() -> Context:
     Call once at the program's entry point; calling it again returns the same context.
     """
     if _launched_world_size() > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_device())  # NCCL needs one GPU per process, not all on cuda:0
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
     return current()
+
+
+def local_device() -> torch.device:
+    """This process's device: ``cuda:LOCAL_RANK`` when CUDA is available (torchrun sets LOCAL_RANK), else CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def current() -> Context:
@@ -74,6 +85,8 @@ def all_sum(x: float) -> float:
     """The sum of ``x`` over all processes (``x`` itself in a single process)."""
     if not dist.is_initialized():
         return x
-    t = torch.tensor([x], dtype=torch.float64)
+    # NCCL reduces only CUDA tensors; gloo only CPU ones.
+    device = local_device() if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([x], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item())

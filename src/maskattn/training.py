@@ -249,7 +249,8 @@ class Trainer:
         plan, collate, loss: the task's data and loss (module docstring).
         out_dir: where checkpoints and ``metrics.jsonl`` go.
         evaluate: optional ``evaluate(model) -> dict[str, float]``; must contain ``cfg.metric``.
-        device: where to train (default: CUDA if available, else CPU).
+        device: where to train (default: this process's GPU, ``cuda:LOCAL_RANK`` under torchrun, if CUDA is
+            available, else CPU).
         rank, world_size: this process and the number of processes, as :func:`maskattn.distributed.init`
             returns them (default: a single process).
         callbacks: :class:`Callback` objects told of every step, evaluation and checkpoint (rank 0),
@@ -278,11 +279,14 @@ class Trainer:
         self.out_dir = Path(out_dir)
         distributed.check(distributed.Context(rank, world_size))
         self.rank, self.world = rank, world_size
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device) if device is not None else distributed.local_device()
         self.model = model.to(self.device)
         if cfg.compile:
             self.model.compile()  # in place: state_dict keys and the model's other methods stay as they are
-        self.ddp = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else None
+        self.ddp = None
+        if self.world > 1:
+            ids = [self.device] if self.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
