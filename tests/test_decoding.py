@@ -74,6 +74,33 @@ def test_beam_size_one_equals_greedy(kind):
     assert scores.shape == (3,)
 
 
+@pytest.mark.parametrize("kind", ["transformer", "decoder_lm"])
+def test_rows_that_finish_leave_the_batch_and_every_row_gets_what_it_gets_alone(kind, monkeypatch):
+    from maskattn.models.common import DecodeState
+
+    torch.manual_seed(0)
+    src, lengths = _src_batch()
+    if kind == "transformer":
+        model = Transformer(TransformerConfig.preset("tiny")).eval()
+    else:
+        model = DecoderLM(DecoderLMConfig.preset("tiny", positions="rope")).eval()
+    eos = _with_eos_from_greedy(model, src, lengths)
+    batch_sizes = []
+    reorder = DecodeState.reorder
+    monkeypatch.setattr(DecodeState, "reorder", lambda self, index, **kw: (
+        batch_sizes.append(index.shape[0]), reorder(self, index, **kw))[1])
+    tokens, scores = decoding.beam_search(model, src, lengths, beam_size=3, max_new_tokens=12, eos_id=eos,
+                                          pad_id=63, length_penalty=0.6)
+    assert min(batch_sizes) < max(batch_sizes)  # some row left early, and the rest went on without it
+    monkeypatch.setattr(DecodeState, "reorder", reorder)
+    for b in range(3):
+        alone, score = decoding.beam_search(model, src[b : b + 1, : lengths[b]], beam_size=3, max_new_tokens=12,
+                                            eos_id=eos, pad_id=63, length_penalty=0.6)
+        n = alone.shape[1]
+        assert torch.equal(tokens[b, :n], alone[0]) and (tokens[b, n:] == 63).all()
+        torch.testing.assert_close(scores[b], score[0], atol=1e-5, rtol=0)
+
+
 def _sequence_scores(model, src, lengths, candidates, alpha):
     """Length-normalised log-probability of every candidate continuation, by full forward: (B, N)."""
     scores = torch.empty(src.shape[0], len(candidates))

@@ -140,17 +140,26 @@ def _run_beams(model: nn.Module, inputs: Tensor, lengths: Lengths, beam_size: in
             rows = search.advance(torch.log_softmax(logits.float(), dim=-1), t)
             if search.all_done() or t == max_new_tokens - 1:
                 break
-            state.reorder(rows.to(device), same_memory=True)  # beams trade places within their row
+            kept = search.drop_done()
+            if kept is None:
+                state.reorder(rows.to(device), same_memory=True)  # beams trade places within their row
+            else:  # finished rows leave the batch: their beams are never computed again
+                state.reorder(rows[kept].to(device))
             logits = model.step(state, search.last_tokens().to(device))[:, -1]
     return search, pad_id
 
 
 class _Beams:
-    """The bookkeeping of batched beam search: live beams as tensors, finished ones as lists."""
+    """The bookkeeping of batched beam search: live beams as tensors, finished ones as lists.
+
+    Only rows still searching are live: ``self.b`` of them, ``self.source[i]`` the input row of live row i;
+    ``finished`` and ``done`` are indexed by input row.
+    """
 
     def __init__(self, batch: int, beams: int, max_new: int, alpha: float, eos_id: int | None) -> None:
         self.b, self.k, self.max_new, self.alpha, self.eos_id = batch, beams, max_new, alpha, eos_id
         self.rows = torch.arange(batch)
+        self.source = list(range(batch))
         self.scores = torch.full((batch, beams), float("-inf"))
         self.scores[:, 0] = 0.0  # at first every beam is the same empty hypothesis: keep one
         self.seqs = torch.zeros(batch * beams, 0, dtype=torch.long)  # (B*K, t)
@@ -161,7 +170,7 @@ class _Beams:
         return ((5.0 + n) / 6.0) ** self.alpha
 
     def advance(self, logp: Tensor, t: int) -> Tensor:
-        """Extend the beams by one token from (B*K, V) log-probs; return the surviving rows (B*K,)."""
+        """Extend the live beams by one token from (B*K, V) log-probs; return the surviving rows (B*K,)."""
         v = logp.shape[-1]
         logp = logp.cpu()
         cand = (self.scores.unsqueeze(-1) + logp.view(self.b, self.k, v)).view(self.b, -1)  # (B, K*V)
@@ -180,21 +189,37 @@ class _Beams:
         self._update_done(t + 1)
         return rows
 
+    def drop_done(self) -> Tensor | None:
+        """Remove the rows that are done from the live beams; return the (B'*K,) positions of the beams
+        kept, or None when every live row goes on."""
+        live = [i for i, src in enumerate(self.source) if not self.done[src]]
+        if len(live) == self.b:
+            return None
+        keep = torch.tensor(live, dtype=torch.long)
+        self.source = [self.source[i] for i in live]
+        self.b = len(live)
+        self.rows = torch.arange(self.b)
+        self.scores = self.scores[keep]
+        kept = (keep[:, None] * self.k + torch.arange(self.k)).view(-1)  # (B'*K,)
+        self.seqs = self.seqs[kept]
+        return kept
+
     def _finish(self, scores: Tensor, beam: Tensor, tok: Tensor | None, which: Tensor, n: int) -> None:
         for b, j in which.nonzero().tolist():
-            if self.done[b]:
+            src = self.source[b]
+            if self.done[src]:
                 continue
             seq = self.seqs[b * self.k + int(beam[b, j])].tolist() + ([int(tok[b, j])] if tok is not None else [])
-            self.finished[b].append((float(scores[b, j]) / self.lp(n), seq))
-            self.finished[b] = sorted(self.finished[b], key=lambda x: -x[0])[: self.k]
+            self.finished[src].append((float(scores[b, j]) / self.lp(n), seq))
+            self.finished[src] = sorted(self.finished[src], key=lambda x: -x[0])[: self.k]
 
     def _update_done(self, n: int) -> None:
-        for b in range(self.b):
-            if self.done[b] or len(self.finished[b]) < self.k:
+        for b, src in enumerate(self.source):
+            if self.done[src] or len(self.finished[src]) < self.k:
                 continue
             # Live scores only fall; with alpha > 0 dividing by the longest lp is their best case.
             best_live = float(self.scores[b].max()) / self.lp(self.max_new if self.alpha > 0 else n)
-            self.done[b] = self.finished[b][-1][0] >= best_live
+            self.done[src] = self.finished[src][-1][0] >= best_live
 
     def all_done(self) -> bool:
         return all(self.done)
@@ -205,7 +230,7 @@ class _Beams:
     def best(self, pad_id: int) -> tuple[Tensor, Tensor]:
         best = [max(f, key=lambda x: x[0]) for f in self.finished]
         width = max(len(seq) for _, seq in best)
-        tokens = torch.full((self.b, width), pad_id, dtype=torch.long)
+        tokens = torch.full((len(best), width), pad_id, dtype=torch.long)
         for b, (_, seq) in enumerate(best):
             tokens[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         return tokens, torch.tensor([score for score, _ in best])
