@@ -218,3 +218,35 @@ def test_nan_in_hidden_inputs_reaches_no_output(backend, mask, monkeypatch):
     x = torch.randn(2, 8, 16)
     verdict = audit_nonfinite_call(layer.eval(), x, mask=mask)
     assert not verdict.ok and "NaN in hidden inputs" in verdict.how
+
+
+def _captioner(**kw):
+    from maskattn.models import Captioner, CaptionerConfig
+
+    torch.manual_seed(0)
+    return Captioner(CaptionerConfig(vocab_size=16, d_model=32, num_heads=2, d_ff=64, dropout=0.0, **kw))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_captioner_passes_the_audit_on_images_of_different_sizes(channels):
+    report = audit_model(_captioner(channels=channels), length=6, batch=3)
+    assert report.ok, str(report)
+    names = [v.name for v in report.verdicts]
+    assert {"Captioner logits vs pixels outside the canvas", "Captioner logits vs later caption tokens"} <= set(names)
+    # every attention module of both stacks was audited (patch self-attention, causal self, cross)
+    assert {n.split(" ")[0] for n in names if "_attn" in n} == set(_captioner().attention_sites())
+    outside = next(v for v in report.verdicts if "outside the canvas" in v.name)
+    # of the (2 x 6)-patch probe, row 1 keeps 1 x 4 patches and row 2 1 x 3: 8 + 9 hidden, each seen by 6 queries
+    assert outside.checked_pairs == (8 + 9) * 6
+
+
+def test_a_captioner_that_lets_its_patches_see_the_outside_is_caught(monkeypatch):
+    import maskattn.models.captioner as captioner
+
+    model = _captioner()
+    monkeypatch.setattr(captioner, "patch_valid", lambda sizes, grid, p, batch, device: None)  # padding mask dropped
+    report = audit_model(model, length=6, batch=3)
+    failed = [v for v in report.verdicts if not v.ok]
+    assert [v.name for v in failed] == ["Captioner logits vs pixels outside the canvas"]
+    b, _, k = failed[0].leaks[0]
+    assert b in (1, 2) and k >= 0

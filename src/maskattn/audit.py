@@ -308,7 +308,14 @@ def _declared(model: nn.Module) -> Inspectable:
 
 
 def _draw(spec: ProbeInput, batch: int, length: int, gen: torch.Generator) -> Tensor:
-    """The (B, L) / (B,) tensor a :class:`ProbeInput` describes."""
+    """The tensor a :class:`ProbeInput` describes: (B, L) / (B,) for tokens, images by their grid."""
+    (rows, cols), p = spec.grid, spec.patch_size
+    if spec.kind == "images":
+        channels = (spec.channels,) if spec.channels > 1 else ()
+        return torch.randn((batch, *channels, rows * p, cols * p), generator=gen)
+    if spec.kind == "image_sizes":
+        lower = rows - 1 if rows > 1 else rows
+        return torch.tensor([[rows, cols]] + [[lower, max(1, cols - b - 1)] for b in range(1, batch)]) * p
     if spec.kind == "tokens":
         low = 4 if spec.vocab_size > 8 else 0  # keep clear of special ids
         return torch.randint(low, spec.vocab_size, (batch, length - spec.shorten), generator=gen)
@@ -338,6 +345,29 @@ def _check_causal(model: nn.Module, check: ProbeCheck, inputs: dict[str, Tensor]
 def _check_padding(model: nn.Module, check: ProbeCheck, inputs: dict[str, Tensor], probe: AuditProbe) -> list[Verdict]:
     return [audit_padding(_varying(model, check, inputs), inputs[check.varies], inputs[check.lengths],
                           vocab=_vocab(probe, check.varies), name=check.name)]
+
+
+def audit_image_padding(outputs_of: Callable[[Tensor], Tensor], images: Tensor, sizes: Tensor, *, patch_size: int,
+                        name: str) -> Verdict:
+    """Every output must be bit-identical whatever the pixels outside each image's real (height, width) are."""
+    gen = torch.Generator().manual_seed(6)
+    height, width = images.shape[-2:]
+    outside = ((torch.arange(height)[None, :, None] >= sizes[:, :1, None])
+               | (torch.arange(width)[None, None, :] >= sizes[:, 1:, None]))  # (B, Hc, Wc)
+    if images.dim() == 4:
+        outside = outside[:, None]  # (B, 1, Hc, Wc): every channel
+    with torch.no_grad():
+        base = outputs_of(images)
+        moved = (outputs_of(torch.where(outside, torch.randn(images.shape, generator=gen), images)) != base)
+        moved = moved.flatten(2).any(-1)  # (B, Lq)
+    # hidden patches, in the row-major order of the patch grid
+    hidden = outside.reshape(images.shape[0], -1, height // patch_size, patch_size, width // patch_size, patch_size)
+    hidden = hidden.all(1).all(2).all(-1).flatten(1)  # (B, N)
+    if moved.any():
+        b, q = moved.nonzero()[0].tolist()
+        k = int(hidden[b].nonzero()[0]) if hidden[b].any() else -1  # -1: the row has no hidden patch
+        return Verdict(name, False, 0, [(b, q, k)], "changing pixels outside an image changed an output")
+    return Verdict(name, True, int(hidden.sum()) * base.shape[1])
 
 
 def audit_documents(outputs_of: Callable[[Tensor], Tensor], tokens: Tensor, documents: Tensor, *, vocab: int,
@@ -381,9 +411,17 @@ def _check_documents(model: nn.Module, check: ProbeCheck, inputs: dict[str, Tens
                             vocab=_vocab(probe, check.varies), name=check.name)]
 
 
+def _check_image_padding(model: nn.Module, check: ProbeCheck, inputs: dict[str, Tensor],
+                         probe: AuditProbe) -> list[Verdict]:
+    spec = next(spec for spec in probe.inputs if spec.name == check.varies)
+    return [audit_image_padding(_varying(model, check, inputs), inputs[check.varies], inputs[check.lengths],
+                                patch_size=spec.patch_size, name=check.name)]
+
+
 # One audit per kind of ProbeCheck (maskattn.models.inspection.PROBE_CHECKS).
 CHECKS: dict[str, Callable[[nn.Module, ProbeCheck, dict[str, Tensor], AuditProbe], list[Verdict]]] = {
     "layers": _check_layers, "causal": _check_causal, "padding": _check_padding, "documents": _check_documents,
+    "image_padding": _check_image_padding,
 }
 
 

@@ -25,7 +25,7 @@ from maskattn.layers import DecoderLayer, EncoderLayer, TokenEmbedding
 from maskattn.layers.patches import PATCH_POSITIONS, PatchEmbedding, patch_valid
 from maskattn.models.common import Embedder, Stack, init_linears
 from maskattn.models.config import BlockConfig, check_distinct
-from maskattn.models.inspection import AuditProbe
+from maskattn.models.inspection import AuditProbe, ProbeCheck, ProbeInput
 from maskattn.models.persistence import Persistent
 from maskattn.models.summary import Summary
 from maskattn.models.transformer import Transformer
@@ -138,6 +138,15 @@ class Captioner(Persistent, Summary, nn.Module):
         return (out[0], {"encoder": encoded[2], "decoder": out[1]}) if return_weights else out
 
     def audit_probe(self) -> AuditProbe:
-        """Refused: the audit draws token ids, and a Captioner reads images."""
-        raise ValueError("maskattn audit draws token ids; a Captioner reads images (audit its layers with "
-                         "maskattn.audit(layer, mask) instead)")
+        """Every attention call; no logit depends on a later caption token, nor on pixels outside the canvas."""
+        c = self.config
+        grid = (min(2, c.max_rows), min(6, c.max_cols))
+        uses = ("images", "tgt", "sizes")
+        return AuditProbe(
+            inputs=(ProbeInput("images", "images", patch_size=c.patch_size, grid=grid, channels=c.channels),
+                    ProbeInput("sizes", "image_sizes", patch_size=c.patch_size, grid=grid),
+                    ProbeInput("tgt", "tokens", c.vocab_size)),
+            checks=(ProbeCheck("layers", uses),
+                    ProbeCheck("causal", uses, "Captioner logits vs later caption tokens", varies="tgt"),
+                    ProbeCheck("image_padding", uses, "Captioner logits vs pixels outside the canvas",
+                               varies="images", lengths="sizes")))

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 ATTENTION_KINDS = ("self-causal", "self-bidirectional", "cross")
-PROBE_INPUTS = ("tokens", "lengths", "documents")
-PROBE_CHECKS = ("layers", "causal", "padding", "documents")
+PROBE_INPUTS = ("tokens", "lengths", "documents", "images", "image_sizes")
+PROBE_CHECKS = ("layers", "causal", "padding", "documents", "image_padding")
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -61,18 +61,28 @@ class ProbeInput:
     * ``"tokens"``: (B, L - shorten) ids drawn at random from [4, vocab_size) (from 0 when
       vocab_size <= 8), clear of the usual special ids;
     * ``"lengths"``: (B,) real lengths of right-padded rows: row 0 full, row b shorter by 3 + b (at least 1);
-    * ``"documents"``: (B, L) document ids of two packed documents, the second from position L // 2.
+    * ``"documents"``: (B, L) document ids of two packed documents, the second from position L // 2;
+    * ``"images"``: (B, [channels,] R * P, K * P) canvases of standard-normal pixels, ``(R, K) = grid``
+      patches of ``P = patch_size`` pixels (the channel axis only when ``channels`` > 1);
+    * ``"image_sizes"``: (B, 2) real (height, width) in pixels of such canvases, at their top left: row 0
+      the whole canvas, row b narrower by b + 1 patches (at least one patch) and, when R > 1, one patch lower.
     """
 
     name: str  # the keyword of the model call
     kind: str  # one of PROBE_INPUTS
     vocab_size: int = 0  # tokens: ids are below it
     shorten: int = 0  # tokens: this many fewer than L
+    patch_size: int = 0  # images, image_sizes: pixels per patch side
+    grid: tuple[int, int] = (0, 0)  # images, image_sizes: (rows, columns) of patches
+    channels: int = 1  # images: colour channels
 
     def __post_init__(self) -> None:
         _one_of("kind", self.kind, PROBE_INPUTS)
         if self.kind == "tokens" and self.vocab_size < 1:
             raise ValueError(f"tokens input {self.name!r} needs vocab_size >= 1, got {self.vocab_size}")
+        if self.kind in ("images", "image_sizes") and (self.patch_size < 1 or min(self.grid) < 1 or self.channels < 1):
+            raise ValueError(f"{self.kind} input {self.name!r} needs patch_size, both grid sizes and channels >= 1, "
+                             f"got patch_size={self.patch_size}, grid={self.grid}, channels={self.channels}")
 
 
 @dataclass(frozen=True)
@@ -88,7 +98,9 @@ class ProbeCheck:
     * ``"padding"``: no real position of the output depends on the padding of input ``varies``,
       whose real lengths are input ``lengths``;
     * ``"documents"``: no position of the output depends on a position of input ``varies`` that
-      belongs to another packed document, the documents being input ``documents``.
+      belongs to another packed document, the documents being input ``documents``;
+    * ``"image_padding"``: no output depends on the pixels of images ``varies`` outside their real sizes,
+      input ``lengths`` (an ``image_sizes`` input).
     """
 
     kind: str  # one of PROBE_CHECKS
@@ -101,7 +113,8 @@ class ProbeCheck:
     def __post_init__(self) -> None:
         _one_of("kind", self.kind, PROBE_CHECKS)
         needed = {"layers": (), "causal": ("name", "varies"), "padding": ("name", "varies", "lengths"),
-                  "documents": ("name", "varies", "documents")}[self.kind]
+                  "documents": ("name", "varies", "documents"),
+                  "image_padding": ("name", "varies", "lengths")}[self.kind]
         for field in needed:
             if not getattr(self, field):
                 raise ValueError(f"a {self.kind!r} check needs {field}, got {getattr(self, field)!r}")
