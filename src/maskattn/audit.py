@@ -15,7 +15,8 @@ query). A whole model is audited as it declares (:class:`maskattn.models.Inspect
 modules and their kinds. Every attention call of a forward pass is audited with the inputs and the
 mask it really received (captured with hooks), and end-to-end checks test what the model promises:
 decoder logits at step t must not change when the tokens after t change, nor when there are fewer of
-them; packed documents must not see each other; encoder outputs must not change with the padding.
+them; packed documents must not see each other; encoder outputs must not change with the padding, nor
+a captioner's with the pixels outside an image's real size.
 Models of other libraries are audited through a registered adapter
 (:func:`maskattn.models.inspectable`; ``maskattn.hf_inspect`` for Hugging Face models).
 """
