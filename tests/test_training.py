@@ -260,3 +260,36 @@ def test_report_to_tensorboard_writes_scalars_with_tensorboards_own_writer(tmp_p
     assert "train/lr" in events.Tags()["scalars"]
     with pytest.raises(ValueError, match=r"report_to must be a list of 'tensorboard', got \['wandb'\]"):
         TrainConfig(report_to=["wandb"])
+
+
+def test_layer_decay_scales_each_layer_learning_rate_by_its_depth(tmp_path):
+    from maskattn.models import EncoderConfig, EncoderModel
+    from maskattn.training import learning_rate, parameter_groups
+
+    model = EncoderModel(EncoderConfig.preset("tiny", num_labels=2))
+    layers = len(model.encoder.layers)
+    plain = parameter_groups(model, 0.01)
+    assert len(plain) == 2 and all(g["lr_scale"] == 1.0 for g in plain)
+    groups = parameter_groups(model, 0.01, layer_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if ".layers." in name:
+            i = int(name.split(".layers.")[1].split(".")[0])
+            assert scale[id(p)] == 0.5 ** (layers - i), name
+        elif "embed" in name:
+            assert scale[id(p)] == 0.5 ** (layers + 1), name
+        else:
+            assert scale[id(p)] == 1.0, name
+        assert decay[id(p)] == (0.01 if p.dim() >= 2 else 0.0), name
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+    # the trainer applies the scales on top of the schedule
+    trainer = _tiny_trainer(tmp_path, steps=3, layer_decay=0.5)
+    trainer.fit()
+    lrs = sorted(g["lr"] for g in trainer.optimizer.param_groups)
+    base = learning_rate(trainer.cfg, 3)
+    # nn.Sequential(Linear, ReLU, Linear): no "layers.i." names, so every parameter is a head (scale 1)
+    assert lrs == pytest.approx([base] * len(lrs))
+    with pytest.raises(ValueError, match=r"layer_decay must be in \(0, 1\], got 1.5"):
+        TrainConfig(layer_decay=1.5)

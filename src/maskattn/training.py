@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -73,12 +74,16 @@ class TrainConfig:
     progress: bool = True  # show a progress bar
     report_to: list[str] = field(default_factory=list)  # also report metrics to: "tensorboard" (OUT/events)
     compile: bool = False  # torch.compile the model in place before training (maskattn's models: one graph)
+    # layer-wise learning-rate decay for fine-tuning: layer i of L ("layers.i." in a parameter's name) trains at
+    # lr * layer_decay ** (L - i), embeddings ("embed") at lr * layer_decay ** (L + 1), the rest (heads) at lr
+    layer_decay: float = 1.0
 
     def __post_init__(self) -> None:
         check_settings(self, {
             "steps": ("int>=", 1), "lr": ("float>", 0), "weight_decay": ("float>=", 0),
             "schedule": ("one of", ("inverse_sqrt", "cosine", "constant")), "warmup": ("int>=", 0),
-            "min_lr_ratio": ("in", (0, 1, "[]")), "accumulate": ("int>=", 1), "eval_every": ("int>=", 0),
+            "min_lr_ratio": ("in", (0, 1, "[]")), "layer_decay": ("in", (0, 1, "(]")),
+            "accumulate": ("int>=", 1), "eval_every": ("int>=", 0),
             "checkpoint_every": ("int>=", 0), "keep": ("int>=", 1), "patience": ("int>=", 0),
             "seed": ("int>=", 0), "log_every": ("int>=", 1)})
         if self.clip_norm is not None:
@@ -240,6 +245,28 @@ def clear_run_directory(out: str | Path) -> None:
 Batch = dict[str, Any]
 
 
+def parameter_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW parameter groups: weight decay on matrices only; with ``layer_decay`` < 1, one group per
+    depth whose ``lr_scale`` is ``layer_decay ** (L + 1 - depth)``: depth 0 for embeddings (``embed`` in the
+    name), i + 1 for ``layers.i.``, L + 1 (scale 1) for everything else, L the number of layers."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    found = [re.findall(r"layers\.(\d+)\.", name) for name, _ in named]
+    top = 1 + max((int(f[-1]) for f in found if f), default=-1)  # L
+
+    def depth(name: str, layer: list[str]) -> int:
+        return int(layer[-1]) + 1 if layer else 0 if "embed" in name else top + 1
+
+    groups: dict[tuple[bool, int], dict[str, Any]] = {}
+    for (name, p), layer in zip(named, found, strict=True):
+        level = depth(name, layer) if layer_decay < 1.0 else top + 1
+        key = (p.dim() >= 2, level)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": weight_decay if key[0] else 0.0,
+                           "lr_scale": layer_decay ** (top + 1 - level)}
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
 class Trainer:
     """Train ``model`` with AdamW; see the module docstring for what a task provides.
 
@@ -287,12 +314,8 @@ class Trainer:
         if self.world > 1:
             ids = [self.device] if self.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=cfg.betas,
-        )
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, cfg.weight_decay, cfg.layer_decay),
+                                           lr=cfg.lr, betas=cfg.betas)
         self.step, self.epoch, self.position = 0, 0, 0
         self._planned: tuple[int, list[list[int]]] | None = None
         self.best: float | None = None
@@ -408,7 +431,7 @@ class Trainer:
         self.step += 1
         torch.manual_seed(cfg.seed * 1_000_003 + self.step * 7919 + self.rank)
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, self.step)
+            group["lr"] = learning_rate(cfg, self.step) * group.get("lr_scale", 1.0)
         total_targets = distributed.all_sum(float(sum(b["num_targets"] for b in micro)))
         module = self.ddp or self.model
         self.model.train()
