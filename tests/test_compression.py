@@ -266,6 +266,17 @@ def test_choose_heads_removes_the_least_important_and_keeps_one_per_module(tiny_
         compression.choose_heads(model, importance, 1.5)
 
 
+def test_choose_heads_per_module_removes_the_same_share_of_every_module(tiny_transformer):
+    model = tiny_transformer
+    sites = list(model.attention_sites())  # 6 modules x 4 heads
+    # globally, the first module's heads are all less important than any other module's
+    importance = {name: torch.tensor([3.0, 0.0, 2.0, 1.0]) + 10 * i for i, name in enumerate(sites)}
+    assert compression.choose_heads(model, importance, 0.5)[sites[0]] == [0]
+    keep = compression.choose_heads(model, importance, 0.5, per_module=True)
+    assert keep == {name: [0, 2] for name in sites}  # the two most important of each
+    assert all(len(h) == 1 for h in compression.choose_heads(model, importance, 0.99, per_module=True).values())
+
+
 def test_choose_heads_removes_whole_key_value_groups():
     torch.manual_seed(0)
     model = maskattn.EncoderModel(maskattn.EncoderConfig.preset("tiny", num_kv_heads=2))

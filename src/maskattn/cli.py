@@ -274,6 +274,9 @@ def _add_compress(sub) -> None:
     compress.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of the linear layers")
     compress.add_argument("--prune-heads", type=float, default=0.0, metavar="FRACTION",
                           help="remove this fraction of all attention heads, least important first (default 0)")
+    compress.add_argument("--per-module", action="store_true",
+                          help="remove FRACTION of each attention module's heads (default: of all heads, so that "
+                          "some modules lose more than others)")
     compress.add_argument("--data", nargs="+", default=[], metavar="FILE",
                           help="the task's training data, for --prune-heads (translation: a TSV, or source and "
                           "target files; classification: a labelled file)")
@@ -300,7 +303,8 @@ def _compress(args: argparse.Namespace) -> int:
     result = compress(args.model, args.out, int8=args.int8, prune_heads=args.prune_heads, data=args.data,
                       finetune_steps=args.finetune_steps, lr=args.lr, importance_batches=args.importance_batches,
                       max_tokens=args.max_tokens, schedule=args.schedule, warmup=args.warmup, distill=args.distill,
-                      temperature=args.temperature, bf16=args.bf16, int8_embeddings=not args.float_embeddings)
+                      temperature=args.temperature, bf16=args.bf16, int8_embeddings=not args.float_embeddings,
+                      per_module=args.per_module)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -104,9 +104,12 @@ def head_importance(model: nn.Module, data: TrainingBatches, batches: list[dict[
     return importance
 
 
-def choose_heads(model: nn.Module, importance: Mapping[str, Tensor], fraction: float) -> dict[str, list[int]]:
+def choose_heads(model: nn.Module, importance: Mapping[str, Tensor], fraction: float, *,
+                 per_module: bool = False) -> dict[str, list[int]]:
     """The heads to keep in each attention module when the least important ``fraction`` of all heads
-    goes, counted over the whole model, removing whole key/value groups and keeping one in every module.
+    goes, counted over the whole model, removing whole key/value groups and keeping one in every module;
+    with ``per_module``, the least important ``fraction`` of each module's groups goes instead (every
+    module keeps the same share).
 
     Raises:
         ValueError: naming ``fraction`` when it is not in [0, 1).
@@ -114,16 +117,21 @@ def choose_heads(model: nn.Module, importance: Mapping[str, Tensor], fraction: f
     if isinstance(fraction, bool) or not 0.0 <= fraction < 1.0:
         raise ValueError(f"prune fraction must be in [0, 1), got {fraction!r}")
     modules = attention_modules(model)
-    total = sum(attn.num_heads for attn in modules.values())
-    target = round(fraction * total)
-    units = sorted((float(score), name, g) for name, scores in importance.items() for g, score in enumerate(scores))
     kept = {name: set(range(attn.num_kv_heads)) for name, attn in modules.items()}
-    removed = 0
-    for _, name, g in units:
-        size = modules[name].num_heads // modules[name].num_kv_heads
-        if removed + size <= target and len(kept[name]) > 1:
-            kept[name].discard(g)
-            removed += size
+    if per_module:
+        for name, scores in importance.items():
+            drop = min(round(fraction * len(scores)), len(scores) - 1)
+            kept[name] -= {int(g) for g in scores.argsort()[:drop]}
+    else:
+        total = sum(attn.num_heads for attn in modules.values())
+        target = round(fraction * total)
+        units = sorted((float(score), name, g) for name, scores in importance.items() for g, score in enumerate(scores))
+        removed = 0
+        for _, name, g in units:
+            size = modules[name].num_heads // modules[name].num_kv_heads
+            if removed + size <= target and len(kept[name]) > 1:
+                kept[name].discard(g)
+                removed += size
     return {name: [g * (modules[name].num_heads // modules[name].num_kv_heads) + i
                    for g in sorted(groups) for i in range(modules[name].num_heads // modules[name].num_kv_heads)]
             for name, groups in kept.items()}
@@ -227,7 +235,7 @@ def heads(model: nn.Module) -> int:
 def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prune_heads: float = 0.0,
              data: list[str] | None = None, finetune_steps: int = 100, lr: float = 1e-4, importance_batches: int = 8,
              max_tokens: int = 2048, schedule: str = "constant", warmup: int = 0, distill: float = 0.0,
-             temperature: float = 1.0, bf16: bool = False, int8_embeddings: bool = True,
+             temperature: float = 1.0, bf16: bool = False, int8_embeddings: bool = True, per_module: bool = False,
              log: Callable[[str], None] = log_stderr) -> dict[str, Any]:
     """Compress the trained model in ``directory`` into ``out`` (a model directory with the same task).
 
@@ -238,6 +246,7 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
         int8_embeddings: with ``int8``, also the token tables that output projections are tied to (one
             shared int8 table; the projection over the vocabulary then runs in int8 too).
         prune_heads: fraction of all attention heads to remove (0 = none), before quantising.
+        per_module: remove that fraction of each attention module's heads rather than of the model's.
         data: the task's training data files, read as its ``training_batches`` reads them (needed to prune).
         finetune_steps: fine-tuning steps after pruning.
         lr: fine-tuning learning rate.
@@ -273,7 +282,7 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
             raise ValueError(f"compress --prune-heads needs the task's training data: --data ({task.data_help})")
         batches = task.training_batches(directory, list(data), max_tokens)
         sample = first_batches(batches, importance_batches)
-        keep = choose_heads(model, head_importance(model, batches, sample), prune_heads)
+        keep = choose_heads(model, head_importance(model, batches, sample), prune_heads, per_module=per_module)
         result["loss_before"] = mean_loss(model, batches, sample)
         prune(model, keep)
         result["loss_pruned"] = mean_loss(model.eval(), batches, sample)
