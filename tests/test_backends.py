@@ -113,6 +113,17 @@ def test_compiled_flex_equals_reference():
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not FLEX_ON_CPU, reason="no FlexAttention in this torch")
+def test_flex_returns_the_log_sum_exp_on_cpu_too():
+    # PyTorch's compiled CPU kernel cannot return it; the backend answers from the eager path instead
+    q, k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    mask = masks.causal() & masks.sliding_window(7)
+    out, lse = flex.attention(q, k, v, mask, scale=0.25, return_lse=True)
+    ref_out, ref_lse = reference.attention(q, k, v, mask, scale=0.25, return_lse=True)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
 def test_flex_on_cpu_refuses_gradients_clearly():
     q = torch.randn(1, 1, 4, 8, requires_grad=True)
     with pytest.raises(RuntimeError, match=r"backend 'flex'.*use backend='blocked'"):

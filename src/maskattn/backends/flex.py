@@ -14,6 +14,7 @@ Shape legend: B batch, H query heads, Hkv key/value heads, Lq queries, Lk keys, 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from torch import Tensor
@@ -64,7 +65,8 @@ def attention(
 
     Takes the arguments of :func:`maskattn.backends.reference.attention`, plus ``compiled``: run
     the ``torch.compile``-d kernel (the fast one), or FlexAttention's eager reference path.
-    ``return_lse`` gives FlexAttention's own log-sum-exp (natural log; -inf on empty rows).
+    ``return_lse`` gives FlexAttention's own log-sum-exp (natural log; -inf on empty rows); on CPU, where the
+    compiled kernel cannot return it (PyTorch 2.13), that call runs the eager path.
 
     Raises:
         ValueError: if ``return_weights`` is True or ``dropout_p`` > 0.
@@ -99,10 +101,11 @@ def attention(
             k.shape[2],
             device=q.device,
         )
-    run = _compiled() if compiled else _flex.flex_attention
     gqa = heads != k.shape[1]
     if not return_lse:
+        run = _compiled() if compiled else _flex.flex_attention
         return run(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa), None
+    run = _compiled() if compiled and q.device.type != "cpu" else _eager_flex
     if hasattr(_flex, "AuxRequest"):  # torch >= 2.9; return_lse is deprecated there
         out, aux = run(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa,
                        return_aux=_flex.AuxRequest(lse=True))
@@ -110,6 +113,13 @@ def attention(
     else:
         out, lse = run(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_lse=True)
     return out, lse.float().detach()
+
+
+def _eager_flex(*args, **kwargs):
+    """FlexAttention's eager path, without its warning that it is not the compiled kernel (we know)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return _flex.flex_attention(*args, **kwargs)
 
 
 def _refuses(call: Call) -> str | None:
