@@ -74,9 +74,8 @@ class TrainConfig:
     progress: bool = True  # show a progress bar
     report_to: list[str] = field(default_factory=list)  # also report metrics to: "tensorboard" (OUT/events)
     compile: bool = False  # torch.compile the model in place before training (maskattn's models: one graph)
-    # layer-wise learning-rate decay for fine-tuning: layer i of L ("layers.i." in a parameter's name) trains at
-    # lr * layer_decay ** (L - i), embeddings ("embed") at lr * layer_decay ** (L + 1), the rest (heads) at lr
-    layer_decay: float = 1.0
+    # layer i of L ("layers.i." in a parameter's name) at lr * layer_decay ** (L - i), embeddings at ** (L + 1)
+    layer_decay: float = 1.0  # layer-wise learning-rate decay for fine-tuning (1: off; heads keep lr)
 
     def __post_init__(self) -> None:
         check_settings(self, {
