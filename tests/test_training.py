@@ -270,6 +270,9 @@ def test_layer_decay_scales_each_layer_learning_rate_by_its_depth(tmp_path):
     layers = len(model.encoder.layers)
     plain = parameter_groups(model, 0.01)
     assert len(plain) == 2 and all(g["lr_scale"] == 1.0 for g in plain)
+    # the two groups the trainer always made, in their order (checkpoints hold the optimizer by group index)
+    assert [p.dim() >= 2 for p in plain[0]["params"]] == [True] * len(plain[0]["params"])
+    assert [p.dim() for p in plain[1]["params"]] == [1] * len(plain[1]["params"])
     groups = parameter_groups(model, 0.01, layer_decay=0.5)
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}

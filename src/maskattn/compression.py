@@ -117,6 +117,7 @@ def choose_heads(model: nn.Module, importance: Mapping[str, Tensor], fraction: f
     if isinstance(fraction, bool) or not 0.0 <= fraction < 1.0:
         raise ValueError(f"prune fraction must be in [0, 1), got {fraction!r}")
     modules = attention_modules(model)
+    group = {name: attn.num_heads // attn.num_kv_heads for name, attn in modules.items()}  # query heads per unit
     kept = {name: set(range(attn.num_kv_heads)) for name, attn in modules.items()}
     if per_module:
         for name, scores in importance.items():
@@ -128,13 +129,11 @@ def choose_heads(model: nn.Module, importance: Mapping[str, Tensor], fraction: f
         units = sorted((float(score), name, g) for name, scores in importance.items() for g, score in enumerate(scores))
         removed = 0
         for _, name, g in units:
-            size = modules[name].num_heads // modules[name].num_kv_heads
-            if removed + size <= target and len(kept[name]) > 1:
+            if removed + group[name] <= target and len(kept[name]) > 1:
                 kept[name].discard(g)
-                removed += size
-    return {name: [g * (modules[name].num_heads // modules[name].num_kv_heads) + i
-                   for g in sorted(groups) for i in range(modules[name].num_heads // modules[name].num_kv_heads)]
-            for name, groups in kept.items()}
+                removed += group[name]
+    return {name: [g * group[name] + i for g in sorted(units_kept) for i in range(group[name])]
+            for name, units_kept in kept.items()}
 
 
 def prune(model: nn.Module, keep: Mapping[str, list[int]]) -> nn.Module:

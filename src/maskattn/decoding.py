@@ -134,7 +134,7 @@ def _run_beams(model: nn.Module, inputs: Tensor, lengths: Lengths, beam_size: in
         state, logits = model.begin_decoding(inputs, lengths, max_new_tokens=max_new_tokens)
         search = _Beams(inputs.shape[0], beam_size, max_new_tokens, length_penalty, eos_id)
         device = logits.device
-        state.reorder(search.rows.repeat_interleave(beam_size).to(device))
+        state.reorder(torch.arange(inputs.shape[0], device=device).repeat_interleave(beam_size))
         logits = logits.repeat_interleave(beam_size, dim=0)  # (B*K, V)
         for t in range(max_new_tokens):
             rows = search.advance(torch.log_softmax(logits.float(), dim=-1), t)
@@ -158,7 +158,6 @@ class _Beams:
 
     def __init__(self, batch: int, beams: int, max_new: int, alpha: float, eos_id: int | None) -> None:
         self.b, self.k, self.max_new, self.alpha, self.eos_id = batch, beams, max_new, alpha, eos_id
-        self.rows = torch.arange(batch)
         self.source = list(range(batch))
         self.scores = torch.full((batch, beams), float("-inf"))
         self.scores[:, 0] = 0.0  # at first every beam is the same empty hypothesis: keep one
@@ -182,7 +181,7 @@ class _Beams:
         order = torch.where(is_eos, 2 * self.k + torch.arange(top.shape[1]), torch.arange(top.shape[1]))
         keep = order.argsort(dim=1)[:, : self.k]  # (B, K)
         self.scores = top.gather(1, keep)
-        rows = (self.rows[:, None] * self.k + beam.gather(1, keep)).view(-1)  # (B*K,)
+        rows = (torch.arange(self.b)[:, None] * self.k + beam.gather(1, keep)).view(-1)  # (B*K,)
         self.seqs = torch.cat([self.seqs[rows], tok.gather(1, keep).view(-1, 1)], dim=1)
         if t == self.max_new - 1:  # out of length: live beams finish as they are
             self._finish(self.scores, torch.arange(self.k).expand(self.b, -1), None, self.scores.isfinite(), t + 1)
@@ -198,7 +197,6 @@ class _Beams:
         keep = torch.tensor(live, dtype=torch.long)
         self.source = [self.source[i] for i in live]
         self.b = len(live)
-        self.rows = torch.arange(self.b)
         self.scores = self.scores[keep]
         kept = (keep[:, None] * self.k + torch.arange(self.k)).view(-1)  # (B'*K,)
         self.seqs = self.seqs[kept]

@@ -263,7 +263,8 @@ def parameter_groups(model: nn.Module, weight_decay: float, layer_decay: float =
             groups[key] = {"params": [], "weight_decay": weight_decay if key[0] else 0.0,
                            "lr_scale": layer_decay ** (top + 1 - level)}
         groups[key]["params"].append(p)
-    return list(groups.values())
+    # matrices first, shallow first: without layer decay, the [decay, no decay] order older checkpoints hold
+    return [groups[key] for key in sorted(groups, key=lambda key: (not key[0], key[1]))]
 
 
 class Trainer:
