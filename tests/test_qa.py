@@ -6,6 +6,7 @@ import pytest
 from maskattn.cli import main
 from maskattn.data import QAExample, read_squad
 from maskattn.tasks import qa
+from maskattn.tasks.common import write_task
 from maskattn.tokenization import Tokenizer
 
 SQUAD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad"
@@ -95,3 +96,59 @@ def test_squad_windows_on_real_data_with_a_wordpiece_tokenizer():
             found.add(w.example)
     assert len(found) == 200  # every answer lies whole in some window
     assert exact >= 0.95 * len([w for w in windows if w.start])
+
+
+def _span_model(tok: Tokenizer, seed: int):
+    import torch
+
+    from maskattn.models import EncoderConfig, EncoderModel
+
+    torch.manual_seed(seed)
+    return EncoderModel(EncoderConfig(vocab_size=tok.vocab_size, d_model=32, num_heads=4, d_ff=64, num_layers=2,
+                                      dropout=0.0, attention_dropout=0.0, max_len=256, span_head=True)).eval()
+
+
+def test_span_ensemble_equals_one_model_with_the_mean_span_head():
+    # Two models with the same encoder and different (linear) span heads: the mean of their logits is
+    # exactly the logits of one model whose span head is the mean of the two heads.
+    import torch
+
+    context = "Anna moved to Lisbon in 1999 and opened a bakery near the river with her brother Tom."
+    examples = [QAExample(str(i), q, context, ()) for i, q in enumerate(["Where?", "When did she move?", "Who?"])]
+    tok = Tokenizer.train_chars([context, *[e.question for e in examples]])
+    a, b, mean = _span_model(tok, 0), _span_model(tok, 0), _span_model(tok, 0)
+    torch.manual_seed(1)
+    for head in (a.span_head, b.span_head):
+        torch.nn.init.normal_(head.weight, std=1.0)
+        torch.nn.init.normal_(head.bias, std=1.0)
+    with torch.no_grad():
+        mean.span_head.weight.copy_((a.span_head.weight + b.span_head.weight) / 2)
+        mean.span_head.bias.copy_((a.span_head.bias + b.span_head.bias) / 2)
+    windows = qa.squad_windows(tok, examples, max_len=60, stride=20, max_question=20)
+    assert len({w.example for w in windows}) == 3 and len(windows) > 3  # several windows per question
+    together = qa.best_spans(qa.SpanEnsemble([a, b]), tok, examples, windows, max_answer=8)
+    assert together == qa.best_spans(mean, tok, examples, windows, max_answer=8)
+    alone = [qa.best_spans(m, tok, examples, windows, max_answer=8) for m in (a, b)]
+    assert alone[0] != alone[1], "the two members should disagree somewhere, or the test shows nothing"
+
+
+def test_evaluate_ensemble_refuses_members_with_another_tokenizer(tmp_path, capsys):
+    context = "Anna moved to Lisbon in 1999."
+    answer = {"text": "Lisbon", "answer_start": context.index("Lisbon")}
+    qas = [{"id": "q1", "question": "Where?", "answers": [answer]}]
+    doc = {"data": [{"title": "t", "paragraphs": [{"context": context, "qas": qas}]}]}
+    data = tmp_path / "dev.json"
+    data.write_text(json.dumps(doc))
+    task = {"task": "qa", "max_len": 64, "stride": 32, "max_answer": 8}
+    dirs = []
+    for name, texts in (("a", [context, "Where?"]), ("b", [context, "Where?"]), ("c", ["other letters: xyz"])):
+        tok = Tokenizer.train_chars(texts)
+        model = _span_model(tok, 0)
+        model.save(tmp_path / name, tokenizer=tok)
+        write_task(tmp_path / name, task)
+        dirs.append(str(tmp_path / name))
+    assert main(["evaluate", dirs[0], "--data", str(data), "--ensemble", dirs[1]]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out)["f1"] <= 100
+    assert main(["evaluate", dirs[0], "--data", str(data), "--ensemble", dirs[2]]) == 2
+    err = capsys.readouterr().err
+    assert "--ensemble" in err and "tokenizer" in err

@@ -7,12 +7,10 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from maskattn.errors import TrainingError, UsageError
-from maskattn.tasks.base import Task, tasks
+from maskattn.tasks.base import Option, Task, tasks
 
 
 def shortcuts() -> tuple[str, ...]:
@@ -53,13 +51,14 @@ def _add_task_commands(sub, registered: dict[str, Task]) -> None:
 def _add_evaluate_options(evaluate: argparse.ArgumentParser, registered: dict[str, Task]) -> None:
     """Every task's own ``maskattn evaluate`` flags, each flag once, its help prefixed by the tasks that read it."""
     helps: dict[str, list[str]] = {}
-    kinds: dict[str, Callable[[str], Any]] = {}
+    kinds: dict[str, Option] = {}
     for task in registered.values():
         for option in task.evaluate_options:
             helps.setdefault(option.flag, []).append(f"{task.name}: {option.help}")
-            kinds.setdefault(option.flag, option.type)
+            kinds.setdefault(option.flag, option)
     for flag, texts in helps.items():
-        evaluate.add_argument(flag, type=kinds[flag], help="; ".join(texts))
+        extra = {"nargs": kinds[flag].nargs} if kinds[flag].nargs else {}
+        evaluate.add_argument(flag, type=kinds[flag].type, help="; ".join(texts), **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:

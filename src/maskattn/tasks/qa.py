@@ -148,6 +148,47 @@ def best_spans(model: EncoderModel, tok: Tokenizer, examples: Sequence[QAExample
     return {ex.id: best.get(n, (0.0, ""))[1] for n, ex in enumerate(examples)}
 
 
+class SpanEnsemble(nn.Module):
+    """Span models that share one tokenizer, answering together: the mean of their start and end logits.
+
+    Averaging logits of separately fine-tuned models (different seeds) lowers the run-to-run variance
+    that a single fine-tune on a few thousand questions has.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("SpanEnsemble needs at least one model")
+        self.members = nn.ModuleList(members)
+
+    def span_logits(self, input_ids: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
+        pairs = [m.span_logits(input_ids, **kwargs) for m in self.members]  # each: (B, L), (B, L)
+        start = torch.stack([s.float() for s, _ in pairs]).mean(0)
+        end = torch.stack([e.float() for _, e in pairs]).mean(0)
+        return start, end
+
+
+def _ensemble(directory: str | Path, others: Sequence[str]) -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
+    """The model of ``directory``, or with ``others`` the ensemble of all of them, which must share the
+    tokenizer and the window settings (the windows are cut once, for all members)."""
+    model, tok, task = load(directory)
+    if not others:
+        return model, tok, task
+    members = [model]
+    vocab = tok.backend.get_vocab()
+    for other in others:
+        m, t, settings = load(other)
+        if t.backend.get_vocab() != vocab:
+            raise UsageError(f"--ensemble {other}: its tokenizer differs from {directory}'s; "
+                             "ensemble members must share one tokenizer")
+        for key in ("max_len", "stride", "max_answer"):
+            if settings.get(key) != task.get(key):
+                raise UsageError(f"--ensemble {other}: {key}={settings.get(key)}, but {directory} has "
+                                 f"{key}={task.get(key)}; ensemble members must cut the same windows")
+        members.append(m)
+    return SpanEnsemble(members), tok, task
+
+
 def score(predictions: dict[str, str], examples: Sequence[QAExample]) -> dict[str, float]:
     return metrics.squad(predictions, {ex.id: [a for a, _ in ex.answers] for ex in examples})
 
@@ -196,12 +237,14 @@ def answer(directory_or_model, questions: Sequence[tuple[str, str]]) -> list[str
     return [found[ex.id] for ex in examples]
 
 
-def evaluate_file(directory: str | Path, path: str, predictions: str | None = None) -> dict[str, float]:
+def evaluate_file(directory: str | Path, path: str, predictions: str | None = None,
+                  ensemble: Sequence[str] = ()) -> dict[str, float]:
     """Exact match and F1 on a SQuAD v1.1 file; optionally write ``predictions.json`` (official format:
-    ``{question id: answer text}``)."""
+    ``{question id: answer text}``). ``ensemble``: more model directories whose span logits are averaged
+    with ``directory``'s."""
     if predictions and Path(predictions).is_dir():
         raise UsageError(f"--predictions {predictions}: a directory, expected the path of the JSON file to write")
-    model, tok, task = load(directory)
+    model, tok, task = _ensemble(directory, ensemble)
     examples = read_squad(path, require_answers=True)
     windows = squad_windows(tok, examples, max_len=task["max_len"], stride=task["stride"])
     found = best_spans(model, tok, examples, windows, max_answer=task["max_answer"])
@@ -226,5 +269,7 @@ TASK = register(Task(
     predict=Command("answer", "answer a question about a context with a trained QA model",
                     _answer_arguments, _answer_command),
     data_help="SQuAD JSON", paths=("train", "valid", "pretrained"),
-    evaluate_options=(Option("--predictions", "predictions", "also write the official predictions.json here"),),
+    evaluate_options=(Option("--predictions", "predictions", "also write the official predictions.json here"),
+                      Option("--ensemble", "ensemble", "more model directories: average their span logits with "
+                             "MODEL's (same tokenizer)", nargs="+")),
 ))
