@@ -16,6 +16,7 @@ from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from maskattn import decoding, metrics
 from maskattn.data import bucket_batches, pad, read_parallel
@@ -160,10 +161,12 @@ def _decode_batches(model: Transformer, tok: Tokenizer, sentences: Sequence[str]
 
 
 def translate(model: Transformer, tok: Tokenizer, sentences: Sequence[str], decode: DecodeConfig, *,
-              truncate: bool = False) -> list[str]:
+              truncate: bool = False, progress: bool = False) -> list[str]:
     """Translate sentences in length-sorted batches; one output line per input line (``truncate``: cut
-    sentences longer than the model's ``max_len`` tokens, with a warning, instead of refusing them)."""
+    sentences longer than the model's ``max_len`` tokens, with a warning, instead of refusing them;
+    ``progress``: a progress bar of sentences on stderr)."""
     out: list[str] = [""] * len(sentences)
+    bar = tqdm(total=len(sentences), unit="sent", desc="translate", disable=not progress, leave=False)
     for chunk, src, lengths, max_new in _decode_batches(model, tok, sentences, decode, truncate):
         if decode.beam_size > 1:
             ids, _ = decoding.beam_search(model, src, lengths, beam_size=decode.beam_size, max_new_tokens=max_new,
@@ -172,6 +175,8 @@ def translate(model: Transformer, tok: Tokenizer, sentences: Sequence[str], deco
             ids = decoding.greedy(model, src, lengths, max_new_tokens=max_new)
         for row, i in enumerate(chunk):
             out[i] = tok.decode(ids[row].tolist())
+        bar.update(len(chunk))
+    bar.close()
     return out
 
 
@@ -282,7 +287,7 @@ def evaluate_file(directory: str | Path, path: str, ref: str = "", hypotheses: s
     """
     model, tok, decode = load(directory)
     pairs = read_pairs(path, ref)
-    hyps = translate(model, tok, [s for s, _ in pairs], replace(decode, **decode_overrides))
+    hyps = translate(model, tok, [s for s, _ in pairs], replace(decode, **decode_overrides), progress=True)
     refs = [t for _, t in pairs]
     name = Path(path).name.removesuffix(".gz")
     out = Path(hypotheses) if hypotheses else Path(directory).resolve().parent / f"hypotheses.{name}.txt"
