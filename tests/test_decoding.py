@@ -335,3 +335,18 @@ def test_reorder_with_the_same_memory_must_keep_the_batch_size():
     assert state.memory_kv is memory  # kept as it was, not gathered
     with pytest.raises(ValueError, match="same_memory keeps the batch size 2, got an index of 3 rows"):
         state.reorder(torch.tensor([0, 0, 1]), same_memory=True)
+
+
+def test_one_row_steps_project_through_the_transposed_head_with_the_same_logits():
+    # Batch-1 steps multiply by a contiguous (E, V) copy of the LM head (a speed choice on CPU); the logits
+    # must equal the full masked forward's at every position, as every other decoding path does.
+    model = DecoderLM(DecoderLMConfig.preset("tiny")).eval()
+    ids = torch.randint(1, 64, (1, 12))
+    with torch.no_grad():
+        full = model(ids)  # (1, 12, V)
+        state, first = model.begin_decoding(ids[:, :5], max_new_tokens=7)
+        assert state.head_t is not None and state.head_t.shape == (model.config.d_model, model.config.vocab_size)
+        steps = [first] + [model.step(state, ids[:, t : t + 1])[:, -1] for t in range(5, 11)]
+        torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 4:11], atol=1e-5, rtol=1e-5)
+        two, _ = model.begin_decoding(ids.expand(2, -1)[:, :5], max_new_tokens=1)
+        assert two.head_t is None  # more rows: F.linear, as in training

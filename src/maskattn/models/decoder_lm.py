@@ -30,6 +30,8 @@ from maskattn.models.common import (
     init_linears,
     key_valid,
     new_state,
+    step_logits,
+    transposed_head,
 )
 from maskattn.models.config import DecoderLMConfig
 from maskattn.models.inspection import AttentionSite, AuditProbe, ProbeCheck, ProbeInput, layer_sites
@@ -129,7 +131,7 @@ class DecoderLM(Persistent, Summary, nn.Module):
 
         On a ``static`` state (see :meth:`begin_decoding`), one-token steps keep fixed shapes.
         """
-        return self.lm_head(self._hidden(state, tokens, lengths))  # (B, L, V)
+        return step_logits(state, self.lm_head, self._hidden(state, tokens, lengths))  # (B, L, V)
 
     def _hidden(self, state: DecodeState, tokens: Tensor, lengths: Tensor | None) -> Tensor:
         """The last layer's (B, L, E) outputs of the new tokens, their keys and values cached."""
@@ -183,9 +185,11 @@ class DecoderLM(Persistent, Summary, nn.Module):
             slots = self.config.sliding_window + gap
         state = self.start(prompt.shape[0], max_len=prompt.shape[1] + max_new_tokens, window_slots=slots,
                            static=static)
+        state.head_t = transposed_head(self.lm_head, prompt.shape[0], prompt.device)
         h = self._hidden(state, prompt, lengths)  # (B, P, E)
         last = (lengths - 1) if lengths is not None else prompt.new_full((prompt.shape[0],), prompt.shape[1] - 1)
-        return state, self.lm_head(h[torch.arange(prompt.shape[0], device=prompt.device), last])  # (B, V)
+        rows = torch.arange(prompt.shape[0], device=prompt.device)
+        return state, step_logits(state, self.lm_head, h[rows, last])  # (B, V)
 
 
 def window_mask(q_pos: Tensor, k_pos: Tensor, k_valid: Tensor, window: int, q_offset: int) -> masks.Mask:
