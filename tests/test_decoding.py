@@ -168,6 +168,26 @@ def test_nbest_are_the_n_best_sequences_of_exhaustive_search(alpha):
         decoding.beam_search_nbest(model, src, lengths, n=4, beam_size=3, max_new_tokens=steps)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_min_new_tokens_finds_the_best_sequence_of_at_least_that_length(alpha):
+    # The oracle: exhaustive search over the candidates with >= min_new tokens before EOS, scored by the
+    # model's own (not renormalised) log-probabilities.
+    model, src, lengths, candidates, scores, eos, steps = _exhaustive(alpha)
+    min_new = 3
+    long_enough = torch.tensor([len(seq) - (seq[-1] == eos) >= min_new for seq in candidates])
+    best_score, best = scores.masked_fill(~long_enough, float("-inf")).max(dim=1)
+    assert any(not long_enough[i] for i in scores.argmax(dim=1)), "the constraint must change some row's answer"
+    tokens, beam_scores = decoding.beam_search(model, src, lengths, beam_size=256, max_new_tokens=steps,
+                                               length_penalty=alpha, eos_id=eos, pad_id=0, min_new_tokens=min_new)
+    for b in range(2):
+        assert _until_eos(tokens[b].tolist(), eos) == candidates[best[b]]
+    torch.testing.assert_close(beam_scores, best_score, atol=1e-5, rtol=0)
+    greedy = decoding.greedy(model, src, lengths, max_new_tokens=steps, eos_id=eos, min_new_tokens=min_new)
+    assert (greedy[:, :min_new] != eos).all()
+    with pytest.raises(ValueError, match="min_new_tokens must be an int >= 0, got -1"):
+        decoding.beam_search(model, src, lengths, max_new_tokens=steps, min_new_tokens=-1)
+
+
 def _until_eos(row, eos):
     return tuple(row[: row.index(eos) + 1]) if eos in row else tuple(row)
 

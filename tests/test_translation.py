@@ -8,6 +8,8 @@ import pytest
 import sacrebleu
 
 from maskattn.cli import main
+from maskattn.tasks import translation
+from maskattn.tasks.common import read_task, write_task
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "multi30k"
 needs_multi30k = pytest.mark.skipif(not SHARED.is_dir(), reason=f"Multi30k not found at {SHARED}")
@@ -44,6 +46,14 @@ def test_train_translate_evaluate_and_resume_from_the_cli(tmp_path, capsys):
     copy = shutil.copytree(out / "model", tmp_path / "copy")
     assert main(["translate", str(copy), sentence]) == 0
     assert capsys.readouterr().out == first and first.count("\n") == 1
+    # a new model never translates to nothing; one saved before min_new_tokens existed decodes as it did
+    assert translation.load(out / "model")[2].min_new_tokens == 1
+    model, tok, _ = translation.load(out / "model")
+    settings = read_task(out / "model")
+    del settings["decode"]["min_new_tokens"]
+    model.save(tmp_path / "older", tokenizer=tok)
+    write_task(tmp_path / "older", settings)
+    assert translation.load(tmp_path / "older")[2].min_new_tokens == 0
 
     assert main(["evaluate", str(out / "model"), "--data", str(files["val.de"]), "--ref", str(files["val.en"])]) == 0
     printed = capsys.readouterr()

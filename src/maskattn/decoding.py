@@ -26,7 +26,8 @@ Lengths = Tensor | Sequence[int] | None
 
 
 def greedy(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new_tokens: int,
-           eos_id: int | None = None, pad_id: int | None = None, compile: bool = False) -> Tensor:
+           eos_id: int | None = None, pad_id: int | None = None, compile: bool = False,
+           min_new_tokens: int = 0) -> Tensor:
     """The most likely next token at every step.
 
     Args:
@@ -39,18 +40,19 @@ def greedy(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new
         compile: run each one-token step as one ``torch.compile``'d graph (``fullgraph=True``) over a
             static KV cache, for a model whose ``begin_decoding`` takes ``static`` (DecoderLM). The first
             call compiles (seconds); later ones reuse the graph whatever the lengths.
+        min_new_tokens: EOS cannot come before this many other new tokens (1: never an empty output).
 
     Returns:
         (B, T) new tokens, T <= max_new_tokens.
     """
     return _generate(model, inputs, lengths, max_new_tokens, eos_id, pad_id, lambda logits: logits.argmax(-1),
-                     compile)
+                     compile, min_new_tokens)
 
 
 def sample(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new_tokens: int,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            eos_id: int | None = None, pad_id: int | None = None, generator: torch.Generator | None = None,
-           compile: bool = False) -> Tensor:
+           compile: bool = False, min_new_tokens: int = 0) -> Tensor:
     """Draw each next token from softmax(logits / temperature), restricted by top-k and top-p.
 
     Args as in :func:`greedy`, and:
@@ -66,7 +68,7 @@ def sample(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new
         probs = torch.softmax(filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p), dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
-    return _generate(model, inputs, lengths, max_new_tokens, eos_id, pad_id, choose, compile)
+    return _generate(model, inputs, lengths, max_new_tokens, eos_id, pad_id, choose, compile, min_new_tokens)
 
 
 def filter_logits(logits: Tensor, *, top_k: int | None = None, top_p: float | None = None) -> Tensor:
@@ -90,7 +92,7 @@ def filter_logits(logits: Tensor, *, top_k: int | None = None, top_p: float | No
 
 def beam_search(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, beam_size: int = 4,
                 max_new_tokens: int, length_penalty: float = 0.0, eos_id: int | None = None,
-                pad_id: int | None = None) -> tuple[Tensor, Tensor]:
+                pad_id: int | None = None, min_new_tokens: int = 0) -> tuple[Tensor, Tensor]:
     """The best continuation found by beam search, per row.
 
     A hypothesis ends at EOS or after ``max_new_tokens`` tokens. Hypotheses are ranked by
@@ -101,18 +103,21 @@ def beam_search(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, be
     Args as in :func:`greedy`, and:
         beam_size: beams K kept per row.
         length_penalty: the exponent alpha of lp.
+        min_new_tokens: no hypothesis ends before this many tokens besides EOS (fairseq's ``--min-len``;
+            1 rules out the empty output, which short, uncertain sources can otherwise win).
 
     Returns:
         ``(tokens, scores)``: (B, T) best new tokens (EOS included, then ``pad_id``) and their (B,)
         length-normalised log-probabilities.
     """
-    search, pad_id = _run_beams(model, inputs, lengths, beam_size, max_new_tokens, length_penalty, eos_id, pad_id)
+    search, pad_id = _run_beams(model, inputs, lengths, beam_size, max_new_tokens, length_penalty, eos_id, pad_id,
+                                min_new_tokens)
     return search.best(pad_id)
 
 
 def beam_search_nbest(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, n: int, beam_size: int = 4,
                       max_new_tokens: int, length_penalty: float = 0.0, eos_id: int | None = None,
-                      pad_id: int | None = None) -> list[list[tuple[float, list[int]]]]:
+                      pad_id: int | None = None, min_new_tokens: int = 0) -> list[list[tuple[float, list[int]]]]:
     """The ``n`` best finished hypotheses of each row, best first, as ``(score, new tokens)`` pairs.
 
     The same search as :func:`beam_search` (whose result is the first entry of each row); ``n`` may be
@@ -120,15 +125,17 @@ def beam_search_nbest(model: nn.Module, inputs: Tensor, lengths: Lengths = None,
     """
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= beam_size:
         raise ValueError(f"n must be an int in [1, beam_size={beam_size}], got {n!r}")
-    search, _ = _run_beams(model, inputs, lengths, beam_size, max_new_tokens, length_penalty, eos_id, pad_id)
+    search, _ = _run_beams(model, inputs, lengths, beam_size, max_new_tokens, length_penalty, eos_id, pad_id,
+                           min_new_tokens)
     return [sorted(found, key=lambda x: -x[0])[:n] for found in search.finished]
 
 
 def _run_beams(model: nn.Module, inputs: Tensor, lengths: Lengths, beam_size: int, max_new_tokens: int,
-               length_penalty: float, eos_id: int | None, pad_id: int | None) -> tuple[_Beams, int]:
+               length_penalty: float, eos_id: int | None, pad_id: int | None,
+               min_new_tokens: int) -> tuple[_Beams, int]:
     if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
         raise ValueError(f"beam_size must be a positive int, got {beam_size!r}")
-    _check_max_new(max_new_tokens)
+    _check_max_new(max_new_tokens, min_new_tokens)
     eos_id, pad_id = _ids(model, eos_id, pad_id)
     with _inference(model):
         state, logits = model.begin_decoding(inputs, lengths, max_new_tokens=max_new_tokens)
@@ -137,7 +144,8 @@ def _run_beams(model: nn.Module, inputs: Tensor, lengths: Lengths, beam_size: in
         state.reorder(torch.arange(inputs.shape[0], device=device).repeat_interleave(beam_size))
         logits = logits.repeat_interleave(beam_size, dim=0)  # (B*K, V)
         for t in range(max_new_tokens):
-            rows = search.advance(torch.log_softmax(logits.float(), dim=-1), t)
+            rows = search.advance(_no_eos_before(torch.log_softmax(logits.float(), dim=-1), t, min_new_tokens,
+                                                 eos_id), t)
             if search.all_done() or t == max_new_tokens - 1:
                 break
             kept = search.drop_done()
@@ -235,8 +243,9 @@ class _Beams:
 
 
 def _generate(model: nn.Module, inputs: Tensor, lengths: Lengths, max_new: int, eos_id: int | None,
-              pad_id: int | None, choose: Callable[[Tensor], Tensor], compile: bool = False) -> Tensor:
-    _check_max_new(max_new)
+              pad_id: int | None, choose: Callable[[Tensor], Tensor], compile: bool = False,
+              min_new: int = 0) -> Tensor:
+    _check_max_new(max_new, min_new)
     eos_id, pad_id = _ids(model, eos_id, pad_id)
     if compile and "static" not in inspect.signature(model.begin_decoding).parameters:
         raise ValueError(f"compile=True needs a model whose begin_decoding takes static= (DecoderLM), "
@@ -247,7 +256,7 @@ def _generate(model: nn.Module, inputs: Tensor, lengths: Lengths, max_new: int, 
         state, logits = model.begin_decoding(inputs, lengths, max_new_tokens=max_new, **options)  # (B, V)
         done = torch.zeros(inputs.shape[0], dtype=torch.bool, device=logits.device)
         for t in range(max_new):
-            tokens = choose(logits).masked_fill(done, pad_id)  # (B,)
+            tokens = choose(_no_eos_before(logits, t, min_new, eos_id)).masked_fill(done, pad_id)  # (B,)
             out.append(tokens)
             if eos_id is not None:
                 done = done | (tokens == eos_id)
@@ -275,9 +284,21 @@ def _ids(model: nn.Module, eos_id: int | None, pad_id: int | None) -> tuple[int 
     return eos_id, pad_id if pad_id is not None else 0
 
 
-def _check_max_new(max_new: int) -> None:
+def _check_max_new(max_new: int, min_new: int = 0) -> None:
     if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new!r}")
+    if isinstance(min_new, bool) or not isinstance(min_new, int) or min_new < 0:
+        raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new!r}")
+
+
+def _no_eos_before(scores: Tensor, t: int, min_new: int, eos_id: int | None) -> Tensor:
+    """(N, V) scores of step ``t`` with EOS set to -inf while fewer than ``min_new`` tokens are out.
+
+    The other tokens' scores stay as they are (log-probabilities are not renormalised), so a hypothesis
+    keeps its model score, as in fairseq."""
+    if t >= min_new or eos_id is None:
+        return scores
+    return scores.index_fill(-1, torch.tensor([eos_id], device=scores.device), float("-inf"))
 
 
 @contextlib.contextmanager

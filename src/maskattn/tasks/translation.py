@@ -65,11 +65,12 @@ class DecodeConfig:
     max_len_ratio: float = 1.5  # at most ratio * source length + extra target tokens
     max_len_extra: int = 10  # ... plus this many
     batch_size: int = 64  # sentences decoded together
+    min_new_tokens: int = 1  # no EOS before this many tokens: 1 = never an empty translation (older models: 0)
 
     def __post_init__(self) -> None:
         check_settings(self, {"beam_size": ("int>=", 1), "length_penalty": ("float>=", 0),
                               "max_len_ratio": ("float>=", 0), "max_len_extra": ("int>=", 0),
-                              "batch_size": ("int>=", 1)})
+                              "batch_size": ("int>=", 1), "min_new_tokens": ("int>=", 0)})
 
 
 @dataclass
@@ -170,9 +171,10 @@ def translate(model: Transformer, tok: Tokenizer, sentences: Sequence[str], deco
     for chunk, src, lengths, max_new in _decode_batches(model, tok, sentences, decode, truncate):
         if decode.beam_size > 1:
             ids, _ = decoding.beam_search(model, src, lengths, beam_size=decode.beam_size, max_new_tokens=max_new,
+                                          min_new_tokens=decode.min_new_tokens,
                                           length_penalty=decode.length_penalty)
         else:
-            ids = decoding.greedy(model, src, lengths, max_new_tokens=max_new)
+            ids = decoding.greedy(model, src, lengths, max_new_tokens=max_new, min_new_tokens=decode.min_new_tokens)
         for row, i in enumerate(chunk):
             out[i] = tok.decode(ids[row].tolist())
         bar.update(len(chunk))
@@ -188,6 +190,7 @@ def translate_nbest(model: Transformer, tok: Tokenizer, sentences: Sequence[str]
     beams = max(n, decode.beam_size)
     for chunk, src, lengths, max_new in _decode_batches(model, tok, sentences, decode, truncate):
         found = decoding.beam_search_nbest(model, src, lengths, n=n, beam_size=beams, max_new_tokens=max_new,
+                                           min_new_tokens=decode.min_new_tokens,
                                            length_penalty=decode.length_penalty)
         for row, i in enumerate(chunk):
             out[i] = [(score, tok.decode(ids)) for score, ids in found[row]]
@@ -274,7 +277,8 @@ def training_batches(directory: str | Path, paths: list[str], max_tokens: int) -
 def load(directory: str | Path) -> tuple[Transformer, Tokenizer, DecodeConfig]:
     """A trained translation model, its tokenizer and its decoding settings."""
     model, tok, settings = load_task(directory, "translation", Transformer)
-    return model, tok, DecodeConfig(**settings.get("decode", {}))
+    # Models saved before min_new_tokens existed decoded without it: they keep doing so (their recorded scores).
+    return model, tok, DecodeConfig(**{"min_new_tokens": 0, **settings.get("decode", {})})
 
 
 def evaluate_file(directory: str | Path, path: str, ref: str = "", hypotheses: str | None = None,
@@ -337,6 +341,8 @@ TASK = register(Task(
     paths=("train_src", "train_tgt", "valid_src", "valid_tgt"), training_batches=training_batches,
     evaluate_options=(Option("--ref", "ref", "reference translations, aligned with --data"),
                       Option("--beam", "beam_size", "beam size (default: the model's setting)", int),
+                      Option("--min-new-tokens", "min_new_tokens", "no EOS before this many tokens (default: the "
+                             "model's setting; 1 = never an empty translation)", int),
                       Option("--hypotheses", "hypotheses", "file for the translations (default: "
                              "hypotheses.<data name>.txt in the run directory)")),
 ))
