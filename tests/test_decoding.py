@@ -322,14 +322,25 @@ def test_static_window_model_decodes_as_the_full_forward():
     assert torch.equal(decoding.greedy(model, prompt, lengths, max_new_tokens=12), expected)
 
 
-def test_prefill_projects_only_each_rows_last_position():
+@pytest.mark.parametrize("batch", [1, 2, 9])  # the three layouts of the output projection (step_logits)
+def test_prefill_projects_only_each_rows_last_position(batch, monkeypatch):
     # The (B, P, V) logits of a whole prompt are never built: the LM head sees one (B, E) row per step.
+    from maskattn.models import decoder_lm
+
     model = DecoderLM(DecoderLMConfig.preset("tiny")).eval()
     seen = []
-    hook = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
-    decoding.greedy(model, torch.randint(1, 64, (2, 10)), torch.tensor([10, 4]), max_new_tokens=3)
-    hook.remove()
-    assert seen[0] == (2, model.config.d_model) and all(shape[-2] == 1 for shape in seen[1:])
+
+    def recorded(state, head, h):
+        seen.append(tuple(h.shape))
+        return step_logits(state, head, h)
+
+    step_logits = decoder_lm.step_logits
+    monkeypatch.setattr(decoder_lm, "step_logits", recorded)
+    prompt = torch.randint(1, 64, (batch, 10))
+    lengths = torch.tensor([10, 4] * (batch // 2) + [7] * (batch % 2))
+    out = decoding.greedy(model, prompt, lengths, max_new_tokens=3)
+    assert seen[0] == (batch, model.config.d_model) and all(shape == (batch, 1, 32) for shape in seen[1:])
+    assert torch.equal(out, _greedy_oracle(model, prompt, lengths, 3))
 
 
 def test_static_decoding_refuses_what_it_cannot_do():
