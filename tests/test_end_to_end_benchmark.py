@@ -23,3 +23,12 @@ def test_tiny_cache_child_keeps_the_window():
     args = end_to_end.parse(["--tiny"])
     row = json.loads(end_to_end.cache_memory_here("window", 64, 8, args))
     assert row["slots"] == 8 and row["peak_mb"] >= 0
+
+
+def test_lm_head_benchmark_smoke_run(tmp_path):
+    from benchmarks import lm_head
+
+    out = tmp_path / "head.json"
+    result = lm_head.main(["--vocab", "300", "--width", "16", "--rows", "1,3,9", "--repeats", "1", "--inner", "1",
+                           "--json", str(out)])
+    assert set(result["rows"]) == {"1", "3", "9"} and json.loads(out.read_text()) == result
