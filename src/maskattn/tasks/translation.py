@@ -309,6 +309,8 @@ def evaluate_files(directory: str | Path, src: str, ref: str = "", **decode_over
 def _translate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("text", nargs="*", help="sentences; without any, one sentence per line from stdin")
     parser.add_argument("--beam", type=int, help="beam size (1 = greedy; default: the model's setting)")
+    parser.add_argument("--min-new-tokens", type=int,
+                        help="no EOS before this many tokens (default: the model's setting; 1 = never empty)")
     parser.add_argument("--nbest", type=int, default=1,
                         help="print the N best translations of each sentence, each as 'score<TAB>text', "
                              "with a blank line between sentences (beam search with at least N beams)")
@@ -318,6 +320,8 @@ def _translate_command(args: argparse.Namespace) -> int:
     model, tok, decode = load(args.model)
     if args.beam is not None:
         decode = replace(decode, beam_size=args.beam)  # DecodeConfig refuses beam_size < 1
+    if args.min_new_tokens is not None:
+        decode = replace(decode, min_new_tokens=args.min_new_tokens)  # and min_new_tokens < 0
     if args.nbest < 1:
         raise UsageError(f"--nbest must be >= 1, got {args.nbest}")
     sentences = input_lines(args.text)
