@@ -152,3 +152,18 @@ def test_evaluate_ensemble_refuses_members_with_another_tokenizer(tmp_path, caps
     assert main(["evaluate", dirs[0], "--data", str(data), "--ensemble", dirs[2]]) == 2
     err = capsys.readouterr().err
     assert "--ensemble" in err and "tokenizer" in err
+
+    # --max-len / --stride: the same as a model directory that was trained with those windows
+    tok = Tokenizer.load(dirs[0])
+    _span_model(tok, 0).save(tmp_path / "narrow", tokenizer=tok)
+    write_task(tmp_path / "narrow", {**task, "max_len": 16, "stride": 4})
+    assert main(["evaluate", str(tmp_path / "narrow"), "--data", str(data), "--predictions",
+                 str(tmp_path / "narrow.json")]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", dirs[0], "--data", str(data), "--max-len", "16", "--stride", "4", "--predictions",
+                 str(tmp_path / "overridden.json")]) == 0
+    assert json.loads(capsys.readouterr().out) == expected
+    assert (tmp_path / "overridden.json").read_text() == (tmp_path / "narrow.json").read_text()
+    for flag, value in (("--stride", "0"), ("--max-len", "100000")):
+        assert main(["evaluate", dirs[0], "--data", str(data), flag, value]) == 2
+        assert flag in capsys.readouterr().err

@@ -189,6 +189,11 @@ def _ensemble(directory: str | Path, others: Sequence[str]) -> tuple[nn.Module, 
     return SpanEnsemble(members), tok, task
 
 
+def _max_positions(model: nn.Module) -> int:
+    first = model.members[0] if isinstance(model, SpanEnsemble) else model
+    return first.config.max_len
+
+
 def score(predictions: dict[str, str], examples: Sequence[QAExample]) -> dict[str, float]:
     return metrics.squad(predictions, {ex.id: [a for a, _ in ex.answers] for ex in examples})
 
@@ -238,13 +243,20 @@ def answer(directory_or_model, questions: Sequence[tuple[str, str]]) -> list[str
 
 
 def evaluate_file(directory: str | Path, path: str, predictions: str | None = None,
-                  ensemble: Sequence[str] = ()) -> dict[str, float]:
+                  ensemble: Sequence[str] = (), max_len: int | None = None,
+                  stride: int | None = None) -> dict[str, float]:
     """Exact match and F1 on a SQuAD v1.1 file; optionally write ``predictions.json`` (official format:
     ``{question id: answer text}``). ``ensemble``: more model directories whose span logits are averaged
-    with ``directory``'s."""
+    with ``directory``'s. ``max_len`` / ``stride``: cut the contexts into other windows than the model
+    was trained on (at most its ``max_len`` positions)."""
     if predictions and Path(predictions).is_dir():
         raise UsageError(f"--predictions {predictions}: a directory, expected the path of the JSON file to write")
     model, tok, task = _ensemble(directory, ensemble)
+    positions = _max_positions(model)
+    for name, value, low in (("max-len", max_len, 4), ("stride", stride, 1)):
+        if value is not None and not low <= value <= positions:
+            raise UsageError(f"--{name} must be in [{low}, {positions}] (the model's positions), got {value}")
+    task = {**task, **({"max_len": max_len} if max_len else {}), **({"stride": stride} if stride else {})}
     examples = read_squad(path, require_answers=True)
     windows = squad_windows(tok, examples, max_len=task["max_len"], stride=task["stride"])
     found = best_spans(model, tok, examples, windows, max_answer=task["max_answer"])
@@ -271,5 +283,9 @@ TASK = register(Task(
     data_help="SQuAD JSON", paths=("train", "valid", "pretrained"),
     evaluate_options=(Option("--predictions", "predictions", "also write the official predictions.json here"),
                       Option("--ensemble", "ensemble", "more model directories: average their span logits with "
-                             "MODEL's (same tokenizer)", nargs="+")),
+                             "MODEL's (same tokenizer)", nargs="+"),
+                      Option("--max-len", "max_len", "tokens per window (default: the model's training setting)",
+                             int),
+                      Option("--stride", "stride", "context tokens between window starts (default: the model's)",
+                             int)),
 ))
