@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         for rows in (int(r) for r in args.rows.split(",")):
             h = torch.randn(rows, 1, args.width)
-            state = SimpleNamespace(head_t=transposed_head(head, rows, h.device))
+            state = SimpleNamespace(head_t=transposed_head(head, rows, h.device, steps=256))
             torch.testing.assert_close(step_logits(state, head, h), head(h), atol=1e-4, rtol=1e-4)
             calls = {"linear": lambda h=h: head(h).argmax(-1),
                      "step_logits": lambda h=h, state=state: step_logits(state, head, h).argmax(-1)}

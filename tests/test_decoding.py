@@ -338,9 +338,9 @@ def test_prefill_projects_only_each_rows_last_position(batch, monkeypatch):
     monkeypatch.setattr(decoder_lm, "step_logits", recorded)
     prompt = torch.randint(1, 64, (batch, 10))
     lengths = torch.tensor([10, 4] * (batch // 2) + [7] * (batch % 2))
-    out = decoding.greedy(model, prompt, lengths, max_new_tokens=3)
+    out = decoding.greedy(model, prompt, lengths, max_new_tokens=16)  # enough steps for the one-row copy
     assert seen[0] == (batch, model.config.d_model) and all(shape == (batch, 1, 32) for shape in seen[1:])
-    assert torch.equal(out, _greedy_oracle(model, prompt, lengths, 3))
+    assert torch.equal(out, _greedy_oracle(model, prompt, lengths, 16))
 
 
 def test_static_decoding_refuses_what_it_cannot_do():
@@ -375,9 +375,11 @@ def test_one_row_steps_project_through_the_transposed_head_with_the_same_logits(
     ids = torch.randint(1, 64, (1, 12))
     with torch.no_grad():
         full = model(ids)  # (1, 12, V)
-        state, first = model.begin_decoding(ids[:, :5], max_new_tokens=7)
+        state, first = model.begin_decoding(ids[:, :5], max_new_tokens=20)
         assert state.head_t is not None and state.head_t.shape == (model.config.d_model, model.config.vocab_size)
         steps = [first] + [model.step(state, ids[:, t : t + 1])[:, -1] for t in range(5, 11)]
         torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 4:11], atol=1e-5, rtol=1e-5)
-        two, _ = model.begin_decoding(ids.expand(2, -1)[:, :5], max_new_tokens=1)
-        assert two.head_t is None  # more rows: F.linear, as in training
+        two, _ = model.begin_decoding(ids.expand(2, -1)[:, :5], max_new_tokens=20)
+        assert two.head_t is None  # more rows: no copy
+        short, _ = model.begin_decoding(ids[:, :5], max_new_tokens=3)
+        assert short.head_t is None  # too few steps for the copy to pay

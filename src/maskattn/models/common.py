@@ -217,10 +217,15 @@ def _plain_cpu_linear(head: nn.Module, device: torch.device) -> bool:
     return device.type == "cpu" and type(head) is nn.Linear and head.bias is None
 
 
-def transposed_head(head: nn.Module, batch: int, device: torch.device) -> Tensor | None:
-    """For one-row decoding on CPU, an (E, V) contiguous copy of ``head``'s weight (see :func:`step_logits`);
-    made once per generation, None when it would not be used."""
-    return head.weight.detach().t().contiguous() if batch == 1 and _plain_cpu_linear(head, device) else None
+MIN_STEPS_FOR_COPY = 16  # the copy costs about as much as ~15 one-row projections save (GPT-2's 50,257 x 256)
+
+
+def transposed_head(head: nn.Module, batch: int, device: torch.device, steps: int) -> Tensor | None:
+    """For one-row decoding of ``steps`` tokens on CPU, an (E, V) contiguous copy of ``head``'s weight (see
+    :func:`step_logits`); made once per generation, None when it would not be used or would not pay."""
+    if batch != 1 or steps < MIN_STEPS_FOR_COPY or not _plain_cpu_linear(head, device):
+        return None
+    return head.weight.detach().t().contiguous()
 
 
 def step_logits(state: DecodeState, head: nn.Module, h: Tensor) -> Tensor:

@@ -185,7 +185,7 @@ class DecoderLM(Persistent, Summary, nn.Module):
             slots = self.config.sliding_window + gap
         state = self.start(prompt.shape[0], max_len=prompt.shape[1] + max_new_tokens, window_slots=slots,
                            static=static)
-        state.head_t = transposed_head(self.lm_head, prompt.shape[0], prompt.device)
+        state.head_t = transposed_head(self.lm_head, prompt.shape[0], prompt.device, max_new_tokens)
         h = self._hidden(state, prompt, lengths)  # (B, P, E)
         last = (lengths - 1) if lengths is not None else prompt.new_full((prompt.shape[0],), prompt.shape[1] - 1)
         rows = torch.arange(prompt.shape[0], device=prompt.device)
