@@ -182,8 +182,10 @@ def test_min_new_tokens_finds_the_best_sequence_of_at_least_that_length(alpha):
     for b in range(2):
         assert _until_eos(tokens[b].tolist(), eos) == candidates[best[b]]
     torch.testing.assert_close(beam_scores, best_score, atol=1e-5, rtol=0)
-    greedy = decoding.greedy(model, src, lengths, max_new_tokens=steps, eos_id=eos, min_new_tokens=min_new)
-    assert (greedy[:, :min_new] != eos).all()
+    # greedy: with EOS = the token greedy picks first, it would stop at once; with min_new_tokens it cannot
+    first = int(decoding.greedy(model, src, lengths, max_new_tokens=1)[0, 0])
+    greedy = decoding.greedy(model, src, lengths, max_new_tokens=steps, eos_id=first, min_new_tokens=min_new)
+    assert (greedy[:, :min_new] != first).all()
     with pytest.raises(ValueError, match="min_new_tokens must be an int >= 0, got -1"):
         decoding.beam_search(model, src, lengths, max_new_tokens=steps, min_new_tokens=-1)
 
@@ -376,10 +378,20 @@ def test_one_row_steps_project_through_the_transposed_head_with_the_same_logits(
     with torch.no_grad():
         full = model(ids)  # (1, 12, V)
         state, first = model.begin_decoding(ids[:, :5], max_new_tokens=20)
-        assert state.head_t is not None and state.head_t.shape == (model.config.d_model, model.config.vocab_size)
+        assert state.head_t is None  # the prompt's projection does not make it (beam search widens the batch)
         steps = [first] + [model.step(state, ids[:, t : t + 1])[:, -1] for t in range(5, 11)]
+        assert state.head_t is not None and state.head_t.shape == (model.config.d_model, model.config.vocab_size)
         torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 4:11], atol=1e-5, rtol=1e-5)
-        two, _ = model.begin_decoding(ids.expand(2, -1)[:, :5], max_new_tokens=20)
-        assert two.head_t is None  # more rows: no copy
         short, _ = model.begin_decoding(ids[:, :5], max_new_tokens=3)
+        model.step(short, ids[:, 5:6])
         assert short.head_t is None  # too few steps for the copy to pay
+        static, _ = model.begin_decoding(ids[:, :5], max_new_tokens=20, static=True)
+        assert static.head_t is not None  # made eagerly: a compiled step cannot
+    # Under autograd the head is used as is (no detached copy), so its weight gets its gradient.
+    from types import SimpleNamespace
+
+    from maskattn.models.common import step_logits
+
+    state = SimpleNamespace(head_t=None, head_copy_ok=True)
+    step_logits(state, model.lm_head, torch.randn(1, 1, 32)).sum().backward()
+    assert state.head_t is None and model.lm_head.weight.grad is not None

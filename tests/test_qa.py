@@ -98,6 +98,16 @@ def test_squad_windows_on_real_data_with_a_wordpiece_tokenizer():
     assert exact >= 0.95 * len([w for w in windows if w.start])
 
 
+def test_squad_windows_never_skip_context_when_the_stride_exceeds_a_window():
+    context = " ".join(f"w{i}" for i in range(300))
+    ex = QAExample("q", "Which?", context, ())
+    tok = Tokenizer.train_chars([context, ex.question])
+    windows = qa.squad_windows(tok, [ex], max_len=40, stride=128, max_question=20)  # 30 context tokens each
+    covered = {o for w in windows for o in w.offsets if o is not None}
+    every = set(tok.backend.encode(context, add_special_tokens=False).offsets)
+    assert len(windows) > 1 and covered == every  # every context token lies in some window
+
+
 def _span_model(tok: Tokenizer, seed: int):
     import torch
 
@@ -132,23 +142,34 @@ def test_span_ensemble_equals_one_model_with_the_mean_span_head():
     assert alone[0] != alone[1], "the two members should disagree somewhere, or the test shows nothing"
 
 
-def test_evaluate_ensemble_refuses_members_with_another_tokenizer(tmp_path, capsys):
-    context = "Anna moved to Lisbon in 1999."
-    answer = {"text": "Lisbon", "answer_start": context.index("Lisbon")}
-    qas = [{"id": "q1", "question": "Where?", "answers": [answer]}]
+def test_evaluate_ensemble_answers_as_the_span_ensemble_and_refuses_another_tokenizer(tmp_path, capsys):
+    context = "Anna moved to Lisbon in 1999 and opened a bakery near the river with her brother Tom."
+    questions = ["Where?", "When did she move?", "Who?", "What did she open?", "Near what?"]
+    qas = [{"id": f"q{i}", "question": q, "answers": [{"text": "Lisbon", "answer_start": context.index("Lisbon")}]}
+           for i, q in enumerate(questions)]
     doc = {"data": [{"title": "t", "paragraphs": [{"context": context, "qas": qas}]}]}
     data = tmp_path / "dev.json"
     data.write_text(json.dumps(doc))
     task = {"task": "qa", "max_len": 64, "stride": 32, "max_answer": 8}
     dirs = []
-    for name, texts in (("a", [context, "Where?"]), ("b", [context, "Where?"]), ("c", ["other letters: xyz"])):
+    for name, seed, texts in (("a", 0, [context, *questions]), ("b", 1, [context, *questions]),
+                              ("c", 0, ["other letters: xyz"])):
         tok = Tokenizer.train_chars(texts)
-        model = _span_model(tok, 0)
+        model = _span_model(tok, seed)
         model.save(tmp_path / name, tokenizer=tok)
         write_task(tmp_path / name, task)
         dirs.append(str(tmp_path / name))
-    assert main(["evaluate", dirs[0], "--data", str(data), "--ensemble", dirs[1]]) == 0
-    assert 0 <= json.loads(capsys.readouterr().out)["f1"] <= 100
+    # the flag before the model: one directory per --ensemble, so MODEL stays the positional argument
+    assert main(["evaluate", "--ensemble", dirs[1], dirs[0], "--data", str(data),
+                 "--predictions", str(tmp_path / "both.json")]) == 0
+    capsys.readouterr()
+    examples = read_squad(data)
+    members = [qa.load(d)[0] for d in dirs[:2]]
+    tok = Tokenizer.load(dirs[0])
+    windows = qa.squad_windows(tok, examples, max_len=64, stride=32)
+    expected = qa.best_spans(qa.SpanEnsemble(members), tok, examples, windows, max_answer=8)
+    assert json.loads((tmp_path / "both.json").read_text()) == expected
+    assert expected != qa.best_spans(members[0], tok, examples, windows, max_answer=8), "members must disagree"
     assert main(["evaluate", dirs[0], "--data", str(data), "--ensemble", dirs[2]]) == 2
     err = capsys.readouterr().err
     assert "--ensemble" in err and "tokenizer" in err
@@ -156,11 +177,11 @@ def test_evaluate_ensemble_refuses_members_with_another_tokenizer(tmp_path, caps
     # --max-len / --stride: the same as a model directory that was trained with those windows
     tok = Tokenizer.load(dirs[0])
     _span_model(tok, 0).save(tmp_path / "narrow", tokenizer=tok)
-    write_task(tmp_path / "narrow", {**task, "max_len": 16, "stride": 4})
+    write_task(tmp_path / "narrow", {**task, "max_len": 40, "stride": 8})
     assert main(["evaluate", str(tmp_path / "narrow"), "--data", str(data), "--predictions",
                  str(tmp_path / "narrow.json")]) == 0
     expected = json.loads(capsys.readouterr().out)
-    assert main(["evaluate", dirs[0], "--data", str(data), "--max-len", "16", "--stride", "4", "--predictions",
+    assert main(["evaluate", dirs[0], "--data", str(data), "--max-len", "40", "--stride", "8", "--predictions",
                  str(tmp_path / "overridden.json")]) == 0
     assert json.loads(capsys.readouterr().out) == expected
     assert (tmp_path / "overridden.json").read_text() == (tmp_path / "narrow.json").read_text()

@@ -57,7 +57,7 @@ def _add_evaluate_options(evaluate: argparse.ArgumentParser, registered: dict[st
             helps.setdefault(option.flag, []).append(f"{task.name}: {option.help}")
             kinds.setdefault(option.flag, option)
     for flag, texts in helps.items():
-        extra = {"nargs": kinds[flag].nargs} if kinds[flag].nargs else {}
+        extra = {"action": "append"} if kinds[flag].repeat else {}
         evaluate.add_argument(flag, type=kinds[flag].type, help="; ".join(texts), **extra)
 
 

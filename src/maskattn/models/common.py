@@ -161,6 +161,7 @@ class DecodeState:
     gaps: bool = False  # whether some slot may hold padding (tokens fed with lengths): masks must read key_valid
     static: bool = False  # one-token steps attend over all T slots with fixed shapes (KVCache static=True)
     head_t: Tensor | None = None  # (E, V) contiguous copy of the output projection's weight (see step_logits)
+    head_copy_ok: bool = False  # one-row steps may make head_t (set by begin_decoding: enough steps ahead)
 
     @property
     def length(self) -> int:
@@ -211,21 +212,22 @@ def new_state(stack: Stack, batch: int, max_len: int, like: Tensor, *, window: i
 
 
 FEW_STEP_ROWS = 8  # decoding steps of 2..8 rows multiply (V, E) @ (E, rows) instead of F.linear
+MIN_STEPS_FOR_COPY = 16  # the one-row copy costs about what ~15 one-row projections save (GPT-2's 50,257 x 256)
 
 
-def _plain_cpu_linear(head: nn.Module, device: torch.device) -> bool:
-    return device.type == "cpu" and type(head) is nn.Linear and head.bias is None
+def fast_head(head: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``step_logits`` may bypass ``head(h)`` for inputs of ``device`` and ``dtype``: a plain float32
+    ``nn.Linear`` without bias, on CPU, outside autocast and autograd (the copy is detached, and other
+    dtypes read fastest through ``F.linear``)."""
+    return (device.type == "cpu" and type(head) is nn.Linear and head.bias is None
+            and head.weight.dtype == torch.float32 and dtype == torch.float32
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
 
 
-MIN_STEPS_FOR_COPY = 16  # the copy costs about as much as ~15 one-row projections save (GPT-2's 50,257 x 256)
-
-
-def transposed_head(head: nn.Module, batch: int, device: torch.device, steps: int) -> Tensor | None:
-    """For one-row decoding of ``steps`` tokens on CPU, an (E, V) contiguous copy of ``head``'s weight (see
-    :func:`step_logits`); made once per generation, None when it would not be used or would not pay."""
-    if batch != 1 or steps < MIN_STEPS_FOR_COPY or not _plain_cpu_linear(head, device):
-        return None
-    return head.weight.detach().t().contiguous()
+def head_copy_pays(batch: int, steps: int) -> bool:
+    """Whether a generation of ``steps`` one-token steps over ``batch`` rows should copy the head for its
+    one-row steps (``DecodeState.head_copy_ok``)."""
+    return batch == 1 and steps >= MIN_STEPS_FOR_COPY
 
 
 def step_logits(state: DecodeState, head: nn.Module, h: Tensor) -> Tensor:
@@ -233,16 +235,20 @@ def step_logits(state: DecodeState, head: nn.Module, h: Tensor) -> Tensor:
 
     A step of a few rows against a large output matrix (GPT-2's 50,257 x 256) is bound by reading the
     matrix, and on CPU how fast it is read depends on the layout: one row is ~2x faster against a
-    contiguous (E, V) copy (``state.head_t``), and 2-8 rows ~1.4-2.5x faster as (V, E) @ (E, rows) than
-    through ``F.linear`` (one thread; docs/performance.md). Other steps, devices and heads: ``head(h)``.
+    contiguous (E, V) copy (``state.head_t``, made at the first one-row step when ``state.head_copy_ok``),
+    and 2-8 rows ~1.4-5x faster as (V, E) @ (E, rows) than through ``F.linear`` (docs/performance.md).
+    Other steps, devices, dtypes and heads, and anything autograd records: ``head(h)``.
     """
     rows = h.numel() // h.shape[-1]
-    if rows == 1 and state.head_t is not None:
-        return h @ state.head_t  # (..., E) @ (E, V)
-    if 2 <= rows <= FEW_STEP_ROWS and _plain_cpu_linear(head, h.device):
-        flat = h.reshape(rows, h.shape[-1])  # (N, E)
-        return (head.weight @ flat.t()).t().contiguous().view(*h.shape[:-1], -1)  # (V, E) @ (E, N) -> (..., V)
-    return head(h)
+    if rows > FEW_STEP_ROWS or not fast_head(head, h.device, h.dtype):
+        return head(h)
+    if rows == 1:
+        if state.head_t is None and state.head_copy_ok and not torch.compiler.is_compiling():
+            state.head_t = head.weight.detach().t().contiguous()  # (E, V), once per generation
+        if state.head_t is not None:
+            return h @ state.head_t  # (..., E) @ (E, V)
+    flat = h.reshape(rows, h.shape[-1])  # (N, E)
+    return (head.weight @ flat.t()).t().contiguous().view(*h.shape[:-1], -1)  # (V, E) @ (E, N) -> (..., V)
 
 
 def advance(state: DecodeState, tokens: Tensor, lengths: Tensor | None) -> tuple[Tensor, int]:

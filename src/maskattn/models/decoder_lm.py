@@ -27,11 +27,12 @@ from maskattn.models.common import (
     advance,
     default_positions,
     document_positions,
+    fast_head,
+    head_copy_pays,
     init_linears,
     key_valid,
     new_state,
     step_logits,
-    transposed_head,
 )
 from maskattn.models.config import DecoderLMConfig
 from maskattn.models.inspection import AttentionSite, AuditProbe, ProbeCheck, ProbeInput, layer_sites
@@ -185,11 +186,15 @@ class DecoderLM(Persistent, Summary, nn.Module):
             slots = self.config.sliding_window + gap
         state = self.start(prompt.shape[0], max_len=prompt.shape[1] + max_new_tokens, window_slots=slots,
                            static=static)
-        state.head_t = transposed_head(self.lm_head, prompt.shape[0], prompt.device, max_new_tokens)
         h = self._hidden(state, prompt, lengths)  # (B, P, E)
         last = (lengths - 1) if lengths is not None else prompt.new_full((prompt.shape[0],), prompt.shape[1] - 1)
         rows = torch.arange(prompt.shape[0], device=prompt.device)
-        return state, step_logits(state, self.lm_head, h[rows, last])  # (B, V)
+        logits = step_logits(state, self.lm_head, h[rows, last])  # (B, V)
+        # Only later one-row steps may copy the head (beam search widens a batch of one to K rows).
+        state.head_copy_ok = head_copy_pays(prompt.shape[0], max_new_tokens)
+        if static and state.head_copy_ok and fast_head(self.lm_head, prompt.device, self.lm_head.weight.dtype):
+            state.head_t = self.lm_head.weight.detach().t().contiguous()  # a compiled step cannot make it
+        return state, logits
 
 
 def window_mask(q_pos: Tensor, k_pos: Tensor, k_valid: Tensor, window: int, q_offset: int) -> masks.Mask:

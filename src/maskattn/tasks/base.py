@@ -50,7 +50,7 @@ class Option:
     keyword: str  # the evaluate_file keyword it fills, e.g. "beam_size"; passed only when given (not None)
     help: str  # shown after the task's name in `maskattn evaluate --help`
     type: Callable[[str], Any] = str
-    nargs: str | None = None  # argparse's nargs, e.g. "+" for a list of values
+    repeat: bool = False  # may be given several times; the keyword gets the list of values
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,8 @@ def squad_windows(tokenizer: Tokenizer, examples: Sequence[QAExample], *, max_le
         if room < 1:
             raise ValueError(f"max_len={max_len} leaves no room for context after a {len(question)}-token question")
         answer = ex.answers[0] if ex.answers else None
-        for first in range(0, max(1, len(ctx_ids)), stride):
+        step = min(stride, room)  # a stride longer than a window's context would skip tokens between windows
+        for first in range(0, max(1, len(ctx_ids)), step):
             last = min(first + room, len(ctx_ids))  # context tokens [first, last)
             head = [tokenizer.bos_id, *question, tokenizer.eos_id]
             ids = head + ctx_ids[first:last] + [tokenizer.eos_id]
@@ -168,9 +169,10 @@ class SpanEnsemble(nn.Module):
         return start, end
 
 
-def _ensemble(directory: str | Path, others: Sequence[str]) -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
+def _ensemble(directory: str | Path, others: Sequence[str],
+              overridden: Sequence[str] = ()) -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
     """The model of ``directory``, or with ``others`` the ensemble of all of them, which must share the
-    tokenizer and the window settings (the windows are cut once, for all members)."""
+    tokenizer and the window settings not ``overridden`` (the windows are cut once, for all members)."""
     model, tok, task = load(directory)
     if not others:
         return model, tok, task
@@ -181,7 +183,7 @@ def _ensemble(directory: str | Path, others: Sequence[str]) -> tuple[nn.Module, 
         if t.backend.get_vocab() != vocab:
             raise UsageError(f"--ensemble {other}: its tokenizer differs from {directory}'s; "
                              "ensemble members must share one tokenizer")
-        for key in ("max_len", "stride", "max_answer"):
+        for key in (k for k in ("max_len", "stride", "max_answer") if k not in overridden):
             if settings.get(key) != task.get(key):
                 raise UsageError(f"--ensemble {other}: {key}={settings.get(key)}, but {directory} has "
                                  f"{key}={task.get(key)}; ensemble members must cut the same windows")
@@ -190,8 +192,8 @@ def _ensemble(directory: str | Path, others: Sequence[str]) -> tuple[nn.Module, 
 
 
 def _max_positions(model: nn.Module) -> int:
-    first = model.members[0] if isinstance(model, SpanEnsemble) else model
-    return first.config.max_len
+    members = model.members if isinstance(model, SpanEnsemble) else [model]
+    return min(m.config.max_len for m in members)
 
 
 def score(predictions: dict[str, str], examples: Sequence[QAExample]) -> dict[str, float]:
@@ -251,7 +253,8 @@ def evaluate_file(directory: str | Path, path: str, predictions: str | None = No
     was trained on (at most its ``max_len`` positions)."""
     if predictions and Path(predictions).is_dir():
         raise UsageError(f"--predictions {predictions}: a directory, expected the path of the JSON file to write")
-    model, tok, task = _ensemble(directory, ensemble)
+    overridden = [k for k, v in (("max_len", max_len), ("stride", stride)) if v is not None]
+    model, tok, task = _ensemble(directory, ensemble or (), overridden)
     positions = _max_positions(model)
     for name, value, low in (("max-len", max_len, 4), ("stride", stride, 1)):
         if value is not None and not low <= value <= positions:
@@ -282,8 +285,8 @@ TASK = register(Task(
                     _answer_arguments, _answer_command),
     data_help="SQuAD JSON", paths=("train", "valid", "pretrained"),
     evaluate_options=(Option("--predictions", "predictions", "also write the official predictions.json here"),
-                      Option("--ensemble", "ensemble", "more model directories: average their span logits with "
-                             "MODEL's (same tokenizer)", nargs="+"),
+                      Option("--ensemble", "ensemble", "another model directory (repeat the flag for more): average "
+                             "its span logits with MODEL's (same tokenizer)", repeat=True),
                       Option("--max-len", "max_len", "tokens per window (default: the model's training setting)",
                              int),
                       Option("--stride", "stride", "context tokens between window starts (default: the model's)",

@@ -9,6 +9,7 @@ A trained model is a directory written by ``model.save`` (``config.json``, ``mod
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -291,7 +292,8 @@ def evaluate_file(directory: str | Path, path: str, ref: str = "", hypotheses: s
     """
     model, tok, decode = load(directory)
     pairs = read_pairs(path, ref)
-    hyps = translate(model, tok, [s for s, _ in pairs], replace(decode, **decode_overrides), progress=True)
+    progress = logging.getLogger("maskattn").isEnabledFor(logging.INFO)  # not under `maskattn -q`
+    hyps = translate(model, tok, [s for s, _ in pairs], replace(decode, **decode_overrides), progress=progress)
     refs = [t for _, t in pairs]
     name = Path(path).name.removesuffix(".gz")
     out = Path(hypotheses) if hypotheses else Path(directory).resolve().parent / f"hypotheses.{name}.txt"
