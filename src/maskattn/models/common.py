@@ -230,6 +230,12 @@ def head_copy_pays(batch: int, steps: int) -> bool:
     return batch == 1 and steps >= MIN_STEPS_FOR_COPY
 
 
+def copy_head(state: DecodeState, head: nn.Module) -> None:
+    """Make ``state.head_t``, the (E, V) copy of ``head``'s weight, once per generation, if it pays."""
+    if state.head_t is None and state.head_copy_ok:
+        state.head_t = head.weight.detach().t().contiguous()
+
+
 def step_logits(state: DecodeState, head: nn.Module, h: Tensor) -> Tensor:
     """``head(h)`` for the (..., E) outputs of a decoding step, in the fastest layout for its row count.
 
@@ -243,8 +249,8 @@ def step_logits(state: DecodeState, head: nn.Module, h: Tensor) -> Tensor:
     if rows > FEW_STEP_ROWS or not fast_head(head, h.device, h.dtype):
         return head(h)
     if rows == 1:
-        if state.head_t is None and state.head_copy_ok and not torch.compiler.is_compiling():
-            state.head_t = head.weight.detach().t().contiguous()  # (E, V), once per generation
+        if not torch.compiler.is_compiling():
+            copy_head(state, head)
         if state.head_t is not None:
             return h @ state.head_t  # (..., E) @ (E, V)
     flat = h.reshape(rows, h.shape[-1])  # (N, E)

@@ -25,6 +25,7 @@ from maskattn.models.common import (
     Embedder,
     Stack,
     advance,
+    copy_head,
     default_positions,
     document_positions,
     fast_head,
@@ -192,8 +193,8 @@ class DecoderLM(Persistent, Summary, nn.Module):
         logits = step_logits(state, self.lm_head, h[rows, last])  # (B, V)
         # Only later one-row steps may copy the head (beam search widens a batch of one to K rows).
         state.head_copy_ok = head_copy_pays(prompt.shape[0], max_new_tokens)
-        if static and state.head_copy_ok and fast_head(self.lm_head, prompt.device, self.lm_head.weight.dtype):
-            state.head_t = self.lm_head.weight.detach().t().contiguous()  # a compiled step cannot make it
+        if static and fast_head(self.lm_head, prompt.device, self.lm_head.weight.dtype):
+            copy_head(state, self.lm_head)  # now: a compiled step cannot make it
         return state, logits
 
 

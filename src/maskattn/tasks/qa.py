@@ -253,13 +253,15 @@ def evaluate_file(directory: str | Path, path: str, predictions: str | None = No
     was trained on (at most its ``max_len`` positions)."""
     if predictions and Path(predictions).is_dir():
         raise UsageError(f"--predictions {predictions}: a directory, expected the path of the JSON file to write")
-    overridden = [k for k, v in (("max_len", max_len), ("stride", stride)) if v is not None]
-    model, tok, task = _ensemble(directory, ensemble or (), overridden)
+    overrides = {k: v for k, v in (("max_len", max_len), ("stride", stride)) if v is not None}
+    model, tok, task = _ensemble(directory, ensemble or (), overrides)
     positions = _max_positions(model)
-    for name, value, low in (("max-len", max_len, 4), ("stride", stride, 1)):
-        if value is not None and not low <= value <= positions:
-            raise UsageError(f"--{name} must be in [{low}, {positions}] (the model's positions), got {value}")
-    task = {**task, **({"max_len": max_len} if max_len else {}), **({"stride": stride} if stride else {})}
+    for key, value in overrides.items():
+        low = 4 if key == "max_len" else 1
+        if not low <= value <= positions:
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"{flag} must be in [{low}, {positions}] (the model's positions), got {value}")
+    task = {**task, **overrides}
     examples = read_squad(path, require_answers=True)
     windows = squad_windows(tok, examples, max_len=task["max_len"], stride=task["stride"])
     found = best_spans(model, tok, examples, windows, max_answer=task["max_answer"])
