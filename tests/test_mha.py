@@ -113,6 +113,47 @@ def test_dropout_only_in_training():
     assert not torch.equal(layer(x), layer(x))
 
 
+
+def test_head_dropout_drops_whole_heads_per_sequence_and_scales_the_rest():
+    # oracle: the eval-mode heads (the layer's own Attend output, observed by a hook) gated by hand;
+    # every sequence of a training-mode call must equal one of the 2^H gatings, scaled by 1 / (1 - p)
+    torch.manual_seed(0)
+    p, H, B = 0.5, 2, 64
+    layer = MultiHeadAttention(8, H, head_dropout=p)
+    x = torch.randn(B, 5, 8)
+    heads = []
+    handle = layer.attend.register_forward_hook(lambda mod, args, out: heads.append(out))
+    layer.eval()
+    with torch.no_grad():
+        evaluated = layer(x)
+    handle.remove()
+    per_head = heads[0]  # (B, H, L, D)
+    # eval: all heads, unscaled
+    torch.testing.assert_close(evaluated, layer.out_proj(per_head.transpose(1, 2).reshape(B, 5, 8)))
+    candidates = []
+    for gate in ([0, 0], [0, 1], [1, 0], [1, 1]):
+        g = torch.tensor(gate, dtype=torch.float32).view(1, H, 1, 1) / (1 - p)
+        candidates.append(layer.out_proj((per_head * g).transpose(1, 2).reshape(B, 5, 8)))
+    layer.train()
+    with torch.no_grad():
+        out = layer(x)
+    seen = set()
+    for b in range(B):
+        hits = [i for i, c in enumerate(candidates) if torch.allclose(out[b], c[b], atol=1e-6)]
+        assert hits, f"sequence {b} is no gating of its heads"
+        seen.add(hits[0])
+    assert seen == {0, 1, 2, 3}  # 64 sequences at p = 0.5: every gating occurs
+
+
+def test_head_dropout_reaches_every_attention_of_a_transformer_and_pruning_turns_it_off():
+    from maskattn import compression
+
+    model = maskattn.Transformer(maskattn.TransformerConfig.preset("tiny", head_dropout=0.3))
+    attns = compression.attention_modules(model)
+    assert attns and all(a.head_dropout == 0.3 for a in attns.values())
+    compression.prune(model, {name: [0, 1] for name in attns})
+    assert all(a.head_dropout == 0.0 for a in attns.values()) and model.config.head_dropout == 0.0
+
 @pytest.mark.parametrize(
     "make,words",
     [
@@ -120,6 +161,7 @@ def test_dropout_only_in_training():
         (lambda: MultiHeadAttention(12, 6, num_kv_heads=4), r"num_heads \(6\) must be divisible by num_kv_heads \(4\)"),
         (lambda: MultiHeadAttention(8, 0), "num_heads must be a positive int"),
         (lambda: MultiHeadAttention(8, 2, dropout=1.5), "dropout"),
+        (lambda: MultiHeadAttention(8, 2, head_dropout=1.0), r"head_dropout must be in \[0, 1\), got 1.0"),
     ],
 )
 def test_bad_config(make, words):

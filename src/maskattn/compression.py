@@ -21,6 +21,7 @@ and loads with :func:`maskattn.load` and every prediction command.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -137,9 +138,17 @@ def choose_heads(model: nn.Module, importance: Mapping[str, Tensor], fraction: f
 
 
 def prune(model: nn.Module, keep: Mapping[str, list[int]]) -> nn.Module:
-    """Remove every head not in ``keep[name]`` from attention module ``name`` (see :func:`choose_heads`)."""
+    """Remove every head not in ``keep[name]`` from attention module ``name`` (see :func:`choose_heads`).
+
+    Head dropout is switched off in the pruned model (modules and config): with one or two heads left
+    in a module it would drop the module's whole attention, and the survivors are meant to be relied on.
+    """
     for name, heads in keep.items():
         model.get_submodule(name).prune_heads(heads)
+    for attn in attention_modules(model).values():
+        attn.head_dropout = 0.0
+    if getattr(getattr(model, "config", None), "head_dropout", 0.0):
+        model.config = dataclasses.replace(model.config, head_dropout=0.0)
     return model
 
 

@@ -20,7 +20,7 @@ from maskattn.masks import Mask
 class DecoderLayer(EncoderLayer):
     """An :class:`EncoderLayer` with a cross-attention sublayer between self-attention and FFN.
 
-    Takes the arguments of :class:`EncoderLayer`. The cross-attention has the same heads, dropout
+    Takes the arguments of :class:`EncoderLayer`. The cross-attention has the same heads, dropouts
     and normalisation as the self-attention.
     """
 
@@ -29,7 +29,7 @@ class DecoderLayer(EncoderLayer):
         attn, block = self.self_attn, self.self_attn_block
         self.cross_attn = MultiHeadAttention(d_model, num_heads, num_kv_heads=attn.num_kv_heads,
                                              dropout=attn.dropout, bias=attn.q_proj.bias is not None,
-                                             backend=attn.backend)
+                                             backend=attn.backend, head_dropout=attn.head_dropout)
         self.cross_attn_block = Residual(d_model, norm_first=block.norm_first, dropout=block.dropout.p,
                                          eps=block.norm.eps, norm=kwargs.get("norm", "layer"))
 

@@ -26,6 +26,7 @@ class EncoderLayer(nn.Module):
         num_kv_heads: key/value heads (grouped-query attention; default ``num_heads``).
         dropout: residual dropout on each sublayer's output.
         attention_dropout: dropout on the attention weights.
+        head_dropout: dropout of whole attention heads (see :class:`MultiHeadAttention`).
         activation: feed-forward activation (see :class:`FeedForward`).
         activation_dropout: dropout on the feed-forward hidden activations.
         norm_first: pre-LN when True, post-LN (the paper's) when False.
@@ -38,10 +39,11 @@ class EncoderLayer(nn.Module):
     def __init__(self, d_model: int, num_heads: int, d_ff: int, *, num_kv_heads: int | None = None,
                  dropout: float = 0.0, attention_dropout: float = 0.0, activation: str = "relu",
                  activation_dropout: float = 0.0, norm_first: bool = False, norm_eps: float = 1e-5,
-                 bias: bool = True, backend: str = "auto", norm: str = "layer") -> None:
+                 bias: bool = True, backend: str = "auto", norm: str = "layer", head_dropout: float = 0.0) -> None:
         super().__init__()
         self.self_attn = MultiHeadAttention(d_model, num_heads, num_kv_heads=num_kv_heads,
-                                            dropout=attention_dropout, bias=bias, backend=backend)
+                                            dropout=attention_dropout, bias=bias, backend=backend,
+                                            head_dropout=head_dropout)
         self.self_attn_block = Residual(d_model, norm_first=norm_first, dropout=dropout, eps=norm_eps, norm=norm)
         self.ffn = FeedForward(d_model, d_ff, activation=activation, dropout=activation_dropout, bias=bias)
         self.ffn_block = Residual(d_model, norm_first=norm_first, dropout=dropout, eps=norm_eps, norm=norm)

@@ -40,6 +40,9 @@ class MultiHeadAttention(nn.Module):
         backend: attention backend passed to :func:`maskattn.attention`.
         head_dim: width D of each head (default E // H); given when fewer heads than E // D remain
             after :meth:`prune_heads`, so the projections are E -> H * D -> E.
+        head_dropout: probability of dropping a whole head's output for one sequence, training mode
+            only, the kept heads scaled by 1 / (1 - p) (DropHead, Zhou et al. 2020): heads that
+            cannot rely on each other are cheaper to prune.
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class MultiHeadAttention(nn.Module):
         vdim: int | None = None,
         backend: str = "auto",
         head_dim: int | None = None,
+        head_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -67,11 +71,12 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(
                 f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})"
             )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        for name, p in (("dropout", dropout), ("head_dropout", head_dropout)):
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {p}")
         self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
         self.head_dim = d_model // num_heads if head_dim is None else head_dim
-        self.dropout, self.backend = dropout, backend
+        self.dropout, self.backend, self.head_dropout = dropout, backend, head_dropout
         kv_width = num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(d_model, num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(kdim or d_model, kv_width, bias=bias)
@@ -120,6 +125,9 @@ class MultiHeadAttention(nn.Module):
         result = self.attend(q, k, v, mask, backend=self.backend, dropout_p=dropout_p, q_offset=q_offset,
                              return_weights=return_weights)
         out, weights = result if return_weights else (result, None)
+        if self.training and self.head_dropout > 0.0:
+            keep = torch.rand(b, self.num_heads, 1, 1, device=out.device) >= self.head_dropout  # (B, H, 1, 1)
+            out = out * keep.to(out.dtype) / (1.0 - self.head_dropout)
         out = self.out_proj(out.transpose(1, 2).reshape(b, lq, self.num_heads * self.head_dim))  # (B, Lq, E)
         return (out, weights) if return_weights else out
 
@@ -180,7 +188,8 @@ class MultiHeadAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_heads={self.num_heads}, "
-                f"num_kv_heads={self.num_kv_heads}, dropout={self.dropout}")
+                f"num_kv_heads={self.num_kv_heads}, dropout={self.dropout}"
+                + (f", head_dropout={self.head_dropout}" if self.head_dropout else ""))
 
 
 def _select(linear: nn.Linear, index: Tensor, dim: int) -> nn.Linear:

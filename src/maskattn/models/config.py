@@ -27,6 +27,7 @@ class BlockConfig:
     d_ff: int = 2048  # feed-forward hidden width
     dropout: float = 0.1  # on embeddings (+ positions) and on every sublayer output (residual dropout)
     attention_dropout: float = 0.0  # on attention weights
+    head_dropout: float = 0.0  # drops whole attention heads per sequence while training (DropHead)
     activation: str = "relu"  # feed-forward activation: relu | gelu | gelu_tanh | swiglu
     activation_dropout: float = 0.0  # on the feed-forward hidden activations
     norm_first: bool = False  # pre-LN (True) or post-LN as in the paper (False)
@@ -56,7 +57,7 @@ class BlockConfig:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
         if kv < 1 or self.num_heads % kv:
             raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({kv})")
-        for name in ("dropout", "attention_dropout", "activation_dropout"):
+        for name in ("dropout", "attention_dropout", "head_dropout", "activation_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.activation not in ACTIVATIONS:
@@ -83,7 +84,7 @@ class BlockConfig:
 
     def layer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`maskattn.layers.EncoderLayer` / ``DecoderLayer``."""
-        names = ("num_kv_heads", "dropout", "attention_dropout", "activation", "activation_dropout",
+        names = ("num_kv_heads", "dropout", "attention_dropout", "head_dropout", "activation", "activation_dropout",
                  "norm_first", "norm_eps", "bias", "backend", "norm")
         return {"d_model": self.d_model, "num_heads": self.num_heads, "d_ff": self.d_ff,
                 **{n: getattr(self, n) for n in names}}
