@@ -1,7 +1,9 @@
 """End to end, side by side in one process: maskattn's ``DecoderLM`` against Hugging Face's ``GPT2LMHeadModel``
 of the same shape and the same weights (issue 15, items 3 and 4).
 
-fp32 on the CPU. A GPT-2 of ``--layers`` x ``--width`` (``--heads`` heads, ``--vocab`` tokens, no dropout) is built
+fp32 on the CPU by default; ``--device cuda`` runs ``train`` and ``generate`` on a GPU (timed with
+``torch.cuda.synchronize``), ``--bf16`` runs both models' training steps under bfloat16 autocast.
+A GPT-2 of ``--layers`` x ``--width`` (``--heads`` heads, ``--vocab`` tokens, no dropout) is built
 with ``transformers`` (``attn_implementation="sdpa"``), saved with ``save_pretrained`` and loaded into maskattn with
 ``maskattn.from_pretrained``; their logits are compared first (plain and packed rows).
 
@@ -65,7 +67,7 @@ def build_models(args: argparse.Namespace):
         hf.save_pretrained(directory)
         ours = maskattn.from_pretrained(directory)
     ours.config.eos_id = None  # exactly --new tokens, as HF's min_new_tokens
-    return ours.train(), hf.train()
+    return ours.to(args.device).train(), hf.to(args.device).train()
 
 
 def packed_rows(batch: int, length: int, docs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,8 +82,8 @@ def packed_rows(batch: int, length: int, docs: int) -> tuple[torch.Tensor, torch
 
 def check_logits(ours, hf, args: argparse.Namespace) -> dict:
     """Max |logit difference| on a plain and a packed row (eval mode, no grad)."""
-    ids = torch.randint(0, args.vocab, (1, args.block), generator=torch.Generator().manual_seed(2))
-    doc, pos, mask = packed_rows(1, args.block, args.docs)
+    ids = torch.randint(0, args.vocab, (1, args.block), generator=torch.Generator().manual_seed(2)).to(args.device)
+    doc, pos, mask = (x.to(args.device) for x in packed_rows(1, args.block, args.docs))
     with torch.no_grad():
         plain = (ours.eval()(ids) - hf.eval()(ids).logits).abs().max().item()
         packed = (ours(ids, doc_ids=doc) - hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits)
@@ -90,22 +92,31 @@ def check_logits(ours, hf, args: argparse.Namespace) -> dict:
 
 
 # --- timing -----------------------------------------------------------------------------------------
+def _sync() -> None:
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def interleaved(calls: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds of each call, the calls interleaved within every repetition."""
+    """Median seconds of each call, the calls interleaved within every repetition (GPU work waited for)."""
     times: dict[str, list[float]] = {name: [] for name in calls}
     for rep in range(warmup + repeats):
         for name, call in calls.items():
+            _sync()
             start = time.perf_counter()
             call()
+            _sync()
             if rep >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def train_step(model, optimizer, forward: Callable[[torch.nn.Module], torch.Tensor], ids: torch.Tensor) -> Callable:
+def train_step(model, optimizer, forward: Callable[[torch.nn.Module], torch.Tensor], ids: torch.Tensor,
+               bf16: bool = False) -> Callable:
     def run() -> None:
-        logits = forward(model)  # (B, L, V)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = forward(model)  # (B, L, V)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -116,9 +127,9 @@ def train_step(model, optimizer, forward: Callable[[torch.nn.Module], torch.Tens
 def bench_train(ours, hf, args: argparse.Namespace) -> dict:
     """Tokens/s of a training step, plain and packed rows, eager and compiled."""
     gen = torch.Generator().manual_seed(3)
-    plain = torch.randint(0, args.vocab, (args.batch, args.block), generator=gen)
-    packed = torch.randint(0, args.vocab, (args.batch, args.packed_block), generator=gen)
-    doc, pos, mask = packed_rows(args.batch, args.packed_block, args.docs)
+    plain = torch.randint(0, args.vocab, (args.batch, args.block), generator=gen).to(args.device)
+    packed = torch.randint(0, args.vocab, (args.batch, args.packed_block), generator=gen).to(args.device)
+    doc, pos, mask = (x.to(args.device) for x in packed_rows(args.batch, args.packed_block, args.docs))
     rows = {
         "plain": (plain, lambda m: m(plain), lambda m: m(input_ids=plain).logits),
         "packed": (packed, lambda m: m(packed, doc_ids=doc),
@@ -131,7 +142,7 @@ def bench_train(ours, hf, args: argparse.Namespace) -> dict:
             for name, model, fwd in (("maskattn", ours, ours_fwd), ("hf", hf, hf_fwd)):
                 run = torch.compile(model) if mode == "compiled" else model
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-                calls[f"{name}-{mode}"] = train_step(run, optimizer, fwd, ids)
+                calls[f"{name}-{mode}"] = train_step(run, optimizer, fwd, ids, args.bf16)
         seconds = interleaved(calls, args.warmup, args.repeats)
         result[row] = {name: ids.numel() / s for name, s in seconds.items()}  # tokens/s
     return result
@@ -157,6 +168,7 @@ def bench_generate(ours, hf, args: argparse.Namespace) -> dict:
     result = {}
     for batch in args.gen_batches:
         prompt = torch.randint(0, args.vocab, (batch, args.prompt), generator=torch.Generator().manual_seed(4))
+        prompt = prompt.to(args.device)
         out: dict[str, torch.Tensor] = {}
         calls = {"maskattn": lambda p=prompt, o=out: o.update(
                      maskattn=decoding.greedy(ours, p, max_new_tokens=args.new))}
@@ -254,6 +266,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-tokens", type=int, default=32768, help="cache: tokens generated")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="train and generate on this device (e.g. cuda)")
+    p.add_argument("--bf16", action="store_true", help="train: bfloat16 autocast for both models")
     p.add_argument("--json", default="end_to_end.json", help="where to write the results")
     p.add_argument("--memory-child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -267,6 +281,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         if bad:
             p.error(f"--{name}: unknown {bad}; expected some of {list(allowed)}")
     args.gen_batches, args.long_n = _ints(str(args.gen_batches)), _ints(str(args.long_n))
+    if args.device != "cpu" and {"long", "cache"} & set(args.parts):
+        p.error(f"--parts long and cache measure CPU memory; with --device {args.device} give --parts train,generate")
     return args
 
 

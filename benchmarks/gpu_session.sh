@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU checks of one session on a lent CUDA machine (docs/performance.md "On a GPU"): the CUDA tests,
+# the masked-attention table and the end-to-end table, then the whole suite. Results go to $OUT.
+# Run from the repository root: OUT=gpu-out bash benchmarks/gpu_session.sh
+set -u
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+    | tee -a "$OUT/gpu.txt"
+timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test-cuda.log" | tail -40
+timeout 110 python3 -m benchmarks.attention_gpu --sizes 8192 --masks window,document,causal,prefix,padding \
+    --repeats 5 --json "$OUT/gpu-attention.json" 2>&1 | tee "$OUT/attention.log"
+timeout 120 python3 -m benchmarks.end_to_end --device cuda --parts train,generate --modes eager --bf16 \
+    --layers 12 --width 768 --heads 12 --batch 8 --json "$OUT/gpu-end-to-end.json" 2>&1 | tee "$OUT/end-to-end.log"
+timeout "${SUITE_SECONDS:-120}" python3 -m pytest -q -p no:cacheprovider -n 12 --timeout 60 tests \
+    > "$OUT/full-suite.log" 2>&1
+tail -25 "$OUT/full-suite.log"
