@@ -36,8 +36,8 @@ def make_impls(names: list[str], mask, n: int, device: torch.device) -> dict:
             if name == "auto" or maskattn.dispatch.can_run(name, probe, dropout_p=0.0, return_weights=False,
                                                            needs_grad=True):
                 impls[name] = lambda q, k, v, name=name: maskattn.attention(q, k, v, mask, backend=name)
-        elif name == "sdpa_best" and _sdpa_best(mask, n) is not None:
-            impls[name] = _sdpa_best(mask, n)  # SDPA's own kernel: no mask, is_causal, or a key-padding row
+        elif name == "sdpa_best" and _sdpa_best(mask, n) is not None:  # SDPA's own: no mask, is_causal, key padding
+            impls[name] = _sdpa_best(None if mask is None else mask.to(device), n)
         elif name == "sdpa_mask":
             dense = None if mask is None else mask.to_dense(n, n, device=device)
             impls[name] = lambda q, k, v, dense=dense: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)

@@ -15,6 +15,10 @@ timeout 110 python3 -m benchmarks.attention_gpu --sizes 8192 --masks window,docu
     --repeats 5 --json "$OUT/gpu-attention.json" 2>&1 | tee "$OUT/attention.log"
 timeout 120 python3 -m benchmarks.end_to_end --device cuda --parts train,generate --modes eager --bf16 \
     --layers 12 --width 768 --heads 12 --batch 8 --json "$OUT/gpu-end-to-end.json" 2>&1 | tee "$OUT/end-to-end.log"
-timeout "${SUITE_SECONDS:-120}" python3 -m pytest -q -p no:cacheprovider -n 12 --timeout 60 tests \
-    > "$OUT/full-suite.log" 2>&1
-tail -25 "$OUT/full-suite.log"
+# the whole suite (training tests train on the GPU: the trainer picks CUDA where it is), failures named as they come
+OMP_NUM_THREADS=1 timeout "${SUITE_SECONDS:-120}" python3 -m pytest -v -p no:cacheprovider -n 12 --timeout 60 tests \
+    2>&1 | grep -E "FAILED|ERROR|[0-9]+ (passed|failed)" > "$OUT/full-suite.log"
+cat "$OUT/full-suite.log"
+failed=$(grep -oE "tests/[^ ]+::[^ ]+" "$OUT/full-suite.log" | sort -u | head -4)
+[ -n "$failed" ] && timeout 60 python3 -m pytest -q -p no:cacheprovider --tb=short $failed 2>&1 | tail -60 | tee "$OUT/failures.log"
+true

@@ -96,13 +96,28 @@ def test_masks_from_device_tensors_on_every_backend_and_dtype(kind, dtype):
         _check_against_cpu_reference(name, q, k, v, mask, 0, tol)
 
 
-@pytest.mark.parametrize("kind", ["causal&padding", "window", "document"])
+CPU_BUILT = {"cpu document": lambda: masks.causal() & masks.document(torch.tensor([[0] * 20 + [1] * 44] * 2)),
+             "cpu prefix": lambda: masks.prefix_lm(torch.tensor([5, 30]))}
+
+
+@pytest.mark.parametrize("kind", ["causal&padding", "window", "document", *CPU_BUILT])
 def test_flex_on_the_device_equals_the_cpu_reference(kind):
     if "flex" not in _trainable(torch.float32, compiled=True):
         pytest.skip("FlexAttention does not train on this device")
     gen = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, 4, 64, 32, generator=gen) for _ in range(3))
-    _check_against_cpu_reference("flex", q, k, v, _device_masks(64)[kind], 0, 1e-4)
+    mask = CPU_BUILT[kind]() if kind in CPU_BUILT else _device_masks(64)[kind]  # CPU tensors: moved by the backend
+    _check_against_cpu_reference("flex", q, k, v, mask, 0, 1e-4)
+
+
+@pytest.mark.parametrize("kind", ["window", "prefix", "tensor", "causal&padding"])
+def test_auto_on_a_gpu_runs_fused_kernels_not_the_tile_loop(kind):
+    if DEVICE.type == "cpu":
+        pytest.skip("on the CPU these masks go to blocked (tests/test_dispatch.py)")
+    n = 1024
+    q = torch.randn(2, 4, n, 32, device=DEVICE)
+    mask = {**_device_masks(n), "tensor": masks.from_tensor(torch.rand(n, n, device=DEVICE) > 0.5)}[kind]
+    assert choose_backend(q, q, mask, dropout_p=0.0, return_weights=False) == "sdpa"
 
 
 def test_auto_picks_a_fused_kernel_on_the_device_where_one_applies():

@@ -88,3 +88,17 @@ def test_unknown_backends_are_named():
     with pytest.raises(ValueError, match=re.escape(f"one of {sorted(REGISTRY)}, got 'fast'")):
         dispatch.can_run("fast", q, dropout_p=0.0, return_weights=False)
     assert sorted(dispatch.BACKENDS) == sorted(REGISTRY) and dispatch.BACKENDS["sdpa"] is REGISTRY["sdpa"].fn
+
+
+@pytest.mark.parametrize("make", [r[1] for r in RULES if r[0].startswith("other:") and "documents" not in r[0]],
+                         ids=[r[0] for r in RULES if r[0].startswith("other:") and "documents" not in r[0]])
+def test_off_the_cpu_the_masks_that_go_to_blocked_go_to_sdpa(make):
+    # the rule reads only the device type and shapes: meta tensors stand in for a GPU's
+    q_len = 1024
+    q, k = torch.empty(2, 2, q_len, 8, device="meta"), torch.empty(2, 2, 2 * q_len, 8, device="meta")
+    mask = make(2 * q_len)
+    backend, why = dispatch.decide(q, k, mask, dropout_p=0.0, return_weights=False, q_offset=q_len)
+    assert (backend, "on meta" in why) == ("sdpa", True)
+    cpu = dispatch.decide(torch.empty(2, 2, q_len, 8), torch.empty(2, 2, 2 * q_len, 8), mask, dropout_p=0.0,
+                          return_weights=False, q_offset=q_len)[0]
+    assert cpu == "blocked"

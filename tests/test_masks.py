@@ -269,3 +269,19 @@ def test_no_private_names_are_exported_and_old_private_classes_warn():
         assert masks._Causal is type(masks.causal())
     with pytest.raises(AttributeError):
         masks._NoSuchThing  # noqa: B018
+
+
+def test_to_moves_every_tensor_of_the_expression_and_keeps_its_meaning():
+    ids = torch.tensor([[0, 0, 1, 1, 1, 2]])
+    mask = (masks.causal() & masks.document(ids)) | ~masks.padding(torch.tensor([4])) & masks.prefix_lm(2)
+    mask = mask | masks.from_tensor(torch.eye(6, dtype=torch.bool))
+    assert mask.to("cpu") is mask  # already there: no copy
+    moved = mask.to("meta")
+    leaves = moved._leaves()
+    assert [type(x) for x in leaves] == [type(x) for x in mask._leaves()]
+    assert all(t.device.type == "meta" for leaf in leaves for t in vars(leaf).values() if isinstance(t, torch.Tensor))
+    assert all(t.device.type == "cpu" for leaf in mask._leaves() for t in vars(leaf).values()
+               if isinstance(t, torch.Tensor))  # the original is untouched
+    assert masks.structure(moved).kinds == masks.structure(mask).kinds
+    doc = leaves[1]
+    assert doc.doc_ids is doc.tensor  # aliased attributes stay one tensor

@@ -68,6 +68,8 @@ def choose_backend(
     * any other mask on a small problem (Lq * Lk <= SMALL_SCORES) -> ``sdpa`` with the dense mask;
     * ``document(ids)`` or ``causal() & document(ids)`` over a few contiguous documents -> ``sdpa``,
       one call per document (``sdpa.segments``);
+    * any other mask on a GPU -> ``sdpa`` (the band calls of a sliding window, else the dense mask): blocked's
+      loop over tiles is 4x to 50x slower than PyTorch's fused GPU kernels (docs/performance.md, "On a GPU");
     * any other mask -> ``blocked``, which skips the tiles the mask hides.
 
     The rules are the data :data:`RULES`. While ``torch.compile`` traces, each rule decides from shapes and
@@ -103,6 +105,13 @@ def _small(call: Call) -> str | None:
     return f"Lq x Lk = {q_len} x {k_len} is small: a dense mask is cheap and the fused kernel beats tile bookkeeping"
 
 
+def _on_gpu(call: Call) -> str | None:
+    if call.q.device.type == "cpu" or get_backend("sdpa").refusal(call):
+        return None
+    return (f"on {call.q.device.type}, PyTorch's fused kernel (band calls for a window, else the dense mask) beats "
+            "blocked's loop over tiles (docs/performance.md, 'On a GPU')")
+
+
 # The auto rules, first match wins; backend names appear here as policy, each rule being a measurement. sdpa's
 # fast path includes the per-document split, which sdpa takes only above sdpa.MIN_SPLIT_SCORES == SMALL_SCORES,
 # so it never competes with the small-problem rule that docs/performance.md lists before it.
@@ -117,6 +126,7 @@ RULES: tuple[Rule, ...] = (
          "represent, and needs no branch on the symbolic lengths" if torch.compiler.is_exporting() else None),
     Rule("sdpa", _fast_path("sdpa")),  # no mask, aligned causal, key padding, a few contiguous documents
     Rule("sdpa", _small),
+    Rule("sdpa", _on_gpu),
     Rule("blocked", lambda c: f"{c.mask!r} needs an element mask: blocked skips the tiles it hides and masks only "
          "partial ones"),
 )

@@ -89,6 +89,7 @@ def attention(
     heads, q_len = q.shape[1], q.shape[2]
     block_mask = None
     if mask is not None:
+        mask = mask.to(q.device)  # a copy to the device inside the compiled kernel cannot be lowered
 
         def mask_mod(b, h, q_idx, kv_idx):
             return mask.allows(b, h, q_idx + q_offset, kv_idx)

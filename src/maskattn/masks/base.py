@@ -30,8 +30,10 @@ Masks compose with ``&``, ``|`` and ``~``::
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -137,6 +139,30 @@ class Mask:
             )
         for leaf in self._leaves():
             leaf._check(q_len, k_len, q_offset)
+
+    def to(self, device: torch.device | str) -> Mask:
+        """This mask with its tensors (lengths, ids, prefixes, bool tensors) on ``device``; itself when they are
+        all there already. Backends call it once per attention call so that a mask built from CPU tensors
+        is not copied again at every tile (nor inside a compiled kernel, where FlexAttention cannot copy)."""
+        device = torch.device(device)
+        moved: dict[int, Any] = {}
+
+        def move(value: Any) -> Any:
+            if isinstance(value, Tensor):  # Tensor.to returns the tensor itself where it is already there
+                return moved.setdefault(id(value), value.to(device))  # aliased attributes share one copy
+            if isinstance(value, Mask):
+                return value.to(device)
+            if isinstance(value, tuple) and value and all(isinstance(v, Mask) for v in value):
+                parts = tuple(v.to(device) for v in value)
+                return value if all(a is b for a, b in zip(parts, value, strict=True)) else parts
+            return value
+
+        changes = {name: new for name, value in vars(self).items() if (new := move(value)) is not value}
+        if not changes:
+            return self
+        clone = copy.copy(self)
+        vars(clone).update(changes)
+        return clone
 
     def to_dense(
         self,
