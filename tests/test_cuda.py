@@ -204,3 +204,34 @@ def test_bf16_autocast_on_the_device_stays_close_to_float32():
             half = model(ids)
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), full, atol=5e-2 * full.abs().max().item(), rtol=5e-2)
+
+
+def test_the_cli_trains_and_evaluates_on_the_device(tmp_path, capsys):
+    # the trainer picks CUDA where it is: the collated batches, word dropout, the validation and the export
+    # must all follow the model there (before the first GPU session every CLI training failed on one)
+    from maskattn import training
+    from maskattn.cli import main
+
+    lines = ["sentence\tlabel"] + [f"a {w} film\t{int(w == 'good')}" for w in ("good", "bad") * 20]
+    for name in ("train", "valid"):
+        (tmp_path / f"{name}.tsv").write_text("\n".join(lines) + "\n")
+    settings = ['data.tokenizer="chars"', "model.d_model=16", "model.d_ff=32", "model.num_heads=2",
+                "model.num_layers=1", "train.steps=4", "train.eval_every=2", "train.progress=false",
+                "data.word_dropout=0.1"]
+    ran = []
+    original = training.Trainer.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        ran.append(self.device.type)
+
+    training.Trainer.__init__ = spy
+    try:
+        assert main(["train", "classification", "--train", str(tmp_path / "train.tsv"), "--valid",
+                     str(tmp_path / "valid.tsv"), "--out", str(tmp_path / "run"),
+                     *[a for s in settings for a in ("--set", s)]]) == 0
+    finally:
+        training.Trainer.__init__ = original
+    assert ran == [DEVICE.type]
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run" / "model"), "--data", str(tmp_path / "valid.tsv")]) == 0

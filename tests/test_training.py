@@ -296,3 +296,13 @@ def test_layer_decay_scales_each_layer_learning_rate_by_its_depth(tmp_path):
     assert lrs == pytest.approx([base] * len(lrs))
     with pytest.raises(ValueError, match=r"layer_decay must be in \(0, 1\], got 1.5"):
         TrainConfig(layer_decay=1.5)
+
+
+def test_to_device_moves_the_tensors_of_a_batch_and_keeps_the_rest():
+    from maskattn.training import to_device
+
+    batch = {"ids": torch.ones(2, 3), "pair": (torch.zeros(1), 5), "rows": [torch.ones(1)], "num_targets": 6}
+    moved = to_device(batch, "meta")
+    assert moved["ids"].device.type == "meta" and moved["rows"][0].device.type == "meta"
+    assert isinstance(moved["pair"], tuple) and moved["pair"][0].device.type == "meta" and moved["pair"][1] == 5
+    assert moved["num_targets"] == 6 and batch["ids"].device.type == "cpu"

@@ -187,6 +187,17 @@ RUN_ENTRIES = ("checkpoints", "best", "model", "metrics.jsonl", "tokenizer.json"
                "cross_attention.png", "cross_attention_heads.png", "events")
 
 
+def to_device(value: Any, device: torch.device | str) -> Any:
+    """``value`` with every tensor in it (also in dicts, lists and tuples) on ``device``; other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: to_device(item, device) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(to_device(item, device) for item in value)
+    return value
+
+
 def prepare_run_directory(out: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
     """The run directory ``out``, checked (and created) before a run writes anything into it.
 
@@ -422,7 +433,7 @@ class Trainer:
             if self.position >= len(batches):
                 self.epoch, self.position = self.epoch + 1, 0
                 continue
-            micro.append(self.collate(batches[self.position]))
+            micro.append(to_device(self.collate(batches[self.position]), self.device))  # tasks collate on the CPU
             self.position += 1
         return micro
 

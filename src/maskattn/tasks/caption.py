@@ -37,7 +37,7 @@ from maskattn.tasks.base import Command, Overlay, Task, register
 from maskattn.tasks.common import begin_run, fit_and_export, load_task, log_stderr, parameters
 from maskattn.tasks.translation import sequence_loss
 from maskattn.tokenization import SPECIALS, Tokenizer
-from maskattn.training import TrainConfig
+from maskattn.training import TrainConfig, to_device
 
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SCAN = 8  # side of a scan, in pixels
@@ -183,12 +183,14 @@ def caption_batch(model: Captioner, tok: Tokenizer, images: Sequence[np.ndarray]
     """Greedy captions of ``images``, and the decoder's attention while it wrote them: per layer
     ``{"self", "cross": (B, H, Lt, N)}`` (query t produced word t), and the (B, 2) sizes."""
     batch, sizes = batch_images(images)
-    ids = decoding.greedy(model, batch, sizes, max_new_tokens=model.config.max_len - 1)
+    device = next(model.parameters()).device
+    ids = decoding.greedy(model, batch.to(device), sizes.to(device), max_new_tokens=model.config.max_len - 1)
     captions = [tok.decode(row.tolist()) for row in ids]
     tgt, lengths = pad([[tok.bos_id, *tok.encode(c)] for c in captions], tok.pad_id)
     with torch.no_grad():
-        _, weights = model(batch, tgt, sizes=sizes, tgt_lengths=lengths, return_weights=True)
-    return captions, weights["decoder"], sizes
+        _, weights = model(*to_device((batch, tgt), device), sizes=sizes.to(device), tgt_lengths=lengths.to(device),
+                           return_weights=True)
+    return captions, to_device(weights["decoder"], "cpu"), sizes
 
 
 def patch_owners(boxes: Sequence[tuple[int, int]], grid: tuple[int, int], patch_size: int) -> np.ndarray:

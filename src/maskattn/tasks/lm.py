@@ -96,6 +96,8 @@ def rows(stream: Stream, block: int, shift: int = 0) -> tuple[Tensor, Tensor]:
 
 def row_loss(model: nn.Module, ids: Tensor, docs: Tensor, packed: bool) -> tuple[Tensor, int]:
     """Summed next-token loss of (R, block + 1) rows, and the number of targets."""
+    device = next(model.parameters()).device
+    ids, docs = ids.to(device), docs.to(device)
     inputs, targets = ids[:, :-1], ids[:, 1:].clone()
     if packed:
         targets[docs[:, 1:] != docs[:, :-1]] = -100  # a document's first token is not predictable

@@ -27,7 +27,7 @@ from maskattn.models import EncoderModel, from_pretrained
 from maskattn.tasks.base import Command, Option, Task, register
 from maskattn.tasks.common import Head, begin_run, fit_and_export, load_task, log_stderr, parameters, require
 from maskattn.tokenization import Tokenizer
-from maskattn.training import TrainConfig
+from maskattn.training import TrainConfig, to_device
 
 
 @dataclass
@@ -124,12 +124,14 @@ def best_spans(model: EncoderModel, tok: Tokenizer, examples: Sequence[QAExample
     """The best answer text of every example: max start + end logit over windows, end >= start,
     span length <= max_answer tokens, both ends inside the context."""
     model.eval()
+    device = next(model.parameters()).device
     best: dict[int, tuple[float, str]] = {}
     with torch.no_grad():
         for at in range(0, len(windows), batch_size):
             chunk = windows[at : at + batch_size]
-            b = batch_of(chunk, tok.pad_id)
+            b = to_device(batch_of(chunk, tok.pad_id), device)
             start, end = model.span_logits(b["ids"], token_type_ids=b["types"], lengths=b["lengths"])
+            start, end = start.cpu(), end.cpu()  # the span search below is on the CPU
             for row, w in enumerate(chunk):
                 context = torch.tensor([o is not None for o in w.offsets])
                 n = len(w.ids)
