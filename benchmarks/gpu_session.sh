@@ -19,6 +19,6 @@ timeout 120 python3 -m benchmarks.end_to_end --device cuda --parts train,generat
 OMP_NUM_THREADS=1 timeout "${SUITE_SECONDS:-120}" python3 -m pytest -v -p no:cacheprovider -n 12 --timeout 60 tests \
     2>&1 | grep -E "FAILED|ERROR|[0-9]+ (passed|failed)" > "$OUT/full-suite.log"
 cat "$OUT/full-suite.log"
-failed=$(grep -oE "tests/[^ ]+::[^ ]+" "$OUT/full-suite.log" | sort -u | head -4)
-[ -n "$failed" ] && timeout 60 python3 -m pytest -q -p no:cacheprovider --tb=short $failed 2>&1 | tail -60 | tee "$OUT/failures.log"
+failed=$(grep -oE "tests/[^ ]+::[^ ]+" "$OUT/full-suite.log" | sort -u | head -8)
+[ -n "$failed" ] && timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short $failed 2>&1 | tail -60 | tee "$OUT/failures.log"
 true

@@ -154,8 +154,12 @@ def test_each_torchrun_process_gets_its_own_gpu_and_nccl_reduces_on_it(monkeypat
 
     assert distributed.local_device() == torch.device("cpu") or torch.cuda.is_available()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert distributed.local_device() == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # more processes than GPUs: named, not mixed
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=1 but this machine has 1 GPU\(s\)"):
+        distributed.local_device()
     seen = []
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(distributed.dist, "all_reduce", lambda t: seen.append(t.device.type == "meta"))

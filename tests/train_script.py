@@ -42,7 +42,7 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true")
     p.add_argument("--double", action="store_true", help="float64, to compare runs that sum in different orders")
     args = p.parse_args(argv)
-    context = distributed.init()  # joins the process group under torchrun
+    context = distributed.init(device="cpu")  # joins the process group under torchrun (gloo: it trains on the CPU)
     torch.manual_seed(0)
     model = TinyModel()
     model.attn.dropout = args.dropout

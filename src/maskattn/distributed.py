@@ -37,14 +37,17 @@ def _launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init() -> Context:
-    """Join the process group when launched by ``torchrun`` (NCCL on CUDA, else gloo); return the context.
+def init(device: str | torch.device | None = None) -> Context:
+    """Join the process group when launched by ``torchrun`` (NCCL when this process trains on a GPU, else
+    gloo); return the context. ``device``: where this process will train (default :func:`local_device`);
+    a CPU run on a machine with GPUs must say so, since NCCL reduces only GPU tensors.
 
     Call once at the program's entry point; calling it again returns the same context.
     """
     if _launched_world_size() > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_device())  # NCCL needs one GPU per process, not all on cuda:0
+        device = torch.device(device) if device is not None else local_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL needs one GPU per process, not all on cuda:0
             dist.init_process_group("nccl")
         else:
             dist.init_process_group("gloo")
@@ -52,10 +55,19 @@ def init() -> Context:
 
 
 def local_device() -> torch.device:
-    """This process's device: ``cuda:LOCAL_RANK`` when CUDA is available (torchrun sets LOCAL_RANK), else CPU."""
+    """This process's device: ``cuda:LOCAL_RANK`` when CUDA is available (torchrun sets LOCAL_RANK), else CPU.
+
+    Raises:
+        ValueError: when LOCAL_RANK names a GPU this machine does not have (torchrun started more processes
+            than there are GPUs), rather than mixing GPU and CPU processes in one group.
+    """
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if rank >= count:
+        raise ValueError(f"LOCAL_RANK={rank} but this machine has {count} GPU(s): start at most {count} processes "
+                         "per node (torchrun --nproc_per_node), or train every process on the CPU")
+    return torch.device("cuda", rank)
 
 
 def current() -> Context:
