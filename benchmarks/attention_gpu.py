@@ -55,6 +55,7 @@ def _timed(fn) -> float:
 def run_config(kind: str, n: int, args: argparse.Namespace) -> dict:
     device, dtype = torch.device("cuda"), DTYPES[args.dtype]
     mask = make_mask(kind, n)
+    mask = None if mask is None else mask.to(device)  # as a GPU training loop builds it
     impls = make_impls(args.impls, mask, n, device)
     gen = torch.Generator(device=device).manual_seed(0)
     shape = (args.batch, args.heads, n, args.head_dim)

@@ -120,10 +120,21 @@ def test_auto_on_a_gpu_runs_fused_kernels_not_the_tile_loop(kind):
     assert choose_backend(q, q, mask, dropout_p=0.0, return_weights=False) == "sdpa"
 
 
+@pytest.mark.parametrize("kind", ["window", "prefix", "causal&padding"])
+def test_what_auto_runs_on_long_rows_equals_the_reference(kind):
+    # n = 1024 is past the small-problem rule: the band calls (window, with grouped-query heads), the dense mask
+    n = 1024
+    mask = {"window": masks.causal() & masks.sliding_window(64), "prefix": masks.prefix_lm(torch.tensor([100, 7])),
+            "causal&padding": masks.causal() & masks.padding(torch.tensor([n, 300]))}[kind]
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, n, 32, generator=gen)
+    k, v = (torch.randn(2, 2, n, 32, generator=gen) for _ in range(2))
+    _check_against_cpu_reference("auto", q, k, v, mask, 0, 1e-4)
+
+
 def test_auto_picks_a_fused_kernel_on_the_device_where_one_applies():
     q = torch.randn(2, 4, 256, 64, device=DEVICE)
-    chosen = choose_backend(q, q, masks.causal(), dropout_p=0.0, return_weights=False)
-    assert chosen != "reference", "auto fell back to the reference for plain causal attention"
+    assert choose_backend(q, q, masks.causal(), dropout_p=0.0, return_weights=False) == "sdpa"
 
 
 def _lm(**kw):
@@ -206,10 +217,10 @@ def test_bf16_autocast_on_the_device_stays_close_to_float32():
     torch.testing.assert_close(half.float(), full, atol=5e-2 * full.abs().max().item(), rtol=5e-2)
 
 
-def test_the_cli_trains_and_evaluates_on_the_device(tmp_path, capsys):
+def test_the_cli_trains_and_evaluates_on_the_device(tmp_path, capsys, monkeypatch):
     # the trainer picks CUDA where it is: the collated batches, word dropout, the validation and the export
     # must all follow the model there (before the first GPU session every CLI training failed on one)
-    from maskattn import training
+    from maskattn import distributed, training
     from maskattn.cli import main
 
     lines = ["sentence\tlabel"] + [f"a {w} film\t{int(w == 'good')}" for w in ("good", "bad") * 20]
@@ -225,13 +236,10 @@ def test_the_cli_trains_and_evaluates_on_the_device(tmp_path, capsys):
         original(self, *args, **kwargs)
         ran.append(self.device.type)
 
-    training.Trainer.__init__ = spy
-    try:
-        assert main(["train", "classification", "--train", str(tmp_path / "train.tsv"), "--valid",
-                     str(tmp_path / "valid.tsv"), "--out", str(tmp_path / "run"),
-                     *[a for s in settings for a in ("--set", s)]]) == 0
-    finally:
-        training.Trainer.__init__ = original
-    assert ran == [DEVICE.type]
+    monkeypatch.setattr(training.Trainer, "__init__", spy)
+    assert main(["train", "classification", "--train", str(tmp_path / "train.tsv"), "--valid",
+                 str(tmp_path / "valid.tsv"), "--out", str(tmp_path / "run"),
+                 *[a for s in settings for a in ("--set", s)]]) == 0
+    assert ran == [distributed.local_device().type]  # the GPU wherever there is one
     capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "run" / "model"), "--data", str(tmp_path / "valid.tsv")]) == 0

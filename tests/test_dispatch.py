@@ -102,3 +102,11 @@ def test_off_the_cpu_the_masks_that_go_to_blocked_go_to_sdpa(make):
     cpu = dispatch.decide(torch.empty(2, 2, q_len, 8), torch.empty(2, 2, 2 * q_len, 8), mask, dropout_p=0.0,
                           return_weights=False, q_offset=q_len)[0]
     assert cpu == "blocked"
+
+
+def test_off_the_cpu_a_dense_mask_too_large_for_memory_stays_on_blocked():
+    n = 1 << 15  # a (32k x 32k) prefix-LM: 2^30 entries as a dense mask; the window still takes its band calls
+    q = torch.empty(1, 2, n, 8, device="meta")
+    assert dispatch.decide(q, q, masks.prefix_lm(3), dropout_p=0.0, return_weights=False)[0] == "blocked"
+    window = masks.causal() & masks.sliding_window(256)
+    assert dispatch.decide(q, q, window, dropout_p=0.0, return_weights=False)[0] == "sdpa"

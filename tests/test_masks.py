@@ -285,3 +285,5 @@ def test_to_moves_every_tensor_of_the_expression_and_keeps_its_meaning():
     assert masks.structure(moved).kinds == masks.structure(mask).kinds
     doc = leaves[1]
     assert doc.doc_ids is doc.tensor  # aliased attributes stay one tensor
+    prefix = next(leaf for leaf in leaves if hasattr(leaf, "prefix"))
+    assert prefix._as_or._leaves()[1].tensor is prefix.prefix  # the prefix-LM's own "causal | padding" too

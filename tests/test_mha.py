@@ -113,7 +113,6 @@ def test_dropout_only_in_training():
     assert not torch.equal(layer(x), layer(x))
 
 
-
 def test_head_dropout_drops_whole_heads_per_sequence_and_scales_the_rest():
     # oracle: the eval-mode heads (the layer's own Attend output, observed by a hook) gated by hand;
     # every sequence of a training-mode call must equal one of the 2^H gatings, scaled by 1 / (1 - p)
@@ -143,6 +142,18 @@ def test_head_dropout_drops_whole_heads_per_sequence_and_scales_the_rest():
         assert hits, f"sequence {b} is no gating of its heads"
         seen.add(hits[0])
     assert seen == {0, 1, 2, 3}  # 64 sequences at p = 0.5: every gating occurs
+
+
+def test_head_dropout_under_grouped_query_attention_drops_whole_groups():
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(16, 4, num_kv_heads=2, head_dropout=0.5).train()  # groups {0, 1} and {2, 3}
+    kept = []
+    layer.out_proj.register_forward_pre_hook(lambda mod, args: kept.append(args[0].view(64, 3, 4, 4).abs().sum(-1)))
+    with torch.no_grad():
+        layer(torch.randn(64, 3, 16))
+    alive = kept[0][:, 0] > 0  # (B, H): which heads reached the output projection
+    assert torch.equal(alive[:, 0], alive[:, 1]) and torch.equal(alive[:, 2], alive[:, 3])
+    assert 0 < alive.float().mean() < 1
 
 
 def test_head_dropout_reaches_every_attention_of_a_transformer_and_pruning_turns_it_off():

@@ -159,7 +159,7 @@ def test_a_model_saved_before_maskattn_io_loads_and_saves_back_byte_for_byte(tmp
     # the legacy model was built with)
     old, new = json.loads((LEGACY / "config.json").read_text()), json.loads((tmp_path / "config.json").read_text())
     added = {k: new["config"].pop(k) for k in set(new["config"]) - set(old["config"])}
-    assert added == {"norm": "layer", "sliding_window": None}
+    assert added == {"norm": "layer", "sliding_window": None, "head_dropout": 0.0}
     assert new == old
     assert (tmp_path / "config.json").read_text() == json.dumps(json.loads((tmp_path / "config.json").read_text()),
                                                                 indent=2) + "\n"

@@ -1,3 +1,4 @@
+import collections
 import contextlib
 import json
 import os
@@ -163,12 +164,30 @@ def test_each_torchrun_process_gets_its_own_gpu_and_nccl_reduces_on_it(monkeypat
     seen = []
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(distributed.dist, "all_reduce", lambda t: seen.append(t.device.type == "meta"))
-    monkeypatch.setattr(distributed, "local_device", lambda: torch.device("meta"))  # a device torch can build here
+    monkeypatch.setattr(distributed, "_nccl_device", lambda: torch.device("meta"))  # a device torch can build here
     for backend, on_gpu in (("nccl", True), ("gloo", False)):
         monkeypatch.setattr(distributed.dist, "get_backend", lambda b=backend: b)
         with contextlib.suppress(NotImplementedError, RuntimeError):  # .item() of a meta tensor, after the reduce
             distributed.all_sum(2.0)
         assert seen.pop() is on_gpu
+
+
+def test_init_joins_nccl_only_for_a_process_that_trains_on_a_gpu(monkeypatch):
+    from maskattn import distributed
+
+    joined, devices = [], []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", joined.append)
+    monkeypatch.setattr(distributed, "current", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    for device in ("cpu", None, "cuda", "cuda:0"):
+        distributed.init(device)
+    assert joined == ["gloo", "nccl", "nccl", "nccl"]
+    assert devices == [torch.device("cuda", 1), torch.device("cuda", 1), torch.device("cuda", 0)]
 
 
 def test_setup_distributed_is_a_deprecated_alias_of_distributed_init():
@@ -310,3 +329,5 @@ def test_to_device_moves_the_tensors_of_a_batch_and_keeps_the_rest():
     assert moved["ids"].device.type == "meta" and moved["rows"][0].device.type == "meta"
     assert isinstance(moved["pair"], tuple) and moved["pair"][0].device.type == "meta" and moved["pair"][1] == 5
     assert moved["num_targets"] == 6 and batch["ids"].device.type == "cpu"
+    pair = collections.namedtuple("pair", "x n")(torch.ones(1), 2)
+    assert to_device(pair, "meta").x.device.type == "meta" and to_device(pair, "meta").n == 2

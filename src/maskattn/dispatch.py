@@ -18,6 +18,7 @@ from torch import Tensor
 
 from maskattn.backends import REGISTRY, AttentionFn, Call, guards
 from maskattn.backends import get as get_backend
+from maskattn.backends.sdpa import band
 from maskattn.masks import Mask, as_mask
 
 logger = logging.getLogger("maskattn.attention")
@@ -68,13 +69,14 @@ def choose_backend(
     * any other mask on a small problem (Lq * Lk <= SMALL_SCORES) -> ``sdpa`` with the dense mask;
     * ``document(ids)`` or ``causal() & document(ids)`` over a few contiguous documents -> ``sdpa``,
       one call per document (``sdpa.segments``);
-    * any other mask on a GPU -> ``sdpa`` (the band calls of a sliding window, else the dense mask): blocked's
-      loop over tiles is 4x to 50x slower than PyTorch's fused GPU kernels (docs/performance.md, "On a GPU");
+    * any other mask off the CPU -> ``sdpa`` (the band calls of a sliding window, else the dense mask while it
+      has at most ``GPU_DENSE_ENTRIES`` entries): blocked's loop over tiles is 4x to 50x slower than PyTorch's
+      fused GPU kernels (docs/performance.md, "On a GPU");
     * any other mask -> ``blocked``, which skips the tiles the mask hides.
 
     The rules are the data :data:`RULES`. While ``torch.compile`` traces, each rule decides from shapes and
-    mask structure only (never tensor values): the per-document split is off, so such calls go to ``blocked``,
-    which then runs as one custom operator (``maskattn.backends.blocked_op``).
+    mask structure only (never tensor values): the per-document split is off, so on the CPU such calls go to
+    ``blocked``, which then runs as one custom operator (``maskattn.backends.blocked_op``); on a GPU to ``sdpa``.
     """
     return decide(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset,
                   generator=generator, return_lse=return_lse)[0]
@@ -105,11 +107,21 @@ def _small(call: Call) -> str | None:
     return f"Lq x Lk = {q_len} x {k_len} is small: a dense mask is cheap and the fused kernel beats tile bookkeeping"
 
 
+# Off the CPU, sdpa with a dense mask only while the mask has at most this many entries (B|1 * H|1 * Lq * Lk):
+# 256 MiB as bool, and SDPA makes an additive copy in q's dtype; larger masks keep blocked's O(tiles) memory.
+GPU_DENSE_ENTRIES = 1 << 28
+
+
 def _on_gpu(call: Call) -> str | None:
     if call.q.device.type == "cpu" or get_backend("sdpa").refusal(call):
         return None
-    return (f"on {call.q.device.type}, PyTorch's fused kernel (band calls for a window, else the dense mask) beats "
-            "blocked's loop over tiles (docs/performance.md, 'On a GPU')")
+    q_len, k_len = call.q.shape[2], call.k.shape[2]
+    banded = band(call.mask, q_len, k_len, call.q_offset) is not None
+    if not banded and call.mask.batch * call.mask.heads * q_len * k_len > GPU_DENSE_ENTRIES:
+        return None
+    how = "band calls for the window" if banded else "the dense mask"
+    return (f"on {call.q.device.type}, PyTorch's fused kernel ({how}) beats blocked's loop over tiles "
+            "(docs/performance.md, 'On a GPU')")
 
 
 # The auto rules, first match wins; backend names appear here as policy, each rule being a measurement. sdpa's

@@ -46,6 +46,8 @@ def init(device: str | torch.device | None = None) -> Context:
     """
     if _launched_world_size() > 1 and not dist.is_initialized():
         device = torch.device(device) if device is not None else local_device()
+        if device.type == "cuda" and device.index is None:
+            device = local_device()  # "cuda": this process's GPU
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL needs one GPU per process, not all on cuda:0
             dist.init_process_group("nccl")
@@ -97,8 +99,12 @@ def all_sum(x: float) -> float:
     """The sum of ``x`` over all processes (``x`` itself in a single process)."""
     if not dist.is_initialized():
         return x
-    # NCCL reduces only CUDA tensors; gloo only CPU ones.
-    device = local_device() if dist.get_backend() == "nccl" else torch.device("cpu")
+    # NCCL reduces only CUDA tensors (on the GPU init() set for this process); gloo only CPU ones.
+    device = _nccl_device() if dist.get_backend() == "nccl" else torch.device("cpu")
     t = torch.tensor([x], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item())
+
+
+def _nccl_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())

@@ -193,6 +193,8 @@ def to_device(value: Any, device: torch.device | str) -> Any:
         return value.to(device)
     if isinstance(value, dict):
         return {key: to_device(item, device) for key, item in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        return type(value)(*(to_device(item, device) for item in value))
     if isinstance(value, list | tuple):
         return type(value)(to_device(item, device) for item in value)
     return value

@@ -89,7 +89,8 @@ def attention(
     heads, q_len = q.shape[1], q.shape[2]
     block_mask = None
     if mask is not None:
-        mask = mask.to(q.device)  # a copy to the device inside the compiled kernel cannot be lowered
+        if not torch.compiler.is_compiling():  # a copy to the device inside the compiled kernel cannot be lowered
+            mask = mask.to(q.device)
 
         def mask_mod(b, h, q_idx, kv_idx):
             return mask.allows(b, h, q_idx + q_offset, kv_idx)

@@ -40,9 +40,11 @@ class MultiHeadAttention(nn.Module):
         backend: attention backend passed to :func:`maskattn.attention`.
         head_dim: width D of each head (default E // H); given when fewer heads than E // D remain
             after :meth:`prune_heads`, so the projections are E -> H * D -> E.
-        head_dropout: probability of dropping a whole head's output for one sequence, training mode
+        head_dropout: probability of dropping a whole head's output for one batch row, training mode
             only, the kept heads scaled by 1 / (1 - p) (DropHead, Zhou et al. 2020): heads that
-            cannot rely on each other are cheaper to prune.
+            cannot rely on each other are cheaper to prune. Under grouped-query attention the heads of
+            one key/value group are dropped together, as pruning removes them. The weights returned by
+            ``return_weights`` are before it.
     """
 
     def __init__(
@@ -126,7 +128,9 @@ class MultiHeadAttention(nn.Module):
                              return_weights=return_weights)
         out, weights = result if return_weights else (result, None)
         if self.training and self.head_dropout > 0.0:
-            keep = torch.rand(b, self.num_heads, 1, 1, device=out.device) >= self.head_dropout  # (B, H, 1, 1)
+            # one draw per key/value group: the unit that pruning removes (a head under full multi-head attention)
+            keep = torch.rand(b, self.num_kv_heads, 1, 1, device=out.device) >= self.head_dropout  # (B, Hkv, 1, 1)
+            keep = keep.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)  # (B, H, 1, 1)
             out = out * keep.to(out.dtype) / (1.0 - self.head_dropout)
         out = self.out_proj(out.transpose(1, 2).reshape(b, lq, self.num_heads * self.head_dim))  # (B, Lq, E)
         return (out, weights) if return_weights else out

@@ -141,23 +141,28 @@ class Mask:
             leaf._check(q_len, k_len, q_offset)
 
     def to(self, device: torch.device | str) -> Mask:
-        """This mask with its tensors (lengths, ids, prefixes, bool tensors) on ``device``; itself when they are
-        all there already. Backends call it once per attention call so that a mask built from CPU tensors
-        is not copied again at every tile (nor inside a compiled kernel, where FlexAttention cannot copy)."""
-        device = torch.device(device)
-        moved: dict[int, Any] = {}
+        """This mask with its tensors (lengths, ids, prefixes, bool tensors) on ``device``; the mask itself when
+        they are all there already. The flex backend calls it before compiling (a copy inside FlexAttention's
+        ``mask_mod`` cannot be lowered); the other paths move what they read, as they read it."""
+        return self._moved(torch.device(device), {})
 
-        def move(value: Any) -> Any:
-            if isinstance(value, Tensor):  # Tensor.to returns the tensor itself where it is already there
-                return moved.setdefault(id(value), value.to(device))  # aliased attributes share one copy
-            if isinstance(value, Mask):
-                return value.to(device)
-            if isinstance(value, tuple) and value and all(isinstance(v, Mask) for v in value):
-                parts = tuple(v.to(device) for v in value)
-                return value if all(a is b for a, b in zip(parts, value, strict=True)) else parts
-            return value
-
-        changes = {name: new for name, value in vars(self).items() if (new := move(value)) is not value}
+    def _moved(self, device: torch.device, copies: dict[int, Tensor]) -> Mask:
+        """:meth:`to`, sharing ``copies`` (by the original tensor's id) so aliased tensors stay one tensor."""
+        changes: dict[str, Any] = {}
+        for name, value in vars(self).items():
+            new = value
+            if isinstance(value, Tensor) and value.device != device:
+                if id(value) not in copies:
+                    copies[id(value)] = value.to(device)
+                new = copies[id(value)]
+            elif isinstance(value, Mask):
+                new = value._moved(device, copies)
+            elif isinstance(value, tuple) and value and all(isinstance(v, Mask) for v in value):
+                parts = tuple(v._moved(device, copies) for v in value)
+                if any(a is not b for a, b in zip(parts, value, strict=True)):
+                    new = parts
+            if new is not value:
+                changes[name] = new
         if not changes:
             return self
         clone = copy.copy(self)

@@ -37,7 +37,7 @@ class EncoderModel(Persistent, Summary, nn.Module):
         self.encoder = Stack([EncoderLayer(**c.layer_kwargs()) for _ in range(c.num_layers)], c.d_model,
                              final_norm=c.use_final_norm, eps=c.norm_eps, norm=c.norm)
         self.pooler = nn.Linear(c.d_model, c.d_model) if c.pooler else None
-        self.head_dropout = nn.Dropout(c.dropout)
+        self.pool_dropout = nn.Dropout(c.dropout)  # on the pooled state (config.head_dropout is DropHead)
         self.classifier = nn.Linear(c.d_model, c.num_labels) if c.num_labels else None
         self.span_head = nn.Linear(c.d_model, 2) if c.span_head else None
         init_linears(self, std=0.02)  # BERT's initialisation
@@ -82,7 +82,7 @@ class EncoderModel(Persistent, Summary, nn.Module):
         hidden = self(input_ids, attention_mask, **kwargs)
         mean = self.config.pooling == "mean"
         valid = self._valid(input_ids, attention_mask, kwargs.get("lengths")) if mean else None  # (B, L)
-        return self.classifier(self.head_dropout(self.pool(hidden, valid)))  # (B, C)
+        return self.classifier(self.pool_dropout(self.pool(hidden, valid)))  # (B, C)
 
     def span_logits(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> tuple[Tensor, Tensor]:
         """Start and end logits, each (B, L), for extractive QA; ``kwargs`` as in :meth:`forward`."""

@@ -171,7 +171,8 @@ def train(cfg: ClassificationConfig, *, resume: bool = False, log=log_stderr) ->
     def loss(m: nn.Module, b: dict[str, Any]) -> Tensor:
         x, n = b["ids"], b["lengths"]
         if m.training and cfg.data.word_dropout:  # here, not in collate: the trainer seeds each step's RNG
-            x, n = (t.to(x.device) for t in drop_tokens(x, n, cfg.data.word_dropout, tok.pad_id))
+            device = x.device
+            x, n = (t.to(device) for t in drop_tokens(x, n, cfg.data.word_dropout, tok.pad_id))
         return F.cross_entropy(m(x, lengths=n).float(), b["labels"], reduction="sum")
 
     def evaluate(m: nn.Module) -> dict[str, float]:
