@@ -104,6 +104,12 @@ def test_training_step_is_one_graph_and_equals_eager(case, backend):
     _check_training_step(case, backend, COMPILER)
 
 
+def test_head_dropout_keeps_a_training_step_one_graph():
+    model = _lm("auto", head_dropout=0.2).train()
+    explained = _explain(lambda: _loss(model, lambda m: m(IDS[:, :10])))
+    assert (explained.graph_count, explained.break_reasons) == (1, [])
+
+
 @pytest.mark.slow
 def test_inductor_training_step_equals_eager():
     """The default compiler (Inductor) end to end, through the blocked operator and its backward."""
