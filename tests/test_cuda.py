@@ -157,6 +157,16 @@ def test_cached_generation_on_the_device_equals_the_full_forward(kw):
     assert torch.equal(full.argmax(-1), tokens)
 
 
+def test_sampling_on_the_device_with_a_cpu_generator_draws_what_the_cpu_draws():
+    model = _lm()
+    cpu = _lm().cpu()
+    prompt = torch.randint(1, 50, (2, 6))
+    with torch.no_grad():
+        got = decoding.sample(model, prompt.to(DEVICE), max_new_tokens=12, generator=torch.Generator().manual_seed(5))
+        want = decoding.sample(cpu, prompt, max_new_tokens=12, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(got.cpu(), want)
+
+
 def test_transformer_beam_search_on_the_device_equals_the_cpu():
     torch.manual_seed(0)
     cfg = TransformerConfig(vocab_size=40, d_model=32, num_heads=4, d_ff=64, num_encoder_layers=2,

@@ -59,13 +59,16 @@ def sample(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new
         temperature: > 0; below 1 sharpens, above 1 flattens the distribution.
         top_k: keep the k most likely tokens.
         top_p: keep the smallest set of most likely tokens whose probability reaches p (nucleus).
-        generator: random generator, for reproducible samples.
+        generator: random generator, for reproducible samples; a CPU generator with a model on a GPU draws on
+            the CPU (the same tokens as on the CPU for the same probabilities).
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
     def choose(logits: Tensor) -> Tensor:
         probs = torch.softmax(filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p), dim=-1)
+        if generator is not None and generator.device.type != probs.device.type:
+            return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
     return _generate(model, inputs, lengths, max_new_tokens, eos_id, pad_id, choose, compile, min_new_tokens)

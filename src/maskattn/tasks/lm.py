@@ -210,7 +210,7 @@ def generate(model: DecoderLM, tok: Tokenizer, prompt: str, *, max_new_tokens: i
     while len(produced) < max_new_tokens:
         context = (ids + produced)[-(limit // 2):] if len(ids) + len(produced) >= limit else ids + produced
         steps = min(max_new_tokens - len(produced), limit - len(context))
-        x = torch.tensor([context])
+        x = torch.tensor([context], device=next(model.parameters()).device)
         if temperature == 0:
             new = decoding.greedy(model, x, max_new_tokens=steps)
         else:
