@@ -82,8 +82,11 @@ def _device_masks(n):
     }
 
 
+DEVICE_MASKS = ["causal", "causal&padding", "window", "document", "prefix", "tensor", "empty rows"]  # _device_masks
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("kind", list(_device_masks(64)))
+@pytest.mark.parametrize("kind", DEVICE_MASKS)
 def test_masks_from_device_tensors_on_every_backend_and_dtype(kind, dtype):
     if DEVICE.type == "cpu" and dtype == torch.float16:
         pytest.skip("float16 attention is a GPU dtype")
