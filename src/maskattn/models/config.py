@@ -27,7 +27,7 @@ class BlockConfig:
     d_ff: int = 2048  # feed-forward hidden width
     dropout: float = 0.1  # on embeddings (+ positions) and on every sublayer output (residual dropout)
     attention_dropout: float = 0.0  # on attention weights
-    head_dropout: float = 0.0  # drops whole attention heads per sequence while training (DropHead)
+    head_dropout: float = 0.0  # drops whole attention heads per batch row while training (DropHead)
     activation: str = "relu"  # feed-forward activation: relu | gelu | gelu_tanh | swiglu
     activation_dropout: float = 0.0  # on the feed-forward hidden activations
     norm_first: bool = False  # pre-LN (True) or post-LN as in the paper (False)

@@ -188,7 +188,7 @@ def caption_batch(model: Captioner, tok: Tokenizer, images: Sequence[np.ndarray]
     captions = [tok.decode(row.tolist()) for row in ids]
     tgt, lengths = pad([[tok.bos_id, *tok.encode(c)] for c in captions], tok.pad_id)
     with torch.no_grad():
-        _, weights = model(*to_device((batch, tgt), device), sizes=sizes.to(device), tgt_lengths=lengths.to(device),
+        _, weights = model(batch.to(device), tgt.to(device), sizes=sizes.to(device), tgt_lengths=lengths.to(device),
                            return_weights=True)
     return captions, to_device(weights["decoder"], "cpu"), sizes
 

@@ -204,13 +204,13 @@ def generate(model: DecoderLM, tok: Tokenizer, prompt: str, *, max_new_tokens: i
     """The prompt followed by sampled text (greedy when temperature is 0). Beyond the model's context,
     generation continues from the last half-context of text, as nanoGPT crops its context."""
     ids = tok.encode(prompt) or [tok.unk_id]
-    limit = model.config.max_len
+    limit, device = model.config.max_len, next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     produced: list[int] = []
     while len(produced) < max_new_tokens:
         context = (ids + produced)[-(limit // 2):] if len(ids) + len(produced) >= limit else ids + produced
         steps = min(max_new_tokens - len(produced), limit - len(context))
-        x = torch.tensor([context], device=next(model.parameters()).device)
+        x = torch.tensor([context], device=device)
         if temperature == 0:
             new = decoding.greedy(model, x, max_new_tokens=steps)
         else:
