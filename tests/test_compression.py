@@ -277,6 +277,45 @@ def test_choose_heads_per_module_removes_the_same_share_of_every_module(tiny_tra
     assert all(len(h) == 1 for h in compression.choose_heads(model, importance, 0.99, per_module=True).values())
 
 
+def test_head_importance_on_top_of_removed_heads(tiny_transformer):
+    model, data = tiny_transformer, _batches(tiny_transformer)
+    batches = compression.first_batches(data, 2)
+    removed = {"encoder.layers.0.self_attn": {1}}
+    importance = compression.head_importance(model, data, batches, removed=removed)
+    assert importance["encoder.layers.0.self_attn"][1].item() == float("inf")
+    gates = {"encoder.layers.0.self_attn": torch.tensor([1.0, 0.0, 1.0, 1.0])}
+    with compression.head_gates(model, gates):
+        base = compression.mean_loss(model, data, batches)
+    gates["decoder.layers.0.cross_attn"] = torch.tensor([0.0, 1.0, 1.0, 1.0])
+    with compression.head_gates(model, gates):
+        by_hand = compression.mean_loss(model, data, batches) - base
+    assert importance["decoder.layers.0.cross_attn"][0].item() == pytest.approx(by_hand, abs=1e-9)
+
+
+def test_greedy_in_one_round_is_the_one_shot_ranking(tiny_transformer):
+    model, data = tiny_transformer, _batches(tiny_transformer)
+    batches = compression.first_batches(data, 2)
+    one_shot = compression.choose_heads(model, compression.head_importance(model, data, batches), 0.5)
+    greedy = compression.choose_heads_greedy(model, data, batches, 0.5, per_round=24, log=lambda _: None)
+    assert greedy == one_shot
+
+
+def test_greedy_measures_again_after_each_round(tiny_transformer):
+    model, data = tiny_transformer, _batches(tiny_transformer)
+    batches = compression.first_batches(data, 2)
+    logged = []
+    keep = compression.choose_heads_greedy(model, data, batches, 2 / 24, per_round=1, log=logged.append)
+    assert len(logged) == 2 and sum(len(h) for h in keep.values()) == 22
+    # by hand: the least important head, then the least important one with the first masked out
+    first = compression.head_importance(model, data, batches)
+    name, g = min(((n, i) for n, s in first.items() for i in range(len(s))), key=lambda u: first[u[0]][u[1]])
+    second = compression.head_importance(model, data, batches, removed={name: {g}})
+    name2, g2 = min(((n, i) for n, s in second.items() for i in range(len(s))), key=lambda u: second[u[0]][u[1]])
+    assert g not in keep[name] and g2 not in keep[name2]
+    with pytest.raises(ValueError, match="per_round must be a positive int, got 0"):
+        compression.choose_heads_greedy(model, data, batches, 0.5, per_round=0)
+
+
 def test_choose_heads_removes_whole_key_value_groups():
     torch.manual_seed(0)
     model = maskattn.EncoderModel(maskattn.EncoderConfig.preset("tiny", num_kv_heads=2))
@@ -383,7 +422,7 @@ def test_compress_from_the_cli_then_predict(tmp_path, capsys, task):
     out = tmp_path / "small"
     assert main(["compress", str(model), "--out", str(out), "--int8", "--prune-heads", "0.5", "--data", str(data),
                  "--finetune-steps", "3", "--importance-batches", "2", "--max-tokens", "256", "--schedule", "cosine",
-                 "--distill", "0.5", "--bf16"]) == 0
+                 "--distill", "0.5", "--bf16", *(["--greedy", "4"] if task == "translation" else [])]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["heads_after"] == result["heads_before"] // 2
     assert result["linear_weight_bytes_after"] < result["linear_weight_bytes_before"] / 3.5  # int8 goal
@@ -406,7 +445,9 @@ def test_compress_refusals(tmp_path, capsys, tiny_transformer):
     write_task(model, {"task": "translation"})
     cases = ((["--out", str(tmp_path / "o")], "nothing to do"),
              (["--out", str(model), "--int8"], "must differ"),
-             (["--out", str(tmp_path / "o"), "--prune-heads", "0.5"], "needs the task's training data"))
+             (["--out", str(tmp_path / "o"), "--prune-heads", "0.5"], "needs the task's training data"),
+             (["--out", str(tmp_path / "o"), "--prune-heads", "0.5", "--data", "x", "--greedy", "2", "--per-module"],
+              "cannot be combined with --per-module"))
     for args, expected in cases:
         assert main(["compress", str(model), *args]) == 2
         assert expected in capsys.readouterr().err
