@@ -81,14 +81,16 @@ def packed_rows(batch: int, length: int, docs: int) -> tuple[torch.Tensor, torch
 
 
 def check_logits(ours, hf, args: argparse.Namespace) -> dict:
-    """Max |logit difference| on a plain and a packed row (eval mode, no grad)."""
+    """Max |logit difference| on a plain and a packed row, and |loss difference| of the libraries' own loss
+    paths on the plain row (eval mode, no grad)."""
     ids = torch.randint(0, args.vocab, (1, args.block), generator=torch.Generator().manual_seed(2)).to(args.device)
     doc, pos, mask = (x.to(args.device) for x in packed_rows(1, args.block, args.docs))
     with torch.no_grad():
         plain = (ours.eval()(ids) - hf.eval()(ids).logits).abs().max().item()
         packed = (ours(ids, doc_ids=doc) - hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits)
+        own = ours(ids, targets=next_tokens(ids)) / (ids.numel() - ids.shape[0]) - hf(input_ids=ids, labels=ids).loss
     ours.train(), hf.train()
-    return {"plain": plain, "packed": packed.abs().max().item()}
+    return {"plain": plain, "packed": packed.abs().max().item(), "own_loss": abs(own.item())}
 
 
 # --- timing -----------------------------------------------------------------------------------------
@@ -111,12 +113,11 @@ def interleaved(calls: dict[str, Callable[[], object]], warmup: int, repeats: in
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def train_step(model, optimizer, forward: Callable[[torch.nn.Module], torch.Tensor], ids: torch.Tensor,
+def train_step(model, optimizer, loss_of: Callable[[torch.nn.Module], torch.Tensor], ids: torch.Tensor,
                bf16: bool = False) -> Callable:
     def run() -> None:
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = forward(model)  # (B, L, V)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            loss = loss_of(model)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -124,25 +125,51 @@ def train_step(model, optimizer, forward: Callable[[torch.nn.Module], torch.Tens
     return run
 
 
+def logits_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The mean next-token loss of (B, L, V) logits, as both libraries' users write it by hand."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def next_tokens(ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) targets of ``DecoderLM(ids, targets=...)``: ids shifted left, -100 at the end."""
+    return torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+
+
 def bench_train(ours, hf, args: argparse.Namespace) -> dict:
-    """Tokens/s of a training step, plain and packed rows, eager and compiled."""
+    """Tokens/s of a training step, plain and packed rows, eager and compiled.
+
+    ``--losses logits``: both models give logits and the loss is ``F.cross_entropy`` on them (the same
+    code on both sides); ``own``: each library's own loss path, ``DecoderLM(ids, targets=...)`` (the
+    chunked vocabulary loss, no whole logits) against HF's ``labels=`` (rows ``maskattn-own``, ``hf-own``).
+    """
     gen = torch.Generator().manual_seed(3)
     plain = torch.randint(0, args.vocab, (args.batch, args.block), generator=gen).to(args.device)
     packed = torch.randint(0, args.vocab, (args.batch, args.packed_block), generator=gen).to(args.device)
     doc, pos, mask = (x.to(args.device) for x in packed_rows(args.batch, args.packed_block, args.docs))
+    n_plain, n_packed = plain.shape[0] * (plain.shape[1] - 1), packed.shape[0] * (packed.shape[1] - 1)
+    packed_inputs = {"input_ids": packed, "attention_mask": mask, "position_ids": pos}
     rows = {
-        "plain": (plain, lambda m: m(plain), lambda m: m(input_ids=plain).logits),
-        "packed": (packed, lambda m: m(packed, doc_ids=doc),
-                   lambda m: m(input_ids=packed, attention_mask=mask, position_ids=pos).logits),
+        "plain": (plain, {
+            "logits": (lambda m: logits_loss(m(plain), plain), lambda m: logits_loss(m(input_ids=plain).logits, plain)),
+            "own": (lambda m: m(plain, targets=next_tokens(plain)) / n_plain,
+                    lambda m: m(input_ids=plain, labels=plain).loss)}),
+        "packed": (packed, {
+            "logits": (lambda m: logits_loss(m(packed, doc_ids=doc), packed),
+                       lambda m: logits_loss(m(**packed_inputs).logits, packed)),
+            "own": (lambda m: m(packed, doc_ids=doc, targets=next_tokens(packed)) / n_packed,
+                    lambda m: m(**packed_inputs, labels=packed).loss)}),
     }
     result = {}
-    for row, (ids, ours_fwd, hf_fwd) in rows.items():
+    for row, (ids, variants) in rows.items():
         calls = {}
         for mode in args.modes:
-            for name, model, fwd in (("maskattn", ours, ours_fwd), ("hf", hf, hf_fwd)):
-                run = torch.compile(model) if mode == "compiled" else model
-                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-                calls[f"{name}-{mode}"] = train_step(run, optimizer, fwd, ids, args.bf16)
+            for loss in args.losses:
+                ours_loss, hf_loss = variants[loss]
+                for name, model, loss_of in (("maskattn", ours, ours_loss), ("hf", hf, hf_loss)):
+                    run = torch.compile(model) if mode == "compiled" else model
+                    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+                    suffix = "" if loss == "logits" else "-own"
+                    calls[f"{name}{suffix}-{mode}"] = train_step(run, optimizer, loss_of, ids, args.bf16)
         seconds = interleaved(calls, args.warmup, args.repeats)
         result[row] = {name: ids.numel() / s for name, s in seconds.items()}  # tokens/s
     return result
@@ -250,6 +277,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--modes", default="eager,compiled", help="train: eager and/or compiled (torch.compile); generate: "
                    "compiled adds greedy(compile=True)")
+    p.add_argument("--losses", default="logits,own", help="train: comma-separated subset of logits,own "
+                   "(see bench_train)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
@@ -276,7 +305,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, value)
     args.parts = [x for x in args.parts.split(",") if x]
     args.modes = [x for x in args.modes.split(",") if x]
-    for name, allowed in (("parts", PARTS), ("modes", ("eager", "compiled"))):
+    args.losses = [x for x in args.losses.split(",") if x]
+    for name, allowed in (("parts", PARTS), ("modes", ("eager", "compiled")), ("losses", ("logits", "own"))):
         bad = sorted(set(getattr(args, name)) - set(allowed))
         if bad:
             p.error(f"--{name}: unknown {bad}; expected some of {list(allowed)}")
@@ -292,11 +322,13 @@ def report(results: dict) -> None:
     for row, speeds in results.get("train", {}).items():
         print(f"train {row:6s} " + "  ".join(f"{k} {v:9.0f} tok/s" for k, v in speeds.items()))
         for mode in ("eager", "compiled"):
-            ours = speeds.get(f"maskattn-{mode}")
-            ratios = [f"/ {ref} = {ours / speeds[ref]:.2f}x" for ref in dict.fromkeys(("hf-eager", f"hf-{mode}"))
-                      if ours is not None and ref in speeds]  # --modes compiled alone has no eager HF row
-            if ratios:
-                print(f"  maskattn-{mode} " + ", ".join(ratios))
+            for suffix in ("", "-own"):  # each maskattn row against HF's eager and same-mode rows of its kind
+                ours = speeds.get(f"maskattn{suffix}-{mode}")
+                refs = dict.fromkeys((f"hf{suffix}-eager", f"hf{suffix}-{mode}", "hf-eager"))
+                ratios = [f"/ {ref} = {ours / speeds[ref]:.2f}x" for ref in refs
+                          if ours is not None and ref in speeds]  # --modes compiled alone has no eager HF row
+                if ratios:
+                    print(f"  maskattn{suffix}-{mode} " + ", ".join(ratios))
     for batch, speeds in results.get("generate", {}).items():
         for name in ("maskattn", "maskattn-compiled"):
             if name in speeds:

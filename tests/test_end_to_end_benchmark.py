@@ -15,7 +15,7 @@ def test_tiny_run_writes_every_comparison(tmp_path):
     results = json.loads(out.read_text())
     assert max(results["logits"].values()) < 1e-5  # the same weights in both models
     assert set(results["train"]) == {"plain", "packed"}
-    assert set(results["train"]["packed"]) == {"maskattn-eager", "hf-eager"}
+    assert set(results["train"]["packed"]) == {"maskattn-eager", "hf-eager", "maskattn-own-eager", "hf-own-eager"}
     assert set(results["generate"]) == {"1", "2"} and results["generate"]["1"]["same_tokens"] == 1.0
 
 

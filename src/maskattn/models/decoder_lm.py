@@ -16,10 +16,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskattn import masks
 from maskattn.layers import EncoderLayer, TokenEmbedding
+from maskattn.layers.vocab_loss import linear_cross_entropy
 from maskattn.models.common import (
     DecodeState,
     Embedder,
@@ -62,19 +64,33 @@ class DecoderLM(Persistent, Summary, nn.Module):
             self.lm_head.weight = tokens.weight
 
     def forward(self, input_ids: Tensor, *, lengths: Tensor | Sequence[int] | None = None,
-                doc_ids: Tensor | None = None,
-                return_weights: bool = False) -> Tensor | tuple[Tensor, list[dict[str, Tensor]]]:
-        """Next-token logits.
+                doc_ids: Tensor | None = None, return_weights: bool = False,
+                targets: Tensor | None = None) -> Tensor | tuple[Tensor, list[dict[str, Tensor]]]:
+        """Next-token logits, or with ``targets`` the summed loss (:meth:`loss`).
 
         Args:
             input_ids: (B, L) token ids, right-padded.
             lengths: (B,) real lengths; default: tokens that are not ``pad_id`` (all, if it is None).
             doc_ids: (B, L) document id of every token of packed rows.
             return_weights: also return every layer's ``{"self": (B, H, L, L)}`` attention weights.
+            targets: (B, L) next tokens (-100: none): return ``self.loss(..., reduction="sum")`` instead of
+                logits (nanoGPT's ``forward(idx, targets)``; through ``forward`` so that
+                DistributedDataParallel sees the call).
 
         Returns:
-            (B, L, V) logits.
+            (B, L, V) logits, or the summed loss (a scalar) with ``targets``.
         """
+        if targets is not None:
+            if return_weights:
+                raise ValueError("return_weights=True gives logits and weights; it cannot be combined with targets")
+            return self.loss(input_ids, targets, lengths=lengths, doc_ids=doc_ids)
+        out = self.features(input_ids, lengths=lengths, doc_ids=doc_ids, return_weights=return_weights)
+        return (self.lm_head(out[0]), out[1]) if return_weights else self.lm_head(out)  # (B, L, V)
+
+    def features(self, input_ids: Tensor, *, lengths: Tensor | Sequence[int] | None = None,
+                 doc_ids: Tensor | None = None,
+                 return_weights: bool = False) -> Tensor | tuple[Tensor, list[dict[str, Tensor]]]:
+        """The last layer's (B, L, E) states, before the output projection (arguments as :meth:`forward`)."""
         valid = key_valid(input_ids, lengths, self.config.pad_id, "input_ids")
         mask = self._causal()
         positions = default_positions(input_ids)
@@ -87,8 +103,33 @@ class DecoderLM(Persistent, Summary, nn.Module):
             mask = mask & masks.document(doc_ids)
             positions = document_positions(doc_ids)
         x, rope = self.embed(input_ids, positions)  # (B, L, E)
-        out = self.decoder(x, mask=mask, rope=rope, return_weights=return_weights)
-        return (self.lm_head(out[0]), out[1]) if return_weights else self.lm_head(out)  # (B, L, V)
+        return self.decoder(x, mask=mask, rope=rope, return_weights=return_weights)
+
+    def loss(self, input_ids: Tensor, targets: Tensor, *, lengths: Tensor | Sequence[int] | None = None,
+             doc_ids: Tensor | None = None, reduction: str = "sum") -> Tensor:
+        """Cross-entropy of the next-token predictions at every position against ``targets``.
+
+        Equals ``F.cross_entropy(self(input_ids, ...).flatten(0, 1).float(), targets.flatten())`` but
+        never holds the whole (B, L, V) logits: :func:`maskattn.layers.vocab_loss.linear_cross_entropy`
+        projects a few rows at a time (less memory, and fewer passes over the logits, at a large
+        vocabulary). An output projection that is not a plain ``nn.Linear`` (int8) takes the plain path.
+
+        Args:
+            input_ids, lengths, doc_ids: as :meth:`forward`.
+            targets: (B, L) int64 next tokens (usually ``input_ids`` shifted left); -100 where there is
+                nothing to predict.
+            reduction: ``"sum"`` or ``"mean"`` over the positions with a target.
+        """
+        if not isinstance(targets, Tensor) or targets.shape != input_ids.shape:
+            got = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+            raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, got {got}")
+        hidden = self.features(input_ids, lengths=lengths, doc_ids=doc_ids)  # (B, L, E)
+        if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
+            return linear_cross_entropy(hidden, self.lm_head.weight, targets, reduction=reduction)
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        logits = self.lm_head(hidden).flatten(0, 1).float()  # (B * L, V)
+        return F.cross_entropy(logits, targets.flatten(), ignore_index=-100, reduction=reduction)
 
     # --- inspection -------------------------------------------------------------------------------
     def attention_sites(self) -> dict[str, AttentionSite]:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskattn import decoding
@@ -95,16 +94,16 @@ def rows(stream: Stream, block: int, shift: int = 0) -> tuple[Tensor, Tensor]:
 
 
 def row_loss(model: nn.Module, ids: Tensor, docs: Tensor, packed: bool) -> tuple[Tensor, int]:
-    """Summed next-token loss of (R, block + 1) rows, and the number of targets."""
+    """Summed next-token loss of (R, block + 1) rows, and the number of targets.
+
+    Through ``model(inputs, targets=...)`` (so that DistributedDataParallel sees the call), i.e.
+    ``DecoderLM.loss``, which never holds the whole (R, block, V) logits."""
     device = next(model.parameters()).device
     ids, docs = ids.to(device), docs.to(device)
     inputs, targets = ids[:, :-1], ids[:, 1:].clone()
     if packed:
         targets[docs[:, 1:] != docs[:, :-1]] = -100  # a document's first token is not predictable
-        logits = model(inputs, doc_ids=docs[:, :-1])
-    else:
-        logits = model(inputs)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+    loss = model(inputs, targets=targets, doc_ids=docs[:, :-1] if packed else None)
     return loss, int((targets != -100).sum())
 
 

@@ -1,0 +1,116 @@
+"""Cross-entropy of a vocabulary projection computed a few rows at a time (a fused "linear + cross-entropy").
+
+``linear_cross_entropy(hidden, weight, targets)`` equals
+``F.cross_entropy(F.linear(hidden, weight).float(), targets)`` but never holds the (N, V) logits whole:
+with GPT-2's 50,257 tokens they are 412 MB per 2,048 tokens in float32, written once by the projection,
+again by ``log_softmax``, and twice more in backward. Here each chunk of rows is projected, reduced to
+its log-sum-exp and, when gradients are wanted, turned into its gradient in place (softmax minus
+one-hot) and multiplied into the gradients of ``hidden`` and ``weight`` at once, while the chunk is
+fresh. Backward then only scales the stored gradients by the incoming one. The matmuls are the same
+three as the unfused version's, so this saves the elementwise passes and the memory, not the FLOPs.
+
+Shape legend: N rows (tokens), E hidden width, V vocabulary, c rows per chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["CHUNK_ELEMENTS", "linear_cross_entropy"]
+
+CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MB in float32): 166 rows at V = 50,257, everything at small V
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int = -100,
+                         reduction: str = "sum", chunk_rows: int | None = None) -> Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=..., reduction=...)``
+    without the whole (N, V) logits.
+
+    Args:
+        hidden: (..., E) states, e.g. (B, L, E).
+        weight: (V, E) output projection (e.g. tied to the token embedding); no bias.
+        targets: (...) int64 token ids, the shape of ``hidden`` without its last dim; ``ignore_index``
+            marks positions without a target.
+        reduction: ``"sum"`` or ``"mean"`` (over the positions with a target; NaN if there are none, as
+            PyTorch's).
+        chunk_rows: rows per chunk (default ``CHUNK_ELEMENTS // V``).
+
+    Under autocast the projection runs in the autocast dtype and the softmax in float32, as
+    ``F.linear(...).float()`` would.
+
+    Raises:
+        ValueError: naming the argument whose shape, dtype or value does not fit.
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden (..., E) and weight (V, E) must share E; got hidden {tuple(hidden.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    if targets.dtype != torch.int64 or targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets must be int64 of shape {tuple(hidden.shape[:-1])} (hidden without E), got "
+                         f"{targets.dtype} {tuple(targets.shape)}")
+    if chunk_rows is None:
+        chunk_rows = max(1, CHUNK_ELEMENTS // max(1, weight.shape[0]))
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N, E), (N,)
+    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if not wants_grad:
+        total, count = _chunks(hidden, weight, targets, ignore_index, chunk_rows, dtype, None)
+        return total if reduction == "sum" else total / count
+    return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, reduction, chunk_rows, dtype)
+
+
+def _chunks(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, chunk_rows: int,
+            dtype: torch.dtype, grads: tuple[Tensor | None, Tensor | None] | None) -> tuple[Tensor, Tensor]:
+    """Summed loss and target count; with ``grads`` = (d hidden (N, E) or None, d weight (V, E) float32
+    or None), also the gradients of the *summed* loss, written into them."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        w = weight.to(dtype)  # (V, E)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        count = (targets != ignore_index).sum()
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start : start + chunk_rows].to(dtype)  # (c, E)
+            t = targets[start : start + chunk_rows]
+            ignored = t == ignore_index
+            safe = t.masked_fill(ignored, 0).unsqueeze(1)  # (c, 1)
+            logits = (h @ w.T).float()  # (c, V)
+            logits.sub_(logits.amax(-1, keepdim=True))  # shifted by the row max first, as log_softmax does, so
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # that lse - picked keeps small losses exact
+            picked = logits.gather(1, safe)  # (c, 1)
+            total = total + (lse - picked).masked_fill(ignored.unsqueeze(1), 0.0).sum()
+            if grads is None:
+                continue
+            probs = logits.sub_(lse).exp_()  # in place: the chunk's d loss / d logits, once one-hot is taken off
+            probs.scatter_add_(1, safe, torch.full_like(picked, -1.0))
+            probs.masked_fill_(ignored.unsqueeze(1), 0.0)
+            g = probs.to(dtype)
+            grad_hidden, grad_weight = grads
+            if grad_hidden is not None:
+                grad_hidden[start : start + chunk_rows] = (g @ w).to(grad_hidden.dtype)  # (c, E)
+            if grad_weight is not None:
+                grad_weight += (g.T @ h).to(grad_weight.dtype)  # (V, E)
+    return total, count
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows, dtype):
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        total, count = _chunks(hidden, weight, targets, ignore_index, chunk_rows, dtype, (grad_hidden, grad_weight))
+        scale = count.float().reciprocal() if reduction == "mean" else torch.ones((), device=hidden.device)
+        ctx.save_for_backward(grad_hidden, grad_weight, scale)
+        ctx.weight_dtype = weight.dtype
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_hidden, grad_weight, scale = ctx.saved_tensors
+        factor = grad * scale
+        d_hidden = None if grad_hidden is None else grad_hidden * factor.to(grad_hidden.dtype)
+        d_weight = None if grad_weight is None else (grad_weight * factor).to(ctx.weight_dtype)
+        return d_hidden, d_weight, None, None, None, None, None
