@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from benchmarks import attention as attn_bench
 
-PARTS = ("train", "generate", "long", "cache")
+PARTS = ("train", "generate", "long", "cache", "train-memory")
 TINY = dict(layers=2, width=64, heads=2, vocab=512, block=64, batch=2, docs=4, packed_block=128, prompt=16, new=8,
             gen_batches="1,2", long_n="512,1024", window=16, cache_tokens=256, warmup=1, repeats=1)
 
@@ -253,6 +253,31 @@ def cache_memory_here(kind: str, tokens: int, window: int, args: argparse.Namesp
     return json.dumps({"peak_mb": peak, "cache_mb": cache_bytes / 2**20, "slots": state.caches[0].k.shape[2]})
 
 
+def train_memory_here(name: str, args: argparse.Namespace) -> float:
+    """Extra peak RSS (MB) of one forward + backward on plain rows: ``name`` is ``{maskattn,hf}-{logits,own}``."""
+    ours, hf = build_models(args)
+    library, loss = name.split("-")
+    model = ours if library == "maskattn" else hf
+    ids = torch.randint(0, args.vocab, (args.batch, args.block), generator=torch.Generator().manual_seed(3))
+    if library == "maskattn":
+        loss_of = (lambda: logits_loss(model(ids), ids)) if loss == "logits" else (
+            lambda: model(ids, targets=next_tokens(ids)) / ids[:, 1:].numel())
+    else:
+        loss_of = (lambda: logits_loss(model(input_ids=ids).logits, ids)) if loss == "logits" else (
+            lambda: model(input_ids=ids, labels=ids).loss)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    before = attn_bench._rss_kb("VmRSS")
+    loss_of().backward()
+    return (attn_bench._rss_kb("VmHWM") - before) / 1024
+
+
+def bench_train_memory(args: argparse.Namespace) -> dict:
+    """Extra peak RSS of a forward + backward, each library with logits + F.cross_entropy and its own loss path."""
+    return {name: float(child(["train", name], args))
+            for name in ("maskattn-logits", "maskattn-own", "hf-logits", "hf-own")}
+
+
 def bench_cache(args: argparse.Namespace) -> dict:
     return {kind: json.loads(child(["cache", kind, str(args.cache_tokens), str(args.window)], args))
             for kind in ("window", "full")}
@@ -261,7 +286,8 @@ def bench_cache(args: argparse.Namespace) -> dict:
 def child(what: list[str], args: argparse.Namespace | None = None) -> str:
     """Run ``--memory-child what...`` in a fresh process and return its last line of output."""
     shape = [] if args is None else ["--layers", str(args.layers), "--width", str(args.width), "--heads",
-                                     str(args.heads), "--vocab", str(args.vocab)]
+                                     str(args.heads), "--vocab", str(args.vocab), "--block", str(args.block),
+                                     "--batch", str(args.batch)]
     cmd = [sys.executable, "-m", "benchmarks.end_to_end", *shape, "--memory-child", *what]
     return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
 
@@ -311,8 +337,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         if bad:
             p.error(f"--{name}: unknown {bad}; expected some of {list(allowed)}")
     args.gen_batches, args.long_n = _ints(str(args.gen_batches)), _ints(str(args.long_n))
-    if args.device != "cpu" and {"long", "cache"} & set(args.parts):
-        p.error(f"--parts long and cache measure CPU memory; with --device {args.device} give --parts train,generate")
+    if args.device != "cpu" and {"long", "cache", "train-memory"} & set(args.parts):
+        p.error(f"--parts long, cache and train-memory measure CPU memory; with --device {args.device} give "
+                "--parts train,generate")
     return args
 
 
@@ -342,6 +369,8 @@ def report(results: dict) -> None:
         print(f"  T(last) / T(first) = {long['time_ratio']:.2f}")
     for kind, row in results.get("cache", {}).items():
         print(f"cache {kind}: peak +{row['peak_mb']:.0f} MB, KV cache {row['cache_mb']:.1f} MB ({row['slots']} slots)")
+    for name, peak in results.get("train-memory", {}).items():
+        print(f"train memory {name}: forward + backward peak +{peak:.0f} MB")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -350,6 +379,8 @@ def main(argv: list[str] | None = None) -> None:
         what = args.memory_child
         if what[0] == "long":
             print(long_memory_here(int(what[1]), int(what[2])))
+        elif what[0] == "train":
+            print(train_memory_here(what[1], args))
         else:
             print(cache_memory_here(what[1], int(what[2]), int(what[3]), args))
         return
@@ -368,6 +399,8 @@ def main(argv: list[str] | None = None) -> None:
         results["long"] = bench_long(args)
     if "cache" in args.parts:
         results["cache"] = bench_cache(args)
+    if "train-memory" in args.parts:
+        results["train-memory"] = bench_train_memory(args)
     report(results)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=2)

@@ -19,6 +19,14 @@ def test_tiny_run_writes_every_comparison(tmp_path):
     assert set(results["generate"]) == {"1", "2"} and results["generate"]["1"]["same_tokens"] == 1.0
 
 
+def test_tiny_train_memory_children_run(tmp_path):
+    out = tmp_path / "mem.json"
+    end_to_end.main(["--tiny", "--parts", "train-memory", "--json", str(out)])
+    peaks = json.loads(out.read_text())["train-memory"]
+    assert set(peaks) == {"maskattn-logits", "maskattn-own", "hf-logits", "hf-own"}
+    assert all(p >= 0 for p in peaks.values())
+
+
 def test_tiny_cache_child_keeps_the_window():
     args = end_to_end.parse(["--tiny"])
     row = json.loads(end_to_end.cache_memory_here("window", 64, 8, args))
