@@ -316,6 +316,32 @@ def test_greedy_measures_again_after_each_round(tiny_transformer):
         compression.choose_heads_greedy(model, data, batches, 0.5, per_round=0)
 
 
+def test_faded_gates_by_hand():
+    fade = {"a": torch.tensor([1.0, 0.0, 0.0, 1.0])}
+    assert torch.equal(compression.faded_gates(fade, 1, 4)["a"], torch.tensor([1.0, 0.75, 0.75, 1.0]))
+    assert torch.equal(compression.faded_gates(fade, 3, 4)["a"], torch.tensor([1.0, 0.25, 0.25, 1.0]))
+    assert torch.equal(compression.faded_gates(fade, 4, 4)["a"], fade["a"])
+    assert torch.equal(compression.faded_gates(fade, 9, 4)["a"], fade["a"])
+
+
+def test_finetune_fades_the_heads_out(tiny_transformer, monkeypatch):
+    seen = []
+    original = compression.head_gates
+
+    def spy(model, gates):
+        seen.append({name: gate.clone() for name, gate in gates.items()})
+        return original(model, gates)
+
+    monkeypatch.setattr(compression, "head_gates", spy)
+    fade = {"decoder.layers.0.cross_attn": torch.tensor([0.0, 1.0, 1.0, 1.0])}
+    compression.finetune(tiny_transformer, _batches(tiny_transformer), steps=4, lr=1e-3, fade=fade, fade_steps=2,
+                         log=lambda _: None)
+    firsts = [s["decoder.layers.0.cross_attn"][0].item() for s in seen]
+    assert firsts == [0.5, 0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="fade_steps must be an int >= 0, got -1"):
+        compression.finetune(tiny_transformer, _batches(tiny_transformer), steps=1, fade=fade, fade_steps=-1)
+
+
 def test_choose_heads_removes_whole_key_value_groups():
     torch.manual_seed(0)
     model = maskattn.EncoderModel(maskattn.EncoderConfig.preset("tiny", num_kv_heads=2))
@@ -422,7 +448,8 @@ def test_compress_from_the_cli_then_predict(tmp_path, capsys, task):
     out = tmp_path / "small"
     assert main(["compress", str(model), "--out", str(out), "--int8", "--prune-heads", "0.5", "--data", str(data),
                  "--finetune-steps", "3", "--importance-batches", "2", "--max-tokens", "256", "--schedule", "cosine",
-                 "--distill", "0.5", "--bf16", *(["--greedy", "4"] if task == "translation" else [])]) == 0
+                 "--distill", "0.5", "--bf16",
+                 *(["--greedy", "4"] if task == "translation" else ["--fade-steps", "2"])]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["heads_after"] == result["heads_before"] // 2
     assert result["linear_weight_bytes_after"] < result["linear_weight_bytes_before"] / 3.5  # int8 goal
@@ -447,7 +474,9 @@ def test_compress_refusals(tmp_path, capsys, tiny_transformer):
              (["--out", str(model), "--int8"], "must differ"),
              (["--out", str(tmp_path / "o"), "--prune-heads", "0.5"], "needs the task's training data"),
              (["--out", str(tmp_path / "o"), "--prune-heads", "0.5", "--data", "x", "--greedy", "2", "--per-module"],
-              "cannot be combined with --per-module"))
+              "cannot be combined with --per-module"),
+             (["--out", str(tmp_path / "o"), "--prune-heads", "0.5", "--data", "x", "--fade-steps", "200"],
+              "--fade-steps (200) must be at most --finetune-steps (100)"))
     for args, expected in cases:
         assert main(["compress", str(model), *args]) == 2
         assert expected in capsys.readouterr().err

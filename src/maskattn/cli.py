@@ -279,6 +279,9 @@ def _add_compress(sub) -> None:
     compress.add_argument("--greedy", type=int, default=0, metavar="N",
                           help="choose the heads in rounds of N, measuring the importance again after each round "
                           "with the heads already chosen masked out (default 0: one ranking)")
+    compress.add_argument("--fade-steps", type=int, default=0, metavar="N",
+                          help="fade the chosen heads out over the first N fine-tuning steps, then remove them "
+                          "(default 0: removed before the fine-tune)")
     compress.add_argument("--data", nargs="+", default=[], metavar="FILE",
                           help="the task's training data, for --prune-heads (translation: a TSV, or source and "
                           "target files; classification: a labelled file)")
@@ -306,7 +309,7 @@ def _compress(args: argparse.Namespace) -> int:
                       finetune_steps=args.finetune_steps, lr=args.lr, importance_batches=args.importance_batches,
                       max_tokens=args.max_tokens, schedule=args.schedule, warmup=args.warmup, distill=args.distill,
                       temperature=args.temperature, bf16=args.bf16, int8_embeddings=not args.float_embeddings,
-                      per_module=args.per_module, greedy=args.greedy)
+                      per_module=args.per_module, greedy=args.greedy, fade_steps=args.fade_steps)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -194,6 +194,11 @@ def prune(model: nn.Module, keep: Mapping[str, list[int]]) -> nn.Module:
     """
     for name, heads in keep.items():
         model.get_submodule(name).prune_heads(heads)
+    return switch_off_head_dropout(model)
+
+
+def switch_off_head_dropout(model: nn.Module) -> nn.Module:
+    """Head dropout off in every attention module and in the model's config."""
     for attn in attention_modules(model).values():
         attn.head_dropout = 0.0
     if getattr(getattr(model, "config", None), "head_dropout", 0.0):
@@ -227,9 +232,14 @@ def finetune_loss(model: nn.Module, data: TrainingBatches, batch: dict[str, Any]
 
 def finetune(model: nn.Module, data: TrainingBatches, *, steps: int, lr: float = 1e-4, clip_norm: float = 1.0,
              schedule: str = "constant", warmup: int = 0, teacher: nn.Module | None = None, distill: float = 0.0,
-             temperature: float = 1.0, bf16: bool = False, log: Callable[[str], None] = log_stderr) -> nn.Module:
+             temperature: float = 1.0, bf16: bool = False, fade: Mapping[str, Tensor] | None = None,
+             fade_steps: int = 0, log: Callable[[str], None] = log_stderr) -> nn.Module:
     """``steps`` AdamW steps (gradients clipped at ``clip_norm``) on ``data``'s batches in order, epoch after
     epoch; each step's loss is per target. Returns the model in eval mode.
+
+    ``fade`` (``{module: (H,) gate}``, 0 for the heads to remove, see :func:`head_gates`) fades those heads
+    out linearly over the first ``fade_steps`` steps instead of removing them at once; from then on they
+    are masked, so that :func:`prune` afterwards changes nothing the model computes.
 
     ``schedule`` and ``warmup`` shape the learning rate as in :class:`~maskattn.training.TrainConfig`
     ("constant" or "cosine" to zero). With a ``teacher`` (the unpruned model) and ``distill`` > 0 the loss
@@ -243,6 +253,8 @@ def finetune(model: nn.Module, data: TrainingBatches, *, steps: int, lr: float =
         raise ValueError(f"finetune temperature must be > 0, got {temperature!r}")
     if distill and (teacher is None or data.outputs is None):
         raise ValueError("finetune distill > 0 needs a teacher and task data with outputs")
+    if isinstance(fade_steps, bool) or not isinstance(fade_steps, int) or fade_steps < 0:
+        raise ValueError(f"finetune fade_steps must be an int >= 0, got {fade_steps!r}")
     sched = TrainConfig(steps=max(1, steps), lr=lr, schedule=schedule, warmup=warmup, min_lr_ratio=0.0)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -254,7 +266,8 @@ def finetune(model: nn.Module, data: TrainingBatches, *, steps: int, lr: float =
             raise ValueError("finetune: the data has no batches")
         for idx in plan[: steps - step]:
             batch = data.collate(idx)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            gates = faded_gates(fade, step + 1, fade_steps) if fade else {}
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), head_gates(model, gates):
                 loss = finetune_loss(model, data, batch, teacher=teacher, distill=distill, temperature=temperature)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(sched, step + 1)
@@ -267,6 +280,13 @@ def finetune(model: nn.Module, data: TrainingBatches, *, steps: int, lr: float =
                 log(f"finetune step {step}/{steps}: loss {loss.item():.4f}")
         epoch += 1
     return model.eval()
+
+
+def faded_gates(fade: Mapping[str, Tensor], step: int, fade_steps: int) -> dict[str, Tensor]:
+    """The gates of fine-tuning step ``step`` (from 1): heads gated 0 in ``fade`` at ``1 - step / fade_steps``
+    (never below 0), the others at 1."""
+    left = max(0.0, 1.0 - step / fade_steps) if fade_steps else 0.0
+    return {name: gate + (1.0 - gate) * left for name, gate in fade.items()}
 
 
 def linear_weight_bytes(model: nn.Module) -> int:
@@ -293,7 +313,7 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
              data: list[str] | None = None, finetune_steps: int = 100, lr: float = 1e-4, importance_batches: int = 8,
              max_tokens: int = 2048, schedule: str = "constant", warmup: int = 0, distill: float = 0.0,
              temperature: float = 1.0, bf16: bool = False, int8_embeddings: bool = True, per_module: bool = False,
-             greedy: int = 0, log: Callable[[str], None] = log_stderr) -> dict[str, Any]:
+             greedy: int = 0, fade_steps: int = 0, log: Callable[[str], None] = log_stderr) -> dict[str, Any]:
     """Compress the trained model in ``directory`` into ``out`` (a model directory with the same task).
 
     Args:
@@ -313,6 +333,8 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
         schedule, warmup: the fine-tune's learning-rate schedule ("constant" or "cosine") and warm-up steps.
         distill, temperature: weight and temperature of distillation from the unpruned model (0: plain loss).
         bf16: fine-tune under bfloat16 autocast.
+        fade_steps: if > 0, the chosen heads are faded out over this many fine-tuning steps (masked after),
+            then removed, instead of removed before the fine-tune (:func:`finetune`'s ``fade``).
         importance_batches: batches the head importance is measured on.
         max_tokens: padded tokens per batch.
 
@@ -329,6 +351,11 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
         raise ValueError("compress: nothing to do; give --int8 and/or --prune-heads FRACTION")
     if greedy and per_module:
         raise ValueError("compress: --greedy ranks heads over the whole model; it cannot be combined with --per-module")
+    if fade_steps and not prune_heads:
+        raise ValueError(f"compress: --fade-steps ({fade_steps}) needs --prune-heads")
+    if fade_steps > finetune_steps:
+        raise ValueError(f"compress: --fade-steps ({fade_steps}) must be at most --finetune-steps ({finetune_steps}), "
+                         "or the faded heads would still count when they are removed")
     if out.resolve() == directory.resolve():
         raise ValueError(f"compress: --out ({out}) must differ from the model directory")
     settings = read_task(directory)
@@ -350,11 +377,21 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
         else:
             keep = choose_heads(model, head_importance(model, batches, sample), prune_heads, per_module=per_module)
         result["loss_before"] = mean_loss(model, batches, sample)
-        prune(model, keep)
-        result["loss_pruned"] = mean_loss(model.eval(), batches, sample)
+        fade = None
+        if fade_steps:  # keep every head through the fine-tune, fading the chosen ones out; remove them after
+            fade = {name: torch.zeros(attn.num_heads).index_fill_(0, torch.tensor(keep[name], dtype=torch.long), 1.0)
+                    for name, attn in attention_modules(model).items()}
+            switch_off_head_dropout(model)
+            with head_gates(model, fade):
+                result["loss_pruned"] = mean_loss(model.eval(), batches, sample)
+        else:
+            prune(model, keep)
+            result["loss_pruned"] = mean_loss(model.eval(), batches, sample)
         teacher = load(directory).eval() if distill else None
         finetune(model, batches, steps=finetune_steps, lr=lr, schedule=schedule, warmup=warmup, teacher=teacher,
-                 distill=distill, temperature=temperature, bf16=bf16, log=log)
+                 distill=distill, temperature=temperature, bf16=bf16, fade=fade, fade_steps=fade_steps, log=log)
+        if fade_steps:
+            prune(model, keep)
         result["loss_finetuned"] = mean_loss(model, batches, sample)
         result["kept_heads"] = keep
         log(f"pruned to {heads(model)} of {result['heads_before']} heads; loss {result['loss_before']:.4f} -> "
