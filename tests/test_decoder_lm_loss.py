@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import maskattn
-from maskattn.layers import Int8Linear
+from maskattn.layers import Int8Linear, vocab_loss
 from maskattn.models import compressed
 
 
@@ -25,8 +25,13 @@ def _rows(seed=0):
     return ids, targets, docs
 
 
+@pytest.mark.parametrize("chunk_rows", [4, None], ids=["chunked", "one-chunk"])
 @pytest.mark.parametrize("packed", [False, True])
-def test_loss_and_gradients_equal_the_logits_path(model, packed):
+def test_loss_and_gradients_equal_the_logits_path(model, packed, chunk_rows, monkeypatch):
+    if chunk_rows:  # 30 rows in chunks of 4, rather than one chunk at this small vocabulary
+        monkeypatch.setattr(vocab_loss, "CHUNK_ELEMENTS", chunk_rows * 97)
+    calls, chunks = [], vocab_loss._chunks
+    monkeypatch.setattr(vocab_loss, "_chunks", lambda *a: calls.append(1) or chunks(*a))
     ids, targets, docs = _rows()
     kwargs = {"doc_ids": docs} if packed else {}
     results = []
@@ -40,6 +45,7 @@ def test_loss_and_gradients_equal_the_logits_path(model, packed):
         results.append((loss.detach(), *(p.grad.clone() for p in model.parameters())))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert bool(calls) == bool(chunk_rows)
     mean = model.loss(ids, targets, reduction="mean", **kwargs)
     torch.testing.assert_close(mean, results[0][0] / (targets != -100).sum(), rtol=1e-6, atol=0)
 
