@@ -4,11 +4,12 @@
 ``F.cross_entropy(F.linear(hidden, weight).float(), targets)`` but never holds the (N, V) logits whole:
 with GPT-2's 50,257 tokens they are 412 MB per 2,048 tokens in float32, written once by the projection,
 again by ``log_softmax``, and twice more in backward. Here each chunk of rows is projected, reduced to
-its log-sum-exp and, when gradients are wanted, turned into its gradient in place (softmax minus
-one-hot) and multiplied into the gradients of ``hidden`` and ``weight`` at once, while the chunk is
-fresh. Backward then only scales the stored gradients by the incoming one. The matmuls are the same
-three as the unfused version's, so this saves memory and some elementwise passes, not FLOPs. Rows that
-fit one chunk (a small vocabulary) take PyTorch's own path, which is as fast there.
+its log-sum-exp and, when gradients are wanted, multiplied into the gradients of ``hidden`` and
+``weight`` at once, while the chunk is fresh; the softmax's normalisation and the one-hot go onto the
+small (c, E) operands, so the chunk itself is only exponentiated in place. Backward then only scales
+the stored gradients by the incoming one. The matmuls are the same three as the unfused version's, so
+this saves memory and elementwise passes, not FLOPs. Rows that fit one chunk (a small vocabulary) take
+PyTorch's own path, which is as fast there.
 
 Shape legend: N rows (tokens), E hidden width, V vocabulary, c rows per chunk.
 """
@@ -80,24 +81,28 @@ def _chunks(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, 
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start : start + chunk_rows].to(dtype)  # (c, E)
             t = targets[start : start + chunk_rows]
-            ignored = t == ignore_index
-            safe = t.masked_fill(ignored, 0).unsqueeze(1)  # (c, 1)
+            ignored = (t == ignore_index).unsqueeze(1)  # (c, 1)
+            safe = t.masked_fill(t == ignore_index, 0)  # (c,)
             logits = (h @ w.T).float()  # (c, V)
-            logits.sub_(logits.amax(-1, keepdim=True))  # shifted by the row max first, as log_softmax does, so
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # that lse - picked keeps small losses exact
-            picked = logits.gather(1, safe)  # (c, 1)
-            total = total + (lse - picked).masked_fill(ignored.unsqueeze(1), 0.0).sum()
+            top = logits.amax(-1, keepdim=True)  # (c, 1)
+            picked = logits.gather(1, safe.unsqueeze(1)) - top  # shifted by the row max, as log_softmax is,
+            e = logits.sub_(top).exp_()  # so that log(sum) - picked keeps small losses exact; in place
+            sums = e.sum(-1, keepdim=True)  # (c, 1)
+            total = total + (sums.log() - picked).masked_fill(ignored, 0.0).sum()
             if grads is None:
                 continue
-            probs = logits.sub_(lse).exp_()  # in place: the chunk's d loss / d logits, once one-hot is taken off
-            probs.scatter_add_(1, safe, torch.full_like(picked, -1.0))
-            probs.masked_fill_(ignored.unsqueeze(1), 0.0)
-            g = probs.to(dtype)
+            # d loss / d logits = e / sums - one_hot(t) (zero on ignored rows). The 1 / sums scaling and the
+            # one-hot go onto the small (c, E) operands, so the (c, V) chunk is read only by the two matmuls.
+            inv = torch.where(ignored, 0.0, sums.reciprocal())  # (c, 1)
+            kept = (~ignored).float()  # (c, 1)
+            eg = e.to(dtype)
             grad_hidden, grad_weight = grads
             if grad_hidden is not None:
-                grad_hidden[start : start + chunk_rows] = (g @ w).to(grad_hidden.dtype)  # (c, E)
+                rows = (eg @ w).float() * inv - w[safe].float() * kept  # (c, E)
+                grad_hidden[start : start + chunk_rows] = rows.to(grad_hidden.dtype)
             if grad_weight is not None:
-                grad_weight += (g.T @ h).to(grad_weight.dtype)  # (V, E)
+                grad_weight += (eg.T @ (h.float() * inv).to(dtype)).to(grad_weight.dtype)  # (V, E)
+                grad_weight.index_add_(0, safe, (h.float() * -kept).to(grad_weight.dtype))
     return total, count
 
 
