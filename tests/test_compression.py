@@ -338,7 +338,7 @@ def test_finetune_fades_the_heads_out(tiny_transformer, monkeypatch):
                          log=lambda _: None)
     firsts = [s["decoder.layers.0.cross_attn"][0].item() for s in seen]
     assert firsts == [0.5, 0.0, 0.0, 0.0]
-    with pytest.raises(ValueError, match="fade_steps must be an int >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"fade_steps must be an int in \[0, steps = 1\], got -1"):
         compression.finetune(tiny_transformer, _batches(tiny_transformer), steps=1, fade=fade, fade_steps=-1)
 
 

@@ -277,8 +277,9 @@ def _add_compress(sub) -> None:
                           help="remove FRACTION of each attention module's heads (default: of all heads, so that "
                           "some modules lose more than others)")
     compress.add_argument("--greedy", type=int, default=0, metavar="N",
-                          help="choose the heads in rounds of N, measuring the importance again after each round "
-                          "with the heads already chosen masked out (default 0: one ranking)")
+                          help="choose the heads in rounds of N units (heads, or key/value groups under grouped-query "
+                          "attention), measuring the importance again after each round with the units already "
+                          "chosen masked out (default 0: one ranking)")
     compress.add_argument("--fade-steps", type=int, default=0, metavar="N",
                           help="fade the chosen heads out over the first N fine-tuning steps, then remove them "
                           "(default 0: removed before the fine-tune)")

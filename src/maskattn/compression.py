@@ -135,7 +135,11 @@ def choose_heads_greedy(model: nn.Module, data: TrainingBatches, batches: list[d
     removed: dict[str, set[int]] = {name: set() for name in modules}
     target = round(fraction * sum(attn.num_heads for attn in modules.values()))
     count = 0
-    while True:
+
+    def takeable(name: str) -> bool:  # within the target, and the module keeps a unit
+        return count + group[name] <= target and modules[name].num_kv_heads - len(removed[name]) > 1
+
+    while any(takeable(name) for name in modules):
         importance = head_importance(model, data, batches, removed=removed)
         units = sorted((float(score), name, g) for name, scores in importance.items() for g, score in enumerate(scores)
                        if g not in removed[name])
@@ -143,13 +147,11 @@ def choose_heads_greedy(model: nn.Module, data: TrainingBatches, batches: list[d
         for _, name, g in units:
             if taken == per_round:
                 break
-            if count + group[name] <= target and modules[name].num_kv_heads - len(removed[name]) > 1:
+            if takeable(name):
                 removed[name].add(g)
                 count += group[name]
                 taken += 1
         log(f"greedy head choice: {count} of {target} heads chosen")
-        if not taken or count == target:
-            break
     return {name: [g * group[name] + i for g in range(modules[name].num_kv_heads) if g not in removed[name]
                    for i in range(group[name])] for name in modules}
 
@@ -253,8 +255,8 @@ def finetune(model: nn.Module, data: TrainingBatches, *, steps: int, lr: float =
         raise ValueError(f"finetune temperature must be > 0, got {temperature!r}")
     if distill and (teacher is None or data.outputs is None):
         raise ValueError("finetune distill > 0 needs a teacher and task data with outputs")
-    if isinstance(fade_steps, bool) or not isinstance(fade_steps, int) or fade_steps < 0:
-        raise ValueError(f"finetune fade_steps must be an int >= 0, got {fade_steps!r}")
+    if isinstance(fade_steps, bool) or not isinstance(fade_steps, int) or not 0 <= fade_steps <= max(steps, 0):
+        raise ValueError(f"finetune fade_steps must be an int in [0, steps = {steps}], got {fade_steps!r}")
     sched = TrainConfig(steps=max(1, steps), lr=lr, schedule=schedule, warmup=warmup, min_lr_ratio=0.0)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -349,6 +351,9 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
     directory, out = Path(directory), Path(out)
     if not int8 and not prune_heads:
         raise ValueError("compress: nothing to do; give --int8 and/or --prune-heads FRACTION")
+    for name, value in (("--greedy", greedy), ("--fade-steps", fade_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"compress: {name} must be an int >= 0, got {value!r}")
     if greedy and per_module:
         raise ValueError("compress: --greedy ranks heads over the whole model; it cannot be combined with --per-module")
     if fade_steps and not prune_heads:

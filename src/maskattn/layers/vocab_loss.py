@@ -1,15 +1,17 @@
 """Cross-entropy of a vocabulary projection computed a few rows at a time (a fused "linear + cross-entropy").
 
 ``linear_cross_entropy(hidden, weight, targets)`` equals
-``F.cross_entropy(F.linear(hidden, weight).float(), targets)`` but never holds the (N, V) logits whole:
+``F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")`` (or ``"mean"``) but, for
+more rows than one chunk, never holds the (N, V) logits whole:
 with GPT-2's 50,257 tokens they are 412 MB per 2,048 tokens in float32, written once by the projection,
 again by ``log_softmax``, and twice more in backward. Here each chunk of rows is projected, reduced to
 its log-sum-exp and, when gradients are wanted, multiplied into the gradients of ``hidden`` and
 ``weight`` at once, while the chunk is fresh; the softmax's normalisation and the one-hot go onto the
 small (c, E) operands, so the chunk itself is only exponentiated in place. Backward then only scales
-the stored gradients by the incoming one. The matmuls are the same three as the unfused version's, so
-this saves memory and elementwise passes, not FLOPs. Rows that fit one chunk (a small vocabulary) take
-PyTorch's own path, which is as fast there.
+the stored gradients by the incoming one (so a loss computed with gradients enabled costs its gradients
+even if it is never backpropagated, and it cannot be differentiated twice). The matmuls are the same
+three as the unfused version's, so this saves memory and elementwise passes, not FLOPs. Rows that fit
+one chunk (a small vocabulary) take PyTorch's own path, which is as fast there.
 
 Shape legend: N rows (tokens), E hidden width, V vocabulary, c rows per chunk.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = ["CHUNK_ELEMENTS", "linear_cross_entropy"]
 
@@ -28,7 +31,7 @@ CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MB in float32): 166 rows at V =
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int = -100,
                          reduction: str = "sum", chunk_rows: int | None = None) -> Tensor:
     """``F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=..., reduction=...)``
-    without the whole (N, V) logits.
+    without the whole (N, V) logits (beyond one chunk of rows); the default reduction is ``"sum"``.
 
     Args:
         hidden: (..., E) states, e.g. (B, L, E).
@@ -40,7 +43,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ign
         chunk_rows: rows per chunk (default ``CHUNK_ELEMENTS // V``).
 
     Under autocast the projection runs in the autocast dtype and the softmax in float32, as
-    ``F.linear(...).float()`` would.
+    ``F.linear(...).float()`` would; without it ``hidden`` and ``weight`` must have one dtype.
 
     Raises:
         ValueError: naming the argument whose shape, dtype or value does not fit.
@@ -53,6 +56,10 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ign
     if targets.dtype != torch.int64 or targets.shape != hidden.shape[:-1]:
         raise ValueError(f"targets must be int64 of shape {tuple(hidden.shape[:-1])} (hidden without E), got "
                          f"{targets.dtype} {tuple(targets.shape)}")
+    device = hidden.device.type
+    if not torch.is_autocast_enabled(device) and hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden and weight must have one dtype outside autocast, got {hidden.dtype} and "
+                         f"{weight.dtype}")
     if chunk_rows is None:
         chunk_rows = max(1, CHUNK_ELEMENTS // max(1, weight.shape[0]))
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
@@ -61,7 +68,6 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ign
     if hidden.shape[0] <= chunk_rows:  # one chunk: the logits are small, and PyTorch's own path is as fast
         logits = F.linear(hidden, weight).float()  # (N, V)
         return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
-    device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if not wants_grad:
@@ -91,18 +97,29 @@ def _chunks(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, 
             total = total + (sums.log() - picked).masked_fill(ignored, 0.0).sum()
             if grads is None:
                 continue
-            # d loss / d logits = e / sums - one_hot(t) (zero on ignored rows). The 1 / sums scaling and the
-            # one-hot go onto the small (c, E) operands, so the (c, V) chunk is read only by the two matmuls.
+            # d loss / d logits = e / sums - one_hot(t), zero on ignored rows. In float32 the 1 / sums scaling
+            # and the one-hot go onto the small (c, E) operands, so the (c, V) chunk is read only by the two
+            # matmuls; in a half type they are applied to the chunk first (one more pass), as PyTorch's
+            # softmax gradient is, so that the low-precision matmuls see bounded, already-subtracted values.
             inv = torch.where(ignored, 0.0, sums.reciprocal())  # (c, 1)
             kept = (~ignored).float()  # (c, 1)
-            eg = e.to(dtype)
             grad_hidden, grad_weight = grads
+            if dtype in (torch.float32, torch.float64):
+                e = e.to(dtype)  # a no-op in float32
+                if grad_hidden is not None:
+                    rows = (e @ w) * inv.to(dtype) - w[safe] * kept.to(dtype)  # (c, E)
+                    grad_hidden[start : start + chunk_rows] = rows.to(grad_hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight += (e.T @ (h * inv.to(dtype))).to(grad_weight.dtype)  # (V, E)
+                    grad_weight.index_add_(0, safe, (h * -kept.to(dtype)).to(grad_weight.dtype))
+                continue
+            probs = e.mul_(inv)  # (c, V), zero on ignored rows
+            probs.scatter_add_(1, safe.unsqueeze(1), -kept)
+            g = probs.to(dtype)
             if grad_hidden is not None:
-                rows = (eg @ w).float() * inv - w[safe].float() * kept  # (c, E)
-                grad_hidden[start : start + chunk_rows] = rows.to(grad_hidden.dtype)
+                grad_hidden[start : start + chunk_rows] = (g @ w).to(grad_hidden.dtype)  # (c, E)
             if grad_weight is not None:
-                grad_weight += (eg.T @ (h.float() * inv).to(dtype)).to(grad_weight.dtype)  # (V, E)
-                grad_weight.index_add_(0, safe, (h.float() * -kept).to(grad_weight.dtype))
+                grad_weight += (g.T @ h).to(grad_weight.dtype)  # (V, E)
     return total, count
 
 
@@ -110,14 +127,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows, dtype):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        wide = torch.promote_types(weight.dtype, torch.float32)
+        grad_weight = torch.zeros_like(weight, dtype=wide) if ctx.needs_input_grad[1] else None
         total, count = _chunks(hidden, weight, targets, ignore_index, chunk_rows, dtype, (grad_hidden, grad_weight))
-        scale = count.float().reciprocal() if reduction == "mean" else torch.ones((), device=hidden.device)
+        one = torch.ones((), device=hidden.device)
+        if reduction == "sum":
+            scale = one
+            value = total
+        else:  # NaN with nothing to predict, as PyTorch's; the gradients stay zero, as PyTorch's do
+            scale = count.float().clamp(min=1).reciprocal()
+            value = total / count.float()
         ctx.save_for_backward(grad_hidden, grad_weight, scale)
         ctx.weight_dtype = weight.dtype
-        return total * scale
+        return value
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         grad_hidden, grad_weight, scale = ctx.saved_tensors
         factor = grad * scale

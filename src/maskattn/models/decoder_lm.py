@@ -109,10 +109,12 @@ class DecoderLM(Persistent, Summary, nn.Module):
              doc_ids: Tensor | None = None, reduction: str = "sum") -> Tensor:
         """Cross-entropy of the next-token predictions at every position against ``targets``.
 
-        Equals ``F.cross_entropy(self(input_ids, ...).flatten(0, 1).float(), targets.flatten())`` but
-        never holds the whole (B, L, V) logits: :func:`maskattn.layers.vocab_loss.linear_cross_entropy`
-        projects a few rows at a time (less memory, and fewer passes over the logits, at a large
-        vocabulary). An output projection that is not a plain ``nn.Linear`` (int8) takes the plain path.
+        Equals ``F.cross_entropy(self(input_ids, ...).flatten(0, 1).float(), targets.flatten(),
+        reduction=reduction)`` but, beyond one chunk of rows, never holds the whole (B, L, V) logits:
+        :func:`maskattn.layers.vocab_loss.linear_cross_entropy` projects a chunk of rows at a time with
+        ``lm_head.weight`` (less memory, and fewer passes over the logits, at a large vocabulary; forward
+        hooks on ``lm_head`` do not run). An output projection that is not a plain bias-free ``nn.Linear``
+        (int8) takes the plain path.
 
         Args:
             input_ids, lengths, doc_ids: as :meth:`forward`.
