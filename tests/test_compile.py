@@ -104,6 +104,25 @@ def test_training_step_is_one_graph_and_equals_eager(case, backend):
     _check_training_step(case, backend, COMPILER)
 
 
+def test_chunked_vocabulary_loss_is_one_graph_and_equals_eager(monkeypatch):
+    """DecoderLM(ids, targets=...) on packed rows, in chunks of 4 rows (the custom autograd Function's loop)."""
+    from maskattn.layers import vocab_loss
+
+    monkeypatch.setattr(vocab_loss, "CHUNK_ELEMENTS", 4 * SMALL["vocab_size"])
+    targets = torch.cat([IDS[:, 1:], torch.full((2, 1), -100)], dim=1)
+    eager = _lm("auto").train()
+    explained = _explain(lambda: eager(IDS, doc_ids=DOCS, targets=targets))
+    assert (explained.graph_count, explained.break_reasons) == (1, [])
+    compiled = copy.deepcopy(eager)
+    compiled.compile(fullgraph=True, backend=COMPILER)
+    losses = [model(IDS, doc_ids=DOCS, targets=targets) for model in (eager, compiled)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
 def test_head_dropout_keeps_a_training_step_one_graph():
     model = _lm("auto", head_dropout=0.2).train()
     explained = _explain(lambda: _loss(model, lambda m: m(IDS[:, :10])))
