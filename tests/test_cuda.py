@@ -204,6 +204,31 @@ def test_a_training_step_on_the_device_equals_the_cpu():
     torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16], ids=["fp32", "bf16-autocast", "fp16-autocast"])
+def test_the_chunked_vocabulary_loss_on_the_device_equals_the_cpu(dtype, monkeypatch):
+    """DecoderLM(ids, targets=...) in chunks of 8 rows: on the device (under autocast to ``dtype``) against
+    float32 on the CPU, loss and every gradient."""
+    from maskattn.layers import vocab_loss
+
+    monkeypatch.setattr(vocab_loss, "CHUNK_ELEMENTS", 8 * 50)  # 8 rows per chunk at the 50-token vocabulary
+    cpu = _lm().cpu().train()
+    dev = _lm().train()
+    dev.load_state_dict(cpu.state_dict())
+    ids = torch.randint(1, 50, (2, 40))
+    targets = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    losses, grads = [], []
+    for model, device, half in ((cpu, torch.device("cpu"), None), (dev, DEVICE, dtype)):
+        with torch.autocast(device.type, dtype=half or torch.bfloat16, enabled=half is not None):
+            loss = model(ids.to(device), targets=targets.to(device)) / 78  # per target
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten().float().cpu() for p in model.parameters()]))
+    tol = 1e-4 if dtype is None else 5e-2
+    assert losses[1] == pytest.approx(losses[0], rel=tol)
+    assert torch.isfinite(grads[1]).all()
+    torch.testing.assert_close(grads[1], grads[0], atol=tol * grads[0].abs().max().item(), rtol=tol)
+
+
 def test_the_compiled_model_on_the_device_is_one_graph_and_equals_eager():
     import torch._dynamo as dynamo
 
