@@ -88,7 +88,8 @@ def check_logits(ours, hf, args: argparse.Namespace) -> dict:
     with torch.no_grad():
         plain = (ours.eval()(ids) - hf.eval()(ids).logits).abs().max().item()
         packed = (ours(ids, doc_ids=doc) - hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits)
-        own = ours(ids, targets=next_tokens(ids)) / (ids.numel() - ids.shape[0]) - hf(input_ids=ids, labels=ids).loss
+        ours_own, hf_own = loss_variants(ids)["own"]
+        own = ours_own(ours) - hf_own(hf)
     ours.train(), hf.train()
     return {"plain": plain, "packed": packed.abs().max().item(), "own_loss": abs(own.item())}
 
@@ -135,6 +136,20 @@ def next_tokens(ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
 
 
+def loss_variants(ids: torch.Tensor, ours_kwargs: dict | None = None, hf_kwargs: dict | None = None) -> dict:
+    """``{"logits": (ours, hf), "own": (ours, hf)}``: functions model -> mean next-token loss of the rows ``ids``,
+    through logits + ``F.cross_entropy`` on both sides, or each library's own loss path (``targets=`` / ``labels=``).
+    ``ours_kwargs`` / ``hf_kwargs``: the packed rows' extra inputs of each model."""
+    ours_kwargs, hf_kwargs = ours_kwargs or {}, hf_kwargs or {}
+    count = ids.shape[0] * (ids.shape[1] - 1)
+    return {
+        "logits": (lambda m: logits_loss(m(ids, **ours_kwargs), ids),
+                   lambda m: logits_loss(m(input_ids=ids, **hf_kwargs).logits, ids)),
+        "own": (lambda m: m(ids, targets=next_tokens(ids), **ours_kwargs) / count,
+                lambda m: m(input_ids=ids, labels=ids, **hf_kwargs).loss),
+    }
+
+
 def bench_train(ours, hf, args: argparse.Namespace) -> dict:
     """Tokens/s of a training step, plain and packed rows, eager and compiled.
 
@@ -146,19 +161,8 @@ def bench_train(ours, hf, args: argparse.Namespace) -> dict:
     plain = torch.randint(0, args.vocab, (args.batch, args.block), generator=gen).to(args.device)
     packed = torch.randint(0, args.vocab, (args.batch, args.packed_block), generator=gen).to(args.device)
     doc, pos, mask = (x.to(args.device) for x in packed_rows(args.batch, args.packed_block, args.docs))
-    n_plain, n_packed = plain.shape[0] * (plain.shape[1] - 1), packed.shape[0] * (packed.shape[1] - 1)
-    packed_inputs = {"input_ids": packed, "attention_mask": mask, "position_ids": pos}
-    rows = {
-        "plain": (plain, {
-            "logits": (lambda m: logits_loss(m(plain), plain), lambda m: logits_loss(m(input_ids=plain).logits, plain)),
-            "own": (lambda m: m(plain, targets=next_tokens(plain)) / n_plain,
-                    lambda m: m(input_ids=plain, labels=plain).loss)}),
-        "packed": (packed, {
-            "logits": (lambda m: logits_loss(m(packed, doc_ids=doc), packed),
-                       lambda m: logits_loss(m(**packed_inputs).logits, packed)),
-            "own": (lambda m: m(packed, doc_ids=doc, targets=next_tokens(packed)) / n_packed,
-                    lambda m: m(**packed_inputs, labels=packed).loss)}),
-    }
+    rows = {"plain": (plain, loss_variants(plain)),
+            "packed": (packed, loss_variants(packed, {"doc_ids": doc}, {"attention_mask": mask, "position_ids": pos}))}
     result = {}
     for row, (ids, variants) in rows.items():
         calls = {}
@@ -259,16 +263,11 @@ def train_memory_here(name: str, args: argparse.Namespace) -> float:
     library, loss = name.split("-")
     model = ours if library == "maskattn" else hf
     ids = torch.randint(0, args.vocab, (args.batch, args.block), generator=torch.Generator().manual_seed(3))
-    if library == "maskattn":
-        loss_of = (lambda: logits_loss(model(ids), ids)) if loss == "logits" else (
-            lambda: model(ids, targets=next_tokens(ids)) / ids[:, 1:].numel())
-    else:
-        loss_of = (lambda: logits_loss(model(input_ids=ids).logits, ids)) if loss == "logits" else (
-            lambda: model(input_ids=ids, labels=ids).loss)
+    loss_of = loss_variants(ids)[loss][0 if library == "maskattn" else 1]
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     before = attn_bench._rss_kb("VmRSS")
-    loss_of().backward()
+    loss_of(model).backward()
     return (attn_bench._rss_kb("VmHWM") - before) / 1024
 
 

@@ -126,8 +126,7 @@ def choose_heads_greedy(model: nn.Module, data: TrainingBatches, batches: list[d
 
     Costs about ``units * rounds / 2`` loss evaluations on ``batches`` instead of ``units``.
     """
-    if isinstance(fraction, bool) or not 0.0 <= fraction < 1.0:
-        raise ValueError(f"prune fraction must be in [0, 1), got {fraction!r}")
+    _check_fraction(fraction)
     if isinstance(per_round, bool) or not isinstance(per_round, int) or per_round < 1:
         raise ValueError(f"per_round must be a positive int, got {per_round!r}")
     modules = attention_modules(model)
@@ -152,8 +151,7 @@ def choose_heads_greedy(model: nn.Module, data: TrainingBatches, batches: list[d
                 count += group[name]
                 taken += 1
         log(f"greedy head choice: {count} of {target} heads chosen")
-    return {name: [g * group[name] + i for g in range(modules[name].num_kv_heads) if g not in removed[name]
-                   for i in range(group[name])] for name in modules}
+    return _heads_of(modules, {name: set(range(attn.num_kv_heads)) - removed[name] for name, attn in modules.items()})
 
 
 def choose_heads(model: nn.Module, importance: Mapping[str, Tensor], fraction: float, *,
@@ -166,8 +164,7 @@ def choose_heads(model: nn.Module, importance: Mapping[str, Tensor], fraction: f
     Raises:
         ValueError: naming ``fraction`` when it is not in [0, 1).
     """
-    if isinstance(fraction, bool) or not 0.0 <= fraction < 1.0:
-        raise ValueError(f"prune fraction must be in [0, 1), got {fraction!r}")
+    _check_fraction(fraction)
     modules = attention_modules(model)
     group = {name: attn.num_heads // attn.num_kv_heads for name, attn in modules.items()}  # query heads per unit
     kept = {name: set(range(attn.num_kv_heads)) for name, attn in modules.items()}
@@ -184,8 +181,21 @@ def choose_heads(model: nn.Module, importance: Mapping[str, Tensor], fraction: f
             if removed + group[name] <= target and len(kept[name]) > 1:
                 kept[name].discard(g)
                 removed += group[name]
-    return {name: [g * group[name] + i for g in sorted(units_kept) for i in range(group[name])]
-            for name, units_kept in kept.items()}
+    return _heads_of(modules, kept)
+
+
+def _check_fraction(fraction: float) -> None:
+    if isinstance(fraction, bool) or not 0.0 <= fraction < 1.0:
+        raise ValueError(f"prune fraction must be in [0, 1), got {fraction!r}")
+
+
+def _heads_of(modules: Mapping[str, MultiHeadAttention], kept: Mapping[str, set[int]]) -> dict[str, list[int]]:
+    """The query heads of the kept key/value groups of each module (a group is one head without GQA)."""
+    heads = {}
+    for name, units in kept.items():
+        group = modules[name].num_heads // modules[name].num_kv_heads
+        heads[name] = [g * group + i for g in sorted(units) for i in range(group)]
+    return heads
 
 
 def prune(model: nn.Module, keep: Mapping[str, list[int]]) -> nn.Module:

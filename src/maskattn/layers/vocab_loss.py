@@ -130,13 +130,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         wide = torch.promote_types(weight.dtype, torch.float32)
         grad_weight = torch.zeros_like(weight, dtype=wide) if ctx.needs_input_grad[1] else None
         total, count = _chunks(hidden, weight, targets, ignore_index, chunk_rows, dtype, (grad_hidden, grad_weight))
-        one = torch.ones((), device=hidden.device)
         if reduction == "sum":
-            scale = one
-            value = total
+            scale, value = torch.ones((), device=hidden.device), total
         else:  # NaN with nothing to predict, as PyTorch's; the gradients stay zero, as PyTorch's do
-            scale = count.float().clamp(min=1).reciprocal()
-            value = total / count.float()
+            scale, value = count.float().clamp(min=1).reciprocal(), total / count.float()
         ctx.save_for_backward(grad_hidden, grad_weight, scale)
         ctx.weight_dtype = weight.dtype
         return value

@@ -97,7 +97,7 @@ def row_loss(model: nn.Module, ids: Tensor, docs: Tensor, packed: bool) -> tuple
     """Summed next-token loss of (R, block + 1) rows, and the number of targets.
 
     Through ``model(inputs, targets=...)`` (so that DistributedDataParallel sees the call), i.e.
-    ``DecoderLM.loss``, which never holds the whole (R, block, V) logits."""
+    ``DecoderLM.loss``, which at a large vocabulary never holds the whole (R, block, V) logits."""
     device = next(model.parameters()).device
     ids, docs = ids.to(device), docs.to(device)
     inputs, targets = ids[:, :-1], ids[:, 1:].clone()
