@@ -5,6 +5,8 @@ model with the pruned heads gated to zero (equal to the pruned model before fine
 model before saving (equal to the one `maskattn.load` reads back).
 """
 
+import copy
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -479,4 +481,61 @@ def test_compress_refusals(tmp_path, capsys, tiny_transformer):
               "--fade-steps (200) must be at most --finetune-steps (100)"))
     for args, expected in cases:
         assert main(["compress", str(model), *args]) == 2
+        assert expected in capsys.readouterr().err
+
+
+# --- one choice of heads, fine-tuned again with another seed --------------------------------------
+def test_a_seeded_finetune_permutes_each_epochs_batches_and_repeats_itself(tiny_transformer):
+    def run(seed):
+        model = copy.deepcopy(tiny_transformer)
+        data = _batches(model, count=5)
+        seen, collate = [], data.collate
+        data = dataclasses.replace(data, collate=lambda idx: seen.append(idx[0]) or collate(idx))
+        compression.finetune(model, data, steps=10, lr=1e-3, seed=seed, log=lambda _: None)
+        return seen, torch.nn.utils.parameters_to_vector(model.parameters())
+
+    unseeded, _ = run(None)
+    assert unseeded == [0, 1, 2, 3, 4] * 2  # the data's own order, as before seeds existed
+    (order, weights), (again, same) = run(1), run(1)
+    assert order == again and torch.equal(weights, same)
+    assert sorted(order[:5]) == sorted(order[5:]) == [0, 1, 2, 3, 4] and order != unseeded
+    other, different = run(2)
+    assert other != order and not torch.equal(weights, different)
+    with pytest.raises(ValueError, match="finetune seed must be None or an int >= 0, got -1"):
+        compression.finetune(tiny_transformer, _batches(tiny_transformer), steps=1, seed=-1)
+
+
+def test_keep_heads_prunes_the_chosen_heads_again_and_the_seeded_models_average(tmp_path, capsys):
+    data = _pairs(tmp_path / "train.tsv", 120, random.Random(0))
+    model = _train("translation", data, tmp_path / "run", "model.num_encoder_layers=1", "model.num_decoder_layers=1")
+    common = ["--data", str(data), "--finetune-steps", "3", "--importance-batches", "2", "--max-tokens", "256"]
+    capsys.readouterr()
+    assert main(["compress", str(model), "--out", str(tmp_path / "chosen"), "--prune-heads", "0.5", *common]) == 0
+    report = tmp_path / "chosen.json"
+    report.write_text(capsys.readouterr().out)
+    chosen = json.loads(report.read_text())["kept_heads"]
+    members = []
+    for seed in (1, 2):
+        out = tmp_path / f"seed{seed}"
+        assert main(["compress", str(model), "--out", str(out), "--keep-heads", str(report), "--seed", str(seed),
+                     *common]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["kept_heads"] == chosen and result["heads_after"] == result["heads_before"] // 2
+        members.append(maskattn.load(out).state_dict())
+    assert any(not torch.equal(members[0][k], members[1][k]) for k in members[0])  # two different fine-tunes
+
+    assert main(["average", "--models", str(tmp_path / "seed1"), str(tmp_path / "seed2"),
+                 "--out", str(tmp_path / "soup")]) == 0
+    soup = maskattn.load(tmp_path / "soup").state_dict()
+    for name, value in soup.items():
+        torch.testing.assert_close(value, (members[0][name] + members[1][name]) / 2)
+
+    (tmp_path / "bad.json").write_text(json.dumps({"decoder.layers.0.cross_attn": [0, 9]}))
+    (tmp_path / "unknown.json").write_text(json.dumps({"decoder.layers.7.cross_attn": [0]}))
+    cases = ((["--keep-heads", str(tmp_path / "bad.json")], "keep_heads['decoder.layers.0.cross_attn'] must be a "
+              "non-empty list of distinct heads in [0, 4), got [0, 9]"),
+             (["--keep-heads", str(tmp_path / "unknown.json")], "not attention modules of this model"),
+             (["--keep-heads", str(report), "--prune-heads", "0.5"], "cannot be combined with --prune-heads"))
+    for args, expected in cases:
+        assert main(["compress", str(model), "--out", str(tmp_path / "x"), *args, *common]) == 2
         assert expected in capsys.readouterr().err

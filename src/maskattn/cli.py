@@ -283,6 +283,13 @@ def _add_compress(sub) -> None:
     compress.add_argument("--fade-steps", type=int, default=0, metavar="N",
                           help="fade the chosen heads out over the first N fine-tuning steps, then remove them "
                           "(default 0: removed before the fine-tune)")
+    compress.add_argument("--keep-heads", metavar="FILE",
+                          help="prune to exactly these heads instead of choosing them: a JSON file, either "
+                          "{attention module: [heads to keep]} or an earlier `maskattn compress` output (its "
+                          "kept_heads); modules not named keep all their heads")
+    compress.add_argument("--seed", type=int, default=None,
+                          help="seed of the fine-tune's dropout and batch order (default: the data's own order), "
+                          "for several fine-tunes of one choice of heads to average with `maskattn average --models`")
     compress.add_argument("--data", nargs="+", default=[], metavar="FILE",
                           help="the task's training data, for --prune-heads (translation: a TSV, or source and "
                           "target files; classification: a labelled file)")
@@ -305,12 +312,18 @@ def _add_compress(sub) -> None:
 
 def _compress(args: argparse.Namespace) -> int:
     from maskattn.compression import compress
+    from maskattn.io import read_json_object
 
+    keep_heads = None
+    if args.keep_heads:
+        keep_heads = read_json_object(Path(args.keep_heads))
+        keep_heads = keep_heads.get("kept_heads", keep_heads)
     result = compress(args.model, args.out, int8=args.int8, prune_heads=args.prune_heads, data=args.data,
                       finetune_steps=args.finetune_steps, lr=args.lr, importance_batches=args.importance_batches,
                       max_tokens=args.max_tokens, schedule=args.schedule, warmup=args.warmup, distill=args.distill,
                       temperature=args.temperature, bf16=args.bf16, int8_embeddings=not args.float_embeddings,
-                      per_module=args.per_module, greedy=args.greedy, fade_steps=args.fade_steps)
+                      per_module=args.per_module, greedy=args.greedy, fade_steps=args.fade_steps,
+                      keep_heads=keep_heads, seed=args.seed)
     print(json.dumps(result, indent=2))
     return 0
 

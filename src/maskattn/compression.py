@@ -22,7 +22,7 @@ and loads with :func:`maskattn.load` and every prediction command.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -198,6 +198,29 @@ def _heads_of(modules: Mapping[str, MultiHeadAttention], kept: Mapping[str, set[
     return heads
 
 
+def _checked_keep(modules: Mapping[str, MultiHeadAttention], keep: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """``keep`` as ``{module: sorted heads}`` for every attention module (unnamed ones keep all heads), after
+    checking that it names only attention modules and leaves each at least one head."""
+    if not isinstance(keep, Mapping):
+        raise ValueError(f"keep_heads must be a mapping {{attention module: [heads]}}, got {type(keep).__name__}")
+    unknown = sorted(set(keep) - set(modules))
+    if unknown:
+        raise ValueError(f"keep_heads names {unknown}, which are not attention modules of this model "
+                         f"(it has {sorted(modules)})")
+    checked = {}
+    for name, attn in modules.items():
+        heads = keep.get(name, range(attn.num_heads))
+        group = attn.num_heads // attn.num_kv_heads
+        whole = isinstance(heads, Sequence) and not isinstance(heads, str | bytes) and len(set(heads)) == len(heads)
+        whole = whole and all(isinstance(h, int) and not isinstance(h, bool) and 0 <= h < attn.num_heads for h in heads)
+        if not heads or not whole or any(h // group * group + i not in heads for h in heads for i in range(group)):
+            raise ValueError(f"keep_heads[{name!r}] must be a non-empty list of distinct heads in [0, {attn.num_heads})"
+                             f"{f', whole groups of {group} (grouped-query attention)' if group > 1 else ''}, "
+                             f"got {heads!r}")
+        checked[name] = sorted(heads)
+    return checked
+
+
 def prune(model: nn.Module, keep: Mapping[str, list[int]]) -> nn.Module:
     """Remove every head not in ``keep[name]`` from attention module ``name`` (see :func:`choose_heads`).
 
@@ -245,7 +268,7 @@ def finetune_loss(model: nn.Module, data: TrainingBatches, batch: dict[str, Any]
 def finetune(model: nn.Module, data: TrainingBatches, *, steps: int, lr: float = 1e-4, clip_norm: float = 1.0,
              schedule: str = "constant", warmup: int = 0, teacher: nn.Module | None = None, distill: float = 0.0,
              temperature: float = 1.0, bf16: bool = False, fade: Mapping[str, Tensor] | None = None,
-             fade_steps: int = 0, log: Callable[[str], None] = log_stderr) -> nn.Module:
+             fade_steps: int = 0, seed: int | None = None, log: Callable[[str], None] = log_stderr) -> nn.Module:
     """``steps`` AdamW steps (gradients clipped at ``clip_norm``) on ``data``'s batches in order, epoch after
     epoch; each step's loss is per target. Returns the model in eval mode.
 
@@ -256,6 +279,10 @@ def finetune(model: nn.Module, data: TrainingBatches, *, steps: int, lr: float =
     ``schedule`` and ``warmup`` shape the learning rate as in :class:`~maskattn.training.TrainConfig`
     ("constant" or "cosine" to zero). With a ``teacher`` (the unpruned model) and ``distill`` > 0 the loss
     is :func:`distillation_loss`; ``bf16`` runs the forward passes under bfloat16 autocast.
+
+    ``seed`` (None: the data's own order and the global random state, as before) seeds the dropout draws
+    and shuffles the order of each epoch's batches, so that runs with different seeds are different
+    fine-tunes of one pruned model (members of a soup, :func:`maskattn.averaging.average_models`).
     """
     if steps < 0:
         raise ValueError(f"finetune steps must be >= 0, got {steps}")
@@ -267,6 +294,11 @@ def finetune(model: nn.Module, data: TrainingBatches, *, steps: int, lr: float =
         raise ValueError("finetune distill > 0 needs a teacher and task data with outputs")
     if isinstance(fade_steps, bool) or not isinstance(fade_steps, int) or not 0 <= fade_steps <= max(steps, 0):
         raise ValueError(f"finetune fade_steps must be an int in [0, steps = {steps}], got {fade_steps!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"finetune seed must be None or an int >= 0, got {seed!r}")
+    order = None if seed is None else torch.Generator().manual_seed(seed)
+    if seed is not None:
+        torch.manual_seed(seed)
     sched = TrainConfig(steps=max(1, steps), lr=lr, schedule=schedule, warmup=warmup, min_lr_ratio=0.0)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -276,6 +308,8 @@ def finetune(model: nn.Module, data: TrainingBatches, *, steps: int, lr: float =
         plan = data.plan(epoch)
         if not plan:
             raise ValueError("finetune: the data has no batches")
+        if order is not None:
+            plan = [plan[i] for i in torch.randperm(len(plan), generator=order).tolist()]
         for idx in plan[: steps - step]:
             batch = data.collate(idx)
             gates = faded_gates(fade, step + 1, fade_steps) if fade else {}
@@ -325,7 +359,8 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
              data: list[str] | None = None, finetune_steps: int = 100, lr: float = 1e-4, importance_batches: int = 8,
              max_tokens: int = 2048, schedule: str = "constant", warmup: int = 0, distill: float = 0.0,
              temperature: float = 1.0, bf16: bool = False, int8_embeddings: bool = True, per_module: bool = False,
-             greedy: int = 0, fade_steps: int = 0, log: Callable[[str], None] = log_stderr) -> dict[str, Any]:
+             greedy: int = 0, fade_steps: int = 0, keep_heads: Mapping[str, Sequence[int]] | None = None,
+             seed: int | None = None, log: Callable[[str], None] = log_stderr) -> dict[str, Any]:
     """Compress the trained model in ``directory`` into ``out`` (a model directory with the same task).
 
     Args:
@@ -347,6 +382,10 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
         bf16: fine-tune under bfloat16 autocast.
         fade_steps: if > 0, the chosen heads are faded out over this many fine-tuning steps (masked after),
             then removed, instead of removed before the fine-tune (:func:`finetune`'s ``fade``).
+        keep_heads: instead of ``prune_heads``: the heads to keep, ``{attention module: [query heads]}``
+            (modules not named keep all their heads), e.g. the ``kept_heads`` of an earlier result, so that
+            one choice of heads can be fine-tuned again (with another ``seed``) without measuring it again.
+        seed: the fine-tune's seed (:func:`finetune`; None: the data's own order).
         importance_batches: batches the head importance is measured on.
         max_tokens: padded tokens per batch.
 
@@ -359,14 +398,17 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
             cannot be pruned.
     """
     directory, out = Path(directory), Path(out)
-    if not int8 and not prune_heads:
-        raise ValueError("compress: nothing to do; give --int8 and/or --prune-heads FRACTION")
+    if not int8 and not prune_heads and keep_heads is None:
+        raise ValueError("compress: nothing to do; give --int8 and/or --prune-heads FRACTION (or --keep-heads)")
+    if keep_heads is not None and (prune_heads or greedy or per_module):
+        raise ValueError("compress: --keep-heads names the heads to keep; it cannot be combined with "
+                         "--prune-heads, --greedy or --per-module, which choose them")
     for name, value in (("--greedy", greedy), ("--fade-steps", fade_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"compress: {name} must be an int >= 0, got {value!r}")
     if greedy and per_module:
         raise ValueError("compress: --greedy ranks heads over the whole model; it cannot be combined with --per-module")
-    if fade_steps and not prune_heads:
+    if fade_steps and not prune_heads and keep_heads is None:
         raise ValueError(f"compress: --fade-steps ({fade_steps}) needs --prune-heads")
     if fade_steps > finetune_steps:
         raise ValueError(f"compress: --fade-steps ({fade_steps}) must be at most --finetune-steps ({finetune_steps}), "
@@ -377,7 +419,7 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
     model = load(directory).eval()
     result: dict[str, Any] = {"heads_before": heads(model), "linear_weight_bytes_before": linear_weight_bytes(model),
                               "file_bytes_before": (directory / "model.safetensors").stat().st_size}
-    if prune_heads:
+    if prune_heads or keep_heads is not None:
         task = tasks().get(settings.get("task"))
         if task is None or task.training_batches is None:
             raise ValueError(f"compress --prune-heads: task {settings.get('task')!r} has no training_batches; "
@@ -386,7 +428,9 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
             raise ValueError(f"compress --prune-heads needs the task's training data: --data ({task.data_help})")
         batches = task.training_batches(directory, list(data), max_tokens)
         sample = first_batches(batches, importance_batches)
-        if greedy:
+        if keep_heads is not None:
+            keep = _checked_keep(attention_modules(model), keep_heads)
+        elif greedy:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 keep = choose_heads_greedy(model, batches, sample, prune_heads, per_round=greedy, log=log)
         else:
@@ -404,7 +448,8 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
             result["loss_pruned"] = mean_loss(model.eval(), batches, sample)
         teacher = load(directory).eval() if distill else None
         finetune(model, batches, steps=finetune_steps, lr=lr, schedule=schedule, warmup=warmup, teacher=teacher,
-                 distill=distill, temperature=temperature, bf16=bf16, fade=fade, fade_steps=fade_steps, log=log)
+                 distill=distill, temperature=temperature, bf16=bf16, fade=fade, fade_steps=fade_steps, seed=seed,
+                 log=log)
         if fade_steps:
             prune(model, keep)
         result["loss_finetuned"] = mean_loss(model, batches, sample)
