@@ -1,7 +1,8 @@
 """Benchmark of masked attention: maskattn's backends against PyTorch's SDPA, a naive N x N
 implementation and FlexAttention, on the protocol of issue 4.
 
-fp32, B=1, H=8, D=64; for each mask kind and sequence length N every implementation is timed in
+fp32 (``--dtype bfloat16``: every implementation in bf16), B=1, H=8, D=64; for each mask kind and
+sequence length N every implementation is timed in
 forward (under ``torch.no_grad``) and in forward+backward, the implementations interleaved within
 each repetition, the median taken after warm-up. Throughput counts only the *allowed* scores:
 4·D flops per allowed (query, key) pair per head for forward, 3.5 times that for forward+backward
@@ -120,9 +121,12 @@ def make_impls(names: list[str], mask: Mask | None, n: int) -> dict[str, Callabl
     return impls
 
 
-def _inputs(n: int, requires_grad: bool) -> tuple[torch.Tensor, ...]:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _inputs(n: int, requires_grad: bool, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(0)
-    return tuple(torch.randn(B, H, n, D, generator=gen).requires_grad_(requires_grad) for _ in range(3))
+    return tuple(torch.randn(B, H, n, D, generator=gen).to(dtype).requires_grad_(requires_grad) for _ in range(3))
 
 
 def _time_forward(run: Callable, qkv) -> float:
@@ -150,16 +154,18 @@ def matmul_gflops(seconds: float) -> float:
     return 2 * 4096**3 / seconds / 1e9
 
 
-def time_config(kind: str, n: int, names: list[str], warmup: int, repeats: int, naive_max: int) -> dict:
-    """Median forward and forward+backward seconds of every implementation, interleaved."""
+def time_config(kind: str, n: int, names: list[str], warmup: int, repeats: int, naive_max: int,
+                dtype: torch.dtype = torch.float32) -> dict:
+    """Median forward and forward+backward seconds of every implementation, interleaved; the matmul
+    reference in the same dtype."""
     mask = make_mask(kind, n)
     names = [x for x in names if x != "naive" or n <= naive_max]
     impls = make_impls(names, mask, n)
-    qkv, qkv_grad = _inputs(n, False), _inputs(n, True)
-    grad = torch.randn(B, H, n, D, generator=torch.Generator().manual_seed(1))
+    qkv, qkv_grad = _inputs(n, False, dtype), _inputs(n, True, dtype)
+    grad = torch.randn(B, H, n, D, generator=torch.Generator().manual_seed(1)).to(dtype)
     forward = {name: [] for name in impls}
     backward = {name: [] for name in impls}
-    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    a, b = torch.randn(4096, 4096).to(dtype), torch.randn(4096, 4096).to(dtype)
     matmul = []
     for rep in range(warmup + repeats):
         if rep >= warmup:
@@ -182,12 +188,12 @@ def _rss_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure_memory_here(kind: str, n: int, name: str) -> float:
+def measure_memory_here(kind: str, n: int, name: str, dtype: torch.dtype = torch.float32) -> float:
     """Extra peak RSS (MB) of one forward+backward, in this (fresh) process."""
     mask = make_mask(kind, n)
     run = make_impls([name], mask, n)[name]
-    qkv = _inputs(n, True)
-    grad = torch.randn(B, H, n, D)
+    qkv = _inputs(n, True, dtype)
+    grad = torch.randn(B, H, n, D).to(dtype)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     before = _rss_kb("VmRSS")
@@ -195,9 +201,9 @@ def measure_memory_here(kind: str, n: int, name: str) -> float:
     return (_rss_kb("VmHWM") - before) / 1024
 
 
-def measure_memory(kind: str, n: int, name: str) -> float:
+def measure_memory(kind: str, n: int, name: str, dtype: str = "float32") -> float:
     """Run :func:`measure_memory_here` in a fresh subprocess."""
-    cmd = [sys.executable, "-m", "benchmarks.attention", "--memory-child", kind, str(n), name]
+    cmd = [sys.executable, "-m", "benchmarks.attention", "--memory-child", kind, str(n), name, "--dtype", dtype]
     result = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(result.stdout.strip().splitlines()[-1])
 
@@ -225,6 +231,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="largest N for the naive N x N implementation (16384 needs > 24 GB; default: %(default)s)")
     p.add_argument("--memory-sizes", default="",
                    help="comma-separated N at which to measure peak memory, in subprocesses (default: none)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="dtype of q, k, v for every implementation (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="sizes 512,1024,2048, 3 repeats: a smoke run")
     p.add_argument("--json", default="benchmarks/results.json", help="where to write the results")
     p.add_argument("--memory-child", nargs=3, metavar=("MASK", "N", "IMPL"), help=argparse.SUPPRESS)
@@ -242,12 +250,12 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     if args.memory_child:
         kind, n, name = args.memory_child
-        print(measure_memory_here(kind, int(n), name))
+        print(measure_memory_here(kind, int(n), name, DTYPES[args.dtype]))
         return
     names = args.impls.split(",")
     memory_sizes = {int(x) for x in args.memory_sizes.split(",") if x}
     info = machine() | {"argv": sys.argv[1:]}
-    print(f"# {info['cpu']}, {info['cores']} cores, torch {info['torch']}")
+    print(f"# {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {args.dtype}")
     header = (f"{'mask':9} {'N':>6} {'impl':10} {'mm GF/s':>7} {'fwd ms':>9} {'f+b ms':>9} {'fwd %mm':>8} "
               f"{'f+b %mm':>8} {'x sdpa_mask':>11} {'x sdpa_best':>11} {'peak MB':>8}")
     print(header)
@@ -256,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
         for n in map(int, args.sizes.split(",")):
             pairs = allowed_pairs(make_mask(kind, n), n) * B * H
             flops = 4 * D * pairs
-            times, gflops = time_config(kind, n, names, args.warmup, args.repeats, args.naive_max)
+            times, gflops = time_config(kind, n, names, args.warmup, args.repeats, args.naive_max,
+                                        DTYPES[args.dtype])
             for name, (fwd, bwd) in times.items():
                 row = {"mask": kind, "n": n, "impl": name, "matmul_gflops": gflops, "fwd_s": fwd, "fwd_bwd_s": bwd,
                        "allowed_fraction": pairs / (B * H * n * n),
@@ -264,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
                        "fwd_bwd_pct_matmul": 100 * 3.5 * flops / bwd / 1e9 / gflops}
                 for base in ("sdpa_mask", "sdpa_best"):
                     row[f"speedup_vs_{base}"] = times[base][1] / bwd if base in times else math.nan
-                row["peak_extra_mb"] = (measure_memory(kind, n, name)
+                row["peak_extra_mb"] = (measure_memory(kind, n, name, args.dtype)
                                         if n in memory_sizes and name != "flex" else math.nan)
                 rows.append(row)
                 print(f"{kind:9} {n:6} {name:10} {gflops:7.0f} {1e3 * fwd:9.1f} {1e3 * bwd:9.1f} "
@@ -272,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"{row['speedup_vs_sdpa_mask']:11.2f} {row['speedup_vs_sdpa_best']:11.2f} "
                       f"{row['peak_extra_mb']:8.0f}", flush=True)
     with open(args.json, "w") as f:
-        json.dump({"machine": info, "protocol": {"B": B, "H": H, "D": D, "dtype": "float32", "warmup": args.warmup,
+        json.dump({"machine": info, "protocol": {"B": B, "H": H, "D": D, "dtype": args.dtype, "warmup": args.warmup,
                                                  "repeats": args.repeats, "window": WINDOW}, "rows": rows}, f, indent=1)
     print(f"# wrote {args.json}")
 
