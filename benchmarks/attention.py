@@ -2,9 +2,9 @@
 implementation and FlexAttention, on the protocol of issue 4.
 
 fp32 (``--dtype bfloat16``: every implementation in bf16), B=1, H=8, D=64; for each mask kind and
-sequence length N every implementation is timed in
-forward (under ``torch.no_grad``) and in forward+backward, the implementations interleaved within
-each repetition, the median taken after warm-up. Throughput counts only the *allowed* scores:
+sequence length N every implementation is timed in forward (under ``torch.no_grad``) and in
+forward+backward, the implementations interleaved within each repetition, the median taken after
+warm-up. Throughput counts only the *allowed* scores:
 4·D flops per allowed (query, key) pair per head for forward, 3.5 times that for forward+backward
 (the FlashAttention papers' convention), and is reported as a percentage of this machine's
 fp32 matmul throughput (4096 x 4096 x 4096), measured inside the same interleaved repetitions as
