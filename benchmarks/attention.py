@@ -7,7 +7,7 @@ forward+backward, the implementations interleaved within each repetition, the me
 warm-up. Throughput counts only the *allowed* scores:
 4·D flops per allowed (query, key) pair per head for forward, 3.5 times that for forward+backward
 (the FlashAttention papers' convention), and is reported as a percentage of this machine's
-fp32 matmul throughput (4096 x 4096 x 4096), measured inside the same interleaved repetitions as
+matmul throughput in the same dtype (4096 x 4096 x 4096), measured inside the same interleaved repetitions as
 the attention calls of each configuration, so that both see the same load on a shared machine.
 
 Peak memory of forward+backward is measured in a fresh subprocess per configuration: after the
