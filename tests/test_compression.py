@@ -539,3 +539,44 @@ def test_keep_heads_prunes_the_chosen_heads_again_and_the_seeded_models_average(
     for args, expected in cases:
         assert main(["compress", str(model), "--out", str(tmp_path / "x"), *args, *common]) == 2
         assert expected in capsys.readouterr().err
+
+
+def test_a_bad_gate_registers_no_hook(tiny_transformer):
+    model, data = tiny_transformer, _batches(tiny_transformer)
+    batch = compression.first_batches(data, 1)
+    before = compression.mean_loss(model, data, batch)
+    gates = {"decoder.layers.0.cross_attn": torch.zeros(4), "decoder.layers.1.cross_attn": torch.zeros(3)}
+    match = r"gates\['decoder.layers.1.cross_attn'\] must be \(4,\), got \(3,\)"
+    with pytest.raises(ValueError, match=match), compression.head_gates(model, gates):
+        pass
+    assert compression.mean_loss(model, data, batch) == before  # the first module is not left gated
+
+
+def test_a_seeded_finetune_leaves_the_callers_random_state(tiny_transformer):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    compression.finetune(tiny_transformer, _batches(tiny_transformer), steps=2, lr=1e-3, seed=5, log=lambda _: None)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_compress_refuses_bad_pruning_settings_before_any_work(tmp_path, capsys, tiny_transformer, monkeypatch):
+    model = tmp_path / "m"
+    tiny_transformer.save(model)
+    write_task(model, {"task": "translation"})
+    (tmp_path / "nested.json").write_text(json.dumps({"decoder.layers.0.cross_attn": [[0, 1]]}))
+    (tmp_path / "int8.json").write_text(json.dumps({"heads_before": 36, "heads_after": 36}))
+    read = []
+    monkeypatch.setattr(compression, "first_batches", lambda *a: read.append(a) or [])  # the work that must not run
+    out = ["--out", str(tmp_path / "o"), "--data", "x"]
+    cases = ((["--prune-heads", "50"], "prune fraction must be in [0, 1), got 50.0"),
+             (["--prune-heads", "0.5", "--seed", "-1"], "--seed must be None or an int >= 0, got -1"),
+             (["--int8", "--seed", "3"], "--seed needs --prune-heads or --keep-heads"),
+             (["--int8", "--greedy", "2"], "--greedy needs --prune-heads or --keep-heads"),
+             (["--int8", "--per-module"], "--per-module needs --prune-heads or --keep-heads"),
+             (["--keep-heads", str(tmp_path / "nested.json")], "must be a non-empty list of distinct heads"),
+             (["--keep-heads", str(tmp_path / "int8.json")], "has no kept_heads (that run pruned no heads)"))
+    for args, expected in cases:
+        assert main(["compress", str(model), *out, *args]) == 2
+        assert expected in capsys.readouterr().err
+    assert not read

@@ -67,3 +67,5 @@ def test_refusals(model):
         model(ids, targets=targets, return_weights=True)
     with pytest.raises(ValueError, match="reduction must be 'sum' or 'mean', got 'none'"):
         model.loss(ids, targets, reduction="none")
+    with pytest.raises(ValueError, match=r"targets must be int64 token ids, got dtype torch\.int32"):
+        model.loss(ids, targets.int())

@@ -317,6 +317,9 @@ def _compress(args: argparse.Namespace) -> int:
     keep_heads = None
     if args.keep_heads:
         keep_heads = read_json_object(Path(args.keep_heads))
+        if "heads_before" in keep_heads and "kept_heads" not in keep_heads:
+            raise UsageError(f"--keep-heads {args.keep_heads}: this `maskattn compress` output has no kept_heads "
+                             "(that run pruned no heads)")
         keep_heads = keep_heads.get("kept_heads", keep_heads)
     result = compress(args.model, args.out, int8=args.int8, prune_heads=args.prune_heads, data=args.data,
                       finetune_steps=args.finetune_steps, lr=args.lr, importance_batches=args.importance_batches,

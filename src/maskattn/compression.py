@@ -50,11 +50,14 @@ def head_gates(model: nn.Module, gates: Mapping[str, Tensor]) -> Iterator[None]:
     ``gates[name]`` is an (H,) tensor; 0 masks a head out, 1 keeps it. The gate acts on the output of
     the module's ``attend`` call (through a forward hook), before the heads are merged and projected.
     """
+    modules = {name: model.get_submodule(name) for name in gates}
+    for name, gate in gates.items():  # all checked before any hook is registered
+        if gate.shape != (modules[name].num_heads,):
+            raise ValueError(f"head_gates: gates[{name!r}] must be ({modules[name].num_heads},), "
+                             f"got {tuple(gate.shape)}")
     handles = []
     for name, gate in gates.items():
-        attn = model.get_submodule(name)
-        if gate.shape != (attn.num_heads,):
-            raise ValueError(f"head_gates: gates[{name!r}] must be ({attn.num_heads},), got {tuple(gate.shape)}")
+        attn = modules[name]
 
         def hook(module: nn.Module, args: Any, output: Any, gate: Tensor = gate) -> Any:
             out, extra = output if isinstance(output, tuple) else (output, None)
@@ -184,6 +187,11 @@ def choose_heads(model: nn.Module, importance: Mapping[str, Tensor], fraction: f
     return _heads_of(modules, kept)
 
 
+def _check_seed(seed: int | None, name: str) -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"{name} must be None or an int >= 0, got {seed!r}")
+
+
 def _check_fraction(fraction: float) -> None:
     if isinstance(fraction, bool) or not 0.0 <= fraction < 1.0:
         raise ValueError(f"prune fraction must be in [0, 1), got {fraction!r}")
@@ -211,8 +219,9 @@ def _checked_keep(modules: Mapping[str, MultiHeadAttention], keep: Mapping[str, 
     for name, attn in modules.items():
         heads = keep.get(name, range(attn.num_heads))
         group = attn.num_heads // attn.num_kv_heads
-        whole = isinstance(heads, Sequence) and not isinstance(heads, str | bytes) and len(set(heads)) == len(heads)
+        whole = isinstance(heads, Sequence) and not isinstance(heads, str | bytes)
         whole = whole and all(isinstance(h, int) and not isinstance(h, bool) and 0 <= h < attn.num_heads for h in heads)
+        whole = whole and len(set(heads)) == len(heads)
         if not heads or not whole or any(h // group * group + i not in heads for h in heads for i in range(group)):
             raise ValueError(f"keep_heads[{name!r}] must be a non-empty list of distinct heads in [0, {attn.num_heads})"
                              f"{f', whole groups of {group} (grouped-query attention)' if group > 1 else ''}, "
@@ -294,11 +303,23 @@ def finetune(model: nn.Module, data: TrainingBatches, *, steps: int, lr: float =
         raise ValueError("finetune distill > 0 needs a teacher and task data with outputs")
     if isinstance(fade_steps, bool) or not isinstance(fade_steps, int) or not 0 <= fade_steps <= max(steps, 0):
         raise ValueError(f"finetune fade_steps must be an int in [0, steps = {steps}], got {fade_steps!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ValueError(f"finetune seed must be None or an int >= 0, got {seed!r}")
-    order = None if seed is None else torch.Generator().manual_seed(seed)
-    if seed is not None:
-        torch.manual_seed(seed)
+    _check_seed(seed, "finetune seed")
+    devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):  # the caller's random state stays
+        order = None
+        if seed is not None:
+            torch.manual_seed(seed)
+            order = torch.Generator().manual_seed(seed)
+        return _finetune_loop(model, data, steps=steps, lr=lr, clip_norm=clip_norm, schedule=schedule, warmup=warmup,
+                              teacher=teacher, distill=distill, temperature=temperature, bf16=bf16, fade=fade,
+                              fade_steps=fade_steps, order=order, log=log)
+
+
+def _finetune_loop(model: nn.Module, data: TrainingBatches, *, steps: int, lr: float, clip_norm: float, schedule: str,
+                   warmup: int, teacher: nn.Module | None, distill: float, temperature: float, bf16: bool,
+                   fade: Mapping[str, Tensor] | None, fade_steps: int, order: torch.Generator | None,
+                   log: Callable[[str], None]) -> nn.Module:
+    """The steps of :func:`finetune` (arguments checked there); ``order`` shuffles each epoch's batches."""
     sched = TrainConfig(steps=max(1, steps), lr=lr, schedule=schedule, warmup=warmup, min_lr_ratio=0.0)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -408,8 +429,14 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
             raise ValueError(f"compress: {name} must be an int >= 0, got {value!r}")
     if greedy and per_module:
         raise ValueError("compress: --greedy ranks heads over the whole model; it cannot be combined with --per-module")
-    if fade_steps and not prune_heads and keep_heads is None:
-        raise ValueError(f"compress: --fade-steps ({fade_steps}) needs --prune-heads")
+    pruning = bool(prune_heads) or keep_heads is not None
+    if prune_heads:
+        _check_fraction(prune_heads)
+    _check_seed(seed, "compress: --seed")
+    for name, given in (("--fade-steps", fade_steps), ("--greedy", greedy), ("--per-module", per_module),
+                        ("--seed", seed is not None)):
+        if given and not pruning:
+            raise ValueError(f"compress: {name} needs --prune-heads or --keep-heads (it shapes the pruning)")
     if fade_steps > finetune_steps:
         raise ValueError(f"compress: --fade-steps ({fade_steps}) must be at most --finetune-steps ({finetune_steps}), "
                          "or the faded heads would still count when they are removed")
@@ -419,21 +446,21 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
     model = load(directory).eval()
     result: dict[str, Any] = {"heads_before": heads(model), "linear_weight_bytes_before": linear_weight_bytes(model),
                               "file_bytes_before": (directory / "model.safetensors").stat().st_size}
-    if prune_heads or keep_heads is not None:
+    if pruning:
         task = tasks().get(settings.get("task"))
         if task is None or task.training_batches is None:
-            raise ValueError(f"compress --prune-heads: task {settings.get('task')!r} has no training_batches; "
-                             "its models can be quantised (--int8) but not pruned")
+            raise ValueError(f"compress --prune-heads/--keep-heads: task {settings.get('task')!r} has no "
+                             "training_batches; its models can be quantised (--int8) but not pruned")
         if not data:
-            raise ValueError(f"compress --prune-heads needs the task's training data: --data ({task.data_help})")
+            raise ValueError(f"compress --prune-heads/--keep-heads needs the task's training data: --data "
+                             f"({task.data_help})")
+        keep = _checked_keep(attention_modules(model), keep_heads) if keep_heads is not None else None
         batches = task.training_batches(directory, list(data), max_tokens)
         sample = first_batches(batches, importance_batches)
-        if keep_heads is not None:
-            keep = _checked_keep(attention_modules(model), keep_heads)
-        elif greedy:
+        if keep is None and greedy:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 keep = choose_heads_greedy(model, batches, sample, prune_heads, per_round=greedy, log=log)
-        else:
+        elif keep is None:
             keep = choose_heads(model, head_importance(model, batches, sample), prune_heads, per_module=per_module)
         result["loss_before"] = mean_loss(model, batches, sample)
         fade = None

@@ -36,8 +36,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ign
     Args:
         hidden: (..., E) states, e.g. (B, L, E).
         weight: (V, E) output projection (e.g. tied to the token embedding); no bias.
-        targets: (...) int64 token ids, the shape of ``hidden`` without its last dim; ``ignore_index``
-            marks positions without a target.
+        targets: (...) int64 token ids in [0, V), the shape of ``hidden`` without its last dim;
+            ``ignore_index`` marks positions without a target. Ids out of range are not checked (that
+            would cost a pass and a host sync): like ``F.cross_entropy``, indexing fails on them.
         reduction: ``"sum"`` or ``"mean"`` (over the positions with a target; NaN if there are none, as
             PyTorch's).
         chunk_rows: rows per chunk (default ``CHUNK_ELEMENTS // V``).
@@ -46,7 +47,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ign
     ``F.linear(...).float()`` would; without it ``hidden`` and ``weight`` must have one dtype.
 
     Raises:
-        ValueError: naming the argument whose shape, dtype or value does not fit.
+        ValueError: naming the argument whose shape or dtype does not fit, or a bad reduction or chunk_rows.
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")

@@ -113,7 +113,7 @@ class DecoderLM(Persistent, Summary, nn.Module):
         reduction=reduction)`` but, beyond one chunk of rows, never holds the whole (B, L, V) logits:
         :func:`maskattn.layers.vocab_loss.linear_cross_entropy` projects a chunk of rows at a time with
         ``lm_head.weight`` (less memory, and fewer passes over the logits, at a large vocabulary; forward
-        hooks on ``lm_head`` do not run). An output projection that is not a plain bias-free ``nn.Linear``
+        hooks and pre-hooks on ``lm_head`` do not run). An output projection that is not a plain bias-free ``nn.Linear``
         (int8) takes the plain path.
 
         Args:
@@ -125,11 +125,13 @@ class DecoderLM(Persistent, Summary, nn.Module):
         if not isinstance(targets, Tensor) or targets.shape != input_ids.shape:
             got = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
             raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, got {got}")
+        if targets.dtype != torch.int64:
+            raise ValueError(f"targets must be int64 token ids, got dtype {targets.dtype}")
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         hidden = self.features(input_ids, lengths=lengths, doc_ids=doc_ids)  # (B, L, E)
         if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
             return linear_cross_entropy(hidden, self.lm_head.weight, targets, reduction=reduction)
-        if reduction not in ("sum", "mean"):
-            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         logits = self.lm_head(hidden).flatten(0, 1).float()  # (B * L, V)
         return F.cross_entropy(logits, targets.flatten(), ignore_index=-100, reduction=reduction)
 
