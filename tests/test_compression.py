@@ -318,6 +318,28 @@ def test_greedy_measures_again_after_each_round(tiny_transformer):
         compression.choose_heads_greedy(model, data, batches, 0.5, per_round=0)
 
 
+def test_greedy_skips_modules_it_cannot_take_from_and_chooses_as_if_it_measured_all(tiny_transformer, monkeypatch):
+    model, data = tiny_transformer, _batches(tiny_transformer)
+    batches = compression.first_batches(data, 2)
+    modules = compression.attention_modules(model)
+    # by hand: measure every module each round, take the least important unit of a module keeping > 1
+    removed, by_hand = {name: set() for name in modules}, []
+    while len(by_hand) < 18:
+        scores = compression.head_importance(model, data, batches, removed=removed)
+        units = sorted((float(v), n, g) for n, s in scores.items() for g, v in enumerate(s)
+                       if g not in removed[n] and 4 - len(removed[n]) > 1)
+        _, name, g = units[0]
+        removed[name].add(g)
+        by_hand.append((name, g))
+    measured = []
+    original = compression.mean_loss
+    monkeypatch.setattr(compression, "mean_loss", lambda *a: measured.append(1) or original(*a))
+    keep = compression.choose_heads_greedy(model, data, batches, 18 / 24, per_round=1, log=lambda _: None)
+    assert keep == {name: sorted(set(range(4)) - removed[name]) for name in modules}
+    every = sum(1 + sum(4 - len({g for n, g in by_hand[:r] if n == m}) for m in modules) for r in range(18))
+    assert len(measured) < every  # modules down to one unit were not measured again
+
+
 def test_faded_gates_by_hand():
     fade = {"a": torch.tensor([1.0, 0.0, 0.0, 1.0])}
     assert torch.equal(compression.faded_gates(fade, 1, 4)["a"], torch.tensor([1.0, 0.75, 0.75, 1.0]))

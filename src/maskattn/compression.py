@@ -22,7 +22,7 @@ and loads with :func:`maskattn.load` and every prediction command.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -101,11 +101,13 @@ def _gates(model: nn.Module, removed: Mapping[str, set[int]]) -> dict[str, Tenso
 
 
 def head_importance(model: nn.Module, data: TrainingBatches, batches: list[dict[str, Any]], *,
-                    removed: Mapping[str, set[int]] | None = None) -> dict[str, Tensor]:
+                    removed: Mapping[str, set[int]] | None = None,
+                    only: Collection[str] | None = None) -> dict[str, Tensor]:
     """Expected loss change when each head (key/value group) is masked out: ``{module: (Hkv,) tensor}``.
 
     Measured in eval mode on ``batches`` (see :func:`first_batches`), one unit masked at a time, on top of
-    the units in ``removed[name]`` (already masked; their score is ``inf``).
+    the units in ``removed[name]`` (already masked; their score is ``inf``). With ``only``, the units of
+    the other modules are not measured (score ``inf``).
     """
     model.eval()
     removed = {name: set(removed.get(name, ())) if removed else set() for name in attention_modules(model)}
@@ -114,6 +116,9 @@ def head_importance(model: nn.Module, data: TrainingBatches, batches: list[dict[
     importance = {}
     for name, attn in attention_modules(model).items():
         scores = torch.full((attn.num_kv_heads,), float("inf"))
+        if only is not None and name not in only:
+            importance[name] = scores
+            continue
         for g in set(range(attn.num_kv_heads)) - removed[name]:
             with head_gates(model, _gates(model, {**removed, name: removed[name] | {g}})):
                 scores[g] = mean_loss(model, data, batches) - base
@@ -141,10 +146,11 @@ def choose_heads_greedy(model: nn.Module, data: TrainingBatches, batches: list[d
     def takeable(name: str) -> bool:  # within the target, and the module keeps a unit
         return count + group[name] <= target and modules[name].num_kv_heads - len(removed[name]) > 1
 
-    while any(takeable(name) for name in modules):
-        importance = head_importance(model, data, batches, removed=removed)
+    while any(takeable(name) for name in modules):  # a module untakeable now stays so: it is not measured
+        importance = head_importance(model, data, batches, removed=removed,
+                                     only={name for name in modules if takeable(name)})
         units = sorted((float(score), name, g) for name, scores in importance.items() for g, score in enumerate(scores)
-                       if g not in removed[name])
+                       if g not in removed[name] and score < float("inf"))
         taken = 0
         for _, name, g in units:
             if taken == per_round:
