@@ -185,6 +185,19 @@ def test_evaluate_ensemble_answers_as_the_span_ensemble_and_refuses_another_toke
                  str(tmp_path / "overridden.json")]) == 0
     assert json.loads(capsys.readouterr().out) == expected
     assert (tmp_path / "overridden.json").read_text() == (tmp_path / "narrow.json").read_text()
-    for flag, value in (("--stride", "0"), ("--max-len", "100000")):
+    # --max-answer: the same as a model directory trained with it; a shorter limit changes some answer
+    _span_model(tok, 0).save(tmp_path / "short", tokenizer=tok)
+    write_task(tmp_path / "short", {**task, "max_answer": 2})
+    assert main(["evaluate", str(tmp_path / "short"), "--data", str(data), "--predictions",
+                 str(tmp_path / "short.json")]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", dirs[0], "--data", str(data), "--max-answer", "2", "--predictions",
+                 str(tmp_path / "short-overridden.json")]) == 0
+    assert json.loads(capsys.readouterr().out) == expected
+    short = json.loads((tmp_path / "short-overridden.json").read_text())
+    assert short == json.loads((tmp_path / "short.json").read_text())
+    assert all(len(answer) <= 2 for answer in short.values())  # a character tokenizer: 2 tokens, 2 characters
+    assert short != qa.best_spans(members[0], tok, examples, windows, max_answer=8), "the limit should matter"
+    for flag, value in (("--stride", "0"), ("--max-len", "100000"), ("--max-answer", "0")):
         assert main(["evaluate", dirs[0], "--data", str(data), flag, value]) == 2
         assert flag in capsys.readouterr().err

@@ -248,19 +248,20 @@ def answer(directory_or_model, questions: Sequence[tuple[str, str]]) -> list[str
 
 def evaluate_file(directory: str | Path, path: str, predictions: str | None = None,
                   ensemble: Sequence[str] = (), max_len: int | None = None,
-                  stride: int | None = None) -> dict[str, float]:
+                  stride: int | None = None, max_answer: int | None = None) -> dict[str, float]:
     """Exact match and F1 on a SQuAD v1.1 file; optionally write ``predictions.json`` (official format:
     ``{question id: answer text}``). ``ensemble``: more model directories whose span logits are averaged
     with ``directory``'s. ``max_len`` / ``stride``: cut the contexts into other windows than the model
-    was trained on (at most its ``max_len`` positions)."""
+    was trained on (at most its ``max_len`` positions). ``max_answer``: the longest answer, in tokens."""
     if predictions and Path(predictions).is_dir():
         raise UsageError(f"--predictions {predictions}: a directory, expected the path of the JSON file to write")
-    overrides = {k: v for k, v in (("max_len", max_len), ("stride", stride)) if v is not None}
+    overrides = {k: v for k, v in (("max_len", max_len), ("stride", stride), ("max_answer", max_answer))
+                 if v is not None}
     model, tok, task = _ensemble(directory, ensemble or (), overrides)
     positions = _max_positions(model)
     for key, value in overrides.items():
         low = 4 if key == "max_len" else 1
-        if not low <= value <= positions:
+        if not low <= value <= positions:  # an answer of more tokens than a window holds is never found either
             flag = "--" + key.replace("_", "-")
             raise UsageError(f"{flag} must be in [{low}, {positions}] (the model's positions), got {value}")
     task = {**task, **overrides}
@@ -294,5 +295,6 @@ TASK = register(Task(
                       Option("--max-len", "max_len", "tokens per window (default: the model's training setting)",
                              int),
                       Option("--stride", "stride", "context tokens between window starts (default: the model's)",
-                             int)),
+                             int),
+                      Option("--max-answer", "max_answer", "longest answer in tokens (default: the model's)", int)),
 ))
