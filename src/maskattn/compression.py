@@ -221,19 +221,8 @@ def _checked_keep(modules: Mapping[str, MultiHeadAttention], keep: Mapping[str, 
     if unknown:
         raise ValueError(f"keep_heads names {unknown}, which are not attention modules of this model "
                          f"(it has {sorted(modules)})")
-    checked = {}
-    for name, attn in modules.items():
-        heads = keep.get(name, range(attn.num_heads))
-        group = attn.num_heads // attn.num_kv_heads
-        whole = isinstance(heads, Sequence) and not isinstance(heads, str | bytes)
-        whole = whole and all(isinstance(h, int) and not isinstance(h, bool) and 0 <= h < attn.num_heads for h in heads)
-        whole = whole and len(set(heads)) == len(heads)
-        if not heads or not whole or any(h // group * group + i not in heads for h in heads for i in range(group)):
-            raise ValueError(f"keep_heads[{name!r}] must be a non-empty list of distinct heads in [0, {attn.num_heads})"
-                             f"{f', whole groups of {group} (grouped-query attention)' if group > 1 else ''}, "
-                             f"got {heads!r}")
-        checked[name] = sorted(heads)
-    return checked
+    return {name: attn.heads_to_keep(keep.get(name, list(range(attn.num_heads))), f"keep_heads[{name!r}]")
+            for name, attn in modules.items()}
 
 
 def prune(model: nn.Module, keep: Mapping[str, list[int]]) -> nn.Module:
@@ -313,45 +302,35 @@ def finetune(model: nn.Module, data: TrainingBatches, *, steps: int, lr: float =
     devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
     with torch.random.fork_rng(devices=devices, enabled=seed is not None):  # the caller's random state stays
         order = None
-        if seed is not None:
+        if seed is not None:  # seeds the dropout draws; ``order`` shuffles each epoch's batches
             torch.manual_seed(seed)
             order = torch.Generator().manual_seed(seed)
-        return _finetune_loop(model, data, steps=steps, lr=lr, clip_norm=clip_norm, schedule=schedule, warmup=warmup,
-                              teacher=teacher, distill=distill, temperature=temperature, bf16=bf16, fade=fade,
-                              fade_steps=fade_steps, order=order, log=log)
-
-
-def _finetune_loop(model: nn.Module, data: TrainingBatches, *, steps: int, lr: float, clip_norm: float, schedule: str,
-                   warmup: int, teacher: nn.Module | None, distill: float, temperature: float, bf16: bool,
-                   fade: Mapping[str, Tensor] | None, fade_steps: int, order: torch.Generator | None,
-                   log: Callable[[str], None]) -> nn.Module:
-    """The steps of :func:`finetune` (arguments checked there); ``order`` shuffles each epoch's batches."""
-    sched = TrainConfig(steps=max(1, steps), lr=lr, schedule=schedule, warmup=warmup, min_lr_ratio=0.0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    step, epoch = 0, 0
-    while step < steps:
-        plan = data.plan(epoch)
-        if not plan:
-            raise ValueError("finetune: the data has no batches")
-        if order is not None:
-            plan = [plan[i] for i in torch.randperm(len(plan), generator=order).tolist()]
-        for idx in plan[: steps - step]:
-            batch = data.collate(idx)
-            gates = faded_gates(fade, step + 1, fade_steps) if fade else {}
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), head_gates(model, gates):
-                loss = finetune_loss(model, data, batch, teacher=teacher, distill=distill, temperature=temperature)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(sched, step + 1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, clip_norm)
-            optimizer.step()
-            step += 1
-            if step % 10 == 0 or step == steps:
-                log(f"finetune step {step}/{steps}: loss {loss.item():.4f}")
-        epoch += 1
+        sched = TrainConfig(steps=max(1, steps), lr=lr, schedule=schedule, warmup=warmup, min_lr_ratio=0.0)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        model.train()
+        step, epoch = 0, 0
+        while step < steps:
+            plan = data.plan(epoch)
+            if not plan:
+                raise ValueError("finetune: the data has no batches")
+            if order is not None:
+                plan = [plan[i] for i in torch.randperm(len(plan), generator=order).tolist()]
+            for idx in plan[: steps - step]:
+                batch = data.collate(idx)
+                gates = faded_gates(fade, step + 1, fade_steps) if fade else {}
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), head_gates(model, gates):
+                    loss = finetune_loss(model, data, batch, teacher=teacher, distill=distill, temperature=temperature)
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(sched, step + 1)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(params, clip_norm)
+                optimizer.step()
+                step += 1
+                if step % 10 == 0 or step == steps:
+                    log(f"finetune step {step}/{steps}: loss {loss.item():.4f}")
+            epoch += 1
     return model.eval()
 
 

@@ -154,15 +154,9 @@ class MultiHeadAttention(nn.Module):
         Raises:
             ValueError: naming ``keep`` when it is empty, repeats or leaves a range, or splits a group.
         """
-        keep = sorted(int(h) for h in keep)
-        if not keep or len(set(keep)) != len(keep) or not all(0 <= h < self.num_heads for h in keep):
-            raise ValueError(f"prune_heads(keep): keep must be distinct heads in [0, {self.num_heads}), "
-                             f"at least one, got {keep}")
+        keep = self.heads_to_keep(keep, "prune_heads(keep): keep")
         group = self.num_heads // self.num_kv_heads
         groups = list(dict.fromkeys(h // group for h in keep))
-        if keep != sorted(g * group + i for g in groups for i in range(group)):
-            raise ValueError(f"prune_heads(keep): with {self.num_kv_heads} key/value heads for {self.num_heads} "
-                             f"heads, keep must hold whole groups of {group} heads, got {keep}")
         if any(not isinstance(p, nn.Linear) for p in (self.q_proj, self.k_proj, self.v_proj, self.out_proj)):
             raise ValueError("prune_heads: the projections are no longer nn.Linear (quantized?); prune first")
         d = self.head_dim
@@ -171,6 +165,24 @@ class MultiHeadAttention(nn.Module):
         self.q_proj, self.out_proj = _select(self.q_proj, rows, 0), _select(self.out_proj, rows, 1)
         self.k_proj, self.v_proj = _select(self.k_proj, kv_rows, 0), _select(self.v_proj, kv_rows, 0)
         self.num_heads, self.num_kv_heads = len(keep), len(groups)
+
+    def heads_to_keep(self, keep: Sequence[int], name: str = "keep") -> list[int]:
+        """``keep`` sorted, after checking that it can be pruned to (see :meth:`prune_heads`).
+
+        Raises:
+            ValueError: naming ``name`` when ``keep`` is not a non-empty sequence of distinct int heads in
+                range, or splits a key/value group.
+        """
+        group = self.num_heads // self.num_kv_heads
+        ints = isinstance(keep, Sequence) and not isinstance(keep, str | bytes)
+        ints = ints and all(isinstance(h, int) and not isinstance(h, bool) for h in keep)
+        heads = sorted(keep) if ints else []
+        whole = heads == sorted(g * group + i for g in dict.fromkeys(h // group for h in heads) for i in range(group))
+        if not heads or not whole or not 0 <= heads[0] <= heads[-1] < self.num_heads:
+            groups = f", whole groups of {group} heads (grouped-query attention)" if group > 1 else ""
+            raise ValueError(f"{name} must be a non-empty list of distinct heads in [0, {self.num_heads}){groups}, "
+                             f"got {keep!r}")
+        return heads
 
     def _check_query(self, query: Tensor) -> tuple[int, int]:
         width = self.q_proj.in_features

@@ -88,8 +88,8 @@ def _chunks(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, 
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start : start + chunk_rows].to(dtype)  # (c, E)
             t = targets[start : start + chunk_rows]
-            ignored = (t == ignore_index).unsqueeze(1)  # (c, 1)
-            safe = t.masked_fill(t == ignore_index, 0)  # (c,)
+            hit = t == ignore_index  # (c,)
+            ignored, safe = hit.unsqueeze(1), t.masked_fill(hit, 0)  # (c, 1), (c,)
             logits = (h @ w.T).float()  # (c, V)
             top = logits.amax(-1, keepdim=True)  # (c, 1)
             picked = logits.gather(1, safe.unsqueeze(1)) - top  # shifted by the row max, as log_softmax is,

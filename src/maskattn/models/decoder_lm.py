@@ -113,8 +113,8 @@ class DecoderLM(Persistent, Summary, nn.Module):
         reduction=reduction)`` but, beyond one chunk of rows, never holds the whole (B, L, V) logits:
         :func:`maskattn.layers.vocab_loss.linear_cross_entropy` projects a chunk of rows at a time with
         ``lm_head.weight`` (less memory, and fewer passes over the logits, at a large vocabulary; forward
-        hooks and pre-hooks on ``lm_head`` do not run). An output projection that is not a plain bias-free ``nn.Linear``
-        (int8) takes the plain path.
+        hooks and pre-hooks on ``lm_head`` do not run). An output projection that is not a plain bias-free
+        ``nn.Linear`` (int8) takes the plain path.
 
         Args:
             input_ids, lengths, doc_ids: as :meth:`forward`.
