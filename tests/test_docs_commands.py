@@ -1,0 +1,151 @@
+"""Every command written in README.md and docs/*.md parses as written.
+
+The results in docs/ are re-run by others from the commands printed next to them, so a renamed flag or
+setting must fail here, not in someone's 90-minute run. For each ```bash block: every `maskattn ...`
+command is parsed by maskattn's own argument parser, and a `train` command's settings (`--set`, the
+shortcuts) are resolved against its task's config, which names any unknown or mistyped key. Every
+`python -m benchmarks.X` / `python -m recipes.X` command is parsed by that module's parser (it is stopped
+right after parsing). Shell variables become placeholders (`$D/train.json` -> `1/train.json`), and a
+command holding a literal `...` (an elided example) is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from maskattn import cli, config
+from maskattn.tasks.base import tasks
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+STOP = {";", "&", "&&", "|", "||", "(", ")", "<", ">", ">>", ">&", "&>", "2>", "done", "then", "fi"}
+
+
+def _logical_lines(path: Path):
+    """(line number, text) of each command line in the file's bash blocks, continuations joined, with the
+    variables of enclosing ``for VAR in A B ...`` loops set to their first value."""
+    text = path.read_text(encoding="utf-8")
+    for block in re.finditer(r"```bash\n(.*?)```", text, re.S):
+        first = text.count("\n", 0, block.start()) + 2
+        pending, start, loops = "", first, {}
+        for offset, line in enumerate(block.group(1).splitlines()):
+            for var, values in re.findall(r"\bfor (\w+) in ([^;]+);", line):
+                loops[var] = shlex.split(values)[0]
+            for var, value in loops.items():
+                line = re.sub(rf"\$\{{?{var}\b\}}?", value, line)
+            if not pending:
+                start = first + offset
+            if line.rstrip().endswith("\\"):
+                pending += line.rstrip()[:-1] + " "
+                continue
+            yield start, pending + line
+            pending = ""
+
+
+def _words(line: str) -> list[str]:
+    line = re.sub(r"\$\(.*\)", "1", line)  # command substitutions: their output is a path or a number
+    line = re.sub(r"\$\{?\w+\}?", "1", line)  # shell variables
+    line = line.split(" #", 1)[0]  # a trailing comment
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|<>()")
+    lexer.whitespace_split = True
+    try:
+        return list(lexer)
+    except ValueError:  # an unbalanced quote inside a python -c string: not a command of ours
+        return []
+
+
+def _commands(words: list[str], head: tuple[str, ...]) -> list[list[str]]:
+    """The argument lists of every command in ``words`` that starts with ``head``."""
+    found = []
+    for i in range(len(words)):
+        if tuple(words[i : i + len(head)]) != head:
+            continue
+        before = words[i - 1] if i else ";"
+        if not (before in STOP or before in ("do", "time", "nohup") or re.fullmatch(r"\w+=\S*", before)):
+            continue  # an argument that happens to read "maskattn", not a command
+        args = []
+        for word in words[i + len(head) :]:
+            if word in STOP or word.startswith(">"):
+                if word.startswith(">") and args and re.fullmatch(r"\d", args[-1]):
+                    args.pop()  # the "2" of "2>&1" or "2> log", split off by the lexer
+                break
+            args.append(word)
+        found.append(args)
+    return found
+
+
+def _collect(head: tuple[str, ...]) -> list[tuple[str, list[str]]]:
+    found = []
+    for path in FILES:
+        for number, line in _logical_lines(path):
+            for args in _commands(_words(line), head):
+                if "..." not in args:
+                    found.append((f"{path.name}:{number}", args))
+    return found
+
+
+MASKATTN = _collect(("maskattn",))
+MODULES = [(where, args) for module in ("benchmarks", "recipes")
+           for where, args in _collect(("python", "-m")) if args and args[0].startswith(module + ".")]
+
+
+def test_the_docs_have_commands_to_check():
+    assert len(MASKATTN) >= 50 and len(MODULES) >= 20
+
+
+@pytest.mark.parametrize("where,args", MASKATTN, ids=[w for w, _ in MASKATTN])
+def test_maskattn_command_parses(where, args, capsys):
+    parser = cli.build_parser()
+    try:
+        parsed = cli._parse(parser, args)
+    except SystemExit as e:
+        pytest.fail(f"{where}: `maskattn {' '.join(args)}` does not parse: {capsys.readouterr().err.strip()} "
+                    f"(exit {e.code})")
+    if parsed.command != "train" or (parsed.config and not Path(parsed.config).exists()):
+        return
+    assignments = list(parsed.set)
+    for name in cli.shortcuts():
+        if getattr(parsed, name):
+            assignments.append(f"data.{name}={json.dumps(getattr(parsed, name))}")
+    try:
+        config.load(tasks()[parsed.task].config(), parsed.config, assignments)
+    except (ValueError, TypeError, KeyError) as e:
+        pytest.fail(f"{where}: `maskattn {' '.join(args)}`: its settings do not resolve: {e}")
+
+
+class _Parsed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("where,args", MODULES, ids=[w for w, _ in MODULES])
+def test_module_command_parses(where, args, monkeypatch, capsys):
+    module = importlib.import_module(args[0])
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, argv=None, namespace=None):
+        original(self, argv, namespace)
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    monkeypatch.setattr("sys.argv", [args[0], *args[1:]])
+    try:
+        module.main(args[1:]) if _takes_argv(module.main) else module.main()
+    except _Parsed:
+        return
+    except SystemExit as e:
+        pytest.fail(f"{where}: `python -m {' '.join(args)}` does not parse: {capsys.readouterr().err.strip()} "
+                    f"(exit {e.code})")
+    pytest.fail(f"{where}: python -m {args[0]} ran without parsing its arguments with argparse")
+
+
+def _takes_argv(main) -> bool:
+    import inspect
+
+    return bool(inspect.signature(main).parameters)
