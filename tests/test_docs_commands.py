@@ -120,7 +120,7 @@ def test_maskattn_command_parses(where, args, capsys):
         pytest.fail(f"{where}: `maskattn {' '.join(args)}`: its settings do not resolve: {e}")
 
 
-class _Parsed(Exception):
+class _ParsedError(Exception):
     pass
 
 
@@ -131,13 +131,13 @@ def test_module_command_parses(where, args, monkeypatch, capsys):
 
     def parse_then_stop(self, argv=None, namespace=None):
         original(self, argv, namespace)
-        raise _Parsed
+        raise _ParsedError
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
     monkeypatch.setattr("sys.argv", [args[0], *args[1:]])
     try:
         module.main(args[1:]) if _takes_argv(module.main) else module.main()
-    except _Parsed:
+    except _ParsedError:
         return
     except SystemExit as e:
         pytest.fail(f"{where}: `python -m {' '.join(args)}` does not parse: {capsys.readouterr().err.strip()} "
