@@ -44,6 +44,25 @@ def test_a_second_run_into_a_used_directory_is_refused_unless_resume_or_overwrit
     assert [p.name for p in checkpoint.list_checkpoints(out / "checkpoints")] == ["step-000000002", "step-000000004"]
 
 
+def test_a_failed_overwrite_run_keeps_the_old_run(tmp_path, capsys):
+    # --overwrite with a mistyped data path: the task fails reading its data, before anything is deleted
+    out = tmp_path / "run"
+    assert main(lm_args(tmp_path, out)) == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    args = lm_args(tmp_path, out, "--overwrite")
+    args[args.index("--train") + 1] = str(tmp_path / "typo.txt")
+    assert main(args) == 2
+    assert "typo.txt" in capsys.readouterr().err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_overwrite_clears_hypotheses_that_evaluate_wrote(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "hypotheses.test.de.txt").write_text("a\n")  # `maskattn evaluate RUN/model` writes it here
+    clear_run_directory(tmp_path)
+    assert not tmp_path.exists()
+
+
 def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(RunDirectoryError, match=r"notes\.txt, which no maskattn run writes"):

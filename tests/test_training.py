@@ -231,6 +231,28 @@ def test_a_trainer_that_did_not_resume_refuses_another_runs_checkpoints_and_star
             if "loss" in json.loads(line)] == [1, 2]
 
 
+def test_resume_of_a_run_killed_before_its_first_step_checkpoint_starts_again(tmp_path):
+    # the run evaluated (and saved best/) at step 2, then died before its first step checkpoint (step 4)
+    trainer = _tiny_trainer(tmp_path, steps=4, eval_every=2, checkpoint_every=4)
+    checkpoint.save(tmp_path / "best", 2, trainer.state(), keep=1)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    assert trainer.resume() is False
+    assert not (tmp_path / "best").exists()  # the dead run's best is not this run's
+    trainer.fit()
+    assert trainer.step == 4 and checkpoint.step_of(checkpoint.latest(tmp_path / "checkpoints")) == 4
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_resuming_a_run_that_stopped_early_does_not_train_on(tmp_path):
+    # evaluations 1.0, 0.5, 0.6, 0.7: with patience 2 the run stops after the fourth (step 8)
+    first = _tiny_trainer(tmp_path, steps=20, eval_every=2, checkpoint_every=2, patience=2)
+    assert first.fit() == {"loss": 0.7} and first.step == 8
+    again = _tiny_trainer(tmp_path, steps=20, eval_every=2, checkpoint_every=2, patience=2)
+    assert again.resume() and again.fit() == {"loss": 0.7}
+    assert again.step == 8 and checkpoint.step_of(checkpoint.latest(tmp_path / "checkpoints")) == 8
+
+
 def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     from maskattn.errors import TrainingError
 

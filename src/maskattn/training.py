@@ -20,6 +20,7 @@ and data position, a run killed at any point and resumed ends with the same weig
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import json
 import logging
@@ -185,6 +186,7 @@ REPORTERS: dict[str, Callable[[Path], Callback]] = {"tensorboard": lambda out: T
 # clear_run_directory may delete without asking.
 RUN_ENTRIES = ("checkpoints", "best", "model", "metrics.jsonl", "tokenizer.json", "curves.png",
                "cross_attention.png", "cross_attention_heads.png", "events")
+RUN_FILE_PATTERN = "hypotheses.*.txt"  # `maskattn evaluate RUN` of a translation run writes its hypotheses here
 
 
 def to_device(value: Any, device: torch.device | str) -> Any:
@@ -211,6 +213,17 @@ def prepare_run_directory(out: str | Path, *, resume: bool = False, overwrite: b
         RunDirectoryError: ``out`` is a file or lies under one, or it is not empty and neither
             ``resume`` nor ``overwrite`` is given, or both are.
     """
+    out = check_run_directory(out, resume=resume, overwrite=overwrite)
+    if overwrite:
+        clear_run_directory(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def check_run_directory(out: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """What :func:`prepare_run_directory` checks, without deleting or creating anything: the CLI calls it
+    before a task reads its data, so that a bad directory fails at once and a failed ``--overwrite`` run
+    (a mistyped data path) leaves the old run in place."""
     out = Path(out)
     if resume and overwrite:
         raise RunDirectoryError("resume and overwrite exclude each other: continue the run in "
@@ -219,14 +232,27 @@ def prepare_run_directory(out: str | Path, *, resume: bool = False, overwrite: b
         if parent.exists() and not parent.is_dir():
             raise RunDirectoryError(f"run directory {out}: {parent} is a file, not a directory")
     if overwrite:
-        clear_run_directory(out)
+        _foreign_entries(out)
     elif not resume and out.is_dir() and any(out.iterdir()):
         held = sorted(p.name for p in out.iterdir())
         raise RunDirectoryError(
             f"run directory {out} is not empty (it holds {', '.join(held[:6])}{' ...' if len(held) > 6 else ''}): "
             "resume the run in it (--resume), replace it (--overwrite), or choose another directory (--out)")
-    out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _foreign_entries(out: Path) -> None:
+    """Raise if ``out`` holds anything a run does not write (:data:`RUN_ENTRIES`, hypotheses files)."""
+    if not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if not _run_entry(p.name))
+    if foreign:
+        raise RunDirectoryError(f"will not clear {out}: it holds {', '.join(foreign[:6])}, which no maskattn run "
+                                "writes (is it really a run directory?); remove them or choose another --out")
+
+
+def _run_entry(name: str) -> bool:
+    return name in RUN_ENTRIES or name.startswith(".") or fnmatch.fnmatch(name, RUN_FILE_PATTERN)
 
 
 def clear_run_directory(out: str | Path) -> None:
@@ -243,10 +269,7 @@ def clear_run_directory(out: str | Path) -> None:
         return
     if not out.is_dir():
         raise RunDirectoryError(f"run directory {out} is a file, not a directory")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith("."))
-    if foreign:
-        raise RunDirectoryError(f"will not clear {out}: it holds {', '.join(foreign[:6])}, which no maskattn run "
-                                "writes (is it really a run directory?); remove them or choose another --out")
+    _foreign_entries(out)
     out = out.resolve()
     aside = out.with_name(f".{out.name}.deleting.{os.getpid()}")
     os.replace(out, aside)
@@ -349,9 +372,16 @@ class Trainer:
         }
 
     def resume(self, path: str | Path | None = None) -> bool:
-        """Load the newest checkpoint under ``out_dir/checkpoints`` (or ``path``); False if none."""
+        """Load the newest checkpoint under ``out_dir/checkpoints`` (or ``path``); False if none.
+
+        With no step checkpoint, the run in ``out_dir`` died before its first one: it starts again from
+        step 0, and the best-so-far checkpoint that run may have left (``best/``) is removed with it.
+        """
         path = Path(path) if path else checkpoint.latest(self.out_dir / "checkpoints")
         if path is None:
+            if self.rank == 0 and (self.out_dir / "best").is_dir():
+                shutil.rmtree(self.out_dir / "best")
+            self.resumed = True  # continuing this directory's run, from its start
             return False
         state = checkpoint.load(path)
         try:
@@ -396,6 +426,9 @@ class Trainer:
                    desc="train", unit="step", dynamic_ncols=True)
         last: dict[str, float] = {}
         window_loss, window_targets, window_start = 0.0, 0.0, time.perf_counter()
+        if cfg.patience and self.bad_evals >= cfg.patience:  # a resumed run that had already stopped early
+            bar.close()
+            return self._last_evaluation()
         while self.step < cfg.steps:
             micro = self._next_micro_batches()
             loss_sum, targets = self._optimizer_step(micro)
@@ -503,6 +536,16 @@ class Trainer:
         return metrics, bool(self.cfg.patience and self.bad_evals >= self.cfg.patience)
 
     # --- the metrics log ---------------------------------------------------------------------------
+    def _last_evaluation(self) -> dict[str, float]:
+        """The newest evaluation in the log (without its ``eval_`` prefixes); empty if there is none."""
+        log = self.out_dir / "metrics.jsonl"
+        lines = log.read_text(encoding="utf-8").splitlines() if self.rank == 0 and log.exists() else []
+        for line in reversed(lines):
+            record = json.loads(line)
+            if any(key.startswith("eval_") for key in record):
+                return {key[5:]: value for key, value in record.items() if key.startswith("eval_")}
+        return {}
+
     def _log(self, record: dict[str, float]) -> None:
         if self.rank == 0:
             with open(self.out_dir / "metrics.jsonl", "a") as f:
