@@ -59,8 +59,9 @@ def measure_classification(directory: str, path: str, repeats: int) -> dict[str,
     records = read_labelled(path, text_field=task["text_field"], label_field=task["label_field"])
     texts, gold = [t for t, _ in records], [label for _, label in records]
     with torch.inference_mode():
-        classification.predict(model, tok, task["labels"], texts[:8])  # warm-up
-        seconds, predicted = _best_time(lambda: classification.predict(model, tok, task["labels"], texts), repeats)
+        classification.predict(model, tok, task["labels"], texts[:8], max_len=task.get("max_len"))  # warm-up
+        seconds, predicted = _best_time(
+            lambda: classification.predict(model, tok, task["labels"], texts, max_len=task.get("max_len")), repeats)
     return {"latency": len(texts) / seconds, "latency_unit": "ex/s",
             "quality": classification.score(predicted, gold)["accuracy"], "metric": "accuracy", "model": model}
 

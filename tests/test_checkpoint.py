@@ -122,3 +122,9 @@ def test_an_edited_state_json_is_refused(tmp_path):
     (path / "state.json").write_text((path / "state.json").read_text().replace('"step": 3', '"step": 30'))
     with pytest.raises(CheckpointError, match=r"state\.json: SHA-256 does not match manifest\.json"):
         checkpoint.load(path)
+
+
+def test_a_transposed_tensor_is_saved_and_loaded(tmp_path):
+    w = torch.arange(12.0).reshape(3, 4).t()  # non-contiguous strides, which safetensors refuses as they are
+    path = checkpoint.save(tmp_path, 1, {"w": w})
+    assert torch.equal(checkpoint.load(path)["w"], w)

@@ -118,3 +118,24 @@ def test_labels_the_model_never_saw_are_counted_and_named_at_evaluation(tmp_path
     captured = capsys.readouterr()
     assert json.loads(captured.out)["unseen_labels"] == 2
     assert "2 of 3 examples have labels the model was not trained on (['neutral']" in captured.err
+
+
+def test_data_max_len_cuts_texts_at_evaluation_and_prediction_as_in_training(tmp_path, capsys, monkeypatch):
+    from maskattn.models import EncoderModel
+
+    rng = random.Random(0)
+    train = _sentiment(tmp_path / "train.tsv", 20, rng)
+    out = tmp_path / "run"
+    settings = ['data.tokenizer="chars"', "data.max_len=10", "model.d_model=16", "model.d_ff=32",
+                "model.num_heads=2", "model.num_layers=1", "train.steps=2", "train.warmup=1", "train.progress=false"]
+    assert main(["train", "classification", "--train", str(train), "--valid", str(train), "--out", str(out),
+                 *[arg for setting in settings for arg in ("--set", setting)]]) == 0
+    assert json.loads((out / "model" / "task.json").read_text())["max_len"] == 10
+    widths = []
+    classify = EncoderModel.classify
+    monkeypatch.setattr(EncoderModel, "classify", lambda self, x, **kw: widths.append(x.shape[1]) or classify(
+        self, x, **kw))
+    assert main(["evaluate", str(out / "model"), "--data", str(train)]) == 0
+    assert main(["classify", str(out / "model"), "the plot was great, " * 5]) == 0
+    capsys.readouterr()
+    assert widths and max(widths) == 10  # [CLS] + 8 characters + [SEP], as the model was trained

@@ -100,3 +100,11 @@ def test_rank_other_than_zero_prints_nothing_and_quiet_silences_messages(monkeyp
     assert main(["train", "lm", "--out", str(tmp_path / "c")]) == 0
     captured = capsys.readouterr()
     assert captured.out == "" and "a progress message" not in captured.err
+
+
+def test_path_shortcuts_keep_any_unicode(capsys):
+    # json.dumps escaped characters outside the BMP as surrogate pairs, which TOML refuses: the path came out mangled
+    path = "data/😀 données.tsv"
+    assert main(["train", "lm", "--train", path, "--out", "runs/ü😀", "--show-config"]) == 0
+    shown = capsys.readouterr().out
+    assert f"data.train = {path!r}" in shown and "out = 'runs/ü😀'" in shown

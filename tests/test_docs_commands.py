@@ -113,7 +113,7 @@ def test_maskattn_command_parses(where, args, capsys):
     assignments = list(parsed.set)
     for name in cli.shortcuts():
         if getattr(parsed, name):
-            assignments.append(f"data.{name}={json.dumps(getattr(parsed, name))}")
+            assignments.append(f"data.{name}={json.dumps(getattr(parsed, name), ensure_ascii=False)}")
     try:
         config.load(tasks()[parsed.task].config(), parsed.config, assignments)
     except (ValueError, TypeError, KeyError) as e:

@@ -201,3 +201,26 @@ def test_evaluate_ensemble_answers_as_the_span_ensemble_and_refuses_another_toke
     for flag, value in (("--stride", "0"), ("--max-len", "100000"), ("--max-answer", "0")):
         assert main(["evaluate", dirs[0], "--data", str(data), flag, value]) == 2
         assert flag in capsys.readouterr().err
+
+
+def _tiny_squad(tmp_path: Path, questions: int) -> tuple[Path, Path]:
+    """A SQuAD file of ``questions`` questions about one short context, and a small saved encoder to start from."""
+    context = "Anna moved to Lisbon in 1999 and opened a bakery near the river with her brother Tom."
+    qas = [{"id": f"q{i}", "question": f"Where did she move? {i}",
+            "answers": [{"text": "Lisbon", "answer_start": context.index("Lisbon")}]} for i in range(questions)]
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": context, "qas": qas}]}]}))
+    tok = Tokenizer.train_chars([context, *(q["question"] for q in qas)])
+    _span_model(tok, 0).save(tmp_path / "encoder", tokenizer=tok)  # 256 positions
+    return data, tmp_path / "encoder"
+
+
+@pytest.mark.parametrize("setting,message", [("data.max_len=300", "data.max_len=300: windows longer than the 256"),
+                                             ("data.batch_size=16", "data.batch_size=16 windows per batch, but")])
+def test_qa_training_refuses_windows_past_the_encoder_and_too_few_windows_for_a_batch(tmp_path, capsys, setting,
+                                                                                   message):
+    data, encoder = _tiny_squad(tmp_path, 5)  # 5 questions, one window each
+    assert main(["train", "qa", "--train", str(data), "--pretrained", str(encoder), "--out", str(tmp_path / "run"),
+                 "--set", "data.stride=32", "--set", setting, "--set", "train.steps=1",
+                 "--set", "train.progress=false"]) == 2
+    assert message in capsys.readouterr().err

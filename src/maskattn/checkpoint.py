@@ -46,7 +46,8 @@ def flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "") -> Any
     """
     if isinstance(obj, torch.Tensor):
         key = prefix or "tensor"
-        tensors[key] = obj.detach().cpu().clone()  # a copy: safetensors refuses shared storage (tied weights)
+        tensors[key] = obj.detach().cpu().clone(memory_format=torch.contiguous_format)  # a dense copy: safetensors
+        # refuses shared storage (tied weights) and non-contiguous strides (a transposed tensor)
         return {"__tensor__": key}
     if isinstance(obj, dict):
         return {"__dict__": [[k, flatten(v, tensors, f"{prefix}.{k}" if prefix else str(k))] for k, v in obj.items()]}

@@ -357,9 +357,9 @@ def _train(args: argparse.Namespace) -> int:
     assignments = list(args.set)
     for name in shortcuts():
         if getattr(args, name):
-            assignments.append(f"data.{name}={json.dumps(getattr(args, name))}")
+            assignments.append(f"data.{name}={json.dumps(getattr(args, name), ensure_ascii=False)}")
     if args.out:
-        assignments.append(f"out={json.dumps(args.out)}")
+        assignments.append(f"out={json.dumps(args.out, ensure_ascii=False)}")
     cfg = config.load(task.config(), args.config, assignments)
     if args.show_config:
         print("\n".join(config.describe(cfg)))

@@ -147,6 +147,17 @@ def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: 
     return model
 
 
+def pretrained_positions(path: str | os.PathLike) -> int | None:
+    """How many positions the checkpoint in ``path`` covers (read from its config, without loading weights);
+    None when it has no config or its config does not say."""
+    if not (Path(path) / CONFIG).is_file():
+        return None
+    hf = read_json(Path(path) / CONFIG)
+    if hf.get("format") == FORMAT:
+        return hf.get("config", {}).get("max_len")
+    return hf.get("max_position_embeddings")
+
+
 def _with_heads(model: nn.Module, directory: Path, *, num_labels: int, span_head: bool) -> nn.Module:
     """A saved maskattn model as the start of fine-tuning: unchanged when no head is asked for; else its
     encoder with fresh heads (``num_labels`` classes, a span head), which needs an EncoderModel."""

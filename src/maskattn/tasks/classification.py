@@ -118,12 +118,13 @@ def build(cfg: ClassificationConfig, labels: list[str], texts: Sequence[str]) ->
 
 
 def predict(model: EncoderModel, tok: Tokenizer, labels: list[str], texts: Sequence[str], *,
-            batch_size: int = 64) -> list[str]:
-    """The label of each text."""
+            batch_size: int = 64, max_len: int | None = None) -> list[str]:
+    """The label of each text, cut to ``max_len`` tokens (the run's ``data.max_len``; default the model's
+    positions)."""
     model.eval()
     device = next(model.parameters()).device
     out: list[str] = []
-    ids = encode(tok, texts, model.config.max_len)
+    ids = encode(tok, texts, min(max_len or model.config.max_len, model.config.max_len))
     with torch.no_grad():
         for start in range(0, len(ids), batch_size):
             x, lengths = pad(ids[start : start + batch_size], tok.pad_id)
@@ -177,13 +178,15 @@ def train(cfg: ClassificationConfig, *, resume: bool = False, overwrite: bool = 
         return F.cross_entropy(m(x, lengths=n).float(), b["labels"], reduction="sum")
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        return score(predict(model, tok, labels, [t for t, _ in valid]), [label for _, label in valid])
+        return score(predict(model, tok, labels, [t for t, _ in valid], max_len=cfg.data.max_len),
+                     [label for _, label in valid])
 
     return fit_and_export(
         Head(model, "classify"), tok, cfg.train, out, evaluate=evaluate if valid else None, resume=resume, log=log,
         saved=model,
         plan=lambda epoch: bucket_batches(lengths, cfg.data.max_tokens, seed=cfg.train.seed, epoch=epoch),
-        collate=collate, loss=loss, task={"task": "classification", "labels": labels, **fields},
+        collate=collate, loss=loss,
+        task={"task": "classification", "labels": labels, "max_len": cfg.data.max_len, **fields},
     )
 
 
@@ -215,8 +218,8 @@ def training_batches(directory: str | Path, paths: list[str], max_tokens: int) -
     unknown = sorted({label for _, label in records} - set(task["labels"]))
     if unknown:
         raise ValueError(f"{paths[0]}: labels {unknown} are not the model's {task['labels']}")
-    max_len = read_json_object(Path(directory) / "config.json")["config"]["max_len"]
-    ids = encode(tok, [t for t, _ in records], max_len)
+    positions = read_json_object(Path(directory) / "config.json")["config"]["max_len"]
+    ids = encode(tok, [t for t, _ in records], min(task.get("max_len") or positions, positions))
     targets = torch.tensor([task["labels"].index(label) for _, label in records])
 
     def outputs(m: nn.Module, b: dict[str, Any]) -> tuple[Tensor, Tensor]:
@@ -239,7 +242,9 @@ def evaluate_file(directory: str | Path, path: str) -> dict[str, float]:
     records = read_labelled(path, text_field=task["text_field"], label_field=task["label_field"])
     gold = [label for _, label in records]
     unseen = unseen_labels(task["labels"], gold, str(path))
-    return {**score(predict(model, tok, task["labels"], [t for t, _ in records]), gold), "unseen_labels": unseen}
+    texts = [t for t, _ in records]
+    return {**score(predict(model, tok, task["labels"], texts, max_len=task.get("max_len")), gold),
+            "unseen_labels": unseen}
 
 
 # --- command line ----------------------------------------------------------------------------------
@@ -249,7 +254,7 @@ def _classify_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _classify_command(args: argparse.Namespace) -> int:
     model, tok, task = load(args.model)
-    for label in predict(model, tok, task["labels"], input_lines(args.text)):
+    for label in predict(model, tok, task["labels"], input_lines(args.text), max_len=task.get("max_len")):
         print(label)
     return 0
 

@@ -24,6 +24,7 @@ from maskattn import metrics
 from maskattn.data import QAExample, pad, read_squad
 from maskattn.errors import UsageError, check_settings
 from maskattn.models import EncoderModel, from_pretrained
+from maskattn.models.pretrained import pretrained_positions
 from maskattn.tasks.base import Command, Option, Task, register
 from maskattn.tasks.common import Head, begin_run, fit_and_export, load_task, log_stderr, parameters, require
 from maskattn.tokenization import Tokenizer
@@ -206,11 +207,18 @@ def train(cfg: QAConfig, *, resume: bool = False, overwrite: bool = False, log=l
     require(cfg.data, "data", train="SQuAD JSON", pretrained="an encoder directory")
     examples = read_squad(cfg.data.train)
     valid = read_squad(cfg.data.valid)[: cfg.data.valid_limit or None] if cfg.data.valid else None
+    positions = pretrained_positions(cfg.data.pretrained)
+    if positions is not None and cfg.data.max_len > positions:
+        raise UsageError(f"data.max_len={cfg.data.max_len}: windows longer than the {positions} positions of "
+                         f"data.pretrained ({cfg.data.pretrained}); set data.max_len <= {positions}")
     out, tok = begin_run(cfg, resume=resume, overwrite=overwrite, tokenizer=lambda: Tokenizer.load(cfg.data.pretrained))
     model = from_pretrained(cfg.data.pretrained, span_head=True)
     windows = squad_windows(tok, examples, max_len=cfg.data.max_len, stride=cfg.data.stride)
     valid_windows = squad_windows(tok, valid, max_len=cfg.data.max_len, stride=cfg.data.stride) if valid else None
     log(f"qa: {len(examples)} questions in {len(windows)} windows, {parameters(model)}")
+    if len(windows) < cfg.data.batch_size:  # batches are whole: an epoch would hold none
+        raise UsageError(f"data.batch_size={cfg.data.batch_size} windows per batch, but {cfg.data.train} gives only "
+                         f"{len(windows)}; lower data.batch_size")
 
     def plan(epoch: int) -> list[list[int]]:
         order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(cfg.train.seed * 7919 + epoch))

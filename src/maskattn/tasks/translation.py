@@ -129,7 +129,8 @@ def sequence_loss(logits: Tensor, targets: Tensor, pad_id: int, label_smoothing:
 # --- model -----------------------------------------------------------------------------------------
 def build_model(cfg: TranslationConfig, tok: Tokenizer) -> Transformer:
     model_cfg = replace(cfg.model, vocab_size=tok.vocab_size, tgt_vocab_size=None, share_embeddings=True,
-                        pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
+                        pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                        max_len=max(cfg.model.max_len, cfg.data.max_len))  # positions for every kept pair
     return Transformer(model_cfg)
 
 
