@@ -195,3 +195,36 @@ def test_sliding_window_config_round_trips_and_names_bad_values(tmp_path):
         DecoderLMConfig.preset("tiny", sliding_window=0)
     with pytest.raises(ValueError, match="window_slots"):
         DecoderLM(DecoderLMConfig.preset("tiny")).start(1, max_len=8, window_slots=4)
+
+
+def test_padded_steps_on_a_window_cache_equal_the_full_cache_or_are_refused():
+    # the cache keeps W + (the prompt's longest padding run) slots: a padded step may use that room, no more
+    model = _window_lm()
+    prompt, lengths = torch.randint(1, 64, (2, 12)), torch.tensor([12, 9])  # room for 3 padding slots per row
+    state, _ = model.begin_decoding(prompt, lengths, max_new_tokens=30)
+    full, _ = model.begin_decoding(prompt, lengths, max_new_tokens=30, full_cache=True)
+    tokens, step_lengths = torch.randint(1, 64, (2, 3)), torch.tensor([1, 3])  # rows: 0 + 2, 3 + 0 padding slots
+    assert torch.allclose(model.step(state, tokens, step_lengths), model.step(full, tokens, step_lengths), atol=1e-5)
+    for _ in range(12):  # past the window: the rows' keys roll out of the cache
+        token = torch.randint(1, 64, (2, 1))
+        assert torch.allclose(model.step(state, token), model.step(full, token), atol=1e-5)
+    with pytest.raises(ValueError, match="would hold 4 padding slots, but this window cache has room for 3"):
+        model.step(state, torch.randint(1, 64, (2, 2)), torch.tensor([2, 1]))  # row 1: 3 + 1
+
+
+def test_left_padded_prompts_are_refused_naming_right_padding():
+    model = DecoderLM(DecoderLMConfig.preset("tiny", pad_id=0)).eval()
+    with pytest.raises(ValueError, match="padding .pad_id=0. must be on the right"):
+        model.begin_decoding(torch.tensor([[5, 6, 7, 8, 9], [0, 0, 7, 8, 9]]), max_new_tokens=3)
+
+
+def test_cached_decoding_under_autocast_follows_the_autocast_forward():
+    # the caches are float32 while autocast gives bf16 keys: decoding stopped at "q, k, v must share a dtype"
+    torch.manual_seed(0)
+    model = DecoderLM(DecoderLMConfig.preset("tiny")).eval()
+    ids = torch.randint(1, model.config.vocab_size, (2, 9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        state, _ = model.begin_decoding(ids[:, :6], max_new_tokens=3)
+        steps = model.step(state, ids[:, 6:])  # (B, 3, V)
+        forward = model(ids)[:, 6:]
+    assert steps.dtype == forward.dtype and torch.allclose(steps.float(), forward.float(), atol=0.02)

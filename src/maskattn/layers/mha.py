@@ -123,6 +123,8 @@ class MultiHeadAttention(nn.Module):
             k = k if kv is not None else apply_rope(k, rope)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, Hkv, Lk, D)
+            if k.dtype != q.dtype:  # a float32 cache under autocast holds bf16/fp16 keys exactly: back to q's dtype
+                k, v = k.to(q.dtype), v.to(q.dtype)
         dropout_p = self.dropout if self.training else 0.0
         result = self.attend(q, k, v, mask, backend=self.backend, dropout_p=dropout_p, q_offset=q_offset,
                              return_weights=return_weights)

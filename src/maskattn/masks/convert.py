@@ -171,19 +171,28 @@ def to_flex(mask: Mask, q_len: int | None = None, k_len: int | None = None, *, q
     """``(mask_mod, block_mask)`` for ``torch.nn.attention.flex_attention``.
 
     ``mask_mod(b, h, q_idx, kv_idx)`` is the mask itself (query indices shifted by ``q_offset``); the
-    BlockMask is built when FlexAttention is importable and lengths are given, else None.
+    BlockMask is built when FlexAttention is importable and lengths are given, else None. Its batch and
+    heads default to the mask's own (a mask that differs per row or head gets a block map per row or head;
+    compiled FlexAttention trusts those maps, so one row's map must not serve the others).
+
+    Raises:
+        ValueError: ``batch`` or ``heads`` given, and not what a mask that varies along that dimension has.
     """
     def mask_mod(b, h, q_idx, kv_idx):
         return mask.allows(b, h, q_idx + q_offset, kv_idx)
 
+    for name, given, own in (("batch", batch, mask.batch), ("heads", heads, mask.heads)):
+        if given is not None and own > 1 and given != own:
+            raise ValueError(f"to_flex({name}={given}): the mask has {own} different {name} entries")
     if q_len is None or k_len is None:
         return mask_mod, None
     try:
         from torch.nn.attention.flex_attention import create_block_mask
     except ImportError:
         return mask_mod, None
-    block_mask = create_block_mask(mask_mod, batch if mask.batch > 1 else None, heads if mask.heads > 1 else None,
-                                   q_len, k_len, device=device, BLOCK_SIZE=block_size)
+    batch = mask.batch if mask.batch > 1 else None  # one map serves every row of a mask that is the same for all
+    heads = mask.heads if mask.heads > 1 else None
+    block_mask = create_block_mask(mask_mod, batch, heads, q_len, k_len, device=device, BLOCK_SIZE=block_size)
     return mask_mod, block_mask
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskattn import masks
-from maskattn.layers import EncoderLayer, TokenEmbedding
+from maskattn.layers import EncoderLayer, SlidingWindowKVCache, TokenEmbedding
 from maskattn.layers.vocab_loss import linear_cross_entropy
 from maskattn.models.common import (
     DecodeState,
@@ -185,6 +185,8 @@ class DecoderLM(Persistent, Summary, nn.Module):
         if state.static and tokens.shape[1] == 1:
             return self._static_hidden(state, tokens)
         first = state.caches[0].first_key(tokens.shape[1])
+        if lengths is not None and isinstance(state.caches[0], SlidingWindowKVCache):
+            self._check_window_slots(state, tokens, lengths)
         positions, offset = advance(state, tokens, lengths)
         x, rope = self.embed(tokens, positions)
         end = offset + tokens.shape[1]
@@ -195,6 +197,18 @@ class DecoderLM(Persistent, Summary, nn.Module):
             mask = window_mask(positions, state.key_pos[:, first:end], state.key_valid[:, first:end],
                                self.config.sliding_window, offset - first)
         return self.decoder(x, mask=mask, rope=rope, caches=state.caches, q_offset=offset - first)  # (B, L, E)
+
+    def _check_window_slots(self, state: DecodeState, tokens: Tensor, lengths: Tensor | Sequence[int]) -> None:
+        """A window cache keeps C slots for a window of W positions: C - W of them may hold a row's padding.
+        Refuse a padded step that would make some row's padding outgrow that (its keys would drop out)."""
+        lengths = torch.as_tensor(lengths, device=tokens.device)
+        held = (~state.key_valid[:, : state.length]).sum(dim=1)  # (B,) padding slots so far
+        padding = held + tokens.shape[1] - lengths  # (B,) with this step's
+        spare = state.caches[0].max_len - self.config.sliding_window
+        if lengths.shape == held.shape and int(padding.max()) > spare:
+            raise ValueError(f"step(tokens, lengths): a row would hold {int(padding.max())} padding slots, but this "
+                             f"window cache has room for {spare} beside its window of {self.config.sliding_window}; "
+                             "decode padded steps with begin_decoding(..., full_cache=True)")
 
     def _static_hidden(self, state: DecodeState, tokens: Tensor) -> Tensor:
         """One token per row with fixed shapes: attend over all T slots of the static caches, the slots not
@@ -224,6 +238,10 @@ class DecoderLM(Persistent, Summary, nn.Module):
         """
         valid = key_valid(prompt, lengths, self.config.pad_id, "prompt")
         lengths = valid.sum(dim=1) if valid is not None else None
+        right = torch.arange(prompt.shape[1], device=prompt.device) < lengths[:, None] if valid is not None else None
+        if valid is not None and not torch.compiler.is_compiling() and not torch.equal(valid, right):
+            raise ValueError(f"prompt: padding (pad_id={self.config.pad_id}) must be on the right, after each row's "
+                             "tokens; a row has it before or between its tokens (left padding is not supported)")
         if lengths is not None and bool((lengths == prompt.shape[1]).all()):
             lengths = None  # no padding: the cache has no gaps to mask
         slots = None
