@@ -214,7 +214,7 @@ def test_padded_steps_on_a_window_cache_equal_the_full_cache_or_are_refused():
 
 def test_left_padded_prompts_are_refused_naming_right_padding():
     model = DecoderLM(DecoderLMConfig.preset("tiny", pad_id=0)).eval()
-    with pytest.raises(ValueError, match="padding .pad_id=0. must be on the right"):
+    with pytest.raises(ValueError, match=r"padding \(pad_id=0\) must be on the right"):
         model.begin_decoding(torch.tensor([[5, 6, 7, 8, 9], [0, 0, 7, 8, 9]]), max_new_tokens=3)
 
 
