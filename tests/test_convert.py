@@ -219,3 +219,11 @@ def test_to_flex_block_map_is_each_rows_and_heads_own(mask):
     assert torch.equal(block_mask.to_dense().bool(), touched)
     with pytest.raises(ValueError, match="different batch entries" if mask.batch > 1 else "different heads"):
         masks.to_flex(mask, 256, 256, batch=7, heads=7)
+
+
+def test_to_torch_mha_names_num_heads_for_a_per_head_mask():
+    per_head = masks.from_tensor(torch.rand(1, 3, 4, 4) > 0.5)
+    with pytest.raises(ValueError, match=r"differs per head \(3 heads\); pass num_heads=3"):
+        masks.to_torch_mha(per_head, 4, 4)
+    attn, _ = masks.to_torch_mha(per_head, 4, 4, num_heads=3)
+    assert torch.equal(attn, ~per_head.to_dense(4, 4)[0])  # (3, 4, 4): batch 1 times 3 heads

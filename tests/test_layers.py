@@ -53,8 +53,9 @@ def test_token_embedding_scale_and_range():
     torch.testing.assert_close(emb(ids), emb.weight[ids] * 4.0)
     with pytest.raises(ValueError, match=r"ids must be in \[0, 10\)"):
         emb(torch.tensor([[10]]))
-    with pytest.raises(TypeError, match="integer tensor"):
-        emb(torch.zeros(1, 2))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.bool):  # bf16 ids used to pass the check
+        with pytest.raises(TypeError, match="integer tensor"):
+            emb(torch.zeros(1, 2, dtype=dtype))
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "swiglu"])

@@ -41,7 +41,7 @@ class TokenEmbedding(nn.Module):
 
 def check_ids(ids: Tensor, vocab_size: int) -> None:
     """Raise a TypeError unless ``ids`` is an integer tensor, a ValueError unless its values are in [0, V)."""
-    if not isinstance(ids, Tensor) or ids.dtype in (torch.bool, torch.float16, torch.float32, torch.float64):
+    if not isinstance(ids, Tensor) or ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
         got = ids.dtype if isinstance(ids, Tensor) else type(ids).__name__
         raise TypeError(f"ids must be an integer tensor of token ids, got {got}")
     # A host check (it reads the ids): eager only, a compiled graph cannot branch on tensor values.
