@@ -52,6 +52,24 @@ def test_int8_linear_is_its_int8_product_and_close_to_float():
         assert torch.equal(empty(x), y)
 
 
+@pytest.mark.parametrize("in_features", [1, 2, 5])
+def test_int8_linear_equals_its_integer_product_for_narrow_inputs_and_under_autocast(in_features):
+    # torch._int_mm gives wrong sums on the CPU for K = 1 (a captioner with 1-pixel patches has such a layer);
+    # under bf16 autocast the float path's sums were taken in bf16
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, 9)
+    q = Int8Linear.from_float(linear)
+    x = torch.randn(6, in_features)
+    sx = x.abs().amax(-1, keepdim=True) / 127
+    sw = linear.weight.detach().abs().amax(-1) / 127
+    xq, wq = torch.round(x / sx), torch.round(linear.weight.detach() / sw[:, None])
+    by_hand = (xq.double() @ wq.double().T * sx * sw + linear.bias.detach()).float()
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), by_hand, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(q(x.requires_grad_(True)).float(), by_hand, atol=1e-5, rtol=1e-5)
+
+
 def test_an_int8_tokens_output_depends_on_that_token_alone():
     """Per-token activation scales: no coupling through the batch or padding, unlike a per-tensor scale."""
     torch.manual_seed(0)

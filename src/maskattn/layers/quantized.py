@@ -84,11 +84,14 @@ class Int8Linear(nn.Module):
         """(..., I) -> (..., O), in ``x``'s dtype."""
         flat = x.reshape(-1, self.in_features)  # (N, I)
         xq, x_scale = quantize_rows(flat)  # (N, I) int8, (N, 1)
-        if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+        # torch._int_mm on the CPU gives wrong sums for a single input feature (K = 1): the float path there
+        if x.device.type == "cpu" and self.in_features > 1 and not (torch.is_grad_enabled() and x.requires_grad):
             acc = torch._int_mm(xq, self.weight.t())  # (N, O), exact int32 sums
-        else:  # other devices, and gradients: the same sums in float (exact while |sum| < 2**24)
-            acc = xq.float() @ self.weight.float().t()  # (N, O)
-            acc = acc + (flat.float() / x_scale - (flat.float() / x_scale).detach()) @ self.weight.float().t()
+        else:  # other devices, and gradients: the same sums in float (exact while |sum| < 2**24), not autocast's
+            with torch.autocast(x.device.type, enabled=False):
+                w = self.weight.float().t()  # (I, O)
+                acc = xq.float() @ w  # (N, O)
+                acc = acc + (flat.float() / x_scale - (flat.float() / x_scale).detach()) @ w
         # The epilogue works in place: fresh (N, O) temporaries, not the arithmetic, were most of the time
         # for a wide output (8,000 rows: 3x the integer matmul).
         y = acc * x_scale  # (N, O) float32
