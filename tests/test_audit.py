@@ -250,3 +250,54 @@ def test_a_captioner_that_lets_its_patches_see_the_outside_is_caught(monkeypatch
     assert [v.name for v in failed] == ["Captioner logits vs pixels outside the canvas"]
     b, _, k = failed[0].leaks[0]
     assert b in (1, 2) and k >= 0
+
+
+def test_a_decoder_that_lets_packed_documents_see_each_other_is_caught(monkeypatch):
+    # every layer obeys the mask it is given, so only the end-to-end check can see that the model never built
+    # the document mask (found in review: the audit passed such a model)
+    import maskattn.models.decoder_lm as decoder_lm
+
+    torch.manual_seed(0)
+    model = _tiny("decoder")
+    monkeypatch.setattr(decoder_lm.masks, "document", lambda doc_ids: decoder_lm.masks.causal())
+    report = audit_model(model, length=8)
+    failed = [v for v in report.verdicts if not v.ok]
+    assert [v.name for v in failed] == ["DecoderLM logits vs other packed documents"], str(report)
+    b, q, k = failed[0].leaks[0]
+    assert k < 4 <= q  # a query of the second document (positions 4-7) moved with a token of the first
+
+
+@pytest.mark.parametrize("kind,length,batch,message", [("transformer", 3, 2, "use length >= 4"),
+                                                       ("decoder", 1, 2, "use length >= 2"),
+                                                       ("encoder", 8, 1, "use batch >= 2")])
+def test_an_audit_too_small_to_check_anything_is_refused(kind, length, batch, message):
+    # length 2 gave the Transformer an empty target: every verdict passed with 0 pairs checked
+    with pytest.raises(ValueError, match=message):
+        audit_model(_tiny(kind), length=length, batch=batch)
+
+
+def test_the_transformers_padding_check_covers_every_target_position(monkeypatch):
+    # source padding used to filter *target* positions: a leak at a target position whose index is a padded
+    # source position passed
+    torch.manual_seed(0)
+    model = _tiny("transformer")
+    forward = Transformer.forward
+
+    def leaky(self, src, tgt, *args, **kwargs):
+        logits = forward(self, src, tgt, *args, **kwargs)
+        return torch.cat([logits[:, :-1], logits[:, -1:] + src[:, -1, None, None]], dim=1)  # last step reads src[-1]
+
+    monkeypatch.setattr(Transformer, "forward", leaky)
+    report = audit_model(model, length=8)
+    failed = [v for v in report.verdicts if v.name == "Transformer logits vs source padding"]
+    assert failed and not failed[0].ok and failed[0].leaks[0][1] == 5  # target length 8 - 2: its last position
+
+
+def test_padding_audit_of_a_pooled_output_checks_each_row():
+    from maskattn.audit import audit_padding
+
+    tokens, lengths = torch.randint(4, 20, (2, 6)), torch.tensor([6, 3])
+    honest = audit_padding(lambda t: t[:, :1].float() * 2, tokens, lengths, vocab=20, name="pooled")  # (B, 1)
+    assert honest.ok and honest.checked_pairs == 3  # row 1: one output, three padded inputs
+    leaky = audit_padding(lambda t: t.float().sum(1, keepdim=True), tokens, lengths, vocab=20, name="pooled")
+    assert not leaky.ok and leaky.leaks[0][0] == 1

@@ -271,19 +271,27 @@ def audit_causal_logits(logits_of: Callable[[Tensor], Tensor], tokens: Tensor, *
 
 
 def audit_padding(outputs_of: Callable[[Tensor], Tensor], tokens: Tensor, lengths: Tensor, *, vocab: int,
-                  name: str) -> Verdict:
-    """Outputs at real positions must be bit-identical whatever the padding tokens are."""
+                  name: str, aligned: bool = True) -> Verdict:
+    """Outputs must be bit-identical whatever the padding tokens are: at the real positions of ``tokens`` when
+    the output is ``aligned`` with them (an encoder's (B, L, ...) states), else at every output position (a
+    decoder's target logits, or one pooled (B, C) output per row)."""
     gen = torch.Generator().manual_seed(4)
     pad = torch.arange(tokens.shape[1])[None] >= lengths[:, None]  # (B, L)
     with torch.no_grad():
         base = outputs_of(tokens)
         changed = torch.where(pad, torch.randint(0, vocab, tokens.shape, generator=gen), tokens)
-        moved = (outputs_of(changed) != base).flatten(2).any(-1) & ~pad[:, : base.shape[1]]
+        # (B, C) pooled outputs: one per row; (B, L) aligned ones (e.g. span logits): one per position
+        per_row = base.dim() == 2 and not (aligned and base.shape[1] == tokens.shape[1])
+        moved = (outputs_of(changed) != base).reshape(base.shape[0], 1 if per_row else base.shape[1], -1).any(-1)
+    checked = torch.ones_like(moved)  # (B, Lout): the output positions checked
+    if aligned and not per_row:
+        checked = ~pad[:, : moved.shape[1]]
+    moved &= checked
     if moved.any():
         b, q = moved.nonzero()[0].tolist()
         k = int(pad[b].nonzero()[0])
         return Verdict(name, False, 0, [(b, q, k)], "changing padding tokens changed a real position")
-    return Verdict(name, True, int(pad.sum()) * tokens.shape[1])
+    return Verdict(name, True, int((checked.sum(1) * pad.sum(1)).sum()))  # (output position, padded input) pairs
 
 
 def audit_model(model: nn.Module, *, length: int = 10, batch: int = 2, seed: int = 0) -> Report:
@@ -292,6 +300,12 @@ def audit_model(model: nn.Module, *, length: int = 10, batch: int = 2, seed: int
     depend on no later token nor on their number, encoders on no padding)."""
     model = _declared(model)  # a model of another library: its registered adapter's view
     probe = model.audit_probe()
+    shortest = length - max((spec.shorten for spec in probe.inputs if spec.kind == "tokens"), default=0)
+    if shortest < 2:  # a single position hides nothing from itself: every check would pass with nothing checked
+        raise ValueError(f"audit length={length}: the shortest input would hold {shortest} token(s); "
+                         f"use length >= {length - shortest + 2}")
+    if batch < 2 and any(c.kind in ("padding", "image_padding") for c in probe.checks):
+        raise ValueError(f"audit batch={batch}: the padding checks need rows of different lengths; use batch >= 2")
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     inputs = {spec.name: _draw(spec, batch, length, gen) for spec in probe.inputs}
@@ -345,7 +359,7 @@ def _check_causal(model: nn.Module, check: ProbeCheck, inputs: dict[str, Tensor]
 
 def _check_padding(model: nn.Module, check: ProbeCheck, inputs: dict[str, Tensor], probe: AuditProbe) -> list[Verdict]:
     return [audit_padding(_varying(model, check, inputs), inputs[check.varies], inputs[check.lengths],
-                          vocab=_vocab(probe, check.varies), name=check.name)]
+                          vocab=_vocab(probe, check.varies), name=check.name, aligned=check.aligned)]
 
 
 def audit_image_padding(outputs_of: Callable[[Tensor], Tensor], images: Tensor, sizes: Tensor, *, patch_size: int,

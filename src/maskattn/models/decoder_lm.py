@@ -141,13 +141,16 @@ class DecoderLM(Persistent, Summary, nn.Module):
         return layer_sites("decoder.layers", len(self.decoder.layers), self_attn="self-causal")
 
     def audit_probe(self) -> AuditProbe:
-        """Every attention call (plain and packed rows); no logit depends on a later token."""
-        tokens = ("input_ids",)
+        """Every attention call (plain and packed rows); no logit depends on a later token, nor on a token of
+        another packed document."""
+        tokens, packed = ("input_ids",), ("input_ids", "doc_ids")
         return AuditProbe(
             inputs=(ProbeInput("input_ids", "tokens", self.config.vocab_size), ProbeInput("doc_ids", "documents")),
             checks=(ProbeCheck("layers", tokens),
                     ProbeCheck("causal", tokens, "DecoderLM logits vs later tokens", varies="input_ids"),
-                    ProbeCheck("layers", (*tokens, "doc_ids"))))
+                    ProbeCheck("layers", packed),
+                    ProbeCheck("documents", packed, "DecoderLM logits vs other packed documents", varies="input_ids",
+                               documents="doc_ids")))
 
     # --- incremental decoding ---------------------------------------------------------------------
     def _causal(self) -> masks.Mask:

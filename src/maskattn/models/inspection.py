@@ -109,6 +109,8 @@ class ProbeCheck:
     varies: str = ""  # causal / padding: the tokens input that is changed
     lengths: str = ""  # padding: the lengths input of ``varies``
     documents: str = ""  # documents: the document-ids input of ``varies``
+    aligned: bool = True  # padding: output position i is input position i (an encoder's); False: every output
+    # position is checked (a decoder's target logits against its source padding)
 
     def __post_init__(self) -> None:
         _one_of("kind", self.kind, PROBE_CHECKS)

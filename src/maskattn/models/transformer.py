@@ -130,7 +130,7 @@ class Transformer(Persistent, Summary, nn.Module):
             checks=(ProbeCheck("layers", uses),
                     ProbeCheck("causal", uses, "Transformer decoder logits vs later target tokens", varies="tgt"),
                     ProbeCheck("padding", uses, "Transformer logits vs source padding", varies="src",
-                               lengths="src_lengths")))
+                               lengths="src_lengths", aligned=False)))
 
     # --- incremental decoding ---------------------------------------------------------------------
     def start(self, src: Tensor, src_lengths: Tensor | Sequence[int] | None = None, *, max_len: int) -> DecodeState:
