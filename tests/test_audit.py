@@ -263,7 +263,7 @@ def test_a_decoder_that_lets_packed_documents_see_each_other_is_caught(monkeypat
     report = audit_model(model, length=8)
     failed = [v for v in report.verdicts if not v.ok]
     assert [v.name for v in failed] == ["DecoderLM logits vs other packed documents"], str(report)
-    b, q, k = failed[0].leaks[0]
+    _, q, k = failed[0].leaks[0]
     assert k < 4 <= q  # a query of the second document (positions 4-7) moved with a token of the first
 
 
