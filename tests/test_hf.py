@@ -243,3 +243,28 @@ def test_readme_examples_run_as_written(index, capsys):
         assert "sliding_window(3) & causal() & padding(valid=<bool (2, 6)>) 0 True" in capsys.readouterr().out
     if index == 3:
         assert "b0 q5->k0" in capsys.readouterr().out
+
+
+def test_gpt_oss_attention_sinks_match_eager_with_one_log_line(caplog):
+    # GPT-OSS passes its per-head sink logits as s_aux; they used to be dropped without a word (logits off by 0.18)
+    config = transformers.GptOssConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, num_local_experts=2, num_experts_per_tok=1,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention"], pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0, 2.0)  # trained sinks are not zero
+    ids = torch.randint(1, 61, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    logits = {}
+    hf._WARNED.clear()
+    for impl in ("eager", NAME):
+        model.set_attn_implementation(impl)
+        with torch.no_grad(), caplog.at_level(logging.WARNING, logger="maskattn.hf"):
+            logits[impl] = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits[NAME][0], logits["eager"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[NAME][1, :7], logits["eager"][1, :7], atol=1e-5, rtol=1e-5)
+    assert sum("attention sinks" in r.getMessage() for r in caplog.records) == 1

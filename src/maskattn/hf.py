@@ -301,6 +301,9 @@ def attention_forward(
         is_causal: overrides ``module.is_causal`` when no mask was built.
         softcap: Gemma-2 logit soft-capping ``tanh(s / softcap) * softcap``: not a maskattn backend feature,
             so it runs a dense soft-capped attention over the same mask (one log line).
+        kwargs: ``s_aux`` / ``sinks`` (GPT-OSS): one learned "attention sink" logit per head that joins every
+            row's softmax and takes weight without a value; like ``softcap``, a dense attention over the same
+            mask (one log line). Other keyword arguments of transformers' call are not used.
 
     Returns:
         ``(output (B, Lq, H, D), None)``, as transformers expects (no attention weights).
@@ -312,10 +315,11 @@ def attention_forward(
         raise NotImplementedError("maskattn.hf: attention with an additive position_bias (T5-style) is not "
                                   "supported; use attn_implementation='eager' for this model")
     spec = _spec(module, attention_mask, is_causal, kwargs.get("sliding_window"))
-    if softcap is not None:
-        _once(f"softcap={softcap}: maskattn's backends have no logit soft-capping; running a dense soft-capped "
-              "attention over the same mask")
-        out = _softcapped(query, key, value, spec, scaling, softcap, dropout)
+    sinks = kwargs.get("s_aux") if kwargs.get("s_aux") is not None else kwargs.get("sinks")
+    if softcap is not None or sinks is not None:
+        feature = f"softcap={softcap}" if softcap is not None else "attention sinks"
+        _once(f"{feature}: not a feature of maskattn's backends; running a dense attention over the same mask")
+        out = _dense(query, key, value, spec, scaling, dropout, softcap=softcap, sinks=sinks)
     elif _OBSERVERS:
         out, lse = attention(query, key, value, spec.mask, q_offset=spec.q_offset, scale=scaling, dropout_p=dropout,
                              return_lse=True)  # (B, H, Lq, D), (B, H, Lq)
@@ -341,19 +345,27 @@ def _spec(module: torch.nn.Module, mask: HFMask | Tensor | None, is_causal: bool
     return HFMask(masks.causal() & masks.sliding_window(window) if window else masks.causal())
 
 
-def _softcapped(q: Tensor, k: Tensor, v: Tensor, spec: HFMask, scale: float | None, softcap: float,
-                dropout: float) -> Tensor:
-    """Soft-capped attention, dense; zero output on rows that may attend nothing (as maskattn everywhere)."""
+def _dense(q: Tensor, k: Tensor, v: Tensor, spec: HFMask, scale: float | None, dropout: float, *,
+           softcap: float | None = None, sinks: Tensor | None = None) -> Tensor:
+    """Attention with Gemma-2's soft-capped scores and/or GPT-OSS's per-head sink logits (H,), dense; zero
+    output on rows that may attend nothing (as maskattn everywhere)."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, Lk, D)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.tanh(q @ k.transpose(-1, -2) * scale / softcap) * softcap  # (B, H, Lq, Lk)
+    scores = q @ k.transpose(-1, -2) * scale  # (B, H, Lq, Lk)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    allowed = None
     if spec.mask is not None:
         allowed = spec.mask.to_dense(q.shape[2], k.shape[2], q_offset=spec.q_offset, device=q.device)
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        weights = torch.softmax(scores, dim=-1) * allowed.any(dim=-1, keepdim=True)
+    if sinks is not None:  # one more logit per row, which takes weight but has no value
+        sink = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)  # (B, H, Lq, 1)
+        weights = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     else:
         weights = torch.softmax(scores, dim=-1)
+    if allowed is not None:
+        weights = weights * allowed.any(dim=-1, keepdim=True)
     weights = torch.nn.functional.dropout(weights, p=dropout, training=dropout > 0)
     return weights @ v  # (B, H, Lq, D)
 
