@@ -12,6 +12,7 @@ SMALL = {"vocab_size": 40, "d_model": 32, "num_heads": 4, "d_ff": 64, "dropout":
 SHAPES = [(2, 7), (3, 12)]  # (batch, length), neither the traced example's (2, 5)
 MODELS = {
     "lm": lambda: DecoderLM(DecoderLMConfig(num_layers=2, positions="rope", **SMALL)),
+    "lm_pad": lambda: DecoderLM(DecoderLMConfig(num_layers=2, pad_id=0, **SMALL)),  # padding from pad_id
     "encoder": lambda: EncoderModel(EncoderConfig(num_layers=2, **SMALL)),
     "transformer": lambda: Transformer(TransformerConfig(num_encoder_layers=1, num_decoder_layers=2, **SMALL)),
 }
@@ -52,7 +53,7 @@ def test_exported_graphs_equal_eager(exported, batch, length):
     lengths = [length] + [max(1, length - 3 * i) for i in range(1, batch)]
     ids = _ids(batch, length, lengths)
     with torch.no_grad():
-        if name == "lm":
+        if name in ("lm", "lm_pad"):
             (logits,) = runners[0](ids)
             torch.testing.assert_close(logits, model(ids), atol=1e-5, rtol=1e-5)
         elif name == "encoder":
@@ -66,6 +67,9 @@ def _check_transformer(model, encoder, step, src, lengths):
     """Encoder, then four cached steps from an empty cache, against Transformer.encode / start / step."""
     (memory,) = encoder(src, src != 0)
     torch.testing.assert_close(memory, model.encode(src, lengths)[0], atol=1e-5, rtol=1e-5)
+    left = torch.stack([row.roll(int(n)) for row, n in zip(src, src.shape[1] - lengths, strict=True)])  # left padding
+    (left_memory,) = encoder(left, left != 0)  # read as the mask it is (it was taken for right padding)
+    torch.testing.assert_close(left_memory, model.encode(left)[0], atol=1e-5, rtol=1e-5)  # valid from pad_id 0
     attn = model.decoder.layers[0].self_attn
     keys = torch.zeros(len(model.decoder.layers), src.shape[0], attn.num_kv_heads, 0, attn.head_dim)
     values = keys.clone()

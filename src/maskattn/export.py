@@ -96,8 +96,9 @@ class _Encode(nn.Module):
         self.model = model
 
     def forward(self, src: Tensor, src_valid: Tensor) -> Tensor:
-        memory, _ = self.model.encode(src, src_valid.sum(dim=1))
-        return memory  # (B, Ls, E)
+        m = self.model  # the steps of Transformer.encode, with the padding mask read from src_valid as it is
+        x, rope = m.src_embed(src, default_positions(src))  # (B, Ls, E)
+        return m.encoder(x, mask=masks.padding(src_valid), rope=rope)  # (B, Ls, E)
 
 
 class _GrowingCache:

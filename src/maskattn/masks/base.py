@@ -311,11 +311,22 @@ class Mask:
 
 # --- composition ---------------------------------------------------------------------------------
 def _broadcast_size(masks: Sequence[Mask], attr: str) -> int:
-    sizes = {getattr(m, attr) for m in masks} - {1}
-    if len(sizes) > 1:
-        listing = ", ".join(f"{m!r}: {getattr(m, attr)}" for m in masks)
-        raise ValueError(f"cannot combine masks with different {attr} sizes ({listing})")
-    return sizes.pop() if sizes else 1
+    """The one size other than 1 that the masks' ``attr`` (batch or heads) has. A list, not a set: under
+    ``torch.export`` a size can be symbolic (a SymInt), which is not hashable; its agreement is checked there."""
+    size = 1
+    for m in masks:
+        s = getattr(m, attr)
+        if (isinstance(s, int) and s == 1) or s is size:
+            continue
+        if isinstance(size, int) and size == 1:
+            size = s
+        elif isinstance(s, int) and isinstance(size, int):
+            if s != size:
+                listing = ", ".join(f"{m!r}: {getattr(m, attr)}" for m in masks)
+                raise ValueError(f"cannot combine masks with different {attr} sizes ({listing})")
+        else:
+            torch._check(s == size, lambda: f"cannot combine masks with different {attr} sizes")
+    return size
 
 
 class _Combined(Mask):
