@@ -217,3 +217,29 @@ def test_a_huge_size_in_config_is_an_error_naming_it_before_allocating(tmp_path)
     write_manifest(tmp_path, ["config.json", "model.safetensors"])  # as a consistent hand-made directory
     with pytest.raises(FormatError, match=r"config\.json: vocab_size=1000000000000 does not fit the weights"):
         load(tmp_path)
+
+
+def test_a_failed_save_over_a_model_leaves_the_old_model(tmp_path):
+    # file by file, a re-save that died after the weights left new weights beside the old manifest: neither loaded
+    old, new = MODELS["encoder"](), MODELS["encoder"]()
+    save(old, tmp_path / "model")
+
+    class BrokenTokenizer:
+        def save(self, path):
+            raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        save(new, tmp_path / "model", tokenizer=BrokenTokenizer())
+    loaded = load(tmp_path / "model")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), old.state_dict().values(), strict=True))
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary directory left behind
+
+
+@pytest.mark.parametrize("key, value", [("weights", "model.safetensors"), ("aliases", ["x"]), ("config", "oops")])
+def test_a_config_json_field_of_the_wrong_type_is_a_format_error(tmp_path, key, value):
+    save(MODELS["encoder"](), tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    meta[key] = value
+    _without_manifest(tmp_path / "config.json", json.dumps(meta))
+    with pytest.raises(FormatError, match=f"'{key}' must be a JSON object"):
+        load(tmp_path)

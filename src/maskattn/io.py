@@ -91,14 +91,21 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700: the directory gets the mode mkdir would give it
     try:
         yield tmp
         for child in sorted(tmp.iterdir()):
             fsync(child)
+        old = None
         if path.exists():  # re-writing the same directory (e.g. a final save after a periodic one)
-            shutil.rmtree(path)
+            old = path.with_name(f"{tmp.name}.old")
+            os.replace(path, old)  # aside first: a crash before the next line leaves it, not nothing, behind
         os.replace(tmp, path)
         fsync(path.parent)
+        if old is not None:
+            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -32,7 +32,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from maskattn.io import (
+    MANIFEST,
     FormatError,
+    atomic_directory,
     atomic_write,
     atomic_write_text,
     read_json_object,
@@ -89,7 +91,20 @@ def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = Non
     if type(model).__name__ not in _MODELS:
         raise TypeError(f"save() takes a maskattn model ({', '.join(sorted(_MODELS))}), got {type(model).__name__}")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    held = {p.name for p in directory.iterdir()} if directory.is_dir() else set()
+    # a new directory, or an earlier save's (never the working directory), is replaced whole
+    if not directory.exists() or (held and held <= {CONFIG, WEIGHTS, TOKENIZER, MANIFEST}
+                                  and directory.resolve() != Path.cwd().resolve()):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_directory(directory) as tmp:  # whole: a crash leaves the old model or the new one
+            _write(model, tmp, tokenizer)
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)  # it holds other files (task.json) too: file by file, manifest last
+    _write(model, directory, tokenizer)
+    return directory
+
+
+def _write(model: nn.Module, directory: Path, tokenizer: Any) -> None:
     tensors, aliases = _distinct_tensors(model)
     weights = directory / WEIGHTS
     atomic_write(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
@@ -104,7 +119,6 @@ def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = Non
     else:
         (directory / TOKENIZER).unlink(missing_ok=True)  # an older save's tokenizer is not this model's
     write_manifest(directory, [CONFIG, WEIGHTS, *([TOKENIZER] if tokenizer is not None else [])])
-    return directory
 
 
 def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
@@ -124,6 +138,9 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") ->
         raise FormatError(
             f"{directory / CONFIG}: unknown model {meta.get('model')!r}; expected one of {sorted(_MODELS)}"
         )
+    for key, kind in (("config", dict), ("weights", dict), ("aliases", dict)):
+        if not isinstance(meta.get(key, {}), kind):
+            raise FormatError(f"{directory / CONFIG}: {key!r} must be a JSON object, got {type(meta[key]).__name__}")
     try:
         config = cls.config_class.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as e:

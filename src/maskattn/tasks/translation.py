@@ -129,8 +129,7 @@ def sequence_loss(logits: Tensor, targets: Tensor, pad_id: int, label_smoothing:
 # --- model -----------------------------------------------------------------------------------------
 def build_model(cfg: TranslationConfig, tok: Tokenizer) -> Transformer:
     model_cfg = replace(cfg.model, vocab_size=tok.vocab_size, tgt_vocab_size=None, share_embeddings=True,
-                        pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id,
-                        max_len=max(cfg.model.max_len, cfg.data.max_len))  # positions for every kept pair
+                        pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
     return Transformer(model_cfg)
 
 
@@ -221,10 +220,12 @@ def train(cfg: TranslationConfig, train_pairs: Pairs | None = None, valid_pairs:
         valid_pairs = read_pairs(cfg.data.valid_src, cfg.data.valid_tgt)
     out, tok = begin_run(cfg, resume=resume, overwrite=overwrite,
                          tokenizer=lambda: build_tokenizer(cfg.data, train_pairs))
-    data = encode_pairs(tok, train_pairs, cfg.data.max_len)
+    longest = min(cfg.data.max_len, cfg.model.max_len)  # a kept pair must fit the model's positions too
+    data = encode_pairs(tok, train_pairs, longest)
     lengths = [max(len(s), len(t) + 1) for s, t in zip(data.src, data.tgt, strict=True)]
     model = build_model(cfg, tok)
-    log(f"translation: {len(data.src)} training pairs, vocabulary {tok.vocab_size}, {parameters(model)}")
+    log(f"translation: {len(data.src)} training pairs, vocabulary {tok.vocab_size}, {parameters(model)}"
+        + (f"; pairs longer than model.max_len={longest} tokens dropped" if longest < cfg.data.max_len else ""))
 
     valid = valid_pairs[: cfg.data.valid_limit or None] if valid_pairs else None
 
