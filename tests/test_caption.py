@@ -150,3 +150,11 @@ def test_config_refuses_bad_values():
     with pytest.raises(ValueError, match="patch_size must be a positive int, got 0"):
         CaptionerConfig(patch_size=0)
     assert C.CaptionConfig().train.metric == "exact_match"
+
+
+def test_a_three_channel_captioner_summarises_and_names_grey_images():
+    torch.manual_seed(0)
+    model = Captioner(CaptionerConfig(vocab_size=16, d_model=32, num_heads=2, d_ff=64, channels=3))
+    assert "Captioner" in str(model.summary())  # its example canvas was one-channel: a reshape error
+    with pytest.raises(ValueError, match=r"images must be \(B, 3, Hc, Wc\), got \(2, 8, 16\)"):
+        model.encode(torch.zeros(2, 8, 16))

@@ -57,10 +57,12 @@ class PatchEmbedding(nn.Module):
     def grid(self, images: Tensor) -> tuple[int, int]:
         """The (R, K) patch grid of a batch of images; ValueError naming the shape when it does not fit."""
         p = self.patch_size
-        if not isinstance(images, Tensor) or images.dim() not in (3, 4) or (
-                images.dim() == 4 and images.shape[1] != self.channels):
+        fits = isinstance(images, Tensor) and ((images.dim() == 3 and self.channels == 1)
+                                               or (images.dim() == 4 and images.shape[1] == self.channels))
+        if not fits:
             got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise ValueError(f"images must be (B, Hc, Wc) or (B, {self.channels}, Hc, Wc), got {got}")
+            expected = "(B, Hc, Wc) or (B, 1, Hc, Wc)" if self.channels == 1 else f"(B, {self.channels}, Hc, Wc)"
+            raise ValueError(f"images must be {expected}, got {got}")
         h, w = images.shape[-2:]
         rows, cols = h // p, w // p
         if h % p or w % p or not 0 < rows <= self.rows.num_embeddings or not 0 < cols <= self.cols.num_embeddings:

@@ -106,9 +106,9 @@ class Captioner(Persistent, Summary, nn.Module):
     attention_sites = Transformer.attention_sites
 
     def example_inputs(self) -> tuple[Tensor, ...]:
-        """One blank (1, 2P, 4P) canvas and a (1, 4) caption prefix, for :meth:`summary`."""
-        p = self.config.patch_size
-        return torch.zeros(1, 2 * p, 4 * p), torch.full((1, 4), self.config.bos_id)
+        """One blank (1, [C,] 2P, 4P) canvas and a (1, 4) caption prefix, for :meth:`summary`."""
+        p, c = self.config.patch_size, self.config.channels
+        return torch.zeros(1, *((c,) if c > 1 else ()), 2 * p, 4 * p), torch.full((1, 4), self.config.bos_id)
 
     def encode(self, images: Tensor, sizes: Sizes = None, *, return_weights: bool = False) -> tuple:
         """Encode (B, [C,] Hc, Wc) images, each of real size ``sizes[b]`` (height, width) at the top left.
