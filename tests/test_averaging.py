@@ -87,3 +87,25 @@ def test_average_models_is_the_mean_of_finished_models_and_the_cli_runs_it(tmp_p
     capsys.readouterr()
     assert main(["average", str(tmp_path / "a"), "--models", str(tmp_path / "b"), "--out", str(tmp_path / "x")]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_models_pruned_to_other_heads_are_not_averaged(tmp_path):
+    # both keep 2 of 4 heads: the same shapes and head counts, but heads [0, 1] and [2, 3] are other heads
+    model, _ = _run(tmp_path / "a")
+    tok = Tokenizer.load(tmp_path / "a" / "model")
+    for name, keep in (("x", [0, 1]), ("y", [2, 3]), ("z", [0, 1])):
+        pruned = DecoderLM(model.config)
+        pruned.load_state_dict(model.state_dict())
+        pruned.decoder.layers[0].self_attn.prune_heads(keep)
+        pruned.save(tmp_path / name, tokenizer=tok.backend)
+        write_task(tmp_path / name, {"task": "lm", "documents": "none", "block": 8})
+        assert maskattn.load(tmp_path / name).decoder.layers[0].self_attn.origin_heads == keep  # saved and loaded
+    with pytest.raises(ValueError, match=r"config\.json differs"):
+        average_models([tmp_path / "x", tmp_path / "y"], tmp_path / "bad")
+    average_models([tmp_path / "x", tmp_path / "z"], tmp_path / "soup")  # the same heads: averaged
+    meta = json.loads((tmp_path / "x" / "config.json").read_text())
+    del meta["compression"]["origin"]  # a model pruned before the heads' origin was recorded
+    (tmp_path / "x" / "config.json").write_text(json.dumps(meta))
+    (tmp_path / "x" / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="cannot be told whether the models kept the same heads"):
+        average_models([tmp_path / "x", tmp_path / "z"], tmp_path / "bad2")

@@ -120,7 +120,13 @@ def average_models(directories: Sequence[str | Path], out: str | Path) -> Path:
         return {"config.json": {**{k: v for k, v in meta.items() if k != "weights"}, "config": config},
                 "task.json": read_task(d), "tokenizer.json": tokenizer.read_bytes() if tokenizer.is_file() else None}
 
-    expected = identity(first)
+    for d in dirs:
+        compression = read_json_object(d / "config.json").get("compression", {})
+        if set(compression.get("heads", {})) - set(compression.get("origin", {})):
+            raise ValueError(f"models: {d} was pruned before maskattn recorded which heads a pruned model keeps, "
+                             "so it cannot be told whether the models kept the same heads; prune it again "
+                             "(maskattn compress --keep-heads)")
+    expected = identity(first)  # pruned models must have kept the same heads: config.json's compression.origin
     for d in dirs[1:]:
         for name, value in identity(d).items():
             if value != expected[name]:

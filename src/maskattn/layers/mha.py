@@ -77,6 +77,7 @@ class MultiHeadAttention(nn.Module):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {p}")
         self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
+        self.origin_heads: list[int] | None = list(range(num_heads))  # of the unpruned module; None: unknown
         self.head_dim = d_model // num_heads if head_dim is None else head_dim
         self.dropout, self.backend, self.head_dropout = dropout, backend, head_dropout
         kv_width = num_kv_heads * self.head_dim
@@ -167,6 +168,7 @@ class MultiHeadAttention(nn.Module):
         self.q_proj, self.out_proj = _select(self.q_proj, rows, 0), _select(self.out_proj, rows, 1)
         self.k_proj, self.v_proj = _select(self.k_proj, kv_rows, 0), _select(self.v_proj, kv_rows, 0)
         self.num_heads, self.num_kv_heads = len(keep), len(groups)
+        self.origin_heads = None if self.origin_heads is None else [self.origin_heads[h] for h in keep]
 
     def heads_to_keep(self, keep: Sequence[int], name: str = "keep") -> list[int]:
         """``keep`` sorted, after checking that it can be pruned to (see :meth:`prune_heads`).

@@ -7,8 +7,11 @@ them on a freshly built model before its weights are loaded (``maskattn.load`` d
 
     "compression": {
       "heads": {"encoder.layers.0.self_attn": 2, ...},   # heads kept where some were pruned
+      "origin": {"encoder.layers.0.self_attn": [0, 3]},  # which of the unpruned module's heads those are
       "int8": ["encoder.layers.0.self_attn.q_proj", ...]  # Linear modules stored as Int8Linear, token
     }                                                     # tables as Int8TokenEmbedding
+
+("origin" is absent in models pruned before it was recorded: their heads' origin is unknown.)
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from maskattn.layers.quantized import Int8TokenEmbedding
 
 def describe(model: nn.Module) -> dict[str, Any]:
     """The compression entry of ``model``: pruned attention modules and int8 modules; {} when none."""
-    heads = {name: m.num_heads for name, m in model.named_modules()
-             if isinstance(m, MultiHeadAttention) and m.num_heads * m.head_dim != m.d_model}
+    pruned = {name: m for name, m in model.named_modules()
+              if isinstance(m, MultiHeadAttention) and m.num_heads * m.head_dim != m.d_model}
+    heads = {name: m.num_heads for name, m in pruned.items()}
+    origin = {name: list(m.origin_heads) for name, m in pruned.items() if m.origin_heads is not None}
     int8 = [name for name, m in model.named_modules(remove_duplicate=False)
             if isinstance(m, (Int8Linear, Int8TokenEmbedding))]
-    return {key: value for key, value in (("heads", heads), ("int8", int8)) if value}
+    return {key: value for key, value in (("heads", heads), ("origin", origin), ("int8", int8)) if value}
 
 
 def apply(model: nn.Module, entry: dict[str, Any] | None, *, source: str = "config.json") -> nn.Module:
@@ -42,18 +47,24 @@ def apply(model: nn.Module, entry: dict[str, Any] | None, *, source: str = "conf
     """
     if not entry:
         return model
-    unknown = sorted(set(entry) - {"heads", "int8"})
+    unknown = sorted(set(entry) - {"heads", "origin", "int8"})
     if unknown:
-        raise FormatError(f"{source}: unknown compression entries {unknown}; expected heads and int8")
+        raise FormatError(f"{source}: unknown compression entries {unknown}; expected heads, origin and int8")
     modules = dict(model.named_modules(remove_duplicate=False))
     for name, count in entry.get("heads", {}).items():
         attn = modules.get(name)
         if not isinstance(attn, MultiHeadAttention):
             raise FormatError(f"{source}: compression.heads names {name!r}, not an attention module of the model")
         try:
-            attn.prune_heads(range(count))
+            attn.prune_heads(list(range(count)) if isinstance(count, int) else count)
         except (TypeError, ValueError) as e:
             raise FormatError(f"{source}: compression.heads[{name!r}] = {count!r} does not fit: {e}") from e
+        origin = entry.get("origin", {}).get(name)
+        ok = origin is None or (isinstance(origin, list) and len(origin) == count and all(
+            isinstance(h, int) and not isinstance(h, bool) for h in origin))
+        if not ok:
+            raise FormatError(f"{source}: compression.origin[{name!r}] = {origin!r}: expected {count} head indices")
+        attn.origin_heads = origin
     modules = dict(model.named_modules(remove_duplicate=False))  # pruning made new projections
     new_tables: dict[int, Int8TokenEmbedding] = {}  # id of the float table's weight -> its int8 table
     names = entry.get("int8", [])
