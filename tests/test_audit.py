@@ -301,3 +301,30 @@ def test_padding_audit_of_a_pooled_output_checks_each_row():
     assert honest.ok and honest.checked_pairs == 3  # row 1: one output, three padded inputs
     leaky = audit_padding(lambda t: t.float().sum(1, keepdim=True), tokens, lengths, vocab=20, name="pooled")
     assert not leaky.ok and leaky.leaks[0][0] == 1
+
+
+def _per_head_mask(length=8):
+    window = (masks.causal() & masks.sliding_window(2)).to_dense(length, length)  # (1, 1, L, L)
+    causal = masks.causal().to_dense(length, length)
+    return masks.from_tensor(torch.cat([causal, causal, window, window], dim=1))  # (1, 4, L, L): heads 2-3 windowed
+
+
+def test_a_per_head_mask_is_audited_head_by_head():
+    torch.manual_seed(0)
+    assert audit_layer(MultiHeadAttention(16, 4), _per_head_mask(), length=8).ok
+    # a layer that gives every head the mask of head 0: heads 2-3 see keys their window hides, which no check
+    # could see while a key counted as hidden only when every head hid it
+    layer = MultiHeadAttention(16, 4)
+    forward = layer.attend.forward
+    layer.attend.forward = lambda q, k, v, mask, **kw: forward(q, k, v, masks.causal(), **kw)
+    report = audit_layer(layer, _per_head_mask(), length=8)
+    assert not report.ok and all(not v.ok for v in report.verdicts), str(report)
+    assert all(k < q - 1 for _, q, k in report.verdicts[0].leaks)  # keys outside the window of 2
+    with pytest.raises(ValueError, match="differs per head"):
+        audit_layer(ArticleAttention(16, 4), _per_head_mask(), length=8)  # no per-head outputs to audit
+
+
+def test_the_nan_audit_names_the_key_that_leaked():
+    # the NaN check named the row's first hidden key, whichever leaked; OffByOneCausal leaks only q + 1
+    verdict = audit_layer(OffByOneCausal(16, 4), masks.causal(), length=8).verdicts[1]
+    assert not verdict.ok and all(k == q + 1 for _, q, k in verdict.leaks), verdict

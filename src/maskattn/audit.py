@@ -65,17 +65,49 @@ class Report:
 
 
 # --- one attention call ------------------------------------------------------------------------------
+# A mask that differs per head is audited head by head: head h's output (a maskattn layer's ``attend``
+# submodule, (B, H, Lq, D)) must not depend on the inputs hidden from head h. Otherwise the layer's own
+# output is audited against the inputs hidden from every head. Either way the outputs are (B, Lq, U, X):
+# U = H heads, or U = 1 (the whole output).
 def _hidden(mask: Mask | Tensor | None, batch: int, q_len: int, k_len: int, q_offset: int, self_attn: bool) -> Tensor:
-    """(B, Lq, Lk) True where no head may attend; the diagonal of self-attention excluded."""
+    """(B, U, Lq, Lk) True where the unit (a head, or all heads together) may not attend; the diagonal of
+    self-attention excluded."""
     if mask is None:
-        return torch.zeros(batch, q_len, k_len, dtype=torch.bool)
+        return torch.zeros(batch, 1, q_len, k_len, dtype=torch.bool)
     mask = from_tensor(mask) if isinstance(mask, Tensor) else mask
-    allowed = mask.to_dense(q_len, k_len, q_offset=q_offset, device="cpu").any(dim=1)  # (B|1, Lq, Lk)
-    hidden = ~allowed.expand(batch, q_len, k_len)
+    allowed = mask.to_dense(q_len, k_len, q_offset=q_offset, device="cpu")  # (B|1, H|1, Lq, Lk)
+    hidden = ~allowed.expand(batch, allowed.shape[1], q_len, k_len)
     if self_attn:
-        eye = torch.eye(q_len, k_len, dtype=torch.bool)
-        hidden = hidden & ~eye
+        hidden = hidden & ~torch.eye(q_len, k_len, dtype=torch.bool)
     return hidden
+
+
+def _runner(layer: Callable[..., Tensor], mask: Mask | Tensor | None, heads: int, q_offset: int,
+            kwargs: dict) -> Callable[[Tensor, Tensor | None, Tensor | None], Tensor]:
+    """``run(query, key, value)`` -> (B, Lq, U, X): the layer's output, or per head its ``attend`` outputs."""
+    extra = {"q_offset": q_offset} if q_offset else {}
+    attend = getattr(layer, "attend", None)
+    if heads > 1 and not isinstance(attend, nn.Module):
+        raise ValueError(f"the mask differs per head ({heads} heads): auditing it needs the layer's per-head outputs, "
+                         f"which a maskattn MultiHeadAttention gives (its attend submodule); {type(layer).__name__} "
+                         "has none")
+
+    def run(q_in: Tensor, k_in: Tensor | None, v_in: Tensor | None) -> Tensor:
+        if heads == 1:
+            return layer(q_in, k_in, v_in, mask=mask, **extra, **kwargs)[:, :, None]  # (B, Lq, 1, E)
+        seen: list[Tensor] = []
+        handle = attend.register_forward_hook(
+            lambda module, args, out: seen.append(out[0] if isinstance(out, tuple) else out))
+        try:
+            layer(q_in, k_in, v_in, mask=mask, **extra, **kwargs)
+        finally:
+            handle.remove()
+        if not seen:
+            raise ValueError(f"the mask differs per head: auditing it needs the per-head outputs of the layer's attend "
+                             f"submodule, which {type(layer).__name__} did not call")
+        return seen[-1].transpose(1, 2)  # (B, Lq, H, D)
+
+    return run
 
 
 def audit_call(layer: Callable[..., Tensor], query: Tensor, key: Tensor | None = None, value: Tensor | None = None,
@@ -84,24 +116,21 @@ def audit_call(layer: Callable[..., Tensor], query: Tensor, key: Tensor | None =
     """Audit one call ``layer(query, key, value, mask=mask, **kwargs)`` -> (B, Lq, E).
 
     The inputs perturbed are ``query`` for self-attention (key and value omitted) and ``key`` and
-    ``value`` for cross-attention.
+    ``value`` for cross-attention. A mask that differs per head is audited head by head (see above).
     """
     self_attn = key is None
     source = query if self_attn else key
     batch, q_len, k_len = query.shape[0], query.shape[1], source.shape[1]
-    hidden = _hidden(mask, batch, q_len, k_len, q_offset, self_attn)
-
-    def run(q_in: Tensor, k_in: Tensor | None, v_in: Tensor | None) -> Tensor:
-        extra = {"q_offset": q_offset} if q_offset else {}
-        return layer(q_in, k_in, v_in, mask=mask, **extra, **kwargs)
+    hidden = _hidden(mask, batch, q_len, k_len, q_offset, self_attn)  # (B, U, Lq, Lk)
+    run = _runner(layer, mask, hidden.shape[1], q_offset, kwargs)
 
     with torch.no_grad():
         base = run(query, key, value)
     gen = torch.Generator().manual_seed(1)
     noise = (torch.randn(source.shape, generator=gen, dtype=source.dtype) * 3).to(source.device)
 
-    def moved(i: int, spot: Tensor) -> Tensor:
-        """(B,) whether query i's output changes when the inputs at ``spot`` (B, Lk) are replaced."""
+    def moved(i: int, u: int, spot: Tensor) -> Tensor:
+        """(B,) whether unit u's output at query i changes when the inputs at ``spot`` (B, Lk) are replaced."""
         spot = spot[..., None].to(source.device)
         with torch.no_grad():
             if self_attn:
@@ -109,22 +138,24 @@ def audit_call(layer: Callable[..., Tensor], query: Tensor, key: Tensor | None =
             else:
                 out = run(query, torch.where(spot, noise, source),
                           None if value is None else torch.where(spot, noise.to(value.dtype), value))
-        return (out[:, i] != base[:, i]).any(-1).cpu()
+        return (out[:, i, u] != base[:, i, u]).any(-1).cpu()
 
     leaks: list[tuple[int, int, int]] = []
-    for i in range(q_len):
-        hide = hidden[:, i, :]  # (B, Lk)
-        if not hide.any() or not moved(i, hide).any():
-            continue
-        for j in hide.any(0).nonzero().flatten().tolist():  # name the pairs: one hidden key at a time
-            one = torch.zeros_like(hide)
-            one[:, j] = hide[:, j]
-            leaks += [(b, i, j) for b in moved(i, one).nonzero().flatten().tolist()]
+    for u in range(hidden.shape[1]):
+        for i in range(q_len):
+            hide = hidden[:, u, i, :]  # (B, Lk)
+            if not hide.any() or not moved(i, u, hide).any():
+                continue
+            for j in hide.any(0).nonzero().flatten().tolist():  # name the pairs: one hidden key at a time
+                one = torch.zeros_like(hide)
+                one[:, j] = hide[:, j]
+                leaks += [(b, i, j) for b in moved(i, u, one).nonzero().flatten().tolist()]
+            if len(leaks) >= max_leaks:
+                break
         if len(leaks) >= max_leaks:
-            leaks = leaks[:max_leaks]
             break
     if leaks:
-        return Verdict(name, False, int(hidden.sum()), leaks, "perturbing hidden inputs changed the output")
+        return Verdict(name, False, int(hidden.sum()), leaks[:max_leaks], "perturbing hidden inputs changed the output")
     leaks = _jacobian_leaks(run, query, key, value, hidden, self_attn, max_leaks)
     if leaks:
         return Verdict(name, False, int(hidden.sum()), leaks, "non-zero gradient through a hidden position")
@@ -135,19 +166,20 @@ def _jacobian_leaks(run, query, key, value, hidden, self_attn, max_leaks) -> lis
     leaks: list[tuple[int, int, int]] = []
     source = (query if self_attn else key).detach().clone().requires_grad_(True)
     value_in = None if self_attn or value is None else value.detach().clone().requires_grad_(True)
-    out = run(source, None, None) if self_attn else run(query, source, value_in)
+    out = run(source, None, None) if self_attn else run(query, source, value_in)  # (B, Lq, U, X)
     gen = torch.Generator().manual_seed(2)
-    for i in range(out.shape[1]):
-        if not hidden[:, i].any():
-            continue
-        cotangent = torch.randn(out[:, i].shape, generator=gen, dtype=out.dtype).to(out.device)
-        inputs = [source] if value_in is None else [source, value_in]
-        grads = torch.autograd.grad(out[:, i], inputs, cotangent, retain_graph=True, allow_unused=True)
-        touched = sum((g.abs().sum(-1) != 0) for g in grads if g is not None)  # (B, Lk)
-        bad = (hidden[:, i] & (touched > 0).cpu()).nonzero().tolist()
-        leaks += [(b, i, j) for b, j in bad][: max_leaks - len(leaks)]
-        if len(leaks) >= max_leaks:
-            break
+    inputs = [source] if value_in is None else [source, value_in]
+    for u in range(hidden.shape[1]):
+        for i in range(out.shape[1]):
+            if not hidden[:, u, i].any():
+                continue
+            cotangent = torch.randn(out[:, i, u].shape, generator=gen, dtype=out.dtype).to(out.device)
+            grads = torch.autograd.grad(out[:, i, u], inputs, cotangent, retain_graph=True, allow_unused=True)
+            touched = sum((g.abs().sum(-1) != 0) for g in grads if g is not None)  # (B, Lk)
+            bad = (hidden[:, u, i] & (touched > 0).cpu()).nonzero().tolist()
+            leaks += [(b, i, j) for b, j in bad][: max_leaks - len(leaks)]
+            if len(leaks) >= max_leaks:
+                return leaks
     return leaks
 
 
@@ -156,32 +188,48 @@ def audit_nonfinite_call(layer: Callable[..., Tensor], query: Tensor, key: Tenso
                          q_offset: int = 0, max_leaks: int = 10, **kwargs) -> Verdict:
     """Audit one call as :func:`audit_call` does, with NaN as the replacement: for every query, NaN in every
     input position hidden from it must leave its output finite and bit-identical (0 x NaN is NaN, so a
-    hidden position that is multiplied by a zero weight, or masked by adding -inf, fails here)."""
+    hidden position that is multiplied by a zero weight, or masked by adding -inf, fails here). A leak is
+    named by the hidden key that alone spoils the output (or the row's first hidden key, when only all
+    together do)."""
     self_attn = key is None
     source = query if self_attn else key
-    hidden = _hidden(mask, query.shape[0], query.shape[1], source.shape[1], q_offset, self_attn)
-    extra = {"q_offset": q_offset} if q_offset else {}
+    hidden = _hidden(mask, query.shape[0], query.shape[1], source.shape[1], q_offset, self_attn)  # (B, U, Lq, Lk)
+    run = _runner(layer, mask, hidden.shape[1], q_offset, kwargs)
+
+    def spoiled(spot: Tensor) -> Tensor:  # the output with NaN at spot (B, Lk)
+        spot = spot[..., None].to(source.device)
+        if self_attn:
+            return run(torch.where(spot, torch.nan, source), None, None)
+        return run(query, torch.where(spot, torch.nan, source),
+                   None if value is None else torch.where(spot, torch.nan, value))
+
     leaks: list[tuple[int, int, int]] = []
     with torch.no_grad():
-        base = layer(query, key, value, mask=mask, **extra, **kwargs)
-        for i in range(query.shape[1]):
-            spot = hidden[:, i, :, None].to(source.device)  # (B, Lk, 1)
-            if not spot.any():
-                continue
-            spoiled = torch.where(spot, torch.nan, source)
-            if self_attn:
-                out = layer(spoiled, None, None, mask=mask, **extra, **kwargs)
-            else:
-                out = layer(query, spoiled, None if value is None else torch.where(spot, torch.nan, value), mask=mask,
-                            **extra, **kwargs)
-            moved = (out[:, i] != base[:, i]).any(-1).cpu()  # (B,): NaN != NaN, so a NaN output counts
-            leaks += [(b, i, int(hidden[b, i].nonzero()[0])) for b in moved.nonzero().flatten().tolist()]
+        base = run(query, key, value)
+        for u in range(hidden.shape[1]):
+            for i in range(query.shape[1]):
+                hide = hidden[:, u, i]  # (B, Lk)
+                if not hide.any():
+                    continue
+                moved = (spoiled(hide)[:, i, u] != base[:, i, u]).any(-1).cpu()  # (B,): NaN != NaN counts
+                for b in moved.nonzero().flatten().tolist():
+                    keys = hide[b].nonzero().flatten().tolist()
+                    alone = [j for j in keys if (spoiled(_one(hide, b, j))[b, i, u] != base[b, i, u]).any()]
+                    leaks.append((b, i, (alone or keys)[0]))
+                if len(leaks) >= max_leaks:
+                    break
             if len(leaks) >= max_leaks:
                 break
     if leaks:
         return Verdict(f"{name}, NaN hidden", False, int(hidden.sum()), leaks[:max_leaks],
                        "NaN in hidden inputs reached the output")
     return Verdict(f"{name}, NaN hidden", True, int(hidden.sum()))
+
+
+def _one(like: Tensor, b: int, j: int) -> Tensor:
+    spot = torch.zeros_like(like)
+    spot[b, j] = True
+    return spot
 
 
 def audit_layer(layer: nn.Module, mask: Mask | Tensor | None, *, length: int = 12, batch: int = 2,
