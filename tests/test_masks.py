@@ -287,3 +287,13 @@ def test_to_moves_every_tensor_of_the_expression_and_keeps_its_meaning():
     assert doc.doc_ids is doc.tensor  # aliased attributes stay one tensor
     prefix = next(leaf for leaf in leaves if hasattr(leaf, "prefix"))
     assert prefix._as_or._leaves()[1].tensor is prefix.prefix  # the prefix-LM's own "causal | padding" too
+
+
+def test_grid_refuses_a_batch_or_head_the_mask_does_not_have():
+    m = masks.padding(torch.tensor([3, 2]))
+    assert torch.equal(m.grid(4, batch=1), m.to_dense(4, 4)[1, 0])
+    assert torch.equal(masks.causal().grid(4, batch=5, head=3), masks.causal().to_dense(4, 4)[0, 0])  # the same for all
+    with pytest.raises(ValueError, match=r"batch=2: the mask has 2 batch entries"):
+        m.grid(4, batch=2)  # it drew row 1 instead
+    with pytest.raises(ValueError, match=r"head=-1"):
+        m.grid(4, head=-1)

@@ -269,6 +269,10 @@ class Mask:
         """The bool (Lq, Lk) mask of one batch item and head, what :meth:`render` and
         :func:`maskattn.plotting.plot_mask` draw. ``q_len`` defaults to the mask's own length (the longest
         tensor it carries) or ``default_len``, ``k_len`` to ``q_offset + q_len``."""
+        for name, index, size in (("batch", batch, self.batch), ("head", head, self.heads)):
+            if index < 0 or (size > 1 and index >= size):  # size 1: the same for every item / head
+                raise ValueError(f"{name}={index}: the mask has {size} {name} entries, so {name} must be in "
+                                 f"[0, {size})")
         q_len = q_len if q_len is not None else (self._natural_length() or default_len)
         k_len = k_len if k_len is not None else q_offset + q_len
         dense = self.to_dense(q_len, k_len, q_offset=q_offset)
