@@ -44,16 +44,22 @@ def test_a_second_run_into_a_used_directory_is_refused_unless_resume_or_overwrit
     assert [p.name for p in checkpoint.list_checkpoints(out / "checkpoints")] == ["step-000000002", "step-000000004"]
 
 
-def test_a_failed_overwrite_run_keeps_the_old_run(tmp_path, capsys):
-    # --overwrite with a mistyped data path: the task fails reading its data, before anything is deleted
+@pytest.mark.parametrize("failure", ["a mistyped data path", "a block longer than the text"])
+def test_a_failed_overwrite_run_keeps_the_old_run(tmp_path, capsys, failure):
+    # the run was deleted before the task read its data (the first case), or before the task's checks of the
+    # data it had read (the second: the new run had already written its tokenizer)
     out = tmp_path / "run"
     assert main(lm_args(tmp_path, out)) == 0
-    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     args = lm_args(tmp_path, out, "--overwrite")
-    args[args.index("--train") + 1] = str(tmp_path / "typo.txt")
+    if failure == "a mistyped data path":
+        args[args.index("--train") + 1] = str(tmp_path / "typo.txt")
+    else:
+        args += ["--set", "data.block=5000"]
     assert main(args) == 2
-    assert "typo.txt" in capsys.readouterr().err
-    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert ("typo.txt" if failure == "a mistyped data path" else "too short") in capsys.readouterr().err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # nothing left aside
 
 
 def test_overwrite_clears_hypotheses_that_evaluate_wrote(tmp_path):

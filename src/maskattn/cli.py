@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import inspect
+import contextlib
 import json
 import logging
 import os
@@ -351,7 +351,7 @@ def _train(args: argparse.Namespace) -> int:
     from maskattn import config, distributed
     from maskattn.checkpoint import CheckpointError
     from maskattn.plotting import plot_curves
-    from maskattn.training import check_run_directory, clear_run_directory
+    from maskattn.training import check_run_directory, replacing_run
 
     task = tasks()[args.task]
     assignments = list(args.set)
@@ -365,17 +365,15 @@ def _train(args: argparse.Namespace) -> int:
         print("\n".join(config.describe(cfg)))
         return 0
     context = distributed.init()  # the one place a run joins torchrun's process group; the tasks read it from there
-    # fail at once on a bad directory; a task clears it for --overwrite only once it has read its data
-    # (a task registered with the older train(cfg, *, resume, log) has it cleared here, first)
-    late = "overwrite" in inspect.signature(task.train).parameters
-    if context.is_main:
+    if context.is_main:  # a bad directory fails at once, before any data is read
         check_run_directory(cfg.out, resume=args.resume, overwrite=args.overwrite)
-        if args.overwrite and not late:
-            clear_run_directory(cfg.out)
     if not context.is_main:
         configure_logging(quiet=True, rank=context.rank)
+    # --overwrite: the old run is set aside, and put back if the new one fails before its first checkpoint
+    replacing = replacing_run(cfg.out) if args.overwrite and context.is_main else contextlib.nullcontext()
     try:
-        result = task.train(cfg, resume=args.resume, **({"overwrite": args.overwrite} if late else {}))
+        with replacing:
+            result = task.train(cfg, resume=args.resume)
     except CheckpointError as e:
         print(f"maskattn train: {e}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ and data position, a run killed at any point and resumed ends with the same weig
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import importlib
 import json
@@ -30,7 +31,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -253,6 +254,37 @@ def _foreign_entries(out: Path) -> None:
 
 def _run_entry(name: str) -> bool:
     return name in RUN_ENTRIES or name.startswith(".") or fnmatch.fnmatch(name, RUN_FILE_PATTERN)
+
+
+@contextlib.contextmanager
+def replacing_run(out: str | Path) -> Iterator[None]:
+    """``--overwrite``: the run in ``out`` is moved aside while the new one starts in its place, and deleted
+    when the new run ends. If the new run fails before its first step checkpoint (a mistyped data path, a
+    setting refused once the data is read), what it wrote is removed and the old run put back.
+
+    Raises:
+        RunDirectoryError: naming what in ``out`` a run does not write (then nothing is moved).
+    """
+    out = Path(out)
+    if not out.exists():
+        yield
+        return
+    if not out.is_dir():
+        raise RunDirectoryError(f"run directory {out} is a file, not a directory")
+    _foreign_entries(out)
+    out = out.resolve()
+    aside = out.with_name(f".{out.name}.replaced.{os.getpid()}")
+    os.replace(out, aside)
+    try:
+        yield
+    except BaseException:
+        if out.exists() and checkpoint.latest(out / "checkpoints") is not None:
+            shutil.rmtree(aside, ignore_errors=True)  # the new run got going: it stays, for --resume
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(aside, out)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def clear_run_directory(out: str | Path) -> None:

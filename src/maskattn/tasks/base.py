@@ -76,7 +76,7 @@ class Task:
 
     name: str  # `maskattn train NAME`, and the "task" written to a trained model's task.json
     config: Callable[[], Any]  # the default configuration: a dataclass with data / train sections and out
-    train: Callable[..., dict[str, Any]]  # train(cfg, *, resume=False, overwrite=False, log=...) -> scores, model dir
+    train: Callable[..., dict[str, Any]]  # train(cfg, *, resume=False, log=...) -> last scores and model dir
     load: Callable[[str | Path], Any]  # load(model dir) -> (model, tokenizer, settings); checks the task kind
     evaluate_file: Callable[..., dict[str, float]]  # evaluate_file(model dir, data file, **options) -> scores
     predict: Command  # the prediction subcommand

@@ -149,8 +149,7 @@ def unseen_labels(labels: Sequence[str], gold: Sequence[str], source: str) -> in
 Classify = partial(Head, method="classify")  # deprecated: Head(model, "classify")
 
 
-def train(cfg: ClassificationConfig, *, resume: bool = False, overwrite: bool = False,
-          log=log_stderr) -> dict[str, Any]:
+def train(cfg: ClassificationConfig, *, resume: bool = False, log=log_stderr) -> dict[str, Any]:
     require(cfg.data, "data", train="a TSV/CSV with a header, or JSONL")
     fields = {"text_field": cfg.data.text_field, "label_field": cfg.data.label_field}
     records = read_labelled(cfg.data.train, **fields)
@@ -161,7 +160,7 @@ def train(cfg: ClassificationConfig, *, resume: bool = False, overwrite: bool = 
     texts = [t for t, _ in records]
     if valid:
         unseen_labels(labels, [label for _, label in valid], f"data.valid ({cfg.data.valid})")
-    out, tok = begin_run(cfg, resume=resume, overwrite=overwrite, tokenizer=lambda: build_tokenizer(cfg, texts))
+    out, tok = begin_run(cfg, resume=resume, tokenizer=lambda: build_tokenizer(cfg, texts))
     model = build_model(cfg, labels, tok)
     ids = encode(tok, texts, cfg.data.max_len)
     targets = torch.tensor([labels.index(label) for _, label in records])

@@ -139,7 +139,7 @@ def check_long_enough(stream: Stream, cfg: DataConfig, source: str, *, need: int
                          f"{span} tokens{f' and {spare} more' if spare else ''} are needed")
 
 
-def train(cfg: LMConfig, *, resume: bool = False, overwrite: bool = False, log=log_stderr) -> dict[str, Any]:
+def train(cfg: LMConfig, *, resume: bool = False, log=log_stderr) -> dict[str, Any]:
     require(cfg.data, "data", train="a plain text file")
     text = read_text(cfg.data.train)
     if cfg.data.valid:
@@ -147,7 +147,7 @@ def train(cfg: LMConfig, *, resume: bool = False, overwrite: bool = False, log=l
     else:
         cut = int(len(text) * (1 - cfg.data.valid_fraction))
         train_text, valid_text = text[:cut], text[cut:]
-    out, tok = begin_run(cfg, resume=resume, overwrite=overwrite, tokenizer=lambda: train_tokenizer(
+    out, tok = begin_run(cfg, resume=resume, tokenizer=lambda: train_tokenizer(
         cfg.data.tokenizer, [train_text], vocab_size=cfg.data.vocab_size))
     train_stream = to_stream(tok, train_text, cfg.data.documents)
     valid_stream = to_stream(tok, valid_text, cfg.data.documents)

@@ -203,7 +203,7 @@ def score(predictions: dict[str, str], examples: Sequence[QAExample]) -> dict[st
     return metrics.squad(predictions, {ex.id: [a for a, _ in ex.answers] for ex in examples})
 
 
-def train(cfg: QAConfig, *, resume: bool = False, overwrite: bool = False, log=log_stderr) -> dict[str, Any]:
+def train(cfg: QAConfig, *, resume: bool = False, log=log_stderr) -> dict[str, Any]:
     require(cfg.data, "data", train="SQuAD JSON", pretrained="an encoder directory")
     examples = read_squad(cfg.data.train)
     valid = read_squad(cfg.data.valid)[: cfg.data.valid_limit or None] if cfg.data.valid else None
@@ -211,7 +211,7 @@ def train(cfg: QAConfig, *, resume: bool = False, overwrite: bool = False, log=l
     if positions is not None and cfg.data.max_len > positions:
         raise UsageError(f"data.max_len={cfg.data.max_len}: windows longer than the {positions} positions of "
                          f"data.pretrained ({cfg.data.pretrained}); set data.max_len <= {positions}")
-    out, tok = begin_run(cfg, resume=resume, overwrite=overwrite, tokenizer=lambda: Tokenizer.load(cfg.data.pretrained))
+    out, tok = begin_run(cfg, resume=resume, tokenizer=lambda: Tokenizer.load(cfg.data.pretrained))
     model = from_pretrained(cfg.data.pretrained, span_head=True)
     windows = squad_windows(tok, examples, max_len=cfg.data.max_len, stride=cfg.data.stride)
     valid_windows = squad_windows(tok, valid, max_len=cfg.data.max_len, stride=cfg.data.stride) if valid else None

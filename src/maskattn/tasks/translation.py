@@ -208,7 +208,7 @@ def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, flo
 
 # --- training --------------------------------------------------------------------------------------
 def train(cfg: TranslationConfig, train_pairs: Pairs | None = None, valid_pairs: Pairs | None = None, *,
-          resume: bool = False, overwrite: bool = False, log=log_stderr) -> dict[str, Any]:
+          resume: bool = False, log=log_stderr) -> dict[str, Any]:
     """Train a translation model; return the final validation metrics and where the model was saved.
 
     Pairs may be passed directly (the demo does); otherwise they are read from ``cfg.data``.
@@ -218,8 +218,7 @@ def train(cfg: TranslationConfig, train_pairs: Pairs | None = None, valid_pairs:
         train_pairs = read_pairs(cfg.data.train_src, cfg.data.train_tgt)
     if valid_pairs is None and cfg.data.valid_src:
         valid_pairs = read_pairs(cfg.data.valid_src, cfg.data.valid_tgt)
-    out, tok = begin_run(cfg, resume=resume, overwrite=overwrite,
-                         tokenizer=lambda: build_tokenizer(cfg.data, train_pairs))
+    out, tok = begin_run(cfg, resume=resume, tokenizer=lambda: build_tokenizer(cfg.data, train_pairs))
     longest = min(cfg.data.max_len, cfg.model.max_len)  # a kept pair must fit the model's positions too
     data = encode_pairs(tok, train_pairs, longest)
     lengths = [max(len(s), len(t) + 1) for s, t in zip(data.src, data.tgt, strict=True)]
