@@ -265,16 +265,11 @@ def replacing_run(out: str | Path) -> Iterator[None]:
     Raises:
         RunDirectoryError: naming what in ``out`` a run does not write (then nothing is moved).
     """
-    out = Path(out)
-    if not out.exists():
+    aside = _set_aside(out, "replaced")
+    if aside is None:
         yield
         return
-    if not out.is_dir():
-        raise RunDirectoryError(f"run directory {out} is a file, not a directory")
-    _foreign_entries(out)
-    out = out.resolve()
-    aside = out.with_name(f".{out.name}.replaced.{os.getpid()}")
-    os.replace(out, aside)
+    out = Path(out).resolve()
     try:
         yield
     except BaseException:
@@ -296,16 +291,23 @@ def clear_run_directory(out: str | Path) -> None:
     Raises:
         RunDirectoryError: naming what in ``out`` a run does not write (then nothing is deleted).
     """
+    aside = _set_aside(out, "deleting")
+    if aside is not None:
+        shutil.rmtree(aside)
+
+
+def _set_aside(out: str | Path, tag: str) -> Path | None:
+    """Rename the run directory ``out`` to a hidden sibling and return that; None when there is none."""
     out = Path(out)
     if not out.exists():
-        return
+        return None
     if not out.is_dir():
         raise RunDirectoryError(f"run directory {out} is a file, not a directory")
     _foreign_entries(out)
     out = out.resolve()
-    aside = out.with_name(f".{out.name}.deleting.{os.getpid()}")
+    aside = out.with_name(f".{out.name}.{tag}.{os.getpid()}")
     os.replace(out, aside)
-    shutil.rmtree(aside)
+    return aside
 
 
 # --- the trainer -----------------------------------------------------------------------------------
