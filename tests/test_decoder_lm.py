@@ -198,18 +198,21 @@ def test_sliding_window_config_round_trips_and_names_bad_values(tmp_path):
 
 
 def test_padded_steps_on_a_window_cache_equal_the_full_cache_or_are_refused():
-    # the cache keeps W + (the prompt's longest padding run) slots: a padded step may use that room, no more
-    model = _window_lm()
-    prompt, lengths = torch.randint(1, 64, (2, 12)), torch.tensor([12, 9])  # room for 3 padding slots per row
-    state, _ = model.begin_decoding(prompt, lengths, max_new_tokens=30)
-    full, _ = model.begin_decoding(prompt, lengths, max_new_tokens=30, full_cache=True)
-    tokens, step_lengths = torch.randint(1, 64, (2, 3)), torch.tensor([1, 3])  # rows: 0 + 2, 3 + 0 padding slots
+    # the cache keeps W + (the prompt's longest padding run) slots: padding may take that room, no more
+    model = _window_lm()  # W = 8
+    prompt, lengths = torch.randint(1, 64, (2, 12)), torch.tensor([12, 9])  # C = 11: room for 3 padding slots
+    state, _ = model.begin_decoding(prompt, lengths, max_new_tokens=40)
+    full, _ = model.begin_decoding(prompt, lengths, max_new_tokens=40, full_cache=True)
+    tokens, step_lengths = torch.randint(1, 64, (2, 3)), torch.tensor([1, 3])  # rows: + 2, + 0 padding slots
     assert torch.allclose(model.step(state, tokens, step_lengths), model.step(full, tokens, step_lengths), atol=1e-5)
-    for _ in range(12):  # past the window: the rows' keys roll out of the cache
+    for _ in range(12):  # past the window: the padding slots roll out of the cache, and their room comes back
         token = torch.randint(1, 64, (2, 1))
         assert torch.allclose(model.step(state, token), model.step(full, token), atol=1e-5)
-    with pytest.raises(ValueError, match="would hold 4 padding slots, but this window cache has room for 3"):
-        model.step(state, torch.randint(1, 64, (2, 2)), torch.tensor([2, 1]))  # row 1: 3 + 1
+    tokens, step_lengths = torch.randint(1, 64, (2, 4)), torch.tensor([1, 4])  # row 0: 3 more, in the room
+    assert torch.allclose(model.step(state, tokens, step_lengths), model.step(full, tokens, step_lengths), atol=1e-5)
+    model.step(state, torch.randint(1, 64, (2, 2)), torch.tensor([1, 2]))  # row 0: a fourth padding slot in view
+    with pytest.raises(ValueError, match="a row holds 4 padding slots among the keys its window cache keeps"):
+        model.step(state, torch.randint(1, 64, (2, 1)))  # its window would reach past the cache: refused
 
 
 def test_left_padded_prompts_are_refused_naming_right_padding():
