@@ -79,9 +79,10 @@ def test_checkpoint_error_is_the_format_error_and_still_a_runtime_error():
 def test_atomic_directory_gets_the_mode_mkdir_would_give(tmp_path):
     import os
 
+    os.chmod(tmp_path, 0o2775)  # a group-shared runs directory: new directories inherit its group (setgid)
     (tmp_path / "plain").mkdir()
     with io.atomic_directory(tmp_path / "built") as tmp:
         (tmp / "a").write_text("x")
     # mkdtemp made it 0700, so a shared runs directory's checkpoints were unreadable to the group
-    assert (tmp_path / "built").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+    assert (tmp_path / "built").stat().st_mode & 0o7777 == (tmp_path / "plain").stat().st_mode & 0o7777
     assert os.listdir(tmp_path / "built") == ["a"]

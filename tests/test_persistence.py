@@ -243,3 +243,24 @@ def test_a_config_json_field_of_the_wrong_type_is_a_format_error(tmp_path, key, 
     _without_manifest(tmp_path / "config.json", json.dumps(meta))
     with pytest.raises(FormatError, match=f"'{key}' must be a JSON object"):
         load(tmp_path)
+
+
+def test_saving_again_through_a_symlink_keeps_the_link(tmp_path):
+    model = MODELS["encoder"]()
+    save(model, tmp_path / "store" / "model")
+    (tmp_path / "model").symlink_to(tmp_path / "store" / "model")
+    save(model, tmp_path / "model")  # a rename would replace the link by a directory (and failed half-way)
+    assert (tmp_path / "model").is_symlink() and isinstance(load(tmp_path / "model"), EncoderModel)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "store"]
+
+
+@pytest.mark.parametrize("origin", [[[0, 1]], {"encoder.layers.0.self_attn": [0, 0]}])
+def test_a_bad_compression_origin_is_a_format_error(tmp_path, origin):
+    model = MODELS["encoder"]()
+    model.encoder.layers[0].self_attn.prune_heads([0, 1])
+    save(model, tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    meta["compression"]["origin"] = origin
+    _without_manifest(tmp_path / "config.json", json.dumps(meta))
+    with pytest.raises(FormatError, match=r"compression\.origin"):
+        load(tmp_path)

@@ -91,9 +91,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700: the directory gets the mode mkdir would give it
+    # mkdtemp makes it 0700: give it the permissions mkdir would (keeping a setgid bit it inherited)
+    os.chmod(tmp, (tmp.stat().st_mode & ~0o777) | (0o777 & ~_umask()))
     try:
         yield tmp
         for child in sorted(tmp.iterdir()):
@@ -105,10 +104,24 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
         fsync(path.parent)
         if old is not None:
-            shutil.rmtree(old)
+            old.unlink() if old.is_symlink() else shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    """This process's umask, read without setting it where Linux shows it (os.umask sets it process-wide,
+    for an instant in which another thread's new files would get mode 0666)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def read_json_object(path: str | os.PathLike) -> dict[str, Any]:

@@ -50,6 +50,9 @@ def apply(model: nn.Module, entry: dict[str, Any] | None, *, source: str = "conf
     unknown = sorted(set(entry) - {"heads", "origin", "int8"})
     if unknown:
         raise FormatError(f"{source}: unknown compression entries {unknown}; expected heads, origin and int8")
+    for key in ("heads", "origin"):
+        if not isinstance(entry.get(key, {}), dict):
+            raise FormatError(f"{source}: compression.{key} must be a JSON object, got {type(entry[key]).__name__}")
     modules = dict(model.named_modules(remove_duplicate=False))
     for name, count in entry.get("heads", {}).items():
         attn = modules.get(name)
@@ -61,7 +64,7 @@ def apply(model: nn.Module, entry: dict[str, Any] | None, *, source: str = "conf
             raise FormatError(f"{source}: compression.heads[{name!r}] = {count!r} does not fit: {e}") from e
         origin = entry.get("origin", {}).get(name)
         ok = origin is None or (isinstance(origin, list) and len(origin) == count and all(
-            isinstance(h, int) and not isinstance(h, bool) for h in origin))
+            isinstance(h, int) and not isinstance(h, bool) and h >= 0 for h in origin) and len(set(origin)) == count)
         if not ok:
             raise FormatError(f"{source}: compression.origin[{name!r}] = {origin!r}: expected {count} head indices")
         attn.origin_heads = origin

@@ -92,9 +92,10 @@ def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = Non
         raise TypeError(f"save() takes a maskattn model ({', '.join(sorted(_MODELS))}), got {type(model).__name__}")
     directory = Path(directory)
     held = {p.name for p in directory.iterdir()} if directory.is_dir() else set()
-    # a new directory, or an earlier save's (never the working directory), is replaced whole
-    if not directory.exists() or (held and held <= {CONFIG, WEIGHTS, TOKENIZER, MANIFEST}
-                                  and directory.resolve() != Path.cwd().resolve()):
+    # a new directory, or an earlier save's, is replaced whole; never the working directory, a symlink or a
+    # mount point (a rename cannot replace those)
+    plain = not (directory.is_symlink() or os.path.ismount(directory) or directory.resolve() == Path.cwd().resolve())
+    if not directory.exists() or (held and held <= {CONFIG, WEIGHTS, TOKENIZER, MANIFEST} and plain):
         directory.parent.mkdir(parents=True, exist_ok=True)
         with atomic_directory(directory) as tmp:  # whole: a crash leaves the old model or the new one
             _write(model, tmp, tokenizer)
