@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from maskattn import data, masks
-from maskattn.data import DataError
+from maskattn.data import DataError, read_labelled, read_parallel
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared datasets not found at {SHARED}")
@@ -149,3 +149,27 @@ def test_squad_without_answers_reads_but_cannot_be_scored(tmp_path):
     assert data.read_squad(path)[0].answers == ()
     with pytest.raises(data.DataError, match=r"qas\[0\] \(question 'q1'\): field 'answers': no answer to score"):
         data.read_squad(path, require_answers=True)
+
+
+def test_a_byte_order_mark_and_trailing_blank_lines_are_not_data(tmp_path):
+    # Excel's CSV and Notepad's files start with a BOM: the header read '\ufeffsentence'; one blank last line
+    # failed every reader but JSONL's
+    (tmp_path / "a.csv").write_bytes("\ufeffsentence,label\ngood film,1\n\n\n".encode())
+    assert read_labelled(tmp_path / "a.csv") == [("good film", "1")]
+    (tmp_path / "a.tsv").write_text("sentence\tlabel\nbad film\t0\n\n")
+    assert read_labelled(tmp_path / "a.tsv") == [("bad film", "0")]
+    (tmp_path / "p.tsv").write_bytes("\ufeffHallo Welt\tHello world\nzwei\ttwo\n\n".encode())
+    assert read_parallel(tmp_path / "p.tsv") == [("Hallo Welt", "Hello world"), ("zwei", "two")]
+    (tmp_path / "de.txt").write_text("eins\nzwei\n\n")
+    (tmp_path / "en.txt").write_text("one\ntwo\n")
+    assert read_parallel(tmp_path / "de.txt", tmp_path / "en.txt") == [("eins", "one"), ("zwei", "two")]
+    (tmp_path / "gap.txt").write_text("eins\n\nzwei\n")  # a blank line inside aligned files is still an error
+    (tmp_path / "three.txt").write_text("one\ntwo\nthree\n")
+    with pytest.raises(DataError, match=r"gap\.txt:2: empty sentence"):
+        read_parallel(tmp_path / "gap.txt", tmp_path / "three.txt")
+
+
+def test_a_jsonl_text_that_is_not_a_string_is_named(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"sentence": null, "label": 1}\n')  # read as the text 'None'
+    with pytest.raises(DataError, match=r"a\.jsonl:1: 'sentence' must be a string, got None"):
+        read_labelled(tmp_path / "a.jsonl")

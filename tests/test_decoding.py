@@ -395,3 +395,9 @@ def test_one_row_steps_project_through_the_transposed_head_with_the_same_logits(
     state = SimpleNamespace(head_t=None, head_copy_ok=True)
     step_logits(state, model.lm_head, torch.randn(1, 1, 32)).sum().backward()
     assert state.head_t is None and model.lm_head.weight.grad is not None
+
+
+def test_top_p_of_one_keeps_every_token():
+    # the float cumulative sum reaches 1.0 before the tail: top_p=1.0 dropped the least likely tokens
+    logits = torch.randn(64, 32000, generator=torch.Generator().manual_seed(0)) * 5
+    assert decoding.filter_logits(logits, top_p=1.0).isfinite().all()

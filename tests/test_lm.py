@@ -96,3 +96,14 @@ def test_a_diverging_run_exits_non_zero_naming_the_step_and_exports_nothing(tmp_
     last = capsys.readouterr().err.splitlines()[-1]  # after the task's opening log line
     assert last.startswith("maskattn train: step 1: the training loss is nan; training stopped")
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_generated_bpe_text_keeps_the_space_after_the_prompt(monkeypatch):
+    # the new tokens were decoded alone, and a BPE decoder drops a leading space: "To" + "▁be" gave "Tobe"
+    tok = Tokenizer.train_bpe(["to be, or not to be: that is the question"] * 50, vocab_size=60)
+    model = DecoderLM(DecoderLMConfig.preset("tiny", vocab_size=tok.vocab_size))
+    continuation = tok.encode("to be, or not")[1:]  # the tokens after "to"
+    assert tok.backend.decode(continuation).startswith("be")  # decoded alone, the space is gone
+    monkeypatch.setattr(lm.decoding, "greedy", lambda m, x, max_new_tokens: torch.tensor([continuation]))
+    text = lm.generate(model, tok, "to", max_new_tokens=len(continuation), temperature=0)
+    assert text == "to be, or not"

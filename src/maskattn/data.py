@@ -45,7 +45,7 @@ def open_text(path: str | Path) -> io.TextIOBase:
         except (OSError, EOFError, zlib.error) as e:
             raise DataError(f"{path}: not a gzip file, though its name ends in .gz ({e})") from e
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Excel's CSV, Notepad) is not text
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
@@ -54,8 +54,12 @@ def open_text(path: str | Path) -> io.TextIOBase:
 
 
 def _lines(path: str | Path) -> list[str]:
+    """The lines of a text file, without the blank lines at its end."""
     with open_text(path) as f:
-        return [line.rstrip("\r\n") for line in f]
+        lines = [line.rstrip("\r\n") for line in f]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return lines
 
 
 # --- readers ---------------------------------------------------------------------------------------
@@ -104,6 +108,8 @@ def read_labelled(
     ti, li = header.index(text_field), header.index(label_field)
     records = []
     for n, row in enumerate(rows[1:], 2):
+        if not row or row == [""]:  # a blank line (JSONL skips them too)
+            continue
         if len(row) != len(header):
             raise DataError(f"{path}:{n}: expected {len(header)} fields like the header, got {len(row)}")
         text, label = row[ti].strip(), row[li].strip()
@@ -126,6 +132,8 @@ def _read_jsonl_labelled(path: Path, text_field: str, label_field: str) -> list[
             raise DataError(f"{path}:{n}: expected an object with '{text_field}' and '{label_field}'")
         if not isinstance(obj[label_field], (str, int)) or isinstance(obj[label_field], bool):
             raise DataError(f"{path}:{n}: label must be a string or an integer, got {obj[label_field]!r}")
+        if not isinstance(obj[text_field], str):
+            raise DataError(f"{path}:{n}: '{text_field}' must be a string, got {obj[text_field]!r}")
         records.append((str(obj[text_field]), str(obj[label_field])))
     return records
 

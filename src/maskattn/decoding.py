@@ -81,9 +81,9 @@ def filter_logits(logits: Tensor, *, top_k: int | None = None, top_p: float | No
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_p is not None and top_p < 1.0:  # 1.0 keeps every token (the float cumsum would drop a tail)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens

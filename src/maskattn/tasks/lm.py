@@ -216,7 +216,11 @@ def generate(model: DecoderLM, tok: Tokenizer, prompt: str, *, max_new_tokens: i
             new = decoding.sample(model, x, max_new_tokens=steps, temperature=temperature, top_k=top_k, top_p=top_p,
                                   generator=generator)
         produced += new[0].tolist()
-    return prompt + tok.backend.decode(produced, skip_special_tokens=True)  # no eos here: text goes on
+    # decoded with the prompt: a BPE token's leading space is dropped at the start of a text decoded alone
+    before = tok.backend.decode(ids, skip_special_tokens=True)
+    text = tok.backend.decode(ids + produced, skip_special_tokens=True)  # no eos here: text goes on
+    new = text[len(before):] if text.startswith(before) else tok.backend.decode(produced, skip_special_tokens=True)
+    return prompt + new
 
 
 # --- command line ----------------------------------------------------------------------------------
