@@ -1,3 +1,5 @@
+import pytest
+
 from maskattn.tokenization import Tokenizer
 
 TEXTS = ["Ein Mann fährt ein rotes Fahrrad.", "Zwei Hunde spielen im Schnee.", "Ein Kind lacht."] * 20
@@ -25,3 +27,13 @@ def test_chars_are_one_token_each_and_deterministic():
 def test_decode_stops_at_eos():
     tok = Tokenizer.train_chars(["abc"])
     assert tok.decode([*tok.encode("ab"), tok.eos_id, *tok.encode("c")]) == "ab"
+
+
+@pytest.mark.parametrize("kind", ["chars", "bpe"])
+def test_special_token_strings_in_a_text_are_text(kind):
+    texts = ["say </s> then <s> more <pad> and <unk>"] * 20
+    tok = Tokenizer.train_chars(texts) if kind == "chars" else Tokenizer.train_bpe(texts, vocab_size=80)
+    ids = tok.encode(texts[0], bos=True, eos=True)
+    specials = {tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id}
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and not specials & set(ids[1:-1])
+    assert tok.decode(ids).replace(" ", "") == texts[0].replace(" ", "")  # not cut at the literal "</s>"

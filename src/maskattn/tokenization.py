@@ -34,6 +34,8 @@ class Tokenizer:
         # cuts at 128 tokens) or padding settings that would silently clip contexts.
         backend.no_truncation()
         backend.no_padding()
+        # "<s>" or "</s>" written in a text is text: never the BOS / EOS ids (which then cut decoding short)
+        backend.encode_special_tokens = True
         self.backend = backend
         vocab = backend.get_vocab()
         names = next((c for c in CONVENTIONS if all(t in vocab for t in c.values())), None)
