@@ -58,3 +58,30 @@ def test_unsupported_settings_are_refused_by_name(tmp_path):
         from_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"\['num_labels'\] add heads to BERT encoders"):
         from_pretrained(tmp_path, num_labels=2)
+
+
+def test_a_transformers_4_rope_scaling_is_refused_too(tmp_path):
+    # transformers 4 wrote {"type": "linear", ...}: read as the default RoPE, the scaling was dropped silently
+    _saved("llama", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config.update(rope_theta=10000.0, rope_scaling={"type": "linear", "factor": 4.0})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unsupported settings rope_parameters="):
+        from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("head", ["BertForSequenceClassification", "BertForMaskedLM", "BertForQuestionAnswering"])
+def test_a_bert_checkpoint_with_task_heads_loads_its_encoder(head, tmp_path):
+    # released BERT files carry cls.* (pre-training) or classifier / qa_outputs heads: all refused as unexpected
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=48, max_position_embeddings=64)
+    theirs = getattr(transformers, head)(config).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path, num_labels=3).eval()
+    ids = torch.randint(1, 50, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = theirs.bert(ids).last_hidden_state
+        got = ours(ids)
+    assert (got - want).abs().max() <= 1e-5 and ours.config.num_labels == 3

@@ -224,7 +224,8 @@ def llama_config(hf: dict, source: Path, options: dict[str, Any] | None = None) 
     rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0),
                                          **(hf.get("rope_scaling") or {})}
     refused = {"hidden_act": hf.get("hidden_act", "silu") != "silu", "attention_bias": hf.get("attention_bias"),
-               "mlp_bias": hf.get("mlp_bias"), "rope_parameters": rope.get("rope_type", "default") != "default",
+               "mlp_bias": hf.get("mlp_bias"),  # transformers 4's configs name the scaling "type", 5's "rope_type"
+               "rope_parameters": rope.get("rope_type", rope.get("type", "default")) != "default",
                "head_dim": hf.get("head_dim", d_model // heads) != d_model // heads}
     _refuse(source, refused, {**hf, "rope_parameters": rope})
     bos, eos = _token(hf, "bos_token_id"), _token(hf, "eos_token_id")
@@ -284,7 +285,9 @@ def _token(hf: dict, name: str) -> int | None:
 
 FAMILIES: dict[str, Family] = {
     "bert": Family(config=_bert_config, model=EncoderModel, renames=_RENAMES, prefix="bert.",
-                   ignored=re.compile(r"embeddings\.position_ids$"),  # a constant buffer, not a weight
+                   # a constant buffer; the pre-training heads (cls.*) and task heads of released checkpoints,
+                   # which maskattn's fresh heads replace
+                   ignored=re.compile(r"embeddings\.position_ids$|^cls\.|^classifier\.|^qa_outputs\."),
                    finish=lambda config, tensors: dataclasses.replace(config, pooler="pooler.weight" in tensors),
                    fresh=("classifier.", "span_head.")),
     "gpt2": Family(config=gpt2_config, model=DecoderLM, renames=_GPT2_RENAMES, prefix="transformer.",
