@@ -2,13 +2,16 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from maskattn.cli import main
 
 
-def test_showcase_draws_masks_and_agrees_with_torch(capsys):
-    assert main(["showcase", "--length", "6"]) == 0
+@pytest.mark.parametrize("length", [1, 6, 16])  # its documents and padding were fixed at 8 and 5 positions
+def test_showcase_draws_masks_and_agrees_with_torch(capsys, length):
+    assert main(["showcase", "--length", str(length)]) == 0
     out = capsys.readouterr().out
-    assert "causal()  [Lq=6, Lk=6]" in out
+    assert f"causal()  [Lq={length}, Lk={length}]" in out
     assert "prefix_lm(3)" in out and "document(" in out and "from_tensor(" in out
     worst = float(out.rsplit("= ", 1)[1])
     assert worst < 1e-12

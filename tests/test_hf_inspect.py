@@ -261,3 +261,16 @@ def test_loaded_directory_runs_maskattn_and_equals_the_saved_model(hf_dirs):
         got = model(input_ids=ids).logits
         want = _model("gpt2", "eager")(input_ids=ids).logits
     assert (got - want).abs().max() <= 1e-5
+
+
+def test_hf_commands_refuse_input_they_cannot_score_or_draw(hf_dirs, tmp_path, capsys):
+    # evaluate scored a one-character file as loss 0.0 / perplexity 1.0; viz of "" or of more tokens than the
+    # model's positions ended in a traceback
+    data = tmp_path / "one.txt"
+    data.write_text("t")
+    assert main(["evaluate", hf_dirs["gpt2"], "--data", str(data)]) == 2
+    assert "fewer than 2 tokens to score" in capsys.readouterr().err
+    limit = transformers.AutoConfig.from_pretrained(hf_dirs["gpt2"]).max_position_embeddings
+    for text, length in (("", 0), ("t" * (limit + 5), limit + 5)):
+        assert main(["viz", hf_dirs["gpt2"], "--input", text, "--out", str(tmp_path / "viz")]) == 2
+        assert f"--input: {length} tokens; GPT2LMHeadModel takes 1 to {limit}" in capsys.readouterr().err

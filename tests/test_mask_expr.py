@@ -35,6 +35,8 @@ def test_parse_matches_the_python_expression(text, expected):
         ("causal $ full", 7, "unexpected character '$'"),
         ("causal full", 7, "unexpected 'full'"),
         ("window", 0, "window takes 1 argument"),
+        # one id per position: 10**11 of them were allocated (or a raw RuntimeError)
+        ("causal & document(100000000000)", 9, "document() covers 100000000000 positions in all; at most 2**24"),
     ],
 )
 def test_errors_point_at_the_token(text, position, words):

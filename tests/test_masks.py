@@ -297,3 +297,10 @@ def test_grid_refuses_a_batch_or_head_the_mask_does_not_have():
         m.grid(4, batch=2)  # it drew row 1 instead
     with pytest.raises(ValueError, match=r"head=-1"):
         m.grid(4, head=-1)
+
+
+def test_stats_text_gives_the_skipped_flops_of_one_batch_item():
+    # the figure labelled "per batch item and head" was the sum over the mask's items
+    one, four = masks.padding([2048]).stats(4096, 4096), masks.padding([2048] * 4).stats(4096, 4096)
+    assert four.flops_skipped == 4 * one.flops_skipped
+    assert str(one).rsplit("(", 1)[1] == str(four).rsplit("(", 1)[1] == "2.147 GFLOP forward per batch item and head)"

@@ -37,3 +37,14 @@ def test_special_token_strings_in_a_text_are_text(kind):
     specials = {tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id}
     assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and not specials & set(ids[1:-1])
     assert tok.decode(ids).replace(" ", "") == texts[0].replace(" ", "")  # not cut at the literal "</s>"
+
+
+def test_a_continuation_reads_as_it_does_after_its_prefix():
+    # decoded alone, a BPE text drops its first token's leading space: "to" + "be" instead of "to be"
+    from maskattn.tokenization import decode_continuation
+
+    tok = Tokenizer.train_bpe(["to be, or not to be: that is the question"] * 50, vocab_size=60)
+    ids = tok.encode("to be, or not")
+    before, after = ids[:1], ids[1:]
+    assert not tok.backend.decode(after).startswith(" ")
+    assert tok.backend.decode(before) + decode_continuation(tok.backend.decode, before, after) == "to be, or not"

@@ -29,6 +29,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,9 @@ from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
 from maskattn import hf
+from maskattn.errors import UsageError
 from maskattn.models.inspection import AttentionSite, AuditProbe, ProbeCheck, ProbeInput, register_adapter
+from maskattn.tokenization import decode_continuation
 from maskattn.weights import attention_weights
 
 Packing = Callable[[Tensor, Tensor], dict[str, Any]]
@@ -235,7 +238,9 @@ def evaluate_text(model: nn.Module, tokenizer: Any, path: str | Path) -> dict[st
             logits = model(input_ids=x).logits  # (1, L, V)
             total += float(F.cross_entropy(logits[0, :-1].float(), x[0, 1:], reduction="sum"))
             count += x.shape[1] - 1
-    mean = total / max(count, 1)
+    if count == 0:  # never a perplexity from no tokens (maskattn's own lm evaluation refuses it too)
+        raise UsageError(f"{path}: fewer than 2 tokens to score; a loss of 0.0 (perplexity 1.0) would mean nothing")
+    mean = total / count
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count}
 
 
@@ -254,7 +259,8 @@ def generate_text(model: nn.Module, tokenizer: Any, prompt: str, *, max_new_toke
     torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), **options)
-    return prompt + tokenizer.decode(out[0, x.shape[1]:].tolist(), skip_special_tokens=True)
+    decode = partial(tokenizer.decode, skip_special_tokens=True)
+    return prompt + decode_continuation(decode, ids, out[0, x.shape[1]:].tolist())
 
 
 class _Tokens:
@@ -270,6 +276,10 @@ def _viz(args: argparse.Namespace) -> int:
     from maskattn.viz import visualize
 
     model, tokenizer = load(args.model)
+    length = len(tokenizer(args.input)["input_ids"])
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if length == 0 or (limit is not None and length > limit):  # the model would fail on it with an IndexError
+        raise UsageError(f"--input: {length} tokens; {type(model).__name__} takes 1 to {limit or 'any number of'}")
     written = visualize(model, _Tokens(tokenizer), args.input, args.out)
     print(f"wrote {len(written)} files to {args.out}; open {written[-1]}")
     return 0

@@ -11,10 +11,12 @@ from maskattn.dispatch import attention
 
 def showcase_masks(length: int = 8) -> list[tuple[str, masks.Mask]]:
     """The embedded default: one example of each mask kind and of each operator."""
-    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2]])[:, :length]
+    positions = torch.arange(length)
+    doc_ids = ((positions >= length * 3 // 8).long() + (positions >= length * 5 // 8).long())[None]  # 3 documents
+    kept = max(1, length * 5 // 8)
     return [
         ("causal", masks.causal()),
-        ("key padding (length 5)", masks.padding([5])),
+        (f"key padding (length {kept})", masks.padding([kept])),
         ("causal sliding window of 3", masks.causal() & masks.sliding_window(3)),
         ("packed documents, causal", masks.document(doc_ids) & masks.causal()),
         ("prefix LM (prefix 3)", masks.prefix_lm(3)),

@@ -6,7 +6,7 @@ carries it and any tool that reads that format can use it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
@@ -118,3 +118,12 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({type(self.backend.model).__name__}, vocab_size={self.vocab_size})"
+
+
+def decode_continuation(decode: Callable[[list[int]], str], before: Sequence[int], new: Sequence[int]) -> str:
+    """The text of the ids ``new`` that follow ``before``, as it reads after the text of ``before``.
+
+    Decoded with what precedes it: a BPE / SentencePiece decoder drops a token's leading space at the start
+    of a text, so "To" + decode(["▁be"]) would read "Tobe"."""
+    head, whole = decode(list(before)), decode([*before, *new])
+    return whole[len(head):] if whole.startswith(head) else decode(list(new))

@@ -34,7 +34,12 @@ class MaskSyntaxError(ValueError):
         self.position = position
 
 
+MAX_DOCUMENT_POSITIONS = 1 << 24  # document(...) materialises one id per position
+
+
 def _document(*lengths: int) -> Mask:
+    if sum(lengths) > MAX_DOCUMENT_POSITIONS:
+        raise ValueError(f"document() covers {sum(lengths)} positions in all; at most 2**24 here")
     ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
     return document(ids[None])
 

@@ -31,14 +31,15 @@ class MaskStats:
     tiles_partial: int  # tiles that need an element mask
     tiles_full: int  # tiles computed without a mask
     skipped_fraction: float  # share of all score entries inside EMPTY tiles
-    flops_skipped: int  # 4 * head_dim * skipped entries: forward FLOPs a block-sparse backend saves
+    flops_skipped: int  # 4 * head_dim * skipped entries (over the mask's B|1 x H|1): forward FLOPs saved
 
     def __str__(self) -> str:
+        items = max(1, self.total // max(1, self.q_len * self.k_len))  # the mask's (batch, head) entries
         return (f"Lq={self.q_len} Lk={self.k_len}: density {100 * self.density:.2f}% "
                 f"({self.allowed:,} of {self.total:,} scores), {self.empty_rows} fully masked row(s)\n"
                 f"tiles {self.block_q}x{self.block_k}: {self.tiles_empty:,} empty, {self.tiles_partial:,} partial, "
                 f"{self.tiles_full:,} full; a block-sparse backend skips {100 * self.skipped_fraction:.2f}% of the "
-                f"scores ({self.flops_skipped / 1e9:.3f} GFLOP forward per batch item and head)")
+                f"scores ({self.flops_skipped / items / 1e9:.3f} GFLOP forward per batch item and head)")
 
 
 def mask_stats(mask: MaskLike, q_len: int, k_len: int, *, block_q: int = 128, block_k: int = 128, q_offset: int = 0,

@@ -13,6 +13,7 @@ import argparse
 import math
 import random
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from maskattn.tasks.common import (
     require,
     train_tokenizer,
 )
-from maskattn.tokenization import Tokenizer
+from maskattn.tokenization import Tokenizer, decode_continuation
 from maskattn.training import TrainConfig
 
 
@@ -216,11 +217,8 @@ def generate(model: DecoderLM, tok: Tokenizer, prompt: str, *, max_new_tokens: i
             new = decoding.sample(model, x, max_new_tokens=steps, temperature=temperature, top_k=top_k, top_p=top_p,
                                   generator=generator)
         produced += new[0].tolist()
-    # decoded with the prompt: a BPE token's leading space is dropped at the start of a text decoded alone
-    before = tok.backend.decode(ids, skip_special_tokens=True)
-    text = tok.backend.decode(ids + produced, skip_special_tokens=True)  # no eos here: text goes on
-    new = text[len(before):] if text.startswith(before) else tok.backend.decode(produced, skip_special_tokens=True)
-    return prompt + new
+    decode = partial(tok.backend.decode, skip_special_tokens=True)  # no eos here: text goes on
+    return prompt + decode_continuation(decode, ids, produced)
 
 
 # --- command line ----------------------------------------------------------------------------------
