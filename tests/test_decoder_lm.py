@@ -198,21 +198,34 @@ def test_sliding_window_config_round_trips_and_names_bad_values(tmp_path):
 
 
 def test_padded_steps_on_a_window_cache_equal_the_full_cache_or_are_refused():
-    # the cache keeps W + (the prompt's longest padding run) slots: padding may take that room, no more
+    # a step is refused exactly when a real key inside its window has left the cache: padding slots took its room
     model = _window_lm()  # W = 8
-    prompt, lengths = torch.randint(1, 64, (2, 12)), torch.tensor([12, 9])  # C = 11: room for 3 padding slots
-    state, _ = model.begin_decoding(prompt, lengths, max_new_tokens=40)
-    full, _ = model.begin_decoding(prompt, lengths, max_new_tokens=40, full_cache=True)
-    tokens, step_lengths = torch.randint(1, 64, (2, 3)), torch.tensor([1, 3])  # rows: + 2, + 0 padding slots
-    assert torch.allclose(model.step(state, tokens, step_lengths), model.step(full, tokens, step_lengths), atol=1e-5)
-    for _ in range(12):  # past the window: the padding slots roll out of the cache, and their room comes back
-        token = torch.randint(1, 64, (2, 1))
-        assert torch.allclose(model.step(state, token), model.step(full, token), atol=1e-5)
-    tokens, step_lengths = torch.randint(1, 64, (2, 4)), torch.tensor([1, 4])  # row 0: 3 more, in the room
-    assert torch.allclose(model.step(state, tokens, step_lengths), model.step(full, tokens, step_lengths), atol=1e-5)
-    model.step(state, torch.randint(1, 64, (2, 2)), torch.tensor([1, 2]))  # row 0: a fourth padding slot in view
-    with pytest.raises(ValueError, match="a row holds 4 padding slots among the keys its window cache keeps"):
-        model.step(state, torch.randint(1, 64, (2, 1)))  # its window would reach past the cache: refused
+    prompt, lengths = torch.randint(1, 64, (2, 12)), torch.tensor([12, 9])  # C = W + 3 = 11 slots
+    state, _ = model.begin_decoding(prompt, lengths, max_new_tokens=60)
+    full, _ = model.begin_decoding(prompt, lengths, max_new_tokens=60, full_cache=True)
+
+    def same(tokens, step_lengths=None):
+        ours, theirs = model.step(state, tokens, step_lengths), model.step(full, tokens, step_lengths)
+        assert torch.allclose(ours, theirs, atol=1e-5)
+
+    same(torch.randint(1, 64, (2, 3)), torch.tensor([1, 3]))  # row 0: + 2 padding slots
+    for _ in range(12):  # past the window: the padding slots roll out of the cache
+        same(torch.randint(1, 64, (2, 1)))
+    same(torch.randint(1, 64, (2, 4)), torch.tensor([1, 4]))  # row 0: + 3
+    same(torch.randint(1, 64, (2, 2)), torch.tensor([1, 2]))  # row 0: + 1, its keys still in view for this step
+    with pytest.raises(ValueError, match=r"rows \[0\] need keys that their window cache no longer holds"):
+        model.step(state, torch.randint(1, 64, (2, 1)))  # row 0's window now reaches a key that left the cache
+
+
+def test_padded_prompts_decode_on_a_window_cache_that_never_rolls():
+    # capacity min(W + padding, prompt + new) < W + padding: every slot stays, nothing to refuse (it was refused)
+    from maskattn import decoding
+
+    model = _window_lm(window=64)
+    prompt, lengths = torch.randint(1, 64, (2, 10)), torch.tensor([10, 7])
+    batch = decoding.greedy(model, prompt, lengths, max_new_tokens=20)
+    for b in range(2):
+        assert torch.equal(batch[b : b + 1], decoding.greedy(model, prompt[b : b + 1, : lengths[b]], max_new_tokens=20))
 
 
 def test_left_padded_prompts_are_refused_naming_right_padding():

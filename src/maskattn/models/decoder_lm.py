@@ -188,8 +188,8 @@ class DecoderLM(Persistent, Summary, nn.Module):
         if state.static and tokens.shape[1] == 1:
             return self._static_hidden(state, tokens)
         first = state.caches[0].first_key(tokens.shape[1])
-        if state.gaps and isinstance(state.caches[0], SlidingWindowKVCache):
-            self._check_window_slots(state)
+        if first > 0 and state.gaps and isinstance(state.caches[0], SlidingWindowKVCache):
+            self._check_window_slots(state, first)
         positions, offset = advance(state, tokens, lengths)
         x, rope = self.embed(tokens, positions)
         end = offset + tokens.shape[1]
@@ -201,17 +201,17 @@ class DecoderLM(Persistent, Summary, nn.Module):
                                self.config.sliding_window, offset - first)
         return self.decoder(x, mask=mask, rope=rope, caches=state.caches, q_offset=offset - first)  # (B, L, E)
 
-    def _check_window_slots(self, state: DecodeState) -> None:
-        """A window cache keeps C slots for a window of W positions: the C - 1 earlier slots a step sees must
-        hold each row's last W - 1 real keys, so at most C - W of them may be padding. Padded steps can
-        break that (the prompt's padding is what C - W was sized for); refuse rather than drop real keys."""
-        spare = state.caches[0].max_len - self.config.sliding_window
-        seen = state.key_valid[:, max(0, state.length - state.caches[0].max_len + 1) : state.length]  # (B, <= C-1)
-        padding = int((~seen).sum(dim=1).max()) if seen.numel() else 0
-        if padding > spare:
-            raise ValueError(f"step: a row holds {padding} padding slots among the keys its window cache keeps, "
-                             f"which has room for {spare} beside its window of {self.config.sliding_window} "
-                             "positions (padded steps added them); decode with begin_decoding(..., full_cache=True)")
+    def _check_window_slots(self, state: DecodeState, first: int) -> None:
+        """A window cache shows a step only its slots from ``first`` on. Without padding those hold every key
+        within the window; slots of padding (which positions skip) can push a real key within the window of
+        this step's first query out of view: refuse rather than attend without it."""
+        w = self.config.sliding_window
+        gone = state.key_valid[:, :first] & (state.key_pos[:, :first] > (state.next_pos - w)[:, None])  # (B, first)
+        if bool(gone.any()):
+            rows = gone.any(dim=1).nonzero().flatten().tolist()
+            raise ValueError(f"step: rows {rows} need keys that their window cache no longer holds (padding slots took "
+                             f"the room of its {state.caches[0].max_len} slots for a window of {w} positions); decode "
+                             "padded steps with begin_decoding(..., full_cache=True)")
 
     def _static_hidden(self, state: DecodeState, tokens: Tensor) -> Tensor:
         """One token per row with fixed shapes: attend over all T slots of the static caches, the slots not
