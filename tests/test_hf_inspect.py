@@ -208,7 +208,7 @@ def _saved(name: str, directory):
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
-    return {name: _saved(name, root / name) for name in ("gpt2", "bert")}
+    return {name: _saved(name, root / name) for name in ("gpt2", "bert", "llama")}
 
 
 def test_hf_directory_is_recognised(hf_dirs, tmp_path):
@@ -271,6 +271,13 @@ def test_hf_commands_refuse_input_they_cannot_score_or_draw(hf_dirs, tmp_path, c
     assert main(["evaluate", hf_dirs["gpt2"], "--data", str(data)]) == 2
     assert "fewer than 2 tokens to score" in capsys.readouterr().err
     limit = transformers.AutoConfig.from_pretrained(hf_dirs["gpt2"]).max_position_embeddings
-    for text, length in (("", 0), ("t" * (limit + 5), limit + 5)):
-        assert main(["viz", hf_dirs["gpt2"], "--input", text, "--out", str(tmp_path / "viz")]) == 2
-        assert f"--input: {length} tokens; GPT2LMHeadModel takes 1 to {limit}" in capsys.readouterr().err
+    assert main(["viz", hf_dirs["gpt2"], "--input", "", "--out", str(tmp_path / "viz")]) == 2
+    assert "--input: '' is no token for GPT2LMHeadModel" in capsys.readouterr().err
+    assert main(["viz", hf_dirs["gpt2"], "--input", "t" * (limit + 5), "--out", str(tmp_path / "viz")]) == 2
+    assert f"longer than GPT2LMHeadModel can read (max_position_embeddings={limit})" in capsys.readouterr().err
+
+
+def test_hf_viz_reads_past_max_position_embeddings_with_rope(hf_dirs, tmp_path, capsys):
+    # RoPE has no table that ends there: only learned positions (the test above) refuse longer input
+    assert main(["viz", hf_dirs["llama"], "--input", "t" * 70, "--out", str(tmp_path / "viz")]) == 0
+    assert "wrote" in capsys.readouterr().out

@@ -276,11 +276,14 @@ def _viz(args: argparse.Namespace) -> int:
     from maskattn.viz import visualize
 
     model, tokenizer = load(args.model)
-    length = len(tokenizer(args.input)["input_ids"])
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if length == 0 or (limit is not None and length > limit):  # the model would fail on it with an IndexError
-        raise UsageError(f"--input: {length} tokens; {type(model).__name__} takes 1 to {limit or 'any number of'}")
-    written = visualize(model, _Tokens(tokenizer), args.input, args.out)
+    if not tokenizer(args.input)["input_ids"]:
+        raise UsageError(f"--input: {args.input!r} is no token for {type(model).__name__}; give some text")
+    try:
+        written = visualize(model, _Tokens(tokenizer), args.input, args.out)
+    except IndexError as e:  # a learned position table (GPT-2, BERT) ends at max_position_embeddings; RoPE does not
+        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        raise UsageError(f"--input: longer than {type(model).__name__} can read (max_position_embeddings={limit}): "
+                         f"{e}") from e
     print(f"wrote {len(written)} files to {args.out}; open {written[-1]}")
     return 0
 
