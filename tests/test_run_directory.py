@@ -124,3 +124,43 @@ def test_a_half_written_last_log_line_does_not_block_resume(tmp_path, capsys):
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_overwritten_run_is_deleted_at_the_new_runs_first_checkpoint(tmp_path, capsys):
+    # it used to stay aside (twice the disk) until the new run ended, though it could no longer come back
+    from maskattn import training
+
+    out = tmp_path / "run"
+    assert main(lm_args(tmp_path, out)) == 0
+    seen = []
+    save = training.Trainer.save
+
+    def spy(self):
+        save(self)
+        seen.append(sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")))
+
+    training.Trainer.save = spy
+    try:
+        assert main(lm_args(tmp_path, out, "--overwrite")) == 0
+    finally:
+        training.Trainer.save = save
+    assert seen and seen[0] == []
+
+
+def test_sigterm_before_the_first_checkpoint_puts_the_old_run_back(tmp_path, capsys):
+    import os
+    import signal
+
+    from maskattn.training import replacing_run
+
+    out = tmp_path / "run"
+    assert main(lm_args(tmp_path, out)) == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(SystemExit) as stopped, replacing_run(out):
+        out.mkdir()
+        (out / "tokenizer.json").write_text("{}")  # the new run had begun
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun stopping its workers, a scheduler's time limit
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back too

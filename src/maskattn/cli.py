@@ -373,6 +373,7 @@ def _train(args: argparse.Namespace) -> int:
     replacing = replacing_run(cfg.out) if args.overwrite and context.is_main else contextlib.nullcontext()
     try:
         with replacing:
+            distributed.barrier()  # no rank starts before rank 0 has set the old run aside
             result = task.train(cfg, resume=args.resume)
     except CheckpointError as e:
         print(f"maskattn train: {e}", file=sys.stderr)

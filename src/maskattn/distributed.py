@@ -95,6 +95,12 @@ def check(context: Context) -> None:
                          f"(rank {actual.rank} of {actual.world_size}); pass what maskattn.distributed.init() returns")
 
 
+def barrier() -> None:
+    """Wait until every process gets here (nothing to wait for in a single process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def all_sum(x: float) -> float:
     """The sum of ``x`` over all processes (``x`` itself in a single process)."""
     if not dist.is_initialized():

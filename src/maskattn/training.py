@@ -29,6 +29,9 @@ import math
 import os
 import re
 import shutil
+import signal
+import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -258,9 +261,10 @@ def _run_entry(name: str) -> bool:
 
 @contextlib.contextmanager
 def replacing_run(out: str | Path) -> Iterator[None]:
-    """``--overwrite``: the run in ``out`` is moved aside while the new one starts in its place, and deleted
-    when the new run ends. If the new run fails before its first step checkpoint (a mistyped data path, a
-    setting refused once the data is read), what it wrote is removed and the old run put back.
+    """``--overwrite``: the run in ``out`` is moved aside while the new one starts in its place. It is deleted
+    when the new run writes its first step checkpoint (:meth:`Trainer.save`) or ends; if the new run fails
+    before that (a mistyped data path, a setting refused once the data is read, SIGTERM), what it wrote is
+    removed and the old run put back. (SIGKILL leaves it aside, as ``.<out>.replaced.*`` beside ``out``.)
 
     Raises:
         RunDirectoryError: naming what in ``out`` a run does not write (then nothing is moved).
@@ -270,16 +274,42 @@ def replacing_run(out: str | Path) -> Iterator[None]:
         yield
         return
     out = Path(out).resolve()
+    _REPLACED[out] = aside
+    previous = _raise_on_sigterm()
     try:
         yield
     except BaseException:
-        if out.exists() and checkpoint.latest(out / "checkpoints") is not None:
-            shutil.rmtree(aside, ignore_errors=True)  # the new run got going: it stays, for --resume
-        else:
+        if _REPLACED.pop(out, None) is not None:  # no checkpoint of the new run yet: the old run comes back
             shutil.rmtree(out, ignore_errors=True)
             os.replace(aside, out)
         raise
-    shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    discard_replaced_run(out)
+
+
+_REPLACED: dict[Path, Path] = {}  # run directory -> the run it replaces, set aside until the first checkpoint
+
+
+def discard_replaced_run(out: str | Path) -> None:
+    """Delete the run that ``out``'s new run replaces (see :func:`replacing_run`), if one is still aside."""
+    aside = _REPLACED.pop(Path(out).resolve(), None)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _raise_on_sigterm() -> Any:
+    """Make SIGTERM (torchrun stopping its workers, a scheduler's time limit) raise SystemExit, so that
+    ``finally`` and ``except`` blocks run; the previous handler, or None when not in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    return previous if previous is not None else signal.SIG_DFL
 
 
 def clear_run_directory(out: str | Path) -> None:
@@ -305,8 +335,8 @@ def _set_aside(out: str | Path, tag: str) -> Path | None:
         raise RunDirectoryError(f"run directory {out} is a file, not a directory")
     _foreign_entries(out)
     out = out.resolve()
-    aside = out.with_name(f".{out.name}.{tag}.{os.getpid()}")
-    os.replace(out, aside)
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}.", dir=out.parent))  # a fresh name, never a leftover's
+    os.replace(out, aside)  # a directory may replace an empty one
     return aside
 
 
@@ -432,6 +462,7 @@ class Trainer:
     def save(self) -> None:
         if self.rank == 0:
             path = checkpoint.save(self.out_dir / "checkpoints", self.step, self.state(), keep=self.cfg.keep)
+            discard_replaced_run(self.out_dir)  # under --overwrite: the replaced run cannot come back now
             for callback in self._listeners():
                 callback.on_checkpoint(self, self.step, path)
 
