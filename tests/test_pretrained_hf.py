@@ -72,14 +72,16 @@ def test_a_transformers_4_rope_scaling_is_refused_too(tmp_path):
 
 
 @pytest.mark.parametrize("head", ["BertForSequenceClassification", "BertForMaskedLM", "BertForQuestionAnswering"])
-def test_a_bert_checkpoint_with_task_heads_loads_its_encoder(head, tmp_path):
+def test_a_bert_checkpoint_with_task_heads_loads_its_encoder(head, tmp_path, caplog):
     # released BERT files carry cls.* (pre-training) or classifier / qa_outputs heads: all refused as unexpected
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=48, max_position_embeddings=64)
     theirs = getattr(transformers, head)(config).eval()
     theirs.save_pretrained(tmp_path)
-    ours = from_pretrained(tmp_path, num_labels=3).eval()
+    with caplog.at_level("WARNING", logger="maskattn"):
+        ours = from_pretrained(tmp_path, num_labels=3).eval()
+    assert "the checkpoint's own heads are not loaded" in caplog.text  # a trained classifier is not silently swapped
     ids = torch.randint(1, 50, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = theirs.bert(ids).last_hidden_state

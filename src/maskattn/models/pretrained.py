@@ -9,6 +9,7 @@ its config, which prefix to strip, how to reshape its tensors, and a table of re
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -32,6 +33,8 @@ from maskattn.models.persistence import (
     read_json,
     read_safetensors,
 )
+
+logger = logging.getLogger(__name__)
 
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
@@ -103,6 +106,7 @@ class Family:
     tensors: Callable[[dict[str, Tensor]], dict[str, Tensor]] = lambda tensors: tensors
     finish: Callable[[BlockConfig, dict[str, Tensor]], BlockConfig] = lambda config, tensors: config
     fresh: tuple[str, ...] = field(default=())
+    heads: re.Pattern | None = None  # the checkpoint's own task heads: not loaded, named in a warning
 
 
 def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: bool = False) -> nn.Module:
@@ -135,8 +139,12 @@ def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: 
     options = {k: v for k, v in {"num_labels": num_labels, "span_head": span_head}.items() if v}
     config = family.config(hf, directory / CONFIG, options)
     tensors = family.tensors(read_safetensors(directory / WEIGHTS))
+    heads = sorted(n for n in tensors if family.heads is not None and family.heads.search(n))
+    if heads:  # a fine-tuned checkpoint's classifier is not maskattn's fresh head: say so
+        logger.warning(f"{directory / WEIGHTS}: the checkpoint's own heads are not loaded ({', '.join(heads[:4])}"
+                       f"{' ...' if len(heads) > 4 else ''}); the encoder is, and heads asked for start fresh")
     tensors = {_our_name(name, family): t for name, t in tensors.items()
-               if family.ignored is None or not family.ignored.search(name)}
+               if not any(p is not None and p.search(name) for p in (family.ignored, family.heads))}
     config = family.finish(config, tensors)
     model = family.model(config)
     aliases = {"lm_head.weight": "embed.tokens.weight"} if getattr(config, "tie_output", False) else {}
@@ -285,9 +293,9 @@ def _token(hf: dict, name: str) -> int | None:
 
 FAMILIES: dict[str, Family] = {
     "bert": Family(config=_bert_config, model=EncoderModel, renames=_RENAMES, prefix="bert.",
-                   # a constant buffer; the pre-training heads (cls.*) and task heads of released checkpoints,
-                   # which maskattn's fresh heads replace
-                   ignored=re.compile(r"embeddings\.position_ids$|^cls\.|^classifier\.|^qa_outputs\."),
+                   ignored=re.compile(r"embeddings\.position_ids$"),  # a constant buffer, not a weight
+                   # pre-training (cls.*) and task heads of released checkpoints: maskattn's own heads start fresh
+                   heads=re.compile(r"^cls\.|^classifier\.|^qa_outputs\."),
                    finish=lambda config, tensors: dataclasses.replace(config, pooler="pooler.weight" in tensors),
                    fresh=("classifier.", "span_head.")),
     "gpt2": Family(config=gpt2_config, model=DecoderLM, renames=_GPT2_RENAMES, prefix="transformer.",
