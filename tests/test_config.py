@@ -85,3 +85,15 @@ def test_config_file_errors_name_the_file(tmp_path):
     (tmp_path / "bad.toml").write_bytes(b"[train\n")
     with pytest.raises(SettingError, match=r"bad\.toml: not a valid TOML file"):
         config.load(get("lm").config(), tmp_path / "bad.toml")
+
+
+@pytest.mark.parametrize("task", ["translation", "classification", "qa", "lm", "caption"])
+def test_show_config_is_a_toml_file_that_config_reads_back(task, tmp_path, capsys):
+    # it printed Python values (None, (0.9, 0.98), True): `--show-config > run.toml` was not a valid --config
+    from maskattn.cli import main
+    from maskattn.tasks.base import tasks
+
+    assert main(["train", task, "--set", "train.lr=0.25", "--set", 'out="runs/x y"', "--show-config"]) == 0
+    (tmp_path / "run.toml").write_text(capsys.readouterr().out)
+    want = config.load(tasks()[task].config(), None, ["train.lr=0.25", 'out="runs/x y"'])
+    assert config.load(tasks()[task].config(), tmp_path / "run.toml") == want

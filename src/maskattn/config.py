@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import io
+import json
+import math
 import re
 import tokenize
 import tomllib
@@ -140,7 +142,8 @@ _FIELD = re.compile(r"^\s+([A-Za-z_]\w*)\s*:")
 
 def describe(obj: Any, prefix: str = "") -> list[str]:
     """``key = value  # comment`` lines for ``--show-config``, from the dataclass fields and the
-    comment after each field in its source."""
+    comment after each field in its source. The lines are a TOML file that ``--config`` reads back (a
+    setting whose value is None, which TOML cannot write, is a comment line: uncomment it to set it)."""
     lines = []
     notes = comments(type(obj))
     for f in dataclasses.fields(obj):
@@ -149,5 +152,22 @@ def describe(obj: Any, prefix: str = "") -> list[str]:
             lines += describe(value, f"{prefix}{f.name}.")
         else:
             note = notes.get(f.name)
-            lines.append(f"{prefix}{f.name} = {value!r}" + (f"  # {note}" if note else ""))
+            line = f"{prefix}{f.name} = {_toml(value)}" if value is not None else f"# {prefix}{f.name} = None"
+            lines.append(line + (f"  # {note}" if note else ""))
     return lines
+
+
+def _toml(value: Any) -> str:
+    """``value`` written as a TOML value."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):  # a literal string where it can be one: it reads as Python's repr does
+        plain = "'" not in value and not any(ord(c) < 32 or ord(c) == 127 for c in value)
+        return f"'{value}'" if plain else json.dumps(value, ensure_ascii=False)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml(v)}" for k, v in value.items()) + "}"
+    return repr(value)
