@@ -87,3 +87,25 @@ def test_gzip_data_still_reads(tmp_path):
     with gzip.open(tmp_path / "pairs.tsv.gz", "wt", encoding="utf-8") as f:
         f.write("ein\tone\nzwei\ttwo\n")
     assert read_parallel(tmp_path / "pairs.tsv.gz") == [("ein", "one"), ("zwei", "two")]
+
+
+@pytest.mark.parametrize("missing, extra", [("onnxscript", "onnx"), ("transformers", "hf"), ("sklearn", "caption")])
+def test_a_missing_optional_package_is_one_line_naming_its_extra(monkeypatch, capsys, missing, extra):
+    # the first install line has no extras: export --format onnx, audit of an HF directory, train caption gave
+    # a raw ModuleNotFoundError traceback (exit 1)
+    def needs(args):
+        raise ModuleNotFoundError(f"No module named '{missing}'", name=missing)
+
+    monkeypatch.setattr(cli, "_showcase", needs)
+    assert main(["showcase"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"maskattn showcase: No module named '{missing}'; pip install 'maskattn[{extra}]'"]
+
+
+def test_an_import_error_of_a_bug_keeps_its_traceback(monkeypatch):
+    def broken(args):
+        raise ModuleNotFoundError("No module named 'maskattn.nothing'", name="maskattn.nothing")
+
+    monkeypatch.setattr(cli, "_showcase", broken)
+    with pytest.raises(ModuleNotFoundError):
+        main(["showcase"])

@@ -241,6 +241,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"maskattn {args.command}: {e}", file=sys.stderr)
         return 1
+    except ImportError as e:  # an optional package a command needs: one line naming the extra that installs it
+        extra = _EXTRAS.get((e.name or "").split(".")[0]) if isinstance(e, ModuleNotFoundError) else None
+        if args.verbose or (extra is None and "pip install" not in str(e)):
+            raise
+        hint = f"; pip install 'maskattn[{extra}]'" if extra else ""
+        print(f"maskattn {args.command}: {e}{hint}", file=sys.stderr)
+        return 2
     except USER_ERRORS as e:  # bad input, named in the message; anything else is a bug and shows its traceback
         if args.verbose:
             raise
@@ -336,6 +343,9 @@ def _compress(args: argparse.Namespace) -> int:
 # (maskattn.errors.UsageError, io.FormatError, data.DataError, masks' and configs' ValueErrors: every check
 # of an argument raises a ValueError naming it) and files that cannot be used as given. KeyError and
 # TypeError are not among them: the few that are user errors are typed (UnknownSettingError, ...).
+# Optional packages (pyproject.toml's extras) -> the extra that installs each.
+_EXTRAS = {"onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx", "transformers": "hf", "sklearn": "caption",
+           "tensorboard": "tensorboard"}
 USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
                FileExistsError)
 
