@@ -14,6 +14,9 @@ MODELS = {
     "lm": lambda: DecoderLM(DecoderLMConfig(num_layers=2, positions="rope", **SMALL)),
     "lm_pad": lambda: DecoderLM(DecoderLMConfig(num_layers=2, pad_id=0, **SMALL)),  # padding from pad_id
     "encoder": lambda: EncoderModel(EncoderConfig(num_layers=2, **SMALL)),
+    # a classifier's and a QA model's heads are exported too (the graph returned the hidden states only)
+    "encoder_heads": lambda: EncoderModel(EncoderConfig(num_layers=2, num_labels=3, span_head=True, pooling="mean",
+                                                        **SMALL)),
     "transformer": lambda: Transformer(TransformerConfig(num_encoder_layers=1, num_decoder_layers=2, **SMALL)),
 }
 
@@ -56,9 +59,16 @@ def test_exported_graphs_equal_eager(exported, batch, length):
         if name in ("lm", "lm_pad"):
             (logits,) = runners[0](ids)
             torch.testing.assert_close(logits, model(ids), atol=1e-5, rtol=1e-5)
-        elif name == "encoder":
-            (hidden,) = runners[0](ids, ids != 0)
-            torch.testing.assert_close(hidden, model(ids, ids != 0), atol=1e-5, rtol=1e-5)
+        elif name.startswith("encoder"):
+            types = (torch.arange(length) >= length // 2).long().expand(batch, length)  # two segments, as in QA
+            got = runners[0](ids, ids != 0, types)
+            want = [model(ids, ids != 0, token_type_ids=types)]
+            if name == "encoder_heads":
+                want += [model.classify(ids, ids != 0, token_type_ids=types),
+                         *model.span_logits(ids, ids != 0, token_type_ids=types)]
+            assert len(got) == len(want)
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
         else:
             _check_transformer(model, *runners, ids, torch.tensor(lengths))
 
@@ -99,3 +109,21 @@ def test_cli_exports_a_saved_model(tmp_path, capsys):
     src = _ids(2, 6, [6, 4])
     (memory,) = _runner(tmp_path / "mt.encoder.pt2", "pt2")(src, src != 0)
     torch.testing.assert_close(memory, model.encode(src)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_an_int8_model_exports_to_pt2_and_is_refused_for_onnx_in_one_line(tmp_path, capsys):
+    # the ONNX exporter failed on aten._int_mm with a 63-line traceback
+    from maskattn.cli import main
+    from maskattn.models import compressed
+
+    torch.manual_seed(0)
+    model = MODELS["lm"]().eval()
+    compressed.quantize_linears(model)
+    model.save(tmp_path / "int8")
+    assert main(["export", str(tmp_path / "int8"), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "exports to pt2 only" in capsys.readouterr().err
+    (path,) = export.export(model, tmp_path / "m.pt2", format="pt2")
+    ids = _ids(2, 7, [7, 4])
+    with torch.no_grad():
+        torch.testing.assert_close(_runner(path, "pt2")(ids)[0], model(ids), atol=1e-5, rtol=1e-5)
+

@@ -5,8 +5,10 @@ is one :class:`Exporter` record in :data:`EXPORTERS` (its graphs and their signa
 adds a record, not a branch.
 
 * ``DecoderLM``: ``logits = graph(input_ids)``: (B, L) int64 -> (B, L, V); padding from ``pad_id``.
-* ``EncoderModel``: ``hidden = graph(input_ids, attention_mask)``: (B, L) int64 and (B, L) bool (True =
-  real token) -> (B, L, E).
+* ``EncoderModel``: ``hidden = graph(input_ids, attention_mask[, token_type_ids])``: (B, L) int64, (B, L) bool
+  (True = real token) and, for a model with token types (BERT's segments; QA's question and context),
+  (B, L) int64 -> (B, L, E); a model with task heads also returns them: ``logits`` (B, C) of a classifier,
+  ``start_logits`` and ``end_logits`` (B, L) of a span head (after ``hidden``, in that order).
 * ``Transformer``: two graphs, written as ``<stem>.encoder<suffix>`` and ``<stem>.decoder_step<suffix>``:
 
   - encoder: ``memory = graph(src, src_valid)``: (B, Ls) int64, (B, Ls) bool -> (B, Ls, E);
@@ -36,6 +38,8 @@ from torch import Tensor, nn
 from torch.export import Dim
 
 from maskattn import masks
+from maskattn.layers import Int8Linear
+from maskattn.layers.quantized import Int8TokenEmbedding
 from maskattn.models import DecoderLM, EncoderModel, Transformer
 from maskattn.models.common import default_positions
 
@@ -81,13 +85,22 @@ class _LMLogits(nn.Module):
         return self.model(input_ids)  # (B, L, V)
 
 
-class _EncoderHidden(nn.Module):
+class _EncoderOutputs(nn.Module):
     def __init__(self, model: EncoderModel) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.model(input_ids, attention_mask)  # (B, L, E)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor,
+                token_type_ids: Tensor | None = None) -> Tensor | tuple[Tensor, ...]:
+        m = self.model  # the steps of classify / span_logits, on one pass of the encoder
+        hidden = m(input_ids, attention_mask, token_type_ids=token_type_ids)  # (B, L, E)
+        outputs = [hidden]
+        if m.classifier is not None:
+            valid = attention_mask if m.config.pooling == "mean" else None
+            outputs.append(m.classifier(m.pool_dropout(m.pool(hidden, valid))))  # (B, C)
+        if m.span_head is not None:
+            outputs += m.span_head(hidden).unbind(dim=-1)  # (B, L) start, (B, L) end
+        return hidden if len(outputs) == 1 else tuple(outputs)
 
 
 class _Encode(nn.Module):
@@ -141,9 +154,13 @@ def _lm_graphs(model: DecoderLM) -> dict[str, Graph]:
 def _encoder_graphs(model: EncoderModel) -> dict[str, Graph]:
     batch, length = _dims()
     ids = _ids(model)
-    return {"": Graph(_EncoderHidden(model), (ids, torch.ones_like(ids, dtype=torch.bool)),
-                      ("input_ids", "attention_mask"), ("hidden",),
-                      {"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}})}
+    inputs = (ids, torch.ones_like(ids, dtype=torch.bool))
+    names = ("input_ids", "attention_mask")
+    if model.config.type_vocab_size:
+        inputs, names = (*inputs, torch.zeros_like(ids)), (*names, "token_type_ids")
+    outputs = ("hidden", *(("logits",) if model.classifier is not None else ()),
+               *(("start_logits", "end_logits") if model.span_head is not None else ()))
+    return {"": Graph(_EncoderOutputs(model), inputs, names, outputs, {name: {0: batch, 1: length} for name in names})}
 
 
 def _transformer_graphs(model: Transformer) -> dict[str, Graph]:
@@ -199,10 +216,13 @@ def export(model: nn.Module, out: str | os.PathLike, *, format: str = "onnx") ->
             or ``"pt2"`` (``torch.export.save``; load with ``torch.export.load(path).module()``).
 
     Raises:
-        ValueError: on an unknown format or a model kind that has no exporter.
+        ValueError: on an unknown format, a model kind that has no exporter, or an int8 model to ONNX.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if format == "onnx" and any(isinstance(m, (Int8Linear, Int8TokenEmbedding)) for m in model.modules()):
+        raise ValueError("an int8 model (maskattn compress --int8) exports to pt2 only: the ONNX exporter has no "
+                         "conversion for its integer matmul (aten._int_mm); use --format pt2")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     written = []
