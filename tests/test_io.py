@@ -4,6 +4,7 @@ import hashlib
 import json
 
 import pytest
+import torch
 
 from maskattn import io
 from maskattn.checkpoint import CheckpointError
@@ -86,3 +87,15 @@ def test_atomic_directory_gets_the_mode_mkdir_would_give(tmp_path):
     # mkdtemp made it 0700, so a shared runs directory's checkpoints were unreadable to the group
     assert (tmp_path / "built").stat().st_mode & 0o7777 == (tmp_path / "plain").stat().st_mode & 0o7777
     assert os.listdir(tmp_path / "built") == ["a"]
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
+    # model.safetensors came out 0600 (unreadable to a group sharing the runs) while other files were 0644
+    import os
+
+    from safetensors.torch import save_file
+
+    io.atomic_write(tmp_path / "w.safetensors", lambda tmp: save_file({"x": torch.zeros(2)}, str(tmp)))
+    (tmp_path / "plain").write_text("x")
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+    assert sorted(os.listdir(tmp_path)) == ["plain", "w.safetensors"]  # no temporary left

@@ -93,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory (same as --set out=...)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run directory")
     train.add_argument("--overwrite", action="store_true",
-                       help="delete the run in the run directory first (a directory holding anything a run does not "
-                       "write is refused); without --resume or --overwrite the run directory must be empty")
+                       help="replace the run in the run directory: it is set aside, deleted at the new run's first "
+                       "checkpoint and put back if the new run fails before it (a directory holding anything a run "
+                       "does not write is refused); without --resume or --overwrite the run directory must be empty")
     train.add_argument("--show-config", action="store_true", help="print the resolved settings and exit")
     for name in shortcuts():
         train.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"shortcut for --set data.{name}=PATH")

@@ -67,6 +67,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # what open() would give: some writers (safetensors) make it 0600
         fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
