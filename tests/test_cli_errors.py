@@ -109,3 +109,28 @@ def test_an_import_error_of_a_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(cli, "_showcase", broken)
     with pytest.raises(ModuleNotFoundError):
         main(["showcase"])
+
+
+def test_compress_and_average_write_only_new_model_directories(tmp_path, capsys):
+    # compress --out <another task's model> replaced it without a word, and --out <a folder> mixed files into it
+    from maskattn.models import DecoderLM, DecoderLMConfig
+    from maskattn.tasks.common import write_task
+    from maskattn.tokenization import Tokenizer
+
+    tok = Tokenizer.train_chars(["abc"])
+    for name in ("a", "b", "old"):
+        model = DecoderLM(DecoderLMConfig.preset("tiny", vocab_size=tok.vocab_size))
+        model.save(tmp_path / name, tokenizer=tok.backend)
+        write_task(tmp_path / name, {"task": "lm", "documents": "none", "block": 8})
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep")
+    soup = ["average", "--models", str(tmp_path / "a"), str(tmp_path / "b"), "--out"]
+    assert main([*soup, str(tmp_path / "old")]) == 2
+    assert "is not empty" in capsys.readouterr().err and (tmp_path / "old" / "task.json").is_file()
+    assert main([*soup, str(tmp_path / "notes"), "--overwrite"]) == 2
+    assert "mine.txt, which is not part of a model directory" in capsys.readouterr().err
+    assert main([*soup, str(tmp_path / "a"), "--overwrite"]) == 2  # never the input itself
+    assert "it holds the input" in capsys.readouterr().err and (tmp_path / "a" / "config.json").is_file()
+    assert main([*soup, str(tmp_path / "old"), "--overwrite"]) == 0
+    assert main(["compress", str(tmp_path / "a"), "--out", str(tmp_path / "old"), "--int8"]) == 2
+    assert "is not empty" in capsys.readouterr().err

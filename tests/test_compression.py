@@ -513,7 +513,7 @@ def test_compress_refusals(tmp_path, capsys, tiny_transformer):
     tiny_transformer.save(model)
     write_task(model, {"task": "translation"})
     cases = ((["--out", str(tmp_path / "o")], "nothing to do"),
-             (["--out", str(model), "--int8"], "must differ"),
+             (["--out", str(model), "--int8"], "it holds the input"),
              (["--out", str(tmp_path / "o"), "--prune-heads", "0.5"], "needs the task's training data"),
              (["--out", str(tmp_path / "o"), "--prune-heads", "0.5", "--data", "x", "--greedy", "2", "--per-module"],
               "cannot be combined with --per-module"),

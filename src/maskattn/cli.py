@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     average.add_argument("--last", type=int, help="how many of the run's newest checkpoints to average")
     average.add_argument("--models", nargs="+", metavar="MODEL", help="model directories to average instead of a run")
     average.add_argument("--out", required=True, help="the new model directory")
+    average.add_argument("--overwrite", action="store_true", help="replace the model directory --out already holds")
 
     _add_compress(sub)
 
@@ -256,9 +258,36 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+_MODEL_FILES = {"config.json", "model.safetensors", "tokenizer.json", "manifest.json", "task.json"}
+
+
+def _new_model_directory(out: str, overwrite: bool, inputs: list[str]) -> None:
+    """``--out`` of a command that writes a model: new or empty, or with ``--overwrite`` a model directory
+    (cleared first); never one of the command's ``inputs`` or a directory holding them, nor a directory holding
+    other files, as ``maskattn train`` refuses."""
+    path = Path(out)
+    for given in inputs:
+        if path.resolve() == Path(given).resolve() or path.resolve() in Path(given).resolve().parents:
+            raise UsageError(f"--out {out}: it holds the input {given}; write the new model somewhere else")
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out}: a file, expected a directory to write the model to")
+    held = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if not held:
+        return
+    if not overwrite:
+        raise UsageError(f"--out {out} is not empty (it holds {', '.join(held[:6])}): choose a new directory, or "
+                         "replace the model in it with --overwrite")
+    foreign = [name for name in held if name not in _MODEL_FILES]
+    if foreign:
+        raise UsageError(f"--out {out}: will not replace it, it holds {', '.join(foreign[:6])}, which is not part of "
+                         "a model directory")
+    shutil.rmtree(path)
+
+
 def _average(args: argparse.Namespace) -> int:
     from maskattn.averaging import average_models, average_run
 
+    _new_model_directory(args.out, args.overwrite, [*(args.models or []), *([args.run] if args.run else [])])
     if args.models:
         if args.run or args.last is not None:
             raise UsageError("average: give either RUN --last N or --models MODEL ..., not both")
@@ -279,6 +308,7 @@ def _add_compress(sub) -> None:
         "loss on --data least, then fine-tunes on --data; --int8 then quantises the linear layers.")
     compress.add_argument("model", help="a model directory written by `maskattn train`")
     compress.add_argument("--out", required=True, help="the new model directory")
+    compress.add_argument("--overwrite", action="store_true", help="replace the model directory --out already holds")
     compress.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of the linear layers")
     compress.add_argument("--prune-heads", type=float, default=0.0, metavar="FRACTION",
                           help="remove this fraction of all attention heads, least important first (default 0)")
@@ -323,6 +353,7 @@ def _compress(args: argparse.Namespace) -> int:
     from maskattn.compression import compress
     from maskattn.io import read_json_object
 
+    _new_model_directory(args.out, args.overwrite, [args.model])
     keep_heads = None
     if args.keep_heads:
         keep_heads = read_json_object(Path(args.keep_heads))
