@@ -164,3 +164,24 @@ def test_sigterm_before_the_first_checkpoint_puts_the_old_run_back(tmp_path, cap
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back too
+
+
+def test_resume_with_other_model_settings_is_one_line(tmp_path, capsys):
+    # load_state_dict's error listed every mismatched tensor: ~44 lines for one changed setting
+    out = tmp_path / "run"
+    assert main(lm_args(tmp_path, out, "--set", "train.steps=2")) == 0
+    capsys.readouterr()
+    assert main(lm_args(tmp_path, out, "--set", "model.d_model=32", "--resume")) == 2
+    lines = capsys.readouterr().err.splitlines()
+    err = [line for line in lines if line.startswith("maskattn train:")]
+    assert len(err) == 1 and "does not fit this model: size mismatch for" in err[0] and "more)" in err[0], err
+    assert sum("size mismatch" in line for line in lines) == 1
+
+
+def test_a_run_directory_given_for_its_model_is_named(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(lm_args(tmp_path, out)) == 0
+    capsys.readouterr()
+    for command in (["generate", str(out), "--prompt", "the"], ["audit", str(out)]):
+        assert main(command) == 2
+        assert f"{out} is a run directory; its model is {out / 'model'}" in capsys.readouterr().err

@@ -452,7 +452,11 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise checkpoint.CheckpointError(f"checkpoint {path} does not fit this model: {e}") from e
+            details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [str(e)]
+            more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} does not fit this model: {details[0]}{more}; resume with the model settings "
+                "the run was started with") from e
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.best, self.bad_evals = state["best"], state["bad_evals"]
         self.resumed = True

@@ -129,6 +129,8 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") ->
         FormatError: naming the file, when one is missing, corrupt, or does not fit the model it describes.
     """
     directory = Path(directory)
+    if not (directory / CONFIG).exists() and (directory / "model" / CONFIG).is_file():
+        raise FormatError(f"{directory} is a run directory; its model is {directory / 'model'}")
     verify_manifest(directory, [CONFIG, WEIGHTS, TOKENIZER])
     meta = read_json(directory / CONFIG)
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:

@@ -112,6 +112,8 @@ def read_task(directory: str | Path) -> dict[str, Any]:
     if not Path(directory).is_dir():
         raise FormatError(f"{directory}: not a model directory")
     if not path.is_file():
+        if (Path(directory) / "model" / TASK_FILE).is_file():
+            raise FormatError(f"{directory} is a run directory; its model is {Path(directory) / 'model'}")
         raise FormatError(f"{directory} has no {TASK_FILE}: not a model trained by `maskattn train`")
     verify_manifest(directory, [TASK_FILE], every_file=False)
     return read_json_object(path)
