@@ -185,3 +185,11 @@ def test_a_run_directory_given_for_its_model_is_named(tmp_path, capsys):
     for command in (["generate", str(out), "--prompt", "the"], ["audit", str(out)]):
         assert main(command) == 2
         assert f"{out} is a run directory; its model is {out / 'model'}" in capsys.readouterr().err
+
+
+def test_a_retry_after_a_failed_start_needs_no_flag(tmp_path, capsys):
+    # the failed start left its tokenizer.json, and the corrected command was refused ("not empty: --resume")
+    out = tmp_path / "run"
+    assert main(lm_args(tmp_path, out, "--set", "data.block=5000")) == 2  # refused once the data is read
+    assert [p.name for p in out.iterdir()] == ["tokenizer.json"]
+    assert main(lm_args(tmp_path, out)) == 0

@@ -237,7 +237,8 @@ def check_run_directory(out: str | Path, *, resume: bool = False, overwrite: boo
             raise RunDirectoryError(f"run directory {out}: {parent} is a file, not a directory")
     if overwrite:
         _foreign_entries(out)
-    elif not resume and out.is_dir() and any(out.iterdir()):
+    elif not resume and out.is_dir() and {p.name for p in out.iterdir()} - {"tokenizer.json"}:
+        # (a tokenizer alone is what a run that failed before training leaves: the new run writes its own)
         held = sorted(p.name for p in out.iterdir())
         raise RunDirectoryError(
             f"run directory {out} is not empty (it holds {', '.join(held[:6])}{' ...' if len(held) > 6 else ''}): "
