@@ -127,3 +127,21 @@ def test_head_runs_a_model_method_as_forward():
     assert list(head.state_dict()) == [f"model.{k}" for k in model.state_dict()]  # checkpoints keep their keys
     with pytest.raises(ValueError, match="EncoderModel has no method 'clasify'"):
         Head(model, "clasify")
+
+
+@pytest.mark.parametrize("task, setting, source", [
+    ("translation", "model.share_embeddings=false", "its tokenizer (source and target share one vocabulary)"),
+    ("translation", "model.pad_id=7", "its tokenizer"),
+    ("classification", "model.num_labels=5", "the tokenizer and the labels"),
+    ("lm", "model.vocab_size=100", "its tokenizer"),
+])
+def test_settings_the_task_derives_itself_are_refused(tmp_path, capsys, task, setting, source):
+    # they were accepted and then silently replaced (config.json showed the task's values)
+    from maskattn.cli import main
+
+    data = tmp_path / "data.txt"
+    data.write_text("a\tb\n")
+    flag = "--train-src" if task == "translation" else "--train"
+    assert main(["train", task, flag, str(data), "--out", str(tmp_path / "run"), "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert f"{setting.split('=')[0]}: set by the task from {source}" in err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from dataclasses import fields as fields_of
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from maskattn.tasks.common import (
     logger,
     parameters,
     read_task,
+    refuse_derived,
     require,
     train_tokenizer,
 )
@@ -151,6 +153,10 @@ Classify = partial(Head, method="classify")  # deprecated: Head(model, "classify
 
 def train(cfg: ClassificationConfig, *, resume: bool = False, log=log_stderr) -> dict[str, Any]:
     require(cfg.data, "data", train="a TSV/CSV with a header, or JSONL")
+    refuse_derived(cfg, ("vocab_size", "pad_id", "num_labels"), "the tokenizer and the labels of data.train")
+    if cfg.data.pretrained:  # only the pooling applies to a pretrained encoder
+        refuse_derived(cfg, [f.name for f in fields_of(cfg.model) if f.name != "pooling"],
+                       f"the pretrained encoder (data.pretrained={cfg.data.pretrained})")
     fields = {"text_field": cfg.data.text_field, "label_field": cfg.data.label_field}
     records = read_labelled(cfg.data.train, **fields)
     valid = read_labelled(cfg.data.valid, **fields) if cfg.data.valid else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from maskattn import checkpoint, distributed
-from maskattn.errors import RunDirectoryError
+from maskattn.errors import RunDirectoryError, SettingError
 from maskattn.io import FormatError, add_to_manifest, atomic_write_text, read_json_object, verify_manifest
 from maskattn.tokenization import Tokenizer
 from maskattn.training import TrainConfig, Trainer, prepare_run_directory
@@ -155,6 +155,21 @@ def require(settings: Any, section: str, **what: str) -> None:
         raise ValueError(f"{section}.{name} is required ({description})")
     raise ValueError(" and ".join(f"{section}.{name} ({description})" for name, description in what.items())
                      + " are required")
+
+
+def refuse_derived(cfg: Any, fields: Iterable[str], source: str) -> None:
+    """Refuse ``model.<field>`` settings that differ from the task's defaults but that the task sets itself
+    (from ``source``): they would be ignored without a word.
+
+    Raises:
+        SettingError: naming the settings and where their values come from.
+    """
+    default = type(cfg)().model
+    changed = [f for f in fields if getattr(cfg.model, f) != getattr(default, f)]
+    if changed:
+        names = ", ".join(f"model.{f}" for f in changed)
+        raise SettingError(f"{names}: set by the task from {source}, not by a setting; remove "
+                           f"{'it' if len(changed) == 1 else 'them'} from --set / --config")
 
 
 def begin_run(cfg: Any, *, resume: bool, tokenizer: Callable[[], Tokenizer],

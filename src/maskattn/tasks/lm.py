@@ -32,6 +32,7 @@ from maskattn.tasks.common import (
     load_task,
     log_stderr,
     parameters,
+    refuse_derived,
     require,
     train_tokenizer,
 )
@@ -142,6 +143,7 @@ def check_long_enough(stream: Stream, cfg: DataConfig, source: str, *, need: int
 
 def train(cfg: LMConfig, *, resume: bool = False, log=log_stderr) -> dict[str, Any]:
     require(cfg.data, "data", train="a plain text file")
+    refuse_derived(cfg, ("vocab_size",), "its tokenizer")
     text = read_text(cfg.data.train)
     if cfg.data.valid:
         train_text, valid_text = text, read_text(cfg.data.valid)

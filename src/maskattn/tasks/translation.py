@@ -33,6 +33,7 @@ from maskattn.tasks.common import (
     log_stderr,
     logger,
     parameters,
+    refuse_derived,
     require,
     train_tokenizer,
 )
@@ -213,6 +214,8 @@ def train(cfg: TranslationConfig, train_pairs: Pairs | None = None, valid_pairs:
 
     Pairs may be passed directly (the demo does); otherwise they are read from ``cfg.data``.
     """
+    refuse_derived(cfg, ("vocab_size", "tgt_vocab_size", "share_embeddings", "pad_id", "bos_id", "eos_id"),
+                   "its tokenizer (source and target share one vocabulary)")
     if train_pairs is None:
         require(cfg.data, "data", train_src="a source file, or a TSV of source<TAB>target")
         train_pairs = read_pairs(cfg.data.train_src, cfg.data.train_tgt)
