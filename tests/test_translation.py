@@ -172,3 +172,19 @@ def test_pairs_longer_than_the_models_positions_are_dropped_not_a_crash(tmp_path
                  *[arg for setting in settings for arg in ("--set", setting)]]) == 0
     assert "8 training pairs" in capsys.readouterr().err
     assert json.loads((out / "model" / "config.json").read_text())["config"]["max_len"] == 16
+
+
+def test_hypotheses_of_a_model_outside_a_run_and_a_missing_ref(tiny_translator, tmp_path, capsys):
+    # a model directory outside a run wrote runs/hypotheses.src.txt.txt (doubled suffix, in a shared parent);
+    # a source file without --ref said only "expected 'source<TAB>target'"
+    import shutil
+
+    outside = tmp_path / "soups" / "m"
+    shutil.copytree(tiny_translator, outside)
+    (tmp_path / "src.txt").write_text("abc\ncab\n")
+    (tmp_path / "ref.txt").write_text("cba\nbac\n")
+    source, ref = str(tmp_path / "src.txt"), str(tmp_path / "ref.txt")
+    assert main(["evaluate", str(outside), "--data", source, "--ref", ref]) == 0
+    assert json.loads(capsys.readouterr().out)["hypotheses"] == str(tmp_path / "soups" / "m.hypotheses.src.txt")
+    assert main(["evaluate", str(outside), "--data", str(tmp_path / "src.txt")]) == 2
+    assert "give their references with --ref" in capsys.readouterr().err

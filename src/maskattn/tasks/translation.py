@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from maskattn import decoding, metrics
-from maskattn.data import bucket_batches, pad, read_parallel
+from maskattn.data import DataError, bucket_batches, pad, read_parallel
 from maskattn.errors import UsageError, check_settings
 from maskattn.io import read_json_object
 from maskattn.models import Transformer, TransformerConfig
@@ -293,15 +293,24 @@ def evaluate_file(directory: str | Path, path: str, ref: str = "", hypotheses: s
     translations (``ref``; empty when ``path`` is a TSV of pairs), with sacreBLEU's signatures.
 
     The translations are written one per line to ``hypotheses`` (default: ``hypotheses.<data name>.txt``
-    in the run directory, beside the model directory); the result names the file.
+    in the run directory, beside the model directory; for a model directory outside a run,
+    ``<model dir>.hypotheses.<data name>.txt`` beside it); the result names the file.
     """
     model, tok, decode = load(directory)
-    pairs = read_pairs(path, ref)
+    try:
+        pairs = read_pairs(path, ref)
+    except DataError as e:
+        if ref:
+            raise
+        raise DataError(f"{e}; for a file of source sentences, give their references with --ref") from e
     progress = logging.getLogger("maskattn").isEnabledFor(logging.INFO)  # not under `maskattn -q`
     hyps = translate(model, tok, [s for s, _ in pairs], replace(decode, **decode_overrides), progress=progress)
     refs = [t for _, t in pairs]
-    name = Path(path).name.removesuffix(".gz")
-    out = Path(hypotheses) if hypotheses else Path(directory).resolve().parent / f"hypotheses.{name}.txt"
+    name = Path(path).name.removesuffix(".gz").removesuffix(".txt")
+    model_dir = Path(directory).resolve()
+    in_run = (model_dir.parent / "checkpoints").is_dir() or (model_dir.parent / "metrics.jsonl").is_file()
+    default = f"hypotheses.{name}.txt" if in_run else f"{model_dir.name}.hypotheses.{name}.txt"
+    out = Path(hypotheses) if hypotheses else model_dir.parent / default
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     return {**score(hyps, refs), **metrics.sacrebleu_signatures(hyps, refs), "hypotheses": str(out)}
@@ -355,5 +364,6 @@ TASK = register(Task(
                       Option("--min-new-tokens", "min_new_tokens", "no EOS before this many tokens (default: the "
                              "model's setting; 1 = never an empty translation)", int),
                       Option("--hypotheses", "hypotheses", "file for the translations (default: "
-                             "hypotheses.<data name>.txt in the run directory)")),
+                             "hypotheses.<data name>.txt in the run directory; MODEL.hypotheses.<data name>.txt "
+                             "beside a model directory outside a run)")),
 ))
