@@ -241,3 +241,15 @@ def test_explorer_layout_at_8_64_and_256_tokens(length, tmp_path):
         if shots.is_dir():
             shutil.copy(tmp_path / f"explorer_{length}.png", shots / f"explorer_{length}.png")
         browser.close()
+
+
+def test_a_target_for_a_model_without_cross_attention_is_refused(tmp_path):
+    # --target was ignored without a word for decoder-only and encoder models
+    from maskattn.models import EncoderConfig, EncoderModel
+    from maskattn.tokenization import Tokenizer
+    from maskattn.viz import visualize
+
+    tok = Tokenizer.train_chars(["3 May 1999"])
+    model = EncoderModel(EncoderConfig.preset("tiny", vocab_size=tok.vocab_size, max_len=16))
+    with pytest.raises(ValueError, match="EncoderModel has no cross-attention"):
+        visualize(model, tok, "3 May", tmp_path, target="1999")

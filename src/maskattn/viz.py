@@ -252,6 +252,9 @@ def visualize(model: nn.Module, tokenizer, text: str, out_dir: str | Path, *, ta
         tokens["target"] = [tokenizer.backend.id_to_token(i) for i in tgt_ids]
         run = lambda: model(src, torch.tensor([tgt_ids]))  # noqa: E731
     else:
+        if target is not None:
+            raise ValueError(f"target: {type(model).__name__} has no cross-attention, so there is no target to "
+                             "draw; its attention is within the input")
         tokens["target"] = tokens["source"]  # decoder-only and encoder-only models attend within the input
         run = lambda: model(src)  # noqa: E731
     with torch.no_grad(), capture_attention(model, layers=list(sites)) as captured:
