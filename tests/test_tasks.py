@@ -130,10 +130,10 @@ def test_head_runs_a_model_method_as_forward():
 
 
 @pytest.mark.parametrize("task, setting, source", [
-    ("translation", "model.share_embeddings=false", "its tokenizer (source and target share one vocabulary)"),
-    ("translation", "model.pad_id=7", "its tokenizer"),
-    ("classification", "model.num_labels=5", "the tokenizer and the labels"),
-    ("lm", "model.vocab_size=100", "its tokenizer"),
+    ("translation", "model.share_embeddings=false", "the tokenizer (source and target share one vocabulary)"),
+    ("translation", "model.pad_id=7", "the tokenizer"),
+    ("classification", "model.num_labels=5", "the labels of data.train"),
+    ("lm", "model.vocab_size=100", "the tokenizer"),
 ])
 def test_settings_the_task_derives_itself_are_refused(tmp_path, capsys, task, setting, source):
     # they were accepted and then silently replaced (config.json showed the task's values)
@@ -144,4 +144,4 @@ def test_settings_the_task_derives_itself_are_refused(tmp_path, capsys, task, se
     flag = "--train-src" if task == "translation" else "--train"
     assert main(["train", task, flag, str(data), "--out", str(tmp_path / "run"), "--set", setting]) == 2
     err = capsys.readouterr().err
-    assert f"{setting.split('=')[0]}: set by the task from {source}" in err
+    assert f"set by the task, not by a setting: {setting.split('=')[0]} from {source}" in err

@@ -393,6 +393,7 @@ def _train(args: argparse.Namespace) -> int:
     from maskattn import config, distributed
     from maskattn.checkpoint import CheckpointError
     from maskattn.plotting import plot_curves
+    from maskattn.tasks.common import refuse_derived
     from maskattn.training import check_run_directory, replacing_run
 
     task = tasks()[args.task]
@@ -403,6 +404,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.out:
         assignments.append(f"out={json.dumps(args.out, ensure_ascii=False)}")
     cfg = config.load(task.config(), args.config, assignments)
+    if task.derived is not None:  # a setting the task sets itself, changed from its default, would be ignored
+        default = task.config()
+        changed = [key for key in task.derived(cfg) if config.get(cfg, key) != config.get(default, key)]
+        refuse_derived(task.derived(cfg), changed)
     if args.show_config:
         print("\n".join(config.describe(cfg)))
         return 0

@@ -114,6 +114,13 @@ def load(base: Any, path: str | Path | None = None, assignments: list[str] | Non
     return update(base, overrides(assignments or []))
 
 
+def get(obj: Any, key: str) -> Any:
+    """The value of the dotted setting ``key`` (``"model.d_model"``) of a configuration dataclass."""
+    for name in key.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 

@@ -90,6 +90,9 @@ class Task:
     # max_tokens) -> TrainingBatches of the files (read as `maskattn train` reads its training data); None = the
     # task's models can be quantised but not pruned (pruning measures and fine-tunes on task data)
     training_batches: Callable[[str | Path, list[str], int], TrainingBatches] | None = None
+    # model settings the task sets itself: derived(cfg) -> {"model.X": where its value comes from}; `maskattn
+    # train` refuses a --set or --config of one (it would be ignored)
+    derived: Callable[[Any], dict[str, str]] | None = None
 
 
 def input_lines(texts: list[str]) -> list[str]:

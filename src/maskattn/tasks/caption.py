@@ -34,7 +34,7 @@ from maskattn import decoding, explorer
 from maskattn.data import pad
 from maskattn.models import Captioner, CaptionerConfig
 from maskattn.tasks.base import Command, Overlay, Task, register
-from maskattn.tasks.common import begin_run, fit_and_export, load_task, log_stderr, parameters, refuse_derived
+from maskattn.tasks.common import begin_run, fit_and_export, load_task, log_stderr, parameters
 from maskattn.tasks.translation import sequence_loss
 from maskattn.tokenization import SPECIALS, Tokenizer
 from maskattn.training import TrainConfig, to_device
@@ -239,7 +239,6 @@ def score(model: Captioner, tok: Tokenizer, data: Sequence[Canvas], batch_size: 
 # --- training --------------------------------------------------------------------------------------
 def train(cfg: CaptionConfig, *, resume: bool = False, log=log_stderr) -> dict[str, Any]:
     """Train a captioner on canvases of the training scans; return the last validation scores and the model dir."""
-    refuse_derived(cfg, ("vocab_size", "pad_id", "bos_id", "eos_id"), "its tokenizer (the digit words)")
     _, labels = load_scans()
     pools = split_scans(labels, cfg.data)
     out, tok = begin_run(cfg, resume=resume, tokenizer=build_tokenizer)
@@ -366,4 +365,6 @@ TASK = register(Task(
     predict=Command("caption", "caption PNG canvases of handwritten digits", _arguments, _caption),
     data_help="a split of the digit scans (test, valid, train) or a TSV of image.png<TAB>caption",
     visualize=visualize,
+    derived=lambda cfg: dict.fromkeys(("model.vocab_size", "model.pad_id", "model.bos_id", "model.eos_id"),
+                                      "the tokenizer (the digit words)"),
 ))

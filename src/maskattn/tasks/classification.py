@@ -35,7 +35,6 @@ from maskattn.tasks.common import (
     logger,
     parameters,
     read_task,
-    refuse_derived,
     require,
     train_tokenizer,
 )
@@ -153,10 +152,6 @@ Classify = partial(Head, method="classify")  # deprecated: Head(model, "classify
 
 def train(cfg: ClassificationConfig, *, resume: bool = False, log=log_stderr) -> dict[str, Any]:
     require(cfg.data, "data", train="a TSV/CSV with a header, or JSONL")
-    refuse_derived(cfg, ("vocab_size", "pad_id", "num_labels"), "the tokenizer and the labels of data.train")
-    if cfg.data.pretrained:  # only the pooling applies to a pretrained encoder
-        refuse_derived(cfg, [f.name for f in fields_of(cfg.model) if f.name != "pooling"],
-                       f"the pretrained encoder (data.pretrained={cfg.data.pretrained})")
     fields = {"text_field": cfg.data.text_field, "label_field": cfg.data.label_field}
     records = read_labelled(cfg.data.train, **fields)
     valid = read_labelled(cfg.data.valid, **fields) if cfg.data.valid else None
@@ -264,10 +259,20 @@ def _classify_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def derived(cfg: ClassificationConfig) -> dict[str, str]:
+    """The model settings train() sets itself: all but the pooling of a pretrained encoder."""
+    found = {"model.vocab_size": "the tokenizer", "model.pad_id": "the tokenizer",
+             "model.num_labels": "the labels of data.train"}
+    if cfg.data.pretrained:
+        found |= {f"model.{f.name}": "the pretrained encoder (data.pretrained)" for f in fields_of(cfg.model)
+                  if f.name != "pooling"}
+    return found
+
+
 TASK = register(Task(
     name="classification", config=ClassificationConfig, train=train, load=load, evaluate_file=evaluate_file,
     predict=Command("classify", "label texts with a trained classifier (arguments or stdin)",
                     _classify_arguments, _classify_command),
     data_help="a labelled TSV/CSV/JSONL", paths=("train", "valid", "pretrained", "embeddings"),
-    training_batches=training_batches,
+    training_batches=training_batches, derived=derived,
 ))

@@ -157,19 +157,18 @@ def require(settings: Any, section: str, **what: str) -> None:
                      + " are required")
 
 
-def refuse_derived(cfg: Any, fields: Iterable[str], source: str) -> None:
-    """Refuse ``model.<field>`` settings that differ from the task's defaults but that the task sets itself
-    (from ``source``): they would be ignored without a word.
+def refuse_derived(derived: dict[str, str], given: Iterable[str]) -> None:
+    """Refuse settings the user gave (``given``, dotted keys of ``--set`` and ``--config``) that the task sets
+    itself (``derived``: ``{"model.X": where its value comes from}``): they would be ignored without a word.
 
     Raises:
         SettingError: naming the settings and where their values come from.
     """
-    default = type(cfg)().model
-    changed = [f for f in fields if getattr(cfg.model, f) != getattr(default, f)]
-    if changed:
-        names = ", ".join(f"model.{f}" for f in changed)
-        raise SettingError(f"{names}: set by the task from {source}, not by a setting; remove "
-                           f"{'it' if len(changed) == 1 else 'them'} from --set / --config")
+    refused = [key for key in derived if key in set(given)]
+    if refused:
+        sources = "; ".join(f"{key} from {derived[key]}" for key in refused)
+        raise SettingError(f"set by the task, not by a setting: {sources}; remove "
+                           f"{'it' if len(refused) == 1 else 'them'} from --set / --config")
 
 
 def begin_run(cfg: Any, *, resume: bool, tokenizer: Callable[[], Tokenizer],

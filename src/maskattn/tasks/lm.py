@@ -32,7 +32,6 @@ from maskattn.tasks.common import (
     load_task,
     log_stderr,
     parameters,
-    refuse_derived,
     require,
     train_tokenizer,
 )
@@ -143,7 +142,6 @@ def check_long_enough(stream: Stream, cfg: DataConfig, source: str, *, need: int
 
 def train(cfg: LMConfig, *, resume: bool = False, log=log_stderr) -> dict[str, Any]:
     require(cfg.data, "data", train="a plain text file")
-    refuse_derived(cfg, ("vocab_size",), "its tokenizer")
     text = read_text(cfg.data.train)
     if cfg.data.valid:
         train_text, valid_text = text, read_text(cfg.data.valid)
@@ -245,4 +243,5 @@ TASK = register(Task(
     predict=Command("generate", "continue a prompt with a trained language model",
                     _generate_arguments, _generate_command),
     data_help="a text file", paths=("train", "valid"),
+    derived=lambda cfg: {"model.vocab_size": "the tokenizer"},
 ))

@@ -33,7 +33,6 @@ from maskattn.tasks.common import (
     log_stderr,
     logger,
     parameters,
-    refuse_derived,
     require,
     train_tokenizer,
 )
@@ -214,8 +213,6 @@ def train(cfg: TranslationConfig, train_pairs: Pairs | None = None, valid_pairs:
 
     Pairs may be passed directly (the demo does); otherwise they are read from ``cfg.data``.
     """
-    refuse_derived(cfg, ("vocab_size", "tgt_vocab_size", "share_embeddings", "pad_id", "bos_id", "eos_id"),
-                   "its tokenizer (source and target share one vocabulary)")
     if train_pairs is None:
         require(cfg.data, "data", train_src="a source file, or a TSV of source<TAB>target")
         train_pairs = read_pairs(cfg.data.train_src, cfg.data.train_tgt)
@@ -359,6 +356,9 @@ TASK = register(Task(
                     _translate_arguments, _translate_command),
     data_help="source sentences (one per line, .gz ok) or a TSV of pairs",
     paths=("train_src", "train_tgt", "valid_src", "valid_tgt"), training_batches=training_batches,
+    derived=lambda cfg: dict.fromkeys(
+        ("model.vocab_size", "model.tgt_vocab_size", "model.share_embeddings", "model.pad_id", "model.bos_id",
+         "model.eos_id"), "the tokenizer (source and target share one vocabulary)"),
     evaluate_options=(Option("--ref", "ref", "reference translations, aligned with --data"),
                       Option("--beam", "beam_size", "beam size (default: the model's setting)", int),
                       Option("--min-new-tokens", "min_new_tokens", "no EOS before this many tokens (default: the "
