@@ -111,3 +111,16 @@ def test_path_shortcuts_keep_any_unicode(capsys):
     assert main(["train", "lm", "--train", path, "--out", "runs/ü😀", "--show-config"]) == 0
     shown = capsys.readouterr().out
     assert f"data.train = {path!r}" in shown and "out = 'runs/ü😀'" in shown
+
+
+def test_verbose_and_quiet_also_after_the_command(tmp_path, capsys):
+    # "unrecognized arguments: -v": they were accepted only before the command
+    from maskattn.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["masks", "show", "causal", "-v", "-v"]).verbose == 2
+    assert parser.parse_args(["-q", "showcase"]).quiet is True
+    assert parser.parse_args(["showcase", "-q"]).quiet is True
+    assert parser.parse_args(["showcase"]).verbose == 0 and parser.parse_args(["showcase"]).quiet is False
+    with pytest.raises(FileNotFoundError):  # -v shows the traceback of a user error
+        main(["train", "lm", "--train", str(tmp_path / "missing.txt"), "-v"])

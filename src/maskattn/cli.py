@@ -155,7 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--block", type=positive_int, default=128, help="tile size of the block map (default: 128)")
     stats.add_argument("--head-dim", type=positive_int, default=64, help="head dim D for the FLOP count (default: 64)")
     _add_export_command(sub)
+    _verbosity_everywhere(sub)
     return parser
+
+
+def _verbosity_everywhere(sub: argparse._SubParsersAction) -> None:
+    """Accept -v / -q after a command too (``maskattn translate MODEL -v ...``), not only before it; absent
+    there, the value given before the command (or its default) stands."""
+    for parser in sub.choices.values():
+        parser.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _verbosity_everywhere(action)
 
 
 def _version() -> str:
