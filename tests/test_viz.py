@@ -253,3 +253,8 @@ def test_a_target_for_a_model_without_cross_attention_is_refused(tmp_path):
     model = EncoderModel(EncoderConfig.preset("tiny", vocab_size=tok.vocab_size, max_len=16))
     with pytest.raises(ValueError, match="EncoderModel has no cross-attention"):
         visualize(model, tok, "3 May", tmp_path, target="1999")
+
+
+def test_viz_of_an_input_longer_than_the_model_reads_says_so(demo_checkpoint, tmp_path, capsys):
+    assert main(["viz", str(demo_checkpoint), "--input", "3rd of May 1999 " * 20, "--out", str(tmp_path / "v")]) == 2
+    assert "more than the model reads (max_len 64); shorten the input" in capsys.readouterr().err

@@ -472,7 +472,11 @@ def _viz(args: argparse.Namespace) -> int:
         overlays, files = task.visualize(args.model, args.input, args.out)
         written = [*plot_overlays(overlays, args.out), *files]
     else:
-        written = visualize(load(args.model), Tokenizer.load(args.model), args.input, args.out, target=args.target)
+        model, tok = load(args.model), Tokenizer.load(args.model)
+        if len(tok.encode(args.input)) > model.config.max_len:
+            raise UsageError(f"--input: {len(tok.encode(args.input))} tokens, more than the model reads "
+                             f"(max_len {model.config.max_len}); shorten the input")
+        written = visualize(model, tok, args.input, args.out, target=args.target)
     print(f"wrote {len(written)} files to {args.out}; open {written[-1]}")
     return 0
 
