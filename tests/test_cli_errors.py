@@ -131,6 +131,14 @@ def test_compress_and_average_write_only_new_model_directories(tmp_path, capsys)
     assert "mine.txt, which is not part of a model directory" in capsys.readouterr().err
     assert main([*soup, str(tmp_path / "a"), "--overwrite"]) == 2  # never the input itself
     assert "it holds the input" in capsys.readouterr().err and (tmp_path / "a" / "config.json").is_file()
+    before = (tmp_path / "old" / "model.safetensors").read_bytes()
+    # a replacing command that fails puts the old model back
+    assert main(["compress", str(tmp_path / "a"), "--out", str(tmp_path / "old"), "--overwrite", "--prune-heads",
+                 "0.5"]) == 2
+    assert "its models can be quantised (--int8) but not pruned" in capsys.readouterr().err
+    assert (tmp_path / "old" / "model.safetensors").read_bytes() == before
     assert main([*soup, str(tmp_path / "old"), "--overwrite"]) == 0
+    assert (tmp_path / "old" / "model.safetensors").read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     assert main(["compress", str(tmp_path / "a"), "--out", str(tmp_path / "old"), "--int8"]) == 2
     assert "is not empty" in capsys.readouterr().err

@@ -9,6 +9,8 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from maskattn.errors import TrainingError, UsageError
@@ -273,10 +275,11 @@ def main(argv: list[str] | None = None) -> int:
 _MODEL_FILES = {"config.json", "model.safetensors", "tokenizer.json", "manifest.json", "task.json"}
 
 
-def _new_model_directory(out: str, overwrite: bool, inputs: list[str]) -> None:
-    """``--out`` of a command that writes a model: new or empty, or with ``--overwrite`` a model directory
-    (cleared first); never one of the command's ``inputs`` or a directory holding them, nor a directory holding
-    other files, as ``maskattn train`` refuses."""
+@contextlib.contextmanager
+def _new_model_directory(out: str, overwrite: bool, inputs: list[str]) -> Iterator[None]:
+    """``--out`` of a command that writes a model: new or empty, or with ``--overwrite`` a model directory,
+    set aside while the command runs (deleted when it succeeds, put back when it fails); never one of the
+    command's ``inputs`` or a directory holding them, nor a directory holding other files."""
     path = Path(out)
     for given in inputs:
         if path.resolve() == Path(given).resolve() or path.resolve() in Path(given).resolve().parents:
@@ -285,6 +288,7 @@ def _new_model_directory(out: str, overwrite: bool, inputs: list[str]) -> None:
         raise UsageError(f"--out {out}: a file, expected a directory to write the model to")
     held = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
     if not held:
+        yield
         return
     if not overwrite:
         raise UsageError(f"--out {out} is not empty (it holds {', '.join(held[:6])}): choose a new directory, or "
@@ -293,21 +297,27 @@ def _new_model_directory(out: str, overwrite: bool, inputs: list[str]) -> None:
     if foreign:
         raise UsageError(f"--out {out}: will not replace it, it holds {', '.join(foreign[:6])}, which is not part of "
                          "a model directory")
-    shutil.rmtree(path)
+    path = path.resolve()
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.replaced.", dir=path.parent))
+    os.replace(path, aside)
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(aside, path)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _average(args: argparse.Namespace) -> int:
     from maskattn.averaging import average_models, average_run
 
-    _new_model_directory(args.out, args.overwrite, [*(args.models or []), *([args.run] if args.run else [])])
-    if args.models:
-        if args.run or args.last is not None:
-            raise UsageError("average: give either RUN --last N or --models MODEL ..., not both")
-        print(average_models(args.models, args.out))
-        return 0
-    if not args.run or args.last is None:
+    if args.models and (args.run or args.last is not None):
+        raise UsageError("average: give either RUN --last N or --models MODEL ..., not both")
+    if not args.models and (not args.run or args.last is None):
         raise UsageError("average: give RUN --last N (a run's checkpoints) or --models MODEL ... (finished models)")
-    print(average_run(args.run, args.last, args.out))
+    with _new_model_directory(args.out, args.overwrite, [*(args.models or []), *([args.run] if args.run else [])]):
+        print(average_models(args.models, args.out) if args.models else average_run(args.run, args.last, args.out))
     return 0
 
 
@@ -365,7 +375,6 @@ def _compress(args: argparse.Namespace) -> int:
     from maskattn.compression import compress
     from maskattn.io import read_json_object
 
-    _new_model_directory(args.out, args.overwrite, [args.model])
     keep_heads = None
     if args.keep_heads:
         keep_heads = read_json_object(Path(args.keep_heads))
@@ -373,23 +382,24 @@ def _compress(args: argparse.Namespace) -> int:
             raise UsageError(f"--keep-heads {args.keep_heads}: this `maskattn compress` output has no kept_heads "
                              "(that run pruned no heads)")
         keep_heads = keep_heads.get("kept_heads", keep_heads)
-    result = compress(args.model, args.out, int8=args.int8, prune_heads=args.prune_heads, data=args.data,
-                      finetune_steps=args.finetune_steps, lr=args.lr, importance_batches=args.importance_batches,
-                      max_tokens=args.max_tokens, schedule=args.schedule, warmup=args.warmup, distill=args.distill,
-                      temperature=args.temperature, bf16=args.bf16, int8_embeddings=not args.float_embeddings,
-                      per_module=args.per_module, greedy=args.greedy, fade_steps=args.fade_steps,
-                      keep_heads=keep_heads, seed=args.seed)
+    with _new_model_directory(args.out, args.overwrite, [args.model]):
+        result = compress(args.model, args.out, int8=args.int8, prune_heads=args.prune_heads, data=args.data,
+                          finetune_steps=args.finetune_steps, lr=args.lr, importance_batches=args.importance_batches,
+                          max_tokens=args.max_tokens, schedule=args.schedule, warmup=args.warmup,
+                          distill=args.distill, temperature=args.temperature, bf16=args.bf16,
+                          int8_embeddings=not args.float_embeddings, per_module=args.per_module, greedy=args.greedy,
+                          fade_steps=args.fade_steps, keep_heads=keep_heads, seed=args.seed)
     print(json.dumps(result, indent=2))
     return 0
 
 
+# Optional packages (pyproject.toml's extras) -> the extra that installs each.
+_EXTRAS = {"onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx", "transformers": "hf", "sklearn": "caption",
+           "tensorboard": "tensorboard"}
 # What the command line reports as a usage error (one line, exit 2): the library's typed user errors
 # (maskattn.errors.UsageError, io.FormatError, data.DataError, masks' and configs' ValueErrors: every check
 # of an argument raises a ValueError naming it) and files that cannot be used as given. KeyError and
 # TypeError are not among them: the few that are user errors are typed (UnknownSettingError, ...).
-# Optional packages (pyproject.toml's extras) -> the extra that installs each.
-_EXTRAS = {"onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx", "transformers": "hf", "sklearn": "caption",
-           "tensorboard": "tensorboard"}
 USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
                FileExistsError)
 
