@@ -127,3 +127,25 @@ def test_an_int8_model_exports_to_pt2_and_is_refused_for_onnx_in_one_line(tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(_runner(path, "pt2")(ids)[0], model(ids), atol=1e-5, rtol=1e-5)
 
+
+
+def test_a_failed_export_replaces_none_of_the_graphs(tmp_path, monkeypatch):
+    # the two graphs of a Transformer were written one after the other: a failure in the second left a new
+    # encoder beside an old decoder step
+    model = MODELS["transformer"]().eval()
+    for name in ("m.encoder.pt2", "m.decoder_step.pt2"):
+        (tmp_path / name).write_text("old")
+    save = torch.export.save
+    calls = []
+
+    def second_fails(program, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("No space left on device")
+        return save(program, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "save", second_fails)
+    with pytest.raises(OSError, match="No space left"):
+        export.export(model, tmp_path / "m.pt2", format="pt2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.decoder_step.pt2", "m.encoder.pt2"]
+    assert all((tmp_path / n).read_text() == "old" for n in ("m.encoder.pt2", "m.decoder_step.pt2"))

@@ -225,18 +225,25 @@ def export(model: nn.Module, out: str | os.PathLike, *, format: str = "onnx") ->
                          "conversion for its integer matmul (aten._int_mm); use --format pt2")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    with torch.no_grad():
-        for suffix, graph in graphs(model).items():
-            path = _path(out, suffix)
-            graph.module.eval()
-            dynamic = {name: graph.dynamic.get(name) for name in graph.input_names}
-            if format == "pt2":
-                program = torch.export.export(graph.module, graph.inputs, dynamic_shapes=dynamic)
-                torch.export.save(program, path)
-            else:
-                torch.onnx.export(graph.module, graph.inputs, path, dynamo=True, dynamic_shapes=dynamic,
-                                  input_names=list(graph.input_names), output_names=list(graph.output_names),
-                                  external_data=False, verbose=False)
-            written.append(path)
-    return written
+    staged: dict[Path, Path] = {}  # final path -> its temporary: all graphs are in place, or none is replaced
+    try:
+        with torch.no_grad():
+            for suffix, graph in graphs(model).items():
+                path = _path(out, suffix)
+                tmp = staged[path] = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+                graph.module.eval()
+                dynamic = {name: graph.dynamic.get(name) for name in graph.input_names}
+                if format == "pt2":
+                    program = torch.export.export(graph.module, graph.inputs, dynamic_shapes=dynamic)
+                    torch.export.save(program, tmp)
+                else:
+                    torch.onnx.export(graph.module, graph.inputs, tmp, dynamo=True, dynamic_shapes=dynamic,
+                                      input_names=list(graph.input_names), output_names=list(graph.output_names),
+                                      external_data=False, verbose=False)
+    except BaseException:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for path, tmp in staged.items():
+        os.replace(tmp, path)
+    return list(staged)
