@@ -258,3 +258,17 @@ def test_a_target_for_a_model_without_cross_attention_is_refused(tmp_path):
 def test_viz_of_an_input_longer_than_the_model_reads_says_so(demo_checkpoint, tmp_path, capsys):
     assert main(["viz", str(demo_checkpoint), "--input", "3rd of May 1999 " * 20, "--out", str(tmp_path / "v")]) == 2
     assert "more than the model reads (max_len 64); shorten the input" in capsys.readouterr().err
+
+
+def test_nested_rerun_captures_record_each_call_once():
+    # each capture's re-run of a layer was recorded by the other capture too: two entries per call
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig.preset("tiny")).eval()
+    src, tgt = torch.randint(3, 64, (2, 6)), torch.randint(3, 64, (2, 4))
+    layers = ["decoder.layers.0.*"]
+    with torch.no_grad(), capture_attention(model, layers=layers, method="rerun") as a, \
+            capture_attention(model, layers=layers, method="rerun") as b:
+        model(src, tgt)
+    assert set(a) == set(b) and all(len(a[n]) == len(b[n]) == 1 for n in a)
+    for name in a:
+        torch.testing.assert_close(a[name][0], b[name][0])

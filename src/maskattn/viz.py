@@ -132,21 +132,22 @@ def _lse_recorder(name: str, captured: dict[str, list[Tensor]], heads, rows):
     return record
 
 
-def _rerun_hook(name: str, captured: dict[str, list[Tensor]], heads, rows):
-    active = {"inside": False}
+_RERUNNING: set[int] = set()  # modules being run again for their weights: no capture records those runs
 
+
+def _rerun_hook(name: str, captured: dict[str, list[Tensor]], heads, rows):
     def record(module: nn.Module, args: tuple, kwargs: dict, output):
-        if active["inside"]:
+        if id(module) in _RERUNNING:  # shared by every capture: nested captures each record the call once
             return None
         if kwargs.get("cache") is not None:
             raise RuntimeError(f"capture_attention: {name} was called with a KV cache; use method='lse' "
                                "or capture a full forward")
-        active["inside"] = True
+        _RERUNNING.add(id(module))
         try:
             with torch.no_grad():
                 _, weights = module(*args, **{**kwargs, "return_weights": True})
         finally:
-            active["inside"] = False
+            _RERUNNING.discard(id(module))
         weights = weights if heads is None else weights[:, list(heads)]
         weights = weights if rows is None else weights[:, :, list(rows)]
         captured.setdefault(name, []).append(weights.detach().cpu())
