@@ -7,9 +7,7 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -272,14 +270,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-_MODEL_FILES = {"config.json", "model.safetensors", "tokenizer.json", "manifest.json", "task.json"}
-
-
 @contextlib.contextmanager
 def _new_model_directory(out: str, overwrite: bool, inputs: list[str]) -> Iterator[None]:
     """``--out`` of a command that writes a model: new or empty, or with ``--overwrite`` a model directory,
     set aside while the command runs (deleted when it succeeds, put back when it fails); never one of the
     command's ``inputs`` or a directory holding them, nor a directory holding other files."""
+    from maskattn.io import MANIFEST, set_aside
+    from maskattn.models.persistence import CONFIG, TOKENIZER, WEIGHTS
+    from maskattn.tasks.common import TASK_FILE
+
     path = Path(out)
     for given in inputs:
         if path.resolve() == Path(given).resolve() or path.resolve() in Path(given).resolve().parents:
@@ -293,20 +292,12 @@ def _new_model_directory(out: str, overwrite: bool, inputs: list[str]) -> Iterat
     if not overwrite:
         raise UsageError(f"--out {out} is not empty (it holds {', '.join(held[:6])}): choose a new directory, or "
                          "replace the model in it with --overwrite")
-    foreign = [name for name in held if name not in _MODEL_FILES]
+    foreign = [name for name in held if name not in {CONFIG, WEIGHTS, TOKENIZER, MANIFEST, TASK_FILE}]
     if foreign:
         raise UsageError(f"--out {out}: will not replace it, it holds {', '.join(foreign[:6])}, which is not part of "
                          "a model directory")
-    path = path.resolve()
-    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.replaced.", dir=path.parent))
-    os.replace(path, aside)
-    try:
+    with set_aside(path):
         yield
-    except BaseException:
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(aside, path)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _average(args: argparse.Namespace) -> int:
@@ -427,9 +418,8 @@ def _train(args: argparse.Namespace) -> int:
         assignments.append(f"out={json.dumps(args.out, ensure_ascii=False)}")
     cfg = config.load(task.config(), args.config, assignments)
     if task.derived is not None:  # a setting the task sets itself, changed from its default, would be ignored
-        default = task.config()
-        changed = [key for key in task.derived(cfg) if config.get(cfg, key) != config.get(default, key)]
-        refuse_derived(task.derived(cfg), changed)
+        derived, default = task.derived(cfg), task.config()
+        refuse_derived(derived, [key for key in derived if config.get(cfg, key) != config.get(default, key)])
     if args.show_config:
         print("\n".join(config.describe(cfg)))
         return 0
@@ -483,9 +473,10 @@ def _viz(args: argparse.Namespace) -> int:
         written = [*plot_overlays(overlays, args.out), *files]
     else:
         model, tok = load(args.model), Tokenizer.load(args.model)
-        if len(tok.encode(args.input)) > model.config.max_len:
-            raise UsageError(f"--input: {len(tok.encode(args.input))} tokens, more than the model reads "
-                             f"(max_len {model.config.max_len}); shorten the input")
+        length = len(tok.encode(args.input))
+        if length > model.config.max_len:
+            raise UsageError(f"--input: {length} tokens, more than the model reads (max_len {model.config.max_len}); "
+                             "shorten the input")
         written = visualize(model, tok, args.input, args.out, target=args.target)
     print(f"wrote {len(written)} files to {args.out}; open {written[-1]}")
     return 0

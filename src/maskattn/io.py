@@ -111,6 +111,25 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def set_aside(path: str | os.PathLike) -> Iterator[Path]:
+    """Move the directory ``path`` to a fresh hidden sibling (yielded) while the ``with`` block builds a new
+    one in its place. The old one is deleted when the block ends without an error; on an error, what the block
+    wrote under ``path`` is removed and the old directory put back, unless the block deleted it already
+    (then the new one stays)."""
+    path = Path(path).resolve()
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.replaced.", dir=path.parent))
+    os.replace(path, aside)  # a directory may replace an empty one
+    try:
+        yield aside
+    except BaseException:
+        if aside.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(aside, path)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def _umask() -> int:
     """This process's umask, read without setting it where Linux shows it (os.umask sets it process-wide,
     for an instant in which another thread's new files would get mode 0666)."""

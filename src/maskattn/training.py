@@ -26,11 +26,9 @@ import importlib
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import signal
-import tempfile
 import threading
 import time
 import warnings
@@ -54,6 +52,7 @@ from maskattn.errors import (
     UsageError,
     check_settings,
 )
+from maskattn.io import set_aside
 
 
 @dataclass
@@ -270,24 +269,19 @@ def replacing_run(out: str | Path) -> Iterator[None]:
     Raises:
         RunDirectoryError: naming what in ``out`` a run does not write (then nothing is moved).
     """
-    aside = _set_aside(out, "replaced")
-    if aside is None:
+    if not _existing_run(out):
         yield
         return
     out = Path(out).resolve()
-    _REPLACED[out] = aside
-    previous = _raise_on_sigterm()
-    try:
-        yield
-    except BaseException:
-        if _REPLACED.pop(out, None) is not None:  # no checkpoint of the new run yet: the old run comes back
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(aside, out)
-        raise
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    discard_replaced_run(out)
+    with set_aside(out) as aside:  # put back on an error, unless discard_replaced_run deleted it already
+        _REPLACED[out] = aside
+        previous = _raise_on_sigterm()
+        try:
+            yield
+        finally:
+            _REPLACED.pop(out, None)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 _REPLACED: dict[Path, Path] = {}  # run directory -> the run it replaces, set aside until the first checkpoint
@@ -322,23 +316,20 @@ def clear_run_directory(out: str | Path) -> None:
     Raises:
         RunDirectoryError: naming what in ``out`` a run does not write (then nothing is deleted).
     """
-    aside = _set_aside(out, "deleting")
-    if aside is not None:
-        shutil.rmtree(aside)
+    if _existing_run(out):
+        with set_aside(out):  # renamed aside, then deleted
+            pass
 
 
-def _set_aside(out: str | Path, tag: str) -> Path | None:
-    """Rename the run directory ``out`` to a hidden sibling and return that; None when there is none."""
+def _existing_run(out: str | Path) -> bool:
+    """Whether ``out`` holds a run (a directory of nothing but what runs write); False when it does not exist."""
     out = Path(out)
     if not out.exists():
-        return None
+        return False
     if not out.is_dir():
         raise RunDirectoryError(f"run directory {out} is a file, not a directory")
     _foreign_entries(out)
-    out = out.resolve()
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}.", dir=out.parent))  # a fresh name, never a leftover's
-    os.replace(out, aside)  # a directory may replace an empty one
-    return aside
+    return True
 
 
 # --- the trainer -----------------------------------------------------------------------------------

@@ -129,8 +129,7 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") ->
         FormatError: naming the file, when one is missing, corrupt, or does not fit the model it describes.
     """
     directory = Path(directory)
-    if not (directory / CONFIG).exists() and (directory / "model" / CONFIG).is_file():
-        raise FormatError(f"{directory} is a run directory; its model is {directory / 'model'}")
+    refuse_run_directory(directory, CONFIG)
     verify_manifest(directory, [CONFIG, WEIGHTS, TOKENIZER])
     meta = read_json(directory / CONFIG)
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
@@ -160,6 +159,13 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") ->
     load_weights(model, read_safetensors(weights, device), meta.get("aliases", {}), source=str(weights))
     model.tokenizer = load_tokenizer(directory / TOKENIZER) if (directory / TOKENIZER).is_file() else None
     return model.to(device)
+
+
+def refuse_run_directory(directory: Path, name: str) -> None:
+    """FormatError when ``directory`` lacks the model file ``name`` but is a run whose ``model/`` has it: the
+    usual slip of passing RUN where RUN/model is meant."""
+    if not (directory / name).exists() and (directory / "model" / name).is_file():
+        raise FormatError(f"{directory} is a run directory; its model is {directory / 'model'}")
 
 
 def load_weights(model: nn.Module, tensors: dict[str, Tensor], aliases: dict[str, str], *, source: str) -> None:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from maskattn import checkpoint, distributed
 from maskattn.errors import RunDirectoryError, SettingError
 from maskattn.io import FormatError, add_to_manifest, atomic_write_text, read_json_object, verify_manifest
+from maskattn.models.persistence import refuse_run_directory
 from maskattn.tokenization import Tokenizer
 from maskattn.training import TrainConfig, Trainer, prepare_run_directory
 
@@ -112,8 +113,7 @@ def read_task(directory: str | Path) -> dict[str, Any]:
     if not Path(directory).is_dir():
         raise FormatError(f"{directory}: not a model directory")
     if not path.is_file():
-        if (Path(directory) / "model" / TASK_FILE).is_file():
-            raise FormatError(f"{directory} is a run directory; its model is {Path(directory) / 'model'}")
+        refuse_run_directory(Path(directory), TASK_FILE)
         raise FormatError(f"{directory} has no {TASK_FILE}: not a model trained by `maskattn train`")
     verify_manifest(directory, [TASK_FILE], every_file=False)
     return read_json_object(path)
@@ -157,14 +157,15 @@ def require(settings: Any, section: str, **what: str) -> None:
                      + " are required")
 
 
-def refuse_derived(derived: dict[str, str], given: Iterable[str]) -> None:
-    """Refuse settings the user gave (``given``, dotted keys of ``--set`` and ``--config``) that the task sets
-    itself (``derived``: ``{"model.X": where its value comes from}``): they would be ignored without a word.
+def refuse_derived(derived: dict[str, str], changed: Iterable[str]) -> None:
+    """Refuse the ``changed`` settings (dotted keys set away from the task's defaults) that the task sets itself
+    (``derived``: ``{"model.X": where its value comes from}``): they would be ignored without a word.
 
     Raises:
         SettingError: naming the settings and where their values come from.
     """
-    refused = [key for key in derived if key in set(given)]
+    changed = set(changed)
+    refused = [key for key in derived if key in changed]
     if refused:
         sources = "; ".join(f"{key} from {derived[key]}" for key in refused)
         raise SettingError(f"set by the task, not by a setting: {sources}; remove "
