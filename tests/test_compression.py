@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -620,3 +621,45 @@ def test_compress_refuses_bad_pruning_settings_before_any_work(tmp_path, capsys,
         assert main(["compress", str(model), *out, *args]) == 2
         assert expected in capsys.readouterr().err
     assert not read
+
+
+def test_an_averaged_finetune_is_the_mean_of_the_shorter_runs_weights(tiny_transformer):
+    # Under a constant schedule and one seed, the first S - K steps of an S-step fine-tune are the
+    # (S - K)-step fine-tune, so the shorter runs are the snapshots the average must be made of.
+    def run(steps, **average):
+        model = copy.deepcopy(tiny_transformer)
+        compression.finetune(model, _batches(model, count=4), steps=steps, lr=3e-3, seed=1, log=lambda _: None,
+                             **average)
+        return model.state_dict()
+
+    snapshots = [run(steps) for steps in (4, 7, 10)]
+    averaged = run(10, average_last=3, average_every=3)
+    for name, value in averaged.items():
+        expected = torch.stack([s[name].float() for s in snapshots]).mean(0)
+        torch.testing.assert_close(value, expected.to(value.dtype), rtol=1e-6, atol=1e-7)
+    moved = [name for name, value in averaged.items() if value.is_floating_point()
+             and not torch.equal(snapshots[0][name], snapshots[2][name])]
+    assert moved  # the snapshots differ, so the mean is not any one of them
+    last = run(10, average_last=1, average_every=5)
+    assert all(torch.equal(value, snapshots[2][name]) for name, value in last.items())
+
+
+def test_averaging_refusals(tiny_transformer, tmp_path, capsys):
+    data = _batches(tiny_transformer)
+    cases = (({"average_last": 0}, "finetune average_last must be an int >= 1, got 0"),
+             ({"average_last": 2, "average_every": True}, "finetune average_every must be an int >= 1, got True"),
+             ({"average_last": 4, "average_every": 3, "fade_steps": 1},
+              "average_last = 4 weights, 3 steps apart, start at step 1, which must come after step 1 (the fade"),
+             ({"average_last": 3, "average_every": 5}, "start at step 0, which must come after step 0"))
+    for settings, expected in cases:
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            compression.finetune(tiny_transformer, data, steps=10, **settings)
+    model = tmp_path / "m"
+    tiny_transformer.save(model)
+    write_task(model, {"task": "translation"})
+    out = ["--out", str(tmp_path / "o"), "--data", "x"]
+    assert main(["compress", str(model), *out, "--int8", "--average-last", "3"]) == 2
+    assert "--average-last needs --prune-heads or --keep-heads" in capsys.readouterr().err
+    assert main(["compress", str(model), *out, "--prune-heads", "0.5", "--finetune-steps", "10",
+                 "--average-last", "6", "--average-every", "2"]) == 2
+    assert "compress: --average-last = 6 weights, 2 steps apart, start at step 0" in capsys.readouterr().err

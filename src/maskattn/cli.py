@@ -342,6 +342,11 @@ def _add_compress(sub) -> None:
     compress.add_argument("--seed", type=int, default=None,
                           help="seed of the fine-tune's dropout and batch order (default: the data's own order), "
                           "for several fine-tunes of one choice of heads to average with `maskattn average --models`")
+    compress.add_argument("--average-last", type=int, default=1, metavar="N",
+                          help="keep the mean of the fine-tune's weights after its last N steps --average-every "
+                          "apart (stochastic weight averaging; default 1: its last weights)")
+    compress.add_argument("--average-every", type=int, default=1, metavar="K",
+                          help="steps between the weights --average-last averages (default 1)")
     compress.add_argument("--data", nargs="+", default=[], metavar="FILE",
                           help="the task's training data, for --prune-heads (translation: a TSV, or source and "
                           "target files; classification: a labelled file)")
@@ -379,7 +384,8 @@ def _compress(args: argparse.Namespace) -> int:
                           max_tokens=args.max_tokens, schedule=args.schedule, warmup=args.warmup,
                           distill=args.distill, temperature=args.temperature, bf16=args.bf16,
                           int8_embeddings=not args.float_embeddings, per_module=args.per_module, greedy=args.greedy,
-                          fade_steps=args.fade_steps, keep_heads=keep_heads, seed=args.seed)
+                          fade_steps=args.fade_steps, keep_heads=keep_heads, seed=args.seed,
+                          average_last=args.average_last, average_every=args.average_every)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -272,7 +272,8 @@ def finetune_loss(model: nn.Module, data: TrainingBatches, batch: dict[str, Any]
 def finetune(model: nn.Module, data: TrainingBatches, *, steps: int, lr: float = 1e-4, clip_norm: float = 1.0,
              schedule: str = "constant", warmup: int = 0, teacher: nn.Module | None = None, distill: float = 0.0,
              temperature: float = 1.0, bf16: bool = False, fade: Mapping[str, Tensor] | None = None,
-             fade_steps: int = 0, seed: int | None = None, log: Callable[[str], None] = log_stderr) -> nn.Module:
+             fade_steps: int = 0, seed: int | None = None, average_last: int = 1, average_every: int = 1,
+             log: Callable[[str], None] = log_stderr) -> nn.Module:
     """``steps`` AdamW steps (gradients clipped at ``clip_norm``) on ``data``'s batches in order, epoch after
     epoch; each step's loss is per target. Returns the model in eval mode.
 
@@ -287,6 +288,9 @@ def finetune(model: nn.Module, data: TrainingBatches, *, steps: int, lr: float =
     ``seed`` (None: the data's own order and the global random state, as before) seeds the dropout draws
     and shuffles the order of each epoch's batches, so that runs with different seeds are different
     fine-tunes of one pruned model (members of a soup, :func:`maskattn.averaging.average_models`).
+
+    ``average_last`` > 1 returns the mean of the weights after the last ``average_last`` of the steps
+    ``steps, steps - average_every, ...`` (stochastic weight averaging along one fine-tune; 1: the last weights).
     """
     if steps < 0:
         raise ValueError(f"finetune steps must be >= 0, got {steps}")
@@ -299,6 +303,8 @@ def finetune(model: nn.Module, data: TrainingBatches, *, steps: int, lr: float =
     if isinstance(fade_steps, bool) or not isinstance(fade_steps, int) or not 0 <= fade_steps <= max(steps, 0):
         raise ValueError(f"finetune fade_steps must be an int in [0, steps = {steps}], got {fade_steps!r}")
     _check_seed(seed, "finetune seed")
+    snapshots = _snapshot_steps(steps, average_last, average_every, fade_steps)
+    mean: dict[str, Tensor] = {}
     devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
     with torch.random.fork_rng(devices=devices, enabled=seed is not None):  # the caller's random state stays
         order = None
@@ -328,10 +334,32 @@ def finetune(model: nn.Module, data: TrainingBatches, *, steps: int, lr: float =
                 nn.utils.clip_grad_norm_(params, clip_norm)
                 optimizer.step()
                 step += 1
+                if len(snapshots) > 1 and step in snapshots:  # a running mean, in float32 whatever the weights' dtype
+                    for name, value in model.state_dict().items():
+                        if value.is_floating_point():
+                            mean.setdefault(name, torch.zeros_like(value, dtype=torch.float32)).add_(
+                                value.float(), alpha=1.0 / len(snapshots))
                 if step % 10 == 0 or step == steps:
                     log(f"finetune step {step}/{steps}: loss {loss.item():.4f}")
             epoch += 1
+    if len(snapshots) > 1:
+        model.load_state_dict(mean, strict=False)  # buffers that are not floats keep their values
+        log(f"finetune: the mean of the weights after steps {', '.join(map(str, sorted(snapshots)))}")
     return model.eval()
+
+
+def _snapshot_steps(steps: int, last: int, every: int, fade_steps: int,
+                    names: tuple[str, str] = ("finetune average_last", "finetune average_every")) -> set[int]:
+    """The fine-tuning steps whose weights :func:`finetune` averages, checked (``names``: the arguments' names
+    in the errors): ints >= 1, the first of them after the fade."""
+    for name, value in zip(names, (last, every), strict=True):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    first = steps - (last - 1) * every
+    if last > 1 and first <= fade_steps:
+        raise ValueError(f"{names[0]} = {last} weights, {every} steps apart, start at step {first}, which must "
+                         f"come after step {fade_steps} (the fade, or the start): fine-tune longer or average fewer")
+    return set(range(first, steps + 1, every)) if last > 1 else {steps}
 
 
 def faded_gates(fade: Mapping[str, Tensor], step: int, fade_steps: int) -> dict[str, Tensor]:
@@ -366,7 +394,8 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
              max_tokens: int = 2048, schedule: str = "constant", warmup: int = 0, distill: float = 0.0,
              temperature: float = 1.0, bf16: bool = False, int8_embeddings: bool = True, per_module: bool = False,
              greedy: int = 0, fade_steps: int = 0, keep_heads: Mapping[str, Sequence[int]] | None = None,
-             seed: int | None = None, log: Callable[[str], None] = log_stderr) -> dict[str, Any]:
+             seed: int | None = None, average_last: int = 1, average_every: int = 1,
+             log: Callable[[str], None] = log_stderr) -> dict[str, Any]:
     """Compress the trained model in ``directory`` into ``out`` (a model directory with the same task).
 
     Args:
@@ -392,6 +421,8 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
             (modules not named keep all their heads), e.g. the ``kept_heads`` of an earlier result, so that
             one choice of heads can be fine-tuned again (with another ``seed``) without measuring it again.
         seed: the fine-tune's seed (:func:`finetune`; None: the data's own order).
+        average_last, average_every: keep the mean of the fine-tune's weights after its last ``average_last``
+            steps ``average_every`` apart (:func:`finetune`; 1: its last weights).
         importance_batches: batches the head importance is measured on.
         max_tokens: padded tokens per batch.
 
@@ -419,12 +450,14 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
         _check_fraction(prune_heads)
     _check_seed(seed, "compress: --seed")
     for name, given in (("--fade-steps", fade_steps), ("--greedy", greedy), ("--per-module", per_module),
-                        ("--seed", seed is not None)):
+                        ("--seed", seed is not None), ("--average-last", average_last != 1)):
         if given and not pruning:
             raise ValueError(f"compress: {name} needs --prune-heads or --keep-heads (it shapes the pruning)")
     if fade_steps > finetune_steps:
         raise ValueError(f"compress: --fade-steps ({fade_steps}) must be at most --finetune-steps ({finetune_steps}), "
                          "or the faded heads would still count when they are removed")
+    _snapshot_steps(finetune_steps, average_last, average_every, fade_steps,
+                    ("compress: --average-last", "compress: --average-every"))
     if out.resolve() == directory.resolve():
         raise ValueError(f"compress: --out ({out}) must differ from the model directory")
     settings = read_task(directory)
@@ -461,7 +494,7 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
         teacher = load(directory).eval() if distill else None
         finetune(model, batches, steps=finetune_steps, lr=lr, schedule=schedule, warmup=warmup, teacher=teacher,
                  distill=distill, temperature=temperature, bf16=bf16, fade=fade, fade_steps=fade_steps, seed=seed,
-                 log=log)
+                 average_last=average_last, average_every=average_every, log=log)
         if fade_steps:
             prune(model, keep)
         result["loss_finetuned"] = mean_loss(model, batches, sample)
