@@ -128,3 +128,22 @@ def test_a_transposed_tensor_is_saved_and_loaded(tmp_path):
     w = torch.arange(12.0).reshape(3, 4).t()  # non-contiguous strides, which safetensors refuses as they are
     path = checkpoint.save(tmp_path, 1, {"w": w})
     assert torch.equal(checkpoint.load(path)["w"], w)
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_error_naming_the_last_good_one(tmp_path, monkeypatch):
+    from maskattn.errors import TrainingError
+
+    state = {"w": torch.ones(3), "step_count": 1}
+    first = checkpoint.save(tmp_path, 1, state)
+    (tmp_path / ".step-000000002.abc123").mkdir()  # what a save killed half-way leaves
+    (tmp_path / ".step-000000001.xyz.old").mkdir()
+
+    def full(tensors, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(TrainingError, match=f"could not write the checkpoint {tmp_path}/step-000000002: No space "
+                                            f"left on device; the newest complete checkpoint is {first}"):
+        checkpoint.save(tmp_path, 2, state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000001"]  # leftovers gone, step 1 intact
+    assert checkpoint.load(first)["w"].tolist() == [1.0, 1.0, 1.0]

@@ -2,6 +2,7 @@
 independent oracles (greedy, exhaustive search, the softmax of a full forward)."""
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -125,7 +126,7 @@ def _exhaustive(alpha):
         model.src_embed.tokens.weight.mul_(0.3)
     src = torch.tensor([[3, 4, 3, 3, 4], [4, 3, 0, 0, 0]])
     lengths = torch.tensor([5, 2])
-    others = [t for t in range(vocab) if t != eos]
+    others = [t for t in range(vocab) if t not in (eos, model.config.pad_id)]  # the model's pad is never output
     candidates = [(*p, eos) for n in range(steps) for p in itertools.product(others, repeat=n)]
     candidates += list(itertools.product(others, repeat=steps))  # out of length without EOS
     return model, src, lengths, candidates, _sequence_scores(model, src, lengths, candidates, alpha), eos, steps
@@ -250,8 +251,86 @@ def test_decoding_errors_name_the_argument():
         decoding.beam_search(model, prompt, max_new_tokens=2, beam_size=0)
     with pytest.raises(ValueError, match="top_p"):
         decoding.sample(model, prompt, max_new_tokens=2, top_p=1.5)
-    with pytest.raises(ValueError, match="positions must be in"):
-        decoding.greedy(model, prompt, max_new_tokens=100)
+    # Refused before any work, for every way of decoding, whether or not EOS would have come first.
+    for decode in (decoding.greedy, decoding.sample, decoding.beam_search):
+        with pytest.raises(ValueError, match=re.escape("max_new_tokens=62 after a prompt of 4 tokens needs 65 "
+                                                       "positions, more than the model's max_len (64): at most 61")):
+            decode(model, prompt, max_new_tokens=62)
+    assert decoding.greedy(model, prompt, max_new_tokens=61).shape == (2, 61)  # exactly the positions left
+    seq2seq = Transformer(TransformerConfig.preset("tiny", vocab_size=64, max_len=16))
+    with pytest.raises(ValueError, match=re.escape("max_new_tokens=17 needs 17 target positions, more than the "
+                                                   "model's max_len (16)")):
+        decoding.greedy(seq2seq, prompt, max_new_tokens=17, eos_id=None)
+    assert decoding.greedy(seq2seq, prompt, max_new_tokens=16, eos_id=None).shape[1] <= 16
+    # NO_EOS runs every row to its limit whatever the config's EOS; min_new_tokens then has no EOS to hold back
+    eos_model = DecoderLM(DecoderLMConfig.preset("tiny", eos_id=5)).eval()
+    favourite = int(eos_model(prompt)[:, -1].argmax(-1)[0])
+    eos_model.config.eos_id = favourite  # row 0 would stop at once
+    stopped = decoding.greedy(eos_model, prompt, max_new_tokens=3)
+    assert stopped[0, 0] == favourite and (stopped[0, 1:] == 0).all()  # EOS, then the fill
+    free = decoding.greedy(eos_model, prompt, max_new_tokens=3, eos_id=decoding.NO_EOS, min_new_tokens=2)
+    eos_model.config.eos_id = None  # the oracle: a model without an EOS
+    assert torch.equal(free, decoding.greedy(eos_model, prompt, max_new_tokens=3))
+    cases = (({"eos_id": -8}, "eos_id must be a token id in [0, 64) (the model's vocabulary), got -8"),
+             ({"eos_id": 64}, "eos_id must be a token id in [0, 64)"),
+             ({"pad_id": -1}, "pad_id must be a token id in [0, 64) (the model's vocabulary), got -1"),
+             ({"max_new_tokens": [2]}, "max_new_tokens must be a positive int, or 2 of them (one per row of "
+                                       "inputs), got [2]"),
+             ({"max_new_tokens": torch.tensor([2, 0])}, "or 2 of them"))
+    for settings, expected in cases:
+        for decode in (decoding.greedy, decoding.beam_search):
+            with pytest.raises(ValueError, match=re.escape(expected)):
+                decode(model, prompt, **({"max_new_tokens": 2} | settings))
+    padded = DecoderLM(DecoderLMConfig.preset("tiny", pad_id=0))
+    with pytest.raises(ValueError, match=re.escape("prompt: row 1 has no tokens (all pad_id=0); every prompt needs")):
+        decoding.greedy(padded, torch.tensor([[5, 6, 7], [0, 0, 0]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match=re.escape("inputs must be a batch of B >= 1 rows, (B, L) token ids or "
+                                                   "(B, ...) images, got (0, 4)")):
+        decoding.greedy(model, prompt[:0], max_new_tokens=2)
+    with pytest.raises(ValueError, match=re.escape("prompt: (2, 0), no tokens; every prompt needs at least one")):
+        decoding.greedy(model, prompt[:, :0], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_a_row_with_its_own_limit_decodes_as_it_would_alone(search):
+    # Per-row limits: a batch of rows with different limits gives each row what it gives alone.
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig.preset("tiny", vocab_size=12, eos_id=2)).eval()
+    src = torch.randint(3, 12, (3, 5))
+    caps = [2, 7, 4]
+
+    def run(rows, limit):
+        if search == "greedy":
+            return decoding.greedy(model, src[rows], max_new_tokens=limit, eos_id=decoding.NO_EOS).tolist()
+        found, _ = decoding.beam_search(model, src[rows], max_new_tokens=limit, beam_size=3, eos_id=decoding.NO_EOS)
+        return found.tolist()
+
+    together = run(slice(None), torch.tensor(caps))
+    for row, cap in enumerate(caps):
+        alone = run(slice(row, row + 1), cap)[0]
+        assert len(alone) == cap
+        assert together[row][:cap] == alone
+        assert together[row][cap:] == [model.config.pad_id] * (max(caps) - cap)
+
+
+def test_the_models_pad_id_is_never_generated():
+    # A DecoderLM reads its pad id as padding; a generated pad would be a token its own forward cannot see.
+    def model(**pad):
+        m = DecoderLM(DecoderLMConfig.preset("tiny", norm_first=True, **pad)).eval()
+        with torch.no_grad():  # every position's last state is e, and token 0's output row is 10 e: its favourite
+            e = torch.randn(m.config.d_model)
+            m.decoder.norm.weight.zero_()
+            m.decoder.norm.bias.copy_(e)
+            m.lm_head.weight[0] = 10 * e
+        return m
+
+    prompt = torch.randint(1, 64, (2, 3))
+    assert (decoding.greedy(model(), prompt, max_new_tokens=3) == 0).all()  # without a pad id, 0 is chosen
+    banned = model(pad_id=0)
+    for out in (decoding.greedy(banned, prompt, max_new_tokens=6),
+                decoding.sample(banned, prompt, max_new_tokens=6, generator=torch.Generator().manual_seed(0)),
+                decoding.beam_search(banned, prompt, max_new_tokens=6, beam_size=3)[0]):
+        assert out.shape[1] == 6 and not (out == 0).any()
 
 
 def test_decoder_lm_beam_scores_are_the_full_forward_scores_of_its_outputs():

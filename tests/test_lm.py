@@ -42,6 +42,21 @@ def test_train_generate_evaluate(tmp_path, capsys, documents):
     assert json.loads(capsys.readouterr().out)["loss"] > 0
 
 
+def test_generate_refuses_settings_it_would_ignore():
+    # --max-new-tokens 0 or -3 printed the prompt alone, and temperature 0 ignored a bad --top-k / --top-p
+    tok = Tokenizer.train_chars(["abc"])
+    model = DecoderLM(DecoderLMConfig.preset("tiny", vocab_size=tok.vocab_size)).eval()
+    cases = (({"max_new_tokens": 0}, "max_new_tokens must be a positive int, got 0"),
+             ({"max_new_tokens": -3}, "max_new_tokens must be a positive int, got -3"),
+             ({"temperature": -1.0}, "temperature must be >= 0 (0: greedy), got -1.0"),
+             ({"temperature": 0.0, "top_k": -2}, "top_k must be a positive int or None, got -2"),
+             ({"temperature": 0.0, "top_p": 0.0}, "top_p must be in (0, 1], got 0.0"))
+    for settings, expected in cases:
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            lm.generate(model, tok, "ab", **({"max_new_tokens": 3} | settings))
+    assert lm.generate(model, tok, "ab", max_new_tokens=3, temperature=0.0).startswith("ab")
+
+
 def test_packed_rows_never_see_across_documents():
     tok = Tokenizer.train_chars(["ab\n\ncd"])
     stream = lm.to_stream(tok, "aaa\n\nbbbb\n\ncc", "paragraphs")

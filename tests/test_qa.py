@@ -224,3 +224,23 @@ def test_qa_training_refuses_windows_past_the_encoder_and_too_few_windows_for_a_
                  "--set", "data.stride=32", "--set", setting, "--set", "train.steps=1",
                  "--set", "train.progress=false"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_qa_model_has_no_parameter_its_loss_cannot_reach(tmp_path, capsys):
+    # The pretrained pooler stayed in QA models: under torchrun, DistributedDataParallel stopped at the second
+    # step ("parameters that were not used in producing loss"). Every parameter must get a gradient.
+
+    data, encoder = _tiny_squad(tmp_path, 5)
+    assert qa.from_pretrained(encoder, span_head=True).pooler is not None  # the start has one
+    out = tmp_path / "run"
+    assert main(["train", "qa", "--train", str(data), "--pretrained", str(encoder), "--out", str(out),
+                 "--set", "data.stride=32", "--set", "data.max_len=64", "--set", "data.batch_size=4",
+                 "--set", "train.steps=1", "--set", "train.progress=false"]) == 0
+    capsys.readouterr()
+    model, tok, _ = qa.load(out / "model")
+    assert model.pooler is None and not model.config.pooler
+    examples = read_squad(data)
+    batch = qa.batch_of(qa.squad_windows(tok, examples, max_len=64, stride=32)[:2], tok.pad_id)
+    start, end = model.train().span_logits(batch["ids"], token_type_ids=batch["types"], lengths=batch["lengths"])
+    (start.sum() + end.sum()).backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -145,3 +145,15 @@ def test_settings_the_task_derives_itself_are_refused(tmp_path, capsys, task, se
     assert main(["train", task, flag, str(data), "--out", str(tmp_path / "run"), "--set", setting]) == 2
     err = capsys.readouterr().err
     assert f"set by the task, not by a setting: {setting.split('=')[0]} from {source}" in err
+
+
+@pytest.mark.parametrize("task", BUILTIN)
+def test_a_metric_the_validation_does_not_give_is_refused_before_training(task, tmp_path, capsys):
+    # train.metric was only checked at the first evaluation: with eval_every=0, after the whole run, and
+    # the run's last steps were lost (no final checkpoint, no model).
+    declared = base.tasks()[task].metrics
+    assert base.tasks()[task].config().train.metric in declared
+    assert main(["train", task, "--out", str(tmp_path / "run"), "--set", 'train.metric="accuracy_x"']) == 2
+    assert (f"train.metric='accuracy_x' is not one of the {task} task's validation metrics: "
+            f"{', '.join(declared)}") in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -289,8 +289,7 @@ def test_callbacks_hear_every_step_evaluation_checkpoint_and_the_end(tmp_path):
     trainer.fit()
     assert heard == [("step", 1, ["loss", "lr"]), ("step", 2, ["loss", "lr"]), ("evaluate", 2, ["loss"]),
                      ("checkpoint", 2, "step-000000002"), ("step", 3, ["loss", "lr"]), ("step", 4, ["loss", "lr"]),
-                     ("evaluate", 4, ["loss"]), ("checkpoint", 4, "step-000000004"),
-                     ("checkpoint", 4, "step-000000004"), ("end",)]
+                     ("evaluate", 4, ["loss"]), ("checkpoint", 4, "step-000000004"), ("end",)]  # saved once
 
 
 def test_report_to_tensorboard_writes_scalars_with_tensorboards_own_writer(tmp_path):
@@ -353,3 +352,37 @@ def test_to_device_moves_the_tensors_of_a_batch_and_keeps_the_rest():
     assert moved["num_targets"] == 6 and batch["ids"].device.type == "cpu"
     pair = collections.namedtuple("pair", "x n")(torch.ones(1), 2)
     assert to_device(pair, "meta").x.device.type == "meta" and to_device(pair, "meta").n == 2
+
+
+def test_a_resume_trains_with_its_own_optimizer_settings(tmp_path):
+    # The optimizer state brought back the checkpoint's weight decay and betas, while the checkpoint that
+    # followed recorded the new ones.
+    _tiny_trainer(tmp_path, steps=4, checkpoint_every=2, weight_decay=0.1).fit()
+    again = _tiny_trainer(tmp_path, steps=6, checkpoint_every=2, weight_decay=0.0, betas=(0.5, 0.6))
+    assert again.resume()
+    assert [(g["weight_decay"], g["betas"]) for g in again.optimizer.param_groups] == [(0.0, (0.5, 0.6))] * 2
+    assert again.optimizer.state  # the moments themselves came back
+    again.fit()
+    saved = checkpoint.load(checkpoint.latest(tmp_path / "checkpoints"))
+    assert [g["weight_decay"] for g in saved["optimizer"]["param_groups"]] == [0.0, 0.0]
+    regrouped = _tiny_trainer(tmp_path, steps=8, checkpoint_every=2)  # as train.layer_decay regroups a model
+    regrouped.optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "weight_decay": 0.0})
+    with pytest.raises(CheckpointError, match="has 2 optimizer parameter groups, this run 3: resume with the "
+                                              "train\\.layer_decay"):
+        regrouped.resume()
+
+
+def test_the_metrics_log_is_trimmed_only_when_a_resume_replays_steps(tmp_path, monkeypatch):
+    from maskattn import training
+
+    _tiny_trainer(tmp_path, steps=4, checkpoint_every=2).fit()
+    written = []
+    monkeypatch.setattr(training, "atomic_write_text", lambda path, text: written.append(text))
+    again = _tiny_trainer(tmp_path, steps=4, checkpoint_every=2)
+    again.resume()  # at step 4, the end: every line is kept, nothing is rewritten
+    again.fit()
+    assert written == []
+    log = (tmp_path / "metrics.jsonl").read_text()
+    (tmp_path / "metrics.jsonl").write_text(log + json.dumps({"step": 9, "loss": 1.0}) + "\n")
+    _tiny_trainer(tmp_path, steps=4, checkpoint_every=2).resume()
+    assert written == [log]  # step 9 (a replaced run's) dropped, in one atomic write

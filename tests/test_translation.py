@@ -158,6 +158,23 @@ def test_beam_zero_is_an_error_and_options_may_follow_the_model(tiny_translator,
     assert len(capsys.readouterr().out.splitlines()) == 2
 
 
+@pytest.mark.parametrize("beam", [1, 3])
+def test_a_sentence_translates_the_same_whatever_shares_its_batch(tiny_translator, beam):
+    # The new-token limit was the batch's longest sentence's: a short sentence batched with a long one ran
+    # longer (an untrained model rarely stops) and decode.batch_size changed evaluate's scores.
+    import dataclasses
+
+    model, tok, decode = translation.load(tiny_translator)
+    decode = dataclasses.replace(decode, beam_size=beam, max_len_ratio=1.0, max_len_extra=1)
+    sentences = ["ab", "abcdefabcdef", "cab", "fedcbafedc"]
+    alone = translation.translate(model, tok, sentences, dataclasses.replace(decode, batch_size=1))
+    together = translation.translate(model, tok, sentences, dataclasses.replace(decode, batch_size=8))
+    assert together == alone
+    assert len(tok.encode(alone[0])) <= 3  # within its own limit: 2 source tokens * 1.0 + 1
+    limit = dataclasses.replace(decode, max_len_ratio=0.0, max_len_extra=0, batch_size=8)
+    assert all(len(tok.encode(t)) <= 1 for t in translation.translate(model, tok, sentences, limit))  # at least 1
+
+
 def test_pairs_longer_than_the_models_positions_are_dropped_not_a_crash(tmp_path, capsys):
     # data.max_len=40 kept pairs of 30 tokens for a model of 16 positions: the first long batch failed mid-run
     rng = random.Random(0)

@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from maskattn.errors import TrainingError
 from maskattn.io import FormatError, atomic_directory, read_json_object, sha256, verify_manifest, write_manifest
 
 TENSORS, STATE = "tensors.safetensors", "state.json"
@@ -91,21 +93,31 @@ def save(root: str | Path, step: int, state: dict[str, Any], *, keep: int | None
 
     Raises:
         ValueError: ``keep`` below 1, or ``step`` below 0.
+        TrainingError: the checkpoint could not be written (disk full, read-only): its path, the reason,
+            and the newest complete checkpoint, which is left as it was.
     """
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
         raise ValueError(f"keep must be None or an int >= 1 (checkpoints kept), got {keep!r}")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be an int >= 0, got {step!r}")
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
-    with atomic_directory(final) as tmp:  # re-saving a step (a final save after a periodic one) replaces it
-        tensors: dict[str, torch.Tensor] = {}
-        skeleton = flatten(state, tensors)
-        save_file(tensors, tmp / TENSORS)
-        meta = {"format": FORMAT, "step": step, "sha256": sha256(tmp / TENSORS), "state": skeleton}
-        (tmp / STATE).write_text(json.dumps(meta))
-        write_manifest(tmp, [TENSORS, STATE])
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for left in root.glob(".step-*"):  # what a save killed half-way left behind (never read)
+            shutil.rmtree(left, ignore_errors=True)
+        with atomic_directory(final) as tmp:  # re-saving a step (a final save after a periodic one) replaces it
+            tensors: dict[str, torch.Tensor] = {}
+            skeleton = flatten(state, tensors)
+            save_file(tensors, tmp / TENSORS)
+            meta = {"format": FORMAT, "step": step, "sha256": sha256(tmp / TENSORS), "state": skeleton}
+            (tmp / STATE).write_text(json.dumps(meta))
+            write_manifest(tmp, [TENSORS, STATE])
+    except (OSError, SafetensorError) as e:
+        newest = latest(root)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise TrainingError(f"could not write the checkpoint {final}: {reason}; the newest complete checkpoint is "
+                            f"{newest if newest else 'none'}, left as it was") from e
     found = list_checkpoints(root)
     later = [p for p in found if step_of(p) > step]
     mine = [p for p in found if step_of(p) <= step]

@@ -426,6 +426,9 @@ def _train(args: argparse.Namespace) -> int:
     if task.derived is not None:  # a setting the task sets itself, changed from its default, would be ignored
         derived, default = task.derived(cfg), task.config()
         refuse_derived(derived, [key for key in derived if config.get(cfg, key) != config.get(default, key)])
+    if task.metrics and cfg.train.metric not in task.metrics:  # else found only at the first evaluation
+        raise UsageError(f"train.metric={cfg.train.metric!r} is not one of the {task.name} task's validation "
+                         f"metrics: {', '.join(task.metrics)}")
     if args.show_config:
         print("\n".join(config.describe(cfg)))
         return 0

@@ -23,9 +23,13 @@ import torch
 from torch import Tensor, nn
 
 Lengths = Tensor | Sequence[int] | None
+NO_EOS = -1  # eos_id=NO_EOS: rows never stop early, whatever the model's config says
 
 
-def greedy(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new_tokens: int,
+MaxNew = int | Tensor | Sequence[int]
+
+
+def greedy(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new_tokens: MaxNew,
            eos_id: int | None = None, pad_id: int | None = None, compile: bool = False,
            min_new_tokens: int = 0) -> Tensor:
     """The most likely next token at every step.
@@ -34,22 +38,25 @@ def greedy(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new
         model: a Transformer (``inputs`` = source ids) or a DecoderLM (``inputs`` = prompts).
         inputs: (B, L) right-padded token ids.
         lengths: (B,) real lengths; default from the model's ``pad_id``.
-        max_new_tokens: at most this many new tokens per row.
-        eos_id: stops a row (default ``model.config.eos_id``; None = never stop early).
-        pad_id: fills a row after its EOS (default the model's pad id, else 0).
+        max_new_tokens: at most this many new tokens per row: one int, or (B,) ints, one per row (a row's
+            output is then what it would be alone, whatever the other rows' limits).
+        eos_id: stops a row (default: ``model.config.eos_id``; a model without one, or ``NO_EOS``, never
+            stops early).
+        pad_id: fills a row after its EOS (default the model's pad id, else 0). The model's own pad id
+            is never generated (the model reads it as padding, not as a token).
         compile: run each one-token step as one ``torch.compile``'d graph (``fullgraph=True``) over a
             static KV cache, for a model whose ``begin_decoding`` takes ``static`` (DecoderLM). The first
             call compiles (seconds); later ones reuse the graph whatever the lengths.
         min_new_tokens: EOS cannot come before this many other new tokens (1: never an empty output).
 
     Returns:
-        (B, T) new tokens, T <= max_new_tokens.
+        (B, T) new tokens, T <= max_new_tokens (its largest entry).
     """
     return _generate(model, inputs, lengths, max_new_tokens, eos_id, pad_id, lambda logits: logits.argmax(-1),
                      compile, min_new_tokens)
 
 
-def sample(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new_tokens: int,
+def sample(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new_tokens: MaxNew,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            eos_id: int | None = None, pad_id: int | None = None, generator: torch.Generator | None = None,
            compile: bool = False, min_new_tokens: int = 0) -> Tensor:
@@ -74,6 +81,19 @@ def sample(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new
     return _generate(model, inputs, lengths, max_new_tokens, eos_id, pad_id, choose, compile, min_new_tokens)
 
 
+def check_sampling(*, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse generation settings that cannot mean what they say (temperature 0 is greedy; top-k and top-p
+    are checked even then, so that a typo is not ignored), naming the argument."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not temperature >= 0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
 def filter_logits(logits: Tensor, *, top_k: int | None = None, top_p: float | None = None) -> Tensor:
     """Set to -inf every logit outside the top k and outside the top-p nucleus: (B, V) -> (B, V)."""
     if top_k is not None:
@@ -94,7 +114,7 @@ def filter_logits(logits: Tensor, *, top_k: int | None = None, top_p: float | No
 
 
 def beam_search(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, beam_size: int = 4,
-                max_new_tokens: int, length_penalty: float = 0.0, eos_id: int | None = None,
+                max_new_tokens: MaxNew, length_penalty: float = 0.0, eos_id: int | None = None,
                 pad_id: int | None = None, min_new_tokens: int = 0) -> tuple[Tensor, Tensor]:
     """The best continuation found by beam search, per row.
 
@@ -119,7 +139,7 @@ def beam_search(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, be
 
 
 def beam_search_nbest(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, n: int, beam_size: int = 4,
-                      max_new_tokens: int, length_penalty: float = 0.0, eos_id: int | None = None,
+                      max_new_tokens: MaxNew, length_penalty: float = 0.0, eos_id: int | None = None,
                       pad_id: int | None = None, min_new_tokens: int = 0) -> list[list[tuple[float, list[int]]]]:
     """The ``n`` best finished hypotheses of each row, best first, as ``(score, new tokens)`` pairs.
 
@@ -133,23 +153,24 @@ def beam_search_nbest(model: nn.Module, inputs: Tensor, lengths: Lengths = None,
     return [sorted(found, key=lambda x: -x[0])[:n] for found in search.finished]
 
 
-def _run_beams(model: nn.Module, inputs: Tensor, lengths: Lengths, beam_size: int, max_new_tokens: int,
+def _run_beams(model: nn.Module, inputs: Tensor, lengths: Lengths, beam_size: int, max_new_tokens: MaxNew,
                length_penalty: float, eos_id: int | None, pad_id: int | None,
                min_new_tokens: int) -> tuple[_Beams, int]:
     if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
         raise ValueError(f"beam_size must be a positive int, got {beam_size!r}")
-    _check_max_new(max_new_tokens, min_new_tokens)
+    caps = _check_max_new(max_new_tokens, min_new_tokens, inputs)
     eos_id, pad_id = _ids(model, eos_id, pad_id)
     with _inference(model):
-        state, logits = model.begin_decoding(inputs, lengths, max_new_tokens=max_new_tokens)
-        search = _Beams(inputs.shape[0], beam_size, max_new_tokens, length_penalty, eos_id)
+        state, logits = model.begin_decoding(inputs, lengths, max_new_tokens=max(caps))
+        banned = _check_ids(model, eos_id, pad_id, logits.shape[-1])
+        search = _Beams(inputs.shape[0], beam_size, caps, length_penalty, eos_id)
         device = logits.device
         state.reorder(torch.arange(inputs.shape[0], device=device).repeat_interleave(beam_size))
         logits = logits.repeat_interleave(beam_size, dim=0)  # (B*K, V)
-        for t in range(max_new_tokens):
-            rows = search.advance(_no_eos_before(torch.log_softmax(logits.float(), dim=-1), t, min_new_tokens,
-                                                 eos_id), t)
-            if search.all_done() or t == max_new_tokens - 1:
+        for t in range(max(caps)):
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            rows = search.advance(_forbid(logp, t, min_new_tokens, eos_id, banned), t)
+            if search.all_done():
                 break
             kept = search.drop_done()
             if kept is None:
@@ -167,8 +188,8 @@ class _Beams:
     ``finished`` and ``done`` are indexed by input row.
     """
 
-    def __init__(self, batch: int, beams: int, max_new: int, alpha: float, eos_id: int | None) -> None:
-        self.b, self.k, self.max_new, self.alpha, self.eos_id = batch, beams, max_new, alpha, eos_id
+    def __init__(self, batch: int, beams: int, caps: list[int], alpha: float, eos_id: int | None) -> None:
+        self.b, self.k, self.caps, self.alpha, self.eos_id = batch, beams, caps, alpha, eos_id
         self.source = list(range(batch))
         self.scores = torch.full((batch, beams), float("-inf"))
         self.scores[:, 0] = 0.0  # at first every beam is the same empty hypothesis: keep one
@@ -194,9 +215,11 @@ class _Beams:
         self.scores = top.gather(1, keep)
         rows = (torch.arange(self.b)[:, None] * self.k + beam.gather(1, keep)).view(-1)  # (B*K,)
         self.seqs = torch.cat([self.seqs[rows], tok.gather(1, keep).view(-1, 1)], dim=1)
-        if t == self.max_new - 1:  # out of length: live beams finish as they are
-            self._finish(self.scores, torch.arange(self.k).expand(self.b, -1), None, self.scores.isfinite(), t + 1)
-        self._update_done(t + 1)
+        capped = torch.tensor([t + 1 >= self.caps[src] for src in self.source])  # (B,) rows out of length
+        if bool(capped.any()):  # their live beams finish as they are
+            self._finish(self.scores, torch.arange(self.k).expand(self.b, -1), None,
+                         self.scores.isfinite() & capped[:, None], t + 1)
+        self._update_done(t + 1, capped.tolist())
         return rows
 
     def drop_done(self) -> Tensor | None:
@@ -222,12 +245,14 @@ class _Beams:
             self.finished[src].append((float(scores[b, j]) / self.lp(n), seq))
             self.finished[src] = sorted(self.finished[src], key=lambda x: -x[0])[: self.k]
 
-    def _update_done(self, n: int) -> None:
+    def _update_done(self, n: int, capped: list[bool]) -> None:
         for b, src in enumerate(self.source):
+            if capped[b]:
+                self.done[src] = True
             if self.done[src] or len(self.finished[src]) < self.k:
                 continue
             # Live scores only fall; with alpha > 0 dividing by the longest lp is their best case.
-            best_live = float(self.scores[b].max()) / self.lp(self.max_new if self.alpha > 0 else n)
+            best_live = float(self.scores[b].max()) / self.lp(self.caps[src] if self.alpha > 0 else n)
             self.done[src] = self.finished[src][-1][0] >= best_live
 
     def all_done(self) -> bool:
@@ -245,10 +270,10 @@ class _Beams:
         return tokens, torch.tensor([score for score, _ in best])
 
 
-def _generate(model: nn.Module, inputs: Tensor, lengths: Lengths, max_new: int, eos_id: int | None,
+def _generate(model: nn.Module, inputs: Tensor, lengths: Lengths, max_new: MaxNew, eos_id: int | None,
               pad_id: int | None, choose: Callable[[Tensor], Tensor], compile: bool = False,
               min_new: int = 0) -> Tensor:
-    _check_max_new(max_new, min_new)
+    caps = _check_max_new(max_new, min_new, inputs)
     eos_id, pad_id = _ids(model, eos_id, pad_id)
     if compile and "static" not in inspect.signature(model.begin_decoding).parameters:
         raise ValueError(f"compile=True needs a model whose begin_decoding takes static= (DecoderLM), "
@@ -256,14 +281,17 @@ def _generate(model: nn.Module, inputs: Tensor, lengths: Lengths, max_new: int, 
     options, step = ({"static": True}, _compiled_step()) if compile else ({}, _last_logits)
     out = []
     with _inference(model):
-        state, logits = model.begin_decoding(inputs, lengths, max_new_tokens=max_new, **options)  # (B, V)
+        state, logits = model.begin_decoding(inputs, lengths, max_new_tokens=max(caps), **options)  # (B, V)
+        banned = _check_ids(model, eos_id, pad_id, logits.shape[-1])
+        last = torch.tensor(caps, device=logits.device) - 1  # (B,) each row's last step
         done = torch.zeros(inputs.shape[0], dtype=torch.bool, device=logits.device)
-        for t in range(max_new):
-            tokens = choose(_no_eos_before(logits, t, min_new, eos_id)).masked_fill(done, pad_id)  # (B,)
+        for t in range(max(caps)):
+            tokens = choose(_forbid(logits, t, min_new, eos_id, banned)).masked_fill(done, pad_id)  # (B,)
             out.append(tokens)
+            done = done | (last == t)
             if eos_id is not None:
                 done = done | (tokens == eos_id)
-            if bool(done.all()) or t == max_new - 1:
+            if bool(done.all()):
                 break
             logits = step(model, state, tokens[:, None])
     return torch.stack(out, dim=1)  # (B, T)
@@ -280,28 +308,58 @@ def _compiled_step() -> Callable[[nn.Module, object, Tensor], Tensor]:
     return torch.compile(_last_logits, fullgraph=True)
 
 
+def _check_ids(model: nn.Module, eos_id: int | None, pad_id: int, vocab: int) -> int | None:
+    """Refuse ids outside the (V,) vocabulary; return the model's own pad id, which no step may choose (None
+    when the model has none, or it is the EOS)."""
+    for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab):
+            raise ValueError(f"{name} must be a token id in [0, {vocab}) (the model's vocabulary), got {value!r}")
+    own = getattr(getattr(model, "config", None), "pad_id", None)
+    return own if own is not None and own != eos_id and 0 <= own < vocab else None
+
+
 def _ids(model: nn.Module, eos_id: int | None, pad_id: int | None) -> tuple[int | None, int]:
     config = getattr(model, "config", None)
+    if eos_id == NO_EOS:
+        return None, _ids(model, None, pad_id)[1]
     eos_id = eos_id if eos_id is not None else getattr(config, "eos_id", None)
     pad_id = pad_id if pad_id is not None else getattr(config, "pad_id", None)
     return eos_id, pad_id if pad_id is not None else 0
 
 
-def _check_max_new(max_new: int, min_new: int = 0) -> None:
-    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new!r}")
+def _check_max_new(max_new: MaxNew, min_new: int, inputs: Tensor) -> list[int]:
+    """The (B,) per-row limits of ``max_new`` (one int for every row, or one per row), checked with
+    ``min_new`` and the (B, L) ``inputs``."""
+    if not isinstance(inputs, Tensor) or inputs.dim() < 2 or inputs.shape[0] == 0:
+        got = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
+        raise ValueError(f"inputs must be a batch of B >= 1 rows, (B, L) token ids or (B, ...) images, got {got}")
+    batch = inputs.shape[0]
+    if isinstance(max_new, Tensor):
+        max_new = max_new.tolist() if max_new.dim() == 1 and not max_new.is_floating_point() else max_new
+    if isinstance(max_new, int) and not isinstance(max_new, bool):
+        caps = [max_new] * batch
+    elif isinstance(max_new, Sequence) and len(max_new) == batch:
+        caps = list(max_new)
+    else:
+        caps = []
+    if not caps or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in caps):
+        raise ValueError(f"max_new_tokens must be a positive int, or {batch} of them (one per row of inputs), "
+                         f"got {max_new!r}")
     if isinstance(min_new, bool) or not isinstance(min_new, int) or min_new < 0:
         raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new!r}")
+    return caps
 
 
-def _no_eos_before(scores: Tensor, t: int, min_new: int, eos_id: int | None) -> Tensor:
-    """(N, V) scores of step ``t`` with EOS set to -inf while fewer than ``min_new`` tokens are out.
+def _forbid(scores: Tensor, t: int, min_new: int, eos_id: int | None, banned: int | None) -> Tensor:
+    """(N, V) scores of step ``t`` with EOS set to -inf while fewer than ``min_new`` tokens are out, and
+    the ``banned`` id (the model's pad id) always.
 
     The other tokens' scores stay as they are (log-probabilities are not renormalised), so a hypothesis
     keeps its model score, as in fairseq."""
-    if t >= min_new or eos_id is None:
+    ids = ([eos_id] if t < min_new and eos_id is not None else []) + ([banned] if banned is not None else [])
+    if not ids:
         return scores
-    return scores.index_fill(-1, torch.tensor([eos_id], device=scores.device), float("-inf"))
+    return scores.index_fill(-1, torch.tensor(ids, device=scores.device), float("-inf"))
 
 
 @contextlib.contextmanager

@@ -39,6 +39,7 @@ from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
 from maskattn import hf
+from maskattn.decoding import check_sampling
 from maskattn.errors import UsageError
 from maskattn.models.inspection import AttentionSite, AuditProbe, ProbeCheck, ProbeInput, register_adapter
 from maskattn.tokenization import decode_continuation
@@ -248,6 +249,7 @@ def generate_text(model: nn.Module, tokenizer: Any, prompt: str, *, max_new_toke
                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                   seed: int = 0) -> str:
     """The prompt followed by text from ``model.generate`` (greedy when temperature is 0)."""
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     ids = tokenizer(prompt)["input_ids"]
     fallback = next((i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id)
                      if i is not None), 0)

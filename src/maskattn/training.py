@@ -52,7 +52,7 @@ from maskattn.errors import (
     UsageError,
     check_settings,
 )
-from maskattn.io import set_aside
+from maskattn.io import atomic_write_text, set_aside
 
 
 @dataclass
@@ -438,8 +438,18 @@ class Trainer:
             if self.rank == 0 and (self.out_dir / "best").is_dir():
                 shutil.rmtree(self.out_dir / "best")
             self.resumed = True  # continuing this directory's run, from its start
+            self._check_same_step(path)
             return False
         state = checkpoint.load(path)
+        # The settings of each parameter group are this run's (a resume may change train.weight_decay or
+        # train.betas); the optimizer state would bring back the checkpoint's.
+        settings = [{key: group[key] for key in ("weight_decay", "betas", "lr_scale") if key in group}
+                    for group in self.optimizer.param_groups]
+        groups = len(state["optimizer"].get("param_groups", [])) if isinstance(state.get("optimizer"), dict) else 0
+        if groups and groups != len(settings):
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} has {groups} optimizer parameter groups, this run {len(settings)}: resume with "
+                "the train.layer_decay (and model settings) the run was started with")
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -449,11 +459,25 @@ class Trainer:
             raise checkpoint.CheckpointError(
                 f"checkpoint {path} does not fit this model: {details[0]}{more}; resume with the model settings "
                 "the run was started with") from e
+        for group, own in zip(self.optimizer.param_groups, settings, strict=True):
+            group.update(own)
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.best, self.bad_evals = state["best"], state["bad_evals"]
         self.resumed = True
+        self._check_same_step(path)
         self._trim_log()
         return True
+
+    def _check_same_step(self, path: Path | None) -> None:
+        """Refuse a resume in which processes found different checkpoints (run directories not shared)."""
+        if self.world == 1:
+            return
+        total, squares = distributed.all_sum(float(self.step)), distributed.all_sum(float(self.step) ** 2)
+        if self.world * squares != total * total:  # every rank computes the same sums: all refuse together
+            raise checkpoint.CheckpointError(
+                f"rank {self.rank} resumed at step {self.step} ({path or 'no checkpoint'}) and another rank at "
+                f"another step: every process must read the same run directory ({self.out_dir} on a file system "
+                "all nodes share)")
 
     def save(self) -> None:
         if self.rank == 0:
@@ -513,9 +537,13 @@ class Trainer:
             if stop:
                 break
         bar.close()
-        if self.evaluate and not (cfg.eval_every and self.step % cfg.eval_every == 0):
+        final_evaluation = bool(self.evaluate) and not (cfg.eval_every and self.step % cfg.eval_every == 0)
+        if final_evaluation:
             last, _ = self._evaluate()
-        self.save()
+        # The loop saved this step already unless its checkpoints fall elsewhere or the evaluation just now
+        # changed what a checkpoint holds (the best score).
+        if final_evaluation or not (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+            self.save()
         return last
 
     def _next_micro_batches(self) -> list[Batch]:
@@ -647,5 +675,6 @@ class Trainer:
                 raise UsageError(f"{log}:{n}: not a metrics record (JSON with a step): {line[:60]!r}")
             if step <= self.step:
                 kept.append(line)
-        log.write_text("".join(ln + "\n" for ln in kept))
+        if len(kept) != len(lines):  # replaced whole: a kill while writing leaves the old log, not half of it
+            atomic_write_text(log, "".join(ln + "\n" for ln in kept))
 

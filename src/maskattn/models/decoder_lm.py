@@ -239,12 +239,23 @@ class DecoderLM(Persistent, Summary, nn.Module):
         over every slot with fixed shapes, reading no tensor on the host: what ``torch.compile`` needs to
         trace one graph for the whole generation (``maskattn.decoding.greedy(..., compile=True)``).
         """
+        if prompt.dim() == 2 and prompt.shape[1] == 0:
+            raise ValueError(f"prompt: {tuple(prompt.shape)}, no tokens; every prompt needs at least one token")
         valid = key_valid(prompt, lengths, self.config.pad_id, "prompt")
         lengths = valid.sum(dim=1) if valid is not None else None
+        if lengths is not None and not torch.compiler.is_compiling() and bool((lengths == 0).any()):
+            row = int((lengths == 0).nonzero()[0])
+            raise ValueError(f"prompt: row {row} has no tokens (all pad_id={self.config.pad_id}); every prompt needs "
+                             "at least one token")
         right = torch.arange(prompt.shape[1], device=prompt.device) < lengths[:, None] if valid is not None else None
         if valid is not None and not torch.compiler.is_compiling() and not torch.equal(valid, right):
             raise ValueError(f"prompt: padding (pad_id={self.config.pad_id}) must be on the right, after each row's "
                              "tokens; a row has it before or between its tokens (left padding is not supported)")
+        longest = int(lengths.max()) if lengths is not None and lengths.numel() else prompt.shape[1]
+        if not torch.compiler.is_compiling() and longest + max_new_tokens - 1 > self.config.max_len:
+            raise ValueError(f"max_new_tokens={max_new_tokens} after a prompt of {longest} tokens needs "
+                             f"{longest + max_new_tokens - 1} positions, more than the model's max_len "
+                             f"({self.config.max_len}): at most {max(self.config.max_len - longest + 1, 0)} new tokens")
         if lengths is not None and bool((lengths == prompt.shape[1]).all()):
             lengths = None  # no padding: the cache has no gaps to mask
         slots = None

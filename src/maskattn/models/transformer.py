@@ -153,6 +153,9 @@ class Transformer(Persistent, Summary, nn.Module):
     def begin_decoding(self, src: Tensor, src_lengths: Tensor | Sequence[int] | None = None, *,
                        max_new_tokens: int) -> tuple[DecodeState, Tensor]:
         """Start generation: the state after BOS and the (B, V) logits of the first target token."""
+        if max_new_tokens > self.config.max_len:  # BOS and the new tokens but the last are fed at positions
+            raise ValueError(f"max_new_tokens={max_new_tokens} needs {max_new_tokens} target positions, more than "
+                             f"the model's max_len ({self.config.max_len})")
         state = self.start(src, src_lengths, max_len=max_new_tokens + 1)
         bos = torch.full((src.shape[0], 1), self.config.bos_id, dtype=torch.long, device=src.device)
         return state, self.step(state, bos)[:, -1]

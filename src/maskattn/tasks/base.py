@@ -93,6 +93,8 @@ class Task:
     # model settings the task sets itself: derived(cfg) -> {"model.X": where its value comes from}; `maskattn
     # train` refuses a --set or --config of one (it would be ignored)
     derived: Callable[[Any], dict[str, str]] | None = None
+    # the names the task's validation scores carry (what train.metric may name; () = not declared)
+    metrics: tuple[str, ...] = ()
 
 
 def input_lines(texts: list[str]) -> list[str]:

@@ -367,4 +367,5 @@ TASK = register(Task(
     visualize=visualize,
     derived=lambda cfg: dict.fromkeys(("model.vocab_size", "model.pad_id", "model.bos_id", "model.eos_id"),
                                       "the tokenizer (the digit words)"),
+    metrics=("exact_match", "word_accuracy", "alignment"),
 ))

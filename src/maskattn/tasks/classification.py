@@ -275,4 +275,5 @@ TASK = register(Task(
                     _classify_arguments, _classify_command),
     data_help="a labelled TSV/CSV/JSONL", paths=("train", "valid", "pretrained", "embeddings"),
     training_batches=training_batches, derived=derived,
+    metrics=("accuracy", "macro_f1"),
 ))

@@ -203,6 +203,7 @@ def generate(model: DecoderLM, tok: Tokenizer, prompt: str, *, max_new_tokens: i
              top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> str:
     """The prompt followed by sampled text (greedy when temperature is 0). Beyond the model's context,
     generation continues from the last half-context of text, as nanoGPT crops its context."""
+    decoding.check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     ids = tok.encode(prompt) or [tok.unk_id]
     limit, device = model.config.max_len, next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
@@ -244,4 +245,5 @@ TASK = register(Task(
                     _generate_arguments, _generate_command),
     data_help="a text file", paths=("train", "valid"),
     derived=lambda cfg: {"model.vocab_size": "the tokenizer"},
+    metrics=("loss", "perplexity"),
 ))

@@ -9,6 +9,7 @@ answer is the best span over all its windows, scored start logit + end logit, at
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -203,6 +204,15 @@ def score(predictions: dict[str, str], examples: Sequence[QAExample]) -> dict[st
     return metrics.squad(predictions, {ex.id: [a for a, _ in ex.answers] for ex in examples})
 
 
+def without_pooler(model: EncoderModel) -> EncoderModel:
+    """``model`` without BERT's pooler: span logits read every token's state, never the pooled summary, and a
+    parameter no loss reaches stops DistributedDataParallel at its second step."""
+    if model.pooler is not None:
+        model.pooler = None
+        model.config = dataclasses.replace(model.config, pooler=False)
+    return model
+
+
 def train(cfg: QAConfig, *, resume: bool = False, log=log_stderr) -> dict[str, Any]:
     require(cfg.data, "data", train="SQuAD JSON", pretrained="an encoder directory")
     examples = read_squad(cfg.data.train)
@@ -212,7 +222,7 @@ def train(cfg: QAConfig, *, resume: bool = False, log=log_stderr) -> dict[str, A
         raise UsageError(f"data.max_len={cfg.data.max_len}: windows longer than the {positions} positions of "
                          f"data.pretrained ({cfg.data.pretrained}); set data.max_len <= {positions}")
     out, tok = begin_run(cfg, resume=resume, tokenizer=lambda: Tokenizer.load(cfg.data.pretrained))
-    model = from_pretrained(cfg.data.pretrained, span_head=True)
+    model = without_pooler(from_pretrained(cfg.data.pretrained, span_head=True))
     windows = squad_windows(tok, examples, max_len=cfg.data.max_len, stride=cfg.data.stride)
     valid_windows = squad_windows(tok, valid, max_len=cfg.data.max_len, stride=cfg.data.stride) if valid else None
     log(f"qa: {len(examples)} questions in {len(windows)} windows, {parameters(model)}")
@@ -305,4 +315,5 @@ TASK = register(Task(
                       Option("--stride", "stride", "context tokens between window starts (default: the model's)",
                              int),
                       Option("--max-answer", "max_answer", "longest answer in tokens (default: the model's)", int)),
+    metrics=("exact_match", "f1"),
 ))

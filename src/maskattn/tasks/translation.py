@@ -134,8 +134,9 @@ def build_model(cfg: TranslationConfig, tok: Tokenizer) -> Transformer:
 
 
 def _decode_batches(model: Transformer, tok: Tokenizer, sentences: Sequence[str], decode: DecodeConfig,
-                    truncate: bool) -> Iterator[tuple[list[int], Tensor, Tensor, int]]:
-    """Length-sorted batches: (indices into ``sentences``, (B, Ls) source ids, (B,) lengths, new-token limit).
+                    truncate: bool) -> Iterator[tuple[list[int], Tensor, Tensor, list[int]]]:
+    """Length-sorted batches: (indices into ``sentences``, (B, Ls) source ids, (B,) lengths, (B,) new-token
+    limits).
 
     Raises:
         UsageError: naming the first sentence longer than the model's ``max_len`` tokens, unless
@@ -157,8 +158,11 @@ def _decode_batches(model: Transformer, tok: Tokenizer, sentences: Sequence[str]
     for start in range(0, len(order), decode.batch_size):
         chunk = order[start : start + decode.batch_size]
         src, lengths = pad([encoded[i] for i in chunk], tok.pad_id)
-        longest = int(lengths.max())
-        max_new = min(model.config.max_len - 1, int(longest * decode.max_len_ratio) + decode.max_len_extra)
+        # Each row's own limit: a sentence decodes as it would alone, whatever shares its batch. At most
+        # max_len new tokens: the decoder reads BOS and all but the last of them (training's longest target
+        # is max_len - 1 tokens and EOS).
+        max_new = [max(1, min(model.config.max_len, int(n * decode.max_len_ratio) + decode.max_len_extra))
+                   for n in lengths.tolist()]
         yield chunk, src.to(device), lengths.to(device), max_new
 
 
@@ -366,4 +370,5 @@ TASK = register(Task(
                       Option("--hypotheses", "hypotheses", "file for the translations (default: "
                              "hypotheses.<data name>.txt in the run directory; MODEL.hypotheses.<data name>.txt "
                              "beside a model directory outside a run)")),
+    metrics=("bleu", "chrf", "exact_match"),
 ))
