@@ -160,3 +160,11 @@ def test_a_three_channel_captioner_summarises_and_names_grey_images():
     assert "Captioner" in str(model.summary())  # its example canvas was one-channel: a reshape error
     with pytest.raises(ValueError, match=r"images must be \(B, 3, Hc, Wc\), got \(2, 8, 16\)"):
         model.encode(torch.zeros(2, 8, 16))
+
+
+def test_a_file_that_is_not_an_image_is_one_error(tmp_path):
+    from maskattn.tasks.caption import read_png
+
+    (tmp_path / "notes.png").write_text("not a picture")
+    with pytest.raises(ValueError, match="notes\\.png: not an image PIL can read; expected a PNG canvas"):
+        read_png(tmp_path / "notes.png", 4)

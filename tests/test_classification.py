@@ -59,6 +59,9 @@ def test_train_classify_evaluate_reload(tmp_path, capsys, pretrained):
     assert main(["evaluate", str(out / "model"), "--data", str(test)]) == 0
     scores = json.loads(capsys.readouterr().out)
     assert scores["accuracy"] == pytest.approx(_accuracy_by_hand(out / "model", test, capsys))
+    (tmp_path / "header.tsv").write_text("sentence\tlabel\n")  # scored "accuracy": 0.0 with exit 0
+    assert main(["evaluate", str(out / "model"), "--data", str(tmp_path / "header.tsv")]) == 2
+    assert "header.tsv: no examples to score" in capsys.readouterr().err
 
 
 def _sentiment(path: Path, n: int, rng: random.Random) -> Path:

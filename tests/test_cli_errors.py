@@ -142,3 +142,27 @@ def test_compress_and_average_write_only_new_model_directories(tmp_path, capsys)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     assert main(["compress", str(tmp_path / "a"), "--out", str(tmp_path / "old"), "--int8"]) == 2
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_text_that_is_not_utf8_is_one_error_naming_it(monkeypatch, capsys):
+    # bytes that are not UTF-8 reach Python as lone surrogates: the tokenizer raised a TypeError traceback
+    import io
+
+    from maskattn.tasks.base import input_lines
+
+    assert main(["masks", "show", "caus\udce9al"]) == 2
+    assert "argument expression: not UTF-8 text (byte b'\\xe9' at character 4)" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO("Ein Mann.\r\nzwei\n"))
+    assert input_lines([]) == ["Ein Mann.", "zwei"]  # CRLF lines read as the same text as LF ones
+    monkeypatch.setattr("sys.stdin", io.StringIO("gut\nca\udce9\n"))
+    with pytest.raises(cli.UsageError, match="stdin line 2: not UTF-8 text at character 2"):
+        input_lines([])
+
+
+def test_ctrl_c_is_one_line_and_the_shells_status(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_masks_show", interrupted)
+    assert main(["masks", "show", "causal"]) == 130
+    assert capsys.readouterr().err.strip() == "maskattn masks: interrupted"

@@ -126,7 +126,8 @@ def _exhaustive(alpha):
         model.src_embed.tokens.weight.mul_(0.3)
     src = torch.tensor([[3, 4, 3, 3, 4], [4, 3, 0, 0, 0]])
     lengths = torch.tensor([5, 2])
-    others = [t for t in range(vocab) if t not in (eos, model.config.pad_id)]  # the model's pad is never output
+    never = (eos, model.config.pad_id, model.config.bos_id)  # pad and BOS are never output
+    others = [t for t in range(vocab) if t not in never]
     candidates = [(*p, eos) for n in range(steps) for p in itertools.product(others, repeat=n)]
     candidates += list(itertools.product(others, repeat=steps))  # out of length without EOS
     return model, src, lengths, candidates, _sequence_scores(model, src, lengths, candidates, alpha), eos, steps
@@ -311,6 +312,20 @@ def test_a_row_with_its_own_limit_decodes_as_it_would_alone(search):
         assert len(alone) == cap
         assert together[row][:cap] == alone
         assert together[row][cap:] == [model.config.pad_id] * (max(caps) - cap)
+
+
+def test_a_transformer_never_generates_its_bos():
+    # A translation model that emitted BOS printed an empty line (decoding drops special tokens).
+    model = Transformer(TransformerConfig.preset("tiny", vocab_size=12, eos_id=2, norm_first=True)).eval()
+    with torch.no_grad():  # every target state is e and BOS's output row 10 e: BOS is the favourite everywhere
+        e = torch.randn(model.config.d_model)
+        model.decoder.norm.weight.zero_()
+        model.decoder.norm.bias.copy_(e)
+        model.out_proj.weight[model.config.bos_id] = 10 * e
+    src = torch.randint(3, 12, (2, 4))
+    assert (model(src, torch.full((2, 1), model.config.bos_id))[:, -1].argmax(-1) == model.config.bos_id).all()
+    for out in (decoding.greedy(model, src, max_new_tokens=4), decoding.beam_search(model, src, max_new_tokens=4)[0]):
+        assert not (out == model.config.bos_id).any()
 
 
 def test_the_models_pad_id_is_never_generated():

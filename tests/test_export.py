@@ -149,3 +149,29 @@ def test_a_failed_export_replaces_none_of_the_graphs(tmp_path, monkeypatch):
         export.export(model, tmp_path / "m.pt2", format="pt2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.decoder_step.pt2", "m.encoder.pt2"]
     assert all((tmp_path / n).read_text() == "old" for n in ("m.encoder.pt2", "m.decoder_step.pt2"))
+
+
+def test_export_writes_over_no_input_and_no_file_unless_told(tmp_path, capsys):
+    # `--out MODEL/model.safetensors` replaced the weights it was exporting (the model no longer loaded), any
+    # existing file was replaced without a word, and a .pt2 name silently held an ONNX graph
+    from maskattn.cli import main
+
+    model = MODELS["lm"]().eval()
+    model.save(tmp_path / "model")
+    weights = (tmp_path / "model" / "model.safetensors").read_bytes()
+    (tmp_path / "text.pt2").write_text("my notes")
+    (tmp_path / "dir.pt2").mkdir()
+    cases = ((["--out", str(tmp_path / "model" / "model.safetensors")], "that would write over the input"),
+             (["--out", str(tmp_path / "text.pt2"), "--format", "pt2"], "text.pt2 exists; give --overwrite"),
+             (["--out", str(tmp_path / "dir.pt2"), "--format", "pt2"], "a directory, expected a file to write"),
+             (["--out", str(tmp_path / "lm.pt2")], "a .pt2 name for a onnx file; name it lm.onnx or give --format "
+                                                   "pt2"),
+             (["--out", ""], "--out: an empty path"))
+    for args, expected in cases:
+        assert main(["export", str(tmp_path / "model"), *args]) == 2
+        assert expected in capsys.readouterr().err
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == weights
+    assert (tmp_path / "text.pt2").read_text() == "my notes"
+    assert main(["export", str(tmp_path / "model"), "--format", "pt2", "--out", str(tmp_path / "text.pt2"),
+                 "--overwrite"]) == 0
+    assert (tmp_path / "text.pt2").read_bytes()[:2] == b"PK"  # a pt2 archive now

@@ -158,6 +158,27 @@ def test_beam_zero_is_an_error_and_options_may_follow_the_model(tiny_translator,
     assert len(capsys.readouterr().out.splitlines()) == 2
 
 
+def test_evaluate_of_an_empty_file_is_one_error(tiny_translator, tmp_path, capsys):
+    # sacrebleu's IndexError traceback
+    (tmp_path / "empty.de").write_text("")
+    (tmp_path / "empty.en").write_text("")
+    assert main(["evaluate", str(tiny_translator), "--data", str(tmp_path / "empty.de"),
+                 "--ref", str(tmp_path / "empty.en")]) == 2
+    assert "empty.de: no sentences to score" in capsys.readouterr().err
+
+
+def test_evaluate_writes_its_hypotheses_over_no_input(tiny_translator, tmp_path, capsys):
+    # `--hypotheses va.en` replaced the references with the translations, and exited 0
+    src, ref = tmp_path / "va.de", tmp_path / "va.en"
+    src.write_text("abc\ncab\n")
+    ref.write_text("cba\nbac\n")
+    for out in (ref, src, tiny_translator / "config.json"):
+        assert main(["evaluate", str(tiny_translator), "--data", str(src), "--ref", str(ref),
+                     "--hypotheses", str(out)]) == 2
+        assert "that would write over the input" in capsys.readouterr().err
+    assert ref.read_text() == "cba\nbac\n" and src.read_text() == "abc\ncab\n"
+
+
 @pytest.mark.parametrize("beam", [1, 3])
 def test_a_sentence_translates_the_same_whatever_shares_its_batch(tiny_translator, beam):
     # The new-token limit was the batch's longest sentence's: a short sentence batched with a long one ran

@@ -221,7 +221,8 @@ def _add_export_command(sub) -> None:
                             "ONNX needs `pip install maskattn[onnx]`.")
     export.add_argument("model", help="a model directory (a trained task model or models.save)")
     export.add_argument("--format", choices=("onnx", "pt2"), default="onnx", help="file format (default: onnx)")
-    export.add_argument("--out", required=True, help="the file to write")
+    export.add_argument("--out", required=True, help="the file to write (.onnx or .pt2, as --format)")
+    export.add_argument("--overwrite", action="store_true", help="replace the files --out names if they exist")
     export.set_defaults(handler=_export)
 
 
@@ -229,7 +230,8 @@ def _export(args: argparse.Namespace) -> int:
     from maskattn.export import export
     from maskattn.models import load
 
-    for path in export(load(args.model), args.out, format=args.format):
+    for path in export(load(args.model), args.out, format=args.format, overwrite=args.overwrite,
+                       inputs=[args.model]):
         print(f"wrote {path}")
     return 0
 
@@ -247,7 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         if hf_inspect.is_hf_directory(args.model):
             handler = hf_inspect.COMMANDS.get(args.command, handler)
     try:
+        _check_text_arguments(args)
         return handler(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT
+        again = " (maskattn train ... --resume continues from the last checkpoint)" if args.command == "train" else ""
+        print(f"maskattn {args.command}: interrupted{again}", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `maskattn masks show ... | head`: the reader left; stop quietly, as `yes | head` does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 141  # 128 + SIGPIPE, the status of a shell tool stopped by a closed pipe
@@ -268,6 +275,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"maskattn {args.command}: {e}", file=sys.stderr)
         return 2
+
+
+def _check_text_arguments(args: argparse.Namespace) -> None:
+    """Refuse arguments that are not UTF-8 text (bytes the shell passed through as lone surrogates)."""
+    for name, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise UsageError(f"argument {name}: not UTF-8 text (byte "
+                                     f"{item[e.start].encode('utf-8', 'surrogateescape')!r} at character {e.start}); "
+                                     "give text in UTF-8") from None
 
 
 @contextlib.contextmanager

@@ -43,7 +43,8 @@ def greedy(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new
         eos_id: stops a row (default: ``model.config.eos_id``; a model without one, or ``NO_EOS``, never
             stops early).
         pad_id: fills a row after its EOS (default the model's pad id, else 0). The model's own pad id
-            is never generated (the model reads it as padding, not as a token).
+            is never generated (the model reads it as padding, not as a token), nor an encoder-decoder's BOS
+            (the ids its ``never_generated`` names).
         compile: run each one-token step as one ``torch.compile``'d graph (``fullgraph=True``) over a
             static KV cache, for a model whose ``begin_decoding`` takes ``static`` (DecoderLM). The first
             call compiles (seconds); later ones reuse the graph whatever the lengths.
@@ -308,14 +309,15 @@ def _compiled_step() -> Callable[[nn.Module, object, Tensor], Tensor]:
     return torch.compile(_last_logits, fullgraph=True)
 
 
-def _check_ids(model: nn.Module, eos_id: int | None, pad_id: int, vocab: int) -> int | None:
-    """Refuse ids outside the (V,) vocabulary; return the model's own pad id, which no step may choose (None
-    when the model has none, or it is the EOS)."""
+def _check_ids(model: nn.Module, eos_id: int | None, pad_id: int, vocab: int) -> list[int]:
+    """Refuse ids outside the (V,) vocabulary; return the ids no step may choose: those the model's
+    ``never_generated`` names (default its pad id; a Transformer's BOS too), but the EOS."""
     for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab):
             raise ValueError(f"{name} must be a token id in [0, {vocab}) (the model's vocabulary), got {value!r}")
-    own = getattr(getattr(model, "config", None), "pad_id", None)
-    return own if own is not None and own != eos_id and 0 <= own < vocab else None
+    config = getattr(model, "config", None)
+    ids = [getattr(config, name, None) for name in getattr(model, "never_generated", ("pad_id",))]
+    return sorted({i for i in ids if isinstance(i, int) and i != eos_id and 0 <= i < vocab})
 
 
 def _ids(model: nn.Module, eos_id: int | None, pad_id: int | None) -> tuple[int | None, int]:
@@ -350,13 +352,13 @@ def _check_max_new(max_new: MaxNew, min_new: int, inputs: Tensor) -> list[int]:
     return caps
 
 
-def _forbid(scores: Tensor, t: int, min_new: int, eos_id: int | None, banned: int | None) -> Tensor:
+def _forbid(scores: Tensor, t: int, min_new: int, eos_id: int | None, banned: list[int]) -> Tensor:
     """(N, V) scores of step ``t`` with EOS set to -inf while fewer than ``min_new`` tokens are out, and
-    the ``banned`` id (the model's pad id) always.
+    the ``banned`` ids (the model's pad id, its BOS) always.
 
     The other tokens' scores stay as they are (log-probabilities are not renormalised), so a hypothesis
     keeps its model score, as in fairseq."""
-    ids = ([eos_id] if t < min_new and eos_id is not None else []) + ([banned] if banned is not None else [])
+    ids = ([eos_id] if t < min_new and eos_id is not None else []) + banned
     if not ids:
         return scores
     return scores.index_fill(-1, torch.tensor(ids, device=scores.device), float("-inf"))

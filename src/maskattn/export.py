@@ -28,7 +28,7 @@ key/value heads, T cached target tokens, D head dim.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.export import Dim
 
 from maskattn import masks
+from maskattn.io import check_output_file
 from maskattn.layers import Int8Linear
 from maskattn.layers.quantized import Int8TokenEmbedding
 from maskattn.models import DecoderLM, EncoderModel, Transformer
@@ -205,7 +206,8 @@ def _path(out: Path, suffix: str) -> Path:
     return out if not suffix else out.with_name(out.stem + suffix + out.suffix)
 
 
-def export(model: nn.Module, out: str | os.PathLike, *, format: str = "onnx") -> list[Path]:
+def export(model: nn.Module, out: str | os.PathLike, *, format: str = "onnx", overwrite: bool = True,
+           inputs: Sequence[str | os.PathLike] = ()) -> list[Path]:
     """Write ``model``'s graphs (see the module docstring) to ``out``; return the files written.
 
     Args:
@@ -214,6 +216,8 @@ def export(model: nn.Module, out: str | os.PathLike, *, format: str = "onnx") ->
             ``<stem>.decoder_step<suffix>`` beside it.
         format: ``"onnx"`` (needs the ``onnx`` and ``onnxscript`` packages: ``pip install maskattn[onnx]``)
             or ``"pt2"`` (``torch.export.save``; load with ``torch.export.load(path).module()``).
+        overwrite: replace files that exist (False: refuse them before any work).
+        inputs: files and directories no graph may be written over or into (the model's own directory).
 
     Raises:
         ValueError: on an unknown format, a model kind that has no exporter, or an int8 model to ONNX.
@@ -223,13 +227,19 @@ def export(model: nn.Module, out: str | os.PathLike, *, format: str = "onnx") ->
     if format == "onnx" and any(isinstance(m, (Int8Linear, Int8TokenEmbedding)) for m in model.modules()):
         raise ValueError("an int8 model (maskattn compress --int8) exports to pt2 only: the ONNX exporter has no "
                          "conversion for its integer matmul (aten._int_mm); use --format pt2")
-    out = Path(out)
+    out = check_output_file(out, "--out", inputs)
+    other = {".onnx": "pt2", ".pt2": "onnx"}.get(out.suffix.lower())
+    if other == format:
+        raise ValueError(f"--out {out}: a {out.suffix} name for a {format} file; name it {out.stem}.{format} or "
+                         f"give --format {out.suffix[1:].lower()}")
+    planned = {_path(out, suffix): graph for suffix, graph in graphs(model).items()}
+    for path in planned:
+        check_output_file(path, "--out", inputs, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     staged: dict[Path, Path] = {}  # final path -> its temporary: all graphs are in place, or none is replaced
     try:
         with torch.no_grad():
-            for suffix, graph in graphs(model).items():
-                path = _path(out, suffix)
+            for path, graph in planned.items():
                 tmp = staged[path] = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
                 graph.module.eval()
                 dynamic = {name: graph.dynamic.get(name) for name in graph.input_names}
@@ -240,10 +250,10 @@ def export(model: nn.Module, out: str | os.PathLike, *, format: str = "onnx") ->
                     torch.onnx.export(graph.module, graph.inputs, tmp, dynamo=True, dynamic_shapes=dynamic,
                                       input_names=list(graph.input_names), output_names=list(graph.output_names),
                                       external_data=False, verbose=False)
+        for path, tmp in staged.items():
+            os.replace(tmp, path)
     except BaseException:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
         raise
-    for path, tmp in staged.items():
-        os.replace(tmp, path)
     return list(staged)

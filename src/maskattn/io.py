@@ -144,6 +144,29 @@ def _umask() -> int:
     return umask
 
 
+def check_output_file(out: str | os.PathLike, flag: str, inputs: Iterable[str | os.PathLike] = (), *,
+                      overwrite: bool = True) -> Path:
+    """``out`` as a file the command may write, checked before any work: not empty, not a directory, not one of
+    ``inputs`` (files or directories, e.g. a model directory) nor inside one, and (``overwrite`` False) new.
+
+    Raises:
+        ValueError: naming ``flag``, the path and what is wrong with it.
+    """
+    if not str(out).strip():
+        raise ValueError(f"{flag}: an empty path; give the file to write")
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"{flag} {out}: a directory, expected a file to write")
+    target = path.resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if target == source or source in target.parents:
+            raise ValueError(f"{flag} {out}: that would write over the input {given}; write somewhere else")
+    if not overwrite and path.exists():
+        raise ValueError(f"{flag} {out} exists; give --overwrite to replace it")
+    return path
+
+
 def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON object in the file ``path``.
 

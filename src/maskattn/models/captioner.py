@@ -76,6 +76,8 @@ class CaptionerConfig(BlockConfig):
 class Captioner(Persistent, Summary, nn.Module):
     """``forward(images, tgt, sizes=)`` gives next-word logits (B, Lt, V) of captions of (B, Hc, Wc) images."""
 
+    never_generated = ("pad_id", "bos_id")  # decoding never outputs these (BOS is only an input)
+
     config_class = CaptionerConfig
 
     def __init__(self, config: CaptionerConfig) -> None:

@@ -39,6 +39,8 @@ def padding_mask(valid: Tensor | None) -> Mask | None:
 class Transformer(Persistent, Summary, nn.Module):
     """Encoder-decoder Transformer. ``forward(src, tgt)`` gives next-token logits (B, Lt, V)."""
 
+    never_generated = ("pad_id", "bos_id")  # decoding never outputs these (BOS is only an input)
+
     config_class = TransformerConfig
 
     def __init__(self, config: TransformerConfig) -> None:

@@ -17,6 +17,8 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
+from maskattn.errors import UsageError
+
 
 @dataclass(frozen=True)
 class Command:
@@ -99,7 +101,17 @@ class Task:
 
 def input_lines(texts: list[str]) -> list[str]:
     """The texts given on the command line, or else one per line from stdin."""
-    return texts or [line.rstrip("\n") for line in sys.stdin]
+    if texts:
+        return texts
+    lines = []
+    for n, line in enumerate(sys.stdin, 1):
+        line = line.rstrip("\r\n")  # a CRLF line is the same text as an LF one
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError as e:  # undecodable bytes reach Python as lone surrogates
+            raise UsageError(f"stdin line {n}: not UTF-8 text at character {e.start}; give text in UTF-8") from None
+        lines.append(line)
+    return lines
 
 
 _REGISTRY: dict[str, Task] = {}

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from maskattn import decoding, explorer
-from maskattn.data import pad
+from maskattn.data import DataError, pad
+from maskattn.io import check_output_file
 from maskattn.models import Captioner, CaptionerConfig
 from maskattn.tasks.base import Command, Overlay, Task, register
 from maskattn.tasks.common import begin_run, fit_and_export, load_task, log_stderr, parameters
@@ -274,10 +275,13 @@ def load(directory: str | Path) -> tuple[Captioner, Tokenizer, DataConfig]:
 def read_png(path: str | Path, multiple: int) -> np.ndarray:
     """A PNG canvas as (height, width) float32 in [0, 1] (grey level, ink bright), padded with
     background at the bottom and right to multiples of ``multiple``."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as im:
-        pixels = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    try:
+        with Image.open(path) as im:
+            pixels = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image PIL can read; expected a PNG canvas") from None
     h, w = pixels.shape
     out = np.zeros((-(-h // multiple) * multiple, -(-w // multiple) * multiple), dtype=np.float32)
     out[:h, :w] = pixels
@@ -303,6 +307,8 @@ def evaluate_file(directory: str | Path, path: str) -> dict[str, float]:
     base = Path(path).parent
     with open(path, newline="", encoding="utf-8") as f:
         rows = [r for r in csv.reader(f, delimiter="\t") if r]
+    if not rows:
+        raise DataError(f"{path}: no images to score")
     images = [read_png(base / r[0], p) for r in rows]
     said = [c for i in range(0, len(images), 250) for c in caption_batch(model, tok, images[i : i + 250])[0]]
     truth = [r[1].strip() for r in rows]
@@ -347,6 +353,7 @@ def _caption(args: argparse.Namespace) -> int:
     paths = list(args.images)
     truth = ""
     if args.example:
+        check_output_file(args.example, "--example", [args.model, *args.images])
         example = canvases("test", 1, d, model.config.patch_size)[0]
         paths.append(write_png(example.image, args.example))
         truth = example.caption

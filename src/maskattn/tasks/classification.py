@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskattn import metrics
-from maskattn.data import bucket_batches, pad, read_labelled
+from maskattn.data import DataError, bucket_batches, pad, read_labelled
 from maskattn.errors import check_settings
 from maskattn.io import read_json_object
 from maskattn.models import EncoderConfig, EncoderModel, from_pretrained
@@ -241,6 +241,8 @@ def evaluate_file(directory: str | Path, path: str) -> dict[str, float]:
     model, tok, task = load(directory)
     records = read_labelled(path, text_field=task["text_field"], label_field=task["label_field"])
     gold = [label for _, label in records]
+    if not records:
+        raise DataError(f"{path}: no examples to score")
     unseen = unseen_labels(task["labels"], gold, str(path))
     texts = [t for t, _ in records]
     return {**score(predict(model, tok, task["labels"], texts, max_len=task.get("max_len")), gold),

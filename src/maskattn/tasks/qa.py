@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskattn import metrics
-from maskattn.data import QAExample, pad, read_squad
+from maskattn.data import DataError, QAExample, pad, read_squad
 from maskattn.errors import UsageError, check_settings
+from maskattn.io import check_output_file
 from maskattn.models import EncoderModel, from_pretrained
 from maskattn.models.pretrained import pretrained_positions
 from maskattn.tasks.base import Command, Option, Task, register
@@ -271,8 +272,8 @@ def evaluate_file(directory: str | Path, path: str, predictions: str | None = No
     ``{question id: answer text}``). ``ensemble``: more model directories whose span logits are averaged
     with ``directory``'s. ``max_len`` / ``stride``: cut the contexts into other windows than the model
     was trained on (at most its ``max_len`` positions). ``max_answer``: the longest answer, in tokens."""
-    if predictions and Path(predictions).is_dir():
-        raise UsageError(f"--predictions {predictions}: a directory, expected the path of the JSON file to write")
+    if predictions:
+        check_output_file(predictions, "--predictions", [path, directory, *ensemble])
     overrides = {k: v for k, v in (("max_len", max_len), ("stride", stride), ("max_answer", max_answer))
                  if v is not None}
     model, tok, task = _ensemble(directory, ensemble or (), overrides)
@@ -284,6 +285,8 @@ def evaluate_file(directory: str | Path, path: str, predictions: str | None = No
             raise UsageError(f"{flag} must be in [{low}, {positions}] (the model's positions), got {value}")
     task = {**task, **overrides}
     examples = read_squad(path, require_answers=True)
+    if not examples:
+        raise DataError(f"{path}: no questions to score")
     windows = squad_windows(tok, examples, max_len=task["max_len"], stride=task["stride"])
     found = best_spans(model, tok, examples, windows, max_answer=task["max_answer"])
     if predictions:

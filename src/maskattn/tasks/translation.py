@@ -22,7 +22,7 @@ from tqdm import tqdm
 from maskattn import decoding, metrics
 from maskattn.data import DataError, bucket_batches, pad, read_parallel
 from maskattn.errors import UsageError, check_settings
-from maskattn.io import read_json_object
+from maskattn.io import check_output_file, read_json_object
 from maskattn.models import Transformer, TransformerConfig
 from maskattn.tasks.base import Command, Option, Task, TrainingBatches, input_lines, register
 from maskattn.tasks.common import (
@@ -304,14 +304,16 @@ def evaluate_file(directory: str | Path, path: str, ref: str = "", hypotheses: s
         if ref:
             raise
         raise DataError(f"{e}; for a file of source sentences, give their references with --ref") from e
-    progress = logging.getLogger("maskattn").isEnabledFor(logging.INFO)  # not under `maskattn -q`
-    hyps = translate(model, tok, [s for s, _ in pairs], replace(decode, **decode_overrides), progress=progress)
-    refs = [t for _, t in pairs]
+    if not pairs:
+        raise DataError(f"{path}: no sentences to score")
     name = Path(path).name.removesuffix(".gz").removesuffix(".txt")
     model_dir = Path(directory).resolve()
     in_run = (model_dir.parent / "checkpoints").is_dir() or (model_dir.parent / "metrics.jsonl").is_file()
     default = f"hypotheses.{name}.txt" if in_run else f"{model_dir.name}.hypotheses.{name}.txt"
-    out = Path(hypotheses) if hypotheses else model_dir.parent / default
+    out = check_output_file(hypotheses or model_dir.parent / default, "--hypotheses", [path, ref or path, directory])
+    progress = logging.getLogger("maskattn").isEnabledFor(logging.INFO)  # not under `maskattn -q`
+    hyps = translate(model, tok, [s for s, _ in pairs], replace(decode, **decode_overrides), progress=progress)
+    refs = [t for _, t in pairs]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     return {**score(hyps, refs), **metrics.sacrebleu_signatures(hyps, refs), "hypotheses": str(out)}
