@@ -166,3 +166,17 @@ def test_ctrl_c_is_one_line_and_the_shells_status(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_masks_show", interrupted)
     assert main(["masks", "show", "causal"]) == 130
     assert capsys.readouterr().err.strip() == "maskattn masks: interrupted"
+
+
+def test_lengths_beyond_what_a_command_can_draw_or_count_are_refused(capsys):
+    # `masks show causal --length 100000` was killed for memory (21 GB); stats, showcase and audit tracebacks
+    cases = ((["masks", "show", "causal", "--length", "100000"], "masks show draws at most 1024 queries and keys"),
+             (["masks", "show", "causal", "--keys", "5000"], "--keys 5000"),
+             (["masks", "show", "causal", "--q-offset", "-5"], "--q-offset must be >= 0, got -5"),
+             (["masks", "stats", "causal", "--length", "99999999999"], "tiles, more than the 67,108,864 stats counts"),
+             (["showcase", "--length", "100000"], "the showcase draws at most 1024 positions"),
+             (["audit", "--length", "100000"], "--length 100000: more than the"))
+    for args, expected in cases:
+        assert main(args) == 2
+        assert expected in capsys.readouterr().err
+    assert main(["masks", "show", "causal", "--length", "1024", "--keys", "4"]) == 0

@@ -177,6 +177,9 @@ def test_evaluate_writes_its_hypotheses_over_no_input(tiny_translator, tmp_path,
                      "--hypotheses", str(out)]) == 2
         assert "that would write over the input" in capsys.readouterr().err
     assert ref.read_text() == "cba\nbac\n" and src.read_text() == "abc\ncab\n"
+    # a QA flag was ignored without a word
+    assert main(["evaluate", str(tiny_translator), "--data", str(src), "--ref", str(ref), "--max-answer", "5"]) == 2
+    assert "--max-answer: not read when evaluating a translation model (its flags: " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("beam", [1, 3])

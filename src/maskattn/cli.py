@@ -479,6 +479,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     task = tasks().get(name)
     if task is None:
         raise ValueError(f"{args.model}: no evaluation for task {name!r}")
+    own = {o.flag for o in task.evaluate_options}
+    foreign = sorted({o.flag for t in tasks().values() for o in t.evaluate_options
+                      if o.flag not in own and getattr(args, _dest(o.flag)) is not None})
+    if foreign:  # another task's flag would be ignored
+        raise UsageError(f"{', '.join(foreign)}: not read when evaluating a {name} model (its flags: "
+                         f"{', '.join(sorted(own)) or 'none'})")
     options = {o.keyword: getattr(args, _dest(o.flag)) for o in task.evaluate_options
                if getattr(args, _dest(o.flag)) is not None}
     print(json.dumps(task.evaluate_file(args.model, args.data, **options), indent=2))
@@ -526,6 +532,9 @@ def _audit(args: argparse.Namespace) -> int:
                    for cls in BUILT_IN_MODELS for positions in ("sinusoidal", "learned", "rope")]
     ok = True
     for title, model in targets:
+        positions = getattr(getattr(model, "config", None), "max_len", None)
+        if positions is not None and args.length > positions:
+            raise UsageError(f"--length {args.length}: more than the {positions} positions of {title}")
         report = audit_model(model, length=args.length)
         print(f"== {title}\n{report}\n")
         ok &= report.ok
@@ -535,7 +544,13 @@ def _audit(args: argparse.Namespace) -> int:
 def _showcase(args: argparse.Namespace) -> int:
     from maskattn.showcase import run
 
+    if args.length > MAX_SHOWN:
+        raise UsageError(f"--length {args.length}: the showcase draws at most {MAX_SHOWN} positions")
     return 0 if run(length=args.length) < 1e-10 else 1
+
+
+MAX_SHOWN = 1024  # queries and keys `masks show` and `showcase` draw (a dense picture of L x L)
+MAX_STATS_TILES = 2**26  # tiles `masks stats` counts
 
 
 def _masks_show(args: argparse.Namespace) -> int:
@@ -543,9 +558,19 @@ def _masks_show(args: argparse.Namespace) -> int:
 
     mask = parse(args.expression)
     if args.masks_command == "stats":
+        tiles = (-(-args.length // args.block)) ** 2
+        if tiles > MAX_STATS_TILES:
+            raise UsageError(f"--length {args.length} with --block {args.block}: {tiles:,} tiles, more than the "
+                             f"{MAX_STATS_TILES:,} stats counts; raise --block or lower --length")
         print(repr(mask))
         print(mask.stats(args.length, args.length, block_q=args.block, block_k=args.block, head_dim=args.head_dim))
         return 0
+    keys = args.keys if args.keys is not None else args.length
+    if max(args.length, keys) > MAX_SHOWN:
+        raise UsageError(f"--length {args.length} / --keys {keys}: masks show draws at most {MAX_SHOWN} queries and "
+                         f"keys; `maskattn masks stats` summarises longer masks")
+    if args.q_offset < 0:
+        raise UsageError(f"--q-offset must be >= 0, got {args.q_offset}")
     print(mask.render(args.length, args.keys, q_offset=args.q_offset))
     if args.png:
         from maskattn.plotting import plot_mask
