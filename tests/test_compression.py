@@ -663,3 +663,26 @@ def test_averaging_refusals(tiny_transformer, tmp_path, capsys):
     assert main(["compress", str(model), *out, "--prune-heads", "0.5", "--finetune-steps", "10",
                  "--average-last", "6", "--average-every", "2"]) == 2
     assert "compress: --average-last = 6 weights, 2 steps apart, start at step 0" in capsys.readouterr().err
+
+
+def test_compress_refuses_pruning_settings_without_pruning_and_int8_twice(tmp_path, capsys, tiny_transformer):
+    # without pruning, --lr/--distill/--data/... were ignored (only --fade-steps was refused); --max-tokens 0 ran;
+    # --int8 of an int8 model wrote a copy
+    model = tmp_path / "m"
+    tiny_transformer.save(model)
+    write_task(model, {"task": "translation"})
+    out = ["--out", str(tmp_path / "o")]
+    cases = ((["--int8", "--lr", "0.001"], "--lr needs --prune-heads or --keep-heads"),
+             (["--int8", "--data", "x"], "--data needs --prune-heads or --keep-heads"),
+             (["--int8", "--distill", "0.5"], "--distill needs --prune-heads"),
+             (["--int8", "--bf16"], "--bf16 needs --prune-heads"),
+             (["--prune-heads", "0.5", "--max-tokens", "0"], "--max-tokens must be an int >= 1, got 0"),
+             (["--prune-heads", "0.5", "--finetune-steps", "-1"], "--finetune-steps must be an int >= 0, got -1"),
+             (["--prune-heads", "0.5", "--importance-batches", "0"], "--importance-batches must be an int >= 1"))
+    for args, expected in cases:
+        assert main(["compress", str(model), *out, *args]) == 2
+        assert expected in capsys.readouterr().err
+    assert main(["compress", str(model), "--out", str(tmp_path / "q"), "--int8"]) == 0
+    capsys.readouterr()
+    assert main(["compress", str(tmp_path / "q"), "--out", str(tmp_path / "qq"), "--int8"]) == 2
+    assert "is already int8" in capsys.readouterr().err

@@ -97,3 +97,23 @@ def test_show_config_is_a_toml_file_that_config_reads_back(task, tmp_path, capsy
     (tmp_path / "run.toml").write_text(capsys.readouterr().out)
     want = config.load(tasks()[task].config(), None, ["train.lr=0.25", 'out="runs/x y"'])
     assert config.load(tasks()[task].config(), tmp_path / "run.toml") == want
+
+
+def test_settings_that_train_to_nan_or_to_nonsense_are_refused_before_training(tmp_path, capsys):
+    # train.lr=inf and model.rope_base <= 0 passed the checks and failed at step 1 ("loss is nan", blamed on
+    # the learning rate); model.max_len below data.max_len was raised without a word; a text field equal to the
+    # label field trained on the label
+    from maskattn.cli import main
+
+    data = tmp_path / "t.tsv"
+    data.write_text("sentence\tlabel\n" + "good film\t1\nbad film\t0\n" * 8)
+    cases = ((["train.lr=inf"], "lr must be a number > 0, got inf"),
+             (["model.rope_base=0"], "rope_base must be a finite number > 0, got 0"),
+             (["model.norm_eps=-1e-05"], "norm_eps must be a finite number > 0, got -1e-05"),
+             (["model.max_len=64"], "model.max_len=64 is shorter than data.max_len=128 (where texts are cut)"),
+             (['data.text_field="label"'], "data.text_field and data.label_field must name different fields"))
+    for settings, expected in cases:
+        args = ["train", "classification", "--train", str(data), "--out", str(tmp_path / "run"),
+                "--set", 'data.tokenizer="chars"', "--set", "train.steps=1", "--set", "train.progress=false"]
+        assert main([*args, *(x for s in settings for x in ("--set", s))]) == 2, settings
+        assert expected in capsys.readouterr().err

@@ -449,8 +449,16 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
     if prune_heads:
         _check_fraction(prune_heads)
     _check_seed(seed, "compress: --seed")
+    for name, value, low in (("--finetune-steps", finetune_steps, 0), ("--importance-batches", importance_batches, 1),
+                             ("--max-tokens", max_tokens, 1), ("--warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"compress: {name} must be an int >= {low}, got {value!r}")
     for name, given in (("--fade-steps", fade_steps), ("--greedy", greedy), ("--per-module", per_module),
-                        ("--seed", seed is not None), ("--average-last", average_last != 1)):
+                        ("--seed", seed is not None), ("--average-last", average_last != 1), ("--data", bool(data)),
+                        ("--finetune-steps", finetune_steps != 100), ("--lr", lr != 1e-4),
+                        ("--importance-batches", importance_batches != 8), ("--schedule", schedule != "constant"),
+                        ("--warmup", warmup != 0), ("--distill", distill != 0.0), ("--temperature", temperature != 1.0),
+                        ("--bf16", bf16)):
         if given and not pruning:
             raise ValueError(f"compress: {name} needs --prune-heads or --keep-heads (it shapes the pruning)")
     if fade_steps > finetune_steps:
@@ -462,6 +470,8 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
         raise ValueError(f"compress: --out ({out}) must differ from the model directory")
     settings = read_task(directory)
     model = load(directory).eval()
+    if int8 and any(isinstance(m, Int8Linear) for m in model.modules()):
+        raise ValueError(f"compress --int8: {directory} is already int8 (a copy would change nothing)")
     result: dict[str, Any] = {"heads_before": heads(model), "linear_weight_bytes_before": linear_weight_bytes(model),
                               "file_bytes_before": (directory / "model.safetensors").stat().st_size}
     if pruning:

@@ -11,6 +11,8 @@ Standard library only; imports nothing from maskattn.
 
 from __future__ import annotations
 
+import math
+
 
 class UsageError(ValueError):
     """Bad input from the user: the message names the setting, file or argument and its value."""
@@ -45,13 +47,13 @@ def check_settings(owner: object, rules: dict[str, tuple[str, object]]) -> None:
 
     ``rules`` maps a field name to ``(rule, argument)``:
 
-    * ``("int>=", n)``: an int (not a bool) >= n;  ``("float>=", x)`` / ``("float>", x)``: a number >= / > x;
+    * ``("int>=", n)``: an int (not a bool) >= n;  ``("float>=", x)`` / ``("float>", x)``: a finite number >= / > x;
     * ``("in", (lo, hi, "[)"))``: a number in the interval, brackets saying which ends are closed;
     * ``("one of", choices)``: one of the given values.
     """
     for name, (rule, arg) in rules.items():
-        value = getattr(owner, name)
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = getattr(owner, name)  # numbers are finite: inf passes `> 0` and trains to NaN
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if rule == "int>=":
             ok, want = isinstance(value, int) and not isinstance(value, bool) and value >= arg, f"an int >= {arg}"
         elif rule == "float>=":

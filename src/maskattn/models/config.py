@@ -7,6 +7,7 @@ TOML and command-line overrides. ``Config.preset(name, **overrides)`` starts fro
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
@@ -69,6 +70,10 @@ class BlockConfig:
         if self.positions == "rope" and (self.d_model // self.num_heads) % 2:
             raise ValueError(f"rope needs an even head dim, got d_model ({self.d_model}) / num_heads "
                              f"({self.num_heads}) = {self.d_model // self.num_heads}")
+        for name in ("norm_eps", "rope_base"):  # 0 or below: NaN at the first step, blamed on the learning rate
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         self._check_ids("pad_id", self.vocab_size)
 
     def _check_ids(self, *names_then_vocab: Any) -> None:

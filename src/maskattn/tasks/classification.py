@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from maskattn import metrics
 from maskattn.data import DataError, bucket_batches, pad, read_labelled
-from maskattn.errors import check_settings
+from maskattn.errors import SettingError, UsageError, check_settings
 from maskattn.io import read_json_object
 from maskattn.models import EncoderConfig, EncoderModel, from_pretrained
 from maskattn.tasks.base import Command, Task, TrainingBatches, input_lines, register
@@ -61,6 +61,9 @@ class DataConfig:
         check_settings(self, {"tokenizer": ("one of", tuple(TOKENIZERS)), "vocab_size": ("int>=", 1),
                               "max_len": ("int>=", 3), "max_tokens": ("int>=", 1),
                               "word_dropout": ("in", (0, 1, "[)"))})
+        if self.text_field == self.label_field:  # the model would learn to read its own label
+            raise SettingError(f"data.text_field and data.label_field must name different fields, both are "
+                               f"{self.text_field!r}")
 
 
 @dataclass
@@ -89,8 +92,10 @@ def build_model(cfg: ClassificationConfig, labels: list[str], tok: Tokenizer) ->
         model = from_pretrained(cfg.data.pretrained, num_labels=len(labels))
         model.config = replace(model.config, pooling=cfg.model.pooling)  # the one model setting that applies
         return model
-    model_cfg = replace(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id, num_labels=len(labels),
-                        max_len=max(cfg.model.max_len, cfg.data.max_len))
+    if cfg.model.max_len < cfg.data.max_len:  # was raised to data.max_len without a word
+        raise UsageError(f"model.max_len={cfg.model.max_len} is shorter than data.max_len={cfg.data.max_len} (where "
+                         f"texts are cut): set data.max_len <= {cfg.model.max_len} or a longer model.max_len")
+    model_cfg = replace(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id, num_labels=len(labels))
     model = EncoderModel(model_cfg)
     if cfg.data.embeddings:
         copy_word_vectors(model, cfg.data.embeddings)
