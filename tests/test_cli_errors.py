@@ -180,3 +180,19 @@ def test_lengths_beyond_what_a_command_can_draw_or_count_are_refused(capsys):
         assert main(args) == 2
         assert expected in capsys.readouterr().err
     assert main(["masks", "show", "causal", "--length", "1024", "--keys", "4"]) == 0
+
+
+def test_small_cli_inputs_that_were_accepted_or_crashed(tmp_path, capsys):
+    # --seed 99999999999999999999999: "Overflow when unpacking long long"; masks show --png DIR printed
+    # "wrote DIR" after writing DIR.png, --png "" wrote nothing, --png x.txt failed after printing
+    (tmp_path / "pics").mkdir()
+    with pytest.raises(SystemExit) as bad:
+        main(["demo", "--seed", "99999999999999999999999"])
+    assert bad.value.code == 2 and "a seed must be in [0, 2**63)" in capsys.readouterr().err
+    cases = ((["masks", "show", "causal", "--png", str(tmp_path / "pics")], "a directory, expected a file"),
+             (["masks", "show", "causal", "--png", ""], "--png: an empty path"),
+             (["masks", "show", "causal", "--png", str(tmp_path / "x.txt")], "name a .png (or .svg, .pdf) file"))
+    for args, expected in cases:
+        assert main(args) == 2
+        assert expected in capsys.readouterr().err
+    assert not (tmp_path / "x.txt").exists()

@@ -62,7 +62,7 @@ def test_frozen_word_vectors_do_not_train(tmp_path):
     (tmp_path / "enc").mkdir()
     tok.save(tmp_path / "enc")
     source.save(tmp_path / "enc")
-    cfg = ClassificationConfig(data=DataConfig(embeddings=str(tmp_path / "enc"), freeze_embeddings=True),
+    cfg = ClassificationConfig(data=DataConfig(embeddings=str(tmp_path / "enc"), freeze_embeddings=True, max_len=64),
                                model=EncoderConfig.preset("tiny", num_layers=1))
     model = build_model(cfg, ["0", "1"], tok)
     assert not model.embed.tokens.weight.requires_grad

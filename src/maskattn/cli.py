@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from maskattn.errors import TrainingError, UsageError
+from maskattn.io import check_output_file
 from maskattn.tasks.base import Option, Task, tasks
 
 
@@ -24,6 +25,17 @@ def __getattr__(name: str):  # SHORTCUTS: the constant this module had before ta
     if name == "SHORTCUTS":
         return shortcuts()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed torch accepts, 0 <= seed < 2**63."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**63), got {text}")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -80,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "Exit status 0 when the exact match on the held-out dates is >= 99%, else 1.")
     demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     demo.add_argument("--steps", type=positive_int, default=2000, help="training steps (default: 2000)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the data and the training (default: 0)")
+    demo.add_argument("--seed", type=seed_int, default=0, help="seed of the data and the training (default: 0)")
     demo.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     demo.add_argument("--overwrite", action="store_true", help="delete the run in --out first")
 
@@ -571,6 +583,10 @@ def _masks_show(args: argparse.Namespace) -> int:
                          f"keys; `maskattn masks stats` summarises longer masks")
     if args.q_offset < 0:
         raise UsageError(f"--q-offset must be >= 0, got {args.q_offset}")
+    if args.png is not None:
+        check_output_file(args.png, "--png")
+        if Path(args.png).suffix.lower() not in (".png", ".svg", ".pdf"):
+            raise UsageError(f"--png {args.png}: name a .png (or .svg, .pdf) file")
     print(mask.render(args.length, args.keys, q_offset=args.q_offset))
     if args.png:
         from maskattn.plotting import plot_mask

@@ -194,8 +194,8 @@ def choose_heads(model: nn.Module, importance: Mapping[str, Tensor], fraction: f
 
 
 def _check_seed(seed: int | None, name: str) -> None:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ValueError(f"{name} must be None or an int >= 0, got {seed!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ValueError(f"{name} must be None or an int >= 0, got {seed!r} (and below 2**63)")
 
 
 def _check_fraction(fraction: float) -> None:

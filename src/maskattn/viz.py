@@ -249,6 +249,9 @@ def visualize(model: nn.Module, tokenizer, text: str, out_dir: str | Path, *, ta
             target_ids = [i for i in new[0].tolist() if i not in (tokenizer.eos_id, tokenizer.pad_id)]
         else:
             target_ids = tokenizer.encode(target)
+            if len(target_ids) + 1 > model.config.max_len:  # BOS and the target are the decoder's input
+                raise ValueError(f"--target: {len(target_ids)} tokens, more than the model's decoder reads "
+                                 f"({model.config.max_len - 1} after BOS); shorten it")
         tgt_ids = [tokenizer.bos_id, *target_ids]
         tokens["target"] = [tokenizer.backend.id_to_token(i) for i in tgt_ids]
         run = lambda: model(src, torch.tensor([tgt_ids]))  # noqa: E731

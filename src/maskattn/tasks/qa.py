@@ -301,6 +301,9 @@ def _answer_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _answer_command(args: argparse.Namespace) -> int:
+    for flag, text in (("--context", args.context), ("--question", args.question)):
+        if not text.strip():  # an empty context has no span to answer with
+            raise UsageError(f"{flag}: empty; give the text")
     print(answer(args.model, [(args.context, args.question)])[0])
     return 0
 
