@@ -676,6 +676,9 @@ def test_compress_refuses_pruning_settings_without_pruning_and_int8_twice(tmp_pa
              (["--int8", "--data", "x"], "--data needs --prune-heads or --keep-heads"),
              (["--int8", "--distill", "0.5"], "--distill needs --prune-heads"),
              (["--int8", "--bf16"], "--bf16 needs --prune-heads"),
+             (["--int8", "--average-every", "5"], "--average-every needs --prune-heads"),
+             (["--int8", "--max-tokens", "4096"], "--max-tokens needs --prune-heads"),
+             (["--prune-heads", "0.5", "--average-every", "5"], "--average-every sets the steps between averaged"),
              (["--prune-heads", "0.5", "--max-tokens", "0"], "--max-tokens must be an int >= 1, got 0"),
              (["--prune-heads", "0.5", "--finetune-steps", "-1"], "--finetune-steps must be an int >= 0, got -1"),
              (["--prune-heads", "0.5", "--importance-batches", "0"], "--importance-batches must be an int >= 1"))

@@ -244,3 +244,18 @@ def test_a_qa_model_has_no_parameter_its_loss_cannot_reach(tmp_path, capsys):
     start, end = model.train().span_logits(batch["ids"], token_type_ids=batch["types"], lengths=batch["lengths"])
     (start.sum() + end.sum()).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_a_run_checkpointed_with_the_pooler_resumes_with_it(tmp_path, capsys, monkeypatch):
+    # QA runs started before the pooler was dropped hold it in their checkpoints: they resume with it
+    data, encoder = _tiny_squad(tmp_path, 5)
+    out = tmp_path / "run"
+    args = ["train", "qa", "--train", str(data), "--pretrained", str(encoder), "--out", str(out), "--set",
+            "data.stride=32", "--set", "data.max_len=64", "--set", "data.batch_size=4", "--set", "train.progress=false",
+            "--set", "train.checkpoint_every=1"]
+    with monkeypatch.context() as old_code:
+        old_code.setattr(qa, "without_pooler", lambda model: model)
+        assert main([*args, "--set", "train.steps=1"]) == 0
+    assert main([*args, "--set", "train.steps=2", "--resume"]) == 0
+    capsys.readouterr()
+    assert qa.load(out / "model")[0].pooler is not None

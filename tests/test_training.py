@@ -386,3 +386,6 @@ def test_the_metrics_log_is_trimmed_only_when_a_resume_replays_steps(tmp_path, m
     (tmp_path / "metrics.jsonl").write_text(log + json.dumps({"step": 9, "loss": 1.0}) + "\n")
     _tiny_trainer(tmp_path, steps=4, checkpoint_every=2).resume()
     assert written == [log]  # step 9 (a replaced run's) dropped, in one atomic write
+    (tmp_path / "metrics.jsonl").write_text(log.rstrip("\n"))  # killed before the last record's newline
+    _tiny_trainer(tmp_path, steps=4, checkpoint_every=2).resume()
+    assert written[-1] == log  # rewritten with it, or the next record would join the last line

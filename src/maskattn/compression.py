@@ -458,12 +458,16 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
                         ("--finetune-steps", finetune_steps != 100), ("--lr", lr != 1e-4),
                         ("--importance-batches", importance_batches != 8), ("--schedule", schedule != "constant"),
                         ("--warmup", warmup != 0), ("--distill", distill != 0.0), ("--temperature", temperature != 1.0),
-                        ("--bf16", bf16)):
+                        ("--bf16", bf16), ("--average-every", average_every != 1),
+                        ("--max-tokens", max_tokens != 2048)):
         if given and not pruning:
             raise ValueError(f"compress: {name} needs --prune-heads or --keep-heads (it shapes the pruning)")
     if fade_steps > finetune_steps:
         raise ValueError(f"compress: --fade-steps ({fade_steps}) must be at most --finetune-steps ({finetune_steps}), "
                          "or the faded heads would still count when they are removed")
+    if average_every != 1 and average_last == 1:
+        raise ValueError("compress: --average-every sets the steps between averaged weights; it needs --average-last "
+                         "N > 1")
     _snapshot_steps(finetune_steps, average_last, average_every, fade_steps,
                     ("compress: --average-last", "compress: --average-every"))
     if out.resolve() == directory.resolve():

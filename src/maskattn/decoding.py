@@ -39,7 +39,8 @@ def greedy(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new
         inputs: (B, L) right-padded token ids.
         lengths: (B,) real lengths; default from the model's ``pad_id``.
         max_new_tokens: at most this many new tokens per row: one int, or (B,) ints, one per row (a row's
-            output is then what it would be alone, whatever the other rows' limits).
+            output is then what it would be alone, whatever the other rows' limits). A DecoderLM steps every
+            row to the largest limit, so its longest prompt and its largest limit must fit its positions.
         eos_id: stops a row (default: ``model.config.eos_id``; a model without one, or ``NO_EOS``, never
             stops early).
         pad_id: fills a row after its EOS (default the model's pad id, else 0). The model's own pad id

@@ -661,7 +661,8 @@ class Trainer:
         log = self.out_dir / "metrics.jsonl"
         if self.rank != 0 or not log.exists():
             return
-        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+        text = log.read_text(encoding="utf-8", errors="replace")
+        lines = text.splitlines()
         kept = []
         for n, line in enumerate(lines, 1):
             try:
@@ -675,6 +676,7 @@ class Trainer:
                 raise UsageError(f"{log}:{n}: not a metrics record (JSON with a step): {line[:60]!r}")
             if step <= self.step:
                 kept.append(line)
-        if len(kept) != len(lines):  # replaced whole: a kill while writing leaves the old log, not half of it
+        cut = not text.endswith("\n") and bool(text)  # a last line without its newline: the next record would join it
+        if len(kept) != len(lines) or cut:  # replaced whole: a kill while writing leaves the old log, not half of it
             atomic_write_text(log, "".join(ln + "\n" for ln in kept))
 

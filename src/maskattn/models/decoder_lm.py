@@ -255,7 +255,8 @@ class DecoderLM(Persistent, Summary, nn.Module):
         if not torch.compiler.is_compiling() and longest + max_new_tokens - 1 > self.config.max_len:
             raise ValueError(f"max_new_tokens={max_new_tokens} after a prompt of {longest} tokens needs "
                              f"{longest + max_new_tokens - 1} positions, more than the model's max_len "
-                             f"({self.config.max_len}): at most {max(self.config.max_len - longest + 1, 0)} new tokens")
+                             f"({self.config.max_len}): at most {max(self.config.max_len - longest + 1, 0)} new tokens "
+                             "(rows of a batch are stepped together: its longest prompt and its largest limit)")
         if lengths is not None and bool((lengths == prompt.shape[1]).all()):
             lengths = None  # no padding: the cache has no gaps to mask
         slots = None

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maskattn import metrics
+from maskattn import checkpoint, metrics
 from maskattn.data import DataError, QAExample, pad, read_squad
 from maskattn.errors import UsageError, check_settings
 from maskattn.io import check_output_file
@@ -205,6 +205,11 @@ def score(predictions: dict[str, str], examples: Sequence[QAExample]) -> dict[st
     return metrics.squad(predictions, {ex.id: [a for a, _ in ex.answers] for ex in examples})
 
 
+def _checkpoint_has_pooler(out: Path) -> bool:
+    latest = checkpoint.latest(Path(out) / "checkpoints")
+    return latest is not None and any("pooler" in name.split(".") for name in checkpoint.load(latest)["model"])
+
+
 def without_pooler(model: EncoderModel) -> EncoderModel:
     """``model`` without BERT's pooler: span logits read every token's state, never the pooled summary, and a
     parameter no loss reaches stops DistributedDataParallel at its second step."""
@@ -223,7 +228,9 @@ def train(cfg: QAConfig, *, resume: bool = False, log=log_stderr) -> dict[str, A
         raise UsageError(f"data.max_len={cfg.data.max_len}: windows longer than the {positions} positions of "
                          f"data.pretrained ({cfg.data.pretrained}); set data.max_len <= {positions}")
     out, tok = begin_run(cfg, resume=resume, tokenizer=lambda: Tokenizer.load(cfg.data.pretrained))
-    model = without_pooler(from_pretrained(cfg.data.pretrained, span_head=True))
+    model = from_pretrained(cfg.data.pretrained, span_head=True)
+    if not (resume and _checkpoint_has_pooler(out)):  # a run started before QA models dropped it keeps it
+        model = without_pooler(model)
     windows = squad_windows(tok, examples, max_len=cfg.data.max_len, stride=cfg.data.stride)
     valid_windows = squad_windows(tok, valid, max_len=cfg.data.max_len, stride=cfg.data.stride) if valid else None
     log(f"qa: {len(examples)} questions in {len(windows)} windows, {parameters(model)}")
