@@ -22,6 +22,7 @@ and loads with :func:`maskattn.load` and every prediction command.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -389,6 +390,12 @@ def heads(model: nn.Module) -> int:
     return sum(attn.num_heads for attn in attention_modules(model).values())
 
 
+# compress()'s settings that only the pruning reads (the command line's flags are these names with dashes)
+_PRUNING_SETTINGS = ("fade_steps", "greedy", "per_module", "seed", "average_last", "data", "finetune_steps", "lr",
+                     "importance_batches", "schedule", "warmup", "distill", "temperature", "bf16", "average_every",
+                     "max_tokens")
+
+
 def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prune_heads: float = 0.0,
              data: list[str] | None = None, finetune_steps: int = 100, lr: float = 1e-4, importance_batches: int = 8,
              max_tokens: int = 2048, schedule: str = "constant", warmup: int = 0, distill: float = 0.0,
@@ -453,15 +460,12 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
                              ("--max-tokens", max_tokens, 1), ("--warmup", warmup, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"compress: {name} must be an int >= {low}, got {value!r}")
-    for name, given in (("--fade-steps", fade_steps), ("--greedy", greedy), ("--per-module", per_module),
-                        ("--seed", seed is not None), ("--average-last", average_last != 1), ("--data", bool(data)),
-                        ("--finetune-steps", finetune_steps != 100), ("--lr", lr != 1e-4),
-                        ("--importance-batches", importance_batches != 8), ("--schedule", schedule != "constant"),
-                        ("--warmup", warmup != 0), ("--distill", distill != 0.0), ("--temperature", temperature != 1.0),
-                        ("--bf16", bf16), ("--average-every", average_every != 1),
-                        ("--max-tokens", max_tokens != 2048)):
-        if given and not pruning:
-            raise ValueError(f"compress: {name} needs --prune-heads or --keep-heads (it shapes the pruning)")
+    if not pruning:  # settings that shape the pruning or its fine-tune, changed from their defaults, do nothing
+        given = locals()
+        changed = [name for name in _PRUNING_SETTINGS if given[name] != _DEFAULTS[name] and given[name] != []]
+        if changed:
+            flag = "--" + changed[0].replace("_", "-")
+            raise ValueError(f"compress: {flag} needs --prune-heads or --keep-heads (it shapes the pruning)")
     if fade_steps > finetune_steps:
         raise ValueError(f"compress: --fade-steps ({fade_steps}) must be at most --finetune-steps ({finetune_steps}), "
                          "or the faded heads would still count when they are removed")
@@ -522,3 +526,6 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
     result.update(model=str(out), heads_after=heads(model), linear_weight_bytes_after=linear_weight_bytes(model),
                   file_bytes_after=(out / "model.safetensors").stat().st_size)
     return result
+
+
+_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(compress).parameters.items()}

@@ -90,6 +90,10 @@ def check_sampling(*, max_new_tokens: int, temperature: float, top_k: int | None
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if not temperature >= 0 or temperature == float("inf"):
         raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature!r}")
+    _check_top(top_k, top_p)
+
+
+def _check_top(top_k: int | None, top_p: float | None) -> None:
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -98,13 +102,10 @@ def check_sampling(*, max_new_tokens: int, temperature: float, top_k: int | None
 
 def filter_logits(logits: Tensor, *, top_k: int | None = None, top_p: float | None = None) -> Tensor:
     """Set to -inf every logit outside the top k and outside the top-p nucleus: (B, V) -> (B, V)."""
+    _check_top(top_k, top_p)
     if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_p is not None and top_p < 1.0:  # 1.0 keeps every token (the float cumsum would drop a tail)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
@@ -164,14 +165,14 @@ def _run_beams(model: nn.Module, inputs: Tensor, lengths: Lengths, beam_size: in
     eos_id, pad_id = _ids(model, eos_id, pad_id)
     with _inference(model):
         state, logits = model.begin_decoding(inputs, lengths, max_new_tokens=max(caps))
-        banned = _check_ids(model, eos_id, pad_id, logits.shape[-1])
+        forbidden = _forbidden(_check_ids(model, eos_id, pad_id, logits.shape[-1]), eos_id, logits.device)
         search = _Beams(inputs.shape[0], beam_size, caps, length_penalty, eos_id)
         device = logits.device
         state.reorder(torch.arange(inputs.shape[0], device=device).repeat_interleave(beam_size))
         logits = logits.repeat_interleave(beam_size, dim=0)  # (B*K, V)
         for t in range(max(caps)):
             logp = torch.log_softmax(logits.float(), dim=-1)
-            rows = search.advance(_forbid(logp, t, min_new_tokens, eos_id, banned), t)
+            rows = search.advance(_forbid(logp, forbidden[t < min_new_tokens]), t)
             if search.all_done():
                 break
             kept = search.drop_done()
@@ -284,11 +285,11 @@ def _generate(model: nn.Module, inputs: Tensor, lengths: Lengths, max_new: MaxNe
     out = []
     with _inference(model):
         state, logits = model.begin_decoding(inputs, lengths, max_new_tokens=max(caps), **options)  # (B, V)
-        banned = _check_ids(model, eos_id, pad_id, logits.shape[-1])
+        forbidden = _forbidden(_check_ids(model, eos_id, pad_id, logits.shape[-1]), eos_id, logits.device)
         last = torch.tensor(caps, device=logits.device) - 1  # (B,) each row's last step
         done = torch.zeros(inputs.shape[0], dtype=torch.bool, device=logits.device)
         for t in range(max(caps)):
-            tokens = choose(_forbid(logits, t, min_new, eos_id, banned)).masked_fill(done, pad_id)  # (B,)
+            tokens = choose(_forbid(logits, forbidden[t < min_new])).masked_fill(done, pad_id)  # (B,)
             out.append(tokens)
             done = done | (last == t)
             if eos_id is not None:
@@ -353,16 +354,17 @@ def _check_max_new(max_new: MaxNew, min_new: int, inputs: Tensor) -> list[int]:
     return caps
 
 
-def _forbid(scores: Tensor, t: int, min_new: int, eos_id: int | None, banned: list[int]) -> Tensor:
-    """(N, V) scores of step ``t`` with EOS set to -inf while fewer than ``min_new`` tokens are out, and
-    the ``banned`` ids (the model's pad id, its BOS) always.
+def _forbidden(banned: list[int], eos_id: int | None, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+    """The ids no step may choose, as index tensors built once per search: ``banned`` (the model's pad id, its
+    BOS) at every step, and with EOS too while fewer than ``min_new_tokens`` tokens are out (index True)."""
+    early = banned + ([eos_id] if eos_id is not None else [])
+    return tuple(torch.tensor(ids, device=device) if ids else None for ids in (banned, early))  # type: ignore
 
-    The other tokens' scores stay as they are (log-probabilities are not renormalised), so a hypothesis
-    keeps its model score, as in fairseq."""
-    ids = ([eos_id] if t < min_new and eos_id is not None else []) + banned
-    if not ids:
-        return scores
-    return scores.index_fill(-1, torch.tensor(ids, device=scores.device), float("-inf"))
+
+def _forbid(scores: Tensor, ids: Tensor | None) -> Tensor:
+    """(N, V) scores with the ``ids`` set to -inf. The other tokens' scores stay as they are (log-probabilities
+    are not renormalised), so a hypothesis keeps its model score, as in fairseq."""
+    return scores if ids is None else scores.index_fill(-1, ids, float("-inf"))
 
 
 @contextlib.contextmanager
