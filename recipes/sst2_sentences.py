@@ -24,7 +24,10 @@ Row = tuple[str, str]  # (sentence, label)
 
 
 def read_tsv(path: Path) -> tuple[str, list[Row]]:
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not lines or "\t" not in lines[0]:
         raise ValueError(f"{path}: expected a TSV with a header 'sentence<TAB>label'")
     rows = []
@@ -93,15 +96,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--valid", type=int, default=1000, help="full sentences held out (default 1000)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    header, rows = read_tsv(args.data / "train.tsv")
-    rows += read_tsv(args.data / "dev.tsv")[1]
-    train, valid = split(rows, args.valid, args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, part in (("train.tsv", train), ("valid.tsv", valid)):
-        text = "\n".join([header, *(f"{t}\t{label}" for t, label in part)]) + "\n"
-        (args.out / name).write_text(text, encoding="utf-8")
-    print(f"{len(rows)} rows in, {len(train)} training rows and {len(valid)} held-out sentences out "
-          f"({len(rows) - len(train) - len(valid)} duplicates or phrases of held-out sentences dropped)")
+    try:
+        header, rows = read_tsv(args.data / "train.tsv")
+        rows += read_tsv(args.data / "dev.tsv")[1]
+        train, valid = split(rows, args.valid, args.seed)
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name, part in (("train.tsv", train), ("valid.tsv", valid)):
+            text = "\n".join([header, *(f"{t}\t{label}" for t, label in part)]) + "\n"
+            (args.out / name).write_text(text, encoding="utf-8")
+        print(f"{len(rows)} rows in, {len(train)} training rows and {len(valid)} held-out sentences out "
+              f"({len(rows) - len(train) - len(valid)} duplicates or phrases of held-out sentences dropped)")
+    except OSError as e:  # a missing or unreadable file: one line naming it, not a traceback
+        parser.error(f"{e.filename}: {e.strerror}" if e.filename else str(e))
+    except ValueError as e:  # not UTF-8 or not the expected layout
+        parser.error(str(e))
     return 0
 
 

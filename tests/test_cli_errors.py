@@ -39,6 +39,8 @@ CASES = {
     "200k-character TSV field": (["train", "classification", "--train", "{t}/huge.tsv"],
                                  r"huge\.tsv:3: field larger than field limit"),
     ".gz that is not gzip": (["train", "translation", "--train-src", "{t}/fake.gz"], r"fake\.gz: not a gzip file"),
+    "--train for translation": (["train", "translation", "--train", "{t}/file"],
+                                r"--train is not read by the translation task; it reads --train-src, --train-tgt"),
     "--config DIR": (["train", "lm", "--config", "{t}/dir"], r"--config .*dir: a directory"),
     "--out FILE": (["train", "lm", "--train", "{t}/file", "--out", "{t}/file"], r"is a file, not a directory"),
     "--out FILE/sub": (["train", "lm", "--train", "{t}/file", "--out", "{t}/file/sub"], r"file is a file"),

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from recipes import squad_articles, sst2_sentences
@@ -87,3 +89,22 @@ def test_squad_article_split_holds_out_the_last_articles_whole(tmp_path):
     assert squad_articles.main([str(tmp_path / "in.json"), str(tmp_path / "out"), "--valid", "2"]) == 0
     held = json.loads((tmp_path / "out" / "valid.json").read_text())
     assert held["version"] == "1.1" and [a["title"] for a in held["data"]] == ["b", "c"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda t: ([squad_articles, str(t / "missing.json"), str(t / "out")]), r"missing\.json: No such file"),
+    (lambda t: ((t / "a.json").write_text("[1]"), [squad_articles, str(t / "a.json"), str(t / "out")])[1],
+     r"a\.json: expected a SQuAD v1\.1 document"),
+    (lambda t: ((t / "b.json").write_text("{oops"), [squad_articles, str(t / "b.json"), str(t / "out")])[1],
+     r"b\.json: Expecting property name"),
+    (lambda t: ([sst2_sentences, str(t / "nodata"), str(t / "out")]), r"nodata/train\.tsv: No such file"),
+    (lambda t: ((t / "train.tsv").write_bytes(b"sentence\tlabel\n\xff\t1\n"),
+                [sst2_sentences, str(t), str(t / "out")])[1], r"train\.tsv: not UTF-8 text"),
+])
+def test_recipes_name_bad_input_in_one_line(make, message, tmp_path, capsys):
+    recipe, *argv = make(tmp_path)
+    with pytest.raises(SystemExit) as e:  # argparse's error: status 2, usage and one line, no traceback
+        recipe.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert re.search(message, err.strip().splitlines()[-1]), err
