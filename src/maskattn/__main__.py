@@ -1,5 +1,5 @@
 import sys
 
-from maskattn.cli import main
+from maskattn.cli import run
 
-sys.exit(main())
+sys.exit(run())

@@ -248,6 +248,14 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def run() -> int:
+    """The ``maskattn`` program: :func:`main` in a process that keeps its freed memory (see ``allocator``)."""
+    from maskattn.allocator import keep_freed_memory
+
+    keep_freed_memory()  # only here, not in main(): a program calling main() keeps its own allocator settings
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = _parse(parser, argv)
