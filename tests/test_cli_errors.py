@@ -27,6 +27,10 @@ def _files(tmp_path):
     (tmp_path / "huge.tsv").write_text("sentence\tlabel\nfine\t1\n" + "x" * 200_000 + "\t0\n")
     (tmp_path / "fake.gz").write_text("ein\tone\n")
     (tmp_path / "file").write_text("x")
+    (tmp_path / "labelled.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
+    (tmp_path / "header.tsv").write_text("sentence\tlabel\n")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "nosquad.json").write_text('{"version": "1.1", "data": []}')
     (tmp_path / "dir").mkdir()
     qa = tmp_path / "qa_model"
     qa.mkdir()
@@ -41,6 +45,14 @@ CASES = {
     ".gz that is not gzip": (["train", "translation", "--train-src", "{t}/fake.gz"], r"fake\.gz: not a gzip file"),
     "--train for translation": (["train", "translation", "--train", "{t}/file"],
                                 r"--train is not read by the translation task; it reads --train-src, --train-tgt"),
+    "header-only --valid": (["train", "classification", "--train", "{t}/labelled.tsv", "--valid", "{t}/header.tsv"],
+                            r"data\.valid \(.*header\.tsv\): the file holds no examples"),
+    "empty --valid-src": (["train", "translation", "--train-src", "{t}/file", "--train-tgt", "{t}/file",
+                           "--valid-src", "{t}/empty.txt", "--valid-tgt", "{t}/empty.txt"],
+                          r"data\.valid_src \(.*empty\.txt\): the file holds no sentence pairs"),
+    "no questions in --valid": (["train", "qa", "--train", "{t}/nosquad.json", "--valid", "{t}/nosquad.json",
+                                 "--pretrained", "{t}/dir"],
+                                r"data\.valid \(.*nosquad\.json\): the file holds no questions"),
     "--config DIR": (["train", "lm", "--config", "{t}/dir"], r"--config .*dir: a directory"),
     "--out FILE": (["train", "lm", "--train", "{t}/file", "--out", "{t}/file"], r"is a file, not a directory"),
     "--out FILE/sub": (["train", "lm", "--train", "{t}/file", "--out", "{t}/file/sub"], r"file is a file"),

@@ -33,6 +33,7 @@ from maskattn.tasks.common import (
     load_task,
     log_stderr,
     logger,
+    not_empty,
     parameters,
     read_task,
     require,
@@ -159,7 +160,8 @@ def train(cfg: ClassificationConfig, *, resume: bool = False, log=log_stderr) ->
     require(cfg.data, "data", train="a TSV/CSV with a header, or JSONL")
     fields = {"text_field": cfg.data.text_field, "label_field": cfg.data.label_field}
     records = read_labelled(cfg.data.train, **fields)
-    valid = read_labelled(cfg.data.valid, **fields) if cfg.data.valid else None
+    valid = (not_empty(read_labelled(cfg.data.valid, **fields), "data.valid", cfg.data.valid, "examples")
+             if cfg.data.valid else None)
     labels = sorted({label for _, label in records})
     if len(labels) < 2:
         raise ValueError(f"{cfg.data.train}: found {len(labels)} label(s) {labels}; classification needs two or more")

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from maskattn import checkpoint, distributed
+from maskattn.data import DataError
 from maskattn.errors import RunDirectoryError, SettingError
 from maskattn.io import FormatError, add_to_manifest, atomic_write_text, read_json_object, verify_manifest
 from maskattn.models.persistence import refuse_run_directory
@@ -155,6 +156,14 @@ def require(settings: Any, section: str, **what: str) -> None:
         raise ValueError(f"{section}.{name} is required ({description})")
     raise ValueError(" and ".join(f"{section}.{name} ({description})" for name, description in what.items())
                      + " are required")
+
+
+def not_empty(records: Sequence[Any], setting: str, path: str, what: str) -> Sequence[Any]:
+    """``records`` read from the file a setting names; a file with none (a header alone, say) is an error,
+    not a run that quietly trains without validation."""
+    if not records:
+        raise DataError(f"{setting} ({path}): the file holds no {what}")
+    return records
 
 
 def refuse_derived(derived: dict[str, str], changed: Iterable[str]) -> None:

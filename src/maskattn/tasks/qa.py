@@ -28,7 +28,16 @@ from maskattn.io import check_output_file
 from maskattn.models import EncoderModel, from_pretrained
 from maskattn.models.pretrained import pretrained_positions
 from maskattn.tasks.base import Command, Option, Task, register
-from maskattn.tasks.common import Head, begin_run, fit_and_export, load_task, log_stderr, parameters, require
+from maskattn.tasks.common import (
+    Head,
+    begin_run,
+    fit_and_export,
+    load_task,
+    log_stderr,
+    not_empty,
+    parameters,
+    require,
+)
 from maskattn.tokenization import Tokenizer
 from maskattn.training import TrainConfig, to_device
 
@@ -222,7 +231,8 @@ def without_pooler(model: EncoderModel) -> EncoderModel:
 def train(cfg: QAConfig, *, resume: bool = False, log=log_stderr) -> dict[str, Any]:
     require(cfg.data, "data", train="SQuAD JSON", pretrained="an encoder directory")
     examples = read_squad(cfg.data.train)
-    valid = read_squad(cfg.data.valid)[: cfg.data.valid_limit or None] if cfg.data.valid else None
+    valid = not_empty(read_squad(cfg.data.valid), "data.valid", cfg.data.valid, "questions") if cfg.data.valid else None
+    valid = valid[: cfg.data.valid_limit or None] if valid else None
     positions = pretrained_positions(cfg.data.pretrained)
     if positions is not None and cfg.data.max_len > positions:
         raise UsageError(f"data.max_len={cfg.data.max_len}: windows longer than the {positions} positions of "

@@ -32,6 +32,7 @@ from maskattn.tasks.common import (
     load_task,
     log_stderr,
     logger,
+    not_empty,
     parameters,
     require,
     train_tokenizer,
@@ -221,7 +222,8 @@ def train(cfg: TranslationConfig, train_pairs: Pairs | None = None, valid_pairs:
         require(cfg.data, "data", train_src="a source file, or a TSV of source<TAB>target")
         train_pairs = read_pairs(cfg.data.train_src, cfg.data.train_tgt)
     if valid_pairs is None and cfg.data.valid_src:
-        valid_pairs = read_pairs(cfg.data.valid_src, cfg.data.valid_tgt)
+        valid_pairs = not_empty(read_pairs(cfg.data.valid_src, cfg.data.valid_tgt), "data.valid_src",
+                                cfg.data.valid_src, "sentence pairs")
     out, tok = begin_run(cfg, resume=resume, tokenizer=lambda: build_tokenizer(cfg.data, train_pairs))
     longest = min(cfg.data.max_len, cfg.model.max_len)  # a kept pair must fit the model's positions too
     data = encode_pairs(tok, train_pairs, longest)
