@@ -1,6 +1,7 @@
 """The caption task: digit canvases split by scan, the Captioner, its decoding, the alignment score, the CLI."""
 
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -142,6 +143,11 @@ def test_train_evaluate_caption_and_viz_through_the_cli(tmp_path, capsys):
     (tmp_path / "set.tsv").write_text(f"example.png\t{C.canvases('test', 1, C.DataConfig(), 4)[0].caption}\n")
     assert main(["evaluate", model_dir, "--data", str(tmp_path / "set.tsv")]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {"exact_match", "word_accuracy"}
+    (tmp_path / "bad.tsv").write_text("example.png\tone two\nexample.png\n")
+    for data, said in [("bogus", r"bogus: no such file; expected a split \(train, valid, test\) or a TSV"),
+                       (str(tmp_path / "bad.tsv"), r"bad\.tsv:2: expected 'image\.png<TAB>caption', got 1 field")]:
+        assert main(["evaluate", model_dir, "--data", data]) == 2
+        assert re.search(said, capsys.readouterr().err)
     assert main(["viz", model_dir, "--input", str(png), "--out", str(tmp_path / "viz")]) == 0
     written = sorted(p.name for p in (tmp_path / "viz").iterdir())
     assert "explorer.html" in written and all(n.startswith("word") for n in written if n.endswith(".png"))

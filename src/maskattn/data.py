@@ -63,8 +63,10 @@ def _lines(path: str | Path) -> list[str]:
 
 
 # --- readers ---------------------------------------------------------------------------------------
-def read_parallel(src: str | Path, tgt: str | Path | None = None) -> list[tuple[str, str]]:
-    """Sentence pairs from two aligned files (one sentence per line) or from one TSV of ``src<TAB>tgt``."""
+def read_parallel(src: str | Path, tgt: str | Path | None = None, *,
+                  fields: tuple[str, str] = ("source", "target")) -> list[tuple[str, str]]:
+    """Sentence pairs from two aligned files (one sentence per line) or from one TSV of ``src<TAB>tgt``
+    (``fields`` names the two columns in its errors)."""
     if tgt is not None:
         left, right = _lines(src), _lines(tgt)
         if len(left) != len(right):
@@ -78,7 +80,8 @@ def read_parallel(src: str | Path, tgt: str | Path | None = None) -> list[tuple[
     for n, line in enumerate(_lines(src), 1):
         cells = line.split("\t")
         if len(cells) != 2 or not cells[0].strip() or not cells[1].strip():
-            raise DataError(f"{src}:{n}: expected 'source<TAB>target', got {len(cells)} field(s): {line[:60]!r}")
+            raise DataError(f"{src}:{n}: expected '{fields[0]}<TAB>{fields[1]}', got {len(cells)} field(s): "
+                            f"{line[:60]!r}")
         pairs.append((cells[0], cells[1]))
     return pairs
 

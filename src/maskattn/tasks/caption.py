@@ -19,7 +19,6 @@ Shape legend: B batch, H heads, Lt caption length, N patches, R x K patch grid.
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -31,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from maskattn import decoding, explorer
-from maskattn.data import DataError, pad
+from maskattn.data import DataError, pad, read_parallel
 from maskattn.io import check_output_file
 from maskattn.models import Captioner, CaptionerConfig
 from maskattn.tasks.base import Command, Overlay, Task, register
@@ -305,8 +304,10 @@ def evaluate_file(directory: str | Path, path: str) -> dict[str, float]:
     if path in SPLITS:
         return score(model, tok, canvases(path, d.test_canvases if path == "test" else d.valid_canvases, d, p))
     base = Path(path).parent
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.reader(f, delimiter="\t") if r]
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file; expected a split ({', '.join(SPLITS)}) or a TSV of "
+                                "image.png<TAB>caption lines")
+    rows = read_parallel(path, fields=("image.png", "caption"))  # a bad row: one DataError naming file and line
     if not rows:
         raise DataError(f"{path}: no images to score")
     images = [read_png(base / r[0], p) for r in rows]
