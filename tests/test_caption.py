@@ -140,6 +140,10 @@ def test_train_evaluate_caption_and_viz_through_the_cli(tmp_path, capsys):
     said = capsys.readouterr().out
     assert said.startswith(f"{png}\t") and "true caption" in said
     assert np.allclose(C.read_png(png, 4), C.canvases("test", 1, C.DataConfig(), 4)[0].image, atol=1 / 255)
+    second = tmp_path / "second.png"  # images after --example PNG are images too, not unrecognized arguments
+    assert main(["caption", model_dir, "--example", str(second), str(png)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines[:2]] == [str(png), str(second)] and "true caption" in lines[2]
     (tmp_path / "set.tsv").write_text(f"example.png\t{C.canvases('test', 1, C.DataConfig(), 4)[0].caption}\n")
     assert main(["evaluate", model_dir, "--data", str(tmp_path / "set.tsv")]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {"exact_match", "word_accuracy"}

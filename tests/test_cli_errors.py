@@ -168,6 +168,8 @@ def test_text_that_is_not_utf8_is_one_error_naming_it(monkeypatch, capsys):
     assert "argument expression: not UTF-8 text (byte b'\\xe9' at character 4)" in capsys.readouterr().err
     monkeypatch.setattr("sys.stdin", io.StringIO("Ein Mann.\r\nzwei\n"))
     assert input_lines([]) == ["Ein Mann.", "zwei"]  # CRLF lines read as the same text as LF ones
+    monkeypatch.setattr("sys.stdin", io.StringIO("drei\n"))
+    assert input_lines(["-"]) == ["drei"]  # "-" alone is stdin, as for any Unix tool
     monkeypatch.setattr("sys.stdin", io.StringIO("gut\nca\udce9\n"))
     with pytest.raises(cli.UsageError, match="stdin line 2: not UTF-8 text at character 2"):
         input_lines([])

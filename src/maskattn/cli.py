@@ -192,11 +192,13 @@ def _version() -> str:
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse ``argv``; texts given after an option (``translate MODEL --beam 1 "Ein Mann."``) join the
-    command's ``text`` list, which argparse alone would refuse."""
+    """Parse ``argv``; inputs given after an option (``translate MODEL --beam 1 "Ein Mann."``,
+    ``caption MODEL --example a.png b.png``) join the command's list of texts or images, which argparse
+    alone would refuse."""
     args, extra = parser.parse_known_args(argv)
-    if extra and isinstance(getattr(args, "text", None), list) and not any(e.startswith("-") for e in extra):
-        args.text += extra
+    inputs = next((name for name in ("text", "images") if isinstance(getattr(args, name, None), list)), None)
+    if extra and inputs and not any(e.startswith("-") for e in extra):
+        getattr(args, inputs).extend(extra)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args

@@ -100,8 +100,8 @@ class Task:
 
 
 def input_lines(texts: list[str]) -> list[str]:
-    """The texts given on the command line, or else one per line from stdin."""
-    if texts:
+    """The texts given on the command line, or else (none, or ``-`` alone) one per line from stdin."""
+    if texts and texts != ["-"]:
         return texts
     lines = []
     for n, line in enumerate(sys.stdin, 1):

@@ -258,7 +258,7 @@ def evaluate_file(directory: str | Path, path: str) -> dict[str, float]:
 
 # --- command line ----------------------------------------------------------------------------------
 def _classify_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("text", nargs="*", help="texts; without any, one text per line from stdin")
+    parser.add_argument("text", nargs="*", help="texts; without any (or -), one text per line from stdin")
 
 
 def _classify_command(args: argparse.Namespace) -> int:

@@ -328,7 +328,7 @@ def evaluate_files(directory: str | Path, src: str, ref: str = "", **decode_over
 
 # --- command line ----------------------------------------------------------------------------------
 def _translate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("text", nargs="*", help="sentences; without any, one sentence per line from stdin")
+    parser.add_argument("text", nargs="*", help="sentences; without any (or -), one sentence per line from stdin")
     parser.add_argument("--beam", type=int, help="beam size (1 = greedy; default: the model's setting)")
     parser.add_argument("--min-new-tokens", type=int,
                         help="no EOS before this many tokens (default: the model's setting; 1 = never empty)")
