@@ -372,6 +372,18 @@ def test_a_resume_trains_with_its_own_optimizer_settings(tmp_path):
         regrouped.resume()
 
 
+def test_a_resume_past_train_steps_is_refused_and_one_at_train_steps_finishes(tmp_path):
+    # A checkpoint past train.steps was evaluated and exported as if the shorter run had ended there.
+    _tiny_trainer(tmp_path, steps=6, checkpoint_every=2).fit()
+    with pytest.raises(CheckpointError, match=r"step-0+6\S* is at step 6, past train\.steps=4: resume with "
+                                              r"train\.steps >= 6"):
+        _tiny_trainer(tmp_path, steps=4, checkpoint_every=2).resume()
+    same = _tiny_trainer(tmp_path, steps=6, checkpoint_every=2)  # a finished run resumes to its end: no new step
+    assert same.resume() and same.step == 6
+    same.fit()
+    assert same.step == 6
+
+
 def test_the_metrics_log_is_trimmed_only_when_a_resume_replays_steps(tmp_path, monkeypatch):
     from maskattn import training
 

@@ -441,6 +441,10 @@ class Trainer:
             self._check_same_step(path)
             return False
         state = checkpoint.load(path)
+        if isinstance(state.get("step"), int) and state["step"] > self.cfg.steps:  # else exported as if it were done
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} is at step {state['step']}, past train.steps={self.cfg.steps}: resume with "
+                f"train.steps >= {state['step']}, or start a new run")
         # The settings of each parameter group are this run's (a resume may change train.weight_decay or
         # train.betas); the optimizer state would bring back the checkpoint's.
         settings = [{key: group[key] for key in ("weight_decay", "betas", "lr_scale") if key in group}
