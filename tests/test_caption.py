@@ -154,6 +154,8 @@ def test_train_evaluate_caption_and_viz_through_the_cli(tmp_path, capsys):
         assert re.search(said, capsys.readouterr().err)
     assert main(["viz", model_dir, "--input", str(png), "--out", str(tmp_path / "viz")]) == 0
     written = sorted(p.name for p in (tmp_path / "viz").iterdir())
+    assert main(["viz", model_dir, "--input", str(png), "--target", "1 2", "--out", str(tmp_path / "v2")]) == 2
+    assert "--target: the caption task's pictures follow the model's own output" in capsys.readouterr().err
     assert "explorer.html" in written and all(n.startswith("word") for n in written if n.endswith(".png"))
     assert main(["translate", model_dir, "x"]) == 2  # a caption model is not a translation model
 

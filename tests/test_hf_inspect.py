@@ -232,6 +232,8 @@ def test_viz_command_on_an_hf_directory(hf_dirs, name, tmp_path, capsys):
     assert (out / "explorer.html").is_file()
     assert len(list(out.glob("*_grid.png"))) == 2 and len(list(out.glob("*_head*.png"))) == 8
     assert "wrote 11 files" in capsys.readouterr().out
+    assert main(["viz", hf_dirs[name], "--input", "the cat", "--target", "a dog", "--out", str(out)]) == 2
+    assert "has no cross-attention" in capsys.readouterr().err  # --target was dropped without a word
 
 
 def test_evaluate_command_on_an_hf_directory(hf_dirs, tmp_path, capsys):

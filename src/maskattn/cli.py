@@ -530,6 +530,10 @@ def _viz(args: argparse.Namespace) -> int:
     if task is not None and task.visualize is not None:  # a task with pictures of its own (caption: overlays)
         from maskattn.plotting import plot_overlays
 
+        if args.target is not None:
+            raise UsageError(f"--target: the {task.name} task's pictures follow the model's own output; "
+                             "drop --target")
+
         overlays, files = task.visualize(args.model, args.input, args.out)
         written = [*plot_overlays(overlays, args.out), *files]
     else:

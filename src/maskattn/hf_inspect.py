@@ -281,7 +281,7 @@ def _viz(args: argparse.Namespace) -> int:
     if not tokenizer(args.input)["input_ids"]:
         raise UsageError(f"--input: {args.input!r} is no token for {type(model).__name__}; give some text")
     try:
-        written = visualize(model, _Tokens(tokenizer), args.input, args.out)
+        written = visualize(model, _Tokens(tokenizer), args.input, args.out, target=args.target)
     except IndexError as e:  # a learned position table (GPT-2, BERT) ends at max_position_embeddings; RoPE does not
         limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         raise UsageError(f"--input: longer than {type(model).__name__} can read (max_position_embeddings={limit}): "
