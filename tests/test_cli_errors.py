@@ -204,7 +204,8 @@ def test_small_cli_inputs_that_were_accepted_or_crashed(tmp_path, capsys):
     (tmp_path / "pics").mkdir()
     with pytest.raises(SystemExit) as bad:
         main(["demo", "--seed", "99999999999999999999999"])
-    assert bad.value.code == 2 and "a seed must be in [0, 2**63)" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert bad.value.code == 2 and "a seed must be an int in [0, 2**63), got 99999999999999999999999" in said
     cases = ((["masks", "show", "causal", "--png", str(tmp_path / "pics")], "a directory, expected a file"),
              (["masks", "show", "causal", "--png", ""], "--png: an empty path"),
              (["masks", "show", "causal", "--png", str(tmp_path / "x.txt")], "name a .png (or .svg, .pdf) file"))

@@ -542,7 +542,7 @@ def test_a_seeded_finetune_permutes_each_epochs_batches_and_repeats_itself(tiny_
     assert sorted(order[:5]) == sorted(order[5:]) == [0, 1, 2, 3, 4] and order != unseeded
     other, different = run(2)
     assert other != order and not torch.equal(weights, different)
-    with pytest.raises(ValueError, match="finetune seed must be None or an int >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"finetune seed must be None or an int in \[0, 2\*\*63\), got -1"):
         compression.finetune(tiny_transformer, _batches(tiny_transformer), steps=1, seed=-1)
 
 
@@ -611,7 +611,7 @@ def test_compress_refuses_bad_pruning_settings_before_any_work(tmp_path, capsys,
     monkeypatch.setattr(compression, "first_batches", lambda *a: read.append(a) or [])  # the work that must not run
     out = ["--out", str(tmp_path / "o"), "--data", "x"]
     cases = ((["--prune-heads", "50"], "prune fraction must be in [0, 1), got 50.0"),
-             (["--prune-heads", "0.5", "--seed", "-1"], "--seed must be None or an int >= 0, got -1"),
+             (["--prune-heads", "0.5", "--seed", "-1"], "--seed must be None or an int in [0, 2**63), got -1"),
              (["--int8", "--seed", "3"], "--seed needs --prune-heads or --keep-heads"),
              (["--int8", "--greedy", "2"], "--greedy needs --prune-heads or --keep-heads"),
              (["--int8", "--per-module"], "--per-module needs --prune-heads or --keep-heads"),

@@ -342,6 +342,14 @@ def test_layer_decay_scales_each_layer_learning_rate_by_its_depth(tmp_path):
         TrainConfig(layer_decay=1.5)
 
 
+def test_a_seed_torch_cannot_take_is_refused_when_the_settings_are_read():
+    # --set train.seed=2**64 passed the settings and failed inside torch.manual_seed ("Overflow when unpacking")
+    for bad in (2**64, -1, True, 1.0):
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63\), got "):
+            TrainConfig(seed=bad)
+    assert TrainConfig(seed=2**63 - 1).seed == 2**63 - 1
+
+
 def test_to_device_moves_the_tensors_of_a_batch_and_keeps_the_rest():
     from maskattn.training import to_device
 

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from maskattn.errors import TrainingError, UsageError
+from maskattn.errors import TrainingError, UsageError, check_seed
 from maskattn.io import check_output_file
 from maskattn.tasks.base import Option, Task, tasks
 
@@ -33,8 +33,10 @@ def seed_int(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**63), got {text}")
+    try:
+        check_seed(value, "a seed")
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return value
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maskattn.errors import check_seed
 from maskattn.layers import Int8Linear, MultiHeadAttention
 from maskattn.models import compressed, load
 from maskattn.tasks.base import TrainingBatches, tasks
@@ -194,11 +195,6 @@ def choose_heads(model: nn.Module, importance: Mapping[str, Tensor], fraction: f
     return _heads_of(modules, kept)
 
 
-def _check_seed(seed: int | None, name: str) -> None:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise ValueError(f"{name} must be None or an int >= 0, got {seed!r} (and below 2**63)")
-
-
 def _check_fraction(fraction: float) -> None:
     if isinstance(fraction, bool) or not 0.0 <= fraction < 1.0:
         raise ValueError(f"prune fraction must be in [0, 1), got {fraction!r}")
@@ -303,7 +299,7 @@ def finetune(model: nn.Module, data: TrainingBatches, *, steps: int, lr: float =
         raise ValueError("finetune distill > 0 needs a teacher and task data with outputs")
     if isinstance(fade_steps, bool) or not isinstance(fade_steps, int) or not 0 <= fade_steps <= max(steps, 0):
         raise ValueError(f"finetune fade_steps must be an int in [0, steps = {steps}], got {fade_steps!r}")
-    _check_seed(seed, "finetune seed")
+    check_seed(seed, "finetune seed", optional=True)
     snapshots = _snapshot_steps(steps, average_last, average_every, fade_steps)
     mean: dict[str, Tensor] = {}
     devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
@@ -455,7 +451,7 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
     pruning = bool(prune_heads) or keep_heads is not None
     if prune_heads:
         _check_fraction(prune_heads)
-    _check_seed(seed, "compress: --seed")
+    check_seed(seed, "compress: --seed", optional=True)
     for name, value, low in (("--finetune-steps", finetune_steps, 0), ("--importance-batches", importance_batches, 1),
                              ("--max-tokens", max_tokens, 1), ("--warmup", warmup, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:

@@ -42,6 +42,18 @@ class TrainingError(RuntimeError):
     the command line reports it on one line and exits with status 1."""
 
 
+SEED_LIMIT = 2**63  # torch.manual_seed and torch.Generator take a seed below this (larger ones overflow)
+
+
+def check_seed(value: object, name: str, *, optional: bool = False) -> None:
+    """Raise a :class:`SettingError` naming ``name`` unless ``value`` is a seed: an int in [0, 2**63)
+    (or None, where ``optional``)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+        raise SettingError(f"{name} must be {'None or ' if optional else ''}an int in [0, 2**63), got {value!r}")
+
+
 def check_settings(owner: object, rules: dict[str, tuple[str, object]]) -> None:
     """Check settings of the dataclass ``owner``; raise one :class:`SettingError` naming the first bad one.
 
@@ -49,7 +61,7 @@ def check_settings(owner: object, rules: dict[str, tuple[str, object]]) -> None:
 
     * ``("int>=", n)``: an int (not a bool) >= n;  ``("float>=", x)`` / ``("float>", x)``: a finite number >= / > x;
     * ``("in", (lo, hi, "[)"))``: a number in the interval, brackets saying which ends are closed;
-    * ``("one of", choices)``: one of the given values.
+    * ``("one of", choices)``: one of the given values;  ``("seed", None)``: see :func:`check_seed`.
     """
     for name, (rule, arg) in rules.items():
         value = getattr(owner, name)  # numbers are finite: inf passes `> 0` and trains to NaN
@@ -67,6 +79,9 @@ def check_settings(owner: object, rules: dict[str, tuple[str, object]]) -> None:
             want = f"in {ends[0]}{lo}, {hi}{ends[1]}"
         elif rule == "one of":
             ok, want = value in arg, f"one of {', '.join(map(repr, arg))}"
+        elif rule == "seed":
+            check_seed(value, name)
+            continue
         else:
             raise ValueError(f"check_settings: unknown rule {rule!r}")
         if not ok:

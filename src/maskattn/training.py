@@ -88,7 +88,7 @@ class TrainConfig:
             "min_lr_ratio": ("in", (0, 1, "[]")), "layer_decay": ("in", (0, 1, "(]")),
             "accumulate": ("int>=", 1), "eval_every": ("int>=", 0),
             "checkpoint_every": ("int>=", 0), "keep": ("int>=", 1), "patience": ("int>=", 0),
-            "seed": ("int>=", 0), "log_every": ("int>=", 1)})
+            "seed": ("seed", None), "log_every": ("int>=", 1)})
         if self.clip_norm is not None:
             check_settings(self, {"clip_norm": ("float>", 0)})
         if not isinstance(self.metric, str) or not self.metric:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from maskattn import decoding
 from maskattn.data import read_text
-from maskattn.errors import UsageError, check_settings
+from maskattn.errors import UsageError, check_seed, check_settings
 from maskattn.models import DecoderLM, DecoderLMConfig
 from maskattn.tasks.base import Command, Task, register
 from maskattn.tasks.common import (
@@ -206,8 +206,7 @@ def generate(model: DecoderLM, tok: Tokenizer, prompt: str, *, max_new_tokens: i
     decoding.check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     ids = tok.encode(prompt) or [tok.unk_id]
     limit, device = model.config.max_len, next(model.parameters()).device
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    check_seed(seed, "seed")
     generator = torch.Generator().manual_seed(seed)
     produced: list[int] = []
     while len(produced) < max_new_tokens:
