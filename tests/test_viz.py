@@ -1,3 +1,4 @@
+import json
 import shutil
 from pathlib import Path
 
@@ -70,6 +71,20 @@ def test_viz_command_writes_heatmaps_grids_and_page(demo_checkpoint, tmp_path, c
     assert "<script" in page and "http://" not in page and "https://" not in page  # self-contained
     assert main(["masks", "show", "causal & window(3)", "--length", "6", "--png", str(tmp_path / "m.png")]) == 0
     assert (tmp_path / "m.png").read_bytes()[:8] == PNG
+
+
+def test_viz_into_a_used_directory_replaces_the_earlier_pictures_only(demo_checkpoint, tmp_path, capsys):
+    # a second viz (a smaller model, say) left the first one's extra layers beside its own pictures
+    out = tmp_path / "viz"
+    assert main(["viz", str(demo_checkpoint), "--input", "3 May 1999", "--out", str(out)]) == 0
+    first = json.loads((out / "viz.json").read_text())["files"]
+    assert sorted(p.name for p in out.iterdir() if p.name != "viz.json") == first and len(first) == 6 * 4 + 6 + 1
+    (out / "encoder_layers_5_self_attn_grid.png").write_bytes(PNG)  # as if a 6-layer model's viz wrote it
+    (out / "viz.json").write_text(json.dumps({"files": [*first, "encoder_layers_5_self_attn_grid.png"]}))
+    (out / "notes.txt").write_text("mine")  # not a viz picture: kept
+    assert main(["viz", str(demo_checkpoint), "--input", "4 June 2001", "--out", str(out)]) == 0
+    assert not (out / "encoder_layers_5_self_attn_grid.png").exists() and (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "viz.json").read_text())["files"] == first
 
 
 def test_audit_command(demo_checkpoint, capsys):

@@ -523,7 +523,7 @@ def _viz(args: argparse.Namespace) -> int:
     from maskattn.models import load
     from maskattn.tasks.common import TASK_FILE, read_task
     from maskattn.tokenization import Tokenizer
-    from maskattn.viz import visualize
+    from maskattn.viz import replace_earlier_pictures, visualize
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"viz --out {args.out}: a file, expected a directory to write the pictures into")
@@ -545,6 +545,7 @@ def _viz(args: argparse.Namespace) -> int:
             raise UsageError(f"--input: {length} tokens, more than the model reads (max_len {model.config.max_len}); "
                              "shorten the input")
         written = visualize(model, tok, args.input, args.out, target=args.target)
+    replace_earlier_pictures(args.out, written)
     print(f"wrote {len(written)} files to {args.out}; open {written[-1]}")
     return 0
 

@@ -275,7 +275,7 @@ class _Tokens:
 
 
 def _viz(args: argparse.Namespace) -> int:
-    from maskattn.viz import visualize
+    from maskattn.viz import replace_earlier_pictures, visualize
 
     model, tokenizer = load(args.model)
     if not tokenizer(args.input)["input_ids"]:
@@ -286,6 +286,7 @@ def _viz(args: argparse.Namespace) -> int:
         limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         raise UsageError(f"--input: longer than {type(model).__name__} can read (max_position_embeddings={limit}): "
                          f"{e}") from e
+    replace_earlier_pictures(args.out, written)
     print(f"wrote {len(written)} files to {args.out}; open {written[-1]}")
     return 0
 

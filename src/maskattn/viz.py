@@ -11,6 +11,7 @@ Models of other libraries are observed through their registered adapter
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from fnmatch import fnmatchcase
@@ -278,3 +279,25 @@ def visualize(model: nn.Module, tokenizer, text: str, out_dir: str | Path, *, ta
         records.append(explorer.attention_record(f"{kind}, layer {layer}", kind, layer, weights, queries, keys))
     written.append(explorer.write_page(records, out / "explorer.html"))
     return written
+
+
+WRITTEN = "viz.json"  # the files the last viz wrote into its directory
+
+
+def replace_earlier_pictures(out_dir: str | Path, written: Sequence[Path]) -> None:
+    """After a viz wrote ``written`` into ``out_dir``: remove the files an earlier viz of another model or
+    input wrote there and this one did not (a 6-layer model's layer-5 pictures beside a 2-layer model's
+    new ones), then list the new ones. Only files an earlier viz listed are ever removed."""
+    from maskattn.io import FormatError, atomic_write_text, read_json_object
+
+    out = Path(out_dir)
+    new = sorted({p.name for p in written})
+    try:
+        old = read_json_object(out / WRITTEN).get("files", []) if (out / WRITTEN).is_file() else []
+    except FormatError:
+        old = []
+    for name in old if isinstance(old, list) else []:
+        path = out / name if isinstance(name, str) and Path(name).name == name else None
+        if path is not None and name not in new and name != WRITTEN and path.is_file():
+            path.unlink()
+    atomic_write_text(out / WRITTEN, json.dumps({"files": new}, indent=1) + "\n")
