@@ -49,6 +49,19 @@ def test_average_run_refuses_too_few_checkpoints_and_overwriting_the_model(tmp_p
         average_run(tmp_path, 2, tmp_path / "model")
     with pytest.raises(ValueError, match="last must be an int >= 1"):
         average_run(tmp_path, 0, tmp_path / "avg")
+    with pytest.raises(ValueError, match=r"model is a model directory, not a training run: give the run directory"):
+        average_run(tmp_path / "model", 2, tmp_path / "avg")  # said "has no exported model (model/model/...)"
+
+
+def test_average_cli_never_sets_aside_the_model_it_reads(tmp_path, capsys):
+    # --out RUN/model --overwrite moved the run's model aside, then failed for want of it
+    from maskattn.cli import main
+
+    _run(tmp_path)
+    before = sorted(p.name for p in (tmp_path / "model").iterdir())
+    assert main(["average", str(tmp_path), "--last", "2", "--out", str(tmp_path / "model"), "--overwrite"]) == 2
+    assert "holds the input" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == before
 
 
 def test_average_states_checks_keys_shapes_and_integers():

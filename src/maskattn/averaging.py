@@ -82,6 +82,10 @@ def average_run(run: str | Path, last: int, out: str | Path) -> Path:
     if isinstance(last, bool) or not isinstance(last, int) or last < 1:
         raise ValueError(f"last must be an int >= 1, got {last!r}")
     model_dir = run / "model"
+    if (run / "config.json").is_file() and not (model_dir / "config.json").is_file():
+        raise ValueError(f"{run} is a model directory, not a training run: give the run directory whose checkpoints "
+                         f"to average ({run.parent}, if this is its exported model), or average finished models "
+                         "with --models")
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"run {run} has no exported model ({model_dir}/config.json); train it to the end first")
     found = checkpoint.list_checkpoints(run / CHECKPOINTS)

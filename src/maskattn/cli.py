@@ -351,7 +351,8 @@ def _average(args: argparse.Namespace) -> int:
         raise UsageError("average: give either RUN --last N or --models MODEL ..., not both")
     if not args.models and (not args.run or args.last is None):
         raise UsageError("average: give RUN --last N (a run's checkpoints) or --models MODEL ... (finished models)")
-    with _new_model_directory(args.out, args.overwrite, [*(args.models or []), *([args.run] if args.run else [])]):
+    runs = [args.run, str(Path(args.run) / "model")] if args.run else []  # the run's model is read: never --out
+    with _new_model_directory(args.out, args.overwrite, [*(args.models or []), *runs]):
         print(average_models(args.models, args.out) if args.models else average_run(args.run, args.last, args.out))
     return 0
 
