@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from recipes import errors_in_one_line
+
 
 def split(squad: dict[str, Any], valid: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """(train, valid) SQuAD documents: the last ``valid`` articles are held out."""
@@ -40,17 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="directory for train.json and valid.json")
     parser.add_argument("--valid", type=int, default=1, help="how many articles, from the end, to hold out")
     args = parser.parse_args(argv)
-    try:
+    with errors_in_one_line(parser, args.train):
         train, valid = split(json.loads(args.train.read_text(encoding="utf-8")), args.valid)
         args.out.mkdir(parents=True, exist_ok=True)
         for name, doc in (("train", train), ("valid", valid)):
             (args.out / f"{name}.json").write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
             titles = ", ".join(a["title"] for a in doc["data"])
             print(f"{name}: {len(doc['data'])} articles, {questions(doc)} questions ({titles})")
-    except OSError as e:  # a missing or unreadable file: one line naming it, not a traceback
-        parser.error(f"{e.filename}: {e.strerror}" if e.filename else str(e))
-    except ValueError as e:  # not UTF-8, not JSON, or not the expected layout
-        parser.error(f"{args.train}: {e}")
     return 0
 
 

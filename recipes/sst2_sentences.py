@@ -20,6 +20,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from recipes import errors_in_one_line
+
 Row = tuple[str, str]  # (sentence, label)
 
 
@@ -96,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--valid", type=int, default=1000, help="full sentences held out (default 1000)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    try:
+    with errors_in_one_line(parser):
         header, rows = read_tsv(args.data / "train.tsv")
         rows += read_tsv(args.data / "dev.tsv")[1]
         train, valid = split(rows, args.valid, args.seed)
@@ -106,10 +108,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             (args.out / name).write_text(text, encoding="utf-8")
         print(f"{len(rows)} rows in, {len(train)} training rows and {len(valid)} held-out sentences out "
               f"({len(rows) - len(train) - len(valid)} duplicates or phrases of held-out sentences dropped)")
-    except OSError as e:  # a missing or unreadable file: one line naming it, not a traceback
-        parser.error(f"{e.filename}: {e.strerror}" if e.filename else str(e))
-    except ValueError as e:  # not UTF-8 or not the expected layout
-        parser.error(str(e))
     return 0
 
 

@@ -108,8 +108,8 @@ def test_settings_that_train_to_nan_or_to_nonsense_are_refused_before_training(t
     data = tmp_path / "t.tsv"
     data.write_text("sentence\tlabel\n" + "good film\t1\nbad film\t0\n" * 8)
     cases = ((["train.lr=inf"], "lr must be a number > 0, got inf"),
-             (["model.rope_base=0"], "rope_base must be a finite number > 0, got 0"),
-             (["model.norm_eps=-1e-05"], "norm_eps must be a finite number > 0, got -1e-05"),
+             (["model.rope_base=0"], "rope_base must be a number > 0, got 0"),
+             (["model.norm_eps=-1e-05"], "norm_eps must be a number > 0, got -1e-05"),
              (["model.max_len=64"], "model.max_len=64 is shorter than data.max_len=128 (where texts are cut)"),
              (['data.text_field="label"'], "data.text_field and data.label_field must name different fields"))
     for settings, expected in cases:

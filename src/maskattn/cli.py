@@ -463,12 +463,13 @@ def _train(args: argparse.Namespace) -> int:
     task = tasks()[args.task]
     assignments = list(args.set)
     for name in shortcuts():
-        if getattr(args, name) and name not in task.paths:  # else "unknown setting 'data.NAME'", which no flag names
+        if not getattr(args, name):
+            continue
+        if name not in task.paths:  # else "unknown setting 'data.NAME'", which no flag names
             flags = (", ".join(f"--{path.replace('_', '-')}" for path in task.paths)
                      or "no path flags (--show-config lists its settings)")
             raise UsageError(f"--{name.replace('_', '-')} is not read by the {task.name} task; it reads {flags}")
-        if getattr(args, name):
-            assignments.append(f"data.{name}={json.dumps(getattr(args, name), ensure_ascii=False)}")
+        assignments.append(f"data.{name}={json.dumps(getattr(args, name), ensure_ascii=False)}")
     if args.out:
         assignments.append(f"out={json.dumps(args.out, ensure_ascii=False)}")
     cfg = config.load(task.config(), args.config, assignments)

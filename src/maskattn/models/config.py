@@ -7,10 +7,10 @@ TOML and command-line overrides. ``Config.preset(name, **overrides)`` starts fro
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
+from maskattn.errors import check_settings
 from maskattn.layers.feedforward import ACTIVATIONS
 from maskattn.layers.norm import NORMS
 
@@ -58,9 +58,8 @@ class BlockConfig:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
         if kv < 1 or self.num_heads % kv:
             raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({kv})")
-        for name in ("dropout", "attention_dropout", "head_dropout", "activation_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        check_settings(self, {name: ("in", (0, 1, "[)"))
+                              for name in ("dropout", "attention_dropout", "head_dropout", "activation_dropout")})
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.norm not in NORMS:
@@ -70,10 +69,8 @@ class BlockConfig:
         if self.positions == "rope" and (self.d_model // self.num_heads) % 2:
             raise ValueError(f"rope needs an even head dim, got d_model ({self.d_model}) / num_heads "
                              f"({self.num_heads}) = {self.d_model // self.num_heads}")
-        for name in ("norm_eps", "rope_base"):  # 0 or below: NaN at the first step, blamed on the learning rate
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        # 0 or below: NaN at the first step, blamed on the learning rate
+        check_settings(self, {"norm_eps": ("float>", 0), "rope_base": ("float>", 0)})
         self._check_ids("pad_id", self.vocab_size)
 
     def _check_ids(self, *names_then_vocab: Any) -> None:
