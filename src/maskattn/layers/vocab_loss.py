@@ -111,7 +111,11 @@ def _chunks(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, 
                     rows = (e @ w) * inv.to(dtype) - w[safe] * kept.to(dtype)  # (c, E)
                     grad_hidden[start : start + chunk_rows] = rows.to(grad_hidden.dtype)
                 if grad_weight is not None:
-                    grad_weight += (e.T @ (h * inv.to(dtype))).to(grad_weight.dtype)  # (V, E)
+                    scaled = h * inv.to(dtype)  # (c, E)
+                    if grad_weight.dtype == dtype:  # accumulated by the matmul itself: no (V, E) temporary
+                        grad_weight.addmm_(e.T, scaled)
+                    else:
+                        grad_weight += (e.T @ scaled).to(grad_weight.dtype)  # (V, E)
                     grad_weight.index_add_(0, safe, (h * -kept.to(dtype)).to(grad_weight.dtype))
                 continue
             probs = e.mul_(inv)  # (c, V), zero on ignored rows
