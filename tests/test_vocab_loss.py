@@ -62,15 +62,18 @@ def test_batched_hidden_and_a_tied_weight():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
+# chunk_rows: 7 = five full chunks and a short one (a group of HALF_GROUP = 4 and a short group); 3 = many
+# groups; 16 = fewer rows than one group
+@pytest.mark.parametrize("chunk_rows", [7, 3, 16])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_autocast_matches_autocast_linear(dtype):
+def test_half_autocast_matches_autocast_linear(dtype, chunk_rows):
     hidden, weight, targets = (x.float() if x.is_floating_point() else x for x in _case(n=40, e=16, v=300))
     results = []
     for fused in (True, False):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         with torch.autocast("cpu", dtype=dtype):
             if fused:
-                loss = linear_cross_entropy(h, w, targets, chunk_rows=7)
+                loss = linear_cross_entropy(h, w, targets, chunk_rows=chunk_rows)
             else:
                 loss = F.cross_entropy(F.linear(h, w).float(), targets, reduction="sum")
         loss.backward()

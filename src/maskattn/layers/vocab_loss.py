@@ -10,7 +10,8 @@ its log-sum-exp and, when gradients are wanted, multiplied into the gradients of
 small (c, E) operands, so the chunk itself is only exponentiated in place. Backward then only scales
 the stored gradients by the incoming one (so a loss computed with gradients enabled costs its gradients
 even if it is never backpropagated, and it cannot be differentiated twice). The matmuls are the same
-three as the unfused version's, so this saves memory and elementwise passes, not FLOPs. Rows that fit
+three as the unfused version's, so this saves memory and elementwise passes, not FLOPs (under a half-type
+autocast, the weight gradient is taken for ``HALF_GROUP`` chunks at a time). Rows that fit
 one chunk (a small vocabulary) take PyTorch's own path, which is as fast there.
 
 Shape legend: N rows (tokens), E hidden width, V vocabulary, c rows per chunk.
@@ -26,6 +27,7 @@ from torch.autograd.function import once_differentiable
 __all__ = ["CHUNK_ELEMENTS", "linear_cross_entropy"]
 
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MB in float32): 166 rows at V = 50,257, everything at small V
+HALF_GROUP = 4  # half types: chunks whose weight gradient is one matmul (a (4 c, V) buffer, 64 MB in bfloat16)
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int = -100,
@@ -85,6 +87,7 @@ def _chunks(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, 
         w = weight.to(dtype)  # (V, E)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         count = (targets != ignore_index).sum()
+        grouped = None  # half types with gradients: a buffer of HALF_GROUP chunks of d loss / d logits
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start : start + chunk_rows].to(dtype)  # (c, E)
             t = targets[start : start + chunk_rows]
@@ -120,11 +123,19 @@ def _chunks(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, 
                 continue
             probs = e.mul_(inv)  # (c, V), zero on ignored rows
             probs.scatter_add_(1, safe.unsqueeze(1), -kept)
-            g = probs.to(dtype)
+            # The half-type chunks of a group are kept until the group's weight gradient is one matmul: each
+            # (V, E) partial costs a widening copy and an add to the float32 gradient, more than its matmul.
+            if grouped is None:
+                grouped = torch.empty((min(HALF_GROUP * chunk_rows, hidden.shape[0]), weight.shape[0]), dtype=dtype,
+                                      device=hidden.device)  # (group rows, V)
+            at = start % grouped.shape[0]
+            g = grouped[at : at + probs.shape[0]].copy_(probs)  # (c, V) in the half type
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk_rows] = (g @ w).to(grad_hidden.dtype)  # (c, E)
-            if grad_weight is not None:
-                grad_weight += (g.T @ h).to(grad_weight.dtype)  # (V, E)
+            end = start + probs.shape[0]
+            if grad_weight is not None and (at + probs.shape[0] == grouped.shape[0] or end == hidden.shape[0]):
+                rows = hidden[end - at - probs.shape[0] : end].to(dtype)  # (group rows, E)
+                grad_weight += (grouped[: rows.shape[0]].T @ rows).to(grad_weight.dtype)  # (V, E)
     return total, count
 
 
