@@ -84,19 +84,40 @@ def test_truncated_checkpoint_is_rejected_on_resume(tmp_path):
     assert checkpoint.load(tmp_path / "checkpoints" / "step-000000005")["step"] == 5
 
 
+def _torchrun(out, *args, check=True, port=29533):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(SCRIPT),
+           str(out), *map(str, args)]
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 @pytest.mark.slow
-def test_torchrun_two_processes_equals_one_with_the_same_global_batch(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
+def test_torchrun_two_processes_equal_one_and_resume_after_a_kill(tmp_path):
+    one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
     # float64: the two runs sum gradients in different orders, and Adam amplifies float32 rounding
     # (the per-step losses agree to 1e-7 in float32, the weights after 8 steps only to 1e-3).
-    _run(one, "--steps", 8, "--dropout", 0.0, "--double")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           str(SCRIPT), str(two), "--steps", "8", "--dropout", "0.0", "--double"]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    settings = ("--steps", 8, "--dropout", 0.0, "--double")  # a checkpoint every 5 steps
+    _run(one, *settings)
+    _torchrun(two, *settings)
     a, b = _final_weights(one), _final_weights(two)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
+    died = _torchrun(killed, *settings, "--exit-after", 6, check=False)  # both processes die in step 7
+    assert died.returncode != 0
+    assert checkpoint.load(checkpoint.latest(killed / "checkpoints"))["step"] == 5
+    _torchrun(killed, *settings, "--resume")
+    c = _final_weights(killed)
+    for name in b:  # the same two processes, the same order of sums: the same numbers
+        torch.testing.assert_close(c[name], b[name], rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_that_find_different_checkpoints_refuse_to_resume(tmp_path):
+    _run(tmp_path / "run-0", "--steps", 5)  # rank 0's directory has a checkpoint at step 5, rank 1's none
+    result = _torchrun(tmp_path / "run", "--steps", 10, "--resume", "--out-per-rank", check=False, port=29535)
+    assert result.returncode != 0
+    assert "rank 0 resumed at step 5" in result.stderr or "rank 1 resumed at step 0" in result.stderr
+    assert "every process must read the same run directory" in result.stderr
 
 
 def _tiny_trainer(tmp_path, rank=0, world_size=1, **overrides):

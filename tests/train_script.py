@@ -1,6 +1,7 @@
 """A tiny training run driven as a subprocess by test_training.py (kill -9 and resume, torchrun)."""
 
 import argparse
+import os
 import time
 
 import torch
@@ -41,8 +42,12 @@ def main(argv=None):
     p.add_argument("--sleep", type=float, default=0.0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--double", action="store_true", help="float64, to compare runs that sum in different orders")
+    p.add_argument("--exit-after", type=int, default=0, help="die (os._exit, as a kill would) in step N + 1")
+    p.add_argument("--out-per-rank", action="store_true", help="each process its own run directory OUT-RANK")
     args = p.parse_args(argv)
     context = distributed.init(device="cpu")  # joins the process group under torchrun (gloo: it trains on the CPU)
+    out = f"{args.out}-{context.rank}" if args.out_per_rank else args.out
+    calls = [0]
     torch.manual_seed(0)
     model = TinyModel()
     model.attn.dropout = args.dropout
@@ -56,13 +61,16 @@ def main(argv=None):
     def loss(m, b):
         if args.sleep:
             time.sleep(args.sleep)
+        calls[0] += 1
+        if args.exit_after and calls[0] > args.exit_after * args.accumulate:
+            os._exit(3)
         valid = torch.arange(8)[None] < b["lengths"][:, None]
         return ((m(b["x"], b["lengths"]) - b["y"]) ** 2 * valid).sum()
 
     cfg = TrainConfig(steps=args.steps, lr=1e-2, warmup=3, checkpoint_every=args.checkpoint_every,
                       accumulate=args.accumulate, progress=False, log_every=1, seed=3)
     trainer = Trainer(model, cfg, plan=lambda e: bucket_batches(lengths.tolist(), args.max_tokens, seed=3, epoch=e),
-                      collate=collate, loss=loss, out_dir=args.out, device="cpu",
+                      collate=collate, loss=loss, out_dir=out, device="cpu",
                       rank=context.rank, world_size=context.world_size)
     if args.resume:
         trainer.resume()
