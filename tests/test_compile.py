@@ -104,23 +104,42 @@ def test_training_step_is_one_graph_and_equals_eager(case, backend):
     _check_training_step(case, backend, COMPILER)
 
 
-def test_chunked_vocabulary_loss_is_one_graph_and_equals_eager(monkeypatch):
-    """DecoderLM(ids, targets=...) on packed rows, in chunks of 4 rows (the custom autograd Function's loop)."""
+def test_vocabulary_loss_is_one_graph_and_equals_eager(monkeypatch):
+    """DecoderLM(ids, targets=...) on packed rows: eager in chunks of 4 rows (the custom autograd Function's
+    loop); compiled through the plain projection and loss, which Inductor fuses; the chunked function itself
+    compiles to one graph too."""
     from maskattn.layers import vocab_loss
+    from maskattn.models import decoder_lm
 
     monkeypatch.setattr(vocab_loss, "CHUNK_ELEMENTS", 4 * SMALL["vocab_size"])
+    chunked_calls = []
+
+    def counted(*args, **kwargs):
+        chunked_calls.append(torch.compiler.is_compiling())
+        return vocab_loss.linear_cross_entropy(*args, **kwargs)
+
+    monkeypatch.setattr(decoder_lm, "linear_cross_entropy", counted)
     targets = torch.cat([IDS[:, 1:], torch.full((2, 1), -100)], dim=1)
     eager = _lm("auto").train()
     explained = _explain(lambda: eager(IDS, doc_ids=DOCS, targets=targets))
     assert (explained.graph_count, explained.break_reasons) == (1, [])
     compiled = copy.deepcopy(eager)
     compiled.compile(fullgraph=True, backend=COMPILER)
+    chunked_calls.clear()
     losses = [model(IDS, doc_ids=DOCS, targets=targets) for model in (eager, compiled)]
+    assert chunked_calls == [False]  # eager took the chunks, the compiled model the plain path
     for loss in losses:
         loss.backward()
     torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-5, msg=name)
+    hidden = torch.randn(24, SMALL["d_model"], requires_grad=True)
+    weight = eager.lm_head.weight.detach()
+    explained = _explain(lambda: vocab_loss.linear_cross_entropy(hidden, weight, targets.flatten()))
+    assert (explained.graph_count, explained.break_reasons) == (1, [])
+    fused = torch.compile(vocab_loss.linear_cross_entropy, fullgraph=True, backend=COMPILER)
+    torch.testing.assert_close(fused(hidden, weight, targets.flatten()),
+                               vocab_loss.linear_cross_entropy(hidden, weight, targets.flatten()), atol=1e-5, rtol=1e-5)
 
 
 def test_head_dropout_keeps_a_training_step_one_graph():
