@@ -114,8 +114,7 @@ class DecoderLM(Persistent, Summary, nn.Module):
         :func:`maskattn.layers.vocab_loss.linear_cross_entropy` projects a chunk of rows at a time with
         ``lm_head.weight`` (less memory, and fewer passes over the logits, at a large vocabulary; forward
         hooks and pre-hooks on ``lm_head`` do not run). An output projection that is not a plain bias-free
-        ``nn.Linear`` (int8) takes the plain path, and so does a model run under ``torch.compile``, whose
-        fused projection and loss are faster than the chunks (at the memory of the whole logits).
+        ``nn.Linear`` (int8) takes the plain path.
 
         Args:
             input_ids, lengths, doc_ids: as :meth:`forward`.
@@ -131,9 +130,7 @@ class DecoderLM(Persistent, Summary, nn.Module):
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         hidden = self.features(input_ids, lengths=lengths, doc_ids=doc_ids)  # (B, L, E)
-        # Under torch.compile, Inductor fuses the plain projection and loss itself, and faster than the chunks
-        # (docs/performance.md, session fourteen: 1.14x in float32, 1.37x under bfloat16 autocast).
-        if type(self.lm_head) is nn.Linear and self.lm_head.bias is None and not torch.compiler.is_compiling():
+        if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
             return linear_cross_entropy(hidden, self.lm_head.weight, targets, reduction=reduction)
         logits = self.lm_head(hidden).flatten(0, 1).float()  # (B * L, V)
         return F.cross_entropy(logits, targets.flatten(), ignore_index=-100, reduction=reduction)
