@@ -138,20 +138,28 @@ def test_vocabulary_loss_is_one_graph_and_equals_eager(monkeypatch):
                                        msg=name)
 
 
-def test_compiled_chunked_loss_means_and_nothing_to_predict_as_pytorch():
+def test_compiled_chunked_loss_equals_pytorch_for_each_reduction_and_gradient():
     from maskattn.layers import vocab_loss
 
     hidden, weight = torch.randn(24, 8), torch.randn(40, 8)
     fused = torch.compile(vocab_loss.linear_cross_entropy, fullgraph=True, backend=COMPILER)
-    for targets in (torch.randint(0, 40, (24,)), torch.full((24,), -100)):
+    some, none = torch.randint(0, 40, (24,)), torch.full((24,), -100)
+    some[3] = -100
+    # (targets, reduction, hidden needs a gradient, weight needs one); nothing to predict: NaN, zero gradients
+    cases = [(some, "sum", True, True), (some, "mean", True, False), (some, "sum", False, True),
+             (none, "mean", True, True)]
+    for targets, reduction, grad_h, grad_w in cases:
         results = []
-        for loss_of in (lambda h, w, t=targets: fused(h, w, t, reduction="mean", chunk_rows=5),
-                        lambda h, w, t=targets: F.cross_entropy(h @ w.T, t, reduction="mean")):
-            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        for loss_of in (lambda h, w, t=targets, r=reduction: fused(h, w, t, reduction=r, chunk_rows=5),
+                        lambda h, w, t=targets, r=reduction: F.cross_entropy(h @ w.T, t, reduction=r)):
+            h, w = hidden.clone().requires_grad_(grad_h), weight.clone().requires_grad_(grad_w)
             loss = loss_of(h, w)
-            loss.backward()
+            (3 * loss).backward()  # the incoming gradient scales both
             results.append((loss.detach(), h.grad, w.grad))
-        torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-5, equal_nan=True)
+        torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-5, equal_nan=True,
+                                   msg=lambda m, c=(reduction, grad_h, grad_w): f"{c}: {m}")
+    explained = _explain(lambda: vocab_loss.linear_cross_entropy(hidden.requires_grad_(), weight, some, chunk_rows=5))
+    assert "maskattn.linear_cross_entropy_chunks.default" in _graph_ops(explained)
 
 
 def test_head_dropout_keeps_a_training_step_one_graph():

@@ -136,8 +136,9 @@ def _chunks(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, 
             probs.scatter_add_(1, safe.unsqueeze(1), -kept)
             # The half-type chunks of a group are kept until the group's weight gradient is one matmul: each
             # (V, E) partial costs a widening copy and an add to the float32 gradient, more than its matmul.
-            if grouped is None:
-                grouped = torch.empty((min(HALF_GROUP * chunk_rows, hidden.shape[0]), weight.shape[0]), dtype=dtype,
+            if grouped is None:  # without a weight gradient a group is one chunk
+                group = HALF_GROUP * chunk_rows if grad_weight is not None else chunk_rows
+                grouped = torch.empty((min(group, hidden.shape[0]), weight.shape[0]), dtype=dtype,
                                       device=hidden.device)  # (group rows, V)
             at = start % grouped.shape[0]
             g = grouped[at : at + probs.shape[0]].copy_(probs)  # (c, V) in the half type
