@@ -46,7 +46,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ign
         chunk_rows: rows per chunk (default ``CHUNK_ELEMENTS // V``).
 
     Under autocast the projection runs in the autocast dtype and the softmax in float32, as
-    ``F.linear(...).float()`` would; without it ``hidden`` and ``weight`` must have one dtype.
+    ``F.linear(...).float()`` would; without it ``hidden`` and ``weight`` must have one dtype. Under
+    ``torch.compile`` the float32 chunks are one opaque operator in the graph, and a half type takes the
+    plain projection and loss, which Inductor fuses faster than the chunks (docs/performance.md, session 14).
 
     Raises:
         ValueError: naming the argument whose shape or dtype does not fit, or a bad reduction or chunk_rows.
