@@ -70,15 +70,14 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ign
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N, E), (N,)
-    if hidden.shape[0] <= chunk_rows:  # one chunk: the logits are small, and PyTorch's own path is as fast
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    compiling = torch.compiler.is_compiling()
+    # One chunk: the logits are small, and PyTorch's own path is as fast. Compiled in a half type: Inductor
+    # fuses the plain version faster than the chunks.
+    if hidden.shape[0] <= chunk_rows or (compiling and dtype in (torch.float16, torch.bfloat16)):
         logits = F.linear(hidden, weight).float()  # (N, V)
         return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    if torch.compiler.is_compiling():
-        if dtype in (torch.float16, torch.bfloat16):  # Inductor fuses the plain version faster than the chunks
-            logits = F.linear(hidden.to(dtype), weight.to(dtype)).float()  # (N, V)
-            return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
-        # in float32 the chunks are faster than Inductor's plain version: one opaque operator in the graph
+    if compiling:  # in float32 the chunks are faster than Inductor's plain version: one opaque operator
         grads = torch.is_grad_enabled() and hidden.requires_grad, torch.is_grad_enabled() and weight.requires_grad
         total, count, _, _ = _chunks_op(hidden, weight, targets, ignore_index, chunk_rows, dtype, *grads)
         if reduction == "sum":
@@ -172,10 +171,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         grad_hidden, grad_weight, scale = ctx.saved_tensors
-        factor = grad * scale
-        d_hidden = None if grad_hidden is None else grad_hidden * factor.to(grad_hidden.dtype)
-        d_weight = None if grad_weight is None else (grad_weight * factor).to(ctx.weight_dtype)
-        return d_hidden, d_weight, None, None, None, None, None
+        return *_scaled(grad_hidden, grad_weight, grad * scale, ctx.weight_dtype), None, None, None, None, None
+
+
+def _scaled(grad_hidden: Tensor | None, grad_weight: Tensor | None, factor: Tensor,
+            weight_dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+    """The stored gradients of the summed loss times the incoming gradient (``factor``)."""
+    d_hidden = None if grad_hidden is None else grad_hidden * factor.to(grad_hidden.dtype)
+    d_weight = None if grad_weight is None else (grad_weight * factor).to(weight_dtype)
+    return d_hidden, d_weight
 
 
 @torch.library.custom_op("maskattn::linear_cross_entropy_chunks", mutates_args=())
@@ -206,10 +210,8 @@ def _setup_chunks_op(ctx, inputs, output):
 
 
 def _backward_chunks_op(ctx, grad, *_):
-    grad_hidden, grad_weight = ctx.saved_tensors
-    d_hidden = grad_hidden * grad.to(grad_hidden.dtype) if ctx.wants[0] else None
-    d_weight = (grad_weight * grad).to(ctx.weight_dtype) if ctx.wants[1] else None
-    return d_hidden, d_weight, None, None, None, None, None, None
+    grad_hidden, grad_weight = (g if want else None for g, want in zip(ctx.saved_tensors, ctx.wants, strict=True))
+    return *_scaled(grad_hidden, grad_weight, grad, ctx.weight_dtype), None, None, None, None, None, None
 
 
 _chunks_op.register_autograd(_backward_chunks_op, setup_context=_setup_chunks_op)
