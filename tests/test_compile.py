@@ -229,6 +229,32 @@ def test_a_mask_spec_names_only_maskattn_masks():
         blocked_op.unflatten_mask("('mask', 'os', 'system', ())", [])
 
 
+# Module-level masks: dynamo gives the tensors of a global mask sizes of their own under dynamic=True
+BATCH_MASK = masks.padding(torch.arange(9)[None] < torch.tensor([[6], [9]]))  # (B=2, Lk): a valid-key tensor
+HEADS_MASK = masks.from_tensor(torch.ones(1, 4, 9, 9, dtype=torch.bool).tril())
+
+
+def _check_batch(q):
+    BATCH_MASK.check(q.shape[2], q.shape[2], batch=q.shape[0], heads=q.shape[1])  # the global, not a closure
+    return q * 2
+
+
+def _check_heads(q):
+    HEADS_MASK.check(q.shape[2], q.shape[2], batch=q.shape[0], heads=q.shape[1])
+    return q * 2
+
+
+@pytest.mark.parametrize("check", [_check_batch, _check_heads], ids=["batch", "heads"])
+def test_a_global_masks_sizes_check_under_dynamic_shapes(check):
+    """The batch and head checks compare two symbolic sizes: `in (1, batch)` traced as unequal and raised
+    "batch size 2 ... does not match the batch size B=2"; a mismatch must still raise the same error."""
+    dynamo.reset()
+    q = torch.randn(2, 4, 9, 8)
+    torch.testing.assert_close(torch.compile(check, fullgraph=True, dynamic=True, backend=COMPILER)(q), q * 2)
+    with pytest.raises(ValueError, match="does not match"):
+        check(torch.randn(3, 5, 9, 8))
+
+
 def test_eager_keeps_its_host_checks():
     model = _lm("auto")
     with pytest.raises(ValueError, match=r"ids must be in \[0, 40\)"):

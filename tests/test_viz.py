@@ -59,9 +59,16 @@ def demo_checkpoint(tmp_path_factory):
     return Path(translation.train(cfg, train, valid)["model"])
 
 
-def test_viz_command_writes_heatmaps_grids_and_page(demo_checkpoint, tmp_path, capsys):
-    out = tmp_path / "viz"
+@pytest.fixture(scope="module")
+def demo_viz(demo_checkpoint, tmp_path_factory):
+    """One `maskattn viz` of the demo model (30 pictures take seconds): tests read it, or copy it to change it."""
+    out = tmp_path_factory.mktemp("viz") / "viz"
     assert main(["viz", str(demo_checkpoint), "--input", "3 May 1999", "--out", str(out)]) == 0
+    return out
+
+
+def test_viz_command_writes_heatmaps_grids_and_page(demo_viz, tmp_path, capsys):
+    out = demo_viz
     pngs = sorted(out.glob("*.png"))
     # tiny preset: 2 encoder self + 2 decoder self + 2 cross layers, 4 heads each, plus a grid per layer
     assert len(pngs) == 6 * 4 + 6
@@ -73,10 +80,10 @@ def test_viz_command_writes_heatmaps_grids_and_page(demo_checkpoint, tmp_path, c
     assert (tmp_path / "m.png").read_bytes()[:8] == PNG
 
 
-def test_viz_into_a_used_directory_replaces_the_earlier_pictures_only(demo_checkpoint, tmp_path, capsys):
+def test_viz_into_a_used_directory_replaces_the_earlier_pictures_only(demo_checkpoint, demo_viz, tmp_path, capsys):
     # a second viz (a smaller model, say) left the first one's extra layers beside its own pictures
     out = tmp_path / "viz"
-    assert main(["viz", str(demo_checkpoint), "--input", "3 May 1999", "--out", str(out)]) == 0
+    shutil.copytree(demo_viz, out)
     first = json.loads((out / "viz.json").read_text())["files"]
     assert sorted(p.name for p in out.iterdir() if p.name != "viz.json") == first and len(first) == 6 * 4 + 6 + 1
     (out / "encoder_layers_5_self_attn_grid.png").write_bytes(PNG)  # as if a 6-layer model's viz wrote it
@@ -96,10 +103,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
-def test_explorer_page_in_a_headless_browser(demo_checkpoint, tmp_path):
+def test_explorer_page_in_a_headless_browser(demo_viz):
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright (pip) is not installed")
-    out = tmp_path / "viz"
-    assert main(["viz", str(demo_checkpoint), "--input", "3 May 1999", "--out", str(out)]) == 0
+    out = demo_viz
     import json
     import re
 

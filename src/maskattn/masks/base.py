@@ -127,12 +127,12 @@ class Mask:
             heads: number of query heads H of the call, if known.
         """
         check_sizes(q_len, k_len, q_offset)
-        if batch is not None and self.batch not in (1, batch):
+        if batch is not None and self.batch != 1 and self.batch != batch:  # not `in`: dynamo misreads it on sizes
             raise ValueError(
                 f"mask {self!r} has batch size {self.batch}, which does not match the batch "
                 f"size B={batch} of the inputs (expected 1 or {batch})"
             )
-        if heads is not None and self.heads not in (1, heads):
+        if heads is not None and self.heads != 1 and self.heads != heads:
             raise ValueError(
                 f"mask {self!r} has {self.heads} heads, which does not match the H={heads} query "
                 f"heads of the inputs (expected 1 or {heads})"

@@ -110,7 +110,7 @@ def to_torch_mha(mask: Mask, q_len: int, k_len: int, *, num_heads: int = 1, q_of
     dense = mask.to_dense(q_len, k_len, q_offset=q_offset)  # (B|1, H|1, L, S)
     if dense.shape[0] == 1 and dense.shape[1] == 1:
         return out(~dense[0, 0]), None
-    if dense.shape[1] not in (1, num_heads):
+    if dense.shape[1] != 1 and dense.shape[1] != num_heads:  # not `in`: see Mask.check
         raise ValueError(f"to_torch_mha: the mask differs per head ({dense.shape[1]} heads); pass "
                          f"num_heads={dense.shape[1]}, got num_heads={num_heads}")
     batch = dense.shape[0]
