@@ -1,6 +1,7 @@
 """Smoke run of benchmarks/end_to_end.py at --tiny sizes: it runs and writes every figure (no timing checked)."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -19,12 +20,14 @@ def test_tiny_run_writes_every_comparison(tmp_path):
     assert set(results["generate"]) == {"1", "2"} and results["generate"]["1"]["same_tokens"] == 1.0
 
 
-def test_tiny_train_memory_children_run(tmp_path):
-    out = tmp_path / "mem.json"
-    end_to_end.main(["--tiny", "--parts", "train-memory", "--json", str(out)])
-    peaks = json.loads(out.read_text())["train-memory"]
-    assert set(peaks) == {"maskattn-logits", "maskattn-own", "hf-logits", "hf-own"}
-    assert all(p >= 0 for p in peaks.values())
+def test_tiny_train_memory_measures_each_case_and_a_child_reports_it():
+    # each case here (a child per case costs ~7 s of imports): after the first, this warm process's peaks are
+    # noise around 0, which is why the benchmark measures each in a fresh child; one child here, whose
+    # forward + backward through whole logits must show
+    args = end_to_end.parse(["--tiny"])
+    peaks = [end_to_end.train_memory_here(name, args) for name in ("maskattn-own", "hf-logits", "hf-own")]
+    assert all(math.isfinite(p) for p in peaks)
+    assert float(end_to_end.child(["train", "maskattn-logits"], args)) > 1
 
 
 def test_tiny_cache_child_keeps_the_window():
