@@ -6,6 +6,11 @@ from hypothesis import HealthCheck, settings
 
 from maskattn import dispatch
 
+# Under pytest-xdist (-n 2) each worker takes one core: one torch thread, and so do the processes it starts.
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 settings.register_profile(
     "default", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )

@@ -216,7 +216,8 @@ def _tiny_squad(tmp_path: Path, questions: int) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("setting,message", [("data.max_len=300", "data.max_len=300: windows longer than the 256"),
-                                             ("data.batch_size=16", "data.batch_size=16 windows per batch, but")])
+                                             ("data.batch_size=16", "data.batch_size=16 windows per batch, but"),
+                                             ("data.max_tokens=32", "data.max_tokens=32: less than one window")])
 def test_qa_training_refuses_windows_past_the_encoder_and_too_few_windows_for_a_batch(tmp_path, capsys, setting,
                                                                                    message):
     data, encoder = _tiny_squad(tmp_path, 5)  # 5 questions, one window each
@@ -224,6 +225,29 @@ def test_qa_training_refuses_windows_past_the_encoder_and_too_few_windows_for_a_
                  "--set", "data.stride=32", "--set", setting, "--set", "train.steps=1",
                  "--set", "train.progress=false"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_qa_batches_by_tokens_group_windows_of_similar_length_within_the_budget(tmp_path, capsys, monkeypatch):
+    data, encoder = _tiny_squad(tmp_path, 12)
+    doc = json.loads(data.read_text())  # questions of 0 to 88 extra characters: windows of different lengths
+    for i, q in enumerate(doc["data"][0]["paragraphs"][0]["qas"]):
+        q["question"] += " x" * (4 * i)
+    data.write_text(json.dumps(doc))
+    shapes = []
+    batch_of = qa.batch_of
+    monkeypatch.setattr(qa, "batch_of", lambda windows, pad_id: shapes.append(
+        (len(windows), max(len(w.ids) for w in windows), sorted(len(w.ids) for w in windows))) or
+        batch_of(windows, pad_id))
+    tok = Tokenizer.load(encoder)
+    lengths = sorted(len(w.ids) for w in qa.squad_windows(tok, read_squad(data), max_len=160, stride=32))
+    budget = 5 * lengths[-1] // 2
+    epoch = len(qa.bucket_batches(lengths, budget, seed=0, epoch=0))
+    assert main(["train", "qa", "--train", str(data), "--pretrained", str(encoder), "--out", str(tmp_path / "run"),
+                 "--set", "data.stride=32", "--set", "data.max_len=160", "--set", f"data.max_tokens={budget}",
+                 "--set", f"train.steps={epoch}", "--set", "train.progress=false"]) == 0
+    assert all(b * longest <= budget for b, longest, _ in shapes)
+    assert sorted(n for *_, each in shapes for n in each) == lengths  # one epoch: every window once
+    assert any(b > budget // lengths[-1] for b, *_ in shapes)  # more short windows than long ones fit
 
 
 def test_a_qa_model_has_no_parameter_its_loss_cannot_reach(tmp_path, capsys):

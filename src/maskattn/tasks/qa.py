@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskattn import checkpoint, metrics
-from maskattn.data import DataError, QAExample, pad, read_squad
+from maskattn.data import DataError, QAExample, bucket_batches, pad, read_squad
 from maskattn.errors import UsageError, check_settings
 from maskattn.io import check_output_file
 from maskattn.models import EncoderModel, from_pretrained
@@ -51,11 +51,16 @@ class DataConfig:
     stride: int = 128  # context tokens between window starts
     max_answer: int = 30  # longest answer, in tokens
     batch_size: int = 16  # windows per batch
+    max_tokens: int = 0  # instead of batch_size: padded tokens per batch, windows of similar length together
     valid_limit: int = 0  # validation questions evaluated during training (0: all)
 
     def __post_init__(self) -> None:
         check_settings(self, {"max_len": ("int>=", 4), "stride": ("int>=", 1), "max_answer": ("int>=", 1),
-                              "batch_size": ("int>=", 1), "valid_limit": ("int>=", 0)})
+                              "batch_size": ("int>=", 1), "max_tokens": ("int>=", 0),
+                              "valid_limit": ("int>=", 0)})
+        if 0 < self.max_tokens < self.max_len:
+            raise UsageError(f"data.max_tokens={self.max_tokens}: less than one window of data.max_len="
+                             f"{self.max_len} tokens; raise it, or 0 for data.batch_size windows a batch")
 
 
 @dataclass
@@ -244,11 +249,15 @@ def train(cfg: QAConfig, *, resume: bool = False, log=log_stderr) -> dict[str, A
     windows = squad_windows(tok, examples, max_len=cfg.data.max_len, stride=cfg.data.stride)
     valid_windows = squad_windows(tok, valid, max_len=cfg.data.max_len, stride=cfg.data.stride) if valid else None
     log(f"qa: {len(examples)} questions in {len(windows)} windows, {parameters(model)}")
-    if len(windows) < cfg.data.batch_size:  # batches are whole: an epoch would hold none
+    if not cfg.data.max_tokens and len(windows) < cfg.data.batch_size:  # whole batches: an epoch would hold none
         raise UsageError(f"data.batch_size={cfg.data.batch_size} windows per batch, but {cfg.data.train} gives only "
                          f"{len(windows)}; lower data.batch_size")
 
+    lengths = [len(w.ids) for w in windows]
+
     def plan(epoch: int) -> list[list[int]]:
+        if cfg.data.max_tokens:  # random windows pad to ~max_len; grouped by length, ~30% fewer padded tokens
+            return bucket_batches(lengths, cfg.data.max_tokens, seed=cfg.train.seed, epoch=epoch)
         order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(cfg.train.seed * 7919 + epoch))
         size = cfg.data.batch_size
         return [order[i : i + size].tolist() for i in range(0, len(order) - size + 1, size)]
