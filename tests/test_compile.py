@@ -104,6 +104,22 @@ def test_training_step_is_one_graph_and_equals_eager(case, backend):
     _check_training_step(case, backend, COMPILER)
 
 
+def test_blocked_training_under_dynamic_shapes_equals_eager_at_two_sizes():
+    """dynamic=True: the document mask's batch size is symbolic. The mask's spec held it as a constant (its
+    repr failed while tracing); its integers now travel as operator arguments, and one graph serves both sizes."""
+    eager = DecoderLM(DecoderLMConfig(num_layers=1, backend="blocked", **SMALL)).train()
+    compiled = copy.deepcopy(eager)
+    compiled.compile(fullgraph=True, dynamic=True, backend=COMPILER)
+    docs = torch.tensor([[0] * 6 + [1] * 7 + [2] * 4, [0] * 9 + [1] * 8, [0] * 17])
+    ids = torch.randint(3, 40, (3, 17))
+    for run in (lambda m: m(IDS, doc_ids=DOCS), lambda m: m(ids, doc_ids=docs)):
+        for model in (eager, compiled):
+            model.zero_grad()
+            _loss(model, run).backward()
+        for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
 def _graph_ops(explained) -> set:
     return {str(node.target) for graph in explained.graphs for node in graph.graph.nodes}
 
@@ -204,10 +220,11 @@ def test_blocked_operator_equals_blocked_eager_with_gradients(name):
     mask = MASKS[name]
     q = torch.randn(2, 4, 23, 8, requires_grad=True)
     k, v = (torch.randn(2, 2, 23, 8, requires_grad=True) for _ in range(2))
-    spec, tensors = blocked_op.flatten_mask(mask)
-    assert repr(blocked_op.unflatten_mask(spec, tensors)) == repr(mask)
+    spec, tensors, ints = blocked_op.flatten_mask(mask)
+    assert repr(blocked_op.unflatten_mask(spec, tensors, ints)) == repr(mask)
     seed = torch.zeros(1, dtype=torch.long)
-    out, lse, _ = torch.ops.maskattn.blocked_attention(q, k, v, tensors, spec, seed, 0.3, 0.0, 0, 8, 8, "fused", True)
+    out, lse, _ = torch.ops.maskattn.blocked_attention(q, k, v, tensors, spec, ints, seed, 0.3, 0.0, 0, 8, 8, "fused",
+                                                       True)
     ref_out, ref_lse = blocked_op.blocked.attention(q, k, v, mask, scale=0.3, return_lse=True, block_q=8, block_k=8)
     torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
     torch.testing.assert_close(lse, ref_lse, atol=0, rtol=0)
@@ -219,8 +236,8 @@ def test_blocked_operator_equals_blocked_eager_with_gradients(name):
 
 def test_blocked_operator_passes_opcheck():
     q, k, v = (torch.randn(1, 2, 20, 8, requires_grad=True) for _ in range(3))
-    spec, tensors = blocked_op.flatten_mask(MASKS["window-padding"].parts[1] & masks.causal())
-    args = (q, k, v, tensors, spec, torch.zeros(1, dtype=torch.long), 0.3, 0.0, 0, 8, 8, "math", True)
+    spec, tensors, ints = blocked_op.flatten_mask(MASKS["window-padding"].parts[1] & masks.causal())
+    args = (q, k, v, tensors, spec, ints, torch.zeros(1, dtype=torch.long), 0.3, 0.0, 0, 8, 8, "math", True)
     torch.library.opcheck(torch.ops.maskattn.blocked_attention.default, args)
 
 

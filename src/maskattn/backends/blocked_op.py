@@ -36,7 +36,7 @@ __all__ = ["BACKEND", "attention", "flatten_mask", "unflatten_mask"]
 
 
 # --- a mask across an operator boundary ------------------------------------------------------------
-def _encode(value: Any, tensors: list[Tensor]) -> Any:
+def _encode(value: Any, tensors: list[Tensor], ints: list[int]) -> Any:
     if isinstance(value, Tensor):
         for i, seen in enumerate(tensors):  # the same tensor under two attribute names travels once
             if seen is value:
@@ -45,25 +45,31 @@ def _encode(value: Any, tensors: list[Tensor]) -> Any:
         return ("tensor", len(tensors) - 1)
     if isinstance(value, Mask):
         cls = type(value)
-        attrs = tuple((name, _encode(v, tensors)) for name, v in vars(value).items())
+        attrs = tuple((name, _encode(v, tensors, ints)) for name, v in vars(value).items())
         return ("mask", cls.__module__, cls.__qualname__, attrs)
     if isinstance(value, tuple):
-        return ("tuple", tuple(_encode(v, tensors) for v in value))
-    if isinstance(value, torch.SymInt):  # a size read from a tensor's shape (batch, heads)
-        return int(value)
+        return ("tuple", tuple(_encode(v, tensors, ints) for v in value))
+    if isinstance(value, int | torch.SymInt) and not isinstance(value, bool):
+        # every int travels as an operator argument: a size can be symbolic (dynamic shapes), and the tracer
+        # shows a symbolic size as a plain int, so the two cannot be told apart here
+        ints.append(value)
+        return ("int", len(ints) - 1)
     return value
 
 
-def flatten_mask(mask: Mask | None) -> tuple[str, list[Tensor]]:
-    """``(spec, tensors)``: ``mask`` as a string and the tensors it holds; ``("", [])`` for None.
+def flatten_mask(mask: Mask | None) -> tuple[str, list[Tensor], list[int]]:
+    """``(spec, tensors, ints)``: ``mask`` as a string, the tensors it holds and its integers (sizes, windows,
+    offsets: a batch size read from a tensor's shape is symbolic under ``torch.compile(dynamic=True)``);
+    ``("", [], [])`` for None.
 
     Only Python structure is read (classes, attributes), never tensor values, so the tracer of
     ``torch.compile`` follows it and the spec is a constant of the graph.
     """
-    if mask is None:
-        return "", []
     tensors: list[Tensor] = []
-    return repr(_encode(mask, tensors)), tensors
+    ints: list[int] = []
+    if mask is None:
+        return "", tensors, ints
+    return repr(_encode(mask, tensors, ints)), tensors, ints
 
 
 @functools.lru_cache(maxsize=256)
@@ -71,14 +77,16 @@ def _parse(spec: str) -> Any:
     return ast.literal_eval(spec)
 
 
-def _decode(node: Any, tensors: list[Tensor]) -> Any:
+def _decode(node: Any, tensors: list[Tensor], ints: list[int]) -> Any:
     if not isinstance(node, tuple):
         return node
     tag, *rest = node
     if tag == "tensor":
         return tensors[rest[0]]
+    if tag == "int":
+        return ints[rest[0]]
     if tag == "tuple":
-        return tuple(_decode(v, tensors) for v in rest[0])
+        return tuple(_decode(v, tensors, ints) for v in rest[0])
     module, qualname, attrs = rest
     if not module.startswith("maskattn."):
         raise ValueError(f"mask spec names {module}.{qualname}, which is not a maskattn mask class")
@@ -86,13 +94,13 @@ def _decode(node: Any, tensors: list[Tensor]) -> Any:
     if not (isinstance(cls, type) and issubclass(cls, Mask)):
         raise ValueError(f"mask spec names {module}.{qualname}, which is not a Mask subclass")
     mask = cls.__new__(cls)
-    mask.__dict__.update({name: _decode(v, tensors) for name, v in attrs})
+    mask.__dict__.update({name: _decode(v, tensors, ints) for name, v in attrs})
     return mask
 
 
-def unflatten_mask(spec: str, tensors: list[Tensor]) -> Mask | None:
-    """The mask of :func:`flatten_mask`, rebuilt around ``tensors``."""
-    return _decode(_parse(spec), list(tensors)) if spec else None
+def unflatten_mask(spec: str, tensors: list[Tensor], ints: list[int] = ()) -> Mask | None:
+    """The mask of :func:`flatten_mask`, rebuilt around ``tensors`` and ``ints``."""
+    return _decode(_parse(spec), list(tensors), list(ints)) if spec else None
 
 
 # --- the operators -----------------------------------------------------------------------------------
@@ -109,9 +117,9 @@ class _Context:
         pass
 
 
-def _plan(q: Tensor, k: Tensor, spec: str, mask_tensors: list[Tensor], q_offset: int, block_q: int,
-          block_k: int) -> blocked.Plan:
-    return blocked.make_plan(unflatten_mask(spec, mask_tensors), q, k, q_offset=q_offset, block_q=block_q,
+def _plan(q: Tensor, k: Tensor, spec: str, mask_tensors: list[Tensor], ints: list[int], q_offset: int,
+          block_q: int, block_k: int) -> blocked.Plan:
+    return blocked.make_plan(unflatten_mask(spec, mask_tensors, ints), q, k, q_offset=q_offset, block_q=block_q,
                              block_k=block_k)
 
 
@@ -120,11 +128,11 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.custom_op("maskattn::blocked_attention", mutates_args=())
-def _forward_op(q: Tensor, k: Tensor, v: Tensor, mask_tensors: list[Tensor], spec: str, seed: Tensor, scale: float,
-                dropout_p: float, q_offset: int, block_q: int, block_k: int, kernel: str,
+def _forward_op(q: Tensor, k: Tensor, v: Tensor, mask_tensors: list[Tensor], spec: str, ints: list[int],
+                seed: Tensor, scale: float, dropout_p: float, q_offset: int, block_q: int, block_k: int, kernel: str,
                 want_lse: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(output (B, H, Lq, Dv), exposed lse (B, H, Lq) or (0,), lse kept for backward (B', nq, R))``."""
-    plan = _plan(q, k, spec, mask_tensors, q_offset, block_q, block_k)
+    plan = _plan(q, k, spec, mask_tensors, ints, q_offset, block_q, block_k)
     ctx = _Context()
     out, exposed = blocked._BlockedAttention.forward(ctx, q, k, v, plan, scale, dropout_p, int(seed), kernel,
                                                      want_lse)
@@ -132,7 +140,8 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, mask_tensors: list[Tensor], spe
 
 
 @_forward_op.register_fake
-def _forward_fake(q, k, v, mask_tensors, spec, seed, scale, dropout_p, q_offset, block_q, block_k, kernel, want_lse):
+def _forward_fake(q, k, v, mask_tensors, spec, ints, seed, scale, dropout_p, q_offset, block_q, block_k, kernel,
+                  want_lse):
     batch, heads, q_len, _ = q.shape
     kv_heads = k.shape[1]
     blocks = (q_len + block_q - 1) // block_q
@@ -143,10 +152,11 @@ def _forward_fake(q, k, v, mask_tensors, spec, seed, scale, dropout_p, q_offset,
 
 @torch.library.custom_op("maskattn::blocked_attention_backward", mutates_args=())
 def _backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse_rows: Tensor,
-                 mask_tensors: list[Tensor], spec: str, seed: Tensor, scale: float, dropout_p: float, q_offset: int,
-                 block_q: int, block_k: int, kernel: str) -> tuple[Tensor, Tensor, Tensor]:
+                 mask_tensors: list[Tensor], spec: str, ints: list[int], seed: Tensor, scale: float,
+                 dropout_p: float, q_offset: int, block_q: int, block_k: int,
+                 kernel: str) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of :func:`_forward_op`, recomputed group by group as the eager backward does."""
-    plan = _plan(q, k, spec, mask_tensors, q_offset, block_q, block_k)
+    plan = _plan(q, k, spec, mask_tensors, ints, q_offset, block_q, block_k)
     out_rows = blocked._rows_layout(out.contiguous(), k.shape[1], block_q, plan.padded_q)  # (B', nq, R, Dv)
     ctx = _Context((q, k, v, out_rows, lse_rows))
     ctx.plan, ctx.scale, ctx.dropout_p, ctx.seed, ctx.kernel = plan, scale, dropout_p, int(seed), kernel
@@ -155,24 +165,26 @@ def _backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
 
 
 @_backward_op.register_fake
-def _backward_fake(grad, q, k, v, out, lse_rows, mask_tensors, spec, seed, scale, dropout_p, q_offset, block_q,
+def _backward_fake(grad, q, k, v, out, lse_rows, mask_tensors, spec, ints, seed, scale, dropout_p, q_offset, block_q,
                    block_k, kernel):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the real ones
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, mask_tensors, spec, seed, scale, dropout_p, q_offset, block_q, block_k, kernel, _ = inputs
+    q, k, v, mask_tensors, spec, ints, seed, scale, dropout_p, q_offset, block_q, block_k, kernel, _ = inputs
     out, _, lse_rows = output
     ctx.save_for_backward(q, k, v, out, lse_rows, seed, *mask_tensors)
-    ctx.options = (spec, scale, dropout_p, q_offset, block_q, block_k, kernel)
+    ctx.options = (spec, ints, scale, dropout_p, q_offset, block_q, block_k, kernel)
 
 
 def _backward(ctx, grad, _grad_lse, _grad_rows):
     q, k, v, out, lse_rows, seed, *mask_tensors = ctx.saved_tensors
-    spec, scale, dropout_p, q_offset, block_q, block_k, kernel = ctx.options
-    dq, dk, dv = _backward_op(grad, q, k, v, out, lse_rows, mask_tensors, spec, seed, scale, dropout_p, q_offset,
-                              block_q, block_k, kernel)
-    return dq, dk, dv, [None] * len(mask_tensors), None, None, None, None, None, None, None, None, None
+    spec, ints, scale, dropout_p, q_offset, block_q, block_k, kernel = ctx.options
+    dq, dk, dv = _backward_op(grad, q, k, v, out, lse_rows, mask_tensors, spec, ints, seed, scale, dropout_p,
+                              q_offset, block_q, block_k, kernel)
+    # torch.library flattens a list of non-tensors as one input, and an empty list as a list of no tensors
+    no_grad_ints = None if ints else []
+    return dq, dk, dv, [None] * len(mask_tensors), None, no_grad_ints, None, None, None, None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -209,8 +221,8 @@ def attention(
         seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device if generator else "cpu")
     else:
         seed = torch.zeros(1, dtype=torch.long)
-    spec, tensors = flatten_mask(mask)
-    out, lse, _ = _forward_op(q, k, v, tensors, spec, seed, scale, dropout_p, q_offset, block_q, block_k, kernel,
+    spec, tensors, ints = flatten_mask(mask)
+    out, lse, _ = _forward_op(q, k, v, tensors, spec, ints, seed, scale, dropout_p, q_offset, block_q, block_k, kernel,
                               return_lse)
     return out, (lse if return_lse else None)
 
