@@ -120,6 +120,25 @@ def test_blocked_training_under_dynamic_shapes_equals_eager_at_two_sizes():
             torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["grouped", "equal"])
+def test_sdpa_under_dynamic_shapes_equals_the_reference_at_two_sizes(kv_heads):
+    """Head counts are symbolic under dynamic=True: `Hq != Hkv` was a SymBool, which SDPA's enable_gqa refuses.
+    The mask is built inside the graph: padding() and prefix_lm() read no lengths on the host while compiling."""
+    def run(q, k, v, lengths):
+        mask = masks.causal() & masks.sliding_window(4) & masks.padding(lengths) | masks.prefix_lm(lengths // 4)
+        return attention(q, k, v, mask, backend="sdpa")
+
+    dynamo.reset()
+    compiled = torch.compile(run, fullgraph=True, dynamic=True, backend=COMPILER)
+    for batch, length in ((2, 11), (3, 19)):
+        q = torch.randn(batch, 4, length, 8)
+        k, v = torch.randn(batch, kv_heads, length, 8), torch.randn(batch, kv_heads, length, 8)
+        lengths = torch.tensor([length - 2 * i for i in range(batch)])
+        mask = masks.causal() & masks.sliding_window(4) & masks.padding(lengths) | masks.prefix_lm(lengths // 4)
+        torch.testing.assert_close(compiled(q, k, v, lengths), attention(q, k, v, mask, backend="reference"),
+                                   atol=1e-5, rtol=1e-5)
+
+
 def _graph_ops(explained) -> set:
     return {str(node.target) for graph in explained.graphs for node in graph.graph.nodes}
 

@@ -172,7 +172,7 @@ def attention(
             "global RNG; pass no generator, or use backend='blocked' or 'reference' (auto picks 'blocked')"
         )
     q_len, k_len = q.shape[2], k.shape[2]
-    gqa = q.shape[1] != k.shape[1]
+    gqa = True if q.shape[1] != k.shape[1] else False  # noqa: SIM210 (a branch: SDPA takes no SymBool of symbolic heads)
     kinds = structure(mask).kinds
     # No mask, full(), or causal() whose queries all come after the last key (one decoding step on a KV cache).
     if not kinds or (kinds == ("causal",) and q_offset + 1 >= k_len):

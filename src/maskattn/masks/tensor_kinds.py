@@ -239,7 +239,7 @@ def padding(lengths_or_valid: Tensor | Sequence[int]) -> Mask:
         raise ValueError(
             f"padding(lengths_or_valid): lengths must be 1-D (B,), got shape {tuple(x.shape)}"
         )
-    if x.numel() and int(x.min()) < 0:
+    if x.numel() and not torch.compiler.is_compiling() and int(x.min()) < 0:  # a host read: eager only
         raise ValueError(f"padding(lengths_or_valid): lengths must be >= 0, got {x.tolist()}")
     return _Padding(lengths=x.long())
 
@@ -289,7 +289,7 @@ def prefix_lm(prefix_len: int | Tensor | Sequence[int]) -> Mask:
         raise TypeError(f"prefix_lm(prefix_len): expected integers, got dtype {p.dtype}")
     if p.dim() != 1:
         raise ValueError(f"prefix_lm(prefix_len): expected an int or shape (B,), got {tuple(p.shape)}")
-    if p.numel() and int(p.min()) < 0:
+    if p.numel() and not torch.compiler.is_compiling() and int(p.min()) < 0:  # a host read: eager only
         raise ValueError(f"prefix_lm(prefix_len): prefix lengths must be >= 0, got {p.tolist()}")
     return _PrefixLM(p.long())
 
