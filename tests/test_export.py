@@ -73,6 +73,19 @@ def test_exported_graphs_equal_eager(exported, batch, length):
             _check_transformer(model, *runners, ids, torch.tensor(lengths))
 
 
+def test_a_blocked_backend_model_exports_to_pt2_for_lengths_across_a_tile(tmp_path):
+    """backend="blocked" exports its custom operator (pt2). Traced at length 5 (one 128-row tile), the graph
+    was guarded to lengths <= 128 and the export refused its own dynamic length; here it runs at 7 and 200."""
+    torch.manual_seed(0)
+    model = DecoderLM(DecoderLMConfig(num_layers=1, backend="blocked", **{**SMALL, "max_len": 256})).eval()
+    (path,) = export.export(model, tmp_path / "model.pt2", format="pt2")
+    run = _runner(path, "pt2")
+    for batch, length in ((2, 7), (3, 200)):
+        ids = _ids(batch, length, [length] * batch)
+        with torch.no_grad():
+            torch.testing.assert_close(run(ids)[0], model(ids), atol=1e-5, rtol=1e-5)
+
+
 def _check_transformer(model, encoder, step, src, lengths):
     """Encoder, then four cached steps from an empty cache, against Transformer.encode / start / step."""
     (memory,) = encoder(src, src != 0)

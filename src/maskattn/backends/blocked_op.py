@@ -9,9 +9,9 @@ second operator, ``maskattn::blocked_attention_backward``, registered with ``reg
 calls go straight to :func:`maskattn.backends.blocked.attention`, unchanged.
 
 An operator takes tensors and plain values, not a :class:`~maskattn.masks.Mask`: the mask crosses it as
-its tensors plus a *spec*, a string that names the mask classes and their other attributes, built from
-the mask's Python structure at trace time (:func:`flatten_mask`) and read back with
-:func:`unflatten_mask` (``ast.literal_eval``, and only maskattn's own mask classes).
+its tensors, its integers (which may be symbolic sizes) and a *spec*, a string that names the mask classes
+and their other attributes, built from the mask's Python structure at trace time (:func:`flatten_mask`)
+and read back with :func:`unflatten_mask` (``ast.literal_eval``, and only maskattn's own mask classes).
 
 Shape legend: B batch, H query heads, Hkv key/value heads, Lq queries, Lk keys, D head dim, Dv value
 head dim, nq query blocks, R rows per block (H // Hkv * block_q), B' = B * Hkv.
@@ -131,12 +131,15 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, mask_tensors: list[Tensor], spec: str, ints: list[int],
                 seed: Tensor, scale: float, dropout_p: float, q_offset: int, block_q: int, block_k: int, kernel: str,
                 want_lse: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(output (B, H, Lq, Dv), exposed lse (B, H, Lq) or (0,), lse kept for backward (B', nq, R))``."""
+    """``(output (B, H, Lq, Dv), exposed lse (B, H, Lq) or (0,), lse kept for backward (B', nq * R))``.
+
+    The kept lse is flat: as (B', nq, R) its nq = ceil(Lq / block_q) can be 1, and the contiguity check of a
+    dynamic-shape export then guards on it (Lq <= 128 only)."""
     plan = _plan(q, k, spec, mask_tensors, ints, q_offset, block_q, block_k)
     ctx = _Context()
     out, exposed = blocked._BlockedAttention.forward(ctx, q, k, v, plan, scale, dropout_p, int(seed), kernel,
                                                      want_lse)
-    return out.contiguous(), exposed.contiguous(), ctx.saved_tensors[4]
+    return out.contiguous(), exposed.contiguous(), ctx.saved_tensors[4].flatten(1).contiguous()
 
 
 @_forward_op.register_fake
@@ -146,7 +149,7 @@ def _forward_fake(q, k, v, mask_tensors, spec, ints, seed, scale, dropout_p, q_o
     kv_heads = k.shape[1]
     blocks = (q_len + block_q - 1) // block_q
     exposed = q.new_empty(batch, heads, q_len, dtype=_wide(q.dtype)) if want_lse else q.new_empty(0)
-    rows = q.new_empty(batch * kv_heads, blocks, heads // kv_heads * block_q, dtype=_wide(q.dtype))
+    rows = q.new_empty(batch * kv_heads, blocks * (heads // kv_heads * block_q), dtype=_wide(q.dtype))
     return q.new_empty(batch, heads, q_len, v.shape[-1]), exposed, rows
 
 
@@ -158,6 +161,7 @@ def _backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     """``(dq, dk, dv)`` of :func:`_forward_op`, recomputed group by group as the eager backward does."""
     plan = _plan(q, k, spec, mask_tensors, ints, q_offset, block_q, block_k)
     out_rows = blocked._rows_layout(out.contiguous(), k.shape[1], block_q, plan.padded_q)  # (B', nq, R, Dv)
+    lse_rows = lse_rows.unflatten(1, (-1, q.shape[1] // k.shape[1] * block_q))  # (B', nq, R)
     ctx = _Context((q, k, v, out_rows, lse_rows))
     ctx.plan, ctx.scale, ctx.dropout_p, ctx.seed, ctx.kernel = plan, scale, dropout_p, int(seed), kernel
     dq, dk, dv = blocked._BlockedAttention.backward(ctx, grad, None)[:3]
