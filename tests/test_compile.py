@@ -107,17 +107,24 @@ def test_training_step_is_one_graph_and_equals_eager(case, backend):
 def test_blocked_training_under_dynamic_shapes_equals_eager_at_two_sizes():
     """dynamic=True: the document mask's batch size is symbolic. The mask's spec held it as a constant (its
     repr failed while tracing); its integers now travel as operator arguments, and one graph serves both sizes."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    dynamo.reset()
     eager = DecoderLM(DecoderLMConfig(num_layers=1, backend="blocked", **SMALL)).train()
     compiled = copy.deepcopy(eager)
-    compiled.compile(fullgraph=True, dynamic=True, backend=COMPILER)
+    counter = CompileCounterWithBackend(COMPILER)
+    compiled.compile(fullgraph=True, dynamic=True, backend=counter)
     docs = torch.tensor([[0] * 6 + [1] * 7 + [2] * 4, [0] * 9 + [1] * 8, [0] * 17])
     ids = torch.randint(3, 40, (3, 17))
+    frames = []
     for run in (lambda m: m(IDS, doc_ids=DOCS), lambda m: m(ids, doc_ids=docs)):
         for model in (eager, compiled):
             model.zero_grad()
             _loss(model, run).backward()
         for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
             torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-5, msg=name)
+        frames.append(counter.frame_count)
+    assert frames[1] == frames[0]  # the second size ran the first size's graphs: nothing recompiled
 
 
 @pytest.mark.parametrize("kv_heads", [2, 4], ids=["grouped", "equal"])
@@ -286,9 +293,12 @@ def test_a_global_masks_sizes_check_under_dynamic_shapes(check):
     "batch size 2 ... does not match the batch size B=2"; a mismatch must still raise the same error."""
     dynamo.reset()
     q = torch.randn(2, 4, 9, 8)
-    torch.testing.assert_close(torch.compile(check, fullgraph=True, dynamic=True, backend=COMPILER)(q), q * 2)
+    compiled = torch.compile(check, fullgraph=True, dynamic=True, backend=COMPILER)
+    torch.testing.assert_close(compiled(q), q * 2)
     with pytest.raises(ValueError, match="does not match"):
         check(torch.randn(3, 5, 9, 8))
+    with pytest.raises(RuntimeError, match="does not match"):  # in the graph: torch._check's constant message
+        compiled(torch.randn(3, 5, 9, 8))
 
 
 def test_eager_keeps_its_host_checks():

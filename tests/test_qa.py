@@ -250,6 +250,19 @@ def test_qa_batches_by_tokens_group_windows_of_similar_length_within_the_budget(
     assert any(b > budget // lengths[-1] for b, *_ in shapes)  # more short windows than long ones fit
 
 
+def test_qa_batches_by_tokens_refuse_a_budget_too_small_for_every_process(tmp_path, capsys, monkeypatch):
+    # each process takes a share of a batch and batches with fewer windows than processes are dropped: two full
+    # windows per batch are needed under two processes, or the batches of long windows vanish without a word
+    from maskattn import distributed
+
+    data, encoder = _tiny_squad(tmp_path, 5)
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Context(rank=0, world_size=2))
+    assert main(["train", "qa", "--train", str(data), "--pretrained", str(encoder), "--out", str(tmp_path / "run"),
+                 "--set", "data.stride=32", "--set", "data.max_len=64", "--set", "data.max_tokens=100",
+                 "--set", "train.steps=1", "--set", "train.progress=false"]) == 2
+    assert "data.max_tokens=100: under 2 processes a batch needs at least 2 windows" in capsys.readouterr().err
+
+
 def test_a_qa_model_has_no_parameter_its_loss_cannot_reach(tmp_path, capsys):
     # The pretrained pooler stayed in QA models: under torchrun, DistributedDataParallel stopped at the second
     # step ("parameters that were not used in producing loss"). Every parameter must get a gradient.

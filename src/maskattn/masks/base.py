@@ -127,12 +127,19 @@ class Mask:
             heads: number of query heads H of the call, if known.
         """
         check_sizes(q_len, k_len, q_offset)
-        if batch is not None and self.batch != 1 and self.batch != batch:  # not `in`: dynamo misreads it on sizes
+        if torch.compiler.is_compiling():  # sizes may be symbolic: checked in the graph (a constant message)
+            if batch is not None:
+                torch._check(self.batch == 1 or self.batch == batch,
+                             lambda: "a mask's batch size does not match the batch size B of the inputs (1 or B)")
+            if heads is not None:
+                torch._check(self.heads == 1 or self.heads == heads,
+                             lambda: "a mask's head count does not match the H query heads of the inputs (1 or H)")
+        elif batch is not None and self.batch != 1 and self.batch != batch:  # not `in`: dynamo misreads it
             raise ValueError(
                 f"mask {self!r} has batch size {self.batch}, which does not match the batch "
                 f"size B={batch} of the inputs (expected 1 or {batch})"
             )
-        if heads is not None and self.heads != 1 and self.heads != heads:
+        elif heads is not None and self.heads != 1 and self.heads != heads:
             raise ValueError(
                 f"mask {self!r} has {self.heads} heads, which does not match the H={heads} query "
                 f"heads of the inputs (expected 1 or {heads})"

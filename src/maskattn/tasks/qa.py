@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maskattn import checkpoint, metrics
+from maskattn import checkpoint, distributed, metrics
 from maskattn.data import DataError, QAExample, bucket_batches, pad, read_squad
 from maskattn.errors import UsageError, check_settings
 from maskattn.io import check_output_file
@@ -51,7 +51,7 @@ class DataConfig:
     stride: int = 128  # context tokens between window starts
     max_answer: int = 30  # longest answer, in tokens
     batch_size: int = 16  # windows per batch
-    max_tokens: int = 0  # instead of batch_size: padded tokens per batch, windows of similar length together
+    max_tokens: int = 0  # > 0: batches of up to this many padded tokens, windows of similar length (not batch_size)
     valid_limit: int = 0  # validation questions evaluated during training (0: all)
 
     def __post_init__(self) -> None:
@@ -254,6 +254,13 @@ def train(cfg: QAConfig, *, resume: bool = False, log=log_stderr) -> dict[str, A
                          f"{len(windows)}; lower data.batch_size")
 
     lengths = [len(w.ids) for w in windows]
+    world = distributed.current().world_size
+    if cfg.data.max_tokens and cfg.data.max_tokens < world * cfg.data.max_len:
+        # each process takes a share of every batch, and a batch with fewer windows than processes is dropped:
+        # batches of full windows would be lost, and with them most long contexts
+        raise UsageError(f"data.max_tokens={cfg.data.max_tokens}: under {world} processes a batch needs at least "
+                         f"{world} windows of up to data.max_len={cfg.data.max_len} tokens; set it to at least "
+                         f"{world * cfg.data.max_len}")
 
     def plan(epoch: int) -> list[list[int]]:
         if cfg.data.max_tokens:  # random windows pad to ~max_len; grouped by length, ~30% fewer padded tokens
