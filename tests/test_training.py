@@ -169,6 +169,23 @@ def test_the_trainer_takes_rank_and_world_size_from_its_caller_and_checks_them(t
         _tiny_trainer(tmp_path)
 
 
+def test_a_plan_whose_batches_leave_examples_out_across_processes_says_so_once(tmp_path, caplog):
+    trainer = _tiny_trainer(tmp_path)
+    trainer.world = 2  # as under torchrun (the split is all this test reads)
+    trainer.plan = lambda epoch: [[0, 1, 2], [3], [4, 5], [6]]
+    with caplog.at_level("WARNING", logger="maskattn"):
+        assert trainer._epoch_batches(0) == [[0, 2], [4]]  # rank 0's share; [3] and [6] cannot be split
+        trainer._epoch_batches(1)
+    said = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert said == ["training: 2 of 7 examples of epoch 0 are left out: their batches hold fewer examples than "
+                    "the 2 processes (raise the batch size or data.max_tokens)"]
+    caplog.clear()
+    trainer.world, trainer._said_left_out = 1, False
+    with caplog.at_level("WARNING", logger="maskattn"):
+        assert trainer._epoch_batches(0) == [[0, 1, 2], [3], [4, 5], [6]]
+    assert not caplog.records
+
+
 def test_each_torchrun_process_gets_its_own_gpu_and_nccl_reduces_on_it(monkeypatch):
     # No GPU here: CUDA and the NCCL group are stood in for, so that what is checked is which device
     # the code picks (all ranks on cuda:0 is what NCCL refuses) and where the reduced tensor lives.

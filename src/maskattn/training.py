@@ -398,6 +398,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         distributed.check(distributed.Context(rank, world_size))
         self.rank, self.world = rank, world_size
+        self._said_left_out = False
         self.device = torch.device(device) if device is not None else distributed.local_device()
         self.model = model.to(self.device)
         if cfg.compile:
@@ -550,11 +551,24 @@ class Trainer:
             self.save()
         return last
 
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This process's share of the epoch's batches; says once (rank 0) if batches smaller than the number of
+        processes leave examples out, which the split must do for every process to run the same steps."""
+        batches = self.plan(epoch)
+        left_out = sum(len(b) for b in batches if len(b) < self.world)
+        if left_out and self.rank == 0 and not self._said_left_out:
+            self._said_left_out = True
+            logging.getLogger("maskattn").warning(
+                "training: %d of %d examples of epoch %d are left out: their batches hold fewer examples than the "
+                "%d processes (raise the batch size or data.max_tokens)", left_out, sum(map(len, batches)), epoch,
+                self.world)
+        return shard(batches, self.rank, self.world)
+
     def _next_micro_batches(self) -> list[Batch]:
         micro = []
         while len(micro) < self.cfg.accumulate:
             if self._planned is None or self._planned[0] != self.epoch:
-                self._planned = (self.epoch, shard(self.plan(self.epoch), self.rank, self.world))
+                self._planned = (self.epoch, self._epoch_batches(self.epoch))
             batches = self._planned[1]
             if not batches:
                 raise ValueError("the data plan gave no batch (is the training set empty?)")
