@@ -27,7 +27,7 @@ class MaskStats:
     total: int  # all entries
     density: float  # allowed / total
     empty_rows: int  # query rows that may attend nothing (they output zeros)
-    tiles_empty: int  # tiles a block-sparse backend never computes
+    tiles_empty: int  # tiles with no allowed entry, from row intervals where the mask has them, else its block map
     tiles_partial: int  # tiles that need an element mask
     tiles_full: int  # tiles computed without a mask
     skipped_fraction: float  # share of all score entries inside EMPTY tiles
