@@ -285,6 +285,24 @@ def test_sdpa_banded_window_equals_reference(length, window, heads, seed):
     _same_output_and_grads(ours, theirs, (q, k, v))
 
 
+def test_sdpa_banded_window_takes_outputs_in_the_cuda_layout(monkeypatch):
+    """CUDA's fused kernels return (B, L, H, D)-strided outputs; the band path must not assume contiguous ones."""
+    fused = torch.nn.functional.scaled_dot_product_attention
+
+    def strided(*args, **kwargs):  # the same values, laid out as the flash kernel lays them out
+        out = fused(*args, **kwargs)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+    monkeypatch.setattr(sdpa.F, "scaled_dot_product_attention", strided)
+    monkeypatch.setattr(sdpa, "MIN_SPLIT_SCORES", 0)
+    mask = masks.causal() & masks.sliding_window(4)
+    q, k, v = _self_attention_inputs((4, 2), 11, 0)  # grouped-query heads, as on the GPU
+    assert sdpa.band(mask, 11, 11, 0) is not None
+    ours, _ = sdpa.attention(q, k, v, mask, scale=0.3)
+    theirs, _ = reference.attention(q, k, v, mask, scale=0.3)
+    _same_output_and_grads(ours, theirs, (q, k, v))
+
+
 def test_sdpa_segments_refuses_what_it_cannot_split(monkeypatch):
     ids = torch.tensor([[0, 0, 1, 1, 0, 0]])
     assert sdpa.segments(masks.document(ids.sort().values), 6, 6, 0, 1) is None  # small: one dense call

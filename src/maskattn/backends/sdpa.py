@@ -121,7 +121,7 @@ def _banded(q: Tensor, k: Tensor, v: Tensor, window: int, **kwargs) -> Tensor:
     allowed = (j <= i + size) & (j > i + size - window)  # key j of the pair is at chunk start - W + j
     rest = q[:, :, size:].reshape(batch, heads * (chunks - 1), size, -1)
     out = F.scaled_dot_product_attention(rest, windows(k), windows(v), attn_mask=allowed, **kwargs)
-    out = out.view(batch, heads, padded - size, -1)
+    out = out.reshape(batch, heads, padded - size, -1)  # CUDA kernels return (B, L, H, D)-strided outputs
     return torch.cat([first, out], dim=2)[:, :, :length]
 
 
