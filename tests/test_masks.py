@@ -304,3 +304,22 @@ def test_stats_text_gives_the_skipped_flops_of_one_batch_item():
     one, four = masks.padding([2048]).stats(4096, 4096), masks.padding([2048] * 4).stats(4096, 4096)
     assert four.flops_skipped == 4 * one.flops_skipped
     assert str(one).rsplit("(", 1)[1] == str(four).rsplit("(", 1)[1] == "2.147 GFLOP forward per batch item and head)"
+
+
+def _walk(mask):
+    yield mask
+    for value in vars(mask).values():
+        for part in value if isinstance(value, tuple) else (value,):
+            if isinstance(part, masks.Mask):
+                yield from _walk(part)
+
+
+@given(mask_cases())
+def test_each_mask_names_the_state_its_constructor_sets(case):
+    """`Mask._state` (what the blocked operator's spec carries, walked without vars() so older compilers can
+    trace it) is exactly the attributes a mask holds, also after it was used."""
+    mask = case.mask
+    mask.to_dense(case.q_len, case.k_len, q_offset=case.q_offset)
+    mask.stats(case.q_len, case.k_len, q_offset=case.q_offset, block_q=4, block_k=4)
+    for part in _walk(mask):
+        assert sorted(vars(part)) == sorted(type(part)._state), type(part).__name__

@@ -45,7 +45,7 @@ def _encode(value: Any, tensors: list[Tensor], ints: list[int]) -> Any:
         return ("tensor", len(tensors) - 1)
     if isinstance(value, Mask):
         cls = type(value)
-        attrs = tuple((name, _encode(v, tensors, ints)) for name, v in vars(value).items())
+        attrs = tuple((name, _encode(getattr(value, name), tensors, ints)) for name in cls._state)
         return ("mask", cls.__module__, cls.__qualname__, attrs)
     if isinstance(value, tuple):
         return ("tuple", tuple(_encode(v, tensors, ints) for v in value))

@@ -55,6 +55,9 @@ class Mask:
 
     batch: int = 1
     heads: int = 1
+    # The attributes __init__ sets, named: the blocked operator's spec walks them (torch < 2.13's compiler cannot
+    # iterate an object's __dict__); tests/test_masks.py checks them against vars() for every kind.
+    _state: tuple[str, ...] = ()
 
     # --- the predicate -------------------------------------------------------------------------
     def allows(self, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
@@ -341,6 +344,7 @@ def _broadcast_size(masks: Sequence[Mask], attr: str) -> int:
 
 
 class _Combined(Mask):
+    _state = ("parts", "batch", "heads")
     symbol = ""
 
     def __init__(self, *parts: Mask):
@@ -417,6 +421,7 @@ class _Or(_Combined):
 
 
 class _Not(Mask):
+    _state = ("part", "batch", "heads")
     def __init__(self, part: Mask):
         self.part = part
         self.batch, self.heads = part.batch, part.heads

@@ -56,6 +56,7 @@ class _Causal(Mask):
 
 
 class _SlidingWindow(Mask):
+    _state = ("size",)
     relative = True  # a class attribute shadows the base property
 
     def __init__(self, size: int):

@@ -21,6 +21,7 @@ __all__ = ["as_mask", "document", "from_tensor", "padding", "prefix_lm"]
 
 class _Padding(Mask):
     """Keys at or beyond each item's length (or where ``valid`` is False) are hidden."""
+    _state = ("lengths", "valid", "tensor", "batch")
 
     def __init__(self, lengths: Tensor | None = None, valid: Tensor | None = None):
         self.lengths, self.valid = lengths, valid
@@ -78,6 +79,7 @@ class _Padding(Mask):
 
 class _PrefixLM(Mask):
     """Causal, except that every query may also see the whole prefix."""
+    _state = ("prefix", "tensor", "batch", "_as_or")
 
     def __init__(self, prefix: Tensor):
         self.prefix = self.tensor = prefix
@@ -103,6 +105,7 @@ class _PrefixLM(Mask):
 
 class _Document(Mask):
     """Packed sequences: a query sees only keys of its own document."""
+    _state = ("doc_ids", "tensor", "batch")
 
     def __init__(self, doc_ids: Tensor):
         self.doc_ids = self.tensor = doc_ids
@@ -159,6 +162,7 @@ class _Document(Mask):
 
 class _FromTensor(Mask):
     """An arbitrary bool tensor, broadcast as (B, H, Lq, Lk) over absolute positions."""
+    _state = ("tensor", "batch", "heads")
 
     def __init__(self, tensor: Tensor):
         self.tensor = tensor.view((1,) * (4 - tensor.dim()) + tuple(tensor.shape))
