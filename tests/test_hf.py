@@ -4,6 +4,7 @@ greedy generation with the KV cache), and the mask handed to maskattn is structu
 Tiny random configs built here (no downloads), plus the real all-MiniLM-L6-v2 when installed.
 """
 
+import importlib
 import logging
 from pathlib import Path
 
@@ -14,6 +15,9 @@ transformers = pytest.importorskip("transformers", reason="Hugging Face transfor
                                    "'maskattn[hf]'")
 
 from maskattn import hf  # noqa: E402
+
+if hf._release(transformers.__version__) < hf.MIN_TRANSFORMERS:
+    pytest.skip(f"maskattn.hf needs transformers >= 5.17, found {transformers.__version__}", allow_module_level=True)
 
 VOCAB, LENGTH, WINDOW = 61, 12, 4
 NAME = hf.register()
@@ -268,3 +272,17 @@ def test_gpt_oss_attention_sinks_match_eager_with_one_log_line(caplog):
     torch.testing.assert_close(logits[NAME][0], logits["eager"][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits[NAME][1, :7], logits["eager"][1, :7], atol=1e-5, rtol=1e-5)
     assert sum("attention sinks" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("version,refused", [("4.57.6", True), ("5.16.0", True), ("5.17.0", False),
+                                             ("5.24.0.dev0", False), ("6.0.0rc1", False)])
+def test_register_refuses_transformers_older_than_it_was_tested_with(monkeypatch, version, refused):
+    """4.57.6 fails 32 of this file's tests (its mask interface passes cache_position, not q_length / q_offset):
+    register() names the version instead of failing later inside a model's forward."""
+    # the module register() imports: loading a model swaps transformers' lazy module in sys.modules
+    monkeypatch.setattr(importlib.import_module("transformers"), "__version__", version)
+    if refused:
+        with pytest.raises(ImportError, match=rf"transformers >= 5\.17, found {version}"):
+            hf.register()
+    else:
+        assert hf.register() == "maskattn"

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,12 +84,23 @@ def _masking_utils():
         from transformers import masking_utils
     except ImportError as err:  # pragma: no cover - exercised only without transformers
         raise ImportError("maskattn.hf needs Hugging Face transformers: pip install 'maskattn[hf]'") from err
-    if not hasattr(masking_utils, "AttentionMaskInterface"):  # pragma: no cover - old transformers only
-        import transformers
+    import transformers
 
-        raise ImportError(f"maskattn.hf needs transformers >= 4.53 (AttentionMaskInterface), found "
+    # 4.x calls the mask interface with cache_position instead of (q_length, q_offset) and names its predicates
+    # otherwise; 5.17 and 5.24 are the releases the tests ran under
+    if _release(transformers.__version__) < MIN_TRANSFORMERS:
+        raise ImportError(f"maskattn.hf needs transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))}, found "
                           f"{transformers.__version__}: pip install -U 'maskattn[hf]'")
     return masking_utils
+
+
+MIN_TRANSFORMERS = (5, 17)
+
+
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "5.24.0.dev0"."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
 
 
 def _closure(fn: Callable) -> dict[str, Any]:
@@ -378,7 +390,7 @@ def register(name: str = NAME) -> str:
         The name, to pass as ``attn_implementation``.
 
     Raises:
-        ImportError: when transformers is not installed.
+        ImportError: when transformers is not installed, or older than ``MIN_TRANSFORMERS`` (5.17).
     """
     mu = _masking_utils()
     from transformers import AttentionInterface
