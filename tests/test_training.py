@@ -447,3 +447,14 @@ def test_the_metrics_log_is_trimmed_only_when_a_resume_replays_steps(tmp_path, m
     (tmp_path / "metrics.jsonl").write_text(log.rstrip("\n"))  # killed before the last record's newline
     _tiny_trainer(tmp_path, steps=4, checkpoint_every=2).resume()
     assert written[-1] == log  # rewritten with it, or the next record would join the last line
+
+
+def test_the_trainer_hands_freed_memory_back_every_release_interval(tmp_path, monkeypatch):
+    from maskattn import training
+
+    steps = []
+    trainer = _tiny_trainer(tmp_path, steps=7)
+    monkeypatch.setattr(training, "RELEASE_EVERY", 3)
+    monkeypatch.setattr(training, "release_freed_memory", lambda: steps.append(trainer.step) or True)
+    trainer.fit()
+    assert steps == [3, 6]

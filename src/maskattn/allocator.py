@@ -10,6 +10,11 @@ step reuse the pages of the last one (the fine-tune ran 1.45x faster, same losse
 The price is that a process keeps its peak memory until it exits, which is what a training or
 evaluation command wants and a long-lived host program may not; so the library never does this on
 import, only the ``maskattn`` command line (and whoever calls :func:`keep_freed_memory`).
+
+Kept memory also keeps fragments: where batch shapes vary from step to step (batches by length), freed blocks
+are split and extended, and a SQuAD fine-tune grew to 10.7 GB resident in 800 steps. :func:`release_freed_memory`
+(glibc's ``malloc_trim``) hands the pages of free blocks back; the trainer calls it every
+``RELEASE_EVERY`` steps, so the faults come back for one step in that many.
 """
 
 from __future__ import annotations
@@ -24,6 +29,13 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 
 
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_freed_memory(environ: dict[str, str] | None = None) -> bool:
     """Ask glibc to serve every block from the heap and never hand freed memory back to the kernel.
 
@@ -33,11 +45,23 @@ def keep_freed_memory(environ: dict[str, str] | None = None) -> bool:
     environ = os.environ if environ is None else environ
     if not sys.platform.startswith("linux") or any(name.startswith("MALLOC_") for name in environ):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:  # musl and other C libraries have no mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt returns 1 on success; the trim threshold is an int, so "never" is its largest value
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def release_freed_memory() -> bool:
+    """Hand the pages of freed heap blocks back to the kernel (glibc's ``malloc_trim(0)``); the blocks stay
+    the process's, so a later step faults their pages in again once. Returns False where there is no glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is None:
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True

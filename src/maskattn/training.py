@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from maskattn import checkpoint, distributed
+from maskattn.allocator import release_freed_memory
 from maskattn.data import shard
 from maskattn.errors import (
     RunDirectoryError,
@@ -182,6 +183,8 @@ class TensorBoard(Callback):
 
 # train.report_to names -> the callback, built with the run directory
 REPORTERS: dict[str, Callable[[Path], Callback]] = {"tensorboard": lambda out: TensorBoard(out / "events")}
+
+RELEASE_EVERY = 50  # steps between handing freed heap pages back to the kernel (allocator.release_freed_memory)
 
 
 # --- the run directory -----------------------------------------------------------------------------
@@ -539,6 +542,8 @@ class Trainer:
                 last, stop = self._evaluate()
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save()
+            if self.step % RELEASE_EVERY == 0:  # kept memory fragments where batch shapes vary (allocator.py)
+                release_freed_memory()
             if stop:
                 break
         bar.close()
