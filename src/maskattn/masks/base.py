@@ -422,6 +422,7 @@ class _Or(_Combined):
 
 class _Not(Mask):
     _state = ("part", "batch", "heads")
+
     def __init__(self, part: Mask):
         self.part = part
         self.batch, self.heads = part.batch, part.heads
