@@ -77,7 +77,7 @@ def test_released_memory_leaves_the_resident_set():
     """Kept memory stays resident after the tensors are gone; release_freed_memory() gives its pages back."""
     import os
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}  # glibc's own
     out = subprocess.run([sys.executable, "-c", RELEASE_PROBE], capture_output=True, text=True, check=True, env=env)
     applied, released, kept, after = out.stdout.split()
     if applied != "True" or released != "True":

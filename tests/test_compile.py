@@ -267,6 +267,15 @@ def test_blocked_operator_passes_opcheck():
     torch.library.opcheck(torch.ops.maskattn.blocked_attention.default, args)
 
 
+def test_a_mask_class_must_name_its_state():
+    class Forgetful(masks.Mask):  # its __init__ sets an attribute that its _state does not name
+        def __init__(self):
+            self.step = 2
+
+    with pytest.raises(TypeError, match=r"Forgetful holds the attributes \['step'\] but its _state names \[\]"):
+        blocked_op.flatten_mask(masks.causal() & Forgetful())
+
+
 def test_a_mask_spec_names_only_maskattn_masks():
     with pytest.raises(ValueError, match="not a maskattn mask class"):
         blocked_op.unflatten_mask("('mask', 'os', 'system', ())", [])

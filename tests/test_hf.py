@@ -16,8 +16,9 @@ transformers = pytest.importorskip("transformers", reason="Hugging Face transfor
 
 from maskattn import hf  # noqa: E402
 
-if hf._release(transformers.__version__) < hf.MIN_TRANSFORMERS:
-    pytest.skip(f"maskattn.hf needs transformers >= 5.17, found {transformers.__version__}", allow_module_level=True)
+if not hf.supported(transformers.__version__):
+    pytest.skip(f"maskattn.hf needs transformers >= {hf.MIN_TRANSFORMERS}, found {transformers.__version__}",
+                allow_module_level=True)
 
 VOCAB, LENGTH, WINDOW = 61, 12, 4
 NAME = hf.register()
@@ -274,8 +275,9 @@ def test_gpt_oss_attention_sinks_match_eager_with_one_log_line(caplog):
     assert sum("attention sinks" in r.getMessage() for r in caplog.records) == 1
 
 
-@pytest.mark.parametrize("version,refused", [("4.57.6", True), ("5.16.0", True), ("5.17.0", False),
-                                             ("5.24.0.dev0", False), ("6.0.0rc1", False)])
+@pytest.mark.parametrize("version,refused", [("4.57.6", True), ("5.16.0", True), ("5.17.0.dev0", True),
+                                             ("not-a-version", True), ("5.17.0", False), ("5.24.0.dev0", False),
+                                             ("6.0.0rc1", False)])
 def test_register_refuses_transformers_older_than_it_was_tested_with(monkeypatch, version, refused):
     """4.57.6 fails 32 of this file's tests (its mask interface passes cache_position, not q_length / q_offset):
     register() names the version instead of failing later inside a model's forward."""

@@ -455,6 +455,19 @@ def test_the_trainer_hands_freed_memory_back_every_release_interval(tmp_path, mo
     steps = []
     trainer = _tiny_trainer(tmp_path, steps=7)
     monkeypatch.setattr(training, "RELEASE_EVERY", 3)
+    monkeypatch.setattr(training, "memory_kept", lambda: True)
     monkeypatch.setattr(training, "release_freed_memory", lambda: steps.append(trainer.step) or True)
     trainer.fit()
     assert steps == [3, 6]
+
+
+def test_the_trainer_leaves_the_allocator_alone_unless_memory_is_kept(tmp_path, monkeypatch):
+    from maskattn import training
+
+    calls = []
+    trainer = _tiny_trainer(tmp_path, steps=4)
+    monkeypatch.setattr(training, "RELEASE_EVERY", 2)
+    monkeypatch.setattr(training, "memory_kept", lambda: False)  # a host program that never called keep_freed_memory
+    monkeypatch.setattr(training, "release_freed_memory", lambda: calls.append(trainer.step) or True)
+    trainer.fit()
+    assert calls == []

@@ -14,13 +14,14 @@ import, only the ``maskattn`` command line (and whoever calls :func:`keep_freed_
 Kept memory also keeps fragments: where batch shapes vary from step to step (batches by length), freed blocks
 are split and extended, and a SQuAD fine-tune grew to 10.7 GB resident in 800 steps. :func:`release_freed_memory`
 (glibc's ``malloc_trim``) hands the pages of free blocks back; the trainer calls it every
-``RELEASE_EVERY`` steps, so the faults come back for one step in that many.
+``RELEASE_EVERY`` steps where memory is kept, so the faults come back for one step in that many.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 
@@ -29,6 +30,10 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 
 
+_kept = False  # keep_freed_memory() applied in this process
+
+
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -51,7 +56,14 @@ def keep_freed_memory(environ: dict[str, str] | None = None) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt returns 1 on success; the trim threshold is an int, so "never" is its largest value
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    global _kept
+    _kept = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return _kept
+
+
+def memory_kept() -> bool:
+    """Whether :func:`keep_freed_memory` applied its setting in this process."""
+    return _kept
 
 
 def release_freed_memory() -> bool:

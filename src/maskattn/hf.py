@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,19 +87,23 @@ def _masking_utils():
 
     # 4.x calls the mask interface with cache_position instead of (q_length, q_offset) and names its predicates
     # otherwise; 5.17 and 5.24 are the releases the tests ran under
-    if _release(transformers.__version__) < MIN_TRANSFORMERS:
-        raise ImportError(f"maskattn.hf needs transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))}, found "
-                          f"{transformers.__version__}: pip install -U 'maskattn[hf]'")
+    if not supported(transformers.__version__):
+        raise ImportError(f"maskattn.hf needs transformers >= {MIN_TRANSFORMERS}, found {transformers.__version__}: "
+                          "pip install -U 'maskattn[hf]'")
     return masking_utils
 
 
-MIN_TRANSFORMERS = (5, 17)
+MIN_TRANSFORMERS = "5.17"
 
 
-def _release(version: str) -> tuple[int, int]:
-    """(major, minor) of a version string such as "5.24.0.dev0"."""
-    found = re.match(r"(\d+)\.(\d+)", version)
-    return (int(found[1]), int(found[2])) if found else (0, 0)
+def supported(version: str) -> bool:
+    """Whether maskattn.hf runs under this transformers version (pre-releases of 5.17 are not 5.17)."""
+    from packaging.version import InvalidVersion, Version  # a dependency of transformers
+
+    try:
+        return Version(version) >= Version(MIN_TRANSFORMERS)
+    except InvalidVersion:
+        return False
 
 
 def _closure(fn: Callable) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from maskattn import checkpoint, distributed
-from maskattn.allocator import release_freed_memory
+from maskattn.allocator import memory_kept, release_freed_memory
 from maskattn.data import shard
 from maskattn.errors import (
     RunDirectoryError,
@@ -542,7 +542,7 @@ class Trainer:
                 last, stop = self._evaluate()
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save()
-            if self.step % RELEASE_EVERY == 0:  # kept memory fragments where batch shapes vary (allocator.py)
+            if self.step % RELEASE_EVERY == 0 and memory_kept():  # it fragments where shapes vary (allocator.py)
                 release_freed_memory()
             if stop:
                 break

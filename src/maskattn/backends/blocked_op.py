@@ -45,6 +45,9 @@ def _encode(value: Any, tensors: list[Tensor], ints: list[int]) -> Any:
         return ("tensor", len(tensors) - 1)
     if isinstance(value, Mask):
         cls = type(value)
+        if not torch.compiler.is_compiling() and set(vars(value)) != set(cls._state):
+            raise TypeError(f"{cls.__qualname__} holds the attributes {sorted(vars(value))} but its _state names "
+                            f"{sorted(cls._state)}: a mask class lists what __init__ sets in _state (CONTRIBUTING.md)")
         attrs = tuple((name, _encode(getattr(value, name), tensors, ints)) for name in cls._state)
         return ("mask", cls.__module__, cls.__qualname__, attrs)
     if isinstance(value, tuple):
