@@ -51,8 +51,9 @@ def test_a_malloc_setting_in_the_environment_wins():
 def test_the_program_applies_it_before_main(monkeypatch):
     calls = []
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append("kept") or True)
+    monkeypatch.setattr(allocator, "limit_kernel_cache", lambda: calls.append("cache") or True)
     monkeypatch.setattr(cli, "main", lambda argv=None: calls.append("main") or 0)
-    assert cli.run() == 0 and calls == ["kept", "main"]
+    assert cli.run() == 0 and calls == ["kept", "cache", "main"]
     scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["maskattn"] == "maskattn.cli:run"
 
@@ -84,3 +85,11 @@ def test_released_memory_leaves_the_resident_set():
         pytest.skip("this C library has no mallopt / malloc_trim (not glibc)")
     assert float(kept) > 500  # of the 760 MiB freed
     assert float(after) < 100
+
+
+def test_the_kernel_cache_limit_leaves_a_users_setting_alone():
+    environ = {}
+    assert allocator.limit_kernel_cache(environ) is True
+    assert environ == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(allocator.KERNEL_CACHE)}
+    mine = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}
+    assert allocator.limit_kernel_cache(mine) is False and mine == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}

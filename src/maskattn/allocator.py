@@ -61,6 +61,23 @@ def keep_freed_memory(environ: dict[str, str] | None = None) -> bool:
     return _kept
 
 
+KERNEL_CACHE = 64  # oneDNN primitives kept by the maskattn program (oneDNN's default: 1,024)
+
+
+def limit_kernel_cache(environ: dict[str, str] | None = None) -> bool:
+    """Keep at most ``KERNEL_CACHE`` compiled oneDNN primitives (PyTorch's CPU matmuls in bfloat16 run through
+    oneDNN, which compiles and caches one per shape). Batches of varying shape fill the default 1,024-entry cache
+    with primitives that hold their own buffers: a length-batched MiniLM fine-tune grew 9 MB a step with it and
+    3 MB with 64 entries, at the same speed (0.4%; 16% slower with none). Returns False where the environment
+    already sets ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, which wins; read by oneDNN at its first primitive, so call
+    this before any matmul."""
+    environ = os.environ if environ is None else environ
+    if "ONEDNN_PRIMITIVE_CACHE_CAPACITY" in environ:
+        return False
+    environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(KERNEL_CACHE)
+    return True
+
+
 def memory_kept() -> bool:
     """Whether :func:`keep_freed_memory` applied its setting in this process."""
     return _kept

@@ -253,10 +253,12 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def run() -> int:
-    """The ``maskattn`` program: :func:`main` in a process that keeps its freed memory (see ``allocator``)."""
-    from maskattn.allocator import keep_freed_memory
+    """The ``maskattn`` program: :func:`main` in a process that keeps its freed memory and a small kernel cache
+    (see ``allocator``)."""
+    from maskattn.allocator import keep_freed_memory, limit_kernel_cache
 
     keep_freed_memory()  # only here, not in main(): a program calling main() keeps its own allocator settings
+    limit_kernel_cache()
     return main()
 
 
