@@ -11,10 +11,10 @@ The price is that a process keeps its peak memory until it exits, which is what 
 evaluation command wants and a long-lived host program may not; so the library never does this on
 import, only the ``maskattn`` command line (and whoever calls :func:`keep_freed_memory`).
 
-Kept memory also keeps fragments: where batch shapes vary from step to step (batches by length), freed blocks
-are split and extended, and a SQuAD fine-tune grew to 10.7 GB resident in 800 steps. :func:`release_freed_memory`
-(glibc's ``malloc_trim``) hands the pages of free blocks back; the trainer calls it every
-``RELEASE_EVERY`` steps where memory is kept, so the faults come back for one step in that many.
+Where batch shapes vary from step to step (batches by length) a SQuAD fine-tune grew to 10.7 GB resident in
+800 steps. Most of it was oneDNN's cache of compiled kernels, one per shape (:func:`limit_kernel_cache`);
+:func:`release_freed_memory` (glibc's ``malloc_trim``) hands the pages of free blocks back, and the trainer calls
+it every ``RELEASE_EVERY`` steps where memory is kept, so the faults come back for one step in that many.
 """
 
 from __future__ import annotations
