@@ -32,6 +32,7 @@ Shape legend: B batch, H query heads, Hkv key/value heads, Lq queries, Lk keys, 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections import OrderedDict
@@ -96,6 +97,7 @@ def _masking_utils():
 MIN_TRANSFORMERS = "5.17"
 
 
+@functools.cache  # build_mask asks on every forward
 def supported(version: str) -> bool:
     """Whether maskattn.hf runs under this transformers version (pre-releases of 5.17 are not 5.17)."""
     from packaging.version import InvalidVersion, Version  # a dependency of transformers

@@ -542,7 +542,7 @@ class Trainer:
                 last, stop = self._evaluate()
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save()
-            if self.step % RELEASE_EVERY == 0 and memory_kept():  # it fragments where shapes vary (allocator.py)
+            if self.step % RELEASE_EVERY == 0 and memory_kept():  # kept memory otherwise only grows (allocator.py)
                 release_freed_memory()
             if stop:
                 break
