@@ -54,6 +54,19 @@ def test_round_trip_keeps_types_and_values(tmp_path):
     random.setstate(loaded["rng"]["python"])
 
 
+def test_tensor_names_are_read_without_loading_and_match_the_loaded_state(tmp_path):
+    state = _training_state()
+    path = checkpoint.save(tmp_path, 5, state)
+    model_names = {n.removeprefix("model.") for n in checkpoint.tensor_names(path) if n.startswith("model.")}
+    assert model_names == set(state["model"])  # the oracle: the state_dict that was saved
+    assert any(n.startswith("optimizer.state.") for n in checkpoint.tensor_names(path))
+    (path / "tensors.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="tensor names"):
+        checkpoint.tensor_names(path)
+    with pytest.raises(CheckpointError, match="tensor names"):
+        checkpoint.tensor_names(tmp_path / "step-000000099")
+
+
 def test_no_pickle_is_written(tmp_path):
     path = checkpoint.save(tmp_path, 1, _training_state())
     assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "state.json", "tensors.safetensors"]

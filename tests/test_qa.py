@@ -296,3 +296,9 @@ def test_a_run_checkpointed_with_the_pooler_resumes_with_it(tmp_path, capsys, mo
     assert main([*args, "--set", "train.steps=2", "--resume"]) == 0
     capsys.readouterr()
     assert qa.load(out / "model")[0].pooler is not None
+    # and a run started without it resumes without it (the check reads only the checkpoint's tensor names)
+    fresh = [*args[:7], str(tmp_path / "new"), *args[8:]]
+    assert main([*fresh, "--set", "train.steps=1"]) == 0
+    assert main([*fresh, "--set", "train.steps=2", "--resume"]) == 0
+    capsys.readouterr()
+    assert qa.load(tmp_path / "new" / "model")[0].pooler is None

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from maskattn.errors import TrainingError
@@ -169,6 +169,21 @@ def load(path: str | Path) -> dict[str, Any]:
     state = unflatten(meta["state"], load_file(tensor_path))
     state["step"] = meta["step"]
     return state
+
+
+def tensor_names(path: str | Path) -> list[str]:
+    """The flat names of a checkpoint's tensors (``model.<parameter>``, ``optimizer.state.0.exp_avg``, ...),
+    read from the safetensors header alone: no tensor is loaded and nothing is verified (:func:`load` does that).
+
+    Raises:
+        CheckpointError: the tensor file is missing or its header cannot be read.
+    """
+    tensor_path = Path(path) / TENSORS
+    try:
+        with safe_open(tensor_path, framework="pt") as f:
+            return list(f.keys())
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"checkpoint {path}: cannot read the tensor names of {TENSORS}: {e}") from e
 
 
 def _earlier(path: Path) -> str:

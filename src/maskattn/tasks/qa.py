@@ -221,7 +221,8 @@ def score(predictions: dict[str, str], examples: Sequence[QAExample]) -> dict[st
 
 def _checkpoint_has_pooler(out: Path) -> bool:
     latest = checkpoint.latest(Path(out) / "checkpoints")
-    return latest is not None and any("pooler" in name.split(".") for name in checkpoint.load(latest)["model"])
+    return latest is not None and any(name.startswith("model.") and "pooler" in name.split(".")
+                                      for name in checkpoint.tensor_names(latest))
 
 
 def without_pooler(model: EncoderModel) -> EncoderModel:
