@@ -188,3 +188,19 @@ def test_export_writes_over_no_input_and_no_file_unless_told(tmp_path, capsys):
     assert main(["export", str(tmp_path / "model"), "--format", "pt2", "--out", str(tmp_path / "text.pt2"),
                  "--overwrite"]) == 0
     assert (tmp_path / "text.pt2").read_bytes()[:2] == b"PK"  # a pt2 archive now
+
+
+def test_an_onnx_export_prints_nothing_about_what_the_model_does_not_use(tmp_path):
+    # torch's exporter warned on its first use in a process, once per torchvision operator it skips, and raised
+    # pytree's LeafSpec deprecation from inside itself; a fresh process, so that the first use is this one
+    pytest.importorskip("onnxscript")
+    import subprocess
+    import sys
+
+    code = ("from maskattn.export import export\nfrom maskattn.models import DecoderLM, DecoderLMConfig\n"
+            "lm = DecoderLM(DecoderLMConfig(vocab_size=40, d_model=32, num_heads=4, d_ff=64, num_layers=1)).eval()\n"
+            f"print(export(lm, {str(tmp_path / 'lm.onnx')!r}))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "lm.onnx" in run.stdout and (tmp_path / "lm.onnx").is_file()
+    assert "torchvision" not in run.stderr and "LeafSpec" not in run.stderr, run.stderr

@@ -27,7 +27,10 @@ key/value heads, T cached target tokens, D head dim.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,6 +205,22 @@ def graphs(model: nn.Module) -> dict[str, Graph]:
     raise ValueError(f"cannot export a {type(model).__name__}; exportable models: {names}")
 
 
+@contextlib.contextmanager
+def _quiet_onnx_exporter():
+    """Silence two messages of torch's ONNX exporter that say nothing about the model: on its first use in a
+    process it warns once per torchvision operator it skips (torchvision is not installed; no maskattn graph
+    uses it), and its own copying of pytree specs raises pytree's LeafSpec deprecation."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def _path(out: Path, suffix: str) -> Path:
     return out if not suffix else out.with_name(out.stem + suffix + out.suffix)
 
@@ -247,9 +266,10 @@ def export(model: nn.Module, out: str | os.PathLike, *, format: str = "onnx", ov
                     program = torch.export.export(graph.module, graph.inputs, dynamic_shapes=dynamic)
                     torch.export.save(program, tmp)
                 else:
-                    torch.onnx.export(graph.module, graph.inputs, tmp, dynamo=True, dynamic_shapes=dynamic,
-                                      input_names=list(graph.input_names), output_names=list(graph.output_names),
-                                      external_data=False, verbose=False)
+                    with _quiet_onnx_exporter():
+                        torch.onnx.export(graph.module, graph.inputs, tmp, dynamo=True, dynamic_shapes=dynamic,
+                                          input_names=list(graph.input_names),
+                                          output_names=list(graph.output_names), external_data=False, verbose=False)
         for path, tmp in staged.items():
             os.replace(tmp, path)
     except BaseException:
