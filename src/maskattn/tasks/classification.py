@@ -24,7 +24,7 @@ from maskattn.data import DataError, bucket_batches, pad, read_labelled
 from maskattn.errors import SettingError, UsageError, check_settings
 from maskattn.io import read_json_object
 from maskattn.models import EncoderConfig, EncoderModel, from_pretrained
-from maskattn.tasks.base import Command, Task, TrainingBatches, input_lines, register
+from maskattn.tasks.base import Command, Option, Task, TrainingBatches, input_lines, register
 from maskattn.tasks.common import (
     TOKENIZERS,
     Head,
@@ -124,20 +124,51 @@ def build(cfg: ClassificationConfig, labels: list[str], texts: Sequence[str]) ->
     return build_model(cfg, labels, tok), tok
 
 
+def probabilities(model: EncoderModel, tok: Tokenizer, texts: Sequence[str], *, batch_size: int = 64,
+                  max_len: int | None = None) -> Tensor:
+    """(N, C) class probabilities of ``texts``, each cut to ``max_len`` tokens (the run's ``data.max_len``;
+    default the model's positions)."""
+    model.eval()
+    device = next(model.parameters()).device
+    ids = encode(tok, texts, min(max_len or model.config.max_len, model.config.max_len))
+    out = [torch.zeros(0, model.config.num_labels)]
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            x, lengths = pad(ids[start : start + batch_size], tok.pad_id)
+            logits = model.classify(x.to(device), lengths=lengths.to(device))  # (b, C)
+            out.append(logits.float().softmax(-1).cpu())
+    return torch.cat(out)
+
+
 def predict(model: EncoderModel, tok: Tokenizer, labels: list[str], texts: Sequence[str], *,
             batch_size: int = 64, max_len: int | None = None) -> list[str]:
     """The label of each text, cut to ``max_len`` tokens (the run's ``data.max_len``; default the model's
     positions)."""
-    model.eval()
-    device = next(model.parameters()).device
-    out: list[str] = []
-    ids = encode(tok, texts, min(max_len or model.config.max_len, model.config.max_len))
-    with torch.no_grad():
-        for start in range(0, len(ids), batch_size):
-            x, lengths = pad(ids[start : start + batch_size], tok.pad_id)
-            logits = model.classify(x.to(device), lengths=lengths.to(device))
-            out += [labels[i] for i in logits.argmax(-1).tolist()]
-    return out
+    found = probabilities(model, tok, texts, batch_size=batch_size, max_len=max_len)
+    return [labels[i] for i in found.argmax(-1).tolist()]
+
+
+def ensemble_probabilities(directories: Sequence[str | Path], texts: Sequence[str]) -> tuple[list[str], Tensor]:
+    """The models' labels and the mean of their (N, C) class probabilities.
+
+    Each model reads the texts with its own tokenizer and ``data.max_len``, so members trained from scratch
+    and fine-tuned ones mix; they must know the same labels. Probabilities, not logits, are averaged: the
+    logits of separately trained classifiers need not share a scale.
+    """
+    if not directories:
+        raise ValueError("ensemble_probabilities needs at least one model directory")
+    labels: list[str] = []
+    total: Tensor | None = None
+    for directory in directories:
+        model, tok, task = load(directory)
+        if total is None:
+            labels = list(task["labels"])
+        elif list(task["labels"]) != labels:  # sorted when a run reads its training data
+            raise UsageError(f"--ensemble {directory}: labels {task['labels']}, but {directories[0]} has "
+                             f"{labels}; ensemble members must know the same labels")
+        found = probabilities(model, tok, texts, max_len=task.get("max_len"))  # (N, C)
+        total = found if total is None else total + found
+    return labels, total / len(directories)
 
 
 def score(predicted: Sequence[str], gold: Sequence[str]) -> dict[str, float]:
@@ -243,17 +274,18 @@ def load(directory: str | Path) -> tuple[EncoderModel, Tokenizer, dict[str, Any]
     return load_task(directory, "classification", EncoderModel)
 
 
-def evaluate_file(directory: str | Path, path: str) -> dict[str, float]:
-    """Accuracy and macro-F1 of a trained model on any labelled file."""
-    model, tok, task = load(directory)
+def evaluate_file(directory: str | Path, path: str, ensemble: Sequence[str] = ()) -> dict[str, float]:
+    """Accuracy and macro-F1 of a trained model on any labelled file. ``ensemble``: more model directories
+    whose class probabilities are averaged with ``directory``'s (:func:`ensemble_probabilities`)."""
+    task = read_task(directory, "classification")
     records = read_labelled(path, text_field=task["text_field"], label_field=task["label_field"])
     gold = [label for _, label in records]
     if not records:
         raise DataError(f"{path}: no examples to score")
-    unseen = unseen_labels(task["labels"], gold, str(path))
     texts = [t for t, _ in records]
-    return {**score(predict(model, tok, task["labels"], texts, max_len=task.get("max_len")), gold),
-            "unseen_labels": unseen}
+    labels, found = ensemble_probabilities([directory, *ensemble], texts)
+    unseen = unseen_labels(labels, gold, str(path))
+    return {**score([labels[i] for i in found.argmax(-1).tolist()], gold), "unseen_labels": unseen}
 
 
 # --- command line ----------------------------------------------------------------------------------
@@ -283,6 +315,9 @@ TASK = register(Task(
     predict=Command("classify", "label texts with a trained classifier (arguments or stdin)",
                     _classify_arguments, _classify_command),
     data_help="a labelled TSV/CSV/JSONL", paths=("train", "valid", "pretrained", "embeddings"),
+    evaluate_options=(Option("--ensemble", "ensemble", "another model directory (repeat the flag for more): average "
+                             "its class probabilities with MODEL's (same labels; each reads with its own tokenizer)",
+                             repeat=True),),
     training_batches=training_batches, derived=derived,
     metrics=("accuracy", "macro_f1"),
 ))

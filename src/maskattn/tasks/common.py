@@ -104,11 +104,13 @@ def write_task(directory: str | Path, task: dict[str, Any]) -> None:
     add_to_manifest(Path(directory), TASK_FILE)
 
 
-def read_task(directory: str | Path) -> dict[str, Any]:
-    """The settings in ``directory/task.json``, checked against the directory's manifest.
+def read_task(directory: str | Path, task: str | None = None) -> dict[str, Any]:
+    """The settings in ``directory/task.json``, checked against the directory's manifest (and, given ``task``,
+    that they are a model of that task).
 
     Raises:
         FormatError: naming the file, when it is missing, modified or not a JSON object.
+        ValueError: the directory holds a model of another task than ``task``.
     """
     path = Path(directory) / TASK_FILE
     if not Path(directory).is_dir():
@@ -117,14 +119,15 @@ def read_task(directory: str | Path) -> dict[str, Any]:
         refuse_run_directory(Path(directory), TASK_FILE)
         raise FormatError(f"{directory} has no {TASK_FILE}: not a model trained by `maskattn train`")
     verify_manifest(directory, [TASK_FILE], every_file=False)
-    return read_json_object(path)
+    settings = read_json_object(path)
+    if task is not None and settings.get("task") != task:
+        raise ValueError(f"{directory} holds a {settings.get('task')!r} model, not a {task!r} one")
+    return settings
 
 
 def load_task(directory: str | Path, task: str, model_class: type) -> tuple[Any, Tokenizer, dict[str, Any]]:
     """``(model, tokenizer, task settings)`` of a model directory trained for ``task``."""
-    settings = read_task(directory)
-    if settings.get("task") != task:
-        raise ValueError(f"{directory} holds a {settings.get('task')!r} model, not a {task!r} one")
+    settings = read_task(directory, task)
     return model_class.load(directory), Tokenizer.load(directory), settings
 
 
