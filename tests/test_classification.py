@@ -144,52 +144,67 @@ def test_data_max_len_cuts_texts_at_evaluation_and_prediction_as_in_training(tmp
     assert widths and max(widths) == 10  # [CLS] + 8 characters + [SEP], as the model was trained
 
 
-def test_an_ensemble_averages_its_members_class_probabilities(tmp_path, capsys):
-    # two members with different tokenizers (characters, BPE); the oracle scores each text alone through each
-    # member's own classify (no padding, no batching) and averages the two softmaxes by hand
+def test_an_ensemble_averages_its_members_class_probabilities(tmp_path, capsys, monkeypatch):
+    # two members that disagree (b learns the labels flipped) and read with different tokenizers (characters,
+    # BPE); the oracle scores each text alone through each member's own classify (no padding, no batching) and
+    # averages the two softmaxes by hand
     import torch
 
     from maskattn.tasks import classification
 
     rng = random.Random(1)
-    train, test = _sentiment(tmp_path / "train.tsv", 120, rng), _sentiment(tmp_path / "test.tsv", 40, rng)
-    common = ["model.d_model=16", "model.d_ff=32", "model.num_heads=2", "model.num_layers=1", "train.steps=12",
-              "train.warmup=2", "train.lr=3e-3", "train.progress=false", "data.max_tokens=256"]
+    train, test = _sentiment(tmp_path / "train.tsv", 200, rng), _sentiment(tmp_path / "test.tsv", 60, rng)
+    flipped = tmp_path / "flipped.tsv"
+    flipped.write_text(train.read_text().replace("\tpos", "\tPOS").replace("\tneg", "\tpos").replace("\tPOS", "\tneg"))
+    common = ["model.d_model=32", "model.d_ff=64", "model.num_heads=2", "model.num_layers=1", "model.dropout=0.0",
+              "train.steps=80", "train.warmup=5", "train.lr=3e-3", "train.progress=false", "data.max_tokens=512"]
     members = []
-    for name, tokenizer in (("a", '"chars"'), ("b", '"bpe"')):
+    for name, data, tokenizer in (("a", train, '"chars"'), ("b", flipped, '"bpe"')):
         out = tmp_path / name
         sets = [arg for s in [*common, f"data.tokenizer={tokenizer}", "data.vocab_size=60"] for arg in ("--set", s)]
-        assert main(["train", "classification", "--train", str(train), "--out", str(out), *sets]) == 0
+        assert main(["train", "classification", "--train", str(data), "--out", str(out), *sets]) == 0
         members.append(out / "model")
     capsys.readouterr()
 
     rows = [line.split("\t") for line in test.read_text().splitlines()[1:]]
-    mean = 0
+    alone, mean = [], 0
     for member in members:
         model, tok, task = classification.load(member)
         with torch.no_grad():
-            mean = mean + torch.cat([model.eval().classify(torch.tensor([tok.encode(text, bos=True, eos=True)]))
-                                     .softmax(-1)
-                                     for text, _ in rows]) / 2
+            found = torch.cat([model.eval().classify(torch.tensor([tok.encode(text, bos=True, eos=True)]))
+                               .softmax(-1) for text, _ in rows])
+        alone.append(100 * sum(task["labels"][i] == label for i, (_, label) in zip(found.argmax(-1).tolist(), rows,
+                                                                                     strict=True)) / len(rows))
+        mean = mean + found / 2
+    assert alone[0] >= 90 and alone[1] <= 10  # the members disagree on most texts
     by_hand = 100 * sum(task["labels"][i] == label for i, (_, label) in zip(mean.argmax(-1).tolist(), rows,
                                                                               strict=True)) / len(rows)
+    loaded = []
+    load = classification.load
+    monkeypatch.setattr(classification, "load", lambda d: loaded.append(Path(d)) or load(d))
     assert main(["evaluate", str(members[0]), "--data", str(test), "--ensemble", str(members[1])]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(by_hand)
+    assert loaded == members
     labels, found = classification.ensemble_probabilities(members, [text for text, _ in rows])
     torch.testing.assert_close(found, mean, atol=1e-5, rtol=1e-5)
     assert labels == task["labels"] == ["neg", "pos"]
 
     # a member with itself scores as the member alone
-    assert main(["evaluate", str(members[0]), "--data", str(test)]) == 0
-    alone = json.loads(capsys.readouterr().out)
     assert main(["evaluate", str(members[0]), "--data", str(test), "--ensemble", str(members[0])]) == 0
-    assert json.loads(capsys.readouterr().out) == alone
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(alone[0])
 
-    # members must know the same labels
+    # every member is checked before any model runs, and errors name --ensemble
+    loaded.clear()
     other = tmp_path / "other.tsv"
     other.write_text("sentence\tlabel\n" + "".join(f"film {i}\t{'xyz'[i % 3]}\n" for i in range(30)))
-    sets = [arg for s in [*common, 'data.tokenizer="chars"'] for arg in ("--set", s)]
+    sets = [arg for s in [*common[:4], "train.steps=1", "train.progress=false", 'data.tokenizer="chars"']
+            for arg in ("--set", s)]
     assert main(["train", "classification", "--train", str(other), "--out", str(tmp_path / "c"), *sets]) == 0
     capsys.readouterr()
-    assert main(["evaluate", str(members[0]), "--data", str(test), "--ensemble", str(tmp_path / "c" / "model")]) == 2
-    assert "ensemble members must know the same labels" in capsys.readouterr().err
+    for bad, says in ((tmp_path / "c" / "model", "ensemble members must know the same labels"),
+                      (tmp_path / "nowhere", f"--ensemble {tmp_path / 'nowhere'}: ")):
+        assert main(["evaluate", str(members[0]), "--data", str(test), "--ensemble", str(bad)]) == 2
+        assert says in capsys.readouterr().err
+    assert loaded == []
+    with pytest.raises(TypeError, match="a list of model directories"):
+        classification.evaluate_file(members[0], str(test), ensemble=str(members[1]))

@@ -204,3 +204,21 @@ def test_an_onnx_export_prints_nothing_about_what_the_model_does_not_use(tmp_pat
     assert run.returncode == 0, run.stderr
     assert "lm.onnx" in run.stdout and (tmp_path / "lm.onnx").is_file()
     assert "torchvision" not in run.stderr and "LeafSpec" not in run.stderr, run.stderr
+
+
+def test_the_onnx_quieting_drops_the_torchvision_lines_only():
+    import logging
+
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        with export._quiet_onnx_exporter():
+            logger.warning("torchvision is not installed. Skipping %s", "torchvision::nms")
+            logger.warning("Failed to infer the signature for function %s", "f")
+        logger.warning("torchvision is not installed. Skipping %s", "after")  # the filter is gone again
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["Failed to infer the signature for function f", "torchvision is not installed. Skipping after"]

@@ -1,7 +1,7 @@
 """The task protocol: the CLI's train, evaluate and prediction commands come from the task registry."""
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -88,6 +88,15 @@ def test_a_registered_task_gets_train_evaluate_and_predict_commands(toy, tmp_pat
     evaluate_help = " ".join(evaluate_help.split())
     assert "toy: a toy file" in evaluate_help and "toy: how deep" in evaluate_help
     assert "translation: beam size (default: the model's setting); toy: beams" in evaluate_help
+
+
+def test_tasks_that_share_an_evaluate_flag_must_parse_it_alike(toy, monkeypatch):
+    # one argparse argument serves every task that names the flag; the toy's --beam is an int, like translation's
+    cli.build_parser()
+    changed = replace(base._REGISTRY["toy"], evaluate_options=(base.Option("--beam", "beam_size", "beams"),))
+    monkeypatch.setitem(base._REGISTRY, "toy", changed)
+    with pytest.raises(ValueError, match=r"evaluate flag --beam: task 'toy' reads it as str, another task as int"):
+        cli.build_parser()
 
 
 def test_evaluate_names_an_unregistered_task(tmp_path, capsys):

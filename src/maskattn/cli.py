@@ -71,7 +71,11 @@ def _add_evaluate_options(evaluate: argparse.ArgumentParser, registered: dict[st
     for task in registered.values():
         for option in task.evaluate_options:
             helps.setdefault(option.flag, []).append(f"{task.name}: {option.help}")
-            kinds.setdefault(option.flag, option)
+            first = kinds.setdefault(option.flag, option)
+            if (first.type, first.repeat) != (option.type, option.repeat):  # one parser argument serves both
+                raise ValueError(f"evaluate flag {option.flag}: task {task.name!r} reads it as "
+                                 f"{option.type.__name__}{' (repeated)' * option.repeat}, another task as "
+                                 f"{first.type.__name__}{' (repeated)' * first.repeat}; a shared flag needs one kind")
     for flag, texts in helps.items():
         extra = {"action": "append"} if kinds[flag].repeat else {}
         evaluate.add_argument(flag, type=kinds[flag].type, help="; ".join(texts), **extra)

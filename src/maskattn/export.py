@@ -211,14 +211,15 @@ def _quiet_onnx_exporter():
     process it warns once per torchvision operator it skips (torchvision is not installed; no maskattn graph
     uses it), and its own copying of pytree specs raises pytree's LeafSpec deprecation."""
     logger = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    skipped = logging.Filter()
+    skipped.filter = lambda record: not str(record.msg).startswith("torchvision is not installed")
+    logger.addFilter(skipped)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
             yield
     finally:
-        logger.setLevel(level)
+        logger.removeFilter(skipped)
 
 
 def _path(out: Path, suffix: str) -> Path:

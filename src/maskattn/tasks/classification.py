@@ -8,6 +8,7 @@ read from the training data and saved with the model.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from dataclasses import fields as fields_of
@@ -126,8 +127,8 @@ def build(cfg: ClassificationConfig, labels: list[str], texts: Sequence[str]) ->
 
 def probabilities(model: EncoderModel, tok: Tokenizer, texts: Sequence[str], *, batch_size: int = 64,
                   max_len: int | None = None) -> Tensor:
-    """(N, C) class probabilities of ``texts``, each cut to ``max_len`` tokens (the run's ``data.max_len``;
-    default the model's positions)."""
+    """(N, C) class probabilities of ``texts`` on the CPU, each cut to ``max_len`` tokens (the run's
+    ``data.max_len``; default the model's positions)."""
     model.eval()
     device = next(model.parameters()).device
     ids = encode(tok, texts, min(max_len or model.config.max_len, model.config.max_len))
@@ -148,26 +149,40 @@ def predict(model: EncoderModel, tok: Tokenizer, labels: list[str], texts: Seque
     return [labels[i] for i in found.argmax(-1).tolist()]
 
 
+def _members(directories: Sequence[str | Path] | str | Path | None, what: str) -> list[str | Path]:
+    if isinstance(directories, (str, os.PathLike)):  # a lone path would be read as its characters
+        raise TypeError(f"{what}: a list of model directories, got the single path {str(directories)!r}")
+    return list(directories or ())
+
+
 def ensemble_probabilities(directories: Sequence[str | Path], texts: Sequence[str]) -> tuple[list[str], Tensor]:
     """The models' labels and the mean of their (N, C) class probabilities.
 
     Each model reads the texts with its own tokenizer and ``data.max_len``, so members trained from scratch
     and fine-tuned ones mix; they must know the same labels. Probabilities, not logits, are averaged: the
-    logits of separately trained classifiers need not share a scale.
+    logits of separately trained classifiers need not share a scale. Every member's ``task.json`` is checked
+    before any model runs; the models are then loaded and run one at a time.
+
+    Raises:
+        ValueError: ``directories`` is empty; the first is not a classification model.
+        UsageError: a later member (``--ensemble``) is not a classification model or knows other labels.
     """
+    directories = _members(directories, "directories")
     if not directories:
-        raise ValueError("ensemble_probabilities needs at least one model directory")
-    labels: list[str] = []
-    total: Tensor | None = None
+        raise ValueError("directories: empty; give at least one model directory")
+    labels = list(read_task(directories[0], "classification")["labels"])
+    for other in directories[1:]:
+        try:
+            theirs = list(read_task(other, "classification")["labels"])
+        except ValueError as e:  # FormatError included: no task.json, a modified one
+            raise UsageError(f"--ensemble {other}: {e}") from e
+        if theirs != labels:  # sorted when a run reads its training data
+            raise UsageError(f"--ensemble {other}: labels {theirs}, but {directories[0]} has {labels}; "
+                             "ensemble members must know the same labels")
+    total = torch.zeros(len(texts), len(labels))
     for directory in directories:
         model, tok, task = load(directory)
-        if total is None:
-            labels = list(task["labels"])
-        elif list(task["labels"]) != labels:  # sorted when a run reads its training data
-            raise UsageError(f"--ensemble {directory}: labels {task['labels']}, but {directories[0]} has "
-                             f"{labels}; ensemble members must know the same labels")
-        found = probabilities(model, tok, texts, max_len=task.get("max_len"))  # (N, C)
-        total = found if total is None else total + found
+        total += probabilities(model, tok, texts, max_len=task.get("max_len"))  # (N, C)
     return labels, total / len(directories)
 
 
@@ -274,9 +289,10 @@ def load(directory: str | Path) -> tuple[EncoderModel, Tokenizer, dict[str, Any]
     return load_task(directory, "classification", EncoderModel)
 
 
-def evaluate_file(directory: str | Path, path: str, ensemble: Sequence[str] = ()) -> dict[str, float]:
+def evaluate_file(directory: str | Path, path: str, ensemble: Sequence[str | Path] | None = ()) -> dict[str, float]:
     """Accuracy and macro-F1 of a trained model on any labelled file. ``ensemble``: more model directories
     whose class probabilities are averaged with ``directory``'s (:func:`ensemble_probabilities`)."""
+    ensemble = _members(ensemble, "ensemble")
     task = read_task(directory, "classification")
     records = read_labelled(path, text_field=task["text_field"], label_field=task["label_field"])
     gold = [label for _, label in records]
