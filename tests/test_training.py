@@ -449,25 +449,16 @@ def test_the_metrics_log_is_trimmed_only_when_a_resume_replays_steps(tmp_path, m
     assert written[-1] == log  # rewritten with it, or the next record would join the last line
 
 
-def test_the_trainer_hands_freed_memory_back_every_release_interval(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("kept", "released_at"), [(True, [3, 6]), (False, [])], ids=["kept", "not-kept"])
+def test_the_trainer_hands_freed_memory_back_every_release_interval_where_memory_is_kept(tmp_path, monkeypatch,
+                                                                                          kept, released_at):
+    # not kept: a host program that never called keep_freed_memory keeps its allocator as it is
     from maskattn import training
 
     steps = []
     trainer = _tiny_trainer(tmp_path, steps=7)
     monkeypatch.setattr(training, "RELEASE_EVERY", 3)
-    monkeypatch.setattr(training, "memory_kept", lambda: True)
+    monkeypatch.setattr(training, "memory_kept", lambda: kept)
     monkeypatch.setattr(training, "release_freed_memory", lambda: steps.append(trainer.step) or True)
     trainer.fit()
-    assert steps == [3, 6]
-
-
-def test_the_trainer_leaves_the_allocator_alone_unless_memory_is_kept(tmp_path, monkeypatch):
-    from maskattn import training
-
-    calls = []
-    trainer = _tiny_trainer(tmp_path, steps=4)
-    monkeypatch.setattr(training, "RELEASE_EVERY", 2)
-    monkeypatch.setattr(training, "memory_kept", lambda: False)  # a host program that never called keep_freed_memory
-    monkeypatch.setattr(training, "release_freed_memory", lambda: calls.append(trainer.step) or True)
-    trainer.fit()
-    assert calls == []
+    assert steps == released_at
