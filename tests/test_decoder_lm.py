@@ -234,13 +234,15 @@ def test_left_padded_prompts_are_refused_naming_right_padding():
         model.begin_decoding(torch.tensor([[5, 6, 7, 8, 9], [0, 0, 7, 8, 9]]), max_new_tokens=3)
 
 
-def test_cached_decoding_under_autocast_follows_the_autocast_forward():
-    # the caches are float32 while autocast gives bf16 keys: decoding stopped at "q, k, v must share a dtype"
+@pytest.mark.parametrize("static", [False, True])
+def test_cached_decoding_under_autocast_follows_the_autocast_forward(static):
+    # the caches are float32 while autocast gives bf16 keys: decoding stopped at "q, k, v must share a dtype",
+    # and the static cache's one-token writes (index_copy_) at "self and source expected to have the same dtype"
     torch.manual_seed(0)
     model = DecoderLM(DecoderLMConfig.preset("tiny")).eval()
     ids = torch.randint(1, model.config.vocab_size, (2, 9))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        state, _ = model.begin_decoding(ids[:, :6], max_new_tokens=3)
-        steps = model.step(state, ids[:, 6:])  # (B, 3, V)
+        state, _ = model.begin_decoding(ids[:, :6], max_new_tokens=3, static=static)
+        steps = torch.cat([model.step(state, ids[:, i : i + 1]) for i in range(6, 9)], dim=1)  # (B, 3, V)
         forward = model(ids)[:, 6:]
     assert steps.dtype == forward.dtype and torch.allclose(steps.float(), forward.float(), atol=0.02)

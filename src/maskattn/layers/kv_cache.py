@@ -68,8 +68,9 @@ class KVCache(nn.Module):
     def _write_one(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write (B, Hkv, 1, D) at slot ``pos`` (a tensor index: no host read); return all (B, Hkv, T, D) slots."""
         slot = self.pos.view(1)  # (1,)
-        self.k.index_copy_(2, slot, k)
-        self.v.index_copy_(2, slot, v)
+        # under autocast the keys come in the autocast dtype; index_copy_, unlike a slice assignment, does not convert
+        self.k.index_copy_(2, slot, k.to(self.k.dtype))
+        self.v.index_copy_(2, slot, v.to(self.v.dtype))
         self.pos.add_(1)
         return self.k, self.v  # (B, Hkv, T, D)
 
