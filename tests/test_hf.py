@@ -161,12 +161,16 @@ def test_gemma2_softcapping_runs_dense_with_one_log_line(caplog):
     assert sum("softcap=5.0" in r.getMessage() for r in caplog.records) == 1
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral", "gemma3"])
-def test_generate_matches_eager(name, monkeypatch):
+@pytest.mark.parametrize("name, cache", [("gpt2", None), ("llama", None), ("mistral", None), ("gemma3", None),
+                                         ("llama", "static"), ("mistral", "static"), ("gemma3", "static")])
+def test_generate_matches_eager(name, cache, monkeypatch):
+    # a static cache makes generate build each step's mask ahead and hand it back to the model: that mask must be
+    # read, not rebuilt from it ("'HFMask' object has no attribute 'ndim'" before session eighteen)
     model = _model(name)
     prompts = torch.tensor([[5, 9, 14, 3, 22, 7], [0, 0, 0, 11, 4, 30]])  # left padding: lengths 6 and 3
     inputs = {"input_ids": prompts, "attention_mask": (prompts != 0).long()}
-    options = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0, "use_cache": True}
+    options = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0, "use_cache": True,
+               "cache_implementation": cache}
     model.set_attn_implementation("eager")
     want = model.generate(**inputs, **options)
     spy = _Spy(monkeypatch)

@@ -67,6 +67,12 @@ class HFMask:
     q_offset: int = 0
     structured: bool = True
 
+    @property
+    def ndim(self) -> int:
+        """4, as the (B, H, Lq, Lk) mask it stands for: transformers reads ``ndim`` of a mask that ``generate``
+        built ahead (static caches) before asking for it again, and hands it back to :func:`build_mask`."""
+        return 4
+
 
 # --- reading transformers' mask-function tree ----------------------------------------------------
 @dataclass(frozen=True)
@@ -274,6 +280,8 @@ def build_mask(
     Returns:
         An :class:`HFMask`; ``structured`` is False when the pattern fell back to ``from_tensor``.
     """
+    if isinstance(attention_mask, HFMask):  # built ahead for this very call (generate with a static cache)
+        return attention_mask
     mu = _masking_utils()
     mask_function = mask_function or mu.causal_mask_function
     q_offset, kv_offset = int(q_offset), int(kv_offset)
