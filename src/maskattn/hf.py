@@ -273,7 +273,9 @@ def build_mask(
         batch_size, q_length, kv_length, q_offset, kv_offset: the sizes transformers computed (keys at
             absolute positions ``kv_offset .. kv_offset + kv_length - 1``, queries from ``q_offset``).
         mask_function: transformers' predicate tree (default: causal).
-        attention_mask: the 2-D (B, >= kv_offset + kv_length) bool padding mask, True = real token.
+        attention_mask: the 2-D (B, >= kv_offset + kv_length) bool padding mask, True = real token; or an
+            :class:`HFMask` this function built ahead for the same call (``generate`` with a static cache),
+            returned as it is.
         kwargs: the other arguments transformers passes (``use_vmap``, ``device``, ...), used by the
             dense fallback.
 
