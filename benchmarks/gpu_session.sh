@@ -18,7 +18,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 [ "${END_TO_END_SECONDS:-120}" != 0 ] && timeout "${END_TO_END_SECONDS:-120}" python3 -m benchmarks.end_to_end --device cuda --parts train,generate --modes eager --bf16 \
     --layers 12 --width 768 --heads 12 --batch 8 --json "$OUT/gpu-end-to-end.json" 2>&1 | tee "$OUT/end-to-end.log"
 # the whole suite (training tests train on the GPU: the trainer picks CUDA where it is), failures named as they come
-[ "${SUITE_SECONDS:-120}" != 0 ] && OMP_NUM_THREADS=1 timeout "${SUITE_SECONDS:-120}" python3 -m pytest -v -p no:cacheprovider -n 12 --dist loadfile --timeout 60 tests \
+[ "${SUITE_SECONDS:-120}" != 0 ] && OMP_NUM_THREADS=1 timeout "${SUITE_SECONDS:-120}" python3 -m pytest -v -p no:cacheprovider -n 12 --dist loadfile --timeout 120 tests \
     2>&1 | grep -E "FAILED|ERROR|[0-9]+ (passed|failed)" > "$OUT/full-suite.log"
 touch "$OUT/full-suite.log"; cat "$OUT/full-suite.log"
 # the files of the failures, again, one process, with tracebacks (test ids may hold spaces; file names do not)
