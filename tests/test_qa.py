@@ -227,6 +227,14 @@ def test_qa_training_refuses_windows_past_the_encoder_and_too_few_windows_for_a_
     assert message in capsys.readouterr().err
 
 
+def test_qa_training_refuses_a_batch_size_that_max_tokens_would_ignore(tmp_path, capsys):
+    data, encoder = _tiny_squad(tmp_path, 5)
+    assert main(["train", "qa", "--train", str(data), "--pretrained", str(encoder), "--out", str(tmp_path / "run"),
+                 "--set", "data.max_tokens=300", "--set", "data.batch_size=8", "--set", "train.steps=1",
+                 "--set", "train.progress=false"]) == 2
+    assert "data.batch_size=8 is not used when data.max_tokens=300" in capsys.readouterr().err
+
+
 def test_qa_batches_by_tokens_group_windows_of_similar_length_within_the_budget(tmp_path, capsys, monkeypatch):
     data, encoder = _tiny_squad(tmp_path, 12)
     doc = json.loads(data.read_text())  # questions of 0 to 88 extra characters: windows of different lengths
