@@ -1,3 +1,4 @@
+import random
 import re
 
 import pytest
@@ -108,3 +109,38 @@ def test_recipes_name_bad_input_in_one_line(make, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
     assert re.search(message, err.strip().splitlines()[-1]), err
+
+
+def test_hf_baseline_fine_tunes_a_bert_checkpoint_and_scores_its_best(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers", reason="the SST-2 oracle recipe needs transformers")
+    from recipes import sst2_hf_baseline
+
+    words = ["good", "bad", "film", "plot", "a", "the", "fine", "awful"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    tokenizer = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
+    assert tokenizer("a film good")["input_ids"] == [2, 9, 7, 5, 3]  # words, not [UNK]s
+    tokenizer.save_pretrained(tmp_path / "bert")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    # the label says whether the row ends in "good" or "fine": learnable from the words alone
+    rng = random.Random(0)
+
+    def rows(n):
+        out = []
+        for _ in range(n):
+            cue = rng.choice(["good", "fine", "bad", "awful"])
+            text = " ".join([*rng.sample(["a", "the", "film", "plot"], 2), cue])
+            out.append(f"{text}\t{int(cue in ('good', 'fine'))}")
+        return "sentence\tlabel\n" + "\n".join(out) + "\n"
+
+    for name, n in (("train", 256), ("valid", 64), ("test", 64)):
+        (tmp_path / f"{name}.tsv").write_text(rows(n))
+    log = sst2_hf_baseline.main([str(tmp_path / "bert"), str(tmp_path / "train.tsv"), str(tmp_path / "valid.tsv"),
+                                 "--test", str(tmp_path / "test.tsv"), "--out", str(tmp_path / "out"),
+                                 "--lr", "1e-3", "--epochs", "6", "--batch-size", "16", "--eval-every", "16"])
+    assert log["steps"] == 96 and [v["step"] for v in log["valid"]] == list(range(16, 97, 16))
+    assert log["best"]["valid accuracy"] == max(v["accuracy"] for v in log["valid"]) >= 0.95
+    assert log["best"]["test accuracy"] >= 0.95  # the kept checkpoint, not a chance-level one
+    assert "valid accuracy" in capsys.readouterr().out and (tmp_path / "out" / "log.json").exists()
