@@ -76,14 +76,17 @@ def _sentiment(path: Path, n: int, rng: random.Random) -> Path:
     return path
 
 
-def test_a_tiny_model_learns_which_word_decides_the_label(tmp_path, capsys):
+@pytest.mark.parametrize("batching", [["data.max_tokens=512"], ["data.max_tokens=0", "data.batch_size=16"]],
+                         ids=["by-tokens", "by-rows"])
+def test_a_tiny_model_learns_which_word_decides_the_label(tmp_path, capsys, batching):
     """From scratch, 80 steps (a few seconds) learn a label set by one word among fillers: held-out accuracy
-    >= 90% (chance 50%), and evaluate's accuracy equals the one counted by hand from `maskattn classify`."""
+    >= 90% (chance 50%), and evaluate's accuracy equals the one counted by hand from `maskattn classify`;
+    batched by padded tokens (rows of similar length) or by rows drawn at random."""
     rng = random.Random(0)
     train, valid, test = (_sentiment(tmp_path / f"{name}.tsv", n, rng)
                           for name, n in (("train", 200), ("valid", 40), ("test", 60)))
     out = tmp_path / "run"
-    settings = ['data.tokenizer="chars"', "data.max_tokens=512", "model.d_model=32", "model.d_ff=64",
+    settings = ['data.tokenizer="chars"', *batching, "model.d_model=32", "model.d_ff=64",
                 "model.num_heads=2", "model.num_layers=1", "model.dropout=0.0", "train.steps=80", "train.warmup=5",
                 "train.lr=3e-3", "train.progress=false"]
     sets = [arg for setting in settings for arg in ("--set", setting)]
@@ -97,6 +100,30 @@ def test_a_tiny_model_learns_which_word_decides_the_label(tmp_path, capsys):
     assert scores["macro_f1"] >= 90
     assert main(["classify", str(out / "model"), "the plot was great", "a film was awful"]) == 0
     assert capsys.readouterr().out.split() == ["pos", "neg"]
+
+
+def test_batches_of_rows_take_every_row_once_an_epoch_in_a_new_order(tmp_path, capsys, monkeypatch):
+    from maskattn.tasks import classification
+
+    rng = random.Random(0)
+    train = _sentiment(tmp_path / "train.tsv", 10, rng)
+    seen: list[list[int]] = []
+    collate = classification._collate
+    monkeypatch.setattr(classification, "_collate", lambda tok, ids, targets, idx: seen.append(list(idx)) or
+                        collate(tok, ids, targets, idx))
+    common = ["train", "classification", "--train", str(train), "--set", 'data.tokenizer="chars"', "--set",
+              "model.d_model=16", "--set", "model.d_ff=32", "--set", "model.num_heads=2", "--set",
+              "model.num_layers=1", "--set", "train.progress=false"]
+    assert main([*common, "--out", str(tmp_path / "run"), "--set", "data.max_tokens=0", "--set",
+                 "data.batch_size=4", "--set", "train.steps=6"]) == 0
+    assert [len(b) for b in seen] == [4, 4, 2, 4, 4, 2]  # the last batch of an epoch is the rest
+    first, second = seen[:3], seen[3:]
+    assert sorted(i for b in first for i in b) == sorted(i for b in second for i in b) == list(range(10))
+    assert first != second
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "both"), "--set", "data.max_tokens=512", "--set",
+                 "data.batch_size=8", "--set", "train.steps=1"]) == 2
+    assert "data.batch_size=8 is not used when data.max_tokens=512" in capsys.readouterr().err
 
 
 def test_one_label_is_an_error(tmp_path, capsys):

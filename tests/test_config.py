@@ -50,7 +50,7 @@ BAD_SETTINGS = {
            "train.betas=[0.9, 1.0]", "train.warmup=-1", "train.lr=0", "train.clip_norm=-1", "data.block=0",
            "data.valid_fraction=0", "data.valid_fraction=1", "data.documents=\"pages\"", "train.accumulate=0"],
     "translation": ["decode.beam_size=0", "data.max_tokens=0", "label_smoothing=1.0", "decode.batch_size=0"],
-    "classification": ["data.max_len=2", "train.eval_every=-1"],
+    "classification": ["data.max_len=2", "train.eval_every=-1", "data.max_tokens=-1", "data.batch_size=0"],
     "qa": ["data.stride=0", "data.max_answer=0"],
 }
 

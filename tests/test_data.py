@@ -78,6 +78,14 @@ def test_bucket_batches_are_deterministic_complete_and_bounded():
     assert all(max(lengths[i] for i in b) * len(b) <= 200 for b in a)
 
 
+def test_random_batches_are_deterministic_complete_and_cut_by_size():
+    a = data.random_batches(10, 4, seed=1, epoch=0)
+    assert a == data.random_batches(10, 4, seed=1, epoch=0) != data.random_batches(10, 4, seed=1, epoch=1)
+    assert [len(b) for b in a] == [4, 4, 2] and sorted(i for b in a for i in b) == list(range(10))
+    assert data.random_batches(10, 4, seed=1, epoch=0, drop_last=True) == a[:2]
+    assert data.random_batches(3, 4, seed=0, epoch=0, drop_last=True) == []
+
+
 def test_pack_gives_document_ids_for_document_masks():
     ids, docs = data.pack([[1, 2, 3], [4, 5], [6, 7, 8, 9]], block=4)
     assert ids.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]

@@ -282,6 +282,14 @@ def bucket_batches(
     return batches
 
 
+def random_batches(count: int, size: int, *, seed: int, epoch: int, drop_last: bool = False) -> list[list[int]]:
+    """The indices 0..count-1 in a random order, cut into batches of ``size`` (the last one shorter, or dropped
+    with ``drop_last``). Deterministic in (seed, epoch), like :func:`bucket_batches`."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+    end = count - size + 1 if drop_last else count
+    return [order[i : i + size] for i in range(0, max(end, 0), size)]
+
+
 def shard(batches: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
     """Split every batch between ranks (a distributed sampler over batches): rank r takes items r::world_size.
 

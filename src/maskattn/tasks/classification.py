@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskattn import metrics
-from maskattn.data import DataError, bucket_batches, pad, read_labelled
+from maskattn.data import DataError, bucket_batches, pad, random_batches, read_labelled
 from maskattn.errors import SettingError, UsageError, check_settings
 from maskattn.io import read_json_object
 from maskattn.models import EncoderConfig, EncoderModel, from_pretrained
@@ -54,15 +54,19 @@ class DataConfig:
     tokenizer: str = "bpe"  # from scratch: bpe | chars
     vocab_size: int = 8000  # from scratch: BPE vocabulary size
     max_len: int = 128  # longer texts are cut
-    max_tokens: int = 4096  # padded tokens per batch
+    max_tokens: int = 4096  # padded tokens per batch, rows of similar length together; 0: data.batch_size rows
+    batch_size: int = 32  # with data.max_tokens=0: rows per batch, drawn at random (the GLUE examples' batching)
     word_dropout: float = 0.0  # training only: each token (not [CLS]/[SEP]) is deleted with this probability
     embeddings: str = ""  # from scratch: a pretrained BERT directory whose tokenizer and word vectors start the model
     freeze_embeddings: bool = False  # with data.embeddings: keep those word vectors fixed (static vectors)
 
     def __post_init__(self) -> None:
         check_settings(self, {"tokenizer": ("one of", tuple(TOKENIZERS)), "vocab_size": ("int>=", 1),
-                              "max_len": ("int>=", 3), "max_tokens": ("int>=", 1),
+                              "max_len": ("int>=", 3), "max_tokens": ("int>=", 0), "batch_size": ("int>=", 1),
                               "word_dropout": ("in", (0, 1, "[)"))})
+        if self.max_tokens and self.batch_size != DataConfig.batch_size:  # set beside max_tokens: it would do nothing
+            raise UsageError(f"data.batch_size={self.batch_size} is not used when data.max_tokens={self.max_tokens} "
+                             "(batches are cut by padded tokens); set data.max_tokens=0 to batch by rows")
         if self.text_field == self.label_field:  # the model would learn to read its own label
             raise SettingError(f"data.text_field and data.label_field must name different fields, both are "
                                f"{self.text_field!r}")
@@ -223,6 +227,11 @@ def train(cfg: ClassificationConfig, *, resume: bool = False, log=log_stderr) ->
 
     collate = partial(_collate, tok, ids, targets)
 
+    def plan(epoch: int) -> list[list[int]]:
+        if cfg.data.max_tokens:
+            return bucket_batches(lengths, cfg.data.max_tokens, seed=cfg.train.seed, epoch=epoch)
+        return random_batches(len(ids), cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch)
+
     def loss(m: nn.Module, b: dict[str, Any]) -> Tensor:
         x, n = b["ids"], b["lengths"]
         if m.training and cfg.data.word_dropout:  # here, not in collate: the trainer seeds each step's RNG
@@ -237,8 +246,7 @@ def train(cfg: ClassificationConfig, *, resume: bool = False, log=log_stderr) ->
     return fit_and_export(
         Head(model, "classify"), tok, cfg.train, out, evaluate=evaluate if valid else None, resume=resume, log=log,
         saved=model,
-        plan=lambda epoch: bucket_batches(lengths, cfg.data.max_tokens, seed=cfg.train.seed, epoch=epoch),
-        collate=collate, loss=loss,
+        plan=plan, collate=collate, loss=loss,
         task={"task": "classification", "labels": labels, "max_len": cfg.data.max_len, **fields},
     )
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskattn import checkpoint, distributed, metrics
-from maskattn.data import DataError, QAExample, bucket_batches, pad, read_squad
+from maskattn.data import DataError, QAExample, bucket_batches, pad, random_batches, read_squad
 from maskattn.errors import UsageError, check_settings
 from maskattn.io import check_output_file
 from maskattn.models import EncoderModel, from_pretrained
@@ -269,9 +269,7 @@ def train(cfg: QAConfig, *, resume: bool = False, log=log_stderr) -> dict[str, A
     def plan(epoch: int) -> list[list[int]]:
         if cfg.data.max_tokens:  # random windows pad to ~max_len; grouped by length, ~30% fewer padded tokens
             return bucket_batches(lengths, cfg.data.max_tokens, seed=cfg.train.seed, epoch=epoch)
-        order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(cfg.train.seed * 7919 + epoch))
-        size = cfg.data.batch_size
-        return [order[i : i + size].tolist() for i in range(0, len(order) - size + 1, size)]
+        return random_batches(len(windows), cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch, drop_last=True)
 
     def collate(idx: list[int]) -> dict[str, Any]:
         return {**batch_of([windows[i] for i in idx], tok.pad_id), "num_targets": 2 * len(idx)}
