@@ -35,8 +35,11 @@ def test_schedules():
     cos = TrainConfig(lr=1.0, warmup=4, steps=20, schedule="cosine", min_lr_ratio=0.1)
     assert learning_rate(cos, 4) == 1.0 and learning_rate(cos, 20) == pytest.approx(0.1)
     assert learning_rate(cos, 12) == pytest.approx(0.55)
+    linear = TrainConfig(lr=1.0, warmup=4, steps=20, schedule="linear", min_lr_ratio=0.0)  # BERT's: down to zero
+    assert [learning_rate(linear, s) for s in (2, 4, 8, 12, 20)] == pytest.approx([0.5, 1.0, 0.75, 0.5, 0.0])
+    assert learning_rate(TrainConfig(lr=1.0, warmup=4, steps=20, schedule="linear"), 12) == pytest.approx(0.55)
     with pytest.raises(ValueError, match="schedule must be"):
-        TrainConfig(schedule="linear")
+        TrainConfig(schedule="step")
 
 
 def test_training_lowers_the_loss_and_writes_log_and_plot(tmp_path):

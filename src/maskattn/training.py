@@ -62,9 +62,9 @@ class TrainConfig:
     lr: float = 5e-4  # peak learning rate
     betas: tuple[float, float] = (0.9, 0.98)  # Adam betas (the paper's 0.98)
     weight_decay: float = 0.01  # AdamW decoupled weight decay
-    schedule: str = "inverse_sqrt"  # "inverse_sqrt" (Vaswani et al.), "cosine" or "constant"
+    schedule: str = "inverse_sqrt"  # "inverse_sqrt" (Vaswani et al.), "cosine", "linear" (BERT) or "constant"
     warmup: int = 100  # linear warm-up steps
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # cosine and linear decay to lr * min_lr_ratio (0: to zero, as BERT's recipe)
     clip_norm: float | None = 1.0  # gradient clipping by global norm (None: off)
     accumulate: int = 1  # micro-batches per optimizer step
     bf16: bool = False  # bfloat16 autocast for the forward pass
@@ -85,7 +85,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_settings(self, {
             "steps": ("int>=", 1), "lr": ("float>", 0), "weight_decay": ("float>=", 0),
-            "schedule": ("one of", ("inverse_sqrt", "cosine", "constant")), "warmup": ("int>=", 0),
+            "schedule": ("one of", ("inverse_sqrt", "cosine", "linear", "constant")), "warmup": ("int>=", 0),
             "min_lr_ratio": ("in", (0, 1, "[]")), "layer_decay": ("in", (0, 1, "(]")),
             "accumulate": ("int>=", 1), "eval_every": ("int>=", 0),
             "checkpoint_every": ("int>=", 0), "keep": ("int>=", 1), "patience": ("int>=", 0),
@@ -109,9 +109,10 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     warm = min(1.0, step / cfg.warmup) if cfg.warmup else 1.0
     if cfg.schedule == "inverse_sqrt":
         return cfg.lr * min(warm, math.sqrt(cfg.warmup / step) if cfg.warmup else 1 / math.sqrt(step))
-    if cfg.schedule == "cosine" and step > cfg.warmup:
+    if cfg.schedule in ("cosine", "linear") and step > cfg.warmup:
         progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        left = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * left)
     return cfg.lr * warm
 
 
