@@ -445,7 +445,8 @@ def test_a_student_equal_to_its_teacher_gets_no_gradient_from_pure_distillation(
         compression.finetune(model, data, steps=1, distill=0.5, teacher=teacher, temperature=0, log=lambda _: None)
 
 
-def test_a_cosine_finetune_ends_at_zero_learning_rate(tiny_transformer, monkeypatch):
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_a_decaying_finetune_ends_at_zero_learning_rate(tiny_transformer, monkeypatch, schedule):
     seen = []
     original = torch.optim.AdamW.step
 
@@ -454,9 +455,11 @@ def test_a_cosine_finetune_ends_at_zero_learning_rate(tiny_transformer, monkeypa
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", spy)
-    compression.finetune(tiny_transformer, _batches(tiny_transformer), steps=6, lr=1e-3, schedule="cosine",
+    compression.finetune(tiny_transformer, _batches(tiny_transformer), steps=6, lr=1e-3, schedule=schedule,
                          warmup=2, log=lambda _: None)
     assert seen[:2] == [5e-4, 1e-3] and seen[-1] == 0.0 and seen == sorted(seen[:2]) + sorted(seen[2:], reverse=True)
+    if schedule == "linear":  # a quarter of the decay per step after the warm-up
+        assert seen[2:] == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0])
 
 
 # --- the command ---------------------------------------------------------------------------------

@@ -407,8 +407,8 @@ def _add_compress(sub) -> None:
     compress.add_argument("--importance-batches", type=int, default=8,
                           help="batches of --data the head importance is measured on (default 8)")
     compress.add_argument("--max-tokens", type=int, default=2048, help="padded tokens per batch (default 2048)")
-    compress.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
-                          help="fine-tuning learning-rate schedule (default constant; cosine decays to zero)")
+    compress.add_argument("--schedule", choices=("constant", "cosine", "linear"), default="constant",
+                          help="fine-tuning learning-rate schedule (default constant; cosine and linear decay to zero)")
     compress.add_argument("--warmup", type=int, default=0, help="fine-tuning warm-up steps (default 0)")
     compress.add_argument("--distill", type=float, default=0.0, metavar="WEIGHT",
                           help="weight of distillation from the unpruned model in the fine-tune loss (default 0)")

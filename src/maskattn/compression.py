@@ -415,7 +415,8 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
         data: the task's training data files, read as its ``training_batches`` reads them (needed to prune).
         finetune_steps: fine-tuning steps after pruning.
         lr: fine-tuning learning rate.
-        schedule, warmup: the fine-tune's learning-rate schedule ("constant" or "cosine") and warm-up steps.
+        schedule, warmup: the fine-tune's learning-rate schedule ("constant", "cosine" or "linear") and warm-up
+            steps.
         distill, temperature: weight and temperature of distillation from the unpruned model (0: plain loss).
         bf16: fine-tune under bfloat16 autocast.
         fade_steps: if > 0, the chosen heads are faded out over this many fine-tuning steps (masked after),
