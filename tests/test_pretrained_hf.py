@@ -87,3 +87,38 @@ def test_a_bert_checkpoint_with_task_heads_loads_its_encoder(head, tmp_path, cap
         want = theirs.bert(ids).last_hidden_state
         got = ours(ids)
     assert (got - want).abs().max() <= 1e-5 and ours.config.num_labels == 3
+
+
+@pytest.mark.parametrize("backend", ["reference", "blocked", "sdpa"])
+def test_the_fine_tuning_loss_and_its_gradients_equal_bert_for_sequence_classification(backend, tmp_path):
+    # What a fine-tune of a BERT checkpoint computes, against transformers' own classifier on the same weights:
+    # padded rows, the pretrained pooler on [CLS], the classifier; the loss, and the gradients that reach the
+    # word embeddings (through every layer), the pooler and the classifier
+    from maskattn.layers.mha import MultiHeadAttention
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=48, max_position_embeddings=64, num_labels=2,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    theirs = transformers.BertForSequenceClassification(config).train()
+    theirs.save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path, num_labels=2).train()
+    for module in ours.modules():
+        if isinstance(module, MultiHeadAttention):
+            module.backend = backend
+    with torch.no_grad():  # the checkpoint's head is refused on load (test above): give ours the same one
+        ours.classifier.weight.copy_(theirs.classifier.weight)
+        ours.classifier.bias.copy_(theirs.classifier.bias)
+    lengths = torch.tensor([9, 4, 6])
+    ids = torch.randint(1, 50, (3, 9), generator=torch.Generator().manual_seed(1))
+    ids[torch.arange(9) >= lengths[:, None]] = 0  # right padding, pad id 0
+    labels = torch.tensor([1, 0, 1])
+    want = theirs(ids, attention_mask=(ids != 0).long(), labels=labels).loss
+    want.backward()
+    got = torch.nn.functional.cross_entropy(ours.classify(ids, lengths=lengths), labels)
+    got.backward()
+    assert abs(got.item() - want.item()) <= 1e-5
+    pairs = [(ours.embed.tokens.weight, theirs.bert.embeddings.word_embeddings.weight),
+             (ours.pooler.weight, theirs.bert.pooler.dense.weight), (ours.classifier.weight, theirs.classifier.weight)]
+    for mine, hf in pairs:
+        torch.testing.assert_close(mine.grad, hf.grad, atol=1e-5, rtol=1e-4)
