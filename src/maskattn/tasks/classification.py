@@ -37,6 +37,7 @@ from maskattn.tasks.common import (
     not_empty,
     parameters,
     read_task,
+    refuse_ignored_batch_size,
     require,
     train_tokenizer,
 )
@@ -64,9 +65,7 @@ class DataConfig:
         check_settings(self, {"tokenizer": ("one of", tuple(TOKENIZERS)), "vocab_size": ("int>=", 1),
                               "max_len": ("int>=", 3), "max_tokens": ("int>=", 0), "batch_size": ("int>=", 1),
                               "word_dropout": ("in", (0, 1, "[)"))})
-        if self.max_tokens and self.batch_size != DataConfig.batch_size:  # set beside max_tokens: it would do nothing
-            raise UsageError(f"data.batch_size={self.batch_size} is not used when data.max_tokens={self.max_tokens} "
-                             "(batches are cut by padded tokens); set data.max_tokens=0 to batch by rows")
+        refuse_ignored_batch_size(self)
         if self.text_field == self.label_field:  # the model would learn to read its own label
             raise SettingError(f"data.text_field and data.label_field must name different fields, both are "
                                f"{self.text_field!r}")

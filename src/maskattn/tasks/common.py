@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from maskattn import checkpoint, distributed
 from maskattn.data import DataError
-from maskattn.errors import RunDirectoryError, SettingError
+from maskattn.errors import RunDirectoryError, SettingError, UsageError
 from maskattn.io import FormatError, add_to_manifest, atomic_write_text, read_json_object, verify_manifest
 from maskattn.models.persistence import refuse_run_directory
 from maskattn.tokenization import Tokenizer
@@ -159,6 +159,14 @@ def require(settings: Any, section: str, **what: str) -> None:
         raise ValueError(f"{section}.{name} is required ({description})")
     raise ValueError(" and ".join(f"{section}.{name} ({description})" for name, description in what.items())
                      + " are required")
+
+
+def refuse_ignored_batch_size(data: Any) -> None:
+    """A ``data.batch_size`` other than its default beside ``data.max_tokens`` > 0 would do nothing (batches are
+    then cut by padded tokens): refused, naming both, rather than silently ignored."""
+    if data.max_tokens and data.batch_size != type(data).batch_size:
+        raise UsageError(f"data.batch_size={data.batch_size} is not used when data.max_tokens={data.max_tokens} "
+                         "(batches are cut by padded tokens); set data.max_tokens=0 to batch by data.batch_size")
 
 
 def not_empty(records: Sequence[Any], setting: str, path: str, what: str) -> Sequence[Any]:

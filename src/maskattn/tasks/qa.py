@@ -36,6 +36,7 @@ from maskattn.tasks.common import (
     log_stderr,
     not_empty,
     parameters,
+    refuse_ignored_batch_size,
     require,
 )
 from maskattn.tokenization import Tokenizer
@@ -61,9 +62,7 @@ class DataConfig:
         if 0 < self.max_tokens < self.max_len:
             raise UsageError(f"data.max_tokens={self.max_tokens}: less than one window of data.max_len="
                              f"{self.max_len} tokens; raise it, or 0 for data.batch_size windows a batch")
-        if self.max_tokens and self.batch_size != DataConfig.batch_size:  # set beside max_tokens: it would do nothing
-            raise UsageError(f"data.batch_size={self.batch_size} is not used when data.max_tokens={self.max_tokens} "
-                             "(batches are cut by padded tokens); set one of the two")
+        refuse_ignored_batch_size(self)
 
 
 @dataclass
