@@ -149,13 +149,18 @@ def test_bert_parity_with_eager(kind, monkeypatch):
     assert spy.reprs() == {"padding(lengths=[12, 7, 2])" if kind == "right" else "padding(valid=<bool (3, 12)>)"}
 
 
-def test_gemma2_softcapping_runs_dense_with_one_log_line(caplog):
+def _softcapped_gemma2():
+    """A Gemma 2 with logit soft-capping (which maskattn runs as a dense attention, with one log line)."""
     config, cls = MODELS["gemma2"]()
     config.attn_logit_softcapping = 5.0
     torch.manual_seed(0)
-    model = cls(config).eval()
-    inputs, valid = _batch("left")
     hf._WARNED.clear()
+    return cls(config).eval()
+
+
+def test_gemma2_softcapping_runs_dense_with_one_log_line(caplog):
+    model = _softcapped_gemma2()
+    inputs, valid = _batch("left")
     with caplog.at_level(logging.WARNING, logger="maskattn.hf"):
         _assert_parity(model, inputs, valid)
     assert sum("softcap=5.0" in r.getMessage() for r in caplog.records) == 1
@@ -292,3 +297,81 @@ def test_register_refuses_transformers_older_than_it_was_tested_with(monkeypatch
             hf.register()
     else:
         assert hf.register() == "maskattn"
+
+
+# --- torch.compile(fullgraph=True) --------------------------------------------------------------------------------
+def _compiled_run(model, inputs: dict, valid):
+    """``_run`` through ``torch.compile(fullgraph=True)`` (aot_eager: dynamo and the autograd trace, no C++ build),
+    after checking with ``torch._dynamo.explain`` that the forward is one graph."""
+    model.set_attn_implementation(NAME)
+    torch._dynamo.reset()  # the models share forward code: no recompile limit carried over from other tests
+    explained = torch._dynamo.explain(model)(**inputs)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    model.zero_grad()
+    out = compiled(**inputs)
+    y = (out.logits if hasattr(out, "logits") else out.last_hidden_state)[valid]
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name, kind", [*((name, kind) for name in sorted(MODELS) for kind in ("left", "packed")),
+                                        ("bert", "left")])
+def test_fullgraph_compile_matches_eager(name, kind):
+    # before session twenty-one: 8 graphs for a 2-layer Llama (dynamo cannot hash a predicate's __qualname__, and
+    # the padding's form was chosen by reading its values on the host)
+    model = _bert() if name == "bert" else _model(name)
+    inputs, valid = _batch(kind)
+    want, want_grads = _run(model, "eager", inputs, valid)
+    got, got_grads = _compiled_run(model, inputs, valid)
+    assert (got - want).abs().max() <= 1e-5
+    assert want_grads.keys() <= got_grads.keys()
+    for n, g in got_grads.items():  # a compiled backward gives unused parameters (BERT's pooler) zeros, not None
+        g_want = want_grads.get(n, torch.zeros_like(g))
+        assert (g - g_want).abs().max() <= 1e-5 * max(1.0, g_want.abs().max().item()), n
+
+
+def test_traced_masks_keep_the_structure_they_can_read_without_closures():
+    mu = pytest.importorskip("transformers.masking_utils")
+    valid = torch.tensor([[True] * 6, [False, False, True, True, True, True]])
+    cases = [(mu.causal_mask_function, "causal() & padding(valid=<bool (2, 6)>)"),
+             (mu.bidirectional_mask_function, "padding(valid=<bool (2, 6)>)"),
+             (mu.sliding_window_causal_mask_function(3), None)]  # nested closures: the dense mask
+    for function, shown in cases:
+        got = hf._traced_mask(2, 6, 6, 0, 0, function, valid, {})
+        want = mu.sdpa_mask(batch_size=2, q_length=6, kv_length=6, mask_function=function, attention_mask=valid,
+                            allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+        assert got.structured == (shown is not None)
+        assert shown is None or repr(got.mask) == shown
+        assert torch.equal(got.mask.to_dense(6, 6).expand(2, 1, 6, 6), want.expand(2, 1, 6, 6))
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # `cache=` is new in 5.24
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_fullgraph_compiled_decoding_step_matches_eager(name):
+    model = _model(name)
+    ids = torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(2))
+    valid = torch.ones(2, 11, dtype=torch.long)
+    valid[1, :3] = 0  # left padding
+    logits = {}
+    for implementation, compiled in (("eager", False), (NAME, True)):
+        model.set_attn_implementation(implementation)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            prefill = model(input_ids=ids, attention_mask=valid[:, :10], use_cache=True)
+            step = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
+            logits[implementation] = step(input_ids=prefill.logits[:, -1:].argmax(-1), attention_mask=valid,
+                                          past_key_values=prefill.past_key_values, use_cache=True).logits
+    assert (logits[NAME] - logits["eager"]).abs().max() <= 1e-5
+
+
+def test_fullgraph_compile_with_softcapping_logs_from_eager_calls_only(caplog):
+    model = _softcapped_gemma2()
+    inputs, valid = _batch("left")
+    with caplog.at_level(logging.WARNING, logger="maskattn.hf"):
+        want, _ = _run(model, "eager", inputs, valid)
+        got, _ = _compiled_run(model, inputs, valid)  # a log call would have been a graph break
+        assert not caplog.records
+        model(**inputs)
+    assert (got - want).abs().max() <= 1e-5
+    assert sum("softcap=5.0" in r.getMessage() for r in caplog.records) == 1

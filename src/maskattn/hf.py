@@ -20,6 +20,10 @@ padding mask. :func:`build_mask` reads that tree through a registry of recognise
 predicate, keyed by its qualified name); a predicate it does not know makes it build the dense mask
 that transformers' own ``sdpa_mask`` would build, so a mask is never dropped.
 
+Under ``torch.compile`` dynamo cannot read the closures of that tree, so :func:`build_mask` reads only
+transformers' top-level causal and bidirectional predicates there, and hands anything else over as the dense
+mask (:func:`_traced_mask`): one graph, ``fullgraph=True`` included, with less structure.
+
 Positions: transformers gives keys the absolute positions ``kv_offset + j`` (a sliding-window cache
 keeps only the last keys); maskattn counts keys from 0, so every part is shifted by ``kv_offset`` and
 the queries start at ``q_offset - kv_offset``.
@@ -218,6 +222,8 @@ def _padding(valid: Tensor) -> Mask:
 
 
 def _once(reason: str) -> None:
+    if torch.compiler.is_compiling():  # a log call would break the graph; the first eager call says it
+        return
     if reason not in _WARNED:
         _WARNED.add(reason)
         logger.warning("maskattn.hf: %s", reason)
@@ -284,6 +290,9 @@ def build_mask(
     """
     if isinstance(attention_mask, HFMask):  # built ahead for this very call (generate with a static cache)
         return attention_mask
+    if torch.compiler.is_compiling():  # register() has checked the version
+        return _traced_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                            kwargs)
     mu = _masking_utils()
     mask_function = mask_function or mu.causal_mask_function
     q_offset, kv_offset = int(q_offset), int(kv_offset)
@@ -297,10 +306,42 @@ def build_mask(
         return HFMask(None if mask is _FULL else mask, q_offset - kv_offset)
     _once(f"mask function {getattr(mask_function, '__qualname__', mask_function)!r} has no maskattn structure; "
           "using the dense mask transformers would build (masks.from_tensor)")
+    return _dense_mask(mu, batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                       kwargs)
+
+
+def _traced_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int | Tensor, kv_offset: int,
+                 mask_function: Callable | None, attention_mask: Tensor | None, kwargs: dict[str, Any]) -> HFMask:
+    """:func:`build_mask` under ``torch.compile``, with nothing dynamo cannot trace (no closure reading, no host
+    reads): transformers' own causal and bidirectional predicates keep their structure, with the 2-D padding as
+    ``padding(valid)``; any other predicate tree (sliding windows, packed documents, custom functions) arrives
+    as the dense mask transformers would build, which every backend reads."""
+    from transformers import masking_utils as mu
+
+    mask_function = mask_function or mu.causal_mask_function
+    root = None
+    if mask_function is mu.causal_mask_function:
+        root = masks.causal()
+    elif mask_function is mu.bidirectional_mask_function:
+        root = _FULL
+    if root is None or not isinstance(q_offset, int) or q_offset < kv_offset:
+        return _dense_mask(mu, batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                           kwargs)
+    parts = [root]
+    pad = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if pad is not None:
+        parts.append(masks.padding(_keys(pad, _Context(kv_offset, kv_length)).bool()))
+    mask = _conjunction(parts)
+    return HFMask(None if mask is _FULL else mask, q_offset - kv_offset)
+
+
+def _dense_mask(mu, batch_size: int, q_length: int, kv_length: int, q_offset: int | Tensor, kv_offset: int,
+                mask_function: Callable, attention_mask: Tensor | None, kwargs: dict[str, Any]) -> HFMask:
+    """The (B, 1, Lq, Lk) mask transformers' own ``sdpa_mask`` builds, as ``from_tensor`` (not structured)."""
     dense = mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                          kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                          allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
-                         use_vmap=kwargs.get("use_vmap", False), device=kwargs.get("device", "cpu"))  # (B, 1, Lq, Lk)
+                         use_vmap=kwargs.get("use_vmap", False), device=kwargs.get("device", "cpu"))
     return HFMask(masks.from_tensor(dense), 0, structured=False)
 
 
