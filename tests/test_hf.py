@@ -300,9 +300,13 @@ def test_register_refuses_transformers_older_than_it_was_tested_with(monkeypatch
 
 
 # --- torch.compile(fullgraph=True) --------------------------------------------------------------------------------
-def _compiled_run(model, inputs: dict, valid):
+def _compiled_run(model, inputs: dict, valid, monkeypatch):
     """``_run`` through ``torch.compile(fullgraph=True)`` (aot_eager: dynamo and the autograd trace, no C++ build),
-    after checking with ``torch._dynamo.explain`` that the forward is one graph."""
+    after checking with ``torch._dynamo.explain`` that the forward is one graph and that every mask kept its
+    structure (no dense fallback)."""
+    dense_calls = []
+    dense = hf._dense_mask
+    monkeypatch.setattr(hf, "_dense_mask", lambda *a: dense_calls.append(1) or dense(*a))
     model.set_attn_implementation(NAME)
     torch._dynamo.reset()  # the models share forward code: no recompile limit carried over from other tests
     explained = torch._dynamo.explain(model)(**inputs)
@@ -312,18 +316,19 @@ def _compiled_run(model, inputs: dict, valid):
     out = compiled(**inputs)
     y = (out.logits if hasattr(out, "logits") else out.last_hidden_state)[valid]
     (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    assert not dense_calls
     return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("name, kind", [*((name, kind) for name in sorted(MODELS) for kind in ("left", "packed")),
                                         ("bert", "left")])
-def test_fullgraph_compile_matches_eager(name, kind):
-    # before session twenty-one: 8 graphs for a 2-layer Llama (dynamo cannot hash a predicate's __qualname__, and
-    # the padding's form was chosen by reading its values on the host)
+def test_fullgraph_compile_matches_eager(name, kind, monkeypatch):
+    # before session twenty-one: 8 graphs for a 2-layer Llama (dynamo reads no closure or __qualname__ of a predicate
+    # made in the graph, and the padding's form was chosen by reading its values on the host)
     model = _bert() if name == "bert" else _model(name)
     inputs, valid = _batch(kind)
     want, want_grads = _run(model, "eager", inputs, valid)
-    got, got_grads = _compiled_run(model, inputs, valid)
+    got, got_grads = _compiled_run(model, inputs, valid, monkeypatch)
     assert (got - want).abs().max() <= 1e-5
     assert want_grads.keys() <= got_grads.keys()
     for n, g in got_grads.items():  # a compiled backward gives unused parameters (BERT's pooler) zeros, not None
@@ -331,19 +336,40 @@ def test_fullgraph_compile_matches_eager(name, kind):
         assert (g - g_want).abs().max() <= 1e-5 * max(1.0, g_want.abs().max().item()), n
 
 
-def test_traced_masks_keep_the_structure_they_can_read_without_closures():
+def test_compiled_build_mask_reads_predicates_made_inside_the_graph(monkeypatch):
+    # transformers makes its predicates inside the compiled forward, where dynamo reads no closure: register() has
+    # dynamo trace the factories as makers of objects that keep their arguments
     mu = pytest.importorskip("transformers.masking_utils")
+    dense_calls = []
+    dense = hf._dense_mask
+    monkeypatch.setattr(hf, "_dense_mask", lambda *a: dense_calls.append(1) or dense(*a))
     valid = torch.tensor([[True] * 6, [False, False, True, True, True, True]])
-    cases = [(mu.causal_mask_function, "causal() & padding(valid=<bool (2, 6)>)"),
-             (mu.bidirectional_mask_function, "padding(valid=<bool (2, 6)>)"),
-             (mu.sliding_window_causal_mask_function(3), None)]  # nested closures: the dense mask
-    for function, shown in cases:
-        got = hf._traced_mask(2, 6, 6, 0, 0, function, valid, {})
-        want = mu.sdpa_mask(batch_size=2, q_length=6, kv_length=6, mask_function=function, attention_mask=valid,
-                            allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
-        assert got.structured == (shown is not None)
-        assert shown is None or repr(got.mask) == shown
-        assert torch.equal(got.mask.to_dense(6, 6).expand(2, 1, 6, 6), want.expand(2, 1, 6, 6))
+    ids = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 0, 1, 2, 3]])  # position ids: two documents a row
+
+    def sees_next(batch_idx, head_idx, q_idx, kv_idx):  # a custom predicate: the dense fallback
+        return kv_idx == q_idx + 1
+
+    trees = {
+        "causal": lambda: mu.causal_mask_function,
+        "sliding": lambda: mu.sliding_window_causal_mask_function(3),
+        "packed": lambda: mu.and_masks(mu.remap_positions_for_packed_sequence(mu.causal_mask_function, ids),
+                                       mu.packed_sequence_mask_function(mu.find_packed_sequence_indices(ids))),
+        "custom": lambda: mu.or_masks(mu.causal_mask_function, sees_next),
+    }
+    for name, tree in trees.items():
+        pad = None if name == "packed" else valid
+
+        @torch.compile(fullgraph=True, backend="eager")
+        def compiled(pad, tree=tree):
+            return hf.build_mask(2, 6, 6, mask_function=tree(), attention_mask=pad).mask.to_dense(6, 6)
+
+        torch._dynamo.reset()
+        dense_calls.clear()
+        got = compiled(pad)
+        want = mu.sdpa_mask(batch_size=2, q_length=6, kv_length=6, mask_function=tree(), attention_mask=pad,
+                            allow_is_causal_skip=False, allow_is_bidirectional_skip=False, use_vmap=True)
+        assert torch.equal(got.expand(2, 1, 6, 6), want), name
+        assert bool(dense_calls) == (name == "custom"), name
 
 
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # `cache=` is new in 5.24
@@ -365,13 +391,26 @@ def test_fullgraph_compiled_decoding_step_matches_eager(name):
     assert (logits[NAME] - logits["eager"]).abs().max() <= 1e-5
 
 
-def test_fullgraph_compile_with_softcapping_logs_from_eager_calls_only(caplog):
+def test_fullgraph_compile_with_softcapping_logs_from_eager_calls_only(caplog, monkeypatch):
     model = _softcapped_gemma2()
     inputs, valid = _batch("left")
     with caplog.at_level(logging.WARNING, logger="maskattn.hf"):
         want, _ = _run(model, "eager", inputs, valid)
-        got, _ = _compiled_run(model, inputs, valid)  # a log call would have been a graph break
+        got, _ = _compiled_run(model, inputs, valid, monkeypatch)  # a log call would have been a graph break
         assert not caplog.records
         model(**inputs)
     assert (got - want).abs().max() <= 1e-5
     assert sum("softcap=5.0" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_traced_factories_leave_other_implementations_unchanged(implementation):
+    # register() changes how dynamo traces transformers' mask factories in every compiled model of the process
+    model = _model("mistral")
+    inputs, valid = _batch("packed")
+    model.set_attn_implementation(implementation)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = model(**inputs).logits[valid]
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs).logits[valid]
+    assert torch.equal(got, want)

@@ -20,9 +20,10 @@ padding mask. :func:`build_mask` reads that tree through a registry of recognise
 predicate, keyed by its qualified name); a predicate it does not know makes it build the dense mask
 that transformers' own ``sdpa_mask`` would build, so a mask is never dropped.
 
-Under ``torch.compile`` dynamo cannot read the closures of that tree, so :func:`build_mask` reads only
-transformers' top-level causal and bidirectional predicates there, and hands anything else over as the dense
-mask (:func:`_traced_mask`): one graph, ``fullgraph=True`` included, with less structure.
+Under ``torch.compile`` dynamo can read neither the closure nor the ``__qualname__`` of a predicate made
+inside the graph, so :func:`register` has dynamo trace the factories (``and_masks``, ``sliding_window_overlay``,
+...) as makers of :class:`_Traceable` objects that keep their arguments; the same recognisers read those, and
+no value is read on the host (the padding stays ``padding(valid)``). Outside compiled code nothing changes.
 
 Positions: transformers gives keys the absolute positions ``kv_offset + j`` (a sliding-window cache
 keeps only the last keys); maskattn counts keys from 0, so every part is shifted by ``kv_offset`` and
@@ -39,6 +40,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import types
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,6 +87,53 @@ class _Context:
     kv_length: int
 
 
+class _Traceable:
+    """A predicate made by a ``transformers.masking_utils`` factory inside a ``torch.compile`` graph, with the
+    factory's arguments kept where dynamo can read them: dynamo reads neither the closure nor the
+    ``__qualname__`` of a function made in the graph. Calls go to the predicate the factory made."""
+
+    def __init__(self, qualname: str, env: dict[str, Any], fn: Callable) -> None:
+        self.qualname, self.env, self.fn = qualname, env, fn  # env: what the closure would hold
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+
+# factory -> the qualified name of the predicate it makes (a key of RECOGNISERS)
+_FACTORIES = {
+    "and_masks": "and_masks.<locals>.and_mask",
+    "or_masks": "or_masks.<locals>.or_mask",
+    "sliding_window_overlay": "sliding_window_overlay.<locals>.inner_mask",
+    "padding_mask_function": "padding_mask_function.<locals>.inner_mask",
+    "packed_sequence_mask_function": "packed_sequence_mask_function.<locals>.inner_mask",
+    "remap_positions_for_packed_sequence": "remap_positions_for_packed_sequence.<locals>.inner_mask",
+}
+_SUBSTITUTED: set[str] = set()
+
+
+def _trace_factories(mu) -> None:
+    """Have dynamo trace the factories of ``_FACTORIES`` as :class:`_Traceable` makers (their eager behaviour is
+    untouched: ``substitute_in_graph`` applies only while tracing). Once per process."""
+    from torch._dynamo.decorators import substitute_in_graph
+
+    for name, qualname in _FACTORIES.items():
+        original = getattr(mu, name, None)
+        if original is None or name in _SUBSTITUTED:
+            continue
+        code = original.__code__
+        names = code.co_varnames[: code.co_argcount]
+        star = code.co_varnames[code.co_argcount] if code.co_flags & inspect.CO_VARARGS else None
+        # a copy of the factory that dynamo traces as it is (the original now stands for the substitute)
+        copy = types.FunctionType(code, original.__globals__, name, original.__defaults__, original.__closure__)
+
+        def substitute(*args, _qualname=qualname, _names=names, _star=star, _copy=copy):
+            env = {_star: args} if _star else dict(zip(_names, args, strict=True))
+            return _Traceable(_qualname, env, _copy(*args))
+
+        substitute_in_graph(original, skip_signature_check=True)(substitute)
+        _SUBSTITUTED.add(name)
+
+
 Recogniser = Callable[[dict[str, Any], _Context], Mask | None]
 _WARNED: set[str] = set()
 
@@ -118,7 +167,18 @@ def supported(version: str) -> bool:
         return False
 
 
+def _mu():
+    """transformers.masking_utils; the version check runs in eager only (register() has run it)."""
+    if torch.compiler.is_compiling():
+        from transformers import masking_utils
+
+        return masking_utils
+    return _masking_utils()
+
+
 def _closure(fn: Callable) -> dict[str, Any]:
+    if isinstance(fn, _Traceable):
+        return fn.env
     return dict(inspect.getclosurevars(fn).nonlocals)
 
 
@@ -165,6 +225,8 @@ def _remapped(fn: Callable, packed: list[Callable], ctx: _Context) -> Mask | Non
     inner = _interpret(env["mask_function"], ctx)
     if inner is None or not inner.relative:
         return None
+    if torch.compiler.is_compiling():  # comparing the ids reads them on the host; transformers pairs the two from
+        return inner if packed else None  # the same position ids (create_causal_mask and its sliding variant)
     ids = _masking_utils().find_packed_sequence_indices(env["position_ids"])
     for other in packed:
         theirs = _closure(other)["packed_sequence_mask"]
@@ -199,6 +261,12 @@ RECOGNISERS: dict[str, Recogniser] = {
 
 
 def _name(fn: Callable) -> str | None:
+    if isinstance(fn, _Traceable):
+        return fn.qualname
+    if torch.compiler.is_compiling():  # dynamo reads no __qualname__ of a function made in the graph
+        mu = _mu()
+        known = (mu.causal_mask_function, mu.bidirectional_mask_function)
+        return next((f.__name__ for f in known if fn is f), None)
     if getattr(fn, "__module__", None) != "transformers.masking_utils":
         return None
     return getattr(fn, "__qualname__", None)
@@ -213,6 +281,8 @@ def _padding(valid: Tensor) -> Mask:
     """``padding(lengths)`` for right padding (cheapest for the backends), ``padding(valid)`` otherwise;
     ``_FULL`` when nothing is padding."""
     valid = valid.bool()  # (B, Lk)
+    if torch.compiler.is_compiling():  # choosing the form reads values on the host
+        return masks.padding(valid)
     if bool(valid.all()):
         return _FULL
     lengths = valid.sum(dim=1)
@@ -290,10 +360,7 @@ def build_mask(
     """
     if isinstance(attention_mask, HFMask):  # built ahead for this very call (generate with a static cache)
         return attention_mask
-    if torch.compiler.is_compiling():  # register() has checked the version
-        return _traced_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
-                            kwargs)
-    mu = _masking_utils()
+    mu = _mu()
     mask_function = mask_function or mu.causal_mask_function
     q_offset, kv_offset = int(q_offset), int(kv_offset)
     ctx = _Context(kv_offset=kv_offset, kv_length=kv_length)
@@ -308,31 +375,6 @@ def build_mask(
           "using the dense mask transformers would build (masks.from_tensor)")
     return _dense_mask(mu, batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
                        kwargs)
-
-
-def _traced_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int | Tensor, kv_offset: int,
-                 mask_function: Callable | None, attention_mask: Tensor | None, kwargs: dict[str, Any]) -> HFMask:
-    """:func:`build_mask` under ``torch.compile``, with nothing dynamo cannot trace (no closure reading, no host
-    reads): transformers' own causal and bidirectional predicates keep their structure, with the 2-D padding as
-    ``padding(valid)``; any other predicate tree (sliding windows, packed documents, custom functions) arrives
-    as the dense mask transformers would build, which every backend reads."""
-    from transformers import masking_utils as mu
-
-    mask_function = mask_function or mu.causal_mask_function
-    root = None
-    if mask_function is mu.causal_mask_function:
-        root = masks.causal()
-    elif mask_function is mu.bidirectional_mask_function:
-        root = _FULL
-    if root is None or not isinstance(q_offset, int) or q_offset < kv_offset:
-        return _dense_mask(mu, batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
-                           kwargs)
-    parts = [root]
-    pad = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
-    if pad is not None:
-        parts.append(masks.padding(_keys(pad, _Context(kv_offset, kv_length)).bool()))
-    mask = _conjunction(parts)
-    return HFMask(None if mask is _FULL else mask, q_offset - kv_offset)
 
 
 def _dense_mask(mu, batch_size: int, q_length: int, kv_length: int, q_offset: int | Tensor, kv_offset: int,
@@ -453,4 +495,5 @@ def register(name: str = NAME) -> str:
 
     AttentionInterface.register(name, attention_forward)
     mu.AttentionMaskInterface.register(name, build_mask)
+    _trace_factories(mu)
     return name
