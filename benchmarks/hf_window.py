@@ -10,8 +10,10 @@ Two cases, fp32 on the CPU, B=1, forward + backward of the language-model loss:
 The implementations are interleaved, median of ``--repeats`` after one warm-up; ``eager`` only up to
 ``--eager-max`` tokens (it materialises the (B, H, N, N) scores in every layer). With ``--memory``, the
 extra peak RSS of one step is measured in a fresh subprocess per row (as in benchmarks/attention.py).
+With ``--compile BACKEND`` (``inductor``, ``aot_eager``), rows ``maskattn+compile`` and ``sdpa+compile`` time
+``torch.compile(model, fullgraph=True, backend=BACKEND)`` of a model of their own (the warm-up compiles).
 
-    python -m benchmarks.hf_window [--n 8192] [--memory]
+    python -m benchmarks.hf_window [--n 8192] [--memory] [--compile inductor]
 """
 
 from __future__ import annotations
@@ -51,10 +53,11 @@ def build(case: str, args: argparse.Namespace):
     return model, inputs
 
 
-def step(model, inputs, impl: str) -> None:
+def step(model, inputs, impl: str, run=None) -> None:
+    """One forward + backward; ``run``: a compiled ``model`` to call instead."""
     model.set_attn_implementation(impl)
     model.zero_grad(set_to_none=True)
-    model(**inputs).loss.backward()
+    (model if run is None else run)(**inputs).loss.backward()
 
 
 def memory_here(case: str, impl: str, args: argparse.Namespace) -> float:
@@ -86,6 +89,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--eager-max", type=int, default=4096, help="run eager only up to this many tokens")
     p.add_argument("--memory", action="store_true", help="also measure peak memory, one subprocess per row")
+    p.add_argument("--compile", metavar="BACKEND", help="also time maskattn and sdpa under torch.compile(fullgraph="
+                   "True, backend=BACKEND), e.g. inductor")
     p.add_argument("--memory-child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -99,22 +104,27 @@ def main(argv: list[str] | None = None) -> None:
     shape = [a for a in argv if a != "--memory"]
     print(f"# {machine()}  N={args.n} hidden={args.hidden} layers={args.layers} heads={args.heads} "
           f"window={args.window} docs={args.docs}")
-    print(f"{'case':8} {'impl':9} {'step ms':>9} {'x sdpa':>7} {'peak MB':>8}")
+    print(f"{'case':8} {'impl':16} {'step ms':>9} {'x sdpa':>7} {'peak MB':>8}")
     for case in args.cases.split(","):
         model, inputs = build(case, args)
-        impls = [i for i in IMPLS if i != "eager" or args.n <= args.eager_max]
-        times: dict[str, list[float]] = {impl: [] for impl in impls}
+        rows = {impl: (model, impl, None) for impl in IMPLS if impl != "eager" or args.n <= args.eager_max}
+        if args.compile:
+            for impl in ("maskattn", "sdpa"):
+                own = build(case, args)[0]
+                own.set_attn_implementation(impl)
+                rows[f"{impl}+compile"] = (own, impl, torch.compile(own, fullgraph=True, backend=args.compile))
+        times: dict[str, list[float]] = {row: [] for row in rows}
         for rep in range(args.repeats + 1):
-            for impl in impls:
+            for row, (m, impl, run) in rows.items():
                 start = time.perf_counter()
-                step(model, inputs, impl)
-                if rep:  # the first round is the warm-up
-                    times[impl].append(time.perf_counter() - start)
+                step(m, inputs, impl, run)
+                if rep:  # the first round is the warm-up (and the compile)
+                    times[row].append(time.perf_counter() - start)
         base = statistics.median(times["sdpa"])
-        for impl in impls:
-            t = statistics.median(times[impl])
-            peak = f"{memory(case, impl, shape):8.0f}" if args.memory else f"{'-':>8}"
-            print(f"{case:8} {impl:9} {t * 1e3:9.1f} {base / t:7.2f} {peak}")
+        for row, (_, impl, run) in rows.items():
+            t = statistics.median(times[row])
+            peak = f"{memory(case, impl, shape):8.0f}" if args.memory and run is None else f"{'-':>8}"
+            print(f"{case:8} {row:16} {t * 1e3:9.1f} {base / t:7.2f} {peak}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,20 @@
+"""Smoke run of benchmarks/hf_window.py at tiny sizes, compiled rows included (no timing checked)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers", reason="Hugging Face transformers not installed: pip install 'maskattn[hf]'")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import hf_window
+
+
+def test_tiny_run_prints_every_row_compiled_ones_included(capsys):
+    hf_window.main(["--n", "64", "--hidden", "32", "--layers", "1", "--heads", "4", "--window", "16", "--repeats", "1",
+                    "--cases", "window,packed", "--compile", "aot_eager"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = {tuple(line.split()[:2]) for line in lines[2:]}
+    assert rows == {(case, impl) for case in ("window", "packed")
+                    for impl in ("maskattn", "sdpa", "eager", "maskattn+compile", "sdpa+compile")}
