@@ -414,3 +414,23 @@ def test_traced_factories_leave_other_implementations_unchanged(implementation):
         want = model(**inputs).logits[valid]
         got = torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs).logits[valid]
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_generate_with_a_compiled_static_cache_step_matches_eager(name):
+    # generate compiles its decoding step when the cache is static (fullgraph=True by default), and hands the step
+    # the masks it built ahead in eager; the step's attention must trace in one graph (this passed before session
+    # twenty-one's compile work too: the step reads no predicate)
+    model = _model(name)
+    prompts = torch.tensor([[5, 9, 14, 3, 22, 7], [0, 0, 0, 11, 4, 30]])
+    inputs = {"input_ids": prompts, "attention_mask": (prompts != 0).long()}
+    options = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    model.set_attn_implementation("eager")
+    want = model.generate(**inputs, **options)
+    compile_config = transformers.CompileConfig(backend="aot_eager", fullgraph=True)
+    compile_config._compile_all_devices = True  # transformers compiles the step on GPUs only, unless told
+    model.set_attn_implementation(NAME)
+    torch._dynamo.reset()
+    got = model.generate(**inputs, **options, cache_implementation="static", compile_config=compile_config)
+    assert torch.equal(got, want)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the step did run compiled
