@@ -126,9 +126,9 @@ def _trace_factories(mu) -> None:
         # a copy of the factory that dynamo traces as it is (the original now stands for the substitute)
         copy = types.FunctionType(code, original.__globals__, name, original.__defaults__, original.__closure__)
 
-        def substitute(*args, _qualname=qualname, _names=names, _star=star, _copy=copy):
-            env = {_star: args} if _star else dict(zip(_names, args, strict=True))
-            return _Traceable(_qualname, env, _copy(*args))
+        def substitute(*args, _qualname=qualname, _names=names, _star=star, _copy=copy, **kwargs):
+            env = {_star: args} if _star else {**dict(zip(_names, args, strict=False)), **kwargs}  # the rest by keyword
+            return _Traceable(_qualname, env, _copy(*args, **kwargs))
 
         substitute_in_graph(original, skip_signature_check=True)(substitute)
         _SUBSTITUTED.add(name)
