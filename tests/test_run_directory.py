@@ -166,8 +166,23 @@ def test_sigterm_before_the_first_checkpoint_puts_the_old_run_back(tmp_path, cap
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back too
 
 
-def test_resume_with_other_model_settings_is_one_line(tmp_path, capsys):
-    # load_state_dict's error listed every mismatched tensor: ~44 lines for one changed setting
+def test_resume_with_other_model_settings_is_one_line_naming_the_setting(tmp_path, capsys):
+    # load_state_dict's error listed every mismatched tensor: ~44 lines for one changed setting; and a change whose
+    # weights still fit (4 heads instead of 2, other positions) resumed without a word (session twenty-one)
+    out = tmp_path / "run"
+    assert main(lm_args(tmp_path, out, "--set", "train.steps=2")) == 0
+    for setting, old, new in (("d_model", 16, 32), ("num_heads", 4, 2), ("positions", "'learned'", "'rope'")):
+        capsys.readouterr()
+        value = new if setting != "positions" else '"rope"'
+        assert main(lm_args(tmp_path, out, "--set", f"model.{setting}={value}", "--resume")) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("maskattn train:")]
+        assert len(err) == 1 and f"was trained with model.{setting}={old}, this run has {new}" in err[0], err
+
+
+def test_a_checkpoint_without_its_run_settings_is_still_checked_by_its_weights(tmp_path, capsys, monkeypatch):
+    # checkpoints written before session twenty-one keep no "run": load_state_dict's error, in one line
+    monkeypatch.setattr(checkpoint, "read_entry", lambda path, key: None)
+    monkeypatch.setattr("maskattn.training.check_same_run", lambda *args: None)
     out = tmp_path / "run"
     assert main(lm_args(tmp_path, out, "--set", "train.steps=2")) == 0
     capsys.readouterr()
@@ -176,6 +191,18 @@ def test_resume_with_other_model_settings_is_one_line(tmp_path, capsys):
     err = [line for line in lines if line.startswith("maskattn train:")]
     assert len(err) == 1 and "does not fit this model: size mismatch for" in err[0] and "more)" in err[0], err
     assert sum("size mismatch" in line for line in lines) == 1
+
+
+def test_a_resume_into_another_tasks_run_names_the_task_before_reading_its_tokenizer(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert main(lm_args(tmp_path, out, "--set", "train.steps=2")) == 0
+    capsys.readouterr()
+    monkeypatch.setattr("maskattn.tasks.common.run_tokenizer", lambda *a, **k: pytest.fail("tokenizer read"))
+    data = tmp_path / "sst.tsv"
+    data.write_text("sentence\tlabel\n" + "a fine film\t1\na dull film\t0\n" * 4)
+    code = main(["train", "classification", "--train", str(data), "--valid", str(data), "--out", str(out), "--resume"])
+    assert code == 2
+    assert "is a checkpoint of a 'lm' run, not of a 'classification' one" in capsys.readouterr().err
 
 
 def test_a_run_directory_given_for_its_model_is_named(tmp_path, capsys):

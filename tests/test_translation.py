@@ -33,7 +33,9 @@ def test_train_translate_evaluate_and_resume_from_the_cli(tmp_path, capsys):
             "--set", "model.num_decoder_layers=1", "--set", "data.vocab_size=300", "--set", "train.steps=6",
             "--set", "train.checkpoint_every=3", "--set", "train.warmup=2",
             "--set", "train.log_every=1", "--set", "train.progress=false",
-            "--set", "decode.beam_size=2"]
+            "--set", "decode.beam_size=2",
+            # evaluations at steps 3 and 6, chrF picks the best: here step 3's (0.58 against 0.21), not the last
+            "--set", "train.eval_every=3", "--set", "train.metric=chrf", "--set", "train.higher_is_better=true"]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert {"bleu", "chrf", "exact_match", "train_seconds"} <= set(result)
@@ -71,6 +73,16 @@ def test_train_translate_evaluate_and_resume_from_the_cli(tmp_path, capsys):
     assert Path(scores["hypotheses"]).read_text().splitlines() == hyps
     assert "tok:13a" in scores["bleu_signature"] and "nrefs:1" in scores["bleu_signature"]
     assert scores["chrf_signature"].startswith("nrefs:1|")
+    # what training printed is the exported (best) model's evaluation, not the last one's (session twenty-one);
+    # validation during training decodes greedily
+    assert main(["evaluate", str(out / "model"), "--data", str(files["val.de"]), "--ref", str(files["val.en"]),
+                 "--beam", "1"]) == 0
+    greedy = json.loads(capsys.readouterr().out)
+    assert (greedy["bleu"], greedy["chrf"]) == pytest.approx((result["bleu"], result["chrf"]), abs=1e-9)
+    assert result["step"] == 3
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"step": result["step"], "eval_chrf": result["chrf"]}.items() <= next(
+        r for r in logged if r.get("step") == result["step"] and "eval_chrf" in r).items()
 
     # n-best: N lines 'score<TAB>text' per sentence, best first, the first being the 1-best translation
     assert main(["translate", str(out / "model"), sentence, sentence, "--nbest", "3", "--beam", "2"]) == 0

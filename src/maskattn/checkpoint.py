@@ -171,6 +171,17 @@ def load(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def read_entry(path: str | Path, key: str) -> Any:
+    """One tensor-free entry of a checkpoint's state (e.g. ``"run"``) from its ``state.json`` alone, unverified
+    (a quick look before :func:`load` verifies everything); None when it has none or cannot be read."""
+    try:
+        meta = read_json_object(Path(path) / STATE)
+        entries = dict(meta["state"]["__dict__"])
+        return unflatten(entries[key], {}) if key in entries else None
+    except (FormatError, KeyError, TypeError, ValueError):
+        return None
+
+
 def tensor_names(path: str | Path) -> list[str]:
     """The flat names of a checkpoint's tensors (``model.<parameter>``, ``optimizer.state.0.exp_avg``, ...),
     read from the safetensors header alone: no tensor is loaded and nothing is verified (:func:`load` does that).

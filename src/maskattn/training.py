@@ -363,6 +363,30 @@ def parameter_groups(model: nn.Module, weight_decay: float, layer_decay: float =
     return [groups[key] for key in sorted(groups, key=lambda key: (not key[0], key[1]))]
 
 
+def check_same_run(path: str | Path, saved: dict[str, Any] | None, run: dict[str, Any] | None) -> None:
+    """Refuse to resume the checkpoint ``path``, trained as the run ``saved``, as a different ``run``: another task,
+    or other model settings (a resumed model with 4 heads instead of 2 loads 2-head weights whenever the shapes
+    fit). Either None (checkpoints written before runs were kept): nothing to compare.
+
+    Raises:
+        CheckpointError: one line naming the first difference.
+    """
+    if not saved or not run:
+        return
+    if saved.get("task") != run.get("task"):
+        raise checkpoint.CheckpointError(
+            f"{path} is a checkpoint of a {saved.get('task')!r} run, not of a {run.get('task')!r} one: resume it "
+            f"with `maskattn train {saved.get('task')}`, or train this task in another directory")
+    old, new = saved.get("model"), run.get("model")
+    if old is None or new is None:  # a model that keeps no settings, or only the task to compare
+        return
+    for key in [*new, *(k for k in old if k not in new)]:
+        if old.get(key) != new.get(key):
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} was trained with model.{key}={old.get(key)!r}, this run has {new.get(key)!r}: "
+                "resume with the model settings the run was started with")
+
+
 class Trainer:
     """Train ``model`` with AdamW; see the module docstring for what a task provides.
 
@@ -378,6 +402,8 @@ class Trainer:
             returns them (default: a single process).
         callbacks: :class:`Callback` objects told of every step, evaluation and checkpoint (rank 0),
             after those named by ``cfg.report_to``.
+        run: what the run is (``{"task": ..., "model": the model's settings}``): kept in every checkpoint, and a
+            resume whose run differs is refused, naming the first difference (:func:`check_same_run`).
 
     Raises:
         ValueError: when ``rank`` / ``world_size`` do not match the process group this process joined.
@@ -397,7 +423,9 @@ class Trainer:
         rank: int = 0,
         world_size: int = 1,
         callbacks: list[Callback] | tuple[Callback, ...] = (),
+        run: dict[str, Any] | None = None,
     ) -> None:
+        self.run = run
         self.cfg, self.plan, self.collate, self.loss_fn, self.evaluate = cfg, plan, collate, loss, evaluate
         self.out_dir = Path(out_dir)
         distributed.check(distributed.Context(rank, world_size))
@@ -430,6 +458,7 @@ class Trainer:
             "best": self.best,
             "bad_evals": self.bad_evals,
             "config": asdict(self.cfg),
+            **({"run": self.run} if self.run is not None else {}),
         }
 
     def resume(self, path: str | Path | None = None) -> bool:
@@ -446,6 +475,7 @@ class Trainer:
             self._check_same_step(path)
             return False
         state = checkpoint.load(path)
+        check_same_run(path, state.get("run"), self.run)
         if isinstance(state.get("step"), int) and state["step"] > self.cfg.steps:  # else exported as if it were done
             raise checkpoint.CheckpointError(
                 f"checkpoint {path} is at step {state['step']}, past train.steps={self.cfg.steps}: resume with "
@@ -649,15 +679,20 @@ class Trainer:
         return metrics, bool(self.cfg.patience and self.bad_evals >= self.cfg.patience)
 
     # --- the metrics log ---------------------------------------------------------------------------
-    def _last_evaluation(self) -> dict[str, float]:
-        """The newest evaluation in the log (without its ``eval_`` prefixes); empty if there is none."""
+    def _last_evaluation(self, step: int | None = None) -> dict[str, float]:
+        """The newest evaluation in the log (at ``step``, if given), without its ``eval_`` prefixes; empty if there
+        is none."""
         log = self.out_dir / "metrics.jsonl"
         lines = log.read_text(encoding="utf-8").splitlines() if self.rank == 0 and log.exists() else []
         for line in reversed(lines):
             record = json.loads(line)
-            if any(key.startswith("eval_") for key in record):
+            if any(key.startswith("eval_") for key in record) and step in (None, record.get("step")):
                 return {key[5:]: value for key, value in record.items() if key.startswith("eval_")}
         return {}
+
+    def evaluation_at(self, step: int) -> dict[str, float]:
+        """The evaluation logged at ``step`` (e.g. that of the best checkpoint); empty if none was (rank 0 only)."""
+        return self._last_evaluation(step)
 
     def _log(self, record: dict[str, float]) -> None:
         if self.rank == 0:

@@ -241,7 +241,7 @@ def train(cfg: CaptionConfig, *, resume: bool = False, log=log_stderr) -> dict[s
     """Train a captioner on canvases of the training scans; return the last validation scores and the model dir."""
     _, labels = load_scans()
     pools = split_scans(labels, cfg.data)
-    out, tok = begin_run(cfg, resume=resume, tokenizer=build_tokenizer)
+    out, tok = begin_run(cfg, resume=resume, task="caption", tokenizer=build_tokenizer)
     model = Captioner(replace(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id,
                               eos_id=tok.eos_id))
     p, d = model.config.patch_size, cfg.data

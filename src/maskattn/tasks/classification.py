@@ -217,7 +217,7 @@ def train(cfg: ClassificationConfig, *, resume: bool = False, log=log_stderr) ->
     texts = [t for t, _ in records]
     if valid:
         unseen_labels(labels, [label for _, label in valid], f"data.valid ({cfg.data.valid})")
-    out, tok = begin_run(cfg, resume=resume, tokenizer=lambda: build_tokenizer(cfg, texts))
+    out, tok = begin_run(cfg, resume=resume, task="classification", tokenizer=lambda: build_tokenizer(cfg, texts))
     model = build_model(cfg, labels, tok)
     ids = encode(tok, texts, cfg.data.max_len)
     targets = torch.tensor([labels.index(label) for _, label in records])

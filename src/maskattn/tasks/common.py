@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from maskattn.errors import RunDirectoryError, SettingError, UsageError
 from maskattn.io import FormatError, add_to_manifest, atomic_write_text, read_json_object, verify_manifest
 from maskattn.models.persistence import refuse_run_directory
 from maskattn.tokenization import Tokenizer
-from maskattn.training import TrainConfig, Trainer, prepare_run_directory
+from maskattn.training import TrainConfig, Trainer, check_same_run, prepare_run_directory
 
 TASK_FILE = "task.json"
 
@@ -75,13 +76,15 @@ def fit_and_export(model: nn.Module, tok: Tokenizer, cfg: TrainConfig, out: Path
     (default ``model``). ``context``: this process's rank and world size (default: those of the
     process group joined by the entry point, see :func:`maskattn.distributed.current`).
 
-    Returns the last evaluation (or training loss), the training wall time and the model directory;
-    an empty dict on ranks other than 0.
+    Returns the exported model's evaluation and its ``step`` (the best checkpoint's; without evaluations, the
+    last training loss), the training wall time and the model directory; an empty dict on ranks other than 0.
     """
     context = context or distributed.current()
+    settings = getattr(saved or model, "config", None)
+    run = {"task": task["task"], "model": asdict(settings) if is_dataclass(settings) else None}
     trainer = Trainer(model, cfg, out_dir=out, evaluate=evaluate, plan=plan, collate=collate, loss=loss,
                       device=None if torch.cuda.is_available() else "cpu",
-                      rank=context.rank, world_size=context.world_size)
+                      rank=context.rank, world_size=context.world_size, run=run)
     if resume and trainer.resume():
         log(f"resumed from step {trainer.step}")
     start = time.perf_counter()
@@ -90,12 +93,14 @@ def fit_and_export(model: nn.Module, tok: Tokenizer, cfg: TrainConfig, out: Path
     if trainer.rank != 0:
         return {}
     best = checkpoint.latest(out / "best") if evaluate is not None else None
-    if best is not None:  # export the best evaluated weights, not the last ones
+    scores = last
+    if best is not None:  # export the best evaluated weights, not the last ones, and report their scores
         model.load_state_dict(checkpoint.load(best)["model"])
+        scores = {**(trainer.evaluation_at(checkpoint.step_of(best)) or last), "step": checkpoint.step_of(best)}
     directory = out / "model"
     (saved or model).save(directory, tokenizer=tok.backend)
     write_task(directory, task)
-    return {**last, "train_seconds": seconds, "model": str(directory)}
+    return {**scores, "train_seconds": seconds, "model": str(directory)}
 
 
 def write_task(directory: str | Path, task: dict[str, Any]) -> None:
@@ -193,17 +198,21 @@ def refuse_derived(derived: dict[str, str], changed: Iterable[str]) -> None:
 
 
 def begin_run(cfg: Any, *, resume: bool, tokenizer: Callable[[], Tokenizer],
-              overwrite: bool = False) -> tuple[Path, Tokenizer]:
+              overwrite: bool = False, task: str | None = None) -> tuple[Path, Tokenizer]:
     """The run directory ``cfg.out`` and its tokenizer (built by ``tokenizer``, or reloaded on resume),
     with torch seeded from ``cfg.train.seed`` so that the model built next is the same on every rank.
 
     The run directory is checked first (:func:`maskattn.training.prepare_run_directory`): a directory
-    that is not empty is used only with ``resume`` (or cleared first with ``overwrite``).
+    that is not empty is used only with ``resume`` (or cleared first with ``overwrite``), and a resume of
+    a run of another ``task`` is refused before its tokenizer is read.
     """
     torch.manual_seed(cfg.train.seed)
     out = Path(cfg.out)
     if distributed.current().is_main:
         prepare_run_directory(out, resume=resume, overwrite=overwrite)
+    latest = checkpoint.latest(out / "checkpoints") if resume and task else None
+    if latest is not None:
+        check_same_run(latest, checkpoint.read_entry(latest, "run"), {"task": task})
     return out, run_tokenizer(out, resume, tokenizer)
 
 

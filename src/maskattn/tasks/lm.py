@@ -148,7 +148,7 @@ def train(cfg: LMConfig, *, resume: bool = False, log=log_stderr) -> dict[str, A
     else:
         cut = int(len(text) * (1 - cfg.data.valid_fraction))
         train_text, valid_text = text[:cut], text[cut:]
-    out, tok = begin_run(cfg, resume=resume, tokenizer=lambda: train_tokenizer(
+    out, tok = begin_run(cfg, resume=resume, task="lm", tokenizer=lambda: train_tokenizer(
         cfg.data.tokenizer, [train_text], vocab_size=cfg.data.vocab_size))
     train_stream = to_stream(tok, train_text, cfg.data.documents)
     valid_stream = to_stream(tok, valid_text, cfg.data.documents)

@@ -245,7 +245,7 @@ def train(cfg: QAConfig, *, resume: bool = False, log=log_stderr) -> dict[str, A
     if positions is not None and cfg.data.max_len > positions:
         raise UsageError(f"data.max_len={cfg.data.max_len}: windows longer than the {positions} positions of "
                          f"data.pretrained ({cfg.data.pretrained}); set data.max_len <= {positions}")
-    out, tok = begin_run(cfg, resume=resume, tokenizer=lambda: Tokenizer.load(cfg.data.pretrained))
+    out, tok = begin_run(cfg, resume=resume, task="qa", tokenizer=lambda: Tokenizer.load(cfg.data.pretrained))
     model = from_pretrained(cfg.data.pretrained, span_head=True)
     if not (resume and _checkpoint_has_pooler(out)):  # a run started before QA models dropped it keeps it
         model = without_pooler(model)

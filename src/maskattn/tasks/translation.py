@@ -224,7 +224,8 @@ def train(cfg: TranslationConfig, train_pairs: Pairs | None = None, valid_pairs:
     if valid_pairs is None and cfg.data.valid_src:
         valid_pairs = not_empty(read_pairs(cfg.data.valid_src, cfg.data.valid_tgt), "data.valid_src",
                                 cfg.data.valid_src, "sentence pairs")
-    out, tok = begin_run(cfg, resume=resume, tokenizer=lambda: build_tokenizer(cfg.data, train_pairs))
+    out, tok = begin_run(cfg, resume=resume, task="translation",
+                         tokenizer=lambda: build_tokenizer(cfg.data, train_pairs))
     longest = min(cfg.data.max_len, cfg.model.max_len)  # a kept pair must fit the model's positions too
     data = encode_pairs(tok, train_pairs, longest)
     lengths = [max(len(s), len(t) + 1) for s, t in zip(data.src, data.tgt, strict=True)]
