@@ -152,6 +152,18 @@ def test_fully_masked_rows_are_zero_with_zero_gradients(name, dtype):
     assert (k2.grad[1] == 0).all() and (v2.grad[1] == 0).all()
 
 
+@pytest.mark.parametrize("name", [*NOT_REFERENCE, "auto"])
+@pytest.mark.parametrize("scale", [-0.5, 0.0])
+@pytest.mark.parametrize("make", [masks.causal, lambda: masks.causal() & masks.sliding_window(4),
+                                  lambda: masks.causal() & masks.document(torch.tensor([[0] * 5 + [1] * 7] * 2))],
+                         ids=["causal", "band", "documents"])
+def test_a_scale_of_zero_or_below_equals_the_reference(name, scale, make):
+    # PyTorch's is_causal kernels return NaN there (the hidden scores' -inf times the scale): sdpa and auto did too
+    q, k, v = _self_attention_inputs((4, 2), 12, seed=3)
+    ours = maskattn.attention(q, k, v, make(), scale=scale, backend=name)
+    _same_output_and_grads(ours, maskattn.attention(q, k, v, make(), scale=scale, backend="reference"), (q, k, v))
+
+
 @pytest.mark.parametrize("name", NOT_REFERENCE)
 def test_value_head_dim_may_differ(name):
     q, k, v = torch.randn(2, 4, 20, 8), torch.randn(2, 2, 30, 8), torch.randn(2, 2, 30, 5)

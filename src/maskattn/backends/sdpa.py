@@ -177,13 +177,15 @@ def attention(
     # No mask, full(), or causal() whose queries all come after the last key (one decoding step on a KV cache).
     if not kinds or (kinds == ("causal",) and q_offset + 1 >= k_len):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale, enable_gqa=gqa), None
-    if kinds == ("causal",) and q_offset == 0 and q_len == k_len:
+    # PyTorch's is_causal kernels scale the -inf of hidden scores too: NaN for a scale <= 0 (torch 2.13, CPU)
+    causal_ok = scale is None or scale > 0
+    if causal_ok and kinds == ("causal",) and q_offset == 0 and q_len == k_len:
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=gqa)
         return out, None
-    window = band(mask, q_len, k_len, q_offset)
+    window = band(mask, q_len, k_len, q_offset) if causal_ok else None
     if window is not None:
         return _banded(q, k, v, window, dropout_p=dropout_p, scale=scale), None
-    split = segments(mask, q_len, k_len, q_offset, q.shape[0])
+    split = segments(mask, q_len, k_len, q_offset, q.shape[0]) if causal_ok else None
     if split is not None:
         return _per_segment(q, k, v, *split, dropout_p=dropout_p, scale=scale, enable_gqa=gqa), None
     if kinds in (("lengths",), ("valid",)):  # key padding ignores the query
