@@ -35,6 +35,8 @@ def test_errors_name_the_setting():
         config.load(Outer(), None, ["steps=many"])
     with pytest.raises(TypeError, match="inner is a section"):
         config.load(Outer(), None, ["inner=3"])
+    with pytest.raises(TypeError, match="inner was set to a value by an earlier --set, but inner is a section"):
+        config.load(Outer(), None, ["inner=3", "inner.lr=0.1"])  # was "'int' object does not support item assignment"
     with pytest.raises(ValueError, match="key=value"):
         config.overrides(["steps"])
 

@@ -93,8 +93,12 @@ def overrides(assignments: list[str]) -> dict[str, Any]:
         key, text = item.split("=", 1)
         *path, last = key.strip().split(".")
         node = nested
-        for part in path:
+        for depth, part in enumerate(path):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):  # an earlier --set gave this prefix a value
+                where = ".".join(path[: depth + 1])
+                raise SettingTypeError(f"--set {item!r}: {where} was set to a value by an earlier --set, but {where} "
+                                       f"is a section; set its fields only, e.g. {where}.<name>=...")
         node[last] = _parse_value(text.strip())
     return nested
 
