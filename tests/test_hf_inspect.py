@@ -256,7 +256,9 @@ def test_generate_command_on_an_hf_directory(hf_dirs, capsys):
     capsys.readouterr()
     for args, expected in ((["--max-new-tokens", "0"], "max_new_tokens must be a positive int, got 0"),
                            (["--temperature", "-1"], "temperature must be >= 0 (0: greedy), got -1.0"),
-                           (["--top-k", "0"], "top_k must be a positive int or None, got 0")):
+                           (["--top-k", "0"], "top_k must be a positive int or None, got 0"),
+                           (["--max-new-tokens", "200"],  # the default, beyond GPT-2's 64 positions: an IndexError
+                            "longer than GPT2LMHeadModel can read (max_position_embeddings=64); at most")):
         assert main(["generate", hf_dirs["gpt2"], "--prompt", "the ", *args]) == 2
         assert expected in capsys.readouterr().err
 

@@ -259,8 +259,14 @@ def generate_text(model: nn.Module, tokenizer: Any, prompt: str, *, max_new_toke
     if temperature > 0:
         options.update(temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0)
     torch.manual_seed(seed)
-    with torch.no_grad():
-        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), **options)
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), **options)
+    except IndexError as e:  # a learned position table (GPT-2) ends at max_position_embeddings; RoPE does not
+        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        room = f"; at most {limit - x.shape[1]} new tokens fit" if limit and limit > x.shape[1] else ""
+        raise UsageError(f"--max-new-tokens {max_new_tokens}: the prompt ({x.shape[1]} tokens) and the new tokens are "
+                         f"longer than {type(model).__name__} can read (max_position_embeddings={limit}){room}") from e
     decode = partial(tokenizer.decode, skip_special_tokens=True)
     return prompt + decode_continuation(decode, ids, out[0, x.shape[1]:].tolist())
 
