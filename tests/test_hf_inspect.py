@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers", reason="Hugging Face transfor
 import maskattn  # noqa: E402
 from maskattn import hf, hf_inspect  # noqa: E402
 from maskattn.cli import main  # noqa: E402
+from maskattn.errors import UsageError  # noqa: E402
 from maskattn.models import inspectable  # noqa: E402
 from maskattn.viz import capture_attention  # noqa: E402
 
@@ -256,11 +257,15 @@ def test_generate_command_on_an_hf_directory(hf_dirs, capsys):
     capsys.readouterr()
     for args, expected in ((["--max-new-tokens", "0"], "max_new_tokens must be a positive int, got 0"),
                            (["--temperature", "-1"], "temperature must be >= 0 (0: greedy), got -1.0"),
-                           (["--top-k", "0"], "top_k must be a positive int or None, got 0"),
-                           (["--max-new-tokens", "200"],  # the default, beyond GPT-2's 64 positions: an IndexError
-                            "longer than GPT2LMHeadModel can read (max_position_embeddings=64); at most")):
+                           (["--top-k", "0"], "top_k must be a positive int or None, got 0")):
         assert main(["generate", hf_dirs["gpt2"], "--prompt", "the ", *args]) == 2
         assert expected in capsys.readouterr().err
+    # the command's default of 200 new tokens, beyond GPT-2's 64 positions: an IndexError traceback before (when no
+    # end-of-text token stops it first)
+    model.generation_config.eos_token_id = None
+    with pytest.raises(UsageError, match=r"--max-new-tokens 200: the prompt \(4 tokens\) and the new tokens are longer "
+                       r"than GPT2LMHeadModel can read \(max_position_embeddings=64\); at most 60 new tokens fit"):
+        hf_inspect.generate_text(model, tokenizer, "the ", max_new_tokens=200)
 
 
 def test_loaded_directory_runs_maskattn_and_equals_the_saved_model(hf_dirs):
