@@ -69,3 +69,7 @@ def test_refusals(model):
         model.loss(ids, targets, reduction="none")
     with pytest.raises(ValueError, match=r"targets must be int64 token ids, got dtype torch\.int32"):
         model.loss(ids, targets.int())
+    vocab = model.config.vocab_size
+    with pytest.raises(ValueError, match=rf"targets must be in \[0, {vocab}\) or -100 \(no target\), got values in "
+                       rf"\[0, {vocab}\]"):  # was cross-entropy's bare "IndexError: Target ... is out of bounds"
+        model.loss(ids, targets.clamp(min=0).index_fill(1, torch.tensor([2]), vocab))

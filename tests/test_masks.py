@@ -130,6 +130,8 @@ def test_combining_with_non_masks_and_bool_is_an_error():
         (lambda: masks.document(torch.zeros(4, dtype=torch.long)), ValueError, "(B, L)"),
         (lambda: masks.document(torch.zeros(1, 4)), TypeError, "integer"),
         (lambda: masks.prefix_lm(-1), ValueError, ">= 0"),
+        (lambda: masks.prefix_lm(1.5), TypeError, "a sequence of ints or a 1-D integer tensor, got float 1.5"),
+        (lambda: masks.prefix_lm("3"), TypeError, "got str '3'"),
         (lambda: masks.from_tensor(torch.ones(2, 2)), TypeError, "bool tensor"),
         (lambda: masks.from_tensor(torch.ones(1, 1, 1, 2, 2, dtype=torch.bool)), ValueError, "1 to 4 dims"),
         (lambda: masks.padding([2, 3]) & masks.document(torch.zeros(3, 4, dtype=torch.long)),

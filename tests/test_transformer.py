@@ -127,6 +127,8 @@ def test_bad_inputs_name_the_argument():
         model(src, src, src_lengths=[8, 2])
     with pytest.raises(ValueError, match="ids must be in"):
         model(src + 100, src)
+    with pytest.raises(ValueError, match=r"tgt and the source \(memory\) must share the batch size: tgt \(1, 3\)"):
+        model(src, src[:1, :3])  # was "batch sizes differ: q has B=1, k has B=2": arguments the user never passed
     with pytest.raises(TypeError, match="TransformerConfig"):
         Transformer({"d_model": 8})
 

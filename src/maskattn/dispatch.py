@@ -215,6 +215,10 @@ def attention(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if return_weights and return_lse:
         raise ValueError("return_weights and return_lse cannot both be True: ask for one")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float | torch.SymInt |
+                                                                        torch.SymFloat)):
+        raise TypeError(f"scale must be a number (the scores' multiplier) or None for 1/sqrt(D), got "
+                        f"{type(scale).__name__} {scale!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if backend == "auto":
@@ -266,6 +270,8 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"batch sizes differ: q has B={b}, k has B={bk}, v has B={bv}")
     if dk != d:
         raise ValueError(f"head dims differ: q has D={d}, k has D={dk}; expected equal")
+    if d == 0:
+        raise ValueError(f"q and k need a head dim D >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if hk != hv or lk != lv:
         raise ValueError(
             f"k (B, Hkv, Lk, D)={tuple(k.shape)} and v={tuple(v.shape)} must agree on Hkv and Lk"

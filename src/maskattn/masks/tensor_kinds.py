@@ -284,8 +284,9 @@ def prefix_lm(prefix_len: int | Tensor | Sequence[int]) -> Mask:
     Args:
         prefix_len: an int, or a 1-D integer tensor (B,) of per-item prefix lengths.
     """
-    if isinstance(prefix_len, bool):
-        raise TypeError("prefix_lm(prefix_len): expected an int or a 1-D integer tensor, got bool")
+    if isinstance(prefix_len, bool | str | float) or not isinstance(prefix_len, int | Tensor | Sequence):
+        raise TypeError(f"prefix_lm(prefix_len): expected an int, a sequence of ints or a 1-D integer tensor, got "
+                        f"{type(prefix_len).__name__} {prefix_len!r}")
     if isinstance(prefix_len, int):
         prefix_len = [prefix_len]
     p = prefix_len if isinstance(prefix_len, Tensor) else torch.as_tensor(list(prefix_len))

@@ -129,6 +129,11 @@ class DecoderLM(Persistent, Summary, nn.Module):
             raise ValueError(f"targets must be int64 token ids, got dtype {targets.dtype}")
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        vocab = self.config.vocab_size
+        kept = targets[targets != -100] if targets.numel() and not torch.compiler.is_compiling() else None  # host read
+        if kept is not None and kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= vocab):
+            raise ValueError(f"targets must be in [0, {vocab}) or -100 (no target), got values in "
+                             f"[{int(kept.min())}, {int(kept.max())}]")
         hidden = self.features(input_ids, lengths=lengths, doc_ids=doc_ids)  # (B, L, E)
         if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
             return linear_cross_entropy(hidden, self.lm_head.weight, targets, reduction=reduction)

@@ -86,6 +86,9 @@ class Transformer(Persistent, Summary, nn.Module):
                return_weights: bool = False) -> Tensor | tuple[Tensor, list[dict[str, Tensor]]]:
         """Logits (B, Lt, V) for (B, Lt) target inputs given the encoder memory (B, Ls, E); with
         ``return_weights``, also every layer's ``{"self": ..., "cross": (B, H, Lt, Ls)}`` weights."""
+        if isinstance(tgt, Tensor) and tgt.dim() >= 1 and memory.shape[0] != tgt.shape[0]:
+            raise ValueError(f"tgt and the source (memory) must share the batch size: tgt {tuple(tgt.shape)}, memory "
+                             f"(B, Ls, E) {tuple(memory.shape)}")
         valid = key_valid(tgt, tgt_lengths, self.config.pad_id, "tgt")
         mask = masks.causal() if valid is None else masks.causal() & masks.padding(valid)
         x, rope = self.tgt_embed(tgt, default_positions(tgt))  # (B, Lt, E)
