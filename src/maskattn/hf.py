@@ -108,7 +108,7 @@ _FACTORIES = {
     "packed_sequence_mask_function": "packed_sequence_mask_function.<locals>.inner_mask",
     "remap_positions_for_packed_sequence": "remap_positions_for_packed_sequence.<locals>.inner_mask",
 }
-_SUBSTITUTED: set[str] = set()
+_SUBSTITUTED: set[Callable] = set()  # the factories substituted (a reloaded masking_utils has new ones)
 
 
 def _trace_factories(mu) -> None:
@@ -118,7 +118,7 @@ def _trace_factories(mu) -> None:
 
     for name, qualname in _FACTORIES.items():
         original = getattr(mu, name, None)
-        if original is None or name in _SUBSTITUTED:
+        if original is None or original in _SUBSTITUTED:
             continue
         code = original.__code__
         names = code.co_varnames[: code.co_argcount]
@@ -131,7 +131,7 @@ def _trace_factories(mu) -> None:
             return _Traceable(_qualname, env, _copy(*args, **kwargs))
 
         substitute_in_graph(original, skip_signature_check=True)(substitute)
-        _SUBSTITUTED.add(name)
+        _SUBSTITUTED.add(original)
 
 
 Recogniser = Callable[[dict[str, Any], _Context], Mask | None]
