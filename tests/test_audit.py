@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import maskattn
 from maskattn import MultiHeadAttention, masks
 from maskattn.audit import audit_layer, audit_model
 from maskattn.models import (
@@ -70,6 +71,15 @@ def test_correct_layer_passes(mask):
     report = audit_layer(MultiHeadAttention(16, 4), mask, length=12)
     assert report.ok, str(report)
     assert report.verdicts[0].checked_pairs > 0
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_an_audit_called_without_autograd_still_differentiates(context):
+    # under no_grad / inference_mode the Jacobian check failed: "element 0 of tensors does not require grad"
+    layer, model = MultiHeadAttention(16, 4), DecoderLM(DecoderLMConfig.preset("tiny")).eval()  # built outside
+    with context():
+        assert audit_layer(layer, masks.causal(), length=8).ok
+        assert maskattn.audit(model).ok
 
 
 def test_correct_cross_attention_passes():

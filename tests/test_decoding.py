@@ -204,6 +204,18 @@ def test_sampling_with_top_k_one_is_greedy():
     assert torch.equal(sampled, greedy)
 
 
+def test_a_tiny_temperature_draws_the_greedy_tokens_and_an_infinite_one_is_refused():
+    # 1e-45: logits / temperature overflowed to inf and torch.multinomial failed on the NaN softmax; inf made the
+    # banned pad logit -inf / inf = NaN (session twenty-one)
+    model = DecoderLM(DecoderLMConfig.preset("tiny", pad_id=0)).eval()
+    prompt = torch.tensor([[5, 6, 7], [9, 3, 2]])
+    greedy = decoding.greedy(model, prompt, max_new_tokens=4)
+    assert torch.equal(decoding.sample(model, prompt, max_new_tokens=4, temperature=1e-45), greedy)
+    for bad in (float("inf"), float("nan"), 0.0):
+        with pytest.raises(ValueError, match=r"temperature must be > 0 and finite, got"):
+            decoding.sample(model, prompt, max_new_tokens=4, temperature=bad)
+
+
 def test_sampled_first_tokens_follow_the_filtered_softmax():
     model = DecoderLM(DecoderLMConfig.preset("tiny", vocab_size=8)).eval()
     prompt = torch.tensor([[3, 5, 1]])

@@ -23,8 +23,10 @@ Models of other libraries are audited through a registered adapter
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -110,6 +112,19 @@ def _runner(layer: Callable[..., Tensor], mask: Mask | Tensor | None, heads: int
     return run
 
 
+
+def _with_autograd(fn: Callable) -> Callable:
+    """Run ``fn`` with autograd on (the Jacobian check differentiates), also when called under ``no_grad`` or
+    ``inference_mode``: the tensors it makes are then normal ones."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False), torch.enable_grad():
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+@_with_autograd
 def audit_call(layer: Callable[..., Tensor], query: Tensor, key: Tensor | None = None, value: Tensor | None = None,
                *, mask: Mask | Tensor | None = None, name: str = "attention", q_offset: int = 0,
                max_leaks: int = 10, **kwargs) -> Verdict:
@@ -232,6 +247,7 @@ def _one(like: Tensor, b: int, j: int) -> Tensor:
     return spot
 
 
+@_with_autograd
 def audit_layer(layer: nn.Module, mask: Mask | Tensor | None, *, length: int = 12, batch: int = 2,
                 d_model: int | None = None, seed: int = 0, cross_length: int | None = None) -> Report:
     """Audit a stand-alone attention layer under ``mask`` on random inputs (self-attention, or
@@ -272,6 +288,7 @@ def _captured_calls(model: nn.Module, names: Iterable[str],
     return calls
 
 
+@_with_autograd
 def audit_model_layers(model: nn.Module, forward: Callable[[], Tensor]) -> list[Verdict]:
     """Audit every call of the model's declared attention modules made by ``forward()``, with the
     inputs and masks it received; cross-attention perturbs the keys and values, self-attention the queries."""
@@ -342,6 +359,7 @@ def audit_padding(outputs_of: Callable[[Tensor], Tensor], tokens: Tensor, length
     return Verdict(name, True, int((checked.sum(1) * pad.sum(1)).sum()))  # (output position, padded input) pairs
 
 
+@_with_autograd
 def audit_model(model: nn.Module, *, length: int = 10, batch: int = 2, seed: int = 0) -> Report:
     """Audit a model as it declares (:class:`maskattn.models.Inspectable`): draw the inputs of its
     ``audit_probe()`` and run its checks in order (every attention layer, plus end-to-end checks: decoders

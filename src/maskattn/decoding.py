@@ -65,17 +65,20 @@ def sample(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new
     """Draw each next token from softmax(logits / temperature), restricted by top-k and top-p.
 
     Args as in :func:`greedy`, and:
-        temperature: > 0; below 1 sharpens, above 1 flattens the distribution.
+        temperature: > 0 and finite; below 1 sharpens, above 1 flattens the distribution (however small, it
+            draws from the most likely tokens: the logits are shifted by their maximum before they are divided).
         top_k: keep the k most likely tokens.
         top_p: keep the smallest set of most likely tokens whose probability reaches p (nucleus).
         generator: random generator, for reproducible samples; a CPU generator with a model on a GPU draws on
             the CPU (the same tokens as on the CPU for the same probabilities).
     """
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be > 0 and finite, got {temperature!r}")
 
     def choose(logits: Tensor) -> Tensor:
-        probs = torch.softmax(filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p), dim=-1)
+        logits = logits.float()
+        scaled = (logits - logits.amax(-1, keepdim=True)) / temperature  # <= 0: no inf at a tiny temperature
+        probs = torch.softmax(filter_logits(scaled, top_k=top_k, top_p=top_p), dim=-1)
         if generator is not None and generator.device.type != probs.device.type:
             return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
