@@ -435,3 +435,20 @@ def test_generate_with_a_compiled_static_cache_step_matches_eager(name):
     got = model.generate(**inputs, **options, cache_implementation="static", compile_config=compile_config)
     assert torch.equal(got, want)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the step did run compiled
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2"])
+def test_output_attentions_returns_eager_weights(name):
+    # output_attentions=True gave an empty tuple without a word (session twenty-one)
+    model = _model(name)
+    inputs, valid = _batch("left")
+    attentions = {}
+    for implementation in ("eager", NAME):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            attentions[implementation] = model(**inputs, output_attentions=True).attentions
+    assert len(attentions[NAME]) == len(attentions["eager"]) == 2
+    rows = valid[:, None, :, None]  # the weights of padding queries are undefined
+    for got, want in zip(attentions[NAME], attentions["eager"], strict=True):
+        assert got.shape == want.shape
+        assert ((got - want).abs() * rows).max() <= 1e-6

@@ -413,10 +413,13 @@ def attention_forward(
             so it runs a dense soft-capped attention over the same mask (one log line).
         kwargs: ``s_aux`` / ``sinks`` (GPT-OSS): one learned "attention sink" logit per head that joins every
             row's softmax and takes weight without a value; like ``softcap``, a dense attention over the same
-            mask (one log line). Other keyword arguments of transformers' call are not used.
+            mask (one log line); ``output_attentions``: also return the attention weights. Other keyword arguments
+            of transformers' call are not used.
 
     Returns:
-        ``(output (B, Lq, H, D), None)``, as transformers expects (no attention weights).
+        ``(output (B, Lq, H, D), weights)``, as transformers expects: the (B, H, Lq, Lk) attention weights when the
+        model was called with ``output_attentions=True`` (the reference backend builds them, as eager does), else
+        None.
 
     Raises:
         NotImplementedError: for an additive ``position_bias`` (T5-style relative bias).
@@ -426,10 +429,15 @@ def attention_forward(
                                   "supported; use attn_implementation='eager' for this model")
     spec = _spec(module, attention_mask, is_causal, kwargs.get("sliding_window"))
     sinks = kwargs.get("s_aux") if kwargs.get("s_aux") is not None else kwargs.get("sinks")
+    weights = None
     if softcap is not None or sinks is not None:
         feature = f"softcap={softcap}" if softcap is not None else "attention sinks"
         _once(f"{feature}: not a feature of maskattn's backends; running a dense attention over the same mask")
-        out = _dense(query, key, value, spec, scaling, dropout, softcap=softcap, sinks=sinks)
+        out, weights = _dense(query, key, value, spec, scaling, dropout, softcap=softcap, sinks=sinks)
+        weights = weights if kwargs.get("output_attentions") else None
+    elif kwargs.get("output_attentions"):  # the model was asked for its attention weights: the reference builds them
+        out, weights = attention(query, key, value, spec.mask, q_offset=spec.q_offset, scale=scaling,
+                                 dropout_p=dropout, return_weights=True)  # (B, H, Lq, D), (B, H, Lq, Lk)
     elif _OBSERVERS:
         out, lse = attention(query, key, value, spec.mask, q_offset=spec.q_offset, scale=scaling, dropout_p=dropout,
                              return_lse=True)  # (B, H, Lq, D), (B, H, Lq)
@@ -439,7 +447,7 @@ def attention_forward(
     else:
         out = attention(query, key, value, spec.mask, q_offset=spec.q_offset, scale=scaling,
                         dropout_p=dropout)  # (B, H, Lq, D)
-    return out.transpose(1, 2).contiguous(), None  # (B, Lq, H, D)
+    return out.transpose(1, 2).contiguous(), weights  # (B, Lq, H, D), (B, H, Lq, Lk) or None
 
 
 def _spec(module: torch.nn.Module, mask: HFMask | Tensor | None, is_causal: bool | None,
@@ -457,8 +465,8 @@ def _spec(module: torch.nn.Module, mask: HFMask | Tensor | None, is_causal: bool
 
 def _dense(q: Tensor, k: Tensor, v: Tensor, spec: HFMask, scale: float | None, dropout: float, *,
            softcap: float | None = None, sinks: Tensor | None = None) -> Tensor:
-    """Attention with Gemma-2's soft-capped scores and/or GPT-OSS's per-head sink logits (H,), dense; zero
-    output on rows that may attend nothing (as maskattn everywhere)."""
+    """Attention with Gemma-2's soft-capped scores and/or GPT-OSS's per-head sink logits (H,), dense, and its
+    weights; zero output on rows that may attend nothing (as maskattn everywhere)."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, Lk, D)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -477,7 +485,7 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, spec: HFMask, scale: float | None, d
     if allowed is not None:
         weights = weights * allowed.any(dim=-1, keepdim=True)
     weights = torch.nn.functional.dropout(weights, p=dropout, training=dropout > 0)
-    return weights @ v  # (B, H, Lq, D)
+    return weights @ v, weights  # (B, H, Lq, D), (B, H, Lq, Lk)
 
 
 def register(name: str = NAME) -> str:
