@@ -75,6 +75,21 @@ def test_beam_size_one_equals_greedy(kind):
     assert scores.shape == (3,)
 
 
+def test_beam_size_one_is_greedy_when_eos_is_the_runner_up():
+    # an EOS ranked second of the 2K candidates used to finish a hypothesis, which then won on score (greedy gave
+    # [3, 3, 3, 2], beam_size=1 [3, 3, 2]: found by a helper in session twenty-one)
+    torch.manual_seed(0)
+    model = DecoderLM(DecoderLMConfig(vocab_size=6, d_model=16, num_heads=2, d_ff=32, num_layers=1, max_len=20,
+                                      pad_id=0, eos_id=2)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(5)
+    prompt = torch.tensor([[3, 4, 5]])
+    greedy = decoding.greedy(model, prompt, max_new_tokens=6)
+    beam, _ = decoding.beam_search(model, prompt, beam_size=1, max_new_tokens=6)
+    assert torch.equal(beam, greedy)
+
+
 @pytest.mark.parametrize("kind", ["transformer", "decoder_lm"])
 def test_rows_that_finish_leave_the_batch_and_every_row_gets_what_it_gets_alone(kind, monkeypatch):
     from maskattn.models.common import DecodeState

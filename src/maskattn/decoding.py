@@ -214,7 +214,10 @@ class _Beams:
         top, idx = cand.topk(min(2 * self.k, cand.shape[1]), dim=1)  # (B, 2K)
         beam, tok = idx // v, idx % v
         is_eos = (tok == self.eos_id) if self.eos_id is not None else torch.zeros_like(tok, dtype=torch.bool)
-        self._finish(top, beam, tok, is_eos & top.isfinite(), t + 1)
+        # An EOS candidate finishes only among the K best (as in fairseq and transformers): one ranked below them
+        # would not have survived as a beam, and with K = 1 beam search is then greedy search
+        in_top = torch.arange(top.shape[1]) < self.k  # (2K,)
+        self._finish(top, beam, tok, is_eos & in_top & top.isfinite(), t + 1)
         # The K best candidates that do not end at EOS live on.
         order = torch.where(is_eos, 2 * self.k + torch.arange(top.shape[1]), torch.arange(top.shape[1]))
         keep = order.argsort(dim=1)[:, : self.k]  # (B, K)
