@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -215,7 +216,7 @@ def attention(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if return_weights and return_lse:
         raise ValueError("return_weights and return_lse cannot both be True: ask for one")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float | torch.SymInt |
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real | torch.SymInt |
                                                                         torch.SymFloat)):
         raise TypeError(f"scale must be a number (the scores' multiplier) or None for 1/sqrt(D), got "
                         f"{type(scale).__name__} {scale!r}")
