@@ -130,8 +130,9 @@ class DecoderLM(Persistent, Summary, nn.Module):
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         vocab = self.config.vocab_size
-        kept = targets[targets != -100] if targets.numel() and not torch.compiler.is_compiling() else None  # host read
-        if kept is not None and kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= vocab):
+        # one host read a step (eager only); the message's range is computed only when it is raised
+        if not torch.compiler.is_compiling() and bool(((targets >= vocab) | ((targets < 0) & (targets != -100))).any()):
+            kept = targets[targets != -100]
             raise ValueError(f"targets must be in [0, {vocab}) or -100 (no target), got values in "
                              f"[{int(kept.min())}, {int(kept.max())}]")
         hidden = self.features(input_ids, lengths=lengths, doc_ids=doc_ids)  # (B, L, E)
