@@ -352,8 +352,9 @@ def test_compiled_build_mask_reads_predicates_made_inside_the_graph(monkeypatch)
     trees = {
         "causal": lambda: mu.causal_mask_function,
         "sliding": lambda: mu.sliding_window_causal_mask_function(3),
-        "packed": lambda: mu.and_masks(  # keyword arguments too
-            mu.remap_positions_for_packed_sequence(mask_function=mu.causal_mask_function, position_ids=ids),
+        "packed": lambda: mu.and_masks(  # keyword arguments too; transformers 5.17 has no remap (the GPU image's)
+            mu.remap_positions_for_packed_sequence(mask_function=mu.causal_mask_function, position_ids=ids)
+            if hasattr(mu, "remap_positions_for_packed_sequence") else mu.causal_mask_function,
             mu.packed_sequence_mask_function(mu.find_packed_sequence_indices(ids))),
         "custom": lambda: mu.or_masks(mu.causal_mask_function, sees_next),
     }

@@ -136,6 +136,7 @@ def _trace_factories(mu) -> None:
 
 Recogniser = Callable[[dict[str, Any], _Context], Mask | None]
 _WARNED: set[str] = set()
+_LOADED: Any = None  # masking_utils as the last eager call imported it; read by compiled calls (see _mu)
 
 
 def _masking_utils():
@@ -150,6 +151,8 @@ def _masking_utils():
     if not supported(transformers.__version__):
         raise ImportError(f"maskattn.hf needs transformers >= {MIN_TRANSFORMERS}, found {transformers.__version__}: "
                           "pip install -U 'maskattn[hf]'")
+    global _LOADED
+    _LOADED = masking_utils
     return masking_utils
 
 
@@ -168,11 +171,10 @@ def supported(version: str) -> bool:
 
 
 def _mu():
-    """transformers.masking_utils; the version check runs in eager only (register() has run it)."""
-    if torch.compiler.is_compiling():
-        from transformers import masking_utils
-
-        return masking_utils
+    """transformers.masking_utils; the version check runs in eager only (register() has run it). Compiled calls read
+    the module register() imported: torch 2.11's dynamo cannot trace the import statement ("Bad import result")."""
+    if torch.compiler.is_compiling() and _LOADED is not None:
+        return _LOADED
     return _masking_utils()
 
 
