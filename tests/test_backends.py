@@ -126,7 +126,7 @@ def test_flex_returns_the_log_sum_exp_on_cpu_too():
 
 def test_flex_on_cpu_refuses_gradients_clearly():
     q = torch.randn(1, 1, 4, 8, requires_grad=True)
-    with pytest.raises(RuntimeError, match=r"backend 'flex'.*use backend='blocked'"):
+    with pytest.raises(ValueError, match=r"backend 'flex'.*use backend='blocked'"):
         flex.attention(q, q, q, masks.causal(), scale=1.0)
 
 

@@ -19,7 +19,9 @@ def _dense(mask, q_len, k_len, batch=1, heads=1, q_offset=0):
 @given(mask_cases(max_len=8))
 def test_torch_mha_round_trip(case):
     heads = case.mask.heads if case.mask.heads > 1 else 2
-    attn, kpm = masks.to_torch_mha(case.mask, case.q_len, case.k_len, num_heads=heads, q_offset=case.q_offset)
+    batch = case.mask.batch
+    attn, kpm = masks.to_torch_mha(case.mask, case.q_len, case.k_len, num_heads=heads, q_offset=case.q_offset,
+                                   batch=batch)
     if kpm is not None and bool(kpm.all()):  # nothing visible at all: refused as probably inverted
         with pytest.raises(ValueError, match="hides every key"):
             masks.from_torch_mha(attn, kpm, num_heads=heads)
@@ -33,7 +35,7 @@ def test_torch_mha_round_trip(case):
                        want.expand(want.shape[0], heads, *want.shape[2:]))
     # the additive form says the same
     attn_f, kpm_f = masks.to_torch_mha(case.mask, case.q_len, case.k_len, num_heads=heads, q_offset=case.q_offset,
-                                       additive=torch.float32)
+                                       additive=torch.float32, batch=batch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", masks.InvertedMaskWarning)
         again = masks.from_torch_mha(attn_f, kpm_f, num_heads=heads).to_dense(case.q_len, case.k_len)
@@ -243,6 +245,24 @@ def test_to_flex_block_map_is_each_rows_and_heads_own(mask):
 def test_to_torch_mha_names_num_heads_for_a_per_head_mask():
     per_head = masks.from_tensor(torch.rand(1, 3, 4, 4) > 0.5)
     with pytest.raises(ValueError, match=r"differs per head \(3 heads\); pass num_heads=3"):
-        masks.to_torch_mha(per_head, 4, 4)
-    attn, _ = masks.to_torch_mha(per_head, 4, 4, num_heads=3)
+        masks.to_torch_mha(per_head, 4, 4, batch=1)
+    with pytest.raises(ValueError, match=r"not per item.*pass batch=N"):  # the mask cannot say N
+        masks.to_torch_mha(per_head, 4, 4, num_heads=3)
+    attn, _ = masks.to_torch_mha(per_head, 4, 4, num_heads=3, batch=1)
     assert torch.equal(attn, ~per_head.to_dense(4, 4)[0])  # (3, 4, 4): batch 1 times 3 heads
+    with pytest.raises(ValueError, match="holds 2 items, got batch=3"):
+        masks.to_torch_mha(masks.from_tensor(torch.rand(2, 3, 4, 4) > 0.5), 4, 4, num_heads=3, batch=3)
+
+
+def test_a_per_head_mask_drives_nn_multihead_attention_over_a_batch():
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    x, y = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    keep = (torch.rand(1, 4, 5, 7) > 0.5) | (torch.arange(7) == 0)  # every row sees key 0
+    attn, kpm = masks.to_torch_mha(masks.from_tensor(keep), 5, 7, num_heads=4, batch=2)
+    got, _ = theirs(x, y, y, attn_mask=attn, key_padding_mask=kpm)
+    for item in range(2):  # the oracle: each item alone, with the (H, L, S) mask of that item
+        want, _ = theirs(x[item:item + 1], y[item:item + 1], y[item:item + 1], attn_mask=~keep[0])
+        torch.testing.assert_close(got[item:item + 1], want)
+
+

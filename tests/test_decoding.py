@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 
+import maskattn
 from maskattn import decoding
 from maskattn.models import DecoderLM, DecoderLMConfig, Transformer, TransformerConfig
 
@@ -227,7 +228,7 @@ def test_a_tiny_temperature_draws_the_greedy_tokens_and_an_infinite_one_is_refus
     greedy = decoding.greedy(model, prompt, max_new_tokens=4)
     assert torch.equal(decoding.sample(model, prompt, max_new_tokens=4, temperature=1e-45), greedy)
     for bad in (float("inf"), float("nan"), 0.0):
-        with pytest.raises(ValueError, match=r"temperature must be > 0 and finite, got"):
+        with pytest.raises(ValueError, match=r"temperature must be a number > 0 and finite, got"):
             decoding.sample(model, prompt, max_new_tokens=4, temperature=bad)
 
 
@@ -522,3 +523,21 @@ def test_top_p_of_one_keeps_every_token():
     # the float cumulative sum reaches 1.0 before the tail: top_p=1.0 dropped the least likely tokens
     logits = torch.randn(64, 32000, generator=torch.Generator().manual_seed(0)) * 5
     assert decoding.filter_logits(logits, top_p=1.0).isfinite().all()
+
+
+def test_arguments_of_the_wrong_type_are_named():
+    model = DecoderLM(DecoderLMConfig.preset("tiny", pad_id=0)).eval()
+    prompt = torch.tensor([[5, 6, 7]])
+    temperature = "temperature must be a number"
+    cases = ((lambda: decoding.sample(model, prompt, max_new_tokens=2, temperature="1"), temperature),
+             (lambda: decoding.sample(model, prompt, max_new_tokens=2, top_p="0.9"), "top_p must be a number"),
+             (lambda: decoding.sample(model, prompt, max_new_tokens=2, temperature=True), temperature),
+             (lambda: decoding.beam_search(model, prompt, beam_size=2, max_new_tokens=2, length_penalty=float("nan")),
+              "length_penalty must be a finite number"),
+             (lambda: decoding.beam_search(model, prompt, beam_size=2, max_new_tokens=2, length_penalty="0.6"),
+              "length_penalty must be a finite number"),
+             (lambda: maskattn.attention(*(torch.randn(1, 1, 3, 4),) * 3, dropout_p="0.1"),
+              "dropout_p must be a number in \\[0, 1\\), got '0.1'"))
+    for call, words in cases:
+        with pytest.raises(ValueError, match=words):
+            call()

@@ -9,7 +9,7 @@ import torch
 
 import maskattn
 from maskattn import dispatch, masks
-from maskattn.backends import REGISTRY, sdpa
+from maskattn.backends import REGISTRY, Backend, reference, sdpa
 from maskattn.dispatch import choose_backend  # the real rules, even when conftest forces a backend
 
 
@@ -81,6 +81,43 @@ def test_records_say_what_their_backends_refuse(name):
         if not claimed:
             with pytest.raises(ValueError, match=flag):
                 record.fn(q, q, q, masks.causal(), scale=1.0, **{flag: True})
+
+
+def test_a_named_custom_backend_is_held_to_its_record(monkeypatch):
+    """A registered backend that checks nothing itself: maskattn.attention reads its record when it is named (as
+    auto does), instead of returning None weights or running a feature or device the record refuses."""
+    ran = []
+
+    def plain(q, k, v, mask, *, scale, dropout_p=0.0, q_offset=0, return_weights=False, generator=None,
+              return_lse=False):
+        ran.append(1)
+        return reference.attention(q, k, v, mask, scale=scale, q_offset=q_offset)
+
+    def no_dropout(call):
+        return "backend 'plain' has no dropout" if call.dropout_p > 0 else None
+
+    record = Backend("plain", plain, refuses=no_dropout, cost=lambda call, kept: (call.scores, ""))
+    monkeypatch.setitem(REGISTRY, "plain", record)
+    q = torch.randn(1, 2, 4, 8)
+    for features, message in (({"return_weights": True}, "does not return attention weights"),
+                              ({"return_lse": True}, "does not return the log-sum-exp"),
+                              ({"dropout_p": 0.5}, "has no dropout")):
+        with pytest.raises(ValueError, match=message + ".*backend='auto' picks one"):
+            maskattn.attention(q, q, q, masks.causal(), backend="plain", **features)
+    monkeypatch.setitem(REGISTRY, "plain", replace(record, devices=frozenset({"cuda"})))
+    with pytest.raises(ValueError, match=r"runs on \['cuda'\], not on cpu"):
+        maskattn.attention(q, q, q, masks.causal(), backend="plain")
+    assert not ran
+    monkeypatch.setitem(REGISTRY, "plain", record)
+    torch.testing.assert_close(maskattn.attention(q, q, q, masks.causal(), backend="plain"),
+                               reference.attention(q, q, q, masks.causal(), scale=8 ** -0.5)[0])
+    assert ran == [1]
+
+
+def test_flex_named_where_it_cannot_run_is_a_value_error():
+    q = torch.randn(1, 1, 4, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="FlexAttention cannot run here"):
+        maskattn.attention(q, q, q, masks.causal(), backend="flex")
 
 
 def test_unknown_backends_are_named():

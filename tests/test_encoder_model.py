@@ -107,3 +107,35 @@ def test_mean_pooling_averages_the_real_tokens_only(pooler):
 def test_unknown_pooling_is_a_clear_error():
     with pytest.raises(ValueError, match="pooling must be one of"):
         EncoderConfig.preset("tiny", pooling="max")
+
+
+def test_token_type_ids_are_checked_like_input_ids():
+    c = EncoderConfig(vocab_size=20, d_model=16, num_heads=2, d_ff=32, num_layers=1, max_len=32, type_vocab_size=2)
+    model = EncoderModel(c).eval()
+    ids = torch.randint(4, 20, (2, 5))
+    for types, error, words in (
+        (torch.full((2, 5), 5), ValueError, r"token_type_ids: ids must be in \[0, 2\), got values in \[5, 5\]"),
+        (torch.zeros(2, 4, dtype=torch.long), ValueError, r"shape of input_ids \(2, 5\), got \(2, 4\)"),
+        (torch.zeros(1, 5, dtype=torch.long), ValueError, r"shape of input_ids \(2, 5\), got \(1, 5\)"),  # no broadcast
+        (torch.zeros(2, 5), TypeError, "token_type_ids: ids must be an integer tensor"),
+    ):
+        with pytest.raises(error, match=words):
+            model(ids, token_type_ids=types)
+    # the oracle for a valid call: the token-type row added to every embedding by hand
+    types = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
+    with torch.no_grad():
+        shifted = EncoderModel(c).eval()
+        shifted.load_state_dict(model.state_dict())
+        shifted.embed.token_types.weight[0] = model.embed.token_types.weight[1]  # type 0 now reads type 1's row
+        torch.testing.assert_close(model(ids, token_type_ids=torch.ones_like(ids)), shifted(ids))
+    no_table = EncoderModel(EncoderConfig(vocab_size=20, d_model=16, num_heads=2, d_ff=32, num_layers=1, max_len=32,
+                                          type_vocab_size=0))
+    with pytest.raises(ValueError, match=r"no token-type table \(type_vocab_size=0\)"):
+        no_table(ids, token_type_ids=types)
+
+
+def test_lengths_beside_an_attention_mask_is_refused():
+    model = EncoderModel(EncoderConfig(vocab_size=20, d_model=16, num_heads=2, d_ff=32, num_layers=1, max_len=32))
+    ids = torch.randint(4, 20, (2, 5))
+    with pytest.raises(ValueError, match="attention_mask or lengths, not both"):
+        model(ids, torch.ones(2, 5, dtype=torch.long), lengths=[3, 3])

@@ -256,7 +256,7 @@ def test_generate_command_on_an_hf_directory(hf_dirs, capsys):
     assert main(["generate", hf_dirs["gpt2"], "--prompt", "the ", "--max-new-tokens", "4", "--seed", "1"]) == 0
     capsys.readouterr()
     for args, expected in ((["--max-new-tokens", "0"], "max_new_tokens must be a positive int, got 0"),
-                           (["--temperature", "-1"], "temperature must be >= 0 (0: greedy), got -1.0"),
+                           (["--temperature", "-1"], "temperature must be a number >= 0 (0: greedy), got -1.0"),
                            (["--top-k", "0"], "top_k must be a positive int or None, got 0")):
         assert main(["generate", hf_dirs["gpt2"], "--prompt", "the ", *args]) == 2
         assert expected in capsys.readouterr().err

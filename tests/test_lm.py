@@ -48,9 +48,9 @@ def test_generate_refuses_settings_it_would_ignore():
     model = DecoderLM(DecoderLMConfig.preset("tiny", vocab_size=tok.vocab_size)).eval()
     cases = (({"max_new_tokens": 0}, "max_new_tokens must be a positive int, got 0"),
              ({"max_new_tokens": -3}, "max_new_tokens must be a positive int, got -3"),
-             ({"temperature": -1.0}, "temperature must be >= 0 (0: greedy), got -1.0"),
+             ({"temperature": -1.0}, "temperature must be a number >= 0 (0: greedy), got -1.0"),
              ({"temperature": 0.0, "top_k": -2}, "top_k must be a positive int or None, got -2"),
-             ({"temperature": 0.0, "top_p": 0.0}, "top_p must be in (0, 1], got 0.0"))
+             ({"temperature": 0.0, "top_p": 0.0}, "top_p must be a number in (0, 1], got 0.0"))
     for settings, expected in cases:
         with pytest.raises(ValueError, match=re.escape(expected)):
             lm.generate(model, tok, "ab", **({"max_new_tokens": 3} | settings))

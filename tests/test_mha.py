@@ -172,7 +172,10 @@ def test_head_dropout_reaches_every_attention_of_a_transformer_and_pruning_turns
         (lambda: MultiHeadAttention(12, 6, num_kv_heads=4), r"num_heads \(6\) must be divisible by num_kv_heads \(4\)"),
         (lambda: MultiHeadAttention(8, 0), "num_heads must be a positive int"),
         (lambda: MultiHeadAttention(8, 2, dropout=1.5), "dropout"),
-        (lambda: MultiHeadAttention(8, 2, head_dropout=1.0), r"head_dropout must be in \[0, 1\), got 1.0"),
+        (lambda: MultiHeadAttention(8, 2, head_dropout=1.0), r"head_dropout must be a number in \[0, 1\), got 1.0"),
+        (lambda: MultiHeadAttention(8, 2, dropout="0.1"), r"dropout must be a number in \[0, 1\), got '0.1'"),
+        (lambda: MultiHeadAttention(True, 1), "d_model must be a positive int, got True"),
+        (lambda: MultiHeadAttention(8, 2, backend="sdpaa"), r"backend must be 'auto' or one of \[.*got 'sdpaa'"),
     ],
 )
 def test_bad_config(make, words):

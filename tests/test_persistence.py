@@ -51,6 +51,30 @@ def test_round_trip_is_exact(kind, tmp_path):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_a_model_saved_in_another_float_dtype_comes_back_in_it(kind, dtype, tmp_path):
+    model = MODELS[kind]().to(dtype).eval()
+    save(model, tmp_path)
+    loaded = load(tmp_path).eval()
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    for name in ours:
+        assert theirs[name].dtype == ours[name].dtype and torch.equal(ours[name], theirs[name]), name
+    ids = torch.randint(3, 48, (2, 5))
+    with torch.no_grad():
+        a = model(ids, ids) if kind == "transformer" else model(ids)
+        b = loaded(ids, ids) if kind == "transformer" else loaded(ids)
+    assert torch.equal(a, b)
+
+
+def test_a_file_of_mixed_float_dtypes_is_still_refused(tmp_path):
+    model = MODELS["encoder"]()
+    model.embed.tokens.to(torch.bfloat16)  # one table in bf16, the rest float32: not a dtype the model can take
+    save(model, tmp_path)
+    with pytest.raises(FormatError, match=r"torch\.bfloat16, expected .* torch\.float32"):
+        load(tmp_path)
+
+
 def test_tied_weights_stay_tied_and_are_stored_once(tmp_path):
     model = DecoderLM(DecoderLMConfig.preset("tiny"))
     model.save(tmp_path)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -72,8 +74,8 @@ def sample(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new
         generator: random generator, for reproducible samples; a CPU generator with a model on a GPU draws on
             the CPU (the same tokens as on the CPU for the same probabilities).
     """
-    if not 0 < temperature < float("inf"):
-        raise ValueError(f"temperature must be > 0 and finite, got {temperature!r}")
+    if not _real(temperature) or not 0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be a number > 0 and finite, got {temperature!r}")
 
     def choose(logits: Tensor) -> Tensor:
         logits = logits.float()
@@ -91,16 +93,20 @@ def check_sampling(*, max_new_tokens: int, temperature: float, top_k: int | None
     are checked even then, so that a typo is not ignored), naming the argument."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not temperature >= 0 or temperature == float("inf"):
-        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature!r}")
+    if not _real(temperature) or not temperature >= 0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
     _check_top(top_k, top_p)
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _check_top(top_k: int | None, top_p: float | None) -> None:
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if top_p is not None and (not _real(top_p) or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
 
 
 def filter_logits(logits: Tensor, *, top_k: int | None = None, top_p: float | None = None) -> Tensor:
@@ -164,6 +170,8 @@ def _run_beams(model: nn.Module, inputs: Tensor, lengths: Lengths, beam_size: in
                min_new_tokens: int) -> tuple[_Beams, int]:
     if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
         raise ValueError(f"beam_size must be a positive int, got {beam_size!r}")
+    if not _real(length_penalty) or not math.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be a finite number (alpha; 0: none), got {length_penalty!r}")
     caps = _check_max_new(max_new_tokens, min_new_tokens, inputs)
     eos_id, pad_id = _ids(model, eos_id, pad_id)
     with _inference(model):

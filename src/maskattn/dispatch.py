@@ -178,7 +178,9 @@ def attention(
     ``softmax(q @ k^T * scale + hidden) @ v`` where ``hidden`` is -inf wherever ``mask`` says the
     query may not attend the key. A query row that may attend nothing gives a zero output row and
     zero gradients, never NaN. A key or value the mask hides from a query never reaches its output, even
-    when it holds NaN or inf; a row that may attend such a key is NaN (``maskattn.backends.guards``).
+    when it holds NaN or inf; a row that may attend such a key is NaN (``maskattn.backends.guards``). Where the
+    mask hides nothing (None, ``full()``, one decoding step under ``causal()``) no guard runs, and such a row
+    gets what the kernel computes, as from PyTorch's own SDPA: NaN, or +-inf from an inf value.
 
     Args:
         q: queries, (B, H, Lq, D).
@@ -212,8 +214,9 @@ def attention(
         mask.check(q.shape[2], k.shape[2], q_offset=q_offset, batch=q.shape[0], heads=q.shape[1])
     elif isinstance(q_offset, bool) or not isinstance(q_offset, int | torch.SymInt) or q_offset < 0:
         raise ValueError(f"q_offset must be an int >= 0, got {q_offset!r}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real | torch.SymFloat) or \
+            not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if return_weights and return_lse:
         raise ValueError("return_weights and return_lse cannot both be True: ask for one")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real | torch.SymInt |
@@ -229,7 +232,15 @@ def attention(
         if not torch.compiler.is_compiling() and logger.isEnabledFor(logging.DEBUG):
             _, why = decide(q, k, mask, generator=generator, **options)
             logger.debug("attention %s %s on %s: backend=%s (%s)", tuple(q.shape), q.dtype, q.device, backend, why)
-    run = get_backend(backend).fn
+        run = get_backend(backend).fn
+    else:  # a named backend: its record says what it cannot do, before it runs (a custom one may not check)
+        record = get_backend(backend)
+        needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        why = record.refusal(Call(q, k, mask, q_offset=q_offset, dropout_p=dropout_p, return_weights=return_weights,
+                                  return_lse=return_lse, generator=generator, needs_grad=needs_grad))
+        if why is not None:
+            raise ValueError(f"{why}; backend='auto' picks one that can run this call")
+        run = record.fn
     # A NaN or inf in a hidden key or value must reach no output (0 x NaN is NaN): zero those rows, and
     # after the call set to NaN the rows that may attend them (backends/guards.py).
     k, v, seen = guards.hide_nonfinite(q, k, v, mask, q_offset)

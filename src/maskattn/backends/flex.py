@@ -69,8 +69,8 @@ def attention(
     compiled kernel cannot return it (PyTorch 2.13), that call runs the eager path.
 
     Raises:
-        ValueError: if ``return_weights`` is True or ``dropout_p`` > 0.
-        RuntimeError: where FlexAttention cannot run (not installed; gradients or float64 on CPU).
+        ValueError: if ``return_weights`` is True or ``dropout_p`` > 0, or where FlexAttention cannot run (not
+            installed; gradients or float64 on CPU).
     """
     if return_weights or dropout_p > 0.0:
         raise ValueError(
@@ -82,7 +82,7 @@ def attention(
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     if not available(q.device, q.dtype, needs_grad):
         why = "is not in this torch" if _flex is None else "has no backward on CPU, nor float64"
-        raise RuntimeError(
+        raise ValueError(
             f"backend 'flex': FlexAttention {why} (device {q.device}, torch {torch.__version__}); "
             "use backend='blocked' or 'auto'"
         )

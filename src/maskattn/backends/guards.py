@@ -7,7 +7,9 @@ additive mask) keep the NaN. So :func:`maskattn.attention` zeroes every key and 
 non-finite number before calling the backend (a ``where``, never a multiply), and afterwards sets to NaN
 exactly the rows whose mask allows one of those keys: a non-finite input still reaches every row that may
 attend it, and no other. Rows computed without any such key are bit-identical to what the backend gives on
-the same inputs with the hidden rows zeroed; gradients through hidden positions are zero.
+the same inputs with the hidden rows zeroed; gradients through hidden positions are zero. A mask that hides
+nothing (:func:`_hides_nothing`) skips all this: there, a non-finite key reaches every row through the
+kernel's own arithmetic (NaN, or +-inf from an inf value), with no check that would cost a pass over k and v.
 
 Shape legend: B batch, H query heads, Hkv key/value heads, Lq queries, Lk keys, D head dim, Dv value dim.
 """

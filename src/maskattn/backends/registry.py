@@ -94,15 +94,21 @@ class Backend:
     def refusal(self, call: Call) -> str | None:
         """Why this backend cannot run ``call``, or None if it can."""
         if call.return_weights and not self.returns_weights:
-            return f"backend '{self.name}' does not return attention weights (return_weights)"
+            return (f"backend '{self.name}' does not return attention weights (return_weights); "
+                    f"{_those(lambda b: b.returns_weights)} do")
         if call.return_lse and not self.returns_lse:
-            return f"backend '{self.name}' does not return the log-sum-exp (return_lse)"
+            return (f"backend '{self.name}' does not return the log-sum-exp (return_lse); "
+                    f"{_those(lambda b: b.returns_lse)} do")
         if self.devices is not None and call.q.device.type not in self.devices:
             return f"backend '{self.name}' runs on {sorted(self.devices)}, not on {call.q.device.type}"
         return self.refuses(call)
 
 
 REGISTRY: dict[str, Backend] = {}  # name -> record, in order of preference (explain lists them so)
+
+
+def _those(has: Callable[[Backend], bool]) -> str:
+    return ", ".join(f"backend='{name}'" for name, b in REGISTRY.items() if has(b)) or "no registered backends"
 
 
 def register(backend: Backend) -> Backend:

@@ -14,6 +14,7 @@ inspection observes it with PyTorch's own hooks (see :func:`maskattn.viz.capture
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -65,7 +66,7 @@ class MultiHeadAttention(nn.Module):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         checked = (("d_model", d_model), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads))
         for name, value in checked + ((("head_dim", head_dim),) if head_dim is not None else ()):
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if head_dim is None and d_model % num_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
@@ -74,8 +75,10 @@ class MultiHeadAttention(nn.Module):
                 f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})"
             )
         for name, p in (("dropout", dropout), ("head_dropout", head_dropout)):
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {p}")
+            if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
+        if backend != "auto":
+            dispatch.get_backend(backend)  # a typo fails here, not at the first forward
         self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
         self.origin_heads: list[int] | None = list(range(num_heads))  # of the unpruned module; None: unknown
         self.head_dim = d_model // num_heads if head_dim is None else head_dim

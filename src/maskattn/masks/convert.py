@@ -92,18 +92,21 @@ def from_torch_mha(attn_mask: Tensor | None = None, key_padding_mask: Tensor | N
 
 
 def to_torch_mha(mask: Mask, q_len: int, k_len: int, *, num_heads: int = 1, q_offset: int = 0,
-                 additive: torch.dtype | None = None) -> tuple[Tensor | None, Tensor | None]:
+                 additive: torch.dtype | None = None, batch: int | None = None) -> tuple[Tensor | None, Tensor | None]:
     """``(attn_mask, key_padding_mask)`` for ``nn.MultiheadAttention`` (True = masked).
 
     A pure key-padding mask becomes ``key_padding_mask`` (N, S); anything else becomes ``attn_mask``,
-    (L, S) when the mask is the same for every item and head, else (N * num_heads, L, S). With
-    ``additive`` (a float dtype) the masks are 0 / -inf floats instead of bools.
+    (L, S) when the mask is the same for every item and head, else (N * num_heads, L, S). ``batch`` is N: needed
+    only when the mask differs per head but not per item (its tensors do not say N). With ``additive`` (a float
+    dtype) the masks are 0 / -inf floats instead of bools.
     """
     def out(hidden: Tensor) -> Tensor:
         if additive is None:
             return hidden
         return torch.zeros(hidden.shape, dtype=additive).masked_fill(hidden, float("-inf"))
 
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise ValueError(f"to_torch_mha: batch must be an int >= 1 (the N of nn.MultiheadAttention), got {batch!r}")
     if structure(mask).kinds in (("lengths",), ("valid",)):  # pure key padding
         valid = mask.to_dense(1, k_len)[:, 0, 0, :]  # (N, S)
         return None, out(~valid)
@@ -113,7 +116,13 @@ def to_torch_mha(mask: Mask, q_len: int, k_len: int, *, num_heads: int = 1, q_of
     if dense.shape[1] != 1 and dense.shape[1] != num_heads:  # not `in`: see Mask.check
         raise ValueError(f"to_torch_mha: the mask differs per head ({dense.shape[1]} heads); pass "
                          f"num_heads={dense.shape[1]}, got num_heads={num_heads}")
-    batch = dense.shape[0]
+    if batch is None:
+        if dense.shape[0] == 1:
+            raise ValueError(f"to_torch_mha: the mask differs per head ({dense.shape[1]}) but not per item, so "
+                             "nn.MultiheadAttention needs it repeated for each of the N items: pass batch=N")
+        batch = dense.shape[0]
+    elif dense.shape[0] not in (1, batch):
+        raise ValueError(f"to_torch_mha: the mask holds {dense.shape[0]} items, got batch={batch}")
     full = dense.expand(batch, num_heads, q_len, k_len).reshape(batch * num_heads, q_len, k_len)
     return out(~full), None
 
@@ -203,7 +212,10 @@ def from_cu_seqlens(cu_seqlens: Tensor | list[int]) -> Mask:
     """Packed documents as FlashAttention's varlen API describes them: cumulative lengths
     ``[0, n0, n0 + n1, ...]`` of sequences concatenated into one row. Attention stays inside each
     document (combine with ``causal()`` for causal varlen attention)."""
-    cu = torch.as_tensor(cu_seqlens, dtype=torch.long)
+    cu = torch.as_tensor(cu_seqlens)
+    if cu.numel() and (cu.dtype == torch.bool or cu.is_floating_point() or cu.is_complex()):
+        raise TypeError(f"cu_seqlens must hold integers (cumulative lengths), got dtype {cu.dtype}")
+    cu = cu.long()
     if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
         raise ValueError(f"cu_seqlens must be non-decreasing and start at 0, like [0, 3, 7], got {cu.tolist()}")
     total = int(cu[-1])

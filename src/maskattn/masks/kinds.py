@@ -11,6 +11,7 @@ import torch
 
 from maskattn.masks.base import Mask
 from maskattn.masks.structure import MaskStructure
+from maskattn.masks.tiles import MAX_POSITION
 
 __all__ = ["causal", "full", "sliding_window"]
 
@@ -112,6 +113,6 @@ def sliding_window(size: int) -> Mask:
     """
     if isinstance(size, bool) or not isinstance(size, int):
         raise TypeError(f"sliding_window(size): size must be an int, got {type(size).__name__}")
-    if size < 1:
-        raise ValueError(f"sliding_window(size): size must be >= 1, got {size}")
+    if not 1 <= size <= MAX_POSITION:
+        raise ValueError(f"sliding_window(size): size must be in [1, 2**62] (positions are int64), got {size}")
     return _SlidingWindow(size)

@@ -14,7 +14,7 @@ from torch import Tensor
 from maskattn.masks.base import Mask
 from maskattn.masks.kinds import causal
 from maskattn.masks.structure import MaskStructure
-from maskattn.masks.tiles import Tiles, broadcast_index, tile_reduce
+from maskattn.masks.tiles import MAX_POSITION, Tiles, broadcast_index, tile_reduce
 
 __all__ = ["as_mask", "document", "from_tensor", "padding", "prefix_lm"]
 
@@ -53,16 +53,11 @@ class _Padding(Mask):
         return any_.view(self.batch, 1, 1, -1), all_.view(self.batch, 1, 1, -1)
 
     def _check(self, q_len, k_len, q_offset):
+        # A length beyond Lk means every key of this call is real: the same mask serves a prefill chunk of
+        # an incremental decode (Lk < the final length), as padding(valid) with more columns than Lk does.
         if self.lengths is not None:
-            if torch.compiler.is_compiling():  # a host check (it reads the lengths): eager only
-                return
-            longest = int(self.lengths.max()) if self.lengths.numel() else 0
-            if longest > k_len:
-                raise ValueError(
-                    f"padding(lengths): the longest length is {longest}, more than the key length "
-                    f"Lk={k_len}; expected lengths in [0, {k_len}]"
-                )
-        elif self.valid.shape[1] < k_len:
+            return
+        if self.valid.shape[1] < k_len:
             raise ValueError(
                 f"padding(valid): valid covers {self.valid.shape[1]} key positions but the call "
                 f"has Lk={k_len} keys; expected a (B, Lk) tensor with at least {k_len} columns"
@@ -225,8 +220,10 @@ def padding(lengths_or_valid: Tensor | Sequence[int]) -> Mask:
             (keys at positions >= length are hidden), or a (B, Lk) bool tensor, True = a real key.
     """
     x = lengths_or_valid
-    if not isinstance(x, Tensor):
-        x = torch.as_tensor(list(x), dtype=torch.long)
+    if not isinstance(x, Tensor):  # a list (of ints, or rows of bools) or an array: its own dtype, checked below
+        x = torch.as_tensor(x if hasattr(x, "__array__") else list(x))
+        if x.numel() == 0:
+            x = x.long()
     if x.dtype == torch.bool:
         if x.dim() != 2:
             raise ValueError(
@@ -288,6 +285,8 @@ def prefix_lm(prefix_len: int | Tensor | Sequence[int]) -> Mask:
         raise TypeError(f"prefix_lm(prefix_len): expected an int, a sequence of ints or a 1-D integer tensor, got "
                         f"{type(prefix_len).__name__} {prefix_len!r}")
     if isinstance(prefix_len, int):
+        if prefix_len > MAX_POSITION:  # int64 positions (negative ones: below)
+            raise ValueError(f"prefix_lm(prefix_len): expected a length in [0, 2**62], got {prefix_len}")
         prefix_len = [prefix_len]
     p = prefix_len if isinstance(prefix_len, Tensor) else torch.as_tensor(list(prefix_len))
     if p.dtype == torch.bool or p.is_floating_point() or p.is_complex():

@@ -22,6 +22,7 @@ from maskattn.layers import (
     TokenEmbedding,
     make_norm,
 )
+from maskattn.layers.embedding import check_ids
 from maskattn.models.config import BlockConfig
 
 
@@ -105,11 +106,25 @@ class Embedder(nn.Module):
         x = self.tokens(ids)  # (B, L, E)
         if self.positions is not None:
             x = x + self.positions(positions)
+        if token_types is not None:
+            self._check_token_types(token_types, ids)
         if self.token_types is not None:
             x = x + self.token_types(torch.zeros_like(ids) if token_types is None else token_types)
         if self.norm is not None:
             x = self.norm(x)
         return self.dropout(x), (self.rope(positions) if self.rope is not None else None)
+
+
+    def _check_token_types(self, token_types: Tensor, ids: Tensor) -> None:
+        if self.token_types is None:
+            raise ValueError("token_type_ids given, but this model has no token-type table (type_vocab_size=0)")
+        if not isinstance(token_types, Tensor) or token_types.shape != ids.shape:
+            got = tuple(token_types.shape) if isinstance(token_types, Tensor) else type(token_types).__name__
+            raise ValueError(f"token_type_ids must have the shape of input_ids {tuple(ids.shape)}, got {got}")
+        try:
+            check_ids(token_types, self.token_types.num_embeddings)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"token_type_ids: {err} (type_vocab_size={self.token_types.num_embeddings})") from None
 
 
 class Stack(nn.Module):

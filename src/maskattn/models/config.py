@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
+from maskattn.backends import get as get_backend
 from maskattn.errors import check_settings
 from maskattn.layers.feedforward import ACTIVATIONS
 from maskattn.layers.norm import NORMS
@@ -72,6 +73,8 @@ class BlockConfig:
         # 0 or below: NaN at the first step, blamed on the learning rate
         check_settings(self, {"norm_eps": ("float>", 0), "rope_base": ("float>", 0)})
         self._check_ids("pad_id", self.vocab_size)
+        if self.backend != "auto":
+            get_backend(self.backend)  # a typo fails here (and when a saved config loads), not at the first forward
 
     def _check_ids(self, *names_then_vocab: Any) -> None:
         *names, vocab = names_then_vocab

@@ -108,6 +108,8 @@ class EncoderModel(Persistent, Summary, nn.Module):
     def _valid(self, ids: Tensor, attention_mask: Tensor | None, lengths) -> Tensor | None:
         if attention_mask is None:
             return key_valid(ids, lengths, self.config.pad_id, "input_ids")
+        if lengths is not None:
+            raise ValueError("pass attention_mask or lengths, not both: each says which tokens are real")
         if not isinstance(attention_mask, Tensor) or attention_mask.shape != ids.shape:
             got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
             raise ValueError(f"attention_mask must have the shape of input_ids {tuple(ids.shape)}, got {got}")

@@ -156,7 +156,11 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") ->
     compression = meta.get("compression")
     check_sizes(cls, config, weights, meta.get("aliases", {}), source=directory / CONFIG, compression=compression)
     model = compressed.apply(cls(config), compression, source=str(directory / CONFIG))
-    load_weights(model, read_safetensors(weights, device), meta.get("aliases", {}), source=str(weights))
+    tensors = read_safetensors(weights, device)
+    floats = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if len(floats) == 1 and floats != {torch.float32}:  # a model saved after .to(torch.bfloat16) comes back so
+        model = model.to(floats.pop())
+    load_weights(model, tensors, meta.get("aliases", {}), source=str(weights))
     model.tokenizer = load_tokenizer(directory / TOKENIZER) if (directory / TOKENIZER).is_file() else None
     return model.to(device)
 
