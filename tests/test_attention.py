@@ -183,7 +183,7 @@ def _t(*shape, dtype=torch.float32):
         ((_t(1, 2, 4, 8, dtype=torch.long),) * 3, {}, TypeError, "floating-point"),
         ((_t(1, 2, 4, 8),) * 3, {"mask": masks.padding([4, 4])}, ValueError, "batch size 2, .* B=1"),
         ((_t(1, 2, 4, 8),) * 3, {"mask": masks.from_tensor(_t(3, 4, 4, dtype=torch.bool))}, ValueError, "3 heads"),
-        ((_t(1, 2, 4, 8),) * 3, {"mask": masks.padding([5])}, ValueError, "Lk=4"),
+        ((_t(1, 2, 4, 8),) * 3, {"mask": masks.padding(torch.ones(1, 3, dtype=torch.bool))}, ValueError, "Lk=4"),
         ((_t(1, 2, 4, 8),) * 3, {"mask": _t(4, 4)}, TypeError, "bool tensor"),
         ((_t(1, 2, 4, 8),) * 3, {"mask": "causal"}, TypeError, "got str"),
         ((_t(1, 2, 4, 8),) * 3, {"backend": "fast"}, ValueError, "got 'fast'"),

@@ -49,7 +49,8 @@ def test_describe_lists_every_field():
 # On main each of these was accepted: keep=-1 then deleted every checkpoint right after writing it.
 BAD_SETTINGS = {
     "lm": ["train.keep=-1", "train.keep=0", "data.batch_size=0", "train.log_every=0", "train.betas=[0.9]",
-           "train.betas=[0.9, 1.0]", "train.warmup=-1", "train.lr=0", "train.clip_norm=-1", "data.block=0",
+           "train.betas=[0.9, 1.0]", "train.betas=[0.9, 0.99, 0.5]", "train.warmup=-1",
+           "train.lr=0", "train.clip_norm=-1", "data.block=0",
            "data.valid_fraction=0", "data.valid_fraction=1", "data.documents=\"pages\"", "train.accumulate=0"],
     "translation": ["decode.beam_size=0", "data.max_tokens=0", "label_smoothing=1.0", "decode.batch_size=0"],
     "classification": ["data.max_len=2", "train.eval_every=-1", "data.max_tokens=-1", "data.batch_size=0"],
@@ -119,3 +120,10 @@ def test_settings_that_train_to_nan_or_to_nonsense_are_refused_before_training(t
                 "--set", 'data.tokenizer="chars"', "--set", "train.steps=1", "--set", "train.progress=false"]
         assert main([*args, *(x for s in settings for x in ("--set", s))]) == 2, settings
         assert expected in capsys.readouterr().err
+
+
+def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path):
+    # Windows editors save UTF-8 with a BOM: "Invalid statement (at line 1, column 1)", though data files accept it
+    path = tmp_path / "run.toml"
+    path.write_bytes("\ufeffsteps = 20\n[inner]\nlr = 1\n".encode())
+    assert config.load(Outer(), path, []) == Outer(steps=20, inner=Inner(lr=1.0))

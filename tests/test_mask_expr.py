@@ -31,7 +31,7 @@ def test_parse_matches_the_python_expression(text, expected):
         ("causal && window(4)", 8, "expected a mask name"),
         ("causal & window(4", 17, "expected ')'"),
         ("causal & window()", 16, "expected an integer"),
-        ("causal & window(0)", 9, "size must be >= 1"),
+        ("causal & window(0)", 9, "size must be in [1, 2**62]"),
         ("causal $ full", 7, "unexpected character '$'"),
         ("causal full", 7, "unexpected 'full'"),
         ("window", 0, "window takes 1 argument"),

@@ -1,5 +1,7 @@
+import contextlib
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -28,3 +30,28 @@ def test_plot_tradeoff_draws_one_panel_per_task(tmp_path):
     panels = {"translation": [("base", 10.0, 35.0), ("int8", 4.0, 34.8)], "classification": [("base", 90.0, 91.0)]}
     out = plot_tradeoff(panels, tmp_path / "t.png", xlabel="file MB", ylabels={"translation": "BLEU"})
     assert out.read_bytes()[:8] == PNG
+
+
+def test_curves_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    import json
+
+    from matplotlib.figure import Figure
+
+    from maskattn.plotting import plot_curves
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 5)))
+    first = plot_curves(log).read_bytes()
+    assert first.startswith(b"\x89PNG")
+
+    def dies_half_way(self, fname, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", dies_half_way)
+    with open(log, "a") as f:
+        f.write(json.dumps({"step": 5, "loss": 0.1}) + "\n")
+    with contextlib.suppress(KeyboardInterrupt):
+        plot_curves(log)
+    assert (tmp_path / "curves.png").read_bytes() == first and sorted(p.name for p in tmp_path.iterdir()) == [
+        "curves.png", "metrics.jsonl"]

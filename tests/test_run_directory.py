@@ -220,3 +220,50 @@ def test_a_retry_after_a_failed_start_needs_no_flag(tmp_path, capsys):
     assert main(lm_args(tmp_path, out, "--set", "data.block=5000")) == 2  # refused once the data is read
     assert [p.name for p in out.iterdir()] == ["tokenizer.json"]
     assert main(lm_args(tmp_path, out)) == 0
+
+
+def test_overwrite_refuses_a_directory_of_dot_files_that_no_run_wrote(tmp_path, capsys):
+    # every name starting with "." counted as the run's own: --overwrite deleted a home directory's .ssh and .bashrc
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519").write_text("secret")
+    (home / ".bashrc").write_text("x")
+    assert main(lm_args(tmp_path, home, "--overwrite")) == 2
+    err = capsys.readouterr().err
+    assert "will not clear" in err and ".bashrc" in err and ".ssh" in err
+    assert (home / ".ssh" / "id_ed25519").read_text() == "secret" and (home / ".bashrc").read_text() == "x"
+    # what an atomic write of the run's own files leaves behind is still the run's
+    from maskattn.training import _run_entry
+    assert _run_entry(".metrics.jsonl.4242.tmp") and _run_entry(".model.k2j3h4") and _run_entry(".best.x")
+    assert not _run_entry(".bashrc") and not _run_entry(".modelling") and not _run_entry(".ssh")
+
+
+def test_a_directory_a_run_trains_in_is_refused_to_a_second_process(tmp_path, capsys):
+    # a --resume started while the first run trained was accepted: two processes interleaved one log
+    from maskattn.training import run_lock
+
+    out = tmp_path / "run"
+    with run_lock(out):  # this process stands for the run still training (flock: a second open file conflicts)
+        with pytest.raises(RunDirectoryError, match="is in use: another maskattn process is training in it"), \
+                run_lock(out):
+            pass
+        for extra in (["--resume"], ["--overwrite"], []):
+            assert main(lm_args(tmp_path, out, *extra)) == 2
+            assert "is in use" in capsys.readouterr().err
+        assert list(out.iterdir()) == []  # nothing written by the refused runs
+    assert main(lm_args(tmp_path, out)) == 0  # the lock ends with its holder
+    with run_lock(out):
+        pass
+    missing = tmp_path / "never"
+    with pytest.raises(ValueError), run_lock(missing):  # a run that fails before writing leaves no directory
+        raise ValueError
+    assert not missing.exists()
+
+
+def test_an_empty_out_is_refused_not_the_working_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = lm_args(tmp_path, "x")
+    args[args.index("--out"):args.index("--out") + 2] = ["--set", "out="]
+    assert main(args) == 2
+    assert "out is empty: name the run directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt"]

@@ -3,6 +3,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -465,3 +466,36 @@ def test_the_trainer_hands_freed_memory_back_every_release_interval_where_memory
     monkeypatch.setattr(training, "release_freed_memory", lambda: steps.append(trainer.step) or True)
     trainer.fit()
     assert steps == released_at
+
+
+def test_resuming_a_finished_run_neither_scores_it_again_nor_counts_that_against_patience(tmp_path):
+    # eval_every=0: the run's only evaluation is the final one (step 6). Resumed idle, it was evaluated (and logged)
+    # again, a tie counted as no improvement, and with patience 1 a later resume to more steps trained nothing.
+    _tiny_trainer(tmp_path, steps=6, checkpoint_every=3, patience=1).fit()
+    idle = _tiny_trainer(tmp_path, steps=6, checkpoint_every=3, patience=1)
+    assert idle.resume() and idle.fit() == {"loss": 1.0} and idle.bad_evals == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [6]  # logged once
+    longer = _tiny_trainer(tmp_path, steps=9, checkpoint_every=3, patience=1)
+    assert longer.resume()
+    longer.fit()
+    assert longer.step == 9 and checkpoint.step_of(checkpoint.latest(tmp_path / "checkpoints")) == 9
+
+
+def test_a_resume_from_before_the_best_checkpoint_drops_it(tmp_path):
+    # Killed at step 5, after its best evaluation at step 4 and before a step checkpoint after 2: best/ held step 4,
+    # a step the resumed run replays, and was exported with another step's scores.
+    run = _tiny_trainer(tmp_path, steps=8, eval_every=2, checkpoint_every=2)
+    run.fit()
+    for path in checkpoint.list_checkpoints(tmp_path / "checkpoints"):
+        shutil.rmtree(path)
+    state = run.state()
+    state.update(step=2, best=1.0, bad_evals=0)
+    checkpoint.save(tmp_path / "checkpoints", 2, state)  # the kill left step 2's checkpoint and best/ at step 4
+    shutil.rmtree(tmp_path / "best")
+    checkpoint.save(tmp_path / "best", 4, state, keep=1)
+    again = _tiny_trainer(tmp_path, steps=8, eval_every=2, checkpoint_every=2)
+    assert again.resume() and again.step == 2
+    assert checkpoint.list_checkpoints(tmp_path / "best") == [] and again.best is None
+    again.fit()  # evaluations 1.0, 0.5, ... from step 4 on: the best is chosen again, at step 6 (0.5)
+    assert checkpoint.step_of(checkpoint.latest(tmp_path / "best")) == 6

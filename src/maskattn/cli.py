@@ -464,7 +464,7 @@ def _train(args: argparse.Namespace) -> int:
     from maskattn.checkpoint import CheckpointError
     from maskattn.plotting import plot_curves
     from maskattn.tasks.common import refuse_derived
-    from maskattn.training import check_run_directory, replacing_run
+    from maskattn.training import check_run_directory, replacing_run, run_lock
 
     task = tasks()[args.task]
     assignments = list(args.set)
@@ -495,8 +495,12 @@ def _train(args: argparse.Namespace) -> int:
         configure_logging(quiet=True, rank=context.rank)
     # --overwrite: the old run is set aside, and put back if the new one fails before its first checkpoint
     replacing = replacing_run(cfg.out) if args.overwrite and context.is_main else contextlib.nullcontext()
+
+    def locked() -> contextlib.AbstractContextManager:  # rank 0 holds the directory: one run trains in it at a time
+        return run_lock(cfg.out) if context.is_main else contextlib.nullcontext()
+
     try:
-        with replacing:
+        with locked(), replacing, locked() if args.overwrite else contextlib.nullcontext():  # (the new directory too)
             distributed.barrier()  # no rank starts before rank 0 has set the old run aside
             result = task.train(cfg, resume=args.resume)
     except CheckpointError as e:

@@ -46,7 +46,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise SettingTypeError(f"{where}: expected a list, got {value!r}")
-        return tuple(_coerce(v, t, where) for v, t in zip(value, typing.get_args(annotation), strict=False))
+        kinds = typing.get_args(annotation)
+        if len(kinds) == 2 and kinds[1] is Ellipsis:  # tuple[T, ...]: any length
+            kinds = (kinds[0],) * len(value)
+        if len(value) != len(kinds):  # else zip would drop the extra values without a word
+            raise SettingTypeError(f"{where} must be a list of {len(kinds)} values, got {value!r}")
+        return tuple(_coerce(v, t, where) for v, t in zip(value, kinds, strict=True))
     if origin is list:
         if not isinstance(value, list):
             raise SettingTypeError(f"{where}: expected a list, got {value!r}")
@@ -111,7 +116,7 @@ def load(base: Any, path: str | Path | None = None, assignments: list[str] | Non
             raise SettingError(f"--config {path}: {'a directory' if path.is_dir() else 'no such file'}, "
                                "expected a TOML file of settings")
         try:
-            values = tomllib.loads(path.read_text(encoding="utf-8"))
+            values = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a byte-order mark (Windows editors)
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise SettingError(f"--config {path}: not a valid TOML file: {e}") from e
         base = update(base, values)

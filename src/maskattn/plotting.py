@@ -13,6 +13,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from maskattn.io import atomic_write
 from maskattn.masks import Mask
 
 __all__ = ["plot_curves", "plot_mask", "plot_overlays", "plot_tradeoff"]
@@ -99,7 +100,8 @@ def plot_curves(log: str | Path, out: str | Path | None = None) -> Path | None:
         axes[0, -1].set(xlabel="step", title="evaluation")
         axes[0, -1].legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    # whole or not at all: a run killed while drawing keeps its previous curves (the temporary name has no .png)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return out
 

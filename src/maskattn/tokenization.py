@@ -77,6 +77,8 @@ class Tokenizer:
     def load(cls, path: str | Path) -> Tokenizer:
         """Load a ``tokenizer.json`` file, or the one inside a directory."""
         path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no tokenizer at {path}: no such file or directory")
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():

@@ -26,6 +26,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import signal
@@ -37,6 +38,11 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 import torch
 from torch import Tensor, nn
@@ -231,6 +237,8 @@ def check_run_directory(out: str | Path, *, resume: bool = False, overwrite: boo
     """What :func:`prepare_run_directory` checks, without deleting or creating anything: the CLI calls it
     before a task reads its data, so that a bad directory fails at once and a failed ``--overwrite`` run
     (a mistyped data path) leaves the old run in place."""
+    if not str(out).strip():  # Path("") is the working directory
+        raise RunDirectoryError("out is empty: name the run directory (--out DIR or --set out=DIR)")
     out = Path(out)
     if resume and overwrite:
         raise RunDirectoryError("resume and overwrite exclude each other: continue the run in "
@@ -260,7 +268,40 @@ def _foreign_entries(out: Path) -> None:
 
 
 def _run_entry(name: str) -> bool:
-    return name in RUN_ENTRIES or name.startswith(".") or fnmatch.fnmatch(name, RUN_FILE_PATTERN)
+    if name.startswith("."):  # only what an atomic write of a run's own entry leaves (io.py: ".NAME.<suffix>")
+        return any(name[1:].startswith(entry + ".") for entry in RUN_ENTRIES) or \
+            fnmatch.fnmatch(name[1:], RUN_FILE_PATTERN + ".*")
+    return name in RUN_ENTRIES or fnmatch.fnmatch(name, RUN_FILE_PATTERN)
+
+
+@contextlib.contextmanager
+def run_lock(out: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run directory ``out`` (created if missing, removed again if left empty) while
+    a run trains in it, so that a second process (``--resume`` or ``--overwrite`` of a run still training) is
+    refused instead of interleaving its checkpoints and log with the first's. ``flock`` on the directory itself:
+    no lock file, and the lock ends with the process however it ends. Without ``fcntl`` (Windows), no lock.
+
+    Raises:
+        RunDirectoryError: another process holds the lock.
+    """
+    if fcntl is None:
+        yield
+        return
+    out = Path(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirectoryError(f"run directory {out} is in use: another maskattn process is training in it; "
+                                    "wait for it to end (or stop it), or choose another --out") from None
+        yield
+    finally:
+        os.close(fd)
+        if created and out.is_dir() and not any(out.iterdir()):  # a run that failed before writing anything
+            out.rmdir()
 
 
 @contextlib.contextmanager
@@ -505,7 +546,24 @@ class Trainer:
         self.resumed = True
         self._check_same_step(path)
         self._trim_log()
+        self._drop_later_best()
         return True
+
+    def _drop_later_best(self) -> None:
+        """Remove a best checkpoint from after the resumed step (a run killed between its best evaluation and its
+        next step checkpoint): it belongs to steps this run replays, and would be exported with scores the log no
+        longer holds. The best that step-checkpoint state remembers lost its weights to it (``best/`` keeps one),
+        so the best is chosen again from the evaluations that follow."""
+        later = 0.0
+        if self.rank == 0:
+            for path in checkpoint.list_checkpoints(self.out_dir / "best"):
+                if checkpoint.step_of(path) > self.step:
+                    aside = path.with_name(f".{path.name}.later")  # renamed first: a kill leaves no half checkpoint
+                    path.rename(aside)
+                    shutil.rmtree(aside, ignore_errors=True)
+                    later = 1.0
+        if (distributed.all_sum(later) if self.world > 1 else later) > 0:
+            self.best = None
 
     def _check_same_step(self, path: Path | None) -> None:
         """Refuse a resume in which processes found different checkpoints (run directories not shared)."""
@@ -553,6 +611,7 @@ class Trainer:
         if cfg.patience and self.bad_evals >= cfg.patience:  # a resumed run that had already stopped early
             bar.close()
             return self._last_evaluation()
+        start = self.step
         while self.step < cfg.steps:
             micro = self._next_micro_batches()
             loss_sum, targets = self._optimizer_step(micro)
@@ -578,6 +637,8 @@ class Trainer:
             if stop:
                 break
         bar.close()
+        if self.step == start and self._evaluated_at(self.step):  # a finished run resumed: nothing new to score
+            return self._last_evaluation()  # (evaluating again would log it twice and count it against patience)
         final_evaluation = bool(self.evaluate) and not (cfg.eval_every and self.step % cfg.eval_every == 0)
         if final_evaluation:
             last, _ = self._evaluate()
@@ -586,6 +647,18 @@ class Trainer:
         if final_evaluation or not (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
             self.save()
         return last
+
+    def _evaluated_at(self, step: int) -> bool:
+        """Whether the log holds an evaluation at ``step`` (or, without an evaluation function, any record of it);
+        the same answer on every rank (rank 0 reads the log)."""
+        log = self.out_dir / "metrics.jsonl"
+        found = 0.0
+        if self.rank == 0 and log.exists():
+            for line in log.read_text(encoding="utf-8").splitlines():
+                record = json.loads(line) if line.strip() else {}
+                if record.get("step") == step and (not self.evaluate or any(k.startswith("eval_") for k in record)):
+                    found = 1.0
+        return (distributed.all_sum(found) if self.world > 1 else found) > 0
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         """This process's share of the epoch's batches; says once (rank 0) if batches smaller than the number of

@@ -96,7 +96,13 @@ def fit_and_export(model: nn.Module, tok: Tokenizer, cfg: TrainConfig, out: Path
     scores = last
     if best is not None:  # export the best evaluated weights, not the last ones, and report their scores
         model.load_state_dict(checkpoint.load(best)["model"])
-        scores = {**(trainer.evaluation_at(checkpoint.step_of(best)) or last), "step": checkpoint.step_of(best)}
+        step = checkpoint.step_of(best)
+        logged = trainer.evaluation_at(step)
+        if not logged:  # its log line is gone (an edited log): score the exported weights, never another step's scores
+            model.eval()
+            with torch.no_grad():
+                logged = evaluate(model)
+        scores = {**logged, "step": step}
     directory = out / "model"
     (saved or model).save(directory, tokenizer=tok.backend)
     write_task(directory, task)
