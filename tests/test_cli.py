@@ -122,5 +122,10 @@ def test_verbose_and_quiet_also_after_the_command(tmp_path, capsys):
     assert parser.parse_args(["-q", "showcase"]).quiet is True
     assert parser.parse_args(["showcase", "-q"]).quiet is True
     assert parser.parse_args(["showcase"]).verbose == 0 and parser.parse_args(["showcase"]).quiet is False
-    with pytest.raises(FileNotFoundError):  # -v shows the traceback of a user error
-        main(["train", "lm", "--train", str(tmp_path / "missing.txt"), "-v"])
+    # -v shows the traceback of a user error, and keeps its status (it was raised: exit 1, the status of a leak)
+    capsys.readouterr()
+    assert main(["train", "lm", "--train", str(tmp_path / "missing.txt"), "-v"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "FileNotFoundError" in err
+    assert err.rstrip().splitlines()[-1].startswith("maskattn train: ") and "missing.txt" in err.splitlines()[-1]
+    assert main(["-v", "translate", str(tmp_path / "nothing"), "x"]) == 2

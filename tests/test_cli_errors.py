@@ -189,7 +189,11 @@ def test_lengths_beyond_what_a_command_can_draw_or_count_are_refused(capsys):
     cases = ((["masks", "show", "causal", "--length", "100000"], "masks show draws at most 1024 queries and keys"),
              (["masks", "show", "causal", "--keys", "5000"], "--keys 5000"),
              (["masks", "show", "causal", "--q-offset", "-5"], "--q-offset must be >= 0, got -5"),
-             (["masks", "stats", "causal", "--length", "99999999999"], "tiles, more than the 67,108,864 stats counts"),
+             (["masks", "stats", "causal", "--length", "9999999", "--block", "1"],
+              "tiles, more than the 67,108,864 stats counts"),
+             # few tiles, but killed for memory after a minute (per-position work)
+             (["masks", "stats", "causal & window(256)", "--length", "2000000000", "--block", "1000000"],
+              "masks stats counts at most 16,777,216 positions"),
              (["showcase", "--length", "100000"], "the showcase draws at most 1024 positions"),
              (["audit", "--length", "100000"], "--length 100000: more than the"))
     for args, expected in cases:

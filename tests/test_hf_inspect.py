@@ -5,6 +5,7 @@ planted leaks of issue 14 (the packing bug, a mask function that lets each token
 are caught and named. Everything is built locally: no downloads.
 """
 
+import gzip
 import json
 import subprocess
 import sys
@@ -296,3 +297,24 @@ def test_hf_viz_reads_past_max_position_embeddings_with_rope(hf_dirs, tmp_path, 
     # RoPE has no table that ends there: only learned positions (the test above) refuse longer input
     assert main(["viz", hf_dirs["llama"], "--input", "t" * 70, "--out", str(tmp_path / "viz")]) == 0
     assert "wrote" in capsys.readouterr().out
+
+
+def test_hf_commands_refuse_what_the_model_cannot_do_with_status_two(hf_dirs, tmp_path, capsys):
+    # an IndexError (audit past GPT-2's 64 positions) and an AttributeError (generate with a BertModel) were
+    # tracebacks with status 1, which audit uses for "leak found"; evaluate ignored other tasks' flags and read no
+    # .gz file
+    limit = transformers.AutoConfig.from_pretrained(hf_dirs["gpt2"]).max_position_embeddings
+    assert main(["audit", hf_dirs["gpt2"], "--length", str(limit + 10)]) == 2
+    assert f"--length {limit + 10}: more than the {limit} positions" in capsys.readouterr().err
+    assert main(["generate", hf_dirs["bert"], "--prompt", "the "]) == 2
+    assert "causal language models; BertModel is not one" in capsys.readouterr().err
+    data = tmp_path / "valid.txt.gz"
+    data.write_bytes(gzip.compress(TEXT.encode()))
+    assert main(["evaluate", hf_dirs["gpt2"], "--data", str(data), "--beam", "3"]) == 2
+    assert "--beam: not read when evaluating a Hugging Face model" in capsys.readouterr().err
+    assert main(["evaluate", hf_dirs["gpt2"], "--data", str(data)]) == 0
+    from_gz = json.loads(capsys.readouterr().out)
+    plain = tmp_path / "valid.txt"
+    plain.write_text(TEXT)
+    assert main(["evaluate", hf_dirs["gpt2"], "--data", str(plain)]) == 0
+    assert json.loads(capsys.readouterr().out) == from_gz

@@ -99,3 +99,16 @@ def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
     (tmp_path / "plain").write_text("x")
     assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
     assert sorted(os.listdir(tmp_path)) == ["plain", "w.safetensors"]  # no temporary left
+
+
+def test_an_output_file_is_checked_before_the_work_and_its_directories_made(tmp_path):
+    # QA --predictions into a missing directory failed after answering every question; translation --hypotheses under
+    # a file failed after decoding everything, with "[Errno 17] File exists"
+    (tmp_path / "existing.txt").write_text("keep")
+    with pytest.raises(ValueError, match=r"--hypotheses .*h\.txt: .*existing\.txt is a file, not a directory"):
+        io.check_output_file(tmp_path / "existing.txt" / "h.txt", "--hypotheses")
+    assert (tmp_path / "existing.txt").read_text() == "keep"
+    path = io.check_output_file(tmp_path / "new" / "sub" / "p.json", "--predictions")
+    assert path.parent.is_dir() and not path.exists()
+    with pytest.raises(ValueError, match="a directory, expected a file"):
+        io.check_output_file(tmp_path / "new", "--predictions")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from maskattn.errors import TrainingError, UsageError, check_seed
@@ -278,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if hf_inspect.is_hf_directory(args.model):
             handler = hf_inspect.COMMANDS.get(args.command, handler)
+            if args.command == "evaluate":  # scored as a causal LM, which reads none of the tasks' flags
+                handler = functools.partial(_refusing_task_flags, handler, set(), "a Hugging Face model")
     try:
         _check_text_arguments(args)
         return handler(args)
@@ -289,22 +293,24 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 141  # 128 + SIGPIPE, the status of a shell tool stopped by a closed pipe
     except TrainingError as e:  # training could not go on: not a usage error, but no traceback either
-        if args.verbose:
-            raise
-        print(f"maskattn {args.command}: {e}", file=sys.stderr)
-        return 1
+        return _failed(args, str(e), 1)
     except ImportError as e:  # an optional package a command needs: one line naming the extra that installs it
         extra = _EXTRAS.get((e.name or "").split(".")[0]) if isinstance(e, ModuleNotFoundError) else None
-        if args.verbose or (extra is None and "pip install" not in str(e)):
+        if extra is None and "pip install" not in str(e):
             raise
         hint = f"; pip install 'maskattn[{extra}]'" if extra else ""
-        print(f"maskattn {args.command}: {e}{hint}", file=sys.stderr)
-        return 2
+        return _failed(args, f"{e}{hint}", 2)
     except USER_ERRORS as e:  # bad input, named in the message; anything else is a bug and shows its traceback
-        if args.verbose:
-            raise
-        print(f"maskattn {args.command}: {e}", file=sys.stderr)
-        return 2
+        return _failed(args, str(e), 2)
+
+
+def _failed(args: argparse.Namespace, message: str, status: int) -> int:
+    """Say why the command failed in one line (after the traceback with -v) and return its exit status: -v adds
+    the traceback, it never changes the status a script reads (2 bad input, 1 a failed run or check)."""
+    if args.verbose:
+        traceback.print_exc()
+    print(f"maskattn {args.command}: {message}", file=sys.stderr)
+    return status
 
 
 def _check_text_arguments(args: argparse.Namespace) -> None:
@@ -354,9 +360,9 @@ def _average(args: argparse.Namespace) -> int:
     from maskattn.averaging import average_models, average_run
 
     if args.models and (args.run or args.last is not None):
-        raise UsageError("average: give either RUN --last N or --models MODEL ..., not both")
+        raise UsageError("give either RUN --last N or --models MODEL ..., not both")
     if not args.models and (not args.run or args.last is None):
-        raise UsageError("average: give RUN --last N (a run's checkpoints) or --models MODEL ... (finished models)")
+        raise UsageError("give RUN --last N (a run's checkpoints) or --models MODEL ... (finished models)")
     runs = [args.run, str(Path(args.run) / "model")] if args.run else []  # the run's model is read: never --out
     with _new_model_directory(args.out, args.overwrite, [*(args.models or []), *runs]):
         print(average_models(args.models, args.out) if args.models else average_run(args.run, args.last, args.out))
@@ -520,15 +526,26 @@ def _evaluate(args: argparse.Namespace) -> int:
     if task is None:
         raise ValueError(f"{args.model}: no evaluation for task {name!r}")
     own = {o.flag for o in task.evaluate_options}
-    foreign = sorted({o.flag for t in tasks().values() for o in t.evaluate_options
-                      if o.flag not in own and getattr(args, _dest(o.flag)) is not None})
-    if foreign:  # another task's flag would be ignored
-        raise UsageError(f"{', '.join(foreign)}: not read when evaluating a {name} model (its flags: "
-                         f"{', '.join(sorted(own)) or 'none'})")
+    _refuse_task_flags(args, own, f"a {name} model")
     options = {o.keyword: getattr(args, _dest(o.flag)) for o in task.evaluate_options
                if getattr(args, _dest(o.flag)) is not None}
     print(json.dumps(task.evaluate_file(args.model, args.data, **options), indent=2))
     return 0
+
+
+def _refuse_task_flags(args: argparse.Namespace, own: set[str], what: str) -> None:
+    """UsageError naming the evaluate flags given that ``what`` does not read (they would be ignored)."""
+    foreign = sorted({o.flag for t in tasks().values() for o in t.evaluate_options
+                      if o.flag not in own and getattr(args, _dest(o.flag), None) is not None})
+    if foreign:
+        raise UsageError(f"{', '.join(foreign)}: not read when evaluating {what} (its flags: "
+                         f"{', '.join(sorted(own)) or 'none'})")
+
+
+def _refusing_task_flags(handler: Callable[[argparse.Namespace], int], own: set[str], what: str,
+                         args: argparse.Namespace) -> int:
+    _refuse_task_flags(args, own, what)
+    return handler(args)
 
 
 def _viz(args: argparse.Namespace) -> int:
@@ -596,6 +613,7 @@ def _showcase(args: argparse.Namespace) -> int:
 
 MAX_SHOWN = 1024  # queries and keys `masks show` and `showcase` draw (a dense picture of L x L)
 MAX_STATS_TILES = 2**26  # tiles `masks stats` counts
+MAX_STATS_LENGTH = 2**24  # positions: stats does per-position work (~150 bytes each: 2.5 GB here)
 
 
 def _masks_show(args: argparse.Namespace) -> int:
@@ -604,6 +622,9 @@ def _masks_show(args: argparse.Namespace) -> int:
     mask = parse(args.expression)
     if args.masks_command == "stats":
         tiles = (-(-args.length // args.block)) ** 2
+        if args.length > MAX_STATS_LENGTH:  # else killed for memory after a minute or more
+            raise UsageError(f"--length {args.length}: masks stats counts at most {MAX_STATS_LENGTH:,} positions "
+                             "(2**24), its memory grows with the length")
         if tiles > MAX_STATS_TILES:
             raise UsageError(f"--length {args.length} with --block {args.block}: {tiles:,} tiles, more than the "
                              f"{MAX_STATS_TILES:,} stats counts; raise --block or lower --length")
@@ -617,9 +638,9 @@ def _masks_show(args: argparse.Namespace) -> int:
     if args.q_offset < 0:
         raise UsageError(f"--q-offset must be >= 0, got {args.q_offset}")
     if args.png is not None:
-        check_output_file(args.png, "--png")
-        if Path(args.png).suffix.lower() not in (".png", ".svg", ".pdf"):
+        if not Path(args.png).is_dir() and Path(args.png).suffix.lower() not in (".png", ".svg", ".pdf"):
             raise UsageError(f"--png {args.png}: name a .png (or .svg, .pdf) file")
+        check_output_file(args.png, "--png")  # (a directory: refused here)
     print(mask.render(args.length, args.keys, q_offset=args.q_offset))
     if args.png:
         from maskattn.plotting import plot_mask

@@ -39,6 +39,7 @@ from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
 from maskattn import hf
+from maskattn.data import open_text
 from maskattn.decoding import check_sampling
 from maskattn.errors import UsageError
 from maskattn.models.inspection import AttentionSite, AuditProbe, ProbeCheck, ProbeInput, register_adapter
@@ -228,7 +229,8 @@ def evaluate_text(model: nn.Module, tokenizer: Any, path: str | Path) -> dict[st
     """
     if not HFAdapter(model).causal or getattr(model, "get_output_embeddings", lambda: None)() is None:
         raise ValueError(f"evaluate scores causal language models; {type(model).__name__} is not one")
-    ids = tokenizer(Path(path).read_text(encoding="utf-8"))["input_ids"]
+    with open_text(path) as f:  # gzip too, and one error naming the file, as for maskattn's own models
+        ids = tokenizer(f.read())["input_ids"]
     block = min(1024, getattr(model.config.get_text_config(), "max_position_embeddings", None) or 1024)
     total, count = 0.0, 0
     with torch.no_grad():
@@ -249,6 +251,8 @@ def generate_text(model: nn.Module, tokenizer: Any, prompt: str, *, max_new_toke
                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                   seed: int = 0) -> str:
     """The prompt followed by text from ``model.generate`` (greedy when temperature is 0)."""
+    if not callable(getattr(model, "generate", None)) or not HFAdapter(model).causal:
+        raise UsageError(f"generate continues text with causal language models; {type(model).__name__} is not one")
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     ids = tokenizer(prompt)["input_ids"]
     fallback = next((i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id)
@@ -300,7 +304,13 @@ def _viz(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     from maskattn.audit import audit_model
 
-    report = audit_model(load(args.model, tokenizer=False)[0], length=args.length)
+    model = load(args.model, tokenizer=False)[0]
+    try:
+        report = audit_model(model, length=args.length)
+    except IndexError as e:  # a learned position table (GPT-2, BERT) ends at max_position_embeddings; RoPE does not
+        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        raise UsageError(f"--length {args.length}: more than the {limit} positions of {args.model} "
+                         "(max_position_embeddings)") from e
     print(f"== {args.model}\n{report}\n")
     return 0 if report.ok else 1
 

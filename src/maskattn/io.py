@@ -147,7 +147,9 @@ def _umask() -> int:
 def check_output_file(out: str | os.PathLike, flag: str, inputs: Iterable[str | os.PathLike] = (), *,
                       overwrite: bool = True) -> Path:
     """``out`` as a file the command may write, checked before any work: not empty, not a directory, not one of
-    ``inputs`` (files or directories, e.g. a model directory) nor inside one, and (``overwrite`` False) new.
+    ``inputs`` (files or directories, e.g. a model directory) nor inside one, no file where a directory above it
+    must be, and (``overwrite`` False) new. Its missing parent directories are created (as ``--out`` of ``viz``
+    and ``export`` creates them), so that the write after the work cannot fail for them.
 
     Raises:
         ValueError: naming ``flag``, the path and what is wrong with it.
@@ -157,6 +159,9 @@ def check_output_file(out: str | os.PathLike, flag: str, inputs: Iterable[str | 
     path = Path(out)
     if path.is_dir():
         raise ValueError(f"{flag} {out}: a directory, expected a file to write")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{flag} {out}: {parent} is a file, not a directory")
     target = path.resolve()
     for given in inputs:
         source = Path(given).resolve()
@@ -164,6 +169,7 @@ def check_output_file(out: str | os.PathLike, flag: str, inputs: Iterable[str | 
             raise ValueError(f"{flag} {out}: that would write over the input {given}; write somewhere else")
     if not overwrite and path.exists():
         raise ValueError(f"{flag} {out} exists; give --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from maskattn import checkpoint, distributed, metrics
 from maskattn.data import DataError, QAExample, bucket_batches, pad, random_batches, read_squad
 from maskattn.errors import UsageError, check_settings
-from maskattn.io import check_output_file
+from maskattn.io import atomic_write_text, check_output_file
 from maskattn.models import EncoderModel, from_pretrained
 from maskattn.models.pretrained import pretrained_positions
 from maskattn.tasks.base import Command, Option, Task, register
@@ -324,7 +324,7 @@ def evaluate_file(directory: str | Path, path: str, predictions: str | None = No
     windows = squad_windows(tok, examples, max_len=task["max_len"], stride=task["stride"])
     found = best_spans(model, tok, examples, windows, max_answer=task["max_answer"])
     if predictions:
-        Path(predictions).write_text(json.dumps(found, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        atomic_write_text(predictions, json.dumps(found, indent=1, ensure_ascii=False) + "\n")
     return score(found, examples)
 
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from maskattn import decoding, metrics
 from maskattn.data import DataError, bucket_batches, pad, read_parallel
 from maskattn.errors import UsageError, check_settings
-from maskattn.io import check_output_file, read_json_object
+from maskattn.io import atomic_write_text, check_output_file, read_json_object
 from maskattn.models import Transformer, TransformerConfig
 from maskattn.tasks.base import Command, Option, Task, TrainingBatches, input_lines, register
 from maskattn.tasks.common import (
@@ -317,8 +317,7 @@ def evaluate_file(directory: str | Path, path: str, ref: str = "", hypotheses: s
     progress = logging.getLogger("maskattn").isEnabledFor(logging.INFO)  # not under `maskattn -q`
     hyps = translate(model, tok, [s for s, _ in pairs], replace(decode, **decode_overrides), progress=progress)
     refs = [t for _, t in pairs]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    atomic_write_text(out, "".join(h + "\n" for h in hyps))
     return {**score(hyps, refs), **metrics.sacrebleu_signatures(hyps, refs), "hypotheses": str(out)}
 
 
