@@ -252,6 +252,10 @@ def test_to_torch_mha_names_num_heads_for_a_per_head_mask():
     assert torch.equal(attn, ~per_head.to_dense(4, 4)[0])  # (3, 4, 4): batch 1 times 3 heads
     with pytest.raises(ValueError, match="holds 2 items, got batch=3"):
         masks.to_torch_mha(masks.from_tensor(torch.rand(2, 3, 4, 4) > 0.5), 4, 4, num_heads=3, batch=3)
+    with pytest.raises(ValueError, match="holds 2 items, got batch=3"):  # key padding too
+        masks.to_torch_mha(masks.padding([3, 2]), 4, 5, batch=3)
+    _, kpm = masks.to_torch_mha(masks.padding([3]), 4, 5, num_heads=2, batch=4)  # one row, for each of 4 items
+    assert torch.equal(kpm, torch.tensor([[False] * 3 + [True] * 2] * 4))
 
 
 def test_a_per_head_mask_drives_nn_multihead_attention_over_a_batch():

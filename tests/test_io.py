@@ -109,6 +109,8 @@ def test_an_output_file_is_checked_before_the_work_and_its_directories_made(tmp_
         io.check_output_file(tmp_path / "existing.txt" / "h.txt", "--hypotheses")
     assert (tmp_path / "existing.txt").read_text() == "keep"
     path = io.check_output_file(tmp_path / "new" / "sub" / "p.json", "--predictions")
-    assert path.parent.is_dir() and not path.exists()
+    assert not path.parent.exists()  # made by the write, after every other refusal: a refused command leaves nothing
+    io.atomic_write_text(path, "{}")
+    assert path.read_text() == "{}"
     with pytest.raises(ValueError, match="a directory, expected a file"):
         io.check_output_file(tmp_path / "new", "--predictions")

@@ -151,13 +151,15 @@ def test_sigterm_before_the_first_checkpoint_puts_the_old_run_back(tmp_path, cap
     import os
     import signal
 
-    from maskattn.training import replacing_run
+    from maskattn.training import replacing_run, run_lock
 
     out = tmp_path / "run"
     assert main(lm_args(tmp_path, out)) == 0
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     with pytest.raises(SystemExit) as stopped, replacing_run(out):
-        out.mkdir()
+        assert out.is_dir() and not any(out.iterdir())  # the new run's directory, made (and locked) at once
+        with pytest.raises(RunDirectoryError, match="is in use"), run_lock(out):
+            pass
         (out / "tokenizer.json").write_text("{}")  # the new run had begun
         os.kill(os.getpid(), signal.SIGTERM)  # torchrun stopping its workers, a scheduler's time limit
     assert stopped.value.code == 128 + signal.SIGTERM
@@ -267,3 +269,19 @@ def test_an_empty_out_is_refused_not_the_working_directory(tmp_path, capsys, mon
     assert main(args) == 2
     assert "out is empty: name the run directory" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt"]
+
+
+def test_a_file_system_that_cannot_lock_a_directory_trains_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):
+    # NFS (an exclusive flock needs a file open for writing) and some FUSE mounts: EBADF / ENOTSUP, not "in use"
+    import errno
+    import logging
+
+    from maskattn import training
+
+    def refuses(fd, operation):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(training.fcntl, "flock", refuses)
+    with caplog.at_level(logging.WARNING, logger="maskattn"), training.run_lock(tmp_path / "run"):
+        (tmp_path / "run" / "metrics.jsonl").write_text("")
+    assert "cannot be locked on this file system" in caplog.text

@@ -502,11 +502,10 @@ def _train(args: argparse.Namespace) -> int:
     # --overwrite: the old run is set aside, and put back if the new one fails before its first checkpoint
     replacing = replacing_run(cfg.out) if args.overwrite and context.is_main else contextlib.nullcontext()
 
-    def locked() -> contextlib.AbstractContextManager:  # rank 0 holds the directory: one run trains in it at a time
-        return run_lock(cfg.out) if context.is_main else contextlib.nullcontext()
-
+    # rank 0 holds the directory, one run trains in it at a time (replacing_run locks the new one it makes)
+    locked = run_lock(cfg.out) if context.is_main else contextlib.nullcontext()
     try:
-        with locked(), replacing, locked() if args.overwrite else contextlib.nullcontext():  # (the new directory too)
+        with locked, replacing:
             distributed.barrier()  # no rank starts before rank 0 has set the old run aside
             result = task.train(cfg, resume=args.resume)
     except CheckpointError as e:
@@ -645,6 +644,7 @@ def _masks_show(args: argparse.Namespace) -> int:
     if args.png:
         from maskattn.plotting import plot_mask
 
+        Path(args.png).parent.mkdir(parents=True, exist_ok=True)
         plot_mask(mask, args.length, args.keys, q_offset=args.q_offset, path=args.png)
         print(f"wrote {args.png}")
     return 0

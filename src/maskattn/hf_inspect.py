@@ -309,6 +309,8 @@ def _audit(args: argparse.Namespace) -> int:
         report = audit_model(model, length=args.length)
     except IndexError as e:  # a learned position table (GPT-2, BERT) ends at max_position_embeddings; RoPE does not
         limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        if not isinstance(limit, int) or args.length <= limit:
+            raise
         raise UsageError(f"--length {args.length}: more than the {limit} positions of {args.model} "
                          "(max_position_embeddings)") from e
     print(f"== {args.model}\n{report}\n")

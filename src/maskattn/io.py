@@ -64,6 +64,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     directory is fsynced. On any error the temporary file is removed and the error propagates.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # an output path's missing directories (check_output_file)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
@@ -148,8 +149,8 @@ def check_output_file(out: str | os.PathLike, flag: str, inputs: Iterable[str | 
                       overwrite: bool = True) -> Path:
     """``out`` as a file the command may write, checked before any work: not empty, not a directory, not one of
     ``inputs`` (files or directories, e.g. a model directory) nor inside one, no file where a directory above it
-    must be, and (``overwrite`` False) new. Its missing parent directories are created (as ``--out`` of ``viz``
-    and ``export`` creates them), so that the write after the work cannot fail for them.
+    must be, and (``overwrite`` False) new. Missing directories above it are left to the writer to make (as
+    :func:`atomic_write` does), after every other refusal: a refused command leaves no trace.
 
     Raises:
         ValueError: naming ``flag``, the path and what is wrong with it.
@@ -169,7 +170,6 @@ def check_output_file(out: str | os.PathLike, flag: str, inputs: Iterable[str | 
             raise ValueError(f"{flag} {out}: that would write over the input {given}; write somewhere else")
     if not overwrite and path.exists():
         raise ValueError(f"{flag} {out} exists; give --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 

@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import signal
+import tempfile
 import threading
 import time
 import warnings
@@ -279,29 +280,42 @@ def run_lock(out: str | Path) -> Iterator[None]:
     """Hold an exclusive lock on the run directory ``out`` (created if missing, removed again if left empty) while
     a run trains in it, so that a second process (``--resume`` or ``--overwrite`` of a run still training) is
     refused instead of interleaving its checkpoints and log with the first's. ``flock`` on the directory itself:
-    no lock file, and the lock ends with the process however it ends. Without ``fcntl`` (Windows), no lock.
+    no lock file, and the lock ends with the process however it ends. Without ``fcntl`` (Windows), or on a file
+    system that cannot lock a directory (some NFS, Lustre and FUSE mounts), the run goes on unlocked, with a warning.
 
     Raises:
         RunDirectoryError: another process holds the lock.
     """
-    if fcntl is None:
-        yield
-        return
     out = Path(out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out, os.O_RDONLY)
+    fd = _lock(out)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunDirectoryError(f"run directory {out} is in use: another maskattn process is training in it; "
-                                    "wait for it to end (or stop it), or choose another --out") from None
         yield
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
         if created and out.is_dir() and not any(out.iterdir()):  # a run that failed before writing anything
             out.rmdir()
+
+
+def _lock(directory: Path) -> int | None:
+    """An open descriptor of ``directory`` holding its exclusive flock; None where locking is not available."""
+    if fcntl is None:
+        return None
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunDirectoryError(f"run directory {directory} is in use: another maskattn process is training in it; "
+                                "wait for it to end (or stop it), or choose another --out") from None
+    except OSError as err:
+        os.close(fd)
+        logging.getLogger("maskattn").warning("run directory %s: cannot be locked on this file system (%s); nothing "
+                                              "keeps a second process from training in it", directory, err)
+        return None
+    return fd
 
 
 @contextlib.contextmanager
@@ -318,15 +332,30 @@ def replacing_run(out: str | Path) -> Iterator[None]:
         yield
         return
     out = Path(out).resolve()
-    with set_aside(out) as aside:  # put back on an error, unless discard_replaced_run deleted it already
-        _REPLACED[out] = aside
-        previous = _raise_on_sigterm()
-        try:
-            yield
-        finally:
-            _REPLACED.pop(out, None)
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced.", dir=out.parent))
+    os.replace(out, aside)
+    try:
+        out.mkdir()  # the new run's directory, locked at once (run_lock holds the old one, now aside)
+    except FileExistsError:  # another process made it in that instant: neither directory is this run's to delete
+        raise RunDirectoryError(f"run directory {out} was created by another process while this run set the old "
+                                f"one aside; the old run is kept at {aside}") from None
+    fd = _lock(out)
+    _REPLACED[out] = aside
+    previous = _raise_on_sigterm()
+    try:
+        yield
+    except BaseException:  # put the old run back, unless discard_replaced_run deleted it already
+        if aside.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(aside, out)
+        raise
+    finally:
+        _REPLACED.pop(out, None)
+        if fd is not None:
+            os.close(fd)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 _REPLACED: dict[Path, Path] = {}  # run directory -> the run it replaces, set aside until the first checkpoint
@@ -559,6 +588,7 @@ class Trainer:
             for path in checkpoint.list_checkpoints(self.out_dir / "best"):
                 if checkpoint.step_of(path) > self.step:
                     aside = path.with_name(f".{path.name}.later")  # renamed first: a kill leaves no half checkpoint
+                    shutil.rmtree(aside, ignore_errors=True)  # what an earlier kill left there
                     path.rename(aside)
                     shutil.rmtree(aside, ignore_errors=True)
                     later = 1.0

@@ -81,11 +81,7 @@ def attention(
         return empty_result(q, k, v, return_lse)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     if not available(q.device, q.dtype, needs_grad):
-        why = "is not in this torch" if _flex is None else "has no backward on CPU, nor float64"
-        raise ValueError(
-            f"backend 'flex': FlexAttention {why} (device {q.device}, torch {torch.__version__}); "
-            "use backend='blocked' or 'auto'"
-        )
+        raise ValueError(_unavailable(q.device, q.dtype, needs_grad))
     heads, q_len = q.shape[1], q.shape[2]
     block_mask = None
     if mask is not None:
@@ -124,11 +120,18 @@ def _eager_flex(*args, **kwargs):
         return _flex.flex_attention(*args, **kwargs)
 
 
+def _unavailable(device: torch.device, dtype: torch.dtype, needs_grad: bool) -> str:
+    why = "is not in this torch" if _flex is None else \
+        "has no backward on CPU" if needs_grad and dtype in _CPU_DTYPES else "does not take float64 on CPU"
+    return (f"backend 'flex': FlexAttention {why} (device {device}, {dtype}, torch {torch.__version__}); "
+            "use backend='blocked' or 'auto'")
+
+
 def _refuses(call: Call) -> str | None:
     if call.dropout_p > 0.0:
         return f"backend 'flex' has no dropout (dropout_p={call.dropout_p})"
     if not available(call.q.device, call.q.dtype, call.needs_grad):
-        return f"FlexAttention cannot run here ({call.q.device}, {call.q.dtype}, needs_grad={call.needs_grad})"
+        return _unavailable(call.q.device, call.q.dtype, call.needs_grad)
     return None
 
 

@@ -95,10 +95,10 @@ class Backend:
         """Why this backend cannot run ``call``, or None if it can."""
         if call.return_weights and not self.returns_weights:
             return (f"backend '{self.name}' does not return attention weights (return_weights); "
-                    f"{_those(lambda b: b.returns_weights)} do")
+                    f"backends that do: {_those(lambda b: b.returns_weights)}")
         if call.return_lse and not self.returns_lse:
             return (f"backend '{self.name}' does not return the log-sum-exp (return_lse); "
-                    f"{_those(lambda b: b.returns_lse)} do")
+                    f"backends that do: {_those(lambda b: b.returns_lse)}")
         if self.devices is not None and call.q.device.type not in self.devices:
             return f"backend '{self.name}' runs on {sorted(self.devices)}, not on {call.q.device.type}"
         return self.refuses(call)
@@ -108,7 +108,7 @@ REGISTRY: dict[str, Backend] = {}  # name -> record, in order of preference (exp
 
 
 def _those(has: Callable[[Backend], bool]) -> str:
-    return ", ".join(f"backend='{name}'" for name, b in REGISTRY.items() if has(b)) or "no registered backends"
+    return ", ".join(f"backend='{name}'" for name, b in REGISTRY.items() if has(b)) or "none registered"
 
 
 def register(backend: Backend) -> Backend:

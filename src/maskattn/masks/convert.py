@@ -109,6 +109,10 @@ def to_torch_mha(mask: Mask, q_len: int, k_len: int, *, num_heads: int = 1, q_of
         raise ValueError(f"to_torch_mha: batch must be an int >= 1 (the N of nn.MultiheadAttention), got {batch!r}")
     if structure(mask).kinds in (("lengths",), ("valid",)):  # pure key padding
         valid = mask.to_dense(1, k_len)[:, 0, 0, :]  # (N, S)
+        if batch is not None:
+            if valid.shape[0] != 1 and valid.shape[0] != batch:  # not `in`: see Mask.check
+                raise ValueError(f"to_torch_mha: the mask holds {valid.shape[0]} items, got batch={batch}")
+            valid = valid.expand(batch, k_len)
         return None, out(~valid)
     dense = mask.to_dense(q_len, k_len, q_offset=q_offset)  # (B|1, H|1, L, S)
     if dense.shape[0] == 1 and dense.shape[1] == 1:
@@ -121,7 +125,7 @@ def to_torch_mha(mask: Mask, q_len: int, k_len: int, *, num_heads: int = 1, q_of
             raise ValueError(f"to_torch_mha: the mask differs per head ({dense.shape[1]}) but not per item, so "
                              "nn.MultiheadAttention needs it repeated for each of the N items: pass batch=N")
         batch = dense.shape[0]
-    elif dense.shape[0] not in (1, batch):
+    elif dense.shape[0] != 1 and dense.shape[0] != batch:
         raise ValueError(f"to_torch_mha: the mask holds {dense.shape[0]} items, got batch={batch}")
     full = dense.expand(batch, num_heads, q_len, k_len).reshape(batch * num_heads, q_len, k_len)
     return out(~full), None

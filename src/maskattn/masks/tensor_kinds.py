@@ -222,7 +222,7 @@ def padding(lengths_or_valid: Tensor | Sequence[int]) -> Mask:
     x = lengths_or_valid
     if not isinstance(x, Tensor):  # a list (of ints, or rows of bools) or an array: its own dtype, checked below
         x = torch.as_tensor(x if hasattr(x, "__array__") else list(x))
-        if x.numel() == 0:
+        if x.numel() == 0 or x.dtype in (torch.uint16, torch.uint32, torch.uint64):  # (no min() for these)
             x = x.long()
     if x.dtype == torch.bool:
         if x.dim() != 2:

@@ -106,8 +106,8 @@ class Embedder(nn.Module):
         x = self.tokens(ids)  # (B, L, E)
         if self.positions is not None:
             x = x + self.positions(positions)
-        if token_types is not None:
-            self._check_token_types(token_types, ids)
+        if token_types is not None and self.token_types is not None:  # without a table (type_vocab_size=0) unread:
+            self._check_token_types(token_types, ids)  # QA passes segments to any encoder it fine-tunes
         if self.token_types is not None:
             x = x + self.token_types(torch.zeros_like(ids) if token_types is None else token_types)
         if self.norm is not None:
@@ -116,8 +116,6 @@ class Embedder(nn.Module):
 
 
     def _check_token_types(self, token_types: Tensor, ids: Tensor) -> None:
-        if self.token_types is None:
-            raise ValueError("token_type_ids given, but this model has no token-type table (type_vocab_size=0)")
         if not isinstance(token_types, Tensor) or token_types.shape != ids.shape:
             got = tuple(token_types.shape) if isinstance(token_types, Tensor) else type(token_types).__name__
             raise ValueError(f"token_type_ids must have the shape of input_ids {tuple(ids.shape)}, got {got}")

@@ -53,7 +53,8 @@ class EncoderModel(Persistent, Summary, nn.Module):
             input_ids: (B, L) token ids.
             attention_mask: (B, L) 1/True for real tokens, 0/False for padding (Hugging Face's
                 meaning); default from ``lengths``, else from ``pad_id``.
-            token_type_ids: (B, L) segment ids; default 0.
+            token_type_ids: (B, L) segment ids in [0, type_vocab_size); default 0; unread by a model without a
+                token-type table (type_vocab_size=0).
             lengths: (B,) real lengths of right-padded rows.
             return_weights: also return every layer's ``{"self": (B, H, L, L)}`` attention weights.
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from maskattn import decoding, explorer
 from maskattn.data import DataError, pad, read_parallel
-from maskattn.io import check_output_file
+from maskattn.io import atomic_write, check_output_file
 from maskattn.models import Captioner, CaptionerConfig
 from maskattn.tasks.base import Command, Overlay, Task, register
 from maskattn.tasks.common import begin_run, fit_and_export, load_task, log_stderr, parameters
@@ -291,8 +291,8 @@ def write_png(image: np.ndarray, path: str | Path) -> Path:
     """Write a canvas as an 8-bit grey PNG, one pixel per pixel (what :func:`read_png` reads)."""
     from PIL import Image
 
-    Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8), mode="L").save(path)
-    return Path(path)
+    picture = Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8), mode="L")
+    return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
 def evaluate_file(directory: str | Path, path: str) -> dict[str, float]:
