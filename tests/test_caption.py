@@ -67,6 +67,9 @@ def test_patch_embedding_and_padding_of_smaller_canvases():
     assert valid.tolist() == [[True] * 6, [True, True, False, False, False, False]]
     with pytest.raises(ValueError, match="multiples of patch_size"):
         embed(torch.zeros(1, 3, 6))
+    # 8x10 is a multiple of 2 but past the 6x8 of 3 x 4 patch positions: it said "must be multiples" (session 22)
+    with pytest.raises(ValueError, match=r"images of 8x10 pixels: larger than the model's 6x8"):
+        embed(torch.zeros(1, 8, 10))
     with pytest.raises(ValueError, match=r"sizes must be multiples of patch_size \(2\)"):
         patch_valid([[3, 6]], (2, 3), 2, batch=1)
 

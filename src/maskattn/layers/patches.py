@@ -65,9 +65,12 @@ class PatchEmbedding(nn.Module):
             raise ValueError(f"images must be {expected}, got {got}")
         h, w = images.shape[-2:]
         rows, cols = h // p, w // p
-        if h % p or w % p or not 0 < rows <= self.rows.num_embeddings or not 0 < cols <= self.cols.num_embeddings:
-            raise ValueError(f"images of {h}x{w} pixels: height and width must be multiples of patch_size ({p}) "
-                             f"up to {self.rows.num_embeddings * p}x{self.cols.num_embeddings * p}")
+        largest = f"{self.rows.num_embeddings * p}x{self.cols.num_embeddings * p}"
+        if h % p or w % p or not rows or not cols:
+            raise ValueError(f"images of {h}x{w} pixels: height and width must be non-zero multiples of patch_size "
+                             f"({p}), up to {largest}")
+        if rows > self.rows.num_embeddings or cols > self.cols.num_embeddings:
+            raise ValueError(f"images of {h}x{w} pixels: larger than the model's {largest} (its patch positions)")
         return rows, cols
 
     def forward(self, images: Tensor) -> Tensor:
