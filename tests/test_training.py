@@ -173,6 +173,19 @@ def test_the_trainer_takes_rank_and_world_size_from_its_caller_and_checks_them(t
         _tiny_trainer(tmp_path)
 
 
+def test_batches_all_too_small_for_the_processes_are_named_not_an_empty_training_set(tmp_path):
+    # torchrun with batches of one example and two processes: "is the training set empty?" from both ranks
+    trainer = _tiny_trainer(tmp_path)
+    trainer.world = 2
+    trainer.plan = lambda epoch: [[0], [1], [2]]
+    with pytest.raises(ValueError, match=r"every batch of the data plan holds fewer examples than the 2 processes "
+                                         r"\(the largest: 1\): raise the batch size"):
+        trainer._next_micro_batches()
+    trainer.world, trainer.plan, trainer._planned = 1, lambda epoch: [], None
+    with pytest.raises(ValueError, match=r"is the training set empty\?"):
+        trainer._next_micro_batches()
+
+
 def test_a_plan_whose_batches_leave_examples_out_across_processes_says_so_once(tmp_path, caplog):
     trainer = _tiny_trainer(tmp_path)
     trainer.world = 2  # as under torchrun (the split is all this test reads)

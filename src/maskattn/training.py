@@ -710,6 +710,11 @@ class Trainer:
                 self._planned = (self.epoch, self._epoch_batches(self.epoch))
             batches = self._planned[1]
             if not batches:
+                planned = self.plan(self.epoch) if self.world > 1 else []
+                if any(planned):  # every batch smaller than the number of processes (shard drops those)
+                    raise ValueError(f"every batch of the data plan holds fewer examples than the {self.world} "
+                                     f"processes (the largest: {max(map(len, planned))}): raise the batch size or "
+                                     "data.max_tokens, or run fewer processes")
                 raise ValueError("the data plan gave no batch (is the training set empty?)")
             if self.position >= len(batches):
                 self.epoch, self.position = self.epoch + 1, 0
