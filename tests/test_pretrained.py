@@ -28,7 +28,8 @@ def test_minilm_matches_hugging_face_bert_on_padded_batch():
     transformers = pytest.importorskip(
         "transformers", reason="Hugging Face transformers not installed: pip install -c constraints.txt transformers"
     )
-    ours = from_pretrained(path).eval()
+    ours = from_pretrained(path)
+    assert not ours.training  # evaluation mode, as transformers returns it: the README's snippet calls no .eval()
     theirs = transformers.BertModel.from_pretrained(str(path)).eval()
     tokenizer = ours.tokenizer
     tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")

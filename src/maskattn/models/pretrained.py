@@ -110,7 +110,8 @@ class Family:
 
 
 def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: bool = False) -> nn.Module:
-    """A maskattn model from a local checkpoint directory, with ``model.tokenizer`` set.
+    """A maskattn model from a local checkpoint directory, with ``model.tokenizer`` set, in evaluation mode (as
+    transformers' ``from_pretrained`` returns it: no dropout; a trainer turns training mode on for itself).
 
     Args:
         path: a directory with a Hugging Face ``config.json`` and ``model.safetensors`` of a family in
@@ -130,7 +131,7 @@ def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: 
         raise ValueError(f"from_pretrained(path): {str(path)!r} is not a local directory (nothing is downloaded)")
     hf = read_json(directory / CONFIG)
     if hf.get("format") == FORMAT:
-        return _with_heads(load(directory), directory, num_labels=num_labels, span_head=span_head)
+        return _with_heads(load(directory), directory, num_labels=num_labels, span_head=span_head).eval()
     model_type = hf.get("model_type") or "bert"
     if model_type not in FAMILIES:
         raise ValueError(f"{directory / CONFIG}: model_type {model_type!r} is not supported; expected one of "
@@ -152,7 +153,7 @@ def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: 
     fresh = {n: t for n, t in model.state_dict().items() if family.fresh and n.startswith(family.fresh)}
     load_weights(model, {**tensors, **fresh}, aliases, source=str(directory / WEIGHTS))
     model.tokenizer = load_tokenizer(directory / TOKENIZER) if (directory / TOKENIZER).is_file() else None
-    return model
+    return model.eval()
 
 
 def pretrained_positions(path: str | os.PathLike) -> int | None:
