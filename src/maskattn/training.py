@@ -336,10 +336,10 @@ def replacing_run(out: str | Path) -> Iterator[None]:
     os.replace(out, aside)
     try:
         out.mkdir()  # the new run's directory, locked at once (run_lock holds the old one, now aside)
-    except FileExistsError:  # another process made it in that instant: neither directory is this run's to delete
-        raise RunDirectoryError(f"run directory {out} was created by another process while this run set the old "
+        fd = _lock(out)
+    except (FileExistsError, RunDirectoryError):  # another process took it in that instant: delete neither
+        raise RunDirectoryError(f"run directory {out} was taken by another process while this run set the old "
                                 f"one aside; the old run is kept at {aside}") from None
-    fd = _lock(out)
     _REPLACED[out] = aside
     previous = _raise_on_sigterm()
     try:
