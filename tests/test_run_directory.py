@@ -285,3 +285,23 @@ def test_a_file_system_that_cannot_lock_a_directory_trains_unlocked_with_a_warni
     with caplog.at_level(logging.WARNING, logger="maskattn"), training.run_lock(tmp_path / "run"):
         (tmp_path / "run" / "metrics.jsonl").write_text("")
     assert "cannot be locked on this file system" in caplog.text
+
+
+def test_under_torchrun_every_rank_hears_rank_zeros_refusal(tmp_path):
+    # rank 0 refused a directory in use (or not empty) and exited; rank 1 crashed at the next collective call
+    # ("Connection closed by peer") instead of stopping with it
+    import os
+    import subprocess
+    import sys
+
+    from maskattn.training import run_lock
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "-m",
+           "maskattn", *lm_args(tmp_path, out)]
+    with run_lock(out):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert "run directory" in done.stderr and "is in use" in done.stderr
+    assert "refused by rank 0" in done.stderr and "Connection closed by peer" not in done.stderr

@@ -468,6 +468,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from maskattn import config, distributed
     from maskattn.checkpoint import CheckpointError
+    from maskattn.errors import RunDirectoryError
     from maskattn.plotting import plot_curves
     from maskattn.tasks.common import refuse_derived
     from maskattn.training import check_run_directory, replacing_run, run_lock
@@ -495,17 +496,24 @@ def _train(args: argparse.Namespace) -> int:
         print("\n".join(config.describe(cfg)))
         return 0
     context = distributed.init()  # the one place a run joins torchrun's process group; the tasks read it from there
-    if context.is_main:  # a bad directory fails at once, before any data is read
-        check_run_directory(cfg.out, resume=args.resume, overwrite=args.overwrite)
     if not context.is_main:
         configure_logging(quiet=True, rank=context.rank)
-    # --overwrite: the old run is set aside, and put back if the new one fails before its first checkpoint
-    replacing = replacing_run(cfg.out) if args.overwrite and context.is_main else contextlib.nullcontext()
-
-    # rank 0 holds the directory, one run trains in it at a time (replacing_run locks the new one it makes)
-    locked = run_lock(cfg.out) if context.is_main else contextlib.nullcontext()
     try:
-        with locked, replacing:
+        with contextlib.ExitStack() as held:
+            # Rank 0 checks the directory (at once, before any data is read) and holds it: one run trains in it at a
+            # time (replacing_run locks the new directory it makes under --overwrite); every rank hears a refusal,
+            # so that the others stop with it instead of crashing in their next collective call.
+            refused: Exception | None = None
+            if context.is_main:
+                try:
+                    check_run_directory(cfg.out, resume=args.resume, overwrite=args.overwrite)
+                    held.enter_context(run_lock(cfg.out))
+                    if args.overwrite:  # the old run is set aside, and put back if the new one fails before its
+                        held.enter_context(replacing_run(cfg.out))  # first checkpoint
+                except RunDirectoryError as e:
+                    refused = e
+            if distributed.all_sum(float(refused is not None)) > 0:
+                raise refused or RunDirectoryError(f"run directory {cfg.out}: refused by rank 0 (its message says why)")
             distributed.barrier()  # no rank starts before rank 0 has set the old run aside
             result = task.train(cfg, resume=args.resume)
     except CheckpointError as e:
