@@ -338,3 +338,22 @@ def test_the_nan_audit_names_the_key_that_leaked():
     # the NaN check named the row's first hidden key, whichever leaked; OffByOneCausal leaks only q + 1
     verdict = audit_layer(OffByOneCausal(16, 4), masks.causal(), length=8).verdicts[1]
     assert not verdict.ok and all(k == q + 1 for _, q, k in verdict.leaks), verdict
+
+
+def test_audits_give_verdicts_on_two_dimensional_outputs_and_batch_wide_leaks():
+    # audit_padding raised IndexError when a row without padding moved (a dependence across the batch);
+    # audit_documents and audit_image_padding raised IndexError on (B, L) / (B, C) outputs
+    from maskattn.audit import audit_documents, audit_image_padding, audit_padding
+
+    tokens, lengths = torch.randint(0, 10, (2, 5)), torch.tensor([5, 3])
+    across = audit_padding(lambda x: x.float().sum() * torch.ones(2, 5, 3), tokens, lengths, vocab=10, name="p",
+                           aligned=False)
+    assert not across.ok and across.leaks[0][0] == 0 and across.leaks[0][2] == -1  # row 0 has no padding to name
+    tokens6 = torch.randint(0, 10, (2, 6))
+    docs = (torch.arange(6) >= 3).long().expand(2, 6)
+    assert audit_documents(lambda x: x.float() * 2, tokens6, docs, vocab=10, name="d").ok  # (B, L): position-wise
+    leaky = audit_documents(lambda x: x.float().cumsum(1), tokens6, docs, vocab=10, name="d")
+    assert not leaky.ok and all(docs[b, q] != docs[b, k] for b, q, k in leaky.leaks)
+    images, sizes = torch.randn(2, 8, 8), torch.tensor([[8, 8], [4, 4]])
+    assert audit_image_padding(lambda x: x.flatten(1)[:, :3] * 0 + 1, images, sizes, patch_size=4, name="i").ok
+    assert not audit_image_padding(lambda x: x.flatten(1)[:, -3:], images, sizes, patch_size=4, name="i").ok

@@ -181,3 +181,14 @@ def test_a_jsonl_text_that_is_not_a_string_is_named(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"sentence": null, "label": 1}\n')  # read as the text 'None'
     with pytest.raises(DataError, match=r"a\.jsonl:1: 'sentence' must be a string, got None"):
         read_labelled(tmp_path / "a.jsonl")
+
+
+def test_a_squad_error_names_the_line_of_a_non_ascii_question_id(tmp_path):
+    # the id was searched for in its \u-escaped form only: a file written with ensure_ascii=False said line 1
+    doc = {"data": [{"title": "t", "paragraphs": [{"context": "Ann went home.", "qas": [
+        {"id": "qü", "question": "Who?", "answers": [{"text": "Ann", "answer_start": 999}]}]}]}]}
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(doc, ensure_ascii=False, indent=1), encoding="utf-8")
+    line = next(n for n, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if '"qü"' in text)
+    with pytest.raises(data.DataError, match=rf"squad\.json:{line}: .*question 'qü'"):
+        data.read_squad(path)

@@ -37,3 +37,14 @@ def test_bleu_and_chrf_use_sacrebleu():
     assert 0 < metrics.bleu(["a man is riding a bike .", "two dogs in the snow ."], refs) < 100
     with pytest.raises(ValueError, match=r"predictions \(1\) and references \(2\)"):
         metrics.bleu(refs[:1], refs)
+
+
+def test_empty_corpora_strings_and_huge_losses_are_named_or_bounded():
+    # sacrebleu raised IndexError on an empty corpus; a string was scored as one sentence per character;
+    # math.exp overflowed on a diverged model's loss
+    for score in (metrics.bleu, metrics.chrf):
+        with pytest.raises(ValueError, match="no sentences to score"):
+            score([], [])
+        with pytest.raises(TypeError, match="not one string"):
+            score("abc", "abd")
+    assert metrics.perplexity(1000.0) == float("inf") and metrics.perplexity(0.0) == 1.0

@@ -354,7 +354,7 @@ def audit_padding(outputs_of: Callable[[Tensor], Tensor], tokens: Tensor, length
     moved &= checked
     if moved.any():
         b, q = moved.nonzero()[0].tolist()
-        k = int(pad[b].nonzero()[0])
+        k = int(pad[b].nonzero()[0]) if pad[b].any() else -1  # -1: a row without padding moved (across the batch)
         return Verdict(name, False, 0, [(b, q, k)], "changing padding tokens changed a real position")
     return Verdict(name, True, int((checked.sum(1) * pad.sum(1)).sum()))  # (output position, padded input) pairs
 
@@ -440,7 +440,7 @@ def audit_image_padding(outputs_of: Callable[[Tensor], Tensor], images: Tensor, 
     with torch.no_grad():
         base = outputs_of(images)
         moved = (outputs_of(torch.where(outside, torch.randn(images.shape, generator=gen), images)) != base)
-        moved = moved.flatten(2).any(-1)  # (B, Lq)
+        moved = moved.reshape(*moved.shape[:2], -1).any(-1)  # (B, Lq): (B, Lq, ...) or (B, C) outputs
     # hidden patches, in the row-major order of the patch grid
     hidden = outside.reshape(images.shape[0], -1, height // patch_size, patch_size, width // patch_size, patch_size)
     hidden = hidden.all(1).all(2).all(-1).flatten(1)  # (B, N)
@@ -466,7 +466,8 @@ def audit_documents(outputs_of: Callable[[Tensor], Tensor], tokens: Tensor, docu
         base = outputs_of(tokens)
         for doc in documents.unique().tolist():
             mine = documents == doc  # (B, L)
-            moved = (outputs_of(_redrawn(tokens, ~mine, vocab, gen)) != base).flatten(2).any(-1) & mine  # (B, L)
+            moved = outputs_of(_redrawn(tokens, ~mine, vocab, gen)) != base  # (B, L, ...) or (B, L)
+            moved = moved.reshape(*moved.shape[:2], -1).any(-1) & mine  # (B, L)
             for b, q in moved.nonzero().tolist():
                 for k in (~mine[b]).nonzero().flatten().tolist():
                     spot = torch.zeros_like(mine)

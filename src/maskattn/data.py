@@ -177,7 +177,9 @@ def read_squad(path: str | Path, *, check_spans: bool = True, require_answers: b
         raise DataError(f"{path}:1: expected SQuAD JSON with a top-level 'data' list")
 
     def where(qid: object, at: str) -> str:  # the line of a question id (if found) and the record's position
-        found = raw.find(json.dumps(qid)) if isinstance(qid, str) else -1
+        found = -1
+        if isinstance(qid, str):  # written with or without \u escapes
+            found = max(raw.find(json.dumps(qid)), raw.find(json.dumps(qid, ensure_ascii=False)))
         return f"{path}:{raw.count(chr(10), 0, found) + 1 if found >= 0 else 1}: {at}"
 
     examples = []

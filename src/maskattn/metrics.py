@@ -14,6 +14,7 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     import sacrebleu
 
     _same_length(hypotheses, references)
+    _some(hypotheses, references)
     return sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score
 
 
@@ -22,6 +23,7 @@ def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     import sacrebleu
 
     _same_length(hypotheses, references)
+    _some(hypotheses, references)
     return sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score
 
 
@@ -56,8 +58,11 @@ def macro_f1(predicted: Sequence, gold: Sequence) -> float:
 
 
 def perplexity(mean_nll: float) -> float:
-    """exp of the mean negative log-likelihood per token (nats)."""
-    return math.exp(mean_nll)
+    """exp of the mean negative log-likelihood per token (nats); inf past what a float holds (a diverged model)."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return math.inf
 
 
 # --- SQuAD v1.1, with the official evaluation script's normalisation ---------------------------------
@@ -96,6 +101,13 @@ def squad(predictions: dict[str, str], golds: dict[str, Sequence[str]]) -> dict[
             f1 += max(squad_f1(predictions[qid], a) for a in answers)
     n = max(1, len(golds))
     return {"exact_match": 100 * em / n, "f1": 100 * f1 / n}
+
+
+def _some(hypotheses: Sequence[str], references: Sequence[str]) -> None:
+    if isinstance(hypotheses, str) or isinstance(references, str):  # read as one sentence per character
+        raise TypeError("hypotheses and references must be sequences of sentences, not one string")
+    if not len(hypotheses):  # sacrebleu fails inside with an IndexError
+        raise ValueError("no sentences to score: BLEU and chrF are undefined on an empty corpus")
 
 
 def _same_length(a: Sequence, b: Sequence) -> None:

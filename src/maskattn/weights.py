@@ -7,8 +7,8 @@ small matmul away::
     weights[b, h, i, j] = exp(scale * q[b, h, i] . k[b, h // G, j] - lse[b, h, i])   where allowed, else 0
 
 so looking at a few heads and rows costs ``rows x Lk`` per head instead of a dense forward of the
-whole model. ``maskattn.attention(..., return_lse=True)`` gives the ``lse``; the layers' recorders
-(:meth:`maskattn.layers.MultiHeadAttention.record`) and :func:`maskattn.viz.capture_attention` use it.
+whole model. ``maskattn.attention(..., return_lse=True)`` gives the ``lse``; the attention layers' hooks
+(:class:`maskattn.layers.mha.Attend`, which :func:`maskattn.viz.capture_attention` observes) use it.
 
 Shape legend: B batch, H query heads, Hkv key/value heads (G = H // Hkv), Lq queries, Lk keys, D head dim.
 """
