@@ -192,3 +192,10 @@ def test_a_squad_error_names_the_line_of_a_non_ascii_question_id(tmp_path):
     line = next(n for n, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if '"qü"' in text)
     with pytest.raises(data.DataError, match=rf"squad\.json:{line}: .*question 'qü'"):
         data.read_squad(path)
+
+
+def test_an_upper_case_gz_name_is_decompressed(tmp_path):
+    # "not UTF-8 (byte 0x8b)" before: only a lower-case .gz was read as gzip
+    path = tmp_path / "TRAIN.TXT.GZ"
+    path.write_bytes(gzip.compress(b"eins\nzwei\n"))
+    assert data.read_text(path) == "eins\nzwei\n"

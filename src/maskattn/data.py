@@ -39,7 +39,7 @@ def open_text(path: str | Path) -> io.TextIOBase:
         raise FileNotFoundError(f"no such data file: {path}" if not path.is_dir() else f"{path} is a directory, "
                                 "expected a data file")
     raw = path.read_bytes()
-    if path.suffix == ".gz":
+    if path.suffix.lower() == ".gz":  # (.GZ too)
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as e:
