@@ -679,15 +679,8 @@ class Trainer:
         return last
 
     def _evaluated_at(self, step: int) -> bool:
-        """Whether the log holds an evaluation at ``step`` (or, without an evaluation function, any record of it);
-        the same answer on every rank (rank 0 reads the log)."""
-        log = self.out_dir / "metrics.jsonl"
-        found = 0.0
-        if self.rank == 0 and log.exists():
-            for line in log.read_text(encoding="utf-8").splitlines():
-                record = json.loads(line) if line.strip() else {}
-                if record.get("step") == step and (not self.evaluate or any(k.startswith("eval_") for k in record)):
-                    found = 1.0
+        """Whether the log holds an evaluation at ``step``; the same answer on every rank (rank 0 reads the log)."""
+        found = float(bool(self._last_evaluation(step)))
         return (distributed.all_sum(found) if self.world > 1 else found) > 0
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
