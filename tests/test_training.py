@@ -512,3 +512,25 @@ def test_a_resume_from_before_the_best_checkpoint_drops_it(tmp_path):
     assert checkpoint.list_checkpoints(tmp_path / "best") == [] and again.best is None
     again.fit()  # evaluations 1.0, 0.5, ... from step 4 on: the best is chosen again, at step 6 (0.5)
     assert checkpoint.step_of(checkpoint.latest(tmp_path / "best")) == 6
+
+
+def test_a_run_that_stops_early_logs_the_training_loss_of_its_last_steps(tmp_path):
+    from maskattn.training import Callback
+
+    losses = {}
+
+    class Recorder(Callback):
+        def on_step(self, trainer, step, metrics):
+            losses[step] = metrics["loss"]
+
+    # evaluations 1.0, 0.5, 0.6 at steps 3, 6, 9: patience 1 stops at step 9, before a log_every=4 line is due
+    trainer = _tiny_trainer(tmp_path, eval_every=3, patience=1, log_every=4)
+    trainer.callbacks.append(Recorder())
+    trainer.fit()
+    assert trainer.step == 9
+    logged = {r["step"]: r["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if "loss" in (r := json.loads(line))}
+    # every step's batch holds 16 targets: a window's loss is the plain mean of its steps' losses
+    assert sorted(logged) == [4, 8, 9]
+    assert logged[9] == pytest.approx(losses[9])
+    assert logged[8] == pytest.approx(sum(losses[s] for s in (5, 6, 7, 8)) / 4)

@@ -650,16 +650,15 @@ class Trainer:
                 callback.on_step(self, self.step, {"loss": loss_sum / max(targets, 1),
                                                    "lr": learning_rate(cfg, self.step)})
             bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                elapsed = time.perf_counter() - window_start
-                last = {"loss": window_loss / max(window_targets, 1), "lr": learning_rate(cfg, self.step),
-                        "targets_per_s": window_targets / max(elapsed, 1e-9)}
-                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['targets_per_s']:.0f}")
-                self._log({"step": self.step, **last})
+            logged = self.step % cfg.log_every == 0 or self.step == cfg.steps
+            if logged:
+                last = self._log_window(window_loss, window_targets, time.perf_counter() - window_start, bar)
                 window_loss, window_targets, window_start = 0.0, 0.0, time.perf_counter()
             stop = False
             if self.evaluate and cfg.eval_every and self.step % cfg.eval_every == 0:
                 last, stop = self._evaluate()
+            if stop and not logged:  # the steps since the last log line are the run's last ones
+                self._log_window(window_loss, window_targets, time.perf_counter() - window_start, bar)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save()
             if self.step % RELEASE_EVERY == 0 and memory_kept():  # kept memory otherwise only grows (allocator.py)
@@ -677,6 +676,14 @@ class Trainer:
         if final_evaluation or not (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
             self.save()
         return last
+
+    def _log_window(self, loss: float, targets: float, elapsed: float, bar: tqdm) -> dict[str, float]:
+        """Log the mean training loss of the steps since the last log line (summed ``loss`` over ``targets``)."""
+        record = {"loss": loss / max(targets, 1), "lr": learning_rate(self.cfg, self.step),
+                  "targets_per_s": targets / max(elapsed, 1e-9)}
+        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['targets_per_s']:.0f}")
+        self._log({"step": self.step, **record})
+        return record
 
     def _evaluated_at(self, step: int) -> bool:
         """Whether the log holds an evaluation at ``step``; the same answer on every rank (rank 0 reads the log)."""
