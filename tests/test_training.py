@@ -534,3 +534,30 @@ def test_a_run_that_stops_early_logs_the_training_loss_of_its_last_steps(tmp_pat
     assert sorted(logged) == [4, 8, 9]
     assert logged[9] == pytest.approx(losses[9])
     assert logged[8] == pytest.approx(sum(losses[s] for s in (5, 6, 7, 8)) / 4)
+
+
+def test_a_resumed_run_logs_the_same_training_losses_as_an_uninterrupted_one(tmp_path):
+    straight = _tiny_trainer(tmp_path / "straight", steps=12, log_every=4, checkpoint_every=3)
+    straight.fit()
+    killed = _tiny_trainer(tmp_path / "killed", steps=12, log_every=4, checkpoint_every=3)
+    loss = killed.loss_fn
+
+    def dies_in_step_8(m, b):
+        if killed.step == 8:
+            raise KeyboardInterrupt  # after the checkpoint of step 6, in the middle of a log window (steps 5-8)
+        return loss(m, b)
+
+    killed.loss_fn = dies_in_step_8
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    resumed = _tiny_trainer(tmp_path / "killed", steps=12, log_every=4, checkpoint_every=3)
+    assert resumed.resume() and resumed.step == 6
+    resumed.fit()
+
+    def losses(out):
+        return [(r["step"], r["loss"]) for line in (out / "metrics.jsonl").read_text().splitlines()
+                if "loss" in (r := json.loads(line))]
+
+    assert [s for s, _ in losses(tmp_path / "killed")] == [4, 8, 12]
+    for (_, a), (_, b) in zip(losses(tmp_path / "straight"), losses(tmp_path / "killed"), strict=True):
+        assert b == pytest.approx(a, rel=1e-6)

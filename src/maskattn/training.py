@@ -515,6 +515,7 @@ class Trainer:
         self._planned: tuple[int, list[list[int]]] | None = None
         self.best: float | None = None
         self.bad_evals = 0
+        self.window = (0.0, 0.0)  # summed loss and targets of the steps since the last log line
         self.resumed = False  # set by resume(): fit() then continues the run in out_dir
         self.callbacks = list(callbacks)
 
@@ -527,6 +528,7 @@ class Trainer:
             "position": self.position,
             "best": self.best,
             "bad_evals": self.bad_evals,
+            "window": list(self.window),
             "config": asdict(self.cfg),
             **({"run": self.run} if self.run is not None else {}),
         }
@@ -572,6 +574,7 @@ class Trainer:
             group.update(own)
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.best, self.bad_evals = state["best"], state["bad_evals"]
+        self.window = tuple(state.get("window", (0.0, 0.0)))  # (checkpoints before it was kept: a shorter window)
         self.resumed = True
         self._check_same_step(path)
         self._trim_log()
@@ -637,7 +640,8 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0 or not cfg.progress or quiet,
                    desc="train", unit="step", dynamic_ncols=True)
         last: dict[str, float] = {}
-        window_loss, window_targets, window_start = 0.0, 0.0, time.perf_counter()
+        window_loss, window_targets = self.window  # a resumed run's log window began before its checkpoint
+        timed, window_start = 0.0, time.perf_counter()  # the targets trained since window_start, for the throughput
         if cfg.patience and self.bad_evals >= cfg.patience:  # a resumed run that had already stopped early
             bar.close()
             return self._last_evaluation()
@@ -645,20 +649,22 @@ class Trainer:
         while self.step < cfg.steps:
             micro = self._next_micro_batches()
             loss_sum, targets = self._optimizer_step(micro)
-            window_loss, window_targets = window_loss + loss_sum, window_targets + targets
+            window_loss, window_targets, timed = window_loss + loss_sum, window_targets + targets, timed + targets
+            self.window = (window_loss, window_targets)
             for callback in self._listeners():
                 callback.on_step(self, self.step, {"loss": loss_sum / max(targets, 1),
                                                    "lr": learning_rate(cfg, self.step)})
             bar.update(1)
             logged = self.step % cfg.log_every == 0 or self.step == cfg.steps
             if logged:
-                last = self._log_window(window_loss, window_targets, time.perf_counter() - window_start, bar)
-                window_loss, window_targets, window_start = 0.0, 0.0, time.perf_counter()
+                last = self._log_window(window_loss, window_targets, timed, window_start, bar)
+                window_loss, window_targets, timed, window_start = 0.0, 0.0, 0.0, time.perf_counter()
+                self.window = (0.0, 0.0)
             stop = False
             if self.evaluate and cfg.eval_every and self.step % cfg.eval_every == 0:
                 last, stop = self._evaluate()
             if stop and not logged:  # the steps since the last log line are the run's last ones
-                self._log_window(window_loss, window_targets, time.perf_counter() - window_start, bar)
+                self._log_window(window_loss, window_targets, timed, window_start, bar)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save()
             if self.step % RELEASE_EVERY == 0 and memory_kept():  # kept memory otherwise only grows (allocator.py)
@@ -677,10 +683,11 @@ class Trainer:
             self.save()
         return last
 
-    def _log_window(self, loss: float, targets: float, elapsed: float, bar: tqdm) -> dict[str, float]:
-        """Log the mean training loss of the steps since the last log line (summed ``loss`` over ``targets``)."""
+    def _log_window(self, loss: float, targets: float, timed: float, since: float, bar: tqdm) -> dict[str, float]:
+        """Log the mean training loss of the steps since the last log line (summed ``loss`` over ``targets``) and the
+        throughput of the ``timed`` targets trained since ``since`` (a resume starts the clock again)."""
         record = {"loss": loss / max(targets, 1), "lr": learning_rate(self.cfg, self.step),
-                  "targets_per_s": targets / max(elapsed, 1e-9)}
+                  "targets_per_s": timed / max(time.perf_counter() - since, 1e-9)}
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['targets_per_s']:.0f}")
         self._log({"step": self.step, **record})
         return record
