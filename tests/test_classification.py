@@ -133,6 +133,17 @@ def test_one_label_is_an_error(tmp_path, capsys):
     assert "classification needs two or more" in capsys.readouterr().err
 
 
+def test_patience_without_validation_data_is_refused_before_training(tmp_path, capsys):
+    data = tmp_path / "x.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"good film {i}\tpos\nbad film {i}\tneg\n" for i in range(10)))
+    out = tmp_path / "r"
+    assert main(["train", "classification", "--train", str(data), "--out", str(out), "--set", 'data.tokenizer="chars"',
+                 "--set", "model.d_model=16", "--set", "model.d_ff=32", "--set", "model.num_layers=1",
+                 "--set", "train.steps=4", "--set", "train.eval_every=2", "--set", "train.patience=1",
+                 "--set", "train.progress=false"]) == 2  # no --valid: on main it trained 4 steps, never stopping
+    assert "train.patience=1" in capsys.readouterr().err
+    assert not (out / "checkpoints").exists()
+
 def test_labels_the_model_never_saw_are_counted_and_named_at_evaluation(tmp_path, capsys):
     # on main they were scored as wrong without a word
     train = tmp_path / "train.tsv"

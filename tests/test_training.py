@@ -561,3 +561,13 @@ def test_a_resumed_run_logs_the_same_training_losses_as_an_uninterrupted_one(tmp
     assert [s for s, _ in losses(tmp_path / "killed")] == [4, 8, 12]
     for (_, a), (_, b) in zip(losses(tmp_path / "straight"), losses(tmp_path / "killed"), strict=True):
         assert b == pytest.approx(a, rel=1e-6)
+
+
+def test_patience_without_evaluations_is_refused_naming_the_setting(tmp_path):
+    from maskattn.errors import SettingError
+    from maskattn.training import Trainer
+
+    trainer = _tiny_trainer(tmp_path, patience=2)  # (it evaluates: accepted)
+    with pytest.raises(SettingError, match=r"train\.patience=2 .* this run evaluates nothing .* train\.patience=0"):
+        Trainer(trainer.model, trainer.cfg, plan=trainer.plan, collate=trainer.collate, loss=trainer.loss_fn,
+                out_dir=tmp_path / "none", device="cpu")  # no evaluate: the setting would be ignored

@@ -477,6 +477,7 @@ class Trainer:
 
     Raises:
         ValueError: when ``rank`` / ``world_size`` do not match the process group this process joined.
+        SettingError: ``cfg.patience`` without ``evaluate``.
     """
 
     def __init__(
@@ -495,6 +496,10 @@ class Trainer:
         callbacks: list[Callback] | tuple[Callback, ...] = (),
         run: dict[str, Any] | None = None,
     ) -> None:
+        if cfg.patience and evaluate is None:  # else ignored: early stopping counts evaluations
+            raise SettingError(f"train.patience={cfg.patience} stops a run after evaluations without improvement, but "
+                               "this run evaluates nothing (no validation data): give it validation data (e.g. "
+                               "--valid), or set train.patience=0")
         self.run = run
         self.cfg, self.plan, self.collate, self.loss_fn, self.evaluate = cfg, plan, collate, loss, evaluate
         self.out_dir = Path(out_dir)
