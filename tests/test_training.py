@@ -571,3 +571,30 @@ def test_patience_without_evaluations_is_refused_naming_the_setting(tmp_path):
     with pytest.raises(SettingError, match=r"train\.patience=2 .* this run evaluates nothing .* train\.patience=0"):
         Trainer(trainer.model, trainer.cfg, plan=trainer.plan, collate=trainer.collate, loss=trainer.loss_fn,
                 out_dir=tmp_path / "none", device="cpu")  # no evaluate: the setting would be ignored
+
+
+def test_a_resume_replaces_the_tensorboard_scalars_of_the_steps_it_replays(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install 'maskattn[tensorboard]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    killed = _tiny_trainer(tmp_path, steps=12, checkpoint_every=3, report_to=["tensorboard"])
+    loss = killed.loss_fn
+
+    def dies_in_step_9(m, b):
+        if killed.step == 9:
+            raise KeyboardInterrupt  # steps 7 and 8 were reported, the last checkpoint is step 6's
+        return loss(m, b)
+
+    killed.loss_fn = dies_in_step_9
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    resumed = _tiny_trainer(tmp_path, steps=12, checkpoint_every=3, report_to=["tensorboard"], lr=3e-3)
+    assert resumed.resume() and resumed.step == 6
+    resumed.fit()
+    events = EventAccumulator(str(tmp_path / "events"))
+    events.Reload()
+    logged = {r["step"]: r["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if "loss" in (r := json.loads(line))}  # log_every=1: the run's every step, trimmed on resume
+    scalars = events.Scalars("train/loss")
+    assert [e.step for e in scalars] == list(range(1, 13))
+    assert [e.value for e in scalars] == pytest.approx([logged[s] for s in range(1, 13)], rel=1e-6)

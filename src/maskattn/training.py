@@ -164,15 +164,16 @@ class Callback:
 
 class TensorBoard(Callback):
     """Metrics as TensorBoard scalars (``train/loss``, ``train/lr``, ``eval/<metric>``) in ``log_dir``,
-    written by TensorBoard's own ``SummaryWriter`` (``pip install maskattn[tensorboard]``)."""
+    written by TensorBoard's own ``SummaryWriter`` (``pip install maskattn[tensorboard]``). ``purge_step``: a
+    resumed run's first step; TensorBoard drops what ``log_dir`` holds of that step and later (steps it replays)."""
 
-    def __init__(self, log_dir: str | Path) -> None:
+    def __init__(self, log_dir: str | Path, purge_step: int | None = None) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             raise UsageError("train.report_to = ['tensorboard'] needs the tensorboard package: "
                              "pip install 'maskattn[tensorboard]'") from e
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def on_step(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
         for name, value in metrics.items():
@@ -189,8 +190,10 @@ class TensorBoard(Callback):
         self.writer.close()
 
 
-# train.report_to names -> the callback, built with the run directory
-REPORTERS: dict[str, Callable[[Path], Callback]] = {"tensorboard": lambda out: TensorBoard(out / "events")}
+# train.report_to names -> the callback, built with the run directory and, for a resumed run, its first step (what
+# was reported of that step and later belongs to steps the run replays)
+REPORTERS: dict[str, Callable[[Path, int | None], Callback]] = {
+    "tensorboard": lambda out, resumed_at: TensorBoard(out / "events", purge_step=resumed_at)}
 
 RELEASE_EVERY = 50  # steps between handing freed heap pages back to the kernel (allocator.release_freed_memory)
 
@@ -627,7 +630,8 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._check_fresh_run()
         self._trim_log()  # a new run starts a new log; a resumed one drops the lines of steps it replays
-        reporters = [REPORTERS[name](self.out_dir) for name in self.cfg.report_to] if self.rank == 0 else []
+        resumed_at = self.step + 1 if self.resumed else None
+        reporters = [REPORTERS[name](self.out_dir, resumed_at) for name in self.cfg.report_to] if self.rank == 0 else []
         callbacks, self.callbacks = self.callbacks, reporters + self.callbacks
         try:
             return self._fit()
