@@ -598,3 +598,24 @@ def test_a_resume_replaces_the_tensorboard_scalars_of_the_steps_it_replays(tmp_p
     scalars = events.Scalars("train/loss")
     assert [e.step for e in scalars] == list(range(1, 13))
     assert [e.value for e in scalars] == pytest.approx([logged[s] for s in range(1, 13)], rel=1e-6)
+
+
+def test_a_run_resumed_after_an_early_stop_logs_only_its_new_steps(tmp_path):
+    from maskattn.training import Callback
+
+    losses = {}
+
+    class Recorder(Callback):
+        def on_step(self, trainer, step, metrics):
+            losses[step] = metrics["loss"]
+
+    # evaluations 1.0, 0.5, 0.6 at steps 3, 6, 9: patience 1 stops at step 9 and logs steps 9 (after the step-8 line)
+    _tiny_trainer(tmp_path, eval_every=3, patience=1, log_every=4).fit()
+    longer = _tiny_trainer(tmp_path, steps=12, eval_every=3, patience=0, log_every=4)  # (patience 0: trains on)
+    longer.callbacks.append(Recorder())
+    assert longer.resume() and longer.step == 9
+    longer.fit()
+    logged = {r["step"]: r["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if "loss" in (r := json.loads(line))}
+    assert sorted(logged) == [4, 8, 9, 12]
+    assert logged[12] == pytest.approx(sum(losses[s] for s in (10, 11, 12)) / 3)  # step 9 was logged already

@@ -674,6 +674,7 @@ class Trainer:
                 last, stop = self._evaluate()
             if stop and not logged:  # the steps since the last log line are the run's last ones
                 self._log_window(window_loss, window_targets, timed, window_start, bar)
+                self.window = (0.0, 0.0)  # (logged: a resume to more steps must not count them again)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save()
             if self.step % RELEASE_EVERY == 0 and memory_kept():  # kept memory otherwise only grows (allocator.py)
