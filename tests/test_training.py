@@ -619,3 +619,16 @@ def test_a_run_resumed_after_an_early_stop_logs_only_its_new_steps(tmp_path):
               if "loss" in (r := json.loads(line))}
     assert sorted(logged) == [4, 8, 9, 12]
     assert logged[12] == pytest.approx(sum(losses[s] for s in (10, 11, 12)) / 3)  # step 9 was logged already
+
+
+def test_eval_every_without_evaluations_says_that_nothing_is_evaluated(tmp_path, caplog):
+    from maskattn.training import Trainer
+
+    with caplog.at_level("WARNING", logger="maskattn"):
+        trainer = _tiny_trainer(tmp_path, eval_every=5)  # (it evaluates: nothing to say)
+        assert not caplog.records
+        Trainer(trainer.model, trainer.cfg, plan=trainer.plan, collate=trainer.collate, loss=trainer.loss_fn,
+                out_dir=tmp_path / "none", device="cpu")  # no evaluate: eval_every does nothing
+    assert [r.getMessage() for r in caplog.records] == [
+        "training: train.eval_every=5, but this run has no validation data: nothing is evaluated, and the model "
+        "of its last step is exported"]

@@ -503,6 +503,10 @@ class Trainer:
             raise SettingError(f"train.patience={cfg.patience} stops a run after evaluations without improvement, but "
                                "this run evaluates nothing (no validation data): give it validation data (e.g. "
                                "--valid), or set train.patience=0")
+        if cfg.eval_every and evaluate is None and rank == 0:  # (a task's default, e.g. QA's 250: not refused)
+            logging.getLogger("maskattn").warning(
+                "training: train.eval_every=%d, but this run has no validation data: nothing is evaluated, and the "
+                "model of its last step is exported", cfg.eval_every)
         self.run = run
         self.cfg, self.plan, self.collate, self.loss_fn, self.evaluate = cfg, plan, collate, loss, evaluate
         self.out_dir = Path(out_dir)
