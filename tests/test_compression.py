@@ -23,6 +23,7 @@ from maskattn.io import MANIFEST, FormatError
 from maskattn.layers import Int8Linear, MultiHeadAttention
 from maskattn.models import compressed
 from maskattn.tasks.common import write_task
+from maskattn.tokenization import Tokenizer
 from test_classification import _sentiment  # labelled sentences a tiny model learns
 
 
@@ -624,6 +625,30 @@ def test_compress_refuses_bad_pruning_settings_before_any_work(tmp_path, capsys,
         assert main(["compress", str(model), *out, *args]) == 2
         assert expected in capsys.readouterr().err
     assert not read
+
+
+def test_compress_refuses_bad_finetune_settings_before_measuring_heads(tmp_path, capsys, tiny_transformer,
+                                                                        monkeypatch):
+    # --distill 2, --temperature 0 and --lr -1 were refused by finetune, after the heads' importance had been
+    # measured (minutes with --greedy), in words naming finetune's arguments instead of the flags
+    model = tmp_path / "m"
+    tiny_transformer.save(model, tokenizer=Tokenizer.train_chars(["abcdef"]).backend)  # ids < its vocabulary
+    write_task(model, {"task": "translation"})
+    measured = []
+    monkeypatch.setattr(compression, "head_importance", lambda *a, **k: measured.append(a) or {})
+    monkeypatch.setattr(compression, "choose_heads_greedy", lambda *a, **k: measured.append(a) or {})
+    data = _pairs(tmp_path / "pairs.tsv", 20, random.Random(0))
+    out = ["--out", str(tmp_path / "o"), "--prune-heads", "0.5", "--data", str(data)]
+    cases = ((["--distill", "2"], "compress: --distill must be in [0, 1], got 2.0"),
+             (["--distill", "nan"], "compress: --distill must be in [0, 1], got nan"),
+             (["--temperature", "0", "--distill", "0.5"], "compress: --temperature must be a number > 0, got 0.0"),
+             (["--temperature", "inf", "--greedy", "2"], "compress: --temperature must be a number > 0, got inf"),
+             (["--lr", "-1"], "compress: --lr must be a number > 0, got -1.0"),
+             (["--lr", "nan", "--greedy", "1"], "compress: --lr must be a number > 0, got nan"))
+    for args, expected in cases:
+        assert main(["compress", str(model), *out, *args]) == 2
+        assert expected in capsys.readouterr().err
+    assert not measured
 
 
 def test_an_averaged_finetune_is_the_mean_of_the_shorter_runs_weights(tiny_transformer):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -463,6 +464,14 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
         if changed:
             flag = "--" + changed[0].replace("_", "-")
             raise ValueError(f"compress: {flag} needs --prune-heads or --keep-heads (it shapes the pruning)")
+    finite = {name: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+              for name, v in (("lr", lr), ("distill", distill), ("temperature", temperature))}
+    for name, value, ok, expected in (("--lr", lr, finite["lr"] and lr > 0, "a number > 0"),
+                                      ("--distill", distill, finite["distill"] and 0 <= distill <= 1, "in [0, 1]"),
+                                      ("--temperature", temperature, finite["temperature"] and temperature > 0,
+                                       "a number > 0")):
+        if not ok:  # finetune refuses them too, but only after the heads' importance was measured
+            raise ValueError(f"compress: {name} must be {expected}, got {value!r}")
     if fade_steps > finetune_steps:
         raise ValueError(f"compress: --fade-steps ({fade_steps}) must be at most --finetune-steps ({finetune_steps}), "
                          "or the faded heads would still count when they are removed")
