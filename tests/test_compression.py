@@ -651,6 +651,23 @@ def test_compress_refuses_bad_finetune_settings_before_measuring_heads(tmp_path,
     assert not measured
 
 
+def test_an_int8_model_is_refused_for_pruning_before_any_work(tmp_path, capsys, tiny_transformer, monkeypatch):
+    # pruning an int8 model measured every head's importance, then failed in MultiHeadAttention.prune_heads
+    # ("prune_heads: the projections are no longer nn.Linear (quantized?)"); with --keep-heads after reading the data
+    compressed.quantize_linears(tiny_transformer)
+    model = tmp_path / "q"
+    tiny_transformer.save(model, tokenizer=Tokenizer.train_chars(["abcdef"]).backend)
+    write_task(model, {"task": "translation"})
+    read = []
+    monkeypatch.setattr(compression, "first_batches", lambda *a: read.append(a) or [])
+    (tmp_path / "keep.json").write_text(json.dumps({"encoder.layers.0.self_attn": [0, 1]}))
+    data = str(_pairs(tmp_path / "pairs.tsv", 20, random.Random(0)))
+    for args in (["--prune-heads", "0.5"], ["--keep-heads", str(tmp_path / "keep.json")]):
+        assert main(["compress", str(model), "--out", str(tmp_path / "o"), "--data", data, *args]) == 2
+        assert f"{model} is int8; prune the float model it was made from" in capsys.readouterr().err
+    assert not read
+
+
 def test_an_averaged_finetune_is_the_mean_of_the_shorter_runs_weights(tiny_transformer):
     # Under a constant schedule and one seed, the first S - K steps of an S-step fine-tune are the
     # (S - K)-step fine-tune, so the shorter runs are the snapshots the average must be made of.

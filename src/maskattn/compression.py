@@ -486,6 +486,9 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
     model = load(directory).eval()
     if int8 and any(isinstance(m, Int8Linear) for m in model.modules()):
         raise ValueError(f"compress --int8: {directory} is already int8 (a copy would change nothing)")
+    if pruning and any(isinstance(m, Int8Linear) for m in model.modules()):  # before the heads are measured
+        raise ValueError(f"compress --prune-heads/--keep-heads: {directory} is int8; prune the float model it was "
+                         "made from, with --int8 to quantise the result")
     result: dict[str, Any] = {"heads_before": heads(model), "linear_weight_bytes_before": linear_weight_bytes(model),
                               "file_bytes_before": (directory / "model.safetensors").stat().st_size}
     if pruning:
