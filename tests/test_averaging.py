@@ -122,3 +122,20 @@ def test_models_pruned_to_other_heads_are_not_averaged(tmp_path):
     (tmp_path / "x" / "manifest.json").unlink()
     with pytest.raises(ValueError, match="cannot be told whether the models kept the same heads"):
         average_models([tmp_path / "x", tmp_path / "z"], tmp_path / "bad2")
+
+
+def test_int8_models_are_refused_by_name(tmp_path):
+    # two int8 models failed on their first int8 table: "src_embed...weight: integer tensor differs between
+    # checkpoints", naming neither model nor int8; int8 weights on their own scales have no mean
+    from maskattn.models import compressed
+
+    model, _ = _run(tmp_path / "a")
+    tok = Tokenizer.load(tmp_path / "a" / "model")
+    for name, shift in (("x", 0.0), ("y", 0.5)):
+        float_model = DecoderLM(model.config)
+        float_model.load_state_dict({k: v + shift for k, v in model.state_dict().items()})
+        compressed.quantize_linears(float_model, tied=True)
+        float_model.save(tmp_path / name, tokenizer=tok.backend)
+        write_task(tmp_path / name, {"task": "lm", "documents": "none", "block": 8})
+    with pytest.raises(ValueError, match=r"models: \S+x is int8 \(maskattn compress --int8\); average the float "):
+        average_models([tmp_path / "x", tmp_path / "y"], tmp_path / "bad")

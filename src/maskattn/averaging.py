@@ -130,6 +130,9 @@ def average_models(directories: Sequence[str | Path], out: str | Path) -> Path:
             raise ValueError(f"models: {d} was pruned before maskattn recorded which heads a pruned model keeps, "
                              "so it cannot be told whether the models kept the same heads; prune it again "
                              "(maskattn compress --keep-heads)")
+        if compression.get("int8"):  # int8 weights, each on its own scales, have no mean
+            raise ValueError(f"models: {d} is int8 (maskattn compress --int8); average the float models it was made "
+                             "from, then quantise the soup with maskattn compress --int8")
     expected = identity(first)  # pruned models must have kept the same heads: config.json's compression.origin
     for d in dirs[1:]:
         for name, value in identity(d).items():
