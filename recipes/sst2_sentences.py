@@ -71,8 +71,8 @@ def split(rows: Sequence[Row], n_valid: int, seed: int = 0) -> tuple[list[Row], 
     Duplicate rows (same text) are kept once."""
     unique = list(dict.fromkeys(rows))
     full = sentences(unique)
-    if n_valid > len(full):
-        raise ValueError(f"--valid {n_valid}: only {len(full)} full sentences in the data")
+    if not 1 <= n_valid <= len(full):
+        raise ValueError(f"--valid {n_valid}: expected 1 to {len(full)} full sentences (the data has {len(full)})")
     held = set(random.Random(seed).sample(full, n_valid))
     held_keys = [_key(unique[i][0]) for i in sorted(held)]
     by_word: dict[str, list[int]] = defaultdict(list)

@@ -92,6 +92,13 @@ def test_squad_article_split_holds_out_the_last_articles_whole(tmp_path):
     assert held["version"] == "1.1" and [a["title"] for a in held["data"]] == ["b", "c"]
 
 
+def _sst2(t):
+    """A directory with an SST-2 train.tsv (two full sentences) and dev.tsv (one)."""
+    (t / "train.tsv").write_text("sentence\tlabel\na good film\t1\ngood film\t1\na bad plot\t0\n")
+    (t / "dev.tsv").write_text("sentence\tlabel\nawful\t0\n")
+    return t
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda t: ([squad_articles, str(t / "missing.json"), str(t / "out")]), r"missing\.json: No such file"),
     (lambda t: ((t / "a.json").write_text("[1]"), [squad_articles, str(t / "a.json"), str(t / "out")])[1],
@@ -101,6 +108,13 @@ def test_squad_article_split_holds_out_the_last_articles_whole(tmp_path):
     (lambda t: ([sst2_sentences, str(t / "nodata"), str(t / "out")]), r"nodata/train\.tsv: No such file"),
     (lambda t: ((t / "train.tsv").write_bytes(b"sentence\tlabel\n\xff\t1\n"),
                 [sst2_sentences, str(t), str(t / "out")])[1], r"train\.tsv: not UTF-8 text"),
+    # a --valid below 1 said "Sample larger than population or is negative", or wrote a header-only valid.tsv
+    (lambda t: [sst2_sentences, str(_sst2(t)), str(t / "out"), "--valid", "-1"],
+     r"--valid -1: expected 1 to 3 full sentences \(the data has 3\)"),
+    (lambda t: [sst2_sentences, str(_sst2(t)), str(t / "out"), "--valid", "0"],
+     r"--valid 0: expected 1 to 3 full sentences \(the data has 3\)"),
+    (lambda t: [sst2_sentences, str(_sst2(t)), str(t / "out"), "--valid", "4"],
+     r"--valid 4: expected 1 to 3 full sentences \(the data has 3\)"),
 ])
 def test_recipes_name_bad_input_in_one_line(make, message, tmp_path, capsys):
     recipe, *argv = make(tmp_path)
