@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from maskattn.data import read_squad
 from recipes import errors_in_one_line
 
 
@@ -33,7 +34,7 @@ def split(squad: dict[str, Any], valid: int) -> tuple[dict[str, Any], dict[str, 
 
 
 def questions(document: dict[str, Any]) -> int:
-    return sum(len(p["qas"]) for a in document["data"] for p in a["paragraphs"])
+    return sum(len(p["qas"]) for a in document["data"] for p in a.get("paragraphs", []))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,10 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with errors_in_one_line(parser, args.train):
         train, valid = split(json.loads(args.train.read_text(encoding="utf-8")), args.valid)
+    with errors_in_one_line(parser):  # the articles as the qa task reads them, a fault named by line and record
+        read_squad(args.train, check_spans=False)
+    with errors_in_one_line(parser, args.train):
         args.out.mkdir(parents=True, exist_ok=True)
         for name, doc in (("train", train), ("valid", valid)):
             (args.out / f"{name}.json").write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
-            titles = ", ".join(a["title"] for a in doc["data"])
+            titles = ", ".join(a.get("title", "") for a in doc["data"])
             print(f"{name}: {len(doc['data'])} articles, {questions(doc)} questions ({titles})")
     return 0
 

@@ -78,7 +78,8 @@ def test_squad_article_split_holds_out_the_last_articles_whole(tmp_path):
     import json
 
     def article(title, n):
-        return {"title": title, "paragraphs": [{"context": "c", "qas": [{"id": f"{title}{i}"} for i in range(n)]}]}
+        qas = [{"id": f"{title}{i}", "question": "q"} for i in range(n)]
+        return {"title": title, "paragraphs": [{"context": "c", "qas": qas}]}
 
     doc = {"version": "1.1", "data": [article("a", 2), article("b", 3), article("c", 1)]}
     train, valid = squad_articles.split(doc, 1)
@@ -90,6 +91,11 @@ def test_squad_article_split_holds_out_the_last_articles_whole(tmp_path):
     assert squad_articles.main([str(tmp_path / "in.json"), str(tmp_path / "out"), "--valid", "2"]) == 0
     held = json.loads((tmp_path / "out" / "valid.json").read_text())
     assert held["version"] == "1.1" and [a["title"] for a in held["data"]] == ["b", "c"]
+    # an article without a title or paragraphs is one the qa task reads (as "" and none): split, not a KeyError
+    doc["data"].append({})
+    (tmp_path / "in.json").write_text(json.dumps(doc))
+    assert squad_articles.main([str(tmp_path / "in.json"), str(tmp_path / "out2"), "--valid", "2"]) == 0
+    assert json.loads((tmp_path / "out2" / "valid.json").read_text())["data"] == [article("c", 1), {}]
 
 
 def _sst2(t):
@@ -108,6 +114,15 @@ def _sst2(t):
     (lambda t: ([sst2_sentences, str(t / "nodata"), str(t / "out")]), r"nodata/train\.tsv: No such file"),
     (lambda t: ((t / "train.tsv").write_bytes(b"sentence\tlabel\n\xff\t1\n"),
                 [sst2_sentences, str(t), str(t / "out")])[1], r"train\.tsv: not UTF-8 text"),
+    # articles that are not SQuAD's ended in a traceback (KeyError 'paragraphs' or 'title', TypeError)
+    (lambda t: ((t / "c.json").write_text('{"data": [{"paragraphs": [{"context": "c", "qas": [{}]}]}, {}]}'),
+                [squad_articles, str(t / "c.json"), str(t / "out")])[1],
+     r"c\.json:1: data\[0\]\.paragraphs\[0\]\.qas\[0\]: field 'id' is missing"),
+    (lambda t: ((t / "d.json").write_text('{"data": [1, 2]}'), [squad_articles, str(t / "d.json"), str(t / "out")])[1],
+     r"d\.json:1: data\[0\]: field 'article' must be a JSON object, got int '1'"),
+    (lambda t: ((t / "e.json").write_text('{"data": [{"paragraphs": [{"context": "c"}]}, {"paragraphs": []}]}'),
+                [squad_articles, str(t / "e.json"), str(t / "out")])[1],
+     r"e\.json:1: data\[0\]\.paragraphs\[0\]: field 'qas' is missing"),
     # a --valid below 1 said "Sample larger than population or is negative", or wrote a header-only valid.tsv
     (lambda t: [sst2_sentences, str(_sst2(t)), str(t / "out"), "--valid", "-1"],
      r"--valid -1: expected 1 to 3 full sentences \(the data has 3\)"),
