@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from maskattn.data import read_squad
-from recipes import errors_in_one_line
+from recipes import errors_in_one_line, refuse_overwriting_inputs
 
 
 def split(squad: dict[str, Any], valid: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="directory for train.json and valid.json")
     parser.add_argument("--valid", type=int, default=1, help="how many articles, from the end, to hold out")
     args = parser.parse_args(argv)
+    refuse_overwriting_inputs(parser, [args.train], [args.out / "train.json", args.out / "valid.json"])
     with errors_in_one_line(parser, args.train):
         train, valid = split(json.loads(args.train.read_text(encoding="utf-8")), args.valid)
     with errors_in_one_line(parser):  # the articles as the qa task reads them, a fault named by line and record

@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from recipes import errors_in_one_line
+from recipes import errors_in_one_line, refuse_overwriting_inputs
 
 Row = tuple[str, str]  # (sentence, label)
 
@@ -98,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--valid", type=int, default=1000, help="full sentences held out (default 1000)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    refuse_overwriting_inputs(parser, [args.data / "train.tsv", args.data / "dev.tsv"],
+                              [args.out / "train.tsv", args.out / "valid.tsv"])
     with errors_in_one_line(parser):
         header, rows = read_tsv(args.data / "train.tsv")
         rows += read_tsv(args.data / "dev.tsv")[1]

@@ -173,3 +173,22 @@ def test_hf_baseline_fine_tunes_a_bert_checkpoint_and_scores_its_best(tmp_path, 
     assert log["best"]["valid accuracy"] == max(v["accuracy"] for v in log["valid"]) >= 0.95
     assert log["best"]["test accuracy"] >= 0.95  # the kept checkpoint, not a chance-level one
     assert "valid accuracy" in capsys.readouterr().out and (tmp_path / "out" / "log.json").exists()
+
+
+def test_recipes_refuse_to_write_over_their_input(tmp_path, capsys):
+    # `sst2_sentences DIR DIR` replaced DIR/train.tsv by its own split; `squad_articles OUT/train.json OUT`
+    # replaced its input by the input less the held-out articles
+    (tmp_path / "sst2").mkdir()
+    data = _sst2(tmp_path / "sst2")
+    squad = tmp_path / "squad" / "train.json"
+    squad.parent.mkdir()
+    squad.write_text('{"data": [{"title": "a"}, {"title": "b"}]}')
+    before = {p: p.read_bytes() for p in (data / "train.tsv", data / "dev.tsv", squad)}
+    for recipe, argv, written in ((sst2_sentences, [str(data), str(data), "--valid", "1"], data / "train.tsv"),
+                                  (sst2_sentences, [str(data), f"{data}/./", "--valid", "1"], data / "train.tsv"),
+                                  (squad_articles, [str(squad), str(squad.parent)], squad)):
+        with pytest.raises(SystemExit) as e:
+            recipe.main(argv)
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and f"{written} is an input of this recipe; give another output directory" in last
+    assert {p: p.read_bytes() for p in before} == before
