@@ -51,7 +51,13 @@ def accuracy(model, tokenizer, rows: Sequence[tuple[str, int]], max_len: int, si
 
 
 def labelled(path: Path) -> list[tuple[str, int]]:
+    """The rows of an SST-2 TSV with their 0/1 labels; ValueError naming the file and line of a bad one."""
     _, rows = read_tsv(path)
+    if not rows:
+        raise ValueError(f"{path}: no rows under its header")
+    for number, (_, label) in enumerate(rows, start=2):  # the classifier has two outputs
+        if label not in ("0", "1"):
+            raise ValueError(f"{path}:{number}: label must be 0 or 1 (SST-2's), got {label!r}")
     return [(text, int(label)) for text, label in rows]
 
 

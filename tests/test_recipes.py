@@ -192,3 +192,20 @@ def test_recipes_refuse_to_write_over_their_input(tmp_path, capsys):
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert e.value.code == 2 and f"{written} is an input of this recipe; give another output directory" in last
     assert {p: p.read_bytes() for p in before} == before
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("a film\tpos\n", r"train\.tsv:2: label must be 0 or 1 \(SST-2's\), got 'pos'"),  # said: invalid literal for int()
+    ("a film\t1\nthe plot\t2\n", r"train\.tsv:3: label must be 0 or 1 \(SST-2's\), got '2'"),  # failed in the loss
+    ("", r"train\.tsv: no rows under its header"),  # trained 0 steps, then crashed or reported accuracy -100.0
+])
+def test_hf_baseline_names_bad_rows_before_loading_a_model(rows, message, tmp_path, capsys):
+    pytest.importorskip("transformers", reason="the SST-2 oracle recipe needs transformers")
+    from recipes import sst2_hf_baseline
+
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + rows)
+    (tmp_path / "valid.tsv").write_text("sentence\tlabel\na film\t1\n")
+    with pytest.raises(SystemExit) as e:  # before the model (here none) is loaded
+        sst2_hf_baseline.main([str(tmp_path / "no-model"), str(tmp_path / "train.tsv"), str(tmp_path / "valid.tsv"),
+                               "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and re.search(message, capsys.readouterr().err.strip().splitlines()[-1])
