@@ -76,6 +76,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for flag, value, ok, expected in (
+            ("--epochs", args.epochs, math.isfinite(args.epochs) and args.epochs > 0, "a number > 0"),
+            ("--lr", args.lr, math.isfinite(args.lr) and args.lr > 0, "a number > 0"),
+            ("--warmup", args.warmup, 0 <= args.warmup <= 1, "a share of the steps in [0, 1]"),
+            *((f"--{name.replace('_', '-')}", getattr(args, name), getattr(args, name) >= 1, "an int >= 1")
+              for name in ("batch_size", "max_len", "eval_every"))):
+        if not ok:
+            parser.error(f"{flag} must be {expected}, got {value!r}")
     try:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
     except ImportError:

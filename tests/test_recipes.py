@@ -209,3 +209,25 @@ def test_hf_baseline_names_bad_rows_before_loading_a_model(rows, message, tmp_pa
         sst2_hf_baseline.main([str(tmp_path / "no-model"), str(tmp_path / "train.tsv"), str(tmp_path / "valid.tsv"),
                                "--out", str(tmp_path / "out")])
     assert e.value.code == 2 and re.search(message, capsys.readouterr().err.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--epochs", "0", "a number > 0, got 0.0"),  # trained 0 steps: a crash with --test, else "accuracy -100.0"
+    ("--epochs", "nan", "a number > 0, got nan"),
+    ("--batch-size", "0", "an int >= 1, got 0"),  # ZeroDivisionError
+    ("--eval-every", "0", "an int >= 1, got 0"),  # ZeroDivisionError after the first step
+    ("--max-len", "0", "an int >= 1, got 0"),
+    ("--lr", "-1", "a number > 0, got -1.0"),
+    ("--warmup", "1.5", "a share of the steps in [0, 1], got 1.5"),
+])
+def test_hf_baseline_refuses_bad_numbers_naming_the_flag(flag, value, expected, tmp_path, capsys):
+    pytest.importorskip("transformers", reason="the SST-2 oracle recipe needs transformers")
+    from recipes import sst2_hf_baseline
+
+    for name in ("train", "valid"):
+        (tmp_path / f"{name}.tsv").write_text("sentence\tlabel\na film\t1\n")
+    with pytest.raises(SystemExit) as e:  # before the model (here none) is loaded
+        sst2_hf_baseline.main([str(tmp_path / "no-model"), str(tmp_path / "train.tsv"), str(tmp_path / "valid.tsv"),
+                               "--out", str(tmp_path / "out"), flag, value])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and f"{flag} must be {expected}" in last, last
