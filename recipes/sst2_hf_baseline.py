@@ -94,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with errors_in_one_line(parser):
         train, valid = labelled(args.train), labelled(args.valid)
         test = labelled(args.test) if args.test is not None else None
+    if not (Path(args.model) / "config.json").is_file():  # else transformers' words on Hub ids and connections
+        parser.error(f"{args.model}: no config.json; expected a BERT checkpoint directory (config.json, weights, "
+                     "tokenizer)")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
     decay = [p for p in model.parameters() if p.ndim > 1]  # no weight decay on biases and norms

@@ -231,3 +231,19 @@ def test_hf_baseline_refuses_bad_numbers_naming_the_flag(flag, value, expected, 
                                "--out", str(tmp_path / "out"), flag, value])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 2 and f"{flag} must be {expected}" in last, last
+
+
+def test_hf_baseline_names_a_model_directory_that_is_not_one(tmp_path, capsys):
+    # a missing or empty MODEL ended in transformers' traceback about Hub repo ids and internet connections
+    pytest.importorskip("transformers", reason="the SST-2 oracle recipe needs transformers")
+    from recipes import sst2_hf_baseline
+
+    for name in ("train", "valid"):
+        (tmp_path / f"{name}.tsv").write_text("sentence\tlabel\na film\t1\n")
+    (tmp_path / "empty").mkdir()
+    for model in (tmp_path / "no-model", tmp_path / "empty"):
+        with pytest.raises(SystemExit) as e:
+            sst2_hf_baseline.main([str(model), str(tmp_path / "train.tsv"), str(tmp_path / "valid.tsv"),
+                                   "--out", str(tmp_path / "out")])
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and f"{model}: no config.json; expected a BERT checkpoint directory" in last, last
