@@ -726,7 +726,9 @@ def test_compress_refuses_pruning_settings_without_pruning_and_int8_twice(tmp_pa
              (["--prune-heads", "0.5", "--average-every", "5"], "--average-every sets the steps between averaged"),
              (["--prune-heads", "0.5", "--max-tokens", "0"], "--max-tokens must be an int >= 1, got 0"),
              (["--prune-heads", "0.5", "--finetune-steps", "-1"], "--finetune-steps must be an int >= 0, got -1"),
-             (["--prune-heads", "0.5", "--importance-batches", "0"], "--importance-batches must be an int >= 1"))
+             (["--prune-heads", "0.5", "--importance-batches", "0"], "--importance-batches must be an int >= 1"),
+             # --float-embeddings without --int8 was dropped without a word
+             (["--prune-heads", "0.5", "--data", "x", "--float-embeddings"], "--float-embeddings needs --int8"))
     for args, expected in cases:
         assert main(["compress", str(model), *out, *args]) == 2
         assert expected in capsys.readouterr().err

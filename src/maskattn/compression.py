@@ -448,6 +448,8 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
     for name, value in (("--greedy", greedy), ("--fade-steps", fade_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"compress: {name} must be an int >= 0, got {value!r}")
+    if not int8_embeddings and not int8:  # it chooses what --int8 quantises
+        raise ValueError("compress: --float-embeddings needs --int8 (it keeps token tables float when quantising)")
     if greedy and per_module:
         raise ValueError("compress: --greedy ranks heads over the whole model; it cannot be combined with --per-module")
     pruning = bool(prune_heads) or keep_heads is not None
