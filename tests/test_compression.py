@@ -651,6 +651,29 @@ def test_compress_refuses_bad_finetune_settings_before_measuring_heads(tmp_path,
     assert not measured
 
 
+def test_a_fraction_that_removes_no_head_is_refused_before_any_work(tmp_path, capsys, tiny_transformer, monkeypatch):
+    # --prune-heads 0.01 of 24 heads (0.24, rounded to 0) measured every head, removed none, fine-tuned for 100
+    # steps and wrote the model as "compressed"; so did --per-module 0.1 (0.4 of each module's 4 heads)
+    model = tmp_path / "m"
+    tiny_transformer.save(model, tokenizer=Tokenizer.train_chars(["abcdef"]).backend)
+    write_task(model, {"task": "translation"})
+    measured = []
+    monkeypatch.setattr(compression, "head_importance", lambda *a, **k: measured.append(a) or {})
+    data = str(_pairs(tmp_path / "pairs.tsv", 20, random.Random(0)))
+    for args in (["--prune-heads", "0.01"], ["--prune-heads", "0.1", "--per-module"]):
+        assert main(["compress", str(model), "--out", str(tmp_path / "o"), "--data", data, *args]) == 2
+        assert f"--prune-heads {args[1]} removes no head of the 24" in capsys.readouterr().err
+    assert not measured
+    # the refusal agrees with what choose_heads would remove, at every fraction either side of the first head
+    modules = compression.attention_modules(tiny_transformer)
+    importance = {name: torch.rand(attn.num_kv_heads) for name, attn in modules.items()}
+    for per_module in (False, True):
+        for fraction in (0.01, 0.02, 0.0208, 0.021, 0.03, 0.1, 0.125, 0.126, 0.2, 0.5):
+            kept = compression.choose_heads(tiny_transformer, importance, fraction, per_module=per_module)
+            removes = sum(map(len, kept.values())) < 24
+            assert compression.removes_any_head(tiny_transformer, fraction, per_module=per_module) == removes
+
+
 def test_an_int8_model_is_refused_for_pruning_before_any_work(tmp_path, capsys, tiny_transformer, monkeypatch):
     # pruning an int8 model measured every head's importance, then failed in MultiHeadAttention.prune_heads
     # ("prune_heads: the projections are no longer nn.Linear (quantized?)"); with --keep-heads after reading the data

@@ -196,6 +196,17 @@ def choose_heads(model: nn.Module, importance: Mapping[str, Tensor], fraction: f
     return _heads_of(modules, kept)
 
 
+def removes_any_head(model: nn.Module, fraction: float, *, per_module: bool = False) -> bool:
+    """Whether :func:`choose_heads` (or :func:`choose_heads_greedy`) removes at least one head at ``fraction``:
+    the fraction is rounded to whole heads (of the model, or of each module), taken in whole key/value groups,
+    and every module keeps one group."""
+    modules = attention_modules(model).values()
+    if per_module:
+        return any(min(round(fraction * attn.num_kv_heads), attn.num_kv_heads - 1) > 0 for attn in modules)
+    target = round(fraction * sum(attn.num_heads for attn in modules))
+    return any(attn.num_kv_heads > 1 and attn.num_heads // attn.num_kv_heads <= target for attn in modules)
+
+
 def _check_fraction(fraction: float) -> None:
     if isinstance(fraction, bool) or not 0.0 <= fraction < 1.0:
         raise ValueError(f"prune fraction must be in [0, 1), got {fraction!r}")
@@ -491,6 +502,10 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
     if pruning and any(isinstance(m, Int8Linear) for m in model.modules()):  # before the heads are measured
         raise ValueError(f"compress --prune-heads/--keep-heads: {directory} is int8; prune the float model it was "
                          "made from, with --int8 to quantise the result")
+    if prune_heads and not removes_any_head(model, prune_heads, per_module=per_module):
+        raise ValueError(f"compress: --prune-heads {prune_heads} removes no head of the {heads(model)} of {directory} "
+                         "(the fraction is rounded to whole heads, or key/value groups, and each module keeps one); "
+                         "give a larger fraction")
     result: dict[str, Any] = {"heads_before": heads(model), "linear_weight_bytes_before": linear_weight_bytes(model),
                               "file_bytes_before": (directory / "model.safetensors").stat().st_size}
     if pruning:
