@@ -674,6 +674,17 @@ def test_a_fraction_that_removes_no_head_is_refused_before_any_work(tmp_path, ca
             assert compression.removes_any_head(tiny_transformer, fraction, per_module=per_module) == removes
 
 
+def test_data_without_a_batch_is_named_by_its_files(tmp_path, capsys):
+    # a header-only --data file said "the task data has no batches", naming neither --data nor the file
+    data = _sentiment(tmp_path / "train.tsv", 60, random.Random(0))
+    model = _train("classification", data, tmp_path / "run", "model.num_layers=1", "train.steps=2")
+    (tmp_path / "empty.tsv").write_text("sentence\tlabel\n")
+    capsys.readouterr()
+    assert main(["compress", str(model), "--out", str(tmp_path / "o"), "--prune-heads", "0.5",
+                 "--data", str(tmp_path / "empty.tsv")]) == 2
+    assert f"compress --data {tmp_path / 'empty.tsv'}: no batches of rows in it" in capsys.readouterr().err
+
+
 def test_an_int8_model_is_refused_for_pruning_before_any_work(tmp_path, capsys, tiny_transformer, monkeypatch):
     # pruning an int8 model measured every head's importance, then failed in MultiHeadAttention.prune_heads
     # ("prune_heads: the projections are no longer nn.Linear (quantized?)"); with --keep-heads after reading the data

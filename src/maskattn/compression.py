@@ -518,6 +518,9 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
                              f"({task.data_help})")
         keep = _checked_keep(attention_modules(model), keep_heads) if keep_heads is not None else None
         batches = task.training_batches(directory, list(data), max_tokens)
+        if not batches.plan(0):
+            raise ValueError(f"compress --data {' '.join(map(str, data))}: no batches of rows in it (expected "
+                             f"the task's training data: {task.data_help})")
         sample = first_batches(batches, importance_batches)
         if keep is None and greedy:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
