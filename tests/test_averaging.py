@@ -139,3 +139,10 @@ def test_int8_models_are_refused_by_name(tmp_path):
         write_task(tmp_path / name, {"task": "lm", "documents": "none", "block": 8})
     with pytest.raises(ValueError, match=r"models: \S+x is int8 \(maskattn compress --int8\); average the float "):
         average_models([tmp_path / "x", tmp_path / "y"], tmp_path / "bad")
+
+
+def test_a_run_directory_among_the_models_is_named(tmp_path):
+    # said "RUN/config.json: file not found", where compress and the prediction commands name RUN/model
+    _run(tmp_path / "a")
+    with pytest.raises(ValueError, match=r"\S+/a is a run directory; its model is \S+/a/model$"):
+        average_models([tmp_path / "a" / "model", tmp_path / "a"], tmp_path / "soup")

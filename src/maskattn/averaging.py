@@ -22,6 +22,7 @@ from torch import Tensor
 from maskattn import checkpoint
 from maskattn.io import read_json_object
 from maskattn.models import load, save
+from maskattn.models.persistence import refuse_run_directory
 from maskattn.tasks.common import read_task, write_task
 from maskattn.tokenization import Tokenizer
 
@@ -114,6 +115,8 @@ def average_models(directories: Sequence[str | Path], out: str | Path) -> Path:
         raise ValueError(f"models: give at least two model directories to average, got {len(dirs)}")
     if any(out.resolve() == d.resolve() for d in dirs):
         raise ValueError(f"out must be a new directory, not one of the models ({out})")
+    for d in dirs:
+        refuse_run_directory(d, "config.json")
     first = dirs[0]
 
     def identity(d: Path) -> dict[str, Any]:
