@@ -146,3 +146,12 @@ def test_a_run_directory_among_the_models_is_named(tmp_path):
     _run(tmp_path / "a")
     with pytest.raises(ValueError, match=r"\S+/a is a run directory; its model is \S+/a/model$"):
         average_models([tmp_path / "a" / "model", tmp_path / "a"], tmp_path / "soup")
+
+
+def test_a_model_given_twice_is_refused(tmp_path):
+    # "--models A A B" wrote a soup weighting A twice (and "A A" a copy of A), without a word
+    _run(tmp_path / "a")
+    twice = r"models: \S+/a/model is given twice \(as \S+/a/model and \S+/a/\.\./a/model\)"
+    with pytest.raises(ValueError, match=twice):
+        average_models([tmp_path / "a" / "model", tmp_path / "a" / ".." / "a" / "model"], tmp_path / "soup")
+    assert not (tmp_path / "soup").exists()

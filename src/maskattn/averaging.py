@@ -115,8 +115,13 @@ def average_models(directories: Sequence[str | Path], out: str | Path) -> Path:
         raise ValueError(f"models: give at least two model directories to average, got {len(dirs)}")
     if any(out.resolve() == d.resolve() for d in dirs):
         raise ValueError(f"out must be a new directory, not one of the models ({out})")
+    seen: dict[Path, Path] = {}
     for d in dirs:
         refuse_run_directory(d, "config.json")
+        if d.resolve() in seen:  # a uniform soup takes each model once
+            raise ValueError(f"models: {seen[d.resolve()]} is given twice (as {seen[d.resolve()]} and {d}); "
+                             "each model is averaged once")
+        seen[d.resolve()] = d
     first = dirs[0]
 
     def identity(d: Path) -> dict[str, Any]:
