@@ -685,6 +685,20 @@ def test_data_without_a_batch_is_named_by_its_files(tmp_path, capsys):
     assert f"compress --data {tmp_path / 'empty.tsv'}: no batches of rows in it" in capsys.readouterr().err
 
 
+def test_keep_heads_given_a_model_directory_or_its_config_says_what_to_give(tmp_path, capsys, tiny_transformer):
+    # --keep-heads PRUNED_MODEL said "PRUNED_MODEL: file not found" (it is there: a directory), and its config.json
+    # "keep_heads names ['aliases', 'compression', 'config', ...], which are not attention modules"
+    model = tmp_path / "m"
+    tiny_transformer.save(model)
+    write_task(model, {"task": "translation"})
+    for given in (model, model / "config.json"):
+        assert main(["compress", str(model), "--out", str(tmp_path / "o"), "--keep-heads", str(given),
+                     "--data", "x"]) == 2
+        err = capsys.readouterr().err
+        what = "directory" if given == model else "model config"
+        assert f"--keep-heads {given} is a {what}; give the JSON that `maskattn compress` printed" in err, err
+
+
 def test_an_int8_model_is_refused_for_pruning_before_any_work(tmp_path, capsys, tiny_transformer, monkeypatch):
     # pruning an int8 model measured every head's importance, then failed in MultiHeadAttention.prune_heads
     # ("prune_heads: the projections are no longer nn.Linear (quantized?)"); with --keep-heads after reading the data

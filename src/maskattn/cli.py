@@ -430,7 +430,12 @@ def _compress(args: argparse.Namespace) -> int:
 
     keep_heads = None
     if args.keep_heads:
-        keep_heads = read_json_object(Path(args.keep_heads))
+        given = Path(args.keep_heads)
+        keep_heads = {} if given.is_dir() else read_json_object(given)
+        if given.is_dir() or {"format", "config"} <= set(keep_heads):  # e.g. the pruned model, or its config.json
+            raise UsageError(f"--keep-heads {given} is a {'directory' if given.is_dir() else 'model config'}; give "
+                             "the JSON that `maskattn compress` printed when it pruned (its kept_heads), or "
+                             "{attention module: [heads to keep]}")
         if "heads_before" in keep_heads and "kept_heads" not in keep_heads:
             raise UsageError(f"--keep-heads {args.keep_heads}: this `maskattn compress` output has no kept_heads "
                              "(that run pruned no heads)")
