@@ -127,6 +127,29 @@ def test_blocked_training_under_dynamic_shapes_equals_eager_at_two_sizes():
     assert frames[1] == frames[0]  # the second size ran the first size's graphs: nothing recompiled
 
 
+@pytest.mark.parametrize(("kw", "length"), [({"sliding_window": 4}, 600), ({}, 600)], ids=["window", "padding"])
+def test_auto_dispatch_traces_large_combined_masks_and_keeps_sizes_symbolic(kw, length):
+    """The auto rules wrote their reasons while tracing: at Lq x Lk above SMALL_SCORES the last rule's repr of
+    causal & padding joined strings (fullgraph failed), and the small-problem rule formatted Lq and Lk, fixing a
+    dynamic=True graph to one length (a graph per length)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    model = DecoderLM(DecoderLMConfig(num_layers=1, **{**SMALL, "max_len": 1024}, **kw)).eval()
+    dynamo.reset()
+    counter = CompileCounterWithBackend(COMPILER)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=counter)
+    frames = []
+    for n in (12, 14, 20, length):
+        ids = torch.randint(1, SMALL["vocab_size"], (2, n))
+        lengths = torch.tensor([n, n // 2])
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids, lengths=lengths), model(ids, lengths=lengths),
+                                       atol=1e-5, rtol=1e-5)
+        frames.append(counter.frame_count)
+    assert frames[0] == frames[1] == frames[2]  # the small lengths share one graph
+
+
 @pytest.mark.parametrize("kv_heads", [2, 4], ids=["grouped", "equal"])
 def test_sdpa_under_dynamic_shapes_equals_the_reference_at_two_sizes(kv_heads):
     """Head counts are symbolic under dynamic=True: `Hq != Hkv` was a SymBool, which SDPA's enable_gqa refuses.
@@ -378,3 +401,4 @@ def test_inductor_greedy_and_sample_equal_eager():
         draws = [decoding.sample(model, prompt, lengths, max_new_tokens=8, top_k=5, compile=compile,
                                  generator=torch.Generator().manual_seed(1)) for compile in (True, False)]
         assert torch.equal(*draws)
+

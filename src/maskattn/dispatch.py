@@ -105,7 +105,14 @@ def _small(call: Call) -> str | None:
     q_len, k_len = call.q.shape[2], call.k.shape[2]
     if q_len * k_len > SMALL_SCORES:
         return None
-    return f"Lq x Lk = {q_len} x {k_len} is small: a dense mask is cheap and the fused kernel beats tile bookkeeping"
+    sizes = "" if torch.compiler.is_compiling() else f" = {q_len} x {k_len}"  # a formatted symbolic size is fixed
+    return f"Lq x Lk{sizes} is small: a dense mask is cheap and the fused kernel beats tile bookkeeping"
+
+
+def _element_mask(call: Call) -> str:
+    # while tracing, no repr: a combined mask's joins its parts' (str.join, which dynamo cannot trace)
+    shown = "the mask" if torch.compiler.is_compiling() else repr(call.mask)
+    return f"{shown} needs an element mask: blocked skips the tiles it hides and masks only partial ones"
 
 
 # Off the CPU, sdpa with a dense mask only while the mask has at most this many entries (B|1 * H|1 * Lq * Lk):
@@ -140,8 +147,7 @@ RULES: tuple[Rule, ...] = (
     Rule("sdpa", _fast_path("sdpa")),  # no mask, aligned causal, key padding, a few contiguous documents
     Rule("sdpa", _small),
     Rule("sdpa", _on_gpu),
-    Rule("blocked", lambda c: f"{c.mask!r} needs an element mask: blocked skips the tiles it hides and masks only "
-         "partial ones"),
+    Rule("blocked", _element_mask),
 )
 
 
