@@ -402,3 +402,30 @@ def test_inductor_greedy_and_sample_equal_eager():
                                  generator=torch.Generator().manual_seed(1)) for compile in (True, False)]
         assert torch.equal(*draws)
 
+
+def test_compiled_decoding_reuses_its_graph_across_batch_sizes_and_limits(monkeypatch):
+    """``greedy(compile=True)`` keeps the static caches in module buffers, which dynamo held at fixed shapes:
+    every new (batch, prompt + limit) compiled a graph anew and the ninth raised FailOnRecompileLimitHit."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    from maskattn import decoding
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=COMPILER))
+    decoding._compiled_step.cache_clear()
+    dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = _lm("auto").eval()
+    try:
+        for batch in (1, 2, 3, 5):
+            for new in (4, 9, 13):
+                prompt = torch.randint(1, SMALL["vocab_size"], (batch, 6))
+                lengths = torch.tensor([6] + [max(1, 6 - i) for i in range(1, batch)])
+                kw = {"max_new_tokens": new, "eos_id": decoding.NO_EOS}
+                assert torch.equal(decoding.greedy(model, prompt, lengths, compile=True, **kw),
+                                   decoding.greedy(model, prompt, lengths, **kw)), (batch, new)
+        assert counters["stats"]["unique_graphs"] <= 3  # static, then the capacity and the batch made dynamic
+    finally:
+        decoding._compiled_step.cache_clear()

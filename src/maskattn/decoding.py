@@ -50,7 +50,8 @@ def greedy(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new
             (the ids its ``never_generated`` names).
         compile: run each one-token step as one ``torch.compile``'d graph (``fullgraph=True``) over a
             static KV cache, for a model whose ``begin_decoding`` takes ``static`` (DecoderLM). The first
-            call compiles (seconds); later ones reuse the graph whatever the lengths.
+            call compiles (seconds), a new batch size or prompt + limit once more with those sizes dynamic;
+            later calls reuse the graphs whatever the sizes.
         min_new_tokens: EOS cannot come before this many other new tokens (1: never an empty output).
 
     Returns:
@@ -321,8 +322,13 @@ def _last_logits(model: nn.Module, state: object, tokens: Tensor) -> Tensor:
 
 @functools.cache
 def _compiled_step() -> Callable[[nn.Module, object, Tensor], Tensor]:
-    """:func:`_last_logits` compiled once per process (one graph per model and batch shape, reused)."""
-    return torch.compile(_last_logits, fullgraph=True)
+    """:func:`_last_logits` compiled once per process: a graph at the first shapes, then one whose batch and
+    cache capacity are dynamic (reused whatever the lengths)."""
+    # The static caches are module buffers, whose shapes dynamo holds fixed by default: every new batch or
+    # prompt + limit compiled a graph anew, and the ninth hit the recompile limit (an error under fullgraph).
+    dynamic_buffers = torch._dynamo.config.patch(force_nn_module_property_static_shapes=False,
+                                                 force_parameter_static_shapes=False)
+    return dynamic_buffers(torch.compile(_last_logits, fullgraph=True))
 
 
 def _check_ids(model: nn.Module, eos_id: int | None, pad_id: int, vocab: int) -> list[int]:
