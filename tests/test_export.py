@@ -142,6 +142,18 @@ def test_an_int8_model_exports_to_pt2_and_is_refused_for_onnx_in_one_line(tmp_pa
 
 
 
+def test_a_blocked_backend_model_is_refused_for_onnx_in_one_line(tmp_path, capsys):
+    # the ONNX exporter failed on the custom operator maskattn::blocked_attention with a 62-line ConversionError
+    from maskattn.cli import main
+
+    model = DecoderLM(DecoderLMConfig(num_layers=1, backend="blocked", **SMALL))
+    model.save(tmp_path / "blocked")
+    assert main(["export", str(tmp_path / "blocked"), "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "exports to pt2 only" in err and "backend='blocked'" in err and len(err.splitlines()) == 1
+    assert not list(tmp_path.glob("*.onnx"))
+
+
 def test_a_failed_export_replaces_none_of_the_graphs(tmp_path, monkeypatch):
     # the two graphs of a Transformer were written one after the other: a failure in the second left a new
     # encoder beside an old decoder step

@@ -42,7 +42,7 @@ from torch.export import Dim
 
 from maskattn import masks
 from maskattn.io import check_output_file
-from maskattn.layers import Int8Linear
+from maskattn.layers import Int8Linear, MultiHeadAttention
 from maskattn.layers.quantized import Int8TokenEmbedding
 from maskattn.models import DecoderLM, EncoderModel, Transformer
 from maskattn.models.common import default_positions
@@ -240,13 +240,17 @@ def export(model: nn.Module, out: str | os.PathLike, *, format: str = "onnx", ov
         inputs: files and directories no graph may be written over or into (the model's own directory).
 
     Raises:
-        ValueError: on an unknown format, a model kind that has no exporter, or an int8 model to ONNX.
+        ValueError: on an unknown format, a model kind that has no exporter, or an int8 or ``blocked`` model to
+            ONNX.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if format == "onnx" and any(isinstance(m, (Int8Linear, Int8TokenEmbedding)) for m in model.modules()):
         raise ValueError("an int8 model (maskattn compress --int8) exports to pt2 only: the ONNX exporter has no "
                          "conversion for its integer matmul (aten._int_mm); use --format pt2")
+    if format == "onnx" and any(isinstance(m, MultiHeadAttention) and m.backend == "blocked" for m in model.modules()):
+        raise ValueError("a backend='blocked' model exports to pt2 only: the ONNX exporter has no conversion for its "
+                         "custom operator (maskattn::blocked_attention); use --format pt2")
     out = check_output_file(out, "--out", inputs)
     other = {".onnx": "pt2", ".pt2": "onnx"}.get(out.suffix.lower())
     if other == format:
