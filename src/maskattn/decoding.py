@@ -326,8 +326,10 @@ def _compiled_step() -> Callable[[nn.Module, object, Tensor], Tensor]:
     cache capacity are dynamic (reused whatever the lengths)."""
     # The static caches are module buffers, whose shapes dynamo holds fixed by default: every new batch or
     # prompt + limit compiled a graph anew, and the ninth hit the recompile limit (an error under fullgraph).
-    dynamic_buffers = torch._dynamo.config.patch(force_nn_module_property_static_shapes=False,
-                                                 force_parameter_static_shapes=False)
+    # (Only the settings this torch has: an older one, without them, keeps a graph per shape.)
+    settings = ("force_nn_module_property_static_shapes", "force_parameter_static_shapes")
+    dynamic_buffers = torch._dynamo.config.patch({name: False for name in settings
+                                                  if hasattr(torch._dynamo.config, name)})
     return dynamic_buffers(torch.compile(_last_logits, fullgraph=True))
 
 
