@@ -142,15 +142,17 @@ def test_an_int8_model_exports_to_pt2_and_is_refused_for_onnx_in_one_line(tmp_pa
 
 
 
-def test_a_blocked_backend_model_is_refused_for_onnx_in_one_line(tmp_path, capsys):
-    # the ONNX exporter failed on the custom operator maskattn::blocked_attention with a 62-line ConversionError
+@pytest.mark.parametrize("backend", ["blocked", "flex"])
+def test_a_model_whose_backend_onnx_cannot_convert_is_refused_in_one_line(tmp_path, capsys, backend):
+    # the ONNX exporter failed on the custom operator maskattn::blocked_attention (and on flex's sort) with a
+    # 62-line ConversionError
     from maskattn.cli import main
 
-    model = DecoderLM(DecoderLMConfig(num_layers=1, backend="blocked", **SMALL))
-    model.save(tmp_path / "blocked")
-    assert main(["export", str(tmp_path / "blocked"), "--out", str(tmp_path / "m.onnx")]) == 2
+    model = DecoderLM(DecoderLMConfig(num_layers=1, backend=backend, **SMALL))
+    model.save(tmp_path / backend)
+    assert main(["export", str(tmp_path / backend), "--out", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err
-    assert "exports to pt2 only" in err and "backend='blocked'" in err and len(err.splitlines()) == 1
+    assert "exports to pt2 only" in err and f"backend={backend!r}" in err and len(err.splitlines()) == 1
     assert not list(tmp_path.glob("*.onnx"))
 
 

@@ -47,7 +47,7 @@ from maskattn.layers.quantized import Int8TokenEmbedding
 from maskattn.models import DecoderLM, EncoderModel, Transformer
 from maskattn.models.common import default_positions
 
-__all__ = ["EXPORTERS", "FORMATS", "Exporter", "Graph", "export", "graphs"]
+__all__ = ["EXPORTERS", "FORMATS", "ONNX_BACKENDS", "Exporter", "Graph", "export", "graphs"]
 
 FORMATS = ("onnx", "pt2")
 
@@ -226,6 +226,10 @@ def _path(out: Path, suffix: str) -> Path:
     return out if not suffix else out.with_name(out.stem + suffix + out.suffix)
 
 
+# Backends whose calls the ONNX exporter converts (auto takes sdpa while exporting); others export to pt2 only.
+ONNX_BACKENDS = frozenset({"auto", "sdpa", "reference"})
+
+
 def export(model: nn.Module, out: str | os.PathLike, *, format: str = "onnx", overwrite: bool = True,
            inputs: Sequence[str | os.PathLike] = ()) -> list[Path]:
     """Write ``model``'s graphs (see the module docstring) to ``out``; return the files written.
@@ -240,17 +244,19 @@ def export(model: nn.Module, out: str | os.PathLike, *, format: str = "onnx", ov
         inputs: files and directories no graph may be written over or into (the model's own directory).
 
     Raises:
-        ValueError: on an unknown format, a model kind that has no exporter, or an int8 or ``blocked`` model to
-            ONNX.
+        ValueError: on an unknown format, a model kind that has no exporter, or an int8 model or one whose
+            attention backend is not in ``ONNX_BACKENDS`` to ONNX.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if format == "onnx" and any(isinstance(m, (Int8Linear, Int8TokenEmbedding)) for m in model.modules()):
         raise ValueError("an int8 model (maskattn compress --int8) exports to pt2 only: the ONNX exporter has no "
                          "conversion for its integer matmul (aten._int_mm); use --format pt2")
-    if format == "onnx" and any(isinstance(m, MultiHeadAttention) and m.backend == "blocked" for m in model.modules()):
-        raise ValueError("a backend='blocked' model exports to pt2 only: the ONNX exporter has no conversion for its "
-                         "custom operator (maskattn::blocked_attention); use --format pt2")
+    named = sorted({m.backend for m in model.modules() if isinstance(m, MultiHeadAttention)} - ONNX_BACKENDS)
+    if format == "onnx" and named:
+        raise ValueError(f"a backend={named[0]!r} model exports to pt2 only: the ONNX exporter has no conversion for "
+                         f"its operators (e.g. maskattn::blocked_attention, flex's sort); backends that export to "
+                         f"ONNX: {sorted(ONNX_BACKENDS)}; use --format pt2")
     out = check_output_file(out, "--out", inputs)
     other = {".onnx": "pt2", ".pt2": "onnx"}.get(out.suffix.lower())
     if other == format:
