@@ -573,6 +573,23 @@ def test_patience_without_evaluations_is_refused_naming_the_setting(tmp_path):
                 out_dir=tmp_path / "none", device="cpu")  # no evaluate: the setting would be ignored
 
 
+def test_an_early_stops_log_line_times_the_training_not_the_evaluation(tmp_path):
+    import time
+
+    trainer = _tiny_trainer(tmp_path, eval_every=3, patience=1, log_every=4)
+    scores = trainer.evaluate
+
+    def slow(model):  # an evaluation of 0.5 s, several hundred times a tiny training step
+        time.sleep(0.5)
+        return scores(model)
+
+    trainer.evaluate = slow
+    trainer.fit()
+    line = next(r for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+                if "targets_per_s" in (r := json.loads(line)) and r["step"] == 9)
+    assert line["targets_per_s"] > 16 / 0.25  # step 9's 16 targets: the 0.5 s evaluation does not count
+
+
 def test_a_resume_replaces_the_tensorboard_scalars_of_the_steps_it_replays(tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install 'maskattn[tensorboard]')")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -673,11 +673,11 @@ class Trainer:
                 last = self._log_window(window_loss, window_targets, timed, window_start, bar)
                 window_loss, window_targets, timed, window_start = 0.0, 0.0, 0.0, time.perf_counter()
                 self.window = (0.0, 0.0)
-            stop = False
+            stop, trained = False, time.perf_counter()
             if self.evaluate and cfg.eval_every and self.step % cfg.eval_every == 0:
                 last, stop = self._evaluate()
             if stop and not logged:  # the steps since the last log line are the run's last ones
-                self._log_window(window_loss, window_targets, timed, window_start, bar)
+                self._log_window(window_loss, window_targets, timed, window_start, bar, until=trained)
                 self.window = (0.0, 0.0)  # (logged: a resume to more steps must not count them again)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save()
@@ -697,11 +697,14 @@ class Trainer:
             self.save()
         return last
 
-    def _log_window(self, loss: float, targets: float, timed: float, since: float, bar: tqdm) -> dict[str, float]:
+    def _log_window(self, loss: float, targets: float, timed: float, since: float, bar: tqdm,
+                    until: float | None = None) -> dict[str, float]:
         """Log the mean training loss of the steps since the last log line (summed ``loss`` over ``targets``) and the
-        throughput of the ``timed`` targets trained since ``since`` (a resume starts the clock again)."""
+        throughput of the ``timed`` targets trained from ``since`` (a resume starts the clock again) to ``until``
+        (default: now; an early stop's line is written after the evaluation, which is not training time)."""
+        until = time.perf_counter() if until is None else until
         record = {"loss": loss / max(targets, 1), "lr": learning_rate(self.cfg, self.step),
-                  "targets_per_s": timed / max(time.perf_counter() - since, 1e-9)}
+                  "targets_per_s": timed / max(until - since, 1e-9)}
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['targets_per_s']:.0f}")
         self._log({"step": self.step, **record})
         return record
