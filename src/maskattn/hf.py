@@ -137,6 +137,7 @@ def _trace_factories(mu) -> None:
 Recogniser = Callable[[dict[str, Any], _Context], Mask | None]
 _WARNED: set[str] = set()
 _LOADED: Any = None  # masking_utils as the last eager call imported it; read by compiled calls (see _mu)
+_COLLECTOR: Any = None  # transformers' record of the outputs a forward collects, set by register() (_weights_wanted)
 
 
 def _masking_utils():
@@ -436,8 +437,8 @@ def attention_forward(
         feature = f"softcap={softcap}" if softcap is not None else "attention sinks"
         _once(f"{feature}: not a feature of maskattn's backends; running a dense attention over the same mask")
         out, weights = _dense(query, key, value, spec, scaling, dropout, softcap=softcap, sinks=sinks)
-        weights = weights if kwargs.get("output_attentions") else None
-    elif kwargs.get("output_attentions"):  # the model was asked for its attention weights: the reference builds them
+        weights = weights if _weights_wanted(kwargs) else None
+    elif _weights_wanted(kwargs):  # the model was asked for its attention weights: the reference builds them
         out, weights = attention(query, key, value, spec.mask, q_offset=spec.q_offset, scale=scaling,
                                  dropout_p=dropout, return_weights=True)  # (B, H, Lq, D), (B, H, Lq, Lk)
     elif _OBSERVERS:
@@ -450,6 +451,15 @@ def attention_forward(
         out = attention(query, key, value, spec.mask, q_offset=spec.q_offset, scale=scaling,
                         dropout_p=dropout)  # (B, H, Lq, D)
     return out.transpose(1, 2).contiguous(), weights  # (B, Lq, H, D), (B, H, Lq, Lk) or None
+
+
+def _weights_wanted(kwargs: dict[str, Any]) -> bool:
+    """Whether this call's attention weights are asked for: by the ``output_attentions`` kwarg, or by transformers'
+    output collector (``config.output_attentions``, and GPT-2, which drops the kwarg before its attention modules)."""
+    if kwargs.get("output_attentions"):
+        return True
+    collected = None if _COLLECTOR is None else _COLLECTOR.get()  # what the running forward records, by name
+    return bool(collected) and any(name.endswith("attentions") for name in collected)
 
 
 def _spec(module: torch.nn.Module, mask: HFMask | Tensor | None, is_causal: bool | None,
@@ -506,4 +516,9 @@ def register(name: str = NAME) -> str:
     AttentionInterface.register(name, attention_forward)
     mu.AttentionMaskInterface.register(name, build_mask)
     _trace_factories(mu)
+    global _COLLECTOR
+    try:  # imported here: dynamo cannot trace an import inside the attention call
+        from transformers.utils.output_capturing import _active_collector as _COLLECTOR
+    except ImportError:  # pragma: no cover - a release without the collector hands output_attentions down
+        _COLLECTOR = None
     return name
