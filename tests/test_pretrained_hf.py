@@ -122,3 +122,15 @@ def test_the_fine_tuning_loss_and_its_gradients_equal_bert_for_sequence_classifi
              (ours.pooler.weight, theirs.bert.pooler.dense.weight), (ours.classifier.weight, theirs.classifier.weight)]
     for mine, hf in pairs:
         torch.testing.assert_close(mine.grad, hf.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("settings", [{"is_decoder": True}, {"is_decoder": True, "add_cross_attention": True}])
+def test_a_causal_bert_checkpoint_is_refused_by_name(settings, tmp_path):
+    # a BERT saved with is_decoder=True (BertLMHeadModel) attends causally: it loaded as the bidirectional EncoderModel
+    # without a word, and its hidden states were not the checkpoint's (0.03 apart on this tiny model)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=48, max_position_embeddings=64, **settings)
+    transformers.BertLMHeadModel(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="unsupported settings is_decoder=True"):
+        from_pretrained(tmp_path)

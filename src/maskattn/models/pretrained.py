@@ -194,6 +194,8 @@ def bert_config(hf: dict, source: Path, *, pooler: bool = True, num_labels: int 
     act = hf.get("hidden_act", "gelu")
     if act not in _ACTIVATIONS:
         raise ValueError(f"{source}: hidden_act {act!r} is not supported; expected one of {sorted(_ACTIVATIONS)}")
+    # a causal BERT (BertLMHeadModel) would load as the bidirectional EncoderModel, with other hidden states
+    _refuse(source, {"is_decoder": hf.get("is_decoder"), "add_cross_attention": hf.get("add_cross_attention")}, hf)
     try:
         return EncoderConfig(
             vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_heads=hf["num_attention_heads"],
