@@ -318,3 +318,18 @@ def test_hf_commands_refuse_what_the_model_cannot_do_with_status_two(hf_dirs, tm
     plain.write_text(TEXT)
     assert main(["evaluate", hf_dirs["gpt2"], "--data", str(plain)]) == 0
     assert json.loads(capsys.readouterr().out) == from_gz
+
+
+def test_hf_commands_refuse_an_encoder_decoder_directory_in_one_line(tmp_path, capsys):
+    # audit, viz and evaluate of a saved BART ended in HFAdapter's TypeError traceback (status 1, audit's "leak found")
+    torch.manual_seed(0)
+    transformers.BartForConditionalGeneration(transformers.BartConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64)).save_pretrained(
+        tmp_path / "bart")
+    data = tmp_path / "valid.txt"
+    data.write_text(TEXT)
+    for args in (["audit"], ["viz", "--input", "the cat", "--out", str(tmp_path / "viz")], ["evaluate", "--data",
+                 str(data)], ["generate", "--prompt", "the "]):
+        assert main([args[0], str(tmp_path / "bart"), *args[1:]]) == 2, args
+        assert "an encoder-decoder model (bart); maskattn's commands run" in capsys.readouterr().err, args

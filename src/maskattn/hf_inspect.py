@@ -204,11 +204,15 @@ def load(directory: str | Path, *, tokenizer: bool = True) -> tuple[nn.Module, A
     ``AutoModel``. The tokenizer is None when ``tokenizer`` is False.
 
     Raises:
-        ValueError: naming the directory, when it holds no tokenizer and one was asked for.
+        ValueError: naming the directory, when it holds no tokenizer and one was asked for, or an encoder-decoder model
+            (UsageError).
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    if getattr(config, "is_encoder_decoder", False):  # HFAdapter refuses them: say so before loading any weights
+        raise UsageError(f"{directory}: an encoder-decoder model ({config.model_type}); maskattn's commands run "
+                         "Hugging Face decoder-only and encoder-only models")
     causal = any(name in _causal_lm_classes() for name in (getattr(config, "architectures", None) or ()))
     cls = AutoModelForCausalLM if causal else AutoModel
     model = cls.from_pretrained(directory, local_files_only=True, attn_implementation=hf.register()).eval()
