@@ -134,3 +134,28 @@ def test_a_causal_bert_checkpoint_is_refused_by_name(settings, tmp_path):
     transformers.BertLMHeadModel(config).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="unsupported settings is_decoder=True"):
         from_pretrained(tmp_path)
+
+
+def test_a_sharded_checkpoint_loads_with_equal_logits(tmp_path):
+    # save_pretrained splits weights larger than max_shard_size into model-0000k-of-0000n.safetensors files listed in
+    # model.safetensors.index.json (as released Llama checkpoints are): "model.safetensors: No such file" before
+    torch.manual_seed(0)
+    theirs = CASES["llama"]().eval()
+    theirs.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert not (tmp_path / "model.safetensors").exists() and len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    ids = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (from_pretrained(tmp_path)(ids) - theirs(ids).logits).abs().max() <= 1e-5
+    next(tmp_path.glob("model-*.safetensors")).unlink()  # a shard the index lists is missing: named
+    with pytest.raises(ValueError, match=r"model-\d+-of-\d+\.safetensors"):
+        from_pretrained(tmp_path)
+
+
+def test_a_directory_without_safetensors_weights_is_refused_naming_what_it_expected(tmp_path):
+    torch.manual_seed(0)
+    CASES["gpt2"]().save_pretrained(tmp_path, safe_serialization=False)
+    for weights in tmp_path.glob("*.safetensors*"):  # transformers 5 may write safetensors regardless
+        weights.unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickled")
+    with pytest.raises(ValueError, match=r"no model\.safetensors nor model\.safetensors\.index\.json"):
+        from_pretrained(tmp_path)

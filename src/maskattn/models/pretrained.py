@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from maskattn.io import FormatError
 from maskattn.models.config import BlockConfig, DecoderLMConfig, EncoderConfig
 from maskattn.models.decoder_lm import DecoderLM
 from maskattn.models.encoder_model import EncoderModel
@@ -114,7 +115,8 @@ def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: 
     transformers' ``from_pretrained`` returns it: no dropout; a trainer turns training mode on for itself).
 
     Args:
-        path: a directory with a Hugging Face ``config.json`` and ``model.safetensors`` of a family in
+        path: a directory with a Hugging Face ``config.json`` and ``model.safetensors`` (or the shards that
+            ``model.safetensors.index.json`` lists) of a family in
             :data:`FAMILIES` (BERT -> :class:`EncoderModel`; GPT-2, Llama -> :class:`DecoderLM`),
             ``tokenizer.json`` optional; or a directory written by ``model.save``.
         num_labels: (BERT, or a saved EncoderModel) a freshly initialised classification head with this
@@ -139,10 +141,11 @@ def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: 
     family = FAMILIES[model_type]
     options = {k: v for k, v in {"num_labels": num_labels, "span_head": span_head}.items() if v}
     config = family.config(hf, directory / CONFIG, options)
-    tensors = family.tensors(read_safetensors(directory / WEIGHTS))
+    source, tensors = _hf_weights(directory)
+    tensors = family.tensors(tensors)
     heads = sorted(n for n in tensors if family.heads is not None and family.heads.search(n))
     if heads:  # a fine-tuned checkpoint's classifier is not maskattn's fresh head: say so
-        logger.warning(f"{directory / WEIGHTS}: the checkpoint's own heads are not loaded ({', '.join(heads[:4])}"
+        logger.warning(f"{source}: the checkpoint's own heads are not loaded ({', '.join(heads[:4])}"
                        f"{' ...' if len(heads) > 4 else ''}); the encoder is, and heads asked for start fresh")
     tensors = {_our_name(name, family): t for name, t in tensors.items()
                if not any(p is not None and p.search(name) for p in (family.ignored, family.heads))}
@@ -151,9 +154,29 @@ def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: 
     aliases = {"lm_head.weight": "embed.tokens.weight"} if getattr(config, "tie_output", False) else {}
     tensors = {n: t for n, t in tensors.items() if n not in aliases}
     fresh = {n: t for n, t in model.state_dict().items() if family.fresh and n.startswith(family.fresh)}
-    load_weights(model, {**tensors, **fresh}, aliases, source=str(directory / WEIGHTS))
+    load_weights(model, {**tensors, **fresh}, aliases, source=str(source))
     model.tokenizer = load_tokenizer(directory / TOKENIZER) if (directory / TOKENIZER).is_file() else None
     return model.eval()
+
+
+_INDEX = WEIGHTS + ".index.json"  # what save_pretrained writes beside the shards of a large checkpoint
+
+
+def _hf_weights(directory: Path) -> tuple[Path, dict[str, Tensor]]:
+    """``(the file that lists them, the tensors)`` of an HF directory: ``model.safetensors``, or the shards named
+    in ``model.safetensors.index.json`` (``save_pretrained`` beyond ``max_shard_size``)."""
+    if (directory / WEIGHTS).is_file() or not (directory / _INDEX).is_file():
+        if not (directory / WEIGHTS).is_file():
+            raise FormatError(f"{directory}: no {WEIGHTS} nor {_INDEX} (maskattn reads safetensors weights only; "
+                              f"found {sorted(p.name for p in directory.iterdir())})")
+        return directory / WEIGHTS, read_safetensors(directory / WEIGHTS)
+    shards = read_json(directory / _INDEX).get("weight_map")
+    if not isinstance(shards, dict) or not shards:
+        raise FormatError(f"{directory / _INDEX}: no weight_map of tensor names to shard files")
+    tensors: dict[str, Tensor] = {}
+    for shard in sorted(set(shards.values())):
+        tensors.update(read_safetensors(directory / shard))
+    return directory / _INDEX, tensors
 
 
 def pretrained_positions(path: str | os.PathLike) -> int | None:
