@@ -454,3 +454,22 @@ def test_output_attentions_returns_eager_weights(name):
     for got, want in zip(attentions[NAME], attentions["eager"], strict=True):
         assert got.shape == want.shape
         assert ((got - want).abs() * rows).max() <= 1e-6
+
+
+def test_qwen2_moe_without_sliding_layers_runs(monkeypatch):
+    # Qwen2-MoE sets sliding_window=0 when use_sliding_window is False (every released checkpoint) and still asks for
+    # the sliding mask that no layer uses: masks.sliding_window(0) raised a ValueError from deep inside the forward
+    config = transformers.Qwen2MoeConfig(**DECODER, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
+                                         shared_expert_intermediate_size=16)
+    assert config.sliding_window == 0 and set(config.layer_types) == {"full_attention"}
+    torch.manual_seed(0)
+    model = transformers.Qwen2MoeForCausalLM(config).eval()
+    inputs, valid = _batch("left")
+    spy = _Spy(monkeypatch)
+    _assert_parity(model, inputs, valid)
+    assert spy.reprs() == {"causal() & padding(valid=<bool (3, 12)>)"}  # the layers' own masks: structured
+    mu = pytest.importorskip("transformers.masking_utils")
+    for function in (mu.sliding_window_causal_mask_function(0), mu.sliding_window_overlay(0)):  # the mask asked for
+        got = hf.build_mask(1, 5, 5, mask_function=function)
+        want = mu.sdpa_mask(batch_size=1, q_length=5, kv_length=5, mask_function=function, allow_is_causal_skip=False)
+        assert got.structured and torch.equal(got.mask.to_dense(5, 5), want)

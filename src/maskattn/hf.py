@@ -238,6 +238,14 @@ def _remapped(fn: Callable, packed: list[Callable], ctx: _Context) -> Mask | Non
     return None
 
 
+def _window(size: int) -> Mask | None:
+    """The overlay ``k > q - size``: ``sliding_window(size)``; for size 0 (Qwen2-MoE's config without sliding layers
+    still asks for that mask, which no layer uses) only later keys, ``~causal()``; below 0, None (dense)."""
+    if size >= 1:
+        return masks.sliding_window(size)
+    return ~masks.causal() if size == 0 else None
+
+
 def _or(env: dict[str, Any], ctx: _Context) -> Mask | None:
     parts = [_interpret(fn, ctx) for fn in env["mask_functions"]]
     if any(p is None for p in parts):
@@ -251,7 +259,7 @@ def _or(env: dict[str, Any], ctx: _Context) -> Mask | None:
 RECOGNISERS: dict[str, Recogniser] = {
     "causal_mask_function": lambda env, ctx: masks.causal(),
     "bidirectional_mask_function": lambda env, ctx: _FULL,
-    "sliding_window_overlay.<locals>.inner_mask": lambda env, ctx: masks.sliding_window(int(env["sliding_window"])),
+    "sliding_window_overlay.<locals>.inner_mask": lambda env, ctx: _window(int(env["sliding_window"])),
     "padding_mask_function.<locals>.inner_mask": lambda env, ctx: _padding(_keys(env["padding_mask"], ctx)),
     "packed_sequence_mask_function.<locals>.inner_mask": (
         lambda env, ctx: masks.document(_keys(env["packed_sequence_mask"], ctx))
