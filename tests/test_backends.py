@@ -187,6 +187,23 @@ def test_non_contiguous_inputs(name):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", [*NOT_REFERENCE, "auto"])
+@pytest.mark.parametrize("q_len", [128, 130])  # 128: whole query tiles, nothing to pad (blocked copies nothing)
+def test_head_dim_with_a_stride_equals_a_dense_softmax(name, q_len):
+    # every other column of wider tensors: the head dim's stride is 2, not 1
+    q, k, v = (torch.randn(1, h, n, 16, dtype=torch.float64)[..., ::2].requires_grad_()
+               for h, n in ((2, q_len), (1, 256), (1, 256)))
+    allowed = torch.arange(256) < 200  # padding([200]), written out
+    ours = maskattn.attention(q, k, v, masks.padding([200]), backend=name)
+    scores = (q @ k.transpose(-1, -2) / 8**0.5).masked_fill(~allowed, -torch.inf)
+    theirs = torch.softmax(scores, dim=-1) @ v  # (1, 2, Lq, 8): the one kv head serves both query heads
+    torch.testing.assert_close(ours, theirs)
+    grad = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(theirs, (q, k, v), grad),
+                    strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_blocked_dropout_is_reproducible_and_backward_matches_it():
     q, k, v = (torch.randn(1, 4, 11, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
     mask = masks.causal() & masks.sliding_window(5)

@@ -231,7 +231,9 @@ def _rows_layout(x: Tensor, kv_heads: int, block: int, padded: int) -> Tensor:
     if padded != length:
         x = torch.nn.functional.pad(x, (0, 0, 0, padded - length))  # (B, H, padded, D)
     x = x.view(batch, kv_heads, heads // kv_heads, padded // block, block, dim)
-    return x.transpose(2, 3).reshape(batch * kv_heads, padded // block, -1, dim)  # (B', nq, R, D)
+    # contiguous: reshape may return a view whose head dim has a stride other than 1 (x[..., ::2]), which the
+    # fused kernel reads as if it were 1
+    return x.transpose(2, 3).reshape(batch * kv_heads, padded // block, -1, dim).contiguous()  # (B', nq, R, D)
 
 
 def _unrows_layout(x: Tensor, batch: int, heads: int, block: int, length: int) -> Tensor:
