@@ -190,6 +190,10 @@ def _t(*shape, dtype=torch.float32):
         ((_t(1, 2, 4, 8),) * 3, {"dropout_p": 1.0}, ValueError, "dropout_p"),
         ((_t(1, 2, 4, 8),) * 3, {"q_offset": -2}, ValueError, "q_offset"),
         ((_t(1, 2, 4, 8),) * 3, {"scale": "a"}, TypeError, "scale must be a number .* got str 'a'"),
+        ((_t(1, 2, 4, 8),) * 3, {"dropout_p": 0.1, "generator": 3}, TypeError,
+         "generator must be a torch.Generator or None, got int 3"),
+        ((_t(1, 2, 4, 8),) * 3, {"dropout_p": 0.1, "generator": 3, "backend": "reference"}, TypeError,
+         "generator must be a torch.Generator or None, got int 3"),
         ((_t(2, 4, 5, 0), _t(2, 2, 5, 0), _t(2, 2, 5, 8)), {}, ValueError, r"head dim D >= 1, got q \(2, 4, 5, 0\)"),
     ],
 )

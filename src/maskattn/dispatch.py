@@ -212,7 +212,8 @@ def attention(
     Raises:
         ValueError: on shapes that do not fit together, a mask that does not fit the inputs, or an
             unknown backend.
-        TypeError: on non-floating or mismatched dtypes, or a mask of the wrong type.
+        TypeError: on non-floating or mismatched dtypes, a mask of the wrong type, or a generator that is not a
+            ``torch.Generator``.
     """
     check_inputs(q, k, v)
     mask = as_mask(mask)
@@ -225,6 +226,8 @@ def attention(
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if return_weights and return_lse:
         raise ValueError("return_weights and return_lse cannot both be True: ask for one")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__} {generator!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real | torch.SymInt |
                                                                         torch.SymFloat)):
         raise TypeError(f"scale must be a number (the scores' multiplier) or None for 1/sqrt(D), got "
