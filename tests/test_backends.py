@@ -204,6 +204,29 @@ def test_head_dim_with_a_stride_equals_a_dense_softmax(name, q_len):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("kernel", ["fused", "math"])
+def test_blocked_second_derivatives_are_right_or_refused(kernel):
+    # a Hessian-vector product (create_graph=True, as a gradient penalty takes it) against a dense softmax
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 4, dtype=torch.float64, generator=gen, requires_grad=True) for _ in range(3))
+    allowed = torch.ones(6, 6, dtype=torch.bool).tril()  # causal(), written out
+
+    def hessian_vector(out):
+        grads = torch.autograd.grad(out.pow(2).sum(), (q, k, v), create_graph=True)
+        return torch.autograd.grad(sum(g.sum() for g in grads), (q, k, v))
+
+    dense = torch.softmax((q @ k.transpose(-1, -2) / 2).masked_fill(~allowed, -torch.inf), dim=-1) @ v
+    expected = hessian_vector(dense)
+    out, _ = blocked.attention(q, k, v, masks.causal(), scale=0.5, kernel=kernel)
+    try:
+        got = hessian_vector(out)
+    except RuntimeError as e:  # refused, in words: fine
+        assert "backend 'blocked' has no second derivative" in str(e)
+    else:
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b)
+
+
 def test_blocked_dropout_is_reproducible_and_backward_matches_it():
     q, k, v = (torch.randn(1, 4, 11, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
     mask = masks.causal() & masks.sliding_window(5)

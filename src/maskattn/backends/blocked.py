@@ -486,23 +486,46 @@ class _BlockedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, _grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        plan: Plan = ctx.plan
-        batch, heads = q.shape[:2]
-        kv_heads = k.shape[1]
-        backward_kernel = _KERNELS[ctx.kernel][1]
-        q_rows = _rows_layout(q, kv_heads, plan.block_q, plan.padded_q)
-        grad_rows = _rows_layout(grad.contiguous(), kv_heads, plan.block_q, plan.padded_q)  # (B', nq, R, Dv)
-        k_pad, v_pad = _pad_keys(k, plan.padded_k), _pad_keys(v, plan.padded_k)
-        dq = torch.empty_like(q_rows)
-        for rows in _idle_blocks(plan):
-            dq[:, rows] = 0.0
-        dk, dv = torch.zeros_like(k_pad), torch.zeros_like(v_pad)
-        for n, group in enumerate(plan.groups):  # one call per group, its temporaries freed on return
-            _backward_group(plan, group, backward_kernel, (grad_rows, q_rows, k_pad, v_pad, out, lse), (dq, dk, dv),
-                            heads, ctx.scale, ctx.dropout_p, ctx.seed + n)
-        dq = _unrows_layout(dq, batch, heads, plan.block_q, plan.q_len)
-        return dq, dk[:, :, : plan.k_len], dv[:, :, : plan.k_len], None, None, None, None, None, None
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():  # recorded, the math kernel's in-place tile writes gave wrong second derivatives
+            dq, dk, dv = _gradients(ctx, grad)
+        if create_graph:  # a gradient of these gradients reaches a node that refuses it, as aten's fused kernel does
+            dq, dk, dv = _NoSecondDerivative.apply(dq, dk, dv, grad, *ctx.saved_tensors[:3])
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """``(dq, dk, dv)`` unchanged, tied to the tensors they were computed from; differentiating them raises."""
+
+    @staticmethod
+    def forward(ctx, dq, dk, dv, *sources):
+        return dq.view_as(dq), dk.view_as(dk), dv.view_as(dv)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("backend 'blocked' has no second derivative (a gradient of its gradients, "
+                           "create_graph=True); backend='reference' has one")
+
+
+def _gradients(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` of :class:`_BlockedAttention`, recomputed group by group."""
+    q, k, v, out, lse = ctx.saved_tensors
+    plan: Plan = ctx.plan
+    batch, heads = q.shape[:2]
+    kv_heads = k.shape[1]
+    backward_kernel = _KERNELS[ctx.kernel][1]
+    q_rows = _rows_layout(q, kv_heads, plan.block_q, plan.padded_q)
+    grad_rows = _rows_layout(grad.contiguous(), kv_heads, plan.block_q, plan.padded_q)  # (B', nq, R, Dv)
+    k_pad, v_pad = _pad_keys(k, plan.padded_k), _pad_keys(v, plan.padded_k)
+    dq = torch.empty_like(q_rows)
+    for rows in _idle_blocks(plan):
+        dq[:, rows] = 0.0
+    dk, dv = torch.zeros_like(k_pad), torch.zeros_like(v_pad)
+    for n, group in enumerate(plan.groups):  # one call per group, its temporaries freed on return
+        _backward_group(plan, group, backward_kernel, (grad_rows, q_rows, k_pad, v_pad, out, lse), (dq, dk, dv),
+                        heads, ctx.scale, ctx.dropout_p, ctx.seed + n)
+    dq = _unrows_layout(dq, batch, heads, plan.block_q, plan.q_len)
+    return dq, dk[:, :, : plan.k_len], dv[:, :, : plan.k_len]
 
 
 def _cost(call: Call, kept: int) -> tuple[int, str]:

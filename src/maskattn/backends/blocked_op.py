@@ -167,7 +167,7 @@ def _backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     lse_rows = lse_rows.unflatten(1, (-1, q.shape[1] // k.shape[1] * block_q))  # (B', nq, R)
     ctx = _Context((q, k, v, out_rows, lse_rows))
     ctx.plan, ctx.scale, ctx.dropout_p, ctx.seed, ctx.kernel = plan, scale, dropout_p, int(seed), kernel
-    dq, dk, dv = blocked._BlockedAttention.backward(ctx, grad, None)[:3]
+    dq, dk, dv = blocked._gradients(ctx, grad)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
