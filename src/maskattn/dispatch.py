@@ -210,8 +210,8 @@ def attention(
         ``(output, lse)`` when ``return_lse`` is True.
 
     Raises:
-        ValueError: on shapes that do not fit together, a mask that does not fit the inputs, or an
-            unknown backend.
+        ValueError: on shapes that do not fit together, a mask that does not fit the inputs, a scale that is
+            not finite, or an unknown backend.
         TypeError: on non-floating or mismatched dtypes, a mask of the wrong type, or a generator that is not a
             ``torch.Generator``.
     """
@@ -232,6 +232,8 @@ def attention(
                                                                         torch.SymFloat)):
         raise TypeError(f"scale must be a number (the scores' multiplier) or None for 1/sqrt(D), got "
                         f"{type(scale).__name__} {scale!r}")
+    if isinstance(scale, numbers.Real) and not math.isfinite(scale):  # every score would be NaN or +-inf
+        raise ValueError(f"scale must be finite, got {scale!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if backend == "auto":
