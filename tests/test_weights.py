@@ -95,6 +95,21 @@ def test_unsupported_or_contradictory_requests_are_refused_clearly():
         maskattn.attention_weights(q, q, lse, heads=[-1])
 
 
+def test_rows_and_heads_are_integer_indices_in_the_order_given():
+    q, k = torch.randn(1, 2, 6, 4, dtype=torch.float64), torch.randn(1, 2, 6, 4, dtype=torch.float64)
+    _, lse = maskattn.attention(q, k, k, masks.causal(), return_lse=True)
+    dense = torch.softmax((q @ k.transpose(-1, -2) / 2).masked_fill(~torch.ones(6, 6).tril().bool(), -torch.inf), -1)
+    for rows in ([4, 1], torch.tensor([4, 1]), (i for i in (4, 1))):
+        got = maskattn.attention_weights(q, k, lse, masks.causal(), heads=[1], rows=rows)
+        torch.testing.assert_close(got, dense[:, 1:2, [4, 1]])
+    # a boolean selection would be read as the indices 0 and 1, a float rounded down: neither is an index
+    for rows in ([True, False, True, False, False, True], torch.tensor([True] * 6), [1.7], "ab"):
+        with pytest.raises(ValueError, match=r"rows must be indices in \[0, 6\), got"):
+            maskattn.attention_weights(q, k, lse, rows=rows)
+    with pytest.raises(ValueError, match=r"heads must be indices in \[0, 2\), got \[True\]"):
+        maskattn.attention_weights(q, k, lse, heads=[True])
+
+
 def test_cheap_capture_never_runs_the_dense_path_and_equals_it(monkeypatch):
     """At N = 2048 the model runs its fast backends; the chosen rows of one layer's heads equal the
     reference weights, which would be (1, 4, 2048, 2048) per layer."""

@@ -16,6 +16,7 @@ Shape legend: B batch, H query heads, Hkv key/value heads (G = H // Hkv), Lq que
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -87,7 +88,16 @@ def attention_weights(
 def _indices(name: str, chosen: Sequence[int] | None, size: int, device: torch.device) -> Tensor:
     if chosen is None:
         return torch.arange(size, device=device)
-    idx = torch.as_tensor(list(chosen), dtype=torch.long, device=device)
-    if idx.dim() != 1 or (idx.numel() and (idx.min() < 0 or idx.max() >= size)):
-        raise ValueError(f"{name} must be indices in [0, {size}), got {list(chosen)}")
+    # ints only: a bool selection or a float would otherwise be read as the indices 0/1 or rounded down
+    if isinstance(chosen, Tensor):
+        shown, idx = chosen, None
+        if chosen.dim() == 1 and not (chosen.dtype == torch.bool or chosen.is_floating_point() or chosen.is_complex()):
+            idx = chosen.to(device=device, dtype=torch.long)
+    else:
+        shown = chosen if isinstance(chosen, str | bytes) else list(chosen)
+        ints = not isinstance(shown, str | bytes) and all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in shown)
+        idx = torch.tensor(shown, dtype=torch.long, device=device) if ints else None
+    if idx is None or (idx.numel() and (idx.min() < 0 or idx.max() >= size)):
+        raise ValueError(f"{name} must be indices in [0, {size}), got {shown!r}")
     return idx
