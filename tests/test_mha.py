@@ -195,6 +195,17 @@ def test_bad_inputs():
         layer(torch.randn(2, 4, 8), mask=masks.padding([4, 4, 4]))
 
 
+def test_projected_kv_must_have_this_layers_heads():
+    # kv projected by a layer of 2 key/value heads, handed to one of 1: attention would pair query head h with
+    # key/value head h, not with the layer's single one
+    x = torch.randn(2, 4, 8)
+    layer, other = MultiHeadAttention(8, 2, num_kv_heads=1), MultiHeadAttention(8, 2)
+    with pytest.raises(ValueError, match=r"kv must be .*\(B, Hkv, Lk, D\) = \(2, 1, Lk, 4\).*got \(2, 2, 4, 4\)"):
+        layer(x, kv=other.project_kv(x))
+    with pytest.raises(ValueError, match=r"kv must be a \(k, v\) pair .* got Tensor"):
+        layer(x, kv=layer.project_kv(x)[0])
+
+
 @pytest.mark.parametrize("backend", ["auto", "reference", "blocked", "sdpa"])
 @pytest.mark.parametrize("mask", [None, masks.causal(), masks.causal() & masks.padding([6, 4])])
 def test_attend_returns_the_same_output_with_its_log_sum_exp(backend, mask):

@@ -121,7 +121,7 @@ class MultiHeadAttention(nn.Module):
         """
         b, lq = self._check_query(query)
         q = self.q_proj(query).view(b, lq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Lq, D)
-        k, v = self.project_kv(query if key is None else key, value) if kv is None else kv
+        k, v = self.project_kv(query if key is None else key, value) if kv is None else self._check_kv(kv, b)
         if rope is not None:
             q = apply_rope(q, rope)
             k = k if kv is not None else apply_rope(k, rope)
@@ -197,6 +197,18 @@ class MultiHeadAttention(nn.Module):
             got = tuple(query.shape) if isinstance(query, Tensor) else type(query).__name__
             raise ValueError(f"query must be (B, L, {width}) batch-first, got {got}")
         return query.shape[0], query.shape[1]
+
+    def _check_kv(self, kv: tuple[Tensor, Tensor], batch: int) -> tuple[Tensor, Tensor]:
+        """``kv`` if it is two (B, Hkv, Lk, D) tensors of this layer's shape (as :meth:`project_kv` gives)."""
+        want = f"(B, Hkv, Lk, D) = ({batch}, {self.num_kv_heads}, Lk, {self.head_dim})"
+        if not isinstance(kv, tuple | list) or len(kv) != 2 or not all(isinstance(x, Tensor) for x in kv):
+            raise ValueError(f"kv must be a (k, v) pair of {want} tensors from project_kv, got {type(kv).__name__}")
+        k, v = kv
+        if k.dim() != 4 or k.shape != v.shape or tuple(k.shape[::3]) != (batch, self.head_dim) or \
+                k.shape[1] != self.num_kv_heads:
+            raise ValueError(f"kv must be two {want} tensors from this layer's project_kv, got {tuple(k.shape)} and "
+                             f"{tuple(v.shape)}")
+        return k, v
 
     def _check(self, key: Tensor, value: Tensor) -> None:
         expected = (("key", key, self.k_proj.in_features), ("value", value, self.v_proj.in_features))
