@@ -4,7 +4,7 @@ from torch import nn
 
 import maskattn
 from maskattn import MultiHeadAttention, masks
-from maskattn.layers import Attend
+from maskattn.layers import Attend, RotaryEmbedding
 
 
 def _copy_from_torch(theirs: nn.MultiheadAttention, ours: MultiHeadAttention) -> None:
@@ -204,6 +204,21 @@ def test_projected_kv_must_have_this_layers_heads():
         layer(x, kv=other.project_kv(x))
     with pytest.raises(ValueError, match=r"kv must be a \(k, v\) pair .* got Tensor"):
         layer(x, kv=layer.project_kv(x)[0])
+
+
+def test_rope_must_cover_every_query():
+    # the angles of one position, broadcast over four queries, would rotate them all alike
+    layer, rope = MultiHeadAttention(8, 2), RotaryEmbedding(4, 16)
+    x = torch.randn(2, 4, 8)
+    for positions in (torch.zeros(2, 1, dtype=torch.long), torch.arange(5).expand(2, 5)):
+        with pytest.raises(ValueError, match=r"rope must be \(cos, sin\), each \(B, 1, Lq, D/2\) = \(2, 1, 4, 2\)"):
+            layer(x, rope=rope(positions))
+    with pytest.raises(ValueError, match=r"rope must be \(cos, sin\).* got Tensor"):
+        layer(x, rope=rope(torch.arange(4)[None])[0])
+    with pytest.raises(ValueError, match=r"rope rotates the keys too: key must be as long as query \(4\), got 3"):
+        layer(x, torch.randn(2, 3, 8), rope=rope(torch.arange(4)[None]))
+    shared = layer(x, rope=rope(torch.arange(4)[None]))  # (1, 1, 4, 2): one set of positions for the batch
+    torch.testing.assert_close(shared, layer(x, rope=rope(torch.arange(4).expand(2, 4))))
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference", "blocked", "sdpa"])

@@ -123,6 +123,7 @@ class MultiHeadAttention(nn.Module):
         q = self.q_proj(query).view(b, lq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Lq, D)
         k, v = self.project_kv(query if key is None else key, value) if kv is None else self._check_kv(kv, b)
         if rope is not None:
+            self._check_rope(rope, b, lq, k.shape[2] if kv is None else lq)
             q = apply_rope(q, rope)
             k = k if kv is not None else apply_rope(k, rope)
         if cache is not None:
@@ -197,6 +198,20 @@ class MultiHeadAttention(nn.Module):
             got = tuple(query.shape) if isinstance(query, Tensor) else type(query).__name__
             raise ValueError(f"query must be (B, L, {width}) batch-first, got {got}")
         return query.shape[0], query.shape[1]
+
+    def _check_rope(self, rope: tuple[Tensor, Tensor], batch: int, q_len: int, k_len: int) -> None:
+        """Raise unless ``rope`` holds angles for every query (nothing broadcast over Lq) and the keys it rotates."""
+        want = f"(B, 1, Lq, D/2) = ({batch}, 1, {q_len}, {self.head_dim // 2})"
+        pair = isinstance(rope, tuple | list) and len(rope) == 2 and all(isinstance(x, Tensor) for x in rope)
+        if not pair:
+            raise ValueError(f"rope must be (cos, sin), each {want} from RotaryEmbedding, got {type(rope).__name__}")
+        for x in rope:
+            if x.dim() != 4 or not (x.shape[0] == 1 or x.shape[0] == batch) or tuple(x.shape[1:]) != \
+                    (1, q_len, self.head_dim // 2):
+                raise ValueError(f"rope must be (cos, sin), each {want} (B may be 1) from RotaryEmbedding, got "
+                                 f"{tuple(rope[0].shape)} and {tuple(rope[1].shape)}")
+        if k_len != q_len:
+            raise ValueError(f"rope rotates the keys too: key must be as long as query ({q_len}), got {k_len}")
 
     def _check_kv(self, kv: tuple[Tensor, Tensor], batch: int) -> tuple[Tensor, Tensor]:
         """``kv`` if it is two (B, Hkv, Lk, D) tensors of this layer's shape (as :meth:`project_kv` gives)."""
