@@ -299,9 +299,9 @@ def test_under_torchrun_every_rank_hears_rank_zeros_refusal(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "-m",
            "maskattn", *lm_args(tmp_path, out)]
-    with run_lock(out):
+    with run_lock(out):  # (two processes on the CPU, also on a machine with one GPU)
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode != 0
     assert "run directory" in done.stderr and "is in use" in done.stderr
     assert "refused by rank 0" in done.stderr and "Connection closed by peer" not in done.stderr

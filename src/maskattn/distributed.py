@@ -68,7 +68,8 @@ def local_device() -> torch.device:
     rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
     if rank >= count:
         raise ValueError(f"LOCAL_RANK={rank} but this machine has {count} GPU(s): start at most {count} processes "
-                         "per node (torchrun --nproc_per_node), or train every process on the CPU")
+                         "per node (torchrun --nproc_per_node), or train every process on the CPU "
+                         "(CUDA_VISIBLE_DEVICES= hides the GPUs)")
     return torch.device("cuda", rank)
 
 
