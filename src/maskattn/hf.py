@@ -382,8 +382,9 @@ def build_mask(
     if parts[0] is not None and q_offset >= kv_offset:
         mask = _conjunction(parts)
         return HFMask(None if mask is _FULL else mask, q_offset - kv_offset)
-    _once(f"mask function {getattr(mask_function, '__qualname__', mask_function)!r} has no maskattn structure; "
-          "using the dense mask transformers would build (masks.from_tensor)")
+    if not torch.compiler.is_compiling():  # (the f-string's repr of a traced predicate breaks torch 2.11's graph)
+        _once(f"mask function {getattr(mask_function, '__qualname__', mask_function)!r} has no maskattn structure; "
+              "using the dense mask transformers would build (masks.from_tensor)")
     return _dense_mask(mu, batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
                        kwargs)
 
