@@ -293,3 +293,25 @@ def test_nested_rerun_captures_record_each_call_once():
     assert set(a) == set(b) and all(len(a[n]) == len(b[n]) == 1 for n in a)
     for name in a:
         torch.testing.assert_close(a[name][0], b[name][0])
+
+
+@pytest.mark.parametrize("method", ["lse", "rerun"])
+def test_capture_takes_integer_rows_once_and_refuses_bools(method):
+    # method="rerun" indexed with list(rows): [True, False, True] acted as a mask (rows 0 and 2), and a generator was
+    # used up by the first call (the second recorded no rows)
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig.preset("tiny")).eval()
+    src, tgt = torch.randint(3, 64, (2, 7)), torch.randint(3, 64, (2, 5))
+    with torch.no_grad(), capture_attention(model, layers=["decoder.layers.0.self_attn"], method=method) as every:
+        model(src, tgt)
+        model(src, tgt)
+    with torch.no_grad(), capture_attention(model, layers=["decoder.layers.0.self_attn"], method=method,
+                                            rows=(i for i in (0, 3))) as some:
+        model(src, tgt)
+        model(src, tgt)
+    for whole, part in zip(every["decoder.layers.0.self_attn"], some["decoder.layers.0.self_attn"], strict=True):
+        torch.testing.assert_close(part, whole[:, :, [0, 3]])  # both calls: the generator was read once
+    for bad in ([True, False, True], torch.tensor([True, False]), [0.0, 2.0], "01"):
+        with pytest.raises(ValueError, match="rows must be integer indices"), capture_attention(model, rows=bad,
+                                                                                                method=method):
+            pass

@@ -12,6 +12,7 @@ Models of other libraries are observed through their registered adapter
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from fnmatch import fnmatchcase
@@ -54,10 +55,12 @@ def capture_attention(
 
     Raises:
         ValueError: when nothing would be captured: the model has no attention module it can observe,
-            or ``layers`` matches none of them (the message lists them).
+            or ``layers`` matches none of them (the message lists them); when ``heads`` or ``rows`` are not
+            integer indices.
     """
     if method not in ("lse", "rerun"):
         raise ValueError(f"method must be 'lse' or 'rerun', got {method!r}")
+    heads, rows = _index_list("heads", heads), _index_list("rows", rows)
     view = inspectable(model)
     observer = view if isinstance(view, AttentionObserver) else None
     if observer is None:
@@ -86,6 +89,22 @@ def capture_attention(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _index_list(name: str, chosen: Sequence[int] | Tensor | None) -> tuple[int, ...] | None:
+    """``chosen`` as a tuple of ints, read once (a generator serves every call); bools and floats are refused, which
+    indexing would take as a mask or round down."""
+    if chosen is None:
+        return None
+    if isinstance(chosen, Tensor):
+        ok = chosen.dim() == 1 and not (chosen.dtype == torch.bool or chosen.is_floating_point() or chosen.is_complex())
+        values = tuple(chosen.tolist()) if ok else None
+    else:
+        values = None if isinstance(chosen, str | bytes) else tuple(chosen)
+        ok = values is not None and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in values)
+    if not ok:
+        raise ValueError(f"{name} must be integer indices, got {chosen!r}")
+    return tuple(int(i) for i in values)
 
 
 def _layer_hooks(chosen: dict[str, nn.Module], captured: dict[str, list[Tensor]], heads, rows,
