@@ -146,6 +146,14 @@ def test_a_sharded_checkpoint_loads_with_equal_logits(tmp_path):
     ids = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (from_pretrained(tmp_path)(ids) - theirs(ids).logits).abs().max() <= 1e-5
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    for outside in ("../elsewhere.safetensors", "/etc/passwd"):  # the index is data: it reads its own directory only
+        first = next(iter(index["weight_map"]))
+        (tmp_path / "model.safetensors.index.json").write_text(
+            json.dumps({**index, "weight_map": {**index["weight_map"], first: outside}}))
+        with pytest.raises(ValueError, match="weight_map names files outside its directory"):
+            from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     next(tmp_path.glob("model-*.safetensors")).unlink()  # a shard the index lists is missing: named
     with pytest.raises(ValueError, match=r"model-\d+-of-\d+\.safetensors"):
         from_pretrained(tmp_path)
