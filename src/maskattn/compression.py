@@ -197,14 +197,13 @@ def choose_heads(model: nn.Module, importance: Mapping[str, Tensor], fraction: f
 
 
 def removes_any_head(model: nn.Module, fraction: float, *, per_module: bool = False) -> bool:
-    """Whether :func:`choose_heads` (or :func:`choose_heads_greedy`) removes at least one head at ``fraction``:
-    the fraction is rounded to whole heads (of the model, or of each module), taken in whole key/value groups,
-    and every module keeps one group."""
-    modules = attention_modules(model).values()
-    if per_module:
-        return any(min(round(fraction * attn.num_kv_heads), attn.num_kv_heads - 1) > 0 for attn in modules)
-    target = round(fraction * sum(attn.num_heads for attn in modules))
-    return any(attn.num_kv_heads > 1 and attn.num_heads // attn.num_kv_heads <= target for attn in modules)
+    """Whether :func:`choose_heads` (or :func:`choose_heads_greedy`) removes at least one head at ``fraction``,
+    whatever the heads' importance: the fraction is rounded to whole heads, taken in whole key/value groups, and
+    every module keeps one group (so the first group the choice may take, it takes)."""
+    modules = attention_modules(model)
+    even = {name: torch.zeros(attn.num_kv_heads) for name, attn in modules.items()}
+    kept = choose_heads(model, even, fraction, per_module=per_module)
+    return any(len(kept[name]) < attn.num_heads for name, attn in modules.items())
 
 
 def _check_fraction(fraction: float) -> None:
