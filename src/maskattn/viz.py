@@ -12,7 +12,6 @@ Models of other libraries are observed through their registered adapter
 from __future__ import annotations
 
 import json
-import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from fnmatch import fnmatchcase
@@ -25,7 +24,7 @@ from torch.utils.hooks import RemovableHandle
 from maskattn.dispatch import attention
 from maskattn.layers import MultiHeadAttention
 from maskattn.models import AttentionObserver, inspectable
-from maskattn.weights import attention_weights
+from maskattn.weights import attention_weights, integer_indices
 
 
 @contextmanager
@@ -92,19 +91,13 @@ def capture_attention(
 
 
 def _index_list(name: str, chosen: Sequence[int] | Tensor | None) -> tuple[int, ...] | None:
-    """``chosen`` as a tuple of ints, read once (a generator serves every call); bools and floats are refused, which
-    indexing would take as a mask or round down."""
+    """``chosen`` as a tuple of ints, read once (a generator serves every call); bools and floats are refused."""
     if chosen is None:
         return None
-    if isinstance(chosen, Tensor):
-        ok = chosen.dim() == 1 and not (chosen.dtype == torch.bool or chosen.is_floating_point() or chosen.is_complex())
-        values = tuple(chosen.tolist()) if ok else None
-    else:
-        values = None if isinstance(chosen, str | bytes) else tuple(chosen)
-        ok = values is not None and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in values)
-    if not ok:
+    values = integer_indices(chosen)
+    if values is None:
         raise ValueError(f"{name} must be integer indices, got {chosen!r}")
-    return tuple(int(i) for i in values)
+    return values
 
 
 def _layer_hooks(chosen: dict[str, nn.Module], captured: dict[str, list[Tensor]], heads, rows,

@@ -85,19 +85,24 @@ def attention_weights(
     return weights.to(q.dtype)
 
 
+def integer_indices(chosen: Sequence[int] | Tensor) -> tuple[int, ...] | None:
+    """``chosen`` read once as a tuple of ints, or None when it is not integer indices: a bool selection or a float
+    would otherwise be read as the indices 0/1 (or taken as a mask) or rounded down."""
+    if isinstance(chosen, Tensor):
+        ok = chosen.dim() == 1 and not (chosen.dtype == torch.bool or chosen.is_floating_point() or chosen.is_complex())
+        return tuple(chosen.tolist()) if ok else None
+    if isinstance(chosen, str | bytes):
+        return None
+    values = tuple(chosen)
+    ok = all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in values)
+    return tuple(int(i) for i in values) if ok else None
+
+
 def _indices(name: str, chosen: Sequence[int] | None, size: int, device: torch.device) -> Tensor:
     if chosen is None:
         return torch.arange(size, device=device)
-    # ints only: a bool selection or a float would otherwise be read as the indices 0/1 or rounded down
-    if isinstance(chosen, Tensor):
-        shown, idx = chosen, None
-        if chosen.dim() == 1 and not (chosen.dtype == torch.bool or chosen.is_floating_point() or chosen.is_complex()):
-            idx = chosen.to(device=device, dtype=torch.long)
-    else:
-        shown = chosen if isinstance(chosen, str | bytes) else list(chosen)
-        ints = not isinstance(shown, str | bytes) and all(
-            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in shown)
-        idx = torch.tensor(shown, dtype=torch.long, device=device) if ints else None
-    if idx is None or (idx.numel() and (idx.min() < 0 or idx.max() >= size)):
+    values = integer_indices(chosen)
+    if values is None or any(not 0 <= i < size for i in values):
+        shown = chosen if values is None else list(values)
         raise ValueError(f"{name} must be indices in [0, {size}), got {shown!r}")
-    return idx
+    return torch.tensor(values, dtype=torch.long, device=device)
