@@ -55,3 +55,55 @@ def test_curves_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
         plot_curves(log)
     assert (tmp_path / "curves.png").read_bytes() == first and sorted(p.name for p in tmp_path.iterdir()) == [
         "curves.png", "metrics.jsonl"]
+
+
+def _picture_writers() -> dict:
+    """``{file name: draw(out_dir, weight)}`` for every picture writer; ``weight`` changes what is drawn."""
+    import numpy as np
+
+    from maskattn import explorer
+    from maskattn.plotting import plot_overlays
+    from maskattn.tasks.base import Overlay
+    from maskattn.viz import head_grid, heatmap
+
+    w = lambda weight: torch.full((2, 3, 4), weight)  # noqa: E731  (H, Lq, Lk)
+    mask = lambda weight: masks.causal() & masks.sliding_window(1 + round(4 * weight))  # noqa: E731
+    overlay = lambda weight: Overlay("word1_one", "word 1", np.zeros((8, 8), np.float32), np.full((2, 2), weight))  # noqa: E731
+    return {
+        "h.png": lambda out, weight: heatmap(w(weight)[0], out / "h.png"),
+        "g.png": lambda out, weight: head_grid(w(weight), out / "g.png"),
+        "m.png": lambda out, weight: plot_mask(mask(weight), 4, path=str(out / "m.png")),
+        "m.svg": lambda out, weight: plot_mask(mask(weight), 4, path=str(out / "m.svg")),
+        "word1_one.png": lambda out, weight: plot_overlays([overlay(weight)], out),
+        "t.png": lambda out, weight: plot_tradeoff({"t": [("a", 1.0, weight)]}, out / "t.png"),
+        "explorer.html": lambda out, weight: explorer.write_page(
+            [explorer.attention_record("a", "k", 0, w(weight), list("abc"), list("abcd"))], out / "explorer.html"),
+    }
+
+
+def test_every_picture_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    writers = _picture_writers()
+    for draw in writers.values():
+        draw(tmp_path, 0.25)
+    before = {name: (tmp_path / name).read_bytes() for name in writers}
+    assert before["m.svg"].lstrip().startswith(b"<?xml") and before["h.png"][:8] == PNG
+    assert before["m.png"][:8] == PNG and before["explorer.html"].startswith(b"<!doctype html>")
+
+    def dies_half_way(write):
+        def half(self, target, *args, **kwargs):
+            write(self, target, *args, **kwargs)
+            path = self if isinstance(self, Path) else Path(target)
+            path.write_bytes(path.read_bytes()[:20])  # a kill while writing leaves the first bytes
+            raise KeyboardInterrupt
+
+        return half
+
+    monkeypatch.setattr(Figure, "savefig", dies_half_way(Figure.savefig))
+    monkeypatch.setattr(Path, "write_text", dies_half_way(Path.write_text))
+    for name, draw in writers.items():
+        with contextlib.suppress(KeyboardInterrupt):
+            draw(tmp_path, 0.75)
+        assert (tmp_path / name).read_bytes() == before[name], f"{name} was left half written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(writers)

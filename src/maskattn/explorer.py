@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from maskattn.io import atomic_write_text
+
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>maskattn attention explorer</title>
 <style>
@@ -182,5 +184,4 @@ def write_page(records: list[dict[str, Any]], path: str | Path) -> Path:
     if not records:
         raise ValueError("no attention to show")
     data = json.dumps({"levels": LEVELS, "attentions": records}).translate(_SCRIPT_SAFE)
-    Path(path).write_text(PAGE.replace("__DATA__", data), encoding="utf-8")
-    return Path(path)
+    return atomic_write_text(path, PAGE.replace("__DATA__", data))  # a kill while writing keeps the old page

@@ -16,7 +16,14 @@ from pathlib import Path
 from maskattn.io import atomic_write
 from maskattn.masks import Mask
 
-__all__ = ["plot_curves", "plot_mask", "plot_overlays", "plot_tradeoff"]
+__all__ = ["plot_curves", "plot_mask", "plot_overlays", "plot_tradeoff", "save_figure"]
+
+
+def save_figure(fig, path: str | Path, **kwargs) -> Path:
+    """``fig.savefig`` to ``path`` whole or not at all (a kill while drawing keeps the previous picture), in the
+    format its suffix names (PNG without one: the temporary name has no suffix to go by)."""
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
 
 
 def plot_mask(
@@ -61,7 +68,7 @@ def plot_mask(
               extent=(-0.5, k_len - 0.5, q_offset + q_len - 0.5, q_offset - 0.5))
     ax.set(xlabel="key position", ylabel="query position", title=repr(mask))
     if path is not None:
-        (fig or ax.figure).savefig(path, dpi=100, bbox_inches="tight")
+        save_figure(fig or ax.figure, path, dpi=100, bbox_inches="tight")
         if fig is not None:
             plt.close(fig)
     return ax
@@ -100,8 +107,7 @@ def plot_curves(log: str | Path, out: str | Path | None = None) -> Path | None:
         axes[0, -1].set(xlabel="step", title="evaluation")
         axes[0, -1].legend()
     fig.tight_layout()
-    # whole or not at all: a run killed while drawing keeps its previous curves (the temporary name has no .png)
-    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    save_figure(fig, out, dpi=100)  # a run killed while drawing keeps its previous curves
     plt.close(fig)
     return out
 
@@ -125,7 +131,7 @@ def plot_overlays(overlays, out_dir: str | Path) -> list[Path]:
         ax.axis("off")
         fig.tight_layout()
         written.append(out / f"{o.name}.png")
-        fig.savefig(written[-1], dpi=100)
+        save_figure(fig, written[-1], dpi=100)
         plt.close(fig)
     return written
 
@@ -150,6 +156,6 @@ def plot_tradeoff(panels: Mapping[str, Sequence[tuple[str, float, float]]], out:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(out)
-    fig.savefig(out, dpi=100)
+    save_figure(fig, out, dpi=100)
     plt.close(fig)
     return out

@@ -24,6 +24,7 @@ from torch.utils.hooks import RemovableHandle
 from maskattn.dispatch import attention
 from maskattn.layers import MultiHeadAttention
 from maskattn.models import AttentionObserver, inspectable
+from maskattn.plotting import save_figure
 from maskattn.weights import attention_weights, integer_indices
 
 
@@ -191,7 +192,7 @@ def heatmap(weights: Tensor, path: str | Path, *, x_labels: Sequence[str] = (), 
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     fig.colorbar(image, ax=ax, fraction=0.04)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return Path(path)
 
@@ -216,7 +217,7 @@ def head_grid(weights: Tensor, path: str | Path, *, x_labels: Sequence[str] = ()
         ax.set_title(f"head {i}")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return Path(path)
 
