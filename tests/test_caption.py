@@ -183,3 +183,22 @@ def test_a_file_that_is_not_an_image_is_one_error(tmp_path):
     (tmp_path / "notes.png").write_text("not a picture")
     with pytest.raises(ValueError, match="notes\\.png: not an image PIL can read; expected a PNG canvas"):
         read_png(tmp_path / "notes.png", 4)
+
+
+def test_a_missing_directory_or_oversized_image_is_named(tmp_path):
+    from PIL import Image
+
+    from maskattn.tasks.caption import read_png
+
+    with pytest.raises(ValueError, match=r"missing\.png: no such file; expected a PNG canvas"):
+        read_png(tmp_path / "missing.png", 4)
+    with pytest.raises(ValueError, match=r"pngs: a directory; expected a PNG canvas"):
+        (tmp_path / "pngs").mkdir()
+        read_png(tmp_path / "pngs", 4)
+    Image.fromarray(np.full((9, 30), 255, np.uint8)).save(tmp_path / "wide.png")
+    assert read_png(tmp_path / "wide.png", 4, largest=(12, 32)).shape == (12, 32)  # padded to whole patches
+    with pytest.raises(ValueError, match=r"wide\.png: 9x30 pixels, larger than the model's 8x32 canvases"):
+        read_png(tmp_path / "wide.png", 4, largest=(8, 32))
+    # each image is checked against the model alone: the batch error named only the padded batch's size
+    model = tiny_model()  # 4x4 patches, 4 x 12 of them: 16x48 canvases
+    assert C.largest_canvas(model) == (16, 48)

@@ -271,9 +271,20 @@ def load(directory: str | Path) -> tuple[Captioner, Tokenizer, DataConfig]:
     return model, tok, DataConfig(**settings.get("data", {}))
 
 
-def read_png(path: str | Path, multiple: int) -> np.ndarray:
+def largest_canvas(model: Captioner) -> tuple[int, int]:
+    """The (height, width) in pixels of the largest canvas the model's patch positions cover."""
+    c = model.config
+    return c.max_rows * c.patch_size, c.max_cols * c.patch_size
+
+
+def read_png(path: str | Path, multiple: int, *, largest: tuple[int, int] | None = None) -> np.ndarray:
     """A PNG canvas as (height, width) float32 in [0, 1] (grey level, ink bright), padded with
-    background at the bottom and right to multiples of ``multiple``."""
+    background at the bottom and right to multiples of ``multiple``.
+
+    Raises:
+        ValueError: naming ``path`` when it is missing, a directory, not an image, or larger than ``largest``
+            (height, width; :func:`largest_canvas`).
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -281,7 +292,14 @@ def read_png(path: str | Path, multiple: int) -> np.ndarray:
             pixels = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
     except UnidentifiedImageError:
         raise ValueError(f"{path}: not an image PIL can read; expected a PNG canvas") from None
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file; expected a PNG canvas") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: a directory; expected a PNG canvas") from None
     h, w = pixels.shape
+    if largest is not None and (h > largest[0] or w > largest[1]):
+        raise ValueError(f"{path}: {h}x{w} pixels, larger than the model's {largest[0]}x{largest[1]} canvases "
+                         "(its patch positions)")
     out = np.zeros((-(-h // multiple) * multiple, -(-w // multiple) * multiple), dtype=np.float32)
     out[:h, :w] = pixels
     return out
@@ -310,7 +328,7 @@ def evaluate_file(directory: str | Path, path: str) -> dict[str, float]:
     rows = read_parallel(path, fields=("image.png", "caption"))  # a bad row: one DataError naming file and line
     if not rows:
         raise DataError(f"{path}: no images to score")
-    images = [read_png(base / r[0], p) for r in rows]
+    images = [read_png(base / r[0], p, largest=largest_canvas(model)) for r in rows]
     said = [c for i in range(0, len(images), 250) for c in caption_batch(model, tok, images[i : i + 250])[0]]
     truth = [r[1].strip() for r in rows]
     right = sum(a == b for s, t in zip(said, truth, strict=True) for a, b in zip(s.split(), t.split(), strict=False))
@@ -325,7 +343,7 @@ def visualize(directory: str | Path, image: str, out_dir: str | Path) -> tuple[l
     decoder layer's heads (written here)."""
     model, tok, _ = load(directory)
     p = model.config.patch_size
-    pixels = read_png(image, p)
+    pixels = read_png(image, p, largest=largest_canvas(model))
     (said,), weights, _ = caption_batch(model, tok, [pixels])
     words = said.split()
     rows, cols = pixels.shape[0] // p, pixels.shape[1] // p
@@ -360,7 +378,8 @@ def _caption(args: argparse.Namespace) -> int:
         truth = example.caption
     if not paths:
         raise ValueError("give PNG images to caption, or --example PNG")
-    captions = caption_batch(model, tok, [read_png(path, model.config.patch_size) for path in paths])[0]
+    captions = caption_batch(model, tok, [read_png(path, model.config.patch_size, largest=largest_canvas(model))
+                                          for path in paths])[0]
     for path, said in zip(paths, captions, strict=True):
         print(f"{path}\t{said}")
     if truth:
