@@ -202,3 +202,16 @@ def test_a_missing_directory_or_oversized_image_is_named(tmp_path):
     # each image is checked against the model alone: the batch error named only the padded batch's size
     model = tiny_model()  # 4x4 patches, 4 x 12 of them: 16x48 canvases
     assert C.largest_canvas(model) == (16, 48)
+
+
+def test_patch_embedding_names_integer_images_and_another_dtype():
+    embed = PatchEmbedding(2, 8, max_rows=3, max_cols=4)
+    pixels = torch.randint(0, 256, (2, 4, 6), dtype=torch.uint8)  # what torch.from_numpy of a PIL image gives
+    for images in (pixels, pixels > 128):
+        with pytest.raises(TypeError, match=rf"images must be floating point .*, got {images.dtype}"):
+            embed(images)
+    with pytest.raises(ValueError, match=r"images \(torch.float64\) and the model \(torch.float32\) must have one "
+                                         "dtype outside autocast"):
+        embed(pixels.double() / 255)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts float32 pixels for a bf16 projection
+        assert embed.to(torch.bfloat16)(pixels.float() / 255).shape == (2, 6, 8)

@@ -63,6 +63,11 @@ class PatchEmbedding(nn.Module):
             got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             expected = "(B, Hc, Wc) or (B, 1, Hc, Wc)" if self.channels == 1 else f"(B, {self.channels}, Hc, Wc)"
             raise ValueError(f"images must be {expected}, got {got}")
+        if images.dtype == torch.bool or not (images.is_floating_point() or images.is_complex()):
+            raise TypeError(f"images must be floating point (pixels scaled to [0, 1]), got {images.dtype}")
+        if not torch.is_autocast_enabled(images.device.type) and images.dtype != self.proj.weight.dtype:
+            raise ValueError(f"images ({images.dtype}) and the model ({self.proj.weight.dtype}) must have one dtype "
+                             "outside autocast")
         h, w = images.shape[-2:]
         rows, cols = h // p, w // p
         largest = f"{self.rows.num_embeddings * p}x{self.cols.num_embeddings * p}"
