@@ -215,3 +215,11 @@ def test_patch_embedding_names_integer_images_and_another_dtype():
         embed(pixels.double() / 255)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts float32 pixels for a bf16 projection
         assert embed.to(torch.bfloat16)(pixels.float() / 255).shape == (2, 6, 8)
+
+
+def test_patch_embedding_of_an_empty_batch():
+    embed = PatchEmbedding(2, 8, max_rows=3, max_cols=4)
+    # a batch of none: (0, N, E), as nn.Linear gives for no rows (the reshape to (0, N, -1) failed)
+    assert embed(torch.zeros(0, 4, 6)).shape == (0, 6, 8)
+    model = tiny_model()
+    assert model(torch.zeros(0, 8, 16), torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3, model.config.vocab_size)

@@ -83,7 +83,7 @@ class PatchEmbedding(nn.Module):
         rows, cols = self.grid(images)
         p, b = self.patch_size, images.shape[0]
         x = images.reshape(b, self.channels, rows, p, cols, p)  # (B, C, R, P, K, P)
-        x = x.permute(0, 2, 4, 1, 3, 5).reshape(b, rows * cols, -1)  # (B, N, C*P*P)
+        x = x.permute(0, 2, 4, 1, 3, 5).reshape(b, rows * cols, self.channels * p * p)  # (B, N, C*P*P)
         positions = self.rows.weight[:rows, None] + self.cols.weight[None, :cols]  # (R, K, E)
         return self.proj(x) + positions.reshape(rows * cols, -1)  # (B, N, E)
 
