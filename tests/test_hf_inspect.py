@@ -160,6 +160,16 @@ def test_capture_from_the_lse_equals_eager_weights(name):
         assert got[1, :, :, 4:].abs().max() == 0  # row 1's padding keys get no weight
 
 
+@pytest.mark.parametrize("implementation", ["eager", NAME])
+def test_capture_refuses_heads_and_rows_past_the_call_under_either_implementation(implementation):
+    # under "eager" head 99 was torch's IndexError and -1 the last row, where "maskattn" refused both by name
+    model, ids = _model("llama", implementation), torch.tensor([[5, 9, 14, 3, 22, 7]])
+    for kwargs, said in [({"heads": [99]}, r"heads must be indices in \[0, 4\), got \[99\]"),
+                         ({"rows": [-1]}, r"rows must be indices in \[0, 6\), got \[-1\]")]:
+        with pytest.raises(ValueError, match=said), torch.no_grad(), capture_attention(model, **kwargs):
+            model(input_ids=ids)
+
+
 def test_capture_without_weights_raises_naming_the_module_and_the_fix():
     model = _model("llama", "sdpa")
     with pytest.raises(RuntimeError, match=r"model\.layers\.0\.self_attn .*'sdpa'.*'maskattn'"), \

@@ -315,3 +315,25 @@ def test_capture_takes_integer_rows_once_and_refuses_bools(method):
         with pytest.raises(ValueError, match="rows must be integer indices"), capture_attention(model, rows=bad,
                                                                                                 method=method):
             pass
+
+
+@pytest.mark.parametrize("method", ["lse", "rerun"])
+def test_both_methods_refuse_heads_and_rows_past_the_call_naming_them(method):
+    # method="rerun" ended in torch's IndexError for head 99 or row 10, and read -1 as the last row / head where
+    # method="lse" refused it: the two methods now take the same indices and name the argument alike
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig.preset("tiny")).eval()  # 4 heads
+    src, tgt = torch.randint(3, 64, (2, 7)), torch.randint(3, 64, (2, 5))
+    for kwargs, said in [({"heads": [99]}, r"heads must be indices in \[0, 4\), got \[99\]"),
+                         ({"heads": [-1]}, r"heads must be indices in \[0, 4\), got \[-1\]"),
+                         ({"rows": [0, 5]}, r"rows must be indices in \[0, 5\), got \[0, 5\]"),
+                         ({"rows": [-1]}, r"rows must be indices in \[0, 5\), got \[-1\]")]:
+        with pytest.raises(ValueError, match=said), torch.no_grad(), capture_attention(
+                model, layers=["decoder.layers.0.self_attn"], method=method, **kwargs):
+            model(src, tgt)
+    with torch.no_grad(), capture_attention(model, heads=[3, 1], rows=[4, 0], method=method) as got:
+        model(src, tgt)
+    with torch.no_grad():
+        _, dense = model(src, tgt, return_weights=True)
+    want = dense["decoder"][1]["cross"][:, [3, 1]][:, :, [4, 0]]  # (B, 2, 2, Ls)
+    torch.testing.assert_close(got["decoder.layers.1.cross_attn"][0], want)

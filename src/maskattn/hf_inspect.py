@@ -44,7 +44,7 @@ from maskattn.decoding import check_sampling
 from maskattn.errors import UsageError
 from maskattn.models.inspection import AttentionSite, AuditProbe, ProbeCheck, ProbeInput, register_adapter
 from maskattn.tokenization import decode_continuation
-from maskattn.weights import attention_weights
+from maskattn.weights import attention_weights, select
 
 Packing = Callable[[Tensor, Tensor], dict[str, Any]]
 
@@ -164,9 +164,7 @@ class HFAdapter:
                            "or 'eager'")
                     raise RuntimeError(f"capture_attention: {name} ({type(module).__name__}) returned no attention "
                                        f"weights under attn_implementation={implementation!r}; {fix}")
-                weights = weights.detach()  # (B, H, Lq, Lk)
-                weights = weights if heads is None else weights[:, list(heads)]
-                record(name, weights if rows is None else weights[:, :, list(rows)])
+                record(name, select(weights.detach(), heads, rows))  # (B, H, Lq, Lk) -> the chosen heads and rows
             return hook
 
         return [hf.observe(from_lse), *(module.register_forward_hook(from_output(name))

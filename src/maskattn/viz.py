@@ -25,7 +25,7 @@ from maskattn.dispatch import attention
 from maskattn.layers import MultiHeadAttention
 from maskattn.models import AttentionObserver, inspectable
 from maskattn.plotting import save_figure
-from maskattn.weights import attention_weights, integer_indices
+from maskattn.weights import attention_weights, integer_indices, select
 
 
 @contextmanager
@@ -162,9 +162,7 @@ def _rerun_hook(name: str, captured: dict[str, list[Tensor]], heads, rows):
                 _, weights = module(*args, **{**kwargs, "return_weights": True})
         finally:
             _RERUNNING.discard(id(module))
-        weights = weights if heads is None else weights[:, list(heads)]
-        weights = weights if rows is None else weights[:, :, list(rows)]
-        captured.setdefault(name, []).append(weights.detach().cpu())
+        captured.setdefault(name, []).append(select(weights, heads, rows).detach().cpu())
         return None
 
     return record

@@ -61,8 +61,8 @@ def attention_weights(
         raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)}: expected (B={b}, Hkv | {h}, Lk, D={d})")
     if lse.shape != (b, h, lq):
         raise ValueError(f"lse must be (B, H, Lq) = {(b, h, lq)} like q, got shape {tuple(lse.shape)}")
-    head_idx = _indices("heads", heads, h, q.device)
-    row_idx = _indices("rows", rows, lq, q.device)
+    head_idx = index_tensor("heads", heads, h, q.device)
+    row_idx = index_tensor("rows", rows, lq, q.device)
     mask = as_mask(mask)
     lk = k.shape[2]
     if mask is not None:
@@ -98,7 +98,9 @@ def integer_indices(chosen: Sequence[int] | Tensor) -> tuple[int, ...] | None:
     return tuple(int(i) for i in values) if ok else None
 
 
-def _indices(name: str, chosen: Sequence[int] | None, size: int, device: torch.device) -> Tensor:
+def index_tensor(name: str, chosen: Sequence[int] | None, size: int, device: torch.device) -> Tensor:
+    """``chosen`` (default all of ``range(size)``) as a long tensor of indices; ValueError naming ``name`` when they
+    are not integer indices in ``[0, size)``."""
     if chosen is None:
         return torch.arange(size, device=device)
     values = integer_indices(chosen)
@@ -106,3 +108,10 @@ def _indices(name: str, chosen: Sequence[int] | None, size: int, device: torch.d
         shown = chosen if values is None else list(values)
         raise ValueError(f"{name} must be indices in [0, {size}), got {shown!r}")
     return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def select(weights: Tensor, heads: Sequence[int] | None, rows: Sequence[int] | None) -> Tensor:
+    """The chosen heads and query rows of dense (B, H, Lq, Lk) weights, checked as :func:`attention_weights`
+    checks them (a negative or too large index is refused by name, not read from the end or an IndexError)."""
+    head_idx = index_tensor("heads", heads, weights.shape[1], weights.device)
+    return weights[:, head_idx][:, :, index_tensor("rows", rows, weights.shape[2], weights.device)]
