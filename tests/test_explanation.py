@@ -1,4 +1,5 @@
 import logging
+import re
 
 import pytest
 import torch
@@ -51,3 +52,14 @@ def test_auto_logs_its_choice_at_debug_level(caplog):
     with caplog.at_level(logging.DEBUG, logger="maskattn.attention"):
         maskattn.attention(q, k, v, masks.causal() & masks.sliding_window(8))
     assert any("backend=" in r.message and "is small" in r.message for r in caplog.records)  # (tests may force it)
+
+
+@pytest.mark.parametrize("bad", [dict(dropout_p=2.0), dict(dropout_p=float("nan")), dict(q_offset=-1),
+                                 dict(return_weights=True, return_lse=True), dict(generator=3)])
+def test_explain_refuses_what_attention_refuses_with_the_same_error(bad):
+    # explain(dropout_p=2.0) answered "auto -> sdpa" for a call that maskattn.attention refuses
+    q, k, v = _qkv(n=16)
+    with pytest.raises((ValueError, TypeError)) as refused:
+        maskattn.attention(q, k, v, **bad)
+    with pytest.raises(type(refused.value), match=re.escape(str(refused.value))):
+        maskattn.explain(q, k, v, **bad)

@@ -165,6 +165,29 @@ def decide(
     raise AssertionError("the last rule always applies")
 
 
+def check_arguments(q: Tensor, k: Tensor, mask: Mask | None, *, q_offset: int, dropout_p: float, return_weights: bool,
+                    return_lse: bool, generator: torch.Generator | None, scale: float | None) -> None:
+    """The checks of :func:`attention`'s arguments other than q, k, v (:func:`check_inputs`), for it and for
+    ``maskattn.explain``: ValueError / TypeError naming the argument."""
+    if mask is not None:
+        mask.check(q.shape[2], k.shape[2], q_offset=q_offset, batch=q.shape[0], heads=q.shape[1])
+    elif isinstance(q_offset, bool) or not isinstance(q_offset, int | torch.SymInt) or q_offset < 0:
+        raise ValueError(f"q_offset must be an int >= 0, got {q_offset!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real | torch.SymFloat) or \
+            not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if return_weights and return_lse:
+        raise ValueError("return_weights and return_lse cannot both be True: ask for one")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__} {generator!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real | torch.SymInt |
+                                                                        torch.SymFloat)):
+        raise TypeError(f"scale must be a number (the scores' multiplier) or None for 1/sqrt(D), got "
+                        f"{type(scale).__name__} {scale!r}")
+    if isinstance(scale, numbers.Real) and not math.isfinite(scale):  # every score would be NaN or +-inf
+        raise ValueError(f"scale must be finite, got {scale!r}")
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -217,23 +240,8 @@ def attention(
     """
     check_inputs(q, k, v)
     mask = as_mask(mask)
-    if mask is not None:
-        mask.check(q.shape[2], k.shape[2], q_offset=q_offset, batch=q.shape[0], heads=q.shape[1])
-    elif isinstance(q_offset, bool) or not isinstance(q_offset, int | torch.SymInt) or q_offset < 0:
-        raise ValueError(f"q_offset must be an int >= 0, got {q_offset!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real | torch.SymFloat) or \
-            not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    if return_weights and return_lse:
-        raise ValueError("return_weights and return_lse cannot both be True: ask for one")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__} {generator!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real | torch.SymInt |
-                                                                        torch.SymFloat)):
-        raise TypeError(f"scale must be a number (the scores' multiplier) or None for 1/sqrt(D), got "
-                        f"{type(scale).__name__} {scale!r}")
-    if isinstance(scale, numbers.Real) and not math.isfinite(scale):  # every score would be NaN or +-inf
-        raise ValueError(f"scale must be finite, got {scale!r}")
+    check_arguments(q, k, mask, q_offset=q_offset, dropout_p=dropout_p, return_weights=return_weights,
+                    return_lse=return_lse, generator=generator, scale=scale)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if backend == "auto":

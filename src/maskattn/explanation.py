@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from maskattn.backends import REGISTRY, Call
-from maskattn.dispatch import check_inputs, decide
+from maskattn.dispatch import check_arguments, check_inputs, decide
 from maskattn.masks import Mask, as_mask
 
 
@@ -36,10 +36,10 @@ def explain(q: Tensor, k: Tensor, v: Tensor, mask: Mask | Tensor | None = None, 
     """Explain the backend choice of ``maskattn.attention`` for these arguments, without running it."""
     check_inputs(q, k, v)
     mask = as_mask(mask)
+    check_arguments(q, k, mask, q_offset=q_offset, dropout_p=dropout_p, return_weights=return_weights,
+                    return_lse=return_lse, generator=generator, scale=None)  # what attention would refuse
     b, h, lq, d = q.shape
     lk = k.shape[2]
-    if mask is not None:
-        mask.check(lq, lk, q_offset=q_offset, batch=b, heads=h)
     backend, why = decide(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset,
                           generator=generator, return_lse=return_lse)
     dense = b * h * lq * lk
