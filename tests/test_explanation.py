@@ -63,3 +63,11 @@ def test_explain_refuses_what_attention_refuses_with_the_same_error(bad):
         maskattn.attention(q, k, v, **bad)
     with pytest.raises(type(refused.value), match=re.escape(str(refused.value))):
         maskattn.explain(q, k, v, **bad)
+
+
+def test_explain_names_its_own_block_argument():
+    q, k, v = _qkv(n=16)  # block=0 was refused as "block_q must be a positive int", an argument explain has not
+    for block in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match=rf"block must be a positive int \(the tile side\), got {block!r}"):
+            maskattn.explain(q, k, v, masks.causal(), block=block)
+    assert "empty 64x64 tiles" in maskattn.explain(q, k, v, masks.causal(), block=64).mask

@@ -38,6 +38,8 @@ def explain(q: Tensor, k: Tensor, v: Tensor, mask: Mask | Tensor | None = None, 
     mask = as_mask(mask)
     check_arguments(q, k, mask, q_offset=q_offset, dropout_p=dropout_p, return_weights=return_weights,
                     return_lse=return_lse, generator=generator, scale=None)  # what attention would refuse
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int (the tile side), got {block!r}")
     b, h, lq, d = q.shape
     lk = k.shape[2]
     backend, why = decide(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset,
