@@ -337,3 +337,20 @@ def test_both_methods_refuse_heads_and_rows_past_the_call_naming_them(method):
         _, dense = model(src, tgt, return_weights=True)
     want = dense["decoder"][1]["cross"][:, [3, 1]][:, :, [4, 0]]  # (B, 2, 2, Ls)
     torch.testing.assert_close(got["decoder.layers.1.cross_attn"][0], want)
+
+
+def test_labels_that_do_not_fit_the_weights_are_named_before_drawing(tmp_path):
+    # x_labels of 3 keys for 4 was matplotlib's "number of FixedLocator locations (4) ... labels (3)", after a
+    # figure was opened and left open
+    import matplotlib.pyplot as plt
+
+    from maskattn.viz import head_grid, heatmap
+
+    open_before = plt.get_fignums()
+    for draw, weights in ((heatmap, torch.rand(3, 4)), (head_grid, torch.rand(2, 3, 4))):
+        with pytest.raises(ValueError, match=r"x_labels: 3 labels for 4 keys"):
+            draw(weights, tmp_path / "w.png", x_labels=list("abc"))
+        with pytest.raises(ValueError, match=r"y_labels: 4 labels for 3 queries"):
+            draw(weights, tmp_path / "w.png", x_labels=list("abcd"), y_labels=list("abcd"))
+        assert draw(weights, tmp_path / "w.png", x_labels=list("abcd"), y_labels=list("abc")).is_file()
+    assert plt.get_fignums() == open_before and sorted(p.name for p in tmp_path.iterdir()) == ["w.png"]

@@ -182,8 +182,9 @@ def heatmap(weights: Tensor, path: str | Path, *, x_labels: Sequence[str] = (), 
     """Draw one (Lq, Lk) weight matrix with token labels on the axes; write a PNG."""
     if weights.dim() != 2:
         raise ValueError(f"weights must be (Lq, Lk), got shape {tuple(weights.shape)}")
-    plt = _pyplot()
     lq, lk = weights.shape
+    _check_labels(x_labels, y_labels, lq, lk)
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(min(16, 2 + 0.35 * lk), min(16, 1.5 + 0.35 * lq)))
     image = ax.imshow(weights.float().numpy(), cmap="viridis", vmin=0, aspect="auto", interpolation="nearest")
     _label(ax, x_labels, y_labels, lq, lk)
@@ -200,8 +201,9 @@ def head_grid(weights: Tensor, path: str | Path, *, x_labels: Sequence[str] = ()
     """Draw (H, Lq, Lk) weights as one panel per head; write a PNG."""
     if weights.dim() != 3:
         raise ValueError(f"weights must be (H, Lq, Lk), got shape {tuple(weights.shape)}")
-    plt = _pyplot()
     h, lq, lk = weights.shape
+    _check_labels(x_labels, y_labels, lq, lk)
+    plt = _pyplot()
     cols = min(h, 4)
     rows = -(-h // cols)
     cell = min(5.0, 1.5 + 0.2 * max(lq, lk))
@@ -218,6 +220,14 @@ def head_grid(weights: Tensor, path: str | Path, *, x_labels: Sequence[str] = ()
     save_figure(fig, path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def _check_labels(x_labels: Sequence[str], y_labels: Sequence[str], lq: int, lk: int) -> None:
+    """Labels (when given) must name every key and query: one each."""
+    for name, labels, size, what, one in (("x_labels", x_labels, lk, "keys", "key"),
+                                          ("y_labels", y_labels, lq, "queries", "query")):
+        if labels and len(labels) != size:
+            raise ValueError(f"{name}: {len(labels)} labels for {size} {what}; give one per {one} or none")
 
 
 def _label(ax, x_labels: Sequence[str], y_labels: Sequence[str], lq: int, lk: int) -> None:
