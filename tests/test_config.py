@@ -127,3 +127,15 @@ def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path):
     path = tmp_path / "run.toml"
     path.write_bytes("\ufeffsteps = 20\n[inner]\nlr = 1\n".encode())
     assert config.load(Outer(), path, []) == Outer(steps=20, inner=Inner(lr=1.0))
+
+
+def test_none_is_the_word_for_a_setting_that_cannot_be_none():
+    # `--set data.documents=none` (one of that setting's documented values) was read as None and refused:
+    # "data.documents: expected str, got None"
+    from maskattn.tasks.lm import LMConfig
+
+    assert config.load(LMConfig(), None, ["data.documents=paragraphs", "data.documents=none"]).data.documents == "none"
+    cfg = config.load(Outer(), None, ["inner.clip=none", "inner.name=None"])
+    assert cfg.inner.clip is None and cfg.inner.name == "None"  # None where a setting may be None, else the word
+    with pytest.raises(TypeError, match=r"steps: expected int, got 'null'"):
+        config.load(Outer(), None, ["steps=null"])

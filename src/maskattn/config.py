@@ -18,10 +18,15 @@ from typing import Any
 from maskattn.errors import SettingError, SettingTypeError, UnknownSettingError
 
 
+class _NoneWord(str):
+    """``none`` / ``null`` written in a ``--set``: None for a setting that may be None, else the word itself
+    (``data.documents=none`` is one of that setting's values)."""
+
+
 def _parse_value(text: str) -> Any:
     """A TOML literal (``3e-4``, ``true``, ``[1, 2]``, ``"x"``), ``none``, or the bare text as a string."""
     if text.lower() in ("none", "null"):
-        return None
+        return _NoneWord(text)
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -31,6 +36,10 @@ def _parse_value(text: str) -> Any:
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check ``value`` against a field's type annotation, converting int -> float and list -> tuple."""
     origin = typing.get_origin(annotation)
+    if isinstance(value, _NoneWord):
+        takes_none = annotation is Any or (origin in (typing.Union, types.UnionType)
+                                           and type(None) in typing.get_args(annotation))
+        value = None if takes_none else str(value)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
