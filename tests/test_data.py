@@ -199,3 +199,19 @@ def test_an_upper_case_gz_name_is_decompressed(tmp_path):
     path = tmp_path / "TRAIN.TXT.GZ"
     path.write_bytes(gzip.compress(b"eins\nzwei\n"))
     assert data.read_text(path) == "eins\nzwei\n"
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_a_csv_error_names_the_line_after_quoted_line_breaks(tmp_path, newline):
+    # a quoted CSV field may hold line breaks; errors named the row's number (4), not its line (5)
+    lines = ["sentence,label", '"a text on', 'two lines",pos', '"ok",neg', '"one field too many",pos,extra']
+    path = tmp_path / "multi.csv"
+    path.write_bytes(newline.join(lines).encode() + newline.encode())
+    bad = next(n for n, line in enumerate(lines, 1) if line.endswith("extra"))  # the line an editor shows: 5
+    with pytest.raises(DataError, match=rf"multi\.csv:{bad}: expected 2 fields like the header, got 3"):
+        read_labelled(path)
+    path.write_bytes(newline.join([*lines[:-1], '"empty label",']).encode())
+    with pytest.raises(DataError, match=rf"multi\.csv:{bad}: empty label"):
+        read_labelled(path)
+    path.write_bytes(newline.join(lines[:-1]).encode())
+    assert read_labelled(path) == [("a text on\ntwo lines", "pos"), ("ok", "neg")]

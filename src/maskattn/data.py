@@ -98,19 +98,22 @@ def read_labelled(
     with open_text(path) as f:
         quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE  # SST-2 has bare quotes
         reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+        rows, line = [], 1  # (the line a row starts on, its fields): a quoted CSV field may hold line breaks
         try:
-            rows = list(reader)
+            for row in reader:
+                rows.append((line, row))
+                line = reader.line_num + 1
         except csv.Error as e:  # e.g. a field longer than csv.field_size_limit()
             raise DataError(f"{path}:{reader.line_num}: {e}") from e
     if not rows:
         raise DataError(f"{path}:1: empty file, expected a header row with '{text_field}' and '{label_field}'")
-    header = [h.strip() for h in rows[0]]
+    header = [h.strip() for h in rows[0][1]]
     for field in (text_field, label_field):
         if field not in header:
             raise DataError(f"{path}:1: no column '{field}' in the header {header}")
     ti, li = header.index(text_field), header.index(label_field)
     records = []
-    for n, row in enumerate(rows[1:], 2):
+    for n, row in rows[1:]:
         if not row or row == [""]:  # a blank line (JSONL skips them too)
             continue
         if len(row) != len(header):
