@@ -162,6 +162,15 @@ def test_translate_input_longer_than_max_len_is_an_error_not_a_silent_cut(tiny_t
     assert "sentence 2 has 30 tokens, more than the model's max_len (16)" in capsys.readouterr().err
 
 
+def test_evaluate_names_the_file_of_a_sentence_longer_than_max_len(tiny_translator, tmp_path, capsys):
+    # "sentence 3 has 30 tokens, ..." named no file: of --data or of --ref?
+    src, ref = tmp_path / "long.de", tmp_path / "long.en"
+    src.write_text("abc\ncab\n" + "abcdef" * 5 + "\n")
+    ref.write_text("cba\nbac\nfedcba\n")
+    assert main(["evaluate", str(tiny_translator), "--data", str(src), "--ref", str(ref)]) == 2
+    assert f"{src}: sentence 3 has 30 tokens, more than the model's max_len (16)" in capsys.readouterr().err
+
+
 def test_beam_zero_is_an_error_and_options_may_follow_the_model(tiny_translator, capsys):
     # on main --beam 0 silently meant greedy, and text after an option was refused by argparse
     assert main(["translate", str(tiny_translator), "--beam", "0", "abc"]) == 2

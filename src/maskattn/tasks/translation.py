@@ -315,7 +315,10 @@ def evaluate_file(directory: str | Path, path: str, ref: str = "", hypotheses: s
     default = f"hypotheses.{name}.txt" if in_run else f"{model_dir.name}.hypotheses.{name}.txt"
     out = check_output_file(hypotheses or model_dir.parent / default, "--hypotheses", [path, ref or path, directory])
     progress = logging.getLogger("maskattn").isEnabledFor(logging.INFO)  # not under `maskattn -q`
-    hyps = translate(model, tok, [s for s, _ in pairs], replace(decode, **decode_overrides), progress=progress)
+    try:
+        hyps = translate(model, tok, [s for s, _ in pairs], replace(decode, **decode_overrides), progress=progress)
+    except UsageError as e:  # "sentence 3 has 401 tokens, ...": sentence n is line n of the file
+        raise UsageError(f"{path}: {e}") from e
     refs = [t for _, t in pairs]
     atomic_write_text(out, "".join(h + "\n" for h in hyps))
     return {**score(hyps, refs), **metrics.sacrebleu_signatures(hyps, refs), "hypotheses": str(out)}
