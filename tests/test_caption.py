@@ -223,3 +223,26 @@ def test_patch_embedding_of_an_empty_batch():
     assert embed(torch.zeros(0, 4, 6)).shape == (0, 6, 8)
     model = tiny_model()
     assert model(torch.zeros(0, 8, 16), torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3, model.config.vocab_size)
+
+
+def test_evaluate_names_the_line_of_a_missing_or_unreadable_image(tmp_path, capsys):
+    # "[Errno 2] No such file or directory: 'nofile.png'": neither the TSV nor its line, and the name relative to
+    # the TSV's directory, not to where the command ran
+    from maskattn.tasks.common import write_task
+
+    model_dir = tmp_path / "model"
+    tiny_model().save(model_dir, tokenizer=C.build_tokenizer())
+    write_task(model_dir, {"task": "caption", "data": {}})
+    sets = tmp_path / "sets"
+    sets.mkdir()
+    C.write_png(C.canvases("test", 1, C.DataConfig(), 4)[0].image, sets / "one.png")
+    (sets / "notes.png").write_text("not a picture")
+    looked = re.escape(str(sets / "nofile.png"))
+    for second, says in [("nofile.png", rf"set\.tsv:2: no image file 'nofile\.png' \(looked for {looked}"),
+                         ("one.png ", r"set\.tsv:2: no image file 'one\.png '"),
+                         ("notes.png", r"set\.tsv:2: .*notes\.png: not an image PIL can read")]:
+        (sets / "set.tsv").write_text(f"one.png\tone two\n{second}\tthree\n")
+        assert main(["evaluate", str(model_dir), "--data", str(sets / "set.tsv")]) == 2
+        assert re.search(says, capsys.readouterr().err)
+    (sets / "set.tsv").write_text("one.png\tone two\n")
+    assert main(["evaluate", str(model_dir), "--data", str(sets / "set.tsv")]) == 0

@@ -328,7 +328,15 @@ def evaluate_file(directory: str | Path, path: str) -> dict[str, float]:
     rows = read_parallel(path, fields=("image.png", "caption"))  # a bad row: one DataError naming file and line
     if not rows:
         raise DataError(f"{path}: no images to score")
-    images = [read_png(base / r[0], p, largest=largest_canvas(model)) for r in rows]
+    images = []
+    for n, (name, _) in enumerate(rows, 1):  # row n is line n: read_parallel refuses blank lines inside
+        if not (base / name).is_file():
+            raise DataError(f"{path}:{n}: no image file {name!r} (looked for {base / name}: image names are "
+                            "relative to the TSV's directory)")
+        try:
+            images.append(read_png(base / name, p, largest=largest_canvas(model)))
+        except ValueError as e:  # not an image PIL can read, or larger than the model's canvases
+            raise DataError(f"{path}:{n}: {e}") from e
     said = [c for i in range(0, len(images), 250) for c in caption_batch(model, tok, images[i : i + 250])[0]]
     truth = [r[1].strip() for r in rows]
     right = sum(a == b for s, t in zip(said, truth, strict=True) for a, b in zip(s.split(), t.split(), strict=False))
