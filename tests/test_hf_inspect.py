@@ -7,6 +7,7 @@ are caught and named. Everything is built locally: no downloads.
 
 import gzip
 import json
+import math
 import subprocess
 import sys
 
@@ -256,6 +257,20 @@ def test_evaluate_command_on_an_hf_directory(hf_dirs, tmp_path, capsys):
     assert scores["tokens"] == len(TEXT) - 1 and abs(scores["perplexity"] - torch.tensor(scores["loss"]).exp()) < 1e-3
     assert main(["evaluate", hf_dirs["bert"], "--data", str(data)]) == 2
     assert "causal language models; BertModel is not one" in capsys.readouterr().err
+
+
+def test_the_perplexity_of_a_far_off_hf_model_is_exp_of_its_loss_not_capped(hf_dirs, tmp_path):
+    # exp(min(loss, 50)): 5.2e21 for any loss above 50 nats a token
+    data = tmp_path / "valid.txt"
+    data.write_text(TEXT)
+    model, tokenizer = hf_inspect.load(hf_dirs["gpt2"])
+    with torch.no_grad():
+        model.transformer.ln_f.weight.mul_(300.0)  # sharp, and mostly wrong, predictions
+        ids = torch.tensor([tokenizer(TEXT)["input_ids"]])  # (1, L): the oracle, from the logits themselves
+        loss = torch.nn.functional.cross_entropy(model(input_ids=ids).logits[0, :-1].double(), ids[0, 1:]).item()
+    found = hf_inspect.evaluate_text(model, tokenizer, data)
+    assert 50 < loss < 700 and found["loss"] == pytest.approx(loss, rel=1e-5)
+    assert found["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
 
 
 def test_generate_command_on_an_hf_directory(hf_dirs, capsys):

@@ -123,3 +123,26 @@ def test_generated_bpe_text_keeps_the_space_after_the_prompt(monkeypatch):
     monkeypatch.setattr(lm.decoding, "greedy", lambda m, x, max_new_tokens: torch.tensor([continuation]))
     text = lm.generate(model, tok, "to", max_new_tokens=len(continuation), temperature=0)
     assert text == "to be, or not"
+
+
+def test_the_perplexity_of_a_far_off_model_is_exp_of_its_loss_not_capped():
+    # the perplexity was exp(min(loss, 50)): 5.2e21 for any loss above 50 nats a token
+    import math
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    tok = Tokenizer.train_chars(["abcdefgh "])
+    model = DecoderLM(DecoderLMConfig(vocab_size=tok.vocab_size, d_model=16, num_heads=2, d_ff=32, num_layers=1,
+                                      max_len=16)).eval()
+    with torch.no_grad():
+        model.decoder.norm.weight.mul_(300.0)  # sharp, and mostly wrong, predictions
+    cfg = lm.DataConfig(block=8)
+    stream = lm.to_stream(tok, "abc defgh bad cafe head fade egg " * 3, "none")
+    found = lm.evaluate_stream(model, stream, cfg)
+    rows = stream.ids[: len(stream.ids) // 9 * 9].view(-1, 9)  # the oracle: cross-entropy of the logits itself
+    with torch.no_grad():
+        logits = model(rows[:, :-1]).double()
+    loss = F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten()).item()
+    assert 50 < loss < 700 and found["loss"] == pytest.approx(loss, rel=1e-5)
+    assert found["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
-from maskattn import hf
+from maskattn import hf, metrics
 from maskattn.data import open_text
 from maskattn.decoding import check_sampling
 from maskattn.errors import UsageError
@@ -246,7 +245,7 @@ def evaluate_text(model: nn.Module, tokenizer: Any, path: str | Path) -> dict[st
     if count == 0:  # never a perplexity from no tokens (maskattn's own lm evaluation refuses it too)
         raise UsageError(f"{path}: fewer than 2 tokens to score; a loss of 0.0 (perplexity 1.0) would mean nothing")
     mean = total / count
-    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count}
+    return {"loss": mean, "perplexity": metrics.perplexity(mean), "tokens": count}
 
 
 def generate_text(model: nn.Module, tokenizer: Any, prompt: str, *, max_new_tokens: int = 200,

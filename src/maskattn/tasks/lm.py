@@ -10,7 +10,6 @@ taken on predicting a document's first token from the previous one.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from maskattn import decoding
+from maskattn import decoding, metrics
 from maskattn.data import read_text
 from maskattn.errors import UsageError, check_seed, check_settings
 from maskattn.models import DecoderLM, DecoderLMConfig
@@ -128,7 +127,7 @@ def evaluate_stream(model: nn.Module, stream: Stream, cfg: DataConfig, *,
         raise UsageError(f"{source} gives no token to score: {len(stream.ids)} tokens, and a row needs "
                          f"data.block + 1 = {cfg.block + 1}")
     mean = total / count
-    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+    return {"loss": mean, "perplexity": metrics.perplexity(mean)}
 
 
 def check_long_enough(stream: Stream, cfg: DataConfig, source: str, *, need: int, spare: int = 0) -> None:
