@@ -48,3 +48,17 @@ def test_empty_corpora_strings_and_huge_losses_are_named_or_bounded():
         with pytest.raises(TypeError, match="not one string"):
             score("abc", "abd")
     assert metrics.perplexity(1000.0) == float("inf") and metrics.perplexity(0.0) == 1.0
+
+
+def test_scores_of_nothing_are_refused_not_zero():
+    # sacrebleu_signatures([], []) was sacrebleu's IndexError, and a string its characters; accuracy, macro-F1 and
+    # SQuAD EM/F1 of no examples were 0.0, a score that reads as a model getting everything wrong
+    with pytest.raises(ValueError, match="no sentences to score"):
+        metrics.sacrebleu_signatures([], [])
+    with pytest.raises(TypeError, match="not one string"):
+        metrics.sacrebleu_signatures("abc", "abd")
+    for score, says in ((metrics.accuracy, "accuracy"), (metrics.macro_f1, "macro-F1"),
+                        (lambda p, g: metrics.squad(dict(p), dict(g)), "SQuAD exact match and F1")):
+        with pytest.raises(ValueError, match=f"no examples to score: {says} is undefined on an empty set"):
+            score([], [])
+    assert metrics.accuracy(["a"], ["a"]) == 1.0 and metrics.squad({}, {"q": ["x"]}) == {"exact_match": 0.0, "f1": 0.0}

@@ -33,6 +33,7 @@ def sacrebleu_signatures(hypotheses: Sequence[str], references: Sequence[str]) -
     from sacrebleu.metrics import BLEU, CHRF
 
     _same_length(hypotheses, references)
+    _some(hypotheses, references)
     signatures = {}
     for name, metric in (("bleu_signature", BLEU()), ("chrf_signature", CHRF())):
         metric.corpus_score(list(hypotheses), [list(references)])
@@ -42,12 +43,14 @@ def sacrebleu_signatures(hypotheses: Sequence[str], references: Sequence[str]) -
 
 def accuracy(predicted: Sequence, gold: Sequence) -> float:
     _same_length(predicted, gold)
-    return sum(p == g for p, g in zip(predicted, gold, strict=True)) / max(1, len(gold))
+    _any(gold, "accuracy")
+    return sum(p == g for p, g in zip(predicted, gold, strict=True)) / len(gold)
 
 
 def macro_f1(predicted: Sequence, gold: Sequence) -> float:
     """Unweighted mean over the gold labels of per-label F1."""
     _same_length(predicted, gold)
+    _any(gold, "macro-F1")
     scores = []
     for label in sorted(set(gold), key=str):
         tp = sum(p == label and g == label for p, g in zip(predicted, gold, strict=True))
@@ -94,13 +97,13 @@ def squad(predictions: dict[str, str], golds: dict[str, Sequence[str]]) -> dict[
 
     Questions without a prediction count as 0, as in the official script.
     """
+    _any(golds, "SQuAD exact match and F1")
     em = f1 = 0.0
     for qid, answers in golds.items():
         if qid in predictions:
             em += max(squad_exact(predictions[qid], a) for a in answers)
             f1 += max(squad_f1(predictions[qid], a) for a in answers)
-    n = max(1, len(golds))
-    return {"exact_match": 100 * em / n, "f1": 100 * f1 / n}
+    return {"exact_match": 100 * em / len(golds), "f1": 100 * f1 / len(golds)}
 
 
 def _some(hypotheses: Sequence[str], references: Sequence[str]) -> None:
@@ -108,6 +111,11 @@ def _some(hypotheses: Sequence[str], references: Sequence[str]) -> None:
         raise TypeError("hypotheses and references must be sequences of sentences, not one string")
     if not len(hypotheses):  # sacrebleu fails inside with an IndexError
         raise ValueError("no sentences to score: BLEU and chrF are undefined on an empty corpus")
+
+
+def _any(gold: Sequence | dict, metric: str) -> None:
+    if not len(gold):  # 0.0 would read as a model that got everything wrong
+        raise ValueError(f"no examples to score: {metric} is undefined on an empty set")
 
 
 def _same_length(a: Sequence, b: Sequence) -> None:
