@@ -234,6 +234,13 @@ def test_pairs_longer_than_the_models_positions_are_dropped_not_a_crash(tmp_path
                  *[arg for setting in settings for arg in ("--set", setting)]]) == 0
     assert "8 training pairs" in capsys.readouterr().err
     assert json.loads((out / "model" / "config.json").read_text())["config"]["max_len"] == 16
+    # when no pair fits: "the data plan gave no batch (is the training set empty?)"
+    train.write_text(f"{long}\t{long[::-1]}\n" * 8)
+    for extra, says in [("model.max_len=16", "none of the 8 training pairs fits model.max_len=16 tokens"),
+                        ("data.max_len=5", "none of the 8 training pairs fits data.max_len=5 tokens")]:
+        assert main(["train", "translation", "--train-src", str(train), "--out", str(tmp_path / extra),
+                     *[arg for setting in [*settings, extra] for arg in ("--set", setting)]]) == 2
+        assert says in capsys.readouterr().err
 
 
 def test_hypotheses_of_a_model_outside_a_run_and_a_missing_ref(tiny_translator, tmp_path, capsys):
