@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from maskattn.tokenization import Tokenizer
@@ -48,3 +50,22 @@ def test_a_continuation_reads_as_it_does_after_its_prefix():
     before, after = ids[:1], ids[1:]
     assert not tok.backend.decode(after).startswith(" ")
     assert tok.backend.decode(before) + decode_continuation(tok.backend.decode, before, after) == "to be, or not"
+
+
+def test_a_tokenizer_without_known_special_tokens_is_named(tmp_path, capsys):
+    # `train classification --pretrained DIR` with a GPT-2 style tokenizer.json: "tokenizer has no complete set of
+    # special tokens; ..." without the file
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    from maskattn.cli import main
+
+    HFTokenizer(models.WordLevel({"a": 0, "<|endoftext|>": 1}, unk_token="<|endoftext|>")).save(
+        str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'tokenizer.json'))}: tokenizer has no "
+                                         r"complete set of special tokens; expected one of"):
+        Tokenizer.load(tmp_path)
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\na\t0\nb\t1\n")
+    assert main(["train", "classification", "--train", str(tmp_path / "train.tsv"), "--set",
+                 f"data.embeddings={tmp_path}", "--out", str(tmp_path / "run")]) == 2
+    assert f"{tmp_path / 'tokenizer.json'}: tokenizer has no complete set" in capsys.readouterr().err

@@ -87,7 +87,10 @@ class Tokenizer:
             backend = HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust library raises its own exception type
             raise FormatError(f"{path}: not a readable tokenizer.json ({str(e).splitlines()[0][:200]})") from e
-        return cls(backend)
+        try:
+            return cls(backend)
+        except ValueError as e:  # no special tokens maskattn knows (a GPT-2 tokenizer's <|endoftext|> alone)
+            raise FormatError(f"{path}: {e}") from e
 
     def save(self, path: str | Path) -> Path:
         """Write ``tokenizer.json`` (``path`` may be a directory); return the file written."""
