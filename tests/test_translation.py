@@ -233,6 +233,11 @@ def test_pairs_longer_than_the_models_positions_are_dropped_not_a_crash(tmp_path
     assert main(["train", "translation", "--train-src", str(train), "--out", str(out),
                  *[arg for setting in settings for arg in ("--set", setting)]]) == 0
     assert "8 training pairs" in capsys.readouterr().err
+    shorter = [*settings, "model.max_len=64", "data.max_len=20"]
+    assert main(["train", "translation", "--train-src", str(train), "--out", str(tmp_path / "short"),
+                 *[arg for setting in shorter for arg in ("--set", setting)]]) == 0
+    assert "8 training pairs" in (said := capsys.readouterr().err)  # data.max_len drops pairs too, and says so
+    assert "8 pairs longer than data.max_len=20 tokens dropped" in said
     assert json.loads((out / "model" / "config.json").read_text())["config"]["max_len"] == 16
     # when no pair fits: "the data plan gave no batch (is the training set empty?)"
     train.write_text(f"{long}\t{long[::-1]}\n" * 8)

@@ -228,14 +228,15 @@ def train(cfg: TranslationConfig, train_pairs: Pairs | None = None, valid_pairs:
                          tokenizer=lambda: build_tokenizer(cfg.data, train_pairs))
     longest = min(cfg.data.max_len, cfg.model.max_len)  # a kept pair must fit the model's positions too
     data = encode_pairs(tok, train_pairs, longest)
+    setting = "data.max_len" if longest == cfg.data.max_len else "model.max_len"
     if not data.src:  # else "the data plan gave no batch (is the training set empty?)"
-        setting = "data.max_len" if longest == cfg.data.max_len else "model.max_len"
         raise UsageError(f"none of the {len(train_pairs)} training pairs fits {setting}={longest} tokens (a source "
                          f"of at most {longest} tokens, a target of fewer, in the run's tokenizer): raise {setting}")
     lengths = [max(len(s), len(t) + 1) for s, t in zip(data.src, data.tgt, strict=True)]
     model = build_model(cfg, tok)
+    dropped = len(train_pairs) - len(data.src)
     log(f"translation: {len(data.src)} training pairs, vocabulary {tok.vocab_size}, {parameters(model)}"
-        + (f"; pairs longer than model.max_len={longest} tokens dropped" if longest < cfg.data.max_len else ""))
+        + (f"; {dropped} pairs longer than {setting}={longest} tokens dropped" if dropped else ""))
 
     valid = valid_pairs[: cfg.data.valid_limit or None] if valid_pairs else None
 
