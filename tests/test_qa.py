@@ -219,13 +219,23 @@ def _tiny_squad(tmp_path: Path, questions: int) -> tuple[Path, Path]:
     (["data.max_len=300"], "data.max_len=300: windows longer than the 256"),
     (["data.batch_size=16"], "data.batch_size=16 windows per batch, but"),
     (["data.max_tokens=32"], "data.max_tokens=32: less than one window"),
-    (["data.max_tokens=300", "data.batch_size=8"], "data.batch_size=8 is not used when data.max_tokens=300")])
+    (["data.max_tokens=300", "data.batch_size=8"], "data.batch_size=8 is not used when data.max_tokens=300"),
+    # "max_len=20 leaves no room for context after a 21-token question": which setting, which question?
+    (["data.max_len=20"], "data.max_len=20 leaves no room for context after question 'q0' of 21 tokens")])
 def test_qa_training_refuses_data_settings_it_cannot_honour(tmp_path, capsys, settings, message):
     data, encoder = _tiny_squad(tmp_path, 5)  # 5 questions, one window each
     extra = [arg for setting in settings for arg in ("--set", setting)]
     assert main(["train", "qa", "--train", str(data), "--pretrained", str(encoder), "--out", str(tmp_path / "run"),
                  "--set", "data.stride=32", *extra, "--set", "train.steps=1", "--set", "train.progress=false"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_evaluate_names_the_file_flag_and_question_that_fill_a_window(tmp_path, capsys):
+    data, encoder = _tiny_squad(tmp_path, 2)
+    write_task(encoder, {"task": "qa", "max_len": 64, "stride": 32, "max_answer": 8})
+    assert main(["evaluate", str(encoder), "--data", str(data), "--max-len", "20"]) == 2
+    assert (f"{data}: max_len=20 leaves no room for context after question 'q0' of 21 tokens"
+            in (said := capsys.readouterr().err)) and "raise --max-len" in said
 
 
 def test_qa_batches_by_tokens_group_windows_of_similar_length_within_the_budget(tmp_path, capsys, monkeypatch):

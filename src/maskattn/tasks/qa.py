@@ -106,7 +106,9 @@ def squad_windows(tokenizer: Tokenizer, examples: Sequence[QAExample], *, max_le
         ctx_ids, ctx_offsets = encoded.ids, encoded.offsets
         room = max_len - len(question) - 3
         if room < 1:
-            raise ValueError(f"max_len={max_len} leaves no room for context after a {len(question)}-token question")
+            raise ValueError(f"max_len={max_len} leaves no room for context after question {ex.id!r} of "
+                             f"{len(question)} tokens (a window holds the question, its context and 3 special "
+                             f"tokens; questions are cut at {max_question} tokens)")
         answer = ex.answers[0] if ex.answers else None
         step = min(stride, room)  # a stride longer than a window's context would skip tokens between windows
         for first in range(0, max(1, len(ctx_ids)), step):
@@ -249,8 +251,11 @@ def train(cfg: QAConfig, *, resume: bool = False, log=log_stderr) -> dict[str, A
     model = from_pretrained(cfg.data.pretrained, span_head=True)
     if not (resume and _checkpoint_has_pooler(out)):  # a run started before QA models dropped it keeps it
         model = without_pooler(model)
-    windows = squad_windows(tok, examples, max_len=cfg.data.max_len, stride=cfg.data.stride)
-    valid_windows = squad_windows(tok, valid, max_len=cfg.data.max_len, stride=cfg.data.stride) if valid else None
+    try:
+        windows = squad_windows(tok, examples, max_len=cfg.data.max_len, stride=cfg.data.stride)
+        valid_windows = squad_windows(tok, valid, max_len=cfg.data.max_len, stride=cfg.data.stride) if valid else None
+    except ValueError as e:  # a question that fills a window
+        raise UsageError(f"data.{e}: raise data.max_len") from e
     log(f"qa: {len(examples)} questions in {len(windows)} windows, {parameters(model)}")
     if not cfg.data.max_tokens and len(windows) < cfg.data.batch_size:  # whole batches: an epoch would hold none
         raise UsageError(f"data.batch_size={cfg.data.batch_size} windows per batch, but {cfg.data.train} gives only "
@@ -321,7 +326,11 @@ def evaluate_file(directory: str | Path, path: str, predictions: str | None = No
     examples = read_squad(path, require_answers=True)
     if not examples:
         raise DataError(f"{path}: no questions to score")
-    windows = squad_windows(tok, examples, max_len=task["max_len"], stride=task["stride"])
+    try:
+        windows = squad_windows(tok, examples, max_len=task["max_len"], stride=task["stride"])
+    except ValueError as e:  # a question that fills a window
+        flag = "--max-len" if "max_len" in overrides else "the model's max_len (--max-len)"
+        raise UsageError(f"{path}: {e}: raise {flag}") from e
     found = best_spans(model, tok, examples, windows, max_answer=task["max_answer"])
     if predictions:
         atomic_write_text(predictions, json.dumps(found, indent=1, ensure_ascii=False) + "\n")
