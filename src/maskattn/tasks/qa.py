@@ -118,8 +118,9 @@ def squad_windows(tokenizer: Tokenizer, examples: Sequence[QAExample], *, max_le
             types = [0] * len(head) + [1] * (last - first + 1)
             offsets = [None] * len(head) + list(ctx_offsets[first:last]) + [None]
             start = end = 0
-            if answer is not None:
-                a0, a1 = answer[1], answer[1] + len(answer[0])
+            if answer is not None:  # its span without outer whitespace, which no token covers
+                a0 = answer[1] + len(answer[0]) - len(answer[0].lstrip())
+                a1 = answer[1] + len(answer[0].rstrip())
                 inside = [i for i, o in enumerate(offsets) if o is not None and o[0] < a1 and o[1] > a0]
                 if inside and offsets[inside[0]][0] <= a0 and offsets[inside[-1]][1] >= a1:
                     start, end = inside[0], inside[-1]
