@@ -242,6 +242,23 @@ def test_qa_training_refuses_data_settings_it_cannot_honour(tmp_path, capsys, se
     assert message in capsys.readouterr().err
 
 
+def test_training_says_how_many_answers_lie_in_no_window(tmp_path, capsys):
+    # an answer longer than a window's context was trained as "no answer" in all its windows without a word
+    data, encoder = _tiny_squad(tmp_path, 5)
+    doc = json.loads(data.read_text())
+    context = doc["data"][0]["paragraphs"][0]["context"]
+    doc["data"][0]["paragraphs"][0]["qas"][0]["answers"] = [{"text": context[:60], "answer_start": 0}]
+    data.write_text(json.dumps(doc))
+    args = ["train", "qa", "--train", str(data), "--pretrained", str(encoder), "--set", "data.max_len=48",
+            "--set", "data.stride=16", "--set", "data.batch_size=2", "--set", "train.steps=1", "--set",
+            "train.progress=false"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    windows = qa.squad_windows(Tokenizer.load(encoder), read_squad(data), max_len=48, stride=16)
+    assert not any(w.start for w in windows if w.example == 0) and all(  # the oracle: q0 alone is lost
+        any(w.start for w in windows if w.example == n) for n in range(1, 5))
+    assert "; 1 answer(s) lie whole in no window" in capsys.readouterr().err
+
+
 def test_evaluate_names_the_file_flag_and_question_that_fill_a_window(tmp_path, capsys):
     data, encoder = _tiny_squad(tmp_path, 2)
     write_task(encoder, {"task": "qa", "max_len": 64, "stride": 32, "max_answer": 8})

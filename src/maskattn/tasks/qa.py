@@ -257,7 +257,11 @@ def train(cfg: QAConfig, *, resume: bool = False, log=log_stderr) -> dict[str, A
         valid_windows = squad_windows(tok, valid, max_len=cfg.data.max_len, stride=cfg.data.stride) if valid else None
     except ValueError as e:  # a question that fills a window
         raise UsageError(f"data.{e}: raise data.max_len") from e
-    log(f"qa: {len(examples)} questions in {len(windows)} windows, {parameters(model)}")
+    located = {w.example for w in windows if w.start}
+    lost = sum(1 for n, ex in enumerate(examples) if ex.answers and n not in located)
+    log(f"qa: {len(examples)} questions in {len(windows)} windows, {parameters(model)}"
+        + (f"; {lost} answer(s) lie whole in no window, so every window of theirs trains on 'no answer here' "
+           "(raise data.max_len or lower data.stride)" if lost else ""))
     if not cfg.data.max_tokens and len(windows) < cfg.data.batch_size:  # whole batches: an epoch would hold none
         raise UsageError(f"data.batch_size={cfg.data.batch_size} windows per batch, but {cfg.data.train} gives only "
                          f"{len(windows)}; lower data.batch_size")
