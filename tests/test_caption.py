@@ -246,3 +246,18 @@ def test_evaluate_names_the_line_of_a_missing_or_unreadable_image(tmp_path, caps
         assert re.search(says, capsys.readouterr().err)
     (sets / "set.tsv").write_text("one.png\tone two\n")
     assert main(["evaluate", str(model_dir), "--data", str(sets / "set.tsv")]) == 0
+
+
+def test_a_tsv_caption_is_its_words_whatever_the_spaces_between_them(tmp_path, monkeypatch):
+    # "eight  two one" (two spaces) was never an exact match, though every word was right
+    from maskattn.tasks.common import write_task
+
+    model_dir = tmp_path / "model"
+    tiny_model().save(model_dir, tokenizer=C.build_tokenizer())
+    write_task(model_dir, {"task": "caption", "data": {}})
+    C.write_png(C.canvases("test", 1, C.DataConfig(), 4)[0].image, tmp_path / "one.png")
+    said = ["eight two one", "three four"]
+    monkeypatch.setattr(C, "caption_batch", lambda model, tok, images: (said[: len(images)], None, None))
+    (tmp_path / "set.tsv").write_text("one.png\teight  two one \none.png\t three five\n")
+    scores = C.evaluate_file(model_dir, str(tmp_path / "set.tsv"))
+    assert scores == {"exact_match": 50.0, "word_accuracy": 100 * 4 / 5}  # by hand: 1 of 2 captions, 4 of 5 words

@@ -338,7 +338,7 @@ def evaluate_file(directory: str | Path, path: str) -> dict[str, float]:
         except ValueError as e:  # not an image PIL can read, or larger than the model's canvases
             raise DataError(f"{path}:{n}: {e}") from e
     said = [c for i in range(0, len(images), 250) for c in caption_batch(model, tok, images[i : i + 250])[0]]
-    truth = [r[1].strip() for r in rows]
+    truth = [" ".join(r[1].split()) for r in rows]  # the words: "eight  two" is the caption "eight two"
     right = sum(a == b for s, t in zip(said, truth, strict=True) for a, b in zip(s.split(), t.split(), strict=False))
     return {"exact_match": 100 * sum(s == t for s, t in zip(said, truth, strict=True)) / max(1, len(rows)),
             "word_accuracy": 100 * right / max(1, sum(len(t.split()) for t in truth))}
