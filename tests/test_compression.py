@@ -139,6 +139,33 @@ def test_an_int8_token_table_is_its_rows_times_their_scales():
         q(torch.tensor([[10]]))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_an_int8_model_with_a_tied_table_runs_in_the_dtype_it_was_cast_to(tmp_path, dtype):
+    # The int8 table returned float32 whatever the model's dtype: after .to(bfloat16) the first LayerNorm
+    # failed, "mixed dtype (CPU): expect parameter to have scalar type of Float".
+    from maskattn.layers import Int8TokenEmbedding
+
+    torch.manual_seed(0)
+    model = maskattn.DecoderLM(maskattn.DecoderLMConfig.preset("tiny")).eval()
+    compressed.quantize_linears(model, tied=True)
+    ids = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        reference = model(ids)  # the float32 int8 model
+    model = model.to(dtype)
+    table = model.embed.tokens
+    assert isinstance(table, Int8TokenEmbedding) and table.weight_scale.dtype == dtype
+    # oracle: each int8 value times its row's scale, exactly (float64), then rounded once to the model's dtype
+    by_hand = (table.weight[ids].double() * table.weight_scale[ids, None].double()).to(dtype)
+    assert torch.equal(table(ids), by_hand)
+    with torch.no_grad():
+        out = model(ids)
+    assert out.dtype == dtype
+    assert (out.float() - reference).abs().max() < 0.05 * reference.abs().max()
+    model.save(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(maskattn.load(tmp_path / "m").eval()(ids), out)
+
+
 def test_a_tied_output_projection_shares_the_int8_table_and_saves_once(tmp_path, tiny_transformer):
     model = tiny_transformer
     src, tgt = _io()

@@ -124,9 +124,10 @@ class Int8TokenEmbedding(nn.Module):
         return new
 
     def forward(self, ids: Tensor) -> Tensor:
-        """(B, L) integer ids -> (B, L, E) float32."""
+        """(B, L) integer ids -> (B, L, E) in the scales' dtype (float32, or the model's after ``.to(dtype)``)."""
         check_ids(ids, self.vocab_size)
-        x = nn.functional.embedding(ids, self.weight).float() * self.weight_scale[ids].unsqueeze(-1)  # (B, L, E)
+        scale = self.weight_scale[ids].unsqueeze(-1)  # (B, L, 1); int8 values are exact in every float type
+        x = nn.functional.embedding(ids, self.weight).to(scale.dtype) * scale  # (B, L, E)
         return x * math.sqrt(self.d_model) if self.scale else x
 
     def extra_repr(self) -> str:
