@@ -72,6 +72,22 @@ def test_int8_linear_equals_its_integer_product_for_narrow_inputs_and_under_auto
         torch.testing.assert_close(q(x.requires_grad_(True)).float(), by_hand, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 66), (3, 22), (4, 5, 11), (33,)])
+def test_int8_linear_refuses_an_input_of_another_width_naming_it(shape):
+    # (2, 66) into 33 features was regrouped into 4 rows of 33 and failed at the end: "shape '[2, 17]' is
+    # invalid for input of size 68"; nn.Linear (the oracle) refuses every such input too
+    linear = nn.Linear(33, 17)
+    q = Int8Linear.from_float(linear)
+    x = torch.randn(shape)
+    if shape[-1] != 33:
+        with pytest.raises(RuntimeError):
+            linear(x)
+        with pytest.raises(ValueError, match=rf"x must be \(\.\.\., in_features=33\), got {re.escape(str(shape))}"):
+            q(x)
+    else:
+        assert q(x).shape == linear(x).shape
+
+
 def test_an_int8_tokens_output_depends_on_that_token_alone():
     """Per-token activation scales: no coupling through the batch or padding, unlike a per-tensor scale."""
     torch.manual_seed(0)
