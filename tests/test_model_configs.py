@@ -1,8 +1,11 @@
 """Model configs: validation messages carry the values; presets; dict round trips."""
 
+import dataclasses
+import re
+
 import pytest
 
-from maskattn.models import DecoderLMConfig, EncoderConfig, TransformerConfig
+from maskattn.models import CaptionerConfig, DecoderLMConfig, EncoderConfig, TransformerConfig
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -34,3 +37,24 @@ def test_dict_round_trip_and_unknown_fields():
     assert DecoderLMConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match=r"unknown DecoderLMConfig fields \['layers'\]"):
         DecoderLMConfig.from_dict({"layers": 2})
+
+
+BOOL_FIELDS = [(cls, f.name, f.type) for cls in (TransformerConfig, DecoderLMConfig, EncoderConfig, CaptionerConfig)
+               for f in dataclasses.fields(cls) if f.type in ("bool", "bool | None")]
+
+
+@pytest.mark.parametrize("cls, name, kind", BOOL_FIELDS, ids=[f"{c.__name__}.{n}" for c, n, _ in BOOL_FIELDS])
+def test_a_switch_given_a_string_or_number_is_refused_naming_it(cls, name, kind):
+    # A JSON config's "bias": "false" built a model with biases (a non-empty string is truthy), "norm_first": "no" a
+    # pre-LN model, "tie_output": 0 an untied one, without a word; the oracle is JSON's own booleans.
+    for value in ("false", "no", 0, 1, 1.0, [], *([None] if kind == "bool" else [])):
+        message = rf"^{name} must be True(, False)? or (False|None), got {re.escape(repr(value))}$"
+        with pytest.raises(ValueError, match=message):
+            cls.from_dict({**cls.preset("tiny").to_dict(), name: value})
+    for value in (True, False, *([None] if kind == "bool | None" else [])):
+        try:
+            config = cls.from_dict({**cls.preset("tiny").to_dict(), name: value})
+        except ValueError as e:  # another rule may refuse the value (tie_output without shared tables)
+            assert not str(e).startswith(f"{name} must be")
+        else:
+            assert getattr(config, name) is value

@@ -54,6 +54,12 @@ class BlockConfig:
         for name, value in ints:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for f in dataclasses.fields(self):  # a JSON "false" or 0 is truthy or not a switch: never read as one
+            value = getattr(self, f.name)
+            if f.type in ("bool", "bool | None") and not isinstance(value, bool) and not (
+                    value is None and f.type == "bool | None"):
+                allowed = "True, False or None" if f.type == "bool | None" else "True or False"
+                raise ValueError(f"{f.name} must be {allowed}, got {value!r}")
         kv = self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
