@@ -58,3 +58,17 @@ def test_a_switch_given_a_string_or_number_is_refused_naming_it(cls, name, kind)
             assert not str(e).startswith(f"{name} must be")
         else:
             assert getattr(config, name) is value
+
+
+@pytest.mark.parametrize("cls, name", [(DecoderLMConfig, "num_kv_heads"), (EncoderConfig, "num_kv_heads"),
+                                       (TransformerConfig, "num_kv_heads"), (TransformerConfig, "tgt_vocab_size"),
+                                       (DecoderLMConfig, "sliding_window")])
+def test_an_optional_size_that_is_not_a_positive_int_is_refused_naming_it(cls, name):
+    # num_kv_heads=2.0 or True passed the config (refused only when the model was built); "2" was a TypeError
+    # ("'<' not supported between 'str' and 'int'"); tgt_vocab_size=2.5 failed inside torch.empty
+    extra = {"share_embeddings": False, "tie_output": False} if name == "tgt_vocab_size" else {}
+    for value in (2.0, "2", True, 0, -2):
+        with pytest.raises(ValueError, match=rf"^{name} must be None or a positive int, got {re.escape(repr(value))}$"):
+            cls.preset("tiny", **extra, **{name: value})
+    for value in (None, 4):  # the oracle: the int the field is typed as
+        assert getattr(cls.preset("tiny", **extra, **{name: value}), name) == value

@@ -60,6 +60,7 @@ class BlockConfig:
                     value is None and f.type == "bool | None"):
                 allowed = "True, False or None" if f.type == "bool | None" else "True or False"
                 raise ValueError(f"{f.name} must be {allowed}, got {value!r}")
+        check_optional_size(self, "num_kv_heads")
         kv = self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
@@ -148,8 +149,7 @@ class TransformerConfig(BlockConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.tgt_vocab_size is not None and (isinstance(self.tgt_vocab_size, bool) or self.tgt_vocab_size < 1):
-            raise ValueError(f"tgt_vocab_size must be None or a positive int, got {self.tgt_vocab_size!r}")
+        check_optional_size(self, "tgt_vocab_size")
         if self.share_embeddings and self.target_vocab_size != self.vocab_size:
             raise ValueError(f"share_embeddings needs equal vocabularies, got vocab_size ({self.vocab_size}) "
                              f"and tgt_vocab_size ({self.tgt_vocab_size})")
@@ -184,9 +184,7 @@ class DecoderLMConfig(BlockConfig):
         super().__post_init__()
         self._check_ids("bos_id", "eos_id", self.vocab_size)
         check_distinct(self)
-        w = self.sliding_window
-        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
-            raise ValueError(f"sliding_window must be None or a positive int, got {w!r}")
+        check_optional_size(self, "sliding_window")
 
 
 POOLINGS = ("first", "mean")
@@ -223,6 +221,13 @@ class EncoderConfig(BlockConfig):
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+
+
+def check_optional_size(config: BlockConfig, name: str) -> None:
+    """ValueError naming ``name`` unless the field is None or a positive int (not a bool, float or string)."""
+    value = getattr(config, name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be None or a positive int, got {value!r}")
 
 
 def check_distinct(config: BlockConfig) -> None:
