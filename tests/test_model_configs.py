@@ -17,7 +17,7 @@ from maskattn.models import CaptionerConfig, DecoderLMConfig, EncoderConfig, Tra
     (dict(num_encoder_layers=0), "num_encoder_layers must be a positive int, got 0"),
     (dict(pad_id=1), r"pad_id, bos_id and eos_id must differ"),
     (dict(tgt_vocab_size=100), r"share_embeddings needs equal vocabularies"),
-    (dict(eos_id=40000), r"eos_id must be None or an id in \[0, 37000\), got 40000"),
+    (dict(eos_id=40000), r"eos_id must be an id in \[0, 37000\), got 40000"),
 ])
 def test_transformer_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -72,3 +72,16 @@ def test_an_optional_size_that_is_not_a_positive_int_is_refused_naming_it(cls, n
             cls.preset("tiny", **extra, **{name: value})
     for value in (None, 4):  # the oracle: the int the field is typed as
         assert getattr(cls.preset("tiny", **extra, **{name: value}), name) == value
+
+
+@pytest.mark.parametrize("cls", [TransformerConfig, CaptionerConfig])
+def test_a_seq2seq_model_needs_its_bos_and_eos_ids(cls):
+    # bos_id=None passed the config; decoding then failed inside torch.full ("fill_value must be Number, not
+    # NoneType"), and a Captioner's summary() likewise. The decoder's first input is bos_id: it must be an id.
+    vocab = cls.preset("tiny").vocab_size
+    for name in ("bos_id", "eos_id"):
+        with pytest.raises(ValueError, match=rf"^{name} must be an id in \[0, {vocab}\), got None$"):
+            cls.preset("tiny", **{name: None})
+    with pytest.raises(ValueError, match=r"^pad_id must be None or an id"):  # pad_id stays optional
+        cls.preset("tiny", pad_id=-1)
+    assert cls.preset("tiny", pad_id=None).pad_id is None

@@ -85,10 +85,12 @@ class BlockConfig:
 
     def _check_ids(self, *names_then_vocab: Any) -> None:
         *names, vocab = names_then_vocab
+        types = {f.name: f.type for f in dataclasses.fields(self)}
         for name in names:
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab):
-                raise ValueError(f"{name} must be None or an id in [0, {vocab}), got {value!r}")
+            value, optional = getattr(self, name), types[name] != "int"  # "int | None": None = no such token
+            if (value is not None or not optional) and (
+                    isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab):
+                raise ValueError(f"{name} must be {'None or ' if optional else ''}an id in [0, {vocab}), got {value!r}")
 
     @property
     def use_final_norm(self) -> bool:
