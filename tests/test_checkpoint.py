@@ -143,6 +143,19 @@ def test_a_transposed_tensor_is_saved_and_loaded(tmp_path):
     assert torch.equal(checkpoint.load(path)["w"], w)
 
 
+def test_tensors_whose_flat_names_coincide_each_come_back(tmp_path):
+    # {"a.b": x} beside {"a": {"b": y}}, or int key 0 beside "0", flatten to one tensor name: the second overwrote
+    # the first in the file, and both came back as y without a word. The oracle is the state saved.
+    state = {"a.b": torch.tensor([1.0]), "a": {"b": torch.tensor([2.0])},
+             "x": {0: torch.tensor([3.0]), "0": torch.tensor([4.0])}, "y": [torch.tensor([5.0])], "y.0": torch.ones(2)}
+    loaded = checkpoint.load(checkpoint.save(tmp_path, 1, state))
+    assert loaded.pop("step") == 1
+    assert loaded.keys() == state.keys()
+    assert torch.equal(loaded["a.b"], state["a.b"]) and torch.equal(loaded["a"]["b"], state["a"]["b"])
+    assert torch.equal(loaded["x"][0], state["x"][0]) and torch.equal(loaded["x"]["0"], state["x"]["0"])
+    assert torch.equal(loaded["y"][0], state["y"][0]) and torch.equal(loaded["y.0"], state["y.0"])
+
+
 def test_a_checkpoint_that_cannot_be_written_is_one_error_naming_the_last_good_one(tmp_path, monkeypatch):
     from maskattn.errors import TrainingError
 

@@ -17,6 +17,7 @@ instead of failing deep inside PyTorch; nothing is ever unpickled.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -48,6 +49,8 @@ def flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "") -> Any
     """
     if isinstance(obj, torch.Tensor):
         key = prefix or "tensor"
+        if key in tensors:  # "a.b" beside {"a": {"b"}}, or keys 0 and "0", flatten to one name: each keeps its own
+            key = next(f"{key}#{n}" for n in itertools.count(1) if f"{key}#{n}" not in tensors)
         tensors[key] = obj.detach().cpu().clone(memory_format=torch.contiguous_format)  # a dense copy: safetensors
         # refuses shared storage (tied weights) and non-contiguous strides (a transposed tensor)
         return {"__tensor__": key}
