@@ -58,6 +58,27 @@ def test_token_embedding_scale_and_range():
             emb(torch.zeros(1, 2, dtype=dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int8, torch.uint8, torch.int32, torch.int64])
+def test_token_ids_of_a_narrow_integer_type_are_refused_naming_ids(dtype):
+    # int16 / int8 / uint8 ids passed the check and failed in torch's lookup ("Expected tensor for argument #1
+    # 'indices' to have one of the following scalar types: Long, Int"), naming neither ids nor the model's input.
+    # The oracle: what F.embedding itself accepts.
+    from maskattn.models import DecoderLM, DecoderLMConfig
+
+    model = DecoderLM(DecoderLMConfig.preset("tiny")).eval()
+    ids = torch.tensor([[1, 2, 3]], dtype=dtype)
+    try:
+        torch.nn.functional.embedding(ids, model.embed.tokens.weight)
+    except RuntimeError:
+        for call in (model.embed.tokens, model):
+            with pytest.raises(TypeError, match=rf"ids must be an integer tensor of token ids \(int64 or int32\), "
+                                                rf"got {dtype}"):
+                call(ids)
+    else:
+        with torch.no_grad():
+            assert torch.equal(model(ids), model(ids.long()))
+
+
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "swiglu"])
 def test_feedforward_matches_its_formula(activation):
     ffn = FeedForward(8, 16, activation=activation)

@@ -40,10 +40,11 @@ class TokenEmbedding(nn.Module):
 
 
 def check_ids(ids: Tensor, vocab_size: int) -> None:
-    """Raise a TypeError unless ``ids`` is an integer tensor, a ValueError unless its values are in [0, V)."""
-    if not isinstance(ids, Tensor) or ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+    """Raise a TypeError unless ``ids`` is an int64 or int32 tensor (what an embedding lookup reads), a ValueError
+    unless its values are in [0, V)."""
+    if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32):
         got = ids.dtype if isinstance(ids, Tensor) else type(ids).__name__
-        raise TypeError(f"ids must be an integer tensor of token ids, got {got}")
+        raise TypeError(f"ids must be an integer tensor of token ids (int64 or int32), got {got}")
     # A host check (it reads the ids): eager only, a compiled graph cannot branch on tensor values.
     checked = ids.numel() and not torch.compiler.is_compiling()
     if checked and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
