@@ -84,6 +84,36 @@ def test_tied_weights_stay_tied_and_are_stored_once(tmp_path):
     assert loaded.lm_head.weight is loaded.embed.tokens.weight
 
 
+def _untie(model, name):
+    module, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(module), attr, torch.nn.Parameter(model.get_parameter(name).detach().clone()))
+
+
+def _tie(model, name, to):
+    module, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(module), attr, model.get_parameter(to))
+
+
+@pytest.mark.parametrize("build, change", [
+    (lambda: DecoderLM(DecoderLMConfig.preset("tiny")), lambda m: _untie(m, "lm_head.weight")),
+    (lambda: DecoderLM(DecoderLMConfig.preset("tiny", tie_output=False)),
+     lambda m: _tie(m, "lm_head.weight", "embed.tokens.weight")),
+    (lambda: Transformer(TransformerConfig.preset("tiny")), lambda m: _untie(m, "tgt_embed.tokens.weight")),
+    (lambda: Transformer(TransformerConfig.preset("tiny", share_embeddings=False, tie_output=False)),
+     lambda m: _tie(m, "out_proj.weight", "tgt_embed.tokens.weight")),
+])
+def test_weights_tied_otherwise_than_the_config_says_are_refused_when_saving(tmp_path, build, change):
+    # A model whose output projection was untied (or tied) by hand saved without a word, and load() -- the oracle:
+    # what it builds from the config -- refused the file: "tensors do not match ...: unexpected ['lm_head.weight']".
+    model = build()
+    model.save(tmp_path / "as_built")
+    load(tmp_path / "as_built")
+    change(model)
+    with pytest.raises(ValueError, match=r"^save: the tied weights of this \w+ .* are not those its config builds"):
+        model.save(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
 def test_tokenizer_is_saved_and_loaded(tmp_path):
     model = EncoderModel(EncoderConfig.preset("tiny"))
     model.save(tmp_path, tokenizer=_tokenizer())

@@ -107,6 +107,11 @@ def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = Non
 
 def _write(model: nn.Module, directory: Path, tokenizer: Any) -> None:
     tensors, aliases = _distinct_tensors(model)
+    built = _config_aliases(model, tensors)
+    if aliases != built:  # load() builds the model from its config and would refuse the file as written
+        raise ValueError(f"save: the tied weights of this {type(model).__name__} {aliases} are not those its config "
+                         f"builds {built} (tie_output / share_embeddings); tie or untie them as the config says, "
+                         "or change the config, so that the saved model can be loaded")
     weights = directory / WEIGHTS
     atomic_write(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     meta = {"format": FORMAT, "version": VERSION, "model": type(model).__name__, "config": model.config.to_dict(),
@@ -157,9 +162,7 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") ->
     check_sizes(cls, config, weights, meta.get("aliases", {}), source=directory / CONFIG, compression=compression)
     model = compressed.apply(cls(config), compression, source=str(directory / CONFIG))
     tensors = read_safetensors(weights, device)
-    floats = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    if len(floats) == 1 and floats != {torch.float32}:  # a model saved after .to(torch.bfloat16) comes back so
-        model = model.to(floats.pop())
+    model = _in_saved_dtype(model, tensors)
     load_weights(model, tensors, meta.get("aliases", {}), source=str(weights))
     model.tokenizer = load_tokenizer(directory / TOKENIZER) if (directory / TOKENIZER).is_file() else None
     return model.to(device)
@@ -237,6 +240,28 @@ def load_tokenizer(path: Path) -> Any:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the Rust library raises its own exception type
         raise FormatError(f"{path}: not a readable tokenizer: {e}") from e
+
+
+def _in_saved_dtype(model: nn.Module, tensors: dict[str, Tensor]) -> nn.Module:
+    """``model`` in the one float dtype of ``tensors`` (a model saved after .to(torch.bfloat16) comes back so)."""
+    floats = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    return model.to(floats.pop()) if len(floats) == 1 and floats != {torch.float32} else model
+
+
+def _config_aliases(model: nn.Module, tensors: dict[str, Tensor]) -> dict[str, str]:
+    """``{alias: stored name}`` of the tensors that :func:`load` shares when it builds ``model`` again from its
+    config (and compression entry) for ``tensors``, as :func:`_distinct_tensors` names them; built on the meta
+    device (shapes only, no memory)."""
+    with torch.device("meta"):
+        skeleton = _in_saved_dtype(compressed.apply(type(model)(model.config), compressed.describe(model)), tensors)
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, t in skeleton.state_dict(keep_vars=True).items():  # meta tensors share no data pointer: by identity
+        if id(t) in first:
+            aliases[name] = first[id(t)]
+        else:
+            first[id(t)] = name
+    return aliases
 
 
 def _distinct_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
