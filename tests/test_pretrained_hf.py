@@ -167,3 +167,30 @@ def test_a_directory_without_safetensors_weights_is_refused_naming_what_it_expec
     (tmp_path / "pytorch_model.bin").write_bytes(b"pickled")
     with pytest.raises(ValueError, match=r"no model\.safetensors nor model\.safetensors\.index\.json"):
         from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("gpt2", {"n_head": 5}, r"d_model \(32\) must be divisible by num_heads \(5\)"),
+    ("gpt2", {"n_layer": 0}, r"num_layers must be a positive int, got 0"),
+    ("llama", {"num_key_value_heads": 3}, r"num_heads \(4\) must be divisible by num_kv_heads \(3\)"),
+    ("llama", {"rms_norm_eps": -1.0}, r"norm_eps must be a number > 0, got -1.0"),
+    ("bert", {"hidden_dropout_prob": 1.5}, r"dropout must be in \[0, 1\), got 1.5"),
+    ("bert", {"pad_token_id": 99}, r"pad_id must be None or an id in \[0, 61\), got 99"),
+])
+def test_a_hugging_face_config_of_impossible_settings_names_its_file(name, edit, message, tmp_path):
+    # "d_model (32) must be divisible by num_heads (5)" named neither the file nor that it came from it (n_head). The
+    # rules are the model configs' own (tests/test_model_configs.py); here the message must also name the file.
+    from maskattn.io import FormatError
+
+    if name == "bert":
+        torch.manual_seed(0)
+        transformers.BertModel(transformers.BertConfig(vocab_size=61, hidden_size=32, num_hidden_layers=1,
+                                                       num_attention_heads=4, intermediate_size=48,
+                                                       max_position_embeddings=64)).save_pretrained(tmp_path)
+    else:
+        _saved(name, tmp_path)
+    config = {**json.loads((tmp_path / "config.json").read_text()), **edit}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FormatError, match=rf"^{tmp_path / 'config.json'}: its settings make no valid \w+Config: "
+                                          rf"{message}$"):
+        from_pretrained(tmp_path)

@@ -223,7 +223,8 @@ def bert_config(hf: dict, source: Path, *, pooler: bool = True, num_labels: int 
     # a causal BERT (BertLMHeadModel) would load as the bidirectional EncoderModel, with other hidden states
     _refuse(source, {"is_decoder": hf.get("is_decoder"), "add_cross_attention": hf.get("add_cross_attention")}, hf)
     try:
-        return EncoderConfig(
+        return _build(
+            EncoderConfig, source,
             vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_heads=hf["num_attention_heads"],
             d_ff=hf["intermediate_size"], num_layers=hf["num_hidden_layers"], max_len=hf["max_position_embeddings"],
             type_vocab_size=hf.get("type_vocab_size", 2), norm_eps=hf.get("layer_norm_eps", 1e-12),
@@ -244,8 +245,9 @@ def gpt2_config(hf: dict, source: Path, options: dict[str, Any] | None = None) -
                "scale_attn_weights": not hf.get("scale_attn_weights", True)}
     _refuse(source, refused, hf)
     d_model = _field(hf, "n_embd", source)
-    return DecoderLMConfig(
-        vocab_size=_field(hf, "vocab_size", source), d_model=d_model, num_heads=_field(hf, "n_head", source),
+    return _build(
+        DecoderLMConfig, source, vocab_size=_field(hf, "vocab_size", source), d_model=d_model,
+        num_heads=_field(hf, "n_head", source),
         d_ff=hf.get("n_inner") or 4 * d_model, num_layers=_field(hf, "n_layer", source),
         max_len=_field(hf, "n_positions", source), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         dropout=hf.get("resid_pdrop", 0.1), attention_dropout=hf.get("attn_pdrop", 0.1),
@@ -266,8 +268,8 @@ def llama_config(hf: dict, source: Path, options: dict[str, Any] | None = None) 
                "head_dim": hf.get("head_dim", d_model // heads) != d_model // heads}
     _refuse(source, refused, {**hf, "rope_parameters": rope})
     bos, eos = _token(hf, "bos_token_id"), _token(hf, "eos_token_id")
-    return DecoderLMConfig(
-        vocab_size=_field(hf, "vocab_size", source), d_model=d_model, num_heads=heads,
+    return _build(
+        DecoderLMConfig, source, vocab_size=_field(hf, "vocab_size", source), d_model=d_model, num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads, d_ff=_field(hf, "intermediate_size", source),
         num_layers=_field(hf, "num_hidden_layers", source), max_len=_field(hf, "max_position_embeddings", source),
         norm="rms", norm_eps=hf.get("rms_norm_eps", 1e-6), dropout=0.0,
@@ -306,6 +308,15 @@ def _refuse(source: Path, refused: dict[str, Any], hf: dict) -> None:
     bad = [name for name, is_bad in refused.items() if is_bad]
     if bad:
         raise ValueError(f"{source}: unsupported settings {', '.join(f'{n}={hf.get(n)!r}' for n in bad)}")
+
+
+def _build(cls: type[BlockConfig], source: Path, **values: Any) -> Any:
+    """``cls(**values)``, the values read from the Hugging Face config ``source``; a value the config refuses is a
+    FormatError naming that file (the message names maskattn's setting, e.g. num_heads for n_head)."""
+    try:
+        return cls(**values)
+    except ValueError as e:
+        raise FormatError(f"{source}: its settings make no valid {cls.__name__}: {e}") from e
 
 
 def _field(hf: dict, name: str, source: Path) -> Any:
