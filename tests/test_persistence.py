@@ -114,6 +114,16 @@ def test_weights_tied_otherwise_than_the_config_says_are_refused_when_saving(tmp
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.parametrize("target", ["weights.bin", "weights.bin/model"])
+def test_saving_to_a_file_or_inside_one_names_the_file(tmp_path, target):
+    # model.save("weights.bin") over an existing file raised mkdir's bare "[Errno 17] File exists"
+    (tmp_path / "weights.bin").write_text("someone's file")
+    with pytest.raises(ValueError, match=rf"^save: {tmp_path / 'weights.bin'} is a file; expected a directory"):
+        DecoderLM(DecoderLMConfig.preset("tiny")).save(tmp_path / target)
+    assert (tmp_path / "weights.bin").read_text() == "someone's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.bin"]
+
+
 def test_tokenizer_is_saved_and_loaded(tmp_path):
     model = EncoderModel(EncoderConfig.preset("tiny"))
     model.save(tmp_path, tokenizer=_tokenizer())

@@ -91,6 +91,10 @@ def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = Non
     if type(model).__name__ not in _MODELS:
         raise TypeError(f"save() takes a maskattn model ({', '.join(sorted(_MODELS))}), got {type(model).__name__}")
     directory = Path(directory)
+    for path in (directory, *directory.parents):  # mkdir would say "File exists" of it
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"save: {path} is a file; expected a directory to save the model in (new, or a saved "
+                             f"model's){'' if path == directory else f', not inside a file: {directory}'}")
     held = {p.name for p in directory.iterdir()} if directory.is_dir() else set()
     # a new directory, or an earlier save's, is replaced whole; never the working directory, a symlink or a
     # mount point (a rename cannot replace those)
