@@ -1,6 +1,7 @@
 """Transformer against torch.nn.Transformer with copied weights, and the base preset's size."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -159,6 +160,18 @@ def test_summary_lists_layers_shapes_and_counts():
     assert any(line.startswith("out_proj (Linear)") and "(1, 8, 64)" in line for line in lines)
     assert f"Total params: {sum(p.numel() for p in model.parameters()):,}" in table
     assert model.training  # the summary's forward pass restores the mode
+
+
+def test_summary_depth_lists_each_level_and_refuses_what_is_not_a_depth():
+    # depth="2" failed in a comparison ("'<=' not supported between 'int' and 'str'"); -1 printed an empty table
+    model = Transformer(TransformerConfig.preset("tiny"))
+    rows = {depth: [line for line in model.summary(depth=depth, print_fn=None).splitlines() if "(" in line
+                    and not line.startswith("Layer")] for depth in (0, 1, 2)}
+    top = [name for name, _ in model.named_children()]  # the oracle: the model's own module tree
+    assert rows[0] == [] and [line.split(" (")[0] for line in rows[1]] == top and len(rows[2]) > len(rows[1])
+    for depth in ("2", -1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"^summary: depth must be an int >= 0 .*, got {re.escape(repr(depth))}$"):
+            model.summary(depth=depth, print_fn=None)
 
 
 def test_dropout_acts_in_training_only():

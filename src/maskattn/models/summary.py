@@ -14,7 +14,9 @@ from torch import Tensor, nn
 
 
 def summary(model: nn.Module, *inputs: Any, depth: int = 2, **kwargs: Any) -> str:
-    """The table for ``model`` run on ``inputs`` / ``kwargs``, modules nested up to ``depth`` deep."""
+    """The table for ``model`` run on ``inputs`` / ``kwargs``, modules nested up to ``depth`` deep (0: totals only)."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+        raise ValueError(f"summary: depth must be an int >= 0 (how deep nested modules are listed), got {depth!r}")
     shapes: dict[str, str] = {}
     hooks = []
     modules = [(name, level, m) for name, level, m in _rows(model) if level <= depth]
