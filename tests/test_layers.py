@@ -42,6 +42,28 @@ def test_rope_scores_depend_only_on_the_distance():
     assert score(0, 0) == pytest.approx((q * k).sum().item(), abs=1e-6)  # position 0 is the identity
 
 
+def test_rope_by_hand_and_its_base_and_sizes_refused_where_the_formula_breaks():
+    # RotaryEmbedding(8, 10, base=-1.0) (or 0) returned NaN angles and every rotated query NaN without a word;
+    # head_dim 0 and max_len 0 were accepted; SinusoidalPositions(4, 0) raised ZeroDivisionError.
+    rope, base = RotaryEmbedding(8, 20, base=500.0), 500.0
+    x, pos = torch.randn(1, 2, 3, 8), torch.tensor([[0, 7, 19]])
+    by_hand = x.double().clone()  # pair (i, i + D/2) of position p rotated by p * base ** (-2i / D)
+    for col, p in enumerate(pos[0].tolist()):
+        for i in range(4):
+            a, b, t = x[0, :, col, i].double(), x[0, :, col, i + 4].double(), p * base ** (-2 * i / 8)
+            by_hand[0, :, col, i] = a * math.cos(t) - b * math.sin(t)
+            by_hand[0, :, col, i + 4] = b * math.cos(t) + a * math.sin(t)
+    torch.testing.assert_close(apply_rope(x, rope(pos)).double(), by_hand, atol=1e-5, rtol=1e-5)
+    for bad in (-1.0, 0.0, float("inf"), float("nan"), "10000", True):
+        with pytest.raises(ValueError, match=r"^RotaryEmbedding: base must be a finite number > 0, got "):
+            RotaryEmbedding(8, 10, base=bad)
+    for make, name in ((lambda: RotaryEmbedding(0, 10), "head_dim"), (lambda: RotaryEmbedding(8, 0), "max_len"),
+                       (lambda: SinusoidalPositions(4, 0), "d_model"), (lambda: SinusoidalPositions(-1, 8), "max_len"),
+                       (lambda: LearnedPositions(0, 8), "max_len"), (lambda: LearnedPositions(4, 2.0), "d_model")):
+        with pytest.raises(ValueError, match=rf"{name} must be a positive int, got "):
+            make()
+
+
 def test_positions_out_of_range_are_rejected():
     with pytest.raises(ValueError, match=r"positions must be in \[0, max_len=4\)"):
         LearnedPositions(4, 8)(torch.tensor([[3, 4]]))

@@ -29,8 +29,15 @@ def _check_positions(positions: Tensor, max_len: int) -> None:
         )
 
 
+def _check_sizes(owner: str, **sizes: int) -> None:
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+
+
 def sinusoidal_table(max_len: int, d_model: int) -> Tensor:
     """PE[pos, 2i] = sin(pos / 10000^(2i/E)), PE[pos, 2i+1] = cos(same), (max_len, E)."""
+    _check_sizes("sinusoidal positions", max_len=max_len, d_model=d_model)
     pos = torch.arange(max_len, dtype=torch.float64).unsqueeze(1)  # (max_len, 1)
     freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / d_model))
     table = torch.zeros(max_len, d_model, dtype=torch.float64)
@@ -58,6 +65,7 @@ class LearnedPositions(nn.Module):
 
     def __init__(self, max_len: int, d_model: int) -> None:
         super().__init__()
+        _check_sizes("LearnedPositions", max_len=max_len, d_model=d_model)
         self.max_len = max_len
         self.weight = nn.Parameter(torch.empty(max_len, d_model))
         nn.init.normal_(self.weight, std=0.02)
@@ -78,8 +86,12 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_len: int, *, base: float = 10000.0) -> None:
         super().__init__()
+        _check_sizes("RotaryEmbedding", head_dim=head_dim, max_len=max_len)
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+        # base**-x of a base <= 0 (or inf, nan) is NaN or 0 for some pairs: every rotated score NaN or unrotated
+        if isinstance(base, bool) or not isinstance(base, (int, float)) or not math.isfinite(base) or base <= 0:
+            raise ValueError(f"RotaryEmbedding: base must be a finite number > 0, got {base!r}")
         self.head_dim, self.max_len, self.base = head_dim, max_len, base
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
