@@ -156,6 +156,19 @@ def test_tensors_whose_flat_names_coincide_each_come_back(tmp_path):
     assert torch.equal(loaded["y"][0], state["y"][0]) and torch.equal(loaded["y.0"], state["y.0"])
 
 
+@pytest.mark.parametrize("key", [(1, 2), torch.float32, b"x"])
+def test_a_dict_key_json_cannot_give_back_is_refused_when_saving(tmp_path, key):
+    # a tuple key was saved (as a JSON list) and every load failed: "unhashable type: 'list'"; a dtype or bytes key
+    # was json's "Object of type dtype is not JSON serializable", naming no place in the state
+    with pytest.raises(TypeError, match=rf"^cannot store a dict key of type {type(key).__name__} .* at 'opt.groups'"):
+        checkpoint.save(tmp_path, 1, {"opt": {"groups": {key: torch.ones(1)}}})
+    assert checkpoint.list_checkpoints(tmp_path) == []
+    state = {"keys": {None: 1, True: torch.ones(1), 2: "b", 2.5: [3], "s": (4,)}}  # the oracle: each comes back
+    loaded = checkpoint.load(checkpoint.save(tmp_path, 1, state))
+    assert list(loaded["keys"]) == list(state["keys"]) and torch.equal(loaded["keys"][True], torch.ones(1))
+    assert [loaded["keys"][k] for k in (None, 2, 2.5, "s")] == [1, "b", [3], (4,)]
+
+
 def test_a_checkpoint_that_cannot_be_written_is_one_error_naming_the_last_good_one(tmp_path, monkeypatch):
     from maskattn.errors import TrainingError
 

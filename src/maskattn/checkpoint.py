@@ -55,6 +55,10 @@ def flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "") -> Any
         # refuses shared storage (tied weights) and non-contiguous strides (a transposed tensor)
         return {"__tensor__": key}
     if isinstance(obj, dict):
+        for k in obj:  # a JSON scalar comes back as itself; a tuple key would come back a list, which no dict takes
+            if k is not None and not isinstance(k, (str, int, float)):
+                raise TypeError(f"cannot store a dict key of type {type(k).__name__} ({k!r}) at '{prefix}' in a "
+                                "checkpoint (keys: str, int, float, bool or None)")
         return {"__dict__": [[k, flatten(v, tensors, f"{prefix}.{k}" if prefix else str(k))] for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):
         items = [flatten(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
