@@ -177,6 +177,16 @@ def test_a_three_channel_captioner_summarises_and_names_grey_images():
         model.encode(torch.zeros(2, 8, 16))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_the_summary_of_a_captioner_in_another_dtype(dtype):
+    # after .to(torch.bfloat16) summary() failed: its example canvas stayed float32 ("mat1 and mat2 must have the
+    # same dtype"); a DecoderLM's summary worked. The oracle: the float32 model's table, same shapes and counts.
+    torch.manual_seed(0)
+    model = Captioner(CaptionerConfig.preset("tiny"))
+    expected = model.summary(print_fn=None)
+    assert model.to(dtype).summary(print_fn=None) == expected
+
+
 def test_a_file_that_is_not_an_image_is_one_error(tmp_path):
     from maskattn.tasks.caption import read_png
 

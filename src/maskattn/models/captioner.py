@@ -108,9 +108,12 @@ class Captioner(Persistent, Summary, nn.Module):
     attention_sites = Transformer.attention_sites
 
     def example_inputs(self) -> tuple[Tensor, ...]:
-        """One blank (1, [C,] 2P, 4P) canvas and a (1, 4) caption prefix, for :meth:`summary`."""
+        """One blank (1, [C,] 2P, 4P) canvas and a (1, 4) caption prefix, for :meth:`summary`, in the model's dtype
+        and on its device."""
         p, c = self.config.patch_size, self.config.channels
-        return torch.zeros(1, *((c,) if c > 1 else ()), 2 * p, 4 * p), torch.full((1, 4), self.config.bos_id)
+        weight = next(self.parameters())
+        canvas = torch.zeros(1, *((c,) if c > 1 else ()), 2 * p, 4 * p, dtype=weight.dtype, device=weight.device)
+        return canvas, torch.full((1, 4), self.config.bos_id, device=weight.device)
 
     def encode(self, images: Tensor, sizes: Sizes = None, *, return_weights: bool = False) -> tuple:
         """Encode (B, [C,] Hc, Wc) images, each of real size ``sizes[b]`` (height, width) at the top left.
