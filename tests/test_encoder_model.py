@@ -140,3 +140,20 @@ def test_lengths_beside_an_attention_mask_is_refused():
     ids = torch.randint(4, 20, (2, 5))
     with pytest.raises(ValueError, match="attention_mask or lengths, not both"):
         model(ids, torch.ones(2, 5, dtype=torch.long), lengths=[3, 3])
+
+
+def test_an_attention_mask_of_other_values_than_one_and_zero_is_refused():
+    # An additive 2-D mask (0 keep, -10000 or -inf hide) was read by .bool() as "every token real": padding was
+    # attended without a word. The oracle for the masks that are accepted: lengths, which say the same.
+    torch.manual_seed(0)
+    model = EncoderModel(EncoderConfig(vocab_size=20, d_model=16, num_heads=2, d_ff=32, num_layers=1, max_len=32))
+    model.eval()
+    ids = torch.randint(4, 20, (2, 5))
+    keep = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        by_lengths = model(ids, lengths=[5, 3])
+        for mask in (keep, keep.bool(), keep.float(), keep.to(torch.int8)):
+            assert torch.equal(model(ids, mask), by_lengths)
+        for additive in ((keep - 1) * 10000, torch.where(keep.bool(), 0.0, float("-inf")), keep * 2):
+            with pytest.raises(ValueError, match=r"attention_mask must hold 1 for real tokens and 0 for padding"):
+                model(ids, additive)

@@ -114,4 +114,11 @@ class EncoderModel(Persistent, Summary, nn.Module):
         if not isinstance(attention_mask, Tensor) or attention_mask.shape != ids.shape:
             got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
             raise ValueError(f"attention_mask must have the shape of input_ids {tuple(ids.shape)}, got {got}")
+        # .bool() reads every non-zero as a real token: an additive mask (0 / -inf) would hide nothing. A host check
+        # (it reads the values): eager only, a compiled graph cannot branch on tensor values.
+        if attention_mask.dtype != torch.bool and not torch.compiler.is_compiling() and bool(
+                ((attention_mask != 0) & (attention_mask != 1)).any()):
+            found = attention_mask.unique().tolist()
+            raise ValueError(f"attention_mask must hold 1 for real tokens and 0 for padding (Hugging Face's meaning), "
+                             f"got values {found[:6]}{' ...' if len(found) > 6 else ''}; an additive mask is not one")
         return attention_mask.bool()
