@@ -366,3 +366,18 @@ def test_a_nested_list_of_bools_is_a_valid_tensor_and_a_list_of_ints_lengths():
     assert torch.equal(masks.padding(np.array([2, 1])).to_dense(1, 3), masks.padding(torch.tensor(rows)).to_dense(1, 3))
     with pytest.raises(TypeError, match="cu_seqlens must hold integers"):
         masks.from_cu_seqlens([0, 2.5, 7])
+
+
+@pytest.mark.parametrize("name,make", LEAVES, ids=[n for n, _ in LEAVES])
+@pytest.mark.parametrize("q_len,k_len", [(0, 5), (5, 0), (0, 0)])
+def test_block_map_and_stats_of_an_empty_call(name, make, q_len, k_len):
+    # from_tensor's block map reshaped zero elements with a -1 size ("cannot reshape tensor of 0 elements"), so
+    # mask.stats(0, Lk) and block_map(Lq, 0, ...) failed for tensor masks; the oracle is the empty dense mask
+    mask = make(3, 8)
+    for block_q, block_k in [(4, 4), (3, 5)]:
+        got = mask.block_map(q_len, k_len, block_q, block_k)
+        exact = _exact_tile_kinds(mask.to_dense(q_len, k_len), block_q, block_k)
+        assert got.shape[2:] == (-(-q_len // block_q), -(-k_len // block_k))
+        assert torch.equal(got.expand_as(exact), exact)
+        stats = mask.stats(q_len, k_len, block_q=block_q, block_k=block_k)
+        assert (stats.allowed, stats.total, stats.empty_rows) == (0, 0, mask.batch * mask.heads * q_len * (k_len == 0))

@@ -84,7 +84,7 @@ def tile_reduce(x: Tensor, dim: int, block: int, pad: bool | None, op: str) -> T
             (*x.shape[:-1], extra), pad
         )
         x = torch.cat([x, fill], dim=-1)
-    x = x.reshape(*x.shape[:-1], -1, block)
+    x = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)  # not -1: ambiguous when another size is 0
     reduced = getattr(x, op)(dim=-1)
     return reduced.movedim(-1, dim)
 
