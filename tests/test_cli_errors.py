@@ -64,7 +64,8 @@ CASES = {
                                 r"doc_ids covers 3 positions but the call needs 16"),
     "~ x 5000": (["masks", "show", "~" * 5000 + "causal"], r"nests ~ and parentheses more than 100 deep"),
     "window(10^26)": (["masks", "show", f"window({10**26})"], r"too large for an argument of window\(\)"),
-    "q_offset 2**63": (["masks", "show", "causal", "--q-offset", str(2**63)], r"positions must stay below 2\*\*62"),
+    "q_offset 2**63": (["masks", "show", "causal", "--keys", "4", "--q-offset", str(2**63)],
+                       r"positions must stay below 2\*\*62"),
     "audit --length -3": (["audit", "--length", "-3"], r"expected a positive integer, got -3"),
     "showcase --length 0": (["showcase", "--length", "0"], r"expected a positive integer, got 0"),
 }
@@ -217,3 +218,17 @@ def test_small_cli_inputs_that_were_accepted_or_crashed(tmp_path, capsys):
         assert main(args) == 2
         assert expected in capsys.readouterr().err
     assert not (tmp_path / "x.txt").exists()
+
+
+def test_masks_show_counts_the_keys_a_q_offset_adds(capsys):
+    # without --keys, the keys are --q-offset + --length, but the 1024-key limit read --length alone: `--length 3
+    # --q-offset 5000` drew 5003 columns and `--q-offset 100000000` ran for minutes building a 10**8-key picture
+    assert main(["masks", "show", "causal", "--length", "3", "--q-offset", "5000"]) == 2
+    assert "--length 3 / --q-offset 5000: 5003 keys; masks show draws at most 1024" in capsys.readouterr().err
+    assert main(["masks", "show", "causal", "--length", "3", "--q-offset", "100000000"]) == 2
+    capsys.readouterr()
+    assert main(["masks", "show", "causal", "--length", "3", "--q-offset", "1021"]) == 0
+    shown = capsys.readouterr().out  # the oracle: 1024 keys, row q (absolute) sees keys 0..q
+    assert "[Lq=3, Lk=1024, q_offset=1021]" in shown
+    rows = [line.split()[2:] for line in shown.splitlines() if line.startswith("  q ")]
+    assert [row.count("■") for row in rows] == [1022, 1023, 1024]

@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "prefix(n), document(len,...), combined with &, |, ~ and parentheses.")
     show.add_argument("expression", help='e.g. "causal & window(4)"')
     show.add_argument("--length", type=positive_int, default=16, help="query and key length")
-    show.add_argument("--keys", type=positive_int, default=None, help="key length (default: --length)")
+    show.add_argument("--keys", type=positive_int, default=None, help="key length (default: --q-offset + --length)")
     show.add_argument("--q-offset", type=int, default=0, help="absolute position of the first query")
     show.add_argument("--png", default=None, help="also write a PNG picture here")
     stats = masks_cmd.add_parser("stats", help="what a mask costs: density, empty rows, tiles, skipped FLOPs")
@@ -643,12 +643,13 @@ def _masks_show(args: argparse.Namespace) -> int:
         print(repr(mask))
         print(mask.stats(args.length, args.length, block_q=args.block, block_k=args.block, head_dim=args.head_dim))
         return 0
-    keys = args.keys if args.keys is not None else args.length
-    if max(args.length, keys) > MAX_SHOWN:
-        raise UsageError(f"--length {args.length} / --keys {keys}: masks show draws at most {MAX_SHOWN} queries and "
-                         f"keys; `maskattn masks stats` summarises longer masks")
     if args.q_offset < 0:
         raise UsageError(f"--q-offset must be >= 0, got {args.q_offset}")
+    keys = args.keys if args.keys is not None else args.q_offset + args.length  # what Mask.render draws
+    if max(args.length, keys) > MAX_SHOWN:
+        given = f"--keys {keys}" if args.keys is not None else f"--q-offset {args.q_offset}: {keys} keys"
+        raise UsageError(f"--length {args.length} / {given}; masks show draws at most {MAX_SHOWN} queries and "
+                         f"keys; `maskattn masks stats` summarises longer masks")
     if args.png is not None:
         if not Path(args.png).is_dir() and Path(args.png).suffix.lower() not in (".png", ".svg", ".pdf"):
             raise UsageError(f"--png {args.png}: name a .png (or .svg, .pdf) file")
