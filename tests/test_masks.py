@@ -133,6 +133,11 @@ def test_combining_with_non_masks_and_bool_is_an_error():
         (lambda: masks.padding(torch.tensor([[1, 2]])), ValueError, "lengths must be 1-D"),
         (lambda: masks.padding(torch.tensor([1.0])), TypeError, "float32"),
         (lambda: masks.padding([3, -1]), ValueError, ">= 0"),
+        # these were "'int' object is not iterable", "'NoneType' object is not iterable", "too many dimensions 'str'"
+        (lambda: masks.padding(5), TypeError, "padding(lengths_or_valid): expected a 1-D integer tensor or list of "
+         "lengths (one per batch item, e.g. [5]) or a (B, Lk) bool tensor of valid keys, got int 5"),
+        (lambda: masks.padding(None), TypeError, "padding(lengths_or_valid): expected a 1-D integer tensor"),
+        (lambda: masks.padding("35"), TypeError, "got str '35'"),
         (lambda: masks.document(torch.zeros(4, dtype=torch.long)), ValueError, "(B, L)"),
         (lambda: masks.document(torch.zeros(1, 4)), TypeError, "integer"),
         (lambda: masks.prefix_lm(-1), ValueError, ">= 0"),

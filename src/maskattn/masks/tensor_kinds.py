@@ -6,7 +6,7 @@ Lk keys.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -220,6 +220,9 @@ def padding(lengths_or_valid: Tensor | Sequence[int]) -> Mask:
             (keys at positions >= length are hidden), or a (B, Lk) bool tensor, True = a real key.
     """
     x = lengths_or_valid
+    if isinstance(x, str | bytes) or not (isinstance(x, Tensor | Iterable) or hasattr(x, "__array__")):
+        raise TypeError(f"padding(lengths_or_valid): expected a 1-D integer tensor or list of lengths (one per batch "
+                        f"item, e.g. [5]) or a (B, Lk) bool tensor of valid keys, got {type(x).__name__} {x!r}")
     if not isinstance(x, Tensor):  # a list (of ints, or rows of bools) or an array: its own dtype, checked below
         x = torch.as_tensor(x if hasattr(x, "__array__") else list(x))
         if x.numel() == 0 or x.dtype in (torch.uint16, torch.uint32, torch.uint64):  # (no min() for these)
