@@ -270,3 +270,17 @@ def test_a_per_head_mask_drives_nn_multihead_attention_over_a_batch():
         torch.testing.assert_close(got[item:item + 1], want)
 
 
+
+
+def test_integer_masks_other_than_zero_and_one_are_refused():
+    # a packed batch's 2-D attention_mask of document numbers ([1, 1, 2, 2, 0]: the multipack convention) was read
+    # as "every non-zero is a real token", so the two documents saw each other; floats were already refused
+    packed = torch.tensor([[1, 1, 2, 2, 0]])
+    with pytest.raises(ValueError, match=r"attention_mask holds 1 \(token\) and 0 \(padding\); this one holds "
+                                         r"\[0, 1, 2\].*masks\.document"):
+        masks.from_hf(packed)
+    with pytest.raises(ValueError, match=r"a Keras mask holds 1 \(attend\) and 0 \(hide\); this one holds other"):
+        masks.from_keras(torch.tensor([[[1, 2], [1, 1]]]))
+    # 0 / 1 integers stay what they were: the oracle is the mask written out by hand
+    ok = masks.from_hf(torch.tensor([[1, 1, 1, 0]])).to_dense(2, 4)
+    assert ok[0, 0].tolist() == [[True, True, True, False]] * 2

@@ -137,9 +137,11 @@ def from_hf(attention_mask: Tensor) -> Mask:
     either bool (True = keep) or additive float (0 keep, finfo.min / -inf hide)."""
     m = attention_mask
     if m.dim() == 2:
-        if m.is_floating_point() and not bool(((m == 0) | (m == 1)).all()):
+        if m.dtype != torch.bool and not bool(((m == 0) | (m == 1)).all()):
+            hint = ("is it an additive mask? pass a 4-D (B, 1, Lq, Lk) one" if m.is_floating_point() else
+                    "are they packed document numbers? build masks.document(ids) & masks.padding(...) from them")
             raise ValueError("a 2-D Hugging Face attention_mask holds 1 (token) and 0 (padding); this one holds "
-                             "other values: is it an additive mask? pass a 4-D (B, 1, Lq, Lk) one")
+                             f"{m.unique()[:8].tolist()}: {hint}")
         valid = m.bool()
         _warn_if_padding_inverted(valid, "attention_mask", "in Hugging Face's convention 1 means a real token")
         return padding(valid)
@@ -170,7 +172,7 @@ def from_keras(mask: Tensor) -> Mask:
     :func:`from_tensor` would read.
     """
     keep = mask.bool()
-    if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("a Keras mask holds 1 (attend) and 0 (hide); this one holds other values")
     if keep.dim() == 2:
         _warn_if_padding_inverted(keep, "Keras mask", "in Keras 1 means attend")
