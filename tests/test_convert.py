@@ -1,5 +1,6 @@
 """Converters between conventions, checked against brute-force evaluation and against torch/HF."""
 
+import re
 import warnings
 
 import pytest
@@ -284,3 +285,19 @@ def test_integer_masks_other_than_zero_and_one_are_refused():
     # 0 / 1 integers stay what they were: the oracle is the mask written out by hand
     ok = masks.from_hf(torch.tensor([[1, 1, 1, 0]])).to_dense(2, 4)
     assert ok[0, 0].tolist() == [[True, True, True, False]] * 2
+
+
+@pytest.mark.parametrize("call, error, words", [
+    # was "value cannot be converted to type int without overflow"
+    (lambda: masks.to_torch_mha(masks.causal(), 2, 2, additive=torch.int32), TypeError,
+     "to_torch_mha: additive must be a floating dtype (or None for bool masks), got torch.int32"),
+    # was accepted (num_heads=0 and -2 only fail for masks that differ per head)
+    (lambda: masks.to_torch_mha(masks.causal(), 2, 2, num_heads=0), ValueError,
+     "to_torch_mha: num_heads must be an int >= 1, got 0"),
+    # was "upper bound and lower bound inconsistent with step sign" from inside FlexAttention
+    (lambda: masks.to_flex(masks.causal(), -1, 3), ValueError, "q_len must be an int >= 0, got -1"),
+    (lambda: masks.to_flex(masks.causal(), 3, 3, q_offset=-2), ValueError, "q_offset must be an int >= 0, got -2"),
+])
+def test_converter_arguments_are_checked_by_name(call, error, words):
+    with pytest.raises(error, match=re.escape(words)):
+        call()

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from maskattn.masks.base import Mask, structure
 from maskattn.masks.tensor_kinds import document, from_tensor, padding
+from maskattn.masks.tiles import check_sizes
 
 NEG_THRESHOLD = -1e4  # additive values at or below this hide the key (HF uses finfo.min, torch -inf)
 
@@ -107,6 +108,10 @@ def to_torch_mha(mask: Mask, q_len: int, k_len: int, *, num_heads: int = 1, q_of
 
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise ValueError(f"to_torch_mha: batch must be an int >= 1 (the N of nn.MultiheadAttention), got {batch!r}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"to_torch_mha: num_heads must be an int >= 1, got {num_heads!r}")
+    if additive is not None and not (isinstance(additive, torch.dtype) and additive.is_floating_point):
+        raise TypeError(f"to_torch_mha: additive must be a floating dtype (or None for bool masks), got {additive!r}")
     if structure(mask).kinds in (("lengths",), ("valid",)):  # pure key padding
         valid = mask.to_dense(1, k_len)[:, 0, 0, :]  # (N, S)
         if batch is not None:
@@ -199,6 +204,10 @@ def to_flex(mask: Mask, q_len: int | None = None, k_len: int | None = None, *, q
     def mask_mod(b, h, q_idx, kv_idx):
         return mask.allows(b, h, q_idx + q_offset, kv_idx)
 
+    if q_len is None or k_len is None:
+        check_sizes(0, 0, q_offset)
+    else:
+        mask.check(q_len, k_len, q_offset=q_offset)
     for name, given, own in (("batch", batch, mask.batch), ("heads", heads, mask.heads)):
         if given is not None and own > 1 and given != own:
             raise ValueError(f"to_flex({name}={given}): the mask has {own} different {name} entries")
