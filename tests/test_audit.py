@@ -1,6 +1,7 @@
 """The leak audit passes on every model and layer with its standard masks, and catches broken ones."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from torch import nn
 
 import maskattn
 from maskattn import MultiHeadAttention, masks
-from maskattn.audit import audit_layer, audit_model
+from maskattn.audit import audit_call, audit_layer, audit_model
 from maskattn.models import (
     AttentionSite,
     AuditProbe,
@@ -357,3 +358,20 @@ def test_audits_give_verdicts_on_two_dimensional_outputs_and_batch_wide_leaks():
     images, sizes = torch.randn(2, 8, 8), torch.tensor([[8, 8], [4, 4]])
     assert audit_image_padding(lambda x: x.flatten(1)[:, :3] * 0 + 1, images, sizes, patch_size=4, name="i").ok
     assert not audit_image_padding(lambda x: x.flatten(1)[:, -3:], images, sizes, patch_size=4, name="i").ok
+
+
+@pytest.mark.parametrize("call, words", [
+    # was "The expanded size of the tensor (2) must match the existing size (3) at non-singleton dimension 0"
+    (lambda layer: audit_layer(layer, masks.padding([6, 4, 2]), length=6),
+     "mask padding(lengths=[6, 4, 2]) has batch size 3, which does not match the batch size B=2 of the inputs"),
+    (lambda layer: audit_call(layer, torch.randn(2, 6, 16), mask=masks.padding([6, 4, 2])),
+     "has batch size 3, which does not match the batch size B=2"),
+    # was "Trying to create tensor with negative dimension -1"; 0 passed with nothing checked
+    (lambda layer: audit_layer(layer, masks.causal(), length=-1), "audit_layer: length must be an int >= 1, got -1"),
+    (lambda layer: audit_layer(layer, masks.causal(), length=0), "audit_layer: length must be an int >= 1, got 0"),
+    (lambda layer: audit_layer(layer, masks.causal(), batch=0), "audit_layer: batch must be an int >= 1, got 0"),
+    (lambda layer: audit_layer(layer, None, cross_length=0), "audit_layer: cross_length must be an int >= 1, got 0"),
+])
+def test_audit_layer_arguments_are_checked_by_name(call, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        call(MultiHeadAttention(16, 4))

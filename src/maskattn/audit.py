@@ -77,6 +77,7 @@ def _hidden(mask: Mask | Tensor | None, batch: int, q_len: int, k_len: int, q_of
     if mask is None:
         return torch.zeros(batch, 1, q_len, k_len, dtype=torch.bool)
     mask = from_tensor(mask) if isinstance(mask, Tensor) else mask
+    mask.check(q_len, k_len, q_offset=q_offset, batch=batch)  # a batch it does not fit: named, not expand's error
     allowed = mask.to_dense(q_len, k_len, q_offset=q_offset, device="cpu")  # (B|1, H|1, Lq, Lk)
     hidden = ~allowed.expand(batch, allowed.shape[1], q_len, k_len)
     if self_attn:
@@ -252,6 +253,9 @@ def audit_layer(layer: nn.Module, mask: Mask | Tensor | None, *, length: int = 1
                 d_model: int | None = None, seed: int = 0, cross_length: int | None = None) -> Report:
     """Audit a stand-alone attention layer under ``mask`` on random inputs (self-attention, or
     cross-attention to a random memory of ``cross_length`` positions)."""
+    for name, value in (("length", length), ("batch", batch), ("cross_length", cross_length)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"audit_layer: {name} must be an int >= 1, got {value!r}")
     width = d_model or getattr(layer, "d_model", None)
     if width is None:
         raise ValueError("d_model is required for a layer without a d_model attribute")
