@@ -375,3 +375,22 @@ def test_audits_give_verdicts_on_two_dimensional_outputs_and_batch_wide_leaks():
 def test_audit_layer_arguments_are_checked_by_name(call, words):
     with pytest.raises(ValueError, match=re.escape(words)):
         call(MultiHeadAttention(16, 4))
+
+
+def test_an_audit_runs_in_eval_mode_and_gives_the_module_back_in_its_own_mode():
+    # audit_call ran a training layer as it was: its dropout moved every output, and a correct layer was reported
+    # as leaking; audit_layer and audit_model switched the module to eval and left it there, so training after an
+    # audit went on without dropout
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(16, 4, dropout=0.5).train()
+    verdict = audit_call(layer, torch.randn(2, 6, 16), mask=masks.causal())
+    assert verdict.ok, str(verdict)
+    assert verdict.checked_pairs == 2 * 15  # the oracle: 15 keys above the diagonal of 6 x 6, per row of the batch
+    assert layer.training
+    assert audit_layer(layer, masks.causal(), length=6).ok and layer.training
+    model = DecoderLM(DecoderLMConfig.preset("tiny"))
+    model.train()
+    model.lm_head.eval()  # a module in its own mode keeps it
+    assert audit_model(model).ok
+    assert model.training and not model.lm_head.training
+    assert all(m.training for name, m in model.named_modules() if not name.startswith("lm_head"))

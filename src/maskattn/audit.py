@@ -125,6 +125,26 @@ def _with_autograd(fn: Callable) -> Callable:
 
     return wrapped
 
+def _in_eval_mode(fn: Callable) -> Callable:
+    """Run ``fn(module, ...)`` with ``module`` (when an nn.Module) in eval mode, each of its submodules given back
+    its own mode after: the checks compare outputs bit for bit, which dropout would move, and an audit must not
+    change how training goes on."""
+
+    @functools.wraps(fn)
+    def wrapped(module: Any, *args: Any, **kwargs: Any) -> Any:
+        modes = [(m, m.training) for m in module.modules()] if isinstance(module, nn.Module) else []
+        if modes:
+            module.eval()
+        try:
+            return fn(module, *args, **kwargs)
+        finally:
+            for m, training in modes:
+                m.training = training
+
+    return wrapped
+
+
+@_in_eval_mode
 @_with_autograd
 def audit_call(layer: Callable[..., Tensor], query: Tensor, key: Tensor | None = None, value: Tensor | None = None,
                *, mask: Mask | Tensor | None = None, name: str = "attention", q_offset: int = 0,
@@ -199,6 +219,7 @@ def _jacobian_leaks(run, query, key, value, hidden, self_attn, max_leaks) -> lis
     return leaks
 
 
+@_in_eval_mode
 def audit_nonfinite_call(layer: Callable[..., Tensor], query: Tensor, key: Tensor | None = None,
                          value: Tensor | None = None, *, mask: Mask | Tensor | None = None, name: str = "attention",
                          q_offset: int = 0, max_leaks: int = 10, **kwargs) -> Verdict:
@@ -248,6 +269,7 @@ def _one(like: Tensor, b: int, j: int) -> Tensor:
     return spot
 
 
+@_in_eval_mode
 @_with_autograd
 def audit_layer(layer: nn.Module, mask: Mask | Tensor | None, *, length: int = 12, batch: int = 2,
                 d_model: int | None = None, seed: int = 0, cross_length: int | None = None) -> Report:
@@ -261,7 +283,6 @@ def audit_layer(layer: nn.Module, mask: Mask | Tensor | None, *, length: int = 1
         raise ValueError("d_model is required for a layer without a d_model attribute")
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, length, width, generator=gen)
-    layer.eval()
     if cross_length is None:
         name = f"{type(layer).__name__} self-attention"
         return Report([check(layer, x, mask=mask, name=name) for check in CALL_CHECKS])
@@ -364,6 +385,7 @@ def audit_padding(outputs_of: Callable[[Tensor], Tensor], tokens: Tensor, length
 
 
 @_with_autograd
+@_in_eval_mode
 def audit_model(model: nn.Module, *, length: int = 10, batch: int = 2, seed: int = 0) -> Report:
     """Audit a model as it declares (:class:`maskattn.models.Inspectable`): draw the inputs of its
     ``audit_probe()`` and run its checks in order (every attention layer, plus end-to-end checks: decoders
