@@ -301,3 +301,19 @@ def test_integer_masks_other_than_zero_and_one_are_refused():
 def test_converter_arguments_are_checked_by_name(call, error, words):
     with pytest.raises(error, match=re.escape(words)):
         call()
+
+
+def test_from_torch_mha_checks_its_two_masks_against_each_other():
+    # attn_mask (L, 3) with key_padding_mask (N, 5) was accepted and failed at first use naming 'from_tensor'; a 3-D
+    # attn_mask of N=2 beside a key_padding_mask of N=3 said "cannot combine masks with different batch sizes"
+    with pytest.raises(ValueError, match=re.escape("from_torch_mha: attn_mask (3, 3) has S=3 keys and N=1 items "
+                                                   "but key_padding_mask (2, 5) has S=5 and N=2")):
+        masks.from_torch_mha(torch.zeros(3, 3, dtype=torch.bool), torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=re.escape("attn_mask (8, 3, 3) has S=3 keys and N=2 items but "
+                                                   "key_padding_mask (3, 3) has S=3 and N=3")):
+        masks.from_torch_mha(torch.zeros(8, 3, 3, dtype=torch.bool), torch.zeros(3, 3, dtype=torch.bool), num_heads=4)
+    # what nn.MultiheadAttention accepts stays accepted, with its meaning: the oracle is each mask written out
+    attn = torch.tensor([[False, True, True], [False, False, True]])  # (L=2, S=3), True = masked
+    kpm = torch.tensor([[False, False, False], [False, True, False]])  # (N=2, S=3)
+    dense = masks.from_torch_mha(attn, kpm).to_dense(2, 3)
+    assert torch.equal(dense, ~attn[None, None] & ~kpm[:, None, None])

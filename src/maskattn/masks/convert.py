@@ -84,6 +84,10 @@ def from_torch_mha(attn_mask: Tensor | None = None, key_padding_mask: Tensor | N
         valid = ~kpm if kpm.dtype == torch.bool else _bool_from_additive(kpm, "key_padding_mask")
         if valid.dim() != 2:
             raise ValueError(f"key_padding_mask must be (N, S), got {tuple(kpm.shape)}")
+        if result is not None and (attn_mask.shape[-1] != kpm.shape[1] or result.batch not in (1, kpm.shape[0])):
+            raise ValueError(f"from_torch_mha: attn_mask {tuple(attn_mask.shape)} has S={attn_mask.shape[-1]} keys and "
+                             f"N={result.batch} items but key_padding_mask {tuple(kpm.shape)} has S={kpm.shape[1]} and "
+                             f"N={kpm.shape[0]}; nn.MultiheadAttention takes them for the same N and S")
         _warn_if_padding_inverted(valid, "key_padding_mask", "in torch's convention True means padding")
         pad = padding(valid)
         result = pad if result is None else result & pad
