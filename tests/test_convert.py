@@ -317,3 +317,13 @@ def test_from_torch_mha_checks_its_two_masks_against_each_other():
     kpm = torch.tensor([[False, False, False], [False, True, False]])  # (N=2, S=3)
     dense = masks.from_torch_mha(attn, kpm).to_dense(2, 3)
     assert torch.equal(dense, ~attn[None, None] & ~kpm[:, None, None])
+
+
+@pytest.mark.parametrize("kwargs, name", [({"attn_mask": torch.zeros(2, 3, dtype=torch.long)}, "attn_mask"),
+                                          ({"key_padding_mask": torch.tensor([[0, 1, 1]])}, "key_padding_mask")])
+def test_from_torch_mha_refuses_integer_masks_as_torch_does(kwargs, name):
+    # an int64 attn_mask of zeros was read as additive (nothing hidden), 0/1 integers were called "a float mask";
+    # nn.MultiheadAttention takes only bool and float masks
+    with pytest.raises(TypeError, match=re.escape(f"from_torch_mha: {name} must be bool (True = masked) or float "
+                                                  "(additive), as nn.MultiheadAttention takes, got dtype torch.int64")):
+        masks.from_torch_mha(**kwargs)

@@ -65,6 +65,10 @@ def from_torch_mha(attn_mask: Tensor | None = None, key_padding_mask: Tensor | N
         attn_mask: (L, S), or (N * num_heads, L, S) with ``num_heads`` given.
         key_padding_mask: (N, S), True (or -inf) = padding.
     """
+    for name, given in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)):
+        if given is not None and given.dtype != torch.bool and not given.is_floating_point():
+            raise TypeError(f"from_torch_mha: {name} must be bool (True = masked) or float (additive), as "
+                            f"nn.MultiheadAttention takes, got dtype {given.dtype}")
     result: Mask | None = None
     if attn_mask is not None:
         keep = ~attn_mask if attn_mask.dtype == torch.bool else _bool_from_additive(attn_mask, "attn_mask")
