@@ -131,6 +131,9 @@ def test_combining_with_non_masks_and_bool_is_an_error():
         (lambda: masks.prefix_lm(2**70), ValueError, "expected a length in [0, 2**62]"),
         (lambda: masks.sliding_window(2.5), TypeError, "size must be an int"),
         (lambda: masks.padding(torch.tensor([[1, 2]])), ValueError, "lengths must be 1-D"),
+        # a Hugging Face attention_mask (int64 1/0) was only told "lengths must be 1-D"
+        (lambda: masks.padding(torch.tensor([[1, 1, 0]])), ValueError, "lengths must be 1-D (B,), got shape (1, 3); "
+         "a (B, Lk) tensor of valid keys must be bool (.bool(); masks.from_hf reads a Hugging Face attention_mask)"),
         (lambda: masks.padding(torch.tensor([1.0])), TypeError, "float32"),
         (lambda: masks.padding([3, -1]), ValueError, ">= 0"),
         # these were "'int' object is not iterable", "'NoneType' object is not iterable", "too many dimensions 'str'"

@@ -240,8 +240,10 @@ def padding(lengths_or_valid: Tensor | Sequence[int]) -> Mask:
             f"valid keys, got dtype {x.dtype}"
         )
     if x.dim() != 1:
+        hint = ("; a (B, Lk) tensor of valid keys must be bool (.bool(); masks.from_hf reads a Hugging Face "
+                "attention_mask)" if x.dim() == 2 else "")
         raise ValueError(
-            f"padding(lengths_or_valid): lengths must be 1-D (B,), got shape {tuple(x.shape)}"
+            f"padding(lengths_or_valid): lengths must be 1-D (B,), got shape {tuple(x.shape)}{hint}"
         )
     if x.numel() and not torch.compiler.is_compiling() and int(x.min()) < 0:  # a host read: eager only
         raise ValueError(f"padding(lengths_or_valid): lengths must be >= 0, got {x.tolist()}")
