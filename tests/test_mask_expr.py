@@ -30,7 +30,7 @@ def test_parse_matches_the_python_expression(text, expected):
         ("causal & windo(4)", 9, "unknown mask 'windo'"),
         ("causal && window(4)", 8, "expected a mask name"),
         ("causal & window(4", 17, "expected ')'"),
-        ("causal & window()", 16, "expected an integer"),
+        ("causal & window()", 9, "window takes 1 argument(s), got 0"),
         ("causal & window(0)", 9, "size must be in [1, 2**62]"),
         ("causal $ full", 7, "unexpected character '$'"),
         ("causal full", 7, "unexpected 'full'"),
@@ -44,3 +44,14 @@ def test_errors_point_at_the_token(text, position, words):
         parse(text)
     assert info.value.position == position
     assert str(info.value).endswith("\n  " + " " * position + "^")
+
+
+def test_empty_parentheses_are_a_call_without_arguments():
+    # `causal()`, as the Python API spells it, said "expected an integer argument of causal(), found ')'"
+    for text, expected in (("causal()", masks.causal()), ("full() & window(2)", masks.full() & masks.sliding_window(2)),
+                           ("~causal( ) | prefix(1)", ~masks.causal() | masks.prefix_lm(1))):
+        assert torch.equal(parse(text).to_dense(6, 6), expected.to_dense(6, 6)), text
+    with pytest.raises(MaskSyntaxError, match=re.escape("window takes 1 argument(s), got 0 at position 0")):
+        parse("window()")
+    with pytest.raises(MaskSyntaxError, match=re.escape("padding takes at least one argument, got 0")):
+        parse("padding()")

@@ -5,7 +5,7 @@ Grammar (``|`` binds loosest, then ``&``, then ``~``)::
     expr  := term ('|' term)*
     term  := unary ('&' unary)*
     unary := '~' unary | atom
-    atom  := NAME [ '(' INT (',' INT)* ')' ] | '(' expr ')'
+    atom  := NAME [ '(' [ INT (',' INT)* ] ')' ] | '(' expr ')'
 
 Names: ``causal``, ``full``, ``window(n)`` (= ``sliding_window``), ``padding(n, ...)`` (valid key
 lengths per batch item), ``prefix(n)`` (= ``prefix_lm``), ``document(len, len, ...)`` (packed
@@ -140,7 +140,7 @@ def parse(text: str) -> Mask:
         args = []
         if peek()[1] == "(":
             take("(")
-            while True:
+            while peek()[1] != ")" or args:  # `causal()`: no arguments, as the Python API writes it
                 k, v, p = take()
                 if k != "int":
                     raise MaskSyntaxError(text, p, f"expected an integer argument of {value}(), found {v!r}")
