@@ -327,3 +327,27 @@ def test_from_torch_mha_refuses_integer_masks_as_torch_does(kwargs, name):
     with pytest.raises(TypeError, match=re.escape(f"from_torch_mha: {name} must be bool (True = masked) or float "
                                                   "(additive), as nn.MultiheadAttention takes, got dtype torch.int64")):
         masks.from_torch_mha(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    # was "value cannot be converted to type c10::Half without overflow"
+    ({"dtype": torch.float16, "fill": -1e9}, ValueError,
+     "to_additive: fill=-1000000000.0 does not fit torch.float16 (at least -65504.0); use fill=None (-inf) or "
+     "torch.finfo(dtype).min"),
+    # were accepted: a fill of 0 (or NaN, or a mild -5) does not hide the key, it adds a bias
+    ({"fill": 0.0}, ValueError, "to_additive: fill=0.0 would not hide a key; expected -inf (None) or at most -10000.0"),
+    ({"fill": float("nan")}, ValueError, "to_additive: fill=nan would not hide a key"),
+    ({"fill": -5.0}, ValueError, "to_additive: fill=-5.0 would not hide a key"),
+    # was "'str' object has no attribute 'is_floating_point'"
+    ({"dtype": "float32"}, TypeError, "to_additive needs a floating torch.dtype, got 'float32'"),
+])
+def test_to_additive_refuses_a_fill_that_does_not_hide(kwargs, error, words):
+    with pytest.raises(error, match=re.escape(words)):
+        masks.to_additive(masks.causal(), 2, 2, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_to_additive_with_the_hugging_face_fill_reads_back(dtype):
+    mask = masks.causal() & masks.padding([3, 1])
+    add = masks.to_additive(mask, 3, 3, dtype, fill=torch.finfo(dtype).min)
+    assert torch.equal(masks.from_hf(add).to_dense(3, 3), mask.to_dense(3, 3))  # the oracle: the dense mask

@@ -170,10 +170,16 @@ def to_additive(mask: Mask, q_len: int, k_len: int, dtype: torch.dtype = torch.f
 
     Hugging Face models use ``fill=torch.finfo(dtype).min``, which keeps fully masked rows finite.
     """
-    if not dtype.is_floating_point:
-        raise TypeError(f"to_additive needs a floating dtype, got {dtype}")
-    dense = mask.to_dense(q_len, k_len, q_offset=q_offset)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"to_additive needs a floating torch.dtype, got {dtype!r}")
     value = float("-inf") if fill is None else fill
+    if not value <= NEG_THRESHOLD:  # (NaN too)
+        raise ValueError(f"to_additive: fill={value!r} would not hide a key; expected -inf (None) or at most "
+                         f"{NEG_THRESHOLD}")
+    if value != float("-inf") and value < torch.finfo(dtype).min:
+        raise ValueError(f"to_additive: fill={value!r} does not fit {dtype} (at least {torch.finfo(dtype).min}); use "
+                         "fill=None (-inf) or torch.finfo(dtype).min")
+    dense = mask.to_dense(q_len, k_len, q_offset=q_offset)
     return torch.zeros(dense.shape, dtype=dtype).masked_fill(~dense, value)
 
 
