@@ -159,6 +159,26 @@ def test_mha_with_cache_equals_mha_over_the_whole_sequence():
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-6, rtol=0)
 
 
+def test_a_q_offset_other_than_the_caches_is_refused():
+    # A wrong q_offset with a KV cache masked wrongly without a word (a causal step at q_offset=0 saw only the
+    # first cached key). The keys the cache returns say where the new queries stand: no host read is needed.
+    from maskattn import masks
+    from maskattn.layers import SlidingWindowKVCache
+
+    mha = MultiHeadAttention(16, 4, num_kv_heads=2).eval()
+    x = torch.randn(2, 5, 16)
+    for cache, right in ((KVCache(2, 2, 4, 8), 3), (SlidingWindowKVCache(2, 2, 4, 2), 1)):
+        mha(x[:, :3], mask=masks.causal(), cache=cache)
+        with pytest.raises(ValueError, match=rf"q_offset must be {right} \(this cache returned {right + 1} keys: 1 "
+                                             rf"new, {right} before them\), got 0"):
+            mha(x[:, 3:4], mask=masks.causal(), cache=cache)
+    cache = KVCache(2, 2, 4, 8)
+    full = mha(x, mask=masks.causal())
+    steps = [mha(x[:, :3], mask=masks.causal(), cache=cache),
+             mha(x[:, 3:], mask=masks.causal(), cache=cache, q_offset=3)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-6, rtol=0)
+
+
 def test_residual_pre_and_post_ln():
     x = torch.randn(2, 3, 8)
     post, pre = Residual(8, norm_first=False), Residual(8, norm_first=True)

@@ -114,7 +114,8 @@ class MultiHeadAttention(nn.Module):
             kv: keys and values already projected by :meth:`project_kv`, used instead of key/value.
             cache: append this call's keys/values to it and attend to all of them.
             rope: ``(cos, sin)`` of the query positions; rotates queries and the new keys.
-            q_offset: absolute position of the first query (the cache length when decoding).
+            q_offset: absolute position of the first query (the cache length when decoding). With a ``cache`` and a
+                mask it must be the slot of the first new key among those the cache returns (ValueError otherwise).
 
         Returns:
             (B, Lq, E), or ``(output, weights)`` when ``return_weights`` is True.
@@ -128,6 +129,8 @@ class MultiHeadAttention(nn.Module):
             k = k if kv is not None else apply_rope(k, rope)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, Hkv, Lk, D)
+            if mask is not None:  # q_offset places the queries in the mask, and only there
+                self._check_cache_offset(cache, q_offset, lq, k.shape[2])
             if k.dtype != q.dtype:  # a float32 cache under autocast holds bf16/fp16 keys exactly: back to q's dtype
                 k, v = k.to(q.dtype), v.to(q.dtype)
         dropout_p = self.dropout if self.training else 0.0
@@ -191,6 +194,16 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"{name} must be a non-empty list of distinct heads in [0, {self.num_heads}){groups}, "
                              f"got {keep!r}")
         return heads
+
+    @staticmethod
+    def _check_cache_offset(cache: KVCache, q_offset: int, lq: int, lk: int) -> None:
+        """The new queries are the last ``lq`` of the ``lk`` keys a cache returns: ``q_offset`` must be ``lk - lq``
+        (read from shapes, no host read). A static cache's one-token step returns every slot, its mask hiding
+        the unwritten ones, and takes 0; a compiled graph is not checked."""
+        if (getattr(cache, "static", False) and lq == 1) or torch.compiler.is_compiling() or q_offset == lk - lq:
+            return
+        raise ValueError(f"q_offset must be {lk - lq} (this cache returned {lk} keys: {lq} new, {lk - lq} before "
+                         f"them), got {q_offset!r}")
 
     def _check_query(self, query: Tensor) -> tuple[int, int]:
         width = self.q_proj.in_features
