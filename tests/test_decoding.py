@@ -232,6 +232,19 @@ def test_a_tiny_temperature_draws_the_greedy_tokens_and_an_infinite_one_is_refus
             decoding.sample(model, prompt, max_new_tokens=4, temperature=bad)
 
 
+def test_a_generator_that_is_not_one_is_refused_by_name_and_a_seeded_one_repeats():
+    # generator=3 or a seed given as generator="1": AttributeError "'int' object has no attribute 'device'", after
+    # the prompt had run
+    model = DecoderLM(DecoderLMConfig.preset("tiny", pad_id=0)).eval()
+    prompt = torch.tensor([[5, 6, 7], [9, 3, 2]])
+    for bad in (3, "1", torch.tensor(3)):
+        with pytest.raises(TypeError, match=r"generator must be a torch.Generator or None, got "):
+            decoding.sample(model, prompt, max_new_tokens=4, generator=bad)
+    draws = [decoding.sample(model, prompt, max_new_tokens=6, generator=torch.Generator().manual_seed(7))
+             for _ in range(2)]
+    assert torch.equal(*draws)
+
+
 def test_sampled_first_tokens_follow_the_filtered_softmax():
     model = DecoderLM(DecoderLMConfig.preset("tiny", vocab_size=8)).eval()
     prompt = torch.tensor([[3, 5, 1]])

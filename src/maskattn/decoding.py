@@ -77,6 +77,8 @@ def sample(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new
     """
     if not _real(temperature) or not 0 < temperature < float("inf"):
         raise ValueError(f"temperature must be a number > 0 and finite, got {temperature!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__} {generator!r}")
 
     def choose(logits: Tensor) -> Tensor:
         logits = logits.float()
