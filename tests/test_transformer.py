@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from maskattn import decoding
 from maskattn.models import Transformer, TransformerConfig
 
 
@@ -132,6 +133,16 @@ def test_bad_inputs_name_the_argument():
         model(src, src[:1, :3])  # was "batch sizes differ: q has B=1, k has B=2": arguments the user never passed
     with pytest.raises(TypeError, match="TransformerConfig"):
         Transformer({"d_model": 8})
+    # a source or target longer than the positions: "positions must be in [0, max_len=64), got values in [0, 69]",
+    # naming neither (also from decoding.greedy / beam_search, whose argument is the source)
+    long = torch.randint(3, 64, (1, 70))
+    with pytest.raises(ValueError, match=re.escape("src has 70 tokens, more than the model's max_len (64)")):
+        model(long, src[:1])
+    with pytest.raises(ValueError, match=re.escape("src has 70 tokens, more than the model's max_len (64)")):
+        decoding.greedy(model, long, max_new_tokens=3)
+    with pytest.raises(ValueError, match=re.escape("tgt has 70 tokens, more than the model's max_len (64)")):
+        model(src[:1], long)
+    assert model(long[:, :64], long[:, :64]).shape == (1, 64, 64)  # max_len tokens fit
 
 
 def test_attention_weights_come_back_on_request_only():

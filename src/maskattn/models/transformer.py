@@ -77,6 +77,7 @@ class Transformer(Persistent, Summary, nn.Module):
             every layer's ``{"self": (B, H, Ls, Ls)}`` attention weights.
         """
         valid = key_valid(src, src_lengths, self.config.pad_id, "src")
+        _check_length(src, "src", self.config.max_len)
         x, rope = self.src_embed(src, default_positions(src))  # (B, Ls, E)
         out = self.encoder(x, mask=padding_mask(valid), rope=rope, return_weights=return_weights)
         return (out[0], valid, out[1]) if return_weights else (out, valid)
@@ -90,6 +91,7 @@ class Transformer(Persistent, Summary, nn.Module):
             raise ValueError(f"tgt and the source (memory) must share the batch size: tgt {tuple(tgt.shape)}, memory "
                              f"(B, Ls, E) {tuple(memory.shape)}")
         valid = key_valid(tgt, tgt_lengths, self.config.pad_id, "tgt")
+        _check_length(tgt, "tgt", self.config.max_len)
         mask = masks.causal() if valid is None else masks.causal() & masks.padding(valid)
         x, rope = self.tgt_embed(tgt, default_positions(tgt))  # (B, Lt, E)
         out = self.decoder(x, memory=memory, mask=mask, memory_mask=padding_mask(memory_valid), rope=rope,
@@ -164,3 +166,10 @@ class Transformer(Persistent, Summary, nn.Module):
         state = self.start(src, src_lengths, max_len=max_new_tokens + 1)
         bos = torch.full((src.shape[0], 1), self.config.bos_id, dtype=torch.long, device=src.device)
         return state, self.step(state, bos)[:, -1]
+
+
+def _check_length(ids: Tensor, name: str, max_len: int) -> None:
+    """(B, L) ids must fit the positions (the position table's error names neither argument); also the
+    captioner's, whose ``decode`` is this module's."""
+    if ids.shape[1] > max_len:
+        raise ValueError(f"{name} has {ids.shape[1]} tokens, more than the model's max_len ({max_len})")
