@@ -299,6 +299,11 @@ def test_decoding_errors_name_the_argument():
                                                        "positions, more than the model's max_len (64): at most 61")):
             decode(model, prompt, max_new_tokens=62)
     assert decoding.greedy(model, prompt, max_new_tokens=61).shape == (2, 61)  # exactly the positions left
+    # a prompt longer than the positions was blamed on max_new_tokens=1, "at most 0 new tokens"
+    with pytest.raises(ValueError, match=re.escape("prompt: a row has 65 tokens, more than the model's max_len (64); "
+                                                   "no new token fits")):
+        decoding.greedy(model, torch.randint(0, 64, (2, 65)), max_new_tokens=1)
+    assert decoding.greedy(model, torch.randint(0, 64, (2, 64)), max_new_tokens=1).shape == (2, 1)
     seq2seq = Transformer(TransformerConfig.preset("tiny", vocab_size=64, max_len=16))
     with pytest.raises(ValueError, match=re.escape("max_new_tokens=17 needs 17 target positions, more than the "
                                                    "model's max_len (16)")):

@@ -258,6 +258,9 @@ class DecoderLM(Persistent, Summary, nn.Module):
             raise ValueError(f"prompt: padding (pad_id={self.config.pad_id}) must be on the right, after each row's "
                              "tokens; a row has it before or between its tokens (left padding is not supported)")
         longest = int(lengths.max()) if lengths is not None and lengths.numel() else prompt.shape[1]
+        if not torch.compiler.is_compiling() and longest > self.config.max_len:
+            raise ValueError(f"prompt: a row has {longest} tokens, more than the model's max_len "
+                             f"({self.config.max_len}); no new token fits")
         if not torch.compiler.is_compiling() and longest + max_new_tokens - 1 > self.config.max_len:
             raise ValueError(f"max_new_tokens={max_new_tokens} after a prompt of {longest} tokens needs "
                              f"{longest + max_new_tokens - 1} positions, more than the model's max_len "
