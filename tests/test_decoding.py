@@ -299,6 +299,12 @@ def test_decoding_errors_name_the_argument():
                                                        "positions, more than the model's max_len (64): at most 61")):
             decode(model, prompt, max_new_tokens=62)
     assert decoding.greedy(model, prompt, max_new_tokens=61).shape == (2, 61)  # exactly the positions left
+    # min_new_tokens above a single max_new_tokens ran every row to its limit, EOS forbidden throughout, without a word
+    for decode in (decoding.greedy, decoding.sample, decoding.beam_search):
+        with pytest.raises(ValueError, match=re.escape("min_new_tokens (5) must be <= max_new_tokens (3)")):
+            decode(model, prompt, max_new_tokens=3, min_new_tokens=5)
+    assert decoding.greedy(model, prompt, max_new_tokens=3, min_new_tokens=3).shape == (2, 3)
+    assert decoding.greedy(model, prompt, max_new_tokens=[3, 6], min_new_tokens=5).shape == (2, 6)  # per row: a cap
     # a prompt longer than the positions was blamed on max_new_tokens=1, "at most 0 new tokens"
     with pytest.raises(ValueError, match=re.escape("prompt: a row has 65 tokens, more than the model's max_len (64); "
                                                    "no new token fits")):

@@ -52,7 +52,8 @@ def greedy(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new
             static KV cache, for a model whose ``begin_decoding`` takes ``static`` (DecoderLM). The first
             call compiles (seconds), a new batch size or prompt + limit once more with those sizes dynamic;
             later calls reuse the graphs whatever the sizes.
-        min_new_tokens: EOS cannot come before this many other new tokens (1: never an empty output).
+        min_new_tokens: EOS cannot come before this many other new tokens (1: never an empty output); at most
+            ``max_new_tokens`` when that is one int (a row whose own limit is lower stops at it).
 
     Returns:
         (B, T) new tokens, T <= max_new_tokens (its largest entry).
@@ -375,6 +376,8 @@ def _check_max_new(max_new: MaxNew, min_new: int, inputs: Tensor) -> list[int]:
                          f"got {max_new!r}")
     if isinstance(min_new, bool) or not isinstance(min_new, int) or min_new < 0:
         raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new!r}")
+    if isinstance(max_new, int) and min_new > max_new:  # per-row limits: a short row's limit may come first
+        raise ValueError(f"min_new_tokens ({min_new}) must be <= max_new_tokens ({max_new}): no row could end at EOS")
     return caps
 
 
