@@ -135,6 +135,10 @@ def test_a_tiny_model_learns_to_reverse_words(tmp_path, capsys):
 def test_bad_setting_is_named(capsys):
     assert main(["train", "translation", "--set", "train.lrr=1"]) == 2
     assert "unknown setting 'train.lrr'" in capsys.readouterr().err
+    # found at the first validation, after training (every translation then cut at max_len instead)
+    assert main(["train", "translation", "--set", "model.max_len=16", "--set", "decode.min_new_tokens=17",
+                 "--show-config"]) == 2
+    assert "decode.min_new_tokens (17) must be <= model.max_len (16)" in capsys.readouterr().err
 
 
 def test_show_config_lists_settings(capsys):
@@ -177,6 +181,11 @@ def test_beam_zero_is_an_error_and_options_may_follow_the_model(tiny_translator,
     assert "beam_size must be an int >= 1, got 0" in capsys.readouterr().err
     assert main(["translate", str(tiny_translator), "--beam", "1", "abc", "cba"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
+    # --min-new-tokens beyond the model's positions printed translations cut at max_len, without a word
+    assert main(["translate", str(tiny_translator), "--min-new-tokens", "17", "abc"]) == 2
+    assert ("--min-new-tokens (decode.min_new_tokens) 17: more new tokens than the model's max_len (16) allows"
+            in capsys.readouterr().err)
+    assert main(["translate", str(tiny_translator), "--min-new-tokens", "16", "--nbest", "2", "abc"]) == 0
 
 
 def test_evaluate_of_an_empty_file_is_one_error(tiny_translator, tmp_path, capsys):

@@ -86,6 +86,9 @@ class TranslationConfig:
 
     def __post_init__(self) -> None:
         check_settings(self, {"label_smoothing": ("in", (0, 1, "[)"))})
+        if self.decode.min_new_tokens > self.model.max_len:  # else found at the first validation, after training
+            raise ValueError(f"decode.min_new_tokens ({self.decode.min_new_tokens}) must be <= model.max_len "
+                             f"({self.model.max_len}): no translation may have more new tokens")
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -141,10 +144,14 @@ def _decode_batches(model: Transformer, tok: Tokenizer, sentences: Sequence[str]
 
     Raises:
         UsageError: naming the first sentence longer than the model's ``max_len`` tokens, unless
-            ``truncate`` (then it is cut to ``max_len`` tokens, with a warning).
+            ``truncate`` (then it is cut to ``max_len`` tokens, with a warning), or a ``min_new_tokens`` above
+            ``max_len`` (no sentence may have that many new tokens).
     """
     device = next(model.parameters()).device
     limit = model.config.max_len
+    if decode.min_new_tokens > limit:
+        raise UsageError(f"--min-new-tokens (decode.min_new_tokens) {decode.min_new_tokens}: more new tokens than the "
+                         f"model's max_len ({limit}) allows")
     encoded = [tok.encode(s) or [tok.unk_id] for s in sentences]
     too_long = [i for i, ids in enumerate(encoded) if len(ids) > limit]
     if too_long and not truncate:
