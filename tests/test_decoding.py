@@ -245,6 +245,23 @@ def test_a_generator_that_is_not_one_is_refused_by_name_and_a_seeded_one_repeats
     assert torch.equal(*draws)
 
 
+def test_a_vocabulary_of_forbidden_ids_only_is_refused_by_name():
+    # vocabulary (pad, EOS) with min_new_tokens=1: greedy generated the pad id it must never generate, sample failed
+    # in torch.multinomial ("probability tensor contains either inf, nan"), beam search in max() of an empty list
+    model = DecoderLM(DecoderLMConfig.preset("tiny", vocab_size=2, pad_id=0, eos_id=1)).eval()
+    prompt = torch.tensor([[1, 1]])
+    expected = re.escape("no token may be chosen before min_new_tokens (1) tokens: the model's vocabulary (2) holds "
+                         "only ids decoding never generates ([0]) and eos_id 1")
+    for decode in (decoding.greedy, decoding.sample, decoding.beam_search):
+        with pytest.raises(ValueError, match=expected):
+            decode(model, prompt, max_new_tokens=3, min_new_tokens=1)
+    assert decoding.greedy(model, prompt, max_new_tokens=3).tolist() == [[1]]  # EOS, the one token left
+    only_pad = DecoderLM(DecoderLMConfig.preset("tiny", vocab_size=1, pad_id=0)).eval()
+    with pytest.raises(ValueError, match=re.escape("no token may be chosen at any step: the model's vocabulary (1) "
+                                                   "holds only ids decoding never generates ([0])")):
+        decoding.greedy(only_pad, torch.tensor([[0]]), [1], max_new_tokens=2, pad_id=0)
+
+
 def test_sampled_first_tokens_follow_the_filtered_softmax():
     model = DecoderLM(DecoderLMConfig.preset("tiny", vocab_size=8)).eval()
     prompt = torch.tensor([[3, 5, 1]])

@@ -180,7 +180,8 @@ def _run_beams(model: nn.Module, inputs: Tensor, lengths: Lengths, beam_size: in
     eos_id, pad_id = _ids(model, eos_id, pad_id)
     with _inference(model):
         state, logits = model.begin_decoding(inputs, lengths, max_new_tokens=max(caps))
-        forbidden = _forbidden(_check_ids(model, eos_id, pad_id, logits.shape[-1]), eos_id, logits.device)
+        forbidden = _forbidden(_check_ids(model, eos_id, pad_id, logits.shape[-1]), eos_id, logits.device,
+                               logits.shape[-1], min_new_tokens)
         search = _Beams(inputs.shape[0], beam_size, caps, length_penalty, eos_id)
         device = logits.device
         state.reorder(torch.arange(inputs.shape[0], device=device).repeat_interleave(beam_size))
@@ -303,7 +304,8 @@ def _generate(model: nn.Module, inputs: Tensor, lengths: Lengths, max_new: MaxNe
     out = []
     with _inference(model):
         state, logits = model.begin_decoding(inputs, lengths, max_new_tokens=max(caps), **options)  # (B, V)
-        forbidden = _forbidden(_check_ids(model, eos_id, pad_id, logits.shape[-1]), eos_id, logits.device)
+        forbidden = _forbidden(_check_ids(model, eos_id, pad_id, logits.shape[-1]), eos_id, logits.device,
+                               logits.shape[-1], min_new)
         last = torch.tensor(caps, device=logits.device) - 1  # (B,) each row's last step
         done = torch.zeros(inputs.shape[0], dtype=torch.bool, device=logits.device)
         for t in range(max(caps)):
@@ -381,10 +383,20 @@ def _check_max_new(max_new: MaxNew, min_new: int, inputs: Tensor) -> list[int]:
     return caps
 
 
-def _forbidden(banned: list[int], eos_id: int | None, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+def _forbidden(banned: list[int], eos_id: int | None, device: torch.device, vocab: int,
+               min_new: int) -> tuple[Tensor | None, Tensor | None]:
     """The ids no step may choose, as index tensors built once per search: ``banned`` (the model's pad id, its
-    BOS) at every step, and with EOS too while fewer than ``min_new_tokens`` tokens are out (index True)."""
+    BOS) at every step, and with EOS too while fewer than ``min_new_tokens`` tokens are out (index True).
+
+    Raises:
+        ValueError: when they are the whole (V,) vocabulary at some step (no token could be chosen).
+    """
     early = banned + ([eos_id] if eos_id is not None else [])
+    for ids, when, eos in ((banned, "at any step", ""), (early, f"before min_new_tokens ({min_new}) tokens",
+                                                         f" and eos_id {eos_id}")):
+        if len(ids) >= vocab and (ids is banned or min_new > 0):
+            raise ValueError(f"no token may be chosen {when}: the model's vocabulary ({vocab}) holds only ids decoding "
+                             f"never generates ({banned}){eos}")
     return tuple(torch.tensor(ids, device=device) if ids else None for ids in (banned, early))  # type: ignore
 
 
