@@ -15,14 +15,16 @@ from maskattn.models import (
     EncoderModel,
     Transformer,
     TransformerConfig,
+    from_pretrained,
     load,
     save,
 )
 
 MODELS = {
-    "transformer": lambda: Transformer(TransformerConfig.preset("tiny", share_embeddings=False, tgt_vocab_size=48)),
-    "decoder_lm": lambda: DecoderLM(DecoderLMConfig.preset("tiny", positions="rope")),
-    "encoder": lambda: EncoderModel(EncoderConfig.preset("tiny", num_labels=3, span_head=True)),
+    "transformer": lambda **kw: Transformer(TransformerConfig.preset("tiny", share_embeddings=False, tgt_vocab_size=48,
+                                                                     **kw)),
+    "decoder_lm": lambda **kw: DecoderLM(DecoderLMConfig.preset("tiny", positions="rope", **kw)),
+    "encoder": lambda **kw: EncoderModel(EncoderConfig.preset("tiny", num_labels=3, span_head=True, **kw)),
 }
 
 
@@ -49,6 +51,23 @@ def test_round_trip_is_exact(kind, tmp_path):
         a = model(ids, ids) if kind == "transformer" else model(ids)
         b = loaded(ids, ids) if kind == "transformer" else loaded(ids)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_a_loaded_model_is_in_evaluation_mode_as_from_pretrained_returns_it(kind, tmp_path):
+    # load() returned a model in training mode (nn.Module's default): a forward straight after loading ran dropout,
+    # while from_pretrained of the same directory returned it in evaluation mode. The oracle: the saved model's
+    # own eval-mode output, which only a dropout-free forward reproduces.
+    torch.manual_seed(0)
+    model = MODELS[kind](dropout=0.5).eval()
+    save(model, tmp_path)
+    loaded = load(tmp_path)
+    assert not any(m.training for m in loaded.modules())
+    ids = torch.randint(3, 48, (2, 5))
+    with torch.no_grad():
+        for m in (loaded, from_pretrained(tmp_path)):
+            assert torch.equal(m(ids, ids) if kind == "transformer" else m(ids),
+                               model(ids, ids) if kind == "transformer" else model(ids))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])

@@ -132,7 +132,9 @@ def _write(model: nn.Module, directory: Path, tokenizer: Any) -> None:
 
 
 def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
-    """Load the model saved in ``directory`` (with its tokenizer, as ``model.tokenizer``, if saved).
+    """Load the model saved in ``directory`` (with its tokenizer, as ``model.tokenizer``, if saved), in evaluation
+    mode, as :func:`~maskattn.models.pretrained.from_pretrained` returns models (no dropout; a trainer turns
+    training mode on for itself).
 
     Raises:
         FormatError: naming the file, when one is missing, corrupt, or does not fit the model it describes.
@@ -169,7 +171,7 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") ->
     model = _in_saved_dtype(model, tensors)
     load_weights(model, tensors, meta.get("aliases", {}), source=str(weights))
     model.tokenizer = load_tokenizer(directory / TOKENIZER) if (directory / TOKENIZER).is_file() else None
-    return model.to(device)
+    return model.to(device).eval()
 
 
 def refuse_run_directory(directory: Path, name: str) -> None:
