@@ -149,3 +149,19 @@ def _takes_argv(main) -> bool:
     import inspect
 
     return bool(inspect.signature(main).parameters)
+
+
+def test_the_readme_run_toml_is_the_run_that_its_resume_command_continues(tmp_path):
+    # the README's resume line (`--config run.toml --resume`, with the run.toml it shows) continued
+    # runs/translation, not the runs/multi30k trained just above it, without validation data
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    (block,) = re.findall(r"```toml\n(.*?)```", text, re.S)
+    (tmp_path / "run.toml").write_text(block.replace("../shared/data/multi30k", "1"), encoding="utf-8")
+    trains = [args for where, args in MASKATTN if where.startswith("README") and args[:2] == ["train", "translation"]]
+    first = cli._parse(cli.build_parser(), trains[0])
+    assignments = [f"out={json.dumps(first.out)}", *first.set]
+    for name in cli.shortcuts():
+        if getattr(first, name):
+            assignments.append(f"data.{name}={json.dumps(getattr(first, name))}")
+    defaults = tasks()["translation"].config()
+    assert config.load(defaults, tmp_path / "run.toml") == config.load(defaults, None, assignments)
