@@ -305,3 +305,20 @@ def test_under_torchrun_every_rank_hears_rank_zeros_refusal(tmp_path):
     assert done.returncode != 0
     assert "run directory" in done.stderr and "is in use" in done.stderr
     assert "refused by rank 0" in done.stderr and "Connection closed by peer" not in done.stderr
+
+
+def test_a_resume_that_finds_no_checkpoint_says_it_trains_from_step_0(tmp_path, capsys):
+    # `--resume` into a directory without checkpoints (a mistyped --out, a run.toml without `out`) trained a
+    # whole new run from step 0 without a word, exactly as a plain run would
+    out = tmp_path / "never-trained"
+    assert main(lm_args(tmp_path, out, "--resume")) == 0
+    err = capsys.readouterr().err
+    assert "resumed from step" not in err
+    assert f"--resume: no checkpoint in {out}; training from step 0" in err
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4]  # the oracle: what the message says happened
+
+    assert main(lm_args(tmp_path, out, "--resume", "--set", "train.steps=6")) == 0
+    err = capsys.readouterr().err
+    assert "resumed from step 4" in err and "no checkpoint" not in err

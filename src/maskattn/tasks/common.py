@@ -85,8 +85,9 @@ def fit_and_export(model: nn.Module, tok: Tokenizer, cfg: TrainConfig, out: Path
     trainer = Trainer(model, cfg, out_dir=out, evaluate=evaluate, plan=plan, collate=collate, loss=loss,
                       device=None if torch.cuda.is_available() else "cpu",
                       rank=context.rank, world_size=context.world_size, run=run)
-    if resume and trainer.resume():
-        log(f"resumed from step {trainer.step}")
+    if resume:  # say which: a mistyped --out would otherwise train a new run from step 0 without a word
+        log(f"resumed from step {trainer.step}" if trainer.resume()
+            else f"--resume: no checkpoint in {out}; training from step 0")
     start = time.perf_counter()
     last = trainer.fit()
     seconds = time.perf_counter() - start
