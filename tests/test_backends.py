@@ -425,3 +425,24 @@ def test_blocked_shares_one_element_mask_along_a_band(monkeypatch, q_len, q_offs
     theirs, _ = reference.attention(q, k, v, mask, scale=0.3, q_offset=q_offset)
     assert any(shared)
     _same_output_and_grads(ours, theirs, (q, k, v))
+
+
+def test_the_contributing_backend_example_runs_as_written(tmp_path):
+    # CONTRIBUTING.md's worked `naive` backend, pasted into backends/naive.py as it says, used torch without
+    # importing it: its first masked call was a NameError
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    (code,) = re.findall(r"```python\n# src/maskattn/backends/naive\.py\n(.*?)```", text, re.S)
+    (tmp_path / "naive.py").write_text(code, encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("naive_example", tmp_path / "naive.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.BACKEND.name == "naive"
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    for mask in (None, masks.causal() & masks.padding(torch.tensor([6, 0]))):  # the second: empty rows
+        got, _ = module.BACKEND.fn(q, k, v, mask, scale=0.5)
+        want, _ = reference.attention(q, k, v, mask, scale=0.5)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
