@@ -166,3 +166,15 @@ def test_a_metric_the_validation_does_not_give_is_refused_before_training(task, 
     assert (f"train.metric='accuracy_x' is not one of the {task} task's validation metrics: "
             f"{', '.join(declared)}") in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_contributing_builtin_line_adds_its_task_and_keeps_every_other():
+    # CONTRIBUTING.md's worked task showed `BUILTIN = (...)` without "caption": pasted as it says, the
+    # captioning task (train, evaluate, `maskattn caption`) disappeared from the command line
+    import ast
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    (line,) = re.findall(r"^BUILTIN = (\(.*\))$", text, re.M)
+    assert ast.literal_eval(line) == (*BUILTIN, "reverse")
