@@ -150,3 +150,16 @@ def test_no_import_cycle_inside_a_package():
 def test_the_cycle_finder_finds_a_planted_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_architecture_md_names_the_modules_of_each_layer_as_the_layout_table_does():
+    # docs/architecture.md's "0. Values and files" left out `errors` and "6. Tasks" `compression`, both in
+    # README's table (what this file enforces) and described in those paragraphs
+    text = (README.parent / "docs" / "architecture.md").read_text()
+    headings = {int(rank): set(re.findall(r"`([A-Za-z_]+)/?`", names))
+                for rank, names in re.findall(r"^\*\*(\d+)\. ([^*]*)\*\*", text, re.M)}
+    by_rank = defaultdict(set)
+    for name, rank in RANKS.items():
+        by_rank[rank].add(name)
+    assert headings == {rank: names for rank, names in by_rank.items() if rank in headings}
+    assert set(headings) == set(range(9))  # 9, the package entry, is __init__ / __main__ alone
