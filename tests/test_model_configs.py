@@ -4,8 +4,10 @@ import dataclasses
 import re
 
 import pytest
+import torch
 
-from maskattn.models import CaptionerConfig, DecoderLMConfig, EncoderConfig, TransformerConfig
+from maskattn import decoding
+from maskattn.models import CaptionerConfig, DecoderLMConfig, EncoderConfig, Transformer, TransformerConfig, persistence
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -17,7 +19,7 @@ from maskattn.models import CaptionerConfig, DecoderLMConfig, EncoderConfig, Tra
     (dict(num_encoder_layers=0), "num_encoder_layers must be a positive int, got 0"),
     (dict(pad_id=1), r"pad_id, bos_id and eos_id must differ"),
     (dict(tgt_vocab_size=100), r"share_embeddings needs equal vocabularies"),
-    (dict(eos_id=40000), r"eos_id must be an id in \[0, 37000\), got 40000"),
+    (dict(eos_id=40000), r"eos_id must be None or an id in \[0, 37000\), got 40000"),
 ])
 def test_transformer_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -75,13 +77,38 @@ def test_an_optional_size_that_is_not_a_positive_int_is_refused_naming_it(cls, n
 
 
 @pytest.mark.parametrize("cls", [TransformerConfig, CaptionerConfig])
-def test_a_seq2seq_model_needs_its_bos_and_eos_ids(cls):
+def test_a_seq2seq_model_needs_its_bos_id(cls):
     # bos_id=None passed the config; decoding then failed inside torch.full ("fill_value must be Number, not
     # NoneType"), and a Captioner's summary() likewise. The decoder's first input is bos_id: it must be an id.
     vocab = cls.preset("tiny").vocab_size
-    for name in ("bos_id", "eos_id"):
-        with pytest.raises(ValueError, match=rf"^{name} must be an id in \[0, {vocab}\), got None$"):
-            cls.preset("tiny", **{name: None})
+    with pytest.raises(ValueError, match=rf"^bos_id must be an id in \[0, {vocab}\), got None$"):
+        cls.preset("tiny", bos_id=None)
     with pytest.raises(ValueError, match=r"^pad_id must be None or an id"):  # pad_id stays optional
         cls.preset("tiny", pad_id=-1)
     assert cls.preset("tiny", pad_id=None).pad_id is None
+
+
+
+@pytest.mark.parametrize("cls", [TransformerConfig, CaptionerConfig])
+def test_a_seq2seq_model_may_have_no_eos(cls):
+    # eos_id=None (no EOS token: decoding runs every row to its limit) was accepted before the ids typed int
+    # were made required, and saved models may hold it: it stays valid, typed int | None.
+    assert cls.preset("tiny", eos_id=None).eos_id is None
+    with pytest.raises(ValueError, match=r"^eos_id must be None or an id in \[0, "):
+        cls.preset("tiny", eos_id=-1)
+
+
+def test_a_transformer_without_eos_decodes_to_its_limit_and_loads(tmp_path):
+    # Oracle: the same weights decoded with decoding.NO_EOS, which never stops a row whatever the config's EOS.
+    torch.manual_seed(0)
+    with_eos = Transformer(TransformerConfig.preset("tiny")).eval()
+    without = Transformer(TransformerConfig.preset("tiny", eos_id=None)).eval()
+    without.load_state_dict(with_eos.state_dict())
+    src = torch.randint(3, 64, (2, 5))
+    out = decoding.greedy(without, src, max_new_tokens=6)
+    assert out.shape == (2, 6)
+    assert torch.equal(out, decoding.greedy(with_eos, src, max_new_tokens=6, eos_id=decoding.NO_EOS))
+    persistence.save(without, tmp_path / "m")
+    loaded = persistence.load(tmp_path / "m")
+    assert loaded.config.eos_id is None
+    assert torch.equal(decoding.greedy(loaded, src, max_new_tokens=6), out)

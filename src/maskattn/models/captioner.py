@@ -54,7 +54,7 @@ class CaptionerConfig(BlockConfig):
     tie_output: bool = True  # output projection = caption embedding matrix
     pad_id: int | None = 0  # caption padding id
     bos_id: int = 2  # first decoder input
-    eos_id: int = 3  # end of caption
+    eos_id: int | None = 3  # end of caption; None = no EOS token (decoding runs every row to its limit)
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(vocab_size=16, d_model=32, num_heads=4, d_ff=64, dropout=0.0, max_rows=4, max_cols=12),

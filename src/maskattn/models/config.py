@@ -135,7 +135,7 @@ class TransformerConfig(BlockConfig):
     share_embeddings: bool = True  # one table for source and target tokens (needs equal vocabularies)
     tie_output: bool = True  # output projection = target embedding matrix, section 3.4
     bos_id: int = 1  # first decoder input
-    eos_id: int = 2  # end of sequence
+    eos_id: int | None = 2  # end of sequence; None = no EOS token (decoding runs every row to its limit)
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(vocab_size=64, d_model=32, num_heads=4, d_ff=64, num_encoder_layers=2,
