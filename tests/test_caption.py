@@ -271,3 +271,26 @@ def test_a_tsv_caption_is_its_words_whatever_the_spaces_between_them(tmp_path, m
     (tmp_path / "set.tsv").write_text("one.png\teight  two one \none.png\t three five\n")
     scores = C.evaluate_file(model_dir, str(tmp_path / "set.tsv"))
     assert scores == {"exact_match": 50.0, "word_accuracy": 100 * 4 / 5}  # by hand: 1 of 2 captions, 4 of 5 words
+
+
+def test_a_captioner_saved_in_bfloat16_captions_its_images(tmp_path, capsys):
+    # caption_batch handed the model float32 pixels whatever its dtype: `maskattn caption` and evaluate of a model
+    # saved after .to(torch.bfloat16) (load() gives it back so) failed, "images (torch.float32) and the model
+    # (torch.bfloat16) must have one dtype outside autocast". The oracle: greedy decoding of the pixels cast by hand.
+    from maskattn.tasks.common import write_task
+
+    model, tok = tiny_model().to(torch.bfloat16), C.build_tokenizer()
+    for n, canvas in enumerate(C.canvases("test", 2, C.DataConfig(), 4)):
+        C.write_png(canvas.image, tmp_path / f"{n}.png")
+    images = [C.read_png(tmp_path / f"{n}.png", model.config.patch_size) for n in range(2)]  # what the CLI reads
+    said = C.caption_batch(model, tok, images)[0]
+    batch, sizes = C.batch_images(images)
+    ids = decoding.greedy(model, batch.to(torch.bfloat16), sizes, max_new_tokens=model.config.max_len - 1)
+    assert said == [tok.decode(row.tolist()) for row in ids]
+    model.save(tmp_path / "model", tokenizer=tok)
+    write_task(tmp_path / "model", {"task": "caption", "data": {}})
+    pngs = [str(tmp_path / f"{n}.png") for n in range(2)]
+    assert main(["caption", str(tmp_path / "model"), *pngs]) == 0
+    assert capsys.readouterr().out == "".join(f"{png}\t{line}\n" for png, line in zip(pngs, said, strict=True))
+    assert main(["viz", str(tmp_path / "model"), "--input", pngs[0], "--out", str(tmp_path / "viz")]) == 0
+    assert (tmp_path / "viz" / "explorer.html").is_file()

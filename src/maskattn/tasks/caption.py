@@ -182,8 +182,9 @@ def caption_batch(model: Captioner, tok: Tokenizer, images: Sequence[np.ndarray]
                   ) -> tuple[list[str], list[dict[str, Tensor]], Tensor]:
     """Greedy captions of ``images``, and the decoder's attention while it wrote them: per layer
     ``{"self", "cross": (B, H, Lt, N)}`` (query t produced word t), and the (B, 2) sizes."""
+    weight = next(model.parameters())  # float32 pixels in the model's dtype: one saved after .to(bfloat16) too
     batch, sizes = batch_images(images)
-    device = next(model.parameters()).device
+    batch, device = batch.to(weight.dtype), weight.device
     ids = decoding.greedy(model, batch.to(device), sizes.to(device), max_new_tokens=model.config.max_len - 1)
     captions = [tok.decode(row.tolist()) for row in ids]
     tgt, lengths = pad([[tok.bos_id, *tok.encode(c)] for c in captions], tok.pad_id)
