@@ -2,6 +2,7 @@
 logits as the Hugging Face model (tiny random configs written with save_pretrained; no downloads)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -194,3 +195,22 @@ def test_a_hugging_face_config_of_impossible_settings_names_its_file(name, edit,
     with pytest.raises(FormatError, match=rf"^{tmp_path / 'config.json'}: its settings make no valid \w+Config: "
                                           rf"{message}$"):
         from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("option", [{"num_labels": -1}, {"num_labels": 2.5}, {"span_head": "yes"}])
+def test_a_bad_head_argument_is_named_as_the_callers_not_the_files(option, tmp_path):
+    # from_pretrained(bert_dir, num_labels=-1) was a FormatError "config.json: its settings make no valid
+    # EncoderConfig: ...", blaming a sound file for the caller's argument. The oracle: EncoderConfig's own rule.
+    from maskattn.io import FormatError
+    from maskattn.models import EncoderConfig
+
+    with pytest.raises(ValueError) as own:
+        EncoderConfig.preset("tiny", **option)
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(vocab_size=61, hidden_size=32, num_hidden_layers=1,
+                                                   num_attention_heads=4, intermediate_size=48,
+                                                   max_position_embeddings=64)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(own.value))}$") as got:
+        from_pretrained(tmp_path, **option)
+    assert not isinstance(got.value, FormatError)
+    assert from_pretrained(tmp_path, num_labels=3, span_head=True).config.num_labels == 3

@@ -223,17 +223,18 @@ def bert_config(hf: dict, source: Path, *, pooler: bool = True, num_labels: int 
     # a causal BERT (BertLMHeadModel) would load as the bidirectional EncoderModel, with other hidden states
     _refuse(source, {"is_decoder": hf.get("is_decoder"), "add_cross_attention": hf.get("add_cross_attention")}, hf)
     try:
-        return _build(
+        config = _build(
             EncoderConfig, source,
             vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_heads=hf["num_attention_heads"],
             d_ff=hf["intermediate_size"], num_layers=hf["num_hidden_layers"], max_len=hf["max_position_embeddings"],
             type_vocab_size=hf.get("type_vocab_size", 2), norm_eps=hf.get("layer_norm_eps", 1e-12),
             dropout=hf.get("hidden_dropout_prob", 0.1), attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
             activation=_ACTIVATIONS[act], pad_id=hf.get("pad_token_id", 0), pooler=pooler,
-            num_labels=num_labels, span_head=span_head,
         )
     except KeyError as e:
         raise ValueError(f"{source}: BERT config lacks the field {e}") from e
+    # the heads are the caller's arguments, not the file's settings: a bad one is not the file's FormatError
+    return dataclasses.replace(config, num_labels=num_labels, span_head=span_head)
 
 
 def gpt2_config(hf: dict, source: Path, options: dict[str, Any] | None = None) -> DecoderLMConfig:
