@@ -107,3 +107,21 @@ def test_every_picture_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
             draw(tmp_path, 0.75)
         assert (tmp_path / name).read_bytes() == before[name], f"{name} was left half written"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(writers)
+
+
+def test_a_picture_name_without_a_suffix_gets_png_as_savefig_gives_it(tmp_path):
+    # the pictures went through fig.savefig, which writes "attn" as attn.png; written whole-or-nothing they came out
+    # as "attn", no suffix, while heatmap returned a path and plot_mask's file lost the name a caller opened
+    from matplotlib.figure import Figure
+
+    from maskattn.viz import head_grid, heatmap
+
+    Figure().savefig(tmp_path / "oracle")  # matplotlib's own naming
+    assert [p.name for p in tmp_path.iterdir()] == ["oracle.png"]
+    w = torch.rand(2, 3, 4)
+    assert heatmap(w[0], tmp_path / "h") == tmp_path / "h.png"
+    assert head_grid(w, str(tmp_path / "g")) == tmp_path / "g.png"
+    assert plot_tradeoff({"t": [("a", 1.0, 2.0)]}, tmp_path / "t") == tmp_path / "t.png"
+    plot_mask(masks.causal(), 4, path=str(tmp_path / "m"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png", "h.png", "m.png", "oracle.png", "t.png"]
+    assert all(p.read_bytes()[:8] == PNG for p in tmp_path.iterdir())

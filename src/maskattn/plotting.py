@@ -21,8 +21,11 @@ __all__ = ["plot_curves", "plot_mask", "plot_overlays", "plot_tradeoff", "save_f
 
 def save_figure(fig, path: str | Path, **kwargs) -> Path:
     """``fig.savefig`` to ``path`` whole or not at all (a kill while drawing keeps the previous picture), in the
-    format its suffix names (PNG without one: the temporary name has no suffix to go by)."""
-    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    format its suffix names; a name without one gets ``.png``, as ``savefig`` gives it. Returns the file written."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower()
+    if not fmt:  # the temporary name has no suffix to go by: name the format, and the file as savefig would
+        fmt, path = "png", path.with_name(f"{path.name}.png")
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
 
 
@@ -107,7 +110,7 @@ def plot_curves(log: str | Path, out: str | Path | None = None) -> Path | None:
         axes[0, -1].set(xlabel="step", title="evaluation")
         axes[0, -1].legend()
     fig.tight_layout()
-    save_figure(fig, out, dpi=100)  # a run killed while drawing keeps its previous curves
+    out = save_figure(fig, out, dpi=100)  # a run killed while drawing keeps its previous curves
     plt.close(fig)
     return out
 
@@ -155,7 +158,6 @@ def plot_tradeoff(panels: Mapping[str, Sequence[tuple[str, float, float]]], out:
         ax.set(title=title, xlabel=xlabel, ylabel=(ylabels or {}).get(title, "quality"))
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = Path(out)
-    save_figure(fig, out, dpi=100)
+    out = save_figure(fig, out, dpi=100)
     plt.close(fig)
     return out

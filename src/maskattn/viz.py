@@ -191,9 +191,9 @@ def heatmap(weights: Tensor, path: str | Path, *, x_labels: Sequence[str] = (), 
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     fig.colorbar(image, ax=ax, fraction=0.04)
     fig.tight_layout()
-    save_figure(fig, path, dpi=100)
+    path = save_figure(fig, path, dpi=100)
     plt.close(fig)
-    return Path(path)
+    return path
 
 
 def head_grid(weights: Tensor, path: str | Path, *, x_labels: Sequence[str] = (), y_labels: Sequence[str] = (),
@@ -217,9 +217,9 @@ def head_grid(weights: Tensor, path: str | Path, *, x_labels: Sequence[str] = ()
         ax.set_title(f"head {i}")
     fig.suptitle(title)
     fig.tight_layout()
-    save_figure(fig, path, dpi=100)
+    path = save_figure(fig, path, dpi=100)
     plt.close(fig)
-    return Path(path)
+    return path
 
 
 def _check_labels(x_labels: Sequence[str], y_labels: Sequence[str], lq: int, lk: int) -> None:
