@@ -169,6 +169,10 @@ def to_additive(mask: Mask, q_len: int, k_len: int, dtype: torch.dtype = torch.f
     """The (B|1, H|1, Lq, Lk) additive float mask: 0 where allowed, ``fill`` (default -inf) where hidden.
 
     Hugging Face models use ``fill=torch.finfo(dtype).min``, which keeps fully masked rows finite.
+
+    Raises:
+        TypeError: ``dtype`` is not a floating torch.dtype.
+        ValueError: ``fill`` would not hide a key (above ``NEG_THRESHOLD``, or NaN) or does not fit ``dtype``.
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"to_additive needs a floating torch.dtype, got {dtype!r}")
