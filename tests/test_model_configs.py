@@ -112,3 +112,20 @@ def test_a_transformer_without_eos_decodes_to_its_limit_and_loads(tmp_path):
     loaded = persistence.load(tmp_path / "m")
     assert loaded.config.eos_id is None
     assert torch.equal(decoding.greedy(loaded, src, max_new_tokens=6), out)
+
+
+@dataclasses.dataclass
+class _ConfigWithASwitch(DecoderLMConfig):  # this module does not write its annotations as strings
+    extra_switch: bool = False  # a user's own switch
+    extra_id: int = 1  # a user's own token id
+
+
+def test_the_field_rules_hold_for_a_subclass_whose_annotations_are_not_strings():
+    # The rules compared dataclasses' field types with the strings "bool" and "int": a config subclass in a module
+    # without `from __future__ import annotations` has type objects there, and its switches were read by truthiness
+    base = dataclasses.asdict(DecoderLMConfig.preset("tiny"))
+    with pytest.raises(ValueError, match=r"^extra_switch must be True or False, got 'no'$"):
+        _ConfigWithASwitch(**base, extra_switch="no")
+    with pytest.raises(ValueError, match=r"^tie_output must be True or False, got 0$"):  # an inherited one too
+        _ConfigWithASwitch(**{**base, "tie_output": 0})
+    assert _ConfigWithASwitch(**base, extra_switch=True).extra_switch is True

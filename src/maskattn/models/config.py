@@ -7,6 +7,8 @@ TOML and command-line overrides. ``Config.preset(name, **overrides)`` starts fro
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
@@ -54,12 +56,11 @@ class BlockConfig:
         for name, value in ints:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for f in dataclasses.fields(self):  # a JSON "false" or 0 is truthy or not a switch: never read as one
-            value = getattr(self, f.name)
-            if f.type in ("bool", "bool | None") and not isinstance(value, bool) and not (
-                    value is None and f.type == "bool | None"):
-                allowed = "True, False or None" if f.type == "bool | None" else "True or False"
-                raise ValueError(f"{f.name} must be {allowed}, got {value!r}")
+        for name, kind in field_types(type(self)).items():  # a JSON "false" or 0 is not a switch: never read as one
+            value = getattr(self, name)
+            if kind in (bool, bool | None) and not isinstance(value, bool) and not (value is None and kind is not bool):
+                allowed = "True, False or None" if kind is not bool else "True or False"
+                raise ValueError(f"{name} must be {allowed}, got {value!r}")
         check_optional_size(self, "num_kv_heads")
         kv = self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
         if self.d_model % self.num_heads:
@@ -85,9 +86,9 @@ class BlockConfig:
 
     def _check_ids(self, *names_then_vocab: Any) -> None:
         *names, vocab = names_then_vocab
-        types = {f.name: f.type for f in dataclasses.fields(self)}
+        types = field_types(type(self))
         for name in names:
-            value, optional = getattr(self, name), types[name] != "int"  # "int | None": None = no such token
+            value, optional = getattr(self, name), types[name] is not int  # int | None: None = no such token
             if (value is not None or not optional) and (
                     isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab):
                 raise ValueError(f"{name} must be {'None or ' if optional else ''}an id in [0, {vocab}), got {value!r}")
@@ -223,6 +224,14 @@ class EncoderConfig(BlockConfig):
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """The fields' types of a config class as objects (``bool | None``), whether or not its module writes its
+    annotations as strings (``from __future__ import annotations``)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def check_optional_size(config: BlockConfig, name: str) -> None:
