@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from maskattn.dispatch import check_generator
+
 Lengths = Tensor | Sequence[int] | None
 NO_EOS = -1  # eos_id=NO_EOS: rows never stop early, whatever the model's config says
 
@@ -78,8 +80,7 @@ def sample(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new
     """
     if not _real(temperature) or not 0 < temperature < float("inf"):
         raise ValueError(f"temperature must be a number > 0 and finite, got {temperature!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__} {generator!r}")
+    check_generator(generator)
 
     def choose(logits: Tensor) -> Tensor:
         logits = logits.float()

@@ -165,6 +165,12 @@ def decide(
     raise AssertionError("the last rule always applies")
 
 
+def check_generator(generator: object) -> None:
+    """TypeError naming ``generator`` unless it is a ``torch.Generator`` or None (for attention and sampling)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__} {generator!r}")
+
+
 def check_arguments(q: Tensor, k: Tensor, mask: Mask | None, *, q_offset: int, dropout_p: float, return_weights: bool,
                     return_lse: bool, generator: torch.Generator | None, scale: float | None) -> None:
     """The checks of :func:`attention`'s arguments other than q, k, v (:func:`check_inputs`), for it and for
@@ -178,8 +184,7 @@ def check_arguments(q: Tensor, k: Tensor, mask: Mask | None, *, q_offset: int, d
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if return_weights and return_lse:
         raise ValueError("return_weights and return_lse cannot both be True: ask for one")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__} {generator!r}")
+    check_generator(generator)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real | torch.SymInt |
                                                                         torch.SymFloat)):
         raise TypeError(f"scale must be a number (the scores' multiplier) or None for 1/sqrt(D), got "
