@@ -10,6 +10,8 @@ inside a held-out sentence::
     python -m recipes.sst2_sentences ../shared/data/sst2 runs/sst2-split --valid 1000
 
 writes ``runs/sst2-split/train.tsv`` and ``runs/sst2-split/valid.tsv`` (same header as the inputs).
+``--valid 0`` holds nothing out: ``train.tsv`` gets every row once (results.md's SST-2 round nine) and no
+``valid.tsv`` is written (one left from an earlier split in the directory is removed).
 """
 
 from __future__ import annotations
@@ -71,8 +73,8 @@ def split(rows: Sequence[Row], n_valid: int, seed: int = 0) -> tuple[list[Row], 
     Duplicate rows (same text) are kept once."""
     unique = list(dict.fromkeys(rows))
     full = sentences(unique)
-    if not 1 <= n_valid <= len(full):
-        raise ValueError(f"--valid {n_valid}: expected 1 to {len(full)} full sentences (the data has {len(full)})")
+    if not 0 <= n_valid <= len(full):
+        raise ValueError(f"--valid {n_valid}: expected 0 to {len(full)} full sentences (the data has {len(full)})")
     held = set(random.Random(seed).sample(full, n_valid))
     held_keys = [_key(unique[i][0]) for i in sorted(held)]
     by_word: dict[str, list[int]] = defaultdict(list)
@@ -95,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data", type=Path, help="directory with SST-2's train.tsv and dev.tsv")
     parser.add_argument("out", type=Path, help="directory for the new train.tsv and valid.tsv")
-    parser.add_argument("--valid", type=int, default=1000, help="full sentences held out (default 1000)")
+    parser.add_argument("--valid", type=int, default=1000,
+                        help="full sentences held out (default 1000; 0: every row trains, no valid.tsv)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     refuse_overwriting_inputs(parser, [args.data / "train.tsv", args.data / "dev.tsv"],
@@ -105,7 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows += read_tsv(args.data / "dev.tsv")[1]
         train, valid = split(rows, args.valid, args.seed)
         args.out.mkdir(parents=True, exist_ok=True)
-        for name, part in (("train.tsv", train), ("valid.tsv", valid)):
+        parts = [("train.tsv", train), ("valid.tsv", valid)] if valid else [("train.tsv", train)]
+        if not valid:  # a stale split's valid.tsv must not pass for this one's
+            (args.out / "valid.tsv").unlink(missing_ok=True)
+        for name, part in parts:
             text = "\n".join([header, *(f"{t}\t{label}" for t, label in part)]) + "\n"
             (args.out / name).write_text(text, encoding="utf-8")
         print(f"{len(rows)} rows in, {len(train)} training rows and {len(valid)} held-out sentences out "

@@ -105,6 +105,20 @@ def _sst2(t):
     return t
 
 
+
+def test_sst2_valid_0_trains_on_every_row_and_writes_no_valid_file(tmp_path):
+    # results.md's SST-2 round nine runs `sst2_sentences ... runs/sst2-all --valid 0` ("every row, no held-out
+    # sentence"); a later check refused 0, so the recorded command stopped with a usage error
+    data, out = _sst2(tmp_path), tmp_path / "out"
+    out.mkdir()
+    (out / "valid.tsv").write_text("sentence\tlabel\nstale\t1\n")  # an earlier split's
+    assert sst2_sentences.main([str(data), str(out), "--valid", "0"]) == 0
+    rows = (out / "train.tsv").read_text().splitlines()
+    assert rows[0] == "sentence\tlabel"
+    assert sorted(rows[1:]) == ["a bad plot\t0", "a good film\t1", "awful\t0", "good film\t1"]
+    assert not (out / "valid.tsv").exists()
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda t: ([squad_articles, str(t / "missing.json"), str(t / "out")]), r"missing\.json: No such file"),
     (lambda t: ((t / "a.json").write_text("[1]"), [squad_articles, str(t / "a.json"), str(t / "out")])[1],
@@ -123,13 +137,11 @@ def _sst2(t):
     (lambda t: ((t / "e.json").write_text('{"data": [{"paragraphs": [{"context": "c"}]}, {"paragraphs": []}]}'),
                 [squad_articles, str(t / "e.json"), str(t / "out")])[1],
      r"e\.json:1: data\[0\]\.paragraphs\[0\]: field 'qas' is missing"),
-    # a --valid below 1 said "Sample larger than population or is negative", or wrote a header-only valid.tsv
+    # a --valid below 0 said "Sample larger than population or is negative"
     (lambda t: [sst2_sentences, str(_sst2(t)), str(t / "out"), "--valid", "-1"],
-     r"--valid -1: expected 1 to 3 full sentences \(the data has 3\)"),
-    (lambda t: [sst2_sentences, str(_sst2(t)), str(t / "out"), "--valid", "0"],
-     r"--valid 0: expected 1 to 3 full sentences \(the data has 3\)"),
+     r"--valid -1: expected 0 to 3 full sentences \(the data has 3\)"),
     (lambda t: [sst2_sentences, str(_sst2(t)), str(t / "out"), "--valid", "4"],
-     r"--valid 4: expected 1 to 3 full sentences \(the data has 3\)"),
+     r"--valid 4: expected 0 to 3 full sentences \(the data has 3\)"),
 ])
 def test_recipes_name_bad_input_in_one_line(make, message, tmp_path, capsys):
     recipe, *argv = make(tmp_path)
