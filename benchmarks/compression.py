@@ -7,7 +7,7 @@ Run (the first model of each task is the baseline the others are compared with):
         --translation runs/multi30k/model runs/multi30k-int8 runs/multi30k-pruned \\
         --translation-data test2016.de.gz test2016.en.gz \\
         --classification runs/sst2-minilm/model runs/sst2-minilm-int8 --classification-data dev.tsv \\
-        --plot docs/compression.png
+        --plot docs/images/compression.png
 
 Latency: translation beam-decodes the whole test file with each model's own decoding settings
 (seconds; speed-up = baseline seconds / seconds); classification labels the whole file (examples per
