@@ -159,3 +159,18 @@ def test_capture_refuses_unknown_layers_and_methods():
     with pytest.raises(ValueError, match="method must be 'lse' or 'rerun', got 'dense'"), \
             capture_attention(model, method="dense"):
         pass
+
+
+def test_attention_weights_refuses_integer_or_mismatched_dtypes_by_name():
+    """Integer queries gave integer weights (every weight below 1 truncated to 0) and a float16 q with bfloat16 keys
+    was computed without a word, where ``attention`` refuses both."""
+    q = torch.randn(1, 2, 3, 4, dtype=torch.float16)
+    _, lse = maskattn.attention(q, q, q, return_lse=True)
+    exact = maskattn.attention_weights(q.double(), q.double(), lse.double())  # the float64 oracle of the same call
+    assert torch.allclose(maskattn.attention_weights(q, q, lse).double(), exact, atol=2e-3)
+    with pytest.raises(TypeError, match=r"q and k must share a dtype, got torch.float16 and torch.bfloat16"):
+        maskattn.attention_weights(q, q.bfloat16(), lse)
+    with pytest.raises(TypeError, match=r"q must be a floating-point tensor, got dtype torch.int64"):
+        maskattn.attention_weights(q.long(), q.long(), lse)
+    with pytest.raises(TypeError, match=r"lse must be a floating-point tensor, got dtype torch.bool"):
+        maskattn.attention_weights(q, q, lse > 0)

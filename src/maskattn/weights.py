@@ -53,9 +53,17 @@ def attention_weights(
     Returns:
         (B, len(heads), len(rows), Lk) weights in ``q``'s dtype, equal to the ``return_weights`` of
         the reference backend on those heads and rows; rows that may attend nothing are zeros.
+
+    Raises:
+        TypeError: if q, k or lse is not floating-point, or q and k differ in dtype.
     """
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q must be (B, H, Lq, D) and k (B, Hkv, Lk, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+    for name, x in (("q", q), ("k", k), ("lse", lse)):
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if q.dtype != k.dtype:
+        raise TypeError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
     b, h, lq, d = q.shape
     if k.shape[0] != b or k.shape[3] != d or k.shape[1] == 0 or h % k.shape[1]:
         raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)}: expected (B={b}, Hkv | {h}, Lk, D={d})")
