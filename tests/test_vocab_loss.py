@@ -133,3 +133,26 @@ def test_refusals_name_the_argument():
         linear_cross_entropy(hidden, weight, targets.view(1, -1))
     with pytest.raises(ValueError, match=r"one dtype outside autocast, got torch\.float32 and torch\.float64"):
         linear_cross_entropy(hidden.float(), weight, targets)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 2], ids=["one-chunk", "chunked"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_float64_is_computed_in_float64(chunk_rows, reduction):
+    """A float64 model's loss was taken in float32 (``.float()`` of its logits): a float32 result 1e-7 off and
+    gradients that fail ``gradcheck``. Oracle: ``F.cross_entropy`` of the float64 logits."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 11, (7,), generator=gen)
+    targets[3] = -100
+    loss = linear_cross_entropy(hidden, weight, targets, reduction=reduction, chunk_rows=chunk_rows)
+    expected = F.cross_entropy(F.linear(hidden, weight), targets, reduction=reduction)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, expected, rtol=1e-13, atol=0)
+    got = torch.autograd.grad(loss, (hidden, weight))
+    for g, e in zip(got, torch.autograd.grad(expected, (hidden, weight)), strict=True):
+        assert g.dtype == torch.float64
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)
+    with torch.no_grad():
+        plain = linear_cross_entropy(hidden, weight, targets, reduction=reduction, chunk_rows=chunk_rows)
+    torch.testing.assert_close(plain, expected.detach(), rtol=1e-13, atol=0)

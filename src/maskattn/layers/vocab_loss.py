@@ -46,7 +46,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ign
         chunk_rows: rows per chunk (default ``CHUNK_ELEMENTS // V``).
 
     Under autocast the projection runs in the autocast dtype and the softmax in float32, as
-    ``F.linear(...).float()`` would; without it ``hidden`` and ``weight`` must have one dtype. Under
+    ``F.linear(...).float()`` would; without it ``hidden`` and ``weight`` must have one dtype. Float64
+    inputs stay float64 throughout (loss and gradients, as ``F.cross_entropy`` of float64 logits). Under
     ``torch.compile`` the float32 chunks are one opaque operator in the graph, and a half type takes the
     plain projection and loss, which Inductor fuses faster than the chunks (docs/performance.md, session 14).
 
@@ -75,7 +76,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ign
     # One chunk: the logits are small, and PyTorch's own path is as fast. Compiled in a half type: Inductor
     # fuses the plain version faster than the chunks.
     if hidden.shape[0] <= chunk_rows or (compiling and dtype in (torch.float16, torch.bfloat16)):
-        logits = F.linear(hidden, weight).float()  # (N, V)
+        logits = F.linear(hidden, weight)  # (N, V)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # a half type widened, float64 kept
         return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
     if compiling:  # in float32 the chunks are faster than Inductor's plain version: one opaque operator
         grads = torch.is_grad_enabled() and hidden.requires_grad, torch.is_grad_enabled() and weight.requires_grad
@@ -95,9 +97,10 @@ def _chunks(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, 
             dtype: torch.dtype, grads: tuple[Tensor | None, Tensor | None] | None) -> tuple[Tensor, Tensor]:
     """Summed loss and target count; with ``grads`` = (d hidden (N, E) or None, d weight (V, E) float32
     or None), also the gradients of the *summed* loss, written into them."""
+    wide = torch.promote_types(dtype, torch.float32)  # the softmax's dtype: float32, or float64 for float64
     with torch.autocast(hidden.device.type, enabled=False):
         w = weight.to(dtype)  # (V, E)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=wide, device=hidden.device)
         count = (targets != ignore_index).sum()
         grouped = None  # half types with gradients: a buffer of HALF_GROUP chunks of d loss / d logits
         for start in range(0, hidden.shape[0], chunk_rows):
@@ -105,7 +108,7 @@ def _chunks(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, 
             t = targets[start : start + chunk_rows]
             hit = t == ignore_index  # (c,)
             ignored, safe = hit.unsqueeze(1), t.masked_fill(hit, 0)  # (c, 1), (c,)
-            logits = (h @ w.T).float()  # (c, V)
+            logits = (h @ w.T).to(wide)  # (c, V)
             top = logits.amax(-1, keepdim=True)  # (c, 1)
             picked = logits.gather(1, safe.unsqueeze(1)) - top  # shifted by the row max, as log_softmax is,
             e = logits.sub_(top).exp_()  # so that log(sum) - picked keeps small losses exact; in place
@@ -118,7 +121,7 @@ def _chunks(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, 
             # matmuls; in a half type they are applied to the chunk first (one more pass), as PyTorch's
             # softmax gradient is, so that the low-precision matmuls see bounded, already-subtracted values.
             inv = torch.where(ignored, 0.0, sums.reciprocal())  # (c, 1)
-            kept = (~ignored).float()  # (c, 1)
+            kept = (~ignored).to(wide)  # (c, 1)
             grad_hidden, grad_weight = grads
             if dtype in (torch.float32, torch.float64):
                 e = e.to(dtype)  # a no-op in float32
@@ -162,7 +165,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if reduction == "sum":
             scale, value = torch.ones((), device=hidden.device), total
         else:  # NaN with nothing to predict, as PyTorch's; the gradients stay zero, as PyTorch's do
-            scale, value = count.float().clamp(min=1).reciprocal(), total / count.float()
+            scale, value = count.to(total.dtype).clamp(min=1).reciprocal(), total / count.to(total.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight, scale)
         ctx.weight_dtype = weight.dtype
         return value
@@ -200,7 +203,7 @@ def _(hidden, weight, targets, ignore_index, chunk_rows, dtype, grad_hidden, gra
     gh = torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0)
     gw = weight.new_empty(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32)) if grad_weight \
         else weight.new_empty(0)
-    return hidden.new_empty((), dtype=torch.float32), targets.new_empty(()), gh, gw
+    return hidden.new_empty((), dtype=torch.promote_types(dtype, torch.float32)), targets.new_empty(()), gh, gw
 
 
 def _setup_chunks_op(ctx, inputs, output):
