@@ -235,3 +235,20 @@ def test_attend_returns_the_same_output_with_its_log_sum_exp(backend, mask):
     _, expected = maskattn.attention(q, k, v, mask, backend="reference", return_lse=True)
     torch.testing.assert_close(lse, expected)
     assert not list(attend.parameters()) and not list(attend.buffers())
+
+
+def test_inputs_of_another_dtype_than_the_layer_are_refused_by_name():
+    """A float16 query, an int64 query or a float32 key into a bfloat16 layer failed inside ``nn.Linear`` ("mat1
+    and mat2 must have the same dtype") without naming the argument; under autocast they still run."""
+    mha = MultiHeadAttention(8, 2).to(torch.bfloat16)
+    x = torch.randn(1, 3, 8)
+    with pytest.raises(TypeError, match=r"query must be torch.bfloat16 \(the layer's dtype\).*got torch.float16"):
+        mha(x.half())
+    with pytest.raises(TypeError, match=r"query must be torch.bfloat16 \(the layer's dtype\).*got torch.int64"):
+        mha(x.long())
+    with pytest.raises(TypeError, match=r"key must be torch.bfloat16 \(the layer's dtype\).*got torch.float32"):
+        mha(x.bfloat16(), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mha(x)  # autocast casts the float32 query for the bfloat16 projections
+    expected = mha(x.bfloat16())  # oracle: the same layer on the query cast by hand
+    torch.testing.assert_close(out.to(torch.bfloat16), expected, rtol=0, atol=0)

@@ -210,7 +210,18 @@ class MultiHeadAttention(nn.Module):
         if not isinstance(query, Tensor) or query.dim() != 3 or query.shape[-1] != width:
             got = tuple(query.shape) if isinstance(query, Tensor) else type(query).__name__
             raise ValueError(f"query must be (B, L, {width}) batch-first, got {got}")
+        self._check_dtype("query", query)
         return query.shape[0], query.shape[1]
+
+    def _check_dtype(self, name: str, x: Tensor) -> None:
+        """Raise unless ``x`` has the projections' dtype (any floating dtype under autocast, which casts it)."""
+        if torch.is_autocast_enabled(x.device.type):
+            return
+        tensors = (*self.q_proj.parameters(), *self.q_proj.buffers())  # an Int8Linear's scales carry its dtype
+        want = next((t.dtype for t in tensors if t.is_floating_point()), x.dtype)
+        if x.dtype != want:
+            raise TypeError(f"{name} must be {want} (the layer's dtype), got {x.dtype}; cast it with .to({want}) "
+                            f"or run under torch.autocast")
 
     def _check_rope(self, rope: tuple[Tensor, Tensor], batch: int, q_len: int, k_len: int) -> None:
         """Raise unless ``rope`` holds angles for every query (nothing broadcast over Lq) and the keys it rotates."""
@@ -244,6 +255,7 @@ class MultiHeadAttention(nn.Module):
             if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != width:
                 got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
                 raise ValueError(f"{name} must be (B, L, {width}) batch-first, got {got}")
+            self._check_dtype(name, x)
         if key.shape[0] != value.shape[0]:
             raise ValueError(f"batch sizes differ: key {key.shape[0]}, value {value.shape[0]}")
         if key.shape[1] != value.shape[1]:
