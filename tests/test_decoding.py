@@ -120,7 +120,7 @@ def test_rows_that_finish_leave_the_batch_and_every_row_gets_what_it_gets_alone(
 
 def _sequence_scores(model, src, lengths, candidates, alpha):
     """Length-normalised log-probability of every candidate continuation, by full forward: (B, N)."""
-    scores = torch.empty(src.shape[0], len(candidates))
+    scores = torch.empty(src.shape[0], len(candidates), dtype=next(model.parameters()).dtype)
     for n in sorted({len(seq) for seq in candidates}):  # one batch per candidate length
         which = [i for i, seq in enumerate(candidates) if len(seq) == n]
         seqs = torch.tensor([candidates[i] for i in which])  # (N, n)
@@ -582,3 +582,16 @@ def test_arguments_of_the_wrong_type_are_named():
     for call, words in cases:
         with pytest.raises(ValueError, match=words):
             call()
+
+
+def test_beam_scores_of_a_float64_model_are_its_float64_log_probabilities():
+    """A float64 model's beam scores were summed from float32 log-probabilities (``logits.float()``): 1e-7 off and
+    returned as float32. Oracle: the full forward's float64 log-probability of each exhaustive candidate."""
+    model, src, lengths, candidates, _, eos, steps = _exhaustive(0.0)
+    model = model.double()
+    best_score, best = _sequence_scores(model, src, lengths, candidates, 0.0).max(dim=1)
+    tokens, beam_scores = decoding.beam_search(model, src, lengths, beam_size=256, max_new_tokens=steps,
+                                               length_penalty=0.0, eos_id=eos, pad_id=0)
+    assert [_until_eos(row, eos) for row in tokens.tolist()] == [candidates[i] for i in best]
+    assert beam_scores.dtype == torch.float64
+    torch.testing.assert_close(beam_scores, best_score, atol=1e-12, rtol=0)

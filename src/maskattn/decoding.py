@@ -188,7 +188,7 @@ def _run_beams(model: nn.Module, inputs: Tensor, lengths: Lengths, beam_size: in
         state.reorder(torch.arange(inputs.shape[0], device=device).repeat_interleave(beam_size))
         logits = logits.repeat_interleave(beam_size, dim=0)  # (B*K, V)
         for t in range(max(caps)):
-            logp = torch.log_softmax(logits.float(), dim=-1)
+            logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # f64 kept
             rows = search.advance(_forbid(logp, forbidden[t < min_new_tokens]), t)
             if search.all_done():
                 break
@@ -290,7 +290,7 @@ class _Beams:
         tokens = torch.full((len(best), width), pad_id, dtype=torch.long)
         for b, (_, seq) in enumerate(best):
             tokens[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        return tokens, torch.tensor([score for score, _ in best])
+        return tokens, torch.tensor([score for score, _ in best], dtype=self.scores.dtype)  # float64 for float64
 
 
 def _generate(model: nn.Module, inputs: Tensor, lengths: Lengths, max_new: MaxNew, eos_id: int | None,
