@@ -294,3 +294,17 @@ def test_a_captioner_saved_in_bfloat16_captions_its_images(tmp_path, capsys):
     assert capsys.readouterr().out == "".join(f"{png}\t{line}\n" for png, line in zip(pngs, said, strict=True))
     assert main(["viz", str(tmp_path / "model"), "--input", pngs[0], "--out", str(tmp_path / "viz")]) == 0
     assert (tmp_path / "viz" / "explorer.html").is_file()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("data.max_digits=1", "data.max_digits (1) must be >= min_digits (2)"),  # was numpy's "low >= high"
+    ("data.min_digits=0", "data.min_digits must be an int >= 1, got 0"),  # was "no canvas of 0 scans fits"
+    ("data.batch_size=0", "data.batch_size must be an int >= 1, got 0"),  # was "range() arg 3 must not be zero"
+    ("data.epoch_canvases=-1", "data.epoch_canvases must be an int >= 1, got -1"),
+    ("data.split_seed=-1", "data.split_seed must be an int in [0, 2**63), got -1"),
+])
+def test_caption_data_settings_out_of_range_are_refused_naming_them(setting, message, tmp_path, capsys):
+    assert main(["train", "caption", "--out", str(tmp_path / "run"), "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"maskattn train: {message}", err
+    assert not (tmp_path / "run").exists()  # refused before the run directory or the scans were touched

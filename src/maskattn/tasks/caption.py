@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from maskattn import decoding, explorer
 from maskattn.data import DataError, pad, read_parallel
+from maskattn.errors import SettingError, check_settings
 from maskattn.io import atomic_write, check_output_file
 from maskattn.models import Captioner, CaptionerConfig
 from maskattn.tasks.base import Command, Overlay, Task, register
@@ -58,6 +59,13 @@ class DataConfig:
     valid_canvases: int = 500  # validation canvases (scored at each evaluation)
     test_canvases: int = 1000  # test canvases (`maskattn evaluate MODEL --data test`)
     canvas_seed: int = 1  # seeds the validation and test canvases
+
+    def __post_init__(self) -> None:
+        check_settings(self, {"min_digits": ("int>=", 1), "max_digits": ("int>=", 1), "max_height": ("int>=", 1),
+                              "max_width": ("int>=", 1), "batch_size": ("int>=", 1), "epoch_canvases": ("int>=", 1),
+                              "split_seed": ("seed", None), "canvas_seed": ("seed", None)})
+        if self.max_digits < self.min_digits:  # else numpy's "low >= high" when the first canvas is drawn
+            raise SettingError(f"max_digits ({self.max_digits}) must be >= min_digits ({self.min_digits})")
 
 
 @dataclass
