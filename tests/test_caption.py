@@ -308,3 +308,18 @@ def test_caption_data_settings_out_of_range_are_refused_naming_them(setting, mes
     err = capsys.readouterr().err
     assert err.strip() == f"maskattn train: {message}", err
     assert not (tmp_path / "run").exists()  # refused before the run directory or the scans were touched
+
+
+def test_caption_example_writes_only_a_png_never_over_another_file(tmp_path, capsys):
+    # `caption MODEL --example data.tsv` wrote the canvas over data.tsv (any existing file) and exited 0
+    from maskattn.tasks.common import write_task
+
+    tiny_model().save(tmp_path / "model", tokenizer=C.build_tokenizer())
+    write_task(tmp_path / "model", {"task": "caption", "data": {}})
+    data = tmp_path / "train.tsv"
+    data.write_text("image\tcaption\n")
+    assert main(["caption", str(tmp_path / "model"), "--example", str(data)]) == 2
+    assert f"--example {data}: name a .png file" in capsys.readouterr().err
+    assert data.read_text() == "image\tcaption\n"
+    assert main(["caption", str(tmp_path / "model"), "--example", str(tmp_path / "new.PNG")]) == 0
+    assert (tmp_path / "new.PNG").read_bytes().startswith(b"\x89PNG")  # the oracle: PNG's own signature

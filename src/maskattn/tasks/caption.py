@@ -385,11 +385,14 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _caption(args: argparse.Namespace) -> int:
+    if args.example:  # a PNG is written there: never over a file of another kind (a data file given by mistake)
+        check_output_file(args.example, "--example", [args.model, *args.images])
+        if Path(args.example).suffix.lower() != ".png":
+            raise ValueError(f"--example {args.example}: name a .png file (the test canvas is written there)")
     model, tok, d = load(args.model)
     paths = list(args.images)
     truth = ""
     if args.example:
-        check_output_file(args.example, "--example", [args.model, *args.images])
         example = canvases("test", 1, d, model.config.patch_size)[0]
         paths.append(write_png(example.image, args.example))
         truth = example.caption
