@@ -232,3 +232,14 @@ def test_masks_show_counts_the_keys_a_q_offset_adds(capsys):
     assert "[Lq=3, Lk=1024, q_offset=1021]" in shown
     rows = [line.split()[2:] for line in shown.splitlines() if line.startswith("  q ")]
     assert [row.count("■") for row in rows] == [1022, 1023, 1024]
+
+
+def test_masks_stats_refuses_a_tile_larger_than_it_counts(capsys):
+    # `masks stats causal --length 1 --block 100000000000` padded the one position to a 10**11-position tile: a
+    # RuntimeError traceback "you tried to allocate 800000000000 bytes"
+    status, err = _run(["masks", "stats", "causal", "--length", "1", "--block", "100000000000"], capsys)
+    assert status == 2
+    assert err.strip() == ("maskattn masks: --block 100000000000: masks stats takes tiles of at most 16,777,216 "
+                           "positions (2**24)")
+    assert main(["masks", "stats", "causal", "--length", "3", "--block", "4"]) == 0  # one tile larger than the mask
+    assert "Lq=3 Lk=3: density 66.67% (6 of 9 scores)" in capsys.readouterr().out  # the oracle: 1+2+3 of 3*3

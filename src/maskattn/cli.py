@@ -637,6 +637,9 @@ def _masks_show(args: argparse.Namespace) -> int:
         if args.length > MAX_STATS_LENGTH:  # else killed for memory after a minute or more
             raise UsageError(f"--length {args.length}: masks stats counts at most {MAX_STATS_LENGTH:,} positions "
                              "(2**24), its memory grows with the length")
+        if args.block > MAX_STATS_LENGTH:  # stats pads the positions to whole tiles: else a --block-sized allocation
+            raise UsageError(f"--block {args.block}: masks stats takes tiles of at most {MAX_STATS_LENGTH:,} positions "
+                             "(2**24)")
         if tiles > MAX_STATS_TILES:
             raise UsageError(f"--length {args.length} with --block {args.block}: {tiles:,} tiles, more than the "
                              f"{MAX_STATS_TILES:,} stats counts; raise --block or lower --length")
