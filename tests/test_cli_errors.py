@@ -243,3 +243,19 @@ def test_masks_stats_refuses_a_tile_larger_than_it_counts(capsys):
                            "positions (2**24)")
     assert main(["masks", "stats", "causal", "--length", "3", "--block", "4"]) == 0  # one tile larger than the mask
     assert "Lq=3 Lk=3: density 66.67% (6 of 9 scores)" in capsys.readouterr().out  # the oracle: 1+2+3 of 3*3
+
+
+def test_train_passes_an_empty_out_or_data_flag_on_instead_of_dropping_it(tmp_path, monkeypatch, capsys):
+    # `train lm --out ""` was read as no --out: the run went to the default runs/lm of the working directory, exit 0;
+    # `--train ""` likewise fell back to data.train of --config
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "text.txt").write_text("To be, or not to be, that is the question.\n" * 50)
+    (tmp_path / "run.toml").write_text('[data]\ntrain = "text.txt"\n')
+    tiny = [a for s in ("train.steps=1", "train.progress=false", "model.num_layers=1", "model.d_model=16",
+                        "model.d_ff=16", 'data.tokenizer="chars"') for a in ("--set", s)]
+    status, err = _run(["train", "lm", "--out", "", "--train", "text.txt", *tiny], capsys)
+    assert (status, err.strip()) == (2, "maskattn train: out is empty: name the run directory (--out DIR or --set "
+                                        "out=DIR)")
+    status, err = _run(["train", "lm", "--config", "run.toml", "--train", "", "--out", "run", *tiny], capsys)
+    assert (status, err.strip()) == (2, "maskattn train: data.train is required (a plain text file)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.toml", "text.txt"]  # no run written anywhere

@@ -481,14 +481,14 @@ def _train(args: argparse.Namespace) -> int:
     task = tasks()[args.task]
     assignments = list(args.set)
     for name in shortcuts():
-        if not getattr(args, name):
+        if getattr(args, name) is None:  # given, even empty, it is passed on (the task names an empty path)
             continue
         if name not in task.paths:  # else "unknown setting 'data.NAME'", which no flag names
             flags = (", ".join(f"--{path.replace('_', '-')}" for path in task.paths)
                      or "no path flags (--show-config lists its settings)")
             raise UsageError(f"--{name.replace('_', '-')} is not read by the {task.name} task; it reads {flags}")
         assignments.append(f"data.{name}={json.dumps(getattr(args, name), ensure_ascii=False)}")
-    if args.out:
+    if args.out is not None:  # `--out ""` is refused by the config, not replaced by the default run directory
         assignments.append(f"out={json.dumps(args.out, ensure_ascii=False)}")
     cfg = config.load(task.config(), args.config, assignments)
     if task.derived is not None:  # a setting the task sets itself, changed from its default, would be ignored
