@@ -259,3 +259,26 @@ def test_train_passes_an_empty_out_or_data_flag_on_instead_of_dropping_it(tmp_pa
     status, err = _run(["train", "lm", "--config", "run.toml", "--train", "", "--out", "run", *tiny], capsys)
     assert (status, err.strip()) == (2, "maskattn train: data.train is required (a plain text file)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.toml", "text.txt"]  # no run written anywhere
+
+
+def test_an_empty_output_or_data_path_is_refused_naming_the_flag(tmp_path, monkeypatch, capsys):
+    # `viz MODEL --input x --out ""` wrote its 16 pictures and explorer.html into the working directory ("wrote 16
+    # files to ; open explorer.html"), exit 0; `evaluate --data ""` said ". is a directory"
+    from maskattn.models import DecoderLM, DecoderLMConfig
+    from maskattn.tokenization import Tokenizer
+
+    tok = Tokenizer.train_chars(["abc"])
+    DecoderLM(DecoderLMConfig.preset("tiny", vocab_size=tok.vocab_size)).save(tmp_path / "model", tokenizer=tok)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    model = str(tmp_path / "model")
+    for argv, flag in ((["viz", model, "--input", "ab", "--out", ""], "--out"),
+                       (["evaluate", model, "--data", ""], "--data"),
+                       (["average", "--models", model, model, "--out", " "], "--out"),
+                       (["compress", model, "--int8", "--out", ""], "--out")):
+        status, err = _run(argv, capsys)
+        assert status == 2 and f"error: argument {flag}: an empty path" in err.splitlines()[-1], (argv, err)
+    assert list(work.iterdir()) == []
+    assert main(["viz", model, "--input", "ab", "--out", "pics"]) == 0  # the oracle: what an --out gets
+    assert (work / "pics" / "explorer.html").is_file()

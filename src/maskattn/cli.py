@@ -53,6 +53,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonempty_path(text: str) -> str:
+    """An argparse type: a path that is not empty (``Path("")`` is the working directory, which would be used)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"an empty path ({text!r}); name the file or directory")
+    return text
+
+
 def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
@@ -124,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="score a trained model on any data file")
     evaluate.add_argument("model", help="a trained model directory, or a Hugging Face causal LM directory")
-    evaluate.add_argument("--data", required=True, help="; ".join(f"{t.name}: {t.data_help}"
+    evaluate.add_argument("--data", required=True, type=nonempty_path, help="; ".join(f"{t.name}: {t.data_help}"
                                                                  for t in registered.values()))
     _add_evaluate_options(evaluate, registered)
 
@@ -136,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "checkpoints)")
     average.add_argument("--last", type=int, help="how many of the run's newest checkpoints to average")
     average.add_argument("--models", nargs="+", metavar="MODEL", help="model directories to average instead of a run")
-    average.add_argument("--out", required=True, help="the new model directory")
+    average.add_argument("--out", required=True, type=nonempty_path, help="the new model directory")
     average.add_argument("--overwrite", action="store_true", help="replace the model directory --out already holds")
 
     _add_compress(sub)
@@ -147,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     viz.add_argument("model", help="a trained model directory, or a Hugging Face directory")
     viz.add_argument("--input", required=True, help="the input text (caption models: a PNG image)")
     viz.add_argument("--target", help="decoder input for encoder-decoder models (default: the model's output)")
-    viz.add_argument("--out", default="viz", help="output directory (default: viz)")
+    viz.add_argument("--out", default="viz", type=nonempty_path, help="output directory (default: viz)")
 
     audit = sub.add_parser("audit", help="prove that no output depends on what the mask hides",
                            description="Audits a saved model (every attention call: perturbation and exact-zero "
@@ -377,7 +384,7 @@ def _add_compress(sub) -> None:
         "and runs with every prediction command. --prune-heads removes the heads whose masking changes the "
         "loss on --data least, then fine-tunes on --data; --int8 then quantises the linear layers.")
     compress.add_argument("model", help="a model directory written by `maskattn train`")
-    compress.add_argument("--out", required=True, help="the new model directory")
+    compress.add_argument("--out", required=True, type=nonempty_path, help="the new model directory")
     compress.add_argument("--overwrite", action="store_true", help="replace the model directory --out already holds")
     compress.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of the linear layers")
     compress.add_argument("--prune-heads", type=float, default=0.0, metavar="FRACTION",
