@@ -155,3 +155,19 @@ def test_a_model_given_twice_is_refused(tmp_path):
     with pytest.raises(ValueError, match=twice):
         average_models([tmp_path / "a" / "model", tmp_path / "a" / ".." / "a" / "model"], tmp_path / "soup")
     assert not (tmp_path / "soup").exists()
+
+
+def test_a_run_that_is_missing_or_a_file_is_named_as_such(tmp_path, capsys):
+    # said "run X has no exported model (X/model/config.json); train it to the end first" for a mistyped or
+    # missing run directory, or a file
+    from maskattn.cli import main
+
+    (tmp_path / "notes.txt").write_text("x")
+    for given, what in ((tmp_path / "runz", "no such directory"), (tmp_path / "notes.txt", "a file")):
+        assert main(["average", str(given), "--last", "1", "--out", str(tmp_path / "avg")]) == 2
+        assert capsys.readouterr().err.strip() == (f"maskattn average: run {given}: {what}, expected the run directory "
+                                                   "of `maskattn train` whose checkpoints to average")
+    assert not (tmp_path / "avg").exists()
+    (tmp_path / "run").mkdir()  # a directory that is no run keeps its message
+    with pytest.raises(ValueError, match="has no exported model"):
+        average_run(tmp_path / "run", 1, tmp_path / "avg")

@@ -83,6 +83,9 @@ def average_run(run: str | Path, last: int, out: str | Path) -> Path:
     if isinstance(last, bool) or not isinstance(last, int) or last < 1:
         raise ValueError(f"last must be an int >= 1, got {last!r}")
     model_dir = run / "model"
+    if not run.is_dir():  # else "has no exported model; train it to the end first", as if it were a run
+        raise ValueError(f"run {run}: {'a file' if run.exists() else 'no such directory'}, expected the run directory "
+                         "of `maskattn train` whose checkpoints to average")
     if (run / "config.json").is_file() and not (model_dir / "config.json").is_file():
         raise ValueError(f"{run} is a model directory, not a training run: give the run directory whose checkpoints "
                          f"to average ({run.parent}, if this is its exported model), or average finished models "
