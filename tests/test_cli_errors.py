@@ -282,3 +282,31 @@ def test_an_empty_output_or_data_path_is_refused_naming_the_flag(tmp_path, monke
     assert list(work.iterdir()) == []
     assert main(["viz", model, "--input", "ab", "--out", "pics"]) == 0  # the oracle: what an --out gets
     assert (work / "pics" / "explorer.html").is_file()
+
+
+def test_out_of_memory_is_one_line_naming_the_sizes_given(tmp_path, monkeypatch, capsys):
+    # `train lm --set model.max_len=100000000000` (or d_model, d_ff; `translate --beam 10**11`) ended in the CPU
+    # allocator's RuntimeError traceback from inside nn.Parameter
+    import torch
+
+    (tmp_path / "text.txt").write_text("To be, or not to be, that is the question.\n" * 50)
+    status, err = _run(["train", "lm", "--train", str(tmp_path / "text.txt"), "--out", str(tmp_path / "run"),
+                        "--set", 'data.tokenizer="chars"', "--set", "model.max_len=100000000000"], capsys)
+    assert status == 1
+    assert re.fullmatch(r"maskattn train: out of memory \([\d,.]+ GiB asked for\); lower the sizes given "
+                        r"\(--set data.tokenizer=\"chars\", --set model.max_len=100000000000\)", err.strip()), err
+
+    def cuda_oom(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has ...")
+
+    monkeypatch.setattr(cli, "_showcase", cuda_oom)
+    status, err = _run(["showcase", "--length", "8"], capsys)
+    assert (status, err.strip()) == (1, "maskattn showcase: out of memory (20.00 GiB asked for); lower the sizes "
+                                        "given (--length 8)")
+
+    def bug(args):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(cli, "_showcase", bug)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):  # any other RuntimeError is a bug: traceback
+        main(["showcase"])

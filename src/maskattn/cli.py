@@ -309,6 +309,24 @@ def main(argv: list[str] | None = None) -> int:
         return _failed(args, f"{e}{hint}", 2)
     except USER_ERRORS as e:  # bad input, named in the message; anything else is a bug and shows its traceback
         return _failed(args, str(e), 2)
+    except RuntimeError as e:  # out of memory (torch.OutOfMemoryError, or the CPU allocator's RuntimeError)
+        if type(e).__name__ != "OutOfMemoryError" and "can't allocate memory" not in str(e):
+            raise
+        return _failed(args, _out_of_memory(args, str(e)), 1)
+
+
+def _out_of_memory(args: argparse.Namespace, error: str) -> str:
+    """One line for an allocation that failed: its size, and the settings this command was given (a size set
+    far too large, ``--set model.d_model=1000000000``, fails so while the model is built)."""
+    import re
+
+    asked = re.search(r"allocate (\d+) bytes|Tried to allocate ([\d.]+ [KMGTP]?iB)", error)
+    size = "" if asked is None else (f" ({int(asked[1]) / 2**30:,.1f} GiB asked for)" if asked[1] else
+                                     f" ({asked[2]} asked for)")
+    given = [*(f"--{name.replace('_', '-')} {value}" for name, value in vars(args).items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "verbose"),
+             *(f"--set {assignment}" for assignment in getattr(args, "set", None) or [])]
+    return f"out of memory{size}; lower the sizes given ({', '.join(given) or 'none on the command line'})"
 
 
 def _failed(args: argparse.Namespace, message: str, status: int) -> int:
