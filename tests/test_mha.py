@@ -252,3 +252,21 @@ def test_inputs_of_another_dtype_than_the_layer_are_refused_by_name():
         out = mha(x)  # autocast casts the float32 query for the bfloat16 projections
     expected = mha(x.bfloat16())  # oracle: the same layer on the query cast by hand
     torch.testing.assert_close(out.to(torch.bfloat16), expected, rtol=0, atol=0)
+
+
+def test_int8_projections_take_the_activations_of_a_half_model():
+    """An int8-quantised bfloat16 layer (float32 scales, bfloat16 activations) was refused: "query must be
+    torch.float32 (the layer's dtype)", though ``Int8Linear`` takes any float input and returns its dtype."""
+    from maskattn.layers import Int8Linear
+
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(8, 2).to(torch.bfloat16)
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        setattr(mha, name, Int8Linear.from_float(getattr(mha, name)))
+    x = torch.randn(1, 3, 8, dtype=torch.bfloat16)
+    out = mha(x)
+    expected = mha.float()(x.float())  # oracle: the same int8 layer on the float32 activations
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
+    with pytest.raises(TypeError, match=r"query must be a floating-point tensor, got torch.int64"):
+        mha(x.long())

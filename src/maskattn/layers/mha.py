@@ -214,12 +214,15 @@ class MultiHeadAttention(nn.Module):
         return query.shape[0], query.shape[1]
 
     def _check_dtype(self, name: str, x: Tensor) -> None:
-        """Raise unless ``x`` has the projections' dtype (any floating dtype under autocast, which casts it)."""
+        """Raise unless ``x`` has the projections' dtype (any floating dtype under autocast, which casts it, or
+        into int8 projections, which take any and return it)."""
         if torch.is_autocast_enabled(x.device.type):
             return
-        tensors = (*self.q_proj.parameters(), *self.q_proj.buffers())  # an Int8Linear's scales carry its dtype
-        want = next((t.dtype for t in tensors if t.is_floating_point()), x.dtype)
-        if x.dtype != want:
+        # Parameters only: an Int8Linear's float32 scales are buffers, and it runs a bfloat16 model's activations
+        want = next((p.dtype for p in self.q_proj.parameters() if p.is_floating_point()), None)
+        if want is None and not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if want is not None and x.dtype != want:
             raise TypeError(f"{name} must be {want} (the layer's dtype), got {x.dtype}; cast it with .to({want}) "
                             f"or run under torch.autocast")
 
