@@ -129,3 +129,21 @@ def test_the_field_rules_hold_for_a_subclass_whose_annotations_are_not_strings()
     with pytest.raises(ValueError, match=r"^tie_output must be True or False, got 0$"):  # an inherited one too
         _ConfigWithASwitch(**{**base, "tie_output": 0})
     assert _ConfigWithASwitch(**base, extra_switch=True).extra_switch is True
+
+
+def test_a_subclass_with_an_annotation_that_does_not_resolve_still_builds_and_is_checked():
+    # Reading the field types with typing.get_type_hints raised NameError for a field annotated (as a string) with a
+    # class local to a function or a name imported under TYPE_CHECKING: such a config could not be built at all
+    class Local:  # not visible from this module's globals
+        pass
+
+    @dataclasses.dataclass
+    class WithLocal(DecoderLMConfig):
+        extra: "Local | None" = None  # a user's own setting, a string as `from __future__ import annotations` writes
+        extra_switch: "bool" = False  # a user's own switch
+    base = dataclasses.asdict(DecoderLMConfig.preset("tiny"))
+    assert WithLocal(**base).extra is None  # the oracle: what the base config builds, with the default
+    with pytest.raises(ValueError, match=r"^extra_switch must be True or False, got 'no'$"):
+        WithLocal(**base, extra_switch="no")
+    with pytest.raises(ValueError, match=r"^tie_output must be True or False, got 0$"):
+        WithLocal(**{**base, "tie_output": 0})

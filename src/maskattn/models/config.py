@@ -229,8 +229,15 @@ class EncoderConfig(BlockConfig):
 @functools.cache
 def field_types(cls: type) -> dict[str, Any]:
     """The fields' types of a config class as objects (``bool | None``), whether or not its module writes its
-    annotations as strings (``from __future__ import annotations``)."""
-    hints = typing.get_type_hints(cls)
+    annotations as strings (``from __future__ import annotations``). Where some annotation names what its module
+    cannot resolve (imported under ``TYPE_CHECKING``, a class local to a function), the plain ones are read from
+    their strings and the rest stay strings, which no rule reads as a switch or an id."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except NameError:  # else the config could not be built at all
+        plain = {"bool": bool, "bool | None": bool | None, "int": int, "int | None": int | None}
+        hints = {f.name: plain.get(f.type, f.type) if isinstance(f.type, str) else f.type
+                 for f in dataclasses.fields(cls)}
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
