@@ -80,9 +80,9 @@ class EncoderModel(Persistent, Summary, nn.Module):
         """(B, C) class logits; ``kwargs`` as in :meth:`forward`."""
         if self.classifier is None:
             raise ValueError("this EncoderModel has no classification head; build it with config.num_labels > 0")
-        hidden = self(input_ids, attention_mask, **kwargs)
-        mean = self.config.pooling == "mean"
-        valid = self._valid(input_ids, attention_mask, kwargs.get("lengths")) if mean else None  # (B, L)
+        valid = self._valid(input_ids, attention_mask, kwargs.pop("lengths", None))  # (B, L) bool or None
+        hidden = self(input_ids, valid, **kwargs)  # a bool mask: forward does not check its values again
+        valid = valid if self.config.pooling == "mean" else None
         return self.classifier(self.pool_dropout(self.pool(hidden, valid)))  # (B, C)
 
     def span_logits(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> tuple[Tensor, Tensor]:
