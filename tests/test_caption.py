@@ -195,7 +195,7 @@ def test_a_file_that_is_not_an_image_is_one_error(tmp_path):
         read_png(tmp_path / "notes.png", 4)
 
 
-def test_a_missing_directory_or_oversized_image_is_named(tmp_path):
+def test_a_missing_directory_or_oversized_image_is_named(tmp_path, capsys):
     from PIL import Image
 
     from maskattn.tasks.caption import read_png
@@ -210,8 +210,18 @@ def test_a_missing_directory_or_oversized_image_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"wide\.png: 9x30 pixels, larger than the model's 8x32 canvases"):
         read_png(tmp_path / "wide.png", 4, largest=(8, 32))
     # each image is checked against the model alone: the batch error named only the padded batch's size
+    from maskattn.tasks.common import write_task
+
     model = tiny_model()  # 4x4 patches, 4 x 12 of them: 16x48 canvases
     assert C.largest_canvas(model) == (16, 48)
+    model_dir = tmp_path / "model"
+    model.save(model_dir, tokenizer=C.build_tokenizer())
+    write_task(model_dir, {"task": "caption", "data": {}})
+    Image.fromarray(np.full((9, 30), 255, np.uint8)).save(tmp_path / "fits.png")  # one canvas of the model's
+    Image.fromarray(np.full((20, 30), 255, np.uint8)).save(tmp_path / "tall.png")  # 20 rows of pixels: 5 patches
+    assert main(["caption", str(model_dir), str(tmp_path / "fits.png")]) == 0
+    assert main(["caption", str(model_dir), str(tmp_path / "fits.png"), str(tmp_path / "tall.png")]) == 2
+    assert re.search(r"tall\.png: 20x30 pixels, larger than the model's 16x48 canvases", capsys.readouterr().err)
 
 
 def test_patch_embedding_names_integer_images_and_another_dtype():
