@@ -125,6 +125,7 @@ def _with_autograd(fn: Callable) -> Callable:
 
     return wrapped
 
+
 def _in_eval_mode(fn: Callable) -> Callable:
     """Run ``fn(module, ...)`` with ``module`` (when an nn.Module) in eval mode, each of its submodules given back
     its own mode after: the checks compare outputs bit for bit, which dropout would move, and an audit must not
