@@ -17,6 +17,7 @@ lengths), so it can
 
 Masks compose with ``&``, ``|`` and ``~``::
 
+    >>> from maskattn.masks import causal, sliding_window
     >>> print((causal() & sliding_window(3)).render(6))
     causal() & sliding_window(3)  [Lq=6, Lk=6]
          k 0 1 2 3 4 5
