@@ -44,3 +44,11 @@ def test_every_exported_name_exists_and_is_documented(package):
         value = getattr(module, name)  # AttributeError names a stale entry
         if inspect.isclass(value) or inspect.isroutine(value) or inspect.ismodule(value):
             assert (value.__doc__ or "").strip(), f"{package}.{name} has no docstring"
+
+
+def test_every_task_entry_point_is_documented():
+    from maskattn.tasks.base import tasks
+
+    for name, task in tasks().items():
+        for entry in (task.train, task.load, task.evaluate_file):
+            assert (entry.__doc__ or "").strip(), f"{name}: {entry.__module__}.{entry.__name__} has no docstring"

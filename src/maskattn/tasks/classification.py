@@ -206,6 +206,8 @@ Classify = partial(Head, method="classify")  # deprecated: Head(model, "classify
 
 
 def train(cfg: ClassificationConfig, *, resume: bool = False, log=log_stderr) -> dict[str, Any]:
+    """Train a text classifier on ``cfg.data.train`` (a labelled TSV/CSV or JSONL); return the last validation
+    scores and the model dir."""
     require(cfg.data, "data", train="a TSV/CSV with a header, or JSONL")
     fields = {"text_field": cfg.data.text_field, "label_field": cfg.data.label_field}
     records = read_labelled(cfg.data.train, **fields)
@@ -293,6 +295,7 @@ def training_batches(directory: str | Path, paths: list[str], max_tokens: int) -
 
 
 def load(directory: str | Path) -> tuple[EncoderModel, Tokenizer, dict[str, Any]]:
+    """A trained classifier, its tokenizer and its task settings (labels, fields, ``max_len``)."""
     return load_task(directory, "classification", EncoderModel)
 
 

@@ -140,6 +140,8 @@ def check_long_enough(stream: Stream, cfg: DataConfig, source: str, *, need: int
 
 
 def train(cfg: LMConfig, *, resume: bool = False, log=log_stderr) -> dict[str, Any]:
+    """Train a decoder-only language model on ``cfg.data.train`` (plain text); return the last validation
+    scores (loss, perplexity) and the model dir."""
     require(cfg.data, "data", train="a plain text file")
     text = read_text(cfg.data.train)
     if cfg.data.valid:
@@ -187,6 +189,7 @@ def train(cfg: LMConfig, *, resume: bool = False, log=log_stderr) -> dict[str, A
 
 
 def load(directory: str | Path) -> tuple[DecoderLM, Tokenizer, dict[str, Any]]:
+    """A trained language model, its tokenizer and its task settings (``block``, ``documents``)."""
     return load_task(directory, "lm", DecoderLM)
 
 

@@ -240,6 +240,8 @@ def without_pooler(model: EncoderModel) -> EncoderModel:
 
 
 def train(cfg: QAConfig, *, resume: bool = False, log=log_stderr) -> dict[str, Any]:
+    """Fine-tune ``cfg.data.pretrained`` (an encoder) with a span head on ``cfg.data.train`` (SQuAD JSON); return
+    the last validation scores and the model dir."""
     require(cfg.data, "data", train="SQuAD JSON", pretrained="an encoder directory")
     examples = read_squad(cfg.data.train)
     valid = not_empty(read_squad(cfg.data.valid), "data.valid", cfg.data.valid, "questions") if cfg.data.valid else None
@@ -297,6 +299,7 @@ def train(cfg: QAConfig, *, resume: bool = False, log=log_stderr) -> dict[str, A
 
 
 def load(directory: str | Path) -> tuple[EncoderModel, Tokenizer, dict[str, Any]]:
+    """A trained QA model, its tokenizer and its task settings (``max_len``, ``stride``, ``max_answer``)."""
     return load_task(directory, "qa", EncoderModel)
 
 
