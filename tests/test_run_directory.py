@@ -12,7 +12,7 @@ import torch
 from maskattn import checkpoint
 from maskattn.cli import main
 from maskattn.errors import RunDirectoryError
-from maskattn.training import clear_run_directory, prepare_run_directory
+from maskattn.run_directory import clear_run_directory, prepare_run_directory
 
 
 def lm_args(tmp_path, out, *extra):
@@ -151,7 +151,7 @@ def test_sigterm_before_the_first_checkpoint_puts_the_old_run_back(tmp_path, cap
     import os
     import signal
 
-    from maskattn.training import replacing_run, run_lock
+    from maskattn.run_directory import replacing_run, run_lock
 
     out = tmp_path / "run"
     assert main(lm_args(tmp_path, out)) == 0
@@ -184,7 +184,7 @@ def test_resume_with_other_model_settings_is_one_line_naming_the_setting(tmp_pat
 def test_a_checkpoint_without_its_run_settings_is_still_checked_by_its_weights(tmp_path, capsys, monkeypatch):
     # checkpoints written before session twenty-one keep no "run": load_state_dict's error, in one line
     monkeypatch.setattr(checkpoint, "read_entry", lambda path, key: None)
-    monkeypatch.setattr("maskattn.training.check_same_run", lambda *args: None)
+    monkeypatch.setattr("maskattn.training.check_same_run", lambda *args: None)  # the name Trainer.resume calls
     out = tmp_path / "run"
     assert main(lm_args(tmp_path, out, "--set", "train.steps=2")) == 0
     capsys.readouterr()
@@ -235,14 +235,14 @@ def test_overwrite_refuses_a_directory_of_dot_files_that_no_run_wrote(tmp_path, 
     assert "will not clear" in err and ".bashrc" in err and ".ssh" in err
     assert (home / ".ssh" / "id_ed25519").read_text() == "secret" and (home / ".bashrc").read_text() == "x"
     # what an atomic write of the run's own files leaves behind is still the run's
-    from maskattn.training import _run_entry
+    from maskattn.run_directory import _run_entry
     assert _run_entry(".metrics.jsonl.4242.tmp") and _run_entry(".model.k2j3h4") and _run_entry(".best.x")
     assert not _run_entry(".bashrc") and not _run_entry(".modelling") and not _run_entry(".ssh")
 
 
 def test_a_directory_a_run_trains_in_is_refused_to_a_second_process(tmp_path, capsys):
     # a --resume started while the first run trained was accepted: two processes interleaved one log
-    from maskattn.training import run_lock
+    from maskattn.run_directory import run_lock
 
     out = tmp_path / "run"
     with run_lock(out):  # this process stands for the run still training (flock: a second open file conflicts)
@@ -276,13 +276,13 @@ def test_a_file_system_that_cannot_lock_a_directory_trains_unlocked_with_a_warni
     import errno
     import logging
 
-    from maskattn import training
+    from maskattn import run_directory
 
     def refuses(fd, operation):
         raise OSError(errno.EBADF, "Bad file descriptor")
 
-    monkeypatch.setattr(training.fcntl, "flock", refuses)
-    with caplog.at_level(logging.WARNING, logger="maskattn"), training.run_lock(tmp_path / "run"):
+    monkeypatch.setattr(run_directory.fcntl, "flock", refuses)
+    with caplog.at_level(logging.WARNING, logger="maskattn"), run_directory.run_lock(tmp_path / "run"):
         (tmp_path / "run" / "metrics.jsonl").write_text("")
     assert "cannot be locked on this file system" in caplog.text
 
@@ -294,7 +294,7 @@ def test_under_torchrun_every_rank_hears_rank_zeros_refusal(tmp_path):
     import subprocess
     import sys
 
-    from maskattn.training import run_lock
+    from maskattn.run_directory import run_lock
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "-m",
@@ -322,3 +322,12 @@ def test_a_resume_that_finds_no_checkpoint_says_it_trains_from_step_0(tmp_path, 
     assert main(lm_args(tmp_path, out, "--resume", "--set", "train.steps=6")) == 0
     err = capsys.readouterr().err
     assert "resumed from step 4" in err and "no checkpoint" not in err
+
+
+def test_the_run_directory_names_are_still_importable_from_training():
+    # they lived in maskattn.training before run_directory.py: code that imports them from there gets the same objects
+    from maskattn import run_directory, training
+
+    for name in ("RUN_ENTRIES", "RUN_FILE_PATTERN", "check_run_directory", "check_same_run", "clear_run_directory",
+                 "discard_replaced_run", "prepare_run_directory", "replacing_run", "run_lock"):
+        assert getattr(training, name) is getattr(run_directory, name), name
