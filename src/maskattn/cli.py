@@ -500,8 +500,8 @@ def _train(args: argparse.Namespace) -> int:
     from maskattn.checkpoint import CheckpointError
     from maskattn.errors import RunDirectoryError
     from maskattn.plotting import plot_curves
+    from maskattn.run_directory import check_run_directory, replacing_run, run_lock
     from maskattn.tasks.common import refuse_derived
-    from maskattn.training import check_run_directory, replacing_run, run_lock
 
     task = tasks()[args.task]
     assignments = list(args.set)

@@ -16,8 +16,9 @@ from maskattn import metrics
 from maskattn.data import pad
 from maskattn.models import TransformerConfig
 from maskattn.plotting import plot_curves
+from maskattn.run_directory import prepare_run_directory
 from maskattn.tasks import dates, translation
-from maskattn.training import TrainConfig, prepare_run_directory
+from maskattn.training import TrainConfig
 from maskattn.viz import capture_attention, head_grid, heatmap
 
 
@@ -39,7 +40,7 @@ def demo_config(out: str, steps: int, seed: int) -> translation.TranslationConfi
 def run(out: str = "runs/demo", steps: int = 2000, seed: int = 0, resume: bool = False,
         overwrite: bool = False) -> dict[str, Any]:
     """Train and report; ``resume`` continues the run in ``out``, ``overwrite`` deletes it first (a
-    directory that is not empty needs one of them, see :func:`maskattn.training.prepare_run_directory`)."""
+    directory that is not empty needs one of them, see :func:`maskattn.run_directory.prepare_run_directory`)."""
     start = time.perf_counter()
     prepare_run_directory(out, resume=resume, overwrite=overwrite)
     train_pairs, valid_pairs, test_pairs = dates.splits(seed=seed)

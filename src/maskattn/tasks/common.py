@@ -23,8 +23,9 @@ from maskattn.data import DataError
 from maskattn.errors import RunDirectoryError, SettingError, UsageError
 from maskattn.io import FormatError, add_to_manifest, atomic_write_text, read_json_object, verify_manifest
 from maskattn.models.persistence import refuse_run_directory
+from maskattn.run_directory import check_same_run, prepare_run_directory
 from maskattn.tokenization import Tokenizer
-from maskattn.training import TrainConfig, Trainer, check_same_run, prepare_run_directory
+from maskattn.training import TrainConfig, Trainer
 
 TASK_FILE = "task.json"
 
@@ -209,7 +210,7 @@ def begin_run(cfg: Any, *, resume: bool, tokenizer: Callable[[], Tokenizer],
     """The run directory ``cfg.out`` and its tokenizer (built by ``tokenizer``, or reloaded on resume),
     with torch seeded from ``cfg.train.seed`` so that the model built next is the same on every rank.
 
-    The run directory is checked first (:func:`maskattn.training.prepare_run_directory`): a directory
+    The run directory is checked first (:func:`maskattn.run_directory.prepare_run_directory`): a directory
     that is not empty is used only with ``resume`` (or cleared first with ``overwrite``), and a resume of
     a run of another ``task`` is refused before its tokenizer is read.
     """
