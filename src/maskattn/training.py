@@ -621,7 +621,7 @@ class Trainer:
             raise RunDirectoryError(
                 f"{self.out_dir} holds checkpoints of another run ({names}): "
                 "call resume() to continue it, or train into an empty directory "
-                "(maskattn.training.clear_run_directory clears a run directory)")
+                "(maskattn.run_directory.clear_run_directory clears a run directory)")
 
     def _trim_log(self) -> None:
         """Keep the log lines of steps up to the current one (none for a new run).
