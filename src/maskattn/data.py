@@ -15,7 +15,7 @@ import io
 import json
 import random
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,11 +179,13 @@ def read_squad(path: str | Path, *, check_spans: bool = True, require_answers: b
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
         raise DataError(f"{path}:1: expected SQuAD JSON with a top-level 'data' list")
 
-    def where(qid: object, at: str) -> str:  # the line of a question id (if found) and the record's position
-        found = -1
-        if isinstance(qid, str):  # written with or without \u escapes
-            found = max(raw.find(json.dumps(qid)), raw.find(json.dumps(qid, ensure_ascii=False)))
-        return f"{path}:{raw.count(chr(10), 0, found) + 1 if found >= 0 else 1}: {at}"
+    def where(qid: object, at: str) -> Callable[[], str]:  # the line of a question id (if found) and the position
+        def place() -> str:  # called for an error only: a search of the whole file per question was quadratic
+            found = -1
+            if isinstance(qid, str):  # written with or without \u escapes
+                found = max(raw.find(json.dumps(qid)), raw.find(json.dumps(qid, ensure_ascii=False)))
+            return f"{path}:{raw.count(chr(10), 0, found) + 1 if found >= 0 else 1}: {at}"
+        return place
 
     examples = []
     for a, article in enumerate(doc["data"]):
@@ -202,17 +204,17 @@ def read_squad(path: str | Path, *, check_spans: bool = True, require_answers: b
                 question = _squad_field(qa, "question", str, here)
                 answers = []
                 for n, ans in enumerate(_squad_field(qa, "answers", list, here, default=[])):
-                    spot = f"{here}, answers[{n}]"
+                    spot = where(qid, f"{at} (question {qid!r}), answers[{n}]")
                     ans = _squad_field({"answer": ans}, "answer", dict, spot)
                     text, start = _squad_field(ans, "text", str, spot), _squad_field(ans, "answer_start", int, spot)
                     if check_spans and not (0 <= start <= len(context) - len(text)
                                             and context[start : start + len(text)] == text):
                         found = context[max(0, start) : max(0, start) + len(text)]
-                        raise DataError(f"{spot}: field 'answer_start': answer {text!r} is not at character {start} "
+                        raise DataError(f"{spot()}: field 'answer_start': answer {text!r} is not at character {start} "
                                         f"of its context of {len(context)} characters (found {found!r})")
                     answers.append((text, start))
                 if require_answers and not answers:
-                    raise DataError(f"{here}: field 'answers': no answer to score against (evaluation needs "
+                    raise DataError(f"{here()}: field 'answers': no answer to score against (evaluation needs "
                                     "SQuAD v1.1 answers)")
                 examples.append(QAExample(qid, question, context, tuple(answers), title))
     return examples
@@ -221,15 +223,15 @@ def read_squad(path: str | Path, *, check_spans: bool = True, require_answers: b
 _MISSING = object()
 
 
-def _squad_field(record: dict, name: str, kind: type, where: str, default: object = _MISSING):
-    """``record[name]`` if it is a ``kind`` (bool is not an int); else DataError naming ``where`` and the field."""
+def _squad_field(record: dict, name: str, kind: type, where: Callable[[], str], default: object = _MISSING):
+    """``record[name]`` if it is a ``kind`` (bool is not an int); else DataError naming ``where()`` and the field."""
     if name not in record:
         if default is not _MISSING:
             return default
-        raise DataError(f"{where}: field {name!r} is missing")
+        raise DataError(f"{where()}: field {name!r} is missing")
     value = record[name]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise DataError(f"{where}: field {name!r} must be a JSON {_JSON_TYPES[kind]}, got "
+        raise DataError(f"{where()}: field {name!r} must be a JSON {_JSON_TYPES[kind]}, got "
                         f"{type(value).__name__} {str(value)[:40]!r}")
     return value
 
