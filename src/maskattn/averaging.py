@@ -12,7 +12,8 @@ mean often scores better than each of them. They must share the config, tokenize
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -29,32 +30,38 @@ from maskattn.tokenization import Tokenizer
 CHECKPOINTS = "checkpoints"  # where the Trainer writes a run's step checkpoints
 
 
-def average_states(states: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+def average_states(states: Iterable[dict[str, Tensor]]) -> dict[str, Tensor]:
     """The element-wise mean of state dicts with the same keys and shapes (accumulated in float64).
 
-    Integer tensors (step counters, buffers of ids) must agree across states and are kept as they are.
+    Read one state at a time, into a running sum: given an iterator (checkpoints loaded as it is read), memory
+    holds the sum and one state, not all of them. Integer tensors (step counters, buffers of ids) must agree
+    across states and are kept as they are.
     """
-    if not states:
-        raise ValueError("average_states needs at least one state dict, got none")
-    keys = set(states[0])
-    for i, state in enumerate(states[1:], start=1):
-        if set(state) != keys:
+    first: dict[str, tuple[torch.Size, torch.dtype]] = {}
+    sums: dict[str, Tensor] = {}  # float64 running sums, and the integer tensors of state 0
+    count = 0
+    for i, state in enumerate(states):
+        if i == 0:
+            first = {key: (value.shape, value.dtype) for key, value in state.items()}
+            sums = {key: value.to(torch.float64, copy=True) if value.is_floating_point() else value.clone()
+                    for key, value in state.items()}
+        elif set(state) != set(first):
             raise ValueError(f"state {i} has different keys from state 0: "
-                             f"{sorted(keys ^ set(state))[:5]} differ")
-    out = {}
-    for key, first in states[0].items():
-        for i, state in enumerate(states[1:], start=1):
-            if state[key].shape != first.shape:
-                raise ValueError(f"{key}: state {i} has shape {tuple(state[key].shape)}, "
-                                 f"state 0 has {tuple(first.shape)}")
-        if first.is_floating_point():
-            total = torch.stack([s[key].double() for s in states]).sum(dim=0)
-            out[key] = (total / len(states)).to(first.dtype)
+                             f"{sorted(set(first) ^ set(state))[:5]} differ")
         else:
-            if any(not torch.equal(s[key], first) for s in states[1:]):
-                raise ValueError(f"{key}: integer tensor differs between checkpoints; it cannot be averaged")
-            out[key] = first.clone()
-    return out
+            for key, (shape, dtype) in first.items():
+                value = state[key]
+                if value.shape != shape:
+                    raise ValueError(f"{key}: state {i} has shape {tuple(value.shape)}, state 0 has {tuple(shape)}")
+                if dtype.is_floating_point:
+                    sums[key] += value.double()
+                elif not torch.equal(value, sums[key]):
+                    raise ValueError(f"{key}: integer tensor differs between checkpoints; it cannot be averaged")
+        count = i + 1
+    if not count:
+        raise ValueError("average_states needs at least one state dict, got none")
+    return {key: (sums[key] / count).to(dtype) if dtype.is_floating_point else sums[key]
+            for key, (_, dtype) in first.items()}
 
 
 def _match_keys(state: dict[str, Tensor], wanted: set[str], where: Path) -> dict[str, Tensor]:
@@ -101,7 +108,7 @@ def average_run(run: str | Path, last: int, out: str | Path) -> Path:
     model = load(model_dir)
     wanted = set(model.state_dict())
     chosen = found[-last:]
-    states = [_match_keys(checkpoint.load(p)["model"], wanted, p) for p in chosen]
+    states = (_match_keys(checkpoint.load(p)["model"], wanted, p) for p in chosen)  # loaded one at a time
     model.load_state_dict(average_states(states))
     save(model, out, tokenizer=Tokenizer.load(model_dir).backend)
     write_task(out, read_task(model_dir))
@@ -151,7 +158,7 @@ def average_models(directories: Sequence[str | Path], out: str | Path) -> Path:
                 raise ValueError(f"models: {d / name} differs from {first / name}; only models of one architecture, "
                                  "tokenizer and task can be averaged")
     model = load(first)
-    model.load_state_dict(average_states([model.state_dict(), *(load(d).state_dict() for d in dirs[1:])]))
+    model.load_state_dict(average_states(chain([model.state_dict()], (load(d).state_dict() for d in dirs[1:]))))
     save(model, out, tokenizer=Tokenizer.load(first).backend)
     write_task(out, read_task(first))
     return out
