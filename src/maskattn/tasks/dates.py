@@ -51,6 +51,7 @@ def splits(train: int = 30000, valid: int = 500, test: int = 1000, seed: int = 0
     test_pairs = pool[:test]
     valid_pairs = pool[test : test + valid]
     held = {iso for _, iso in pool[: test + valid]}
-    valid_pairs = [p for p in valid_pairs if p[1] not in {iso for _, iso in test_pairs}]
+    tested = {iso for _, iso in test_pairs}  # once (built per validation pair, the split grew as valid x test)
+    valid_pairs = [p for p in valid_pairs if p[1] not in tested]
     train_pairs = [p for p in pool[test + valid :] if p[1] not in held][:train]
     return train_pairs, valid_pairs, test_pairs
