@@ -195,7 +195,8 @@ def score(predicted: Sequence[str], gold: Sequence[str]) -> dict[str, float]:
 
 def unseen_labels(labels: Sequence[str], gold: Sequence[str], source: str) -> int:
     """How many of ``gold`` are not among the model's ``labels`` (always scored wrong); warns naming them."""
-    unseen = [label for label in gold if label not in set(labels)]
+    known = set(labels)  # once (built per example, the check grew as examples x labels)
+    unseen = [label for label in gold if label not in known]
     if unseen:
         logger.warning(f"{source}: {len(unseen)} of {len(gold)} examples have labels the model was not trained on "
                        f"({sorted(set(unseen))[:8]}; it knows {list(labels)[:8]}): they are scored as wrong")
