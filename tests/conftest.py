@@ -45,3 +45,18 @@ def _forced_backend(monkeypatch):
                       generator=generator, return_lse=return_lse)
 
     monkeypatch.setattr(dispatch, "choose_backend", forced)
+
+
+@pytest.fixture
+def counted_str():
+    """A ``str`` subclass that counts its hashes (``counted_str.hashes``): set and dict work done on its values,
+    for tests that assert an operation is done once, not once per row."""
+
+    class Counted(str):
+        hashes = 0
+
+        def __hash__(self):
+            Counted.hashes += 1
+            return super().__hash__()
+
+    return Counted

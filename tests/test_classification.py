@@ -248,19 +248,11 @@ def test_an_ensemble_averages_its_members_class_probabilities(tmp_path, capsys, 
         classification.evaluate_file(members[0], str(test), ensemble=str(members[1]))
 
 
-def test_unseen_labels_hashes_each_label_a_bounded_number_of_times():
+def test_unseen_labels_hashes_each_label_a_bounded_number_of_times(counted_str):
     # The set of the model's labels was built again for every example: work grew as examples x labels
     from maskattn.tasks import classification
 
-    hashes = 0
-
-    class Label(str):
-        def __hash__(self):
-            nonlocal hashes
-            hashes += 1
-            return super().__hash__()
-
-    labels = [Label(f"l{i}") for i in range(50)]
+    labels = [counted_str(f"l{i}") for i in range(50)]
     gold = [f"l{i % 60}" for i in range(600)]  # l50..l59: 10 unseen labels, 100 examples
     assert classification.unseen_labels(labels, gold, "x") == 100
-    assert hashes <= 2 * len(labels)  # the model's labels hashed once, not once per example
+    assert counted_str.hashes <= 2 * len(labels)  # the model's labels hashed once, not once per example

@@ -26,21 +26,13 @@ def test_held_out_dates_never_seen_in_training():
     assert not iso[0] & iso[1] and not iso[0] & iso[2] and not iso[1] & iso[2]
 
 
-def test_splits_hash_each_date_a_bounded_number_of_times(monkeypatch):
+def test_splits_hash_each_date_a_bounded_number_of_times(monkeypatch, counted_str):
     # The test split's set of dates was built again for every validation pair: work grew as valid x test
     # (valid=test=4,000 took 1.7 s, 4 times 2,000's). Counted as hashes of the generated dates.
-    hashes = 0
-
-    class Iso(str):
-        def __hash__(self):
-            nonlocal hashes
-            hashes += 1
-            return super().__hash__()
-
     generate = dates.generate
-    monkeypatch.setattr(dates, "generate", lambda n, seed: [(t, Iso(i)) for t, i in generate(n, seed)])
+    monkeypatch.setattr(dates, "generate", lambda n, seed: [(t, counted_str(i)) for t, i in generate(n, seed)])
     train, valid, test = dates.splits(train=200, valid=300, test=300, seed=3)
-    assert hashes <= 10 * (200 + 3 * (300 + 300))  # a few per generated pair, not one per (valid, test) pair
+    assert counted_str.hashes <= 10 * (200 + 3 * (300 + 300))  # a few per pair, not one per (valid, test) pair
     held = {iso for _, iso in test}  # the splits are those of the definition
     assert valid and not any(iso in held for _, iso in valid)
     assert not any(iso in held or iso in {v for _, v in valid} for _, iso in train)
