@@ -71,3 +71,15 @@ def test_explain_names_its_own_block_argument():
         with pytest.raises(ValueError, match=rf"block must be a positive int \(the tile side\), got {block!r}"):
             maskattn.explain(q, k, v, masks.causal(), block=block)
     assert "empty 64x64 tiles" in maskattn.explain(q, k, v, masks.causal(), block=64).mask
+
+
+@pytest.mark.parametrize("mask", [~masks.causal(), masks.padding([0, 8]), masks.causal() & masks.padding([3, 0]),
+                                  torch.tensor([True, False, False, True]).view(1, 4, 1, 1).expand(1, 4, 8, 8)])
+def test_explain_counts_the_fully_masked_rows_of_the_call(mask):
+    # the count was the mask's own (B|1 x H|1 x Lq): "1 fully masked row(s)" for ~causal() on a call of 2 x 4 heads
+    q, k, v = torch.randn(2, 4, 8, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)
+    dense = masks.as_mask(mask).to_dense(8, 8).expand(2, 4, 8, 8)  # (B, H, Lq, Lk)
+    out = maskattn.attention(q, k, v, mask)
+    empty = int((~dense.any(-1)).sum())
+    assert empty == int((out == 0).all(-1).sum()) > 0  # the rows that output zeros
+    assert f"{empty} fully masked row(s)" in maskattn.explain(q, k, v, mask).mask

@@ -50,7 +50,8 @@ def explain(q: Tensor, k: Tensor, v: Tensor, mask: Mask | Tensor | None = None, 
     else:
         st = mask.stats(lq, lk, block_q=block, block_k=block, q_offset=q_offset, head_dim=d)
         kept = round(dense * (1 - st.skipped_fraction))
-        described = (f"{mask!r}: density {100 * st.density:.2f}%, {st.empty_rows} fully masked row(s), "
+        empty = st.empty_rows * (b // mask.batch) * (h // mask.heads)  # stats counts the mask's own B|1 x H|1
+        described = (f"{mask!r}: density {100 * st.density:.2f}%, {empty} fully masked row(s), "
                      f"{100 * st.skipped_fraction:.1f}% of the scores in empty {block}x{block} tiles")
     costs: dict[str, str] = {}
     request = Call(q, k, mask, q_offset=q_offset, dropout_p=dropout_p, return_weights=return_weights,
