@@ -33,7 +33,8 @@ def test_costs_follow_the_mask_structure():
     flops = {name: float(text.split()[0]) for name, text in window.costs.items() if "GFLOP" in text}
     # the window keeps 2 of 8 key tiles per query tile (plus the diagonal): blocked does a fraction of the work
     assert flops["blocked"] < 0.3 * flops["reference"]
-    assert "mask tensor" in window.costs["sdpa"]
+    assert "band calls, no Lq x Lk mask" in window.costs["sdpa"]  # sdpa runs a window in chunks
+    assert "mask tensor" in maskattn.explain(q, k, v, masks.causal() & ~masks.sliding_window(128)).costs["sdpa"]
     weights = maskattn.explain(q, k, v, masks.causal(), return_weights=True)
     assert weights.backend == "reference" and "cannot run" in weights.costs["blocked"]
     seeded = maskattn.explain(q, k, v, masks.causal(), dropout_p=0.1, generator=torch.Generator())
@@ -83,3 +84,33 @@ def test_explain_counts_the_fully_masked_rows_of_the_call(mask):
     empty = int((~dense.any(-1)).sum())
     assert empty == int((out == 0).all(-1).sum()) > 0  # the rows that output zeros
     assert f"{empty} fully masked row(s)" in maskattn.explain(q, k, v, mask).mask
+
+
+@pytest.mark.parametrize("mask,scores", [
+    (masks.causal() & masks.sliding_window(64), 4 * 2 * 64 * 64 * (2 * 16 - 1)),  # band calls: W x W, then W x 2W
+    (masks.causal() & ~masks.sliding_window(64), 4 * 2 * 1024 * 1024),  # one (1, 1, Lq, Lk) mask for the batch
+    (torch.rand(1, 2, 1024, 1024, generator=torch.Generator().manual_seed(0)) > 0.5, 4 * 2 * 1024 * 1024),  # per head
+])
+def test_explain_counts_the_scores_and_mask_bytes_sdpa_runs(mask, scores, monkeypatch):
+    # sdpa's line said "8,388,608 scores, needs a 4.2 MB Lq x Lk mask tensor" of all three: B x Lq x Lk bytes
+    # whatever the mask's own batch and heads, and neither the scores nor the mask of the band calls
+    from maskattn.backends import sdpa
+
+    q, k, v = torch.randn(4, 2, 1024, 16), torch.randn(4, 2, 1024, 16), torch.randn(4, 2, 1024, 16)
+    seen, run = {"scores": 0, "mask": 0}, torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        seen["scores"] += q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+        seen["mask"] = max(seen["mask"], 0 if attn_mask is None else attn_mask.numel() * attn_mask.element_size())
+        return run(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(sdpa.F, "scaled_dot_product_attention", spy)
+    maskattn.attention(q, k, v, mask, backend="sdpa")
+    monkeypatch.undo()
+    assert seen["scores"] == scores
+    said = maskattn.explain(q, k, v, mask).costs["sdpa"]
+    assert f"({scores:,} scores)" in said
+    if seen["mask"] < 1e5:
+        assert "mask tensor" not in said
+    else:
+        assert f"needs a {seen['mask'] / 1e6:.1f} MB" in said

@@ -230,13 +230,19 @@ def fast_path(call: Call) -> str | None:
 
 
 def _cost(call: Call, kept: int) -> tuple[int, str]:
-    batch, _, q_len, _ = call.q.shape
+    batch, heads, q_len, _ = call.q.shape
     k_len = call.k.shape[2]
+    window = band(call.mask, q_len, k_len, call.q_offset)
+    if window is not None:  # _banded: a W x W causal call, then W queries x 2W keys for each later chunk
+        return batch * heads * window * window * (2 * -(-q_len // window) - 1), "band calls, no Lq x Lk mask"
     split = segments(call.mask, q_len, k_len, call.q_offset, batch) is not None  # one call per document
     cheap = split or cheap_mask(call.mask, q_len, k_len, call.q_offset)
     causal = structure(call.mask).kinds == ("causal",)  # is_causal: the kernel skips blocks above the diagonal
     entries = kept if causal or split else call.scores
-    return entries, "" if cheap else f"needs a {batch * q_len * k_len / 1e6:.1f} MB Lq x Lk mask tensor"
+    if cheap:
+        return entries, ""
+    size = call.mask.batch * call.mask.heads * q_len * k_len  # bool (B|1, H|1, Lq, Lk), as to_dense builds it
+    return entries, f"needs a {size / 1e6:.1f} MB Lq x Lk mask tensor"
 
 
 BACKEND = Backend("sdpa", attention, refuses=_refuses, cost=_cost, fast_path=fast_path)
