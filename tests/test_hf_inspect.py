@@ -358,3 +358,15 @@ def test_hf_commands_refuse_an_encoder_decoder_directory_in_one_line(tmp_path, c
                  str(data)], ["generate", "--prompt", "the "]):
         assert main([args[0], str(tmp_path / "bart"), *args[1:]]) == 2, args
         assert "an encoder-decoder model (bart); maskattn's commands run" in capsys.readouterr().err, args
+
+
+def test_viz_of_an_hf_directory_names_an_out_that_is_a_file_as_for_maskattn_models(hf_dirs, tmp_path, capsys):
+    # a maskattn model said "viz --out F: a file, expected a directory"; an HF directory loaded the model, ran it,
+    # then "[Errno 17] File exists: 'F'" (and a path under a file "[Errno 20] Not a directory")
+    taken = tmp_path / "taken.png"
+    taken.write_bytes(b"x")
+    for out, said in ((taken, "a file"), (taken / "viz", f"{taken} is a file")):
+        assert main(["viz", hf_dirs["gpt2"], "--input", "the cat", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err == f"maskattn viz: viz --out {out}: {said}, expected a directory to write the pictures into"
+    assert taken.read_bytes() == b"x"

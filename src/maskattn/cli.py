@@ -589,10 +589,9 @@ def _viz(args: argparse.Namespace) -> int:
     from maskattn.models import load
     from maskattn.tasks.common import TASK_FILE, read_task
     from maskattn.tokenization import Tokenizer
-    from maskattn.viz import replace_earlier_pictures, visualize
+    from maskattn.viz import check_out_directory, replace_earlier_pictures, visualize
 
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(f"viz --out {args.out}: a file, expected a directory to write the pictures into")
+    check_out_directory(args.out)
     trained = (Path(args.model) / TASK_FILE).is_file()
     task = tasks().get(read_task(args.model).get("task")) if trained else None
     if task is not None and task.visualize is not None:  # a task with pictures of its own (caption: overlays)

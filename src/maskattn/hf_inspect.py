@@ -286,8 +286,9 @@ class _Tokens:
 
 
 def _viz(args: argparse.Namespace) -> int:
-    from maskattn.viz import replace_earlier_pictures, visualize
+    from maskattn.viz import check_out_directory, replace_earlier_pictures, visualize
 
+    check_out_directory(args.out)
     model, tokenizer = load(args.model)
     if not tokenizer(args.input)["input_ids"]:
         raise UsageError(f"--input: {args.input!r} is no token for {type(model).__name__}; give some text")

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from maskattn.dispatch import attention
+from maskattn.errors import UsageError
 from maskattn.layers import MultiHeadAttention
 from maskattn.models import AttentionObserver, inspectable
 from maskattn.plotting import save_figure
@@ -303,6 +304,14 @@ def visualize(model: nn.Module, tokenizer, text: str, out_dir: str | Path, *, ta
 
 
 WRITTEN = "viz.json"  # the files the last viz wrote into its directory
+
+
+def check_out_directory(out_dir: str | Path) -> None:
+    """UsageError naming ``viz --out`` when it, or a folder above it, is a file (before any model is loaded)."""
+    for path in (Path(out_dir), *Path(out_dir).parents):
+        if path.exists() and not path.is_dir():
+            where = "a file" if path == Path(out_dir) else f"{path} is a file"
+            raise UsageError(f"viz --out {out_dir}: {where}, expected a directory to write the pictures into")
 
 
 def replace_earlier_pictures(out_dir: str | Path, written: Sequence[Path]) -> None:
