@@ -90,10 +90,12 @@ def test_explain_counts_the_fully_masked_rows_of_the_call(mask):
     (masks.causal() & masks.sliding_window(64), 4 * 2 * 64 * 64 * (2 * 16 - 1)),  # band calls: W x W, then W x 2W
     (masks.causal() & ~masks.sliding_window(64), 4 * 2 * 1024 * 1024),  # one (1, 1, Lq, Lk) mask for the batch
     (torch.rand(1, 2, 1024, 1024, generator=torch.Generator().manual_seed(0)) > 0.5, 4 * 2 * 1024 * 1024),  # per head
+    (masks.document(torch.tensor([[0] * 300 + [1] * 300 + [2] * 424])), 4 * 2 * (300**2 + 300**2 + 424**2)),  # per doc
 ])
 def test_explain_counts_the_scores_and_mask_bytes_sdpa_runs(mask, scores, monkeypatch):
     # sdpa's line said "8,388,608 scores, needs a 4.2 MB Lq x Lk mask tensor" of all three: B x Lq x Lk bytes
-    # whatever the mask's own batch and heads, and neither the scores nor the mask of the band calls
+    # whatever the mask's own batch and heads, and neither the scores nor the mask of the band calls; documents
+    # (one call each) were counted by 128 x 128 tiles
     from maskattn.backends import sdpa
 
     q, k, v = torch.randn(4, 2, 1024, 16), torch.randn(4, 2, 1024, 16), torch.randn(4, 2, 1024, 16)

@@ -235,10 +235,14 @@ def _cost(call: Call, kept: int) -> tuple[int, str]:
     window = band(call.mask, q_len, k_len, call.q_offset)
     if window is not None:  # _banded: a W x W causal call, then W queries x 2W keys for each later chunk
         return batch * heads * window * window * (2 * -(-q_len // window) - 1), "band calls, no Lq x Lk mask"
-    split = segments(call.mask, q_len, k_len, call.q_offset, batch) is not None  # one call per document
-    cheap = split or cheap_mask(call.mask, q_len, k_len, call.q_offset)
+    split = segments(call.mask, q_len, k_len, call.q_offset, batch)  # one call per document
+    cheap = split is not None or cheap_mask(call.mask, q_len, k_len, call.q_offset)
     causal = structure(call.mask).kinds == ("causal",)  # is_causal: the kernel skips blocks above the diagonal
-    entries = kept if causal or split else call.scores
+    if split is not None and not split[1]:  # each document's call computes its n x n scores
+        runs = split[0]
+        entries = heads * (batch if len(runs) == 1 else 1) * sum((hi - lo) ** 2 for spans in runs for lo, hi in spans)
+    else:
+        entries = kept if causal or split is not None else call.scores
     if cheap:
         return entries, ""
     size = call.mask.batch * call.mask.heads * q_len * k_len  # bool (B|1, H|1, Lq, Lk), as to_dense builds it
