@@ -28,7 +28,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from maskattn.errors import TrainingError
-from maskattn.io import FormatError, atomic_directory, read_json_object, sha256, verify_manifest, write_manifest
+from maskattn.io import (
+    FormatError,
+    atomic_directory,
+    manifest_files,
+    read_json_object,
+    sha256,
+    verify_manifest,
+    write_manifest,
+)
 
 TENSORS, STATE = "tensors.safetensors", "state.json"
 FORMAT = "maskattn-checkpoint-1"
@@ -161,13 +169,15 @@ def load(path: str | Path) -> dict[str, Any]:
         if not p.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {p.name} is missing")
     try:
-        verify_manifest(path, [STATE, TENSORS])  # none in checkpoints written before manifests: the checks below
+        listed = verify_manifest(path, [STATE, TENSORS])  # none in checkpoints written before manifests
         meta = read_json_object(meta_path)
+        # the manifest has just hashed the tensor file: its hash is the file's, and reading it again would double
+        # every load's reads; a checkpoint without a manifest is hashed here
+        actual = manifest_files(path)[TENSORS] if listed else sha256(tensor_path)
     except FormatError as e:
         raise CheckpointError(f"checkpoint {path} is corrupt: {e}. {_earlier(path)}") from e
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
-    actual = sha256(tensor_path)
     if actual != meta.get("sha256"):
         raise CheckpointError(
             f"checkpoint {path} is corrupt: {TENSORS} has SHA-256 {actual[:12]}..., expected "
