@@ -212,6 +212,33 @@ def test_evaluate_writes_its_hypotheses_over_no_input(tiny_translator, tmp_path,
     assert "--max-answer: not read when evaluating a translation model (its flags: " in capsys.readouterr().err
 
 
+def test_evaluate_computes_bleu_and_chrf_once_each_and_gives_sacrebleus_own_numbers(tiny_translator, tmp_path,
+                                                                                       capsys, monkeypatch):
+    # evaluate scored BLEU and chrF for the numbers, then again for their signatures
+    import subprocess
+    import sys
+
+    from sacrebleu.metrics.base import Metric
+
+    src, ref = tmp_path / "va.de", tmp_path / "va.en"
+    src.write_text("abc\ncab\nbca\naab\n")
+    ref.write_text("cba\nbac\nacb\nbaa\n")
+    scored = []
+    real = Metric.corpus_score
+    monkeypatch.setattr(Metric, "corpus_score", lambda self, *a, **k: scored.append(type(self).__name__)
+                        or real(self, *a, **k))
+    hyps = tmp_path / "hyps.txt"
+    assert main(["evaluate", str(tiny_translator), "--data", str(src), "--ref", str(ref),
+                 "--hypotheses", str(hyps)]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert sorted(scored) == ["BLEU", "CHRF"]
+    # the oracle: sacrebleu's command line on the hypotheses file
+    cli = json.loads(subprocess.run([sys.executable, "-m", "sacrebleu", str(ref), "-i", str(hyps), "-m", "bleu",
+                                     "chrf", "-w", "12"], capture_output=True, text=True, check=True).stdout)
+    assert [found["bleu"], found["chrf"]] == pytest.approx([m["score"] for m in cli], abs=1e-9)
+    assert [found["bleu_signature"], found["chrf_signature"]] == [m["signature"] for m in cli]
+
+
 @pytest.mark.parametrize("beam", [1, 3])
 def test_a_sentence_translates_the_same_whatever_shares_its_batch(tiny_translator, beam):
     # The new-token limit was the batch's longest sentence's: a short sentence batched with a long one ran

@@ -27,18 +27,25 @@ def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     return sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score
 
 
-def sacrebleu_signatures(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, str]:
-    """sacreBLEU's signatures of :func:`bleu` and :func:`chrf` (what to print beside the scores so that
-    others can reproduce them), e.g. ``nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.4.3``."""
+def sacrebleu_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float | str]:
+    """:func:`bleu` and :func:`chrf` with sacreBLEU's signatures, each score computed once:
+    ``{"bleu", "chrf", "bleu_signature", "chrf_signature"}``."""
     from sacrebleu.metrics import BLEU, CHRF
 
     _same_length(hypotheses, references)
     _some(hypotheses, references)
-    signatures = {}
-    for name, metric in (("bleu_signature", BLEU()), ("chrf_signature", CHRF())):
-        metric.corpus_score(list(hypotheses), [list(references)])
-        signatures[name] = str(metric.get_signature())
-    return signatures
+    found: dict[str, float | str] = {}
+    for name, metric in (("bleu", BLEU()), ("chrf", CHRF())):
+        found[name] = metric.corpus_score(list(hypotheses), [list(references)]).score
+        found[f"{name}_signature"] = str(metric.get_signature())
+    return found
+
+
+def sacrebleu_signatures(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, str]:
+    """sacreBLEU's signatures of :func:`bleu` and :func:`chrf` (what to print beside the scores so that
+    others can reproduce them), e.g. ``nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.4.3``."""
+    found = sacrebleu_scores(hypotheses, references)
+    return {"bleu_signature": str(found["bleu_signature"]), "chrf_signature": str(found["chrf_signature"])}
 
 
 def accuracy(predicted: Sequence, gold: Sequence) -> float:

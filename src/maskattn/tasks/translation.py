@@ -210,12 +210,14 @@ def translate_nbest(model: Transformer, tok: Tokenizer, sentences: Sequence[str]
     return out
 
 
-def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    return {
-        "bleu": metrics.bleu(hypotheses, references),
-        "chrf": metrics.chrf(hypotheses, references),
-        "exact_match": 100 * metrics.accuracy([h.strip() for h in hypotheses], [r.strip() for r in references]),
-    }
+def score(hypotheses: Sequence[str], references: Sequence[str], *, signatures: bool = False) -> dict[str, Any]:
+    """BLEU, chrF and exact match (0-100); with ``signatures``, sacreBLEU's signatures of the two scores too."""
+    found = metrics.sacrebleu_scores(hypotheses, references)  # each score computed once, signatures or not
+    scores = {"bleu": found["bleu"], "chrf": found["chrf"],
+              "exact_match": 100 * metrics.accuracy([h.strip() for h in hypotheses], [r.strip() for r in references])}
+    if signatures:
+        scores.update(bleu_signature=found["bleu_signature"], chrf_signature=found["chrf_signature"])
+    return scores
 
 
 # --- training --------------------------------------------------------------------------------------
@@ -333,7 +335,7 @@ def evaluate_file(directory: str | Path, path: str, ref: str = "", hypotheses: s
         raise UsageError(f"{path}: {e}") from e
     refs = [t for _, t in pairs]
     atomic_write_text(out, "".join(h + "\n" for h in hyps))
-    return {**score(hyps, refs), **metrics.sacrebleu_signatures(hyps, refs), "hypotheses": str(out)}
+    return {**score(hyps, refs, signatures=True), "hypotheses": str(out)}
 
 
 def evaluate_files(directory: str | Path, src: str, ref: str = "", **decode_overrides: Any) -> dict[str, float]:
