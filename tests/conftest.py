@@ -49,14 +49,19 @@ def _forced_backend(monkeypatch):
 
 @pytest.fixture
 def counted_str():
-    """A ``str`` subclass that counts its hashes (``counted_str.hashes``): set and dict work done on its values,
-    for tests that assert an operation is done once, not once per row."""
+    """A ``str`` subclass that counts its hashes (``counted_str.hashes``) and equality tests
+    (``counted_str.comparisons``): set, dict and list-search work done on its values, for tests that assert an
+    operation is done once, not once per row."""
 
     class Counted(str):
-        hashes = 0
+        hashes = comparisons = 0
 
         def __hash__(self):
             Counted.hashes += 1
             return super().__hash__()
+
+        def __eq__(self, other):
+            Counted.comparisons += 1
+            return super().__eq__(other)
 
     return Counted

@@ -256,3 +256,27 @@ def test_unseen_labels_hashes_each_label_a_bounded_number_of_times(counted_str):
     gold = [f"l{i % 60}" for i in range(600)]  # l50..l59: 10 unseen labels, 100 examples
     assert classification.unseen_labels(labels, gold, "x") == 100
     assert counted_str.hashes <= 2 * len(labels)  # the model's labels hashed once, not once per example
+
+
+def test_training_and_pruning_batches_find_each_label_in_one_lookup(tmp_path, capsys, monkeypatch, counted_str):
+    # train and training_batches searched the label list for every example (labels.index): labels x examples
+    from maskattn.tasks import classification
+
+    labels = [f"l{i:02d}" for i in range(40)]
+    rows = [f"w{i % 7} x{i % 3}\t{labels[i % 40]}" for i in range(400)]
+    data = tmp_path / "many.tsv"
+    data.write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    read = classification.read_labelled
+    monkeypatch.setattr(classification, "read_labelled", lambda *a, **k: [(t, counted_str(label))
+                                                                          for t, label in read(*a, **k)])
+    assert main(["train", "classification", "--train", str(data), "--out", str(tmp_path / "run"),
+                 *[arg for s in ['data.tokenizer="chars"', "model.d_model=16", "model.d_ff=32", "model.num_heads=2",
+                                 "model.num_layers=1", "train.steps=1", "train.progress=false"]
+                   for arg in ("--set", s)]]) == 0
+    capsys.readouterr()
+    assert counted_str.comparisons <= 3 * len(rows)  # a few per example, not one per example and label
+    counted_str.comparisons = 0
+    batches = classification.training_batches(tmp_path / "run" / "model", [str(data)], 512)
+    assert counted_str.comparisons <= 3 * len(rows)
+    targets = batches.collate(list(range(len(rows))))["labels"]
+    assert targets.tolist() == [i % 40 for i in range(400)]  # the oracle: the label's place in the sorted list

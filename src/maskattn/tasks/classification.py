@@ -223,7 +223,7 @@ def train(cfg: ClassificationConfig, *, resume: bool = False, log=log_stderr) ->
     out, tok = begin_run(cfg, resume=resume, task="classification", tokenizer=lambda: build_tokenizer(cfg, texts))
     model = build_model(cfg, labels, tok)
     ids = encode(tok, texts, cfg.data.max_len)
-    targets = torch.tensor([labels.index(label) for _, label in records])
+    targets = _label_ids(labels, records)
     lengths = [len(x) for x in ids]
     log(f"classification: {len(ids)} examples, labels {labels}, vocabulary {tok.vocab_size}, {parameters(model)}")
 
@@ -267,6 +267,13 @@ def drop_tokens(ids: Tensor, lengths: Tensor, p: float, pad_id: int) -> tuple[Te
     return pad(rows, pad_id)
 
 
+def _label_ids(labels: Sequence[str], records: Sequence[tuple[str, str]]) -> Tensor:
+    """The index in ``labels`` of each record's label, (N,): one dict lookup each (``labels.index`` per record
+    made it labels x examples)."""
+    index = {label: i for i, label in enumerate(labels)}
+    return torch.tensor([index[label] for _, label in records])
+
+
 def _collate(tok: Tokenizer, ids: list[list[int]], targets: Tensor, idx: list[int]) -> dict[str, Any]:
     x, n = pad([ids[i] for i in idx], tok.pad_id)
     return {"ids": x, "lengths": n, "labels": targets[idx], "num_targets": len(idx)}
@@ -283,7 +290,7 @@ def training_batches(directory: str | Path, paths: list[str], max_tokens: int) -
         raise ValueError(f"{paths[0]}: labels {unknown} are not the model's {task['labels']}")
     positions = read_json_object(Path(directory) / "config.json")["config"]["max_len"]
     ids = encode(tok, [t for t, _ in records], min(task.get("max_len") or positions, positions))
-    targets = torch.tensor([task["labels"].index(label) for _, label in records])
+    targets = _label_ids(task["labels"], records)
 
     def outputs(m: nn.Module, b: dict[str, Any]) -> tuple[Tensor, Tensor]:
         return m.classify(b["ids"], lengths=b["lengths"]).float(), b["labels"]
