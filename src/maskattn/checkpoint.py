@@ -31,9 +31,9 @@ from maskattn.errors import TrainingError
 from maskattn.io import (
     FormatError,
     atomic_directory,
-    manifest_files,
     read_json_object,
     sha256,
+    verified_sha256,
     verify_manifest,
     write_manifest,
 )
@@ -171,9 +171,7 @@ def load(path: str | Path) -> dict[str, Any]:
     try:
         listed = verify_manifest(path, [STATE, TENSORS])  # none in checkpoints written before manifests
         meta = read_json_object(meta_path)
-        # the manifest has just hashed the tensor file: its hash is the file's, and reading it again would double
-        # every load's reads; a checkpoint without a manifest is hashed here
-        actual = manifest_files(path)[TENSORS] if listed else sha256(tensor_path)
+        actual = verified_sha256(path, TENSORS, listed)
     except FormatError as e:
         raise CheckpointError(f"checkpoint {path} is corrupt: {e}. {_earlier(path)}") from e
     if meta.get("format") != FORMAT:

@@ -249,6 +249,12 @@ def verify_manifest(directory: str | os.PathLike, reads: Iterable[str], *, every
     return True
 
 
+def verified_sha256(directory: str | os.PathLike, name: str, verified: bool) -> str:
+    """The SHA-256 of ``directory/name``: its manifest's when ``verified`` (what :func:`verify_manifest`, which has
+    just hashed every listed file, returned: hashing it again would read the whole file twice), else the file's."""
+    return manifest_files(directory)[name] if verified else sha256(Path(directory) / name)
+
+
 def add_to_manifest(directory: str | os.PathLike, *names: str) -> Path:
     """List ``names`` (files just written into ``directory``) in its manifest beside those already listed,
     after checking those (so that adding a file never vouches for a modified one)."""

@@ -39,6 +39,7 @@ from maskattn.io import (
     atomic_write_text,
     read_json_object,
     sha256,
+    verified_sha256,
     verify_manifest,
     write_manifest,
 )
@@ -141,7 +142,7 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") ->
     """
     directory = Path(directory)
     refuse_run_directory(directory, CONFIG)
-    verify_manifest(directory, [CONFIG, WEIGHTS, TOKENIZER])
+    listed = verify_manifest(directory, [CONFIG, WEIGHTS, TOKENIZER])  # none in directories written before manifests
     meta = read_json(directory / CONFIG)
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise FormatError(f"{directory / CONFIG}: not a maskattn checkpoint (format {meta.get('format')!r} "
@@ -162,7 +163,7 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") ->
     expected_hash = meta.get("weights", {}).get("sha256")
     if not weights.is_file():
         raise FormatError(f"{directory}: missing weights file {WEIGHTS}")
-    if sha256(weights) != expected_hash:
+    if verified_sha256(directory, WEIGHTS, listed) != expected_hash:
         raise FormatError(f"{weights}: SHA-256 does not match config.json; the file is corrupt or was modified")
     compression = meta.get("compression")
     check_sizes(cls, config, weights, meta.get("aliases", {}), source=directory / CONFIG, compression=compression)
