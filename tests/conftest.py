@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,3 +66,21 @@ def counted_str():
             return super().__eq__(other)
 
     return Counted
+
+
+@pytest.fixture
+def hashed_files(monkeypatch):
+    """The names of the files hashed by ``maskattn.io.sha256`` (where checkpoints and models import it too), in
+    order: for tests that assert a file is read once."""
+    from maskattn import checkpoint, io
+    from maskattn.models import persistence
+
+    hashed, real = [], io.sha256
+
+    def counting(file):
+        hashed.append(Path(file).name)
+        return real(file)
+
+    for module in (io, checkpoint, persistence):
+        monkeypatch.setattr(module, "sha256", counting)
+    return hashed

@@ -92,30 +92,21 @@ def test_damaged_checkpoint_is_refused_and_the_previous_survives(tmp_path, damag
     assert checkpoint.load(good)["step"] == 10
 
 
-def test_a_load_hashes_the_tensor_file_once_and_still_refuses_a_flipped_byte(tmp_path, monkeypatch):
+def test_a_load_hashes_the_tensor_file_once_and_still_refuses_a_flipped_byte(tmp_path, hashed_files):
     # load hashed tensors.safetensors twice: once for manifest.json, once for state.json's own "sha256"
-    from maskattn import io
-
     path = checkpoint.save(tmp_path, 4, _training_state())
-    hashed = []
-
-    def counting(file, real=io.sha256):
-        hashed.append(Path(file).name)
-        return real(file)
-
-    monkeypatch.setattr(io, "sha256", counting)
-    monkeypatch.setattr(checkpoint, "sha256", counting)
+    hashed_files.clear()
     _assert_same(checkpoint.load(path), {**_training_state(), "step": 4})
-    assert hashed.count("tensors.safetensors") == 1
+    assert hashed_files.count("tensors.safetensors") == 1
     data = (path / "tensors.safetensors").read_bytes()
     (path / "tensors.safetensors").write_bytes(data[:-5] + bytes([data[-5] ^ 1]) + data[-4:])
     with pytest.raises(CheckpointError, match=r"tensors\.safetensors: SHA-256 does not match manifest\.json"):
         checkpoint.load(path)
     (path / "manifest.json").unlink()  # a checkpoint written before manifests: state.json's hash alone refuses it
-    hashed.clear()
+    hashed_files.clear()
     with pytest.raises(CheckpointError, match=r"tensors\.safetensors has SHA-256 .* \(truncated or modified\)"):
         checkpoint.load(path)
-    assert hashed == ["tensors.safetensors"]
+    assert hashed_files == ["tensors.safetensors"]
 
 
 def test_a_failed_save_leaves_no_partial_checkpoint(tmp_path):

@@ -160,35 +160,25 @@ def test_tampered_weights_are_rejected(tmp_path):
         load(tmp_path)
 
 
-def test_a_load_hashes_the_weights_once_and_still_refuses_a_flipped_bit(tmp_path, monkeypatch):
+def test_a_load_hashes_the_weights_once_and_still_refuses_a_flipped_bit(tmp_path, hashed_files):
     # load hashed model.safetensors twice: once for manifest.json, once for config.json's own "sha256"
-    from maskattn import io
-    from maskattn.models import persistence
-
     model = MODELS["decoder_lm"]()
     save(model, tmp_path)
-    hashed = []
-
-    def counting(file, real=io.sha256):
-        hashed.append(Path(file).name)
-        return real(file)
-
-    monkeypatch.setattr(io, "sha256", counting)
-    monkeypatch.setattr(persistence, "sha256", counting)
+    hashed_files.clear()
     assert all(torch.equal(a, b) for a, b in zip(load(tmp_path).state_dict().values(), model.state_dict().values(),
                                                  strict=True))
-    assert hashed.count("model.safetensors") == 1
+    assert hashed_files.count("model.safetensors") == 1
     weights = tmp_path / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0x01
     weights.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="model.safetensors: SHA-256 does not match manifest.json"):
+    with pytest.raises(ValueError, match=r"model\.safetensors: SHA-256 does not match manifest\.json"):
         load(tmp_path)
     (tmp_path / "manifest.json").unlink()  # a directory written before manifests: config.json's hash alone refuses it
-    hashed.clear()
-    with pytest.raises(ValueError, match="model.safetensors: SHA-256 does not match config.json"):
+    hashed_files.clear()
+    with pytest.raises(ValueError, match=r"model\.safetensors: SHA-256 does not match config\.json"):
         load(tmp_path)
-    assert hashed == ["model.safetensors"]
+    assert hashed_files == ["model.safetensors"]
 
 
 def _without_manifest(path, text):
