@@ -92,9 +92,10 @@ def test_damaged_checkpoint_is_refused_and_the_previous_survives(tmp_path, damag
     assert checkpoint.load(good)["step"] == 10
 
 
-def test_a_load_hashes_the_tensor_file_once_and_still_refuses_a_flipped_byte(tmp_path, hashed_files):
-    # load hashed tensors.safetensors twice: once for manifest.json, once for state.json's own "sha256"
+def test_save_and_load_hash_the_tensor_file_once_and_still_refuses_a_flipped_byte(tmp_path, hashed_files):
+    # save and load each hashed tensors.safetensors twice: for manifest.json and for state.json's own "sha256"
     path = checkpoint.save(tmp_path, 4, _training_state())
+    assert hashed_files == ["tensors.safetensors", "state.json"]  # save: the tensors too are hashed once
     hashed_files.clear()
     _assert_same(checkpoint.load(path), {**_training_state(), "step": 4})
     assert hashed_files.count("tensors.safetensors") == 1

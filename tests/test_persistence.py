@@ -160,10 +160,11 @@ def test_tampered_weights_are_rejected(tmp_path):
         load(tmp_path)
 
 
-def test_a_load_hashes_the_weights_once_and_still_refuses_a_flipped_bit(tmp_path, hashed_files):
-    # load hashed model.safetensors twice: once for manifest.json, once for config.json's own "sha256"
+def test_save_and_load_hash_the_weights_once_and_still_refuses_a_flipped_bit(tmp_path, hashed_files):
+    # save and load each hashed model.safetensors twice: for manifest.json and for config.json's own "sha256"
     model = MODELS["decoder_lm"]()
     save(model, tmp_path)
+    assert hashed_files == ["model.safetensors", "config.json"]  # save: the weights too are hashed once
     hashed_files.clear()
     assert all(torch.equal(a, b) for a, b in zip(load(tmp_path).state_dict().values(), model.state_dict().values(),
                                                  strict=True))

@@ -125,9 +125,10 @@ def save(root: str | Path, step: int, state: dict[str, Any], *, keep: int | None
             tensors: dict[str, torch.Tensor] = {}
             skeleton = flatten(state, tensors)
             save_file(tensors, tmp / TENSORS)
-            meta = {"format": FORMAT, "step": step, "sha256": sha256(tmp / TENSORS), "state": skeleton}
+            digest = sha256(tmp / TENSORS)
+            meta = {"format": FORMAT, "step": step, "sha256": digest, "state": skeleton}
             (tmp / STATE).write_text(json.dumps(meta))
-            write_manifest(tmp, [TENSORS, STATE])
+            write_manifest(tmp, [TENSORS, STATE], hashes={TENSORS: digest})  # the tensors are read once
     except (OSError, SafetensorError) as e:
         newest = latest(root)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)

@@ -192,10 +192,15 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     return value
 
 
-def write_manifest(directory: str | os.PathLike, names: Iterable[str]) -> Path:
-    """Write ``directory/manifest.json``: the SHA-256 of each named file in ``directory``, atomically."""
+def write_manifest(directory: str | os.PathLike, names: Iterable[str], *, hashes: dict[str, str] | None = None) -> Path:
+    """Write ``directory/manifest.json``: the SHA-256 of each named file in ``directory``, atomically.
+
+    ``hashes``: the SHA-256 of files among ``names`` that the caller has just written and hashed (a checkpoint's
+    tensors, whose hash its state also records): not read a second time.
+    """
     directory = Path(directory)
-    files = {name: sha256(directory / name) for name in sorted(set(names))}
+    known = hashes or {}
+    files = {name: known[name] if name in known else sha256(directory / name) for name in sorted(set(names))}
     text = json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=2) + "\n"
     return atomic_write_text(directory / MANIFEST, text)
 

@@ -119,8 +119,9 @@ def _write(model: nn.Module, directory: Path, tokenizer: Any) -> None:
                          "or change the config, so that the saved model can be loaded")
     weights = directory / WEIGHTS
     atomic_write(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    digest = sha256(weights)
     meta = {"format": FORMAT, "version": VERSION, "model": type(model).__name__, "config": model.config.to_dict(),
-            "weights": {"file": WEIGHTS, "sha256": sha256(weights)}, "aliases": aliases}
+            "weights": {"file": WEIGHTS, "sha256": digest}, "aliases": aliases}
     if entry := compressed.describe(model):
         meta["compression"] = entry
     atomic_write_text(directory / CONFIG, json.dumps(meta, indent=2) + "\n")
@@ -129,7 +130,8 @@ def _write(model: nn.Module, directory: Path, tokenizer: Any) -> None:
         atomic_write(directory / TOKENIZER, lambda tmp: tokenizer.save(str(tmp)))
     else:
         (directory / TOKENIZER).unlink(missing_ok=True)  # an older save's tokenizer is not this model's
-    write_manifest(directory, [CONFIG, WEIGHTS, *([TOKENIZER] if tokenizer is not None else [])])
+    write_manifest(directory, [CONFIG, WEIGHTS, *([TOKENIZER] if tokenizer is not None else [])],
+                   hashes={WEIGHTS: digest})  # the weights are read once
 
 
 def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
