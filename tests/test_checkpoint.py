@@ -155,6 +155,37 @@ def test_an_edited_state_json_is_refused(tmp_path):
         checkpoint.load(path)
 
 
+def _hand_made(path, edit):
+    """Edit ``path``'s state.json (and maybe its tensors) by ``edit``, then make its hash and manifest match, as a
+    checkpoint written by hand would."""
+    from maskattn.io import sha256, write_manifest
+
+    meta = json.loads((path / "state.json").read_text())
+    edit(path, meta)
+    meta["sha256"] = sha256(path / "tensors.safetensors")
+    (path / "state.json").write_text(json.dumps(meta))
+    write_manifest(path, ["state.json", "tensors.safetensors"])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p, m: m.pop("state"), r"state\.json must hold a 'state' object .* state of type NoneType"),
+    (lambda p, m: m.update(state=[1]), r"state\.json must hold a 'state' object .* state of type list"),
+    (lambda p, m: m.pop("step"), r"state\.json must hold .* a 'step' int >= 0, .* step None"),
+    (lambda p, m: m.update(step="3"), r"state\.json must hold .* a 'step' int >= 0, .* step '3'"),
+    (lambda p, m: m["state"]["__dict__"][0][1].update(__tensor__="gone"), r"state\.json does not describe .*'gone'"),
+    (lambda p, m: m["state"].update(__dict__=[1]), r"state\.json does not describe a training state \(TypeError"),
+    (lambda p, m: (p / "tensors.safetensors").write_bytes(b""), r"is corrupt: tensors\.safetensors: .*header"),
+])
+def test_a_hand_made_checkpoint_that_does_not_hold_a_state_is_one_error(tmp_path, edit, message):
+    # each was a KeyError, TypeError or SafetensorError traceback from inside unflatten / safetensors
+    path = checkpoint.save(tmp_path, 3, {"w": torch.ones(2)})
+    _hand_made(path, edit)
+    with pytest.raises(CheckpointError, match=message):
+        checkpoint.load(path)
+    state = checkpoint.load(checkpoint.save(tmp_path, 4, {"w": torch.ones(2)}))  # as saved: loads
+    assert state["step"] == 4 and torch.equal(state["w"], torch.ones(2))
+
+
 def test_a_transposed_tensor_is_saved_and_loaded(tmp_path):
     w = torch.arange(12.0).reshape(3, 4).t()  # non-contiguous strides, which safetensors refuses as they are
     path = checkpoint.save(tmp_path, 1, {"w": w})

@@ -182,8 +182,18 @@ def load(path: str | Path) -> dict[str, Any]:
             f"checkpoint {path} is corrupt: {TENSORS} has SHA-256 {actual[:12]}..., expected "
             f"{str(meta.get('sha256'))[:12]}... (truncated or modified). {_earlier(path)}"
         )
-    state = unflatten(meta["state"], load_file(tensor_path))
-    state["step"] = meta["step"]
+    try:
+        state = unflatten(meta.get("state"), load_file(tensor_path))
+    except SafetensorError as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {TENSORS}: {e}. {_earlier(path)}") from e
+    except (KeyError, TypeError, ValueError) as e:  # a state.json written by hand (its manifest made to match)
+        raise CheckpointError(f"checkpoint {path}: {STATE} does not describe a training state ({type(e).__name__}: "
+                              f"{e}). {_earlier(path)}") from e
+    step = meta.get("step")
+    if not isinstance(state, dict) or isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"checkpoint {path}: {STATE} must hold a 'state' object and a 'step' int >= 0, got "
+                              f"state of type {type(state).__name__} and step {step!r}. {_earlier(path)}")
+    state["step"] = step
     return state
 
 
