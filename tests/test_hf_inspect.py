@@ -370,3 +370,37 @@ def test_viz_of_an_hf_directory_names_an_out_that_is_a_file_as_for_maskattn_mode
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err == f"maskattn viz: viz --out {out}: {said}, expected a directory to write the pictures into"
     assert taken.read_bytes() == b"x"
+
+
+class _Planted:
+    """Unpickling this runs ``open(path, "w")``: the file appearing means a pickle was loaded as code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_hf_commands_never_unpickle_nor_run_a_directorys_code(hf_dirs, tmp_path, capsys, monkeypatch):
+    import pickle
+    import shutil
+
+    planted = tmp_path / "planted"
+    # weights as a pickle only: transformers' weights_only torch.load refused it, in a 40-line traceback (status 1)
+    pickled = shutil.copytree(hf_dirs["gpt2"], tmp_path / "pickled")
+    (pickled / "model.safetensors").unlink()
+    (pickled / "pytorch_model.bin").write_bytes(pickle.dumps({"x": _Planted(planted)}))
+    assert main(["audit", str(pickled)]) == 2
+    assert "safetensors weights only, never a pickle such as pytorch_model.bin" in capsys.readouterr().err
+    # a model_type defined by the directory's own code: transformers asked on a terminal and ran it on "y"
+    coded = shutil.copytree(hf_dirs["gpt2"], tmp_path / "coded")
+    meta = json.loads((coded / "config.json").read_text())
+    (coded / "config.json").write_text(json.dumps({**meta, "model_type": "planted", "auto_map": {
+        "AutoConfig": "planted.Config", "AutoModelForCausalLM": "planted.Model"}}))
+    (coded / "planted.py").write_text(f"open({str(planted)!r}, 'w').close()\n"
+                                      "from transformers import GPT2Config as Config, GPT2LMHeadModel as Model\n")
+    monkeypatch.setattr("builtins.input", lambda *args: "y")  # the user answering transformers' question
+    assert main(["audit", str(coded)]) == 2
+    assert "model_type 'planted' is defined by Python code in the directory" in capsys.readouterr().err
+    assert not planted.exists()

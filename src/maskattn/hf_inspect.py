@@ -201,22 +201,34 @@ def load(directory: str | Path, *, tokenizer: bool = True) -> tuple[nn.Module, A
     ``AutoModel``. The tokenizer is None when ``tokenizer`` is False.
 
     Raises:
-        ValueError: naming the directory, when it holds no tokenizer and one was asked for, or an encoder-decoder model
+        ValueError: naming the directory, when it holds no tokenizer and one was asked for, an encoder-decoder model,
+            no safetensors weights (a pickle is never read) or a model defined by its own Python code (never run)
             (UsageError).
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    # never run a directory's own Python code (transformers asks on a terminal, and runs it on "y"), never unpickle
+    meta = json.loads((Path(directory) / "config.json").read_text())
+    if "auto_map" in meta and meta.get("model_type") not in CONFIG_MAPPING:
+        raise UsageError(f"{directory}: config.json's model_type {meta.get('model_type')!r} is defined by Python code "
+                         "in the directory (auto_map); maskattn runs no code from a model directory")
+    if not any((Path(directory) / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        found = sorted(p.name for p in Path(directory).iterdir())
+        raise UsageError(f"{directory}: no model.safetensors nor model.safetensors.index.json (maskattn reads "
+                         f"safetensors weights only, never a pickle such as pytorch_model.bin; found {found})")
+    config = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     if getattr(config, "is_encoder_decoder", False):  # HFAdapter refuses them: say so before loading any weights
         raise UsageError(f"{directory}: an encoder-decoder model ({config.model_type}); maskattn's commands run "
                          "Hugging Face decoder-only and encoder-only models")
     causal = any(name in _causal_lm_classes() for name in (getattr(config, "architectures", None) or ()))
     cls = AutoModelForCausalLM if causal else AutoModel
-    model = cls.from_pretrained(directory, local_files_only=True, attn_implementation=hf.register()).eval()
+    model = cls.from_pretrained(directory, local_files_only=True, attn_implementation=hf.register(),
+                                use_safetensors=True, trust_remote_code=False).eval()
     if not tokenizer:
         return model, None
     try:
-        return model, AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        return model, AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise ValueError(f"{directory}: no tokenizer that transformers can load locally ({err})") from err
 
