@@ -369,3 +369,33 @@ def test_a_bad_compression_origin_is_a_format_error(tmp_path, origin):
     _without_manifest(tmp_path / "config.json", json.dumps(meta))
     with pytest.raises(FormatError, match=r"compression\.origin"):
         load(tmp_path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    # built on the meta device, 10^9 layers took every byte of memory (the process was killed)
+    ({"config": {"num_layers": 10**9}}, r"num_layers=1000000000 does not fit the weights: model\.safetensors holds "
+                                        r"\d+ tensors in all"),
+    ({"config": {"d_model": 10**40}}, r"d_model=10{40} does not fit the weights: sizes are 64-bit"),  # a TypeError
+    ({"model": ["DecoderLM"]}, r"unknown model \['DecoderLM'\]; expected one of"),  # TypeError: unhashable type
+])
+def test_a_hand_made_config_json_of_impossible_values_is_one_error(tmp_path, edit, message):
+    import resource
+
+    from maskattn.io import write_manifest
+
+    model = MODELS["decoder_lm"]()
+    save(model, tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    meta["config"].update(edit.get("config", {}))
+    meta.update({k: v for k, v in edit.items() if k != "config"})
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    write_manifest(tmp_path, ["config.json", "model.safetensors"])  # as a consistent hand-made directory
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    used = int(next(line for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmSize:")).split()[1]) << 10
+    resource.setrlimit(resource.RLIMIT_AS, (used + (1 << 30), hard))  # a MemoryError, not the machine's memory
+    try:
+        with pytest.raises(FormatError, match=r"config\.json: " + message):
+            load(tmp_path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))

@@ -149,7 +149,7 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") ->
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise FormatError(f"{directory / CONFIG}: not a maskattn checkpoint (format {meta.get('format')!r} "
                          f"version {meta.get('version')!r}; expected {FORMAT!r} version {VERSION})")
-    cls = _MODELS.get(meta.get("model"))
+    cls = _MODELS.get(meta.get("model")) if isinstance(meta.get("model"), str) else None
     if cls is None:
         raise FormatError(
             f"{directory / CONFIG}: unknown model {meta.get('model')!r}; expected one of {sorted(_MODELS)}"
@@ -218,12 +218,22 @@ def check_sizes(cls: type, config: Any, weights: Path, aliases: dict[str, str], 
             stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as e:
         raise FormatError(f"{weights}: not a readable safetensors file: {e}") from e
-    with torch.device("meta"):
-        skeleton = compressed.apply(cls(config), compression, source=str(source))
+    values = config.to_dict()
+    for key, value in values.items():  # each layer holds a tensor: more layers than tensors cannot fit, and building
+        # 10^9 of them, even on the meta device, takes all memory
+        if isinstance(value, int) and value >= 2**63:  # torch sizes are int64: a TypeError deep in torch.empty
+            raise FormatError(f"{source}: {key}={value} does not fit the weights: sizes are 64-bit integers")
+        if key.endswith("layers") and isinstance(value, int) and value > len(stored):
+            raise FormatError(f"{source}: {key}={value} does not fit the weights: {WEIGHTS} holds {len(stored)} "
+                              "tensors in all")
+    try:
+        with torch.device("meta"):
+            skeleton = compressed.apply(cls(config), compression, source=str(source))
+    except (TypeError, OverflowError, RuntimeError) as e:  # a size past int64 (d_model=10**400): torch's own words
+        raise FormatError(f"{source}: the config does not describe a model that can be built: {e}") from e
     for name, t in skeleton.state_dict().items():
         have = stored.get(aliases.get(name, name))
         if have is not None and tuple(t.shape) != have:
-            values = config.to_dict()
             suspects = [f"{k}={v}" for k, v in values.items() if isinstance(v, int) and not isinstance(v, bool)
                         and v in t.shape and v not in have]
             raise FormatError(f"{source}: {', '.join(suspects) or 'the config'} does not fit the weights: tensor "
