@@ -399,3 +399,31 @@ def test_a_hand_made_config_json_of_impossible_values_is_one_error(tmp_path, edi
             load(tmp_path)
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def test_a_tokenizer_with_ids_past_the_models_vocabulary_is_refused_naming_it(tmp_path):
+    # it loaded, and the first token past vocab_size failed far away ("ids must be in [0, 64)", naming no file)
+    from maskattn.io import write_manifest
+
+    model = MODELS["decoder_lm"]()  # vocab_size 64
+    big = Tokenizer(models.WordLevel({f"w{i}": i for i in range(65)}, unk_token="w0"))
+    with pytest.raises(FormatError, match=r"save\(tokenizer=\.\.\.\): the tokenizer gives ids up to 64, past the "
+                                          r"model's vocab_size=64"):
+        save(model, tmp_path / "refused", tokenizer=big)
+    assert not (tmp_path / "refused").exists()
+    save(model, tmp_path / "model", tokenizer=_tokenizer())
+    big.save(str(tmp_path / "model" / "tokenizer.json"))  # swapped by hand, its manifest made to match
+    write_manifest(tmp_path / "model", ["config.json", "model.safetensors", "tokenizer.json"])
+    with pytest.raises(FormatError, match=r"model/tokenizer\.json: the tokenizer gives ids up to 64, past the model's "
+                                          r"vocab_size=64; it is not this model's tokenizer"):
+        load(tmp_path / "model")
+    fits = Tokenizer(models.WordLevel({f"w{i}": i for i in range(64)}, unk_token="w0"))  # ids 0..63: loads
+    save(model, tmp_path / "model", tokenizer=fits)
+    assert load(tmp_path / "model").tokenizer.get_vocab_size() == 64
+
+
+def test_a_directory_in_place_of_tokenizer_json_is_refused_not_skipped(tmp_path):
+    save(MODELS["decoder_lm"](), tmp_path)
+    (tmp_path / "tokenizer.json").mkdir()  # the model loaded without a tokenizer, silently
+    with pytest.raises(FormatError, match=r"tokenizer\.json: not a readable tokenizer"):
+        load(tmp_path)

@@ -91,6 +91,8 @@ def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = Non
     """Save ``model`` (a maskattn model) to ``directory``, created if needed; return its path."""
     if type(model).__name__ not in _MODELS:
         raise TypeError(f"save() takes a maskattn model ({', '.join(sorted(_MODELS))}), got {type(model).__name__}")
+    check_tokenizer(model.config, tokenizer if tokenizer is not None else getattr(model, "tokenizer", None),
+                    source="save(tokenizer=...)")  # load() would refuse the directory
     directory = Path(directory)
     for path in (directory, *directory.parents):  # mkdir would say "File exists" of it
         if path.exists() and not path.is_dir():
@@ -173,8 +175,22 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") ->
     tensors = read_safetensors(weights, device)
     model = _in_saved_dtype(model, tensors)
     load_weights(model, tensors, meta.get("aliases", {}), source=str(weights))
-    model.tokenizer = load_tokenizer(directory / TOKENIZER) if (directory / TOKENIZER).is_file() else None
+    model.tokenizer = load_tokenizer(directory / TOKENIZER) if (directory / TOKENIZER).exists() else None
+    check_tokenizer(config, model.tokenizer, source=directory / TOKENIZER)
     return model.to(device).eval()
+
+
+def check_tokenizer(config: Any, tokenizer: Any, *, source: Path | str) -> None:
+    """FormatError when ``tokenizer`` (a ``tokenizers.Tokenizer`` or None) gives ids past the model's ``vocab_size``
+    (or ``tgt_vocab_size``): they would fail at the first such token, far from the file that is wrong."""
+    if not hasattr(tokenizer, "get_vocab"):
+        return
+    size = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+    for key in ("vocab_size", "tgt_vocab_size"):
+        limit = getattr(config, key, None)
+        if isinstance(limit, int) and size > limit:
+            raise FormatError(f"{source}: the tokenizer gives ids up to {size - 1}, past the model's {key}={limit}; "
+                              "it is not this model's tokenizer")
 
 
 def refuse_run_directory(directory: Path, name: str) -> None:
