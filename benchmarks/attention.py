@@ -13,7 +13,8 @@ the attention calls of each configuration, so that both see the same load on a s
 Peak memory of forward+backward is measured in a fresh subprocess per configuration: after the
 inputs exist, the process resets its peak-RSS counter (``/proc/self/clear_refs``), runs one
 forward+backward, and reports ``VmHWM - VmRSS`` before the run, i.e. the extra resident memory
-the call needed at its peak (torch on CPU has no ``max_memory_allocated``).
+the call needed at its peak (torch on CPU has no ``max_memory_allocated``); one forward+backward at N = 64
+runs first, so that the libraries' one-time set-up (~40 MB) is not counted.
 
 Run ``python -m benchmarks.attention --help``; results are printed as a table and written as JSON.
 """
@@ -188,22 +189,35 @@ def _rss_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure_memory_here(kind: str, n: int, name: str, dtype: torch.dtype = torch.float32) -> float:
-    """Extra peak RSS (MB) of one forward+backward, in this (fresh) process."""
-    mask = make_mask(kind, n)
-    run = make_impls([name], mask, n)[name]
-    qkv = _inputs(n, True, dtype)
-    grad = torch.randn(B, H, n, D).to(dtype)
+def extra_peak_mb(call: Callable[[], object], warmup: Callable[[], object] | None = None) -> float:
+    """Extra peak RSS (MB) of ``call()`` in this process: ``VmHWM`` after it minus ``VmRSS`` before, the peak
+    counter reset just before. ``warmup``: a small run of the same code first, so that what a fresh process
+    pays once (libraries' lazy set-up: ~40 MB for a first forward+backward) is not counted as the call's."""
+    if warmup is not None:
+        warmup()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     before = _rss_kb("VmRSS")
-    run(*qkv).backward(grad)
+    call()
     return (_rss_kb("VmHWM") - before) / 1024
+
+
+def measure_memory_here(kind: str, n: int, name: str, dtype: torch.dtype = torch.float32) -> float:
+    """Extra peak RSS (MB) of one forward+backward, in this (fresh) process, after one at N = 64."""
+
+    def step(n: int) -> Callable[[], object]:
+        run = make_impls([name], make_mask(kind, n), n)[name]
+        qkv = _inputs(n, True, dtype)
+        grad = torch.randn(B, H, n, D).to(dtype)
+        return lambda: run(*qkv).backward(grad)
+
+    return extra_peak_mb(step(n), warmup=step(min(n, 64)))
 
 
 def measure_memory(kind: str, n: int, name: str, dtype: str = "float32") -> float:
     """Run :func:`measure_memory_here` in a fresh subprocess."""
-    cmd = [sys.executable, "-m", "benchmarks.attention", "--memory-child", kind, str(n), name, "--dtype", dtype]
+    cmd = [sys.executable, "-m", "benchmarks.attention", "--memory-child", kind, str(n), name, "--dtype", dtype,
+           "--json", os.devnull]
     result = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(result.stdout.strip().splitlines()[-1])
 
