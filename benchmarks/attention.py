@@ -36,7 +36,9 @@ import torch
 import torch.nn.functional as F
 
 import maskattn
+from benchmarks.args import count, output_path, positive_ints
 from maskattn import masks
+from maskattn.cli import positive_int
 from maskattn.masks import Mask
 
 B, H, D = 1, 8, 64
@@ -236,19 +238,20 @@ def machine() -> dict:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.attention", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma-separated N (default: %(default)s)")
+    p.add_argument("--sizes", type=positive_ints, default=",".join(map(str, SIZES)),
+                   help="comma-separated N (default: %(default)s)")
     p.add_argument("--masks", default=",".join(MASKS), help="comma-separated mask kinds (default: %(default)s)")
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated implementations (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repetitions (default: %(default)s)")
-    p.add_argument("--naive-max", type=int, default=8192,
+    p.add_argument("--warmup", type=count, default=1, help="untimed repetitions first (default: %(default)s)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed repetitions (default: %(default)s)")
+    p.add_argument("--naive-max", type=count, default=8192,
                    help="largest N for the naive N x N implementation (16384 needs > 24 GB; default: %(default)s)")
-    p.add_argument("--memory-sizes", default="",
+    p.add_argument("--memory-sizes", type=lambda x: positive_ints(x) if x else x, default="",
                    help="comma-separated N at which to measure peak memory, in subprocesses (default: none)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="dtype of q, k, v for every implementation (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="sizes 512,1024,2048, 3 repeats: a smoke run")
-    p.add_argument("--json", default="benchmarks/results.json", help="where to write the results")
+    p.add_argument("--json", type=output_path, default="benchmarks/results.json", help="where to write the results")
     p.add_argument("--memory-child", nargs=3, metavar=("MASK", "N", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 import maskattn
-from benchmarks.attention import _sdpa_best, allowed_pairs, machine, make_mask
+from benchmarks.args import count, output_path, positive_int, positive_ints
+from benchmarks.attention import MASKS, _sdpa_best, allowed_pairs, machine, make_mask
 
 IMPLS = ["auto", "blocked", "sdpa", "flex", "sdpa_best", "sdpa_mask"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -100,17 +101,21 @@ def run_config(kind: str, n: int, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.attention_gpu", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="4096,16384")
+    p.add_argument("--sizes", type=positive_ints, default="4096,16384")
     p.add_argument("--masks", default="causal,window,document,prefix,padding")
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--json", default="attention_gpu.json")
+    p.add_argument("--batch", type=positive_int, default=4)
+    p.add_argument("--heads", type=positive_int, default=16)
+    p.add_argument("--head-dim", type=positive_int, default=64)
+    p.add_argument("--warmup", type=count, default=2)
+    p.add_argument("--repeats", type=positive_int, default=10)
+    p.add_argument("--json", type=output_path, default="attention_gpu.json")
     args = p.parse_args(argv)
+    for name, allowed in (("masks", MASKS), ("impls", IMPLS)):
+        bad = sorted(set(getattr(args, name).split(",")) - set(allowed))
+        if bad:
+            p.error(f"--{name}: unknown {bad}; expected some of {allowed}")
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     args.impls = [x for x in args.impls.split(",") if x]

@@ -13,8 +13,9 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.attention import B, D, H, make_impls, make_mask
+from benchmarks.attention import MASKS, B, D, H, make_impls, make_mask
 from maskattn.backends import blocked
+from maskattn.cli import positive_int
 
 TILES = [(128, 128), (64, 64), (64, 128), (128, 64), (256, 128), (128, 256), (256, 256)]
 
@@ -35,9 +36,12 @@ def seconds(run: Callable, n: int, repeats: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--masks", default="window,document", help="mask kinds of benchmarks/attention.py")
-    p.add_argument("--n", type=int, default=8192, help="sequence length")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--n", type=positive_int, default=8192, help="sequence length")
+    p.add_argument("--repeats", type=positive_int, default=3)
     args = p.parse_args()
+    bad = sorted(set(args.masks.split(",")) - set(MASKS))
+    if bad:
+        p.error(f"--masks: unknown {bad}; expected some of {MASKS}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N={args.n}, best of {args.repeats}")
     for kind in args.masks.split(","):
         mask = make_mask(kind, args.n)

@@ -17,14 +17,15 @@ import torch.nn.functional as F
 
 from maskattn import masks
 from maskattn.backends import blocked, sdpa
+from maskattn.cli import positive_int
 
 SIZES = [(128, 128), (64, 64), (128, 64), (256, 128), (256, 256)]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=8192)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--n", type=positive_int, default=8192)
+    p.add_argument("--repeats", type=positive_int, default=5)
     args = p.parse_args()
     n = args.n
     gen = torch.Generator().manual_seed(0)

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from benchmarks.args import output_path, positive_ints
 from maskattn.models import DecoderLM, DecoderLMConfig
 from maskattn.viz import capture_attention
 
@@ -63,8 +64,8 @@ def child(method: str, n: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="2048,4096,8192")
-    p.add_argument("--json", default="benchmarks/results/cheap-weights.json")
+    p.add_argument("--sizes", type=positive_ints, default="2048,4096,8192")
+    p.add_argument("--json", type=output_path, default="benchmarks/results/cheap-weights.json")
     p.add_argument("--child", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.args import output_path
+from maskattn.cli import positive_int
 from maskattn.compression import heads, linear_weight_bytes
 from maskattn.data import read_labelled
 from maskattn.plotting import plot_tradeoff
@@ -86,9 +88,10 @@ def main() -> None:
     parser.add_argument("--classification", nargs="+", default=[], metavar="MODEL",
                         help="classification model directories, the baseline first")
     parser.add_argument("--classification-data", metavar="FILE", help="a labelled test file")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per model; the best counts (default 3)")
-    parser.add_argument("--plot", default="compression.png", help="the quality-against-size PNG")
-    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="timed runs per model; the best counts (default 3)")
+    parser.add_argument("--plot", type=output_path, default="compression.png", help="the quality-against-size PNG")
+    parser.add_argument("--json", type=output_path, help="also write the rows here")
     args = parser.parse_args()
     if (args.translation and not args.translation_data) or (args.classification and not args.classification_data):
         parser.error("each task's models need that task's data (--translation-data / --classification-data)")

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import attention as attn_bench
+from benchmarks.args import count, output_path, positive_ints
+from maskattn.cli import positive_int
 
 PARTS = ("train", "generate", "long", "cache", "train-memory")
 TINY = dict(layers=2, width=64, heads=2, vocab=512, block=64, batch=2, docs=4, packed_block=128, prompt=16, new=8,
@@ -304,25 +306,25 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "compiled adds greedy(compile=True)")
     p.add_argument("--losses", default="logits,own", help="train: comma-separated subset of logits,own "
                    "(see bench_train)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=50257)
-    p.add_argument("--block", type=int, default=1024, help="train: tokens per plain row")
-    p.add_argument("--batch", type=int, default=2, help="train: rows per step")
-    p.add_argument("--docs", type=int, default=16, help="train: documents per packed row")
-    p.add_argument("--packed-block", type=int, default=4096, help="train: tokens per packed row")
-    p.add_argument("--prompt", type=int, default=512, help="generate: prompt tokens")
-    p.add_argument("--new", type=int, default=256, help="generate: new tokens")
-    p.add_argument("--gen-batches", default="1,8", help="generate: comma-separated batch sizes")
-    p.add_argument("--long-n", default="8192,65536", help="long: comma-separated sequence lengths")
-    p.add_argument("--window", type=int, default=256, help="long and cache: the sliding window W")
-    p.add_argument("--cache-tokens", type=int, default=32768, help="cache: tokens generated")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--layers", type=positive_int, default=4)
+    p.add_argument("--width", type=positive_int, default=256)
+    p.add_argument("--heads", type=positive_int, default=4)
+    p.add_argument("--vocab", type=positive_int, default=50257)
+    p.add_argument("--block", type=positive_int, default=1024, help="train: tokens per plain row")
+    p.add_argument("--batch", type=positive_int, default=2, help="train: rows per step")
+    p.add_argument("--docs", type=positive_int, default=16, help="train: documents per packed row")
+    p.add_argument("--packed-block", type=positive_int, default=4096, help="train: tokens per packed row")
+    p.add_argument("--prompt", type=positive_int, default=512, help="generate: prompt tokens")
+    p.add_argument("--new", type=positive_int, default=256, help="generate: new tokens")
+    p.add_argument("--gen-batches", type=positive_ints, default="1,8", help="generate: comma-separated batch sizes")
+    p.add_argument("--long-n", type=positive_ints, default="8192,65536", help="long: comma-separated sequence lengths")
+    p.add_argument("--window", type=positive_int, default=256, help="long and cache: the sliding window W")
+    p.add_argument("--cache-tokens", type=positive_int, default=32768, help="cache: tokens generated")
+    p.add_argument("--warmup", type=count, default=1)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--device", default="cpu", help="train and generate on this device (e.g. cuda)")
     p.add_argument("--bf16", action="store_true", help="train: bfloat16 autocast for both models")
-    p.add_argument("--json", default="end_to_end.json", help="where to write the results")
+    p.add_argument("--json", type=output_path, default="end_to_end.json", help="where to write the results")
     p.add_argument("--memory-child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.tiny:

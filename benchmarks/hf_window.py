@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from benchmarks.args import count, positive_int
 from benchmarks.attention import _rss_kb, machine
 
 IMPLS = ("maskattn", "sdpa", "eager")
@@ -79,20 +80,24 @@ def memory(case: str, impl: str, argv: list[str]) -> float:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.hf_window", description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=8192, help="tokens (default: %(default)s)")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--docs", type=int, default=8, help="documents in the packed case (default: %(default)s)")
+    p.add_argument("--n", type=positive_int, default=8192, help="tokens (default: %(default)s)")
+    p.add_argument("--hidden", type=positive_int, default=256)
+    p.add_argument("--layers", type=positive_int, default=4)
+    p.add_argument("--heads", type=positive_int, default=8)
+    p.add_argument("--window", type=positive_int, default=256)
+    p.add_argument("--docs", type=positive_int, default=8, help="documents in the packed case (default: %(default)s)")
     p.add_argument("--cases", default=",".join(CASES))
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--eager-max", type=int, default=4096, help="run eager only up to this many tokens")
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--eager-max", type=count, default=4096, help="run eager only up to this many tokens")
     p.add_argument("--memory", action="store_true", help="also measure peak memory, one subprocess per row")
     p.add_argument("--compile", metavar="BACKEND", help="also time maskattn and sdpa under torch.compile(fullgraph="
                    "True, backend=BACKEND), e.g. inductor")
     p.add_argument("--memory-child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    bad = sorted(set(args.cases.split(",")) - set(CASES))
+    if bad:
+        p.error(f"--cases: unknown {bad}; expected some of {list(CASES)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from benchmarks.args import output_path, positive_int, positive_ints
 from maskattn.models.common import head_copy_pays, step_logits
 
 
@@ -33,12 +34,12 @@ def time_ms(call, inner: int) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vocab", type=int, default=50257)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--rows", default="1,2,4,8,16", help="comma-separated row counts")
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds; the median is reported")
-    parser.add_argument("--inner", type=int, default=10, help="calls per timed round")
-    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--vocab", type=positive_int, default=50257)
+    parser.add_argument("--width", type=positive_int, default=256)
+    parser.add_argument("--rows", type=positive_ints, default="1,2,4,8,16", help="comma-separated row counts")
+    parser.add_argument("--repeats", type=positive_int, default=7, help="interleaved rounds; the median is reported")
+    parser.add_argument("--inner", type=positive_int, default=10, help="calls per timed round")
+    parser.add_argument("--json", type=output_path, help="also write the results here")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ import time
 import torch
 
 from maskattn import masks
+from maskattn.cli import positive_int
 
 
 def cases(n: int) -> list[tuple[str, masks.Mask]]:
@@ -25,8 +26,8 @@ def cases(n: int) -> list[tuple[str, masks.Mask]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--length", type=int, default=65536)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--length", type=positive_int, default=65536)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     args = parser.parse_args()
     print(f"mask.stats({args.length}, {args.length}), 128 x 128 tiles, median of {args.repeats} after a warm-up, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -14,6 +14,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from maskattn.cli import positive_int
 from maskattn.tasks import lm
 
 
@@ -21,7 +22,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
     p.add_argument("--text", default="../shared/data/tinyshakespeare/input.txt")
-    p.add_argument("--trials", type=int, default=200)
+    p.add_argument("--trials", type=positive_int, default=200)
     args = p.parse_args()
     model, tok, _ = lm.load(args.model)
     model.eval()
