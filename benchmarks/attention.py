@@ -157,14 +157,43 @@ def matmul_gflops(seconds: float) -> float:
     return 2 * 4096**3 / seconds / 1e9
 
 
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # largest |output - reference| an implementation may show
+
+
+def reference_rows(mask: Mask | None, n: int, qkv) -> dict[int, torch.Tensor]:
+    """Attention output of up to 64 query rows at the start, middle and end, in float64 from the dense scores of
+    those rows alone (cheap at any N): ``{first row: (B, H, rows, D)}``."""
+    q, k, v = (x.detach().double() for x in qkv)
+    rows = min(n, 64)
+    out = {}
+    for start in sorted({0, (n - rows) // 2, n - rows}):
+        scores = q[:, :, start:start + rows] @ k.transpose(-1, -2) / math.sqrt(D)  # (B, H, rows, N)
+        if mask is not None:
+            scores = scores.masked_fill(~mask.to_dense(rows, n, q_offset=start), -math.inf)
+        out[start] = torch.softmax(scores, dim=-1).nan_to_num(0.0) @ v  # a row with no key: zeros
+    return out
+
+
+def disagreement(run: Callable, qkv, reference: dict[int, torch.Tensor]) -> float:
+    """Largest |output - reference| of one forward on the reference's rows."""
+    with torch.no_grad():
+        out = run(*qkv).double()
+    return max((out[:, :, start:start + ref.shape[2]] - ref).abs().max().item() for start, ref in reference.items())
+
+
 def time_config(kind: str, n: int, names: list[str], warmup: int, repeats: int, naive_max: int,
-                dtype: torch.dtype = torch.float32) -> dict:
+                dtype: torch.dtype = torch.float32) -> tuple[dict, float, dict[str, float]]:
     """Median forward and forward+backward seconds of every implementation, interleaved; the matmul
-    reference in the same dtype."""
+    reference in the same dtype; and ``{name: largest error}`` of the implementations whose output differs
+    from :func:`reference_rows` beyond ``TOLERANCE``: those are not timed."""
     mask = make_mask(kind, n)
     names = [x for x in names if x != "naive" or n <= naive_max]
     impls = make_impls(names, mask, n)
     qkv, qkv_grad = _inputs(n, False, dtype), _inputs(n, True, dtype)
+    reference = reference_rows(mask, n, qkv)
+    errors = {name: disagreement(run, qkv, reference) for name, run in impls.items()}
+    wrong = {name: err for name, err in errors.items() if not err <= TOLERANCE[dtype]}  # NaN is wrong too
+    impls = {name: run for name, run in impls.items() if name not in wrong}
     grad = torch.randn(B, H, n, D, generator=torch.Generator().manual_seed(1)).to(dtype)
     forward = {name: [] for name in impls}
     backward = {name: [] for name in impls}
@@ -180,7 +209,7 @@ def time_config(kind: str, n: int, names: list[str], warmup: int, repeats: int, 
                 forward[name].append(fwd)
                 backward[name].append(bwd)
     medians = {name: (statistics.median(forward[name]), statistics.median(backward[name])) for name in impls}
-    return medians, matmul_gflops(statistics.median(matmul))
+    return medians, matmul_gflops(statistics.median(matmul)), wrong
 
 
 def _rss_kb(field: str) -> int:
@@ -276,13 +305,17 @@ def main(argv: list[str] | None = None) -> None:
     header = (f"{'mask':9} {'N':>6} {'impl':10} {'mm GF/s':>7} {'fwd ms':>9} {'f+b ms':>9} {'fwd %mm':>8} "
               f"{'f+b %mm':>8} {'x sdpa_mask':>11} {'x sdpa_best':>11} {'peak MB':>8}")
     print(header)
-    rows = []
+    rows, disagreements = [], []
     for kind in args.masks.split(","):
         for n in map(int, args.sizes.split(",")):
             pairs = allowed_pairs(make_mask(kind, n), n) * B * H
             flops = 4 * D * pairs
-            times, gflops = time_config(kind, n, names, args.warmup, args.repeats, args.naive_max,
-                                        DTYPES[args.dtype])
+            times, gflops, wrong = time_config(kind, n, names, args.warmup, args.repeats, args.naive_max,
+                                               DTYPES[args.dtype])
+            for name, err in wrong.items():
+                print(f"{kind:9} {n:6} {name:10} WRONG: output differs from the reference by {err:.2e} "
+                      f"(tolerance {TOLERANCE[DTYPES[args.dtype]]:.0e}); not timed", flush=True)
+                disagreements.append({"mask": kind, "n": n, "impl": name, "max_error": err})
             for name, (fwd, bwd) in times.items():
                 row = {"mask": kind, "n": n, "impl": name, "matmul_gflops": gflops, "fwd_s": fwd, "fwd_bwd_s": bwd,
                        "allowed_fraction": pairs / (B * H * n * n),
@@ -299,8 +332,11 @@ def main(argv: list[str] | None = None) -> None:
                       f"{row['peak_extra_mb']:8.0f}", flush=True)
     with open(args.json, "w") as f:
         json.dump({"machine": info, "protocol": {"B": B, "H": H, "D": D, "dtype": args.dtype, "warmup": args.warmup,
-                                                 "repeats": args.repeats, "window": WINDOW}, "rows": rows}, f, indent=1)
+                                                 "repeats": args.repeats, "window": WINDOW}, "rows": rows,
+                   "disagreements": disagreements}, f, indent=1)
     print(f"# wrote {args.json}")
+    if disagreements:
+        sys.exit(f"{len(disagreements)} implementation(s) gave wrong outputs and were not timed (see above)")
 
 
 if __name__ == "__main__":

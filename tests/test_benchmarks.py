@@ -4,6 +4,8 @@ the call's own."""
 
 import importlib
 import inspect
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -13,6 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import attention
+
+import maskattn
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -49,6 +53,59 @@ def test_every_benchmark_refuses_bad_flag_values_before_any_work(module, argv, m
     err = capsys.readouterr().err.strip().splitlines()[-1]
     flag = next(a for a in argv if a.startswith("--"))
     assert (exit_.value.code == 2 and f"argument {flag}" in err) or f"{flag}:" in err, err
+
+
+@pytest.mark.parametrize("kind", attention.MASKS)
+def test_reference_rows_are_the_reference_backend_on_those_rows(kind):
+    n = 100
+    mask = attention.make_mask(kind, n)
+    qkv = attention._inputs(n, False)
+    expected = maskattn.attention(*(x.double() for x in qkv), mask, backend="reference")
+    rows = attention.reference_rows(mask, n, qkv)
+    assert sorted(rows) == [0, 18, 36]  # 64 rows at the start, middle and end
+    for start, got in rows.items():
+        torch.testing.assert_close(got, expected[:, :, start:start + 64])
+
+
+def test_an_implementation_that_disagrees_is_reported_and_not_timed(monkeypatch, tmp_path, capsys):
+    real = attention.make_impls
+
+    def with_a_wrong_one(names, mask, n):
+        impls = real([x for x in names if x != "naive"], mask, n)
+        impls["naive"] = lambda q, k, v: impls["sdpa_mask"](q, k, v) * 1.001  # off by 0.1%
+        return impls
+
+    monkeypatch.setattr(attention, "make_impls", with_a_wrong_one)
+    times, _, wrong = attention.time_config("causal", 64, ["auto", "sdpa_mask", "naive"], 0, 1, 8192)
+    assert set(times) == {"auto", "sdpa_mask"} and set(wrong) == {"naive"} and 1e-4 < wrong["naive"] < 1e-2
+    monkeypatch.setattr(attention, "_time_matmul", lambda a, b: 1.0)  # not the 4096^3 matmul
+    out = tmp_path / "r.json"
+    with pytest.raises(SystemExit) as exit_:
+        attention.main(["--sizes", "64", "--masks", "causal", "--impls", "auto,sdpa_mask,naive", "--repeats", "1",
+                        "--json", str(out)])
+    assert "not timed" in str(exit_.value.code)
+    result = json.loads(out.read_text())
+    assert {row["impl"] for row in result["rows"]} == {"auto", "sdpa_mask"}
+    assert [d["impl"] for d in result["disagreements"]] == ["naive"]
+    assert "naive      WRONG" in capsys.readouterr().out
+
+
+def test_ratios_are_baseline_time_over_implementation_time_of_medians(monkeypatch, tmp_path):
+    # fwd+bwd seconds per repetition: auto 1, 2, 9 (median 2), sdpa_mask 6, 6, 6: "auto is 3x faster"
+    seconds = {"auto": iter([1.0, 2.0, 9.0]), "sdpa_mask": iter([6.0, 6.0, 6.0])}
+    monkeypatch.setattr(attention, "make_impls", lambda names, mask, n: {
+        name: (lambda q, k, v, name=name: torch.zeros_like(q)) for name in names})
+    monkeypatch.setattr(attention, "reference_rows", lambda mask, n, qkv: {})
+    monkeypatch.setattr(attention, "disagreement", lambda run, qkv, ref: 0.0)
+    monkeypatch.setattr(attention, "_time_forward", lambda run, qkv: 1.0)
+    monkeypatch.setattr(attention, "_time_backward", lambda run, qkv, grad: next(seconds[run.__defaults__[0]]))
+    monkeypatch.setattr(attention, "_time_matmul", lambda a, b: 1.0)
+    out = tmp_path / "r.json"
+    attention.main(["--sizes", "16", "--masks", "causal", "--impls", "auto,sdpa_mask", "--warmup", "0", "--repeats",
+                    "3", "--json", str(out)])
+    rows = {row["impl"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["auto"]["fwd_bwd_s"] == 2.0 and rows["auto"]["speedup_vs_sdpa_mask"] == 3.0
+    assert rows["sdpa_mask"]["speedup_vs_sdpa_mask"] == 1.0 and math.isnan(rows["auto"]["speedup_vs_sdpa_best"])
 
 
 def test_extra_peak_memory_of_a_known_allocation():
