@@ -47,6 +47,7 @@ from benchmarks.args import count, output_path, positive_ints
 from maskattn.cli import positive_int
 
 PARTS = ("train", "generate", "long", "cache", "train-memory")
+LOGITS_TOLERANCE = 1e-3  # largest |logit or loss difference| of the two fp32 models before they are timed
 TINY = dict(layers=2, width=64, heads=2, vocab=512, block=64, batch=2, docs=4, packed_block=128, prompt=16, new=8,
             gen_batches="1,2", long_n="512,1024", window=16, cache_tokens=256, warmup=1, repeats=1)
 
@@ -390,6 +391,9 @@ def main(argv: list[str] | None = None) -> None:
     if "train" in args.parts or "generate" in args.parts:
         ours, hf = build_models(args)
         results["logits"] = check_logits(ours, hf, args)
+        if not max(results["logits"].values()) <= LOGITS_TOLERANCE:  # NaN fails too
+            sys.exit(f"maskattn and HF disagree before anything is timed: |difference| {results['logits']} "
+                     f"(plain and packed logits, own loss), above {LOGITS_TOLERANCE:g}; not timing them")
         if "train" in args.parts:
             results["train"] = bench_train(ours, hf, args)
         if "generate" in args.parts:

@@ -5,6 +5,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import end_to_end
@@ -18,6 +20,18 @@ def test_tiny_run_writes_every_comparison(tmp_path):
     assert set(results["train"]) == {"plain", "packed"}
     assert set(results["train"]["packed"]) == {"maskattn-eager", "hf-eager", "maskattn-own-eager", "hf-own-eager"}
     assert set(results["generate"]) == {"1", "2"} and results["generate"]["1"]["same_tokens"] == 1.0
+
+
+def test_models_that_disagree_are_not_timed(monkeypatch, tmp_path):
+    disagreeing = {"plain": 0.5, "packed": 0.0, "own_loss": 0.0}
+    monkeypatch.setattr(end_to_end, "check_logits", lambda ours, hf, args: disagreeing)
+    timed = []
+    monkeypatch.setattr(end_to_end, "bench_train", lambda *a: timed.append("train"))
+    monkeypatch.setattr(end_to_end, "bench_generate", lambda *a: timed.append("generate"))
+    out = tmp_path / "e2e.json"
+    with pytest.raises(SystemExit, match="disagree before anything is timed"):
+        end_to_end.main(["--tiny", "--modes", "eager", "--parts", "train,generate", "--json", str(out)])
+    assert timed == [] and not out.exists()
 
 
 def test_tiny_train_memory_measures_each_case_and_a_child_reports_it():
