@@ -301,7 +301,7 @@ def _ints(text: str) -> list[int]:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true", help="small sizes for a smoke run (overrides the size flags)")
+    p.add_argument("--tiny", action="store_true", help="small sizes for a smoke run (flags given beside it win)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--modes", default="eager,compiled", help="train: eager and/or compiled (torch.compile); generate: "
                    "compiled adds greedy(compile=True)")
@@ -328,9 +328,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=output_path, default="end_to_end.json", help="where to write the results")
     p.add_argument("--memory-child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.tiny:
-        for name, value in TINY.items():
-            setattr(args, name, value)
+    if args.tiny:  # small defaults: a flag given beside --tiny still counts
+        p.set_defaults(**TINY)
+        args = p.parse_args(argv)
     args.parts = [x for x in args.parts.split(",") if x]
     args.modes = [x for x in args.modes.split(",") if x]
     args.losses = [x for x in args.losses.split(",") if x]

@@ -22,6 +22,12 @@ def test_tiny_run_writes_every_comparison(tmp_path):
     assert set(results["generate"]) == {"1", "2"} and results["generate"]["1"]["same_tokens"] == 1.0
 
 
+def test_flags_given_beside_tiny_still_apply():
+    args = end_to_end.parse(["--tiny", "--repeats", "3", "--layers", "3", "--long-n", "256"])
+    assert (args.repeats, args.layers, args.long_n) == (3, 3, [256])
+    assert (args.width, args.warmup, args.gen_batches) == (end_to_end.TINY["width"], 1, [1, 2])
+
+
 def test_models_that_disagree_are_not_timed(monkeypatch, tmp_path):
     disagreeing = {"plain": 0.5, "packed": 0.0, "own_loss": 0.0}
     monkeypatch.setattr(end_to_end, "check_logits", lambda ours, hf, args: disagreeing)
