@@ -4,6 +4,7 @@ structured masks). Run: ``python -m benchmarks.mask_stats [--length 65536] [--re
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -38,7 +39,7 @@ def main() -> None:
             start = time.perf_counter()
             stats = mask.stats(args.length, args.length)
             times.append(time.perf_counter() - start)
-        print(f"{name:52} {1000 * sorted(times)[len(times) // 2]:7.1f} ms   density {100 * stats.density:6.2f}%")
+        print(f"{name:52} {1000 * statistics.median(times):7.1f} ms   density {100 * stats.density:6.2f}%")
 
 
 if __name__ == "__main__":

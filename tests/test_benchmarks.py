@@ -117,3 +117,15 @@ def test_extra_peak_memory_of_a_known_allocation():
 def test_peak_memory_in_a_fresh_process_is_the_calls_own():
     # a forward+backward at N = 16 needs ~0.2 MB; a fresh process's first one also sets libraries up (~40 MB)
     assert attention.measure_memory("causal", 16, "auto") < 5
+
+
+def test_mask_stats_reports_the_median_of_an_even_number_of_repeats(monkeypatch, capsys):
+    from benchmarks import mask_stats
+
+    clock = iter([0.0, 1.0, 10.0, 13.0])  # two timed calls: 1 s and 3 s, median 2 s
+    first = mask_stats.cases(256)[:1]
+    monkeypatch.setattr(mask_stats, "cases", lambda n: first)
+    monkeypatch.setattr(mask_stats.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(sys, "argv", ["mask_stats", "--length", "256", "--repeats", "2"])
+    mask_stats.main()
+    assert "2000.0 ms" in capsys.readouterr().out.splitlines()[-1]
