@@ -248,30 +248,35 @@ def cache_memory_here(kind: str, tokens: int, window: int, args: argparse.Namesp
     torch.manual_seed(0)
     model = DecoderLM(config).eval()
     prompt = torch.randint(0, args.vocab, (1, 1))
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    before = attn_bench._rss_kb("VmRSS")
-    with torch.no_grad():
+
+    @torch.no_grad()
+    def generate(tokens: int):
         state, logits = model.begin_decoding(prompt, max_new_tokens=tokens, full_cache=kind == "full")
         for _ in range(tokens - 1):
             logits = model.step(state, logits.argmax(-1)[:, None])[:, -1]
-    peak = (attn_bench._rss_kb("VmHWM") - before) / 1024
+        return state
+
+    states = []
+    peak = attn_bench.extra_peak_mb(lambda: states.append(generate(tokens)), warmup=lambda: generate(2))
+    state = states[0]
     cache_bytes = sum(c.k.nbytes + c.v.nbytes for c in state.caches)
     return json.dumps({"peak_mb": peak, "cache_mb": cache_bytes / 2**20, "slots": state.caches[0].k.shape[2]})
 
 
 def train_memory_here(name: str, args: argparse.Namespace) -> float:
-    """Extra peak RSS (MB) of one forward + backward on plain rows: ``name`` is ``{maskattn,hf}-{logits,own}``."""
+    """Extra peak RSS (MB) of one forward + backward on plain rows (after one on 8 tokens): ``name`` is
+    ``{maskattn,hf}-{logits,own}``."""
     ours, hf = build_models(args)
     library, loss = name.split("-")
     model = ours if library == "maskattn" else hf
     ids = torch.randint(0, args.vocab, (args.batch, args.block), generator=torch.Generator().manual_seed(3))
     loss_of = loss_variants(ids)[loss][0 if library == "maskattn" else 1]
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    before = attn_bench._rss_kb("VmRSS")
-    loss_of(model).backward()
-    return (attn_bench._rss_kb("VmHWM") - before) / 1024
+
+    def warmup() -> None:  # the libraries' one-time set-up, on a row of 8 tokens; no gradient left behind
+        loss_variants(ids[:1, :8])[loss][0 if library == "maskattn" else 1](model).backward()
+        model.zero_grad(set_to_none=True)
+
+    return attn_bench.extra_peak_mb(lambda: loss_of(model).backward(), warmup=warmup)
 
 
 def bench_train_memory(args: argparse.Namespace) -> dict:
