@@ -27,7 +27,7 @@ import time
 import torch
 
 from benchmarks.args import count, positive_int
-from benchmarks.attention import _rss_kb, machine
+from benchmarks.attention import extra_peak_mb, machine
 
 IMPLS = ("maskattn", "sdpa", "eager")
 CASES = ("window", "packed")
@@ -62,14 +62,11 @@ def step(model, inputs, impl: str, run=None) -> None:
 
 
 def memory_here(case: str, impl: str, args: argparse.Namespace) -> float:
-    """Extra peak RSS (MB) of one step, in this (fresh) process."""
+    """Extra peak RSS (MB) of one step, in this (fresh) process, after one on 16 tokens (the one-time set-up)."""
     model, inputs = build(case, args)
     model.set_attn_implementation(impl)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    before = _rss_kb("VmRSS")
-    step(model, inputs, impl)
-    return (_rss_kb("VmHWM") - before) / 1024
+    short = {name: value[:, :16] if torch.is_tensor(value) else value for name, value in inputs.items()}
+    return extra_peak_mb(lambda: step(model, inputs, impl), warmup=lambda: step(model, short, impl))
 
 
 def memory(case: str, impl: str, argv: list[str]) -> float:

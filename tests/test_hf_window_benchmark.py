@@ -18,3 +18,9 @@ def test_tiny_run_prints_every_row_compiled_ones_included(capsys):
     rows = {tuple(line.split()[:2]) for line in lines[2:]}
     assert rows == {(case, impl) for case in ("window", "packed")
                     for impl in ("maskattn", "sdpa", "eager", "maskattn+compile", "sdpa+compile")}
+
+
+def test_peak_memory_of_a_tiny_step_is_the_steps_own():
+    # a step of this model on 64 tokens needs well under 5 MB; a fresh process's first step also sets up (~10 MB)
+    argv = ["--n", "64", "--hidden", "32", "--layers", "1", "--heads", "4", "--window", "16"]
+    assert hf_window.memory("window", "maskattn", argv) < 5
