@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes, _get_current_dispatch_mode_stack
 
 from maskattn import dispatch
 
@@ -84,3 +85,51 @@ def hashed_files(monkeypatch):
     for module in (io, checkpoint, persistence):
         monkeypatch.setattr(module, "sha256", counting)
     return hashed
+
+
+class HostReads(TorchDispatchMode):
+    """Counts, while active, the operations that read tensor values back to the host: ``.item()``, ``float(t)``,
+    ``int(t)``, ``bool(t)`` (all ``aten._local_scalar_dense``) and the data-dependent ones (``nonzero``, boolean
+    selection, ``unique``). On a GPU each waits for the device; on CPU they cost little, which is why a test counts.
+
+    ``count`` is their number; ``paused()`` stops counting within it (e.g. an optimizer's step, which reads its step
+    counter, a CPU tensor on every device). ``.tolist()`` is counted too (on CPU it reads memory without dispatching);
+    ``.cpu()`` and ``.numpy()`` are not.
+    """
+
+    READS = frozenset({torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                       torch.ops.aten.masked_select.default, torch.ops.aten._unique2.default,
+                       torch.ops.aten.unique_consecutive.default, torch.ops.aten.unique_dim.default})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __enter__(self):
+        tolist = self._tolist = torch.Tensor.tolist
+
+        def counted(tensor):
+            if self in _get_current_dispatch_mode_stack():  # not paused
+                self.count += 1
+            return tolist(tensor)
+
+        torch.Tensor.tolist = counted
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+    @staticmethod
+    def paused():
+        return _disable_current_modes()
+
+
+@pytest.fixture
+def host_reads():
+    """A new :class:`HostReads` counter per call: ``with host_reads() as reads: ...; reads.count``."""
+    return HostReads

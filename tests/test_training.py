@@ -649,3 +649,26 @@ def test_eval_every_without_evaluations_says_that_nothing_is_evaluated(tmp_path,
     assert [r.getMessage() for r in caplog.records] == [
         "training: train.eval_every=5, but this run has no validation data: nothing is evaluated, and the model "
         "of its last step is exported"]
+
+
+@pytest.mark.parametrize("accumulate", [1, 4])
+def test_an_optimizer_step_reads_the_device_once_whatever_the_accumulation(tmp_path, host_reads, accumulate):
+    # float(loss) of every micro-batch, then float(norm): accumulate + 1 waits for a GPU per step; the losses and the
+    # gradient norm come back together now, and the logged losses are the same Python sums as before
+    trainer = _tiny_trainer(tmp_path, steps=2, accumulate=accumulate)
+    micro = trainer._next_micro_batches()
+    losses = [float(trainer.loss_fn(trainer.model, b).detach()) for b in micro]
+    step = trainer.optimizer.step
+
+    def paused_step(*args, **kwargs):  # AdamW reads its step counter, a CPU tensor on every device
+        with host_reads.paused():
+            return step(*args, **kwargs)
+
+    trainer.optimizer.step = paused_step
+    with host_reads() as reads:
+        loss_sum, targets = trainer._optimizer_step(micro)
+    assert reads.count == 1
+    expected = 0.0
+    for loss in losses:
+        expected += loss
+    assert loss_sum == expected and targets == 16 * accumulate

@@ -536,21 +536,27 @@ class Trainer:
         total_targets = distributed.all_sum(float(sum(b["num_targets"] for b in micro)))
         module = self.ddp or self.model
         self.model.train()
-        loss_sum = 0.0
+        losses = []
         for i, batch in enumerate(micro):
             sync = self.ddp is None or i == len(micro) - 1
             with (nullcontext() if sync else self.ddp.no_sync()), self._autocast():
                 loss = self.loss_fn(module, batch)
                 # DDP averages gradients over ranks: scale by world size to get the global sum.
                 (loss * self.world / max(total_targets, 1.0)).backward()
-            loss_sum += float(loss.detach())
+            losses.append(loss.detach())
+        # Clipping scales the gradients only, which _stop discards: the losses and the norm come back to the host
+        # together, one wait for the device per step (not one per micro-batch).
+        # (without clipping, the norm is a placeholder, unread; without gradients, clip_grad_norm_ gives a CPU 0)
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm) if cfg.clip_norm else losses[0]
+        *values, norm = torch.stack([*losses, norm.to(losses[0].device)]).tolist()  # dtypes promoted: exact
+        loss_sum = 0.0
+        for value in values:  # added in order, as logged before (sum() of floats compensates since Python 3.12)
+            loss_sum += value
         loss_sum = distributed.all_sum(loss_sum)  # every rank sees the same sum, so all stop together
         if not math.isfinite(loss_sum):
             self._stop(f"the training loss is {loss_sum}")
-        if cfg.clip_norm:
-            norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm))
-            if not math.isfinite(norm):
-                self._stop(f"the gradient norm is {norm}")
+        if cfg.clip_norm and not math.isfinite(norm):
+            self._stop(f"the gradient norm is {norm}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, total_targets
