@@ -146,3 +146,37 @@ def test_the_perplexity_of_a_far_off_model_is_exp_of_its_loss_not_capped():
     loss = F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten()).item()
     assert 50 < loss < 700 and found["loss"] == pytest.approx(loss, rel=1e-5)
     assert found["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
+
+
+def test_the_training_loss_reads_nothing_back_beside_the_models_own_checks(tmp_path, capsys, monkeypatch, host_reads):
+    # row_loss counted the batch's targets with int(...) on every micro-batch, a wait for a GPU that training then
+    # threw away (the collate knows the count already); the model's forward (its input checks) is not counted here
+    from maskattn.training import Trainer
+
+    counts = []
+
+    def counting_loss(loss):
+        def counted(model, batch):
+            paused = []
+
+            def pause(*_):
+                paused.append(host_reads.paused())
+                paused[-1].__enter__()
+
+            def resume(*_):
+                paused.pop().__exit__(None, None, None)
+
+            hooks = [model.register_forward_pre_hook(pause), model.register_forward_hook(resume)]
+            with host_reads() as reads:
+                value = loss(model, batch)
+            for hook in hooks:
+                hook.remove()
+            counts.append(reads.count)
+            return value
+        return counted
+
+    init = Trainer.__init__
+    monkeypatch.setattr(Trainer, "__init__", lambda self, *a, loss, **k: init(self, *a, loss=counting_loss(loss), **k))
+    text = "the quick brown fox.\n\njumps over the lazy dog\n\n" * 10
+    assert main(_tiny_lm_args(tmp_path, text, "--set", 'data.documents="paragraphs"')) == 0
+    assert counts and set(counts) == {0}, counts

@@ -98,13 +98,18 @@ def row_loss(model: nn.Module, ids: Tensor, docs: Tensor, packed: bool) -> tuple
 
     Through ``model(inputs, targets=...)`` (so that DistributedDataParallel sees the call), i.e.
     ``DecoderLM.loss``, which at a large vocabulary never holds the whole (R, block, V) logits."""
+    loss, targets = _row_loss(model, ids, docs, packed)
+    return loss, int((targets != -100).sum())
+
+
+def _row_loss(model: nn.Module, ids: Tensor, docs: Tensor, packed: bool) -> tuple[Tensor, Tensor]:
+    """:func:`row_loss` and the (R, block) targets (-100: none), without counting them (a read from the device)."""
     device = next(model.parameters()).device
     ids, docs = ids.to(device), docs.to(device)
     inputs, targets = ids[:, :-1], ids[:, 1:].clone()
     if packed:
         targets[docs[:, 1:] != docs[:, :-1]] = -100  # a document's first token is not predictable
-    loss = model(inputs, targets=targets, doc_ids=docs[:, :-1] if packed else None)
-    return loss, int((targets != -100).sum())
+    return model(inputs, targets=targets, doc_ids=docs[:, :-1] if packed else None), targets
 
 
 def evaluate_stream(model: nn.Module, stream: Stream, cfg: DataConfig, *,
@@ -179,7 +184,7 @@ def train(cfg: LMConfig, *, resume: bool = False, log=log_stderr) -> dict[str, A
         return {"ids": ids, "docs": docs, "num_targets": targets}
 
     def loss(m: nn.Module, b: dict[str, Any]) -> Tensor:
-        return row_loss(m, b["ids"], b["docs"], packed)[0]
+        return _row_loss(m, b["ids"], b["docs"], packed)[0]  # (collate counted the targets, on the host)
 
     return fit_and_export(
         model, tok, cfg.train, out, evaluate=lambda m: evaluate_stream(m, valid_stream, cfg.data), resume=resume,
