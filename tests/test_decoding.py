@@ -595,3 +595,29 @@ def test_beam_scores_of_a_float64_model_are_its_float64_log_probabilities():
     assert [_until_eos(row, eos) for row in tokens.tolist()] == [candidates[i] for i in best]
     assert beam_scores.dtype == torch.float64
     torch.testing.assert_close(beam_scores, best_score, atol=1e-12, rtol=0)
+
+
+
+@pytest.mark.parametrize(("search", "eos", "min_new", "per_token"), [
+    ("greedy", None, 0, 0), ("greedy", 3, "all", 0), ("greedy", 3, 0, 1), ("sample", None, 0, 0), ("sample", 3, 0, 1)])
+def test_generation_reads_the_device_for_eos_only_where_eos_may_end_a_row(host_reads, search, eos, min_new, per_token):
+    # every step read done.all() back (a wait for a GPU per token) even where no row could have ended at EOS: no
+    # eos_id, or fewer than min_new_tokens tokens out ("all": as many as max_new_tokens; the last step is known on the
+    # host). The model's step (its input checks and cache) is not counted here.
+    model = DecoderLM(DecoderLMConfig.preset("tiny", vocab_size=11, eos_id=None)).eval()
+    step = model.step
+
+    def paused_step(*args, **kwargs):
+        with host_reads.paused():
+            return step(*args, **kwargs)
+
+    model.step = paused_step
+    prompts, counts = torch.randint(0, 11, (2, 5)), []
+    options = {"generator": torch.Generator().manual_seed(0)} if search == "sample" else {}
+    for max_new in (12, 16):
+        with host_reads() as reads:
+            out = getattr(decoding, search)(model, prompts, max_new_tokens=max_new, eos_id=eos,
+                                            min_new_tokens=max_new if min_new == "all" else min_new, **options)
+        counts.append(reads.count)
+        assert out.shape[1] == max_new or eos is not None
+    assert counts[1] - counts[0] <= 4 * per_token, counts

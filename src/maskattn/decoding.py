@@ -315,7 +315,9 @@ def _generate(model: nn.Module, inputs: Tensor, lengths: Lengths, max_new: MaxNe
             done = done | (last == t)
             if eos_id is not None:
                 done = done | (tokens == eos_id)
-            if bool(done.all()):
+            # Before min_new tokens (or without an EOS) only the limits end rows, and every row's by the last step:
+            # known on the host, so the device is read (a wait on a GPU) only where an EOS may end the search.
+            if t == max(caps) - 1 or (eos_id is not None and t >= min_new and bool(done.all())):
                 break
             logits = step(model, state, tokens[:, None])
     return torch.stack(out, dim=1)  # (B, T)
