@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from maskattn.cli import positive_int
+from maskattn.tasks.common import read_task
 
 
 def count(text: str) -> int:
@@ -38,3 +39,22 @@ def output_path(text: str) -> str:
     if not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: the directory {path.parent} does not exist")
     return text
+
+
+
+# Inputs that must exist are checked after parsing, not by argparse types: the docs' commands, which name runs and
+# data this checkout may not have, are parsed by tests/test_docs_commands.py.
+def require_file(parser: argparse.ArgumentParser, flag: str, path: str) -> None:
+    """Stop with one argparse error naming ``flag`` unless ``path`` is a file to read (``--text``, test data)."""
+    if not Path(path).is_file():
+        what = "a directory" if Path(path).is_dir() else "no such file"
+        parser.error(f"argument {flag}: expected a file to read, got {path!r} ({what})")
+
+
+def require_model(parser: argparse.ArgumentParser, flag: str, directory: str, task: str) -> None:
+    """Stop with one argparse error naming ``flag`` unless ``directory`` holds a saved ``task`` model (its
+    ``task.json`` read and checked), before any work: not a traceback when its turn comes."""
+    try:
+        read_task(directory, task)
+    except ValueError as err:  # io.FormatError too: missing, not a model directory, a modified task.json
+        parser.error(f"argument {flag}: expected a model directory of task {task!r}: {err}")

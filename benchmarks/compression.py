@@ -26,8 +26,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.args import output_path
-from maskattn.cli import positive_int
+from benchmarks.args import output_path, positive_int, require_file, require_model
 from maskattn.compression import heads, linear_weight_bytes
 from maskattn.data import read_labelled
 from maskattn.plotting import plot_tradeoff
@@ -95,6 +94,13 @@ def main() -> None:
     args = parser.parse_args()
     if (args.translation and not args.translation_data) or (args.classification and not args.classification_data):
         parser.error("each task's models need that task's data (--translation-data / --classification-data)")
+    for task in ("translation", "classification"):  # before any model is loaded or timed
+        for directory in getattr(args, task):
+            require_model(parser, f"--{task}", directory, task)
+    for path in args.translation_data or []:
+        require_file(parser, "--translation-data", path)
+    if args.classification_data:
+        require_file(parser, "--classification-data", args.classification_data)
     rows: list[dict[str, Any]] = []
     for task, dirs, measure in (
             ("translation", args.translation, lambda d: measure_translation(d, *args.translation_data, args.repeats)),

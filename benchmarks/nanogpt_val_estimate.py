@@ -14,7 +14,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from maskattn.cli import positive_int
+from benchmarks.args import positive_int, require_file, require_model
 from maskattn.tasks import lm
 
 
@@ -24,6 +24,8 @@ def main() -> None:
     p.add_argument("--text", default="../shared/data/tinyshakespeare/input.txt")
     p.add_argument("--trials", type=positive_int, default=200)
     args = p.parse_args()
+    require_model(p, "model", args.model, "lm")
+    require_file(p, "--text", args.text)
     model, tok, _ = lm.load(args.model)
     model.eval()
     with open(args.text) as f:

@@ -129,3 +129,41 @@ def test_mask_stats_reports_the_median_of_an_even_number_of_repeats(monkeypatch,
     monkeypatch.setattr(sys, "argv", ["mask_stats", "--length", "256", "--repeats", "2"])
     mask_stats.main()
     assert "2000.0 ms" in capsys.readouterr().out.splitlines()[-1]
+
+
+def _saved_lm(directory: Path) -> Path:
+    from maskattn.models import DecoderLM, DecoderLMConfig
+    from maskattn.tasks.common import write_task
+    from maskattn.tokenization import Tokenizer
+
+    tok = Tokenizer.train_chars(["abcdef"])
+    DecoderLM(DecoderLMConfig(vocab_size=tok.vocab_size, d_model=16, num_heads=2, num_layers=1, d_ff=32,
+                              max_len=16)).save(directory, tokenizer=tok)
+    write_task(directory, {"task": "lm"})
+    return directory
+
+
+@pytest.mark.parametrize("module, argv, flag, given", [
+    ("nanogpt_val_estimate", ["{missing}"], "argument model", "{missing}: not a model directory"),
+    ("nanogpt_val_estimate", ["{lm}", "--text", "{missing}"], "argument --text", "'{missing}' (no such file)"),
+    ("compression", ["--translation", "{missing}", "--translation-data", "{lm}/task.json", "{lm}/task.json"],
+     "argument --translation", "{missing}: not a model directory"),
+    ("compression", ["--classification", "{lm}", "--classification-data", "{lm}/task.json"],
+     "argument --classification", "holds a 'lm' model, not a 'classification' one"),
+    ("compression", ["--translation-data", "{lm}/task.json", "{missing}"], "argument --translation-data",
+     "'{missing}' (no such file)"),
+    ("compression", ["--classification-data", "{missing}"], "argument --classification-data", "'{missing}'"),
+])
+def test_a_missing_model_or_file_is_one_error_naming_it_before_any_work(module, argv, flag, given, tmp_path,
+                                                                         monkeypatch, capsys):
+    names = {"missing": str(tmp_path / "missing"), "lm": str(_saved_lm(tmp_path / "lm"))}
+    argv = [a.format(**names) for a in argv]
+    from maskattn.tasks import classification, lm, translation
+
+    for task in (lm, translation, classification):  # any work would start by loading a model
+        monkeypatch.setattr(task, "load", lambda *a: pytest.fail("loaded a model"))
+    monkeypatch.setattr(sys, "argv", [module, *argv])
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(f"benchmarks.{module}").main()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and f"{flag}: " in err and given.format(**names) in err, err
