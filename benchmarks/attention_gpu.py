@@ -6,7 +6,8 @@ prefix-LM, key padding, causal). Per kind and sequence length N, each implementa
 grad) and forward+backward, interleaved within each repetition, timed with ``torch.cuda.synchronize``;
 the median after warm-up is reported, with the extra peak memory (``max_memory_allocated`` above what
 the inputs hold) of one forward+backward, and the largest difference from SDPA-with-the-dense-mask's
-output where that runs.
+output where that runs: an implementation beyond ``attention.TOLERANCE`` of it is reported as WRONG, not
+timed, listed under "disagreements" in the JSON, and the run exits non-zero.
 
     python -m benchmarks.attention_gpu --sizes 4096,16384 --json benchmarks/results/gpu-attention.json
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 
 import maskattn
 from benchmarks.args import count, output_path, positive_int, positive_ints
-from benchmarks.attention import MASKS, _sdpa_best, allowed_pairs, machine, make_mask
+from benchmarks.attention import MASKS, TOLERANCE, _sdpa_best, allowed_pairs, machine, make_mask, wrong_outputs
 
 IMPLS = ["auto", "blocked", "sdpa", "flex", "sdpa_best", "sdpa_mask"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -53,8 +55,10 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def run_config(kind: str, n: int, args: argparse.Namespace) -> dict:
-    device, dtype = torch.device("cuda"), DTYPES[args.dtype]
+def run_config(kind: str, n: int, args: argparse.Namespace, device: str = "cuda") -> tuple[dict, dict[str, float]]:
+    """``{implementation: row}`` of the timed ones, and ``{implementation: largest difference}`` of those whose output
+    differs from sdpa_mask's beyond ``TOLERANCE``: those are not timed."""
+    device, dtype = torch.device(device), DTYPES[args.dtype]  # device: "cpu" in the tests
     mask = make_mask(kind, n)
     mask = None if mask is None else mask.to(device)  # as a GPU training loop builds it
     impls = make_impls(args.impls, mask, n, device)
@@ -79,6 +83,14 @@ def run_config(kind: str, n: int, args: argparse.Namespace) -> dict:
             del impls[name]
         for x in (qg, kg, vg):
             x.grad = None
+    ref = outputs.get("sdpa_mask")
+    errors = {} if ref is None else {name: (out.float() - ref.float()).abs().max().item()
+                                     for name, out in outputs.items() if name in impls}
+    wrong = wrong_outputs(errors, dtype)
+    for name, err in wrong.items():
+        print(f"  {kind} N={n} {name}: WRONG: output differs from sdpa_mask's by {err:.2e} "
+              f"(tolerance {TOLERANCE[dtype]:.0e}); not timed", flush=True)
+        del impls[name]
     for rep in range(args.warmup + args.repeats):
         for name, run in impls.items():
             with torch.no_grad():
@@ -87,16 +99,14 @@ def run_config(kind: str, n: int, args: argparse.Namespace) -> dict:
             if rep >= args.warmup:
                 fwd[name].append(t_fwd)
                 bwd[name].append(t_bwd)
-    ref = outputs.get("sdpa_mask")
     pairs = allowed_pairs(mask, n) if n <= 16384 else None
     rows = {}
     for name in impls:
         f, b = statistics.median(fwd[name]), statistics.median(bwd[name])
-        err = None if ref is None else (outputs[name].float() - ref.float()).abs().max().item()
         tflops = None if pairs is None else 4 * args.head_dim * pairs * args.batch * args.heads * 3.5 / b / 1e12
-        rows[name] = {"forward_ms": f * 1e3, "fwd_bwd_ms": b * 1e3, "peak_mb": peak[name], "max_err": err,
+        rows[name] = {"forward_ms": f * 1e3, "fwd_bwd_ms": b * 1e3, "peak_mb": peak[name], "max_err": errors.get(name),
                       "fwd_bwd_tflops_allowed": tflops}
-    return rows
+    return rows, wrong
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -119,10 +129,12 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     args.impls = [x for x in args.impls.split(",") if x]
-    results = {"machine": machine(), "args": vars(args), "rows": {}}
+    results = {"machine": machine(), "args": vars(args), "rows": {}, "disagreements": []}
     for kind in args.masks.split(","):
         for n in (int(x) for x in args.sizes.split(",")):
-            rows = run_config(kind, n, args)
+            rows, wrong = run_config(kind, n, args)
+            results["disagreements"] += [{"mask": kind, "n": n, "impl": name, "max_err": err}
+                                         for name, err in wrong.items()]
             results["rows"][f"{kind}/{n}"] = rows
             base = rows.get("sdpa_mask", {}).get("fwd_bwd_ms")
             for name, r in rows.items():
@@ -133,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     with open(args.json, "w") as f:
         json.dump(results, f, indent=2)
     print(f"# wrote {args.json}")
+    if results["disagreements"]:
+        sys.exit(f"{len(results['disagreements'])} implementation(s) disagreed with sdpa_mask and were not timed "
+                 "(see above)")
 
 
 if __name__ == "__main__":

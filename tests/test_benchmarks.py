@@ -167,3 +167,26 @@ def test_a_missing_model_or_file_is_one_error_naming_it_before_any_work(module, 
         importlib.import_module(f"benchmarks.{module}").main()
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_.value.code == 2 and f"{flag}: " in err and given.format(**names) in err, err
+
+
+def test_attention_gpu_does_not_time_an_implementation_that_disagrees(monkeypatch, capsys):
+    # run on CPU tensors, with torch.cuda's synchronisation and memory counters stubbed out
+    from benchmarks import attention_gpu
+
+    for name, stub in (("synchronize", lambda: None), ("reset_peak_memory_stats", lambda: None),
+                       ("memory_allocated", lambda: 0), ("max_memory_allocated", lambda: 0)):
+        monkeypatch.setattr(torch.cuda, name, stub)
+    real = attention_gpu.make_impls
+
+    def with_a_wrong_one(names, mask, n, device):
+        impls = real([x for x in names if x != "blocked"], mask, n, device)
+        impls["blocked"] = lambda q, k, v: impls["sdpa_mask"](q, k, v) * 1.001  # off by 0.1%
+        return impls
+
+    monkeypatch.setattr(attention_gpu, "make_impls", with_a_wrong_one)
+    args = attention_gpu.argparse.Namespace(impls=["auto", "blocked", "sdpa_mask"], dtype="fp32", batch=1, heads=2,
+                                            head_dim=16, warmup=0, repeats=1)
+    rows, wrong = attention_gpu.run_config("causal", 64, args, device="cpu")
+    assert set(rows) == {"auto", "sdpa_mask"} and rows["auto"]["max_err"] < 1e-5
+    assert set(wrong) == {"blocked"} and 1e-4 < wrong["blocked"] < 1e-2
+    assert "blocked: WRONG" in capsys.readouterr().out
