@@ -5,7 +5,8 @@ mask); we capture the weights of 2 heads x 4 query rows of one layer with
 ``capture_attention(method="lse")`` (fast backends, weights recomputed from the log-sum-exp) and with
 ``method="rerun"`` (every chosen call asked again with ``return_weights=True``: the dense reference
 path), against the plain forward. Each method runs in a fresh subprocess, which reports its wall
-time (median of 3 after a warm-up) and its peak resident memory above the model and inputs.
+time (median of 3 after a full-size call) and the peak resident memory of that call above what the process held
+before it (after a 64-token warm-up: :func:`measure`).
 
     python -m benchmarks.cheap_weights [--sizes 2048,4096,8192]
 """
@@ -18,48 +19,54 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
 from benchmarks.args import output_path, positive_ints
+from benchmarks.attention import extra_peak_mb
 from maskattn.models import DecoderLM, DecoderLMConfig
 from maskattn.viz import capture_attention
 
 METHODS = ["plain", "lse", "rerun"]
 
 
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field))
+def measure(run_at: Callable[[int], Callable[[], object]], n: int) -> tuple[float, float]:
+    """Median seconds of 3 calls of ``run_at(n)``, and the extra peak RSS (MB) of the first full-size call before
+    them. The warm-up before that call is a small one (``run_at(64)``): the libraries' one-time set-up is not
+    counted, and no full-size call has run whose freed memory the allocator keeps for the measured one to reuse
+    (a full-size warm-up read N = 1024's plain forward as 8.9 MB instead of 17.5 MB)."""
+    peak = extra_peak_mb(run_at(n), warmup=run_at(min(n, 64)))
+    run, times = run_at(n), []
+    for _ in range(3):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), peak
 
 
 def child(method: str, n: int) -> dict:
     torch.manual_seed(0)
     cfg = DecoderLMConfig(vocab_size=1000, d_model=256, num_heads=8, num_layers=4, d_ff=1024, max_len=n)
     model = DecoderLM(cfg).eval()
-    x = torch.randint(0, 1000, (1, n))
-    rows = [0, n // 3, n // 2, n - 1]
 
-    def run():
-        with torch.no_grad():
-            if method == "plain":
-                return model(x)
-            with capture_attention(model, layers=["decoder.layers.2.*"], heads=[0, 5], rows=rows,
-                                   method=method) as got:
-                model(x)
-            return got
+    def run_at(length: int) -> Callable[[], object]:
+        x = torch.randint(0, 1000, (1, length))
+        rows = [0, length // 3, length // 2, length - 1]
 
-    run()  # warm-up
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak-RSS counter
-    base = _rss_kb("VmRSS")
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return {"method": method, "n": n, "seconds": statistics.median(times),
-            "peak_extra_mb": (_rss_kb("VmHWM") - base) / 1024}
+        def run():
+            with torch.no_grad():
+                if method == "plain":
+                    return model(x)
+                with capture_attention(model, layers=["decoder.layers.2.*"], heads=[0, 5], rows=rows,
+                                       method=method) as got:
+                    model(x)
+                return got
+
+        return run
+
+    seconds, peak = measure(run_at, n)
+    return {"method": method, "n": n, "seconds": seconds, "peak_extra_mb": peak}
 
 
 def main() -> None:

@@ -190,3 +190,25 @@ def test_attention_gpu_does_not_time_an_implementation_that_disagrees(monkeypatc
     assert set(rows) == {"auto", "sdpa_mask"} and rows["auto"]["max_err"] < 1e-5
     assert set(wrong) == {"blocked"} and 1e-4 < wrong["blocked"] < 1e-2
     assert "blocked: WRONG" in capsys.readouterr().out
+
+
+def test_cheap_weights_peak_of_a_known_allocation():
+    from benchmarks import cheap_weights
+
+    quarter_mb = 2**16  # floats
+    seconds, mb = cheap_weights.measure(lambda k: (lambda: torch.ones(k * quarter_mb).sum()), 400)  # 100 MB
+    assert 95 < mb < 110 and seconds > 0, mb
+
+
+def test_cheap_weights_measures_a_full_size_call_after_a_small_warm_up_only(monkeypatch):
+    # a full-size warm-up leaves freed memory the allocator keeps and the measured call reuses: the peak read low
+    from benchmarks import cheap_weights
+
+    seen = []
+    forward = cheap_weights.DecoderLM.forward
+    monkeypatch.setattr(cheap_weights.DecoderLM, "forward", lambda self, x, *a, **k: (
+        seen.append(x.shape[1]), forward(self, x, *a, **k))[1])
+    monkeypatch.setattr(cheap_weights, "extra_peak_mb", lambda call, warmup: attention.extra_peak_mb(
+        call, lambda: (warmup(), seen.append("measured:")) if warmup else None), raising=False)
+    row = cheap_weights.child("plain", 128)
+    assert seen == [64, "measured:", 128, 128, 128, 128] and row["peak_extra_mb"] > 0, seen
