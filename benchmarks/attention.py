@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -272,6 +273,13 @@ def machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
+def provenance(module: str, argv: list[str] | None = None) -> dict:
+    """What every benchmark's ``--json`` records so that a figure can be traced to its run: :func:`machine` (CPU,
+    cores, torch version, torch threads, GPU) and the exact command line (``argv``: the flags; None: sys.argv's)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return machine() | {"command": shlex.join(["python", "-m", module, *argv])}
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.attention", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=positive_ints, default=",".join(map(str, SIZES)),
@@ -307,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     names = args.impls.split(",")
     memory_sizes = {int(x) for x in args.memory_sizes.split(",") if x}
-    info = machine() | {"argv": sys.argv[1:]}
+    info = provenance("benchmarks.attention", argv)
     print(f"# {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {args.dtype}")
     header = (f"{'mask':9} {'N':>6} {'impl':10} {'mm GF/s':>7} {'fwd ms':>9} {'f+b ms':>9} {'fwd %mm':>8} "
               f"{'f+b %mm':>8} {'x sdpa_mask':>11} {'x sdpa_best':>11} {'peak MB':>8}")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import maskattn
 from benchmarks.args import count, output_path, positive_int, positive_ints
-from benchmarks.attention import MASKS, TOLERANCE, _sdpa_best, allowed_pairs, machine, make_mask, wrong_outputs
+from benchmarks.attention import MASKS, TOLERANCE, _sdpa_best, allowed_pairs, make_mask, provenance, wrong_outputs
 
 IMPLS = ["auto", "blocked", "sdpa", "flex", "sdpa_best", "sdpa_mask"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     args.impls = [x for x in args.impls.split(",") if x]
-    results = {"machine": machine(), "args": vars(args), "rows": {}, "disagreements": []}
+    results = {"machine": provenance("benchmarks.attention_gpu", argv), "args": vars(args), "rows": {},
+               "disagreements": []}
     for kind in args.masks.split(","):
         for n in (int(x) for x in args.sizes.split(",")):
             rows, wrong = run_config(kind, n, args)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.args import output_path, positive_ints
-from benchmarks.attention import extra_peak_mb
+from benchmarks.attention import extra_peak_mb, provenance
 from maskattn.models import DecoderLM, DecoderLMConfig
 from maskattn.viz import capture_attention
 
@@ -88,7 +88,8 @@ def main() -> None:
             results.append(row)
             print(f"{n:>6} {method:>6} {row['seconds']:8.3f} {row['peak_extra_mb']:14.1f}")
     with open(args.json, "w") as f:
-        json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}, f, indent=1)
+        json.dump({"machine": provenance("benchmarks.cheap_weights"), "torch": torch.__version__,
+                   "threads": torch.get_num_threads(), "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from benchmarks.args import output_path, positive_int, require_file, require_model
+from benchmarks.attention import provenance
 from maskattn.compression import heads, linear_weight_bytes
 from maskattn.data import read_labelled
 from maskattn.plotting import plot_tradeoff
@@ -126,7 +127,8 @@ def main() -> None:
                   ylabels={r["task"]: r["metric"] for r in rows})
     print(f"wrote {args.plot}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        record = {"machine": provenance("benchmarks.compression"), "rows": rows}
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

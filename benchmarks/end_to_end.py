@@ -391,8 +391,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(cache_memory_here(what[1], int(what[2]), int(what[3]), args))
         return
-    results: dict = {"machine": attn_bench.machine(), "args": {k: v for k, v in vars(args).items()
-                                                                if k != "memory_child"}}
+    results: dict = {"machine": attn_bench.provenance("benchmarks.end_to_end", argv),
+                     "args": {k: v for k, v in vars(args).items() if k != "memory_child"}}
     if "train" in args.parts or "generate" in args.parts:
         ours, hf = build_models(args)
         results["logits"] = check_logits(ours, hf, args)

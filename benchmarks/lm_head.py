@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from benchmarks.args import output_path, positive_int, positive_ints
+from benchmarks.attention import provenance
 from maskattn.models.common import head_copy_pays, step_logits
 
 
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(0)
     head = nn.Linear(args.width, args.vocab, bias=False).eval()
-    result = {"threads": torch.get_num_threads(), "vocab": args.vocab, "width": args.width, "rows": {}}
+    result = {"machine": provenance("benchmarks.lm_head", argv), "threads": torch.get_num_threads(),
+              "vocab": args.vocab, "width": args.width, "rows": {}}
     with torch.no_grad():
         for rows in (int(r) for r in args.rows.split(",")):
             h = torch.randn(rows, 1, args.width)

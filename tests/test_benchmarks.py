@@ -6,6 +6,7 @@ import importlib
 import inspect
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def test_mask_stats_reports_the_median_of_an_even_number_of_repeats(monkeypatch,
     assert "2000.0 ms" in capsys.readouterr().out.splitlines()[-1]
 
 
-def _saved_lm(directory: Path) -> Path:
+def _saved_lm(directory: Path, task: str = "lm") -> Path:
     from maskattn.models import DecoderLM, DecoderLMConfig
     from maskattn.tasks.common import write_task
     from maskattn.tokenization import Tokenizer
@@ -139,7 +140,7 @@ def _saved_lm(directory: Path) -> Path:
     tok = Tokenizer.train_chars(["abcdef"])
     DecoderLM(DecoderLMConfig(vocab_size=tok.vocab_size, d_model=16, num_heads=2, num_layers=1, d_ff=32,
                               max_len=16)).save(directory, tokenizer=tok)
-    write_task(directory, {"task": "lm"})
+    write_task(directory, {"task": task})
     return directory
 
 
@@ -212,3 +213,57 @@ def test_cheap_weights_measures_a_full_size_call_after_a_small_warm_up_only(monk
         call, lambda: (warmup(), seen.append("measured:")) if warmup else None), raising=False)
     row = cheap_weights.child("plain", 128)
     assert seen == [64, "measured:", 128, 128, 128, 128] and row["peak_extra_mb"] > 0, seen
+
+
+def test_provenance_is_the_machine_and_the_exact_command_line():
+    got = attention.provenance("benchmarks.lm_head", ["--vocab", "8", "--json", "my results.json"])
+    assert got["command"] == "python -m benchmarks.lm_head --vocab 8 --json 'my results.json'"
+    assert got["torch"] == torch.__version__ and got["torch_threads"] == torch.get_num_threads()
+    assert got["cores"] and "cpu" in got and "gpu" in got
+
+
+def _skip_the_work(module, monkeypatch, tmp_path):
+    """Patch out each benchmark's measurements (their own tests cover them): what is left writes the JSON."""
+    if module.__name__.endswith(".attention"):
+        monkeypatch.setattr(module, "_time_matmul", lambda a, b: 1.0)
+    elif module.__name__.endswith("attention_gpu"):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "a GPU")
+        monkeypatch.setattr(module, "run_config", lambda kind, n, args: ({}, {}))
+    elif module.__name__.endswith("end_to_end"):
+        monkeypatch.setattr(module, "bench_long", lambda args: {})
+        monkeypatch.setattr(module, "report", lambda results: None)
+    elif module.__name__.endswith("cheap_weights"):
+        row = json.dumps({"method": "plain", "n": 16, "seconds": 1.0, "peak_extra_mb": 1.0})
+        monkeypatch.setattr(module.subprocess, "run", lambda *a, **k: type("Done", (), {"stdout": row})())
+    elif module.__name__.endswith("compression"):
+        model = _saved_lm(tmp_path / "model", "classification")
+        monkeypatch.setattr(module, "measure_classification", lambda d, path, repeats: {})
+        monkeypatch.setattr(module, "row", lambda task, d, measured, base: {
+            "task": task, "model": d, "heads": 1, "file_mb": 1.0, "linear_mb": 1.0, "latency": 1.0,
+            "latency_unit": "s", "quality": 1.0, "metric": "BLEU", "linear_smaller": 1.0, "faster": 1.0,
+            "quality_change": 0.0})
+        monkeypatch.setattr(module, "plot_tradeoff", lambda *a, **k: None)
+        return ["--classification", str(model), "--classification-data", str(model / "task.json"), "--plot",
+                str(tmp_path / "p.png")]
+    return []
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("attention", ["--sizes", "16", "--masks", "causal", "--impls", "auto", "--repeats", "1"]),
+    ("attention_gpu", ["--sizes", "16", "--masks", "causal"]),
+    ("end_to_end", ["--parts", "long"]),
+    ("lm_head", ["--vocab", "16", "--width", "8", "--rows", "1", "--repeats", "1", "--inner", "1"]),
+    ("cheap_weights", ["--sizes", "16"]),
+    ("compression", []),
+])
+def test_every_benchmarks_json_records_the_command_line_torch_threads_and_machine(module, argv, tmp_path,
+                                                                                   monkeypatch):
+    mod = importlib.import_module(f"benchmarks.{module}")
+    argv = [*argv, *_skip_the_work(mod, monkeypatch, tmp_path), "--json", str(tmp_path / "r.json")]
+    monkeypatch.setattr(sys, "argv", [f"{module}.py", *argv])  # the mains that read sys.argv
+    mod.main(argv) if "argv" in inspect.signature(mod.main).parameters else mod.main()
+    machine = json.loads((tmp_path / "r.json").read_text())["machine"]
+    assert machine["command"] == " ".join(["python", "-m", f"benchmarks.{module}", *argv])
+    assert machine["torch"] == torch.__version__ and machine["torch_threads"] == torch.get_num_threads()
+    assert machine["cpu"] is not None and machine["cores"] == os.cpu_count()
