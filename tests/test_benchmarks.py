@@ -267,3 +267,32 @@ def test_every_benchmarks_json_records_the_command_line_torch_threads_and_machin
     assert machine["command"] == " ".join(["python", "-m", f"benchmarks.{module}", *argv])
     assert machine["torch"] == torch.__version__ and machine["torch_threads"] == torch.get_num_threads()
     assert machine["cpu"] is not None and machine["cores"] == os.cpu_count()
+
+
+def test_cheap_weights_children_run_outside_the_repository(tmp_path, monkeypatch, capsys):
+    # the child re-read the default --json (benchmarks/results/...) and refused it outside the repository root,
+    # although the parent wrote elsewhere and the child writes nothing: a CalledProcessError traceback
+    import subprocess
+    from types import SimpleNamespace
+
+    from benchmarks import cheap_weights
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cheap_weights, "child", lambda method, n: {"method": method, "n": n, "seconds": 1.0,
+                                                                    "peak_extra_mb": 0.0})
+
+    def run_child_here(cmd, **kwargs):  # the child's own command line, parsed in this directory
+        assert cmd[:3] == [sys.executable, "-m", "benchmarks.cheap_weights"], cmd
+        capsys.readouterr()
+        with monkeypatch.context() as m:
+            m.setattr(sys, "argv", cmd[2:])
+            try:
+                cheap_weights.main()
+            except SystemExit as e:
+                raise subprocess.CalledProcessError(e.code, cmd, capsys.readouterr().out) from None
+        return SimpleNamespace(stdout=capsys.readouterr().out)
+
+    monkeypatch.setattr(cheap_weights.subprocess, "run", run_child_here)
+    monkeypatch.setattr(sys, "argv", ["cheap_weights", "--sizes", "16", "--json", str(tmp_path / "out.json")])
+    cheap_weights.main()
+    assert [r["method"] for r in json.loads((tmp_path / "out.json").read_text())["results"]] == cheap_weights.METHODS
