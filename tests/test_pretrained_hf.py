@@ -214,3 +214,19 @@ def test_a_bad_head_argument_is_named_as_the_callers_not_the_files(option, tmp_p
         from_pretrained(tmp_path, **option)
     assert not isinstance(got.value, FormatError)
     assert from_pretrained(tmp_path, num_labels=3, span_head=True).config.num_labels == 3
+
+
+def test_a_tokenizer_with_ids_past_the_checkpoints_vocabulary_is_refused_at_once(tmp_path):
+    # from_pretrained attached it; a fine-tuning run trained on, and only its final save (which refuses such a
+    # tokenizer, as load does) failed, after the whole run
+    from tokenizers import Tokenizer, models
+
+    from maskattn.io import FormatError
+
+    _saved("gpt2", tmp_path)  # vocab_size 61
+    Tokenizer(models.WordLevel({f"w{i}": i for i in range(62)}, unk_token="w0")).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(FormatError, match=r"tokenizer\.json: the tokenizer gives ids up to 61, past the model's "
+                                          r"vocab_size=61"):
+        from_pretrained(tmp_path)
+    Tokenizer(models.WordLevel({f"w{i}": i for i in range(61)}, unk_token="w0")).save(str(tmp_path / "tokenizer.json"))
+    assert from_pretrained(tmp_path).tokenizer.get_vocab_size() == 61  # ids 0..60: loads

@@ -28,6 +28,7 @@ from maskattn.models.persistence import (
     FORMAT,
     TOKENIZER,
     WEIGHTS,
+    check_tokenizer,
     load,
     load_tokenizer,
     load_weights,
@@ -156,6 +157,7 @@ def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: 
     fresh = {n: t for n, t in model.state_dict().items() if family.fresh and n.startswith(family.fresh)}
     load_weights(model, {**tensors, **fresh}, aliases, source=str(source))
     model.tokenizer = load_tokenizer(directory / TOKENIZER) if (directory / TOKENIZER).is_file() else None
+    check_tokenizer(config, model.tokenizer, source=directory / TOKENIZER)  # as load() does: not at a run's save
     return model.eval()
 
 
