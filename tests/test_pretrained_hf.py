@@ -230,3 +230,32 @@ def test_a_tokenizer_with_ids_past_the_checkpoints_vocabulary_is_refused_at_once
         from_pretrained(tmp_path)
     Tokenizer(models.WordLevel({f"w{i}": i for i in range(61)}, unk_token="w0")).save(str(tmp_path / "tokenizer.json"))
     assert from_pretrained(tmp_path).tokenizer.get_vocab_size() == 61  # ids 0..60: loads
+
+
+@pytest.mark.parametrize("name, field, value, setting, tensor", [
+    ("llama", "vocab_size", 62, "vocab_size", "model.embed_tokens.weight"),
+    ("llama", "intermediate_size", 10**12, "d_ff", "model.layers.0.mlp.up_proj.weight"),
+    ("gpt2", "n_positions", 65, "max_len", "transformer.wpe.weight"),
+    ("llama", "num_hidden_layers", 1000, "num_layers", None),  # 10**9 too, without building a layer
+    ("gpt2", "vocab_size", 10**20, "vocab_size", None),
+])
+def test_config_sizes_that_do_not_fit_the_tensors_are_named_before_building(name, field, value, setting, tensor,
+                                                                             tmp_path):
+    # the model was built from config.json before its tensors were compared: 10^9 layers ran out of memory (the CLI
+    # said "lower the sizes given (none on the command line)"), vocab_size=10^20 was torch.empty's TypeError, and a
+    # vocab_size one too large named model.safetensors. Now one FormatError names config.json and the setting; the
+    # oracle for the shape is the safetensors header itself.
+    from safetensors import safe_open
+
+    from maskattn.io import FormatError
+
+    _saved(name, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        shapes = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}  # noqa: SIM118
+    (tmp_path / "config.json").write_text(json.dumps({**json.loads((tmp_path / "config.json").read_text()),
+                                                      field: value}))
+    held = (rf"model\.safetensors holds {re.escape(str(shapes[tensor]))}$" if tensor
+            else rf"model\.safetensors holds {len(shapes)} tensors in all$" if value < 2**63 else "64-bit integers")
+    with pytest.raises(FormatError, match=rf"^{re.escape(str(tmp_path / 'config.json'))}: {setting}={value} does "
+                                          rf"not fit the weights: .*{held}"):
+        from_pretrained(tmp_path)

@@ -234,13 +234,20 @@ def check_sizes(cls: type, config: Any, weights: Path, aliases: dict[str, str], 
             stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as e:
         raise FormatError(f"{weights}: not a readable safetensors file: {e}") from e
+    check_shapes(cls, config, stored, aliases, source=source, weights=WEIGHTS, compression=compression)
+
+
+def check_shapes(cls: type, config: Any, stored: dict[str, tuple[int, ...]], aliases: dict[str, str], *,
+                 source: Path | str, weights: str, compression: dict[str, Any] | None = None) -> None:
+    """:func:`check_sizes` against ``stored`` (tensor name -> shape, read from the file named ``weights``): a
+    FormatError naming ``source`` and the setting that does not fit, before anything is allocated."""
     values = config.to_dict()
     for key, value in values.items():  # each layer holds a tensor: more layers than tensors cannot fit, and building
         # 10^9 of them, even on the meta device, takes all memory
         if isinstance(value, int) and value >= 2**63:  # torch sizes are int64: a TypeError deep in torch.empty
             raise FormatError(f"{source}: {key}={value} does not fit the weights: sizes are 64-bit integers")
         if key.endswith("layers") and isinstance(value, int) and value > len(stored):
-            raise FormatError(f"{source}: {key}={value} does not fit the weights: {WEIGHTS} holds {len(stored)} "
+            raise FormatError(f"{source}: {key}={value} does not fit the weights: {weights} holds {len(stored)} "
                               "tensors in all")
     try:
         with torch.device("meta"):
@@ -253,7 +260,7 @@ def check_sizes(cls: type, config: Any, weights: Path, aliases: dict[str, str], 
             suspects = [f"{k}={v}" for k, v in values.items() if isinstance(v, int) and not isinstance(v, bool)
                         and v in t.shape and v not in have]
             raise FormatError(f"{source}: {', '.join(suspects) or 'the config'} does not fit the weights: tensor "
-                              f"{name!r} would be {tuple(t.shape)}, {WEIGHTS} holds {have}")
+                              f"{name!r} would be {tuple(t.shape)}, {weights} holds {have}")
 
 
 read_json = read_json_object  # the name pretrained.py and older callers import

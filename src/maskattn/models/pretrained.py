@@ -28,6 +28,7 @@ from maskattn.models.persistence import (
     FORMAT,
     TOKENIZER,
     WEIGHTS,
+    check_shapes,
     check_tokenizer,
     load,
     load_tokenizer,
@@ -151,9 +152,12 @@ def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: 
     tensors = {_our_name(name, family): t for name, t in tensors.items()
                if not any(p is not None and p.search(name) for p in (family.ignored, family.heads))}
     config = family.finish(config, tensors)
-    model = family.model(config)
     aliases = {"lm_head.weight": "embed.tokens.weight"} if getattr(config, "tie_output", False) else {}
     tensors = {n: t for n, t in tensors.items() if n not in aliases}
+    # before building: a config.json of 10^9 layers or a hidden_size of 10^9 is named, not run out of memory on
+    check_shapes(family.model, config, {n: tuple(t.shape) for n, t in tensors.items()}, aliases,
+                 source=directory / CONFIG, weights=source.name)
+    model = family.model(config)
     fresh = {n: t for n, t in model.state_dict().items() if family.fresh and n.startswith(family.fresh)}
     load_weights(model, {**tensors, **fresh}, aliases, source=str(source))
     model.tokenizer = load_tokenizer(directory / TOKENIZER) if (directory / TOKENIZER).is_file() else None
