@@ -340,7 +340,9 @@ def test_a_failed_save_over_a_model_leaves_the_old_model(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary directory left behind
 
 
-@pytest.mark.parametrize("key, value", [("weights", "model.safetensors"), ("aliases", ["x"]), ("config", "oops")])
+@pytest.mark.parametrize("key, value", [("weights", "model.safetensors"), ("aliases", ["x"]), ("config", "oops"),
+                                        # "unknown compression entries ['x', 'y', 'z']"; 5: "not iterable"
+                                        ("compression", "xyz"), ("compression", 5), ("compression", [])])
 def test_a_config_json_field_of_the_wrong_type_is_a_format_error(tmp_path, key, value):
     save(MODELS["encoder"](), tmp_path)
     meta = json.loads((tmp_path / "config.json").read_text())

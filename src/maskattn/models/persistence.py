@@ -156,7 +156,7 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") ->
         raise FormatError(
             f"{directory / CONFIG}: unknown model {meta.get('model')!r}; expected one of {sorted(_MODELS)}"
         )
-    for key, kind in (("config", dict), ("weights", dict), ("aliases", dict)):
+    for key, kind in (("config", dict), ("weights", dict), ("aliases", dict), ("compression", dict)):
         if not isinstance(meta.get(key, {}), kind):
             raise FormatError(f"{directory / CONFIG}: {key!r} must be a JSON object, got {type(meta[key]).__name__}")
     try:
