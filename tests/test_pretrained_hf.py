@@ -259,3 +259,30 @@ def test_config_sizes_that_do_not_fit_the_tensors_are_named_before_building(name
     with pytest.raises(FormatError, match=rf"^{re.escape(str(tmp_path / 'config.json'))}: {setting}={value} does "
                                           rf"not fit the weights: .*{held}"):
         from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("apart", [True, False])
+def test_tied_embeddings_with_an_output_projection_stored_apart_give_transformers_logits(name, apart, tmp_path):
+    # config.json says tie_word_embeddings, the weights hold an lm_head.weight of their own: it was dropped and the
+    # token table used (logits 0.7 off transformers', which keeps a differing lm_head apart). The oracle: transformers.
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    config = {"gpt2": lambda: transformers.GPT2Config(vocab_size=61, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                      tie_word_embeddings=False),
+              "llama": lambda: transformers.LlamaConfig(**LLAMA)}[name]()
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" in tensors
+    if not apart:  # the same values stored twice: tied, as before
+        table = next(n for n in tensors if n.endswith(("wte.weight", "embed_tokens.weight")))
+        save_file({**tensors, "lm_head.weight": tensors[table].clone()}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({**json.loads((tmp_path / "config.json").read_text()),
+                                                      "tie_word_embeddings": True}))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ours = from_pretrained(tmp_path)
+    ids = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids).logits).abs().max() <= 1e-5
+    assert ours.config.tie_output is not apart

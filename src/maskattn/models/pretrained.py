@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from maskattn.io import FormatError
@@ -152,6 +153,7 @@ def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: 
     tensors = {_our_name(name, family): t for name, t in tensors.items()
                if not any(p is not None and p.search(name) for p in (family.ignored, family.heads))}
     config = family.finish(config, tensors)
+    config = _untied_if_stored_apart(config, tensors, directory / CONFIG)
     aliases = {"lm_head.weight": "embed.tokens.weight"} if getattr(config, "tie_output", False) else {}
     tensors = {n: t for n, t in tensors.items() if n not in aliases}
     # before building: a config.json of 10^9 layers or a hidden_size of 10^9 is named, not run out of memory on
@@ -186,6 +188,20 @@ def _hf_weights(directory: Path) -> tuple[Path, dict[str, Tensor]]:
     for shard in sorted(set(shards.values())):
         tensors.update(read_safetensors(directory / shard))
     return directory / _INDEX, tensors
+
+
+def _untied_if_stored_apart(config: BlockConfig, tensors: dict[str, Tensor], source: Path) -> BlockConfig:
+    """``config`` untied when it says ``tie_word_embeddings`` but the checkpoint holds an output projection of its own
+    that differs from the token table: transformers (5) then keeps the two apart, and so do we (tying would drop the
+    stored projection, and the logits would differ from theirs), with its warning."""
+    out, table = tensors.get("lm_head.weight"), tensors.get("embed.tokens.weight")
+    if not getattr(config, "tie_output", False) or out is None or table is None:
+        return config
+    if torch.equal(out, table):
+        return config
+    logger.warning(f"{source}: tie_word_embeddings is true, but the weights hold an lm_head.weight that differs from "
+                   "the token embeddings; they are kept apart, as transformers does")
+    return dataclasses.replace(config, tie_output=False)
 
 
 def pretrained_positions(path: str | os.PathLike) -> int | None:
