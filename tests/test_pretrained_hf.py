@@ -286,3 +286,26 @@ def test_tied_embeddings_with_an_output_projection_stored_apart_give_transformer
     with torch.no_grad():
         assert (ours(ids) - theirs(ids).logits).abs().max() <= 1e-5
     assert ours.config.tie_output is not apart
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    """A tiny Llama saved in shards, and its index as read."""
+    torch.manual_seed(0)
+    CASES["llama"]().save_pretrained(tmp_path, max_shard_size="20KB")
+    return tmp_path, json.loads((tmp_path / "model.safetensors.index.json").read_text())
+
+
+@pytest.mark.parametrize("value", [["model-00001-of-00002.safetensors"], None, ""])
+def test_a_weight_map_entry_that_is_not_a_file_name_is_named(sharded, value):
+    # a list was "unhashable type: 'list'" (a traceback), null "names files outside its directory: ['None']", and ""
+    # read the directory itself as a safetensors file
+    from maskattn.io import FormatError
+
+    directory, index = sharded
+    first = next(iter(index["weight_map"]))
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({**index, "weight_map": {**index["weight_map"], first: value}}))
+    with pytest.raises(FormatError, match=rf"model\.safetensors\.index\.json: weight_map values must be shard file "
+                                          rf"names, got \[{re.escape(repr(f'{first}: {value!r}'))}\]$"):
+        from_pretrained(directory)

@@ -181,7 +181,10 @@ def _hf_weights(directory: Path) -> tuple[Path, dict[str, Tensor]]:
     shards = read_json(directory / _INDEX).get("weight_map")
     if not isinstance(shards, dict) or not shards:
         raise FormatError(f"{directory / _INDEX}: no weight_map of tensor names to shard files")
-    outside = sorted(str(f) for f in set(shards.values()) if not isinstance(f, str) or Path(f).name != f)
+    odd = sorted({f"{name}: {f!r}" for name, f in shards.items() if not isinstance(f, str) or not f})
+    if odd:  # a list or null: "unhashable type: 'list'", or "files outside its directory: ['None']"
+        raise FormatError(f"{directory / _INDEX}: weight_map values must be shard file names, got {odd[:3]}")
+    outside = sorted(f for f in set(shards.values()) if Path(f).name != f)
     if outside:  # the index names files in its own directory, nothing else is read
         raise FormatError(f"{directory / _INDEX}: weight_map names files outside its directory: {outside[:3]}")
     tensors: dict[str, Tensor] = {}
