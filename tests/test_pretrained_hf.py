@@ -309,3 +309,19 @@ def test_a_weight_map_entry_that_is_not_a_file_name_is_named(sharded, value):
     with pytest.raises(FormatError, match=rf"model\.safetensors\.index\.json: weight_map values must be shard file "
                                           rf"names, got \[{re.escape(repr(f'{first}: {value!r}'))}\]$"):
         from_pretrained(directory)
+
+
+def test_a_tensor_held_by_two_shards_is_refused_naming_both(sharded):
+    # the later shard's copy was loaded silently (values that may differ from the one the index points to)
+    from safetensors.torch import load_file, save_file
+
+    from maskattn.io import FormatError
+
+    directory, index = sharded
+    shards = sorted(set(index["weight_map"].values()))
+    first, last = shards[0], shards[-1]
+    name = next(iter(load_file(directory / first)))
+    save_file({**load_file(directory / last), name: load_file(directory / first)[name] + 1}, directory / last)
+    with pytest.raises(FormatError, match=rf"{re.escape(last)}: holds \['{re.escape(name)}'\], which "
+                                          rf"{re.escape(first)} holds too"):
+        from_pretrained(directory)

@@ -188,8 +188,15 @@ def _hf_weights(directory: Path) -> tuple[Path, dict[str, Tensor]]:
     if outside:  # the index names files in its own directory, nothing else is read
         raise FormatError(f"{directory / _INDEX}: weight_map names files outside its directory: {outside[:3]}")
     tensors: dict[str, Tensor] = {}
+    held: dict[str, str] = {}
     for shard in sorted(set(shards.values())):
-        tensors.update(read_safetensors(directory / shard))
+        more = read_safetensors(directory / shard)
+        twice = sorted(set(more) & set(tensors))
+        if twice:  # which copy counts is a guess: the later shard's won silently
+            raise FormatError(f"{directory / shard}: holds {twice[:3]}{' ...' if len(twice) > 3 else ''}, which "
+                              f"{held[twice[0]]} holds too; each tensor belongs in one shard")
+        held.update(dict.fromkeys(more, shard))
+        tensors.update(more)
     return directory / _INDEX, tensors
 
 
