@@ -59,6 +59,15 @@ def test_unsupported_settings_are_refused_by_name(tmp_path):
         from_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"\['num_labels'\] add heads to BERT encoders"):
         from_pretrained(tmp_path, num_labels=2)
+    for theta in ({"rope_theta": 500.0}, {}):  # without rope_parameters.rope_theta: the top level's, or 10000 (as
+        # transformers 5 reads it; a KeyError before). The oracle: transformers' own config.
+        (tmp_path / "config.json").write_text(json.dumps({**config, **theta,
+                                                          "rope_parameters": {"rope_type": "default"}}))
+        want = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters["rope_theta"]
+        assert from_pretrained(tmp_path).config.rope_base == want == theta.get("rope_theta", 10000.0)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_parameters": "x"}))  # was an AttributeError
+    with pytest.raises(ValueError, match=r"config\.json: rope_parameters must be a JSON object, got 'x'$"):
+        from_pretrained(tmp_path)
 
 
 def test_a_transformers_4_rope_scaling_is_refused_too(tmp_path):
@@ -177,6 +186,13 @@ def test_a_directory_without_safetensors_weights_is_refused_naming_what_it_expec
     ("llama", {"rms_norm_eps": -1.0}, r"norm_eps must be a number > 0, got -1.0"),
     ("bert", {"hidden_dropout_prob": 1.5}, r"dropout must be in \[0, 1\), got 1.5"),
     ("bert", {"pad_token_id": 99}, r"pad_id must be None or an id in \[0, 61\), got 99"),
+    # these were ZeroDivisionError, TypeError, ValueError or KeyError tracebacks naming no file
+    ("llama", {"num_attention_heads": 0}, r"num_heads must be a positive int, got 0"),
+    ("llama", {"num_attention_heads": "4"}, r"num_heads must be a positive int, got '4'"),
+    ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": "abc"}}, r"rope_base must be a number > 0, "
+                                                                                  r"got 'abc'"),
+    ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": None}}, r"rope_base must be a number > 0, "
+                                                                                 r"got None"),
 ])
 def test_a_hugging_face_config_of_impossible_settings_names_its_file(name, edit, message, tmp_path):
     # "d_model (32) must be divisible by num_heads (5)" named neither the file nor that it came from it (n_head). The

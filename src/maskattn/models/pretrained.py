@@ -295,10 +295,14 @@ def llama_config(hf: dict, source: Path, options: dict[str, Any] | None = None) 
     d_model, heads = _field(hf, "hidden_size", source), _field(hf, "num_attention_heads", source)
     rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0),
                                          **(hf.get("rope_scaling") or {})}
+    if not isinstance(rope, dict):  # "'str' object has no attribute 'get'"
+        raise FormatError(f"{source}: rope_parameters must be a JSON object, got {rope!r}")
+    # a head count of 0 or "4" is named by DecoderLMConfig below, not divided by here (ZeroDivisionError, TypeError)
+    head_dim = d_model // heads if _positive_int(d_model) and _positive_int(heads) else None
     refused = {"hidden_act": hf.get("hidden_act", "silu") != "silu", "attention_bias": hf.get("attention_bias"),
                "mlp_bias": hf.get("mlp_bias"),  # transformers 4's configs name the scaling "type", 5's "rope_type"
                "rope_parameters": rope.get("rope_type", rope.get("type", "default")) != "default",
-               "head_dim": hf.get("head_dim", d_model // heads) != d_model // heads}
+               "head_dim": head_dim is not None and hf.get("head_dim", head_dim) != head_dim}
     _refuse(source, refused, {**hf, "rope_parameters": rope})
     bos, eos = _token(hf, "bos_token_id"), _token(hf, "eos_token_id")
     return _build(
@@ -307,7 +311,7 @@ def llama_config(hf: dict, source: Path, options: dict[str, Any] | None = None) 
         num_layers=_field(hf, "num_hidden_layers", source), max_len=_field(hf, "max_position_embeddings", source),
         norm="rms", norm_eps=hf.get("rms_norm_eps", 1e-6), dropout=0.0,
         attention_dropout=hf.get("attention_dropout", 0.0), activation="swiglu", positions="rope",
-        rope_base=float(rope["rope_theta"]), norm_first=True, bias=False,
+        rope_base=_float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), norm_first=True, bias=False,
         tie_output=hf.get("tie_word_embeddings", False), bos_id=bos if bos != eos else None, eos_id=eos,
     )
 
@@ -356,6 +360,16 @@ def _field(hf: dict, name: str, source: Path) -> Any:
     if name not in hf:
         raise ValueError(f"{source}: config lacks the field {name!r}")
     return hf[name]
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _float(value: Any) -> Any:
+    """A number as a float; anything else as it is, for the config to refuse by name ("abc", None: float()'s
+    ValueError / TypeError named no file)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
 def _token(hf: dict, name: str) -> int | None:
