@@ -23,9 +23,15 @@ CASES = {
 }
 
 
+def _bert():
+    return transformers.BertModel(transformers.BertConfig(vocab_size=61, hidden_size=32, num_hidden_layers=1,
+                                                          num_attention_heads=4, intermediate_size=48,
+                                                          max_position_embeddings=64))
+
+
 def _saved(name, tmp_path):
     torch.manual_seed(0)
-    theirs = CASES[name]().eval()
+    theirs = (_bert if name == "bert" else CASES[name])().eval()
     theirs.save_pretrained(tmp_path)
     return theirs
 
@@ -199,13 +205,7 @@ def test_a_hugging_face_config_of_impossible_settings_names_its_file(name, edit,
     # rules are the model configs' own (tests/test_model_configs.py); here the message must also name the file.
     from maskattn.io import FormatError
 
-    if name == "bert":
-        torch.manual_seed(0)
-        transformers.BertModel(transformers.BertConfig(vocab_size=61, hidden_size=32, num_hidden_layers=1,
-                                                       num_attention_heads=4, intermediate_size=48,
-                                                       max_position_embeddings=64)).save_pretrained(tmp_path)
-    else:
-        _saved(name, tmp_path)
+    _saved(name, tmp_path)
     config = {**json.loads((tmp_path / "config.json").read_text()), **edit}
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(FormatError, match=rf"^{tmp_path / 'config.json'}: its settings make no valid \w+Config: "
@@ -341,3 +341,17 @@ def test_a_tensor_held_by_two_shards_is_refused_naming_both(sharded):
     with pytest.raises(FormatError, match=rf"{re.escape(last)}: holds \['{re.escape(name)}'\], which "
                                           rf"{re.escape(first)} holds too"):
         from_pretrained(directory)
+
+
+@pytest.mark.parametrize("name, field, message", [
+    ("bert", "model_type", r"model_type \['x'\] is not supported"),
+    ("bert", "hidden_act", r"hidden_act \['x'\] is not supported"),
+    ("gpt2", "activation_function", r"unsupported settings activation_function=\['x'\]"),
+])
+def test_a_name_field_that_is_a_list_is_refused_naming_it(name, field, message, tmp_path):
+    # "unhashable type: 'list'", a TypeError traceback naming neither the file nor the field
+    _saved(name, tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**json.loads((tmp_path / "config.json").read_text()),
+                                                      field: ["x"]}))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'config.json'))}: {message}"):
+        from_pretrained(tmp_path)

@@ -138,7 +138,7 @@ def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: 
     if hf.get("format") == FORMAT:
         return _with_heads(load(directory), directory, num_labels=num_labels, span_head=span_head).eval()
     model_type = hf.get("model_type") or "bert"
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:  # a list: "unhashable type"
         raise ValueError(f"{directory / CONFIG}: model_type {model_type!r} is not supported; expected one of "
                          f"{sorted(FAMILIES)}")
     family = FAMILIES[model_type]
@@ -250,7 +250,7 @@ def bert_config(hf: dict, source: Path, *, pooler: bool = True, num_labels: int 
         raise ValueError(f"{source}: expected a BERT config with absolute positions, got model_type "
                          f"{hf.get('model_type')!r}, position_embedding_type {hf.get('position_embedding_type')!r}")
     act = hf.get("hidden_act", "gelu")
-    if act not in _ACTIVATIONS:
+    if not isinstance(act, str) or act not in _ACTIVATIONS:
         raise ValueError(f"{source}: hidden_act {act!r} is not supported; expected one of {sorted(_ACTIVATIONS)}")
     # a causal BERT (BertLMHeadModel) would load as the bidirectional EncoderModel, with other hidden states
     _refuse(source, {"is_decoder": hf.get("is_decoder"), "add_cross_attention": hf.get("add_cross_attention")}, hf)
@@ -273,7 +273,8 @@ def gpt2_config(hf: dict, source: Path, options: dict[str, Any] | None = None) -
     """The :class:`DecoderLMConfig` of a Hugging Face GPT-2 ``config.json``."""
     _no_options("GPT-2", source, options)
     act = hf.get("activation_function", "gelu_new")
-    refused = {"activation_function": act not in _ACTIVATIONS, "add_cross_attention": hf.get("add_cross_attention"),
+    known = isinstance(act, str) and act in _ACTIVATIONS  # a list: "unhashable type"
+    refused = {"activation_function": not known, "add_cross_attention": hf.get("add_cross_attention"),
                "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx"),
                "scale_attn_weights": not hf.get("scale_attn_weights", True)}
     _refuse(source, refused, hf)
