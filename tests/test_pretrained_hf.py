@@ -355,3 +355,19 @@ def test_a_name_field_that_is_a_list_is_refused_naming_it(name, field, message, 
                                                       field: ["x"]}))
     with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'config.json'))}: {message}"):
         from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_a_half_precision_checkpoint_loads_in_its_dtype(name, dtype, tmp_path):
+    # released checkpoints are mostly bf16: refused with "tensor 'lm_head.weight' is (61, 32) torch.bfloat16, expected
+    # torch.float32". They load in their dtype, as transformers 5 loads them (and maskattn.load its own directories).
+    # The oracle: transformers' model of the same file, both lifted to float32 to compare the weights exactly.
+    torch.manual_seed(0)
+    CASES[name]().to(dtype).save_pretrained(tmp_path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ours = from_pretrained(tmp_path)
+    assert {p.dtype for p in ours.parameters()} == {theirs.dtype} == {dtype}
+    ids = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours.float()(ids) - theirs.float()(ids).logits).abs().max() <= 1e-5

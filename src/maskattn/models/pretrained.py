@@ -29,6 +29,7 @@ from maskattn.models.persistence import (
     FORMAT,
     TOKENIZER,
     WEIGHTS,
+    _in_saved_dtype,
     check_shapes,
     check_tokenizer,
     load,
@@ -115,7 +116,8 @@ class Family:
 
 def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: bool = False) -> nn.Module:
     """A maskattn model from a local checkpoint directory, with ``model.tokenizer`` set, in evaluation mode (as
-    transformers' ``from_pretrained`` returns it: no dropout; a trainer turns training mode on for itself).
+    transformers' ``from_pretrained`` returns it: no dropout; a trainer turns training mode on for itself) and in the
+    float dtype of its weights (a bfloat16 checkpoint gives a bfloat16 model, as transformers 5 loads it).
 
     Args:
         path: a directory with a Hugging Face ``config.json`` and ``model.safetensors`` (or the shards that
@@ -159,7 +161,7 @@ def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: 
     # before building: a config.json of 10^9 layers or a hidden_size of 10^9 is named, not run out of memory on
     check_shapes(family.model, config, {n: tuple(t.shape) for n, t in tensors.items()}, aliases,
                  source=directory / CONFIG, weights=source.name)
-    model = family.model(config)
+    model = _in_saved_dtype(family.model(config), tensors)  # a bf16 checkpoint loads as bf16, as transformers'
     fresh = {n: t for n, t in model.state_dict().items() if family.fresh and n.startswith(family.fresh)}
     load_weights(model, {**tensors, **fresh}, aliases, source=str(source))
     model.tokenizer = load_tokenizer(directory / TOKENIZER) if (directory / TOKENIZER).is_file() else None
