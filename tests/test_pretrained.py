@@ -1,6 +1,7 @@
 """all-MiniLM-L6-v2 through from_pretrained against Hugging Face transformers' own BertModel."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,14 @@ def test_a_saved_encoder_gets_the_heads_asked_for_and_keeps_its_encoder(tmp_path
     DecoderLM(DecoderLMConfig.preset("tiny")).save(tmp_path / "lm")
     with pytest.raises(ValueError, match=r"holds a DecoderLM; a classification or span head needs an encoder"):
         from_pretrained(tmp_path / "lm", num_labels=2)
+
+
+def test_a_run_directory_is_pointed_to_its_model(tmp_path):
+    # from_pretrained(RUN) said "RUN/config.json: file not found"; load(RUN) already named RUN/model
+    from maskattn.models import EncoderConfig, load
+
+    EncoderModel(EncoderConfig.preset("tiny")).save(tmp_path / "run" / "model")
+    for reader in (load, from_pretrained):
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'run'))} is a run directory; its model is "
+                                             rf"{re.escape(str(tmp_path / 'run' / 'model'))}$"):
+            reader(tmp_path / "run")

@@ -37,6 +37,7 @@ from maskattn.models.persistence import (
     load_weights,
     read_json,
     read_safetensors,
+    refuse_run_directory,
 )
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: 
     directory = Path(path)
     if not directory.is_dir():
         raise ValueError(f"from_pretrained(path): {str(path)!r} is not a local directory (nothing is downloaded)")
+    refuse_run_directory(directory, CONFIG)  # RUN for RUN/model: "RUN/config.json: file not found" before
     hf = read_json(directory / CONFIG)
     if hf.get("format") == FORMAT:
         return _with_heads(load(directory), directory, num_labels=num_labels, span_head=span_head).eval()
