@@ -246,6 +246,10 @@ def test_a_tokenizer_with_ids_past_the_checkpoints_vocabulary_is_refused_at_once
         from_pretrained(tmp_path)
     Tokenizer(models.WordLevel({f"w{i}": i for i in range(61)}, unk_token="w0")).save(str(tmp_path / "tokenizer.json"))
     assert from_pretrained(tmp_path).tokenizer.get_vocab_size() == 61  # ids 0..60: loads
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "tokenizer.json").mkdir()  # a directory in its place: the model loaded without a tokenizer, silently
+    with pytest.raises(FormatError, match=r"tokenizer\.json: not a readable tokenizer"):
+        from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("name, field, value, setting, tensor", [
