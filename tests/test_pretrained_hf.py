@@ -375,3 +375,20 @@ def test_a_half_precision_checkpoint_loads_in_its_dtype(name, dtype, tmp_path):
     ids = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (ours.float()(ids) - theirs.float()(ids).logits).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("shape", [(32, 96, 1), (), (32, 95)])
+def test_a_gpt2_attention_weight_of_the_wrong_form_names_the_tensor(shape, tmp_path):
+    # (32, 96, 1), (): torch's "t() expects a tensor with <= 2 dimensions" / "chunk expects at least a 1-dimensional
+    # tensor" tracebacks; (32, 95): unequal query/key/value chunks, blamed on config.json's sizes
+    from safetensors.torch import load_file, save_file
+
+    from maskattn.io import FormatError
+
+    _saved("gpt2", tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    name = "transformer.h.0.attn.c_attn.weight"
+    save_file({**tensors, name: torch.zeros(shape)}, tmp_path / "model.safetensors")
+    with pytest.raises(FormatError, match=rf"^{re.escape(str(tmp_path / 'model.safetensors'))}: tensor '{name}' is "
+                                          rf"{re.escape(str(shape))}; expected "):
+        from_pretrained(tmp_path)

@@ -149,7 +149,10 @@ def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: 
     options = {k: v for k, v in {"num_labels": num_labels, "span_head": span_head}.items() if v}
     config = family.config(hf, directory / CONFIG, options)
     source, tensors = _hf_weights(directory)
-    tensors = family.tensors(tensors)
+    try:
+        tensors = family.tensors(tensors)
+    except FormatError as e:  # the family's reshaping names the tensor; the file is named here
+        raise FormatError(f"{source}: {e}") from e
     heads = sorted(n for n in tensors if family.heads is not None and family.heads.search(n))
     if heads:  # a fine-tuned checkpoint's classifier is not maskattn's fresh head: say so
         logger.warning(f"{source}: the checkpoint's own heads are not loaded ({', '.join(heads[:4])}"
@@ -327,9 +330,15 @@ def _gpt2_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     (E, 3E) query/key/value projection ``c_attn`` into three."""
     out = {}
     for name, t in tensors.items():
+        stored = tuple(t.shape)
         if re.search(r"\.(c_attn|c_proj|c_fc)\.weight$", name):
+            if t.ndim != 2:  # torch's "t() expects a tensor with <= 2 dimensions"
+                raise FormatError(f"tensor {name!r} is {stored}; expected a 2-D Conv1D weight")
             t = t.t()
         if ".c_attn." in name:
+            if t.ndim == 0 or t.shape[0] % 3:  # unequal chunks would be blamed on config.json's sizes
+                raise FormatError(f"tensor {name!r} is {stored}; expected query, key and value fused along its "
+                                  "last dimension, a multiple of 3")
             for part, piece in zip("qkv", t.chunk(3, dim=0), strict=True):
                 out[name.replace(".c_attn.", f".c_attn_{part}.")] = piece.contiguous()
         else:
