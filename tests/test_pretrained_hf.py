@@ -392,3 +392,20 @@ def test_a_gpt2_attention_weight_of_the_wrong_form_names_the_tensor(shape, tmp_p
     with pytest.raises(FormatError, match=rf"^{re.escape(str(tmp_path / 'model.safetensors'))}: tensor '{name}' is "
                                           rf"{re.escape(str(shape))}; expected "):
         from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("value", ["64", [64], True, 0])
+def test_positions_that_are_not_a_positive_int_are_left_to_from_pretrained_to_name(value, tmp_path):
+    # pretrained_positions returned "64" or [64] as they were (QA training compared them with data.max_len: a
+    # TypeError traceback), and a maskattn config.json's "config": "x" was an AttributeError
+    from maskattn.models.pretrained import pretrained_positions
+
+    _saved("bert", tmp_path)
+    assert pretrained_positions(tmp_path) == 64
+    (tmp_path / "config.json").write_text(json.dumps({**json.loads((tmp_path / "config.json").read_text()),
+                                                      "max_position_embeddings": value}))
+    assert pretrained_positions(tmp_path) is None
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'config.json'))}: .*max_len"):
+        from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"format": "maskattn-model", "version": 1, "config": "x"}))
+    assert pretrained_positions(tmp_path) is None

@@ -224,13 +224,17 @@ def _untied_if_stored_apart(config: BlockConfig, tensors: dict[str, Tensor], sou
 
 def pretrained_positions(path: str | os.PathLike) -> int | None:
     """How many positions the checkpoint in ``path`` covers (read from its config, without loading weights);
-    None when it has no config or its config does not say."""
+    None when it has no config or its config does not say (or says other than a positive int, which
+    :func:`from_pretrained` names: a ``"512"`` was compared with an int, a TypeError traceback)."""
     if not (Path(path) / CONFIG).is_file():
         return None
     hf = read_json(Path(path) / CONFIG)
     if hf.get("format") == FORMAT:
-        return hf.get("config", {}).get("max_len")
-    return hf.get("max_position_embeddings")
+        config = hf.get("config")
+        value = config.get("max_len") if isinstance(config, dict) else None
+    else:
+        value = hf.get("max_position_embeddings")
+    return value if _positive_int(value) else None
 
 
 def _with_heads(model: nn.Module, directory: Path, *, num_labels: int, span_head: bool) -> nn.Module:
