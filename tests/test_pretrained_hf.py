@@ -194,6 +194,7 @@ def test_a_directory_without_safetensors_weights_is_refused_naming_what_it_expec
     ("bert", {"pad_token_id": 99}, r"pad_id must be None or an id in \[0, 61\), got 99"),
     # these were ZeroDivisionError, TypeError, ValueError or KeyError tracebacks naming no file
     ("llama", {"num_attention_heads": 0}, r"num_heads must be a positive int, got 0"),
+    ("llama", {"num_key_value_heads": 0}, r"num_kv_heads must be None or a positive int, got 0"),  # read as unset
     ("llama", {"num_attention_heads": "4"}, r"num_heads must be a positive int, got '4'"),
     ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": "abc"}}, r"rope_base must be a number > 0, "
                                                                                   r"got 'abc'"),

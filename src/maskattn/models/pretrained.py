@@ -320,7 +320,8 @@ def llama_config(hf: dict, source: Path, options: dict[str, Any] | None = None) 
     bos, eos = _token(hf, "bos_token_id"), _token(hf, "eos_token_id")
     return _build(
         DecoderLMConfig, source, vocab_size=_field(hf, "vocab_size", source), d_model=d_model, num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads, d_ff=_field(hf, "intermediate_size", source),
+        num_kv_heads=heads if hf.get("num_key_value_heads") is None else hf["num_key_value_heads"],  # 0: refused
+        d_ff=_field(hf, "intermediate_size", source),
         num_layers=_field(hf, "num_hidden_layers", source), max_len=_field(hf, "max_position_embeddings", source),
         norm="rms", norm_eps=hf.get("rms_norm_eps", 1e-6), dropout=0.0,
         attention_dropout=hf.get("attention_dropout", 0.0), activation="swiglu", positions="rope",
