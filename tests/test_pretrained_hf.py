@@ -410,3 +410,22 @@ def test_positions_that_are_not_a_positive_int_are_left_to_from_pretrained_to_na
         from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"format": "maskattn-model", "version": 1, "config": "x"}))
     assert pretrained_positions(tmp_path) is None
+
+
+def test_a_half_precision_checkpoint_is_fine_tuned_in_float32(tmp_path, caplog):
+    # from_pretrained keeps a bf16 checkpoint in bf16 (above); fine-tuning those weights in bf16 loses AdamW's small
+    # updates (an update below 2**-8 of a weight rounds to nothing), so the tasks lift them to float32. The oracle:
+    # the checkpoint's own bf16 values, exactly representable in float32.
+    from maskattn.tasks import classification
+
+    torch.manual_seed(0)
+    _bert().to(torch.bfloat16).save_pretrained(tmp_path)
+    cfg = classification.ClassificationConfig()
+    cfg.data.pretrained = str(tmp_path)
+    with caplog.at_level("INFO", logger="maskattn"):
+        model = classification.build_model(cfg, ["neg", "pos"], tok=None)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    stored = from_pretrained(tmp_path, num_labels=2).state_dict()
+    assert stored["embed.tokens.weight"].dtype == torch.bfloat16
+    assert torch.equal(model.state_dict()["embed.tokens.weight"], stored["embed.tokens.weight"].float())
+    assert "weights stored in bfloat16, fine-tuned in float32" in caplog.text

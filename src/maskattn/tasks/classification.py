@@ -30,6 +30,7 @@ from maskattn.tasks.common import (
     TOKENIZERS,
     Head,
     begin_run,
+    fine_tunable,
     fit_and_export,
     load_task,
     log_stderr,
@@ -94,7 +95,7 @@ def build_tokenizer(cfg: ClassificationConfig, texts: Sequence[str]) -> Tokenize
 def build_model(cfg: ClassificationConfig, labels: list[str], tok: Tokenizer) -> EncoderModel:
     """The pretrained encoder with a new head of ``len(labels)`` classes, or a new model sized for ``tok``."""
     if cfg.data.pretrained:
-        model = from_pretrained(cfg.data.pretrained, num_labels=len(labels))
+        model = fine_tunable(from_pretrained(cfg.data.pretrained, num_labels=len(labels)), cfg.data.pretrained)
         model.config = replace(model.config, pooling=cfg.model.pooling)  # the one model setting that applies
         return model
     if cfg.model.max_len < cfg.data.max_len:  # was raised to data.max_len without a word

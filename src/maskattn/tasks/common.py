@@ -224,6 +224,18 @@ def begin_run(cfg: Any, *, resume: bool, tokenizer: Callable[[], Tokenizer],
     return out, run_tokenizer(out, resume, tokenizer)
 
 
+def fine_tunable(model: nn.Module, source: str | Path) -> nn.Module:
+    """``model`` in float32 if its pretrained weights are stored in half precision (most released checkpoints are
+    bfloat16): AdamW's small updates vanish when added to bfloat16 weights. ``train.bf16`` gives bfloat16 speed by
+    autocast, over float32 weights."""
+    half = sorted({str(p.dtype) for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
+    if not half:
+        return model
+    logger.info("%s: weights stored in %s, fine-tuned in float32 (train.bf16=true computes in bfloat16)", source,
+                " and ".join(d.removeprefix("torch.") for d in half))
+    return model.float()
+
+
 def parameters(model: nn.Module) -> str:
     """``"1.23M parameters"``, for a task's opening log line."""
     return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"

@@ -31,6 +31,7 @@ from maskattn.tasks.base import Command, Option, Task, register
 from maskattn.tasks.common import (
     Head,
     begin_run,
+    fine_tunable,
     fit_and_export,
     load_task,
     log_stderr,
@@ -251,7 +252,7 @@ def train(cfg: QAConfig, *, resume: bool = False, log=log_stderr) -> dict[str, A
         raise UsageError(f"data.max_len={cfg.data.max_len}: windows longer than the {positions} positions of "
                          f"data.pretrained ({cfg.data.pretrained}); set data.max_len <= {positions}")
     out, tok = begin_run(cfg, resume=resume, task="qa", tokenizer=lambda: Tokenizer.load(cfg.data.pretrained))
-    model = from_pretrained(cfg.data.pretrained, span_head=True)
+    model = fine_tunable(from_pretrained(cfg.data.pretrained, span_head=True), cfg.data.pretrained)
     if not (resume and _checkpoint_has_pooler(out)):  # a run started before QA models dropped it keeps it
         model = without_pooler(model)
     try:
