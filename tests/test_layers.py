@@ -17,6 +17,7 @@ from maskattn.layers import (
     apply_rope,
     sinusoidal_table,
 )
+from maskattn.layers.embedding import check_ids
 
 
 def test_sinusoidal_table_is_the_papers_formula():
@@ -67,6 +68,27 @@ def test_rope_by_hand_and_its_base_and_sizes_refused_where_the_formula_breaks():
 def test_positions_out_of_range_are_rejected():
     with pytest.raises(ValueError, match=r"positions must be in \[0, max_len=4\)"):
         LearnedPositions(4, 8)(torch.tensor([[3, 4]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_range_checks_read_the_device_once_and_name_both_bounds(host_reads, dtype):
+    # each check read min and max with a read apiece (two waits for a GPU per call, per embedding and positions)
+    calls = ((lambda x: check_ids(x, 10), "ids must be in [0, 10), got values in [{}, {}]"),
+             (lambda x: LearnedPositions(10, 4)(x), "positions must be in [0, max_len=10), got values in [{}, {}]"),
+             (lambda x: SinusoidalPositions(10, 4)(x), "positions must be in [0, max_len=10), got values in [{}, {}]"),
+             (lambda x: RotaryEmbedding(4, 10)(x), "positions must be in [0, max_len=10), got values in [{}, {}]"))
+    for check, message in calls:
+        for values in ([[3, 0, 9, 2]], [[4, -2, 7, 1]], [[12, 3, 5, 10]], [[-1, 11, 0, 0]]):
+            x = torch.tensor(values, dtype=dtype)
+            low, high = min(values[0]), max(values[0])
+            with host_reads() as reads:
+                if low >= 0 and high < 10:
+                    check(x)
+                else:
+                    with pytest.raises(ValueError) as err:
+                        check(x)
+                    assert str(err.value) == message.format(low, high)
+            assert reads.count == 1, (values, reads.count)
 
 
 def test_token_embedding_scale_and_range():

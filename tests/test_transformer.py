@@ -9,6 +9,7 @@ from torch import nn
 
 from maskattn import decoding
 from maskattn.models import Transformer, TransformerConfig
+from maskattn.models.common import key_valid
 
 
 def _copy_attention(theirs: nn.MultiheadAttention, ours) -> None:
@@ -120,6 +121,21 @@ def test_base_preset_has_the_papers_size():
     assert count == 63_082_496
     assert abs(count - 65e6) / 65e6 < 0.05
     assert model.out_proj.weight is model.tgt_embed.tokens.weight is model.src_embed.tokens.weight
+
+
+def test_the_lengths_check_reads_the_device_once(host_reads):
+    # key_valid read the lengths' min and max apiece: two waits for a GPU per forward and per lengths argument
+    model, src = Transformer(TransformerConfig.preset("tiny")).eval(), torch.randint(3, 64, (2, 7))
+    for given in ([7, 2], [1, 7]):
+        with host_reads() as reads:
+            valid = key_valid(src, torch.tensor(given), None, "src")
+        assert reads.count == 1, (given, reads.count)
+        assert valid.tolist() == [[j < n for j in range(7)] for n in given]
+    for given in ([0, 3], [3, 8]):
+        message = rf"^src_lengths must be in \[1, 7\], got \{given}$"
+        with host_reads() as reads, pytest.raises(ValueError, match=message):
+            model(src, src, src_lengths=given)
+        assert reads.count == 2, (given, reads.count)  # the check, then the message's lengths
 
 
 def test_bad_inputs_name_the_argument():

@@ -46,6 +46,8 @@ def check_ids(ids: Tensor, vocab_size: int) -> None:
         got = ids.dtype if isinstance(ids, Tensor) else type(ids).__name__
         raise TypeError(f"ids must be an integer tensor of token ids (int64 or int32), got {got}")
     # A host check (it reads the ids): eager only, a compiled graph cannot branch on tensor values.
-    checked = ids.numel() and not torch.compiler.is_compiling()
-    if checked and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(f"ids must be in [0, {vocab_size}), got values in [{int(ids.min())}, {int(ids.max())}]")
+    if not ids.numel() or torch.compiler.is_compiling():
+        return
+    low, high = torch.stack(torch.aminmax(ids)).tolist()  # one read (a wait for a GPU), not one per bound
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"ids must be in [0, {vocab_size}), got values in [{low}, {high}]")

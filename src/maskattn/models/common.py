@@ -41,8 +41,10 @@ def key_valid(ids: Tensor, lengths: Tensor | Sequence[int] | None, pad_id: int |
     if lengths.shape != (b,) or lengths.is_floating_point() or lengths.dtype == torch.bool:
         raise ValueError(f"{name}_lengths must be {b} integer lengths (B,), got {tuple(lengths.shape)} {lengths.dtype}")
     # A host check (it reads the lengths): eager only, a compiled graph cannot branch on tensor values.
-    if b and not torch.compiler.is_compiling() and (int(lengths.min()) < 1 or int(lengths.max()) > length):
-        raise ValueError(f"{name}_lengths must be in [1, {length}], got {lengths.tolist()}")
+    if b and not torch.compiler.is_compiling():
+        low, high = torch.stack(torch.aminmax(lengths)).tolist()  # one read (a wait for a GPU), not one per bound
+        if low < 1 or high > length:
+            raise ValueError(f"{name}_lengths must be in [1, {length}], got {lengths.tolist()}")
     return torch.arange(length, device=ids.device) < lengths[:, None]  # (B, L)
 
 
