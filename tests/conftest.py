@@ -128,6 +128,17 @@ class HostReads(TorchDispatchMode):
     def paused():
         return _disable_current_modes()
 
+    @classmethod
+    def uncounted(cls, owner, name: str = "forward") -> None:
+        """Leave the reads of ``owner.<name>(...)`` uncounted from now on (e.g. a model's attention layers)."""
+        call = getattr(owner, name)
+
+        def paused(*args, **kwargs):
+            with cls.paused():
+                return call(*args, **kwargs)
+
+        setattr(owner, name, paused)
+
 
 @pytest.fixture
 def host_reads():

@@ -91,6 +91,23 @@ def test_bad_doc_ids_name_the_argument():
         model(torch.zeros(2, 5, dtype=torch.long), doc_ids=torch.zeros(2, 4, dtype=torch.long))
 
 
+@pytest.mark.parametrize("positions", ["learned", "sinusoidal", "rope"])
+def test_a_forward_reads_back_the_inputs_it_was_given_once_and_positions_it_built_never(host_reads, positions):
+    # positions built from arange or document restarts were read back to be checked, and every range check read its
+    # minimum and its maximum apiece: 4 waits for a GPU a plain forward, 6 with lengths (ids, positions, lengths)
+    model = DecoderLM(DecoderLMConfig.preset("tiny", vocab_size=11, positions=positions)).eval()
+    host_reads.uncounted(model.decoder)  # the attention layers' own reads are not counted here
+    x = torch.randint(0, 11, (2, 6))
+    for extra, reads_allowed in (({}, 1), ({"lengths": torch.tensor([6, 3])}, 2),
+                                 ({"doc_ids": torch.tensor([[0, 0, 1, 1, 1, 2]] * 2)}, 1)):
+        with torch.no_grad(), host_reads() as reads:
+            model(x, **extra)
+        assert reads.count == reads_allowed, (extra, reads.count)
+    # positions it builds past max_len are still read, and refused as before
+    with pytest.raises(ValueError, match=r"^positions must be in \[0, max_len=64\), got values in \[0, 69\]$"):
+        model(torch.randint(0, 11, (1, 70)))
+
+
 # --- sliding-window models and their KV cache ------------------------------------------------------
 def _window_lm(positions="learned", window=8):
     torch.manual_seed(0)

@@ -109,6 +109,17 @@ def test_unknown_pooling_is_a_clear_error():
         EncoderConfig.preset("tiny", pooling="max")
 
 
+def test_a_forward_reads_ids_and_token_types_once_each_and_its_own_positions_never(host_reads):
+    # positions built from arange were read back to be checked, and ids and token types each read min and max apiece
+    model = EncoderModel(EncoderConfig.preset("tiny", vocab_size=11, type_vocab_size=2)).eval()
+    host_reads.uncounted(model.encoder)  # the attention layers' own reads are not counted here
+    ids, types = torch.randint(0, 11, (2, 6)), torch.tensor([[0, 0, 0, 1, 1, 1]] * 2)
+    for extra, reads_allowed in (({}, 1), ({"token_type_ids": types}, 2), ({"lengths": [6, 3]}, 2)):
+        with torch.no_grad(), host_reads() as reads:
+            model(ids, **extra)
+        assert reads.count == reads_allowed, (extra, reads.count)
+
+
 def test_token_type_ids_are_checked_like_input_ids():
     c = EncoderConfig(vocab_size=20, d_model=16, num_heads=2, d_ff=32, num_layers=1, max_len=32, type_vocab_size=2)
     model = EncoderModel(c).eval()

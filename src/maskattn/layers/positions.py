@@ -53,9 +53,11 @@ class SinusoidalPositions(nn.Module):
         self.max_len = max_len
         self.register_buffer("table", sinusoidal_table(max_len, d_model), persistent=False)
 
-    def forward(self, positions: Tensor) -> Tensor:
-        """(B, L) positions -> (B, L, E) encodings, to add to the embeddings."""
-        _check_positions(positions, self.max_len)
+    def forward(self, positions: Tensor, *, check: bool = True) -> Tensor:
+        """(B, L) positions -> (B, L, E) encodings, to add to the embeddings (``check``: as
+        :class:`LearnedPositions`)."""
+        if check:
+            _check_positions(positions, self.max_len)
         return self.table[positions]  # (B, L, E)
 
 
@@ -69,9 +71,14 @@ class LearnedPositions(nn.Module):
         self.weight = nn.Parameter(torch.empty(max_len, d_model))
         nn.init.normal_(self.weight, std=0.02)
 
-    def forward(self, positions: Tensor) -> Tensor:
-        """(B, L) positions -> (B, L, E)."""
-        _check_positions(positions, self.max_len)
+    def forward(self, positions: Tensor, *, check: bool = True) -> Tensor:
+        """(B, L) positions -> (B, L, E).
+
+        ``check``: refuse positions outside [0, max_len) (they are read back: a wait for a GPU); False where the
+        caller built them in range itself.
+        """
+        if check:
+            _check_positions(positions, self.max_len)
         return nn.functional.embedding(positions, self.weight)  # (B, L, E)
 
 
@@ -93,9 +100,11 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"RotaryEmbedding: base must be a finite number > 0, got {base!r}")
         self.head_dim, self.max_len, self.base = head_dim, max_len, base
 
-    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, L) positions -> ``(cos, sin)``, each (B, 1, L, D/2), broadcasting over heads."""
-        _check_positions(positions, self.max_len)
+    def forward(self, positions: Tensor, *, check: bool = True) -> tuple[Tensor, Tensor]:
+        """(B, L) positions -> ``(cos, sin)``, each (B, 1, L, D/2), broadcasting over heads (``check``: as
+        :class:`LearnedPositions`)."""
+        if check:
+            _check_positions(positions, self.max_len)
         # Computed here in float32 rather than kept as a buffer, which model.half() would round.
         exponents = torch.arange(0, self.head_dim, 2, device=positions.device, dtype=torch.float32) / self.head_dim
         angles = positions.unsqueeze(-1).float() * self.base**-exponents  # (B, L, D/2)

@@ -102,19 +102,25 @@ class Embedder(nn.Module):
         self.norm = make_norm(c.norm, c.d_model, c.norm_eps) if norm else None
         self.dropout = nn.Dropout(c.dropout)
 
-    def forward(self, ids: Tensor, positions: Tensor, token_types: Tensor | None = None,
-                ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """(B, L) ids and positions -> ((B, L, E) inputs, RoPE angles or None)."""
+    def forward(self, ids: Tensor, positions: Tensor, token_types: Tensor | None = None, *,
+                positions_below: int | None = None) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """(B, L) ids and positions -> ((B, L, E) inputs, RoPE angles or None).
+
+        ``positions_below``: the caller built ``positions`` itself, all in [0, positions_below): they are read
+        back to be checked (a wait for a GPU) only when that bound passes ``max_len``.
+        """
         x = self.tokens(ids)  # (B, L, E)
+        table = self.positions if self.positions is not None else self.rope
+        check = positions_below is None or table is None or positions_below > table.max_len
         if self.positions is not None:
-            x = x + self.positions(positions)
+            x = x + self.positions(positions, check=check)
         if token_types is not None and self.token_types is not None:  # without a table (type_vocab_size=0) unread:
             self._check_token_types(token_types, ids)  # QA passes segments to any encoder it fine-tunes
         if self.token_types is not None:
             x = x + self.token_types(torch.zeros_like(ids) if token_types is None else token_types)
         if self.norm is not None:
             x = self.norm(x)
-        return self.dropout(x), (self.rope(positions) if self.rope is not None else None)
+        return self.dropout(x), (self.rope(positions, check=check) if self.rope is not None else None)
 
 
     def _check_token_types(self, token_types: Tensor, ids: Tensor) -> None:

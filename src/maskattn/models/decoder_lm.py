@@ -102,7 +102,7 @@ class DecoderLM(Persistent, Summary, nn.Module):
                 raise ValueError(f"doc_ids must have the shape of input_ids {tuple(input_ids.shape)}, got {got}")
             mask = mask & masks.document(doc_ids)
             positions = document_positions(doc_ids)
-        x, rope = self.embed(input_ids, positions)  # (B, L, E)
+        x, rope = self.embed(input_ids, positions, positions_below=input_ids.shape[1])  # (B, L, E)
         return self.decoder(x, mask=mask, rope=rope, return_weights=return_weights)
 
     def loss(self, input_ids: Tensor, targets: Tensor, *, lengths: Tensor | Sequence[int] | None = None,
@@ -197,8 +197,8 @@ class DecoderLM(Persistent, Summary, nn.Module):
         if first > 0 and state.gaps and isinstance(state.caches[0], SlidingWindowKVCache):
             self._check_window_slots(state, first)
         positions, offset = advance(state, tokens, lengths)
-        x, rope = self.embed(tokens, positions)
         end = offset + tokens.shape[1]
+        x, rope = self.embed(tokens, positions, positions_below=end)  # a row's positions never outrun its slots
         if self.config.sliding_window is None or offset == 0:  # slots are positions: the training mask
             # Without padding in the cache the causal mask is all: no mask tensor, nothing hidden to guard.
             mask = self._causal() & masks.padding(state.key_valid[:, first:end]) if state.gaps else self._causal()
@@ -232,7 +232,7 @@ class DecoderLM(Persistent, Summary, nn.Module):
         w = self.config.sliding_window
         mask = masks.padding(state.key_valid) if w is None else \
             window_mask(positions, state.key_pos, state.key_valid, w, 0)  # (B, T) keys
-        x, rope = self.embed(tokens, positions)  # (B, 1, E)
+        x, rope = self.embed(tokens, positions, positions_below=state.key_valid.shape[1])  # (B, 1, E)
         return self.decoder(x, mask=mask, rope=rope, caches=state.caches)  # (B, 1, E)
 
     def begin_decoding(self, prompt: Tensor, lengths: Tensor | Sequence[int] | None = None, *,

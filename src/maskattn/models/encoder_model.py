@@ -62,7 +62,8 @@ class EncoderModel(Persistent, Summary, nn.Module):
             (B, L, E).
         """
         valid = self._valid(input_ids, attention_mask, lengths)
-        x, rope = self.embed(input_ids, default_positions(input_ids), token_type_ids)  # (B, L, E)
+        x, rope = self.embed(input_ids, default_positions(input_ids), token_type_ids,
+                             positions_below=input_ids.shape[1])  # (B, L, E)
         mask = masks.padding(valid) if valid is not None else None
         return self.encoder(x, mask=mask, rope=rope, return_weights=return_weights)
 

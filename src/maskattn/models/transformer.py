@@ -78,7 +78,7 @@ class Transformer(Persistent, Summary, nn.Module):
         """
         valid = key_valid(src, src_lengths, self.config.pad_id, "src")
         _check_length(src, "src", self.config.max_len)
-        x, rope = self.src_embed(src, default_positions(src))  # (B, Ls, E)
+        x, rope = self.src_embed(src, default_positions(src), positions_below=src.shape[1])  # (B, Ls, E)
         out = self.encoder(x, mask=padding_mask(valid), rope=rope, return_weights=return_weights)
         return (out[0], valid, out[1]) if return_weights else (out, valid)
 
@@ -93,7 +93,7 @@ class Transformer(Persistent, Summary, nn.Module):
         valid = key_valid(tgt, tgt_lengths, self.config.pad_id, "tgt")
         _check_length(tgt, "tgt", self.config.max_len)
         mask = masks.causal() if valid is None else masks.causal() & masks.padding(valid)
-        x, rope = self.tgt_embed(tgt, default_positions(tgt))  # (B, Lt, E)
+        x, rope = self.tgt_embed(tgt, default_positions(tgt), positions_below=tgt.shape[1])  # (B, Lt, E)
         out = self.decoder(x, memory=memory, mask=mask, memory_mask=padding_mask(memory_valid), rope=rope,
                            return_weights=return_weights)
         return (self.out_proj(out[0]), out[1]) if return_weights else self.out_proj(out)  # (B, Lt, V)
@@ -151,7 +151,7 @@ class Transformer(Persistent, Summary, nn.Module):
     def step(self, state: DecodeState, tokens: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Feed (B, L) new target tokens; return their logits (B, L, V). Updates ``state``."""
         positions, offset = advance(state, tokens, lengths)
-        x, rope = self.tgt_embed(tokens, positions)
+        x, rope = self.tgt_embed(tokens, positions, positions_below=offset + tokens.shape[1])  # never past the slots
         mask = masks.causal() & masks.padding(state.key_valid[:, : offset + tokens.shape[1]])
         h = self.decoder(x, mask=mask, memory_mask=padding_mask(state.memory_valid), memory_kv=state.memory_kv,
                          rope=rope, caches=state.caches, q_offset=offset)
