@@ -621,3 +621,41 @@ def test_generation_reads_the_device_for_eos_only_where_eos_may_end_a_row(host_r
         counts.append(reads.count)
         assert out.shape[1] == max_new or eos is not None
     assert counts[1] - counts[0] <= 4 * per_token, counts
+
+
+@pytest.mark.parametrize("case", ["lm"])
+def test_a_decoded_token_reads_the_device_once_for_its_ids_check(host_reads, monkeypatch, case):
+    # every step read each layer's KV cache position (int(pos)) and once more for the state, re-read positions it
+    # built itself, and read the min and max of its ids apiece: 7 waits for a GPU per token for a 2-layer DecoderLM.
+    # Oracle: the ids check is the one read left (a static cache's position, eager, one more). On CPU the attention
+    # sums its keys to skip a NaN guard (no device wait): not counted here.
+    from maskattn.backends import guards
+
+    hide = guards.hide_nonfinite
+
+    def uncounted(*args, **kwargs):
+        with host_reads.paused():
+            return hide(*args, **kwargs)
+
+    monkeypatch.setattr(guards, "hide_nonfinite", uncounted)
+    if case == "transformer":
+        model = Transformer(TransformerConfig.preset("tiny", vocab_size=11, eos_id=None)).eval()
+    else:
+        window = 3 if case == "lm-window" else None
+        model = DecoderLM(DecoderLMConfig.preset("tiny", vocab_size=11, eos_id=None, sliding_window=window)).eval()
+    prompts = torch.randint(1, 11, (2, 5))
+    lengths = torch.tensor([5, 2]) if case == "lm-padded" else None
+    counts, per_token = [], 2 if case == "lm-static" else 1
+    for max_new in (4, 12):
+        with torch.no_grad(), host_reads() as reads:
+            state, logits = model.begin_decoding(prompts, lengths, max_new_tokens=max_new, static=case == "lm-static") \
+                if case != "transformer" else model.begin_decoding(prompts, max_new_tokens=max_new)
+            tokens = []
+            for _ in range(max_new - 1):
+                tokens.append(logits.argmax(-1))
+                logits = model.step(state, tokens[-1][:, None])[:, -1]
+        counts.append(reads.count)
+        if max_new == 12 and case != "transformer":  # the tokens of greedy (its own reads are counted elsewhere)
+            assert torch.equal(torch.stack([*tokens, logits.argmax(-1)], dim=1),
+                               decoding.greedy(model, prompts, lengths, max_new_tokens=12))
+    assert counts[1] - counts[0] == 8 * per_token, counts

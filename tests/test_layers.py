@@ -168,6 +168,29 @@ def test_kv_cache_appends_reorders_and_overflows():
         cache.update(k2[:, :, :1], v2[:, :, :1])
 
 
+def test_kv_caches_keep_their_length_without_reading_the_device(host_reads):
+    # length was int(pos): a wait for a GPU per layer and decoded token (and one more for the decoding state).
+    # Oracle: the number of keys given, and pos, read after the counting.
+    from maskattn.layers import SlidingWindowKVCache
+
+    for cache in (KVCache(2, 1, 4, 12), SlidingWindowKVCache(2, 1, 4, 3), KVCache(2, 1, 4, 12, static=True)):
+        given, reads = 0, 0
+        for new in (3, 1, 1, 2, 1):
+            k = torch.randn(2, 1, new, 4)
+            with host_reads() as counted:
+                out, _ = cache.update(k, k)
+                length = cache.length
+            reads += counted.count
+            given += new
+            end = given if cache.static else out.shape[2]  # a static one-key update returns every slot
+            assert length == given == int(cache.pos) and torch.equal(out[:, :, end - new : end], k)
+        # a static cache's one-key updates move pos alone (a compiled step keeps no host int): it reads pos: at each
+        # .length, and in each longer update
+        assert reads == (5 + 2 if cache.static else 0), (cache, reads)
+    cache.reorder(torch.tensor([1, 0, 0]))
+    assert cache.length == given
+
+
 def test_mha_with_cache_equals_mha_over_the_whole_sequence():
     from maskattn import masks
 

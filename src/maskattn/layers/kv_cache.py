@@ -42,10 +42,12 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("pos", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self.max_len, self.static = max_len, static
+        self._length = 0  # pos kept on the host too: reading the tensor waits for a GPU (per layer and step)
 
     @property
     def length(self) -> int:
-        return int(self.pos)
+        # one-key static updates move pos alone (compiled code keeps no Python int): a static cache reads it
+        return int(self.pos) if self.static else self._length
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append (B, Hkv, L, D) keys and values; return all cached ones, each (B, Hkv, Lk, D)."""
@@ -63,6 +65,7 @@ class KVCache(nn.Module):
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         self.pos.fill_(end)
+        self._length = end
         return self.k[:, :, :end], self.v[:, :, :end]  # (B, Hkv, Lk, D)
 
     def _write_one(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -138,4 +141,5 @@ class SlidingWindowKVCache(KVCache):
         self.k[:, :, :store] = keys[:, :, keys.shape[2] - store :]
         self.v[:, :, :store] = values[:, :, values.shape[2] - store :]
         self.pos.fill_(seen + k.shape[2])
+        self._length = seen + k.shape[2]
         return keys, values  # (B, Hkv, Lk, D)
