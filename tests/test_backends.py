@@ -9,7 +9,7 @@ contributions of every query that sees it, so its error grows with its size, not
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import maskattn
@@ -303,6 +303,33 @@ def test_blocked_rejects_bad_arguments():
         blocked.attention(q, q, q, None, scale=1.0, kernel="x")
     with pytest.raises(ValueError, match=r"kernel='fused' needs .*dropout_p=0"):
         blocked.attention(q, q, q, None, scale=1.0, kernel="fused", dropout_p=0.1)
+
+
+def test_sdpa_reads_no_mask_value_off_the_cpu():
+    # the dense-mask path read empty.any() back to pick its SDPA call: a wait for a GPU per attention call (per layer
+    # and decoded token). A meta tensor stands in for a GPU's: reading any of its values raises.
+    q, k = torch.randn(2, 4, 3, 8, device="meta"), torch.randn(2, 2, 5, 8, device="meta")
+    for allowed in (torch.ones(2, 1, 5, 5, dtype=torch.bool), torch.ones(1, 4, 5, 5, dtype=torch.bool)):
+        mask = masks.from_tensor(allowed.to("meta"))
+        assert sdpa.attention(q, k, k, mask, scale=0.3, q_offset=2)[0].shape == (2, 4, 3, 8)
+
+
+@given(mask_cases(), st.sampled_from(HEADS), st.data())
+def test_sdpa_path_off_the_cpu_equals_the_plain_call_bit_for_bit(case, heads, data):
+    """What a GPU runs for a dense mask (the path taken when a row may be empty: every row let attend, the empty
+    ones zeroed after) against the plain call CPU makes where no row is empty: the same bits, forward and backward."""
+    q, k, v = _inputs(case, heads, data)
+    # (a compiled graph takes that path too, but calls no per-document SDPA either: cases without documents to split)
+    assume(sdpa.segments(case.mask, case.q_len, case.k_len, case.q_offset, q.shape[0]) is None)
+    args = {"scale": 0.3, "q_offset": case.q_offset}
+    plain, _ = sdpa.attention(q, k, v, case.mask, **args)
+    plain_grads = torch.autograd.grad(plain.sum(), (q, k, v))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.compiler, "is_compiling", lambda: True)  # the same path as a compiled graph's
+        off_cpu, _ = sdpa.attention(q, k, v, case.mask, **args)
+    assert torch.equal(off_cpu, plain)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(off_cpu.sum(), (q, k, v)), plain_grads,
+                                                 strict=True))
 
 
 @given(st.lists(st.integers(1, 9), min_size=1, max_size=5), st.booleans(), st.booleans(), st.sampled_from(HEADS),

@@ -623,21 +623,25 @@ def test_generation_reads_the_device_for_eos_only_where_eos_may_end_a_row(host_r
     assert counts[1] - counts[0] <= 4 * per_token, counts
 
 
-@pytest.mark.parametrize("case", ["lm"])
+@pytest.mark.parametrize("case", ["lm", "lm-static", "lm-window", "lm-padded", "transformer"])
 def test_a_decoded_token_reads_the_device_once_for_its_ids_check(host_reads, monkeypatch, case):
     # every step read each layer's KV cache position (int(pos)) and once more for the state, re-read positions it
     # built itself, and read the min and max of its ids apiece: 7 waits for a GPU per token for a 2-layer DecoderLM.
-    # Oracle: the ids check is the one read left (a static cache's position, eager, one more). On CPU the attention
-    # sums its keys to skip a NaN guard (no device wait): not counted here.
-    from maskattn.backends import guards
+    # Oracle: the ids check is the one read left (a static cache's position, eager, one more). On CPU only, the
+    # attention sums k and v to skip a NaN guard and sdpa asks whether a mask row is empty (no device to wait for;
+    # tests/test_backends.py checks that sdpa reads nothing elsewhere): not counted here.
+    from dataclasses import replace
 
-    hide = guards.hide_nonfinite
+    from maskattn.backends import REGISTRY, guards
 
-    def uncounted(*args, **kwargs):
-        with host_reads.paused():
-            return hide(*args, **kwargs)
+    def uncounted(call):
+        def paused(*args, **kwargs):
+            with host_reads.paused():
+                return call(*args, **kwargs)
+        return paused
 
-    monkeypatch.setattr(guards, "hide_nonfinite", uncounted)
+    monkeypatch.setattr(guards, "hide_nonfinite", uncounted(guards.hide_nonfinite))
+    monkeypatch.setitem(REGISTRY, "sdpa", replace(REGISTRY["sdpa"], fn=uncounted(REGISTRY["sdpa"].fn)))
     if case == "transformer":
         model = Transformer(TransformerConfig.preset("tiny", vocab_size=11, eos_id=None)).eval()
     else:
