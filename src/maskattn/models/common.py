@@ -111,7 +111,9 @@ class Embedder(nn.Module):
         """
         x = self.tokens(ids)  # (B, L, E)
         table = self.positions if self.positions is not None else self.rope
-        check = positions_below is None or table is None or positions_below > table.max_len
+        # (traced, the check reads nothing anyway, and comparing a symbolic length would guard the graph on it)
+        check = torch.compiler.is_compiling() or positions_below is None or table is None \
+            or positions_below > table.max_len
         if self.positions is not None:
             x = x + self.positions(positions, check=check)
         if token_types is not None and self.token_types is not None:  # without a table (type_vocab_size=0) unread:
