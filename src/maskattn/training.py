@@ -26,6 +26,7 @@ import logging
 import math
 import re
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -197,6 +198,10 @@ class TensorBoard(Callback):
 REPORTERS: dict[str, Callable[[Path, int | None], Callback]] = {
     "tensorboard": lambda out, resumed_at: TensorBoard(out / "events", purge_step=resumed_at)}
 
+# seconds between progress lines when stderr is not a terminal (a log file): there, a bar would be rewritten up to 10
+# times a second, each time after a carriage return, into one line that grows by megabytes in a long run
+PLAIN_PROGRESS_EVERY = 30.0
+
 RELEASE_EVERY = 50  # steps between handing freed heap pages back to the kernel (allocator.release_freed_memory)
 
 
@@ -211,6 +216,14 @@ def to_device(value: Any, device: torch.device | str) -> Any:
     if isinstance(value, list | tuple):
         return type(value)(to_device(item, device) for item in value)
     return value
+
+
+def _on_terminal(stream: Any) -> bool:
+    """Whether ``stream`` (stderr) is a terminal; False for a file, a pipe, or a closed or missing stream."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 # --- the trainer -----------------------------------------------------------------------------------
@@ -310,6 +323,7 @@ class Trainer:
         self.window = (0.0, 0.0)  # summed loss and targets of the steps since the last log line
         self.resumed = False  # set by resume(): fit() then continues the run in out_dir
         self.callbacks = list(callbacks)
+        self._plain: tuple[float, float] | None = None  # progress as lines (start, last line's time), set by fit()
 
     # --- state -------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -430,7 +444,9 @@ class Trainer:
     def _fit(self) -> dict[str, float]:
         cfg = self.cfg
         quiet = not logging.getLogger("maskattn").isEnabledFor(logging.INFO)  # `maskattn -q`
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0 or not cfg.progress or quiet,
+        show = self.rank == 0 and cfg.progress and not quiet
+        self._plain = (time.perf_counter(), -math.inf) if show and not _on_terminal(sys.stderr) else None
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not show or self._plain is not None,
                    desc="train", unit="step", dynamic_ncols=True)
         last: dict[str, float] = {}
         window_loss, window_targets = self.window  # a resumed run's log window began before its checkpoint
@@ -487,7 +503,21 @@ class Trainer:
                   "targets_per_s": timed / max(until - since, 1e-9)}
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['targets_per_s']:.0f}")
         self._log({"step": self.step, **record})
+        self._plain_progress(record, until)
         return record
+
+    def _plain_progress(self, record: dict[str, float], now: float) -> None:
+        """Where stderr is a file (no bar): a line for the first log line, then at most one per
+        :data:`PLAIN_PROGRESS_EVERY` seconds, and one for the last step."""
+        if self._plain is None:
+            return
+        began, said = self._plain
+        if now - said < PLAIN_PROGRESS_EVERY and self.step < self.cfg.steps:
+            return
+        self._plain = (began, now)
+        logging.getLogger("maskattn").info(
+            "train: step %d/%d, loss %.4f, lr %.3g, %.0f targets/s, %s elapsed", self.step, self.cfg.steps,
+            record["loss"], record["lr"], record["targets_per_s"], tqdm.format_interval(now - began))
 
     def _evaluated_at(self, step: int) -> bool:
         """Whether the log holds an evaluation at ``step``; the same answer on every rank (rank 0 reads the log)."""
