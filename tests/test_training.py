@@ -726,3 +726,7 @@ def test_progress_on_a_terminal_is_a_bar(tmp_path, monkeypatch):
     monkeypatch.setattr(logging.getLogger("maskattn"), "level", logging.INFO)
     _tiny_trainer(tmp_path, steps=3, progress=True).fit()
     assert "\r" in stream.text and "3/3" in stream.text and "train: step" not in stream.text
+    # the throughput is of the loss's targets (tokens, labels, answer spans), as metrics.jsonl names it: "tok_s=10"
+    # for a QA run was 10 questions' spans a second, not tokens
+    last = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r][-1]
+    assert f"targets/s={last['targets_per_s']:.0f}" in stream.text and "tok_s" not in stream.text

@@ -501,7 +501,7 @@ class Trainer:
         until = time.perf_counter() if until is None else until
         record = {"loss": loss / max(targets, 1), "lr": learning_rate(self.cfg, self.step),
                   "targets_per_s": timed / max(until - since, 1e-9)}
-        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['targets_per_s']:.0f}")
+        bar.set_postfix({"loss": f"{record['loss']:.4f}", "targets/s": f"{record['targets_per_s']:.0f}"})
         self._log({"step": self.step, **record})
         self._plain_progress(record, until)
         return record
