@@ -693,7 +693,7 @@ class _Stream:
 
 
 @pytest.mark.parametrize("every", [0.0, 1e9])
-def test_progress_into_a_file_is_a_few_plain_lines_not_a_bar(tmp_path, monkeypatch, every):
+def test_progress_into_a_file_is_a_few_plain_lines_not_a_bar(tmp_path, monkeypatch, caplog, every):
     # stderr redirected to a file: tqdm rewrote its bar there up to 10 times a second, each one joined to the last by
     # a carriage return (one line of megabytes for a long run, which `tail -f` and an editor cannot read)
     from maskattn import training
@@ -704,9 +704,9 @@ def test_progress_into_a_file_is_a_few_plain_lines_not_a_bar(tmp_path, monkeypat
     logger = logging.getLogger("maskattn")
     handler = logging.StreamHandler(stream)
     logger.addHandler(handler)
-    monkeypatch.setattr(logger, "level", logging.INFO)
     try:
-        _tiny_trainer(tmp_path, steps=6, log_every=2, progress=True).fit()
+        with caplog.at_level(logging.INFO, logger="maskattn"):
+            _tiny_trainer(tmp_path, steps=6, log_every=2, progress=True).fit()
     finally:
         logger.removeHandler(handler)
     assert "\r" not in stream.text
@@ -720,11 +720,11 @@ def test_progress_into_a_file_is_a_few_plain_lines_not_a_bar(tmp_path, monkeypat
         assert line.startswith(f"train: step {record['step']}/6, loss {record['loss']:.4f}, lr {record['lr']:.3g}, ")
 
 
-def test_progress_on_a_terminal_is_a_bar(tmp_path, monkeypatch):
+def test_progress_on_a_terminal_is_a_bar(tmp_path, monkeypatch, caplog):
     stream = _Stream(tty=True)
     monkeypatch.setattr(sys, "stderr", stream)
-    monkeypatch.setattr(logging.getLogger("maskattn"), "level", logging.INFO)
-    _tiny_trainer(tmp_path, steps=3, progress=True).fit()
+    with caplog.at_level(logging.INFO, logger="maskattn"):
+        _tiny_trainer(tmp_path, steps=3, progress=True).fit()
     assert "\r" in stream.text and "3/3" in stream.text and "train: step" not in stream.text
     # the throughput is of the loss's targets (tokens, labels, answer spans), as metrics.jsonl names it: "tok_s=10"
     # for a QA run was 10 questions' spans a second, not tokens
