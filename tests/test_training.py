@@ -730,3 +730,20 @@ def test_progress_on_a_terminal_is_a_bar(tmp_path, monkeypatch, caplog):
     # for a QA run was 10 questions' spans a second, not tokens
     last = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r][-1]
     assert f"targets/s={last['targets_per_s']:.0f}" in stream.text and "tok_s" not in stream.text
+
+
+def test_an_early_stop_says_so_naming_the_step_and_the_patience(tmp_path, caplog):
+    # the bar stopped at 10/20 and the run ended without a word of why
+    trainer = _tiny_trainer(tmp_path, eval_every=2, patience=3)
+    with caplog.at_level(logging.INFO, logger="maskattn"):
+        trainer.fit()
+    records = map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+    evaluations = [r for r in records if "eval_loss" in r]
+    best = min(evaluations, key=lambda r: r["eval_loss"])
+    said = [r.getMessage() for r in caplog.records if "early" in r.getMessage()]
+    assert said == [f"train: stopped early at step {evaluations[-1]['step']} of 20: 3 evaluations without a better "
+                    f"loss than {best['eval_loss']:.4g} (train.patience=3)"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="maskattn"):
+        _tiny_trainer(tmp_path / "full", steps=8, eval_every=2).fit()  # no patience: trained to the end, nothing said
+    assert not [r for r in caplog.records if "early" in r.getMessage()]

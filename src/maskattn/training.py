@@ -454,7 +454,7 @@ class Trainer:
         if cfg.patience and self.bad_evals >= cfg.patience:  # a resumed run that had already stopped early
             bar.close()
             return self._last_evaluation()
-        start = self.step
+        start, stop = self.step, False
         while self.step < cfg.steps:
             micro = self._next_micro_batches()
             loss_sum, targets = self._optimizer_step(micro)
@@ -482,6 +482,11 @@ class Trainer:
             if stop:
                 break
         bar.close()
+        if stop and self.rank == 0:  # else the bar (or the log) ends part-way without a word of why
+            than = f"a better {cfg.metric} than {self.best:.4g}" if self.best is not None else f"a finite {cfg.metric}"
+            logging.getLogger("maskattn").info("train: stopped early at step %d of %d: %d evaluations without %s "
+                                               "(train.patience=%d)", self.step, cfg.steps, self.bad_evals, than,
+                                               cfg.patience)
         if self.step == start and self._evaluated_at(self.step):  # a finished run resumed: nothing new to score
             return self._last_evaluation()  # (evaluating again would log it twice and count it against patience)
         final_evaluation = bool(self.evaluate) and not (cfg.eval_every and self.step % cfg.eval_every == 0)
