@@ -747,3 +747,18 @@ def test_an_early_stop_says_so_naming_the_step_and_the_patience(tmp_path, caplog
     with caplog.at_level(logging.INFO, logger="maskattn"):
         _tiny_trainer(tmp_path / "full", steps=8, eval_every=2).fit()  # no patience: trained to the end, nothing said
     assert not [r for r in caplog.records if "early" in r.getMessage()]
+
+
+def test_every_metrics_record_says_when_it_was_written(tmp_path):
+    # the log held no time: when a step or evaluation happened, how long evaluations took and where a resume
+    # paused could not be read from it (TensorBoard's events keep a wall time for each scalar)
+    before = time.time()
+    _tiny_trainer(tmp_path, steps=4, eval_every=2).fit()
+    after = time.time()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [sorted(r) for r in records] == [
+        ["loss", "lr", "step", "targets_per_s", "time"], ["loss", "lr", "step", "targets_per_s", "time"],
+        ["eval_loss", "step", "time"], ["loss", "lr", "step", "targets_per_s", "time"],
+        ["loss", "lr", "step", "targets_per_s", "time"], ["eval_loss", "step", "time"]]
+    times = [r["time"] for r in records]
+    assert before <= times[0] and times == sorted(times) and times[-1] <= after

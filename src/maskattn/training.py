@@ -648,9 +648,10 @@ class Trainer:
         return self._last_evaluation(step)
 
     def _log(self, record: dict[str, float]) -> None:
+        """Append ``record`` to ``metrics.jsonl`` with ``time``, when it was written (Unix seconds)."""
         if self.rank == 0:
             with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps({**record, "time": time.time()}) + "\n")
 
     def _check_fresh_run(self) -> None:
         """A run that was not resumed must not write into the checkpoints of another run."""
