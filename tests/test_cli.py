@@ -129,3 +129,22 @@ def test_verbose_and_quiet_also_after_the_command(tmp_path, capsys):
     assert "Traceback (most recent call last)" in err and "FileNotFoundError" in err
     assert err.rstrip().splitlines()[-1].startswith("maskattn train: ") and "missing.txt" in err.splitlines()[-1]
     assert main(["-v", "translate", str(tmp_path / "nothing"), "x"]) == 2
+
+
+def test_an_abbreviated_flag_is_refused_not_read_as_the_flag_it_begins(tmp_path, capsys):
+    # argparse took any unambiguous prefix: `train lm --res` trained with --resume, `--over` deleted the old run
+    # (--overwrite), `--pre DIR` was --pretrained, `compress --prune 0.5` --prune-heads; a flag added later that
+    # shares the prefix would silently change what an old command means
+    for argv, short in ((["train", "lm", "--res", "--show-config"], "--res"),
+                        (["train", "lm", "--over", "--show-config"], "--over"), (["demo", "--ste", "5"], "--ste"),
+                        (["masks", "stats", "causal", "--len", "64"], "--len"),
+                        (["compress", str(tmp_path), "--out", str(tmp_path / "o"), "--prune", "0.5"], "--prune")):
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        assert stopped.value.code == 2, argv
+        assert f"error: unrecognized arguments: {short}" in capsys.readouterr().err
+    # the full flags, `--flag=value`, and -v grouped as -vv still parse
+    from maskattn.cli import build_parser
+
+    args = build_parser().parse_args(["-vv", "train", "lm", "--resume", "--out=runs/x", "--set=train.lr=0.1"])
+    assert (args.verbose, args.resume, args.out, args.set) == (2, True, "runs/x", ["train.lr=0.1"])

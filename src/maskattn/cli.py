@@ -90,9 +90,19 @@ def _add_evaluate_options(evaluate: argparse.ArgumentParser, registered: dict[st
         evaluate.add_argument(flag, type=kinds[flag].type, help="; ".join(texts), **extra)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A parser that takes flags only as written in full: argparse would read any unambiguous prefix as the
+    flag it begins (`train --res` as --resume, `--over` as --overwrite), and a flag added later that shares
+    the prefix would change what an old command means. Subcommands' parsers are of this class too."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     registered = tasks()
-    parser = argparse.ArgumentParser(prog="maskattn", description=__doc__,
+    parser = _Parser(prog="maskattn", description=__doc__,
                                      epilog="Exit status: 0 success, 1 a failed check or run (see each command), "
                                      "2 bad input (one line on stderr; -v shows its traceback).")
     parser.add_argument("--version", action="version", version=f"maskattn {_version()}")
