@@ -122,6 +122,26 @@ def test_settings_that_train_to_nan_or_to_nonsense_are_refused_before_training(t
         assert expected in capsys.readouterr().err
 
 
+def test_a_bad_setting_in_a_config_file_names_the_file(tmp_path, capsys):
+    # "unknown setting 'trian'" and "train.lr: expected float, got '1e-3'" did not say whether the file or a --set
+    # held the setting (a --set is named in the command; a file's key is not)
+    from maskattn.cli import main
+    from maskattn.errors import SettingTypeError, UnknownSettingError
+    from maskattn.tasks.base import get
+
+    (tmp_path / "a.toml").write_text("[trian]\nlr = 1\n")
+    (tmp_path / "b.toml").write_text('[train]\nlr = "1e-3"\n')
+    with pytest.raises(UnknownSettingError, match=r"^--config .*a\.toml: unknown setting 'trian'"):
+        config.load(get("lm").config(), tmp_path / "a.toml")
+    with pytest.raises(SettingTypeError, match=r"^--config .*b\.toml: train\.lr: expected float, got '1e-3'"):
+        config.load(get("lm").config(), tmp_path / "b.toml")
+    assert main(["train", "lm", "--config", str(tmp_path / "b.toml"), "--show-config"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"maskattn train: --config {tmp_path / 'b.toml'}: train.lr: expected float, got '1e-3'\n"
+    with pytest.raises(UnknownSettingError, match=r"^unknown setting 'trian'"):  # a --set's own key: no file named
+        config.load(get("lm").config(), None, ["trian.lr=1"])
+
+
 def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path):
     # Windows editors save UTF-8 with a BOM: "Invalid statement (at line 1, column 1)", though data files accept it
     path = tmp_path / "run.toml"

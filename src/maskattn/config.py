@@ -128,7 +128,10 @@ def load(base: Any, path: str | Path | None = None, assignments: list[str] | Non
             values = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a byte-order mark (Windows editors)
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise SettingError(f"--config {path}: not a valid TOML file: {e}") from e
-        base = update(base, values)
+        try:
+            base = update(base, values)
+        except SettingError as e:  # the file holds the setting, not a --set: name it
+            raise type(e)(f"--config {path}: {e}") from e
     return update(base, overrides(assignments or []))
 
 
