@@ -41,6 +41,21 @@ def test_errors_name_the_setting():
         config.overrides(["steps"])
 
 
+def test_an_unknown_setting_names_the_closest_known_one():
+    # only the sorted list of every field was given: model's 26 names to scan for the one a typo meant
+    from maskattn.tasks.base import get
+
+    for given, unknown, meant in (("train.lrr", "train.lrr", "train.lr"), ("trian.lr", "trian", "train"),
+                                  ("model.dmodel", "model.dmodel", "model.d_model"),
+                                  ("model.num_head", "model.num_head", "model.num_heads"),
+                                  ("data.vaild", "data.vaild", "data.valid")):
+        with pytest.raises(KeyError, match=rf"^unknown setting '{re.escape(unknown)}' \(did you mean "
+                           rf"'{re.escape(meant)}'\?\); known here: \["):
+            config.load(get("lm").config(), None, [f"{given}=1"])
+    with pytest.raises(KeyError, match=r"^unknown setting 'zzz'; known here: \["):  # nothing close: no guess
+        config.load(get("lm").config(), None, ["zzz=1"])
+
+
 def test_describe_lists_every_field():
     assert "inner.lr = 0.001" in config.describe(Outer())
 

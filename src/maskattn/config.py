@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import io
 import json
@@ -82,7 +83,9 @@ def update(obj: Any, values: dict[str, Any], prefix: str = "") -> Any:
     for key, value in values.items():
         where = f"{prefix}{key}"
         if key not in fields:
-            raise UnknownSettingError(f"unknown setting '{where}'; known here: {sorted(fields)}")
+            close = difflib.get_close_matches(key, fields, n=1)
+            guess = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise UnknownSettingError(f"unknown setting '{where}'{guess}; known here: {sorted(fields)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
