@@ -148,3 +148,19 @@ def test_an_abbreviated_flag_is_refused_not_read_as_the_flag_it_begins(tmp_path,
 
     args = build_parser().parse_args(["-vv", "train", "lm", "--resume", "--out=runs/x", "--set=train.lr=0.1"])
     assert (args.verbose, args.resume, args.out, args.set) == (2, True, "runs/x", ["train.lr=0.1"])
+
+
+def test_a_path_flag_and_a_set_of_its_setting_together_are_refused(capsys):
+    # `--out a --set out=b` trained into a, and so did `--set out=b --out a`: the flag won whatever the order,
+    # though --out is documented as "same as --set out=..." and of two --set the later wins
+    for argv, flag, key in ((["--out", "a", "--set", "out=b"], "--out a", "out"),
+                            (["--set", "out=b", "--out", "a"], "--out a", "out"),
+                            (["--train", "x.txt", "--set", "data.train=y.txt"], "--train x.txt", "data.train"),
+                            (["--set", " data.valid = v.txt", "--valid", "w.txt"], "--valid w.txt", "data.valid")):
+        assert main(["train", "lm", *argv, "--show-config"]) == 2, argv
+        assert capsys.readouterr().err == (f"maskattn train: {flag} and --set {key}=... both set {key}; "
+                                           "give one of them\n")
+    # each alone, and a --set of another setting beside the flag, are as before
+    assert main(["train", "lm", "--out", "a", "--set", "data.train=y.txt", "--show-config"]) == 0
+    shown = capsys.readouterr().out
+    assert "out = 'a'" in shown and "data.train = 'y.txt'" in shown

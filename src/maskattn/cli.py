@@ -515,6 +515,15 @@ def _train(args: argparse.Namespace) -> int:
 
     task = tasks()[args.task]
     assignments = list(args.set)
+    set_keys = {item.split("=", 1)[0].strip() for item in args.set}
+
+    def flag_setting(flag: str, key: str, value: str) -> None:
+        """``--out DIR`` as ``--set out=DIR``; beside a --set of the same setting, which of the two wins would
+        not follow the order they were written in: refused."""
+        if key in set_keys:
+            raise UsageError(f"{flag} {value} and --set {key}=... both set {key}; give one of them")
+        assignments.append(f"{key}={json.dumps(value, ensure_ascii=False)}")
+
     for name in shortcuts():
         if getattr(args, name) is None:  # given, even empty, it is passed on (the task names an empty path)
             continue
@@ -522,9 +531,9 @@ def _train(args: argparse.Namespace) -> int:
             flags = (", ".join(f"--{path.replace('_', '-')}" for path in task.paths)
                      or "no path flags (--show-config lists its settings)")
             raise UsageError(f"--{name.replace('_', '-')} is not read by the {task.name} task; it reads {flags}")
-        assignments.append(f"data.{name}={json.dumps(getattr(args, name), ensure_ascii=False)}")
+        flag_setting(f"--{name.replace('_', '-')}", f"data.{name}", getattr(args, name))
     if args.out is not None:  # `--out ""` is refused by the config, not replaced by the default run directory
-        assignments.append(f"out={json.dumps(args.out, ensure_ascii=False)}")
+        flag_setting("--out", "out", args.out)
     cfg = config.load(task.config(), args.config, assignments)
     if task.derived is not None:  # a setting the task sets itself, changed from its default, would be ignored
         derived, default = task.derived(cfg), task.config()
