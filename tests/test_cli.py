@@ -164,3 +164,32 @@ def test_a_path_flag_and_a_set_of_its_setting_together_are_refused(capsys):
     assert main(["train", "lm", "--out", "a", "--set", "data.train=y.txt", "--show-config"]) == 0
     shown = capsys.readouterr().out
     assert "out = 'a'" in shown and "data.train = 'y.txt'" in shown
+
+
+def test_settings_combine_as_the_readme_says(tmp_path, capsys):
+    # README: the task's defaults, then --config, then --set (the later of two --set wins); --out and the path
+    # flags are --set assignments. Oracle: the resolved settings `--show-config` prints, read as TOML.
+    import tomllib
+
+    from maskattn.tasks.base import tasks
+
+    run = tmp_path / "run.toml"
+    run.write_text('out = "from-file"\n[train]\nlr = 0.5\nsteps = 7\nwarmup = 3\n[data]\ntrain = "file.txt"\n'
+                   'block = 32\n')
+
+    def resolved(*argv):
+        assert main(["train", "lm", *argv, "--show-config"]) == 0
+        return tomllib.loads(capsys.readouterr().out)
+
+    default = tasks()["lm"].config()
+    got = resolved("--config", str(run), "--set", "train.lr=0.25", "--set", "train.steps=9", "--set",
+                   "train.steps=11", "--out", "from-flag", "--train", "flag.txt")
+    assert got["train"]["lr"] == 0.25 and got["train"]["steps"] == 11  # --set over the file; the later --set
+    assert got["train"]["warmup"] == 3 and got["data"]["block"] == 32  # the file over the defaults
+    assert got["out"] == "from-flag" and got["data"]["train"] == "flag.txt"  # a flag over the file
+    assert got["train"]["weight_decay"] == default.train.weight_decay  # in neither: the task's default
+    assert got["model"]["d_model"] == default.model.d_model
+    got = resolved("--set", "train.lr=-0", "--set", "train.lr=3E-4", "--set", "train.betas=[0.8, 0.9]",
+                   "--set", "out=runs/a b", "--set", 'data.documents="paragraphs"')
+    assert (got["train"]["lr"], got["train"]["betas"]) == (3e-4, [0.8, 0.9])
+    assert (got["out"], got["data"]["documents"]) == ("runs/a b", "paragraphs")
