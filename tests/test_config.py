@@ -56,6 +56,17 @@ def test_an_unknown_setting_names_the_closest_known_one():
         config.load(get("lm").config(), None, ["zzz=1"])
 
 
+def test_a_setting_below_a_plain_setting_is_named_as_unknown():
+    # `--set model.d_model.x=3` said "model.d_model: expected int, got {'x': 3}": a dict the user never wrote
+    from maskattn.tasks.base import get
+
+    for given, unknown, parent in (("model.d_model.x", "model.d_model.x", "model.d_model"),
+                                   ("train.lr.a.b", "train.lr.a", "train.lr"), ("out.x", "out.x", "out")):
+        with pytest.raises(KeyError, match=rf"^unknown setting '{re.escape(unknown)}': {re.escape(parent)} is a "
+                           rf"setting, not a section; set it as {re.escape(parent)}=\.\.\.$"):
+            config.load(get("lm").config(), None, [f"{given}=3"])
+
+
 def test_describe_lists_every_field():
     assert "inner.lr = 0.001" in config.describe(Outer())
 

@@ -91,6 +91,9 @@ def update(obj: Any, values: dict[str, Any], prefix: str = "") -> Any:
             if not isinstance(value, dict):
                 raise SettingTypeError(f"{where} is a section; set its fields, e.g. {where}.<name>=...")
             changes[key] = update(current, value, f"{where}.")
+        elif isinstance(value, dict) and value and hints[key] is not Any and typing.get_origin(hints[key]) is not dict:
+            raise UnknownSettingError(f"unknown setting '{where}.{next(iter(value))}': {where} is a setting, not a "
+                                      f"section; set it as {where}=...")
         else:
             changes[key] = _coerce(value, hints[key], where)
     try:
