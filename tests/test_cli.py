@@ -193,3 +193,12 @@ def test_settings_combine_as_the_readme_says(tmp_path, capsys):
                    "--set", "out=runs/a b", "--set", 'data.documents="paragraphs"')
     assert (got["train"]["lr"], got["train"]["betas"]) == (3e-4, [0.8, 0.9])
     assert (got["out"], got["data"]["documents"]) == ("runs/a b", "paragraphs")
+
+
+def test_a_missing_subcommand_is_named_by_its_choices_not_an_internal_name(capsys):
+    # `maskattn masks` said "the following arguments are required: masks_command", the parser's own attribute
+    with pytest.raises(SystemExit) as stopped:
+        main(["masks"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.endswith("maskattn masks: error: the following arguments are required: "
+                                            "{show,stats}\n")

@@ -191,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--length", type=positive_int, default=4096, help="query and key length (default: 4096)")
     stats.add_argument("--block", type=positive_int, default=128, help="tile size of the block map (default: 128)")
     stats.add_argument("--head-dim", type=positive_int, default=64, help="head dim D for the FLOP count (default: 64)")
+    masks_cmd.metavar = "{" + ",".join(masks_cmd.choices) + "}"  # "required: {show,stats}", not its dest's name
     _add_export_command(sub)
     _verbosity_everywhere(sub)
     return parser
