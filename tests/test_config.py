@@ -185,3 +185,13 @@ def test_none_is_the_word_for_a_setting_that_cannot_be_none():
     assert cfg.inner.clip is None and cfg.inner.name == "None"  # None where a setting may be None, else the word
     with pytest.raises(TypeError, match=r"steps: expected int, got 'null'"):
         config.load(Outer(), None, ["steps=null"])
+
+
+def test_a_decimal_point_at_either_end_of_a_number_is_a_float_where_the_setting_is_one():
+    # `--set train.lr=.5` said "train.lr: expected float, got '.5'": TOML wants a digit on both sides of the point
+    cfg = config.load(Outer(), None, ["inner.lr=.5", "inner.clip=-5.", "inner.name=.25"])
+    assert (cfg.inner.lr, cfg.inner.clip, cfg.inner.name) == (0.5, -5.0, ".25")  # a text setting keeps the text
+    assert type(cfg.inner.name) is str
+    assert config.load(Outer(), None, ["inner.lr=.5e-3"]).inner.lr == 5e-4
+    with pytest.raises(TypeError, match=r"steps: expected int, got '5\.'"):
+        config.load(Outer(), None, ["steps=5."])

@@ -24,19 +24,29 @@ class _NoneWord(str):
     (``data.documents=none`` is one of that setting's values)."""
 
 
+class _PointWord(str):
+    """A number written with nothing before or after its point in a ``--set`` (``.5``, ``5.``), which TOML
+    refuses: a float for a float setting, else the text itself."""
+
+
+_POINT_NUMBER = re.compile(r"[+-]?(\d+\.|\.\d+)([eE][+-]?\d+)?")
+
+
 def _parse_value(text: str) -> Any:
-    """A TOML literal (``3e-4``, ``true``, ``[1, 2]``, ``"x"``), ``none``, or the bare text as a string."""
+    """A TOML literal (``3e-4``, ``true``, ``[1, 2]``, ``"x"``), ``none``, ``.5``, or the bare text as a string."""
     if text.lower() in ("none", "null"):
         return _NoneWord(text)
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        return text
+        return _PointWord(text) if _POINT_NUMBER.fullmatch(text) else text
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check ``value`` against a field's type annotation, converting int -> float and list -> tuple."""
     origin = typing.get_origin(annotation)
+    if isinstance(value, _PointWord) and annotation in (float, str):
+        return float(value) if annotation is float else str(value)
     if isinstance(value, _NoneWord):
         takes_none = annotation is Any or (origin in (typing.Union, types.UnionType)
                                            and type(None) in typing.get_args(annotation))
