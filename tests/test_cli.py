@@ -202,3 +202,16 @@ def test_a_missing_subcommand_is_named_by_its_choices_not_an_internal_name(capsy
     assert stopped.value.code == 2
     assert capsys.readouterr().err.endswith("maskattn masks: error: the following arguments are required: "
                                             "{show,stats}\n")
+
+
+def test_train_help_says_which_tasks_read_each_path_flag(capsys):
+    # every task's path flags were listed as if any task read them: `train caption --help` offered --train-src
+    from maskattn.tasks.base import tasks
+
+    with pytest.raises(SystemExit):
+        main(["train", "caption", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps the help lines
+    for name in ("train_src", "train", "pretrained", "embeddings"):
+        readers = ", ".join(t.name for t in tasks().values() if name in t.paths)
+        assert f"shortcut for --set data.{name}=PATH ({readers})" in shown, name
+    assert "shortcut for --set data.pretrained=PATH (classification, qa)" in shown

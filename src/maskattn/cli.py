@@ -136,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "does not write is refused); without --resume or --overwrite the run directory must be empty")
     train.add_argument("--show-config", action="store_true", help="print the resolved settings and exit")
     for name in shortcuts():
-        train.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"shortcut for --set data.{name}=PATH")
+        readers = ", ".join(task.name for task in registered.values() if name in task.paths)
+        train.add_argument(f"--{name.replace('_', '-')}", dest=name,
+                           help=f"shortcut for --set data.{name}=PATH ({readers})")
     _add_task_commands(sub, registered)
 
     evaluate = sub.add_parser("evaluate", help="score a trained model on any data file")
