@@ -215,3 +215,17 @@ def test_train_help_says_which_tasks_read_each_path_flag(capsys):
         readers = ", ".join(t.name for t in tasks().values() if name in t.paths)
         assert f"shortcut for --set data.{name}=PATH ({readers})" in shown, name
     assert "shortcut for --set data.pretrained=PATH (classification, qa)" in shown
+
+
+def test_a_second_config_file_is_refused_not_read_instead_of_the_first(tmp_path, capsys):
+    # `--config base.toml --config lr.toml` read lr.toml alone: base.toml's settings were dropped without a word
+    (tmp_path / "base.toml").write_text("[train]\nsteps = 7\n")
+    (tmp_path / "lr.toml").write_text("[train]\nlr = 0.5\n")
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "lm", "--config", str(tmp_path / "base.toml"), "--config", str(tmp_path / "lr.toml"),
+              "--show-config"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --config: given twice ({tmp_path / 'base.toml'}, {tmp_path / 'lr.toml'})" in err
+    assert main(["train", "lm", "--config", str(tmp_path / "base.toml"), "--show-config"]) == 0
+    assert "train.steps = 7" in capsys.readouterr().out

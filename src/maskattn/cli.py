@@ -60,6 +60,17 @@ def nonempty_path(text: str) -> str:
     return text
 
 
+class _Once(argparse.Action):
+    """An option given at most once: argparse keeps the last of two, and a second ``--config`` would drop every
+    setting of the first file without a word."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if getattr(namespace, self.dest) is not None:
+            raise argparse.ArgumentError(self, f"given twice ({getattr(namespace, self.dest)}, {values}): only one "
+                                         "is read; put the settings in one file, or change them with --set")
+        setattr(namespace, self.dest, values)
+
+
 def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
@@ -125,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train TASK. Settings come from the task's defaults, then --config, then "
                            "--set; `maskattn train TASK --show-config` lists every setting and its default.")
     train.add_argument("task", choices=list(registered), help="the task to train")
-    train.add_argument("--config", help="a TOML file of settings, sections as in --show-config")
+    train.add_argument("--config", action=_Once, help="a TOML file of settings, sections as in --show-config")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one setting, e.g. --set train.lr=3e-4 --set model.d_model=256 (repeatable)")
     train.add_argument("--out", help="run directory (same as --set out=...)")
