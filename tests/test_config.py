@@ -195,3 +195,17 @@ def test_a_decimal_point_at_either_end_of_a_number_is_a_float_where_the_setting_
     assert config.load(Outer(), None, ["inner.lr=.5e-3"]).inner.lr == 5e-4
     with pytest.raises(TypeError, match=r"steps: expected int, got '5\.'"):
         config.load(Outer(), None, ["steps=5."])
+
+
+def test_a_text_setting_keeps_a_set_value_that_reads_as_a_number_or_a_switch():
+    # `--set out=2024` said "out: expected str, got 2024": the TOML number was checked, not the text typed
+    cfg = config.load(Outer(), None, ["inner.name=2024", "inner.lr=2024", "steps=12"])
+    assert (cfg.inner.name, cfg.inner.lr, cfg.steps) == ("2024", 2024.0, 12) and type(cfg.inner.name) is str
+    assert config.load(Outer(), None, ["inner.name=true"]).inner.name == "true"
+    assert config.load(Outer(), None, ["inner.name=1e-3"]).inner.name == "1e-3"  # as typed, not "0.001"
+    assert config.load(Outer(), None, ["inner.clip=3"]).inner.clip == 3.0  # float | None: the number
+    with pytest.raises(TypeError, match=r"steps: expected int, got True"):
+        config.load(Outer(), None, ["steps=true"])
+    # a value from a TOML file (or the Python API) is typed as written: a number for a text setting is refused
+    with pytest.raises(TypeError, match=r"inner.name: expected str, got 2024"):
+        config.update(Outer(), {"inner": {"name": 2024}})

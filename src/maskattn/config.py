@@ -29,6 +29,13 @@ class _PointWord(str):
     refuses: a float for a float setting, else the text itself."""
 
 
+class _Written(str):
+    """A ``--set`` value that TOML reads as a number or a switch (``2024``, ``true``), kept as typed: the text
+    for a text setting (``out=2024`` names a directory), else the TOML value, ``.value``."""
+
+    value: Any
+
+
 _POINT_NUMBER = re.compile(r"[+-]?(\d+\.|\.\d+)([eE][+-]?\d+)?")
 
 
@@ -37,9 +44,14 @@ def _parse_value(text: str) -> Any:
     if text.lower() in ("none", "null"):
         return _NoneWord(text)
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return _PointWord(text) if _POINT_NUMBER.fullmatch(text) else text
+    if not isinstance(value, (int, float)):  # (bool is an int)
+        return value
+    written = _Written(text)
+    written.value = value
+    return written
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -47,6 +59,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
     if isinstance(value, _PointWord) and annotation in (float, str):
         return float(value) if annotation is float else str(value)
+    if isinstance(value, _Written):
+        takes_text = annotation is str or (origin in (typing.Union, types.UnionType)
+                                           and str in typing.get_args(annotation))
+        value = str(value) if takes_text else value.value
     if isinstance(value, _NoneWord):
         takes_none = annotation is Any or (origin in (typing.Union, types.UnionType)
                                            and type(None) in typing.get_args(annotation))
@@ -115,7 +131,8 @@ def update(obj: Any, values: dict[str, Any], prefix: str = "") -> Any:
 
 
 def overrides(assignments: list[str]) -> dict[str, Any]:
-    """``["train.lr=3e-4", "model.layers=2"]`` -> ``{"train": {"lr": 3e-4}, "model": {"layers": 2}}``."""
+    """``["train.lr=3e-4", "model.layers=2"]`` -> ``{"train": {"lr": 3e-4}, "model": {"layers": 2}}`` (a number
+    or switch kept with its text as typed, which :func:`update` gives a text setting)."""
     nested: dict[str, Any] = {}
     for item in assignments:
         if "=" not in item:
