@@ -229,3 +229,18 @@ def test_a_second_config_file_is_refused_not_read_instead_of_the_first(tmp_path,
     assert f"argument --config: given twice ({tmp_path / 'base.toml'}, {tmp_path / 'lr.toml'})" in err
     assert main(["train", "lm", "--config", str(tmp_path / "base.toml"), "--show-config"]) == 0
     assert "train.steps = 7" in capsys.readouterr().out
+
+
+def test_help_after_a_positional_and_no_arguments_at_all(capsys):
+    # regression: -h after a command's positional still shows that command's help (status 0); no command at
+    # all is a usage error naming what is missing (status 2)
+    for argv, usage in ((["train", "lm", "-h"], "usage: maskattn train "),
+                        (["masks", "show", "causal", "--help"], "usage: maskattn masks show "),
+                        (["translate", "some/model", "Ein Mann.", "-h"], "usage: maskattn translate ")):
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        assert stopped.value.code == 0 and capsys.readouterr().out.startswith(usage), argv
+    with pytest.raises(SystemExit) as stopped:
+        main([])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.endswith("maskattn: error: the following arguments are required: command\n")
