@@ -69,6 +69,40 @@ def counted_str():
     return Counted
 
 
+class FakeStderr:
+    """A stand-in stderr: a log file (``tty=False``: nohup, CI, a redirect) or a terminal; ``text`` is what was
+    written, to it and to the ``maskattn`` logger (a handler on it, as the command line's)."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.text = tty, ""
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.fixture
+def fake_stderr(monkeypatch):
+    """``fake_stderr(tty)``: sys.stderr replaced by a :class:`FakeStderr` that the ``maskattn`` logger writes to
+    (its one handler: an earlier test's ``main()`` left the command line's, which writes to sys.stderr too)."""
+    import logging
+    import sys
+
+    def make(tty: bool) -> FakeStderr:
+        stream = FakeStderr(tty)
+        monkeypatch.setattr(sys, "stderr", stream)
+        monkeypatch.setattr(logging.getLogger("maskattn"), "handlers", [logging.StreamHandler(stream)])
+        return stream
+
+    return make
+
+
 @pytest.fixture
 def hashed_files(monkeypatch):
     """The names of the files hashed by ``maskattn.io.sha256`` (where checkpoints and models import it too), in

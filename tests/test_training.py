@@ -675,40 +675,16 @@ def test_an_optimizer_step_reads_the_device_once_whatever_the_accumulation(tmp_p
     assert loss_sum == expected and targets == 16 * accumulate
 
 
-class _Stream:
-    """A stand-in stderr: a log file (``tty=False``: nohup, CI, a redirect) or a terminal."""
-
-    def __init__(self, tty: bool) -> None:
-        self.tty, self.text = tty, ""
-
-    def write(self, text: str) -> int:
-        self.text += text
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return self.tty
-
-
 @pytest.mark.parametrize("every", [0.0, 1e9])
-def test_progress_into_a_file_is_a_few_plain_lines_not_a_bar(tmp_path, monkeypatch, caplog, every):
+def test_progress_into_a_file_is_a_few_plain_lines_not_a_bar(tmp_path, monkeypatch, caplog, fake_stderr, every):
     # stderr redirected to a file: tqdm rewrote its bar there up to 10 times a second, each one joined to the last by
     # a carriage return (one line of megabytes for a long run, which `tail -f` and an editor cannot read)
     from maskattn import training
 
-    stream = _Stream(tty=False)
-    monkeypatch.setattr(sys, "stderr", stream)
+    stream = fake_stderr(tty=False)
     monkeypatch.setattr(training, "PLAIN_PROGRESS_EVERY", every, raising=False)
-    logger = logging.getLogger("maskattn")
-    handler = logging.StreamHandler(stream)
-    logger.addHandler(handler)
-    try:
-        with caplog.at_level(logging.INFO, logger="maskattn"):
-            _tiny_trainer(tmp_path, steps=6, log_every=2, progress=True).fit()
-    finally:
-        logger.removeHandler(handler)
+    with caplog.at_level(logging.INFO, logger="maskattn"):
+        _tiny_trainer(tmp_path, steps=6, log_every=2, progress=True).fit()
     assert "\r" not in stream.text
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in logged if "loss" in r]
@@ -720,9 +696,8 @@ def test_progress_into_a_file_is_a_few_plain_lines_not_a_bar(tmp_path, monkeypat
         assert line.startswith(f"train: step {record['step']}/6, loss {record['loss']:.4f}, lr {record['lr']:.3g}, ")
 
 
-def test_progress_on_a_terminal_is_a_bar(tmp_path, monkeypatch, caplog):
-    stream = _Stream(tty=True)
-    monkeypatch.setattr(sys, "stderr", stream)
+def test_progress_on_a_terminal_is_a_bar(tmp_path, caplog, fake_stderr):
+    stream = fake_stderr(tty=True)
     with caplog.at_level(logging.INFO, logger="maskattn"):
         _tiny_trainer(tmp_path, steps=3, progress=True).fit()
     assert "\r" in stream.text and "3/3" in stream.text and "train: step" not in stream.text

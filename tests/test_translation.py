@@ -1,5 +1,6 @@
 import gzip
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -298,3 +299,38 @@ def test_hypotheses_of_a_model_outside_a_run_and_a_missing_ref(tiny_translator, 
     assert json.loads(capsys.readouterr().out)["hypotheses"] == str(tmp_path / "soups" / "m.hypotheses.src.txt")
     assert main(["evaluate", str(outside), "--data", str(tmp_path / "src.txt")]) == 2
     assert "give their references with --ref" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("every", [0.0, 1e9])
+def test_translation_progress_into_a_file_is_a_few_plain_lines_not_a_bar(tiny_translator, monkeypatch, caplog,
+                                                                           fake_stderr, every):
+    # `maskattn evaluate 2> log`: tqdm rewrote its bar there after a carriage return for every batch (training had
+    # stopped doing so); the rule is training's: plain lines, the first at once, then at most one per interval, and
+    # the last
+    import dataclasses
+
+    from maskattn import training
+
+    model, tok, decode = translation.load(tiny_translator)
+    stream = fake_stderr(tty=False)
+    monkeypatch.setattr(training, "PLAIN_PROGRESS_EVERY", every)
+    with caplog.at_level(logging.INFO, logger="maskattn"):
+        translation.translate(model, tok, ["ab", "abc", "ba", "cab", "fed"], dataclasses.replace(decode, batch_size=2),
+                              progress=True)
+    assert "\r" not in stream.text
+    done = [2, 4, 5] if not every else [2, 5]
+    lines = stream.text.splitlines()
+    assert len(lines) == len(done)
+    for line, n in zip(lines, done, strict=True):
+        assert line.startswith(f"translate: {n}/5 sent, ") and line.endswith(" elapsed")
+
+
+def test_translation_progress_on_a_terminal_is_a_bar(tiny_translator, caplog, fake_stderr):
+    import dataclasses
+
+    model, tok, decode = translation.load(tiny_translator)
+    stream = fake_stderr(tty=True)
+    with caplog.at_level(logging.INFO, logger="maskattn"):
+        translation.translate(model, tok, ["ab", "abc", "ba"], dataclasses.replace(decode, batch_size=2),
+                              progress=True)
+    assert "\rtranslate:" in stream.text and "/3 [" in stream.text and "elapsed" not in stream.text  # a bar, no lines

@@ -226,6 +226,45 @@ def _on_terminal(stream: Any) -> bool:
         return False
 
 
+class Progress:
+    """Progress on stderr, one rule for every long loop: a tqdm bar on a terminal; where stderr is a file (no
+    terminal), plain lines through the ``maskattn`` logger instead: the first at once, then at most one per
+    :data:`PLAIN_PROGRESS_EVERY` seconds, and one at the end. Nothing when ``show`` is False.
+
+    Args:
+        total: the count at the end. desc, unit: the bar's label and unit, which the plain lines use too.
+        show: whether to report at all (False under ``maskattn -q``). initial: the count already done (a resume).
+        lines: ``update`` writes the plain lines ("desc: n/total unit, T elapsed"); False: the caller writes
+            its own where :meth:`due` says so. leave: keep the bar on the terminal when it closes.
+    """
+
+    def __init__(self, total: int, *, desc: str, unit: str, show: bool, initial: int = 0, lines: bool = True,
+                 leave: bool = True) -> None:
+        self.total, self.done, self.desc, self.unit, self.lines = total, initial, desc, unit, lines
+        self.plain = show and not _on_terminal(sys.stderr)
+        self.began, self._said = time.perf_counter(), -math.inf
+        self.bar = tqdm(total=total, initial=initial, disable=not show or self.plain, desc=desc, unit=unit,
+                        dynamic_ncols=True, leave=leave)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self.bar.update(n)
+        if self.lines and self.due():
+            logging.getLogger("maskattn").info("%s: %d/%d %s, %s elapsed", self.desc, self.done, self.total,
+                                               self.unit, tqdm.format_interval(time.perf_counter() - self.began))
+
+    def due(self, now: float | None = None) -> bool:
+        """Whether a plain line is due at ``now`` (default: now); True marks it said."""
+        now = time.perf_counter() if now is None else now
+        if not self.plain or (now - self._said < PLAIN_PROGRESS_EVERY and self.done < self.total):
+            return False
+        self._said = now
+        return True
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 # --- the trainer -----------------------------------------------------------------------------------
 Batch = dict[str, Any]
 
@@ -323,7 +362,6 @@ class Trainer:
         self.window = (0.0, 0.0)  # summed loss and targets of the steps since the last log line
         self.resumed = False  # set by resume(): fit() then continues the run in out_dir
         self.callbacks = list(callbacks)
-        self._plain: tuple[float, float] | None = None  # progress as lines (start, last line's time), set by fit()
 
     # --- state -------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -445,9 +483,7 @@ class Trainer:
         cfg = self.cfg
         quiet = not logging.getLogger("maskattn").isEnabledFor(logging.INFO)  # `maskattn -q`
         show = self.rank == 0 and cfg.progress and not quiet
-        self._plain = (time.perf_counter(), -math.inf) if show and not _on_terminal(sys.stderr) else None
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not show or self._plain is not None,
-                   desc="train", unit="step", dynamic_ncols=True)
+        bar = Progress(cfg.steps, initial=self.step, desc="train", unit="step", show=show, lines=False)
         last: dict[str, float] = {}
         window_loss, window_targets = self.window  # a resumed run's log window began before its checkpoint
         timed, window_start = 0.0, time.perf_counter()  # the targets trained since window_start, for the throughput
@@ -498,7 +534,7 @@ class Trainer:
             self.save()
         return last
 
-    def _log_window(self, loss: float, targets: float, timed: float, since: float, bar: tqdm,
+    def _log_window(self, loss: float, targets: float, timed: float, since: float, bar: Progress,
                     until: float | None = None) -> dict[str, float]:
         """Log the mean training loss of the steps since the last log line (summed ``loss`` over ``targets``) and the
         throughput of the ``timed`` targets trained from ``since`` (a resume starts the clock again) to ``until``
@@ -506,23 +542,13 @@ class Trainer:
         until = time.perf_counter() if until is None else until
         record = {"loss": loss / max(targets, 1), "lr": learning_rate(self.cfg, self.step),
                   "targets_per_s": timed / max(until - since, 1e-9)}
-        bar.set_postfix({"loss": f"{record['loss']:.4f}", "targets/s": f"{record['targets_per_s']:.0f}"})
+        bar.bar.set_postfix({"loss": f"{record['loss']:.4f}", "targets/s": f"{record['targets_per_s']:.0f}"})
         self._log({"step": self.step, **record})
-        self._plain_progress(record, until)
+        if bar.due(until):  # stderr is a file (no bar): the first log line, then one per interval, and the last
+            logging.getLogger("maskattn").info(
+                "train: step %d/%d, loss %.4f, lr %.3g, %.0f targets/s, %s elapsed", self.step, self.cfg.steps,
+                record["loss"], record["lr"], record["targets_per_s"], tqdm.format_interval(until - bar.began))
         return record
-
-    def _plain_progress(self, record: dict[str, float], now: float) -> None:
-        """Where stderr is a file (no bar): a line for the first log line, then at most one per
-        :data:`PLAIN_PROGRESS_EVERY` seconds, and one for the last step."""
-        if self._plain is None:
-            return
-        began, said = self._plain
-        if now - said < PLAIN_PROGRESS_EVERY and self.step < self.cfg.steps:
-            return
-        self._plain = (began, now)
-        logging.getLogger("maskattn").info(
-            "train: step %d/%d, loss %.4f, lr %.3g, %.0f targets/s, %s elapsed", self.step, self.cfg.steps,
-            record["loss"], record["lr"], record["targets_per_s"], tqdm.format_interval(now - began))
 
     def _evaluated_at(self, step: int) -> bool:
         """Whether the log holds an evaluation at ``step``; the same answer on every rank (rank 0 reads the log)."""

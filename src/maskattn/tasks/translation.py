@@ -17,7 +17,6 @@ from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from maskattn import decoding, metrics
 from maskattn.data import DataError, bucket_batches, pad, read_parallel
@@ -38,7 +37,7 @@ from maskattn.tasks.common import (
     train_tokenizer,
 )
 from maskattn.tokenization import Tokenizer
-from maskattn.training import TrainConfig
+from maskattn.training import Progress, TrainConfig
 
 Pairs = list[tuple[str, str]]
 
@@ -178,9 +177,9 @@ def translate(model: Transformer, tok: Tokenizer, sentences: Sequence[str], deco
               truncate: bool = False, progress: bool = False) -> list[str]:
     """Translate sentences in length-sorted batches; one output line per input line (``truncate``: cut
     sentences longer than the model's ``max_len`` tokens, with a warning, instead of refusing them;
-    ``progress``: a progress bar of sentences on stderr)."""
+    ``progress``: a progress bar of sentences on stderr, plain lines where it is a file)."""
     out: list[str] = [""] * len(sentences)
-    bar = tqdm(total=len(sentences), unit="sent", desc="translate", disable=not progress, leave=False)
+    bar = Progress(len(sentences), desc="translate", unit="sent", show=progress, leave=False)
     for chunk, src, lengths, max_new in _decode_batches(model, tok, sentences, decode, truncate):
         if decode.beam_size > 1:
             ids, _ = decoding.beam_search(model, src, lengths, beam_size=decode.beam_size, max_new_tokens=max_new,
