@@ -690,7 +690,7 @@ def test_progress_into_a_file_is_a_few_plain_lines_not_a_bar(tmp_path, monkeypat
     logged = [r for r in logged if "loss" in r]
     if every:  # the first line at once (training has begun), then at most one per interval, and the last
         logged = [logged[0], logged[-1]]
-    lines = stream.text.splitlines()
+    lines = [line for line in stream.text.splitlines() if not line.startswith("eval step")]  # the final evaluation
     assert len(lines) == len(logged)
     for line, record in zip(lines, logged, strict=True):
         assert line.startswith(f"train: step {record['step']}/6, loss {record['loss']:.4f}, lr {record['lr']:.3g}, ")
@@ -737,3 +737,25 @@ def test_every_metrics_record_says_when_it_was_written(tmp_path):
         ["loss", "lr", "step", "targets_per_s", "time"], ["eval_loss", "step", "time"]]
     times = [r["time"] for r in records]
     assert before <= times[0] and times == sorted(times) and times[-1] <= after
+
+
+def test_each_evaluation_is_a_line_on_stderr_unless_quiet(tmp_path, caplog, fake_stderr):
+    # evaluations went to metrics.jsonl only: a long run showed no validation score until it ended
+    import re
+
+    scores = iter([{"accuracy": 0.8731, "loss": 0.25}, {"accuracy": 0.9, "loss": 0.125},
+                   {"accuracy": 0.95, "loss": 0.0625}])
+    trainer = _tiny_trainer(tmp_path, steps=5, eval_every=2, metric="accuracy", higher_is_better=True, progress=True)
+    trainer.evaluate = lambda model: next(scores)
+    stream = fake_stderr(tty=True)
+    with caplog.at_level(logging.INFO, logger="maskattn"):
+        trainer.fit()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("eval")]
+    assert said == ["eval step 2: accuracy 0.8731, loss 0.25", "eval step 4: accuracy 0.9, loss 0.125",
+                    "eval step 5: accuracy 0.95, loss 0.0625"]  # the last: the final evaluation, off the interval
+    # on a terminal each is a line of its own, not written on after the bar
+    assert [part for part in re.split(r"[\r\n]", stream.text) if "eval step" in part] == said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="maskattn"):  # maskattn -q
+        _tiny_trainer(tmp_path / "quiet", steps=4, eval_every=2, progress=True).fit()
+    assert not [r for r in caplog.records if "eval" in r.getMessage()]

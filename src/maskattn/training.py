@@ -644,6 +644,10 @@ class Trainer:
             raise UnknownSettingError(f"train.metric {self.cfg.metric!r} is not one of the evaluation's metrics: "
                                       f"{sorted(metrics)}")
         self._log({"step": self.step, **{f"eval_{k}": v for k, v in metrics.items()}})
+        if self.rank == 0:  # else a long run shows no score until it ends; INFO: not under `maskattn -q`
+            with tqdm.external_write_mode(file=sys.stderr):  # on a terminal, a line of its own, not on after the bar
+                logging.getLogger("maskattn").info("eval step %d: %s", self.step,
+                                                   ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         for callback in self._listeners():
             callback.on_evaluate(self, self.step, dict(metrics))
         value = metrics[self.cfg.metric]
