@@ -125,3 +125,46 @@ def test_a_picture_name_without_a_suffix_gets_png_as_savefig_gives_it(tmp_path):
     plot_mask(masks.causal(), 4, path=str(tmp_path / "m"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png", "h.png", "m.png", "oracle.png", "t.png"]
     assert all(p.read_bytes()[:8] == PNG for p in tmp_path.iterdir())
+
+
+def _drawn_curves(tmp_path, monkeypatch, records):
+    """The figure plot_curves draws for ``records`` (a metrics.jsonl's lines), caught before it is saved."""
+    import json
+
+    from maskattn import plotting
+
+    drawn = []
+    monkeypatch.setattr(plotting, "save_figure", lambda fig, out, **kwargs: drawn.append(fig) or out)
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    plotting.plot_curves(log)
+    return drawn[0]
+
+
+def _lines(ax) -> list[tuple[list, list]]:
+    return [(list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()]
+
+
+def test_curves_put_validation_loss_beside_training_loss_and_each_other_metric_on_its_own_axis(tmp_path,
+                                                                                             monkeypatch):
+    # every evaluation metric shared one unlabelled axis (an LM's loss ~4 flattened beside its perplexity ~55), and
+    # the validation loss was on another panel than the training loss, so overfitting could not be seen
+    train = [{"step": s, "loss": 5.0 - 0.5 * s, "lr": 1e-3} for s in range(1, 7)]
+    evals = [{"step": s, "eval_loss": 4.0 - 0.1 * s, "eval_perplexity": 60.0 - s, "eval_bleu": 2.0 * s} for s in (3, 6)]
+    fig = _drawn_curves(tmp_path, monkeypatch, [*train[:3], evals[0], *train[3:], evals[1]])
+    loss, *others = fig.axes
+    assert loss.get_ylabel() == "loss"
+    assert _lines(loss) == [([r["step"] for r in train], [r["loss"] for r in train]),
+                            ([3, 6], [r["eval_loss"] for r in evals])]
+    assert [line.get_label() for line in loss.get_lines()] == ["training", "validation"]
+    assert sorted(ax.get_ylabel() for ax in others) == ["bleu", "perplexity"]  # one axis each, named
+    for ax in others:
+        assert _lines(ax) == [([3, 6], [r[f"eval_{ax.get_ylabel()}"] for r in evals])]
+    assert all(ax.get_xlabel() == "step" for ax in fig.axes)
+
+
+def test_curves_without_an_evaluation_are_the_training_loss_alone(tmp_path, monkeypatch):
+    train = [{"step": s, "loss": 1.0 / s} for s in range(1, 5)]
+    fig = _drawn_curves(tmp_path, monkeypatch, train)
+    assert len(fig.axes) == 1 and fig.axes[0].get_ylabel() == "loss" and fig.axes[0].get_xlabel() == "step"
+    assert _lines(fig.axes[0]) == [([1, 2, 3, 4], [r["loss"] for r in train])]

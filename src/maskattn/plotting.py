@@ -78,7 +78,8 @@ def plot_mask(
 
 
 def plot_curves(log: str | Path, out: str | Path | None = None) -> Path | None:
-    """Plot training loss and evaluation metrics from a ``metrics.jsonl`` into a PNG.
+    """Plot a ``metrics.jsonl`` into a PNG: training and validation loss on one panel, each other validation metric
+    on a panel of its own, all against the step.
 
     Args:
         log: the run's ``metrics.jsonl``.
@@ -97,18 +98,29 @@ def plot_curves(log: str | Path, out: str | Path | None = None) -> Path | None:
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in log.read_text().splitlines() if line]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = sorted({k for r in records for k in r if k.startswith("eval_")})
-    fig, axes = plt.subplots(1, 1 + bool(evals), figsize=(6 + 5 * bool(evals), 4), squeeze=False)
+
+    def points(key: str) -> list[tuple[float, float]]:
+        return [(r["step"], r[key]) for r in records if key in r]
+
+    # One panel for the loss, training and validation on one axis (overfitting shows as the two parting), then one
+    # panel per other validation metric: their scales differ (an LM's loss ~4 beside its perplexity ~55).
+    others = sorted({k[5:] for r in records for k in r if k.startswith("eval_")} - {"loss"})
+    cols = min(1 + len(others), 3)
+    rows = -(-(1 + len(others)) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    loss_ax, *panels = axes.flat
+    train, valid = points("loss"), points("eval_loss")
     if train:
-        axes[0, 0].plot(*zip(*train, strict=True), label="train loss")
-    axes[0, 0].set(xlabel="step", ylabel="loss", title="training loss")
-    for key in evals:
-        points = [(r["step"], r[key]) for r in records if key in r]
-        axes[0, -1].plot(*zip(*points, strict=True), marker="o", label=key)
-    if evals:
-        axes[0, -1].set(xlabel="step", title="evaluation")
-        axes[0, -1].legend()
+        loss_ax.plot(*zip(*train, strict=True), label="training")
+    if valid:
+        loss_ax.plot(*zip(*valid, strict=True), marker="o", label="validation")
+        loss_ax.legend()
+    loss_ax.set(xlabel="step", ylabel="loss", title="training and validation loss" if valid else "training loss")
+    for ax, name in zip(panels, others, strict=False):
+        ax.plot(*zip(*points(f"eval_{name}"), strict=True), marker="o")
+        ax.set(xlabel="step", ylabel=name, title=f"validation {name}")
+    for ax in panels[len(others):]:  # the last row's empty places
+        fig.delaxes(ax)
     fig.tight_layout()
     out = save_figure(fig, out, dpi=100)  # a run killed while drawing keeps its previous curves
     plt.close(fig)
