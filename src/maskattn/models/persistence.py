@@ -173,7 +173,7 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") ->
     check_sizes(cls, config, weights, meta.get("aliases", {}), source=directory / CONFIG, compression=compression)
     model = compressed.apply(cls(config), compression, source=str(directory / CONFIG))
     tensors = read_safetensors(weights, device)
-    model = _in_saved_dtype(model, tensors)
+    model = in_saved_dtype(model, tensors)
     load_weights(model, tensors, meta.get("aliases", {}), source=str(weights))
     model.tokenizer = load_tokenizer(directory / TOKENIZER) if (directory / TOKENIZER).exists() else None
     check_tokenizer(config, model.tokenizer, source=directory / TOKENIZER)
@@ -284,7 +284,7 @@ def load_tokenizer(path: Path) -> Any:
         raise FormatError(f"{path}: not a readable tokenizer: {e}") from e
 
 
-def _in_saved_dtype(model: nn.Module, tensors: dict[str, Tensor]) -> nn.Module:
+def in_saved_dtype(model: nn.Module, tensors: dict[str, Tensor]) -> nn.Module:
     """``model`` in the one float dtype of ``tensors`` (a model saved after .to(torch.bfloat16) comes back so)."""
     floats = {t.dtype for t in tensors.values() if t.is_floating_point()}
     return model.to(floats.pop()) if len(floats) == 1 and floats != {torch.float32} else model
@@ -295,7 +295,7 @@ def _config_aliases(model: nn.Module, tensors: dict[str, Tensor]) -> dict[str, s
     config (and compression entry) for ``tensors``, as :func:`_distinct_tensors` names them; built on the meta
     device (shapes only, no memory)."""
     with torch.device("meta"):
-        skeleton = _in_saved_dtype(compressed.apply(type(model)(model.config), compressed.describe(model)), tensors)
+        skeleton = in_saved_dtype(compressed.apply(type(model)(model.config), compressed.describe(model)), tensors)
     first: dict[int, str] = {}
     aliases: dict[str, str] = {}
     for name, t in skeleton.state_dict(keep_vars=True).items():  # meta tensors share no data pointer: by identity

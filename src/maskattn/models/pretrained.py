@@ -29,9 +29,9 @@ from maskattn.models.persistence import (
     FORMAT,
     TOKENIZER,
     WEIGHTS,
-    _in_saved_dtype,
     check_shapes,
     check_tokenizer,
+    in_saved_dtype,
     load,
     load_tokenizer,
     load_weights,
@@ -166,7 +166,7 @@ def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: 
     # before building: a config.json of 10^9 layers or a hidden_size of 10^9 is named, not run out of memory on
     check_shapes(family.model, config, {n: tuple(t.shape) for n, t in tensors.items()}, aliases,
                  source=directory / CONFIG, weights=source.name)
-    model = _in_saved_dtype(family.model(config), tensors)  # a bf16 checkpoint loads as bf16, as transformers'
+    model = in_saved_dtype(family.model(config), tensors)  # a bf16 checkpoint loads as bf16, as transformers'
     fresh = {n: t for n, t in model.state_dict().items() if family.fresh and n.startswith(family.fresh)}
     load_weights(model, {**tensors, **fresh}, aliases, source=str(source))
     # exists, not is_file: a directory in its place is named, not skipped (as load() does)
