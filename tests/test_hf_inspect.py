@@ -404,3 +404,46 @@ def test_hf_commands_never_unpickle_nor_run_a_directorys_code(hf_dirs, tmp_path,
     assert main(["audit", str(coded)]) == 2
     assert "model_type 'planted' is defined by Python code in the directory" in capsys.readouterr().err
     assert not planted.exists()
+
+
+@pytest.mark.parametrize(("name", "key", "value", "said"), [
+    ("gpt2", "n_layer", 10**9, "does not fit the weights: model.safetensors holds"),
+    ("llama", "num_hidden_layers", 10**9, "does not fit the weights: model.safetensors holds"),
+    ("gpt2", "n_embd", 48, "does not fit the weights: tensor 'transformer.wte.weight' would be (61, 48), "
+                           "model.safetensors holds (61, 32)"),
+    ("bert", "hidden_size", 40, "does not fit the weights: tensor 'embeddings.word_embeddings.weight' would be "
+                                "(61, 40), model.safetensors holds (61, 32)")])
+def test_hf_commands_compare_config_sizes_with_the_weights_before_building(hf_dirs, tmp_path, capsys, name, key,
+                                                                          value, said):
+    # transformers built the model from config.json before reading a tensor: 10^9 layers hung until memory ran out,
+    # a hidden size the tensors do not have was its 'ignore_mismatched_sizes' RuntimeError traceback
+    import shutil
+
+    changed = shutil.copytree(hf_dirs[name], tmp_path / name)
+    meta = json.loads((changed / "config.json").read_text())
+    (changed / "config.json").write_text(json.dumps({**meta, key: value}))
+    assert main(["audit", str(changed)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{changed / 'config.json'}: {key}={value} {said}" in err
+
+
+def test_hf_size_check_reads_tensors_stored_without_the_base_models_prefix(hf_dirs, tmp_path, capsys):
+    # the released gpt2 checkpoint names its tensors 'h.0.attn.c_attn.weight', not 'transformer.h.0...': such a
+    # directory still loads, and a config.json that does not fit it is still named
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bare = shutil.copytree(hf_dirs["gpt2"], tmp_path / "bare")
+    tensors = load_file(bare / "model.safetensors")
+    save_file({n.removeprefix("transformer."): t for n, t in tensors.items() if n != "lm_head.weight"},
+              bare / "model.safetensors", metadata={"format": "pt"})
+    want = hf_inspect.load(hf_dirs["gpt2"], tokenizer=False)[0]
+    got = hf_inspect.load(bare, tokenizer=False)[0]
+    x = torch.tensor([[4, 5, 6, 7]])
+    torch.testing.assert_close(got(input_ids=x).logits, want(input_ids=x).logits, rtol=0, atol=0)
+    meta = json.loads((bare / "config.json").read_text())
+    (bare / "config.json").write_text(json.dumps({**meta, "n_embd": 48}))
+    assert main(["audit", str(bare)]) == 2
+    assert "n_embd=48 does not fit the weights: tensor 'transformer.wte.weight' would be (61, 48)" in \
+        capsys.readouterr().err

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
@@ -223,6 +224,7 @@ def load(directory: str | Path, *, tokenizer: bool = True) -> tuple[nn.Module, A
                          "Hugging Face decoder-only and encoder-only models")
     causal = any(name in _causal_lm_classes() for name in (getattr(config, "architectures", None) or ()))
     cls = AutoModelForCausalLM if causal else AutoModel
+    _check_sizes(Path(directory), config, cls)  # transformers builds the whole model from config.json first
     model = cls.from_pretrained(directory, local_files_only=True, attn_implementation=hf.register(),
                                 use_safetensors=True, trust_remote_code=False).eval()
     if not tokenizer:
@@ -231,6 +233,43 @@ def load(directory: str | Path, *, tokenizer: bool = True) -> tuple[nn.Module, A
         return model, AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise ValueError(f"{directory}: no tokenizer that transformers can load locally ({err})") from err
+
+
+def _check_sizes(directory: Path, config: Any, cls: Any) -> None:
+    """A FormatError naming ``config.json`` and the setting when its sizes do not fit the safetensors tensors, read
+    from the files' headers and compared with the model built on the meta device (10^9 layers are refused by count,
+    never built). Tensors the model lacks or the files lack (tied weights, buffers, renamed keys) are not compared."""
+    from maskattn.models.persistence import check_shapes
+
+    index = directory / "model.safetensors.index.json"
+    if (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:  # transformers names what is wrong with an unreadable index or shard itself
+        try:
+            files = sorted({f for f in json.loads(index.read_text())["weight_map"].values()
+                            if isinstance(f, str) and Path(f).name == f and (directory / f).is_file()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return
+    shapes: dict[str, tuple[int, ...]] = {}
+    try:
+        for name in files:
+            with safe_open(str(directory / name), framework="pt") as f:
+                shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError):
+        return
+    stored = dict(shapes)
+
+    def skeleton(config: Any) -> nn.Module:
+        model = cls.from_config(config)
+        prefix = f"{model.base_model_prefix}." if model.base_model_prefix else None
+        if prefix:  # saved from the base model or a model with a head: transformers adds or strips the prefix
+            stored.update({prefix + n: s for n, s in shapes.items() if prefix + n not in shapes})
+            stored.update({n.removeprefix(prefix): s for n, s in shapes.items()
+                           if n.startswith(prefix) and n.removeprefix(prefix) not in shapes})
+        return model
+
+    check_shapes(skeleton, config, stored, {}, source=directory / "config.json",
+                 weights=files[0] if len(files) == 1 else index.name)
 
 
 def evaluate_text(model: nn.Module, tokenizer: Any, path: str | Path) -> dict[str, float]:

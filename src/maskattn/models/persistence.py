@@ -243,10 +243,10 @@ def check_shapes(cls: type, config: Any, stored: dict[str, tuple[int, ...]], ali
     FormatError naming ``source`` and the setting that does not fit, before anything is allocated."""
     values = config.to_dict()
     for key, value in values.items():  # each layer holds a tensor: more layers than tensors cannot fit, and building
-        # 10^9 of them, even on the meta device, takes all memory
+        # 10^9 of them, even on the meta device, takes all memory (num_layers, num_hidden_layers, GPT-2's n_layer)
         if isinstance(value, int) and value >= 2**63:  # torch sizes are int64: a TypeError deep in torch.empty
             raise FormatError(f"{source}: {key}={value} does not fit the weights: sizes are 64-bit integers")
-        if key.endswith("layers") and isinstance(value, int) and value > len(stored):
+        if key.endswith(("layers", "n_layer")) and isinstance(value, int) and value > len(stored):
             raise FormatError(f"{source}: {key}={value} does not fit the weights: {weights} holds {len(stored)} "
                               "tensors in all")
     try:
