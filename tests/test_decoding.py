@@ -623,6 +623,57 @@ def test_generation_reads_the_device_for_eos_only_where_eos_may_end_a_row(host_r
     assert counts[1] - counts[0] <= 4 * per_token, counts
 
 
+@pytest.mark.parametrize("search", ["greedy", "sample", "beam_search"])
+@pytest.mark.parametrize("case", ["lengths", "list", "pad_id", "window-lengths", "window-pad_id"])
+def test_the_start_of_a_generation_reads_a_padded_prompts_lengths_once(host_reads, search, case):
+    # begin_decoding read the lengths back five or six times (key_valid's bounds, any row empty, the right padding,
+    # the longest, all full, the shortest for a window cache, key_valid's bounds again for the cache): one wait for a
+    # GPU each. Oracle: a row alone, unpadded; the padded batch reads once more for a lengths tensor, no more for a
+    # list (already on the host) nor for padding found from pad_id (read once, padded or not).
+    # The tokens are those of each row generated alone, unpadded.
+    window = 3 if case.startswith("window") else None
+    pad_id = 0 if case.endswith("pad_id") else None
+    torch.manual_seed(0)
+    model = DecoderLM(DecoderLMConfig.preset("tiny", vocab_size=11, eos_id=None, pad_id=pad_id,
+                                             sliding_window=window)).eval()
+    host_reads.uncounted(model.decoder)  # the attention layers' own reads are not counted here
+    prompts, rows = torch.randint(1, 11, (3, 6)), [6, 2, 4]
+    for row, n in enumerate(rows):
+        prompts[row, n:] = 0
+    options = {"beam_size": 2} if search == "beam_search" else {}
+    if search == "sample":
+        options["generator"] = torch.Generator().manual_seed(0)
+
+    begin, at_start = model.begin_decoding, []
+
+    def run(inputs, lengths):
+        if search == "sample":
+            options["generator"].manual_seed(0)
+        with torch.no_grad(), host_reads() as reads:
+            def counted(*args, **kwargs):
+                out = begin(*args, **kwargs)
+                at_start.append(reads.count)  # the reads before the first new token
+                return out
+
+            model.begin_decoding = counted
+            out = getattr(decoding, search)(model, inputs, lengths, max_new_tokens=4, **options)
+        return out[0] if search == "beam_search" else out, at_start[-1]
+
+    full = [run(prompts[row : row + 1, :n], None) for row, n in enumerate(rows)]
+    given = {"lengths": torch.tensor(rows), "list": rows}.get(case.removeprefix("window-"))
+    extra = 1 if case.endswith("lengths") else 0
+    for row in range(len(rows)):
+        got, count = run(prompts[row : row + 1], None if given is None else given[row : row + 1])
+        assert count - full[row][1] == extra, (row, count, full[row][1])
+        if search != "sample":  # a batch of rows draws its samples otherwise than one row
+            assert torch.equal(got, full[row][0]), (row, got, full[row][0])
+    if search != "beam_search":
+        got, count = run(prompts, given)
+        if search == "greedy":
+            assert torch.equal(got, torch.cat([out for out, _ in full])), got
+        assert count - full[1][1] == extra, (count, full[1][1])
+
+
 @pytest.mark.parametrize("case", ["lm", "lm-static", "lm-window", "lm-padded", "transformer"])
 def test_a_decoded_token_reads_the_device_once_for_its_ids_check(host_reads, monkeypatch, case):
     # every step read each layer's KV cache position (int(pos)) and once more for the state, re-read positions it

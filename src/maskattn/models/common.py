@@ -37,14 +37,17 @@ def key_valid(ids: Tensor, lengths: Tensor | Sequence[int] | None, pad_id: int |
     b, length = ids.shape
     if lengths is None:
         return None if pad_id is None else ids != pad_id
+    host = list(lengths) if isinstance(lengths, (list, tuple)) else None  # already on the host: nothing to read
     lengths = torch.as_tensor(lengths, device=ids.device)
     if lengths.shape != (b,) or lengths.is_floating_point() or lengths.dtype == torch.bool:
         raise ValueError(f"{name}_lengths must be {b} integer lengths (B,), got {tuple(lengths.shape)} {lengths.dtype}")
     # A host check (it reads the lengths): eager only, a compiled graph cannot branch on tensor values.
     if b and not torch.compiler.is_compiling():
-        low, high = torch.stack(torch.aminmax(lengths)).tolist()  # one read (a wait for a GPU), not one per bound
+        # one read (a wait for a GPU), not one per bound; none for lengths given as a list
+        host = [int(n) for n in host] if host is not None else None  # integers: the dtype check above
+        low, high = (min(host), max(host)) if host is not None else torch.stack(torch.aminmax(lengths)).tolist()
         if low < 1 or high > length:
-            raise ValueError(f"{name}_lengths must be in [1, {length}], got {lengths.tolist()}")
+            raise ValueError(f"{name}_lengths must be in [1, {length}], got {host or lengths.tolist()}")
     return torch.arange(length, device=ids.device) < lengths[:, None]  # (B, L)
 
 

@@ -247,17 +247,26 @@ class DecoderLM(Persistent, Summary, nn.Module):
         """
         if prompt.dim() == 2 and prompt.shape[1] == 0:
             raise ValueError(f"prompt: {tuple(prompt.shape)}, no tokens; every prompt needs at least one token")
+        if isinstance(lengths, Tensor) and lengths.dim() == 1 and lengths.numel() and not lengths.is_floating_point() \
+                and lengths.dtype != torch.bool:
+            lengths = lengths.tolist()  # the one read of given lengths: the checks and sizes below are the host's
         valid = key_valid(prompt, lengths, self.config.pad_id, "prompt")
-        lengths = valid.sum(dim=1) if valid is not None else None
-        if lengths is not None and not torch.compiler.is_compiling() and bool((lengths == 0).any()):
-            row = int((lengths == 0).nonzero()[0])
-            raise ValueError(f"prompt: row {row} has no tokens (all pad_id={self.config.pad_id}); every prompt needs "
-                             "at least one token")
-        right = torch.arange(prompt.shape[1], device=prompt.device) < lengths[:, None] if valid is not None else None
-        if valid is not None and not torch.compiler.is_compiling() and not torch.equal(valid, right):
-            raise ValueError(f"prompt: padding (pad_id={self.config.pad_id}) must be on the right, after each row's "
-                             "tokens; a row has it before or between its tokens (left padding is not supported)")
-        longest = int(lengths.max()) if lengths is not None and lengths.numel() else prompt.shape[1]
+        if valid is None:
+            counts = None
+        elif isinstance(lengths, (list, tuple)):  # right padding by construction
+            counts = list(lengths)
+        else:  # from pad_id (or lengths of another kind): each row's count and whether it is right-padded, one read
+            count = valid.sum(dim=1)  # (B,)
+            right = torch.arange(prompt.shape[1], device=prompt.device) < count[:, None]  # (B, P)
+            counts, wrong = torch.stack([count, (valid != right).any(dim=1).long()]).tolist()
+            if not torch.compiler.is_compiling() and 0 not in counts and any(wrong):
+                raise ValueError(f"prompt: padding (pad_id={self.config.pad_id}) must be on the right, after each "
+                                 "row's tokens; a row has it before or between its tokens (left padding is not "
+                                 "supported)")
+        if counts is not None and not torch.compiler.is_compiling() and 0 in counts:
+            raise ValueError(f"prompt: row {counts.index(0)} has no tokens (all pad_id={self.config.pad_id}); every "
+                             "prompt needs at least one token")
+        longest = max(counts) if counts else prompt.shape[1]
         if not torch.compiler.is_compiling() and longest > self.config.max_len:
             raise ValueError(f"prompt: a row has {longest} tokens, more than the model's max_len "
                              f"({self.config.max_len}); no new token fits")
@@ -266,16 +275,17 @@ class DecoderLM(Persistent, Summary, nn.Module):
                              f"{longest + max_new_tokens - 1} positions, more than the model's max_len "
                              f"({self.config.max_len}): at most {max(self.config.max_len - longest + 1, 0)} new tokens "
                              "(rows of a batch are stepped together: its longest prompt and its largest limit)")
-        if lengths is not None and bool((lengths == prompt.shape[1]).all()):
-            lengths = None  # no padding: the cache has no gaps to mask
+        if counts is not None and all(c == prompt.shape[1] for c in counts):
+            counts = None  # no padding: the cache has no gaps to mask
         slots = None
         if self.config.sliding_window is not None and not (full_cache or static):
-            gap = prompt.shape[1] - int(lengths.min()) if lengths is not None and lengths.numel() else 0
+            gap = prompt.shape[1] - min(counts) if counts else 0
             slots = self.config.sliding_window + gap
         state = self.start(prompt.shape[0], max_len=prompt.shape[1] + max_new_tokens, window_slots=slots,
                            static=static)
-        h = self._hidden(state, prompt, lengths)  # (B, P, E)
-        last = (lengths - 1) if lengths is not None else prompt.new_full((prompt.shape[0],), prompt.shape[1] - 1)
+        h = self._hidden(state, prompt, counts)  # (B, P, E); host lengths: advance reads nothing back
+        last = torch.tensor(counts, device=prompt.device) - 1 if counts is not None else \
+            prompt.new_full((prompt.shape[0],), prompt.shape[1] - 1)
         rows = torch.arange(prompt.shape[0], device=prompt.device)
         logits = step_logits(state, self.lm_head, h[rows, last])  # (B, V)
         # Only later one-row steps may copy the head (beam search widens a batch of one to K rows).
