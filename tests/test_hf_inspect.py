@@ -447,3 +447,21 @@ def test_hf_size_check_reads_tensors_stored_without_the_base_models_prefix(hf_di
     assert main(["audit", str(bare)]) == 2
     assert "n_embd=48 does not fit the weights: tensor 'transformer.wte.weight' would be (61, 48)" in \
         capsys.readouterr().err
+
+
+def test_hf_size_check_counts_layers_by_the_layer_count_alone(tmp_path):
+    # every config key ending in 'layers' was read as a layer count: a small Qwen2 (max_window_layers=28 by default,
+    # a setting of its sliding window, not a count of layers) was refused as 'does not fit the weights'
+    from safetensors.torch import load_file
+
+    config = transformers.Qwen2Config(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                      num_hidden_layers=1, intermediate_size=64, vocab_size=61,
+                                      max_position_embeddings=64)
+    assert config.max_window_layers == 28
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(tmp_path / "qwen2")
+    assert len(load_file(tmp_path / "qwen2" / "model.safetensors")) < 28
+    model = hf_inspect.load(tmp_path / "qwen2", tokenizer=False)[0]
+    want = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "qwen2").eval()
+    x = torch.tensor([[4, 5, 6, 7]])
+    torch.testing.assert_close(model(input_ids=x).logits, want(input_ids=x).logits)
