@@ -465,3 +465,14 @@ def test_hf_size_check_counts_layers_by_the_layer_count_alone(tmp_path):
     want = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "qwen2").eval()
     x = torch.tensor([[4, 5, 6, 7]])
     torch.testing.assert_close(model(input_ids=x).logits, want(input_ids=x).logits)
+
+
+def test_hf_commands_name_an_architecture_without_the_attention_interface(tmp_path, capsys):
+    # Falcon and GPT-Neo pick their attention class from a dict of their own: attn_implementation='maskattn' was
+    # their KeyError: 'maskattn' traceback (exit 0 printed nothing useful)
+    config = transformers.GPTNeoConfig(hidden_size=32, num_heads=4, num_layers=2, vocab_size=61,
+                                       max_position_embeddings=64, attention_types=[[["global", "local"], 1]])
+    transformers.GPTNeoForCausalLM(config).save_pretrained(tmp_path / "neo")
+    assert main(["audit", str(tmp_path / "neo")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{tmp_path / 'neo'}: transformers' gpt_neo model does not take attn_implementation='maskattn'" in err

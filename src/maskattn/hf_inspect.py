@@ -225,8 +225,16 @@ def load(directory: str | Path, *, tokenizer: bool = True) -> tuple[nn.Module, A
     causal = any(name in _causal_lm_classes() for name in (getattr(config, "architectures", None) or ()))
     cls = AutoModelForCausalLM if causal else AutoModel
     _check_sizes(Path(directory), config, cls)  # transformers builds the whole model from config.json first
-    model = cls.from_pretrained(directory, local_files_only=True, attn_implementation=hf.register(),
-                                use_safetensors=True, trust_remote_code=False).eval()
+    name = hf.register()
+    try:
+        model = cls.from_pretrained(directory, local_files_only=True, attn_implementation=name,
+                                    use_safetensors=True, trust_remote_code=False).eval()
+    except KeyError as err:  # Falcon, GPT-Neo: a dict of their own attention classes, a KeyError traceback
+        if err.args != (name,):
+            raise
+        raise UsageError(f"{directory}: transformers' {config.model_type} model does not take attn_implementation="
+                         f"{name!r} (it picks its attention classes itself); maskattn's commands cannot run it") \
+            from err
     if not tokenizer:
         return model, None
     try:
