@@ -107,6 +107,11 @@ def test_torchrun_two_processes_equal_one_and_resume_after_a_kill(tmp_path):
     a, b = _final_weights(one), _final_weights(two)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
+    # rank 0 logs the loss of the whole step (both processes' targets), as one process logs it: one line a step
+    logged = {run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+              for run in (one, two)}
+    assert [r["step"] for r in logged[two]] == [r["step"] for r in logged[one]] == list(range(1, 9))
+    assert [r["loss"] for r in logged[two]] == pytest.approx([r["loss"] for r in logged[one]], rel=0, abs=1e-9)
     died = _torchrun(killed, *settings, "--exit-after", 6, check=False)  # both processes die in step 7
     assert died.returncode != 0
     assert checkpoint.load(checkpoint.latest(killed / "checkpoints"))["step"] == 5
