@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -128,6 +129,44 @@ def test_torchrun_ranks_that_find_different_checkpoints_refuse_to_resume(tmp_pat
     assert result.returncode != 0
     assert "rank 0 resumed at step 5" in result.stderr or "rank 1 resumed at step 0" in result.stderr
     assert "every process must read the same run directory" in result.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_a_nan_loss_on_one_process_stops_both_in_the_same_step(tmp_path):
+    # the step's loss comes back in one read and is summed over the processes before the check: rank 0, whose own
+    # loss is finite, must stop with rank 1 (else it waits for rank 1 in the next step, or trains on)
+    result = _torchrun(tmp_path, "--steps", 8, "--checkpoint-every", 2, "--nan-in-step", 4, check=False, port=29537)
+    assert result.returncode != 0
+    for rank in (0, 1):
+        assert f"[rank{rank}]: maskattn.errors.TrainingError: step 4: the training loss is nan" in result.stderr
+    assert checkpoint.load(checkpoint.latest(tmp_path / "checkpoints"))["step"] == 2
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]  # step 4 updated nothing and logged nothing
+
+
+@pytest.mark.slow
+def test_torchrun_an_early_stop_is_said_once_and_stops_both_processes(tmp_path):
+    # `torchrun ... maskattn train 2> log`: rank 0 alone writes the plain progress, eval and early-stop lines and
+    # the log, and both processes end at the stop (none waits in a collective call for the other)
+    from test_run_directory import lm_args
+
+    out = tmp_path / "run"
+    args = lm_args(tmp_path, out, "--set", "train.steps=12", "--set", "train.progress=true", "--set",
+                   "train.patience=2", "--set", "train.higher_is_better=true")  # each evaluation after the first: worse
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29539", "-m",
+           "maskattn", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr
+    said = [re.match(r"train: step \d+/\d+|eval step \d+|train: stopped early at step \d+ of \d+|", line).group()
+            for line in done.stderr.splitlines()]
+    assert [line for line in said if line] == [
+        "train: step 1/12",  # the first log line; the stop's is not due (an interval has not passed)
+        "eval step 2", "eval step 4", "eval step 6", "train: stopped early at step 6 of 12"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if "eval_loss" in r] == [2, 4, 6]
+    assert json.loads(done.stdout)["step"] == 2  # the result, printed once: the best (first) evaluation's model
 
 
 def _tiny_trainer(tmp_path, rank=0, world_size=1, **overrides):

@@ -43,6 +43,7 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true")
     p.add_argument("--double", action="store_true", help="float64, to compare runs that sum in different orders")
     p.add_argument("--exit-after", type=int, default=0, help="die (os._exit, as a kill would) in step N + 1")
+    p.add_argument("--nan-in-step", type=int, default=0, help="rank 1's loss is NaN in step N (rank 0's is not)")
     p.add_argument("--out-per-rank", action="store_true", help="each process its own run directory OUT-RANK")
     args = p.parse_args(argv)
     context = distributed.init(device="cpu")  # joins the process group under torchrun (gloo: it trains on the CPU)
@@ -65,7 +66,10 @@ def main(argv=None):
         if args.exit_after and calls[0] > args.exit_after * args.accumulate:
             os._exit(3)
         valid = torch.arange(8)[None] < b["lengths"][:, None]
-        return ((m(b["x"], b["lengths"]) - b["y"]) ** 2 * valid).sum()
+        loss = ((m(b["x"], b["lengths"]) - b["y"]) ** 2 * valid).sum()
+        if context.rank == 1 and trainer.step == args.nan_in_step:
+            loss = loss * float("nan")
+        return loss
 
     cfg = TrainConfig(steps=args.steps, lr=1e-2, warmup=3, checkpoint_every=args.checkpoint_every,
                       accumulate=args.accumulate, progress=False, log_every=1, seed=3)
