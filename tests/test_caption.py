@@ -74,6 +74,24 @@ def test_patch_embedding_and_padding_of_smaller_canvases():
         patch_valid([[3, 6]], (2, 3), 2, batch=1)
 
 
+def test_patch_sizes_are_read_back_once_and_never_when_given_as_lists(host_reads):
+    # patch_valid read a sizes tensor back once per condition (not multiples, too small, too large: three waits for a
+    # GPU on every captioner forward and at the start of every caption), and lists (already on the host) as well.
+    # Oracle: each patch row < height / P and column < width / P, written out; the same message for bad sizes.
+    good, bad = [[4, 6], [2, 4]], [[4, 6], [3, 8]]
+    expected = [[r < h // 2 and k < w // 2 for r in range(2) for k in range(3)] for h, w in good]
+    for sizes, reads_expected in ((good, 0), (tuple(map(tuple, good)), 0), (torch.tensor(good), 1)):
+        with host_reads() as reads:
+            valid = patch_valid(sizes, (2, 3), 2, batch=2)
+        assert reads.count == reads_expected, (sizes, reads.count)
+        assert valid.tolist() == expected
+    message = r"^sizes must be multiples of patch_size \(2\) within the batch's 4x6 canvas, got \[\[4, 6\], \[3, 8\]\]$"
+    for sizes, reads_expected in ((bad, 0), (torch.tensor(bad), 1)):
+        with host_reads() as reads, pytest.raises(ValueError, match=message):
+            patch_valid(sizes, (2, 3), 2, batch=2)
+        assert reads.count == reads_expected, (sizes, reads.count)
+
+
 def test_padding_patches_change_nothing():
     model = tiny_model()
     image = torch.rand(1, 8, 16)

@@ -103,14 +103,19 @@ def patch_valid(sizes: Tensor | Sequence[Sequence[int]] | None, grid: tuple[int,
     """
     if sizes is None:
         return None
+    given = sizes
     sizes = torch.as_tensor(sizes, device=device)
     rows, cols = grid
     if sizes.shape != (batch, 2) or sizes.is_floating_point() or sizes.dtype == torch.bool:
         raise ValueError(f"sizes must be {batch} integer (height, width) pairs (B, 2), got {tuple(sizes.shape)}")
-    limit = torch.tensor([rows * patch_size, cols * patch_size], device=sizes.device)
-    if batch and (bool((sizes % patch_size).any()) or bool((sizes < patch_size).any()) or bool((sizes > limit).any())):
-        raise ValueError(f"sizes must be multiples of patch_size ({patch_size}) within the batch's "
-                         f"{rows * patch_size}x{cols * patch_size} canvas, got {sizes.tolist()}")
+    # A host check: one read of a tensor (a wait for a GPU), not one per condition; none for sizes given as lists
+    if batch:
+        host = [[int(n) for n in pair] for pair in given] if isinstance(given, (list, tuple)) else sizes.tolist()
+        high, wide = rows * patch_size, cols * patch_size
+        if any(h % patch_size or w % patch_size or not (patch_size <= h <= high and patch_size <= w <= wide)
+               for h, w in host):
+            raise ValueError(f"sizes must be multiples of patch_size ({patch_size}) within the batch's "
+                             f"{high}x{wide} canvas, got {host}")
     r = torch.arange(rows, device=sizes.device)[:, None] < (sizes[:, 0] // patch_size)[:, None, None]  # (B, R, 1)
     k = torch.arange(cols, device=sizes.device)[None, :] < (sizes[:, 1] // patch_size)[:, None, None]  # (B, 1, K)
     return (r & k).reshape(batch, rows * cols)  # (B, N)
