@@ -92,6 +92,26 @@ def test_patch_sizes_are_read_back_once_and_never_when_given_as_lists(host_reads
         assert reads.count == reads_expected, (sizes, reads.count)
 
 
+@pytest.mark.parametrize("given", ["none", "lists", "tensor"])
+def test_the_start_of_a_caption_reads_only_the_sizes_tensor_it_was_given(host_reads, given):
+    # begin_decoding read a sizes tensor back three times (patch_valid) and lists too, then the BOS ids it fills
+    # itself: four waits for a GPU per caption. Oracle: one read for a tensor, none otherwise; the tokens are those
+    # of each image captioned alone, cropped to its canvas.
+    model = tiny_model()
+    host_reads.uncounted(model.encoder)  # the attention layers' own reads are not counted here
+    host_reads.uncounted(model.decoder)
+    images, real = torch.rand(2, 8, 16), [[8, 16], [4, 8]]
+    sizes = {"none": None, "lists": real, "tensor": torch.tensor(real)}[given]
+    with torch.no_grad(), host_reads() as reads:
+        model.begin_decoding(images, sizes, max_new_tokens=4)
+    assert reads.count == (given == "tensor"), reads.count
+    if sizes is not None:
+        alone = [decoding.greedy(model, images[b : b + 1, :h, :w], max_new_tokens=6, eos_id=decoding.NO_EOS)
+                 for b, (h, w) in enumerate(real)]
+        assert torch.equal(decoding.greedy(model, images, sizes, max_new_tokens=6, eos_id=decoding.NO_EOS),
+                           torch.cat(alone))
+
+
 def test_padding_patches_change_nothing():
     model = tiny_model()
     image = torch.rand(1, 8, 16)

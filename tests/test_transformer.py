@@ -138,6 +138,25 @@ def test_the_lengths_check_reads_the_device_once(host_reads):
         assert reads.count == 0, (given, reads.count)  # lengths given as a list are checked on the host
 
 
+@pytest.mark.parametrize("lengths", [None, [7, 3], torch.tensor([7, 3])])
+def test_the_start_of_a_generation_reads_the_source_but_never_the_bos_it_builds(host_reads, lengths):
+    # begin_decoding checked the BOS ids it fills itself (the config holds bos_id < V): one more wait for a GPU per
+    # generation. Oracle: the source's ids check, and its lengths' when a tensor; the first logits are the full
+    # forward's of [BOS]; a token fed by the caller is still checked.
+    model = Transformer(TransformerConfig.preset("tiny", vocab_size=11)).eval()
+    host_reads.uncounted(model.encoder)  # the attention layers' own reads are not counted here
+    host_reads.uncounted(model.decoder)
+    src = torch.randint(3, 11, (2, 7))
+    with torch.no_grad(), host_reads() as reads:
+        state, first = model.begin_decoding(src, lengths, max_new_tokens=4)
+    assert reads.count == 1 + isinstance(lengths, torch.Tensor), reads.count
+    bos = torch.full((2, 1), model.config.bos_id)
+    with torch.no_grad():
+        torch.testing.assert_close(first, model(src, bos, src_lengths=lengths)[:, -1], atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"^ids must be in \[0, 11\), got values in \[4, 11\]$"):
+        model.step(state, torch.tensor([[4], [11]]))
+
+
 def test_bad_inputs_name_the_argument():
     model = Transformer(TransformerConfig.preset("tiny"))
     src = torch.randint(3, 64, (2, 7))

@@ -29,9 +29,10 @@ class TokenEmbedding(nn.Module):
         std = init_std if init_std is not None else (d_model**-0.5 if scale else 0.02)
         nn.init.normal_(self.weight, std=std)
 
-    def forward(self, ids: Tensor) -> Tensor:
-        """(B, L) integer ids -> (B, L, E)."""
-        check_ids(ids, self.vocab_size)
+    def forward(self, ids: Tensor, *, check: bool = True) -> Tensor:
+        """(B, L) integer ids -> (B, L, E); ``check=False``: the caller built ``ids`` in [0, V) itself (not read)."""
+        if check:
+            check_ids(ids, self.vocab_size)
         x = nn.functional.embedding(ids, self.weight)  # (B, L, E)
         return x * math.sqrt(self.d_model) if self.scale else x
 

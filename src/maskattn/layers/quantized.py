@@ -125,9 +125,11 @@ class Int8TokenEmbedding(nn.Module):
         new.weight, new.weight_scale = quantize_weight(embedding.weight)
         return new
 
-    def forward(self, ids: Tensor) -> Tensor:
-        """(B, L) integer ids -> (B, L, E) in the scales' dtype (float32, or the model's after ``.to(dtype)``)."""
-        check_ids(ids, self.vocab_size)
+    def forward(self, ids: Tensor, *, check: bool = True) -> Tensor:
+        """(B, L) integer ids -> (B, L, E) in the scales' dtype (float32, or the model's after ``.to(dtype)``);
+        ``check=False``: the caller built ``ids`` in [0, V) itself (not read)."""
+        if check:
+            check_ids(ids, self.vocab_size)
         scale = self.weight_scale[ids].unsqueeze(-1)  # (B, L, 1); int8 values are exact in every float type
         x = nn.functional.embedding(ids, self.weight).to(scale.dtype) * scale  # (B, L, E)
         return x * math.sqrt(self.d_model) if self.scale else x

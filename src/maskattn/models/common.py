@@ -106,13 +106,16 @@ class Embedder(nn.Module):
         self.dropout = nn.Dropout(c.dropout)
 
     def forward(self, ids: Tensor, positions: Tensor, token_types: Tensor | None = None, *,
-                positions_below: int | None = None) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+                positions_below: int | None = None,
+                ids_below: int | None = None) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """(B, L) ids and positions -> ((B, L, E) inputs, RoPE angles or None).
 
         ``positions_below``: the caller built ``positions`` itself, all in [0, positions_below): they are read
-        back to be checked (a wait for a GPU) only when that bound passes ``max_len``.
+        back to be checked (a wait for a GPU) only when that bound passes ``max_len``. ``ids_below``: the same
+        for ``ids`` (e.g. a decoder's BOS), read only when it passes the token table's vocabulary.
         """
-        x = self.tokens(ids)  # (B, L, E)
+        known = ids_below is not None and ids_below <= getattr(self.tokens, "vocab_size", 0)
+        x = self.tokens(ids, check=False) if known else self.tokens(ids)  # (B, L, E)
         table = self.positions if self.positions is not None else self.rope
         # (traced, the check reads nothing anyway, and comparing a symbolic length would guard the graph on it)
         check = torch.compiler.is_compiling() or positions_below is None or table is None \

@@ -148,10 +148,15 @@ class Transformer(Persistent, Summary, nn.Module):
         state.memory_valid = memory_valid
         return state
 
-    def step(self, state: DecodeState, tokens: Tensor, lengths: Tensor | None = None) -> Tensor:
-        """Feed (B, L) new target tokens; return their logits (B, L, V). Updates ``state``."""
+    def step(self, state: DecodeState, tokens: Tensor, lengths: Tensor | None = None, *,
+             ids_below: int | None = None) -> Tensor:
+        """Feed (B, L) new target tokens; return their logits (B, L, V). Updates ``state``.
+
+        ``ids_below``: the caller built ``tokens`` itself, all in [0, ids_below) (BOS): not read back to be checked.
+        """
         positions, offset = advance(state, tokens, lengths)
-        x, rope = self.tgt_embed(tokens, positions, positions_below=offset + tokens.shape[1])  # never past the slots
+        x, rope = self.tgt_embed(tokens, positions, positions_below=offset + tokens.shape[1],  # never past the slots
+                                 ids_below=ids_below)
         mask = masks.causal() & masks.padding(state.key_valid[:, : offset + tokens.shape[1]])
         h = self.decoder(x, mask=mask, memory_mask=padding_mask(state.memory_valid), memory_kv=state.memory_kv,
                          rope=rope, caches=state.caches, q_offset=offset)
@@ -165,7 +170,7 @@ class Transformer(Persistent, Summary, nn.Module):
                              f"the model's max_len ({self.config.max_len})")
         state = self.start(src, src_lengths, max_len=max_new_tokens + 1)
         bos = torch.full((src.shape[0], 1), self.config.bos_id, dtype=torch.long, device=src.device)
-        return state, self.step(state, bos)[:, -1]
+        return state, self.step(state, bos, ids_below=self.config.bos_id + 1)[:, -1]  # the config checked BOS < V
 
 
 def _check_length(ids: Tensor, name: str, max_len: int) -> None:
