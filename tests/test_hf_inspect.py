@@ -476,3 +476,37 @@ def test_hf_commands_name_an_architecture_without_the_attention_interface(tmp_pa
     assert main(["audit", str(tmp_path / "neo")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"{tmp_path / 'neo'}: transformers' gpt_neo model does not take attn_implementation='maskattn'" in err
+
+
+@pytest.mark.parametrize(("name", "key", "drop"), [("qwen2", "num_hidden_layers", "layer_types"),
+                                                   ("qwen2", "num_hidden_layers", None),
+                                                   ("gpt2", "n_layer", None)])
+def test_hf_commands_compare_layer_counts_with_the_weights_before_transformers_reads_config(
+        tmp_path, capsys, monkeypatch, name, key, drop):
+    # transformers' own AutoConfig builds a list as long as Qwen2's num_hidden_layers (its layer_types) before the
+    # size check ran: 10^9 layers took all memory (or, with config.json's own layer_types, was its validation
+    # traceback); config.json's layer count is now compared with the safetensors headers first
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    if name == "qwen2":
+        transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1, intermediate_size=64,
+            vocab_size=61, max_position_embeddings=64)).save_pretrained(tmp_path / name)
+    else:
+        transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_head=4, n_layer=1, vocab_size=61,
+                                                             n_positions=64)).save_pretrained(tmp_path / name)
+    assert hf_inspect.load(tmp_path / name, tokenizer=False)[0] is not None  # the directory as saved loads
+    stored = len(load_file(tmp_path / name / "model.safetensors"))
+    meta = json.loads((tmp_path / name / "config.json").read_text())
+    meta.pop(drop, None)
+    (tmp_path / name / "config.json").write_text(json.dumps({**meta, key: 10**9}))
+
+    def never(*args, **kwargs):  # reading config.json with 10^9 layers into transformers is what ran out of memory
+        raise AssertionError("transformers read config.json before its layer count was compared with the weights")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", never)
+    assert main(["audit", str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{tmp_path / name / 'config.json'}: {key}=1000000000 does not fit the weights: model.safetensors " \
+           f"holds {stored} tensors in all" in err

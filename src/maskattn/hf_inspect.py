@@ -209,6 +209,8 @@ def load(directory: str | Path, *, tokenizer: bool = True) -> tuple[nn.Module, A
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    from maskattn.models.persistence import check_counts
+
     # never run a directory's own Python code (transformers asks on a terminal, and runs it on "y"), never unpickle
     meta = json.loads((Path(directory) / "config.json").read_text())
     if "auto_map" in meta and meta.get("model_type") not in CONFIG_MAPPING:
@@ -218,13 +220,24 @@ def load(directory: str | Path, *, tokenizer: bool = True) -> tuple[nn.Module, A
         found = sorted(p.name for p in Path(directory).iterdir())
         raise UsageError(f"{directory}: no model.safetensors nor model.safetensors.index.json (maskattn reads "
                          f"safetensors weights only, never a pickle such as pytorch_model.bin; found {found})")
+    shapes = _stored_shapes(Path(directory))
+    if shapes is not None:  # before transformers reads config.json: Qwen2's config builds a list num_hidden_layers long
+        model_type = meta.get("model_type")
+        known = isinstance(model_type, str) and model_type in CONFIG_MAPPING
+        check_counts(meta, CONFIG_MAPPING[model_type].attribute_map if known else {}, len(shapes[0]),
+                     source=Path(directory) / "config.json", weights=shapes[1])
+        for key, values in meta.items():  # a text_config's layers too
+            if isinstance(values, dict):
+                check_counts(values, {}, len(shapes[0]), source=f"{Path(directory) / 'config.json'}: {key}",
+                             weights=shapes[1])
     config = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     if getattr(config, "is_encoder_decoder", False):  # HFAdapter refuses them: say so before loading any weights
         raise UsageError(f"{directory}: an encoder-decoder model ({config.model_type}); maskattn's commands run "
                          "Hugging Face decoder-only and encoder-only models")
     causal = any(name in _causal_lm_classes() for name in (getattr(config, "architectures", None) or ()))
     cls = AutoModelForCausalLM if causal else AutoModel
-    _check_sizes(Path(directory), config, cls)  # transformers builds the whole model from config.json first
+    if shapes is not None:  # transformers builds the whole model from config.json first
+        _check_sizes(Path(directory), config, cls, *shapes)
     name = hf.register()
     try:
         model = cls.from_pretrained(directory, local_files_only=True, attn_implementation=name,
@@ -243,28 +256,36 @@ def load(directory: str | Path, *, tokenizer: bool = True) -> tuple[nn.Module, A
         raise ValueError(f"{directory}: no tokenizer that transformers can load locally ({err})") from err
 
 
-def _check_sizes(directory: Path, config: Any, cls: Any) -> None:
-    """A FormatError naming ``config.json`` and the setting when its sizes do not fit the safetensors tensors, read
-    from the files' headers and compared with the model built on the meta device (10^9 layers are refused by count,
-    never built). Tensors the model lacks or the files lack (tied weights, buffers, renamed keys) are not compared."""
-    from maskattn.models.persistence import check_shapes
-
+def _stored_shapes(directory: Path) -> tuple[dict[str, tuple[int, ...]], str] | None:
+    """The shapes of the tensors of an HF directory's safetensors files (read from their headers) and the name of the
+    file they come from (the index for shards); None when transformers is left to name an unreadable index or
+    shard itself."""
     index = directory / "model.safetensors.index.json"
     if (directory / "model.safetensors").is_file():
         files = ["model.safetensors"]
-    else:  # transformers names what is wrong with an unreadable index or shard itself
+    else:
         try:
             files = sorted({f for f in json.loads(index.read_text())["weight_map"].values()
                             if isinstance(f, str) and Path(f).name == f and (directory / f).is_file()})
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return
+            return None
     shapes: dict[str, tuple[int, ...]] = {}
     try:
         for name in files:
             with safe_open(str(directory / name), framework="pt") as f:
                 shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})  # noqa: SIM118
     except (SafetensorError, OSError, ValueError):
-        return
+        return None
+    return shapes, files[0] if len(files) == 1 else index.name
+
+
+def _check_sizes(directory: Path, config: Any, cls: Any, shapes: dict[str, tuple[int, ...]], weights: str) -> None:
+    """A FormatError naming ``config.json`` and the setting when its sizes do not fit the safetensors tensors
+    (``shapes``, from the file named ``weights``), compared with the model built on the meta device (10^9 layers are
+    refused by count, never built). Tensors the model lacks or the files lack (tied weights, buffers, renamed keys)
+    are not compared."""
+    from maskattn.models.persistence import check_shapes
+
     stored = dict(shapes)
 
     def skeleton(config: Any) -> nn.Module:
@@ -276,8 +297,7 @@ def _check_sizes(directory: Path, config: Any, cls: Any) -> None:
                            if n.startswith(prefix) and n.removeprefix(prefix) not in shapes})
         return model
 
-    check_shapes(skeleton, config, stored, {}, source=directory / "config.json",
-                 weights=files[0] if len(files) == 1 else index.name)
+    check_shapes(skeleton, config, stored, {}, source=directory / "config.json", weights=weights)
 
 
 def evaluate_text(model: nn.Module, tokenizer: Any, path: str | Path) -> dict[str, float]:

@@ -237,8 +237,24 @@ def check_sizes(cls: type, config: Any, weights: Path, aliases: dict[str, str], 
     check_shapes(cls, config, stored, aliases, source=source, weights=WEIGHTS, compression=compression)
 
 
-_LAYER_COUNTS = ("num_layers", "num_hidden_layers", "num_encoder_layers", "num_decoder_layers", "encoder_layers",
-                 "decoder_layers")  # maskattn's and Hugging Face's names of a number of layers
+LAYER_COUNTS = ("num_layers", "num_hidden_layers", "num_encoder_layers", "num_decoder_layers", "encoder_layers",
+                "decoder_layers")  # maskattn's and Hugging Face's names of a number of layers
+
+
+def check_counts(values: dict[str, Any], attribute_map: dict[str, str], tensors: int, *, source: Path | str,
+                 weights: str) -> None:
+    """A FormatError naming ``source`` and the setting when a layer count of the config ``values`` is more than the
+    ``tensors`` that the file named ``weights`` holds (each layer holds one at least: building 10^9 layers, even on
+    the meta device, takes all memory), or a size is past int64. Layer counts go by :data:`LAYER_COUNTS` and the
+    names ``attribute_map`` (a transformers config class's) gives them, GPT-2's n_layer; not every key ending in
+    'layers' is one (Qwen2's max_window_layers, 28 in a model of one layer, bounds its sliding window)."""
+    counts = set(LAYER_COUNTS) | {v for k, v in attribute_map.items() if k in LAYER_COUNTS}
+    for key, value in values.items():
+        if isinstance(value, int) and value >= 2**63:  # torch sizes are int64: a TypeError deep in torch.empty
+            raise FormatError(f"{source}: {key}={value} does not fit the weights: sizes are 64-bit integers")
+        if key in counts and isinstance(value, int) and value > tensors:
+            raise FormatError(f"{source}: {key}={value} does not fit the weights: {weights} holds {tensors} "
+                              "tensors in all")
 
 
 def check_shapes(cls: type, config: Any, stored: dict[str, tuple[int, ...]], aliases: dict[str, str], *,
@@ -246,16 +262,7 @@ def check_shapes(cls: type, config: Any, stored: dict[str, tuple[int, ...]], ali
     """:func:`check_sizes` against ``stored`` (tensor name -> shape, read from the file named ``weights``): a
     FormatError naming ``source`` and the setting that does not fit, before anything is allocated."""
     values = config.to_dict()
-    # the layer counts, under the names a config stores them (GPT-2's n_layer is HF's num_hidden_layers); not every
-    # key ending in 'layers' is one (Qwen2's max_window_layers, 28 in a model of one layer, bounds its sliding window)
-    counts = set(_LAYER_COUNTS) | {v for k, v in getattr(config, "attribute_map", {}).items() if k in _LAYER_COUNTS}
-    for key, value in values.items():  # each layer holds a tensor: more layers than tensors cannot fit, and building
-        # 10^9 of them, even on the meta device, takes all memory
-        if isinstance(value, int) and value >= 2**63:  # torch sizes are int64: a TypeError deep in torch.empty
-            raise FormatError(f"{source}: {key}={value} does not fit the weights: sizes are 64-bit integers")
-        if key in counts and isinstance(value, int) and value > len(stored):
-            raise FormatError(f"{source}: {key}={value} does not fit the weights: {weights} holds {len(stored)} "
-                              "tensors in all")
+    check_counts(values, getattr(config, "attribute_map", {}), len(stored), source=source, weights=weights)
     try:
         with torch.device("meta"):
             skeleton = compressed.apply(cls(config), compression, source=str(source))
