@@ -366,6 +366,27 @@ def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_goo
     assert all(torch.isfinite(t).all() for t in _final_weights(tmp_path).values())
 
 
+def test_a_learning_rate_whose_update_overflows_stops_training_naming_train_lr(tmp_path):
+    # train.lr=1e38 is finite and > 0, but AdamW's step lr / (1 - beta1 ** step) is past float32's 3.4e38: its
+    # RuntimeError 'value cannot be converted to type float without overflow' was a traceback from torch.optim
+    from maskattn.errors import TrainingError
+    from maskattn.training import Callback
+
+    class Raise(Callback):
+        def on_step(self, trainer, step, metrics):
+            if step == 4:
+                trainer.cfg.lr = 3e38
+
+    trainer = _tiny_trainer(tmp_path, steps=10, checkpoint_every=2, schedule="constant")
+    trainer.callbacks.append(Raise())
+    with pytest.raises(TrainingError, match=r"^step 5: .*overflow.*train\.lr=3e\+38.* The last good checkpoint is "
+                                            r".*/step-000000004"):
+        trainer.fit()
+    assert torch.finfo(torch.float32).max < 3e38 / (1 - trainer.cfg.betas[0] ** 5)  # the oracle: step 5 cannot fit
+    assert checkpoint.latest(tmp_path / "checkpoints").name == "step-000000004"
+    assert all(torch.isfinite(t).all() for t in _final_weights(tmp_path).values())
+
+
 def test_callbacks_hear_every_step_evaluation_checkpoint_and_the_end(tmp_path):
     from maskattn.training import Callback
 

@@ -618,16 +618,25 @@ class Trainer:
             self._stop(f"the training loss is {loss_sum}")
         if cfg.clip_norm and not math.isfinite(norm):
             self._stop(f"the gradient norm is {norm}")
-        self.optimizer.step()
+        try:
+            self.optimizer.step()
+        except RuntimeError as e:  # AdamW's step lr / (1 - beta1 ** step) past the weights' dtype (train.lr=1e38)
+            if "overflow" not in str(e):
+                raise
+            lr = self.optimizer.param_groups[0]["lr"]
+            self._stop(f"the optimizer's update overflows the weights at learning rate {lr:g} (train.lr={cfg.lr:g}; "
+                       f"torch: {e})", updated=True)
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, total_targets
 
-    def _stop(self, what: str) -> None:
-        """Stop training before a non-finite update reaches the weights; checkpoints on disk stay as they are."""
+    def _stop(self, what: str, *, updated: bool = False) -> None:
+        """Stop training before a non-finite update reaches the weights (or, ``updated``, when the update itself
+        failed part-way: nothing of it is saved); checkpoints on disk stay as they are."""
         self.optimizer.zero_grad(set_to_none=True)
         good = checkpoint.latest(self.out_dir / "checkpoints")
+        stopped = "and this step is not saved" if updated else "before updating the weights"
         raise TrainingError(
-            f"step {self.step}: {what}; training stopped before updating the weights. The last good checkpoint is "
+            f"step {self.step}: {what}; training stopped {stopped}. The last good checkpoint is "
             f"{good if good else 'none (no checkpoint was written yet)'}. Lower train.lr, or check the model settings "
             "(e.g. model.norm_eps) and the data")
 
