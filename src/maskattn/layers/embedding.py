@@ -46,9 +46,15 @@ def check_ids(ids: Tensor, vocab_size: int) -> None:
     if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32):
         got = ids.dtype if isinstance(ids, Tensor) else type(ids).__name__
         raise TypeError(f"ids must be an integer tensor of token ids (int64 or int32), got {got}")
-    # A host check (it reads the ids): eager only, a compiled graph cannot branch on tensor values.
-    if not ids.numel() or torch.compiler.is_compiling():
-        return
-    low, high = torch.stack(torch.aminmax(ids)).tolist()  # one read (a wait for a GPU), not one per bound
-    if low < 0 or high >= vocab_size:
-        raise ValueError(f"ids must be in [0, {vocab_size}), got values in [{low}, {high}]")
+    bounds = value_range(ids)
+    if bounds is not None and (bounds[0] < 0 or bounds[1] >= vocab_size):
+        raise ValueError(f"ids must be in [0, {vocab_size}), got values in [{bounds[0]}, {bounds[1]}]")
+
+
+def value_range(x: Tensor) -> tuple[int, int] | None:
+    """``(min, max)`` of an integer tensor in one host read (a wait for a GPU, not one per bound), for the eager input
+    checks; None when there is nothing to read or while compiling (a graph cannot branch on tensor values)."""
+    if not x.numel() or torch.compiler.is_compiling():
+        return None
+    low, high = torch.stack(torch.aminmax(x)).tolist()
+    return low, high

@@ -15,17 +15,16 @@ import math
 import torch
 from torch import Tensor, nn
 
+from maskattn.layers.embedding import value_range
+
 
 def _check_positions(positions: Tensor, max_len: int) -> None:
     if not isinstance(positions, Tensor) or positions.dim() != 2 or positions.is_floating_point():
         got = tuple(positions.shape) if isinstance(positions, Tensor) else type(positions).__name__
         raise ValueError(f"positions must be a (B, L) integer tensor, got {got}")
-    # A host check (it reads the positions): eager only, a compiled graph cannot branch on tensor values.
-    if not positions.numel() or torch.compiler.is_compiling():
-        return
-    low, high = torch.stack(torch.aminmax(positions)).tolist()  # one read (a wait for a GPU), not one per bound
-    if low < 0 or high >= max_len:
-        raise ValueError(f"positions must be in [0, max_len={max_len}), got values in [{low}, {high}]")
+    bounds = value_range(positions)
+    if bounds is not None and (bounds[0] < 0 or bounds[1] >= max_len):
+        raise ValueError(f"positions must be in [0, max_len={max_len}), got values in [{bounds[0]}, {bounds[1]}]")
 
 
 def _check_sizes(owner: str, **sizes: int) -> None:

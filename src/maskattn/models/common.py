@@ -22,7 +22,7 @@ from maskattn.layers import (
     TokenEmbedding,
     make_norm,
 )
-from maskattn.layers.embedding import check_ids
+from maskattn.layers.embedding import check_ids, value_range
 from maskattn.models.config import BlockConfig
 
 
@@ -41,13 +41,11 @@ def key_valid(ids: Tensor, lengths: Tensor | Sequence[int] | None, pad_id: int |
     lengths = torch.as_tensor(lengths, device=ids.device)
     if lengths.shape != (b,) or lengths.is_floating_point() or lengths.dtype == torch.bool:
         raise ValueError(f"{name}_lengths must be {b} integer lengths (B,), got {tuple(lengths.shape)} {lengths.dtype}")
-    # A host check (it reads the lengths): eager only, a compiled graph cannot branch on tensor values.
-    if b and not torch.compiler.is_compiling():
-        # one read (a wait for a GPU), not one per bound; none for lengths given as a list
-        host = [int(n) for n in host] if host is not None else None  # integers: the dtype check above
-        low, high = (min(host), max(host)) if host is not None else torch.stack(torch.aminmax(lengths)).tolist()
-        if low < 1 or high > length:
-            raise ValueError(f"{name}_lengths must be in [1, {length}], got {host or lengths.tolist()}")
+    # lengths given as a list are checked without reading the device
+    host = [int(n) for n in host] if host is not None else None  # integers: the dtype check above
+    bounds = (min(host), max(host)) if host else None if host is not None else value_range(lengths)
+    if bounds is not None and (bounds[0] < 1 or bounds[1] > length):
+        raise ValueError(f"{name}_lengths must be in [1, {length}], got {host or lengths.tolist()}")
     return torch.arange(length, device=ids.device) < lengths[:, None]  # (B, L)
 
 
