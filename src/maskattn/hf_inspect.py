@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
@@ -260,6 +259,9 @@ def _stored_shapes(directory: Path) -> tuple[dict[str, tuple[int, ...]], str] | 
     """The shapes of the tensors of an HF directory's safetensors files (read from their headers) and the name of the
     file they come from (the index for shards); None when transformers is left to name an unreadable index or
     shard itself."""
+    from maskattn.io import FormatError
+    from maskattn.models.persistence import stored_shapes
+
     index = directory / "model.safetensors.index.json"
     if (directory / "model.safetensors").is_file():
         files = ["model.safetensors"]
@@ -272,9 +274,8 @@ def _stored_shapes(directory: Path) -> tuple[dict[str, tuple[int, ...]], str] | 
     shapes: dict[str, tuple[int, ...]] = {}
     try:
         for name in files:
-            with safe_open(str(directory / name), framework="pt") as f:
-                shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError):
+            shapes.update(stored_shapes(directory / name))
+    except FormatError:
         return None
     return shapes, files[0] if len(files) == 1 else index.name
 

@@ -229,12 +229,17 @@ def check_sizes(cls: type, config: Any, weights: Path, aliases: dict[str, str], 
     error naming that setting, not an out-of-memory crash. ``compression``: config.json's entry of a
     pruned or int8 model (:mod:`maskattn.models.compressed`), applied to the skeleton too.
     """
+    check_shapes(cls, config, stored_shapes(weights), aliases, source=source, weights=WEIGHTS, compression=compression)
+
+
+def stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The shape of each tensor of a safetensors file, read from its header (no tensor data); FormatError naming the
+    file when it is not a readable safetensors file."""
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+        with safe_open(str(path), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as e:
-        raise FormatError(f"{weights}: not a readable safetensors file: {e}") from e
-    check_shapes(cls, config, stored, aliases, source=source, weights=WEIGHTS, compression=compression)
+        raise FormatError(f"{path}: not a readable safetensors file: {e}") from e
 
 
 LAYER_COUNTS = ("num_layers", "num_hidden_layers", "num_encoder_layers", "num_decoder_layers", "encoder_layers",
