@@ -212,7 +212,9 @@ def test_cheap_weights_measures_a_full_size_call_after_a_small_warm_up_only(monk
     monkeypatch.setattr(cheap_weights, "extra_peak_mb", lambda call, warmup: attention.extra_peak_mb(
         call, lambda: (warmup(), seen.append("measured:")) if warmup else None), raising=False)
     row = cheap_weights.child("plain", 128)
-    assert seen == [64, "measured:", 128, 128, 128, 128] and row["peak_extra_mb"] > 0, seen
+    # the figure itself may read 0 in a test process whose allocator already holds freed pages (CI did once);
+    # that extra_peak_mb counts a real allocation is tested above with 100 MB written
+    assert seen == [64, "measured:", 128, 128, 128, 128] and isinstance(row["peak_extra_mb"], float), seen
 
 
 def test_provenance_is_the_machine_and_the_exact_command_line():
