@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from maskattn import export
+from maskattn import compression, export
 from maskattn.models import DecoderLM, EncoderModel, Transformer
 from maskattn.models.config import DecoderLMConfig, EncoderConfig, TransformerConfig
 
@@ -18,7 +18,16 @@ MODELS = {
     "encoder_heads": lambda: EncoderModel(EncoderConfig(num_layers=2, num_labels=3, span_head=True, pooling="mean",
                                                         **SMALL)),
     "transformer": lambda: Transformer(TransformerConfig(num_encoder_layers=1, num_decoder_layers=2, **SMALL)),
+    # decoder layers pruned to different key/value head counts (compress --prune-heads): the decoder step stacked
+    # their caches and failed with "Sizes of tensors must match"
+    "transformer_pruned": lambda: _pruned(Transformer(TransformerConfig(num_encoder_layers=1, num_decoder_layers=2,
+                                                                        **SMALL))),
 }
+
+
+def _pruned(model):
+    compression.prune(model, {"decoder.layers.0.self_attn": [1, 3], "decoder.layers.1.self_attn": [0, 1, 2]})
+    return model
 
 
 def _runner(path, fmt):
@@ -94,7 +103,8 @@ def _check_transformer(model, encoder, step, src, lengths):
     (left_memory,) = encoder(left, left != 0)  # read as the mask it is (it was taken for right padding)
     torch.testing.assert_close(left_memory, model.encode(left)[0], atol=1e-5, rtol=1e-5)  # valid from pad_id 0
     attn = model.decoder.layers[0].self_attn
-    keys = torch.zeros(len(model.decoder.layers), src.shape[0], attn.num_kv_heads, 0, attn.head_dim)
+    kv_heads = max(layer.self_attn.num_kv_heads for layer in model.decoder.layers)
+    keys = torch.zeros(len(model.decoder.layers), src.shape[0], kv_heads, 0, attn.head_dim)
     values = keys.clone()
     state = model.start(src, lengths, max_len=4)
     tokens = torch.full((src.shape[0], 1), model.config.bos_id)

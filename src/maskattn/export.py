@@ -16,7 +16,9 @@ adds a record, not a branch.
     ``logits, keys, values = graph(tokens, memory, src_valid, past_keys, past_values)`` with tokens (B, 1)
     int64 (BOS first), past_keys / past_values (N, B, Hkv, T, D) for N decoder layers and T tokens fed so
     far (T = 0 at the first step), returning the (B, V) logits of the next token and the caches grown to
-    T + 1. Cross-attention keys and values are projected from ``memory`` inside every step.
+    T + 1. Cross-attention keys and values are projected from ``memory`` inside every step. Hkv is the most
+    key/value heads of a decoder layer: a layer pruned to fewer (``maskattn compress --prune-heads``) reads and
+    returns its heads in the first slots, zeros in the others.
 
 While exporting, ``backend="auto"`` runs PyTorch's SDPA (with a dense mask where one is needed), which
 both formats represent; a model built with ``backend="blocked"`` exports to pt2 only (its custom operator).
@@ -39,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.export import Dim
+from torch.nn import functional as F
 
 from maskattn import masks
 from maskattn.io import check_output_file
@@ -130,6 +133,11 @@ class _GrowingCache:
         return self.keys, self.values  # (B, Hkv, T + 1, D)
 
 
+def _stack_heads(caches: list[Tensor], width: int) -> Tensor:
+    """(N, B, width, T, D): the (B, Hkv_i, T, D) caches, zeros in the slots of heads a pruned layer lacks."""
+    return torch.stack([F.pad(c, (0, 0, 0, 0, 0, width - c.shape[1])) for c in caches])
+
+
 class _DecoderStep(nn.Module):
     def __init__(self, model: Transformer) -> None:
         super().__init__()
@@ -138,14 +146,17 @@ class _DecoderStep(nn.Module):
     def forward(self, tokens: Tensor, memory: Tensor, src_valid: Tensor, past_keys: Tensor,
                 past_values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         m = self.model
-        caches = [_GrowingCache(k, v) for k, v in zip(past_keys.unbind(0), past_values.unbind(0), strict=True)]
+        # a pruned layer keeps fewer key/value heads: its cache is the first Hkv_i of the Hkv (= the most) slots
+        heads = [layer.self_attn.num_kv_heads for layer in m.decoder.layers]
+        caches = [_GrowingCache(k[:, :h], v[:, :h])
+                  for k, v, h in zip(past_keys.unbind(0), past_values.unbind(0), heads, strict=True)]
         x, rope = m.tgt_embed(tokens, default_positions(tokens, past_keys.shape[3]))  # (B, 1, E)
         memory_kv = [layer.cross_attn.project_kv(memory) for layer in m.decoder.layers]
         # the new token is the last position, and every earlier target token is real: self-attention sees all
         h = m.decoder(x, mask=None, memory_mask=masks.padding(src_valid), memory_kv=memory_kv, rope=rope,
                       caches=caches)
-        keys = torch.stack([c.keys for c in caches])  # (N, B, Hkv, T + 1, D)
-        values = torch.stack([c.values for c in caches])
+        keys = _stack_heads([c.keys for c in caches], past_keys.shape[2])  # (N, B, Hkv, T + 1, D)
+        values = _stack_heads([c.values for c in caches], past_values.shape[2])
         return m.out_proj(h[:, -1]), keys, values  # (B, V)
 
 
@@ -173,7 +184,8 @@ def _transformer_graphs(model: Transformer) -> dict[str, Graph]:
     src = _ids(model)
     valid = torch.ones_like(src, dtype=torch.bool)
     attn = model.decoder.layers[0].self_attn
-    cache = torch.zeros(len(model.decoder.layers), src.shape[0], attn.num_kv_heads, 3, attn.head_dim)
+    kv_heads = max(layer.self_attn.num_kv_heads for layer in model.decoder.layers)  # layers pruned apart differ
+    cache = torch.zeros(len(model.decoder.layers), src.shape[0], kv_heads, 3, attn.head_dim)
     tokens = torch.full((src.shape[0], 1), model.config.bos_id)
     memory = torch.zeros(src.shape[0], src.shape[1], model.config.d_model)
     cache_dims = {1: batch, 3: past}
