@@ -351,3 +351,20 @@ def test_to_additive_with_the_hugging_face_fill_reads_back(dtype):
     mask = masks.causal() & masks.padding([3, 1])
     add = masks.to_additive(mask, 3, 3, dtype, fill=torch.finfo(dtype).min)
     assert torch.equal(masks.from_hf(add).to_dense(3, 3), mask.to_dense(3, 3))  # the oracle: the dense mask
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.complex64])
+def test_from_hf_refuses_a_4d_mask_that_is_neither_bool_nor_float(dtype):
+    # an int64 4-D mask of zeros was read as additive, so full attention, though as a 0/1 keep-mask it hides every
+    # key; 0/1 integers were refused as "a float mask of 0s and 1s"; complex failed inside torch ("le_cpu")
+    for values in (torch.zeros(1, 1, 3, 3), torch.ones(1, 1, 3, 3)):
+        with pytest.raises(TypeError, match=re.escape(
+                f"from_hf: a 4-D attention_mask must be bool (True = keep) or float (additive: 0 keeps, -inf or "
+                f"finfo.min hides), as Hugging Face builds them, got dtype {dtype}; a 0/1 keep-mask: pass "
+                "attention_mask.bool()")):
+            masks.from_hf(values.to(dtype))
+    # bool and float stay what they were: the oracle is the mask written out
+    keep = torch.tensor([[[[True, False], [True, True]]]])
+    assert torch.equal(masks.from_hf(keep).to_dense(2, 2), keep)
+    additive = torch.zeros(1, 1, 2, 2).masked_fill(~keep, float("-inf"))
+    assert torch.equal(masks.from_hf(additive).to_dense(2, 2), keep)

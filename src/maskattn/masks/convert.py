@@ -159,6 +159,10 @@ def from_hf(attention_mask: Tensor) -> Mask:
         _warn_if_padding_inverted(valid, "attention_mask", "in Hugging Face's convention 1 means a real token")
         return padding(valid)
     if m.dim() == 4:
+        if m.dtype != torch.bool and not m.is_floating_point():  # integer zeros: keep all (additive) or none (0/1)?
+            raise TypeError("from_hf: a 4-D attention_mask must be bool (True = keep) or float (additive: 0 keeps, "
+                            "-inf or finfo.min hides), as Hugging Face builds them, got dtype "
+                            f"{m.dtype}; a 0/1 keep-mask: pass attention_mask.bool()")
         keep = m if m.dtype == torch.bool else _bool_from_additive(m, "attention_mask")
         return from_tensor(keep)
     raise ValueError(f"attention_mask must be 2-D (B, L) or 4-D (B, 1|H, Lq, Lk), got {tuple(m.shape)}")
