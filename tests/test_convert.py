@@ -368,3 +368,29 @@ def test_from_hf_refuses_a_4d_mask_that_is_neither_bool_nor_float(dtype):
     assert torch.equal(masks.from_hf(keep).to_dense(2, 2), keep)
     additive = torch.zeros(1, 1, 2, 2).masked_fill(~keep, float("-inf"))
     assert torch.equal(masks.from_hf(additive).to_dense(2, 2), keep)
+
+
+@pytest.mark.parametrize("call, words", [
+    # each was an AttributeError ("'list' object has no attribute 'dim'", "'Tensor' object has no attribute
+    # 'structure'"), a TypeError about to_dense's arguments, or torch's "new(): invalid data type 'str'"
+    (lambda: masks.from_hf([[1, 1, 0]]), "from_hf: attention_mask must be a torch.Tensor, got list"),
+    (lambda: masks.from_keras([[1, 0]]), "from_keras: mask must be a torch.Tensor, got list"),
+    (lambda: masks.from_torch_mha([[True]]), "from_torch_mha: attn_mask must be a torch.Tensor or None, got list"),
+    (lambda: masks.from_torch_mha(key_padding_mask=[[False]]),
+     "from_torch_mha: key_padding_mask must be a torch.Tensor or None, got list"),
+    (lambda: masks.from_cu_seqlens("0,3"), "from_cu_seqlens: cu_seqlens must be a tensor or a list of ints, got str"),
+    (lambda: masks.from_cu_seqlens(None),
+     "from_cu_seqlens: cu_seqlens must be a tensor or a list of ints, got NoneType"),
+    (lambda: masks.to_additive(torch.ones(2, 2, dtype=torch.bool), 2, 2),
+     "to_additive: mask must be a maskattn Mask (masks.from_tensor wraps a bool tensor), got Tensor"),
+    (lambda: masks.to_torch_mha(torch.ones(2, 2, dtype=torch.bool), 2, 2),
+     "to_torch_mha: mask must be a maskattn Mask (masks.from_tensor wraps a bool tensor), got Tensor"),
+    (lambda: masks.to_flex(None), "to_flex: mask must be a maskattn Mask (masks.from_tensor wraps a bool tensor), got "
+     "NoneType"),
+])
+def test_converters_name_an_argument_of_the_wrong_type(call, words):
+    with pytest.raises(TypeError, match=re.escape(words)):
+        call()
+    # what they take stays taken: a list of ints for cu_seqlens, its document mask written out as the oracle
+    assert masks.from_cu_seqlens((0, 2, 3)).to_dense(3, 3)[0, 0].tolist() == [[True, True, False], [True, True, False],
+                                                                             [False, False, True]]

@@ -17,7 +17,7 @@ of every row, an "additive" mask of 0/1) warns or raises saying what it probably
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -31,6 +31,18 @@ NEG_THRESHOLD = -1e4  # additive values at or below this hide the key (HF uses f
 
 class InvertedMaskWarning(UserWarning):
     """A mask that looks like it uses the opposite convention."""
+
+
+def _check_tensor(value: object, where: str, *, optional: bool = False) -> None:
+    """Raise TypeError naming ``where`` ("converter: argument") unless ``value`` is a tensor (or None if optional)."""
+    if not isinstance(value, Tensor) and not (optional and value is None):
+        raise TypeError(f"{where} must be a torch.Tensor{' or None' if optional else ''}, got {type(value).__name__}")
+
+
+def _check_mask(mask: object, converter: str) -> None:
+    if not isinstance(mask, Mask):
+        raise TypeError(f"{converter}: mask must be a maskattn Mask (masks.from_tensor wraps a bool tensor), got "
+                        f"{type(mask).__name__}")
 
 
 def _bool_from_additive(m: Tensor, name: str) -> Tensor:
@@ -66,6 +78,7 @@ def from_torch_mha(attn_mask: Tensor | None = None, key_padding_mask: Tensor | N
         key_padding_mask: (N, S), True (or -inf) = padding.
     """
     for name, given in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)):
+        _check_tensor(given, f"from_torch_mha: {name}", optional=True)
         if given is not None and given.dtype != torch.bool and not given.is_floating_point():
             raise TypeError(f"from_torch_mha: {name} must be bool (True = masked) or float (additive), as "
                             f"nn.MultiheadAttention takes, got dtype {given.dtype}")
@@ -114,6 +127,7 @@ def to_torch_mha(mask: Mask, q_len: int, k_len: int, *, num_heads: int = 1, q_of
             return hidden
         return torch.zeros(hidden.shape, dtype=additive).masked_fill(hidden, float("-inf"))
 
+    _check_mask(mask, "to_torch_mha")
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise ValueError(f"to_torch_mha: batch must be an int >= 1 (the N of nn.MultiheadAttention), got {batch!r}")
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
@@ -148,6 +162,7 @@ def to_torch_mha(mask: Mask, q_len: int, k_len: int, *, num_heads: int = 1, q_of
 def from_hf(attention_mask: Tensor) -> Mask:
     """A Hugging Face ``attention_mask``: 2-D (B, L) with 1 = real token, or 4-D (B, 1|H, Lq, Lk)
     either bool (True = keep) or additive float (0 keep, finfo.min / -inf hide)."""
+    _check_tensor(attention_mask, "from_hf: attention_mask")
     m = attention_mask
     if m.dim() == 2:
         if m.dtype != torch.bool and not bool(((m == 0) | (m == 1)).all()):
@@ -178,6 +193,7 @@ def to_additive(mask: Mask, q_len: int, k_len: int, dtype: torch.dtype = torch.f
         TypeError: ``dtype`` is not a floating torch.dtype.
         ValueError: ``fill`` would not hide a key (above ``NEG_THRESHOLD``, or NaN) or does not fit ``dtype``.
     """
+    _check_mask(mask, "to_additive")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"to_additive needs a floating torch.dtype, got {dtype!r}")
     value = float("-inf") if fill is None else fill
@@ -198,6 +214,7 @@ def from_keras(mask: Tensor) -> Mask:
     Keras is batch-first: a 3-D mask is (B, T, S), not the (H, Lq, Lk) that NumPy broadcasting of
     :func:`from_tensor` would read.
     """
+    _check_tensor(mask, "from_keras: mask")
     keep = mask.bool()
     if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("a Keras mask holds 1 (attend) and 0 (hide); this one holds other values")
@@ -226,6 +243,7 @@ def to_flex(mask: Mask, q_len: int | None = None, k_len: int | None = None, *, q
     def mask_mod(b, h, q_idx, kv_idx):
         return mask.allows(b, h, q_idx + q_offset, kv_idx)
 
+    _check_mask(mask, "to_flex")
     if q_len is None or k_len is None:
         check_sizes(0, 0, q_offset)
     else:
@@ -249,6 +267,10 @@ def from_cu_seqlens(cu_seqlens: Tensor | list[int]) -> Mask:
     """Packed documents as FlashAttention's varlen API describes them: cumulative lengths
     ``[0, n0, n0 + n1, ...]`` of sequences concatenated into one row. Attention stays inside each
     document (combine with ``causal()`` for causal varlen attention)."""
+    if isinstance(cu_seqlens, str | bytes) or not (isinstance(cu_seqlens, Tensor | Sequence)
+                                                    or hasattr(cu_seqlens, "__array__")):
+        raise TypeError(f"from_cu_seqlens: cu_seqlens must be a tensor or a list of ints, got "
+                        f"{type(cu_seqlens).__name__}")
     cu = torch.as_tensor(cu_seqlens)
     if cu.numel() and (cu.dtype == torch.bool or cu.is_floating_point() or cu.is_complex()):
         raise TypeError(f"cu_seqlens must hold integers (cumulative lengths), got dtype {cu.dtype}")
