@@ -37,6 +37,10 @@ def test_parse_matches_the_python_expression(text, expected):
         ("window", 0, "window takes 1 argument"),
         # one id per position: 10**11 of them were allocated (or a raw RuntimeError)
         ("causal & document(100000000000)", 9, "document() covers 100000000000 positions in all; at most 2**24"),
+        # were "found ''" and "unexpected character '-'"
+        ("causal & window(", 16, "expected an integer argument of window(), found the end"),
+        ("window(-1)", 7, "window(): a negative argument -1; arguments are integers >= 0"),
+        ("padding(3, -2)", 11, "padding(): a negative argument -2; arguments are integers >= 0"),
     ],
 )
 def test_errors_point_at_the_token(text, position, words):

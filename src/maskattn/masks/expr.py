@@ -23,7 +23,7 @@ from maskattn.masks.kinds import causal, full, sliding_window
 from maskattn.masks.tensor_kinds import document, padding, prefix_lm
 from maskattn.masks.tiles import MAX_POSITION
 
-TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_]\w*)|(?P<int>\d+)|(?P<op>[&|~(),]))")
+TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_]\w*)|(?P<int>-?\d+)|(?P<op>[&|~(),]))")  # -n: refused by name
 
 
 class MaskSyntaxError(ValueError):
@@ -143,7 +143,10 @@ def parse(text: str) -> Mask:
             while peek()[1] != ")" or args:  # `causal()`: no arguments, as the Python API writes it
                 k, v, p = take()
                 if k != "int":
-                    raise MaskSyntaxError(text, p, f"expected an integer argument of {value}(), found {v!r}")
+                    shown = repr(v) if v else "the end"
+                    raise MaskSyntaxError(text, p, f"expected an integer argument of {value}(), found {shown}")
+                if int(v) < 0:
+                    raise MaskSyntaxError(text, p, f"{value}(): a negative argument {v}; arguments are integers >= 0")
                 if int(v) > MAX_POSITION:
                     raise MaskSyntaxError(text, p, f"{v} is too large for an argument of {value}() (at most 2**62)")
                 args.append(int(v))
