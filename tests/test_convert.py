@@ -394,3 +394,39 @@ def test_converters_name_an_argument_of_the_wrong_type(call, words):
     # what they take stays taken: a list of ints for cu_seqlens, its document mask written out as the oracle
     assert masks.from_cu_seqlens((0, 2, 3)).to_dense(3, 3)[0, 0].tolist() == [[True, True, False], [True, True, False],
                                                                              [False, False, True]]
+
+
+def _exact_interval_stats(rows, k_len, block_q, block_k):
+    """(tiles empty, partial, full, skipped entries) of one (batch, head) whose query rows see the key intervals
+    ``rows`` [(lo, hi), ...], counted with Python ints tile by tile (no floats, nothing materialised)."""
+    empty = partial = full = skipped = 0
+    for start in range(0, len(rows), block_q):
+        band = rows[start:start + block_q]
+        distinct = set(band)  # (rows alike are counted once)
+        for k0 in range(0, k_len, block_k):
+            k1 = min(k0 + block_k, k_len)  # the tile's keys are [k0, k1)
+            seen = [max(0, min(hi, k1) - max(lo, k0)) for lo, hi in distinct]
+            if not any(seen):
+                empty, skipped = empty + 1, skipped + len(band) * (k1 - k0)
+            elif all(n == k1 - k0 for n in seen):
+                full += 1
+            else:
+                partial += 1
+    return empty, partial, full, skipped
+
+
+@pytest.mark.parametrize("mask, row, q_len, k_len, q_offset, block_q, block_k", [
+    # more keys than float64 counts exactly: tiles were misclassified (1026 full of 1026 tiles, 2 of them partial)
+    # and flops_skipped came out negative
+    (masks.causal(), lambda q: (0, q + 1), 4, 2**55 + 1, 2**55 - 3, 2, 2**51 - 1),
+    (masks.prefix_lm(2**55 - 9), lambda q: (0, max(q + 1, 2**55 - 9)), 4, 2**55 + 1, 2**55 - 3, 2, 2**51 - 1),
+    # the skipped entries summed in float64: 5 entries too many, long before 2**53 keys
+    (masks.padding([2**39 // 3 + 17]), lambda q: (0, 2**39 // 3 + 17), 2**17 + 3, 2**39 + 999, 0, 4097, 2**31 + 13),
+], ids=["causal", "prefix", "padding"])
+def test_stats_of_very_long_keys_count_exactly(mask, row, q_len, k_len, q_offset, block_q, block_k):
+    stats = mask.stats(q_len, k_len, block_q=block_q, block_k=block_k, q_offset=q_offset)
+    rows = [tuple(min(x, k_len) for x in row(q)) for q in range(q_offset, q_offset + q_len)]  # the documented rows
+    empty, partial, full, skipped = _exact_interval_stats(rows, k_len, block_q, block_k)
+    assert (stats.tiles_empty, stats.tiles_partial, stats.tiles_full) == (empty, partial, full)
+    assert stats.flops_skipped == 4 * 64 * skipped
+    assert stats.allowed == sum(hi - lo for lo, hi in rows)

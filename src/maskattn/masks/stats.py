@@ -46,7 +46,8 @@ def mask_stats(mask: MaskLike, q_len: int, k_len: int, *, block_q: int = 128, bl
                head_dim: int = 64) -> MaskStats:
     """See :meth:`Mask.stats`."""
     rows = _rows_from_bounds(mask, q_len, k_len, q_offset)  # (B, H, Lq) allowed keys per row, or None
-    tiles = _tiles_from_bounds(mask, q_len, k_len, q_offset, block_q, block_k) if rows is not None else None
+    exact = k_len + block_k <= 2**53  # key positions and their tile numbers are exact in _tiles_from_bounds' float64
+    tiles = _tiles_from_bounds(mask, q_len, k_len, q_offset, block_q, block_k) if rows is not None and exact else None
     if tiles is None:  # FULL tiles count whole, PARTIAL tiles are evaluated element by element
         kinds = mask.block_map(q_len, k_len, block_q, block_k, q_offset=q_offset).cpu()  # (B, H, nq, nk)
         nq, nk = kinds.shape[2:]
@@ -114,11 +115,11 @@ def _tiles_from_bounds(mask: MaskLike, q_len: int, k_len: int, q_offset: int, bl
     q_sizes = torch.clamp(q_len - torch.arange(touched.shape[-1]) * block_q, max=block_q).double()
     k_sizes = torch.clamp(k_len - torch.arange(nk) * block_k, max=block_k).double()
     # skipped entries: rows x (all keys - keys of the touched tiles)
-    first = torch.floor(band_lo / block_k).clamp(0, nk)
-    last = torch.ceil(band_hi / block_k).clamp(0, nk)
-    k_cum = torch.cat([torch.zeros(1, dtype=torch.float64), k_sizes.cumsum(0)])
-    covered = torch.where(band_hi > band_lo, k_cum[last.long()] - k_cum[first.long()], 0)
-    skipped = int(((k_len - covered) * q_sizes).sum())
+    first = torch.floor(band_lo / block_k).clamp(0, nk).long()
+    last = torch.ceil(band_hi / block_k).clamp(0, nk).long()
+    k_cum = torch.cat([torch.zeros(1, dtype=torch.long), k_sizes.long().cumsum(0)])  # int64: a float64 sum rounds
+    covered = torch.where(band_hi > band_lo, k_cum[last] - k_cum[first], 0)
+    skipped = int(((k_len - covered) * q_sizes.long()).sum())
     n_touched, n_full = int(touched.sum()), int(full.sum())
     n_tiles = mask.batch * mask.heads * touched.shape[-1] * nk
     return n_tiles - n_touched, n_touched - n_full, n_full, skipped
