@@ -430,3 +430,23 @@ def test_stats_of_very_long_keys_count_exactly(mask, row, q_len, k_len, q_offset
     assert (stats.tiles_empty, stats.tiles_partial, stats.tiles_full) == (empty, partial, full)
     assert stats.flops_skipped == 4 * 64 * skipped
     assert stats.allowed == sum(hi - lo for lo, hi in rows)
+
+
+def test_additive_masks_are_built_where_the_mask_is():
+    # a mask holding CUDA tensors gave "Tensor on device cpu is not on the expected device": the zeros were made on
+    # the CPU; the meta device stands in for an accelerator here (same placement rule, no data to read)
+    mask = masks.causal() & masks.padding(torch.tensor([3, 2]))
+    on_meta = mask.to("meta")
+    add = masks.to_additive(on_meta, 3, 3, torch.float16)
+    attn, _ = masks.to_torch_mha(on_meta, 3, 3, additive=torch.float16)
+    _, kpm = masks.to_torch_mha(masks.padding(torch.tensor([3, 2])).to("meta"), 3, 3, additive=torch.float16)
+    for got, shape in ((add, (2, 1, 3, 3)), (attn, (2, 3, 3)), (kpm, (2, 3))):
+        assert (got.device.type, got.dtype, tuple(got.shape)) == ("meta", torch.float16, shape)
+    # on the CPU the values are the dense mask's: 0 where allowed, -inf where hidden (the oracle written out)
+    dense = mask.to_dense(3, 3)
+    assert torch.equal(masks.to_additive(mask, 3, 3), torch.where(dense, 0.0, float("-inf")))
+    if torch.cuda.is_available():
+        on_gpu = mask.to("cuda")
+        assert torch.equal(masks.to_additive(on_gpu, 3, 3).cpu(), torch.where(dense, 0.0, float("-inf")))
+        assert torch.equal(masks.to_torch_mha(on_gpu, 3, 3, additive=torch.float32)[0].cpu(),
+                           torch.where(~dense.flatten(0, 1), float("-inf"), 0.0))

@@ -125,7 +125,7 @@ def to_torch_mha(mask: Mask, q_len: int, k_len: int, *, num_heads: int = 1, q_of
     def out(hidden: Tensor) -> Tensor:
         if additive is None:
             return hidden
-        return torch.zeros(hidden.shape, dtype=additive).masked_fill(hidden, float("-inf"))
+        return torch.zeros(hidden.shape, dtype=additive, device=hidden.device).masked_fill(hidden, float("-inf"))
 
     _check_mask(mask, "to_torch_mha")
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
@@ -204,7 +204,7 @@ def to_additive(mask: Mask, q_len: int, k_len: int, dtype: torch.dtype = torch.f
         raise ValueError(f"to_additive: fill={value!r} does not fit {dtype} (at least {torch.finfo(dtype).min}); use "
                          "fill=None (-inf) or torch.finfo(dtype).min")
     dense = mask.to_dense(q_len, k_len, q_offset=q_offset)
-    return torch.zeros(dense.shape, dtype=dtype).masked_fill(~dense, value)
+    return torch.zeros(dense.shape, dtype=dtype, device=dense.device).masked_fill(~dense, value)
 
 
 # --- Keras -----------------------------------------------------------------------------------------
