@@ -389,3 +389,23 @@ def test_block_map_and_stats_of_an_empty_call(name, make, q_len, k_len):
         assert torch.equal(got.expand_as(exact), exact)
         stats = mask.stats(q_len, k_len, block_q=block_q, block_k=block_k)
         assert (stats.allowed, stats.total, stats.empty_rows) == (0, 0, mask.batch * mask.heads * q_len * (k_len == 0))
+
+
+@pytest.mark.parametrize("name,make", LEAVES, ids=[n for n, _ in LEAVES])
+@pytest.mark.parametrize("block", [2**45, 2**63 - 1, 2**64])
+def test_a_tile_larger_than_the_call_is_one_tile(name, make, block):
+    # tiles were padded to the block size: block_map of documents, valid keys or tensors and stats of any mask
+    # tried to allocate 2**45 positions ("can't allocate memory"), 2**63 - 1 overflowed ("Storage size calculation
+    # overflowed") and 2**64 was "int too big to convert"; the oracle is the dense mask classified tile by tile
+    mask = make(3, 9)
+    for q_offset in (0, 2):
+        q_len = 9 - q_offset
+        dense = mask.to_dense(q_len, 9, q_offset=q_offset)
+        for block_q, block_k in ((block, block), (block, 2), (3, block)):
+            got = mask.block_map(q_len, 9, block_q, block_k, q_offset=q_offset)
+            exact = _exact_tile_kinds(dense, min(block_q, q_len), min(block_k, 9))
+            assert torch.equal(got.expand_as(exact), exact), (block_q, block_k, q_offset)
+            stats = mask.stats(q_len, 9, block_q=block_q, block_k=block_k, q_offset=q_offset)
+            assert (stats.allowed, stats.empty_rows) == (int(dense.sum()), int((~dense.any(-1)).sum()))
+            assert stats.tiles_empty + stats.tiles_partial + stats.tiles_full == exact.numel()
+            assert (stats.block_q, stats.block_k) == (block_q, block_k)  # reported as given

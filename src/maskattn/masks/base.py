@@ -226,6 +226,8 @@ class Mask:
         """
         self.check(q_len, k_len, q_offset=q_offset)
         check_positive(block_q=block_q, block_k=block_k)
+        # a tile larger than the call is the whole call: the same map, without padding to (or overflowing at) its size
+        block_q, block_k = min(block_q, max(q_len, 1)), min(block_k, max(k_len, 1))
         tiles = Tiles(q_len, k_len, q_offset, block_q, block_k, self._device(device))
         any_, all_ = self._tile_bounds(tiles)
         kinds = torch.where(all_, FULL, torch.where(any_, PARTIAL, EMPTY)).to(torch.int8)

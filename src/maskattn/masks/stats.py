@@ -45,6 +45,8 @@ class MaskStats:
 def mask_stats(mask: MaskLike, q_len: int, k_len: int, *, block_q: int = 128, block_k: int = 128, q_offset: int = 0,
                head_dim: int = 64) -> MaskStats:
     """See :meth:`Mask.stats`."""
+    given = block_q, block_k  # reported as given; a tile larger than the call is the whole call (as in block_map)
+    block_q, block_k = min(block_q, max(q_len, 1)), min(block_k, max(k_len, 1))
     rows = _rows_from_bounds(mask, q_len, k_len, q_offset)  # (B, H, Lq) allowed keys per row, or None
     exact = k_len + block_k <= 2**53  # key positions and their tile numbers are exact in _tiles_from_bounds' float64
     tiles = _tiles_from_bounds(mask, q_len, k_len, q_offset, block_q, block_k) if rows is not None and exact else None
@@ -63,7 +65,7 @@ def mask_stats(mask: MaskLike, q_len: int, k_len: int, *, block_q: int = 128, bl
     allowed = int(rows.sum())
     total = mask.batch * mask.heads * q_len * k_len
     return MaskStats(
-        q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k, allowed=allowed, total=total,
+        q_len=q_len, k_len=k_len, block_q=given[0], block_k=given[1], allowed=allowed, total=total,
         density=allowed / total if total else 0.0, empty_rows=int((rows == 0).sum()),
         tiles_empty=n_empty, tiles_partial=n_partial, tiles_full=n_full,
         skipped_fraction=skipped / total if total else 0.0,
