@@ -371,3 +371,36 @@ def test_caption_example_writes_only_a_png_never_over_another_file(tmp_path, cap
     assert data.read_text() == "image\tcaption\n"
     assert main(["caption", str(tmp_path / "model"), "--example", str(tmp_path / "new.PNG")]) == 0
     assert (tmp_path / "new.PNG").read_bytes().startswith(b"\x89PNG")  # the oracle: PNG's own signature
+
+
+def test_an_int8_captioner_captions_and_its_patch_tokens_are_the_int8_product(tmp_path, capsys):
+    # `compress --int8` quantises the patch projection too; PatchEmbedding then read the model's dtype from its
+    # int8 weight and refused every image: "images (torch.float32) and the model (torch.int8) must have one
+    # dtype", so `caption` and `evaluate` of the compressed model failed. Oracle: unfold + the per-token int8
+    # product from the stored int8 weights and scales, by hand; greedy decoding of the in-memory int8 model.
+    from maskattn.models import compressed
+    from maskattn.tasks.common import write_task
+
+    model, tok = tiny_model(), C.build_tokenizer()
+    model.save(tmp_path / "model", tokenizer=tok)
+    write_task(tmp_path / "model", {"task": "caption", "data": {}})
+    assert main(["compress", str(tmp_path / "model"), "--out", str(tmp_path / "int8"), "--int8"]) == 0
+    assert "patches.proj" in json.loads(capsys.readouterr().out)["int8"]
+    quantised = load(tmp_path / "int8").eval()
+    images = torch.rand(2, 8, 12)
+    proj = quantised.patches.proj
+    x = torch.nn.functional.unfold(images[:, None], 4, stride=4).transpose(1, 2).double()  # (B, N, 16), row-major
+    sx = x.abs().amax(-1, keepdim=True) / 127
+    by_hand = (torch.round(x / sx) @ proj.weight.double().T) * sx * proj.weight_scale.double() + proj.bias.double()
+    positions = quantised.patches.rows.weight[:2, None] + quantised.patches.cols.weight[None, :3]  # (2, 3, E)
+    with torch.no_grad():
+        torch.testing.assert_close(quantised.patches(images), (by_hand + positions.reshape(6, -1)).float())
+    for n, canvas in enumerate(C.canvases("test", 2, C.DataConfig(), 4)):
+        C.write_png(canvas.image, tmp_path / f"{n}.png")
+    pngs = [str(tmp_path / f"{n}.png") for n in range(2)]
+    in_memory = compressed.quantize_linears(model, tied=True) and model
+    said = C.caption_batch(in_memory, tok, [C.read_png(png, 4) for png in pngs])[0]
+    assert main(["caption", str(tmp_path / "int8"), *pngs]) == 0
+    assert capsys.readouterr().out == "".join(f"{png}\t{line}\n" for png, line in zip(pngs, said, strict=True))
+    assert main(["evaluate", str(tmp_path / "int8"), "--data", "test"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"exact_match", "word_accuracy", "alignment"}

@@ -65,9 +65,9 @@ class PatchEmbedding(nn.Module):
             raise ValueError(f"images must be {expected}, got {got}")
         if images.dtype == torch.bool or not (images.is_floating_point() or images.is_complex()):
             raise TypeError(f"images must be floating point (pixels scaled to [0, 1]), got {images.dtype}")
-        if not torch.is_autocast_enabled(images.device.type) and images.dtype != self.proj.weight.dtype:
-            raise ValueError(f"images ({images.dtype}) and the model ({self.proj.weight.dtype}) must have one dtype "
-                             "outside autocast")
+        dtype = self.rows.weight.dtype  # the model's: an int8 projection (compress --int8) takes any float input
+        if not torch.is_autocast_enabled(images.device.type) and images.dtype != dtype:
+            raise ValueError(f"images ({images.dtype}) and the model ({dtype}) must have one dtype outside autocast")
         h, w = images.shape[-2:]
         rows, cols = h // p, w // p
         largest = f"{self.rows.num_embeddings * p}x{self.cols.num_embeddings * p}"
