@@ -827,3 +827,39 @@ def test_compress_refuses_pruning_settings_without_pruning_and_int8_twice(tmp_pa
     capsys.readouterr()
     assert main(["compress", str(tmp_path / "q"), "--out", str(tmp_path / "qq"), "--int8"]) == 2
     assert "is already int8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_compress_int8_of_a_model_saved_in_another_dtype_loads_and_runs_in_it(tmp_path, dtype):
+    # Int8Linear.from_float / Int8TokenEmbedding.from_float made float32 scales and biases whatever the model's
+    # dtype: `compress --int8` of a model saved in bfloat16 wrote a file of two float dtypes that load() refused
+    # ("tensor 'decoder.layers.0.ffn_block.norm.bias' is (32,) torch.bfloat16, expected (32,) torch.float32"), and
+    # the in-memory model's int8 token table gave float32 into bfloat16 layers ("mixed dtype (CPU)").
+    from maskattn.layers import Int8TokenEmbedding
+
+    torch.manual_seed(0)
+    model = maskattn.DecoderLM(maskattn.DecoderLMConfig.preset("tiny")).to(dtype).eval()
+    ids = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        float_out = model(ids)
+    model.save(tmp_path / "m")
+    write_task(tmp_path / "m", {"task": "lm"})
+    compression.compress(tmp_path / "m", tmp_path / "int8", int8=True, log=lambda _: None)
+    loaded = maskattn.load(tmp_path / "int8").eval()
+    int8 = [m for m in loaded.modules() if isinstance(m, Int8Linear | Int8TokenEmbedding)]
+    assert isinstance(loaded.embed.tokens, Int8TokenEmbedding) and len(int8) > 8
+    for m in int8:  # oracle: each stored int8 value times its channel's scale is the float weight, to half a step
+        bias = getattr(m, "bias", None)
+        assert m.weight_scale.dtype == dtype and (bias is None or bias.dtype == dtype)
+        name = next(n for n, x in loaded.named_modules() if x is m)
+        weight = model.get_submodule(name).weight.detach().double()
+        scale = m.weight_scale.double()[:, None]
+        assert ((m.weight.double() * scale - weight).abs() <= scale * 0.51).all(), name
+    with torch.no_grad():
+        out = loaded(ids)
+    assert out.dtype == dtype
+    assert (out.double() - float_out.double()).abs().max() < 0.05 * float_out.double().abs().max()
+    in_memory = copy.deepcopy(model)
+    compressed.quantize_linears(in_memory, tied=True)
+    with torch.no_grad():
+        assert torch.equal(in_memory(ids), out)  # the save/load round trip: bit-identical

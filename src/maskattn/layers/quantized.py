@@ -35,9 +35,17 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-output-channel symmetric int8: (O, I) float -> ((O, I) int8, (O,) float32 scales)."""
-    q, scale = quantize_rows(weight)
-    return q, scale.squeeze(1)
+    """Per-output-channel symmetric int8: (O, I) float -> ((O, I) int8, (O,) scales in the weight's dtype).
+
+    The scales keep the model's dtype, so that a bfloat16 model quantised is one float dtype (and int8), as
+    load() reads a model back; the int8 values are rounded against the scales as stored in that dtype.
+    """
+    w = weight.detach()
+    wide = torch.promote_types(w.dtype, torch.float32)  # the arithmetic: float32, or float64 for a float64 weight
+    tiny = torch.finfo(w.dtype).tiny
+    scale = (w.to(wide).abs().amax(dim=1) / QMAX).clamp(min=tiny).to(w.dtype)  # (O,), as stored
+    q = torch.round(w.to(wide) / scale.to(wide)[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)  # (O, I)
+    return q, scale
 
 
 class Int8Linear(nn.Module):
@@ -45,7 +53,7 @@ class Int8Linear(nn.Module):
 
     Build one with :meth:`from_float` (quantises an ``nn.Linear``) or ``Int8Linear(I, O, bias=...)``
     (zeros, to be filled by ``load_state_dict``). State dict: ``weight`` (O, I) int8,
-    ``weight_scale`` (O,) float32, ``bias`` (O,) float32 when there is one. Not trainable; gradients
+    ``weight_scale`` (O,) and ``bias`` (O,) when there is one, in the float layer's dtype. Not trainable; gradients
     flow to the input (straight through the activation rounding).
     """
 
@@ -66,7 +74,7 @@ class Int8Linear(nn.Module):
         q, scale = quantize_weight(linear.weight)
         new.weight, new.weight_scale = q, scale
         if linear.bias is not None:
-            new.bias = linear.bias.detach().float().clone()
+            new.bias = linear.bias.detach().clone()  # in the model's dtype, as the scales
         return new
 
     @classmethod
@@ -110,7 +118,7 @@ class Int8TokenEmbedding(nn.Module):
     """A :class:`~maskattn.layers.TokenEmbedding` stored as int8 rows with one float scale per row.
 
     Build one with :meth:`from_float` or ``Int8TokenEmbedding(V, E, scale=...)`` (zeros, to be filled by
-    ``load_state_dict``). State dict: ``weight`` (V, E) int8 and ``weight_scale`` (V,) float32.
+    ``load_state_dict``). State dict: ``weight`` (V, E) int8 and ``weight_scale`` (V,) in the float table's dtype.
     """
 
     def __init__(self, vocab_size: int, d_model: int, *, scale: bool = False) -> None:
@@ -126,7 +134,7 @@ class Int8TokenEmbedding(nn.Module):
         return new
 
     def forward(self, ids: Tensor, *, check: bool = True) -> Tensor:
-        """(B, L) integer ids -> (B, L, E) in the scales' dtype (float32, or the model's after ``.to(dtype)``);
+        """(B, L) integer ids -> (B, L, E) in the scales' dtype (the model's);
         ``check=False``: the caller built ``ids`` in [0, V) itself (not read)."""
         if check:
             check_ids(ids, self.vocab_size)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from maskattn.io import FormatError
@@ -118,7 +119,10 @@ def quantize_linears(model: nn.Module, *, tied: bool = False) -> list[str]:
             names.append(name)
     for key, linears in projections.items():
         for name in linears if key in tables else []:
-            _replace(model, name, Int8Linear.tied_to(tables[key]))
+            linear = Int8Linear.tied_to(tables[key])
+            if linear.weight_scale.dtype != torch.float32:  # as load() builds it: float32, then .to(dtype), which
+                linear.weight_scale = linear.weight_scale.clone()  # converts each module's buffers apart
+            _replace(model, name, linear)
             names.append(name)
     return names
 
