@@ -404,3 +404,17 @@ def test_an_int8_captioner_captions_and_its_patch_tokens_are_the_int8_product(tm
     assert capsys.readouterr().out == "".join(f"{png}\t{line}\n" for png, line in zip(pngs, said, strict=True))
     assert main(["evaluate", str(tmp_path / "int8"), "--data", "test"]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {"exact_match", "word_accuracy", "alignment"}
+
+
+def test_a_16_bit_grey_png_reads_as_the_same_picture_as_its_8_bit_copy(tmp_path):
+    # PIL's convert("L") clips 16-bit grey levels at 255 instead of scaling them: a 16-bit PNG (what scientific
+    # tools write) read as white everywhere but its darkest pixels, and was captioned without a word. Oracle: the
+    # same picture saved as an 8-bit PNG, and the 16-bit levels / 65535 by hand.
+    from PIL import Image
+
+    levels = np.linspace(0, 65535, 9 * 13).reshape(9, 13).astype(np.uint16)
+    Image.fromarray(levels).save(tmp_path / "deep.png")
+    Image.fromarray((levels / 257).round().astype(np.uint8)).save(tmp_path / "flat.png")
+    deep = C.read_png(tmp_path / "deep.png", 4)
+    assert deep.shape == (12, 16) and np.allclose(deep[:9, :13], levels / 65535, atol=1e-6)
+    assert np.abs(deep - C.read_png(tmp_path / "flat.png", 4)).max() <= 0.5 / 255 + 1e-6

@@ -297,8 +297,9 @@ def read_png(path: str | Path, multiple: int, *, largest: tuple[int, int] | None
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            pixels = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+        with Image.open(path) as im:  # 16-bit grey ("I;16", "I"): convert("L") would clip its levels at 255
+            deep = im.mode.startswith("I;16") or im.mode == "I"
+            pixels = np.asarray(im if deep else im.convert("L"), dtype=np.float32) / (65535.0 if deep else 255.0)
     except UnidentifiedImageError:
         raise ValueError(f"{path}: not an image PIL can read; expected a PNG canvas") from None
     except FileNotFoundError:
