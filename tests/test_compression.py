@@ -88,6 +88,19 @@ def test_int8_linear_refuses_an_input_of_another_width_naming_it(shape):
         assert q(x).shape == linear(x).shape
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool])
+def test_int8_linear_refuses_an_input_that_is_not_floating_point(dtype):
+    # an integer input was quantised and its output cast back to integers (truncated) without a word; the oracle,
+    # nn.Linear, refuses it too
+    linear = nn.Linear(4, 3)
+    q = Int8Linear.from_float(linear)
+    x = torch.ones(2, 4, dtype=dtype)
+    with pytest.raises(RuntimeError):
+        linear(x)
+    with pytest.raises(TypeError, match=rf"Int8Linear: x must be floating point, got {dtype}"):
+        q(x)
+
+
 def test_an_int8_tokens_output_depends_on_that_token_alone():
     """Per-token activation scales: no coupling through the batch or padding, unlike a per-tensor scale."""
     torch.manual_seed(0)

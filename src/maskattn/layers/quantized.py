@@ -92,6 +92,8 @@ class Int8Linear(nn.Module):
         """(..., I) -> (..., O), in ``x``'s dtype."""
         if x.dim() < 1 or x.shape[-1] != self.in_features:  # a reshape would regroup other widths into rows
             raise ValueError(f"Int8Linear: x must be (..., in_features={self.in_features}), got {tuple(x.shape)}")
+        if not x.is_floating_point():  # integers would come back truncated
+            raise TypeError(f"Int8Linear: x must be floating point, got {x.dtype}")
         flat = x.reshape(-1, self.in_features)  # (N, I)
         xq, x_scale = quantize_rows(flat)  # (N, I) int8, (N, 1)
         # torch._int_mm on the CPU gives wrong sums for a single input feature (K = 1): the float path there
