@@ -418,3 +418,22 @@ def test_a_16_bit_grey_png_reads_as_the_same_picture_as_its_8_bit_copy(tmp_path)
     deep = C.read_png(tmp_path / "deep.png", 4)
     assert deep.shape == (12, 16) and np.allclose(deep[:9, :13], levels / 65535, atol=1e-6)
     assert np.abs(deep - C.read_png(tmp_path / "flat.png", 4)).max() <= 0.5 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("setting, message", [
+    # each failed at the first batch, naming no setting: "images of 16x48 pixels: larger than the model's 8x64 (its
+    # patch positions)", "images must be (B, 3, Hc, Wc), got (64, 16, 48)", "tgt has 5 tokens, more than the model's
+    # max_len (3)"
+    ("model.max_rows=2", "data.max_height (16) makes canvases of 4 rows of model.patch_size (4) pixels; "
+                         "model.max_rows (2) must be at least 4"),
+    ("model.max_cols=11", "data.max_width (48) makes canvases of 12 columns of model.patch_size (4) pixels; "
+                          "model.max_cols (11) must be at least 12"),
+    ("model.channels=3", "model.channels must be 1 (the digit canvases are grey), got 3"),
+    ("model.max_len=4", "model.max_len (4) must be at least data.max_digits + 1 (5): BOS and a word per digit"),
+])
+def test_caption_model_settings_that_do_not_fit_the_canvases_are_refused_naming_them(setting, message, tmp_path,
+                                                                                      capsys):
+    assert main(["train", "caption", "--out", str(tmp_path / "run"), "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"maskattn train: {message}", err
+    assert not (tmp_path / "run").exists()

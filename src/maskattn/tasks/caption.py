@@ -246,8 +246,26 @@ def score(model: Captioner, tok: Tokenizer, data: Sequence[Canvas], batch_size: 
 
 
 # --- training --------------------------------------------------------------------------------------
+def check_model_fits(cfg: CaptionConfig) -> None:
+    """SettingError naming the model setting that cannot take the canvases or captions ``cfg.data`` makes (else
+    the first batch fails, naming none)."""
+    m, d, p = cfg.model, cfg.data, cfg.model.patch_size
+    if m.channels != 1:
+        raise SettingError(f"model.channels must be 1 (the digit canvases are grey), got {m.channels}")
+    for side, name, grid, limit in (("max_height", "rows", d.max_height // p, "max_rows"),
+                                    ("max_width", "columns", d.max_width // p, "max_cols")):
+        if grid > getattr(m, limit):
+            raise SettingError(f"data.{side} ({getattr(d, side)}) makes canvases of {grid} {name} of "
+                               f"model.patch_size ({p}) pixels; model.{limit} ({getattr(m, limit)}) must be at "
+                               f"least {grid}")
+    if m.max_len < d.max_digits + 1:
+        raise SettingError(f"model.max_len ({m.max_len}) must be at least data.max_digits + 1 "
+                           f"({d.max_digits + 1}): BOS and a word per digit")
+
+
 def train(cfg: CaptionConfig, *, resume: bool = False, log=log_stderr) -> dict[str, Any]:
     """Train a captioner on canvases of the training scans; return the last validation scores and the model dir."""
+    check_model_fits(cfg)
     _, labels = load_scans()
     pools = split_scans(labels, cfg.data)
     out, tok = begin_run(cfg, resume=resume, task="caption", tokenizer=build_tokenizer)
