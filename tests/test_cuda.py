@@ -79,10 +79,12 @@ def _device_masks(n):
         "prefix": masks.prefix_lm(prefix),
         "tensor": masks.from_tensor(torch.rand(2, 1, n, n, device=DEVICE) > 0.3),
         "empty rows": masks.padding(torch.tensor([0, n], device=DEVICE)),  # row 0 may attend nothing: zeros
+        "cu_seqlens": masks.causal() & masks.from_cu_seqlens(torch.tensor([0, 10, 30, n], device=DEVICE)),
     }
 
 
-DEVICE_MASKS = ["causal", "causal&padding", "window", "document", "prefix", "tensor", "empty rows"]  # _device_masks
+# the keys of _device_masks
+DEVICE_MASKS = ["causal", "causal&padding", "window", "document", "prefix", "tensor", "empty rows", "cu_seqlens"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

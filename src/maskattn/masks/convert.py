@@ -278,5 +278,5 @@ def from_cu_seqlens(cu_seqlens: Tensor | list[int]) -> Mask:
     if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
         raise ValueError(f"cu_seqlens must be non-decreasing and start at 0, like [0, 3, 7], got {cu.tolist()}")
     total = int(cu[-1])
-    doc_ids = torch.bucketize(torch.arange(total), cu[1:], right=True)  # position -> its document
+    doc_ids = torch.bucketize(torch.arange(total, device=cu.device), cu[1:], right=True)  # position -> its document
     return document(doc_ids[None])
