@@ -278,6 +278,14 @@ def test_sampled_first_tokens_follow_the_filtered_softmax():
     torch.testing.assert_close(freq, expected, atol=0.03, rtol=0)
 
 
+@pytest.mark.parametrize("logits", [torch.tensor(1.0), torch.tensor([[3, 1, 2]]), torch.zeros(2, 0), [[1.0, 2.0]]],
+                         ids=["0-d", "int64", "empty vocabulary", "list"])
+def test_filter_logits_names_logits_it_cannot_filter(logits):
+    # integer logits came back from inside torch's softmax, 0-d ones as an IndexError, an empty vocabulary unchanged
+    with pytest.raises(ValueError, match=r"filter_logits: logits must be a floating-point tensor \(\.\.\., V\)"):
+        decoding.filter_logits(logits, top_k=2, top_p=0.5)
+
+
 def test_filter_logits_top_p_keeps_the_smallest_nucleus():
     probs = torch.tensor([[0.5, 0.05, 0.3, 0.15]])
     logits = probs.log()

@@ -117,6 +117,9 @@ def _check_top(top_k: int | None, top_p: float | None) -> None:
 def filter_logits(logits: Tensor, *, top_k: int | None = None, top_p: float | None = None) -> Tensor:
     """Set to -inf every logit outside the top k and outside the top-p nucleus: (B, V) -> (B, V)."""
     _check_top(top_k, top_p)
+    if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() < 1 or not logits.shape[-1]:
+        got = f"{logits.dtype} of shape {tuple(logits.shape)}" if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"filter_logits: logits must be a floating-point tensor (..., V) with V >= 1, got {got}")
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
