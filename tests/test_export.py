@@ -246,3 +246,19 @@ def test_the_onnx_quieting_drops_the_torchvision_lines_only():
     finally:
         logger.removeHandler(handler)
     assert seen == ["Failed to infer the signature for function f", "torchvision is not installed. Skipping after"]
+
+
+def test_a_pt2_program_takes_lengths_up_to_max_len_and_names_a_longer_input(tmp_path):
+    # the length was declared up to 65,536 whatever max_len: past it the program failed in the position table
+    # with "IndexError: index out of range in self"; eager refuses such an input, so does the program now
+    torch.manual_seed(0)
+    model = DecoderLM(DecoderLMConfig(num_layers=1, **{**SMALL, "max_len": 16})).eval()
+    (path,) = export.export(model, tmp_path / "model.pt2", format="pt2")
+    run = _runner(path, "pt2")
+    ids = _ids(2, 16, [16, 9])
+    with torch.no_grad():
+        torch.testing.assert_close(run(ids)[0], model(ids), atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="max_len=16"):
+            model(_ids(1, 17, [17]))
+        with pytest.raises(AssertionError, match=r"input_ids.size\(\)\[1\] <= 16"):
+            run(_ids(1, 17, [17]))

@@ -75,8 +75,9 @@ class Exporter:
     graphs: Callable[[Any], dict[str, Graph]]
 
 
-def _dims() -> tuple[Dim, Dim]:
-    return Dim("batch", min=1, max=1024), Dim("length", min=1, max=1 << 16)
+def _dims(model: nn.Module) -> tuple[Dim, Dim]:
+    # the length is bounded as in eager (positions below max_len): a pt2 program then names a longer input
+    return Dim("batch", min=1, max=1024), Dim("length", min=1, max=model.config.max_len)
 
 
 def _ids(model: nn.Module, batch: int = 2, length: int = 5) -> Tensor:
@@ -161,13 +162,13 @@ class _DecoderStep(nn.Module):
 
 
 def _lm_graphs(model: DecoderLM) -> dict[str, Graph]:
-    batch, length = _dims()
+    batch, length = _dims(model)
     return {"": Graph(_LMLogits(model), (_ids(model),), ("input_ids",), ("logits",),
                       {"input_ids": {0: batch, 1: length}})}
 
 
 def _encoder_graphs(model: EncoderModel) -> dict[str, Graph]:
-    batch, length = _dims()
+    batch, length = _dims(model)
     ids = _ids(model)
     inputs = (ids, torch.ones_like(ids, dtype=torch.bool))
     names = ("input_ids", "attention_mask")
@@ -179,8 +180,8 @@ def _encoder_graphs(model: EncoderModel) -> dict[str, Graph]:
 
 
 def _transformer_graphs(model: Transformer) -> dict[str, Graph]:
-    batch, length = _dims()
-    past = Dim("past", min=0, max=1 << 16)
+    batch, length = _dims(model)
+    past = Dim("past", min=0, max=model.config.max_len - 1)  # the new token sits at position past
     src = _ids(model)
     valid = torch.ones_like(src, dtype=torch.bool)
     attn = model.decoder.layers[0].self_attn
