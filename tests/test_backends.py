@@ -114,6 +114,23 @@ def test_compiled_flex_equals_reference():
 
 
 @pytest.mark.skipif(not FLEX_ON_CPU, reason="no FlexAttention in this torch")
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_compiled_flex_takes_a_head_dim_of_stride_zero(which):
+    # x[..., :1].expand(..., D): PyTorch's compiled CPU kernel read the stride-0 head dim as laid out (off by ~3, NaN)
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"q": (1, 2, 9, 8), "k": (1, 1, 9, 8), "v": (1, 1, 9, 8)}
+    x = {name: torch.randn(shape, generator=gen) for name, shape in shapes.items()}
+    x[which] = torch.randn(*shapes[which][:-1], 1, generator=gen).expand(shapes[which])
+    allowed = torch.ones(9, 9, dtype=torch.bool).tril()  # causal(), written out
+    wide = {name: t.double() for name, t in x.items()}
+    scores = (wide["q"] @ wide["k"].transpose(-1, -2) * 0.25).masked_fill(~allowed, -torch.inf)
+    expected = torch.softmax(scores, dim=-1) @ wide["v"]  # (1, 2, 9, 8): the one kv head serves both query heads
+    ours = maskattn.attention(x["q"], x["k"], x["v"], masks.causal(), scale=0.25, backend="flex")
+    torch.testing.assert_close(ours.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not FLEX_ON_CPU, reason="no FlexAttention in this torch")
 def test_flex_returns_the_log_sum_exp_on_cpu_too():
     # PyTorch's compiled CPU kernel cannot return it; the backend answers from the eager path instead
     q, k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)

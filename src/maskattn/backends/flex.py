@@ -82,6 +82,9 @@ def attention(
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     if not available(q.device, q.dtype, needs_grad):
         raise ValueError(_unavailable(q.device, q.dtype, needs_grad))
+    # PyTorch's compiled CPU kernel (2.13) reads a head dim of stride 0 (x[..., :1].expand(..., D)) as if it were
+    # laid out: wrong numbers or NaN. Only such inputs are copied; the usual layouts (stride 1) are passed as given.
+    q, k, v = (x.contiguous() if x.stride(-1) == 0 else x for x in (q, k, v))
     heads, q_len = q.shape[1], q.shape[2]
     block_mask = None
     if mask is not None:
