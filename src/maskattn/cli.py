@@ -15,6 +15,7 @@ from pathlib import Path
 
 from maskattn.errors import TrainingError, UsageError, check_seed
 from maskattn.io import check_output_file
+from maskattn.masks import expr
 from maskattn.tasks.base import Option, Task, tasks
 
 
@@ -192,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     masks_cmd = sub.add_parser("masks", help="draw masks written as expressions").add_subparsers(
         dest="masks_command", required=True)
     show = masks_cmd.add_parser("show", help="render a mask expression as text (and optionally PNG)",
-                                description="Expression: names causal, full, window(n), padding(n,...), "
-                                "prefix(n), document(len,...), combined with &, |, ~ and parentheses.")
+                                description=f"Expression: names {expr.names()}, combined with &, |, ~ and "
+                                "parentheses (padding: valid key lengths per batch item; document: lengths of "
+                                "packed documents).")
     show.add_argument("expression", help='e.g. "causal & window(4)"')
     show.add_argument("--length", type=positive_int, default=16, help="query and key length")
     show.add_argument("--keys", type=positive_int, default=None, help="key length (default: --q-offset + --length)")

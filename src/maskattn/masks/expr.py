@@ -56,6 +56,13 @@ CONSTRUCTORS = {
 }
 
 
+
+def names() -> str:
+    """Every name of :data:`CONSTRUCTORS` as an expression writes it: ``causal, ..., window(n), padding(n,...)``."""
+    forms = {0: "", 1: "(n)"}
+    return ", ".join(f"{name}{forms.get(arity, '(n,...)')}" for name, (_, arity) in CONSTRUCTORS.items())
+
+
 def _tokens(text: str) -> list[tuple[str, str, int]]:
     found, pos = [], 0
     while pos < len(text):
