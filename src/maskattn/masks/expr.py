@@ -56,7 +56,6 @@ CONSTRUCTORS = {
 }
 
 
-
 def names() -> str:
     """Every name of :data:`CONSTRUCTORS` as an expression writes it: ``causal, ..., window(n), padding(n,...)``."""
     forms = {0: "", 1: "(n)"}
