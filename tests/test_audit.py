@@ -205,6 +205,8 @@ def test_declarations_are_validated():
         AttentionSite("cross", -1)
     with pytest.raises(ValueError, match="a 'padding' check needs lengths, got ''"):
         ProbeCheck("padding", ("ids",), "padding", varies="ids")
+    with pytest.raises(ValueError, match="reach must be an int >= 0, got -1"):
+        ProbeCheck("window", ("ids",), "w", varies="ids", reach=-1)
     with pytest.raises(ValueError, match=r"tokens input 'ids' needs vocab_size >= 1, got 0"):
         ProbeInput("ids", "tokens")
     unknown = r"check 'causal' names inputs \['tgt'\] that the probe does not draw \['ids'\]"
@@ -394,3 +396,32 @@ def test_an_audit_runs_in_eval_mode_and_gives_the_module_back_in_its_own_mode():
     assert audit_model(model).ok
     assert model.training and not model.lm_head.training
     assert all(m.training for name, m in model.named_modules() if not name.startswith("lm_head"))
+
+
+@pytest.mark.parametrize("built", [masks.causal() & masks.sliding_window(5), masks.causal()],
+                         ids=["wider-window", "no-window"])
+def test_a_decoder_that_attends_beyond_its_sliding_window_is_caught(monkeypatch, built):
+    # every layer obeys the mask it is given and the logits never see a later token, so no check saw that the model
+    # built a wider window than its sliding_window=3 promises (or none): the oracle is the receptive field of
+    # 2 layers of window 3, logits at t reading no token before t - 4
+    torch.manual_seed(0)
+    model = _tiny("decoder", sliding_window=3)
+    assert model.config.num_layers == 2
+    assert audit_model(model, length=10).ok
+    monkeypatch.setattr(DecoderLM, "_causal", lambda self: built)
+    report = audit_model(model, length=10)
+    failed = [v for v in report.verdicts if not v.ok]
+    assert [v.name for v in failed] == ["DecoderLM logits vs tokens outside the sliding window"], str(report)
+    _, q, k = failed[0].leaks[0]
+    assert k < q - 4
+
+
+def test_a_sliding_window_decoder_passes_at_every_length_and_depth():
+    for layers, window in ((1, 1), (1, 4), (3, 2)):
+        torch.manual_seed(0)
+        model = _tiny("decoder", sliding_window=window, num_layers=layers)
+        report = audit_model(model, length=12)
+        assert report.ok, str(report)
+        verdict = next(v for v in report.verdicts if "sliding window" in v.name)
+        reach = layers * (window - 1)
+        assert verdict.checked_pairs == 2 * sum(range(1, 12 - reach))  # (query, key) pairs beyond the reach, per row

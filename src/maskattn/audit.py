@@ -15,7 +15,8 @@ query). A whole model is audited as it declares (:class:`maskattn.models.Inspect
 modules and their kinds. Every attention call of a forward pass is audited with the inputs and the
 mask it really received (captured with hooks), and end-to-end checks test what the model promises:
 decoder logits at step t must not change when the tokens after t change, nor when there are fewer of
-them; packed documents must not see each other; encoder outputs must not change with the padding, nor
+them, nor (sliding windows) when tokens beyond the model's receptive field change; packed documents
+must not see each other; encoder outputs must not change with the padding, nor
 a captioner's with the pixels outside an image's real size.
 Models of other libraries are audited through a registered adapter
 (:func:`maskattn.models.inspectable`; ``maskattn.hf_inspect`` for Hugging Face models).
@@ -361,6 +362,25 @@ def audit_causal_logits(logits_of: Callable[[Tensor], Tensor], tokens: Tensor, *
     return Verdict(name, True, length * (length - 1) // 2 * tokens.shape[0])
 
 
+def audit_reach(logits_of: Callable[[Tensor], Tensor], tokens: Tensor, *, reach: int, vocab: int,
+                name: str) -> Verdict:
+    """Logits at step t must not change (bit-identical) when the tokens before t - ``reach`` change: a decoder of
+    sliding windows W over N layers reaches ``N * (W - 1)`` positions back, and no further."""
+    gen = torch.Generator().manual_seed(7)
+    length = tokens.shape[1]
+    with torch.no_grad():
+        base = logits_of(tokens)
+        for start in range(1, length - reach):  # tokens [0, start) redrawn: logits from start + reach on are blind
+            moved = (logits_of(_redrawn(tokens, torch.arange(length) < start, vocab, gen))[:, start + reach:]
+                     != base[:, start + reach:]).any(-1)  # (B, L - start - reach)
+            if moved.any():
+                b, q = moved.nonzero()[0].tolist()
+                return Verdict(name, False, 0, [(b, start + reach + q, start - 1)],
+                               f"changing tokens more than {reach} position(s) back changed logits")
+    beyond = max(0, length - reach - 1)
+    return Verdict(name, True, beyond * (beyond + 1) // 2 * tokens.shape[0])
+
+
 def audit_padding(outputs_of: Callable[[Tensor], Tensor], tokens: Tensor, lengths: Tensor, *, vocab: int,
                   name: str, aligned: bool = True) -> Verdict:
     """Outputs must be bit-identical whatever the padding tokens are: at the real positions of ``tokens`` when
@@ -450,6 +470,11 @@ def _check_causal(model: nn.Module, check: ProbeCheck, inputs: dict[str, Tensor]
                                 vocab=_vocab(probe, check.varies), name=check.name)]
 
 
+def _check_window(model: nn.Module, check: ProbeCheck, inputs: dict[str, Tensor], probe: AuditProbe) -> list[Verdict]:
+    return [audit_reach(_varying(model, check, inputs), inputs[check.varies], reach=check.reach,
+                        vocab=_vocab(probe, check.varies), name=check.name)]
+
+
 def _check_padding(model: nn.Module, check: ProbeCheck, inputs: dict[str, Tensor], probe: AuditProbe) -> list[Verdict]:
     return [audit_padding(_varying(model, check, inputs), inputs[check.varies], inputs[check.lengths],
                           vocab=_vocab(probe, check.varies), name=check.name, aligned=check.aligned)]
@@ -529,8 +554,8 @@ def _check_image_padding(model: nn.Module, check: ProbeCheck, inputs: dict[str, 
 
 # One audit per kind of ProbeCheck (maskattn.models.inspection.PROBE_CHECKS).
 CHECKS: dict[str, Callable[[nn.Module, ProbeCheck, dict[str, Tensor], AuditProbe], list[Verdict]]] = {
-    "layers": _check_layers, "causal": _check_causal, "padding": _check_padding, "documents": _check_documents,
-    "image_padding": _check_image_padding,
+    "layers": _check_layers, "causal": _check_causal, "window": _check_window, "padding": _check_padding,
+    "documents": _check_documents, "image_padding": _check_image_padding,
 }
 
 

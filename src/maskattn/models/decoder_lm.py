@@ -148,12 +148,17 @@ class DecoderLM(Persistent, Summary, nn.Module):
 
     def audit_probe(self) -> AuditProbe:
         """Every attention call (plain and packed rows); no logit depends on a later token, nor on a token of
-        another packed document."""
+        another packed document, nor (sliding windows) on a token beyond its receptive field."""
         tokens, packed = ("input_ids",), ("input_ids", "doc_ids")
+        w = self.config.sliding_window
+        reach = None if w is None else len(self.decoder.layers) * (w - 1)  # the receptive field of N windows
+        window = () if reach is None else (ProbeCheck("window", tokens, "DecoderLM logits vs tokens outside the "
+                                                      "sliding window", varies="input_ids", reach=reach),)
         return AuditProbe(
             inputs=(ProbeInput("input_ids", "tokens", self.config.vocab_size), ProbeInput("doc_ids", "documents")),
             checks=(ProbeCheck("layers", tokens),
                     ProbeCheck("causal", tokens, "DecoderLM logits vs later tokens", varies="input_ids"),
+                    *window,
                     ProbeCheck("layers", packed),
                     ProbeCheck("documents", packed, "DecoderLM logits vs other packed documents", varies="input_ids",
                                documents="doc_ids")))

@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 ATTENTION_KINDS = ("self-causal", "self-bidirectional", "cross")
 PROBE_INPUTS = ("tokens", "lengths", "documents", "images", "image_sizes")
-PROBE_CHECKS = ("layers", "causal", "padding", "documents", "image_padding")
+PROBE_CHECKS = ("layers", "causal", "window", "padding", "documents", "image_padding")
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -95,6 +95,8 @@ class ProbeCheck:
       received, leaks nothing its mask hides;
     * ``"causal"``: output position t depends on no later position of input ``varies``, nor on how
       many there are (logits of a decoder);
+    * ``"window"``: output position t depends on no position of input ``varies`` before t - ``reach``
+      (a decoder of sliding windows: ``reach`` = num_layers * (W - 1), its receptive field);
     * ``"padding"``: no real position of the output depends on the padding of input ``varies``,
       whose real lengths are input ``lengths``;
     * ``"documents"``: no position of the output depends on a position of input ``varies`` that
@@ -109,17 +111,21 @@ class ProbeCheck:
     varies: str = ""  # causal / padding: the tokens input that is changed
     lengths: str = ""  # padding: the lengths input of ``varies``
     documents: str = ""  # documents: the document-ids input of ``varies``
+    reach: int = 0  # window: how many earlier positions output position t may depend on
     aligned: bool = True  # padding: output position i is input position i (an encoder's); False: every output
     # position is checked (a decoder's target logits against its source padding)
 
     def __post_init__(self) -> None:
         _one_of("kind", self.kind, PROBE_CHECKS)
-        needed = {"layers": (), "causal": ("name", "varies"), "padding": ("name", "varies", "lengths"),
+        needed = {"layers": (), "causal": ("name", "varies"),
+                  "window": ("name", "varies"), "padding": ("name", "varies", "lengths"),
                   "documents": ("name", "varies", "documents"),
                   "image_padding": ("name", "varies", "lengths")}[self.kind]
         for field in needed:
             if not getattr(self, field):
                 raise ValueError(f"a {self.kind!r} check needs {field}, got {getattr(self, field)!r}")
+        if isinstance(self.reach, bool) or not isinstance(self.reach, int) or self.reach < 0:
+            raise ValueError(f"reach must be an int >= 0, got {self.reach!r}")
 
 
 @dataclass(frozen=True)
