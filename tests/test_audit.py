@@ -425,3 +425,22 @@ def test_a_sliding_window_decoder_passes_at_every_length_and_depth():
         verdict = next(v for v in report.verdicts if "sliding window" in v.name)
         reach = layers * (window - 1)
         assert verdict.checked_pairs == 2 * sum(range(1, 12 - reach))  # (query, key) pairs beyond the reach, per row
+
+
+@pytest.mark.parametrize("kind", ["decoder", "transformer"])
+def test_a_decoder_whose_rows_see_each_other_is_caught(kind):
+    # each row's position t read the previous row's position t (a statistic over the batch): no token is later, so
+    # the causal check passed; the oracle is the model itself, its row 0 logits moving with row 1's tokens
+    torch.manual_seed(0)
+    model = _tiny(kind)
+    model.decoder.layers[0].ffn.register_forward_hook(lambda module, args, out: out + 0.1 * out.roll(1, 0))
+    tokens = torch.randint(4, 20, (2, 6))
+    changed = tokens.clone()
+    changed[1] = (tokens[1] + 1) % 20
+    forward = (lambda t: model(t)) if kind == "decoder" else (lambda t: model(tokens, t))
+    with torch.no_grad():
+        assert (forward(changed)[0] != forward(tokens)[0]).any()
+    report = audit_model(model, length=8)
+    failed = [v for v in report.verdicts if not v.ok and "later" in v.name]
+    assert failed and "another row" in failed[0].how, str(report)
+    assert failed[0].leaks[0][2] == -1

@@ -338,7 +338,8 @@ def audit_model_layers(model: nn.Module, forward: Callable[[], Tensor]) -> list[
 
 def audit_causal_logits(logits_of: Callable[[Tensor], Tensor], tokens: Tensor, *, vocab: int, name: str,
                         atol: float = 1e-5) -> Verdict:
-    """Logits at step t must not change when later tokens change (bit-identical) or are absent (atol).
+    """Logits at step t must not change when later tokens change (bit-identical) or are absent (atol), nor when
+    the tokens of another row of the batch change (bit-identical; a leak named with key -1).
 
     ``atol`` allows for floating-point differences between matrix products of different lengths;
     a leak of the future (its tokens or its length) moves logits far more than that.
@@ -359,6 +360,13 @@ def audit_causal_logits(logits_of: Callable[[Tensor], Tensor], tokens: Tensor, *
                 worst = (prefix - base[:, : t + 1]).abs().amax(-1)  # (B, t+1)
                 b, q = divmod(int(worst.argmax()), t + 1)
                 return Verdict(name, False, 0, [(b, q, t + 1)], "the length of the future changed earlier logits")
+        for b in range(tokens.shape[0]) if tokens.shape[0] > 1 else ():  # nor on the tokens of another row
+            others = torch.ones_like(tokens, dtype=torch.bool)
+            others[b] = False
+            moved = (logits_of(_redrawn(tokens, others, vocab, gen))[b] != base[b]).any(-1)  # (L,)
+            if moved.any():
+                return Verdict(name, False, 0, [(b, int(moved.nonzero()[0]), -1)],
+                               "changing another row's tokens changed this row's logits")
     return Verdict(name, True, length * (length - 1) // 2 * tokens.shape[0])
 
 
