@@ -5,6 +5,7 @@ planted leaks of issue 14 (the packing bug, a mask function that lets each token
 are caught and named. Everything is built locally: no downloads.
 """
 
+import copy
 import gzip
 import json
 import math
@@ -117,6 +118,85 @@ def test_encoder_whose_padding_is_dropped_is_caught():
     assert not report.ok
     (b, q, k), *_ = _leaks(report, "hidden states vs padding")
     assert b == 1 and q < LENGTH - 4 <= k  # row 1 has LENGTH - 4 real tokens
+
+
+SLIDING = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=8, max_position_embeddings=64, bos_token_id=2, eos_token_id=3)
+WINDOWED = {  # tiny causal LMs whose every layer slides a window of 3 keys
+    "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**SLIDING, sliding_window=3)),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        **SLIDING, use_sliding_window=True, sliding_window=3, max_window_layers=0)),
+}
+
+
+def _farthest_read(model, length: int = LENGTH) -> int:
+    """The oracle: how far back any logit reads, found by changing one token at a time."""
+    ids = torch.randint(4, VOCAB, (1, length), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = model(input_ids=ids).logits[0]
+        return max(t - k for k in range(length) for t in
+                   ((model(input_ids=ids.index_fill(1, torch.tensor([k]), (int(ids[0, k]) + 1) % VOCAB)).logits[0]
+                     != base).any(-1).nonzero()[:, 0].tolist()))
+
+
+def _wider_by(extra: int):
+    """transformers' sliding-window mask built for a window ``extra`` keys wider than the config's."""
+    build = transformers.masking_utils.create_sliding_window_causal_mask
+
+    def wider(config, **kwargs):
+        config = copy.copy(config)
+        config.sliding_window += extra
+        return build(config=config, **kwargs)
+    return wider
+
+
+@pytest.mark.parametrize("implementation", ["eager", NAME])
+@pytest.mark.parametrize("name", sorted(WINDOWED))
+@pytest.mark.parametrize("leak", ["one-key-wider", "no-window"])
+def test_an_hf_model_that_reads_beyond_its_sliding_window_is_caught(monkeypatch, name, implementation, leak):
+    # an HF causal LM whose mask ignored its config's sliding window (or built it a key wider) passed: no check looked
+    # back. The oracle is transformers' own model: an honest one reads exactly 2 * (3 - 1) positions back (windows
+    # of keys q - 2 .. q), the leaky one further
+    torch.manual_seed(0)
+    model = WINDOWED[name]().eval()
+    model.set_attn_implementation(implementation)
+    assert _farthest_read(model) == 4
+    report = maskattn.audit(model, length=LENGTH)
+    assert report.ok and any(v.name.endswith("logits vs tokens outside the sliding window") and v.checked_pairs > 0
+                             for v in report.verdicts), str(report)
+    module = sys.modules[type(model).__module__]
+    build = transformers.masking_utils.create_causal_mask if leak == "no-window" else _wider_by(1)
+    monkeypatch.setattr(module, "create_sliding_window_causal_mask", build)
+    assert _farthest_read(model) > 4
+    report = maskattn.audit(model, length=LENGTH)
+    assert [v.name.split(" ", 1)[1] for v in report.verdicts if not v.ok] == [
+        "logits vs tokens outside the sliding window"], str(report)
+    _, q, k = _leaks(report, "sliding window")[0]
+    assert q - k > 4
+
+
+@pytest.mark.parametrize("config, reach", [
+    (transformers.MistralConfig(**SLIDING, sliding_window=3), 4),
+    (transformers.MistralConfig(**{**SLIDING, "num_hidden_layers": 3}, sliding_window=5), 12),
+    (transformers.MistralConfig(**SLIDING, sliding_window=None), None),
+    (transformers.Qwen2Config(**SLIDING, use_sliding_window=True, sliding_window=3, max_window_layers=0), 4),
+    (transformers.Qwen2Config(**SLIDING, use_sliding_window=True, sliding_window=3, max_window_layers=1), None),
+    (transformers.Qwen2Config(**SLIDING, use_sliding_window=False, sliding_window=3, max_window_layers=0), None),
+    (transformers.Gemma2Config(**SLIDING, sliding_window=3), None),  # alternating: every other layer is global
+    (transformers.Gemma3TextConfig(**SLIDING, sliding_window=3, layer_types=["sliding_attention"] * 2), 4),
+    (transformers.LlamaConfig(**SLIDING), None),
+], ids=["mistral", "mistral-3-layers", "mistral-no-window", "qwen2-all-sliding", "qwen2-layer-0-global",
+        "qwen2-window-off", "gemma2-alternating", "gemma3-all-sliding", "llama"])
+def test_the_window_check_is_declared_only_where_every_layer_slides(config, reach):
+    # a global layer reads the whole prefix: a receptive field is bounded only when every layer slides
+    assert hf_inspect.window_reach(config) == reach
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    checks = [c for c in inspectable(model).audit_probe().checks if c.kind == "window"]
+    assert [c.reach for c in checks] == ([] if reach is None else [reach])
+    if reach is not None and reach < LENGTH - 1:
+        assert _farthest_read(model) == reach
+        assert maskattn.audit(model, length=LENGTH).ok
 
 
 def test_adapter_declares_sites_and_kind():

@@ -8,6 +8,8 @@ modules (every module with an ``is_causal`` flag and a ``layer_idx``), and what 
   depends on another document. Packed documents reach the model as transformers reads them in
   training (:func:`position_id_resets`: ``position_ids`` restarting at each document, no
   ``attention_mask``, ``use_cache=False``); pass ``packing=`` to audit how your own pipeline feeds them.
+  Where the config puts a sliding window W on every one of its N layers (:func:`window_reach`), no
+  logit at t depends on a token before t - N * (W - 1).
 * **encoders**: no hidden state of a real token depends on the padding (2-D ``attention_mask``).
 
 The adapter is registered with :func:`maskattn.models.register_adapter`, so ``maskattn.audit(hf_model)``
@@ -66,6 +68,27 @@ def _causal_lm_classes() -> set[str]:
             for name in ((names,) if isinstance(names, str) else names)}
 
 
+# Architectures whose config has no ``layer_types`` and whose every layer runs ``config.sliding_window`` when it is set
+# (their model builds transformers' sliding-window causal mask from it, for all layers alike).
+WINDOW_ON_EVERY_LAYER = frozenset({"mistral", "mixtral", "ministral3", "phi3", "phimoe", "qwen3_moe", "starcoder2"})
+
+
+def window_reach(config: Any) -> int | None:
+    """How many positions back a causal LM's logits may read, when its config puts a sliding window on every layer:
+    N layers of windows of W keys (transformers' ``k > q - W``: keys q - W + 1 .. q) reach N * (W - 1). None where
+    a layer is global (Gemma-2/3's alternating layers, Qwen2 below ``max_window_layers``: the reach is unbounded),
+    or where the config does not say (``layer_types`` absent and the architecture not in
+    :data:`WINDOW_ON_EVERY_LAYER`)."""
+    config = config.get_text_config()
+    window, layers = getattr(config, "sliding_window", None), getattr(config, "num_hidden_layers", None)
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in (window, layers)):
+        return None
+    kinds = getattr(config, "layer_types", None)
+    every = (len(kinds) == layers and all(kind == "sliding_attention" for kind in kinds) if kinds is not None
+             else config.model_type in WINDOW_ON_EVERY_LAYER)
+    return layers * (window - 1) if every else None
+
+
 class HFAdapter:
     """An HF ``PreTrainedModel`` as maskattn inspects it (:class:`maskattn.models.Inspectable` and
     :class:`maskattn.models.AttentionObserver`).
@@ -96,7 +119,8 @@ class HFAdapter:
                 and isinstance(getattr(module, "layer_idx", None), int)}
 
     def audit_probe(self) -> AuditProbe:
-        """Causal LMs: logits vs later tokens, and packed documents; encoders: hidden states vs padding."""
+        """Causal LMs: logits vs later tokens (and, all layers sliding windows, vs tokens beyond their reach), and
+        packed documents; encoders: hidden states vs padding."""
         title = type(self.model).__name__
         tokens = ProbeInput("input_ids", "tokens", self.model.config.get_text_config().vocab_size)
         if not self.causal:
@@ -105,9 +129,13 @@ class HFAdapter:
                               checks=(ProbeCheck("padding", uses, f"{title} hidden states vs padding",
                                                  varies="input_ids", lengths="lengths"),))
         packing = getattr(self.packing, "__name__", type(self.packing).__name__)
+        reach = window_reach(self.model.config)
+        window = () if reach is None else (ProbeCheck("window", ("input_ids",), f"{title} logits vs tokens outside "
+                                                      "the sliding window", varies="input_ids", reach=reach),)
         return AuditProbe(
             inputs=(tokens, ProbeInput("documents", "documents")),
             checks=(ProbeCheck("causal", ("input_ids",), f"{title} logits vs later tokens", varies="input_ids"),
+                    *window,
                     ProbeCheck("documents", ("input_ids", "documents"), f"{title} packed documents ({packing})",
                                varies="input_ids", documents="documents")))
 
