@@ -444,3 +444,40 @@ def test_a_decoder_whose_rows_see_each_other_is_caught(kind):
     failed = [v for v in report.verdicts if not v.ok and "later" in v.name]
     assert failed and "another row" in failed[0].how, str(report)
     assert failed[0].leaks[0][2] == -1
+
+
+@pytest.mark.parametrize("kind", ["encoder", "transformer"])
+def test_an_encoder_whose_rows_see_each_other_is_caught(kind):
+    # each row's encoder states read the other row's first state (always a real token): the padding check changes
+    # padding only, and the decoder's checks change target tokens only, so nothing saw it; the oracle is the model
+    # itself, its row 0 outputs moving with row 1's real source tokens
+    torch.manual_seed(0)
+    model = _tiny(kind).eval()
+    tokens, lengths = torch.randint(4, 20, (2, 6)), torch.tensor([6, 4])
+    forward = ((lambda s: model(s, lengths=lengths)) if kind == "encoder" else
+               (lambda s: model(s, tokens[:, :4], src_lengths=lengths)))
+    changed = tokens.clone()
+    changed[1, 1] = (tokens[1, 1] + 1) % 20
+    assert audit_model(model, length=8).ok
+    model.encoder.layers[0].ffn.register_forward_hook(lambda module, args, out: out + 0.1 * out[:, :1].roll(1, 0))
+    with torch.no_grad():
+        assert (forward(changed)[0] != forward(tokens)[0]).any()
+    report = audit_model(model, length=8)
+    failed = [v for v in report.verdicts if not v.ok]
+    assert [v.name for v in failed] == [next(v.name for v in report.verdicts if "padding" in v.name)], str(report)
+    assert "another row" in failed[0].how and failed[0].leaks[0][2] == -1
+
+
+def test_the_padding_audit_compares_rows_even_without_padding():
+    from maskattn.audit import audit_padding
+
+    tokens, lengths = torch.randint(4, 20, (2, 6)), torch.tensor([6, 6])  # equal lengths: no padding to change
+    rows = audit_padding(lambda t: t.float()[:, :, None] + 0.1 * t.float().roll(1, 0)[:, :, None], tokens, lengths,
+                         vocab=20, name="rows")
+    assert not rows.ok and rows.leaks == [(0, 0, -1)]
+    # a row reading another row's padding is the padding check's to name (its key is the padded position)
+    lengths = torch.tensor([6, 3])
+    padding = audit_padding(lambda t: t.float()[:, :, None] + 0.1 * t.float().roll(1, 0)[:, :, None], tokens,
+                            lengths, vocab=20, name="rows")
+    assert not padding.ok and padding.leaks == [(0, 3, -1)] and "padding" in padding.how
+    assert audit_padding(lambda t: t.float()[:, :, None] * 2, tokens, lengths, vocab=20, name="rows").ok

@@ -16,8 +16,8 @@ modules and their kinds. Every attention call of a forward pass is audited with 
 mask it really received (captured with hooks), and end-to-end checks test what the model promises:
 decoder logits at step t must not change when the tokens after t change, nor when there are fewer of
 them, nor (sliding windows) when tokens beyond the model's receptive field change; packed documents
-must not see each other; encoder outputs must not change with the padding, nor
-a captioner's with the pixels outside an image's real size.
+must not see each other; encoder outputs must not change with the padding nor with another row's tokens,
+nor a captioner's with the pixels outside an image's real size.
 Models of other libraries are audited through a registered adapter
 (:func:`maskattn.models.inspectable`; ``maskattn.hf_inspect`` for Hugging Face models).
 """
@@ -393,23 +393,33 @@ def audit_padding(outputs_of: Callable[[Tensor], Tensor], tokens: Tensor, length
                   name: str, aligned: bool = True) -> Verdict:
     """Outputs must be bit-identical whatever the padding tokens are: at the real positions of ``tokens`` when
     the output is ``aligned`` with them (an encoder's (B, L, ...) states), else at every output position (a
-    decoder's target logits, or one pooled (B, C) output per row)."""
+    decoder's target logits, or one pooled (B, C) output per row); nor may a row's outputs change when the real
+    tokens of another row do (a leak named with key -1)."""
     gen = torch.Generator().manual_seed(4)
     pad = torch.arange(tokens.shape[1])[None] >= lengths[:, None]  # (B, L)
     with torch.no_grad():
         base = outputs_of(tokens)
-        changed = torch.where(pad, torch.randint(0, vocab, tokens.shape, generator=gen), tokens)
         # (B, C) pooled outputs: one per row; (B, L) aligned ones (e.g. span logits): one per position
         per_row = base.dim() == 2 and not (aligned and base.shape[1] == tokens.shape[1])
-        moved = (outputs_of(changed) != base).reshape(base.shape[0], 1 if per_row else base.shape[1], -1).any(-1)
-    checked = torch.ones_like(moved)  # (B, Lout): the output positions checked
-    if aligned and not per_row:
-        checked = ~pad[:, : moved.shape[1]]
-    moved &= checked
-    if moved.any():
-        b, q = moved.nonzero()[0].tolist()
-        k = int(pad[b].nonzero()[0]) if pad[b].any() else -1  # -1: a row without padding moved (across the batch)
-        return Verdict(name, False, 0, [(b, q, k)], "changing padding tokens changed a real position")
+        checked = torch.ones(base.shape[0], 1 if per_row else base.shape[1], dtype=torch.bool)  # (B, Lout)
+        if aligned and not per_row:
+            checked = ~pad[:, : base.shape[1]]
+
+        def moved_by(changed: Tensor) -> Tensor:  # (B, Lout): the checked output positions that changed
+            moved = (outputs_of(changed) != base).reshape(base.shape[0], 1 if per_row else base.shape[1], -1)
+            return moved.any(-1) & checked
+        moved = moved_by(torch.where(pad, torch.randint(0, vocab, tokens.shape, generator=gen), tokens))
+        if moved.any():
+            b, q = moved.nonzero()[0].tolist()
+            k = int(pad[b].nonzero()[0]) if pad[b].any() else -1  # -1: a row without padding moved (across the batch)
+            return Verdict(name, False, 0, [(b, q, k)], "changing padding tokens changed a real position")
+        for b in range(tokens.shape[0]) if tokens.shape[0] > 1 else ():  # nor on the real tokens of another row
+            others = ~pad
+            others[b] = False
+            moved = moved_by(_redrawn(tokens, others, vocab, gen))[b]  # (Lout,)
+            if moved.any():
+                return Verdict(name, False, 0, [(b, int(moved.nonzero()[0]), -1)],
+                               "changing another row's real tokens changed this row's outputs")
     return Verdict(name, True, int((checked.sum(1) * pad.sum(1)).sum()))  # (output position, padded input) pairs
 
 

@@ -98,7 +98,7 @@ class ProbeCheck:
     * ``"window"``: output position t depends on no position of input ``varies`` before t - ``reach``
       (a decoder of sliding windows: ``reach`` = num_layers * (W - 1), its receptive field);
     * ``"padding"``: no real position of the output depends on the padding of input ``varies``,
-      whose real lengths are input ``lengths``;
+      whose real lengths are input ``lengths``, nor a row of the output on another row's real tokens;
     * ``"documents"``: no position of the output depends on a position of input ``varies`` that
       belongs to another packed document, the documents being input ``documents``;
     * ``"image_padding"``: no output depends on the pixels of images ``varies`` outside their real sizes,
