@@ -558,6 +558,26 @@ def test_hf_commands_name_an_architecture_without_the_attention_interface(tmp_pa
     assert f"{tmp_path / 'neo'}: transformers' gpt_neo model does not take attn_implementation='maskattn'" in err
 
 
+@pytest.mark.parametrize("name", ["bloom", "deberta-v2"])
+def test_hf_commands_refuse_a_model_whose_attention_bypasses_the_interface(tmp_path, capsys, name):
+    # transformers accepts attn_implementation='maskattn' for any class and then its own attention code runs: Bloom
+    # added maskattn's mask to its scores ("unsupported operand type(s) for +: 'Tensor' and 'HFMask'", a traceback
+    # with status 1, the audit's leak status); DeBERTa-v2 ignored it and the audit passed with maskattn never called
+    torch.manual_seed(0)
+    if name == "bloom":
+        model = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2,
+                                                                       n_head=4))
+    else:
+        model = transformers.DebertaV2Model(transformers.DebertaV2Config(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48))
+    model.save_pretrained(tmp_path / name)
+    assert main(["audit", str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    model_type = model.config.model_type
+    assert f"{tmp_path / name}: transformers' {model_type} model does not take attn_implementation='maskattn'" in err
+    assert "AttentionInterface" in err
+
+
 @pytest.mark.parametrize(("name", "key", "drop"), [("qwen2", "num_hidden_layers", "layer_types"),
                                                    ("qwen2", "num_hidden_layers", None),
                                                    ("gpt2", "n_layer", None)])

@@ -233,7 +233,7 @@ def load(directory: str | Path, *, tokenizer: bool = True) -> tuple[nn.Module, A
             no safetensors weights (a pickle is never read) or a model defined by its own Python code (never run)
             (UsageError).
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from maskattn.models.persistence import check_counts
@@ -275,6 +275,14 @@ def load(directory: str | Path, *, tokenizer: bool = True) -> tuple[nn.Module, A
         raise UsageError(f"{directory}: transformers' {config.model_type} model does not take attn_implementation="
                          f"{name!r} (it picks its attention classes itself); maskattn's commands cannot run it") \
             from err
+    # Bloom, MPT, DeBERTa, XLNet: transformers takes the name, then their own attention code runs (and fails on the
+    # mask maskattn built, or never calls maskattn); transformers' own test of that, as set_attn_implementation uses it
+    bypassing = [type(m).__name__ for m in model.modules() if isinstance(m, PreTrainedModel)
+                 and not getattr(type(m), "_can_set_attn_implementation", lambda: True)()]
+    if bypassing:
+        raise UsageError(f"{directory}: transformers' {config.model_type} model does not take attn_implementation="
+                         f"{name!r} ({bypassing[0]} runs its own attention code, not transformers' "
+                         "AttentionInterface); maskattn's commands cannot run it")
     if not tokenizer:
         return model, None
     try:
