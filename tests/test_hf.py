@@ -456,6 +456,46 @@ def test_output_attentions_returns_eager_weights(name):
         assert ((got - want).abs() * rows).max() <= 1e-6
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_observers_see_every_call_when_the_weights_are_asked_for(name):
+    # hf.observe promises every attention call; with output_attentions=True (or GPT-2's output collector) the calls
+    # went to the weights branch and observers saw none, without a word
+    model = _model(name)
+    inputs, valid = _batch("left")
+    model.set_attn_implementation(NAME)
+    seen = {False: [], True: []}
+    for wanted in (False, True):
+        handle = hf.observe(seen[wanted].append)
+        try:
+            with torch.no_grad():
+                out = model(**inputs, output_attentions=wanted)
+        finally:
+            handle.remove()
+    assert len(seen[True]) == len(seen[False]) == 2
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        want = model(**inputs, output_attentions=True).attentions
+    rows = valid[:, None, :].expand(-1, 4, -1)  # (B, H, Lq): padding queries attend nothing (lse -inf) or undefined
+    for got, plain, weights, oracle in zip(seen[True], seen[False], out.attentions, want, strict=True):
+        assert (got.lse - plain.lse)[rows].abs().max() <= 1e-6  # the lse of the call without weights
+        assert (weights - oracle)[rows].abs().max() <= 1e-6  # and the model's weights are still eager's
+    grads = {}  # a loss on the weights (attention distillation) trains as under eager, observed or not
+    for implementation in ("eager", NAME):
+        model.set_attn_implementation(implementation)
+        model.zero_grad()
+        handle = hf.observe(lambda call: None)
+        try:
+            attentions = model(**inputs, output_attentions=True).attentions
+        finally:
+            handle.remove()
+        picked = [a[rows] for a in attentions]  # (N, Lk) each
+        sum((w * torch.linspace(-1, 1, w.numel()).view_as(w)).sum() for w in picked).backward()
+        grads[implementation] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[NAME].keys() == grads["eager"].keys()
+    for n, g in grads["eager"].items():
+        assert (grads[NAME][n] - g).abs().max() <= 1e-5 * max(1.0, g.abs().max().item()), n
+
+
 def test_qwen2_moe_without_sliding_layers_runs(monkeypatch):
     # Qwen2-MoE sets sliding_window=0 when use_sliding_window is False (every released checkpoint) and still asks for
     # the sliding mask that no layer uses: masks.sliding_window(0) raised a ValueError from deep inside the forward

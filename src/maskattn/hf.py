@@ -430,8 +430,8 @@ def attention_forward(
 
     Returns:
         ``(output (B, Lq, H, D), weights)``, as transformers expects: the (B, H, Lq, Lk) attention weights when the
-        model was called with ``output_attentions=True`` (the reference backend builds them, as eager does), else
-        None.
+        model was called with ``output_attentions=True`` (the reference backend builds them, as eager does; an
+        observer (:func:`observe`) is handed the log-sum-exp of a second call, without gradients), else None.
 
     Raises:
         NotImplementedError: for an additive ``position_bias`` (T5-style relative bias).
@@ -450,16 +450,24 @@ def attention_forward(
     elif _weights_wanted(kwargs):  # the model was asked for its attention weights: the reference builds them
         out, weights = attention(query, key, value, spec.mask, q_offset=spec.q_offset, scale=scaling,
                                  dropout_p=dropout, return_weights=True)  # (B, H, Lq, D), (B, H, Lq, Lk)
+        if _OBSERVERS:  # observed too: the log-sum-exp from a second call, unrecorded (the weights keep their graph)
+            with torch.no_grad():
+                _, lse = attention(query, key, value, spec.mask, q_offset=spec.q_offset, scale=scaling,
+                                   return_lse=True)  # (B, H, Lq)
+            _notify(ObservedCall(module, query.detach(), key.detach(), lse, spec, scaling))
     elif _OBSERVERS:
         out, lse = attention(query, key, value, spec.mask, q_offset=spec.q_offset, scale=scaling, dropout_p=dropout,
                              return_lse=True)  # (B, H, Lq, D), (B, H, Lq)
-        call = ObservedCall(module, query.detach(), key.detach(), lse.detach(), spec, scaling)
-        for observer in list(_OBSERVERS.values()):
-            observer(call)
+        _notify(ObservedCall(module, query.detach(), key.detach(), lse.detach(), spec, scaling))
     else:
         out = attention(query, key, value, spec.mask, q_offset=spec.q_offset, scale=scaling,
                         dropout_p=dropout)  # (B, H, Lq, D)
     return out.transpose(1, 2).contiguous(), weights  # (B, Lq, H, D), (B, H, Lq, Lk) or None
+
+
+def _notify(call: ObservedCall) -> None:
+    for observer in list(_OBSERVERS.values()):
+        observer(call)
 
 
 def _weights_wanted(kwargs: dict[str, Any]) -> bool:
