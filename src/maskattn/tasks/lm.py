@@ -1,7 +1,10 @@
 """Language modelling with :class:`~maskattn.models.DecoderLM`: character-level or BPE, perplexity,
 and generation.
 
-Training text is cut into rows of ``block + 1`` tokens (inputs and shifted targets). With
+Training text is cut into rows of ``block + 1`` tokens (inputs and shifted targets). Validation and
+``maskattn evaluate`` read the text in windows of ``block + 1`` tokens that overlap by one, the last one
+shorter: every token but the text's first is scored exactly once, from the up to ``block`` tokens before
+it in its window. With
 ``data.documents = "paragraphs"`` the text is split at blank lines into documents that are packed
 into rows with ``document`` masks: a token never attends across a document boundary, and no loss is
 taken on predicting a document's first token from the previous one.
@@ -93,6 +96,17 @@ def rows(stream: Stream, block: int, shift: int = 0) -> tuple[Tensor, Tensor]:
     return ids, stream.docs[shift : shift + usable].view(-1, block + 1)
 
 
+def windows(stream: Stream, block: int) -> list[tuple[Tensor, Tensor]]:
+    """The stream as (R, block + 1) ids and document ids whose rows overlap by one token, then the (1, T) rest
+    when 2 <= T <= block tokens are left: every token but the first is a target in exactly one row."""
+    full = max(0, (len(stream.ids) - 1) // block)  # rows of block + 1; the targets of row r are r*block+1 ...
+    found = [tuple(t.unfold(0, block + 1, block)[:full] if full else t.new_zeros(0, block + 1)
+              for t in (stream.ids, stream.docs))]
+    if len(stream.ids) - full * block >= 2:  # the tail, with the last token of the full rows as its first input
+        found.append((stream.ids[full * block :][None], stream.docs[full * block :][None]))
+    return found
+
+
 def row_loss(model: nn.Module, ids: Tensor, docs: Tensor, packed: bool) -> tuple[Tensor, int]:
     """Summed next-token loss of (R, block + 1) rows, and the number of targets.
 
@@ -114,23 +128,26 @@ def _row_loss(model: nn.Module, ids: Tensor, docs: Tensor, packed: bool) -> tupl
 
 def evaluate_stream(model: nn.Module, stream: Stream, cfg: DataConfig, *,
                     source: str = "the text") -> dict[str, float]:
-    """Mean loss and perplexity of ``model`` on ``stream`` cut into rows of ``cfg.block + 1`` tokens.
+    """Mean loss and perplexity of ``model`` on ``stream``, every token but the first scored once (see
+    :func:`windows`; the first ``cfg.valid_rows`` rows only, when set).
 
     Raises:
-        UsageError: when ``stream`` is too short to give one row (``source`` names it), rather than a
+        UsageError: when ``stream`` has no token to score (``source`` names it), rather than a
             meaningless loss of 0.0 (perplexity 1.0).
     """
-    ids, docs = rows(stream, cfg.block)
+    parts = windows(stream, cfg.block)
     if cfg.valid_rows:
-        ids, docs = ids[: cfg.valid_rows], docs[: cfg.valid_rows]
+        parts = [(parts[0][0][: cfg.valid_rows], parts[0][1][: cfg.valid_rows]),
+                 *(parts[1:] if cfg.valid_rows > len(parts[0][0]) else [])]
     total, count = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(ids), 64):
-            loss, n = row_loss(model, ids[start : start + 64], docs[start : start + 64], cfg.documents != "none")
-            total, count = total + float(loss), count + n
+        for ids, docs in parts:
+            for start in range(0, len(ids), 64):
+                loss, n = row_loss(model, ids[start : start + 64], docs[start : start + 64], cfg.documents != "none")
+                total, count = total + float(loss), count + n
     if count == 0:
-        raise UsageError(f"{source} gives no token to score: {len(stream.ids)} tokens, and a row needs "
-                         f"data.block + 1 = {cfg.block + 1}")
+        raise UsageError(f"{source} gives no token to score: {len(stream.ids)} tokens, and a target needs a "
+                         "token before it")
     mean = total / count
     return {"loss": mean, "perplexity": metrics.perplexity(mean)}
 
