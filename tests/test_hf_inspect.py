@@ -610,3 +610,19 @@ def test_hf_commands_compare_layer_counts_with_the_weights_before_transformers_r
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"{tmp_path / name / 'config.json'}: {key}=1000000000 does not fit the weights: model.safetensors " \
            f"holds {stored} tensors in all" in err
+
+
+def test_evaluate_scores_every_token_of_a_text_longer_than_the_context_once(hf_dirs, tmp_path):
+    # blocks of 64 tokens that did not overlap never scored the first token of each block (nor a last block of one
+    # token). The oracle: token t (t >= 1) scored once, from the tokens of its window (t - 1) // 63 before it.
+    data = tmp_path / "long.txt"
+    data.write_text(TEXT * 3 + "x")  # 139 tokens: windows of 64 tokens start at 0, 63 and 126
+    model, tokenizer = hf_inspect.load(hf_dirs["gpt2"])
+    ids = torch.tensor(tokenizer(TEXT * 3 + "x")["input_ids"])
+    assert model.config.max_position_embeddings == 64 and len(ids) == 139
+    with torch.no_grad():
+        losses = [torch.nn.functional.cross_entropy(model(input_ids=ids[None, (t - 1) // 63 * 63 : t]).logits[0, -1]
+                                                    .double(), ids[t]).item() for t in range(1, len(ids))]
+    found = hf_inspect.evaluate_text(model, tokenizer, data)
+    assert found["tokens"] == len(ids) - 1
+    assert found["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)

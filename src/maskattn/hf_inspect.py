@@ -339,7 +339,8 @@ def _check_sizes(directory: Path, config: Any, cls: Any, shapes: dict[str, tuple
 
 def evaluate_text(model: nn.Module, tokenizer: Any, path: str | Path) -> dict[str, float]:
     """Mean next-token loss (nats per token) and perplexity of an HF causal LM on a text file, read in
-    blocks of the model's context (at most 1,024 tokens).
+    windows of the model's context (at most 1,024 tokens) that overlap by one token, so that every token
+    but the first is scored exactly once.
 
     Raises:
         ValueError: when the model is not a causal language model.
@@ -351,7 +352,7 @@ def evaluate_text(model: nn.Module, tokenizer: Any, path: str | Path) -> dict[st
     block = min(1024, getattr(model.config.get_text_config(), "max_position_embeddings", None) or 1024)
     total, count = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(ids), block):
+        for start in range(0, max(1, len(ids) - 1), max(1, block - 1)):  # its first token: the last one scored
             x = torch.tensor([ids[start : start + block]])  # (1, L)
             if x.shape[1] < 2:
                 continue
