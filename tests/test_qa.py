@@ -342,3 +342,19 @@ def test_a_run_checkpointed_with_the_pooler_resumes_with_it(tmp_path, capsys, mo
     assert main([*fresh, "--set", "train.steps=2", "--resume"]) == 0
     capsys.readouterr()
     assert qa.load(tmp_path / "new" / "model")[0].pooler is None
+
+
+def test_a_validation_question_without_answers_is_refused_before_training(tmp_path, capsys):
+    # SQuAD v1.1 scores a question by its best gold answer: a validation question with "answers": [] trained the
+    # whole run and then failed at the first evaluation with "max() arg is an empty sequence"
+    data, encoder = _tiny_squad(tmp_path, 5)
+    doc = json.loads(data.read_text())
+    doc["data"][0]["paragraphs"][0]["qas"][1]["answers"] = []
+    valid = tmp_path / "valid.json"
+    valid.write_text(json.dumps(doc))
+    assert main(["train", "qa", "--train", str(data), "--valid", str(valid), "--pretrained", str(encoder), "--out",
+                 str(tmp_path / "run"), "--set", "data.batch_size=2", "--set", "train.steps=1", "--set",
+                 "train.progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert f"{valid}:1: data[0].paragraphs[0].qas[1]" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "model").exists()

@@ -245,7 +245,8 @@ def train(cfg: QAConfig, *, resume: bool = False, log=log_stderr) -> dict[str, A
     the last validation scores and the model dir."""
     require(cfg.data, "data", train="SQuAD JSON", pretrained="an encoder directory")
     examples = read_squad(cfg.data.train)
-    valid = not_empty(read_squad(cfg.data.valid), "data.valid", cfg.data.valid, "questions") if cfg.data.valid else None
+    valid = (not_empty(read_squad(cfg.data.valid, require_answers=True), "data.valid", cfg.data.valid, "questions")
+             if cfg.data.valid else None)  # a question is scored by its best answer: one without is refused now
     valid = valid[: cfg.data.valid_limit or None] if valid else None
     positions = pretrained_positions(cfg.data.pretrained)
     if positions is not None and cfg.data.max_len > positions:
