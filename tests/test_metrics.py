@@ -30,6 +30,16 @@ def test_squad_hand_computed():
     assert scores["f1"] == pytest.approx(100 * (1 + 2 / 3) / 3)
 
 
+def test_squad_refuses_gold_answers_given_as_one_string_or_none():
+    # {"q": "Paris"} was scored as the answers "P", "a", "r", "i", "s" (a right prediction scored 0), and a
+    # question without answers ended in "max() arg is an empty sequence"
+    with pytest.raises(TypeError, match=r"golds\['q'\]: a list of gold answers, not the one string 'Paris'"):
+        metrics.squad({"q": "Paris"}, {"q": "Paris"})
+    with pytest.raises(ValueError, match=r"golds\['q2'\]: no gold answer"):
+        metrics.squad({"q1": "x", "q2": "y"}, {"q1": ["x"], "q2": []})
+    assert metrics.squad({"q": "Paris"}, {"q": ("Paris",)}) == {"exact_match": 100.0, "f1": 100.0}
+
+
 def test_classification_metrics():
     gold = ["a", "a", "b", "b", "c"]
     pred = ["a", "b", "b", "b", "a"]

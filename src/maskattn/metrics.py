@@ -110,8 +110,17 @@ def squad(predictions: dict[str, str], golds: dict[str, Sequence[str]]) -> dict[
     """Exact match and F1 (0-100), each the max over a question's gold answers, averaged over questions.
 
     Questions without a prediction count as 0, as in the official script.
+
+    Raises:
+        TypeError: a question's answers are one string (its characters would be the answers).
+        ValueError: no questions, or a question without answers (its best answer is undefined).
     """
     _any(golds, "SQuAD exact match and F1")
+    for qid, answers in golds.items():
+        if isinstance(answers, str):
+            raise TypeError(f"golds[{qid!r}]: a list of gold answers, not the one string {answers!r}")
+        if not len(answers):
+            raise ValueError(f"golds[{qid!r}]: no gold answer; SQuAD scores a question by its best gold answer")
     em = f1 = 0.0
     for qid, answers in golds.items():
         if qid in predictions:
