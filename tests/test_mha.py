@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -181,6 +183,23 @@ def test_head_dropout_reaches_every_attention_of_a_transformer_and_pruning_turns
 def test_bad_config(make, words):
     with pytest.raises(ValueError, match=words):
         make()
+
+
+@pytest.mark.parametrize("name", ["kdim", "vdim"])
+@pytest.mark.parametrize("value", [0, True, 4.0, -1, "4"])
+def test_key_and_value_widths_are_positive_ints(name, value):
+    # kdim=0 was read as "not given" (a d_model-wide projection), kdim=True as a width of 1; -1 and 4.0 failed
+    # inside nn.Linear without naming the argument
+    with pytest.raises(ValueError, match=rf"{name} must be a positive int, got {re.escape(repr(value))}"):
+        MultiHeadAttention(8, 2, **{name: value})
+    assert MultiHeadAttention(8, 2, **{name: 3}).k_proj.in_features == (3 if name == "kdim" else 8)
+
+
+@pytest.mark.parametrize("value", ["no", "false", 0, 1, None])
+def test_bias_is_true_or_false(value):
+    # bias="no" built the four biases (a non-empty string is truthy), as the model configs once did
+    with pytest.raises(ValueError, match=rf"bias must be True or False, got {re.escape(repr(value))}"):
+        MultiHeadAttention(8, 2, bias=value)
 
 
 def test_bad_inputs():

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from maskattn import dispatch
 from maskattn.dispatch import attention
+from maskattn.layers.arguments import check_layer_arguments
 from maskattn.layers.kv_cache import KVCache
 from maskattn.layers.positions import apply_rope
 from maskattn.masks import Mask, from_tensor
@@ -68,6 +69,9 @@ class MultiHeadAttention(nn.Module):
         for name, value in checked + ((("head_dim", head_dim),) if head_dim is not None else ()):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        # kdim=0 would read as "not given", kdim=True as a width of 1; bias="no" as a switch that is on
+        widths = {name: value for name, value in (("kdim", kdim), ("vdim", vdim)) if value is not None}
+        check_layer_arguments("MultiHeadAttention", sizes=widths, switches={"bias": bias})
         if head_dim is None and d_model % num_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
         if num_heads % num_kv_heads:
