@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from maskattn.layers import (
+    DecoderLayer,
+    EncoderLayer,
     FeedForward,
     KVCache,
     LearnedPositions,
@@ -229,3 +231,34 @@ def test_residual_pre_and_post_ln():
     post, pre = Residual(8, norm_first=False), Residual(8, norm_first=True)
     torch.testing.assert_close(post(x, torch.sin), post.norm(x + torch.sin(x)))
     torch.testing.assert_close(pre(x, torch.sin), x + torch.sin(pre.norm(x)))
+
+
+@pytest.mark.parametrize("make,words", [
+    # d_ff=0 built a zero-width feed-forward (its output the bias alone) with a warning; 64.0 failed in nn.Linear
+    (lambda: FeedForward(8, 0), "FeedForward: d_ff must be a positive int, got 0"),
+    (lambda: FeedForward(8, 16.0), "FeedForward: d_ff must be a positive int, got 16.0"),
+    (lambda: FeedForward(True, 16), "FeedForward: d_model must be a positive int, got True"),
+    (lambda: FeedForward(8, 16, bias="no"), "FeedForward: bias must be True or False, got 'no'"),
+    (lambda: FeedForward(8, 16, dropout=1.0), r"FeedForward: dropout must be a number in \[0, 1\), got 1.0"),
+    # norm_first="no" was a pre-LN block; eps=-1 gave NaN; dropout=1.5 was torch's message naming no argument
+    (lambda: Residual(8, norm_first="no"), "Residual: norm_first must be True or False, got 'no'"),
+    (lambda: Residual(8, norm_first=False, eps=-1.0), "Residual: eps must be a finite number > 0, got -1.0"),
+    (lambda: Residual(8, norm_first=False, dropout=1.5), r"Residual: dropout must be a number in \[0, 1\)"),
+    (lambda: EncoderLayer(8, 2, 16, norm_first="no"), "EncoderLayer: norm_first must be True or False, got 'no'"),
+    (lambda: EncoderLayer(8, 2, 16, norm_eps=0.0), "EncoderLayer: norm_eps must be a finite number > 0, got 0.0"),
+    (lambda: EncoderLayer(8, 2, 0), "EncoderLayer: d_ff must be a positive int, got 0"),
+    (lambda: DecoderLayer(8, 2, 16, activation_dropout=2),
+     r"DecoderLayer: activation_dropout must be a number in \[0, 1\), got 2"),
+    (lambda: DecoderLayer(8, 2, 16, dropout=-0.1), r"DecoderLayer: dropout must be a number in \[0, 1\), got -0.1"),
+])
+def test_layer_arguments_are_refused_by_name(make, words):
+    with pytest.raises(ValueError, match=words):
+        make()
+
+
+def test_valid_layer_arguments_still_build_what_they_say():
+    assert Residual(8, norm_first=True, eps=1e-6).norm.eps == 1e-6
+    assert FeedForward(8, 16, bias=False).up.bias is None and FeedForward(8, 16).down.in_features == 16
+    layer = DecoderLayer(8, 2, 16, norm_first=True, norm_eps=1e-6, dropout=0.1, bias=False)
+    assert layer.cross_attn_block.norm_first and layer.cross_attn_block.norm.eps == 1e-6
+    assert layer.cross_attn.q_proj.bias is None and layer.ffn.up.out_features == 16

@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from maskattn.layers.arguments import check_layer_arguments
 from maskattn.layers.feedforward import FeedForward
 from maskattn.layers.kv_cache import KVCache
 from maskattn.layers.mha import MultiHeadAttention
@@ -41,6 +42,10 @@ class EncoderLayer(nn.Module):
                  activation_dropout: float = 0.0, norm_first: bool = False, norm_eps: float = 1e-5,
                  bias: bool = True, backend: str = "auto", norm: str = "layer", head_dropout: float = 0.0) -> None:
         super().__init__()
+        # by this layer's own names (a DecoderLayer's too), before the parts check theirs
+        check_layer_arguments(type(self).__name__, sizes={"d_ff": d_ff}, switches={"norm_first": norm_first},
+                              probabilities={"dropout": dropout, "activation_dropout": activation_dropout},
+                              positive={"norm_eps": norm_eps})
         self.self_attn = MultiHeadAttention(d_model, num_heads, num_kv_heads=num_kv_heads,
                                             dropout=attention_dropout, bias=bias, backend=backend,
                                             head_dropout=head_dropout)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from maskattn.layers.arguments import check_layer_arguments
+
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "swiglu")
 
 
@@ -26,6 +28,8 @@ class FeedForward(nn.Module):
     def __init__(self, d_model: int, d_ff: int, *, activation: str = "relu", dropout: float = 0.0,
                  bias: bool = True) -> None:
         super().__init__()
+        check_layer_arguments("FeedForward", sizes={"d_model": d_model, "d_ff": d_ff}, switches={"bias": bias},
+                              probabilities={"dropout": dropout})
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.activation = activation

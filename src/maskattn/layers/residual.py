@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from maskattn.layers.arguments import check_layer_arguments
 from maskattn.layers.norm import make_norm
 
 
@@ -26,6 +27,8 @@ class Residual(nn.Module):
     def __init__(self, d_model: int, *, norm_first: bool, dropout: float = 0.0, eps: float = 1e-5,
                  norm: str = "layer") -> None:
         super().__init__()
+        check_layer_arguments("Residual", switches={"norm_first": norm_first}, probabilities={"dropout": dropout},
+                              positive={"eps": eps})
         self.norm_first = norm_first
         self.norm = make_norm(norm, d_model, eps)
         self.dropout = nn.Dropout(dropout)
