@@ -1,6 +1,7 @@
 """Building blocks: positions, RoPE, feed-forward, KV cache, residual blocks."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -262,3 +263,19 @@ def test_valid_layer_arguments_still_build_what_they_say():
     layer = DecoderLayer(8, 2, 16, norm_first=True, norm_eps=1e-6, dropout=0.1, bias=False)
     assert layer.cross_attn_block.norm_first and layer.cross_attn_block.norm.eps == 1e-6
     assert layer.cross_attn.q_proj.bias is None and layer.ffn.up.out_features == 16
+
+
+def test_apply_rope_refuses_angles_that_do_not_fit_the_tensor_it_rotates():
+    # a one-row query was broadcast to the angles' two rows, a 3-D query over their batch, and a lone cos tensor
+    # was unpacked along its batch as (cos, sin): each returned a tensor of nonsense without a word
+    rope = RotaryEmbedding(8, 16)(torch.tensor([[0, 1, 2], [3, 4, 5]]))  # (2, 1, 3, 4) each
+    x = torch.randn(2, 2, 3, 8)
+    for bad_x in (x[:1], x[0], x[..., :6], x[:, :, :2]):
+        with pytest.raises(ValueError, match=rf"apply_rope: .*got x {re.escape(str(tuple(bad_x.shape)))}"):
+            apply_rope(bad_x, rope)
+    with pytest.raises(ValueError, match=r"apply_rope: rope must be \(cos, sin\).*got Tensor"):
+        apply_rope(x, rope[0])
+    # angles of one row serve every row (the same positions); the rotation is each row's own
+    one = RotaryEmbedding(8, 16)(torch.tensor([[3, 4, 5]]))
+    torch.testing.assert_close(apply_rope(x, one)[1], apply_rope(x[1:], one)[0])
+    torch.testing.assert_close(apply_rope(x, rope)[1], apply_rope(x[1:], one)[0])

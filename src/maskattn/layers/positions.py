@@ -111,8 +111,27 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-    """Rotate (B, H, L, D) queries or keys by the angles of :class:`RotaryEmbedding`."""
+    """Rotate (B, H, L, D) queries or keys by the angles of :class:`RotaryEmbedding`.
+
+    Raises:
+        ValueError: unless ``rope`` is ``(cos, sin)``, each (B or 1, 1, L, D/2): angles of other rows, positions or
+            widths would be broadcast into a rotation of nothing in particular (checked from shapes only).
+    """
+    if not torch.compiler.is_compiling():
+        _check_rope_fits(x, rope)
     cos, sin = rope
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]  # (B, H, L, D/2) each
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def _check_rope_fits(x: Tensor, rope: tuple[Tensor, Tensor]) -> None:
+    pair = isinstance(rope, tuple | list) and len(rope) == 2 and all(isinstance(a, Tensor) for a in rope)
+    if not pair:
+        raise ValueError(f"apply_rope: rope must be (cos, sin) from RotaryEmbedding, got {type(rope).__name__}")
+    b, length, d = (x.shape[0], x.shape[2], x.shape[3]) if isinstance(x, Tensor) and x.dim() == 4 else (0, 0, 0)
+    shapes = [tuple(a.shape) for a in rope]
+    if not d or d % 2 or any(s[0] not in (1, b) or s[1:] != (1, length, d // 2) for s in shapes):
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"apply_rope: x must be (B, H, L, D) with D even and rope (cos, sin) each (B or 1, 1, L, "
+                         f"D/2); got x {got}, cos {shapes[0]}, sin {shapes[1]}")
