@@ -180,6 +180,26 @@ def test_bad_inputs_name_the_argument():
     assert model(long[:, :64], long[:, :64]).shape == (1, 64, 64)  # max_len tokens fit
 
 
+def test_decode_takes_the_memory_and_valid_mask_that_encode_gives():
+    # a (1, Ls) memory_valid was broadcast over a batch of 2 (row 0's padding hid row 1's real tokens), a (B,)
+    # int tensor was read as source lengths, and a 2-D memory was "must share the batch size"
+    model = Transformer(TransformerConfig.preset("tiny")).eval()
+    src, tgt = torch.randint(3, 64, (2, 6)), torch.randint(3, 64, (2, 4))
+    memory, valid = model.encode(src, [3, 6])
+    for bad in (valid[:1], valid[:, :5], torch.tensor([3, 6]), valid.long(), valid[:, None], valid.numpy()):
+        got = tuple(bad.shape) if isinstance(bad, torch.Tensor) else "ndarray"
+        with pytest.raises(ValueError, match=rf"memory_valid must be None or a \(B, Ls\) = \(2, 6\) bool tensor.*"
+                                             rf"got {re.escape(str(got))}"):
+            model.decode(tgt, memory, bad)
+    with pytest.raises(ValueError, match=r"memory must be a \(B, Ls, E\) = \(2, Ls, 32\) tensor.*got \(6, 32\)"):
+        model.decode(tgt, memory[0], None)
+    # the oracle of a valid call: each row decoded alone, from its own source
+    both = model.decode(tgt, memory, valid)
+    alone = model.decode(tgt[1:], *model.encode(src[1:], [6]))
+    torch.testing.assert_close(both[1:], alone, atol=1e-5, rtol=0)
+    assert model.decode(tgt, memory, None).shape == (2, 4, 64)
+
+
 def test_attention_weights_come_back_on_request_only():
     model = Transformer(TransformerConfig.preset("tiny")).eval()
     src = torch.randint(3, 64, (2, 7))

@@ -87,6 +87,7 @@ class Transformer(Persistent, Summary, nn.Module):
                return_weights: bool = False) -> Tensor | tuple[Tensor, list[dict[str, Tensor]]]:
         """Logits (B, Lt, V) for (B, Lt) target inputs given the encoder memory (B, Ls, E); with
         ``return_weights``, also every layer's ``{"self": ..., "cross": (B, H, Lt, Ls)}`` weights."""
+        _check_memory(tgt, memory, memory_valid, self.config.d_model)
         if isinstance(tgt, Tensor) and tgt.dim() >= 1 and memory.shape[0] != tgt.shape[0]:
             raise ValueError(f"tgt and the source (memory) must share the batch size: tgt {tuple(tgt.shape)}, memory "
                              f"(B, Ls, E) {tuple(memory.shape)}")
@@ -178,3 +179,18 @@ def _check_length(ids: Tensor, name: str, max_len: int) -> None:
     captioner's, whose ``decode`` is this module's."""
     if ids.shape[1] > max_len:
         raise ValueError(f"{name} has {ids.shape[1]} tokens, more than the model's max_len ({max_len})")
+
+
+def _check_memory(tgt: Tensor, memory: Tensor, memory_valid: Tensor | None, width: int) -> None:
+    """``memory`` and ``memory_valid`` must be what ``encode`` gives: a (B, Ls, E) tensor and None or a (B, Ls) bool
+    tensor (masks.padding would broadcast a (1, Ls) mask over the batch and read a (B,) integer one as lengths)."""
+    b = tgt.shape[0] if isinstance(tgt, Tensor) and tgt.dim() >= 1 else "B"
+    if not isinstance(memory, Tensor) or memory.dim() != 3 or memory.shape[-1] != width:
+        got = tuple(memory.shape) if isinstance(memory, Tensor) else type(memory).__name__
+        raise ValueError(f"memory must be a (B, Ls, E) = ({b}, Ls, {width}) tensor from encode, got {got}")
+    if memory_valid is not None and (not isinstance(memory_valid, Tensor) or memory_valid.dtype != torch.bool
+                                     or memory_valid.shape != memory.shape[:2]):
+        got = f"{tuple(memory_valid.shape)} {memory_valid.dtype}" if isinstance(memory_valid, Tensor) \
+            else type(memory_valid).__name__
+        raise ValueError(f"memory_valid must be None or a (B, Ls) = {tuple(memory.shape[:2])} bool tensor from encode "
+                         f"(one row per memory row), got {got}")
