@@ -279,3 +279,10 @@ def test_apply_rope_refuses_angles_that_do_not_fit_the_tensor_it_rotates():
     one = RotaryEmbedding(8, 16)(torch.tensor([[3, 4, 5]]))
     torch.testing.assert_close(apply_rope(x, one)[1], apply_rope(x[1:], one)[0])
     torch.testing.assert_close(apply_rope(x, rope)[1], apply_rope(x[1:], one)[0])
+
+
+def test_token_ids_on_another_device_than_the_table_are_refused_by_name():
+    # the meta device stands in for a second device: "Cannot copy out of meta tensor", from the range check's read
+    table = TokenEmbedding(10, 4)
+    with pytest.raises(ValueError, match=r"ids are on meta, the embedding table on cpu; move them with \.to\("):
+        table(torch.zeros(2, 3, dtype=torch.long, device="meta"))

@@ -289,3 +289,16 @@ def test_int8_projections_take_the_activations_of_a_half_model():
     torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
     with pytest.raises(TypeError, match=r"query must be a floating-point tensor, got torch.int64"):
         mha(x.long())
+
+
+def test_inputs_on_another_device_than_the_layer_are_refused_by_name():
+    # the meta device stands in for a second device: a CPU layer given meta inputs said "unknown device type for
+    # autocast", and a layer moved to the meta device (shapes only) could not run at all for the same reason
+    layer, x = MultiHeadAttention(8, 2), torch.randn(2, 3, 8)
+    meta = x.to("meta")
+    for args, name in (((meta,), "query"), ((x, meta), "key"), ((x, x, meta), "value")):
+        with pytest.raises(ValueError, match=rf"{name} is on meta, the layer on cpu; move it with \.to\("):
+            layer(*args)
+    on_meta = MultiHeadAttention(8, 2).to("meta")
+    out = on_meta(meta, mask=masks.causal())
+    assert (out.device.type, tuple(out.shape)) == ("meta", (2, 3, 8))

@@ -31,6 +31,9 @@ class TokenEmbedding(nn.Module):
 
     def forward(self, ids: Tensor, *, check: bool = True) -> Tensor:
         """(B, L) integer ids -> (B, L, E); ``check=False``: the caller built ``ids`` in [0, V) itself (not read)."""
+        if isinstance(ids, Tensor) and ids.device != self.weight.device:  # before check_ids reads them there
+            raise ValueError(f"ids are on {ids.device}, the embedding table on {self.weight.device}; move them with "
+                             f".to('{self.weight.device}')")
         if check:
             check_ids(ids, self.vocab_size)
         x = nn.functional.embedding(ids, self.weight)  # (B, L, E)

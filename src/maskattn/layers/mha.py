@@ -14,6 +14,7 @@ inspection observes it with PyTorch's own hooks (see :func:`maskattn.viz.capture
 
 from __future__ import annotations
 
+import itertools
 import numbers
 from collections.abc import Sequence
 
@@ -219,8 +220,12 @@ class MultiHeadAttention(nn.Module):
 
     def _check_dtype(self, name: str, x: Tensor) -> None:
         """Raise unless ``x`` has the projections' dtype (any floating dtype under autocast, which casts it, or
-        into int8 projections, which take any and return it)."""
-        if torch.is_autocast_enabled(x.device.type):
+        into int8 projections, which take any and return it), and unless it is on the layer's device (read from the
+        tensors' placement, not their values)."""
+        held = next(itertools.chain(self.q_proj.parameters(), self.q_proj.buffers()), None)
+        if held is not None and x.device != held.device:
+            raise ValueError(f"{name} is on {x.device}, the layer on {held.device}; move it with .to('{held.device}')")
+        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # meta: torch has no autocast there
             return
         # Parameters only: an Int8Linear's float32 scales are buffers, and it runs a bfloat16 model's activations
         want = next((p.dtype for p in self.q_proj.parameters() if p.is_floating_point()), None)
