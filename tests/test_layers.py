@@ -286,3 +286,20 @@ def test_token_ids_on_another_device_than_the_table_are_refused_by_name():
     table = TokenEmbedding(10, 4)
     with pytest.raises(ValueError, match=r"ids are on meta, the embedding table on cpu; move them with \.to\("):
         table(torch.zeros(2, 3, dtype=torch.long, device="meta"))
+
+
+@pytest.mark.parametrize("make,words", [
+    # KVCache(2.0, ...) failed in torch.zeros; max_len 0 built a cache that overflows at once; static="no" was on
+    (lambda: KVCache(2.0, 1, 4, 5), "KVCache: batch must be a positive int, got 2.0"),
+    (lambda: KVCache(2, 1, 4, 0), "KVCache: max_len must be a positive int, got 0"),
+    (lambda: KVCache(2, True, 4, 5), "KVCache: num_kv_heads must be a positive int, got True"),
+    (lambda: KVCache(2, 1, 4, 5, static="no"), "KVCache: static must be True or False, got 'no'"),
+    # a 3-D update was "IndexError: tuple index out of range"
+    (lambda: KVCache(2, 1, 4, 5).update(torch.randn(2, 1, 4), torch.randn(2, 1, 4)),
+     r"k and v must be \(B, Hkv, L, D\) = \(2, 1, L, 4\), got \(2, 1, 4\) and \(2, 1, 4\)"),
+    (lambda: KVCache(2, 1, 4, 5).update(torch.randn(2, 1, 3, 4), None),
+     r"k and v must be .* got \(2, 1, 3, 4\) and None"),
+])
+def test_kv_cache_arguments_are_refused_by_name(make, words):
+    with pytest.raises(ValueError, match=words):
+        make()

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from maskattn.layers.arguments import check_layer_arguments
+
 
 class KVCache(nn.Module):
     """Preallocated keys and values of one self-attention layer.
@@ -37,12 +39,24 @@ class KVCache(nn.Module):
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
                  static: bool = False) -> None:
         super().__init__()
+        check_layer_arguments(type(self).__name__, sizes={"batch": batch, "num_kv_heads": num_kv_heads,
+                                                          "head_dim": head_dim, "max_len": max_len},
+                              switches={"static": static})
         shape = (batch, num_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("pos", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self.max_len, self.static = max_len, static
         self._length = 0  # pos kept on the host too: reading the tensor waits for a GPU (per layer and step)
+
+    def _check_update(self, k: Tensor, v: Tensor) -> None:
+        """Raise unless ``k`` and ``v`` are two (B, Hkv, L, D) tensors of this cache's B, Hkv and D (shapes only)."""
+        shapes = [tuple(x.shape) if isinstance(x, Tensor) else None for x in (k, v)]
+        want = (self.k.shape[0], self.k.shape[1], self.k.shape[3])
+        if shapes[0] is None or shapes[0] != shapes[1] or len(shapes[0]) != 4 or shapes[0][:2] + shapes[0][3:] != want:
+            got = [s if s is not None else type(x).__name__ for s, x in zip(shapes, (k, v), strict=True)]
+            raise ValueError(f"k and v must be (B, Hkv, L, D) = ({want[0]}, {want[1]}, L, {want[2]}), "
+                             f"got {got[0]} and {got[1]}")
 
     @property
     def length(self) -> int:
@@ -51,11 +65,7 @@ class KVCache(nn.Module):
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append (B, Hkv, L, D) keys and values; return all cached ones, each (B, Hkv, Lk, D)."""
-        if k.shape != v.shape or k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3]:
-            raise ValueError(
-                f"k and v must be (B, Hkv, L, D) = ({self.k.shape[0]}, {self.k.shape[1]}, L, {self.k.shape[3]}), "
-                f"got {tuple(k.shape)} and {tuple(v.shape)}"
-            )
+        self._check_update(k, v)
         if self.static and k.shape[2] == 1:
             return self._write_one(k, v)
         start = self.length
@@ -127,11 +137,7 @@ class SlidingWindowKVCache(KVCache):
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append (B, Hkv, L, D) keys and values; return the visible ones, each (B, Hkv, <= C - 1 + L, D)."""
-        if k.shape != v.shape or k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3]:
-            raise ValueError(
-                f"k and v must be (B, Hkv, L, D) = ({self.k.shape[0]}, {self.k.shape[1]}, L, {self.k.shape[3]}), "
-                f"got {tuple(k.shape)} and {tuple(v.shape)}"
-            )
+        self._check_update(k, v)
         seen, cap = self.length, self.max_len
         kept = min(seen, cap)
         visible = min(kept, cap - 1)
