@@ -14,10 +14,12 @@ from maskattn.layers import (
     LearnedPositions,
     MultiHeadAttention,
     Residual,
+    RMSNorm,
     RotaryEmbedding,
     SinusoidalPositions,
     TokenEmbedding,
     apply_rope,
+    make_norm,
     sinusoidal_table,
 )
 from maskattn.layers.embedding import check_ids
@@ -301,5 +303,21 @@ def test_token_ids_on_another_device_than_the_table_are_refused_by_name():
      r"k and v must be .* got \(2, 1, 3, 4\) and None"),
 ])
 def test_kv_cache_arguments_are_refused_by_name(make, words):
+    with pytest.raises(ValueError, match=words):
+        make()
+
+
+@pytest.mark.parametrize("make,words", [
+    # TokenEmbedding(0, 8) and RMSNorm(0) built empty layers; TokenEmbedding(10, 8.0) failed in torch.empty;
+    # an eps <= 0 made every all-zero row NaN (0 / sqrt(0)); scale="no" scaled by sqrt(E)
+    (lambda: TokenEmbedding(0, 8), "TokenEmbedding: vocab_size must be a positive int, got 0"),
+    (lambda: TokenEmbedding(10, 8.0), "TokenEmbedding: d_model must be a positive int, got 8.0"),
+    (lambda: TokenEmbedding(10, 8, scale="no"), "TokenEmbedding: scale must be True or False, got 'no'"),
+    (lambda: RMSNorm(0), "RMSNorm: d_model must be a positive int, got 0"),
+    (lambda: RMSNorm(8, eps=-1e-6), "RMSNorm: eps must be a finite number > 0, got -1e-06"),
+    (lambda: make_norm("layer", 8, 0.0), "make_norm: eps must be a finite number > 0, got 0.0"),
+    (lambda: make_norm("layer", True, 1e-5), "make_norm: d_model must be a positive int, got True"),
+])
+def test_embedding_and_norm_arguments_are_refused_by_name(make, words):
     with pytest.raises(ValueError, match=words):
         make()

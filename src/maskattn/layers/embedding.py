@@ -10,6 +10,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from maskattn.layers.arguments import check_layer_arguments
+
 
 class TokenEmbedding(nn.Module):
     """A lookup table of ``vocab_size`` vectors of width ``d_model``.
@@ -24,6 +26,8 @@ class TokenEmbedding(nn.Module):
 
     def __init__(self, vocab_size: int, d_model: int, *, scale: bool = False, init_std: float | None = None) -> None:
         super().__init__()
+        check_layer_arguments("TokenEmbedding", sizes={"vocab_size": vocab_size, "d_model": d_model},
+                              switches={"scale": scale})
         self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
         self.vocab_size, self.d_model, self.scale = vocab_size, d_model, scale
         std = init_std if init_std is not None else (d_model**-0.5 if scale else 0.02)

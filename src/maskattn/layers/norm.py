@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from maskattn.layers.arguments import check_layer_arguments
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square normalisation (Zhang & Sennrich, 2019): ``weight * x / sqrt(mean(x^2) + eps)``.
@@ -21,6 +23,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, d_model: int, eps: float = 1e-6) -> None:
         super().__init__()
+        check_layer_arguments("RMSNorm", sizes={"d_model": d_model}, positive={"eps": eps})
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(d_model))
 
@@ -42,4 +45,5 @@ def make_norm(kind: str, d_model: int, eps: float) -> nn.Module:
     """The normalisation layer ``kind`` (a key of :data:`NORMS`) of width ``d_model``."""
     if kind not in NORMS:
         raise ValueError(f"norm must be one of {sorted(NORMS)}, got {kind!r}")
+    check_layer_arguments("make_norm", sizes={"d_model": d_model}, positive={"eps": eps})  # nn.LayerNorm takes any
     return NORMS[kind](d_model, eps=eps)
