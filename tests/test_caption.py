@@ -275,6 +275,15 @@ def test_patch_embedding_names_integer_images_and_another_dtype():
         assert embed.to(torch.bfloat16)(pixels.float() / 255).shape == (2, 6, 8)
 
 
+def test_images_on_another_device_than_the_model_are_refused_by_name():
+    # the meta device stands in for a second device: "unknown device type for autocast", naming nothing
+    embed = PatchEmbedding(2, 8, max_rows=3, max_cols=4)
+    with pytest.raises(ValueError, match=r"images are on meta, the model on cpu; move them with \.to\("):
+        embed(torch.zeros(2, 4, 6, device="meta"))
+    on_meta = PatchEmbedding(2, 8, max_rows=3, max_cols=4).to("meta")  # shapes only: it runs
+    assert on_meta(torch.zeros(2, 4, 6, device="meta")).shape == (2, 6, 8)
+
+
 def test_patch_embedding_of_an_empty_batch():
     embed = PatchEmbedding(2, 8, max_rows=3, max_cols=4)
     # a batch of none: (0, N, E), as nn.Linear gives for no rows (the reshape to (0, N, -1) failed)

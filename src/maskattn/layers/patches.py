@@ -65,8 +65,12 @@ class PatchEmbedding(nn.Module):
             raise ValueError(f"images must be {expected}, got {got}")
         if images.dtype == torch.bool or not (images.is_floating_point() or images.is_complex()):
             raise TypeError(f"images must be floating point (pixels scaled to [0, 1]), got {images.dtype}")
-        dtype = self.rows.weight.dtype  # the model's: an int8 projection (compress --int8) takes any float input
-        if not torch.is_autocast_enabled(images.device.type) and images.dtype != dtype:
+        # the model's dtype and device (the position tables': an int8 projection, compress --int8, takes any float)
+        dtype, device = self.rows.weight.dtype, self.rows.weight.device
+        if images.device != device:
+            raise ValueError(f"images are on {images.device}, the model on {device}; move them with .to('{device}')")
+        autocast = images.device.type != "meta" and torch.is_autocast_enabled(images.device.type)  # meta: none
+        if not autocast and images.dtype != dtype:
             raise ValueError(f"images ({images.dtype}) and the model ({dtype}) must have one dtype outside autocast")
         h, w = images.shape[-2:]
         rows, cols = h // p, w // p
