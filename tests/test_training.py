@@ -824,3 +824,40 @@ def test_each_evaluation_is_a_line_on_stderr_unless_quiet(tmp_path, caplog, fake
     with caplog.at_level(logging.WARNING, logger="maskattn"):  # maskattn -q
         _tiny_trainer(tmp_path / "quiet", steps=4, eval_every=2, progress=True).fit()
     assert not [r for r in caplog.records if "eval" in r.getMessage()]
+
+
+def test_a_kill_while_the_final_evaluation_saves_the_best_checkpoint_is_resumed_to_the_same_best(tmp_path,
+                                                                                                  monkeypatch):
+    # steps=5, eval_every=4, checkpoint_every=5: the loop saves step 5, then the final evaluation (0.5, the best) is
+    # logged and saved as best/, then step 5 is saved again. Killed while best/ was written, the resume found step 5's
+    # evaluation in the log and returned it: best/ stayed at step 4 (a worse model exported) and step 5's checkpoint
+    # kept a best of 1.0.
+    straight = _tiny_trainer(tmp_path / "straight", steps=5, eval_every=4, checkpoint_every=5)
+    straight.fit()
+
+    class Killed(BaseException):
+        pass
+
+    save = checkpoint.save
+
+    def dies_saving_the_last_best(root, step, state, **kw):
+        if Path(root).name == "best" and step == 5:
+            raise Killed
+        return save(root, step, state, **kw)
+
+    monkeypatch.setattr(checkpoint, "save", dies_saving_the_last_best)
+    with pytest.raises(Killed):
+        _tiny_trainer(tmp_path / "killed", steps=5, eval_every=4, checkpoint_every=5).fit()
+    monkeypatch.setattr(checkpoint, "save", save)
+    resumed = _tiny_trainer(tmp_path / "killed", steps=5, eval_every=4, checkpoint_every=5)
+    assert resumed.resume() and resumed.step == 5
+    assert resumed.fit() == {"loss": 0.5}
+    for run in (straight, resumed):  # the uninterrupted run is the oracle
+        assert checkpoint.step_of(checkpoint.latest(run.out_dir / "best")) == 5
+        last = checkpoint.load(checkpoint.latest(run.out_dir / "checkpoints"))
+        assert (last["best"], last["bad_evals"]) == (0.5, 0)
+    records = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [4, 5]  # step 5 not scored twice
+    best = checkpoint.load(checkpoint.latest(tmp_path / "killed" / "best"))["model"]
+    for name, value in checkpoint.load(checkpoint.latest(tmp_path / "straight" / "best"))["model"].items():
+        assert torch.equal(best[name], value)

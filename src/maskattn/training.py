@@ -359,6 +359,7 @@ class Trainer:
         self._planned: tuple[int, list[list[int]]] | None = None
         self.best: float | None = None
         self.bad_evals = 0
+        self.evaluated: int | None = None  # the step of the newest evaluation that best and bad_evals count
         self.window = (0.0, 0.0)  # summed loss and targets of the steps since the last log line
         self.resumed = False  # set by resume(): fit() then continues the run in out_dir
         self.callbacks = list(callbacks)
@@ -372,6 +373,7 @@ class Trainer:
             "position": self.position,
             "best": self.best,
             "bad_evals": self.bad_evals,
+            "evaluated": self.evaluated,
             "window": list(self.window),
             "config": asdict(self.cfg),
             **({"run": self.run} if self.run is not None else {}),
@@ -418,6 +420,8 @@ class Trainer:
             group.update(own)
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.best, self.bad_evals = state["best"], state["bad_evals"]
+        # (checkpoints written before it was kept: taken to count an evaluation logged at their step, as then)
+        self.evaluated = state.get("evaluated", self.step)
         self.window = tuple(state.get("window", (0.0, 0.0)))  # (checkpoints before it was kept: a shorter window)
         self.resumed = True
         self._check_same_step(path)
@@ -524,7 +528,12 @@ class Trainer:
                                                "(train.patience=%d)", self.step, cfg.steps, self.bad_evals, than,
                                                cfg.patience)
         if self.step == start and self._evaluated_at(self.step):  # a finished run resumed: nothing new to score
-            return self._last_evaluation()  # (evaluating again would log it twice and count it against patience)
+            last = self._last_evaluation()  # (evaluating again would log it twice and count it against patience)
+            if self.evaluated != self.step:  # killed after logging the final evaluation, before saving what it changed
+                if self.rank == 0:  # (best/ and the checkpoint are rank 0's)
+                    self._count(last)
+                self.save()
+            return last
         final_evaluation = bool(self.evaluate) and not (cfg.eval_every and self.step % cfg.eval_every == 0)
         if final_evaluation:
             last, _ = self._evaluate()
@@ -659,6 +668,11 @@ class Trainer:
                                                    ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         for callback in self._listeners():
             callback.on_evaluate(self, self.step, dict(metrics))
+        return metrics, self._count(metrics)
+
+    def _count(self, metrics: dict[str, float]) -> bool:
+        """Count this step's evaluation ``metrics`` towards the best checkpoint (saved to ``best/`` when better) and
+        early stopping; whether the run stops (``train.patience``)."""
         value = metrics[self.cfg.metric]
         better = math.isfinite(value) and (  # a NaN metric never picks the best checkpoint
             self.best is None or (value > self.best if self.cfg.higher_is_better else value < self.best))
@@ -668,7 +682,8 @@ class Trainer:
                 checkpoint.save(self.out_dir / "best", self.step, self.state(), keep=1)
         else:
             self.bad_evals += 1
-        return metrics, bool(self.cfg.patience and self.bad_evals >= self.cfg.patience)
+        self.evaluated = self.step
+        return bool(self.cfg.patience and self.bad_evals >= self.cfg.patience)
 
     # --- the metrics log ---------------------------------------------------------------------------
     def _last_evaluation(self, step: int | None = None) -> dict[str, float]:
