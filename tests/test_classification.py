@@ -280,3 +280,34 @@ def test_training_and_pruning_batches_find_each_label_in_one_lookup(tmp_path, ca
     assert counted_str.comparisons <= 3 * len(rows)
     targets = batches.collate(list(range(len(rows))))["labels"]
     assert targets.tolist() == [i % 40 for i in range(400)]  # the oracle: the label's place in the sorted list
+
+
+def test_classify_reads_a_text_with_outer_whitespace_as_training_and_evaluate_read_it(tmp_path, capsys, monkeypatch):
+    """SST-2's lines end in a space, which the labelled reader strips: `classify` of such a line (piped from the
+    file) fed the model a trailing space token training never saw, and scored differently from `evaluate`."""
+    from maskattn.models import EncoderModel
+
+    rng = random.Random(0)
+    train = _sentiment(tmp_path / "train.tsv", 20, rng)
+    train.write_text("".join(line.replace("\t", " \t") for line in train.read_text().splitlines(True)))  # SST-2
+    out = tmp_path / "run"
+    settings = ['data.tokenizer="chars"', "model.d_model=16", "model.d_ff=32", "model.num_heads=2",
+                "model.num_layers=1", "train.steps=2", "train.warmup=1", "train.progress=false"]
+    assert main(["train", "classification", "--train", str(train), "--out", str(out),
+                 *[arg for setting in settings for arg in ("--set", setting)]]) == 0
+    seen = []
+    classify = EncoderModel.classify
+    monkeypatch.setattr(EncoderModel, "classify", lambda self, x, **kw: seen.append(x.tolist()) or classify(
+        self, x, **kw))
+    line = train.read_text().splitlines()[1]
+    one = tmp_path / "one.tsv"
+    one.write_text(f"sentence\tlabel\n{line}\n")
+    assert main(["evaluate", str(out / "model"), "--data", str(one)]) == 0
+    text = line.split("\t")[0]
+    assert text.endswith(" ")
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO(f" {text}\r\n"))
+    assert main(["classify", str(out / "model")]) == 0
+    capsys.readouterr()
+    tokenizer = json.loads((out / "model" / "tokenizer.json").read_text())["model"]["vocab"]
+    expected = [tokenizer["<s>"], *(tokenizer[c] for c in text.strip()), tokenizer["</s>"]]
+    assert seen == [[expected], [expected]]

@@ -82,7 +82,8 @@ class ClassificationConfig:
 
 
 def encode(tok: Tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
-    return [[tok.bos_id, *ids[: max_len - 2], tok.eos_id] for ids in tok.encode_batch(list(texts))]
+    # without outer whitespace, as read_labelled reads training and evaluation texts (SST-2's end in a space)
+    return [[tok.bos_id, *ids[: max_len - 2], tok.eos_id] for ids in tok.encode_batch([t.strip() for t in texts])]
 
 
 def build_tokenizer(cfg: ClassificationConfig, texts: Sequence[str]) -> Tokenizer:
