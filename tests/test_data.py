@@ -234,3 +234,21 @@ def test_reading_squad_looks_up_no_question_line_unless_there_is_an_error(tmp_pa
     line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if '"q30"' in text)
     with pytest.raises(DataError, match=rf"squad\.json:{line}: .*question 'q30'\), answers\[0\]: field 'answer_st"):
         data.read_squad(path)
+
+
+def test_a_blank_line_inside_one_side_of_a_parallel_corpus_is_named_also_when_the_counts_differ(tmp_path):
+    """A sentence lost to a blank line on one side shifts every later pair; the error named only the two line
+    counts, leaving the user to hunt for the line."""
+    src, tgt = tmp_path / "a.de", tmp_path / "a.en"
+    src.write_text("eins\nzwei\n\ndrei\n")
+    tgt.write_text("one\ntwo\nthree\n")
+    with pytest.raises(DataError, match=r"a\.de:3: empty sentence in a parallel file.*a\.de has 4 lines but "
+                                        r".*a\.en has 3"):
+        data.read_parallel(src, tgt)
+    src.write_text("eins\nzwei\ndrei\n")
+    tgt.write_text("one\n \ntwo\nthree\n")
+    with pytest.raises(DataError, match=r"a\.en:2: empty sentence in a parallel file"):
+        data.read_parallel(src, tgt)
+    tgt.write_text("one\ntwo\n")  # no blank line: the counts
+    with pytest.raises(DataError, match=r"a\.de has 3 lines but .*a\.en has 2: the files are not aligned"):
+        data.read_parallel(src, tgt)

@@ -17,6 +17,7 @@ import random
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 
 import torch
@@ -69,13 +70,15 @@ def read_parallel(src: str | Path, tgt: str | Path | None = None, *,
     (``fields`` names the two columns in its errors)."""
     if tgt is not None:
         left, right = _lines(src), _lines(tgt)
-        if len(left) != len(right):
-            raise DataError(f"{src} has {len(left)} lines but {tgt} has {len(right)}: the files are not aligned")
-        pairs = list(zip(left, right, strict=True))
-        for n, (a, b) in enumerate(pairs, 1):
+        counts = f"{src} has {len(left)} lines but {tgt} has {len(right)}"
+        # a blank line inside either file is named first, counts equal or not: it shifts every later pair
+        for n, (a, b) in enumerate(zip_longest(left, right, fillvalue="-"), 1):
             if not a.strip() or not b.strip():
-                raise DataError(f"{src if not a.strip() else tgt}:{n}: empty sentence in a parallel file")
-        return pairs
+                raise DataError(f"{src if not a.strip() else tgt}:{n}: empty sentence in a parallel file"
+                                + (f" ({counts})" if len(left) != len(right) else ""))
+        if len(left) != len(right):
+            raise DataError(f"{counts}: the files are not aligned")
+        return list(zip(left, right, strict=True))
     pairs = []
     for n, line in enumerate(_lines(src), 1):
         cells = line.split("\t")
