@@ -252,3 +252,16 @@ def test_a_blank_line_inside_one_side_of_a_parallel_corpus_is_named_also_when_th
     tgt.write_text("one\ntwo\n")  # no blank line: the counts
     with pytest.raises(DataError, match=r"a\.de has 3 lines but .*a\.en has 2: the files are not aligned"):
         data.read_parallel(src, tgt)
+
+
+def test_a_header_naming_the_text_or_label_column_twice_is_refused(tmp_path):
+    """`sentence<TAB>label<TAB>label` (e.g. gold and predicted labels) read the first 'label' without a word."""
+    path = tmp_path / "x.tsv"
+    path.write_text("sentence\tlabel\tlabel\ngood\t1\t0\n")
+    with pytest.raises(DataError, match=r"x\.tsv:1: the header names 'label' twice \(columns 2 and 3\)"):
+        read_labelled(path)
+    path.write_text("sentence\tlabel\tsentence\ngood\t1\tbad\n")
+    with pytest.raises(DataError, match=r"x\.tsv:1: the header names 'sentence' twice \(columns 1 and 3\)"):
+        read_labelled(path)
+    path.write_text("sentence\tlabel\tnote\tnote\ngood\t1\ta\tb\n")  # a column not read may repeat
+    assert read_labelled(path) == [("good", "1")]

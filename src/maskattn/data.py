@@ -114,6 +114,9 @@ def read_labelled(
     for field in (text_field, label_field):
         if field not in header:
             raise DataError(f"{path}:1: no column '{field}' in the header {header}")
+        if header.count(field) > 1:
+            first, second = [i + 1 for i, h in enumerate(header) if h == field][:2]
+            raise DataError(f"{path}:1: the header names '{field}' twice (columns {first} and {second})")
     ti, li = header.index(text_field), header.index(label_field)
     records = []
     for n, row in rows[1:]:
