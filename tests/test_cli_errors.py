@@ -176,6 +176,21 @@ def test_text_that_is_not_utf8_is_one_error_naming_it(monkeypatch, capsys):
         input_lines([])
 
 
+def test_text_from_stdin_reads_a_byte_order_mark_as_the_data_readers_do(monkeypatch, tmp_path):
+    """A file saved by Notepad, piped to `translate`/`classify`, began its first sentence with U+FEFF, which
+    `evaluate` of the same file (data.open_text) drops: line 1 was tokenised differently."""
+    import io
+
+    from maskattn.data import read_text
+    from maskattn.tasks.base import input_lines
+
+    raw = "\ufeffEin Mann schl\u00e4ft.\r\nZwei \ufeffHunde.\n".encode()
+    (tmp_path / "x.de").write_bytes(raw)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8"))
+    expected = ["Ein Mann schl\u00e4ft.", "Zwei \ufeffHunde."]  # only a mark that begins the text
+    assert input_lines([]) == read_text(tmp_path / "x.de").splitlines() == expected
+
+
 def test_ctrl_c_is_one_line_and_the_shells_status(monkeypatch, capsys):
     def interrupted(args):
         raise KeyboardInterrupt

@@ -106,6 +106,8 @@ def input_lines(texts: list[str]) -> list[str]:
     lines = []
     for n, line in enumerate(sys.stdin, 1):
         line = line.rstrip("\r\n")  # a CRLF line is the same text as an LF one
+        if n == 1:
+            line = line.removeprefix("\ufeff")  # a byte-order mark is not text, as data.open_text reads files
         try:
             line.encode("utf-8")
         except UnicodeEncodeError as e:  # undecodable bytes reach Python as lone surrogates
