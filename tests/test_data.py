@@ -124,6 +124,8 @@ def _squad_file(tmp_path, answers=None, **qa_fields):
     ([{"text": "Ann", "answer_start": True}], {}, "answer_start", "must be a JSON integer, got bool"),
     ([{"answer_start": 0}], {}, "text", "is missing"),
     ([{"text": 3, "answer_start": 0}], {}, "text", "must be a JSON string, got int"),
+    ([{"text": "", "answer_start": 0}], {}, "text", "an empty answer"),  # trained as "no answer here"
+    ([{"text": " ", "answer_start": 3}], {}, "text", "an empty answer"),
     (["Ann"], {}, "answer", "must be a JSON object, got str"),
     (None, {"question": None}, "question", "must be a JSON string, got NoneType"),
     ({"text": "Ann"}, {}, "answers", "must be a JSON list, got dict"),

@@ -174,7 +174,8 @@ def read_squad(path: str | Path, *, check_spans: bool = True, require_answers: b
 
     Raises:
         DataError: on the first malformed record, naming the file and line, the article / paragraph /
-            question index and the field (missing, of the wrong type, or a span outside the context).
+            question index and the field (missing, of the wrong type, an empty answer text, or a span outside
+            the context).
     """
     with open_text(path) as f:
         raw = f.read()
@@ -213,6 +214,8 @@ def read_squad(path: str | Path, *, check_spans: bool = True, require_answers: b
                     spot = where(qid, f"{at} (question {qid!r}), answers[{n}]")
                     ans = _squad_field({"answer": ans}, "answer", dict, spot)
                     text, start = _squad_field(ans, "text", str, spot), _squad_field(ans, "answer_start", int, spot)
+                    if not text.strip():  # no token covers it: it would train on "no answer here"
+                        raise DataError(f"{spot()}: field 'text': an empty answer {text!r}")
                     if check_spans and not (0 <= start <= len(context) - len(text)
                                             and context[start : start + len(text)] == text):
                         found = context[max(0, start) : max(0, start) + len(text)]
