@@ -267,3 +267,14 @@ def test_a_header_naming_the_text_or_label_column_twice_is_refused(tmp_path):
         read_labelled(path)
     path.write_text("sentence\tlabel\tnote\tnote\ngood\t1\ta\tb\n")  # a column not read may repeat
     assert read_labelled(path) == [("good", "1")]
+
+
+def test_a_gzip_file_not_named_gz_is_named_as_gzip_not_as_another_encoding(tmp_path):
+    """`train.de` holding gzip data (downloaded, renamed) was 'not UTF-8 text (byte 0x8b ...); convert the file
+    to UTF-8': advice that does not help."""
+    path = tmp_path / "train.de"
+    path.write_bytes(gzip.compress(b"Ein Mann.\n"))
+    with pytest.raises(DataError, match=r"train\.de: gzip-compressed, but its name does not end in \.gz"):
+        data.read_text(path)
+    (tmp_path / "train.de.gz").write_bytes(path.read_bytes())  # the advice works
+    assert data.read_text(tmp_path / "train.de.gz") == "Ein Mann.\n"

@@ -48,6 +48,9 @@ def open_text(path: str | Path) -> io.TextIOBase:
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark (Excel's CSV, Notepad) is not text
     except UnicodeDecodeError as e:
+        if raw.startswith(b"\x1f\x8b"):  # gzip's magic number
+            raise DataError(f"{path}: gzip-compressed, but its name does not end in .gz; rename it to "
+                            f"{path.name}.gz") from e
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
                         "convert the file to UTF-8") from e
