@@ -278,3 +278,14 @@ def test_a_gzip_file_not_named_gz_is_named_as_gzip_not_as_another_encoding(tmp_p
         data.read_text(path)
     (tmp_path / "train.de.gz").write_bytes(path.read_bytes())  # the advice works
     assert data.read_text(tmp_path / "train.de.gz") == "Ein Mann.\n"
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".jsonl"])
+def test_a_line_of_spaces_in_a_labelled_file_is_a_blank_line_as_in_jsonl(tmp_path, suffix):
+    """A blank line is skipped; one holding a space or a tab-free run of spaces was 'expected 2 fields like the
+    header, got 1' in a TSV/CSV while JSONL skipped it."""
+    rows = {".tsv": ["sentence\tlabel", "good\t1", "   ", "bad\t0"], ".csv": ["sentence,label", "good,1", "   ",
+            "bad,0"], ".jsonl": ['{"sentence": "good", "label": 1}', "   ", '{"sentence": "bad", "label": 0}']}
+    path = tmp_path / f"x{suffix}"
+    path.write_text("\r\n".join(rows[suffix]) + "\r\n")
+    assert read_labelled(path) == [("good", "1"), ("bad", "0")]

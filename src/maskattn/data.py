@@ -123,7 +123,7 @@ def read_labelled(
     ti, li = header.index(text_field), header.index(label_field)
     records = []
     for n, row in rows[1:]:
-        if not row or row == [""]:  # a blank line (JSONL skips them too)
+        if len(row) <= 1 and not "".join(row).strip():  # a blank line, or spaces alone (JSONL skips them too)
             continue
         if len(row) != len(header):
             raise DataError(f"{path}:{n}: expected {len(header)} fields like the header, got {len(row)}")
