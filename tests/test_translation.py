@@ -334,3 +334,31 @@ def test_translation_progress_on_a_terminal_is_a_bar(tiny_translator, caplog, fa
         translation.translate(model, tok, ["ab", "abc", "ba"], dataclasses.replace(decode, batch_size=2),
                               progress=True)
     assert "\rtranslate:" in stream.text and "/3 [" in stream.text and "elapsed" not in stream.text  # a bar, no lines
+
+
+def test_evaluate_names_references_written_in_a_form_the_tokenizer_never_outputs(tmp_path, capsys, caplog):
+    """A BPE tokenizer reads text through NFKC, so a model's translations are in NFKC; references with decomposed
+    accents (NFD, as macOS tools write) were scored as misses without a word. The scores stay sacreBLEU's."""
+    import unicodedata
+
+    words = ["caf\u00e9", "th\u00e9", "na\u00efve", "\u00e9t\u00e9"]
+    train = tmp_path / "train.tsv"
+    train.write_text("".join(f"{w} {v}\t{v} {w}\n" for w in words for v in words))
+    out = tmp_path / "run"
+    settings = ['data.tokenizer="bpe"', "data.vocab_size=60", "model.d_model=16", "model.d_ff=32",
+                "model.num_heads=2", "model.num_encoder_layers=1", "model.num_decoder_layers=1", "train.steps=2",
+                "train.progress=false"]
+    assert main(["train", "translation", "--train-src", str(train), "--out", str(out),
+                 *[arg for s in settings for arg in ("--set", s)]]) == 0
+    src, ref = tmp_path / "t.fr", tmp_path / "t.en"
+    src.write_text("caf\u00e9 th\u00e9\nna\u00efve caf\u00e9\n\u00e9t\u00e9 th\u00e9\n")
+    ref.write_text("th\u00e9 caf\u00e9\n" + unicodedata.normalize("NFD", "caf\u00e9 na\u00efve\n\u00e9t\u00e9 x\n"))
+    caplog.clear()
+    assert main(["evaluate", str(out / "model"), "--data", str(src), "--ref", str(ref)]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and f"{ref}: 2 of 3 references (first: line 2)" in warned[0] and "NFKC" in warned[0]
+    # as the tokenizer writes them (NFC here), with a no-break space, which NFKC rewrites but is no word: no warning
+    ref.write_text(unicodedata.normalize("NFC", ref.read_text()).replace("\n", " \u00a0\n"))
+    caplog.clear()
+    assert main(["evaluate", str(out / "model"), "--data", str(src), "--ref", str(ref)]) == 0
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

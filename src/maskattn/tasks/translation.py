@@ -333,8 +333,25 @@ def evaluate_file(directory: str | Path, path: str, ref: str = "", hypotheses: s
     except UsageError as e:  # "sentence 3 has 401 tokens, ...": sentence n is line n of the file
         raise UsageError(f"{path}: {e}") from e
     refs = [t for _, t in pairs]
+    unreachable_references(tok, refs, ref or path)
     atomic_write_text(out, "".join(h + "\n" for h in hyps))
     return {**score(hyps, refs, signatures=True), "hypotheses": str(out)}
+
+
+def unreachable_references(tok: Tokenizer, references: Sequence[str], source: str) -> int:
+    """How many ``references`` hold words the tokenizer's normaliser rewrites (NFKC: decomposed accents, '…',
+    full-width letters), which no translation contains as written; warns naming ``source`` and the first line.
+    The scores read the references as written, as sacreBLEU does."""
+    normalizer = tok.backend.normalizer
+    if normalizer is None:
+        return 0
+    lines = [n for n, r in enumerate(references, 1) if normalizer.normalize_str(r).split() != r.split()]
+    if lines:
+        logger.warning(f"{source}: {len(lines)} of {len(references)} references (first: line {lines[0]}) hold "
+                       f"characters the model's tokenizer rewrites ({type(normalizer).__name__}), so no translation "
+                       "contains them as written and BLEU/chrF count them as misses; to score the words, normalise "
+                       "the references as the tokenizer does")
+    return len(lines)
 
 
 def evaluate_files(directory: str | Path, src: str, ref: str = "", **decode_overrides: Any) -> dict[str, float]:
