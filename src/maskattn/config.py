@@ -125,7 +125,7 @@ def update(obj: Any, values: dict[str, Any], prefix: str = "") -> Any:
     try:
         return dataclasses.replace(obj, **changes)
     except SettingError as e:  # "keep must be ..." from the section's __post_init__ -> "train.keep must be ..."
-        raise type(e)(f"{prefix}{e}") from e
+        raise type(e)(str(e) if str(e).startswith(prefix) else f"{prefix}{e}") from e  # (named already: as is)
     except ValueError as e:  # a section's own check (e.g. a model's shape), named after the section
         raise SettingError(f"{prefix.rstrip('.')}: {e}" if prefix else str(e)) from e
 
