@@ -289,3 +289,14 @@ def test_a_line_of_spaces_in_a_labelled_file_is_a_blank_line_as_in_jsonl(tmp_pat
     path = tmp_path / f"x{suffix}"
     path.write_text("\r\n".join(rows[suffix]) + "\r\n")
     assert read_labelled(path) == [("good", "1"), ("bad", "0")]
+
+
+@pytest.mark.parametrize("name", ["x.CSV", "x.Csv.GZ", "x.JSONL", "x.jsonl.GZ"])
+def test_a_labelled_files_format_is_read_from_its_extension_in_any_case(tmp_path, name):
+    """open_text takes .GZ as .gz; read_labelled read x.CSV (Windows) as a TSV: "no column 'sentence' in the
+    header ['sentence,label']"."""
+    text = ('sentence,label\n"good, really",1\n' if ".csv" in name.lower()
+            else '{"sentence": "good, really", "label": 1}\n')
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(text.encode()) if name.lower().endswith(".gz") else text.encode())
+    assert read_labelled(path) == [("good, really", "1")]

@@ -97,7 +97,7 @@ def read_labelled(
 ) -> list[tuple[str, str]]:
     """(text, label) records from a TSV or CSV with a header row, or from JSONL; labels kept as strings."""
     path = Path(path)
-    name = path.name.removesuffix(".gz")
+    name = path.name.lower().removesuffix(".gz")  # (x.CSV, x.jsonl.GZ too, as open_text reads .GZ)
     if name.endswith(".jsonl"):
         return _read_jsonl_labelled(path, text_field, label_field)
     delimiter = "," if name.endswith(".csv") else "\t"
