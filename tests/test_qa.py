@@ -382,3 +382,19 @@ def test_a_validation_question_without_answers_is_refused_before_training(tmp_pa
     err = capsys.readouterr().err
     assert f"{valid}:1: data[0].paragraphs[0].qas[1]" in err and "Traceback" not in err, err
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_answers_of_a_tokenizer_whose_tokens_carry_their_space_have_no_outer_whitespace():
+    """A maskattn BPE tokenizer (SentencePiece-style, as a saved EncoderModel given as --pretrained has) marks a
+    word's leading space in its token, whose offsets include it: `answer` printed ' Lisbon'. Training already
+    locates answers without their outer whitespace; predictions now read the same span."""
+    context = "Anna moved to Lisbon in 1999 and opened a bakery near the river with her brother Tom."
+    examples = [QAExample(str(i), q, context, ()) for i, q in enumerate(["Where?", "When did she move?", "Who?"])]
+    tok = Tokenizer.train_bpe([context] * 3, vocab_size=80, min_frequency=1)
+    windows = qa.squad_windows(tok, examples, max_len=60, stride=20, max_question=20)
+    found = {}
+    for seed in range(4):
+        found.update({f"{seed}.{k}": v for k, v in qa.best_spans(_span_model(tok, seed), tok, examples, windows,
+                                                                  max_answer=8).items()})
+    assert any(a.strip() and " " + a.strip() in context for a in found.values())  # spans at a word's start
+    assert all(a == a.strip() and a in context for a in found.values()), found

@@ -169,7 +169,8 @@ def best_spans(model: EncoderModel, tok: Tokenizer, examples: Sequence[QAExample
                 if value == float("-inf"):
                     continue
                 a, z = divmod(flat, n)
-                text = examples[w.example].context[w.offsets[a][0] : w.offsets[z][1]]
+                # without outer whitespace (a SentencePiece-style token's offsets include its word's space),
+                text = examples[w.example].context[w.offsets[a][0] : w.offsets[z][1]].strip()  # as training reads
                 if w.example not in best or value > best[w.example][0]:
                     best[w.example] = (value, text)
     return {ex.id: best.get(n, (0.0, ""))[1] for n, ex in enumerate(examples)}
