@@ -116,3 +116,34 @@ def test_explain_counts_the_scores_and_mask_bytes_sdpa_runs(mask, scores, monkey
         assert "mask tensor" not in said
     else:
         assert f"needs a {seen['mask'] / 1e6:.1f} MB" in said
+
+
+@pytest.mark.parametrize("mask", [
+    masks.causal() & (masks.sliding_window(64) | masks.from_tensor(torch.arange(1000) == 0)),  # window + sink
+    masks.causal(),
+    masks.causal() & masks.sliding_window(200),
+    masks.padding([700, 1000]),
+    None,
+])
+def test_explain_counts_the_scores_blocked_computes(mask, monkeypatch):
+    # blocked's line said the scores outside empty tiles, but each query block computes the whole range of key
+    # tiles between its first and last live one (and groups of blocks their widest range): a causal window with an
+    # attention sink was said to cost 0.9M scores and computed 4.2M, as much as causal
+    from maskattn.backends import blocked
+
+    q, k, v = torch.randn(2, 4, 1000, 16), torch.randn(2, 2, 1000, 16), torch.randn(2, 2, 1000, 16)
+    seen = {"scores": 0}
+    kernels = dict(blocked._KERNELS)
+
+    def spying(forward):
+        def spy(q, keys, *args):  # q (B', g, R, D), keys (B', g, W, D): the scores the kernel computes
+            seen["scores"] += q.shape[0] * q.shape[1] * q.shape[2] * keys.shape[2]
+            return forward(q, keys, *args)
+        return spy
+
+    for name, (forward, backward) in kernels.items():
+        monkeypatch.setitem(blocked._KERNELS, name, (spying(forward), backward))
+    maskattn.attention(q, k, v, mask, backend="blocked")
+    monkeypatch.undo()
+    assert seen["scores"] > 0
+    assert f"({seen['scores']:,} scores)" in maskattn.explain(q, k, v, mask).costs["blocked"]

@@ -529,7 +529,14 @@ def _gradients(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _cost(call: Call, kept: int) -> tuple[int, str]:
-    return kept, "skips empty tiles"
+    # what the kernels are handed, not ``kept``: each query block computes the whole range of key tiles between its
+    # first and last live one (a group its widest range), padded rows and keys included
+    batch, heads, q_len, _ = call.q.shape
+    if 0 in (batch, heads, q_len, call.k.shape[2]):
+        return 0, "skips empty tiles"
+    plan = make_plan(call.mask, call.q, call.k, q_offset=call.q_offset, block_q=BLOCK_Q, block_k=BLOCK_K)
+    tiles = sum((group.stop - group.first) * group.width for group in plan.groups)
+    return batch * heads * tiles * BLOCK_Q * BLOCK_K, "skips empty tiles"
 
 
 BACKEND = Backend("blocked", attention, refuses=lambda call: None, cost=_cost, returns_lse=True)
