@@ -861,3 +861,17 @@ def test_a_kill_while_the_final_evaluation_saves_the_best_checkpoint_is_resumed_
     best = checkpoint.load(checkpoint.latest(tmp_path / "killed" / "best"))["model"]
     for name, value in checkpoint.load(checkpoint.latest(tmp_path / "straight" / "best"))["model"].items():
         assert torch.equal(best[name], value)
+
+
+@pytest.mark.parametrize("name,value", [("WORLD_SIZE", ""), ("WORLD_SIZE", "two"), ("WORLD_SIZE", "0"),
+                                        ("LOCAL_RANK", "x"), ("LOCAL_RANK", "-1")])
+def test_a_process_group_variable_that_is_not_a_count_is_named(name, value, monkeypatch):
+    # WORLD_SIZE= (set by hand) said "invalid literal for int() with base 10: ''", naming no variable; WORLD_SIZE=0
+    # ran as one process without a word; LOCAL_RANK=-1 read GPU -1
+    from maskattn import distributed
+
+    monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # LOCAL_RANK is read where there are GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=rf"environment variable {name}='{value}': expected an int >= "):
+        distributed.init("cpu") if name == "WORLD_SIZE" else distributed.local_device()

@@ -34,7 +34,23 @@ class Context:
 
 def _launched_world_size() -> int:
     """WORLD_SIZE as set by ``torchrun`` (1 when not launched by it)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return _environment_int("WORLD_SIZE", 1, 1)
+
+
+def _environment_int(name: str, default: int, least: int) -> int:
+    """The int in the environment variable ``name`` (``default`` when unset); ValueError naming it when it is not
+    an int >= ``least`` (a variable set by hand, not by torchrun)."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < least:
+        raise ValueError(f"environment variable {name}={value!r}: expected an int >= {least} (torchrun sets it); "
+                         f"unset it to run as a single process")
+    return number
 
 
 def init(device: str | torch.device | None = None) -> Context:
@@ -65,7 +81,7 @@ def local_device() -> torch.device:
     """
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    rank, count = _environment_int("LOCAL_RANK", 0, 0), torch.cuda.device_count()
     if rank >= count:
         raise ValueError(f"LOCAL_RANK={rank} but this machine has {count} GPU(s): start at most {count} processes "
                          "per node (torchrun --nproc_per_node), or train every process on the CPU "
