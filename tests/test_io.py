@@ -114,3 +114,19 @@ def test_an_output_file_is_checked_before_the_work_and_its_directories_made(tmp_
     assert path.read_text() == "{}"
     with pytest.raises(ValueError, match="a directory, expected a file"):
         io.check_output_file(tmp_path / "new", "--predictions")
+
+
+def test_an_output_path_written_as_a_directory_or_through_a_symlink_loop_is_named(tmp_path):
+    # `--hypotheses out/` (a directory not made yet) was accepted and wrote a file named "out"; a symlink loop was
+    # Python's RuntimeError "Symlink loop from ...", which the command line shows as a traceback
+    import os
+
+    for given in (f"{tmp_path / 'out'}/", f"{tmp_path / 'out'}{os.sep}"):
+        with pytest.raises(ValueError, match=r"--hypotheses .*out/: ends in '/', a directory; expected a file"):
+            io.check_output_file(given, "--hypotheses")
+    assert os.listdir(tmp_path) == []
+    os.symlink("b", tmp_path / "a")
+    os.symlink("a", tmp_path / "b")
+    for given in (tmp_path / "a", tmp_path / "a" / "h.txt"):
+        with pytest.raises(ValueError, match=r"--hypotheses .*: a symbolic link loop"):
+            io.check_output_file(given, "--hypotheses", [tmp_path / "in.txt"])

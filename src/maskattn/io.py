@@ -157,15 +157,20 @@ def check_output_file(out: str | os.PathLike, flag: str, inputs: Iterable[str | 
     """
     if not str(out).strip():
         raise ValueError(f"{flag}: an empty path; give the file to write")
+    if str(out).endswith(("/", os.sep)):  # Path() drops the separator: the name would be written as a file
+        raise ValueError(f"{flag} {out}: ends in '/', a directory; expected a file to write")
     path = Path(out)
     if path.is_dir():
         raise ValueError(f"{flag} {out}: a directory, expected a file to write")
     for parent in path.parents:
         if parent.exists() and not parent.is_dir():
             raise ValueError(f"{flag} {out}: {parent} is a file, not a directory")
-    target = path.resolve()
-    for given in inputs:
-        source = Path(given).resolve()
+    try:
+        target = path.resolve()
+        sources = [(given, Path(given).resolve()) for given in inputs]
+    except RuntimeError as e:  # Python < 3.13 raises RuntimeError("Symlink loop from ...")
+        raise ValueError(f"{flag} {out}: a symbolic link loop ({e})") from None
+    for given, source in sources:
         if target == source or source in target.parents:
             raise ValueError(f"{flag} {out}: that would write over the input {given}; write somewhere else")
     if not overwrite and path.exists():
