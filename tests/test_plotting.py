@@ -168,3 +168,23 @@ def test_curves_without_an_evaluation_are_the_training_loss_alone(tmp_path, monk
     fig = _drawn_curves(tmp_path, monkeypatch, train)
     assert len(fig.axes) == 1 and fig.axes[0].get_ylabel() == "loss" and fig.axes[0].get_xlabel() == "step"
     assert _lines(fig.axes[0]) == [([1, 2, 3, 4], [r["loss"] for r in train])]
+
+
+def test_a_metrics_log_line_that_is_not_a_record_is_named_with_its_file_and_line(tmp_path):
+    # a cut or hand-edited line was JSONDecodeError "Unterminated string ...", AttributeError "'int' object has no
+    # attribute 'startswith'" or KeyError 'step', naming no file; blank and spaces-only lines are skipped
+    from maskattn.io import FormatError
+    from maskattn.plotting import plot_curves
+
+    log = tmp_path / "metrics.jsonl"
+    for line in ('{"step": 2, "lo', "[1, 2]", '{"loss": 2.0}'):
+        log.write_text('{"step": 1, "loss": 2.0}\n  \n' + line + "\n")
+        try:
+            plot_curves(log)
+        except FormatError as e:
+            assert str(e).startswith(f"{log}, line 3: ")
+        else:
+            raise AssertionError(f"accepted {line!r}")
+    assert not (tmp_path / "curves.png").exists()
+    log.write_text('{"step": 1, "loss": 2.0}\n  \n\n')
+    assert plot_curves(log) == tmp_path / "curves.png"

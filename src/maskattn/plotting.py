@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from maskattn.io import atomic_write
+from maskattn.io import FormatError, atomic_write
 from maskattn.masks import Mask
 
 __all__ = ["plot_curves", "plot_mask", "plot_overlays", "plot_tradeoff", "save_figure"]
@@ -87,6 +87,9 @@ def plot_curves(log: str | Path, out: str | Path | None = None) -> Path | None:
 
     Returns:
         The PNG's path, or None when ``log`` does not exist (nothing was trained).
+
+    Raises:
+        FormatError: naming the file and line, when a line is not a JSON object with a ``step``.
     """
     log = Path(log)
     out = Path(out) if out is not None else log.with_name("curves.png")
@@ -97,7 +100,15 @@ def plot_curves(log: str | Path, out: str | Path | None = None) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in log.read_text().splitlines() if line]
+    records = []
+    for number, line in enumerate(log.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError as e:
+            raise FormatError(f"{log}, line {number}: not valid JSON ({e})") from None
+        if record is not None and not (isinstance(record, dict) and "step" in record):
+            raise FormatError(f"{log}, line {number}: expected a JSON object with a step, got {line[:80]!r}")
+        records += [record] if record is not None else []
 
     def points(key: str) -> list[tuple[float, float]]:
         return [(r["step"], r[key]) for r in records if key in r]
