@@ -69,3 +69,31 @@ def test_a_tokenizer_without_known_special_tokens_is_named(tmp_path, capsys):
     assert main(["train", "classification", "--train", str(tmp_path / "train.tsv"), "--set",
                  f"data.embeddings={tmp_path}", "--out", str(tmp_path / "run")]) == 2
     assert f"{tmp_path / 'tokenizer.json'}: tokenizer has no complete set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    # one text given as a str trained on each character as a text of its own: no merges, silently
+    ({"texts": "to be or not to be " * 50}, r"texts must be an iterable of texts, got a str"),
+    ({"vocab_size": -5}, r"vocab_size must be an int >= 4 \(the 4 special tokens\), got -5"),  # was OverflowError
+    ({"vocab_size": 2}, r"vocab_size must be an int >= 4 \(the 4 special tokens\), got 2"),
+    ({"vocab_size": True}, r"vocab_size must be an int >= 4 \(the 4 special tokens\), got True"),
+    ({"vocab_size": 2.5}, r"vocab_size must be an int >= 4 \(the 4 special tokens\), got 2.5"),
+    ({"min_frequency": -1}, r"min_frequency must be an int >= 0, got -1"),
+])
+def test_bpe_training_names_a_bad_argument(kwargs, message):
+    args = {"texts": ["to be or not to be"] * 50, "vocab_size": 60, **kwargs}
+    with pytest.raises(ValueError, match=rf"^{message}"):
+        Tokenizer.train_bpe(**args)
+    # the oracle for the str case: the same text in a list learns merges (fewer tokens than characters)
+    assert len(Tokenizer.train_bpe(["to be or not to be " * 50], vocab_size=60).encode("to be")) < len("to be")
+
+
+@pytest.mark.parametrize("task", ["lm", "translation", "classification"])
+def test_a_data_vocab_size_below_the_special_tokens_is_refused_by_the_setting(task):
+    # data.vocab_size=2 passed the setting's check (>= 1), then trained a vocabulary of every character anyway
+    import importlib
+
+    config = importlib.import_module(f"maskattn.tasks.{task}").DataConfig
+    with pytest.raises(ValueError, match=r"vocab_size must be an int >= 4, got 3"):
+        config(vocab_size=3)
+    assert config(vocab_size=4).vocab_size == 4

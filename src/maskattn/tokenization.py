@@ -51,7 +51,23 @@ class Tokenizer:
     # --- building ----------------------------------------------------------------------------------
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 2) -> Tokenizer:
-        """Train a byte-pair-encoding tokenizer (NFKC, SentencePiece-style word boundaries)."""
+        """Train a byte-pair-encoding tokenizer (NFKC, SentencePiece-style word boundaries).
+
+        Every character of ``texts`` is kept, so the vocabulary passes ``vocab_size`` when the texts hold more
+        distinct characters than that; it may stay below it when no pair occurs ``min_frequency`` times.
+
+        Raises:
+            ValueError: ``texts`` given as one str (each character would train as a text of its own),
+                ``vocab_size`` not an int >= 4 or ``min_frequency`` not an int >= 0, naming the argument.
+        """
+        if isinstance(texts, (str, bytes)):
+            raise ValueError(f"texts must be an iterable of texts, got a {type(texts).__name__} "
+                             f"(give one text as [text])")
+        if type(vocab_size) is not int or vocab_size < len(SPECIALS):
+            raise ValueError(f"vocab_size must be an int >= {len(SPECIALS)} (the {len(SPECIALS)} special tokens), "
+                             f"got {vocab_size!r}")
+        if type(min_frequency) is not int or min_frequency < 0:
+            raise ValueError(f"min_frequency must be an int >= 0, got {min_frequency!r}")
         backend = HFTokenizer(models.BPE(unk_token="<unk>"))
         backend.normalizer = normalizers.NFKC()
         backend.pre_tokenizer = pre_tokenizers.Metaspace()

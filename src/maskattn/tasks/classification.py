@@ -42,7 +42,7 @@ from maskattn.tasks.common import (
     require,
     train_tokenizer,
 )
-from maskattn.tokenization import Tokenizer
+from maskattn.tokenization import SPECIALS, Tokenizer
 from maskattn.training import TrainConfig
 
 
@@ -63,7 +63,7 @@ class DataConfig:
     freeze_embeddings: bool = False  # with data.embeddings: keep those word vectors fixed (static vectors)
 
     def __post_init__(self) -> None:
-        check_settings(self, {"tokenizer": ("one of", tuple(TOKENIZERS)), "vocab_size": ("int>=", 1),
+        check_settings(self, {"tokenizer": ("one of", tuple(TOKENIZERS)), "vocab_size": ("int>=", len(SPECIALS)),
                               "max_len": ("int>=", 3), "max_tokens": ("int>=", 0), "batch_size": ("int>=", 1),
                               "word_dropout": ("in", (0, 1, "[)"))})
         refuse_ignored_batch_size(self)

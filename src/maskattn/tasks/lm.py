@@ -37,7 +37,7 @@ from maskattn.tasks.common import (
     require,
     train_tokenizer,
 )
-from maskattn.tokenization import Tokenizer, decode_continuation
+from maskattn.tokenization import SPECIALS, Tokenizer, decode_continuation
 from maskattn.training import TrainConfig
 
 
@@ -56,7 +56,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_settings(self, {
             "valid_fraction": ("in", (0, 1, "()")), "tokenizer": ("one of", tuple(TOKENIZERS)),
-            "vocab_size": ("int>=", 1), "block": ("int>=", 1), "batch_size": ("int>=", 1),
+            "vocab_size": ("int>=", len(SPECIALS)), "block": ("int>=", 1), "batch_size": ("int>=", 1),
             "documents": ("one of", ("none", "paragraphs")), "valid_rows": ("int>=", 0)})
 
 

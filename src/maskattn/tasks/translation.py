@@ -36,7 +36,7 @@ from maskattn.tasks.common import (
     require,
     train_tokenizer,
 )
-from maskattn.tokenization import Tokenizer
+from maskattn.tokenization import SPECIALS, Tokenizer
 from maskattn.training import Progress, TrainConfig
 
 Pairs = list[tuple[str, str]]
@@ -55,7 +55,7 @@ class DataConfig:
     valid_limit: int = 500  # validation pairs translated at each evaluation (0: all)
 
     def __post_init__(self) -> None:
-        check_settings(self, {"tokenizer": ("one of", tuple(TOKENIZERS)), "vocab_size": ("int>=", 1),
+        check_settings(self, {"tokenizer": ("one of", tuple(TOKENIZERS)), "vocab_size": ("int>=", len(SPECIALS)),
                               "max_tokens": ("int>=", 1), "max_len": ("int>=", 1), "valid_limit": ("int>=", 0)})
 
 
