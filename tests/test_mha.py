@@ -302,3 +302,28 @@ def test_inputs_on_another_device_than_the_layer_are_refused_by_name():
     on_meta = MultiHeadAttention(8, 2).to("meta")
     out = on_meta(meta, mask=masks.causal())
     assert (out.device.type, tuple(out.shape)) == ("meta", (2, 3, 8))
+
+
+def test_a_forward_checks_rope_once_and_finds_the_layers_device_without_walking_its_parameters(monkeypatch):
+    # the hot path: the device check walked q_proj's parameters and buffers for query, key and value, and apply_rope
+    # checked again the angles forward had just checked, twice (a small layer's call ~20% slower on the CPU)
+    from maskattn.layers import positions
+
+    torch.manual_seed(0)
+    layer, rope = MultiHeadAttention(8, 2, num_kv_heads=1).eval(), RotaryEmbedding(4, 16)
+    x, angles = torch.randn(2, 4, 8), rope(torch.arange(4)[None])
+    walks, checks = [], []
+    buffers, check = nn.Module.buffers, positions._check_rope_fits
+    monkeypatch.setattr(nn.Module, "buffers", lambda self, *a, **k: walks.append(self) or buffers(self, *a, **k))
+    monkeypatch.setattr(positions, "_check_rope_fits", lambda *a: checks.append(a) or check(*a))
+    with torch.no_grad():
+        out = layer(x, rope=angles)
+    assert walks == [] and checks == []
+    with torch.no_grad():  # the oracle: the layer written out by hand, each rotation checked
+        q = positions.apply_rope(layer.q_proj(x).view(2, 4, 2, 4).transpose(1, 2), angles)  # (B, H, L, D)
+        k = positions.apply_rope(layer.k_proj(x).view(2, 4, 1, 4).transpose(1, 2), angles)  # (B, Hkv, L, D)
+        v = layer.v_proj(x).view(2, 4, 1, 4).transpose(1, 2)
+        a = torch.softmax(q @ k.transpose(-1, -2) / 2.0, -1) @ v  # (B, H, L, D), Hkv broadcast
+        want = layer.out_proj(a.transpose(1, 2).reshape(2, 4, 8))
+    assert len(checks) == 2
+    torch.testing.assert_close(out, want)

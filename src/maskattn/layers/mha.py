@@ -130,8 +130,8 @@ class MultiHeadAttention(nn.Module):
         k, v = self.project_kv(query if key is None else key, value) if kv is None else self._check_kv(kv, b)
         if rope is not None:
             self._check_rope(rope, b, lq, k.shape[2] if kv is None else lq)
-            q = apply_rope(q, rope)
-            k = k if kv is not None else apply_rope(k, rope)
+            q = apply_rope(q, rope, check=False)  # (checked just now: once per call, not per rotation)
+            k = k if kv is not None else apply_rope(k, rope, check=False)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, Hkv, Lk, D)
             if mask is not None:  # q_offset places the queries in the mask, and only there
@@ -222,7 +222,9 @@ class MultiHeadAttention(nn.Module):
         """Raise unless ``x`` has the projections' dtype (any floating dtype under autocast, which casts it, or
         into int8 projections, which take any and return it), and unless it is on the layer's device (read from the
         tensors' placement, not their values)."""
-        held = next(itertools.chain(self.q_proj.parameters(), self.q_proj.buffers()), None)
+        weight = getattr(self.q_proj, "weight", None)  # nn.Linear's parameter, Int8Linear's buffer: no walk per call
+        held = weight if isinstance(weight, Tensor) else next(itertools.chain(self.q_proj.parameters(),
+                                                                             self.q_proj.buffers()), None)
         if held is not None and x.device != held.device:
             raise ValueError(f"{name} is on {x.device}, the layer on {held.device}; move it with .to('{held.device}')")
         if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # meta: torch has no autocast there

@@ -110,14 +110,15 @@ class RotaryEmbedding(nn.Module):
         return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
 
 
-def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-    """Rotate (B, H, L, D) queries or keys by the angles of :class:`RotaryEmbedding`.
+def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor], *, check: bool = True) -> Tensor:
+    """Rotate (B, H, L, D) queries or keys by the angles of :class:`RotaryEmbedding` (``check=False``: the caller
+    checked the shapes itself, as MultiHeadAttention does once for its queries and keys).
 
     Raises:
         ValueError: unless ``rope`` is ``(cos, sin)``, each (B or 1, 1, L, D/2): angles of other rows, positions or
             widths would be broadcast into a rotation of nothing in particular (checked from shapes only).
     """
-    if not torch.compiler.is_compiling():
+    if check and not torch.compiler.is_compiling():
         _check_rope_fits(x, rope)
     cos, sin = rope
     half = x.shape[-1] // 2
