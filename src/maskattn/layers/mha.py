@@ -229,7 +229,7 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"{name} is on {x.device}, the layer on {held.device}; move it with .to('{held.device}')")
         if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # meta: torch has no autocast there
             return
-        # Parameters only: an Int8Linear's float32 scales are buffers, and it runs a bfloat16 model's activations
+        # Parameters only: an Int8Linear's scales are buffers (in its model's dtype), and it runs any float activations
         want = next((p.dtype for p in self.q_proj.parameters() if p.is_floating_point()), None)
         if want is None and not x.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
