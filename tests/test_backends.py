@@ -490,3 +490,16 @@ def test_the_contributing_backend_example_runs_as_written(tmp_path):
         got, _ = module.BACKEND.fn(q, k, v, mask, scale=0.5)
         want, _ = reference.attention(q, k, v, mask, scale=0.5)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["auto", *TRAINABLE])
+@pytest.mark.parametrize("q_len,k_len,q_offset", [(4, 4, 1), (6, 6, 3), (1, 5, 3), (2, 5, 2), (4, 4, 0), (1, 5, 4)])
+def test_causal_with_an_offset_equals_written_out_softmax(name, q_len, k_len, q_offset):
+    # causal() alone with keys ahead of some queries: the shortcuts (is_causal, no mask) hold only when aligned.
+    # Random masks rarely draw a lone causal() at these sizes, so the shapes are listed here.
+    gen = torch.Generator().manual_seed(q_len * 100 + k_len * 10 + q_offset)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=gen) for n in (q_len, k_len, k_len))
+    hidden = torch.ones(q_len, k_len, dtype=torch.bool).tril(q_offset).logical_not()  # key j > query q_offset + i
+    expected = torch.softmax((q @ k.transpose(-1, -2) * 0.5).masked_fill(hidden, -torch.inf), -1) @ v
+    ours = maskattn.attention(q, k, v, masks.causal(), q_offset=q_offset, scale=0.5, backend=name)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
