@@ -875,3 +875,13 @@ def test_a_process_group_variable_that_is_not_a_count_is_named(name, value, monk
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(ValueError, match=rf"environment variable {name}='{value}': expected an int >= "):
         distributed.init("cpu") if name == "WORLD_SIZE" else distributed.local_device()
+
+
+def test_each_optimizer_step_draws_other_random_numbers(tmp_path):
+    # The global RNG is seeded per step (so that a resumed run draws what an uninterrupted one would): a seed
+    # without the step would give every step the same dropout masks, which no loss curve or resume test shows.
+    trainer = _tiny_trainer(tmp_path, steps=4)
+    loss, draws = trainer.loss_fn, []
+    trainer.loss_fn = lambda m, b: draws.append(torch.rand(4)) or loss(m, b)
+    trainer.fit()
+    assert len(draws) == 4 and len({tuple(d.tolist()) for d in draws}) == 4
