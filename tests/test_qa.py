@@ -398,3 +398,34 @@ def test_answers_of_a_tokenizer_whose_tokens_carry_their_space_have_no_outer_whi
                                                                   max_answer=8).items()})
     assert any(a.strip() and " " + a.strip() in context for a in found.values())  # spans at a word's start
     assert all(a == a.strip() and a in context for a in found.values()), found
+
+
+def test_best_spans_is_the_brute_force_best_span_of_at_most_max_answer_tokens_over_all_windows():
+    """Oracle: every (start, end) pair of context tokens of every window written out in Python, a span of
+    end - start + 1 tokens kept when that is at most max_answer (a limit one token too loose, or no limit, passed)."""
+    import torch
+
+    context = "Anna moved to Lisbon in 1999 and opened a bakery near the river with her brother Tom."
+    examples = [QAExample(str(i), q, context, ()) for i, q in enumerate(["Where?", "When did she move?", "Who?"])]
+    tok = Tokenizer.train_chars([context, *[e.question for e in examples]])
+    windows = qa.squad_windows(tok, examples, max_len=60, stride=20, max_question=20)
+    checked = 0
+    for seed in range(3):
+        model = _span_model(tok, seed)
+        for max_answer in (1, 2, 5):
+            best = {}
+            for w in windows:
+                with torch.no_grad():
+                    start, end = model.span_logits(torch.tensor([w.ids]), token_type_ids=torch.tensor([w.token_types]))
+                inside = [t for t, o in enumerate(w.offsets) if o is not None]
+                for a in inside:
+                    for z in inside:
+                        if a <= z and z - a + 1 <= max_answer:
+                            value = float(start[0, a]) + float(end[0, z])
+                            if w.example not in best or value > best[w.example][0]:
+                                best[w.example] = (value, context[w.offsets[a][0] : w.offsets[z][1]].strip())
+            expected = {ex.id: best[n][1] for n, ex in enumerate(examples)}
+            found = qa.best_spans(model, tok, examples, windows, max_answer=max_answer)
+            assert found == expected, (seed, max_answer)
+            checked += sum(len(a) > 1 for a in found.values())
+    assert checked, "some answers must be longer than one character, or the limit shows nothing"
