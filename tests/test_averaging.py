@@ -196,3 +196,14 @@ def test_a_run_that_is_missing_or_a_file_is_named_as_such(tmp_path, capsys):
     (tmp_path / "run").mkdir()  # a directory that is no run keeps its message
     with pytest.raises(ValueError, match="has no exported model"):
         average_run(tmp_path / "run", 1, tmp_path / "avg")
+
+
+def test_average_run_takes_the_last_step_checkpoints_not_best(tmp_path):
+    # a run that evaluates keeps best/step-* beside checkpoints/ (training's own resume lists both); the best
+    # checkpoint is usually the final step's again, so counting it took step 30 twice and dropped step 20
+    model, states = _run(tmp_path)
+    best = {k: v + 30 * torch.ones_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    checkpoint.save(tmp_path / "best", 30, {"model": best}, keep=1)
+    averaged = maskattn.load(average_run(tmp_path, 2, tmp_path / "avg"))
+    for key, value in averaged.state_dict().items():
+        torch.testing.assert_close(value, (states[1][key] + states[2][key]) / 2, rtol=0, atol=1e-6, msg=key)
