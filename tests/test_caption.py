@@ -446,3 +446,19 @@ def test_caption_model_settings_that_do_not_fit_the_canvases_are_refused_naming_
     err = capsys.readouterr().err
     assert err.strip() == f"maskattn train: {message}", err
     assert not (tmp_path / "run").exists()
+
+
+def test_word_accuracy_counts_the_true_captions_words(monkeypatch):
+    # Oracle written out: position-by-position right words over the words of the true captions, so a model that
+    # says fewer words cannot score higher (a denominator of generated words gave 100% to captions cut short).
+    d = replace(C.DataConfig(), max_height=8, max_width=24, min_digits=2, max_digits=2)
+    model = tiny_model()
+    p = model.config.patch_size
+    data = C.canvases("train", 3, d, p)
+    first = C.NAMES[data[1].digits[0]]
+    said = [data[0].caption, first, ""]  # all right; first word only; nothing
+    grid = (max(c.image.shape[0] for c in data) // p) * (max(c.image.shape[1] for c in data) // p)
+    monkeypatch.setattr(C, "caption_batch", lambda m, t, images: (said, [{"cross": torch.zeros(3, 1, 3, grid)}], None))
+    scores = C.score(model, C.build_tokenizer(), data)
+    assert scores["word_accuracy"] == pytest.approx(100 * (2 + 1 + 0) / 6)
+    assert scores["exact_match"] == pytest.approx(100 / 3)
