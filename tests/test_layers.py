@@ -236,6 +236,17 @@ def test_residual_pre_and_post_ln():
     torch.testing.assert_close(pre(x, torch.sin), x + torch.sin(pre.norm(x)))
 
 
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_residual_dropout_drops_the_sublayer_output_never_the_residual_stream(norm_first):
+    # Dropout applied after the addition (norm(dropout(x + f(x)))) zeroed and rescaled the residual stream itself in
+    # training, and every eval-mode test passed. Hand oracle in train mode: a sublayer returning zeros leaves the
+    # stream exactly as without a sublayer; one returning ones adds 0 or 1 / (1 - p) to each element.
+    x = torch.randn(4, 16, 8)
+    block = Residual(8, norm_first=norm_first, dropout=0.5).train()
+    torch.testing.assert_close(block(x, torch.zeros_like), x if norm_first else block.norm(x), rtol=0, atol=0)
+    if norm_first:  # x + dropout(1): each element 0 or 2 above x, both seen
+        assert set((block(x, torch.ones_like) - x).flatten().round(decimals=4).tolist()) == {0.0, 2.0}
+
 @pytest.mark.parametrize("make,words", [
     # d_ff=0 built a zero-width feed-forward (its output the bias alone) with a warning; 64.0 failed in nn.Linear
     (lambda: FeedForward(8, 0), "FeedForward: d_ff must be a positive int, got 0"),
