@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import sacrebleu
+import torch
 
 from maskattn.cli import main
 from maskattn.tasks import translation
@@ -165,6 +166,24 @@ def test_translate_input_longer_than_max_len_is_an_error_not_a_silent_cut(tiny_t
     # on main the input was cut to max_len tokens without a word (one case gave an empty output)
     assert main(["translate", str(tiny_translator), "abc", "abcdef" * 5]) == 2
     assert "sentence 2 has 30 tokens, more than the model's max_len (16)" in capsys.readouterr().err
+
+
+def test_the_batches_compress_scores_with_are_the_plain_cross_entropy_without_label_smoothing(tiny_translator,
+                                                                                                tmp_path):
+    # compress (head importance, fine-tuning) reads translation.training_batches, documented as "no label
+    # smoothing"; giving it the training default 0.1 passed the suite. Oracle: the summed negative log-likelihood of
+    # every non-pad target, by hand from the model's logits.
+    model, tok, _ = translation.load(tiny_translator)
+    batches = translation.training_batches(tiny_translator, [str(tmp_path / "train.tsv")], 256)
+    batch = batches.collate(list(range(6)))
+    with torch.no_grad():
+        logits = model(batch["src"], batch["tgt_in"], src_lengths=batch["src_lengths"],
+                       tgt_lengths=batch["tgt_lengths"]).double()  # (B, L, V)
+        nll = -logits.log_softmax(-1).gather(-1, batch["tgt_out"].unsqueeze(-1)).squeeze(-1)  # (B, L)
+        want = nll[batch["tgt_out"] != tok.pad_id].sum()
+        got = batches.loss(model, batch)
+    assert int((batch["tgt_out"] != tok.pad_id).sum()) == batch["num_targets"]
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_evaluate_names_the_file_of_a_sentence_longer_than_max_len(tiny_translator, tmp_path, capsys):
