@@ -513,3 +513,19 @@ def test_qwen2_moe_without_sliding_layers_runs(monkeypatch):
         got = hf.build_mask(1, 5, 5, mask_function=function)
         want = mu.sdpa_mask(batch_size=1, q_length=5, kv_length=5, mask_function=function, allow_is_causal_skip=False)
         assert got.structured and torch.equal(got.mask.to_dense(5, 5), want)
+
+
+@pytest.mark.parametrize(("q_len", "is_causal"), [(1, True), (2, True), (6, True), (1, False), (3, False)])
+def test_attention_forward_without_a_mask_follows_transformers_sdpa(q_len, is_causal):
+    # called directly with attention_mask=None (no transformers model of the mask interface does): one query of a
+    # causal module saw key 0 alone (top-left), where transformers' own sdpa_attention_forward lets it see every key
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, q_len, 8, generator=gen)
+    k, v = (torch.randn(1, 2, 6, 8, generator=gen) for _ in range(2))
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups, module.training = is_causal, 2, False
+    want, _ = sdpa_attention_forward(module, q, k, v, None, dropout=0.0, scaling=None)
+    got, _ = hf.attention_forward(module, q, k, v, None, dropout=0.0, scaling=None)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)

@@ -439,7 +439,7 @@ def attention_forward(
     if kwargs.get("position_bias") is not None:
         raise NotImplementedError("maskattn.hf: attention with an additive position_bias (T5-style) is not "
                                   "supported; use attn_implementation='eager' for this model")
-    spec = _spec(module, attention_mask, is_causal, kwargs.get("sliding_window"))
+    spec = _spec(module, attention_mask, is_causal, kwargs.get("sliding_window"), query.shape[2])
     sinks = kwargs.get("s_aux") if kwargs.get("s_aux") is not None else kwargs.get("sinks")
     weights = None
     if softcap is not None or sinks is not None:
@@ -480,14 +480,14 @@ def _weights_wanted(kwargs: dict[str, Any]) -> bool:
 
 
 def _spec(module: torch.nn.Module, mask: HFMask | Tensor | None, is_causal: bool | None,
-          window: int | None) -> HFMask:
+          window: int | None, q_len: int) -> HFMask:
     if isinstance(mask, HFMask):
         return mask
     if isinstance(mask, Tensor):
         _once("a 4-D attention_mask built by the caller reaches maskattn as a dense tensor (masks.from_hf)")
         return HFMask(masks.from_hf(mask), 0, structured=False)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if not causal:
+    if not causal or q_len == 1:  # as transformers' sdpa_attention_forward: one query (a cached step) sees every key
         return HFMask(None)
     return HFMask(masks.causal() & masks.sliding_window(window) if window else masks.causal())
 
