@@ -130,3 +130,16 @@ def test_an_output_path_written_as_a_directory_or_through_a_symlink_loop_is_name
     for given in (tmp_path / "a", tmp_path / "a" / "h.txt"):
         with pytest.raises(ValueError, match=r"--hypotheses .*: a symbolic link loop"):
             io.check_output_file(given, "--hypotheses", [tmp_path / "in.txt"])
+
+
+def test_a_symlink_loop_among_the_inputs_is_named_as_that_input_not_the_output(tmp_path):
+    # `caption --example out.png MODEL loop.png`: the loop in the input was reported as "--example out.png: a
+    # symbolic link loop", blaming the output path, which has none
+    import os
+
+    os.symlink("b", tmp_path / "a")
+    os.symlink("a", tmp_path / "b")
+    with pytest.raises(ValueError) as caught:
+        io.check_output_file(tmp_path / "out.png", "--example", [tmp_path / "model", tmp_path / "a"])
+    assert str(caught.value).startswith(f"{tmp_path / 'a'}: a symbolic link loop")
+    assert not (tmp_path / "out.png").exists()

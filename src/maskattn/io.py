@@ -167,9 +167,14 @@ def check_output_file(out: str | os.PathLike, flag: str, inputs: Iterable[str | 
             raise ValueError(f"{flag} {out}: {parent} is a file, not a directory")
     try:
         target = path.resolve()
-        sources = [(given, Path(given).resolve()) for given in inputs]
     except RuntimeError as e:  # Python < 3.13 raises RuntimeError("Symlink loop from ...")
         raise ValueError(f"{flag} {out}: a symbolic link loop ({e})") from None
+    sources = []
+    for given in inputs:
+        try:
+            sources.append((given, Path(given).resolve()))
+        except RuntimeError as e:  # the input's loop, not the output's: name the input
+            raise ValueError(f"{given}: a symbolic link loop ({e}); expected a file or directory to read") from None
     for given, source in sources:
         if target == source or source in target.parents:
             raise ValueError(f"{flag} {out}: that would write over the input {given}; write somewhere else")
