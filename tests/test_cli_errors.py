@@ -325,3 +325,16 @@ def test_out_of_memory_is_one_line_naming_the_sizes_given(tmp_path, monkeypatch,
     monkeypatch.setattr(cli, "_showcase", bug)
     with pytest.raises(RuntimeError, match="cannot be multiplied"):  # any other RuntimeError is a bug: traceback
         main(["showcase"])
+
+
+@pytest.mark.parametrize("value", ["", "x", "-1"])
+def test_a_rank_variable_set_by_hand_is_one_error_naming_it(value, monkeypatch, capsys):
+    # RANK= (set by hand, not by torchrun) was "ValueError: invalid literal for int() with base 10: ''", a traceback
+    # from every command, as WORLD_SIZE and LOCAL_RANK were before 7b9d140
+    monkeypatch.setenv("RANK", value)
+    with pytest.raises(SystemExit) as caught:
+        main(["masks", "show", "causal", "--length", "3"])
+    assert caught.value.code == 2
+    assert f"environment variable RANK={value!r}: expected an int >= 0" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    assert main(["masks", "show", "causal", "--length", "3"]) == 0

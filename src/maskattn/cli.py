@@ -232,6 +232,19 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _launched_rank(parser: argparse.ArgumentParser) -> int:
+    """RANK as set by ``torchrun`` (0 when not launched by it); a usage error naming it when it is not an int >= 0."""
+    value = os.environ.get("RANK", "0")
+    try:
+        rank = int(value)
+    except ValueError:
+        rank = -1
+    if rank < 0:
+        parser.error(f"environment variable RANK={value!r}: expected an int >= 0 (torchrun sets it); unset it to "
+                     "run as a single process")
+    return rank
+
+
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse ``argv``; inputs given after an option (``translate MODEL --beam 1 "Ein Mann."``,
     ``caption MODEL --example a.png b.png``) join the command's list of texts or images, which argparse
@@ -304,7 +317,7 @@ def run() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = _parse(parser, argv)
-    configure_logging(args.verbose, args.quiet, rank=int(os.environ.get("RANK", "0")))
+    configure_logging(args.verbose, args.quiet, rank=_launched_rank(parser))
     handler = getattr(args, "handler", None) or {  # a task's prediction command sets its own handler
         "demo": _demo, "train": _train, "evaluate": _evaluate, "viz": _viz, "audit": _audit, "showcase": _showcase,
         "masks": _masks_show, "average": _average, "compress": _compress}[args.command]
