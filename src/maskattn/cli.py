@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from maskattn.distributed import environment_int
 from maskattn.errors import TrainingError, UsageError, check_seed
 from maskattn.io import check_output_file
 from maskattn.masks import expr
@@ -234,15 +235,10 @@ def _version() -> str:
 
 def _launched_rank(parser: argparse.ArgumentParser) -> int:
     """RANK as set by ``torchrun`` (0 when not launched by it); a usage error naming it when it is not an int >= 0."""
-    value = os.environ.get("RANK", "0")
     try:
-        rank = int(value)
-    except ValueError:
-        rank = -1
-    if rank < 0:
-        parser.error(f"environment variable RANK={value!r}: expected an int >= 0 (torchrun sets it); unset it to "
-                     "run as a single process")
-    return rank
+        return environment_int("RANK", 0, 0)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

@@ -34,10 +34,10 @@ class Context:
 
 def _launched_world_size() -> int:
     """WORLD_SIZE as set by ``torchrun`` (1 when not launched by it)."""
-    return _environment_int("WORLD_SIZE", 1, 1)
+    return environment_int("WORLD_SIZE", 1, 1)
 
 
-def _environment_int(name: str, default: int, least: int) -> int:
+def environment_int(name: str, default: int, least: int) -> int:
     """The int in the environment variable ``name`` (``default`` when unset); ValueError naming it when it is not
     an int >= ``least`` (a variable set by hand, not by torchrun)."""
     value = os.environ.get(name)
@@ -81,7 +81,7 @@ def local_device() -> torch.device:
     """
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    rank, count = _environment_int("LOCAL_RANK", 0, 0), torch.cuda.device_count()
+    rank, count = environment_int("LOCAL_RANK", 0, 0), torch.cuda.device_count()
     if rank >= count:
         raise ValueError(f"LOCAL_RANK={rank} but this machine has {count} GPU(s): start at most {count} processes "
                          "per node (torchrun --nproc_per_node), or train every process on the CPU "
