@@ -360,13 +360,10 @@ def audit_causal_logits(logits_of: Callable[[Tensor], Tensor], tokens: Tensor, *
                 worst = (prefix - base[:, : t + 1]).abs().amax(-1)  # (B, t+1)
                 b, q = divmod(int(worst.argmax()), t + 1)
                 return Verdict(name, False, 0, [(b, q, t + 1)], "the length of the future changed earlier logits")
-        for b in range(tokens.shape[0]) if tokens.shape[0] > 1 else ():  # nor on the tokens of another row
-            others = torch.ones_like(tokens, dtype=torch.bool)
-            others[b] = False
-            moved = (logits_of(_redrawn(tokens, others, vocab, gen))[b] != base[b]).any(-1)  # (L,)
-            if moved.any():
-                return Verdict(name, False, 0, [(b, int(moved.nonzero()[0]), -1)],
-                               "changing another row's tokens changed this row's logits")
+        everywhere = torch.ones_like(tokens, dtype=torch.bool)  # nor on the tokens of another row
+        leak = _other_rows_leak(tokens, everywhere, lambda x: (logits_of(x) != base).any(-1), vocab, gen)
+        if leak is not None:
+            return Verdict(name, False, 0, [(*leak, -1)], "changing another row's tokens changed this row's logits")
     return Verdict(name, True, length * (length - 1) // 2 * tokens.shape[0])
 
 
@@ -413,13 +410,10 @@ def audit_padding(outputs_of: Callable[[Tensor], Tensor], tokens: Tensor, length
             b, q = moved.nonzero()[0].tolist()
             k = int(pad[b].nonzero()[0]) if pad[b].any() else -1  # -1: a row without padding moved (across the batch)
             return Verdict(name, False, 0, [(b, q, k)], "changing padding tokens changed a real position")
-        for b in range(tokens.shape[0]) if tokens.shape[0] > 1 else ():  # nor on the real tokens of another row
-            others = ~pad
-            others[b] = False
-            moved = moved_by(_redrawn(tokens, others, vocab, gen))[b]  # (Lout,)
-            if moved.any():
-                return Verdict(name, False, 0, [(b, int(moved.nonzero()[0]), -1)],
-                               "changing another row's real tokens changed this row's outputs")
+        leak = _other_rows_leak(tokens, ~pad, moved_by, vocab, gen)  # nor on the real tokens of another row
+        if leak is not None:
+            return Verdict(name, False, 0, [(*leak, -1)],
+                           "changing another row's real tokens changed this row's outputs")
     return Verdict(name, True, int((checked.sum(1) * pad.sum(1)).sum()))  # (output position, padded input) pairs
 
 
@@ -549,6 +543,19 @@ def audit_documents(outputs_of: Callable[[Tensor], Tensor], tokens: Tensor, docu
     if leaks:
         return Verdict(name, False, foreign_pairs, leaks, "changing another document changed an output")
     return Verdict(name, True, foreign_pairs)
+
+
+def _other_rows_leak(tokens: Tensor, movable: Tensor, moved_of: Callable[[Tensor], Tensor], vocab: int,
+                     gen: torch.Generator) -> tuple[int, int] | None:
+    """For each row b, the ``movable`` (B, L) tokens of the other rows redrawn: the first (b, output position) of row
+    b that ``moved_of`` (changed tokens -> (B, Lout) bool) says moved, or None. One row has no other row to change."""
+    for b in range(tokens.shape[0]) if tokens.shape[0] > 1 else ():
+        others = movable.clone()
+        others[b] = False
+        moved = moved_of(_redrawn(tokens, others, vocab, gen))[b]  # (Lout,)
+        if moved.any():
+            return b, int(moved.nonzero()[0])
+    return None
 
 
 def _redrawn(tokens: Tensor, where: Tensor, vocab: int, gen: torch.Generator) -> Tensor:
