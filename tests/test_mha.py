@@ -313,8 +313,10 @@ def test_a_forward_checks_rope_once_and_finds_the_layers_device_without_walking_
     layer, rope = MultiHeadAttention(8, 2, num_kv_heads=1).eval(), RotaryEmbedding(4, 16)
     x, angles = torch.randn(2, 4, 8), rope(torch.arange(4)[None])
     walks, checks = [], []
-    buffers, check = nn.Module.buffers, positions._check_rope_fits
+    buffers, parameters, check = nn.Module.buffers, nn.Module.parameters, positions._check_rope_fits
     monkeypatch.setattr(nn.Module, "buffers", lambda self, *a, **k: walks.append(self) or buffers(self, *a, **k))
+    # the dtype too is read from q_proj's weight, not from a walk of its parameters per input (session 27)
+    monkeypatch.setattr(nn.Module, "parameters", lambda self, *a, **k: walks.append(self) or parameters(self, *a, **k))
     monkeypatch.setattr(positions, "_check_rope_fits", lambda *a: checks.append(a) or check(*a))
     with torch.no_grad():
         out = layer(x, rope=angles)

@@ -127,7 +127,7 @@ class MultiHeadAttention(nn.Module):
         """
         b, lq = self._check_query(query)
         q = self.q_proj(query).view(b, lq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Lq, D)
-        k, v = self.project_kv(query if key is None else key, value) if kv is None else self._check_kv(kv, b)
+        k, v = self._project_kv(query if key is None else key, value, query) if kv is None else self._check_kv(kv, b)
         if rope is not None:
             self._check_rope(rope, b, lq, k.shape[2] if kv is None else lq)
             q = apply_rope(q, rope, check=False)  # (checked just now: once per call, not per rotation)
@@ -152,8 +152,12 @@ class MultiHeadAttention(nn.Module):
 
     def project_kv(self, key: Tensor, value: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Project (B, Lk, kdim) keys and values into heads: two (B, Hkv, Lk, D) tensors."""
+        return self._project_kv(key, value)
+
+    def _project_kv(self, key: Tensor, value: Tensor | None, checked: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """:meth:`project_kv`; ``checked`` is a tensor whose dtype and device were checked already (the query)."""
         value = key if value is None else value
-        self._check(key, value)
+        self._check(key, value, checked)
         b, lk, _ = key.shape
         k = self.k_proj(key).view(b, lk, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Lk, D)
         v = self.v_proj(value).view(b, lk, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Lk, D)
@@ -230,7 +234,10 @@ class MultiHeadAttention(nn.Module):
         if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # meta: torch has no autocast there
             return
         # Parameters only: an Int8Linear's scales are buffers (in its model's dtype), and it runs any float activations
-        want = next((p.dtype for p in self.q_proj.parameters() if p.is_floating_point()), None)
+        if isinstance(weight, nn.Parameter) and weight.is_floating_point():
+            want = weight.dtype  # nn.Linear: read, not walked (a third of a call's own time at decoding sizes)
+        else:
+            want = next((p.dtype for p in self.q_proj.parameters() if p.is_floating_point()), None)
         if want is None and not x.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
         if want is not None and x.dtype != want:
@@ -263,13 +270,15 @@ class MultiHeadAttention(nn.Module):
                              f"{tuple(v.shape)}")
         return k, v
 
-    def _check(self, key: Tensor, value: Tensor) -> None:
+    def _check(self, key: Tensor, value: Tensor, checked: Tensor | None = None) -> None:
         expected = (("key", key, self.k_proj.in_features), ("value", value, self.v_proj.in_features))
         for name, x, width in expected:
             if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != width:
                 got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
                 raise ValueError(f"{name} must be (B, L, {width}) batch-first, got {got}")
-            self._check_dtype(name, x)
+            if x is not checked:  # self-attention: key and value are the query, checked once
+                self._check_dtype(name, x)
+                checked = x
         if key.shape[0] != value.shape[0]:
             raise ValueError(f"batch sizes differ: key {key.shape[0]}, value {value.shape[0]}")
         if key.shape[1] != value.shape[1]:

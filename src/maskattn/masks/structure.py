@@ -43,8 +43,7 @@ class MaskStructure:
     def kinds(self) -> tuple[str, ...]:
         """Names of the parts that are set, in field order, with ``"rest"`` last if anything is left over:
         ``("causal", "window")`` for ``causal() & sliding_window(4)``, ``()`` for full attention."""
-        names = [f.name for f in fields(self) if f.name not in ("rest", "relative")
-                 and getattr(self, f.name) is not None and getattr(self, f.name) is not False]
+        names = [name for name in _PARTS if getattr(self, name) is not None and getattr(self, name) is not False]
         return (*names, "rest") if self.rest else tuple(names)
 
     @property
@@ -67,3 +66,6 @@ class MaskStructure:
         return MaskStructure(causal=self.causal or other.causal, window=min(windows) if windows else None,
                              rest=self.rest + other.rest, relative=relative, **tensors)
 
+
+# The fields ``kinds`` names, in order; read once (``dataclasses.fields`` per call cost a tenth of a decoding step)
+_PARTS = tuple(f.name for f in fields(MaskStructure) if f.name not in ("rest", "relative"))
