@@ -248,6 +248,44 @@ def test_a_plan_whose_batches_leave_examples_out_across_processes_says_so_once(t
     assert not caplog.records
 
 
+def _trained_batches(trainer, steps):
+    """Train ``trainer`` to ``steps``; the batches (example indices) it collated."""
+    seen, collate = [], trainer.collate
+    trainer.collate = lambda idx: seen.append(list(idx)) or collate(idx)
+    trainer.cfg.steps = steps
+    trainer.fit()
+    return seen
+
+
+@pytest.mark.parametrize("before,after", [(1, 2), (2, 1)])
+def test_a_run_resumed_with_another_number_of_processes_trains_the_batch_after_the_last_one(tmp_path, monkeypatch,
+                                                                                            caplog, before, after):
+    # A checkpoint's data position counted the batches of this process's split, which leaves out batches smaller
+    # than the number of processes: resumed with another number, [1, 2] was trained twice (2 -> 1) or skipped
+    # (1 -> 2). Oracle: the plan itself, [[0], [1, 2], [3, 4], [5, 6]] every epoch, read in order. Rank 0 of 2
+    # is stood in for by a process whose sums over processes are twice its own (both ranks holding the same).
+    from maskattn import distributed
+
+    plan = [[0], [1, 2], [3, 4], [5, 6]]
+    seen = {}
+    for leg, world, steps in (("before", before, 1), ("after", after, 2)):
+        trainer = _tiny_trainer(tmp_path, checkpoint_every=1)
+        trainer.plan = lambda epoch: plan
+        if world == 2:
+            trainer.world = 2
+            monkeypatch.setattr(distributed, "all_sum", lambda x: 2 * x)
+        else:
+            monkeypatch.undo()
+        if leg == "after":
+            assert trainer.resume()
+        seen[leg] = _trained_batches(trainer, steps)
+    first = {1: [0], 2: [1]}[before]  # (rank 0's share of [1, 2]; [0] cannot be split between two processes)
+    assert seen["before"] == [first]
+    following = plan[1] if before == 1 else plan[2]  # the batch after the last one trained
+    assert seen["after"] == [following[0::after]]
+    assert f"resumed with {after} process(es) a run checkpointed by {before}" in caplog.text
+
+
 def test_each_torchrun_process_gets_its_own_gpu_and_nccl_reduces_on_it(monkeypatch):
     # No GPU here: CUDA and the NCCL group are stood in for, so that what is checked is which device
     # the code picks (all ranks on cuda:0 is what NCCL refuses) and where the reduced tensor lives.

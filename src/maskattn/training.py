@@ -371,6 +371,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch,
             "position": self.position,
+            "world_size": self.world,  # position counts the batches of a split between this many processes
             "best": self.best,
             "bad_evals": self.bad_evals,
             "evaluated": self.evaluated,
@@ -418,7 +419,9 @@ class Trainer:
                 "the run was started with") from e
         for group, own in zip(self.optimizer.param_groups, settings, strict=True):
             group.update(own)
-        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.step, self.epoch = state["step"], state["epoch"]
+        # (checkpoints written before it was kept: taken to be of as many processes as this run)
+        self.position = self._position_of(state["position"], state.get("world_size", self.world))
         self.best, self.bad_evals = state["best"], state["bad_evals"]
         # (checkpoints written before it was kept: taken to count an evaluation logged at their step, as then)
         self.evaluated = state.get("evaluated", self.step)
@@ -428,6 +431,22 @@ class Trainer:
         self._trim_log()
         self._drop_later_best()
         return True
+
+    def _position_of(self, position: int, world: int) -> int:
+        """This run's data position for a checkpoint's ``position`` among the batches ``world`` processes split: a
+        batch smaller than the number of processes is left out of their split (:func:`maskattn.data.shard`), so with
+        another number of processes the batch after the last one trained sits at another index."""
+        if world == self.world:
+            return position
+        if self.rank == 0:
+            logging.getLogger("maskattn").warning(
+                "training: resumed with %d process(es) a run checkpointed by %d: training goes on from the batch "
+                "after the last one trained, but dropout and other random draws differ from the run's", self.world,
+                world)
+        batches = self.plan(self.epoch)
+        kept = [i for i, batch in enumerate(batches) if len(batch) >= world]
+        following = kept[min(position, len(kept)) - 1] + 1 if position and kept else 0  # index in the plan
+        return sum(len(batch) >= self.world for batch in batches[:following])
 
     def _drop_later_best(self) -> None:
         """Remove a best checkpoint from after the resumed step (a run killed between its best evaluation and its
