@@ -923,3 +923,39 @@ def test_each_optimizer_step_draws_other_random_numbers(tmp_path):
     trainer.loss_fn = lambda m, b: draws.append(torch.rand(4)) or loss(m, b)
     trainer.fit()
     assert len(draws) == 4 and len({tuple(d.tolist()) for d in draws}) == 4
+
+
+@pytest.mark.parametrize("clip_norm", [1.0, None])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_non_finite_gradient_stops_training_in_its_step_before_it_reaches_the_weights(tmp_path, clip_norm, bad):
+    # Without clipping (train.clip_norm=none) the norm was not computed: AdamW took the inf/NaN gradient, the weights
+    # became NaN, the step checkpoint saved them, and the run stopped a step later blaming that step's loss and naming
+    # the NaN checkpoint as the last good one.
+    from maskattn.errors import TrainingError
+
+    trainer = _tiny_trainer(tmp_path, steps=6, checkpoint_every=1, clip_norm=clip_norm)
+    trainer.model[0].weight.register_hook(lambda grad: grad * bad if trainer.step == 3 else grad)
+    with pytest.raises(TrainingError, match=rf"^step 3: the gradient norm is {bad}; training stopped before updating "
+                                            r"the weights\. The last good checkpoint is .*/step-000000002"):
+        trainer.fit()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert all(torch.isfinite(t).all() for t in _final_weights(tmp_path).values())
+
+
+@pytest.mark.parametrize("clip_norm", [0.05, 1e6, None])
+def test_the_clipped_gradients_are_torchs_clip_grad_norm_of_the_mean_loss_gradients(tmp_path, clip_norm):
+    # the oracle: the gradient of the step's mean loss computed by hand on a copy, clipped by torch's own function
+    from copy import deepcopy
+
+    trainer = _tiny_trainer(tmp_path, steps=1, clip_norm=clip_norm, accumulate=2)
+    copy = deepcopy(trainer.model)
+    micro = trainer._next_micro_batches()
+    mean = sum(trainer.loss_fn(copy, b) for b in micro) / sum(b["num_targets"] for b in micro)
+    mean.backward()
+    if clip_norm:
+        torch.nn.utils.clip_grad_norm_(copy.parameters(), clip_norm)
+    seen, step = [], trainer.optimizer.step
+    trainer.optimizer.step = lambda: seen.extend(p.grad.clone() for p in trainer.model.parameters()) or step()
+    trainer._optimizer_step(micro)
+    assert len(seen) == 4 and all(torch.allclose(a, b.grad, rtol=1e-6, atol=1e-9)
+                                  for a, b in zip(seen, copy.parameters(), strict=True))

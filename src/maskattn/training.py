@@ -634,9 +634,10 @@ class Trainer:
                 (loss * self.world / max(total_targets, 1.0)).backward()
             losses.append(loss.detach())
         # Clipping scales the gradients only, which _stop discards: the losses and the norm come back to the host
-        # together, one wait for the device per step (not one per micro-batch).
-        # (without clipping, the norm is a placeholder, unread; without gradients, clip_grad_norm_ gives a CPU 0)
-        norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm) if cfg.clip_norm else losses[0]
+        # together, one wait for the device per step (not one per micro-batch). Without clipping the norm is still
+        # taken (max_norm inf scales by 1), else a non-finite gradient would reach the weights with a finite loss.
+        # (without gradients, clip_grad_norm_ gives a CPU 0)
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm or math.inf)
         *values, norm = torch.stack([*losses, norm.to(losses[0].device)]).tolist()  # dtypes promoted: exact
         loss_sum = 0.0
         for value in values:  # added in order, as logged before (sum() of floats compensates since Python 3.12)
@@ -644,7 +645,7 @@ class Trainer:
         loss_sum = distributed.all_sum(loss_sum)  # every rank sees the same sum, so all stop together
         if not math.isfinite(loss_sum):
             self._stop(f"the training loss is {loss_sum}")
-        if cfg.clip_norm and not math.isfinite(norm):
+        if not math.isfinite(norm):
             self._stop(f"the gradient norm is {norm}")
         try:
             self.optimizer.step()
