@@ -959,3 +959,16 @@ def test_the_clipped_gradients_are_torchs_clip_grad_norm_of_the_mean_loss_gradie
     trainer._optimizer_step(micro)
     assert len(seen) == 4 and all(torch.allclose(a, b.grad, rtol=1e-6, atol=1e-9)
                                   for a, b in zip(seen, copy.parameters(), strict=True))
+
+
+def test_every_seed_the_settings_accept_trains(tmp_path):
+    # train.seed up to 2**63 - 1 passes the settings, but the per-step seed (seed * 1_000_003 + ...) and the data
+    # order's (seed * 7919 + epoch) overflowed torch.manual_seed: "Overflow when unpacking long long" at step 1
+    from maskattn.data import random_batches
+
+    big = 2**63 - 1
+    trainer = _tiny_trainer(tmp_path, steps=2, seed=big)
+    trainer.plan = lambda epoch: random_batches(64, 16, seed=big, epoch=epoch)
+    trainer.fit()
+    assert trainer.step == 2
+    assert sorted(i for b in random_batches(64, 16, seed=big, epoch=0) for i in b) == list(range(64))

@@ -301,10 +301,16 @@ def bucket_batches(
     return batches
 
 
+def mixed_seed(value: int) -> int:
+    """A seed made of several numbers (``seed * 7919 + epoch``), as torch's generators take it: below 2**64, where
+    they overflow (a ``train.seed`` near 2**63 did); every value torch took before is returned as it is."""
+    return value % 2**64
+
+
 def random_batches(count: int, size: int, *, seed: int, epoch: int, drop_last: bool = False) -> list[list[int]]:
     """The indices 0..count-1 in a random order, cut into batches of ``size`` (the last one shorter, or dropped
     with ``drop_last``). Deterministic in (seed, epoch), like :func:`bucket_batches`."""
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(mixed_seed(seed * 7919 + epoch))).tolist()
     end = count - size + 1 if drop_last else count
     return [order[i : i + size] for i in range(0, max(end, 0), size)]
 

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from maskattn import checkpoint, distributed
 from maskattn.allocator import memory_kept, release_freed_memory
-from maskattn.data import shard
+from maskattn.data import mixed_seed, shard
 from maskattn.errors import (
     RunDirectoryError,
     SettingError,
@@ -619,7 +619,7 @@ class Trainer:
     def _optimizer_step(self, micro: list[Batch]) -> tuple[float, float]:
         cfg = self.cfg
         self.step += 1
-        torch.manual_seed(cfg.seed * 1_000_003 + self.step * 7919 + self.rank)
+        torch.manual_seed(mixed_seed(cfg.seed * 1_000_003 + self.step * 7919 + self.rank))
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, self.step) * group.get("lr_scale", 1.0)
         total_targets = distributed.all_sum(float(sum(b["num_targets"] for b in micro)))
