@@ -176,6 +176,17 @@ def best_spans(model: EncoderModel, tok: Tokenizer, examples: Sequence[QAExample
     return {ex.id: best.get(n, (0.0, ""))[1] for n, ex in enumerate(examples)}
 
 
+def span_loss(start: Tensor, end: Tensor, start_at: Tensor, end_at: Tensor, lengths: Tensor) -> Tensor:
+    """The summed cross-entropy of (B, L) start and end logits at the (B,) answer positions, each row's softmax over
+    its own ``lengths`` tokens: a padded position is no candidate, so a window's loss is the same in any batch."""
+    padded = torch.arange(start.shape[1], device=start.device) >= lengths[:, None]  # (B, L)
+
+    def summed(logits: Tensor, at: Tensor) -> Tensor:
+        return F.cross_entropy(logits.float().masked_fill(padded, float("-inf")), at, reduction="sum")
+
+    return summed(start, start_at) + summed(end, end_at)
+
+
 class SpanEnsemble(nn.Module):
     """Span models that share one tokenizer, answering together: the mean of their start and end logits.
 
@@ -290,9 +301,8 @@ def train(cfg: QAConfig, *, resume: bool = False, log=log_stderr) -> dict[str, A
         return {**batch_of([windows[i] for i in idx], tok.pad_id), "num_targets": 2 * len(idx)}
 
     def loss(m: nn.Module, b: dict[str, Any]) -> Tensor:
-        start, end = m(b["ids"], token_type_ids=b["types"], lengths=b["lengths"])
-        return (F.cross_entropy(start.float(), b["start"], reduction="sum")
-                + F.cross_entropy(end.float(), b["end"], reduction="sum"))
+        start, end = m(b["ids"], token_type_ids=b["types"], lengths=b["lengths"])  # (B, L) each
+        return span_loss(start, end, b["start"], b["end"], b["lengths"])
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         return score(best_spans(model, tok, valid, valid_windows, max_answer=cfg.data.max_answer), valid)
