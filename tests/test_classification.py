@@ -311,3 +311,22 @@ def test_classify_reads_a_text_with_outer_whitespace_as_training_and_evaluate_re
     tokenizer = json.loads((out / "model" / "tokenizer.json").read_text())["model"]["vocab"]
     expected = [tokenizer["<s>"], *(tokenizer[c] for c in text.strip()), tokenizer["</s>"]]
     assert seen == [[expected], [expected]]
+
+
+def test_a_pretrained_encoder_with_fewer_positions_than_data_max_len_is_refused_naming_both(tmp_path, capsys):
+    # From scratch, model.max_len < data.max_len is refused; fine-tuning an encoder of 64 positions with the default
+    # data.max_len=128 ran until the first batch holding a longer text: "positions must be in [0, max_len=64), got
+    # values in [0, 127]", naming no setting
+    from maskattn.models import EncoderConfig, EncoderModel
+    from maskattn.tokenization import Tokenizer
+
+    data = tmp_path / "x.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"{'good film ' * 20 * i}\tpos\nbad\tneg\n" for i in range(4)))
+    tok = Tokenizer.train_chars(["good film bad"])
+    EncoderModel(EncoderConfig(vocab_size=tok.vocab_size, d_model=16, num_heads=2, d_ff=32, num_layers=1,
+                               max_len=64)).save(tmp_path / "encoder", tokenizer=tok)
+    args = ["train", "classification", "--train", str(data), "--pretrained", str(tmp_path / "encoder"), "--set",
+            "train.steps=2", "--set", "train.progress=false"]
+    assert main([*args, "--out", str(tmp_path / "r")]) == 2
+    assert "data.max_len=128 is longer than the 64 positions of data.pretrained" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "r64"), "--set", "data.max_len=64"]) == 0  # texts cut to fit

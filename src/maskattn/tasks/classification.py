@@ -97,6 +97,9 @@ def build_model(cfg: ClassificationConfig, labels: list[str], tok: Tokenizer) ->
     """The pretrained encoder with a new head of ``len(labels)`` classes, or a new model sized for ``tok``."""
     if cfg.data.pretrained:
         model = fine_tunable(from_pretrained(cfg.data.pretrained, num_labels=len(labels)), cfg.data.pretrained)
+        if model.config.max_len < cfg.data.max_len:  # else found at the first batch holding a longer text
+            raise UsageError(f"data.max_len={cfg.data.max_len} is longer than the {model.config.max_len} positions of "
+                             f"data.pretrained ({cfg.data.pretrained}); set data.max_len <= {model.config.max_len}")
         model.config = replace(model.config, pooling=cfg.model.pooling)  # the one model setting that applies
         return model
     if cfg.model.max_len < cfg.data.max_len:  # was raised to data.max_len without a word
