@@ -409,3 +409,30 @@ def test_a_tile_larger_than_the_call_is_one_tile(name, make, block):
             assert (stats.allowed, stats.empty_rows) == (int(dense.sum()), int((~dense.any(-1)).sum()))
             assert stats.tiles_empty + stats.tiles_partial + stats.tiles_full == exact.numel()
             assert (stats.block_q, stats.block_k) == (block_q, block_k)  # reported as given
+
+
+def test_the_contributing_mask_kind_example_is_its_predicate_on_every_backend():
+    # CONTRIBUTING.md's worked `strided(step)` kind, pasted beside the kinds as it says: dense form against the
+    # oracle its docstring states (k % step == 0), block map sound, and the backends equal the reference
+    import re
+    from pathlib import Path
+
+    from maskattn.masks import kinds
+
+    text = (Path(__file__).resolve().parents[1] / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    (code,) = re.findall(r"```python\n# src/maskattn/masks/kinds\.py.*?\n(.*?)```", text, re.S)
+    namespace = dict(vars(kinds))
+    exec(compile(code, "CONTRIBUTING.md", "exec"), namespace)
+    for step, q_len, k_len, q_offset in ((1, 5, 7, 0), (3, 9, 20, 4), (5, 1, 13, 12), (4, 140, 300, 0)):
+        mask = namespace["strided"](step)
+        oracle = (torch.arange(k_len) % step == 0).expand(q_len, k_len)
+        dense = mask.to_dense(q_len, k_len, q_offset=q_offset)
+        assert torch.equal(dense.expand(1, 1, q_len, k_len)[0, 0], oracle)
+        exact = _exact_tile_kinds(dense.expand(1, 1, q_len, k_len), 4, 8)
+        got = mask.block_map(q_len, k_len, 4, 8, q_offset=q_offset).expand_as(exact)
+        assert not ((got == EMPTY) & (exact != EMPTY)).any() and not ((got == FULL) & (exact != FULL)).any()
+        q, k, v = torch.randn(1, 2, q_len, 8), torch.randn(1, 2, k_len, 8), torch.randn(1, 2, k_len, 8)
+        want = maskattn.attention(q, k, v, mask, q_offset=q_offset, backend="reference")
+        for backend in ("blocked", "sdpa"):
+            got = maskattn.attention(q, k, v, mask, q_offset=q_offset, backend=backend)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
