@@ -6,7 +6,9 @@ command is parsed by maskattn's own argument parser, and a `train` command's set
 shortcuts) are resolved against its task's config, which names any unknown or mistyped key. Every
 `python -m benchmarks.X` / `python -m recipes.X` command is parsed by that module's parser (it is stopped
 right after parsing). Shell variables become placeholders (`$D/train.json` -> `1/train.json`), and a
-command holding a literal `...` (an elided example) is skipped.
+command holding a literal `...` (an elided example) is skipped. Beside the blocks: every flag of an inline
+`maskattn ...` fragment in the prose is one its subcommand takes, every `tests/...::name` the docs cite exists,
+and every source file docs/architecture.md names exists.
 """
 
 from __future__ import annotations
@@ -165,3 +167,52 @@ def test_the_readme_run_toml_is_the_run_that_its_resume_command_continues(tmp_pa
             assignments.append(f"data.{name}={json.dumps(getattr(first, name))}")
     defaults = tasks()["translation"].config()
     assert config.load(defaults, tmp_path / "run.toml") == config.load(defaults, None, assignments)
+
+
+DOCS = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices
+    return {}
+
+
+def test_every_flag_of_an_inline_maskattn_command_is_a_flag_of_that_command():
+    # the prose's `maskattn evaluate --min-new-tokens N` and the like are fragments the bash blocks' check
+    # cannot parse; each flag must still be one its subcommand takes
+    wrong, program = [], cli.build_parser()
+    for path in DOCS:
+        text = path.read_text(encoding="utf-8")
+        for span in re.finditer(r"`(maskattn [^`]+)`", text):
+            parser, words = program, span.group(1).split()[1:]
+            while words and words[0] in _subcommands(parser):
+                parser = _subcommands(parser)[words.pop(0)]
+            flags = {flag for action in parser._actions for flag in action.option_strings}
+            wrong += [f"{path.name}:{text.count(chr(10), 0, span.start()) + 1}: `{span.group(1)}`: {flag}"
+                      for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", span.group(1)) if flag not in flags]
+    assert not wrong, "flags their command does not take:\n" + "\n".join(wrong)
+
+
+def test_every_test_the_docs_name_exists():
+    # docs/reliability.md cited test_a_second_config_file_is_refused_not_read_instead_of_the_first in
+    # tests/test_config.py; it lives in tests/test_cli.py
+    wrong = []
+    for path in DOCS:
+        text = path.read_text(encoding="utf-8")
+        for ref in re.finditer(r"(tests/test_\w+\.py)(?:::(\w+))?", text):
+            file, name = ROOT / ref.group(1), ref.group(2)
+            if not file.is_file() or (name and not re.search(rf"^(def {name}\(|{name} = )", file.read_text(), re.M)):
+                wrong.append(f"{path.name}:{text.count(chr(10), 0, ref.start()) + 1}: {ref.group(0)}")
+    assert not wrong, "no such test:\n" + "\n".join(wrong)
+
+
+def test_every_source_file_architecture_md_names_exists():
+    package = ROOT / "src" / "maskattn"
+    files = {path.relative_to(package).as_posix() for path in package.rglob("*.py")}
+    named = set(re.findall(r"`(?:maskattn/)?((?:\w+/)*\w+\.py)`", (ROOT / "docs" / "architecture.md").read_text()))
+    assert named
+    missing = sorted(name for name in named
+                     if not (ROOT / name).is_file() and not any(f == name or f.endswith("/" + name) for f in files))
+    assert not missing, f"docs/architecture.md names files that do not exist: {missing}"
