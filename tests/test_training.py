@@ -2,6 +2,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -203,6 +204,64 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path):
     assert trainer.step == 10
     best = checkpoint.latest(tmp_path / "best")
     assert checkpoint.load(best)["step"] == 4 and trainer.best == 0.5
+
+
+def _rank_of_two(rank, out, scenario):
+    """One of two processes (gloo, started by ``_two_ranks``): trains ``_tiny_trainer`` in ``scenario`` and writes
+    what it ended with to ``out/rank-RANK.json``."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{out / 'store'}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=5))  # a rank left waiting fails, not hangs
+    trainer = _tiny_trainer(out / "run", rank=rank, world_size=2, eval_every=2, patience=2)
+    if scenario == "evaluations":  # rank 1 scores a hair lower (better) each time: rank 0 sees ties at 0.5
+        scores, counted = iter([1.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]), iter(range(10))
+        trainer.evaluate = lambda m: {"loss": next(scores) - rank * 1e-9 * next(counted)}
+    else:  # rank 1's gradient norm reads inf in step 3, rank 0's is finite
+        clip = torch.nn.utils.clip_grad_norm_
+
+        def norm(*args, **kw):
+            value = clip(*args, **kw)
+            return torch.tensor(math.inf) if rank == 1 and trainer.step == 3 else value
+
+        torch.nn.utils.clip_grad_norm_ = norm
+    try:
+        last = trainer.fit()
+        result = {"step": trainer.step, "best": trainer.best, "bad_evals": trainer.bad_evals, "last": last}
+    except Exception as e:  # (a rank left waiting in a collective call ends here, after the gloo timeout)
+        result = {"step": trainer.step, "error": f"{type(e).__name__}: {e}"}
+    (out / f"rank-{rank}.json").write_text(json.dumps(result))
+
+
+def _two_ranks(out, scenario):
+    """What each of two gloo processes ended with (None for one still running after 20 s: killed)."""
+    context = torch.multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_rank_of_two, args=(rank, out, scenario)) for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=20)
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join()
+    return [json.loads(path.read_text()) if (path := out / f"rank-{rank}.json").exists() else None for rank in (0, 1)]
+
+
+@pytest.mark.slow
+def test_early_stopping_and_the_best_checkpoint_follow_rank_0s_evaluation_on_every_rank(tmp_path):
+    # Every process scores the validation set itself; on a GPU two processes' scores can differ in the last bit.
+    # Each used to count its own: at rank 0's ties (0.5, 0.5, 0.5) rank 1 saw improvements, so rank 0 stopped at
+    # step 8 and rank 1 trained on alone (failing in its next collective call). Oracle: rank 0's scores by hand,
+    # evaluations at steps 2, 4, 6, 8 = 1.0, 0.5, 0.5, 0.5: best at step 4, the second tie (step 8) stops the run.
+    ranks = _two_ranks(tmp_path, "evaluations")
+    for rank, result in enumerate(ranks):
+        assert result == {"step": 8, "best": 0.5, "bad_evals": 2, "last": {"loss": 0.5}}, (rank, result)
+    assert checkpoint.step_of(checkpoint.latest(tmp_path / "run" / "best")) == 4
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["eval_loss"] for r in logged if "eval_loss" in r] == [1.0, 0.5, 0.5, 0.5]
 
 
 def test_the_trainer_takes_rank_and_world_size_from_its_caller_and_checks_them(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -120,13 +121,35 @@ def barrier() -> None:
 
 def all_sum(x: float) -> float:
     """The sum of ``x`` over all processes (``x`` itself in a single process)."""
+    return all_sums([x])[0]
+
+
+def all_sums(values: list[float]) -> list[float]:
+    """The sums of ``values`` over all processes, element by element, in one collective call (``values`` themselves
+    in a single process)."""
     if not dist.is_initialized():
-        return x
-    # NCCL reduces only CUDA tensors (on the GPU init() set for this process); gloo only CPU ones.
-    device = _nccl_device() if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([x], dtype=torch.float64, device=device)
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
-    return float(t.item())
+    return t.tolist()
+
+
+def from_main(value: Any) -> Any:
+    """Rank 0's ``value`` (any picklable object) on every process; ``value`` itself in a single process.
+
+    For a decision every process must take alike (stop, keep a checkpoint) from something each computes itself, on
+    a GPU not always to the last bit the same: rank 0's copy decides everywhere.
+    """
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=_collective_device())
+    return box[0]
+
+
+def _collective_device() -> torch.device:
+    # NCCL reduces only CUDA tensors (on the GPU init() set for this process); gloo only CPU ones.
+    return _nccl_device() if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def _nccl_device() -> torch.device:

@@ -300,7 +300,9 @@ class Trainer:
         cfg: hyper-parameters.
         plan, collate, loss: the task's data and loss (module docstring).
         out_dir: where checkpoints and ``metrics.jsonl`` go.
-        evaluate: optional ``evaluate(model) -> dict[str, float]``; must contain ``cfg.metric``.
+        evaluate: optional ``evaluate(model) -> dict[str, float]``; must contain ``cfg.metric``. Under torchrun
+            every process runs it, and rank 0's scores (sent to the others) are the ones logged, returned and
+            counted towards the best checkpoint and early stopping on every process.
         device: where to train (default: this process's GPU, ``cuda:LOCAL_RANK`` under torchrun, if CUDA is
             available, else CPU).
         rank, world_size: this process and the number of processes, as :func:`maskattn.distributed.init`
@@ -678,6 +680,9 @@ class Trainer:
         self.model.eval()
         with torch.no_grad():
             metrics = self.evaluate(self.model)
+        # Every process evaluates, but on a GPU two may score differently in the last bit: rank 0's scores decide
+        # the best checkpoint and early stopping everywhere, else one rank could stop while another trains on.
+        metrics = distributed.from_main(metrics) if self.world > 1 else metrics
         if self.cfg.metric not in metrics:
             raise UnknownSettingError(f"train.metric {self.cfg.metric!r} is not one of the evaluation's metrics: "
                                       f"{sorted(metrics)}")
