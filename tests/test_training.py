@@ -264,6 +264,16 @@ def test_early_stopping_and_the_best_checkpoint_follow_rank_0s_evaluation_on_eve
     assert [r["eval_loss"] for r in logged if "eval_loss" in r] == [1.0, 0.5, 0.5, 0.5]
 
 
+@pytest.mark.slow
+def test_a_non_finite_gradient_norm_on_one_rank_stops_every_rank_in_that_step(tmp_path):
+    # Each rank took the norm of its own gradients and stopped on its own reading; rank 0 trained on and waited
+    # for rank 1 in step 4. The norm now travels with the step's loss in the one sum over processes it already had.
+    ranks = _two_ranks(tmp_path, "norm")
+    for rank, result in enumerate(ranks):
+        assert result is not None and result["step"] == 3, (rank, result)
+        assert result["error"].startswith("TrainingError: step 3: the gradient norm is inf"), (rank, result)
+
+
 def test_the_trainer_takes_rank_and_world_size_from_its_caller_and_checks_them(tmp_path, monkeypatch):
     from maskattn import distributed
 

@@ -644,11 +644,14 @@ class Trainer:
         loss_sum = 0.0
         for value in values:  # added in order, as logged before (sum() of floats compensates since Python 3.12)
             loss_sum += value
-        loss_sum = distributed.all_sum(loss_sum)  # every rank sees the same sum, so all stop together
+        # Summed over the processes in the one call a step makes anyway, so that every rank stops in the same step:
+        # the norm too (each rank takes it of its own copy of the gradients), as 0 where finite, so that the sum
+        # is not finite when it is not on some rank.
+        loss_sum, bad_norm = distributed.all_sums([loss_sum, 0.0 if math.isfinite(norm) else norm])
         if not math.isfinite(loss_sum):
             self._stop(f"the training loss is {loss_sum}")
-        if not math.isfinite(norm):
-            self._stop(f"the gradient norm is {norm}")
+        if not math.isfinite(bad_norm):
+            self._stop(f"the gradient norm is {bad_norm}")
         try:
             self.optimizer.step()
         except RuntimeError as e:  # AdamW's step lr / (1 - beta1 ** step) past the weights' dtype (train.lr=1e38)
