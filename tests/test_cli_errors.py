@@ -338,3 +338,9 @@ def test_a_rank_variable_set_by_hand_is_one_error_naming_it(value, monkeypatch, 
     assert f"environment variable RANK={value!r}: expected an int >= 0" in capsys.readouterr().err
     monkeypatch.setenv("RANK", "0")
     assert main(["masks", "show", "causal", "--length", "3"]) == 0
+
+
+def test_an_empty_config_path_is_refused_naming_the_flag(capsys):
+    # `--config ""` said "--config .: a directory", a path the user never typed
+    status, err = _run(["train", "lm", "--config", "", "--show-config"], capsys)
+    assert status == 2 and "argument --config: an empty path ('')" in err and "--config ." not in err

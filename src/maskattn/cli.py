@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train TASK. Settings come from the task's defaults, then --config, then "
                            "--set; `maskattn train TASK --show-config` lists every setting and its default.")
     train.add_argument("task", choices=list(registered), help="the task to train")
-    train.add_argument("--config", action=_Once, help="a TOML file of settings, sections as in --show-config")
+    train.add_argument("--config", action=_Once, type=nonempty_path,
+                       help="a TOML file of settings, sections as in --show-config")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one setting, e.g. --set train.lr=3e-4 --set model.d_model=256 (repeatable)")
     train.add_argument("--out", help="run directory (same as --set out=...)")
