@@ -340,6 +340,37 @@ def test_a_rank_variable_set_by_hand_is_one_error_naming_it(value, monkeypatch, 
     assert main(["masks", "show", "causal", "--length", "3"]) == 0
 
 
+def test_a_home_directory_written_where_no_shell_expands_it_is_the_home_directory(tmp_path, monkeypatch, capsys):
+    # a shell expands `~` only at the start of a word: `--out=~/runs/x`, `--png=~/m.png`, `--set out=~/x` and a
+    # TOML `out = "~/x"` reached the program as typed, and a directory named `~` was made in the working
+    # directory (`rm -rf ~` is how a user then deletes it). Oracle: os.path.expanduser with HOME set here.
+    import os
+    import tomllib
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert os.path.expanduser("~/m.png") == str(home / "m.png")
+    assert main(["masks", "show", "causal", "--length", "2", "--png=~/m.png"]) == 0
+    assert (home / "m.png").is_file() and not (work / "~").exists()
+    assert f"wrote {home / 'm.png'}" in capsys.readouterr().out
+    (home / "run.toml").write_text('out = "~/from-file"\n')
+    for argv, key, expected in ((["--out=~/runs/x"], "out", home / "runs" / "x"),
+                                (["--set", "out=~/runs/y"], "out", home / "runs" / "y"),
+                                (["--train=~/t.txt"], "train", home / "t.txt"),
+                                (["--set", "data.valid=~"], "valid", home),
+                                (["--config=~/run.toml"], "out", home / "from-file")):
+        assert main(["train", "lm", *argv, "--show-config"]) == 0, argv
+        shown = tomllib.loads(capsys.readouterr().out)
+        assert (shown["out"] if key == "out" else shown["data"][key]) == str(expected), argv
+    # text is not a path: a mask expression's `~` and a user name that is not one stay as typed
+    assert main(["masks", "show", "~causal", "--length", "2"]) == 0
+    assert main(["train", "lm", "--set", "out=runs/~x", "--show-config"]) == 0
+    assert "out = 'runs/~x'" in capsys.readouterr().out
+
+
 def test_an_empty_config_path_is_refused_naming_the_flag(capsys):
     # `--config ""` said "--config .: a directory", a path the user never typed
     status, err = _run(["train", "lm", "--config", "", "--show-config"], capsys)

@@ -314,6 +314,7 @@ def run() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = _parse(parser, argv)
+    _expand_home(args)
     configure_logging(args.verbose, args.quiet, rank=_launched_rank(parser))
     handler = getattr(args, "handler", None) or {  # a task's prediction command sets its own handler
         "demo": _demo, "train": _train, "evaluate": _evaluate, "viz": _viz, "audit": _audit, "showcase": _showcase,
@@ -349,6 +350,22 @@ def main(argv: list[str] | None = None) -> int:
         if type(e).__name__ != "OutOfMemoryError" and "can't allocate memory" not in str(e):
             raise
         return _failed(args, _out_of_memory(args, str(e)), 1)
+
+
+# The arguments that name files or directories, by their dest (and the train path flags, shortcuts()).
+PATH_ARGUMENTS = ("model", "run", "models", "images", "out", "config", "data", "png", "ref", "hypotheses",
+                  "predictions", "ensemble", "keep_heads", "example")
+
+
+def _expand_home(args: argparse.Namespace) -> None:
+    """A ``~`` that begins a path argument is the home directory: a shell expands it only at the start of a word,
+    so ``--out=~/runs/x`` arrives as typed, and a directory named ``~`` would be made in the working directory."""
+    for name in (*PATH_ARGUMENTS, *shortcuts()):
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, os.path.expanduser(value))
+        elif isinstance(value, list):
+            setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) else v for v in value])
 
 
 def _out_of_memory(args: argparse.Namespace, error: str) -> str:
@@ -561,6 +578,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.out is not None:  # `--out ""` is refused by the config, not replaced by the default run directory
         flag_setting("--out", "out", args.out)
     cfg = config.load(task.config(), args.config, assignments)
+    # `--set out=~/x` and a TOML `out = "~/x"` reach no shell: their `~` is the home directory, as on the command line
+    data = {name: os.path.expanduser(value) for name in task.paths if isinstance(value := getattr(cfg.data, name), str)}
+    cfg = config.update(cfg, {"out": os.path.expanduser(cfg.out), "data": data})
     if task.derived is not None:  # a setting the task sets itself, changed from its default, would be ignored
         derived, default = task.derived(cfg), task.config()
         refuse_derived(derived, [key for key in derived if config.get(cfg, key) != config.get(default, key)])
