@@ -187,10 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "Jacobian; decoders: logits at t vs later tokens), or, without MODEL, every model class "
                            "of maskattn.models with its standard masks. Exits 1 on a leak.")
     audit.add_argument("model", nargs="?", help="a maskattn or Hugging Face model directory (default: built-ins)")
-    audit.add_argument("--length", type=positive_int, default=10, help="sequence length of the probe inputs")
+    audit.add_argument("--length", type=positive_int, default=10,
+                       help="sequence length of the probe inputs (default: 10)")
 
     showcase = sub.add_parser("showcase", help="draw every kind of mask and check attention against PyTorch")
-    showcase.add_argument("--length", type=positive_int, default=8, help="sequence length of the pictures")
+    showcase.add_argument("--length", type=positive_int, default=8, help="sequence length of the pictures (default: 8)")
 
     masks_cmd = sub.add_parser("masks", help="draw masks written as expressions").add_subparsers(
         dest="masks_command", required=True)
@@ -199,9 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "parentheses (padding: valid key lengths per batch item; document: lengths of "
                                 "packed documents).")
     show.add_argument("expression", help='e.g. "causal & window(4)"')
-    show.add_argument("--length", type=positive_int, default=16, help="query and key length")
+    show.add_argument("--length", type=positive_int, default=16, help="query and key length (default: 16)")
     show.add_argument("--keys", type=positive_int, default=None, help="key length (default: --q-offset + --length)")
-    show.add_argument("--q-offset", type=int, default=0, help="absolute position of the first query")
+    show.add_argument("--q-offset", type=int, default=0, help="absolute position of the first query (default: 0)")
     show.add_argument("--png", default=None, help="also write a PNG picture here")
     stats = masks_cmd.add_parser("stats", help="what a mask costs: density, empty rows, tiles, skipped FLOPs")
     stats.add_argument("expression", help='e.g. "causal & window(256)"')
@@ -211,7 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
     masks_cmd.metavar = "{" + ",".join(masks_cmd.choices) + "}"  # "required: {show,stats}", not its dest's name
     _add_export_command(sub)
     _verbosity_everywhere(sub)
+    _describe_commands(sub)
     return parser
+
+
+def _describe_commands(sub: argparse._SubParsersAction) -> None:
+    """A command's ``--help`` begins with what it does: its one line in the list of commands, where it has no
+    longer description of its own (argparse shows that line in the list only)."""
+    for listed in sub._choices_actions:
+        parser = sub.choices[listed.dest]
+        parser.description = parser.description or listed.help
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _describe_commands(action)
 
 
 def _verbosity_everywhere(sub: argparse._SubParsersAction) -> None:

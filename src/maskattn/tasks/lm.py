@@ -251,10 +251,11 @@ def generate(model: DecoderLM, tok: Tokenizer, prompt: str, *, max_new_tokens: i
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="sampling temperature; 0 = greedy (default: 0.8)")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=None, help="sample within the top-p probability mass")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default: 0)")
 
 
 def _generate_command(args: argparse.Namespace) -> int:

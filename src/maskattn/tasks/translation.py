@@ -367,7 +367,7 @@ def _translate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="no EOS before this many tokens (default: the model's setting; 1 = never empty)")
     parser.add_argument("--nbest", type=int, default=1,
                         help="print the N best translations of each sentence, each as 'score<TAB>text', "
-                             "with a blank line between sentences (beam search with at least N beams)")
+                             "with a blank line between sentences (beam search with at least N beams; default: 1)")
 
 
 def _translate_command(args: argparse.Namespace) -> int:
