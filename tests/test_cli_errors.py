@@ -375,3 +375,10 @@ def test_an_empty_config_path_is_refused_naming_the_flag(capsys):
     # `--config ""` said "--config .: a directory", a path the user never typed
     status, err = _run(["train", "lm", "--config", "", "--show-config"], capsys)
     assert status == 2 and "argument --config: an empty path ('')" in err and "--config ." not in err
+
+
+def test_an_error_that_names_its_command_is_not_prefixed_with_it_twice(tmp_path, capsys):
+    # compress's own checks begin "compress: ", and the command line put its "maskattn compress: " before them:
+    # "maskattn compress: compress: nothing to do; ..."
+    status, err = _run(["compress", str(tmp_path / "model"), "--out", str(tmp_path / "out")], capsys)
+    assert status == 2 and err.startswith("maskattn compress: nothing to do; give --int8")

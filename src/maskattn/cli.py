@@ -400,6 +400,7 @@ def _failed(args: argparse.Namespace, message: str, status: int) -> int:
     the traceback, it never changes the status a script reads (2 bad input, 1 a failed run or check)."""
     if args.verbose:
         traceback.print_exc()
+    message = message.removeprefix(f"{args.command}: ")  # a library check that names its command already
     print(f"maskattn {args.command}: {message}", file=sys.stderr)
     return status
 
