@@ -1041,3 +1041,17 @@ def test_every_seed_the_settings_accept_trains(tmp_path):
     trainer.fit()
     assert trainer.step == 2
     assert sorted(i for b in random_batches(64, 16, seed=big, epoch=0) for i in b) == list(range(64))
+
+
+@pytest.mark.parametrize("step", ['"2"', "true", "2.0", "null", "[2]"])
+def test_a_metrics_record_whose_step_is_not_an_int_is_refused_naming_the_line(tmp_path, step):
+    # a hand-edited step "2" was a traceback ('<=' not supported between 'str' and 'int'); true was kept as step 1
+    from maskattn.errors import UsageError
+
+    _tiny_trainer(tmp_path, steps=4, checkpoint_every=2).fit()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    record = json.loads(lines[0])
+    lines[0] = json.dumps({**record, "step": "STEP"}).replace('"STEP"', step)
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(UsageError, match=r"metrics\.jsonl:1: not a metrics record \(JSON with an int step\)"):
+        _tiny_trainer(tmp_path, steps=4, checkpoint_every=2).resume()

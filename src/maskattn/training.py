@@ -765,10 +765,10 @@ class Trainer:
                 step = record["step"] if isinstance(record, dict) else None
             except (json.JSONDecodeError, KeyError):
                 step = None
-            if step is None:
+            if isinstance(step, bool) or not isinstance(step, int):  # the trainer writes int steps; "2" is an edit
                 if n == len(lines) or not line.strip():
                     continue  # a half-written last line, or a blank one
-                raise UsageError(f"{log}:{n}: not a metrics record (JSON with a step): {line[:60]!r}")
+                raise UsageError(f"{log}:{n}: not a metrics record (JSON with an int step): {line[:60]!r}")
             if step <= self.step:
                 kept.append(line)
         cut = not text.endswith("\n") and bool(text)  # a last line without its newline: the next record would join it
