@@ -382,3 +382,46 @@ def test_an_error_that_names_its_command_is_not_prefixed_with_it_twice(tmp_path,
     # "maskattn compress: compress: nothing to do; ..."
     status, err = _run(["compress", str(tmp_path / "model"), "--out", str(tmp_path / "out")], capsys)
     assert status == 2 and err.startswith("maskattn compress: nothing to do; give --int8")
+
+
+@pytest.mark.parametrize(("code", "status"), [("ENOSPC", 1), ("EDQUOT", 1), ("EROFS", 2)])
+@pytest.mark.parametrize("rust", [False, True], ids=["python", "safetensors"])
+def test_a_full_disk_or_read_only_output_is_one_line_and_leaves_the_old_model(tmp_path, capsys, monkeypatch, code,
+                                                                             status, rust):
+    # a full disk (or a read-only one) under `compress` / `average` / `export` was a traceback: OSError, or
+    # safetensors' own SafetensorError carrying "(os error 28)"
+    import errno
+    import os
+
+    from safetensors import SafetensorError
+
+    from maskattn.models import DecoderLM, DecoderLMConfig, persistence
+    from maskattn.tasks.common import write_task
+    from maskattn.tokenization import Tokenizer
+
+    tok = Tokenizer.train_chars(["abc"])
+    for name in ("a", "b", "old"):
+        DecoderLM(DecoderLMConfig.preset("tiny", vocab_size=tok.vocab_size)).save(tmp_path / name,
+                                                                                   tokenizer=tok.backend)
+        write_task(tmp_path / name, {"task": "lm", "documents": "none", "block": 8})
+    before = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()}
+    number = getattr(errno, code)
+
+    def full(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half")  # what a writer leaves before the disk fills
+        if rust:
+            raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(number)} (os error {number})")
+        raise OSError(number, os.strerror(number), str(path))
+
+    monkeypatch.setattr(persistence, "save_file", full)
+    for argv in (["compress", str(tmp_path / "a"), "--int8", "--out", str(tmp_path / "old"), "--overwrite"],
+                 ["average", "--models", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "new")]):
+        got, err = _run(argv, capsys)
+        assert got == status
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"maskattn {argv[0]}: could not write ")
+        assert os.strerror(number) in lines[0] and str(tmp_path) in lines[0]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -359,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         return _failed(args, f"{e}{hint}", 2)
     except USER_ERRORS as e:  # bad input, named in the message; anything else is a bug and shows its traceback
         return _failed(args, str(e), 2)
+    except OSError as e:  # the output's disk is full or read-only: not a bug (a read-only place is bad input)
+        if e.errno not in WRITE_ERRORS:
+            raise
+        where = e.filename or getattr(args, "out", None) or "the output"
+        return _failed(args, f"could not write {where}: {e.strerror}", 2 if e.errno == errno.EROFS else 1)
     except RuntimeError as e:  # out of memory (torch.OutOfMemoryError, or the CPU allocator's RuntimeError)
         if type(e).__name__ != "OutOfMemoryError" and "can't allocate memory" not in str(e):
             raise
@@ -553,6 +559,7 @@ _EXTRAS = {"onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx", "transfo
 # TypeError are not among them: the few that are user errors are typed (UnknownSettingError, ...).
 USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
                FileExistsError)
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)  # a write the file system refused
 
 
 def _demo(args: argparse.Namespace) -> int:

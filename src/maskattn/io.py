@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -71,11 +72,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
         os.chmod(tmp, 0o666 & ~_umask())  # what open() would give: some writers (safetensors) make it 0600
         fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        carried = carried_os_error(e, path)
+        if carried is e:
+            raise
+        raise carried from e
     fsync(path.parent)
     return path
+
+
+def carried_os_error(error: BaseException, path: str | os.PathLike) -> BaseException:
+    """The OSError that a writer written in Rust (safetensors, tokenizers) reports in its own exception type, as
+    '... No space left on device (os error 28)', naming ``path``; ``error`` itself when it carries none."""
+    found = None if isinstance(error, OSError) else re.search(r"\(os error (\d+)\)", str(error))
+    if not isinstance(error, Exception) or found is None:
+        return error
+    number = int(found[1])
+    return OSError(number, os.strerror(number), str(path))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
