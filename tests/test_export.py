@@ -262,3 +262,24 @@ def test_a_pt2_program_takes_lengths_up_to_max_len_and_names_a_longer_input(tmp_
             model(_ids(1, 17, [17]))
         with pytest.raises(AssertionError, match=r"input_ids.size\(\)\[1\] <= 16"):
             run(_ids(1, 17, [17]))
+
+
+@pytest.mark.slow
+def test_a_pt2_export_onto_a_full_disk_is_one_line_and_leaves_no_file(tmp_path):
+    # torch's zip writer, given the file itself, aborted the whole process (SIGABRT, "terminate called after throwing
+    # an instance of 'c10::Error'") when the disk filled; a file size limit (RLIMIT_FSIZE) fills it here
+    import subprocess
+    import sys
+
+    DecoderLM(DecoderLMConfig(vocab_size=40, d_model=32, num_heads=4, d_ff=64, num_layers=1)).save(tmp_path / "model")
+    out = tmp_path / "out"
+    out.mkdir()
+    code = ("import resource, signal, sys\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))\n"
+            "from maskattn.cli import main\n"
+            f"sys.exit(main(['export', {str(tmp_path / 'model')!r}, '--format', 'pt2', '--out', "
+            f"{str(out / 'lm.pt2')!r}]))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert run.stderr.strip() == f"maskattn export: could not write {out / 'lm.pt2'}: File too large"
+    assert list(out.iterdir()) == []

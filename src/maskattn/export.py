@@ -30,6 +30,7 @@ key/value heads, T cached target tokens, D head dim.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import warnings
@@ -288,7 +289,9 @@ def export(model: nn.Module, out: str | os.PathLike, *, format: str = "onnx", ov
                 dynamic = {name: graph.dynamic.get(name) for name in graph.input_names}
                 if format == "pt2":
                     program = torch.export.export(graph.module, graph.inputs, dynamic_shapes=dynamic)
-                    torch.export.save(program, tmp)
+                    buffer = io.BytesIO()  # a file torch's zip writer cannot finish (disk full) aborts the process
+                    torch.export.save(program, buffer)
+                    tmp.write_bytes(buffer.getbuffer())
                 else:
                     with _quiet_onnx_exporter():
                         torch.onnx.export(graph.module, graph.inputs, tmp, dynamo=True, dynamic_shapes=dynamic,
