@@ -626,3 +626,35 @@ def test_evaluate_scores_every_token_of_a_text_longer_than_the_context_once(hf_d
     found = hf_inspect.evaluate_text(model, tokenizer, data)
     assert found["tokens"] == len(ids) - 1
     assert found["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+
+
+def _cut_weights(directory):
+    path = directory / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _edit_config(directory, **settings):
+    meta = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**meta, **settings}))
+
+
+@pytest.mark.parametrize(("edit", "names"), [
+    (_cut_weights, "model.safetensors: not a readable safetensors file"),  # transformers' SafetensorError, no file
+    (lambda d: (d / "model.safetensors").write_bytes(b""), "model.safetensors: not a readable safetensors file"),
+    (lambda d: _edit_config(d, n_embd="32"), "config.json: "),  # huggingface_hub's StrictDataclassFieldValidationError
+    (lambda d: _edit_config(d, n_head=0), "config.json: "),  # ZeroDivisionError inside GPT-2's attention
+    (lambda d: (d / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "Nope"}}'),
+     "tokenizer.json: not a readable tokenizer"),  # KeyError: 'added_tokens'
+], ids=["truncated", "zero-bytes", "string-size", "zero-heads", "other-tokenizer"])
+def test_a_damaged_hf_directory_is_one_line_naming_its_file(hf_dirs, tmp_path, capsys, edit, names):
+    import shutil
+
+    directory = tmp_path / "gpt2"
+    shutil.copytree(hf_dirs["gpt2"], directory)
+    edit(directory)
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    assert main(["evaluate", str(directory), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"maskattn evaluate: {directory / names}")

@@ -233,10 +233,11 @@ def load(directory: str | Path, *, tokenizer: bool = True) -> tuple[nn.Module, A
             no safetensors weights (a pickle is never read) or a model defined by its own Python code (never run)
             (UsageError).
     """
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from maskattn.models.persistence import check_counts
+    from maskattn.models.persistence import check_counts, load_tokenizer
 
     # never run a directory's own Python code (transformers asks on a terminal, and runs it on "y"), never unpickle
     meta = json.loads((Path(directory) / "config.json").read_text())
@@ -257,7 +258,11 @@ def load(directory: str | Path, *, tokenizer: bool = True) -> tuple[nn.Module, A
             if isinstance(values, dict):
                 check_counts(values, {}, len(shapes[0]), source=f"{Path(directory) / 'config.json'}: {key}",
                              weights=shapes[1])
-    config = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    except (StrictDataclassError, TypeError) as err:  # huggingface_hub's type checks of the fields: a traceback
+        said = " ".join(str(err).split())  # its message spans lines
+        raise UsageError(f"{Path(directory) / 'config.json'}: transformers refuses its settings: {said}") from err
     if getattr(config, "is_encoder_decoder", False):  # HFAdapter refuses them: say so before loading any weights
         raise UsageError(f"{directory}: an encoder-decoder model ({config.model_type}); maskattn's commands run "
                          "Hugging Face decoder-only and encoder-only models")
@@ -285,6 +290,8 @@ def load(directory: str | Path, *, tokenizer: bool = True) -> tuple[nn.Module, A
                          "AttentionInterface); maskattn's commands cannot run it")
     if not tokenizer:
         return model, None
+    if (Path(directory) / "tokenizer.json").exists():  # one of another kind was transformers' KeyError traceback
+        load_tokenizer(Path(directory) / "tokenizer.json")
     try:
         return model, AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as err:
@@ -293,9 +300,8 @@ def load(directory: str | Path, *, tokenizer: bool = True) -> tuple[nn.Module, A
 
 def _stored_shapes(directory: Path) -> tuple[dict[str, tuple[int, ...]], str] | None:
     """The shapes of the tensors of an HF directory's safetensors files (read from their headers) and the name of the
-    file they come from (the index for shards); None when transformers is left to name an unreadable index or
-    shard itself."""
-    from maskattn.io import FormatError
+    file they come from (the index for shards); None when transformers is left to name an unreadable index itself.
+    A FormatError naming a safetensors file whose header cannot be read."""
     from maskattn.models.persistence import stored_shapes
 
     index = directory / "model.safetensors.index.json"
@@ -308,11 +314,8 @@ def _stored_shapes(directory: Path) -> tuple[dict[str, tuple[int, ...]], str] | 
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
     shapes: dict[str, tuple[int, ...]] = {}
-    try:
-        for name in files:
-            shapes.update(stored_shapes(directory / name))
-    except FormatError:
-        return None
+    for name in files:  # a file that is there but unreadable is named here: transformers' SafetensorError names none
+        shapes.update(stored_shapes(directory / name))
     return shapes, files[0] if len(files) == 1 else index.name
 
 

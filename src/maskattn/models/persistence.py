@@ -271,7 +271,8 @@ def check_shapes(cls: type, config: Any, stored: dict[str, tuple[int, ...]], ali
     try:
         with torch.device("meta"):
             skeleton = compressed.apply(cls(config), compression, source=str(source))
-    except (TypeError, OverflowError, RuntimeError) as e:  # a size past int64 (d_model=10**400): torch's own words
+    except (TypeError, OverflowError, RuntimeError, ZeroDivisionError) as e:  # a size past int64 (d_model=10**400):
+        # torch's own words; or a Hugging Face config's zero head count, which its attention divides by
         raise FormatError(f"{source}: the config does not describe a model that can be built: {e}") from e
     for name, t in skeleton.state_dict().items():
         have = stored.get(aliases.get(name, name))
