@@ -643,9 +643,10 @@ def _edit_config(directory, **settings):
     (lambda d: (d / "model.safetensors").write_bytes(b""), "model.safetensors: not a readable safetensors file"),
     (lambda d: _edit_config(d, n_embd="32"), "config.json: "),  # huggingface_hub's StrictDataclassFieldValidationError
     (lambda d: _edit_config(d, n_head=0), "config.json: "),  # ZeroDivisionError inside GPT-2's attention
+    (lambda d: _edit_config(d, n_layer=-1), "config.json: n_layer=-1"),  # "__len__() should return >= 0"
     (lambda d: (d / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "Nope"}}'),
      "tokenizer.json: not a readable tokenizer"),  # KeyError: 'added_tokens'
-], ids=["truncated", "zero-bytes", "string-size", "zero-heads", "other-tokenizer"])
+], ids=["truncated", "zero-bytes", "string-size", "zero-heads", "negative-layers", "other-tokenizer"])
 def test_a_damaged_hf_directory_is_one_line_naming_its_file(hf_dirs, tmp_path, capsys, edit, names):
     import shutil
 

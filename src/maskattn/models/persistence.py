@@ -257,6 +257,8 @@ def check_counts(values: dict[str, Any], attribute_map: dict[str, str], tensors:
     for key, value in values.items():
         if isinstance(value, int) and value >= 2**63:  # torch sizes are int64: a TypeError deep in torch.empty
             raise FormatError(f"{source}: {key}={value} does not fit the weights: sizes are 64-bit integers")
+        if key in counts and isinstance(value, int) and value < 0:  # transformers builds no layer, loads no weight
+            raise FormatError(f"{source}: {key}={value}: a number of layers cannot be negative")
         if key in counts and isinstance(value, int) and value > tensors:
             raise FormatError(f"{source}: {key}={value} does not fit the weights: {weights} holds {tensors} "
                               "tensors in all")
