@@ -1,5 +1,6 @@
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,14 @@ def test_a_checkpoint_that_cannot_be_written_is_one_error_naming_the_last_good_o
         checkpoint.save(tmp_path, 2, state)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000001"]  # leftovers gone, step 1 intact
     assert checkpoint.load(first)["w"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_checkpoint_whose_state_names_another_step_than_its_directory_is_refused(tmp_path):
+    # step-000000004 holding "step": 3 (edited, its manifest made to match) resumed as step 3 with step 4's weights
+    path = checkpoint.save(tmp_path, 4, {"w": torch.ones(2)})
+    _hand_made(path, lambda p, m: m.update(step=3))
+    with pytest.raises(CheckpointError, match=r"step-000000004: state\.json says step 3, its directory step 4"):
+        checkpoint.load(path)
+    elsewhere = tmp_path / "copy"  # a directory not named by a step (a copy to look at) loads
+    shutil.copytree(path, elsewhere)
+    assert checkpoint.load(elsewhere)["step"] == 3

@@ -193,6 +193,9 @@ def load(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise CheckpointError(f"checkpoint {path}: {STATE} must hold a 'state' object and a 'step' int >= 0, got "
                               f"state of type {type(state).__name__} and step {step!r}. {_earlier(path)}")
+    if step_of(path) >= 0 and step_of(path) != step:  # save() names the directory by the step it holds
+        raise CheckpointError(f"checkpoint {path}: {STATE} says step {step}, its directory step {step_of(path)}: "
+                              f"edited or renamed. {_earlier(path)}")
     state["step"] = step
     return state
 
