@@ -439,3 +439,12 @@ def test_a_directory_in_place_of_tokenizer_json_is_refused_not_skipped(tmp_path)
     (tmp_path / "tokenizer.json").mkdir()  # the model loaded without a tokenizer, silently
     with pytest.raises(FormatError, match=r"tokenizer\.json: not a readable tokenizer"):
         load(tmp_path)
+
+
+@pytest.mark.parametrize("loader", [load, from_pretrained])
+def test_a_broken_link_in_place_of_tokenizer_json_is_refused_not_skipped(tmp_path, loader):
+    # a tokenizer.json linking to nothing (an HF cache whose blob was removed) loaded the model without a tokenizer
+    save(MODELS["decoder_lm"](), tmp_path)
+    (tmp_path / "tokenizer.json").symlink_to(tmp_path / "gone.json")
+    with pytest.raises(FormatError, match=r"tokenizer\.json: not a readable tokenizer"):
+        loader(tmp_path)

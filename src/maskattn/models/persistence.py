@@ -175,7 +175,8 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") ->
     tensors = read_safetensors(weights, device)
     model = in_saved_dtype(model, tensors)
     load_weights(model, tensors, meta.get("aliases", {}), source=str(weights))
-    model.tokenizer = load_tokenizer(directory / TOKENIZER) if (directory / TOKENIZER).exists() else None
+    # lexists: a directory or a broken link in its place is named, not skipped
+    model.tokenizer = load_tokenizer(directory / TOKENIZER) if os.path.lexists(directory / TOKENIZER) else None
     check_tokenizer(config, model.tokenizer, source=directory / TOKENIZER)
     return model.to(device).eval()
 

@@ -169,8 +169,8 @@ def from_pretrained(path: str | os.PathLike, *, num_labels: int = 0, span_head: 
     model = in_saved_dtype(family.model(config), tensors)  # a bf16 checkpoint loads as bf16, as transformers'
     fresh = {n: t for n, t in model.state_dict().items() if family.fresh and n.startswith(family.fresh)}
     load_weights(model, {**tensors, **fresh}, aliases, source=str(source))
-    # exists, not is_file: a directory in its place is named, not skipped (as load() does)
-    model.tokenizer = load_tokenizer(directory / TOKENIZER) if (directory / TOKENIZER).exists() else None
+    # lexists, not is_file: a directory or a broken link in its place is named, not skipped (as load() does)
+    model.tokenizer = load_tokenizer(directory / TOKENIZER) if os.path.lexists(directory / TOKENIZER) else None
     check_tokenizer(config, model.tokenizer, source=directory / TOKENIZER)  # as load() does: not at a run's save
     return model.eval()
 
