@@ -233,7 +233,10 @@ def load(directory: str | Path, *, tokenizer: bool = True) -> tuple[nn.Module, A
             no safetensors weights (a pickle is never read) or a model defined by its own Python code (never run)
             (UsageError).
     """
-    from huggingface_hub.errors import StrictDataclassError
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # huggingface_hub before its typed configs: no such check, no such error
+        StrictDataclassError = TypeError
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
