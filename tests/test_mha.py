@@ -329,3 +329,24 @@ def test_a_forward_checks_rope_once_and_finds_the_layers_device_without_walking_
         want = layer.out_proj(a.transpose(1, 2).reshape(2, 4, 8))
     assert len(checks) == 2
     torch.testing.assert_close(out, want)
+
+
+def test_the_kv_and_rope_checks_format_the_shapes_they_expect_only_for_an_error(monkeypatch):
+    # the hot path: both checks formatted their message's expected shape on every call, error or not (a
+    # Transformer's decoding step checks kv in each decoder layer), session 27
+    layer, rope = MultiHeadAttention(8, 2).eval(), RotaryEmbedding(4, 16)
+    x, angles = torch.randn(2, 4, 8), rope(torch.arange(4)[None])
+    formatted = []
+    for name in ("_kv_shape", "_rope_shape"):
+        real = getattr(MultiHeadAttention, name)
+        monkeypatch.setattr(MultiHeadAttention, name,
+                            lambda self, *a, real=real: formatted.append(a) or real(self, *a))
+    with torch.no_grad():
+        layer(x, rope=angles)
+        layer(x, kv=layer.project_kv(x))
+    assert formatted == []
+    with pytest.raises(ValueError, match=r"kv must be two \(B, Hkv, Lk, D\) = \(2, 2, Lk, 4\) .* got \(2, 2, 4, 3\)"):
+        layer(x, kv=(torch.randn(2, 2, 4, 3),) * 2)
+    with pytest.raises(ValueError, match=r"rope must be \(cos, sin\), each \(B, 1, Lq, D/2\) = \(2, 1, 4, 2\)"):
+        layer(x, rope=rope(torch.arange(3)[None]))
+    assert formatted == [(2,), (2, 4)]

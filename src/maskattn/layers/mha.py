@@ -246,29 +246,36 @@ class MultiHeadAttention(nn.Module):
 
     def _check_rope(self, rope: tuple[Tensor, Tensor], batch: int, q_len: int, k_len: int) -> None:
         """Raise unless ``rope`` holds angles for every query (nothing broadcast over Lq) and the keys it rotates."""
-        want = f"(B, 1, Lq, D/2) = ({batch}, 1, {q_len}, {self.head_dim // 2})"
         pair = isinstance(rope, tuple | list) and len(rope) == 2 and all(isinstance(x, Tensor) for x in rope)
         if not pair:
-            raise ValueError(f"rope must be (cos, sin), each {want} from RotaryEmbedding, got {type(rope).__name__}")
+            raise ValueError(f"rope must be (cos, sin), each {self._rope_shape(batch, q_len)} from RotaryEmbedding, "
+                             f"got {type(rope).__name__}")
         for x in rope:
             if x.dim() != 4 or not (x.shape[0] == 1 or x.shape[0] == batch) or tuple(x.shape[1:]) != \
                     (1, q_len, self.head_dim // 2):
-                raise ValueError(f"rope must be (cos, sin), each {want} (B may be 1) from RotaryEmbedding, got "
-                                 f"{tuple(rope[0].shape)} and {tuple(rope[1].shape)}")
+                raise ValueError(f"rope must be (cos, sin), each {self._rope_shape(batch, q_len)} (B may be 1) from "
+                                 f"RotaryEmbedding, got {tuple(rope[0].shape)} and {tuple(rope[1].shape)}")
         if k_len != q_len:
             raise ValueError(f"rope rotates the keys too: key must be as long as query ({q_len}), got {k_len}")
 
     def _check_kv(self, kv: tuple[Tensor, Tensor], batch: int) -> tuple[Tensor, Tensor]:
         """``kv`` if it is two (B, Hkv, Lk, D) tensors of this layer's shape (as :meth:`project_kv` gives)."""
-        want = f"(B, Hkv, Lk, D) = ({batch}, {self.num_kv_heads}, Lk, {self.head_dim})"
         if not isinstance(kv, tuple | list) or len(kv) != 2 or not all(isinstance(x, Tensor) for x in kv):
-            raise ValueError(f"kv must be a (k, v) pair of {want} tensors from project_kv, got {type(kv).__name__}")
+            raise ValueError(f"kv must be a (k, v) pair of {self._kv_shape(batch)} tensors from project_kv, got "
+                             f"{type(kv).__name__}")
         k, v = kv
         if k.dim() != 4 or k.shape != v.shape or tuple(k.shape[::3]) != (batch, self.head_dim) or \
                 k.shape[1] != self.num_kv_heads:
-            raise ValueError(f"kv must be two {want} tensors from this layer's project_kv, got {tuple(k.shape)} and "
-                             f"{tuple(v.shape)}")
+            raise ValueError(f"kv must be two {self._kv_shape(batch)} tensors from this layer's project_kv, got "
+                             f"{tuple(k.shape)} and {tuple(v.shape)}")
         return k, v
+
+    # The expected shapes of the two checks above, formatted only for their messages (not on every call)
+    def _rope_shape(self, batch: int, q_len: int) -> str:
+        return f"(B, 1, Lq, D/2) = ({batch}, 1, {q_len}, {self.head_dim // 2})"
+
+    def _kv_shape(self, batch: int) -> str:
+        return f"(B, Hkv, Lk, D) = ({batch}, {self.num_kv_heads}, Lk, {self.head_dim})"
 
     def _check(self, key: Tensor, value: Tensor, checked: Tensor | None = None) -> None:
         expected = (("key", key, self.k_proj.in_features), ("value", value, self.v_proj.in_features))
