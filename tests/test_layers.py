@@ -17,6 +17,7 @@ from maskattn.layers import (
     RMSNorm,
     RotaryEmbedding,
     SinusoidalPositions,
+    SlidingWindowKVCache,
     TokenEmbedding,
     apply_rope,
     make_norm,
@@ -312,10 +313,41 @@ def test_token_ids_on_another_device_than_the_table_are_refused_by_name():
      r"k and v must be \(B, Hkv, L, D\) = \(2, 1, L, 4\), got \(2, 1, 4\) and \(2, 1, 4\)"),
     (lambda: KVCache(2, 1, 4, 5).update(torch.randn(2, 1, 3, 4), None),
      r"k and v must be .* got \(2, 1, 3, 4\) and None"),
+    # the shapes the usual-case test (session 27) must still refuse: another B, Hkv or D, k and v apart, 5-D
+    (lambda: KVCache(2, 1, 4, 5).update(torch.randn(3, 1, 1, 4), torch.randn(3, 1, 1, 4)),
+     r"k and v must be \(B, Hkv, L, D\) = \(2, 1, L, 4\), got \(3, 1, 1, 4\) and \(3, 1, 1, 4\)"),
+    (lambda: KVCache(2, 1, 4, 5).update(torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)), r"got \(2, 2, 1, 4\)"),
+    (lambda: KVCache(2, 1, 4, 5).update(torch.randn(2, 1, 1, 3), torch.randn(2, 1, 1, 3)), r"got \(2, 1, 1, 3\)"),
+    (lambda: KVCache(2, 1, 4, 5).update(torch.randn(2, 1, 1, 4), torch.randn(2, 1, 2, 4)),
+     r"got \(2, 1, 1, 4\) and \(2, 1, 2, 4\)"),
+    (lambda: SlidingWindowKVCache(2, 1, 4, 3).update(torch.randn(2, 1, 1, 4, 1), torch.randn(2, 1, 1, 4, 1)),
+     r"got \(2, 1, 1, 4, 1\)"),
 ])
 def test_kv_cache_arguments_are_refused_by_name(make, words):
     with pytest.raises(ValueError, match=words):
         make()
+
+
+def test_a_kv_cache_update_keeps_its_length_without_nn_modules_setattr(monkeypatch):
+    # the hot path (once per layer and token): the host copy of the length was set through nn.Module.__setattr__,
+    # whose parameter, buffer and module checks cost more than the update's copy at decoding sizes (session 27)
+    torch.manual_seed(0)
+    caches = KVCache(2, 1, 4, 8), SlidingWindowKVCache(2, 1, 4, 3)
+    set_on = []
+    setattr_ = torch.nn.Module.__setattr__
+    monkeypatch.setattr(torch.nn.Module, "__setattr__", lambda self, *a: set_on.append(self) or setattr_(self, *a))
+    written = []
+    for n in (3, 1, 1, 2):
+        k, v = torch.randn(2, 1, n, 4), torch.randn(2, 1, n, 4)
+        written.append((k, v))
+        (full_k, full_v), (win_k, win_v) = (cache.update(k, v) for cache in caches)
+        keys, values = (torch.cat([w[i] for w in written], dim=2) for i in (0, 1))  # the oracle: every key so far
+        assert [c.length for c in caches] == [keys.shape[2]] * 2 == [int(c.pos) for c in caches]
+        torch.testing.assert_close((full_k, full_v), (keys, values), rtol=0, atol=0)
+        seen = min(keys.shape[2], 3 - 1 + n)  # a window cache: the last C - 1 slots before the n new keys
+        torch.testing.assert_close((win_k, win_v), (keys[:, :, -seen:], values[:, :, -seen:]), rtol=0, atol=0)
+        assert caches[1].first_key(1) == max(0, keys.shape[2] - 3 + 1)
+    assert set_on == []
 
 
 @pytest.mark.parametrize("make,words", [

@@ -51,12 +51,21 @@ class KVCache(nn.Module):
 
     def _check_update(self, k: Tensor, v: Tensor) -> None:
         """Raise unless ``k`` and ``v`` are two (B, Hkv, L, D) tensors of this cache's B, Hkv and D (shapes only)."""
+        have = self.k.shape
+        if isinstance(k, Tensor) and isinstance(v, Tensor) and k.dim() == 4 and k.shape == v.shape and \
+                k.shape[0] == have[0] and k.shape[1] == have[1] and k.shape[3] == have[3]:
+            return  # the usual case, decided without building the message's tuples (once per layer and token)
         shapes = [tuple(x.shape) if isinstance(x, Tensor) else None for x in (k, v)]
-        want = (self.k.shape[0], self.k.shape[1], self.k.shape[3])
+        want = (have[0], have[1], have[3])
         if shapes[0] is None or shapes[0] != shapes[1] or len(shapes[0]) != 4 or shapes[0][:2] + shapes[0][3:] != want:
             got = [s if s is not None else type(x).__name__ for s, x in zip(shapes, (k, v), strict=True)]
             raise ValueError(f"k and v must be (B, Hkv, L, D) = ({want[0]}, {want[1]}, L, {want[2]}), "
                              f"got {got[0]} and {got[1]}")
+
+    def _set_length(self, n: int) -> None:
+        # A plain int, past nn.Module.__setattr__ (its parameter, buffer and module checks cost more than the
+        # update's copy of one token's keys); __init__ set it as an ordinary attribute, which this one stays.
+        self.__dict__["_length"] = n
 
     @property
     def length(self) -> int:
@@ -75,7 +84,7 @@ class KVCache(nn.Module):
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         self.pos.fill_(end)
-        self._length = end
+        self._set_length(end)
         return self.k[:, :, :end], self.v[:, :, :end]  # (B, Hkv, Lk, D)
 
     def _write_one(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -147,5 +156,5 @@ class SlidingWindowKVCache(KVCache):
         self.k[:, :, :store] = keys[:, :, keys.shape[2] - store :]
         self.v[:, :, :store] = values[:, :, values.shape[2] - store :]
         self.pos.fill_(seen + k.shape[2])
-        self._length = seen + k.shape[2]
+        self._set_length(seen + k.shape[2])
         return keys, values  # (B, Hkv, Lk, D)
