@@ -215,3 +215,45 @@ def test_dropout_without_generator_follows_the_global_seed():
     b = maskattn.attention(q, k, v, mask, dropout_p=0.5)
     assert torch.equal(a, b) and not torch.equal(a, maskattn.attention(q, k, v, mask))
     assert torch.isfinite(a).all()
+
+
+def test_a_float_dropout_and_scale_are_checked_without_the_numbers_abc(monkeypatch):
+    # the hot path: dropout_p and scale were checked against numbers.Real (an ABC: a Python-level isinstance,
+    # twice per call whatever they were, None included); floats now pass without it, other numbers as before
+    import numbers
+    import types
+
+    import numpy as np
+
+    from maskattn import dispatch
+
+    asked = []
+
+    class Counting(type):
+        def __instancecheck__(cls, value):
+            asked.append(value)
+            return isinstance(value, numbers.Real)
+
+    monkeypatch.setattr(dispatch, "numbers", types.SimpleNamespace(Real=Counting("Real", (), {})))
+    q = torch.randn(1, 2, 3, 4)
+    with torch.no_grad():
+        plain = maskattn.attention(q, q, q, masks.causal())
+        scaled = maskattn.attention(q, q, q, masks.causal(), scale=0.5, dropout_p=0.0)
+    assert asked == []
+    with torch.no_grad():  # the oracle: softmax by hand
+        scores = q @ q.transpose(-1, -2)  # (B, H, L, L)
+        hidden = torch.ones(3, 3, dtype=torch.bool).triu(1)
+        for out, scale in ((plain, 0.5), (scaled, 0.5)):  # D = 4: 1 / sqrt(D) is 0.5 too
+            want = torch.softmax((scores * scale).masked_fill(hidden, float("-inf")), -1) @ q
+            torch.testing.assert_close(out, want)
+        other = maskattn.attention(q, q, q, scale=np.float32(0.5), dropout_p=np.float32(0.0))  # Real, not float
+    assert asked == [np.float32(0.0), np.float32(0.5), np.float32(0.5)]
+    torch.testing.assert_close(other, torch.softmax(scores * 0.5, -1) @ q)
+    for kwargs, error, words in (({"dropout_p": 1.5}, ValueError, r"dropout_p must be a number in \[0, 1\), got 1.5"),
+                                 ({"dropout_p": True}, ValueError, "got True"),
+                                 ({"scale": True}, TypeError, "scale must be a number .* got bool True"),
+                                 ({"scale": float("-inf")}, ValueError, "scale must be finite, got -inf"),
+                                 ({"scale": np.float32(0.5), "dropout_p": "0"}, ValueError, "got '0'"),
+                                 ({"scale": np.float32("nan")}, ValueError, "scale must be finite, got .*nan")):
+        with pytest.raises(error, match=words):
+            maskattn.attention(q, q, q, **kwargs)

@@ -179,17 +179,22 @@ def check_arguments(q: Tensor, k: Tensor, mask: Mask | None, *, q_offset: int, d
         mask.check(q.shape[2], k.shape[2], q_offset=q_offset, batch=q.shape[0], heads=q.shape[1])
     elif isinstance(q_offset, bool) or not isinstance(q_offset, int | torch.SymInt) or q_offset < 0:
         raise ValueError(f"q_offset must be an int >= 0, got {q_offset!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real | torch.SymFloat) or \
-            not 0.0 <= dropout_p < 1.0:
+    # A float is a number: the checks against numbers.Real (an ABC, slower than the rest of this function) are
+    # left to the other types
+    if not (type(dropout_p) is float and 0.0 <= dropout_p < 1.0) and (
+            isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real | torch.SymFloat) or
+            not 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if return_weights and return_lse:
         raise ValueError("return_weights and return_lse cannot both be True: ask for one")
     check_generator(generator)
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real | torch.SymInt |
-                                                                        torch.SymFloat)):
+    if scale is None:
+        return
+    if type(scale) is not float and (isinstance(scale, bool) or not isinstance(scale, numbers.Real | torch.SymInt |
+                                                                               torch.SymFloat)):
         raise TypeError(f"scale must be a number (the scores' multiplier) or None for 1/sqrt(D), got "
                         f"{type(scale).__name__} {scale!r}")
-    if isinstance(scale, numbers.Real) and not math.isfinite(scale):  # every score would be NaN or +-inf
+    if (type(scale) is float or isinstance(scale, numbers.Real)) and not math.isfinite(scale):  # NaN or +-inf scores
         raise ValueError(f"scale must be finite, got {scale!r}")
 
 
