@@ -274,6 +274,49 @@ def test_structure_fields_hold_the_leaves_values():
     assert masks.structure(None).relative and masks.structure(masks.causal()).relative
 
 
+def test_an_attention_call_reads_its_masks_structure_once(monkeypatch):
+    # the hot path: dispatch, the non-finite guard, sdpa's fast-path test and the sdpa call each built the structure
+    # of the mask again (four conjunctions of MaskStructure per call for causal() & sliding_window(W)), session 27
+    built = []
+    cls = type(masks.causal() & masks.sliding_window(2))
+    real = cls.structure
+    monkeypatch.setattr(cls, "structure", lambda self: built.append(self) or real(self))
+    q = torch.randn(1, 2, 6, 4)
+    mask = masks.causal() & masks.sliding_window(2)
+    with torch.no_grad():
+        out = maskattn.attention(q, q, q, mask)
+        again = maskattn.attention(q, q, q, mask)  # a model's layers share one mask
+    assert built == [mask]
+    keep = mask.to_dense(6, 6)  # the oracle: softmax over the dense mask, by hand
+    want = torch.softmax((q @ q.transpose(-1, -2) / 2.0).masked_fill(~keep, float("-inf")), -1) @ q
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(again, want)
+
+
+def test_the_structure_kept_for_the_last_mask_is_never_another_masks():
+    # structure() keeps the last mask's (weakly, by identity): masks built and dropped in turn (CPython reuses
+    # their addresses), a moved copy, and the same mask again must each get their own, as the mask builds it
+    makers = [masks.causal, lambda: masks.sliding_window(3), lambda: masks.padding(torch.tensor([2, 4])),
+              lambda: masks.causal() & masks.padding(torch.tensor([1, 3])),
+              lambda: masks.document(torch.tensor([[0, 0, 1, 1]])), masks.full,
+              lambda: masks.causal() | masks.sliding_window(2)]
+    fields = ("causal", "window", "lengths", "valid", "doc_ids", "prefix", "rest", "relative")
+    for i in range(60):
+        mask = makers[i % len(makers)]()
+        got, want = masks.structure(mask), mask.structure()
+        assert got.kinds == want.kinds
+        for name in fields:
+            a, b = getattr(got, name), getattr(want, name)
+            assert a is b or a == b, (i, name)
+        del mask
+    mask = masks.causal() & masks.padding(torch.tensor([1, 3]))
+    assert masks.structure(mask).lengths.device.type == "cpu"
+    moved = mask.to("meta")
+    assert masks.structure(moved).lengths.device.type == "meta"
+    assert masks.structure(mask).lengths.device.type == "cpu"
+    assert masks.structure(None).kinds == () and masks.structure(masks.full()).kinds == ()
+
+
 def test_no_private_names_are_exported_and_old_private_classes_warn():
     import maskattn
     from maskattn.masks import base, convert, expr, kinds, stats, structure, tensor_kinds, tiles

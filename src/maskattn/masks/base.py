@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -468,4 +469,22 @@ def structure(mask: Mask | None) -> MaskStructure:
     >>> masks.structure(masks.causal() | masks.padding([2])).kinds
     ('rest',)
     """
-    return MaskStructure() if mask is None else mask.structure()
+    global _last_structure
+    if mask is None:
+        return _NO_MASK
+    if torch.compiler.is_compiling():
+        return mask.structure()
+    last = _last_structure  # one read: another thread may replace it
+    if last is not None and last[0]() is mask:
+        return last[1]
+    result = mask.structure()
+    _last_structure = (weakref.ref(mask), result)
+    return result
+
+
+# One attention call reads its mask's structure four times (dispatch, the guard, sdpa's fast path and the call
+# itself), and a model's layers share one mask: the last mask's structure is kept (a mask is a value, its structure
+# a function of its kind and the objects it holds; weakly, so that the mask can go, and a new one at its address
+# is not taken for it). Eager only: a compiled graph does not read it.
+_last_structure: tuple[weakref.ref[Mask], MaskStructure] | None = None
+_NO_MASK = MaskStructure()  # frozen: one instance serves every call without a mask
