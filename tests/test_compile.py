@@ -413,7 +413,7 @@ def test_compiled_decoding_reuses_its_graph_across_batch_sizes_and_limits(monkey
     from maskattn import decoding
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=COMPILER))
-    decoding._compiled_step.cache_clear()
+    decoding._COMPILED.clear()
     dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
@@ -428,4 +428,37 @@ def test_compiled_decoding_reuses_its_graph_across_batch_sizes_and_limits(monkey
                                    decoding.greedy(model, prompt, lengths, **kw)), (batch, new)
         assert counters["stats"]["unique_graphs"] <= 3  # static, then the capacity and the batch made dynamic
     finally:
-        decoding._compiled_step.cache_clear()
+        decoding._COMPILED.clear()
+
+
+def test_compiled_decoding_takes_more_kinds_of_model_than_the_recompile_limit(monkeypatch):
+    """``greedy(compile=True)`` kept one compiled step for every model: a process that decoded models of nine
+    depths failed with FailOnRecompileLimitHit (here the limit is 2 and three depths), and every graph stayed.
+    Each kind of model (class and config) now has its own step, the oldest dropped past ``COMPILED_KINDS``."""
+    import functools
+    import gc
+    import weakref
+
+    from maskattn import decoding
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(dynamo.config, "recompile_limit", 2)
+    monkeypatch.setattr(decoding, "COMPILED_KINDS", 2)
+    decoding._COMPILED.clear()
+    dynamo.reset()
+    prompt, lengths = torch.randint(1, SMALL["vocab_size"], (2, 5)), torch.tensor([5, 3])
+    kw = {"max_new_tokens": 4, "eos_id": decoding.NO_EOS}
+    steps = []
+    try:
+        for depth in (1, 2, 3):
+            torch.manual_seed(depth)
+            model = DecoderLM(DecoderLMConfig(num_layers=depth, backend="auto", **SMALL)).eval()
+            for batch in (2, 1):  # a second shape: the graph made dynamic counts against the limit too
+                assert torch.equal(decoding.greedy(model, prompt[:batch], lengths[:batch], compile=True, **kw),
+                                   decoding.greedy(model, prompt[:batch], lengths[:batch], **kw)), (depth, batch)
+            steps.append(weakref.ref(decoding._compiled_step(model)))
+        gc.collect()
+        assert len(decoding._COMPILED) == 2
+        assert [step() is None for step in steps] == [True, False, False]  # the oldest kind's graphs are gone
+    finally:
+        decoding._COMPILED.clear()

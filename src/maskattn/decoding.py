@@ -15,10 +15,11 @@ Shape legend: B batch, K beams, V vocabulary, T new tokens.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import math
 import numbers
+import types
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -53,7 +54,8 @@ def greedy(model: nn.Module, inputs: Tensor, lengths: Lengths = None, *, max_new
         compile: run each one-token step as one ``torch.compile``'d graph (``fullgraph=True``) over a
             static KV cache, for a model whose ``begin_decoding`` takes ``static`` (DecoderLM). The first
             call compiles (seconds), a new batch size or prompt + limit once more with those sizes dynamic;
-            later calls reuse the graphs whatever the sizes.
+            later calls reuse the graphs whatever the sizes. Models of one class and config share the graphs;
+            those of the ``COMPILED_KINDS`` kinds decoded last are kept.
         min_new_tokens: EOS cannot come before this many other new tokens (1: never an empty output); at most
             ``max_new_tokens`` when that is one int (a row whose own limit is lower stops at it).
 
@@ -304,7 +306,7 @@ def _generate(model: nn.Module, inputs: Tensor, lengths: Lengths, max_new: MaxNe
     if compile and "static" not in inspect.signature(model.begin_decoding).parameters:
         raise ValueError(f"compile=True needs a model whose begin_decoding takes static= (DecoderLM), "
                          f"got {type(model).__name__}")
-    options, step = ({"static": True}, _compiled_step()) if compile else ({}, _last_logits)
+    options, step = ({"static": True}, _compiled_step(model)) if compile else ({}, _last_logits)
     out = []
     with _inference(model):
         state, logits = model.begin_decoding(inputs, lengths, max_new_tokens=max(caps), **options)  # (B, V)
@@ -331,17 +333,35 @@ def _last_logits(model: nn.Module, state: object, tokens: Tensor) -> Tensor:
     return model.step(state, tokens)[:, -1]
 
 
-@functools.cache
-def _compiled_step() -> Callable[[nn.Module, object, Tensor], Tensor]:
-    """:func:`_last_logits` compiled once per process: a graph at the first shapes, then one whose batch and
-    cache capacity are dynamic (reused whatever the lengths)."""
+COMPILED_KINDS = 8  # compiled decoding steps kept, one per model class and config (each holds its graphs)
+_COMPILED: OrderedDict[str, Callable[[nn.Module, object, Tensor], Tensor]] = OrderedDict()  # oldest first
+
+
+def _compiled_step(model: nn.Module) -> Callable[[nn.Module, object, Tensor], Tensor]:
+    """:func:`_last_logits` compiled for the models of ``model``'s class and config: a graph at the first shapes,
+    then one whose batch and cache capacity are dynamic (reused whatever the lengths)."""
+    # dynamo keeps graphs per code object and fails past its recompile limit (8) under fullgraph: one copy for
+    # every model failed at the ninth depth in a process and held every graph for good. Each kind of model gets
+    # its own copy of the code; the oldest is dropped past COMPILED_KINDS, its graphs with it.
+    kind = f"{type(model).__module__}.{type(model).__qualname__}({getattr(model, 'config', None)!r})"
+    if kind not in _COMPILED:
+        code = _last_logits.__code__.replace()  # a new code object: a cache and a recompile count of its own
+        copy = types.FunctionType(code, _last_logits.__globals__, _last_logits.__name__)
+        _COMPILED[kind] = _compile_step(copy)
+        while len(_COMPILED) > COMPILED_KINDS:
+            _COMPILED.popitem(last=False)
+    _COMPILED.move_to_end(kind)
+    return _COMPILED[kind]
+
+
+def _compile_step(step: Callable[[nn.Module, object, Tensor], Tensor]) -> Callable[[nn.Module, object, Tensor], Tensor]:
     # The static caches are module buffers, whose shapes dynamo holds fixed by default: every new batch or
     # prompt + limit compiled a graph anew, and the ninth hit the recompile limit (an error under fullgraph).
     # (Only the settings this torch has: an older one, without them, keeps a graph per shape.)
     settings = ("force_nn_module_property_static_shapes", "force_parameter_static_shapes")
     dynamic_buffers = torch._dynamo.config.patch({name: False for name in settings
                                                   if hasattr(torch._dynamo.config, name)})
-    return dynamic_buffers(torch.compile(_last_logits, fullgraph=True))
+    return dynamic_buffers(torch.compile(step, fullgraph=True))
 
 
 def _check_ids(model: nn.Module, eos_id: int | None, pad_id: int, vocab: int) -> list[int]:
