@@ -147,3 +147,25 @@ def test_a_subclass_with_an_annotation_that_does_not_resolve_still_builds_and_is
         WithLocal(**base, extra_switch="no")
     with pytest.raises(ValueError, match=r"^tie_output must be True or False, got 0$"):
         WithLocal(**{**base, "tie_output": 0})
+
+
+def test_a_config_class_made_per_call_is_not_kept_alive_by_the_field_rules():
+    # The field types were cached per class by functools.cache, which kept every class it saw: a config subclass
+    # made inside a function (a test, a sweep) lived as long as the process. The oracle: a weak reference dies.
+    import gc
+    import weakref
+
+    base = dataclasses.asdict(DecoderLMConfig.preset("tiny"))
+    classes = []
+    for _ in range(5):
+        @dataclasses.dataclass
+        class Made(DecoderLMConfig):
+            extra_switch: bool = False  # a user's own switch
+
+        with pytest.raises(ValueError, match=r"^extra_switch must be True or False, got 'no'$"):
+            Made(**base, extra_switch="no")  # the rules still read the class's own fields
+        assert Made(**base, extra_switch=True).extra_switch is True
+        classes.append(weakref.ref(Made))
+        del Made
+    gc.collect()  # a dataclass holds cycles (its methods' closures)
+    assert [made() for made in classes] == [None] * 5

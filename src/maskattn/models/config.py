@@ -7,8 +7,8 @@ TOML and command-line overrides. ``Config.preset(name, **overrides)`` starts fro
 from __future__ import annotations
 
 import dataclasses
-import functools
 import typing
+import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
@@ -226,12 +226,20 @@ class EncoderConfig(BlockConfig):
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
 
 
-@functools.cache
+_FIELD_TYPES: weakref.WeakKeyDictionary[type, dict[str, Any]] = weakref.WeakKeyDictionary()  # dies with its class
+
+
 def field_types(cls: type) -> dict[str, Any]:
     """The fields' types of a config class as objects (``bool | None``), whether or not its module writes its
     annotations as strings (``from __future__ import annotations``). Where some annotation names what its module
     cannot resolve (imported under ``TYPE_CHECKING``, a class local to a function), the plain ones are read from
     their strings and the rest stay strings, which no rule reads as a switch or an id."""
+    if cls not in _FIELD_TYPES:  # read once per class, not per config; a class made per call is not kept alive
+        _FIELD_TYPES[cls] = _read_field_types(cls)
+    return _FIELD_TYPES[cls]
+
+
+def _read_field_types(cls: type) -> dict[str, Any]:
     try:
         hints = typing.get_type_hints(cls)
     except NameError:  # else the config could not be built at all
