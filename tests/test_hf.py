@@ -204,6 +204,38 @@ def test_unknown_mask_function_falls_back_to_the_dense_mask(caplog):
     assert len(caplog.records) == 1
 
 
+def test_unknown_mask_functions_made_per_call_warn_once_per_name(caplog):
+    # The once-only warning was keyed by the function's repr when it has no __qualname__: each new
+    # functools.partial (its arguments) or callable object (its address) warned again and stayed in _WARNED.
+    import functools
+
+    mu = pytest.importorskip("transformers.masking_utils")
+
+    def sees_within(reach, batch_idx, head_idx, q_idx, kv_idx):  # a custom predicate maskattn cannot read
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < reach)
+
+    class SeesWithin:
+        def __init__(self, reach):
+            self.reach = reach
+
+        def __call__(self, batch_idx, head_idx, q_idx, kv_idx):
+            return sees_within(self.reach, batch_idx, head_idx, q_idx, kv_idx)
+
+    hf._WARNED.clear()
+    kept = []
+    with caplog.at_level(logging.WARNING, logger="maskattn.hf"):
+        for reach in range(1, 21):
+            for function in (functools.partial(sees_within, reach), SeesWithin(reach)):
+                got = hf.build_mask(2, 5, 5, mask_function=function)
+                want = mu.sdpa_mask(batch_size=2, q_length=5, kv_length=5, mask_function=function,
+                                    allow_is_causal_skip=False)
+                assert torch.equal(got.mask.to_dense(5, 5), want), reach
+                kept.append(function)  # alive: no address is reused
+    assert len(caplog.records) == 2 and len(hf._WARNED) == 2
+    messages = [record.getMessage() for record in caplog.records]
+    assert ".sees_within' has no" in messages[0] and ".SeesWithin object' has no" in messages[1], messages
+
+
 def test_sliding_cache_offsets_shift_to_the_kept_keys():
     mu = pytest.importorskip("transformers.masking_utils")
     function = mu.sliding_window_causal_mask_function(3)

@@ -302,6 +302,15 @@ def _padding(valid: Tensor) -> Mask:
     return masks.padding(valid)
 
 
+def _function_name(function: Callable) -> str:
+    """A mask function's name for a warning given once per name: its qualified name, the wrapped function's for a
+    ``functools.partial``, else its class's. (Its repr holds arguments and addresses: each new partial or callable
+    object warned anew and was kept in ``_WARNED`` for good.)"""
+    while isinstance(function, functools.partial):
+        function = function.func
+    return getattr(function, "__qualname__", None) or f"{type(function).__qualname__} object"
+
+
 def _once(reason: str) -> None:
     if torch.compiler.is_compiling():  # a log call would break the graph; the first eager call says it
         return
@@ -383,7 +392,7 @@ def build_mask(
         mask = _conjunction(parts)
         return HFMask(None if mask is _FULL else mask, q_offset - kv_offset)
     if not torch.compiler.is_compiling():  # (the f-string's repr of a traced predicate breaks torch 2.11's graph)
-        _once(f"mask function {getattr(mask_function, '__qualname__', mask_function)!r} has no maskattn structure; "
+        _once(f"mask function {_function_name(mask_function)!r} has no maskattn structure; "
               "using the dense mask transformers would build (masks.from_tensor)")
     return _dense_mask(mu, batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
                        kwargs)
