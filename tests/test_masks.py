@@ -317,6 +317,31 @@ def test_the_structure_kept_for_the_last_mask_is_never_another_masks():
     assert masks.structure(None).kinds == () and masks.structure(masks.full()).kinds == ()
 
 
+def test_the_structure_kept_for_the_last_mask_does_not_keep_its_tensors_alive():
+    # structure() kept the last mask's structure until the next call: the mask's padding, valid or document tensors
+    # outlived it, and a from_tensor or | mask (its structure's rest holds the mask) was never let go: a dense
+    # (B, 1, L, L) mask on a GPU stayed after the caller dropped it. The oracle: weak references die.
+    import gc
+    import weakref
+
+    q = torch.randn(2, 2, 8, 4)
+    makers = [(lambda t: masks.causal() & masks.padding(t), lambda: torch.tensor([8, 5])),
+              (masks.document, lambda: torch.tensor([[0] * 4 + [1] * 4] * 2)),
+              (masks.padding, lambda: torch.arange(8)[None] < 6),
+              (masks.from_tensor, lambda: torch.rand(2, 1, 8, 8) > 0.3),
+              (lambda t: masks.causal() | masks.padding(t), lambda: torch.tensor([3, 8]))]
+    for make, tensor_of in makers:
+        tensor = tensor_of()
+        mask = make(tensor)
+        with torch.no_grad():
+            maskattn.attention(q, q, q, mask)
+        assert masks.structure(mask) is not None
+        gone = weakref.ref(mask), weakref.ref(tensor)
+        del mask, tensor
+        gc.collect()
+        assert [ref() for ref in gone] == [None, None], make
+
+
 def test_no_private_names_are_exported_and_old_private_classes_warn():
     import maskattn
     from maskattn.masks import base, convert, expr, kinds, stats, structure, tensor_kinds, tiles

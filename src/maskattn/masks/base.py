@@ -478,13 +478,22 @@ def structure(mask: Mask | None) -> MaskStructure:
     if last is not None and last[0]() is mask:
         return last[1]
     result = mask.structure()
-    _last_structure = (weakref.ref(mask), result)
+    if not result.rest:  # rest holds the mask itself (or its parts): kept, the mask could never go
+        _last_structure = (weakref.ref(mask, _forget_structure), result)
     return result
+
+
+def _forget_structure(gone: weakref.ref) -> None:
+    """The kept mask went: let its tensors (lengths, valid, doc ids) go with it, not at the next call."""
+    global _last_structure
+    last = _last_structure
+    if last is not None and last[0] is gone:
+        _last_structure = None
 
 
 # One attention call reads its mask's structure four times (dispatch, the guard, sdpa's fast path and the call
 # itself), and a model's layers share one mask: the last mask's structure is kept (a mask is a value, its structure
 # a function of its kind and the objects it holds; weakly, so that the mask can go, and a new one at its address
-# is not taken for it). Eager only: a compiled graph does not read it.
+# is not taken for it; dropped when the mask goes). Eager only: a compiled graph does not read it.
 _last_structure: tuple[weakref.ref[Mask], MaskStructure] | None = None
 _NO_MASK = MaskStructure()  # frozen: one instance serves every call without a mask
