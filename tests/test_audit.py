@@ -481,3 +481,142 @@ def test_the_padding_audit_compares_rows_even_without_padding():
                             lengths, vocab=20, name="rows")
     assert not padding.ok and padding.leaks == [(0, 3, -1)] and "padding" in padding.how
     assert audit_padding(lambda t: t.float()[:, :, None] * 2, tokens, lengths, vocab=20, name="rows").ok
+
+
+class _IgnoresItsMask(nn.Module):
+    """A cross-attention layer that attends every key whatever mask it is given: a leak wherever the mask hides one."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.d_model, self.inner = d_model, MultiHeadAttention(d_model, 2)
+
+    def forward(self, query, key=None, value=None, *, mask=None, **kwargs):
+        return self.inner(query, key, value, mask=None, **kwargs)
+
+
+def test_cross_attention_audits_the_pair_of_a_query_and_the_key_at_its_own_index():
+    # only self-attention exempts a query's own position (its input is also its query); in cross-attention query i
+    # and key i are different inputs, and a mask hiding key i from query i alone must find this layer's leak there
+    torch.manual_seed(0)
+    not_own = masks.from_tensor(~torch.eye(5, dtype=torch.bool))
+    report = audit_layer(_IgnoresItsMask(8), not_own, length=5, cross_length=5)
+    assert not report.ok
+    assert {(q, k) for v in report.verdicts for _, q, k in v.leaks} <= {(i, i) for i in range(5)}
+    assert report.verdicts[0].checked_pairs == 2 * 5  # B x the five diagonal pairs
+
+
+def _next_token(tokens):
+    """(B, L) -> (B, L, 1): the logit at t is token t + 1 (0 at the last position): a leak of exactly one step."""
+    out = torch.zeros(*tokens.shape, 1)
+    out[:, :-1, 0] = tokens[:, 1:].float()
+    return out
+
+
+def test_the_causal_audit_names_a_leak_of_the_very_next_token_by_changing_it():
+    from maskattn.audit import audit_causal_logits
+
+    tokens = torch.randint(4, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    verdict = audit_causal_logits(_next_token, tokens, vocab=50, name="next")
+    assert not verdict.ok
+    assert verdict.how == "changing later tokens changed earlier logits"
+    assert verdict.leaks[0][1:] == (0, 1)  # query 0 saw key 1
+
+
+def _back(distance):
+    """(B, L) -> (B, L, 1): the logit at t is token t - distance (0 before the first)."""
+    def logits_of(tokens):
+        out = torch.zeros(*tokens.shape, 1)
+        out[:, distance:, 0] = tokens[:, : tokens.shape[1] - distance].float()
+        return out
+    return logits_of
+
+
+def test_the_reach_audit_finds_a_receptive_field_one_position_wider_than_declared():
+    from maskattn.audit import audit_reach
+
+    tokens = torch.randint(4, 50, (2, 10), generator=torch.Generator().manual_seed(0))
+    assert audit_reach(_back(3), tokens, reach=3, vocab=50, name="w").ok  # sees exactly 3 back: within its reach
+    verdict = audit_reach(_back(4), tokens, reach=3, vocab=50, name="w")
+    assert not verdict.ok and verdict.leaks == [(0, 4, 0)]  # query 4 saw key 0, 4 positions back
+
+
+class _ZeroWeightAttention(nn.Module):
+    """Cross-attention written the naive way: hidden keys get -inf scores, so weight 0, and their values are still
+    multiplied by that 0 (0 x NaN is NaN): a leak the non-finite check exists for."""
+
+    d_model = 4
+
+    def forward(self, query, key=None, value=None, *, mask=None):
+        allowed = mask.to_dense(query.shape[1], key.shape[1])[:, 0]  # (B|1, Lq, Lk)
+        scores = (query @ key.transpose(1, 2)).masked_fill(~allowed, float("-inf"))
+        return torch.softmax(scores, -1) @ value
+
+
+def test_the_non_finite_audit_puts_nan_in_hidden_values_too():
+    from maskattn.audit import audit_nonfinite_call
+
+    gen = torch.Generator().manual_seed(0)
+    query, memory = torch.randn(2, 3, 4, generator=gen), torch.randn(2, 5, 4, generator=gen)
+    layer, mask = _ZeroWeightAttention(), masks.padding([3, 5])
+    assert audit_call(layer, query, memory, memory, mask=mask).ok  # hidden values weigh exactly 0 ...
+    verdict = audit_nonfinite_call(layer, query, memory, memory, mask=mask)
+    assert not verdict.ok and {k for _, _, k in verdict.leaks} <= {3, 4}  # ... but NaN x 0 is NaN
+
+
+def test_the_causal_audit_finds_the_last_row_reading_another_row():
+    # every row is checked against the others, the last one too (a batch-mixing bug that shows only in the last row)
+    from maskattn.audit import audit_causal_logits
+
+    def logits_of(tokens):  # (B, L) -> (B, L, 1): each row its own tokens, the last row plus row 0's
+        out = tokens[..., None].float().clone()
+        out[-1] += tokens[0, :, None]
+        return out
+
+    tokens = torch.randint(4, 50, (3, 6), generator=torch.Generator().manual_seed(0))
+    verdict = audit_causal_logits(logits_of, tokens, vocab=50, name="rows")
+    assert not verdict.ok and verdict.how == "changing another row's tokens changed this row's logits"
+    assert verdict.leaks[0][0] == 2
+
+
+class _GradientOnlyLeak(nn.Module):
+    """Self-attention whose output is exactly the masked one, plus (x - x.detach()) of an unmasked one: forward
+    values are bit-identical, but gradients reach every hidden position (what only the Jacobian check sees)."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.d_model, self.inner = d_model, MultiHeadAttention(d_model, 2)
+
+    def forward(self, query, key=None, value=None, *, mask=None):
+        leaky = self.inner(query, key, value, mask=None)
+        return self.inner(query, key, value, mask=mask) + (leaky - leaky.detach())
+
+
+def test_a_leak_of_gradients_alone_is_found_by_the_jacobian_check():
+    torch.manual_seed(0)
+    layer, x = _GradientOnlyLeak(8), torch.randn(2, 5, 8)
+    assert torch.equal(layer(x, mask=masks.causal()), layer.inner(x, mask=masks.causal()))  # forward: no trace
+    verdict = audit_call(layer, x, mask=masks.causal())
+    assert not verdict.ok and verdict.how == "non-zero gradient through a hidden position"
+    assert all(k > q for _, q, k in verdict.leaks)  # keys after the query: what causal() hides
+
+
+class _OneRowForwardLeak(nn.Module):
+    """Self-attention that is right for every batch row but the second, which gets the unmasked output, without
+    gradient (a leak through a non-differentiable path, in some rows only: what only the perturbation check sees)."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.d_model, self.inner = d_model, MultiHeadAttention(d_model, 2)
+
+    def forward(self, query, key=None, value=None, *, mask=None):
+        good = self.inner(query, key, value, mask=mask)
+        leaky = self.inner(query, key, value, mask=None)
+        row = (torch.arange(query.shape[0]) == 1).view(-1, 1, 1)
+        return good + torch.where(row, leaky - good, 0.0).detach()
+
+
+def test_the_perturbation_check_finds_a_leak_in_one_batch_row():
+    torch.manual_seed(0)
+    verdict = audit_call(_OneRowForwardLeak(8), torch.randn(3, 5, 8), mask=masks.causal())
+    assert not verdict.ok and verdict.how == "perturbing hidden inputs changed the output"
+    assert {b for b, _, _ in verdict.leaks} == {1} and all(k > q for _, q, k in verdict.leaks)

@@ -300,3 +300,34 @@ def test_a_labelled_files_format_is_read_from_its_extension_in_any_case(tmp_path
     path = tmp_path / name
     path.write_bytes(gzip.compress(text.encode()) if name.lower().endswith(".gz") else text.encode())
     assert read_labelled(path) == [("good, really", "1")]
+
+
+def test_random_batches_with_drop_last_keep_every_full_batch():
+    # a drop_last cut at count - size (not count - size + 1) dropped the last batch whenever size divides count
+    for count in range(0, 13):
+        for size in range(1, 6):
+            got = data.random_batches(count, size, seed=3, epoch=0, drop_last=True)
+            assert len(got) == count // size and all(len(b) == size for b in got), (count, size)
+            assert len({i for b in got for i in b}) == count // size * size
+
+
+def test_bucketed_batches_come_in_a_random_order_not_by_length():
+    # the docstring's "the batches shuffled again": without it every pool's batches ran shortest to longest
+    lengths = [1 + (i * 37) % 50 for i in range(400)]  # 50 distinct lengths, spread over the indices
+    for seed in range(3):
+        batches = data.bucket_batches(lengths, 100, seed=seed, epoch=0, pool=1000)  # one pool: all sorted together
+        longest = [max(lengths[i] for i in b) for b in batches]
+        assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
+        assert sorted(i for b in batches for i in b) == list(range(400))
+    unshuffled = data.bucket_batches(lengths, 100, seed=0, epoch=0, pool=1000, shuffle=False)
+    longest = [max(lengths[i] for i in b) for b in unshuffled]
+    assert longest == sorted(longest)  # the oracle's premise: within a pool, the cut batches are in length order
+
+
+def test_every_blank_line_at_the_end_of_a_parallel_file_is_ignored(tmp_path):
+    # editors leave several newlines at the end; only the first blank line was dropped, the next read as an empty pair
+    (tmp_path / "src.txt").write_text("a b\nc d\n\n\n \n")
+    (tmp_path / "tgt.txt").write_text("x y\nz w\n\n")
+    assert read_parallel(tmp_path / "src.txt", tmp_path / "tgt.txt") == [("a b", "x y"), ("c d", "z w")]
+    (tmp_path / "pairs.tsv").write_text("a b\tx y\n\n\n")
+    assert read_parallel(tmp_path / "pairs.tsv") == [("a b", "x y")]

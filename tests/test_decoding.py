@@ -722,3 +722,14 @@ def test_a_decoded_token_reads_the_device_once_for_its_ids_check(host_reads, mon
             assert torch.equal(torch.stack([*tokens, logits.argmax(-1)], dim=1),
                                decoding.greedy(model, prompts, lengths, max_new_tokens=12))
     assert counts[1] - counts[0] == 8 * per_token, counts
+
+
+def test_sampling_settings_accept_temperature_zero_and_refuse_top_p_zero():
+    # temperature 0 is greedy (`--temperature 0`); top_p 0 keeps no token: every logit -inf, then NaN probabilities
+    decoding.check_sampling(max_new_tokens=1, temperature=0, top_k=None, top_p=None)
+    decoding.check_sampling(max_new_tokens=1, temperature=0.0, top_k=1, top_p=1.0)
+    for check in (lambda: decoding.check_sampling(max_new_tokens=1, temperature=1.0, top_k=None, top_p=0.0),
+                  lambda: decoding.filter_logits(torch.zeros(1, 5), top_p=0.0)):
+        with pytest.raises(ValueError, match=r"top_p must be a number in \(0, 1\], got 0\.0"):
+            check()
+

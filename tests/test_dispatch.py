@@ -147,3 +147,24 @@ def test_off_the_cpu_a_dense_mask_too_large_for_memory_stays_on_blocked():
     assert dispatch.decide(q, q, masks.prefix_lm(3), dropout_p=0.0, return_weights=False)[0] == "blocked"
     window = masks.causal() & masks.sliding_window(256)
     assert dispatch.decide(q, q, window, dropout_p=0.0, return_weights=False)[0] == "sdpa"
+
+
+def test_the_small_problem_rule_holds_up_to_and_including_small_scores():
+    # docs/performance.md: "Lq * Lk <= SMALL_SCORES" goes to sdpa; a window cannot take sdpa's fast path
+    window = masks.causal() & masks.sliding_window(4)
+    side = int(dispatch.SMALL_SCORES ** 0.5)
+    assert side * side == dispatch.SMALL_SCORES
+    q = torch.empty(1, 1, side, 8)
+    assert choose_backend(q, q, window, dropout_p=0.0, return_weights=False) == "sdpa"
+    longer = torch.empty(1, 1, side + 1, 8)
+    assert choose_backend(q, longer, window, dropout_p=0.0, return_weights=False) == "blocked"
+
+
+def test_a_generator_without_dropout_leaves_the_choice_to_the_mask(ran):
+    # the generator rule is for dropout: a training loop that always passes its generator must not send every
+    # evaluation call (dropout 0) to blocked
+    q = torch.randn(2, 2, 1024, 8)
+    for mask in (None, masks.causal(), masks.padding([1024, 9])):
+        ran.clear()
+        maskattn.attention(q, q, q, mask, dropout_p=0.0, generator=torch.Generator())
+        assert ran == ["sdpa"], mask

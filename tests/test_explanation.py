@@ -147,3 +147,23 @@ def test_explain_counts_the_scores_blocked_computes(mask, monkeypatch):
     monkeypatch.undo()
     assert seen["scores"] > 0
     assert f"({seen['scores']:,} scores)" in maskattn.explain(q, k, v, mask).costs["blocked"]
+
+
+@pytest.mark.parametrize("mask,length,block", [
+    (masks.causal() & masks.sliding_window(64), 300, 128),
+    (masks.causal(), 300, 128),
+    (masks.causal(), 256, 64),
+    (masks.padding([100, 250]), 250, 32),
+])
+def test_flex_counts_the_scores_of_every_tile_the_mask_does_not_empty(mask, length, block):
+    # flex's line is "skips empty tiles" at the block argument's tile size: the entries of every block x block tile
+    # with an allowed pair, counted here tile by tile from the dense mask (not the mask's density)
+    q = torch.randn(2, 3, length, 8)
+    dense = mask.to_dense(length, length).expand(2, 3, length, length)
+    scores = 0
+    for i in range(0, length, block):
+        for j in range(0, length, block):
+            tile = dense[..., i:i + block, j:j + block]  # (B, H, <=block, <=block)
+            scores += int(tile.any(-1).any(-1).sum()) * tile.shape[-2] * tile.shape[-1]
+    said = maskattn.explain(q, q, q, mask, block=block).costs["flex"]
+    assert f"({scores:,} scores)" in said, said

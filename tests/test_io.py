@@ -143,3 +143,57 @@ def test_a_symlink_loop_among_the_inputs_is_named_as_that_input_not_the_output(t
         io.check_output_file(tmp_path / "out.png", "--example", [tmp_path / "model", tmp_path / "a"])
     assert str(caught.value).startswith(f"{tmp_path / 'a'}: a symbolic link loop")
     assert not (tmp_path / "out.png").exists()
+
+
+def test_an_output_file_inside_an_input_directory_or_existing_without_overwrite_is_refused(tmp_path):
+    # writing into a model directory puts a file its manifest does not list (the next load refuses it)
+    model = tmp_path / "model"
+    model.mkdir()
+    for out in (model / "h.txt", model / "sub" / "h.txt"):
+        with pytest.raises(ValueError, match=r"--hypotheses .*h\.txt: that would write over the input .*model"):
+            io.check_output_file(out, "--hypotheses", [model])
+    assert io.check_output_file(tmp_path / "h.txt", "--hypotheses", [model]) == tmp_path / "h.txt"
+    (tmp_path / "old.txt").write_text("keep")
+    with pytest.raises(ValueError, match=r"--hypotheses .*old\.txt exists; give --overwrite"):
+        io.check_output_file(tmp_path / "old.txt", "--hypotheses", overwrite=False)
+    assert io.check_output_file(tmp_path / "new.txt", "--hypotheses", overwrite=False) == tmp_path / "new.txt"
+    assert io.check_output_file(tmp_path / "old.txt", "--hypotheses") == tmp_path / "old.txt"  # overwrite=True
+
+
+def _manifested(directory):
+    import hashlib
+
+    directory.mkdir()
+    (directory / "a.json").write_text("{}")
+    (directory / "b.bin").write_bytes(b"\x00\x01")
+    io.write_manifest(directory, ["a.json", "b.bin"])
+    listed = json.loads((directory / io.MANIFEST).read_text())["files"]
+    assert listed == {name: hashlib.sha256((directory / name).read_bytes()).hexdigest() for name in listed}
+    return directory
+
+
+def test_verify_manifest_of_some_files_checks_those_files(tmp_path):
+    # read_task verifies task.json alone (every_file=False): a modified task.json must still be refused
+    d = _manifested(tmp_path / "d")
+    (d / "a.json").write_text('{"x": 1}')
+    with pytest.raises(io.FormatError, match=r"a\.json: SHA-256 does not match"):
+        io.verify_manifest(d, ["a.json"], every_file=False)
+    assert io.verify_manifest(d, ["b.bin"], every_file=False)  # only what is read is hashed
+
+
+def test_adding_to_a_manifest_never_vouches_for_a_modified_file(tmp_path):
+    d = _manifested(tmp_path / "d")
+    (d / "b.bin").write_bytes(b"changed")
+    (d / "c.txt").write_text("new")
+    with pytest.raises(io.FormatError, match=r"b\.bin: SHA-256 does not match"):
+        io.add_to_manifest(d, "c.txt")
+    assert sorted(io.manifest_files(d)) == ["a.json", "b.bin"]  # unchanged
+
+
+@pytest.mark.parametrize("name", ["sub/a.json", "../a.json", "..", "", "a\\b"])
+def test_a_manifest_naming_a_path_outside_its_directory_is_refused(tmp_path, name):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / io.MANIFEST).write_text(json.dumps({"format": io.MANIFEST_FORMAT, "files": {name: "0" * 64}}))
+    with pytest.raises(io.FormatError, match="not a maskattn-manifest-1 manifest"):
+        io.manifest_files(d)

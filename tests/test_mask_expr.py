@@ -41,6 +41,8 @@ def test_parse_matches_the_python_expression(text, expected):
         ("causal & window(", 16, "expected an integer argument of window(), found the end"),
         ("window(-1)", 7, "window(): a negative argument -1; arguments are integers >= 0"),
         ("padding(3, -2)", 11, "padding(): a negative argument -2; arguments are integers >= 0"),
+        ("window(4,)", 9, "expected an integer argument of window(), found ')'"),  # a trailing comma
+        ("document(16777216, 1)", 0, "document() covers 16777217 positions in all; at most 2**24"),  # one past
     ],
 )
 def test_errors_point_at_the_token(text, position, words):
@@ -59,3 +61,12 @@ def test_empty_parentheses_are_a_call_without_arguments():
         parse("window()")
     with pytest.raises(MaskSyntaxError, match=re.escape("padding takes at least one argument, got 0")):
         parse("padding()")
+
+
+def test_parenthesised_terms_side_by_side_are_not_nesting():
+    # the depth limit is for nesting: 150 parenthesised terms joined by & are 1 deep
+    text = " & ".join(["(causal)"] * 150)
+    assert torch.equal(parse(text).to_dense(5, 5), masks.causal().to_dense(5, 5))
+    with pytest.raises(MaskSyntaxError, match="more than 100 deep"):
+        parse("(" * 101 + "causal" + ")" * 101)
+

@@ -504,3 +504,21 @@ def test_the_contributing_mask_kind_example_is_its_predicate_on_every_backend():
         for backend in ("blocked", "sdpa"):
             got = maskattn.attention(q, k, v, mask, q_offset=q_offset, backend=backend)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("first,second", [
+    (masks.prefix_lm(5), masks.prefix_lm(3)),
+    (masks.prefix_lm(torch.tensor([2, 6])), masks.prefix_lm(torch.tensor([4, 1]))),
+    (masks.padding([4, 2]), masks.padding([1, 5])),
+    (masks.padding(torch.tensor([[1, 1, 0, 1, 1, 1]], dtype=torch.bool)),
+     masks.padding(torch.tensor([[1, 0, 1, 1, 1, 0]], dtype=torch.bool))),
+    (masks.document(torch.tensor([[0, 0, 0, 1, 1, 1]])), masks.document(torch.tensor([[0, 1, 1, 1, 2, 2]]))),
+])
+def test_the_structure_of_two_parts_of_one_kind_is_both(first, second):
+    # a tensor field already set keeps the second part in rest: were it merged into the field (or dropped),
+    # prefix_lm(5) & prefix_lm(3) would read as prefix 5, two more keys than the mask lets the first rows see
+    for mask in (first & second, second & first):
+        s = masks.structure(mask)
+        want = first.to_dense(6, 6) & second.to_dense(6, 6)  # the & of the parts, each by its own to_dense
+        assert torch.equal(_from_structure(s, 6, 6, 0).expand(want.shape), want)
+        assert len(s.rest) == 1

@@ -101,3 +101,14 @@ def test_macro_f1_reads_its_inputs_once_whatever_the_number_of_labels():
     labels = sorted(set(gold))
     assert score == pytest.approx(sklearn_metrics.f1_score(list(gold), list(pred), labels=labels, average="macro",
                                                            zero_division=0))
+
+
+def test_chrf_reads_hypotheses_first_and_weighs_recall_over_precision():
+    # chrF's beta = 2 counts recall twice as much as precision, so it is not symmetric: a hypothesis that says a
+    # part of the reference (all precise, little recall) scores below one that says the reference and more
+    import sacrebleu
+
+    part, whole = ["the cat"], ["the cat sat on the mat today"]
+    assert metrics.chrf(part, whole) < metrics.chrf(whole, part)
+    assert metrics.chrf(part, whole) == pytest.approx(sacrebleu.sentence_chrf(part[0], whole).score)
+    assert metrics.sacrebleu_scores(part, whole)["chrf"] == pytest.approx(metrics.chrf(part, whole))

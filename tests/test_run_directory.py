@@ -331,3 +331,26 @@ def test_the_run_directory_names_are_still_importable_from_training():
     for name in ("RUN_ENTRIES", "RUN_FILE_PATTERN", "check_run_directory", "check_same_run", "clear_run_directory",
                  "discard_replaced_run", "prepare_run_directory", "replacing_run", "run_lock"):
         assert getattr(training, name) is getattr(run_directory, name), name
+
+
+def test_check_run_directory_refuses_to_overwrite_a_directory_holding_foreign_files(tmp_path):
+    # the check the CLI makes before a task reads its data: it must refuse at once, not after reading the data
+    from maskattn.run_directory import check_run_directory
+
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "thesis.tex").write_text("keep")
+    with pytest.raises(RunDirectoryError, match=r"will not clear .*thesis\.tex"):
+        check_run_directory(tmp_path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "thesis.tex"]
+
+
+def test_check_same_run_names_a_model_setting_the_new_run_leaves_out(tmp_path):
+    # a setting only the checkpoint has (the new run takes its default) is a difference too, in either direction
+    from maskattn.run_directory import check_same_run
+
+    saved = {"task": "lm", "model": {"heads": 2, "window": 4}}
+    with pytest.raises(checkpoint.CheckpointError, match=r"model\.window=4, this run has None"):
+        check_same_run(tmp_path, saved, {"task": "lm", "model": {"heads": 2}})
+    with pytest.raises(checkpoint.CheckpointError, match=r"model\.window=None, this run has 4"):
+        check_same_run(tmp_path, {"task": "lm", "model": {"heads": 2}}, saved)
+    check_same_run(tmp_path, saved, {"task": "lm", "model": {"window": 4, "heads": 2}})  # order does not matter

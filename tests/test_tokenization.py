@@ -97,3 +97,20 @@ def test_a_data_vocab_size_below_the_special_tokens_is_refused_by_the_setting(ta
     with pytest.raises(ValueError, match=r"vocab_size must be an int >= 4, got 3"):
         config(vocab_size=3)
     assert config(vocab_size=4).vocab_size == 4
+
+
+def test_encode_batch_puts_bos_and_eos_where_encode_does():
+    tok = Tokenizer.train_chars(["hello world", "abc"])
+    texts = ["he", "abc cab", ""]
+    for bos, eos in ((True, False), (False, True), (True, True), (False, False)):
+        assert tok.encode_batch(texts, bos=bos, eos=eos) == [tok.encode(t, bos=bos, eos=eos) for t in texts]
+    assert tok.encode_batch(["a"], bos=True)[0][0] == tok.bos_id != tok.eos_id
+
+
+def test_character_ids_follow_the_characters_sorted_order():
+    # the ids are deterministic only if they are sorted: a set's order changes with the process's hash seed
+    letters = "qwertyuiopasdfghjklzxcvbnm"
+    tok = Tokenizer.train_chars([letters, letters.upper()])
+    vocab = tok.backend.get_vocab()
+    chars = sorted(set(letters + letters.upper()))
+    assert [vocab[c] for c in chars] == list(range(4, 4 + len(chars)))  # after the four special tokens

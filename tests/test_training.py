@@ -1055,3 +1055,15 @@ def test_a_metrics_record_whose_step_is_not_an_int_is_refused_naming_the_line(tm
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(UsageError, match=r"metrics\.jsonl:1: not a metrics record \(JSON with an int step\)"):
         _tiny_trainer(tmp_path, steps=4, checkpoint_every=2).resume()
+
+
+def test_the_smallest_counts_torchrun_sets_are_accepted(monkeypatch):
+    # torchrun --nproc_per_node 1 sets WORLD_SIZE=1, and its first process LOCAL_RANK=0: a single process on GPU 0
+    from maskattn import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert distributed.init("cpu") == distributed.Context()
+    assert distributed.local_device() == torch.device("cuda", 0)

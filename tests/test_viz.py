@@ -354,3 +354,17 @@ def test_labels_that_do_not_fit_the_weights_are_named_before_drawing(tmp_path):
             draw(weights, tmp_path / "w.png", x_labels=list("abcd"), y_labels=list("abcd"))
         assert draw(weights, tmp_path / "w.png", x_labels=list("abcd"), y_labels=list("abc")).is_file()
     assert plt.get_fignums() == open_before and sorted(p.name for p in tmp_path.iterdir()) == ["w.png"]
+
+
+def test_the_lse_capture_of_a_call_with_a_query_offset_equals_its_weights():
+    # a decoding step's queries sit at q_offset: the causal mask there lets them see keys past their own index
+    torch.manual_seed(0)
+    layer = maskattn.MultiHeadAttention(8, 2).eval()
+    query, memory = torch.randn(1, 2, 8), torch.randn(1, 5, 8)
+    with torch.no_grad():
+        _, want = layer(query, memory, memory, mask=masks.causal(), q_offset=3, return_weights=True)  # (B, H, 2, 5)
+    for method in ("lse", "rerun"):
+        with capture_attention(layer, method=method) as seen, torch.no_grad():
+            layer(query, memory, memory, mask=masks.causal(), q_offset=3)
+        assert torch.allclose(seen[""][0], want, atol=1e-6), method
+    assert (want[..., :4] > 0).all() and (want[..., 0, 4] == 0).all()  # query 3 sees keys 0-3, query 4 all five
