@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from maskattn import masks
@@ -17,7 +18,7 @@ def test_plot_mask_draws_the_grid_and_writes_a_png(tmp_path):
     assert (tmp_path / "m.png").read_bytes()[:8] == PNG
     drawn = torch.from_numpy(ax.images[0].get_array().data)
     assert torch.equal(drawn.bool(), mask.to_dense(4, 5)[1, 0])
-    assert ax.get_title() == repr(mask)
+    assert ax.get_title() == f"{mask!r}, batch 1"  # the picture names the batch item it shows
 
 
 def test_masks_do_not_import_matplotlib():
@@ -188,3 +189,95 @@ def test_a_metrics_log_line_that_is_not_a_record_is_named_with_its_file_and_line
     assert not (tmp_path / "curves.png").exists()
     log.write_text('{"step": 1, "loss": 2.0}\n  \n\n')
     assert plot_curves(log) == tmp_path / "curves.png"
+
+
+def _pixel_faults(ax, dense, q_offset=0):
+    """Read plot_mask's picture back from the rendered pixels and compare it with ``dense`` (Lq, Lk): (dark pixels
+    over no allowed entry, allowed entries drawn with no dark pixel). A pixel is checked against the entries within a
+    pixel of it, widened to the blocks the title says each cell stands for."""
+    import re
+
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(ax.figure)  # (plot_mask closed its own figure after writing it)
+    ax.spines[:].set_visible(False)  # the frame and tick marks are dark too
+    ax.tick_params(length=0)
+    canvas.draw()
+    dark = np.asarray(canvas.buffer_rgba())[..., :3].mean(-1) < 128  # (rows, cols), row 0 at the top
+    height = dark.shape[0]
+    box = ax.get_window_extent()
+    c0, c1 = int(np.ceil(box.x0)), int(np.floor(box.x1))
+    r0, r1 = int(np.ceil(height - box.y1)), int(np.floor(height - box.y0))
+    dark = dark[r0:r1, c0:c1]
+    said = re.search(r"each cell (\d+) queries x (\d+) keys: dark where any of them may attend", ax.get_title())
+    fq, fk = (int(said[1]), int(said[2])) if said else (1, 1)
+    lq, lk = dense.shape
+    to_data = ax.transData.inverted()
+    xs = to_data.transform(np.stack([np.arange(c0, c1 + 1), np.full(c1 - c0 + 1, 0.0)], 1))[:, 0]  # pixel edges
+    ys = to_data.transform(np.stack([np.full(r1 - r0 + 1, 0.0), height - np.arange(r0, r1 + 1)], 1))[:, 1]
+
+    def cell_range(edges, size, block, offset):  # the cells within a pixel of each pixel, widened to whole blocks
+        lo = np.floor(np.minimum(edges[:-1], edges[1:]) - offset + 0.5 - abs(edges[1] - edges[0])).astype(int)
+        hi = np.floor(np.maximum(edges[:-1], edges[1:]) - offset + 0.5 + abs(edges[1] - edges[0])).astype(int) + 1
+        return np.clip(lo // block * block, 0, size), np.clip(-(-hi // block) * block, 0, size)
+
+    k_lo, k_hi = cell_range(xs, lk, fk, 0)
+    q_lo, q_hi = cell_range(ys, lq, fq, q_offset)
+    sums = np.pad(dense.numpy().astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    near = (sums[q_hi[:, None], k_hi[None]] - sums[q_lo[:, None], k_hi[None]] - sums[q_hi[:, None], k_lo[None]]
+            + sums[q_lo[:, None], k_lo[None]])  # allowed entries near each pixel
+    shown_wrongly = int((dark & (near == 0)).sum())
+    # each allowed entry: some dark pixel within a pixel of its cell (xs and ys increase rightwards and downwards)
+    dsum = np.pad(dark.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    qs, ks = np.nonzero(dense.numpy())
+    span = lambda edges, cells, size: (np.clip(np.searchsorted(edges, cells - 0.5) - 2, 0, size),  # noqa: E731
+                                       np.clip(np.searchsorted(edges, cells + 0.5) + 1, 0, size))
+    ra, rb = span(ys, qs + q_offset, dark.shape[0])
+    ca, cb = span(xs, ks, dark.shape[1])
+    drawn = dsum[rb, cb] - dsum[ra, cb] - dsum[rb, ca] + dsum[ra, ca]
+    return shown_wrongly, int((drawn == 0).sum())
+
+
+def _allowed(pred, q_len, k_len, q_offset=0):
+    """An (Lq, Lk) mask written out from ``arange`` positions: the oracle the pictures are compared with."""
+    q, k = torch.arange(q_offset, q_offset + q_len).view(-1, 1), torch.arange(k_len).view(1, -1)
+    return pred(q, k).expand(q_len, k_len)
+
+
+def _doc(position):
+    return (position >= 300).long() + (position >= 700).long()  # documents of 300, 400 and 300 positions
+
+
+def _scatter(n):
+    q, k = torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1)
+    return (k == (3 * q) % n) & (q % 7 == 2)  # isolated entries: no neighbour drawn in for a missing one
+
+
+@pytest.mark.parametrize("case", ["window", "prefix", "padding", "document", "anticausal", "heads", "scatter"])
+def test_plot_mask_pixels_show_the_dense_mask(case, tmp_path):
+    """The picture, read back pixel by pixel, against the mask written out from positions: every allowed entry
+    dark, no dark pixel where nothing may attend, queries down from q_offset, keys across, the chosen batch
+    item and head; masks longer than the picture's pixels included."""
+    heads = torch.zeros(1, 3, 20, 20, dtype=torch.bool)
+    heads[0, 2, :, 5] = True
+    cases = {  # mask, q_len, k_len, q_offset, batch, head, oracle
+        "window": (masks.causal() & masks.sliding_window(3), 10, 15, 5, 0, 0,
+                   _allowed(lambda q, k: (k <= q) & (k > q - 3), 10, 15, 5)),
+        "prefix": (masks.prefix_lm(200), 700, 900, 100, 0, 0,
+                   _allowed(lambda q, k: (k <= q) | (k < 200), 700, 900, 100)),
+        "padding": (masks.padding([9, 4]), 6, 12, 0, 1, 0, _allowed(lambda q, k: k < 4, 6, 12)),
+        "document": (masks.document(torch.tensor([[0] * 300 + [1] * 400 + [2] * 300])), 1000, 1000, 0, 0, 0,
+                     _allowed(lambda q, k: _doc(q) == _doc(k), 1000, 1000)),
+        "anticausal": (~masks.causal(), 300, 300, 0, 0, 0, _allowed(lambda q, k: k > q, 300, 300)),
+        "heads": (masks.from_tensor(heads), 20, 20, 0, 0, 2, heads[0, 2]),
+        "scatter": (masks.from_tensor(_scatter(1024)), 1024, 1024, 0, 0, 0, _scatter(1024)),
+    }
+    mask, q_len, k_len, q_offset, batch, head, oracle = cases[case]
+    import matplotlib.pyplot as plt
+    drawn = plot_mask(mask, q_len, k_len, q_offset=q_offset, batch=batch, head=head, path=str(tmp_path / "m.png"))
+    assert _pixel_faults(drawn, oracle, q_offset) == (0, 0)  # as `masks show --png` draws it
+    fig = plt.figure(figsize=(6, 6), dpi=100)  # into a caller's axes (here 480 px for up to 1,024 positions)
+    assert _pixel_faults(plot_mask(mask, q_len, k_len, q_offset=q_offset, batch=batch, head=head,
+                                   ax=fig.add_axes((0.1, 0.1, 0.8, 0.8))), oracle, q_offset) == (0, 0)
+    plt.close(fig)

@@ -13,10 +13,15 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from torch import Tensor
+
 from maskattn.io import FormatError, atomic_write
 from maskattn.masks import Mask
 
 __all__ = ["plot_curves", "plot_mask", "plot_overlays", "plot_tradeoff", "save_figure"]
+
+
+MAX_CELLS = 256  # cells plot_mask draws along an axis; a longer mask is drawn in blocks of positions
 
 
 def save_figure(fig, path: str | Path, **kwargs) -> Path:
@@ -40,7 +45,8 @@ def plot_mask(
     path: str | None = None,
     ax=None,
 ):
-    """Draw the mask of one (batch, head) with matplotlib: dark = may attend.
+    """Draw the mask of one (batch, head) with matplotlib: dark = may attend. Beyond ``MAX_CELLS`` (256) positions
+    along an axis, each cell is a block of positions, dark where any of them may attend (the title says so).
 
     Args:
         mask: the mask to draw.
@@ -67,14 +73,32 @@ def plot_mask(
     if ax is None:
         size = min(10.0, 2.0 + 0.25 * max(q_len, k_len))
         fig, ax = plt.subplots(figsize=(size, size * q_len / k_len + 0.5))
-    ax.imshow(grid.float().cpu().numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest",
-              extent=(-0.5, k_len - 0.5, q_offset + q_len - 0.5, q_offset - 0.5))
-    ax.set(xlabel="key position", ylabel="query position", title=repr(mask))
+    # more positions than pixels: matplotlib's resampling would drop whole rows and columns (an allowed entry drawn
+    # hidden), so draw blocks of positions, dark where any entry of the block may attend, and say so
+    fq, fk = -(-q_len // MAX_CELLS), -(-k_len // MAX_CELLS)
+    blocks = any_in_blocks(grid, fq, fk)  # (ceil(Lq / fq), ceil(Lk / fk))
+    nq, nk = blocks.shape
+    ax.imshow(blocks.float().cpu().numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest",
+              extent=(-0.5, nk * fk - 0.5, q_offset + nq * fq - 0.5, q_offset - 0.5))
+    ax.set(xlim=(-0.5, k_len - 0.5), ylim=(q_offset + q_len - 0.5, q_offset - 0.5))  # a last block may run past
+    title = repr(mask) + (f", batch {batch}" if mask.batch > 1 else "") + (f", head {head}" if mask.heads > 1 else "")
+    if fq > 1 or fk > 1:
+        title += f"\neach cell {fq} queries x {fk} keys: dark where any of them may attend"
+    ax.set(xlabel="key position", ylabel="query position", title=title)
     if path is not None:
         save_figure(fig or ax.figure, path, dpi=100, bbox_inches="tight")
         if fig is not None:
             plt.close(fig)
     return ax
+
+
+def any_in_blocks(grid: Tensor, fq: int, fk: int) -> Tensor:
+    """A bool (Lq, Lk) grid pooled into blocks of ``fq x fk`` (the last ones may be smaller): True where any entry
+    of the block is."""
+    q_len, k_len = grid.shape
+    padded = grid.new_zeros(-(-q_len // fq) * fq, -(-k_len // fk) * fk)
+    padded[:q_len, :k_len] = grid
+    return padded.unflatten(0, (-1, fq)).unflatten(2, (-1, fk)).any(3).any(1)
 
 
 def plot_curves(log: str | Path, out: str | Path | None = None) -> Path | None:
