@@ -69,6 +69,33 @@ def test_masks_stats(capsys):
     assert "tiles 4x4: 6 empty, 4 partial, 6 full; a block-sparse backend skips 37.50% of the scores" in out
 
 
+
+@pytest.mark.parametrize("head_dim", [None, 48])
+def test_masks_stats_says_the_head_dim_its_flop_count_assumes(capsys, head_dim):
+    # it printed "3.905 GFLOP forward" without the head dim (64) the figure assumes; the oracle counts the entries of
+    # the empty 64 x 64 tiles of the mask written out from arange positions, 4 x D FLOPs each (q.k and the v sum)
+    import re
+
+    import torch
+
+    d = head_dim or 64
+    flag = [] if head_dim is None else ["--head-dim", str(head_dim)]
+    assert main(["masks", "stats", "causal & window(37)", "--length", "300", "--block", "64", *flag]) == 0
+    out = capsys.readouterr().out
+    q, k = torch.arange(300).view(-1, 1), torch.arange(300).view(1, -1)
+    allowed = torch.zeros(320, 320, dtype=torch.bool)
+    allowed[:300, :300] = (k <= q) & (k > q - 37)
+    empty = allowed.unflatten(0, (5, 64)).unflatten(2, (5, 64)).sum((1, 3)) == 0  # (5, 5) tiles
+    sizes = torch.tensor([64, 64, 64, 64, 44])
+    skipped = int((empty * sizes[:, None] * sizes[None]).sum())
+    said = re.search(r"skips ([\d.]+)% of the scores \(([\d.]+) GFLOP forward per batch item and head at head dim "
+                     r"(\d+): 4 x (\d+) FLOPs a score\)", out)
+    assert said, out
+    assert f"{int(allowed.sum()):,} of 90,000 scores" in out and f"{int(empty.sum())} empty" in out
+    assert said[1] == f"{100 * skipped / 90000:.2f}" and said[2] == f"{4 * d * skipped / 1e9:.3f}"
+    assert int(said[3]) == int(said[4]) == d
+
+
 # --- the first hour (issue 16) ------------------------------------------------------------------------
 def test_version(capsys):
     import pytest

@@ -386,7 +386,8 @@ def test_stats_text_gives_the_skipped_flops_of_one_batch_item():
     # the figure labelled "per batch item and head" was the sum over the mask's items
     one, four = masks.padding([2048]).stats(4096, 4096), masks.padding([2048] * 4).stats(4096, 4096)
     assert four.flops_skipped == 4 * one.flops_skipped
-    assert str(one).rsplit("(", 1)[1] == str(four).rsplit("(", 1)[1] == "2.147 GFLOP forward per batch item and head)"
+    said = "2.147 GFLOP forward per batch item and head at head dim 64: 4 x 64 FLOPs a score)"
+    assert str(one).rsplit("(", 1)[1] == str(four).rsplit("(", 1)[1] == said
 
 
 def _walk(mask):

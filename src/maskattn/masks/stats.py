@@ -32,6 +32,7 @@ class MaskStats:
     tiles_full: int  # tiles computed without a mask
     skipped_fraction: float  # share of all score entries inside EMPTY tiles
     flops_skipped: int  # 4 * head_dim * skipped entries (over the mask's B|1 x H|1): forward FLOPs saved
+    head_dim: int = 64  # D that flops_skipped assumes: 2D FLOPs for a score q.k, 2D for adding its weight times v
 
     def __str__(self) -> str:
         items = max(1, self.total // max(1, self.q_len * self.k_len))  # the mask's (batch, head) entries
@@ -39,7 +40,8 @@ class MaskStats:
                 f"({self.allowed:,} of {self.total:,} scores), {self.empty_rows} fully masked row(s)\n"
                 f"tiles {self.block_q}x{self.block_k}: {self.tiles_empty:,} empty, {self.tiles_partial:,} partial, "
                 f"{self.tiles_full:,} full; a block-sparse backend skips {100 * self.skipped_fraction:.2f}% of the "
-                f"scores ({self.flops_skipped / items / 1e9:.3f} GFLOP forward per batch item and head)")
+                f"scores ({self.flops_skipped / items / 1e9:.3f} GFLOP forward per batch item and head at head dim "
+                f"{self.head_dim}: 4 x {self.head_dim} FLOPs a score)")
 
 
 def mask_stats(mask: MaskLike, q_len: int, k_len: int, *, block_q: int = 128, block_k: int = 128, q_offset: int = 0,
@@ -69,7 +71,7 @@ def mask_stats(mask: MaskLike, q_len: int, k_len: int, *, block_q: int = 128, bl
         density=allowed / total if total else 0.0, empty_rows=int((rows == 0).sum()),
         tiles_empty=n_empty, tiles_partial=n_partial, tiles_full=n_full,
         skipped_fraction=skipped / total if total else 0.0,
-        flops_skipped=4 * head_dim * skipped,
+        flops_skipped=4 * head_dim * skipped, head_dim=head_dim,
     )
 
 def _rows_from_bounds(mask: MaskLike, q_len: int, k_len: int, q_offset: int) -> Tensor | None:
