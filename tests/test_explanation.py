@@ -167,3 +167,16 @@ def test_flex_counts_the_scores_of_every_tile_the_mask_does_not_empty(mask, leng
             scores += int(tile.any(-1).any(-1).sum()) * tile.shape[-2] * tile.shape[-1]
     said = maskattn.explain(q, q, q, mask, block=block).costs["flex"]
     assert f"({scores:,} scores)" in said, said
+
+
+def test_explain_counts_the_flops_of_a_value_width_other_than_the_key_width():
+    # every score was counted at 4 x D FLOPs (D of q), so a call with D = 16 and Dv = 64 was said to cost 64 FLOPs a
+    # score where it costs 160; the oracle is PyTorch's own FLOP counter over a written-out dense attention
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v = torch.randn(1, 2, 96, 16), torch.randn(1, 2, 96, 16), torch.randn(1, 2, 96, 64)
+    with FlopCounterMode(display=False) as counter:
+        torch.softmax(q @ k.transpose(-1, -2) / 4, dim=-1) @ v
+    e = maskattn.explain(q, k, v)
+    assert e.costs["reference"].startswith(f"{counter.get_total_flops() / 1e9:.3f} GFLOP forward (18,432 scores)")
+    assert "160 FLOPs a score (2 x (D=16 + Dv=64))" in e.call

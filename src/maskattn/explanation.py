@@ -1,7 +1,7 @@
 """``maskattn.explain``: which backend ``auto`` runs for a call, why, and what each would cost.
 
-Costs are counted, not timed: score entries computed (4 * D FLOPs each, forward) and the bytes of
-Lq x Lk tensors built. docs/performance.md turns them into time on a machine.
+Costs are counted, not timed: score entries computed (2 * (D + Dv) FLOPs each, forward: q.k and adding the
+weight times v) and the bytes of Lq x Lk tensors built. docs/performance.md turns them into time on a machine.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def explain(q: Tensor, k: Tensor, v: Tensor, mask: Mask | Tensor | None = None, 
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"block must be a positive int (the tile side), got {block!r}")
     b, h, lq, d = q.shape
-    lk = k.shape[2]
+    lk, dv = k.shape[2], v.shape[3]
     backend, why = decide(q, k, mask, dropout_p=dropout_p, return_weights=return_weights, q_offset=q_offset,
                           generator=generator, return_lse=return_lse)
     dense = b * h * lq * lk
@@ -62,6 +62,8 @@ def explain(q: Tensor, k: Tensor, v: Tensor, mask: Mask | Tensor | None = None, 
             costs[name] = f"cannot run this call: {refusal}"
             continue
         entries, note = record.cost(request, kept)
-        costs[name] = f"{4 * d * entries / 1e9:.3f} GFLOP forward ({entries:,} scores)" + (f", {note}" if note else "")
-    call = f"q {tuple(q.shape)}, k {tuple(k.shape)}, {q.dtype}, {q.device}, q_offset={q_offset}"
+        flops = 2 * (d + dv) * entries  # a score q.k: 2D; adding its weight times v: 2Dv
+        costs[name] = f"{flops / 1e9:.3f} GFLOP forward ({entries:,} scores)" + (f", {note}" if note else "")
+    call = (f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, {q.dtype}, {q.device}, q_offset={q_offset}; "
+            f"{2 * (d + dv)} FLOPs a score (2 x (D={d} + Dv={dv}))")
     return Explanation(backend, why, call, described, costs)
