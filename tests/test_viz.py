@@ -368,3 +368,54 @@ def test_the_lse_capture_of_a_call_with_a_query_offset_equals_its_weights():
             layer(query, memory, memory, mask=masks.causal(), q_offset=3)
         assert torch.allclose(seen[""][0], want, atol=1e-6), method
     assert (want[..., :4] > 0).all() and (want[..., 0, 4] == 0).all()  # query 3 sees keys 0-3, query 4 all five
+
+
+def _colours_read_back(png, fig, panels):
+    """The colour index (0-255) each panel's cells show in the written PNG, every cell's centre pixel matched to the
+    nearest viridis colour, and the limits of the figure's one colour bar (as a reader reads them)."""
+    import matplotlib
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(png).convert("RGB")).astype(float)  # (rows, cols, 3), row 0 at the top
+    bars = [ax for ax in fig.axes if ax not in panels]
+    assert len(bars) == 1, f"{len(bars)} colour bars for {len(panels)} panels"
+    low, high = sorted(bars[0].get_ylim())
+    lut = matplotlib.colormaps["viridis"](np.linspace(0, 1, 256))[:, :3] * 255  # (256, 3)
+    shown = []
+    for ax in panels:
+        (y0, y1), (x0, x1) = ax.get_ylim(), ax.get_xlim()
+        lq, lk = round(abs(y1 - y0)), round(abs(x1 - x0))
+        cells = []
+        for i in range(lq):
+            for j in range(lk):
+                x, y = ax.transData.transform((j, i))
+                colour = pixels[pixels.shape[0] - 1 - int(y), int(x)]
+                cells.append(np.argmin(((lut - colour) ** 2).sum(1)))  # matplotlib's colour for [i/256, (i+1)/256)
+        shown.append(torch.tensor(cells).view(lq, lk))
+    return torch.stack(shown), low, high
+
+
+@pytest.mark.parametrize("draw", ["heatmap", "head_grid"])
+def test_weight_pictures_show_the_weights_on_the_colour_scale_they_draw(draw, tmp_path, monkeypatch):
+    # head_grid drew each head on its own colour scale (0 to that head's largest weight) and drew no scale: a head
+    # whose weights peak at 0.3 looked as sure as one that peaks at 1.0. The oracle: the weights themselves, read
+    # back from the written PNG through the colour bar's limits
+    from maskattn import viz
+
+    figures = []
+    monkeypatch.setattr(viz, "save_figure", lambda fig, path, **kw: (figures.append(fig), save(fig, path, **kw))[1])
+    save = maskattn.plotting.save_figure
+    torch.manual_seed(0)
+    weights = torch.softmax(torch.randn(3, 5, 6) * 2, -1)
+    weights[1] *= 0.3  # a head that never attends strongly
+    weights[2, :, 4:] = 0.0  # masked keys
+    if draw == "heatmap":
+        png, truth = viz.heatmap(weights[2], tmp_path / "w.png"), weights[2:]
+    else:
+        png, truth = viz.head_grid(weights, tmp_path / "w.png"), weights
+    panels = figures[0].axes[:len(truth)]  # the heads' axes, made before the colour bar's
+    index, low, high = _colours_read_back(png, figures[0], panels)
+    shown = low + (high - low) * (index + 0.5) / 256  # the middle of the weights a colour stands for
+    assert low == 0 and (shown - truth).abs().max() <= 2 * (high - low) / 256  # a colour off by one: 8-bit RGB
+    assert index[-1][truth[-1] == 0].eq(0).all()  # masked keys in the scale's bottom colour

@@ -199,7 +199,8 @@ def heatmap(weights: Tensor, path: str | Path, *, x_labels: Sequence[str] = (), 
 
 def head_grid(weights: Tensor, path: str | Path, *, x_labels: Sequence[str] = (), y_labels: Sequence[str] = (),
               title: str = "") -> Path:
-    """Draw (H, Lq, Lk) weights as one panel per head; write a PNG."""
+    """Draw (H, Lq, Lk) weights as one panel per head, on one colour scale (from 0 to the largest weight, shown
+    beside them); write a PNG."""
     if weights.dim() != 3:
         raise ValueError(f"weights must be (H, Lq, Lk), got shape {tuple(weights.shape)}")
     h, lq, lk = weights.shape
@@ -208,16 +209,20 @@ def head_grid(weights: Tensor, path: str | Path, *, x_labels: Sequence[str] = ()
     cols = min(h, 4)
     rows = -(-h // cols)
     cell = min(5.0, 1.5 + 0.2 * max(lq, lk))
-    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols, cell * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols + 1, cell * rows), squeeze=False)
+    top = max(float(weights.max()), 1e-12) if weights.numel() else 1.0  # one colour scale for every head, drawn once
     for i, ax in enumerate(axes.flat):
         if i >= h:
             ax.axis("off")
             continue
-        ax.imshow(weights[i].float().numpy(), cmap="viridis", vmin=0, aspect="auto", interpolation="nearest")
+        image = ax.imshow(weights[i].float().numpy(), cmap="viridis", vmin=0, vmax=top, aspect="auto",
+                          interpolation="nearest")
         _label(ax, x_labels, y_labels, lq, lk)
         ax.set_title(f"head {i}")
     fig.suptitle(title)
     fig.tight_layout()
+    if h:
+        fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.04)
     path = save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
