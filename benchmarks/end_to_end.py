@@ -22,7 +22,8 @@ with ``transformers`` (``attn_implementation="sdpa"``), saved with ``save_pretra
   generates ``--cache-tokens`` tokens, with the sliding-window cache against the full cache, each in a fresh
   subprocess.
 
-Timed calls are interleaved within each repetition, the median of ``--repeats`` taken after ``--warmup``.
+Timed calls are interleaved within each repetition, the median of ``--repeats`` taken after ``--warmup``
+rounds (at least one where a compiled call is timed: it compiles at its first call).
 
     python -m benchmarks.end_to_end                       # the sizes
     python -m benchmarks.end_to_end --tiny --modes eager  # a smoke run (seconds)
@@ -177,7 +178,8 @@ def bench_train(ours, hf, args: argparse.Namespace) -> dict:
                     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
                     suffix = "" if loss == "logits" else "-own"
                     calls[f"{name}{suffix}-{mode}"] = train_step(run, optimizer, loss_of, ids, args.bf16)
-        seconds = interleaved(calls, args.warmup, args.repeats)
+        warmup = max(args.warmup, 1) if "compiled" in args.modes else args.warmup  # compiled in the warm-up
+        seconds = interleaved(calls, warmup, args.repeats)
         result[row] = {name: ids.numel() / s for name, s in seconds.items()}  # tokens/s
     return result
 
@@ -229,8 +231,8 @@ def bench_long(args: argparse.Namespace) -> dict:
         call = {"blocked": lambda r=run, x=qkv, g=grad: attn_bench._time_backward(r, x, g)}
         seconds = interleaved(call, args.warmup, args.repeats)["blocked"]
         result[str(n)] = {"seconds": seconds, "peak_mb": float(child(["long", str(n), str(args.window)]))}
-    first, last = str(args.long_n[0]), str(args.long_n[-1])
-    result["time_ratio"] = result[last]["seconds"] / result[first]["seconds"]
+    smallest, largest = str(min(args.long_n)), str(max(args.long_n))  # --long-n in any order
+    result["time_ratio"] = result[largest]["seconds"] / result[smallest]["seconds"]
     return result
 
 
@@ -326,7 +328,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--long-n", type=positive_ints, default="8192,65536", help="long: comma-separated sequence lengths")
     p.add_argument("--window", type=positive_int, default=256, help="long and cache: the sliding window W")
     p.add_argument("--cache-tokens", type=positive_int, default=32768, help="cache: tokens generated")
-    p.add_argument("--warmup", type=count, default=1)
+    p.add_argument("--warmup", type=count, default=1, help="untimed rounds first (at least 1 with compiled in "
+                   "--modes)")
     p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--device", default="cpu", help="train and generate on this device (e.g. cuda)")
     p.add_argument("--bf16", action="store_true", help="train: bfloat16 autocast for both models")
@@ -373,7 +376,7 @@ def report(results: dict) -> None:
         for n, row in long.items():
             if n != "time_ratio":
                 print(f"long N={n}: {row['seconds']:.3f} s, peak +{row['peak_mb']:.0f} MB")
-        print(f"  T(last) / T(first) = {long['time_ratio']:.2f}")
+        print(f"  T(largest N) / T(smallest N) = {long['time_ratio']:.2f}")
     for kind, row in results.get("cache", {}).items():
         print(f"cache {kind}: peak +{row['peak_mb']:.0f} MB, KV cache {row['cache_mb']:.1f} MB ({row['slots']} slots)")
     for name, peak in results.get("train-memory", {}).items():

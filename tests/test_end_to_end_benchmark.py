@@ -64,3 +64,31 @@ def test_lm_head_benchmark_smoke_run(tmp_path):
     result = lm_head.main(["--vocab", "300", "--width", "16", "--rows", "1,3,9", "--repeats", "1", "--inner", "1",
                            "--json", str(out)])
     assert set(result["rows"]) == {"1", "3", "9"} and json.loads(out.read_text()) == result
+
+
+def test_long_time_ratio_is_the_largest_n_over_the_smallest_in_any_order(monkeypatch):
+    # the docstring's T(largest) / T(smallest): --long-n 1024,512 timed 3 s at 1024 and 1 s at 512 is 3.0, not 1/3
+    monkeypatch.setattr(end_to_end.attn_bench, "WINDOW", end_to_end.attn_bench.WINDOW)  # bench_long sets it
+    seconds = iter([3.0, 1.0])  # in the order the lengths are timed: 1024, then 512
+    monkeypatch.setattr(end_to_end, "interleaved", lambda calls, warmup, repeats: {"blocked": next(seconds)})
+    monkeypatch.setattr(end_to_end, "child", lambda what, args=None: "0")
+    result = end_to_end.bench_long(end_to_end.parse(["--tiny", "--long-n", "1024,512"]))
+    assert (result["1024"]["seconds"], result["512"]["seconds"]) == (3.0, 1.0)
+    assert result["time_ratio"] == 3.0
+
+
+@pytest.mark.parametrize("modes, warmup, expected", [("compiled", "0", 1), ("eager,compiled", "0", 1),
+                                                     ("eager", "0", 0), ("compiled", "2", 2)])
+def test_compiled_training_steps_are_compiled_in_a_warm_up_never_in_a_timed_round(monkeypatch, modes, warmup,
+                                                                                   expected):
+    # torch.compile compiles at a model's first call: with --warmup 0 that call was the timed one
+    import torch
+
+    rounds = []
+    monkeypatch.setattr(end_to_end, "interleaved", lambda calls, warmup, repeats: (
+        rounds.append(warmup), dict.fromkeys(calls, 1.0))[1])
+    monkeypatch.setattr(torch, "compile", lambda model: model)
+    args = end_to_end.parse(["--tiny", "--modes", modes, "--warmup", warmup])
+    model = torch.nn.Linear(1, 1)  # nothing is called: interleaved is patched out
+    end_to_end.bench_train(model, model, args)
+    assert rounds == [expected, expected]  # plain and packed rows
