@@ -7,7 +7,9 @@ Two cases, fp32 on the CPU, B=1, forward + backward of the language-model loss:
 * ``packed``: the same model without a window, ``--docs`` documents packed into ``--n`` tokens (position
   ids that restart): maskattn gets ``causal() & document(ids)``, sdpa a dense mask.
 
-The implementations are interleaved, median of ``--repeats`` after one warm-up; ``eager`` only up to
+The implementations are interleaved, median of ``--repeats`` after one warm-up, in which each row's loss is
+compared with ``sdpa``'s: a row further than ``LOSS_TOLERANCE`` is WRONG, not timed, and the exit status is
+non-zero. ``eager`` only up to
 ``--eager-max`` tokens (it materialises the (B, H, N, N) scores in every layer). With ``--memory``, the
 extra peak RSS of one step is measured in a fresh subprocess per row (as in benchmarks/attention.py).
 With ``--compile BACKEND`` (``inductor``, ``aot_eager``), rows ``maskattn+compile`` and ``sdpa+compile`` time
@@ -30,6 +32,7 @@ from benchmarks.args import count, positive_int
 from benchmarks.attention import extra_peak_mb, machine
 
 IMPLS = ("maskattn", "sdpa", "eager")
+LOSS_TOLERANCE = 1e-4  # largest |loss - sdpa's loss| of a row before it is timed (fp32)
 CASES = ("window", "packed")
 
 
@@ -54,11 +57,42 @@ def build(case: str, args: argparse.Namespace):
     return model, inputs
 
 
-def step(model, inputs, impl: str, run=None) -> None:
-    """One forward + backward; ``run``: a compiled ``model`` to call instead."""
+def step(model, inputs, impl: str, run=None) -> torch.Tensor:
+    """One forward + backward; ``run``: a compiled ``model`` to call instead. Returns the loss (detached)."""
     model.set_attn_implementation(impl)
     model.zero_grad(set_to_none=True)
-    (model if run is None else run)(**inputs).loss.backward()
+    loss = (model if run is None else run)(**inputs).loss
+    loss.backward()
+    return loss.detach()
+
+
+def wrong_rows(losses: dict[str, float]) -> dict[str, float]:
+    """``{row: |loss - sdpa's loss|}`` of the rows beyond ``LOSS_TOLERANCE`` (NaN too)."""
+    errors = {row: abs(loss - losses["sdpa"]) for row, loss in losses.items()}
+    return {row: err for row, err in errors.items() if not err <= LOSS_TOLERANCE}
+
+
+def time_rows(case: str, rows: dict, inputs: dict, repeats: int) -> tuple[dict[str, list[float]], int]:
+    """Seconds of each row's step, interleaved, after one warm-up round whose losses are compared with sdpa's:
+    a row beyond ``LOSS_TOLERANCE`` is printed as WRONG and dropped from ``rows``. Returns (times, rows dropped)."""
+    times: dict[str, list[float]] = {row: [] for row in rows}
+    losses: dict[str, float] = {}
+    dropped = 0
+    for rep in range(repeats + 1):
+        for row, (m, impl, run) in rows.items():
+            start = time.perf_counter()
+            loss = step(m, inputs, impl, run)
+            if rep:  # the first round is the warm-up (and the compile)
+                times[row].append(time.perf_counter() - start)
+            else:
+                losses[row] = loss.item()
+        wrong = wrong_rows(losses) if not rep else {}
+        for row, err in wrong.items():
+            print(f"{case:8} {row:16} WRONG: loss {losses[row]:.6f}, sdpa's {losses['sdpa']:.6f}, difference "
+                  f"{err:.2e} (tolerance {LOSS_TOLERANCE:.0e}); not timed", flush=True)
+            del rows[row], times[row]
+            dropped += 1
+    return times, dropped
 
 
 def memory_here(case: str, impl: str, args: argparse.Namespace) -> float:
@@ -107,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {machine()}  N={args.n} hidden={args.hidden} layers={args.layers} heads={args.heads} "
           f"window={args.window} docs={args.docs}")
     print(f"{'case':8} {'impl':16} {'step ms':>9} {'x sdpa':>7} {'peak MB':>8}")
+    failed = 0
     for case in args.cases.split(","):
         model, inputs = build(case, args)
         rows = {impl: (model, impl, None) for impl in IMPLS if impl != "eager" or args.n <= args.eager_max}
@@ -115,18 +150,17 @@ def main(argv: list[str] | None = None) -> None:
                 own = build(case, args)[0]
                 own.set_attn_implementation(impl)
                 rows[f"{impl}+compile"] = (own, impl, torch.compile(own, fullgraph=True, backend=args.compile))
-        times: dict[str, list[float]] = {row: [] for row in rows}
-        for rep in range(args.repeats + 1):
-            for row, (m, impl, run) in rows.items():
-                start = time.perf_counter()
-                step(m, inputs, impl, run)
-                if rep:  # the first round is the warm-up (and the compile)
-                    times[row].append(time.perf_counter() - start)
+        times, wrong = time_rows(case, rows, inputs, args.repeats)
+        failed += wrong
+        if "sdpa" not in times:  # a NaN loss: every row is WRONG
+            continue
         base = statistics.median(times["sdpa"])
         for row, (_, impl, run) in rows.items():
             t = statistics.median(times[row])
             peak = f"{memory(case, impl, shape):8.0f}" if args.memory and run is None else f"{'-':>8}"
             print(f"{case:8} {row:16} {t * 1e3:9.1f} {base / t:7.2f} {peak}")
+    if failed:
+        sys.exit(f"{failed} row(s) gave a loss other than sdpa's and were not timed (see above)")
 
 
 if __name__ == "__main__":
