@@ -298,3 +298,42 @@ def test_cheap_weights_children_run_outside_the_repository(tmp_path, monkeypatch
     monkeypatch.setattr(sys, "argv", ["cheap_weights", "--sizes", "16", "--json", str(tmp_path / "out.json")])
     cheap_weights.main()
     assert [r["method"] for r in json.loads((tmp_path / "out.json").read_text())["results"]] == cheap_weights.METHODS
+
+
+def _blocked_wrong_at_64_rows(monkeypatch):
+    """benchmarks' ``blocked.attention`` off by 0.1% with 64-row tiles, right with the others."""
+    from maskattn.backends import blocked
+
+    real = blocked.attention
+
+    def attention_(q, k, v, mask, *args, block_q=blocked.BLOCK_Q, **kwargs):
+        out, *rest = real(q, k, v, mask, *args, block_q=block_q, **kwargs)
+        return (out * 1.001 if block_q == 64 else out, *rest)
+
+    monkeypatch.setattr(blocked, "attention", attention_)
+
+
+def test_block_sizes_does_not_time_a_tiling_that_disagrees(monkeypatch, capsys):
+    from benchmarks import block_sizes
+
+    _blocked_wrong_at_64_rows(monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["block_sizes", "--masks", "window", "--n", "64", "--repeats", "1"])
+    with pytest.raises(SystemExit) as exit_:
+        block_sizes.main()
+    assert "not timed" in str(exit_.value.code)
+    lines = {" ".join(line.split()[1:4]): line for line in capsys.readouterr().out.splitlines()[1:]}
+    wrong = {tile for tile, line in lines.items() if "WRONG" in line}
+    assert wrong == {"64 x 64", "64 x 128"} and len(lines) == 2 + len(block_sizes.TILES), lines
+
+
+def test_blocked_window_does_not_time_a_tiling_that_disagrees(monkeypatch, capsys):
+    from benchmarks import blocked_window
+
+    _blocked_wrong_at_64_rows(monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["blocked_window", "--n", "64", "--repeats", "1"])
+    with pytest.raises(SystemExit) as exit_:
+        blocked_window.main()
+    assert "not timed" in str(exit_.value.code)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in lines if "WRONG" in line] == ["64x64"]
+    assert sum("vs SDPA + mask tensor" in line for line in lines) == len(blocked_window.SIZES) + 1  # timed: the rest
