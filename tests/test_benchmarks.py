@@ -337,3 +337,68 @@ def test_blocked_window_does_not_time_a_tiling_that_disagrees(monkeypatch, capsy
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[1] for line in lines if "WRONG" in line] == ["64x64"]
     assert sum("vs SDPA + mask tensor" in line for line in lines) == len(blocked_window.SIZES) + 1  # timed: the rest
+
+
+def _brute_force_mask(kind: str, n: int) -> torch.Tensor:
+    """The benchmark's mask kinds written out from positions (docs/performance.md, Method): (n, n) bool."""
+    q, k = torch.arange(n)[:, None], torch.arange(n)[None]
+    if kind == "none":
+        return torch.ones(n, n, dtype=torch.bool)
+    if kind == "causal":
+        return k <= q
+    if kind == "padding":  # the last quarter of the keys is padding
+        return (k < 3 * n // 4).expand(n, n)
+    if kind == "window":  # causal, the last 256 keys
+        return (k <= q) & (k > q - 256)
+    if kind == "document":  # documents of 10, 20, 30, 40% of n
+        doc = sum((torch.arange(n) >= n * tenths // 10).long() for tenths in (1, 3, 6))
+        return doc[:, None] == doc[None]
+    assert kind == "prefix"
+    return (k <= q) | (k < n // 4)
+
+
+@pytest.mark.parametrize("n", [1, 7, 100, 4100])  # 4100: more than one chunk of rows
+def test_allowed_pairs_counts_the_entries_each_mask_allows(n):
+    for kind in attention.MASKS:
+        assert attention.allowed_pairs(attention.make_mask(kind, n), n) == int(_brute_force_mask(kind, n).sum()), kind
+
+
+def test_pct_matmul_is_allowed_flops_per_second_over_the_matmul_rate(monkeypatch, tmp_path, capsys):
+    # causal N = 16: 136 allowed pairs per head, 8 heads; 4 * 64 flops a pair forward, 3.5 times that with backward
+    monkeypatch.setattr(attention, "make_impls", lambda names, mask, n: {
+        name: (lambda q, k, v: torch.zeros_like(q)) for name in names})
+    monkeypatch.setattr(attention, "reference_rows", lambda mask, n, qkv: {})
+    monkeypatch.setattr(attention, "disagreement", lambda run, qkv, ref: 0.0)
+    monkeypatch.setattr(attention, "_time_forward", lambda run, qkv: 0.5)
+    monkeypatch.setattr(attention, "_time_backward", lambda run, qkv, grad: 2.0)
+    monkeypatch.setattr(attention, "_time_matmul", lambda a, b: 4.0)
+    out = tmp_path / "r.json"
+    attention.main(["--sizes", "16", "--masks", "causal", "--impls", "auto", "--warmup", "0", "--repeats", "1",
+                    "--json", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    matmul_flops_per_s = 2 * 4096**3 / 4.0
+    flops = 4 * 64 * 8 * 136
+    assert row["allowed_fraction"] == 136 / 256
+    assert row["matmul_gflops"] == pytest.approx(matmul_flops_per_s / 1e9)
+    assert row["fwd_pct_matmul"] == pytest.approx(100 * flops / 0.5 / matmul_flops_per_s)
+    assert row["fwd_bwd_pct_matmul"] == pytest.approx(100 * 3.5 * flops / 2.0 / matmul_flops_per_s)
+    printed = capsys.readouterr().out.splitlines()[2].split()  # the table row, as the JSON's figures
+    assert printed[6:8] == [f"{row['fwd_pct_matmul']:.1f}%", f"{row['fwd_bwd_pct_matmul']:.1f}%"], printed
+
+
+def test_attention_interleaves_implementations_and_leaves_the_warm_up_out(monkeypatch):
+    order = []
+    fwd = {"auto": iter([100.0, 1.0, 3.0, 2.0]), "sdpa_mask": iter([100.0, 6.0, 4.0, 5.0])}  # warm-up: 100 s
+    bwd = {"auto": iter([100.0, 2.0, 2.0, 8.0]), "sdpa_mask": iter([100.0, 1.0, 9.0, 3.0])}
+    monkeypatch.setattr(attention, "make_impls", lambda names, mask, n: {
+        name: (lambda q, k, v, name=name: torch.zeros_like(q)) for name in names})
+    monkeypatch.setattr(attention, "disagreement", lambda run, qkv, ref: 0.0)
+    monkeypatch.setattr(attention, "_time_forward", lambda run, qkv: (
+        order.append(run.__defaults__[0]), next(fwd[run.__defaults__[0]]))[1])
+    monkeypatch.setattr(attention, "_time_backward", lambda run, qkv, grad: next(bwd[run.__defaults__[0]]))
+    matmul = iter([1.0, 4.0, 2.0])  # timed rounds only: median 2 s
+    monkeypatch.setattr(attention, "_time_matmul", lambda a, b: next(matmul))
+    times, gflops, wrong = attention.time_config("causal", 16, ["auto", "sdpa_mask"], 1, 3, 8192)
+    assert order == ["auto", "sdpa_mask"] * 4 and wrong == {}
+    assert times == {"auto": (2.0, 2.0), "sdpa_mask": (5.0, 3.0)}
+    assert gflops == pytest.approx(2 * 4096**3 / 2.0 / 1e9)

@@ -92,3 +92,33 @@ def test_compiled_training_steps_are_compiled_in_a_warm_up_never_in_a_timed_roun
     model = torch.nn.Linear(1, 1)  # nothing is called: interleaved is patched out
     end_to_end.bench_train(model, model, args)
     assert rounds == [expected, expected]  # plain and packed rows
+
+
+def test_interleaved_alternates_the_calls_and_takes_the_median_after_the_warm_up(monkeypatch):
+    clock, order = [0.0], []
+    durations = {"a": iter([100.0, 1.0, 3.0, 2.5]), "b": iter([100.0, 5.0, 7.0, 9.0])}  # the warm-up round: 100 s
+
+    def call(name):
+        order.append(name)
+        clock[0] += next(durations[name])
+
+    monkeypatch.setattr(end_to_end.time, "perf_counter", lambda: clock[0])
+    got = end_to_end.interleaved({"a": lambda: call("a"), "b": lambda: call("b")}, warmup=1, repeats=3)
+    assert order == ["a", "b"] * 4
+    assert got == {"a": 2.5, "b": 7.0}
+
+
+def test_report_prints_maskattn_over_hf_speeds_above_one_when_maskattn_is_faster(capsys):
+    end_to_end.report({"logits": {}, "train": {"plain": {"maskattn-eager": 300.0, "hf-eager": 100.0}},
+                       "generate": {"1": {"maskattn": 50.0, "hf": 200.0, "same_tokens": 1.0}}})
+    out = capsys.readouterr().out
+    assert "maskattn-eager / hf-eager = 3.00x" in out and "hf 200.0 tok/s, 0.25x" in out, out
+
+
+def test_lm_head_speedup_is_linear_time_over_step_logits_time(monkeypatch):
+    from benchmarks import lm_head
+
+    ms = iter([4.0, 1.0])  # one round: F.linear 4 ms, then step_logits 1 ms
+    monkeypatch.setattr(lm_head, "time_ms", lambda call, inner: next(ms))
+    result = lm_head.main(["--vocab", "300", "--width", "16", "--rows", "1", "--repeats", "1"])
+    assert result["rows"]["1"] == {"linear": 4.0, "step_logits": 1.0, "speedup": 4.0}
