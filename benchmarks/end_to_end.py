@@ -294,9 +294,9 @@ def bench_cache(args: argparse.Namespace) -> dict:
 
 def child(what: list[str], args: argparse.Namespace | None = None) -> str:
     """Run ``--memory-child what...`` in a fresh process and return its last line of output."""
-    shape = [] if args is None else ["--layers", str(args.layers), "--width", str(args.width), "--heads",
-                                     str(args.heads), "--vocab", str(args.vocab), "--block", str(args.block),
-                                     "--batch", str(args.batch)]
+    flags = ("layers", "width", "heads", "vocab", "block", "batch", "packed_block", "prompt", "new")  # the model's
+    shape = [] if args is None else [x for name in flags  # position table: max(block, packed_block, prompt + new)
+                                     for x in (f"--{name.replace('_', '-')}", str(getattr(args, name)))]
     cmd = [sys.executable, "-m", "benchmarks.end_to_end", *shape, "--memory-child", *what]
     return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
 

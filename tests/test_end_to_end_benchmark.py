@@ -122,3 +122,18 @@ def test_lm_head_speedup_is_linear_time_over_step_logits_time(monkeypatch):
     monkeypatch.setattr(lm_head, "time_ms", lambda call, inner: next(ms))
     result = lm_head.main(["--vocab", "300", "--width", "16", "--rows", "1", "--repeats", "1"])
     assert result["rows"]["1"] == {"linear": 4.0, "step_logits": 1.0, "speedup": 4.0}
+
+
+def test_memory_children_build_the_model_the_parent_was_given(monkeypatch):
+    # the GPT-2's position table is max(block, packed block, prompt + new) long: a child that fell back to the
+    # defaults of the flags it was not given measured a model with another table (and its gradient)
+    import subprocess
+    from types import SimpleNamespace
+
+    args = end_to_end.parse(["--tiny", "--block", "32", "--packed-block", "96", "--prompt", "8", "--new", "4"])
+    seen = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kwargs: (seen.append(cmd), SimpleNamespace(stdout="0"))[1])
+    end_to_end.child(["train", "maskattn-own"], args)
+    child_args = end_to_end.parse(seen[0][3:])
+    for name in ("layers", "width", "heads", "vocab", "block", "batch", "packed_block", "prompt", "new"):
+        assert getattr(child_args, name) == getattr(args, name), name
