@@ -730,6 +730,31 @@ def test_a_fraction_that_removes_no_head_is_refused_before_any_work(tmp_path, ca
             assert compression.removes_any_head(tiny_transformer, fraction, per_module=per_module) == removes
 
 
+def test_keep_heads_that_keep_every_head_are_refused_before_any_work(tmp_path, capsys, tiny_transformer,
+                                                                    monkeypatch):
+    # --keep-heads {} (or every module's every head) read the data, fine-tuned for 100 steps and wrote the model
+    # as "compressed" ("pruned to 24 of 24 heads"), as --prune-heads 0.01 did before it was refused
+    model = tmp_path / "m"
+    tiny_transformer.save(model, tokenizer=Tokenizer.train_chars(["abcdef"]).backend)
+    write_task(model, {"task": "translation"})
+    read = []
+    monkeypatch.setattr(compression, "first_batches", lambda *a: read.append(a) or [])
+    modules = compression.attention_modules(tiny_transformer)
+    every = {name: list(range(attn.num_heads)) for name, attn in modules.items()}
+    (tmp_path / "none.json").write_text("{}")
+    (tmp_path / "every.json").write_text(json.dumps(every))
+    data = str(_pairs(tmp_path / "pairs.tsv", 20, random.Random(0)))
+    for name in ("none.json", "every.json"):
+        assert main(["compress", str(model), "--out", str(tmp_path / "o"), "--data", data,
+                     "--keep-heads", str(tmp_path / name)]) == 2
+        assert "--keep-heads keeps every one of the 24 heads" in capsys.readouterr().err
+    assert not read and not (tmp_path / "o").exists()
+    one_fewer = {**every, "decoder.layers.1.cross_attn": [0, 1, 3]}  # one head fewer is pruned
+    result = compression.compress(model, tmp_path / "o", data=[data], keep_heads=one_fewer, finetune_steps=0,
+                                  log=lambda _: None)
+    assert result["heads_after"] == 23 and len(read) == 1
+
+
 def test_data_without_a_batch_is_named_by_its_files(tmp_path, capsys):
     # a header-only --data file said "the task data has no batches", naming neither --data nor the file
     data = _sentiment(tmp_path / "train.tsv", 60, random.Random(0))

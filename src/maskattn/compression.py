@@ -516,6 +516,10 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
             raise ValueError(f"compress --prune-heads/--keep-heads needs the task's training data: --data "
                              f"({task.data_help})")
         keep = _checked_keep(attention_modules(model), keep_heads) if keep_heads is not None else None
+        if keep is not None and sum(map(len, keep.values())) == heads(model):
+            raise ValueError(f"compress: --keep-heads keeps every one of the {heads(model)} heads of {directory} "
+                             "(modules it does not name keep all theirs); name the heads to keep in the modules "
+                             "to prune")
         batches = task.training_batches(directory, list(data), max_tokens)
         if not batches.plan(0):
             raise ValueError(f"compress --data {' '.join(map(str, data))}: no batches of rows in it (expected "
