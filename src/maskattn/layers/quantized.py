@@ -42,8 +42,10 @@ def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     """
     w = weight.detach()
     wide = torch.promote_types(w.dtype, torch.float32)  # the arithmetic: float32, or float64 for a float64 weight
-    tiny = torch.finfo(w.dtype).tiny
-    scale = (w.to(wide).abs().amax(dim=1) / QMAX).clamp(min=tiny).to(w.dtype)  # (O,), as stored
+    # The least scale keeps a zero row finite. Not the dtype's smallest normal: float16's (6.1e-5) would take rows
+    # with |w| < 0.0078 at a fraction of the int8 range; its subnormals are normal in the float32 arithmetic.
+    least = max(torch.finfo(w.dtype).tiny * torch.finfo(w.dtype).eps, torch.finfo(wide).tiny)
+    scale = (w.to(wide).abs().amax(dim=1) / QMAX).clamp(min=least).to(w.dtype)  # (O,), as stored
     q = torch.round(w.to(wide) / scale.to(wide)[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)  # (O, I)
     return q, scale
 
