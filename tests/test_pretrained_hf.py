@@ -421,7 +421,7 @@ def test_a_half_precision_checkpoint_is_fine_tuned_in_float32(tmp_path, caplog):
     torch.manual_seed(0)
     _bert().to(torch.bfloat16).save_pretrained(tmp_path)
     cfg = classification.ClassificationConfig()
-    cfg.data.pretrained = str(tmp_path)
+    cfg.data.pretrained, cfg.data.max_len = str(tmp_path), 64  # the checkpoint's positions (longer is refused)
     with caplog.at_level("INFO", logger="maskattn"):
         model = classification.build_model(cfg, ["neg", "pos"], tok=None)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
