@@ -425,3 +425,56 @@ def test_a_full_disk_or_read_only_output_is_one_line_and_leaves_the_old_model(tm
     assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before
     assert not (tmp_path / "new").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def _tiny_lm(directory):
+    from maskattn.models import DecoderLM, DecoderLMConfig
+    from maskattn.tasks.common import write_task
+    from maskattn.tokenization import Tokenizer
+
+    tok = Tokenizer.train_chars(["abc"])
+    DecoderLM(DecoderLMConfig.preset("tiny", vocab_size=tok.vocab_size)).save(directory, tokenizer=tok.backend)
+    write_task(directory, {"task": "lm", "documents": "none", "block": 8})
+    return str(directory)
+
+
+def test_generate_and_average_name_the_flags_typed_not_the_python_parameters(tmp_path, capsys):
+    # `generate --max-new-tokens 0` said "max_new_tokens must be a positive int", `--top-k 0` "top_k must be ...",
+    # `--seed -1` "seed must be ..."; `average --last 0` "last must be an int >= 1", `average --models ONE`
+    # "models: give at least two ...": Python names the user never typed
+    import maskattn
+    from maskattn.averaging import average_models, average_run
+    from maskattn.tasks import lm
+
+    model = _tiny_lm(tmp_path / "m")
+    out = str(tmp_path / "out")
+    cases = ((["generate", model, "--max-new-tokens", "0"],
+              "argument --max-new-tokens: expected a positive integer, got 0"),
+             (["generate", model, "--top-k", "0"], "argument --top-k: expected a positive integer, got 0"),
+             (["generate", model, "--seed", "-1"], "argument --seed: a seed must be an int in [0, 2**63), got -1"),
+             (["generate", model, "--top-p", "2"], "argument --top-p: expected a number in (0, 1], got 2.0"),
+             (["generate", model, "--top-p", "nan"], "argument --top-p: expected a number in (0, 1], got nan"),
+             (["generate", model, "--temperature", "-1"],
+              "argument --temperature: expected a finite number >= 0 (0: greedy), got -1.0"),
+             (["average", str(tmp_path), "--last", "0", "--out", out],
+              "argument --last: expected a positive integer, got 0"),
+             (["average", "--models", model, "--out", out],
+              "maskattn average: --models: give at least two model directories to average, got 1"))
+    for argv, expected in cases:
+        status, err = _run(argv, capsys)
+        assert status == 2 and expected in err, (argv, err)
+        assert not re.search(r"max_new_tokens|top_k|top_p|(?<!a )seed must|\blast must|(?<!--)models:", err), err
+    # the values the checks let through run, as the library runs them (the oracle: lm.generate called directly)
+    assert main(["generate", model, "--prompt", "ab", "--max-new-tokens", "3", "--top-k", "2", "--top-p", "1",
+                 "--temperature", "0.5", "--seed", "7"]) == 0
+    loaded, tok, _ = lm.load(model)
+    assert capsys.readouterr().out.rstrip("\n") == lm.generate(loaded, tok, "ab", max_new_tokens=3, temperature=0.5,
+                                                               top_k=2, top_p=1.0, seed=7)
+    # Python callers keep the names of their parameters
+    with pytest.raises(ValueError, match=r"^max_new_tokens must be a positive int, got 0"):
+        lm.generate(loaded, tok, "ab", max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"^last must be an int >= 1, got 0"):
+        average_run(tmp_path, 0, out)
+    with pytest.raises(ValueError, match=r"^models: give at least two model directories to average, got 1"):
+        average_models([model], out)
+    assert maskattn.cli.positive_int("3") == 3 and maskattn.cli.seed_int("0") == 0  # still where they were

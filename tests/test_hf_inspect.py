@@ -361,11 +361,13 @@ def test_generate_command_on_an_hf_directory(hf_dirs, capsys):
     assert greedy.rstrip("\n") == hf_inspect.generate_text(model, tokenizer, "the ", max_new_tokens=6, temperature=0)
     assert main(["generate", hf_dirs["gpt2"], "--prompt", "the ", "--max-new-tokens", "4", "--seed", "1"]) == 0
     capsys.readouterr()
-    for args, expected in ((["--max-new-tokens", "0"], "max_new_tokens must be a positive int, got 0"),
-                           (["--temperature", "-1"], "temperature must be a number >= 0 (0: greedy), got -1.0"),
-                           (["--top-k", "0"], "top_k must be a positive int or None, got 0")):
-        assert main(["generate", hf_dirs["gpt2"], "--prompt", "the ", *args]) == 2
-        assert expected in capsys.readouterr().err
+    for args, expected in ((["--max-new-tokens", "0"], "argument --max-new-tokens: expected a positive integer, got 0"),
+                           (["--temperature", "-1"],
+                            "argument --temperature: expected a finite number >= 0 (0: greedy), got -1.0"),
+                           (["--top-k", "0"], "argument --top-k: expected a positive integer, got 0")):
+        with pytest.raises(SystemExit) as refused:  # the flag's argparse type refuses it, naming the flag
+            main(["generate", hf_dirs["gpt2"], "--prompt", "the ", *args])
+        assert refused.value.code == 2 and expected in capsys.readouterr().err
     # the command's default of 200 new tokens, beyond GPT-2's 64 positions: an IndexError traceback before (when no
     # end-of-text token stops it first)
     model.generation_config.eos_token_id = None

@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from maskattn.distributed import environment_int
-from maskattn.errors import TrainingError, UsageError, check_seed
+from maskattn.errors import TrainingError, UsageError
 from maskattn.io import check_output_file
 from maskattn.masks import expr
-from maskattn.tasks.base import Option, Task, tasks
+from maskattn.tasks.base import Option, Task, positive_int, seed_int, tasks
 
 
 def shortcuts() -> tuple[str, ...]:
@@ -30,30 +30,6 @@ def __getattr__(name: str):  # SHORTCUTS: the constant this module had before ta
     if name == "SHORTCUTS":
         return shortcuts()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def seed_int(text: str) -> int:
-    """argparse type: a seed torch accepts, 0 <= seed < 2**63."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    try:
-        check_seed(value, "a seed")
-    except UsageError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return value
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an int >= 1 (a length, a tile size), else an error naming the value."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def nonempty_path(text: str) -> str:
@@ -168,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "--models, the mean of finished models of one architecture (a model soup).")
     average.add_argument("run", nargs="?", help="a run directory of `maskattn train` (with model/ and step-* "
                          "checkpoints)")
-    average.add_argument("--last", type=int, help="how many of the run's newest checkpoints to average")
+    average.add_argument("--last", type=positive_int, help="how many of the run's newest checkpoints to average")
     average.add_argument("--models", nargs="+", metavar="MODEL", help="model directories to average instead of a run")
     average.add_argument("--out", required=True, type=nonempty_path, help="the new model directory")
     average.add_argument("--overwrite", action="store_true", help="replace the model directory --out already holds")
@@ -461,6 +437,8 @@ def _average(args: argparse.Namespace) -> int:
         raise UsageError("give either RUN --last N or --models MODEL ..., not both")
     if not args.models and (not args.run or args.last is None):
         raise UsageError("give RUN --last N (a run's checkpoints) or --models MODEL ... (finished models)")
+    if args.models is not None and len(args.models) < 2:  # (average_models says "models: ...", its parameter)
+        raise UsageError(f"--models: give at least two model directories to average, got {len(args.models)}")
     runs = [args.run, str(Path(args.run) / "model")] if args.run else []  # the run's model is read: never --out
     with _new_model_directory(args.out, args.overwrite, [*(args.models or []), *runs]):
         print(average_models(args.models, args.out) if args.models else average_run(args.run, args.last, args.out))

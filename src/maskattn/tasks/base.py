@@ -10,6 +10,7 @@ Adding a task is one new file that ends in ``register(Task(...))`` plus its name
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
-from maskattn.errors import UsageError
+from maskattn.errors import UsageError, check_seed
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,55 @@ class Task:
     derived: Callable[[Any], dict[str, str]] | None = None
     # the names the task's validation scores carry (what train.metric may name; () = not declared)
     metrics: tuple[str, ...] = ()
+
+
+# argparse types of the commands' flags: a bad value is refused naming the flag as typed (`argument --top-k:
+# expected a positive integer, got 0`), where the library's own check would name its Python parameter
+def seed_int(text: str) -> int:
+    """argparse type: a seed torch accepts, 0 <= seed < 2**63."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    try:
+        check_seed(value, "a seed")
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1 (a length, a tile size), else an error naming the value."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def temperature_float(text: str) -> float:
+    """An argparse type: a sampling temperature, a finite number >= 0 (0: greedy)."""
+    value = _float(text)
+    if not 0 <= value < math.inf:  # (NaN too)
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0: greedy), got {value}")
+    return value
+
+
+def probability_mass(text: str) -> float:
+    """An argparse type: a top-p nucleus, a number in (0, 1]."""
+    value = _float(text)
+    if not 0 < value <= 1:  # (NaN too)
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
 def input_lines(texts: list[str]) -> list[str]:

@@ -26,7 +26,7 @@ from maskattn import decoding, metrics
 from maskattn.data import read_text
 from maskattn.errors import UsageError, check_seed, check_settings
 from maskattn.models import DecoderLM, DecoderLMConfig
-from maskattn.tasks.base import Command, Task, register
+from maskattn.tasks.base import Command, Task, positive_int, probability_mass, register, seed_int, temperature_float
 from maskattn.tasks.common import (
     TOKENIZERS,
     begin_run,
@@ -250,12 +250,12 @@ def generate(model: DecoderLM, tok: Tokenizer, prompt: str, *, max_new_tokens: i
 # --- command line ----------------------------------------------------------------------------------
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
-    parser.add_argument("--temperature", type=float, default=0.8,
+    parser.add_argument("--max-new-tokens", type=positive_int, default=200, help="tokens to generate (default: 200)")
+    parser.add_argument("--temperature", type=temperature_float, default=0.8,
                         help="sampling temperature; 0 = greedy (default: 0.8)")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None, help="sample within the top-p probability mass")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default: 0)")
+    parser.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--top-p", type=probability_mass, default=None, help="sample within the top-p probability mass")
+    parser.add_argument("--seed", type=seed_int, default=0, help="random seed of the sampling (default: 0)")
 
 
 def _generate_command(args: argparse.Namespace) -> int:
