@@ -210,3 +210,20 @@ def test_a_text_setting_keeps_a_set_value_that_reads_as_a_number_or_a_switch():
     # a value from a TOML file (or the Python API) is typed as written: a number for a text setting is refused
     with pytest.raises(TypeError, match=r"inner.name: expected str, got 2024"):
         config.update(Outer(), {"inner": {"name": 2024}})
+
+
+def test_a_set_key_that_is_empty_or_has_an_empty_part_is_named_so():
+    # `--set =3` said "unknown setting ''" and `--set train..lr=3` "unknown setting 'train.'": nothing said what is
+    # wrong with the key as typed
+    from maskattn.errors import UnknownSettingError
+    from maskattn.tasks.base import get
+
+    for item in ("=3", " =3"):
+        with pytest.raises(UnknownSettingError, match=rf"^--set {re.escape(repr(item))}: no setting named before '='"):
+            config.load(get("lm").config(), None, [item])
+    for item, key in (("train..lr=3", "train..lr"), ("train.=3", "train."), (".lr=3", ".lr"),
+                      ("train. .lr=3", "train. .lr")):
+        with pytest.raises(UnknownSettingError, match=rf"^--set {re.escape(repr(item))}: the setting "
+                           rf"{re.escape(repr(key))} has an empty part"):
+            config.load(get("lm").config(), None, [item])
+    assert config.load(get("lm").config(), None, [" train.lr =3"]).train.lr == 3.0  # spaces around the key: as before

@@ -138,7 +138,13 @@ def overrides(assignments: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise SettingError(f"--set expects key=value, got {item!r}")
         key, text = item.split("=", 1)
+        if not key.strip():
+            raise UnknownSettingError(f"--set {item!r}: no setting named before '='; write KEY=VALUE, e.g. "
+                                      "train.lr=3e-4")
         *path, last = key.strip().split(".")
+        if not all(part.strip() for part in (*path, last)):  # else "unknown setting 'train.'" of `train..lr`
+            raise UnknownSettingError(f"--set {item!r}: the setting {key.strip()!r} has an empty part (a dot at "
+                                      "either end, or two in a row); write SECTION.NAME, e.g. train.lr")
         node = nested
         for depth, part in enumerate(path):
             node = node.setdefault(part, {})
