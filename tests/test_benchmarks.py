@@ -145,10 +145,11 @@ def _saved_lm(directory: Path, task: str = "lm") -> Path:
 
 
 @pytest.mark.parametrize("module, argv, flag, given", [
-    ("nanogpt_val_estimate", ["{missing}"], "argument model", "{missing}: not a model directory"),
+    ("nanogpt_val_estimate", ["{missing}"], "argument model",
+     "{missing}: no such directory, expected a model directory"),
     ("nanogpt_val_estimate", ["{lm}", "--text", "{missing}"], "argument --text", "'{missing}' (no such file)"),
     ("compression", ["--translation", "{missing}", "--translation-data", "{lm}/task.json", "{lm}/task.json"],
-     "argument --translation", "{missing}: not a model directory"),
+     "argument --translation", "{missing}: no such directory, expected a model directory"),
     ("compression", ["--classification", "{lm}", "--classification-data", "{lm}/task.json"],
      "argument --classification", "holds a 'lm' model, not a 'classification' one"),
     ("compression", ["--translation-data", "{lm}/task.json", "{missing}"], "argument --translation-data",

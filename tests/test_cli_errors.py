@@ -478,3 +478,28 @@ def test_generate_and_average_name_the_flags_typed_not_the_python_parameters(tmp
     with pytest.raises(ValueError, match=r"^models: give at least two model directories to average, got 1"):
         average_models([model], out)
     assert maskattn.cli.positive_int("3") == 3 and maskattn.cli.seed_int("0") == 0  # still where they were
+
+
+def test_a_missing_model_directory_is_named_missing_not_a_model_directory(tmp_path, monkeypatch, capsys):
+    # `maskattn translate "~/x/model" hi` (quoted: expanded by the command line) said "/home/u/x/model: not a model
+    # directory", and viz / audit / export / average "/home/u/x/model/config.json: file not found", where nothing is
+    import os
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("HOME", str(home))
+    missing = os.path.expanduser("~/x/model")  # the oracle: the home directory, and nothing there
+    assert missing == str(home / "x" / "model") and not os.path.lexists(missing)
+    commands = (["translate", "{m}", "hi"], ["generate", "{m}"], ["classify", "{m}", "hi"],
+                ["answer", "{m}", "--question", "q", "--context", "c"], ["evaluate", "{m}", "--data", "d.txt"],
+                ["viz", "{m}", "--input", "hi", "--out", str(tmp_path / "viz")], ["audit", "{m}"],
+                ["export", "{m}", "--out", str(tmp_path / "m.onnx")],
+                ["compress", "{m}", "--int8", "--out", str(tmp_path / "small")],
+                ["average", "--models", "{m}", "{m}2", "--out", str(tmp_path / "soup")])
+    for given, expected in (("~/x/model", f"{missing}: no such directory, expected a model directory"),
+                            (str(tmp_path / "file"), f"{tmp_path / 'file'}: a file, expected a model directory")):
+        for command in commands:
+            status, err = _run([a.replace("{m}", given) for a in command], capsys)
+            assert status == 2 and err == f"maskattn {command[0]}: {expected}\n", (command, err)
+    assert not any((tmp_path / name).exists() for name in ("viz", "m.onnx", "small", "soup"))

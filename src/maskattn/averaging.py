@@ -23,7 +23,7 @@ from torch import Tensor
 from maskattn import checkpoint
 from maskattn.io import read_json_object
 from maskattn.models import load, save
-from maskattn.models.persistence import refuse_run_directory
+from maskattn.models.persistence import check_model_directory, refuse_run_directory
 from maskattn.tasks.common import read_task, write_task
 from maskattn.tokenization import Tokenizer
 
@@ -127,6 +127,7 @@ def average_models(directories: Sequence[str | Path], out: str | Path) -> Path:
         raise ValueError(f"out must be a new directory, not one of the models ({out})")
     seen: dict[Path, Path] = {}
     for d in dirs:
+        check_model_directory(d)
         refuse_run_directory(d, "config.json")
         if d.resolve() in seen:  # a uniform soup takes each model once
             raise ValueError(f"models: {seen[d.resolve()]} is given twice (as {seen[d.resolve()]} and {d}); "

@@ -145,6 +145,7 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") ->
         FormatError: naming the file, when one is missing, corrupt, or does not fit the model it describes.
     """
     directory = Path(directory)
+    check_model_directory(directory)
     refuse_run_directory(directory, CONFIG)
     listed = verify_manifest(directory, [CONFIG, WEIGHTS, TOKENIZER])  # none in directories written before manifests
     meta = read_json(directory / CONFIG)
@@ -192,6 +193,14 @@ def check_tokenizer(config: Any, tokenizer: Any, *, source: Path | str) -> None:
         if isinstance(limit, int) and size > limit:
             raise FormatError(f"{source}: the tokenizer gives ids up to {size - 1}, past the model's {key}={limit}; "
                               "it is not this model's tokenizer")
+
+
+def check_model_directory(directory: Path) -> None:
+    """FormatError unless ``directory`` is a directory: saying "no such directory" where nothing is there (a
+    mistyped or quoted ``~`` path), rather than that a file in it is missing."""
+    if not directory.is_dir():
+        found = "a file" if directory.exists() else "no such directory"
+        raise FormatError(f"{directory}: {found}, expected a model directory")
 
 
 def refuse_run_directory(directory: Path, name: str) -> None:

@@ -22,7 +22,7 @@ from maskattn import checkpoint, distributed
 from maskattn.data import DataError
 from maskattn.errors import RunDirectoryError, SettingError, UsageError
 from maskattn.io import FormatError, add_to_manifest, atomic_write_text, read_json_object, verify_manifest
-from maskattn.models.persistence import refuse_run_directory
+from maskattn.models.persistence import check_model_directory, refuse_run_directory
 from maskattn.run_directory import check_same_run, prepare_run_directory
 from maskattn.tokenization import Tokenizer
 from maskattn.training import TrainConfig, Trainer
@@ -126,8 +126,7 @@ def read_task(directory: str | Path, task: str | None = None) -> dict[str, Any]:
         ValueError: the directory holds a model of another task than ``task``.
     """
     path = Path(directory) / TASK_FILE
-    if not Path(directory).is_dir():
-        raise FormatError(f"{directory}: not a model directory")
+    check_model_directory(Path(directory))
     if not path.is_file():
         refuse_run_directory(Path(directory), TASK_FILE)
         raise FormatError(f"{directory} has no {TASK_FILE}: not a model trained by `maskattn train`")
