@@ -661,3 +661,29 @@ def test_a_damaged_hf_directory_is_one_line_naming_its_file(hf_dirs, tmp_path, c
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith(f"maskattn evaluate: {directory / names}")
+
+
+def test_weights_that_are_a_broken_symbolic_link_are_named(hf_dirs, tmp_path, capsys):
+    # an HF cache whose blob was removed (or a link made in a loop) said "no model.safetensors nor
+    # model.safetensors.index.json (... found [..., 'model.safetensors', ...])", which lists the file it says is absent
+    import os
+    import shutil
+
+    blob = tmp_path / "blobs" / "weights"
+    blob.parent.mkdir()
+    linked = shutil.copytree(hf_dirs["gpt2"], tmp_path / "linked")
+    shutil.move(linked / "model.safetensors", blob)
+    (linked / "model.safetensors").symlink_to(blob)
+    model, _ = hf_inspect.load(linked)  # a link to a file is read, as the HF cache's snapshots are
+    assert model(torch.tensor([[1, 2]])).logits.shape == (1, 2, model.config.vocab_size)
+    capsys.readouterr()  # (transformers' progress bar)
+    blob.unlink()
+    looped = shutil.copytree(hf_dirs["gpt2"], tmp_path / "looped")
+    (looped / "model.safetensors").unlink()
+    (looped / "model.safetensors").symlink_to(looped / "model.safetensors")
+    for directory, target in ((linked, blob), (looped, looped / "model.safetensors")):
+        assert not os.path.exists(directory / "model.safetensors") and os.path.lexists(directory / "model.safetensors")
+        assert main(["audit", str(directory)]) == 2
+        assert capsys.readouterr().err == (f"maskattn audit: {directory / 'model.safetensors'}: a broken symbolic link "
+                                           f"(to {target}, which is missing or links in a loop); download the weights "
+                                           "again\n")

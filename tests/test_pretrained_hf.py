@@ -185,6 +185,21 @@ def test_a_directory_without_safetensors_weights_is_refused_naming_what_it_expec
         from_pretrained(tmp_path)
 
 
+
+def test_weights_that_are_a_broken_symbolic_link_are_named(tmp_path):
+    # an HF cache whose blob was removed said "no model.safetensors nor ... (found [..., 'model.safetensors'])"
+    import os
+
+    torch.manual_seed(0)
+    CASES["gpt2"]().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "model.safetensors").symlink_to(tmp_path / "removed-blob")
+    assert os.path.lexists(tmp_path / "model.safetensors") and not os.path.exists(tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'model.safetensors'))}: a broken symbolic link "
+                       rf"\(to {re.escape(str(tmp_path / 'removed-blob'))}, which is missing or links in a loop\)"):
+        from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize("name, edit, message", [
     ("gpt2", {"n_head": 5}, r"d_model \(32\) must be divisible by num_heads \(5\)"),
     ("gpt2", {"n_layer": 0}, r"num_layers must be a positive int, got 0"),

@@ -240,14 +240,17 @@ def load(directory: str | Path, *, tokenizer: bool = True) -> tuple[nn.Module, A
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from maskattn.models.persistence import check_counts, load_tokenizer
+    from maskattn.models.persistence import check_counts, load_tokenizer, refuse_broken_link
 
     # never run a directory's own Python code (transformers asks on a terminal, and runs it on "y"), never unpickle
     meta = json.loads((Path(directory) / "config.json").read_text())
     if "auto_map" in meta and meta.get("model_type") not in CONFIG_MAPPING:
         raise UsageError(f"{directory}: config.json's model_type {meta.get('model_type')!r} is defined by Python code "
                          "in the directory (auto_map); maskattn runs no code from a model directory")
-    if not any((Path(directory) / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+    weights = [Path(directory) / name for name in ("model.safetensors", "model.safetensors.index.json")]
+    if not any(path.is_file() for path in weights):
+        for path in weights:
+            refuse_broken_link(path)
         found = sorted(p.name for p in Path(directory).iterdir())
         raise UsageError(f"{directory}: no model.safetensors nor model.safetensors.index.json (maskattn reads "
                          f"safetensors weights only, never a pickle such as pytorch_model.bin; found {found})")

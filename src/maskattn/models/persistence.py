@@ -203,6 +203,14 @@ def check_model_directory(directory: Path) -> None:
         raise FormatError(f"{directory}: {found}, expected a model directory")
 
 
+def refuse_broken_link(path: Path) -> None:
+    """FormatError when ``path`` is a symbolic link to nothing (an HF cache whose blob was removed, or a loop):
+    a directory listing shows its name, so "no such file" would contradict it."""
+    if path.is_symlink() and not path.exists():
+        raise FormatError(f"{path}: a broken symbolic link (to {os.readlink(path)}, which is missing or links in a "
+                          "loop); download the weights again")
+
+
 def refuse_run_directory(directory: Path, name: str) -> None:
     """FormatError when ``directory`` lacks the model file ``name`` but is a run whose ``model/`` has it: the
     usual slip of passing RUN where RUN/model is meant."""

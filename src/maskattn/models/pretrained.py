@@ -37,6 +37,7 @@ from maskattn.models.persistence import (
     load_weights,
     read_json,
     read_safetensors,
+    refuse_broken_link,
     refuse_run_directory,
 )
 
@@ -183,6 +184,8 @@ def _hf_weights(directory: Path) -> tuple[Path, dict[str, Tensor]]:
     in ``model.safetensors.index.json`` (``save_pretrained`` beyond ``max_shard_size``)."""
     if (directory / WEIGHTS).is_file() or not (directory / _INDEX).is_file():
         if not (directory / WEIGHTS).is_file():
+            refuse_broken_link(directory / WEIGHTS)
+            refuse_broken_link(directory / _INDEX)
             raise FormatError(f"{directory}: no {WEIGHTS} nor {_INDEX} (maskattn reads safetensors weights only; "
                               f"found {sorted(p.name for p in directory.iterdir())})")
         return directory / WEIGHTS, read_safetensors(directory / WEIGHTS)
