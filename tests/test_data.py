@@ -331,3 +331,20 @@ def test_every_blank_line_at_the_end_of_a_parallel_file_is_ignored(tmp_path):
     assert read_parallel(tmp_path / "src.txt", tmp_path / "tgt.txt") == [("a b", "x y"), ("c d", "z w")]
     (tmp_path / "pairs.tsv").write_text("a b\tx y\n\n\n")
     assert read_parallel(tmp_path / "pairs.tsv") == [("a b", "x y")]
+
+
+def test_a_header_that_is_a_long_line_of_text_is_quoted_cut(tmp_path):
+    # `maskattn evaluate CLASSIFIER --data book.txt` repeated the book's whole first line (~10 KB) as "the header"
+    line = "First Citizen: " + "before we proceed any further, hear me speak. " * 220
+    book = tmp_path / "book.txt"
+    book.write_text(line + "\nAll: Speak, speak.\n")
+    with pytest.raises(DataError) as raised:
+        data.read_labelled(book)
+    said = str(raised.value)
+    assert said.startswith(f"{book}:1: no column 'sentence' in the header ['First Citizen: before we proceed")
+    assert said.endswith("...") and len(said) <= len(str(book)) + 120 and len(line) > 10_000
+    short = tmp_path / "x.tsv"
+    short.write_text("text\tlabel\nfine\t1\n")
+    with pytest.raises(DataError, match=rf"x\.tsv:1: no column 'sentence' in the header "
+                       rf"{re.escape(repr(['text', 'label']))}$"):  # a header of a few names: whole
+        data.read_labelled(short)

@@ -116,7 +116,8 @@ def read_labelled(
     header = [h.strip() for h in rows[0][1]]
     for field in (text_field, label_field):
         if field not in header:
-            raise DataError(f"{path}:1: no column '{field}' in the header {header}")
+            shown = repr(header) if len(repr(header)) <= 80 else repr(header)[:77] + "..."  # a text file: one long line
+            raise DataError(f"{path}:1: no column '{field}' in the header {shown}")
         if header.count(field) > 1:
             first, second = [i + 1 for i, h in enumerate(header) if h == field][:2]
             raise DataError(f"{path}:1: the header names '{field}' twice (columns {first} and {second})")
