@@ -229,6 +229,10 @@ def test_config_that_does_not_fit_the_weights_is_rejected(tmp_path):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m.update(format="something-else"), "not a maskattn checkpoint"),
+    (lambda m: m.update(version=2), r"not a maskattn checkpoint \(format 'maskattn-model' version 2; expected"),
+    # True == 1 == 1.0 in Python: loaded as version 1
+    (lambda m: m.update(version=True), r"not a maskattn checkpoint \(format 'maskattn-model' version True; expected"),
+    (lambda m: m.update(version=1.0), r"not a maskattn checkpoint \(format 'maskattn-model' version 1\.0; expected"),
     (lambda m: m.update(model="Unknown"), "unknown model 'Unknown'"),
     (lambda m: m["config"].update(bogus=1), r"unknown EncoderConfig fields \['bogus'\]"),
     (lambda m: m["config"].update(num_heads=5), r"d_model \(32\) must be divisible by num_heads \(5\)"),

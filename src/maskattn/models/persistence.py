@@ -149,7 +149,8 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu") ->
     refuse_run_directory(directory, CONFIG)
     listed = verify_manifest(directory, [CONFIG, WEIGHTS, TOKENIZER])  # none in directories written before manifests
     meta = read_json(directory / CONFIG)
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    # type(...) is int: True and 1.0 equal 1 in Python, but no maskattn wrote them
+    if meta.get("format") != FORMAT or type(meta.get("version")) is not int or meta.get("version") != VERSION:
         raise FormatError(f"{directory / CONFIG}: not a maskattn checkpoint (format {meta.get('format')!r} "
                          f"version {meta.get('version')!r}; expected {FORMAT!r} version {VERSION})")
     cls = _MODELS.get(meta.get("model")) if isinstance(meta.get("model"), str) else None
