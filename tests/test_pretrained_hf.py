@@ -83,7 +83,44 @@ def test_a_transformers_4_rope_scaling_is_refused_too(tmp_path):
     config.pop("rope_parameters", None)
     config.update(rope_theta=10000.0, rope_scaling={"type": "linear", "factor": 4.0})
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="unsupported settings rope_parameters="):
+    with pytest.raises(ValueError, match="unsupported settings rope_scaling="):  # the field the file holds
+        from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 4.0}, {"type": "dynamic", "factor": 2.0},
+                                     {"rope_type": "default"}, {"rope_type": "default", "rope_theta": 500.0}])
+def test_rope_scaling_beside_rope_parameters_is_read_as_transformers_reads_it(scaling, tmp_path):
+    # A config.json holding both (a transformers-4 file edited, or written by hand): transformers 5 takes rope_scaling
+    # over rope_parameters, and the theta from rope_scaling or the top level. rope_parameters' default RoPE was read
+    # instead: a linear scaling dropped silently (logits 1e-3 off). The oracle: transformers' own config and model.
+    theirs = _saved("llama", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(rope_scaling=scaling, rope_parameters={"rope_type": "default", "rope_theta": 700.0})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    rope = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters
+    if rope["rope_type"] != "default":
+        with pytest.raises(ValueError, match=r"unsupported settings rope_scaling=.*'(rope_)?type': '(linear|dynamic)'"):
+            from_pretrained(tmp_path)
+        return
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    ours = from_pretrained(tmp_path)
+    assert ours.config.rope_base == rope["rope_theta"]
+    ids = torch.randint(0, 61, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids).logits).abs().max() <= 1e-5
+
+
+def test_a_null_head_dim_is_hidden_size_over_heads_as_transformers_reads_it(tmp_path):
+    # "head_dim": null was refused as an unsupported head_dim=None; transformers takes hidden_size / heads
+    _saved("llama", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "head_dim": None}))
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (from_pretrained(tmp_path)(ids) - theirs(ids).logits).abs().max() <= 1e-5
+    (tmp_path / "config.json").write_text(json.dumps({**config, "head_dim": 16}))  # 32 / 4 heads is 8: refused
+    with pytest.raises(ValueError, match="unsupported settings head_dim=16"):
         from_pretrained(tmp_path)
 
 

@@ -309,17 +309,19 @@ def llama_config(hf: dict, source: Path, options: dict[str, Any] | None = None) 
     """The :class:`DecoderLMConfig` of a Hugging Face Llama ``config.json`` (RMSNorm, RoPE, SwiGLU)."""
     _no_options("Llama", source, options)
     d_model, heads = _field(hf, "hidden_size", source), _field(hf, "num_attention_heads", source)
-    rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0),
-                                         **(hf.get("rope_scaling") or {})}
+    # as transformers 5 reads them: rope_scaling (transformers 4's name) over rope_parameters, the theta from the
+    # one read, else the top level's, else 10,000
+    rope_field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    rope = hf.get(rope_field) or {}
     if not isinstance(rope, dict):  # "'str' object has no attribute 'get'"
-        raise FormatError(f"{source}: rope_parameters must be a JSON object, got {rope!r}")
+        raise FormatError(f"{source}: {rope_field} must be a JSON object, got {rope!r}")
     # a head count of 0 or "4" is named by DecoderLMConfig below, not divided by here (ZeroDivisionError, TypeError)
     head_dim = d_model // heads if _positive_int(d_model) and _positive_int(heads) else None
     refused = {"hidden_act": hf.get("hidden_act", "silu") != "silu", "attention_bias": hf.get("attention_bias"),
                "mlp_bias": hf.get("mlp_bias"),  # transformers 4's configs name the scaling "type", 5's "rope_type"
-               "rope_parameters": rope.get("rope_type", rope.get("type", "default")) != "default",
-               "head_dim": head_dim is not None and hf.get("head_dim", head_dim) != head_dim}
-    _refuse(source, refused, {**hf, "rope_parameters": rope})
+               rope_field: rope.get("rope_type", rope.get("type", "default")) != "default",
+               "head_dim": head_dim is not None and hf.get("head_dim") not in (None, head_dim)}  # null: the default
+    _refuse(source, refused, hf)
     bos, eos = _token(hf, "bos_token_id"), _token(hf, "eos_token_id")
     return _build(
         DecoderLMConfig, source, vocab_size=_field(hf, "vocab_size", source), d_model=d_model, num_heads=heads,
