@@ -298,6 +298,37 @@ def test_blocked_computes_only_the_tiles_the_mask_may_reach():
     assert nothing.groups == ()
 
 
+@pytest.mark.parametrize("make", [lambda ids: None, lambda ids: masks.padding([ids.shape[1]]),
+                                  lambda ids: masks.causal() & masks.sliding_window(256),
+                                  lambda ids: masks.document(ids), lambda ids: masks.causal() & masks.document(ids)],
+                         ids=["none", "padding", "causal-window", "document", "causal-document"])
+def test_blocked_plans_read_the_block_map_once_whatever_the_query_blocks(host_reads, make):
+    # make_plan read each query block's "masked" flag with a slice, .all() and bool() (up to one host read per
+    # block, 32 at L=4096 without a mask); now one .tolist() of the map. Oracle for the flags: every tile a
+    # group computes FULL in the block map (a short last key tile never), by hand from the map's own rows.
+    counts = []
+    for length in (512, 4096):
+        q = torch.zeros(1, 2, length, 4)
+        ids = (torch.arange(length) // 300)[None]  # documents that straddle the 128-wide tiles
+        mask = make(ids)
+        with host_reads() as reads:
+            plan = blocked.make_plan(mask, q, q, q_offset=0, block_q=128, block_k=128)
+        counts.append(reads.count)
+        nq = length // 128
+        full = torch.ones(nq, nq, dtype=torch.bool) if mask is None else \
+            (mask.block_map(length, length, 128, 128) == 2).flatten(0, 1).all(0)  # (nq, nk) FULL for every (b, h)
+        for g in plan.groups:
+            rows = zip(range(g.first, g.stop), g.starts, strict=True)
+            assert g.masked == any(not full[j, s : s + g.width].all() for j, s in rows), (length, g)
+    assert counts == [3, 3], counts  # the first and last live tile of every query block, and the FULL tiles
+    q, k, v = torch.randn(3, 1, 2, 1024, 8).unbind(0)
+    ids = (torch.arange(1024) // 300)[None]
+    if make(ids) is not None:  # the numbers, against the reference backend
+        ours, _ = blocked.attention(q, k, v, make(ids), scale=0.5)
+        theirs, _ = reference.attention(q, k, v, make(ids), scale=0.5)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
 def test_blocked_key_ranges_that_move_backwards():
     # later query blocks attend earlier keys: the group's key windows cannot be a strided view
     t = torch.zeros(13, 4, dtype=torch.bool)

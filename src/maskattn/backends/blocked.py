@@ -199,6 +199,7 @@ def make_plan(
     cols = torch.arange(nk)
     first = torch.where(live, cols, nk).amin(1).tolist()
     last = torch.where(live, cols, -1).amax(1).tolist()
+    full_rows = full.tolist()  # one host copy: a slice and a read per query block cost ~4 calls each
     rows = q.shape[1] // k.shape[1] * block_q
     groups: list[Group] = []
     i = 0
@@ -218,7 +219,7 @@ def make_plan(
                 break  # keep the key windows a strided view rather than a gathered copy
             width, own, stop = grown, own + last[stop] - first[stop] + 1, stop + 1
         starts = tuple(min(first[j], nk - width) for j in range(i, stop))
-        masked = any(not bool(full[j, s : s + width].all()) for j, s in zip(range(i, stop), starts, strict=True))
+        masked = any(not all(full_rows[j][s : s + width]) for j, s in zip(range(i, stop), starts, strict=True))
         groups.append(Group(i, stop, starts, width, masked))
         i = stop
     return Plan(mask, q_len, k_len, q_offset, block_q, block_k, tuple(groups))
