@@ -293,6 +293,36 @@ def test_an_attention_call_reads_its_masks_structure_once(monkeypatch):
     torch.testing.assert_close(again, want)
 
 
+def test_a_decoders_self_and_cross_attention_masks_keep_their_structures(monkeypatch):
+    # a decoder's layers alternate two masks (causal() & padding for self-attention, padding for the memory):
+    # structure() kept the last mask's only, so each layer built both again (each mask's, four times for two
+    # layers); now the two read last are kept, the older one evicted by a third
+    built = []
+    for cls in {type(masks.causal() & masks.padding([1])), type(masks.padding([1]))}:
+        monkeypatch.setattr(cls, "structure", lambda self, real=cls.structure: built.append(self) or real(self))
+    q, memory = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 7, 4)
+    own = masks.causal() & masks.padding(torch.tensor([5, 3]))
+    cross = masks.padding(torch.tensor([7, 4]))
+    with torch.no_grad():
+        for _ in range(3):  # three layers
+            x = maskattn.attention(q, q, q, own)
+            y = maskattn.attention(x, memory, memory, cross)
+    third = masks.padding(torch.tensor([2, 2]))
+
+    def whole():  # the structures built for the masks themselves, not for own's parts
+        return [m for m in built if any(m is x for x in (own, cross, third))]
+
+    assert whole() == [own, cross]
+    for mask in (third, cross, own):  # own was evicted by third: built again
+        masks.structure(mask)
+    assert whole() == [own, cross, third, own]
+    keep = own.to_dense(5, 5)  # the oracle for the numbers: softmax over the dense masks, by hand
+    x = torch.softmax((q @ q.transpose(-1, -2) / 2.0).masked_fill(~keep, float("-inf")), -1) @ q
+    keep = cross.to_dense(5, 7)
+    want = torch.softmax((x @ memory.transpose(-1, -2) / 2.0).masked_fill(~keep, float("-inf")), -1) @ memory
+    torch.testing.assert_close(y, want)
+
+
 def test_the_structure_kept_for_the_last_mask_is_never_another_masks():
     # structure() keeps the last mask's (weakly, by identity): masks built and dropped in turn (CPython reuses
     # their addresses), a moved copy, and the same mask again must each get their own, as the mask builds it

@@ -469,31 +469,34 @@ def structure(mask: Mask | None) -> MaskStructure:
     >>> masks.structure(masks.causal() | masks.padding([2])).kinds
     ('rest',)
     """
-    global _last_structure
+    global _kept_structures
     if mask is None:
         return _NO_MASK
     if torch.compiler.is_compiling():
         return mask.structure()
-    last = _last_structure  # one read: another thread may replace it
-    if last is not None and last[0]() is mask:
-        return last[1]
+    kept = _kept_structures  # one read: another thread may replace it
+    for i, (ref, result) in enumerate(kept):
+        if ref() is mask:
+            if i:  # the most recently read first: a decoder step's new self-attention mask evicts the older one
+                _kept_structures = (kept[i], *kept[:i], *kept[i + 1 :])
+            return result
     result = mask.structure()
     if not result.rest:  # rest holds the mask itself (or its parts): kept, the mask could never go
-        _last_structure = (weakref.ref(mask, _forget_structure), result)
+        _kept_structures = ((weakref.ref(mask, _forget_structure), result), *kept[: KEPT_STRUCTURES - 1])
     return result
 
 
 def _forget_structure(gone: weakref.ref) -> None:
-    """The kept mask went: let its tensors (lengths, valid, doc ids) go with it, not at the next call."""
-    global _last_structure
-    last = _last_structure
-    if last is not None and last[0] is gone:
-        _last_structure = None
+    """A kept mask went: let its tensors (lengths, valid, doc ids) go with it, not when it is evicted."""
+    global _kept_structures
+    _kept_structures = tuple(entry for entry in _kept_structures if entry[0] is not gone)
 
 
 # One attention call reads its mask's structure four times (dispatch, the guard, sdpa's fast path and the call
-# itself), and a model's layers share one mask: the last mask's structure is kept (a mask is a value, its structure
-# a function of its kind and the objects it holds; weakly, so that the mask can go, and a new one at its address
-# is not taken for it; dropped when the mask goes). Eager only: a compiled graph does not read it.
-_last_structure: tuple[weakref.ref[Mask], MaskStructure] | None = None
+# itself), and a model's layers share one mask: the structures of the masks read last are kept (a mask is a value,
+# its structure a function of its kind and the objects it holds; weakly, so that the mask can go, and a new one at
+# its address is not taken for it; dropped when the mask goes). Two: a decoder's layers alternate between its
+# self-attention and its cross-attention mask. Eager only: a compiled graph does not read them.
+KEPT_STRUCTURES = 2
+_kept_structures: tuple[tuple[weakref.ref[Mask], MaskStructure], ...] = ()
 _NO_MASK = MaskStructure()  # frozen: one instance serves every call without a mask
