@@ -733,3 +733,111 @@ def test_sampling_settings_accept_temperature_zero_and_refuse_top_p_zero():
         with pytest.raises(ValueError, match=r"top_p must be a number in \(0, 1\], got 0\.0"):
             check()
 
+
+def _count_masks_made(monkeypatch):
+    """The masks a model builds from now on (constructors and ``&``), by name, and the structures read anew."""
+    from maskattn import masks
+
+    made, built = [], []
+    for name in ("causal", "sliding_window", "padding", "from_tensor"):
+        real = getattr(masks, name)
+        monkeypatch.setattr(masks, name, lambda *args, real=real, name=name: made.append(name) or real(*args))
+    real_and = masks.Mask.__and__
+    monkeypatch.setattr(masks.Mask, "__and__", lambda self, other: made.append("&") or real_and(self, other))
+    valid = torch.ones(1, 1, dtype=torch.bool)
+    for cls in {type(masks.causal()), type(masks.padding(valid)), type(masks.causal() & masks.padding(valid))}:
+        monkeypatch.setattr(cls, "structure", lambda self, real=cls.structure: built.append(self) or real(self))
+    return made, built
+
+
+def _decoder_masks(model):
+    """The self- and cross-attention masks of every call of ``model.decoder``, in order."""
+    seen = []
+    model.decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs["mask"], kwargs.get("memory_mask"))), with_kwargs=True)
+    return seen
+
+
+def _transformer_greedy_oracle(model, src, lengths, new):
+    """Greedy tokens of each source row alone by full forwards without a cache (never pad_id nor BOS): (B, new)."""
+    rows, banned = [], [model.config.pad_id, model.config.bos_id]
+    with torch.no_grad():
+        for b in range(src.shape[0]):
+            tgt = [model.config.bos_id]
+            for _ in range(new):
+                logits = model(src[b : b + 1, : lengths[b]], torch.tensor([tgt]))[0, -1]
+                tgt.append(int(logits.index_fill(0, torch.tensor(banned), float("-inf")).argmax()))
+            rows.append(tgt[1:])
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("case", ["one-row", "padded-rows", "transformer"])
+def test_a_decoded_token_builds_no_mask_and_reads_no_structure_anew(monkeypatch, case):
+    # every step built its masks again (a DecoderLM's causal(), with padding in the cache causal() & padding(...);
+    # a Transformer's causal() & padding(...) and its memory's padding(...)), and read their structures again (a
+    # decoder's layers alternate its two masks, and masks.structure kept the last one's): 1, 3 and 4 masks and 1, 3
+    # and 8 structures a token. Now one mask object each per generation, its position the call's q_offset.
+    # Oracle for the tokens: each row alone, by full forwards without a cache.
+    torch.manual_seed(0)
+    if case == "transformer":
+        model = Transformer(TransformerConfig.preset("tiny", eos_id=None)).eval()
+        inputs, lengths = _src_batch()
+        oracle = _transformer_greedy_oracle
+    else:
+        model = DecoderLM(DecoderLMConfig.preset("tiny", eos_id=None)).eval()
+        inputs, lengths = LM_CASES[case]
+        oracle = _greedy_oracle
+    seen = _decoder_masks(model)
+    made, built = _count_masks_made(monkeypatch)
+    counts = []
+    for max_new in (4, 12):
+        made.clear(), built.clear(), seen.clear()
+        out = decoding.greedy(model, inputs, lengths, max_new_tokens=max_new)
+        counts.append((len(made), len(built)))
+    assert counts[0] == counts[1], counts  # nothing more for 8 more tokens
+    steps = seen[1:]  # the calls after the prompt's (or BOS's)
+    assert all(mask is steps[0][0] and memory is steps[0][1] for mask, memory in steps), case
+    assert torch.equal(out, oracle(model, inputs, lengths, 12))
+
+
+def test_beam_steps_keep_the_memory_mask_and_equal_the_full_forward(monkeypatch):
+    # Beam search reorders the state every step: the self-attention mask follows the new key_valid, while the
+    # memory's padding (the same rows of the same sources, same_memory=True) was built again every step; now once.
+    # Oracle for every step's logits: a full forward without a cache over each beam's source and target prefix.
+    from maskattn.models import DecodeState
+
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig.preset("tiny", eos_id=None)).eval()
+    src, lengths = _src_batch()
+    seen = _decoder_masks(model)
+    made, _ = _count_masks_made(monkeypatch)
+    beams = {"src": torch.arange(3), "tgt": torch.full((3, 1), model.config.bos_id)}  # per live row
+    reorder, step = DecodeState.reorder, model.step
+
+    def tracked_reorder(state, index, **kwargs):
+        beams["src"], beams["tgt"] = beams["src"][index], beams["tgt"][index]
+        return reorder(state, index, **kwargs)
+
+    def checked_step(state, tokens, *args, **kwargs):
+        logits = step(state, tokens, *args, **kwargs)
+        if tokens.shape[0] == beams["tgt"].shape[0] and state.length > 1:  # a beam step (not BOS)
+            beams["tgt"] = torch.cat([beams["tgt"], tokens], dim=1)
+            rows, counted = beams["src"], (len(made), len(seen))
+            full = model(src[rows], beams["tgt"], src_lengths=lengths[rows])[:, -1:]
+            del made[counted[0] :], seen[counted[1] :]  # the oracle's own masks are not the step's
+            torch.testing.assert_close(logits, full, atol=1e-5, rtol=0)
+            beams["checked"] = beams.get("checked", 0) + 1
+        return logits
+
+    monkeypatch.setattr(DecodeState, "reorder", tracked_reorder)
+    monkeypatch.setattr(model, "step", checked_step)
+    counts = []
+    for max_new in (4, 12):
+        made.clear(), seen.clear()
+        beams.update(src=torch.arange(3), tgt=torch.full((3, 1), model.config.bos_id), checked=0)
+        with torch.no_grad():
+            decoding.beam_search(model, src, lengths, beam_size=3, max_new_tokens=max_new)
+        counts.append(made.count("padding"))
+        assert beams["checked"] == max_new - 1
+    assert counts[1] - counts[0] == 8, counts  # one padding a token, the self-attention's; the memory's once
+    assert all(memory is seen[1][1] for _, memory in seen[1:])

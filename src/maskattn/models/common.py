@@ -7,12 +7,13 @@ key/value heads, D head dim.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from maskattn import masks
 from maskattn.layers import (
     KVCache,
     LearnedPositions,
@@ -189,6 +190,7 @@ class DecodeState:
     static: bool = False  # one-token steps attend over all T slots with fixed shapes (KVCache static=True)
     head_t: Tensor | None = None  # (E, V) contiguous copy of the output projection's weight (see step_logits)
     head_copy_ok: bool = False  # one-row steps may make head_t (set by begin_decoding: enough steps ahead)
+    step_masks: dict[str, tuple[Tensor | None, masks.Mask]] = field(default_factory=dict)  # see kept_mask
 
     @property
     def length(self) -> int:
@@ -214,6 +216,24 @@ class DecodeState:
             self.memory_valid = self.memory_valid.index_select(0, index)
         if self.key_pos is not None:
             self.key_pos = self.key_pos.index_select(0, index)
+
+
+def kept_mask(state: DecodeState, name: str, tensor: Tensor | None,
+              build: Callable[[Tensor | None], masks.Mask]) -> masks.Mask:
+    """``build(tensor)``, built once for the steps of ``state`` that read the same ``tensor`` object.
+
+    A mask is a value and a step's position is its ``q_offset``, so one mask serves every step: its
+    construction, and the structure ``masks.structure`` keeps for it, are spent once, not once a token.
+    Keyed by identity: ``reorder`` replaces the tensors (a new mask), while ``advance`` writes into them in
+    place, which the kept mask reads as it is. A compiled step builds its own (no state in the graph).
+    """
+    kept = state.step_masks
+    if name in kept and kept[name][0] is tensor:
+        return kept[name][1]
+    mask = build(tensor)
+    if not torch.compiler.is_compiling():
+        kept[name] = (tensor, mask)
+    return mask
 
 
 def new_state(stack: Stack, batch: int, max_len: int, like: Tensor, *, window: int | None = None,

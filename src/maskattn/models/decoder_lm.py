@@ -33,6 +33,7 @@ from maskattn.models.common import (
     fast_head,
     head_copy_pays,
     init_linears,
+    kept_mask,
     key_valid,
     new_state,
     step_logits,
@@ -206,7 +207,14 @@ class DecoderLM(Persistent, Summary, nn.Module):
         x, rope = self.embed(tokens, positions, positions_below=end)  # a row's positions never outrun its slots
         if self.config.sliding_window is None or offset == 0:  # slots are positions: the training mask
             # Without padding in the cache the causal mask is all: no mask tensor, nothing hidden to guard.
-            mask = self._causal() & masks.padding(state.key_valid[:, first:end]) if state.gaps else self._causal()
+            # The mask of every step (padding reads only the call's Lk columns of the slots): built once.
+            if not state.gaps:
+                mask = kept_mask(state, "causal", None, lambda _: self._causal())
+            elif first == 0:
+                mask = kept_mask(state, "causal & padding", state.key_valid,
+                                 lambda valid: self._causal() & masks.padding(valid))
+            else:
+                mask = self._causal() & masks.padding(state.key_valid[:, first:end])
         else:  # right-padded prompts leave gaps: the window counts positions, not slots
             mask = window_mask(positions, state.key_pos[:, first:end], state.key_valid[:, first:end],
                                self.config.sliding_window, offset - first)

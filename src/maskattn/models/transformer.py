@@ -23,6 +23,7 @@ from maskattn.models.common import (
     advance,
     default_positions,
     init_linears,
+    kept_mask,
     key_valid,
     new_state,
 )
@@ -158,8 +159,11 @@ class Transformer(Persistent, Summary, nn.Module):
         positions, offset = advance(state, tokens, lengths)
         x, rope = self.tgt_embed(tokens, positions, positions_below=offset + tokens.shape[1],  # never past the slots
                                  ids_below=ids_below)
-        mask = masks.causal() & masks.padding(state.key_valid[:, : offset + tokens.shape[1]])
-        h = self.decoder(x, mask=mask, memory_mask=padding_mask(state.memory_valid), memory_kv=state.memory_kv,
+        # the same masks every step (padding reads only the call's Lk columns of the slots): built once
+        mask = kept_mask(state, "causal & padding", state.key_valid,
+                         lambda valid: masks.causal() & masks.padding(valid))
+        memory_mask = kept_mask(state, "memory", state.memory_valid, padding_mask)
+        h = self.decoder(x, mask=mask, memory_mask=memory_mask, memory_kv=state.memory_kv,
                          rope=rope, caches=state.caches, q_offset=offset)
         return self.out_proj(h)
 
