@@ -419,3 +419,26 @@ def test_weight_pictures_show_the_weights_on_the_colour_scale_they_draw(draw, tm
     shown = low + (high - low) * (index + 0.5) / 256  # the middle of the weights a colour stands for
     assert low == 0 and (shown - truth).abs().max() <= 2 * (high - low) / 256  # a colour off by one: 8-bit RGB
     assert index[-1][truth[-1] == 0].eq(0).all()  # masked keys in the scale's bottom colour
+
+
+def test_a_non_finite_weight_leaves_the_other_cells_on_the_colour_scale(tmp_path, monkeypatch):
+    # head_grid's one colour scale went to NaN with one NaN weight (a diverged model, a row that softmax made 0/0):
+    # every cell of every head was drawn as 'bad', blank; matplotlib's own scale skips it, as before. The oracle:
+    # the finite weights, read back from the written PNG through the colour bar
+    from maskattn import viz
+
+    figures = []
+    monkeypatch.setattr(viz, "save_figure", lambda fig, path, **kw: (figures.append(fig), save(fig, path, **kw))[1])
+    save = maskattn.plotting.save_figure
+    torch.manual_seed(0)
+    weights = torch.softmax(torch.randn(2, 4, 5), -1)
+    for bad in (float("nan"), float("inf")):
+        figures.clear()
+        drawn = weights.clone()
+        drawn[0, 1, 2] = bad
+        png = viz.head_grid(drawn, tmp_path / "w.png")
+        index, low, high = _colours_read_back(png, figures[0], figures[0].axes[:2])
+        shown = low + (high - low) * (index + 0.5) / 256
+        finite = drawn.isfinite()
+        assert (low, high) == (0, pytest.approx(float(drawn[finite].max()), rel=1e-6)), bad
+        assert (shown - weights)[finite].abs().max() <= 2 * (high - low) / 256, bad

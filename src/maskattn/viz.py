@@ -210,7 +210,10 @@ def head_grid(weights: Tensor, path: str | Path, *, x_labels: Sequence[str] = ()
     rows = -(-h // cols)
     cell = min(5.0, 1.5 + 0.2 * max(lq, lk))
     fig, axes = plt.subplots(rows, cols, figsize=(cell * cols + 1, cell * rows), squeeze=False)
-    top = max(float(weights.max()), 1e-12) if weights.numel() else 1.0  # one colour scale for every head, drawn once
+    # one colour scale for every head, drawn once; a NaN or infinite weight is drawn blank, as matplotlib's own
+    # scale leaves it, not made the scale's top (a NaN one blanked every cell)
+    finite = weights[weights.isfinite()]
+    top = max(float(finite.max()), 1e-12) if finite.numel() else 1.0
     for i, ax in enumerate(axes.flat):
         if i >= h:
             ax.axis("off")
