@@ -247,3 +247,15 @@ def test_a_checkpoint_whose_state_names_another_step_than_its_directory_is_refus
     elsewhere = tmp_path / "copy"  # a directory not named by a step (a copy to look at) loads
     shutil.copytree(path, elsewhere)
     assert checkpoint.load(elsewhere)["step"] == 3
+
+
+@pytest.mark.parametrize("name", ["7", "0004", "step-²", "step-٤"])
+def test_a_copy_under_a_name_that_is_no_step_directory_loads(tmp_path, name):
+    # save() names a step directory step-NNNNNNNNN in ASCII digits; step_of read a bare number ("7", a copy named by
+    # hand) as a step too, and a non-ASCII digit ("²", which str.isdigit takes and int() refuses) as a ValueError,
+    # so load() refused such copies, or failed, since it compares the state's step with its directory's
+    path = checkpoint.save(tmp_path / "run", 4, {"w": torch.ones(2)})
+    shutil.copytree(path, tmp_path / name)
+    assert checkpoint.load(tmp_path / name)["step"] == 4
+    assert checkpoint.step_of(tmp_path / name) == -1
+    assert checkpoint.step_of(path) == 4

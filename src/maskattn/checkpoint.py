@@ -143,9 +143,11 @@ def save(root: str | Path, step: int, state: dict[str, Any], *, keep: int | None
 
 
 def step_of(path: str | Path) -> int:
-    """The step of a checkpoint directory ``step-000000123`` (-1 for a name that holds no step)."""
-    digits = Path(path).name.removeprefix("step-")
-    return int(digits) if digits.isdigit() else -1
+    """The step of a checkpoint directory ``step-000000123`` (-1 for a name that holds no step: ``123``, or ``step-``
+    and digits :meth:`str.isdigit` takes that are not ASCII, ``step-²``, are not names :func:`save` gives)."""
+    name = Path(path).name
+    digits = name.removeprefix("step-")
+    return int(digits) if name.startswith("step-") and digits.isascii() and digits.isdigit() else -1
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
