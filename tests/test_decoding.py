@@ -841,3 +841,32 @@ def test_beam_steps_keep_the_memory_mask_and_equal_the_full_forward(monkeypatch)
         assert beams["checked"] == max_new - 1
     assert counts[1] - counts[0] == 8, counts  # one padding a token, the self-attention's; the memory's once
     assert all(memory is seen[1][1] for _, memory in seen[1:])
+
+
+def test_a_compiled_step_dropped_by_another_thread_is_still_the_callers(monkeypatch):
+    # _compiled_step stored a new kind's step, then read it back from the shared table (move_to_end, then []): a
+    # thread decoding COMPILED_KINDS other kinds in between dropped it there, and the caller got a KeyError. The
+    # interleaving is played in one thread: the table's store of the first kind runs the other thread's calls
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    made = {}
+    monkeypatch.setattr(decoding, "_compile_step", lambda step: made.setdefault(len(made), object()))
+    first = SimpleNamespace(config="first")
+
+    class Table(OrderedDict):
+        played = False
+
+        def __setitem__(self, kind, step):
+            super().__setitem__(kind, step)
+            if "first" in kind and not self.played:  # the other thread, between the store and the read back
+                self.played = True
+                for n in range(decoding.COMPILED_KINDS):
+                    decoding._compiled_step(SimpleNamespace(config=n))
+
+    monkeypatch.setattr(decoding, "_COMPILED", Table())
+    assert decoding._compiled_step(first) is made[0]  # the step compiled for it, though no longer kept
+    assert len(decoding._COMPILED) == decoding.COMPILED_KINDS
+    again = decoding._compiled_step(first)  # compiled anew and kept, the oldest other kind dropped
+    assert again is made[len(made) - 1] and list(decoding._COMPILED.values())[-1] is again
+    assert len(decoding._COMPILED) == decoding.COMPILED_KINDS

@@ -344,14 +344,18 @@ def _compiled_step(model: nn.Module) -> Callable[[nn.Module, object, Tensor], Te
     # every model failed at the ninth depth in a process and held every graph for good. Each kind of model gets
     # its own copy of the code; the oldest is dropped past COMPILED_KINDS, its graphs with it.
     kind = f"{type(model).__module__}.{type(model).__qualname__}({getattr(model, 'config', None)!r})"
-    if kind not in _COMPILED:
+    # (the step is held here, never read back from the table: another thread may drop it from there meanwhile)
+    step = _COMPILED.get(kind)
+    if step is None:
         code = _last_logits.__code__.replace()  # a new code object: a cache and a recompile count of its own
         copy = types.FunctionType(code, _last_logits.__globals__, _last_logits.__name__)
-        _COMPILED[kind] = _compile_step(copy)
+        step = _COMPILED[kind] = _compile_step(copy)
         while len(_COMPILED) > COMPILED_KINDS:
             _COMPILED.popitem(last=False)
-    _COMPILED.move_to_end(kind)
-    return _COMPILED[kind]
+    else:
+        with contextlib.suppress(KeyError):
+            _COMPILED.move_to_end(kind)
+    return step
 
 
 def _compile_step(step: Callable[[nn.Module, object, Tensor], Tensor]) -> Callable[[nn.Module, object, Tensor], Tensor]:
