@@ -281,3 +281,12 @@ def test_plot_mask_pixels_show_the_dense_mask(case, tmp_path):
     assert _pixel_faults(plot_mask(mask, q_len, k_len, q_offset=q_offset, batch=batch, head=head,
                                    ax=fig.add_axes((0.1, 0.1, 0.8, 0.8))), oracle, q_offset) == (0, 0)
     plt.close(fig)
+
+
+@pytest.mark.parametrize("q_len,k_len", [(0, 4), (4, 0), (0, 0)])
+def test_plot_mask_of_no_positions_is_refused_naming_them(q_len, k_len, tmp_path):
+    # q_len=0 drew an empty picture until the block drawing (030da67) divided by its block size, 0: a
+    # ZeroDivisionError, as k_len=0 already was (the figure's aspect ratio)
+    with pytest.raises(ValueError, match=rf"q_len={q_len} and k_len={k_len}: .*at least one query and one key"):
+        plot_mask(masks.causal(), q_len, k_len, path=str(tmp_path / "m.png"))
+    assert not (tmp_path / "m.png").exists()

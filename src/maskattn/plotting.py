@@ -69,6 +69,8 @@ def plot_mask(
 
     grid = mask.grid(q_len, k_len, q_offset=q_offset, batch=batch, head=head, default_len=16)  # (Lq, Lk)
     q_len, k_len = grid.shape
+    if not q_len or not k_len:
+        raise ValueError(f"plot_mask: q_len={q_len} and k_len={k_len}: a picture needs at least one query and one key")
     fig = None
     if ax is None:
         size = min(10.0, 2.0 + 0.25 * max(q_len, k_len))
