@@ -59,6 +59,18 @@ def test_minilm_loads_with_config_tokenizer_and_fresh_heads():
     assert ours.span_logits(ids)[0].shape == (1, 4)
 
 
+
+def test_minilm_tokenizer_files_agree_so_it_loads_without_a_warning_and_encodes_as_autotokenizer(caplog):
+    # its tokenizer_config.json (do_lower_case, tokenize_chinese_chars, strip_accents) says what its tokenizer.json does
+    transformers = pytest.importorskip("transformers", reason="Hugging Face transformers not installed")
+    with caplog.at_level("WARNING", logger="maskattn"):
+        ours = from_pretrained(_minilm_dir()).tokenizer
+    assert caplog.records == []
+    ours.no_padding()
+    auto = transformers.AutoTokenizer.from_pretrained(_minilm_dir())
+    for text in [*SENTENCES, "Café  CRÈME 東京 ☃ [SEP] x"]:
+        assert ours.encode(text).ids == auto(text)["input_ids"], text
+
 def test_saved_pretrained_model_reloads_exactly(tmp_path):
     ours = from_pretrained(_minilm_dir())
     ours.save(tmp_path)
