@@ -503,3 +503,65 @@ def test_a_missing_model_directory_is_named_missing_not_a_model_directory(tmp_pa
             status, err = _run([a.replace("{m}", given) for a in command], capsys)
             assert status == 2 and err == f"maskattn {command[0]}: {expected}\n", (command, err)
     assert not any((tmp_path / name).exists() for name in ("viz", "m.onnx", "small", "soup"))
+
+
+def _tiny_translator(directory):
+    import torch
+
+    from maskattn.models import Transformer, TransformerConfig
+    from maskattn.tasks.common import write_task
+    from maskattn.tokenization import Tokenizer
+
+    tok = Tokenizer.train_chars(["abc"])
+    torch.manual_seed(0)
+    config = TransformerConfig.preset("tiny", vocab_size=tok.vocab_size, tgt_vocab_size=tok.vocab_size, max_len=16)
+    Transformer(config).eval().save(directory, tokenizer=tok.backend)
+    write_task(directory, {"task": "translation"})
+    return str(directory)
+
+
+def test_translate_evaluate_and_compress_name_the_flags_typed_not_the_python_parameters(tmp_path, capsys):
+    # `translate --beam 0` said "beam_size must be an int >= 1", `--min-new-tokens -1` "min_new_tokens must be ...",
+    # `compress --prune-heads 1.5` "prune fraction must be in [0, 1)", `--seed -1` "--seed must be None or ...",
+    # `--average-every 0` "it needs --average-last N > 1"; `--beam 10**30` / `--nbest 10**30` crashed with torch's
+    # TypeError (or RuntimeError: "Storage size calculation overflowed") traceback
+    from dataclasses import replace
+
+    from maskattn.tasks import translation
+
+    model = _tiny_translator(tmp_path / "m")
+    (tmp_path / "src.txt").write_text("abc\n")
+    evaluate = ["evaluate", model, "--data", str(tmp_path / "src.txt"), "--ref", str(tmp_path / "src.txt")]
+    compress = ["compress", model, "--out", str(tmp_path / "out")]
+    huge = str(10**30)
+    cases = [*((["translate", model, "abc", flag, value], f"argument {flag}: expected a positive integer, got {value}")
+               for flag in ("--beam", "--nbest") for value in ("0", "-1")),
+             *(([*evaluate, "--beam", value], f"argument --beam: expected a positive integer, got {value}")
+               for value in ("0", "-1")),
+             *(([*command, "--min-new-tokens", "-1"], "argument --min-new-tokens: expected an integer >= 0, got -1")
+               for command in (["translate", model, "abc"], evaluate)),
+             *(([*command, flag, huge], f"argument {flag}: expected at most 2**40 beams")
+               for command, flag in ((["translate", model, "abc"], "--beam"), (["translate", model, "abc"], "--nbest"),
+                                     (evaluate, "--beam"))),
+             *(([*compress, "--prune-heads", value],
+                f"argument --prune-heads: expected a fraction in [0, 1), got {value}")
+               for value in ("1.5", "-1", "nan", "1", huge)),
+             ([*compress, "--prune-heads", "0.5", "--seed", "-1"],
+              "argument --seed: a seed must be an int in [0, 2**63)"),
+             ([*compress, "--prune-heads", "0.5", "--average-every", "0"],
+              "maskattn compress: --average-every must be an int >= 1, got 0")]
+    for argv, expected in cases:
+        status, err = _run(argv, capsys)
+        assert status == 2 and expected in err, (argv, err)
+        assert [line for line in err.splitlines() if line.startswith("maskattn ")] == [err.splitlines()[-1]], err
+        assert not re.search(r"beam_size|min_new_tokens|prune fraction|None or", err), err
+    assert not (tmp_path / "out").exists()
+    # the values the checks let through run, as the library runs them (the oracle: translation.translate called
+    # directly with the model's decoding settings changed)
+    assert main(["translate", model, "abc", "cab", "--beam", "2", "--min-new-tokens", "0"]) == 0
+    loaded, tok, decode = translation.load(model)
+    assert capsys.readouterr().out.splitlines() == translation.translate(
+        loaded, tok, ["abc", "cab"], replace(decode, beam_size=2, min_new_tokens=0))
+    # Python callers keep the names of their parameters
+    with pytest.raises(ValueError, match=r"beam_size must be an int >= 1, got 0"):
+        replace(decode, beam_size=0)

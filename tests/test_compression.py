@@ -692,9 +692,13 @@ def test_compress_refuses_bad_pruning_settings_before_any_work(tmp_path, capsys,
     read = []
     monkeypatch.setattr(compression, "first_batches", lambda *a: read.append(a) or [])  # the work that must not run
     out = ["--out", str(tmp_path / "o"), "--data", "x"]
-    cases = ((["--prune-heads", "50"], "prune fraction must be in [0, 1), got 50.0"),
-             (["--prune-heads", "0.5", "--seed", "-1"], "--seed must be None or an int in [0, 2**63), got -1"),
-             (["--int8", "--seed", "3"], "--seed needs --prune-heads or --keep-heads"),
+    for args, expected in ((["--prune-heads", "50"], "argument --prune-heads: expected a fraction in [0, 1), got 50"),
+                           (["--prune-heads", "0.5", "--seed", "-1"],
+                            "argument --seed: a seed must be an int in [0, 2**63), got -1")):
+        with pytest.raises(SystemExit) as refused:  # the flags' argparse types refuse them, naming the flag
+            main(["compress", str(model), *out, *args])
+        assert refused.value.code == 2 and expected in capsys.readouterr().err
+    cases = ((["--int8", "--seed", "3"], "--seed needs --prune-heads or --keep-heads"),
              (["--int8", "--greedy", "2"], "--greedy needs --prune-heads or --keep-heads"),
              (["--int8", "--per-module"], "--per-module needs --prune-heads or --keep-heads"),
              (["--keep-heads", str(tmp_path / "nested.json")], "must be a non-empty list of distinct heads"),

@@ -18,7 +18,7 @@ from maskattn.distributed import environment_int
 from maskattn.errors import TrainingError, UsageError
 from maskattn.io import check_output_file
 from maskattn.masks import expr
-from maskattn.tasks.base import Option, Task, positive_int, seed_int, tasks
+from maskattn.tasks.base import Option, Task, fraction, positive_int, seed_int, tasks
 
 
 def shortcuts() -> tuple[str, ...]:
@@ -456,7 +456,7 @@ def _add_compress(sub) -> None:
     compress.add_argument("--out", required=True, type=nonempty_path, help="the new model directory")
     compress.add_argument("--overwrite", action="store_true", help="replace the model directory --out already holds")
     compress.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of the linear layers")
-    compress.add_argument("--prune-heads", type=float, default=0.0, metavar="FRACTION",
+    compress.add_argument("--prune-heads", type=fraction, default=0.0, metavar="FRACTION",
                           help="remove this fraction of all attention heads, least important first (default 0)")
     compress.add_argument("--per-module", action="store_true",
                           help="remove FRACTION of each attention module's heads (default: of all heads, so that "
@@ -472,7 +472,7 @@ def _add_compress(sub) -> None:
                           help="prune to exactly these heads instead of choosing them: a JSON file, either "
                           "{attention module: [heads to keep]} or an earlier `maskattn compress` output (its "
                           "kept_heads); modules not named keep all their heads")
-    compress.add_argument("--seed", type=int, default=None,
+    compress.add_argument("--seed", type=seed_int, default=None,
                           help="seed of the fine-tune's dropout and batch order (default: the data's own order), "
                           "for several fine-tunes of one choice of heads to average with `maskattn average --models`")
     compress.add_argument("--average-last", type=int, default=1, metavar="N",

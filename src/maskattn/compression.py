@@ -487,11 +487,11 @@ def compress(directory: str | Path, out: str | Path, *, int8: bool = False, prun
     if fade_steps > finetune_steps:
         raise ValueError(f"compress: --fade-steps ({fade_steps}) must be at most --finetune-steps ({finetune_steps}), "
                          "or the faded heads would still count when they are removed")
+    _snapshot_steps(finetune_steps, average_last, average_every, fade_steps,
+                    ("compress: --average-last", "compress: --average-every"))  # (first: ints >= 1)
     if average_every != 1 and average_last == 1:
         raise ValueError("compress: --average-every sets the steps between averaged weights; it needs --average-last "
                          "N > 1")
-    _snapshot_steps(finetune_steps, average_last, average_every, fade_steps,
-                    ("compress: --average-last", "compress: --average-every"))
     if out.resolve() == directory.resolve():
         raise ValueError(f"compress: --out ({out}) must differ from the model directory")
     settings = read_task(directory)

@@ -117,12 +117,41 @@ def seed_int(text: str) -> int:
 
 def positive_int(text: str) -> int:
     """An argparse type: an int >= 1 (a length, a tile size), else an error naming the value."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def nonnegative_int(text: str) -> int:
+    """An argparse type: an int >= 0 (a count that may be none: steps, tokens), else an error naming the value."""
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+def _int_at_least(text: str, low: int, expected: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+    return value
+
+
+MAX_BEAMS = 2**40  # beams a search may keep: more would need terabytes, and from ~2**62 torch cannot size the tensors
+
+
+def beam_width(text: str) -> int:
+    """An argparse type: a number of beams (or of best hypotheses), 1 <= n <= :data:`MAX_BEAMS`."""
+    value = positive_int(text)
+    if value > MAX_BEAMS:  # torch's TypeError or "Storage size calculation overflowed", not an out-of-memory error
+        raise argparse.ArgumentTypeError(f"expected at most 2**40 beams (their scores alone would fill terabytes), "
+                                         f"got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a fraction of a whole that keeps something, a number in [0, 1)."""
+    value = _float(text)
+    if not 0 <= value < 1:  # (NaN too)
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text}")
     return value
 
 

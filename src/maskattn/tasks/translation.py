@@ -23,7 +23,16 @@ from maskattn.data import DataError, bucket_batches, pad, read_parallel
 from maskattn.errors import UsageError, check_settings
 from maskattn.io import atomic_write_text, check_output_file, read_json_object
 from maskattn.models import Transformer, TransformerConfig
-from maskattn.tasks.base import Command, Option, Task, TrainingBatches, input_lines, register
+from maskattn.tasks.base import (
+    Command,
+    Option,
+    Task,
+    TrainingBatches,
+    beam_width,
+    input_lines,
+    nonnegative_int,
+    register,
+)
 from maskattn.tasks.common import (
     TOKENIZERS,
     begin_run,
@@ -362,10 +371,10 @@ def evaluate_files(directory: str | Path, src: str, ref: str = "", **decode_over
 # --- command line ----------------------------------------------------------------------------------
 def _translate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("text", nargs="*", help="sentences; without any (or -), one sentence per line from stdin")
-    parser.add_argument("--beam", type=int, help="beam size (1 = greedy; default: the model's setting)")
-    parser.add_argument("--min-new-tokens", type=int,
+    parser.add_argument("--beam", type=beam_width, help="beam size (1 = greedy; default: the model's setting)")
+    parser.add_argument("--min-new-tokens", type=nonnegative_int,
                         help="no EOS before this many tokens (default: the model's setting; 1 = never empty)")
-    parser.add_argument("--nbest", type=int, default=1,
+    parser.add_argument("--nbest", type=beam_width, default=1,
                         help="print the N best translations of each sentence, each as 'score<TAB>text', "
                              "with a blank line between sentences (beam search with at least N beams; default: 1)")
 
@@ -373,11 +382,9 @@ def _translate_arguments(parser: argparse.ArgumentParser) -> None:
 def _translate_command(args: argparse.Namespace) -> int:
     model, tok, decode = load(args.model)
     if args.beam is not None:
-        decode = replace(decode, beam_size=args.beam)  # DecodeConfig refuses beam_size < 1
+        decode = replace(decode, beam_size=args.beam)
     if args.min_new_tokens is not None:
-        decode = replace(decode, min_new_tokens=args.min_new_tokens)  # and min_new_tokens < 0
-    if args.nbest < 1:
-        raise UsageError(f"--nbest must be >= 1, got {args.nbest}")
+        decode = replace(decode, min_new_tokens=args.min_new_tokens)
     sentences = input_lines(args.text)
     if args.nbest == 1:
         for out in translate(model, tok, sentences, decode):
@@ -401,9 +408,9 @@ TASK = register(Task(
         ("model.vocab_size", "model.tgt_vocab_size", "model.share_embeddings", "model.pad_id", "model.bos_id",
          "model.eos_id"), "the tokenizer (source and target share one vocabulary)"),
     evaluate_options=(Option("--ref", "ref", "reference translations, aligned with --data"),
-                      Option("--beam", "beam_size", "beam size (default: the model's setting)", int),
+                      Option("--beam", "beam_size", "beam size (default: the model's setting)", beam_width),
                       Option("--min-new-tokens", "min_new_tokens", "no EOS before this many tokens (default: the "
-                             "model's setting; 1 = never an empty translation)", int),
+                             "model's setting; 1 = never an empty translation)", nonnegative_int),
                       Option("--hypotheses", "hypotheses", "file for the translations (default: "
                              "hypotheses.<data name>.txt in the run directory; MODEL.hypotheses.<data name>.txt "
                              "beside a model directory outside a run)")),
