@@ -442,3 +442,67 @@ def test_a_non_finite_weight_leaves_the_other_cells_on_the_colour_scale(tmp_path
         finite = drawn.isfinite()
         assert (low, high) == (0, pytest.approx(float(drawn[finite].max()), rel=1e-6)), bad
         assert (shown - weights)[finite].abs().max() <= 2 * (high - low) / 256, bad
+
+
+def test_explorer_tells_masked_keys_from_allowed_weights_too_small_for_its_rounding(tmp_path):
+    # the page stored weights as round(w * 255) bytes and said nothing of it: an allowed weight below 0.002 showed
+    # as 0.000, as a masked key's does. Oracle: the weights and the causal mask the page was written from, its
+    # embedded data read back with base64 and bit arithmetic of our own
+    import base64
+    import re
+
+    length, allowed, weights = _tiny_and_masked_weights()
+    page = _tiny_and_masked_page(weights, tmp_path).read_text()
+    assert "rounded to steps of 1/255" in page and "below 0.002 shows as &lt;0.002" in page  # said on the page
+    record = json.loads(re.search(r'type="application/json">(.*?)</script>', page, re.S).group(1))["attentions"][0]
+    levels = torch.tensor(list(base64.b64decode(record["weights"])), dtype=torch.float64).view(2, length, length)
+    bits = base64.b64decode(record["masked"])
+    masked = torch.tensor([(bits[n // 8] >> (7 - n % 8)) & 1 for n in range(2 * length * length)]).view(2, length,
+                                                                                                          length)
+    assert torch.equal(masked.bool(), ~allowed.expand(2, -1, -1))  # every masked key, and no allowed one
+    assert (levels[masked.bool()] == 0).all()
+    assert (levels / 255 - weights.double()).abs().max() <= 0.5 / 255 + 1e-9  # rounded to the nearest step
+    tiny = ~masked.bool() & (levels == 0)
+    assert tiny.any() and (weights[tiny] > 0).all()  # shown as "<0.002", not as masked
+
+
+def _tiny_and_masked_weights():
+    """(2, 6, 6) causal attention weights, some allowed ones below the page's rounding (0.5 / 255)."""
+    length = 6
+    allowed = masks.causal().to_dense(length, length)[0, 0]  # (Lq, Lk) True = may attend
+    scores = torch.randn(2, length, length, generator=torch.Generator().manual_seed(0))
+    scores[:, 5, :5] = torch.tensor([0.0, -7.0, -8.0, -12.0, 5.0])  # tiny allowed weights in the last row
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)  # (H, Lq, Lk)
+    assert ((weights > 0) & (weights < 0.5 / 255)).any()
+    return length, allowed, weights
+
+
+def _tiny_and_masked_page(weights, directory):
+    return explorer.write_page([explorer.attention_record("a", "self", 0, weights, list("abcdef"), list("abcdef"))],
+                               directory / "explorer.html")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_explorer_page_shows_masked_keys_and_tiny_weights_apart_in_a_browser(tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright (pip) is not installed")
+    length, allowed, weights = _tiny_and_masked_weights()
+    path = _tiny_and_masked_page(weights, tmp_path)
+    with playwright.sync_playwright() as p:
+        browser = _launch(p)
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(path.as_uri())
+        page.select_option("#head", "1")
+        titles = page.locator("#heat td").evaluate_all("els => els.map(e => e.title)")
+        page.hover("text.query[data-q='2']")
+        keys = page.locator("rect.keybox").evaluate_all("els => els.map(e => e.dataset.masked)")
+        browser.close()
+    assert errors == []
+    for n, title in enumerate(titles):  # the oracle: the weight and the mask the page was written from
+        i, j = divmod(n, length)
+        w = float(weights[1, i, j])
+        expected = "masked" if not allowed[i, j] else "<0.002" if w < 0.5 / 255 else f"{round(w * 255) / 255:.3f}"
+        assert title == expected, (i, j, w, title)
+    assert "<0.002" in titles and "masked" in titles
+    assert keys == ["0" if allowed[2, j] else "1" for j in range(length)]

@@ -2,7 +2,8 @@
 
 The reader picks the attention kind, layer and head (or the mean of the heads) and hovers a query
 token to see which keys it attends to: lines from the query to every key, as thick and opaque as the
-weight, and the key tokens shaded by weight; a heatmap of the whole matrix sits beside it.
+weight, and the key tokens shaded by weight; a heatmap of the whole matrix sits beside it. Masked keys
+(weight exactly 0) are grey, apart from allowed weights too small for the page's rounding ("<0.002").
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -33,6 +35,7 @@ svg text.query:hover, svg text.query.active { fill: #c00; font-weight: 700; }
 #heat td { padding: 0; }
 #heat th { font: 10px ui-monospace, monospace; font-weight: normal; padding: 0 2px; white-space: pre; }
 #heat th.col { writing-mode: vertical-rl; padding: 2px 0; max-width: 14px; overflow: hidden; }
+#note { color: #555; font-size: 12px; }
 </style></head>
 <body>
 <h1>Attention explorer</h1>
@@ -42,6 +45,7 @@ svg text.query:hover, svg text.query.active { fill: #c00; font-weight: 700; }
   <label>head <select id="head"></select></label>
   <span>hover a query token (left) to see what it attends to (right)</span>
 </header>
+<p id="note">__NOTE__</p>
 <div id="title"></div>
 <div id="view"><svg id="lines" width="520" height="100"></svg><div id="heatbox"><table id="heat"></table></div></div>
 <script id="data" type="application/json">__DATA__</script>
@@ -59,6 +63,21 @@ function decode(att) {
     Array.from(bytes.subarray((h * lq + i) * lk, (h * lq + i + 1) * lk), (b) => b / LEVELS)));
   return att.decoded;
 }
+function decodeMasked(att) {
+  // (H, Lq, Lk) nested arrays of booleans: the keys the mask hides (bits, most significant first).
+  if (att.maskedDecoded) return att.maskedDecoded;
+  const bytes = Uint8Array.from(atob(att.masked), (c) => c.charCodeAt(0));
+  const lq = att.queries.length, lk = att.keys.length, bit = (n) => (bytes[n >> 3] >> (7 - (n & 7))) & 1;
+  att.maskedDecoded = Array.from({length: att.heads}, (_, h) => Array.from({length: lq}, (_, i) =>
+    Array.from({length: lk}, (_, j) => bit((h * lq + i) * lk + j) === 1)));
+  return att.maskedDecoded;
+}
+function hidden(att) {  // masked in the head shown (the mean: in every head)
+  const h = $("head").value, all = decodeMasked(att);
+  if (h !== "mean") return all[Number(h)];
+  return all[0].map((row, i) => row.map((_, j) => all.every((m) => m[i][j])));
+}
+function shown(v, masked) { return masked ? "masked" : v === 0 ? "<" + DATA.tiny : v.toFixed(3); }
 function fill(select, values, labels) {
   select.innerHTML = "";
   values.forEach((v, i) => { const o = document.createElement("option"); o.value = v;
@@ -85,7 +104,7 @@ function textWidth(tokens) {  // px of the longest label in the 13px monospace f
 }
 let layout = null;
 function draw() {
-  const att = current(), w = weights(att), svg = $("lines");
+  const att = current(), w = weights(att), m = hidden(att), svg = $("lines");
   const n = Math.max(att.queries.length, att.keys.length), rowH = n > 64 ? 16 : 22;
   const qw = textWidth(att.queries), kw = textWidth(att.keys), gap = 220;
   layout = {rowH, x1: qw, x2: qw + gap, width: qw + gap + kw + 12};
@@ -103,10 +122,10 @@ function draw() {
   });
   svg.innerHTML = out;
   svg.querySelectorAll("text.query").forEach((el) => {
-    el.addEventListener("mouseenter", () => focus(w, Number(el.dataset.q)));
+    el.addEventListener("mouseenter", () => focus(w, m, Number(el.dataset.q)));
   });
-  svg.onmouseleave = () => focus(w);
-  heat(att, w);
+  svg.onmouseleave = () => focus(w, m);
+  heat(att, w, m);
 }
 function links(w, only) {
   // Lines from queries to keys, as thick and opaque as the weight: every weight of the hovered query,
@@ -120,27 +139,29 @@ function links(w, only) {
       `stroke="#1565c0" stroke-opacity="${v}" stroke-width="${1 + 4 * v}"/>`; }); });
   return out;
 }
-function focus(w, active) {
-  // Hovering query `active` keeps only its lines and shades every key by its weight.
+function focus(w, m, active) {
+  // Hovering query `active` keeps only its lines and shades every key by its weight (masked keys grey).
   const svg = $("lines");
   svg.querySelector("#links").innerHTML = links(w, active);
   svg.querySelectorAll("text.query").forEach((el) => {
     el.classList.toggle("active", Number(el.dataset.q) === active); });
   svg.querySelectorAll("rect.keybox").forEach((el) => {
-    const v = active === undefined ? 0 : w[active][Number(el.dataset.k)];
-    el.setAttribute("data-w", v); el.setAttribute("fill-opacity", v); });
+    const k = Number(el.dataset.k), v = active === undefined ? 0 : w[active][k];
+    const masked = active !== undefined && m[active][k];
+    el.setAttribute("data-w", v); el.setAttribute("data-masked", masked ? "1" : "0");
+    el.setAttribute("fill", masked ? "#9e9e9e" : "#1565c0"); el.setAttribute("fill-opacity", masked ? 0.35 : v); });
 }
-function heat(att, w) {
+function heat(att, w, m) {
   // The whole matrix; cells shrink with the length so that it stays about 600 px wide, and beyond 64 tokens
-  // the labels move into tooltips (they would stretch the cells).
+  // the labels move into tooltips (they would stretch the cells). Masked keys are grey.
   const n = Math.max(att.queries.length, att.keys.length), cell = Math.max(3, Math.min(14, Math.floor(600 / n)));
   const label = (t) => n > 64 ? "" : esc(short(t));
   let out = "<tr><th></th>" + att.keys.map((t) => `<th class="col" title="${esc(t)}">${label(t)}</th>`).join("") +
     "</tr>";
   w.forEach((row, i) => { out += `<tr style="height:${cell}px"><th title="${esc(att.queries[i])}">` +
     `${label(att.queries[i])}</th>` +
-    row.map((v) => `<td title="${v.toFixed(3)}" style="width:${cell}px;height:${cell}px;` +
-    `background:rgba(21,101,192,${v})"></td>`).join("") + "</tr>"; });
+    row.map((v, j) => `<td title="${shown(v, m[i][j])}" style="width:${cell}px;height:${cell}px;` +
+    `background:${m[i][j] ? "#d6d6d6" : `rgba(21,101,192,${v})`}"></td>`).join("") + "</tr>"; });
   $("heat").innerHTML = out;
 }
 function short(t) { return t.length > 24 ? t.slice(0, 23) + "\\u2026" : t; }
@@ -152,6 +173,9 @@ onKind();
 """
 
 LEVELS = 255  # weights are embedded as round(w * LEVELS) bytes: 1.33 characters a weight in base64
+TINY = f"{0.5 / LEVELS:.3f}"  # allowed weights below 0.5 / LEVELS embed as 0: the page shows them as "<0.002"
+NOTE = (f"Weights are stored rounded to steps of 1/{LEVELS} (about {1 / LEVELS:.3f}): an allowed weight below "
+        f"{TINY} shows as &lt;{TINY}; grey cells and keys are masked (weight exactly 0).")
 
 # JSON inside <script> must not contain "</script", "<!--" (which switches the HTML parser into a mode where
 # "<script>" nests) nor the line separators some parsers reject: escape them as JSON \\u escapes.
@@ -162,14 +186,18 @@ _SCRIPT_SAFE = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\
 def attention_record(name: str, kind: str, layer: int, weights: Tensor, queries: list[str],
                      keys: list[str]) -> dict[str, Any]:
     """One attention matrix for the page: (H, Lq, Lk) weights, quantised to ``LEVELS`` steps and
-    base64-encoded bytes, and the tokens on both sides."""
+    base64-encoded bytes, which keys are masked (weight exactly 0: what a mask gives a key it hides; an
+    allowed weight is 0 only below float32's range, e**-103 of its row's largest), as base64 bits, and the
+    tokens on both sides."""
     if weights.dim() != 3 or weights.shape[1:] != (len(queries), len(keys)):
         raise ValueError(f"weights must be (H, {len(queries)}, {len(keys)}) for these tokens, got "
                          f"{tuple(weights.shape)}")
-    levels = (weights.detach().float().clamp(0, 1) * LEVELS).round().to(torch.uint8)  # (H, Lq, Lk)
-    data = base64.b64encode(levels.cpu().numpy().tobytes()).decode("ascii")
+    weights = weights.detach().float().cpu()
+    levels = (weights.clamp(0, 1) * LEVELS).round().to(torch.uint8)  # (H, Lq, Lk)
+    masked = np.packbits((weights == 0).numpy().ravel())  # 1 bit a weight, most significant first
     return {"name": name, "kind": kind, "layer": layer, "queries": queries, "keys": keys,
-            "heads": int(weights.shape[0]), "weights": data}
+            "heads": int(weights.shape[0]), "weights": base64.b64encode(levels.numpy().tobytes()).decode("ascii"),
+            "masked": base64.b64encode(masked.tobytes()).decode("ascii")}
 
 
 def decode_weights(record: dict[str, Any]) -> list[list[list[float]]]:
@@ -183,5 +211,6 @@ def write_page(records: list[dict[str, Any]], path: str | Path) -> Path:
     """Write the explorer page for ``records`` (from :func:`attention_record`)."""
     if not records:
         raise ValueError("no attention to show")
-    data = json.dumps({"levels": LEVELS, "attentions": records}).translate(_SCRIPT_SAFE)
-    return atomic_write_text(path, PAGE.replace("__DATA__", data))  # a kill while writing keeps the old page
+    data = json.dumps({"levels": LEVELS, "tiny": TINY, "attentions": records}).translate(_SCRIPT_SAFE)
+    page = PAGE.replace("__NOTE__", NOTE).replace("__DATA__", data)
+    return atomic_write_text(path, page)  # a kill while writing keeps the old page
