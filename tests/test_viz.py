@@ -189,10 +189,31 @@ def test_visualize_takes_kinds_and_layers_from_the_declarations(tmp_path):
 
 
 def test_viz_of_an_empty_input(demo_checkpoint, tmp_path):
-    """An empty input has no token to attend: pictures of empty (or BOS-only) rows, not a crash (issue 16)."""
+    """An empty input has no token to attend: pictures of empty (or BOS-only) rows, not a crash (issue 16), and
+    without matplotlib's ~20 "identical low and high xlims" warnings (imshow of a side of no tokens)."""
+    import warnings
+
     out = tmp_path / "viz"
-    assert main(["viz", str(demo_checkpoint), "--input", "", "--out", str(out)]) == 0
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(["viz", str(demo_checkpoint), "--input", "", "--out", str(out)]) == 0
+    assert [str(w.message) for w in seen if "identical low and high" in str(w.message)] == []
     assert (out / "explorer.html").exists()
+    assert (out / "encoder_layers_0_self_attn_head0.png").read_bytes()[:8] == PNG
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (0, 3), (0, 0)])
+def test_pictures_of_no_queries_or_no_keys_set_no_singular_limits(shape, tmp_path):
+    import warnings
+
+    from maskattn.viz import head_grid, heatmap
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        written = [heatmap(torch.zeros(shape), tmp_path / "one.png"),
+                   head_grid(torch.zeros(2, *shape), tmp_path / "grid.png")]
+    assert [str(w.message) for w in seen] == []
+    assert all(path.read_bytes()[:8] == PNG for path in written)
 
 
 def _launch(playwright):

@@ -187,7 +187,8 @@ def heatmap(weights: Tensor, path: str | Path, *, x_labels: Sequence[str] = (), 
     _check_labels(x_labels, y_labels, lq, lk)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(min(16, 2 + 0.35 * lk), min(16, 1.5 + 0.35 * lq)))
-    image = ax.imshow(weights.float().numpy(), cmap="viridis", vmin=0, aspect="auto", interpolation="nearest")
+    image = ax.imshow(weights.float().numpy(), cmap="viridis", vmin=0, aspect="auto", interpolation="nearest",
+                      extent=_extent(lq, lk))
     _label(ax, x_labels, y_labels, lq, lk)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     fig.colorbar(image, ax=ax, fraction=0.04)
@@ -219,7 +220,7 @@ def head_grid(weights: Tensor, path: str | Path, *, x_labels: Sequence[str] = ()
             ax.axis("off")
             continue
         image = ax.imshow(weights[i].float().numpy(), cmap="viridis", vmin=0, vmax=top, aspect="auto",
-                          interpolation="nearest")
+                          interpolation="nearest", extent=_extent(lq, lk))
         _label(ax, x_labels, y_labels, lq, lk)
         ax.set_title(f"head {i}")
     fig.suptitle(title)
@@ -231,6 +232,14 @@ def head_grid(weights: Tensor, path: str | Path, *, x_labels: Sequence[str] = ()
     return path
 
 
+def _extent(lq: int, lk: int) -> tuple[float, float, float, float] | None:
+    """imshow's extent of an (Lq, Lk) picture: its own (None), except that a side of no tokens (an empty input)
+    spans one cell, where matplotlib would set equal low and high limits and warn that they are singular."""
+    if lq and lk:
+        return None
+    return -0.5, max(lk, 1) - 0.5, max(lq, 1) - 0.5, -0.5
+
+
 def _check_labels(x_labels: Sequence[str], y_labels: Sequence[str], lq: int, lk: int) -> None:
     """Labels (when given) must name every key and query: one each."""
     for name, labels, size, what, one in (("x_labels", x_labels, lk, "keys", "key"),
@@ -240,9 +249,9 @@ def _check_labels(x_labels: Sequence[str], y_labels: Sequence[str], lq: int, lk:
 
 
 def _label(ax, x_labels: Sequence[str], y_labels: Sequence[str], lq: int, lk: int) -> None:
-    if x_labels:
+    if x_labels or not lk:  # (a side of no tokens: no ticks, not the -0.5 and 0.5 of its one blank cell)
         ax.set_xticks(range(lk), [repr(t)[1:-1] for t in x_labels], rotation=90, fontsize=7)
-    if y_labels:
+    if y_labels or not lq:
         ax.set_yticks(range(lq), [repr(t)[1:-1] for t in y_labels], fontsize=7)
 
 
