@@ -553,3 +553,33 @@ def test_the_structure_of_two_parts_of_one_kind_is_both(first, second):
         want = first.to_dense(6, 6) & second.to_dense(6, 6)  # the & of the parts, each by its own to_dense
         assert torch.equal(_from_structure(s, 6, 6, 0).expand(want.shape), want)
         assert len(s.rest) == 1
+
+
+def test_a_kept_mask_collected_while_another_structure_is_built_lets_its_tensors_go(monkeypatch):
+    # structure() read the kept entries, built the new mask's structure, then stored the new entry before the ones
+    # it had read: a kept mask that the collector freed meanwhile (a cycle, collected at any allocation of the
+    # build) had its entry dropped by its weakref callback, and then stored again, dead, holding its tensors until
+    # two more masks evicted it. The oracle: the weak reference to the collected mask's tensor dies; every
+    # structure is still the mask's own.
+    import gc
+    import weakref
+
+    new = masks.causal() & masks.padding(torch.tensor([4, 6]))
+    build = type(new).structure
+    monkeypatch.setattr(type(new), "structure", lambda self: (gc.collect(), build(self))[1])
+    was_enabled = gc.isenabled()
+    gc.disable()  # the one collection is the build's
+    try:
+        tensor = torch.ones(2, 6, dtype=torch.bool)
+        old = masks.padding(tensor)
+        old.cycle = old  # only the collector frees it
+        masks.structure(old)
+        gone = weakref.ref(tensor)
+        del old, tensor
+        got = masks.structure(new)
+    finally:
+        if was_enabled:
+            gc.enable()
+    assert gone() is None
+    assert got.causal and got.lengths is new.parts[1].lengths and got.kinds == ("causal", "lengths")
+    assert masks.structure(new) is got  # kept

@@ -482,6 +482,8 @@ def structure(mask: Mask | None) -> MaskStructure:
             return result
     result = mask.structure()
     if not result.rest:  # rest holds the mask itself (or its parts): kept, the mask could never go
+        # read again: the build may have collected a kept mask, whose callback dropped its entry (and its tensors)
+        kept = _kept_structures
         _kept_structures = ((weakref.ref(mask, _forget_structure), result), *kept[: KEPT_STRUCTURES - 1])
     return result
 
