@@ -1,4 +1,6 @@
 import os
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,28 @@ def _forced_backend(monkeypatch):
                       generator=generator, return_lse=return_lse)
 
     monkeypatch.setattr(dispatch, "choose_backend", forced)
+
+
+def _dynamo_settings() -> dict:
+    config = sys.modules["torch._dynamo"].config
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # reading a deprecated setting warns
+        return {name: getattr(config, name, "(deleted)") for name in config.get_config_copy()}
+
+
+@pytest.fixture(autouse=True)
+def _dynamo_settings_kept():
+    """A test leaves torch._dynamo's settings as it found them: a setting changed or deleted (monkeypatch's undo
+    deletes it under pytest 9.2) broke every later compile in the process, so a test's outcome depended on which
+    tests ran before it in the same worker."""
+    if "torch._dynamo" not in sys.modules:
+        yield
+        return
+    before = _dynamo_settings()
+    yield
+    after = _dynamo_settings()
+    changed = sorted(name for name in before if after.get(name) != before[name])
+    assert not changed, f"torch._dynamo.config settings left changed: {changed} (use torch._dynamo.config.patch)"
 
 
 @pytest.fixture

@@ -442,7 +442,6 @@ def test_compiled_decoding_takes_more_kinds_of_model_than_the_recompile_limit(mo
     from maskattn import decoding
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    monkeypatch.setattr(dynamo.config, "recompile_limit", 2)
     monkeypatch.setattr(decoding, "COMPILED_KINDS", 2)
     decoding._COMPILED.clear()
     dynamo.reset()
@@ -450,13 +449,16 @@ def test_compiled_decoding_takes_more_kinds_of_model_than_the_recompile_limit(mo
     kw = {"max_new_tokens": 4, "eos_id": decoding.NO_EOS}
     steps = []
     try:
-        for depth in (1, 2, 3):
-            torch.manual_seed(depth)
-            model = DecoderLM(DecoderLMConfig(num_layers=depth, backend="auto", **SMALL)).eval()
-            for batch in (2, 1):  # a second shape: the graph made dynamic counts against the limit too
-                assert torch.equal(decoding.greedy(model, prompt[:batch], lengths[:batch], compile=True, **kw),
-                                   decoding.greedy(model, prompt[:batch], lengths[:batch], **kw)), (depth, batch)
-            steps.append(weakref.ref(decoding._compiled_step(model)))
+        # dynamo's own patch, not monkeypatch: its undo (pytest 9.2) deletes the setting, and every later compile in
+        # the process failed ("torch._dynamo.config.recompile_limit does not exist")
+        with dynamo.config.patch(recompile_limit=2):
+            for depth in (1, 2, 3):
+                torch.manual_seed(depth)
+                model = DecoderLM(DecoderLMConfig(num_layers=depth, backend="auto", **SMALL)).eval()
+                for batch in (2, 1):  # a second shape: the graph made dynamic counts against the limit too
+                    assert torch.equal(decoding.greedy(model, prompt[:batch], lengths[:batch], compile=True, **kw),
+                                       decoding.greedy(model, prompt[:batch], lengths[:batch], **kw)), (depth, batch)
+                steps.append(weakref.ref(decoding._compiled_step(model)))
         gc.collect()
         assert len(decoding._COMPILED) == 2
         assert [step() is None for step in steps] == [True, False, False]  # the oldest kind's graphs are gone
