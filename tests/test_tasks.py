@@ -62,7 +62,8 @@ def toy(monkeypatch, tmp_path):
     task = base.Task(name="toy", config=ToyConfig, train=train, load=lambda d: None, evaluate_file=evaluate_file,
                      predict=base.Command("toyify", "toy predictions", arguments, run), data_help="a toy file",
                      paths=("train", "toy_words"), evaluate_options=(base.Option("--depth", "depth", "how deep", int),
-                                                                     base.Option("--beam", "beam_size", "beams", int)))
+                                                                     base.Option("--beam", "beam_size", "beams",
+                                                                                 base.beam_width)))
     base.tasks()  # the built-in tasks first
     monkeypatch.setitem(base._REGISTRY, "toy", task)
     return calls
@@ -91,11 +92,12 @@ def test_a_registered_task_gets_train_evaluate_and_predict_commands(toy, tmp_pat
 
 
 def test_tasks_that_share_an_evaluate_flag_must_parse_it_alike(toy, monkeypatch):
-    # one argparse argument serves every task that names the flag; the toy's --beam is an int, like translation's
+    # one argparse argument serves every task that names the flag; the toy's --beam is a beam_width, like translation's
     cli.build_parser()
     changed = replace(base._REGISTRY["toy"], evaluate_options=(base.Option("--beam", "beam_size", "beams"),))
     monkeypatch.setitem(base._REGISTRY, "toy", changed)
-    with pytest.raises(ValueError, match=r"evaluate flag --beam: task 'toy' reads it as str, another task as int"):
+    refusal = r"evaluate flag --beam: task 'toy' reads it as str, another task as beam_width"
+    with pytest.raises(ValueError, match=refusal):
         cli.build_parser()
 
 

@@ -578,7 +578,8 @@ def _train(args: argparse.Namespace) -> int:
         flag_setting("--out", "out", args.out)
     cfg = config.load(task.config(), args.config, assignments)
     # `--set out=~/x` and a TOML `out = "~/x"` reach no shell: their `~` is the home directory, as on the command line
-    data = {name: os.path.expanduser(value) for name in task.paths if isinstance(value := getattr(cfg.data, name), str)}
+    data = {name: os.path.expanduser(value) for name in task.paths  # (a path the data settings lack: not a path)
+            if isinstance(value := getattr(cfg.data, name, None), str)}
     cfg = config.update(cfg, {"out": os.path.expanduser(cfg.out), "data": data})
     if task.derived is not None:  # a setting the task sets itself, changed from its default, would be ignored
         derived, default = task.derived(cfg), task.config()
