@@ -565,3 +565,18 @@ def test_translate_evaluate_and_compress_name_the_flags_typed_not_the_python_par
     # Python callers keep the names of their parameters
     with pytest.raises(ValueError, match=r"beam_size must be an int >= 1, got 0"):
         replace(decode, beam_size=0)
+
+
+def test_a_home_directory_in_a_repeated_path_flag_is_the_home_directory(tmp_path, monkeypatch):
+    # `--ensemble=~/m --ensemble=~/n` (a flag repeated, its values a list) reaches no shell either: each `~` is
+    # the home directory, as for a single path. Oracle: os.path.expanduser with HOME set here.
+    import os
+
+    from maskattn import cli
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    seen = []
+    monkeypatch.setattr(cli, "_evaluate", lambda args: seen.append(args) or 0)
+    assert main(["evaluate", "m", "--data", "d", "--ensemble=~/m", "--ensemble=~/n"]) == 0
+    assert seen[0].ensemble == [os.path.expanduser("~/m"), str(tmp_path / "n")]
+    assert seen[0].model == "m"

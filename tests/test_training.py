@@ -1,5 +1,6 @@
 import collections
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -353,6 +354,32 @@ def test_a_run_resumed_with_another_number_of_processes_trains_the_batch_after_t
     following = plan[1] if before == 1 else plan[2]  # the batch after the last one trained
     assert seen["after"] == [following[0::after]]
     assert f"resumed with {after} process(es) a run checkpointed by {before}" in caplog.text
+
+
+def _without_world_size(state):
+    return {k: v for k, v in state().items() if k != "world_size"}
+
+
+def test_a_checkpoint_without_its_number_of_processes_resumes_as_one_of_this_runs(tmp_path, monkeypatch, caplog):
+    # Checkpoints written before "world_size" was kept are taken to be of as many processes as the resuming run:
+    # a 2-process run resumed by 2 processes goes on at the next batch, not replaying one as if checkpointed by 1.
+    # Oracle: the plan read in order, rank 0's share of each batch of 2 ([0] cannot be split, so it is left out).
+    from maskattn import distributed
+
+    plan = [[0], [1, 2], [3, 4], [5, 6]]
+    monkeypatch.setattr(distributed, "all_sum", lambda x: 2 * x)
+    seen = {}
+    for leg, steps in (("before", 1), ("after", 2)):
+        trainer = _tiny_trainer(tmp_path, checkpoint_every=1)
+        trainer.plan = lambda epoch: plan
+        trainer.world = 2
+        if leg == "before":  # as an earlier version wrote it
+            trainer.state = functools.partial(_without_world_size, trainer.state)
+        else:
+            assert trainer.resume()
+        seen[leg] = _trained_batches(trainer, steps)
+    assert seen == {"before": [[1]], "after": [[3]]}
+    assert "resumed with" not in caplog.text
 
 
 def test_each_torchrun_process_gets_its_own_gpu_and_nccl_reduces_on_it(monkeypatch):
