@@ -151,3 +151,16 @@ def test_a_tokenizer_setting_that_is_not_a_bool_is_named(name, key, saved, tmp_p
         transformers.AutoTokenizer.from_pretrained(directory)
     with pytest.raises(FormatError, match=rf"tokenizer_config\.json: {key} must be true or false, got 'no'"):
         from_pretrained(directory)
+
+
+def test_a_llama_tokenizer_config_without_legacy_prepends_to_the_first_piece_as_autotokenizer_does(saved, tmp_path):
+    # "legacy" absent, not null (configs written by hand or by older tools): a piece after a special token gets no
+    # "▁" ("x <s>y": "y"), as AutoTokenizer reads it (the oracle); "always" would prepend it to every piece
+    directory = _variant(saved, tmp_path, "llama", {"tokenizer_class": "LlamaTokenizer"})
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config.pop("legacy", None)
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    transformers.logging.set_verbosity_error()
+    auto, ours = transformers.AutoTokenizer.from_pretrained(directory), from_pretrained(directory).tokenizer
+    for text in ["x <s>y", "a </s>b c", *TEXTS]:
+        assert ours.encode(text).ids == auto(text)["input_ids"], text
