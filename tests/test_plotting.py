@@ -290,3 +290,17 @@ def test_plot_mask_of_no_positions_is_refused_naming_them(q_len, k_len, tmp_path
     with pytest.raises(ValueError, match=rf"q_len={q_len} and k_len={k_len}: .*at least one query and one key"):
         plot_mask(masks.causal(), q_len, k_len, path=str(tmp_path / "m.png"))
     assert not (tmp_path / "m.png").exists()
+
+
+@pytest.mark.parametrize("length,cells", [(256, 256), (257, 129), (512, 256), (513, 171)])
+def test_plot_mask_draws_one_cell_a_position_up_to_max_cells_and_the_fewest_positions_a_cell_beyond(length, cells):
+    # Oracle, by hand: a side of up to 256 positions is drawn one cell a position; beyond, each cell is the
+    # fewest positions that make it fit (ceil(length / 256)), and the title says how many.
+    import matplotlib.pyplot as plt
+
+    ax = plot_mask(masks.causal(), length, length)
+    per_cell = -(-length // 256)
+    assert ax.get_images()[0].get_array().shape == (cells, cells)
+    assert ("each cell" in ax.get_title()) == (per_cell > 1)
+    assert per_cell == 1 or f"each cell {per_cell} queries x {per_cell} keys" in ax.get_title()
+    plt.close(ax.figure)
