@@ -1104,3 +1104,20 @@ def test_the_smallest_counts_torchrun_sets_are_accepted(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert distributed.init("cpu") == distributed.Context()
     assert distributed.local_device() == torch.device("cuda", 0)
+
+
+def test_all_sums_and_from_main_in_a_process_group_give_each_value_its_own_sum():
+    # In a process group (one gloo process here, so each sum is the value itself: the oracle) every value keeps
+    # its own place: a non-finite gradient norm summed beside the loss must come back non-finite.
+    import torch.distributed as dist
+
+    from maskattn import distributed
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        values = [1.5, 0.0, math.inf, -2.0]
+        assert distributed.all_sums(values) == values
+        assert distributed.all_sum(3.0) == 3.0
+        assert distributed.from_main({"bleu": 0.25}) == {"bleu": 0.25}
+    finally:
+        dist.destroy_process_group()
