@@ -1121,3 +1121,25 @@ def test_all_sums_and_from_main_in_a_process_group_give_each_value_its_own_sum()
         assert distributed.from_main({"bleu": 0.25}) == {"bleu": 0.25}
     finally:
         dist.destroy_process_group()
+
+
+def _plan_of_epoch(epoch):
+    return [[0, 1], [2, 3]] if epoch % 2 == 0 else [[4, 5], [6, 7]]
+
+
+def test_a_run_checkpointed_at_an_epochs_end_resumed_with_another_number_of_processes_starts_the_next_epoch(
+        tmp_path, monkeypatch):
+    # Oracle: the plan read in order. One process trains epoch 0's two batches; two processes resumed from that
+    # checkpoint go on with epoch 1's first batch (rank 0's share, [4]), not a later epoch's.
+    from maskattn import distributed
+
+    seen = {}
+    for leg, world, steps in (("before", 1, 2), ("after", 2, 3)):
+        trainer = _tiny_trainer(tmp_path, checkpoint_every=1)
+        trainer.plan = _plan_of_epoch
+        if world == 2:
+            trainer.world = 2
+            monkeypatch.setattr(distributed, "all_sum", lambda x: 2 * x)
+            assert trainer.resume()
+        seen[leg] = _trained_batches(trainer, steps)
+    assert seen == {"before": [[0, 1], [2, 3]], "after": [[4]]}
