@@ -685,7 +685,7 @@ class Trainer:
             metrics = self.evaluate(self.model)
         # Every process evaluates, but on a GPU two may score differently in the last bit: rank 0's scores decide
         # the best checkpoint and early stopping everywhere, else one rank could stop while another trains on.
-        metrics = distributed.from_main(metrics) if self.world > 1 else metrics
+        metrics = distributed.from_main(metrics)  # (itself in a single process)
         if self.cfg.metric not in metrics:
             raise UnknownSettingError(f"train.metric {self.cfg.metric!r} is not one of the evaluation's metrics: "
                                       f"{sorted(metrics)}")
